@@ -1,0 +1,1 @@
+"""geoseg's command-line interface (installed as ``geoseg_cli``; console script ``geoseg``)."""

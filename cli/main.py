@@ -1,0 +1,120 @@
+"""Root ``geoseg`` command group: logging set-up, error-to-exit-code mapping, subcommands.
+
+Exit codes (the same for every command):
+
+* 0 — success
+* 1 — failure (bad input, unwritable output, model problem ...): one line on stderr
+* 2 — usage error (bad option value), as Click reports it
+* 3 — partial batch: some scenes failed, the others succeeded
+* 4 — another batch run holds the output folder's lock
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from typing import Any
+
+import click
+
+from geoseg import __version__
+from geoseg.errors import BatchLockedError, GeosegError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_LOCKED = 4
+
+
+class GeosegClickError(click.ClickException):
+    """A library error shown as one line, with a fixed exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def to_click_error(exc: BaseException) -> click.ClickException:
+    """Map a library exception to a one-line Click error with the right exit code."""
+    if isinstance(exc, BatchLockedError):
+        return GeosegClickError(str(exc), EXIT_LOCKED)
+    if isinstance(exc, GeosegError):
+        return GeosegClickError(str(exc), EXIT_FAILURE)
+    if isinstance(exc, MemoryError):
+        return GeosegClickError("out of memory: lower --batch-size or --tile-size", EXIT_FAILURE)
+    return GeosegClickError(f"unexpected error: {type(exc).__name__}: {exc}", EXIT_FAILURE)
+
+
+class GeosegGroup(click.Group):
+    """A group whose subcommands turn library errors into one-line messages, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise GeosegClickError("interrupted: no output was written", 130) from None
+        except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
+            logging.getLogger("geoseg").debug("error details", exc_info=True)
+            raise to_click_error(exc) from None
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = {-1: logging.ERROR, 0: logging.INFO, 1: logging.DEBUG}[max(-1, min(1, verbosity))]
+    logger = logging.getLogger("geoseg")
+    logger.setLevel(level)
+    for h in list(logger.handlers):
+        if getattr(h, "_geoseg", False):
+            logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if verbosity > 0 else "%(message)s"))
+    handler._geoseg = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.propagate = False
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    wlog = logging.getLogger("py.warnings")
+    wlog.handlers = [handler]
+    wlog.propagate = False
+
+
+@click.group(cls=GeosegGroup, context_settings={"auto_envvar_prefix": "GEOSEG", "help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Only errors; no progress bar.")
+@click.version_option(__version__, prog_name="geoseg")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
+    """geoseg: tiled segmentation of GeoTIFFs into QGIS-ready land-cover maps.
+
+    Exit codes: 0 ok, 1 failure, 2 usage error, 3 batch finished with failed scenes,
+    4 batch output folder locked by another run.
+    """
+    verbosity = verbose - quiet
+    _setup_logging(verbosity)
+    ctx.ensure_object(dict)
+    ctx.obj["verbosity"] = verbosity
+    ctx.obj["quiet"] = quiet > 0
+
+
+def _register() -> None:
+    from geoseg_cli import info, predict
+
+    cli.add_command(info.info)
+    cli.add_command(predict.predict)
+    for name in ("vectorize", "train", "evaluate", "export", "batch"):
+        try:
+            module = __import__(f"geoseg_cli.{name}", fromlist=[name])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"geoseg_cli.{name}":
+                raise
+            continue
+        cli.add_command(getattr(module, name))
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    cli()

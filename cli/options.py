@@ -1,0 +1,91 @@
+"""Shared Click options and arguments (``*_opt`` / ``*_arg``), with normalising callbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _existing_file(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Leave existence checks to the library (one-line errors, same wording as the API)."""
+    return value
+
+
+def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None or value == "":
+        return None
+    try:
+        bands = tuple(int(v) for v in value.replace(" ", "").split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give 1-based band numbers separated by commas, e.g. 4,3,2") from None
+    if any(b < 1 for b in bands):
+        raise click.BadParameter(f"{value!r}: band numbers start at 1")
+    return bands
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise click.BadParameter(f"{value} is not allowed: use a number >= 1")
+    return value
+
+
+input_arg = click.argument("input", type=click.Path(path_type=Path), callback=_existing_file)
+
+out_opt = click.option(
+    "-o", "--out", "out", type=click.Path(path_type=Path), default=None,
+    help="Output folder (created if its parent exists) or .tif file name. Default: beside the input.",
+)
+model_opt = click.option(
+    "-m", "--model", "model", default="deeplabv3p", show_default=True,
+    help="Model name (deeplabv3p, unet) or an exported model folder.",
+)
+weights_opt = click.option(
+    "-w", "--weights", type=click.Path(path_type=Path), default=None,
+    help="Weights file (.pdparams); its model card (same name, .yaml) must lie beside it or be given by --card.",
+)
+card_opt = click.option("--card", type=click.Path(path_type=Path), default=None, help="Model card (YAML).")
+tile_size_opt = click.option(
+    "--tile-size", type=int, default=None, callback=_positive,
+    help="Window size in pixels (default: the model card's, usually 512).",
+)
+overlap_opt = click.option(
+    "--overlap", type=int, default=None, help="Overlap between windows in pixels (default: the card's, usually 128).",
+)
+batch_size_opt = click.option(
+    "--batch-size", type=int, default=None, callback=_positive,
+    help="Windows per model call (default: 1 on CPU, 8 on GPU).",
+)
+device_opt = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+    help="auto picks the GPU when paddle has CUDA and sees one.",
+)
+precision_opt = click.option(
+    "--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+    help="fp16 autocasts on GPU (ignored with a warning on CPU).",
+)
+bands_opt = click.option(
+    "--bands", callback=_bands, default=None, metavar="LIST",
+    help="1-based input bands to feed the model, in order, e.g. 4,3,2.",
+)
+overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+confidence_opt = click.option(
+    "--confidence", type=click.Choice(["none", "uint8", "float32"]), default="none", show_default=True,
+    help="Also write <scene>_confidence.tif: max class probability (uint8 0-100 or float32 0-1).",
+)
+co_opt = click.option(
+    "--co", "creation_options", multiple=True, metavar="NAME=VALUE",
+    help="Extra GDAL creation option for the mask COG (repeatable), e.g. --co COMPRESS=ZSTD.",
+)
+
+
+def parse_co(values: tuple[str, ...]) -> dict[str, str]:
+    """Turn ``("KEY=VAL", ...)`` into a dict, or raise ``click.BadParameter``."""
+    out: dict[str, str] = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"{v!r}: use NAME=VALUE", param_hint="--co")
+        k, val = v.split("=", 1)
+        out[k.strip().upper()] = val.strip()
+    return out

@@ -1,0 +1,89 @@
+"""Atomic publication of outputs: write to a temp name in the destination folder, then rename.
+
+A killed run leaves at most a ``.<name>.<random>.tmp`` file behind (never a truncated
+output under the real name); :func:`clean_temp_files` removes such leftovers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from geoseg.errors import OutputError, OutputExistsError
+
+TMP_SUFFIX = ".tmp"
+TMP_PREFIX = ".geoseg-"
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """Check that ``path`` can be written; raise a one-line error otherwise.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is false.
+        OutputError: the parent folder is missing or not writable, or ``path`` is a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"output {path} is a folder: give a file name")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output {path} already exists: pass --overwrite to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output folder {parent} does not exist: create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {parent} is not writable: choose another --out")
+    return path
+
+
+def temp_name(path: str | Path) -> Path:
+    """A fresh temp file name next to ``path`` (same folder, so the rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp path to write to; on success rename it to ``path``, on error delete it.
+
+    Sidecar files GDAL may create next to the temp file (``.aux.xml``, ``.ovr``) are removed.
+    """
+    path = check_output(path, overwrite)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise OutputError(f"nothing was written to {path}")
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    finally:
+        for side in (".aux.xml", ".ovr", ".msk"):
+            _unlink(Path(str(tmp) + side))
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_output(path, overwrite) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def clean_temp_files(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Delete geoseg temp files left in ``folder`` by killed runs; return what was removed."""
+    folder = Path(folder)
+    pattern = f"**/{TMP_PREFIX}*{TMP_SUFFIX}*" if recursive else f"{TMP_PREFIX}*{TMP_SUFFIX}*"
+    removed = []
+    for p in folder.glob(pattern):
+        if p.is_file():
+            _unlink(p)
+            removed.append(p)
+    return removed
+
+
+def _unlink(p: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        p.unlink()

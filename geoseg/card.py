@@ -1,0 +1,295 @@
+"""Model cards: the YAML file that travels with every weights file and drives predict.
+
+A card says which architecture to build (a name in :mod:`geoseg.models` plus its keyword
+arguments), which bands the model expects and in which order, how to normalise them, and
+which class id, name and colour each output channel stands for.  Output channel ``i`` of
+the model is written to the mask as ``classes[i].id``; ``nodata_id`` marks pixels where the
+input is nodata.
+
+Normalisation is ``(x * scale[dtype] - mean[b]) / std[b]`` per band ``b``; ``scale`` is
+looked up by the input's dtype name (``uint8``, ``uint16``, ``int16``, ``float32`` ...),
+falling back to ``default``.  So a card trained on uint8 imagery still does the right thing
+on a uint16 export of the same sensor if its ``scale`` table says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from geoseg.errors import ModelError
+
+CARD_VERSION = 1
+
+#: Default colours for generic classes (a qualitative palette, RGB).
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+)
+
+#: Scale per input dtype used when a card does not say otherwise.
+DEFAULT_SCALE: dict[str, float] = {
+    "uint8": 1 / 255.0,
+    "uint16": 1 / 10000.0,
+    "int16": 1 / 10000.0,
+    "default": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One output class: the id written into the mask, its name and RGB colour."""
+
+    id: int
+    name: str
+    color: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        if not 0 <= int(self.id) <= 254:
+            raise ModelError(f"class id {self.id} is out of range: use 0..254 (255 is nodata)")
+        if len(self.color) != 3 or not all(0 <= int(c) <= 255 for c in self.color):
+            raise ModelError(f"class {self.name!r} has colour {self.color}: give three values 0..255")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-band normalisation: ``(x * scale[dtype] - mean) / std``.
+
+    ``mean`` and ``std`` have one value per model input band (after band selection).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SCALE))
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std):
+            raise ModelError(
+                f"normalization has {len(self.mean)} means but {len(self.std)} stds: give one of each per band"
+            )
+        if any(float(s) <= 0 for s in self.std):
+            raise ModelError("normalization std values must all be > 0")
+
+    def scale_for(self, dtype: str | np.dtype[Any]) -> float:
+        """Return the scale factor applied to raw values of ``dtype``."""
+        name = np.dtype(dtype).name
+        if name in self.scale:
+            return float(self.scale[name])
+        return float(self.scale.get("default", 1.0))
+
+    def apply(self, x: np.ndarray, dtype: str | np.dtype[Any]) -> np.ndarray:
+        """Normalise raw pixels ``x`` (``...CHW`` layout, C = bands) to float32.
+
+        ``dtype`` is the raster's dtype (``x`` may already have been cast). Non-finite
+        values (NaN nodata) become 0 after normalisation.
+        """
+        n = x.shape[-3]
+        if n != len(self.mean):
+            raise ModelError(f"normalization is for {len(self.mean)} bands but the data has {n}")
+        scale = np.float32(self.scale_for(dtype))
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
+        out = (x.astype(np.float32) * scale - mean) / std
+        np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        return out
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything predict needs to know about a trained (or random-init) model."""
+
+    name: str
+    architecture: str
+    bands: tuple[str, ...]
+    classes: tuple[ClassInfo, ...]
+    normalization: Normalization
+    params: Mapping[str, Any] = field(default_factory=dict)
+    nodata_id: int = 255
+    tile_size: int = 512
+    overlap: int = 128
+    weights: str | None = None
+    description: str = ""
+    training: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    version: int = CARD_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            raise ModelError("model card has no classes")
+        ids = [c.id for c in self.classes]
+        if len(set(ids)) != len(ids):
+            raise ModelError(f"model card has duplicate class ids: {ids}")
+        if self.nodata_id in ids:
+            raise ModelError(f"nodata id {self.nodata_id} is also a class id: pick another")
+        if len(self.normalization.mean) != len(self.bands):
+            raise ModelError(
+                f"model card lists {len(self.bands)} bands but normalization has "
+                f"{len(self.normalization.mean)} values"
+            )
+
+    @property
+    def in_channels(self) -> int:
+        """Number of model input bands."""
+        return len(self.bands)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of model output channels."""
+        return len(self.classes)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`geoseg.models.build_model`."""
+        return {"in_channels": self.in_channels, "num_classes": self.num_classes, **dict(self.params)}
+
+    def class_lut(self) -> np.ndarray:
+        """Lookup table from output channel index to class id (uint8)."""
+        return np.asarray([c.id for c in self.classes], dtype=np.uint8)
+
+    # ---- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (what goes into the YAML file)."""
+        return {
+            "version": self.version,
+            "name": self.name,
+            "description": self.description,
+            "architecture": self.architecture,
+            "params": dict(self.params),
+            "weights": self.weights,
+            "bands": list(self.bands),
+            "normalization": {
+                "scale": {k: float(v) for k, v in self.normalization.scale.items()},
+                "mean": [float(v) for v in self.normalization.mean],
+                "std": [float(v) for v in self.normalization.std],
+            },
+            "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in self.classes],
+            "nodata_id": self.nodata_id,
+            "tile_size": self.tile_size,
+            "overlap": self.overlap,
+            "training": _plain(self.training),
+            "metrics": _plain(self.metrics),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "model card") -> ModelCard:
+        """Build a card from plain data, with one-line errors naming the bad field."""
+        try:
+            norm = d["normalization"]
+            classes = tuple(
+                ClassInfo(int(c["id"]), str(c["name"]), tuple(int(v) for v in c["color"]))  # type: ignore[arg-type]
+                for c in d["classes"]
+            )
+            return cls(
+                name=str(d.get("name", d["architecture"])),
+                architecture=str(d["architecture"]),
+                bands=tuple(str(b) for b in d["bands"]),
+                classes=classes,
+                normalization=Normalization(
+                    mean=tuple(float(v) for v in norm["mean"]),
+                    std=tuple(float(v) for v in norm["std"]),
+                    scale={str(k): float(v) for k, v in (norm.get("scale") or DEFAULT_SCALE).items()},
+                ),
+                params=dict(d.get("params") or {}),
+                nodata_id=int(d.get("nodata_id", 255)),
+                tile_size=int(d.get("tile_size", 512)),
+                overlap=int(d.get("overlap", 128)),
+                weights=d.get("weights"),
+                description=str(d.get("description", "")),
+                training=dict(d.get("training") or {}),
+                metrics=dict(d.get("metrics") or {}),
+                version=int(d.get("version", CARD_VERSION)),
+            )
+        except KeyError as exc:
+            raise ModelError(f"{source} lacks the field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ModelError):
+                raise
+            raise ModelError(f"{source} is malformed: {exc}") from None
+
+    def to_yaml(self) -> str:
+        """YAML text of the card."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the card to ``path`` atomically (temp file + rename)."""
+        from geoseg.atomic import atomic_write_text
+
+        path = Path(path)
+        atomic_write_text(path, self.to_yaml())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCard:
+        """Read a card from a YAML file."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ModelError(f"model card {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ModelError(f"model card {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, Mapping):
+            raise ModelError(f"model card {path} is not a YAML mapping")
+        return cls.from_dict(data, source=f"model card {path}")
+
+    def replace(self, **changes: Any) -> ModelCard:
+        """Return a copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def digest(self) -> str:
+        """Stable short hash of the card's content (for caches and manifests)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(obj: Any) -> Any:
+    """Convert numpy scalars/arrays and tuples to YAML-safe plain data."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def generic_classes(n: int, ids: Sequence[int] | None = None) -> tuple[ClassInfo, ...]:
+    """``n`` classes named ``class_<id>`` with palette colours."""
+    ids = list(ids) if ids is not None else list(range(n))
+    return tuple(ClassInfo(i, f"class_{i}", PALETTE[k % len(PALETTE)]) for k, i in enumerate(ids))
+
+
+def default_card(
+    architecture: str,
+    in_channels: int,
+    num_classes: int,
+    *,
+    params: Mapping[str, Any] | None = None,
+    bands: Sequence[str] | None = None,
+    tile_size: int = 512,
+    overlap: int = 128,
+) -> ModelCard:
+    """A card for an untrained model: generic classes, identity-ish normalisation.
+
+    Used by tests and by ``geoseg train`` before statistics are known.
+    """
+    return ModelCard(
+        name=f"{architecture}-untrained",
+        architecture=architecture,
+        bands=tuple(bands) if bands is not None else tuple(f"b{i + 1}" for i in range(in_channels)),
+        classes=generic_classes(num_classes),
+        normalization=Normalization(mean=(0.5,) * in_channels, std=(0.25,) * in_channels),
+        params=dict(params or {}),
+        tile_size=tile_size,
+        overlap=overlap,
+        description="untrained (random initialisation)",
+    )

@@ -1,0 +1,77 @@
+"""geoseg's exception tree and warning classes.
+
+Every error geoseg raises on purpose derives from :class:`GeosegError`; most also derive
+from a builtin so that callers who only know the builtin still catch them.  Messages are
+one line and say what to do next.  This module never imports click: the CLI maps these
+classes to exit codes in one place (``geoseg_cli.main``).
+"""
+
+from __future__ import annotations
+
+
+class GeosegError(Exception):
+    """Root of all geoseg errors."""
+
+
+class SceneReadError(GeosegError, OSError):
+    """An input raster is missing, unreadable, corrupt or not a raster."""
+
+
+class SceneError(GeosegError, ValueError):
+    """An input raster is readable but unsuitable (band count, dtype, CRS, size)."""
+
+
+class OutputExistsError(GeosegError, FileExistsError):
+    """An output exists and ``overwrite`` was not given."""
+
+
+class OutputError(GeosegError, OSError):
+    """An output cannot be written (folder missing or not writable, disk full)."""
+
+
+class ParameterError(GeosegError, ValueError):
+    """A parameter is out of range or inconsistent with another one."""
+
+
+class ModelError(GeosegError, ValueError):
+    """Unknown model, bad model card, missing or mismatching weights."""
+
+
+class WeightsError(ModelError):
+    """A weights file cannot be loaded into the model (missing, corrupt, shape mismatch)."""
+
+
+class DependencyError(GeosegError, ImportError):
+    """An optional dependency (PaddlePaddle) is not installed."""
+
+
+class GridMismatchError(GeosegError, ValueError):
+    """Two rasters that must share a grid (CRS, transform, size) do not."""
+
+
+class BatchLockedError(GeosegError, RuntimeError):
+    """Another batch run holds the lock of the output folder."""
+
+
+class GeosegWarning(UserWarning):
+    """Base class of geoseg's warnings."""
+
+
+class NoCRSWarning(GeosegWarning):
+    """The input has no CRS; outputs keep its transform but are not georeferenced."""
+
+
+class PerformanceWarning(GeosegWarning):
+    """A setting is valid but slow (e.g. FP16 requested on CPU)."""
+
+
+def require_paddle() -> object:
+    """Import and return :mod:`paddle`, or raise :class:`DependencyError` saying how to get it."""
+    try:
+        import paddle
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise DependencyError(
+            "PaddlePaddle is not installed: install geoseg with the 'cpu' extra "
+            "(pip install 'geoseg[cpu]') or a GPU build (see README, 'gpu' extra)"
+        ) from exc
+    return paddle

@@ -1,0 +1,431 @@
+"""Raster input and output: scene metadata, window reads, staged Cloud-Optimized GeoTIFF writes.
+
+Conventions: pixel arrays are CHW (bands first); a *valid* mask is HW bool, True where the
+input has data.  A pixel is nodata when every selected band is nodata there (GDAL's dataset
+mask convention): the nodata value, an internal mask, an alpha band or NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from geoseg.atomic import atomic_output, atomic_write_text, temp_name
+from geoseg.card import ClassInfo
+from geoseg.errors import NoCRSWarning, OutputError, SceneError, SceneReadError
+
+log = logging.getLogger(__name__)
+
+#: Dataset tag holding the class table (JSON list of {id, name, color}).
+CLASSES_TAG = "GEOSEG_CLASSES"
+MASK_NODATA = 255
+
+SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class SceneMeta:
+    """What geoseg needs to know about an input raster (no pixels)."""
+
+    path: Path
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: Any
+    transform: Any
+    nodata: float | None
+    mask_flags: tuple[tuple[str, ...], ...]
+    descriptions: tuple[str | None, ...]
+    alpha_band: int | None = None
+    block_shape: tuple[int, int] = (0, 0)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_nodata(self) -> bool:
+        """True when some pixels may be nodata (value, internal mask, alpha or float NaN)."""
+        return (
+            self.nodata is not None
+            or self.alpha_band is not None
+            or any("per_dataset" in f for f in self.mask_flags)
+            or self.dtype.startswith("float")
+        )
+
+    @property
+    def data_bands(self) -> tuple[int, ...]:
+        """1-based band indexes excluding an alpha band."""
+        return tuple(b for b in range(1, self.count + 1) if b != self.alpha_band)
+
+    @property
+    def res(self) -> tuple[float, float]:
+        """Pixel size (x, y) in CRS units."""
+        return (abs(self.transform.a), abs(self.transform.e))
+
+
+def open_scene(path: str | Path) -> SceneMeta:
+    """Read a raster's metadata, with one-line errors for missing, non-raster or corrupt files.
+
+    Raises:
+        SceneReadError: the file is missing, not a raster, or cannot be decoded.
+        SceneError: the raster's dtype is not supported.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SceneReadError(f"input {path} does not exist: check the path")
+    if path.is_dir():
+        raise SceneReadError(f"input {path} is a folder: give a GeoTIFF file (or use 'geoseg batch')")
+    try:
+        with rasterio.open(path) as ds:
+            flags = tuple(tuple(f.name for f in band) for band in ds.mask_flag_enums)
+            alpha = None
+            for i, ci in enumerate(ds.colorinterp, start=1):
+                if ci == ColorInterp.alpha:
+                    alpha = i
+            meta = SceneMeta(
+                path=path,
+                width=ds.width,
+                height=ds.height,
+                count=ds.count,
+                dtype=ds.dtypes[0],
+                crs=ds.crs,
+                transform=ds.transform,
+                nodata=ds.nodata,
+                mask_flags=flags,
+                descriptions=tuple(ds.descriptions),
+                alpha_band=alpha,
+                block_shape=tuple(ds.block_shapes[0]) if ds.block_shapes else (0, 0),  # type: ignore[arg-type]
+                tags=dict(ds.tags()),
+            )
+            # Decode one small window so a truncated/corrupt file fails here, not mid-run.
+            ds.read(1, window=Window(0, 0, min(16, ds.width), min(16, ds.height)))
+            ds.read(1, window=Window(max(0, ds.width - 16), max(0, ds.height - 16), min(16, ds.width), min(16, ds.height)))
+    except RasterioIOError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "not recognized as" in msg or "not a supported file format" in msg:
+            raise SceneReadError(f"input {path} is not a raster GDAL can read: give a GeoTIFF") from None
+        raise SceneReadError(f"input {path} cannot be read ({msg}): the file may be corrupt or truncated") from None
+    except rasterio.errors.RasterioError as exc:
+        raise SceneReadError(f"input {path} cannot be read ({exc}): the file may be corrupt") from None
+    if meta.dtype not in SUPPORTED_DTYPES:
+        raise SceneError(
+            f"input {path} has pixel type {meta.dtype}: geoseg reads {', '.join(SUPPORTED_DTYPES)}"
+        )
+    return meta
+
+
+def check_georeferenced(meta: SceneMeta) -> None:
+    """Warn (:class:`NoCRSWarning`) when the scene has no CRS.
+
+    geoseg's policy: a scene without a CRS is still processed; outputs copy its transform and
+    carry no CRS either, so they overlay the input in any tool that overlays the input.
+    """
+    if meta.crs is None:
+        warnings.warn(
+            f"{meta.path.name} has no CRS: outputs keep its pixel grid but are not georeferenced",
+            NoCRSWarning,
+            stacklevel=2,
+        )
+
+
+# ---- reading -----------------------------------------------------------------------------
+_local = threading.local()
+
+
+def _handle(path: Path) -> Any:
+    """A per-thread cached dataset handle (GDAL handles must not be shared across threads)."""
+    cache: dict[str, Any] = getattr(_local, "handles", None) or {}
+    _local.handles = cache
+    key = str(path)
+    ds = cache.get(key)
+    if ds is None or ds.closed:
+        ds = rasterio.open(path)
+        cache[key] = ds
+    return ds
+
+
+def close_handles() -> None:
+    """Close the calling thread's cached dataset handles."""
+    cache: dict[str, Any] = getattr(_local, "handles", None) or {}
+    for ds in cache.values():
+        ds.close()
+    cache.clear()
+
+
+def read_window(
+    path: str | Path, window: Window, bands: Sequence[int], alpha_band: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``bands`` (1-based) of ``window`` and the window's valid mask.
+
+    Returns:
+        ``(data, valid)``: data CHW in the raster's dtype, valid HW bool (True = has data).
+    """
+    ds = _handle(Path(path))
+    data = ds.read(list(bands), window=window)
+    if alpha_band is not None:
+        valid = ds.read(alpha_band, window=window) > 0
+    else:
+        masks = ds.read_masks(list(bands), window=window)
+        valid = masks.any(axis=0)
+    if data.dtype.kind == "f":
+        valid &= np.isfinite(data).any(axis=0)
+    return data, valid
+
+
+# ---- writing ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GridSpec:
+    """The output grid: copied from the input scene."""
+
+    width: int
+    height: int
+    crs: Any
+    transform: Any
+
+    @classmethod
+    def of(cls, meta: SceneMeta) -> GridSpec:
+        """The grid of ``meta``."""
+        return cls(meta.width, meta.height, meta.crs, meta.transform)
+
+
+class COGWriter:
+    """Write a single-band raster row-strip by row-strip, then publish it as a COG atomically.
+
+    Strips go to a staging tiled GeoTIFF (temp name in the destination folder); ``close()``
+    converts it with GDAL's COG driver (internal overviews) into another temp name and renames
+    that into place.  If anything fails, or ``abort()`` is called, no output appears.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        grid: GridSpec,
+        profile: dict[str, Any],
+        *,
+        overwrite: bool = False,
+        colormap: dict[int, tuple[int, int, int, int]] | None = None,
+        tags: dict[str, str] | None = None,
+        description: str | None = None,
+    ) -> None:
+        from geoseg.atomic import check_output
+
+        self.path = check_output(path, overwrite)
+        self.overwrite = overwrite
+        self.profile = dict(profile)
+        self.grid = grid
+        self._staging = temp_name(self.path).with_suffix(".staging.tif")
+        dtype = self.profile["dtype"]
+        staging_profile = {
+            "driver": "GTiff",
+            "width": grid.width,
+            "height": grid.height,
+            "count": 1,
+            "dtype": dtype,
+            "crs": grid.crs,
+            "transform": grid.transform,
+            "nodata": self.profile.get("nodata"),
+            "tiled": True,
+            "blockxsize": 256,
+            "blockysize": 256,
+            "compress": "ZSTD" if _has_zstd() else "DEFLATE",
+            "BIGTIFF": "IF_SAFER",
+        }
+        try:
+            self._ds = rasterio.open(self._staging, "w", **staging_profile)
+        except rasterio.errors.RasterioError as exc:
+            raise OutputError(f"cannot create {self.path}: {exc}") from None
+        if colormap:
+            self._ds.write_colormap(1, colormap)
+        if tags:
+            self._ds.update_tags(**tags)
+        if description:
+            self._ds.set_band_description(1, description)
+        self._closed = False
+
+    def write_rows(self, row0: int, data: np.ndarray) -> None:
+        """Write a HW strip starting at raster row ``row0`` (full width)."""
+        h = data.shape[0]
+        self._ds.write(data, 1, window=Window(0, row0, self.grid.width, h))
+
+    def close(self) -> Path:
+        """Convert the staging file to a COG and publish it; return the final path."""
+        if self._closed:
+            return self.path
+        self._ds.close()
+        self._closed = True
+        co = {k: v for k, v in self.profile.items() if k not in {"driver", "dtype", "nodata"}}
+        try:
+            with atomic_output(self.path, self.overwrite) as tmp:
+                with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):
+                    rasterio.shutil.copy(self._staging, tmp, driver="COG", **co)
+        finally:
+            _remove(self._staging)
+        return self.path
+
+    def abort(self) -> None:
+        """Discard everything written so far."""
+        if not self._closed:
+            self._ds.close()
+            self._closed = True
+        _remove(self._staging)
+
+    def __enter__(self) -> COGWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _remove(p: Path) -> None:
+    for q in (p, Path(str(p) + ".aux.xml")):
+        try:
+            q.unlink()
+        except FileNotFoundError:
+            pass
+
+
+_ZSTD: bool | None = None
+
+
+def _has_zstd() -> bool:
+    """Whether this GDAL build can write ZSTD-compressed GeoTIFFs (probed once)."""
+    global _ZSTD
+    if _ZSTD is None:
+        from rasterio.io import MemoryFile
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with MemoryFile() as mf, mf.open(
+                    driver="GTiff", width=1, height=1, count=1, dtype="uint8", compress="ZSTD"
+                ) as ds:
+                    ds.write(np.zeros((1, 1, 1), np.uint8))
+            _ZSTD = True
+        except Exception:  # noqa: BLE001 - any failure means "not available"
+            _ZSTD = False
+    return _ZSTD
+
+
+# ---- class metadata & QGIS sidecars -------------------------------------------------------
+def class_colormap(classes: Sequence[ClassInfo]) -> dict[int, tuple[int, int, int, int]]:
+    """GDAL colormap from class colours; nodata (255) and unused entries transparent black."""
+    cmap = {i: (0, 0, 0, 0) for i in range(256)}
+    for c in classes:
+        cmap[c.id] = (*c.color, 255)
+    return cmap
+
+
+def classes_tag(classes: Sequence[ClassInfo]) -> dict[str, str]:
+    """The dataset tag that stores the class table as JSON."""
+    return {CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes])}
+
+
+def read_classes(path: str | Path) -> list[ClassInfo] | None:
+    """Class table of a geoseg mask (from its ``GEOSEG_CLASSES`` tag), or None."""
+    with rasterio.open(path) as ds:
+        raw = ds.tags().get(CLASSES_TAG)
+    if not raw:
+        return None
+    return [ClassInfo(int(c["id"]), str(c["name"]), tuple(c["color"])) for c in json.loads(raw)]  # type: ignore[arg-type]
+
+
+def write_aux_xml(mask_path: str | Path, classes: Sequence[ClassInfo], nodata_name: str = "nodata") -> Path:
+    """Write ``<mask>.aux.xml`` with GDAL category names (index = pixel value)."""
+    names = [""] * 256
+    for c in classes:
+        names[c.id] = c.name
+    names[MASK_NODATA] = nodata_name
+    last = max([c.id for c in classes] + [MASK_NODATA])
+    cats = "".join(f"<Category>{escape(n)}</Category>" for n in names[: last + 1])
+    xml = (
+        "<PAMDataset>\n  <PAMRasterBand band=\"1\">\n"
+        f"    <CategoryNames>{cats}</CategoryNames>\n"
+        "  </PAMRasterBand>\n</PAMDataset>\n"
+    )
+    out = Path(str(mask_path) + ".aux.xml")
+    atomic_write_text(out, xml)
+    return out
+
+
+def write_qml(mask_path: str | Path, classes: Sequence[ClassInfo]) -> Path:
+    """Write ``<mask stem>.qml``: a QGIS paletted style with one legend entry per class."""
+    entries = "\n".join(
+        f'        <paletteEntry value="{c.id}" color="#{c.color[0]:02x}{c.color[1]:02x}{c.color[2]:02x}" '
+        f'label="{escape(c.name, {chr(34): "&quot;"})}" alpha="255"/>'
+        for c in classes
+    )
+    qml = f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.22.0" styleCategories="AllStyleCategories" hasScaleBasedVisibilityFlag="0">
+  <pipe>
+    <provider>
+      <resampling enabled="false" zoomedInResamplingMethod="nearestNeighbour" zoomedOutResamplingMethod="nearestNeighbour" maxOversampling="2"/>
+    </provider>
+    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">
+      <rasterTransparency/>
+      <minMaxOrigin>
+        <limits>None</limits>
+        <extent>WholeRaster</extent>
+        <statAccuracy>Estimated</statAccuracy>
+        <cumulativeCutLower>0.02</cumulativeCutLower>
+        <cumulativeCutUpper>0.98</cumulativeCutUpper>
+        <stdDevFactor>2</stdDevFactor>
+      </minMaxOrigin>
+      <colorPalette>
+{entries}
+      </colorPalette>
+    </rasterrenderer>
+    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>
+    <huesaturation saturation="0" colorizeOn="0" grayscaleMode="0" colorizeStrength="100" colorizeRed="255" colorizeGreen="128" colorizeBlue="128"/>
+    <rasterresampler maxOversampling="2"/>
+  </pipe>
+  <blendMode>0</blendMode>
+</qgis>
+"""
+    out = Path(mask_path).with_suffix(".qml")
+    atomic_write_text(out, qml)
+    return out
+
+
+def valid_mask_of(path: str | Path, bands: Sequence[int] | None = None) -> np.ndarray:
+    """Whole-raster valid mask (HW bool). For tests and small rasters only."""
+    meta = open_scene(path)
+    b = list(bands) if bands else list(meta.data_bands)
+    _, valid = read_window(path, Window(0, 0, meta.width, meta.height), b, meta.alpha_band)
+    return valid
+
+
+__all__ = [
+    "CLASSES_TAG",
+    "COGWriter",
+    "GridSpec",
+    "MASK_NODATA",
+    "MaskFlags",
+    "SceneMeta",
+    "check_georeferenced",
+    "class_colormap",
+    "classes_tag",
+    "close_handles",
+    "open_scene",
+    "read_classes",
+    "read_window",
+    "valid_mask_of",
+    "write_aux_xml",
+    "write_qml",
+]

@@ -1,0 +1,150 @@
+"""Window grid: pure geometry, no pixels.
+
+One global grid covers the raster.  Along an axis of ``size`` pixels with window ``tile`` and
+``overlap``, the stride is ``tile - overlap`` and the window offsets are::
+
+    size <= tile:  [0]                                  (one window, padded to ``tile``)
+    otherwise:     [min(k * stride, size - tile) for k in range(n)],
+                   n = ceil((size - tile) / stride) + 1
+
+so the last window is shifted inward to end exactly at the raster edge instead of being
+padded; consecutive windows overlap by at least ``overlap`` pixels.  The window count is the
+product of both axes' ``n``.  A window never reads outside the raster; only a raster smaller
+than ``tile`` along an axis gets padding (reflect), which is cropped off again.
+
+Units are pixels; rows are y (height) and columns x (width).  The grid depends only on
+(height, width, tile, overlap), so any split of it into blocks (rows of windows) yields the
+same windows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rasterio.windows import Window
+
+from geoseg.errors import ParameterError
+
+MIN_TILE = 16
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One window of the grid, in raster pixel coordinates.
+
+    ``row``/``col`` are the top-left offsets; ``height``/``width`` the pixels actually read
+    (smaller than the tile size only when the raster is); ``index`` is (window row, window col).
+    """
+
+    row: int
+    col: int
+    height: int
+    width: int
+    index: tuple[int, int]
+
+    @property
+    def window(self) -> Window:
+        """The rasterio read window."""
+        return Window(self.col, self.row, self.width, self.height)
+
+    @property
+    def row_stop(self) -> int:
+        """First row after the window."""
+        return self.row + self.height
+
+    @property
+    def col_stop(self) -> int:
+        """First column after the window."""
+        return self.col + self.width
+
+
+def check_tile_params(tile: int, overlap: int) -> None:
+    """Raise :class:`ParameterError` when ``tile``/``overlap`` cannot make a grid."""
+    if tile < MIN_TILE:
+        raise ParameterError(f"tile size {tile} is too small: use at least {MIN_TILE} (512 is typical)")
+    if tile % 16:
+        raise ParameterError(f"tile size {tile} is not a multiple of 16: the models downsample 16x (try {tile // 16 * 16 or 16})")
+    if overlap < 0:
+        raise ParameterError(f"overlap {overlap} is negative: use 0 or more")
+    if overlap >= tile:
+        raise ParameterError(f"overlap {overlap} must be smaller than the tile size {tile}: try {tile // 4}")
+
+
+def axis_offsets(size: int, tile: int, overlap: int) -> list[int]:
+    """Window offsets along one axis (see the module docstring for the formula)."""
+    if size <= 0:
+        raise ParameterError(f"raster size {size} must be positive")
+    check_tile_params(tile, overlap)
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    n = math.ceil((size - tile) / stride) + 1
+    return [min(k * stride, size - tile) for k in range(n)]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The global window grid of a ``height`` × ``width`` raster."""
+
+    height: int
+    width: int
+    tile: int
+    overlap: int
+    row_offsets: tuple[int, ...]
+    col_offsets: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Number of window rows and columns."""
+        return len(self.row_offsets), len(self.col_offsets)
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) * len(self.col_offsets)
+
+    def tile_at(self, i: int, j: int) -> Tile:
+        """Window (i, j)."""
+        r, c = self.row_offsets[i], self.col_offsets[j]
+        return Tile(r, c, min(self.tile, self.height - r), min(self.tile, self.width - c), (i, j))
+
+    def row_band(self, i: int) -> list[Tile]:
+        """All windows of window row ``i``, left to right (one processing block)."""
+        return [self.tile_at(i, j) for j in range(len(self.col_offsets))]
+
+    def tiles(self) -> Iterator[Tile]:
+        """All windows, row-major."""
+        for i in range(len(self.row_offsets)):
+            yield from self.row_band(i)
+
+
+def make_grid(height: int, width: int, tile: int = 512, overlap: int = 128) -> TileGrid:
+    """Build the window grid of a raster (validates ``tile`` and ``overlap``)."""
+    return TileGrid(
+        height, width, tile, overlap,
+        tuple(axis_offsets(height, tile, overlap)),
+        tuple(axis_offsets(width, tile, overlap)),
+    )
+
+
+def batched(items: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
+    """Split ``items`` into lists of at most ``size``."""
+    for k in range(0, len(items), size):
+        yield list(items[k : k + size])
+
+
+def lazy_reads(
+    path: str | Path, tiles: Sequence[Tile], bands: Sequence[int], alpha_band: int | None = None
+) -> list[Any]:
+    """One ``dask.delayed`` window read per tile; each task opens the dataset itself.
+
+    Each delayed value computes to ``(data CHW, valid HW)`` (see :func:`geoseg.io.read_window`).
+    """
+    import dask
+
+    from geoseg.io import read_window
+
+    read = dask.delayed(read_window, pure=True)
+    return [read(str(path), t.window, tuple(bands), alpha_band) for t in tiles]

@@ -1,0 +1,209 @@
+"""segment_scene end to end with numpy predictors (no paddle needed) and the output contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from geoseg.atomic import TMP_PREFIX
+from geoseg.card import ClassInfo, ModelCard, Normalization
+from geoseg.engine import ModelSource, PredictOptions, segment_scene
+from geoseg.tiling import make_grid
+from geoseg.errors import NoCRSWarning, ParameterError, SceneError
+from tests.conftest import NC_LCC, class_image, write_raster
+
+
+def identity_card(n_bands: int, n_classes: int, ids: list[int] | None = None, tile: int = 64, overlap: int = 16) -> ModelCard:
+    """A card whose normalisation leaves raw values unchanged."""
+    ids = ids or list(range(1, n_classes + 1))
+    return ModelCard(
+        name="identity",
+        architecture="unet",
+        bands=tuple(f"b{i}" for i in range(n_bands)),
+        classes=tuple(ClassInfo(i, f"name {i}", (10 * i, 20, 30)) for i in ids),
+        normalization=Normalization(mean=(0.0,) * n_bands, std=(1.0,) * n_bands, scale={"default": 1.0}),
+        tile_size=tile,
+        overlap=overlap,
+    )
+
+
+def one_hot_predictor(n_classes: int, offset: int = 0):
+    """Predict class = rounded value of band 1 minus ``offset`` (clipped), as one-hot probabilities."""
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        cls = np.clip(np.rint(np.nan_to_num(x[:, 0])) - offset, 0, n_classes - 1).astype(int)
+        return (np.arange(n_classes)[None, :, None, None] == cls[:, None]).astype(np.float32)
+
+    return predict
+
+
+def no_tmp_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.startswith(TMP_PREFIX) or ".staging" in p.name]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_identity_predictor_is_stitched_back_exactly(tmp_path: Path, batch_size: int) -> None:
+    cls = class_image(203, 317, 4, seed=3).astype(np.uint8)
+    data = np.stack([cls + 1, (cls * 7) % 5]).astype(np.uint8)
+    data[:, :, :70] = 0  # nodata collar on the left, wider than a window
+    src = write_raster(tmp_path / "scene.tif", data, nodata=0)
+    card = identity_card(2, 4, ids=[3, 5, 7, 9])
+    res = segment_scene(
+        src, tmp_path / "out", source=ModelSource(card), predictor=one_hot_predictor(4, offset=1),
+        options=PredictOptions(batch_size=batch_size),
+    )
+    assert res.mask == tmp_path / "out" / "scene_landcover.tif"
+    with rasterio.open(res.mask) as ds:
+        mask = ds.read(1)
+    expected = np.array([3, 5, 7, 9], np.uint8)[cls]
+    expected[:, :70] = 255
+    np.testing.assert_array_equal(mask, expected)
+    assert res.windows + res.windows_skipped == len(make_grid(203, 317, 64, 16))
+    assert res.windows_skipped >= 1  # the all-nodata windows of the collar never reached the model
+    assert no_tmp_files(tmp_path)
+
+
+CASES = [
+    ("uint8", 1, 0),
+    ("uint8", 3, 0),
+    ("uint8", 4, None),
+    ("uint16", 8, 0),
+    ("int16", 10, -9999),
+    ("float32", 3, float("nan")),
+    ("float32", 1, -1.0),
+]
+
+
+@pytest.mark.parametrize(("dtype", "bands", "nodata"), CASES)
+def test_output_grid_and_nodata_match_the_input(tmp_path: Path, dtype: str, bands: int, nodata: float | None) -> None:
+    h, w = 97, 130
+    rng = np.random.default_rng(bands)
+    data = (rng.random((bands, h, w)) * 3).astype(dtype)
+    if np.dtype(dtype).kind == "f":
+        data = data + 0.1
+    else:
+        data = data + 1
+    transform = from_origin(612345.5, 3456789.25, 2.5, 2.5)
+    collar = np.zeros((h, w), bool)
+    collar[:7] = True
+    collar[:, -5:] = True
+    collar[40:45, 60:70] = True
+    masks = None
+    if nodata is None:
+        masks = ~collar  # internal mask instead of a nodata value
+    else:
+        data[:, collar] = nodata
+    src = write_raster(tmp_path / f"s_{dtype}.tif", data, crs=NC_LCC, transform=transform, nodata=nodata, masks=masks)
+    card = identity_card(bands, 3)
+    res = segment_scene(src, tmp_path, source=ModelSource(card), predictor=one_hot_predictor(3),
+                        options=PredictOptions(confidence="uint8"))
+    with rasterio.open(src) as a, rasterio.open(res.mask) as b:
+        assert b.crs == a.crs
+        assert b.transform == a.transform
+        assert (b.width, b.height, b.count, b.dtypes[0]) == (w, h, 1, "uint8")
+        assert b.nodata == 255
+        mask = b.read(1)
+    np.testing.assert_array_equal(mask == 255, collar)
+    assert set(np.unique(mask[~collar])) <= {1, 2, 3}
+    with rasterio.open(res.confidence) as c:
+        conf = c.read(1)
+        assert c.transform == transform
+    assert (conf[collar] == 255).all() and (conf[~collar] == 100).all()
+
+
+def test_alpha_band_marks_nodata(tmp_path: Path) -> None:
+    h, w = 50, 70
+    rgb = np.full((3, h, w), 1, np.uint8)
+    alpha = np.full((1, h, w), 255, np.uint8)
+    alpha[0, 20:30] = 0
+    src = write_raster(tmp_path / "rgba.tif", np.concatenate([rgb, alpha]), photometric="RGB", alpha="YES")
+    with rasterio.open(src) as ds:
+        assert ds.colorinterp[3].name == "alpha"
+    res = segment_scene(src, tmp_path, source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
+    with rasterio.open(res.mask) as b:
+        mask = b.read(1)
+    assert (mask[20:30] == 255).all() and (mask[:20] == 2).all()
+
+
+def test_mask_is_a_valid_cog_with_palette_names_and_style(tmp_path: Path) -> None:
+    from rio_cogeo.cogeo import cog_validate
+
+    cls = class_image(1100, 700, 3, seed=5).astype(np.uint8)
+    src = write_raster(tmp_path / "big.tif", cls[None])
+    card = identity_card(1, 3, ids=[1, 4, 6], tile=256, overlap=64)
+    res = segment_scene(src, tmp_path, source=ModelSource(card), predictor=one_hot_predictor(3))
+    valid, errors, _ = cog_validate(str(res.mask), strict=True)
+    assert valid, errors
+    with rasterio.open(res.mask) as ds:
+        assert ds.overviews(1), "internal overviews expected"
+        assert ds.compression is not None
+        cmap = ds.colormap(1)
+        assert cmap[4] == (40, 20, 30, 255)
+        assert "GEOSEG_CLASSES" in ds.tags()
+        # overviews of a class mask hold only class ids (mode/nearest resampling)
+        ov = ds.read(1, out_shape=(1, 275, 175))
+        assert set(np.unique(ov)) <= {1, 4, 6}
+    aux = Path(str(res.mask) + ".aux.xml").read_text()
+    assert "<Category>name 4</Category>" in aux
+    qml = res.style.read_text()
+    assert qml.count("<paletteEntry") == 3 and 'label="name 6"' in qml and "#3c141e" in qml
+
+
+def test_no_crs_warns_and_keeps_the_grid(tmp_path: Path) -> None:
+    src = write_raster(tmp_path / "nocrs.tif", np.ones((1, 40, 40), np.uint8), crs=None,
+                       transform=from_origin(10, 100, 1, 1))
+    with pytest.warns(NoCRSWarning, match="no CRS"):
+        res = segment_scene(src, tmp_path, source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
+    with rasterio.open(res.mask) as ds:
+        assert ds.crs is None and ds.transform == from_origin(10, 100, 1, 1)
+
+
+def test_failure_mid_run_leaves_no_output(tmp_path: Path) -> None:
+    src = write_raster(tmp_path / "s.tif", class_image(300, 300, 2)[None].astype(np.uint8))
+    calls = {"n": 0}
+
+    def flaky(x: np.ndarray) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("boom")
+        return one_hot_predictor(2)(x)
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        segment_scene(src, out, source=ModelSource(identity_card(1, 2)), predictor=flaky,
+                      options=PredictOptions(confidence="float32"))
+    assert list(out.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
+    src = write_raster(tmp_path / "s.tif", np.ones((1, 20, 20), np.uint8))
+    kw = dict(source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
+    first = segment_scene(src, tmp_path, **kw)
+    before = first.mask.stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        segment_scene(src, tmp_path, **kw)
+    assert first.mask.stat().st_mtime_ns == before
+    segment_scene(src, tmp_path, options=PredictOptions(overwrite=True), **kw)
+
+
+def test_band_checks(tmp_path: Path) -> None:
+    src = write_raster(tmp_path / "s.tif", np.ones((4, 20, 20), np.uint8))
+    kw = dict(source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
+    with pytest.raises(SceneError, match="gives 4 bands but model 'identity' expects 3"):
+        segment_scene(src, tmp_path, **kw)
+    with pytest.raises(SceneError, match="has bands 1..4 only"):
+        segment_scene(src, tmp_path, options=PredictOptions(bands=(5, 1, 2)), **kw)
+    res = segment_scene(src, tmp_path, options=PredictOptions(bands=(4, 3, 2)), **kw)
+    assert res.mask.exists()
+
+
+def test_bad_tiling_is_refused_before_any_output(tmp_path: Path) -> None:
+    src = write_raster(tmp_path / "s.tif", np.ones((1, 20, 20), np.uint8))
+    with pytest.raises(ParameterError, match="overlap 64 must be smaller"):
+        segment_scene(src, tmp_path / "o.tif", source=ModelSource(identity_card(1, 2)),
+                      predictor=one_hot_predictor(2), options=PredictOptions(tile_size=64, overlap=64))
+    assert not (tmp_path / "o.tif").exists()

@@ -1,0 +1,56 @@
+"""Window grid geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from geoseg.errors import ParameterError
+from geoseg.tiling import axis_offsets, make_grid
+
+SIZES = [(1, 1), (37, 600), (512, 512), (513, 700), (600, 9000), (9000, 600), (1100, 1500), (2048, 2048), (1000, 1025)]
+
+
+@pytest.mark.parametrize(("height", "width"), SIZES)
+@pytest.mark.parametrize(("tile", "overlap"), [(512, 128), (256, 0), (64, 48)])
+def test_grid_covers_every_pixel_and_stays_inside(height: int, width: int, tile: int, overlap: int) -> None:
+    grid = make_grid(height, width, tile, overlap)
+    hits = np.zeros((height, width), np.int32)
+    for t in grid.tiles():
+        assert t.row >= 0 and t.col >= 0
+        assert t.row_stop <= height and t.col_stop <= width
+        assert t.height == min(tile, height) and t.width == min(tile, width)
+        hits[t.row : t.row_stop, t.col : t.col_stop] += 1
+    assert hits.min() >= 1
+    assert len(list(grid.tiles())) == len(grid) == grid.shape[0] * grid.shape[1]
+
+
+@pytest.mark.parametrize("size", [513, 700, 1000, 4097, 9000])
+def test_consecutive_windows_overlap_at_least_overlap(size: int) -> None:
+    offs = axis_offsets(size, 512, 128)
+    assert offs[0] == 0 and offs[-1] == size - 512
+    assert all(b - a <= 512 - 128 for a, b in zip(offs, offs[1:]))
+    assert all(b > a for a, b in zip(offs, offs[1:]))
+    # the count formula in the module docstring
+    assert len(offs) == int(np.ceil((size - 512) / 384)) + 1
+
+
+def test_grid_is_the_same_for_any_block_split() -> None:
+    grid = make_grid(3000, 2100, 512, 128)
+    whole = list(grid.tiles())
+    by_rows = [t for i in range(grid.shape[0]) for t in grid.row_band(i)]
+    assert whole == by_rows
+    # a grid built for a different scene height shares its first rows of windows
+    taller = make_grid(5000, 2100, 512, 128)
+    for i in range(grid.shape[0] - 1):
+        assert taller.row_band(i) == grid.row_band(i)
+
+
+@pytest.mark.parametrize(
+    ("tile", "overlap", "word"),
+    [(512, 512, "smaller than the tile size"), (512, 600, "smaller"), (8, 0, "too small"), (500, 0, "multiple of 16"),
+     (512, -1, "negative")],
+)
+def test_bad_tile_parameters_are_refused(tile: int, overlap: int, word: str) -> None:
+    with pytest.raises(ParameterError, match=word):
+        make_grid(100, 100, tile, overlap)
