@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from geoseg import __version__
-from geoseg.errors import BatchLockedError, GeosegError
+from geoseg.errors import BatchLockedError, GeosegError, GeosegWarning
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -52,7 +52,10 @@ class GeosegGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", GeosegWarning)
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
@@ -60,6 +63,11 @@ class GeosegGroup(click.Group):
         except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
             logging.getLogger("geoseg").debug("error details", exc_info=True)
             raise to_click_error(exc) from None
+
+
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Warnings become one 'warning: ...' log line on stderr (no source line)."""
+    logging.getLogger("geoseg").warning("warning: %s", message)
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -74,11 +82,6 @@ def _setup_logging(verbosity: int) -> None:
     handler._geoseg = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.propagate = False
-    logging.captureWarnings(True)
-    warnings.simplefilter("default")
-    wlog = logging.getLogger("py.warnings")
-    wlog.handlers = [handler]
-    wlog.propagate = False
 
 
 @click.group(cls=GeosegGroup, context_settings={"auto_envvar_prefix": "GEOSEG", "help_option_names": ["-h", "--help"]})

@@ -35,7 +35,7 @@ class BlendMode(str, enum.Enum):
 
 @lru_cache(maxsize=16)
 def weight_map(height: int, width: int, mode: BlendMode = BlendMode.GAUSSIAN, sigma_scale: float = 0.125) -> np.ndarray:
-    """HW float32 weights for a window: 1 at the centre, >= ``WEIGHT_FLOOR`` everywhere.
+    """HW float32 weights for a window: 1 at the centre, >= ``WEIGHT_FLOOR**2`` everywhere.
 
     GAUSSIAN uses sigma = ``sigma_scale`` × side length per axis (as MONAI's sliding window
     inferer does) so predictions near a window's border, which see little context, count
@@ -44,14 +44,16 @@ def weight_map(height: int, width: int, mode: BlendMode = BlendMode.GAUSSIAN, si
     if mode == BlendMode.CONSTANT:
         w = np.ones((height, width), np.float32)
     else:
+        # The floor is applied per axis, before the outer product: a floor on the 2D map
+        # would give two windows equal weight wherever both are near a shared edge in the
+        # other axis, and the window that sees the pixel at its border would count as much
+        # as the one that sees it in its middle.
         def axis(n: int) -> np.ndarray:
             x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
             sigma = max(sigma_scale * n, 1e-6)
-            return np.exp(-0.5 * (x / sigma) ** 2)
+            return np.maximum(np.exp(-0.5 * (x / sigma) ** 2), WEIGHT_FLOOR)
 
-        w = np.outer(axis(height), axis(width))
-        w = (w / w.max()).astype(np.float32)
-        np.maximum(w, WEIGHT_FLOOR, out=w)
+        w = np.outer(axis(height), axis(width)).astype(np.float32)
     w.setflags(write=False)
     return w
 

@@ -15,7 +15,7 @@ from tests.conftest import class_image
 def test_weight_map_is_positive_and_peaks_at_centre(mode: BlendMode) -> None:
     w = weight_map(64, 48, mode)
     assert w.shape == (64, 48)
-    assert w.min() >= WEIGHT_FLOOR
+    assert w.min() >= WEIGHT_FLOOR**2 > 0
     assert w[32, 24] == pytest.approx(w.max())
     if mode == BlendMode.GAUSSIAN:
         assert w[0, 0] < 0.01 < w[32, 24]

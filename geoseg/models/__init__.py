@@ -1,0 +1,135 @@
+"""Model registry: build a segmentation network by name.
+
+Importing this package does not import PaddlePaddle; :func:`build_model` imports the
+architecture's module (and so Paddle) on first use.  Every registered model is a
+``paddle.nn.Layer`` whose constructor takes ``num_classes``, ``in_channels`` and a
+``pretrained`` weights path, and whose ``forward`` maps a float32 NCHW batch
+``[N, in_channels, H, W]`` to a list of logits tensors ``[N, num_classes, H, W]`` at the
+input size, main output first.
+
+Example:
+    >>> from geoseg.models import build_model
+    >>> net = build_model("unet", in_channels=4, num_classes=6, width=0.25)
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import numbers
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from geoseg.errors import ModelError, require_paddle
+
+if TYPE_CHECKING:  # pragma: no cover
+    import paddle
+
+__all__ = ["MODEL_NAMES", "build_model", "model_class", "register_model", "validate_io"]
+
+logger = logging.getLogger(__name__)
+
+#: Names accepted by :func:`build_model`.
+MODEL_NAMES: tuple[str, ...] = ("deeplabv3p", "unet")
+
+#: Module that defines (and registers) each model; imported lazily.
+_MODULES: dict[str, str] = {
+    "deeplabv3p": "geoseg.models.deeplab",
+    "unet": "geoseg.models.unet",
+}
+
+_REGISTRY: dict[str, type[Any]] = {}
+
+_T = TypeVar("_T", bound=type)
+
+
+def register_model(name: str) -> Callable[[_T], _T]:
+    """Class decorator that registers a model class under ``name``.
+
+    Args:
+        name: Registry key, one of :data:`MODEL_NAMES`.
+
+    Returns:
+        The decorator; it returns the class unchanged.
+    """
+
+    def decorator(cls: _T) -> _T:
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def validate_io(num_classes: int, in_channels: int) -> None:
+    """Check the input band and output class counts shared by every model.
+
+    Args:
+        num_classes: Number of output channels; must be an integer >= 1.
+        in_channels: Number of input bands; must be an integer >= 1.
+
+    Raises:
+        ModelError: Either count is not a positive integer.
+    """
+    for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ModelError(f"{label} must be a positive integer, got {value!r}")
+
+
+def model_class(name: str) -> type[Any]:
+    """Return the class registered as ``name``, importing its module (and Paddle).
+
+    Args:
+        name: A model name from :data:`MODEL_NAMES`.
+
+    Returns:
+        The ``paddle.nn.Layer`` subclass.
+
+    Raises:
+        ModelError: ``name`` is not a known model.
+        DependencyError: PaddlePaddle is not installed.
+    """
+    if name not in MODEL_NAMES:
+        raise ModelError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    require_paddle()
+    if name not in _REGISTRY:
+        importlib.import_module(_MODULES[name])
+    return _REGISTRY[name]
+
+
+def build_model(name: str, *, in_channels: int, num_classes: int, **params: Any) -> paddle.nn.Layer:
+    """Build the segmentation network registered as ``name``.
+
+    Args:
+        name: A model name from :data:`MODEL_NAMES`.
+        in_channels: Number of input bands ``C`` of the NCHW input.
+        num_classes: Number of output channels (classes) of the NCHW logits.
+        **params: Architecture keyword arguments (e.g. ``width`` for ``unet``,
+            ``backbone_depth``/``output_stride``/``backbone_width`` for ``deeplabv3p``,
+            ``pretrained`` for both).
+
+    Returns:
+        The model (in training mode), mapping ``[N, in_channels, H, W]`` float32 to a list
+        of ``[N, num_classes, H, W]`` logits.
+
+    Raises:
+        ModelError: Unknown model name, unknown parameter or invalid parameter value.
+        WeightsError: ``pretrained`` weights cannot be loaded.
+        DependencyError: PaddlePaddle is not installed.
+    """
+    cls = model_class(name)
+    sig = inspect.signature(cls)
+    accepted = [p for p in sig.parameters if p not in ("num_classes", "in_channels")]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ModelError(
+            f"model {name!r} has no parameter {', '.join(map(repr, unknown))}: "
+            f"accepted are {', '.join(accepted)}"
+        )
+    logger.debug("building %s(in_channels=%s, num_classes=%s, %s)", name, in_channels, num_classes, params)
+    try:
+        return cls(num_classes=num_classes, in_channels=in_channels, **params)
+    except ModelError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"invalid parameters for model {name!r}: {exc}") from exc

@@ -1,0 +1,125 @@
+"""Save and load model weights (``.pdparams`` state dicts) with one-line errors.
+
+:func:`save_weights` publishes the file atomically (a killed run never leaves a truncated
+weights file under the real name).  :func:`load_weights` checks the file against the model
+before touching it: a missing or corrupt file, missing or unexpected parameter names and
+shape mismatches each raise :class:`~geoseg.errors.WeightsError` naming the problem.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from geoseg.atomic import atomic_output
+from geoseg.errors import WeightsError, require_paddle
+
+if TYPE_CHECKING:  # pragma: no cover
+    import paddle
+
+__all__ = ["WEIGHTS_SUFFIX", "load_weights", "read_state_dict", "save_weights"]
+
+logger = logging.getLogger(__name__)
+
+#: Conventional suffix of a Paddle state-dict file.
+WEIGHTS_SUFFIX = ".pdparams"
+
+_MAX_NAMES = 3  # parameter names quoted in an error message before "... and N more"
+
+
+def save_weights(model: paddle.nn.Layer, path: str | Path) -> Path:
+    """Write the model's state dict (parameters and batch-norm statistics) atomically.
+
+    Args:
+        model: The network whose ``state_dict()`` is saved.
+        path: Destination file, conventionally ending in ``.pdparams``; its folder must
+            exist.  An existing file is replaced.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputError: The folder is missing or not writable.
+    """
+    paddle = require_paddle()
+    path = Path(path)
+    with atomic_output(path, overwrite=True) as tmp:
+        paddle.save(model.state_dict(), str(tmp))  # type: ignore[attr-defined]
+    logger.info("saved weights to %s", path)
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, Any]:
+    """Read a ``.pdparams`` file into a ``{name: tensor}`` dict.
+
+    Args:
+        path: The weights file.
+
+    Returns:
+        The state dict as saved by :func:`save_weights` (or ``paddle.save``).
+
+    Raises:
+        WeightsError: The file is missing, unreadable, corrupt or not a state dict.
+    """
+    paddle = require_paddle()
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise WeightsError(f"weights file {path} {what}: check the path (or the card's 'weights' entry)")
+    try:
+        state = paddle.load(str(path))  # type: ignore[attr-defined]
+    except Exception as exc:  # paddle raises ValueError, EOFError, pickle errors ...
+        raise WeightsError(
+            f"weights file {path} is corrupt or not a Paddle .pdparams file "
+            f"({type(exc).__name__}): re-download or re-export it"
+        ) from exc
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise WeightsError(f"weights file {path} does not hold a state dict: save it with save_weights")
+    return dict(state)
+
+
+def load_weights(model: paddle.nn.Layer, path: str | Path) -> None:
+    """Load a ``.pdparams`` file into ``model`` after checking names and shapes.
+
+    Nothing is loaded unless every parameter and buffer of ``model`` has a value of the
+    same shape in the file and the file holds no other entries.
+
+    Args:
+        model: The network to fill in place.
+        path: The weights file.
+
+    Raises:
+        WeightsError: The file is missing or corrupt, names are missing or unexpected, or
+            a shape differs (the message names the parameter and both shapes).
+    """
+    path = Path(path)
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        raise WeightsError(
+            f"weights file {path} lacks {len(missing)} parameter(s) of the model "
+            f"({_names(missing)}): was it saved from another architecture or variant?"
+        )
+    if unexpected:
+        raise WeightsError(
+            f"weights file {path} has {len(unexpected)} parameter(s) the model lacks "
+            f"({_names(unexpected)}): was it saved from another architecture or variant?"
+        )
+    for name, target in expected.items():
+        want, got = list(target.shape), list(state[name].shape)
+        if want != got:
+            raise WeightsError(
+                f"weights file {path}: parameter {name!r} has shape {got} in the file but "
+                f"{want} in the model: was it trained for another number of bands or classes?"
+            )
+    model.set_state_dict(state)
+    logger.debug("loaded weights from %s", path)
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:_MAX_NAMES])
+    return shown if len(names) <= _MAX_NAMES else f"{shown} and {len(names) - _MAX_NAMES} more"

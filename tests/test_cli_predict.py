@@ -1,0 +1,179 @@
+"""``geoseg info`` and ``geoseg predict`` through Click's CliRunner, including every bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+from geoseg_cli.main import cli
+from tests.conftest import write_raster
+
+
+def rgb(tmp_path: Path, name: str = "scene.tif", h: int = 90, w: int = 150, **kw) -> Path:
+    data = (np.random.default_rng(0).random((3, h, w)) * 200 + 20).astype(np.uint8)
+    return write_raster(tmp_path / name, data, nodata=0, **kw)
+
+
+def assert_one_line_error(result, *words: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def outputs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_info_prints_what_predict_sees(runner: CliRunner, tmp_path: Path) -> None:
+    src = rgb(tmp_path, h=1100, w=1500)
+    res = runner.invoke(cli, ["info", str(src)])
+    assert res.exit_code == 0, res.output
+    assert "1500 x 1100" in res.output and "uint8" in res.output and "EPSG:32633" in res.output
+    assert "value 0.0" in res.output
+    res = runner.invoke(cli, ["info", str(src), "--json"])
+    d = json.loads(res.stdout)
+    assert d["windows"] == 4 * 3 and d["window_grid"] == [3, 4]
+    assert d["memory_estimate_mb"] > 500
+
+
+def test_predict_writes_mask_and_prints_its_path(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    weights, _ = tiny_unet
+    src = rgb(tmp_path)
+    out = tmp_path / "out"
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", str(weights), "--out", str(out), "--confidence", "float32"])
+    assert res.exit_code == 0, res.output
+    mask = out / "scene_landcover.tif"
+    assert res.stdout.strip() == str(mask)
+    assert outputs(out) == ["scene_confidence.tif", "scene_landcover.qml", "scene_landcover.tif", "scene_landcover.tif.aux.xml"]
+    with rasterio.open(mask) as m, rasterio.open(src) as s:
+        assert (m.crs, m.transform, m.shape) == (s.crs, s.transform, s.shape)
+        assert set(np.unique(m.read(1))) <= {0, 1, 2, 3}
+    # the end-of-run log line reports speed (not with -q)
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(weights), "--out", str(out), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "windows/s" in res.stderr and "megapixels/s" in res.stderr
+
+
+def test_predict_help_shows_examples(runner: CliRunner) -> None:
+    res = runner.invoke(cli, ["predict", "--help"])
+    assert res.exit_code == 0
+    assert "Examples:" in res.output and "geoseg predict scene.tif --model deeplabv3p --out out/" in res.output
+
+
+def test_missing_file(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    res = runner.invoke(cli, ["predict", str(tmp_path / "nope.tif"), "--weights", str(tiny_unet[0])])
+    assert_one_line_error(res, "does not exist")
+
+
+def test_not_a_raster(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    bad = tmp_path / "notes.tif"
+    bad.write_text("this is not an image\n")
+    res = runner.invoke(cli, ["predict", str(bad), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o")])
+    assert_one_line_error(res, "not a raster")
+    assert not (tmp_path / "o").exists() or outputs(tmp_path / "o") == []
+
+
+def test_corrupt_tiff(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    good = rgb(tmp_path, "good.tif", h=300, w=300)
+    raw = good.read_bytes()
+    bad = tmp_path / "corrupt.tif"
+    bad.write_bytes(raw[: len(raw) // 3])
+    out = tmp_path / "o"
+    out.mkdir()
+    res = runner.invoke(cli, ["predict", str(bad), "--weights", str(tiny_unet[0]), "--out", str(out)])
+    assert_one_line_error(res, "corrupt")
+    assert outputs(out) == []
+
+
+def test_no_crs_warns_and_writes(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    src = rgb(tmp_path, "nocrs.tif", crs=None)
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "no CRS" in res.stderr
+    with rasterio.open(tmp_path / "nocrs_landcover.tif") as ds:
+        assert ds.crs is None
+
+
+def test_band_mismatch_names_both_numbers(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    src = write_raster(tmp_path / "five.tif", np.ones((5, 40, 40), np.uint8))
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o.tif")])
+    assert_one_line_error(res, "gives 5 bands", "expects 3", "--bands")
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o.tif"), "--bands", "5,3,1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--bands", "4,x"])
+    assert res.exit_code == 2 and "band numbers" in res.output
+
+
+def test_unknown_model_lists_choices(runner: CliRunner, tmp_path: Path) -> None:
+    src = rgb(tmp_path)
+    res = runner.invoke(cli, ["predict", str(src), "--model", "segformer"])
+    assert_one_line_error(res, "unknown model 'segformer'", "deeplabv3p", "unet")
+
+
+def test_no_weights_says_so(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import geoseg.engine
+
+    monkeypatch.setattr(geoseg.engine, "WEIGHTS_DIR", tmp_path / "none")
+    src = rgb(tmp_path)
+    res = runner.invoke(cli, ["predict", str(src), "--model", "unet"])
+    assert_one_line_error(res, "no trained weights", "--weights")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--tile-size", "64", "--overlap", "64"], ["overlap 64 must be smaller than the tile size 64"]),
+        (["--tile-size", "8"], ["too small"]),
+        (["--tile-size", "100"], ["multiple of 16"]),
+        (["--overlap", "-4"], ["negative"]),
+    ],
+)
+def test_tile_and_overlap_out_of_range(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path], args: list[str], words: list[str]) -> None:
+    src = rgb(tmp_path)
+    out = tmp_path / "o"
+    out.mkdir()
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(out), *args])
+    assert_one_line_error(res, *words)
+    assert outputs(out) == []
+
+
+def test_unwritable_output(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    src = rgb(tmp_path)
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "no" / "such" / "x.tif")])
+    assert_one_line_error(res, "does not exist", "create it")
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "no" / "such" / "dir")])
+    assert_one_line_error(res, "does not exist")
+
+
+def test_existing_output_without_overwrite(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    src = rgb(tmp_path)
+    target = tmp_path / "scene_landcover.tif"
+    target.write_bytes(b"precious")
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0])])
+    assert_one_line_error(res, "already exists", "--overwrite")
+    assert target.read_bytes() == b"precious"
+
+
+def test_weights_without_card(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    lonely = tmp_path / "lonely.pdparams"
+    lonely.write_bytes(tiny_unet[0].read_bytes())
+    res = runner.invoke(cli, ["predict", str(rgb(tmp_path)), "--weights", str(lonely)])
+    assert_one_line_error(res, "no model card", "--card")
+    res = runner.invoke(cli, ["predict", str(rgb(tmp_path)), "--weights", str(lonely), "--card", str(tiny_unet[1]), "--model", "deeplabv3p"])
+    assert_one_line_error(res, "does not match")
+
+
+def test_missing_paddle_names_the_extra(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "paddle", None)  # makes 'import paddle' raise ImportError
+    res = runner.invoke(cli, ["predict", str(rgb(tmp_path)), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o.tif")])
+    assert_one_line_error(res, "PaddlePaddle is not installed", "geoseg[cpu]")
+    assert not (tmp_path / "o.tif").exists()

@@ -1,0 +1,311 @@
+"""Tests of geoseg.models: registry, architectures, checkpoints and the inference runtime.
+
+Everything runs on CPU with tiny widths and small inputs (a few seconds in total).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+paddle = pytest.importorskip("paddle")
+
+from geoseg.errors import ModelError, PerformanceWarning, WeightsError  # noqa: E402
+from geoseg.models import MODEL_NAMES, build_model  # noqa: E402
+from geoseg.models.checkpoints import load_weights, save_weights  # noqa: E402
+from geoseg.models.deeplab import ASPP, DeepLabV3P  # noqa: E402
+from geoseg.models.inference import (  # noqa: E402
+    DygraphPredictor,
+    InferencePredictor,
+    export_model,
+    find_model_files,
+)
+from geoseg.models.unet import UNet  # noqa: E402
+
+TINY: dict[str, dict[str, Any]] = {
+    "unet": {"width": 0.125},
+    "deeplabv3p": {"backbone_width": 0.25, "aspp_channels": 32, "decoder_channels": 32},
+}
+
+
+def tiny(name: str, in_channels: int = 3, num_classes: int = 3, **extra: Any) -> Any:
+    """Build a tiny variant of ``name`` in eval mode with a fixed seed."""
+    paddle.seed(0)
+    model = build_model(name, in_channels=in_channels, num_classes=num_classes, **{**TINY[name], **extra})
+    model.eval()
+    return model
+
+
+def run(model: Any, x: np.ndarray) -> np.ndarray:
+    """Forward a NCHW numpy batch and return the main logits as numpy."""
+    with paddle.no_grad():
+        out = model(paddle.to_tensor(x))
+    assert isinstance(out, list) and len(out) >= 1
+    return out[0].numpy()
+
+
+def rand(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# ---- registry ---------------------------------------------------------------------------
+
+
+def test_importing_registry_does_not_import_paddle() -> None:
+    code = "import sys, geoseg.models; assert 'paddle' not in sys.modules, 'paddle imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_model_names() -> None:
+    assert MODEL_NAMES == ("deeplabv3p", "unet")
+
+
+def test_unknown_model_lists_choices() -> None:
+    with pytest.raises(ModelError, match=r"unknown model 'x': choose one of deeplabv3p, unet$"):
+        build_model("x", in_channels=3, num_classes=2)
+
+
+def test_unknown_parameter_is_named() -> None:
+    with pytest.raises(ModelError, match="'depth'") as info:
+        build_model("unet", in_channels=3, num_classes=2, depth=4)
+    assert "\n" not in str(info.value) and "width" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "fragment"),
+    [
+        ("deeplabv3p", {"backbone_depth": 20}, "backbone_depth"),
+        ("deeplabv3p", {"output_stride": 32}, "output_stride"),
+        ("deeplabv3p", {"backbone_width": 0}, "backbone_width"),
+        ("unet", {"width": -1.0}, "width"),
+        ("unet", {"upsample": "nearest"}, "upsample"),
+        ("unet", {"num_classes": 0}, "num_classes"),
+    ],
+)
+def test_invalid_parameter_values(name: str, params: dict[str, Any], fragment: str) -> None:
+    kw: dict[str, Any] = {"in_channels": 3, "num_classes": 2, **params}
+    with pytest.raises(ModelError, match=fragment) as info:
+        build_model(name, **kw)
+    assert "\n" not in str(info.value)
+
+
+def test_registered_classes() -> None:
+    assert isinstance(tiny("unet"), UNet)
+    assert isinstance(tiny("deeplabv3p"), DeepLabV3P)
+
+
+# ---- architectures -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("in_channels", [1, 4, 10])
+def test_output_shapes_any_bands_and_size(name: str, in_channels: int) -> None:
+    model = tiny(name, in_channels=in_channels, num_classes=5)
+    for h, w in [(67, 93), (64, 64), (9, 5)]:
+        logits = run(model, rand(2, in_channels, h, w))
+        assert logits.shape == (2, 5, h, w)
+        assert logits.dtype == np.float32 and np.isfinite(logits).all()
+
+
+def test_unet_transpose_upsampling_odd_size() -> None:
+    model = tiny("unet", upsample="transpose")
+    assert run(model, rand(1, 3, 67, 93)).shape == (1, 3, 67, 93)
+
+
+def test_unet_width_scales_channels() -> None:
+    assert UNet(2, width=1.0).channels == (64, 128, 256, 512, 1024)
+    assert UNet(2, width=0.25).channels == (16, 32, 64, 128, 256)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_deeplab_output_strides(output_stride: int) -> None:
+    model = tiny("deeplabv3p", output_stride=output_stride)
+    x = paddle.to_tensor(rand(1, 3, 64, 64))
+    feats = model.backbone(x)
+    expected = [16, 8, 4, 4] if output_stride == 16 else [16, 8, 8, 8]
+    assert [f.shape[-1] for f in feats] == expected
+    assert run(model, rand(1, 3, 67, 93)).shape == (1, 3, 67, 93)
+
+
+def test_deeplab_separable_head_is_smaller() -> None:
+    def size(model: Any) -> int:
+        return sum(int(np.prod(p.shape)) for p in model.parameters())
+
+    dense, sep = tiny("deeplabv3p"), tiny("deeplabv3p", separable=True)
+    assert size(sep) < size(dense)
+    assert run(sep, rand(1, 3, 67, 93)).shape == (1, 3, 67, 93)
+
+
+def test_deeplab_resnet50() -> None:
+    model = tiny("deeplabv3p", backbone_depth=50)
+    assert model.backbone.feat_channels == [64, 128, 256, 512]  # 4x expansion at width 0.25
+    assert run(model, rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_aspp_image_pooling_sees_far_pixels() -> None:
+    paddle.seed(0)
+    aspp = ASPP(8, 8, (6, 12, 18))
+    aspp.eval()
+    x = rand(1, 8, 64, 64)
+    far = x.copy()
+    far[..., 40:48, 41:49] += 5.0  # beyond the largest dilation (18) seen from pixel (0, 0)
+    with paddle.no_grad():
+        a = aspp(paddle.to_tensor(x)).numpy()[..., 0, 0]
+        b = aspp(paddle.to_tensor(far)).numpy()[..., 0, 0]
+    assert not np.allclose(a, b)
+
+
+def test_aspp_without_pooling_is_local() -> None:
+    """Control for the test above: the atrous branches alone do not reach that far."""
+    paddle.seed(0)
+    aspp = ASPP(8, 8, (6, 12, 18))
+    aspp.eval()
+    x = rand(1, 8, 64, 64)
+    far = x.copy()
+    far[..., 40:48, 41:49] += 5.0
+    with paddle.no_grad():
+        outs = [
+            [branch(paddle.to_tensor(v)).numpy()[..., 0, 0] for branch in aspp.branches] for v in (x, far)
+        ]
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b)
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:When training, we now always track:UserWarning")
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_save_load_round_trip(name: str, tmp_path: Path) -> None:
+    model = tiny(name, in_channels=4)
+    # Non-default BN statistics make sure buffers travel too.
+    model.train()
+    with paddle.no_grad():
+        model(paddle.to_tensor(rand(2, 4, 32, 32)))
+    model.eval()
+    path = save_weights(model, tmp_path / "w.pdparams")
+    assert path.is_file() and [p.name for p in tmp_path.iterdir()] == ["w.pdparams"]
+    x = rand(1, 4, 33, 47, seed=1)
+    paddle.seed(123)
+    other = build_model(name, in_channels=4, num_classes=3, **TINY[name])
+    other.eval()
+    assert not np.allclose(run(other, x), run(model, x))
+    load_weights(other, path)
+    np.testing.assert_array_equal(run(other, x), run(model, x))
+    via_pretrained = build_model(name, in_channels=4, num_classes=3, pretrained=str(path), **TINY[name])
+    via_pretrained.eval()
+    np.testing.assert_array_equal(run(via_pretrained, x), run(model, x))
+
+
+def test_load_other_num_classes_names_shapes(tmp_path: Path) -> None:
+    path = save_weights(tiny("unet", num_classes=3), tmp_path / "w.pdparams")
+    with pytest.raises(WeightsError) as info:
+        load_weights(tiny("unet", num_classes=5), path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "classifier.weight" in msg and "[3, 8, 1, 1]" in msg and "[5, 8, 1, 1]" in msg
+    assert "another number of bands or classes" in msg
+
+
+def test_load_other_in_channels_names_shapes(tmp_path: Path) -> None:
+    path = save_weights(tiny("deeplabv3p", in_channels=4), tmp_path / "w.pdparams")
+    with pytest.raises(WeightsError, match=r"backbone.stem.0.0.weight.* shape \[8, 4, 3, 3\] in the file but \[8, 10, 3, 3\]"):
+        build_model("deeplabv3p", in_channels=10, num_classes=3, pretrained=path, **TINY["deeplabv3p"])
+
+
+def test_load_other_architecture(tmp_path: Path) -> None:
+    path = save_weights(tiny("unet"), tmp_path / "w.pdparams")
+    with pytest.raises(WeightsError, match="lacks .* parameter") as info:
+        load_weights(tiny("deeplabv3p"), path)
+    assert "\n" not in str(info.value)
+
+
+def test_load_unexpected_keys(tmp_path: Path) -> None:
+    model = tiny("unet")
+    state = model.state_dict()
+    state["extra.weight"] = paddle.zeros([2])
+    paddle.save(state, str(tmp_path / "w.pdparams"))
+    with pytest.raises(WeightsError, match="'extra.weight'"):
+        load_weights(model, tmp_path / "w.pdparams")
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_weights(tiny("unet"), tmp_path / "nope.pdparams")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a pickle at all" * 10, b"half"])
+def test_load_corrupt_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "w.pdparams"
+    if content == b"half":
+        save_weights(tiny("unet"), path)
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match="corrupt") as info:
+        load_weights(tiny("unet"), path)
+    assert "\n" not in str(info.value)
+
+
+# ---- inference runtime -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [("unet", {}), ("deeplabv3p", {}), ("deeplabv3p", {"separable": True, "output_stride": 8})],
+)
+def test_exported_predictor_matches_dygraph(name: str, extra: dict[str, Any], tmp_path: Path) -> None:
+    model = tiny(name, in_channels=4, num_classes=3, **extra)
+    model.train()  # export must switch to eval and back
+    folder = export_model(model, tmp_path / "export" / "model", in_channels=4)
+    assert model.training
+    program, params = find_model_files(folder)
+    assert program.suffix in (".json", ".pdmodel") and params.suffix == ".pdiparams"
+    fast = InferencePredictor(program, params, threads=1)
+    ref = DygraphPredictor(model)
+    for batch, (h, w) in [(2, (64, 64)), (1, (96, 128)), (3, (67, 93))]:
+        x = rand(batch, 4, h, w, seed=batch)
+        got, want = fast(x), ref(x)
+        assert got.shape == want.shape == (batch, 3, h, w)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_find_model_files_variants(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no exported model"):
+        find_model_files(tmp_path)
+    (tmp_path / "net.pdmodel").write_bytes(b"x")
+    with pytest.raises(ModelError, match="no exported model"):
+        find_model_files(tmp_path)  # program without params
+    (tmp_path / "net.pdiparams").write_bytes(b"x")
+    assert find_model_files(tmp_path) == (tmp_path / "net.pdmodel", tmp_path / "net.pdiparams")
+    assert find_model_files(tmp_path / "net") == (tmp_path / "net.pdmodel", tmp_path / "net.pdiparams")
+    (tmp_path / "model.json").write_bytes(b"x")
+    (tmp_path / "model.pdiparams").write_bytes(b"x")
+    assert find_model_files(tmp_path)[0] == tmp_path / "model.json"
+    with pytest.raises(ModelError, match="no exported model"):
+        find_model_files(tmp_path / "other")
+
+
+def test_predictor_arguments() -> None:
+    with pytest.raises(ModelError, match="device"):
+        DygraphPredictor(tiny("unet"), device="tpu")
+    with pytest.raises(ModelError, match="precision"):
+        DygraphPredictor(tiny("unet"), precision="int8")  # type: ignore[arg-type]
+    with pytest.warns(PerformanceWarning):
+        pred = DygraphPredictor(tiny("unet"), precision="fp16")
+    assert pred.precision == "fp32"
+    with pytest.raises(ModelError, match="NCHW"):
+        pred(np.zeros((3, 8, 8), np.float32))
+    if not paddle.is_compiled_with_cuda():
+        with pytest.raises(ModelError, match="CUDA"):
+            DygraphPredictor(tiny("unet"), device="gpu")
+
+
+def test_inference_predictor_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        InferencePredictor(tmp_path / "model.json", tmp_path / "model.pdiparams")
