@@ -68,6 +68,10 @@ class ModelSource:
     weights: Path | None = None
     export_dir: Path | None = None
     layer: Any = None  # an in-memory paddle.nn.Layer (tests, training)
+    #: What the network's first output holds: class logits (NCHW, softmax applied here),
+    #: probabilities (NCHW, used as they are) or labels (argmax already applied: NHW or
+    #: N1HW class indexes, turned into one-hot probabilities).
+    output: Literal["logits", "probs", "labels"] = "logits"
 
     @property
     def label(self) -> str:
@@ -142,6 +146,20 @@ def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     np.exp(z, out=z)
     z /= z.sum(axis=axis, keepdims=True)
     return z
+
+
+def _labels_to_probs(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """One-hot NCHW probabilities from NHW / N1HW class indexes (argmax-exported models)."""
+    if labels.ndim == 4:
+        labels = labels[:, 0]
+    return (np.arange(num_classes)[None, :, None, None] == labels[:, None].astype(np.int64)).astype(np.float32)
+
+
+_OUTPUT_TO_PROBS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
+    "logits": lambda y, n: softmax(y, axis=1),
+    "probs": lambda y, n: y.astype(np.float32, copy=False),
+    "labels": _labels_to_probs,
+}
 
 
 def cache_dir() -> Path:
@@ -238,8 +256,11 @@ def build_predictor(
 
         net = DygraphPredictor(build_layer(source), device=dev, precision=precision)
 
+    to_probs = _OUTPUT_TO_PROBS[source.output]
+    num_classes = source.card.num_classes
+
     def predict(x: np.ndarray) -> np.ndarray:
-        return softmax(net(np.ascontiguousarray(x, dtype=np.float32)), axis=1)
+        return to_probs(net(np.ascontiguousarray(x, dtype=np.float32)), num_classes)
 
     return predict, f"{dev}/{runtime}/{precision}"
 
