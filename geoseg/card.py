@@ -98,8 +98,11 @@ class Normalization:
         scale = np.float32(self.scale_for(dtype))
         mean = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
         std = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
-        out = (x.astype(np.float32) * scale - mean) / std
-        np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        out = x.astype(np.float32)
+        out *= scale / std
+        out -= mean / std
+        if x.dtype.kind == "f":
+            np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         return out
 
 

@@ -235,10 +235,13 @@ def build_predictor(
     device: Device = "auto",
     precision: Precision = "fp32",
     runtime: Literal["auto", "inference", "dygraph"] = "auto",
+    threads: int | None = None,
 ) -> tuple[Predictor, str]:
     """Make the batched predictor for ``source``: NCHW normalised → NCHW probabilities.
 
-    Returns the predictor and a description (device, runtime, precision) for logs.
+    ``threads`` caps the CPU math threads of Paddle Inference (default: all cores; a Dask
+    worker sharing a machine with others should use fewer). Returns the predictor and a
+    description (device, runtime, precision) for logs.
     """
     dev = resolve_device(device)
     if precision == "fp16" and dev == "cpu":
@@ -250,7 +253,7 @@ def build_predictor(
         from geoseg.models.inference import InferencePredictor, find_model_files
 
         model_file, params_file = find_model_files(exported_for_inference(source))
-        net = InferencePredictor(model_file, params_file, device=dev, precision=precision)
+        net = InferencePredictor(model_file, params_file, device=dev, precision=precision, threads=threads)
     else:
         from geoseg.models.inference import DygraphPredictor
 
@@ -284,6 +287,9 @@ class PredictOptions:
     prefetch: int = 2
     read_workers: int = 2
     runtime: Literal["auto", "inference", "dygraph"] = "auto"
+    threads: int | None = None
+    #: Also vectorise the mask: "gpkg", "geojson", "fgb" or "none".
+    vector: Literal["gpkg", "geojson", "fgb", "none"] = "none"
 
 
 @dataclass(frozen=True)
@@ -404,6 +410,21 @@ def _prefetch(batches: list[list[Tile]], meta: SceneMeta, bands: tuple[int, ...]
         t.join()
 
 
+def argmax_classes(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class index (HW uint8, first maximum wins) and max probability (HW) of CHW ``probs``.
+
+    One pass per class over contiguous planes: several times faster than ``argmax(axis=0)``,
+    which walks the class axis with a large stride.
+    """
+    best = probs[0].copy()
+    idx = np.zeros(best.shape, np.uint8)
+    for c in range(1, probs.shape[0]):
+        better = probs[c] > best
+        idx[better] = c
+        np.maximum(best, probs[c], out=best)
+    return idx, best
+
+
 def run_grid(
     meta: SceneMeta,
     bands: tuple[int, ...],
@@ -433,8 +454,7 @@ def run_grid(
     def emit(strip: Any) -> None:
         if strip is None:
             return
-        idx = strip.probs.argmax(axis=0).astype(np.uint8)
-        conf = strip.probs.max(axis=0)
+        idx, conf = argmax_classes(strip.probs)
         sink(strip.row, idx, conf, strip.valid & strip.covered)
 
     for tiles, reads in _prefetch(batches, meta, bands, prefetch, read_workers):
@@ -504,7 +524,7 @@ def segment_scene(
 
     device_desc = "custom"
     if predictor is None:
-        predictor, device_desc = build_predictor(source, opts.device, opts.precision, opts.runtime)
+        predictor, device_desc = build_predictor(source, opts.device, opts.precision, opts.runtime, opts.threads)
     batch_size = opts.batch_size or (8 if device_desc.startswith("gpu") else 1)
     log.debug("%s: %dx%d, %d bands %s, %d windows of %d px (overlap %d), model %s on %s, batch %d",
               input_path.name, meta.width, meta.height, len(bands), meta.dtype, len(grid), tile, overlap,

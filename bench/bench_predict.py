@@ -1,0 +1,162 @@
+"""Benchmark ``geoseg predict`` end to end: peak memory, speed, and overhead over the model.
+
+For a 2048² and an 8192² scene built by mirror-tiling the shipped NC Landsat-7 sample, each size
+runs in its own subprocess and prints:
+
+* peak RSS of that process (the 8192² peak must stay within 1.3× the 2048² peak),
+* end-to-end seconds, megapixels/s and windows/s,
+* the model's own time on the same windows (read and normalised beforehand, untimed), and the
+  ratio end-to-end / model (reading, blending and writing should hide behind the model: ≤ 1.15).
+
+Usage::
+
+    python bench/bench_predict.py [--sizes 2048 8192] [--model deeplabv3p] [--batch-size 1]
+
+Uses the shipped weights when they exist, else a random-init model of the same architecture
+(speed and memory do not depend on the weights' values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "_work"
+SCENE = ROOT / "sample_data" / "nc_landsat7" / "image_6band_uint8.tif"
+COMPACT = {
+    "deeplabv3p": {"backbone_depth": 18, "backbone_width": 0.5, "aspp_channels": 128, "decoder_channels": 128, "separable": True},
+    "unet": {"width": 0.25},
+}
+
+
+def make_scene(size: int) -> Path:
+    """Mirror-tile the NC sample to size × size (keeps real texture, nodata and dtype)."""
+    import rasterio
+
+    out = WORK / f"nc_mosaic_{size}.tif"
+    if out.exists():
+        return out
+    WORK.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(SCENE) as ds:
+        a = ds.read()
+        profile = ds.profile
+    profile.update(width=size, height=size, tiled=True, blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
+    tmp = out.with_suffix(".tmp.tif")
+    h, w = a.shape[1:]
+    with rasterio.open(tmp, "w", **profile) as dst:
+        for r0 in range(0, size, 512):
+            for c0 in range(0, size, 512):
+                rows = np.arange(r0, min(size, r0 + 512))
+                cols = np.arange(c0, min(size, c0 + 512))
+                ri = np.where((rows // h) % 2 == 0, rows % h, h - 1 - rows % h)
+                ci = np.where((cols // w) % 2 == 0, cols % w, w - 1 - cols % w)
+                block = a[:, ri][:, :, ci]
+                from rasterio.windows import Window
+
+                dst.write(block, window=Window(c0, r0, len(cols), len(rows)))
+    os.replace(tmp, out)
+    return out
+
+
+def source_for(model: str):
+    """Shipped model source if present, else a random-init compact model."""
+    from geoseg.card import default_card
+    from geoseg.engine import ModelSource, resolve_model, shipped_models
+
+    if model in shipped_models():
+        return resolve_model(model)
+    import paddle
+
+    from geoseg.models import build_model
+
+    paddle.seed(0)
+    card = default_card(model, 6, 7, params=COMPACT[model])
+    return ModelSource(card, layer=build_model(model, **card.model_kwargs()))
+
+
+def run_one(size: int, model: str, batch_size: int) -> dict:
+    """Child process: predict one scene; then time the model alone on the same windows."""
+    from geoseg.engine import PredictOptions, build_predictor, segment_scene, _pad_to
+    from geoseg.io import open_scene, read_window
+    from geoseg.tiling import batched, make_grid
+
+    scene = WORK / f"nc_mosaic_{size}.tif"
+    src = source_for(model)
+    predictor, device = build_predictor(src, "cpu")
+    predictor(np.zeros((1, src.card.in_channels, 512, 512), np.float32))  # warm-up (oneDNN kernels)
+    out = WORK / f"out_{size}"
+    out.mkdir(exist_ok=True)
+    res = segment_scene(scene, out, source=src, predictor=predictor,
+                        options=PredictOptions(overwrite=True, batch_size=batch_size))
+    peak_predict_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    meta = open_scene(scene)
+    grid = make_grid(meta.height, meta.width, src.card.tile_size, src.card.overlap)
+    bands = meta.data_bands
+    model_s = 0.0
+    for tiles in batched(list(grid.tiles()), batch_size):
+        reads = [read_window(scene, t.window, bands) for t in tiles]
+        keep = [d for d, v in reads if v.any()]
+        if not keep:
+            continue
+        x = np.stack([_pad_to(src.card.normalization.apply(d, meta.dtype), grid.tile) for d in keep])
+        t0 = time.perf_counter()
+        predictor(x)
+        model_s += time.perf_counter() - t0
+    return {
+        "size": size,
+        "device": device,
+        "windows": res.windows,
+        "seconds": res.seconds,
+        "megapixels_per_s": res.megapixels_per_s,
+        "windows_per_s": res.windows_per_s,
+        "model_seconds_alone": model_s,
+        "model_seconds_in_pipeline": res.model_seconds,
+        "ratio_end_to_end_over_model": res.seconds / model_s if model_s else float("nan"),
+        "peak_rss_mb": peak_predict_mb,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--model", default="deeplabv3p", choices=sorted(COMPACT))
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.child, args.model, args.batch_size)))
+        return
+    rows = []
+    for size in args.sizes:
+        make_scene(size)
+        cmd = [sys.executable, __file__, "--child", str(size), "--model", args.model, "--batch-size", str(args.batch_size)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            sys.exit(f"size {size} failed:\n{proc.stderr[-3000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(
+            f"{size:>6}²  {row['windows']:>4} windows  {row['seconds']:7.1f} s  {row['megapixels_per_s']:6.2f} Mpx/s  "
+            f"{row['windows_per_s']:5.2f} win/s  model alone {row['model_seconds_alone']:7.1f} s  "
+            f"end-to-end/model {row['ratio_end_to_end_over_model']:.3f}  peak RSS {row['peak_rss_mb']:7.0f} MB",
+            flush=True,
+        )
+    if len(rows) >= 2:
+        ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
+        verdict = "OK" if ratio <= 1.3 else "OVER TARGET"
+        print(f"peak RSS {rows[-1]['size']}² / {rows[0]['size']}² = {ratio:.3f} (target <= 1.3: {verdict})")
+    print(f"model {args.model}, batch {args.batch_size}, device {rows[0]['device']}, {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()
