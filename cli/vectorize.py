@@ -1,0 +1,47 @@
+"""``geoseg vectorize``: class raster -> land-cover polygons (GeoPackage, GeoJSON, FlatGeobuf)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from geoseg import vectorize as vec
+from geoseg_cli.options import overwrite_opt
+
+
+@click.command("vectorize")
+@click.argument("mask", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", "out", type=click.Path(path_type=Path), default=None,
+    help="Output file. Default: <mask stem>.gpkg (or the --format's extension) beside the mask.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(vec.FORMATS), default=None,
+    help="Output format (default: from the --out extension, else gpkg). geojson is RFC 7946 (WGS 84).",
+)
+@click.option("--min-area", type=float, default=None, help="Minimum mapping unit in map units²: smaller regions merge into neighbours.")
+@click.option("--min-pixels", type=int, default=None, help="Minimum mapping unit in pixels (instead of --min-area).")
+@click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Pixel connectivity of regions.")
+@click.option(
+    "--simplify", type=float, default=None,
+    help="Coverage simplification tolerance in map units (default: one pixel; 0 keeps pixel edges).",
+)
+@overwrite_opt
+def vectorize(
+    mask: Path, out: Path | None, fmt: str | None, min_area: float | None, min_pixels: int | None,
+    connectivity: str, simplify: float | None, overwrite: bool,
+) -> None:
+    """Turn a class raster MASK into topologically clean land-cover polygons.
+
+    Prints the output path on stdout.
+    """
+    if min_area is not None and min_pixels is not None:
+        raise click.BadParameter("give --min-area or --min-pixels, not both", param_hint="--min-area")
+    if out is None:
+        out = vec.default_out_path(mask, fmt or "gpkg")
+    result = vec.vectorize_mask(
+        mask, out, fmt=fmt, min_area=min_area, min_pixels=min_pixels,  # type: ignore[arg-type]
+        connectivity=int(connectivity), simplify=simplify, overwrite=overwrite,
+    )
+    click.echo(str(result.path))

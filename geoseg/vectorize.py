@@ -1,0 +1,801 @@
+"""Class raster -> clean, topologically valid land-cover polygons (GeoPackage, GeoJSON, FlatGeobuf).
+
+Pipeline (:func:`vectorize_mask`):
+
+1. **Sieve** (optional minimum mapping unit): regions smaller than ``min_pixels`` are merged
+   into their largest neighbour with :func:`rasterio.features.sieve` (nodata is masked out,
+   so it neither grows nor shrinks).  A speck whose only neighbours are nodata cannot be
+   merged; its polygon is dropped, so no polygon below the unit remains and no hole appears.
+2. **Polygonise** horizontal strips of ``block_size`` rows with
+   :func:`rasterio.features.shapes` in *pixel space* (x = column, y = -row, integer
+   coordinates, so seams are exact).  Nodata regions are polygonised too ("nodata faces")
+   so that class/nodata edges are inner edges of the coverage; they are never written.
+   Every polygon is :func:`shapely.segmentize`-d to one vertex per pixel corner, which turns
+   GDAL's output into a valid shapely coverage.
+3. **Merge across seams**: regions that continue across a strip seam are found from the two
+   pixel rows on either side of the seam (4- or 8-connectivity, as for polygonising) and
+   unioned with :func:`shapely.coverage_union_all`, which is exact on this integer grid.
+4. **Simplify** with :func:`shapely.coverage_simplify` (Visvalingam-Whyatt that keeps shared
+   edges shared).  A polygon is *closed* once it does not touch the next seam.  At each
+   strip the newly closed polygons are simplified together with all still-open ones, with
+   ``simplify_boundary=False``: the edges to rows not yet read and the raster frame stay
+   fixed, every edge next to a closed polygon is complete and gets simplified, and closed
+   polygons are final and written straight away.  Memory therefore holds one strip plus
+   the open polygons, not the whole layer.
+5. **Write** batches to a temp file with :func:`pyogrio.raw.write` (append), then rename it
+   into place (:func:`geoseg.atomic.atomic_output`).  GeoPackages get a spatial index and a
+   QGIS style (``layer_styles`` table) colouring classes by ``class_id``.
+
+Units: ``min_area``, ``simplify``, ``area`` and ``perimeter`` are in the raster CRS's units
+(metres for projected CRSs).  For a geographic CRS, ``area`` (m²) and ``perimeter`` (m) are
+geodesic on the CRS's ellipsoid, while ``min_area`` and ``simplify`` stay in degrees.
+
+With ``simplify=0`` the output is pixel-exact and identical whatever ``block_size``.  With
+simplification on, block-wise and whole-array runs give the same coverage up to vertex
+choices near strip seams (edges crossing a seam are simplified in two steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+from xml.sax.saxutils import quoteattr
+
+import numpy as np
+import pyogrio.errors
+import pyogrio.raw
+import rasterio
+import rasterio.errors
+import rasterio.warp
+import shapely
+from affine import Affine
+from rasterio import features
+from rasterio.crs import CRS
+
+from geoseg.atomic import atomic_output, check_output
+from geoseg.card import PALETTE, ClassInfo
+from geoseg.errors import OutputError, ParameterError, SceneError, SceneReadError
+
+log = logging.getLogger(__name__)
+
+VectorFormat = Literal["gpkg", "geojson", "fgb"]
+#: Output formats, as accepted by ``fmt`` and ``--format``.
+FORMATS: tuple[str, ...] = get_args(VectorFormat)
+DRIVERS: dict[str, str] = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf"}
+EXTENSIONS: dict[str, str] = {".gpkg": "gpkg", ".geojson": "geojson", ".json": "geojson", ".fgb": "fgb"}
+
+#: Integer dtypes that can hold class ids and that GDAL's polygoniser accepts.
+CLASS_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "int32")
+#: Default simplification tolerance, in pixels (VW removes stair steps of area < tol²).
+DEFAULT_SIMPLIFY_PIXELS = 1.0
+#: Pixels per strip when ``block_size`` is not given (bounds the Python objects of one strip).
+STRIP_PIXELS = 1 << 22
+#: GDAL block cache while vectorising (MB): enough for strip reads, small for RSS.
+GDAL_CACHE_MB = 128
+
+FIELDS: tuple[str, ...] = ("class_id", "class_name", "area", "perimeter", "scene")
+
+# Pixel space: x = column, y = -row (a north-up grid of unit pixels with origin at the top left).
+_PIXEL_SPACE = Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    """What :func:`open_mask` found out about a class raster.
+
+    ``nodata`` is the class value that marks "no class" (``None``: every value is a class).
+    ``pixel_size`` is the square root of a pixel's area, in CRS units.
+    """
+
+    path: Path
+    width: int
+    height: int
+    dtype: str
+    nodata: int | None
+    crs: CRS
+    transform: Affine
+    classes: dict[int, ClassInfo]
+
+    @property
+    def pixel_area(self) -> float:
+        """Area of one pixel in CRS units²."""
+        return abs(self.transform.determinant)
+
+    @property
+    def pixel_size(self) -> float:
+        """Square root of the pixel area, in CRS units."""
+        return math.sqrt(self.pixel_area)
+
+
+@dataclass(frozen=True)
+class VectorizeResult:
+    """Summary of one :func:`vectorize_mask` run.
+
+    ``class_counts`` maps class id to the number of polygons written; ``simplify`` is the
+    tolerance used, in CRS units; ``min_pixels`` is the sieve threshold (0: no sieve).
+    """
+
+    path: Path
+    fmt: str
+    layer: str
+    polygons: int
+    class_counts: dict[int, int]
+    width: int
+    height: int
+    seconds: float
+    min_pixels: int
+    simplify: float
+    connectivity: int
+    area_units: str
+    crs_wkt: str = field(repr=False)
+
+    @property
+    def megapixels_per_second(self) -> float:
+        """Throughput in megapixels of mask per second."""
+        return self.width * self.height / 1e6 / max(self.seconds, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+
+
+def format_from_path(path: str | Path) -> VectorFormat | None:
+    """The output format implied by a file extension (``.gpkg``, ``.geojson``/``.json``, ``.fgb``)."""
+    fmt = EXTENSIONS.get(Path(path).suffix.lower())
+    return fmt  # type: ignore[return-value]
+
+
+def open_mask(path: str | Path) -> MaskInfo:
+    """Open and check a class raster; read its class names and colours.
+
+    Raises:
+        SceneReadError: missing file, not a raster.
+        SceneError: not an integer class raster, or no CRS.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SceneReadError(f"mask {path} does not exist: check the path")
+    try:
+        with rasterio.open(path) as ds:
+            return _mask_info(path, ds)
+    except rasterio.errors.RasterioIOError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else "unreadable"
+        raise SceneReadError(f"mask {path} is not a readable raster ({msg}): give a GeoTIFF class mask") from None
+
+
+def _mask_info(path: Path, ds: rasterio.DatasetReader) -> MaskInfo:
+    dtype = ds.dtypes[0]
+    if dtype not in CLASS_DTYPES:
+        raise SceneError(
+            f"mask {path} has {dtype} pixels, not class ids: vectorize an integer class raster "
+            f"({', '.join(CLASS_DTYPES)}) such as geoseg predict's mask"
+        )
+    if ds.crs is None:
+        raise SceneError(f"mask {path} has no CRS: assign one first (e.g. gdal_edit.py -a_srs EPSG:XXXX {path.name})")
+    if ds.count > 1:
+        log.info("mask %s has %d bands: vectorizing band 1", path, ds.count)
+    nodata = ds.nodata
+    if nodata is not None and (not float(nodata).is_integer() or not _fits(int(nodata), dtype)):
+        nodata = None
+    return MaskInfo(
+        path=path,
+        width=ds.width,
+        height=ds.height,
+        dtype=dtype,
+        nodata=None if nodata is None else int(nodata),
+        crs=ds.crs,
+        transform=ds.transform,
+        classes=read_classes(ds),
+    )
+
+
+def _fits(value: int, dtype: str) -> bool:
+    info = np.iinfo(np.dtype(dtype))
+    return int(info.min) <= value <= int(info.max)
+
+
+def read_classes(ds: rasterio.DatasetReader) -> dict[int, ClassInfo]:
+    """Class names and colours stored in a mask, by class id.
+
+    Looks at the ``GEOSEG_CLASSES`` dataset tag (JSON list of ``{"id", "name", "color"}``,
+    written by ``geoseg predict``), then a band tag ``CLASSES`` like ``1=forest,2=water``
+    for names and the band's colour table for colours.  Classes not described there get
+    ``class_<id>`` and a palette colour when they are looked up (:func:`class_lookup`).
+    """
+    out: dict[int, ClassInfo] = {}
+    tag = ds.tags().get("GEOSEG_CLASSES")
+    if tag:
+        try:
+            for c in json.loads(tag):
+                out[int(c["id"])] = ClassInfo(int(c["id"]), str(c["name"]), tuple(int(v) for v in c["color"])[:3])  # type: ignore[arg-type]
+            return out
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring malformed GEOSEG_CLASSES tag in %s: %s", ds.name, exc)
+            out = {}
+    names: dict[int, str] = {}
+    for item in (ds.tags(1).get("CLASSES") or "").split(","):
+        key, _, name = item.partition("=")
+        if key.strip().lstrip("-").isdigit() and name.strip():
+            names[int(key)] = name.strip()
+    colors: dict[int, tuple[int, int, int]] = {}
+    with contextlib.suppress(ValueError, rasterio.errors.RasterioError):
+        colors = {int(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in ds.colormap(1).items()}
+    for cid in sorted(set(names) | (set(colors) if names else set())):
+        if 0 <= cid <= 254 and cid in names:
+            out[cid] = ClassInfo(cid, names[cid], colors.get(cid, PALETTE[cid % len(PALETTE)]))
+    # colour-only classes are resolved lazily in class_lookup (a palette may have 256 entries)
+    if not names and colors:
+        out = {cid: ClassInfo(cid, f"class_{cid}", rgb) for cid, rgb in colors.items() if 0 <= cid <= 254}
+    return out
+
+
+def class_lookup(classes: dict[int, ClassInfo], cid: int) -> ClassInfo:
+    """The class record for ``cid``, or a generic ``class_<id>`` one with a palette colour."""
+    if cid in classes:
+        return classes[cid]
+    color = PALETTE[cid % len(PALETTE)]
+    if 0 <= cid <= 254:
+        return ClassInfo(cid, f"class_{cid}", color)
+    return _LooseClass(cid, f"class_{cid}", color)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class _LooseClass:
+    """A class record for ids outside ClassInfo's 0..254 range (uint16 rasters)."""
+
+    id: int
+    name: str
+    color: tuple[int, int, int]
+
+
+# ---------------------------------------------------------------------------------------------
+# Array-level building blocks
+
+
+def min_pixels_for(min_area: float | None, min_pixels: int | None, pixel_area: float) -> int:
+    """The sieve threshold in pixels from ``min_area`` (CRS units²) or ``min_pixels``.
+
+    ``min_area`` is rounded up to whole pixels.  Returns 0 when neither is given (no sieve).
+    """
+    if min_area is not None and min_pixels is not None:
+        raise ParameterError("give either min_area or min_pixels, not both")
+    if min_area is not None:
+        if not math.isfinite(min_area) or min_area < 0:
+            raise ParameterError(f"min_area {min_area} is not allowed: use an area >= 0 in map units²")
+        return int(math.ceil(min_area / pixel_area - 1e-9)) if min_area > 0 else 0
+    if min_pixels is not None:
+        if min_pixels < 0:
+            raise ParameterError(f"min_pixels {min_pixels} is not allowed: use a count >= 0")
+        return int(min_pixels)
+    return 0
+
+
+def sieve_array(array: np.ndarray, min_pixels: int, *, nodata: int | None = None, connectivity: int = 4) -> np.ndarray:
+    """Merge regions smaller than ``min_pixels`` into their largest neighbour (HW array).
+
+    Nodata pixels are masked out: they keep their value and never absorb a region.
+    Returns a new array (the input if ``min_pixels`` <= 1).
+    """
+    _check_connectivity(connectivity)
+    if min_pixels <= 1:
+        return array
+    mask = None if nodata is None else (array != nodata)
+    return features.sieve(array, int(min_pixels), mask=mask, connectivity=connectivity)
+
+
+def polygonize_array(
+    array: np.ndarray,
+    transform: Affine = Affine.identity(),
+    *,
+    nodata: int | None = None,
+    connectivity: int = 4,
+    simplify: float = 0.0,
+    min_pixels: int = 0,
+    block_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Polygonise a class array (HW, integer) into one polygon per connected region.
+
+    Args:
+        array: class ids, shape (rows, cols); ``nodata`` pixels are left out.
+        transform: pixel -> map affine transform; output coordinates are map coordinates.
+        nodata: value that marks "no class" (``None``: every value is a class).
+        connectivity: 4 or 8.
+        simplify: coverage simplification tolerance in map units (0: pixel edges).
+        min_pixels: drop polygons smaller than this many pixels (no sieving: see :func:`sieve_array`).
+        block_size: rows per strip (``None``: the whole array at once).
+
+    Returns:
+        ``(polygons, class_ids)``: object array of shapely (Multi)Polygons and int64 array.
+    """
+    geoms: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+
+    def emit(g: np.ndarray, v: np.ndarray) -> None:
+        geoms.append(to_map(g, transform))
+        vals.append(v)
+
+    rows = array.shape[0]
+    _polygonize_strips(
+        lambda r0, r1: array[r0:r1],
+        array.shape,
+        nodata=nodata,
+        connectivity=connectivity,
+        tol_px=simplify / math.sqrt(abs(transform.determinant)) if simplify else 0.0,
+        min_pixels=min_pixels,
+        block_size=block_size or max(rows, 1),
+        emit=emit,
+    )
+    if not geoms:
+        return np.empty(0, dtype=object), np.empty(0, dtype=np.int64)
+    return np.concatenate(geoms), np.concatenate(vals)
+
+
+def to_map(geoms_px: np.ndarray, transform: Affine) -> np.ndarray:
+    """Pixel-space geometries (x = col, y = -row) -> map coordinates through ``transform``."""
+    a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
+
+    def fn(xy: np.ndarray) -> np.ndarray:
+        col, row = xy[:, 0], -xy[:, 1]
+        return np.column_stack((a * col + b * row + c, d * col + e * row + f))
+
+    return shapely.transform(geoms_px, fn)
+
+
+def _check_connectivity(connectivity: int) -> None:
+    if connectivity not in (4, 8):
+        raise ParameterError(f"connectivity {connectivity} is not allowed: use 4 or 8")
+
+
+def _shapes_px(array: np.ndarray, r0: int, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """All regions of a strip (nodata included) as segmentized pixel-space polygons."""
+    tr = _PIXEL_SPACE * Affine.translation(0, r0)
+    rings: list[list[tuple[float, float]]] = []
+    owner: list[int] = []
+    vals: list[float] = []
+    for k, (geom, value) in enumerate(features.shapes(array, connectivity=connectivity, transform=tr)):
+        for ring in geom["coordinates"]:
+            rings.append(ring)
+            owner.append(k)
+        vals.append(value)
+    if not vals:
+        return np.empty(0, dtype=object), np.empty(0, dtype=np.int64)
+    lengths = np.fromiter((len(r) for r in rings), dtype=np.int64, count=len(rings))
+    coords = np.array([xy for r in rings for xy in r], dtype=np.float64)
+    ring_geoms = shapely.linearrings(coords, indices=np.repeat(np.arange(len(rings)), lengths))
+    polys = shapely.polygons(ring_geoms, indices=np.asarray(owner))
+    if connectivity == 8:
+        # GDAL's 8-connected regions may touch themselves at a pixel corner (invalid for GEOS)
+        bad = ~shapely.is_valid(polys)
+        if bad.any():
+            polys[bad] = shapely.make_valid(polys[bad], method="structure", keep_collapsed=False)
+    # one vertex per pixel corner: makes GDAL's output edge-matched (a valid coverage)
+    return shapely.segmentize(polys, 1.0), np.asarray(vals).astype(np.int64)
+
+
+def _row_labels(geoms: np.ndarray, row: int, width: int) -> np.ndarray:
+    """Index into ``geoms`` of the polygon covering each pixel of pixel row ``row`` (-1: none)."""
+    if geoms.size == 0:
+        return np.full(width, -1, dtype=np.int32)
+    tr = _PIXEL_SPACE * Affine.translation(0, row)
+    # clip to the row first: rasterize converts whole geometries to GeoJSON in Python
+    pieces = shapely.clip_by_rect(geoms, 0.0, -(row + 1.0), float(width), -float(row))
+    keep = np.flatnonzero(~shapely.is_empty(pieces))
+    if keep.size == 0:
+        return np.full(width, -1, dtype=np.int32)
+    return features.rasterize(
+        zip(pieces[keep], keep.tolist()), out_shape=(1, width), transform=tr, fill=-1, dtype="int32"
+    )[0]
+
+
+def _merge_seam(
+    open_g: np.ndarray,
+    open_v: np.ndarray,
+    lab_a: np.ndarray,
+    new_g: np.ndarray,
+    new_v: np.ndarray,
+    above: np.ndarray,
+    below: np.ndarray,
+    r0: int,
+    connectivity: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Union regions that continue across the seam at pixel row ``r0``.
+
+    ``above``/``below`` are the class values of rows ``r0 - 1`` and ``r0``; ``lab_a`` is the
+    index into ``open_g`` of each pixel of row ``r0 - 1``, taken before simplification.
+    Returns all polygons (open ones from above and the new strip's), merged where connected.
+    """
+    width = above.shape[0]
+    top = np.flatnonzero(shapely.bounds(new_g)[:, 3] >= -r0)
+    lab_b = _row_labels(new_g[top], r0, width)
+    pairs = [(lab_a, lab_b, above == below)]
+    if connectivity == 8:
+        pairs.append((lab_a[:-1], lab_b[1:], above[:-1] == below[1:]))
+        pairs.append((lab_a[1:], lab_b[:-1], above[1:] == below[:-1]))
+    a_idx = np.concatenate([la[m] for la, _, m in pairs])
+    b_idx = np.concatenate([lb[m] for _, lb, m in pairs])
+    ok = (a_idx >= 0) & (b_idx >= 0)
+    edges = np.unique(np.column_stack((a_idx[ok], top[b_idx[ok]] + len(open_g))), axis=0)
+
+    n = len(open_g) + len(new_g)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return int(i)
+
+    for i, j in edges:
+        ri, rj = find(int(i)), find(int(j))
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    roots = np.array([find(i) for i in range(n)])
+    all_g = np.concatenate((open_g, new_g))
+    all_v = np.concatenate((open_v, new_v))
+    order = np.argsort(roots, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(roots[order])) + 1)
+    out_g = np.empty(len(groups), dtype=object)
+    out_v = np.empty(len(groups), dtype=np.int64)
+    for k, members in enumerate(groups):
+        out_v[k] = all_v[members[0]]
+        out_g[k] = all_g[members[0]] if len(members) == 1 else shapely.coverage_union_all(all_g[members])
+    merged = np.array([len(m) > 1 for m in groups])
+    if merged.any():
+        # a region touching itself at a pixel corner comes out as a self-touching ring
+        bad = np.flatnonzero(merged)[~shapely.is_valid(out_g[merged])]
+        if bad.size:
+            out_g[bad] = shapely.make_valid(out_g[bad], method="structure", keep_collapsed=False)
+    return out_g, out_v
+
+
+def _polygonize_strips(
+    read: Callable[[int, int], np.ndarray],
+    shape: tuple[int, int],
+    *,
+    nodata: int | None,
+    connectivity: int,
+    tol_px: float,
+    min_pixels: int,
+    block_size: int,
+    emit: Callable[[np.ndarray, np.ndarray], None],
+) -> None:
+    """Strip-wise polygonise, merge, simplify; call ``emit(pixel_space_polygons, class_ids)`` per batch."""
+    _check_connectivity(connectivity)
+    if block_size < 1:
+        raise ParameterError(f"block_size {block_size} is not allowed: use >= 1 rows")
+    height, width = shape
+    open_g = np.empty(0, dtype=object)
+    open_v = np.empty(0, dtype=np.int64)
+    prev_row: np.ndarray | None = None
+    open_labels = np.empty(0, dtype=np.int32)
+    for r0 in range(0, height, block_size):
+        r1 = min(height, r0 + block_size)
+        strip = np.ascontiguousarray(read(r0, r1))
+        geoms, vals = _shapes_px(strip, r0, connectivity)
+        if open_g.size and prev_row is not None:
+            geoms, vals = _merge_seam(open_g, open_v, open_labels, geoms, vals, prev_row, strip[0], r0, connectivity)
+        prev_row = strip[-1].copy()
+        if r1 < height:
+            is_open = shapely.bounds(geoms)[:, 1] <= -r1
+            # labels of the last row, before simplification moves vertices near the seam
+            open_labels = _row_labels(geoms[is_open], r1 - 1, width)
+        else:
+            is_open = np.zeros(len(geoms), dtype=bool)
+        closed = np.flatnonzero(~is_open)
+        area_px = shapely.area(geoms[closed])
+        if tol_px > 0 and closed.size:
+            # closed polygons are complete, so every edge next to one is complete; open ones
+            # join as context, the frame and the edges to unread rows stay fixed
+            subset = np.concatenate((closed, np.flatnonzero(is_open)))
+            geoms[subset] = shapely.coverage_simplify(geoms[subset], tol_px, simplify_boundary=False)
+        keep = np.ones(closed.size, dtype=bool)
+        if nodata is not None:
+            keep &= vals[closed] != nodata
+        if min_pixels > 1:
+            # specks the sieve could not merge (only nodata around them)
+            keep &= area_px >= min_pixels - 0.5
+        if keep.any():
+            emit(geoms[closed[keep]], vals[closed[keep]])
+        open_g, open_v = geoms[is_open], vals[is_open]
+        log.debug("rows %d-%d: %d closed, %d open polygons", r0, r1, closed.size, open_g.size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def area_units(crs: CRS) -> str:
+    """Units of the ``area`` field for a CRS (``m2`` for geographic CRSs: geodesic areas)."""
+    if crs.is_geographic:
+        return "m2"
+    unit = (crs.linear_units or "unit").lower()
+    return {"metre": "m2", "meter": "m2", "m": "m2", "foot": "ft2", "us survey foot": "ftUS2"}.get(unit, f"{unit}2")
+
+
+def _measure(geoms: np.ndarray, crs: CRS) -> tuple[np.ndarray, np.ndarray]:
+    """Area and perimeter of map-coordinate polygons (geodesic m²/m for geographic CRSs)."""
+    if not crs.is_geographic:
+        return shapely.area(geoms), shapely.length(geoms)
+    import pyproj
+
+    geod = pyproj.CRS.from_wkt(crs.to_wkt()).get_geod() or pyproj.Geod(ellps="WGS84")
+    res = [geod.geometry_area_perimeter(g) for g in geoms]
+    return np.abs(np.array([r[0] for r in res], dtype=np.float64)), np.array([r[1] for r in res], dtype=np.float64)
+
+
+def _to_wgs84(geoms: np.ndarray, crs: CRS) -> np.ndarray:
+    def fn(xy: np.ndarray) -> np.ndarray:
+        if xy.shape[0] == 0:
+            return xy
+        lon, lat = rasterio.warp.transform(crs, "EPSG:4326", xy[:, 0], xy[:, 1])
+        return np.column_stack((np.asarray(lon), np.asarray(lat)))
+
+    return shapely.transform(geoms, fn)
+
+
+class _LayerWriter:
+    """Appends batches of features to one layer with pyogrio; creates it on first use."""
+
+    def __init__(self, path: Path, driver: str, layer: str, crs_wkt: str, geometry_type: str) -> None:
+        self.path, self.driver, self.layer, self.crs_wkt, self.geometry_type = path, driver, layer, crs_wkt, geometry_type
+        self.count = 0
+        self.started = False
+        self.layer_options = {"RFC7946": "YES", "WRITE_NAME": "YES"} if driver == "GeoJSON" else {}
+        if driver == "GPKG":
+            self.layer_options = {"SPATIAL_INDEX": "YES"}
+
+    def write(self, geoms: np.ndarray, ids: np.ndarray, names: np.ndarray, area: np.ndarray, perim: np.ndarray, scene: str) -> None:
+        n = len(geoms)
+        if n == 0 and self.started:
+            return
+        wkb = shapely.to_wkb(geoms) if n else np.empty(0, dtype=object)
+        data = [
+            np.asarray(ids, dtype=np.int32),
+            np.asarray(names, dtype=object),
+            np.asarray(area, dtype=np.float64),
+            np.asarray(perim, dtype=np.float64),
+            np.full(n, scene, dtype=object),
+        ]
+        pyogrio.raw.write(
+            str(self.path), wkb, data, list(FIELDS), layer=self.layer, driver=self.driver,
+            geometry_type=self.geometry_type, crs=self.crs_wkt, append=self.started,
+            promote_to_multi=self.geometry_type.startswith("Multi"), layer_options=self.layer_options,
+        )
+        self.started = True
+        self.count += n
+
+
+def style_qml(classes: Sequence[ClassInfo], attribute: str = "class_id") -> str:
+    """A QGIS style (QML) with a categorized fill renderer: one category per class id."""
+    cats, syms = [], []
+    for k, c in enumerate(classes):
+        cats.append(f'   <category value="{int(c.id)}" label={quoteattr(str(c.name))} symbol="{k}" render="true" type="long"/>')
+        rgba = ",".join(str(int(v)) for v in (*c.color, 255))
+        syms.append(
+            f'   <symbol type="fill" name="{k}" alpha="1" clip_to_extent="1" force_rhr="0">\n'
+            '    <layer class="SimpleFill" enabled="1" pass="0" locked="0">\n'
+            '     <Option type="Map">\n'
+            f'      <Option name="color" type="QString" value="{rgba}"/>\n'
+            '      <Option name="joinstyle" type="QString" value="bevel"/>\n'
+            '      <Option name="outline_color" type="QString" value="35,35,35,255"/>\n'
+            '      <Option name="outline_style" type="QString" value="solid"/>\n'
+            '      <Option name="outline_width" type="QString" value="0.1"/>\n'
+            '      <Option name="outline_width_unit" type="QString" value="MM"/>\n'
+            '      <Option name="style" type="QString" value="solid"/>\n'
+            '     </Option>\n'
+            '    </layer>\n'
+            '   </symbol>'
+        )
+    return (
+        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+        '<qgis version="3.28.0" styleCategories="Symbology">\n'
+        f' <renderer-v2 type="categorizedSymbol" attr="{attribute}" symbollevels="0" enableorderby="0" forceraster="0" referencescale="-1">\n'
+        "  <categories>\n" + "\n".join(cats) + "\n  </categories>\n"
+        "  <symbols>\n" + "\n".join(syms) + "\n  </symbols>\n"
+        " </renderer-v2>\n"
+        "</qgis>\n"
+    )
+
+
+def write_gpkg_style(path: str | Path, layer: str, qml: str, *, geometry_column: str = "geom", name: str = "geoseg classes") -> None:
+    """Store ``qml`` as the default QGIS style of ``layer`` in the GeoPackage's ``layer_styles`` table.
+
+    The table is registered in ``gpkg_contents`` as an attributes table, as QGIS does.
+    """
+    con = sqlite3.connect(str(path))
+    try:
+        with con:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS layer_styles (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "f_table_catalog TEXT(256), f_table_schema TEXT(256), f_table_name TEXT(256), "
+                "f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT, styleSLD TEXT, "
+                "useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30), "
+                "update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"
+            )
+            con.execute("DELETE FROM layer_styles WHERE f_table_name = ?", (layer,))
+            con.execute(
+                "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, "
+                "styleName, styleQML, styleSLD, useAsDefault, description, owner, ui) "
+                "VALUES ('', '', ?, ?, ?, ?, '', 1, 'classes coloured as in the model card', '', NULL)",
+                (layer, geometry_column, name, qml),
+            )
+            con.execute(
+                "INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, description, last_change) "
+                "VALUES ('layer_styles', 'attributes', 'layer_styles', '', strftime('%Y-%m-%dT%H:%M:%fZ','now'))"
+            )
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def _staged(tmp: Path, fmt: str) -> Iterator[Path]:
+    """A work file beside ``tmp`` with the format's extension (FlatGeobuf needs it), moved onto ``tmp``."""
+    work = tmp.with_name(tmp.name + "." + fmt)
+    try:
+        yield work
+        os.replace(work, tmp)
+    finally:
+        for p in (work, Path(f"{work}-journal"), Path(f"{work}-wal"), Path(f"{work}-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def default_out_path(mask_path: str | Path, fmt: str = "gpkg") -> Path:
+    """``<mask folder>/<mask stem>.<ext>`` for a format."""
+    ext = {"gpkg": ".gpkg", "geojson": ".geojson", "fgb": ".fgb"}[fmt]
+    return Path(mask_path).with_suffix(ext)
+
+
+def vectorize_mask(
+    mask_path: str | Path,
+    out_path: str | Path,
+    *,
+    fmt: VectorFormat | None = None,
+    min_area: float | None = None,
+    min_pixels: int | None = None,
+    connectivity: int = 4,
+    simplify: float | None = None,
+    classes: Sequence[ClassInfo] | None = None,
+    scene_name: str | None = None,
+    layer: str | None = None,
+    overwrite: bool = False,
+    block_size: int | None = None,
+) -> VectorizeResult:
+    """Vectorise a class raster into land-cover polygons and write them atomically.
+
+    Args:
+        mask_path: single-band integer class raster with a CRS (band 1 is used); its nodata
+            value marks "no class".
+        out_path: output file; nothing is left there on error.
+        fmt: ``gpkg``, ``geojson`` (RFC 7946, WGS 84) or ``fgb``; default from the extension,
+            else ``gpkg``.
+        min_area: minimum mapping unit in CRS units²; smaller regions merge into neighbours.
+        min_pixels: the same in pixels (give one of the two).
+        connectivity: 4 or 8, for regions and the sieve.
+        simplify: coverage simplification tolerance in CRS units; ``None`` = one pixel,
+            0 = keep pixel edges.
+        classes: class names/colours overriding those stored in the mask.
+        scene_name: value of the ``scene`` field (default: the mask's stem without ``_mask``).
+        layer: layer name (default: ``landcover``).
+        overwrite: replace an existing output.
+        block_size: rows per strip (default: about 4 Mpx per strip, at least 64 rows); bounds
+            memory to one strip plus the polygons crossing the current seam.
+
+    Returns:
+        A :class:`VectorizeResult`.
+    """
+    t0 = time.perf_counter()
+    mask_path = Path(mask_path)
+    out_path = Path(out_path)
+    if fmt is None:
+        fmt = format_from_path(out_path) or "gpkg"
+    if fmt not in FORMATS:
+        raise ParameterError(f"format {fmt!r} is not known: use one of {', '.join(FORMATS)}")
+    _check_connectivity(connectivity)
+    if block_size is not None and block_size < 1:
+        raise ParameterError(f"block_size {block_size} is not allowed: use >= 1 rows")
+    info = open_mask(mask_path)
+    if block_size is None:
+        block_size = max(64, STRIP_PIXELS // max(info.width, 1))
+    if out_path.resolve() == mask_path.resolve():
+        raise ParameterError(f"output {out_path} is the input mask: choose another --out")
+    check_output(out_path, overwrite)
+    min_px = min_pixels_for(min_area, min_pixels, info.pixel_area)
+    if simplify is None:
+        simplify = DEFAULT_SIMPLIFY_PIXELS * info.pixel_size
+    if not math.isfinite(simplify) or simplify < 0:
+        raise ParameterError(f"simplify {simplify} is not allowed: use a tolerance >= 0 in map units (0 keeps pixel edges)")
+    class_map = dict(info.classes)
+    if classes is not None:
+        class_map = {int(c.id): c for c in classes}
+    scene = scene_name if scene_name is not None else _scene_from_mask(mask_path)
+    layer = layer or "landcover"
+    driver = DRIVERS[fmt]
+    geojson = fmt == "geojson"
+    crs_wkt = "EPSG:4326" if geojson else info.crs.to_wkt()
+    units = area_units(info.crs)
+    gtype = "MultiPolygon" if connectivity == 8 else "Polygon"
+    counts: dict[int, int] = {}
+    log.info(
+        "vectorizing %s (%dx%d, sieve %d px, simplify %g, %d-connected)",
+        mask_path.name, info.width, info.height, min_px, simplify, connectivity,
+    )
+
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(mask_path) as ds:
+        if min_px > 1:
+            read = _sieved_reader(ds, info, min_px, connectivity, block_size)
+        else:
+
+            def read(r0: int, r1: int) -> np.ndarray:
+                return ds.read(1, window=((r0, r1), (0, info.width)))
+
+        with atomic_output(out_path, overwrite) as tmp, _staged(tmp, fmt) as work:
+            writer = _LayerWriter(work, driver, layer, crs_wkt, gtype)
+
+            def emit(geoms_px: np.ndarray, ids: np.ndarray) -> None:
+                geoms = to_map(geoms_px, info.transform)
+                area, perim = _measure(geoms, info.crs)
+                names = np.array([class_lookup(class_map, int(i)).name for i in ids], dtype=object)
+                if geojson:
+                    geoms = _to_wgs84(geoms, info.crs)
+                for i in ids:
+                    counts[int(i)] = counts.get(int(i), 0) + 1
+                writer.write(geoms, ids, names, area, perim, scene)
+
+            try:
+                _polygonize_strips(
+                    read, (info.height, info.width), nodata=info.nodata, connectivity=connectivity,
+                    tol_px=simplify / info.pixel_size, min_pixels=min_px, block_size=block_size, emit=emit,
+                )
+                if not writer.started:  # all nodata: an empty layer with the full schema
+                    writer.write(np.empty(0, dtype=object), np.empty(0), np.empty(0), np.empty(0), np.empty(0), scene)
+                if fmt == "gpkg":
+                    used = sorted(counts) or sorted(class_map)
+                    write_gpkg_style(work, layer, style_qml([class_lookup(class_map, c) for c in used]))  # type: ignore[misc]
+            except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, sqlite3.Error) as exc:
+                raise OutputError(f"cannot write {out_path}: {exc}") from None
+    seconds = time.perf_counter() - t0
+    result = VectorizeResult(
+        path=out_path, fmt=fmt, layer=layer, polygons=writer.count, class_counts=dict(sorted(counts.items())),
+        width=info.width, height=info.height, seconds=seconds, min_pixels=min_px, simplify=float(simplify),
+        connectivity=connectivity, area_units=units, crs_wkt=crs_wkt,
+    )
+    log.info("wrote %d polygons to %s in %.1f s", result.polygons, out_path, seconds)
+    return result
+
+
+def _scene_from_mask(path: Path) -> str:
+    stem = path.stem
+    return stem[: -len("_mask")] if stem.endswith("_mask") and len(stem) > 5 else stem
+
+
+def _sieved_reader(
+    ds: rasterio.DatasetReader, info: MaskInfo, min_px: int, connectivity: int, block_size: int
+) -> Callable[[int, int], np.ndarray]:
+    """Sieve the whole band (needs whole-raster connectivity) into memory; return a strip reader.
+
+    Memory: the sieved array plus a one-byte-per-pixel mask, both ``height * width``.
+    """
+    out = np.empty((info.height, info.width), dtype=info.dtype)
+    mask = None
+    if info.nodata is not None:
+        mask = np.empty((info.height, info.width), dtype=np.uint8)
+        for r0 in range(0, info.height, block_size):
+            r1 = min(info.height, r0 + block_size)
+            mask[r0:r1] = ds.read(1, window=((r0, r1), (0, info.width))) != info.nodata
+    features.sieve(rasterio.band(ds, 1), min_px, out=out, mask=mask, connectivity=connectivity)
+    del mask
+
+    def read(r0: int, r1: int) -> np.ndarray:
+        return out[r0:r1]
+
+    return read

@@ -1,0 +1,286 @@
+"""Tests of geoseg.vectorize and ``geoseg vectorize`` on tiny generated rasters."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import shapely
+from click.testing import CliRunner
+from rasterio import features
+
+from geoseg import vectorize as vec
+from geoseg.card import ClassInfo
+from geoseg.errors import OutputExistsError, ParameterError, SceneError, SceneReadError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _rasters import CLASSES, CRS, NODATA, PIXEL, TRANSFORM, class_array, write_mask  # noqa: E402
+
+NAMES = {c["id"]: c["name"] for c in CLASSES}
+
+
+def no_overlaps(geoms: np.ndarray) -> bool:
+    tree = shapely.STRtree(geoms)
+    i, j = tree.query(geoms, predicate="overlaps")
+    return not np.any(i != j)
+
+
+def burn(geoms: np.ndarray, ids: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return features.rasterize(zip(geoms, ids.tolist()), out_shape=shape, transform=TRANSFORM, fill=NODATA, dtype="uint8")
+
+
+@pytest.fixture
+def mask_path(tmp_path: Path) -> Path:
+    return write_mask(tmp_path / "scene_mask.tif", class_array())
+
+
+# --- array level ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_exact_polygons_reproduce_mask(connectivity: int) -> None:
+    a = class_array()
+    geoms, ids = vec.polygonize_array(a, TRANSFORM, nodata=NODATA, connectivity=connectivity, simplify=0)
+    assert shapely.is_valid(geoms).all()
+    assert no_overlaps(geoms)
+    assert NODATA not in ids
+    for cid in (1, 2, 3):
+        union = shapely.union_all(geoms[ids == cid])
+        assert union.area == pytest.approx((a == cid).sum() * PIXEL**2, abs=1e-6)
+    np.testing.assert_array_equal(burn(geoms, ids, a.shape), a)
+    assert shapely.coverage_is_valid(geoms)
+
+
+def test_one_polygon_per_region() -> None:
+    a = np.full((6, 6), 1, dtype=np.uint8)
+    a[1, 1] = 2
+    a[2, 2] = 2  # diagonal neighbour: two regions with 4-connectivity, one with 8
+    g4, v4 = vec.polygonize_array(a, TRANSFORM, connectivity=4, simplify=0)
+    g8, v8 = vec.polygonize_array(a, TRANSFORM, connectivity=8, simplify=0)
+    assert (v4 == 2).sum() == 2 and (v8 == 2).sum() == 1
+    assert shapely.is_valid(g8).all()
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_simplified_is_valid_coverage(connectivity: int) -> None:
+    a = class_array()
+    exact, _ = vec.polygonize_array(a, TRANSFORM, nodata=NODATA, connectivity=connectivity, simplify=0)
+    geoms, ids = vec.polygonize_array(a, TRANSFORM, nodata=NODATA, connectivity=connectivity, simplify=PIXEL)
+    assert len(geoms) == len(exact)
+    assert shapely.is_valid(geoms).all()
+    assert shapely.coverage_is_valid(geoms)
+    assert no_overlaps(geoms)
+    total = (a != NODATA).sum() * PIXEL**2
+    assert abs(shapely.area(geoms).sum() - total) / total < 0.005
+    assert shapely.get_num_coordinates(geoms).sum() < 0.7 * shapely.get_num_coordinates(exact).sum()
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_blockwise_equals_whole_array(connectivity: int) -> None:
+    a = class_array()
+    whole, wid = vec.polygonize_array(a, TRANSFORM, nodata=NODATA, connectivity=connectivity, simplify=0)
+    for block in (1, 7, 16):
+        blocks, bid = vec.polygonize_array(a, TRANSFORM, nodata=NODATA, connectivity=connectivity, simplify=0, block_size=block)
+        assert len(blocks) == len(whole)
+        key_w = np.lexsort((shapely.bounds(whole)[:, 1], shapely.bounds(whole)[:, 0], wid))
+        key_b = np.lexsort((shapely.bounds(blocks)[:, 1], shapely.bounds(blocks)[:, 0], bid))
+        np.testing.assert_array_equal(wid[key_w], bid[key_b])
+        assert shapely.equals(whole[key_w], blocks[key_b]).all()
+        # simplified: still a valid coverage of the same area, same regions
+        simp, sid = vec.polygonize_array(a, TRANSFORM, nodata=NODATA, connectivity=connectivity, simplify=PIXEL, block_size=block)
+        assert len(simp) == len(whole) and shapely.is_valid(simp).all()
+        assert shapely.coverage_is_valid(simp)
+        assert shapely.area(simp).sum() == pytest.approx(shapely.area(whole).sum(), rel=0.005)
+
+
+def test_sieve_no_small_polygons_no_holes() -> None:
+    a = class_array()
+    a[30, 2] = 3  # a speck surrounded by nodata cannot merge: it is dropped
+    a[29:32, 1:4] = np.where(a[29:32, 1:4] == 3, 3, NODATA)
+    sieved = vec.sieve_array(a, 6, nodata=NODATA)
+    assert (sieved == NODATA).sum() == (a == NODATA).sum()
+    geoms, ids = vec.polygonize_array(sieved, TRANSFORM, nodata=NODATA, simplify=0, min_pixels=6)
+    assert shapely.area(geoms).min() >= 6 * PIXEL**2
+    expected = sieved.copy()
+    expected[30, 2] = NODATA
+    np.testing.assert_array_equal(burn(geoms, ids, a.shape), expected)
+    # the polygons fill every data pixel but the dropped speck: no holes
+    assert shapely.union_all(geoms).area == pytest.approx(((a != NODATA).sum() - 1) * PIXEL**2)
+
+
+def test_min_area_to_pixels() -> None:
+    assert vec.min_pixels_for(250.0, None, 100.0) == 3
+    assert vec.min_pixels_for(None, 4, 100.0) == 4
+    assert vec.min_pixels_for(None, None, 100.0) == 0
+    with pytest.raises(ParameterError):
+        vec.min_pixels_for(1.0, 2, 100.0)
+    with pytest.raises(ParameterError):
+        vec.min_pixels_for(-1.0, None, 100.0)
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def test_gpkg_output(mask_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lc.gpkg"
+    res = vec.vectorize_mask(mask_path, out, min_pixels=4, block_size=9)
+    assert res.path == out and res.fmt == "gpkg" and res.polygons >= 3
+    info = pyogrio.read_info(out, layer="landcover")
+    assert rasterio.crs.CRS.from_user_input(info["crs"]) == rasterio.crs.CRS.from_user_input(CRS)
+    assert list(info["fields"]) == list(vec.FIELDS)
+    assert info["features"] == res.polygons == sum(res.class_counts.values())
+    _, _, wkb, fields = pyogrio.raw.read(out, layer="landcover")
+    geoms = shapely.from_wkb(wkb)
+    cid, name, area, perim, scene = fields
+    assert shapely.is_valid(geoms).all() and shapely.coverage_is_valid(geoms)
+    assert set(cid) <= {1, 2, 3}
+    assert all(n == NAMES[c] for c, n in zip(cid, name))
+    np.testing.assert_allclose(area, shapely.area(geoms))
+    np.testing.assert_allclose(perim, shapely.length(geoms))
+    assert set(scene) == {"scene"}
+    assert area.min() >= 4 * PIXEL**2
+    con = sqlite3.connect(out)
+    try:
+        qml, table, default = con.execute("SELECT styleQML, f_table_name, useAsDefault FROM layer_styles").fetchone()
+        assert table == res.layer and default == 1
+        assert 'attr="class_id"' in qml and 'value="0,120,0,255"' in qml and 'label="forest"' in qml
+        assert con.execute("SELECT data_type FROM gpkg_contents WHERE table_name='layer_styles'").fetchone() == ("attributes",)
+        assert con.execute("SELECT count(*) FROM gpkg_extensions WHERE extension_name='gpkg_rtree_index'").fetchone()[0] == 1
+    finally:
+        con.close()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_geojson_is_wgs84(mask_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lc.geojson"
+    res = vec.vectorize_mask(mask_path, out, scene_name="S2A_test")
+    info = pyogrio.read_info(out, layer="landcover")
+    assert info["crs"] == "EPSG:4326" and info["features"] == res.polygons
+    xmin, ymin, xmax, ymax = info["total_bounds"]
+    assert -82 < xmin < xmax < -80 and 36 < ymin < ymax < 36.2  # UTM 17N, 500 km E, 4000 km N
+    fields = pyogrio.raw.read(out, layer="landcover")[3]
+    assert set(fields[4]) == {"S2A_test"}
+    assert fields[2].sum() == pytest.approx(((class_array() != NODATA).sum()) * PIXEL**2, rel=0.005)
+
+
+def test_fgb_output_and_class_override(mask_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lc.fgb"
+    classes = [ClassInfo(1, "urban", (1, 2, 3)), ClassInfo(2, "trees", (4, 5, 6))]
+    res = vec.vectorize_mask(mask_path, out, classes=classes, connectivity=8, simplify=0)
+    info = pyogrio.read_info(out, layer="landcover")
+    assert info["features"] == res.polygons and info["geometry_type"] == "MultiPolygon"
+    assert rasterio.crs.CRS.from_user_input(info["crs"]) == rasterio.crs.CRS.from_user_input(CRS)
+    cid, name = pyogrio.raw.read(out, layer="landcover")[3][:2]
+    assert {n for c, n in zip(cid, name)} == {"urban", "trees", "class_3"}
+
+
+def test_names_from_colormap_only(tmp_path: Path) -> None:
+    path = write_mask(tmp_path / "m.tif", class_array(), tags=False)
+    out = tmp_path / "m.gpkg"
+    vec.vectorize_mask(path, out)
+    assert set(pyogrio.raw.read(out, layer="landcover")[3][1]) == {"class_1", "class_2", "class_3"}
+    with sqlite3.connect(out) as con:
+        assert 'value="0,0,255,255"' in con.execute("SELECT styleQML FROM layer_styles").fetchone()[0]
+
+
+def test_all_nodata_gives_empty_layer(tmp_path: Path) -> None:
+    path = write_mask(tmp_path / "empty.tif", np.full((8, 8), NODATA, dtype=np.uint8))
+    for ext in ("gpkg", "fgb"):
+        res = vec.vectorize_mask(path, tmp_path / f"empty.{ext}")
+        info = pyogrio.read_info(tmp_path / f"empty.{ext}", layer="landcover")
+        assert res.polygons == 0 and len(pyogrio.raw.read(tmp_path / f"empty.{ext}", layer="landcover")[2]) == 0
+        assert list(info["fields"]) == list(vec.FIELDS)
+    assert vec.vectorize_mask(path, tmp_path / "empty.geojson").polygons == 0
+
+
+def test_geographic_area_is_geodesic(tmp_path: Path) -> None:
+    a = np.ones((10, 10), dtype=np.uint16)
+    a[:, 5:] = 2
+    tr = rasterio.transform.from_origin(10.0, 1.0, 0.001, 0.001)  # near the equator
+    path = write_mask(tmp_path / "geo.tif", a, crs="EPSG:4326", nodata=0, transform=tr, tags=False, colormap=False)
+    res = vec.vectorize_mask(path, tmp_path / "geo.gpkg", simplify=0)
+    assert res.area_units == "m2"
+    area = pyogrio.raw.read(tmp_path / "geo.gpkg", layer="landcover")[3][2]
+    assert area.sum() == pytest.approx((0.01 * 111_320) ** 2, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (lambda p: p / "missing.tif", SceneReadError, "does not exist"),
+        (lambda p: (p / "junk.tif").write_text("not a raster") and p / "junk.tif", SceneReadError, "not a readable raster"),
+        (lambda p: write_mask(p / "f.tif", np.zeros((8, 8), dtype=np.float32), tags=False), SceneError, "float32"),
+        (lambda p: write_mask(p / "nocrs.tif", class_array(), crs=None), SceneError, "no CRS"),
+    ],
+)
+def test_bad_inputs(tmp_path: Path, make, error, words) -> None:  # type: ignore[no-untyped-def]
+    src = make(tmp_path)
+    out = tmp_path / "out.gpkg"
+    with pytest.raises(error, match=words) as exc:
+        vec.vectorize_mask(src, out)
+    assert "\n" not in str(exc.value)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".geoseg")]
+
+
+def test_existing_output_and_bad_params(mask_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lc.gpkg"
+    out.write_text("keep me")
+    with pytest.raises(OutputExistsError):
+        vec.vectorize_mask(mask_path, out)
+    assert out.read_text() == "keep me"
+    with pytest.raises(ParameterError):
+        vec.vectorize_mask(mask_path, out, overwrite=True, connectivity=6)
+    with pytest.raises(ParameterError):
+        vec.vectorize_mask(mask_path, out, overwrite=True, simplify=-1)
+    assert vec.vectorize_mask(mask_path, out, overwrite=True).polygons > 0
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli() -> click.Group:
+    """The root ``geoseg`` group."""
+    from geoseg_cli.main import cli as root
+
+    return root
+
+
+def test_cli_vectorize(cli: click.Group, mask_path: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "poly.geojson"
+    res = runner.invoke(cli, ["vectorize", str(mask_path), "--out", str(out), "--min-area", "300", "--connectivity", "8"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == str(out)
+    assert pyogrio.read_info(out, layer="landcover")["crs"] == "EPSG:4326"
+    res = runner.invoke(cli, ["vectorize", str(mask_path), "--simplify", "0"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "scene_mask.gpkg").exists()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["{tmp}/missing.tif"], "does not exist"),
+        (["{float}"], "float32"),
+        (["{mask}", "--min-area", "-5"], "min_area"),
+    ],
+)
+def test_cli_errors(cli: click.Group, mask_path: Path, tmp_path: Path, args: list[str], words: str) -> None:
+    fl = write_mask(tmp_path / "f.tif", np.zeros((4, 4), dtype=np.float32), tags=False)
+    args = [a.format(tmp=tmp_path, float=fl, mask=mask_path) for a in args]
+    res = CliRunner().invoke(cli, ["vectorize", *args, "-o", str(tmp_path / "o.gpkg")])
+    assert res.exit_code == 1, res.output
+    assert words in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o.gpkg").exists()
+
+
+def test_cli_usage_error(cli: click.Group, mask_path: Path) -> None:
+    res = CliRunner().invoke(cli, ["vectorize", str(mask_path), "--connectivity", "6"])
+    assert res.exit_code == 2
