@@ -33,7 +33,7 @@ import rasterio
 from geoseg.atomic import check_output
 from geoseg.blending import BlendMode, StripMerger
 from geoseg.card import ModelCard
-from geoseg.errors import ModelError, ParameterError, PerformanceWarning, SceneError, require_paddle
+from geoseg.errors import ModelError, NoCRSWarning, ParameterError, PerformanceWarning, SceneError, require_paddle
 from geoseg.io import (
     MASK_NODATA,
     COGWriter,
@@ -91,12 +91,19 @@ def shipped_models() -> dict[str, Path]:
     return out
 
 
-def resolve_model(model: str | Path | None, weights: str | Path | None = None, card: str | Path | None = None) -> ModelSource:
-    """Turn the CLI's ``--model``, ``--weights`` and ``--card`` into a :class:`ModelSource`.
+def resolve_model(model: str | Path | None, weights: str | Path | None = None, card: str | Path | None = None,
+                  classes: Any = None) -> ModelSource:
+    """Turn the CLI's ``--model``, ``--weights``, ``--card`` and ``--classes`` into a :class:`ModelSource`.
 
-    ``model`` is a registry name (``deeplabv3p``, ``unet``) or an exported model folder.
-    Without ``weights`` the weights shipped with geoseg for that name are used.
+    ``model`` is a registry name (``deeplabv3p``, ``unet``) or an exported model folder
+    (geoseg's or PaddleSeg's, see :func:`geoseg.exported.load_exported`; ``classes`` names
+    its classes when its ``deploy.yaml`` has none). Without ``weights`` the weights shipped
+    with geoseg for that name are used.
     """
+    if model is not None and Path(model).is_dir():
+        from geoseg.exported import load_exported
+
+        return load_exported(Path(model), card=card, classes=classes)
     from geoseg.models import MODEL_NAMES
 
     name = str(model) if model is not None else None
@@ -290,6 +297,10 @@ class PredictOptions:
     threads: int | None = None
     #: Also vectorise the mask: "gpkg", "geojson", "fgb" or "none".
     vector: Literal["gpkg", "geojson", "fgb", "none"] = "none"
+    #: Minimum mapping unit of the polygons in map units² (None: no sieve).
+    min_area: float | None = None
+    #: Polygon simplification tolerance in map units (None: one pixel; 0: pixel edges).
+    simplify: float | None = None
 
 
 @dataclass(frozen=True)
@@ -339,6 +350,18 @@ def output_paths(input_path: Path, out: str | Path | None) -> tuple[Path, Path]:
             mask = out / f"{stem}_landcover.tif"
     conf = mask.with_name(mask.stem.replace("_landcover", "") + "_confidence.tif") if mask.stem.endswith("_landcover") else mask.with_name(mask.stem + "_confidence.tif")
     return mask, conf
+
+
+VECTOR_EXTENSIONS = {"gpkg": ".gpkg", "geojson": ".geojson", "fgb": ".fgb"}
+
+
+def vector_output_path(mask_path: Path, vector: str) -> Path | None:
+    """``<mask stem>.gpkg`` (or .geojson/.fgb) beside the mask; None for ``vector="none"``."""
+    if vector == "none":
+        return None
+    if vector not in VECTOR_EXTENSIONS:
+        raise ParameterError(f"--vector {vector}: choose one of gpkg, geojson, fgb, none")
+    return mask_path.with_suffix(VECTOR_EXTENSIONS[vector])
 
 
 def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) -> tuple[int, ...]:
@@ -494,6 +517,7 @@ def segment_scene(
     model: str | Path | None = None,
     weights: str | Path | None = None,
     card: str | Path | None = None,
+    classes: Any = None,
     predictor: Predictor | None = None,
     options: PredictOptions | None = None,
 ) -> PredictResult:
@@ -508,7 +532,7 @@ def segment_scene(
     input_path = Path(input_path)
     meta = open_scene(input_path)
     if source is None:
-        source = resolve_model(model, weights, card)
+        source = resolve_model(model, weights, card, classes)
     mc = source.card
     bands = select_bands(meta, mc, opts.bands)
     tile = opts.tile_size or mc.tile_size
@@ -520,6 +544,12 @@ def segment_scene(
     check_output(mask_path, opts.overwrite)
     if opts.confidence != "none":
         check_output(conf_path, opts.overwrite)
+    vector_path = vector_output_path(mask_path, opts.vector)
+    if vector_path is not None and meta.crs is None:
+        warnings.warn(f"{input_path.name} has no CRS: polygons are not written (the mask is)", NoCRSWarning, stacklevel=2)
+        vector_path = None
+    if vector_path is not None:
+        check_output(vector_path, opts.overwrite)
     check_georeferenced(meta)
 
     device_desc = "custom"
@@ -579,11 +609,20 @@ def segment_scene(
             raise
     write_aux_xml(mask_path, mc.classes)
     style = write_qml(mask_path, mc.classes)
+    extra: tuple[Path, ...] = ()
+    if vector_path is not None:
+        from geoseg.vectorize import vectorize_mask
+
+        vec = vectorize_mask(
+            mask_path, vector_path, fmt=opts.vector, min_area=opts.min_area, simplify=opts.simplify,  # type: ignore[arg-type]
+            classes=mc.classes, scene_name=input_path.name, overwrite=opts.overwrite,
+        )
+        extra = (vec.path,)
     seconds = time.perf_counter() - t_start
     result = PredictResult(
         mask=mask_path, confidence=conf_path if opts.confidence != "none" else None, style=style,
         windows=ran, windows_skipped=skipped, seconds=seconds, model_seconds=model_s,
-        megapixels=meta.width * meta.height / 1e6, device=device_desc,
+        megapixels=meta.width * meta.height / 1e6, device=device_desc, extra_outputs=extra,
     )
     log.info("wrote %s: %d windows (%d all-nodata skipped) in %.1f s, %.2f windows/s, %.2f megapixels/s",
              mask_path, ran, skipped, seconds, result.windows_per_s, result.megapixels_per_s)

@@ -53,14 +53,38 @@ def test_predict_writes_mask_and_prints_its_path(runner: CliRunner, tmp_path: Pa
     assert res.exit_code == 0, res.output
     mask = out / "scene_landcover.tif"
     assert res.stdout.strip() == str(mask)
-    assert outputs(out) == ["scene_confidence.tif", "scene_landcover.qml", "scene_landcover.tif", "scene_landcover.tif.aux.xml"]
+    assert outputs(out) == [
+        "scene_confidence.tif", "scene_landcover.gpkg", "scene_landcover.qml", "scene_landcover.tif",
+        "scene_landcover.tif.aux.xml",
+    ]
     with rasterio.open(mask) as m, rasterio.open(src) as s:
         assert (m.crs, m.transform, m.shape) == (s.crs, s.transform, s.shape)
-        assert set(np.unique(m.read(1))) <= {0, 1, 2, 3}
+        classes = set(np.unique(m.read(1)).tolist())
+        assert classes <= {0, 1, 2, 3}
+    # the polygons (written by default) carry the mask's classes and CRS, and cover the scene
+    import pyogrio
+    import shapely
+
+    meta, _, geoms, fields = pyogrio.raw.read(out / "scene_landcover.gpkg", layer="landcover")
+    assert rasterio.crs.CRS.from_user_input(meta["crs"]) == rasterio.crs.CRS.from_epsg(32633)
+    ids = fields[meta["fields"].tolist().index("class_id")]
+    assert set(ids.tolist()) == classes - {255}
+    assert shapely.from_wkb(geoms).__len__() == len(ids)
+    assert abs(shapely.area(shapely.from_wkb(geoms)).sum() - 90 * 150 * 100.0) < 1e-6 * 90 * 150 * 100
     # the end-of-run log line reports speed (not with -q)
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(weights), "--out", str(out), "--overwrite"])
     assert res.exit_code == 0, res.output
     assert "windows/s" in res.stderr and "megapixels/s" in res.stderr
+
+
+def test_predict_vector_none_and_geojson(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    src = rgb(tmp_path)
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "a"), "--vector", "none"])
+    assert res.exit_code == 0, res.output
+    assert outputs(tmp_path / "a") == ["scene_landcover.qml", "scene_landcover.tif", "scene_landcover.tif.aux.xml"]
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "b"), "--vector", "geojson"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "b" / "scene_landcover.geojson").exists()
 
 
 def test_predict_help_shows_examples(runner: CliRunner) -> None:
@@ -98,7 +122,7 @@ def test_no_crs_warns_and_writes(runner: CliRunner, tmp_path: Path, tiny_unet: t
     src = rgb(tmp_path, "nocrs.tif", crs=None)
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    assert "no CRS" in res.stderr
+    assert "no CRS" in res.stderr and "polygons are not written" in res.stderr
     with rasterio.open(tmp_path / "nocrs_landcover.tif") as ds:
         assert ds.crs is None
 
