@@ -14,7 +14,7 @@ windows starts below them.  Nothing raster-sized with a class axis is ever alloc
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -115,15 +115,22 @@ class StripMerger:
         r0 = tile.row - self._base
         self._valid[r0 : r0 + tile.height, tile.col : tile.col + tile.width] |= valid
 
-    def release(self, until_row: int) -> Strip | None:
-        """Return the blended rows ``[base, until_row)`` and drop them from the buffer."""
+    def release(self, until_row: int, chunk_rows: int = 128) -> Iterator[Strip]:
+        """Yield the blended rows ``[base, until_row)`` in strips of at most ``chunk_rows``.
+
+        Strips are produced one at a time so the temporary probabilities stay small
+        (``classes × chunk_rows × width``); the rows are dropped from the buffer once the
+        generator is exhausted, so consume it fully before the next call.
+        """
         n = min(until_row, self.height) - self._base
         if n <= 0:
-            return None
-        wsum = self._wsum[:n]
-        covered = wsum > 0
-        probs = np.divide(self._acc[:, :n], wsum, out=np.zeros_like(self._acc[:, :n]), where=covered)
-        strip = Strip(self._base, probs, self._valid[:n].copy(), covered.copy())
+            return
+        for a in range(0, n, chunk_rows):
+            b = min(n, a + chunk_rows)
+            wsum = self._wsum[a:b]
+            covered = wsum > 0
+            probs = np.divide(self._acc[:, a:b], wsum, out=np.zeros_like(self._acc[:, a:b]), where=covered)
+            yield Strip(self._base + a, probs, self._valid[a:b].copy(), covered)
         keep = self._acc.shape[1] - n
         if keep > 0:
             self._acc[:, :keep] = self._acc[:, n:]
@@ -133,10 +140,9 @@ class StripMerger:
         self._wsum[keep:] = 0
         self._valid[keep:] = False
         self._base += n
-        return strip
 
-    def finish(self) -> Strip | None:
-        """Release all remaining rows."""
+    def finish(self) -> Iterator[Strip]:
+        """Yield all remaining rows (see :meth:`release`)."""
         return self.release(self.height)
 
 
@@ -159,12 +165,10 @@ def blend_array(
     last_row = -1
     for t in tiles:
         if t.row != last_row:
-            s = merger.release(t.row)
-            if s is not None:
+            for s in merger.release(t.row):
                 out[:, s.row : s.row + s.height] = s.probs
             last_row = t.row
         merger.aggregate(predict_window(image[:, t.row : t.row_stop, t.col : t.col_stop]), t)
-    s = merger.finish()
-    if s is not None:
+    for s in merger.finish():
         out[:, s.row : s.row + s.height] = s.probs
     return out

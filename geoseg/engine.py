@@ -474,11 +474,10 @@ def run_grid(
     model_s = 0.0
     current_row = -1
 
-    def emit(strip: Any) -> None:
-        if strip is None:
-            return
-        idx, conf = argmax_classes(strip.probs)
-        sink(strip.row, idx, conf, strip.valid & strip.covered)
+    def emit(strips: Iterator[Any]) -> None:
+        for strip in strips:
+            idx, conf = argmax_classes(strip.probs)
+            sink(strip.row, idx, conf, strip.valid & strip.covered)
 
     for tiles, reads in _prefetch(batches, meta, bands, prefetch, read_workers):
         if tiles[0].row != current_row:

@@ -45,7 +45,7 @@ def test_merger_refuses_out_of_order_windows() -> None:
     m = StripMerger(2, 300, 100, 64)
     first = grid.tile_at(0, 0)
     m.aggregate(np.ones((2, 64, 64), np.float32), first)
-    m.release(grid.row_offsets[2])
+    list(m.release(grid.row_offsets[2]))
     with pytest.raises(ParameterError, match="out of order"):
         m.aggregate(np.ones((2, 64, 64), np.float32), first)
     with pytest.raises(ParameterError, match="shape"):
