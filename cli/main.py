@@ -82,6 +82,11 @@ def _setup_logging(verbosity: int) -> None:
     handler._geoseg = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.propagate = False
+    # PaddlePaddle installs a root handler at import; keep GDAL/rasterio/distributed chatter
+    # out of the user's terminal unless -v asked for it.
+    for noisy in ("rasterio", "distributed", "paddle"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING)
+    warnings.filterwarnings("ignore", message="No ccache found")
 
 
 @click.group(cls=GeosegGroup, context_settings={"auto_envvar_prefix": "GEOSEG", "help_option_names": ["-h", "--help"]})

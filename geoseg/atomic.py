@@ -72,15 +72,20 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Pa
     return Path(path)
 
 
-def clean_temp_files(folder: str | Path, recursive: bool = True) -> list[Path]:
-    """Delete geoseg temp files left in ``folder`` by killed runs; return what was removed."""
-    folder = Path(folder)
-    pattern = f"**/{TMP_PREFIX}*{TMP_SUFFIX}*" if recursive else f"{TMP_PREFIX}*{TMP_SUFFIX}*"
+def clean_temp_files(folder: str | Path) -> list[Path]:
+    """Delete geoseg temp and staging files left under ``folder`` (recursive) by killed runs.
+
+    These names belong to geoseg's writers only (``.geoseg-<name>.<hex>.tmp…`` and
+    ``.geoseg-<name>.<hex>.staging.tif…``). Call it only when no other geoseg run writes to
+    ``folder`` (``geoseg batch`` does it while holding its lock). Returns what was removed.
+    """
     removed = []
-    for p in folder.glob(pattern):
-        if p.is_file():
-            _unlink(p)
-            removed.append(p)
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            if name.startswith(TMP_PREFIX) and (TMP_SUFFIX in name or ".staging" in name):
+                p = Path(dirpath) / name
+                _unlink(p)
+                removed.append(p)
     return removed
 
 

@@ -1,0 +1,143 @@
+"""``geoseg batch``: segment an archive of scenes once each, crash-safe, locally or on Dask."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from geoseg_cli import options as o
+
+
+#: Loggers muted below -v: the engine's own per-scene line, and GDAL's error chatter (which
+#: rasterio logs at INFO) for bad scenes, so that each scene gives one line.
+_MUTED = ("geoseg.engine", "geoseg.vectorize", "rasterio")
+
+
+@contextlib.contextmanager
+def _batch_logging(log_file: Path | None, verbosity: int) -> Iterator[None]:
+    """One line per scene: engine INFO lines are muted unless -v; --log-file adds a timestamped copy."""
+    root = logging.getLogger("geoseg")
+    muted = [logging.getLogger(name) for name in _MUTED]
+    old_levels = [lg.level for lg in muted]
+    if verbosity <= 0:
+        for lg in muted:
+            lg.setLevel(logging.WARNING)
+    handler = None
+    if log_file is not None:
+        try:
+            handler = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            raise click.BadParameter(f"cannot open {log_file}: {exc.strerror}", param_hint="--log-file") from None
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg, level in zip(muted, old_levels):
+            lg.setLevel(level)
+        if handler is not None:
+            root.removeHandler(handler)
+            handler.close()
+
+
+@click.command(short_help="Segment many scenes once each (crash-safe; local or Dask).")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Output folder: outputs mirror the input tree here; holds the manifest and lock in .geoseg/.")
+@click.option("-m", "--model", default=None,
+              help="Model name (deeplabv3p, unet). Default: the card's architecture, else deeplabv3p.")
+@o.weights_opt
+@o.card_opt
+@o.tile_size_opt
+@o.overlap_opt
+@o.batch_size_opt
+@o.device_opt
+@o.precision_opt
+@o.bands_opt
+@o.confidence_opt
+@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True,
+              help="Weighting of overlapping windows.")
+@o.co_opt
+@click.option("--vector", type=click.Choice(["gpkg", "geojson", "fgb", "none"]), default="gpkg", show_default=True,
+              help="Also vectorise each mask into <stem>_landcover.<ext>.")
+@click.option("--pattern", "patterns", multiple=True, metavar="GLOB",
+              help="File name pattern in input folders (repeatable; case-insensitive). Default: *.tif and *.tiff.")
+@click.option("--force", is_flag=True, help="Redo every scene, even those done and unchanged.")
+@click.option("--dry-run", is_flag=True, help="Only list what would run (stdout: run|skip<TAB>scene<TAB>reason).")
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write a JSON run report: per scene status, seconds, windows, megapixels/s, outputs, error.")
+@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also append the log, with timestamps, to this file.")
+@click.option("--scheduler", envvar=["GEOSEG_SCHEDULER", "GEOSEG_BATCH_SCHEDULER"], default=None, metavar="ADDRESS",
+              help="Run scenes as tasks on this Dask scheduler, e.g. tcp://host:8786 (env GEOSEG_SCHEDULER).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Start a local Dask cluster of N worker processes (0: run scenes in this process).")
+@click.option("--resources", default=None, metavar="NAME=N,...",
+              help="Dask resources each scene task needs, e.g. GPU=1 (workers started with --resources GPU=1).")
+@click.option("--threads", type=int, default=None, callback=o._positive,
+              help="CPU threads per model (default: all cores; with --workers, cores / workers).")
+@click.pass_context
+def batch(
+    ctx: click.Context, inputs: tuple[str, ...], out: Path, model: str | None, weights: Path | None,
+    card: Path | None, tile_size: int | None, overlap: int | None, batch_size: int | None, device: str,
+    precision: str, bands: tuple[int, ...] | None, confidence: str, blend: str, creation_options: tuple[str, ...],
+    vector: str, patterns: tuple[str, ...], force: bool, dry_run: bool, report: Path | None, log_file: Path | None,
+    scheduler: str | None, workers: int, resources: str | None, threads: int | None,
+) -> None:
+    """Segment every scene of INPUT... into --out DIR, each once, surviving crashes.
+
+    INPUT is a GeoTIFF, a folder (searched recursively for *.tif/*.tiff, or --pattern) or
+    @list.txt (one path per line; relative paths are relative to the list's folder).
+    A scene is skipped when its input, model and parameters are unchanged and its outputs
+    are intact (manifest DIR/.geoseg/manifest.sqlite); --force redoes it. Failed scenes are
+    recorded and retried on the next run.
+
+    \b
+    Exit codes: 0 every scene done (or skipped), 3 some scenes failed (the others are done),
+    1 fatal error (model, inputs, output folder), 2 usage, 4 DIR locked by another run.
+    Every option can be set as GEOSEG_BATCH_<OPTION>, e.g. GEOSEG_BATCH_WEIGHTS;
+    --scheduler also as GEOSEG_SCHEDULER.
+
+    \b
+    Examples:
+      geoseg batch /archive/new --out /data/landcover --weights m.pdparams --report run.json
+      geoseg batch @scenes.txt --out out/ --workers 4
+      geoseg batch /archive --out /shared/lc --scheduler tcp://head:8786 --resources GPU=1
+    """
+    from geoseg.batch import BatchModel, BatchOptions, parse_resources, run_batch
+    from geoseg.blending import BlendMode
+    from geoseg.engine import PredictOptions
+
+    if scheduler and workers:
+        raise click.UsageError("give either --scheduler (an existing cluster) or --workers (a local one), not both")
+    try:
+        res = parse_resources(resources)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--resources") from None
+    quiet = ctx.obj.get("quiet", False)
+    opts = PredictOptions(
+        tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,  # type: ignore[arg-type]
+        precision=precision, bands=bands, blend=BlendMode(blend), confidence=confidence,  # type: ignore[arg-type]
+        creation_options=o.parse_co(creation_options), vector=vector,  # type: ignore[arg-type]
+        progress=sys.stderr.isatty() and not quiet and not (scheduler or workers), threads=threads,
+    )
+    bm = BatchModel(model=model, weights=str(weights) if weights else None, card=str(card) if card else None,
+                    device=device, precision=precision, threads=threads)
+    bo = BatchOptions(force=force, dry_run=dry_run, patterns=patterns or BatchOptions.patterns, scheduler=scheduler,
+                      workers=workers, resources=res, report=report,
+                      quiet_worker_loggers=_MUTED if ctx.obj.get("verbosity", 0) <= 0 else ())
+    with _batch_logging(log_file, ctx.obj.get("verbosity", 0)):
+        result = run_batch(inputs, out, bm, opts, bo)
+    if dry_run:
+        for scene, reason in result.planned:
+            click.echo(f"skip\t{scene.key}\tdone, unchanged" if reason is None else f"run\t{scene.key}\t{reason}")
+        return
+    if result.failed:
+        from geoseg_cli.main import EXIT_PARTIAL
+
+        ctx.exit(EXIT_PARTIAL)

@@ -1,0 +1,944 @@
+"""Crash-safe batch segmentation of many scenes, in process or on a Dask cluster.
+
+A batch maps input scenes to outputs under one folder ``DIR`` (mirroring the input tree) and
+keeps a manifest in ``DIR/.geoseg/manifest.sqlite`` so that cron runs do each scene once:
+
+* **Exactly once.**  For every scene the manifest stores the input fingerprint (size,
+  mtime in ns and a SHA-256 of the file's first and last 64 KiB, which hold the TIFF header
+  and IFDs), the model key (card digest + weights digest), the parameters that change the
+  result, and each output's size and quick hash.  A scene is skipped when all of these match
+  and its outputs are intact; ``force`` redoes it.  Failed and interrupted scenes are retried.
+* **Crash safety.**  Before a scene runs its entry is set to ``running``; every output is
+  published by :mod:`geoseg.atomic` (temp name + ``os.replace``); the ``done`` entry is
+  committed only after all outputs are in place (SQLite WAL, one transaction per scene).
+  A run killed at any moment leaves old or new complete files plus temp files, which the
+  next run deletes before it starts, and redoes the scenes that were not ``done``.
+* **One run at a time.**  :class:`BatchLock` takes ``fcntl.flock`` on ``DIR/.geoseg/lock``;
+  the kernel drops it when its process dies, so a dead run's lock is taken over.
+* **Failure isolation.**  A scene that cannot be read or does not suit the model is recorded
+  as ``failed`` with its reason; the batch goes on.  Model problems are fatal.
+* **Scale-out.**  With a Dask ``distributed.Client`` each scene is one task; every worker
+  loads the model once through :class:`ModelPlugin` and reuses it.  Results and failures
+  come back to the client, the only writer of the manifest and the report.
+
+Units: seconds (wall clock), megapixels (10⁶ scene pixels), sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import fcntl
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from geoseg.atomic import atomic_write_text, clean_temp_files
+from geoseg.errors import (
+    BatchLockedError,
+    DependencyError,
+    GeosegError,
+    ModelError,
+    ParameterError,
+    SceneReadError,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".geoseg"
+MANIFEST_NAME = "manifest.sqlite"
+LOCK_NAME = "lock"
+DEFAULT_PATTERNS = ("*.tif", "*.tiff")
+#: Bytes hashed at each end of a file for its quick content hash.
+QUICK_HASH_BYTES = 64 * 1024
+SCHEMA_VERSION = 1
+
+Status = Literal["ok", "skipped", "failed"]
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scene:
+    """One input scene and where its outputs go.
+
+    ``key`` is the scene's path relative to the output folder's tree (POSIX, e.g.
+    ``2024/a/scene1.tif``): the manifest's primary key.  ``out_dir`` is relative to ``DIR``.
+    """
+
+    path: Path
+    key: str
+    out_dir: str
+
+
+def _list_file_entries(list_path: Path) -> list[Path]:
+    """Paths from an ``@list.txt`` (one per line, ``#`` comments; relative to the list's folder)."""
+    try:
+        text = list_path.read_text()
+    except OSError as exc:
+        raise ParameterError(f"cannot read input list {list_path}: {exc.strerror}: check the @file path") from None
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        p = Path(line).expanduser()
+        out.append(p if p.is_absolute() else list_path.parent / p)
+    return out
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    low = name.lower()
+    return any(fnmatch.fnmatch(low, p.lower()) for p in patterns)
+
+
+def discover_scenes(
+    inputs: Iterable[str | Path], out_dir: str | Path, patterns: Sequence[str] | None = None
+) -> list[Scene]:
+    """Expand files, folders (recursive) and ``@list.txt`` files into scenes.
+
+    A folder's scenes keep their sub-folders under ``out_dir``; files given directly (or
+    listed) go to ``out_dir`` itself.  Hidden files and anything inside ``out_dir`` are
+    ignored, so an output folder inside the archive is never fed back in.  Symlinked files are
+    followed, symlinked folders are not (no loops).  ``patterns``
+    (default ``*.tif``, ``*.tiff``) match file names case-insensitively.
+
+    Raises:
+        ParameterError: a command-line input does not exist, or two scenes would write the
+            same output.
+    """
+    pats = tuple(patterns) if patterns else DEFAULT_PATTERNS
+    out_root = Path(out_dir).resolve()
+    scenes: list[Scene] = []
+
+    def under_out(p: Path) -> bool:
+        return p == out_root or out_root in p.parents
+
+    def add_file(p: Path, rel_dir: Path) -> None:
+        key = (rel_dir / p.name).as_posix()
+        scenes.append(Scene(path=p.absolute(), key=key, out_dir=rel_dir.as_posix()))
+
+    def add_dir(d: Path) -> None:
+        root = d.resolve()
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and not under_out(here / n))
+            for name in sorted(filenames):
+                if name.startswith(".") or not _matches(name, pats):
+                    continue
+                add_file(here / name, here.relative_to(root))
+
+    expanded: list[tuple[Path, bool]] = []  # (path, given on the command line)
+    for item in inputs:
+        s = str(item)
+        if s.startswith("@"):
+            expanded.extend((p, False) for p in _list_file_entries(Path(s[1:]).expanduser()))
+        else:
+            expanded.append((Path(s).expanduser(), True))
+    for p, direct in expanded:
+        if p.is_dir():
+            add_dir(p)
+        elif p.exists() or not direct:
+            # A listed file that is missing becomes a failed scene, not a fatal error.
+            add_file(p, Path("."))
+        else:
+            raise ParameterError(f"input {p} does not exist: check the path (or use @list.txt for lists)")
+    # The same file given twice is one scene; two files with the same output are an error.
+    seen: dict[str, Scene] = {}
+    outputs: dict[str, Scene] = {}
+    unique = []
+    for sc in scenes:
+        if sc.key in seen:
+            if seen[sc.key].path.resolve() == sc.path.resolve():
+                continue
+            raise ParameterError(
+                f"{seen[sc.key].path} and {sc.path} would both write {sc.key}: give them separately into different --out folders"
+            )
+        stem_key = f"{sc.out_dir}/{Path(sc.key).stem}".lower()
+        if stem_key in outputs:
+            raise ParameterError(
+                f"{outputs[stem_key].path} and {sc.path} would write the same outputs (same name, same folder): rename one"
+            )
+        seen[sc.key] = sc
+        outputs[stem_key] = sc
+        unique.append(sc)
+    return unique
+
+
+# ---- fingerprints -----------------------------------------------------------------------------
+def quick_hash(path: str | Path, nbytes: int = QUICK_HASH_BYTES) -> str:
+    """SHA-256 (hex, 32 chars) of a file's first and last ``nbytes`` bytes and its size."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        h.update(f.read(nbytes))
+        if size > nbytes:
+            f.seek(max(nbytes, size - nbytes))
+            h.update(f.read(nbytes))
+    return h.hexdigest()[:32]
+
+
+def input_fingerprint(path: str | Path) -> dict[str, Any]:
+    """``{size, mtime_ns, head_hash}`` of an input file.
+
+    Raises:
+        SceneReadError: the file is missing or unreadable.
+    """
+    try:
+        st = os.stat(path)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_hash": quick_hash(path)}
+    except OSError as exc:
+        raise SceneReadError(f"input {path} cannot be read ({exc.strerror}): check the path and permissions") from None
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 (hex, 16 chars) of a whole file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# ---- settings ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchModel:
+    """The model of a batch, picklable for Dask workers.
+
+    ``model``/``weights``/``card`` are what :func:`geoseg.engine.resolve_model` takes.
+    ``device``, ``precision``, ``runtime`` and ``threads`` go to
+    :func:`geoseg.engine.build_predictor` (``threads`` caps Paddle Inference's CPU threads).
+    """
+
+    model: str | None = None
+    weights: str | None = None
+    card: str | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    runtime: str = "auto"
+    threads: int | None = None
+
+    def source(self) -> Any:
+        """The resolved :class:`geoseg.engine.ModelSource`."""
+        from geoseg.engine import resolve_model
+
+        return resolve_model(self.model, self.weights, self.card)
+
+    def key(self) -> str:
+        """Model card digest + weights digest: what the manifest compares."""
+        src = self.source()
+        w = file_digest(src.weights) if src.weights is not None else "shipped"
+        return f"{src.card.digest()}-{w}"
+
+    def build(self) -> tuple[Callable[..., Any], str, Any]:
+        """Load the model: ``(predictor, description, source)``.  The expensive step."""
+        from geoseg.engine import build_predictor
+
+        src = self.source()
+        predictor, desc = build_predictor(src, self.device, self.precision, self.runtime, self.threads)  # type: ignore[arg-type]
+        return predictor, desc, src
+
+
+def result_params(options: Any, card: Any) -> dict[str, Any]:
+    """The parameters of ``options`` (:class:`PredictOptions`) that change the outputs.
+
+    Card defaults are filled in, so an explicit ``--tile-size`` equal to the card's counts
+    as the same run.  Device, batch size, threads and I/O settings do not enter.
+    """
+    return {
+        "tile_size": options.tile_size or card.tile_size,
+        "overlap": card.overlap if options.overlap is None else options.overlap,
+        "bands": list(options.bands) if options.bands else None,
+        "blend": str(getattr(options.blend, "value", options.blend)),
+        "confidence": options.confidence,
+        "creation_options": dict(sorted(options.creation_options.items())),
+        "precision": options.precision,
+        "vector": getattr(options, "vector", "none"),
+    }
+
+
+# ---- lock --------------------------------------------------------------------------------------
+class BatchLock:
+    """An exclusive ``flock`` on ``DIR/.geoseg/lock`` holding ``pid host time`` of the holder.
+
+    The kernel releases the lock when the holding process dies (even by ``kill -9``), so a
+    stale lock is taken over by the next run.  Local file systems (and NFSv4) support it.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir) / STATE_DIR / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> BatchLock:
+        """Take the lock or raise :class:`BatchLockedError` at once (never waits)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_fd(fd).strip() or "unknown process"
+            os.close(fd)
+            raise BatchLockedError(
+                f"{self.path.parent.parent} is locked by another geoseg batch run ({holder}): "
+                "this run does nothing; wait for it to finish"
+            ) from None
+        previous = _read_fd(fd).strip()
+        if previous:
+            log.warning("taking over the lock of a batch run that died (%s)", previous)
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now}\n".encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Empty the lock file (a clean exit) and release the lock."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> BatchLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _read_fd(fd: int) -> str:
+    try:
+        return os.pread(fd, 4096, 0).decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# ---- manifest ----------------------------------------------------------------------------------
+@dataclass
+class ManifestEntry:
+    """One scene's row in the manifest."""
+
+    key: str
+    input: str
+    size: int
+    mtime_ns: int
+    head_hash: str
+    model: str
+    params: str  # canonical JSON
+    status: str  # "done", "failed" or "running"
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # {path (relative to DIR), size, hash}
+    error: str | None = None
+    seconds: float = 0.0
+    windows: int = 0
+    megapixels: float = 0.0
+    worker: str | None = None
+    finished: str | None = None
+
+
+class Manifest:
+    """The SQLite manifest of a batch output folder (WAL; one transaction per change)."""
+
+    COLUMNS = tuple(f.name for f in dataclasses.fields(ManifestEntry))
+
+    def __init__(self, out_dir: str | Path, readonly: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / STATE_DIR / MANIFEST_NAME
+        if readonly:
+            self._db: sqlite3.Connection | None = (
+                sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) if self.path.exists() else None
+            )
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self._db:
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS scenes (key TEXT PRIMARY KEY, input TEXT, size INTEGER, mtime_ns INTEGER, "
+                "head_hash TEXT, model TEXT, params TEXT, status TEXT, outputs TEXT, error TEXT, seconds REAL, "
+                "windows INTEGER, megapixels REAL, worker TEXT, finished TEXT)"
+            )
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    def get(self, key: str) -> ManifestEntry | None:
+        """The entry of ``key`` or None."""
+        if self._db is None:
+            return None
+        row = self._db.execute(f"SELECT {', '.join(self.COLUMNS)} FROM scenes WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        d = dict(zip(self.COLUMNS, row))
+        d["outputs"] = json.loads(d["outputs"] or "[]")
+        return ManifestEntry(**d)
+
+    def put(self, *entries: ManifestEntry) -> None:
+        """Insert or replace ``entries`` in one committed transaction."""
+        assert self._db is not None
+        rows = []
+        for entry in entries:
+            d = dataclasses.asdict(entry)
+            d["outputs"] = json.dumps(d["outputs"])
+            rows.append(tuple(d[c] for c in self.COLUMNS))
+        with self._db:
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO scenes ({', '.join(self.COLUMNS)}) VALUES ({', '.join('?' * len(self.COLUMNS))})",
+                rows,
+            )
+
+    def entries(self) -> list[ManifestEntry]:
+        """All entries, sorted by key."""
+        if self._db is None:
+            return []
+        keys = [r[0] for r in self._db.execute("SELECT key FROM scenes ORDER BY key")]
+        return [e for k in keys if (e := self.get(k)) is not None]
+
+    def close(self) -> None:
+        """Close the database."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def outputs_intact(out_dir: Path, outputs: Sequence[dict[str, Any]]) -> str | None:
+    """None when every recorded output exists with its size and quick hash, else why not."""
+    if not outputs:
+        return "no outputs recorded"
+    for o in outputs:
+        p = out_dir / o["path"]
+        try:
+            if p.stat().st_size != o["size"]:
+                return f"output {o['path']} changed size"
+            if quick_hash(p) != o["hash"]:
+                return f"output {o['path']} changed"
+        except OSError:
+            return f"output {o['path']} is missing"
+    return None
+
+
+def why_run(
+    entry: ManifestEntry | None, fp: dict[str, Any], model_key: str, params_json: str, out_dir: Path, force: bool
+) -> str | None:
+    """Why a scene must run (a short reason), or None when it is done and intact."""
+    if force:
+        return "forced"
+    if entry is None:
+        return "new"
+    if entry.status == "failed":
+        return "failed before"
+    if entry.status != "done":
+        return "interrupted"
+    if (entry.size, entry.mtime_ns, entry.head_hash) != (fp["size"], fp["mtime_ns"], fp["head_hash"]):
+        return "input changed"
+    if entry.model != model_key:
+        return "model changed"
+    if entry.params != params_json:
+        return "parameters changed"
+    return outputs_intact(out_dir, entry.outputs)
+
+
+# ---- running one scene (in process or on a worker) ---------------------------------------------
+@dataclass
+class SceneOutcome:
+    """What happened to one scene; also what a Dask task returns to the client."""
+
+    key: str
+    input: str
+    status: Status
+    reason: str = ""  # why it ran, or why it was skipped
+    seconds: float = 0.0
+    windows: int = 0
+    megapixels: float = 0.0
+    outputs: list[str] = field(default_factory=list)  # absolute paths
+    error: str | None = None
+    error_type: str | None = None
+    fatal: bool = False  # a model problem: every other scene would fail the same way
+    worker: str | None = None
+    model_loads: int = 0  # models loaded by this worker process so far (Dask)
+
+    @property
+    def megapixels_per_s(self) -> float:
+        """Scene megapixels per second, end to end."""
+        return self.megapixels / self.seconds if self.seconds > 0 else 0.0
+
+    def to_report(self, out_dir: Path) -> dict[str, Any]:
+        """The scene's record in the JSON run report."""
+        return {
+            "key": self.key,
+            "input": self.input,
+            "status": self.status,
+            "reason": self.reason,
+            "seconds": round(self.seconds, 3),
+            "windows": self.windows,
+            "megapixels": round(self.megapixels, 4),
+            "megapixels_per_s": round(self.megapixels_per_s, 4),
+            "outputs": self.outputs,
+            "error": self.error,
+            "worker": self.worker,
+        }
+
+
+def run_scene(
+    scene: Scene, out_dir: str | Path, options: Any, predictor: Callable[..., Any], source: Any
+) -> SceneOutcome:
+    """Segment one scene into ``out_dir/scene.out_dir`` with a ready predictor.
+
+    Scene errors (unreadable, unsuitable, unwritable) come back as a ``failed`` outcome;
+    model errors as a ``fatal`` one.  Never raises for a geoseg error.
+    """
+    from geoseg.engine import segment_scene
+
+    t0 = time.perf_counter()
+    dest = Path(out_dir) / scene.out_dir
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        opts = dataclasses.replace(options, overwrite=True)
+        res = segment_scene(scene.path, dest, source=source, predictor=predictor, options=opts)
+    except (ModelError, DependencyError) as exc:
+        return _failed(scene, exc, t0, fatal=True)
+    except (GeosegError, OSError, ValueError, RuntimeError, MemoryError) as exc:
+        return _failed(scene, exc, t0)
+    outputs = [res.mask, Path(str(res.mask) + ".aux.xml"), res.style]
+    if res.confidence is not None:
+        outputs.append(res.confidence)
+    outputs.extend(res.extra_outputs)
+    return SceneOutcome(
+        key=scene.key, input=str(scene.path), status="ok", seconds=time.perf_counter() - t0, windows=res.windows,
+        megapixels=res.megapixels, outputs=[str(p) for p in outputs if Path(p).exists()],
+    )
+
+
+def _failed(scene: Scene, exc: BaseException, t0: float, fatal: bool = False) -> SceneOutcome:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not isinstance(exc, GeosegError):
+        msg = f"{type(exc).__name__}: {msg}"
+    return SceneOutcome(
+        key=scene.key, input=str(scene.path), status="failed", seconds=time.perf_counter() - t0,
+        error=msg, error_type=type(exc).__name__, fatal=fatal,
+    )
+
+
+# ---- Dask ----------------------------------------------------------------------------------------
+PLUGIN_PREFIX = "geoseg-model-"
+
+
+class ModelPlugin:
+    """A Dask worker plugin that loads the batch's model once per worker and lends it to tasks.
+
+    Loading is lazy (first task on the worker) and guarded by a lock, so a worker with several
+    threads still loads once; ``loads`` counts the loads of this worker process.
+    """
+
+    def __init__(self, model: BatchModel, name: str, quiet_loggers: tuple[str, ...] = ()) -> None:
+        self.model = model
+        self.name = name
+        self.quiet_loggers = quiet_loggers
+        self.loads = 0
+        self._loaded: tuple[Callable[..., Any], str, Any] | None = None
+        self._lock: threading.Lock | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"model": self.model, "name": self.name, "quiet_loggers": self.quiet_loggers}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["model"], state["name"], state.get("quiet_loggers", ()))  # type: ignore[misc]
+
+    def setup(self, worker: Any) -> None:
+        """Called by Dask when the plugin is registered on a worker."""
+        self._lock = threading.Lock()
+        # The caller asked for quiet workers (a cron run's stderr takes one line per scene).
+        for name in self.quiet_loggers:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    def teardown(self, worker: Any) -> None:
+        """Drop the model."""
+        self._loaded = None
+
+    def get(self) -> tuple[Callable[..., Any], str, Any]:
+        """``(predictor, description, source)``, loading the model on first use."""
+        if self._lock is None:
+            self._lock = threading.Lock()
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self.model.build()
+                self.loads += 1
+                log.info("worker loaded model %s (%s)", self._loaded[2].label, self._loaded[1])
+            return self._loaded
+
+
+def _make_worker_plugin(model: BatchModel, name: str, quiet_loggers: tuple[str, ...] = ()) -> Any:
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _Plugin(ModelPlugin, WorkerPlugin):  # type: ignore[misc]
+        pass
+
+    return _Plugin(model, name, quiet_loggers)
+
+
+def dask_scene_task(scene: Scene, out_dir: str, options: Any, plugin_name: str) -> SceneOutcome:
+    """Dask task: run one scene with the worker's cached model (see :class:`ModelPlugin`)."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    plugin = worker.plugins[plugin_name]
+    try:
+        predictor, _, source = plugin.get()
+    except GeosegError as exc:
+        out = _failed(scene, exc, time.perf_counter(), fatal=True)
+    else:
+        out = run_scene(scene, out_dir, options, predictor, source)
+    out.worker = worker.address
+    out.model_loads = plugin.loads
+    return out
+
+
+# ---- the batch -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchOptions:
+    """How a batch runs (besides the predict options).
+
+    ``scheduler`` is a Dask scheduler address (``tcp://host:8786``); ``workers`` > 0 starts a
+    ``LocalCluster`` of that many single-threaded worker processes instead.  ``resources``
+    are the Dask resources each scene task needs (e.g. ``{"GPU": 1}``).
+    """
+
+    force: bool = False
+    dry_run: bool = False
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    scheduler: str | None = None
+    workers: int = 0
+    resources: dict[str, float] = field(default_factory=dict)
+    report: Path | None = None
+    #: Loggers set to WARNING in Dask workers (e.g. ``("geoseg.engine", "rasterio")``).
+    quiet_worker_loggers: tuple[str, ...] = ()
+
+
+@dataclass
+class BatchResult:
+    """What a batch did; ``exit_status`` is 0 (all ok or skipped) or 3 (some failed)."""
+
+    out_dir: Path
+    scenes: list[SceneOutcome]
+    seconds: float
+    planned: list[tuple[Scene, str | None]] = field(default_factory=list)  # dry run: (scene, reason or None=skip)
+    workers: dict[str, int] = field(default_factory=dict)  # Dask worker → model loads
+
+    def count(self, status: Status) -> int:
+        """How many scenes ended with ``status``."""
+        return sum(1 for s in self.scenes if s.status == status)
+
+    @property
+    def failed(self) -> list[SceneOutcome]:
+        """The failed scenes."""
+        return [s for s in self.scenes if s.status == "failed"]
+
+    @property
+    def exit_status(self) -> int:
+        """0 when no scene failed, 3 otherwise (the CLI's partial-batch code)."""
+        return 3 if self.failed else 0
+
+    def report(self) -> dict[str, Any]:
+        """The JSON run report."""
+        return {
+            "out": str(self.out_dir),
+            "seconds": round(self.seconds, 3),
+            "counts": {s: self.count(s) for s in ("ok", "skipped", "failed")},
+            "exit_status": self.exit_status,
+            "workers": self.workers,
+            "scenes": [s.to_report(self.out_dir) for s in self.scenes],
+        }
+
+
+def _log_outcome(o: SceneOutcome, i: int, n: int) -> None:
+    width = len(str(n))
+    prefix = f"[{i:>{width}}/{n}]"
+    if o.status == "ok":
+        log.info("%s ok      %s  %d windows  %.1f s  %.2f Mpx/s%s", prefix, o.key, o.windows, o.seconds,
+                 o.megapixels_per_s, f"  on {o.worker}" if o.worker else "")
+    elif o.status == "skipped":
+        log.info("%s skip    %s  (done, unchanged)", prefix, o.key)
+    else:
+        log.error("%s FAILED  %s: %s", prefix, o.key, o.error)
+
+
+def run_batch(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    model: BatchModel,
+    options: Any = None,
+    batch: BatchOptions | None = None,
+    client: Any = None,
+) -> BatchResult:
+    """Segment every scene of ``inputs`` into ``out_dir`` once (see the module docstring).
+
+    ``options`` is a :class:`geoseg.engine.PredictOptions` (its ``overwrite`` is ignored:
+    the manifest decides).  ``client`` is an existing ``distributed.Client``; otherwise
+    ``batch.scheduler``/``batch.workers`` choose Dask, or scenes run here one by one.
+
+    Raises:
+        BatchLockedError: another run holds ``out_dir``'s lock.
+        ParameterError: bad inputs (missing path, output name clash).
+        ModelError: the model cannot be loaded (fatal: no scene could run).
+    """
+    from geoseg.engine import PredictOptions
+
+    t0 = time.perf_counter()
+    options = options or PredictOptions()
+    batch = batch or BatchOptions()
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise ParameterError(f"--out {out} is a file: give a folder for batch outputs")
+    if not batch.dry_run and not out.exists():
+        if not out.parent.exists():
+            raise ParameterError(f"output folder {out.parent} does not exist: create it first")
+        out.mkdir(exist_ok=True)
+    scenes = discover_scenes(inputs, out, batch.patterns)
+    if not scenes:
+        log.warning("no scenes found in %s (patterns %s): nothing to do", ", ".join(map(str, inputs)),
+                    " ".join(batch.patterns))
+    source = model.source()  # fails early on a bad card or weights path
+    model_key = model.key()
+    params_json = json.dumps(result_params(options, source.card), sort_keys=True)
+
+    if batch.dry_run:
+        return _dry_run(scenes, out, model_key, params_json, batch.force, t0)
+
+    with BatchLock(out):
+        removed = clean_temp_files(out)
+        if removed:
+            log.info("removed %d temp file(s) left by an interrupted run", len(removed))
+        manifest = Manifest(out)
+        try:
+            return _run_locked(scenes, out, model, source, model_key, params_json, options, batch, manifest, client, t0)
+        finally:
+            manifest.close()
+
+
+def _dry_run(scenes: list[Scene], out: Path, model_key: str, params_json: str, force: bool, t0: float) -> BatchResult:
+    manifest = Manifest(out, readonly=True)
+    planned: list[tuple[Scene, str | None]] = []
+    try:
+        for sc in scenes:
+            try:
+                fp = input_fingerprint(sc.path)
+            except SceneReadError as exc:
+                planned.append((sc, f"unreadable: {exc}"))
+                continue
+            planned.append((sc, why_run(manifest.get(sc.key), fp, model_key, params_json, out, force)))
+    finally:
+        manifest.close()
+    return BatchResult(out_dir=out, scenes=[], seconds=time.perf_counter() - t0, planned=planned)
+
+
+def _run_locked(
+    scenes: list[Scene], out: Path, model: BatchModel, source: Any, model_key: str, params_json: str,
+    options: Any, batch: BatchOptions, manifest: Manifest, client: Any, t0: float,
+) -> BatchResult:
+    n = len(scenes)
+    outcomes: dict[str, SceneOutcome] = {}
+    fingerprints: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[Scene, str]] = []
+    done_count = 0
+
+    def finish(o: SceneOutcome) -> None:
+        nonlocal done_count
+        done_count += 1
+        outcomes[o.key] = o
+        _log_outcome(o, done_count, n)
+
+    for sc in scenes:
+        entry = manifest.get(sc.key)
+        try:
+            fp = input_fingerprint(sc.path)
+        except SceneReadError as exc:
+            o = _failed(sc, exc, time.perf_counter())
+            _record(manifest, o, {"size": -1, "mtime_ns": -1, "head_hash": ""}, model_key, params_json, out)
+            finish(o)
+            continue
+        reason = why_run(entry, fp, model_key, params_json, out, batch.force)
+        if reason is None:
+            finish(SceneOutcome(key=sc.key, input=str(sc.path), status="skipped", reason="done, unchanged"))
+            continue
+        fingerprints[sc.key] = fp
+        todo.append((sc, reason))
+    log.info("%d scene(s): %d to run, %d skipped, %d unreadable", n, len(todo),
+             sum(o.status == "skipped" for o in outcomes.values()), sum(o.status == "failed" for o in outcomes.values()))
+
+    def record_and_finish(o: SceneOutcome, reason: str) -> None:
+        o.reason = reason
+        _record(manifest, o, fingerprints[o.key], model_key, params_json, out)
+        finish(o)
+
+    workers: dict[str, int] = {}
+    if todo:
+        # A crash from here on re-runs these scenes, whatever their old entries said.
+        manifest.put(*(_running_entry(manifest, sc, fingerprints[sc.key], model_key, params_json) for sc, _ in todo))
+        if client is not None or batch.scheduler or batch.workers:
+            workers = _run_dask(todo, out, model, options, batch, client, record_and_finish)
+        else:
+            _run_here(todo, out, model, options, record_and_finish)
+
+    ordered = [outcomes[sc.key] for sc in scenes if sc.key in outcomes]
+    result = BatchResult(out_dir=out, scenes=ordered, seconds=time.perf_counter() - t0, workers=workers)
+    log.info("batch done in %.1f s: %d ok, %d skipped, %d failed", result.seconds, result.count("ok"),
+             result.count("skipped"), result.count("failed"))
+    if batch.report is not None:
+        write_report(result, batch.report)
+    return result
+
+
+def write_report(result: BatchResult, path: str | Path) -> Path:
+    """Write the JSON run report atomically."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(result.report(), indent=2) + "\n")
+
+
+def _running_entry(manifest: Manifest, sc: Scene, fp: dict[str, Any], model_key: str, params_json: str) -> ManifestEntry:
+    old = manifest.get(sc.key)
+    return ManifestEntry(
+        key=sc.key, input=str(sc.path), size=fp["size"], mtime_ns=fp["mtime_ns"], head_hash=fp["head_hash"],
+        model=model_key, params=params_json, status="running", outputs=old.outputs if old else [],
+        error=old.error if old else None,
+    )
+
+
+def _record(manifest: Manifest, o: SceneOutcome, fp: dict[str, Any], model_key: str, params_json: str, out: Path) -> None:
+    """Write the scene's manifest entry (after its outputs are in place)."""
+    outputs: list[dict[str, Any]] = []
+    status = "failed"
+    if o.status == "ok":
+        try:
+            for p in o.outputs:
+                pp = Path(p)
+                rel = os.path.relpath(pp, out)
+                outputs.append({"path": rel, "size": pp.stat().st_size, "hash": quick_hash(pp)})
+            status = "done"
+        except OSError as exc:
+            o.status, o.error = "failed", f"output vanished after writing ({exc}): check the output folder"
+            outputs = []
+    manifest.put(ManifestEntry(
+        key=o.key, input=o.input, size=fp["size"], mtime_ns=fp["mtime_ns"], head_hash=fp["head_hash"],
+        model=model_key, params=params_json, status=status, outputs=outputs, error=o.error,
+        seconds=o.seconds, windows=o.windows, megapixels=o.megapixels, worker=o.worker,
+        finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    ))
+
+
+def _run_here(
+    todo: list[tuple[Scene, str]], out: Path, model: BatchModel, options: Any,
+    finish: Callable[[SceneOutcome, str], None],
+) -> None:
+    predictor, desc, source = model.build()  # once for the whole batch; ModelError is fatal
+    log.debug("model %s on %s", source.label, desc)
+    for sc, reason in todo:
+        o = run_scene(sc, out, options, predictor, source)
+        if o.fatal:
+            raise ModelError(f"{o.key}: {o.error}")
+        finish(o, reason)
+
+
+def parse_resources(text: str | None) -> dict[str, float]:
+    """``"GPU=1,MEM=4e9"`` → ``{"GPU": 1.0, "MEM": 4e9}``.
+
+    Raises:
+        ParameterError: an item is not ``NAME=NUMBER``.
+    """
+    out: dict[str, float] = {}
+    for item in (text or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ParameterError(f"--resources {text!r}: use NAME=NUMBER pairs separated by commas, e.g. GPU=1") from None
+        if not name:
+            raise ParameterError(f"--resources {text!r}: a resource has no name: use e.g. GPU=1")
+    return out
+
+
+@contextlib.contextmanager
+def dask_client(batch: BatchOptions) -> Iterator[Any]:
+    """A ``distributed.Client`` for ``batch``: the given scheduler or a new ``LocalCluster``."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:  # pragma: no cover - distributed is a dependency
+        raise DependencyError("dask.distributed is not installed: pip install 'distributed'") from exc
+    if batch.scheduler:
+        try:
+            client = Client(batch.scheduler, timeout="30s")
+        except (OSError, TimeoutError) as exc:
+            raise ParameterError(f"cannot reach the Dask scheduler {batch.scheduler} ({exc}): check --scheduler") from None
+        with client:
+            yield client
+        return
+    with LocalCluster(
+        n_workers=batch.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        resources=batch.resources or None,
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+def _run_dask(
+    todo: list[tuple[Scene, str]], out: Path, model: BatchModel, options: Any, batch: BatchOptions, client: Any,
+    finish: Callable[[SceneOutcome, str], None],
+) -> dict[str, int]:
+    from distributed import as_completed
+
+    if client is None:
+        if batch.workers and model.threads is None:
+            # Worker processes share this machine's cores.
+            model = dataclasses.replace(model, threads=max(1, (os.cpu_count() or 1) // batch.workers))
+        with dask_client(batch) as c:
+            return _run_dask(todo, out, model, options, batch, c, finish)
+
+    name = PLUGIN_PREFIX + hashlib.sha256(repr(model).encode()).hexdigest()[:12]
+    plugin = _make_worker_plugin(model, name, batch.quiet_worker_loggers)
+    client.register_plugin(plugin, name=name)
+    opts = dataclasses.replace(options, progress=False)
+    reasons = {sc.key: reason for sc, reason in todo}
+    scenes = {sc.key: sc for sc, _ in todo}
+    futures = {}
+    for sc, _ in todo:
+        fut = client.submit(
+            dask_scene_task, sc, str(out.absolute()), opts, name, key=f"geoseg-scene-{name}-{sc.key}-{time.time_ns()}",
+            resources=batch.resources or None, pure=False, retries=0,
+        )
+        futures[fut] = sc.key
+    log.info("submitted %d scene(s) to %s", len(todo), client.scheduler.address if client.scheduler else "Dask")
+    loads: dict[str, int] = {}
+    try:
+        for fut in as_completed(list(futures)):
+            key = futures[fut]
+            try:
+                o = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a worker died or the task could not run
+                o = _failed(scenes[key], exc, time.perf_counter())
+                o.error = f"task failed on the cluster: {o.error}"
+            if o.worker:
+                loads[o.worker] = max(loads.get(o.worker, 0), o.model_loads)
+            if o.fatal:
+                for f in futures:
+                    f.cancel()
+                raise ModelError(f"model failed to load on {o.worker}: {o.error}")
+            finish(o, reasons[key])
+    finally:
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(name)
+    return loads

@@ -1,0 +1,321 @@
+"""``geoseg batch``: exactly-once manifest, failure isolation, kill -9 safety, lock, Dask workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from geoseg.batch import BatchLock, discover_scenes, parse_resources
+from geoseg.errors import BatchLockedError, ParameterError
+from geoseg_cli.main import EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL, cli
+from tests.conftest import write_raster
+
+pytest.importorskip("paddle")
+
+GEOSEG = Path(sys.executable).parent / "geoseg"
+
+
+def make_archive(root: Path, n: int, size: tuple[int, int] = (96, 128), seed: int = 0) -> list[Path]:
+    """``n`` random 3-band uint8 scenes spread over ``root`` and two sub-folders."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        sub = root / ("" if i % 3 == 0 else f"d{i % 3}/x")
+        sub.mkdir(parents=True, exist_ok=True)
+        data = rng.integers(0, 256, (3, *size), dtype=np.uint8)
+        paths.append(write_raster(sub / f"scene{i}.tif", data))
+    return paths
+
+
+def batch_args(tiny_unet: tuple[Path, Path], *extra: str) -> list[str]:
+    return ["batch", *extra, "--weights", str(tiny_unet[0]), "--threads", "1"]
+
+
+def run_cli(runner, tiny_unet, inputs, out, *extra: str):  # type: ignore[no-untyped-def]
+    return runner.invoke(cli, batch_args(tiny_unet, *map(str, inputs), "--out", str(out), *extra))
+
+
+def report_of(path: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads(path.read_text())
+
+
+def statuses(report: dict) -> dict[str, str]:  # type: ignore[type-arg]
+    return {s["key"]: s["status"] for s in report["scenes"]}
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob(".geoseg-*") if p.is_file()]
+
+
+def read_masks(out: Path) -> dict[str, np.ndarray]:
+    masks = {}
+    for p in sorted(out.rglob("*_landcover.tif")):
+        with rasterio.open(p) as ds:
+            masks[p.relative_to(out).as_posix()] = ds.read(1)
+    return masks
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+def test_discover_mirrors_tree_lists_and_skips_the_output_folder(tmp_path: Path) -> None:
+    arch = tmp_path / "arch"
+    make_archive(arch, 4, size=(16, 16))
+    (arch / "notes.txt").write_text("x")
+    (arch / "d1" / "x" / "upper.TIFF").write_bytes((arch / "scene0.tif").read_bytes())
+    out = arch / "out"  # an output folder inside the archive is never read back
+    out.mkdir()
+    (out / "scene0_landcover.tif").write_bytes(b"x")
+    keys = [s.key for s in discover_scenes([arch], out)]
+    assert keys == ["scene0.tif", "scene3.tif", "d1/x/scene1.tif", "d1/x/upper.TIFF", "d2/x/scene2.tif"]
+    assert [s.key for s in discover_scenes([arch], out, ["scene[12].tif"])] == ["d1/x/scene1.tif", "d2/x/scene2.tif"]
+
+    lst = tmp_path / "list.txt"
+    lst.write_text("# tonight\narch/scene3.tif\n\n" + str(arch / "d2") + "\nmissing.tif\n")
+    listed = discover_scenes([f"@{lst}"], out)
+    assert [(s.key, s.out_dir) for s in listed] == [("scene3.tif", "."), ("x/scene2.tif", "x"), ("missing.tif", ".")]
+
+    with pytest.raises(ParameterError, match="does not exist"):
+        discover_scenes([tmp_path / "nope"], out)
+    same = discover_scenes([arch / "scene0.tif", arch / "d1" / ".." / "scene0.tif"], out)
+    assert [s.key for s in same] == ["scene0.tif"]  # one file given twice is one scene
+    other = _copy(arch / "scene3.tif", tmp_path / "scene3.tif")
+    with pytest.raises(ParameterError, match="would both write scene3.tif"):
+        discover_scenes([arch / "scene3.tif", other], out)
+    _copy(arch / "scene3.tif", arch / "scene3.tiff")
+    with pytest.raises(ParameterError, match="same outputs"):
+        discover_scenes([arch], out)
+    assert parse_resources("GPU=1, MEM=4e9") == {"GPU": 1.0, "MEM": 4e9}
+    with pytest.raises(ParameterError):
+        parse_resources("GPU")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+# ---- exactly once --------------------------------------------------------------------------------
+def test_second_run_skips_touch_reruns_one_force_redoes_all(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    scenes = make_archive(arch, 4)
+    r = run_cli(runner, tiny_unet, [arch], out, "--report", rep)
+    assert r.exit_code == EXIT_OK, r.output
+    report = report_of(rep)
+    assert report["counts"] == {"ok": 4, "skipped": 0, "failed": 0}
+    first = {s["key"]: s for s in report["scenes"]}
+    assert first["d1/x/scene1.tif"]["windows"] == 6 and first["d1/x/scene1.tif"]["megapixels_per_s"] > 0
+    # Outputs mirror the input tree; one log line per scene.
+    masks = read_masks(out)
+    assert sorted(masks) == ["d1/x/scene1_landcover.tif", "d2/x/scene2_landcover.tif",
+                             "scene0_landcover.tif", "scene3_landcover.tif"]
+    assert all(m.shape == (96, 128) and m.max() < 4 for m in masks.values())
+    assert sum(" ok " in line for line in r.output.splitlines()) == 4
+    assert "wrote " not in r.output  # the engine's own line is muted without -v
+    assert (out / ".geoseg" / "manifest.sqlite").exists()
+
+    r = run_cli(runner, tiny_unet, [arch], out, "--report", rep)
+    assert r.exit_code == EXIT_OK, r.output
+    assert set(statuses(report_of(rep)).values()) == {"skipped"}
+
+    st = scenes[1].stat()
+    os.utime(scenes[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touch
+    (out / "scene3_landcover.qml").unlink()  # a damaged output is redone too
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    assert r.exit_code == EXIT_OK, r.output
+    assert sorted(line for line in r.stdout.splitlines() if line.startswith("run")) == [
+        "run\td1/x/scene1.tif\tinput changed", "run\tscene3.tif\toutput scene3_landcover.qml is missing"]
+    r = run_cli(runner, tiny_unet, [arch], out, "--report", rep)
+    assert r.exit_code == EXIT_OK, r.output
+    assert statuses(report_of(rep)) == {"scene0.tif": "skipped", "d1/x/scene1.tif": "ok",
+                                        "d2/x/scene2.tif": "skipped", "scene3.tif": "ok"}
+    assert (out / "scene3_landcover.qml").exists()
+
+    # Options from the environment (cron); other parameters or --force redo everything.
+    env = {"GEOSEG_BATCH_WEIGHTS": str(tiny_unet[0]), "GEOSEG_BATCH_OUT": str(out), "GEOSEG_BATCH_DRY_RUN": "1"}
+    r = runner.invoke(cli, ["batch", str(arch)], env=env)
+    assert r.exit_code == EXIT_OK and r.stdout.count("skip\t") == 4, r.output
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run", "--overlap", "8")
+    assert r.stdout.count("parameters changed") == 4
+    r = run_cli(runner, tiny_unet, [arch], out, "--force", "--report", rep)
+    assert r.exit_code == EXIT_OK, r.output
+    assert set(statuses(report_of(rep)).values()) == {"ok"}
+    assert {k: v.tolist() for k, v in read_masks(out).items()} == {k: v.tolist() for k, v in masks.items()}
+    assert temp_files(out) == []
+
+
+def test_corrupt_scene_fails_alone_exit_3(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arch, out, rep, logf = tmp_path / "arch", tmp_path / "out", tmp_path / "r" / "report.json", tmp_path / "batch.log"
+    make_archive(arch, 4, size=(64, 64))
+    good = (arch / "scene0.tif").read_bytes()
+    (arch / "d1" / "broken.tif").write_bytes(good[: len(good) // 3])  # truncated
+    (arch / "d2" / "text.tif").write_text("not a tiff\n")
+    r = run_cli(runner, tiny_unet, [arch], out, "--report", rep, "--log-file", logf)
+    assert r.exit_code == EXIT_PARTIAL, r.output
+    report = report_of(rep)
+    assert report["counts"] == {"ok": 4, "skipped": 0, "failed": 2}
+    assert report["exit_status"] == EXIT_PARTIAL
+    failed = {s["key"]: s for s in report["scenes"] if s["status"] == "failed"}
+    assert set(failed) == {"d1/broken.tif", "d2/text.tif"}
+    assert "not a raster" in failed["d2/text.tif"]["error"]
+    assert all(s["error"] and s["outputs"] == [] for s in failed.values())
+    assert len(read_masks(out)) == 4 and not list(out.rglob("broken*")) and not list(out.rglob("text*"))
+    log_text = logf.read_text()
+    assert "FAILED  d1/broken.tif" in log_text and log_text.count(" ok ") == 4
+    # The manifest records the failure with its reason; the next run retries only the failed ones.
+    with sqlite3.connect(out / ".geoseg" / "manifest.sqlite") as db:
+        rows = dict(db.execute("SELECT key, status FROM scenes"))
+    assert rows["d1/broken.tif"] == "failed" and rows["scene0.tif"] == "done"
+    # A model that cannot load is fatal: exit 1, one line.
+    junk = tmp_path / "junk.pdparams"
+    junk.write_bytes(np.random.default_rng(1).bytes(3000))
+    _copy(tiny_unet[1], tmp_path / "junk.yaml")
+    r = runner.invoke(cli, ["batch", str(arch), "--out", str(tmp_path / "o2"), "--weights", str(junk)])
+    assert r.exit_code == 1 and "corrupt" in r.output, r.output
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    runs = [line for line in r.stdout.splitlines() if line.startswith("run")]
+    assert runs == ["run\td1/broken.tif\tfailed before", "run\td2/text.tif\tfailed before"]
+
+
+# ---- crash safety and the lock -----------------------------------------------------------------------
+def _start_batch(tiny_unet, inputs: Path, out: Path, log: Path) -> subprocess.Popen:  # type: ignore[no-untyped-def, type-arg]
+    cmd = [str(GEOSEG)] if GEOSEG.exists() else [sys.executable, "-c", "from geoseg_cli.main import cli; cli()"]
+    with open(log, "wb") as f:
+        return subprocess.Popen([*cmd, *batch_args(tiny_unet, str(inputs), "--out", str(out))], stdout=f, stderr=f)
+
+
+def _wait_for(cond, proc, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None or time.monotonic() > end:
+            pytest.fail(f"batch subprocess ended or timed out first (rc={proc.returncode})")
+        time.sleep(0.01)
+
+
+def _done_count(out: Path) -> int:
+    db_path = out / ".geoseg" / "manifest.sqlite"
+    if not db_path.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1) as db:
+            return int(db.execute("SELECT count(*) FROM scenes WHERE status = 'done'").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def test_kill_9_mid_run_then_rerun_matches_uninterrupted(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arch, out, ref, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "ref", tmp_path / "report.json"
+    make_archive(arch, 12, size=(160, 192))
+    r = run_cli(runner, tiny_unet, [arch], ref)  # the uninterrupted reference (also warms the export cache)
+    assert r.exit_code == EXIT_OK, r.output
+
+    proc = _start_batch(tiny_unet, arch, out, tmp_path / "killed.log")
+    try:
+        # Kill while a scene is being written (its staging/temp files exist), after one is done.
+        _wait_for(lambda: _done_count(out) >= 1 and bool(temp_files(out)), proc)
+        assert proc.poll() is None, "the batch finished before it could be killed: give it more scenes"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    done_before = _done_count(out)
+    assert 1 <= done_before < 12
+    # Leftovers of other killed runs (temp output, GDAL staging file, its sidecar) are cleaned too.
+    planted = [out / "d1" / "x" / ".geoseg-scene1_landcover.tif.0a1b2c3d.tmp",
+               out / ".geoseg-scene0_landcover.tif.0a1b2c3d.staging.tif",
+               out / ".geoseg-scene0_landcover.tif.0a1b2c3d.staging.tif.aux.xml"]
+    for p in planted:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a file")
+
+    r = run_cli(runner, tiny_unet, [arch], out, "--report", rep)
+    assert r.exit_code == EXIT_OK, r.output
+    assert "taking over the lock" in r.output  # the dead run's lock was stale
+    counts = report_of(rep)["counts"]
+    assert counts["failed"] == 0 and counts["skipped"] == done_before and counts["ok"] == 12 - done_before
+    assert temp_files(out) == [] and temp_files(ref) == []
+    got, want = read_masks(out), read_masks(ref)
+    assert sorted(got) == sorted(want) and len(got) == 12
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    for qml in out.rglob("*.qml"):
+        assert qml.read_text().rstrip().endswith("</qgis>")
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    assert r.stdout.count("skip\t") == 12
+
+
+def test_second_concurrent_run_exits_with_lock_code(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 12, size=(160, 192))
+    lock = out / ".geoseg" / "lock"
+    proc = _start_batch(tiny_unet, arch, out, tmp_path / "first.log")
+    try:
+        _wait_for(lambda: lock.exists() and lock.read_text().startswith(f"pid {proc.pid} "), proc)
+        r = run_cli(runner, tiny_unet, [arch], out)
+        first_still_running = proc.poll() is None
+        assert proc.wait(timeout=120) == EXIT_OK, (tmp_path / "first.log").read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert first_still_running
+    assert r.exit_code == EXIT_LOCKED, r.output
+    assert "locked by another geoseg batch run" in r.output and f"pid {proc.pid}" in r.output
+    assert len(read_masks(out)) == 12 and temp_files(out) == []
+    # The library raises the same error; a released lock is free again.
+    with BatchLock(out):
+        with pytest.raises(BatchLockedError):
+            BatchLock(out).acquire()
+    assert lock.read_text() == ""
+
+
+# ---- Dask ------------------------------------------------------------------------------------------------
+def test_local_cluster_two_workers_load_model_once_each(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    distributed = pytest.importorskip("distributed")
+    arch, out, ref, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "ref", tmp_path / "report.json"
+    make_archive(arch, 8, size=(96, 128))
+    (arch / "bad.tif").write_text("junk")  # a failure on a worker comes back to the client
+    r = run_cli(runner, tiny_unet, [arch], ref)  # in-process reference
+    assert r.exit_code == EXIT_PARTIAL, r.output
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        # The scheduler address comes from the environment, as in a cron job.
+        r = runner.invoke(cli, batch_args(tiny_unet, str(arch), "--out", str(out), "--report", str(rep)),
+                          env={"GEOSEG_SCHEDULER": cluster.scheduler_address})
+        assert r.exit_code == EXIT_PARTIAL, r.output
+        addresses = set(cluster.scheduler_info["workers"])
+    report = report_of(rep)
+    assert report["counts"] == {"ok": 8, "skipped": 0, "failed": 1}
+    workers = report["workers"]
+    assert set(workers) == addresses and len(addresses) == 2
+    assert set(workers.values()) == {1}  # the model was loaded once per worker...
+    used = {s["worker"] for s in report["scenes"] if s["status"] == "ok"}
+    assert used == addresses  # ...and both workers did work
+    assert [s["key"] for s in report["scenes"] if s["status"] == "failed"] == ["bad.tif"]
+    assert "not a raster" in report["scenes"][0]["error"]
+    # Same masks as in one process; the client's manifest makes the next run skip them.
+    got, want = read_masks(out), read_masks(ref)
+    assert sorted(got) == sorted(want) and len(got) == 8
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    assert r.stdout.count("skip\t") == 8
+
+
+def test_workers_option_starts_a_local_cluster(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("distributed")
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 4, size=(64, 64))
+    r = run_cli(runner, tiny_unet, [arch], out, "--workers", "2", "--report", rep)
+    assert r.exit_code == EXIT_OK, r.output
+    report = report_of(rep)
+    assert report["counts"]["ok"] == 4 and all(s["worker"] for s in report["scenes"])
+    assert 1 <= len(report["workers"]) <= 2 and set(report["workers"].values()) == {1}
+    r = run_cli(runner, tiny_unet, [arch], out, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1")
+    assert r.exit_code == 2 and "not both" in r.output
