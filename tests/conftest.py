@@ -15,7 +15,6 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 SAMPLE_DATA = ROOT / "sample_data"
 
 UTM33 = CRS.from_epsg(32633)

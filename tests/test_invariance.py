@@ -11,7 +11,7 @@ import rasterio
 from geoseg.card import default_card
 from geoseg.engine import ModelSource, PredictOptions, build_predictor, segment_scene
 from geoseg.tiling import make_grid
-from tests.conftest import SHARED_DATA, write_raster
+from tests.conftest import SAMPLE_DATA, write_raster
 
 paddle = pytest.importorskip("paddle")
 
@@ -40,7 +40,7 @@ def seeded_fcn(in_channels: int, num_classes: int) -> paddle.nn.Layer:
 
 def real_scene(path: Path, h: int = 1100, w: int = 1500) -> Path:
     """Mirror-tile the real NAIP sample to h × w (4 bands, uint8)."""
-    with rasterio.open(SHARED_DATA / "images" / "naip_rgbn_uint8.tif") as ds:
+    with rasterio.open(SAMPLE_DATA / "naip" / "naip_rgbn_uint8.tif") as ds:
         a = ds.read()
         profile = ds.profile
     reps = (1, -(-h // a.shape[1]), -(-w // a.shape[2]))

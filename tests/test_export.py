@@ -1,0 +1,139 @@
+"""geoseg export: Paddle Inference folders (geoseg's and PaddleSeg-style) run through predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import yaml
+
+from tests.conftest import write_raster
+
+paddle = pytest.importorskip("paddle")
+
+from geoseg.card import ModelCard  # noqa: E402
+from geoseg.engine import ModelSource, PredictOptions, build_layer, segment_scene  # noqa: E402
+from geoseg.errors import ModelError  # noqa: E402
+from geoseg.exported import export_model_dir, load_exported, parse_classes  # noqa: E402
+
+
+@pytest.fixture
+def scene(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(5)
+    base = rng.integers(20, 230, size=(3, 12, 16)).astype(np.float64)
+    img = np.kron(base, np.ones((1, 8, 8)))[:, :96, :128] + rng.normal(0, 6, (3, 96, 128))
+    img = np.clip(img, 1, 255).astype(np.uint8)
+    img[:, :5, :7] = 0
+    return write_raster(tmp_path / "scene.tif", img, nodata=0)
+
+
+def _mask(path: Path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read(1)
+
+
+def test_export_then_inference_matches_dygraph(tiny_unet: tuple[Path, Path], scene: Path, tmp_path: Path) -> None:
+    weights, card_path = tiny_unet
+    card = ModelCard.load(card_path)
+    folder = export_model_dir(card, weights, tmp_path / "exp")
+    deploy = yaml.safe_load((folder / "deploy.yaml").read_text())
+    dep = deploy["Deploy"]
+    assert (folder / dep["model"]).is_file() and (folder / dep["params"]).is_file()
+    assert dep["transforms"][0] == {"type": "Normalize", "mean": [0.5] * 3, "std": [0.25] * 3}
+    assert dep["input_shape"] == [-1, 3, -1, -1] and dep["output_op"] == "none"
+    assert ModelCard.from_dict({**deploy["geoseg"], "weights": None}).classes == card.classes
+
+    src = load_exported(folder)
+    assert src.export_dir == folder and src.output == "logits" and src.card.classes == card.classes
+    a = segment_scene(scene, tmp_path / "a.tif", model=folder, options=PredictOptions(device="cpu"))
+    assert a.device.startswith("cpu/inference")
+    b = segment_scene(scene, tmp_path / "b.tif", weights=weights, card=card_path,
+                      options=PredictOptions(device="cpu", runtime="dygraph"))
+    ma, mb = _mask(a.mask), _mask(b.mask)
+    assert (ma == mb).mean() >= 0.999
+    assert (ma[:5, :7] == 255).all()
+
+
+def test_cli_export_and_predict_folder(tiny_unet: tuple[Path, Path], scene: Path, tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    from geoseg_cli.main import cli
+
+    weights, card_path = tiny_unet
+    r = runner.invoke(cli, ["-q", "export", "--weights", str(weights), "--out", str(tmp_path / "e"),
+                            "--output-op", "softmax"])
+    assert r.exit_code == 0, r.output
+    assert load_exported(tmp_path / "e").output == "probs"
+    r = runner.invoke(cli, ["-q", "export", "--weights", str(weights), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 1 and "not empty" in r.output
+    r = runner.invoke(cli, ["-q", "predict", str(scene), "--model", str(tmp_path / "e"), "--out", str(tmp_path / "p.tif"),
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    m = _mask(tmp_path / "p.tif")
+    assert set(np.unique(m)) <= {0, 1, 2, 3, 255}
+
+
+def _paddleseg_export(tiny_unet: tuple[Path, Path], folder: Path, output_op: str = "argmax") -> None:
+    """An export laid out as PaddleSeg's export.py writes it (model + params + deploy.yaml)."""
+    weights, card_path = tiny_unet
+    card = ModelCard.load(card_path)
+    net = build_layer(ModelSource(card=card, weights=weights))
+
+    class Wrapped(paddle.nn.Layer):  # PaddleSeg appends argmax/softmax after the logits
+        def __init__(self, inner: paddle.nn.Layer) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            y = self.inner(x)[0]
+            if output_op == "argmax":
+                return paddle.argmax(y, axis=1, keepdim=True, dtype="int32")
+            return paddle.nn.functional.softmax(y, axis=1)
+
+    model = Wrapped(net)
+    model.eval()
+    spec = paddle.static.InputSpec([None, 3, None, None], "float32", name="x")
+    paddle.jit.save(model, str(folder / "model"), input_spec=[spec])
+    program = next(p.name for p in folder.iterdir() if p.suffix in (".json", ".pdmodel"))
+    deploy = {"Deploy": {
+        "model": program, "params": "model.pdiparams",
+        "transforms": [{"type": "Normalize", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}],
+        "input_shape": [-1, 3, -1, -1], "output_op": output_op, "output_dtype": "int32",
+    }}
+    (folder / "deploy.yaml").write_text(yaml.safe_dump(deploy))
+
+
+def test_paddleseg_export_is_accepted_by_predict(tiny_unet: tuple[Path, Path], scene: Path, tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    from geoseg_cli.main import cli
+
+    folder = tmp_path / "pseg"
+    folder.mkdir()
+    _paddleseg_export(tiny_unet, folder)
+    r = runner.invoke(cli, ["predict", str(scene), "--model", str(folder), "--out", str(tmp_path / "x.tif")])
+    assert r.exit_code == 1 and "--classes" in r.output
+    r = runner.invoke(cli, ["-q", "predict", str(scene), "--model", str(folder), "--classes", "a,b,c,d",
+                            "--out", str(tmp_path / "ps.tif"), "--overlap", "0", "--tile-size", "32", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    weights, card_path = tiny_unet
+    ref = segment_scene(scene, tmp_path / "ref.tif", weights=weights, card=card_path,
+                        options=PredictOptions(device="cpu", runtime="inference", overlap=0, tile_size=32))
+    m, mr = _mask(tmp_path / "ps.tif"), _mask(ref.mask)
+    # Windows do not overlap (96x128 in 32-pixel windows), so argmax labels blend exactly.
+    assert (m == mr).mean() >= 0.999
+    with rasterio.open(tmp_path / "ps.tif") as ds:
+        assert "\"name\": \"c\"" in ds.tags()["GEOSEG_CLASSES"]
+
+
+def test_load_exported_paddleseg_card_and_classes(tiny_unet: tuple[Path, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "pseg"
+    folder.mkdir()
+    _paddleseg_export(tiny_unet, folder, output_op="softmax")
+    classes = tmp_path / "classes.yaml"
+    classes.write_text(yaml.safe_dump([{"id": 7, "name": "w", "color": [0, 0, 255]}, "x", "y", "z"]))
+    src = load_exported(folder, classes=classes)
+    assert src.output == "probs" and src.card.in_channels == 3
+    assert [c.id for c in src.card.classes] == [7, 1, 2, 3]
+    assert src.card.normalization.scale_for("uint16") == pytest.approx(1 / 255)
+    with pytest.raises(ModelError, match="--classes"):
+        load_exported(folder)
+    assert [c.name for c in parse_classes("a, b")] == ["a", "b"]  # type: ignore[union-attr]

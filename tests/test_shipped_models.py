@@ -1,0 +1,52 @@
+"""The trained models shipped in geoseg/weights load and run on the NC sample scene."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from geoseg.card import ModelCard
+from geoseg.engine import WEIGHTS_DIR, PredictOptions, resolve_model, segment_scene, shipped_models
+from tests.conftest import SAMPLE_DATA
+
+pytest.importorskip("paddle")
+
+NC = SAMPLE_DATA / "nc_landsat7" / "image_6band_uint8.tif"
+NC_LABELS = SAMPLE_DATA / "nc_landsat7" / "landcover96_labels.tif"
+NAMES = ["developed", "agriculture", "herbaceous", "shrubland", "forest", "water", "sediment"]
+
+
+@pytest.mark.parametrize("name", ["deeplabv3p", "unet"])
+def test_shipped_card_and_weights(name: str) -> None:
+    assert name in shipped_models()
+    card = ModelCard.load(WEIGHTS_DIR / f"{name}.yaml")
+    assert card.architecture == name
+    assert [c.name for c in card.classes] == NAMES and [c.id for c in card.classes] == list(range(1, 8))
+    assert card.in_channels == 6 and card.tile_size % 16 == 0
+    weights = WEIGHTS_DIR / f"{name}.pdparams"
+    assert weights.stat().st_size <= 15 * 2**20
+    test = card.metrics["test"]
+    assert test["miou_classes"] == [1, 3, 4, 5, 6, 7]
+    assert 0.0 < test["miou"] < 1.0 and 0.0 < test["overall_accuracy"] < 1.0
+    assert set(test["per_class_iou"]) == {"1", "3", "4", "5", "6", "7"}
+    assert card.training["train_region"][0] + card.training["train_region"][2] <= 326
+    assert card.training["val_region"][0] + card.training["val_region"][2] <= 326
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["deeplabv3p", "unet"])
+def test_shipped_model_runs_on_the_sample_scene(name: str, tmp_path: Path) -> None:
+    if not NC.exists():
+        pytest.skip("sample_data/nc_landsat7 is missing")
+    src = resolve_model(name)  # no --weights: the shipped ones
+    res = segment_scene(NC, tmp_path, source=src, options=PredictOptions(device="cpu"))
+    with rasterio.open(res.mask) as ds, rasterio.open(NC_LABELS) as ref:
+        mask, labels = ds.read(1), ref.read(1)
+        assert ds.crs == ref.crs and ds.transform == ref.transform
+    assert set(np.unique(mask)) <= {1, 2, 3, 4, 5, 6, 7, 255}
+    # A real land-cover map, not noise: most labelled pixels of the training columns agree.
+    train = (labels[:, :326] > 0) & (mask[:, :326] != 255)
+    assert (mask[:, :326][train] == labels[:, :326][train]).mean() > 0.6

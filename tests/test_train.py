@@ -1,0 +1,179 @@
+"""geoseg train: dataset, losses, one training step, fit/resume, card round trip, CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import class_image, write_raster
+
+paddle = pytest.importorskip("paddle")
+
+from geoseg.card import ModelCard  # noqa: E402
+from geoseg.errors import GridMismatchError, ParameterError  # noqa: E402
+from geoseg.train import (  # noqa: E402
+    IGNORE_INDEX, TrainConfig, Trainer, WindowDataset, auto_class_weights, learning_rate, make_loss, train,
+)
+
+H, W = 48, 64
+
+
+@pytest.fixture
+def scene(tmp_path: Path) -> tuple[Path, Path]:
+    """A 3-band uint8 scene whose pixel values depend on the class (1..3), nodata corner."""
+    rng = np.random.default_rng(0)
+    cls = class_image(H, W, 3, seed=1) + 1
+    means = np.array([[40, 90, 160], [200, 60, 100], [120, 180, 30]], np.float64)  # class x band
+    img = means[cls - 1].transpose(2, 0, 1) + rng.normal(0, 8, (3, H, W))
+    img = np.clip(img, 1, 255).astype(np.uint8)
+    img[:, :6, :6] = 0
+    labels = cls.astype(np.uint8)
+    labels[:6, :6] = 0
+    labels[40:, 50:] = 0  # unlabelled patch
+    return (write_raster(tmp_path / "img.tif", img, nodata=0),
+            write_raster(tmp_path / "lab.tif", labels, nodata=0))
+
+
+def _cfg(scene: tuple[Path, Path], out: Path, **kw: object) -> TrainConfig:
+    base = dict(
+        image=str(scene[0]), labels=str(scene[1]), out=str(out), model="unet", params={"width": 0.125},
+        train_region=[0, 0, 48, 48], val_region=[48, 0, 16, 48], window=32, batch_size=2, iterations=4,
+        val_every=2, log_every=1, lr=0.01, warmup=1, device="cpu", seed=3,
+        classes=[{"id": 1, "name": "a", "color": [1, 2, 3]}, {"id": 2, "name": "b", "color": [4, 5, 6]},
+                 {"id": 3, "name": "c", "color": [7, 8, 9]}],
+    )
+    base.update(kw)
+    return TrainConfig.from_mapping(base)
+
+
+def test_dataset_is_deterministic_and_augments(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    t = Trainer(_cfg(scene, tmp_path / "o"))
+    ds = WindowDataset(t.train_data, 32, 5, seed=1, brightness=0.1, contrast=0.1)
+    x1, y1 = ds[3]
+    x2, y2 = ds[3]
+    assert x1.shape == (3, 32, 32) and x1.dtype == np.float32 and y1.dtype == np.int64
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+    assert set(np.unique(y1)) <= {0, 1, 2, IGNORE_INDEX}
+    # Index i of a dataset starting at s is item s + i of one starting at 0 (resume).
+    np.testing.assert_array_equal(WindowDataset(t.train_data, 32, 5, seed=1, start=2, brightness=0.1, contrast=0.1)[1][0], ds[3][0])
+
+
+def test_normalisation_statistics_come_from_the_training_region(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    import rasterio
+
+    t = Trainer(_cfg(scene, tmp_path / "o"))
+    with rasterio.open(scene[0]) as ds:
+        img = ds.read()[:, :48, :48].astype(np.float64) / 255.0
+    valid = (img > 0).any(axis=0)
+    np.testing.assert_allclose(t.normalization.mean, img[:, valid].mean(axis=1), atol=1e-5)
+    np.testing.assert_allclose(t.normalization.std, img[:, valid].std(axis=1), atol=1e-5)
+
+
+def test_schedule_warmup_poly_cosine() -> None:
+    cfg = TrainConfig(image="i", labels="l", lr=1.0, warmup=10, iterations=110, schedule="poly", power=1.0)
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(60, cfg) == pytest.approx(0.5)
+    cos = TrainConfig(image="i", labels="l", lr=1.0, warmup=0, iterations=100, schedule="cosine")
+    assert learning_rate(50, cos) == pytest.approx(0.5)
+    assert learning_rate(100, cos) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_losses_ignore_index_and_weights() -> None:
+    logits = paddle.to_tensor(np.random.default_rng(0).normal(size=(1, 3, 4, 4)).astype(np.float32))
+    y = np.full((1, 4, 4), IGNORE_INDEX, np.int64)
+    y[0, :2] = 1
+    for kind in ("ce", "dice", "ce+dice"):
+        loss, parts = make_loss(kind, 3)(logits, paddle.to_tensor(y))
+        assert np.isfinite(float(loss)) and parts
+    # Ignored pixels do not change the loss.
+    y2 = y.copy()
+    l1, _ = make_loss("ce", 3)(logits, paddle.to_tensor(y))
+    logits2 = logits.numpy().copy()
+    logits2[0, :, 2:] = 50.0
+    l2, _ = make_loss("ce", 3)(paddle.to_tensor(logits2), paddle.to_tensor(y2))
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+    w = auto_class_weights(np.array([0, 0, 0, 1, IGNORE_INDEX]), 3)
+    assert w[1] > w[0] and w[2] == 1.0
+
+
+def test_training_steps_lower_the_loss(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    t = Trainer(_cfg(scene, tmp_path / "o", loss="ce"))
+    paddle.seed(0)
+    model, loss_fn = t.configure_model(), t.configure_loss()
+    opt = t.configure_optimizer(model)
+    model.train()
+    x = paddle.to_tensor(np.stack([t.train_data.image[:, :32, :32], t.train_data.image[:, 16:48, 16:48]]))
+    y = paddle.to_tensor(np.stack([t.train_data.labels[:32, :32], t.train_data.labels[16:48, 16:48]]))
+    losses = [t.step(model, opt, loss_fn, x, y, 0.01)[0] for _ in range(4)]
+    assert losses[-1] < losses[0]
+    _, _, gnorm = t.step(model, opt, loss_fn, x, y, 0.01)
+    assert gnorm > 0
+
+
+def test_fit_writes_weights_card_and_logs(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = train(_cfg(scene, out))
+    assert res.weights == out / "weights.pdparams" and res.weights.is_file()
+    card = ModelCard.load(out / "weights.yaml")
+    assert ModelCard.from_dict(card.to_dict()) == card  # round trip
+    assert [c.name for c in card.classes] == ["a", "b", "c"] and card.classes[2].color == (7, 8, 9)
+    assert card.tile_size == 32 and card.architecture == "unet" and dict(card.params) == {"width": 0.125}
+    assert 0.0 <= card.metrics["validation"]["miou"] <= 1.0
+    assert card.training["train_region"] == [0, 0, 48, 48]
+    rows = (out / "train_log.csv").read_text().splitlines()
+    assert rows[0].startswith("iteration,lr,loss") and len(rows) == 5
+    assert (out / "train_log.json").is_file() and (out / "checkpoints" / "last.pdparams").is_file()
+    # The card and weights load through predict's resolver.
+    from geoseg.engine import resolve_model
+
+    assert resolve_model(None, out / "weights.pdparams").card == card
+
+
+def test_resume_continues_from_the_saved_iteration(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    from geoseg.models.checkpoints import read_state_dict
+
+    kw = dict(schedule="constant", warmup=0, val_every=2)
+    train(_cfg(scene, tmp_path / "a", iterations=2, **kw))
+    res = train(_cfg(scene, tmp_path / "a", iterations=4, resume=str(tmp_path / "a" / "checkpoints"), **kw))
+    assert [r["iteration"] for r in res.history] == [1, 2, 3, 4]
+    straight = train(_cfg(scene, tmp_path / "b", iterations=4, **kw))
+    assert straight.history[-1]["loss"] == pytest.approx(res.history[-1]["loss"], rel=1e-4)
+    a = read_state_dict(tmp_path / "a" / "checkpoints" / "last.pdparams")
+    b = read_state_dict(tmp_path / "b" / "checkpoints" / "last.pdparams")
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-4, atol=1e-5)
+
+
+def test_labels_on_another_grid_are_refused(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    bad = write_raster(tmp_path / "small.tif", np.ones((H, W - 1), np.uint8), nodata=0)
+    with pytest.raises(GridMismatchError, match="are 63x48 but the image"):
+        Trainer(_cfg((scene[0], bad), tmp_path / "o"))
+
+
+def test_config_errors_name_the_key(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    with pytest.raises(ParameterError, match="unknown key"):
+        _cfg(scene, tmp_path, learning_rate=1)
+    with pytest.raises(ParameterError, match="multiple of 16"):
+        _cfg(scene, tmp_path, window=30)
+    with pytest.raises(ParameterError, match="share"):
+        Trainer(_cfg(scene, tmp_path, val_region=[40, 0, 24, 48]))
+
+
+def test_cli_train(scene: tuple[Path, Path], tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    from geoseg_cli.main import cli
+
+    cfg = _cfg(scene, tmp_path / "cli").to_dict()
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = runner.invoke(cli, ["-q", "train", "--config", str(tmp_path / "c.yaml"), "--iterations", "2",
+                            "--set", "loss=dice"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().endswith("weights.pdparams")
+    assert ModelCard.load(tmp_path / "cli" / "weights.yaml").training["loss"] == "dice"
+    bad = write_raster(tmp_path / "bad.tif", np.ones((10, 10), np.uint8))
+    r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml"), "--labels", str(bad)])
+    assert r.exit_code == 1 and "10x10" in r.output
