@@ -13,10 +13,10 @@ from tests.conftest import write_raster
 
 paddle = pytest.importorskip("paddle")
 
-from geoseg.card import ModelCard  # noqa: E402
-from geoseg.engine import ModelSource, PredictOptions, build_layer, segment_scene  # noqa: E402
-from geoseg.errors import ModelError  # noqa: E402
-from geoseg.exported import export_model_dir, load_exported, parse_classes  # noqa: E402
+from geoseg.card import ModelCard
+from geoseg.engine import ModelSource, PredictOptions, build_layer, segment_scene
+from geoseg.errors import ModelError
+from geoseg.exported import export_model_dir, load_exported, parse_classes
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_export_then_inference_matches_dygraph(tiny_unet: tuple[Path, Path], sce
 def test_cli_export_and_predict_folder(tiny_unet: tuple[Path, Path], scene: Path, tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
     from geoseg_cli.main import cli
 
-    weights, card_path = tiny_unet
+    weights, _card_path = tiny_unet
     r = runner.invoke(cli, ["-q", "export", "--weights", str(weights), "--out", str(tmp_path / "e"),
                             "--output-op", "softmax"])
     assert r.exit_code == 0, r.output

@@ -107,8 +107,9 @@ def test_cli_evaluate_table_json_and_errors(tmp_path: Path, runner) -> None:  # 
 
 
 def test_record_in_card(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
-    from geoseg.card import ModelCard, default_card
     from geoseg_cli.main import cli
+
+    from geoseg.card import ModelCard, default_card
 
     card = default_card("unet", 3, 2).save(tmp_path / "m.yaml")
     ref = write_raster(tmp_path / "ref.tif", REF, crs=NC_LCC, nodata=0)

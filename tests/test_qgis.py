@@ -60,13 +60,14 @@ os._exit(0)  # QGIS 3.22 may crash in its teardown; the answer is already out
 def test_mask_and_polygons_open_styled_in_qgis(tmp_path: Path) -> None:
     classes = (ClassInfo(1, "developed", (230, 25, 25)), ClassInfo(5, "forest", (20, 110, 40)), ClassInfo(6, "water", (40, 90, 220)))
     card = identity_card(6, 3).replace(classes=classes)
-    src = SAMPLE_DATA / "nc_landsat7" / "image_6band_uint8.tif"
+    src = tmp_path / "scene.tif"  # a copy: QGIS writes statistics (.aux.xml) beside what it opens
+    shutil.copy(SAMPLE_DATA / "nc_landsat7" / "image_6band_uint8.tif", src)
 
     def predict(x: np.ndarray) -> np.ndarray:  # class from the NIR band: dark → water, bright → forest
         cls = np.digitize(x[:, 3], [30, 60])
         return (np.arange(3)[None, :, None, None] == cls[:, None]).astype(np.float32)
 
-    res = segment_scene(src, tmp_path, source=ModelSource(card), predictor=predict,
+    res = segment_scene(src, tmp_path / "out", source=ModelSource(card), predictor=predict,
                         options=PredictOptions(vector="gpkg", tile_size=256, overlap=64))
     # rasterio points GDAL_DATA/PROJ_DATA at its own wheel's data: QGIS must use the system's
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_", "PROJ_", "CPL_"))}

@@ -9,7 +9,13 @@ import pytest
 import rasterio
 
 from geoseg.card import ModelCard
-from geoseg.engine import WEIGHTS_DIR, PredictOptions, resolve_model, segment_scene, shipped_models
+from geoseg.engine import (
+    WEIGHTS_DIR,
+    PredictOptions,
+    resolve_model,
+    segment_scene,
+    shipped_models,
+)
 from tests.conftest import SAMPLE_DATA
 
 pytest.importorskip("paddle")

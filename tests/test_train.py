@@ -12,10 +12,17 @@ from tests.conftest import class_image, write_raster
 
 paddle = pytest.importorskip("paddle")
 
-from geoseg.card import ModelCard  # noqa: E402
-from geoseg.errors import GridMismatchError, ParameterError  # noqa: E402
-from geoseg.train import (  # noqa: E402
-    IGNORE_INDEX, TrainConfig, Trainer, WindowDataset, auto_class_weights, learning_rate, make_loss, train,
+from geoseg.card import ModelCard
+from geoseg.errors import GridMismatchError, ParameterError
+from geoseg.train import (
+    IGNORE_INDEX,
+    TrainConfig,
+    Trainer,
+    WindowDataset,
+    auto_class_weights,
+    learning_rate,
+    make_loss,
+    train,
 )
 
 H, W = 48, 64
@@ -38,13 +45,13 @@ def scene(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _cfg(scene: tuple[Path, Path], out: Path, **kw: object) -> TrainConfig:
-    base = dict(
-        image=str(scene[0]), labels=str(scene[1]), out=str(out), model="unet", params={"width": 0.125},
-        train_region=[0, 0, 48, 48], val_region=[48, 0, 16, 48], window=32, batch_size=2, iterations=4,
-        val_every=2, log_every=1, lr=0.01, warmup=1, device="cpu", seed=3,
-        classes=[{"id": 1, "name": "a", "color": [1, 2, 3]}, {"id": 2, "name": "b", "color": [4, 5, 6]},
+    base = {
+        "image": str(scene[0]), "labels": str(scene[1]), "out": str(out), "model": "unet", "params": {"width": 0.125},
+        "train_region": [0, 0, 48, 48], "val_region": [48, 0, 16, 48], "window": 32, "batch_size": 2, "iterations": 4,
+        "val_every": 2, "log_every": 1, "lr": 0.01, "warmup": 1, "device": "cpu", "seed": 3,
+        "classes": [{"id": 1, "name": "a", "color": [1, 2, 3]}, {"id": 2, "name": "b", "color": [4, 5, 6]},
                  {"id": 3, "name": "c", "color": [7, 8, 9]}],
-    )
+    }
     base.update(kw)
     return TrainConfig.from_mapping(base)
 
@@ -137,7 +144,7 @@ def test_fit_writes_weights_card_and_logs(scene: tuple[Path, Path], tmp_path: Pa
 def test_resume_continues_from_the_saved_iteration(scene: tuple[Path, Path], tmp_path: Path) -> None:
     from geoseg.models.checkpoints import read_state_dict
 
-    kw = dict(schedule="constant", warmup=0, val_every=2)
+    kw = {"schedule": "constant", "warmup": 0, "val_every": 2}
     train(_cfg(scene, tmp_path / "a", iterations=2, **kw))
     res = train(_cfg(scene, tmp_path / "a", iterations=4, resume=str(tmp_path / "a" / "checkpoints"), **kw))
     assert [r["iteration"] for r in res.history] == [1, 2, 3, 4]
@@ -177,3 +184,17 @@ def test_cli_train(scene: tuple[Path, Path], tmp_path: Path, runner) -> None:  #
     bad = write_raster(tmp_path / "bad.tif", np.ones((10, 10), np.uint8))
     r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml"), "--labels", str(bad)])
     assert r.exit_code == 1 and "10x10" in r.output
+
+
+def test_vector_aoi_region(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    import json
+
+    # Pixel columns 0-39, rows 0-47 of the scene grid (origin 500000, 4800000; 10 m pixels).
+    ring = [[500000, 4800000], [500400, 4800000], [500400, 4799520], [500000, 4799520], [500000, 4800000]]
+    aoi = tmp_path / "aoi.geojson"
+    aoi.write_text(json.dumps({"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "EPSG:32633"}},
+                               "features": [{"type": "Feature", "properties": {},
+                                             "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
+    t = Trainer(_cfg(scene, tmp_path / "o", train_region=str(aoi)))
+    r = t.train_region
+    assert (r.row, r.col, r.height, r.width) == (0, 0, 48, 40) and r.mask.all()

@@ -1,0 +1,58 @@
+"""``geoseg evaluate``: accuracy of a predicted class raster against reference labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None or value == "":
+        return None
+    try:
+        return tuple(int(v) for v in value.replace(" ", "").split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give class ids separated by commas, e.g. 1,3,4") from None
+
+
+@click.command(short_help="Confusion matrix, IoU, F1, OA and kappa of a prediction vs. a reference.")
+@click.argument("prediction", type=click.Path(path_type=Path))
+@click.option("-r", "--reference", type=click.Path(path_type=Path), required=True,
+              help="Reference label raster on the same grid as PREDICTION.")
+@click.option("--region", default=None, metavar="COL,ROW,WIDTH,HEIGHT",
+              help="Only count pixels in this pixel window, e.g. 326,0,163,443 for the NC test columns.")
+@click.option("--classes", callback=_int_list, default=None, metavar="IDS",
+              help="Class ids of the matrix (default: the prediction's class table, else the ids present).")
+@click.option("--miou-classes", callback=_int_list, default=None, metavar="IDS",
+              help="Class ids averaged into mIoU (default: those present in the reference in the region).")
+@click.option("--ignore", callback=_int_list, default="0", show_default=True, metavar="IDS",
+              help="Reference values that mean unlabelled (the rasters' nodata values are ignored too).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
+@click.option("--record-card", type=click.Path(path_type=Path), default=None, metavar="CARD.yaml",
+              help="Also store mIoU, OA, kappa and per-class IoU in this model card under metrics.<--record-as>.")
+@click.option("--record-as", default="test", show_default=True, help="Key under the card's metrics for --record-card.")
+def evaluate(prediction: Path, reference: Path, region: str | None, classes: tuple[int, ...] | None,
+             miou_classes: tuple[int, ...] | None, ignore: tuple[int, ...] | None, as_json: bool,
+             record_card: Path | None, record_as: str) -> None:
+    """Compare PREDICTION (e.g. <stem>_landcover.tif from predict) with --reference labels.
+
+    Prints per-class IoU, precision, recall and F1, mIoU, overall accuracy, Cohen's kappa and
+    the confusion matrix (rows = reference). Pixels that are nodata in either raster or carry
+    an --ignore value in the reference are not counted. Grids must match exactly.
+
+    \b
+    Example:
+      geoseg evaluate scene_landcover.tif --reference labels.tif --region 326,0,163,443 --json
+    """
+    from geoseg.evaluate import evaluate_rasters, format_table, record_in_card
+
+    result = evaluate_rasters(prediction, reference, region=region, classes=classes, average_over=miou_classes,
+                              ignore=ignore or ())
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1))
+    else:
+        click.echo(format_table(result))
+    if record_card is not None:
+        record_in_card(record_card, result, record_as)

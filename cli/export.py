@@ -1,0 +1,39 @@
+"""``geoseg export``: write a Paddle Inference model folder with a PaddleSeg-style deploy.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from geoseg_cli import options as o
+
+
+@click.command(short_help="Export a model for Paddle Inference (model + params + deploy.yaml).")
+@click.option("-m", "--model", default=None,
+              help="Model name (deeplabv3p, unet; default: the card's architecture, else the shipped deeplabv3p).")
+@o.weights_opt
+@o.card_opt
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--output-op", type=click.Choice(["none", "softmax", "argmax"]), default="none", show_default=True,
+              help="What the exported graph returns: logits (none), probabilities or class indexes (as PaddleSeg).")
+@o.overwrite_opt
+def export(model: str | None, weights: Path | None, card: Path | None, out: Path, output_op: str, overwrite: bool) -> None:
+    """Export --model/--weights (or the shipped model) into the folder --out.
+
+    The folder holds model.json (Paddle 3.x; model.pdmodel with 2.x), model.pdiparams and a
+    deploy.yaml laid out like PaddleSeg's, with geoseg's model card alongside; run it with
+    'geoseg predict SCENE --model OUT'. Prints the folder on stdout.
+
+    \b
+    Example:
+      geoseg export --model deeplabv3p --out exported/deeplabv3p
+    """
+    from geoseg.engine import resolve_model
+    from geoseg.exported import export_model_dir
+
+    source = resolve_model(model, weights, card)
+    if source.export_dir is not None:
+        raise click.BadParameter(f"{model} is already an exported folder", param_hint="--model")
+    folder = export_model_dir(source.card, source.weights, out, output_op=output_op,  # type: ignore[arg-type]
+                              overwrite=overwrite)
+    click.echo(str(folder))

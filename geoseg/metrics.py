@@ -1,0 +1,212 @@
+"""Confusion matrices and segmentation metrics (numpy only).
+
+The confusion matrix ``cm`` is ``K × K`` int64 with rows = reference class and columns =
+predicted class, both as indexes ``0..K-1`` into a class list.  Pixels whose reference or
+prediction is not one of the classes (nodata, ignore values, ids the model does not know
+but the reference does) are counted apart, never in ``cm``.
+
+Per class ``k``: ``TP = cm[k, k]``, ``FP = cm[:, k].sum() - TP``, ``FN = cm[k, :].sum() - TP``;
+IoU = TP / (TP + FP + FN), precision = TP / (TP + FP), recall = TP / (TP + FN),
+F1 = 2 TP / (2 TP + FP + FN).  A ratio with a zero denominator is NaN (undefined), and NaN
+classes are left out of means.  Overall accuracy = trace / total; Cohen's kappa =
+(p_o - p_e) / (1 - p_e) with p_e = Σ_k row_k · col_k / total².
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ConfusionMatrix", "Metrics", "compute_metrics"]
+
+
+class ConfusionMatrix:
+    """Accumulates a confusion matrix over blocks of class-id arrays.
+
+    Args:
+        class_ids: The class ids (values in the rasters) in matrix order.
+        ignore_reference: Reference values that are not counted (nodata, unlabelled).
+        ignore_prediction: Prediction values that are not counted (nodata).
+    """
+
+    def __init__(
+        self,
+        class_ids: Sequence[int],
+        ignore_reference: Sequence[int] = (),
+        ignore_prediction: Sequence[int] = (),
+    ) -> None:
+        """Create an empty matrix (see the class docstring)."""
+        self.class_ids = tuple(int(c) for c in class_ids)
+        if len(set(self.class_ids)) != len(self.class_ids):
+            raise ValueError(f"duplicate class ids: {self.class_ids}")
+        self.ignore_reference = tuple(int(v) for v in ignore_reference)
+        self.ignore_prediction = tuple(int(v) for v in ignore_prediction)
+        k = len(self.class_ids)
+        self.matrix = np.zeros((k, k), dtype=np.int64)
+        #: Counted pixels whose prediction was ignored (nodata) or not a class id.
+        self.unpredicted = 0
+        #: Pixels whose reference value is not a class id and not ignored.
+        self.unknown_reference = 0
+        # Lookup tables from raster value to class index (-1 = not a class).
+        self._max = max(self.class_ids, default=0)
+
+    def _index(self, values: np.ndarray) -> np.ndarray:
+        lut = np.full(self._max + 1, -1, dtype=np.int64)
+        lut[list(self.class_ids)] = np.arange(len(self.class_ids))
+        v = values.astype(np.int64, copy=False)
+        out = np.full(v.shape, -1, dtype=np.int64)
+        inside = (v >= 0) & (v <= self._max)
+        out[inside] = lut[v[inside]]
+        return out
+
+    def update(self, reference: np.ndarray, prediction: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Add one block.
+
+        Args:
+            reference: Reference class ids (any int array).
+            prediction: Predicted class ids, same shape.
+            valid: Optional bool mask of pixels to count (e.g. a region), same shape.
+        """
+        if reference.shape != prediction.shape:
+            raise ValueError(f"reference {reference.shape} and prediction {prediction.shape} differ in shape")
+        keep = ~np.isin(reference, self.ignore_reference) if self.ignore_reference else np.ones(reference.shape, bool)
+        if valid is not None:
+            keep &= valid
+        ref = self._index(reference[keep])
+        pred_raw = prediction[keep]
+        pred = self._index(pred_raw)
+        known = ref >= 0
+        self.unknown_reference += int((~known).sum())
+        ref, pred = ref[known], pred[known]
+        have = pred >= 0
+        self.unpredicted += int((~have).sum())
+        k = len(self.class_ids)
+        self.matrix += np.bincount(ref[have] * k + pred[have], minlength=k * k).reshape(k, k)
+
+    def metrics(self, average_over: Sequence[int] | None = None) -> Metrics:
+        """Metrics of the accumulated matrix (see :func:`compute_metrics`)."""
+        return compute_metrics(self.matrix, self.class_ids, average_over=average_over,
+                               unpredicted=self.unpredicted, unknown_reference=self.unknown_reference)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Segmentation metrics of one confusion matrix. Per-class arrays follow ``class_ids``."""
+
+    class_ids: tuple[int, ...]
+    confusion: np.ndarray
+    iou: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    support: np.ndarray
+    miou: float
+    mean_f1: float
+    overall_accuracy: float
+    kappa: float
+    averaged_classes: tuple[int, ...]
+    total: int
+    unpredicted: int = 0
+    unknown_reference: int = 0
+    names: dict[int, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON/YAML-safe; NaN becomes None)."""
+
+        def f(v: float) -> float | None:
+            return None if not np.isfinite(v) else round(float(v), 6)
+
+        per_class = {
+            str(c): {
+                "name": self.names.get(c, f"class_{c}"),
+                "iou": f(self.iou[i]), "precision": f(self.precision[i]), "recall": f(self.recall[i]),
+                "f1": f(self.f1[i]), "support": int(self.support[i]),
+            }
+            for i, c in enumerate(self.class_ids)
+        }
+        return {
+            "miou": f(self.miou),
+            "mean_f1": f(self.mean_f1),
+            "overall_accuracy": f(self.overall_accuracy),
+            "kappa": f(self.kappa),
+            "miou_classes": list(self.averaged_classes),
+            "pixels": self.total,
+            "unpredicted_pixels": self.unpredicted,
+            "unknown_reference_pixels": self.unknown_reference,
+            "per_class": per_class,
+            "class_ids": list(self.class_ids),
+            "confusion_matrix": self.confusion.tolist(),
+        }
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num = num.astype(np.float64)
+    den = den.astype(np.float64)
+    out = np.full(num.shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def compute_metrics(
+    matrix: np.ndarray,
+    class_ids: Sequence[int],
+    *,
+    average_over: Sequence[int] | None = None,
+    unpredicted: int = 0,
+    unknown_reference: int = 0,
+) -> Metrics:
+    """Compute per-class and overall metrics from a confusion matrix.
+
+    Args:
+        matrix: ``K × K`` counts, rows = reference, columns = prediction.
+        class_ids: The ``K`` class ids in matrix order.
+        average_over: Class ids whose IoU/F1 enter mIoU and mean F1. Default: the classes
+            present in the reference (row sum > 0).
+        unpredicted: Reference pixels without a prediction (reported only).
+        unknown_reference: Reference pixels with values outside ``class_ids`` (reported only).
+
+    Returns:
+        The :class:`Metrics`.
+    """
+    cm = np.asarray(matrix, dtype=np.int64)
+    ids = tuple(int(c) for c in class_ids)
+    if cm.shape != (len(ids), len(ids)):
+        raise ValueError(f"confusion matrix shape {cm.shape} does not match {len(ids)} classes")
+    tp = np.diag(cm)
+    ref = cm.sum(axis=1)
+    pred = cm.sum(axis=0)
+    fp, fn = pred - tp, ref - tp
+    iou = _ratio(tp, tp + fp + fn)
+    precision = _ratio(tp, tp + fp)
+    recall = _ratio(tp, tp + fn)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    total = int(cm.sum())
+    if average_over is None:
+        avg = tuple(c for c, n in zip(ids, ref) if n > 0)
+    else:
+        missing = [c for c in average_over if c not in ids]
+        if missing:
+            raise ValueError(f"classes {missing} to average over are not among the class ids {list(ids)}")
+        avg = tuple(int(c) for c in average_over)
+    sel = [ids.index(c) for c in avg]
+
+    def mean(a: np.ndarray) -> float:
+        v = a[sel] if sel else np.array([])
+        v = v[np.isfinite(v)]
+        # A class in the average that has no reference and no prediction counts as undefined.
+        return float(v.mean()) if v.size else float("nan")
+
+    if total > 0:
+        po = float(tp.sum()) / total
+        pe = float((ref.astype(np.float64) * pred.astype(np.float64)).sum()) / float(total) ** 2
+        kappa = (po - pe) / (1.0 - pe) if pe < 1.0 else float("nan")
+    else:
+        po = kappa = float("nan")
+    return Metrics(
+        class_ids=ids, confusion=cm, iou=iou, precision=precision, recall=recall, f1=f1, support=ref,
+        miou=mean(iou), mean_f1=mean(f1), overall_accuracy=po, kappa=kappa, averaged_classes=avg,
+        total=total, unpredicted=unpredicted, unknown_reference=unknown_reference,
+    )

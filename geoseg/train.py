@@ -1,0 +1,945 @@
+"""Training: random-window dataset, augmentations, losses, schedules and the :class:`Trainer`.
+
+``geoseg train`` fits a model on one GeoTIFF image and a label raster on the same grid. Pixels
+of the label raster are class ids; ``ignore`` values (and the label raster's nodata) are not
+scored. Two regions of the scene are used: random square windows are cut from the *train*
+region, and the *validation* region is predicted window by window every ``val_every``
+iterations. A region is a pixel window ``[col_off, row_off, width, height]`` or a vector AOI
+(any file pyogrio reads, reprojected to the raster's CRS); windows are cut inside the
+region's bounding box and labels outside the region are ignored.
+
+Arrays are CHW (image windows, float32 after normalisation) and HW (labels, int64 class
+*indexes* 0..K-1 with :data:`IGNORE_INDEX` for ignored pixels); batches are NCHW / NHW.
+
+Outputs in ``out``: ``weights.pdparams`` + ``weights.yaml`` (the model card of the best
+checkpoint by validation mIoU), ``checkpoints/last.pdparams|.pdopt|.json`` (for ``resume``),
+``train_log.csv`` and ``train_log.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+
+from geoseg.atomic import atomic_write_text
+from geoseg.blending import BlendMode, weight_map
+from geoseg.card import DEFAULT_SCALE, PALETTE, ClassInfo, ModelCard, Normalization
+from geoseg.errors import (
+    GridMismatchError,
+    ParameterError,
+    SceneReadError,
+    require_paddle,
+)
+from geoseg.io import open_scene, read_window
+from geoseg.metrics import ConfusionMatrix
+from geoseg.tiling import make_grid
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+LossName = Literal["ce", "dice", "ce+dice"]
+ScheduleName = Literal["poly", "cosine", "constant"]
+ClassWeights = Literal["none", "auto"]
+DeviceName = Literal["auto", "cpu", "gpu"]
+
+
+# ---- configuration ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs (YAML keys = field names).
+
+    Regions are ``[col_off, row_off, width, height]`` pixel windows or a vector file path;
+    ``None`` for ``train_region`` means the whole scene. ``val_region`` ``None`` means no
+    validation (the last checkpoint is kept).
+    """
+
+    image: str
+    labels: str
+    out: str = "runs/train"
+    model: str = "deeplabv3p"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    description: str = ""
+    bands: tuple[int, ...] | None = None
+    band_names: tuple[str, ...] | None = None
+    classes: tuple[Mapping[str, Any], ...] | None = None
+    ignore: tuple[int, ...] = (0,)
+    train_region: Any = None
+    val_region: Any = None
+    window: int = 512
+    min_labelled: float = 0.1
+    batch_size: int = 4
+    iterations: int = 1000
+    val_every: int = 100
+    log_every: int = 10
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    schedule: ScheduleName = "poly"
+    power: float = 0.9
+    warmup: int = 50
+    loss: LossName = "ce+dice"
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+    class_weights: Any = "none"
+    grad_clip: float | None = 5.0
+    flips: bool = True
+    rot90: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    amp: bool = True
+    device: DeviceName = "auto"
+    workers: int = 0
+    seed: int = 0
+    tile_overlap: int | None = None
+    resume: str | None = None
+    progress: bool = False
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "training config") -> TrainConfig:
+        """Build a config from plain data (YAML), naming unknown keys and bad values."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ParameterError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
+        for key in ("image", "labels"):
+            if not data.get(key):
+                raise ParameterError(f"{source} lacks {key!r}: give the path of the {key} raster")
+        d = dict(data)
+        for key in ("bands", "band_names", "ignore"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        if d.get("classes") is not None:
+            d["classes"] = tuple(dict(c) for c in d["classes"])
+        d["params"] = dict(d.get("params") or {})
+        cfg = cls(**d)
+        cfg.check()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+        """Read a YAML config; relative paths in it are taken relative to the working directory."""
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ParameterError(f"training config {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ParameterError(f"training config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, Mapping):
+            raise ParameterError(f"training config {path} is not a YAML mapping")
+        merged = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        return cls.from_mapping(merged, source=f"training config {path}")
+
+    def check(self) -> None:
+        """Raise :class:`ParameterError` naming the first bad value."""
+        if self.window < 16 or self.window % 16:
+            raise ParameterError(f"window {self.window}: use a multiple of 16 (e.g. 128, 256, 512)")
+        for label, v in (("batch_size", self.batch_size), ("iterations", self.iterations),
+                         ("val_every", self.val_every), ("log_every", self.log_every)):
+            if int(v) < 1:
+                raise ParameterError(f"{label} {v}: use a number >= 1")
+        if self.workers < 0:
+            raise ParameterError(f"workers {self.workers}: use 0 or more")
+        if self.loss not in ("ce", "dice", "ce+dice"):
+            raise ParameterError(f"loss {self.loss!r}: choose ce, dice or ce+dice")
+        if self.schedule not in ("poly", "cosine", "constant"):
+            raise ParameterError(f"schedule {self.schedule!r}: choose poly, cosine or constant")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ParameterError(f"device {self.device!r}: choose auto, cpu or gpu")
+        if self.lr <= 0:
+            raise ParameterError(f"lr {self.lr}: use a positive learning rate")
+        if not 0.0 <= self.min_labelled <= 1.0:
+            raise ParameterError(f"min_labelled {self.min_labelled}: use a fraction 0..1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (YAML-safe)."""
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        d["params"] = dict(self.params)
+        return d
+
+
+# ---- regions -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Region:
+    """A region of the scene: its bounding box (pixels) and a mask inside that box (HW bool)."""
+
+    row: int
+    col: int
+    height: int
+    width: int
+    mask: np.ndarray
+
+    @property
+    def window(self) -> Window:
+        """The bounding box as a rasterio window."""
+        return Window(self.col, self.row, self.width, self.height)
+
+
+def parse_region(spec: Any, meta: Any, what: str) -> Region:
+    """Turn a region spec into a :class:`Region` of the scene described by ``meta``.
+
+    ``spec``: ``None`` (whole scene), ``[col_off, row_off, width, height]`` (list or
+    ``"c,r,w,h"`` string) or a vector file path (polygons, rasterised onto the grid).
+    """
+    H, W = meta.height, meta.width
+    if spec is None:
+        return Region(0, 0, H, W, np.ones((H, W), bool))
+    if isinstance(spec, str) and not Path(spec).exists() and spec.count(",") == 3:
+        spec = [s.strip() for s in spec.split(",")]
+    if isinstance(spec, (list, tuple)):
+        try:
+            c, r, w, h = (int(v) for v in spec)
+        except (TypeError, ValueError):
+            raise ParameterError(f"{what} {spec!r}: give [col_off, row_off, width, height] in pixels") from None
+        c2, r2 = min(c + w, W), min(r + h, H)
+        c, r = max(c, 0), max(r, 0)
+        if c2 <= c or r2 <= r:
+            raise ParameterError(f"{what} {spec!r} lies outside the {W}x{H} scene")
+        return Region(r, c, r2 - r, c2 - c, np.ones((r2 - r, c2 - c), bool))
+    return _vector_region(Path(spec), meta, what)
+
+
+def _vector_region(path: Path, meta: Any, what: str) -> Region:
+    import pyogrio.raw
+    import shapely
+    from rasterio.features import rasterize
+    from rasterio.warp import transform_geom
+
+    if not path.exists():
+        raise ParameterError(f"{what} {path} does not exist: give a vector file or [col_off, row_off, width, height]")
+    try:
+        info, _, wkb, _ = pyogrio.raw.read(path)
+    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
+        raise ParameterError(f"{what} {path} cannot be read as vector data: {exc}") from None
+    geoms = [g for g in shapely.from_wkb(wkb) if g is not None and not g.is_empty]
+    if not geoms:
+        raise ParameterError(f"{what} {path} has no geometries")
+    src_crs = info.get("crs")
+    shapes = [shapely.geometry.mapping(g) for g in geoms]
+    if src_crs and meta.crs is not None:
+        shapes = [transform_geom(src_crs, meta.crs, s) for s in shapes]
+    full = rasterize(((s, 1) for s in shapes), out_shape=(meta.height, meta.width), transform=meta.transform,
+                     fill=0, dtype="uint8").astype(bool)
+    rows, cols = np.nonzero(full)
+    if rows.size == 0:
+        raise ParameterError(f"{what} {path} does not overlap the scene")
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    return Region(int(r0), int(c0), int(r1 - r0), int(c1 - c0), full[r0:r1, c0:c1])
+
+
+# ---- data ----------------------------------------------------------------------------------------
+@dataclass
+class RegionData:
+    """A region's pixels in memory: normalised image CHW float32, label indexes HW int64."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    region: Region
+
+
+def check_same_grid(image_meta: Any, label_meta: Any) -> None:
+    """Raise :class:`GridMismatchError` unless both rasters share size, transform and CRS."""
+    a, b = image_meta, label_meta
+    if (a.width, a.height) != (b.width, b.height):
+        raise GridMismatchError(
+            f"labels {b.path.name} are {b.width}x{b.height} but the image {a.path.name} is {a.width}x{a.height}: "
+            "resample the labels onto the image grid (e.g. gdalwarp -tr/-te) first"
+        )
+    if not a.transform.almost_equals(b.transform, precision=1e-6 * max(abs(a.transform.a), 1e-9)):
+        raise GridMismatchError(
+            f"labels {b.path.name} and the image {a.path.name} have different geotransforms "
+            f"({tuple(b.transform)[:6]} vs {tuple(a.transform)[:6]}): align them on one grid first"
+        )
+    if (a.crs is None) != (b.crs is None) or (a.crs is not None and a.crs != b.crs):
+        raise GridMismatchError(
+            f"labels {b.path.name} (CRS {b.crs}) and the image {a.path.name} (CRS {a.crs}) differ in CRS: "
+            "reproject the labels onto the image grid first"
+        )
+
+
+def read_labels(path: Path, window: Window) -> tuple[np.ndarray, float | None]:
+    """Read band 1 of the label raster in ``window`` (HW int64) and its nodata value."""
+    try:
+        with rasterio.open(path) as ds:
+            return ds.read(1, window=window).astype(np.int64), ds.nodata
+    except rasterio.errors.RasterioError as exc:
+        raise SceneReadError(f"labels {path} cannot be read: {exc}") from None
+
+
+def class_table(cfg: TrainConfig, labels_path: Path, present: Sequence[int]) -> tuple[ClassInfo, ...]:
+    """Classes from the config, else the label ids present (colours from the label palette)."""
+    if cfg.classes:
+        try:
+            return tuple(
+                ClassInfo(int(c["id"]), str(c.get("name", f"class_{c['id']}")),
+                          tuple(int(v) for v in c.get("color", PALETTE[k % len(PALETTE)])))  # type: ignore[arg-type]
+                for k, c in enumerate(cfg.classes)
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ParameterError(f"training config classes: each needs id (and name, color): {exc}") from None
+    cmap: dict[int, tuple[int, ...]] = {}
+    try:
+        with rasterio.open(labels_path) as ds:
+            cmap = ds.colormap(1)
+    except ValueError:
+        pass
+    return tuple(
+        ClassInfo(int(i), f"class_{i}", tuple(cmap.get(int(i), PALETTE[k % len(PALETTE)])[:3]))  # type: ignore[arg-type]
+        for k, i in enumerate(present)
+    )
+
+
+def band_statistics(image: np.ndarray, valid: np.ndarray, scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-band mean and std of ``image * scale`` (CHW raw) over valid pixels (HW bool)."""
+    if not valid.any():
+        raise ParameterError("the training region has no valid (non-nodata) pixels")
+    px = image[:, valid].astype(np.float64) * scale
+    mean = px.mean(axis=1)
+    std = np.maximum(px.std(axis=1), 1e-6)
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+def load_region(image_path: Path, bands: tuple[int, ...], meta: Any, labels_path: Path, region: Region,
+                lut: np.ndarray, ignore: Sequence[int], norm: Normalization | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a region: raw image CHW, label indexes HW (ignored = IGNORE_INDEX), valid HW."""
+    data, valid = read_window(image_path, region.window, bands, meta.alpha_band)
+    raw, label_nodata = read_labels(labels_path, region.window)
+    idx = np.full(raw.shape, IGNORE_INDEX, np.int64)
+    inside = (raw >= 0) & (raw < lut.size)
+    idx[inside] = lut[raw[inside]]
+    bad = ~region.mask | ~valid | np.isin(raw, list(ignore))
+    if label_nodata is not None:
+        bad |= raw == int(label_nodata)
+    idx[bad] = IGNORE_INDEX
+    return data, idx, valid
+
+
+class WindowDataset:
+    """Random square windows from a region, augmented; item ``i`` is the same for a given seed.
+
+    Each item draws from its own generator seeded by ``(seed, i)``, so results do not depend
+    on the number of DataLoader workers, and a resumed run continues with the same samples
+    (item indexes continue from ``start``).
+    """
+
+    def __init__(self, data: RegionData, window: int, length: int, *, seed: int = 0, start: int = 0,
+                 flips: bool = True, rot90: bool = True, brightness: float = 0.0, contrast: float = 0.0,
+                 min_labelled: float = 0.0) -> None:
+        """See the class docstring; ``length`` items starting at index ``start``."""
+        self.data = data
+        self.window = window
+        self.length = length
+        self.seed = seed
+        self.start = start
+        self.flips, self.rot90 = flips, rot90
+        self.brightness, self.contrast = brightness, contrast
+        self.min_labelled = min_labelled
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(image CHW float32, labels HW int64)``."""
+        rng = np.random.default_rng([self.seed, self.start + int(i)])
+        img, lab = self.data.image, self.data.labels
+        _, H, W = img.shape
+        s = self.window
+        best = None
+        for _ in range(10):  # prefer windows with enough labelled pixels
+            r = int(rng.integers(0, H - s + 1))
+            c = int(rng.integers(0, W - s + 1))
+            y = lab[r : r + s, c : c + s]
+            frac = float((y != IGNORE_INDEX).mean())
+            if best is None or frac > best[0]:
+                best = (frac, r, c)
+            if frac >= self.min_labelled:
+                break
+        assert best is not None
+        _, r, c = best
+        x = img[:, r : r + s, c : c + s].copy()
+        y = lab[r : r + s, c : c + s].copy()
+        return augment(x, y, rng, self.flips, self.rot90, self.brightness, self.contrast)
+
+
+def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, flips: bool, rot90: bool,
+            brightness: float, contrast: float) -> tuple[np.ndarray, np.ndarray]:
+    """Random flips, 90° rotations and mild brightness/contrast jitter of a normalised window.
+
+    Jitter acts in normalised units: ``x * (1 + U(-contrast, contrast)) + U(-brightness, brightness)``
+    (one draw per window and band, so band ratios change only slightly).
+    """
+    if flips:
+        if rng.random() < 0.5:
+            x, y = x[:, :, ::-1], y[:, ::-1]
+        if rng.random() < 0.5:
+            x, y = x[:, ::-1, :], y[::-1, :]
+    if rot90:
+        k = int(rng.integers(0, 4))
+        if k:
+            x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if contrast > 0 or brightness > 0:
+        c = x.shape[0]
+        gain = 1.0 + rng.uniform(-contrast, contrast, size=(c, 1, 1)) if contrast > 0 else 1.0
+        shift = rng.uniform(-brightness, brightness, size=(c, 1, 1)) if brightness > 0 else 0.0
+        x = (x * gain + shift).astype(np.float32)
+    return x, np.ascontiguousarray(y, dtype=np.int64)
+
+
+# ---- schedules ----------------------------------------------------------------------------------
+def learning_rate(it: int, cfg: TrainConfig) -> float:
+    """Learning rate at iteration ``it`` (0-based): linear warm-up, then poly/cosine/constant decay."""
+    if cfg.warmup > 0 and it < cfg.warmup:
+        return cfg.lr * (it + 1) / cfg.warmup
+    span = max(1, cfg.iterations - cfg.warmup)
+    t = min(1.0, (it - cfg.warmup) / span)
+    match cfg.schedule:
+        case "poly":
+            return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1.0 - t) ** cfg.power
+        case "cosine":
+            return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+        case _:
+            return cfg.lr
+
+
+def auto_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class weights ``∝ 1/sqrt(frequency)`` from label indexes, mean 1 over present classes.
+
+    Classes absent from the labels get weight 1. Weights are clipped to [0.2, 10].
+    """
+    counts = np.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes].astype(np.float64)
+    w = np.ones(num_classes)
+    present = counts > 0
+    if present.any():
+        freq = counts[present] / counts[present].sum()
+        wp = 1.0 / np.sqrt(freq)
+        w[present] = wp / wp.mean()
+    return np.clip(w, 0.2, 10.0).astype(np.float32)
+
+
+# ---- losses --------------------------------------------------------------------------------------
+def make_loss(kind: LossName, num_classes: int, class_weights: np.ndarray | None = None,
+              ce_weight: float = 1.0, dice_weight: float = 1.0) -> Callable[[Any, Any], tuple[Any, dict[str, float]]]:
+    """Loss ``f(logits NCHW, labels NHW int64) -> (loss, parts)``; labels == 255 are ignored."""
+    paddle: Any = require_paddle()
+    import paddle.nn.functional as F
+
+    weight = paddle.to_tensor(class_weights, dtype="float32") if class_weights is not None else None
+
+    def ce(logits: Any, labels: Any) -> Any:
+        # NHWC + trailing label axis: the layout paddle's cross_entropy handles for every version.
+        return F.cross_entropy(logits.transpose([0, 2, 3, 1]), labels.unsqueeze(-1), weight=weight,
+                               ignore_index=IGNORE_INDEX, axis=-1, reduction="mean")
+
+    def dice(logits: Any, labels: Any) -> Any:
+        probs = F.softmax(logits, axis=1)
+        valid = (labels != IGNORE_INDEX).astype("float32").unsqueeze(1)
+        onehot = F.one_hot(paddle.where(labels == IGNORE_INDEX, paddle.zeros_like(labels), labels),
+                           num_classes).transpose([0, 3, 1, 2]) * valid
+        probs = probs * valid
+        inter = (probs * onehot).sum(axis=[0, 2, 3])
+        denom = probs.sum(axis=[0, 2, 3]) + onehot.sum(axis=[0, 2, 3])
+        d = (2.0 * inter + 1.0) / (denom + 1.0)
+        if weight is not None:
+            return 1.0 - (d * weight).sum() / weight.sum()
+        return 1.0 - d.mean()
+
+    def loss(logits: Any, labels: Any) -> tuple[Any, dict[str, float]]:
+        logits = logits.astype("float32")
+        match kind:
+            case "ce":
+                lc = ce(logits, labels)
+                return lc, {"ce": float(lc)}
+            case "dice":
+                ld = dice(logits, labels)
+                return ld, {"dice": float(ld)}
+            case _:
+                lc, ld = ce(logits, labels), dice(logits, labels)
+                return ce_weight * lc + dice_weight * ld, {"ce": float(lc), "dice": float(ld)}
+
+    return loss
+
+
+# ---- prediction over a region (validation) -------------------------------------------------------
+def predict_array(layer: Any, image: np.ndarray, num_classes: int, tile: int, overlap: int, batch: int = 4) -> np.ndarray:
+    """Class indexes (HW int64) of a normalised CHW array, predicted in blended windows."""
+    paddle: Any = require_paddle()
+    import paddle.nn.functional as F
+
+    _, H, W = image.shape
+    size = tile
+    ph, pw = max(0, size - H), max(0, size - W)
+    if ph or pw:  # smaller than a window: reflect-pad, crop after
+        image = np.pad(image, ((0, 0), (0, ph), (0, pw)), mode="reflect" if min(H, W) > 1 else "edge")
+    _, Hp, Wp = image.shape
+    grid = make_grid(Hp, Wp, size, min(overlap, size - 16))
+    acc = np.zeros((num_classes, Hp, Wp), np.float32)
+    wsum = np.zeros((Hp, Wp), np.float32)
+    tiles = list(grid.tiles())
+    was_training = layer.training
+    layer.eval()
+    try:
+        with paddle.no_grad():
+            for k in range(0, len(tiles), batch):
+                group = tiles[k : k + batch]
+                x = np.stack([image[:, t.row : t.row_stop, t.col : t.col_stop] for t in group])
+                out = layer(paddle.to_tensor(x))
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                probs = F.softmax(out.astype("float32"), axis=1).numpy()
+                for t, p in zip(group, probs):
+                    wm = weight_map(t.height, t.width, BlendMode.GAUSSIAN)
+                    acc[:, t.row : t.row_stop, t.col : t.col_stop] += p * wm
+                    wsum[t.row : t.row_stop, t.col : t.col_stop] += wm
+    finally:
+        if was_training:
+            layer.train()
+    return acc.argmax(axis=0)[:H, :W].astype(np.int64)
+
+
+# ---- trainer --------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    weights: Path
+    card: Path
+    best_iteration: int
+    best_miou: float | None
+    iterations: int
+    seconds: float
+    log_csv: Path
+    history: list[dict[str, Any]]
+
+
+class Trainer:
+    """Train a segmentation model from a :class:`TrainConfig`.
+
+    The steps are hooks (:meth:`configure_model`, :meth:`configure_loss`,
+    :meth:`configure_optimizer`, :meth:`validate`) so tests or variants can replace one part.
+    """
+
+    def __init__(self, cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        """Check inputs, read the regions into memory and compute normalisation statistics."""
+        self.cfg = cfg
+        self.paddle: Any = require_paddle()
+        self.out = Path(cfg.out)
+        image_path, labels_path = Path(cfg.image), Path(cfg.labels)
+        self.meta = open_scene(image_path)
+        label_meta = open_scene(labels_path)
+        check_same_grid(self.meta, label_meta)
+        bands = tuple(cfg.bands) if cfg.bands else self.meta.data_bands
+        bad = [b for b in bands if not 1 <= b <= self.meta.count]
+        if bad:
+            raise ParameterError(f"bands {list(bands)}: {image_path.name} has bands 1..{self.meta.count}")
+        self.bands = bands
+        self.train_region = parse_region(cfg.train_region, self.meta, "train_region")
+        self.val_region = parse_region(cfg.val_region, self.meta, "val_region") if cfg.val_region is not None else None
+        if self.val_region is not None:
+            tr, vr = self.train_region, self.val_region
+            overlap = _overlap(tr, vr)
+            if overlap > 0:
+                raise ParameterError(f"train_region and val_region share {overlap} pixels: make them disjoint")
+
+        # Classes: from the config or the ids present in the training labels.
+        raw_train, _ = read_labels(labels_path, self.train_region.window)
+        present = sorted(int(v) for v in np.unique(raw_train[self.train_region.mask]) if int(v) not in cfg.ignore
+                         and int(v) != (label_meta.nodata if label_meta.nodata is not None else -1))
+        self.classes = class_table(cfg, labels_path, present)
+        ids = [c.id for c in self.classes]
+        lut_size = max(max(ids), int(raw_train.max(initial=0))) + 1
+        self.lut = np.full(lut_size, IGNORE_INDEX, np.int64)
+        self.lut[ids] = np.arange(len(ids))
+        unknown = sorted(set(present) - set(ids))
+        if unknown:
+            log.warning("warning: label values %s are not among the classes %s: they are ignored", unknown, ids)
+
+        raw_img, train_idx, train_valid = load_region(image_path, bands, self.meta, labels_path, self.train_region,
+                                                      self.lut, cfg.ignore, None)
+        scale = DEFAULT_SCALE.get(self.meta.dtype, DEFAULT_SCALE["default"])
+        mean, std = band_statistics(raw_img, train_valid & self.train_region.mask, scale)
+        self.normalization = Normalization(mean=mean, std=std, scale=dict(DEFAULT_SCALE))
+        self.train_data = RegionData(self.normalization.apply(raw_img, self.meta.dtype), train_idx, self.train_region)
+        if not (train_idx != IGNORE_INDEX).any():
+            raise ParameterError("the training region has no labelled pixels: check train_region and ignore")
+        side = min(self.train_region.height, self.train_region.width)
+        self.window = cfg.window if cfg.window <= side else max(16, side // 16 * 16)
+        self.val_data: RegionData | None = None
+        if self.val_region is not None:
+            # Validation windows see image context around the region (as predict does on a
+            # whole scene), but only from inside the train + validation bounding box; labels
+            # outside the validation region are ignored.
+            ctx = _context_region(self.val_region, self.train_region, self.window // 2)
+            vimg, vidx, _ = load_region(image_path, bands, self.meta, labels_path, ctx, self.lut, cfg.ignore, None)
+            self.val_data = RegionData(self.normalization.apply(vimg, self.meta.dtype), vidx, self.val_region)
+        if self.window != cfg.window:
+            log.info("window %d is larger than the training region (%dx%d): using %d",
+                     cfg.window, self.train_region.width, self.train_region.height, self.window)
+        self.num_classes = len(self.classes)
+        self.progress = progress
+        self.device = self._device()
+
+    # -- hooks -------------------------------------------------------------------------------
+    def configure_model(self) -> Any:
+        """Build the network named in the config."""
+        from geoseg.models import build_model
+
+        return build_model(self.cfg.model, in_channels=len(self.bands), num_classes=self.num_classes, **dict(self.cfg.params))
+
+    def configure_loss(self) -> Callable[[Any, Any], tuple[Any, dict[str, float]]]:
+        """Build the loss (with class weights when configured)."""
+        cw = self.cfg.class_weights
+        weights: np.ndarray | None
+        if cw is None or cw == "none":
+            weights = None
+        elif cw == "auto":
+            weights = auto_class_weights(self.train_data.labels, self.num_classes)
+        else:
+            weights = np.asarray(cw, np.float32)
+            if weights.shape != (self.num_classes,):
+                raise ParameterError(f"class_weights has {weights.size} values for {self.num_classes} classes")
+        self.class_weights = weights
+        if weights is not None:
+            log.info("class weights: %s", ", ".join(f"{c.id}:{w:.2f}" for c, w in zip(self.classes, weights)))
+        return make_loss(self.cfg.loss, self.num_classes, weights, self.cfg.ce_weight, self.cfg.dice_weight)
+
+    def configure_optimizer(self, model: Any) -> Any:
+        """AdamW with global-norm gradient clipping; the LR is set every step."""
+        paddle = self.paddle
+        clip = paddle.nn.ClipGradByGlobalNorm(self.cfg.grad_clip) if self.cfg.grad_clip else None
+        return paddle.optimizer.AdamW(learning_rate=self.cfg.lr, parameters=model.parameters(),
+                                      weight_decay=self.cfg.weight_decay, grad_clip=clip)
+
+    def validate(self, model: Any) -> dict[str, Any]:
+        """mIoU / OA over the validation region (classes present in its labels)."""
+        assert self.val_data is not None
+        pred = predict_array(model, self.val_data.image, self.num_classes, self.window,
+                             self.cfg.tile_overlap if self.cfg.tile_overlap is not None else self.window // 4)
+        cm = ConfusionMatrix(range(self.num_classes), ignore_reference=(IGNORE_INDEX,))
+        cm.update(self.val_data.labels, pred)
+        m = cm.metrics()
+        names = {i: c.id for i, c in enumerate(self.classes)}
+        return {
+            "miou": float(m.miou), "overall_accuracy": float(m.overall_accuracy), "kappa": float(m.kappa),
+            "per_class_iou": {int(names[i]): (None if not np.isfinite(v) else round(float(v), 4)) for i, v in enumerate(m.iou)},
+            "miou_classes": [names[i] for i in m.averaged_classes],
+        }
+
+    # -- run ---------------------------------------------------------------------------------
+    def _device(self) -> str:
+        paddle = self.paddle
+        has_gpu = bool(paddle.is_compiled_with_cuda()) and paddle.device.cuda.device_count() > 0
+        if self.cfg.device == "gpu" and not has_gpu:
+            raise ParameterError("device gpu: this PaddlePaddle build has no CUDA or sees no GPU: use --device cpu")
+        dev = "gpu" if (self.cfg.device == "gpu" or (self.cfg.device == "auto" and has_gpu)) else "cpu"
+        paddle.set_device(dev)
+        return dev
+
+    def card(self, metrics: Mapping[str, Any], best_iteration: int) -> ModelCard:
+        """The model card for the current weights."""
+        cfg = self.cfg
+        names = cfg.band_names or tuple((self.meta.descriptions[b - 1] or f"b{b}") for b in self.bands)
+        overlap = cfg.tile_overlap if cfg.tile_overlap is not None else self.window // 4
+        return ModelCard(
+            name=cfg.name or f"{cfg.model}-{Path(cfg.labels).stem}",
+            architecture=cfg.model,
+            bands=tuple(names),
+            classes=self.classes,
+            normalization=self.normalization,
+            params=dict(cfg.params),
+            tile_size=self.window,
+            overlap=overlap,
+            weights="weights.pdparams",
+            description=cfg.description or f"{cfg.model} trained with geoseg train on {Path(cfg.image).name}",
+            training={
+                "image": str(cfg.image), "labels": str(cfg.labels), "bands": list(self.bands),
+                "train_region": _plain_region(cfg.train_region), "val_region": _plain_region(cfg.val_region),
+                "ignore": list(cfg.ignore), "window": self.window, "batch_size": cfg.batch_size,
+                "iterations": cfg.iterations, "best_iteration": best_iteration, "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay, "schedule": cfg.schedule, "warmup": cfg.warmup,
+                "loss": cfg.loss, "class_weights": (None if getattr(self, "class_weights", None) is None
+                                                    else [round(float(v), 4) for v in self.class_weights]),
+                "augment": {"flips": cfg.flips, "rot90": cfg.rot90, "brightness": cfg.brightness, "contrast": cfg.contrast},
+                "seed": cfg.seed, "device": self.device,
+            },
+            metrics={"validation": dict(metrics)} if metrics else {},
+        )
+
+    def fit(self) -> TrainResult:
+        """Run (or resume) training; return where the best weights and card went."""
+        paddle = self.paddle
+        cfg = self.cfg
+        from geoseg.models.checkpoints import save_weights
+
+        paddle.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        model = self.configure_model()
+        loss_fn = self.configure_loss()
+        opt = self.configure_optimizer(model)
+        amp = cfg.amp and self.device == "gpu"
+        scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**14) if amp else None
+
+        ckpt_dir = self.out / "checkpoints"
+        self.out.mkdir(parents=True, exist_ok=True)
+        start, best_miou, best_it, history = 0, -1.0, -1, []
+        best_metrics: dict[str, Any] = {}
+        if cfg.resume:
+            start, best_miou, best_it, history, best_metrics = self._resume(Path(cfg.resume), model, opt)
+            log.info("resuming at iteration %d (best validation mIoU %.4f at %d)", start, best_miou, best_it)
+        if start >= cfg.iterations:
+            log.info("nothing to do: the checkpoint is at iteration %d of %d", start, cfg.iterations)
+
+        ds = WindowDataset(self.train_data, self.window, (cfg.iterations - start) * cfg.batch_size, seed=cfg.seed,
+                           start=start * cfg.batch_size, flips=cfg.flips, rot90=cfg.rot90,
+                           brightness=cfg.brightness, contrast=cfg.contrast, min_labelled=cfg.min_labelled)
+        loader = paddle.io.DataLoader(_PaddleDataset(ds), batch_size=cfg.batch_size, shuffle=False, drop_last=False,
+                                      num_workers=cfg.workers, use_shared_memory=cfg.workers > 0)
+        csv_path = self.out / "train_log.csv"
+        fields = ["iteration", "lr", "loss", "ce", "dice", "grad_norm", "val_miou", "val_oa", "val_kappa", "seconds"]
+        if start == 0 or not csv_path.exists():
+            with open(csv_path, "w", newline="") as f:
+                csv.writer(f).writerow(fields)
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it", file=sys.stderr, dynamic_ncols=True)
+        model.train()
+        t0 = time.perf_counter()
+        it = start
+        running: list[float] = []
+        params = [p for p in model.parameters() if not p.stop_gradient]
+        for x, y in loader:
+            lr = learning_rate(it, cfg)
+            lval, parts, gnorm = self.step(model, opt, loss_fn, x, y, lr, scaler, params)
+            it += 1
+            running.append(lval)
+            row: dict[str, Any] = {"iteration": it, "lr": lr, "loss": lval, **parts, "grad_norm": gnorm}
+            validate_now = self.val_data is not None and (it % cfg.val_every == 0 or it == cfg.iterations)
+            if validate_now:
+                m = self.validate(model)
+                row.update(val_miou=m["miou"], val_oa=m["overall_accuracy"], val_kappa=m["kappa"])
+                log.info("iteration %d: loss %.4f, validation mIoU %.4f, OA %.4f", it, float(np.mean(running)),
+                         m["miou"], m["overall_accuracy"])
+                if m["miou"] > best_miou:
+                    best_miou, best_it, best_metrics = m["miou"], it, m
+                    self._save_best(model, save_weights, best_metrics, best_it)
+            if self.val_data is None and (it % cfg.val_every == 0 or it == cfg.iterations):
+                best_it = it
+                self._save_best(model, save_weights, {}, it)
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            if it % cfg.log_every == 0 or validate_now or it == cfg.iterations:
+                history.append(row)
+                with open(csv_path, "a", newline="") as f:
+                    csv.writer(f).writerow([_fmt(row.get(k)) for k in fields])
+                if not validate_now:
+                    log.debug("iteration %d: loss %.4f, lr %.2e, grad norm %.3f", it, float(np.mean(running)), lr, gnorm)
+                running = []
+            if it % cfg.val_every == 0 or it == cfg.iterations:
+                self._save_checkpoint(ckpt_dir, model, opt, it, best_miou, best_it, history, best_metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{lval:.3f}", best_miou=f"{max(best_miou, 0):.3f}")
+            if self.progress is not None:
+                self.progress(it, row)
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        weights_path, card_path = self.out / "weights.pdparams", self.out / "weights.yaml"
+        if not weights_path.exists():  # resumed at the end without validation
+            self._save_best(model, save_weights, best_metrics, it)
+        atomic_write_text(self.out / "train_log.json", json.dumps({
+            "config": cfg.to_dict(), "best_iteration": best_it,
+            "best_validation": best_metrics, "history": history, "seconds": round(seconds, 1),
+        }, indent=1, default=_json_default))
+        return TrainResult(weights_path, card_path, best_it, best_miou if best_miou >= 0 else None, it, seconds,
+                           csv_path, history)
+
+    def step(self, model: Any, opt: Any, loss_fn: Callable[[Any, Any], tuple[Any, dict[str, float]]], x: Any, y: Any,
+             lr: float, scaler: Any = None, params: Sequence[Any] | None = None) -> tuple[float, dict[str, float], float]:
+        """One optimisation step on batch ``x`` (NCHW float32), ``y`` (NHW int64).
+
+        With a ``GradScaler`` (GPU) the forward pass runs under ``paddle.amp.auto_cast``.
+        Returns ``(loss, loss parts, gradient norm before clipping)``.
+        """
+        paddle = self.paddle
+        opt.set_lr(lr)
+        params = params if params is not None else [p for p in model.parameters() if not p.stop_gradient]
+        if scaler is not None:
+            with paddle.amp.auto_cast(level="O1"):
+                out = model(x)
+                logits = out[0] if isinstance(out, (list, tuple)) else out
+            loss, parts = loss_fn(logits, y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            gnorm = _grad_norm(paddle, params)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            out = model(x)
+            logits = out[0] if isinstance(out, (list, tuple)) else out
+            loss, parts = loss_fn(logits, y)
+            loss.backward()
+            gnorm = _grad_norm(paddle, params)
+            opt.step()
+        opt.clear_grad()
+        return float(loss), parts, gnorm
+
+    def _save_best(self, model: Any, save_weights: Any, metrics: Mapping[str, Any], it: int) -> None:
+        save_weights(model, self.out / "weights.pdparams")
+        self.card(metrics, it).save(self.out / "weights.yaml")
+
+    def _save_checkpoint(self, d: Path, model: Any, opt: Any, it: int, best: float, best_it: int,
+                         history: list[dict[str, Any]], best_metrics: Mapping[str, Any]) -> None:
+        from geoseg.atomic import atomic_output
+        from geoseg.models.checkpoints import save_weights
+
+        d.mkdir(parents=True, exist_ok=True)
+        save_weights(model, d / "last.pdparams")
+        with atomic_output(d / "last.pdopt") as tmp:
+            self.paddle.save(_portable_opt_state(model, opt.state_dict(), to_structured=True), str(tmp))
+        atomic_write_text(d / "last.json", json.dumps({
+            "iteration": it, "best_miou": best, "best_iteration": best_it, "config": self.cfg.to_dict(),
+            "history": history, "best_validation": dict(best_metrics),
+        }, default=_json_default))
+
+    def _resume(self, path: Path, model: Any, opt: Any) -> tuple[int, float, int, list[dict[str, Any]], dict[str, Any]]:
+        from geoseg.models.checkpoints import load_weights
+
+        if path.is_dir():
+            path = path / "last.pdparams" if (path / "last.pdparams").exists() else path / "checkpoints" / "last.pdparams"
+        meta_path = path.with_suffix(".json")
+        if not path.is_file() or not meta_path.is_file():
+            raise ParameterError(f"resume: no checkpoint at {path} (expected last.pdparams and last.json from a run)")
+        load_weights(model, path)
+        opt_path = path.with_suffix(".pdopt")
+        if opt_path.is_file():
+            opt.set_state_dict(_portable_opt_state(model, self.paddle.load(str(opt_path)), to_structured=False))
+        state = json.loads(meta_path.read_text())
+        return (int(state["iteration"]), float(state.get("best_miou", -1.0)), int(state.get("best_iteration", -1)),
+                list(state.get("history", [])), dict(state.get("best_validation") or {}))
+
+
+class _PaddleDataset:
+    """Adapter making :class:`WindowDataset` a ``paddle.io.Dataset`` (imported lazily)."""
+
+    def __new__(cls, inner: WindowDataset) -> Any:
+        import paddle
+
+        class _DS(paddle.io.Dataset):  # type: ignore[misc]
+            def __init__(self, inner: WindowDataset) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def __len__(self) -> int:
+                return len(self.inner)
+
+            def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+                return self.inner[i]
+
+        return _DS(inner)
+
+
+def _portable_opt_state(model: Any, state: Mapping[str, Any], to_structured: bool) -> dict[str, Any]:
+    """Rename optimizer state keys between Paddle's per-process parameter names and stable ones.
+
+    Accumulators are keyed ``<param.name>_<acc>`` where ``param.name`` (``conv2d_57.w_0``)
+    depends on how many layers the process built before; checkpoints store
+    ``@<structured name>@<acc>`` instead so another process can resume.
+    """
+    pairs = [(p.name, n) for n, p in model.named_parameters()]
+    if to_structured:
+        by_len = sorted(pairs, key=lambda t: -len(t[0]))
+        out: dict[str, Any] = {}
+        for k, v in state.items():
+            for pname, sname in by_len:
+                if k.startswith(pname + "_"):
+                    k = f"@{sname}@{k[len(pname) + 1:]}"
+                    break
+            out[k] = v
+        return out
+    to_name = {sname: pname for pname, sname in pairs}
+    out = {}
+    for k, v in state.items():
+        if k.startswith("@") and k.count("@") >= 2:
+            sname, acc = k[1:].split("@", 1)
+            if sname in to_name:
+                k = f"{to_name[sname]}_{acc}"
+        out[k] = v
+    return out
+
+
+def _grad_norm(paddle: Any, params: Sequence[Any]) -> float:
+    """Global L2 norm of the gradients (before clipping)."""
+    sq = [paddle.sum(paddle.square(p.grad.astype("float32"))) for p in params if p.grad is not None]
+    if not sq:
+        return 0.0
+    return float(paddle.sqrt(paddle.add_n(sq)))
+
+
+def _context_region(val: Region, train: Region, margin: int) -> Region:
+    """``val``'s box grown by ``margin`` inside the union box of ``val`` and ``train``; mask = val."""
+    r_lo, r_hi = min(val.row, train.row), max(val.row + val.height, train.row + train.height)
+    c_lo, c_hi = min(val.col, train.col), max(val.col + val.width, train.col + train.width)
+    r0, r1 = max(r_lo, val.row - margin), min(r_hi, val.row + val.height + margin)
+    c0, c1 = max(c_lo, val.col - margin), min(c_hi, val.col + val.width + margin)
+    mask = np.zeros((r1 - r0, c1 - c0), bool)
+    mask[val.row - r0 : val.row - r0 + val.height, val.col - c0 : val.col - c0 + val.width] = val.mask
+    return Region(r0, c0, r1 - r0, c1 - c0, mask)
+
+
+def _overlap(a: Region, b: Region) -> int:
+    r0, r1 = max(a.row, b.row), min(a.row + a.height, b.row + b.height)
+    c0, c1 = max(a.col, b.col), min(a.col + a.width, b.col + b.width)
+    if r1 <= r0 or c1 <= c0:
+        return 0
+    ma = a.mask[r0 - a.row : r1 - a.row, c0 - a.col : c1 - a.col]
+    mb = b.mask[r0 - b.row : r1 - b.row, c0 - b.col : c1 - b.col]
+    return int((ma & mb).sum())
+
+
+def _plain_region(spec: Any) -> Any:
+    if spec is None or isinstance(spec, (str, int)):
+        return spec
+    return [int(v) for v in spec]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train a model as configured (see :class:`Trainer`)."""
+    return Trainer(cfg, progress).fit()
