@@ -84,7 +84,7 @@ def _setup_logging(verbosity: int) -> None:
     logger.propagate = False
     # PaddlePaddle installs a root handler at import; keep GDAL/rasterio/distributed chatter
     # out of the user's terminal unless -v asked for it.
-    for noisy in ("rasterio", "distributed", "paddle"):
+    for noisy in ("rasterio", "distributed", "paddle", "pyogrio"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING)
     warnings.filterwarnings("ignore", message="No ccache found")
 
