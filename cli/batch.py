@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -53,18 +54,7 @@ def _batch_logging(log_file: Path | None, verbosity: int) -> Iterator[None]:
               help="Model name (deeplabv3p, unet). Default: the card's architecture, else deeplabv3p.")
 @o.weights_opt
 @o.card_opt
-@o.tile_size_opt
-@o.overlap_opt
-@o.batch_size_opt
-@o.device_opt
-@o.precision_opt
-@o.bands_opt
-@o.confidence_opt
-@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True,
-              help="Weighting of overlapping windows.")
-@o.co_opt
-@click.option("--vector", type=click.Choice(["gpkg", "geojson", "fgb", "none"]), default="gpkg", show_default=True,
-              help="Also vectorise each mask into <stem>_landcover.<ext>.")
+@o.predict_options
 @click.option("--pattern", "patterns", multiple=True, metavar="GLOB",
               help="File name pattern in input folders (repeatable; case-insensitive). Default: *.tif and *.tiff.")
 @click.option("--force", is_flag=True, help="Redo every scene, even those done and unchanged.")
@@ -84,10 +74,9 @@ def _batch_logging(log_file: Path | None, verbosity: int) -> Iterator[None]:
 @click.pass_context
 def batch(
     ctx: click.Context, inputs: tuple[str, ...], out: Path, model: str | None, weights: Path | None,
-    card: Path | None, tile_size: int | None, overlap: int | None, batch_size: int | None, device: str,
-    precision: str, bands: tuple[int, ...] | None, confidence: str, blend: str, creation_options: tuple[str, ...],
-    vector: str, patterns: tuple[str, ...], force: bool, dry_run: bool, report: Path | None, log_file: Path | None,
-    scheduler: str | None, workers: int, resources: str | None, threads: int | None,
+    card: Path | None, patterns: tuple[str, ...], force: bool, dry_run: bool, report: Path | None,
+    log_file: Path | None, scheduler: str | None, workers: int, resources: str | None, threads: int | None,
+    **predict_opts: Any,
 ) -> None:
     """Segment every scene of INPUT... into --out DIR, each once, surviving crashes.
 
@@ -110,8 +99,6 @@ def batch(
       geoseg batch /archive --out /shared/lc --scheduler tcp://head:8786 --resources GPU=1
     """
     from geoseg.batch import BatchModel, BatchOptions, parse_resources, run_batch
-    from geoseg.blending import BlendMode
-    from geoseg.engine import PredictOptions
 
     if scheduler and workers:
         raise click.UsageError("give either --scheduler (an existing cluster) or --workers (a local one), not both")
@@ -120,12 +107,10 @@ def batch(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--resources") from None
     quiet = ctx.obj.get("quiet", False)
-    opts = PredictOptions(
-        tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,  # type: ignore[arg-type]
-        precision=precision, bands=bands, blend=BlendMode(blend), confidence=confidence,  # type: ignore[arg-type]
-        creation_options=o.parse_co(creation_options), vector=vector,  # type: ignore[arg-type]
-        progress=sys.stderr.isatty() and not quiet and not (scheduler or workers), threads=threads,
+    opts = o.make_predict_options(
+        **predict_opts, progress=sys.stderr.isatty() and not quiet and not (scheduler or workers), threads=threads,
     )
+    device, precision = predict_opts["device"], predict_opts["precision"]
     bm = BatchModel(model=model, weights=str(weights) if weights else None, card=str(card) if card else None,
                     device=device, precision=precision, threads=threads)
     bo = BatchOptions(force=force, dry_run=dry_run, patterns=patterns or BatchOptions.patterns, scheduler=scheduler,

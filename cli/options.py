@@ -80,6 +80,54 @@ co_opt = click.option(
 )
 
 
+blend_opt = click.option(
+    "--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True,
+    help="Weighting of overlapping windows.",
+)
+vector_opt = click.option(
+    "--vector", type=click.Choice(["gpkg", "geojson", "fgb", "none"]), default="gpkg", show_default=True,
+    help="Also write land-cover polygons <stem>_landcover.<ext> (none: mask only).",
+)
+min_area_opt = click.option("--min-area", type=float, default=None, help="Polygons: minimum mapping unit in map units² (sieve).")
+simplify_opt = click.option(
+    "--simplify", type=float, default=None,
+    help="Polygons: simplification tolerance in map units (default one pixel; 0 keeps pixel edges).",
+)
+
+#: The options of ``predict`` that ``batch`` shares, in help order.
+PREDICT_OPTIONS = (
+    tile_size_opt, overlap_opt, batch_size_opt, device_opt, precision_opt, bands_opt, confidence_opt,
+    blend_opt, co_opt, vector_opt, min_area_opt, simplify_opt,
+)
+
+
+def predict_options(f: Any) -> Any:
+    """Decorate a command with :data:`PREDICT_OPTIONS`."""
+    for opt in reversed(PREDICT_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def make_predict_options(
+    *, tile_size: int | None, overlap: int | None, batch_size: int | None, device: str, precision: str,
+    bands: tuple[int, ...] | None, confidence: str, blend: str, creation_options: tuple[str, ...], vector: str,
+    min_area: float | None, simplify: float | None, **extra: Any,
+) -> Any:
+    """Build :class:`geoseg.engine.PredictOptions` from the values of :data:`PREDICT_OPTIONS`.
+
+    ``extra`` holds the other PredictOptions fields (overwrite, progress, threads ...).
+    """
+    from geoseg.blending import BlendMode
+    from geoseg.engine import PredictOptions
+
+    return PredictOptions(
+        tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,  # type: ignore[arg-type]
+        precision=precision, bands=bands, blend=BlendMode(blend), confidence=confidence,  # type: ignore[arg-type]
+        creation_options=parse_co(creation_options), vector=vector,  # type: ignore[arg-type]
+        min_area=min_area, simplify=simplify, **extra,
+    )
+
+
 def parse_co(values: tuple[str, ...]) -> dict[str, str]:
     """Turn ``("KEY=VAL", ...)`` into a dict, or raise ``click.BadParameter``."""
     out: dict[str, str] = {}

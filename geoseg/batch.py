@@ -264,7 +264,9 @@ def result_params(options: Any, card: Any) -> dict[str, Any]:
         "confidence": options.confidence,
         "creation_options": dict(sorted(options.creation_options.items())),
         "precision": options.precision,
-        "vector": getattr(options, "vector", "none"),
+        "vector": options.vector,
+        "min_area": options.min_area,
+        "simplify": options.simplify,
     }
 
 
