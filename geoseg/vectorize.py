@@ -9,19 +9,26 @@ Pipeline (:func:`vectorize_mask`):
 2. **Polygonise** horizontal strips of ``block_size`` rows with
    :func:`rasterio.features.shapes` in *pixel space* (x = column, y = -row, integer
    coordinates, so seams are exact).  Nodata regions are polygonised too ("nodata faces")
-   so that class/nodata edges are inner edges of the coverage; they are never written.
-   Every polygon is :func:`shapely.segmentize`-d to one vertex per pixel corner, which turns
-   GDAL's output into a valid shapely coverage.
-3. **Merge across seams**: regions that continue across a strip seam are found from the two
-   pixel rows on either side of the seam (4- or 8-connectivity, as for polygonising) and
-   unioned with :func:`shapely.coverage_union_all`, which is exact on this integer grid.
-4. **Simplify** with :func:`shapely.coverage_simplify` (Visvalingam-Whyatt that keeps shared
-   edges shared).  A polygon is *closed* once it does not touch the next seam.  At each
-   strip the newly closed polygons are simplified together with all still-open ones, with
-   ``simplify_boundary=False``: the edges to rows not yet read and the raster frame stay
-   fixed, every edge next to a closed polygon is complete and gets simplified, and closed
-   polygons are final and written straight away.  Memory therefore holds one strip plus
-   the open polygons, not the whole layer.
+   so that the strip's pieces cover its rectangle and class/nodata edges are inner edges of
+   the coverage; they are never written.  GDAL puts vertices only where rings turn; every
+   pixel corner where three or more values meet, and on the strip's top and bottom frame
+   every corner where the row across the seam changes value, is added as a vertex
+   (:func:`_junction_nodes`), which makes the pieces an edge-matched (valid) coverage whose
+   seam vertices match those of the neighbouring strips.
+3. **Simplify** each strip's pieces once, right away, with :func:`shapely.coverage_simplify`
+   (Visvalingam-Whyatt that keeps shared edges shared) and ``simplify_boundary=False``: the
+   strip's frame, seams included, stays exactly as polygonised, and edges crossing a seam are
+   simplified on each side with their seam vertex fixed.  Pieces of one region in adjacent
+   strips therefore share their seam segments exactly, and neighbours across a seam stay
+   edge-matched.
+4. **Merge across seams**: regions that continue across a seam are found from the two pixel
+   rows on either side of it (4- or 8-connectivity, as for polygonising; the pixel -> piece
+   labels are taken from the unsimplified pieces).  A region crossing seams is kept as a
+   *group* of pieces (union-find across strips) and is *closed* once none of its pieces
+   touches the current bottom seam; only then are its pieces unioned, once, with
+   :func:`shapely.coverage_union_all` (exact on edge-matched pieces), and repaired if that
+   gives an invalid polygon.  Closed regions are final and written straight away.  Work is
+   linear in the number of strips; memory holds one strip plus the pieces of open regions.
 5. **Write** batches to a temp file with :func:`pyogrio.raw.write` (append), then rename it
    into place (:func:`geoseg.atomic.atomic_output`).  GeoPackages get a spatial index and a
    QGIS style (``layer_styles`` table) colouring classes by ``class_id``.
@@ -30,14 +37,17 @@ Units: ``min_area``, ``simplify``, ``area`` and ``perimeter`` are in the raster 
 (metres for projected CRSs).  For a geographic CRS, ``area`` (m²) and ``perimeter`` (m) are
 geodesic on the CRS's ellipsoid, while ``min_area`` and ``simplify`` stay in degrees.
 
-With ``simplify=0`` the output is pixel-exact and identical whatever ``block_size``.  With
+With ``simplify=0`` the output is pixel-exact (one vertex per pixel corner, by
+:func:`shapely.segmentize`) and identical whatever ``block_size``.  With
 simplification on, block-wise and whole-array runs give the same coverage up to vertex
-choices near strip seams (edges crossing a seam are simplified in two steps).
+choices near strip seams (edges crossing a seam are simplified in two steps, and the seam
+lines themselves keep their pixel steps).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -355,8 +365,95 @@ def _check_connectivity(connectivity: int) -> None:
         raise ParameterError(f"connectivity {connectivity} is not allowed: use 4 or 8")
 
 
-def _shapes_px(array: np.ndarray, r0: int, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
-    """All regions of a strip (nodata included) as segmentized pixel-space polygons."""
+def _junction_nodes(
+    array: np.ndarray, r0: int, above: np.ndarray | None, below: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel corners ``(rows, cols)`` that must be vertices of every polygon passing through them.
+
+    GDAL puts a vertex only where a ring turns.  Two polygons sharing an edge are
+    edge-matched (a valid coverage) once every corner where three or more values meet is a
+    vertex of both: a polygon runs straight through a corner only if the two pixels on its
+    side have its value, and its neighbour turns there only if the two pixels on the other
+    side differ.  On the strip's top and bottom frame (the seams) the corners where the row
+    across the seam changes value are added too, so that pieces in both strips match.
+    """
+    a, b, c, d = array[:-1, :-1], array[:-1, 1:], array[1:, :-1], array[1:, 1:]
+    three = ((b != a) & (c != a) & (c != b)) | ((d != a) & (d != b) & (d != c) & ((b != a) | (c != a) | (c != b)))
+    rows, cols = np.nonzero(three)
+    rows, cols = [rows + (r0 + 1)], [cols + 1]
+    for row, line in ((r0, above), (r0 + array.shape[0], below)):
+        if line is not None:
+            change = np.flatnonzero(line[1:] != line[:-1]) + 1
+            rows.append(np.full(change.size, row, dtype=np.int64))
+            cols.append(change)
+    return np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
+
+
+def _insert_nodes(
+    coords: np.ndarray, lengths: np.ndarray, nodes: tuple[np.ndarray, np.ndarray], r0: int, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Add ``nodes`` (pixel corners) as vertices of the axis-parallel rings that pass through them.
+
+    ``coords`` are the closed rings' vertices (x = col, y = -row) of a strip of ``shape``
+    starting at row ``r0``, ``lengths`` their vertex counts.  Returns the new coordinates
+    and lengths.
+    """
+    n_rows, n_cols = nodes
+    if n_rows.size == 0 or coords.shape[0] == 0:
+        return coords, lengths
+    r_min, span, width = r0, shape[0] + 1, shape[1]
+    key_h = np.sort((n_rows - r_min) * (width + 1) + n_cols)  # row-major: a horizontal edge is a key range
+    key_v = np.sort(n_cols * span + (n_rows - r_min))  # column-major: a vertical edge is a key range
+    col = coords[:, 0].astype(np.int64)
+    row = (-coords[:, 1]).astype(np.int64) - r_min
+    last = np.cumsum(lengths) - 1  # closing vertex of each ring: no edge starts there
+    start = np.ones(coords.shape[0], dtype=bool)
+    start[last] = False
+    s = np.flatnonzero(start)
+    c0, c1, q0, q1 = col[s], col[s + 1], row[s], row[s + 1]
+    horiz = q0 == q1
+    first = np.empty(s.size, dtype=np.int64)
+    stop = np.empty(s.size, dtype=np.int64)
+    h, v = np.flatnonzero(horiz), np.flatnonzero(~horiz)
+    base = q0[h] * (width + 1)
+    first[h] = np.searchsorted(key_h, base + np.minimum(c0[h], c1[h]), "right")
+    stop[h] = np.searchsorted(key_h, base + np.maximum(c0[h], c1[h]), "left")
+    base = c0[v] * span
+    first[v] = np.searchsorted(key_v, base + np.minimum(q0[v], q1[v]), "right")
+    stop[v] = np.searchsorted(key_v, base + np.maximum(q0[v], q1[v]), "left")
+    extra = np.maximum(stop - first, 0)
+    if not extra.any():
+        return coords, lengths
+    total = int(extra.sum())
+    seg = np.repeat(np.arange(s.size), extra)
+    k = np.arange(total) - np.repeat(np.cumsum(extra) - extra, extra)
+    rising = np.where(horiz, c1 > c0, q1 > q0)[seg]
+    idx = np.where(rising, first[seg] + k, stop[seg] - 1 - k)
+    h = horiz[seg]
+    kh = key_h[np.where(h, idx, 0)]
+    kv = key_v[np.where(h, 0, idx)]
+    new_col = np.where(h, kh % (width + 1), kv // span)
+    new_row = np.where(h, kh // (width + 1), kv % span) + r_min
+    per_vertex = np.ones(coords.shape[0], dtype=np.int64)
+    per_vertex[s] += extra
+    pos = np.cumsum(per_vertex) - per_vertex  # where each old vertex goes
+    out = np.empty((int(per_vertex.sum()), 2), dtype=np.float64)
+    out[pos] = coords
+    ins = np.repeat(pos[s] + 1, extra) + k
+    out[ins, 0] = new_col
+    out[ins, 1] = -new_row.astype(np.float64)
+    ring = np.repeat(np.arange(lengths.size), lengths)
+    return out, np.bincount(ring, weights=per_vertex, minlength=lengths.size).astype(np.int64)
+
+
+def _shapes_px(
+    array: np.ndarray, r0: int, connectivity: int, above: np.ndarray | None = None, below: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """All regions of a strip (nodata included) as edge-matched pixel-space polygons.
+
+    ``above``/``below`` are the rows just outside the strip (``None`` at the raster's edge):
+    their value changes become vertices on the seams (see :func:`_junction_nodes`).
+    """
     tr = _PIXEL_SPACE * Affine.translation(0, r0)
     rings: list[list[tuple[float, float]]] = []
     owner: list[int] = []
@@ -369,16 +466,19 @@ def _shapes_px(array: np.ndarray, r0: int, connectivity: int) -> tuple[np.ndarra
     if not vals:
         return np.empty(0, dtype=object), np.empty(0, dtype=np.int64)
     lengths = np.fromiter((len(r) for r in rings), dtype=np.int64, count=len(rings))
-    coords = np.array([xy for r in rings for xy in r], dtype=np.float64)
-    ring_geoms = shapely.linearrings(coords, indices=np.repeat(np.arange(len(rings)), lengths))
+    flat = itertools.chain.from_iterable(itertools.chain.from_iterable(rings))
+    coords = np.fromiter(flat, dtype=np.float64, count=2 * int(lengths.sum())).reshape(-1, 2)
+    del rings
+    # junction vertices: makes GDAL's output edge-matched (a valid coverage)
+    coords, lengths = _insert_nodes(coords, lengths, _junction_nodes(array, r0, above, below), r0, array.shape)
+    ring_geoms = shapely.linearrings(coords, indices=np.repeat(np.arange(lengths.size), lengths))
     polys = shapely.polygons(ring_geoms, indices=np.asarray(owner))
     if connectivity == 8:
         # GDAL's 8-connected regions may touch themselves at a pixel corner (invalid for GEOS)
         bad = ~shapely.is_valid(polys)
         if bad.any():
             polys[bad] = shapely.make_valid(polys[bad], method="structure", keep_collapsed=False)
-    # one vertex per pixel corner: makes GDAL's output edge-matched (a valid coverage)
-    return shapely.segmentize(polys, 1.0), np.asarray(vals).astype(np.int64)
+    return polys, np.asarray(vals).astype(np.int64)
 
 
 def _row_labels(geoms: np.ndarray, row: int, width: int) -> np.ndarray:
@@ -396,26 +496,14 @@ def _row_labels(geoms: np.ndarray, row: int, width: int) -> np.ndarray:
     )[0]
 
 
-def _merge_seam(
-    open_g: np.ndarray,
-    open_v: np.ndarray,
-    lab_a: np.ndarray,
-    new_g: np.ndarray,
-    new_v: np.ndarray,
-    above: np.ndarray,
-    below: np.ndarray,
-    r0: int,
-    connectivity: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Union regions that continue across the seam at pixel row ``r0``.
+def _seam_edges(
+    lab_a: np.ndarray, lab_b: np.ndarray, above: np.ndarray, below: np.ndarray, connectivity: int
+) -> np.ndarray:
+    """Unique ``(label above, label below)`` pairs of pixels connected across a seam.
 
-    ``above``/``below`` are the class values of rows ``r0 - 1`` and ``r0``; ``lab_a`` is the
-    index into ``open_g`` of each pixel of row ``r0 - 1``, taken before simplification.
-    Returns all polygons (open ones from above and the new strip's), merged where connected.
+    ``lab_a``/``lab_b`` label the pixels of the rows on either side of the seam (-1: none),
+    ``above``/``below`` are their class values (4- or 8-connectivity, as for polygonising).
     """
-    width = above.shape[0]
-    top = np.flatnonzero(shapely.bounds(new_g)[:, 3] >= -r0)
-    lab_b = _row_labels(new_g[top], r0, width)
     pairs = [(lab_a, lab_b, above == below)]
     if connectivity == 8:
         pairs.append((lab_a[:-1], lab_b[1:], above[:-1] == below[1:]))
@@ -423,38 +511,57 @@ def _merge_seam(
     a_idx = np.concatenate([la[m] for la, _, m in pairs])
     b_idx = np.concatenate([lb[m] for _, lb, m in pairs])
     ok = (a_idx >= 0) & (b_idx >= 0)
-    edges = np.unique(np.column_stack((a_idx[ok], top[b_idx[ok]] + len(open_g))), axis=0)
+    if not ok.any():
+        return np.empty((0, 2), dtype=np.int64)
+    return np.unique(np.column_stack((a_idx[ok], b_idx[ok])).astype(np.int64), axis=0)
 
-    n = len(open_g) + len(new_g)
-    parent = np.arange(n)
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return int(i)
+def _find(parent: dict[int, int], i: int) -> int:
+    """Root of ``i`` in a union-find forest stored as a dict (absent: its own root)."""
+    root = i
+    while parent.get(root, root) != root:
+        root = parent[root]
+    while i != root:
+        parent[i], i = root, parent[i]
+    return root
 
-    for i, j in edges:
-        ri, rj = find(int(i)), find(int(j))
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    roots = np.array([find(i) for i in range(n)])
-    all_g = np.concatenate((open_g, new_g))
-    all_v = np.concatenate((open_v, new_v))
-    order = np.argsort(roots, kind="stable")
-    groups = np.split(order, np.flatnonzero(np.diff(roots[order])) + 1)
-    out_g = np.empty(len(groups), dtype=object)
-    out_v = np.empty(len(groups), dtype=np.int64)
-    for k, members in enumerate(groups):
-        out_v[k] = all_v[members[0]]
-        out_g[k] = all_g[members[0]] if len(members) == 1 else shapely.coverage_union_all(all_g[members])
-    merged = np.array([len(m) > 1 for m in groups])
-    if merged.any():
+
+def _object_array(items: list) -> np.ndarray:  # type: ignore[type-arg]
+    """A 1-D object array of geometries."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def _union_group(pieces: list, connectivity: int = 4) -> shapely.Geometry:  # type: ignore[type-arg]
+    """One region from its edge-matched pieces (strips of it), valid.
+
+    A piece's holes lie strictly inside its strip (a hole reaching the strip's frame would be
+    open), so they touch no other piece and pass into the region unchanged.  For 4-connected
+    regions only the pieces' shells are therefore unioned and checked (cheap: the holes of a
+    large region are most of its vertices), and the pieces' holes are added back; the union
+    of all pieces with a validity check remains the fallback.
+    """
+    if len(pieces) == 1:
+        return pieces[0]
+    arr = _object_array(pieces)
+    if connectivity == 4 and (shapely.get_type_id(arr) == 3).all():
+        n_holes = shapely.get_num_interior_rings(arr)
+        shell = shapely.coverage_union_all(shapely.polygons(shapely.get_exterior_ring(arr)))
+        # a 4-connected region is one polygon; a self-touching shell goes the long way
+        if shell.geom_type == "Polygon" and shapely.is_valid(shell):
+            if not n_holes.any():
+                return shell
+            rings = shapely.get_rings(arr)
+            is_hole = np.ones(rings.size, dtype=bool)
+            is_hole[np.cumsum(n_holes + 1) - (n_holes + 1)] = False  # each piece's exterior ring
+            holes = np.concatenate((shapely.get_rings(shell)[1:], rings[is_hole]))
+            return shapely.polygons(shapely.get_exterior_ring(shell), holes=holes)
+    geom = shapely.coverage_union_all(arr)
+    if not shapely.is_valid(geom):
         # a region touching itself at a pixel corner comes out as a self-touching ring
-        bad = np.flatnonzero(merged)[~shapely.is_valid(out_g[merged])]
-        if bad.size:
-            out_g[bad] = shapely.make_valid(out_g[bad], method="structure", keep_collapsed=False)
-    return out_g, out_v
+        geom = shapely.make_valid(geom, method="structure", keep_collapsed=False)
+    return geom
 
 
 def _polygonize_strips(
@@ -468,45 +575,115 @@ def _polygonize_strips(
     block_size: int,
     emit: Callable[[np.ndarray, np.ndarray], None],
 ) -> None:
-    """Strip-wise polygonise, merge, simplify; call ``emit(pixel_space_polygons, class_ids)`` per batch."""
+    """Strip-wise polygonise, simplify, merge; call ``emit(pixel_space_polygons, class_ids)`` per batch.
+
+    Work is linear in the number of strips: each strip's pieces are simplified once, and a
+    region crossing seams is kept as a *group* of pieces (union-find across strips) that is
+    unioned once, when it closes (no piece touches the current bottom seam).
+    """
     _check_connectivity(connectivity)
     if block_size < 1:
         raise ParameterError(f"block_size {block_size} is not allowed: use >= 1 rows")
     height, width = shape
-    open_g = np.empty(0, dtype=object)
-    open_v = np.empty(0, dtype=np.int64)
+    # open groups: simplified pieces, class value, unsimplified pixel area
+    open_pieces: list[list[shapely.Geometry]] = []
+    open_vals: list[int] = []
+    open_area: list[float] = []
+    open_lab = np.empty(0, dtype=np.int64)  # open group of each pixel of the row above the seam
     prev_row: np.ndarray | None = None
-    open_labels = np.empty(0, dtype=np.int32)
     for r0 in range(0, height, block_size):
         r1 = min(height, r0 + block_size)
         strip = np.ascontiguousarray(read(r0, r1))
-        geoms, vals = _shapes_px(strip, r0, connectivity)
-        if open_g.size and prev_row is not None:
-            geoms, vals = _merge_seam(open_g, open_v, open_labels, geoms, vals, prev_row, strip[0], r0, connectivity)
-        prev_row = strip[-1].copy()
+        below = np.asarray(read(r1, r1 + 1))[0] if r1 < height else None
+        geoms, vals = _shapes_px(strip, r0, connectivity, prev_row, below)
+        n = len(geoms)
+        is_data = np.ones(n, dtype=bool) if nodata is None else vals != nodata
+        bounds = shapely.bounds(geoms) if n else np.empty((0, 4))
+        area_px = shapely.area(geoms) if n else np.empty(0)
+        n_open = len(open_pieces)
+        # seam labels come from the raster geometry, before simplification moves vertices
+        edges = np.empty((0, 2), dtype=np.int64)
+        if n_open and prev_row is not None:
+            top = np.flatnonzero(is_data & (bounds[:, 3] >= -r0))
+            lab_top = _row_labels(geoms[top], r0, width)
+            lab_top = np.where(lab_top >= 0, top[np.maximum(lab_top, 0)], -1)
+            edges = _seam_edges(open_lab, lab_top, prev_row, strip[0], connectivity)
+        touches_bottom = is_data & (bounds[:, 1] <= -r1) if r1 < height else np.zeros(n, dtype=bool)
+        bottom = np.flatnonzero(touches_bottom)
+        lab_bot = np.empty(0, dtype=np.int64)
         if r1 < height:
-            is_open = shapely.bounds(geoms)[:, 1] <= -r1
-            # labels of the last row, before simplification moves vertices near the seam
-            open_labels = _row_labels(geoms[is_open], r1 - 1, width)
-        else:
-            is_open = np.zeros(len(geoms), dtype=bool)
-        closed = np.flatnonzero(~is_open)
-        area_px = shapely.area(geoms[closed])
-        if tol_px > 0 and closed.size:
-            # closed polygons are complete, so every edge next to one is complete; open ones
-            # join as context, the frame and the edges to unread rows stay fixed
-            subset = np.concatenate((closed, np.flatnonzero(is_open)))
-            geoms[subset] = shapely.coverage_simplify(geoms[subset], tol_px, simplify_boundary=False)
-        keep = np.ones(closed.size, dtype=bool)
-        if nodata is not None:
-            keep &= vals[closed] != nodata
+            lab_bot = _row_labels(geoms[bottom], r1 - 1, width)
+            lab_bot = np.where(lab_bot >= 0, bottom[np.maximum(lab_bot, 0)], -1)
+        prev_row = strip[-1].copy()
+        del strip
+        if tol_px > 0 and n:
+            # all pieces of the strip (nodata faces too) cover its rectangle: the frame, seams
+            # included, stays fixed (with a vertex at every value change on either side of
+            # it), so pieces in adjacent strips stay edge-matched
+            geoms = shapely.coverage_simplify(geoms, tol_px, simplify_boundary=False)
+
+        # union-find over open groups (0..n_open-1) and the strip's pieces (n_open + i)
+        parent: dict[int, int] = {}
+        for a, b in edges.tolist():
+            ra, rb = _find(parent, a), _find(parent, n_open + b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+        # pieces on their own (no seam on either side): final as they are
+        linked = np.zeros(n, dtype=bool)
+        linked[edges[:, 1]] = True
+        single = np.flatnonzero(is_data & ~linked & ~touches_bottom)
+        # everything else forms groups
+        members: dict[int, list[int]] = {}
+        for node in list(range(n_open)) + (n_open + np.flatnonzero(is_data & (linked | touches_bottom))).tolist():
+            members.setdefault(_find(parent, node), []).append(node)
+        new_pieces: list[list[shapely.Geometry]] = []
+        new_vals: list[int] = []
+        new_area: list[float] = []
+        piece_group = np.full(n, -1, dtype=np.int64)
+        out_g: list[shapely.Geometry] = []
+        out_v: list[int] = []
+        out_a: list[float] = []
+        for nodes in members.values():
+            pieces: list[shapely.Geometry] = []
+            area = 0.0
+            value = None
+            is_open = False
+            strip_idx = []
+            for node in nodes:
+                if node < n_open:
+                    pieces.extend(open_pieces[node])
+                    area += open_area[node]
+                    value = open_vals[node]
+                else:
+                    i = node - n_open
+                    strip_idx.append(i)
+                    pieces.append(geoms[i])
+                    area += float(area_px[i])
+                    value = int(vals[i])
+                    is_open = is_open or bool(touches_bottom[i])
+            if is_open:
+                piece_group[strip_idx] = len(new_pieces)
+                new_pieces.append(pieces)
+                new_vals.append(value)  # type: ignore[arg-type]
+                new_area.append(area)
+            else:
+                out_g.append(_union_group(pieces, connectivity))
+                out_v.append(value)  # type: ignore[arg-type]
+                out_a.append(area)
+        done_g = np.concatenate((geoms[single], _object_array(out_g)))
+        done_v = np.concatenate((vals[single], np.asarray(out_v, dtype=np.int64)))
         if min_pixels > 1:
             # specks the sieve could not merge (only nodata around them)
-            keep &= area_px >= min_pixels - 0.5
-        if keep.any():
-            emit(geoms[closed[keep]], vals[closed[keep]])
-        open_g, open_v = geoms[is_open], vals[is_open]
-        log.debug("rows %d-%d: %d closed, %d open polygons", r0, r1, closed.size, open_g.size)
+            keep = np.concatenate((area_px[single], np.asarray(out_a, dtype=np.float64))) >= min_pixels - 0.5
+            done_g, done_v = done_g[keep], done_v[keep]
+        if done_g.size:
+            if tol_px == 0:
+                # pixel-exact output keeps one vertex per pixel corner, as it always had
+                done_g = shapely.segmentize(done_g, 1.0)
+            emit(done_g, done_v)
+        open_pieces, open_vals, open_area = new_pieces, new_vals, new_area
+        open_lab = np.where(lab_bot >= 0, piece_group[np.maximum(lab_bot, 0)], -1) if lab_bot.size else lab_bot
+        log.debug("rows %d-%d: %d pieces, %d closed, %d open regions", r0, r1, n, done_g.size, len(open_pieces))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,7 +902,7 @@ def vectorize_mask(
     units = area_units(info.crs)
     gtype = "MultiPolygon" if connectivity == 8 else "Polygon"
     counts: dict[int, int] = {}
-    log.info(
+    log.debug(
         "vectorizing %s (%dx%d, sieve %d px, simplify %g, %d-connected)",
         mask_path.name, info.width, info.height, min_px, simplify, connectivity,
     )

@@ -293,7 +293,8 @@ def test_blockwise_random_rasters(connectivity: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     a = rng.integers(1, 4, size=(23, 19)).astype(np.uint8)
     a[rng.random(a.shape) < 0.15] = NODATA
-    a[5:15, 3:12] = 2  # a larger region crossing several seams
+    a[5:15, 3:12] = 2  # a larger region crossing several seams, with holes
+    a[6:14, 4:11][rng.random((8, 7)) < 0.25] = 1
     whole, wid = vec.polygonize_array(a, TRANSFORM, nodata=NODATA, connectivity=connectivity, simplify=0)
     np.testing.assert_array_equal(burn(whole, wid, a.shape), a)
     for block in (1, 2, 5):
