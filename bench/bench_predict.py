@@ -10,7 +10,9 @@ runs in its own subprocess and prints:
 
 Usage::
 
-    python bench/bench_predict.py [--sizes 2048 8192] [--model deeplabv3p] [--batch-size 1]
+    python bench/bench_predict.py [--sizes 2048 8192] [--model deeplabv3p] [--batch-size 1] [--tile-size 512]
+
+The mask only (no polygons: ``bench/bench_vectorize.py`` measures those).
 
 Uses the shipped weights when they exist, else a random-init model of the same architecture
 (speed and memory do not depend on the weights' values).
@@ -83,7 +85,7 @@ def source_for(model: str):
     return ModelSource(card, layer=build_model(model, **card.model_kwargs()))
 
 
-def run_one(size: int, model: str, batch_size: int) -> dict:
+def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int) -> dict:
     """Child process: predict one scene; then time the model alone on the same windows."""
     from geoseg.engine import PredictOptions, build_predictor, segment_scene, _pad_to
     from geoseg.io import open_scene, read_window
@@ -96,11 +98,12 @@ def run_one(size: int, model: str, batch_size: int) -> dict:
     out = WORK / f"out_{size}"
     out.mkdir(exist_ok=True)
     res = segment_scene(scene, out, source=src, predictor=predictor,
-                        options=PredictOptions(overwrite=True, batch_size=batch_size))
+                        options=PredictOptions(overwrite=True, batch_size=batch_size, tile_size=tile, overlap=overlap,
+                                               vector="none"))
     peak_predict_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     meta = open_scene(scene)
-    grid = make_grid(meta.height, meta.width, src.card.tile_size, src.card.overlap)
+    grid = make_grid(meta.height, meta.width, tile, overlap)
     bands = meta.data_bands
     model_s = 0.0
     for tiles in batched(list(grid.tiles()), batch_size):
@@ -131,15 +134,18 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--model", default="deeplabv3p", choices=sorted(COMPACT))
     ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--tile-size", type=int, default=512, help="window size (default 512, as predict's default grid)")
+    ap.add_argument("--overlap", type=int, default=128)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.model, args.batch_size)))
+        print(json.dumps(run_one(args.child, args.model, args.batch_size, args.tile_size, args.overlap)))
         return
     rows = []
     for size in args.sizes:
         make_scene(size)
-        cmd = [sys.executable, __file__, "--child", str(size), "--model", args.model, "--batch-size", str(args.batch_size)]
+        cmd = [sys.executable, __file__, "--child", str(size), "--model", args.model, "--batch-size", str(args.batch_size),
+               "--tile-size", str(args.tile_size), "--overlap", str(args.overlap)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
             sys.exit(f"size {size} failed:\n{proc.stderr[-3000:]}")
@@ -155,7 +161,8 @@ def main() -> None:
         ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
         verdict = "OK" if ratio <= 1.3 else "OVER TARGET"
         print(f"peak RSS {rows[-1]['size']}² / {rows[0]['size']}² = {ratio:.3f} (target <= 1.3: {verdict})")
-    print(f"model {args.model}, batch {args.batch_size}, device {rows[0]['device']}, {os.cpu_count()} CPUs")
+    print(f"model {args.model}, windows {args.tile_size}/{args.overlap}, batch {args.batch_size}, "
+          f"device {rows[0]['device']}, {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

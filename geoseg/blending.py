@@ -110,11 +110,6 @@ class StripMerger:
         if valid is not None:
             self._valid[r0 : r0 + h, cs] |= valid
 
-    def mark_valid(self, tile: Tile, valid: np.ndarray) -> None:
-        """Record a window's valid mask without a prediction (e.g. an all-nodata window)."""
-        r0 = tile.row - self._base
-        self._valid[r0 : r0 + tile.height, tile.col : tile.col + tile.width] |= valid
-
     def release(self, until_row: int, chunk_rows: int = 128) -> Iterator[Strip]:
         """Yield the blended rows ``[base, until_row)`` in strips of at most ``chunk_rows``.
 

@@ -43,11 +43,12 @@ from geoseg.io import (
     class_colormap,
     classes_tag,
     open_scene,
+    read_window,
     write_aux_xml,
     write_qml,
 )
 from geoseg.profiles import get_profile
-from geoseg.tiling import Tile, TileGrid, batched, lazy_reads, make_grid
+from geoseg.tiling import Tile, TileGrid, batched, make_grid
 
 log = logging.getLogger(__name__)
 
@@ -212,17 +213,19 @@ def exported_for_inference(source: ModelSource) -> Path:
     paddle: Any = require_paddle()
     layer = build_layer(source)
     digest = _file_digest(source.weights) if source.weights is not None else _state_digest(layer)
-    key = hashlib.sha256(f"{digest}|{source.card.digest()}|{paddle.__version__}".encode()).hexdigest()[:20]
+    # the cached graph ends in a softmax (oneDNN computes it faster than numpy): it returns probabilities
+    key = hashlib.sha256(f"{digest}|{source.card.digest()}|{paddle.__version__}|softmax".encode()).hexdigest()[:20]
     target = cache_dir() / "exports" / key
     if (target / "DONE").exists():
         return target
+    from geoseg.exported import with_output_op
     from geoseg.models.inference import export_model
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.tmp")
     log.debug("exporting %s for Paddle Inference into %s", source.label, target)
     try:
-        export_model(layer, tmp / "model", source.card.in_channels)
+        export_model(with_output_op(layer, "softmax"), tmp / "model", source.card.in_channels)
         (tmp / "DONE").write_text("ok\n")
         try:
             os.replace(tmp, target)
@@ -256,9 +259,12 @@ def build_predictor(
         precision = "fp32"
     if runtime == "auto":
         runtime = "inference" if (dev == "cpu" or source.export_dir is not None) else "dygraph"
+    output = source.output
     if runtime == "inference":
         from geoseg.models.inference import InferencePredictor, find_model_files
 
+        if source.export_dir is None:
+            output = "probs"  # our own cached export ends in a softmax
         model_file, params_file = find_model_files(exported_for_inference(source))
         net = InferencePredictor(model_file, params_file, device=dev, precision=precision, threads=threads)
     else:
@@ -266,7 +272,7 @@ def build_predictor(
 
         net = DygraphPredictor(build_layer(source), device=dev, precision=precision)
 
-    to_probs = _OUTPUT_TO_PROBS[source.output]
+    to_probs = _OUTPUT_TO_PROBS[output]
     num_classes = source.card.num_classes
 
     def predict(x: np.ndarray) -> np.ndarray:
@@ -392,14 +398,35 @@ def _pad_to(x: np.ndarray, tile: int) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, 0), (0, tile - w)), mode=mode_w)
 
 
-def _prefetch(batches: list[list[Tile]], meta: SceneMeta, bands: tuple[int, ...], depth: int, workers: int) -> Iterator[tuple[list[Tile], list[tuple[np.ndarray, np.ndarray]]]]:
-    """Yield ``(tiles, reads)`` per batch while a thread keeps ``depth`` batches read ahead.
+Prepared = tuple[np.ndarray | None, np.ndarray]
 
-    Reads run as Dask delayed tasks on Dask's threaded scheduler; each task opens the file
-    itself (per-thread handles).
+
+def _prepare_window(
+    path: Path, tile: Tile, bands: tuple[int, ...], alpha_band: int | None, card: ModelCard, dtype: str, size: int
+) -> Prepared:
+    """Read one window and make it model-ready: ``(normalised CHW padded to size | None, valid HW)``.
+
+    Runs in Dask's reader threads, so normalisation and padding overlap with the model.
+    ``None`` marks a window without any valid pixel (it is never sent to the model).
+    """
+    data, valid = read_window(path, tile.window, bands, alpha_band)
+    if not valid.any():
+        return None, valid
+    return _pad_to(card.normalization.apply(data, dtype), size), valid
+
+
+def _prefetch(
+    batches: list[list[Tile]], meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, size: int,
+    depth: int, workers: int,
+) -> Iterator[tuple[list[Tile], list[Prepared]]]:
+    """Yield ``(tiles, prepared windows)`` per batch while a thread keeps ``depth`` batches ready.
+
+    Windows are read (and normalised) by ``dask.delayed`` tasks on Dask's threaded scheduler;
+    each task opens the file itself (per-thread handles).
     """
     import dask
 
+    prepare = dask.delayed(_prepare_window, pure=True)
     q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
     done = object()
@@ -409,8 +436,8 @@ def _prefetch(batches: list[list[Tile]], meta: SceneMeta, bands: tuple[int, ...]
             for b in batches:
                 if stop.is_set():
                     return
-                reads = dask.compute(*lazy_reads(meta.path, b, bands, meta.alpha_band), scheduler="threads", num_workers=workers)
-                q.put((b, list(reads)))
+                tasks = [prepare(meta.path, t, bands, meta.alpha_band, card, meta.dtype, size) for t in b]
+                q.put((b, list(dask.compute(*tasks, scheduler="threads", num_workers=workers))))
             q.put(done)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             q.put(exc)
@@ -479,19 +506,18 @@ def run_grid(
             idx, conf = argmax_classes(strip.probs)
             sink(strip.row, idx, conf, strip.valid & strip.covered)
 
-    for tiles, reads in _prefetch(batches, meta, bands, prefetch, read_workers):
+    for tiles, prepared in _prefetch(batches, meta, bands, card, grid.tile, prefetch, read_workers):
         if tiles[0].row != current_row:
             emit(merger.release(tiles[0].row))
             current_row = tiles[0].row
         todo = []
-        for t, (data, valid) in zip(tiles, reads):
-            if valid.any():
-                todo.append((t, data, valid))
+        for t, (x_t, valid) in zip(tiles, prepared):
+            if x_t is not None:
+                todo.append((t, x_t, valid))
             else:
-                merger.mark_valid(t, valid)
                 skipped += 1
         if todo:
-            x = np.stack([_pad_to(card.normalization.apply(d, meta.dtype), grid.tile) for _, d, _ in todo])
+            x = np.stack([x_t for _, x_t, _ in todo])
             t0 = time.perf_counter()
             probs = predictor(x)
             model_s += time.perf_counter() - t0

@@ -85,7 +85,7 @@ def export_model_dir(
         raise ParameterError(f"the parent folder of {out} does not exist: create it first")
     net = build_layer(ModelSource(card=card, weights=Path(weights) if weights else None, layer=layer))
     if output_op != "none":
-        net = _with_output_op(net, output_op)
+        net = with_output_op(net, output_op)
     out.mkdir(exist_ok=True)
     for old in ("model.json", "model.pdmodel", "model.pdiparams"):
         (out / old).unlink(missing_ok=True)
@@ -110,7 +110,8 @@ def export_model_dir(
     return out
 
 
-def _with_output_op(net: Any, op: str) -> Any:
+def with_output_op(net: Any, op: str) -> Any:
+    """Wrap ``net`` so its graph returns probabilities (``softmax``) or class indexes (``argmax``)."""
     import paddle
 
     class _Head(paddle.nn.Layer):  # type: ignore[misc]

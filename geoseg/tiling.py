@@ -22,8 +22,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from rasterio.windows import Window
 
@@ -133,18 +131,3 @@ def batched(items: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
     """Split ``items`` into lists of at most ``size``."""
     for k in range(0, len(items), size):
         yield list(items[k : k + size])
-
-
-def lazy_reads(
-    path: str | Path, tiles: Sequence[Tile], bands: Sequence[int], alpha_band: int | None = None
-) -> list[Any]:
-    """One ``dask.delayed`` window read per tile; each task opens the dataset itself.
-
-    Each delayed value computes to ``(data CHW, valid HW)`` (see :func:`geoseg.io.read_window`).
-    """
-    import dask
-
-    from geoseg.io import read_window
-
-    read = dask.delayed(read_window, pure=True)
-    return [read(str(path), t.window, tuple(bands), alpha_band) for t in tiles]
