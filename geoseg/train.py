@@ -100,6 +100,10 @@ class TrainConfig:
     rot90: bool = True
     brightness: float = 0.1
     contrast: float = 0.1
+    global_brightness: float = 0.0
+    global_contrast: float = 0.0
+    noise: float = 0.0
+    label_smoothing: float = 0.0
     amp: bool = True
     device: DeviceName = "auto"
     workers: int = 0
@@ -164,6 +168,12 @@ class TrainConfig:
             raise ParameterError(f"device {self.device!r}: choose auto, cpu or gpu")
         if self.lr <= 0:
             raise ParameterError(f"lr {self.lr}: use a positive learning rate")
+        for label, v in (("global_brightness", self.global_brightness), ("global_contrast", self.global_contrast),
+                         ("noise", self.noise)):
+            if v < 0:
+                raise ParameterError(f"{label} {v}: use 0 (off) or a positive amount")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ParameterError(f"label_smoothing {self.label_smoothing}: use a fraction 0..1 (0 = off)")
         if not 0.0 <= self.min_labelled <= 1.0:
             raise ParameterError(f"min_labelled {self.min_labelled}: use a fraction 0..1")
 
@@ -343,7 +353,8 @@ class WindowDataset:
 
     def __init__(self, data: RegionData, window: int, length: int, *, seed: int = 0, start: int = 0,
                  flips: bool = True, rot90: bool = True, brightness: float = 0.0, contrast: float = 0.0,
-                 min_labelled: float = 0.0) -> None:
+                 min_labelled: float = 0.0, global_brightness: float = 0.0, global_contrast: float = 0.0,
+                 noise: float = 0.0) -> None:
         """See the class docstring; ``length`` items starting at index ``start``."""
         self.data = data
         self.window = window
@@ -352,6 +363,7 @@ class WindowDataset:
         self.start = start
         self.flips, self.rot90 = flips, rot90
         self.brightness, self.contrast = brightness, contrast
+        self.global_brightness, self.global_contrast, self.noise = global_brightness, global_contrast, noise
         self.min_labelled = min_labelled
 
     def __len__(self) -> int:
@@ -377,15 +389,20 @@ class WindowDataset:
         _, r, c = best
         x = img[:, r : r + s, c : c + s].copy()
         y = lab[r : r + s, c : c + s].copy()
-        return augment(x, y, rng, self.flips, self.rot90, self.brightness, self.contrast)
+        return augment(x, y, rng, self.flips, self.rot90, self.brightness, self.contrast,
+                       self.global_brightness, self.global_contrast, self.noise)
 
 
 def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, flips: bool, rot90: bool,
-            brightness: float, contrast: float) -> tuple[np.ndarray, np.ndarray]:
-    """Random flips, 90° rotations and mild brightness/contrast jitter of a normalised window.
+            brightness: float, contrast: float, global_brightness: float = 0.0, global_contrast: float = 0.0,
+            noise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Random flips, 90° rotations and photometric jitter of a normalised window.
 
     Jitter acts in normalised units: ``x * (1 + U(-contrast, contrast)) + U(-brightness, brightness)``
-    (one draw per window and band, so band ratios change only slightly).
+    (one draw per window and band). ``global_contrast`` / ``global_brightness`` add one draw per
+    window shared by all bands (``x * (1 + U(-gc, gc)) + U(-gb, gb)``), and ``noise`` adds
+    per-pixel Gaussian noise of that standard deviation. All are off at 0; draws that are off
+    consume no random numbers, so older configs reproduce.
     """
     if flips:
         if rng.random() < 0.5:
@@ -402,6 +419,12 @@ def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, flips: bool,
         gain = 1.0 + rng.uniform(-contrast, contrast, size=(c, 1, 1)) if contrast > 0 else 1.0
         shift = rng.uniform(-brightness, brightness, size=(c, 1, 1)) if brightness > 0 else 0.0
         x = (x * gain + shift).astype(np.float32)
+    if global_contrast > 0 or global_brightness > 0:
+        g = 1.0 + rng.uniform(-global_contrast, global_contrast) if global_contrast > 0 else 1.0
+        b = rng.uniform(-global_brightness, global_brightness) if global_brightness > 0 else 0.0
+        x = (x * g + b).astype(np.float32)
+    if noise > 0:
+        x = (x + rng.normal(0.0, noise, size=x.shape)).astype(np.float32)
     return x, np.ascontiguousarray(y, dtype=np.int64)
 
 
@@ -438,8 +461,12 @@ def auto_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 # ---- losses --------------------------------------------------------------------------------------
 def make_loss(kind: LossName, num_classes: int, class_weights: np.ndarray | None = None,
-              ce_weight: float = 1.0, dice_weight: float = 1.0) -> Callable[[Any, Any], tuple[Any, dict[str, float]]]:
-    """Loss ``f(logits NCHW, labels NHW int64) -> (loss, parts)``; labels == 255 are ignored."""
+              ce_weight: float = 1.0, dice_weight: float = 1.0,
+              label_smoothing: float = 0.0) -> Callable[[Any, Any], tuple[Any, dict[str, float]]]:
+    """Loss ``f(logits NCHW, labels NHW int64) -> (loss, parts)``; labels == 255 are ignored.
+
+    ``label_smoothing`` (0 = off) smooths the cross-entropy targets.
+    """
     paddle: Any = require_paddle()
     import paddle.nn.functional as F
 
@@ -447,6 +474,8 @@ def make_loss(kind: LossName, num_classes: int, class_weights: np.ndarray | None
 
     def ce(logits: Any, labels: Any) -> Any:
         # NHWC + trailing label axis: the layout paddle's cross_entropy handles for every version.
+        if label_smoothing > 0:
+            return _smoothed_ce(F, logits, labels, weight, label_smoothing, num_classes)
         return F.cross_entropy(logits.transpose([0, 2, 3, 1]), labels.unsqueeze(-1), weight=weight,
                                ignore_index=IGNORE_INDEX, axis=-1, reduction="mean")
 
@@ -477,6 +506,25 @@ def make_loss(kind: LossName, num_classes: int, class_weights: np.ndarray | None
                 return ce_weight * lc + dice_weight * ld, {"ce": float(lc), "dice": float(ld)}
 
     return loss
+
+
+def _smoothed_ce(F: Any, logits: Any, labels: Any, weight: Any, eps: float, num_classes: int) -> Any:
+    """Label-smoothed cross-entropy (targets ``(1 - eps) * onehot + eps / K``), ignoring 255.
+
+    With class weights, each pixel is weighted by its true class's weight (as in weighted CE).
+    """
+    import paddle
+
+    valid = labels != IGNORE_INDEX
+    safe = paddle.where(valid, labels, paddle.zeros_like(labels))
+    logp = F.log_softmax(logits, axis=1)
+    onehot = F.one_hot(safe, num_classes).transpose([0, 3, 1, 2])
+    target = onehot * (1.0 - eps) + eps / num_classes
+    per_pixel = -(target * logp).sum(axis=1)
+    w = valid.astype("float32")
+    if weight is not None:
+        w = w * paddle.gather(weight, safe.flatten()).reshape(safe.shape)
+    return (per_pixel * w).sum() / paddle.clip(w.sum(), min=1e-6)
 
 
 # ---- prediction over a region (validation) -------------------------------------------------------
@@ -619,7 +667,8 @@ class Trainer:
         self.class_weights = weights
         if weights is not None:
             log.info("class weights: %s", ", ".join(f"{c.id}:{w:.2f}" for c, w in zip(self.classes, weights)))
-        return make_loss(self.cfg.loss, self.num_classes, weights, self.cfg.ce_weight, self.cfg.dice_weight)
+        return make_loss(self.cfg.loss, self.num_classes, weights, self.cfg.ce_weight, self.cfg.dice_weight,
+                         self.cfg.label_smoothing)
 
     def configure_optimizer(self, model: Any) -> Any:
         """AdamW with global-norm gradient clipping; the LR is set every step."""
@@ -677,7 +726,11 @@ class Trainer:
                 "weight_decay": cfg.weight_decay, "schedule": cfg.schedule, "warmup": cfg.warmup,
                 "loss": cfg.loss, "class_weights": (None if getattr(self, "class_weights", None) is None
                                                     else [round(float(v), 4) for v in self.class_weights]),
-                "augment": {"flips": cfg.flips, "rot90": cfg.rot90, "brightness": cfg.brightness, "contrast": cfg.contrast},
+                "augment": {"flips": cfg.flips, "rot90": cfg.rot90, "brightness": cfg.brightness, "contrast": cfg.contrast,
+                            **({"global_brightness": cfg.global_brightness, "global_contrast": cfg.global_contrast,
+                                "noise": cfg.noise} if (cfg.global_brightness or cfg.global_contrast or cfg.noise)
+                               else {})},
+                **({"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}),
                 "seed": cfg.seed, "device": self.device,
             },
             metrics={"validation": dict(metrics)} if metrics else {},
@@ -709,7 +762,9 @@ class Trainer:
 
         ds = WindowDataset(self.train_data, self.window, (cfg.iterations - start) * cfg.batch_size, seed=cfg.seed,
                            start=start * cfg.batch_size, flips=cfg.flips, rot90=cfg.rot90,
-                           brightness=cfg.brightness, contrast=cfg.contrast, min_labelled=cfg.min_labelled)
+                           brightness=cfg.brightness, contrast=cfg.contrast, min_labelled=cfg.min_labelled,
+                           global_brightness=cfg.global_brightness, global_contrast=cfg.global_contrast,
+                           noise=cfg.noise)
         loader = paddle.io.DataLoader(_PaddleDataset(ds), batch_size=cfg.batch_size, shuffle=False, drop_last=False,
                                       num_workers=cfg.workers, use_shared_memory=cfg.workers > 0)
         csv_path = self.out / "train_log.csv"

@@ -19,6 +19,7 @@ from geoseg.train import (
     TrainConfig,
     Trainer,
     WindowDataset,
+    augment,
     auto_class_weights,
     learning_rate,
     make_loss,
@@ -106,6 +107,45 @@ def test_losses_ignore_index_and_weights() -> None:
     assert float(l1) == pytest.approx(float(l2), rel=1e-6)
     w = auto_class_weights(np.array([0, 0, 0, 1, IGNORE_INDEX]), 3)
     assert w[1] > w[0] and w[2] == 1.0
+
+
+def test_photometric_augmentations_are_off_by_default_and_shift_values() -> None:
+    x = np.random.default_rng(1).normal(size=(3, 8, 8)).astype(np.float32)
+    y = np.zeros((8, 8), np.int64)
+    # Off: geometry off gives the input back unchanged.
+    x0, _ = augment(x, y, np.random.default_rng(0), False, False, 0.0, 0.0)
+    np.testing.assert_array_equal(x0, x)
+    # Global brightness/contrast: one affine change shared by all bands.
+    xg, _ = augment(x, y, np.random.default_rng(0), False, False, 0.0, 0.0, global_brightness=0.5, global_contrast=0.3)
+    gains = [np.polyfit(x[b].ravel(), xg[b].ravel(), 1) for b in range(3)]
+    np.testing.assert_allclose([g[0] for g in gains], gains[0][0], rtol=1e-4)
+    np.testing.assert_allclose([g[1] for g in gains], gains[0][1], atol=1e-4)
+    assert not np.allclose(xg, x)
+    # Noise: zero-mean per-pixel perturbation of about the given size.
+    xn, _ = augment(np.zeros((3, 64, 64), np.float32), np.zeros((64, 64), np.int64), np.random.default_rng(0),
+                    False, False, 0.0, 0.0, noise=0.1)
+    assert xn.dtype == np.float32 and abs(float(xn.std()) - 0.1) < 0.01 and abs(float(xn.mean())) < 0.01
+    with pytest.raises(ParameterError):
+        TrainConfig(image="i", labels="l", noise=-0.1).check()
+
+
+def test_label_smoothing_matches_plain_ce_at_zero_and_ignores_pixels() -> None:
+    rng = np.random.default_rng(0)
+    logits = paddle.to_tensor(rng.normal(size=(2, 3, 4, 4)).astype(np.float32))
+    y = rng.integers(0, 3, size=(2, 4, 4)).astype(np.int64)
+    y[0, 0] = IGNORE_INDEX
+    yt = paddle.to_tensor(y)
+    w = np.array([0.5, 1.0, 2.0], np.float32)
+    for cw in (None, w):
+        plain, _ = make_loss("ce", 3, cw)(logits, yt)
+        tiny, _ = make_loss("ce", 3, cw, label_smoothing=1e-9)(logits, yt)
+        assert float(tiny) == pytest.approx(float(plain), rel=1e-5)
+    smooth, _ = make_loss("ce", 3, label_smoothing=0.2)(logits, yt)
+    assert np.isfinite(float(smooth)) and float(smooth) != pytest.approx(float(make_loss("ce", 3)(logits, yt)[0]))
+    logits2 = logits.numpy().copy()
+    logits2[0, :, 0] = 50.0  # ignored row
+    s2, _ = make_loss("ce", 3, label_smoothing=0.2)(paddle.to_tensor(logits2), yt)
+    assert float(s2) == pytest.approx(float(smooth), rel=1e-6)
 
 
 def test_training_steps_lower_the_loss(scene: tuple[Path, Path], tmp_path: Path) -> None:

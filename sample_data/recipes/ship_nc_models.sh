@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train, ship and evaluate geoseg's two land-cover models on the North Carolina Landsat-7 scene.
-# Run from the repository root. CPU only is fine (1 thread each: ~6 min for DeepLabv3+, ~17 min for UNet).
+# Run from the repository root. CPU only is fine (1 thread each: ~5 min for DeepLabv3+, ~17 min for UNet).
 # The fixed split: train = columns 0-325 (validation = columns 266-325 inside them),
 # test = columns 326-488, read only by the final `geoseg evaluate --region 326,0,163,443`.
 set -euo pipefail
