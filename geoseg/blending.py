@@ -105,7 +105,9 @@ class StripMerger:
             raise ParameterError(f"window at row {tile.row} arrived out of order (buffer starts at row {self._base})")
         wm = weight_map(h, w, self.mode)
         cs = slice(tile.col, tile.col + w)
-        self._acc[:, r0 : r0 + h, cs] += probs * wm
+        acc = self._acc[:, r0 : r0 + h, cs]
+        for k in range(c):  # plane by plane: no class-sized temporary
+            acc[k] += probs[k] * wm
         self._wsum[r0 : r0 + h, cs] += wm
         if valid is not None:
             self._valid[r0 : r0 + h, cs] |= valid

@@ -517,7 +517,7 @@ def run_grid(
             else:
                 skipped += 1
         if todo:
-            x = np.stack([x_t for _, x_t, _ in todo])
+            x = todo[0][1][None] if len(todo) == 1 else np.stack([x_t for _, x_t, _ in todo])
             t0 = time.perf_counter()
             probs = predictor(x)
             model_s += time.perf_counter() - t0

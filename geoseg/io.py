@@ -245,7 +245,10 @@ class COGWriter:
             "tiled": True,
             "blockxsize": 256,
             "blockysize": 256,
+            # the staging copy is read once by the COG driver: compress it, but cheaply
             "compress": "ZSTD" if _has_zstd() else "DEFLATE",
+            "zstd_level": 1,
+            "zlevel": 1,
             "BIGTIFF": "IF_SAFER",
         }
         try:
