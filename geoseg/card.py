@@ -232,15 +232,9 @@ class ModelCard:
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
         """Read a card from a YAML file."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ModelError(f"model card {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ModelError(f"model card {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, Mapping):
-            raise ModelError(f"model card {path} is not a YAML mapping")
+        from geoseg.config import load_yaml_mapping
+
+        data = load_yaml_mapping(path, "model card", ModelError)
         return cls.from_dict(data, source=f"model card {path}")
 
     def replace(self, **changes: Any) -> ModelCard:

@@ -33,6 +33,7 @@ import yaml
 
 from geoseg.atomic import atomic_write_text
 from geoseg.card import PALETTE, ClassInfo, ModelCard, Normalization
+from geoseg.config import load_yaml_mapping
 from geoseg.errors import ModelError, ParameterError
 
 log = logging.getLogger(__name__)
@@ -197,12 +198,7 @@ def load_exported(
     deploy_path = d / DEPLOY_FILE
     deploy: Mapping[str, Any] = {}
     if deploy_path.is_file():
-        try:
-            deploy = yaml.safe_load(deploy_path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ModelError(f"{deploy_path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(deploy, Mapping):
-            raise ModelError(f"{deploy_path} is not a YAML mapping")
+        deploy = load_yaml_mapping(deploy_path, "deploy file", ModelError, empty_ok=True)
     dep = deploy.get("Deploy") or {}
     if not isinstance(dep, Mapping):
         raise ModelError(f"{deploy_path}: 'Deploy' is not a mapping")

@@ -136,17 +136,9 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
         """Read a YAML config; relative paths in it are taken relative to the working directory."""
-        import yaml
+        from geoseg.config import load_yaml_mapping
 
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ParameterError(f"training config {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ParameterError(f"training config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, Mapping):
-            raise ParameterError(f"training config {path} is not a YAML mapping")
+        data = load_yaml_mapping(path, "training config", ParameterError, empty_ok=True)
         merged = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
         return cls.from_mapping(merged, source=f"training config {path}")
 
