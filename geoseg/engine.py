@@ -42,6 +42,7 @@ from geoseg.io import (
     check_georeferenced,
     class_colormap,
     classes_tag,
+    close_handles,
     open_scene,
     read_window,
     write_aux_xml,
@@ -458,6 +459,7 @@ def _prefetch(
             with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.05)
         t.join()
+        close_handles(meta.path)
 
 
 def argmax_classes(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

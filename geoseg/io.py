@@ -142,27 +142,30 @@ def check_georeferenced(meta: SceneMeta) -> None:
 
 
 # ---- reading -----------------------------------------------------------------------------
-_local = threading.local()
+_handles: dict[tuple[int, str], Any] = {}
+_handles_lock = threading.Lock()
 
 
 def _handle(path: Path) -> Any:
-    """A per-thread cached dataset handle (GDAL handles must not be shared across threads)."""
-    cache: dict[str, Any] = getattr(_local, "handles", None) or {}
-    _local.handles = cache
-    key = str(path)
-    ds = cache.get(key)
+    """A dataset handle for ``path`` owned by the calling thread (GDAL handles are not shared).
+
+    Reader threads keep their handle between windows; :func:`close_handles` closes them when a
+    scene is done, so a long batch run does not accumulate open files.
+    """
+    key = (threading.get_ident(), str(path))
+    ds = _handles.get(key)
     if ds is None or ds.closed:
         ds = rasterio.open(path)
-        cache[key] = ds
+        with _handles_lock:
+            _handles[key] = ds
     return ds
 
 
-def close_handles() -> None:
-    """Close the calling thread's cached dataset handles."""
-    cache: dict[str, Any] = getattr(_local, "handles", None) or {}
-    for ds in cache.values():
-        ds.close()
-    cache.clear()
+def close_handles(path: str | Path) -> None:
+    """Close every thread's cached handle of ``path`` (call when no read of it is running)."""
+    with _handles_lock:
+        for key in [k for k in _handles if k[1] == str(path)]:
+            _handles.pop(key).close()
 
 
 def read_window(
@@ -410,14 +413,6 @@ def write_qml(mask_path: str | Path, classes: Sequence[ClassInfo]) -> Path:
     return out
 
 
-def valid_mask_of(path: str | Path, bands: Sequence[int] | None = None) -> np.ndarray:
-    """Whole-raster valid mask (HW bool). For tests and small rasters only."""
-    meta = open_scene(path)
-    b = list(bands) if bands else list(meta.data_bands)
-    _, valid = read_window(path, Window(0, 0, meta.width, meta.height), b, meta.alpha_band)
-    return valid
-
-
 __all__ = [
     "CLASSES_TAG",
     "COGWriter",
@@ -432,7 +427,6 @@ __all__ = [
     "open_scene",
     "read_classes",
     "read_window",
-    "valid_mask_of",
     "write_aux_xml",
     "write_qml",
 ]

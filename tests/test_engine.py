@@ -207,3 +207,12 @@ def test_bad_tiling_is_refused_before_any_output(tmp_path: Path) -> None:
         segment_scene(src, tmp_path / "o.tif", source=ModelSource(identity_card(1, 2)),
                       predictor=one_hot_predictor(2), options=PredictOptions(tile_size=64, overlap=64))
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_reader_handles_are_closed_after_a_scene(tmp_path: Path) -> None:
+    import geoseg.io
+
+    src = write_raster(tmp_path / "s.tif", class_image(300, 300, 2)[None].astype(np.uint8))
+    segment_scene(src, tmp_path, source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2),
+                  options=PredictOptions(read_workers=2))
+    assert not [k for k in geoseg.io._handles if k[1] == str(src)]
