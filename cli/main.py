@@ -12,9 +12,14 @@ Exit codes (the same for every command):
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from typing import Any
+
+# Paddle's C++ log (glog) writes "W1123 ..." lines straight to stderr; keep errors only unless the
+# user set it. Must happen before paddle is imported (the model commands import it lazily).
+os.environ.setdefault("GLOG_minloglevel", "2")
 
 import click
 
