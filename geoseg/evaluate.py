@@ -131,7 +131,7 @@ def evaluate_rasters(
             box = (0, 0, W, H)
         ref_ignore = list(ignore) + ([int(rds.nodata)] if rds.nodata is not None else [])
         pred_ignore = [MASK_NODATA] + ([int(pds.nodata)] if pds.nodata is not None else [])
-        table = read_classes(pred_path)
+        table = read_classes(pds)
         names: dict[int, str] = {c.id: c.name for c in table} if table else {}
         if classes is None:
             if table:

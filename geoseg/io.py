@@ -347,13 +347,19 @@ def classes_tag(classes: Sequence[ClassInfo]) -> dict[str, str]:
     return {CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes])}
 
 
-def read_classes(path: str | Path) -> list[ClassInfo] | None:
-    """Class table of a geoseg mask (from its ``GEOSEG_CLASSES`` tag), or None."""
-    with rasterio.open(path) as ds:
-        raw = ds.tags().get(CLASSES_TAG)
+def read_classes(ds: Any) -> list[ClassInfo] | None:
+    """Class table stored in an open dataset's ``GEOSEG_CLASSES`` tag; None if absent or malformed."""
+    raw = ds.tags().get(CLASSES_TAG)
     if not raw:
         return None
-    return [ClassInfo(int(c["id"]), str(c["name"]), tuple(c["color"])) for c in json.loads(raw)]  # type: ignore[arg-type]
+    try:
+        return [
+            ClassInfo(int(c["id"]), str(c["name"]), tuple(int(v) for v in c["color"])[:3])  # type: ignore[arg-type]
+            for c in json.loads(raw)
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring malformed %s tag in %s: %s", CLASSES_TAG, ds.name, exc)
+        return None
 
 
 def write_aux_xml(mask_path: str | Path, classes: Sequence[ClassInfo], nodata_name: str = "nodata") -> Path:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import os
@@ -74,6 +73,7 @@ from rasterio.crs import CRS
 from geoseg.atomic import atomic_output, check_output
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.errors import OutputError, ParameterError, SceneError, SceneReadError
+from geoseg.io import read_classes as read_tagged_classes
 
 log = logging.getLogger(__name__)
 
@@ -221,16 +221,10 @@ def read_classes(ds: rasterio.DatasetReader) -> dict[int, ClassInfo]:
     for names and the band's colour table for colours.  Classes not described there get
     ``class_<id>`` and a palette colour when they are looked up (:func:`class_lookup`).
     """
+    tagged = read_tagged_classes(ds)
+    if tagged is not None:
+        return {c.id: c for c in tagged}
     out: dict[int, ClassInfo] = {}
-    tag = ds.tags().get("GEOSEG_CLASSES")
-    if tag:
-        try:
-            for c in json.loads(tag):
-                out[int(c["id"])] = ClassInfo(int(c["id"]), str(c["name"]), tuple(int(v) for v in c["color"])[:3])  # type: ignore[arg-type]
-            return out
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring malformed GEOSEG_CLASSES tag in %s: %s", ds.name, exc)
-            out = {}
     names: dict[int, str] = {}
     for item in (ds.tags(1).get("CLASSES") or "").split(","):
         key, _, name = item.partition("=")

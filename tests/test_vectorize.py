@@ -316,3 +316,13 @@ def test_strip_pieces_are_edge_matched() -> None:
     for row, line in ((8, a[7]), (20, a[20])):
         change = set((np.flatnonzero(line[1:] != line[:-1]) + 1).tolist())
         assert change and change <= set(xy[xy[:, 1] == -row, 0].astype(int).tolist())
+
+
+def test_malformed_class_tag_falls_back_to_the_colour_table(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_mask(tmp_path / "bad_tag.tif", class_array(), tags=False)
+    with rasterio.open(path, "r+") as ds:
+        ds.update_tags(GEOSEG_CLASSES='[{"id": 1}]')  # no name, no colour
+    info = vec.open_mask(path)
+    assert "malformed GEOSEG_CLASSES" in caplog.text
+    by_id = {c["id"]: tuple(c["color"]) for c in CLASSES}
+    assert {k: (info.classes[k].name, info.classes[k].color) for k in by_id} == {k: (f"class_{k}", rgb) for k, rgb in by_id.items()}
