@@ -514,13 +514,9 @@ def run_scene(
         return _failed(scene, exc, t0, fatal=True)
     except (GeosegError, OSError, ValueError, RuntimeError, MemoryError) as exc:
         return _failed(scene, exc, t0)
-    outputs = [res.mask, Path(str(res.mask) + ".aux.xml"), res.style]
-    if res.confidence is not None:
-        outputs.append(res.confidence)
-    outputs.extend(res.extra_outputs)
     return SceneOutcome(
         key=scene.key, input=str(scene.path), status="ok", seconds=time.perf_counter() - t0, windows=res.windows,
-        megapixels=res.megapixels, outputs=[str(p) for p in outputs if Path(p).exists()],
+        megapixels=res.megapixels, outputs=[str(p) for p in res.outputs],
     )
 
 

@@ -317,6 +317,7 @@ class PredictResult:
     mask: Path
     confidence: Path | None
     style: Path
+    aux: Path
     windows: int
     windows_skipped: int
     seconds: float
@@ -324,6 +325,14 @@ class PredictResult:
     megapixels: float
     device: str
     extra_outputs: tuple[Path, ...] = ()
+
+    @property
+    def outputs(self) -> list[Path]:
+        """Every file this run wrote: mask, its .aux.xml and .qml, confidence, polygons."""
+        out = [self.mask, self.aux, self.style]
+        if self.confidence is not None:
+            out.append(self.confidence)
+        return out + list(self.extra_outputs)
 
     @property
     def windows_per_s(self) -> float:
@@ -634,7 +643,7 @@ def segment_scene(
             for w in writers:
                 w.abort()
             raise
-    write_aux_xml(mask_path, mc.classes)
+    aux = write_aux_xml(mask_path, mc.classes)
     style = write_qml(mask_path, mc.classes)
     extra: tuple[Path, ...] = ()
     if vector_path is not None:
@@ -647,7 +656,7 @@ def segment_scene(
         extra = (vec.path,)
     seconds = time.perf_counter() - t_start
     result = PredictResult(
-        mask=mask_path, confidence=conf_path if opts.confidence != "none" else None, style=style,
+        mask=mask_path, confidence=conf_path if opts.confidence != "none" else None, style=style, aux=aux,
         windows=ran, windows_skipped=skipped, seconds=seconds, model_seconds=model_s,
         megapixels=meta.width * meta.height / 1e6, device=device_desc, extra_outputs=extra,
     )

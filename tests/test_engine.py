@@ -64,6 +64,7 @@ def test_identity_predictor_is_stitched_back_exactly(tmp_path: Path, batch_size:
     np.testing.assert_array_equal(mask, expected)
     assert res.windows + res.windows_skipped == len(make_grid(203, 317, 64, 16))
     assert res.windows_skipped >= 1  # the all-nodata windows of the collar never reached the model
+    assert sorted(p.name for p in res.outputs) == sorted(p.name for p in (tmp_path / "out").iterdir())
     assert no_tmp_files(tmp_path)
 
 
