@@ -202,15 +202,6 @@ def input_fingerprint(path: str | Path) -> dict[str, Any]:
         raise SceneReadError(f"input {path} cannot be read ({exc.strerror}): check the path and permissions") from None
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 (hex, 16 chars) of a whole file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 # ---- settings ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BatchModel:
@@ -236,10 +227,11 @@ class BatchModel:
         return resolve_model(self.model, self.weights, self.card)
 
     def key(self) -> str:
-        """Model card digest + weights digest: what the manifest compares."""
+        """Model card digest + weights digest (file, exported params): what the manifest compares."""
+        from geoseg.engine import weights_digest
+
         src = self.source()
-        w = file_digest(src.weights) if src.weights is not None else "shipped"
-        return f"{src.card.digest()}-{w}"
+        return f"{src.card.digest()}-{weights_digest(src)}"
 
     def build(self) -> tuple[Callable[..., Any], str, Any]:
         """Load the model: ``(predictor, description, source)``.  The expensive step."""

@@ -176,19 +176,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GEOSEG_CACHE_DIR") or Path.home() / ".cache" / "geoseg")
 
 
-def _state_digest(layer: Any) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(layer.state_dict().items()):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(v.numpy()).tobytes())
-    return h.hexdigest()[:16]
-
-
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def weights_digest(source: ModelSource) -> str:
+    """Short hash of the model's weights: the weights file, an export's params, or in-memory values.
+
+    With the card's digest it identifies a model (export cache, batch manifest).
+    """
+    if source.weights is not None:
+        return _file_digest(source.weights)
+    if source.export_dir is not None:
+        from geoseg.models.inference import find_model_files
+
+        return _file_digest(find_model_files(source.export_dir)[1])
+    h = hashlib.sha256()
+    for k, v in sorted(build_layer(source).state_dict().items()):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(v.numpy()).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -213,7 +223,7 @@ def exported_for_inference(source: ModelSource) -> Path:
         return source.export_dir
     paddle: Any = require_paddle()
     layer = build_layer(source)
-    digest = _file_digest(source.weights) if source.weights is not None else _state_digest(layer)
+    digest = weights_digest(source)
     # the cached graph ends in a softmax (oneDNN computes it faster than numpy): it returns probabilities
     key = hashlib.sha256(f"{digest}|{source.card.digest()}|{paddle.__version__}|softmax".encode()).hexdigest()[:20]
     target = cache_dir() / "exports" / key

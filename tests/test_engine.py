@@ -217,3 +217,19 @@ def test_reader_handles_are_closed_after_a_scene(tmp_path: Path) -> None:
     segment_scene(src, tmp_path, source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2),
                   options=PredictOptions(read_workers=2))
     assert not [k for k in geoseg.io._handles if k[1] == str(src)]
+
+
+def test_weights_digest_follows_the_weights(tmp_path: Path) -> None:
+    from geoseg.engine import weights_digest
+
+    d = tmp_path / "exported"
+    d.mkdir()
+    (d / "model.json").write_text("{}")
+    (d / "model.pdiparams").write_bytes(b"one")
+    card = identity_card(1, 2)
+    first = weights_digest(ModelSource(card, export_dir=d))
+    (d / "model.pdiparams").write_bytes(b"two")
+    assert weights_digest(ModelSource(card, export_dir=d)) != first
+    w = tmp_path / "w.pdparams"
+    w.write_bytes(b"two")
+    assert weights_digest(ModelSource(card, weights=w)) == weights_digest(ModelSource(card, export_dir=d))
