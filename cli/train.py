@@ -71,7 +71,6 @@ def train(ctx: click.Context, config: Path, image: Path | None, labels: Path | N
         "resume": str(resume) if resume else None,
         "progress": sys.stderr.isatty() and not ctx.obj.get("quiet", False),
     }
-    overrides.update(sets)
-    cfg = TrainConfig.load(config, overrides)
+    cfg = TrainConfig.load(config, overrides, explicit=sets)
     result = run_training(cfg)
     click.echo(str(result.weights))

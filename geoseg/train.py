@@ -25,7 +25,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -104,6 +105,8 @@ class TrainConfig:
     global_contrast: float = 0.0
     noise: float = 0.0
     label_smoothing: float = 0.0
+    mosaic: float = 0.0
+    ema: float = 0.0
     amp: bool = True
     device: DeviceName = "auto"
     workers: int = 0
@@ -134,12 +137,17 @@ class TrainConfig:
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-        """Read a YAML config; relative paths in it are taken relative to the working directory."""
+    def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None,
+             explicit: Mapping[str, Any] | None = None) -> TrainConfig:
+        """Read a YAML config; relative paths in it are taken relative to the working directory.
+
+        ``overrides`` replace config keys where they are not ``None`` (unset CLI options);
+        ``explicit`` replace them always, ``None`` included (``--set val_region=null``).
+        """
         from geoseg.config import load_yaml_mapping
 
         data = load_yaml_mapping(path, "training config", ParameterError, empty_ok=True)
-        merged = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        merged = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}, **dict(explicit or {})}
         return cls.from_mapping(merged, source=f"training config {path}")
 
     def check(self) -> None:
@@ -166,6 +174,10 @@ class TrainConfig:
                 raise ParameterError(f"{label} {v}: use 0 (off) or a positive amount")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ParameterError(f"label_smoothing {self.label_smoothing}: use a fraction 0..1 (0 = off)")
+        if not 0.0 <= self.mosaic <= 1.0:
+            raise ParameterError(f"mosaic {self.mosaic}: use a probability 0..1 (0 = off)")
+        if not 0.0 <= self.ema < 1.0:
+            raise ParameterError(f"ema {self.ema}: use a decay in [0, 1), e.g. 0.99 (0 = off)")
         if not 0.0 <= self.min_labelled <= 1.0:
             raise ParameterError(f"min_labelled {self.min_labelled}: use a fraction 0..1")
 
@@ -346,8 +358,12 @@ class WindowDataset:
     def __init__(self, data: RegionData, window: int, length: int, *, seed: int = 0, start: int = 0,
                  flips: bool = True, rot90: bool = True, brightness: float = 0.0, contrast: float = 0.0,
                  min_labelled: float = 0.0, global_brightness: float = 0.0, global_contrast: float = 0.0,
-                 noise: float = 0.0) -> None:
-        """See the class docstring; ``length`` items starting at index ``start``."""
+                 noise: float = 0.0, mosaic: float = 0.0) -> None:
+        """See the class docstring; ``length`` items starting at index ``start``.
+
+        ``mosaic`` is the probability that an item is a 2x2 mosaic of four half-size windows
+        from independent random places (0 = off, and then no random number is drawn for it).
+        """
         self.data = data
         self.window = window
         self.length = length
@@ -357,6 +373,7 @@ class WindowDataset:
         self.brightness, self.contrast = brightness, contrast
         self.global_brightness, self.global_contrast, self.noise = global_brightness, global_contrast, noise
         self.min_labelled = min_labelled
+        self.mosaic = mosaic
 
     def __len__(self) -> int:
         return self.length
@@ -364,9 +381,25 @@ class WindowDataset:
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(image CHW float32, labels HW int64)``."""
         rng = np.random.default_rng([self.seed, self.start + int(i)])
+        s = self.window
+        if self.mosaic > 0 and rng.random() < self.mosaic:
+            # Four half-size windows from independent places, tiled 2x2: the network sees
+            # classes next to neighbours they never touch in the scene (less reliance on context).
+            h = s // 2
+            x = np.empty((self.data.image.shape[0], s, s), np.float32)
+            y = np.empty((s, s), np.int64)
+            for r0 in (0, h):
+                for c0 in (0, h):
+                    x[:, r0 : r0 + h, c0 : c0 + h], y[r0 : r0 + h, c0 : c0 + h] = self._crop(rng, h)
+        else:
+            x, y = self._crop(rng, s)
+        return augment(x, y, rng, self.flips, self.rot90, self.brightness, self.contrast,
+                       self.global_brightness, self.global_contrast, self.noise)
+
+    def _crop(self, rng: np.random.Generator, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """A random ``s``-pixel window (copies), preferring ones with enough labelled pixels."""
         img, lab = self.data.image, self.data.labels
         _, H, W = img.shape
-        s = self.window
         best = None
         for _ in range(10):  # prefer windows with enough labelled pixels
             r = int(rng.integers(0, H - s + 1))
@@ -379,10 +412,7 @@ class WindowDataset:
                 break
         assert best is not None
         _, r, c = best
-        x = img[:, r : r + s, c : c + s].copy()
-        y = lab[r : r + s, c : c + s].copy()
-        return augment(x, y, rng, self.flips, self.rot90, self.brightness, self.contrast,
-                       self.global_brightness, self.global_contrast, self.noise)
+        return img[:, r : r + s, c : c + s].copy(), lab[r : r + s, c : c + s].copy()
 
 
 def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, flips: bool, rot90: bool,
@@ -580,6 +610,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | None = None) -> None:
         """Check inputs, read the regions into memory and compute normalisation statistics."""
         self.cfg = cfg
+        self.ema: _Ema | None = None
         self.paddle: Any = require_paddle()
         self.out = Path(cfg.out)
         image_path, labels_path = Path(cfg.image), Path(cfg.labels)
@@ -746,6 +777,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         start, best_miou, best_it, history = 0, -1.0, -1, []
         best_metrics: dict[str, Any] = {}
+        self.ema = _Ema(paddle, model, cfg.ema) if cfg.ema > 0 else None
         if cfg.resume:
             start, best_miou, best_it, history, best_metrics = self._resume(Path(cfg.resume), model, opt)
             log.info("resuming at iteration %d (best validation mIoU %.4f at %d)", start, best_miou, best_it)
@@ -756,7 +788,7 @@ class Trainer:
                            start=start * cfg.batch_size, flips=cfg.flips, rot90=cfg.rot90,
                            brightness=cfg.brightness, contrast=cfg.contrast, min_labelled=cfg.min_labelled,
                            global_brightness=cfg.global_brightness, global_contrast=cfg.global_contrast,
-                           noise=cfg.noise)
+                           noise=cfg.noise, mosaic=cfg.mosaic)
         loader = paddle.io.DataLoader(_PaddleDataset(ds), batch_size=cfg.batch_size, shuffle=False, drop_last=False,
                                       num_workers=cfg.workers, use_shared_memory=cfg.workers > 0)
         csv_path = self.out / "train_log.csv"
@@ -778,20 +810,24 @@ class Trainer:
             lr = learning_rate(it, cfg)
             lval, parts, gnorm = self.step(model, opt, loss_fn, x, y, lr, scaler, params)
             it += 1
+            if self.ema is not None:
+                self.ema.update(model, it)
             running.append(lval)
             row: dict[str, Any] = {"iteration": it, "lr": lr, "loss": lval, **parts, "grad_norm": gnorm}
             validate_now = self.val_data is not None and (it % cfg.val_every == 0 or it == cfg.iterations)
             if validate_now:
-                m = self.validate(model)
-                row.update(val_miou=m["miou"], val_oa=m["overall_accuracy"], val_kappa=m["kappa"])
-                log.info("iteration %d: loss %.4f, validation mIoU %.4f, OA %.4f", it, float(np.mean(running)),
-                         m["miou"], m["overall_accuracy"])
-                if m["miou"] > best_miou:
-                    best_miou, best_it, best_metrics = m["miou"], it, m
-                    self._save_best(model, save_weights, best_metrics, best_it)
+                with self._averaged(model):
+                    m = self.validate(model)
+                    row.update(val_miou=m["miou"], val_oa=m["overall_accuracy"], val_kappa=m["kappa"])
+                    log.info("iteration %d: loss %.4f, validation mIoU %.4f, OA %.4f", it, float(np.mean(running)),
+                             m["miou"], m["overall_accuracy"])
+                    if m["miou"] > best_miou:
+                        best_miou, best_it, best_metrics = m["miou"], it, m
+                        self._save_best(model, save_weights, best_metrics, best_it)
             if self.val_data is None and (it % cfg.val_every == 0 or it == cfg.iterations):
                 best_it = it
-                self._save_best(model, save_weights, {}, it)
+                with self._averaged(model):
+                    self._save_best(model, save_weights, {}, it)
             row["seconds"] = round(time.perf_counter() - t0, 2)
             if it % cfg.log_every == 0 or validate_now or it == cfg.iterations:
                 history.append(row)
@@ -812,7 +848,8 @@ class Trainer:
         seconds = time.perf_counter() - t0
         weights_path, card_path = self.out / "weights.pdparams", self.out / "weights.yaml"
         if not weights_path.exists():  # resumed at the end without validation
-            self._save_best(model, save_weights, best_metrics, it)
+            with self._averaged(model):
+                self._save_best(model, save_weights, best_metrics, it)
         atomic_write_text(self.out / "train_log.json", json.dumps({
             "config": cfg.to_dict(), "best_iteration": best_it,
             "best_validation": best_metrics, "history": history, "seconds": round(seconds, 1),
@@ -850,6 +887,10 @@ class Trainer:
         opt.clear_grad()
         return float(loss), parts, gnorm
 
+    def _averaged(self, model: Any) -> Any:
+        """Context in which ``model`` holds the weights to validate and ship (EMA when on)."""
+        return self.ema.applied(model) if self.ema is not None else nullcontext()
+
     def _save_best(self, model: Any, save_weights: Any, metrics: Mapping[str, Any], it: int) -> None:
         save_weights(model, self.out / "weights.pdparams")
         self.card(metrics, it).save(self.out / "weights.yaml")
@@ -861,6 +902,9 @@ class Trainer:
 
         d.mkdir(parents=True, exist_ok=True)
         save_weights(model, d / "last.pdparams")
+        if self.ema is not None:
+            with atomic_output(d / "last.ema.pdparams") as tmp:
+                self.paddle.save(self.ema.state_dict(), str(tmp))
         with atomic_output(d / "last.pdopt") as tmp:
             self.paddle.save(_portable_opt_state(model, opt.state_dict(), to_structured=True), str(tmp))
         atomic_write_text(d / "last.json", json.dumps({
@@ -880,9 +924,60 @@ class Trainer:
         opt_path = path.with_suffix(".pdopt")
         if opt_path.is_file():
             opt.set_state_dict(_portable_opt_state(model, self.paddle.load(str(opt_path)), to_structured=False))
+        ema_path = path.with_name("last.ema.pdparams")
+        if self.ema is not None:
+            if not ema_path.is_file():
+                raise ParameterError(f"resume: {path.parent} has no EMA weights (last.ema.pdparams); "
+                                     "resume with the run's own config (ema as it was)")
+            self.ema.set_state_dict(self.paddle.load(str(ema_path)))
         state = json.loads(meta_path.read_text())
         return (int(state["iteration"]), float(state.get("best_miou", -1.0)), int(state.get("best_iteration", -1)),
                 list(state.get("history", [])), dict(state.get("best_validation") or {}))
+
+
+class _Ema:
+    """Exponential moving average of a model's weights and buffers (BatchNorm statistics too).
+
+    ``decay`` is warmed up as ``min(decay, (1 + it) / (10 + it))`` so early averages are not
+    dominated by the random initialisation. :meth:`applied` swaps the averaged weights in for
+    validation and saving, and puts the trained ones back afterwards.
+    """
+
+    def __init__(self, paddle: Any, model: Any, decay: float) -> None:
+        self.paddle = paddle
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def update(self, model: Any, it: int) -> None:
+        """Fold the current weights in (``it``: iterations done)."""
+        d = min(self.decay, (1.0 + it) / (10.0 + it))
+        with self.paddle.no_grad():
+            for k, v in model.state_dict().items():
+                s = self.shadow[k]
+                if v.dtype in (self.paddle.float32, self.paddle.float64, self.paddle.float16, self.paddle.bfloat16):
+                    self.paddle.assign(s * d + v.detach().astype(s.dtype) * (1.0 - d), output=s)
+                else:
+                    self.paddle.assign(v.detach(), output=s)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.shadow)
+
+    def set_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k, s in self.shadow.items():
+            if k in state:
+                v = state[k]
+                v = v if isinstance(v, self.paddle.Tensor) else self.paddle.to_tensor(np.asarray(v))
+                self.paddle.assign(v.astype(s.dtype), output=s)
+
+    @contextmanager
+    def applied(self, model: Any) -> Iterator[None]:
+        """Run the block with the averaged weights in ``model``."""
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.set_state_dict(self.shadow)
+        try:
+            yield
+        finally:
+            model.set_state_dict(backup)
 
 
 class _PaddleDataset:

@@ -238,3 +238,64 @@ def test_vector_aoi_region(scene: tuple[Path, Path], tmp_path: Path) -> None:
     t = Trainer(_cfg(scene, tmp_path / "o", train_region=str(aoi)))
     r = t.train_region
     assert (r.row, r.col, r.height, r.width) == (0, 0, 48, 40) and r.mask.all()
+
+
+def test_mosaic_tiles_four_independent_windows_of_the_region(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    from geoseg.train import RegionData
+
+    t = Trainer(_cfg(scene, tmp_path / "o"))
+    # A label "image" whose value encodes its position: every quadrant must be a crop of it.
+    h, w = t.train_data.labels.shape
+    pos = np.arange(h * w, dtype=np.int64).reshape(h, w)
+    data = RegionData(t.train_data.image, pos, t.train_data.region)
+    plain = WindowDataset(data, 32, 4, seed=2, flips=False, rot90=False)
+    mixed = WindowDataset(data, 32, 4, seed=2, flips=False, rot90=False, mosaic=1.0)
+    _, y0 = plain[0]
+    assert np.array_equal(y0, pos[y0[0, 0] // w : y0[0, 0] // w + 32, y0[0, 0] % w : y0[0, 0] % w + 32])
+    x, y = mixed[0]
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32)
+    corners = []
+    for r0 in (0, 16):
+        for c0 in (0, 16):
+            q = y[r0 : r0 + 16, c0 : c0 + 16]
+            r, c = divmod(int(q[0, 0]), w)
+            assert np.array_equal(q, pos[r : r + 16, c : c + 16])  # a contiguous crop of the region
+            np.testing.assert_array_equal(x[:, r0 : r0 + 16, c0 : c0 + 16], data.image[:, r : r + 16, c : c + 16])
+            corners.append((r, c))
+    assert len(set(corners)) == 4  # drawn independently
+    assert not np.array_equal(y, y0)
+    # mosaic 0 draws no extra random numbers: older configs give the same windows.
+    np.testing.assert_array_equal(WindowDataset(data, 32, 4, seed=2, flips=False, rot90=False, mosaic=0.0)[0][1], y0)
+
+
+def test_ema_weights_are_validated_saved_and_resumed(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    from geoseg.models.checkpoints import read_state_dict
+
+    kw = {"schedule": "constant", "warmup": 0, "val_every": 2, "ema": 0.5, "val_region": None}
+    train(_cfg(scene, tmp_path / "a", iterations=2, **kw))
+    res = train(_cfg(scene, tmp_path / "a", iterations=4, resume=str(tmp_path / "a" / "checkpoints"), **kw))
+    assert res.best_iteration == 4
+    straight = train(_cfg(scene, tmp_path / "b", iterations=4, **kw))
+    shipped = read_state_dict(tmp_path / "b" / "weights.pdparams")
+    raw = read_state_dict(tmp_path / "b" / "checkpoints" / "last.pdparams")
+    ema = paddle.load(str(tmp_path / "b" / "checkpoints" / "last.ema.pdparams"))
+    key = next(k for k in raw if k.endswith("weight"))
+    np.testing.assert_allclose(np.asarray(shipped[key]), np.asarray(ema[key]), rtol=1e-6)
+    assert np.abs(np.asarray(shipped[key]) - np.asarray(raw[key])).max() > 1e-6  # the average, not the last step
+    resumed = read_state_dict(tmp_path / "a" / "weights.pdparams")
+    for k in shipped:  # resuming restores the average too
+        np.testing.assert_allclose(np.asarray(resumed[k]), np.asarray(shipped[k]), rtol=1e-4, atol=1e-5)
+    assert straight.history[-1]["loss"] == pytest.approx(res.history[-1]["loss"], rel=1e-4)
+    with pytest.raises(ParameterError, match="ema"):
+        _cfg(scene, tmp_path, ema=1.0)
+
+
+def test_cli_set_null_clears_a_config_key(scene: tuple[Path, Path], tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    from geoseg_cli.main import cli
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_cfg(scene, tmp_path / "cli").to_dict()))
+    r = runner.invoke(cli, ["-q", "train", "--config", str(tmp_path / "c.yaml"), "--iterations", "2",
+                            "--set", "val_region=null", "--set", "train_region=[0,0,64,48]"])
+    assert r.exit_code == 0, r.output
+    log = (tmp_path / "cli" / "train_log.csv").read_text()
+    assert "val_miou" in log.splitlines()[0] and all(row.split(",")[6] == "" for row in log.splitlines()[1:])
