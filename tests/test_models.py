@@ -82,6 +82,7 @@ def test_unknown_parameter_is_named() -> None:
         ("deeplabv3p", {"backbone_depth": 20}, "backbone_depth"),
         ("deeplabv3p", {"output_stride": 32}, "output_stride"),
         ("deeplabv3p", {"backbone_width": 0}, "backbone_width"),
+        ("deeplabv3p", {"fine_channels": -1}, "fine_channels"),
         ("unet", {"width": -1.0}, "width"),
         ("unet", {"upsample": "nearest"}, "upsample"),
         ("unet", {"num_classes": 0}, "num_classes"),
@@ -130,6 +131,27 @@ def test_deeplab_output_strides(output_stride: int) -> None:
     expected = [16, 8, 4, 4] if output_stride == 16 else [16, 8, 8, 8]
     assert [f.shape[-1] for f in feats] == expected
     assert run(model, rand(1, 3, 67, 93)).shape == (1, 3, 67, 93)
+
+
+def test_deeplab_fine_refinement_is_a_full_resolution_path() -> None:
+    """fine_channels adds a path from each input pixel to its own logits at full resolution."""
+    fine = tiny("deeplabv3p", fine_channels=8)
+    assert run(fine, rand(2, 3, 67, 93)).shape == (2, 3, 67, 93)
+    x = rand(1, 3, 64, 64)
+    y = x.copy()
+    y[:, :, 33, 33] += 5.0  # one pixel changes
+    # Cut the stride-4 decoder off (its projection outputs a constant): what is left is the
+    # fine path, three 3x3 convolutions at full resolution, so the change stays within 3 px.
+    fine.fine_project[0].weight.set_value(np.zeros(fine.fine_project[0].weight.shape, np.float32))
+    d = np.abs(run(fine, y) - run(fine, x))[0].max(axis=0)
+    assert d[33, 33] > 1e-3
+    outside = np.ones_like(d, bool)
+    outside[30:37, 30:37] = False
+    assert d[outside].max() == 0.0
+    # The paper's network spreads a one-pixel change far beyond that (stride-4 logits, ASPP).
+    plain = tiny("deeplabv3p")
+    d = np.abs(run(plain, y) - run(plain, x))[0].max(axis=0)
+    assert d[outside].max() > 1e-4
 
 
 def test_deeplab_separable_head_is_smaller() -> None:
@@ -256,7 +278,8 @@ def test_load_corrupt_file(tmp_path: Path, content: bytes) -> None:
 
 @pytest.mark.parametrize(
     ("name", "extra"),
-    [("unet", {}), ("deeplabv3p", {}), ("deeplabv3p", {"separable": True, "output_stride": 8})],
+    [("unet", {}), ("deeplabv3p", {}), ("deeplabv3p", {"separable": True, "output_stride": 8}),
+     ("deeplabv3p", {"separable": True, "fine_channels": 8})],
 )
 def test_exported_predictor_matches_dygraph(name: str, extra: dict[str, Any], tmp_path: Path) -> None:
     model = tiny(name, in_channels=4, num_classes=3, **extra)

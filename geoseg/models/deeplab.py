@@ -16,6 +16,13 @@ Architecture (Chen et al., 2018, "Encoder-Decoder with Atrous Separable Convolut
   by a 1×1 convolution, and the logits are resized (bilinear, ``align_corners=False``) to
   the input size.
 
+With ``fine_channels > 0`` an optional full-resolution refinement follows the decoder (not in
+the paper; for coarse imagery such as 30 m Landsat, where fields, ponds and streams are a few
+pixels wide and stride-4 logits blur them away): two 3×3 conv-bn-relu on the input give
+``fine_channels`` full-resolution features, the decoder output projected (1×1) to
+``2 * fine_channels`` is resized to the input size and fused with them by one 3×3 convolution
+before the classifier.  ``fine_channels=0`` (default) is the paper's network.
+
 With ``separable=True`` the 3×3 convolutions of the ASPP and decoder are depthwise-separable
 (as in the paper), which shrinks the head several-fold.
 
@@ -342,6 +349,7 @@ class DeepLabV3P(nn.Layer):
         aspp_channels: int = 256,
         decoder_channels: int = 256,
         separable: bool = False,
+        fine_channels: int = 0,
         pretrained: str | Path | None = None,
         backbone: ResNetVd | None = None,
     ) -> None:
@@ -358,6 +366,8 @@ class DeepLabV3P(nn.Layer):
             separable: Use depthwise-separable 3×3 convolutions in the ASPP and decoder,
                 as in the DeepLabv3+ paper (much smaller head: R18 at ``backbone_width=0.5``
                 with 128 ASPP/decoder channels is ~12 MB of fp32 weights instead of ~17).
+            fine_channels: Channels of the optional full-resolution refinement after the
+                decoder (0 = none, the paper's network; e.g. 16 for 30 m imagery).
             pretrained: Optional ``.pdparams`` file with weights for the whole network,
                 loaded with :func:`geoseg.models.checkpoints.load_weights`.
             backbone: A ready-made :class:`ResNetVd` to use instead of building one from
@@ -375,6 +385,8 @@ class DeepLabV3P(nn.Layer):
         for label, value in (("aspp_channels", aspp_channels), ("decoder_channels", decoder_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ModelError(f"{label} must be a positive integer, got {value!r}")
+        if isinstance(fine_channels, bool) or not isinstance(fine_channels, int) or fine_channels < 0:
+            raise ModelError(f"fine_channels must be 0 (off) or a positive integer, got {fine_channels!r}")
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.backbone = backbone or ResNetVd(in_channels, backbone_depth, backbone_width, output_stride)
@@ -385,7 +397,15 @@ class DeepLabV3P(nn.Layer):
             conv3x3(aspp_channels + 48, decoder_channels, separable=separable),
             conv3x3(decoder_channels, decoder_channels, separable=separable),
         )
-        self.classifier = nn.Conv2D(decoder_channels, num_classes, 1)
+        self.fine_channels = fine_channels
+        if fine_channels:
+            f = fine_channels
+            self.fine = nn.Sequential(ConvBNReLU(in_channels, f, 3), ConvBNReLU(f, f, 3))
+            self.fine_project = ConvBNReLU(decoder_channels, 2 * f, 1)
+            self.fine_fuse = conv3x3(3 * f, 2 * f, separable=separable)
+            self.classifier = nn.Conv2D(2 * f, num_classes, 1)
+        else:
+            self.classifier = nn.Conv2D(decoder_channels, num_classes, 1)
         if pretrained is not None:
             from geoseg.models.checkpoints import load_weights
 
@@ -396,5 +416,8 @@ class DeepLabV3P(nn.Layer):
         feats = self.backbone(x)
         low = self.low_project(feats[0])
         high = resize_to(self.aspp(feats[-1]), low)
-        logits = self.classifier(self.decoder(paddle.concat([high, low], axis=1)))
-        return [resize_to(logits, x)]
+        y = self.decoder(paddle.concat([high, low], axis=1))
+        if self.fine_channels:
+            y = resize_to(self.fine_project(y), x)
+            return [self.classifier(self.fine_fuse(paddle.concat([y, self.fine(x)], axis=1)))]
+        return [resize_to(self.classifier(y), x)]
