@@ -85,6 +85,7 @@ def test_unknown_parameter_is_named() -> None:
         ("deeplabv3p", {"fine_channels": -1}, "fine_channels"),
         ("unet", {"width": -1.0}, "width"),
         ("unet", {"upsample": "nearest"}, "upsample"),
+        ("unet", {"depth": 5}, "depth"),
         ("unet", {"num_classes": 0}, "num_classes"),
     ],
 )
@@ -121,6 +122,24 @@ def test_unet_transpose_upsampling_odd_size() -> None:
 def test_unet_width_scales_channels() -> None:
     assert UNet(2, width=1.0).channels == (64, 128, 256, 512, 1024)
     assert UNet(2, width=0.25).channels == (16, 32, 64, 128, 256)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_unet_depth_limits_the_receptive_field(depth: int) -> None:
+    model = tiny("unet", depth=depth)
+    assert len(model.channels) == depth + 1 and len(model.downs) == len(model.ups) == depth
+    assert run(model, rand(1, 3, 67, 93)).shape == (1, 3, 67, 93)
+    model.eval()
+    x = rand(1, 3, 96, 96)
+    y = x.copy()
+    y[:, :, 48, 48] += 5.0
+    d = np.abs(run(model, y) - run(model, x))[0].max(axis=0)
+    reach = np.argwhere(d > 0)[:, 1]
+    # Each level adds two 3x3 convs at its scale: the change cannot reach further than this.
+    bound = 2 + sum(2 * 2**k + 2 ** (k + 1) for k in range(1, depth + 1)) + 2 * depth + 2
+    assert d[48, 48] > 0 and np.abs(reach - 48).max() <= bound
+    if depth < 3:
+        assert np.abs(reach - 48).max() < 40  # much less than the full network
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])

@@ -1,6 +1,7 @@
 """UNet (Ronneberger et al., 2015) in ``paddle.nn``, with a width multiplier.
 
-Four 2×2 max-pool downsampling levels and four upsampling levels; every level is a double
+Four 2×2 max-pool downsampling levels and four upsampling levels (``depth`` 1–4 keeps the
+first levels only: a smaller receptive field and fewer weights); every level is a double
 convolution (3×3 conv-bn-relu twice).  Channels are 64, 128, 256, 512, 1024 at
 ``width=1.0`` (about 31 M parameters) and scale with ``width`` (0.25 → 16 … 256, about
 2 M).  Upsampling is bilinear (default, cheaper) or a 2×2 transposed convolution; the
@@ -101,6 +102,7 @@ class UNet(nn.Layer):
         in_channels: int = 3,
         width: float = 1.0,
         upsample: UpsampleMode = "bilinear",
+        depth: int = 4,
         pretrained: str | Path | None = None,
     ) -> None:
         """Create the network.
@@ -111,6 +113,8 @@ class UNet(nn.Layer):
             width: Multiplier on the level channels 64…1024 (rounded, at least 1);
                 0.25 gives 16…256.
             upsample: ``"bilinear"`` or ``"transpose"`` (learned 2×2 transposed conv).
+            depth: Downsampling levels, 1–4 (4 = the paper's network; fewer levels see
+                less context around each pixel).
             pretrained: Optional ``.pdparams`` file with weights for the whole network,
                 loaded with :func:`geoseg.models.checkpoints.load_weights`.
 
@@ -122,17 +126,19 @@ class UNet(nn.Layer):
         validate_io(num_classes, in_channels)
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 4:
             raise ModelError(f"width must be a number in (0, 4], got {width!r}")
+        if isinstance(depth, bool) or depth not in (1, 2, 3, 4):
+            raise ModelError(f"depth must be 1, 2, 3 or 4, got {depth!r}")
         if upsample not in ("bilinear", "transpose"):
             raise ModelError(f"upsample must be 'bilinear' or 'transpose', got {upsample!r}")
         self.num_classes = num_classes
         self.in_channels = in_channels
-        ch = [max(1, round(c * width)) for c in _BASE_CHANNELS]
+        ch = [max(1, round(c * width)) for c in _BASE_CHANNELS[: depth + 1]]
         self.channels = tuple(ch)
         self.inc = DoubleConv(in_channels, ch[0])
         # ceil_mode: odd sizes round up, so tiny inputs never pool down to zero pixels.
         self.pool = nn.MaxPool2D(kernel_size=2, stride=2, ceil_mode=True)
-        self.downs = nn.LayerList([DoubleConv(ch[i], ch[i + 1]) for i in range(4)])
-        self.ups = nn.LayerList([Up(ch[i + 1], ch[i], ch[i], upsample) for i in reversed(range(4))])
+        self.downs = nn.LayerList([DoubleConv(ch[i], ch[i + 1]) for i in range(depth)])
+        self.ups = nn.LayerList([Up(ch[i + 1], ch[i], ch[i], upsample) for i in reversed(range(depth))])
         self.classifier = nn.Conv2D(ch[0], num_classes, 1)
         if pretrained is not None:
             from geoseg.models.checkpoints import load_weights
