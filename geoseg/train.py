@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 LossName = Literal["ce", "dice", "ce+dice"]
 ScheduleName = Literal["poly", "cosine", "constant"]
-ClassWeights = Literal["none", "auto"]
+ClassWeights = Literal["none", "auto", "balanced"]
 DeviceName = Literal["auto", "cpu", "gpu"]
 
 
@@ -174,6 +174,8 @@ class TrainConfig:
                 raise ParameterError(f"{label} {v}: use 0 (off) or a positive amount")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ParameterError(f"label_smoothing {self.label_smoothing}: use a fraction 0..1 (0 = off)")
+        if isinstance(self.class_weights, str) and self.class_weights not in ("none", "auto", "balanced"):
+            raise ParameterError(f"class_weights {self.class_weights!r}: choose none, auto, balanced or a list of weights")
         if not 0.0 <= self.mosaic <= 1.0:
             raise ParameterError(f"mosaic {self.mosaic}: use a probability 0..1 (0 = off)")
         if not 0.0 <= self.ema < 1.0:
@@ -466,18 +468,27 @@ def learning_rate(it: int, cfg: TrainConfig) -> float:
             return cfg.lr
 
 
-def auto_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Class weights ``∝ 1/sqrt(frequency)`` from label indexes, mean 1 over present classes.
+def auto_class_weights(labels: np.ndarray, num_classes: int, kind: str = "auto") -> np.ndarray:
+    """Class weights from the label indexes of the training region.
 
-    Classes absent from the labels get weight 1. Weights are clipped to [0.2, 10].
+    ``auto``: ``∝ 1/sqrt(frequency)``, mean 1 over the present classes, clipped to [0.2, 10]
+    (mostly lifts rare classes: common classes end up near the 0.2 floor together).
+    ``balanced``: ``1 / (n_present * frequency)`` as in scikit-learn, so that every present
+    class carries the same total weight and the frequency-weighted mean weight is 1 (the loss
+    keeps its scale), clipped to [0.1, 10] so a class of a few pixels cannot dominate.
+    Classes absent from the labels get weight 1.
     """
     counts = np.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes].astype(np.float64)
     w = np.ones(num_classes)
     present = counts > 0
-    if present.any():
-        freq = counts[present] / counts[present].sum()
-        wp = 1.0 / np.sqrt(freq)
-        w[present] = wp / wp.mean()
+    if not present.any():
+        return w.astype(np.float32)
+    freq = counts[present] / counts[present].sum()
+    if kind == "balanced":
+        w[present] = 1.0 / (present.sum() * freq)
+        return np.clip(w, 0.1, 10.0).astype(np.float32)
+    wp = 1.0 / np.sqrt(freq)
+    w[present] = wp / wp.mean()
     return np.clip(w, 0.2, 10.0).astype(np.float32)
 
 
@@ -681,8 +692,8 @@ class Trainer:
         weights: np.ndarray | None
         if cw is None or cw == "none":
             weights = None
-        elif cw == "auto":
-            weights = auto_class_weights(self.train_data.labels, self.num_classes)
+        elif cw in ("auto", "balanced"):
+            weights = auto_class_weights(self.train_data.labels, self.num_classes, cw)
         else:
             weights = np.asarray(cw, np.float32)
             if weights.shape != (self.num_classes,):

@@ -107,6 +107,13 @@ def test_losses_ignore_index_and_weights() -> None:
     assert float(l1) == pytest.approx(float(l2), rel=1e-6)
     w = auto_class_weights(np.array([0, 0, 0, 1, IGNORE_INDEX]), 3)
     assert w[1] > w[0] and w[2] == 1.0
+    # balanced: each present class carries the same total weight; the loss keeps its scale.
+    lab = np.array([0] * 60 + [1] * 30 + [2] * 10 + [IGNORE_INDEX] * 5)
+    b = auto_class_weights(lab, 4, "balanced")
+    np.testing.assert_allclose(b[:3], [1 / 1.8, 1 / 0.9, 1 / 0.3], rtol=1e-5)
+    assert b[3] == 1.0
+    np.testing.assert_allclose((b[:3] * [0.6, 0.3, 0.1]).sum(), 1.0, rtol=1e-5)
+    assert auto_class_weights(np.array([0] * 10000 + [1]), 2, "balanced")[1] == 10.0  # clipped
 
 
 def test_photometric_augmentations_are_off_by_default_and_shift_values() -> None:
@@ -207,6 +214,8 @@ def test_config_errors_name_the_key(scene: tuple[Path, Path], tmp_path: Path) ->
         _cfg(scene, tmp_path, learning_rate=1)
     with pytest.raises(ParameterError, match="multiple of 16"):
         _cfg(scene, tmp_path, window=30)
+    with pytest.raises(ParameterError, match="balanced"):
+        _cfg(scene, tmp_path, class_weights="inverse")
     with pytest.raises(ParameterError, match="share"):
         Trainer(_cfg(scene, tmp_path, val_region=[40, 0, 24, 48]))
 
