@@ -763,8 +763,10 @@ class Trainer:
                 "augment": {"flips": cfg.flips, "rot90": cfg.rot90, "brightness": cfg.brightness, "contrast": cfg.contrast,
                             **({"global_brightness": cfg.global_brightness, "global_contrast": cfg.global_contrast,
                                 "noise": cfg.noise} if (cfg.global_brightness or cfg.global_contrast or cfg.noise)
-                               else {})},
+                               else {}),
+                            **({"mosaic": cfg.mosaic} if cfg.mosaic else {})},
                 **({"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}),
+                **({"ema": cfg.ema} if cfg.ema else {}),
                 "seed": cfg.seed, "device": self.device,
             },
             metrics={"validation": dict(metrics)} if metrics else {},

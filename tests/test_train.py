@@ -295,6 +295,7 @@ def test_ema_weights_are_validated_saved_and_resumed(scene: tuple[Path, Path], t
     for k in shipped:  # resuming restores the average too
         np.testing.assert_allclose(np.asarray(resumed[k]), np.asarray(shipped[k]), rtol=1e-4, atol=1e-5)
     assert straight.history[-1]["loss"] == pytest.approx(res.history[-1]["loss"], rel=1e-4)
+    assert ModelCard.load(tmp_path / "b" / "weights.yaml").training["ema"] == 0.5
     with pytest.raises(ParameterError, match="ema"):
         _cfg(scene, tmp_path, ema=1.0)
 
