@@ -92,6 +92,8 @@ def _setup_logging(verbosity: int) -> None:
     for noisy in ("rasterio", "distributed", "paddle", "pyogrio"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING)
     warnings.filterwarnings("ignore", message="No ccache found")
+    # Paddle's BatchNorm says this on every training forward pass; it is not about the user's run.
+    warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
 
 
 @click.group(cls=GeosegGroup, context_settings={"auto_envvar_prefix": "GEOSEG", "help_option_names": ["-h", "--help"]})
