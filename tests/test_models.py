@@ -71,8 +71,8 @@ def test_unknown_model_lists_choices() -> None:
 
 
 def test_unknown_parameter_is_named() -> None:
-    with pytest.raises(ModelError, match="'depth'") as info:
-        build_model("unet", in_channels=3, num_classes=2, depth=4)
+    with pytest.raises(ModelError, match="'levels'") as info:
+        build_model("unet", in_channels=3, num_classes=2, levels=4)
     assert "\n" not in str(info.value) and "width" in str(info.value)
 
 

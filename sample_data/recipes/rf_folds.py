@@ -1,0 +1,50 @@
+"""Random-forest reference on geoseg's two validation folds (a diagnostic, not part of geoseg).
+
+A per-pixel random forest on the 6 bands plus their 3x3, 5x5 and 7x7 neighbourhood means (the
+kind of baseline the issue's bar describes), trained and scored on the same folds as the CNN
+runs in README.md. It never reads the test columns 326-488. Needs scikit-learn and scipy, which
+geoseg does not depend on:  pip install scikit-learn && python sample_data/recipes/rf_folds.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import rasterio
+from scipy.ndimage import uniform_filter
+from sklearn.ensemble import RandomForestClassifier
+
+IMG = "sample_data/nc_landsat7/image_6band_uint8.tif"
+REF = "sample_data/nc_landsat7/landcover96_labels.tif"
+CLASSES = [1, 3, 4, 5, 6, 7]  # mIoU classes, as for the test columns
+
+
+def main() -> None:
+    with rasterio.open(IMG) as ds:
+        img = ds.read().astype(np.float32)
+    with rasterio.open(REF) as ds:
+        lab = ds.read(1)
+    valid = (img != 0).all(axis=0)  # nodata 0 in any band, as predict masks it
+    feats = np.concatenate([img] + [np.stack([uniform_filter(b, s) for b in img]) for s in (3, 5, 7)])
+    x = feats.reshape(feats.shape[0], -1).T
+    y = lab.ravel()
+    rows, cols = np.indices(lab.shape)
+    rows, cols = rows.ravel(), cols.ravel()
+    ok = valid.ravel() & (y > 0) & (cols < 326)  # labelled train-column pixels only
+    folds = {
+        "A (train cols 0-265, validate cols 266-325)": (cols < 266, cols >= 266),
+        "B (train rows 120-442, validate rows 0-119)": (rows >= 120, rows < 120),
+    }
+    for name, (tr, va) in folds.items():
+        tr, va = ok & tr, ok & va
+        rf = RandomForestClassifier(100, min_samples_leaf=2, n_jobs=1, random_state=0).fit(x[tr], y[tr])
+        pred = rf.predict(x[va])
+        cm = np.zeros((8, 8), np.int64)
+        np.add.at(cm, (y[va], pred), 1)
+        tp = np.diag(cm).astype(float)
+        iou = tp / np.maximum(cm.sum(0) + cm.sum(1) - tp, 1)
+        print(f"fold {name}: mIoU {iou[CLASSES].mean():.3f} OA {tp.sum() / cm.sum():.3f} "
+              + " ".join(f"{c}:{iou[c]:.2f}" for c in CLASSES))
+
+
+if __name__ == "__main__":
+    main()
