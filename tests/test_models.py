@@ -83,6 +83,7 @@ def test_unknown_parameter_is_named() -> None:
         ("deeplabv3p", {"output_stride": 32}, "output_stride"),
         ("deeplabv3p", {"backbone_width": 0}, "backbone_width"),
         ("deeplabv3p", {"fine_channels": -1}, "fine_channels"),
+        ("deeplabv3p", {"image_pooling": "no"}, "image_pooling"),
         ("unet", {"width": -1.0}, "width"),
         ("unet", {"upsample": "nearest"}, "upsample"),
         ("unet", {"depth": 5}, "depth"),
@@ -171,6 +172,18 @@ def test_deeplab_fine_refinement_is_a_full_resolution_path() -> None:
     plain = tiny("deeplabv3p")
     d = np.abs(run(plain, y) - run(plain, x))[0].max(axis=0)
     assert d[outside].max() > 1e-4
+
+
+def test_deeplab_without_image_pooling_is_local() -> None:
+    """The image-pooling branch lets a far pixel change every logit; without it nothing far moves."""
+    x = rand(1, 3, 16, 1280)
+    y = x.copy()
+    y[:, :, :, :8] += 5.0  # change the left end of a long strip
+    for pooling in (True, False):
+        model = tiny("deeplabv3p", image_pooling=pooling)
+        assert hasattr(model.aspp, "pool") == pooling
+        d = np.abs(run(model, y) - run(model, x))[0, :, :, -16:].max()  # the right end, 1200+ px away
+        assert (d > 0) == pooling, (pooling, d)
 
 
 def test_deeplab_separable_head_is_smaller() -> None:
@@ -298,7 +311,7 @@ def test_load_corrupt_file(tmp_path: Path, content: bytes) -> None:
 @pytest.mark.parametrize(
     ("name", "extra"),
     [("unet", {}), ("deeplabv3p", {}), ("deeplabv3p", {"separable": True, "output_stride": 8}),
-     ("deeplabv3p", {"separable": True, "fine_channels": 8})],
+     ("deeplabv3p", {"separable": True, "fine_channels": 8, "image_pooling": False})],
 )
 def test_exported_predictor_matches_dygraph(name: str, extra: dict[str, Any], tmp_path: Path) -> None:
     model = tiny(name, in_channels=4, num_classes=3, **extra)

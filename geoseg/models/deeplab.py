@@ -304,6 +304,7 @@ class ASPP(nn.Layer):
         rates: Sequence[int],
         dropout: float = 0.1,
         separable: bool = False,
+        image_pooling: bool = True,
     ) -> None:
         """Create the module.
 
@@ -313,21 +314,25 @@ class ASPP(nn.Layer):
             rates: Dilations of the three atrous 3×3 branches.
             dropout: Dropout after the projection (training only).
             separable: Make the atrous branches depthwise-separable.
+            image_pooling: Keep the image-pooling branch (global average of the window).
         """
         super().__init__()
         self.branches = nn.LayerList(
             [ConvBNReLU(in_channels, out_channels, 1)]
             + [conv3x3(in_channels, out_channels, dilation=r, separable=separable) for r in rates]
         )
-        self.pool = nn.AdaptiveAvgPool2D(1)
-        self.pool_conv = ConvBNReLU(in_channels, out_channels, 1)
-        self.project = ConvBNReLU(out_channels * (len(rates) + 2), out_channels, 1)
+        self.image_pooling = image_pooling
+        if image_pooling:
+            self.pool = nn.AdaptiveAvgPool2D(1)
+            self.pool_conv = ConvBNReLU(in_channels, out_channels, 1)
+        self.project = ConvBNReLU(out_channels * (len(rates) + 1 + int(image_pooling)), out_channels, 1)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         """Map ``[N, in_channels, h, w]`` to ``[N, out_channels, h, w]``."""
         outs = [branch(x) for branch in self.branches]
-        outs.append(resize_to(self.pool_conv(self.pool(x)), x))
+        if self.image_pooling:
+            outs.append(resize_to(self.pool_conv(self.pool(x)), x))
         return self.dropout(self.project(paddle.concat(outs, axis=1)))
 
 
@@ -350,6 +355,7 @@ class DeepLabV3P(nn.Layer):
         decoder_channels: int = 256,
         separable: bool = False,
         fine_channels: int = 0,
+        image_pooling: bool = True,
         pretrained: str | Path | None = None,
         backbone: ResNetVd | None = None,
     ) -> None:
@@ -368,6 +374,10 @@ class DeepLabV3P(nn.Layer):
                 with 128 ASPP/decoder channels is ~12 MB of fp32 weights instead of ~17).
             fine_channels: Channels of the optional full-resolution refinement after the
                 decoder (0 = none, the paper's network; e.g. 16 for 30 m imagery).
+            image_pooling: Keep the ASPP's image-pooling branch (the paper's network). Its
+                global average depends on the window size, so a model trained on small
+                windows can go wrong on much larger ones; without it the network is fully
+                convolutional and predicts the same at any window size.
             pretrained: Optional ``.pdparams`` file with weights for the whole network,
                 loaded with :func:`geoseg.models.checkpoints.load_weights`.
             backbone: A ready-made :class:`ResNetVd` to use instead of building one from
@@ -391,7 +401,10 @@ class DeepLabV3P(nn.Layer):
         self.in_channels = in_channels
         self.backbone = backbone or ResNetVd(in_channels, backbone_depth, backbone_width, output_stride)
         low_channels, high_channels = self.backbone.feat_channels[0], self.backbone.feat_channels[-1]
-        self.aspp = ASPP(high_channels, aspp_channels, _OS_CONFIGS[output_stride][0], separable=separable)
+        if not isinstance(image_pooling, bool):
+            raise ModelError(f"image_pooling must be true or false, got {image_pooling!r}")
+        self.aspp = ASPP(high_channels, aspp_channels, _OS_CONFIGS[output_stride][0], separable=separable,
+                         image_pooling=image_pooling)
         self.low_project = ConvBNReLU(low_channels, 48, 1)
         self.decoder = nn.Sequential(
             conv3x3(aspp_channels + 48, decoder_channels, separable=separable),
