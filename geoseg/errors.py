@@ -65,6 +65,10 @@ class PerformanceWarning(GeosegWarning):
     """A setting is valid but slow (e.g. FP16 requested on CPU)."""
 
 
+class WindowSizeWarning(GeosegWarning):
+    """The prediction window is far from the window size the model was trained on."""
+
+
 def require_paddle() -> object:
     """Import and return :mod:`paddle`, or raise :class:`DependencyError` saying how to get it."""
     try:

@@ -58,3 +58,19 @@ def test_shipped_model_runs_on_the_sample_scene(name: str, tmp_path: Path) -> No
     # A real land-cover map, not noise: most labelled pixels of the training columns agree.
     train = (labels[:, :326] > 0) & (mask[:, :326] != 255)
     assert (mask[:, :326][train] == labels[:, :326][train]).mean() > 0.6
+
+
+def test_deeplab_warns_far_from_its_training_window_size() -> None:
+    import warnings
+
+    from geoseg.engine import check_window_size
+    from geoseg.errors import WindowSizeWarning
+
+    dl = ModelCard.load(WEIGHTS_DIR / "deeplabv3p.yaml")
+    with pytest.warns(WindowSizeWarning, match=f"trained on {dl.tile_size}-pixel windows; in 512-pixel"):
+        check_window_size(dl, 512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_window_size(dl, dl.tile_size)
+        check_window_size(dl, dl.tile_size * 2)
+        check_window_size(ModelCard.load(WEIGHTS_DIR / "unet.yaml"), 1024)  # a UNet has no atrous taps
