@@ -84,6 +84,7 @@ def test_unknown_parameter_is_named() -> None:
         ("deeplabv3p", {"backbone_width": 0}, "backbone_width"),
         ("deeplabv3p", {"fine_channels": -1}, "fine_channels"),
         ("deeplabv3p", {"image_pooling": "no"}, "image_pooling"),
+        ("deeplabv3p", {"aspp_rates": [2, 4]}, "aspp_rates"),
         ("unet", {"width": -1.0}, "width"),
         ("unet", {"upsample": "nearest"}, "upsample"),
         ("unet", {"depth": 5}, "depth"),
@@ -184,6 +185,13 @@ def test_deeplab_without_image_pooling_is_local() -> None:
         assert hasattr(model.aspp, "pool") == pooling
         d = np.abs(run(model, y) - run(model, x))[0, :, :, -16:].max()  # the right end, 1200+ px away
         assert (d > 0) == pooling, (pooling, d)
+
+
+def test_deeplab_aspp_rates() -> None:
+    model = tiny("deeplabv3p", aspp_rates=[1, 2, 3])
+    assert [b[0]._dilation for b in model.aspp.branches[1:]] == [[1, 1], [2, 2], [3, 3]]
+    assert run(model, rand(1, 3, 67, 93)).shape == (1, 3, 67, 93)
+    assert [b[0]._dilation for b in tiny("deeplabv3p").aspp.branches[1:]] == [[6, 6], [12, 12], [18, 18]]
 
 
 def test_deeplab_separable_head_is_smaller() -> None:

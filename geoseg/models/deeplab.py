@@ -356,6 +356,7 @@ class DeepLabV3P(nn.Layer):
         separable: bool = False,
         fine_channels: int = 0,
         image_pooling: bool = True,
+        aspp_rates: Sequence[int] | None = None,
         pretrained: str | Path | None = None,
         backbone: ResNetVd | None = None,
     ) -> None:
@@ -378,6 +379,9 @@ class DeepLabV3P(nn.Layer):
                 global average depends on the window size, so a model trained on small
                 windows can go wrong on much larger ones; without it the network is fully
                 convolutional and predicts the same at any window size.
+            aspp_rates: Dilations of the three atrous ASPP branches (default: the paper's,
+                6/12/18 at output stride 16 and 12/24/36 at 8). Small windows need small
+                rates: at output stride 8, rate 12 already reaches 96 input pixels.
             pretrained: Optional ``.pdparams`` file with weights for the whole network,
                 loaded with :func:`geoseg.models.checkpoints.load_weights`.
             backbone: A ready-made :class:`ResNetVd` to use instead of building one from
@@ -403,8 +407,14 @@ class DeepLabV3P(nn.Layer):
         low_channels, high_channels = self.backbone.feat_channels[0], self.backbone.feat_channels[-1]
         if not isinstance(image_pooling, bool):
             raise ModelError(f"image_pooling must be true or false, got {image_pooling!r}")
-        self.aspp = ASPP(high_channels, aspp_channels, _OS_CONFIGS[output_stride][0], separable=separable,
-                         image_pooling=image_pooling)
+        if aspp_rates is None:
+            rates = _OS_CONFIGS[output_stride][0]
+        elif (isinstance(aspp_rates, (list, tuple)) and len(aspp_rates) == 3
+              and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in aspp_rates)):
+            rates = tuple(aspp_rates)
+        else:
+            raise ModelError(f"aspp_rates must be three positive integers (e.g. [2, 4, 6]), got {aspp_rates!r}")
+        self.aspp = ASPP(high_channels, aspp_channels, rates, separable=separable, image_pooling=image_pooling)
         self.low_project = ConvBNReLU(low_channels, 48, 1)
         self.decoder = nn.Sequential(
             conv3x3(aspp_channels + 48, decoder_channels, separable=separable),
