@@ -564,14 +564,21 @@ def run_grid(
 
 
 def check_window_size(card: ModelCard, tile: int) -> None:
-    """Warn when a DeepLabv3+ runs in windows far from the size it was trained on.
+    """Warn when a DeepLabv3+ whose output depends on the window size runs far from its training size.
 
-    Its atrous convolutions (rates up to 36 at output stride 8, i.e. 288 input pixels) mostly
-    sample the zero padding of small training windows; in much larger windows they see real
-    features instead, and the predictions can get much worse (the NC model trained on 128-pixel
-    windows lost half its validation mIoU at 448). A UNet has no such taps.
+    Two parts of DeepLabv3+ can make it so: the ASPP's image-pooling branch (a global average
+    of the window) and atrous rates that reach beyond the training window (the paper's rates at
+    output stride 8 reach 288 input pixels, so in 128-pixel training windows they mostly sampled
+    zero padding, and in much larger windows they see features the network never learned to
+    read: the NC model of session 2 lost half its validation mIoU at 448 px). A DeepLabv3+ with
+    small ``aspp_rates`` and no image pooling, or a UNet, has neither.
     """
-    if card.architecture == "deeplabv3p" and not card.tile_size / 2 <= tile <= card.tile_size * 2:
+    if card.architecture != "deeplabv3p" or card.tile_size / 2 <= tile <= card.tile_size * 2:
+        return
+    p = card.params
+    stride = int(p.get("output_stride", 16))
+    rates = p.get("aspp_rates") or ((12, 24, 36) if stride == 8 else (6, 12, 18))
+    if p.get("image_pooling", True) or max(rates) * stride >= card.tile_size:
         warnings.warn(
             f"{card.name} was trained on {card.tile_size}-pixel windows; in {tile}-pixel windows its atrous "
             f"convolutions see different context and its predictions can get much worse: "

@@ -61,16 +61,24 @@ def test_shipped_model_runs_on_the_sample_scene(name: str, tmp_path: Path) -> No
 
 
 def test_deeplab_warns_far_from_its_training_window_size() -> None:
+    import dataclasses
     import warnings
 
     from geoseg.engine import check_window_size
     from geoseg.errors import WindowSizeWarning
 
-    dl = ModelCard.load(WEIGHTS_DIR / "deeplabv3p.yaml")
-    with pytest.warns(WindowSizeWarning, match=f"trained on {dl.tile_size}-pixel windows; in 512-pixel"):
-        check_window_size(dl, 512)
+    shipped = ModelCard.load(WEIGHTS_DIR / "deeplabv3p.yaml")
+    base = {k: v for k, v in shipped.params.items() if k not in ("aspp_rates", "image_pooling")}
+    paper = dataclasses.replace(shipped, params={**base, "output_stride": 8})  # rates 12/24/36, pooling
+    pooled = dataclasses.replace(shipped, params={**base, "aspp_rates": [2, 4, 6]})
+    for card in (paper, pooled):
+        with pytest.warns(WindowSizeWarning, match=f"trained on {card.tile_size}-pixel windows; in 512-pixel"):
+            check_window_size(card, 512)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_window_size(dl, dl.tile_size)
-        check_window_size(dl, dl.tile_size * 2)
+        check_window_size(paper, paper.tile_size)
+        check_window_size(paper, paper.tile_size * 2)
+        # Small atrous rates and no image pooling: fully local, any window size is fine.
+        check_window_size(dataclasses.replace(shipped, params={**base, "aspp_rates": [2, 4, 6],
+                                                                 "image_pooling": False}), 1024)
         check_window_size(ModelCard.load(WEIGHTS_DIR / "unet.yaml"), 1024)  # a UNet has no atrous taps
