@@ -575,9 +575,11 @@ def check_window_size(card: ModelCard, tile: int) -> None:
     """
     if card.architecture != "deeplabv3p" or card.tile_size / 2 <= tile <= card.tile_size * 2:
         return
+    from geoseg.models import DEEPLAB_ASPP_RATES
+
     p = card.params
     stride = int(p.get("output_stride", 16))
-    rates = p.get("aspp_rates") or ((12, 24, 36) if stride == 8 else (6, 12, 18))
+    rates = p.get("aspp_rates") or DEEPLAB_ASPP_RATES.get(stride, DEEPLAB_ASPP_RATES[16])
     if p.get("image_pooling", True) or max(rates) * stride >= card.tile_size:
         warnings.warn(
             f"{card.name} was trained on {card.tile_size}-pixel windows; in {tile}-pixel windows its atrous "

@@ -39,6 +39,10 @@ _MODULES: dict[str, str] = {
     "unet": "geoseg.models.unet",
 }
 
+#: DeepLabv3+'s default ASPP atrous rates per output stride (the paper's); here, without
+#: Paddle, so the engine can reason about a card's model before building it.
+DEEPLAB_ASPP_RATES: dict[int, tuple[int, int, int]] = {16: (6, 12, 18), 8: (12, 24, 36)}
+
 _REGISTRY: dict[str, type[Any]] = {}
 
 _T = TypeVar("_T", bound=type)

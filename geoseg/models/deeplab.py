@@ -42,7 +42,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from geoseg.errors import ModelError
-from geoseg.models import register_model, validate_io
+from geoseg.models import DEEPLAB_ASPP_RATES, register_model, validate_io
 
 __all__ = ["ASPP", "DeepLabV3P", "ResNetVd"]
 
@@ -58,8 +58,8 @@ _RESNET_CONFIGS: dict[int, tuple[tuple[int, int, int, int], bool]] = {
 
 #: ASPP atrous rates and (stride, dilation) of stages 3 and 4 for each output stride.
 _OS_CONFIGS: dict[int, tuple[tuple[int, int, int], tuple[tuple[int, int], tuple[int, int]]]] = {
-    16: ((6, 12, 18), ((2, 1), (1, 2))),
-    8: ((12, 24, 36), ((1, 2), (1, 4))),
+    16: (DEEPLAB_ASPP_RATES[16], ((2, 1), (1, 2))),
+    8: (DEEPLAB_ASPP_RATES[8], ((1, 2), (1, 4))),
 }
 
 
