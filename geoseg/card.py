@@ -86,11 +86,12 @@ class Normalization:
             return float(self.scale[name])
         return float(self.scale.get("default", 1.0))
 
-    def apply(self, x: np.ndarray, dtype: str | np.dtype[Any]) -> np.ndarray:
+    def apply(self, x: np.ndarray, dtype: str | np.dtype[Any], missing: np.ndarray | None = None) -> np.ndarray:
         """Normalise raw pixels ``x`` (``...CHW`` layout, C = bands) to float32.
 
-        ``dtype`` is the raster's dtype (``x`` may already have been cast). Non-finite
-        values (NaN nodata) become 0 after normalisation.
+        ``dtype`` is the raster's dtype (``x`` may already have been cast). Values without data
+        (``missing``, bool like ``x``; see :func:`geoseg.io.read_window_gaps`) and non-finite
+        values (NaN nodata) become 0 after normalisation: the band's mean, not a measurement.
         """
         n = x.shape[-3]
         if n != len(self.mean):
@@ -103,6 +104,8 @@ class Normalization:
         out -= mean / std
         if x.dtype.kind == "f":
             np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        if missing is not None:
+            out[np.broadcast_to(missing, out.shape)] = 0.0
         return out
 
 

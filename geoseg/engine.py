@@ -52,7 +52,7 @@ from geoseg.io import (
     classes_tag,
     close_handles,
     open_scene,
-    read_window,
+    read_window_gaps,
     write_aux_xml,
     write_qml,
 )
@@ -437,10 +437,10 @@ def _prepare_window(
     Runs in Dask's reader threads, so normalisation and padding overlap with the model.
     ``None`` marks a window without any valid pixel (it is never sent to the model).
     """
-    data, valid = read_window(path, tile.window, bands, alpha_band)
+    data, valid, missing = read_window_gaps(path, tile.window, bands, alpha_band)
     if not valid.any():
         return None, valid
-    return _pad_to(card.normalization.apply(data, dtype), size), valid
+    return _pad_to(card.normalization.apply(data, dtype, missing), size), valid
 
 
 def _prefetch(

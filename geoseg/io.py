@@ -176,21 +176,48 @@ def read_window(
     Returns:
         ``(data, valid)``: data CHW in the raster's dtype, valid HW bool (True = has data).
     """
+    data, valid, _ = read_window_gaps(path, window, bands, alpha_band)
+    return data, valid
+
+
+def read_window_gaps(
+    path: str | Path, window: Window, bands: Sequence[int], alpha_band: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Like :func:`read_window`, plus where single bands have no data.
+
+    A pixel is valid when any of its bands has data (so it gets a class), but a band can still
+    lack data there: Landsat-7's SWIR2 has a wider nodata frame than its other bands, and SLC-off
+    gaps differ a little from band to band. Those values must not reach a model as if they were
+    measurements (a nodata 0 reads as the darkest possible value).
+
+    Returns:
+        ``(data, valid, missing)``: ``missing`` is CHW bool (True = this band has no data here,
+        including every band of an invalid pixel), or ``None`` when every value has data.
+    """
     ds = _handle(Path(path))
     data = ds.read(list(bands), window=window)
     flags = [ds.mask_flag_enums[b - 1] for b in bands]
+    missing: np.ndarray | None
     if alpha_band is not None:
         valid = ds.read(alpha_band, window=window) > 0
+        missing = np.broadcast_to(~valid, data.shape) if not valid.all() else None
     elif all(f == [MaskFlags.all_valid] for f in flags):
         valid = np.ones(data.shape[1:], bool)
+        missing = None
     elif all(f == [MaskFlags.nodata] for f in flags) and ds.nodata is not None and not np.isnan(ds.nodata):
         # Same result as GDAL's nodata masks, without decoding the window a second time.
-        valid = (data != data.dtype.type(ds.nodata)).any(axis=0)
+        missing = data == data.dtype.type(ds.nodata)
+        valid = ~missing.all(axis=0)
     else:
-        valid = ds.read_masks(list(bands), window=window).any(axis=0)
+        missing = ds.read_masks(list(bands), window=window) == 0
+        valid = ~missing.all(axis=0)
     if data.dtype.kind == "f":
-        valid &= np.isfinite(data).any(axis=0)
-    return data, valid
+        finite = np.isfinite(data)
+        missing = ~finite if missing is None else missing | ~finite
+        valid &= finite.any(axis=0)
+    if missing is not None and not missing.any():
+        missing = None
+    return data, valid, missing
 
 
 # ---- writing ------------------------------------------------------------------------------
@@ -433,6 +460,7 @@ __all__ = [
     "open_scene",
     "read_classes",
     "read_window",
+    "read_window_gaps",
     "write_aux_xml",
     "write_qml",
 ]

@@ -44,7 +44,7 @@ from geoseg.errors import (
     SceneReadError,
     require_paddle,
 )
-from geoseg.io import open_scene, read_window
+from geoseg.io import open_scene, read_window_gaps
 from geoseg.metrics import ConfusionMatrix
 from geoseg.tiling import make_grid
 
@@ -324,20 +324,31 @@ def class_table(cfg: TrainConfig, labels_path: Path, present: Sequence[int]) -> 
     )
 
 
-def band_statistics(image: np.ndarray, valid: np.ndarray, scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-band mean and std of ``image * scale`` (CHW raw) over valid pixels (HW bool)."""
+def band_statistics(image: np.ndarray, valid: np.ndarray, scale: float,
+                    missing: np.ndarray | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-band mean and std of ``image * scale`` (CHW raw) over valid pixels (HW bool).
+
+    A band's values where it has no data (``missing``, CHW bool) are left out of its figures.
+    """
     if not valid.any():
         raise ParameterError("the training region has no valid (non-nodata) pixels")
-    px = image[:, valid].astype(np.float64) * scale
-    mean = px.mean(axis=1)
-    std = np.maximum(px.std(axis=1), 1e-6)
+    mean, std = [], []
+    for b in range(image.shape[0]):
+        use = valid if missing is None else valid & ~missing[b]
+        px = image[b][use].astype(np.float64) * scale
+        if px.size == 0:
+            raise ParameterError(f"band {b + 1} has no data in the training region: pick other bands")
+        mean.append(px.mean())
+        std.append(max(px.std(), 1e-6))
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
 def load_region(image_path: Path, bands: tuple[int, ...], meta: Any, labels_path: Path, region: Region,
-                lut: np.ndarray, ignore: Sequence[int], norm: Normalization | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read a region: raw image CHW, label indexes HW (ignored = IGNORE_INDEX), valid HW."""
-    data, valid = read_window(image_path, region.window, bands, meta.alpha_band)
+                lut: np.ndarray, ignore: Sequence[int]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Read a region: raw image CHW, label indexes HW (ignored = IGNORE_INDEX), valid HW, and
+    where single bands have no data (CHW bool or None; see :func:`geoseg.io.read_window_gaps`)."""
+    data, valid, missing = read_window_gaps(image_path, region.window, bands, meta.alpha_band)
     raw, label_nodata = read_labels(labels_path, region.window)
     idx = np.full(raw.shape, IGNORE_INDEX, np.int64)
     inside = (raw >= 0) & (raw < lut.size)
@@ -346,7 +357,7 @@ def load_region(image_path: Path, bands: tuple[int, ...], meta: Any, labels_path
     if label_nodata is not None:
         bad |= raw == int(label_nodata)
     idx[bad] = IGNORE_INDEX
-    return data, idx, valid
+    return data, idx, valid, missing
 
 
 class WindowDataset:
@@ -654,12 +665,13 @@ class Trainer:
         if unknown:
             log.warning("warning: label values %s are not among the classes %s: they are ignored", unknown, ids)
 
-        raw_img, train_idx, train_valid = load_region(image_path, bands, self.meta, labels_path, self.train_region,
-                                                      self.lut, cfg.ignore, None)
+        raw_img, train_idx, train_valid, gaps = load_region(image_path, bands, self.meta, labels_path,
+                                                            self.train_region, self.lut, cfg.ignore)
         scale = DEFAULT_SCALE.get(self.meta.dtype, DEFAULT_SCALE["default"])
-        mean, std = band_statistics(raw_img, train_valid & self.train_region.mask, scale)
+        mean, std = band_statistics(raw_img, train_valid & self.train_region.mask, scale, gaps)
         self.normalization = Normalization(mean=mean, std=std, scale=dict(DEFAULT_SCALE))
-        self.train_data = RegionData(self.normalization.apply(raw_img, self.meta.dtype), train_idx, self.train_region)
+        self.train_data = RegionData(self.normalization.apply(raw_img, self.meta.dtype, gaps), train_idx,
+                                     self.train_region)
         if not (train_idx != IGNORE_INDEX).any():
             raise ParameterError("the training region has no labelled pixels: check train_region and ignore")
         side = min(self.train_region.height, self.train_region.width)
@@ -670,8 +682,8 @@ class Trainer:
             # whole scene), but only from inside the train + validation bounding box; labels
             # outside the validation region are ignored.
             ctx = _context_region(self.val_region, self.train_region, self.window // 2)
-            vimg, vidx, _ = load_region(image_path, bands, self.meta, labels_path, ctx, self.lut, cfg.ignore, None)
-            self.val_data = RegionData(self.normalization.apply(vimg, self.meta.dtype), vidx, self.val_region)
+            vimg, vidx, _, vgaps = load_region(image_path, bands, self.meta, labels_path, ctx, self.lut, cfg.ignore)
+            self.val_data = RegionData(self.normalization.apply(vimg, self.meta.dtype, vgaps), vidx, self.val_region)
         if self.window != cfg.window:
             log.info("window %d is larger than the training region (%dx%d): using %d",
                      cfg.window, self.train_region.width, self.train_region.height, self.window)

@@ -233,3 +233,48 @@ def test_weights_digest_follows_the_weights(tmp_path: Path) -> None:
     w = tmp_path / "w.pdparams"
     w.write_bytes(b"two")
     assert weights_digest(ModelSource(card, weights=w)) == weights_digest(ModelSource(card, export_dir=d))
+
+
+@pytest.mark.parametrize(("dtype", "nodata"), [("uint8", 0), ("float32", float("nan"))])
+def test_a_band_without_data_is_filled_with_its_mean_not_its_nodata_value(
+        tmp_path: Path, dtype: str, nodata: float) -> None:
+    # Landsat-7's SWIR2 has a wider nodata frame than its other bands: there the pixel still
+    # has data (it gets a class), but the missing band must reach the model as its mean
+    # (normalised 0), not as the nodata value read as the darkest possible measurement.
+    h, w = 60, 90
+    data = np.zeros((2, h, w), dtype)
+    data[0] = 3
+    data[1] = 6
+    data[1, :, 60:] = nodata  # band 2 has no data in the right third; band 1 has data everywhere
+    data[:, :10, :10] = nodata  # and a corner without any data
+    src = write_raster(tmp_path / "gaps.tif", data, nodata=nodata)
+    card = identity_card(2, 4).replace(
+        normalization=Normalization(mean=(0.0, 5.0), std=(1.0, 1.0), scale={"default": 1.0}))
+
+    def by_band2(x: np.ndarray) -> np.ndarray:  # class index = normalised band 2 + 2
+        cls = np.clip(np.rint(x[:, 1]) + 2, 0, 3).astype(int)
+        return (np.arange(4)[None, :, None, None] == cls[:, None]).astype(np.float32)
+
+    res = segment_scene(src, tmp_path / "out", source=ModelSource(card), predictor=by_band2)
+    with rasterio.open(res.mask) as ds:
+        mask = ds.read(1)
+    assert (mask[10:, :60] == 4).all()  # band 2 = 6 -> normalised 1 -> index 3 -> id 4
+    assert (mask[:, 60:] == 3).all()  # band 2 missing -> normalised 0 -> index 2 -> id 3 (not 0 - 5 -> id 1)
+    assert (mask[:10, :10] == 255).all()
+
+
+def test_read_window_gaps_per_band(tmp_path: Path) -> None:
+    from rasterio.windows import Window
+
+    from geoseg.io import read_window_gaps
+
+    data = np.ones((3, 20, 30), np.uint16)
+    data[2, :, :5] = 0
+    src = write_raster(tmp_path / "a.tif", data, nodata=0)
+    d, valid, missing = read_window_gaps(src, Window(0, 0, 30, 20), (1, 2, 3))
+    assert valid.all() and missing is not None
+    assert missing[2, :, :5].all() and missing.sum() == 20 * 5
+    d, valid, missing = read_window_gaps(src, Window(10, 0, 20, 20), (1, 3))
+    assert valid.all() and missing is None  # no gap in this window
+    full = write_raster(tmp_path / "b.tif", np.ones((2, 8, 8), np.uint8))
+    assert read_window_gaps(full, Window(0, 0, 8, 8), (1, 2))[2] is None

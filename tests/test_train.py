@@ -81,6 +81,25 @@ def test_normalisation_statistics_come_from_the_training_region(scene: tuple[Pat
     np.testing.assert_allclose(t.normalization.std, img[:, valid].std(axis=1), atol=1e-5)
 
 
+def test_a_band_gap_is_left_out_of_statistics_and_trains_as_the_mean(tmp_path: Path) -> None:
+    import rasterio
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(50, 200, (3, H, W)).astype(np.uint8)
+    img[2, :, :12] = 0  # band 3 has no data in the first 12 columns (the other bands have)
+    labels = (class_image(H, W, 3, seed=1) + 1).astype(np.uint8)
+    scene = (write_raster(tmp_path / "img.tif", img, nodata=0), write_raster(tmp_path / "lab.tif", labels, nodata=0))
+    t = Trainer(_cfg(scene, tmp_path / "o"))
+    with rasterio.open(scene[0]) as ds:
+        raw = ds.read()[:, :48, :48].astype(np.float64) / 255.0
+    assert t.normalization.mean[2] == pytest.approx(raw[2, :, 12:].mean(), abs=1e-5)
+    assert t.normalization.std[2] == pytest.approx(raw[2, :, 12:].std(), abs=1e-5)
+    assert t.normalization.mean[0] == pytest.approx(raw[0].mean(), abs=1e-5)
+    x = t.train_data.image
+    assert (x[2, :, :12] == 0).all() and (x[2, :, 12:] != 0).mean() > 0.99
+    assert (t.train_data.labels[:, :12] != IGNORE_INDEX).all()  # the pixels still train
+
+
 def test_schedule_warmup_poly_cosine() -> None:
     cfg = TrainConfig(image="i", labels="l", lr=1.0, warmup=10, iterations=110, schedule="poly", power=1.0)
     assert learning_rate(0, cfg) == pytest.approx(0.1)
