@@ -407,12 +407,30 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
         chosen = tuple(bands)
     else:
         chosen = meta.data_bands
+        by_name = _bands_by_name(meta, card)
+        if len(chosen) != card.in_channels and by_name is not None:
+            log.info("%s: bands %s picked by their names %s", meta.path.name, ",".join(map(str, by_name)),
+                     ", ".join(card.bands))
+            chosen = by_name
     if len(chosen) != card.in_channels:
         hint = " (--bands picked them)" if bands else f": pass --bands to pick {card.in_channels} of them in the order {', '.join(card.bands)}"
         raise SceneError(
             f"{meta.path.name} gives {len(chosen)} bands but model {card.name!r} expects {card.in_channels}{hint}"
         )
     return chosen
+
+
+def _bands_by_name(meta: SceneMeta, card: ModelCard) -> tuple[int, ...] | None:
+    """The scene's bands whose descriptions are the card's band names, in the card's order, or
+    ``None`` unless every name appears exactly once among the data bands."""
+    names = {}
+    for b in meta.data_bands:
+        d = meta.descriptions[b - 1]
+        if d:
+            names.setdefault(d, []).append(b)
+    if not all(len(names.get(n, ())) == 1 for n in card.bands):
+        return None
+    return tuple(names[n][0] for n in card.bands)
 
 
 def _pad_to(x: np.ndarray, tile: int) -> np.ndarray:

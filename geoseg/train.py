@@ -107,6 +107,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mosaic: float = 0.0
     ema: float = 0.0
+    train_on_gaps: bool = False
     amp: bool = True
     device: DeviceName = "auto"
     workers: int = 0
@@ -670,6 +671,11 @@ class Trainer:
         scale = DEFAULT_SCALE.get(self.meta.dtype, DEFAULT_SCALE["default"])
         mean, std = band_statistics(raw_img, train_valid & self.train_region.mask, scale, gaps)
         self.normalization = Normalization(mean=mean, std=std, scale=dict(DEFAULT_SCALE))
+        if gaps is not None and not cfg.train_on_gaps:
+            # Pixels with a band missing keep their place as context (that band at its mean) but
+            # are not training targets: a model learns from complete measurements and predicts
+            # such pixels from the bands they have.
+            train_idx[gaps.any(axis=0)] = IGNORE_INDEX
         self.train_data = RegionData(self.normalization.apply(raw_img, self.meta.dtype, gaps), train_idx,
                                      self.train_region)
         if not (train_idx != IGNORE_INDEX).any():
@@ -779,6 +785,7 @@ class Trainer:
                             **({"mosaic": cfg.mosaic} if cfg.mosaic else {})},
                 **({"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}),
                 **({"ema": cfg.ema} if cfg.ema else {}),
+                **({"train_on_gaps": True} if cfg.train_on_gaps else {}),
                 "seed": cfg.seed, "device": self.device,
             },
             metrics={"validation": dict(metrics)} if metrics else {},

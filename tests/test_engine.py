@@ -278,3 +278,18 @@ def test_read_window_gaps_per_band(tmp_path: Path) -> None:
     assert valid.all() and missing is None  # no gap in this window
     full = write_raster(tmp_path / "b.tif", np.ones((2, 8, 8), np.uint8))
     assert read_window_gaps(full, Window(0, 0, 8, 8), (1, 2))[2] is None
+
+
+def test_bands_are_picked_by_name_when_the_scene_has_more(tmp_path: Path) -> None:
+    data = np.stack([np.full((20, 20), v, np.uint8) for v in (9, 1, 7, 8)])  # b2 holds class index 1
+    src = write_raster(tmp_path / "named.tif", data)
+    with rasterio.open(src, "r+") as ds:
+        for i, name in enumerate(("b1", "b0", "extra", "b2"), start=1):
+            ds.set_band_description(i, name)
+    res = segment_scene(src, tmp_path, source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
+    with rasterio.open(res.mask) as ds:
+        assert (ds.read(1) == 2).all()  # card band b0 = scene band 2 (value 1) -> index 1 -> id 2
+    with rasterio.open(src, "r+") as ds:
+        ds.set_band_description(4, "b0")  # a name twice: no guessing
+    with pytest.raises(SceneError, match="gives 4 bands but model 'identity' expects 3"):
+        segment_scene(src, tmp_path / "o2", source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))

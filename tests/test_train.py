@@ -97,7 +97,12 @@ def test_a_band_gap_is_left_out_of_statistics_and_trains_as_the_mean(tmp_path: P
     assert t.normalization.mean[0] == pytest.approx(raw[0].mean(), abs=1e-5)
     x = t.train_data.image
     assert (x[2, :, :12] == 0).all() and (x[2, :, 12:] != 0).mean() > 0.99
-    assert (t.train_data.labels[:, :12] != IGNORE_INDEX).all()  # the pixels still train
+    # Pixels with a band missing are context, not targets, unless train_on_gaps says so.
+    assert (t.train_data.labels[:, :12] == IGNORE_INDEX).all()
+    assert (t.train_data.labels[:, 12:] != IGNORE_INDEX).all()
+    t2 = Trainer(_cfg(scene, tmp_path / "o2", train_on_gaps=True))
+    assert (t2.train_data.labels[:, :12] != IGNORE_INDEX).all()
+    np.testing.assert_array_equal(t2.train_data.image, x)
 
 
 def test_schedule_warmup_poly_cosine() -> None:
