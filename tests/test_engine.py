@@ -293,3 +293,16 @@ def test_bands_are_picked_by_name_when_the_scene_has_more(tmp_path: Path) -> Non
         ds.set_band_description(4, "b0")  # a name twice: no guessing
     with pytest.raises(SceneError, match="gives 4 bands but model 'identity' expects 3"):
         segment_scene(src, tmp_path / "o2", source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
+
+
+
+def test_normalisation_fills_missing_values_with_the_band_mean() -> None:
+    norm = Normalization(mean=(0.2, 0.4), std=(0.1, 0.2), scale={"default": 1.0})
+    x = np.array([[[1.0, 9.0, 65535.0]], [[1.0, 1.0, 65535.0]]], np.float32)
+    missing = np.array([[[False, True, True]], [[False, False, True]]])
+    out = norm.apply(x, "float32", missing)
+    np.testing.assert_allclose(out[:, 0, 0], [8.0, 3.0])  # data
+    np.testing.assert_allclose(out[:, 0, 1], [0.0, 3.0])  # band 1 missing: its mean
+    np.testing.assert_allclose(out[:, 0, 2], [0.0, 0.0])  # no data at all: the means, not 65535
+    batch = norm.apply(np.stack([x, x]), "float32", np.stack([missing, missing]))
+    np.testing.assert_allclose(batch[1], out)
