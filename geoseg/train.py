@@ -104,10 +104,11 @@ class TrainConfig:
     global_brightness: float = 0.0
     global_contrast: float = 0.0
     noise: float = 0.0
+    band_dropout: float = 0.0
     label_smoothing: float = 0.0
     mosaic: float = 0.0
     ema: float = 0.0
-    train_on_gaps: bool = False
+    train_on_gaps: bool = True
     amp: bool = True
     device: DeviceName = "auto"
     workers: int = 0
@@ -177,6 +178,8 @@ class TrainConfig:
             raise ParameterError(f"label_smoothing {self.label_smoothing}: use a fraction 0..1 (0 = off)")
         if isinstance(self.class_weights, str) and self.class_weights not in ("none", "auto", "balanced"):
             raise ParameterError(f"class_weights {self.class_weights!r}: choose none, auto, balanced or a list of weights")
+        if not 0.0 <= self.band_dropout <= 1.0:
+            raise ParameterError(f"band_dropout {self.band_dropout}: use a probability 0..1 (0 = off)")
         if not 0.0 <= self.mosaic <= 1.0:
             raise ParameterError(f"mosaic {self.mosaic}: use a probability 0..1 (0 = off)")
         if not 0.0 <= self.ema < 1.0:
@@ -372,7 +375,7 @@ class WindowDataset:
     def __init__(self, data: RegionData, window: int, length: int, *, seed: int = 0, start: int = 0,
                  flips: bool = True, rot90: bool = True, brightness: float = 0.0, contrast: float = 0.0,
                  min_labelled: float = 0.0, global_brightness: float = 0.0, global_contrast: float = 0.0,
-                 noise: float = 0.0, mosaic: float = 0.0) -> None:
+                 noise: float = 0.0, mosaic: float = 0.0, band_dropout: float = 0.0) -> None:
         """See the class docstring; ``length`` items starting at index ``start``.
 
         ``mosaic`` is the probability that an item is a 2x2 mosaic of four half-size windows
@@ -386,6 +389,7 @@ class WindowDataset:
         self.flips, self.rot90 = flips, rot90
         self.brightness, self.contrast = brightness, contrast
         self.global_brightness, self.global_contrast, self.noise = global_brightness, global_contrast, noise
+        self.band_dropout = band_dropout
         self.min_labelled = min_labelled
         self.mosaic = mosaic
 
@@ -407,8 +411,13 @@ class WindowDataset:
                     x[:, r0 : r0 + h, c0 : c0 + h], y[r0 : r0 + h, c0 : c0 + h] = self._crop(rng, h)
         else:
             x, y = self._crop(rng, s)
-        return augment(x, y, rng, self.flips, self.rot90, self.brightness, self.contrast,
+        x, y = augment(x, y, rng, self.flips, self.rot90, self.brightness, self.contrast,
                        self.global_brightness, self.global_contrast, self.noise)
+        if self.band_dropout > 0 and rng.random() < self.band_dropout:
+            # One band reads as missing (its mean, as predict fills a band gap) over the window:
+            # the model learns to classify without any single band.
+            x[int(rng.integers(0, x.shape[0]))] = 0.0
+        return x, y
 
     def _crop(self, rng: np.random.Generator, s: int) -> tuple[np.ndarray, np.ndarray]:
         """A random ``s``-pixel window (copies), preferring ones with enough labelled pixels."""
@@ -672,9 +681,9 @@ class Trainer:
         mean, std = band_statistics(raw_img, train_valid & self.train_region.mask, scale, gaps)
         self.normalization = Normalization(mean=mean, std=std, scale=dict(DEFAULT_SCALE))
         if gaps is not None and not cfg.train_on_gaps:
-            # Pixels with a band missing keep their place as context (that band at its mean) but
-            # are not training targets: a model learns from complete measurements and predicts
-            # such pixels from the bands they have.
+            # Pixels with a band missing stay as context (that band at its mean) but are not
+            # training targets. Off by default: predict classifies such pixels, and a model that
+            # never trained on them predicted them erratically on the NC folds (see the recipes).
             train_idx[gaps.any(axis=0)] = IGNORE_INDEX
         self.train_data = RegionData(self.normalization.apply(raw_img, self.meta.dtype, gaps), train_idx,
                                      self.train_region)
@@ -782,10 +791,11 @@ class Trainer:
                             **({"global_brightness": cfg.global_brightness, "global_contrast": cfg.global_contrast,
                                 "noise": cfg.noise} if (cfg.global_brightness or cfg.global_contrast or cfg.noise)
                                else {}),
-                            **({"mosaic": cfg.mosaic} if cfg.mosaic else {})},
+                            **({"mosaic": cfg.mosaic} if cfg.mosaic else {}),
+                            **({"band_dropout": cfg.band_dropout} if cfg.band_dropout else {})},
                 **({"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}),
                 **({"ema": cfg.ema} if cfg.ema else {}),
-                **({"train_on_gaps": True} if cfg.train_on_gaps else {}),
+                **({"train_on_gaps": False} if not cfg.train_on_gaps else {}),
                 "seed": cfg.seed, "device": self.device,
             },
             metrics={"validation": dict(metrics)} if metrics else {},
@@ -820,7 +830,7 @@ class Trainer:
                            start=start * cfg.batch_size, flips=cfg.flips, rot90=cfg.rot90,
                            brightness=cfg.brightness, contrast=cfg.contrast, min_labelled=cfg.min_labelled,
                            global_brightness=cfg.global_brightness, global_contrast=cfg.global_contrast,
-                           noise=cfg.noise, mosaic=cfg.mosaic)
+                           noise=cfg.noise, mosaic=cfg.mosaic, band_dropout=cfg.band_dropout)
         loader = paddle.io.DataLoader(_PaddleDataset(ds), batch_size=cfg.batch_size, shuffle=False, drop_last=False,
                                       num_workers=cfg.workers, use_shared_memory=cfg.workers > 0)
         csv_path = self.out / "train_log.csv"

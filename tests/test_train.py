@@ -70,6 +70,23 @@ def test_dataset_is_deterministic_and_augments(scene: tuple[Path, Path], tmp_pat
     np.testing.assert_array_equal(WindowDataset(t.train_data, 32, 5, seed=1, start=2, brightness=0.1, contrast=0.1)[1][0], ds[3][0])
 
 
+def test_band_dropout_blanks_one_band_of_some_windows(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    t = Trainer(_cfg(scene, tmp_path / "o"))
+    plain = WindowDataset(t.train_data, 32, 40, seed=2, flips=False, rot90=False)
+    dropped = WindowDataset(t.train_data, 32, 40, seed=2, flips=False, rot90=False, band_dropout=0.5)
+    blanked = 0
+    for i in range(40):
+        a, b = plain[i][0], dropped[i][0]
+        zero = [c for c in range(3) if (b[c] == 0).all() and not (a[c] == 0).all()]
+        assert len(zero) <= 1
+        same = [c for c in range(3) if np.array_equal(a[c], b[c])]
+        assert len(same) == 3 - len(zero)  # the other bands are untouched
+        blanked += len(zero)
+    assert 8 <= blanked <= 32
+    with pytest.raises(ParameterError, match="band_dropout"):
+        _cfg(scene, tmp_path / "o", band_dropout=1.5)
+
+
 def test_normalisation_statistics_come_from_the_training_region(scene: tuple[Path, Path], tmp_path: Path) -> None:
     import rasterio
 
@@ -97,11 +114,11 @@ def test_a_band_gap_is_left_out_of_statistics_and_trains_as_the_mean(tmp_path: P
     assert t.normalization.mean[0] == pytest.approx(raw[0].mean(), abs=1e-5)
     x = t.train_data.image
     assert (x[2, :, :12] == 0).all() and (x[2, :, 12:] != 0).mean() > 0.99
-    # Pixels with a band missing are context, not targets, unless train_on_gaps says so.
-    assert (t.train_data.labels[:, :12] == IGNORE_INDEX).all()
-    assert (t.train_data.labels[:, 12:] != IGNORE_INDEX).all()
-    t2 = Trainer(_cfg(scene, tmp_path / "o2", train_on_gaps=True))
-    assert (t2.train_data.labels[:, :12] != IGNORE_INDEX).all()
+    # Pixels with a band missing are training targets unless train_on_gaps: false.
+    assert (t.train_data.labels != IGNORE_INDEX).all()
+    t2 = Trainer(_cfg(scene, tmp_path / "o2", train_on_gaps=False))
+    assert (t2.train_data.labels[:, :12] == IGNORE_INDEX).all()
+    assert (t2.train_data.labels[:, 12:] != IGNORE_INDEX).all()
     np.testing.assert_array_equal(t2.train_data.image, x)
 
 
