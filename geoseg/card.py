@@ -105,7 +105,7 @@ class Normalization:
         if x.dtype.kind == "f":
             np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         if missing is not None:
-            out[np.broadcast_to(missing, out.shape)] = 0.0
+            np.copyto(out, np.float32(0.0), where=missing)
         return out
 
 
