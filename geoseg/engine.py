@@ -407,8 +407,8 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
         chosen = tuple(bands)
     else:
         chosen = meta.data_bands
-        by_name = _bands_by_name(meta, card)
-        if len(chosen) != card.in_channels and by_name is not None:
+        by_name = _bands_by_name(meta, card) if len(chosen) != card.in_channels else None
+        if by_name is not None:
             log.info("%s: bands %s picked by their names %s", meta.path.name, ",".join(map(str, by_name)),
                      ", ".join(card.bands))
             chosen = by_name
