@@ -168,22 +168,11 @@ def close_handles(path: str | Path) -> None:
             _handles.pop(key).close()
 
 
-def read_window(
-    path: str | Path, window: Window, bands: Sequence[int], alpha_band: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``bands`` (1-based) of ``window`` and the window's valid mask.
-
-    Returns:
-        ``(data, valid)``: data CHW in the raster's dtype, valid HW bool (True = has data).
-    """
-    data, valid, _ = read_window_gaps(path, window, bands, alpha_band)
-    return data, valid
-
-
 def read_window_gaps(
     path: str | Path, window: Window, bands: Sequence[int], alpha_band: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Like :func:`read_window`, plus where single bands have no data.
+    """Read ``bands`` (1-based) of ``window``, the window's valid mask, and where single bands
+    have no data.
 
     A pixel is valid when any of its bands has data (so it gets a class), but a band can still
     lack data there: Landsat-7's SWIR2 has a wider nodata frame than its other bands, and SLC-off
@@ -191,7 +180,8 @@ def read_window_gaps(
     measurements (a nodata 0 reads as the darkest possible value).
 
     Returns:
-        ``(data, valid, missing)``: ``missing`` is CHW bool (True = this band has no data here,
+        ``(data, valid, missing)``: data CHW in the raster's dtype; valid HW bool (True = has
+        data in some band); ``missing`` CHW bool (True = this band has no data here,
         including every band of an invalid pixel), or ``None`` when every value has data.
     """
     ds = _handle(Path(path))
@@ -459,7 +449,6 @@ __all__ = [
     "close_handles",
     "open_scene",
     "read_classes",
-    "read_window",
     "read_window_gaps",
     "write_aux_xml",
     "write_qml",
