@@ -94,9 +94,14 @@ simplify_opt = click.option(
     help="Polygons: simplification tolerance in map units (default one pixel; 0 keeps pixel edges).",
 )
 
+tta_opt = click.option(
+    "--tta", is_flag=True,
+    help="Average the model over the 8 flips/rotations of each window (8x the model time).",
+)
+
 #: The options of ``predict`` that ``batch`` shares, in help order.
 PREDICT_OPTIONS = (
-    tile_size_opt, overlap_opt, batch_size_opt, device_opt, precision_opt, bands_opt, confidence_opt,
+    tile_size_opt, overlap_opt, batch_size_opt, device_opt, precision_opt, bands_opt, tta_opt, confidence_opt,
     blend_opt, co_opt, vector_opt, min_area_opt, simplify_opt,
 )
 
@@ -111,7 +116,7 @@ def predict_options(f: Any) -> Any:
 def make_predict_options(
     *, tile_size: int | None, overlap: int | None, batch_size: int | None, device: str, precision: str,
     bands: tuple[int, ...] | None, confidence: str, blend: str, creation_options: tuple[str, ...], vector: str,
-    min_area: float | None, simplify: float | None, **extra: Any,
+    min_area: float | None, simplify: float | None, tta: bool = False, **extra: Any,
 ) -> Any:
     """Build :class:`geoseg.engine.PredictOptions` from the values of :data:`PREDICT_OPTIONS`.
 
@@ -124,7 +129,7 @@ def make_predict_options(
         tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,  # type: ignore[arg-type]
         precision=precision, bands=bands, blend=BlendMode(blend), confidence=confidence,  # type: ignore[arg-type]
         creation_options=parse_co(creation_options), vector=vector,  # type: ignore[arg-type]
-        min_area=min_area, simplify=simplify, **extra,
+        min_area=min_area, simplify=simplify, tta=tta, **extra,
     )
 
 

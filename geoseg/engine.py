@@ -300,6 +300,31 @@ def build_predictor(
     return predict, f"{dev}/{runtime}/{precision}"
 
 
+def dihedral_average(predict: Predictor) -> Predictor:
+    """Test-time augmentation: the mean of ``predict`` over the 8 flips and 90° rotations of each
+    window, each output turned back before averaging (flips only for non-square windows).
+
+    Eight model calls per batch, so 8x the model time; on the NC folds it added about 0.01 mIoU
+    and OA to the shipped UNet.
+    """
+
+    def predict_tta(x: np.ndarray) -> np.ndarray:
+        turns = (0, 1, 2, 3) if x.shape[-1] == x.shape[-2] else (0, 2)
+        total: np.ndarray | None = None
+        for k in turns:
+            for flip in (False, True):
+                view = np.rot90(x, k, axes=(-2, -1))
+                view = view[..., ::-1] if flip else view
+                p = predict(np.ascontiguousarray(view))
+                p = p[..., ::-1] if flip else p
+                p = np.rot90(p, -k, axes=(-2, -1)).astype(np.float32)
+                total = p if total is None else total + p
+        assert total is not None
+        return total / (2 * len(turns))
+
+    return predict_tta
+
+
 # ---- scene segmentation ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class PredictOptions:
@@ -326,6 +351,8 @@ class PredictOptions:
     min_area: float | None = None
     #: Polygon simplification tolerance in map units (None: one pixel; 0: pixel edges).
     simplify: float | None = None
+    #: Test-time augmentation: average the model over the 8 flips/rotations of each window.
+    tta: bool = False
 
 
 @dataclass(frozen=True)
@@ -652,6 +679,9 @@ def segment_scene(
     device_desc = "custom"
     if predictor is None:
         predictor, device_desc = build_predictor(source, opts.device, opts.precision, opts.runtime, opts.threads)
+    if opts.tta:
+        predictor = dihedral_average(predictor)
+        device_desc += "+tta"
     batch_size = opts.batch_size or (8 if device_desc.startswith("gpu") else 1)
     log.debug("%s: %dx%d, %d bands %s, %d windows of %d px (overlap %d), model %s on %s, batch %d",
               input_path.name, meta.width, meta.height, len(bands), meta.dtype, len(grid), tile, overlap,

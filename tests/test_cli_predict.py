@@ -77,6 +77,21 @@ def test_predict_writes_mask_and_prints_its_path(runner: CliRunner, tmp_path: Pa
     assert "windows/s" in res.stderr and "megapixels/s" in res.stderr
 
 
+def test_predict_tta_flag_reaches_the_model(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    weights, _ = tiny_unet
+    src = rgb(tmp_path)
+    conf = {}
+    for name, extra in (("plain", []), ("tta", ["--tta"])):
+        out = tmp_path / name
+        res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", str(weights), "--out", str(out),
+                                  "--vector", "none", "--confidence", "float32", *extra])
+        assert res.exit_code == 0, res.output
+        with rasterio.open(out / "scene_confidence.tif") as ds:
+            conf[name] = ds.read(1)
+    # a random-init network is not flip/rotation invariant: averaging its 8 views changes its output
+    assert not np.allclose(conf["plain"], conf["tta"])
+
+
 def test_predict_vector_none_and_geojson(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
     src = rgb(tmp_path)
     res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "a"), "--vector", "none"])

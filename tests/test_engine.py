@@ -306,3 +306,41 @@ def test_normalisation_fills_missing_values_with_the_band_mean() -> None:
     np.testing.assert_allclose(out[:, 0, 2], [0.0, 0.0])  # no data at all: the means, not 65535
     batch = norm.apply(np.stack([x, x]), "float32", np.stack([missing, missing]))
     np.testing.assert_allclose(batch[1], out)
+
+
+def test_tta_maps_every_view_back() -> None:
+    from geoseg.engine import dihedral_average
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 16, 16)).astype(np.float32)
+
+    def pointwise(v: np.ndarray) -> np.ndarray:  # equivariant: TTA must give exactly the same
+        p1 = 1.0 / (1.0 + np.exp(-v[:, :1]))
+        return np.concatenate([1.0 - p1, p1], axis=1)
+
+    np.testing.assert_allclose(dihedral_average(pointwise)(x), pointwise(x), atol=1e-6)
+
+    calls = []
+    pattern = rng.random((16, 16)).astype(np.float32)
+
+    def fixed(v: np.ndarray) -> np.ndarray:  # ignores its input: TTA averages the pattern's 8 views
+        calls.append(v.shape)
+        return np.broadcast_to(np.stack([pattern, 1 - pattern]), (v.shape[0], 2, 16, 16)).copy()
+
+    views = [np.rot90(pattern, k) for k in range(4)] + [np.rot90(pattern[:, ::-1], k) for k in range(4)]
+    out = dihedral_average(fixed)(x)
+    assert len(calls) == 8
+    np.testing.assert_allclose(out[1, 0], np.mean(views, axis=0), atol=1e-6)
+    rect = rng.normal(size=(1, 3, 8, 12)).astype(np.float32)  # not square: flips only
+    np.testing.assert_allclose(dihedral_average(pointwise)(rect), pointwise(rect), atol=1e-6)
+
+
+def test_predict_with_tta_keeps_an_equivariant_model_s_mask(tmp_path: Path) -> None:
+    cls = class_image(90, 130, 3, seed=5).astype(np.uint8)
+    src = write_raster(tmp_path / "scene.tif", cls[None] + 1)
+    kw = dict(source=ModelSource(identity_card(1, 3)), predictor=one_hot_predictor(3, offset=1))
+    plain = segment_scene(src, tmp_path / "a", **kw)
+    tta = segment_scene(src, tmp_path / "b", options=PredictOptions(tta=True), **kw)
+    with rasterio.open(plain.mask) as a, rasterio.open(tta.mask) as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))
+    assert tta.device.endswith("+tta")
