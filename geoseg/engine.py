@@ -304,8 +304,8 @@ def dihedral_average(predict: Predictor) -> Predictor:
     """Test-time augmentation: the mean of ``predict`` over the 8 flips and 90° rotations of each
     window, each output turned back before averaging (flips only for non-square windows).
 
-    Eight model calls per batch, so 8x the model time; on the NC folds it added about 0.01 mIoU
-    and OA to the shipped UNet.
+    Eight model calls per batch, so 8x the model time; on the NC validation folds it added
+    0.007-0.008 mIoU and 0.006-0.019 OA to the shipped models' settings.
     """
 
     def predict_tta(x: np.ndarray) -> np.ndarray:
