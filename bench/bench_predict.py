@@ -87,8 +87,8 @@ def source_for(model: str):
 
 def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int) -> dict:
     """Child process: predict one scene; then time the model alone on the same windows."""
-    from geoseg.engine import PredictOptions, build_predictor, segment_scene, _pad_to
-    from geoseg.io import open_scene, read_window_gaps
+    from geoseg.engine import PredictOptions, _prepare_window, build_predictor, segment_scene
+    from geoseg.io import open_scene
     from geoseg.tiling import batched, make_grid
 
     scene = WORK / f"nc_mosaic_{size}.tif"
@@ -107,11 +107,11 @@ def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int) -> 
     bands = meta.data_bands
     model_s = 0.0
     for tiles in batched(list(grid.tiles()), batch_size):
-        reads = [read_window_gaps(scene, t.window, bands) for t in tiles]
-        keep = [(d, m) for d, v, m in reads if v.any()]
+        prepared = [_prepare_window(scene, t, bands, meta.alpha_band, src.card, meta.dtype, grid.tile) for t in tiles]
+        keep = [x_t for x_t, _ in prepared if x_t is not None]
         if not keep:
             continue
-        x = np.stack([_pad_to(src.card.normalization.apply(d, meta.dtype, m), grid.tile) for d, m in keep])
+        x = np.stack(keep)
         t0 = time.perf_counter()
         predictor(x)
         model_s += time.perf_counter() - t0

@@ -259,7 +259,7 @@ def result_params(options: Any, card: Any) -> dict[str, Any]:
         "vector": options.vector,
         "min_area": options.min_area,
         "simplify": options.simplify,
-        **({"tta": True} if getattr(options, "tta", False) else {}),
+        **({"tta": True} if options.tta else {}),
     }
 
 
