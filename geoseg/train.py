@@ -109,6 +109,7 @@ class TrainConfig:
     mosaic: float = 0.0
     ema: float = 0.0
     train_on_gaps: bool = True
+    label_shift: tuple[int, ...] = (0, 0)
     amp: bool = True
     device: DeviceName = "auto"
     workers: int = 0
@@ -128,7 +129,7 @@ class TrainConfig:
             if not data.get(key):
                 raise ParameterError(f"{source} lacks {key!r}: give the path of the {key} raster")
         d = dict(data)
-        for key in ("bands", "band_names", "ignore"):
+        for key in ("bands", "band_names", "ignore", "label_shift"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         if d.get("classes") is not None:
@@ -184,6 +185,8 @@ class TrainConfig:
             raise ParameterError(f"mosaic {self.mosaic}: use a probability 0..1 (0 = off)")
         if not 0.0 <= self.ema < 1.0:
             raise ParameterError(f"ema {self.ema}: use a decay in [0, 1), e.g. 0.99 (0 = off)")
+        if len(self.label_shift) != 2 or any(int(v) != v or abs(int(v)) > 64 for v in self.label_shift):
+            raise ParameterError(f"label_shift {list(self.label_shift)}: give [rows, cols], whole pixels (e.g. [1, 1])")
         if not 0.0 <= self.min_labelled <= 1.0:
             raise ParameterError(f"min_labelled {self.min_labelled}: use a fraction 0..1")
 
@@ -296,11 +299,26 @@ def check_same_grid(image_meta: Any, label_meta: Any) -> None:
         )
 
 
-def read_labels(path: Path, window: Window) -> tuple[np.ndarray, float | None]:
-    """Read band 1 of the label raster in ``window`` (HW int64) and its nodata value."""
+def read_labels(path: Path, window: Window, shift: Sequence[int] = (0, 0)) -> tuple[np.ndarray, float | None]:
+    """Read band 1 of the label raster in ``window`` (HW int64) and its nodata value.
+
+    ``shift`` ``(rows, cols)`` moves the labels by whole pixels before use (co-registration):
+    the label at pixel ``(r, c)`` becomes the one at ``(r - rows, c - cols)``; pixels whose
+    label would come from outside the raster get ``-1`` (no label).
+    """
+    dy, dx = (int(v) for v in shift)
     try:
         with rasterio.open(path) as ds:
-            return ds.read(1, window=window).astype(np.int64), ds.nodata
+            if not (dy or dx):
+                return ds.read(1, window=window).astype(np.int64), ds.nodata
+            src = Window(window.col_off - dx, window.row_off - dy, window.width, window.height)
+            inter = src.intersection(Window(0, 0, ds.width, ds.height))
+            out = np.full((int(window.height), int(window.width)), -1, np.int64)
+            r0, c0 = int(inter.row_off - src.row_off), int(inter.col_off - src.col_off)
+            out[r0:r0 + int(inter.height), c0:c0 + int(inter.width)] = ds.read(1, window=inter)
+            return out, ds.nodata
+    except rasterio.errors.WindowError:
+        return np.full((int(window.height), int(window.width)), -1, np.int64), None
     except rasterio.errors.RasterioError as exc:
         raise SceneReadError(f"labels {path} cannot be read: {exc}") from None
 
@@ -348,12 +366,12 @@ def band_statistics(image: np.ndarray, valid: np.ndarray, scale: float,
 
 
 def load_region(image_path: Path, bands: tuple[int, ...], meta: Any, labels_path: Path, region: Region,
-                lut: np.ndarray, ignore: Sequence[int]
+                lut: np.ndarray, ignore: Sequence[int], label_shift: Sequence[int] = (0, 0)
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Read a region: raw image CHW, label indexes HW (ignored = IGNORE_INDEX), valid HW, and
     where single bands have no data (CHW bool or None; see :func:`geoseg.io.read_window_gaps`)."""
     data, valid, missing = read_window_gaps(image_path, region.window, bands, meta.alpha_band)
-    raw, label_nodata = read_labels(labels_path, region.window)
+    raw, label_nodata = read_labels(labels_path, region.window, label_shift)
     idx = np.full(raw.shape, IGNORE_INDEX, np.int64)
     inside = (raw >= 0) & (raw < lut.size)
     idx[inside] = lut[raw[inside]]
@@ -663,8 +681,9 @@ class Trainer:
                 raise ParameterError(f"train_region and val_region share {overlap} pixels: make them disjoint")
 
         # Classes: from the config or the ids present in the training labels.
-        raw_train, _ = read_labels(labels_path, self.train_region.window)
+        raw_train, _ = read_labels(labels_path, self.train_region.window, cfg.label_shift)
         present = sorted(int(v) for v in np.unique(raw_train[self.train_region.mask]) if int(v) not in cfg.ignore
+                         and int(v) >= 0
                          and int(v) != (label_meta.nodata if label_meta.nodata is not None else -1))
         self.classes = class_table(cfg, labels_path, present)
         ids = [c.id for c in self.classes]
@@ -676,7 +695,8 @@ class Trainer:
             log.warning("warning: label values %s are not among the classes %s: they are ignored", unknown, ids)
 
         raw_img, train_idx, train_valid, gaps = load_region(image_path, bands, self.meta, labels_path,
-                                                            self.train_region, self.lut, cfg.ignore)
+                                                            self.train_region, self.lut, cfg.ignore,
+                                                            cfg.label_shift)
         scale = DEFAULT_SCALE.get(self.meta.dtype, DEFAULT_SCALE["default"])
         mean, std = band_statistics(raw_img, train_valid & self.train_region.mask, scale, gaps)
         self.normalization = Normalization(mean=mean, std=std, scale=dict(DEFAULT_SCALE))
@@ -697,7 +717,8 @@ class Trainer:
             # whole scene), but only from inside the train + validation bounding box; labels
             # outside the validation region are ignored.
             ctx = _context_region(self.val_region, self.train_region, self.window // 2)
-            vimg, vidx, _, vgaps = load_region(image_path, bands, self.meta, labels_path, ctx, self.lut, cfg.ignore)
+            vimg, vidx, _, vgaps = load_region(image_path, bands, self.meta, labels_path, ctx, self.lut, cfg.ignore,
+                                              cfg.label_shift)
             self.val_data = RegionData(self.normalization.apply(vimg, self.meta.dtype, vgaps), vidx, self.val_region)
         if self.window != cfg.window:
             log.info("window %d is larger than the training region (%dx%d): using %d",
@@ -796,6 +817,7 @@ class Trainer:
                 **({"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}),
                 **({"ema": cfg.ema} if cfg.ema else {}),
                 **({"train_on_gaps": False} if not cfg.train_on_gaps else {}),
+                **({"label_shift": list(cfg.label_shift)} if any(cfg.label_shift) else {}),
                 "seed": cfg.seed, "device": self.device,
             },
             metrics={"validation": dict(metrics)} if metrics else {},

@@ -122,6 +122,36 @@ def test_a_band_gap_is_left_out_of_statistics_and_trains_as_the_mean(tmp_path: P
     np.testing.assert_array_equal(t2.train_data.image, x)
 
 
+def test_label_shift_moves_the_labels_onto_the_image(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    import rasterio
+
+    with rasterio.open(scene[1]) as ds:
+        lab = ds.read(1).astype(np.int64)
+    plain = Trainer(_cfg(scene, tmp_path / "o"))
+    moved = Trainer(_cfg(scene, tmp_path / "o2", label_shift=[1, 2]))
+    a, b = plain.train_data.labels, moved.train_data.labels
+    # The label of pixel (r, c) is the one read at (r - 1, c - 2); the first row and two
+    # columns have no label to come from and are ignored.
+    assert (b[0, :] == IGNORE_INDEX).all() and (b[:, :2] == IGNORE_INDEX).all()
+    np.testing.assert_array_equal(b[1:, 2:], a[:-1, :-2])
+    assert not np.array_equal(a, b)
+    # The validation labels move too; the image does not.
+    np.testing.assert_array_equal(moved.train_data.image, plain.train_data.image)
+    assert moved.val_data is not None and plain.val_data is not None
+    va, vb = plain.val_data.labels, moved.val_data.labels
+    both = (vb[1:, 2:] != IGNORE_INDEX) & (va[:-1, :-2] != IGNORE_INDEX)
+    assert both.sum() > 200
+    np.testing.assert_array_equal(vb[1:, 2:][both], va[:-1, :-2][both])
+    # And the moved labels are the raster's, read one row up and two columns left.
+    lut = {1: 0, 2: 1, 3: 2}
+    r, c = 20, 30
+    assert b[r, c] == lut[int(lab[r - 1, c - 2])]
+    assert moved.card({}, 0).training["label_shift"] == [1, 2]
+    assert "label_shift" not in plain.card({}, 0).training
+    with pytest.raises(ParameterError, match="label_shift"):
+        _cfg(scene, tmp_path / "o3", label_shift=[1])
+
+
 def test_schedule_warmup_poly_cosine() -> None:
     cfg = TrainConfig(image="i", labels="l", lr=1.0, warmup=10, iterations=110, schedule="poly", power=1.0)
     assert learning_rate(0, cfg) == pytest.approx(0.1)
