@@ -510,12 +510,16 @@ def learning_rate(it: int, cfg: TrainConfig) -> float:
 def auto_class_weights(labels: np.ndarray, num_classes: int, kind: str = "auto") -> np.ndarray:
     """Class weights from the label indexes of the training region.
 
-    ``auto``: ``∝ 1/sqrt(frequency)``, mean 1 over the present classes, clipped to [0.2, 10]
-    (mostly lifts rare classes: common classes end up near the 0.2 floor together).
+    ``auto``: ``∝ 1/sqrt(frequency)``, scaled so that the frequency-weighted mean weight is 1,
+    clipped to [0.1, 10]: common classes keep their ``1/sqrt`` ratios to each other whatever
+    rare classes are present, and a class of a few pixels is capped at 10. (Before 2026-11-23
+    the plain mean was 1 with a 0.2 floor, so one very rare class pushed every common class
+    onto the floor: on the NC fold B all but sediment got 0.2.)
     ``balanced``: ``1 / (n_present * frequency)`` as in scikit-learn, so that every present
     class carries the same total weight and the frequency-weighted mean weight is 1 (the loss
     keeps its scale), clipped to [0.1, 10] so a class of a few pixels cannot dominate.
-    Classes absent from the labels get weight 1.
+    Classes absent from the labels get weight 1. The losses divide by the summed weights, so
+    only the ratios between weights matter.
     """
     counts = np.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes].astype(np.float64)
     w = np.ones(num_classes)
@@ -527,8 +531,8 @@ def auto_class_weights(labels: np.ndarray, num_classes: int, kind: str = "auto")
         w[present] = 1.0 / (present.sum() * freq)
         return np.clip(w, 0.1, 10.0).astype(np.float32)
     wp = 1.0 / np.sqrt(freq)
-    w[present] = wp / wp.mean()
-    return np.clip(w, 0.2, 10.0).astype(np.float32)
+    w[present] = wp / (freq * wp).sum()
+    return np.clip(w, 0.1, 10.0).astype(np.float32)
 
 
 # ---- losses --------------------------------------------------------------------------------------

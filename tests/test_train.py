@@ -178,6 +178,15 @@ def test_losses_ignore_index_and_weights() -> None:
     assert float(l1) == pytest.approx(float(l2), rel=1e-6)
     w = auto_class_weights(np.array([0, 0, 0, 1, IGNORE_INDEX]), 3)
     assert w[1] > w[0] and w[2] == 1.0
+    # auto: 1/sqrt(frequency), frequency-weighted mean 1; a very rare class is capped at 10
+    # and does not change the ratios of the common ones.
+    lab = np.array([0] * 6000 + [1] * 1500 + [2] * 2)
+    a = auto_class_weights(lab, 3)
+    f = np.array([6000, 1500]) / 7502
+    assert a[1] / a[0] == pytest.approx(2.0, rel=1e-5)
+    np.testing.assert_allclose(a[:2], 1 / np.sqrt(f) / (np.sqrt(f).sum() + np.sqrt(2 / 7502)), rtol=1e-5)
+    assert a[2] == 10.0
+    assert a[1] / a[0] == pytest.approx(auto_class_weights(lab[:7500], 3)[1] / auto_class_weights(lab[:7500], 3)[0])
     # balanced: each present class carries the same total weight; the loss keeps its scale.
     lab = np.array([0] * 60 + [1] * 30 + [2] * 10 + [IGNORE_INDEX] * 5)
     b = auto_class_weights(lab, 4, "balanced")
