@@ -305,7 +305,7 @@ def dihedral_average(predict: Predictor) -> Predictor:
     window, each output turned back before averaging (flips only for non-square windows).
 
     Eight model calls per batch, so 8x the model time; on the NC validation folds it added
-    0.007-0.008 mIoU and 0.006-0.019 OA to the shipped models' settings.
+    0.007-0.008 mIoU and 0.006-0.019 OA to the session-2 models' settings.
     """
 
     def predict_tta(x: np.ndarray) -> np.ndarray:
