@@ -99,9 +99,17 @@ tta_opt = click.option(
     help="Average the model over the 8 flips/rotations of each window (8x the model time).",
 )
 
+adapt_prior_opt = click.option(
+    "--adapt-prior/--no-adapt-prior", "adapt_prior", default=None,
+    help="Re-estimate the scene's class mix from the model's own probabilities (EM, no labels) and correct "
+         "them for it: for scenes whose land cover differs from the training area's. Default: the model "
+         "card's adapt_prior. Adds a first pass over (a sample of) the windows.",
+)
+
 #: The options of ``predict`` that ``batch`` shares, in help order.
 PREDICT_OPTIONS = (
-    tile_size_opt, overlap_opt, batch_size_opt, device_opt, precision_opt, bands_opt, tta_opt, confidence_opt,
+    tile_size_opt, overlap_opt, batch_size_opt, device_opt, precision_opt, bands_opt, tta_opt, adapt_prior_opt,
+    confidence_opt,
     blend_opt, co_opt, vector_opt, min_area_opt, simplify_opt,
 )
 
@@ -116,7 +124,7 @@ def predict_options(f: Any) -> Any:
 def make_predict_options(
     *, tile_size: int | None, overlap: int | None, batch_size: int | None, device: str, precision: str,
     bands: tuple[int, ...] | None, confidence: str, blend: str, creation_options: tuple[str, ...], vector: str,
-    min_area: float | None, simplify: float | None, tta: bool = False, **extra: Any,
+    min_area: float | None, simplify: float | None, tta: bool = False, adapt_prior: bool | None = None, **extra: Any,
 ) -> Any:
     """Build :class:`geoseg.engine.PredictOptions` from the values of :data:`PREDICT_OPTIONS`.
 
@@ -129,7 +137,7 @@ def make_predict_options(
         tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,  # type: ignore[arg-type]
         precision=precision, bands=bands, blend=BlendMode(blend), confidence=confidence,  # type: ignore[arg-type]
         creation_options=parse_co(creation_options), vector=vector,  # type: ignore[arg-type]
-        min_area=min_area, simplify=simplify, tta=tta, **extra,
+        min_area=min_area, simplify=simplify, tta=tta, adapt_prior=adapt_prior, **extra,
     )
 
 

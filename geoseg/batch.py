@@ -260,6 +260,7 @@ def result_params(options: Any, card: Any) -> dict[str, Any]:
         "min_area": options.min_area,
         "simplify": options.simplify,
         **({"tta": True} if options.tta else {}),
+        **({"adapt_prior": True} if (card.adapt_prior if options.adapt_prior is None else options.adapt_prior) else {}),
     }
 
 

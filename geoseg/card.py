@@ -127,10 +127,24 @@ class ModelCard:
     training: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     version: int = CARD_VERSION
+    #: Mean predicted probability per output channel over the training region (written by
+    #: ``geoseg train``): the priors the model's posteriors reflect, for prior adaptation.
+    class_prior: tuple[float, ...] | None = None
+    #: Whether predict adapts the posteriors to each scene's class priors by default.
+    adapt_prior: bool = False
 
     def __post_init__(self) -> None:
         if not self.classes:
             raise ModelError("model card has no classes")
+        if self.class_prior is not None:
+            if len(self.class_prior) != len(self.classes):
+                raise ModelError(f"model card's class_prior has {len(self.class_prior)} values for "
+                                 f"{len(self.classes)} classes: give one per class")
+            if not all(np.isfinite(v) and v >= 0 for v in self.class_prior) or sum(self.class_prior) <= 0:
+                raise ModelError(f"model card's class_prior {list(self.class_prior)} must be non-negative with a positive sum")
+        if self.adapt_prior and self.class_prior is None:
+            raise ModelError("model card sets adapt_prior but has no class_prior: retrain, or add the training "
+                             "region's mean class probabilities as class_prior")
         ids = [c.id for c in self.classes]
         if len(set(ids)) != len(ids):
             raise ModelError(f"model card has duplicate class ids: {ids}")
@@ -182,6 +196,8 @@ class ModelCard:
             "overlap": self.overlap,
             "training": _plain(self.training),
             "metrics": _plain(self.metrics),
+            **({"class_prior": [round(float(v), 6) for v in self.class_prior]} if self.class_prior is not None else {}),
+            **({"adapt_prior": True} if self.adapt_prior else {}),
         }
 
     @classmethod
@@ -212,6 +228,9 @@ class ModelCard:
                 training=dict(d.get("training") or {}),
                 metrics=dict(d.get("metrics") or {}),
                 version=int(d.get("version", CARD_VERSION)),
+                class_prior=(None if d.get("class_prior") is None
+                             else tuple(float(v) for v in d["class_prior"])),
+                adapt_prior=_flag(d.get("adapt_prior", False), "adapt_prior"),
             )
         except KeyError as exc:
             raise ModelError(f"{source} lacks the field {exc.args[0]!r}") from None
@@ -247,6 +266,12 @@ class ModelCard:
     def digest(self) -> str:
         """Stable short hash of the card's content (for caches and manifests)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ModelError(f"model card field {name} is {value!r}: use true or false")
+    return value
 
 
 def _plain(obj: Any) -> Any:

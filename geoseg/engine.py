@@ -56,6 +56,7 @@ from geoseg.io import (
     write_aux_xml,
     write_qml,
 )
+from geoseg.priors import PriorEstimate, em_priors, reweight_probs
 from geoseg.profiles import get_profile
 from geoseg.tiling import Tile, TileGrid, batched, make_grid
 
@@ -353,6 +354,9 @@ class PredictOptions:
     simplify: float | None = None
     #: Test-time augmentation: average the model over the 8 flips/rotations of each window.
     tta: bool = False
+    #: Adapt the posteriors to the scene's class priors (EM; see geoseg.priors). None: the card's
+    #: ``adapt_prior``. Costs a first pass over (a sample of) the scene's windows.
+    adapt_prior: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -370,6 +374,8 @@ class PredictResult:
     megapixels: float
     device: str
     extra_outputs: tuple[Path, ...] = ()
+    #: The scene's class priors estimated by prior adaptation (class name → prior), when it ran.
+    scene_prior: dict[str, float] | None = None
 
     @property
     def outputs(self) -> list[Path]:
@@ -562,11 +568,14 @@ def run_grid(
     prefetch: int = 2,
     read_workers: int = 2,
     progress: Any = None,
+    reweight: np.ndarray | None = None,
 ) -> tuple[int, int, float]:
     """Predict every window of ``grid`` and hand finished strips to ``sink``.
 
     ``sink(row, class_index HW uint8, max_prob HW float32, valid HW bool)`` receives
-    full-width strips top to bottom. Returns ``(windows run, windows skipped, model seconds)``.
+    full-width strips top to bottom. ``reweight`` (per-class factors, see
+    :mod:`geoseg.priors`) multiplies the blended probabilities before the argmax. Returns
+    ``(windows run, windows skipped, model seconds)``.
     """
     merger = StripMerger(card.num_classes, meta.height, meta.width, grid.tile, blend)
     # Batches never straddle two window rows, so each row's strip is released in time.
@@ -577,7 +586,8 @@ def run_grid(
 
     def emit(strips: Iterator[Any]) -> None:
         for strip in strips:
-            idx, conf = argmax_classes(strip.probs)
+            probs = strip.probs if reweight is None else reweight_probs(strip.probs, reweight)
+            idx, conf = argmax_classes(probs)
             sink(strip.row, idx, conf, strip.valid & strip.covered)
 
     for tiles, prepared in _prefetch(batches, meta, bands, card, grid.tile, prefetch, read_workers):
@@ -606,6 +616,111 @@ def run_grid(
             progress.update(len(tiles))
     emit(merger.finish())
     return ran, skipped, model_s
+
+
+def sample_posteriors(
+    meta: SceneMeta,
+    bands: tuple[int, ...],
+    grid: TileGrid,
+    card: ModelCard,
+    predictor: Predictor,
+    *,
+    region: tuple[int, int, int, int] | None = None,
+    region_mask: np.ndarray | None = None,
+    max_windows: int = 256,
+    max_pixels: int = 400_000,
+    batch_size: int = 1,
+    prefetch: int = 2,
+    read_workers: int = 2,
+) -> np.ndarray:
+    """Model posteriors ``(N, C)`` of a sample of the scene's valid pixels, memory bounded.
+
+    Runs the windows of ``grid`` (all of them up to ``max_windows``, else that many spread
+    evenly over the scene) without blending, keeps each window's core (the cores partition the
+    raster: neighbouring windows meet in the middle of their overlap, so no pixel counts twice)
+    and takes every k-th raster row and column of it so that at most about ``max_pixels``
+    pixels are kept.
+    ``region`` (col_off, row_off, width, height) with an optional boolean ``region_mask`` of its
+    shape restricts the sample to those pixels (a training region).
+    """
+    tiles = list(grid.tiles())
+    if region is not None:
+        c0, r0, w, h = region
+        tiles = [t for t in tiles if t.row < r0 + h and t.row_stop > r0 and t.col < c0 + w and t.col_stop > c0]
+    if len(tiles) > max_windows:
+        keep = np.unique(np.linspace(0, len(tiles) - 1, max_windows).round().astype(int))
+        tiles = [tiles[i] for i in keep]
+    if not tiles:
+        return np.zeros((0, card.num_classes), np.float32)
+    def bounds(offsets: Sequence[int], size: int) -> list[int]:
+        # Cores partition the axis: neighbouring windows meet in the middle of their overlap.
+        return [0] + [(offsets[i] + offsets[i - 1] + grid.tile) // 2 for i in range(1, len(offsets))] + [size]
+
+    rb, cb = bounds(grid.row_offsets, meta.height), bounds(grid.col_offsets, meta.width)
+    core_px = sum((rb[t.index[0] + 1] - rb[t.index[0]]) * (cb[t.index[1] + 1] - cb[t.index[1]]) for t in tiles)
+    step = max(1, int(np.ceil(np.sqrt(core_px / max(max_pixels, 1)))))
+    out: list[np.ndarray] = []
+    batches = list(batched(tiles, batch_size))
+    for group, prepared in _prefetch(batches, meta, bands, card, grid.tile, prefetch, read_workers):
+        todo = [(t, x_t, valid) for t, (x_t, valid) in zip(group, prepared) if x_t is not None]
+        if not todo:
+            continue
+        x = np.stack([x_t for _, x_t, _ in todo])
+        probs = predictor(x)
+        for (t, _, valid), p in zip(todo, probs):
+            i, j = t.index
+            # Every step-th raster row and column of the core (a lattice over the whole raster).
+            r_first, c_first = -(-rb[i] // step) * step, -(-cb[j] // step) * step
+            rows = np.arange(r_first, rb[i + 1], step) - t.row
+            cols = np.arange(c_first, cb[j + 1], step) - t.col
+            if rows.size == 0 or cols.size == 0:
+                continue
+            keep = valid[np.ix_(rows, cols)]
+            if region is not None:
+                c0, r0, w, h = region
+                rr, cc = rows + t.row - r0, cols + t.col - c0
+                inside = ((rr >= 0) & (rr < h))[:, None] & ((cc >= 0) & (cc < w))[None, :]
+                if region_mask is not None:
+                    inside &= region_mask[np.ix_(np.clip(rr, 0, h - 1), np.clip(cc, 0, w - 1))]
+                keep &= inside
+            sample = p[:, rows[:, None], cols[None, :]]
+            out.append(sample[:, keep].T.astype(np.float32))
+    return np.concatenate(out) if out else np.zeros((0, card.num_classes), np.float32)
+
+
+def scene_prior(
+    meta: SceneMeta, bands: tuple[int, ...], grid: TileGrid, card: ModelCard, predictor: Predictor, **kwargs: Any
+) -> PriorEstimate:
+    """EM estimate of the scene's class priors under ``card.class_prior`` (see :mod:`geoseg.priors`)."""
+    if card.class_prior is None:
+        raise ParameterError(f"{card.name}'s card has no class_prior, so its posteriors cannot be adapted to the "
+                             "scene: retrain with today's geoseg train (it writes class_prior) or predict without --adapt-prior")
+    return em_priors(sample_posteriors(meta, bands, grid, card, predictor, **kwargs), np.asarray(card.class_prior))
+
+
+def training_prior(
+    source: ModelSource,
+    image: str | Path,
+    region: tuple[int, int, int, int] | None = None,
+    region_mask: np.ndarray | None = None,
+    *,
+    bands: Sequence[int] | None = None,
+    device: Device = "auto",
+    threads: int | None = None,
+) -> tuple[float, ...]:
+    """The card's ``class_prior`` for ``source``'s weights: their mean posterior over the valid
+    pixels of ``region`` of ``image`` (the training region), predicted in the card's windows as
+    :func:`segment_scene` does."""
+    meta = open_scene(Path(image))
+    mc = source.card
+    sel = select_bands(meta, mc, tuple(bands) if bands is not None else None)
+    grid = make_grid(meta.height, meta.width, mc.tile_size, mc.overlap)
+    predictor, _ = build_predictor(source, device, "fp32", "auto", threads)
+    post = sample_posteriors(meta, sel, grid, mc, predictor, region=region, region_mask=region_mask)
+    if post.shape[0] == 0:
+        raise ParameterError(f"the training region of {meta.path.name} has no valid pixel: no class prior to compute")
+    mean = post.astype(np.float64).mean(axis=0)
+    return tuple(round(float(v), 6) for v in mean / mean.sum())
 
 
 def check_window_size(card: ModelCard, tile: int) -> None:
@@ -675,6 +790,10 @@ def segment_scene(
     if vector_path is not None:
         check_output(vector_path, opts.overwrite)
     check_georeferenced(meta)
+    adapt = mc.adapt_prior if opts.adapt_prior is None else opts.adapt_prior
+    if adapt and mc.class_prior is None:
+        raise ParameterError(f"--adapt-prior: {mc.name}'s card has no class_prior (the training region's mean class "
+                             "probabilities): retrain with today's geoseg train, or predict without --adapt-prior")
 
     device_desc = "custom"
     if predictor is None:
@@ -687,6 +806,19 @@ def segment_scene(
               input_path.name, meta.width, meta.height, len(bands), meta.dtype, len(grid), tile, overlap,
               source.label, device_desc, batch_size)
 
+    reweight = None
+    prior_tags: dict[str, str] = {}
+    scene_priors: dict[str, float] | None = None
+    if adapt:
+        est = scene_prior(meta, bands, grid, mc, predictor, batch_size=batch_size, prefetch=opts.prefetch,
+                          read_workers=opts.read_workers)
+        reweight = est.weights
+        scene_priors = {c.name: round(float(v), 4) for c, v in zip(mc.classes, est.scene)}
+        prior_tags = {"GEOSEG_SCENE_PRIOR": ", ".join(f"{k}={v}" for k, v in scene_priors.items())}
+        log.info("%s: scene class priors %s (EM over %d pixels, %d iterations%s); weights %s", input_path.name,
+                 prior_tags["GEOSEG_SCENE_PRIOR"], est.pixels, est.iterations, "" if est.converged else ", not converged",
+                 ", ".join(f"{c.name}={w:.2f}" for c, w in zip(mc.classes, est.weights)))
+
     gridspec = GridSpec.of(meta)
     lut = np.full(256, MASK_NODATA, np.uint8)
     lut[: mc.num_classes] = mc.class_lut()
@@ -696,7 +828,8 @@ def segment_scene(
         try:
             mask_w = COGWriter(
                 mask_path, gridspec, mask_profile, overwrite=opts.overwrite,
-                colormap=class_colormap(mc.classes), tags={**classes_tag(mc.classes), "GEOSEG_MODEL": mc.name},
+                colormap=class_colormap(mc.classes),
+                tags={**classes_tag(mc.classes), "GEOSEG_MODEL": mc.name, **prior_tags},
                 description="land cover class",
             )
             writers.append(mask_w)
@@ -723,7 +856,7 @@ def segment_scene(
             try:
                 ran, skipped, model_s = run_grid(
                     meta, bands, grid, mc, predictor, sink, batch_size=batch_size, blend=opts.blend,
-                    prefetch=opts.prefetch, read_workers=opts.read_workers, progress=bar,
+                    prefetch=opts.prefetch, read_workers=opts.read_workers, progress=bar, reweight=reweight,
                 )
             finally:
                 if bar is not None:
@@ -750,6 +883,7 @@ def segment_scene(
         mask=mask_path, confidence=conf_path if opts.confidence != "none" else None, style=style, aux=aux,
         windows=ran, windows_skipped=skipped, seconds=seconds, model_seconds=model_s,
         megapixels=meta.width * meta.height / 1e6, device=device_desc, extra_outputs=extra,
+        scene_prior=scene_priors,
     )
     log.info("wrote %s: %d windows (%d all-nodata skipped) in %.1f s, %.2f windows/s, %.2f megapixels/s",
              mask_path, ran, skipped, seconds, result.windows_per_s, result.megapixels_per_s)

@@ -918,12 +918,27 @@ class Trainer:
         if not weights_path.exists():  # resumed at the end without validation
             with self._averaged(model):
                 self._save_best(model, save_weights, best_metrics, it)
+        self.write_class_prior(weights_path, card_path)
         atomic_write_text(self.out / "train_log.json", json.dumps({
             "config": cfg.to_dict(), "best_iteration": best_it,
             "best_validation": best_metrics, "history": history, "seconds": round(seconds, 1),
         }, indent=1, default=_json_default))
         return TrainResult(weights_path, card_path, best_it, best_miou if best_miou >= 0 else None, it, seconds,
                            csv_path, history)
+
+    def write_class_prior(self, weights_path: Path, card_path: Path) -> tuple[float, ...]:
+        """Put the saved weights' mean class probabilities over the training region into their card
+        (``class_prior``, for prediction-time prior adaptation, see :mod:`geoseg.priors`)."""
+        from geoseg.engine import resolve_model, training_prior
+
+        src = resolve_model(None, weights=weights_path, card=card_path)
+        r = self.train_region
+        prior = training_prior(src, self.cfg.image, (r.col, r.row, r.width, r.height), r.mask, bands=self.bands,
+                               device=self.device)
+        src.card.replace(class_prior=prior).save(card_path)
+        log.info("class prior over the training region: %s",
+                 ", ".join(f"{c.name} {v:.3f}" for c, v in zip(self.classes, prior)))
+        return prior
 
     def step(self, model: Any, opt: Any, loss_fn: Callable[[Any, Any], tuple[Any, dict[str, float]]], x: Any, y: Any,
              lr: float, scaler: Any = None, params: Sequence[Any] | None = None) -> tuple[float, dict[str, float], float]:

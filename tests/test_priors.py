@@ -1,0 +1,133 @@
+"""Prior adaptation (geoseg.priors, and predict's --adapt-prior) on known mixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from geoseg.card import ModelCard
+from geoseg.engine import ModelSource, PredictOptions, sample_posteriors, segment_scene
+from geoseg.errors import ModelError, ParameterError
+from geoseg.io import open_scene
+from geoseg.priors import em_priors, reweight_probs
+from geoseg.tiling import make_grid
+from tests.conftest import write_raster
+from tests.test_engine import identity_card
+
+
+def test_em_recovers_the_mixing_proportion_of_known_components() -> None:
+    # A binary feature: P(a | class 0) = 0.7, P(a | class 1) = 0.3. Under training priors 0.5 / 0.5
+    # the posteriors are (0.7, 0.3) at a and (0.3, 0.7) at b. A scene that is 80 % class 0 shows
+    # a in 0.8 * 0.7 + 0.2 * 0.3 = 62 % of its pixels; the maximum-likelihood mix is 0.8 / 0.2.
+    post = np.array([[0.7, 0.3]] * 62 + [[0.3, 0.7]] * 38)
+    est = em_priors(post, np.array([0.5, 0.5]), tol=1e-10, max_iter=10_000)
+    assert est.converged and est.pixels == 100
+    np.testing.assert_allclose(est.scene, [0.8, 0.2], atol=1e-4)
+    np.testing.assert_allclose(est.weights, [1.6, 0.4], atol=1e-3)
+    # The same scene under skewed training priors 0.25 / 0.75: posteriors are Bayes-consistent
+    # with those priors; the scene's mix is still 0.8 / 0.2.
+    lik = np.array([[0.7, 0.3], [0.3, 0.7]])  # rows: feature a, b; columns: classes
+    prior = np.array([0.25, 0.75])
+    post2 = lik * prior / (lik * prior).sum(1, keepdims=True)
+    rows = np.repeat(post2, [62, 38], axis=0)
+    est2 = em_priors(rows, prior, tol=1e-10, max_iter=10_000)
+    np.testing.assert_allclose(est2.scene, [0.8, 0.2], atol=1e-4)
+
+
+def test_em_changes_nothing_where_the_scene_looks_like_the_training_data() -> None:
+    rng = np.random.default_rng(0)
+    post = rng.dirichlet([2.0, 1.0, 0.5], size=500)
+    est = em_priors(post, post.mean(axis=0))
+    assert est.converged and est.iterations == 1
+    np.testing.assert_allclose(est.weights, 1.0, atol=1e-5)
+    empty = em_priors(np.zeros((0, 3)), np.array([0.2, 0.3, 0.5]))
+    np.testing.assert_array_equal(empty.weights, 1.0)
+    with pytest.raises(ParameterError, match="do not match"):
+        em_priors(post, np.array([0.5, 0.5]))
+
+
+def test_reweight_renormalises_and_keeps_uncovered_pixels_zero() -> None:
+    probs = np.zeros((2, 2, 2), np.float32)
+    probs[:, 0, 0] = [0.5, 0.5]
+    probs[:, 0, 1] = [0.8, 0.2]
+    out = reweight_probs(probs, np.array([1.0, 3.0]))
+    np.testing.assert_allclose(out[:, 0, 0], [0.25, 0.75])
+    np.testing.assert_allclose(out[:, 0, 1], [0.8 / 1.4, 0.6 / 1.4], rtol=1e-6)
+    assert not out[:, 1].any()
+
+
+def test_card_round_trips_class_prior_and_refuses_bad_ones() -> None:
+    card = identity_card(1, 2).replace(class_prior=(0.25, 0.75), adapt_prior=True)
+    back = ModelCard.from_dict(card.to_dict())
+    assert back == card and back.class_prior == (0.25, 0.75) and back.adapt_prior
+    assert "class_prior" not in identity_card(1, 2).to_dict()  # old cards stay as they were
+    with pytest.raises(ModelError, match="one per class"):
+        identity_card(1, 2).replace(class_prior=(1.0,))
+    with pytest.raises(ModelError, match="no class_prior"):
+        identity_card(1, 2).replace(adapt_prior=True)
+    with pytest.raises(ModelError, match="true or false"):
+        ModelCard.from_dict({**card.to_dict(), "adapt_prior": "yes"})
+
+
+def soft_predictor(x: np.ndarray) -> np.ndarray:
+    """Two classes, P(class 1) = band 1's value (in [0, 1])."""
+    p1 = np.clip(x[:, 0], 0.0, 1.0)
+    return np.stack([1.0 - p1, p1], axis=1).astype(np.float32)
+
+
+def _scene(tmp_path: Path) -> Path:
+    # P(class 1) is 0.4 on the left 70 % of the scene and 0.6 on the rest (a nodata corner too).
+    data = np.full((1, 90, 130), 0.4, np.float32)
+    data[:, :, 91:] = 0.6
+    data[:, :10, :10] = np.nan
+    return write_raster(tmp_path / "soft.tif", data, nodata=None)
+
+
+def test_sample_posteriors_counts_each_valid_pixel_once(tmp_path: Path) -> None:
+    src = _scene(tmp_path)
+    meta = open_scene(src)
+    card = identity_card(1, 2, tile=32, overlap=8)
+    grid = make_grid(meta.height, meta.width, 32, 8)
+    post = sample_posteriors(meta, (1,), grid, card, soft_predictor, max_pixels=10**9)
+    valid = 90 * 130 - 100
+    assert post.shape == (valid, 2)  # every valid pixel exactly once
+    assert (post[:, 1] > 0.5).sum() == 90 * 39
+    sub = sample_posteriors(meta, (1,), grid, card, soft_predictor, max_pixels=1000)
+    assert 500 <= sub.shape[0] <= 1500
+    region = sample_posteriors(meta, (1,), grid, card, soft_predictor, region=(100, 20, 10, 5), max_pixels=10**9)
+    assert region.shape == (50, 2) and np.allclose(region[:, 1], 0.6)
+
+
+def test_predict_adapts_the_posteriors_to_the_scene(tmp_path: Path) -> None:
+    src = _scene(tmp_path)
+    card = identity_card(1, 2, tile=32, overlap=8)
+    plain = segment_scene(src, tmp_path / "plain", source=ModelSource(card), predictor=soft_predictor)
+    with rasterio.open(plain.mask) as ds:
+        m0 = ds.read(1)
+        assert "GEOSEG_SCENE_PRIOR" not in ds.tags()
+    assert plain.scene_prior is None and (m0[:, :91][m0[:, :91] != 255] == 1).all()
+    # The model's posteriors reflect a training mix of 0.8 / 0.2: on this scene EM finds more of
+    # class 2 than that, and the left part (P = 0.4) tips over to class 2.
+    skewed = card.replace(class_prior=(0.8, 0.2))
+    res = segment_scene(src, tmp_path / "adapted", source=ModelSource(skewed), predictor=soft_predictor,
+                        options=PredictOptions(adapt_prior=True))
+    assert res.scene_prior is not None and res.scene_prior["name 2"] > 0.5
+    with rasterio.open(res.mask) as ds:
+        m1 = ds.read(1)
+        assert "name 2=" in ds.tags()["GEOSEG_SCENE_PRIOR"]
+    assert (m1[m1 != 255] == 2).all() and ((m1 == 255) == (m0 == 255)).all()
+    # A prior equal to the scene's own mean posterior changes nothing; the card's flag turns it on.
+    mean = 0.4 * 91 / 130 + 0.6 * 39 / 130
+    same = card.replace(class_prior=(1 - mean, mean), adapt_prior=True)
+    res2 = segment_scene(src, tmp_path / "same", source=ModelSource(same), predictor=soft_predictor)
+    assert res2.scene_prior is not None
+    with rasterio.open(res2.mask) as ds:
+        np.testing.assert_array_equal(ds.read(1), m0)
+    # Without a class prior, --adapt-prior is refused before anything is written.
+    with pytest.raises(ParameterError, match="no class_prior"):
+        segment_scene(src, tmp_path / "none", source=ModelSource(card), predictor=soft_predictor,
+                      options=PredictOptions(adapt_prior=True))
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
