@@ -694,33 +694,8 @@ def scene_prior(
     """EM estimate of the scene's class priors under ``card.class_prior`` (see :mod:`geoseg.priors`)."""
     if card.class_prior is None:
         raise ParameterError(f"{card.name}'s card has no class_prior, so its posteriors cannot be adapted to the "
-                             "scene: retrain with today's geoseg train (it writes class_prior) or predict without --adapt-prior")
+                             "scene: retrain with geoseg train (it writes class_prior) or predict without --adapt-prior")
     return em_priors(sample_posteriors(meta, bands, grid, card, predictor, **kwargs), np.asarray(card.class_prior))
-
-
-def training_prior(
-    source: ModelSource,
-    image: str | Path,
-    region: tuple[int, int, int, int] | None = None,
-    region_mask: np.ndarray | None = None,
-    *,
-    bands: Sequence[int] | None = None,
-    device: Device = "auto",
-    threads: int | None = None,
-) -> tuple[float, ...]:
-    """The card's ``class_prior`` for ``source``'s weights: their mean posterior over the valid
-    pixels of ``region`` of ``image`` (the training region), predicted in the card's windows as
-    :func:`segment_scene` does."""
-    meta = open_scene(Path(image))
-    mc = source.card
-    sel = select_bands(meta, mc, tuple(bands) if bands is not None else None)
-    grid = make_grid(meta.height, meta.width, mc.tile_size, mc.overlap)
-    predictor, _ = build_predictor(source, device, "fp32", "auto", threads)
-    post = sample_posteriors(meta, sel, grid, mc, predictor, region=region, region_mask=region_mask)
-    if post.shape[0] == 0:
-        raise ParameterError(f"the training region of {meta.path.name} has no valid pixel: no class prior to compute")
-    mean = post.astype(np.float64).mean(axis=0)
-    return tuple(round(float(v), 6) for v in mean / mean.sum())
 
 
 def check_window_size(card: ModelCard, tile: int) -> None:

@@ -606,6 +606,11 @@ def _smoothed_ce(F: Any, logits: Any, labels: Any, weight: Any, eps: float, num_
 # ---- prediction over a region (validation) -------------------------------------------------------
 def predict_array(layer: Any, image: np.ndarray, num_classes: int, tile: int, overlap: int, batch: int = 4) -> np.ndarray:
     """Class indexes (HW int64) of a normalised CHW array, predicted in blended windows."""
+    return predict_probs(layer, image, num_classes, tile, overlap, batch).argmax(axis=0).astype(np.int64)
+
+
+def predict_probs(layer: Any, image: np.ndarray, num_classes: int, tile: int, overlap: int, batch: int = 4) -> np.ndarray:
+    """Class probabilities (CHW float32) of a normalised CHW array, blended over windows as predict does."""
     paddle: Any = require_paddle()
     import paddle.nn.functional as F
 
@@ -636,7 +641,7 @@ def predict_array(layer: Any, image: np.ndarray, num_classes: int, tile: int, ov
     finally:
         if was_training:
             layer.train()
-    return acc.argmax(axis=0)[:H, :W].astype(np.int64)
+    return (acc / np.maximum(wsum, 1e-12))[:, :H, :W]
 
 
 # ---- trainer --------------------------------------------------------------------------------------
@@ -711,6 +716,7 @@ class Trainer:
             train_idx[gaps.any(axis=0)] = IGNORE_INDEX
         self.train_data = RegionData(self.normalization.apply(raw_img, self.meta.dtype, gaps), train_idx,
                                      self.train_region)
+        self.train_valid = train_valid & self.train_region.mask
         if not (train_idx != IGNORE_INDEX).any():
             raise ParameterError("the training region has no labelled pixels: check train_region and ignore")
         side = min(self.train_region.height, self.train_region.width)
@@ -926,16 +932,24 @@ class Trainer:
         return TrainResult(weights_path, card_path, best_it, best_miou if best_miou >= 0 else None, it, seconds,
                            csv_path, history)
 
-    def write_class_prior(self, weights_path: Path, card_path: Path) -> tuple[float, ...]:
-        """Put the saved weights' mean class probabilities over the training region into their card
-        (``class_prior``, for prediction-time prior adaptation, see :mod:`geoseg.priors`)."""
-        from geoseg.engine import resolve_model, training_prior
+    def class_prior(self, model: Any) -> tuple[float, ...]:
+        """``model``'s mean class probabilities over the valid pixels of the training region,
+        predicted in blended windows of the training size (the card's ``class_prior``: the
+        priors its posteriors reflect, for prediction-time prior adaptation, see
+        :mod:`geoseg.priors`). Only the training region's pixels are read."""
+        overlap = self.cfg.tile_overlap if self.cfg.tile_overlap is not None else self.window // 4
+        probs = predict_probs(model, self.train_data.image, self.num_classes, self.window, overlap)
+        mean = probs[:, self.train_valid].astype(np.float64).mean(axis=1)
+        return tuple(round(float(v), 6) for v in mean / mean.sum())
 
-        src = resolve_model(None, weights=weights_path, card=card_path)
-        r = self.train_region
-        prior = training_prior(src, self.cfg.image, (r.col, r.row, r.width, r.height), r.mask, bands=self.bands,
-                               device=self.device)
-        src.card.replace(class_prior=prior).save(card_path)
+    def write_class_prior(self, weights_path: Path, card_path: Path) -> tuple[float, ...]:
+        """Put the saved weights' :meth:`class_prior` into their card."""
+        from geoseg.models.checkpoints import load_weights
+
+        layer = self.configure_model()
+        load_weights(layer, weights_path)
+        prior = self.class_prior(layer)
+        ModelCard.load(card_path).replace(class_prior=prior).save(card_path)
         log.info("class prior over the training region: %s",
                  ", ".join(f"{c.name} {v:.3f}" for c, v in zip(self.classes, prior)))
         return prior

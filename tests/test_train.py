@@ -392,3 +392,22 @@ def test_cli_set_null_clears_a_config_key(scene: tuple[Path, Path], tmp_path: Pa
     assert r.exit_code == 0, r.output
     log = (tmp_path / "cli" / "train_log.csv").read_text()
     assert "val_miou" in log.splitlines()[0] and all(row.split(",")[6] == "" for row in log.splitlines()[1:])
+
+
+def test_class_prior_matches_what_predict_sees(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    # The card's class_prior (computed by train on its in-memory region) and the mean of the
+    # posteriors predict samples from the same pixels agree: same normalisation, bands, windows.
+    from geoseg.engine import build_predictor, resolve_model, sample_posteriors
+    from geoseg.io import open_scene
+    from geoseg.tiling import make_grid
+
+    out = tmp_path / "whole"
+    train(_cfg(scene, out, train_region=None, val_region=None, iterations=6))
+    src = resolve_model(None, out / "weights.pdparams")
+    assert src.card.class_prior is not None
+    meta = open_scene(scene[0])
+    predictor, _ = build_predictor(src, "cpu")
+    grid = make_grid(meta.height, meta.width, src.card.tile_size, src.card.overlap)
+    post = sample_posteriors(meta, (1, 2, 3), grid, src.card, predictor, max_pixels=10**9)
+    assert post.shape[0] == (meta.height * meta.width - 36)  # every valid pixel once
+    np.testing.assert_allclose(post.mean(axis=0), src.card.class_prior, atol=0.01)
