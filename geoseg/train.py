@@ -110,6 +110,8 @@ class TrainConfig:
     ema: float = 0.0
     train_on_gaps: bool = True
     label_shift: tuple[int, ...] = (0, 0)
+    #: Written into the card: predict adapts this model to each scene's class priors by default.
+    adapt_prior: bool = False
     amp: bool = True
     device: DeviceName = "auto"
     workers: int = 0
@@ -189,6 +191,8 @@ class TrainConfig:
             raise ParameterError(f"label_shift {list(self.label_shift)}: give [rows, cols], whole pixels (e.g. [1, 1])")
         if not 0.0 <= self.min_labelled <= 1.0:
             raise ParameterError(f"min_labelled {self.min_labelled}: use a fraction 0..1")
+        if not isinstance(self.adapt_prior, bool):
+            raise ParameterError(f"adapt_prior {self.adapt_prior!r}: use true or false")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (YAML-safe)."""
@@ -949,7 +953,7 @@ class Trainer:
         layer = self.configure_model()
         load_weights(layer, weights_path)
         prior = self.class_prior(layer)
-        ModelCard.load(card_path).replace(class_prior=prior).save(card_path)
+        ModelCard.load(card_path).replace(class_prior=prior, adapt_prior=self.cfg.adapt_prior).save(card_path)
         log.info("class prior over the training region: %s",
                  ", ".join(f"{c.name} {v:.3f}" for c, v in zip(self.classes, prior)))
         return prior

@@ -402,9 +402,9 @@ def test_class_prior_matches_what_predict_sees(scene: tuple[Path, Path], tmp_pat
     from geoseg.tiling import make_grid
 
     out = tmp_path / "whole"
-    train(_cfg(scene, out, train_region=None, val_region=None, iterations=6))
+    train(_cfg(scene, out, train_region=None, val_region=None, iterations=6, adapt_prior=True))
     src = resolve_model(None, out / "weights.pdparams")
-    assert src.card.class_prior is not None
+    assert src.card.class_prior is not None and src.card.adapt_prior  # the config's adapt_prior reaches the card
     meta = open_scene(scene[0])
     predictor, _ = build_predictor(src, "cpu")
     grid = make_grid(meta.height, meta.width, src.card.tile_size, src.card.overlap)
