@@ -92,6 +92,34 @@ def test_predict_tta_flag_reaches_the_model(runner: CliRunner, tmp_path: Path, t
     assert not np.allclose(conf["plain"], conf["tta"])
 
 
+def test_predict_adapt_prior_flag_and_card_default(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    import shutil
+
+    from geoseg.card import ModelCard
+
+    weights, card_path = tiny_unet
+    src = rgb(tmp_path)
+    # The tiny card has no class_prior: --adapt-prior is refused in one line, nothing written.
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", str(weights), "--out", str(tmp_path / "no"),
+                              "--vector", "none", "--adapt-prior"])
+    assert res.exit_code == 1 and "no class_prior" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "no").exists() or not any((tmp_path / "no").iterdir())
+    # A card whose class_prior is far from this scene's mix and that turns adaptation on.
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(weights, d / "w.pdparams")
+    ModelCard.load(card_path).replace(class_prior=(0.97, 0.01, 0.01, 0.01), adapt_prior=True).save(d / "w.yaml")
+    masks = {}
+    for name, extra in (("card", []), ("off", ["--no-adapt-prior"])):
+        res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", str(d / "w.pdparams"),
+                                  "--out", str(tmp_path / name), "--vector", "none", *extra])
+        assert res.exit_code == 0, res.output
+        with rasterio.open(tmp_path / name / "scene_landcover.tif") as ds:
+            masks[name] = ds.read(1)
+            assert ("GEOSEG_SCENE_PRIOR" in ds.tags()) == (name == "card")
+    assert (masks["card"] != masks["off"]).any()
+
+
 def test_predict_vector_none_and_geojson(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
     src = rgb(tmp_path)
     res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "a"), "--vector", "none"])
