@@ -11,6 +11,10 @@ runs in its own subprocess and prints:
 Usage::
 
     python bench/bench_predict.py [--sizes 2048 8192] [--model deeplabv3p] [--batch-size 1] [--tile-size 512]
+                                  [--adapt-prior]
+
+Prior adaptation is off unless ``--adapt-prior`` is given (whatever the card says), so the
+ratio measures the pipeline's own overhead; with ``--adapt-prior`` it includes the sample pass.
 
 The mask only (no polygons: ``bench/bench_vectorize.py`` measures those).
 
@@ -85,7 +89,7 @@ def source_for(model: str):
     return ModelSource(card, layer=build_model(model, **card.model_kwargs()))
 
 
-def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int) -> dict:
+def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int, adapt_prior: bool = False) -> dict:
     """Child process: predict one scene; then time the model alone on the same windows."""
     from geoseg.engine import PredictOptions, _prepare_window, build_predictor, segment_scene
     from geoseg.io import open_scene
@@ -99,7 +103,7 @@ def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int) -> 
     out.mkdir(exist_ok=True)
     res = segment_scene(scene, out, source=src, predictor=predictor,
                         options=PredictOptions(overwrite=True, batch_size=batch_size, tile_size=tile, overlap=overlap,
-                                               vector="none"))
+                                               vector="none", adapt_prior=adapt_prior))
     peak_predict_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     meta = open_scene(scene)
@@ -136,16 +140,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--tile-size", type=int, default=512, help="window size (default 512, as predict's default grid)")
     ap.add_argument("--overlap", type=int, default=128)
+    ap.add_argument("--adapt-prior", action="store_true", help="predict with class-prior adaptation (needs a card with class_prior)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.model, args.batch_size, args.tile_size, args.overlap)))
+        print(json.dumps(run_one(args.child, args.model, args.batch_size, args.tile_size, args.overlap, args.adapt_prior)))
         return
     rows = []
     for size in args.sizes:
         make_scene(size)
         cmd = [sys.executable, __file__, "--child", str(size), "--model", args.model, "--batch-size", str(args.batch_size),
-               "--tile-size", str(args.tile_size), "--overlap", str(args.overlap)]
+               "--tile-size", str(args.tile_size), "--overlap", str(args.overlap),
+               *(["--adapt-prior"] if args.adapt_prior else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
             sys.exit(f"size {size} failed:\n{proc.stderr[-3000:]}")
@@ -162,6 +168,7 @@ def main() -> None:
         verdict = "OK" if ratio <= 1.3 else "OVER TARGET"
         print(f"peak RSS {rows[-1]['size']}² / {rows[0]['size']}² = {ratio:.3f} (target <= 1.3: {verdict})")
     print(f"model {args.model}, windows {args.tile_size}/{args.overlap}, batch {args.batch_size}, "
+          f"prior adaptation {'on' if args.adapt_prior else 'off'}, "
           f"device {rows[0]['device']}, {os.cpu_count()} CPUs")
 
 
