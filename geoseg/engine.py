@@ -357,6 +357,8 @@ class PredictOptions:
     #: Adapt the posteriors to the scene's class priors (EM; see geoseg.priors). None: the card's
     #: ``adapt_prior``. Costs a first pass over (a sample of) the scene's windows.
     adapt_prior: bool | None = None
+    #: Prior adaptation: hold each class's ratio scene / training prior within [1/r, r] (None: unbounded).
+    prior_max_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -689,13 +691,15 @@ def sample_posteriors(
 
 
 def scene_prior(
-    meta: SceneMeta, bands: tuple[int, ...], grid: TileGrid, card: ModelCard, predictor: Predictor, **kwargs: Any
+    meta: SceneMeta, bands: tuple[int, ...], grid: TileGrid, card: ModelCard, predictor: Predictor, *,
+    max_ratio: float | None = None, **kwargs: Any
 ) -> PriorEstimate:
     """EM estimate of the scene's class priors under ``card.class_prior`` (see :mod:`geoseg.priors`)."""
     if card.class_prior is None:
         raise ParameterError(f"{card.name}'s card has no class_prior, so its posteriors cannot be adapted to the "
                              "scene: retrain with geoseg train (it writes class_prior) or predict without --adapt-prior")
-    return em_priors(sample_posteriors(meta, bands, grid, card, predictor, **kwargs), np.asarray(card.class_prior))
+    return em_priors(sample_posteriors(meta, bands, grid, card, predictor, **kwargs), np.asarray(card.class_prior),
+                     max_ratio=max_ratio)
 
 
 def check_window_size(card: ModelCard, tile: int) -> None:
@@ -785,8 +789,8 @@ def segment_scene(
     prior_tags: dict[str, str] = {}
     scene_priors: dict[str, float] | None = None
     if adapt:
-        est = scene_prior(meta, bands, grid, mc, predictor, batch_size=batch_size, prefetch=opts.prefetch,
-                          read_workers=opts.read_workers)
+        est = scene_prior(meta, bands, grid, mc, predictor, max_ratio=opts.prior_max_ratio, batch_size=batch_size,
+                          prefetch=opts.prefetch, read_workers=opts.read_workers)
         reweight = est.weights
         scene_priors = {c.name: round(float(v), 4) for c, v in zip(mc.classes, est.scene)}
         prior_tags = {"GEOSEG_SCENE_PRIOR": ", ".join(f"{k}={v}" for k, v in scene_priors.items())}

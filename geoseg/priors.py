@@ -41,13 +41,17 @@ class PriorEstimate:
     pixels: int
 
 
-def em_priors(posteriors: np.ndarray, train_prior: np.ndarray, *, max_iter: int = 200, tol: float = 1e-6) -> PriorEstimate:
+def em_priors(posteriors: np.ndarray, train_prior: np.ndarray, *, max_ratio: float | None = None, max_iter: int = 200,
+              tol: float = 1e-6) -> PriorEstimate:
     """EM estimate of the class priors of the pixels whose posteriors are the rows of ``posteriors``.
 
     Args:
         posteriors: ``(N, C)`` probabilities of N pixels (rows summing to 1).
         train_prior: ``(C,)`` priors the posteriors reflect (the card's ``class_prior``).
         max_iter: Most EM iterations.
+        max_ratio: Hold every class's ratio scene / training prior within ``[1/max_ratio,
+            max_ratio]`` at each iteration (clip, renormalise; None: unbounded). EM on posteriors
+            that are not calibrated can run away on a rare class; this bounds how far it goes.
         tol: Stop when no prior moves by more than this.
 
     Returns:
@@ -60,6 +64,8 @@ def em_priors(posteriors: np.ndarray, train_prior: np.ndarray, *, max_iter: int 
         raise ParameterError(f"posteriors of shape {post.shape} do not match {p.size} training priors")
     p = np.maximum(p, _EPS)
     p = p / p.sum()
+    if max_ratio is not None and max_ratio < 1:
+        raise ParameterError(f"max_ratio {max_ratio}: use 1 or more (None: unbounded)")
     if post.shape[0] == 0:
         return PriorEstimate(p.astype(np.float32), np.ones(p.size, np.float32), 0, True, 0)
     q = p.copy()
@@ -71,12 +77,25 @@ def em_priors(posteriors: np.ndarray, train_prior: np.ndarray, *, max_iter: int 
         adj /= np.maximum(adj.sum(axis=1, keepdims=True), 1e-30)
         q_new = np.maximum(adj.mean(axis=0), _EPS)
         q_new /= q_new.sum()
+        if max_ratio is not None:
+            q_new = _bounded(q_new, p, max_ratio)
         step = float(np.abs(q_new - q).max())
         q = q_new
         if step < tol:
             converged = True
             break
     return PriorEstimate(q.astype(np.float32), (q / p).astype(np.float32), it, converged, int(post.shape[0]))
+
+
+def _bounded(q: np.ndarray, p: np.ndarray, max_ratio: float) -> np.ndarray:
+    """Clip q / p to [1/max_ratio, max_ratio] and renormalise, repeated until it holds."""
+    lo, hi = p / max_ratio, p * max_ratio
+    for _ in range(50):
+        q = np.clip(q, lo, hi)
+        q = q / q.sum()
+        if (q >= lo * (1 - 1e-9)).all() and (q <= hi * (1 + 1e-9)).all():
+            break
+    return q
 
 
 def reweight_probs(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -37,6 +37,22 @@ def test_em_recovers_the_mixing_proportion_of_known_components() -> None:
     np.testing.assert_allclose(est2.scene, [0.8, 0.2], atol=1e-4)
 
 
+def test_em_with_a_bounded_ratio_stops_at_the_bound() -> None:
+    post = np.array([[0.7, 0.3]] * 62 + [[0.3, 0.7]] * 38)  # unbounded: 0.8 / 0.2 (above)
+    est = em_priors(post, np.array([0.5, 0.5]), max_ratio=1.5, tol=1e-10)
+    # Class 2's ratio may not fall below 1/1.5: its prior stays at 1/3, class 1's at 2/3.
+    np.testing.assert_allclose(est.scene, [2 / 3, 1 / 3], atol=1e-5)
+    assert est.weights.max() <= 1.5 + 1e-5 and est.weights.min() >= 1 / 1.5 - 1e-5
+    # A rare class that runs away unbounded is held at twice its training prior.
+    rng = np.random.default_rng(1)
+    p = np.array([0.6, 0.37, 0.03])
+    post3 = rng.dirichlet([3.0, 2.0, 1.0], size=400)
+    free, held = em_priors(post3, p), em_priors(post3, p, max_ratio=2.0)
+    assert free.scene[2] > 0.1 and held.scene[2] == pytest.approx(0.06, abs=1e-4)
+    with pytest.raises(ParameterError, match="max_ratio"):
+        em_priors(post3, p, max_ratio=0.5)
+
+
 def test_em_changes_nothing_where_the_scene_looks_like_the_training_data() -> None:
     rng = np.random.default_rng(0)
     post = rng.dirichlet([2.0, 1.0, 0.5], size=500)
@@ -119,6 +135,9 @@ def test_predict_adapts_the_posteriors_to_the_scene(tmp_path: Path) -> None:
         m1 = ds.read(1)
         assert "name 2=" in ds.tags()["GEOSEG_SCENE_PRIOR"]
     assert (m1[m1 != 255] == 2).all() and ((m1 == 255) == (m0 == 255)).all()
+    held = segment_scene(src, tmp_path / "held", source=ModelSource(skewed), predictor=soft_predictor,
+                         options=PredictOptions(adapt_prior=True, prior_max_ratio=1.2))
+    assert held.scene_prior is not None and held.scene_prior["name 2"] == pytest.approx(0.24, abs=1e-3)
     # A prior equal to the scene's own mean posterior changes nothing; the card's flag turns it on.
     mean = 0.4 * 91 / 130 + 0.6 * 39 / 130
     same = card.replace(class_prior=(1 - mean, mean), adapt_prior=True)
