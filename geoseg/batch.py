@@ -260,7 +260,8 @@ def result_params(options: Any, card: Any) -> dict[str, Any]:
         "min_area": options.min_area,
         "simplify": options.simplify,
         **({"tta": True} if options.tta else {}),
-        **({"adapt_prior": True} if (card.adapt_prior if options.adapt_prior is None else options.adapt_prior) else {}),
+        **({"adapt_prior": True, "prior_max_ratio": options.prior_max_ratio}
+           if (card.adapt_prior if options.adapt_prior is None else options.adapt_prior) else {}),
     }
 
 

@@ -129,7 +129,7 @@ def test_predict_adapts_the_posteriors_to_the_scene(tmp_path: Path) -> None:
     # class 2 than that, and the left part (P = 0.4) tips over to class 2.
     skewed = card.replace(class_prior=(0.8, 0.2))
     res = segment_scene(src, tmp_path / "adapted", source=ModelSource(skewed), predictor=soft_predictor,
-                        options=PredictOptions(adapt_prior=True))
+                        options=PredictOptions(adapt_prior=True, prior_max_ratio=None))
     assert res.scene_prior is not None and res.scene_prior["name 2"] > 0.5
     with rasterio.open(res.mask) as ds:
         m1 = ds.read(1)
@@ -138,6 +138,9 @@ def test_predict_adapts_the_posteriors_to_the_scene(tmp_path: Path) -> None:
     held = segment_scene(src, tmp_path / "held", source=ModelSource(skewed), predictor=soft_predictor,
                          options=PredictOptions(adapt_prior=True, prior_max_ratio=1.2))
     assert held.scene_prior is not None and held.scene_prior["name 2"] == pytest.approx(0.24, abs=1e-3)
+    default = segment_scene(src, tmp_path / "default", source=ModelSource(skewed), predictor=soft_predictor,
+                            options=PredictOptions(adapt_prior=True))  # the default bound: ratio 2
+    assert default.scene_prior is not None and default.scene_prior["name 2"] == pytest.approx(0.4, abs=1e-3)
     # A prior equal to the scene's own mean posterior changes nothing; the card's flag turns it on.
     mean = 0.4 * 91 / 130 + 0.6 * 39 / 130
     same = card.replace(class_prior=(1 - mean, mean), adapt_prior=True)
