@@ -38,6 +38,9 @@ def test_shipped_card_and_weights(name: str) -> None:
     assert test["miou_classes"] == [1, 3, 4, 5, 6, 7]
     assert 0.0 < test["miou"] < 1.0 and 0.0 < test["overall_accuracy"] < 1.0
     assert set(test["per_class_iou"]) == {"1", "3", "4", "5", "6", "7"}
+    # Prior adaptation: the training region's mean class probabilities, a distribution over the classes.
+    assert card.class_prior is not None and sum(card.class_prior) == pytest.approx(1.0, abs=1e-4)
+    assert card.adapt_prior == (name == "deeplabv3p")  # chosen on the folds (recipes README, session 6)
     # Trained on the train columns 0-325 only (the fixed split); a validation region, if any, too.
     assert card.training["train_region"][0] + card.training["train_region"][2] <= 326
     if card.training["val_region"] is not None:
@@ -54,6 +57,8 @@ def test_shipped_model_runs_on_the_sample_scene(name: str, tmp_path: Path) -> No
     with rasterio.open(res.mask) as ds, rasterio.open(NC_LABELS) as ref:
         mask, labels = ds.read(1), ref.read(1)
         assert ds.crs == ref.crs and ds.transform == ref.transform
+        assert ("GEOSEG_SCENE_PRIOR" in ds.tags()) == src.card.adapt_prior
+    assert (res.scene_prior is not None) == src.card.adapt_prior
     assert set(np.unique(mask)) <= {1, 2, 3, 4, 5, 6, 7, 255}
     # A real land-cover map, not noise: most labelled pixels of the training columns agree.
     train = (labels[:, :326] > 0) & (mask[:, :326] != 255)
