@@ -260,7 +260,7 @@ def result_params(options: Any, card: Any) -> dict[str, Any]:
         "min_area": options.min_area,
         "simplify": options.simplify,
         **({"tta": True} if options.tta else {}),
-        **({"adapt_prior": True, "prior_max_ratio": options.prior_max_ratio}
+        **({"adapt_prior": True, "prior_max_ratio": options.prior_max_ratio, "prior_windows": options.prior_windows}
            if (card.adapt_prior if options.adapt_prior is None else options.adapt_prior) else {}),
     }
 

@@ -360,6 +360,8 @@ class PredictOptions:
     #: Prior adaptation: hold each class's ratio scene / training prior within [1/r, r] (None: unbounded;
     #: 2 was chosen on the NC validation folds, where unbounded EM ran away on a rare class).
     prior_max_ratio: float | None = 2.0
+    #: Prior adaptation: most windows the sample pass runs (spread evenly over the scene).
+    prior_windows: int = 64
 
 
 @dataclass(frozen=True)
@@ -790,8 +792,9 @@ def segment_scene(
     prior_tags: dict[str, str] = {}
     scene_priors: dict[str, float] | None = None
     if adapt:
-        est = scene_prior(meta, bands, grid, mc, predictor, max_ratio=opts.prior_max_ratio, batch_size=batch_size,
-                          prefetch=opts.prefetch, read_workers=opts.read_workers)
+        est = scene_prior(meta, bands, grid, mc, predictor, max_ratio=opts.prior_max_ratio,
+                          max_windows=opts.prior_windows, batch_size=batch_size, prefetch=opts.prefetch,
+                          read_workers=opts.read_workers)
         reweight = est.weights
         scene_priors = {c.name: round(float(v), 4) for c, v in zip(mc.classes, est.scene)}
         prior_tags = {"GEOSEG_SCENE_PRIOR": ", ".join(f"{k}={v}" for k, v in scene_priors.items())}
