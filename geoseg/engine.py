@@ -630,8 +630,6 @@ def sample_posteriors(
     card: ModelCard,
     predictor: Predictor,
     *,
-    region: tuple[int, int, int, int] | None = None,
-    region_mask: np.ndarray | None = None,
     max_windows: int = 256,
     max_pixels: int = 400_000,
     batch_size: int = 1,
@@ -645,18 +643,12 @@ def sample_posteriors(
     raster: neighbouring windows meet in the middle of their overlap, so no pixel counts twice)
     and takes every k-th raster row and column of it so that at most about ``max_pixels``
     pixels are kept.
-    ``region`` (col_off, row_off, width, height) with an optional boolean ``region_mask`` of its
-    shape restricts the sample to those pixels (a training region).
     """
     tiles = list(grid.tiles())
-    if region is not None:
-        c0, r0, w, h = region
-        tiles = [t for t in tiles if t.row < r0 + h and t.row_stop > r0 and t.col < c0 + w and t.col_stop > c0]
     if len(tiles) > max_windows:
         keep = np.unique(np.linspace(0, len(tiles) - 1, max_windows).round().astype(int))
         tiles = [tiles[i] for i in keep]
-    if not tiles:
-        return np.zeros((0, card.num_classes), np.float32)
+
     def bounds(offsets: Sequence[int], size: int) -> list[int]:
         # Cores partition the axis: neighbouring windows meet in the middle of their overlap.
         return [0] + [(offsets[i] + offsets[i - 1] + grid.tile) // 2 for i in range(1, len(offsets))] + [size]
@@ -681,13 +673,6 @@ def sample_posteriors(
             if rows.size == 0 or cols.size == 0:
                 continue
             keep = valid[np.ix_(rows, cols)]
-            if region is not None:
-                c0, r0, w, h = region
-                rr, cc = rows + t.row - r0, cols + t.col - c0
-                inside = ((rr >= 0) & (rr < h))[:, None] & ((cc >= 0) & (cc < w))[None, :]
-                if region_mask is not None:
-                    inside &= region_mask[np.ix_(np.clip(rr, 0, h - 1), np.clip(cc, 0, w - 1))]
-                keep &= inside
             sample = p[:, rows[:, None], cols[None, :]]
             out.append(sample[:, keep].T.astype(np.float32))
     return np.concatenate(out) if out else np.zeros((0, card.num_classes), np.float32)
@@ -698,11 +683,16 @@ def scene_prior(
     max_ratio: float | None = None, **kwargs: Any
 ) -> PriorEstimate:
     """EM estimate of the scene's class priors under ``card.class_prior`` (see :mod:`geoseg.priors`)."""
-    if card.class_prior is None:
-        raise ParameterError(f"{card.name}'s card has no class_prior, so its posteriors cannot be adapted to the "
-                             "scene: retrain with geoseg train (it writes class_prior) or predict without --adapt-prior")
+    _require_class_prior(card)
+    assert card.class_prior is not None
     return em_priors(sample_posteriors(meta, bands, grid, card, predictor, **kwargs), np.asarray(card.class_prior),
                      max_ratio=max_ratio)
+
+
+def _require_class_prior(card: ModelCard) -> None:
+    if card.class_prior is None:
+        raise ParameterError(f"--adapt-prior: {card.name}'s card has no class_prior (the training region's mean class "
+                             "probabilities): retrain with geoseg train (it writes one), or predict without --adapt-prior")
 
 
 def check_window_size(card: ModelCard, tile: int) -> None:
@@ -773,9 +763,8 @@ def segment_scene(
         check_output(vector_path, opts.overwrite)
     check_georeferenced(meta)
     adapt = mc.adapt_prior if opts.adapt_prior is None else opts.adapt_prior
-    if adapt and mc.class_prior is None:
-        raise ParameterError(f"--adapt-prior: {mc.name}'s card has no class_prior (the training region's mean class "
-                             "probabilities): retrain with today's geoseg train, or predict without --adapt-prior")
+    if adapt:
+        _require_class_prior(mc)
 
     device_desc = "custom"
     if predictor is None:

@@ -113,8 +113,8 @@ def test_sample_posteriors_counts_each_valid_pixel_once(tmp_path: Path) -> None:
     assert (post[:, 1] > 0.5).sum() == 90 * 39
     sub = sample_posteriors(meta, (1,), grid, card, soft_predictor, max_pixels=1000)
     assert 500 <= sub.shape[0] <= 1500
-    region = sample_posteriors(meta, (1,), grid, card, soft_predictor, region=(100, 20, 10, 5), max_pixels=10**9)
-    assert region.shape == (50, 2) and np.allclose(region[:, 1], 0.6)
+    few = sample_posteriors(meta, (1,), grid, card, soft_predictor, max_windows=3, max_pixels=10**9)
+    assert 0 < few.shape[0] < valid // 4  # 3 of the 24 windows' cores
 
 
 def test_predict_adapts_the_posteriors_to_the_scene(tmp_path: Path) -> None:
