@@ -689,6 +689,11 @@ def scene_prior(
                      max_ratio=max_ratio)
 
 
+#: GDAL block cache (MB) while predict reads and writes: windows are read once, so a large cache
+#: only grows the memory with the scene.
+_GDAL_CACHE_MB = 64
+
+
 def _require_class_prior(card: ModelCard) -> None:
     if card.class_prior is None:
         raise ParameterError(f"--adapt-prior: {card.name}'s card has no class_prior (the training region's mean class "
@@ -781,9 +786,10 @@ def segment_scene(
     prior_tags: dict[str, str] = {}
     scene_priors: dict[str, float] | None = None
     if adapt:
-        est = scene_prior(meta, bands, grid, mc, predictor, max_ratio=opts.prior_max_ratio,
-                          max_windows=opts.prior_windows, batch_size=batch_size, prefetch=opts.prefetch,
-                          read_workers=opts.read_workers)
+        with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_MB):  # as the main pass: a bounded block cache
+            est = scene_prior(meta, bands, grid, mc, predictor, max_ratio=opts.prior_max_ratio,
+                              max_windows=opts.prior_windows, batch_size=batch_size, prefetch=opts.prefetch,
+                              read_workers=opts.read_workers)
         reweight = est.weights
         scene_priors = {c.name: round(float(v), 4) for c, v in zip(mc.classes, est.scene)}
         prior_tags = {"GEOSEG_SCENE_PRIOR": ", ".join(f"{k}={v}" for k, v in scene_priors.items())}
@@ -796,7 +802,7 @@ def segment_scene(
     lut[: mc.num_classes] = mc.class_lut()
     mask_profile = get_profile("mask", opts.creation_options)
     writers: list[COGWriter] = []
-    with rasterio.Env(GDAL_CACHEMAX=64):
+    with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_MB):
         try:
             mask_w = COGWriter(
                 mask_path, gridspec, mask_profile, overwrite=opts.overwrite,
