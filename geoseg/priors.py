@@ -48,10 +48,10 @@ def em_priors(posteriors: np.ndarray, train_prior: np.ndarray, *, max_ratio: flo
     Args:
         posteriors: ``(N, C)`` probabilities of N pixels (rows summing to 1).
         train_prior: ``(C,)`` priors the posteriors reflect (the card's ``class_prior``).
-        max_iter: Most EM iterations.
         max_ratio: Hold every class's ratio scene / training prior within ``[1/max_ratio,
             max_ratio]`` at each iteration (clip, renormalise; None: unbounded). EM on posteriors
             that are not calibrated can run away on a rare class; this bounds how far it goes.
+        max_iter: Most EM iterations.
         tol: Stop when no prior moves by more than this.
 
     Returns:
