@@ -16,7 +16,7 @@ from geoseg_cli import options as o
 
 #: Loggers muted below -v: the engine's own per-scene line, and GDAL's error chatter (which
 #: rasterio logs at INFO) for bad scenes, so that each scene gives one line.
-_MUTED = ("geoseg.engine", "geoseg.vectorize", "rasterio")
+_MUTED = ("geoseg.engine", "geoseg.vectorize", "rasterio", "pyogrio")
 
 
 @contextlib.contextmanager

@@ -569,7 +569,7 @@ class ModelPlugin:
             if self._loaded is None:
                 self._loaded = self.model.build()
                 self.loads += 1
-                log.info("worker loaded model %s (%s)", self._loaded[2].label, self._loaded[1])
+                log.debug("worker loaded model %s (%s)", self._loaded[2].label, self._loaded[1])
             return self._loaded
 
 
