@@ -556,6 +556,10 @@ class ModelPlugin:
         # The caller asked for quiet workers (a cron run's stderr takes one line per scene).
         for name in self.quiet_loggers:
             logging.getLogger(name).setLevel(logging.WARNING)
+        if self.quiet_loggers:  # as the CLI does in its own process: paddle's build-tool notice at import
+            import warnings
+
+            warnings.filterwarnings("ignore", message="No ccache found")
 
     def teardown(self, worker: Any) -> None:
         """Drop the model."""
