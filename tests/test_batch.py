@@ -319,3 +319,20 @@ def test_workers_option_starts_a_local_cluster(runner, tiny_unet, tmp_path: Path
     assert 1 <= len(report["workers"]) <= 2 and set(report["workers"].values()) == {1}
     r = run_cli(runner, tiny_unet, [arch], out, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1")
     assert r.exit_code == 2 and "not both" in r.output
+
+
+def test_prior_adaptation_is_a_result_parameter() -> None:
+    # A run with adaptation gives other masks, so switching it must re-run scenes, not skip them.
+    from geoseg.batch import result_params
+    from geoseg.engine import PredictOptions
+    from tests.test_engine import identity_card
+
+    plain_card = identity_card(1, 2).replace(class_prior=(0.5, 0.5))
+    adapt_card = plain_card.replace(adapt_prior=True)
+    base = result_params(PredictOptions(), plain_card)
+    assert "adapt_prior" not in base
+    assert result_params(PredictOptions(adapt_prior=False), adapt_card) == base
+    on = result_params(PredictOptions(), adapt_card)
+    assert on == result_params(PredictOptions(adapt_prior=True), plain_card) != base
+    assert on["adapt_prior"] is True and on["prior_max_ratio"] == 2.0
+    assert result_params(PredictOptions(adapt_prior=True, prior_max_ratio=3.0), plain_card) != on
