@@ -683,10 +683,8 @@ def scene_prior(
     max_ratio: float | None = None, **kwargs: Any
 ) -> PriorEstimate:
     """EM estimate of the scene's class priors under ``card.class_prior`` (see :mod:`geoseg.priors`)."""
-    _require_class_prior(card)
-    assert card.class_prior is not None
-    return em_priors(sample_posteriors(meta, bands, grid, card, predictor, **kwargs), np.asarray(card.class_prior),
-                     max_ratio=max_ratio)
+    prior = _require_class_prior(card)
+    return em_priors(sample_posteriors(meta, bands, grid, card, predictor, **kwargs), prior, max_ratio=max_ratio)
 
 
 #: GDAL block cache (MB) while predict reads and writes: windows are read once, so a large cache
@@ -694,10 +692,12 @@ def scene_prior(
 _GDAL_CACHE_MB = 64
 
 
-def _require_class_prior(card: ModelCard) -> None:
+def _require_class_prior(card: ModelCard) -> np.ndarray:
+    """The card's ``class_prior`` as an array, or a one-line error when it has none."""
     if card.class_prior is None:
         raise ParameterError(f"--adapt-prior: {card.name}'s card has no class_prior (the training region's mean class "
                              "probabilities): retrain with geoseg train (it writes one), or predict without --adapt-prior")
+    return np.asarray(card.class_prior, np.float64)
 
 
 def check_window_size(card: ModelCard, tile: int) -> None:

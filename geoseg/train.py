@@ -741,6 +741,11 @@ class Trainer:
         self.progress = progress
         self.device = self._device()
 
+    @property
+    def overlap(self) -> int:
+        """Window overlap for validation, the class prior and the card (default a quarter window)."""
+        return self.cfg.tile_overlap if self.cfg.tile_overlap is not None else self.window // 4
+
     # -- hooks -------------------------------------------------------------------------------
     def configure_model(self) -> Any:
         """Build the network named in the config."""
@@ -776,8 +781,7 @@ class Trainer:
     def validate(self, model: Any) -> dict[str, Any]:
         """mIoU / OA over the validation region (classes present in its labels)."""
         assert self.val_data is not None
-        pred = predict_array(model, self.val_data.image, self.num_classes, self.window,
-                             self.cfg.tile_overlap if self.cfg.tile_overlap is not None else self.window // 4)
+        pred = predict_array(model, self.val_data.image, self.num_classes, self.window, self.overlap)
         cm = ConfusionMatrix(range(self.num_classes), ignore_reference=(IGNORE_INDEX,))
         cm.update(self.val_data.labels, pred)
         m = cm.metrics()
@@ -802,7 +806,6 @@ class Trainer:
         """The model card for the current weights."""
         cfg = self.cfg
         names = cfg.band_names or tuple((self.meta.descriptions[b - 1] or f"b{b}") for b in self.bands)
-        overlap = cfg.tile_overlap if cfg.tile_overlap is not None else self.window // 4
         return ModelCard(
             name=cfg.name or f"{cfg.model}-{Path(cfg.labels).stem}",
             architecture=cfg.model,
@@ -811,7 +814,7 @@ class Trainer:
             normalization=self.normalization,
             params=dict(cfg.params),
             tile_size=self.window,
-            overlap=overlap,
+            overlap=self.overlap,
             weights="weights.pdparams",
             description=cfg.description or f"{cfg.model} trained with geoseg train on {Path(cfg.image).name}",
             training={
@@ -941,8 +944,7 @@ class Trainer:
         predicted in blended windows of the training size (the card's ``class_prior``: the
         priors its posteriors reflect, for prediction-time prior adaptation, see
         :mod:`geoseg.priors`). Only the training region's pixels are read."""
-        overlap = self.cfg.tile_overlap if self.cfg.tile_overlap is not None else self.window // 4
-        probs = predict_probs(model, self.train_data.image, self.num_classes, self.window, overlap)
+        probs = predict_probs(model, self.train_data.image, self.num_classes, self.window, self.overlap)
         mean = probs[:, self.train_valid].astype(np.float64).mean(axis=1)
         return tuple(round(float(v), 6) for v in mean / mean.sum())
 
