@@ -86,12 +86,14 @@ class Normalization:
             return float(self.scale[name])
         return float(self.scale.get("default", 1.0))
 
-    def apply(self, x: np.ndarray, dtype: str | np.dtype[Any], missing: np.ndarray | None = None) -> np.ndarray:
+    def apply(self, x: np.ndarray, dtype: str | np.dtype[Any], missing: np.ndarray | None = None,
+              fill: float = 0.0) -> np.ndarray:
         """Normalise raw pixels ``x`` (``...CHW`` layout, C = bands) to float32.
 
         ``dtype`` is the raster's dtype (``x`` may already have been cast). Values without data
         (``missing``, bool like ``x``; see :func:`geoseg.io.read_window_gaps`) and non-finite
-        values (NaN nodata) become 0 after normalisation: the band's mean, not a measurement.
+        values (NaN nodata) become ``fill`` after normalisation: by default 0, the band's mean,
+        not a measurement; NaN for a model that reads gaps itself (``gap_channels``).
         """
         n = x.shape[-3]
         if n != len(self.mean):
@@ -103,9 +105,9 @@ class Normalization:
         out *= scale / std
         out -= mean / std
         if x.dtype.kind == "f":
-            np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+            np.nan_to_num(out, copy=False, nan=fill, posinf=fill, neginf=fill)
         if missing is not None:
-            np.copyto(out, np.float32(0.0), where=missing)
+            np.copyto(out, np.float32(fill), where=missing)
         return out
 
 
@@ -160,6 +162,16 @@ class ModelCard:
     def in_channels(self) -> int:
         """Number of model input bands."""
         return len(self.bands)
+
+    @property
+    def gap_fill(self) -> float:
+        """Input value for band values without data: NaN when the model reads gaps itself
+        (``params.gap_channels``, see :func:`geoseg.models.gap_channels_input`), else 0."""
+        return float("nan") if self.params.get("gap_channels") is True else 0.0
+
+    def model_input(self, x: np.ndarray, dtype: str | np.dtype[Any], missing: np.ndarray | None = None) -> np.ndarray:
+        """Raw pixels (``...CHW``) to the model's float32 input: normalised, gaps as :attr:`gap_fill`."""
+        return self.normalization.apply(x, dtype, missing, fill=self.gap_fill)
 
     @property
     def num_classes(self) -> int:

@@ -496,7 +496,7 @@ def _prepare_window(
     data, valid, missing = read_window_gaps(path, tile.window, bands, alpha_band)
     if not valid.any():
         return None, valid
-    return _pad_to(card.normalization.apply(data, dtype, missing), size), valid
+    return _pad_to(card.model_input(data, dtype, missing), size), valid
 
 
 def _prefetch(

@@ -397,8 +397,11 @@ class WindowDataset:
     def __init__(self, data: RegionData, window: int, length: int, *, seed: int = 0, start: int = 0,
                  flips: bool = True, rot90: bool = True, brightness: float = 0.0, contrast: float = 0.0,
                  min_labelled: float = 0.0, global_brightness: float = 0.0, global_contrast: float = 0.0,
-                 noise: float = 0.0, mosaic: float = 0.0, band_dropout: float = 0.0) -> None:
+                 noise: float = 0.0, mosaic: float = 0.0, band_dropout: float = 0.0, gap_fill: float = 0.0) -> None:
         """See the class docstring; ``length`` items starting at index ``start``.
+
+        ``gap_fill`` is the input value of a band without data (0, or NaN for ``gap_channels``
+        models); ``band_dropout`` writes it over a whole band.
 
         ``mosaic`` is the probability that an item is a 2x2 mosaic of four half-size windows
         from independent random places (0 = off, and then no random number is drawn for it).
@@ -412,6 +415,7 @@ class WindowDataset:
         self.brightness, self.contrast = brightness, contrast
         self.global_brightness, self.global_contrast, self.noise = global_brightness, global_contrast, noise
         self.band_dropout = band_dropout
+        self.gap_fill = np.float32(gap_fill)
         self.min_labelled = min_labelled
         self.mosaic = mosaic
 
@@ -436,9 +440,9 @@ class WindowDataset:
         x, y = augment(x, y, rng, self.flips, self.rot90, self.brightness, self.contrast,
                        self.global_brightness, self.global_contrast, self.noise)
         if self.band_dropout > 0 and rng.random() < self.band_dropout:
-            # One band reads as missing (its mean, as predict fills a band gap) over the window:
+            # One band reads as missing (as predict fills a band gap) over the window:
             # the model learns to classify without any single band.
-            x[int(rng.integers(0, x.shape[0]))] = 0.0
+            x[int(rng.integers(0, x.shape[0]))] = self.gap_fill
         return x, y
 
     def _crop(self, rng: np.random.Generator, s: int) -> tuple[np.ndarray, np.ndarray]:
@@ -718,8 +722,8 @@ class Trainer:
             # training targets. Off by default: predict classifies such pixels, and a model that
             # never trained on them predicted them erratically on the NC folds (see the recipes).
             train_idx[gaps.any(axis=0)] = IGNORE_INDEX
-        self.train_data = RegionData(self.normalization.apply(raw_img, self.meta.dtype, gaps), train_idx,
-                                     self.train_region)
+        self.train_data = RegionData(self.normalization.apply(raw_img, self.meta.dtype, gaps, self.gap_fill),
+                                     train_idx, self.train_region)
         self.train_valid = train_valid & self.train_region.mask
         if not (train_idx != IGNORE_INDEX).any():
             raise ParameterError("the training region has no labelled pixels: check train_region and ignore")
@@ -733,13 +737,19 @@ class Trainer:
             ctx = _context_region(self.val_region, self.train_region, self.window // 2)
             vimg, vidx, _, vgaps = load_region(image_path, bands, self.meta, labels_path, ctx, self.lut, cfg.ignore,
                                               cfg.label_shift)
-            self.val_data = RegionData(self.normalization.apply(vimg, self.meta.dtype, vgaps), vidx, self.val_region)
+            self.val_data = RegionData(self.normalization.apply(vimg, self.meta.dtype, vgaps, self.gap_fill), vidx,
+                                       self.val_region)
         if self.window != cfg.window:
             log.info("window %d is larger than the training region (%dx%d): using %d",
                      cfg.window, self.train_region.width, self.train_region.height, self.window)
         self.num_classes = len(self.classes)
         self.progress = progress
         self.device = self._device()
+
+    @property
+    def gap_fill(self) -> float:
+        """Input value for band values without data (as :attr:`geoseg.card.ModelCard.gap_fill`)."""
+        return float("nan") if self.cfg.params.get("gap_channels") is True else 0.0
 
     @property
     def overlap(self) -> int:
@@ -869,7 +879,8 @@ class Trainer:
                            start=start * cfg.batch_size, flips=cfg.flips, rot90=cfg.rot90,
                            brightness=cfg.brightness, contrast=cfg.contrast, min_labelled=cfg.min_labelled,
                            global_brightness=cfg.global_brightness, global_contrast=cfg.global_contrast,
-                           noise=cfg.noise, mosaic=cfg.mosaic, band_dropout=cfg.band_dropout)
+                           noise=cfg.noise, mosaic=cfg.mosaic, band_dropout=cfg.band_dropout,
+                           gap_fill=self.gap_fill)
         loader = paddle.io.DataLoader(_PaddleDataset(ds), batch_size=cfg.batch_size, shuffle=False, drop_last=False,
                                       num_workers=cfg.workers, use_shared_memory=cfg.workers > 0)
         csv_path = self.out / "train_log.csv"

@@ -263,6 +263,39 @@ def test_a_band_without_data_is_filled_with_its_mean_not_its_nodata_value(
     assert (mask[:10, :10] == 255).all()
 
 
+def test_a_gap_channels_model_gets_nan_where_a_band_has_no_data(tmp_path: Path) -> None:
+    # A card whose model reads gaps itself (params.gap_channels) gets NaN exactly where a band
+    # lacks data (a per-band frame, and every band of a pixel without any data), the normalised
+    # values everywhere else.
+    h, w = 60, 90
+    data = np.zeros((2, h, w), np.uint8)
+    data[0] = 3
+    data[1] = 6
+    data[1, :, 60:] = 0  # band 2's frame
+    data[:, :10, :10] = 0  # no data at all
+    src = write_raster(tmp_path / "gaps.tif", data, nodata=0)
+    card = identity_card(2, 4).replace(
+        params={"gap_channels": True},
+        normalization=Normalization(mean=(0.0, 5.0), std=(1.0, 1.0), scale={"default": 1.0}))
+    assert np.isnan(card.gap_fill) and identity_card(2, 4).gap_fill == 0.0
+    seen: list[np.ndarray] = []
+
+    def by_gap(x: np.ndarray) -> np.ndarray:  # index 3 where band 2 is NaN, else normalised band 2 + 2
+        seen.append(x.copy())
+        cls = np.where(np.isnan(x[:, 1]), 3, np.clip(np.rint(np.nan_to_num(x[:, 1])) + 2, 0, 3)).astype(int)
+        return (np.arange(4)[None, :, None, None] == cls[:, None]).astype(np.float32)
+
+    res = segment_scene(src, tmp_path / "out", source=ModelSource(card), predictor=by_gap)
+    with rasterio.open(res.mask) as ds:
+        mask = ds.read(1)
+    assert (mask[10:, :60] == 4).all()  # band 2 = 6 -> normalised 1 -> index 3 -> id 4 ... as its data says
+    assert (mask[:, 60:] == 4).all()  # NaN -> index 3 -> id 4 (a 0-filled gap would read index 2 -> id 3)
+    assert (mask[:10, :10] == 255).all()
+    x = np.concatenate(seen)
+    assert np.isnan(x[:, 1]).any() and not np.isnan(x[:, 0]).all()
+    assert set(np.unique(x[:, 0][~np.isnan(x[:, 0])])) == {3.0}  # band 1's data untouched
+
+
 def test_read_window_gaps_per_band(tmp_path: Path) -> None:
     from rasterio.windows import Window
 

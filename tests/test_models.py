@@ -89,6 +89,8 @@ def test_unknown_parameter_is_named() -> None:
         ("unet", {"upsample": "nearest"}, "upsample"),
         ("unet", {"depth": 5}, "depth"),
         ("unet", {"num_classes": 0}, "num_classes"),
+        ("unet", {"gap_channels": "yes"}, "gap_channels"),
+        ("deeplabv3p", {"gap_channels": 1}, "gap_channels"),
     ],
 )
 def test_invalid_parameter_values(name: str, params: dict[str, Any], fragment: str) -> None:
@@ -336,6 +338,27 @@ def test_exported_predictor_matches_dygraph(name: str, extra: dict[str, Any], tm
         assert got.shape == want.shape == (batch, 3, h, w)
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "extra"), [("unet", {}), ("deeplabv3p", {"fine_channels": 8})])
+def test_gap_channels_read_nan_as_a_band_gap(name: str, extra: dict[str, Any], tmp_path: Path) -> None:
+    # A gap_channels model takes NaN for "this band has no data here": it gives finite logits,
+    # and they differ from those of the same input with the gap at the band mean (0), which a
+    # model without the channels cannot tell from a measured value.
+    model = tiny(name, in_channels=3, num_classes=4, gap_channels=True, **extra)
+    model.eval()
+    x = rand(2, 3, 64, 64, seed=5)
+    gap = x.copy()
+    gap[0, 2, :, :20] = np.nan  # one band of one sample, a frame of 20 columns
+    gap[1, :, 30:34] = np.nan  # every band: a nodata stripe
+    ref = DygraphPredictor(model)
+    got = ref(gap)
+    assert np.isfinite(got).all()
+    filled = ref(np.nan_to_num(gap, nan=0.0))
+    assert np.abs(got - filled)[0, :, :, :20].max() > 1e-3
+    # Paddle Inference runs the exported graph (isnan, where) the same way, batch and all.
+    program, params = find_model_files(export_model(model, tmp_path / "model", in_channels=3))
+    np.testing.assert_allclose(InferencePredictor(program, params, threads=1)(gap), got, atol=1e-4, rtol=1e-4)
 
 
 def test_find_model_files_variants(tmp_path: Path) -> None:

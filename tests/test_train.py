@@ -411,3 +411,41 @@ def test_class_prior_matches_what_predict_sees(scene: tuple[Path, Path], tmp_pat
     post = sample_posteriors(meta, (1, 2, 3), grid, src.card, predictor, max_pixels=10**9)
     assert post.shape[0] == (meta.height * meta.width - 36)  # every valid pixel once
     np.testing.assert_allclose(post.mean(axis=0), src.card.class_prior, atol=0.01)
+
+
+def test_gap_channels_train_on_nan_gaps_as_predict_feeds_them(tmp_path: Path) -> None:
+    # With params.gap_channels, band gaps reach the network as NaN in training (and band_dropout
+    # writes NaN), the run trains with finite losses, and the card's class prior equals what
+    # predict's engine samples: both feed the model the same NaN-marked inputs.
+    import csv
+
+    from geoseg.engine import build_predictor, resolve_model, sample_posteriors
+    from geoseg.io import open_scene
+    from geoseg.tiling import make_grid
+
+    rng = np.random.default_rng(1)
+    cls = class_image(H, W, 3, seed=1) + 1
+    img = (np.array([[40, 90, 160], [200, 60, 100], [120, 180, 30]])[cls - 1].transpose(2, 0, 1)
+           + rng.normal(0, 8, (3, H, W))).clip(1, 255).astype(np.uint8)
+    img[2, :, :12] = 0  # band 3's frame
+    scene = (write_raster(tmp_path / "img.tif", img, nodata=0),
+             write_raster(tmp_path / "lab.tif", cls.astype(np.uint8), nodata=0))
+    settings = {"params": {"width": 0.125, "gap_channels": True}, "train_region": None, "val_region": None,
+                "iterations": 6, "band_dropout": 0.5}
+    t = Trainer(_cfg(scene, tmp_path / "o", **settings))
+    x = t.train_data.image
+    assert np.isnan(x[2, :, :12]).all() and np.isfinite(x[2, :, 12:]).all() and np.isfinite(x[:2]).all()
+    ds = WindowDataset(t.train_data, 32, 20, seed=2, band_dropout=0.5, gap_fill=t.gap_fill)
+    assert any(np.isnan(ds[i][0]).all(axis=(1, 2)).any() for i in range(20))  # a whole band dropped as NaN
+    out = tmp_path / "run"
+    train(_cfg(scene, out, **settings))
+    with open(out / "train_log.csv") as f:
+        assert all(np.isfinite(float(r["loss"])) for r in csv.DictReader(f))
+    src = resolve_model(None, out / "weights.pdparams")
+    assert src.card.params["gap_channels"] is True and np.isnan(src.card.gap_fill)
+    meta = open_scene(scene[0])
+    predictor, _ = build_predictor(src, "cpu")
+    grid = make_grid(meta.height, meta.width, src.card.tile_size, src.card.overlap)
+    post = sample_posteriors(meta, (1, 2, 3), grid, src.card, predictor, max_pixels=10**9)
+    assert post.shape[0] == meta.height * meta.width and np.isfinite(post).all()
+    np.testing.assert_allclose(post.mean(axis=0), src.card.class_prior, atol=0.01)

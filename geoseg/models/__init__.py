@@ -26,7 +26,7 @@ from geoseg.errors import ModelError, require_paddle
 if TYPE_CHECKING:  # pragma: no cover
     import paddle
 
-__all__ = ["MODEL_NAMES", "build_model", "model_class", "register_model", "validate_io"]
+__all__ = ["MODEL_NAMES", "build_model", "gap_channels_input", "model_class", "register_model", "validate_io"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,32 @@ def validate_io(num_classes: int, in_channels: int) -> None:
     for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ModelError(f"{label} must be a positive integer, got {value!r}")
+
+
+def check_gap_channels(value: Any) -> bool:
+    """Validate a model's ``gap_channels`` argument (see :func:`gap_channels_input`)."""
+    if not isinstance(value, bool):
+        raise ModelError(f"gap_channels must be true or false, got {value!r}")
+    return value
+
+
+def gap_channels_input(x: paddle.Tensor) -> paddle.Tensor:
+    """Turn ``[N, C, H, W]`` with NaN where a band has no data into ``[N, 2C, H, W]``.
+
+    The first ``C`` channels are the values with gaps set to 0 (the band's mean after
+    normalisation); the last ``C`` say whether the band has data there (1) or not (0). A model
+    built with ``gap_channels=True`` calls this first, so it can tell a band gap (Landsat-7's
+    wider SWIR2 frame, SLC-off stripes, a scene's nodata collar) from a measured value, and its
+    input stays ``C`` bands everywhere else (export, Paddle Inference, the engine): the engine
+    hands it NaN for values without data when the card's params set ``gap_channels``.
+    """
+    import paddle
+
+    has_data = x == x  # False only for NaN
+    present = has_data.astype(x.dtype)
+    # ``present`` is exactly 0 where a value is missing: it fills the gaps without a constant
+    # tensor (``zeros_like`` warns when exported to a static graph).
+    return paddle.concat([paddle.where(has_data, x, present), present], axis=1)
 
 
 def model_class(name: str) -> type[Any]:

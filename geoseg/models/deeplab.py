@@ -42,7 +42,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from geoseg.errors import ModelError
-from geoseg.models import DEEPLAB_ASPP_RATES, register_model, validate_io
+from geoseg.models import DEEPLAB_ASPP_RATES, check_gap_channels, gap_channels_input, register_model, validate_io
 
 __all__ = ["ASPP", "DeepLabV3P", "ResNetVd"]
 
@@ -357,6 +357,7 @@ class DeepLabV3P(nn.Layer):
         fine_channels: int = 0,
         image_pooling: bool = True,
         aspp_rates: Sequence[int] | None = None,
+        gap_channels: bool = False,
         pretrained: str | Path | None = None,
         backbone: ResNetVd | None = None,
     ) -> None:
@@ -382,6 +383,9 @@ class DeepLabV3P(nn.Layer):
             aspp_rates: Dilations of the three atrous ASPP branches (default: the paper's,
                 6/12/18 at output stride 16 and 12/24/36 at 8). Small windows need small
                 rates: at output stride 8, rate 12 already reaches 96 input pixels.
+            gap_channels: Read NaN input values as "no data in this band" and add one
+                presence channel per band (see :func:`geoseg.models.gap_channels_input`);
+                the backbone and the refinement then take ``2 * in_channels`` channels.
             pretrained: Optional ``.pdparams`` file with weights for the whole network,
                 loaded with :func:`geoseg.models.checkpoints.load_weights`.
             backbone: A ready-made :class:`ResNetVd` to use instead of building one from
@@ -403,7 +407,9 @@ class DeepLabV3P(nn.Layer):
             raise ModelError(f"fine_channels must be 0 (off) or a positive integer, got {fine_channels!r}")
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.backbone = backbone or ResNetVd(in_channels, backbone_depth, backbone_width, output_stride)
+        self.gap_channels = check_gap_channels(gap_channels)
+        net_in = in_channels * (2 if gap_channels else 1)
+        self.backbone = backbone or ResNetVd(net_in, backbone_depth, backbone_width, output_stride)
         low_channels, high_channels = self.backbone.feat_channels[0], self.backbone.feat_channels[-1]
         if not isinstance(image_pooling, bool):
             raise ModelError(f"image_pooling must be true or false, got {image_pooling!r}")
@@ -423,7 +429,7 @@ class DeepLabV3P(nn.Layer):
         self.fine_channels = fine_channels
         if fine_channels:
             f = fine_channels
-            self.fine = nn.Sequential(ConvBNReLU(in_channels, f, 3), ConvBNReLU(f, f, 3))
+            self.fine = nn.Sequential(ConvBNReLU(net_in, f, 3), ConvBNReLU(f, f, 3))
             self.fine_project = ConvBNReLU(decoder_channels, 2 * f, 1)
             self.fine_fuse = conv3x3(3 * f, 2 * f, separable=separable)
             self.classifier = nn.Conv2D(2 * f, num_classes, 1)
@@ -436,6 +442,8 @@ class DeepLabV3P(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
         """Map ``[N, in_channels, H, W]`` float32 to ``[logits]``, logits ``[N, num_classes, H, W]``."""
+        if self.gap_channels:
+            x = gap_channels_input(x)
         feats = self.backbone(x)
         low = self.low_project(feats[0])
         high = resize_to(self.aspp(feats[-1]), low)

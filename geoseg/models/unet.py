@@ -20,7 +20,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from geoseg.errors import ModelError
-from geoseg.models import register_model, validate_io
+from geoseg.models import check_gap_channels, gap_channels_input, register_model, validate_io
 
 __all__ = ["UNet"]
 
@@ -103,6 +103,7 @@ class UNet(nn.Layer):
         width: float = 1.0,
         upsample: UpsampleMode = "bilinear",
         depth: int = 4,
+        gap_channels: bool = False,
         pretrained: str | Path | None = None,
     ) -> None:
         """Create the network.
@@ -115,6 +116,8 @@ class UNet(nn.Layer):
             upsample: ``"bilinear"`` or ``"transpose"`` (learned 2×2 transposed conv).
             depth: Downsampling levels, 1–4 (4 = the paper's network; fewer levels see
                 less context around each pixel).
+            gap_channels: Read NaN input values as "no data in this band" and add one
+                presence channel per band (see :func:`geoseg.models.gap_channels_input`).
             pretrained: Optional ``.pdparams`` file with weights for the whole network,
                 loaded with :func:`geoseg.models.checkpoints.load_weights`.
 
@@ -132,9 +135,10 @@ class UNet(nn.Layer):
             raise ModelError(f"upsample must be 'bilinear' or 'transpose', got {upsample!r}")
         self.num_classes = num_classes
         self.in_channels = in_channels
+        self.gap_channels = check_gap_channels(gap_channels)
         ch = [max(1, round(c * width)) for c in _BASE_CHANNELS[: depth + 1]]
         self.channels = tuple(ch)
-        self.inc = DoubleConv(in_channels, ch[0])
+        self.inc = DoubleConv(in_channels * (2 if gap_channels else 1), ch[0])
         # ceil_mode: odd sizes round up, so tiny inputs never pool down to zero pixels.
         self.pool = nn.MaxPool2D(kernel_size=2, stride=2, ceil_mode=True)
         self.downs = nn.LayerList([DoubleConv(ch[i], ch[i + 1]) for i in range(depth)])
@@ -147,6 +151,8 @@ class UNet(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
         """Map ``[N, in_channels, H, W]`` float32 to ``[logits]``, logits ``[N, num_classes, H, W]``."""
+        if self.gap_channels:
+            x = gap_channels_input(x)
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(self.pool(skips[-1])))
