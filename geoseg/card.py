@@ -165,9 +165,8 @@ class ModelCard:
 
     @property
     def gap_fill(self) -> float:
-        """Input value for band values without data: NaN when the model reads gaps itself
-        (``params.gap_channels``, see :func:`geoseg.models.gap_channels_input`), else 0."""
-        return float("nan") if self.params.get("gap_channels") is True else 0.0
+        """Input value for band values without data (see :func:`gap_fill_for`)."""
+        return gap_fill_for(self.params)
 
     def model_input(self, x: np.ndarray, dtype: str | np.dtype[Any], missing: np.ndarray | None = None) -> np.ndarray:
         """Raw pixels (``...CHW``) to the model's float32 input: normalised, gaps as :attr:`gap_fill`."""
@@ -278,6 +277,12 @@ class ModelCard:
     def digest(self) -> str:
         """Stable short hash of the card's content (for caches and manifests)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def gap_fill_for(params: Mapping[str, Any]) -> float:
+    """Model input value for band values without data: NaN when the model reads gaps itself
+    (``params.gap_channels``, see :func:`geoseg.models.gap_channels_input`), else 0 (the band mean)."""
+    return float("nan") if params.get("gap_channels") is True else 0.0
 
 
 def _flag(value: Any, name: str) -> bool:

@@ -37,7 +37,7 @@ from rasterio.windows import Window
 
 from geoseg.atomic import atomic_write_text
 from geoseg.blending import BlendMode, weight_map
-from geoseg.card import DEFAULT_SCALE, PALETTE, ClassInfo, ModelCard, Normalization
+from geoseg.card import DEFAULT_SCALE, PALETTE, ClassInfo, ModelCard, Normalization, gap_fill_for
 from geoseg.errors import (
     GridMismatchError,
     ParameterError,
@@ -748,8 +748,8 @@ class Trainer:
 
     @property
     def gap_fill(self) -> float:
-        """Input value for band values without data (as :attr:`geoseg.card.ModelCard.gap_fill`)."""
-        return float("nan") if self.cfg.params.get("gap_channels") is True else 0.0
+        """Input value for band values without data (see :func:`geoseg.card.gap_fill_for`)."""
+        return gap_fill_for(self.cfg.params)
 
     @property
     def overlap(self) -> int:
