@@ -80,11 +80,14 @@ def validate_io(num_classes: int, in_channels: int) -> None:
             raise ModelError(f"{label} must be a positive integer, got {value!r}")
 
 
-def check_gap_channels(value: Any) -> bool:
-    """Validate a model's ``gap_channels`` argument (see :func:`gap_channels_input`)."""
-    if not isinstance(value, bool):
-        raise ModelError(f"gap_channels must be true or false, got {value!r}")
-    return value
+def network_in_channels(in_channels: int, gap_channels: Any) -> int:
+    """Channels a model's first layers take: ``in_channels``, doubled by ``gap_channels``.
+
+    Validates ``gap_channels`` (see :func:`gap_channels_input`).
+    """
+    if not isinstance(gap_channels, bool):
+        raise ModelError(f"gap_channels must be true or false, got {gap_channels!r}")
+    return in_channels * 2 if gap_channels else in_channels
 
 
 def gap_channels_input(x: paddle.Tensor) -> paddle.Tensor:

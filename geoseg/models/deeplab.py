@@ -42,7 +42,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from geoseg.errors import ModelError
-from geoseg.models import DEEPLAB_ASPP_RATES, check_gap_channels, gap_channels_input, register_model, validate_io
+from geoseg.models import DEEPLAB_ASPP_RATES, gap_channels_input, network_in_channels, register_model, validate_io
 
 __all__ = ["ASPP", "DeepLabV3P", "ResNetVd"]
 
@@ -407,8 +407,8 @@ class DeepLabV3P(nn.Layer):
             raise ModelError(f"fine_channels must be 0 (off) or a positive integer, got {fine_channels!r}")
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.gap_channels = check_gap_channels(gap_channels)
-        net_in = in_channels * (2 if gap_channels else 1)
+        net_in = network_in_channels(in_channels, gap_channels)
+        self.gap_channels = gap_channels
         self.backbone = backbone or ResNetVd(net_in, backbone_depth, backbone_width, output_stride)
         low_channels, high_channels = self.backbone.feat_channels[0], self.backbone.feat_channels[-1]
         if not isinstance(image_pooling, bool):

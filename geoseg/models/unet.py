@@ -20,7 +20,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from geoseg.errors import ModelError
-from geoseg.models import check_gap_channels, gap_channels_input, register_model, validate_io
+from geoseg.models import gap_channels_input, network_in_channels, register_model, validate_io
 
 __all__ = ["UNet"]
 
@@ -135,10 +135,11 @@ class UNet(nn.Layer):
             raise ModelError(f"upsample must be 'bilinear' or 'transpose', got {upsample!r}")
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.gap_channels = check_gap_channels(gap_channels)
+        net_in = network_in_channels(in_channels, gap_channels)
+        self.gap_channels = gap_channels
         ch = [max(1, round(c * width)) for c in _BASE_CHANNELS[: depth + 1]]
         self.channels = tuple(ch)
-        self.inc = DoubleConv(in_channels * (2 if gap_channels else 1), ch[0])
+        self.inc = DoubleConv(net_in, ch[0])
         # ceil_mode: odd sizes round up, so tiny inputs never pool down to zero pixels.
         self.pool = nn.MaxPool2D(kernel_size=2, stride=2, ceil_mode=True)
         self.downs = nn.LayerList([DoubleConv(ch[i], ch[i + 1]) for i in range(depth)])
