@@ -119,7 +119,7 @@ def _register() -> None:
 
     cli.add_command(info.info)
     cli.add_command(predict.predict)
-    for name in ("vectorize", "train", "evaluate", "export", "batch"):
+    for name in ("vectorize", "train", "evaluate", "export", "ensemble", "batch"):
         try:
             module = __import__(f"geoseg_cli.{name}", fromlist=[name])
         except ModuleNotFoundError as exc:

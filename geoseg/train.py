@@ -165,6 +165,9 @@ class TrainConfig:
                 raise ParameterError(f"{label} {v}: use a number >= 1")
         if self.workers < 0:
             raise ParameterError(f"workers {self.workers}: use 0 or more")
+        if "members" in self.params:
+            raise ParameterError("params.members is for seed ensembles: train each member with its own --seed, "
+                                 "then combine the runs with 'geoseg ensemble'")
         if self.loss not in ("ce", "dice", "ce+dice"):
             raise ParameterError(f"loss {self.loss!r}: choose ce, dice or ce+dice")
         if self.schedule not in ("poly", "cosine", "constant"):

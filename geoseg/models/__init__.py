@@ -139,7 +139,9 @@ def build_model(name: str, *, in_channels: int, num_classes: int, **params: Any)
         num_classes: Number of output channels (classes) of the NCHW logits.
         **params: Architecture keyword arguments (e.g. ``width`` for ``unet``,
             ``backbone_depth``/``output_stride``/``backbone_width`` for ``deeplabv3p``,
-            ``pretrained`` for both).
+            ``pretrained`` for both). ``members=N`` (N >= 2) builds N such networks whose
+            class probabilities are averaged (:class:`geoseg.models.ensemble.Ensemble`; its
+            output is the log of the mean probability).
 
     Returns:
         The model (in training mode), mapping ``[N, in_channels, H, W]`` float32 to a list
@@ -150,6 +152,14 @@ def build_model(name: str, *, in_channels: int, num_classes: int, **params: Any)
         WeightsError: ``pretrained`` weights cannot be loaded.
         DependencyError: PaddlePaddle is not installed.
     """
+    members = params.pop("members", 1)
+    if isinstance(members, bool) or not isinstance(members, numbers.Integral) or members < 1:
+        raise ModelError(f"members must be a positive integer (the number of networks averaged), got {members!r}")
+    if members > 1:
+        nets = [build_model(name, in_channels=in_channels, num_classes=num_classes, **params) for _ in range(members)]
+        from geoseg.models.ensemble import Ensemble
+
+        return Ensemble(nets)
     cls = model_class(name)
     sig = inspect.signature(cls)
     accepted = [p for p in sig.parameters if p not in ("num_classes", "in_channels")]

@@ -29,13 +29,15 @@ WEIGHTS_SUFFIX = ".pdparams"
 _MAX_NAMES = 3  # parameter names quoted in an error message before "... and N more"
 
 
-def save_weights(model: paddle.nn.Layer, path: str | Path) -> Path:
+def save_weights(model: paddle.nn.Layer, path: str | Path, dtype: str | None = None) -> Path:
     """Write the model's state dict (parameters and batch-norm statistics) atomically.
 
     Args:
         model: The network whose ``state_dict()`` is saved.
         path: Destination file, conventionally ending in ``.pdparams``; its folder must
             exist.  An existing file is replaced.
+        dtype: ``"float16"`` stores float32 values as float16 (half the file; :func:`load_weights`
+            casts them back to the model's dtype); None keeps them as they are.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -46,7 +48,12 @@ def save_weights(model: paddle.nn.Layer, path: str | Path) -> Path:
     paddle = require_paddle()
     path = Path(path)
     with atomic_output(path, overwrite=True) as tmp:
-        paddle.save(model.state_dict(), str(tmp))  # type: ignore[attr-defined]
+        state = model.state_dict()
+        if dtype is not None:
+            if dtype != "float16":
+                raise ValueError(f"dtype must be None or 'float16', got {dtype!r}")
+            state = {k: v.astype("float16") if v.dtype == paddle.float32 else v for k, v in state.items()}
+        paddle.save(state, str(tmp))  # type: ignore[attr-defined]
     logger.info("saved weights to %s", path)
     return path
 
@@ -116,6 +123,10 @@ def load_weights(model: paddle.nn.Layer, path: str | Path) -> None:
                 f"weights file {path}: parameter {name!r} has shape {got} in the file but "
                 f"{want} in the model: was it trained for another number of bands or classes?"
             )
+    for name, target in expected.items():  # float16-stored weights (save_weights(dtype=...))
+        value = state[name]
+        if value.dtype != target.dtype and value.is_floating_point() and target.is_floating_point():
+            state[name] = value.astype(target.dtype)
     model.set_state_dict(state)
     logger.debug("loaded weights from %s", path)
 

@@ -1,0 +1,165 @@
+"""Seed ensembles: the averaging layer, float16 weights, `geoseg ensemble`, and predict/export of the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from tests.conftest import write_raster
+
+paddle = pytest.importorskip("paddle")
+
+from geoseg.card import default_card
+from geoseg.engine import ModelSource, PredictOptions, build_layer, segment_scene
+from geoseg.ensemble import combine_models, member_source
+from geoseg.errors import ModelError, OutputExistsError
+from geoseg.models import build_model
+from geoseg.models.checkpoints import load_weights, read_state_dict, save_weights
+
+
+def _run(folder: Path, seed: int, *, classes: int = 4, prior: tuple[float, ...] | None = None, **card_changes) -> Path:  # type: ignore[no-untyped-def]
+    """A 'geoseg train'-like output folder: a seeded random tiny UNet + its card."""
+    paddle.seed(seed)
+    card = default_card("unet", 3, classes, params={"width": 0.125}, tile_size=64, overlap=16)
+    card = card.replace(weights="weights.pdparams", training={"seed": seed}, metrics={"validation": {"miou": 0.5}},
+                        class_prior=prior, adapt_prior=prior is not None, **card_changes)
+    folder.mkdir(parents=True)
+    save_weights(build_model("unet", **card.model_kwargs()), folder / "weights.pdparams")
+    card.save(folder / "weights.yaml")
+    return folder
+
+
+@pytest.fixture
+def scene(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(11)
+    img = np.kron(rng.integers(20, 230, size=(3, 10, 12)), np.ones((1, 8, 8)))[:, :72, :90]
+    img = np.clip(img + rng.normal(0, 6, img.shape), 1, 255).astype(np.uint8)
+    img[:, :4, :6] = 0
+    return write_raster(tmp_path / "scene.tif", img, nodata=0)
+
+
+def test_ensemble_layer_averages_member_probabilities() -> None:
+    paddle.seed(3)
+    net = build_model("unet", in_channels=3, num_classes=5, width=0.125, members=3)
+    net.eval()
+    x = paddle.randn([2, 3, 32, 32])
+    out = net(x)
+    assert len(out) == 1 and out[0].shape == [2, 5, 32, 32]
+    by_hand = np.mean([paddle.nn.functional.softmax(m(x)[0], axis=1).numpy() for m in net.members], axis=0)
+    np.testing.assert_allclose(np.exp(out[0].numpy()), by_hand, rtol=1e-5, atol=1e-7)
+    # members are independent networks (different initialisations), so the average is not one of them
+    single = paddle.nn.functional.softmax(net.members[0](x)[0], axis=1).numpy()
+    assert np.abs(single - by_hand).max() > 1e-3
+    assert sorted({k.split(".")[1] for k in net.state_dict()}) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("members", [0, -1, 1.5, True, "2"])
+def test_invalid_members_refused(members: object) -> None:
+    with pytest.raises(ModelError, match="members must be a positive integer"):
+        build_model("unet", in_channels=3, num_classes=2, width=0.125, members=members)
+
+
+def test_members_1_is_the_plain_network() -> None:
+    net = build_model("unet", in_channels=3, num_classes=2, width=0.125, members=1)
+    assert not hasattr(net, "members") and not any(k.startswith("members.") for k in net.state_dict())
+
+
+def test_float16_weights_load_back_as_float32(tmp_path: Path) -> None:
+    paddle.seed(1)
+    net = build_model("unet", in_channels=3, num_classes=4, width=0.125)
+    net.eval()
+    full = save_weights(net, tmp_path / "f.pdparams")
+    half = save_weights(net, tmp_path / "h.pdparams", dtype="float16")
+    assert {str(v.dtype) for v in read_state_dict(half).values()} == {"paddle.float16"}
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    again = build_model("unet", in_channels=3, num_classes=4, width=0.125)
+    load_weights(again, half)
+    again.eval()
+    assert all(str(v.dtype) == "paddle.float32" for v in again.state_dict().values())
+    x = paddle.randn([1, 3, 32, 32])
+    a, b = net(x)[0].numpy(), again(x)[0].numpy()
+    assert 0 < np.abs(a - b).max() < 0.05 * np.abs(a).max()  # rounded, not lost
+    with pytest.raises(ValueError, match="float16"):
+        save_weights(net, tmp_path / "x.pdparams", dtype="int8")
+
+
+def test_combine_writes_card_and_weights_that_predict_and_export(tmp_path: Path, scene: Path) -> None:
+    runs = [_run(tmp_path / f"s{s}", s, prior=p) for s, p in ((0, (0.1, 0.2, 0.3, 0.4)), (1, (0.3, 0.3, 0.2, 0.2)))]
+    card_path = combine_models([member_source(r) for r in runs], tmp_path / "ens")
+    src = member_source(tmp_path / "ens")
+    card = src.card
+    assert card_path == tmp_path / "ens" / "weights.yaml" and card.weights == "weights.pdparams"
+    assert card.params == {"width": 0.125, "members": 2}
+    assert card.training["seeds"] == [0, 1] and card.metrics == {}
+    np.testing.assert_allclose(card.class_prior, (0.2, 0.25, 0.25, 0.3), atol=1e-6)
+    assert card.adapt_prior is True
+    assert card.name.endswith("-ensemble") and "seeds 0, 1" in card.description
+
+    # the combined model is exactly the average of the members (float16-rounded weights)
+    ens = build_layer(src)
+    members = [build_layer(member_source(r)) for r in runs]
+    x = paddle.randn([1, 3, 64, 64])
+    want = np.mean([paddle.nn.functional.softmax(m(x)[0], axis=1).numpy() for m in members], axis=0)
+    np.testing.assert_allclose(np.exp(ens(x)[0].numpy()), want, atol=2e-3)
+
+    # predict: dygraph and Paddle Inference (the cached export) agree; nodata stays nodata
+    opts = {"device": "cpu", "adapt_prior": False}
+    a = segment_scene(scene, tmp_path / "a.tif", weights=tmp_path / "ens" / "weights.pdparams",
+                      options=PredictOptions(runtime="inference", **opts))
+    b = segment_scene(scene, tmp_path / "b.tif", source=src, options=PredictOptions(runtime="dygraph", **opts))
+    with rasterio.open(a.mask) as da, rasterio.open(b.mask) as db:
+        ma, mb = da.read(1), db.read(1)
+    assert (ma == mb).mean() >= 0.999 and (ma[:4, :6] == 255).all()
+    assert len(np.unique(ma[ma != 255])) >= 2
+
+
+def test_combine_refuses_bad_members(tmp_path: Path) -> None:
+    a, b = _run(tmp_path / "a", 0), _run(tmp_path / "b", 1)
+    with pytest.raises(ModelError, match="at least 2 members"):
+        combine_models([member_source(a)], tmp_path / "e1")
+    with pytest.raises(ModelError, match="same weights"):
+        combine_models([member_source(a), member_source(a)], tmp_path / "e2")
+    other = _run(tmp_path / "c", 2, classes=5)
+    with pytest.raises(ModelError, match="differs from member 1 .* classes"):
+        combine_models([member_source(a), member_source(other)], tmp_path / "e3")
+    combine_models([member_source(a), member_source(b)], tmp_path / "e4")
+    with pytest.raises(ModelError, match="already an ensemble"):
+        combine_models([member_source(tmp_path / "e4"), member_source(a)], tmp_path / "e5")
+    with pytest.raises(OutputExistsError):
+        combine_models([member_source(b), member_source(a)], tmp_path / "e4")
+    for name in ("e1", "e2", "e3", "e5"):  # refused before anything is written
+        assert not (tmp_path / name).exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no weights.pdparams"):
+        member_source(tmp_path / "empty")
+    # a model source without weights (an exported folder) cannot be combined
+    with pytest.raises(ModelError, match="no weights file"):
+        combine_models([ModelSource(card=member_source(a).card), member_source(b)], tmp_path / "e6")
+
+
+def test_cli_ensemble(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    from geoseg_cli.main import cli
+
+    a, b = _run(tmp_path / "a", 0), _run(tmp_path / "b", 1)
+    r = runner.invoke(cli, ["-q", "ensemble", str(a), str(b / "weights.pdparams"), "--out", str(tmp_path / "e"),
+                            "--float32", "--name", "two"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == str(tmp_path / "e" / "weights.yaml")
+    card = member_source(tmp_path / "e").card
+    assert card.name == "two" and card.params["members"] == 2
+    assert {str(v.dtype) for v in read_state_dict(tmp_path / "e" / "weights.pdparams").values()} == {"paddle.float32"}
+    r = runner.invoke(cli, ["-q", "ensemble", str(a), str(tmp_path / "nope"), "--out", str(tmp_path / "f")])
+    assert r.exit_code != 0 and "does not exist" in r.output and "Traceback" not in r.output
+    r = runner.invoke(cli, ["-q", "ensemble", str(a), str(b), "--out", str(tmp_path / "e")])
+    assert r.exit_code != 0 and "--overwrite" in r.output
+
+
+def test_train_refuses_members(tmp_path: Path) -> None:
+    from geoseg.errors import ParameterError
+    from geoseg.train import TrainConfig
+
+    with pytest.raises(ParameterError, match="geoseg ensemble"):
+        TrainConfig.from_mapping({"image": "x.tif", "labels": "y.tif", "model": "unet", "params": {"members": 3}})
