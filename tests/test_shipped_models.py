@@ -40,7 +40,10 @@ def test_shipped_card_and_weights(name: str) -> None:
     assert set(test["per_class_iou"]) == {"1", "3", "4", "5", "6", "7"}
     # Prior adaptation: the training region's mean class probabilities, a distribution over the classes.
     assert card.class_prior is not None and sum(card.class_prior) == pytest.approx(1.0, abs=1e-4)
-    assert card.adapt_prior == (name == "deeplabv3p")  # chosen on the folds (recipes README, session 6)
+    assert card.adapt_prior is True  # chosen on the folds (recipes README: DeepLabv3+ session 6, UNet session 8)
+    # Seed ensembles (session 8): the stated number of members, one seed each, all in the weights file.
+    members = {"deeplabv3p": 2, "unet": 3}[name]
+    assert card.params["members"] == members and len(set(card.training["seeds"])) == members
     # Trained on the train columns 0-325 only (the fixed split); a validation region, if any, too.
     assert card.training["train_region"][0] + card.training["train_region"][2] <= 326
     if card.training["val_region"] is not None:
