@@ -6,6 +6,7 @@ mean class probabilities of the weights over the config's training region, train
 
     python sample_data/recipes/class_prior.py deeplabv3p
     python sample_data/recipes/class_prior.py unet
+    python sample_data/recipes/class_prior.py unet runs/nc_unet_s0    # a run folder's card instead
 """
 
 from __future__ import annotations
@@ -14,20 +15,21 @@ import sys
 import tempfile
 
 from geoseg.card import ModelCard
-from geoseg.models.checkpoints import load_weights
+from geoseg.engine import build_layer, resolve_model
 from geoseg.train import TrainConfig, Trainer
 
 
-def main(name: str) -> None:
+def main(name: str, run: str | None = None) -> None:
+    """``name``: deeplabv3p or unet (its config); ``run``: a run folder instead of the shipped weights."""
+    src = resolve_model(None, weights=f"{run}/weights.pdparams") if run else resolve_model(name)
+    layer = build_layer(src)  # a single model or a seed ensemble (its prior is then the ensemble's own)
     with tempfile.TemporaryDirectory() as out:
         t = Trainer(TrainConfig.load(f"sample_data/recipes/nc_{name}.yaml", explicit={"out": out}))
-        layer = t.configure_model()
-        load_weights(layer, f"geoseg/weights/{name}.pdparams")
         prior = t.class_prior(layer)
-    card = f"geoseg/weights/{name}.yaml"
+    card = src.weights.with_suffix(".yaml")
     ModelCard.load(card).replace(class_prior=prior, adapt_prior=t.cfg.adapt_prior).save(card)
     print(f"{card}: class_prior {prior}, adapt_prior {t.cfg.adapt_prior}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
