@@ -123,10 +123,12 @@ def load_weights(model: paddle.nn.Layer, path: str | Path) -> None:
                 f"weights file {path}: parameter {name!r} has shape {got} in the file but "
                 f"{want} in the model: was it trained for another number of bands or classes?"
             )
+    paddle = require_paddle()
     for name, target in expected.items():  # float16-stored weights (save_weights(dtype=...))
         value = state[name]
-        if value.dtype != target.dtype and value.is_floating_point() and target.is_floating_point():
-            state[name] = value.astype(target.dtype)
+        if "float" in str(value.dtype) and "float" in str(target.dtype) and str(value.dtype) != str(target.dtype):
+            tensor = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)
+            state[name] = tensor.astype(target.dtype)
     model.set_state_dict(state)
     logger.debug("loaded weights from %s", path)
 
