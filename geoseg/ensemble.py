@@ -116,8 +116,7 @@ def combine_models(
         mean = np.mean(np.asarray(priors, dtype=np.float64), axis=0)
         prior = tuple(round(float(v), 6) for v in mean / mean.sum())
     seeds = [m.card.training.get("seed") for m in members]
-    training: dict[str, Any] = {**dict(first.training), "seed": seeds[0], "seeds": seeds,
-                                "members": [str(m.weights) for m in members]}
+    training: dict[str, Any] = {**dict(first.training), "seeds": seeds, "members": [str(m.weights) for m in members]}
     card = first.replace(
         name=name or f"{first.name}-ensemble",
         description=description if description is not None else

@@ -116,16 +116,16 @@ def load_weights(model: paddle.nn.Layer, path: str | Path) -> None:
             f"weights file {path} has {len(unexpected)} parameter(s) the model lacks "
             f"({_names(unexpected)}): was it saved from another architecture or variant?"
         )
+    paddle = require_paddle()
     for name, target in expected.items():
-        want, got = list(target.shape), list(state[name].shape)
+        value = state[name]
+        want, got = list(target.shape), list(value.shape)
         if want != got:
             raise WeightsError(
                 f"weights file {path}: parameter {name!r} has shape {got} in the file but "
                 f"{want} in the model: was it trained for another number of bands or classes?"
             )
-    paddle = require_paddle()
-    for name, target in expected.items():  # float16-stored weights (save_weights(dtype=...))
-        value = state[name]
+        # float16-stored weights (save_weights(dtype=...)) go back to the model's dtype
         if "float" in str(value.dtype) and "float" in str(target.dtype) and str(value.dtype) != str(target.dtype):
             tensor = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)
             state[name] = tensor.astype(target.dtype)
