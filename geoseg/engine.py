@@ -451,7 +451,13 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
                      ", ".join(card.bands))
             chosen = by_name
     if len(chosen) != card.in_channels:
-        hint = " (--bands picked them)" if bands else f": pass --bands to pick {card.in_channels} of them in the order {', '.join(card.bands)}"
+        if bands:
+            hint = " (--bands picked them)"
+        elif len(chosen) < card.in_channels:
+            hint = (f" ({', '.join(card.bands)}): predict it with a model trained on the bands it has "
+                    f"(geoseg train), or use a scene that has all {card.in_channels}")
+        else:
+            hint = f": pass --bands to pick {card.in_channels} of them in the order {', '.join(card.bands)}"
         raise SceneError(
             f"{meta.path.name} gives {len(chosen)} bands but model {card.name!r} expects {card.in_channels}{hint}"
         )

@@ -200,6 +200,11 @@ def test_band_checks(tmp_path: Path) -> None:
         segment_scene(src, tmp_path, options=PredictOptions(bands=(5, 1, 2)), **kw)
     res = segment_scene(src, tmp_path, options=PredictOptions(bands=(4, 3, 2)), **kw)
     assert res.mask.exists()
+    # Too few bands: --bands cannot help, so the error does not suggest it.
+    few = ModelSource(identity_card(6, 2))
+    with pytest.raises(SceneError, match="gives 4 bands but model 'identity' expects 6") as err:
+        segment_scene(src, tmp_path, source=few, predictor=one_hot_predictor(2))
+    assert "--bands" not in str(err.value) and "model trained on the bands it has" in str(err.value)
 
 
 def test_bad_tiling_is_refused_before_any_output(tmp_path: Path) -> None:
