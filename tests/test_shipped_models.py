@@ -31,7 +31,7 @@ def test_shipped_card_and_weights(name: str) -> None:
     card = ModelCard.load(WEIGHTS_DIR / f"{name}.yaml")
     assert card.architecture == name
     assert [c.name for c in card.classes] == NAMES and [c.id for c in card.classes] == list(range(1, 8))
-    assert card.in_channels == {"deeplabv3p": 6, "unet": 5}[name] and card.tile_size % 16 == 0  # UNet: bands 1-5 (session 8)
+    assert card.in_channels == 5 and card.tile_size % 16 == 0  # bands 1-5 (UNet session 8, DeepLabv3+ session 9)
     weights = WEIGHTS_DIR / f"{name}.pdparams"
     assert weights.stat().st_size <= 15 * 2**20
     test = card.metrics["test"]

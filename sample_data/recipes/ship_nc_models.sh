@@ -22,7 +22,7 @@ train deeplabv3p 0 & a=$!; train unet 0 & b=$!; wait "$a" && wait "$b"   # a fai
 train deeplabv3p 1 & a=$!; train unet 1 & b=$!; wait "$a" && wait "$b"
 train unet 2
 
-# 2. Combine them into seed ensembles (session 8; float16 weights: DeepLabv3+ 2 members 12.3 MB,
+# 2. Combine them into seed ensembles (sessions 8-9; both read bands 1-5; float16 weights: DeepLabv3+ 2 members 12.3 MB,
 #    UNet 3 members 11.9 MB) and ship them inside the package.
 geoseg -q ensemble runs/nc_deeplabv3p_s0 runs/nc_deeplabv3p_s1 --out runs/nc_deeplabv3p --name deeplabv3p-nc-landcover --overwrite
 geoseg -q ensemble runs/nc_unet_s0 runs/nc_unet_s1 runs/nc_unet_s2 --out runs/nc_unet --name unet-nc-landcover --overwrite
