@@ -50,15 +50,20 @@ def make_scene(size: int) -> Path:
 
     out = WORK / f"nc_mosaic_{size}.tif"
     if out.exists():
-        return out
+        with rasterio.open(out) as ds:
+            if all(ds.descriptions):
+                return out
+        out.unlink()  # made before the mosaics carried band names
     WORK.mkdir(parents=True, exist_ok=True)
     with rasterio.open(SCENE) as ds:
         a = ds.read()
         profile = ds.profile
+        descriptions = ds.descriptions  # the band names the cards pick bands by
     profile.update(width=size, height=size, tiled=True, blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
     tmp = out.with_suffix(".tmp.tif")
     h, w = a.shape[1:]
     with rasterio.open(tmp, "w", **profile) as dst:
+        dst.descriptions = descriptions
         for r0 in range(0, size, 512):
             for c0 in range(0, size, 512):
                 rows = np.arange(r0, min(size, r0 + 512))
@@ -91,7 +96,7 @@ def source_for(model: str):
 
 def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int, adapt_prior: bool = False) -> dict:
     """Child process: predict one scene; then time the model alone on the same windows."""
-    from geoseg.engine import PredictOptions, _prepare_window, build_predictor, segment_scene
+    from geoseg.engine import PredictOptions, _prepare_window, build_predictor, segment_scene, select_bands
     from geoseg.io import open_scene
     from geoseg.tiling import batched, make_grid
 
@@ -108,7 +113,7 @@ def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int, ada
 
     meta = open_scene(scene)
     grid = make_grid(meta.height, meta.width, tile, overlap)
-    bands = meta.data_bands
+    bands = select_bands(meta, src.card, None)  # as predict picks them (the shipped cards read bands 1-5)
     model_s = 0.0
     for tiles in batched(list(grid.tiles()), batch_size):
         prepared = [_prepare_window(scene, t, bands, meta.alpha_band, src.card, meta.dtype, grid.tile) for t in tiles]
