@@ -69,6 +69,10 @@ class WindowSizeWarning(GeosegWarning):
     """The prediction window is far from the window size the model was trained on."""
 
 
+class InputRangeWarning(GeosegWarning):
+    """The scene's band values lie far from those the model was trained on (units, scale, band order)."""
+
+
 def require_paddle() -> object:
     """Import and return :mod:`paddle`, or raise :class:`DependencyError` saying how to get it."""
     try:

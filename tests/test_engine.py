@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,10 @@ from rasterio.transform import from_origin
 
 from geoseg.atomic import TMP_PREFIX
 from geoseg.card import ClassInfo, ModelCard, Normalization
-from geoseg.engine import ModelSource, PredictOptions, segment_scene
+from geoseg.engine import INPUT_RANGE_Z, ModelSource, PredictOptions, check_input_range, segment_scene
+from geoseg.io import open_scene
 from geoseg.tiling import make_grid
-from geoseg.errors import NoCRSWarning, ParameterError, SceneError
+from geoseg.errors import InputRangeWarning, NoCRSWarning, ParameterError, SceneError
 from tests.conftest import NC_LCC, class_image, write_raster
 
 
@@ -318,6 +320,7 @@ def test_read_window_gaps_per_band(tmp_path: Path) -> None:
     assert read_window_gaps(full, Window(0, 0, 8, 8), (1, 2))[2] is None
 
 
+@pytest.mark.filterwarnings("ignore::geoseg.errors.InputRangeWarning")  # raw class indexes, not image data
 def test_bands_are_picked_by_name_when_the_scene_has_more(tmp_path: Path) -> None:
     data = np.stack([np.full((20, 20), v, np.uint8) for v in (9, 1, 7, 8)])  # b2 holds class index 1
     src = write_raster(tmp_path / "named.tif", data)
@@ -382,3 +385,35 @@ def test_predict_with_tta_keeps_an_equivariant_model_s_mask(tmp_path: Path) -> N
     with rasterio.open(plain.mask) as a, rasterio.open(tta.mask) as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))
     assert tta.device.endswith("+tta")
+
+
+def test_values_far_from_the_training_data_warn_once_and_the_map_is_still_written(tmp_path: Path) -> None:
+    """A scene on another scale (e.g. 16-bit numbers for a model trained on reflectance) gets a
+    warning naming the band; data on the training scale does not, and nodata never counts."""
+    card = identity_card(2, 2)  # normalised value = raw value: mean 0, std 1
+    rng = np.random.default_rng(0)
+    ok = rng.normal(0, 1, (2, 300, 200)).astype(np.float32)
+    far = ok.copy()
+    far[1] += 3 * INPUT_RANGE_Z  # band 2 only
+    kw = dict(source=ModelSource(card), predictor=one_hot_predictor(2))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        segment_scene(write_raster(tmp_path / "ok.tif", ok), tmp_path, **kw)
+    assert not [w for w in seen if issubclass(w.category, InputRangeWarning)]
+    with pytest.warns(InputRangeWarning, match=r"band 2 averages \+1[45] standard deviations.*as b1") as rec:
+        res = segment_scene(write_raster(tmp_path / "far.tif", far), tmp_path, **kw)
+    assert len([w for w in rec if issubclass(w.category, InputRangeWarning)]) == 1 and res.mask.exists()
+    with pytest.warns(InputRangeWarning):
+        means = check_input_range(open_scene(tmp_path / "far.tif"), (1, 2), card)
+    assert means is not None and abs(means["b0"]) < 0.5 and 3 * INPUT_RANGE_Z - 0.5 < means["b1"] < 3 * INPUT_RANGE_Z + 0.5
+
+    # Nodata pixels (here a huge fill value over two thirds of the scene) are not measurements.
+    nod = ok.copy()
+    nod[:, :200] = 30000
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        segment_scene(write_raster(tmp_path / "nod.tif", nod, nodata=30000), tmp_path, **kw)
+    assert not [w for w in seen if issubclass(w.category, InputRangeWarning)]
+    # A scene without any valid pixel in the sampled windows: nothing to judge, no warning.
+    empty = np.full((2, 40, 40), 30000, np.float32)
+    assert check_input_range(open_scene(write_raster(tmp_path / "e.tif", empty, nodata=30000)), (1, 2), card) is None
