@@ -35,11 +35,11 @@ from geoseg.atomic import check_output
 from geoseg.blending import BlendMode, StripMerger
 from geoseg.card import ModelCard
 from geoseg.errors import (
+    InputRangeWarning,
     ModelError,
     NoCRSWarning,
     ParameterError,
     PerformanceWarning,
-    InputRangeWarning,
     SceneError,
     WindowSizeWarning,
     require_paddle,
@@ -755,16 +755,18 @@ def check_input_range(meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, 
     cols = np.unique(np.linspace(0, meta.width - w, grid).round().astype(int))
     total = np.zeros(len(bands))
     count = np.zeros(len(bands))
-    for r in rows:
-        for c in cols:
-            data, valid, missing = read_window_gaps(meta.path, Window(int(c), int(r), w, h), bands,
-                                                    meta.alpha_band)
-            if not valid.any():
-                continue
-            z = card.model_input(data, meta.dtype, missing)
-            have = valid[None] if missing is None else ~missing
-            total += np.where(have, z, 0).sum(axis=(1, 2))
-            count += have.sum(axis=(1, 2))
+    try:
+        for r in rows:
+            for c in cols:
+                data, valid, missing = read_window_gaps(meta.path, Window(int(c), int(r), w, h), bands, meta.alpha_band)
+                if not valid.any():
+                    continue
+                z = card.model_input(data, meta.dtype, missing)
+                have = valid[None] if missing is None else ~missing
+                total += np.where(have, z, 0).sum(axis=(1, 2))
+                count += have.sum(axis=(1, 2))
+    finally:
+        close_handles(meta.path)  # no reader runs yet; a scene that fails later keeps no open file
     if not count.any():
         return None
     means = {name: float(t / n) for name, t, n in zip(card.bands, total, count) if n}
