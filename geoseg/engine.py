@@ -769,15 +769,16 @@ def check_input_range(meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, 
         close_handles(meta.path)  # no reader runs yet; a scene that fails later keeps no open file
     if not count.any():
         return None
-    means = {name: float(t / n) for name, t, n in zip(card.bands, total, count) if n}
-    worst = max(means, key=lambda k: abs(means[k]))
-    if abs(means[worst]) > INPUT_RANGE_Z:
-        band = bands[list(card.bands).index(worst)]
+    seen = [i for i in range(len(bands)) if count[i]]
+    worst = max(seen, key=lambda i: abs(total[i] / count[i]))
+    z_worst = total[worst] / count[worst]
+    if abs(z_worst) > INPUT_RANGE_Z:
         warnings.warn(
-            f"{meta.path.name}: band {band} averages {means[worst]:+.0f} standard deviations from what {card.name} was "
-            f"trained on as {worst}: the scene's values are not on the scale the model learned (units, scaling or "
-            "band order?), and its map may be meaningless; check --bands and the data", InputRangeWarning, stacklevel=3)
-    return means
+            f"{meta.path.name}: band {bands[worst]} averages {z_worst:+.0f} standard deviations from what {card.name} "
+            f"was trained on as {card.bands[worst]}: the scene's values are not on the scale the model learned (units, "
+            "scaling or band order?), and its map may be meaningless; check --bands and the data", InputRangeWarning,
+            stacklevel=3)
+    return {card.bands[i]: float(total[i] / count[i]) for i in seen}
 
 
 def segment_scene(
