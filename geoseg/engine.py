@@ -60,7 +60,7 @@ from geoseg.io import (
 )
 from geoseg.priors import PriorEstimate, em_priors, reweight_probs
 from geoseg.profiles import get_profile
-from geoseg.tiling import Tile, TileGrid, batched, make_grid
+from geoseg.tiling import Tile, TileGrid, batched, core_bounds, make_grid, spread_tiles
 
 log = logging.getLogger(__name__)
 
@@ -652,16 +652,8 @@ def sample_posteriors(
     and takes every k-th raster row and column of it so that at most about ``max_pixels``
     pixels are kept.
     """
-    tiles = list(grid.tiles())
-    if len(tiles) > max_windows:
-        keep = np.unique(np.linspace(0, len(tiles) - 1, max_windows).round().astype(int))
-        tiles = [tiles[i] for i in keep]
-
-    def bounds(offsets: Sequence[int], size: int) -> list[int]:
-        # Cores partition the axis: neighbouring windows meet in the middle of their overlap.
-        return [0] + [(offsets[i] + offsets[i - 1] + grid.tile) // 2 for i in range(1, len(offsets))] + [size]
-
-    rb, cb = bounds(grid.row_offsets, meta.height), bounds(grid.col_offsets, meta.width)
+    tiles = spread_tiles(grid, max_windows)
+    rb, cb = core_bounds(grid.row_offsets, grid.tile, meta.height), core_bounds(grid.col_offsets, grid.tile, meta.width)
     core_px = sum((rb[t.index[0] + 1] - rb[t.index[0]]) * (cb[t.index[1] + 1] - cb[t.index[1]]) for t in tiles)
     step = max(1, int(np.ceil(np.sqrt(core_px / max(max_pixels, 1)))))
     out: list[np.ndarray] = []

@@ -23,6 +23,8 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from rasterio.windows import Window
 
 from geoseg.errors import ParameterError
@@ -125,6 +127,25 @@ def make_grid(height: int, width: int, tile: int = 512, overlap: int = 128) -> T
         tuple(axis_offsets(height, tile, overlap)),
         tuple(axis_offsets(width, tile, overlap)),
     )
+
+
+def core_bounds(offsets: Sequence[int], tile: int, size: int) -> list[int]:
+    """Bounds of the windows' *cores* along one axis: core ``k`` is ``[b[k], b[k + 1])``.
+
+    Neighbouring windows meet in the middle of their overlap, so the cores partition the axis
+    (every pixel lies in exactly one window's core).
+    """
+    return [0] + [(offsets[i] + offsets[i - 1] + tile) // 2 for i in range(1, len(offsets))] + [size]
+
+
+def spread_tiles(grid: TileGrid, count: int) -> list[Tile]:
+    """All windows of ``grid`` if there are at most ``count``, else ``count`` spread evenly
+    over it (row-major order)."""
+    tiles = list(grid.tiles())
+    if len(tiles) <= count:
+        return tiles
+    keep = np.unique(np.linspace(0, len(tiles) - 1, count).round().astype(int))
+    return [tiles[i] for i in keep]
 
 
 def batched(items: Sequence[Tile], size: int) -> Iterator[list[Tile]]:

@@ -46,11 +46,15 @@ from geoseg.errors import (
 )
 from geoseg.io import open_scene, read_window_gaps
 from geoseg.metrics import ConfusionMatrix
-from geoseg.tiling import make_grid
+from geoseg.tiling import core_bounds, make_grid, spread_tiles
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
+#: The card's ``class_prior`` comes from every window of the training region up to this many
+#: windows, else from this many spread evenly over it (as predict samples a scene): a large
+#: training region costs the end of training a bounded time and memory, not a whole prediction.
+PRIOR_WINDOWS = 64
 LossName = Literal["ce", "dice", "ce+dice"]
 ScheduleName = Literal["poly", "cosine", "constant"]
 ClassWeights = Literal["none", "auto", "balanced"]
@@ -279,7 +283,8 @@ def _vector_region(path: Path, meta: Any, what: str) -> Region:
 # ---- data ----------------------------------------------------------------------------------------
 @dataclass
 class RegionData:
-    """A region's pixels in memory: normalised image CHW float32, label indexes HW int64."""
+    """A region's pixels in memory: normalised image CHW float32, label indexes HW uint8
+    (``IGNORE_INDEX`` where not trained on; int64 only for more than 255 classes)."""
 
     image: np.ndarray
     labels: np.ndarray
@@ -307,7 +312,8 @@ def check_same_grid(image_meta: Any, label_meta: Any) -> None:
 
 
 def read_labels(path: Path, window: Window, shift: Sequence[int] = (0, 0)) -> tuple[np.ndarray, float | None]:
-    """Read band 1 of the label raster in ``window`` (HW int64) and its nodata value.
+    """Read band 1 of the label raster in ``window`` (HW int32, or int64 for 32-bit unsigned and
+    wider labels) and its nodata value.
 
     ``shift`` ``(rows, cols)`` moves the labels by whole pixels before use (co-registration):
     the label at pixel ``(r, c)`` becomes the one at ``(r - rows, c - cols)``; pixels whose
@@ -316,11 +322,14 @@ def read_labels(path: Path, window: Window, shift: Sequence[int] = (0, 0)) -> tu
     dy, dx = (int(v) for v in shift)
     try:
         with rasterio.open(path) as ds:
+            # int32 holds every label of an 8/16/32-bit signed or 8/16-bit unsigned raster (half
+            # the memory of int64 over a large region).
+            kind = np.int32 if ds.dtypes[0] in ("uint8", "int8", "uint16", "int16", "int32") else np.int64
             if not (dy or dx):
-                return ds.read(1, window=window).astype(np.int64), ds.nodata
+                return ds.read(1, window=window).astype(kind), ds.nodata
             src = Window(window.col_off - dx, window.row_off - dy, window.width, window.height)
             inter = src.intersection(Window(0, 0, ds.width, ds.height))
-            out = np.full((int(window.height), int(window.width)), -1, np.int64)
+            out = np.full((int(window.height), int(window.width)), -1, kind)
             r0, c0 = int(inter.row_off - src.row_off), int(inter.col_off - src.col_off)
             out[r0:r0 + int(inter.height), c0:c0 + int(inter.width)] = ds.read(1, window=inter)
             return out, ds.nodata
@@ -372,6 +381,28 @@ def band_statistics(image: np.ndarray, valid: np.ndarray, scale: float,
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
+def region_memory(region: Region, bands: int, dtype: str) -> int:
+    """Bytes :func:`load_region` and the normalisation hold at their peak for ``region``: the raw
+    pixels, the band-gap flags and the float32 copy of each band, plus the labels and masks."""
+    itemsize = np.dtype(dtype).itemsize
+    return region.height * region.width * (bands * (itemsize + 1 + 4) + 12)
+
+
+def check_region_memory(region: Region, bands: int, dtype: str, what: str) -> None:
+    """Refuse, before reading it, a region whose pixels would not fit in the available memory
+    (``geoseg train`` holds its training and validation regions in memory)."""
+    import psutil
+
+    need = region_memory(region, bands, dtype)
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise ParameterError(
+            f"{what} ({region.width}x{region.height} pixels, {bands} bands) needs about {need / 2**30:.1f} GB of "
+            f"memory but {available / 2**30:.1f} GB are available: train on a smaller {what} "
+            "(a pixel window or a vector AOI)"
+        )
+
+
 def load_region(image_path: Path, bands: tuple[int, ...], meta: Any, labels_path: Path, region: Region,
                 lut: np.ndarray, ignore: Sequence[int], label_shift: Sequence[int] = (0, 0)
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -379,7 +410,7 @@ def load_region(image_path: Path, bands: tuple[int, ...], meta: Any, labels_path
     where single bands have no data (CHW bool or None; see :func:`geoseg.io.read_window_gaps`)."""
     data, valid, missing = read_window_gaps(image_path, region.window, bands, meta.alpha_band)
     raw, label_nodata = read_labels(labels_path, region.window, label_shift)
-    idx = np.full(raw.shape, IGNORE_INDEX, np.int64)
+    idx = np.full(raw.shape, IGNORE_INDEX, np.uint8 if int(lut.max(initial=0)) <= IGNORE_INDEX else np.int64)
     inside = (raw >= 0) & (raw < lut.size)
     idx[inside] = lut[raw[inside]]
     bad = ~region.mask | ~valid | np.isin(raw, list(ignore))
@@ -446,7 +477,7 @@ class WindowDataset:
             # One band reads as missing (as predict fills a band gap) over the window:
             # the model learns to classify without any single band.
             x[int(rng.integers(0, x.shape[0]))] = self.gap_fill
-        return x, y
+        return x, y.astype(np.int64)
 
     def _crop(self, rng: np.random.Generator, s: int) -> tuple[np.ndarray, np.ndarray]:
         """A random ``s``-pixel window (copies), preferring ones with enough labelled pixels."""
@@ -550,7 +581,7 @@ def auto_class_weights(labels: np.ndarray, num_classes: int, kind: str = "auto")
 def make_loss(kind: LossName, num_classes: int, class_weights: np.ndarray | None = None,
               ce_weight: float = 1.0, dice_weight: float = 1.0,
               label_smoothing: float = 0.0) -> Callable[[Any, Any], tuple[Any, dict[str, float]]]:
-    """Loss ``f(logits NCHW, labels NHW int64) -> (loss, parts)``; labels == 255 are ignored.
+    """Loss ``f(logits NCHW, labels NHW int64 (other integer types are cast)) -> (loss, parts)``; labels == 255 are ignored.
 
     ``label_smoothing`` (0 = off) smooths the cross-entropy targets.
     """
@@ -581,6 +612,8 @@ def make_loss(kind: LossName, num_classes: int, class_weights: np.ndarray | None
 
     def loss(logits: Any, labels: Any) -> tuple[Any, dict[str, float]]:
         logits = logits.astype("float32")
+        if labels.dtype != paddle.int64:  # e.g. a region's compact uint8 label indexes
+            labels = labels.astype("int64")
         match kind:
             case "ce":
                 lc = ce(logits, labels)
@@ -655,6 +688,42 @@ def predict_probs(layer: Any, image: np.ndarray, num_classes: int, tile: int, ov
     return (acc / np.maximum(wsum, 1e-12))[:, :H, :W]
 
 
+def sampled_mean_probs(layer: Any, image: np.ndarray, valid: np.ndarray, grid: Any, num_classes: int,
+                       count: int, batch: int = 4) -> np.ndarray:
+    """Mean class probabilities (C float64) over the ``valid`` pixels (HW bool) of the cores of
+    ``count`` windows of ``grid`` spread evenly over ``image`` (normalised CHW), each window
+    predicted alone: memory and time bounded by ``count`` whatever the image's size (the cores
+    partition the image, so no pixel counts twice)."""
+    paddle: Any = require_paddle()
+    import paddle.nn.functional as F
+
+    rb = core_bounds(grid.row_offsets, grid.tile, grid.height)
+    cb = core_bounds(grid.col_offsets, grid.tile, grid.width)
+    tiles = spread_tiles(grid, count)
+    total = np.zeros(num_classes, np.float64)
+    was_training = layer.training
+    layer.eval()
+    try:
+        with paddle.no_grad():
+            for k in range(0, len(tiles), batch):
+                group = tiles[k : k + batch]
+                x = np.stack([image[:, t.row : t.row_stop, t.col : t.col_stop] for t in group])
+                out = layer(paddle.to_tensor(x))
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                probs = F.softmax(out.astype("float32"), axis=1).numpy()
+                for t, p in zip(group, probs):
+                    i, j = t.index
+                    rows, cols = slice(rb[i] - t.row, rb[i + 1] - t.row), slice(cb[j] - t.col, cb[j + 1] - t.col)
+                    keep = valid[rb[i] : rb[i + 1], cb[j] : cb[j + 1]]
+                    total += p[:, rows, cols][:, keep].sum(axis=1, dtype=np.float64)
+    finally:
+        if was_training:
+            layer.train()
+    if not total.any():
+        raise ParameterError("the sampled windows of the training region have no valid pixels")
+    return total / total.sum()
+
+
 # ---- trainer --------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -714,6 +783,7 @@ class Trainer:
         if unknown:
             log.warning("warning: label values %s are not among the classes %s: they are ignored", unknown, ids)
 
+        check_region_memory(self.train_region, len(bands), self.meta.dtype, "train_region")
         raw_img, train_idx, train_valid, gaps = load_region(image_path, bands, self.meta, labels_path,
                                                             self.train_region, self.lut, cfg.ignore,
                                                             cfg.label_shift)
@@ -738,6 +808,7 @@ class Trainer:
             # whole scene), but only from inside the train + validation bounding box; labels
             # outside the validation region are ignored.
             ctx = _context_region(self.val_region, self.train_region, self.window // 2)
+            check_region_memory(ctx, len(bands), self.meta.dtype, "val_region")
             vimg, vidx, _, vgaps = load_region(image_path, bands, self.meta, labels_path, ctx, self.lut, cfg.ignore,
                                               cfg.label_shift)
             self.val_data = RegionData(self.normalization.apply(vimg, self.meta.dtype, vgaps, self.gap_fill), vidx,
@@ -957,9 +1028,17 @@ class Trainer:
         """``model``'s mean class probabilities over the valid pixels of the training region,
         predicted in blended windows of the training size (the card's ``class_prior``: the
         priors its posteriors reflect, for prediction-time prior adaptation, see
-        :mod:`geoseg.priors`). Only the training region's pixels are read."""
-        probs = predict_probs(model, self.train_data.image, self.num_classes, self.window, self.overlap)
-        mean = probs[:, self.train_valid].astype(np.float64).mean(axis=1)
+        :mod:`geoseg.priors`). Only the training region's pixels are read. A region of more
+        than :data:`PRIOR_WINDOWS` windows is sampled: that many windows spread evenly over it,
+        each window's core (see :func:`sampled_mean_probs`)."""
+        image = self.train_data.image
+        _, H, W = image.shape
+        grid = make_grid(H, W, self.window, min(self.overlap, self.window - 16)) if min(H, W) >= self.window else None
+        if grid is None or len(grid) <= PRIOR_WINDOWS:
+            probs = predict_probs(model, image, self.num_classes, self.window, self.overlap)
+            mean = probs[:, self.train_valid].astype(np.float64).mean(axis=1)
+        else:
+            mean = sampled_mean_probs(model, image, self.train_valid, grid, self.num_classes, PRIOR_WINDOWS)
         return tuple(round(float(v), 6) for v in mean / mean.sum())
 
     def write_class_prior(self, weights_path: Path, card_path: Path) -> tuple[float, ...]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from geoseg.errors import ParameterError
-from geoseg.tiling import axis_offsets, make_grid
+from geoseg.tiling import axis_offsets, core_bounds, make_grid, spread_tiles
 
 SIZES = [(1, 1), (37, 600), (512, 512), (513, 700), (600, 9000), (9000, 600), (1100, 1500), (2048, 2048), (1000, 1025)]
 
@@ -54,3 +54,21 @@ def test_grid_is_the_same_for_any_block_split() -> None:
 def test_bad_tile_parameters_are_refused(tile: int, overlap: int, word: str) -> None:
     with pytest.raises(ParameterError, match=word):
         make_grid(100, 100, tile, overlap)
+
+
+@pytest.mark.parametrize("size,tile,overlap", [(100, 32, 8), (513, 128, 32), (40, 16, 4), (16, 16, 0)])
+def test_window_cores_partition_the_axis_inside_their_windows(size: int, tile: int, overlap: int) -> None:
+    offsets = axis_offsets(size, tile, overlap)
+    b = core_bounds(offsets, tile, size)
+    assert b[0] == 0 and b[-1] == size and len(b) == len(offsets) + 1
+    for k, off in enumerate(offsets):
+        assert b[k] < b[k + 1]  # consecutive, non-empty: every pixel in exactly one core
+        assert off <= b[k] and b[k + 1] <= off + tile  # the core lies inside its window
+
+
+def test_spread_tiles_keeps_all_or_an_even_spread() -> None:
+    grid = make_grid(100, 120, 32, 8)
+    assert spread_tiles(grid, len(grid)) == list(grid.tiles())
+    some = spread_tiles(grid, 5)
+    assert len(some) == 5 and some[0] == next(iter(grid.tiles())) and some[-1] == list(grid.tiles())[-1]
+    assert len({t.index for t in some}) == 5

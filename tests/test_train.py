@@ -449,3 +449,77 @@ def test_gap_channels_train_on_nan_gaps_as_predict_feeds_them(tmp_path: Path) ->
     post = sample_posteriors(meta, (1, 2, 3), grid, src.card, predictor, max_pixels=10**9)
     assert post.shape[0] == meta.height * meta.width and np.isfinite(post).all()
     np.testing.assert_allclose(post.mean(axis=0), src.card.class_prior, atol=0.01)
+
+
+class _Softmaxed(paddle.nn.Layer):
+    """A 'model' whose logits are its input: each pixel's probabilities depend on that pixel only."""
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return [x * 1.0]
+
+
+def test_sampled_class_prior_counts_each_core_pixel_once() -> None:
+    from geoseg.tiling import core_bounds, make_grid, spread_tiles
+    from geoseg.train import sampled_mean_probs
+
+    rng = np.random.default_rng(4)
+    image = rng.normal(0, 2, (3, 40, 50)).astype(np.float32)
+    valid = rng.random((40, 50)) > 0.3
+    probs = np.exp(image) / np.exp(image).sum(axis=0)
+    grid = make_grid(40, 50, 16, 4)
+    # Every window: every valid pixel exactly once, i.e. the plain mean over the valid pixels.
+    whole = sampled_mean_probs(_Softmaxed(), image, valid, grid, 3, len(grid))
+    np.testing.assert_allclose(whole, probs[:, valid].mean(axis=1), atol=1e-6)
+    # A spread of 5 windows: the mean over the valid pixels of those windows' cores only.
+    part = sampled_mean_probs(_Softmaxed(), image, valid, grid, 3, 5)
+    rb, cb = core_bounds(grid.row_offsets, 16, 40), core_bounds(grid.col_offsets, 16, 50)
+    chosen = np.zeros_like(valid)
+    for t in spread_tiles(grid, 5):
+        i, j = t.index
+        chosen[rb[i] : rb[i + 1], cb[j] : cb[j + 1]] = True
+    assert chosen.sum() < valid.size / 2
+    np.testing.assert_allclose(part, probs[:, valid & chosen].mean(axis=1), atol=1e-6)
+    assert not np.allclose(part, whole, atol=1e-3)
+
+
+def test_a_large_training_region_samples_its_class_prior(scene: tuple[Path, Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import geoseg.train as T
+
+    tr = Trainer(_cfg(scene, tmp_path / "o", window=16, val_region=None))
+    paddle.seed(0)
+    model = tr.configure_model()
+    exact = np.array(tr.class_prior(model))
+    calls = []
+    real = T.sampled_mean_probs
+    monkeypatch.setattr(T, "PRIOR_WINDOWS", 6)
+    monkeypatch.setattr(T, "sampled_mean_probs", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    sampled = np.array(tr.class_prior(model))
+    assert calls == [6]  # more windows than PRIOR_WINDOWS: sampled, that many windows
+    assert sampled.sum() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(sampled, exact, atol=0.05)
+
+
+def test_labels_are_held_compactly_and_served_as_int64(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    tr = Trainer(_cfg(scene, tmp_path / "o"))
+    assert tr.train_data.labels.dtype == np.uint8 and tr.val_data is not None and tr.val_data.labels.dtype == np.uint8
+    ds = WindowDataset(tr.train_data, 16, 3, seed=0)
+    x, y = ds[0]
+    assert y.dtype == np.int64 and x.dtype == np.float32
+    assert set(np.unique(y)) <= {0, 1, 2, IGNORE_INDEX}
+
+
+def test_a_region_too_large_for_memory_is_refused_before_reading(scene: tuple[Path, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import collections
+
+    import psutil
+
+    import geoseg.train as T
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: collections.namedtuple("vm", "available")(10_000))
+    read = []
+    monkeypatch.setattr(T, "load_region", lambda *a, **k: read.append(1))
+    with pytest.raises(ParameterError, match=r"train_region \(48x48 pixels, 3 bands\) needs about .* GB .*smaller train_region"):
+        Trainer(_cfg(scene, tmp_path / "o"))
+    assert not read
