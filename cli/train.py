@@ -1,4 +1,4 @@
-"""``geoseg train``: fit a segmentation model from an image + label raster pair."""
+"""``geoseg train``: fit a segmentation model from image + label raster pairs (one or several scenes)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _set_values(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 
 @click.command(short_help="Train a model from GeoTIFF image + label rasters.")
 @click.option("-c", "--config", "config", type=click.Path(path_type=Path), required=True,
-              help="Training config (YAML): image, labels, regions, model, schedule ... (see sample_data/recipes/).")
+              help="Training config (YAML): image, labels, regions (or a list of scenes), model, schedule ... (see sample_data/recipes/).")
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="Override the config's image raster.")
 @click.option("--labels", type=click.Path(path_type=Path), default=None, help="Override the config's label raster.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,

@@ -51,6 +51,8 @@ from geoseg.tiling import core_bounds, make_grid, spread_tiles
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
+#: Keys of one entry of a config's ``scenes``.
+SCENE_KEYS = ("image", "labels", "train_region", "val_region")
 #: The card's ``class_prior`` comes from every window of the training region up to this many
 #: windows, else from this many spread evenly over it (as predict samples a scene): a large
 #: training region costs the end of training a bounded time and memory, not a whole prediction.
@@ -71,8 +73,8 @@ class TrainConfig:
     validation (the last checkpoint is kept).
     """
 
-    image: str
-    labels: str
+    image: str | None = None
+    labels: str | None = None
     out: str = "runs/train"
     model: str = "deeplabv3p"
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -123,6 +125,9 @@ class TrainConfig:
     tile_overlap: int | None = None
     resume: str | None = None
     progress: bool = False
+    #: Several image + label pairs instead of ``image``/``labels``/``train_region``/``val_region``:
+    #: a list of ``{image, labels, train_region, val_region}`` (regions optional, per scene).
+    scenes: tuple[Mapping[str, Any], ...] | None = None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "training config") -> TrainConfig:
@@ -131,10 +136,33 @@ class TrainConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ParameterError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
-        for key in ("image", "labels"):
-            if not data.get(key):
-                raise ParameterError(f"{source} lacks {key!r}: give the path of the {key} raster")
         d = dict(data)
+        if d.get("scenes") is not None:
+            scenes = d["scenes"]
+            clash = [k for k in ("image", "labels", "train_region", "val_region") if d.get(k) is not None]
+            if clash:
+                raise ParameterError(f"{source} has both scenes and {', '.join(clash)}: give each scene's image, labels "
+                                     "and regions inside scenes, or one image + labels without scenes")
+            if not isinstance(scenes, (list, tuple)) or not scenes:
+                raise ParameterError(f"{source}: scenes must be a list of {{image, labels[, train_region, val_region]}}")
+            checked = []
+            for k, sc in enumerate(scenes, 1):
+                if not isinstance(sc, Mapping):
+                    raise ParameterError(f"{source}: scene {k} must be a mapping with image and labels")
+                extra = sorted(set(sc) - set(SCENE_KEYS))
+                if extra:
+                    raise ParameterError(f"{source}: scene {k} has unknown key(s) {', '.join(extra)}; "
+                                         f"known keys: {', '.join(SCENE_KEYS)}")
+                for key in ("image", "labels"):
+                    if not sc.get(key):
+                        raise ParameterError(f"{source}: scene {k} lacks {key!r}: give the path of its {key} raster")
+                checked.append({key: sc.get(key) for key in SCENE_KEYS})
+            d["scenes"] = tuple(checked)
+        else:
+            for key in ("image", "labels"):
+                if not d.get(key):
+                    raise ParameterError(f"{source} lacks {key!r}: give the path of the {key} raster "
+                                         "(or a list of scenes)")
         for key in ("bands", "band_names", "ignore", "label_shift"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
@@ -208,7 +236,18 @@ class TrainConfig:
             if isinstance(v, tuple):
                 d[k] = list(v)
         d["params"] = dict(self.params)
+        if self.scenes is not None:
+            d["scenes"] = [dict(sc) for sc in self.scenes]
+        else:
+            del d["scenes"]
         return d
+
+    def scene_list(self) -> list[dict[str, Any]]:
+        """The training scenes: ``scenes``, or the one of ``image``/``labels``/regions."""
+        if self.scenes is not None:
+            return [dict(sc) for sc in self.scenes]
+        return [{"image": self.image, "labels": self.labels, "train_region": self.train_region,
+                 "val_region": self.val_region}]
 
 
 # ---- regions -----------------------------------------------------------------------------------
@@ -381,6 +420,35 @@ def band_statistics(image: np.ndarray, valid: np.ndarray, scale: float,
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
+def pooled_band_statistics(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+                           scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """:func:`band_statistics` over several regions together: ``parts`` are ``(image CHW raw,
+    valid HW, missing CHW or None)``; each region's mean and sum of squared deviations are
+    combined exactly (Chan et al.), as if the pixels of all regions were one sample."""
+    if not any(valid.any() for _, valid, _ in parts):
+        raise ParameterError("the training regions have no valid (non-nodata) pixels")
+    mean, std = [], []
+    for b in range(parts[0][0].shape[0]):
+        n, m, m2 = 0, 0.0, 0.0
+        for image, valid, missing in parts:
+            use = valid if missing is None else valid & ~missing[b]
+            px = image[b][use].astype(np.float64) * scale
+            if px.size == 0:
+                continue
+            nb, mb = px.size, float(px.mean())
+            m2b = float(((px - mb) ** 2).sum())
+            delta = mb - m
+            tot = n + nb
+            m += delta * nb / tot
+            m2 += m2b + delta * delta * n * nb / tot
+            n = tot
+        if n == 0:
+            raise ParameterError(f"band {b + 1} has no data in the training regions: pick other bands")
+        mean.append(m)
+        std.append(max(float(np.sqrt(m2 / n)), 1e-6))
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
 def region_memory(region: Region, bands: int, dtype: str) -> int:
     """Bytes :func:`load_region` and the normalisation hold at their peak for ``region``: the raw
     pixels, the band-gap flags and the float32 copy of each band, plus the labels and masks."""
@@ -428,11 +496,14 @@ class WindowDataset:
     (item indexes continue from ``start``).
     """
 
-    def __init__(self, data: RegionData, window: int, length: int, *, seed: int = 0, start: int = 0,
+    def __init__(self, data: RegionData | Sequence[RegionData], window: int, length: int, *, seed: int = 0, start: int = 0,
                  flips: bool = True, rot90: bool = True, brightness: float = 0.0, contrast: float = 0.0,
                  min_labelled: float = 0.0, global_brightness: float = 0.0, global_contrast: float = 0.0,
                  noise: float = 0.0, mosaic: float = 0.0, band_dropout: float = 0.0, gap_fill: float = 0.0) -> None:
         """See the class docstring; ``length`` items starting at index ``start``.
+
+        ``data`` may be several regions (scenes): each window then comes from one of them,
+        drawn with probability proportional to its labelled pixels (one region draws nothing).
 
         ``gap_fill`` is the input value of a band without data (0, or NaN for ``gap_channels``
         models); ``band_dropout`` writes it over a whole band.
@@ -440,7 +511,12 @@ class WindowDataset:
         ``mosaic`` is the probability that an item is a 2x2 mosaic of four half-size windows
         from independent random places (0 = off, and then no random number is drawn for it).
         """
-        self.data = data
+        self.sets = [data] if isinstance(data, RegionData) else list(data)
+        if not self.sets:
+            raise ValueError("WindowDataset needs at least one region")
+        self.data = self.sets[0]
+        labelled = np.array([float((d.labels != IGNORE_INDEX).sum()) for d in self.sets]) if len(self.sets) > 1 else None
+        self.set_weights = None if labelled is None else labelled / max(labelled.sum(), 1.0)
         self.window = window
         self.length = length
         self.seed = seed
@@ -481,7 +557,8 @@ class WindowDataset:
 
     def _crop(self, rng: np.random.Generator, s: int) -> tuple[np.ndarray, np.ndarray]:
         """A random ``s``-pixel window (copies), preferring ones with enough labelled pixels."""
-        img, lab = self.data.image, self.data.labels
+        data = self.data if self.set_weights is None else self.sets[int(rng.choice(len(self.sets), p=self.set_weights))]
+        img, lab = data.image, data.labels
         _, H, W = img.shape
         best = None
         for _ in range(10):  # prefer windows with enough labelled pixels
@@ -747,72 +824,129 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | None = None) -> None:
-        """Check inputs, read the regions into memory and compute normalisation statistics."""
+        """Check inputs, read the regions into memory and compute normalisation statistics.
+
+        With several scenes (``cfg.scenes``) every scene is checked before any pixel is read;
+        they must share the selected bands' count and dtype; the normalisation statistics, the
+        class weights and the class prior pool all training regions, and validation pools all
+        validation regions. ``meta``, ``train_region``, ``train_data`` etc. are the first
+        scene's; ``train_sets``/``val_sets`` hold every scene's.
+        """
         self.cfg = cfg
         self.ema: _Ema | None = None
         self.paddle: Any = require_paddle()
         self.out = Path(cfg.out)
-        image_path, labels_path = Path(cfg.image), Path(cfg.labels)
-        self.meta = open_scene(image_path)
-        label_meta = open_scene(labels_path)
-        check_same_grid(self.meta, label_meta)
-        bands = tuple(cfg.bands) if cfg.bands else self.meta.data_bands
-        bad = [b for b in bands if not 1 <= b <= self.meta.count]
-        if bad:
-            raise ParameterError(f"bands {list(bands)}: {image_path.name} has bands 1..{self.meta.count}")
-        self.bands = bands
-        self.train_region = parse_region(cfg.train_region, self.meta, "train_region")
-        self.val_region = parse_region(cfg.val_region, self.meta, "val_region") if cfg.val_region is not None else None
-        if self.val_region is not None:
-            tr, vr = self.train_region, self.val_region
-            overlap = _overlap(tr, vr)
-            if overlap > 0:
-                raise ParameterError(f"train_region and val_region share {overlap} pixels: make them disjoint")
+        specs = cfg.scene_list()
+        many = len(specs) > 1
 
-        # Classes: from the config or the ids present in the training labels.
-        raw_train, _ = read_labels(labels_path, self.train_region.window, cfg.label_shift)
-        present = sorted(int(v) for v in np.unique(raw_train[self.train_region.mask]) if int(v) not in cfg.ignore
-                         and int(v) >= 0
-                         and int(v) != (label_meta.nodata if label_meta.nodata is not None else -1))
-        self.classes = class_table(cfg, labels_path, present)
+        def where(k: int, what: str) -> str:
+            return f"scene {k + 1} {what}" if many else what
+
+        # Every scene checked first: grids, bands, dtype, regions.
+        scenes: list[dict[str, Any]] = []
+        for k, spec in enumerate(specs):
+            image_path, labels_path = Path(spec["image"]), Path(spec["labels"])
+            meta = open_scene(image_path)
+            label_meta = open_scene(labels_path)
+            check_same_grid(meta, label_meta)
+            bands = tuple(cfg.bands) if cfg.bands else meta.data_bands
+            bad = [b for b in bands if not 1 <= b <= meta.count]
+            if bad:
+                raise ParameterError(f"bands {list(bands)}: {image_path.name} has bands 1..{meta.count}")
+            if scenes:
+                first = scenes[0]
+                if len(bands) != len(first["bands"]):
+                    raise ParameterError(f"scene {k + 1} ({image_path.name}) gives {len(bands)} bands but scene 1 gives "
+                                         f"{len(first['bands'])}: set bands in the config, or train on scenes of one sensor")
+                if meta.dtype != first["meta"].dtype:
+                    raise ParameterError(f"scene {k + 1} ({image_path.name}) is {meta.dtype} but scene 1 is "
+                                         f"{first['meta'].dtype}: one model normalises one data type; convert the scenes first")
+            train_region = parse_region(spec.get("train_region"), meta, where(k, "train_region"))
+            val_region = (parse_region(spec["val_region"], meta, where(k, "val_region"))
+                          if spec.get("val_region") is not None else None)
+            if val_region is not None:
+                overlap = _overlap(train_region, val_region)
+                if overlap > 0:
+                    raise ParameterError(f"{where(k, 'train_region')} and val_region share {overlap} pixels: "
+                                         "make them disjoint")
+            scenes.append({"image": image_path, "labels": labels_path, "meta": meta, "label_nodata": label_meta.nodata,
+                           "bands": bands, "train_region": train_region, "val_region": val_region})
+        self.meta = scenes[0]["meta"]
+        self.bands = scenes[0]["bands"]
+        self.train_region = scenes[0]["train_region"]
+        self.val_region = scenes[0]["val_region"]
+        self.scenes = [{k: v for k, v in sc.items() if k != "meta"} for sc in scenes]
+
+        # Classes: from the config or the ids present in the training labels (of every scene).
+        present_set: set[int] = set()
+        max_label = 0
+        for sc in scenes:
+            raw_train, _ = read_labels(sc["labels"], sc["train_region"].window, cfg.label_shift)
+            nodata = sc["label_nodata"]
+            present_set |= {int(v) for v in np.unique(raw_train[sc["train_region"].mask]) if int(v) not in cfg.ignore
+                            and int(v) >= 0 and int(v) != (nodata if nodata is not None else -1)}
+            max_label = max(max_label, int(raw_train.max(initial=0)))
+            del raw_train
+        present = sorted(present_set)
+        self.classes = class_table(cfg, scenes[0]["labels"], present)
         ids = [c.id for c in self.classes]
-        lut_size = max(max(ids), int(raw_train.max(initial=0))) + 1
+        lut_size = max(max(ids), max_label) + 1
         self.lut = np.full(lut_size, IGNORE_INDEX, np.int64)
         self.lut[ids] = np.arange(len(ids))
         unknown = sorted(set(present) - set(ids))
         if unknown:
             log.warning("warning: label values %s are not among the classes %s: they are ignored", unknown, ids)
 
-        check_region_memory(self.train_region, len(bands), self.meta.dtype, "train_region")
-        raw_img, train_idx, train_valid, gaps = load_region(image_path, bands, self.meta, labels_path,
-                                                            self.train_region, self.lut, cfg.ignore,
-                                                            cfg.label_shift)
-        scale = DEFAULT_SCALE.get(self.meta.dtype, DEFAULT_SCALE["default"])
-        mean, std = band_statistics(raw_img, train_valid & self.train_region.mask, scale, gaps)
+        # Training regions: raw pixels, then statistics over all of them, then normalised.
+        dtype = self.meta.dtype
+        loaded = []
+        for k, sc in enumerate(scenes):
+            check_region_memory(sc["train_region"], len(self.bands), dtype, where(k, "train_region"))
+            loaded.append(load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], sc["train_region"], self.lut,
+                                      cfg.ignore, cfg.label_shift))
+        scale = DEFAULT_SCALE.get(dtype, DEFAULT_SCALE["default"])
+        if many:
+            mean, std = pooled_band_statistics(
+                [(raw, valid & sc["train_region"].mask, gaps) for (raw, _, valid, gaps), sc in zip(loaded, scenes)], scale)
+        else:
+            raw, _, valid, gaps = loaded[0]
+            mean, std = band_statistics(raw, valid & self.train_region.mask, scale, gaps)
         self.normalization = Normalization(mean=mean, std=std, scale=dict(DEFAULT_SCALE))
-        if gaps is not None and not cfg.train_on_gaps:
-            # Pixels with a band missing stay as context (that band at its mean) but are not
-            # training targets. Off by default: predict classifies such pixels, and a model that
-            # never trained on them predicted them erratically on the NC folds (see the recipes).
-            train_idx[gaps.any(axis=0)] = IGNORE_INDEX
-        self.train_data = RegionData(self.normalization.apply(raw_img, self.meta.dtype, gaps, self.gap_fill),
-                                     train_idx, self.train_region)
-        self.train_valid = train_valid & self.train_region.mask
-        if not (train_idx != IGNORE_INDEX).any():
+        self.train_sets: list[RegionData] = []
+        self.train_valids: list[np.ndarray] = []
+        for k, sc in enumerate(scenes):
+            raw_img, train_idx, train_valid, gaps = loaded[k]
+            loaded[k] = None  # type: ignore[call-overload]  # the raw pixels go once normalised
+            if gaps is not None and not cfg.train_on_gaps:
+                # Pixels with a band missing stay as context (that band at its mean) but are not
+                # training targets. Off by default: predict classifies such pixels, and a model that
+                # never trained on them predicted them erratically on the NC folds (see the recipes).
+                train_idx[gaps.any(axis=0)] = IGNORE_INDEX
+            self.train_sets.append(RegionData(self.normalization.apply(raw_img, dtype, gaps, self.gap_fill),
+                                              train_idx, sc["train_region"]))
+            self.train_valids.append(train_valid & sc["train_region"].mask)
+            del raw_img, gaps
+        self.train_data = self.train_sets[0]
+        self.train_valid = self.train_valids[0]
+        if not any((d.labels != IGNORE_INDEX).any() for d in self.train_sets):
             raise ParameterError("the training region has no labelled pixels: check train_region and ignore")
-        side = min(self.train_region.height, self.train_region.width)
+        side = min(min(sc["train_region"].height, sc["train_region"].width) for sc in scenes)
         self.window = cfg.window if cfg.window <= side else max(16, side // 16 * 16)
-        self.val_data: RegionData | None = None
-        if self.val_region is not None:
-            # Validation windows see image context around the region (as predict does on a
-            # whole scene), but only from inside the train + validation bounding box; labels
-            # outside the validation region are ignored.
-            ctx = _context_region(self.val_region, self.train_region, self.window // 2)
-            check_region_memory(ctx, len(bands), self.meta.dtype, "val_region")
-            vimg, vidx, _, vgaps = load_region(image_path, bands, self.meta, labels_path, ctx, self.lut, cfg.ignore,
-                                              cfg.label_shift)
-            self.val_data = RegionData(self.normalization.apply(vimg, self.meta.dtype, vgaps, self.gap_fill), vidx,
-                                       self.val_region)
+
+        # Validation regions. Validation windows see image context around the region (as predict
+        # does on a whole scene), but only from inside the train + validation bounding box;
+        # labels outside the validation region are ignored.
+        self.val_sets: list[RegionData] = []
+        for k, sc in enumerate(scenes):
+            if sc["val_region"] is None:
+                continue
+            ctx = _context_region(sc["val_region"], sc["train_region"], self.window // 2)
+            check_region_memory(ctx, len(self.bands), dtype, where(k, "val_region"))
+            vimg, vidx, _, vgaps = load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], ctx, self.lut,
+                                              cfg.ignore, cfg.label_shift)
+            self.val_sets.append(RegionData(self.normalization.apply(vimg, dtype, vgaps, self.gap_fill), vidx,
+                                            sc["val_region"]))
+        self.val_data: RegionData | None = self.val_sets[0] if self.val_sets else None
         if self.window != cfg.window:
             log.info("window %d is larger than the training region (%dx%d): using %d",
                      cfg.window, self.train_region.width, self.train_region.height, self.window)
@@ -844,7 +978,9 @@ class Trainer:
         if cw is None or cw == "none":
             weights = None
         elif cw in ("auto", "balanced"):
-            weights = auto_class_weights(self.train_data.labels, self.num_classes, cw)
+            labels = (self.train_data.labels if len(self.train_sets) == 1
+                      else np.concatenate([d.labels.ravel() for d in self.train_sets]))
+            weights = auto_class_weights(labels, self.num_classes, cw)
         else:
             weights = np.asarray(cw, np.float32)
             if weights.shape != (self.num_classes,):
@@ -863,11 +999,11 @@ class Trainer:
                                       weight_decay=self.cfg.weight_decay, grad_clip=clip)
 
     def validate(self, model: Any) -> dict[str, Any]:
-        """mIoU / OA over the validation region (classes present in its labels)."""
-        assert self.val_data is not None
-        pred = predict_array(model, self.val_data.image, self.num_classes, self.window, self.overlap)
+        """mIoU / OA over the validation region(s) (classes present in their labels)."""
+        assert self.val_sets
         cm = ConfusionMatrix(range(self.num_classes), ignore_reference=(IGNORE_INDEX,))
-        cm.update(self.val_data.labels, pred)
+        for data in self.val_sets:
+            cm.update(data.labels, predict_array(model, data.image, self.num_classes, self.window, self.overlap))
         m = cm.metrics()
         names = {i: c.id for i, c in enumerate(self.classes)}
         return {
@@ -891,7 +1027,7 @@ class Trainer:
         cfg = self.cfg
         names = cfg.band_names or tuple((self.meta.descriptions[b - 1] or f"b{b}") for b in self.bands)
         return ModelCard(
-            name=cfg.name or f"{cfg.model}-{Path(cfg.labels).stem}",
+            name=cfg.name or f"{cfg.model}-{Path(self.scenes[0]['labels']).stem}",
             architecture=cfg.model,
             bands=tuple(names),
             classes=self.classes,
@@ -900,10 +1036,16 @@ class Trainer:
             tile_size=self.window,
             overlap=self.overlap,
             weights="weights.pdparams",
-            description=cfg.description or f"{cfg.model} trained with geoseg train on {Path(cfg.image).name}",
+            description=cfg.description or f"{cfg.model} trained with geoseg train on "
+                        + ", ".join(Path(sc["image"]).name for sc in self.scenes),
             training={
-                "image": str(cfg.image), "labels": str(cfg.labels), "bands": list(self.bands),
-                "train_region": _plain_region(cfg.train_region), "val_region": _plain_region(cfg.val_region),
+                **({"image": str(cfg.image), "labels": str(cfg.labels),
+                    "train_region": _plain_region(cfg.train_region), "val_region": _plain_region(cfg.val_region)}
+                   if cfg.scenes is None else
+                   {"scenes": [{"image": str(sc["image"]), "labels": str(sc["labels"]),
+                                "train_region": _plain_region(sc.get("train_region")),
+                                "val_region": _plain_region(sc.get("val_region"))} for sc in cfg.scenes]}),
+                "bands": list(self.bands),
                 "ignore": list(cfg.ignore), "window": self.window, "batch_size": cfg.batch_size,
                 "iterations": cfg.iterations, "best_iteration": best_iteration, "lr": cfg.lr,
                 "weight_decay": cfg.weight_decay, "schedule": cfg.schedule, "warmup": cfg.warmup,
@@ -949,7 +1091,7 @@ class Trainer:
         if start >= cfg.iterations:
             log.info("nothing to do: the checkpoint is at iteration %d of %d", start, cfg.iterations)
 
-        ds = WindowDataset(self.train_data, self.window, (cfg.iterations - start) * cfg.batch_size, seed=cfg.seed,
+        ds = WindowDataset(self.train_sets, self.window, (cfg.iterations - start) * cfg.batch_size, seed=cfg.seed,
                            start=start * cfg.batch_size, flips=cfg.flips, rot90=cfg.rot90,
                            brightness=cfg.brightness, contrast=cfg.contrast, min_labelled=cfg.min_labelled,
                            global_brightness=cfg.global_brightness, global_contrast=cfg.global_contrast,
@@ -980,7 +1122,7 @@ class Trainer:
                 self.ema.update(model, it)
             running.append(lval)
             row: dict[str, Any] = {"iteration": it, "lr": lr, "loss": lval, **parts, "grad_norm": gnorm}
-            validate_now = self.val_data is not None and (it % cfg.val_every == 0 or it == cfg.iterations)
+            validate_now = bool(self.val_sets) and (it % cfg.val_every == 0 or it == cfg.iterations)
             if validate_now:
                 with self._averaged(model):
                     m = self.validate(model)
@@ -990,7 +1132,7 @@ class Trainer:
                     if m["miou"] > best_miou:
                         best_miou, best_it, best_metrics = m["miou"], it, m
                         self._save_best(model, save_weights, best_metrics, best_it)
-            if self.val_data is None and (it % cfg.val_every == 0 or it == cfg.iterations):
+            if not self.val_sets and (it % cfg.val_every == 0 or it == cfg.iterations):
                 best_it = it
                 with self._averaged(model):
                     self._save_best(model, save_weights, {}, it)
@@ -1031,14 +1173,24 @@ class Trainer:
         :mod:`geoseg.priors`). Only the training region's pixels are read. A region of more
         than :data:`PRIOR_WINDOWS` windows is sampled: that many windows spread evenly over it,
         each window's core (see :func:`sampled_mean_probs`)."""
-        image = self.train_data.image
-        _, H, W = image.shape
-        grid = make_grid(H, W, self.window, min(self.overlap, self.window - 16)) if min(H, W) >= self.window else None
-        if grid is None or len(grid) <= PRIOR_WINDOWS:
-            probs = predict_probs(model, image, self.num_classes, self.window, self.overlap)
-            mean = probs[:, self.train_valid].astype(np.float64).mean(axis=1)
-        else:
-            mean = sampled_mean_probs(model, image, self.train_valid, grid, self.num_classes, PRIOR_WINDOWS)
+        total, count = np.zeros(self.num_classes, np.float64), 0
+        for data, valid in zip(self.train_sets, self.train_valids):
+            n = int(valid.sum())
+            if n == 0:
+                continue
+            _, H, W = data.image.shape
+            grid = make_grid(H, W, self.window, min(self.overlap, self.window - 16)) if min(H, W) >= self.window else None
+            if grid is None or len(grid) <= PRIOR_WINDOWS:
+                probs = predict_probs(model, data.image, self.num_classes, self.window, self.overlap)
+                mean = probs[:, valid].astype(np.float64).mean(axis=1)
+                del probs
+            else:
+                mean = sampled_mean_probs(model, data.image, valid, grid, self.num_classes, PRIOR_WINDOWS)
+            if len(self.train_sets) == 1:
+                return tuple(round(float(v), 6) for v in mean / mean.sum())
+            total += mean / mean.sum() * n  # regions weigh by their valid pixels
+            count += n
+        mean = total / max(count, 1)
         return tuple(round(float(v), 6) for v in mean / mean.sum())
 
     def write_class_prior(self, weights_path: Path, card_path: Path) -> tuple[float, ...]:

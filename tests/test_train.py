@@ -523,3 +523,111 @@ def test_a_region_too_large_for_memory_is_refused_before_reading(scene: tuple[Pa
     with pytest.raises(ParameterError, match=r"train_region \(48x48 pixels, 3 bands\) needs about .* GB .*smaller train_region"):
         Trainer(_cfg(scene, tmp_path / "o"))
     assert not read
+
+
+# ---- several scenes -------------------------------------------------------------------------------
+def _second_scene(tmp_path: Path, *, bands: int = 3, dtype: str = "uint8", offset: int = 30) -> tuple[Path, Path]:
+    """Another scene (40x56) of the same classes, brighter by ``offset``."""
+    rng = np.random.default_rng(9)
+    cls = class_image(40, 56, 3, seed=5) + 1
+    means = np.array([[40, 90, 160, 70], [200, 60, 100, 20], [120, 180, 30, 220]], np.float64)[:, :bands]
+    img = np.clip(means[cls - 1].transpose(2, 0, 1) + offset + rng.normal(0, 8, (bands, 40, 56)), 1, 255)
+    return (write_raster(tmp_path / "img2.tif", img.astype(dtype), nodata=0),
+            write_raster(tmp_path / "lab2.tif", cls.astype(np.uint8), nodata=0))
+
+
+def _scenes_cfg(scene: tuple[Path, Path], second: tuple[Path, Path], out: Path, **kw: object) -> TrainConfig:
+    base = _cfg(scene, out).to_dict()
+    for k in ("image", "labels", "train_region", "val_region"):
+        base.pop(k)
+    base["scenes"] = [
+        {"image": str(scene[0]), "labels": str(scene[1]), "train_region": [0, 0, 48, 48], "val_region": [48, 0, 16, 48]},
+        {"image": str(second[0]), "labels": str(second[1]), "train_region": [0, 0, 40, 40], "val_region": [40, 0, 16, 40]},
+    ]
+    base.update(kw)
+    return TrainConfig.from_mapping(base)
+
+
+def test_pooled_band_statistics_equal_those_of_all_pixels_together() -> None:
+    from geoseg.train import band_statistics, pooled_band_statistics
+
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, 255, (2, 30, 20)), rng.integers(100, 255, (2, 10, 50))
+    va, vb = rng.random((30, 20)) > 0.2, rng.random((10, 50)) > 0.5
+    gb = np.zeros((2, 10, 50), bool)
+    gb[1, :, :10] = True  # band 2 lacks data in part of region b
+    pooled = pooled_band_statistics([(a, va, None), (b, vb, gb)], 1 / 255)
+    band2 = np.concatenate([a[1][va], b[1][vb & ~gb[1]]]) / 255
+    assert pooled[0][1] == pytest.approx(band2.mean(), abs=1e-6) and pooled[1][1] == pytest.approx(band2.std(), abs=1e-6)
+    # The same pixels as one region give the same figures.
+    joined = np.concatenate([a[:, va], b[:, vb]], axis=1)[:, None, :]
+    single = band_statistics(joined, np.ones(joined.shape[1:], bool), 1 / 255)
+    np.testing.assert_allclose(pooled_band_statistics([(a, va, None), (b, vb, None)], 1 / 255), single, atol=2e-6)
+
+
+def test_windows_are_drawn_from_every_region_by_labelled_pixels() -> None:
+    from geoseg.train import Region, RegionData
+
+    def region(value: float, labelled: int) -> RegionData:
+        lab = np.full((32, 32), IGNORE_INDEX, np.uint8)
+        lab.ravel()[:labelled] = int(value)
+        return RegionData(np.full((2, 32, 32), value, np.float32), lab, Region(0, 0, 32, 32, np.ones((32, 32), bool)))
+
+    ds = WindowDataset([region(0.0, 256), region(1.0, 768)], 16, 400, seed=1, flips=False, rot90=False)
+    from_second = np.mean([ds[i][0][0, 0, 0] == 1.0 for i in range(400)])
+    assert 0.68 < from_second < 0.82  # 3/4 of the labelled pixels are in the second region
+
+
+def test_training_on_two_scenes_pools_statistics_validation_and_prior(scene: tuple[Path, Path], tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import rasterio
+
+    import geoseg.train as T
+
+    second = _second_scene(tmp_path)
+    tr = Trainer(_scenes_cfg(scene, second, tmp_path / "two"))
+    assert len(tr.train_sets) == 2 and len(tr.val_sets) == 2
+    # Normalisation: the mean of band 1 over both training regions' valid pixels.
+    a = rasterio.open(scene[0]).read(1)[:48, :48]
+    b = rasterio.open(second[0]).read(1)[:40, :40]
+    both = np.concatenate([a[a != 0], b[b != 0]]).astype(np.float64) / 255
+    assert tr.normalization.mean[0] == pytest.approx(both.mean(), abs=1e-6)
+    assert tr.normalization.std[0] == pytest.approx(both.std(), abs=1e-6)
+    # Validation counts the labelled pixels of both validation regions: with every pixel called
+    # index 0, OA is the share of index 0 among them.
+    monkeypatch.setattr(T, "predict_array", lambda model, image, *a, **k: np.zeros(image.shape[1:], np.int64))
+    labels = np.concatenate([d.labels[d.labels != IGNORE_INDEX] for d in tr.val_sets])
+    assert tr.validate(None)["overall_accuracy"] == pytest.approx(float((labels == 0).mean()))
+    monkeypatch.undo()
+    # Training runs end to end; the card names both scenes and the prior covers both.
+    res = train(_scenes_cfg(scene, second, tmp_path / "two", iterations=3, val_every=3))
+    card = ModelCard.load(res.card)
+    assert [Path(sc["image"]).name for sc in card.training["scenes"]] == ["img.tif", "img2.tif"]
+    assert card.training["scenes"][1]["val_region"] == [40, 0, 16, 40] and "image" not in card.training
+    assert sum(card.class_prior) == pytest.approx(1.0, abs=1e-5) and card.metrics["validation"]["miou"] >= 0
+
+
+def test_scene_lists_are_checked_before_reading(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    second = _second_scene(tmp_path)
+    with pytest.raises(ParameterError, match="both scenes and image"):
+        _scenes_cfg(scene, second, tmp_path / "o", image=str(scene[0]))
+    with pytest.raises(ParameterError, match="scene 2 lacks 'labels'"):
+        _scenes_cfg(scene, second, tmp_path / "o", scenes=[{"image": str(scene[0]), "labels": str(scene[1])},
+                                                           {"image": str(second[0])}])
+    with pytest.raises(ParameterError, match="scene 1 has unknown key.*bands"):
+        _scenes_cfg(scene, second, tmp_path / "o", scenes=[{"image": str(scene[0]), "labels": str(scene[1]), "bands": [1]}])
+    (tmp_path / "x").mkdir()
+    four = _second_scene(tmp_path / "x", bands=4)
+    with pytest.raises(ParameterError, match="scene 2 .* gives 4 bands but scene 1 gives 3"):
+        Trainer(_scenes_cfg(scene, four, tmp_path / "o"))
+    (tmp_path / "y").mkdir()
+    wide = _second_scene(tmp_path / "y", dtype="uint16")
+    with pytest.raises(ParameterError, match="scene 2 .* is uint16 but scene 1 is uint8"):
+        Trainer(_scenes_cfg(scene, wide, tmp_path / "o"))
+    with pytest.raises(ParameterError, match="scene 2 train_region"):
+        Trainer(_scenes_cfg(scene, second, tmp_path / "o", scenes=[
+            {"image": str(scene[0]), "labels": str(scene[1])},
+            {"image": str(second[0]), "labels": str(second[1]), "train_region": [500, 500, 10, 10]}]))
+    with pytest.raises(GridMismatchError):
+        Trainer(_scenes_cfg(scene, second, tmp_path / "o", scenes=[
+            {"image": str(scene[0]), "labels": str(scene[1])}, {"image": str(second[0]), "labels": str(scene[1])}]))
