@@ -459,15 +459,19 @@ def region_memory(region: Region, bands: int, dtype: str) -> int:
 def check_region_memory(region: Region, bands: int, dtype: str, what: str) -> None:
     """Refuse, before reading it, a region whose pixels would not fit in the available memory
     (``geoseg train`` holds its training and validation regions in memory)."""
+    check_memory(region_memory(region, bands, dtype), f"{what} ({region.width}x{region.height} pixels, {bands} bands)",
+                 what.split()[-1])
+
+
+def check_memory(need: int, what: str, key: str) -> None:
+    """Raise :class:`ParameterError` when ``need`` bytes exceed the available memory."""
     import psutil
 
-    need = region_memory(region, bands, dtype)
     available = psutil.virtual_memory().available
     if need > available:
         raise ParameterError(
-            f"{what} ({region.width}x{region.height} pixels, {bands} bands) needs about {need / 2**30:.1f} GB of "
-            f"memory but {available / 2**30:.1f} GB are available: train on a smaller {what} "
-            "(a pixel window or a vector AOI)"
+            f"{what}: about {need / 2**30:.1f} GB of memory needed, {available / 2**30:.1f} GB available: "
+            f"train on a smaller {key} (a pixel window or a vector AOI)"
         )
 
 
@@ -899,6 +903,9 @@ class Trainer:
 
         # Training regions: raw pixels, then statistics over all of them, then normalised.
         dtype = self.meta.dtype
+        if many:  # all training regions together, before any is read
+            need = sum(region_memory(sc["train_region"], len(self.bands), dtype) for sc in scenes)
+            check_memory(need, f"the {len(scenes)} training regions", "train_region")
         loaded = []
         for k, sc in enumerate(scenes):
             check_region_memory(sc["train_region"], len(self.bands), dtype, where(k, "train_region"))

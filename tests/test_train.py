@@ -520,8 +520,11 @@ def test_a_region_too_large_for_memory_is_refused_before_reading(scene: tuple[Pa
     monkeypatch.setattr(psutil, "virtual_memory", lambda: collections.namedtuple("vm", "available")(10_000))
     read = []
     monkeypatch.setattr(T, "load_region", lambda *a, **k: read.append(1))
-    with pytest.raises(ParameterError, match=r"train_region \(48x48 pixels, 3 bands\) needs about .* GB .*smaller train_region"):
+    with pytest.raises(ParameterError, match=r"train_region \(48x48 pixels, 3 bands\): about .* GB of memory needed, .* available: .*smaller train_region"):
         Trainer(_cfg(scene, tmp_path / "o"))
+    second = _second_scene(tmp_path)
+    with pytest.raises(ParameterError, match=r"the 2 training regions: about .* GB of memory needed.* smaller train_region"):
+        Trainer(_scenes_cfg(scene, second, tmp_path / "o"))
     assert not read
 
 
