@@ -54,11 +54,23 @@ def make_scene(size: int) -> Path:
             if all(ds.descriptions):
                 return out
         out.unlink()  # made before the mosaics carried band names
+    return mirror_tile(SCENE, out, size)
+
+
+def mirror_tile(src: Path, out: Path, size: int) -> Path:
+    """Write ``src`` mirror-tiled to size × size at ``out`` (tiled GeoTIFF; same dtype, nodata,
+    band names and colormap)."""
+    import rasterio
+
     WORK.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(SCENE) as ds:
+    with rasterio.open(src) as ds:
         a = ds.read()
         profile = ds.profile
         descriptions = ds.descriptions  # the band names the cards pick bands by
+        try:
+            cmap = ds.colormap(1)
+        except ValueError:
+            cmap = None
     profile.update(width=size, height=size, tiled=True, blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
     tmp = out.with_suffix(".tmp.tif")
     h, w = a.shape[1:]
@@ -74,6 +86,8 @@ def make_scene(size: int) -> Path:
                 from rasterio.windows import Window
 
                 dst.write(block, window=Window(c0, r0, len(cols), len(rows)))
+        if cmap:
+            dst.write_colormap(1, cmap)
     os.replace(tmp, out)
     return out
 
