@@ -57,6 +57,8 @@ SCENE_KEYS = ("image", "labels", "train_region", "val_region")
 #: windows, else from this many spread evenly over it (as predict samples a scene): a large
 #: training region costs the end of training a bounded time and memory, not a whole prediction.
 PRIOR_WINDOWS = 64
+#: Validation predicts a region of more pixels than this in bands of rows (bounded memory).
+BAND_PIXELS = 4_000_000
 LossName = Literal["ce", "dice", "ce+dice"]
 ScheduleName = Literal["poly", "cosine", "constant"]
 ClassWeights = Literal["none", "auto", "balanced"]
@@ -729,9 +731,25 @@ def _smoothed_ce(F: Any, logits: Any, labels: Any, weight: Any, eps: float, num_
 
 
 # ---- prediction over a region (validation) -------------------------------------------------------
-def predict_array(layer: Any, image: np.ndarray, num_classes: int, tile: int, overlap: int, batch: int = 4) -> np.ndarray:
-    """Class indexes (HW int64) of a normalised CHW array, predicted in blended windows."""
-    return predict_probs(layer, image, num_classes, tile, overlap, batch).argmax(axis=0).astype(np.int64)
+def predict_array(layer: Any, image: np.ndarray, num_classes: int, tile: int, overlap: int, batch: int = 4,
+                  max_pixels: int = BAND_PIXELS) -> np.ndarray:
+    """Class indexes (HW int64) of a normalised CHW array, predicted in blended windows.
+
+    An array of more than ``max_pixels`` pixels is predicted in bands of rows, each with a
+    window's height of context above and below, so the class probabilities held at once stay
+    bounded (a large validation region must not exhaust memory mid-training).
+    """
+    _, H, W = image.shape
+    band = max(tile, (max_pixels // max(W, 1)) // tile * tile)
+    if H * W <= max_pixels or H <= band + 2 * tile:
+        return predict_probs(layer, image, num_classes, tile, overlap, batch).argmax(axis=0).astype(np.int64)
+    out = np.empty((H, W), np.int64)
+    for r0 in range(0, H, band):
+        r1 = min(H, r0 + band)
+        a0, a1 = max(0, r0 - tile), min(H, r1 + tile)
+        probs = predict_probs(layer, image[:, a0:a1], num_classes, tile, overlap, batch)
+        out[r0:r1] = probs[:, r0 - a0 : r1 - a0].argmax(axis=0)
+    return out
 
 
 def predict_probs(layer: Any, image: np.ndarray, num_classes: int, tile: int, overlap: int, batch: int = 4) -> np.ndarray:
@@ -766,7 +784,8 @@ def predict_probs(layer: Any, image: np.ndarray, num_classes: int, tile: int, ov
     finally:
         if was_training:
             layer.train()
-    return (acc / np.maximum(wsum, 1e-12))[:, :H, :W]
+    acc /= np.maximum(wsum, 1e-12)
+    return acc[:, :H, :W]
 
 
 def sampled_mean_probs(layer: Any, image: np.ndarray, valid: np.ndarray, grid: Any, num_classes: int,

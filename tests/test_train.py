@@ -634,3 +634,30 @@ def test_scene_lists_are_checked_before_reading(scene: tuple[Path, Path], tmp_pa
     with pytest.raises(GridMismatchError):
         Trainer(_scenes_cfg(scene, second, tmp_path / "o", scenes=[
             {"image": str(scene[0]), "labels": str(scene[1])}, {"image": str(second[0]), "labels": str(scene[1])}]))
+
+
+def test_a_large_region_is_predicted_in_bands_with_the_same_result() -> None:
+    from geoseg.train import predict_array
+
+    rng = np.random.default_rng(6)
+    image = rng.normal(0, 2, (3, 150, 40)).astype(np.float32)
+    whole = predict_array(_Softmaxed(), image, 3, 16, 4)
+    calls = []
+
+    class Counting(_Softmaxed):
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            calls.append(x.shape[0])
+            return super().forward(x)
+
+    banded = predict_array(Counting(), image, 3, 16, 4, max_pixels=32 * 40)
+    np.testing.assert_array_equal(banded, whole)
+    np.testing.assert_array_equal(whole, image.argmax(axis=0))
+    assert len(calls) > len(list(range(0, 150, 12)))  # several bands, each with its own windows
+    # A real network: bands with a window of context each side agree with the whole pass.
+    paddle.seed(0)
+    from geoseg.models import build_model
+
+    net = build_model("unet", in_channels=3, num_classes=3, width=0.125)
+    a = predict_array(net, image, 3, 32, 8)
+    b = predict_array(net, image, 3, 32, 8, max_pixels=32 * 40)
+    assert (a == b).mean() > 0.98
