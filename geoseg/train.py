@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import json
 import logging
 import math
@@ -52,7 +53,9 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 #: Keys of one entry of a config's ``scenes``.
-SCENE_KEYS = ("image", "labels", "train_region", "val_region")
+SCENE_KEYS = ("image", "labels", "train_region", "val_region", "use")
+#: Characters that make a scene's ``image`` a glob pattern (one scene per matching file).
+_GLOB_CHARS = set("*?[")
 #: The card's ``class_prior`` comes from every window of the training region up to this many
 #: windows, else from this many spread evenly over it (as predict samples a scene): a large
 #: training region costs the end of training a bounded time and memory, not a whole prediction.
@@ -158,7 +161,15 @@ class TrainConfig:
                 for key in ("image", "labels"):
                     if not sc.get(key):
                         raise ParameterError(f"{source}: scene {k} lacks {key!r}: give the path of its {key} raster")
-                checked.append({key: sc.get(key) for key in SCENE_KEYS})
+                if sc.get("use") not in (None, "train", "val"):
+                    raise ParameterError(f"{source}: scene {k} use {sc.get('use')!r}: choose train (training region, "
+                                         "optional validation region) or val (validation only)")
+                if sc.get("use") == "val" and sc.get("train_region") is not None:
+                    raise ParameterError(f"{source}: scene {k} is for validation only (use: val) but has a train_region")
+                if _GLOB_CHARS & set(str(sc["image"])) and "{stem}" not in str(sc["labels"]):
+                    raise ParameterError(f"{source}: scene {k} image {sc['image']!r} is a pattern: its labels must name "
+                                         "each image's label raster with {stem}, e.g. labels/{stem}_labels.tif")
+                checked.append({key: sc.get(key) for key in SCENE_KEYS if sc.get(key) is not None or key != "use"})
             d["scenes"] = tuple(checked)
         else:
             for key in ("image", "labels"):
@@ -245,11 +256,27 @@ class TrainConfig:
         return d
 
     def scene_list(self) -> list[dict[str, Any]]:
-        """The training scenes: ``scenes``, or the one of ``image``/``labels``/regions."""
-        if self.scenes is not None:
-            return [dict(sc) for sc in self.scenes]
-        return [{"image": self.image, "labels": self.labels, "train_region": self.train_region,
-                 "val_region": self.val_region}]
+        """The training scenes: ``scenes``, or the one of ``image``/``labels``/regions.
+
+        A scene whose ``image`` is a glob pattern (``chips/*.tif``) becomes one scene per
+        matching file, in name order, its ``labels`` with ``{stem}`` replaced by that file's
+        name without extension; regions and ``use`` apply to each.
+        """
+        if self.scenes is None:
+            return [{"image": self.image, "labels": self.labels, "train_region": self.train_region,
+                     "val_region": self.val_region}]
+        out: list[dict[str, Any]] = []
+        for k, sc in enumerate(self.scenes, 1):
+            image = str(sc["image"])
+            if not _GLOB_CHARS & set(image):
+                out.append(dict(sc))
+                continue
+            matches = sorted(p for p in glob.glob(image) if Path(p).is_file())
+            if not matches:
+                raise ParameterError(f"scene {k} image pattern {image!r} matches no file: check the path "
+                                     "(relative paths are read from the working directory)")
+            out.extend({**sc, "image": m, "labels": str(sc["labels"]).replace("{stem}", Path(m).stem)} for m in matches)
+        return out
 
 
 # ---- regions -----------------------------------------------------------------------------------
@@ -863,7 +890,7 @@ class Trainer:
         many = len(specs) > 1
 
         def where(k: int, what: str) -> str:
-            return f"scene {k + 1} {what}" if many else what
+            return f"scene {k + 1} ({Path(specs[k]['image']).name}) {what}" if many else what
 
         # Every scene checked first: grids, bands, dtype, regions.
         scenes: list[dict[str, Any]] = []
@@ -884,21 +911,26 @@ class Trainer:
                 if meta.dtype != first["meta"].dtype:
                     raise ParameterError(f"scene {k + 1} ({image_path.name}) is {meta.dtype} but scene 1 is "
                                          f"{first['meta'].dtype}: one model normalises one data type; convert the scenes first")
-            train_region = parse_region(spec.get("train_region"), meta, where(k, "train_region"))
-            val_region = (parse_region(spec["val_region"], meta, where(k, "val_region"))
-                          if spec.get("val_region") is not None else None)
-            if val_region is not None:
+            val_only = spec.get("use") == "val"
+            train_region = None if val_only else parse_region(spec.get("train_region"), meta, where(k, "train_region"))
+            val_region = (parse_region(spec.get("val_region"), meta, where(k, "val_region"))
+                          if spec.get("val_region") is not None or val_only else None)
+            if val_region is not None and train_region is not None:
                 overlap = _overlap(train_region, val_region)
                 if overlap > 0:
                     raise ParameterError(f"{where(k, 'train_region')} and val_region share {overlap} pixels: "
                                          "make them disjoint")
-            scenes.append({"image": image_path, "labels": labels_path, "meta": meta, "label_nodata": label_meta.nodata,
-                           "bands": bands, "train_region": train_region, "val_region": val_region})
+            scenes.append({"k": k, "image": image_path, "labels": labels_path, "meta": meta,
+                           "label_nodata": label_meta.nodata, "bands": bands, "train_region": train_region,
+                           "val_region": val_region})
+        self.scenes = [{k: v for k, v in sc.items() if k not in ("meta", "k")} for sc in scenes]
+        all_scenes, scenes = scenes, [sc for sc in scenes if sc["train_region"] is not None]
+        if not scenes:
+            raise ParameterError("every scene is for validation only (use: val): give at least one training scene")
         self.meta = scenes[0]["meta"]
         self.bands = scenes[0]["bands"]
         self.train_region = scenes[0]["train_region"]
         self.val_region = scenes[0]["val_region"]
-        self.scenes = [{k: v for k, v in sc.items() if k != "meta"} for sc in scenes]
 
         # Classes: from the config or the ids present in the training labels (of every scene).
         present_set: set[int] = set()
@@ -926,8 +958,8 @@ class Trainer:
             need = sum(region_memory(sc["train_region"], len(self.bands), dtype) for sc in scenes)
             check_memory(need, f"the {len(scenes)} training regions", "train_region")
         loaded = []
-        for k, sc in enumerate(scenes):
-            check_region_memory(sc["train_region"], len(self.bands), dtype, where(k, "train_region"))
+        for sc in scenes:
+            check_region_memory(sc["train_region"], len(self.bands), dtype, where(sc["k"], "train_region"))
             loaded.append(load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], sc["train_region"], self.lut,
                                       cfg.ignore, cfg.label_shift))
         scale = DEFAULT_SCALE.get(dtype, DEFAULT_SCALE["default"])
@@ -963,11 +995,14 @@ class Trainer:
         # does on a whole scene), but only from inside the train + validation bounding box;
         # labels outside the validation region are ignored.
         self.val_sets: list[RegionData] = []
-        for k, sc in enumerate(scenes):
+        for sc in all_scenes:
             if sc["val_region"] is None:
                 continue
-            ctx = _context_region(sc["val_region"], sc["train_region"], self.window // 2)
-            check_region_memory(ctx, len(self.bands), dtype, where(k, "val_region"))
+            meta = sc["meta"]
+            around = sc["train_region"] if sc["train_region"] is not None else Region(
+                0, 0, meta.height, meta.width, np.broadcast_to(True, (meta.height, meta.width)))  # a validation scene
+            ctx = _context_region(sc["val_region"], around, self.window // 2)
+            check_region_memory(ctx, len(self.bands), dtype, where(sc["k"], "val_region"))
             vimg, vidx, _, vgaps = load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], ctx, self.lut,
                                               cfg.ignore, cfg.label_shift)
             self.val_sets.append(RegionData(self.normalization.apply(vimg, dtype, vgaps, self.gap_fill), vidx,
@@ -1063,14 +1098,17 @@ class Trainer:
             overlap=self.overlap,
             weights="weights.pdparams",
             description=cfg.description or f"{cfg.model} trained with geoseg train on "
-                        + ", ".join(Path(sc["image"]).name for sc in self.scenes),
+                        + (", ".join(Path(sc["image"]).name for sc in self.scenes) if len(self.scenes) <= 5
+                           else f"{len(self.scenes)} scenes"),
             training={
                 **({"image": str(cfg.image), "labels": str(cfg.labels),
                     "train_region": _plain_region(cfg.train_region), "val_region": _plain_region(cfg.val_region)}
                    if cfg.scenes is None else
                    {"scenes": [{"image": str(sc["image"]), "labels": str(sc["labels"]),
                                 "train_region": _plain_region(sc.get("train_region")),
-                                "val_region": _plain_region(sc.get("val_region"))} for sc in cfg.scenes]}),
+                                "val_region": _plain_region(sc.get("val_region")),
+                                **({"use": sc["use"]} if sc.get("use") else {})} for sc in cfg.scenes],
+                    "scene_files": len(self.scenes)}),
                 "bands": list(self.bands),
                 "ignore": list(cfg.ignore), "window": self.window, "batch_size": cfg.batch_size,
                 "iterations": cfg.iterations, "best_iteration": best_iteration, "lr": cfg.lr,

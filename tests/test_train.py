@@ -627,7 +627,7 @@ def test_scene_lists_are_checked_before_reading(scene: tuple[Path, Path], tmp_pa
     wide = _second_scene(tmp_path / "y", dtype="uint16")
     with pytest.raises(ParameterError, match="scene 2 .* is uint16 but scene 1 is uint8"):
         Trainer(_scenes_cfg(scene, wide, tmp_path / "o"))
-    with pytest.raises(ParameterError, match="scene 2 train_region"):
+    with pytest.raises(ParameterError, match=r"scene 2 \(img2.tif\) train_region .* lies outside"):
         Trainer(_scenes_cfg(scene, second, tmp_path / "o", scenes=[
             {"image": str(scene[0]), "labels": str(scene[1])},
             {"image": str(second[0]), "labels": str(second[1]), "train_region": [500, 500, 10, 10]}]))
@@ -661,3 +661,41 @@ def test_a_large_region_is_predicted_in_bands_with_the_same_result() -> None:
     a = predict_array(net, image, 3, 32, 8)
     b = predict_array(net, image, 3, 32, 8, max_pixels=32 * 40)
     assert (a == b).mean() > 0.98
+
+
+def test_scene_patterns_and_validation_only_scenes(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    chips, labs = tmp_path / "chips", tmp_path / "labs"
+    chips.mkdir(), labs.mkdir()
+    for name in ("b", "a", "c"):
+        shutil.copy(scene[0], chips / f"{name}.tif")
+        shutil.copy(scene[1], labs / f"{name}_lab.tif")
+    second = _second_scene(tmp_path)
+    cfg = _scenes_cfg(scene, second, tmp_path / "o", scenes=[
+        {"image": str(chips / "*.tif"), "labels": str(labs / "{stem}_lab.tif"), "train_region": [0, 0, 48, 48]},
+        {"image": str(second[0]), "labels": str(second[1]), "use": "val"},
+    ])
+    assert [Path(sc["image"]).name for sc in cfg.scene_list()] == ["a.tif", "b.tif", "c.tif", "img2.tif"]
+    assert Path(cfg.scene_list()[1]["labels"]).name == "b_lab.tif"
+    tr = Trainer(cfg)
+    assert len(tr.train_sets) == 3 and len(tr.val_sets) == 1  # the validation scene trains nothing
+    assert tr.val_sets[0].image.shape[1:] == (40, 56)  # ... and is validated whole
+    card = tr.card({}, 0)
+    assert card.training["scene_files"] == 4 and card.training["scenes"][1]["use"] == "val"
+    with pytest.raises(ParameterError, match="matches no file"):
+        Trainer(_scenes_cfg(scene, second, tmp_path / "o", scenes=[
+            {"image": str(chips / "*.tiff"), "labels": str(labs / "{stem}_lab.tif")}]))
+    with pytest.raises(ParameterError, match="is a pattern: its labels must name .*{stem}"):
+        _scenes_cfg(scene, second, tmp_path / "o", scenes=[{"image": str(chips / "*.tif"), "labels": str(scene[1])}])
+    with pytest.raises(ParameterError, match="validation only"):
+        Trainer(_scenes_cfg(scene, second, tmp_path / "o", scenes=[
+            {"image": str(second[0]), "labels": str(second[1]), "use": "val"}]))
+    with pytest.raises(ParameterError, match="use 'test': choose train"):
+        _scenes_cfg(scene, second, tmp_path / "o", scenes=[{"image": str(scene[0]), "labels": str(scene[1]), "use": "test"}])
+    # A missing label file of one matched image names it.
+    (labs / "c_lab.tif").unlink()
+    from geoseg.errors import SceneReadError
+
+    with pytest.raises(SceneReadError, match="c_lab.tif does not exist"):
+        Trainer(cfg)
