@@ -140,10 +140,12 @@ def core_bounds(offsets: Sequence[int], tile: int, size: int) -> list[int]:
 
 def spread_tiles(grid: TileGrid, count: int) -> list[Tile]:
     """All windows of ``grid`` if there are at most ``count``, else ``count`` spread evenly
-    over it (row-major order)."""
+    over it (row-major order; one: the middle window)."""
     tiles = list(grid.tiles())
     if len(tiles) <= count:
         return tiles
+    if count == 1:  # the middle window rather than the corner one
+        return [tiles[len(tiles) // 2]]
     keep = np.unique(np.linspace(0, len(tiles) - 1, count).round().astype(int))
     return [tiles[i] for i in keep]
 

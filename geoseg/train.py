@@ -1231,25 +1231,36 @@ class Trainer:
                            csv_path, history)
 
     def class_prior(self, model: Any) -> tuple[float, ...]:
-        """``model``'s mean class probabilities over the valid pixels of the training region,
+        """``model``'s mean class probabilities over the valid pixels of the training region(s),
         predicted in blended windows of the training size (the card's ``class_prior``: the
         priors its posteriors reflect, for prediction-time prior adaptation, see
-        :mod:`geoseg.priors`). Only the training region's pixels are read. A region of more
-        than :data:`PRIOR_WINDOWS` windows is sampled: that many windows spread evenly over it,
-        each window's core (see :func:`sampled_mean_probs`)."""
-        total, count = np.zeros(self.num_classes, np.float64), 0
-        for data, valid in zip(self.train_sets, self.train_valids):
-            n = int(valid.sum())
-            if n == 0:
-                continue
+        :mod:`geoseg.priors`). Only training pixels are read.
+
+        At most about :data:`PRIOR_WINDOWS` windows are predicted, whatever the size: a region
+        of more windows is sampled (windows spread evenly over it, each window's core, see
+        :func:`sampled_mean_probs`); with several scenes the budget is shared by their window
+        counts, and of more scenes than that, that many spread over the list are used. Scenes
+        weigh by their valid pixels.
+        """
+        sets = [(d, v, int(v.sum())) for d, v in zip(self.train_sets, self.train_valids)]
+        sets = [s for s in sets if s[2] > 0]
+        if len(sets) > PRIOR_WINDOWS:
+            sets = [sets[i] for i in np.unique(np.linspace(0, len(sets) - 1, PRIOR_WINDOWS).round().astype(int))]
+        grids = []
+        for data, _, _ in sets:
             _, H, W = data.image.shape
-            grid = make_grid(H, W, self.window, min(self.overlap, self.window - 16)) if min(H, W) >= self.window else None
-            if grid is None or len(grid) <= PRIOR_WINDOWS:
+            grids.append(make_grid(H, W, self.window, min(self.overlap, self.window - 16))
+                         if min(H, W) >= self.window else None)
+        sizes = [len(g) if g is not None else 1 for g in grids]
+        total, count = np.zeros(self.num_classes, np.float64), 0
+        for (data, valid, n), grid, size in zip(sets, grids, sizes):
+            budget = max(1, PRIOR_WINDOWS * size // sum(sizes))
+            if grid is None or len(grid) <= budget:
                 probs = predict_probs(model, data.image, self.num_classes, self.window, self.overlap)
                 mean = probs[:, valid].astype(np.float64).mean(axis=1)
                 del probs
             else:
-                mean = sampled_mean_probs(model, data.image, valid, grid, self.num_classes, PRIOR_WINDOWS)
+                mean = sampled_mean_probs(model, data.image, valid, grid, self.num_classes, budget)
             if len(self.train_sets) == 1:
                 return tuple(round(float(v), 6) for v in mean / mean.sum())
             total += mean / mean.sum() * n  # regions weigh by their valid pixels

@@ -72,3 +72,4 @@ def test_spread_tiles_keeps_all_or_an_even_spread() -> None:
     some = spread_tiles(grid, 5)
     assert len(some) == 5 and some[0] == next(iter(grid.tiles())) and some[-1] == list(grid.tiles())[-1]
     assert len({t.index for t in some}) == 5
+    assert spread_tiles(grid, 1) == [list(grid.tiles())[len(grid) // 2]]

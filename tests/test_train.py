@@ -699,3 +699,33 @@ def test_scene_patterns_and_validation_only_scenes(scene: tuple[Path, Path], tmp
 
     with pytest.raises(SceneReadError, match="c_lab.tif does not exist"):
         Trainer(cfg)
+
+
+def test_the_class_prior_of_many_scenes_predicts_a_bounded_number_of_windows(scene: tuple[Path, Path], tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import geoseg.train as T
+
+    chips, labs = tmp_path / "chips", tmp_path / "labs"
+    chips.mkdir(), labs.mkdir()
+    for k in range(6):
+        shutil.copy(scene[0], chips / f"c{k}.tif")
+        shutil.copy(scene[1], labs / f"c{k}.tif")
+    tr = Trainer(_scenes_cfg(scene, scene, tmp_path / "o", window=16, scenes=[
+        {"image": str(chips / "*.tif"), "labels": str(labs / "{stem}.tif"), "train_region": [0, 0, 48, 48]}]))
+    paddle.seed(0)
+    model = tr.configure_model()
+    exact = np.array(tr.class_prior(model))  # 6 scenes x 9 windows (16 px, no overlap) <= 64: every window
+    seen = []
+    real = T.predict_probs, T.sampled_mean_probs
+    monkeypatch.setattr(T, "predict_probs", lambda *a, **k: seen.append(16) or real[0](*a, **k))
+    monkeypatch.setattr(T, "sampled_mean_probs", lambda *a, **k: seen.append(a[-1]) or real[1](*a, **k))
+    monkeypatch.setattr(T, "PRIOR_WINDOWS", 4)  # fewer than the scenes: 4 of the 6, one window each
+    few = np.array(tr.class_prior(model))
+    assert seen == [1, 1, 1, 1]
+    # Four copies of one scene, one window each: the prior of that one (middle) window's core.
+    grid = T.make_grid(48, 48, 16, 0)
+    one = real[1](model, tr.train_sets[0].image, tr.train_valids[0], grid, 3, 1)
+    np.testing.assert_allclose(few, one / one.sum(), atol=2e-6)
+    assert exact.sum() == pytest.approx(1.0, abs=1e-5) and not np.allclose(exact, few, atol=1e-3)
