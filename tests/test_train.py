@@ -729,3 +729,19 @@ def test_the_class_prior_of_many_scenes_predicts_a_bounded_number_of_windows(sce
     one = real[1](model, tr.train_sets[0].image, tr.train_valids[0], grid, 3, 1)
     np.testing.assert_allclose(few, one / one.sum(), atol=2e-6)
     assert exact.sum() == pytest.approx(1.0, abs=1e-5) and not np.allclose(exact, few, atol=1e-3)
+
+
+def test_cli_train_on_a_scene_list(scene: tuple[Path, Path], tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    from geoseg_cli.main import cli
+
+    second = _second_scene(tmp_path)
+    cfg = _scenes_cfg(scene, second, tmp_path / "cli2", iterations=2, val_every=2).to_dict()
+    assert "image" in cfg and cfg["image"] is None and len(cfg["scenes"]) == 2
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    r = runner.invoke(cli, ["-q", "train", "--config", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 0, r.output
+    card = ModelCard.load(tmp_path / "cli2" / "weights.yaml")
+    assert card.training["scene_files"] == 2 and "img2.tif" in card.description
+    # --image on top of a scene list: one line saying what to do, exit code 1.
+    r = runner.invoke(cli, ["train", "--config", str(tmp_path / "s.yaml"), "--image", str(scene[0])])
+    assert r.exit_code == 1 and "both scenes and image" in r.output and "Traceback" not in r.output
