@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -121,6 +122,9 @@ class TrainConfig:
     ema: float = 0.0
     train_on_gaps: bool = True
     label_shift: tuple[int, ...] = (0, 0)
+    #: With vector labels (polygons): the attribute holding each polygon's class (an integer id,
+    #: or a class name from ``classes``).
+    label_field: str | None = None
     #: Written into the card: predict adapts this model to each scene's class priors by default.
     adapt_prior: bool = False
     amp: bool = True
@@ -346,6 +350,70 @@ def _vector_region(path: Path, meta: Any, what: str) -> Region:
         raise ParameterError(f"{what} {path} does not overlap the scene")
     r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     return Region(int(r0), int(c0), int(r1 - r0), int(c1 - c0), full[r0:r1, c0:c1])
+
+
+#: Label files read as polygons (rasterised onto the image grid) rather than as a raster.
+VECTOR_LABELS = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".gml", ".kml", ".sqlite")
+
+
+def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence[Mapping[str, Any]] | None,
+                     out: Path) -> Path:
+    """Burn polygon labels onto the image grid of ``meta``: a uint8/uint16 GeoTIFF at ``out``
+    whose pixels outside every polygon are 0 (its nodata: never trained on).
+
+    ``field`` names the attribute with each polygon's class: integer ids (>= 1), or names of the
+    config's ``classes`` (case-insensitive). Polygons in another CRS are reprojected; where
+    polygons overlap, the later one wins.
+    """
+    import pyogrio.raw
+    import shapely
+    from rasterio.features import rasterize
+    from rasterio.warp import transform_geom
+
+    if not path.exists():
+        raise ParameterError(f"labels {path} does not exist: give a label raster or a polygon file")
+    try:
+        info, _, wkb, values = pyogrio.raw.read(path)
+    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
+        raise ParameterError(f"labels {path} cannot be read as polygons: {exc}") from None
+    fields = [str(f) for f in info["fields"]]
+    if field is None or field not in fields:
+        what = "needs label_field" if field is None else f"has no field {field!r}"
+        raise ParameterError(f"polygon labels {path.name} {what}: set label_field to the attribute holding each "
+                             f"polygon's class (its fields: {', '.join(fields) or 'none'})")
+    col = values[fields.index(field)]
+    if col.dtype.kind in "iuf":
+        ids = np.asarray(col, np.float64)
+        if not np.all(np.isfinite(ids)) or np.any(ids != np.round(ids)) or np.any(ids < 1) or np.any(ids > 65535):
+            raise ParameterError(f"polygon labels {path.name}: {field} must hold whole class ids 1..65535 "
+                                 "(0 is left for unlabelled pixels)")
+        ids = ids.astype(np.int64)
+    else:
+        by_name = {str(c.get("name", "")).lower(): int(c["id"]) for c in (classes or [])}
+        unknown = sorted({str(v) for v in col if str(v).lower() not in by_name})
+        if unknown:
+            hint = (f"the config's classes are {', '.join(sorted(by_name))}" if by_name
+                    else "list the classes (id, name) in the config")
+            raise ParameterError(f"polygon labels {path.name}: {field} values {', '.join(unknown[:5])} are not class "
+                                 f"names: {hint}")
+        ids = np.array([by_name[str(v).lower()] for v in col], np.int64)
+    geoms = shapely.from_wkb(wkb)
+    keep = [i for i, g in enumerate(geoms) if g is not None and not g.is_empty]
+    if not keep:
+        raise ParameterError(f"polygon labels {path.name} have no geometries")
+    shapes = [shapely.geometry.mapping(geoms[i]) for i in keep]
+    src_crs = info.get("crs")
+    if src_crs and meta.crs is not None:
+        shapes = [transform_geom(src_crs, meta.crs, g) for g in shapes]
+    dtype = "uint8" if ids.max() <= 255 else "uint16"
+    burned = rasterize(zip(shapes, (int(ids[i]) for i in keep)), out_shape=(meta.height, meta.width),
+                       transform=meta.transform, fill=0, dtype=dtype)
+    if not burned.any():
+        raise ParameterError(f"polygon labels {path.name} do not overlap the image")
+    with rasterio.open(out, "w", driver="GTiff", width=meta.width, height=meta.height, count=1, dtype=dtype,
+                       crs=meta.crs, transform=meta.transform, nodata=0, compress="deflate") as dst:
+        dst.write(burned, 1)
+    return out
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -894,9 +962,14 @@ class Trainer:
 
         # Every scene checked first: grids, bands, dtype, regions.
         scenes: list[dict[str, Any]] = []
+        burn_dir = tempfile.TemporaryDirectory(prefix="geoseg-labels-")  # polygon labels, burnt for this init
+        self._burn_dir = burn_dir
         for k, spec in enumerate(specs):
             image_path, labels_path = Path(spec["image"]), Path(spec["labels"])
             meta = open_scene(image_path)
+            if labels_path.suffix.lower() in VECTOR_LABELS:
+                labels_path = rasterize_labels(labels_path, meta, cfg.label_field, cfg.classes,
+                                               Path(burn_dir.name) / f"{k}_{labels_path.stem}.tif")
             label_meta = open_scene(labels_path)
             check_same_grid(meta, label_meta)
             bands = tuple(cfg.bands) if cfg.bands else meta.data_bands
@@ -920,10 +993,11 @@ class Trainer:
                 if overlap > 0:
                     raise ParameterError(f"{where(k, 'train_region')} and val_region share {overlap} pixels: "
                                          "make them disjoint")
-            scenes.append({"k": k, "image": image_path, "labels": labels_path, "meta": meta,
+            scenes.append({"k": k, "image": image_path, "labels": labels_path, "labels_given": Path(spec["labels"]), "meta": meta,
                            "label_nodata": label_meta.nodata, "bands": bands, "train_region": train_region,
                            "val_region": val_region})
-        self.scenes = [{k: v for k, v in sc.items() if k not in ("meta", "k")} for sc in scenes]
+        self.scenes = [{**{k: v for k, v in sc.items() if k not in ("meta", "k", "labels_given")},
+                        "labels": sc["labels_given"]} for sc in scenes]
         all_scenes, scenes = scenes, [sc for sc in scenes if sc["train_region"] is not None]
         if not scenes:
             raise ParameterError("every scene is for validation only (use: val): give at least one training scene")
@@ -1014,6 +1088,7 @@ class Trainer:
         self.num_classes = len(self.classes)
         self.progress = progress
         self.device = self._device()
+        burn_dir.cleanup()  # every label was read above
 
     @property
     def gap_fill(self) -> float:

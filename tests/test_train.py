@@ -745,3 +745,40 @@ def test_cli_train_on_a_scene_list(scene: tuple[Path, Path], tmp_path: Path, run
     # --image on top of a scene list: one line saying what to do, exit code 1.
     r = runner.invoke(cli, ["train", "--config", str(tmp_path / "s.yaml"), "--image", str(scene[0])])
     assert r.exit_code == 1 and "both scenes and image" in r.output and "Traceback" not in r.output
+
+
+def test_polygon_labels_are_burnt_onto_the_image_grid(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    import json
+
+    def box(c0: int, r0: int, c1: int, r1: int) -> list[list[float]]:  # pixel box -> map ring (10 m, origin 500000/4800000)
+        x0, x1, y0, y1 = 500000 + 10 * c0, 500000 + 10 * c1, 4800000 - 10 * r0, 4800000 - 10 * r1
+        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+    def polys(path: Path, props: list[dict]) -> Path:
+        feats = [{"type": "Feature", "properties": p, "geometry": {"type": "Polygon", "coordinates": [box(*b)]}}
+                 for p, b in zip(props, [(8, 8, 20, 20), (24, 10, 40, 30)])]
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": feats,
+                                    "crs": {"type": "name", "properties": {"name": "EPSG:32633"}}}))
+        return path
+
+    by_id = polys(tmp_path / "ids.geojson", [{"cls": 1, "note": "a"}, {"cls": 3, "note": "b"}])
+    t = Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id), label_field="cls", val_region=None,
+                     train_region=[0, 0, 48, 48]))
+    lab = t.train_data.labels
+    assert (lab[8:20, 8:20] == 0).all() and (lab[10:30, 24:40] == 2).all()  # ids 1, 3 -> indexes 0, 2
+    inside = np.zeros_like(lab, bool)
+    inside[8:20, 8:20] = inside[10:30, 24:40] = True
+    assert (lab[~inside] == IGNORE_INDEX).all()  # outside every polygon: unlabelled
+    assert t.card({}, 0).training["labels"] == str(by_id)
+    # Class names instead of ids, matched to the config's classes.
+    by_name = polys(tmp_path / "names.geojson", [{"kind": "A"}, {"kind": "c"}])
+    t2 = Trainer(_cfg(scene, tmp_path / "o", labels=str(by_name), label_field="kind", val_region=None))
+    assert (t2.train_data.labels[10:30, 24:40] == 2).all() and (t2.train_data.labels[8:20, 8:20] == 0).all()
+    with pytest.raises(ParameterError, match=r"needs label_field: .*fields: cls, note"):
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id)))
+    with pytest.raises(ParameterError, match="values z are not class names"):
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(polys(tmp_path / "z.geojson", [{"k": "a"}, {"k": "z"}])),
+                     label_field="k"))
+    with pytest.raises(ParameterError, match="whole class ids 1..65535"):
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(polys(tmp_path / "zero.geojson", [{"k": 0}, {"k": 2}])),
+                     label_field="k"))
