@@ -826,6 +826,27 @@ def _smoothed_ce(F: Any, logits: Any, labels: Any, weight: Any, eps: float, num_
 
 
 # ---- prediction over a region (validation) -------------------------------------------------------
+def window_probs(layer: Any, image: np.ndarray, tiles: Sequence[Any], batch: int = 4) -> Iterator[tuple[Any, np.ndarray]]:
+    """``(tile, class probabilities CHW float32)`` of each of ``tiles`` of a normalised CHW array,
+    ``batch`` windows per forward pass, the network in eval mode (its mode is restored after)."""
+    paddle: Any = require_paddle()
+    import paddle.nn.functional as F
+
+    was_training = layer.training
+    layer.eval()
+    try:
+        with paddle.no_grad():
+            for k in range(0, len(tiles), batch):
+                group = tiles[k : k + batch]
+                x = np.stack([image[:, t.row : t.row_stop, t.col : t.col_stop] for t in group])
+                out = layer(paddle.to_tensor(x))
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                yield from zip(group, F.softmax(out.astype("float32"), axis=1).numpy())
+    finally:
+        if was_training:
+            layer.train()
+
+
 def predict_array(layer: Any, image: np.ndarray, num_classes: int, tile: int, overlap: int, batch: int = 4,
                   max_pixels: int = BAND_PIXELS) -> np.ndarray:
     """Class indexes (HW int64) of a normalised CHW array, predicted in blended windows.
@@ -849,9 +870,6 @@ def predict_array(layer: Any, image: np.ndarray, num_classes: int, tile: int, ov
 
 def predict_probs(layer: Any, image: np.ndarray, num_classes: int, tile: int, overlap: int, batch: int = 4) -> np.ndarray:
     """Class probabilities (CHW float32) of a normalised CHW array, blended over windows as predict does."""
-    paddle: Any = require_paddle()
-    import paddle.nn.functional as F
-
     _, H, W = image.shape
     size = tile
     ph, pw = max(0, size - H), max(0, size - W)
@@ -861,24 +879,10 @@ def predict_probs(layer: Any, image: np.ndarray, num_classes: int, tile: int, ov
     grid = make_grid(Hp, Wp, size, min(overlap, size - 16))
     acc = np.zeros((num_classes, Hp, Wp), np.float32)
     wsum = np.zeros((Hp, Wp), np.float32)
-    tiles = list(grid.tiles())
-    was_training = layer.training
-    layer.eval()
-    try:
-        with paddle.no_grad():
-            for k in range(0, len(tiles), batch):
-                group = tiles[k : k + batch]
-                x = np.stack([image[:, t.row : t.row_stop, t.col : t.col_stop] for t in group])
-                out = layer(paddle.to_tensor(x))
-                out = out[0] if isinstance(out, (list, tuple)) else out
-                probs = F.softmax(out.astype("float32"), axis=1).numpy()
-                for t, p in zip(group, probs):
-                    wm = weight_map(t.height, t.width, BlendMode.GAUSSIAN)
-                    acc[:, t.row : t.row_stop, t.col : t.col_stop] += p * wm
-                    wsum[t.row : t.row_stop, t.col : t.col_stop] += wm
-    finally:
-        if was_training:
-            layer.train()
+    for t, p in window_probs(layer, image, list(grid.tiles()), batch):
+        wm = weight_map(t.height, t.width, BlendMode.GAUSSIAN)
+        acc[:, t.row : t.row_stop, t.col : t.col_stop] += p * wm
+        wsum[t.row : t.row_stop, t.col : t.col_stop] += wm
     acc /= np.maximum(wsum, 1e-12)
     return acc[:, :H, :W]
 
@@ -889,31 +893,14 @@ def sampled_mean_probs(layer: Any, image: np.ndarray, valid: np.ndarray, grid: A
     ``count`` windows of ``grid`` spread evenly over ``image`` (normalised CHW), each window
     predicted alone: memory and time bounded by ``count`` whatever the image's size (the cores
     partition the image, so no pixel counts twice)."""
-    paddle: Any = require_paddle()
-    import paddle.nn.functional as F
-
     rb = core_bounds(grid.row_offsets, grid.tile, grid.height)
     cb = core_bounds(grid.col_offsets, grid.tile, grid.width)
-    tiles = spread_tiles(grid, count)
     total = np.zeros(num_classes, np.float64)
-    was_training = layer.training
-    layer.eval()
-    try:
-        with paddle.no_grad():
-            for k in range(0, len(tiles), batch):
-                group = tiles[k : k + batch]
-                x = np.stack([image[:, t.row : t.row_stop, t.col : t.col_stop] for t in group])
-                out = layer(paddle.to_tensor(x))
-                out = out[0] if isinstance(out, (list, tuple)) else out
-                probs = F.softmax(out.astype("float32"), axis=1).numpy()
-                for t, p in zip(group, probs):
-                    i, j = t.index
-                    rows, cols = slice(rb[i] - t.row, rb[i + 1] - t.row), slice(cb[j] - t.col, cb[j + 1] - t.col)
-                    keep = valid[rb[i] : rb[i + 1], cb[j] : cb[j + 1]]
-                    total += p[:, rows, cols][:, keep].sum(axis=1, dtype=np.float64)
-    finally:
-        if was_training:
-            layer.train()
+    for t, p in window_probs(layer, image, spread_tiles(grid, count), batch):
+        i, j = t.index
+        rows, cols = slice(rb[i] - t.row, rb[i + 1] - t.row), slice(cb[j] - t.col, cb[j + 1] - t.col)
+        keep = valid[rb[i] : rb[i + 1], cb[j] : cb[j + 1]]
+        total += p[:, rows, cols][:, keep].sum(axis=1, dtype=np.float64)
     if not total.any():
         raise ParameterError("the sampled windows of the training region have no valid pixels")
     return total / total.sum()
