@@ -950,7 +950,6 @@ class Trainer:
         # Every scene checked first: grids, bands, dtype, regions.
         scenes: list[dict[str, Any]] = []
         burn_dir = tempfile.TemporaryDirectory(prefix="geoseg-labels-")  # polygon labels, burnt for this init
-        self._burn_dir = burn_dir
         for k, spec in enumerate(specs):
             image_path, labels_path = Path(spec["image"]), Path(spec["labels"])
             meta = open_scene(image_path)
@@ -1015,7 +1014,7 @@ class Trainer:
 
         # Training regions: raw pixels, then statistics over all of them, then normalised.
         dtype = self.meta.dtype
-        if many:  # all training regions together, before any is read
+        if len(scenes) > 1:  # all training regions together, before any is read
             need = sum(region_memory(sc["train_region"], len(self.bands), dtype) for sc in scenes)
             check_memory(need, f"the {len(scenes)} training regions", "train_region")
         loaded = []
@@ -1024,7 +1023,7 @@ class Trainer:
             loaded.append(load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], sc["train_region"], self.lut,
                                       cfg.ignore, cfg.label_shift))
         scale = DEFAULT_SCALE.get(dtype, DEFAULT_SCALE["default"])
-        if many:
+        if len(scenes) > 1:
             mean, std = pooled_band_statistics(
                 [(raw, valid & sc["train_region"].mask, gaps) for (raw, _, valid, gaps), sc in zip(loaded, scenes)], scale)
         else:
