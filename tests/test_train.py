@@ -782,3 +782,25 @@ def test_polygon_labels_are_burnt_onto_the_image_grid(scene: tuple[Path, Path], 
     with pytest.raises(ParameterError, match="whole class ids 1..65535"):
         Trainer(_cfg(scene, tmp_path / "o", labels=str(polys(tmp_path / "zero.geojson", [{"k": 0}, {"k": 2}])),
                      label_field="k"))
+
+
+def test_ema_decay_warms_up_as_configured() -> None:
+    from geoseg.train import _Ema
+
+    lag = {}
+    for warmup in (10.0, 2.0):
+        net = paddle.nn.Linear(2, 1)
+        paddle.assign(paddle.zeros_like(net.weight), output=net.weight)
+        ema = _Ema(paddle, net, 0.99, warmup)
+        expected = 0.0
+        for it in range(1, 200):
+            paddle.assign(paddle.full_like(net.weight, float(it)), output=net.weight)  # the weights at step it
+            ema.update(net, it)
+            d = min(0.99, (1.0 + it) / (warmup + it))
+            expected = d * expected + (1 - d) * it
+        got = float(ema.state_dict()["weight"].numpy().ravel()[0])
+        assert got == pytest.approx(expected, rel=1e-4)
+        lag[warmup] = 199 - got
+    # The default warm-up still averages over only the last ~20 steps at step 199; a short one
+    # has reached the 0.99 decay and averages much further back.
+    assert lag[10.0] < 25 and lag[2.0] > 2 * lag[10.0]
