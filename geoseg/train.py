@@ -332,24 +332,13 @@ def parse_region(spec: Any, meta: Any, what: str) -> Region:
 
 
 def _vector_region(path: Path, meta: Any, what: str) -> Region:
-    import pyogrio.raw
-    import shapely
     from rasterio.features import rasterize
-    from rasterio.warp import transform_geom
 
-    if not path.exists():
-        raise ParameterError(f"{what} {path} does not exist: give a vector file or [col_off, row_off, width, height]")
-    try:
-        info, _, wkb, _ = pyogrio.raw.read(path)
-    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
-        raise ParameterError(f"{what} {path} cannot be read as vector data: {exc}") from None
-    geoms = [g for g in shapely.from_wkb(wkb) if g is not None and not g.is_empty]
-    if not geoms:
+    _, _, keep, shapes = _read_polygons(
+        path, meta, f"{what} {path} does not exist: give a vector file or [col_off, row_off, width, height]",
+        f"{what} {path} cannot be read as vector data")
+    if not keep:
         raise ParameterError(f"{what} {path} has no geometries")
-    src_crs = info.get("crs")
-    shapes = [shapely.geometry.mapping(g) for g in geoms]
-    if src_crs and meta.crs is not None:
-        shapes = [transform_geom(src_crs, meta.crs, s) for s in shapes]
     full = rasterize(((s, 1) for s in shapes), out_shape=(meta.height, meta.width), transform=meta.transform,
                      fill=0, dtype="uint8").astype(bool)
     rows, cols = np.nonzero(full)
@@ -357,6 +346,31 @@ def _vector_region(path: Path, meta: Any, what: str) -> Region:
         raise ParameterError(f"{what} {path} does not overlap the scene")
     r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     return Region(int(r0), int(c0), int(r1 - r0), int(c1 - c0), full[r0:r1, c0:c1])
+
+
+def _read_polygons(path: Path, meta: Any, missing: str, unreadable: str
+                   ) -> tuple[dict[str, Any], list[np.ndarray], list[int], list[dict[str, Any]]]:
+    """Read a vector file for the grid of ``meta``: its layer info, its attribute arrays, the
+    indexes of its non-empty geometries, and those geometries (GeoJSON-like) in ``meta``'s CRS.
+    ``missing`` is the error for a file that does not exist, ``unreadable`` the start of the
+    error for one that cannot be read."""
+    import pyogrio.raw
+    import shapely
+    from rasterio.warp import transform_geom
+
+    if not path.exists():
+        raise ParameterError(missing)
+    try:
+        info, _, wkb, values = pyogrio.raw.read(path)
+    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
+        raise ParameterError(f"{unreadable}: {exc}") from None
+    geoms = shapely.from_wkb(wkb)
+    keep = [i for i, g in enumerate(geoms) if g is not None and not g.is_empty]
+    shapes = [shapely.geometry.mapping(geoms[i]) for i in keep]
+    src_crs = info.get("crs")
+    if src_crs and meta.crs is not None:
+        shapes = [transform_geom(src_crs, meta.crs, g) for g in shapes]
+    return info, list(values), keep, shapes
 
 
 #: Label files read as polygons (rasterised onto the image grid) rather than as a raster.
@@ -372,17 +386,11 @@ def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence
     config's ``classes`` (case-insensitive). Polygons in another CRS are reprojected; where
     polygons overlap, the later one wins.
     """
-    import pyogrio.raw
-    import shapely
     from rasterio.features import rasterize
-    from rasterio.warp import transform_geom
 
-    if not path.exists():
-        raise ParameterError(f"labels {path} does not exist: give a label raster or a polygon file")
-    try:
-        info, _, wkb, values = pyogrio.raw.read(path)
-    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
-        raise ParameterError(f"labels {path} cannot be read as polygons: {exc}") from None
+    info, values, keep, shapes = _read_polygons(
+        path, meta, f"labels {path} does not exist: give a label raster or a polygon file",
+        f"labels {path} cannot be read as polygons")
     fields = [str(f) for f in info["fields"]]
     if field is None or field not in fields:
         what = "needs label_field" if field is None else f"has no field {field!r}"
@@ -404,14 +412,8 @@ def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence
             raise ParameterError(f"polygon labels {path.name}: {field} values {', '.join(unknown[:5])} are not class "
                                  f"names: {hint}")
         ids = np.array([by_name[str(v).lower()] for v in col], np.int64)
-    geoms = shapely.from_wkb(wkb)
-    keep = [i for i, g in enumerate(geoms) if g is not None and not g.is_empty]
     if not keep:
         raise ParameterError(f"polygon labels {path.name} have no geometries")
-    shapes = [shapely.geometry.mapping(geoms[i]) for i in keep]
-    src_crs = info.get("crs")
-    if src_crs and meta.crs is not None:
-        shapes = [transform_geom(src_crs, meta.crs, g) for g in shapes]
     dtype = "uint8" if ids.max() <= 255 else "uint16"
     burned = rasterize(zip(shapes, (int(ids[i]) for i in keep)), out_shape=(meta.height, meta.width),
                        transform=meta.transform, fill=0, dtype=dtype)
@@ -560,11 +562,11 @@ def region_memory(region: Region, bands: int, dtype: str) -> int:
     return region.height * region.width * (bands * (itemsize + 1 + 4) + 12)
 
 
-def check_region_memory(region: Region, bands: int, dtype: str, what: str) -> None:
+def check_region_memory(region: Region, bands: int, dtype: str, what: str, key: str) -> None:
     """Refuse, before reading it, a region whose pixels would not fit in the available memory
     (``geoseg train`` holds its training and validation regions in memory)."""
     check_memory(region_memory(region, bands, dtype), f"{what} ({region.width}x{region.height} pixels, {bands} bands)",
-                 what.split()[-1])
+                 key)
 
 
 def check_memory(need: int, what: str, key: str) -> None:
@@ -1026,7 +1028,8 @@ class Trainer:
             check_memory(need, f"the {len(scenes)} training regions", "train_region")
         loaded = []
         for sc in scenes:
-            check_region_memory(sc["train_region"], len(self.bands), dtype, where(sc["k"], "train_region"))
+            check_region_memory(sc["train_region"], len(self.bands), dtype, where(sc["k"], "train_region"),
+                                "train_region")
             loaded.append(load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], sc["train_region"], self.lut,
                                       cfg.ignore, cfg.label_shift))
         scale = DEFAULT_SCALE.get(dtype, DEFAULT_SCALE["default"])
@@ -1069,7 +1072,7 @@ class Trainer:
             around = sc["train_region"] if sc["train_region"] is not None else Region(
                 0, 0, meta.height, meta.width, np.broadcast_to(True, (meta.height, meta.width)))  # a validation scene
             ctx = _context_region(sc["val_region"], around, self.window // 2)
-            check_region_memory(ctx, len(self.bands), dtype, where(sc["k"], "val_region"))
+            check_region_memory(ctx, len(self.bands), dtype, where(sc["k"], "val_region"), "val_region")
             vimg, vidx, _, vgaps = load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], ctx, self.lut,
                                               cfg.ignore, cfg.label_shift)
             self.val_sets.append(RegionData(self.normalization.apply(vimg, dtype, vgaps, self.gap_fill), vidx,
