@@ -179,7 +179,7 @@ class ModelCard:
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`geoseg.models.build_model`."""
-        return {"in_channels": self.in_channels, "num_classes": self.num_classes, **dict(self.params)}
+        return model_kwargs(self.params, self.in_channels, self.num_classes, self.normalization)
 
     def class_lut(self) -> np.ndarray:
         """Lookup table from output channel index to class id (uint8)."""
@@ -277,6 +277,18 @@ class ModelCard:
     def digest(self) -> str:
         """Stable short hash of the card's content (for caches and manifests)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_kwargs(params: Mapping[str, Any], in_channels: int, num_classes: int,
+                 normalization: Normalization) -> dict[str, Any]:
+    """Keyword arguments for :func:`geoseg.models.build_model` from a card's (or a training
+    config's) ``params``: with ``indices``, the network also gets the normalisation's mean and
+    std (``band_stats``) to compute its normalised differences from the bands' own values."""
+    kwargs = {"in_channels": in_channels, "num_classes": num_classes, **dict(params)}
+    if params.get("indices"):
+        kwargs["band_stats"] = (tuple(float(v) for v in normalization.mean),
+                                tuple(float(v) for v in normalization.std))
+    return kwargs
 
 
 def gap_fill_for(params: Mapping[str, Any]) -> float:

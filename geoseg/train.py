@@ -39,7 +39,7 @@ from rasterio.windows import Window
 
 from geoseg.atomic import atomic_write_text
 from geoseg.blending import BlendMode, weight_map
-from geoseg.card import DEFAULT_SCALE, PALETTE, ClassInfo, ModelCard, Normalization, gap_fill_for
+from geoseg.card import DEFAULT_SCALE, PALETTE, ClassInfo, ModelCard, Normalization, gap_fill_for, model_kwargs
 from geoseg.errors import (
     GridMismatchError,
     ParameterError,
@@ -1101,7 +1101,8 @@ class Trainer:
         """Build the network named in the config."""
         from geoseg.models import build_model
 
-        return build_model(self.cfg.model, in_channels=len(self.bands), num_classes=self.num_classes, **dict(self.cfg.params))
+        return build_model(self.cfg.model, **model_kwargs(self.cfg.params, len(self.bands), self.num_classes,
+                                                          self.normalization))
 
     def configure_loss(self) -> Callable[[Any, Any], tuple[Any, dict[str, float]]]:
         """Build the loss (with class weights when configured)."""

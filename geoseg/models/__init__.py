@@ -26,7 +26,10 @@ from geoseg.errors import ModelError, require_paddle
 if TYPE_CHECKING:  # pragma: no cover
     import paddle
 
-__all__ = ["MODEL_NAMES", "build_model", "gap_channels_input", "model_class", "register_model", "validate_io"]
+__all__ = [
+    "MODEL_NAMES", "build_model", "check_indices", "gap_channels_input", "model_class", "normalized_difference_input",
+    "register_model", "validate_io",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +83,68 @@ def validate_io(num_classes: int, in_channels: int) -> None:
             raise ModelError(f"{label} must be a positive integer, got {value!r}")
 
 
-def network_in_channels(in_channels: int, gap_channels: Any) -> int:
-    """Channels a model's first layers take: ``in_channels``, doubled by ``gap_channels``.
+def network_in_channels(in_channels: int, gap_channels: Any, indices: Any = None, band_stats: Any = None) -> int:
+    """Channels a model's first layers take: ``in_channels``, doubled by ``gap_channels``, plus
+    one per normalised-difference index.
 
-    Validates ``gap_channels`` (see :func:`gap_channels_input`).
+    Validates ``gap_channels`` (see :func:`gap_channels_input`) and ``indices`` (see
+    :func:`check_indices`).
     """
     if not isinstance(gap_channels, bool):
         raise ModelError(f"gap_channels must be true or false, got {gap_channels!r}")
-    return in_channels * 2 if gap_channels else in_channels
+    pairs = check_indices(indices, in_channels, band_stats)
+    return (in_channels * 2 if gap_channels else in_channels) + len(pairs)
+
+
+def check_indices(indices: Any, in_channels: int, band_stats: Any) -> tuple[tuple[int, int], ...]:
+    """Validate a model's ``indices`` parameter and return its pairs as 0-based band positions.
+
+    ``indices`` lists pairs ``[a, b]`` of 1-based positions among the model's input bands; each
+    adds the input channel ``(A - B) / (|A| + |B|)`` of the bands' values before normalisation
+    (NDVI for near-infrared and red, NDBI for SWIR and near-infrared, ...). ``band_stats`` is the
+    card's normalisation ``(mean, std)``, which the model needs to undo it; the model card passes
+    it (:meth:`geoseg.card.ModelCard.model_kwargs`).
+    """
+    if indices is None or (isinstance(indices, (list, tuple)) and not indices):
+        return ()
+    bad = ModelError(f"indices must be a list of band position pairs, e.g. [[4, 3], [5, 4]] for NDVI and NDBI "
+                     f"of the model's bands 1..{in_channels}, got {indices!r}")
+    if not isinstance(indices, (list, tuple)):
+        raise bad
+    pairs = []
+    for pair in indices:
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in pair)):
+            raise bad
+        a, b = int(pair[0]), int(pair[1])
+        if not (1 <= a <= in_channels and 1 <= b <= in_channels) or a == b:
+            raise ModelError(f"indices pair {list(pair)} must name two different bands among the model's "
+                             f"{in_channels} (positions 1..{in_channels})")
+        pairs.append((a - 1, b - 1))
+    if (not isinstance(band_stats, (list, tuple)) or len(band_stats) != 2
+            or any(len(v) != in_channels for v in band_stats)):
+        raise ModelError("a model with indices needs the normalisation's mean and std of its bands (band_stats): "
+                         "build it from its model card")
+    return tuple(pairs)
+
+
+def normalized_difference_input(x: paddle.Tensor, pairs: Any, band_stats: Any) -> paddle.Tensor:
+    """Append ``(A - B) / (|A| + |B|)`` for each 0-based band pair to ``[N, C', H, W]``.
+
+    ``A`` and ``B`` are the first channels' values before normalisation (``x * std + mean``,
+    ``band_stats = (mean, std)``); a value filled for a gap is the band's mean. The index is
+    unchanged by any common scale of the bands (raw counts or reflectance alike) and lies in
+    [-1, 1]. The constants are Python numbers, so the exported graph holds them.
+    """
+    import paddle
+
+    mean, std = band_stats
+    outs = [x]
+    for a, b in pairs:
+        va = x[:, a:a + 1] * float(std[a]) + float(mean[a])
+        vb = x[:, b:b + 1] * float(std[b]) + float(mean[b])
+        outs.append((va - vb) / (paddle.abs(va) + paddle.abs(vb) + 1e-6))
+    return paddle.concat(outs, axis=1)
 
 
 def gap_channels_input(x: paddle.Tensor) -> paddle.Tensor:

@@ -42,7 +42,10 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from geoseg.errors import ModelError
-from geoseg.models import DEEPLAB_ASPP_RATES, gap_channels_input, network_in_channels, register_model, validate_io
+from geoseg.models import (
+    DEEPLAB_ASPP_RATES, check_indices, gap_channels_input, network_in_channels, normalized_difference_input,
+    register_model, validate_io,
+)
 
 __all__ = ["ASPP", "DeepLabV3P", "ResNetVd"]
 
@@ -358,6 +361,8 @@ class DeepLabV3P(nn.Layer):
         image_pooling: bool = True,
         aspp_rates: Sequence[int] | None = None,
         gap_channels: bool = False,
+        indices: Sequence[Sequence[int]] | None = None,
+        band_stats: tuple[Sequence[float], Sequence[float]] | None = None,
         pretrained: str | Path | None = None,
         backbone: ResNetVd | None = None,
     ) -> None:
@@ -386,6 +391,12 @@ class DeepLabV3P(nn.Layer):
             gap_channels: Read NaN input values as "no data in this band" and add one
                 presence channel per band (see :func:`geoseg.models.gap_channels_input`);
                 the backbone and the refinement then take ``2 * in_channels`` channels.
+            indices: Pairs ``[a, b]`` of 1-based band positions; each adds the input channel
+                ``(A - B) / (|A| + |B|)`` of the bands before normalisation (e.g. ``[[4, 3]]``
+                = NDVI for blue, green, red, NIR; see
+                :func:`geoseg.models.normalized_difference_input`).
+            band_stats: The normalisation ``(mean, std)`` of the input bands; needed with
+                ``indices`` (the model card passes it).
             pretrained: Optional ``.pdparams`` file with weights for the whole network,
                 loaded with :func:`geoseg.models.checkpoints.load_weights`.
             backbone: A ready-made :class:`ResNetVd` to use instead of building one from
@@ -407,8 +418,10 @@ class DeepLabV3P(nn.Layer):
             raise ModelError(f"fine_channels must be 0 (off) or a positive integer, got {fine_channels!r}")
         self.num_classes = num_classes
         self.in_channels = in_channels
-        net_in = network_in_channels(in_channels, gap_channels)
+        net_in = network_in_channels(in_channels, gap_channels, indices, band_stats)
         self.gap_channels = gap_channels
+        self.indices = check_indices(indices, in_channels, band_stats)
+        self.band_stats = band_stats
         self.backbone = backbone or ResNetVd(net_in, backbone_depth, backbone_width, output_stride)
         low_channels, high_channels = self.backbone.feat_channels[0], self.backbone.feat_channels[-1]
         if not isinstance(image_pooling, bool):
@@ -444,6 +457,8 @@ class DeepLabV3P(nn.Layer):
         """Map ``[N, in_channels, H, W]`` float32 to ``[logits]``, logits ``[N, num_classes, H, W]``."""
         if self.gap_channels:
             x = gap_channels_input(x)
+        if self.indices:
+            x = normalized_difference_input(x, self.indices, self.band_stats)
         feats = self.backbone(x)
         low = self.low_project(feats[0])
         high = resize_to(self.aspp(feats[-1]), low)

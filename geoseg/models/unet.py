@@ -12,6 +12,7 @@ and width work, odd ones included.  All tensors are NCHW float32.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +21,9 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from geoseg.errors import ModelError
-from geoseg.models import gap_channels_input, network_in_channels, register_model, validate_io
+from geoseg.models import (
+    check_indices, gap_channels_input, network_in_channels, normalized_difference_input, register_model, validate_io,
+)
 
 __all__ = ["UNet"]
 
@@ -104,6 +107,8 @@ class UNet(nn.Layer):
         upsample: UpsampleMode = "bilinear",
         depth: int = 4,
         gap_channels: bool = False,
+        indices: Sequence[Sequence[int]] | None = None,
+        band_stats: tuple[Sequence[float], Sequence[float]] | None = None,
         pretrained: str | Path | None = None,
     ) -> None:
         """Create the network.
@@ -118,6 +123,12 @@ class UNet(nn.Layer):
                 less context around each pixel).
             gap_channels: Read NaN input values as "no data in this band" and add one
                 presence channel per band (see :func:`geoseg.models.gap_channels_input`).
+            indices: Pairs ``[a, b]`` of 1-based band positions; each adds the input channel
+                ``(A - B) / (|A| + |B|)`` of the bands before normalisation (e.g. ``[[4, 3]]``
+                = NDVI for blue, green, red, NIR; see
+                :func:`geoseg.models.normalized_difference_input`).
+            band_stats: The normalisation ``(mean, std)`` of the input bands; needed with
+                ``indices`` (the model card passes it).
             pretrained: Optional ``.pdparams`` file with weights for the whole network,
                 loaded with :func:`geoseg.models.checkpoints.load_weights`.
 
@@ -135,8 +146,10 @@ class UNet(nn.Layer):
             raise ModelError(f"upsample must be 'bilinear' or 'transpose', got {upsample!r}")
         self.num_classes = num_classes
         self.in_channels = in_channels
-        net_in = network_in_channels(in_channels, gap_channels)
+        net_in = network_in_channels(in_channels, gap_channels, indices, band_stats)
         self.gap_channels = gap_channels
+        self.indices = check_indices(indices, in_channels, band_stats)
+        self.band_stats = band_stats
         ch = [max(1, round(c * width)) for c in _BASE_CHANNELS[: depth + 1]]
         self.channels = tuple(ch)
         self.inc = DoubleConv(net_in, ch[0])
@@ -154,6 +167,8 @@ class UNet(nn.Layer):
         """Map ``[N, in_channels, H, W]`` float32 to ``[logits]``, logits ``[N, num_classes, H, W]``."""
         if self.gap_channels:
             x = gap_channels_input(x)
+        if self.indices:
+            x = normalized_difference_input(x, self.indices, self.band_stats)
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(self.pool(skips[-1])))
