@@ -91,6 +91,11 @@ def test_unknown_parameter_is_named() -> None:
         ("unet", {"num_classes": 0}, "num_classes"),
         ("unet", {"gap_channels": "yes"}, "gap_channels"),
         ("deeplabv3p", {"gap_channels": 1}, "gap_channels"),
+        ("unet", {"indices": [[4, 3]], "band_stats": ([0.0] * 3, [1.0] * 3)}, "positions 1..3"),
+        ("unet", {"indices": [[2, 2]], "band_stats": ([0.0] * 3, [1.0] * 3)}, "two different bands"),
+        ("unet", {"indices": [2, 1], "band_stats": ([0.0] * 3, [1.0] * 3)}, "band position pairs"),
+        ("deeplabv3p", {"indices": [[2, 1]]}, "band_stats"),
+        ("deeplabv3p", {"indices": [[2, 1]], "band_stats": ([0.0] * 2, [1.0] * 2)}, "band_stats"),
     ],
 )
 def test_invalid_parameter_values(name: str, params: dict[str, Any], fragment: str) -> None:
@@ -359,6 +364,39 @@ def test_gap_channels_read_nan_as_a_band_gap(name: str, extra: dict[str, Any], t
     # Paddle Inference runs the exported graph (isnan, where) the same way, batch and all.
     program, params = find_model_files(export_model(model, tmp_path / "model", in_channels=3))
     np.testing.assert_allclose(InferencePredictor(program, params, threads=1)(gap), got, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "extra"), [("unet", {}), ("deeplabv3p", {"fine_channels": 8, "gap_channels": True})])
+def test_indices_are_normalised_differences_of_the_raw_bands(name: str, extra: dict[str, Any], tmp_path: Path) -> None:
+    # The network undoes the normalisation of its input and appends (A - B) / (|A| + |B|) per
+    # pair, so the channel it sees is the index of the raw bands (here NDVI-like of bands 3, 2
+    # and the reverse of 1, 3), whatever the normalisation; the exported graph computes the same.
+    from geoseg.models import normalized_difference_input
+
+    rng = np.random.default_rng(3)
+    raw = rng.uniform(0.05, 0.9, size=(2, 3, 32, 32)).astype(np.float32)
+    mean, std = (0.3, 0.4, 0.5), (0.1, 0.2, 0.3)
+    x = (raw - np.reshape(mean, (1, 3, 1, 1))) / np.reshape(std, (1, 3, 1, 1))
+    pairs = ((2, 1), (0, 2))
+    got = normalized_difference_input(paddle.to_tensor(x.astype(np.float32)), pairs, (mean, std)).numpy()
+    assert got.shape == (2, 5, 32, 32)
+    np.testing.assert_allclose(got[:, :3], x, atol=1e-6)
+    want = [(raw[:, a] - raw[:, b]) / (raw[:, a] + raw[:, b]) for a, b in pairs]
+    np.testing.assert_allclose(got[:, 3:], np.stack(want, axis=1), atol=1e-5)
+
+    kw = {"indices": [[3, 2], [1, 3]], "band_stats": (mean, std), **extra}
+    model = tiny(name, in_channels=3, num_classes=4, **kw)
+    plain = tiny(name, in_channels=3, num_classes=4, **extra)
+    ref = DygraphPredictor(model)
+    out = ref(x.astype(np.float32))
+    assert out.shape == (2, 4, 32, 32) and np.isfinite(out).all()
+    # The first layer takes two more channels than the same network without indices.
+    first = [p.shape for p in model.parameters() if len(p.shape) == 4][0]
+    first_plain = [p.shape for p in plain.parameters() if len(p.shape) == 4][0]
+    assert first[1] == first_plain[1] + 2
+    program, params = find_model_files(export_model(model, tmp_path / "model", in_channels=3))
+    np.testing.assert_allclose(InferencePredictor(program, params, threads=1)(x.astype(np.float32)), out,
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_find_model_files_variants(tmp_path: Path) -> None:

@@ -451,6 +451,32 @@ def test_gap_channels_train_on_nan_gaps_as_predict_feeds_them(tmp_path: Path) ->
     np.testing.assert_allclose(post.mean(axis=0), src.card.class_prior, atol=0.01)
 
 
+def test_indices_model_trains_and_predicts_from_its_card(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    # params.indices: the trainer hands the network its normalisation (band_stats), the card keeps
+    # only the pairs, and predict rebuilds the same network from the card: the class prior the
+    # run measured is what predict's engine samples with the weights and card it wrote.
+    from geoseg.engine import build_predictor, resolve_model, sample_posteriors
+    from geoseg.io import open_scene
+    from geoseg.tiling import make_grid
+
+    out = tmp_path / "run"
+    settings = {"params": {"width": 0.125, "indices": [[3, 1], [2, 3]]}, "train_region": None, "val_region": None,
+                "iterations": 6}
+    t = Trainer(_cfg(scene, tmp_path / "o", **settings))
+    net = t.configure_model()
+    assert net.indices == ((2, 0), (1, 2))
+    assert net.band_stats == (tuple(t.normalization.mean), tuple(t.normalization.std))
+    train(_cfg(scene, out, **settings))
+    src = resolve_model(None, out / "weights.pdparams")
+    assert src.card.params["indices"] == [[3, 1], [2, 3]] and "band_stats" not in src.card.params
+    assert src.card.model_kwargs()["band_stats"] == net.band_stats
+    meta = open_scene(scene[0])
+    predictor, _ = build_predictor(src, "cpu")
+    grid = make_grid(meta.height, meta.width, src.card.tile_size, src.card.overlap)
+    post = sample_posteriors(meta, (1, 2, 3), grid, src.card, predictor, max_pixels=10**9)
+    np.testing.assert_allclose(post.mean(axis=0), src.card.class_prior, atol=0.01)
+
+
 class _Softmaxed(paddle.nn.Layer):
     """A 'model' whose logits are its input: each pixel's probabilities depend on that pixel only."""
 
