@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 #: Keys of one entry of a config's ``scenes``.
-SCENE_KEYS = ("image", "labels", "train_region", "val_region", "use")
+SCENE_KEYS = ("image", "labels", "train_region", "val_region", "use", "label_shift")
 #: Characters that make a scene's ``image`` a glob pattern (one scene per matching file).
 _GLOB_CHARS = set("*?[")
 #: The card's ``class_prior`` comes from every window of the training region up to this many
@@ -173,12 +173,15 @@ class TrainConfig:
                 if sc.get("use") not in (None, "train", "val"):
                     raise ParameterError(f"{source}: scene {k} use {sc.get('use')!r}: choose train (training region, "
                                          "optional validation region) or val (validation only)")
+                if sc.get("label_shift") is not None:
+                    sc = {**sc, "label_shift": _check_shift(sc["label_shift"], f"scene {k} label_shift")}
                 if sc.get("use") == "val" and sc.get("train_region") is not None:
                     raise ParameterError(f"{source}: scene {k} is for validation only (use: val) but has a train_region")
                 if _GLOB_CHARS & set(str(sc["image"])) and "{stem}" not in str(sc["labels"]):
                     raise ParameterError(f"{source}: scene {k} image {sc['image']!r} is a pattern: its labels must name "
                                          "each image's label raster with {stem}, e.g. labels/{stem}_labels.tif")
-                checked.append({key: sc.get(key) for key in SCENE_KEYS if sc.get(key) is not None or key != "use"})
+                checked.append({key: sc.get(key) for key in SCENE_KEYS
+                                if sc.get(key) is not None or key not in ("use", "label_shift")})
             d["scenes"] = tuple(checked)
         else:
             for key in ("image", "labels"):
@@ -246,8 +249,7 @@ class TrainConfig:
             raise ParameterError(f"ema {self.ema}: use a decay in [0, 1), e.g. 0.99 (0 = off)")
         if not self.ema_warmup >= 1.0:
             raise ParameterError(f"ema_warmup {self.ema_warmup}: use 1 or more (10 = the default warm-up)")
-        if len(self.label_shift) != 2 or any(int(v) != v or abs(int(v)) > 64 for v in self.label_shift):
-            raise ParameterError(f"label_shift {list(self.label_shift)}: give [rows, cols], whole pixels (e.g. [1, 1])")
+        _check_shift(self.label_shift, "label_shift")
         if not 0.0 <= self.min_labelled <= 1.0:
             raise ParameterError(f"min_labelled {self.min_labelled}: use a fraction 0..1")
         if not isinstance(self.adapt_prior, bool):
@@ -275,12 +277,13 @@ class TrainConfig:
         """
         if self.scenes is None:
             return [{"image": self.image, "labels": self.labels, "train_region": self.train_region,
-                     "val_region": self.val_region}]
+                     "val_region": self.val_region, "label_shift": self.label_shift}]
         out: list[dict[str, Any]] = []
         for k, sc in enumerate(self.scenes, 1):
             image = str(sc["image"])
+            sc = {"label_shift": self.label_shift, **sc}  # the config's label_shift unless the scene has its own
             if not _GLOB_CHARS & set(image):
-                out.append(dict(sc))
+                out.append(sc)
                 continue
             matches = sorted(p for p in glob.glob(image) if Path(p).is_file())
             if not matches:
@@ -288,6 +291,17 @@ class TrainConfig:
                                      "(relative paths are read from the working directory)")
             out.extend({**sc, "image": m, "labels": str(sc["labels"]).replace("{stem}", Path(m).stem)} for m in matches)
         return out
+
+
+def _check_shift(value: Any, what: str) -> tuple[int, int]:
+    """A ``label_shift`` as ``(rows, cols)`` of whole pixels, or a ParameterError naming ``what``."""
+    try:
+        ok = len(value) == 2 and all(int(v) == v and abs(int(v)) <= 64 for v in value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ParameterError(f"{what} {value!r}: give [rows, cols], whole pixels (e.g. [1, 1])")
+    return int(value[0]), int(value[1])
 
 
 # ---- regions -----------------------------------------------------------------------------------
@@ -990,7 +1004,7 @@ class Trainer:
                                          "make them disjoint")
             scenes.append({"k": k, "image": image_path, "labels": labels_path, "labels_given": Path(spec["labels"]), "meta": meta,
                            "label_nodata": label_meta.nodata, "bands": bands, "train_region": train_region,
-                           "val_region": val_region})
+                           "val_region": val_region, "label_shift": tuple(spec["label_shift"])})
         self.scenes = [{**{k: v for k, v in sc.items() if k not in ("meta", "k", "labels_given")},
                         "labels": sc["labels_given"]} for sc in scenes]
         all_scenes, scenes = scenes, [sc for sc in scenes if sc["train_region"] is not None]
@@ -1005,7 +1019,7 @@ class Trainer:
         present_set: set[int] = set()
         max_label = 0
         for sc in scenes:
-            raw_train, _ = read_labels(sc["labels"], sc["train_region"].window, cfg.label_shift)
+            raw_train, _ = read_labels(sc["labels"], sc["train_region"].window, sc["label_shift"])
             nodata = sc["label_nodata"]
             present_set |= {int(v) for v in np.unique(raw_train[sc["train_region"].mask]) if int(v) not in cfg.ignore
                             and int(v) >= 0 and int(v) != (nodata if nodata is not None else -1)}
@@ -1031,7 +1045,7 @@ class Trainer:
             check_region_memory(sc["train_region"], len(self.bands), dtype, where(sc["k"], "train_region"),
                                 "train_region")
             loaded.append(load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], sc["train_region"], self.lut,
-                                      cfg.ignore, cfg.label_shift))
+                                      cfg.ignore, sc["label_shift"]))
         scale = DEFAULT_SCALE.get(dtype, DEFAULT_SCALE["default"])
         if len(scenes) > 1:
             mean, std = pooled_band_statistics(
@@ -1074,7 +1088,7 @@ class Trainer:
             ctx = _context_region(sc["val_region"], around, self.window // 2)
             check_region_memory(ctx, len(self.bands), dtype, where(sc["k"], "val_region"), "val_region")
             vimg, vidx, _, vgaps = load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], ctx, self.lut,
-                                              cfg.ignore, cfg.label_shift)
+                                              cfg.ignore, sc["label_shift"])
             self.val_sets.append(RegionData(self.normalization.apply(vimg, dtype, vgaps, self.gap_fill), vidx,
                                             sc["val_region"]))
         self.val_data: RegionData | None = self.val_sets[0] if self.val_sets else None
@@ -1179,7 +1193,9 @@ class Trainer:
                    {"scenes": [{"image": str(sc["image"]), "labels": str(sc["labels"]),
                                 "train_region": _plain_region(sc.get("train_region")),
                                 "val_region": _plain_region(sc.get("val_region")),
-                                **({"use": sc["use"]} if sc.get("use") else {})} for sc in cfg.scenes],
+                                **({"use": sc["use"]} if sc.get("use") else {}),
+                                **({"label_shift": list(sc["label_shift"])} if sc.get("label_shift") else {})}
+                               for sc in cfg.scenes],
                     "scene_files": len(self.scenes)}),
                 "bands": list(self.bands),
                 "ignore": list(cfg.ignore), "window": self.window, "batch_size": cfg.batch_size,

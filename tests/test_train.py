@@ -662,6 +662,28 @@ def test_scene_lists_are_checked_before_reading(scene: tuple[Path, Path], tmp_pa
             {"image": str(scene[0]), "labels": str(scene[1])}, {"image": str(second[0]), "labels": str(scene[1])}]))
 
 
+def test_a_scene_s_own_label_shift_moves_only_its_labels(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    # label_shift in a scene entry applies to that scene only; the others keep the config's.
+    second = _second_scene(tmp_path)
+    base = Trainer(_scenes_cfg(scene, second, tmp_path / "o", label_shift=[0, 1]))
+    cfg = _scenes_cfg(scene, second, tmp_path / "o2", label_shift=[0, 1], scenes=[
+        {"image": str(scene[0]), "labels": str(scene[1]), "train_region": [0, 0, 48, 48]},
+        {"image": str(second[0]), "labels": str(second[1]), "train_region": [0, 0, 40, 40], "label_shift": [2, 0]}])
+    assert [sc["label_shift"] for sc in cfg.scene_list()] == [(0, 1), (2, 0)]
+    t = Trainer(cfg)
+    np.testing.assert_array_equal(t.train_sets[0].labels, base.train_sets[0].labels)  # the config's [0, 1]
+    plain = Trainer(_scenes_cfg(scene, second, tmp_path / "o3"))
+    a, b = plain.train_sets[1].labels, t.train_sets[1].labels
+    assert (b[:2] == IGNORE_INDEX).all()
+    np.testing.assert_array_equal(b[2:], a[:-2])  # two rows down, no column shift
+    assert t.card({}, 0).training["scenes"][1]["label_shift"] == [2, 0]
+    assert "label_shift" not in t.card({}, 0).training["scenes"][0]
+    with pytest.raises(ParameterError, match="scene 2 label_shift"):
+        _scenes_cfg(scene, second, tmp_path / "o4", scenes=[
+            {"image": str(scene[0]), "labels": str(scene[1])},
+            {"image": str(second[0]), "labels": str(second[1]), "label_shift": [1.5, 0]}])
+
+
 def test_a_large_region_is_predicted_in_bands_with_the_same_result() -> None:
     from geoseg.train import predict_array
 
