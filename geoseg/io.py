@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import warnings
 from collections.abc import Sequence
@@ -142,7 +143,7 @@ def check_georeferenced(meta: SceneMeta) -> None:
 
 
 # ---- reading -----------------------------------------------------------------------------
-_handles: dict[tuple[int, str], Any] = {}
+_handles: dict[tuple[int, int, str], Any] = {}
 _handles_lock = threading.Lock()
 
 
@@ -152,7 +153,8 @@ def _handle(path: Path) -> Any:
     Reader threads keep their handle between windows; :func:`close_handles` closes them when a
     scene is done, so a long batch run does not accumulate open files.
     """
-    key = (threading.get_ident(), str(path))
+    # The process id too: a forked worker (a DataLoader's) must not reuse its parent's handle.
+    key = (os.getpid(), threading.get_ident(), str(path))
     ds = _handles.get(key)
     if ds is None or ds.closed:
         ds = rasterio.open(path)
@@ -164,7 +166,7 @@ def _handle(path: Path) -> Any:
 def close_handles(path: str | Path) -> None:
     """Close every thread's cached handle of ``path`` (call when no read of it is running)."""
     with _handles_lock:
-        for key in [k for k in _handles if k[1] == str(path)]:
+        for key in [k for k in _handles if k[2] == str(path)]:
             _handles.pop(key).close()
 
 

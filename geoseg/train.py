@@ -67,6 +67,7 @@ LossName = Literal["ce", "dice", "ce+dice"]
 ScheduleName = Literal["poly", "cosine", "constant"]
 ClassWeights = Literal["none", "auto", "balanced"]
 DeviceName = Literal["auto", "cpu", "gpu"]
+ReadFrom = Literal["auto", "memory", "disk"]
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -134,6 +135,7 @@ class TrainConfig:
     adapt_prior: bool = False
     amp: bool = True
     device: DeviceName = "auto"
+    read_from: ReadFrom = "auto"
     workers: int = 0
     seed: int = 0
     tile_overlap: int | None = None
@@ -243,6 +245,9 @@ class TrainConfig:
             raise ParameterError(f"class_weights {self.class_weights!r}: choose none, auto, balanced or a list of weights")
         if not 0.0 <= self.band_dropout <= 1.0:
             raise ParameterError(f"band_dropout {self.band_dropout}: use a probability 0..1 (0 = off)")
+        if self.read_from not in ("auto", "memory", "disk"):
+            raise ParameterError(f"read_from {self.read_from!r}: choose auto (in memory when the regions fit in half the "
+                                 "available memory, else from disk), memory or disk")
         if not 0.0 <= self.mosaic <= 1.0:
             raise ParameterError(f"mosaic {self.mosaic}: use a probability 0..1 (0 = off)")
         if not 0.0 <= self.ema < 1.0:
@@ -545,28 +550,48 @@ def pooled_band_statistics(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndar
     """:func:`band_statistics` over several regions together: ``parts`` are ``(image CHW raw,
     valid HW, missing CHW or None)``; each region's mean and sum of squared deviations are
     combined exactly (Chan et al.), as if the pixels of all regions were one sample."""
-    if not any(valid.any() for _, valid, _ in parts):
-        raise ParameterError("the training regions have no valid (non-nodata) pixels")
-    mean, std = [], []
-    for b in range(parts[0][0].shape[0]):
-        n, m, m2 = 0, 0.0, 0.0
-        for image, valid, missing in parts:
+    moments = BandMoments(parts[0][0].shape[0], scale)
+    for image, valid, missing in parts:
+        moments.add(image, valid, missing)
+    return moments.result()
+
+
+class BandMoments:
+    """Per-band mean and std of ``image * scale`` accumulated over parts (regions, or blocks of
+    rows of a region read one at a time): each part's mean and sum of squared deviations are
+    combined exactly (Chan et al.), as if all pixels were one sample."""
+
+    def __init__(self, bands: int, scale: float) -> None:
+        self.scale = scale
+        self.n = [0] * bands
+        self.m = [0.0] * bands
+        self.m2 = [0.0] * bands
+
+    def add(self, image: np.ndarray, valid: np.ndarray, missing: np.ndarray | None) -> None:
+        """Add the valid pixels (HW bool) of ``image`` (CHW raw), each band without its ``missing`` ones."""
+        for b in range(len(self.n)):
             use = valid if missing is None else valid & ~missing[b]
-            px = image[b][use].astype(np.float64) * scale
+            px = image[b][use].astype(np.float64) * self.scale
             if px.size == 0:
                 continue
             nb, mb = px.size, float(px.mean())
             m2b = float(((px - mb) ** 2).sum())
-            delta = mb - m
+            n = self.n[b]
+            delta = mb - self.m[b]
             tot = n + nb
-            m += delta * nb / tot
-            m2 += m2b + delta * delta * n * nb / tot
-            n = tot
-        if n == 0:
-            raise ParameterError(f"band {b + 1} has no data in the training regions: pick other bands")
-        mean.append(m)
-        std.append(max(float(np.sqrt(m2 / n)), 1e-6))
-    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+            self.m[b] += delta * nb / tot
+            self.m2[b] += m2b + delta * delta * n * nb / tot
+            self.n[b] = tot
+
+    def result(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` per band, rounded as :func:`band_statistics` rounds them."""
+        if not any(self.n):
+            raise ParameterError("the training regions have no valid (non-nodata) pixels")
+        for b, n in enumerate(self.n):
+            if n == 0:
+                raise ParameterError(f"band {b + 1} has no data in the training regions: pick other bands")
+        std = [max(float(np.sqrt(m2 / n)), 1e-6) for m2, n in zip(self.m2, self.n)]
+        return tuple(round(float(v), 6) for v in self.m), tuple(round(float(v), 6) for v in std)
 
 
 def region_memory(region: Region, bands: int, dtype: str) -> int:
@@ -610,6 +635,57 @@ def load_region(image_path: Path, bands: tuple[int, ...], meta: Any, labels_path
         bad |= raw == int(label_nodata)
     idx[bad] = IGNORE_INDEX
     return data, idx, valid, missing
+
+
+class DiskImage:
+    """A region's normalised image (CHW float32) that stays on disk: slicing it like an array
+    (``image[:, r0:r1, c0:c1]``) reads only that window of the file, with its band gaps, and
+    normalises it exactly as the in-memory path normalises the whole region (``read_from: disk``).
+
+    Picklable for DataLoader workers; each process (and thread) reads through its own dataset
+    handle (:func:`geoseg.io.read_window_gaps`).
+    """
+
+    ndim = 3
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, path: Path, bands: tuple[int, ...], alpha_band: int | None, region: Region,
+                 normalization: Normalization, raster_dtype: str, gap_fill: float) -> None:
+        self.path, self.bands, self.alpha_band = Path(path), tuple(bands), alpha_band
+        self.row, self.col = region.row, region.col
+        self.shape = (len(bands), region.height, region.width)
+        self.normalization, self.raster_dtype, self.gap_fill = normalization, raster_dtype, gap_fill
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 3 or any(k is Ellipsis for k in key):
+            raise IndexError("DiskImage takes [bands, rows, cols] with slices")
+        key = key + (slice(None),) * (3 - len(key))
+        spans = []
+        for k, n in zip(key[1:], self.shape[1:]):
+            if not isinstance(k, slice):
+                raise IndexError("DiskImage takes slices of rows and columns")
+            start, stop, step = k.indices(n)
+            if step != 1:
+                raise IndexError("DiskImage takes slices of rows and columns with step 1")
+            spans.append((start, max(start, stop)))
+        (r0, r1), (c0, c1) = spans
+        window = Window(self.col + c0, self.row + r0, c1 - c0, r1 - r0)
+        data, _, missing = read_window_gaps(self.path, window, self.bands, self.alpha_band)
+        return self.normalization.apply(data, self.raster_dtype, missing, self.gap_fill)[key[0]]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        x = self[:, :, :]
+        return x if dtype is None else x.astype(dtype)
+
+
+def row_blocks(region: Region, max_pixels: int) -> Iterator[tuple[int, Region]]:
+    """``(first row, sub-region)`` of consecutive blocks of rows of ``region``, each of at most
+    ``max_pixels`` pixels (at least one row): a large region read one block at a time."""
+    rows = max(1, max_pixels // max(region.width, 1))
+    for r0 in range(0, region.height, rows):
+        r1 = min(region.height, r0 + rows)
+        yield r0, Region(region.row + r0, region.col, r1 - r0, region.width, region.mask[r0:r1])
 
 
 class WindowDataset:
@@ -1019,12 +1095,13 @@ class Trainer:
         present_set: set[int] = set()
         max_label = 0
         for sc in scenes:
-            raw_train, _ = read_labels(sc["labels"], sc["train_region"].window, sc["label_shift"])
             nodata = sc["label_nodata"]
-            present_set |= {int(v) for v in np.unique(raw_train[sc["train_region"].mask]) if int(v) not in cfg.ignore
-                            and int(v) >= 0 and int(v) != (nodata if nodata is not None else -1)}
-            max_label = max(max_label, int(raw_train.max(initial=0)))
-            del raw_train
+            for _, block in row_blocks(sc["train_region"], BAND_PIXELS):
+                raw_train, _ = read_labels(sc["labels"], block.window, sc["label_shift"])
+                present_set |= {int(v) for v in np.unique(raw_train[block.mask]) if int(v) not in cfg.ignore
+                                and int(v) >= 0 and int(v) != (nodata if nodata is not None else -1)}
+                max_label = max(max_label, int(raw_train.max(initial=0)))
+                del raw_train
         present = sorted(present_set)
         self.classes = class_table(cfg, scenes[0]["labels"], present)
         ids = [c.id for c in self.classes]
@@ -1035,39 +1112,18 @@ class Trainer:
         if unknown:
             log.warning("warning: label values %s are not among the classes %s: they are ignored", unknown, ids)
 
-        # Training regions: raw pixels, then statistics over all of them, then normalised.
+        # Training regions: in memory (raw pixels, then statistics over all of them, then
+        # normalised), or, when they would not fit (read_from), labels in memory and the image
+        # read window by window from disk.
         dtype = self.meta.dtype
-        if len(scenes) > 1:  # all training regions together, before any is read
-            need = sum(region_memory(sc["train_region"], len(self.bands), dtype) for sc in scenes)
-            check_memory(need, f"the {len(scenes)} training regions", "train_region")
-        loaded = []
-        for sc in scenes:
-            check_region_memory(sc["train_region"], len(self.bands), dtype, where(sc["k"], "train_region"),
-                                "train_region")
-            loaded.append(load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], sc["train_region"], self.lut,
-                                      cfg.ignore, sc["label_shift"]))
-        scale = DEFAULT_SCALE.get(dtype, DEFAULT_SCALE["default"])
-        if len(scenes) > 1:
-            mean, std = pooled_band_statistics(
-                [(raw, valid & sc["train_region"].mask, gaps) for (raw, _, valid, gaps), sc in zip(loaded, scenes)], scale)
-        else:
-            raw, _, valid, gaps = loaded[0]
-            mean, std = band_statistics(raw, valid & self.train_region.mask, scale, gaps)
-        self.normalization = Normalization(mean=mean, std=std, scale=dict(DEFAULT_SCALE))
+        self.read_from = self._read_mode(sum(region_memory(sc["train_region"], len(self.bands), dtype)
+                                             for sc in scenes))
         self.train_sets: list[RegionData] = []
         self.train_valids: list[np.ndarray] = []
-        for k, sc in enumerate(scenes):
-            raw_img, train_idx, train_valid, gaps = loaded[k]
-            loaded[k] = None  # type: ignore[call-overload]  # the raw pixels go once normalised
-            if gaps is not None and not cfg.train_on_gaps:
-                # Pixels with a band missing stay as context (that band at its mean) but are not
-                # training targets. Off by default: predict classifies such pixels, and a model that
-                # never trained on them predicted them erratically on the NC folds (see the recipes).
-                train_idx[gaps.any(axis=0)] = IGNORE_INDEX
-            self.train_sets.append(RegionData(self.normalization.apply(raw_img, dtype, gaps, self.gap_fill),
-                                              train_idx, sc["train_region"]))
-            self.train_valids.append(train_valid & sc["train_region"].mask)
-            del raw_img, gaps
+        if self.read_from == "disk":
+            self._train_from_disk(scenes, dtype)
+        else:
+            self._train_in_memory(scenes, dtype, where)
         self.train_data = self.train_sets[0]
         self.train_valid = self.train_valids[0]
         if not any((d.labels != IGNORE_INDEX).any() for d in self.train_sets):
@@ -1086,6 +1142,12 @@ class Trainer:
             around = sc["train_region"] if sc["train_region"] is not None else Region(
                 0, 0, meta.height, meta.width, np.broadcast_to(True, (meta.height, meta.width)))  # a validation scene
             ctx = _context_region(sc["val_region"], around, self.window // 2)
+            if self.read_from == "disk":
+                check_memory(ctx.height * ctx.width * 2, f"{where(sc['k'], 'val_region')}'s labels", "val_region")
+                vidx, _ = self._scan_region(sc, ctx)
+                self.val_sets.append(RegionData(DiskImage(sc["image"], sc["bands"], meta.alpha_band, ctx, self.normalization,
+                                                          dtype, self.gap_fill), vidx, sc["val_region"]))
+                continue
             check_region_memory(ctx, len(self.bands), dtype, where(sc["k"], "val_region"), "val_region")
             vimg, vidx, _, vgaps = load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], ctx, self.lut,
                                               cfg.ignore, sc["label_shift"])
@@ -1099,6 +1161,91 @@ class Trainer:
         self.progress = progress
         self.device = self._device()
         burn_dir.cleanup()  # every label was read above
+
+    def _read_mode(self, need: int) -> str:
+        """``memory`` or ``disk`` for the training regions, whose in-memory peak is ``need`` bytes
+        (``read_from: auto`` = memory when that fits in half the available memory)."""
+        import psutil
+
+        mode = self.cfg.read_from
+        if mode == "auto":
+            available = psutil.virtual_memory().available
+            mode = "memory" if need <= available // 2 else "disk"
+            if mode == "disk":
+                log.info("the training regions need about %.1f GB in memory (%.1f GB available): reading their "
+                         "windows from disk", need / 2**30, available / 2**30)
+        return mode
+
+    def _scan_region(self, sc: Mapping[str, Any], region: Region,
+                     moments: BandMoments | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Label indexes and valid pixels (HW) of ``region``, read in blocks of rows; with
+        ``moments``, the blocks' pixels are added to the band statistics (a training region)."""
+        cfg = self.cfg
+        labels = valid_all = None
+        for r0, block in row_blocks(region, BAND_PIXELS):
+            data, idx, valid, gaps = load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], block, self.lut,
+                                                 cfg.ignore, sc["label_shift"])
+            if moments is not None:
+                moments.add(data, valid & block.mask, gaps)
+                if gaps is not None and not cfg.train_on_gaps:
+                    idx[gaps.any(axis=0)] = IGNORE_INDEX
+            if labels is None or valid_all is None:
+                labels = np.empty((region.height, region.width), idx.dtype)
+                valid_all = np.empty((region.height, region.width), bool)
+            labels[r0 : r0 + block.height] = idx
+            valid_all[r0 : r0 + block.height] = valid & block.mask
+            del data, gaps
+        assert labels is not None and valid_all is not None
+        return labels, valid_all
+
+    def _train_from_disk(self, scenes: Sequence[Mapping[str, Any]], dtype: str) -> None:
+        """Training regions read once in blocks (labels, valid pixels, exact band statistics),
+        their images left on disk (:class:`DiskImage`)."""
+        need = sum(sc["train_region"].height * sc["train_region"].width * 2 for sc in scenes)
+        check_memory(need, "the training regions' labels", "train_region")
+        moments = BandMoments(len(self.bands), DEFAULT_SCALE.get(dtype, DEFAULT_SCALE["default"]))
+        scanned = [self._scan_region(sc, sc["train_region"], moments) for sc in scenes]
+        mean, std = moments.result()
+        self.normalization = Normalization(mean=mean, std=std, scale=dict(DEFAULT_SCALE))
+        for sc, (labels, valid) in zip(scenes, scanned):
+            image = DiskImage(sc["image"], sc["bands"], sc["meta"].alpha_band, sc["train_region"], self.normalization,
+                              dtype, self.gap_fill)
+            self.train_sets.append(RegionData(image, labels, sc["train_region"]))  # type: ignore[arg-type]
+            self.train_valids.append(valid)
+
+    def _train_in_memory(self, scenes: Sequence[Mapping[str, Any]], dtype: str, where: Callable[[int, str], str]) -> None:
+        """Training regions read whole: raw pixels, statistics over all of them, normalised."""
+        cfg = self.cfg
+        if len(scenes) > 1:  # all training regions together, before any is read
+            need = sum(region_memory(sc["train_region"], len(self.bands), dtype) for sc in scenes)
+            check_memory(need, f"the {len(scenes)} training regions", "train_region")
+        loaded = []
+        for sc in scenes:
+            check_region_memory(sc["train_region"], len(self.bands), dtype, where(sc["k"], "train_region"),
+                                "train_region")
+            loaded.append(load_region(sc["image"], sc["bands"], sc["meta"], sc["labels"], sc["train_region"], self.lut,
+                                      cfg.ignore, sc["label_shift"]))
+        scale = DEFAULT_SCALE.get(dtype, DEFAULT_SCALE["default"])
+        if len(scenes) > 1:
+            mean, std = pooled_band_statistics(
+                [(raw, valid & sc["train_region"].mask, gaps) for (raw, _, valid, gaps), sc in zip(loaded, scenes)], scale)
+        else:
+            raw, _, valid, gaps = loaded[0]
+            mean, std = band_statistics(raw, valid & self.train_region.mask, scale, gaps)
+            del raw  # the raw pixels go once normalised (loaded[0] holds them until then)
+        self.normalization = Normalization(mean=mean, std=std, scale=dict(DEFAULT_SCALE))
+        for k, sc in enumerate(scenes):
+            raw_img, train_idx, train_valid, gaps = loaded[k]
+            loaded[k] = None  # type: ignore[call-overload]  # the raw pixels go once normalised
+            if gaps is not None and not cfg.train_on_gaps:
+                # Pixels with a band missing stay as context (that band at its mean) but are not
+                # training targets. Off by default: predict classifies such pixels, and a model that
+                # never trained on them predicted them erratically on the NC folds (see the recipes).
+                train_idx[gaps.any(axis=0)] = IGNORE_INDEX
+            self.train_sets.append(RegionData(self.normalization.apply(raw_img, dtype, gaps, self.gap_fill),
+                                              train_idx, sc["train_region"]))
+            self.train_valids.append(train_valid & sc["train_region"].mask)
+            del raw_img, gaps
 
     @property
     def gap_fill(self) -> float:

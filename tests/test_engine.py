@@ -223,7 +223,7 @@ def test_reader_handles_are_closed_after_a_scene(tmp_path: Path) -> None:
     src = write_raster(tmp_path / "s.tif", class_image(300, 300, 2)[None].astype(np.uint8))
     segment_scene(src, tmp_path, source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2),
                   options=PredictOptions(read_workers=2))
-    assert not [k for k in geoseg.io._handles if k[1] == str(src)]
+    assert not [k for k in geoseg.io._handles if k[2] == str(src)]
 
 
 def test_weights_digest_follows_the_weights(tmp_path: Path) -> None:

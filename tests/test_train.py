@@ -547,11 +547,66 @@ def test_a_region_too_large_for_memory_is_refused_before_reading(scene: tuple[Pa
     read = []
     monkeypatch.setattr(T, "load_region", lambda *a, **k: read.append(1))
     with pytest.raises(ParameterError, match=r"train_region \(48x48 pixels, 3 bands\): about .* GB of memory needed, .* available: .*smaller train_region"):
-        Trainer(_cfg(scene, tmp_path / "o"))
+        Trainer(_cfg(scene, tmp_path / "o", read_from="memory"))
     second = _second_scene(tmp_path)
     with pytest.raises(ParameterError, match=r"the 2 training regions: about .* GB of memory needed.* smaller train_region"):
-        Trainer(_scenes_cfg(scene, second, tmp_path / "o"))
+        Trainer(_scenes_cfg(scene, second, tmp_path / "o", read_from="memory"))
+    # read_from: auto reads such regions from disk, but their labels must still fit.
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: collections.namedtuple("vm", "available")(4_000))
+    with pytest.raises(ParameterError, match=r"training regions' labels: about .* GB of memory needed"):
+        Trainer(_cfg(scene, tmp_path / "o"))
     assert not read
+
+
+@pytest.mark.parametrize("gaps", [False, True])
+def test_regions_read_from_disk_train_as_those_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         gaps: bool) -> None:
+    # read_from: disk holds only the labels (read in blocks of rows) and reads each window from
+    # the file: the same statistics, labels, windows, validation and class prior as in memory.
+    import pickle
+
+    import geoseg.train as T
+
+    rng = np.random.default_rng(1)
+    cls = class_image(H, W, 3, seed=1) + 1
+    img = (np.array([[40, 90, 160], [200, 60, 100], [120, 180, 30]])[cls - 1].transpose(2, 0, 1)
+           + rng.normal(0, 8, (3, H, W))).clip(1, 255).astype(np.uint8)
+    img[:, :5, :7] = 0  # nodata corner
+    if gaps:
+        img[2, :, :12] = 0  # band 3's frame
+    scene = (write_raster(tmp_path / "img.tif", img, nodata=0),
+             write_raster(tmp_path / "lab.tif", cls.astype(np.uint8), nodata=0))
+    settings = {"train_on_gaps": not gaps, "params": {"width": 0.125, "gap_channels": gaps},
+                "train_region": [3, 2, 45, 44]}  # [col, row, width, height]: windows away from the origin
+    mem = Trainer(_cfg(scene, tmp_path / "m", **settings))
+    monkeypatch.setattr(T, "BAND_PIXELS", 48 * 7)  # blocks of 7 rows: statistics pooled over blocks
+    disk = Trainer(_cfg(scene, tmp_path / "d", read_from="disk", **settings))
+    assert mem.read_from == "memory" and disk.read_from == "disk"
+    assert isinstance(disk.train_data.image, T.DiskImage) and disk.train_data.image.shape == mem.train_data.image.shape
+    np.testing.assert_allclose(disk.normalization.mean, mem.normalization.mean, atol=2e-6)
+    np.testing.assert_allclose(disk.normalization.std, mem.normalization.std, atol=2e-6)
+    np.testing.assert_array_equal(disk.train_data.labels, mem.train_data.labels)
+    np.testing.assert_array_equal(disk.train_valid, mem.train_valid)
+    assert disk.val_data is not None and mem.val_data is not None
+    np.testing.assert_array_equal(disk.val_data.labels, mem.val_data.labels)
+    np.testing.assert_allclose(np.asarray(disk.val_data.image), mem.val_data.image, atol=1e-4, equal_nan=True)
+    image = pickle.loads(pickle.dumps(disk.train_data.image))  # as DataLoader workers get it
+    np.testing.assert_allclose(image[:, 10:42, 3:35], mem.train_data.image[:, 10:42, 3:35], atol=1e-4, equal_nan=True)
+    np.testing.assert_allclose(image[1], mem.train_data.image[1], atol=1e-4, equal_nan=True)
+    a = WindowDataset(disk.train_data, 32, 6, seed=4, brightness=0.1, gap_fill=disk.gap_fill)
+    b = WindowDataset(mem.train_data, 32, 6, seed=4, brightness=0.1, gap_fill=mem.gap_fill)
+    for i in range(6):
+        np.testing.assert_allclose(a[i][0], b[i][0], atol=1e-4, equal_nan=True)
+        np.testing.assert_array_equal(a[i][1], b[i][1])
+    res = train(_cfg(scene, tmp_path / "run", read_from="disk", iterations=3, **settings))
+    assert res.best_miou is not None and res.weights.exists()
+    model = disk.configure_model()
+    from geoseg.models.checkpoints import load_weights
+
+    load_weights(model, res.weights)
+    # The class prior (sampled windows) and validation (blended windows) read the same pixels.
+    np.testing.assert_allclose(disk.class_prior(model), mem.class_prior(model), atol=1e-4)
+    assert disk.validate(model)["miou"] == pytest.approx(mem.validate(model)["miou"], abs=1e-3)
 
 
 # ---- several scenes -------------------------------------------------------------------------------
