@@ -391,12 +391,9 @@ class DeepLabV3P(nn.Layer):
             gap_channels: Read NaN input values as "no data in this band" and add one
                 presence channel per band (see :func:`geoseg.models.gap_channels_input`);
                 the backbone and the refinement then take ``2 * in_channels`` channels.
-            indices: Pairs ``[a, b]`` of 1-based band positions; each adds the input channel
-                ``(A - B) / (|A| + |B|)`` of the bands before normalisation (e.g. ``[[4, 3]]``
-                = NDVI for blue, green, red, NIR; see
-                :func:`geoseg.models.normalized_difference_input`).
-            band_stats: The normalisation ``(mean, std)`` of the input bands; needed with
-                ``indices`` (the model card passes it).
+            indices: Normalised-difference input channels of band pairs, and
+            band_stats: the normalisation ``(mean, std)`` they undo, as for the UNet (see
+                :func:`geoseg.models.check_indices`).
             pretrained: Optional ``.pdparams`` file with weights for the whole network,
                 loaded with :func:`geoseg.models.checkpoints.load_weights`.
             backbone: A ready-made :class:`ResNetVd` to use instead of building one from
