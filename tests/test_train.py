@@ -556,6 +556,24 @@ def test_a_region_too_large_for_memory_is_refused_before_reading(scene: tuple[Pa
     with pytest.raises(ParameterError, match=r"training regions' labels: about .* GB of memory needed"):
         Trainer(_cfg(scene, tmp_path / "o"))
     assert not read
+    with pytest.raises(ParameterError, match="read_from 'ram': choose auto"):
+        _cfg(scene, tmp_path / "o", read_from="ram")
+
+
+def test_auto_reads_from_disk_what_would_take_over_half_the_memory(scene: tuple[Path, Path], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import collections
+
+    import psutil
+
+    from geoseg.train import region_memory
+
+    t = Trainer(_cfg(scene, tmp_path / "o"))
+    assert t.read_from == "memory"
+    need = region_memory(t.train_region, 3, "uint8")
+    for available, mode in ((2 * need, "memory"), (2 * need - 2, "disk")):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda a=available: collections.namedtuple("vm", "available")(a))
+        assert Trainer(_cfg(scene, tmp_path / "o")).read_from == mode
 
 
 @pytest.mark.parametrize("gaps", [False, True])
