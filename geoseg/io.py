@@ -145,21 +145,32 @@ def check_georeferenced(meta: SceneMeta) -> None:
 # ---- reading -----------------------------------------------------------------------------
 _handles: dict[tuple[int, int, str], Any] = {}
 _handles_lock = threading.Lock()
+#: Handles one thread keeps open at most; reading windows of more files (training on many
+#: scenes from disk) closes its least recently used one, so the open files stay bounded.
+MAX_THREAD_HANDLES = 32
 
 
 def _handle(path: Path) -> Any:
     """A dataset handle for ``path`` owned by the calling thread (GDAL handles are not shared).
 
     Reader threads keep their handle between windows; :func:`close_handles` closes them when a
-    scene is done, so a long batch run does not accumulate open files.
+    scene is done, so a long batch run does not accumulate open files, and one thread keeps at
+    most :data:`MAX_THREAD_HANDLES` open (the least recently used goes first).
     """
     # The process id too: a forked worker (a DataLoader's) must not reuse its parent's handle.
-    key = (os.getpid(), threading.get_ident(), str(path))
-    ds = _handles.get(key)
-    if ds is None or ds.closed:
-        ds = rasterio.open(path)
-        with _handles_lock:
-            _handles[key] = ds
+    owner = (os.getpid(), threading.get_ident())
+    key = (*owner, str(path))
+    with _handles_lock:
+        ds = _handles.pop(key, None)
+        if ds is not None and not ds.closed:
+            _handles[key] = ds  # most recently used last
+            return ds
+    ds = rasterio.open(path)
+    with _handles_lock:
+        _handles[key] = ds
+        mine = [k for k in _handles if k[:2] == owner]
+        for old in mine[: max(0, len(mine) - MAX_THREAD_HANDLES)]:
+            _handles.pop(old).close()
     return ds
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -224,6 +225,33 @@ def test_reader_handles_are_closed_after_a_scene(tmp_path: Path) -> None:
     segment_scene(src, tmp_path, source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2),
                   options=PredictOptions(read_workers=2))
     assert not [k for k in geoseg.io._handles if k[2] == str(src)]
+
+
+def test_one_thread_keeps_a_bounded_number_of_files_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Training from disk on many scenes reads windows of many files from one thread: the least
+    # recently used handles close, the reads stay right; a forked worker (another process id)
+    # opens its own handle instead of sharing its parent's.
+    import os
+
+    from rasterio.windows import Window
+
+    import geoseg.io
+    from geoseg.io import _handle, read_window_gaps
+
+    monkeypatch.setattr(geoseg.io, "MAX_THREAD_HANDLES", 4)
+    paths = [write_raster(tmp_path / f"s{k}.tif", np.full((1, 8, 8), k + 1, np.uint8)) for k in range(10)]
+    for _ in range(2):
+        for k, p in enumerate(paths):
+            data, _, _ = read_window_gaps(p, Window(0, 0, 4, 4), (1,))
+            assert (data == k + 1).all()
+    mine = [h for key, h in geoseg.io._handles.items() if key[:2] == (os.getpid(), threading.get_ident())]
+    assert len(mine) == 4 and not any(h.closed for h in mine)
+    first = _handle(paths[-1])
+    assert _handle(paths[-1]) is first
+    monkeypatch.setattr(os, "getpid", lambda: -1)
+    assert _handle(paths[-1]) is not first
+    for p in paths:
+        geoseg.io.close_handles(p)
 
 
 def test_weights_digest_follows_the_weights(tmp_path: Path) -> None:
