@@ -601,6 +601,11 @@ def region_memory(region: Region, bands: int, dtype: str) -> int:
     return region.height * region.width * (bands * (itemsize + 1 + 4) + 12)
 
 
+def label_memory(region: Region) -> int:
+    """Bytes a region read from disk keeps (``read_from: disk``): its labels and valid pixels."""
+    return region.height * region.width * 2
+
+
 def check_region_memory(region: Region, bands: int, dtype: str, what: str, key: str) -> None:
     """Refuse, before reading it, a region whose pixels would not fit in the available memory
     (``geoseg train`` holds its training and validation regions in memory)."""
@@ -1143,7 +1148,7 @@ class Trainer:
                 0, 0, meta.height, meta.width, np.broadcast_to(True, (meta.height, meta.width)))  # a validation scene
             ctx = _context_region(sc["val_region"], around, self.window // 2)
             if self.read_from == "disk":
-                check_memory(ctx.height * ctx.width * 2, f"{where(sc['k'], 'val_region')}'s labels", "val_region")
+                check_memory(label_memory(ctx), f"{where(sc['k'], 'val_region')}'s labels", "val_region")
                 vidx, _ = self._scan_region(sc, ctx)
                 self.val_sets.append(RegionData(DiskImage(sc["image"], sc["bands"], meta.alpha_band, ctx, self.normalization,
                                                           dtype, self.gap_fill), vidx, sc["val_region"]))
@@ -1161,6 +1166,14 @@ class Trainer:
         self.progress = progress
         self.device = self._device()
         burn_dir.cleanup()  # every label was read above
+
+    def _drop_gap_targets(self, labels: np.ndarray, gaps: np.ndarray | None) -> None:
+        """With ``train_on_gaps: false``, pixels with a band missing stay as context (that band at
+        its mean) but are not training targets. Off by default: predict classifies such pixels, and
+        a model that never trained on them predicted them erratically on the NC folds (see the
+        recipes)."""
+        if gaps is not None and not self.cfg.train_on_gaps:
+            labels[gaps.any(axis=0)] = IGNORE_INDEX
 
     def _read_mode(self, need: int) -> str:
         """``memory`` or ``disk`` for the training regions, whose in-memory peak is ``need`` bytes
@@ -1187,8 +1200,7 @@ class Trainer:
                                                  cfg.ignore, sc["label_shift"])
             if moments is not None:
                 moments.add(data, valid & block.mask, gaps)
-                if gaps is not None and not cfg.train_on_gaps:
-                    idx[gaps.any(axis=0)] = IGNORE_INDEX
+                self._drop_gap_targets(idx, gaps)
             if labels is None or valid_all is None:
                 labels = np.empty((region.height, region.width), idx.dtype)
                 valid_all = np.empty((region.height, region.width), bool)
@@ -1201,8 +1213,8 @@ class Trainer:
     def _train_from_disk(self, scenes: Sequence[Mapping[str, Any]], dtype: str) -> None:
         """Training regions read once in blocks (labels, valid pixels, exact band statistics),
         their images left on disk (:class:`DiskImage`)."""
-        need = sum(sc["train_region"].height * sc["train_region"].width * 2 for sc in scenes)
-        check_memory(need, "the training regions' labels", "train_region")
+        check_memory(sum(label_memory(sc["train_region"]) for sc in scenes), "the training regions' labels",
+                     "train_region")
         moments = BandMoments(len(self.bands), DEFAULT_SCALE.get(dtype, DEFAULT_SCALE["default"]))
         scanned = [self._scan_region(sc, sc["train_region"], moments) for sc in scenes]
         mean, std = moments.result()
@@ -1237,11 +1249,7 @@ class Trainer:
         for k, sc in enumerate(scenes):
             raw_img, train_idx, train_valid, gaps = loaded[k]
             loaded[k] = None  # type: ignore[call-overload]  # the raw pixels go once normalised
-            if gaps is not None and not cfg.train_on_gaps:
-                # Pixels with a band missing stay as context (that band at its mean) but are not
-                # training targets. Off by default: predict classifies such pixels, and a model that
-                # never trained on them predicted them erratically on the NC folds (see the recipes).
-                train_idx[gaps.any(axis=0)] = IGNORE_INDEX
+            self._drop_gap_targets(train_idx, gaps)
             self.train_sets.append(RegionData(self.normalization.apply(raw_img, dtype, gaps, self.gap_fill),
                                               train_idx, sc["train_region"]))
             self.train_valids.append(train_valid & sc["train_region"].mask)
