@@ -1219,6 +1219,13 @@ class Trainer:
         scanned = [self._scan_region(sc, sc["train_region"], moments) for sc in scenes]
         mean, std = moments.result()
         self.normalization = Normalization(mean=mean, std=std, scale=dict(DEFAULT_SCALE))
+        striped = [sc["image"].name for sc in scenes
+                   if sc["meta"].block_shape[1] >= sc["meta"].width > 2 * self.cfg.window]
+        if striped:
+            log.warning("warning: %s %s stored in strips, not tiles: each training window read from disk decodes "
+                        "whole rows of the image; a tiled copy trains faster (gdal_translate -co TILED=YES, or a COG)",
+                        ", ".join(striped[:3]) + (f" and {len(striped) - 3} more" if len(striped) > 3 else ""),
+                        "is" if len(striped) == 1 else "are")
         for sc, (labels, valid) in zip(scenes, scanned):
             image = DiskImage(sc["image"], sc["bands"], sc["meta"].alpha_band, sc["train_region"], self.normalization,
                               dtype, self.gap_fill)

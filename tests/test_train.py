@@ -560,6 +560,19 @@ def test_a_region_too_large_for_memory_is_refused_before_reading(scene: tuple[Pa
         _cfg(scene, tmp_path / "o", read_from="ram")
 
 
+def test_reading_a_striped_image_from_disk_suggests_a_tiled_copy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cls = (class_image(48, 100, 3, seed=2) + 1).astype(np.uint8)
+    img = np.stack([cls * 40, cls * 30, cls * 20]).astype(np.uint8)
+    labels = write_raster(tmp_path / "lab.tif", cls, nodata=0)
+    for name, profile, warns in (("striped", {}, True),
+                                 ("tiled", {"tiled": True, "blockxsize": 16, "blockysize": 16}, False)):
+        scene = (write_raster(tmp_path / f"{name}.tif", img, nodata=0, **profile), labels)
+        caplog.clear()
+        Trainer(_cfg(scene, tmp_path / name, read_from="disk", train_region=[0, 0, 100, 40], val_region=None))
+        assert ("stored in strips" in caplog.text) is warns, name
+        assert (f"{name}.tif is stored in strips" in caplog.text) is warns
+
+
 def test_auto_reads_from_disk_what_would_take_over_half_the_memory(scene: tuple[Path, Path], tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import collections
