@@ -560,7 +560,13 @@ def test_a_region_too_large_for_memory_is_refused_before_reading(scene: tuple[Pa
         _cfg(scene, tmp_path / "o", read_from="ram")
 
 
-def test_reading_a_striped_image_from_disk_suggests_a_tiled_copy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_reading_a_striped_image_from_disk_suggests_a_tiled_copy(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    # The CLI (run by other tests in this process) stops geoseg's records at its own handler.
+    monkeypatch.setattr(logging.getLogger("geoseg"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="geoseg")
     cls = (class_image(48, 100, 3, seed=2) + 1).astype(np.uint8)
     img = np.stack([cls * 40, cls * 30, cls * 20]).astype(np.uint8)
     labels = write_raster(tmp_path / "lab.tif", cls, nodata=0)
