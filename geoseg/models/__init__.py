@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import paddle
 
 __all__ = [
-    "MODEL_NAMES", "build_model", "check_indices", "gap_channels_input", "model_class", "normalized_difference_input",
-    "register_model", "validate_io",
+    "MODEL_NAMES", "build_model", "check_indices", "expand_input", "gap_channels_input", "model_class",
+    "normalized_difference_input", "register_model", "validate_io",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,17 +83,27 @@ def validate_io(num_classes: int, in_channels: int) -> None:
             raise ModelError(f"{label} must be a positive integer, got {value!r}")
 
 
-def network_in_channels(in_channels: int, gap_channels: Any, indices: Any = None, band_stats: Any = None) -> int:
+def network_in_channels(in_channels: int, gap_channels: Any, indices: tuple[tuple[int, int], ...] = ()) -> int:
     """Channels a model's first layers take: ``in_channels``, doubled by ``gap_channels``, plus
-    one per normalised-difference index.
+    one per normalised-difference index (``indices`` as :func:`check_indices` returns them).
 
-    Validates ``gap_channels`` (see :func:`gap_channels_input`) and ``indices`` (see
-    :func:`check_indices`).
+    Validates ``gap_channels`` (see :func:`gap_channels_input`).
     """
     if not isinstance(gap_channels, bool):
         raise ModelError(f"gap_channels must be true or false, got {gap_channels!r}")
-    pairs = check_indices(indices, in_channels, band_stats)
-    return (in_channels * 2 if gap_channels else in_channels) + len(pairs)
+    return (in_channels * 2 if gap_channels else in_channels) + len(indices)
+
+
+def expand_input(x: paddle.Tensor, gap_channels: bool, indices: tuple[tuple[int, int], ...],
+                 band_stats: Any) -> paddle.Tensor:
+    """A model's input as its first layers take it: band-gap presence channels
+    (:func:`gap_channels_input`), then normalised-difference indices
+    (:func:`normalized_difference_input`), each when the model has them."""
+    if gap_channels:
+        x = gap_channels_input(x)
+    if indices:
+        x = normalized_difference_input(x, indices, band_stats)
+    return x
 
 
 def check_indices(indices: Any, in_channels: int, band_stats: Any) -> tuple[tuple[int, int], ...]:

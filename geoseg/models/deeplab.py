@@ -43,7 +43,7 @@ from paddle import nn
 
 from geoseg.errors import ModelError
 from geoseg.models import (
-    DEEPLAB_ASPP_RATES, check_indices, gap_channels_input, network_in_channels, normalized_difference_input,
+    DEEPLAB_ASPP_RATES, check_indices, expand_input, network_in_channels,
     register_model, validate_io,
 )
 
@@ -415,9 +415,9 @@ class DeepLabV3P(nn.Layer):
             raise ModelError(f"fine_channels must be 0 (off) or a positive integer, got {fine_channels!r}")
         self.num_classes = num_classes
         self.in_channels = in_channels
-        net_in = network_in_channels(in_channels, gap_channels, indices, band_stats)
-        self.gap_channels = gap_channels
         self.indices = check_indices(indices, in_channels, band_stats)
+        net_in = network_in_channels(in_channels, gap_channels, self.indices)
+        self.gap_channels = gap_channels
         self.band_stats = band_stats
         self.backbone = backbone or ResNetVd(net_in, backbone_depth, backbone_width, output_stride)
         low_channels, high_channels = self.backbone.feat_channels[0], self.backbone.feat_channels[-1]
@@ -452,10 +452,7 @@ class DeepLabV3P(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
         """Map ``[N, in_channels, H, W]`` float32 to ``[logits]``, logits ``[N, num_classes, H, W]``."""
-        if self.gap_channels:
-            x = gap_channels_input(x)
-        if self.indices:
-            x = normalized_difference_input(x, self.indices, self.band_stats)
+        x = expand_input(x, self.gap_channels, self.indices, self.band_stats)
         feats = self.backbone(x)
         low = self.low_project(feats[0])
         high = resize_to(self.aspp(feats[-1]), low)

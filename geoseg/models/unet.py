@@ -22,7 +22,7 @@ from paddle import nn
 
 from geoseg.errors import ModelError
 from geoseg.models import (
-    check_indices, gap_channels_input, network_in_channels, normalized_difference_input, register_model, validate_io,
+    check_indices, expand_input, network_in_channels, register_model, validate_io,
 )
 
 __all__ = ["UNet"]
@@ -146,9 +146,9 @@ class UNet(nn.Layer):
             raise ModelError(f"upsample must be 'bilinear' or 'transpose', got {upsample!r}")
         self.num_classes = num_classes
         self.in_channels = in_channels
-        net_in = network_in_channels(in_channels, gap_channels, indices, band_stats)
-        self.gap_channels = gap_channels
         self.indices = check_indices(indices, in_channels, band_stats)
+        net_in = network_in_channels(in_channels, gap_channels, self.indices)
+        self.gap_channels = gap_channels
         self.band_stats = band_stats
         ch = [max(1, round(c * width)) for c in _BASE_CHANNELS[: depth + 1]]
         self.channels = tuple(ch)
@@ -165,10 +165,7 @@ class UNet(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
         """Map ``[N, in_channels, H, W]`` float32 to ``[logits]``, logits ``[N, num_classes, H, W]``."""
-        if self.gap_channels:
-            x = gap_channels_input(x)
-        if self.indices:
-            x = normalized_difference_input(x, self.indices, self.band_stats)
+        x = expand_input(x, self.gap_channels, self.indices, self.band_stats)
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(self.pool(skips[-1])))
