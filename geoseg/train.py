@@ -120,6 +120,11 @@ class TrainConfig:
     band_dropout: float = 0.0
     label_smoothing: float = 0.0
     mosaic: float = 0.0
+    #: Random rescaling ``[low, high]`` (e.g. ``[0.75, 1.33]``): each window is read at size
+    #: ``window / f`` for a factor ``f`` drawn log-uniformly from the range and resized to
+    #: ``window`` (image bilinear, labels nearest): objects appear between ``low`` and ``high``
+    #: times their size. ``None`` = off.
+    scale: Any = None
     ema: float = 0.0
     #: The EMA's decay is ``min(ema, (1 + it) / (ema_warmup + it))`` at iteration ``it``: with the
     #: default 10 it reaches 0.99 only after 890 iterations (0.978 at 400: the average lags the
@@ -195,6 +200,8 @@ class TrainConfig:
                 d[key] = tuple(d[key])
         if d.get("classes") is not None:
             d["classes"] = tuple(dict(c) for c in d["classes"])
+        if d.get("scale") is not None:
+            d["scale"] = _check_scale(d["scale"])
         d["params"] = dict(d.get("params") or {})
         cfg = cls(**d)
         cfg.check()
@@ -250,6 +257,8 @@ class TrainConfig:
                                  "available memory, else from disk), memory or disk")
         if not 0.0 <= self.mosaic <= 1.0:
             raise ParameterError(f"mosaic {self.mosaic}: use a probability 0..1 (0 = off)")
+        if self.scale is not None:
+            _check_scale(self.scale)
         if not 0.0 <= self.ema < 1.0:
             raise ParameterError(f"ema {self.ema}: use a decay in [0, 1), e.g. 0.99 (0 = off)")
         if not self.ema_warmup >= 1.0:
@@ -307,6 +316,19 @@ def _check_shift(value: Any, what: str) -> tuple[int, int]:
     if not ok:
         raise ParameterError(f"{what} {value!r}: give [rows, cols], whole pixels (e.g. [1, 1])")
     return int(value[0]), int(value[1])
+
+
+def _check_scale(value: Any) -> tuple[float, float] | None:
+    """A ``scale`` range as ``(low, high)`` with ``0.25 <= low <= high <= 4``, or a ParameterError."""
+    try:
+        low, high = (float(v) for v in value)
+        ok = 0.25 <= low <= high <= 4.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ParameterError(f"scale {value!r}: give [low, high] zoom factors between 0.25 and 4, e.g. [0.75, 1.33] "
+                             "(null = off)")
+    return None if low == high == 1.0 else (low, high)
 
 
 # ---- regions -----------------------------------------------------------------------------------
@@ -704,7 +726,8 @@ class WindowDataset:
     def __init__(self, data: RegionData | Sequence[RegionData], window: int, length: int, *, seed: int = 0, start: int = 0,
                  flips: bool = True, rot90: bool = True, brightness: float = 0.0, contrast: float = 0.0,
                  min_labelled: float = 0.0, global_brightness: float = 0.0, global_contrast: float = 0.0,
-                 noise: float = 0.0, mosaic: float = 0.0, band_dropout: float = 0.0, gap_fill: float = 0.0) -> None:
+                 noise: float = 0.0, mosaic: float = 0.0, band_dropout: float = 0.0, gap_fill: float = 0.0,
+                 scale: tuple[float, float] | None = None) -> None:
         """See the class docstring; ``length`` items starting at index ``start``.
 
         ``data`` may be several regions (scenes): each window then comes from one of them,
@@ -715,6 +738,9 @@ class WindowDataset:
 
         ``mosaic`` is the probability that an item is a 2x2 mosaic of four half-size windows
         from independent random places (0 = off, and then no random number is drawn for it).
+
+        ``scale`` ``(low, high)`` rescales each window by a factor drawn log-uniformly from the
+        range (see :attr:`TrainConfig.scale`; ``None`` = off, drawing nothing).
         """
         self.sets = [data] if isinstance(data, RegionData) else list(data)
         if not self.sets:
@@ -733,6 +759,7 @@ class WindowDataset:
         self.gap_fill = np.float32(gap_fill)
         self.min_labelled = min_labelled
         self.mosaic = mosaic
+        self.scale = None if scale is None else (float(scale[0]), float(scale[1]))
 
     def __len__(self) -> int:
         return self.length
@@ -765,11 +792,16 @@ class WindowDataset:
         data = self.data if self.set_weights is None else self.sets[int(rng.choice(len(self.sets), p=self.set_weights))]
         img, lab = data.image, data.labels
         _, H, W = img.shape
+        m = s
+        if self.scale is not None:
+            # Read an m-pixel window and resize it to s: objects appear s/m times their size.
+            low, high = self.scale
+            m = min(H, W, max(2, int(round(s / math.exp(rng.uniform(math.log(low), math.log(high)))))))
         best = None
         for _ in range(10):  # prefer windows with enough labelled pixels
-            r = int(rng.integers(0, H - s + 1))
-            c = int(rng.integers(0, W - s + 1))
-            y = lab[r : r + s, c : c + s]
+            r = int(rng.integers(0, H - m + 1))
+            c = int(rng.integers(0, W - m + 1))
+            y = lab[r : r + m, c : c + m]
             frac = float((y != IGNORE_INDEX).mean())
             if best is None or frac > best[0]:
                 best = (frac, r, c)
@@ -777,7 +809,42 @@ class WindowDataset:
                 break
         assert best is not None
         _, r, c = best
-        return img[:, r : r + s, c : c + s].copy(), lab[r : r + s, c : c + s].copy()
+        x, y = np.array(img[:, r : r + m, c : c + m], np.float32), lab[r : r + m, c : c + m].copy()
+        if m != s:
+            x, y = resize_bilinear(x, s), resize_nearest(y, s)
+        return x, y
+
+
+def _source_coords(n_out: int, n_in: int) -> np.ndarray:
+    """Input coordinates of ``n_out`` output pixel centres spread over ``n_in`` input pixels
+    (pixel-centre alignment, as GDAL, OpenCV and Paddle's ``align_corners=False`` resample)."""
+    return (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+
+
+def resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
+    """Resize a CHW float window to ``size`` x ``size`` by bilinear interpolation (pixel-centre
+    alignment; a NaN input spreads to the output pixels it touches)."""
+    out = x
+    for axis in (1, 2):
+        n = out.shape[axis]
+        t = np.clip(_source_coords(size, n), 0, n - 1)
+        i0 = np.floor(t).astype(np.intp)
+        i1 = np.minimum(i0 + 1, n - 1)
+        w = (t - i0).astype(np.float32)
+        shape = [1, 1, 1]
+        shape[axis] = size
+        w = w.reshape(shape)
+        out = np.take(out, i0, axis=axis) * (1 - w) + np.take(out, i1, axis=axis) * w
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def resize_nearest(y: np.ndarray, size: int) -> np.ndarray:
+    """Resize an HW label window to ``size`` x ``size`` by nearest neighbour (pixel-centre
+    alignment: no label value is invented)."""
+    rows = np.minimum(np.floor(_source_coords(size, y.shape[0]) + 0.5).astype(np.intp), y.shape[0] - 1)
+    cols = np.minimum(np.floor(_source_coords(size, y.shape[1]) + 0.5).astype(np.intp), y.shape[1] - 1)
+    rows, cols = np.maximum(rows, 0), np.maximum(cols, 0)
+    return np.ascontiguousarray(y[np.ix_(rows, cols)])
 
 
 def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, flips: bool, rot90: bool,
@@ -1370,6 +1437,7 @@ class Trainer:
                                 "noise": cfg.noise} if (cfg.global_brightness or cfg.global_contrast or cfg.noise)
                                else {}),
                             **({"mosaic": cfg.mosaic} if cfg.mosaic else {}),
+                            **({"scale": list(cfg.scale)} if cfg.scale else {}),
                             **({"band_dropout": cfg.band_dropout} if cfg.band_dropout else {})},
                 **({"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}),
                 **({"ema": cfg.ema} if cfg.ema else {}),
@@ -1411,7 +1479,7 @@ class Trainer:
                            brightness=cfg.brightness, contrast=cfg.contrast, min_labelled=cfg.min_labelled,
                            global_brightness=cfg.global_brightness, global_contrast=cfg.global_contrast,
                            noise=cfg.noise, mosaic=cfg.mosaic, band_dropout=cfg.band_dropout,
-                           gap_fill=self.gap_fill)
+                           gap_fill=self.gap_fill, scale=cfg.scale)
         loader = paddle.io.DataLoader(_PaddleDataset(ds), batch_size=cfg.batch_size, shuffle=False, drop_last=False,
                                       num_workers=cfg.workers, use_shared_memory=cfg.workers > 0)
         csv_path = self.out / "train_log.csv"

@@ -360,6 +360,48 @@ def test_mosaic_tiles_four_independent_windows_of_the_region(scene: tuple[Path, 
     np.testing.assert_array_equal(WindowDataset(data, 32, 4, seed=2, flips=False, rot90=False, mosaic=0.0)[0][1], y0)
 
 
+def test_scale_resizes_windows_image_bilinear_labels_nearest(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    from geoseg.train import Region, RegionData
+
+    t = Trainer(_cfg(scene, tmp_path / "o", scale=[0.5, 0.5]))
+    assert t.cfg.scale == (0.5, 0.5)
+    assert t.card({}, 0).training["augment"]["scale"] == [0.5, 0.5]
+    assert "scale" not in Trainer(_cfg(scene, tmp_path / "o")).card({}, 0).training["augment"]
+    # A 64x64 region read with zoom 0.5 into 32-pixel windows: the whole region, halved.
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(2, 64, 64)).astype(np.float32)
+    lab = rng.integers(0, 3, size=(64, 64)).astype(np.int64)
+    data = RegionData(img, lab, Region(0, 0, 64, 64, np.ones((64, 64), bool)))
+    x, y = WindowDataset(data, 32, 1, seed=0, flips=False, rot90=False, scale=t.cfg.scale)[0]
+    assert x.shape == (2, 32, 32) and y.shape == (32, 32)
+    # Bilinear at pixel-centre alignment halves to the mean of each 2x2 block; labels are
+    # nearest (one source pixel each, no value invented).
+    np.testing.assert_allclose(x, img.reshape(2, 32, 2, 32, 2).mean(axis=(2, 4)), atol=1e-6)
+    np.testing.assert_array_equal(y, lab[1::2, 1::2])
+    # Zoom 2: a 16-pixel source window doubled; each label repeats in a 2x2 block, and a ramp
+    # stays a ramp with half the slope inside the window.
+    ramp = np.broadcast_to(np.arange(64, dtype=np.float32), (2, 64, 64)).copy()
+    pos = np.arange(64 * 64, dtype=np.int64).reshape(64, 64)
+    x, y = WindowDataset(RegionData(ramp, pos, data.region), 32, 1, seed=3, flips=False, rot90=False, scale=(2.0, 2.0))[0]
+    r, c = divmod(int(y[0, 0]), 64)
+    np.testing.assert_array_equal(y, np.repeat(np.repeat(pos[r : r + 16, c : c + 16], 2, axis=0), 2, axis=1))
+    np.testing.assert_allclose(np.diff(x[:, :, 1:-1], axis=2), 0.5, atol=1e-5)
+    np.testing.assert_allclose(x[:, :, 1], c + 0.25, atol=1e-5)
+    # A range draws a different zoom per window; off draws nothing (older configs reproduce).
+    spans = set()
+    for i in range(8):  # the source columns a window's first row covers
+        y = WindowDataset(RegionData(ramp, pos, data.region), 32, 8, seed=1, flips=False, rot90=False, scale=(0.5, 2.0))[i][1]
+        spans.add(int(y[0, -1] - y[0, 0]))
+    assert len(spans) > 1 and min(spans) >= 15 and max(spans) <= 63
+    plain = WindowDataset(t.train_data, 32, 2, seed=5, brightness=0.1)
+    off = WindowDataset(t.train_data, 32, 2, seed=5, brightness=0.1, scale=None)
+    np.testing.assert_array_equal(plain[1][0], off[1][0])
+    for bad in ([0.1, 1.0], [1.5, 1.2], "big", [1.0]):
+        with pytest.raises(ParameterError, match="scale"):
+            _cfg(scene, tmp_path / "o", scale=bad)
+    assert _cfg(scene, tmp_path / "o", scale=[1, 1]).scale is None
+
+
 def test_ema_weights_are_validated_saved_and_resumed(scene: tuple[Path, Path], tmp_path: Path) -> None:
     from geoseg.models.checkpoints import read_state_dict
 
