@@ -63,7 +63,7 @@ _GLOB_CHARS = set("*?[")
 PRIOR_WINDOWS = 64
 #: Validation predicts a region of more pixels than this in bands of rows (bounded memory).
 BAND_PIXELS = 4_000_000
-LossName = Literal["ce", "dice", "ce+dice"]
+LossName = Literal["ce", "dice", "ce+dice", "lovasz", "ce+lovasz"]
 ScheduleName = Literal["poly", "cosine", "constant"]
 ClassWeights = Literal["none", "auto", "balanced"]
 DeviceName = Literal["auto", "cpu", "gpu"]
@@ -108,6 +108,7 @@ class TrainConfig:
     loss: LossName = "ce+dice"
     ce_weight: float = 1.0
     dice_weight: float = 1.0
+    lovasz_weight: float = 1.0
     class_weights: Any = "none"
     grad_clip: float | None = 5.0
     flips: bool = True
@@ -234,8 +235,8 @@ class TrainConfig:
         if "members" in self.params:
             raise ParameterError("params.members is for seed ensembles: train each member with its own --seed, "
                                  "then combine the runs with 'geoseg ensemble'")
-        if self.loss not in ("ce", "dice", "ce+dice"):
-            raise ParameterError(f"loss {self.loss!r}: choose ce, dice or ce+dice")
+        if self.loss not in ("ce", "dice", "ce+dice", "lovasz", "ce+lovasz"):
+            raise ParameterError(f"loss {self.loss!r}: choose ce, dice, ce+dice, lovasz or ce+lovasz")
         if self.schedule not in ("poly", "cosine", "constant"):
             raise ParameterError(f"schedule {self.schedule!r}: choose poly, cosine or constant")
         if self.device not in ("auto", "cpu", "gpu"):
@@ -929,10 +930,14 @@ def auto_class_weights(labels: np.ndarray, num_classes: int, kind: str = "auto")
 # ---- losses --------------------------------------------------------------------------------------
 def make_loss(kind: LossName, num_classes: int, class_weights: np.ndarray | None = None,
               ce_weight: float = 1.0, dice_weight: float = 1.0,
-              label_smoothing: float = 0.0) -> Callable[[Any, Any], tuple[Any, dict[str, float]]]:
+              label_smoothing: float = 0.0, lovasz_weight: float = 1.0) -> Callable[[Any, Any], tuple[Any, dict[str, float]]]:
     """Loss ``f(logits NCHW, labels NHW int64 (other integer types are cast)) -> (loss, parts)``; labels == 255 are ignored.
 
-    ``label_smoothing`` (0 = off) smooths the cross-entropy targets.
+    ``label_smoothing`` (0 = off) smooths the cross-entropy targets. ``lovasz`` is the
+    Lovász-softmax loss (Berman et al., CVPR 2018; PaddleSeg's ``LovaszSoftmaxLoss`` with
+    ``classes='present'``): the Lovász extension of each class's Jaccard loss over the batch's
+    pixels, averaged over the classes present in the labels (class weights make it a weighted
+    mean); on hard (one-hot) predictions it equals ``1 - mIoU`` of those classes.
     """
     paddle: Any = require_paddle()
     import paddle.nn.functional as F
@@ -959,6 +964,26 @@ def make_loss(kind: LossName, num_classes: int, class_weights: np.ndarray | None
             return 1.0 - (d * weight).sum() / weight.sum()
         return 1.0 - d.mean()
 
+    def lovasz(logits: Any, labels: Any) -> Any:
+        probs = F.softmax(logits, axis=1).transpose([0, 2, 3, 1]).reshape([-1, num_classes])
+        y = labels.reshape([-1])
+        keep = paddle.nonzero(y != IGNORE_INDEX).flatten()
+        if keep.shape[0] == 0:
+            return probs.sum() * 0.0
+        probs, y = paddle.gather(probs, keep), paddle.gather(y, keep)
+        terms, weights = [], []
+        for c in range(num_classes):
+            fg = (y == c).astype("float32")
+            if float(fg.sum()) == 0:  # classes='present'
+                continue
+            err = (fg - probs[:, c]).abs()
+            order = paddle.argsort(err, descending=True)
+            fg_sorted = paddle.gather(fg, order)
+            terms.append((paddle.gather(err, order) * _lovasz_grad(paddle, fg_sorted)).sum())
+            weights.append(1.0 if class_weights is None else float(class_weights[c]))
+        w = paddle.to_tensor(weights, dtype="float32")
+        return (paddle.stack(terms) * w).sum() / w.sum()
+
     def loss(logits: Any, labels: Any) -> tuple[Any, dict[str, float]]:
         logits = logits.astype("float32")
         if labels.dtype != paddle.int64:  # e.g. a region's compact uint8 label indexes
@@ -970,11 +995,27 @@ def make_loss(kind: LossName, num_classes: int, class_weights: np.ndarray | None
             case "dice":
                 ld = dice(logits, labels)
                 return ld, {"dice": float(ld)}
+            case "lovasz":
+                lz = lovasz(logits, labels)
+                return lz, {"lovasz": float(lz)}
+            case "ce+lovasz":
+                lc, lz = ce(logits, labels), lovasz(logits, labels)
+                return ce_weight * lc + lovasz_weight * lz, {"ce": float(lc), "lovasz": float(lz)}
             case _:
                 lc, ld = ce(logits, labels), dice(logits, labels)
                 return ce_weight * lc + dice_weight * ld, {"ce": float(lc), "dice": float(ld)}
 
     return loss
+
+
+def _lovasz_grad(paddle: Any, fg_sorted: Any) -> Any:
+    """Gradient of the Lovász extension of the Jaccard loss at errors sorted in decreasing order
+    (``fg_sorted``: the matching foreground indicators; Berman et al. 2018, algorithm 1)."""
+    total = fg_sorted.sum()
+    intersection = total - paddle.cumsum(fg_sorted)
+    union = total + paddle.cumsum(1.0 - fg_sorted)
+    jaccard = 1.0 - intersection / union
+    return paddle.concat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
 
 
 def _smoothed_ce(F: Any, logits: Any, labels: Any, weight: Any, eps: float, num_classes: int) -> Any:
@@ -1365,7 +1406,7 @@ class Trainer:
         if weights is not None:
             log.info("class weights: %s", ", ".join(f"{c.id}:{w:.2f}" for c, w in zip(self.classes, weights)))
         return make_loss(self.cfg.loss, self.num_classes, weights, self.cfg.ce_weight, self.cfg.dice_weight,
-                         self.cfg.label_smoothing)
+                         self.cfg.label_smoothing, self.cfg.lovasz_weight)
 
     def configure_optimizer(self, model: Any) -> Any:
         """AdamW with global-norm gradient clipping; the LR is set every step."""
@@ -1483,7 +1524,8 @@ class Trainer:
         loader = paddle.io.DataLoader(_PaddleDataset(ds), batch_size=cfg.batch_size, shuffle=False, drop_last=False,
                                       num_workers=cfg.workers, use_shared_memory=cfg.workers > 0)
         csv_path = self.out / "train_log.csv"
-        fields = ["iteration", "lr", "loss", "ce", "dice", "grad_norm", "val_miou", "val_oa", "val_kappa", "seconds"]
+        fields = ["iteration", "lr", "loss", "ce", "dice", *(["lovasz"] if "lovasz" in cfg.loss else []), "grad_norm",
+                  "val_miou", "val_oa", "val_kappa", "seconds"]
         if start == 0 or not csv_path.exists():
             with open(csv_path, "w", newline="") as f:
                 csv.writer(f).writerow(fields)

@@ -162,11 +162,42 @@ def test_schedule_warmup_poly_cosine() -> None:
     assert learning_rate(100, cos) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_lovasz_loss_is_one_minus_miou_on_hard_predictions_and_trains() -> None:
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, size=(2, 8, 8)).astype(np.int64)
+    y[0, :2] = IGNORE_INDEX
+    pred = np.where(rng.random((2, 8, 8)) < 0.6, y, rng.integers(0, 4, size=(2, 8, 8)))  # class 3 never in the labels
+    pred[y == IGNORE_INDEX] = rng.integers(0, 4, size=int((y == IGNORE_INDEX).sum()))
+    logits = np.moveaxis(np.eye(4, dtype=np.float32)[np.where(pred == IGNORE_INDEX, 0, pred)] * 60.0, -1, 1)
+    ok = y != IGNORE_INDEX
+    ious = [((pred == c) & (y == c) & ok).sum() / (((pred == c) | (y == c)) & ok).sum() for c in range(3)]
+    loss, parts = make_loss("lovasz", 4)(paddle.to_tensor(logits), paddle.to_tensor(y))
+    assert float(loss) == pytest.approx(1.0 - np.mean(ious), abs=1e-5) and set(parts) == {"lovasz"}
+    # Class weights give a weighted mean over the present classes.
+    cw = np.array([1.0, 2.0, 3.0, 9.0], np.float32)
+    wl, _ = make_loss("lovasz", 4, cw)(paddle.to_tensor(logits), paddle.to_tensor(y))
+    assert float(wl) == pytest.approx(np.dot(cw[:3], 1.0 - np.array(ious)) / cw[:3].sum(), abs=1e-5)
+    # Soft predictions: gradient steps on free logits lower it (its gradient is spread over the
+    # batch's pixels, hence the large step).
+    free = paddle.to_tensor(rng.normal(size=(2, 4, 8, 8)).astype(np.float32), stop_gradient=False)
+    first = None
+    for _ in range(20):
+        total, _ = make_loss("lovasz", 4)(free, paddle.to_tensor(y))
+        total.backward()
+        with paddle.no_grad():
+            free.set_value(free - 50.0 * free.grad)
+        free.clear_gradient()
+        first = float(total) if first is None else first
+    assert float(total) < first - 0.2
+    _, parts = make_loss("ce+lovasz", 4)(free, paddle.to_tensor(y))
+    assert set(parts) == {"ce", "lovasz"}
+
+
 def test_losses_ignore_index_and_weights() -> None:
     logits = paddle.to_tensor(np.random.default_rng(0).normal(size=(1, 3, 4, 4)).astype(np.float32))
     y = np.full((1, 4, 4), IGNORE_INDEX, np.int64)
     y[0, :2] = 1
-    for kind in ("ce", "dice", "ce+dice"):
+    for kind in ("ce", "dice", "ce+dice", "lovasz", "ce+lovasz"):
         loss, parts = make_loss(kind, 3)(logits, paddle.to_tensor(y))
         assert np.isfinite(float(loss)) and parts
     # Ignored pixels do not change the loss.
