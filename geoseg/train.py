@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import rasterio
@@ -235,8 +235,8 @@ class TrainConfig:
         if "members" in self.params:
             raise ParameterError("params.members is for seed ensembles: train each member with its own --seed, "
                                  "then combine the runs with 'geoseg ensemble'")
-        if self.loss not in ("ce", "dice", "ce+dice", "lovasz", "ce+lovasz"):
-            raise ParameterError(f"loss {self.loss!r}: choose ce, dice, ce+dice, lovasz or ce+lovasz")
+        if self.loss not in get_args(LossName):
+            raise ParameterError(f"loss {self.loss!r}: choose {', '.join(get_args(LossName))}")
         if self.schedule not in ("poly", "cosine", "constant"):
             raise ParameterError(f"schedule {self.schedule!r}: choose poly, cosine or constant")
         if self.device not in ("auto", "cpu", "gpu"):
@@ -842,10 +842,10 @@ def resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
 def resize_nearest(y: np.ndarray, size: int) -> np.ndarray:
     """Resize an HW label window to ``size`` x ``size`` by nearest neighbour (pixel-centre
     alignment: no label value is invented)."""
-    rows = np.minimum(np.floor(_source_coords(size, y.shape[0]) + 0.5).astype(np.intp), y.shape[0] - 1)
-    cols = np.minimum(np.floor(_source_coords(size, y.shape[1]) + 0.5).astype(np.intp), y.shape[1] - 1)
-    rows, cols = np.maximum(rows, 0), np.maximum(cols, 0)
-    return np.ascontiguousarray(y[np.ix_(rows, cols)])
+    def nearest(n: int) -> np.ndarray:  # always within 0 .. n-1: centres lie in [-0.5, n - 0.5)
+        return np.floor(_source_coords(size, n) + 0.5).astype(np.intp)
+
+    return np.ascontiguousarray(y[np.ix_(nearest(y.shape[0]), nearest(y.shape[1]))])
 
 
 def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, flips: bool, rot90: bool,
