@@ -708,6 +708,12 @@ def test_regions_read_from_disk_train_as_those_in_memory(tmp_path: Path, monkeyp
     for i in range(6):
         np.testing.assert_allclose(a[i][0], b[i][0], atol=1e-4, equal_nan=True)
         np.testing.assert_array_equal(a[i][1], b[i][1])
+    # Rescaled windows read from disk too (larger and smaller windows than the window size).
+    a = WindowDataset(disk.train_data, 32, 6, seed=4, gap_fill=disk.gap_fill, scale=(0.75, 1.33))
+    b = WindowDataset(mem.train_data, 32, 6, seed=4, gap_fill=mem.gap_fill, scale=(0.75, 1.33))
+    for i in range(6):
+        np.testing.assert_allclose(a[i][0], b[i][0], atol=1e-4, equal_nan=True)
+        np.testing.assert_array_equal(a[i][1], b[i][1])
     res = train(_cfg(scene, tmp_path / "run", read_from="disk", iterations=3, **settings))
     assert res.best_miou is not None and res.weights.exists()
     model = disk.configure_model()
