@@ -35,15 +35,31 @@ def main() -> None:
         "B (train rows 120-442, validate rows 0-119)": (rows >= 120, rows < 120),
     }
     for name, (tr, va) in folds.items():
-        tr, va = ok & tr, ok & va
-        rf = RandomForestClassifier(100, min_samples_leaf=2, n_jobs=1, random_state=0).fit(x[tr], y[tr])
-        pred = rf.predict(x[va])
-        cm = np.zeros((8, 8), np.int64)
-        np.add.at(cm, (y[va], pred), 1)
-        tp = np.diag(cm).astype(float)
-        iou = tp / np.maximum(cm.sum(0) + cm.sum(1) - tp, 1)
-        print(f"fold {name}: mIoU {iou[CLASSES].mean():.3f} OA {tp.sum() / cm.sum():.3f} "
-              + " ".join(f"{c}:{iou[c]:.2f}" for c in CLASSES))
+        report(f"fold {name}", fold_matrix(x, y, ok & tr, ok & va))
+    # Session 13: three row bands of the train columns, every labelled pixel validated once;
+    # the three confusion matrices are summed (pooled figures).
+    pooled = np.zeros((8, 8), np.int64)
+    for name, (r0, r1) in {"P1": (0, 171), "P2": (171, 272), "P3": (272, 443)}.items():
+        va = (rows >= r0) & (rows < r1)
+        cm = fold_matrix(x, y, ok & ~va, ok & va)
+        report(f"row fold {name} (validate rows {r0}-{r1 - 1})", cm)
+        pooled += cm
+    report("row folds P1-P3 pooled", pooled)
+
+
+def fold_matrix(x: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray) -> np.ndarray:
+    """Confusion matrix (8 x 8, rows = reference) of a forest trained on ``tr``, scored on ``va``."""
+    rf = RandomForestClassifier(100, min_samples_leaf=2, n_jobs=1, random_state=0).fit(x[tr], y[tr])
+    cm = np.zeros((8, 8), np.int64)
+    np.add.at(cm, (y[va], rf.predict(x[va])), 1)
+    return cm
+
+
+def report(name: str, cm: np.ndarray) -> None:
+    tp = np.diag(cm).astype(float)
+    iou = tp / np.maximum(cm.sum(0) + cm.sum(1) - tp, 1)
+    print(f"{name}: mIoU {iou[CLASSES].mean():.3f} OA {tp.sum() / cm.sum():.3f} "
+          + " ".join(f"{c}:{iou[c]:.2f}" for c in CLASSES), flush=True)
 
 
 if __name__ == "__main__":
