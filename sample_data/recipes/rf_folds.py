@@ -1,8 +1,8 @@
-"""Random-forest reference on geoseg's two validation folds (a diagnostic, not part of geoseg).
+"""Random-forest reference on geoseg's validation folds (a diagnostic, not part of geoseg).
 
 A per-pixel random forest on the 6 bands plus their 3x3, 5x5 and 7x7 neighbourhood means (the
 kind of baseline the issue's bar describes), trained and scored on the same folds as the CNN
-runs in README.md. It never reads the test columns 326-488. Needs scikit-learn and scipy, which
+runs in README.md (folds A and B, and session 13's three row folds, pooled). It never reads the test columns 326-488. Needs scikit-learn and scipy, which
 geoseg does not depend on:  pip install scikit-learn && python sample_data/recipes/rf_folds.py
 """
 
