@@ -25,6 +25,8 @@ import rasterio.enums
 import yaml
 from rasterio.windows import Window
 
+from geoseg.metrics import compute_metrics
+
 IMG = "sample_data/nc_landsat7/image_6band_uint8.tif"
 REF = "sample_data/nc_landsat7/landcover96_labels.tif"
 TRAIN_COLS = 326
@@ -69,10 +71,8 @@ def geoseg(*args: str) -> str:
 
 
 def figures(cm: np.ndarray) -> dict[str, float]:
-    tp = np.diag(cm).astype(float)
-    iou = tp / np.maximum(cm.sum(0) + cm.sum(1) - tp, 1)
-    return {"miou": round(float(np.mean([iou[IDS.index(c)] for c in AVERAGE])), 4),
-            "oa": round(float(tp.sum() / cm.sum()), 4)}
+    m = compute_metrics(cm, IDS, average_over=AVERAGE)
+    return {"miou": round(m.miou, 4), "oa": round(m.overall_accuracy, 4)}
 
 
 def score(runs: str, seeds: list[str]) -> None:

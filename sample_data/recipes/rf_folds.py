@@ -13,6 +13,8 @@ import rasterio
 from scipy.ndimage import uniform_filter
 from sklearn.ensemble import RandomForestClassifier
 
+from cv_folds import FOLDS as ROW_FOLDS  # the session-13 folds, defined once (this script's folder)
+
 IMG = "sample_data/nc_landsat7/image_6band_uint8.tif"
 REF = "sample_data/nc_landsat7/landcover96_labels.tif"
 CLASSES = [1, 3, 4, 5, 6, 7]  # mIoU classes, as for the test columns
@@ -39,7 +41,8 @@ def main() -> None:
     # Session 13: three row bands of the train columns, every labelled pixel validated once;
     # the three confusion matrices are summed (pooled figures).
     pooled = np.zeros((8, 8), np.int64)
-    for name, (r0, r1) in {"P1": (0, 171), "P2": (171, 272), "P3": (272, 443)}.items():
+    for name, (val, _) in ROW_FOLDS.items():
+        r0, r1 = val[1], val[1] + val[3]
         va = (rows >= r0) & (rows < r1)
         cm = fold_matrix(x, y, ok & ~va, ok & va)
         report(f"row fold {name} (validate rows {r0}-{r1 - 1})", cm)
