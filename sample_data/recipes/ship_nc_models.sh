@@ -2,8 +2,9 @@
 # Train, ship and evaluate geoseg's two land-cover models on the North Carolina Landsat-7 scene.
 # Run from the repository root. CPU only is fine (1 thread per run, two at once on 2 cores: ~35 min).
 # The fixed split: train = columns 0-325 (all of them train the shipped models; the settings were
-# chosen on two validation folds inside them, see README.md), test = columns 326-488, read only by
-# the final `geoseg evaluate --region 326,0,163,443`.
+# chosen on validation folds inside them: folds A and B until session 12, the three-fold row-band
+# cross-validation of cv_folds.py since session 13, see README.md), test = columns 326-488, read
+# only by the final `geoseg evaluate --region 326,0,163,443`.
 set -euo pipefail
 IMG=sample_data/nc_landsat7/image_6band_uint8.tif
 REF=sample_data/nc_landsat7/landcover96_labels.tif
