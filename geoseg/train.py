@@ -42,6 +42,7 @@ from geoseg.blending import BlendMode, weight_map
 from geoseg.card import DEFAULT_SCALE, PALETTE, ClassInfo, ModelCard, Normalization, gap_fill_for, model_kwargs
 from geoseg.errors import (
     GridMismatchError,
+    ModelError,
     ParameterError,
     SceneReadError,
     require_paddle,
@@ -139,6 +140,14 @@ class TrainConfig:
     label_field: str | None = None
     #: Written into the card: predict adapts this model to each scene's class priors by default.
     adapt_prior: bool = False
+    #: Knowledge distillation (a compression hook): a trained model (``geoseg train`` folder,
+    #: ``.pdparams`` with its card, or a shipped name; an ensemble too) whose class probabilities
+    #: the network also learns to match on the labelled pixels of each batch. None = off.
+    teacher: str | None = None
+    #: Weight ``w`` of the distillation term: ``(1 - w) * loss + w * T² * KL(teacher ‖ network)``.
+    distill_weight: float = 0.5
+    #: Softmax temperature ``T`` of the distillation term (1 = the teacher's own probabilities).
+    distill_temperature: float = 1.0
     amp: bool = True
     device: DeviceName = "auto"
     read_from: ReadFrom = "auto"
@@ -269,6 +278,11 @@ class TrainConfig:
             raise ParameterError(f"min_labelled {self.min_labelled}: use a fraction 0..1")
         if not isinstance(self.adapt_prior, bool):
             raise ParameterError(f"adapt_prior {self.adapt_prior!r}: use true or false")
+        if not 0.0 < self.distill_weight <= 1.0:
+            raise ParameterError(f"distill_weight {self.distill_weight}: use a fraction in (0, 1] (the teacher's share "
+                                 "of the loss)")
+        if not self.distill_temperature > 0:
+            raise ParameterError(f"distill_temperature {self.distill_temperature}: use a positive temperature, e.g. 1 or 2")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (YAML-safe)."""
@@ -1037,6 +1051,27 @@ def _smoothed_ce(F: Any, logits: Any, labels: Any, weight: Any, eps: float, num_
     return (per_pixel * w).sum() / paddle.clip(w.sum(), min=1e-6)
 
 
+def distillation_loss(F: Any, logits: Any, teacher_logits: Any, labels: Any, temperature: float = 1.0) -> Any:
+    """``T² * KL(softmax(teacher / T) ‖ softmax(logits / T))``, averaged over the pixels whose label is
+    not ignored (Hinton et al. 2015, "Distilling the knowledge in a neural network"); 0 without any."""
+    import paddle
+
+    valid = (labels != IGNORE_INDEX).astype("float32")
+    t = F.softmax(teacher_logits.astype("float32") / temperature, axis=1)
+    log_s = F.log_softmax(logits.astype("float32") / temperature, axis=1)
+    per_pixel = (t * (paddle.log(paddle.clip(t, min=1e-12)) - log_s)).sum(axis=1)
+    return (per_pixel * valid).sum() / paddle.clip(valid.sum(), min=1.0) * float(temperature) ** 2
+
+
+@dataclass(frozen=True)
+class _Teacher:
+    """A frozen distillation teacher and the per-band ``(a, b)`` (NCHW-shaped) that map this model's
+    normalised input onto the teacher's (``None``: the same normalisation)."""
+
+    layer: Any
+    affine: tuple[np.ndarray, np.ndarray] | None
+
+
 # ---- prediction over a region (validation) -------------------------------------------------------
 def window_probs(layer: Any, image: np.ndarray, tiles: Sequence[Any], batch: int = 4) -> Iterator[tuple[Any, np.ndarray]]:
     """``(tile, class probabilities CHW float32)`` of each of ``tiles`` of a normalised CHW array,
@@ -1408,6 +1443,52 @@ class Trainer:
         return make_loss(self.cfg.loss, self.num_classes, weights, self.cfg.ce_weight, self.cfg.dice_weight,
                          self.cfg.label_smoothing, self.cfg.lovasz_weight)
 
+    def configure_teacher(self) -> _Teacher | None:
+        """The distillation teacher (eval mode, frozen), or None without ``teacher``.
+
+        Its classes must be this model's; its input is this model's normalised batch mapped
+        band by band onto the teacher's own normalisation (an exact identity when both were
+        computed on the same pixels, as for models trained on the same regions).
+        """
+        cfg = self.cfg
+        self.teacher_name = None
+        if not cfg.teacher:
+            return None
+        from geoseg.engine import build_layer
+        from geoseg.ensemble import member_source
+
+        try:
+            source = member_source(cfg.teacher)
+        except ModelError as e:
+            raise ParameterError(f"teacher: {e}") from None
+        card = source.card
+        if source.export_dir is not None:
+            raise ParameterError(f"teacher {cfg.teacher} is an exported folder: give the run's weights (.pdparams + card)")
+        ids, own = [c.id for c in card.classes], [c.id for c in self.classes]
+        if ids != own:
+            raise ParameterError(f"teacher {cfg.teacher} predicts classes {ids}, this model {own}: distil from a model "
+                                 "with the same classes in the same order")
+        if len(card.normalization.mean) != len(self.bands):
+            raise ParameterError(f"teacher {cfg.teacher} reads {len(card.normalization.mean)} bands, this model "
+                                 f"{len(self.bands)}: distil from a model trained on the same bands")
+        if math.isnan(gap_fill_for(card.params)) != math.isnan(self.gap_fill):
+            raise ParameterError(f"teacher {cfg.teacher} and this model differ in gap_channels: give both the same setting")
+        dtype = self.meta.dtype
+        s, t = self.normalization, card.normalization
+        ratio = t.scale_for(dtype) / s.scale_for(dtype)
+        a = np.asarray(s.std, np.float64) * ratio / np.asarray(t.std, np.float64)
+        b = (np.asarray(s.mean, np.float64) * ratio - np.asarray(t.mean, np.float64)) / np.asarray(t.std, np.float64)
+        identity = bool(np.allclose(a, 1.0, rtol=0, atol=1e-6) and np.allclose(b, 0.0, rtol=0, atol=1e-6))
+        layer = build_layer(source)
+        for p in layer.parameters():
+            p.stop_gradient = True
+        self.teacher_name = card.name
+        log.info("distilling from %s (%s, weight %.2f, temperature %.2f%s)", cfg.teacher, card.name,
+                 cfg.distill_weight, cfg.distill_temperature, "" if identity else ", input re-normalised for it")
+        shape = (1, len(a), 1, 1)
+        return _Teacher(layer, None if identity else (a.astype(np.float32).reshape(shape),
+                                                      b.astype(np.float32).reshape(shape)))
+
     def configure_optimizer(self, model: Any) -> Any:
         """AdamW with global-norm gradient clipping; the LR is set every step."""
         paddle = self.paddle
@@ -1485,6 +1566,8 @@ class Trainer:
                 **({"ema_warmup": cfg.ema_warmup} if cfg.ema and cfg.ema_warmup != 10.0 else {}),
                 **({"train_on_gaps": False} if not cfg.train_on_gaps else {}),
                 **({"label_shift": list(cfg.label_shift)} if any(cfg.label_shift) else {}),
+                **({"teacher": {"model": str(cfg.teacher), "name": self.teacher_name, "weight": cfg.distill_weight,
+                                "temperature": cfg.distill_temperature}} if cfg.teacher else {}),
                 "seed": cfg.seed, "device": self.device,
             },
             metrics={"validation": dict(metrics)} if metrics else {},
@@ -1500,6 +1583,7 @@ class Trainer:
         np.random.seed(cfg.seed)
         model = self.configure_model()
         loss_fn = self.configure_loss()
+        self.teacher = self.configure_teacher()
         opt = self.configure_optimizer(model)
         amp = cfg.amp and self.device == "gpu"
         scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**14) if amp else None
@@ -1524,7 +1608,8 @@ class Trainer:
         loader = paddle.io.DataLoader(_PaddleDataset(ds), batch_size=cfg.batch_size, shuffle=False, drop_last=False,
                                       num_workers=cfg.workers, use_shared_memory=cfg.workers > 0)
         csv_path = self.out / "train_log.csv"
-        fields = ["iteration", "lr", "loss", "ce", "dice", *(["lovasz"] if "lovasz" in cfg.loss else []), "grad_norm",
+        fields = ["iteration", "lr", "loss", "ce", "dice", *(["lovasz"] if "lovasz" in cfg.loss else []),
+                  *(["distill"] if self.teacher is not None else []), "grad_norm",
                   "val_miou", "val_oa", "val_kappa", "seconds"]
         if start == 0 or not csv_path.exists():
             with open(csv_path, "w", newline="") as f:
@@ -1651,6 +1736,7 @@ class Trainer:
         paddle = self.paddle
         opt.set_lr(lr)
         params = params if params is not None else [p for p in model.parameters() if not p.stop_gradient]
+        loss_fn = self._with_teacher(loss_fn, x) if getattr(self, "teacher", None) is not None else loss_fn
         if scaler is not None:
             with paddle.amp.auto_cast(level="O1"):
                 out = model(x)
@@ -1670,6 +1756,27 @@ class Trainer:
             opt.step()
         opt.clear_grad()
         return float(loss), parts, gnorm
+
+    def _with_teacher(self, loss_fn: Callable[[Any, Any], tuple[Any, dict[str, float]]],
+                      x: Any) -> Callable[[Any, Any], tuple[Any, dict[str, float]]]:
+        """``loss_fn`` with the distillation term of batch ``x`` mixed in (see ``teacher``)."""
+        paddle = self.paddle
+        import paddle.nn.functional as F
+
+        cfg, teacher = self.cfg, self.teacher
+        with paddle.no_grad():
+            xt = x if teacher.affine is None else (x * paddle.to_tensor(teacher.affine[0])
+                                                    + paddle.to_tensor(teacher.affine[1]))
+            out = teacher.layer(xt)
+            target = (out[0] if isinstance(out, (list, tuple)) else out).astype("float32")
+
+        def loss(logits: Any, y: Any) -> tuple[Any, dict[str, float]]:
+            base, parts = loss_fn(logits, y)
+            kd = distillation_loss(F, logits, target, y, cfg.distill_temperature)
+            w = cfg.distill_weight
+            return base * (1.0 - w) + kd * w, {**parts, "distill": float(kd)}
+
+        return loss
 
     def _averaged(self, model: Any) -> Any:
         """Context in which ``model`` holds the weights to validate and ship (EMA when on)."""

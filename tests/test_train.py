@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import yaml
 
 from tests.conftest import class_image, write_raster
@@ -1023,3 +1024,93 @@ def test_ema_decay_warms_up_as_configured() -> None:
     # The default warm-up still averages over only the last ~20 steps at step 199; a short one
     # has reached the 0.99 decay and averages much further back.
     assert lag[10.0] < 25 and lag[2.0] > 2 * lag[10.0]
+
+
+# ---- knowledge distillation (teacher) ------------------------------------------------------------
+def test_distillation_loss_is_the_hand_computed_kl_over_labelled_pixels() -> None:
+    import paddle.nn.functional as F
+
+    from geoseg.train import distillation_loss
+
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(2, 3, 4, 5)), rng.normal(size=(2, 3, 4, 5))
+    y = rng.integers(0, 3, (2, 4, 5))
+    y[0, 0, :] = IGNORE_INDEX
+    def sm(z: np.ndarray, temp: float) -> np.ndarray:
+        e = np.exp(z / temp - (z / temp).max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    for temp in (1.0, 2.0):
+        kl = (sm(t, temp) * (np.log(sm(t, temp)) - np.log(sm(s, temp)))).sum(axis=1)
+        want = kl[y != IGNORE_INDEX].mean() * temp**2
+        got = distillation_loss(F, paddle.to_tensor(s, "float32"), paddle.to_tensor(t, "float32"),
+                                paddle.to_tensor(y), temp)
+        assert float(got) == pytest.approx(want, rel=1e-5)
+    same = distillation_loss(F, paddle.to_tensor(t, "float32"), paddle.to_tensor(t, "float32"), paddle.to_tensor(y))
+    assert abs(float(same)) < 1e-6
+
+
+def test_a_student_learns_its_teacher_and_the_card_names_it(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher"
+    train(_cfg(scene, teacher, iterations=6))
+    # The student trains on other columns: its normalisation differs, so the teacher's input is mapped.
+    cfg = _cfg(scene, tmp_path / "student", teacher=str(teacher), distill_weight=1.0, train_region=[16, 0, 48, 48],
+               val_region=None, seed=5)
+    t = Trainer(cfg)
+    tt = t.configure_teacher()
+    assert tt is not None and tt.affine is not None
+    # Mapped student input = the teacher's own normalisation of the same raw pixels.
+    with rasterio.open(scene[0]) as ds:
+        raw = ds.read().astype(np.float32)[:, :32, 16:48]
+    tcard = ModelCard.load(teacher / "weights.yaml")
+    mine = t.normalization.apply(raw, "uint8")
+    theirs = tcard.normalization.apply(raw, "uint8")
+    np.testing.assert_allclose(mine * tt.affine[0][0] + tt.affine[1][0], theirs, rtol=1e-5, atol=1e-5)
+    # With weight 1 the loss is the distillation term alone, and it falls as the student learns.
+    paddle.seed(0)
+    model, loss_fn = t.configure_model(), t.configure_loss()
+    t.teacher = tt
+    opt = t.configure_optimizer(model)
+    model.train()
+    x = paddle.to_tensor(mine[None])
+    y = paddle.to_tensor(t.train_data.labels[None, :32, :32].astype(np.int64))
+    parts = [t.step(model, opt, loss_fn, x, y, 0.01) for _ in range(6)]
+    assert all(p[0] == pytest.approx(p[1]["distill"], rel=1e-5) for p in parts)
+    assert parts[-1][0] < parts[0][0]
+    # A whole run logs the term and the card records the teacher.
+    res = train(_cfg(scene, tmp_path / "run", teacher=str(teacher), distill_temperature=2.0))
+    header = (tmp_path / "run" / "train_log.csv").read_text().splitlines()[0].split(",")
+    assert "distill" in header and np.isfinite(res.history[-1]["distill"])
+    card = ModelCard.load(tmp_path / "run" / "weights.yaml")
+    assert card.training["teacher"] == {"model": str(teacher), "name": tcard.name, "weight": 0.5, "temperature": 2.0}
+
+
+def test_a_teacher_of_the_same_weights_costs_nothing(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    from geoseg.models.checkpoints import load_weights
+
+    train(_cfg(scene, tmp_path / "teacher", iterations=2))
+    t = Trainer(_cfg(scene, tmp_path / "o", teacher=str(tmp_path / "teacher"), distill_weight=1.0))
+    tt = t.configure_teacher()
+    assert tt is not None and tt.affine is None  # same region, same normalisation: input passed as it is
+    t.teacher = tt
+    model = t.configure_model()
+    load_weights(model, tmp_path / "teacher" / "weights.pdparams")
+    model.eval()  # BatchNorm as the teacher runs it
+    x = paddle.to_tensor(t.train_data.image[None, :, :32, :32])
+    y = paddle.to_tensor(t.train_data.labels[None, :32, :32].astype(np.int64))
+    loss, _ = t._with_teacher(t.configure_loss(), x)(model(x)[0], y)
+    assert abs(float(loss)) < 1e-5
+
+
+def test_teacher_errors_say_what_to_give(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    with pytest.raises(ParameterError, match="teacher: member .*does not exist"):
+        Trainer(_cfg(scene, tmp_path / "o", teacher=str(tmp_path / "nowhere"))).configure_teacher()
+    train(_cfg(scene, tmp_path / "two", iterations=2, classes=[{"id": 1, "name": "a", "color": [1, 2, 3]},
+                                                                  {"id": 2, "name": "b", "color": [4, 5, 6]}]))
+    with pytest.raises(ParameterError, match=r"predicts classes \[1, 2\], this model \[1, 2, 3\]"):
+        Trainer(_cfg(scene, tmp_path / "o", teacher=str(tmp_path / "two"))).configure_teacher()
+    with pytest.raises(ParameterError, match="distill_weight"):
+        _cfg(scene, tmp_path / "o", teacher="x", distill_weight=0)
+    with pytest.raises(ParameterError, match="distill_temperature"):
+        _cfg(scene, tmp_path / "o", teacher="x", distill_temperature=-1)
+
