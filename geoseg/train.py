@@ -1197,6 +1197,8 @@ class Trainer:
         """
         self.cfg = cfg
         self.ema: _Ema | None = None
+        self.teacher: _Teacher | None = None  # set by fit (configure_teacher)
+        self.teacher_name: str | None = None
         self.paddle: Any = require_paddle()
         self.out = Path(cfg.out)
         specs = cfg.scene_list()
@@ -1455,14 +1457,13 @@ class Trainer:
                          self.cfg.label_smoothing, self.cfg.lovasz_weight)
 
     def configure_teacher(self) -> _Teacher | None:
-        """The distillation teacher (eval mode, frozen), or None without ``teacher``.
+        """The distillation teacher (run as predict runs it), or None without ``teacher``.
 
         Its classes must be this model's; its input is this model's normalised batch mapped
         band by band onto the teacher's own normalisation (an exact identity when both were
         computed on the same pixels, as for models trained on the same regions).
         """
         cfg = self.cfg
-        self.teacher_name = None
         if not cfg.teacher:
             return None
         from geoseg.engine import build_predictor
@@ -1747,7 +1748,7 @@ class Trainer:
         paddle = self.paddle
         opt.set_lr(lr)
         params = params if params is not None else [p for p in model.parameters() if not p.stop_gradient]
-        loss_fn = self._with_teacher(loss_fn, x) if getattr(self, "teacher", None) is not None else loss_fn
+        loss_fn = self._with_teacher(loss_fn, x) if self.teacher is not None else loss_fn
         if scaler is not None:
             with paddle.amp.auto_cast(level="O1"):
                 out = model(x)
@@ -1775,6 +1776,7 @@ class Trainer:
         import paddle.nn.functional as F
 
         cfg, teacher = self.cfg, self.teacher
+        assert teacher is not None
         xt = np.asarray(x.numpy(), np.float32)
         if teacher.affine is not None:
             xt = xt * teacher.affine[0] + teacher.affine[1]
