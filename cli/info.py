@@ -7,26 +7,42 @@ from pathlib import Path
 
 import click
 
-from geoseg_cli.options import input_arg
+from geoseg_cli import options as o
 
 
 @click.command(short_help="Show what predict will see for a scene.")
-@input_arg
-@click.option("--tile-size", type=int, default=512, show_default=True, help="Window size in pixels.")
-@click.option("--overlap", type=int, default=128, show_default=True, help="Window overlap in pixels.")
-@click.option("--classes", "num_classes", type=int, default=7, show_default=True, help="Model classes (for the memory estimate).")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Windows per model call (for the memory estimate).")
+@o.input_arg
+@click.option(
+    "-m", "--model", default=None,
+    help="Model predict would run: name (deeplabv3p, unet) or an exported model folder. Default: as predict's.",
+)
+@o.weights_opt
+@o.card_opt
+@o.bands_opt
+@click.option("--no-model", is_flag=True, help="Describe the scene alone (512-px windows, overlap 128, 7 classes).")
+@click.option("--tile-size", type=int, default=None, callback=o._positive, help="Window size in pixels (default: the model's).")
+@click.option("--overlap", type=int, default=None, help="Window overlap in pixels (default: the model's).")
+@click.option("--classes", "num_classes", type=int, default=None, callback=o._positive,
+              help="Model classes, for the memory estimate (default: the model's).")
+@click.option("--batch-size", type=int, default=1, show_default=True, callback=o._positive,
+              help="Windows per model call (for the memory estimate).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def info(input: Path, tile_size: int, overlap: int, num_classes: int, batch_size: int, as_json: bool) -> None:
-    """Print size, bands, dtype, CRS, nodata, window count and a memory estimate for INPUT.
+def info(input: Path, model: str | None, weights: Path | None, card: Path | None, bands: tuple[int, ...] | None,
+         no_model: bool, tile_size: int | None, overlap: int | None, num_classes: int | None, batch_size: int,
+         as_json: bool) -> None:
+    """Print size, bands, dtype, CRS, nodata, window grid and a memory estimate for INPUT, and
+    whether the model predict would run (the shipped deeplabv3p unless --model/--weights say
+    otherwise) can read it: which bands it takes, or why it cannot.
 
     \b
-    Example:
-      geoseg info sample_data/nc_landsat7_6band.tif
+    Examples:
+      geoseg info sample_data/nc_landsat7/image_6band_uint8.tif
+      geoseg info scene.tif --model unet --bands 2,3,4,8,11 --json
     """
-    from geoseg.engine import describe_scene
+    from geoseg.engine import describe_scene, resolve_model
 
-    d = describe_scene(input, tile_size, overlap, num_classes, batch_size)
+    source = None if no_model else resolve_model(model, weights, card)
+    d = describe_scene(input, tile_size, overlap, num_classes, batch_size, source=source, bands=bands)
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
@@ -38,7 +54,23 @@ def info(input: Path, tile_size: int, overlap: int, num_classes: int, batch_size
         ("crs", d["crs"] or "none (outputs keep the pixel grid, not georeferenced)"),
         ("pixel size", f"{d['pixel_size'][0]:g} x {d['pixel_size'][1]:g}"),
         ("nodata", d["nodata"]),
-        ("windows", f"{d['windows']} ({d['window_grid'][0]} rows x {d['window_grid'][1]} cols of {d['tile_size']} px, overlap {d['overlap']})"),
+    ]
+    m = d["model"]
+    if m is not None:
+        if m["problem"]:
+            rows.append(("model", f"{m['name']} cannot run on it: {m['problem']}"))
+        else:
+            reads = ", ".join(f"{b}->{n}" for b, n in zip(m["scene_bands"], m["bands"]))
+            rows.append(("model", f"{m['name']} reads bands {reads}"))
+            if m["input_z"]:
+                from geoseg.engine import INPUT_RANGE_Z
+
+                worst = max(abs(v) for v in m["input_z"].values())
+                verdict = "" if worst <= INPUT_RANGE_Z else ": not on the scale it learned, its map may be meaningless"
+                rows.append(("values", f"bands average within {worst:.1f} standard deviations of its training data{verdict}"))
+    rows += [
+        ("windows", f"{d['windows']} ({d['window_grid'][0]} rows x {d['window_grid'][1]} cols of {d['tile_size']} px, "
+                    f"overlap {d['overlap']})"),
         ("memory", f"about {d['memory_estimate_mb']} MB peak for predict on CPU"),
     ]
     for k, v in rows:

@@ -48,10 +48,10 @@ weights_opt = click.option(
 card_opt = click.option("--card", type=click.Path(path_type=Path), default=None, help="Model card (YAML).")
 tile_size_opt = click.option(
     "--tile-size", type=int, default=None, callback=_positive,
-    help="Window size in pixels (default: the model card's, usually 512).",
+    help="Window size in pixels (default: the model card's; 128 for the shipped models).",
 )
 overlap_opt = click.option(
-    "--overlap", type=int, default=None, help="Overlap between windows in pixels (default: the card's, usually 128).",
+    "--overlap", type=int, default=None, help="Overlap between windows in pixels (default: the card's; 32 for the shipped models).",
 )
 batch_size_opt = click.option(
     "--batch-size", type=int, default=None, callback=_positive,

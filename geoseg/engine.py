@@ -931,14 +931,41 @@ RUNTIME_PER_WINDOW_MB = 140.0
 
 
 def describe_scene(
-    input_path: str | Path, tile: int = 512, overlap: int = 128, num_classes: int = 7, batch_size: int = 1
+    input_path: str | Path, tile: int | None = None, overlap: int | None = None, num_classes: int | None = None,
+    batch_size: int = 1, *, source: ModelSource | None = None, bands: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """What predict will see: size, bands, dtype, CRS, nodata, window grid, memory estimate.
+
+    With ``source`` (the model predict would run) the window size, overlap and class count
+    default to its card's, as in predict, and the result says which scene bands the model
+    reads (``bands`` as predict's ``--bands``) or why it cannot read them, and how far the
+    scene's values lie from the model's training data (see :func:`check_input_range`, which
+    also warns). Without one: 512-pixel windows, overlap 128, 7 classes.
 
     The memory estimate adds the inference runtime (measured) to the blending buffers of one
     window row (``classes × tile × width`` float32 plus weights) and the prefetched batches.
     """
     meta = open_scene(input_path)
+    model: dict[str, Any] | None = None
+    if source is not None:
+        mc = source.card
+        tile = tile or mc.tile_size
+        overlap = mc.overlap if overlap is None else overlap
+        num_classes = num_classes or mc.num_classes
+        model = {"name": mc.name, "architecture": mc.architecture, "bands": list(mc.bands),
+                 "scene_bands": None, "problem": None, "input_z": None}
+        try:
+            chosen = select_bands(meta, mc, bands)
+        except SceneError as e:
+            model["problem"] = str(e)
+        else:
+            model["scene_bands"] = list(chosen)
+            z = check_input_range(meta, chosen, mc)
+            if z is not None:
+                model["input_z"] = {k: round(v, 2) for k, v in z.items()}
+    tile = tile or 512
+    overlap = 128 if overlap is None else overlap
+    num_classes = num_classes or 7
     grid = make_grid(meta.height, meta.width, tile, overlap)
     itemsize = np.dtype(meta.dtype).itemsize
     strip_mb = (num_classes * 4 + 4 + 1 + 1) * min(tile, meta.height) * meta.width / 2**20
@@ -968,4 +995,5 @@ def describe_scene(
         "windows": len(grid),
         "megapixels": round(meta.width * meta.height / 1e6, 3),
         "memory_estimate_mb": round(est),
+        "model": model,
     }

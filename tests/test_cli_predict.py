@@ -35,14 +35,50 @@ def outputs(folder: Path) -> list[str]:
 
 def test_info_prints_what_predict_sees(runner: CliRunner, tmp_path: Path) -> None:
     src = rgb(tmp_path, h=1100, w=1500)
-    res = runner.invoke(cli, ["info", str(src)])
+    res = runner.invoke(cli, ["info", str(src), "--no-model", "--tile-size", "512", "--overlap", "128"])
     assert res.exit_code == 0, res.output
     assert "1500 x 1100" in res.output and "uint8" in res.output and "EPSG:32633" in res.output
-    assert "value 0.0" in res.output
-    res = runner.invoke(cli, ["info", str(src), "--json"])
+    assert "value 0.0" in res.output and "model:" not in res.output
+    res = runner.invoke(cli, ["info", str(src), "--no-model", "--json"])
     d = json.loads(res.stdout)
+    assert (d["tile_size"], d["overlap"]) == (512, 128) and d["model"] is None
     assert d["windows"] == 4 * 3 and d["window_grid"] == [3, 4]
     assert d["memory_estimate_mb"] > 500
+
+
+def test_info_uses_the_model_predict_would_run(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from geoseg.card import ModelCard
+    from geoseg.engine import shipped_models
+    from geoseg.tiling import make_grid
+
+    monkeypatch.setitem(sys.modules, "paddle", None)  # info needs no paddle, with a model too
+    src = rgb(tmp_path, h=300, w=500)
+    # the default: the shipped deeplabv3p, its windows, and why it cannot read a 3-band scene
+    shipped = ModelCard.load(shipped_models()["deeplabv3p"])
+    res = runner.invoke(cli, ["info", str(src), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert (d["tile_size"], d["overlap"]) == (shipped.tile_size, shipped.overlap)
+    assert d["windows"] == len(make_grid(300, 500, shipped.tile_size, shipped.overlap))
+    assert d["model"]["name"] == shipped.name and d["model"]["scene_bands"] is None
+    assert f"expects {shipped.in_channels}" in d["model"]["problem"]
+    res = runner.invoke(cli, ["info", str(src)])
+    assert "cannot run on it" in res.stdout and "expects" in res.stdout
+    # a model that fits: the bands it reads, in order, and how far the values lie from its training data
+    res = runner.invoke(cli, ["info", str(src), "--weights", str(tiny_unet[0]), "--bands", "3,2,1", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    card = ModelCard.load(tiny_unet[1])
+    assert (d["tile_size"], d["overlap"]) == (card.tile_size, card.overlap) != (shipped.tile_size, shipped.overlap)
+    assert d["model"]["scene_bands"] == [3, 2, 1] and d["model"]["problem"] is None
+    assert list(d["model"]["input_z"]) == list(card.bands)
+    # card normalisation mean 0.5, std 0.25 of values scaled to 0..1: the scene's 20..220 average ~0.47
+    assert all(abs(z) < 1 for z in d["model"]["input_z"].values())
+    res = runner.invoke(cli, ["info", str(src), "--weights", str(tiny_unet[0]), "--tile-size", "32", "--overlap", "0"])
+    assert "reads bands 1->" in res.stdout and "of 32 px, overlap 0" in res.stdout
+    res = runner.invoke(cli, ["info", str(src), "--model", "segformer"])
+    assert_one_line_error(res, "unknown model", "segformer")
 
 
 def test_predict_writes_mask_and_prints_its_path(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
