@@ -12,10 +12,7 @@ from geoseg_cli import options as o
 
 @click.command(short_help="Show what predict will see for a scene.")
 @o.input_arg
-@click.option(
-    "-m", "--model", default=None,
-    help="Model predict would run: name (deeplabv3p, unet) or an exported model folder. Default: as predict's.",
-)
+@o.model_opt
 @o.weights_opt
 @o.card_opt
 @o.bands_opt

@@ -38,8 +38,8 @@ out_opt = click.option(
     help="Output folder (created if its parent exists) or .tif file name. Default: beside the input.",
 )
 model_opt = click.option(
-    "-m", "--model", "model", default="deeplabv3p", show_default=True,
-    help="Model name (deeplabv3p, unet) or an exported model folder.",
+    "-m", "--model", "model", default=None,
+    help="Model name (deeplabv3p, unet) or an exported model folder. Default: the card's architecture, else deeplabv3p.",
 )
 weights_opt = click.option(
     "-w", "--weights", type=click.Path(path_type=Path), default=None,

@@ -14,10 +14,7 @@ from geoseg_cli import options as o
 @click.command(short_help="Segment a scene into a land-cover mask (COG).")
 @o.input_arg
 @o.out_opt
-@click.option(
-    "-m", "--model", default=None,
-    help="Model name (deeplabv3p, unet) or an exported model folder. Default: the card's architecture, else deeplabv3p.",
-)
+@o.model_opt
 @o.weights_opt
 @o.card_opt
 @click.option("--classes", default=None, metavar="NAMES|FILE",
