@@ -17,6 +17,15 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(f"{value!r}: give class ids separated by commas, e.g. 1,3,4") from None
 
 
+def _ignore_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    """None when not given (the library's default), () for 'none' or '', else the ids."""
+    if value is None:
+        return None
+    if value.strip().lower() in ("", "none"):
+        return ()
+    return _int_list(ctx, param, value)
+
+
 @click.command(short_help="Confusion matrix, IoU, F1, OA and kappa of a prediction vs. a reference.")
 @click.argument("prediction", type=click.Path(path_type=Path))
 @click.option("-r", "--reference", type=click.Path(path_type=Path), required=True,
@@ -27,8 +36,9 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Class ids of the matrix (default: the prediction's class table, else the ids present).")
 @click.option("--miou-classes", callback=_int_list, default=None, metavar="IDS",
               help="Class ids averaged into mIoU (default: those present in the reference in the region).")
-@click.option("--ignore", callback=_int_list, default="0", show_default=True, metavar="IDS",
-              help="Reference values that mean unlabelled (the rasters' nodata values are ignored too).")
+@click.option("--ignore", callback=_ignore_list, default=None, metavar="IDS|none",
+              help="Reference values that mean unlabelled (the rasters' nodata values are ignored too). "
+                   "Default: 0, unless 0 is one of the classes (e.g. cloud in a cloud mask); none for no value.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
 @click.option("--record-card", type=click.Path(path_type=Path), default=None, metavar="CARD.yaml",
               help="Also store mIoU, OA, kappa and per-class IoU in this model card under metrics.<--record-as>.")
@@ -49,7 +59,7 @@ def evaluate(prediction: Path, reference: Path, region: str | None, classes: tup
     from geoseg.evaluate import evaluate_rasters, format_table, record_in_card
 
     result = evaluate_rasters(prediction, reference, region=region, classes=classes, average_over=miou_classes,
-                              ignore=ignore or ())
+                              ignore=ignore)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1))
     else:

@@ -97,7 +97,7 @@ def evaluate_rasters(
     region: str | Sequence[int] | None = None,
     classes: Sequence[int] | None = None,
     average_over: Sequence[int] | None = None,
-    ignore: Sequence[int] = (0,),
+    ignore: Sequence[int] | None = None,
     block_rows: int = 256,
 ) -> EvalResult:
     """Compare a predicted class raster with a reference raster (band 1 of each).
@@ -110,7 +110,8 @@ def evaluate_rasters(
             the ids present in either raster).
         average_over: Class ids averaged into mIoU / mean F1 (default: classes present in the
             reference within the region).
-        ignore: Reference values that mean "not labelled".
+        ignore: Reference values that mean "not labelled" (default: 0, unless 0 is one of the
+            classes, from ``classes`` or the prediction's class table, as in a cloud mask).
         block_rows: Rows read per block.
 
     Returns:
@@ -129,9 +130,12 @@ def evaluate_rasters(
             box = (c, r, w, h)
         else:
             box = (0, 0, W, H)
+        table = read_classes(pds)
+        if ignore is None:
+            class_ids = [int(c) for c in classes] if classes is not None else [c.id for c in table or ()]
+            ignore = () if 0 in class_ids else (0,)
         ref_ignore = list(ignore) + ([int(rds.nodata)] if rds.nodata is not None else [])
         pred_ignore = [MASK_NODATA] + ([int(pds.nodata)] if pds.nodata is not None else [])
-        table = read_classes(pds)
         names: dict[int, str] = {c.id: c.name for c in table} if table else {}
         if classes is None:
             if table:

@@ -206,6 +206,8 @@ class TrainConfig:
                 if not d.get(key):
                     raise ParameterError(f"{source} lacks {key!r}: give the path of the {key} raster "
                                          "(or a list of scenes)")
+        if d.get("ignore") is None and any(isinstance(c, Mapping) and c.get("id") == 0 for c in d.get("classes") or ()):
+            d["ignore"] = ()  # 0 is a class here (e.g. cloud): by default no label value means unlabelled
         for key in ("bands", "band_names", "ignore", "label_shift"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
@@ -284,6 +286,11 @@ class TrainConfig:
                                  "of the loss)")
         if not self.distill_temperature > 0:
             raise ParameterError(f"distill_temperature {self.distill_temperature}: use a positive temperature, e.g. 1 or 2")
+        both = sorted({int(c["id"]) for c in self.classes or () if "id" in c} & {int(v) for v in self.ignore})
+        if both:
+            raise ParameterError(f"label value(s) {', '.join(map(str, both))} are both classes and ignore values, so those "
+                                 "classes would never be learned: drop them from ignore (ignore: [] when every label "
+                                 "value is a class)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (YAML-safe)."""

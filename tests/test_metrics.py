@@ -72,6 +72,36 @@ def test_evaluate_rasters_and_region(tmp_path: Path) -> None:
     assert r2.metrics.iou[1] == pytest.approx(3 / 4)
 
 
+def test_class_zero_counts_when_it_is_one_of_the_classes(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    """A cloud mask's 0 is a class (cloud): the default ignores 0 only when it is not one."""
+    import rasterio
+
+    from geoseg.card import ClassInfo
+    from geoseg.io import classes_tag
+
+    ref0, pred0 = REF.copy(), PRED.copy()  # REF's 0 pixels become class 0 "cloud", predicted once right
+    pred0[2, 0] = 0
+    ref = write_raster(tmp_path / "ref.tif", ref0, crs=NC_LCC)
+    pred = write_raster(tmp_path / "pred.tif", pred0, crs=NC_LCC, nodata=255)
+    with rasterio.open(pred, "r+") as ds:
+        ds.update_tags(**classes_tag([ClassInfo(0, "cloud", (255, 255, 255)), ClassInfo(1, "a", (1, 2, 3)),
+                                      ClassInfo(2, "b", (4, 5, 6))]))
+    r = evaluate_rasters(pred, ref)
+    # (0,0) at row 2 col 0, (0,2) at row 2 col 1, plus CM's pixels
+    np.testing.assert_array_equal(r.metrics.confusion, [[1, 0, 1], [0, 4, 1], [0, 1, 3]])
+    assert r.metrics.class_ids == (0, 1, 2) and r.metrics.names[0] == "cloud"
+    np.testing.assert_array_equal(evaluate_rasters(pred, ref, ignore=(0,)).metrics.confusion[1:, 1:], CM)
+    # without a class table 0 stays "unlabelled" by default, as in the NC labels
+    plain = write_raster(tmp_path / "plain.tif", pred0, crs=NC_LCC, nodata=255)
+    np.testing.assert_array_equal(evaluate_rasters(plain, ref).metrics.confusion, CM)
+    assert evaluate_rasters(plain, ref, classes=[0, 1, 2]).metrics.confusion.sum() == CM.sum() + 2
+    from geoseg_cli.main import cli
+
+    out = runner.invoke(cli, ["evaluate", str(plain), "--reference", str(ref), "--ignore", "none", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["confusion_matrix"] == [[1, 0, 1], [0, 4, 1], [0, 1, 3]]
+
+
 def test_mismatched_grids_are_refused_with_the_reason(tmp_path: Path) -> None:
     ref = write_raster(tmp_path / "ref.tif", REF, crs=NC_LCC, nodata=0)
     shifted = write_raster(tmp_path / "s.tif", PRED, crs=NC_LCC, transform=from_origin(500010.0, 4800000.0, 10, 10))

@@ -609,6 +609,26 @@ def test_labels_are_held_compactly_and_served_as_int64(scene: tuple[Path, Path],
     assert set(np.unique(y)) <= {0, 1, 2, IGNORE_INDEX}
 
 
+def test_label_zero_is_learned_when_it_is_a_class(tmp_path: Path) -> None:
+    """A cloud mask's labels 0 (cloud), 1, 2: with class 0 in the config nothing is ignored by default."""
+    rng = np.random.default_rng(0)
+    cls = class_image(H, W, 3, seed=1)  # 0..2
+    img = (np.array([[40, 90, 160], [200, 60, 100], [120, 180, 30]], np.float64)[cls].transpose(2, 0, 1)
+           + rng.normal(0, 8, (3, H, W)))
+    pair = (write_raster(tmp_path / "img.tif", np.clip(img, 1, 255).astype(np.uint8)),
+            write_raster(tmp_path / "lab.tif", cls.astype(np.uint8)))
+    classes = [{"id": 0, "name": "cloud", "color": [255, 255, 255]}, {"id": 1, "name": "shadow", "color": [9, 9, 9]},
+               {"id": 2, "name": "clear", "color": [0, 200, 0]}]
+    cfg = _cfg(pair, tmp_path / "o", classes=classes)
+    assert cfg.ignore == ()
+    tr = Trainer(cfg)
+    labels = tr.train_data.labels[:, :48]  # the training region's labels as class indexes
+    np.testing.assert_array_equal(labels, cls[:, :48])
+    with pytest.raises(ParameterError, match=r"0 are both classes and ignore values.*ignore: \[\]"):
+        _cfg(pair, tmp_path / "o", classes=classes, ignore=[0, 255])
+    assert _cfg(pair, tmp_path / "o").ignore == (0,)  # classes 1..3: 0 still means unlabelled
+
+
 def test_a_region_too_large_for_memory_is_refused_before_reading(scene: tuple[Path, Path], tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import collections
