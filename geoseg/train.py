@@ -139,6 +139,10 @@ class TrainConfig:
     #: With vector labels (polygons): the attribute holding each polygon's class (an integer id,
     #: or a class name from ``classes``).
     label_field: str | None = None
+    #: With vector labels: the class (id or name) of the pixels outside every polygon, e.g. the
+    #: background of building footprints. None = those pixels are unlabelled. With it and two
+    #: classes, ``label_field`` may be left out: every polygon is the other class.
+    background: int | str | None = None
     #: Written into the card: predict adapts this model to each scene's class priors by default.
     adapt_prior: bool = False
     #: Knowledge distillation (a compression hook): a trained model (``geoseg train`` folder,
@@ -441,21 +445,44 @@ def _read_polygons(path: Path, meta: Any, missing: str, unreadable: str
 VECTOR_LABELS = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".gml", ".kml", ".sqlite")
 
 
+def _class_id(value: int | str, classes: Sequence[Mapping[str, Any]] | None, what: str) -> int:
+    """A class given by id or by name (case-insensitive) → its id, checked against ``classes``."""
+    ids = {int(c["id"]) for c in classes or () if "id" in c}
+    by_name = {str(c.get("name", "")).lower(): int(c["id"]) for c in classes or () if "id" in c}
+    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        if value.lower() not in by_name:
+            raise ParameterError(f"{what} {value!r} is not a class name: the config's classes are "
+                                 f"{', '.join(sorted(by_name)) or 'not listed (list them, id and name)'}")
+        return by_name[value.lower()]
+    cid = int(value)
+    if ids and cid not in ids:
+        raise ParameterError(f"{what} {cid} is not one of the config's class ids {sorted(ids)}")
+    if not 0 <= cid <= 65535:
+        raise ParameterError(f"{what} {cid}: use a class id 0..65535")
+    return cid
+
+
 def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence[Mapping[str, Any]] | None,
-                     out: Path) -> Path:
+                     out: Path, background: int | str | None = None) -> Path:
     """Burn polygon labels onto the image grid of ``meta``: a uint8/uint16 GeoTIFF at ``out``
-    whose pixels outside every polygon are 0 (its nodata: never trained on).
+    whose pixels outside every polygon are 0 (its nodata: never trained on), or the class
+    ``background`` (id or name) when given.
 
     ``field`` names the attribute with each polygon's class: integer ids (>= 1), or names of the
-    config's ``classes`` (case-insensitive). Polygons in another CRS are reprojected; where
-    polygons overlap, the later one wins.
+    config's ``classes`` (case-insensitive). With ``background`` and two ``classes`` it may be
+    None: every polygon is the class that is not the background (building footprints).
+    Polygons in another CRS are reprojected; where polygons overlap, the later one wins.
     """
-    from rasterio.features import rasterize
-
     info, values, keep, shapes = _read_polygons(
         path, meta, f"labels {path} does not exist: give a label raster or a polygon file",
         f"labels {path} cannot be read as polygons")
+    fill = None if background is None else _class_id(background, classes, "background")
     fields = [str(f) for f in info["fields"]]
+    others = [int(c["id"]) for c in classes or () if "id" in c and int(c["id"]) != fill]
+    if field is None and fill is not None and len(others) == 1:
+        if not keep:
+            raise ParameterError(f"polygon labels {path.name} have no geometries")
+        return _burn(path, meta, shapes, [others[0]] * len(keep), fill, out)
     if field is None or field not in fields:
         what = "needs label_field" if field is None else f"has no field {field!r}"
         raise ParameterError(f"polygon labels {path.name} {what}: set label_field to the attribute holding each "
@@ -478,13 +505,24 @@ def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence
         ids = np.array([by_name[str(v).lower()] for v in col], np.int64)
     if not keep:
         raise ParameterError(f"polygon labels {path.name} have no geometries")
-    dtype = "uint8" if ids.max() <= 255 else "uint16"
-    burned = rasterize(zip(shapes, (int(ids[i]) for i in keep)), out_shape=(meta.height, meta.width),
-                       transform=meta.transform, fill=0, dtype=dtype)
-    if not burned.any():
+    return _burn(path, meta, shapes, [int(ids[i]) for i in keep], fill, out)
+
+
+def _burn(path: Path, meta: Any, shapes: Sequence[Any], ids: Sequence[int], fill: int | None, out: Path) -> Path:
+    """Rasterise ``shapes`` with their class ``ids`` onto the grid of ``meta`` into ``out``;
+    elsewhere ``fill`` (a class), or 0 = unlabelled (the file's nodata) when it is None."""
+    from rasterio.features import rasterize
+
+    dtype = "uint8" if max([*ids, fill or 0]) <= 255 else "uint16"
+    burned = rasterize(zip(shapes, ids), out_shape=(meta.height, meta.width), transform=meta.transform,
+                       fill=0 if fill is None else fill, dtype=dtype)
+    touched = rasterize(((g, 1) for g in shapes), out_shape=(meta.height, meta.width), transform=meta.transform,
+                        fill=0, dtype="uint8").any() if fill is not None else burned.any()
+    if not touched:
         raise ParameterError(f"polygon labels {path.name} do not overlap the image")
     with rasterio.open(out, "w", driver="GTiff", width=meta.width, height=meta.height, count=1, dtype=dtype,
-                       crs=meta.crs, transform=meta.transform, nodata=0, compress="deflate") as dst:
+                       crs=meta.crs, transform=meta.transform, nodata=0 if fill is None else None,
+                       compress="deflate") as dst:
         dst.write(burned, 1)
     return out
 
@@ -1222,7 +1260,7 @@ class Trainer:
             meta = open_scene(image_path)
             if labels_path.suffix.lower() in VECTOR_LABELS:
                 labels_path = rasterize_labels(labels_path, meta, cfg.label_field, cfg.classes,
-                                               Path(burn_dir.name) / f"{k}_{labels_path.stem}.tif")
+                                               Path(burn_dir.name) / f"{k}_{labels_path.stem}.tif", cfg.background)
             label_meta = open_scene(labels_path)
             check_same_grid(meta, label_meta)
             bands = tuple(cfg.bands) if cfg.bands else meta.data_bands

@@ -1022,6 +1022,26 @@ def test_polygon_labels_are_burnt_onto_the_image_grid(scene: tuple[Path, Path], 
     with pytest.raises(ParameterError, match="whole class ids 1..65535"):
         Trainer(_cfg(scene, tmp_path / "o", labels=str(polys(tmp_path / "zero.geojson", [{"k": 0}, {"k": 2}])),
                      label_field="k"))
+    # Footprints: outside every polygon is the background class; with two classes no field is needed.
+    two = [{"id": 1, "name": "background", "color": [0, 0, 0]}, {"id": 2, "name": "building", "color": [9, 9, 9]}]
+    t3 = Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id), classes=two, background="Background",
+                      val_region=None, train_region=[0, 0, 48, 48]))
+    lab3 = t3.train_data.labels
+    assert (lab3[inside] == 1).all()  # building -> index 1
+    img_valid = np.ones_like(inside)
+    img_valid[:6, :6] = False  # the scene's nodata corner stays unlabelled
+    assert (lab3[~inside & img_valid] == 0).all() and (lab3[~img_valid] == IGNORE_INDEX).all()
+    # with a field, the background fills the rest of a multi-class map
+    t4 = Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id), label_field="cls", background=2, val_region=None,
+                      train_region=[0, 0, 48, 48]))
+    lab4 = t4.train_data.labels
+    assert (lab4[8:20, 8:20] == 0).all() and (lab4[10:30, 24:40] == 2).all() and (lab4[~inside & img_valid] == 1).all()
+    with pytest.raises(ParameterError, match="background 'sky' is not a class name"):
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id), classes=two, background="sky"))
+    with pytest.raises(ParameterError, match=r"background 7 is not one of the config's class ids \[1, 2, 3\]"):
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id), label_field="cls", background=7))
+    with pytest.raises(ParameterError, match="needs label_field"):  # three classes: which one is a polygon?
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id), background=2))
 
 
 def test_ema_decay_warms_up_as_configured() -> None:
