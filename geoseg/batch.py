@@ -39,6 +39,7 @@ import socket
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from geoseg.errors import (
     BatchLockedError,
     DependencyError,
     GeosegError,
+    GeosegWarning,
     ModelError,
     ParameterError,
     SceneReadError,
@@ -466,6 +468,7 @@ class SceneOutcome:
     fatal: bool = False  # a model problem: every other scene would fail the same way
     worker: str | None = None
     model_loads: int = 0  # models loaded by this worker process so far (Dask)
+    warnings: list[str] = field(default_factory=list)  # geoseg's warnings about this scene, one line each
 
     @property
     def megapixels_per_s(self) -> float:
@@ -485,6 +488,7 @@ class SceneOutcome:
             "megapixels_per_s": round(self.megapixels_per_s, 4),
             "outputs": self.outputs,
             "error": self.error,
+            "warnings": self.warnings,
             "worker": self.worker,
         }
 
@@ -495,24 +499,35 @@ def run_scene(
     """Segment one scene into ``out_dir/scene.out_dir`` with a ready predictor.
 
     Scene errors (unreadable, unsuitable, unwritable) come back as a ``failed`` outcome;
-    model errors as a ``fatal`` one.  Never raises for a geoseg error.
+    model errors as a ``fatal`` one.  Never raises for a geoseg error.  geoseg's warnings about
+    the scene (e.g. values far from the model's training data) come back in the outcome, so a
+    Dask worker's reach the client's log and the run report as they do in a local run.
     """
     from geoseg.engine import segment_scene
 
     t0 = time.perf_counter()
     dest = Path(out_dir) / scene.out_dir
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-        opts = dataclasses.replace(options, overwrite=True)
-        res = segment_scene(scene.path, dest, source=source, predictor=predictor, options=opts)
-    except (ModelError, DependencyError) as exc:
-        return _failed(scene, exc, t0, fatal=True)
-    except (GeosegError, OSError, ValueError, RuntimeError, MemoryError) as exc:
-        return _failed(scene, exc, t0)
-    return SceneOutcome(
-        key=scene.key, input=str(scene.path), status="ok", seconds=time.perf_counter() - t0, windows=res.windows,
-        megapixels=res.megapixels, outputs=[str(p) for p in res.outputs],
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GeosegWarning)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            opts = dataclasses.replace(options, overwrite=True)
+            res = segment_scene(scene.path, dest, source=source, predictor=predictor, options=opts)
+        except (ModelError, DependencyError) as exc:
+            out = _failed(scene, exc, t0, fatal=True)
+        except (GeosegError, OSError, ValueError, RuntimeError, MemoryError) as exc:
+            out = _failed(scene, exc, t0)
+        else:
+            out = SceneOutcome(
+                key=scene.key, input=str(scene.path), status="ok", seconds=time.perf_counter() - t0,
+                windows=res.windows, megapixels=res.megapixels, outputs=[str(p) for p in res.outputs],
+            )
+    for w in caught:
+        if issubclass(w.category, GeosegWarning):
+            out.warnings.append(str(w.message).splitlines()[0])
+        else:  # not ours: as if it had not been caught
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return out
 
 
 def _failed(scene: Scene, exc: BaseException, t0: float, fatal: bool = False) -> SceneOutcome:
@@ -663,6 +678,8 @@ class BatchResult:
 def _log_outcome(o: SceneOutcome, i: int, n: int) -> None:
     width = len(str(n))
     prefix = f"[{i:>{width}}/{n}]"
+    for w in o.warnings:
+        log.warning("warning: %s", w)
     if o.status == "ok":
         log.info("%s ok      %s  %d windows  %.1f s  %.2f Mpx/s%s", prefix, o.key, o.windows, o.seconds,
                  o.megapixels_per_s, f"  on {o.worker}" if o.worker else "")

@@ -311,12 +311,19 @@ def test_local_cluster_two_workers_load_model_once_each(runner, tiny_unet, tmp_p
 def test_workers_option_starts_a_local_cluster(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("distributed")
     arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
-    make_archive(arch, 4, size=(64, 64))
+    make_archive(arch, 3, size=(64, 64))
+    # float values 0..255 where the model learned 8-bit data scaled to 0..1: an input-range warning
+    write_raster(arch / "float.tif", np.random.default_rng(1).uniform(0, 255, (3, 64, 64)).astype(np.float32))
     r = run_cli(runner, tiny_unet, [arch], out, "--workers", "2", "--report", rep)
     assert r.exit_code == EXIT_OK, r.output
     report = report_of(rep)
     assert report["counts"]["ok"] == 4 and all(s["worker"] for s in report["scenes"])
     assert 1 <= len(report["workers"]) <= 2 and set(report["workers"].values()) == {1}
+    # a worker's warnings come back to the client: in the report (and its log), as in a local run
+    warned = {s["key"]: s["warnings"] for s in report["scenes"] if s["warnings"]}
+    assert list(warned) == ["float.tif"] and "standard deviations" in warned["float.tif"][0], warned
+    r = run_cli(runner, tiny_unet, [arch], tmp_path / "here", "--report", tmp_path / "here.json")
+    assert {s["key"]: s["warnings"] for s in report_of(tmp_path / "here.json")["scenes"] if s["warnings"]} == warned
     r = run_cli(runner, tiny_unet, [arch], out, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1")
     assert r.exit_code == 2 and "not both" in r.output
 
