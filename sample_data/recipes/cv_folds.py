@@ -10,6 +10,8 @@ predicted as a crop of the train columns, so prior adaptation sees train-column 
   python sample_data/recipes/cv_folds.py score runs/cv/unet 0 1 2
       -> per-fold and pooled mIoU (classes 1, 3, 4, 5, 6, 7) and OA of the seed ensembles, in the
          card's mode (its prior adaptation) and without adaptation (plain), as JSON on stdout.
+  python sample_data/recipes/cv_folds.py score runs/cv/unet 0 1 2 -- --overlap 64
+      -> the same with extra `geoseg predict` options (prediction-time settings, same fold runs).
 """
 
 from __future__ import annotations
@@ -75,19 +77,24 @@ def figures(cm: np.ndarray) -> dict[str, float]:
     return {"miou": round(m.miou, 4), "oa": round(m.overall_accuracy, 4)}
 
 
-def score(runs: str, seeds: list[str]) -> None:
-    """Seed ensembles of each fold predict the train-column crop; confusion matrices summed."""
+def score(runs: str, seeds: list[str], predict_args: list[str] | None = None) -> None:
+    """Seed ensembles of each fold predict the train-column crop; confusion matrices summed.
+
+    ``predict_args`` (after ``--`` on the command line, e.g. ``-- --overlap 64``) are passed to
+    every ``geoseg predict``: prediction-time settings scored on the same fold runs.
+    """
+    predict_args = predict_args or []
     out = Path(runs)
     scene, ref = crop(IMG, out / "train_columns.tif"), crop(REF, out / "train_columns_labels.tif")
     pooled = {"card": np.zeros((7, 7), np.int64), "plain": np.zeros((7, 7), np.int64)}
-    result: dict[str, object] = {"runs": runs, "seeds": seeds}
+    result: dict[str, object] = {"runs": runs, "seeds": seeds, "predict_args": predict_args}
     for fold, (val, _) in FOLDS.items():
         ens = out / f"ensemble_{''.join(seeds)}_{fold}"
         geoseg("ensemble", *[str(out / f"s{s}_{fold}") for s in seeds], "--out", str(ens), "--float32", "--overwrite")
         for mode, flag in (("card", []), ("plain", ["--no-adapt-prior"])):
             pred = ens / mode
             geoseg("predict", str(scene), "--weights", str(ens / "weights.pdparams"), "--out", f"{pred}/",
-                   "--vector", "none", "--overwrite", *flag)
+                   "--vector", "none", "--overwrite", *flag, *predict_args)
             m = json.loads(geoseg("evaluate", str(pred / "train_columns_landcover.tif"), "--reference", str(ref),
                                   "--region", ",".join(map(str, val)), "--classes", ",".join(map(str, IDS)),
                                   "--json"))
@@ -103,6 +110,8 @@ if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "configs":
         configs(sys.argv[2], sys.argv[3])
     elif len(sys.argv) >= 4 and sys.argv[1] == "score":
-        score(sys.argv[2], sys.argv[3:])
+        args = sys.argv[3:]
+        cut = args.index("--") if "--" in args else len(args)
+        score(sys.argv[2], args[:cut], args[cut + 1:])
     else:
         sys.exit(__doc__)
