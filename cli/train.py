@@ -45,11 +45,12 @@ def _set_values(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
               help="Continue from a checkpoint (OUT/checkpoints/last.pdparams or its folder).")
 @click.option("--set", "sets", multiple=True, callback=_set_values, metavar="KEY=VALUE",
               help="Override any config key (repeatable), e.g. --set class_weights=auto --set schedule=cosine.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out (else such a folder is refused).")
 @click.pass_context
 def train(ctx: click.Context, config: Path, image: Path | None, labels: Path | None, out: Path | None,
           model: str | None, iterations: int | None, batch_size: int | None, window: int | None,
           lr: float | None, val_every: int | None, workers: int | None, seed: int | None, device: str | None,
-          resume: Path | None, sets: dict[str, Any]) -> None:
+          resume: Path | None, sets: dict[str, Any], overwrite: bool) -> None:
     """Train a model as the YAML CONFIG says; options and --set override its keys.
 
     Writes OUT/weights.pdparams and its model card OUT/weights.yaml (best checkpoint by
@@ -72,5 +73,5 @@ def train(ctx: click.Context, config: Path, image: Path | None, labels: Path | N
         "progress": sys.stderr.isatty() and not ctx.obj.get("quiet", False),
     }
     cfg = TrainConfig.load(config, overrides, explicit=sets)
-    result = run_training(cfg)
+    result = run_training(cfg, overwrite=overwrite)
     click.echo(str(result.weights))

@@ -2031,6 +2031,18 @@ def _json_default(o: Any) -> Any:
     raise TypeError(type(o).__name__)
 
 
-def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train a model as configured (see :class:`Trainer`)."""
+def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | None = None,
+          overwrite: bool = False) -> TrainResult:
+    """Train a model as configured (see :class:`Trainer`).
+
+    A folder ``cfg.out`` that already holds a run (its weights or last checkpoint) is refused
+    before anything is read, unless ``overwrite`` or the run resumes (``cfg.resume``): a finished
+    model is not replaced by accident.
+    """
+    out = Path(cfg.out)
+    held = [p.relative_to(out).as_posix() for p in (out / "weights.pdparams", out / "checkpoints" / "last.pdparams")
+            if p.exists()]
+    if held and not overwrite and not cfg.resume:
+        raise ParameterError(f"{out} already holds a trained run ({', '.join(held)}): choose another --out, continue it "
+                             f"with --resume {out / 'checkpoints'}, or pass --overwrite to replace it")
     return Trainer(cfg, progress).fit()

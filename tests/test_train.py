@@ -345,8 +345,21 @@ def test_cli_train(scene: tuple[Path, Path], tmp_path: Path, runner) -> None:  #
     assert r.exit_code == 0, r.output
     assert r.output.strip().endswith("weights.pdparams")
     assert ModelCard.load(tmp_path / "cli" / "weights.yaml").training["loss"] == "dice"
+    # a folder that holds a run is not trained over by accident: refused before reading, kept as it was
+    weights = tmp_path / "cli" / "weights.pdparams"
+    before = (weights.read_bytes(), weights.stat().st_mtime_ns)
+    r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml"), "--iterations", "2"])
+    assert r.exit_code == 1 and "already holds a trained run" in r.output and "--overwrite" in r.output
+    assert (weights.read_bytes(), weights.stat().st_mtime_ns) == before
+    r = runner.invoke(cli, ["-q", "train", "--config", str(tmp_path / "c.yaml"), "--iterations", "2", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert ModelCard.load(tmp_path / "cli" / "weights.yaml").training["loss"] != "dice"  # the new run's card
+    r = runner.invoke(cli, ["-q", "train", "--config", str(tmp_path / "c.yaml"), "--iterations", "3",
+                            "--resume", str(tmp_path / "cli" / "checkpoints")])
+    assert r.exit_code == 0, r.output  # resuming into its own folder is what --resume is for
     bad = write_raster(tmp_path / "bad.tif", np.ones((10, 10), np.uint8))
-    r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml"), "--labels", str(bad)])
+    r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml"), "--labels", str(bad), "--out",
+                            str(tmp_path / "other")])
     assert r.exit_code == 1 and "10x10" in r.output
 
 

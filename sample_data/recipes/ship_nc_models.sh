@@ -18,7 +18,7 @@ ship() {  # ship <name> <run folder>
 
 # 1. Train the ensemble members (the configs hold every setting; --seed makes a member): two runs at
 #    a time, one thread each (~8 min per run alone, ~14 min per pair on 2 cores).
-train() { OMP_NUM_THREADS=1 geoseg -q train --config "sample_data/recipes/nc_$1.yaml" --out "runs/nc_$1_s$2" --seed "$2"; }
+train() { OMP_NUM_THREADS=1 geoseg -q train --config "sample_data/recipes/nc_$1.yaml" --out "runs/nc_$1_s$2" --seed "$2" --overwrite; }
 train deeplabv3p 0 & a=$!; train unet 0 & b=$!; wait "$a" && wait "$b"   # a failed run stops the script here
 train deeplabv3p 1 & a=$!; train unet 1 & b=$!; wait "$a" && wait "$b"
 train unet 2
