@@ -445,10 +445,15 @@ def _read_polygons(path: Path, meta: Any, missing: str, unreadable: str
 VECTOR_LABELS = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".gml", ".kml", ".sqlite")
 
 
+def _ids_by_name(classes: Sequence[Mapping[str, Any]] | None) -> dict[str, int]:
+    """The config's class names (lower case) → ids."""
+    return {str(c.get("name", "")).lower(): int(c["id"]) for c in classes or () if "id" in c}
+
+
 def _class_id(value: int | str, classes: Sequence[Mapping[str, Any]] | None, what: str) -> int:
     """A class given by id or by name (case-insensitive) → its id, checked against ``classes``."""
-    ids = {int(c["id"]) for c in classes or () if "id" in c}
-    by_name = {str(c.get("name", "")).lower(): int(c["id"]) for c in classes or () if "id" in c}
+    by_name = _ids_by_name(classes)
+    ids = {int(c["id"]) for c in classes or () if "id" in c}  # all of them, named or not
     if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
         if value.lower() not in by_name:
             raise ParameterError(f"{what} {value!r} is not a class name: the config's classes are "
@@ -495,7 +500,7 @@ def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence
                                  "(0 is left for unlabelled pixels)")
         ids = ids.astype(np.int64)
     else:
-        by_name = {str(c.get("name", "")).lower(): int(c["id"]) for c in (classes or [])}
+        by_name = _ids_by_name(classes)
         unknown = sorted({str(v) for v in col if str(v).lower() not in by_name})
         if unknown:
             hint = (f"the config's classes are {', '.join(sorted(by_name))}" if by_name
