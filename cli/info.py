@@ -48,7 +48,8 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
         ("size", f"{d['width']} x {d['height']} px ({d['megapixels']} Mpx)"),
         ("bands", f"{d['bands']} ({', '.join(n or f'band {i + 1}' for i, n in enumerate(d['band_descriptions']))})"),
         ("dtype", d["dtype"]),
-        ("crs", d["crs"] or "none (outputs keep the pixel grid, not georeferenced)"),
+        ("crs", d["crs"] or (f"none; georeferenced by {d['georeferenced_by']} (outputs carry them, no polygons)"
+                             if d.get("georeferenced_by") else "none (outputs keep the pixel grid, not georeferenced)")),
         ("pixel size", f"{d['pixel_size'][0]:g} x {d['pixel_size'][1]:g}"),
         ("nodata", d["nodata"]),
     ]

@@ -50,6 +50,8 @@ from geoseg.io import (
     GridSpec,
     SceneMeta,
     check_georeferenced,
+    georeferencing,
+    polygons_skipped_reason,
     class_colormap,
     classes_tag,
     close_handles,
@@ -810,8 +812,9 @@ def segment_scene(
     if opts.confidence != "none":
         check_output(conf_path, opts.overwrite)
     vector_path = vector_output_path(mask_path, opts.vector)
-    if vector_path is not None and meta.crs is None:
-        warnings.warn(f"{input_path.name} has no CRS: polygons are not written (the mask is)", NoCRSWarning, stacklevel=2)
+    skipped = polygons_skipped_reason(meta) if vector_path is not None else None
+    if skipped:
+        warnings.warn(skipped, NoCRSWarning, stacklevel=2)
         vector_path = None
     if vector_path is not None:
         check_output(vector_path, opts.overwrite)
@@ -986,6 +989,8 @@ def describe_scene(
         "band_descriptions": [d or "" for d in meta.descriptions],
         "dtype": meta.dtype,
         "crs": meta.crs.to_string() if meta.crs else None,
+        # unrectified scenes: how they are placed instead ('4 ground control points', 'RPCs')
+        "georeferenced_by": "geotransform" if meta.crs else (georeferencing(meta) or None),
         "pixel_size": list(meta.res),
         "transform": list(meta.transform)[:6],
         "nodata": nodata,

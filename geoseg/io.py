@@ -55,6 +55,11 @@ class SceneMeta:
     alpha_band: int | None = None
     block_shape: tuple[int, int] = (0, 0)
     tags: dict[str, str] = field(default_factory=dict)
+    #: Ground control points ``(points, crs)`` of a scene georeferenced by GCPs instead of a
+    #: geotransform (unrectified imagery), else None.
+    gcps: Any = None
+    #: Rational polynomial coefficients of a scene georeferenced by RPCs, else None.
+    rpcs: Any = None
 
     @property
     def has_nodata(self) -> bool:
@@ -110,6 +115,8 @@ def open_scene(path: str | Path) -> SceneMeta:
                 alpha_band=alpha,
                 block_shape=tuple(ds.block_shapes[0]) if ds.block_shapes else (0, 0),  # type: ignore[arg-type]
                 tags=dict(ds.tags()),
+                gcps=ds.gcps if ds.gcps[0] else None,
+                rpcs=ds.rpcs,
             )
             # Decode one small window so a truncated/corrupt file fails here, not mid-run.
             ds.read(1, window=Window(0, 0, min(16, ds.width), min(16, ds.height)))
@@ -132,14 +139,45 @@ def check_georeferenced(meta: SceneMeta) -> None:
     """Warn (:class:`NoCRSWarning`) when the scene has no CRS.
 
     geoseg's policy: a scene without a CRS is still processed; outputs copy its transform and
-    carry no CRS either, so they overlay the input in any tool that overlays the input.
+    carry no CRS either, so they overlay the input in any tool that overlays the input.  A scene
+    georeferenced by ground control points or RPCs (unrectified imagery) has no CRS of its own
+    either: outputs carry the same GCPs/RPCs, so GIS tools place them as they place the scene.
     """
     if meta.crs is None:
+        how = georeferencing(meta)
+        if how:
+            warnings.warn(
+                f"{meta.path.name} is georeferenced by {how}, not a geotransform: the mask carries the same "
+                f"{'GCPs' if meta.gcps else 'RPCs'}, so QGIS and gdalwarp place it as they place the scene",
+                NoCRSWarning,
+                stacklevel=2,
+            )
+            return
         warnings.warn(
             f"{meta.path.name} has no CRS: outputs keep its pixel grid but are not georeferenced",
             NoCRSWarning,
             stacklevel=2,
         )
+
+
+def georeferencing(meta: SceneMeta) -> str:
+    """'N ground control points', 'RPCs' or '' (how a scene without a geotransform is placed)."""
+    if meta.gcps:
+        return f"{len(meta.gcps[0])} ground control points"
+    if meta.rpcs:
+        return "RPCs"
+    return ""
+
+
+def polygons_skipped_reason(meta: SceneMeta) -> str | None:
+    """Why polygons cannot be written for ``meta`` (no CRS), or None when they can."""
+    if meta.crs is not None:
+        return None
+    how = georeferencing(meta)
+    if how:
+        return (f"{meta.path.name} is georeferenced by {how}: polygons are not written (the mask is); "
+                f"for polygons, warp the scene first (e.g. gdalwarp -t_srs EPSG:XXXX {meta.path.name} warped.tif)")
+    return f"{meta.path.name} has no CRS: polygons are not written (the mask is)"
 
 
 # ---- reading -----------------------------------------------------------------------------
@@ -232,11 +270,13 @@ class GridSpec:
     height: int
     crs: Any
     transform: Any
+    gcps: Any = None
+    rpcs: Any = None
 
     @classmethod
     def of(cls, meta: SceneMeta) -> GridSpec:
-        """The grid of ``meta``."""
-        return cls(meta.width, meta.height, meta.crs, meta.transform)
+        """The grid of ``meta`` (with its GCPs or RPCs when it is georeferenced by those)."""
+        return cls(meta.width, meta.height, meta.crs, meta.transform, meta.gcps, meta.rpcs)
 
 
 class COGWriter:
@@ -273,7 +313,6 @@ class COGWriter:
             "count": 1,
             "dtype": dtype,
             "crs": grid.crs,
-            "transform": grid.transform,
             "nodata": self.profile.get("nodata"),
             "tiled": True,
             "blockxsize": 256,
@@ -284,10 +323,20 @@ class COGWriter:
             "zlevel": 1,
             "BIGTIFF": "IF_SAFER",
         }
+        if grid.crs is not None or not (grid.transform is None or grid.transform.is_identity):
+            # (an identity transform of an ungeoreferenced scene is not written: GDAL warns on it)
+            staging_profile["transform"] = grid.transform
         try:
-            self._ds = rasterio.open(self._staging, "w", **staging_profile)
+            with warnings.catch_warnings():
+                # an ungeoreferenced grid: GDAL says so on opening; the GCPs/RPCs follow below
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self._ds = rasterio.open(self._staging, "w", **staging_profile)
         except rasterio.errors.RasterioError as exc:
             raise OutputError(f"cannot create {self.path}: {exc}") from None
+        if grid.crs is None and grid.gcps:
+            self._ds.gcps = grid.gcps
+        elif grid.crs is None and grid.rpcs:
+            self._ds.rpcs = grid.rpcs
         if colormap:
             self._ds.write_colormap(1, colormap)
         if tags:
@@ -457,6 +506,8 @@ __all__ = [
     "MaskFlags",
     "SceneMeta",
     "check_georeferenced",
+    "georeferencing",
+    "polygons_skipped_reason",
     "class_colormap",
     "classes_tag",
     "close_handles",

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import pytest
 import rasterio
@@ -204,6 +206,53 @@ def test_no_crs_warns_and_writes(runner: CliRunner, tmp_path: Path, tiny_unet: t
     assert "no CRS" in res.stderr and "polygons are not written" in res.stderr
     with rasterio.open(tmp_path / "nocrs_landcover.tif") as ds:
         assert ds.crs is None
+
+
+@pytest.mark.parametrize("by", ["gcps", "rpcs"])
+def test_gcp_or_rpc_scene_mask_carries_them(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path], by: str) -> None:
+    """Unrectified imagery (georeferenced by GCPs or RPCs, no geotransform): the mask and confidence
+    carry the same GCPs/RPCs so GIS tools place them as the scene; polygons are skipped, saying why."""
+    from rasterio.control import GroundControlPoint
+    from rasterio.rpc import RPC
+
+    src = tmp_path / "l1.tif"
+    data = np.random.default_rng(0).integers(0, 255, (3, 40, 48), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(src, "w", driver="GTiff", width=48, height=40, count=3, dtype="uint8") as ds:
+            ds.write(data)
+            if by == "gcps":
+                ds.gcps = ([GroundControlPoint(r, c, 500000 + 30 * c, 4000000 - 30 * r, id=f"p{r}_{c}")
+                            for r in (0, 40) for c in (0, 48)], rasterio.crs.CRS.from_epsg(32618))
+            else:
+                ds.rpcs = RPC(height_off=100, height_scale=500, lat_off=35.8, lat_scale=0.1, long_off=-78.6,
+                              long_scale=0.1, line_off=20, line_scale=20, samp_off=24, samp_scale=24,
+                              line_num_coeff=[0, 0, -1] + [0] * 17, line_den_coeff=[1] + [0] * 19,
+                              samp_num_coeff=[0, 1] + [0] * 18, samp_den_coeff=[1] + [0] * 19)
+    res = runner.invoke(cli, ["info", str(src), "--no-model"])
+    assert res.exit_code == 0, res.output
+    assert ("4 ground control points" if by == "gcps" else "RPCs") in res.stdout
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path),
+                              "--confidence", "uint8"])
+    assert res.exit_code == 0, res.output
+    assert "polygons are not written" in res.stderr and "gdalwarp" in res.stderr
+    assert ("4 ground control points" if by == "gcps" else "RPCs") in res.stderr
+    assert "identity" not in res.stderr.lower() and "no geotransform" not in res.stderr.lower()
+    assert not (tmp_path / "l1_landcover.gpkg").exists()
+    with rasterio.open(src) as s:
+        want_gcps, want_rpcs = s.gcps, s.rpcs
+    for name in ("l1_landcover.tif", "l1_confidence.tif"):
+        with rasterio.open(tmp_path / name) as ds:
+            assert ds.crs is None and ds.transform.is_identity
+            if by == "gcps":
+                assert ds.gcps[1] == want_gcps[1]
+                assert [(g.row, g.col, g.x, g.y) for g in ds.gcps[0]] == [(g.row, g.col, g.x, g.y) for g in want_gcps[0]]
+            else:
+                got = ds.rpcs.to_dict() if ds.rpcs is not None else {}
+                want = want_rpcs.to_dict()
+                assert set(got) == set(want)
+                for key, value in want.items():
+                    assert np.allclose(got[key], value), key
 
 
 def test_band_mismatch_names_both_numbers(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
