@@ -9,8 +9,11 @@ import click
 
 
 def _existing_file(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """Leave existence checks to the library (one-line errors, same wording as the API)."""
-    return value
+    """Leave existence checks to the library (one-line errors, same wording as the API); keep a GDAL
+    virtual path (``/vsizip//abs/scenes.zip/a.tif``) readable as a Path."""
+    from geoseg.io import scene_path
+
+    return scene_path(value)
 
 
 def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -31,7 +34,7 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
     return value
 
 
-input_arg = click.argument("input", type=click.Path(path_type=Path), callback=_existing_file)
+input_arg = click.argument("input", type=click.Path(), callback=_existing_file)
 
 out_opt = click.option(
     "-o", "--out", "out", type=click.Path(path_type=Path), default=None,

@@ -51,6 +51,8 @@ from geoseg.io import (
     SceneMeta,
     check_georeferenced,
     georeferencing,
+    is_virtual,
+    scene_path,
     polygons_skipped_reason,
     class_colormap,
     classes_tag,
@@ -409,7 +411,8 @@ def output_paths(input_path: Path, out: str | Path | None) -> tuple[Path, Path]:
     """``(mask, confidence)`` paths: ``<out>/<stem>_landcover.tif`` or the given .tif name."""
     stem = input_path.stem
     if out is None:
-        folder = input_path.parent
+        # beside the input; an input inside an archive or object storage: the current folder
+        folder = Path.cwd() if is_virtual(input_path) else input_path.parent
         mask = folder / f"{stem}_landcover.tif"
     else:
         out = Path(out)
@@ -795,7 +798,7 @@ def segment_scene(
     """
     opts = options or PredictOptions()
     t_start = time.perf_counter()
-    input_path = Path(input_path)
+    input_path = scene_path(input_path)
     meta = open_scene(input_path)
     if source is None:
         source = resolve_model(model, weights, card, classes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import warnings
 from collections.abc import Sequence
@@ -82,15 +83,43 @@ class SceneMeta:
         return (abs(self.transform.a), abs(self.transform.e))
 
 
+_ARCHIVE = re.compile(r"^(/vsi(?:zip|tar|7z|rar|gzip))/(/.*?\.(?:zip|tar|tgz|tar\.gz|gz|7z|rar))(/.*)?$", re.IGNORECASE)
+
+
+def scene_path(path: str | Path) -> Path:
+    """``path`` as a :class:`~pathlib.Path` that keeps a GDAL virtual path readable.
+
+    ``/vsizip//abs/scenes.zip/a.tif`` (an absolute archive path) would lose its double slash in a
+    Path and name a relative archive; it becomes GDAL's equivalent ``/vsizip/{/abs/scenes.zip}/a.tif``.
+    """
+    text = str(path)
+    m = _ARCHIVE.match(text)
+    if m:
+        return Path(f"{m.group(1)}/{{{m.group(2)}}}{m.group(3) or ''}")
+    return Path(text)
+
+
+def is_virtual(path: str | Path) -> bool:
+    """True for a GDAL virtual file system path (``/vsizip/scenes.zip/a.tif``, ``/vsis3/bucket/a.tif``)."""
+    return str(path).startswith("/vsi")
+
+
 def open_scene(path: str | Path) -> SceneMeta:
     """Read a raster's metadata, with one-line errors for missing, non-raster or corrupt files.
+
+    ``path`` is a file or a GDAL virtual file system path: a scene inside a zip or tar archive
+    (``/vsizip/scenes.zip/a.tif``) or in object storage (``/vsis3/``, ``/vsigs/``, ``/vsiaz/``).
 
     Raises:
         SceneReadError: the file is missing, not a raster, or cannot be decoded.
         SceneError: the raster's dtype is not supported.
     """
-    path = Path(path)
-    if not path.exists():
+    text = str(path)
+    path = scene_path(path)
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:/", text):
+        raise SceneReadError(f"input {text}: URLs are not read as such; give a file, or GDAL's form of it "
+                             "(/vsizip/archive.zip/scene.tif, /vsis3/bucket/scene.tif)")
+    if not is_virtual(path) and not path.exists():
         raise SceneReadError(f"input {path} does not exist: check the path")
     if path.is_dir():
         raise SceneReadError(f"input {path} is a folder: give a GeoTIFF file (or use 'geoseg batch')")
@@ -123,6 +152,8 @@ def open_scene(path: str | Path) -> SceneMeta:
             ds.read(1, window=Window(max(0, ds.width - 16), max(0, ds.height - 16), min(16, ds.width), min(16, ds.height)))
     except RasterioIOError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if is_virtual(path) and ("No such file" in msg or "does not exist" in msg):
+            raise SceneReadError(f"input {path} does not exist: check the path (and the name inside the archive)") from None
         if "not recognized as" in msg or "not a supported file format" in msg:
             raise SceneReadError(f"input {path} is not a raster GDAL can read: give a GeoTIFF") from None
         raise SceneReadError(f"input {path} cannot be read ({msg}): the file may be corrupt or truncated") from None
@@ -507,6 +538,8 @@ __all__ = [
     "SceneMeta",
     "check_georeferenced",
     "georeferencing",
+    "is_virtual",
+    "scene_path",
     "polygons_skipped_reason",
     "class_colormap",
     "classes_tag",

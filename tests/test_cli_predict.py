@@ -255,6 +255,34 @@ def test_gcp_or_rpc_scene_mask_carries_them(runner: CliRunner, tmp_path: Path, t
                     assert np.allclose(got[key], value), key
 
 
+def test_scene_inside_a_zip_archive(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GDAL virtual path (/vsizip/) is read as the file itself; outputs default to the current folder."""
+    import zipfile
+
+    src = rgb(tmp_path, "inzip.tif")
+    with zipfile.ZipFile(tmp_path / "scenes.zip", "w") as z:
+        z.write(src, "sub/inzip.tif")
+    plain = tmp_path / "plain"
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(plain), "--vector", "none"])
+    assert res.exit_code == 0, res.output
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    vsi = f"/vsizip/{tmp_path / 'scenes.zip'}/sub/inzip.tif"
+    res = runner.invoke(cli, ["info", vsi, "--no-model"])
+    assert res.exit_code == 0 and "150 x 90" in res.stdout, res.output
+    res = runner.invoke(cli, ["predict", vsi, "--weights", str(tiny_unet[0]), "--vector", "none"])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(work / "inzip_landcover.tif") as a, rasterio.open(plain / "inzip_landcover.tif") as b:
+        assert a.transform == b.transform and a.crs == b.crs
+        assert np.array_equal(a.read(1), b.read(1))
+    res = runner.invoke(cli, ["predict", f"/vsizip/{tmp_path / 'scenes.zip'}/sub/other.tif", "--weights", str(tiny_unet[0])])
+    assert_one_line_error(res, "other.tif does not exist", "inside the archive")
+    res = runner.invoke(cli, ["predict", f"zip://{tmp_path / 'scenes.zip'}!sub/inzip.tif", "--weights", str(tiny_unet[0])])
+    assert_one_line_error(res, "/vsizip/")
+
+
 def test_band_mismatch_names_both_numbers(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
     src = write_raster(tmp_path / "five.tif", np.ones((5, 40, 40), np.uint8))
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o.tif")])
