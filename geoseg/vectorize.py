@@ -728,7 +728,9 @@ class _LayerWriter:
         n = len(geoms)
         if n == 0 and self.started:
             return
-        wkb = shapely.to_wkb(geoms) if n else np.empty(0, dtype=object)
+        # one ring orientation whatever the raster's (a south-up grid mirrors rings): exterior rings
+        # counter-clockwise, holes clockwise (OGC simple features; RFC 7946's right-hand rule)
+        wkb = shapely.to_wkb(shapely.orient_polygons(geoms)) if n else np.empty(0, dtype=object)
         data = [
             np.asarray(ids, dtype=np.int32),
             np.asarray(names, dtype=object),

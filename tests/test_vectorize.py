@@ -157,6 +157,30 @@ def test_gpkg_output(mask_path: Path, tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_rings_oriented_whatever_the_grid(tmp_path: Path) -> None:
+    """A south-up mask (positive row step) gives the same polygons as its north-up twin, and every
+    polygon has a counter-clockwise shell and clockwise holes (OGC; RFC 7946's right-hand rule)."""
+    from affine import Affine
+
+    arr = class_array()
+    north = write_mask(tmp_path / "north.tif", arr)
+    t = TRANSFORM
+    south_t = Affine(t.a, t.b, t.c, t.d, -t.e, t.f + t.e * arr.shape[0])
+    south = write_mask(tmp_path / "south.tif", arr[::-1].copy(), transform=south_t)
+    got = []
+    for src in (north, south):
+        out = tmp_path / f"{src.stem}.gpkg"
+        vec.vectorize_mask(src, out, min_pixels=1, simplify=0)
+        _, _, wkb, fields = pyogrio.raw.read(out, layer="landcover")
+        geoms = shapely.from_wkb(wkb)
+        polys = shapely.get_parts(geoms)
+        assert shapely.is_ccw(shapely.get_exterior_ring(polys)).all()
+        holes = np.concatenate([shapely.get_rings(p)[1:] for p in polys])
+        assert len(holes) and not shapely.is_ccw(holes).any()
+        got.append(shapely.normalize(shapely.union_all(geoms[fields[0] == 1])))
+    assert shapely.equals(got[0], got[1])
+
+
 def test_geojson_is_wgs84(mask_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "lc.geojson"
     res = vec.vectorize_mask(mask_path, out, scene_name="S2A_test")
