@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import glob
 import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
+import types
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -171,8 +175,10 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ParameterError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
-        d = dict(data)
+            close = [m for k in unknown for m in difflib.get_close_matches(k, names, n=1)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ParameterError(f"{source}: unknown key(s) {', '.join(unknown)}{hint}; known keys: {', '.join(sorted(names))}")
+        d = {key: _check_type(source, key, value) for key, value in data.items()}
         if d.get("scenes") is not None:
             scenes = d["scenes"]
             clash = [k for k in ("image", "labels", "train_region", "val_region") if d.get(k) is not None]
@@ -343,6 +349,60 @@ def _check_shift(value: Any, what: str) -> tuple[int, int]:
     if not ok:
         raise ParameterError(f"{what} {value!r}: give [rows, cols], whole pixels (e.g. [1, 1])")
     return int(value[0]), int(value[1])
+
+
+_KINDS: dict[Any, tuple[tuple[type, ...], str]] = {
+    int: ((int,), "a whole number"),
+    float: ((int, float), "a number"),
+    bool: ((bool,), "true or false"),
+    str: ((str,), "a string"),
+}
+
+
+def _check_type(source: str, key: str, value: Any) -> Any:
+    """``value`` of config ``key``, or a one-line error when it has the wrong kind (``iterations: abc``).
+
+    A list of whole numbers may also be given as one number (``ignore: 0``) or as text with commas
+    (``--set bands=4,3,2``, as predict's --bands).
+    """
+    hint = typing.get_type_hints(TrainConfig).get(key)
+    options = get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+    if value is None and type(None) in options:
+        return value
+    want = ""
+    for t in options:
+        if t is type(None):
+            continue
+        if typing.get_origin(t) is Literal:
+            return value  # check() names the choices, with what each means
+        if t in _KINDS:
+            kinds, want = _KINDS[t]
+            if t is float and isinstance(value, str):
+                try:  # YAML 1.1 reads 1e-3 (no dot) as text
+                    value = float(value)
+                except ValueError:
+                    pass
+            if isinstance(value, kinds) and not (isinstance(value, bool) and t is not bool):
+                return value
+        elif typing.get_origin(t) is tuple and get_args(t)[1:] == (Ellipsis,) and get_args(t)[0] in _KINDS:
+            item = get_args(t)[0]
+            if isinstance(value, str) and item is int and re.fullmatch(r"\s*-?\d+(\s*,\s*-?\d+)*\s*", value):
+                value = [int(v) for v in value.split(",")]
+            elif isinstance(value, str) and item is str:
+                value = [v.strip() for v in value.split(",")]
+            elif isinstance(value, int) and not isinstance(value, bool) and item is int:
+                value = [value]
+            kinds, want = _KINDS[item]
+            want = f"a list of {want.removeprefix('a ')}s"
+            if isinstance(value, (list, tuple)) and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value):
+                return value
+        elif key == "classes":
+            want = "a list of mappings (e.g. {id: 1, name: forest, color: [20, 110, 40]})"
+            if isinstance(value, (list, tuple)) and all(isinstance(v, Mapping) for v in value):
+                return value
+        else:
+            return value  # checked where it is used
+    raise ParameterError(f"{source}: {key} {value!r}: give {want}")
 
 
 def _check_scale(value: Any) -> tuple[float, float] | None:
@@ -1272,6 +1332,9 @@ class Trainer:
             bad = [b for b in bands if not 1 <= b <= meta.count]
             if bad:
                 raise ParameterError(f"bands {list(bands)}: {image_path.name} has bands 1..{meta.count}")
+            if cfg.band_names and len(cfg.band_names) != len(bands):
+                raise ParameterError(f"band_names lists {len(cfg.band_names)} name(s) but the model reads {len(bands)} "
+                                     f"band(s) of {image_path.name}: give one name per band read")
             if scenes:
                 first = scenes[0]
                 if len(bands) != len(first["bands"]):

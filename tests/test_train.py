@@ -333,6 +333,22 @@ def test_config_errors_name_the_key(scene: tuple[Path, Path], tmp_path: Path) ->
         _cfg(scene, tmp_path, class_weights="inverse")
     with pytest.raises(ParameterError, match="share"):
         Trainer(_cfg(scene, tmp_path, val_region=[40, 0, 24, 48]))
+    with pytest.raises(ParameterError, match=r"itertions \(did you mean iterations\?\)"):
+        _cfg(scene, tmp_path, itertions=5)
+    # a value of the wrong kind is named with its key (it used to surface as a TypeError mid-run)
+    for key, value, words in [("iterations", "abc", "give a whole number"), ("window", 64.5, "give a whole number"),
+                              ("lr", "fast", "give a number"), ("flips", "maybe", "true or false"),
+                              ("schedule", "linear", "poly, cosine or constant"), ("teacher", 5, "give a string"),
+                              ("bands", [1, "x"], "list of whole numbers"), ("classes", [1, 2], "list of mappings")]:
+        with pytest.raises(ParameterError, match=f"{key} .*{words}"):
+            _cfg(scene, tmp_path, **{key: value})
+    # a list of band numbers may come as predict's comma text (--set bands=3,1,2) or one number
+    assert _cfg(scene, tmp_path, bands="3, 1,2").bands == (3, 1, 2)
+    assert _cfg(scene, tmp_path, **yaml.safe_load("lr: 1e-3")).lr == 0.001  # YAML 1.1 reads that as text
+    assert _cfg(scene, tmp_path, bands=2, ignore=0).bands == (2,)
+    assert _cfg(scene, tmp_path, band_names="red,green").band_names == ("red", "green")
+    with pytest.raises(ParameterError, match="band_names lists 1 name.*reads 3 band"):
+        Trainer(_cfg(scene, tmp_path, band_names=["red"]))
 
 
 def test_cli_train(scene: tuple[Path, Path], tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
