@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from geoseg.errors import ParameterError
+
 __all__ = ["ConfusionMatrix", "Metrics", "compute_metrics"]
 
 
@@ -189,7 +191,8 @@ def compute_metrics(
     else:
         missing = [c for c in average_over if c not in ids]
         if missing:
-            raise ValueError(f"classes {missing} to average over are not among the class ids {list(ids)}")
+            raise ParameterError(f"classes {missing} to average over are not among the class ids {list(ids)}: "
+                                 "give ids of the prediction's classes (--miou-classes), or --classes to add them")
         avg = tuple(int(c) for c in average_over)
     sel = [ids.index(c) for c in avg]
 

@@ -134,6 +134,8 @@ def test_cli_evaluate_table_json_and_errors(tmp_path: Path, runner) -> None:  # 
     assert r.exit_code == 1 and "grids do not match" in r.output
     r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(ref), "--region", "1,2"])
     assert r.exit_code == 1 and "col_off,row_off,width,height" in r.output
+    r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(ref), "--miou-classes", "1,9"])
+    assert r.exit_code == 1 and "classes [9] to average over" in r.output and "unexpected" not in r.output
 
 
 def test_record_in_card(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
