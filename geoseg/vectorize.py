@@ -164,6 +164,11 @@ def format_from_path(path: str | Path) -> VectorFormat | None:
     return fmt  # type: ignore[return-value]
 
 
+#: A class raster without class names/colours and more distinct values than this (in a 256² sample)
+#: is refused as an image (more classes than a uint8 mask holds: a uint16 image band).
+MAX_UNLABELLED_CLASSES = 256
+
+
 def open_mask(path: str | Path) -> MaskInfo:
     """Open and check a class raster; read its class names and colours.
 
@@ -192,10 +197,23 @@ def _mask_info(path: Path, ds: rasterio.DatasetReader) -> MaskInfo:
     if ds.crs is None:
         raise SceneError(f"mask {path} has no CRS: assign one first (e.g. gdal_edit.py -a_srs EPSG:XXXX {path.name})")
     if ds.count > 1:
-        log.info("mask %s has %d bands: vectorizing band 1", path, ds.count)
+        raise SceneError(
+            f"mask {path} has {ds.count} bands, a class raster has one: give the mask geoseg predict wrote "
+            f"({path.stem}_landcover.tif), not the image it segmented"
+        )
     nodata = ds.nodata
     if nodata is not None and (not float(nodata).is_integer() or not _fits(int(nodata), dtype)):
         nodata = None
+    classes = read_classes(ds)
+    if not classes and dtype != "uint8":
+        # an image band (a panchromatic uint16 scene) would become one polygon per grey value
+        sample = ds.read(1, out_shape=(min(ds.height, 256), min(ds.width, 256)))
+        distinct = len(np.unique(sample))
+        if distinct > MAX_UNLABELLED_CLASSES:
+            raise SceneError(
+                f"mask {path} has {distinct} distinct values in a sample and no class table: that is an image, not "
+                f"class ids; give the mask geoseg predict wrote ({path.stem}_landcover.tif)"
+            )
     return MaskInfo(
         path=path,
         width=ds.width,
@@ -204,7 +222,7 @@ def _mask_info(path: Path, ds: rasterio.DatasetReader) -> MaskInfo:
         nodata=None if nodata is None else int(nodata),
         crs=ds.crs,
         transform=ds.transform,
-        classes=read_classes(ds),
+        classes=classes,
     )
 
 

@@ -18,6 +18,7 @@ from rasterio import features
 from geoseg import vectorize as vec
 from geoseg.card import ClassInfo
 from geoseg.errors import OutputExistsError, ParameterError, SceneError, SceneReadError
+from tests.conftest import write_raster
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _rasters import CLASSES, CRS, NODATA, PIXEL, TRANSFORM, class_array, write_mask  # noqa: E402
@@ -241,6 +242,11 @@ def test_geographic_area_is_geodesic(tmp_path: Path) -> None:
         (lambda p: (p / "junk.tif").write_text("not a raster") and p / "junk.tif", SceneReadError, "not a readable raster"),
         (lambda p: write_mask(p / "f.tif", np.zeros((8, 8), dtype=np.float32), tags=False), SceneError, "float32"),
         (lambda p: write_mask(p / "nocrs.tif", class_array(), crs=None), SceneError, "no CRS"),
+        # the image instead of its mask: refused, not turned into one polygon per pixel value
+        (lambda p: write_raster(p / "scene.tif", np.random.default_rng(0).integers(0, 255, (3, 8, 8), dtype=np.uint8)),
+         SceneError, "has 3 bands, a class raster has one.*scene_landcover.tif"),
+        (lambda p: write_raster(p / "pan.tif", np.arange(40 * 40, dtype=np.uint16).reshape(40, 40)),
+         SceneError, "1600 distinct values in a sample and no class table"),
     ],
 )
 def test_bad_inputs(tmp_path: Path, make, error, words) -> None:  # type: ignore[no-untyped-def]
