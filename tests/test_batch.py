@@ -85,6 +85,10 @@ def test_discover_mirrors_tree_lists_and_skips_the_output_folder(tmp_path: Path)
 
     with pytest.raises(ParameterError, match="does not exist"):
         discover_scenes([tmp_path / "nope"], out)
+    lst.write_text(f"/vsizip/{tmp_path}/a.zip/scene.tif\n")  # a GDAL path: predict reads it, batch says why not
+    for given in ([f"@{lst}"], [f"/vsizip/{tmp_path}/a.zip/scene.tif"]):
+        with pytest.raises(ParameterError, match="batch reads scenes from disk.*geoseg predict"):
+            discover_scenes(given, out)
     same = discover_scenes([arch / "scene0.tif", arch / "d1" / ".." / "scene0.tif"], out)
     assert [s.key for s in same] == ["scene0.tif"]  # one file given twice is one scene
     other = _copy(arch / "scene3.tif", tmp_path / "scene3.tif")
