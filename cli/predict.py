@@ -33,10 +33,13 @@ def predict(
     with a class palette, class names and a QGIS style (<stem>_landcover.qml) beside it;
     nodata (255) wherever the input is nodata. By default the mask is also vectorised into
     <stem>_landcover.gpkg (land-cover polygons, styled for QGIS). Outputs appear atomically.
+    INPUT may also be a GDAL virtual path: a scene inside a zip/tar archive or in object storage
+    (outputs then default to the current folder).
 
     \b
     Examples:
       geoseg predict scene.tif --model deeplabv3p --out out/
+      geoseg predict /vsizip/downloads/scenes.zip/scene.tif --model unet
       geoseg predict scene.tif --weights my.pdparams --bands 4,3,2 --confidence uint8
       geoseg predict big.tif --tile-size 512 --overlap 128 --batch-size 4 --device gpu --precision fp16
     """
