@@ -206,8 +206,8 @@ def polygons_skipped_reason(meta: SceneMeta) -> str | None:
         return None
     how = georeferencing(meta)
     if how:
-        return (f"{meta.path.name} is georeferenced by {how}: polygons are not written (the mask is); "
-                f"for polygons, warp the scene first (e.g. gdalwarp -t_srs EPSG:XXXX {meta.path.name} warped.tif)")
+        return (f"{meta.path.name}: polygons are not written, they need a map grid and the scene has {how} "
+                f"instead; warp the scene first (e.g. gdalwarp -t_srs EPSG:XXXX {meta.path.name} warped.tif)")
     return f"{meta.path.name} has no CRS: polygons are not written (the mask is)"
 
 
