@@ -147,8 +147,10 @@ def discover_scenes(
             expanded.extend((p, False) for p in _list_file_entries(Path(s[1:]).expanduser()))
         else:
             expanded.append((Path(s).expanduser(), True))
+    from geoseg.io import is_virtual
+
     for p, _ in expanded:
-        if str(p).startswith("/vsi"):
+        if is_virtual(p):
             raise ParameterError(f"input {p}: batch reads scenes from disk (it fingerprints each file to skip unchanged "
                                  "scenes); extract the archive first, or run geoseg predict on the /vsi path")
     for p, direct in expanded:

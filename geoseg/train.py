@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import functools
 import glob
 import json
 import logging
@@ -359,13 +360,19 @@ _KINDS: dict[Any, tuple[tuple[type, ...], str]] = {
 }
 
 
+@functools.cache
+def _config_types() -> dict[str, Any]:
+    """TrainConfig's field types (its annotations are strings: resolved once)."""
+    return typing.get_type_hints(TrainConfig)
+
+
 def _check_type(source: str, key: str, value: Any) -> Any:
     """``value`` of config ``key``, or a one-line error when it has the wrong kind (``iterations: abc``).
 
     A list of whole numbers may also be given as one number (``ignore: 0``) or as text with commas
     (``--set bands=4,3,2``, as predict's --bands).
     """
-    hint = typing.get_type_hints(TrainConfig).get(key)
+    hint = _config_types().get(key)
     options = get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
     if value is None and type(None) in options:
         return value
