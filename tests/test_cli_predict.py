@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import warnings
+from xml.sax.saxutils import escape
 
 import numpy as np
 import pytest
@@ -281,6 +282,30 @@ def test_scene_inside_a_zip_archive(runner: CliRunner, tmp_path: Path, tiny_unet
     assert_one_line_error(res, "other.tif does not exist", "inside the archive")
     res = runner.invoke(cli, ["predict", f"zip://{tmp_path / 'scenes.zip'}!sub/inzip.tif", "--weights", str(tiny_unet[0])])
     assert_one_line_error(res, "/vsizip/")
+
+
+def test_scene_of_one_file_per_band_through_a_vrt(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    """Per-band deliveries (Landsat, Sentinel-2) stacked by a VRT (as gdalbuildvrt -separate writes it)
+    predict exactly as the same bands in one GeoTIFF."""
+    src = rgb(tmp_path, "stack.tif")
+    with rasterio.open(src) as ds:
+        t, crs, nodata = ds.transform, ds.crs.to_wkt(), ds.nodata
+        for b in (1, 2, 3):
+            with rasterio.open(tmp_path / f"B{b}.tif", "w", **{**ds.profile, "count": 1}) as one:
+                one.write(ds.read(b), 1)
+        xml = [f'<VRTDataset rasterXSize="{ds.width}" rasterYSize="{ds.height}"><SRS>{escape(crs)}</SRS>',
+               f"<GeoTransform>{t.c}, {t.a}, {t.b}, {t.f}, {t.d}, {t.e}</GeoTransform>"]
+        xml += [f'<VRTRasterBand dataType="Byte" band="{b}"><NoDataValue>{nodata:g}</NoDataValue><SimpleSource>'
+                f'<SourceFilename relativeToVRT="1">B{b}.tif</SourceFilename><SourceBand>1</SourceBand>'
+                "</SimpleSource></VRTRasterBand>" for b in (1, 2, 3)]
+    (tmp_path / "bands.vrt").write_text("".join(xml) + "</VRTDataset>")
+    for name in ("stack.tif", "bands.vrt"):
+        res = runner.invoke(cli, ["predict", str(tmp_path / name), "--weights", str(tiny_unet[0]), "--out",
+                                  str(tmp_path / "out"), "--vector", "none"])
+        assert res.exit_code == 0, res.output
+    with rasterio.open(tmp_path / "out" / "stack_landcover.tif") as a, rasterio.open(tmp_path / "out" / "bands_landcover.tif") as b:
+        assert a.transform == b.transform and a.crs == b.crs
+        assert np.array_equal(a.read(1), b.read(1)) and (a.read(1) != 255).any()
 
 
 def test_band_mismatch_names_both_numbers(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
