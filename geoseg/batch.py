@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from xml.etree import ElementTree
 
 from geoseg.atomic import atomic_write_text, clean_temp_files
 from geoseg.errors import (
@@ -197,15 +198,42 @@ def quick_hash(path: str | Path, nbytes: int = QUICK_HASH_BYTES) -> str:
     return h.hexdigest()[:32]
 
 
+def vrt_sources(path: str | Path) -> list[Path]:
+    """The files a VRT reads (``SourceFilename``; relative ones resolved against the VRT's folder)."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, OSError):
+        return []  # reading the scene says what is wrong with it
+    out = []
+    for el in root.iter("SourceFilename"):
+        name = (el.text or "").strip()
+        if name:
+            out.append(Path(path).parent / name if el.get("relativeToVRT") == "1" else Path(name))
+    return out
+
+
 def input_fingerprint(path: str | Path) -> dict[str, Any]:
     """``{size, mtime_ns, head_hash}`` of an input file.
+
+    A VRT's ``head_hash`` also covers the size and modification time of every file it reads, so a
+    band file replaced under an unchanged VRT counts as a changed input.
 
     Raises:
         SceneReadError: the file is missing or unreadable.
     """
     try:
         st = os.stat(path)
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_hash": quick_hash(path)}
+        head = quick_hash(path)
+        if str(path).lower().endswith(".vrt"):
+            h = hashlib.sha256(head.encode())
+            for src in vrt_sources(path):
+                try:
+                    s = os.stat(src)
+                    h.update(f"|{src}|{s.st_size}|{s.st_mtime_ns}".encode())
+                except OSError:
+                    h.update(f"|{src}|missing".encode())
+            head = h.hexdigest()[:32]
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_hash": head}
     except OSError as exc:
         raise SceneReadError(f"input {path} cannot be read ({exc.strerror}): check the path and permissions") from None
 

@@ -21,6 +21,27 @@ UTM33 = CRS.from_epsg(32633)
 NC_LCC = CRS.from_epsg(32119)
 
 
+def write_band_vrt(src: Path, vrt: Path) -> Path:
+    """Split ``src`` into one GeoTIFF per band beside ``vrt`` (``B1.tif`` ...) and stack them in
+    ``vrt`` as ``gdalbuildvrt -separate`` would (a per-band delivery such as Landsat's)."""
+    from xml.sax.saxutils import escape
+
+    with rasterio.open(src) as ds:
+        t, crs, nodata = ds.transform, ds.crs.to_wkt(), ds.nodata
+        xml = [f'<VRTDataset rasterXSize="{ds.width}" rasterYSize="{ds.height}"><SRS>{escape(crs)}</SRS>',
+               f"<GeoTransform>{t.c}, {t.a}, {t.b}, {t.f}, {t.d}, {t.e}</GeoTransform>"]
+        for b in range(1, ds.count + 1):
+            with rasterio.open(vrt.parent / f"B{b}.tif", "w", **{**ds.profile, "count": 1}) as one:
+                one.write(ds.read(b), 1)
+            nd = "" if nodata is None else f"<NoDataValue>{nodata:g}</NoDataValue>"
+            gdal_type = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "float32": "Float32"}[ds.dtypes[0]]
+            xml.append(f'<VRTRasterBand dataType="{gdal_type}" '
+                       f'band="{b}">{nd}<SimpleSource><SourceFilename relativeToVRT="1">B{b}.tif</SourceFilename>'
+                       "<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand>")
+    vrt.write_text("".join(xml) + "</VRTDataset>")
+    return vrt
+
+
 def write_raster(
     path: Path,
     data: np.ndarray,

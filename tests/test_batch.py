@@ -18,7 +18,7 @@ import rasterio
 from geoseg.batch import BatchLock, discover_scenes, parse_resources
 from geoseg.errors import BatchLockedError, ParameterError
 from geoseg_cli.main import EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL, cli
-from tests.conftest import write_raster
+from tests.conftest import write_band_vrt, write_raster
 
 pytest.importorskip("paddle")
 
@@ -108,6 +108,25 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 # ---- exactly once --------------------------------------------------------------------------------
+def test_vrt_scene_reruns_when_a_band_file_changes(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A VRT over per-band files is one scene; replacing a band file under the unchanged VRT reruns it."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    arch.mkdir()
+    src = write_raster(tmp_path / "whole.tif", np.random.default_rng(1).integers(0, 256, (3, 40, 48), dtype=np.uint8))
+    vrt = write_band_vrt(src, arch / "scene.vrt")
+    r = run_cli(runner, tiny_unet, [arch], out, "--pattern", "*.vrt")
+    assert r.exit_code == EXIT_OK and (out / "scene_landcover.tif").exists(), r.output
+    r = run_cli(runner, tiny_unet, [arch], out, "--pattern", "*.vrt", "--dry-run")
+    assert r.stdout.splitlines()[-1].startswith("skip\tscene.vrt"), r.output
+    vrt_stat = vrt.stat()
+    band = arch / "B2.tif"
+    st = band.stat()
+    os.utime(band, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new band file; the VRT itself is untouched
+    assert vrt.stat().st_mtime_ns == vrt_stat.st_mtime_ns
+    r = run_cli(runner, tiny_unet, [arch], out, "--pattern", "*.vrt", "--dry-run")
+    assert "run\tscene.vrt\tinput changed" in r.stdout, r.output
+
+
 def test_second_run_skips_touch_reruns_one_force_redoes_all(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
     scenes = make_archive(arch, 4)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import warnings
-from xml.sax.saxutils import escape
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import rasterio
 from click.testing import CliRunner
 
 from geoseg_cli.main import cli
-from tests.conftest import write_raster
+from tests.conftest import write_band_vrt, write_raster
 
 
 def rgb(tmp_path: Path, name: str = "scene.tif", h: int = 90, w: int = 150, **kw) -> Path:
@@ -288,17 +287,7 @@ def test_scene_of_one_file_per_band_through_a_vrt(runner: CliRunner, tmp_path: P
     """Per-band deliveries (Landsat, Sentinel-2) stacked by a VRT (as gdalbuildvrt -separate writes it)
     predict exactly as the same bands in one GeoTIFF."""
     src = rgb(tmp_path, "stack.tif")
-    with rasterio.open(src) as ds:
-        t, crs, nodata = ds.transform, ds.crs.to_wkt(), ds.nodata
-        for b in (1, 2, 3):
-            with rasterio.open(tmp_path / f"B{b}.tif", "w", **{**ds.profile, "count": 1}) as one:
-                one.write(ds.read(b), 1)
-        xml = [f'<VRTDataset rasterXSize="{ds.width}" rasterYSize="{ds.height}"><SRS>{escape(crs)}</SRS>',
-               f"<GeoTransform>{t.c}, {t.a}, {t.b}, {t.f}, {t.d}, {t.e}</GeoTransform>"]
-        xml += [f'<VRTRasterBand dataType="Byte" band="{b}"><NoDataValue>{nodata:g}</NoDataValue><SimpleSource>'
-                f'<SourceFilename relativeToVRT="1">B{b}.tif</SourceFilename><SourceBand>1</SourceBand>'
-                "</SimpleSource></VRTRasterBand>" for b in (1, 2, 3)]
-    (tmp_path / "bands.vrt").write_text("".join(xml) + "</VRTDataset>")
+    write_band_vrt(src, tmp_path / "bands.vrt")
     for name in ("stack.tif", "bands.vrt"):
         res = runner.invoke(cli, ["predict", str(tmp_path / name), "--weights", str(tiny_unet[0]), "--out",
                                   str(tmp_path / "out"), "--vector", "none"])
