@@ -79,7 +79,8 @@ confidence_opt = click.option(
 )
 co_opt = click.option(
     "--co", "creation_options", multiple=True, metavar="NAME=VALUE",
-    help="Extra GDAL creation option for the mask COG (repeatable), e.g. --co COMPRESS=ZSTD.",
+    help="Extra GDAL creation option for the mask COG (repeatable), e.g. --co COMPRESS=ZSTD; one the COG driver "
+    "does not take is refused before any work.",
 )
 
 

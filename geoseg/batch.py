@@ -747,6 +747,9 @@ def run_batch(
     t0 = time.perf_counter()
     options = options or PredictOptions()
     batch = batch or BatchOptions()
+    from geoseg.profiles import get_profile
+
+    get_profile("mask", options.creation_options)  # a --co GDAL refuses is one error, not a failure per scene
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise ParameterError(f"--out {out} is a file: give a folder for batch outputs")

@@ -826,6 +826,7 @@ def segment_scene(
     if adapt:
         _require_class_prior(mc)
     check_input_range(meta, bands, mc)
+    mask_profile = get_profile("mask", opts.creation_options)  # refuses --co GDAL would not take, before any work
 
     device_desc = "custom"
     if predictor is None:
@@ -856,7 +857,6 @@ def segment_scene(
     gridspec = GridSpec.of(meta)
     lut = np.full(256, MASK_NODATA, np.uint8)
     lut[: mc.num_classes] = mc.class_lut()
-    mask_profile = get_profile("mask", opts.creation_options)
     writers: list[COGWriter] = []
     with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_MB):
         try:

@@ -7,6 +7,9 @@ returns a copy with user ``--co`` options applied on top.  Keys other than ``dty
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -68,7 +71,12 @@ _PROTECTED = {"DTYPE", "NODATA"}
 
 
 def get_profile(name: str, creation_options: Mapping[str, str] | None = None) -> Profile:
-    """A fresh copy of profile ``name`` with ``creation_options`` (GDAL COG options) on top."""
+    """A fresh copy of profile ``name`` with ``creation_options`` (GDAL COG options) on top.
+
+    Raises:
+        ParameterError: an unknown profile, a protected key, or an option GDAL's COG driver does not
+            accept (unknown name or value: GDAL would only warn and ignore it, or fail at the end).
+    """
     try:
         profile = PROFILES[name]()
     except KeyError:
@@ -78,4 +86,47 @@ def get_profile(name: str, creation_options: Mapping[str, str] | None = None) ->
         if key in _PROTECTED:
             raise ParameterError(f"--co {k}: the mask's {k.lower()} is fixed by geoseg")
         profile[key] = v
+    if creation_options:
+        gdal_options = tuple(sorted((k, str(v)) for k, v in profile.items() if k not in ("dtype", "nodata")))
+        refusal = _cog_refusal(gdal_options, str(profile["dtype"]))
+        if refusal:
+            given = " ".join(f"{k}={v}" for k, v in creation_options.items())
+            raise ParameterError(f"--co {given}: GDAL's COG driver refuses it ({refusal}); its options are listed at "
+                                 "https://gdal.org/en/stable/drivers/raster/cog.html")
     return profile
+
+
+@functools.lru_cache(maxsize=16)
+def _cog_refusal(options: tuple[tuple[str, str], ...], dtype: str) -> str | None:
+    """What GDAL says against writing a small COG with ``options`` (its first warning or error), or None."""
+    import numpy as np
+    import rasterio
+    import rasterio.shutil
+    import rasterio.transform
+    from rasterio.io import MemoryFile
+
+    said: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(re.sub(r"^CPLE_\w+ in ", "", record.getMessage()).rstrip(". "))
+
+    gdal_log = logging.getLogger("rasterio._env")  # where rasterio reports GDAL's warnings
+    handler, level, propagate = _Collect(logging.WARNING), gdal_log.level, gdal_log.propagate
+    gdal_log.addHandler(handler)
+    gdal_log.setLevel(logging.WARNING)
+    gdal_log.propagate = False
+    try:
+        with MemoryFile() as mem, MemoryFile(ext=".tif") as target:
+            grid = {"crs": "EPSG:3857", "transform": rasterio.transform.from_origin(0, 64, 1, 1)}
+            with mem.open(driver="GTiff", width=64, height=64, count=1, dtype=dtype, **grid) as ds:
+                ds.write(np.zeros((1, 64, 64), dtype))
+            try:
+                rasterio.shutil.copy(mem.name, target.name, driver="COG", **dict(options))
+            except Exception as exc:  # GDAL's errors (CPLE_*) are not all RasterioErrors
+                said.append(str(exc).splitlines()[0] or type(exc).__name__)
+    finally:
+        gdal_log.removeHandler(handler)
+        gdal_log.setLevel(level)
+        gdal_log.propagate = propagate
+    return said[0] if said else None

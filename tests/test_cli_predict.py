@@ -297,6 +297,29 @@ def test_scene_of_one_file_per_band_through_a_vrt(runner: CliRunner, tmp_path: P
         assert np.array_equal(a.read(1), b.read(1)) and (a.read(1) != 255).any()
 
 
+def test_creation_options_reach_the_cog_and_bad_ones_are_refused_first(runner: CliRunner, tmp_path: Path,
+                                                                         tiny_unet: tuple[Path, Path]) -> None:
+    src = rgb(tmp_path)
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "ok"),
+                              "--vector", "none", "--co", "COMPRESS=LZW", "--co", "blocksize=256"])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(tmp_path / "ok" / "scene_landcover.tif") as ds:
+        assert ds.compression.name.upper() == "LZW" and ds.block_shapes[0] == (256, 256)  # default: DEFLATE, 512
+    # GDAL only warns about these (or fails after the whole scene was segmented): refused up front
+    for co, words in [("COMPRESS=FOO", "'FOO' is an unexpected value for COMPRESS"),
+                      ("NOTANOPTION=1", "does not support creation option NOTANOPTION"),
+                      ("BLOCKSIZE=100", "BLOCKSIZE"), ("NODATA=0", "fixed by geoseg")]:
+        out = tmp_path / co.split("=")[0].lower()
+        res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(out), "--co", co])
+        assert_one_line_error(res, words)
+        assert not list(out.glob("*.tif"))
+    batch_out = tmp_path / "batch"
+    res = runner.invoke(cli, ["batch", str(src), "--weights", str(tiny_unet[0]), "--out", str(batch_out),
+                              "--co", "COMPRESS=FOO"])
+    assert_one_line_error(res, "COMPRESS=FOO")
+    assert not batch_out.exists()
+
+
 def test_band_mismatch_names_both_numbers(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
     src = write_raster(tmp_path / "five.tif", np.ones((5, 40, 40), np.uint8))
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o.tif")])
