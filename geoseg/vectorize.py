@@ -194,6 +194,9 @@ def _mask_info(path: Path, ds: rasterio.DatasetReader) -> MaskInfo:
             f"mask {path} has {dtype} pixels, not class ids: vectorize an integer class raster "
             f"({', '.join(CLASS_DTYPES)}) such as geoseg predict's mask"
         )
+    if ds.crs is None and (ds.gcps[0] or ds.rpcs):
+        raise SceneError(f"mask {path} is georeferenced by {'ground control points' if ds.gcps[0] else 'RPCs'}, not a "
+                         f"map grid: warp it first (e.g. gdalwarp -r near -t_srs EPSG:XXXX {path.name} warped.tif)")
     if ds.crs is None:
         raise SceneError(f"mask {path} has no CRS: assign one first (e.g. gdal_edit.py -a_srs EPSG:XXXX {path.name})")
     if ds.count > 1:

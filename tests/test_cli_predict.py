@@ -239,6 +239,8 @@ def test_gcp_or_rpc_scene_mask_carries_them(runner: CliRunner, tmp_path: Path, t
     assert ("4 ground control points" if by == "gcps" else "RPCs") in res.stderr
     assert "identity" not in res.stderr.lower() and "no geotransform" not in res.stderr.lower()
     assert not (tmp_path / "l1_landcover.gpkg").exists()
+    res = runner.invoke(cli, ["vectorize", str(tmp_path / "l1_landcover.tif")])
+    assert_one_line_error(res, "not a map grid", "gdalwarp -r near")
     with rasterio.open(src) as s:
         want_gcps, want_rpcs = s.gcps, s.rpcs
     for name in ("l1_landcover.tif", "l1_confidence.tif"):
