@@ -53,7 +53,7 @@ from geoseg.errors import (
     SceneReadError,
     require_paddle,
 )
-from geoseg.io import open_scene, read_window_gaps
+from geoseg.io import open_scene, read_window_gaps, scene_path
 from geoseg.metrics import ConfusionMatrix
 from geoseg.tiling import core_bounds, make_grid, spread_tiles
 
@@ -1328,7 +1328,7 @@ class Trainer:
         scenes: list[dict[str, Any]] = []
         burn_dir = tempfile.TemporaryDirectory(prefix="geoseg-labels-")  # polygon labels, burnt for this init
         for k, spec in enumerate(specs):
-            image_path, labels_path = Path(spec["image"]), Path(spec["labels"])
+            image_path, labels_path = scene_path(spec["image"]), scene_path(spec["labels"])
             meta = open_scene(image_path)
             if labels_path.suffix.lower() in VECTOR_LABELS:
                 labels_path = rasterize_labels(labels_path, meta, cfg.label_field, cfg.classes,

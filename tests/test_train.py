@@ -318,6 +318,19 @@ def test_resume_continues_from_the_saved_iteration(scene: tuple[Path, Path], tmp
         np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-4, atol=1e-5)
 
 
+def test_scene_inside_a_zip_archive_trains(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """Image and labels read through GDAL's /vsizip/ (absolute archive path) train as the plain files do."""
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as z:
+        z.write(scene[0], "img.tif")
+        z.write(scene[1], "lab.tif")
+    zipped = (f"/vsizip/{tmp_path / 'data.zip'}/img.tif", f"/vsizip/{tmp_path / 'data.zip'}/lab.tif")
+    a = train(_cfg(scene, tmp_path / "plain", iterations=2))
+    b = train(_cfg(zipped, tmp_path / "zipped", iterations=2))  # type: ignore[arg-type]
+    assert b.history[-1]["loss"] == pytest.approx(a.history[-1]["loss"], rel=1e-5)
+
+
 def test_labels_on_another_grid_are_refused(scene: tuple[Path, Path], tmp_path: Path) -> None:
     bad = write_raster(tmp_path / "small.tif", np.ones((H, W - 1), np.uint8), nodata=0)
     with pytest.raises(GridMismatchError, match="are 63x48 but the image"):
