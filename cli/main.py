@@ -99,7 +99,9 @@ def _setup_logging(verbosity: int) -> None:
 @click.group(cls=GeosegGroup, context_settings={"auto_envvar_prefix": "GEOSEG", "help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.option("-q", "--quiet", count=True, help="Only errors; no progress bar.")
-@click.version_option(__version__, prog_name="geoseg")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, allow_from_autoenv=False,
+              callback=lambda ctx, _, v: _version(ctx, v),
+              help="Show geoseg's version and those of the libraries it runs on (for bug reports), and exit.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     """geoseg: tiled segmentation of GeoTIFFs into QGIS-ready land-cover maps.
@@ -112,6 +114,27 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     ctx.ensure_object(dict)
     ctx.obj["verbosity"] = verbosity
     ctx.obj["quiet"] = quiet > 0
+
+
+def _version(ctx: click.Context, value: bool) -> None:
+    """Print geoseg's version and its libraries' (read from package metadata: nothing heavy is imported)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib import metadata
+
+    parts = []
+    for dist in ("rasterio", "numpy", "shapely", "pyogrio", "dask", "distributed", "paddlepaddle", "paddlepaddle-gpu"):
+        try:
+            parts.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    if not any(p.startswith("paddlepaddle") for p in parts):
+        parts.append("PaddlePaddle not installed (pip install 'geoseg[cpu]')")
+    import rasterio
+
+    parts.insert(1, f"GDAL {rasterio.__gdal_version__}")
+    click.echo(f"geoseg {__version__}\n" + "\n".join(f"  {p}" for p in parts))
+    ctx.exit()
 
 
 def _register() -> None:

@@ -168,6 +168,20 @@ def test_predict_vector_none_and_geojson(runner: CliRunner, tmp_path: Path, tiny
     assert (tmp_path / "b" / "scene_landcover.geojson").exists()
 
 
+def test_version_names_the_libraries_without_importing_paddle(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    from geoseg import __version__
+
+    monkeypatch.setitem(sys.modules, "paddle", None)  # 'import paddle' would raise: --version must not need it
+    res = runner.invoke(cli, ["--version"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == f"geoseg {__version__}"
+    import rasterio
+
+    assert f"  GDAL {rasterio.__gdal_version__}" in lines and f"  rasterio {rasterio.__version__}" in lines
+    assert any(line.startswith(("  paddlepaddle", "  PaddlePaddle not installed")) for line in lines)
+
+
 def test_predict_help_shows_examples(runner: CliRunner) -> None:
     res = runner.invoke(cli, ["predict", "--help"])
     assert res.exit_code == 0
