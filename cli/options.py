@@ -77,6 +77,11 @@ confidence_opt = click.option(
     "--confidence", type=click.Choice(["none", "uint8", "float32"]), default="none", show_default=True,
     help="Also write <scene>_confidence.tif: max class probability (uint8 0-100 or float32 0-1).",
 )
+probabilities_opt = click.option(
+    "--probabilities", type=click.Choice(["none", "uint8", "float32"]), default="none", show_default=True,
+    help="Also write <scene>_probabilities.tif: every class's probability, one band per class in the card's "
+         "order (uint8 0-100 or float32 0-1); the mask is their argmax.",
+)
 co_opt = click.option(
     "--co", "creation_options", multiple=True, metavar="NAME=VALUE",
     help="Extra GDAL creation option for the mask COG (repeatable), e.g. --co COMPRESS=ZSTD; one the COG driver "
@@ -113,7 +118,7 @@ adapt_prior_opt = click.option(
 #: The options of ``predict`` that ``batch`` shares, in help order.
 PREDICT_OPTIONS = (
     tile_size_opt, overlap_opt, batch_size_opt, device_opt, precision_opt, bands_opt, tta_opt, adapt_prior_opt,
-    confidence_opt,
+    confidence_opt, probabilities_opt,
     blend_opt, co_opt, vector_opt, min_area_opt, simplify_opt,
 )
 
@@ -128,7 +133,8 @@ def predict_options(f: Any) -> Any:
 def make_predict_options(
     *, tile_size: int | None, overlap: int | None, batch_size: int | None, device: str, precision: str,
     bands: tuple[int, ...] | None, confidence: str, blend: str, creation_options: tuple[str, ...], vector: str,
-    min_area: float | None, simplify: float | None, tta: bool = False, adapt_prior: bool | None = None, **extra: Any,
+    min_area: float | None, simplify: float | None, tta: bool = False, adapt_prior: bool | None = None,
+    probabilities: str = "none", **extra: Any,
 ) -> Any:
     """Build :class:`geoseg.engine.PredictOptions` from the values of :data:`PREDICT_OPTIONS`.
 
@@ -141,7 +147,8 @@ def make_predict_options(
         tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,  # type: ignore[arg-type]
         precision=precision, bands=bands, blend=BlendMode(blend), confidence=confidence,  # type: ignore[arg-type]
         creation_options=parse_co(creation_options), vector=vector,  # type: ignore[arg-type]
-        min_area=min_area, simplify=simplify, tta=tta, adapt_prior=adapt_prior, **extra,
+        min_area=min_area, simplify=simplify, tta=tta, adapt_prior=adapt_prior,
+        probabilities=probabilities, **extra,  # type: ignore[arg-type]
     )
 
 

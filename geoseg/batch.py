@@ -290,6 +290,7 @@ def result_params(options: Any, card: Any) -> dict[str, Any]:
         "bands": list(options.bands) if options.bands else None,
         "blend": str(getattr(options.blend, "value", options.blend)),
         "confidence": options.confidence,
+        **({"probabilities": options.probabilities} if options.probabilities != "none" else {}),
         "creation_options": dict(sorted(options.creation_options.items())),
         "precision": options.precision,
         "vector": options.vector,

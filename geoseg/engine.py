@@ -345,6 +345,8 @@ class PredictOptions:
     bands: tuple[int, ...] | None = None
     blend: BlendMode = BlendMode.GAUSSIAN
     confidence: Confidence = "none"
+    #: Also write every class's probability (``<stem>_probabilities.tif``, one band per class).
+    probabilities: Confidence = "none"
     creation_options: dict[str, str] = field(default_factory=dict)
     overwrite: bool = False
     progress: bool = False
@@ -387,13 +389,17 @@ class PredictResult:
     extra_outputs: tuple[Path, ...] = ()
     #: The scene's class priors estimated by prior adaptation (class name → prior), when it ran.
     scene_prior: dict[str, float] | None = None
+    #: The class probabilities raster, when asked for.
+    probabilities: Path | None = None
 
     @property
     def outputs(self) -> list[Path]:
-        """Every file this run wrote: mask, its .aux.xml and .qml, confidence, polygons."""
+        """Every file this run wrote: mask, its .aux.xml and .qml, confidence, probabilities, polygons."""
         out = [self.mask, self.aux, self.style]
         if self.confidence is not None:
             out.append(self.confidence)
+        if self.probabilities is not None:
+            out.append(self.probabilities)
         return out + list(self.extra_outputs)
 
     @property
@@ -427,8 +433,13 @@ def output_paths(input_path: Path, out: str | Path | None) -> tuple[Path, Path]:
                 except OSError as exc:
                     raise ParameterError(f"cannot create output folder {out}: {exc.strerror}") from None
             mask = out / f"{stem}_landcover.tif"
-    conf = mask.with_name(mask.stem.replace("_landcover", "") + "_confidence.tif") if mask.stem.endswith("_landcover") else mask.with_name(mask.stem + "_confidence.tif")
-    return mask, conf
+    return mask, companion_path(mask, "confidence")
+
+
+def companion_path(mask: Path, kind: str) -> Path:
+    """``<scene>_<kind>.tif`` beside ``mask`` (``<scene>_landcover.tif``; any other name gets ``_<kind>``)."""
+    stem = mask.stem[: -len("_landcover")] if mask.stem.endswith("_landcover") else mask.stem
+    return mask.with_name(f"{stem}_{kind}.tif")
 
 
 VECTOR_EXTENSIONS = {"gpkg": ".gpkg", "geojson": ".geojson", "fgb": ".fgb"}
@@ -579,7 +590,7 @@ def run_grid(
     grid: TileGrid,
     card: ModelCard,
     predictor: Predictor,
-    sink: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None],
+    sink: Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None],
     *,
     batch_size: int = 1,
     blend: BlendMode = BlendMode.GAUSSIAN,
@@ -590,8 +601,8 @@ def run_grid(
 ) -> tuple[int, int, float]:
     """Predict every window of ``grid`` and hand finished strips to ``sink``.
 
-    ``sink(row, class_index HW uint8, max_prob HW float32, valid HW bool)`` receives
-    full-width strips top to bottom. ``reweight`` (per-class factors, see
+    ``sink(row, class_index HW uint8, max_prob HW float32, valid HW bool, probs CHW float32)``
+    receives full-width strips top to bottom (``probs``: the probabilities the argmax was taken of). ``reweight`` (per-class factors, see
     :mod:`geoseg.priors`) multiplies the blended probabilities before the argmax. Returns
     ``(windows run, windows skipped, model seconds)``.
     """
@@ -606,7 +617,7 @@ def run_grid(
         for strip in strips:
             probs = strip.probs if reweight is None else reweight_probs(strip.probs, reweight)
             idx, conf = argmax_classes(probs)
-            sink(strip.row, idx, conf, strip.valid & strip.covered)
+            sink(strip.row, idx, conf, strip.valid & strip.covered, probs)
 
     for tiles, prepared in _prefetch(batches, meta, bands, card, grid.tile, prefetch, read_workers):
         if tiles[0].row != current_row:
@@ -814,6 +825,9 @@ def segment_scene(
     check_output(mask_path, opts.overwrite)
     if opts.confidence != "none":
         check_output(conf_path, opts.overwrite)
+    prob_path = companion_path(mask_path, "probabilities")
+    if opts.probabilities != "none":
+        check_output(prob_path, opts.overwrite)
     vector_path = vector_output_path(mask_path, opts.vector)
     skipped = polygons_skipped_reason(meta) if vector_path is not None else None
     if skipped:
@@ -872,8 +886,15 @@ def segment_scene(
                 conf_w = COGWriter(conf_path, gridspec, get_profile(f"confidence_{opts.confidence}"),
                                    overwrite=opts.overwrite, description="max class probability")
                 writers.append(conf_w)
+            prob_w = None
+            if opts.probabilities != "none":
+                prob_w = COGWriter(prob_path, gridspec, get_profile(f"probabilities_{opts.probabilities}"),
+                                   overwrite=opts.overwrite, count=mc.num_classes,
+                                   description=[f"probability of {c.name} (class {c.id})" for c in mc.classes],
+                                   tags={**classes_tag(mc.classes), "GEOSEG_MODEL": mc.name, **prior_tags})
+                writers.append(prob_w)
 
-            def sink(row: int, idx: np.ndarray, conf: np.ndarray, valid: np.ndarray) -> None:
+            def sink(row: int, idx: np.ndarray, conf: np.ndarray, valid: np.ndarray, probs: np.ndarray) -> None:
                 m = lut[idx]
                 m[~valid] = MASK_NODATA
                 mask_w.write_rows(row, m)
@@ -885,6 +906,14 @@ def segment_scene(
                         c = conf.astype(np.float32)
                         c[~valid] = np.nan
                     conf_w.write_rows(row, c)
+                if prob_w is not None:
+                    if opts.probabilities == "uint8":
+                        p = np.rint(probs * 100).astype(np.uint8)
+                        p[:, ~valid] = 255
+                    else:
+                        p = probs.astype(np.float32)  # a copy: the strip is not changed
+                        p[:, ~valid] = np.nan
+                    prob_w.write_rows(row, p)
 
             bar = _progress_bar(len(grid), input_path.name) if opts.progress else None
             try:
@@ -917,7 +946,7 @@ def segment_scene(
         mask=mask_path, confidence=conf_path if opts.confidence != "none" else None, style=style, aux=aux,
         windows=ran, windows_skipped=skipped, seconds=seconds, model_seconds=model_s,
         megapixels=meta.width * meta.height / 1e6, device=device_desc, extra_outputs=extra,
-        scene_prior=scene_priors,
+        scene_prior=scene_priors, probabilities=prob_path if opts.probabilities != "none" else None,
     )
     log.info("wrote %s: %d windows (%d all-nodata skipped) in %.1f s, %.2f windows/s, %.2f megapixels/s",
              mask_path, ran, skipped, seconds, result.windows_per_s, result.megapixels_per_s)

@@ -311,7 +311,7 @@ class GridSpec:
 
 
 class COGWriter:
-    """Write a single-band raster row-strip by row-strip, then publish it as a COG atomically.
+    """Write a raster row-strip by row-strip, then publish it as a COG atomically.
 
     Strips go to a staging tiled GeoTIFF (temp name in the destination folder); ``close()``
     converts it with GDAL's COG driver (internal overviews) into another temp name and renames
@@ -327,7 +327,8 @@ class COGWriter:
         overwrite: bool = False,
         colormap: dict[int, tuple[int, int, int, int]] | None = None,
         tags: dict[str, str] | None = None,
-        description: str | None = None,
+        description: str | Sequence[str] | None = None,
+        count: int = 1,
     ) -> None:
         from geoseg.atomic import check_output
 
@@ -341,7 +342,7 @@ class COGWriter:
             "driver": "GTiff",
             "width": grid.width,
             "height": grid.height,
-            "count": 1,
+            "count": count,
             "dtype": dtype,
             "crs": grid.crs,
             "nodata": self.profile.get("nodata"),
@@ -372,14 +373,16 @@ class COGWriter:
             self._ds.write_colormap(1, colormap)
         if tags:
             self._ds.update_tags(**tags)
-        if description:
-            self._ds.set_band_description(1, description)
+        for i, text in enumerate([description] if isinstance(description, str) else description or [], 1):
+            self._ds.set_band_description(i, text)
         self._closed = False
 
     def write_rows(self, row0: int, data: np.ndarray) -> None:
-        """Write a HW strip starting at raster row ``row0`` (full width)."""
-        h = data.shape[0]
-        self._ds.write(data, 1, window=Window(0, row0, self.grid.width, h))
+        """Write a strip starting at raster row ``row0`` (full width): HW for one band, CHW for all."""
+        if data.ndim == 2:
+            self._ds.write(data, 1, window=Window(0, row0, self.grid.width, data.shape[0]))
+        else:
+            self._ds.write(data, window=Window(0, row0, self.grid.width, data.shape[1]))
 
     def close(self) -> Path:
         """Convert the staging file to a COG and publish it; return the final path."""

@@ -61,10 +61,20 @@ class ConfidenceFloatProfile(Profile):
     }
 
 
+class ProbabilitiesUint8Profile(ConfidenceUint8Profile):
+    """Class probabilities in percent (0-100), one band per class, 255 = nodata."""
+
+
+class ProbabilitiesFloatProfile(ConfidenceFloatProfile):
+    """Class probabilities as float32 0-1, one band per class, NaN = nodata."""
+
+
 PROFILES: dict[str, type[Profile]] = {
     "mask": MaskProfile,
     "confidence_uint8": ConfidenceUint8Profile,
     "confidence_float32": ConfidenceFloatProfile,
+    "probabilities_uint8": ProbabilitiesUint8Profile,
+    "probabilities_float32": ProbabilitiesFloatProfile,
 }
 
 _PROTECTED = {"DTYPE", "NODATA"}

@@ -366,3 +366,29 @@ def test_prior_adaptation_is_a_result_parameter() -> None:
     assert on == result_params(PredictOptions(adapt_prior=True), plain_card) != base
     assert on["adapt_prior"] is True and on["prior_max_ratio"] == 2.0
     assert result_params(PredictOptions(adapt_prior=True, prior_max_ratio=3.0), plain_card) != on
+
+
+def test_probabilities_in_batch_are_outputs_and_a_parameter(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 1, size=(40, 48))
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == EXIT_OK and not (out / "scene0_probabilities.tif").exists(), r.output
+    # asking for probabilities later redoes the scene (the outputs differ), then it is done
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--probabilities", "uint8", "--dry-run")
+    assert r.stdout.splitlines()[-1] == "run\tscene0.tif\tparameters changed", r.output
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--probabilities", "uint8")
+    assert r.exit_code == EXIT_OK, r.output
+    with rasterio.open(out / "scene0_probabilities.tif") as ds:
+        assert (ds.count, ds.dtypes[0], ds.shape) == (4, "uint8", (40, 48))
+    # it is one of the scene's recorded outputs: a deleted one is redone
+    (out / "scene0_probabilities.tif").unlink()
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--probabilities", "uint8", "--dry-run")
+    assert r.stdout.splitlines()[-1] == "run\tscene0.tif\toutput scene0_probabilities.tif is missing", r.output
+    # runs without probabilities keep their parameters (manifests of earlier versions stay valid)
+    from geoseg.batch import result_params
+    from geoseg.engine import PredictOptions
+    from tests.test_engine import identity_card
+
+    card = identity_card(1, 2)
+    assert "probabilities" not in result_params(PredictOptions(), card)
+    assert result_params(PredictOptions(probabilities="float32"), card)["probabilities"] == "float32"

@@ -115,6 +115,52 @@ def test_predict_writes_mask_and_prints_its_path(runner: CliRunner, tmp_path: Pa
     assert "windows/s" in res.stderr and "megapixels/s" in res.stderr
 
 
+def test_predict_probabilities_one_band_per_class(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    from geoseg.card import ModelCard
+
+    weights, card = tiny_unet
+    classes = ModelCard.load(card).classes
+    src = rgb(tmp_path)
+    with rasterio.open(src, "r+") as ds:  # a nodata corner
+        data = ds.read()
+        data[:, :20, :30] = 0
+        ds.write(data)
+    out = tmp_path / "out"
+    args = ["-q", "predict", str(src), "--weights", str(weights), "--out", str(out), "--vector", "none"]
+    res = runner.invoke(cli, [*args, "--probabilities", "float32", "--confidence", "float32"])
+    assert res.exit_code == 0, res.output
+    assert outputs(out) == ["scene_confidence.tif", "scene_landcover.qml", "scene_landcover.tif",
+                            "scene_landcover.tif.aux.xml", "scene_probabilities.tif"]
+    with rasterio.open(out / "scene_landcover.tif") as m, rasterio.open(out / "scene_probabilities.tif") as p, \
+            rasterio.open(out / "scene_confidence.tif") as c:
+        mask, probs, conf = m.read(1), p.read(), c.read(1)
+        assert (p.crs, p.transform, p.shape, p.count) == (m.crs, m.transform, m.shape, len(classes))
+        assert p.descriptions == tuple(f"probability of {c.name} (class {c.id})" for c in classes)
+        assert json.loads(p.tags()["GEOSEG_CLASSES"]) == json.loads(m.tags()["GEOSEG_CLASSES"])
+    valid = mask != 255
+    assert 0 < valid.sum() < valid.size and not valid[:20, :30].any()
+    assert np.isnan(probs[:, ~valid]).all() and np.isfinite(probs[:, valid]).all()
+    np.testing.assert_allclose(probs[:, valid].sum(axis=0), 1.0, atol=1e-5)
+    ids = np.array([c.id for c in classes])
+    assert (ids[probs.argmax(axis=0)][valid] == mask[valid]).all()  # the mask is their argmax
+    assert len(np.unique(mask[valid])) > 1
+    np.testing.assert_array_equal(probs.max(axis=0)[valid], conf[valid])
+    # uint8: percent, 255 where the mask is nodata; an existing file is refused without --overwrite
+    for f in out.iterdir():
+        if f.name != "scene_probabilities.tif":
+            f.unlink()
+    res = runner.invoke(cli, [*args, "--probabilities", "uint8"])
+    assert_one_line_error(res, "scene_probabilities.tif", "--overwrite")
+    assert outputs(out) == ["scene_probabilities.tif"]  # refused before anything was written
+    res = runner.invoke(cli, [*args, "--probabilities", "uint8", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(out / "scene_probabilities.tif") as p:
+        p8 = p.read()
+        assert (p.dtypes[0], p.nodata) == ("uint8", 255)
+    assert (p8[:, ~valid] == 255).all()
+    np.testing.assert_array_equal(p8[:, valid], np.rint(probs[:, valid] * 100).astype(np.uint8))
+
+
 def test_predict_tta_flag_reaches_the_model(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
     weights, _ = tiny_unet
     src = rgb(tmp_path)
@@ -247,7 +293,7 @@ def test_gcp_or_rpc_scene_mask_carries_them(runner: CliRunner, tmp_path: Path, t
     assert res.exit_code == 0, res.output
     assert ("4 ground control points" if by == "gcps" else "RPCs") in res.stdout
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path),
-                              "--confidence", "uint8"])
+                              "--confidence", "uint8", "--probabilities", "uint8"])
     assert res.exit_code == 0, res.output
     assert "polygons are not written" in res.stderr and "gdalwarp" in res.stderr
     assert ("4 ground control points" if by == "gcps" else "RPCs") in res.stderr
@@ -257,7 +303,7 @@ def test_gcp_or_rpc_scene_mask_carries_them(runner: CliRunner, tmp_path: Path, t
     assert_one_line_error(res, "not a map grid", "gdalwarp -r near")
     with rasterio.open(src) as s:
         want_gcps, want_rpcs = s.gcps, s.rpcs
-    for name in ("l1_landcover.tif", "l1_confidence.tif"):
+    for name in ("l1_landcover.tif", "l1_confidence.tif", "l1_probabilities.tif"):
         with rasterio.open(tmp_path / name) as ds:
             assert ds.crs is None and ds.transform.is_identity
             if by == "gcps":
