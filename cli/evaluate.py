@@ -29,7 +29,12 @@ def _ignore_list(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.command(short_help="Confusion matrix, IoU, F1, OA and kappa of a prediction vs. a reference.")
 @click.argument("prediction", type=click.Path(path_type=Path))
 @click.option("-r", "--reference", type=click.Path(path_type=Path), required=True,
-              help="Reference label raster on the same grid as PREDICTION.")
+              help="Reference labels: a raster on the same grid as PREDICTION, or points/polygons in any CRS "
+                   "(GeoPackage, shapefile, GeoJSON ...; a point is scored on the pixel it falls in, a polygon on "
+                   "the pixels whose centres it contains).")
+@click.option("--field", default=None, metavar="NAME",
+              help="Vector reference: the attribute with each feature's class, as ids or class names "
+                   "[default: class_id].")
 @click.option("--region", default=None, metavar="COL,ROW,WIDTH,HEIGHT",
               help="Only count pixels in this pixel window, e.g. 326,0,163,443 for the NC test columns.")
 @click.option("--classes", callback=_int_list, default=None, metavar="IDS",
@@ -43,23 +48,33 @@ def _ignore_list(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--record-card", type=click.Path(path_type=Path), default=None, metavar="CARD.yaml",
               help="Also store mIoU, OA, kappa and per-class IoU in this model card under metrics.<--record-as>.")
 @click.option("--record-as", default="test", show_default=True, help="Key under the card's metrics for --record-card.")
-def evaluate(prediction: Path, reference: Path, region: str | None, classes: tuple[int, ...] | None,
+def evaluate(prediction: Path, reference: Path, field: str | None, region: str | None, classes: tuple[int, ...] | None,
              miou_classes: tuple[int, ...] | None, ignore: tuple[int, ...] | None, as_json: bool,
              record_card: Path | None, record_as: str) -> None:
     """Compare PREDICTION (e.g. <stem>_landcover.tif from predict) with --reference labels.
 
     Prints per-class IoU, precision, recall and F1, mIoU, overall accuracy, Cohen's kappa and
     the confusion matrix (rows = reference). Pixels that are nodata in either raster or carry
-    an --ignore value in the reference are not counted. Grids must match exactly.
+    an --ignore value in the reference are not counted. A raster reference must be on the same
+    grid; field points or polygons may be in any CRS.
 
     \b
-    Example:
+    Examples:
       geoseg evaluate scene_landcover.tif --reference labels.tif --region 326,0,163,443 --json
+      geoseg evaluate scene_landcover.tif --reference field_points.gpkg --field landcover
     """
-    from geoseg.evaluate import evaluate_rasters, format_table, record_in_card
+    from geoseg.errors import ParameterError
+    from geoseg.evaluate import evaluate_rasters, evaluate_vector, format_table, record_in_card
+    from geoseg.io import is_vector_path
 
-    result = evaluate_rasters(prediction, reference, region=region, classes=classes, average_over=miou_classes,
-                              ignore=ignore)
+    if is_vector_path(reference):
+        result = evaluate_vector(prediction, reference, field=field, region=region, classes=classes,
+                                 average_over=miou_classes, ignore=ignore)
+    elif field is not None:
+        raise ParameterError(f"--field is for a vector reference; {reference.name} is read as a raster")
+    else:
+        result = evaluate_rasters(prediction, reference, region=region, classes=classes, average_over=miou_classes,
+                                  ignore=ignore)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1))
     else:

@@ -1,7 +1,9 @@
-"""Evaluate a predicted class raster against a reference raster, block by block.
+"""Evaluate a predicted class raster against reference labels, block by block.
 
-Both rasters must be on the same grid (size, geotransform, CRS); otherwise
-:class:`~geoseg.errors.GridMismatchError` says which property differs. Pixels equal to either
+The reference is a raster on the same grid (size, geotransform, CRS; otherwise
+:class:`~geoseg.errors.GridMismatchError` says which property differs), or vector data
+(:func:`evaluate_vector`): field points, each scored on the prediction pixel it falls in, and
+polygons, every pixel whose centre they contain, in any CRS. Pixels equal to either
 raster's nodata value, to an ``ignore`` value of the reference, or outside ``region`` are not
 counted. Class ids are the values of the rasters (e.g. 1..7); by default they are the union of
 the ids present in the reference and the prediction (minus ignored values), or the class table
@@ -23,12 +25,12 @@ import rasterio
 from rasterio.windows import Window
 
 from geoseg.errors import GridMismatchError, ParameterError, SceneReadError
-from geoseg.io import MASK_NODATA, read_classes
+from geoseg.io import MASK_NODATA, VectorData, read_classes, read_vector
 from geoseg.metrics import ConfusionMatrix, Metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "evaluate_rasters", "format_table", "parse_pixel_region"]
+__all__ = ["EvalResult", "evaluate_rasters", "evaluate_vector", "format_table", "parse_pixel_region"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,15 @@ class EvalResult:
     prediction: Path
     reference: Path
     region: tuple[int, int, int, int] | None
+    #: Vector references: what was counted (points, polygons, their pixels) and what was not.
+    samples: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``--json``."""
         d = self.metrics.to_dict()
         return {"prediction": str(self.prediction), "reference": str(self.reference),
-                "region": list(self.region) if self.region else None, **d}
+                "region": list(self.region) if self.region else None,
+                **({"reference_samples": self.samples} if self.samples is not None else {}), **d}
 
 
 def parse_pixel_region(spec: str | Sequence[int] | None) -> tuple[int, int, int, int] | None:
@@ -167,6 +172,171 @@ def evaluate_rasters(
     return EvalResult(m, pred_path, ref_path, win)
 
 
+def evaluate_vector(
+    prediction: str | Path,
+    reference: str | Path,
+    *,
+    field: str | None = None,
+    region: str | Sequence[int] | None = None,
+    classes: Sequence[int] | None = None,
+    average_over: Sequence[int] | None = None,
+    ignore: Sequence[int] | None = None,
+    block_rows: int = 256,
+) -> EvalResult:
+    """Compare a predicted class raster with reference points and/or polygons (any CRS).
+
+    A point (each part of a multi-point) is one sample: the prediction pixel it falls in. A
+    polygon contributes every pixel whose centre it contains (where polygons overlap, the later
+    one wins), read block by block, so memory stays bounded. Points outside the prediction (or
+    ``region``) and features whose class is empty are not counted and are reported in
+    :attr:`EvalResult.samples`. Lines are refused.
+
+    Args:
+        prediction: Class raster (e.g. from ``geoseg predict``).
+        reference: Vector file pyogrio reads (GeoPackage, shapefile, GeoJSON ...), reprojected
+            to the prediction's CRS (a file without a CRS is taken to be in it).
+        field: Attribute holding each feature's class: whole ids, or class names of the
+            prediction's class table (case-insensitive). Default ``class_id`` (as geoseg's own
+            polygons carry).
+        region, classes, average_over, ignore, block_rows: as :func:`evaluate_rasters`.
+    """
+    import shapely
+    from rasterio.features import rasterize
+
+    pred_path, ref_path = Path(prediction), Path(reference)
+    win = parse_pixel_region(region)
+    with _open(pred_path, "prediction") as pds:
+        if pds.crs is None and (pds.transform.is_identity or pds.gcps[0] or pds.rpcs):
+            raise GridMismatchError(f"prediction {pred_path.name} is not on a map grid (no geotransform): warp it "
+                                    "(gdalwarp -r near) before comparing it with vector data")
+        vec = read_vector(ref_path, pds.crs, missing=f"reference {ref_path} does not exist: check the path",
+                          unreadable=f"reference {ref_path} cannot be read as vector data")
+        if (pds.crs is None) != (vec.crs is None):
+            log.warning("warning: %s has no CRS: the coordinates of %s are taken as they are",
+                        *((ref_path.name, ref_path.name) if vec.crs is None else (pred_path.name, ref_path.name)))
+        table = read_classes(pds)
+        names: dict[int, str] = {c.id: c.name for c in table} if table else {}
+        feature_ids = _reference_classes(vec, field, table, ref_path)
+        if ignore is None:
+            class_ids = [int(c) for c in classes] if classes is not None else [c.id for c in table or ()]
+            ignore = () if 0 in class_ids else (0,)
+        present = ~shapely.is_missing(vec.geoms) & ~shapely.is_empty(vec.geoms)
+        unlabelled = int((present & (feature_ids < 0)).sum())
+        keep = present & (feature_ids >= 0)
+        # single parts (multi-points: one sample per point; collections opened), in file order
+        parts, owner = shapely.get_parts(vec.geoms[keep], return_index=True)
+        part_ids = feature_ids[keep][owner]
+        kinds = shapely.get_type_id(parts)
+        if np.isin(kinds, (1, 2)).any():
+            raise ParameterError(f"reference {ref_path.name} has lines: give points or polygons (buffer lines into "
+                                 "polygons first)")
+        is_point, is_poly = kinds == 0, kinds == 3
+        if not (is_point.any() or is_poly.any()):
+            raise ParameterError(f"reference {ref_path.name} has no points or polygons with a class")
+        H, W = pds.height, pds.width
+        if win is not None:
+            c, r, w, h = win
+            if c >= W or r >= H:
+                raise ParameterError(f"region {win} lies outside the {W}x{H} raster")
+            box = (c, r, min(w, W - c), min(h, H - r))
+        else:
+            box = (0, 0, W, H)
+        c0, r0, w, h = box
+
+        # points: one sample each, the pixel they fall in
+        pt_ids = part_ids[is_point]
+        xy = shapely.get_coordinates(parts[is_point])
+        cols_f, rows_f = ~pds.transform * (xy[:, 0], xy[:, 1])
+        cols, rows = np.floor(cols_f).astype(np.int64), np.floor(rows_f).astype(np.int64)
+        inside = (cols >= c0) & (cols < c0 + w) & (rows >= r0) & (rows < r0 + h)
+        pt_pred = np.full(len(xy), MASK_NODATA, np.int64)
+        for b in np.unique((rows[inside] - r0) // block_rows):
+            sel = inside & ((rows - r0) // block_rows == b)
+            top = r0 + int(b) * block_rows
+            left, right = int(cols[sel].min()), int(cols[sel].max()) + 1
+            block = pds.read(1, window=Window(left, top, right - left, min(block_rows, r0 + h - top)))
+            pt_pred[sel] = block[rows[sel] - top, cols[sel] - left]
+
+        poly_geoms, poly_ids = parts[is_poly], part_ids[is_poly]
+        ref_ids = sorted({int(v) for v in np.concatenate([pt_ids[inside], poly_ids])} - set(ignore))
+        ids = [int(c) for c in classes] if classes is not None else [c.id for c in table] if table else None
+        if ids is None:
+            ids = sorted(set(ref_ids) | ({int(v) for v in pt_pred[inside]} - {MASK_NODATA}))
+        extra = [i for i in ref_ids if i not in ids]
+        if extra:
+            log.warning("warning: reference classes %s are not among the predicted classes %s: counted as errors",
+                        extra, ids)
+            ids = ids + extra
+        pred_ignore = [MASK_NODATA] + ([int(pds.nodata)] if pds.nodata is not None else [])
+        cm = ConfusionMatrix(ids, ignore_reference=list(ignore), ignore_prediction=pred_ignore)
+        cm.update(pt_ids[inside], pt_pred[inside])
+        poly_pixels = 0
+        if len(poly_geoms):
+            tree = shapely.STRtree(poly_geoms)
+            for row in range(r0, r0 + h, block_rows):
+                window = Window(c0, row, w, min(block_rows, r0 + h - row))
+                t = pds.window_transform(window)
+                corners = np.array([t * (0, 0), t * (window.width, 0), t * (0, window.height),
+                                    t * (window.width, window.height)])
+                hits = np.sort(tree.query(shapely.box(*corners.min(0), *corners.max(0))))
+                if not len(hits):
+                    continue
+                burned = rasterize(zip(poly_geoms[hits], poly_ids[hits].tolist()), out_shape=(window.height, window.width),
+                                   transform=t, fill=-1, dtype="int32")
+                inside_poly = burned >= 0
+                if inside_poly.any():
+                    poly_pixels += int(inside_poly.sum())
+                    cm.update(burned, pds.read(1, window=window), valid=inside_poly)
+    samples = {"points": int(inside.sum()), "points_outside": int((~inside).sum()),
+               "polygons": len(np.unique(owner[is_poly])),
+               "polygon_pixels": poly_pixels, "features_without_class": unlabelled}
+    if samples["points_outside"]:
+        log.warning("warning: %d reference points lie outside the prediction%s: not counted",
+                    samples["points_outside"], " region" if win is not None else "")
+    if unlabelled:
+        log.warning("warning: %d reference features have no class in %s: not counted", unlabelled, field or "class_id")
+    if average_over is None:
+        seen = cm.matrix.sum(axis=1) > 0
+        average_over = [c for c, p in zip(ids, seen) if p]
+    m = cm.metrics(average_over=average_over)
+    m = Metrics(**{**m.__dict__, "names": names})
+    if m.total == 0:
+        raise ParameterError(f"no reference sample of {ref_path.name} falls on a predicted pixel"
+                             + (" in the region" if win is not None else "") + ": check that both cover the same area")
+    if m.unpredicted:
+        log.warning("warning: %d reference samples (points and polygon pixels) have no prediction (nodata): not "
+                    "counted", m.unpredicted)
+    return EvalResult(m, pred_path, ref_path, win, samples)
+
+
+def _reference_classes(vec: VectorData, field: str | None, table: Sequence[Any] | None, path: Path) -> np.ndarray:
+    """Each feature's class id from ``field`` (ids or class names of ``table``); -1 where empty."""
+    name = field or "class_id"
+    if name not in vec.fields:
+        raise ParameterError(f"reference {path.name} has no field {name!r}: give --field, the attribute holding each "
+                             f"feature's class (its fields: {', '.join(vec.fields) or 'none'})")
+    col = vec.values[vec.fields.index(name)]
+    if col.dtype.kind in "iu":
+        if col.dtype.kind == "i" and (col < 0).any():
+            raise ParameterError(f"reference {path.name}: {name} must hold whole class ids >= 0 or class names")
+        return col.astype(np.int64)
+    if col.dtype.kind == "f":
+        ok = np.isfinite(col)
+        if np.any(col[ok] != np.round(col[ok])) or np.any(col[ok] < 0):
+            raise ParameterError(f"reference {path.name}: {name} must hold whole class ids >= 0 or class names")
+        return np.where(ok, np.nan_to_num(col), -1).astype(np.int64)
+    texts = [None if v is None else str(v).strip() for v in col]
+    if all(t is None or t.isdigit() for t in texts):
+        return np.array([-1 if t is None else int(t) for t in texts], np.int64)
+    by_name = {c.name.lower(): c.id for c in table or ()}
+    unknown = sorted({t for t in texts if t is not None and t.lower() not in by_name})
+    if unknown:
+        hint = (f"the prediction's classes are {', '.join(c.name for c in table)}" if table
+                else "the prediction has no class table: give class ids")
+        raise ParameterError(f"reference {path.name}: {name} values {', '.join(unknown[:5])} are not class names: {hint}")
+    return np.array([-1 if t is None else by_name[t.lower()] for t in texts], np.int64)
+
+
 def _present_ids(pds: Any, rds: Any, box: tuple[int, int, int, int], block_rows: int, ignored: set[int]) -> list[int]:
     c0, r0, w, h = box
     seen: set[int] = set()
@@ -195,6 +365,9 @@ def format_table(result: EvalResult) -> str:
     lines.append(f"overall acc.   {f(m.overall_accuracy)}")
     lines.append(f"Cohen's kappa  {f(m.kappa)}")
     lines.append(f"pixels         {m.total}")
+    if result.samples is not None:
+        s = result.samples
+        lines.append(f"reference      {s['points']} points, {s['polygons']} polygons ({s['polygon_pixels']} pixels)")
     lines.append("")
     lines.append("confusion matrix (rows = reference, columns = prediction):")
     width = max(6, len(str(int(m.confusion.max(initial=0)))) + 1)

@@ -292,6 +292,62 @@ def read_window_gaps(
     return data, valid, missing
 
 
+# ---- vector data ---------------------------------------------------------------------------
+#: Files read as vector data (labels, reference samples) rather than as rasters, by extension.
+VECTOR_EXTENSIONS = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".gml", ".kml", ".sqlite")
+
+
+def is_vector_path(path: str | Path) -> bool:
+    """Whether ``path`` names a vector file (by its extension, see :data:`VECTOR_EXTENSIONS`)."""
+    return Path(path).suffix.lower() in VECTOR_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class VectorData:
+    """A vector file's features: attribute columns and shapely geometries (None where missing)."""
+
+    fields: list[str]
+    values: list[np.ndarray]
+    geoms: np.ndarray
+    #: The file's CRS (None when it has none).
+    crs: Any
+
+
+def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: str) -> VectorData:
+    """Read a vector file (any format pyogrio reads) with its geometries in ``crs``.
+
+    Geometries in another CRS are reprojected vertex by vertex; a file without a CRS is taken
+    to be in ``crs`` already. ``missing`` is the error for a file that does not exist,
+    ``unreadable`` the start of the error for one that cannot be read.
+
+    Raises:
+        ParameterError: the file does not exist or cannot be read.
+    """
+    import pyogrio.raw
+    import shapely
+    from rasterio.crs import CRS
+    from rasterio.warp import transform as transform_xy
+
+    from geoseg.errors import ParameterError
+
+    path = Path(path)
+    if not path.exists():
+        raise ParameterError(missing)
+    try:
+        info, _, wkb, values = pyogrio.raw.read(path)
+    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
+        raise ParameterError(f"{unreadable}: {str(exc).splitlines()[0]}") from None
+    geoms = shapely.from_wkb(wkb)
+    src = CRS.from_user_input(info["crs"]) if info.get("crs") else None
+    if src is not None and crs is not None and src != crs:
+        def reproject(xy: np.ndarray) -> np.ndarray:
+            xs, ys = transform_xy(src, crs, xy[:, 0], xy[:, 1])
+            return np.column_stack([xs, ys])
+
+        geoms = shapely.transform(geoms, reproject)
+    return VectorData([str(f) for f in info["fields"]], list(values), geoms, src)
+
+
 # ---- writing ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GridSpec:

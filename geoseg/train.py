@@ -53,7 +53,7 @@ from geoseg.errors import (
     SceneReadError,
     require_paddle,
 )
-from geoseg.io import open_scene, read_window_gaps, scene_path
+from geoseg.io import is_vector_path, open_scene, read_vector, read_window_gaps, scene_path
 from geoseg.metrics import ConfusionMatrix
 from geoseg.tiling import core_bounds, make_grid, spread_tiles
 
@@ -484,32 +484,14 @@ def _vector_region(path: Path, meta: Any, what: str) -> Region:
 
 
 def _read_polygons(path: Path, meta: Any, missing: str, unreadable: str
-                   ) -> tuple[dict[str, Any], list[np.ndarray], list[int], list[dict[str, Any]]]:
-    """Read a vector file for the grid of ``meta``: its layer info, its attribute arrays, the
-    indexes of its non-empty geometries, and those geometries (GeoJSON-like) in ``meta``'s CRS.
+                   ) -> tuple[list[str], list[np.ndarray], list[int], list[Any]]:
+    """Read a vector file for the grid of ``meta``: its field names, its attribute arrays, the
+    indexes of its non-empty geometries, and those geometries in ``meta``'s CRS.
     ``missing`` is the error for a file that does not exist, ``unreadable`` the start of the
     error for one that cannot be read."""
-    import pyogrio.raw
-    import shapely
-    from rasterio.warp import transform_geom
-
-    if not path.exists():
-        raise ParameterError(missing)
-    try:
-        info, _, wkb, values = pyogrio.raw.read(path)
-    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
-        raise ParameterError(f"{unreadable}: {exc}") from None
-    geoms = shapely.from_wkb(wkb)
-    keep = [i for i, g in enumerate(geoms) if g is not None and not g.is_empty]
-    shapes = [shapely.geometry.mapping(geoms[i]) for i in keep]
-    src_crs = info.get("crs")
-    if src_crs and meta.crs is not None:
-        shapes = [transform_geom(src_crs, meta.crs, g) for g in shapes]
-    return info, list(values), keep, shapes
-
-
-#: Label files read as polygons (rasterised onto the image grid) rather than as a raster.
-VECTOR_LABELS = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".gml", ".kml", ".sqlite")
+    vec = read_vector(path, meta.crs, missing=missing, unreadable=unreadable)
+    keep = [i for i, g in enumerate(vec.geoms) if g is not None and not g.is_empty]
+    return vec.fields, vec.values, keep, [vec.geoms[i] for i in keep]
 
 
 def _ids_by_name(classes: Sequence[Mapping[str, Any]] | None) -> dict[str, int]:
@@ -545,11 +527,10 @@ def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence
     None: every polygon is the class that is not the background (building footprints).
     Polygons in another CRS are reprojected; where polygons overlap, the later one wins.
     """
-    info, values, keep, shapes = _read_polygons(
+    fields, values, keep, shapes = _read_polygons(
         path, meta, f"labels {path} does not exist: give a label raster or a polygon file",
         f"labels {path} cannot be read as polygons")
     fill = None if background is None else _class_id(background, classes, "background")
-    fields = [str(f) for f in info["fields"]]
     others = [int(c["id"]) for c in classes or () if "id" in c and int(c["id"]) != fill]
     if field is None and fill is not None and len(others) == 1:
         if not keep:
@@ -1330,7 +1311,7 @@ class Trainer:
         for k, spec in enumerate(specs):
             image_path, labels_path = scene_path(spec["image"]), scene_path(spec["labels"])
             meta = open_scene(image_path)
-            if labels_path.suffix.lower() in VECTOR_LABELS:
+            if is_vector_path(labels_path):
                 labels_path = rasterize_labels(labels_path, meta, cfg.label_field, cfg.classes,
                                                Path(burn_dir.name) / f"{k}_{labels_path.stem}.tif", cfg.background)
             label_meta = open_scene(labels_path)

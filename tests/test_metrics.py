@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from rasterio.transform import from_origin
 
-from geoseg.errors import GridMismatchError
+from geoseg.errors import GridMismatchError, ParameterError
 from geoseg.evaluate import evaluate_rasters
 from geoseg.metrics import ConfusionMatrix, compute_metrics
 from tests.conftest import NC_LCC, write_raster
@@ -152,3 +152,141 @@ def test_record_in_card(tmp_path: Path, runner) -> None:  # type: ignore[no-unty
     test = ModelCard.load(card).metrics["test"]
     assert test["miou_classes"] == [1, 2] and test["overall_accuracy"] == pytest.approx(7 / 9, abs=1e-4)
     assert test["per_class_iou"]["1"] == pytest.approx(4 / 6, abs=1e-4) and test["region"] == [0, 0, 4, 3]
+
+
+# ---- vector references ---------------------------------------------------------------------------
+def _lonlat(cols: np.ndarray, rows: np.ndarray) -> tuple[list[float], list[float]]:
+    """Pixel (col, row) positions of write_raster's default UTM 33N grid (10 m) in lon/lat."""
+    from rasterio.warp import transform
+
+    return transform("EPSG:32633", "EPSG:4326", list(500000 + 10 * np.asarray(cols, float)),
+                     list(4800000 - 10 * np.asarray(rows, float)))
+
+
+def _geojson(path: Path, features: list[tuple[dict, dict]]) -> Path:
+    """A GeoJSON FeatureCollection (lon/lat) of (geometry, properties) pairs."""
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": g, "properties": p} for g, p in features]}))
+    return path
+
+
+def _pixel_square(c: int, r: int, c1: int | None = None, r1: int | None = None) -> dict:
+    c1, r1 = (c + 1 if c1 is None else c1), (r + 1 if r1 is None else r1)
+    xs, ys = _lonlat(np.array([c, c1, c1, c, c]), np.array([r, r, r1, r1, r]))
+    return {"type": "Polygon", "coordinates": [list(map(list, zip(xs, ys)))]}
+
+
+def test_evaluate_against_field_points_in_another_crs(tmp_path: Path) -> None:
+    from geoseg.evaluate import evaluate_vector
+
+    pred = write_raster(tmp_path / "pred.tif", PRED, nodata=255)  # UTM 33N; the points are in lon/lat
+    rows, cols = np.indices(REF.shape)
+    xs, ys = _lonlat(cols.ravel() + 0.5, rows.ravel() + 0.5)  # one point per pixel centre, REF's class (0: unlabelled)
+    feats = [({"type": "Point", "coordinates": [x, y]}, {"cls": int(v)}) for x, y, v in zip(xs, ys, REF.ravel())]
+    far = _lonlat([40.5], [0.5])
+    feats += [({"type": "Point", "coordinates": [far[0][0], far[1][0]]}, {"cls": 1}),  # outside the raster
+              ({"type": "Point", "coordinates": [xs[0], ys[0]]}, {"cls": None})]  # no class
+    ref = _geojson(tmp_path / "points.geojson", feats)
+    r = evaluate_vector(pred, ref, field="cls")
+    np.testing.assert_array_equal(r.metrics.confusion, CM)  # as the same labels as a raster
+    assert r.metrics.unpredicted == 1 and r.metrics.overall_accuracy == pytest.approx(7 / 9)
+    assert r.samples == {"points": 12, "points_outside": 1, "polygons": 0, "polygon_pixels": 0,
+                         "features_without_class": 1}
+    r2 = evaluate_vector(pred, ref, field="cls", region="2,0,2,3", block_rows=1)
+    np.testing.assert_array_equal(r2.metrics.confusion, [[1, 1], [0, 3]])  # as the raster region
+    assert r2.samples["points"] == 6 and r2.samples["points_outside"] == 7
+    # a multi-point is one sample per point
+    mp = {"type": "MultiPoint", "coordinates": [[xs[0], ys[0]], [xs[2], ys[2]]]}  # (1,1) and (1,2)
+    r3 = evaluate_vector(pred, _geojson(tmp_path / "mp.geojson", [(mp, {"cls": 1})]), field="cls")
+    np.testing.assert_array_equal(r3.metrics.confusion, [[1, 1], [0, 0]])
+
+
+def test_evaluate_against_polygons_by_class_name(tmp_path: Path) -> None:
+    import rasterio
+
+    from geoseg.card import ClassInfo
+    from geoseg.evaluate import evaluate_vector
+    from geoseg.io import classes_tag
+
+    pred = write_raster(tmp_path / "pred.tif", PRED, nodata=255)
+    with rasterio.open(pred, "r+") as ds:
+        ds.update_tags(**classes_tag([ClassInfo(1, "forest", (1, 2, 3)), ClassInfo(2, "water", (4, 5, 6))]))
+    names = {1: "Forest", 2: "WATER"}
+    squares = [(_pixel_square(c, r), {"lc": names[int(REF[r, c])]}) for r, c in zip(*np.nonzero(REF))]
+    ref = _geojson(tmp_path / "squares.geojson", squares)
+    for block_rows in (1, 256):
+        r = evaluate_vector(pred, ref, field="lc", block_rows=block_rows)
+        np.testing.assert_array_equal(r.metrics.confusion, CM)
+        assert r.samples["polygons"] == 10 and r.samples["polygon_pixels"] == 10
+        assert r.metrics.names == {1: "forest", 2: "water"}
+    # where polygons overlap the later one wins: a whole-raster forest polygon first, the squares over it
+    whole = (_pixel_square(0, 0, 4, 3), {"lc": "forest"})
+    r = evaluate_vector(pred, _geojson(tmp_path / "over.geojson", [whole, *squares]), field="lc")
+    np.testing.assert_array_equal(r.metrics.confusion, CM + [[1, 1], [0, 0]])  # REF's two 0 pixels are forest now
+    # the class field: named in the error with the file's fields; names must be the prediction's classes
+    with pytest.raises(ParameterError, match=r"has no field 'class_id': give --field.*its fields: lc"):
+        evaluate_vector(pred, ref)
+    bad = _geojson(tmp_path / "bad.geojson", [(_pixel_square(0, 0), {"lc": "swamp"})])
+    with pytest.raises(ParameterError, match="swamp are not class names: the prediction's classes are forest, water"):
+        evaluate_vector(pred, bad, field="lc")
+    line = {"type": "LineString", "coordinates": _pixel_square(0, 0)["coordinates"][0][:2]}
+    with pytest.raises(ParameterError, match="has lines"):
+        evaluate_vector(pred, _geojson(tmp_path / "line.geojson", [(line, {"lc": "forest"})]), field="lc")
+    away = _geojson(tmp_path / "away.geojson", [(_pixel_square(100, 100), {"lc": "forest"})])
+    with pytest.raises(ParameterError, match="no reference sample of away.geojson falls on a predicted pixel"):
+        evaluate_vector(pred, away, field="lc")
+
+
+def test_cli_evaluate_vector_reference(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    from geoseg_cli.main import cli
+
+    pred = write_raster(tmp_path / "pred.tif", PRED, nodata=255)
+    rows, cols = np.nonzero(REF)
+    xs, ys = _lonlat(cols + 0.5, rows + 0.5)
+    ref = _geojson(tmp_path / "pts.geojson", [({"type": "Point", "coordinates": [x, y]}, {"class_id": int(v)})
+                                              for x, y, v in zip(xs, ys, REF[rows, cols])])
+    r = runner.invoke(cli, ["-q", "evaluate", str(pred), "--reference", str(ref), "--json"])  # class_id by default
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["confusion_matrix"] == CM.tolist() and d["reference_samples"]["points"] == 10
+    r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(ref)])
+    assert r.exit_code == 0 and "10 points, 0 polygons" in r.stdout, r.output
+    raster_ref = write_raster(tmp_path / "ref.tif", REF, nodata=0)
+    r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(raster_ref), "--field", "x"])
+    assert r.exit_code == 1 and "--field is for a vector reference" in r.output and "Traceback" not in r.output
+
+
+def test_nc_polygons_in_their_own_crs_fall_on_the_label_raster(runner) -> None:  # type: ignore[no-untyped-def]
+    """Real data: the NC sample's 34 class polygons (EPSG:3358) against its label raster (an LCC grid)."""
+    import pyogrio
+    import rasterio
+    import shapely
+    from rasterio.features import rasterize
+    from rasterio.warp import transform_geom
+
+    from geoseg.evaluate import evaluate_vector
+    from geoseg_cli.main import cli
+
+    root = Path(__file__).resolve().parents[1] / "sample_data" / "nc_landsat7"
+    labels, polys = root / "landcover96_labels.tif", root / "landsat96_polygons.gpkg"
+    r = evaluate_vector(labels, polys, field="id", block_rows=64)
+    # the polygons were digitised on this map: after reprojection every pixel they cover has their class
+    cm = r.metrics.confusion
+    assert np.count_nonzero(cm - np.diag(np.diag(cm))) == 0 and r.metrics.class_ids == (1, 2, 3, 4, 5, 6, 7)
+    # the same pixels as reprojecting each polygon with GDAL and burning them onto the whole grid at once
+    meta, _, wkb, fields = pyogrio.raw.read(polys)
+    with rasterio.open(labels) as ds:
+        shapes = [transform_geom(meta["crs"], ds.crs, shapely.geometry.mapping(g)) for g in shapely.from_wkb(wkb)]
+        burned = rasterize(zip(shapes, fields[list(meta["fields"]).index("id")].tolist()), out_shape=ds.shape,
+                           transform=ds.transform, fill=0, dtype="int32")
+        lab = ds.read(1)
+    expected = np.bincount(burned[(burned > 0) & (lab > 0)], minlength=8)[1:]
+    np.testing.assert_array_equal(np.diag(cm), expected)
+    assert r.samples == {"points": 0, "points_outside": 0, "polygons": 34, "polygon_pixels": int((burned > 0).sum()),
+                         "features_without_class": 0}
+    # through the CLI, only the train columns: fewer pixels, still all agreeing
+    out = runner.invoke(cli, ["-q", "evaluate", str(labels), "--reference", str(polys), "--field", "id",
+                              "--region", "0,0,326,443", "--json"])
+    assert out.exit_code == 0, out.output
+    d = json.loads(out.stdout)
+    assert 0 < d["pixels"] < cm.sum() and d["overall_accuracy"] == 1.0
