@@ -82,6 +82,12 @@ probabilities_opt = click.option(
     help="Also write <scene>_probabilities.tif: every class's probability, one band per class in the card's "
          "order (uint8 0-100 or float32 0-1); the mask is their argmax.",
 )
+aoi_opt = click.option(
+    "--aoi", default=None, metavar="FILE|BOX",
+    help="Only this area of interest: polygons in a vector file (any CRS) or minx,miny,maxx,maxy in the scene's "
+         "CRS. The outputs cover its bounding box on the scene's pixel grid, nodata outside the polygons; windows "
+         "outside it are never read.",
+)
 co_opt = click.option(
     "--co", "creation_options", multiple=True, metavar="NAME=VALUE",
     help="Extra GDAL creation option for the mask COG (repeatable), e.g. --co COMPRESS=ZSTD; one the COG driver "
@@ -117,8 +123,8 @@ adapt_prior_opt = click.option(
 
 #: The options of ``predict`` that ``batch`` shares, in help order.
 PREDICT_OPTIONS = (
-    tile_size_opt, overlap_opt, batch_size_opt, device_opt, precision_opt, bands_opt, tta_opt, adapt_prior_opt,
-    confidence_opt, probabilities_opt,
+    aoi_opt, tile_size_opt, overlap_opt, batch_size_opt, device_opt, precision_opt, bands_opt, tta_opt,
+    adapt_prior_opt, confidence_opt, probabilities_opt,
     blend_opt, co_opt, vector_opt, min_area_opt, simplify_opt,
 )
 
@@ -134,7 +140,7 @@ def make_predict_options(
     *, tile_size: int | None, overlap: int | None, batch_size: int | None, device: str, precision: str,
     bands: tuple[int, ...] | None, confidence: str, blend: str, creation_options: tuple[str, ...], vector: str,
     min_area: float | None, simplify: float | None, tta: bool = False, adapt_prior: bool | None = None,
-    probabilities: str = "none", **extra: Any,
+    probabilities: str = "none", aoi: str | None = None, **extra: Any,
 ) -> Any:
     """Build :class:`geoseg.engine.PredictOptions` from the values of :data:`PREDICT_OPTIONS`.
 
@@ -148,7 +154,7 @@ def make_predict_options(
         precision=precision, bands=bands, blend=BlendMode(blend), confidence=confidence,  # type: ignore[arg-type]
         creation_options=parse_co(creation_options), vector=vector,  # type: ignore[arg-type]
         min_area=min_area, simplify=simplify, tta=tta, adapt_prior=adapt_prior,
-        probabilities=probabilities, **extra,  # type: ignore[arg-type]
+        probabilities=probabilities, aoi=aoi, **extra,  # type: ignore[arg-type]
     )
 
 

@@ -46,8 +46,10 @@ from pathlib import Path
 from typing import Any, Literal
 from xml.etree import ElementTree
 
+from geoseg.aoi import aoi_key
 from geoseg.atomic import atomic_write_text, clean_temp_files
 from geoseg.errors import (
+    AoiOutsideError,
     BatchLockedError,
     DependencyError,
     GeosegError,
@@ -68,6 +70,9 @@ QUICK_HASH_BYTES = 64 * 1024
 SCHEMA_VERSION = 1
 
 Status = Literal["ok", "skipped", "failed"]
+#: Manifest status of a scene the area of interest misses: done, with nothing to write.
+OUTSIDE_AOI = "outside_aoi"
+OUTSIDE_AOI_REASON = "outside the AOI"
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -297,6 +302,7 @@ def result_params(options: Any, card: Any) -> dict[str, Any]:
         "min_area": options.min_area,
         "simplify": options.simplify,
         **({"tta": True} if options.tta else {}),
+        **({"aoi": aoi_key(options.aoi)} if options.aoi else {}),
         **({"adapt_prior": True, "prior_max_ratio": options.prior_max_ratio, "prior_windows": options.prior_windows}
            if (card.adapt_prior if options.adapt_prior is None else options.adapt_prior) else {}),
     }
@@ -474,7 +480,7 @@ def why_run(
         return "new"
     if entry.status == "failed":
         return "failed before"
-    if entry.status != "done":
+    if entry.status not in ("done", OUTSIDE_AOI):
         return "interrupted"
     if (entry.size, entry.mtime_ns, entry.head_hash) != (fp["size"], fp["mtime_ns"], fp["head_hash"]):
         return "input changed"
@@ -482,6 +488,8 @@ def why_run(
         return "model changed"
     if entry.params != params_json:
         return "parameters changed"
+    if entry.status == OUTSIDE_AOI:
+        return None  # nothing to write for it
     return outputs_intact(out_dir, entry.outputs)
 
 
@@ -550,6 +558,9 @@ def run_scene(
             res = segment_scene(scene.path, dest, source=source, predictor=predictor, options=opts)
         except (ModelError, DependencyError) as exc:
             out = _failed(scene, exc, t0, fatal=True)
+        except AoiOutsideError as exc:
+            out = SceneOutcome(key=scene.key, input=str(scene.path), status="skipped", seconds=time.perf_counter() - t0,
+                               reason=OUTSIDE_AOI_REASON, error=str(exc).splitlines()[0])
         except (GeosegError, OSError, ValueError, RuntimeError, MemoryError) as exc:
             out = _failed(scene, exc, t0)
         else:
@@ -719,7 +730,7 @@ def _log_outcome(o: SceneOutcome, i: int, n: int) -> None:
         log.info("%s ok      %s  %d windows  %.1f s  %.2f Mpx/s%s", prefix, o.key, o.windows, o.seconds,
                  o.megapixels_per_s, f"  on {o.worker}" if o.worker else "")
     elif o.status == "skipped":
-        log.info("%s skip    %s  (done, unchanged)", prefix, o.key)
+        log.info("%s skip    %s  (%s)", prefix, o.key, o.reason or "done, unchanged")
     else:
         log.error("%s FAILED  %s: %s", prefix, o.key, o.error)
 
@@ -823,7 +834,8 @@ def _run_locked(
             continue
         reason = why_run(entry, fp, model_key, params_json, out, batch.force)
         if reason is None:
-            finish(SceneOutcome(key=sc.key, input=str(sc.path), status="skipped", reason="done, unchanged"))
+            finish(SceneOutcome(key=sc.key, input=str(sc.path), status="skipped",
+                                reason=OUTSIDE_AOI_REASON if entry and entry.status == OUTSIDE_AOI else "done, unchanged"))
             continue
         fingerprints[sc.key] = fp
         todo.append((sc, reason))
@@ -831,7 +843,7 @@ def _run_locked(
              sum(o.status == "skipped" for o in outcomes.values()), sum(o.status == "failed" for o in outcomes.values()))
 
     def record_and_finish(o: SceneOutcome, reason: str) -> None:
-        o.reason = reason
+        o.reason = o.reason or reason  # why it ran, unless it was skipped (outside the AOI)
         _record(manifest, o, fingerprints[o.key], model_key, params_json, out)
         finish(o)
 
@@ -873,7 +885,7 @@ def _running_entry(manifest: Manifest, sc: Scene, fp: dict[str, Any], model_key:
 def _record(manifest: Manifest, o: SceneOutcome, fp: dict[str, Any], model_key: str, params_json: str, out: Path) -> None:
     """Write the scene's manifest entry (after its outputs are in place)."""
     outputs: list[dict[str, Any]] = []
-    status = "failed"
+    status = OUTSIDE_AOI if o.status == "skipped" else "failed"
     if o.status == "ok":
         try:
             for p in o.outputs:

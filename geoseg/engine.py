@@ -31,6 +31,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from geoseg.aoi import load_aoi
 from geoseg.atomic import check_output
 from geoseg.blending import BlendMode, StripMerger
 from geoseg.card import ModelCard
@@ -57,7 +58,7 @@ from geoseg.io import (
     is_virtual,
     open_scene,
     polygons_skipped_reason,
-    read_window_gaps,
+    read_scene_window,
     scene_path,
     write_aux_xml,
     write_qml,
@@ -370,6 +371,9 @@ class PredictOptions:
     prior_max_ratio: float | None = 2.0
     #: Prior adaptation: most windows the sample pass runs (spread evenly over the scene).
     prior_windows: int = 64
+    #: Area of interest: a vector file of polygons (any CRS) or ``minx,miny,maxx,maxy`` in the
+    #: scene's CRS. The outputs cover its bounding box on the scene's grid; outside it is nodata.
+    aoi: str | None = None
 
 
 @dataclass(frozen=True)
@@ -509,18 +513,20 @@ def _pad_to(x: np.ndarray, tile: int) -> np.ndarray:
 Prepared = tuple[np.ndarray | None, np.ndarray]
 
 
-def _prepare_window(
-    path: Path, tile: Tile, bands: tuple[int, ...], alpha_band: int | None, card: ModelCard, dtype: str, size: int
-) -> Prepared:
+def _prepare_window(meta: SceneMeta, tile: Tile, bands: tuple[int, ...], card: ModelCard, size: int) -> Prepared:
     """Read one window and make it model-ready: ``(normalised CHW padded to size | None, valid HW)``.
 
     Runs in Dask's reader threads, so normalisation and padding overlap with the model.
-    ``None`` marks a window without any valid pixel (it is never sent to the model).
+    ``None`` marks a window without any valid pixel (it is never sent to the model), or one
+    outside the area of interest (not even read).
     """
-    data, valid, missing = read_window_gaps(path, tile.window, bands, alpha_band)
+    read = read_scene_window(meta, tile.window, bands)
+    if read is None:
+        return None, np.zeros((tile.height, tile.width), bool)
+    data, valid, missing = read
     if not valid.any():
         return None, valid
-    return _pad_to(card.model_input(data, dtype, missing), size), valid
+    return _pad_to(card.model_input(data, meta.dtype, missing), size), valid
 
 
 def _prefetch(
@@ -534,7 +540,7 @@ def _prefetch(
     """
     import dask
 
-    prepare = dask.delayed(_prepare_window, pure=True)
+    prepare = dask.delayed(_prepare_window, pure=False)  # (pure: dask would hash the scene's AOI per window)
     q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
     done = object()
@@ -544,7 +550,7 @@ def _prefetch(
             for b in batches:
                 if stop.is_set():
                     return
-                tasks = [prepare(meta.path, t, bands, meta.alpha_band, card, meta.dtype, size) for t in b]
+                tasks = [prepare(meta, t, bands, card, size) for t in b]
                 q.put((b, list(dask.compute(*tasks, scheduler="threads", num_workers=workers))))
             q.put(done)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
@@ -766,9 +772,10 @@ def check_input_range(meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, 
     try:
         for r in rows:
             for c in cols:
-                data, valid, missing = read_window_gaps(meta.path, Window(int(c), int(r), w, h), bands, meta.alpha_band)
-                if not valid.any():
+                read = read_scene_window(meta, Window(int(c), int(r), w, h), bands)
+                if read is None or not read[1].any():
                     continue
+                data, valid, missing = read
                 z = card.model_input(data, meta.dtype, missing)
                 have = valid[None] if missing is None else ~missing
                 total += np.where(have, z, 0).sum(axis=(1, 2))
@@ -811,6 +818,7 @@ def segment_scene(
     t_start = time.perf_counter()
     input_path = scene_path(input_path)
     meta = open_scene(input_path)
+    aoi = load_aoi(opts.aoi, meta) if opts.aoi is not None else None
     if source is None:
         source = resolve_model(model, weights, card, classes)
     mc = source.card
@@ -819,6 +827,13 @@ def segment_scene(
     overlap = mc.overlap if opts.overlap is None else opts.overlap
     check_window_size(mc, tile)
     grid = make_grid(meta.height, meta.width, tile, overlap)
+    out_meta = meta
+    if aoi is not None:
+        # the whole scene's windows that meet the AOI, so its pixels are blended as in a whole-scene run;
+        # the outputs cover the AOI's bounding box
+        grid, region = grid.covering(aoi.window)
+        out_meta = meta.subset(aoi.window)
+        meta = meta.subset(region, aoi)
     mask_path, conf_path = output_paths(input_path, out)
     if mask_path.resolve() == input_path.resolve():
         raise ParameterError(f"output {mask_path} is the input: choose another --out")
@@ -868,7 +883,7 @@ def segment_scene(
                  prior_tags["GEOSEG_SCENE_PRIOR"], est.pixels, est.iterations, "" if est.converged else ", not converged",
                  ", ".join(f"{c.name}={w:.2f}" for c, w in zip(mc.classes, est.weights)))
 
-    gridspec = GridSpec.of(meta)
+    gridspec = GridSpec.of(out_meta)
     lut = np.full(256, MASK_NODATA, np.uint8)
     lut[: mc.num_classes] = mc.class_lut()
     writers: list[COGWriter] = []
@@ -915,6 +930,9 @@ def segment_scene(
                         p[:, ~valid] = np.nan
                     prob_w.write_rows(row, p)
 
+            if aoi is not None:
+                (r0, c0), (out_r0, out_c0) = meta.origin, out_meta.origin
+                sink = cropped(sink, out_r0 - r0, out_c0 - c0, out_meta.height, out_meta.width)
             bar = _progress_bar(len(grid), input_path.name) if opts.progress else None
             try:
                 ran, skipped, model_s = run_grid(
@@ -945,12 +963,25 @@ def segment_scene(
     result = PredictResult(
         mask=mask_path, confidence=conf_path if opts.confidence != "none" else None, style=style, aux=aux,
         windows=ran, windows_skipped=skipped, seconds=seconds, model_seconds=model_s,
-        megapixels=meta.width * meta.height / 1e6, device=device_desc, extra_outputs=extra,
+        megapixels=out_meta.width * out_meta.height / 1e6, device=device_desc, extra_outputs=extra,
         scene_prior=scene_priors, probabilities=prob_path if opts.probabilities != "none" else None,
     )
-    log.info("wrote %s: %d windows (%d all-nodata skipped) in %.1f s, %.2f windows/s, %.2f megapixels/s",
-             mask_path, ran, skipped, seconds, result.windows_per_s, result.megapixels_per_s)
+    log.info("wrote %s: %d windows (%d %s skipped) in %.1f s, %.2f windows/s, %.2f megapixels/s",
+             mask_path, ran, skipped, "all-nodata" if aoi is None else "all-nodata or outside the AOI", seconds, result.windows_per_s, result.megapixels_per_s)
     return result
+
+
+def cropped(sink: Callable[..., None], row0: int, col0: int, height: int, width: int) -> Callable[..., None]:
+    """``sink`` (see :func:`run_grid`) fed only rows ``[row0, row0 + height)`` and columns
+    ``[col0, col0 + width)`` of each strip, renumbered from 0."""
+
+    def inner(row: int, idx: np.ndarray, conf: np.ndarray, valid: np.ndarray, probs: np.ndarray) -> None:
+        lo, hi = max(row, row0), min(row + idx.shape[0], row0 + height)
+        if hi > lo:
+            r, c = slice(lo - row, hi - row), slice(col0, col0 + width)
+            sink(lo - row0, idx[r, c], conf[r, c], valid[r, c], probs[:, r, c])
+
+    return inner
 
 
 def _progress_bar(total: int, name: str) -> Any:

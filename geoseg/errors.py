@@ -33,6 +33,10 @@ class ParameterError(GeosegError, ValueError):
     """A parameter is out of range or inconsistent with another one."""
 
 
+class AoiOutsideError(ParameterError):
+    """The area of interest does not cover any pixel of the scene (``batch`` skips such scenes)."""
+
+
 class ModelError(GeosegError, ValueError):
     """Unknown model, bad model card, missing or mismatching weights."""
 

@@ -7,6 +7,7 @@ mask convention): the nodata value, an internal mask, an alpha band or NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -61,6 +62,19 @@ class SceneMeta:
     gcps: Any = None
     #: Rational polynomial coefficients of a scene georeferenced by RPCs, else None.
     rpcs: Any = None
+    #: The part of the file this describes (:meth:`subset`): ``(row, col)`` of its top-left pixel
+    #: in the file, and the area of interest (:class:`geoseg.aoi.Aoi`) whose outside is nodata.
+    origin: tuple[int, int] = (0, 0)
+    aoi: Any = None
+
+    def subset(self, window: Window, aoi: Any = None) -> SceneMeta:
+        """The pixel ``window`` of this scene (its size and transform; reads are offset into the
+        file, see :func:`read_scene_window`), with pixels outside ``aoi`` read as nodata."""
+        r0, c0 = self.origin
+        return dataclasses.replace(
+            self, width=int(window.width), height=int(window.height),
+            transform=self.transform * self.transform.translation(window.col_off, window.row_off),
+            origin=(r0 + int(window.row_off), c0 + int(window.col_off)), aoi=aoi)
 
     @property
     def has_nodata(self) -> bool:
@@ -289,6 +303,24 @@ def read_window_gaps(
         valid &= finite.any(axis=0)
     if missing is not None and not missing.any():
         missing = None
+    return data, valid, missing
+
+
+def read_scene_window(
+    meta: SceneMeta, window: Window, bands: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """:func:`read_window_gaps` of ``window`` in the coordinates of ``meta`` (a scene or a
+    :meth:`~SceneMeta.subset` of one): pixels outside its AOI are not valid, and a window that
+    misses the AOI is not read at all (None)."""
+    r0, c0 = meta.origin
+    if r0 or c0:
+        window = Window(window.col_off + c0, window.row_off + r0, window.width, window.height)
+    inside = meta.aoi.pixels(window) if meta.aoi is not None else True
+    if inside is False:
+        return None
+    data, valid, missing = read_window_gaps(meta.path, window, bands, meta.alpha_band)
+    if inside is not True:
+        valid &= inside
     return data, valid, missing
 
 
@@ -605,6 +637,7 @@ __all__ = [
     "close_handles",
     "open_scene",
     "read_classes",
+    "read_scene_window",
     "read_window_gaps",
     "write_aux_xml",
     "write_qml",

@@ -119,6 +119,26 @@ class TileGrid:
         for i in range(len(self.row_offsets)):
             yield from self.row_band(i)
 
+    def covering(self, window: Window) -> tuple[TileGrid, Window]:
+        """The windows of this grid that meet ``window`` (a pixel window of the raster), as the
+        grid of the region they span, and that region: ``(grid, region)``, offsets relative to
+        the region's top-left pixel. Every pixel of ``window`` lies in the same windows as in
+        this grid, so it is blended exactly as in a run over the whole raster."""
+
+        def meeting(offsets: tuple[int, ...], size: int, lo: int, hi: int) -> list[int]:
+            return [o for o in offsets if o < hi and o + min(self.tile, size - o) > lo]
+
+        r0, c0 = int(window.row_off), int(window.col_off)
+        rows = meeting(self.row_offsets, self.height, r0, r0 + int(window.height))
+        cols = meeting(self.col_offsets, self.width, c0, c0 + int(window.width))
+        if not rows or not cols:
+            raise ParameterError(f"window {window} lies outside the {self.width}x{self.height} raster")
+        top, left = rows[0], cols[0]
+        bottom, right = rows[-1] + min(self.tile, self.height - rows[-1]), cols[-1] + min(self.tile, self.width - cols[-1])
+        grid = TileGrid(bottom - top, right - left, self.tile, self.overlap,
+                        tuple(o - top for o in rows), tuple(o - left for o in cols))
+        return grid, Window(left, top, right - left, bottom - top)
+
 
 def make_grid(height: int, width: int, tile: int = 512, overlap: int = 128) -> TileGrid:
     """Build the window grid of a raster (validates ``tile`` and ``overlap``)."""

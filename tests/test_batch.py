@@ -392,3 +392,30 @@ def test_probabilities_in_batch_are_outputs_and_a_parameter(runner, tiny_unet, t
     card = identity_card(1, 2)
     assert "probabilities" not in result_params(PredictOptions(), card)
     assert result_params(PredictOptions(probabilities="float32"), card)["probabilities"] == "float32"
+
+
+def test_aoi_in_batch_skips_scenes_it_misses_without_failing(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from rasterio.transform import from_origin
+
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    arch.mkdir()
+    rng = np.random.default_rng(3)
+    write_raster(arch / "here.tif", rng.integers(1, 256, (3, 64, 80), dtype=np.uint8))  # origin 500000/4800000, 10 m
+    write_raster(arch / "away.tif", rng.integers(1, 256, (3, 64, 80), dtype=np.uint8),
+                 transform=from_origin(600000.0, 4700000.0, 10.0, 10.0))
+    box = "500101,4799501,500499,4799899"  # cols 10-49, rows 10-49 of here.tif
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--aoi", box, "--report", rep)
+    assert r.exit_code == EXIT_OK, r.output
+    report = {s["key"]: s for s in report_of(rep)["scenes"]}
+    assert report["here.tif"]["status"] == "ok" and report["away.tif"]["status"] == "skipped"
+    assert report["away.tif"]["reason"] == "outside the AOI" and "does not overlap away.tif" in report["away.tif"]["error"]
+    assert "skip" in r.output and "outside the AOI" in r.output
+    with rasterio.open(out / "here_landcover.tif") as ds:
+        assert ds.shape == (40, 40) and (ds.transform.c, ds.transform.f) == (500100.0, 4799900.0)
+    assert not list(out.glob("away*"))
+    # the next night: nothing to do for either (the missed scene is not retried)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--aoi", box, "--dry-run")
+    assert sorted(r.stdout.splitlines()) == ["skip\taway.tif\tdone, unchanged", "skip\there.tif\tdone, unchanged"], r.output
+    # another AOI is another result
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--aoi", "500101,4799501,500299,4799899", "--dry-run")
+    assert r.stdout.count("parameters changed") == 2, r.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -456,3 +457,68 @@ def test_missing_paddle_names_the_extra(runner: CliRunner, tmp_path: Path, tiny_
     res = runner.invoke(cli, ["predict", str(rgb(tmp_path)), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o.tif")])
     assert_one_line_error(res, "PaddlePaddle is not installed", "geoseg[cpu]")
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_aoi_box_and_polygons_give_the_whole_scene_classes_there(runner: CliRunner, tmp_path: Path,
+                                                                   tiny_unet: tuple[Path, Path]) -> None:
+    import shapely
+    from rasterio.warp import transform as warp_xy
+
+    weights, _ = tiny_unet
+    src = rgb(tmp_path, h=150, w=230)  # UTM 33N, origin 500000/4800000, 10 m
+    base = ["predict", str(src), "--weights", str(weights), "--vector", "none", "--probabilities", "float32"]
+    res = runner.invoke(cli, [*base, "--out", str(tmp_path / "full")])
+    assert res.exit_code == 0, res.output
+    full_windows = int(re.search(r": (\d+) windows", res.stderr).group(1))
+    with rasterio.open(tmp_path / "full" / "scene_landcover.tif") as ds:
+        full, full_t = ds.read(1), ds.transform
+    with rasterio.open(tmp_path / "full" / "scene_probabilities.tif") as ds:
+        full_p = ds.read()
+    # a box in the scene's CRS: the pixels whose centres it holds (cols 20-89, rows 20-69), same classes
+    res = runner.invoke(cli, [*base, "--out", str(tmp_path / "box"), "--aoi", "500201,4799301,500899,4799799"])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(tmp_path / "box" / "scene_landcover.tif") as ds:
+        assert ds.shape == (50, 70) and ds.transform == full_t * full_t.translation(20, 20)
+        np.testing.assert_array_equal(ds.read(1), full[20:70, 20:90])
+    with rasterio.open(tmp_path / "box" / "scene_probabilities.tif") as ds:
+        np.testing.assert_array_equal(ds.read(), full_p[:, 20:70, 20:90])
+    # a triangle in lon/lat: its bounding box, nodata outside it, the whole-scene classes inside it
+    corners = [(500100.0, 4799100.0), (501900.0, 4799300.0), (500700.0, 4799900.0)]
+    lon, lat = warp_xy("EPSG:32633", "EPSG:4326", *zip(*corners))
+    aoi = tmp_path / "aoi.geojson"
+    aoi.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {},
+                   "geometry": {"type": "Polygon", "coordinates": [[*map(list, zip(lon, lat)), [lon[0], lat[0]]]]}}]}))
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(weights), "--vector", "none",
+                              "--out", str(tmp_path / "tri"), "--aoi", str(aoi)])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(tmp_path / "tri" / "scene_landcover.tif") as ds:
+        mask, t = ds.read(1), ds.transform
+    c0, r0 = (round(v) for v in ~full_t * (t.c, t.f))
+    rows, cols = np.indices(mask.shape)
+    xs, ys = t * (cols + 0.5, rows + 0.5)
+    inside = shapely.contains_xy(shapely.Polygon(corners), xs, ys)
+    assert mask.shape == (80, 180) and (c0, r0) == (10, 10)  # the pixels whose centres lie in its bounds
+    assert 0.2 < inside.mean() < 0.8
+    assert (mask[~inside] == 255).all()
+    np.testing.assert_array_equal(mask[inside], full[r0:r0 + mask.shape[0], c0:c0 + mask.shape[1]][inside])
+    # windows missing the AOI are never run
+    assert 0 < int(re.search(r": (\d+) windows", res.stderr).group(1)) < full_windows
+
+
+def test_aoi_refusals(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    weights, _ = tiny_unet
+    src = rgb(tmp_path)
+    out = tmp_path / "out"
+    base = ["predict", str(src), "--weights", str(weights), "--out", str(out)]
+    res = runner.invoke(cli, [*base, "--aoi", "600000,4700000,600100,4700100"])
+    assert_one_line_error(res, "does not overlap scene.tif", "AOI bounds 600000,4.7e+06", "scene bounds 500000")
+    res = runner.invoke(cli, [*base, "--aoi", "500300,4799500,500100,4799900"])
+    assert_one_line_error(res, "minx < maxx")
+    res = runner.invoke(cli, [*base, "--aoi", "500100,4799500"])
+    assert_one_line_error(res, "does not exist", "minx,miny,maxx,maxy")
+    pts = tmp_path / "pts.geojson"
+    pts.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {},
+                   "geometry": {"type": "Point", "coordinates": [15.0, 43.3]}}]}))
+    res = runner.invoke(cli, [*base, "--aoi", str(pts)])
+    assert_one_line_error(res, "has no polygons")
+    assert not out.exists() or outputs(out) == []

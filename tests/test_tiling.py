@@ -73,3 +73,23 @@ def test_spread_tiles_keeps_all_or_an_even_spread() -> None:
     assert len(some) == 5 and some[0] == next(iter(grid.tiles())) and some[-1] == list(grid.tiles())[-1]
     assert len({t.index for t in some}) == 5
     assert spread_tiles(grid, 1) == [list(grid.tiles())[len(grid) // 2]]
+
+
+@pytest.mark.parametrize("window", [(0, 0, 10, 10), (130, 77, 300, 41), (0, 0, 1000, 700), (999, 699, 1, 1),
+                                    (384, 384, 1, 1)])
+def test_covering_keeps_exactly_the_windows_meeting_an_area(window: tuple[int, int, int, int]) -> None:
+    from rasterio.windows import Window
+
+    grid = make_grid(700, 1000, 512, 128)
+    c, r, w, h = window
+    sub, region = grid.covering(Window(c, r, w, h))
+    full = [t for t in grid.tiles() if t.row < r + h and t.row_stop > r and t.col < c + w and t.col_stop > c]
+    got = [(t.row + region.row_off, t.col + region.col_off, t.height, t.width) for t in sub.tiles()]
+    assert got == [(t.row, t.col, t.height, t.width) for t in full]
+    # the region is their union and holds the area
+    assert region.row_off == min(t.row for t in full) and region.col_off == min(t.col for t in full)
+    assert region.row_off + region.height == max(t.row_stop for t in full) <= 700
+    assert region.col_off + region.width == max(t.col_stop for t in full) <= 1000
+    assert (sub.height, sub.width) == (region.height, region.width)
+    with pytest.raises(ParameterError, match="outside"):
+        grid.covering(Window(1000, 0, 5, 5))

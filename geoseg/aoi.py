@@ -1,0 +1,149 @@
+"""Areas of interest: predict only the part of a scene a user needs.
+
+An AOI is polygons from a vector file (any CRS pyogrio reads, reprojected to the scene's) or a
+bounding box ``minx,miny,maxx,maxy`` in the scene's CRS. :func:`load_aoi` turns it into the
+pixel window of the scene that holds it (on the scene's own pixel grid, so the outputs line up
+with the scene) and a test of which pixels of a window lie inside it (pixel centres, as
+``rasterio.features.rasterize`` burns them). Predict runs the windows of the whole scene's grid
+that meet it (so its pixels get exactly the classes a whole-scene run gives them, prior
+adaptation aside) and writes its bounding box; windows that miss the AOI are never read, and
+pixels outside it are nodata in every output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from affine import Affine
+from rasterio.windows import Window
+
+from geoseg.errors import AoiOutsideError, ParameterError
+
+__all__ = ["Aoi", "aoi_key", "load_aoi"]
+
+
+@dataclass(frozen=True)
+class Aoi:
+    """An area of interest on a scene's pixel grid.
+
+    ``window`` is the scene window holding it (whole pixels, clipped to the scene); ``transform``
+    is the scene's geotransform. Windows given to :meth:`pixels` are scene pixel windows.
+    """
+
+    geometry: Any  # shapely (multi)polygon in the scene's CRS
+    window: Window
+    transform: Any
+    source: str
+
+    def __post_init__(self) -> None:
+        import shapely
+
+        shapely.prepare(self.geometry)
+
+    def _box(self, window: Window) -> Any:
+        import shapely
+
+        t = self.transform
+        xs, ys = zip(*(t * (c, r) for c in (window.col_off, window.col_off + window.width)
+                       for r in (window.row_off, window.row_off + window.height)))
+        return shapely.box(min(xs), min(ys), max(xs), max(ys))
+
+    def pixels(self, window: Window) -> np.ndarray | bool:
+        """Which pixels of ``window`` lie inside: ``True`` (all), ``False`` (none) or an HW bool array."""
+        import shapely
+        from rasterio.features import rasterize
+
+        box = self._box(window)
+        if not shapely.intersects(self.geometry, box):
+            return False
+        if shapely.contains(self.geometry, box):
+            return True
+        h, w = int(window.height), int(window.width)
+        t = self.transform * Affine.translation(window.col_off, window.row_off)
+        inside = rasterize([(self.geometry, 1)], out_shape=(h, w), transform=t, fill=0, dtype="uint8")
+        return inside.astype(bool) if inside.any() else False
+
+
+def load_aoi(spec: str | Path, meta: Any) -> Aoi:
+    """The AOI ``spec`` (vector file, or ``minx,miny,maxx,maxy`` in the scene's CRS) on the grid of
+    ``meta`` (:class:`~geoseg.io.SceneMeta`).
+
+    Raises:
+        ParameterError: the scene has no geotransform, the file cannot be read or holds no
+            polygons, or the AOI does not overlap the scene.
+    """
+    import shapely
+
+    from geoseg.io import is_vector_path, read_vector
+
+    text = str(spec)
+    if meta.transform is None or (meta.crs is None and meta.transform.is_identity):
+        raise ParameterError(f"--aoi needs a scene on a map grid; {meta.path.name} has no geotransform "
+                             "(warp it first, e.g. gdalwarp -t_srs EPSG:32618)")
+    parts = text.replace(" ", "").split(",")
+    if len(parts) == 4 and not is_vector_path(text):
+        try:
+            x0, y0, x1, y1 = (float(v) for v in parts)
+        except ValueError:
+            raise ParameterError(f"--aoi {text!r}: give a vector file or minx,miny,maxx,maxy in the scene's CRS") from None
+        if not (x0 < x1 and y0 < y1):
+            raise ParameterError(f"--aoi {text!r}: minx,miny,maxx,maxy needs minx < maxx and miny < maxy")
+        geometry = shapely.box(x0, y0, x1, y1)
+        source = f"box {x0:g},{y0:g},{x1:g},{y1:g}"
+    else:
+        path = Path(text)
+        vec = read_vector(path, meta.crs, missing=f"--aoi {path} does not exist: give a vector file (GeoPackage, "
+                          "shapefile, GeoJSON ...) or minx,miny,maxx,maxy in the scene's CRS",
+                          unreadable=f"--aoi {path} cannot be read as vector data")
+        polys = [g for g in vec.geoms if g is not None and not g.is_empty and g.geom_type in ("Polygon", "MultiPolygon")]
+        if not polys:
+            raise ParameterError(f"--aoi {path.name} has no polygons: give the area as polygons")
+        geometry = shapely.union_all(shapely.make_valid(np.array(polys, dtype=object)))
+        source = path.name
+    # the scene pixels whose centres lie within the AOI's bounds, on the scene's own grid
+    inv = ~meta.transform
+    bx0, by0, bx1, by1 = geometry.bounds
+    cols, rows = zip(*(inv * (x, y) for x in (bx0, bx1) for y in (by0, by1)))
+    if min(cols) >= meta.width or max(cols) <= 0 or min(rows) >= meta.height or max(rows) <= 0:
+        sx0, sy0 = meta.transform * (0, meta.height)
+        sx1, sy1 = meta.transform * (meta.width, 0)
+        raise AoiOutsideError(f"--aoi {source} does not overlap {meta.path.name} (AOI bounds {bx0:.6g},{by0:.6g},"
+                             f"{bx1:.6g},{by1:.6g}; scene bounds {min(sx0, sx1):.6g},{min(sy0, sy1):.6g},"
+                             f"{max(sx0, sx1):.6g},{max(sy0, sy1):.6g} in its CRS)")
+    c0, c1 = max(0, math.ceil(min(cols) - 0.5)), min(meta.width, math.ceil(max(cols) - 0.5))
+    r0, r1 = max(0, math.ceil(min(rows) - 0.5)), min(meta.height, math.ceil(max(rows) - 0.5))
+    if c1 <= c0 or r1 <= r0:
+        raise AoiOutsideError(f"--aoi {source} covers no pixel centre of {meta.path.name}: give a larger area")
+    window = Window(c0, r0, c1 - c0, r1 - r0)
+    aoi = Aoi(geometry, window, meta.transform, source)
+    if window.width * window.height <= 2**24 and aoi.pixels(window) is False:
+        raise AoiOutsideError(f"--aoi {source} covers no pixel centre of {meta.path.name}: give a larger area")
+    return aoi
+
+
+def aoi_key(spec: str | Path) -> str:
+    """What identifies the AOI ``spec`` for ``batch``'s manifest: the box as given, or a digest of a
+    file's geometries and CRS (so an edited AOI file re-runs the scenes; its name does not count).
+
+    Raises:
+        ParameterError: the file does not exist or cannot be read.
+    """
+    import hashlib
+
+    import shapely
+
+    from geoseg.io import is_vector_path, read_vector
+
+    text = str(spec)
+    if len(text.split(",")) == 4 and not is_vector_path(text):
+        return text.replace(" ", "")
+    vec = read_vector(text, missing=f"--aoi {text} does not exist: give a vector file or minx,miny,maxx,maxy",
+                      unreadable=f"--aoi {text} cannot be read as vector data")
+    h = hashlib.sha256(str(vec.crs).encode())
+    for g in vec.geoms:
+        h.update(b"" if g is None else shapely.to_wkb(g))
+    return "sha256:" + h.hexdigest()[:16]
