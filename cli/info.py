@@ -23,10 +23,12 @@ from geoseg_cli import options as o
               help="Model classes, for the memory estimate (default: the model's).")
 @click.option("--batch-size", type=int, default=1, show_default=True, callback=o._positive,
               help="Windows per model call (for the memory estimate).")
+@click.option("--aoi", default=None, metavar="FILE|BOX",
+              help="As predict's --aoi: say which part of the scene predict would write and how many windows it runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def info(input: Path, model: str | None, weights: Path | None, card: Path | None, bands: tuple[int, ...] | None,
          no_model: bool, tile_size: int | None, overlap: int | None, num_classes: int | None, batch_size: int,
-         as_json: bool) -> None:
+         aoi: str | None, as_json: bool) -> None:
     """Print size, bands, dtype, CRS, nodata, window grid and a memory estimate for INPUT, and
     whether the model predict would run (the shipped deeplabv3p unless --model/--weights say
     otherwise) can read it: which bands it takes, or why it cannot.
@@ -39,7 +41,7 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
     from geoseg.engine import describe_scene, resolve_model
 
     source = None if no_model else resolve_model(model, weights, card)
-    d = describe_scene(input, tile_size, overlap, num_classes, batch_size, source=source, bands=bands)
+    d = describe_scene(input, tile_size, overlap, num_classes, batch_size, source=source, bands=bands, aoi=aoi)
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
@@ -71,5 +73,10 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
                     f"overlap {d['overlap']})"),
         ("memory", f"about {d['memory_estimate_mb']} MB peak for predict on CPU"),
     ]
+    if d["aoi"] is not None:
+        a = d["aoi"]
+        c, r, w, h = a["window"]
+        rows.insert(-1, ("aoi", f"{a['source']}: {w} x {h} px at column {c}, row {r} ({a['megapixels']} Mpx); "
+                                f"predict runs {a['windows']} of the {d['windows']} windows"))
     for k, v in rows:
         click.echo(f"{k:>10}: {v}")

@@ -999,6 +999,7 @@ RUNTIME_PER_WINDOW_MB = 140.0
 def describe_scene(
     input_path: str | Path, tile: int | None = None, overlap: int | None = None, num_classes: int | None = None,
     batch_size: int = 1, *, source: ModelSource | None = None, bands: Sequence[int] | None = None,
+    aoi: str | Path | None = None,
 ) -> dict[str, Any]:
     """What predict will see: size, bands, dtype, CRS, nodata, window grid, memory estimate.
 
@@ -1010,8 +1011,11 @@ def describe_scene(
 
     The memory estimate adds the inference runtime (measured) to the blending buffers of one
     window row (``classes × tile × width`` float32 plus weights) and the prefetched batches.
+    With ``aoi`` (as predict's ``--aoi``), ``aoi`` says which part of the scene predict writes
+    and how many windows it runs.
     """
     meta = open_scene(input_path)
+    area = load_aoi(aoi, meta) if aoi is not None else None
     model: dict[str, Any] | None = None
     if source is not None:
         mc = source.card
@@ -1033,8 +1037,18 @@ def describe_scene(
     overlap = 128 if overlap is None else overlap
     num_classes = num_classes or 7
     grid = make_grid(meta.height, meta.width, tile, overlap)
+    aoi_info = None
+    run_width = meta.width
+    if area is not None:
+        sub, region = grid.covering(area.window)
+        w = area.window
+        aoi_info = {"source": area.source, "window": [int(w.col_off), int(w.row_off), int(w.width), int(w.height)],
+                    "megapixels": round(w.width * w.height / 1e6, 3),
+                    "windows": sum(area.meets(Window(t.col + region.col_off, t.row + region.row_off, t.width, t.height))
+                                   for t in sub.tiles())}
+        run_width = int(region.width)
     itemsize = np.dtype(meta.dtype).itemsize
-    strip_mb = (num_classes * 4 + 4 + 1 + 1) * min(tile, meta.height) * meta.width / 2**20
+    strip_mb = (num_classes * 4 + 4 + 1 + 1) * min(tile, meta.height) * run_width / 2**20
     reads_mb = 3 * batch_size * len(meta.data_bands) * tile * tile * (itemsize + 4) / 2**20
     est = RUNTIME_BASE_MB + RUNTIME_PER_WINDOW_MB * (batch_size - 1) + strip_mb + reads_mb
     nodata = (
@@ -1064,4 +1078,5 @@ def describe_scene(
         "megapixels": round(meta.width * meta.height / 1e6, 3),
         "memory_estimate_mb": round(est),
         "model": model,
+        "aoi": aoi_info,
     }

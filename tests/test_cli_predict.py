@@ -522,3 +522,18 @@ def test_aoi_refusals(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, 
     res = runner.invoke(cli, [*base, "--aoi", str(pts)])
     assert_one_line_error(res, "has no polygons")
     assert not out.exists() or outputs(out) == []
+
+
+def test_info_says_what_an_aoi_leaves_to_run(runner: CliRunner, tmp_path: Path) -> None:
+    src = rgb(tmp_path, h=600, w=900)  # 10 m pixels from 500000/4800000
+    res = runner.invoke(cli, ["info", str(src), "--no-model", "--tile-size", "128", "--overlap", "32", "--json",
+                              "--aoi", "500101,4796001,501499,4799899"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["aoi"]["window"] == [10, 10, 140, 390] and d["aoi"]["megapixels"] == round(140 * 390 / 1e6, 3)
+    # windows of 128 px every 96 px: 2 columns (offsets 0, 96) and 5 rows (0 ... 384) of 10 x 6 meet it
+    assert (d["windows"], d["aoi"]["windows"]) == (60, 10)
+    res = runner.invoke(cli, ["info", str(src), "--no-model", "--aoi", "500101,4796001,501499,4799899"])
+    assert "140 x 390 px at column 10, row 10" in res.stdout
+    res = runner.invoke(cli, ["info", str(src), "--no-model", "--aoi", "0,0,10,10"])
+    assert_one_line_error(res, "does not overlap")
