@@ -70,7 +70,9 @@ class Aoi:
             return True
         h, w = int(window.height), int(window.width)
         t = self.transform * Affine.translation(window.col_off, window.row_off)
-        inside = rasterize([(self.geometry, 1)], out_shape=(h, w), transform=t, fill=0, dtype="uint8")
+        # the AOI's part in this window only (a long boundary is rasterised a window at a time)
+        part = shapely.clip_by_rect(self.geometry, *box.buffer(abs(t.a) + abs(t.e)).bounds)
+        inside = rasterize([(part, 1)], out_shape=(h, w), transform=t, fill=0, dtype="uint8")
         return inside.astype(bool) if inside.any() else False
 
 
