@@ -11,7 +11,7 @@ runs in its own subprocess and prints:
 Usage::
 
     python bench/bench_predict.py [--sizes 2048 8192] [--model deeplabv3p] [--batch-size 1] [--tile-size 512]
-                                  [--adapt-prior]
+                                  [--adapt-prior] [--probabilities uint8|float32]
 
 Prior adaptation is off unless ``--adapt-prior`` is given (whatever the card says), so the
 ratio measures the pipeline's own overhead; with ``--adapt-prior`` it includes the sample pass.
@@ -108,7 +108,8 @@ def source_for(model: str):
     return ModelSource(card, layer=build_model(model, **card.model_kwargs()))
 
 
-def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int, adapt_prior: bool = False) -> dict:
+def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int, adapt_prior: bool = False,
+            probabilities: str = "none") -> dict:
     """Child process: predict one scene; then time the model alone on the same windows."""
     from geoseg.engine import PredictOptions, _prepare_window, build_predictor, segment_scene, select_bands
     from geoseg.io import open_scene
@@ -122,7 +123,7 @@ def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int, ada
     out.mkdir(exist_ok=True)
     res = segment_scene(scene, out, source=src, predictor=predictor,
                         options=PredictOptions(overwrite=True, batch_size=batch_size, tile_size=tile, overlap=overlap,
-                                               vector="none", adapt_prior=adapt_prior))
+                                               vector="none", adapt_prior=adapt_prior, probabilities=probabilities))
     peak_predict_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     meta = open_scene(scene)
@@ -130,7 +131,7 @@ def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int, ada
     bands = select_bands(meta, src.card, None)  # as predict picks them (the shipped cards read bands 1-5)
     model_s = 0.0
     for tiles in batched(list(grid.tiles()), batch_size):
-        prepared = [_prepare_window(scene, t, bands, meta.alpha_band, src.card, meta.dtype, grid.tile) for t in tiles]
+        prepared = [_prepare_window(meta, t, bands, src.card, grid.tile) for t in tiles]
         keep = [x_t for x_t, _ in prepared if x_t is not None]
         if not keep:
             continue
@@ -160,17 +161,20 @@ def main() -> None:
     ap.add_argument("--tile-size", type=int, default=512, help="window size (default 512, as predict's default grid)")
     ap.add_argument("--overlap", type=int, default=128)
     ap.add_argument("--adapt-prior", action="store_true", help="predict with class-prior adaptation (needs a card with class_prior)")
+    ap.add_argument("--probabilities", default="none", choices=["none", "uint8", "float32"],
+                    help="also write the class probabilities raster (its cost)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.model, args.batch_size, args.tile_size, args.overlap, args.adapt_prior)))
+        print(json.dumps(run_one(args.child, args.model, args.batch_size, args.tile_size, args.overlap, args.adapt_prior,
+                                 args.probabilities)))
         return
     rows = []
     for size in args.sizes:
         make_scene(size)
         cmd = [sys.executable, __file__, "--child", str(size), "--model", args.model, "--batch-size", str(args.batch_size),
                "--tile-size", str(args.tile_size), "--overlap", str(args.overlap),
-               *(["--adapt-prior"] if args.adapt_prior else [])]
+               "--probabilities", args.probabilities, *(["--adapt-prior"] if args.adapt_prior else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
             sys.exit(f"size {size} failed:\n{proc.stderr[-3000:]}")
@@ -187,7 +191,7 @@ def main() -> None:
         verdict = "OK" if ratio <= 1.3 else "OVER TARGET"
         print(f"peak RSS {rows[-1]['size']}² / {rows[0]['size']}² = {ratio:.3f} (target <= 1.3: {verdict})")
     print(f"model {args.model}, windows {args.tile_size}/{args.overlap}, batch {args.batch_size}, "
-          f"prior adaptation {'on' if args.adapt_prior else 'off'}, "
+          f"prior adaptation {'on' if args.adapt_prior else 'off'}, probabilities {args.probabilities}, "
           f"device {rows[0]['device']}, {os.cpu_count()} CPUs")
 
 

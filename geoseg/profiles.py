@@ -66,7 +66,10 @@ class ProbabilitiesUint8Profile(ConfidenceUint8Profile):
 
 
 class ProbabilitiesFloatProfile(ConfidenceFloatProfile):
-    """Class probabilities as float32 0-1, one band per class, NaN = nodata."""
+    """Class probabilities as float32 0-1, one band per class, NaN = nodata. DEFLATE level 1: their
+    mantissas hardly compress (level 6 saved 2 % on the NC mosaic and took 70 % longer)."""
+
+    defaults: ClassVar[dict[str, Any]] = {**ConfidenceFloatProfile.defaults, "LEVEL": "1"}
 
 
 PROFILES: dict[str, type[Profile]] = {
