@@ -537,3 +537,47 @@ def test_info_says_what_an_aoi_leaves_to_run(runner: CliRunner, tmp_path: Path) 
     assert "140 x 390 px at column 10, row 10" in res.stdout
     res = runner.invoke(cli, ["info", str(src), "--no-model", "--aoi", "0,0,10,10"])
     assert_one_line_error(res, "does not overlap")
+
+
+def test_a_vrt_mosaic_of_adjacent_tiles_predicts_as_one_seamless_scene(runner: CliRunner, tmp_path: Path,
+                                                                       tiny_unet: tuple[Path, Path]) -> None:
+    """Tiles of one acquisition (gdalbuildvrt mosaic.vrt tiles/*.tif) give the whole scene's mask: no seam."""
+    from xml.sax.saxutils import escape
+
+    src = rgb(tmp_path, h=90, w=150)
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    with rasterio.open(src) as ds:
+        t = ds.transform
+        xml = [f'<VRTDataset rasterXSize="{ds.width}" rasterYSize="{ds.height}"><SRS>{escape(ds.crs.to_wkt())}</SRS>',
+               f"<GeoTransform>{t.c}, {t.a}, {t.b}, {t.f}, {t.d}, {t.e}</GeoTransform>"]
+        parts = {"west.tif": (0, 70), "east.tif": (70, 150)}
+        for name, (c0, c1) in parts.items():
+            win = rasterio.windows.Window(c0, 0, c1 - c0, ds.height)
+            with rasterio.open(tiles / name, "w", **{**ds.profile, "width": c1 - c0,
+                                                     "transform": ds.window_transform(win)}) as one:
+                one.write(ds.read(window=win))
+        for b in range(1, ds.count + 1):
+            sources = "".join(
+                f'<SimpleSource><SourceFilename relativeToVRT="1">tiles/{name}</SourceFilename><SourceBand>{b}</SourceBand>'
+                f'<SrcRect xOff="0" yOff="0" xSize="{c1 - c0}" ySize="{ds.height}"/>'
+                f'<DstRect xOff="{c0}" yOff="0" xSize="{c1 - c0}" ySize="{ds.height}"/></SimpleSource>'
+                for name, (c0, c1) in parts.items())
+            xml.append(f'<VRTRasterBand dataType="Byte" band="{b}"><NoDataValue>0</NoDataValue>{sources}</VRTRasterBand>')
+    vrt = tmp_path / "mosaic.vrt"
+    vrt.write_text("".join(xml) + "</VRTDataset>")
+    masks = {}
+    for name, path in (("whole", src), ("mosaic", vrt)):
+        res = runner.invoke(cli, ["-q", "predict", str(path), "--weights", str(tiny_unet[0]), "--vector", "none",
+                                  "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        with rasterio.open(next((tmp_path / name).glob("*_landcover.tif"))) as ds:
+            masks[name] = (ds.read(1), ds.transform)
+    np.testing.assert_array_equal(masks["mosaic"][0], masks["whole"][0])
+    assert masks["mosaic"][1] == masks["whole"][1]
+    # predicted tile by tile, the same pixels differ near the tiles' shared edge (the seam a mosaic avoids)
+    res = runner.invoke(cli, ["-q", "predict", str(tiles / "west.tif"), "--weights", str(tiny_unet[0]), "--vector",
+                              "none", "--out", str(tmp_path / "west")])
+    with rasterio.open(tmp_path / "west" / "west_landcover.tif") as ds:
+        west = ds.read(1)
+    assert (west[:, 60:] != masks["whole"][0][:, 60:70]).any()
