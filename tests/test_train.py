@@ -1196,3 +1196,21 @@ def test_teacher_errors_say_what_to_give(scene: tuple[Path, Path], tmp_path: Pat
     with pytest.raises(ParameterError, match="distill_temperature"):
         _cfg(scene, tmp_path / "o", teacher="x", distill_temperature=-1)
 
+
+
+def test_the_polygon_recipe_labels_the_dense_map_s_classes_where_its_polygons_lie(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real data: the NC recipes load; the 25 train-column polygons (EPSG:3358, reprojected and burnt,
+    shifted as the map) label exactly the pixels and classes the dense map gives them."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the recipes name their data relative to the repository
+    data = {}
+    for name in ("nc_unet", "nc_unet_polygons", "nc_deeplabv3p"):
+        cfg = TrainConfig.load(root / "sample_data" / "recipes" / f"{name}.yaml", {"out": str(tmp_path / name)})
+        data[name] = Trainer(cfg).train_data.labels
+    dense, polys = data["nc_unet"], data["nc_unet_polygons"]
+    np.testing.assert_array_equal(data["nc_deeplabv3p"], dense)  # the same map and split for both models
+    labelled = polys != IGNORE_INDEX
+    assert 1400 < labelled.sum() <= 1582 and dense.shape == polys.shape  # 1,582 burnt, less the image's nodata
+    assert len(np.unique(polys[labelled])) == 7 and (dense != IGNORE_INDEX).sum() > 100_000
+    np.testing.assert_array_equal(polys[labelled], dense[labelled])
