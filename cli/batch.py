@@ -59,6 +59,9 @@ def _batch_logging(log_file: Path | None, verbosity: int) -> Iterator[None]:
               help="File name pattern in input folders (repeatable; case-insensitive). Default: *.tif and *.tiff.")
 @click.option("--force", is_flag=True, help="Redo every scene, even those done and unchanged.")
 @click.option("--dry-run", is_flag=True, help="Only list what would run (stdout: run|skip<TAB>scene<TAB>reason).")
+@click.option("--mosaic/--no-mosaic", default=True, show_default=True,
+              help="After the run, lay every done mask of DIR into DIR/landcover.vrt (+ .qml): the whole archive "
+                   "as one styled layer (one VRT per CRS and pixel size).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write a JSON run report: per scene status, seconds, windows, megapixels/s, outputs, error.")
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -74,7 +77,7 @@ def _batch_logging(log_file: Path | None, verbosity: int) -> Iterator[None]:
 @click.pass_context
 def batch(
     ctx: click.Context, inputs: tuple[str, ...], out: Path, model: str | None, weights: Path | None,
-    card: Path | None, patterns: tuple[str, ...], force: bool, dry_run: bool, report: Path | None,
+    card: Path | None, patterns: tuple[str, ...], force: bool, dry_run: bool, mosaic: bool, report: Path | None,
     log_file: Path | None, scheduler: str | None, workers: int, resources: str | None, threads: int | None,
     **predict_opts: Any,
 ) -> None:
@@ -113,7 +116,7 @@ def batch(
     device, precision = predict_opts["device"], predict_opts["precision"]
     bm = BatchModel(model=model, weights=str(weights) if weights else None, card=str(card) if card else None,
                     device=device, precision=precision, threads=threads)
-    bo = BatchOptions(force=force, dry_run=dry_run, patterns=patterns or BatchOptions.patterns, scheduler=scheduler,
+    bo = BatchOptions(force=force, dry_run=dry_run, mosaic=mosaic, patterns=patterns or BatchOptions.patterns, scheduler=scheduler,
                       workers=workers, resources=res, report=report,
                       quiet_worker_loggers=_MUTED if ctx.obj.get("verbosity", 0) <= 0 else ())
     with _batch_logging(log_file, ctx.obj.get("verbosity", 0)):

@@ -683,6 +683,8 @@ class BatchOptions:
     report: Path | None = None
     #: Loggers set to WARNING in Dask workers (e.g. ``("geoseg.engine", "rasterio")``).
     quiet_worker_loggers: tuple[str, ...] = ()
+    #: After the run, lay every done mask of ``DIR`` into ``DIR/landcover.vrt`` (+ .qml), one map.
+    mosaic: bool = True
 
 
 @dataclass
@@ -856,6 +858,8 @@ def _run_locked(
         else:
             _run_here(todo, out, model, options, record_and_finish)
 
+    if batch.mosaic:
+        _write_mosaic(out, manifest, source.card.classes)
     ordered = [outcomes[sc.key] for sc in scenes if sc.key in outcomes]
     result = BatchResult(out_dir=out, scenes=ordered, seconds=time.perf_counter() - t0, workers=workers)
     log.info("batch done in %.1f s: %d ok, %d skipped, %d failed", result.seconds, result.count("ok"),
@@ -863,6 +867,23 @@ def _run_locked(
     if batch.report is not None:
         write_report(result, batch.report)
     return result
+
+
+def _write_mosaic(out: Path, manifest: Manifest, classes: Any) -> None:
+    """The VRT mosaic of every done scene's mask in ``out`` (never fails the batch)."""
+    import rasterio.errors
+
+    from geoseg.mosaic import write_mosaics
+
+    masks = [out / o["path"] for e in manifest.entries() if e.status == "done" for o in e.outputs
+             if o["path"].endswith("_landcover.tif")]
+    try:
+        written = write_mosaics(out, [m for m in masks if m.exists()], classes, state_dir=out / STATE_DIR)
+    except (OSError, rasterio.errors.RasterioError, ValueError) as exc:
+        log.warning("warning: the mosaic of the masks was not written: %s", str(exc).splitlines()[0])
+        return
+    if written:
+        log.info("mosaic of %d mask(s): %s", len(masks), ", ".join(p.name for p in written if p.suffix == ".vrt"))
 
 
 def write_report(result: BatchResult, path: str | Path) -> Path:

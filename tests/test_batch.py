@@ -419,3 +419,44 @@ def test_aoi_in_batch_skips_scenes_it_misses_without_failing(runner, tiny_unet, 
     # another AOI is another result
     r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--aoi", "500101,4799501,500299,4799899", "--dry-run")
     assert r.stdout.count("parameters changed") == 2, r.output
+
+
+def test_batch_lays_its_masks_into_one_styled_vrt_mosaic(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from rasterio.transform import from_origin
+
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    (arch / "b").mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    west = rng.integers(1, 256, (3, 40, 50), dtype=np.uint8)
+    east = rng.integers(1, 256, (3, 40, 50), dtype=np.uint8)
+    east[:, :, :10] = 0  # east's first 10 columns (over west's last 10) are its nodata collar
+    write_raster(arch / "west.tif", west, nodata=0)  # origin 500000/4800000, 10 m
+    write_raster(arch / "b" / "east.tif", east, nodata=0, transform=from_origin(500400.0, 4800000.0, 10.0, 10.0))
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == EXIT_OK and "mosaic of 2 mask(s): landcover.vrt" in r.output, r.output
+    with rasterio.open(out / "west_landcover.tif") as w, rasterio.open(out / "b" / "east_landcover.tif") as e:
+        wm, em = w.read(1), e.read(1)
+    with rasterio.open(out / "landcover.vrt") as v:
+        assert v.shape == (40, 90) and (v.transform.c, v.transform.f, v.transform.a) == (500000.0, 4800000.0, 10.0)
+        assert v.crs == rasterio.crs.CRS.from_epsg(32633) and v.nodata == 255
+        assert v.colormap(1)[1][3] == 255 and v.colormap(1)[255][3] == 0
+        mosaic = v.read(1)
+    np.testing.assert_array_equal(mosaic[:, :40], wm[:, :40])
+    np.testing.assert_array_equal(mosaic[:, 40:50], wm[:, 40:50])  # east's nodata collar does not hide west
+    np.testing.assert_array_equal(mosaic[:, 50:], em[:, 10:])
+    assert (out / "landcover.qml").read_text().count("<paletteEntry") == 4
+    # a scene in another CRS: one mosaic per CRS; when its mask is gone, its mosaic goes too
+    write_raster(arch / "utm32.tif", rng.integers(1, 256, (3, 30, 30), dtype=np.uint8), crs="EPSG:32632")
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    vrts = sorted(p.name for p in out.glob("*.vrt"))
+    assert vrts == ["landcover_epsg32632_10.vrt", "landcover_epsg32633_10.vrt"], r.output
+    for f in out.glob("utm32_*"):
+        f.unlink()
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--pattern", "west.tif", "--pattern", "east.tif")
+    assert r.exit_code == EXIT_OK, r.output
+    assert sorted(p.name for p in out.glob("*.vrt")) == ["landcover.vrt"]
+    assert not list(out.glob("landcover_*"))
+    # --no-mosaic writes none
+    out2 = tmp_path / "out2"
+    r = run_cli(runner, tiny_unet, [arch / "west.tif"], out2, "--vector", "none", "--no-mosaic")
+    assert r.exit_code == EXIT_OK and not list(out2.glob("*.vrt")), r.output
