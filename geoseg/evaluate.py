@@ -126,22 +126,11 @@ def evaluate_rasters(
     win = parse_pixel_region(region)
     with _open(pred_path, "prediction") as pds, _open(ref_path, "reference") as rds:
         check_grids(pds, rds)
-        H, W = rds.height, rds.width
-        if win is not None:
-            c, r, w, h = win
-            if c >= W or r >= H:
-                raise ParameterError(f"region {win} lies outside the {W}x{H} rasters")
-            w, h = min(w, W - c), min(h, H - r)
-            box = (c, r, w, h)
-        else:
-            box = (0, 0, W, H)
+        box = _region_box(win, rds.width, rds.height)
         table = read_classes(pds)
-        if ignore is None:
-            class_ids = [int(c) for c in classes] if classes is not None else [c.id for c in table or ()]
-            ignore = () if 0 in class_ids else (0,)
+        ignore = _default_ignore(ignore, classes, table)
         ref_ignore = list(ignore) + ([int(rds.nodata)] if rds.nodata is not None else [])
-        pred_ignore = [MASK_NODATA] + ([int(pds.nodata)] if pds.nodata is not None else [])
-        names: dict[int, str] = {c.id: c.name for c in table} if table else {}
+        pred_ignore = _prediction_ignore(pds)
         if classes is None:
             if table:
                 ids = [c.id for c in table]
@@ -149,27 +138,57 @@ def evaluate_rasters(
                 ids = _present_ids(pds, rds, box, block_rows, set(ref_ignore) | set(pred_ignore))
         else:
             ids = [int(c) for c in classes]
-        # Reference ids the prediction cannot produce still count (as misses) when listed.
-        ref_ids = _present_ids(None, rds, box, block_rows, set(ref_ignore))
-        extra = [i for i in ref_ids if i not in ids]
-        if extra:
-            log.warning("warning: reference classes %s are not among the predicted classes %s: counted as errors",
-                        extra, ids)
-            ids = ids + extra
+        ids = _with_reference_ids(ids, _present_ids(None, rds, box, block_rows, set(ref_ignore)))
         cm = ConfusionMatrix(ids, ignore_reference=ref_ignore, ignore_prediction=pred_ignore)
         c0, r0, w, h = box
         for row in range(r0, r0 + h, block_rows):
             nrows = min(block_rows, r0 + h - row)
             window = Window(c0, row, w, nrows)
             cm.update(rds.read(1, window=window), pds.read(1, window=window))
-    if average_over is None:
-        present = cm.matrix.sum(axis=1) > 0
-        average_over = [c for c, p in zip(ids, present) if p]
-    m = cm.metrics(average_over=average_over)
-    m = Metrics(**{**m.__dict__, "names": names})
+    m = _metrics(cm, average_over, table)
     if m.unpredicted:
         log.warning("warning: %d labelled reference pixels have no prediction (nodata): not counted", m.unpredicted)
     return EvalResult(m, pred_path, ref_path, win)
+
+
+def _region_box(win: tuple[int, int, int, int] | None, W: int, H: int) -> tuple[int, int, int, int]:
+    """``(col, row, width, height)`` of the pixel window ``win`` clipped to a W x H raster (all of it for None)."""
+    if win is None:
+        return (0, 0, W, H)
+    c, r, w, h = win
+    if c >= W or r >= H:
+        raise ParameterError(f"region {win} lies outside the {W}x{H} raster")
+    return (c, r, min(w, W - c), min(h, H - r))
+
+
+def _default_ignore(ignore: Sequence[int] | None, classes: Sequence[int] | None, table: Any) -> Sequence[int]:
+    """Reference values not counted: as given, else 0 unless 0 is one of the classes."""
+    if ignore is not None:
+        return ignore
+    class_ids = [int(c) for c in classes] if classes is not None else [c.id for c in table or ()]
+    return () if 0 in class_ids else (0,)
+
+
+def _prediction_ignore(pds: Any) -> list[int]:
+    return [MASK_NODATA] + ([int(pds.nodata)] if pds.nodata is not None else [])
+
+
+def _with_reference_ids(ids: list[int], ref_ids: Sequence[int]) -> list[int]:
+    """``ids`` plus the reference ids the prediction cannot produce (they still count, as misses)."""
+    extra = [i for i in ref_ids if i not in ids]
+    if extra:
+        log.warning("warning: reference classes %s are not among the predicted classes %s: counted as errors",
+                    extra, ids)
+    return ids + extra
+
+
+def _metrics(cm: ConfusionMatrix, average_over: Sequence[int] | None, table: Any) -> Metrics:
+    """The metrics of ``cm``, mIoU over ``average_over`` (default: the classes the reference holds)."""
+    if average_over is None:
+        seen = cm.matrix.sum(axis=1) > 0
+        average_over = [c for c, p in zip(cm.class_ids, seen) if p]
+    m = cm.metrics(average_over=average_over)
+    return Metrics(**{**m.__dict__, "names": {c.id: c.name for c in table} if table else {}})
 
 
 def evaluate_vector(
@@ -215,11 +234,8 @@ def evaluate_vector(
             log.warning("warning: %s has no CRS: the coordinates of %s are taken as they are",
                         *((ref_path.name, ref_path.name) if vec.crs is None else (pred_path.name, ref_path.name)))
         table = read_classes(pds)
-        names: dict[int, str] = {c.id: c.name for c in table} if table else {}
         feature_ids = _reference_classes(vec, field, table, ref_path)
-        if ignore is None:
-            class_ids = [int(c) for c in classes] if classes is not None else [c.id for c in table or ()]
-            ignore = () if 0 in class_ids else (0,)
+        ignore = _default_ignore(ignore, classes, table)
         present = ~shapely.is_missing(vec.geoms) & ~shapely.is_empty(vec.geoms)
         unlabelled = int((present & (feature_ids < 0)).sum())
         keep = present & (feature_ids >= 0)
@@ -233,15 +249,7 @@ def evaluate_vector(
         is_point, is_poly = kinds == 0, kinds == 3
         if not (is_point.any() or is_poly.any()):
             raise ParameterError(f"reference {ref_path.name} has no points or polygons with a class")
-        H, W = pds.height, pds.width
-        if win is not None:
-            c, r, w, h = win
-            if c >= W or r >= H:
-                raise ParameterError(f"region {win} lies outside the {W}x{H} raster")
-            box = (c, r, min(w, W - c), min(h, H - r))
-        else:
-            box = (0, 0, W, H)
-        c0, r0, w, h = box
+        c0, r0, w, h = _region_box(win, pds.width, pds.height)
 
         # points: one sample each, the pixel they fall in
         pt_ids = part_ids[is_point]
@@ -262,13 +270,8 @@ def evaluate_vector(
         ids = [int(c) for c in classes] if classes is not None else [c.id for c in table] if table else None
         if ids is None:
             ids = sorted(set(ref_ids) | ({int(v) for v in pt_pred[inside]} - {MASK_NODATA}))
-        extra = [i for i in ref_ids if i not in ids]
-        if extra:
-            log.warning("warning: reference classes %s are not among the predicted classes %s: counted as errors",
-                        extra, ids)
-            ids = ids + extra
-        pred_ignore = [MASK_NODATA] + ([int(pds.nodata)] if pds.nodata is not None else [])
-        cm = ConfusionMatrix(ids, ignore_reference=list(ignore), ignore_prediction=pred_ignore)
+        ids = _with_reference_ids(ids, ref_ids)
+        cm = ConfusionMatrix(ids, ignore_reference=list(ignore), ignore_prediction=_prediction_ignore(pds))
         cm.update(pt_ids[inside], pt_pred[inside])
         poly_pixels = 0
         if len(poly_geoms):
@@ -295,11 +298,7 @@ def evaluate_vector(
                     samples["points_outside"], " region" if win is not None else "")
     if unlabelled:
         log.warning("warning: %d reference features have no class in %s: not counted", unlabelled, field or "class_id")
-    if average_over is None:
-        seen = cm.matrix.sum(axis=1) > 0
-        average_over = [c for c, p in zip(ids, seen) if p]
-    m = cm.metrics(average_over=average_over)
-    m = Metrics(**{**m.__dict__, "names": names})
+    m = _metrics(cm, average_over, table)
     if m.total == 0:
         raise ParameterError(f"no reference sample of {ref_path.name} falls on a predicted pixel"
                              + (" in the region" if win is not None else "") + ": check that both cover the same area")
