@@ -26,7 +26,7 @@ import rasterio
 
 from geoseg.atomic import atomic_write_text
 from geoseg.card import ClassInfo
-from geoseg.io import MASK_NODATA, class_colormap, write_qml
+from geoseg.io import MASK_NODATA, class_colormap, classes_tag, write_qml
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,11 @@ def _vrt_xml(sources: list[tuple[Path, Any]], out: Path, classes: Sequence[Class
     for c in classes:
         names[c.id] = c.name
     names[MASK_NODATA] = "nodata"
+    tags = "".join(f'<MDI key="{escape(k)}">{escape(v)}</MDI>' for k, v in classes_tag(classes).items())
     xml = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
            f'  <SRS dataAxisToSRSAxisMapping="1,2">{escape(first.crs.to_wkt())}</SRS>',
            f"  <GeoTransform>{x0!r}, {xres!r}, 0.0, {y1!r}, 0.0, {-yres!r}</GeoTransform>",
+           f"  <Metadata>{tags}</Metadata>",  # the class table, as in each mask (vectorize/evaluate read it)
            '  <VRTRasterBand dataType="Byte" band="1">',
            f"    <NoDataValue>{MASK_NODATA}</NoDataValue>",
            "    <ColorInterp>Palette</ColorInterp>",

@@ -440,11 +440,22 @@ def test_batch_lays_its_masks_into_one_styled_vrt_mosaic(runner, tiny_unet, tmp_
         assert v.shape == (40, 90) and (v.transform.c, v.transform.f, v.transform.a) == (500000.0, 4800000.0, 10.0)
         assert v.crs == rasterio.crs.CRS.from_epsg(32633) and v.nodata == 255
         assert v.colormap(1)[1][3] == 255 and v.colormap(1)[255][3] == 0
+        from geoseg.io import read_classes
+
+        with rasterio.open(out / "west_landcover.tif") as w:
+            assert read_classes(v) == read_classes(w) is not None  # the class table, as in the masks
         mosaic = v.read(1)
     np.testing.assert_array_equal(mosaic[:, :40], wm[:, :40])
     np.testing.assert_array_equal(mosaic[:, 40:50], wm[:, 40:50])  # east's nodata collar does not hide west
     np.testing.assert_array_equal(mosaic[:, 50:], em[:, 10:])
     assert (out / "landcover.qml").read_text().count("<paletteEntry") == 4
+    # the archive's polygons in one go, with the class names of the masks
+    import pyogrio
+
+    r = runner.invoke(cli, ["-q", "vectorize", str(out / "landcover.vrt"), "--out", str(tmp_path / "all.gpkg")])
+    assert r.exit_code == 0, r.output
+    meta, _, _, fields = pyogrio.raw.read(tmp_path / "all.gpkg", layer="landcover")
+    assert set(fields[list(meta["fields"]).index("class_id")]) == set(np.unique(mosaic)) - {255}
     # a scene in another CRS: one mosaic per CRS; when its mask is gone, its mosaic goes too
     write_raster(arch / "utm32.tif", rng.integers(1, 256, (3, 30, 30), dtype=np.uint8), crs="EPSG:32632")
     r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
