@@ -35,6 +35,10 @@ def _ignore_list(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--field", default=None, metavar="NAME",
               help="Vector reference: the attribute with each feature's class, as ids or class names "
                    "[default: class_id].")
+@click.option("--stratified", is_flag=True,
+              help="Vector points that are a stratified random (or simple random, systematic) sample of the map: also "
+                   "print area-weighted accuracies and error-adjusted class areas with 95 % CIs (Olofsson et al. 2014; "
+                   "strata = the map's classes).")
 @click.option("--region", default=None, metavar="COL,ROW,WIDTH,HEIGHT",
               help="Only count pixels in this pixel window, e.g. 326,0,163,443 for the NC test columns.")
 @click.option("--classes", callback=_int_list, default=None, metavar="IDS",
@@ -48,7 +52,7 @@ def _ignore_list(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--record-card", type=click.Path(path_type=Path), default=None, metavar="CARD.yaml",
               help="Also store mIoU, OA, kappa and per-class IoU in this model card under metrics.<--record-as>.")
 @click.option("--record-as", default="test", show_default=True, help="Key under the card's metrics for --record-card.")
-def evaluate(prediction: Path, reference: Path, field: str | None, region: str | None, classes: tuple[int, ...] | None,
+def evaluate(prediction: Path, reference: Path, field: str | None, stratified: bool, region: str | None, classes: tuple[int, ...] | None,
              miou_classes: tuple[int, ...] | None, ignore: tuple[int, ...] | None, as_json: bool,
              record_card: Path | None, record_as: str) -> None:
     """Compare PREDICTION (e.g. <stem>_landcover.tif from predict) with --reference labels.
@@ -69,9 +73,10 @@ def evaluate(prediction: Path, reference: Path, field: str | None, region: str |
 
     if is_vector_path(reference):
         result = evaluate_vector(prediction, reference, field=field, region=region, classes=classes,
-                                 average_over=miou_classes, ignore=ignore)
-    elif field is not None:
-        raise ParameterError(f"--field is for a vector reference; {reference.name} is read as a raster")
+                                 average_over=miou_classes, ignore=ignore, stratified=stratified)
+    elif field is not None or stratified:
+        raise ParameterError(f"--{'field' if field is not None else 'stratified'} is for a vector reference; "
+                             f"{reference.name} is read as a raster")
     else:
         result = evaluate_rasters(prediction, reference, region=region, classes=classes, average_over=miou_classes,
                                   ignore=ignore)

@@ -26,7 +26,7 @@ from rasterio.windows import Window
 
 from geoseg.errors import GridMismatchError, ParameterError, SceneReadError
 from geoseg.io import MASK_NODATA, VectorData, read_classes, read_vector
-from geoseg.metrics import ConfusionMatrix, Metrics
+from geoseg.metrics import ConfusionMatrix, Metrics, StratifiedEstimates, stratified_estimates
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,16 @@ class EvalResult:
     region: tuple[int, int, int, int] | None
     #: Vector references: what was counted (points, polygons, their pixels) and what was not.
     samples: dict[str, int] | None = None
+    #: Area-weighted estimates from a stratified sample of points (``stratified=True``).
+    stratified: StratifiedEstimates | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``--json``."""
         d = self.metrics.to_dict()
         return {"prediction": str(self.prediction), "reference": str(self.reference),
                 "region": list(self.region) if self.region else None,
-                **({"reference_samples": self.samples} if self.samples is not None else {}), **d}
+                **({"reference_samples": self.samples} if self.samples is not None else {}),
+                **({"stratified": self.stratified.to_dict()} if self.stratified is not None else {}), **d}
 
 
 def parse_pixel_region(spec: str | Sequence[int] | None) -> tuple[int, int, int, int] | None:
@@ -201,6 +204,7 @@ def evaluate_vector(
     average_over: Sequence[int] | None = None,
     ignore: Sequence[int] | None = None,
     block_rows: int = 256,
+    stratified: bool = False,
 ) -> EvalResult:
     """Compare a predicted class raster with reference points and/or polygons (any CRS).
 
@@ -218,6 +222,10 @@ def evaluate_vector(
             prediction's class table (case-insensitive). Default ``class_id`` (as geoseg's own
             polygons carry).
         region, classes, average_over, ignore, block_rows: as :func:`evaluate_rasters`.
+        stratified: The points are a stratified random (or simple random, systematic) sample of
+            the map: also give area-weighted accuracies and error-adjusted class areas with
+            confidence intervals (:func:`geoseg.metrics.stratified_estimates`, strata = the map's
+            classes, whose pixels are counted in the region). Points only.
     """
     import shapely
     from rasterio.features import rasterize
@@ -249,6 +257,9 @@ def evaluate_vector(
         is_point, is_poly = kinds == 0, kinds == 3
         if not (is_point.any() or is_poly.any()):
             raise ParameterError(f"reference {ref_path.name} has no points or polygons with a class")
+        if stratified and is_poly.any():
+            raise ParameterError(f"--stratified needs sample points; {ref_path.name} has polygons (a polygon is not a "
+                                 "sample unit of a stratified random sample)")
         c0, r0, w, h = _region_box(win, pds.width, pds.height)
 
         # points: one sample each, the pixel they fall in
@@ -290,6 +301,8 @@ def evaluate_vector(
                 if inside_poly.any():
                     poly_pixels += int(inside_poly.sum())
                     cm.update(burned, pds.read(1, window=window), valid=inside_poly)
+        map_pixels = _class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows) if stratified else None
+        pixel_area = abs(pds.transform.determinant)  # map units² (1 for a grid without a CRS: pixels)
     samples = {"points": int(inside.sum()), "points_outside": int((~inside).sum()),
                "polygons": len(np.unique(owner[is_poly])),
                "polygon_pixels": poly_pixels, "features_without_class": unlabelled}
@@ -305,7 +318,24 @@ def evaluate_vector(
     if m.unpredicted:
         log.warning("warning: %d reference samples (points and polygon pixels) have no prediction (nodata): not "
                     "counted", m.unpredicted)
-    return EvalResult(m, pred_path, ref_path, win, samples)
+    strat = None
+    if map_pixels is not None:
+        strat = stratified_estimates(cm.matrix.T, map_pixels, cm.class_ids, pixel_area=pixel_area)
+        unsampled = [c for c, n_i, px in zip(cm.class_ids, strat.samples, map_pixels) if px and n_i < 2]
+        if unsampled:
+            log.warning("warning: map classes %s hold fewer than 2 sample points: their accuracy has no variance and "
+                        "an unsampled class's area is not estimated; sample every map class", unsampled)
+    return EvalResult(m, pred_path, ref_path, win, samples, strat)
+
+
+def _class_pixels(ds: Any, box: tuple[int, int, int, int], class_ids: Sequence[int], block_rows: int) -> np.ndarray:
+    """Pixels of each of ``class_ids`` in the ``(col, row, width, height)`` box of band 1 of ``ds``."""
+    c0, r0, w, h = box
+    counts = np.zeros(65536, np.int64)
+    for row in range(r0, r0 + h, block_rows):
+        block = ds.read(1, window=Window(c0, row, w, min(block_rows, r0 + h - row)))
+        counts += np.bincount(block.ravel().astype(np.int64), minlength=65536)[:65536]
+    return np.array([counts[c] if 0 <= c < 65536 else 0 for c in class_ids], np.int64)
 
 
 def _reference_classes(vec: VectorData, field: str | None, table: Sequence[Any] | None, path: Path) -> np.ndarray:
@@ -367,6 +397,17 @@ def format_table(result: EvalResult) -> str:
     if result.samples is not None:
         s = result.samples
         lines.append(f"reference      {s['points']} points, {s['polygons']} polygons ({s['polygon_pixels']} pixels)")
+    if result.stratified is not None:
+        e = result.stratified
+        lines += ["", "area-weighted estimates (stratified by map class, Olofsson et al. 2014; ± 95 % CI):",
+                  f"{'class':>5} {'name':<14} {'samples':>7} {'user acc.':>13} {'producer acc.':>13} "
+                  f"{'mapped area':>12} {'estimated area':>24}"]
+        for i, c in enumerate(e.class_ids):
+            lines.append(f"{c:>5} {m.names.get(c, f'class_{c}')[:14]:<14} {int(e.samples[i]):>7} "
+                         f"{_pm(e.users_accuracy[i], e.users_accuracy_ci[i], 3):>13} "
+                         f"{_pm(e.producers_accuracy[i], e.producers_accuracy_ci[i], 3):>13} "
+                         f"{e.mapped_area[i]:>12.6g} {_pm(e.area[i], e.area_ci[i], None):>24}")
+        lines.append(f"overall acc.   {_pm(e.overall_accuracy, e.overall_accuracy_ci, 3)}  (areas in map units²)")
     lines.append("")
     lines.append("confusion matrix (rows = reference, columns = prediction):")
     width = max(6, len(str(int(m.confusion.max(initial=0)))) + 1)
@@ -374,6 +415,15 @@ def format_table(result: EvalResult) -> str:
     for i, c in enumerate(m.class_ids):
         lines.append(f"{c:>5} " + "".join(f"{int(v):>{width}}" for v in m.confusion[i]))
     return "\n".join(lines)
+
+
+def _pm(value: float, ci: float, digits: int | None) -> str:
+    """``value ± ci`` (``digits`` decimals, or 6 significant digits); ``-`` when undefined."""
+    if not np.isfinite(value):
+        return "-"
+    if digits is None:
+        return f"{value:.6g} ± {ci:.3g}"
+    return f"{value:.{digits}f} ± {ci:.{digits}f}"
 
 
 def record_in_card(card_path: str | Path, result: EvalResult, key: str = "test") -> Path:

@@ -22,7 +22,7 @@ import numpy as np
 
 from geoseg.errors import ParameterError
 
-__all__ = ["ConfusionMatrix", "Metrics", "compute_metrics"]
+__all__ = ["ConfusionMatrix", "Metrics", "StratifiedEstimates", "compute_metrics", "stratified_estimates"]
 
 
 class ConfusionMatrix:
@@ -212,4 +212,99 @@ def compute_metrics(
         class_ids=ids, confusion=cm, iou=iou, precision=precision, recall=recall, f1=f1, support=ref,
         miou=mean(iou), mean_f1=mean(f1), overall_accuracy=po, kappa=kappa, averaged_classes=avg,
         total=total, unpredicted=unpredicted, unknown_reference=unknown_reference,
+    )
+
+
+# ---- stratified (area-weighted) estimates --------------------------------------------------------
+@dataclass(frozen=True)
+class StratifiedEstimates:
+    """Accuracy and class areas from a stratified random sample of the map classes.
+
+    The estimators of Olofsson et al. (2013, 2014; "Good practices for estimating area and
+    assessing accuracy of land change", Remote Sens. Environ. 148: 42-57), with the map classes
+    as strata (simple random and systematic samples use them post-stratified). ``*_ci`` are
+    half-widths of the ``z`` confidence intervals (1.96: 95 %); areas are in the units of
+    ``pixel_area`` (map units² by default). Per class arrays follow ``class_ids``; a class whose
+    stratum holds fewer than 2 samples has an undefined (NaN) variance term, counted as 0 as
+    in the reference implementations.
+    """
+
+    class_ids: tuple[int, ...]
+    samples: np.ndarray  # n_i: sample points per map class (stratum)
+    map_pixels: np.ndarray  # N_i: mapped pixels per class
+    proportions: np.ndarray  # p_ij: estimated area proportions, rows = map, columns = reference
+    overall_accuracy: float
+    overall_accuracy_ci: float
+    users_accuracy: np.ndarray
+    users_accuracy_ci: np.ndarray
+    producers_accuracy: np.ndarray
+    producers_accuracy_ci: np.ndarray
+    area: np.ndarray  # error-adjusted area of each (reference) class
+    area_ci: np.ndarray
+    mapped_area: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (NaN → None)."""
+
+        def f(v: Any) -> Any:
+            return None if not np.isfinite(v) else round(float(v), 6)
+
+        return {
+            "method": "stratified estimators (Olofsson et al. 2014), strata = map classes, 95 % CI half-widths",
+            "overall_accuracy": f(self.overall_accuracy), "overall_accuracy_ci": f(self.overall_accuracy_ci),
+            "per_class": {str(c): {
+                "samples": int(self.samples[i]), "map_pixels": int(self.map_pixels[i]),
+                "mapped_area": f(self.mapped_area[i]),
+                "users_accuracy": f(self.users_accuracy[i]), "users_accuracy_ci": f(self.users_accuracy_ci[i]),
+                "producers_accuracy": f(self.producers_accuracy[i]),
+                "producers_accuracy_ci": f(self.producers_accuracy_ci[i]),
+                "area": f(self.area[i]), "area_ci": f(self.area_ci[i]),
+            } for i, c in enumerate(self.class_ids)},
+        }
+
+
+def stratified_estimates(counts: np.ndarray, map_pixels: Sequence[int] | np.ndarray, class_ids: Sequence[int],
+                         pixel_area: float = 1.0, z: float = 1.96) -> StratifiedEstimates:
+    """Olofsson et al. (2014) estimates from sample ``counts`` (rows = **map** class, columns =
+    reference class, as in the paper) and each map class's pixel count ``map_pixels``.
+
+    Raises:
+        ParameterError: shapes disagree, or no map class holds a sample.
+    """
+    n = np.asarray(counts, np.float64)
+    N = np.asarray(map_pixels, np.float64)
+    k = len(class_ids)
+    if n.shape != (k, k) or N.shape != (k,):
+        raise ParameterError(f"stratified estimates need a {k}x{k} sample matrix and {k} map class sizes")
+    n_i = n.sum(axis=1)
+    if not (n_i > 0).any() or N.sum() <= 0:
+        raise ParameterError("stratified estimates need sample points in at least one mapped class")
+    W = N / N.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(n_i[:, None] > 0, n / n_i[:, None], 0.0)  # n_ij / n_i
+        p = W[:, None] * frac
+        ua = np.diag(p) / p.sum(axis=1)
+        pa = np.diag(p) / p.sum(axis=0)
+        oa = float(np.trace(p))
+        dof = n_i - 1
+
+        def term(x: np.ndarray) -> np.ndarray:  # undefined terms (n_i < 2, 0/0) count as 0
+            return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+        var_ua = term(ua * (1 - ua) / dof)
+        var_oa = float((W**2 * var_ua).sum())
+        N_j = (N[:, None] * frac).sum(axis=0)  # estimated pixels of each reference class
+        var_pa = np.zeros(k)
+        for j in range(k):
+            own = term(N[j] ** 2 * (1 - pa[j]) ** 2 * ua[j] * (1 - ua[j]) / dof[j])
+            others = sum(term(N[i] ** 2 * frac[i, j] * (1 - frac[i, j]) / dof[i]) for i in range(k) if i != j)
+            var_pa[j] = term((own + pa[j] ** 2 * others) / N_j[j] ** 2)
+        var_p = np.array([term(W**2 * frac[:, j] * (1 - frac[:, j]) / dof).sum() for j in range(k)])
+    total_area = N.sum() * pixel_area
+    return StratifiedEstimates(
+        class_ids=tuple(int(c) for c in class_ids), samples=n_i.astype(np.int64), map_pixels=N.astype(np.int64),
+        proportions=p, overall_accuracy=oa, overall_accuracy_ci=z * float(np.sqrt(var_oa)),
+        users_accuracy=ua, users_accuracy_ci=z * np.sqrt(var_ua),
+        producers_accuracy=pa, producers_accuracy_ci=z * np.sqrt(var_pa),
+        area=p.sum(axis=0) * total_area, area_ci=z * np.sqrt(var_p) * total_area, mapped_area=N * pixel_area,
     )

@@ -290,3 +290,63 @@ def test_nc_polygons_in_their_own_crs_fall_on_the_label_raster(runner) -> None: 
     assert out.exit_code == 0, out.output
     d = json.loads(out.stdout)
     assert 0 < d["pixels"] < cm.sum() and d["overall_accuracy"] == 1.0
+
+
+def test_stratified_estimates_reproduce_olofsson_2014() -> None:
+    """The worked example of Olofsson et al. (2014, Remote Sens. Environ. 148, Table 8 and p. 54)."""
+    from geoseg.metrics import stratified_estimates
+
+    counts = np.array([[66, 0, 5, 4], [0, 55, 8, 12], [1, 0, 153, 11], [2, 1, 9, 313]])  # rows = map
+    mapped = np.array([200_000, 150_000, 3_200_000, 6_450_000])  # pixels of 30 m
+    e = stratified_estimates(counts, mapped, [1, 2, 3, 4], pixel_area=900.0)
+    # the paper's figures (deforestation, forest gain, stable forest, stable non-forest), rounded as printed
+    np.testing.assert_allclose(e.area / 1e4, [21_158, 11_686, 285_770, 581_386], atol=1)  # ha
+    np.testing.assert_allclose(e.area_ci / 1e4, [6_158, 3_756, 15_510, 16_282], atol=1)
+    np.testing.assert_allclose(e.users_accuracy, [0.88, 0.73, 0.93, 0.96], atol=0.006)
+    np.testing.assert_allclose(e.users_accuracy_ci, [0.07, 0.10, 0.04, 0.02], atol=0.006)
+    np.testing.assert_allclose(e.producers_accuracy, [0.75, 0.85, 0.93, 0.96], atol=0.006)
+    assert e.overall_accuracy == pytest.approx(0.95, abs=0.005) and e.overall_accuracy_ci == pytest.approx(0.02, abs=0.005)
+    assert e.area.sum() == pytest.approx(mapped.sum() * 900.0)  # the adjusted areas redistribute the mapped total
+    assert e.proportions.sum() == pytest.approx(1.0)
+
+
+def test_evaluate_stratified_points_weights_by_mapped_area(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    from geoseg.evaluate import evaluate_vector
+    from geoseg.metrics import stratified_estimates
+    from geoseg_cli.main import cli
+
+    mask = np.full((40, 50), 1, np.uint8)
+    mask[:, 40:] = 2  # class 2 maps 400 pixels, class 1 1,600 (10 m pixels: 100 m² each)
+    mask[:2, :2] = 255
+    pred = write_raster(tmp_path / "map.tif", mask, nodata=255)
+    rng = np.random.default_rng(0)
+    pts, truth = [], []
+    for cls, cols in ((1, (2, 40)), (2, (40, 50))):  # 20 points per stratum, whatever its area
+        for _ in range(20):
+            r, c = int(rng.integers(2, 40)), int(rng.integers(*cols))
+            pts.append((c, r))
+            truth.append(cls if rng.random() < (0.9 if cls == 1 else 0.6) else 3 - cls)
+    xs, ys = _lonlat(np.array([c + 0.5 for c, _ in pts]), np.array([r + 0.5 for _, r in pts]))
+    ref = _geojson(tmp_path / "sample.geojson", [({"type": "Point", "coordinates": [x, y]}, {"cls": t})
+                                                 for x, y, t in zip(xs, ys, truth)])
+    r = evaluate_vector(pred, ref, field="cls", stratified=True)
+    counts = np.zeros((2, 2), int)
+    for (c, row), t in zip(pts, truth):
+        counts[mask[row, c] - 1, t - 1] += 1
+    want = stratified_estimates(counts, [(mask == 1).sum(), (mask == 2).sum()], [1, 2], pixel_area=100.0)
+    e = r.stratified
+    np.testing.assert_allclose(e.area, want.area)
+    np.testing.assert_allclose(e.area_ci, want.area_ci)
+    assert list(e.samples) == [20, 20] and list(e.map_pixels) == [1596, 400]
+    assert e.overall_accuracy == pytest.approx(want.overall_accuracy)
+    # the sample's plain OA weighs both strata alike; the estimate weighs them by mapped area
+    assert r.metrics.overall_accuracy != pytest.approx(e.overall_accuracy)
+    out = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(ref), "--field", "cls", "--stratified"])
+    assert out.exit_code == 0, out.output
+    assert "area-weighted estimates" in out.stdout and f"{e.overall_accuracy:.3f} ±" in out.stdout
+    out = runner.invoke(cli, ["-q", "evaluate", str(pred), "--reference", str(ref), "--field", "cls", "--stratified",
+                              "--json"])
+    assert json.loads(out.stdout)["stratified"]["per_class"]["2"]["map_pixels"] == 400
+    squares = _geojson(tmp_path / "sq.geojson", [(_pixel_square(5, 5), {"cls": 1})])
+    with pytest.raises(ParameterError, match="--stratified needs sample points"):
+        evaluate_vector(pred, squares, field="cls", stratified=True)
