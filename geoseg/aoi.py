@@ -12,6 +12,7 @@ pixels outside it are nodata in every output.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from rasterio.windows import Window
 from geoseg.errors import AoiOutsideError, ParameterError
 
 __all__ = ["Aoi", "aoi_key", "load_aoi"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
         vec = read_vector(path, meta.crs, missing=f"--aoi {path} does not exist: give a vector file (GeoPackage, "
                           "shapefile, GeoJSON ...) or minx,miny,maxx,maxy in the scene's CRS",
                           unreadable=f"--aoi {path} cannot be read as vector data")
+        if vec.crs is None and meta.crs is not None:
+            log.warning("warning: --aoi %s has no CRS: its coordinates are taken to be in the scene's CRS", path.name)
         polys = [g for g in vec.geoms if g is not None and not g.is_empty and g.geom_type in ("Polygon", "MultiPolygon")]
         if not polys:
             raise ParameterError(f"--aoi {path.name} has no polygons: give the area as polygons")
