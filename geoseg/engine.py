@@ -608,9 +608,9 @@ def run_grid(
     """Predict every window of ``grid`` and hand finished strips to ``sink``.
 
     ``sink(row, class_index HW uint8, max_prob HW float32, valid HW bool, probs CHW float32)``
-    receives full-width strips top to bottom (``probs``: the probabilities the argmax was taken of). ``reweight`` (per-class factors, see
-    :mod:`geoseg.priors`) multiplies the blended probabilities before the argmax. Returns
-    ``(windows run, windows skipped, model seconds)``.
+    receives full-width strips top to bottom (``probs``: the probabilities the argmax was taken
+    of). ``reweight`` (per-class factors, see :mod:`geoseg.priors`) multiplies the blended
+    probabilities before the argmax. Returns ``(windows run, windows skipped, model seconds)``.
     """
     merger = StripMerger(card.num_classes, meta.height, meta.width, grid.tile, blend)
     # Batches never straddle two window rows, so each row's strip is released in time.
@@ -914,21 +914,9 @@ def segment_scene(
                 m[~valid] = MASK_NODATA
                 mask_w.write_rows(row, m)
                 if conf_w is not None:
-                    if opts.confidence == "uint8":
-                        c = np.rint(conf * 100).astype(np.uint8)
-                        c[~valid] = 255
-                    else:
-                        c = conf.astype(np.float32)
-                        c[~valid] = np.nan
-                    conf_w.write_rows(row, c)
+                    conf_w.write_rows(row, encode_probabilities(conf, valid, opts.confidence))
                 if prob_w is not None:
-                    if opts.probabilities == "uint8":
-                        p = np.rint(probs * 100).astype(np.uint8)
-                        p[:, ~valid] = 255
-                    else:
-                        p = probs.astype(np.float32)  # a copy: the strip is not changed
-                        p[:, ~valid] = np.nan
-                    prob_w.write_rows(row, p)
+                    prob_w.write_rows(row, encode_probabilities(probs, valid, opts.probabilities))
 
             if aoi is not None:
                 (r0, c0), (out_r0, out_c0) = meta.origin, out_meta.origin
@@ -969,6 +957,18 @@ def segment_scene(
     log.info("wrote %s: %d windows (%d %s skipped) in %.1f s, %.2f windows/s, %.2f megapixels/s",
              mask_path, ran, skipped, "all-nodata" if aoi is None else "all-nodata or outside the AOI", seconds, result.windows_per_s, result.megapixels_per_s)
     return result
+
+
+def encode_probabilities(p: np.ndarray, valid: np.ndarray, kind: str) -> np.ndarray:
+    """Probabilities (HW or CHW) as the confidence/probability rasters store them: ``uint8``
+    percent with 255 where not ``valid``, or ``float32`` 0-1 with NaN there (always a copy)."""
+    if kind == "uint8":
+        out = np.rint(p * 100).astype(np.uint8)
+        out[..., ~valid] = 255
+    else:
+        out = p.astype(np.float32)  # a copy: the strip is not changed
+        out[..., ~valid] = np.nan
+    return out
 
 
 def cropped(sink: Callable[..., None], row0: int, col0: int, height: int, width: int) -> Callable[..., None]:
