@@ -116,8 +116,8 @@ def batch(
     device, precision = predict_opts["device"], predict_opts["precision"]
     bm = BatchModel(model=model, weights=str(weights) if weights else None, card=str(card) if card else None,
                     device=device, precision=precision, threads=threads)
-    bo = BatchOptions(force=force, dry_run=dry_run, mosaic=mosaic, patterns=patterns or BatchOptions.patterns, scheduler=scheduler,
-                      workers=workers, resources=res, report=report,
+    bo = BatchOptions(force=force, dry_run=dry_run, mosaic=mosaic, patterns=patterns or BatchOptions.patterns,
+                      scheduler=scheduler, workers=workers, resources=res, report=report,
                       quiet_worker_loggers=_MUTED if ctx.obj.get("verbosity", 0) <= 0 else ())
     with _batch_logging(log_file, ctx.obj.get("verbosity", 0)):
         result = run_batch(inputs, out, bm, opts, bo)

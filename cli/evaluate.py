@@ -52,9 +52,9 @@ def _ignore_list(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--record-card", type=click.Path(path_type=Path), default=None, metavar="CARD.yaml",
               help="Also store mIoU, OA, kappa and per-class IoU in this model card under metrics.<--record-as>.")
 @click.option("--record-as", default="test", show_default=True, help="Key under the card's metrics for --record-card.")
-def evaluate(prediction: Path, reference: Path, field: str | None, stratified: bool, region: str | None, classes: tuple[int, ...] | None,
-             miou_classes: tuple[int, ...] | None, ignore: tuple[int, ...] | None, as_json: bool,
-             record_card: Path | None, record_as: str) -> None:
+def evaluate(prediction: Path, reference: Path, field: str | None, stratified: bool, region: str | None,
+             classes: tuple[int, ...] | None, miou_classes: tuple[int, ...] | None, ignore: tuple[int, ...] | None,
+             as_json: bool, record_card: Path | None, record_as: str) -> None:
     """Compare PREDICTION (e.g. <stem>_landcover.tif from predict) with --reference labels.
 
     Prints per-class IoU, precision, recall and F1, mIoU, overall accuracy, Cohen's kappa and
