@@ -512,6 +512,8 @@ class SceneOutcome:
     worker: str | None = None
     model_loads: int = 0  # models loaded by this worker process so far (Dask)
     warnings: list[str] = field(default_factory=list)  # geoseg's warnings about this scene, one line each
+    class_pixels: dict[str, int] = field(default_factory=dict)  # pixels of each class in the mask
+    class_area: dict[str, float] | None = None  # in the CRS's units² (None without a projected CRS)
 
     @property
     def megapixels_per_s(self) -> float:
@@ -532,6 +534,8 @@ class SceneOutcome:
             "outputs": self.outputs,
             "error": self.error,
             "warnings": self.warnings,
+            "class_pixels": self.class_pixels,
+            "class_area": self.class_area,
             "worker": self.worker,
         }
 
@@ -567,6 +571,7 @@ def run_scene(
             out = SceneOutcome(
                 key=scene.key, input=str(scene.path), status="ok", seconds=time.perf_counter() - t0,
                 windows=res.windows, megapixels=res.megapixels, outputs=[str(p) for p in res.outputs],
+                class_pixels=res.class_pixels, class_area=res.class_area,
             )
     for w in caught:
         if issubclass(w.category, GeosegWarning):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -395,6 +396,18 @@ class PredictResult:
     scene_prior: dict[str, float] | None = None
     #: The class probabilities raster, when asked for.
     probabilities: Path | None = None
+    #: Pixels of each class in the mask (class name → count, every class of the card).
+    class_pixels: dict[str, int] = field(default_factory=dict)
+    #: Area of one pixel in the CRS's units² (m² for most projected CRSs), or None when the
+    #: scene is not in a projected CRS (degrees² are no area).
+    pixel_area: float | None = None
+
+    @property
+    def class_area(self) -> dict[str, float] | None:
+        """Area of each class in the CRS's units² (None without a projected CRS)."""
+        if self.pixel_area is None:
+            return None
+        return {k: v * self.pixel_area for k, v in self.class_pixels.items()}
 
     @property
     def outputs(self) -> list[Path]:
@@ -909,10 +922,13 @@ def segment_scene(
                                    tags={**classes_tag(mc.classes), "GEOSEG_MODEL": mc.name, **prior_tags})
                 writers.append(prob_w)
 
+            counts = np.zeros(256, np.int64)
+
             def sink(row: int, idx: np.ndarray, conf: np.ndarray, valid: np.ndarray, probs: np.ndarray) -> None:
                 m = lut[idx]
                 m[~valid] = MASK_NODATA
                 mask_w.write_rows(row, m)
+                counts[:] += np.bincount(m.ravel(), minlength=256)
                 if conf_w is not None:
                     conf_w.write_rows(row, encode_probabilities(conf, valid, opts.confidence))
                 if prob_w is not None:
@@ -930,6 +946,8 @@ def segment_scene(
             finally:
                 if bar is not None:
                     bar.close()
+            class_pixels = {c.name: int(counts[c.id]) for c in mc.classes}
+            mask_w.update_tags(GEOSEG_CLASS_PIXELS=json.dumps(class_pixels))  # the mask's own class statistics
             for w in writers:
                 w.close()
         except BaseException:
@@ -953,7 +971,13 @@ def segment_scene(
         windows=ran, windows_skipped=skipped, seconds=seconds, model_seconds=model_s,
         megapixels=out_meta.width * out_meta.height / 1e6, device=device_desc, extra_outputs=extra,
         scene_prior=scene_priors, probabilities=prob_path if opts.probabilities != "none" else None,
+        class_pixels=class_pixels,
+        pixel_area=abs(out_meta.transform.determinant) if out_meta.crs is not None and out_meta.crs.is_projected else None,
     )
+    total = sum(class_pixels.values())
+    if total:
+        log.info("%s: %s of %d classified pixels", mask_path.name, ", ".join(
+            f"{k} {v / total:.1%}" for k, v in sorted(class_pixels.items(), key=lambda kv: -kv[1]) if v), total)
     log.info("wrote %s: %d windows (%d %s skipped) in %.1f s, %.2f windows/s, %.2f megapixels/s",
              mask_path, ran, skipped, "all-nodata" if aoi is None else "all-nodata or outside the AOI", seconds, result.windows_per_s, result.megapixels_per_s)
     return result

@@ -465,6 +465,10 @@ class COGWriter:
             self._ds.set_band_description(i, text)
         self._closed = False
 
+    def update_tags(self, **tags: str) -> None:
+        """Add dataset tags before :meth:`close` (e.g. statistics known only once written)."""
+        self._ds.update_tags(**tags)
+
     def write_rows(self, row0: int, data: np.ndarray) -> None:
         """Write a strip starting at raster row ``row0`` (full width): HW for one band, CHW for all."""
         if data.ndim == 2:

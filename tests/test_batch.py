@@ -136,6 +136,13 @@ def test_second_run_skips_touch_reruns_one_force_redoes_all(runner, tiny_unet, t
     assert report["counts"] == {"ok": 4, "skipped": 0, "failed": 0}
     first = {s["key"]: s for s in report["scenes"]}
     assert first["d1/x/scene1.tif"]["windows"] == 6 and first["d1/x/scene1.tif"]["megapixels_per_s"] > 0
+    # Each scene's class statistics (10 m pixels of a projected CRS: 100 m² each).
+    for key, mask_key in (("scene0.tif", "scene0_landcover.tif"), ("d1/x/scene1.tif", "d1/x/scene1_landcover.tif")):
+        with rasterio.open(out / mask_key) as ds:
+            m = ds.read(1)
+        px = first[key]["class_pixels"]
+        assert sum(px.values()) == int((m != 255).sum()) and max(px.values()) > 0
+        assert first[key]["class_area"] == {k: 100.0 * v for k, v in px.items()}
     # Outputs mirror the input tree; one log line per scene.
     masks = read_masks(out)
     assert sorted(masks) == ["d1/x/scene1_landcover.tif", "d2/x/scene2_landcover.tif",

@@ -144,6 +144,10 @@ def test_predict_probabilities_one_band_per_class(runner: CliRunner, tmp_path: P
     np.testing.assert_allclose(probs[:, valid].sum(axis=0), 1.0, atol=1e-5)
     ids = np.array([c.id for c in classes])
     assert (ids[probs.argmax(axis=0)][valid] == mask[valid]).all()  # the mask is their argmax
+    # the mask carries its class statistics
+    with rasterio.open(out / "scene_landcover.tif") as m:
+        stats = json.loads(m.tags()["GEOSEG_CLASS_PIXELS"])
+    assert stats == {c.name: int((mask == c.id).sum()) for c in classes} and sum(stats.values()) == valid.sum()
     assert len(np.unique(mask[valid])) > 1
     np.testing.assert_array_equal(probs.max(axis=0)[valid], conf[valid])
     # uint8: percent, 255 where the mask is nodata; an existing file is refused without --overwrite

@@ -20,5 +20,6 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     exec(compile(code, "README.md (Python API)", "exec"), {})
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("out/image_6band_uint8_landcover.tif out/image_6band_uint8_probabilities.tif ")
-    assert (tmp_path / "out" / "landcover.gpkg").exists() and "polygons {" in out[1]
-    assert out[2].startswith("OA ") and "'polygons': 34" in out[2]
+    assert out[1].startswith("{'developed': ") and "'forest': " in out[1]
+    assert (tmp_path / "out" / "landcover.gpkg").exists() and "polygons {" in out[2]
+    assert out[3].startswith("OA ") and "'polygons': 34" in out[3]
