@@ -142,7 +142,7 @@ def _register() -> None:
 
     cli.add_command(info.info)
     cli.add_command(predict.predict)
-    for name in ("vectorize", "train", "evaluate", "export", "ensemble", "batch"):
+    for name in ("vectorize", "train", "evaluate", "sample", "export", "ensemble", "batch"):
         try:
             module = __import__(f"geoseg_cli.{name}", fromlist=[name])
         except ModuleNotFoundError as exc:

@@ -92,3 +92,19 @@ def clean_temp_files(folder: str | Path) -> list[Path]:
 def _unlink(p: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         p.unlink()
+
+
+@contextlib.contextmanager
+def staged_as(tmp: Path, ext: str) -> Iterator[Path]:
+    """A work file beside the temp file ``tmp`` ending in ``.ext``, moved onto ``tmp`` when done.
+
+    For writers that pick or check the format by extension (GDAL's FlatGeobuf needs it; its
+    GeoPackage driver warns without it). SQLite's journal files are removed too.
+    """
+    work = tmp.with_name(tmp.name + "." + ext)
+    try:
+        yield work
+        os.replace(work, tmp)
+    finally:
+        for p in (work, Path(f"{work}-journal"), Path(f"{work}-wal"), Path(f"{work}-shm")):
+            _unlink(p)

@@ -15,7 +15,7 @@ Memory stays bounded: the rasters are read in blocks of rows (``block_rows`` × 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,8 @@ from geoseg.metrics import ConfusionMatrix, Metrics, StratifiedEstimates, strati
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "evaluate_rasters", "evaluate_vector", "format_table", "parse_pixel_region"]
+__all__ = ["EvalResult", "SampleResult", "draw_sample", "evaluate_rasters", "evaluate_vector", "format_table",
+           "parse_pixel_region"]
 
 
 @dataclass(frozen=True)
@@ -443,3 +444,103 @@ def record_in_card(card_path: str | Path, result: EvalResult, key: str = "test")
         "how": "geoseg predict (card tile size/overlap) + geoseg evaluate",
     }
     return card.replace(metrics={**dict(card.metrics), key: entry}).save(card_path)
+
+
+# ---- sample design ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SampleResult:
+    """What :func:`draw_sample` wrote: the file, the points per map class and the mapped pixels."""
+
+    path: Path
+    points: dict[int, int]
+    map_pixels: dict[int, int]
+
+
+def draw_sample(
+    mask: str | Path,
+    out: str | Path,
+    *,
+    per_class: int = 50,
+    region: str | Sequence[int] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    block_rows: int = 256,
+) -> SampleResult:
+    """Draw a stratified random sample of a class raster: ``per_class`` pixels of each class (all of
+    a smaller class), uniformly and without replacement, as points at the pixel centres.
+
+    The points carry ``sample_id``, ``map_class`` (and ``map_name`` when the mask has a class
+    table) and an empty ``reference`` to fill in (in QGIS, over imagery); then
+    ``evaluate_vector(mask, out, field="reference", stratified=True)`` (``geoseg evaluate
+    --stratified``) gives the area-weighted accuracies and class areas of Olofsson et al. (2014).
+    Two passes over the mask in blocks of rows (memory: the blocks and the sample); nodata is
+    never drawn. Written atomically (GeoPackage, GeoJSON or FlatGeobuf, by the extension).
+    """
+    import pyogrio.raw
+    import shapely
+
+    from geoseg.atomic import atomic_output, check_output, staged_as
+    from geoseg.vectorize import DRIVERS, format_from_path
+
+    out = Path(out)
+    fmt = format_from_path(out)
+    if fmt is None:
+        raise ParameterError(f"sample output {out.name}: use a .gpkg, .geojson or .fgb file")
+    if per_class < 1:
+        raise ParameterError(f"--per-class {per_class}: draw at least 1 point per class")
+    check_output(out, overwrite)
+    mask_path = Path(mask)
+    rng = np.random.default_rng(seed)
+    with _open(mask_path, "mask") as ds:
+        if ds.crs is None:
+            raise ParameterError(f"mask {mask_path.name} has no CRS: points need one (assign it first)")
+        table = read_classes(ds)
+        c0, r0, w, h = _region_box(parse_pixel_region(region), ds.width, ds.height)
+        skip = set(_prediction_ignore(ds))
+        ids = [c.id for c in table] if table else None
+
+        def blocks() -> Iterator[tuple[int, np.ndarray]]:
+            for row in range(r0, r0 + h, block_rows):
+                yield row, ds.read(1, window=Window(c0, row, w, min(block_rows, r0 + h - row)))
+
+        counts = np.zeros(65536, np.int64)
+        for _, block in blocks():
+            counts += np.bincount(block.ravel().astype(np.int64), minlength=65536)[:65536]
+        classes = [c for c in (ids if ids is not None else np.nonzero(counts)[0].tolist()) if c not in skip]
+        # which occurrence (rank, in reading order) of each class is drawn
+        ranks = {c: np.sort(rng.choice(counts[c], min(per_class, counts[c]), replace=False))
+                 for c in classes if counts[c]}
+        seen = dict.fromkeys(ranks, 0)
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        cls: list[np.ndarray] = []
+        for row, block in blocks():
+            for c, rk in ranks.items():
+                rr, cc = np.nonzero(block == c)
+                lo, hi = np.searchsorted(rk, [seen[c], seen[c] + rr.size])
+                if hi > lo:
+                    pick = rk[lo:hi] - seen[c]
+                    rows.append(rr[pick] + row)
+                    cols.append(cc[pick] + c0)
+                    cls.append(np.full(pick.size, c, np.int64))
+                seen[c] += rr.size
+        transform, crs = ds.transform, ds.crs
+    if not cls:
+        raise ParameterError(f"mask {mask_path.name} has no classified pixel" + (" in the region" if region else ""))
+    r, c, k = np.concatenate(rows), np.concatenate(cols), np.concatenate(cls)
+    order = rng.permutation(k.size)  # a random visiting order: no class or area comes first
+    r, c, k = r[order], c[order], k[order]
+    xs, ys = transform * (c + 0.5, r + 0.5)
+    names = {t.id: t.name for t in table or ()}
+    fields = ["sample_id", "map_class", *(["map_name"] if names else []), "reference"]
+    data = [np.arange(1, k.size + 1), k, *([np.array([names.get(int(v), "") for v in k], object)] if names else []),
+            np.zeros(k.size, np.int64)]
+    masks = [None] * (len(fields) - 1) + [np.ones(k.size, bool)]  # reference: empty (NULL) until labelled
+    with atomic_output(out, overwrite) as tmp, staged_as(tmp, fmt) as work:
+        pyogrio.raw.write(work, shapely.to_wkb(shapely.points(xs, ys)), data, fields, field_mask=masks,
+                          layer="sample", driver=DRIVERS[fmt], geometry_type="Point", crs=crs.to_wkt())
+    drawn = {int(v): int(n) for v, n in zip(*np.unique(k, return_counts=True))}
+    small = [cid for cid, n in drawn.items() if n < per_class]
+    if small:
+        log.warning("warning: classes %s have fewer than %d pixels: all of them were drawn", small, per_class)
+    return SampleResult(out, drawn, {int(cid): int(counts[cid]) for cid in ranks})

@@ -50,10 +50,9 @@ import contextlib
 import itertools
 import logging
 import math
-import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -70,7 +69,7 @@ from affine import Affine
 from rasterio import features
 from rasterio.crs import CRS
 
-from geoseg.atomic import atomic_output, check_output
+from geoseg.atomic import atomic_output, check_output, staged_as
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.errors import OutputError, ParameterError, SceneError, SceneReadError
 from geoseg.io import read_classes as read_tagged_classes
@@ -830,19 +829,6 @@ def write_gpkg_style(path: str | Path, layer: str, qml: str, *, geometry_column:
         con.close()
 
 
-@contextlib.contextmanager
-def _staged(tmp: Path, fmt: str) -> Iterator[Path]:
-    """A work file beside ``tmp`` with the format's extension (FlatGeobuf needs it), moved onto ``tmp``."""
-    work = tmp.with_name(tmp.name + "." + fmt)
-    try:
-        yield work
-        os.replace(work, tmp)
-    finally:
-        for p in (work, Path(f"{work}-journal"), Path(f"{work}-wal"), Path(f"{work}-shm")):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-
-
 def default_out_path(mask_path: str | Path, fmt: str = "gpkg") -> Path:
     """``<mask folder>/<mask stem>.<ext>`` for a format."""
     ext = {"gpkg": ".gpkg", "geojson": ".geojson", "fgb": ".fgb"}[fmt]
@@ -932,7 +918,7 @@ def vectorize_mask(
             def read(r0: int, r1: int) -> np.ndarray:
                 return ds.read(1, window=((r0, r1), (0, info.width)))
 
-        with atomic_output(out_path, overwrite) as tmp, _staged(tmp, fmt) as work:
+        with atomic_output(out_path, overwrite) as tmp, staged_as(tmp, fmt) as work:
             writer = _LayerWriter(work, driver, layer, crs_wkt, gtype)
 
             def emit(geoms_px: np.ndarray, ids: np.ndarray) -> None:

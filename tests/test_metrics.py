@@ -350,3 +350,58 @@ def test_evaluate_stratified_points_weights_by_mapped_area(tmp_path: Path, runne
     squares = _geojson(tmp_path / "sq.geojson", [(_pixel_square(5, 5), {"cls": 1})])
     with pytest.raises(ParameterError, match="--stratified needs sample points"):
         evaluate_vector(pred, squares, field="cls", stratified=True)
+
+
+def test_sample_draws_each_class_uniformly_and_round_trips_through_evaluate(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    import pyogrio
+    import rasterio
+    import shapely
+
+    from geoseg.card import ClassInfo
+    from geoseg.evaluate import draw_sample, evaluate_vector
+    from geoseg.io import classes_tag
+    from geoseg_cli.main import cli
+
+    mask = np.full((30, 40), 255, np.uint8)
+    mask[:, :20] = 1  # 600 pixels
+    mask[:, 20:30] = 2  # 300
+    mask[:1, 30:40] = 3  # 10
+    pred = write_raster(tmp_path / "map.tif", mask, nodata=255)
+    with rasterio.open(pred, "r+") as ds:
+        ds.update_tags(**classes_tag([ClassInfo(1, "forest", (1, 2, 3)), ClassInfo(2, "water", (4, 5, 6)),
+                                      ClassInfo(3, "sand", (7, 8, 9))]))
+    res = draw_sample(pred, tmp_path / "s.gpkg", per_class=50, seed=1, block_rows=7)
+    assert res.points == {1: 50, 2: 50, 3: 10} and res.map_pixels == {1: 600, 2: 300, 3: 10}
+    meta, _, wkb, fields = pyogrio.raw.read(tmp_path / "s.gpkg")
+    names = list(meta["fields"])
+    assert names == ["sample_id", "map_class", "map_name", "reference"]
+    pts = shapely.from_wkb(wkb)
+    cols, rows = ~rasterio.open(pred).transform * (shapely.get_x(pts), shapely.get_y(pts))
+    rows, cols = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    np.testing.assert_array_equal(mask[rows, cols], fields[1])  # each point lies on its map class
+    assert len(set(zip(rows, cols))) == 110 and (fields[1] != 255).all()  # distinct, never nodata
+    assert np.isnan(fields[3].astype(float)).all()  # reference: empty until labelled
+    assert sorted(fields[0].tolist()) == list(range(1, 111))
+    # uniform over the class: the 50 of 600 forest pixels spread over its rows and columns
+    forest = fields[1] == 1
+    assert len(set(rows[forest])) > 20 and len(set(cols[forest])) > 12
+    again = draw_sample(pred, tmp_path / "s2.gpkg", per_class=50, seed=1)
+    other = draw_sample(pred, tmp_path / "s3.gpkg", per_class=50, seed=2)
+    wkb2 = pyogrio.raw.read(tmp_path / "s2.gpkg")[2]
+    wkb3 = pyogrio.raw.read(tmp_path / "s3.gpkg")[2]
+    assert set(map(bytes, wkb2)) == set(map(bytes, wkb)) != set(map(bytes, wkb3))
+    assert again.points == other.points == res.points
+    # labelled as the map says, the stratified estimate is the map itself
+    e = evaluate_vector(pred, tmp_path / "s.gpkg", field="map_name", stratified=True).stratified
+    assert e.overall_accuracy == 1.0 and np.allclose(e.area, e.mapped_area)
+    with pytest.raises(ParameterError, match="no points or polygons with a class"):  # reference: still empty
+        evaluate_vector(pred, tmp_path / "s.gpkg", field="reference")
+    # the CLI
+    r = runner.invoke(cli, ["sample", str(pred), "--out", str(tmp_path / "c.fgb"), "--per-class", "5"])
+    assert r.exit_code == 0 and r.stdout.strip() == str(tmp_path / "c.fgb"), r.output
+    r = runner.invoke(cli, ["sample", str(pred), "--out", str(tmp_path / "c.fgb")])
+    assert r.exit_code == 1 and "--overwrite" in r.output
+    r = runner.invoke(cli, ["sample", str(pred), "--out", str(tmp_path / "c.shp")])
+    assert r.exit_code == 1 and ".gpkg, .geojson or .fgb" in r.output
+    r = runner.invoke(cli, ["sample", str(pred), "--out", str(tmp_path / "r.gpkg"), "--region", "30,0,10,30"])
+    assert r.exit_code == 0 and len(pyogrio.raw.read(tmp_path / "r.gpkg")[2]) == 10  # only sand there
