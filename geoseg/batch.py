@@ -769,6 +769,8 @@ def run_batch(
     from geoseg.profiles import get_profile
 
     get_profile("mask", options.creation_options)  # a --co GDAL refuses is one error, not a failure per scene
+    if options.aoi is not None and Path(options.aoi).exists():  # workers may run in another folder
+        options = dataclasses.replace(options, aoi=str(Path(options.aoi).absolute()))
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise ParameterError(f"--out {out} is a file: give a folder for batch outputs")
