@@ -12,8 +12,10 @@ pixels outside it are nodata in every output.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,11 @@ from geoseg.errors import AoiOutsideError, ParameterError
 __all__ = ["Aoi", "aoi_key", "load_aoi"]
 
 log = logging.getLogger(__name__)
+
+#: GEOS builds a prepared geometry's indexes lazily and shapely runs predicates without the GIL,
+#: while Dask's reader threads (and the scenes of a multi-threaded worker) share one cached AOI:
+#: they ask it one at a time (cheap next to reading and rasterising a window).
+_GEOS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,8 @@ class Aoi:
         """Whether ``window`` (a scene pixel window) meets the AOI (its area, not just its centres)."""
         import shapely
 
-        return bool(shapely.intersects(self.geometry, self._box(window)))
+        with _GEOS_LOCK:
+            return bool(shapely.intersects(self.geometry, self._box(window)))
 
     def pixels(self, window: Window) -> np.ndarray | bool:
         """Which pixels of ``window`` lie inside: ``True`` (all), ``False`` (none) or an HW bool array."""
@@ -67,14 +75,15 @@ class Aoi:
         from rasterio.features import rasterize
 
         box = self._box(window)
-        if not shapely.intersects(self.geometry, box):
-            return False
-        if shapely.contains(self.geometry, box):
-            return True
+        with _GEOS_LOCK:
+            if not shapely.intersects(self.geometry, box):
+                return False
+            if shapely.contains(self.geometry, box):
+                return True
+            # the AOI's part in this window only (a long boundary is rasterised a window at a time)
+            part = shapely.clip_by_rect(self.geometry, *box.buffer(abs(self.transform.a) + abs(self.transform.e)).bounds)
         h, w = int(window.height), int(window.width)
         t = self.transform * Affine.translation(window.col_off, window.row_off)
-        # the AOI's part in this window only (a long boundary is rasterised a window at a time)
-        part = shapely.clip_by_rect(self.geometry, *box.buffer(abs(t.a) + abs(t.e)).bounds)
         inside = rasterize([(part, 1)], out_shape=(h, w), transform=t, fill=0, dtype="uint8")
         return inside.astype(bool) if inside.any() else False
 
@@ -89,7 +98,7 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
     """
     import shapely
 
-    from geoseg.io import is_vector_path, read_vector
+    from geoseg.io import is_vector_path
 
     text = str(spec)
     if meta.transform is None or (meta.crs is None and meta.transform.is_identity):
@@ -107,15 +116,12 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
         source = f"box {x0:g},{y0:g},{x1:g},{y1:g}"
     else:
         path = Path(text)
-        vec = read_vector(path, meta.crs, missing=f"--aoi {path} does not exist: give a vector file (GeoPackage, "
-                          "shapefile, GeoJSON ...) or minx,miny,maxx,maxy in the scene's CRS",
-                          unreadable=f"--aoi {path} cannot be read as vector data")
-        if vec.crs is None and meta.crs is not None:
-            log.warning("warning: --aoi %s has no CRS: its coordinates are taken to be in the scene's CRS", path.name)
-        polys = [g for g in vec.geoms if g is not None and not g.is_empty and g.geom_type in ("Polygon", "MultiPolygon")]
-        if not polys:
-            raise ParameterError(f"--aoi {path.name} has no polygons: give the area as polygons")
-        geometry = shapely.union_all(shapely.make_valid(np.array(polys, dtype=object)))
+        if not path.exists():
+            raise ParameterError(f"--aoi {path} does not exist: give a vector file (GeoPackage, shapefile, GeoJSON ...) "
+                                 "or minx,miny,maxx,maxy in the scene's CRS")
+        st = path.stat()
+        geometry = _file_geometry(str(path.resolve()), st.st_mtime_ns, st.st_size,
+                                  meta.crs.to_wkt() if meta.crs is not None else None)
         source = path.name
     # the scene pixels whose centres lie within the AOI's bounds, on the scene's own grid
     inv = ~meta.transform
@@ -136,6 +142,27 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
     if window.width * window.height <= 2**24 and aoi.pixels(window) is False:
         raise AoiOutsideError(f"--aoi {source} covers no pixel centre of {meta.path.name}: give a larger area")
     return aoi
+
+
+@functools.lru_cache(maxsize=8)
+def _file_geometry(path: str, mtime_ns: int, size: int, crs_wkt: str | None) -> Any:
+    """The union of a vector file's polygons in ``crs_wkt`` (cached: a batch reads one AOI for every
+    scene; the file's time and size are part of the key, so an edited file is read again)."""
+    import shapely
+    from rasterio.crs import CRS
+
+    from geoseg.io import read_vector
+
+    name = Path(path).name
+    crs = CRS.from_wkt(crs_wkt) if crs_wkt else None
+    vec = read_vector(path, crs, missing=f"--aoi {path} does not exist", unreadable=f"--aoi {path} cannot be read as "
+                      "vector data")
+    if vec.crs is None and crs is not None:
+        log.warning("warning: --aoi %s has no CRS: its coordinates are taken to be in the scene's CRS", name)
+    polys = [g for g in vec.geoms if g is not None and not g.is_empty and g.geom_type in ("Polygon", "MultiPolygon")]
+    if not polys:
+        raise ParameterError(f"--aoi {name} has no polygons: give the area as polygons")
+    return shapely.union_all(shapely.make_valid(np.array(polys, dtype=object)))
 
 
 def aoi_key(spec: str | Path) -> str:
