@@ -585,3 +585,21 @@ def test_a_vrt_mosaic_of_adjacent_tiles_predicts_as_one_seamless_scene(runner: C
     with rasterio.open(tmp_path / "west" / "west_landcover.tif") as ds:
         west = ds.read(1)
     assert (west[:, 60:] != masks["whole"][0][:, 60:70]).any()
+
+
+def test_an_edited_aoi_file_is_read_again(tmp_path: Path) -> None:
+    from geoseg.aoi import load_aoi
+    from geoseg.io import open_scene
+
+    meta = open_scene(rgb(tmp_path, h=100, w=100))  # UTM 33N, 10 m from 500000/4800000
+
+    def write(x1: float) -> Path:
+        ring = [[500000.0, 4799000.0], [x1, 4799000.0], [x1, 4800000.0], [500000.0, 4800000.0], [500000.0, 4799000.0]]
+        aoi = tmp_path / "aoi.geojson"
+        aoi.write_text(json.dumps({"type": "FeatureCollection", "crs": {"type": "name", "properties": {
+            "name": "EPSG:32633"}}, "features": [{"type": "Feature", "properties": {},
+                                                  "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
+        return aoi
+
+    assert load_aoi(write(500200.0), meta).window.width == 20
+    assert load_aoi(write(500500.0), meta).window.width == 50  # same name, new content
