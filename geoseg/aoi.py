@@ -119,8 +119,7 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
         if not path.exists():
             raise ParameterError(f"--aoi {path} does not exist: give a vector file (GeoPackage, shapefile, GeoJSON ...) "
                                  "or minx,miny,maxx,maxy in the scene's CRS")
-        st = path.stat()
-        geometry = _file_geometry(str(path.resolve()), st.st_mtime_ns, st.st_size,
+        geometry = _file_geometry(str(path.resolve()), _content_digest(path),
                                   meta.crs.to_wkt() if meta.crs is not None else None)
         source = path.name
     # the scene pixels whose centres lie within the AOI's bounds, on the scene's own grid
@@ -144,10 +143,22 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
     return aoi
 
 
+def _content_digest(path: Path) -> str:
+    """SHA-256 of a vector file's bytes (and of a shapefile's .dbf/.prj/.shx beside it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    sides = [".shx", ".dbf", ".prj", ".cpg"] if path.suffix.lower() == ".shp" else []
+    for f in [path, *(path.with_suffix(ext) for ext in sides)]:
+        if f.exists():
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 @functools.lru_cache(maxsize=8)
-def _file_geometry(path: str, mtime_ns: int, size: int, crs_wkt: str | None) -> Any:
+def _file_geometry(path: str, digest: str, crs_wkt: str | None) -> Any:
     """The union of a vector file's polygons in ``crs_wkt`` (cached: a batch reads one AOI for every
-    scene; the file's time and size are part of the key, so an edited file is read again)."""
+    scene; the content digest is part of the key, so an edited file is read again)."""
     import shapely
     from rasterio.crs import CRS
 

@@ -602,4 +602,4 @@ def test_an_edited_aoi_file_is_read_again(tmp_path: Path) -> None:
         return aoi
 
     assert load_aoi(write(500200.0), meta).window.width == 20
-    assert load_aoi(write(500500.0), meta).window.width == 50  # same name, new content
+    assert load_aoi(write(500500.0), meta).window.width == 50  # same name and size, new content
