@@ -73,7 +73,7 @@ def _vrt_xml(sources: list[tuple[Path, Any]], out: Path, classes: Sequence[Class
     names[MASK_NODATA] = "nodata"
     tags = "".join(f'<MDI key="{escape(k)}">{escape(v)}</MDI>' for k, v in classes_tag(classes).items())
     xml = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
-           f'  <SRS dataAxisToSRSAxisMapping="1,2">{escape(first.crs.to_wkt())}</SRS>',
+           f"  <SRS>{escape(first.crs.to_wkt())}</SRS>",  # no axis mapping given: GDAL's traditional GIS order
            f"  <GeoTransform>{x0!r}, {xres!r}, 0.0, {y1!r}, 0.0, {-yres!r}</GeoTransform>",
            f"  <Metadata>{tags}</Metadata>",  # the class table, as in each mask (vectorize/evaluate read it)
            '  <VRTRasterBand dataType="Byte" band="1">',
