@@ -278,30 +278,40 @@ def evaluate_vector(
             pt_pred[sel] = block[rows[sel] - top, cols[sel] - left]
 
         poly_geoms, poly_ids = parts[is_poly], part_ids[is_poly]
-        ref_ids = sorted({int(v) for v in np.concatenate([pt_ids[inside], poly_ids])} - set(ignore))
-        ids = [int(c) for c in classes] if classes is not None else [c.id for c in table] if table else None
-        if ids is None:
-            ids = sorted(set(ref_ids) | ({int(v) for v in pt_pred[inside]} - {MASK_NODATA}))
-        ids = _with_reference_ids(ids, ref_ids)
-        cm = ConfusionMatrix(ids, ignore_reference=list(ignore), ignore_prediction=_prediction_ignore(pds))
-        cm.update(pt_ids[inside], pt_pred[inside])
-        poly_pixels = 0
-        if len(poly_geoms):
-            tree = shapely.STRtree(poly_geoms)
+        tree = shapely.STRtree(poly_geoms) if len(poly_geoms) else None
+
+        def polygon_blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            """``(burned reference ids, prediction, inside a polygon)`` of each block the polygons meet."""
+            if tree is None:
+                return
             for row in range(r0, r0 + h, block_rows):
                 window = Window(c0, row, w, min(block_rows, r0 + h - row))
                 t = pds.window_transform(window)
                 corners = np.array([t * (0, 0), t * (window.width, 0), t * (0, window.height),
                                     t * (window.width, window.height)])
-                hits = np.sort(tree.query(shapely.box(*corners.min(0), *corners.max(0))))
+                hits = np.sort(tree.query(shapely.box(*corners.min(0), *corners.max(0))))  # file order: later wins
                 if not len(hits):
                     continue
-                burned = rasterize(zip(poly_geoms[hits], poly_ids[hits].tolist()), out_shape=(window.height, window.width),
-                                   transform=t, fill=-1, dtype="int32")
+                burned = rasterize(zip(poly_geoms[hits], poly_ids[hits].tolist()),
+                                   out_shape=(window.height, window.width), transform=t, fill=-1, dtype="int32")
                 inside_poly = burned >= 0
                 if inside_poly.any():
-                    poly_pixels += int(inside_poly.sum())
-                    cm.update(burned, pds.read(1, window=window), valid=inside_poly)
+                    yield burned, pds.read(1, window=window), inside_poly
+
+        ref_ids = sorted({int(v) for v in np.concatenate([pt_ids[inside], poly_ids])} - set(ignore))
+        ids = [int(c) for c in classes] if classes is not None else [c.id for c in table] if table else None
+        if ids is None:  # no class table: the ids either side holds (a first pass over the polygons' pixels)
+            predicted = {int(v) for v in pt_pred[inside]}
+            for _, pred_block, inside_poly in polygon_blocks():
+                predicted.update(int(v) for v in np.unique(pred_block[inside_poly]))
+            ids = sorted(set(ref_ids) | (predicted - set(_prediction_ignore(pds))))
+        ids = _with_reference_ids(ids, ref_ids)
+        cm = ConfusionMatrix(ids, ignore_reference=list(ignore), ignore_prediction=_prediction_ignore(pds))
+        cm.update(pt_ids[inside], pt_pred[inside])
+        poly_pixels = 0
+        for burned, pred_block, inside_poly in polygon_blocks():
+            poly_pixels += int(inside_poly.sum())
+            cm.update(burned, pred_block, valid=inside_poly)
         map_pixels = _class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows) if stratified else None
         pixel_area = abs(pds.transform.determinant)  # map units² (1 for a grid without a CRS: pixels)
     samples = {"points": int(inside.sum()), "points_outside": int((~inside).sum()),

@@ -405,3 +405,16 @@ def test_sample_draws_each_class_uniformly_and_round_trips_through_evaluate(tmp_
     assert r.exit_code == 1 and ".gpkg, .geojson or .fgb" in r.output
     r = runner.invoke(cli, ["sample", str(pred), "--out", str(tmp_path / "r.gpkg"), "--region", "30,0,10,30"])
     assert r.exit_code == 0 and len(pyogrio.raw.read(tmp_path / "r.gpkg")[2]) == 10  # only sand there
+
+
+def test_polygons_against_a_map_without_class_table_count_every_predicted_class(tmp_path: Path) -> None:
+    from geoseg.evaluate import evaluate_vector
+
+    pred = write_raster(tmp_path / "pred.tif", PRED, nodata=255)  # no class table
+    # one polygon over the whole raster, all "class 1": the prediction's 2s are errors, not missing predictions
+    r = evaluate_vector(pred, _geojson(tmp_path / "all1.geojson", [(_pixel_square(0, 0, 4, 3), {"cls": 1})]),
+                        field="cls")
+    assert r.metrics.class_ids == (1, 2)
+    n1, n2 = int((PRED == 1).sum()), int((PRED == 2).sum())
+    np.testing.assert_array_equal(r.metrics.confusion, [[n1, n2], [0, 0]])
+    assert r.metrics.unpredicted == 1  # the one nodata pixel
