@@ -57,7 +57,8 @@ os._exit(0)  # QGIS 3.22 may crash in its teardown; the answer is already out
 """
 
 
-def test_mask_and_polygons_open_styled_in_qgis(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layer", ["mask", "batch mosaic"])
+def test_mask_and_polygons_open_styled_in_qgis(tmp_path: Path, layer: str) -> None:
     classes = (ClassInfo(1, "developed", (230, 25, 25)), ClassInfo(5, "forest", (20, 110, 40)), ClassInfo(6, "water", (40, 90, 220)))
     card = identity_card(6, 3).replace(classes=classes)
     src = tmp_path / "scene.tif"  # a copy: QGIS writes statistics (.aux.xml) beside what it opens
@@ -69,9 +70,14 @@ def test_mask_and_polygons_open_styled_in_qgis(tmp_path: Path) -> None:
 
     res = segment_scene(src, tmp_path / "out", source=ModelSource(card), predictor=predict,
                         options=PredictOptions(vector="gpkg", tile_size=256, overlap=64))
+    raster = res.mask
+    if layer == "batch mosaic":  # batch's DIR/landcover.vrt (+ .qml) over the mask: the same layer, styled
+        from geoseg.mosaic import write_mosaics
+
+        raster = write_mosaics(res.mask.parent, [res.mask], classes)[0]
     # rasterio points GDAL_DATA/PROJ_DATA at its own wheel's data: QGIS must use the system's
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_", "PROJ_", "CPL_"))}
-    proc = subprocess.run([SYSTEM_PYTHON, "-c", QGIS_SCRIPT, str(src), str(res.mask), str(res.extra_outputs[0])],
+    proc = subprocess.run([SYSTEM_PYTHON, "-c", QGIS_SCRIPT, str(src), str(raster), str(res.extra_outputs[0])],
                           capture_output=True, text=True, check=False, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
