@@ -52,7 +52,8 @@ class Aoi:
     def __post_init__(self) -> None:
         import shapely
 
-        shapely.prepare(self.geometry)
+        with _GEOS_LOCK:
+            shapely.prepare(self.geometry)
 
     def _box(self, window: Window) -> Any:
         import shapely
