@@ -339,13 +339,19 @@ def evaluate_vector(
     return EvalResult(m, pred_path, ref_path, win, samples, strat)
 
 
-def _class_pixels(ds: Any, box: tuple[int, int, int, int], class_ids: Sequence[int], block_rows: int) -> np.ndarray:
-    """Pixels of each of ``class_ids`` in the ``(col, row, width, height)`` box of band 1 of ``ds``."""
+def _value_counts(ds: Any, box: tuple[int, int, int, int], block_rows: int) -> np.ndarray:
+    """Pixels of each value 0..65535 in the ``(col, row, width, height)`` box of band 1 of ``ds``."""
     c0, r0, w, h = box
     counts = np.zeros(65536, np.int64)
     for row in range(r0, r0 + h, block_rows):
         block = ds.read(1, window=Window(c0, row, w, min(block_rows, r0 + h - row)))
         counts += np.bincount(block.ravel().astype(np.int64), minlength=65536)[:65536]
+    return counts
+
+
+def _class_pixels(ds: Any, box: tuple[int, int, int, int], class_ids: Sequence[int], block_rows: int) -> np.ndarray:
+    """Pixels of each of ``class_ids`` in the ``(col, row, width, height)`` box of band 1 of ``ds``."""
+    counts = _value_counts(ds, box, block_rows)
     return np.array([counts[c] if 0 <= c < 65536 else 0 for c in class_ids], np.int64)
 
 
@@ -513,9 +519,7 @@ def draw_sample(
             for row in range(r0, r0 + h, block_rows):
                 yield row, ds.read(1, window=Window(c0, row, w, min(block_rows, r0 + h - row)))
 
-        counts = np.zeros(65536, np.int64)
-        for _, block in blocks():
-            counts += np.bincount(block.ravel().astype(np.int64), minlength=65536)[:65536]
+        counts = _value_counts(ds, (c0, r0, w, h), block_rows)
         classes = [c for c in (ids if ids is not None else np.nonzero(counts)[0].tolist()) if c not in skip]
         # which occurrence (rank, in reading order) of each class is drawn
         ranks = {c: np.sort(rng.choice(counts[c], min(per_class, counts[c]), replace=False))
