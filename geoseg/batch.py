@@ -913,7 +913,7 @@ def _running_entry(manifest: Manifest, sc: Scene, fp: dict[str, Any], model_key:
 def _record(manifest: Manifest, o: SceneOutcome, fp: dict[str, Any], model_key: str, params_json: str, out: Path) -> None:
     """Write the scene's manifest entry (after its outputs are in place)."""
     outputs: list[dict[str, Any]] = []
-    status = OUTSIDE_AOI if o.status == "skipped" else "failed"
+    status = OUTSIDE_AOI if o.status == "skipped" else "failed"  # a scene that ran is skipped only outside the AOI
     if o.status == "ok":
         try:
             for p in o.outputs:
