@@ -486,7 +486,8 @@ def draw_sample(
     a smaller class), uniformly and without replacement, as points at the pixel centres.
 
     The points carry ``sample_id``, ``map_class`` (and ``map_name`` when the mask has a class
-    table) and an empty ``reference`` to fill in (in QGIS, over imagery); then
+    table) and an empty text field ``reference`` to fill in with each point's true class, as an
+    id or a class name (in QGIS, over imagery); then
     ``evaluate_vector(mask, out, field="reference", stratified=True)`` (``geoseg evaluate
     --stratified``) gives the area-weighted accuracies and class areas of Olofsson et al. (2014).
     Two passes over the mask in blocks of rows (memory: the blocks and the sample); nodata is
@@ -548,8 +549,9 @@ def draw_sample(
     names = {t.id: t.name for t in table or ()}
     fields = ["sample_id", "map_class", *(["map_name"] if names else []), "reference"]
     data = [np.arange(1, k.size + 1), k, *([np.array([names.get(int(v), "") for v in k], object)] if names else []),
-            np.zeros(k.size, np.int64)]
-    masks = [None] * (len(fields) - 1) + [np.ones(k.size, bool)]  # reference: empty (NULL) until labelled
+            np.full(k.size, "", object)]
+    # reference: a text field, empty (NULL) until labelled, with a class id or a class name
+    masks = [None] * (len(fields) - 1) + [np.ones(k.size, bool)]
     with atomic_output(out, overwrite) as tmp, staged_as(tmp, fmt) as work:
         pyogrio.raw.write(work, shapely.to_wkb(shapely.points(xs, ys)), data, fields, field_mask=masks,
                           layer="sample", driver=DRIVERS[fmt], geometry_type="Point", crs=crs.to_wkt())

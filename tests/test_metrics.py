@@ -380,7 +380,7 @@ def test_sample_draws_each_class_uniformly_and_round_trips_through_evaluate(tmp_
     rows, cols = np.floor(rows).astype(int), np.floor(cols).astype(int)
     np.testing.assert_array_equal(mask[rows, cols], fields[1])  # each point lies on its map class
     assert len(set(zip(rows, cols))) == 110 and (fields[1] != 255).all()  # distinct, never nodata
-    assert np.isnan(fields[3].astype(float)).all()  # reference: empty until labelled
+    assert all(v is None for v in fields[3])  # reference: empty until labelled
     assert sorted(fields[0].tolist()) == list(range(1, 111))
     # uniform over the class: the 50 of 600 forest pixels spread over its rows and columns
     forest = fields[1] == 1
@@ -391,8 +391,11 @@ def test_sample_draws_each_class_uniformly_and_round_trips_through_evaluate(tmp_
     wkb3 = pyogrio.raw.read(tmp_path / "s3.gpkg")[2]
     assert set(map(bytes, wkb2)) == set(map(bytes, wkb)) != set(map(bytes, wkb3))
     assert again.points == other.points == res.points
-    # labelled as the map says, the stratified estimate is the map itself
-    e = evaluate_vector(pred, tmp_path / "s.gpkg", field="map_name", stratified=True).stratified
+    # labelled (with class names, as an analyst types them) as the map says: the estimate is the map itself
+    fields[3] = np.array([str(v).upper() for v in fields[2]], object)
+    pyogrio.raw.write(tmp_path / "labelled.gpkg", wkb, fields, meta["fields"], crs=meta["crs"],
+                      geometry_type="Point", driver="GPKG")
+    e = evaluate_vector(pred, tmp_path / "labelled.gpkg", field="reference", stratified=True).stratified
     assert e.overall_accuracy == 1.0 and np.allclose(e.area, e.mapped_area)
     with pytest.raises(ParameterError, match="no points or polygons with a class"):  # reference: still empty
         evaluate_vector(pred, tmp_path / "s.gpkg", field="reference")
