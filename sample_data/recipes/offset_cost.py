@@ -7,6 +7,7 @@ scores the cross-validation predictions of ``cv_folds.py score`` both ways, on t
 rows of the train columns only (the test columns are not read):
 
   python sample_data/recipes/offset_cost.py runs/s17/unet 0
+      (after cv_folds.py score for two or more seeds; one seed is predicted here, card mode)
       -> pooled mIoU (1,3,4,5,6,7) / OA of the seed ensemble's predictions (card mode) as scored
          (image grid), and moved onto the reference's grid (prediction [r + 1, c + 1] against
          reference [r, c]); and the same two scores for a perfect image-aligned map (the labels
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from cv_folds import FOLDS, IDS, REF, TRAIN_COLS, figures  # this script's folder
+from cv_folds import FOLDS, IDS, IMG, REF, TRAIN_COLS, crop, figures, geoseg  # this script's folder
 
 
 def main(runs: str, seeds: list[str]) -> None:
@@ -30,7 +31,13 @@ def main(runs: str, seeds: list[str]) -> None:
         ref = ds.read(1)[:, :TRAIN_COLS].astype(np.int64)
     pooled = {k: np.zeros((7, 7), np.int64) for k in ("as_scored", "on_reference_grid", "perfect_as_scored")}
     for fold, (val, _) in FOLDS.items():
-        with rasterio.open(Path(runs) / f"ensemble_{''.join(seeds)}_{fold}" / "card" / "train_columns_landcover.tif") as ds:
+        mask = Path(runs) / f"ensemble_{''.join(seeds)}_{fold}" / "card" / "train_columns_landcover.tif"
+        if not mask.exists() and len(seeds) == 1:  # one seed: cv_folds.py makes no ensemble, predict the run itself
+            mask.parent.mkdir(parents=True, exist_ok=True)
+            geoseg("predict", str(crop(IMG, Path(runs) / "train_columns.tif")), "--weights",
+                   str(Path(runs) / f"s{seeds[0]}_{fold}" / "weights.pdparams"), "--out", f"{mask.parent}/",
+                   "--vector", "none", "--overwrite")
+        with rasterio.open(mask) as ds:
             pred = ds.read(1).astype(np.int64)
         c, r, w, h = val
         rows = np.zeros(ref.shape, bool)
