@@ -581,6 +581,23 @@ def run_scene(
     return out
 
 
+def _outside_aoi(scene: Scene, aoi: str) -> SceneOutcome | None:
+    """The skipped outcome of a scene the AOI misses, else None (the scene runs; a scene that cannot
+    be read here is left to its run, which reports it)."""
+    from geoseg.aoi import load_aoi
+    from geoseg.io import open_scene
+
+    t0 = time.perf_counter()
+    try:
+        load_aoi(aoi, open_scene(scene.path))
+    except AoiOutsideError as exc:
+        return SceneOutcome(key=scene.key, input=str(scene.path), status="skipped", seconds=time.perf_counter() - t0,
+                            reason=OUTSIDE_AOI_REASON, error=str(exc).splitlines()[0])
+    except GeosegError:
+        pass
+    return None
+
+
 def _failed(scene: Scene, exc: BaseException, t0: float, fatal: bool = False) -> SceneOutcome:
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if not isinstance(exc, GeosegError):
@@ -847,6 +864,11 @@ def _run_locked(
                                 reason=OUTSIDE_AOI_REASON if entry and entry.status == OUTSIDE_AOI else "done, unchanged"))
             continue
         fingerprints[sc.key] = fp
+        missed = _outside_aoi(sc, options.aoi) if options.aoi is not None else None
+        if missed is not None:  # known from the scene's header: no task, no model for it
+            _record(manifest, missed, fp, model_key, params_json, out)
+            finish(missed)
+            continue
         todo.append((sc, reason))
     log.info("%d scene(s): %d to run, %d skipped, %d unreadable", n, len(todo),
              sum(o.status == "skipped" for o in outcomes.values()), sum(o.status == "failed" for o in outcomes.values()))

@@ -417,6 +417,7 @@ def test_aoi_in_batch_skips_scenes_it_misses_without_failing(runner, tiny_unet, 
     assert report["here.tif"]["status"] == "ok" and report["away.tif"]["status"] == "skipped"
     assert report["away.tif"]["reason"] == "outside the AOI" and "does not overlap away.tif" in report["away.tif"]["error"]
     assert "skip" in r.output and "outside the AOI" in r.output
+    assert "2 scene(s): 1 to run, 1 skipped" in r.output  # known from its header: never sent to the model
     with rasterio.open(out / "here_landcover.tif") as ds:
         assert ds.shape == (40, 40) and (ds.transform.c, ds.transform.f) == (500100.0, 4799900.0)
     assert not list(out.glob("away*"))
