@@ -276,6 +276,13 @@ def evaluate_vector(
             left, right = int(cols[sel].min()), int(cols[sel].max()) + 1
             block = pds.read(1, window=Window(left, top, right - left, min(block_rows, r0 + h - top)))
             pt_pred[sel] = block[rows[sel] - top, cols[sel] - left]
+        if stratified and "map_class" in vec.fields:  # drawn by geoseg sample: from this map?
+            drawn = np.asarray(vec.values[vec.fields.index("map_class")])[keep][owner][is_point]
+            other = int((inside & (drawn.astype(np.float64) != pt_pred)).sum())
+            if other:
+                log.warning("warning: %d sample points lie on another class than the map_class they were drawn on: "
+                            "the sample comes from another map, and the stratified estimates take this map's classes "
+                            "as its strata", other)
 
         poly_geoms, poly_ids = parts[is_poly], part_ids[is_poly]
         tree = shapely.STRtree(poly_geoms) if len(poly_geoms) else None

@@ -397,6 +397,16 @@ def test_sample_draws_each_class_uniformly_and_round_trips_through_evaluate(tmp_
                       geometry_type="Point", driver="GPKG")
     e = evaluate_vector(pred, tmp_path / "labelled.gpkg", field="reference", stratified=True).stratified
     assert e.overall_accuracy == 1.0 and np.allclose(e.area, e.mapped_area)
+    # the same sample against another map: said, as the strata are not those it was drawn from
+    other_map = write_raster(tmp_path / "other.tif", np.where(mask == 1, 2, mask).astype(np.uint8), nodata=255)
+    with rasterio.open(pred) as a, rasterio.open(other_map, "r+") as b:
+        b.update_tags(**a.tags())
+    r = runner.invoke(cli, ["evaluate", str(other_map), "--reference", str(tmp_path / "labelled.gpkg"), "--field",
+                            "reference", "--stratified"])
+    assert r.exit_code == 0 and "50 sample points lie on another class than the map_class" in r.output, r.output
+    r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(tmp_path / "labelled.gpkg"), "--field",
+                            "reference", "--stratified"])
+    assert r.exit_code == 0 and "another class" not in r.output, r.output
     with pytest.raises(ParameterError, match="no points or polygons with a class"):  # reference: still empty
         evaluate_vector(pred, tmp_path / "s.gpkg", field="reference")
     # the CLI
