@@ -99,20 +99,13 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
     """
     import shapely
 
-    from geoseg.io import is_vector_path
-
     text = str(spec)
     if meta.transform is None or (meta.crs is None and meta.transform.is_identity):
         raise ParameterError(f"--aoi needs a scene on a map grid; {meta.path.name} has no geotransform "
                              "(warp it first, e.g. gdalwarp -t_srs EPSG:32618)")
-    parts = text.replace(" ", "").split(",")
-    if len(parts) == 4 and not is_vector_path(text):
-        try:
-            x0, y0, x1, y1 = (float(v) for v in parts)
-        except ValueError:
-            raise ParameterError(f"--aoi {text!r}: give a vector file or minx,miny,maxx,maxy in the scene's CRS") from None
-        if not (x0 < x1 and y0 < y1):
-            raise ParameterError(f"--aoi {text!r}: minx,miny,maxx,maxy needs minx < maxx and miny < maxy")
+    box = _parse_box(text)
+    if box is not None:
+        x0, y0, x1, y1 = box
         geometry = shapely.box(x0, y0, x1, y1)
         source = f"box {x0:g},{y0:g},{x1:g},{y1:g}"
     else:
@@ -142,6 +135,26 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
     if window.width * window.height <= 2**24 and aoi.pixels(window) is False:
         raise AoiOutsideError(f"--aoi {source} covers no pixel centre of {meta.path.name}: give a larger area")
     return aoi
+
+
+def _parse_box(text: str) -> tuple[float, float, float, float] | None:
+    """``minx,miny,maxx,maxy`` of an AOI given as a box, or None for a file name.
+
+    Raises:
+        ParameterError: four comma-separated parts that are not an ordered box.
+    """
+    from geoseg.io import is_vector_path
+
+    parts = text.replace(" ", "").split(",")
+    if len(parts) != 4 or is_vector_path(text):
+        return None
+    try:
+        x0, y0, x1, y1 = (float(v) for v in parts)
+    except ValueError:
+        raise ParameterError(f"--aoi {text!r}: give a vector file or minx,miny,maxx,maxy in the scene's CRS") from None
+    if not (x0 < x1 and y0 < y1):
+        raise ParameterError(f"--aoi {text!r}: minx,miny,maxx,maxy needs minx < maxx and miny < maxy")
+    return x0, y0, x1, y1
 
 
 def _content_digest(path: Path) -> str:
@@ -188,11 +201,12 @@ def aoi_key(spec: str | Path) -> str:
 
     import shapely
 
-    from geoseg.io import is_vector_path, read_vector
+    from geoseg.io import read_vector
 
     text = str(spec)
-    if len(text.split(",")) == 4 and not is_vector_path(text):
-        return text.replace(" ", "")
+    box = _parse_box(text)
+    if box is not None:
+        return ",".join(repr(v) for v in box)  # full precision: two boxes never share a key
     vec = read_vector(text, missing=f"--aoi {text} does not exist: give a vector file or minx,miny,maxx,maxy",
                       unreadable=f"--aoi {text} cannot be read as vector data")
     h = hashlib.sha256(str(vec.crs).encode())
