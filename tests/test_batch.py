@@ -427,6 +427,10 @@ def test_aoi_in_batch_skips_scenes_it_misses_without_failing(runner, tiny_unet, 
     # another AOI is another result
     r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--aoi", "500101,4799501,500299,4799899", "--dry-run")
     assert r.stdout.count("parameters changed") == 2, r.output
+    # a box that is not one is refused once, before any scene
+    r = run_cli(runner, tiny_unet, [arch], tmp_path / "out2", "--aoi", "500499,4799501,500101,4799899")
+    assert r.exit_code == 1 and "minx < maxx" in r.output and not list((tmp_path / "out2").rglob("*.tif")), r.output
+    assert "FAILED" not in r.output
 
 
 def test_batch_lays_its_masks_into_one_styled_vrt_mosaic(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
