@@ -63,13 +63,6 @@ class Aoi:
                        for r in (window.row_off, window.row_off + window.height)))
         return shapely.box(min(xs), min(ys), max(xs), max(ys))
 
-    def meets(self, window: Window) -> bool:
-        """Whether ``window`` (a scene pixel window) meets the AOI (its area, not just its centres)."""
-        import shapely
-
-        with _GEOS_LOCK:
-            return bool(shapely.intersects(self.geometry, self._box(window)))
-
     def pixels(self, window: Window) -> np.ndarray | bool:
         """Which pixels of ``window`` lie inside: ``True`` (all), ``False`` (none) or an HW bool array."""
         import shapely

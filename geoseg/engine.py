@@ -1068,8 +1068,9 @@ def describe_scene(
         w = area.window
         aoi_info = {"source": area.source, "window": [int(w.col_off), int(w.row_off), int(w.width), int(w.height)],
                     "megapixels": round(w.width * w.height / 1e6, 3),
-                    "windows": sum(area.meets(Window(t.col + region.col_off, t.row + region.row_off, t.width, t.height))
-                                   for t in sub.tiles())}
+                    # predict's rule (io.read_scene_window): a window runs when it holds an AOI pixel centre
+                    "windows": sum(area.pixels(Window(t.col + region.col_off, t.row + region.row_off, t.width,
+                                                      t.height)) is not False for t in sub.tiles())}
         run_width = int(region.width)
     itemsize = np.dtype(meta.dtype).itemsize
     strip_mb = (num_classes * 4 + 4 + 1 + 1) * min(tile, meta.height) * run_width / 2**20

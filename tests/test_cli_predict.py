@@ -543,6 +543,32 @@ def test_info_says_what_an_aoi_leaves_to_run(runner: CliRunner, tmp_path: Path) 
     assert_one_line_error(res, "does not overlap")
 
 
+def test_info_counts_the_aoi_windows_predict_runs(runner: CliRunner, tmp_path: Path,
+                                                  tiny_unet: tuple[Path, Path]) -> None:
+    """Two blocks joined by a bridge thinner than a pixel that holds no pixel centre: the windows only the
+    bridge crosses are not run by predict (nothing of the AOI in them), and info does not count them."""
+    import pyogrio
+    import shapely
+
+    src = rgb(tmp_path, h=300, w=900)  # 10 m pixels from 500000/4800000
+    blocks = [shapely.box(500100, 4799000, 501000, 4799900), shapely.box(507000, 4799000, 508000, 4799900)]
+    bridge = shapely.box(501000, 4799492, 507000, 4799494)  # rows 50.6-50.8: no pixel centre (.5) in it
+    aoi = tmp_path / "aoi.gpkg"
+    pyogrio.raw.write(aoi, np.array([shapely.to_wkb(shapely.union_all([*blocks, bridge]))], object), [], [],
+                      crs="EPSG:32633", geometry_type="Polygon", driver="GPKG")
+    opts = ["--tile-size", "64", "--overlap", "16", "--aoi", str(aoi)]
+    res = runner.invoke(cli, ["info", str(src), "--weights", str(tiny_unet[0]), "--json", *opts])
+    assert res.exit_code == 0, res.output
+    counted = json.loads(res.stdout)["aoi"]["windows"]
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--vector", "none",
+                              "--out", str(tmp_path / "out"), *opts])
+    assert res.exit_code == 0, res.output
+    ran = int(re.search(r": (\d+) windows", res.stderr).group(1))
+    # windows of 64 px every 48 px: 3 rows (0, 48, 96) meet rows 10-99; columns 0-96 and 672-768 meet the
+    # blocks (cols 10-99, 700-799): 3 + 3 columns, 18 windows; the bridge alone meets 11 more columns
+    assert counted == ran == 18
+
+
 def test_a_vrt_mosaic_of_adjacent_tiles_predicts_as_one_seamless_scene(runner: CliRunner, tmp_path: Path,
                                                                        tiny_unet: tuple[Path, Path]) -> None:
     """Tiles of one acquisition (gdalbuildvrt mosaic.vrt tiles/*.tif) give the whole scene's mask: no seam."""
