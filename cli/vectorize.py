@@ -20,12 +20,12 @@ from geoseg_cli.options import overwrite_opt
     "--format", "fmt", type=click.Choice(vec.FORMATS), default=None,
     help="Output format (default: from the --out extension, else gpkg). geojson is RFC 7946 (WGS 84).",
 )
-@click.option("--min-area", type=float, default=None, help="Minimum mapping unit in map units²: smaller regions merge into neighbours.")
+@click.option("--min-area", type=float, default=None, help="Minimum mapping unit in map units² (m² on a geographic CRS): smaller regions merge into neighbours.")
 @click.option("--min-pixels", type=int, default=None, help="Minimum mapping unit in pixels (instead of --min-area).")
 @click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Pixel connectivity of regions.")
 @click.option(
     "--simplify", type=float, default=None,
-    help="Coverage simplification tolerance in map units (default: one pixel; 0 keeps pixel edges).",
+    help="Coverage simplification tolerance in map units, m on a geographic CRS (default: one pixel; 0 keeps pixel edges).",
 )
 @overwrite_opt
 def vectorize(

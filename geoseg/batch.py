@@ -513,7 +513,7 @@ class SceneOutcome:
     model_loads: int = 0  # models loaded by this worker process so far (Dask)
     warnings: list[str] = field(default_factory=list)  # geoseg's warnings about this scene, one line each
     class_pixels: dict[str, int] = field(default_factory=dict)  # pixels of each class in the mask
-    class_area: dict[str, float] | None = None  # in the CRS's units² (None without a projected CRS)
+    class_area: dict[str, float] | None = None  # CRS units² (geodesic m² for a geographic CRS; None without a CRS)
 
     @property
     def megapixels_per_s(self) -> float:

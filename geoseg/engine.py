@@ -56,7 +56,9 @@ from geoseg.io import (
     classes_tag,
     close_handles,
     georeferencing,
+    ground_pixel_area,
     is_virtual,
+    row_areas,
     open_scene,
     polygons_skipped_reason,
     read_scene_window,
@@ -358,9 +360,9 @@ class PredictOptions:
     threads: int | None = None
     #: Also vectorise the mask: "gpkg", "geojson", "fgb" or "none".
     vector: Literal["gpkg", "geojson", "fgb", "none"] = "none"
-    #: Minimum mapping unit of the polygons in map units² (None: no sieve).
+    #: Minimum mapping unit of the polygons in map units² (m² on a geographic CRS; None: no sieve).
     min_area: float | None = None
-    #: Polygon simplification tolerance in map units (None: one pixel; 0: pixel edges).
+    #: Polygon simplification tolerance in map units (m on a geographic CRS; None: one pixel; 0: pixel edges).
     simplify: float | None = None
     #: Test-time augmentation: average the model over the 8 flips/rotations of each window.
     tta: bool = False
@@ -398,16 +400,10 @@ class PredictResult:
     probabilities: Path | None = None
     #: Pixels of each class in the mask (class name → count, every class of the card).
     class_pixels: dict[str, int] = field(default_factory=dict)
-    #: Area of one pixel in the CRS's units² (m² for most projected CRSs), or None when the
-    #: scene is not in a projected CRS (degrees² are no area).
-    pixel_area: float | None = None
-
-    @property
-    def class_area(self) -> dict[str, float] | None:
-        """Area of each class in the CRS's units² (None without a projected CRS)."""
-        if self.pixel_area is None:
-            return None
-        return {k: v * self.pixel_area for k, v in self.class_pixels.items()}
+    #: Ground area of each class (class name → area): in the CRS's units² for a projected CRS
+    #: (m² for most), geodesic m² for a geographic one (row by row: a degree pixel's area
+    #: depends on its latitude); None when the scene has no CRS.
+    class_area: dict[str, float] | None = None
 
     @property
     def outputs(self) -> list[Path]:
@@ -863,6 +859,11 @@ def segment_scene(
         vector_path = None
     if vector_path is not None:
         check_output(vector_path, opts.overwrite)
+        from geoseg.vectorize import vector_settings  # the polygons' settings, refused now rather than after the mask
+
+        pixel_area = ground_pixel_area(out_meta.crs, out_meta.transform, out_meta.height)
+        vector_settings(opts.min_area, None, opts.simplify, pixel_area or abs(out_meta.transform.determinant),
+                        (out_meta.height, out_meta.width))
     check_georeferenced(meta)
     adapt = mc.adapt_prior if opts.adapt_prior is None else opts.adapt_prior
     if adapt:
@@ -923,12 +924,17 @@ def segment_scene(
                 writers.append(prob_w)
 
             counts = np.zeros(256, np.int64)
+            areas = row_areas(out_meta.crs, out_meta.transform, out_meta.height)
+            class_area = np.zeros(256)
 
             def sink(row: int, idx: np.ndarray, conf: np.ndarray, valid: np.ndarray, probs: np.ndarray) -> None:
                 m = lut[idx]
                 m[~valid] = MASK_NODATA
                 mask_w.write_rows(row, m)
                 counts[:] += np.bincount(m.ravel(), minlength=256)
+                if areas is not None:
+                    class_area[:] += np.bincount(m.ravel(), weights=np.repeat(areas[row:row + len(m)], m.shape[1]),
+                                                 minlength=256)
                 if conf_w is not None:
                     conf_w.write_rows(row, encode_probabilities(conf, valid, opts.confidence))
                 if prob_w is not None:
@@ -972,7 +978,7 @@ def segment_scene(
         megapixels=out_meta.width * out_meta.height / 1e6, device=device_desc, extra_outputs=extra,
         scene_prior=scene_priors, probabilities=prob_path if opts.probabilities != "none" else None,
         class_pixels=class_pixels,
-        pixel_area=abs(out_meta.transform.determinant) if out_meta.crs is not None and out_meta.crs.is_projected else None,
+        class_area=None if areas is None else {c.name: float(class_area[c.id]) for c in mc.classes},
     )
     total = sum(class_pixels.values())
     if total:

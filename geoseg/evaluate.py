@@ -25,7 +25,7 @@ import rasterio
 from rasterio.windows import Window
 
 from geoseg.errors import GridMismatchError, ParameterError, SceneReadError
-from geoseg.io import MASK_NODATA, VectorData, read_classes, read_vector
+from geoseg.io import MASK_NODATA, VectorData, area_units, read_classes, read_vector, row_areas
 from geoseg.metrics import ConfusionMatrix, Metrics, StratifiedEstimates, stratified_estimates
 
 log = logging.getLogger(__name__)
@@ -319,8 +319,14 @@ def evaluate_vector(
         for burned, pred_block, inside_poly in polygon_blocks():
             poly_pixels += int(inside_poly.sum())
             cm.update(burned, pred_block, valid=inside_poly)
-        map_pixels = _class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows) if stratified else None
-        pixel_area = abs(pds.transform.determinant)  # map units² (1 for a grid without a CRS: pixels)
+        map_pixels = map_area = None
+        if stratified:
+            map_pixels = _class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows)
+            # ground areas (geodesic m² row by row on a geographic CRS); pixels on a grid without a CRS
+            areas = row_areas(pds.crs, pds.transform, pds.height)
+            map_area = (map_pixels.astype(np.float64) if areas is None
+                        else _class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows, row_area=areas))
+            units = area_units(pds.crs)
     samples = {"points": int(inside.sum()), "points_outside": int((~inside).sum()),
                "polygons": len(np.unique(owner[is_poly])),
                "polygon_pixels": poly_pixels, "features_without_class": unlabelled}
@@ -338,7 +344,7 @@ def evaluate_vector(
                     "counted", m.unpredicted)
     strat = None
     if map_pixels is not None:
-        strat = stratified_estimates(cm.matrix.T, map_pixels, cm.class_ids, pixel_area=pixel_area)
+        strat = stratified_estimates(cm.matrix.T, map_pixels, cm.class_ids, map_area=map_area, area_units=units)
         unsampled = [c for c, n_i, px in zip(cm.class_ids, strat.samples, map_pixels) if px and n_i < 2]
         if unsampled:
             log.warning("warning: map classes %s hold fewer than 2 sample points: their accuracy has no variance and "
@@ -346,20 +352,25 @@ def evaluate_vector(
     return EvalResult(m, pred_path, ref_path, win, samples, strat)
 
 
-def _value_counts(ds: Any, box: tuple[int, int, int, int], block_rows: int) -> np.ndarray:
-    """Pixels of each value 0..65535 in the ``(col, row, width, height)`` box of band 1 of ``ds``."""
+def _value_counts(ds: Any, box: tuple[int, int, int, int], block_rows: int,
+                  row_area: np.ndarray | None = None) -> np.ndarray:
+    """Pixels of each value 0..65535 in the ``(col, row, width, height)`` box of band 1 of ``ds``
+    (their summed ``row_area``, the area of a pixel of each of the dataset's rows, when given)."""
     c0, r0, w, h = box
-    counts = np.zeros(65536, np.int64)
+    counts = np.zeros(65536, np.int64 if row_area is None else np.float64)
     for row in range(r0, r0 + h, block_rows):
         block = ds.read(1, window=Window(c0, row, w, min(block_rows, r0 + h - row)))
-        counts += np.bincount(block.ravel().astype(np.int64), minlength=65536)[:65536]
+        weights = None if row_area is None else np.repeat(row_area[row:row + block.shape[0]], w)
+        counts += np.bincount(block.ravel().astype(np.int64), weights=weights, minlength=65536)[:65536]
     return counts
 
 
-def _class_pixels(ds: Any, box: tuple[int, int, int, int], class_ids: Sequence[int], block_rows: int) -> np.ndarray:
-    """Pixels of each of ``class_ids`` in the ``(col, row, width, height)`` box of band 1 of ``ds``."""
-    counts = _value_counts(ds, box, block_rows)
-    return np.array([counts[c] if 0 <= c < 65536 else 0 for c in class_ids], np.int64)
+def _class_pixels(ds: Any, box: tuple[int, int, int, int], class_ids: Sequence[int], block_rows: int,
+                  row_area: np.ndarray | None = None) -> np.ndarray:
+    """Pixels (or their area, see :func:`_value_counts`) of each of ``class_ids`` in the
+    ``(col, row, width, height)`` box of band 1 of ``ds``."""
+    counts = _value_counts(ds, box, block_rows, row_area)
+    return np.array([counts[c] if 0 <= c < 65536 else 0 for c in class_ids], counts.dtype)
 
 
 def _reference_classes(vec: VectorData, field: str | None, table: Sequence[Any] | None, path: Path) -> np.ndarray:
@@ -431,7 +442,7 @@ def format_table(result: EvalResult) -> str:
                          f"{_pm(e.users_accuracy[i], e.users_accuracy_ci[i], 3):>13} "
                          f"{_pm(e.producers_accuracy[i], e.producers_accuracy_ci[i], 3):>13} "
                          f"{e.mapped_area[i]:>12.6g} {_pm(e.area[i], e.area_ci[i], None):>24}")
-        lines.append(f"overall acc.   {_pm(e.overall_accuracy, e.overall_accuracy_ci, 3)}  (areas in map units²)")
+        lines.append(f"overall acc.   {_pm(e.overall_accuracy, e.overall_accuracy_ci, 3)}  (areas in {e.area_units})")
     lines.append("")
     lines.append("confusion matrix (rows = reference, columns = prediction):")
     width = max(6, len(str(int(m.confusion.max(initial=0)))) + 1)

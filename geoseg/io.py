@@ -624,7 +624,58 @@ def write_qml(mask_path: str | Path, classes: Sequence[ClassInfo]) -> Path:
     return out
 
 
+
+# ---- ground areas -----------------------------------------------------------------------------
+def area_units(crs: Any) -> str:
+    """Units of ground areas on ``crs`` (``m2`` for a geographic CRS: geodesic areas; ``pixels``
+    without a CRS)."""
+    if crs is None:
+        return "pixels"
+    if crs.is_geographic:
+        return "m2"
+    unit = (crs.linear_units or "unit").lower()
+    return {"metre": "m2", "meter": "m2", "m": "m2", "foot": "ft2", "us survey foot": "ftUS2"}.get(unit, f"{unit}2")
+
+
+def geodesic(crs: Any) -> Any:
+    """A :class:`pyproj.Geod` on the ellipsoid of ``crs`` (WGS 84 when it names none)."""
+    import pyproj
+
+    return pyproj.CRS.from_wkt(crs.to_wkt()).get_geod() or pyproj.Geod(ellps="WGS84")
+
+
+def row_areas(crs: Any, transform: Any, height: int) -> np.ndarray | None:
+    """Ground area of one pixel in each of a grid's ``height`` rows.
+
+    A projected CRS: ``|det(transform)|`` in its units² (m² for most), the same for every row. A
+    geographic CRS: the geodesic area in m² of the row's pixel on the CRS's ellipsoid (a degree
+    grid's pixels shrink with the cosine of the latitude, so degrees² are no area). ``None``
+    without a CRS.
+    """
+    if crs is None:
+        return None
+    if not crs.is_geographic:
+        return np.full(height, abs(transform.determinant))
+    geod = geodesic(crs)
+    out = np.empty(height)
+    for r in range(height):
+        lon, lat = zip(*(transform * (c, r + dr) for c, dr in ((0, 0), (1, 0), (1, 1), (0, 1))))
+        out[r] = abs(geod.polygon_area_perimeter(lon, lat)[0])
+    return out
+
+
+def ground_pixel_area(crs: Any, transform: Any, height: int) -> float | None:
+    """One pixel's ground area as :func:`row_areas` gives it, in the grid's middle row (the
+    units of a ``min_area``: m² for a geographic CRS); ``None`` without a CRS."""
+    if crs is None:
+        return None
+    if not crs.is_geographic:
+        return abs(transform.determinant)
+    mid = transform * transform.translation(0, height // 2)
+    return float(row_areas(crs, mid, 1)[0])  # type: ignore[index]
+
 __all__ = [
+    "area_units",
     "CLASSES_TAG",
     "COGWriter",
     "GridSpec",
@@ -633,6 +684,9 @@ __all__ = [
     "SceneMeta",
     "check_georeferenced",
     "georeferencing",
+    "geodesic",
+    "ground_pixel_area",
+    "row_areas",
     "is_virtual",
     "polygons_skipped_reason",
     "scene_path",

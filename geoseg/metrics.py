@@ -242,6 +242,7 @@ class StratifiedEstimates:
     area: np.ndarray  # error-adjusted area of each (reference) class
     area_ci: np.ndarray
     mapped_area: np.ndarray
+    area_units: str = "map units²"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (NaN → None)."""
@@ -252,6 +253,7 @@ class StratifiedEstimates:
         return {
             "method": "stratified estimators (Olofsson et al. 2014), strata = map classes, 95 % CI half-widths",
             "overall_accuracy": f(self.overall_accuracy), "overall_accuracy_ci": f(self.overall_accuracy_ci),
+            "area_units": self.area_units,
             "per_class": {str(c): {
                 "samples": int(self.samples[i]), "map_pixels": int(self.map_pixels[i]),
                 "mapped_area": f(self.mapped_area[i]),
@@ -264,17 +266,24 @@ class StratifiedEstimates:
 
 
 def stratified_estimates(counts: np.ndarray, map_pixels: Sequence[int] | np.ndarray, class_ids: Sequence[int],
-                         pixel_area: float = 1.0, z: float = 1.96) -> StratifiedEstimates:
+                         pixel_area: float = 1.0, z: float = 1.96,
+                         map_area: Sequence[float] | np.ndarray | None = None,
+                         area_units: str = "map units²") -> StratifiedEstimates:
     """Olofsson et al. (2014) estimates from sample ``counts`` (rows = **map** class, columns =
     reference class, as in the paper) and each map class's pixel count ``map_pixels``.
+
+    The strata weigh by their mapped areas: ``map_pixels * pixel_area``, or ``map_area`` where
+    pixels differ in area (a geographic CRS's rows); the estimators take areas wherever the paper
+    has pixel counts (they are ratios of them, so the units cancel).
 
     Raises:
         ParameterError: shapes disagree, or no map class holds a sample.
     """
     n = np.asarray(counts, np.float64)
-    N = np.asarray(map_pixels, np.float64)
+    pixels = np.asarray(map_pixels, np.float64)
+    N = pixels * pixel_area if map_area is None else np.asarray(map_area, np.float64)  # mapped area per stratum
     k = len(class_ids)
-    if n.shape != (k, k) or N.shape != (k,):
+    if n.shape != (k, k) or N.shape != (k,) or pixels.shape != (k,):
         raise ParameterError(f"stratified estimates need a {k}x{k} sample matrix and {k} map class sizes")
     n_i = n.sum(axis=1)
     if not (n_i > 0).any() or N.sum() <= 0:
@@ -293,18 +302,18 @@ def stratified_estimates(counts: np.ndarray, map_pixels: Sequence[int] | np.ndar
 
         var_ua = term(ua * (1 - ua) / dof)
         var_oa = float((W**2 * var_ua).sum())
-        N_j = (N[:, None] * frac).sum(axis=0)  # estimated pixels of each reference class
+        N_j = (N[:, None] * frac).sum(axis=0)  # estimated area of each reference class
         var_pa = np.zeros(k)
         for j in range(k):
             own = term(N[j] ** 2 * (1 - pa[j]) ** 2 * ua[j] * (1 - ua[j]) / dof[j])
             others = sum(term(N[i] ** 2 * frac[i, j] * (1 - frac[i, j]) / dof[i]) for i in range(k) if i != j)
             var_pa[j] = term((own + pa[j] ** 2 * others) / N_j[j] ** 2)
         var_p = np.array([term(W**2 * frac[:, j] * (1 - frac[:, j]) / dof).sum() for j in range(k)])
-    total_area = N.sum() * pixel_area
+    total_area = N.sum()
     return StratifiedEstimates(
-        class_ids=tuple(int(c) for c in class_ids), samples=n_i.astype(np.int64), map_pixels=N.astype(np.int64),
+        class_ids=tuple(int(c) for c in class_ids), samples=n_i.astype(np.int64), map_pixels=pixels.astype(np.int64),
         proportions=p, overall_accuracy=oa, overall_accuracy_ci=z * float(np.sqrt(var_oa)),
         users_accuracy=ua, users_accuracy_ci=z * np.sqrt(var_ua),
         producers_accuracy=pa, producers_accuracy_ci=z * np.sqrt(var_pa),
-        area=p.sum(axis=0) * total_area, area_ci=z * np.sqrt(var_p) * total_area, mapped_area=N * pixel_area,
+        area=p.sum(axis=0) * total_area, area_ci=z * np.sqrt(var_p) * total_area, mapped_area=N, area_units=area_units,
     )

@@ -34,8 +34,10 @@ Pipeline (:func:`vectorize_mask`):
    QGIS style (``layer_styles`` table) colouring classes by ``class_id``.
 
 Units: ``min_area``, ``simplify``, ``area`` and ``perimeter`` are in the raster CRS's units
-(metres for projected CRSs).  For a geographic CRS, ``area`` (m²) and ``perimeter`` (m) are
-geodesic on the CRS's ellipsoid, while ``min_area`` and ``simplify`` stay in degrees.
+(metres for projected CRSs).  For a geographic CRS (degrees are no unit of area or of a
+tolerance) they are metric: ``area`` (m²) and ``perimeter`` (m) geodesic on the CRS's
+ellipsoid, ``min_area`` (m²) and ``simplify`` (m) converted to pixels with the geodesic size of
+a pixel in the mask's middle row.
 
 With ``simplify=0`` the output is pixel-exact (one vertex per pixel corner, by
 :func:`shapely.segmentize`) and identical whatever ``block_size``.  With
@@ -72,6 +74,7 @@ from rasterio.crs import CRS
 from geoseg.atomic import atomic_output, check_output, staged_as
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.errors import OutputError, ParameterError, SceneError, SceneReadError
+from geoseg.io import area_units, geodesic, ground_pixel_area
 from geoseg.io import read_classes as read_tagged_classes
 
 log = logging.getLogger(__name__)
@@ -116,12 +119,12 @@ class MaskInfo:
 
     @property
     def pixel_area(self) -> float:
-        """Area of one pixel in CRS units²."""
-        return abs(self.transform.determinant)
+        """Area of one pixel: CRS units² (projected), geodesic m² in the middle row (geographic)."""
+        return ground_pixel_area(self.crs, self.transform, self.height) or abs(self.transform.determinant)
 
     @property
     def pixel_size(self) -> float:
-        """Square root of the pixel area, in CRS units."""
+        """Square root of :attr:`pixel_area`: CRS units (projected), m (geographic)."""
         return math.sqrt(self.pixel_area)
 
 
@@ -285,22 +288,43 @@ class _LooseClass:
 # Array-level building blocks
 
 
-def min_pixels_for(min_area: float | None, min_pixels: int | None, pixel_area: float) -> int:
-    """The sieve threshold in pixels from ``min_area`` (CRS units²) or ``min_pixels``.
+def min_pixels_for(min_area: float | None, min_pixels: int | None, pixel_area: float,
+                   shape: tuple[int, int] | None = None) -> int:
+    """The sieve threshold in pixels from ``min_area`` (units of ``pixel_area``) or ``min_pixels``.
 
     ``min_area`` is rounded up to whole pixels.  Returns 0 when neither is given (no sieve).
+    With ``shape`` (rows, cols of the mask), a threshold that is not smaller than the whole mask
+    is refused (every region would have to merge into a neighbour it does not have).
     """
     if min_area is not None and min_pixels is not None:
         raise ParameterError("give either min_area or min_pixels, not both")
+    px = 0
     if min_area is not None:
         if not math.isfinite(min_area) or min_area < 0:
             raise ParameterError(f"min_area {min_area} is not allowed: use an area >= 0 in map units²")
-        return int(math.ceil(min_area / pixel_area - 1e-9)) if min_area > 0 else 0
+        px = int(math.ceil(min_area / pixel_area - 1e-9)) if min_area > 0 else 0
     if min_pixels is not None:
         if min_pixels < 0:
             raise ParameterError(f"min_pixels {min_pixels} is not allowed: use a count >= 0")
-        return int(min_pixels)
-    return 0
+        px = int(min_pixels)
+    if shape is not None and px > 1 and px >= shape[0] * shape[1]:
+        given = f"min_area {min_area:g} ({px} pixels of {pixel_area:.4g})" if min_area is not None else f"min_pixels {px}"
+        raise ParameterError(f"{given} is not smaller than the whole mask ({shape[1]} x {shape[0]} = "
+                             f"{shape[0] * shape[1]} pixels): use a smaller minimum mapping unit")
+    return px
+
+
+def vector_settings(min_area: float | None, min_pixels: int | None, simplify: float | None, pixel_area: float,
+                    shape: tuple[int, int]) -> tuple[int, float]:
+    """The sieve threshold in pixels and the simplification tolerance (map units; ``None`` = one
+    pixel) of a mask of ``shape`` whose pixels cover ``pixel_area`` (see :attr:`MaskInfo.pixel_area`),
+    or a ParameterError: what :func:`vectorize_mask` runs with, checked before a mask exists."""
+    min_px = min_pixels_for(min_area, min_pixels, pixel_area, shape)
+    if simplify is None:
+        simplify = DEFAULT_SIMPLIFY_PIXELS * math.sqrt(pixel_area)
+    if not math.isfinite(simplify) or simplify < 0:
+        raise ParameterError(f"simplify {simplify} is not allowed: use a tolerance >= 0 in map units (0 keeps pixel edges)")
+    return min_px, float(simplify)
 
 
 def sieve_array(array: np.ndarray, min_pixels: int, *, nodata: int | None = None, connectivity: int = 4) -> np.ndarray:
@@ -312,6 +336,7 @@ def sieve_array(array: np.ndarray, min_pixels: int, *, nodata: int | None = None
     _check_connectivity(connectivity)
     if min_pixels <= 1:
         return array
+    min_pixels_for(None, min_pixels, 1.0, array.shape)  # refuses a threshold the whole array does not exceed
     mask = None if nodata is None else (array != nodata)
     return features.sieve(array, int(min_pixels), mask=mask, connectivity=connectivity)
 
@@ -704,21 +729,20 @@ def _polygonize_strips(
 # Output
 
 
-def area_units(crs: CRS) -> str:
-    """Units of the ``area`` field for a CRS (``m2`` for geographic CRSs: geodesic areas)."""
-    if crs.is_geographic:
-        return "m2"
-    unit = (crs.linear_units or "unit").lower()
-    return {"metre": "m2", "meter": "m2", "m": "m2", "foot": "ft2", "us survey foot": "ftUS2"}.get(unit, f"{unit}2")
+def _measure(geoms: np.ndarray, crs: CRS, step: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Area and perimeter of map-coordinate polygons (geodesic m²/m for geographic CRSs).
 
-
-def _measure(geoms: np.ndarray, crs: CRS) -> tuple[np.ndarray, np.ndarray]:
-    """Area and perimeter of map-coordinate polygons (geodesic m²/m for geographic CRSs)."""
+    A polygon's edges on a degree grid run along parallels, but a geodesic between two points of
+    a parallel bends poleward (over a long simplified edge, by percents of the area): edges are
+    measured in pieces of at most ``step`` degrees (a pixel), along which the two agree.
+    """
     if not crs.is_geographic:
         return shapely.area(geoms), shapely.length(geoms)
-    import pyproj
-
-    geod = pyproj.CRS.from_wkt(crs.to_wkt()).get_geod() or pyproj.Geod(ellps="WGS84")
+    if step:
+        geoms = shapely.segmentize(geoms, step)
+    # pyproj sums signed ring areas: exteriors counter-clockwise and holes clockwise, or a hole adds
+    geoms = shapely.orient_polygons(geoms)
+    geod = geodesic(crs)
     res = [geod.geometry_area_perimeter(g) for g in geoms]
     return np.abs(np.array([r[0] for r in res], dtype=np.float64)), np.array([r[1] for r in res], dtype=np.float64)
 
@@ -889,11 +913,7 @@ def vectorize_mask(
     if out_path.resolve() == mask_path.resolve():
         raise ParameterError(f"output {out_path} is the input mask: choose another --out")
     check_output(out_path, overwrite)
-    min_px = min_pixels_for(min_area, min_pixels, info.pixel_area)
-    if simplify is None:
-        simplify = DEFAULT_SIMPLIFY_PIXELS * info.pixel_size
-    if not math.isfinite(simplify) or simplify < 0:
-        raise ParameterError(f"simplify {simplify} is not allowed: use a tolerance >= 0 in map units (0 keeps pixel edges)")
+    min_px, simplify = vector_settings(min_area, min_pixels, simplify, info.pixel_area, (info.height, info.width))
     class_map = dict(info.classes)
     if classes is not None:
         class_map = {int(c.id): c for c in classes}
@@ -923,7 +943,7 @@ def vectorize_mask(
 
             def emit(geoms_px: np.ndarray, ids: np.ndarray) -> None:
                 geoms = to_map(geoms_px, info.transform)
-                area, perim = _measure(geoms, info.crs)
+                area, perim = _measure(geoms, info.crs, min(abs(info.transform.a), abs(info.transform.e)) or None)
                 names = np.array([class_lookup(class_map, int(i)).name for i in ids], dtype=object)
                 if geojson:
                     geoms = _to_wgs84(geoms, info.crs)

@@ -14,6 +14,8 @@ import pytest
 import rasterio
 from click.testing import CliRunner
 
+from geoseg.errors import ParameterError
+from geoseg.io import read_classes
 from geoseg_cli.main import cli
 from tests.conftest import write_band_vrt, write_raster
 
@@ -526,6 +528,36 @@ def test_aoi_refusals(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, 
     res = runner.invoke(cli, [*base, "--aoi", str(pts)])
     assert_one_line_error(res, "has no polygons")
     assert not out.exists() or outputs(out) == []
+
+
+def test_predict_on_a_degree_grid_gives_class_areas_in_m2(tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    """An EPSG:4326 scene (as many exports are): class areas geodesic row by row, polygons measured in
+    m² with a minimum mapping unit in m²; a unit larger than the scene is refused before any output."""
+    import rasterio.transform
+
+    from geoseg.engine import PredictOptions, segment_scene
+
+    pyproj = pytest.importorskip("pyproj")
+    src = rgb(tmp_path, h=80, w=60, crs="EPSG:4326", transform=rasterio.transform.from_origin(10.0, 61.0, 0.01, 0.01))
+    res = segment_scene(src, tmp_path / "out", weights=tiny_unet[0], options=PredictOptions(min_area=2e6, simplify=0, vector="gpkg"))
+    with rasterio.open(res.mask) as ds:
+        mask, classes = ds.read(1), read_classes(ds)
+    geod = pyproj.Geod(ellps="WGS84")
+    lat = 61.0 - 0.01 * np.arange(81)
+    row = np.array([abs(geod.polygon_area_perimeter([10, 10.01, 10.01, 10], [lat[r], lat[r], lat[r + 1], lat[r + 1]])[0])
+                    for r in range(80)])
+    want = {c.name: float(((mask == c.id) * row[:, None]).sum()) for c in classes}
+    assert res.class_area is not None and set(res.class_area) == set(want)
+    for name, area in want.items():
+        assert res.class_area[name] == pytest.approx(area, rel=1e-9, abs=1e-6)
+    assert sum(res.class_area.values()) == pytest.approx(row.sum() * 60 * (mask != 255).mean(), rel=0.02)
+    import pyogrio
+
+    area = pyogrio.raw.read(res.extra_outputs[0], layer="landcover")[3][2]
+    assert area.sum() == pytest.approx(sum(want.values()), rel=1e-3) and area.min() >= 2e6 * 0.99
+    with pytest.raises(ParameterError, match="not smaller than the whole mask"):
+        segment_scene(src, tmp_path / "big", weights=tiny_unet[0], options=PredictOptions(min_area=1e12, vector="gpkg"))
+    assert not (tmp_path / "big").exists() or outputs(tmp_path / "big") == []
 
 
 def test_info_says_what_an_aoi_leaves_to_run(runner: CliRunner, tmp_path: Path) -> None:

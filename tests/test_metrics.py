@@ -310,6 +310,37 @@ def test_stratified_estimates_reproduce_olofsson_2014() -> None:
     assert e.proportions.sum() == pytest.approx(1.0)
 
 
+def test_evaluate_stratified_on_a_degree_grid_weighs_strata_by_ground_area(tmp_path: Path) -> None:
+    """EPSG:4326 pixels shrink towards the poles: two classes with the same pixel count but at other
+    latitudes map other areas, and the estimates weigh them by those (geodesic m²), not by pixels."""
+    import rasterio.transform
+
+    from geoseg.evaluate import evaluate_vector
+
+    pyproj = pytest.importorskip("pyproj")
+    mask = np.full((60, 10), 2, np.uint8)
+    mask[:30] = 1  # class 1 at 60-30 °N, class 2 at 30-0 °N: 300 one-degree pixels each
+    pred = write_raster(tmp_path / "map.tif", mask, nodata=255, crs="EPSG:4326",
+                        transform=rasterio.transform.from_origin(0.0, 60.0, 1.0, 1.0))
+    geod = pyproj.Geod(ellps="WGS84")
+    row = np.array([abs(geod.polygon_area_perimeter([0, 1, 1, 0], [60 - r, 60 - r, 59 - r, 59 - r])[0])
+                    for r in range(60)])
+    want = [10 * row[:30].sum(), 10 * row[30:].sum()]
+    # 9 points per class, at pixel centres, labelled with the map's class (one of class 1 wrongly)
+    feats = [({"type": "Point", "coordinates": [c + 0.5, 60 - r - 0.5]}, {"cls": int(mask[r, c])})
+             for r in (3, 12, 21, 34, 45, 56) for c in (1, 4, 7)]
+    feats[0][1]["cls"] = 2
+    ref = _geojson(tmp_path / "sample.geojson", feats)
+    e = evaluate_vector(pred, ref, field="cls", stratified=True).stratified
+    assert e.area_units == "m2" and list(e.map_pixels) == [300, 300]
+    np.testing.assert_allclose(e.mapped_area, want, rtol=1e-9)
+    assert want[1] > 1.3 * want[0]  # the same pixel count
+    assert e.area.sum() == pytest.approx(sum(want))
+    # class 1's user's accuracy (one error in its 9 points) weighs by its smaller area in the overall accuracy
+    ua1 = e.users_accuracy[0]
+    assert e.overall_accuracy == pytest.approx((want[0] * ua1 + want[1]) / sum(want))
+
+
 def test_evaluate_stratified_points_weights_by_mapped_area(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
     from geoseg.evaluate import evaluate_vector
     from geoseg.metrics import stratified_estimates
@@ -344,6 +375,7 @@ def test_evaluate_stratified_points_weights_by_mapped_area(tmp_path: Path, runne
     out = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(ref), "--field", "cls", "--stratified"])
     assert out.exit_code == 0, out.output
     assert "area-weighted estimates" in out.stdout and f"{e.overall_accuracy:.3f} ±" in out.stdout
+    assert "(areas in m2)" in out.stdout
     out = runner.invoke(cli, ["-q", "evaluate", str(pred), "--reference", str(ref), "--field", "cls", "--stratified",
                               "--json"])
     assert json.loads(out.stdout)["stratified"]["per_class"]["2"]["map_pixels"] == 400

@@ -18,7 +18,7 @@ from rasterio import features
 from geoseg import vectorize as vec
 from geoseg.card import ClassInfo
 from geoseg.errors import OutputExistsError, ParameterError, SceneError, SceneReadError
-from tests.conftest import write_raster
+from tests.conftest import class_image, write_raster
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _rasters import CLASSES, CRS, NODATA, PIXEL, TRANSFORM, class_array, write_mask  # noqa: E402
@@ -233,6 +233,53 @@ def test_geographic_area_is_geodesic(tmp_path: Path) -> None:
     assert res.area_units == "m2"
     area = pyogrio.raw.read(tmp_path / "geo.gpkg", layer="landcover")[3][2]
     assert area.sum() == pytest.approx((0.01 * 111_320) ** 2, rel=0.01)
+    # blocky classes (polygons with holes, joined across strips): each class's area is its pixels' ground
+    # area, row by row (a hole subtracts, whatever the ring orientation the joins leave)
+    pyproj = pytest.importorskip("pyproj")
+    a = class_image(60, 40, 4).astype(np.uint16) + 1
+    specks = np.random.default_rng(0).random(a.shape) < 0.1
+    a[specks] = a[specks] % 4 + 1  # one-pixel islands: holes in the blocks
+    tr = rasterio.transform.from_origin(10.0, 61.0, 0.01, 0.01)
+    path = write_mask(tmp_path / "blocks.tif", a, crs="EPSG:4326", nodata=0, transform=tr, tags=False, colormap=False)
+    geod = pyproj.Geod(ellps="WGS84")
+    lat = 61.0 - 0.01 * np.arange(61)
+    row = np.array([abs(geod.polygon_area_perimeter([10, 10.01, 10.01, 10], [lat[r], lat[r], lat[r + 1], lat[r + 1]])[0])
+                    for r in range(60)])
+    for block in (4, 16, None):
+        vec.vectorize_mask(path, tmp_path / "blocks.gpkg", simplify=0, block_size=block, overwrite=True)
+        _, _, _, (ids, _, area, _, _) = pyogrio.raw.read(tmp_path / "blocks.gpkg", layer="landcover")
+        for c in range(1, 5):
+            assert area[ids == c].sum() == pytest.approx(((a == c) * row[:, None]).sum(), rel=1e-6), (block, c)
+
+
+def test_geographic_min_area_and_simplify_are_metric(tmp_path: Path) -> None:
+    """On a degree grid --min-area is m² and --simplify m (degrees² are no area): converted with the
+    geodesic pixel of the middle row, so an analyst's minimum mapping unit means the same everywhere."""
+    pyproj = pytest.importorskip("pyproj")
+    a = np.ones((40, 40), dtype=np.uint16)
+    a[10, 10:13] = 2  # a 3-pixel speck
+    tr = rasterio.transform.from_origin(10.0, 60.02, 0.001, 0.001)  # 60 °N: pixels of about 55 m x 111 m
+    path = write_mask(tmp_path / "geo.tif", a, crs="EPSG:4326", nodata=0, transform=tr, tags=False, colormap=False)
+    lon, lat = [10.0, 10.001, 10.001, 10.0], [60.0, 60.0, 59.999, 59.999]  # a pixel of the middle row (20)
+    px = abs(pyproj.Geod(ellps="WGS84").polygon_area_perimeter(lon, lat)[0])
+    assert 6100 < px < 6300
+    kept = vec.vectorize_mask(path, tmp_path / "kept.gpkg", min_area=2.5 * px)
+    merged = vec.vectorize_mask(path, tmp_path / "merged.gpkg", min_area=3.5 * px)
+    assert (kept.min_pixels, kept.class_counts) == (3, {1: 1, 2: 1})
+    assert (merged.min_pixels, merged.class_counts) == (4, {1: 1})
+    assert kept.simplify == pytest.approx(px**0.5)  # the default: one pixel, in metres
+    # a tolerance in metres: 200 m is a few pixels (in degrees it would swallow the whole mask)
+    coarse = vec.vectorize_mask(path, tmp_path / "coarse.gpkg", simplify=200.0)
+    assert coarse.polygons == kept.polygons
+
+
+def test_min_area_larger_than_the_mask_is_refused(mask_path: Path, tmp_path: Path) -> None:
+    info = vec.open_mask(mask_path)
+    with pytest.raises(ParameterError, match="not smaller than the whole mask"):
+        vec.vectorize_mask(mask_path, tmp_path / "o.gpkg", min_area=info.width * info.height * info.pixel_area)
+    with pytest.raises(ParameterError, match="not smaller than the whole mask"):
+        vec.sieve_array(class_array(), class_array().size)
+    assert not (tmp_path / "o.gpkg").exists()
 
 
 @pytest.mark.parametrize(
