@@ -10,8 +10,11 @@ runs in its own subprocess and prints:
 
 Usage::
 
-    python bench/bench_predict.py [--sizes 2048 8192] [--model deeplabv3p] [--batch-size 1] [--tile-size 512]
-                                  [--adapt-prior] [--probabilities uint8|float32]
+    python bench/bench_predict.py [--sizes 2048 8192] [--model deeplabv3p] [--batch-size N] [--tile-size 512]
+                                  [--overlap 128] [--adapt-prior] [--probabilities uint8|float32]
+
+Windows, overlap and batch size default to what ``geoseg predict`` takes (the card's windows, the
+CPU batch size for them): the figures are those a user gets without options.
 
 Prior adaptation is off unless ``--adapt-prior`` is given (whatever the card says), so the
 ratio measures the pipeline's own overhead; with ``--adapt-prior`` it includes the sample pass.
@@ -108,16 +111,21 @@ def source_for(model: str):
     return ModelSource(card, layer=build_model(model, **card.model_kwargs()))
 
 
-def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int, adapt_prior: bool = False,
-            probabilities: str = "none") -> dict:
-    """Child process: predict one scene; then time the model alone on the same windows."""
-    from geoseg.engine import PredictOptions, _prepare_window, build_predictor, segment_scene, select_bands
+def run_one(size: int, model: str, batch_size: int | None, tile: int | None, overlap: int | None,
+            adapt_prior: bool = False, probabilities: str = "none") -> dict:
+    """Child process: predict one scene; then time the model alone on the same windows (None: as
+    predict chooses, from the card and the device)."""
+    from geoseg.engine import (PredictOptions, _prepare_window, build_predictor, default_batch_size, segment_scene,
+                               select_bands)
     from geoseg.io import open_scene
     from geoseg.tiling import batched, make_grid
 
     scene = WORK / f"nc_mosaic_{size}.tif"
     src = source_for(model)
     predictor, device = build_predictor(src, "cpu")
+    tile = tile or src.card.tile_size
+    overlap = src.card.overlap if overlap is None else overlap
+    batch_size = batch_size or default_batch_size(device, tile)
     predictor(np.zeros((1, src.card.in_channels, 512, 512), np.float32))  # warm-up (oneDNN kernels)
     out = WORK / f"out_{size}"
     out.mkdir(exist_ok=True)
@@ -142,6 +150,9 @@ def run_one(size: int, model: str, batch_size: int, tile: int, overlap: int, ada
     return {
         "size": size,
         "device": device,
+        "tile": tile,
+        "overlap": overlap,
+        "batch_size": batch_size,
         "windows": res.windows,
         "seconds": res.seconds,
         "megapixels_per_s": res.megapixels_per_s,
@@ -157,9 +168,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--model", default="deeplabv3p", choices=sorted(COMPACT))
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--tile-size", type=int, default=512, help="window size (default 512, as predict's default grid)")
-    ap.add_argument("--overlap", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=None, help="windows per call (default: predict's on CPU)")
+    ap.add_argument("--tile-size", type=int, default=None, help="window size (default: the card's, as predict)")
+    ap.add_argument("--overlap", type=int, default=None, help="window overlap (default: the card's, as predict)")
     ap.add_argument("--adapt-prior", action="store_true", help="predict with class-prior adaptation (needs a card with class_prior)")
     ap.add_argument("--probabilities", default="none", choices=["none", "uint8", "float32"],
                     help="also write the class probabilities raster (its cost)")
@@ -172,8 +183,9 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         make_scene(size)
-        cmd = [sys.executable, __file__, "--child", str(size), "--model", args.model, "--batch-size", str(args.batch_size),
-               "--tile-size", str(args.tile_size), "--overlap", str(args.overlap),
+        given = {"--batch-size": args.batch_size, "--tile-size": args.tile_size, "--overlap": args.overlap}
+        cmd = [sys.executable, __file__, "--child", str(size), "--model", args.model,
+               *[s for k, v in given.items() if v is not None for s in (k, str(v))],
                "--probabilities", args.probabilities, *(["--adapt-prior"] if args.adapt_prior else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
@@ -190,7 +202,7 @@ def main() -> None:
         ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
         verdict = "OK" if ratio <= 1.3 else "OVER TARGET"
         print(f"peak RSS {rows[-1]['size']}² / {rows[0]['size']}² = {ratio:.3f} (target <= 1.3: {verdict})")
-    print(f"model {args.model}, windows {args.tile_size}/{args.overlap}, batch {args.batch_size}, "
+    print(f"model {args.model}, windows {rows[0]['tile']}/{rows[0]['overlap']}, batch {rows[0]['batch_size']}, "
           f"prior adaptation {'on' if args.adapt_prior else 'off'}, probabilities {args.probabilities}, "
           f"device {rows[0]['device']}, {os.cpu_count()} CPUs")
 

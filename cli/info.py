@@ -21,13 +21,13 @@ from geoseg_cli import options as o
 @click.option("--overlap", type=int, default=None, help="Window overlap in pixels (default: the model's).")
 @click.option("--classes", "num_classes", type=int, default=None, callback=o._positive,
               help="Model classes, for the memory estimate (default: the model's).")
-@click.option("--batch-size", type=int, default=1, show_default=True, callback=o._positive,
-              help="Windows per model call (for the memory estimate).")
+@click.option("--batch-size", type=int, default=None, callback=o._positive,
+              help="Windows per model call, for the memory estimate (default: predict's on CPU).")
 @click.option("--aoi", default=None, metavar="FILE|BOX",
               help="As predict's --aoi: say which part of the scene predict would write and how many windows it runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def info(input: Path, model: str | None, weights: Path | None, card: Path | None, bands: tuple[int, ...] | None,
-         no_model: bool, tile_size: int | None, overlap: int | None, num_classes: int | None, batch_size: int,
+         no_model: bool, tile_size: int | None, overlap: int | None, num_classes: int | None, batch_size: int | None,
          aoi: str | None, as_json: bool) -> None:
     """Print size, bands, dtype, CRS, nodata, window grid and a memory estimate for INPUT, and
     whether the model predict would run (the shipped deeplabv3p unless --model/--weights say
@@ -71,7 +71,7 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
     rows += [
         ("windows", f"{d['windows']} ({d['window_grid'][0]} rows x {d['window_grid'][1]} cols of {d['tile_size']} px, "
                     f"overlap {d['overlap']})"),
-        ("memory", f"about {d['memory_estimate_mb']} MB peak for predict on CPU"),
+        ("memory", f"about {d['memory_estimate_mb']} MB peak for predict on CPU (batch {d['batch_size']})"),
     ]
     if d["aoi"] is not None:
         a = d["aoi"]

@@ -58,7 +58,7 @@ overlap_opt = click.option(
 )
 batch_size_opt = click.option(
     "--batch-size", type=int, default=None, callback=_positive,
-    help="Windows per model call (default: 1 on CPU, 8 on GPU).",
+    help="Windows per model call (default: 8 on GPU; on CPU 1 for windows of 256 px or more, 4 for 128 px).",
 )
 device_opt = click.option(
     "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,

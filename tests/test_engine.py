@@ -71,6 +71,31 @@ def test_identity_predictor_is_stitched_back_exactly(tmp_path: Path, batch_size:
     assert no_tmp_files(tmp_path)
 
 
+def test_cpu_batches_small_windows_by_default(tmp_path: Path) -> None:
+    """Without --batch-size, CPU calls take about 256² pixels: 4 windows of 128 px, 1 of 256 px or more."""
+    from geoseg.engine import default_batch_size
+
+    assert [default_batch_size("cpu/inference/fp32", t) for t in (64, 128, 192, 256, 512)] == [8, 4, 2, 1, 1]
+    assert default_batch_size("gpu/dygraph/fp16", 512) == 8
+    src = write_raster(tmp_path / "scene.tif", (class_image(200, 600, 3) + 1).astype(np.uint8), nodata=0)
+    sizes: list[int] = []
+    inner = one_hot_predictor(3, offset=1)
+
+    def predictor(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        return inner(x)
+
+    masks = []
+    for tile, batch in ((128, None), (128, 1)):
+        sizes.clear()
+        res = segment_scene(src, tmp_path / f"out{batch}", source=ModelSource(identity_card(1, 3, tile=tile, overlap=32)),
+                            predictor=predictor, options=PredictOptions(batch_size=batch))
+        assert max(sizes) == (4 if batch is None else 1) and sum(sizes) == res.windows
+        with rasterio.open(res.mask) as ds:
+            masks.append(ds.read(1))
+    np.testing.assert_array_equal(masks[0], masks[1])
+
+
 CASES = [
     ("uint8", 1, 0),
     ("uint8", 3, 0),
