@@ -544,23 +544,31 @@ def _prefetch(
 ) -> Iterator[tuple[list[Tile], list[Prepared]]]:
     """Yield ``(tiles, prepared windows)`` per batch while a thread keeps ``depth`` batches ready.
 
-    Windows are read (and normalised) by ``dask.delayed`` tasks on Dask's threaded scheduler;
-    each task opens the file itself (per-thread handles).
+    Windows are read (and normalised) by ``dask.delayed`` tasks on Dask's threaded scheduler, a
+    batch split into one task per reader thread; each task opens the file itself (per-thread
+    handles). The tasks take only indexes: Dask walks a task's arguments looking for collections,
+    and walking the scene and card for every window cost more than reading the window (2.6 against
+    0.5 ms per 128² window). The graph is not optimised (nothing to fuse in one task per thread).
     """
     import dask
 
-    prepare = dask.delayed(_prepare_window, pure=False)  # (pure: dask would hash the scene's AOI per window)
+    def prepare_part(i: int, lo: int, hi: int) -> list[Prepared]:
+        return [_prepare_window(meta, t, bands, card, size) for t in batches[i][lo:hi]]
+
+    prepare = dask.delayed(prepare_part, pure=False)
     q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
     done = object()
 
     def produce() -> None:
         try:
-            for b in batches:
+            for i, b in enumerate(batches):
                 if stop.is_set():
                     return
-                tasks = [prepare(meta, t, bands, card, size) for t in b]
-                q.put((b, list(dask.compute(*tasks, scheduler="threads", num_workers=workers))))
+                step = -(-len(b) // max(1, workers))  # one part per reader thread
+                parts = dask.compute(*[prepare(i, lo, lo + step) for lo in range(0, len(b), step)],
+                                     scheduler="threads", num_workers=workers, optimize_graph=False)
+                q.put((b, [w for part in parts for w in part]))
             q.put(done)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             q.put(exc)
