@@ -52,7 +52,8 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
         ("dtype", d["dtype"]),
         ("crs", d["crs"] or (f"none; georeferenced by {d['georeferenced_by']} (outputs carry them, no polygons)"
                              if d.get("georeferenced_by") else "none (outputs keep the pixel grid, not georeferenced)")),
-        ("pixel size", f"{d['pixel_size'][0]:g} x {d['pixel_size'][1]:g}"),
+        ("pixel size", f"{d['pixel_size'][0]:g} x {d['pixel_size'][1]:g}"
+                       + (f" (about {d['ground_pixel_m']:.3g} m on the ground)" if d["ground_pixel_m"] else "")),
         ("nodata", d["nodata"]),
     ]
     m = d["model"]
@@ -68,6 +69,12 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
                 worst = max(abs(v) for v in m["input_z"].values())
                 verdict = "" if worst <= INPUT_RANGE_Z else ": not on the scale it learned, its map may be meaningless"
                 rows.append(("values", f"bands average within {worst:.1f} standard deviations of its training data{verdict}"))
+        if m["pixel_size"] and d["ground_pixel_m"]:
+            from geoseg.engine import RESOLUTION_FACTOR
+
+            ratio = m["pixel_size"] / d["ground_pixel_m"]
+            verdict = "" if max(ratio, 1 / ratio) <= RESOLUTION_FACTOR else ": resample the scene, its map may be poor"
+            rows.append(("resolution", f"the model learned from {m['pixel_size']:.3g} m pixels{verdict}"))
     rows += [
         ("windows", f"{d['windows']} ({d['window_grid'][0]} rows x {d['window_grid'][1]} cols of {d['tile_size']} px, "
                     f"overlap {d['overlap']})"),

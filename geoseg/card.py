@@ -134,10 +134,15 @@ class ModelCard:
     class_prior: tuple[float, ...] | None = None
     #: Whether predict adapts the posteriors to each scene's class priors by default.
     adapt_prior: bool = False
+    #: Ground size in metres of the training data's pixels (the square root of a pixel's ground
+    #: area; written by ``geoseg train``): predict warns on scenes whose pixels differ much from it.
+    pixel_size: float | None = None
 
     def __post_init__(self) -> None:
         if not self.classes:
             raise ModelError("model card has no classes")
+        if self.pixel_size is not None and not (np.isfinite(self.pixel_size) and self.pixel_size > 0):
+            raise ModelError(f"model card's pixel_size {self.pixel_size} must be a positive size in metres")
         if self.class_prior is not None:
             if len(self.class_prior) != len(self.classes):
                 raise ModelError(f"model card's class_prior has {len(self.class_prior)} values for "
@@ -209,6 +214,7 @@ class ModelCard:
             "metrics": _plain(self.metrics),
             **({"class_prior": [round(float(v), 6) for v in self.class_prior]} if self.class_prior is not None else {}),
             **({"adapt_prior": True} if self.adapt_prior else {}),
+            **({"pixel_size": round(float(self.pixel_size), 4)} if self.pixel_size is not None else {}),
         }
 
     @classmethod
@@ -242,6 +248,7 @@ class ModelCard:
                 class_prior=(None if d.get("class_prior") is None
                              else tuple(float(v) for v in d["class_prior"])),
                 adapt_prior=_flag(d.get("adapt_prior", False), "adapt_prior"),
+                pixel_size=None if d.get("pixel_size") is None else float(d["pixel_size"]),
             )
         except KeyError as exc:
             raise ModelError(f"{source} lacks the field {exc.args[0]!r}") from None

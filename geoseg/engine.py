@@ -42,6 +42,7 @@ from geoseg.errors import (
     NoCRSWarning,
     ParameterError,
     PerformanceWarning,
+    ResolutionWarning,
     SceneError,
     WindowSizeWarning,
     require_paddle,
@@ -57,6 +58,7 @@ from geoseg.io import (
     close_handles,
     georeferencing,
     ground_pixel_area,
+    ground_pixel_size_m,
     is_virtual,
     row_areas,
     open_scene,
@@ -813,6 +815,30 @@ def check_input_range(meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, 
     return {card.bands[i]: float(total[i] / count[i]) for i in seen}
 
 
+#: A scene whose ground pixels are more than this factor larger or smaller than the model's
+#: training pixels (its card's ``pixel_size``) gets a :class:`ResolutionWarning`.
+RESOLUTION_FACTOR = 1.5
+
+
+def check_resolution(meta: SceneMeta, card: ModelCard) -> float | None:
+    """Warn when the scene's pixels are much larger or smaller on the ground than the pixels the
+    model learned from: a network learns textures and object sizes in pixels, so a 28.5 m model
+    given 10 m pixels sees every field and building three times its size, and writes a plausible
+    looking but poor map. Returns the scene's ground pixel size in metres (None when unknown)."""
+    size = ground_pixel_size_m(meta.crs, meta.transform, meta.height)
+    if size is None or card.pixel_size is None:
+        return size
+    ratio = card.pixel_size / size  # how many scene pixels a training pixel's ground spans
+    if max(ratio, 1 / ratio) > RESOLUTION_FACTOR:
+        span = f"{ratio:.1f} times as many" if ratio > 1 else f"{1 / ratio:.1f} times fewer"
+        warnings.warn(
+            f"{meta.path.name}: its pixels are {size:.3g} m on the ground, {card.name} learned from {card.pixel_size:.3g} m "
+            f"ones: objects span {span} pixels as in its training data, and its map may be poor; resample the scene to "
+            f"about {card.pixel_size:.3g} m (e.g. gdalwarp -tr with -r average) or train a model at this resolution",
+            ResolutionWarning, stacklevel=3)
+    return size
+
+
 def segment_scene(
     input_path: str | Path,
     out: str | Path | None = None,
@@ -877,6 +903,7 @@ def segment_scene(
     if adapt:
         _require_class_prior(mc)
     check_input_range(meta, bands, mc)
+    check_resolution(meta, mc)
     mask_profile = get_profile("mask", opts.creation_options)  # refuses --co GDAL would not take, before any work
 
     device_desc = "custom"
@@ -1072,7 +1099,8 @@ def describe_scene(
         overlap = mc.overlap if overlap is None else overlap
         num_classes = num_classes or mc.num_classes
         model = {"name": mc.name, "architecture": mc.architecture, "bands": list(mc.bands),
-                 "scene_bands": None, "problem": None, "input_z": None}
+                 "scene_bands": None, "problem": None, "input_z": None, "pixel_size": mc.pixel_size}
+        check_resolution(meta, mc)
         try:
             chosen = select_bands(meta, mc, bands)
         except SceneError as e:
@@ -1121,6 +1149,8 @@ def describe_scene(
         # unrectified scenes: how they are placed instead ('4 ground control points', 'RPCs')
         "georeferenced_by": "geotransform" if meta.crs else (georeferencing(meta) or None),
         "pixel_size": list(meta.res),
+        # a pixel's ground size in metres (geodesic in the middle row on a geographic CRS)
+        "ground_pixel_m": None if (g := ground_pixel_size_m(meta.crs, meta.transform, meta.height)) is None else round(g, 3),
         "transform": list(meta.transform)[:6],
         "nodata": nodata,
         "tile_size": tile,

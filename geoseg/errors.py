@@ -77,6 +77,10 @@ class InputRangeWarning(GeosegWarning):
     """The scene's band values lie far from those the model was trained on (units, scale, band order)."""
 
 
+class ResolutionWarning(GeosegWarning):
+    """The scene's pixels are much larger or smaller on the ground than the model's training pixels."""
+
+
 def require_paddle() -> object:
     """Import and return :mod:`paddle`, or raise :class:`DependencyError` saying how to get it."""
     try:

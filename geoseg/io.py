@@ -674,6 +674,21 @@ def ground_pixel_area(crs: Any, transform: Any, height: int) -> float | None:
     mid = transform * transform.translation(0, height // 2)
     return float(row_areas(crs, mid, 1)[0])  # type: ignore[index]
 
+
+def ground_pixel_size_m(crs: Any, transform: Any, height: int) -> float | None:
+    """A pixel's ground size in metres (the square root of :func:`ground_pixel_area`, in the
+    grid's middle row for a geographic CRS); ``None`` without a CRS or with unknown units."""
+    area = ground_pixel_area(crs, transform, height)
+    if area is None:
+        return None
+    if crs.is_geographic:
+        return float(np.sqrt(area))
+    try:
+        factor = float(crs.linear_units_factor[1])
+    except Exception:  # noqa: BLE001 - rasterio raises CRSError for CRSs without linear units
+        return None
+    return float(np.sqrt(area)) * factor
+
 __all__ = [
     "area_units",
     "CLASSES_TAG",
@@ -686,6 +701,7 @@ __all__ = [
     "georeferencing",
     "geodesic",
     "ground_pixel_area",
+    "ground_pixel_size_m",
     "row_areas",
     "is_virtual",
     "polygons_skipped_reason",

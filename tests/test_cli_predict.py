@@ -44,10 +44,14 @@ def test_info_prints_what_predict_sees(runner: CliRunner, tmp_path: Path) -> Non
     assert res.exit_code == 0, res.output
     assert "1500 x 1100" in res.output and "uint8" in res.output and "EPSG:32633" in res.output
     assert "value 0.0" in res.output and "model:" not in res.output
+    assert "10 x 10 (about 10 m on the ground)" in res.output
     res = runner.invoke(cli, ["info", str(src), "--no-model", "--json"])
     d = json.loads(res.stdout)
     assert (d["tile_size"], d["overlap"]) == (512, 128) and d["model"] is None
-    assert d["windows"] == 4 * 3 and d["window_grid"] == [3, 4]
+    assert d["windows"] == 4 * 3 and d["window_grid"] == [3, 4] and d["ground_pixel_m"] == 10.0
+    res = runner.invoke(cli, ["info", str(src), "--model", "unet"])  # the shipped UNet learned from 28.5 m pixels
+    assert res.exit_code == 0, res.output
+    assert "resolution: the model learned from 28.5 m pixels: resample the scene" in res.output
     assert d["memory_estimate_mb"] > 500
 
 

@@ -440,6 +440,48 @@ def test_predict_with_tta_keeps_an_equivariant_model_s_mask(tmp_path: Path) -> N
     assert tta.device.endswith("+tta")
 
 
+def test_scenes_at_another_resolution_than_the_model_s_warn(tmp_path: Path) -> None:
+    """A model learns object sizes in pixels: a scene whose pixels are more than 1.5 times larger or smaller
+    on the ground than its training pixels (the card's pixel_size, in metres) is warned about, in any CRS."""
+    from dataclasses import replace
+
+    from geoseg.card import ModelCard
+    from geoseg.errors import ResolutionWarning
+    from geoseg.io import ground_pixel_size_m
+
+    card = replace(identity_card(1, 2), pixel_size=28.5)
+    assert ModelCard.from_dict(card.to_dict()) == card
+    with pytest.raises(Exception, match="pixel_size"):
+        replace(card, pixel_size=-1.0)
+    data = np.ones((1, 64, 64), np.uint8)
+    kw = dict(source=ModelSource(card), predictor=one_hot_predictor(2))
+    cases = {  # pixel size in metres → warned?
+        "s2.tif": (from_origin(500000, 4800000, 10, 10), "EPSG:32633", True),  # 10 m: 2.9 times as many pixels
+        "l8.tif": (from_origin(500000, 4800000, 30, 30), "EPSG:32633", False),
+        "ft.tif": (from_origin(2000000, 700000, 100, 100), "EPSG:2264", False),  # 100 US ft = 30.5 m
+        "modis.tif": (from_origin(500000, 4800000, 250, 250), "EPSG:32633", True),
+        "deg.tif": (from_origin(10.0, 46.0, 0.0003, 0.0003), "EPSG:4326", False),  # about 23 x 33 m at 46 °N
+    }
+    for name, (tr, crs, warned) in cases.items():
+        src = write_raster(tmp_path / name, data, transform=tr, crs=crs)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            res = segment_scene(src, tmp_path / "out", **kw)
+        hits = [str(w.message) for w in seen if issubclass(w.category, ResolutionWarning)]
+        assert len(hits) == int(warned) and res.mask.exists(), (name, hits)
+        if name == "s2.tif":
+            assert "its pixels are 10 m on the ground" in hits[0] and "learned from 28.5 m" in hits[0]
+            assert "2.9 times as many pixels" in hits[0] and "resample the scene to about 28.5 m" in hits[0]
+    assert ground_pixel_size_m(open_scene(tmp_path / "ft.tif").crs, from_origin(0, 0, 100, 100), 1) == pytest.approx(30.48, abs=0.01)
+    # no CRS, or a card without pixel_size: nothing to compare
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        segment_scene(write_raster(tmp_path / "nocrs.tif", data, crs=None), tmp_path / "out", **kw)
+        segment_scene(tmp_path / "s2.tif", tmp_path / "out", source=ModelSource(identity_card(1, 2)),
+                      predictor=one_hot_predictor(2), options=PredictOptions(overwrite=True))
+    assert not [w for w in seen if issubclass(w.category, ResolutionWarning)]
+
+
 def test_values_far_from_the_training_data_warn_once_and_the_map_is_still_written(tmp_path: Path) -> None:
     """A scene on another scale (e.g. 16-bit numbers for a model trained on reflectance) gets a
     warning naming the band; data on the training scale does not, and nodata never counts."""

@@ -291,6 +291,7 @@ def test_fit_writes_weights_card_and_logs(scene: tuple[Path, Path], tmp_path: Pa
     assert card.tile_size == 32 and card.architecture == "unet" and dict(card.params) == {"width": 0.125}
     assert 0.0 <= card.metrics["validation"]["miou"] <= 1.0
     assert card.training["train_region"] == [0, 0, 48, 48]
+    assert card.pixel_size == 10.0  # the scene's 10 m UTM pixels: predict compares scenes with it
     # class_prior: the saved weights' mean probabilities over the training region, one per class.
     assert card.class_prior is not None and len(card.class_prior) == 3 and not card.adapt_prior
     assert sum(card.class_prior) == pytest.approx(1.0, abs=1e-4) and min(card.class_prior) >= 0
