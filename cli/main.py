@@ -123,7 +123,7 @@ def _version(ctx: click.Context, value: bool) -> None:
     from importlib import metadata
 
     parts = []
-    for dist in ("rasterio", "numpy", "shapely", "pyogrio", "dask", "distributed", "paddlepaddle", "paddlepaddle-gpu"):
+    for dist in ("rasterio", "numpy", "shapely", "pyogrio", "pyproj", "dask", "distributed", "paddlepaddle", "paddlepaddle-gpu"):
         try:
             parts.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
