@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import re
 import sys
-from importlib.metadata import PackageNotFoundError, packages_distributions, requires
+from importlib.metadata import PackageNotFoundError, distributions, requires
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,24 @@ def install_closure(extras: set[str]) -> set[str]:
     return seen
 
 
+def module_providers() -> dict[str, set[str]]:
+    """Top-level importable name → distributions whose installed files provide it (from each
+    distribution's RECORD: Python 3.10's ``packages_distributions`` reads only ``top_level.txt``,
+    which many wheels no longer carry)."""
+    found: dict[str, set[str]] = {}
+    for dist in distributions():
+        name = _name(dist.metadata["Name"] or "")
+        for f in dist.files or ():
+            top = f.parts[0] if f.parts else ""
+            if top.endswith(".py"):
+                top = top[:-3]
+            elif len(f.parts) < 2 or top.endswith((".dist-info", ".egg-info", ".data")) or top == "..":
+                continue
+            if top.isidentifier():
+                found.setdefault(top, set()).add(name)
+    return found
+
+
 def imported_modules() -> dict[str, str]:
     """Top-level modules imported anywhere in the library and the CLI (lazy imports too) → a file."""
     found: dict[str, str] = {}
@@ -56,7 +74,7 @@ def imported_modules() -> dict[str, str]:
 
 def test_every_imported_module_comes_with_the_cpu_install() -> None:
     closure = install_closure({"cpu"})
-    dists = packages_distributions()
+    dists = module_providers()
     missing = []
     for module, where in imported_modules().items():
         if module in OWN or module in sys.stdlib_module_names or module == "__future__":
@@ -64,7 +82,7 @@ def test_every_imported_module_comes_with_the_cpu_install() -> None:
         if module == "paddle":  # the cpu/gpu extras: one of them is what a user installs
             assert "paddlepaddle" in closure
             continue
-        providers = {_name(d) for d in dists.get(module, [])}
+        providers = dists.get(module, set())
         if not providers & closure:
             missing.append(f"{module} (imported in {where}; provided by {sorted(providers) or 'nothing installed'})")
     assert not missing, "not brought by pip install geoseg[cpu]: " + "; ".join(missing)
