@@ -56,12 +56,13 @@ from geoseg.io import (
     class_colormap,
     classes_tag,
     close_handles,
+    add_area_counts,
     georeferencing,
     ground_pixel_area,
     ground_pixel_size_m,
     is_virtual,
-    row_areas,
     open_scene,
+    pixel_areas,
     polygons_skipped_reason,
     read_scene_window,
     scene_path,
@@ -959,17 +960,16 @@ def segment_scene(
                 writers.append(prob_w)
 
             counts = np.zeros(256, np.int64)
-            areas = row_areas(out_meta.crs, out_meta.transform, out_meta.height)
-            class_area = np.zeros(256)
+            areas = pixel_areas(out_meta.crs, out_meta.transform, out_meta.height)  # per row on a degree grid
+            row_area = np.zeros(256)
 
             def sink(row: int, idx: np.ndarray, conf: np.ndarray, valid: np.ndarray, probs: np.ndarray) -> None:
                 m = lut[idx]
                 m[~valid] = MASK_NODATA
                 mask_w.write_rows(row, m)
                 counts[:] += np.bincount(m.ravel(), minlength=256)
-                if areas is not None:
-                    class_area[:] += np.bincount(m.ravel(), weights=np.repeat(areas[row:row + len(m)], m.shape[1]),
-                                                 minlength=256)
+                if isinstance(areas, np.ndarray):
+                    add_area_counts(row_area, m, areas[row:row + len(m)])
                 if conf_w is not None:
                     conf_w.write_rows(row, encode_probabilities(conf, valid, opts.confidence))
                 if prob_w is not None:
@@ -1013,7 +1013,8 @@ def segment_scene(
         megapixels=out_meta.width * out_meta.height / 1e6, device=device_desc, extra_outputs=extra,
         scene_prior=scene_priors, probabilities=prob_path if opts.probabilities != "none" else None,
         class_pixels=class_pixels,
-        class_area=None if areas is None else {c.name: float(class_area[c.id]) for c in mc.classes},
+        class_area=None if areas is None else {
+            c.name: float(row_area[c.id] if isinstance(areas, np.ndarray) else counts[c.id] * areas) for c in mc.classes},
     )
     total = sum(class_pixels.values())
     if total:

@@ -25,7 +25,7 @@ import rasterio
 from rasterio.windows import Window
 
 from geoseg.errors import GridMismatchError, ParameterError, SceneReadError
-from geoseg.io import MASK_NODATA, VectorData, area_units, read_classes, read_vector, row_areas
+from geoseg.io import MASK_NODATA, VectorData, add_area_counts, area_units, pixel_areas, read_classes, read_vector
 from geoseg.metrics import ConfusionMatrix, Metrics, StratifiedEstimates, stratified_estimates
 
 log = logging.getLogger(__name__)
@@ -323,9 +323,9 @@ def evaluate_vector(
         if stratified:
             map_pixels = _class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows)
             # ground areas (geodesic m² row by row on a geographic CRS); pixels on a grid without a CRS
-            areas = row_areas(pds.crs, pds.transform, pds.height)
-            map_area = (map_pixels.astype(np.float64) if areas is None
-                        else _class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows, row_area=areas))
+            areas = pixel_areas(pds.crs, pds.transform, pds.height)
+            map_area = (_class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows, row_area=areas)
+                        if isinstance(areas, np.ndarray) else map_pixels * (1.0 if areas is None else areas))
             units = area_units(pds.crs)
     samples = {"points": int(inside.sum()), "points_outside": int((~inside).sum()),
                "polygons": len(np.unique(owner[is_poly])),
@@ -360,8 +360,10 @@ def _value_counts(ds: Any, box: tuple[int, int, int, int], block_rows: int,
     counts = np.zeros(65536, np.int64 if row_area is None else np.float64)
     for row in range(r0, r0 + h, block_rows):
         block = ds.read(1, window=Window(c0, row, w, min(block_rows, r0 + h - row)))
-        weights = None if row_area is None else np.repeat(row_area[row:row + block.shape[0]], w)
-        counts += np.bincount(block.ravel().astype(np.int64), weights=weights, minlength=65536)[:65536]
+        if row_area is None:
+            counts += np.bincount(block.ravel().astype(np.int64), minlength=65536)[:65536]
+        else:
+            add_area_counts(counts, block, row_area[row:row + block.shape[0]])
     return counts
 
 

@@ -644,18 +644,15 @@ def geodesic(crs: Any) -> Any:
     return pyproj.CRS.from_wkt(crs.to_wkt()).get_geod() or pyproj.Geod(ellps="WGS84")
 
 
-def row_areas(crs: Any, transform: Any, height: int) -> np.ndarray | None:
-    """Ground area of one pixel in each of a grid's ``height`` rows.
-
-    A projected CRS: ``|det(transform)|`` in its units² (m² for most), the same for every row. A
-    geographic CRS: the geodesic area in m² of the row's pixel on the CRS's ellipsoid (a degree
-    grid's pixels shrink with the cosine of the latitude, so degrees² are no area). ``None``
-    without a CRS.
-    """
+def pixel_areas(crs: Any, transform: Any, height: int) -> float | np.ndarray | None:
+    """Ground area of a grid's pixels: one number for a projected CRS (``|det(transform)|`` in its
+    units², m² for most), one per row for a geographic CRS (the geodesic area in m² of the row's
+    pixel on the CRS's ellipsoid: a degree grid's pixels shrink with the cosine of the latitude,
+    so degrees² are no area), ``None`` without a CRS."""
     if crs is None:
         return None
     if not crs.is_geographic:
-        return np.full(height, abs(transform.determinant))
+        return abs(transform.determinant)
     geod = geodesic(crs)
     out = np.empty(height)
     for r in range(height):
@@ -664,15 +661,21 @@ def row_areas(crs: Any, transform: Any, height: int) -> np.ndarray | None:
     return out
 
 
+def add_area_counts(out: np.ndarray, block: np.ndarray, areas: np.ndarray) -> None:
+    """Add to ``out[v]`` the ground area of the pixels of value ``v`` in the HW integer ``block``
+    whose rows have pixel areas ``areas`` (row by row: no per-pixel weight array)."""
+    for row, area in zip(block, areas):
+        n = np.bincount(row.ravel())[: len(out)]
+        out[: len(n)] += n * area
+
+
 def ground_pixel_area(crs: Any, transform: Any, height: int) -> float | None:
-    """One pixel's ground area as :func:`row_areas` gives it, in the grid's middle row (the
-    units of a ``min_area``: m² for a geographic CRS); ``None`` without a CRS."""
-    if crs is None:
-        return None
-    if not crs.is_geographic:
-        return abs(transform.determinant)
+    """One pixel's ground area as :func:`pixel_areas` gives it, in the grid's middle row for a
+    geographic CRS (the units of a ``min_area``: m² there); ``None`` without a CRS."""
+    if crs is None or not crs.is_geographic:
+        return pixel_areas(crs, transform, height)  # type: ignore[return-value]
     mid = transform * transform.translation(0, height // 2)
-    return float(row_areas(crs, mid, 1)[0])  # type: ignore[index]
+    return float(pixel_areas(crs, mid, 1)[0])  # type: ignore[index]
 
 
 def ground_pixel_size_m(crs: Any, transform: Any, height: int) -> float | None:
@@ -690,6 +693,7 @@ def ground_pixel_size_m(crs: Any, transform: Any, height: int) -> float | None:
     return float(np.sqrt(area)) * factor
 
 __all__ = [
+    "add_area_counts",
     "area_units",
     "CLASSES_TAG",
     "COGWriter",
@@ -702,7 +706,7 @@ __all__ = [
     "geodesic",
     "ground_pixel_area",
     "ground_pixel_size_m",
-    "row_areas",
+    "pixel_areas",
     "is_virtual",
     "polygons_skipped_reason",
     "scene_path",
