@@ -7,6 +7,7 @@ mask convention): the nodata value, an internal mask, an alpha band or NaN.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -262,6 +263,16 @@ def close_handles(path: str | Path) -> None:
     with _handles_lock:
         for key in [k for k in _handles if k[2] == str(path)]:
             _handles.pop(key).close()
+
+
+@atexit.register
+def _close_all_handles() -> None:
+    """Close the handles still cached when the interpreter exits (a training run's, an API
+    user's), before it tears rasterio down: a dataset freed during that teardown makes Python
+    3.13 print "Error in sys.excepthook" at exit."""
+    with _handles_lock:
+        while _handles:
+            _handles.popitem()[1].close()
 
 
 def read_window_gaps(

@@ -53,7 +53,7 @@ from geoseg.errors import (
     SceneReadError,
     require_paddle,
 )
-from geoseg.io import ground_pixel_size_m, is_vector_path, open_scene, read_vector, read_window_gaps, scene_path
+from geoseg.io import close_handles, ground_pixel_size_m, is_vector_path, open_scene, read_vector, read_window_gaps, scene_path
 from geoseg.metrics import ConfusionMatrix
 from geoseg.tiling import core_bounds, make_grid, spread_tiles
 
@@ -1427,6 +1427,8 @@ class Trainer:
         self.progress = progress
         self.device = self._device()
         burn_dir.cleanup()  # every label was read above
+        for sc in all_scenes:  # the regions are read (training from disk reopens its own handles)
+            close_handles(sc["image"])
 
     def _drop_gap_targets(self, labels: np.ndarray, gaps: np.ndarray | None) -> None:
         """With ``train_on_gaps: false``, pixels with a band missing stay as context (that band at

@@ -281,6 +281,16 @@ def test_training_steps_lower_the_loss(scene: tuple[Path, Path], tmp_path: Path)
     assert gnorm > 0
 
 
+def test_reading_the_regions_leaves_no_file_open(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """The regions are in memory once the trainer is made: no cached dataset handle of the image stays
+    open through training (or until the interpreter exits, where Python 3.13 complains about it)."""
+    import geoseg.io as gio
+    from geoseg.train import Trainer
+
+    Trainer(_cfg(scene, tmp_path / "run"))
+    assert not [k for k in gio._handles if k[2] == str(scene[0])]
+
+
 def test_fit_writes_weights_card_and_logs(scene: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
     res = train(_cfg(scene, out))
