@@ -1024,7 +1024,9 @@ def _run_dask(
 
     name = PLUGIN_PREFIX + hashlib.sha256(repr(model).encode()).hexdigest()[:12]
     plugin = _make_worker_plugin(model, name, batch.quiet_worker_loggers)
-    client.register_plugin(plugin, name=name)
+    # register_plugin since distributed 2023.9; register_worker_plugin (deprecated since) before it
+    register = getattr(client, "register_plugin", None) or client.register_worker_plugin
+    register(plugin, name=name)
     opts = dataclasses.replace(options, progress=False)
     reasons = {sc.key: reason for sc, reason in todo}
     scenes = {sc.key: sc for sc, _ in todo}

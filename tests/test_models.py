@@ -320,6 +320,22 @@ def test_load_corrupt_file(tmp_path: Path, content: bytes) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_weights_pickled_by_another_numpy_say_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights saved under numpy 2 reference numpy._core, which numpy 1 lacks: the error names numpy, not
+    a corrupt file (the shipped weights are such pickles)."""
+    import paddle
+
+    path = tmp_path / "w.pdparams"
+    save_weights(tiny("unet"), path)
+
+    def load(*_a: object, **_k: object) -> None:
+        raise ModuleNotFoundError("No module named 'numpy._core'", name="numpy._core")
+
+    monkeypatch.setattr(paddle, "load", load)
+    with pytest.raises(WeightsError, match=r"saved with another numpy \(numpy._core is missing.*pip install 'numpy>=2'"):
+        load_weights(tiny("unet"), path)
+
+
 # ---- inference runtime -------------------------------------------------------------------
 
 
