@@ -116,18 +116,19 @@ def with_output_op(net: Any, op: str) -> Any:
     import paddle
 
     class _Head(paddle.nn.Layer):  # type: ignore[misc]
-        def __init__(self, inner: Any) -> None:
+        def __init__(self, inner: Any, softmax: bool) -> None:
             super().__init__()
             self.inner = inner
+            self.softmax = softmax  # an attribute: Paddle 2.6's dy2static cannot see a closure's variables
 
         def forward(self, x: Any) -> Any:
             y = self.inner(x)
             y = y[0] if isinstance(y, (list, tuple)) else y
-            if op == "softmax":
+            if self.softmax:
                 return paddle.nn.functional.softmax(y, axis=1)
             return paddle.argmax(y, axis=1, keepdim=True, dtype="int32")
 
-    head = _Head(net)
+    head = _Head(net, op == "softmax")
     head.eval()
     return head
 

@@ -80,17 +80,18 @@ def _paddleseg_export(tiny_unet: tuple[Path, Path], folder: Path, output_op: str
     net = build_layer(ModelSource(card=card, weights=weights))
 
     class Wrapped(paddle.nn.Layer):  # PaddleSeg appends argmax/softmax after the logits
-        def __init__(self, inner: paddle.nn.Layer) -> None:
+        def __init__(self, inner: paddle.nn.Layer, argmax: bool) -> None:
             super().__init__()
             self.inner = inner
+            self.argmax = argmax  # an attribute: Paddle 2.6's dy2static cannot see a closure's variables
 
         def forward(self, x: paddle.Tensor) -> paddle.Tensor:
             y = self.inner(x)[0]
-            if output_op == "argmax":
+            if self.argmax:
                 return paddle.argmax(y, axis=1, keepdim=True, dtype="int32")
             return paddle.nn.functional.softmax(y, axis=1)
 
-    model = Wrapped(net)
+    model = Wrapped(net, output_op == "argmax")
     model.eval()
     spec = paddle.static.InputSpec([None, 3, None, None], "float32", name="x")
     paddle.jit.save(model, str(folder / "model"), input_spec=[spec])

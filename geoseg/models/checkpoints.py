@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from geoseg.atomic import atomic_output
 from geoseg.errors import WeightsError, require_paddle
 
@@ -52,7 +54,10 @@ def save_weights(model: paddle.nn.Layer, path: str | Path, dtype: str | None = N
         if dtype is not None:
             if dtype != "float16":
                 raise ValueError(f"dtype must be None or 'float16', got {dtype!r}")
-            state = {k: v.astype("float16") if v.dtype == paddle.float32 else v for k, v in state.items()}
+            # rounded by numpy (to nearest, ties to even): Paddle 2.6's cast rounds otherwise, and the same
+            # weights would make other files under other Paddle versions
+            state = {k: paddle.to_tensor(v.numpy().astype(np.float16)) if v.dtype == paddle.float32 else v
+                     for k, v in state.items()}
         paddle.save(state, str(tmp))  # type: ignore[attr-defined]
     logger.info("saved weights to %s", path)
     return path
