@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -251,11 +252,29 @@ def exported_for_inference(source: ModelSource) -> Path:
     target = cache_dir() / "exports" / key
     if (target / "DONE").exists():
         return target
+    try:
+        return _export_into(target, layer, source)
+    except OSError as exc:  # a read-only home (a container, a cron user): this run's own temporary cache
+        fallback = Path(tempfile.gettempdir()) / f"geoseg-exports-{os.getpid()}" / key
+        log.warning("warning: cannot write the export cache %s (%s): exporting into %s for this run; set "
+                    "GEOSEG_CACHE_DIR to a writable folder to keep it", target.parent, exc.strerror or exc, fallback.parent)
+        if (fallback / "DONE").exists():
+            return fallback
+        if not fallback.parent.exists():  # removed when this process ends
+            import atexit
+            import shutil
+
+            atexit.register(shutil.rmtree, fallback.parent, ignore_errors=True)
+        return _export_into(fallback, layer, source)
+
+
+def _export_into(target: Path, layer: Any, source: ModelSource) -> Path:
+    """Export ``layer`` (ending in a softmax) into ``target`` atomically (see :func:`exported_for_inference`)."""
     from geoseg.exported import with_output_op
     from geoseg.models.inference import export_model
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     log.debug("exporting %s for Paddle Inference into %s", source.label, target)
     try:
         export_model(with_output_op(layer, "softmax"), tmp / "model", source.card.in_channels)

@@ -564,6 +564,22 @@ def test_predict_on_a_degree_grid_gives_class_areas_in_m2(tmp_path: Path, tiny_u
     assert not (tmp_path / "big").exists() or outputs(tmp_path / "big") == []
 
 
+def test_an_unwritable_export_cache_falls_back_to_a_temporary_one(runner: CliRunner, tmp_path: Path,
+                                                                  tiny_unet: tuple[Path, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cron user or a container with a read-only home still predicts (through Paddle Inference): the
+    export goes to a temporary folder for the run, and the log says how to keep it."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("GEOSEG_CACHE_DIR", str(blocker / "cache"))
+    src = rgb(tmp_path)
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "out"),
+                              "--vector", "none"])
+    assert res.exit_code == 0, res.output
+    assert "cannot write the export cache" in res.stderr and "GEOSEG_CACHE_DIR" in res.stderr
+    assert (tmp_path / "out" / "scene_landcover.tif").exists() and blocker.read_text().startswith("a file")
+
+
 def test_info_says_what_an_aoi_leaves_to_run(runner: CliRunner, tmp_path: Path) -> None:
     src = rgb(tmp_path, h=600, w=900)  # 10 m pixels from 500000/4800000
     res = runner.invoke(cli, ["info", str(src), "--no-model", "--tile-size", "128", "--overlap", "32", "--json",
