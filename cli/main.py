@@ -11,6 +11,7 @@ Exit codes (the same for every command):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -52,10 +53,41 @@ def to_click_error(exc: BaseException) -> click.ClickException:
     return GeosegClickError(f"unexpected error: {type(exc).__name__}: {exc}", EXIT_FAILURE)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, cron's ``timeout``, a container stopping) raised in the main thread, so the
+    same clean-up runs as for Ctrl-C: temp files removed, nothing half-written left behind."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+#: Commands that run a Paddle model. PaddlePaddle installs its own SIGTERM handler when imported (it
+#: prints a C++ "FatalError" and dies, leaving temp files): for these, paddle is imported before
+#: geoseg's handler is set, so geoseg's wins.
+_PADDLE_COMMANDS = frozenset({"predict", "batch", "train", "export", "ensemble"})
+
+
+def _import_paddle_first() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("paddle") is not None:  # missing: the command itself says how to install it
+        with contextlib.suppress(Exception):
+            import paddle  # noqa: F401
+
+
 class GeosegGroup(click.Group):
     """A group whose subcommands turn library errors into one-line messages, no traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        import signal
+        import threading
+
+        previous = None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            if ctx.protected_args and ctx.protected_args[0] in _PADDLE_COMMANDS and not {"-h", "--help"} & set(ctx.args):
+                _import_paddle_first()
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", GeosegWarning)
@@ -63,11 +95,16 @@ class GeosegGroup(click.Group):
                 return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except Terminated:
+            raise GeosegClickError("terminated (SIGTERM): no half-written output was left", 143) from None
         except KeyboardInterrupt:
             raise GeosegClickError("interrupted: no output was written", 130) from None
         except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
             logging.getLogger("geoseg").debug("error details", exc_info=True)
             raise to_click_error(exc) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -107,7 +144,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     """geoseg: tiled segmentation of GeoTIFFs into QGIS-ready land-cover maps.
 
     Exit codes: 0 ok, 1 failure, 2 usage error, 3 batch finished with failed scenes,
-    4 batch output folder locked by another run.
+    4 batch output folder locked by another run, 130 interrupted, 143 terminated (SIGTERM).
     """
     verbosity = verbose - quiet
     _setup_logging(verbosity)

@@ -241,6 +241,29 @@ def _done_count(out: Path) -> int:
         return 0
 
 
+def test_sigterm_mid_scene_leaves_no_temp_files(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """cron's timeout, kill or a stopping container send SIGTERM: the run stops as on Ctrl-C, with exit
+    143, one line, and its temp files removed at once (not only by the next run)."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 12, size=(160, 192))
+    r = run_cli(runner, tiny_unet, [arch], tmp_path / "warm")  # warms the export cache
+    assert r.exit_code == EXIT_OK, r.output
+    proc = _start_batch(tiny_unet, arch, out, tmp_path / "term.log")
+    try:
+        _wait_for(lambda: _done_count(out) >= 1 and bool(temp_files(out)), proc)
+        assert proc.poll() is None, "the batch finished before it could be stopped: give it more scenes"
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    log = (tmp_path / "term.log").read_text()
+    assert rc == 143, log
+    assert "terminated (SIGTERM)" in log and "Traceback" not in log
+    assert temp_files(out) == []
+    assert 1 <= _done_count(out) < 12
+
+
 def test_kill_9_mid_run_then_rerun_matches_uninterrupted(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     arch, out, ref, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "ref", tmp_path / "report.json"
     make_archive(arch, 12, size=(160, 192))
