@@ -72,7 +72,8 @@ def _import_paddle_first() -> None:
     import importlib.util
 
     if importlib.util.find_spec("paddle") is not None:  # missing: the command itself says how to install it
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No ccache found")  # (logging is not set up yet)
             import paddle  # noqa: F401
 
 
@@ -96,9 +97,10 @@ class GeosegGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Terminated:
-            raise GeosegClickError("terminated (SIGTERM): no half-written output was left", 143) from None
+            raise GeosegClickError("terminated (SIGTERM): finished outputs are whole, nothing half-written was left",
+                                   143) from None
         except KeyboardInterrupt:
-            raise GeosegClickError("interrupted: no output was written", 130) from None
+            raise GeosegClickError("interrupted: finished outputs are whole, nothing half-written was left", 130) from None
         except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
             logging.getLogger("geoseg").debug("error details", exc_info=True)
             raise to_click_error(exc) from None
