@@ -241,6 +241,20 @@ def _done_count(out: Path) -> int:
         return 0
 
 
+def _signal_mid_scene(tiny_unet, arch: Path, out: Path, log: Path, sig: int) -> int:  # type: ignore[no-untyped-def]
+    """Run a batch in a subprocess and send it ``sig`` while a scene is being written (its staging/temp
+    files exist), after one is done; return its exit status."""
+    proc = _start_batch(tiny_unet, arch, out, log)
+    try:
+        _wait_for(lambda: _done_count(out) >= 1 and bool(temp_files(out)), proc)
+        assert proc.poll() is None, "the batch finished before the signal: give it more scenes"
+        os.kill(proc.pid, sig)
+        return proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_sigterm_mid_scene_leaves_no_temp_files(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """cron's timeout, kill or a stopping container send SIGTERM: the run stops as on Ctrl-C, with exit
     143, one line, and its temp files removed at once (not only by the next run)."""
@@ -248,15 +262,7 @@ def test_sigterm_mid_scene_leaves_no_temp_files(runner, tiny_unet, tmp_path: Pat
     make_archive(arch, 12, size=(160, 192))
     r = run_cli(runner, tiny_unet, [arch], tmp_path / "warm")  # warms the export cache
     assert r.exit_code == EXIT_OK, r.output
-    proc = _start_batch(tiny_unet, arch, out, tmp_path / "term.log")
-    try:
-        _wait_for(lambda: _done_count(out) >= 1 and bool(temp_files(out)), proc)
-        assert proc.poll() is None, "the batch finished before it could be stopped: give it more scenes"
-        os.kill(proc.pid, signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
+    rc = _signal_mid_scene(tiny_unet, arch, out, tmp_path / "term.log", signal.SIGTERM)
     log = (tmp_path / "term.log").read_text()
     assert rc == 143, log
     assert "terminated (SIGTERM)" in log and "Traceback" not in log and "FatalError" not in log
@@ -271,15 +277,7 @@ def test_kill_9_mid_run_then_rerun_matches_uninterrupted(runner, tiny_unet, tmp_
     r = run_cli(runner, tiny_unet, [arch], ref)  # the uninterrupted reference (also warms the export cache)
     assert r.exit_code == EXIT_OK, r.output
 
-    proc = _start_batch(tiny_unet, arch, out, tmp_path / "killed.log")
-    try:
-        # Kill while a scene is being written (its staging/temp files exist), after one is done.
-        _wait_for(lambda: _done_count(out) >= 1 and bool(temp_files(out)), proc)
-        assert proc.poll() is None, "the batch finished before it could be killed: give it more scenes"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    _signal_mid_scene(tiny_unet, arch, out, tmp_path / "killed.log", signal.SIGKILL)
     done_before = _done_count(out)
     assert 1 <= done_before < 12
     # Leftovers of other killed runs (temp output, GDAL staging file, its sidecar) are cleaned too.
