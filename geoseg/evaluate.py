@@ -321,11 +321,11 @@ def evaluate_vector(
             cm.update(burned, pred_block, valid=inside_poly)
         map_pixels = map_area = None
         if stratified:
-            map_pixels = _class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows)
             # ground areas (geodesic m² row by row on a geographic CRS); pixels on a grid without a CRS
             areas = pixel_areas(pds.crs, pds.transform, pds.height)
-            map_area = (_class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows, row_area=areas)
-                        if isinstance(areas, np.ndarray) else map_pixels * (1.0 if areas is None else areas))
+            map_pixels, row_area = _class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows,
+                                                 row_area=areas if isinstance(areas, np.ndarray) else None)
+            map_area = row_area if row_area is not None else map_pixels * (1.0 if areas is None else areas)
             units = area_units(pds.crs)
     samples = {"points": int(inside.sum()), "points_outside": int((~inside).sum()),
                "polygons": len(np.unique(owner[is_poly])),
@@ -353,26 +353,29 @@ def evaluate_vector(
 
 
 def _value_counts(ds: Any, box: tuple[int, int, int, int], block_rows: int,
-                  row_area: np.ndarray | None = None) -> np.ndarray:
-    """Pixels of each value 0..65535 in the ``(col, row, width, height)`` box of band 1 of ``ds``
-    (their summed ``row_area``, the area of a pixel of each of the dataset's rows, when given)."""
+                  row_area: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pixels of each value 0..65535 in the ``(col, row, width, height)`` box of band 1 of ``ds``,
+    and (with ``row_area``, the area of a pixel of each of the dataset's rows) their summed area,
+    in one pass."""
     c0, r0, w, h = box
-    counts = np.zeros(65536, np.int64 if row_area is None else np.float64)
+    counts = np.zeros(65536, np.int64)
+    area = None if row_area is None else np.zeros(65536)
     for row in range(r0, r0 + h, block_rows):
         block = ds.read(1, window=Window(c0, row, w, min(block_rows, r0 + h - row)))
-        if row_area is None:
-            counts += np.bincount(block.ravel().astype(np.int64), minlength=65536)[:65536]
-        else:
-            add_area_counts(counts, block, row_area[row:row + block.shape[0]])
-    return counts
+        counts += np.bincount(block.ravel().astype(np.int64), minlength=65536)[:65536]
+        if area is not None:
+            add_area_counts(area, block, row_area[row:row + block.shape[0]])  # type: ignore[index]
+    return counts, area
 
 
 def _class_pixels(ds: Any, box: tuple[int, int, int, int], class_ids: Sequence[int], block_rows: int,
-                  row_area: np.ndarray | None = None) -> np.ndarray:
-    """Pixels (or their area, see :func:`_value_counts`) of each of ``class_ids`` in the
-    ``(col, row, width, height)`` box of band 1 of ``ds``."""
-    counts = _value_counts(ds, box, block_rows, row_area)
-    return np.array([counts[c] if 0 <= c < 65536 else 0 for c in class_ids], counts.dtype)
+                  row_area: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pixels of each of ``class_ids`` in the ``(col, row, width, height)`` box of band 1 of ``ds``,
+    and their area with ``row_area`` (see :func:`_value_counts`)."""
+    counts, area = _value_counts(ds, box, block_rows, row_area)
+    pick = [c if 0 <= c < 65536 else None for c in class_ids]
+    return (np.array([counts[c] if c is not None else 0 for c in pick], np.int64),
+            None if area is None else np.array([area[c] if c is not None else 0.0 for c in pick]))
 
 
 def _reference_classes(vec: VectorData, field: str | None, table: Sequence[Any] | None, path: Path) -> np.ndarray:
@@ -540,7 +543,7 @@ def draw_sample(
             for row in range(r0, r0 + h, block_rows):
                 yield row, ds.read(1, window=Window(c0, row, w, min(block_rows, r0 + h - row)))
 
-        counts = _value_counts(ds, (c0, r0, w, h), block_rows)
+        counts, _ = _value_counts(ds, (c0, r0, w, h), block_rows)
         classes = [c for c in (ids if ids is not None else np.nonzero(counts)[0].tolist()) if c not in skip]
         # which occurrence (rank, in reading order) of each class is drawn
         ranks = {c: np.sort(rng.choice(counts[c], min(per_class, counts[c]), replace=False))

@@ -635,7 +635,6 @@ def write_qml(mask_path: str | Path, classes: Sequence[ClassInfo]) -> Path:
     return out
 
 
-
 # ---- ground areas -----------------------------------------------------------------------------
 def area_units(crs: Any) -> str:
     """Units of ground areas on ``crs`` (``m2`` for a geographic CRS: geodesic areas; ``pixels``
@@ -702,6 +701,7 @@ def ground_pixel_size_m(crs: Any, transform: Any, height: int) -> float | None:
     except Exception:  # noqa: BLE001 - rasterio raises CRSError for CRSs without linear units
         return None
     return float(np.sqrt(area)) * factor
+
 
 __all__ = [
     "add_area_counts",
