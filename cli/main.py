@@ -73,7 +73,7 @@ def _import_paddle_first() -> None:
 
     if importlib.util.find_spec("paddle") is not None:  # missing: the command itself says how to install it
         with contextlib.suppress(Exception), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="No ccache found")  # (logging is not set up yet)
+            warnings.filterwarnings("ignore", message="No ccache found")
             import paddle  # noqa: F401
 
 
@@ -81,14 +81,6 @@ class GeosegGroup(click.Group):
     """A group whose subcommands turn library errors into one-line messages, no traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        import signal
-        import threading
-
-        previous = None
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            if ctx.protected_args and ctx.protected_args[0] in _PADDLE_COMMANDS and not {"-h", "--help"} & set(ctx.args):
-                _import_paddle_first()
-            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", GeosegWarning)
@@ -104,9 +96,19 @@ class GeosegGroup(click.Group):
         except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
             logging.getLogger("geoseg").debug("error details", exc_info=True)
             raise to_click_error(exc) from None
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
+    """Turn SIGTERM into :class:`Terminated` while the command runs (main thread, default handler only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return
+    if ctx.invoked_subcommand in _PADDLE_COMMANDS and not {"-h", "--help"} & set(ctx.args):
+        _import_paddle_first()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -150,6 +152,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     """
     verbosity = verbose - quiet
     _setup_logging(verbosity)
+    _stop_cleanly_on_sigterm(ctx)
     ctx.ensure_object(dict)
     ctx.obj["verbosity"] = verbosity
     ctx.obj["quiet"] = quiet > 0

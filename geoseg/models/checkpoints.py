@@ -84,8 +84,6 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
         state = paddle.load(str(path))  # type: ignore[attr-defined]
     except Exception as exc:  # paddle raises ValueError, EOFError, pickle errors ...
         if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("numpy"):
-            import numpy as np
-
             raise WeightsError(
                 f"weights file {path} was saved with another numpy ({exc.name} is missing from numpy {np.__version__}): "
                 "install numpy 2 (pip install 'numpy>=2'), as geoseg requires"
