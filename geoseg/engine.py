@@ -962,21 +962,19 @@ def segment_scene(
                 mask_path, gridspec, mask_profile, overwrite=opts.overwrite,
                 colormap=class_colormap(mc.classes),
                 tags={**classes_tag(mc.classes), "GEOSEG_MODEL": mc.name, **prior_tags},
-                description="land cover class",
+                description="land cover class", registry=writers,
             )
-            writers.append(mask_w)
             conf_w = None
             if opts.confidence != "none":
                 conf_w = COGWriter(conf_path, gridspec, get_profile(f"confidence_{opts.confidence}"),
-                                   overwrite=opts.overwrite, description="max class probability")
-                writers.append(conf_w)
+                                   overwrite=opts.overwrite, description="max class probability", registry=writers)
             prob_w = None
             if opts.probabilities != "none":
                 prob_w = COGWriter(prob_path, gridspec, get_profile(f"probabilities_{opts.probabilities}"),
                                    overwrite=opts.overwrite, count=mc.num_classes,
                                    description=[f"probability of {c.name} (class {c.id})" for c in mc.classes],
-                                   tags={**classes_tag(mc.classes), "GEOSEG_MODEL": mc.name, **prior_tags})
-                writers.append(prob_w)
+                                   tags={**classes_tag(mc.classes), "GEOSEG_MODEL": mc.name, **prior_tags},
+                                   registry=writers)
 
             counts = np.zeros(256, np.int64)
             areas = pixel_areas(out_meta.crs, out_meta.transform, out_meta.height)  # per row on a degree grid

@@ -428,7 +428,10 @@ class COGWriter:
         tags: dict[str, str] | None = None,
         description: str | Sequence[str] | None = None,
         count: int = 1,
+        registry: list[COGWriter] | None = None,
     ) -> None:
+        """``registry``: a list this writer joins as soon as its staging file exists, so a caller that
+        aborts the writers of that list on any exception (SIGTERM included) never misses its file."""
         from geoseg.atomic import check_output
 
         self.path = check_output(path, overwrite)
@@ -464,17 +467,23 @@ class COGWriter:
                 self._ds = rasterio.open(self._staging, "w", **staging_profile)
         except rasterio.errors.RasterioError as exc:
             raise OutputError(f"cannot create {self.path}: {exc}") from None
-        if grid.crs is None and grid.gcps:
-            self._ds.gcps = grid.gcps
-        elif grid.crs is None and grid.rpcs:
-            self._ds.rpcs = grid.rpcs
-        if colormap:
-            self._ds.write_colormap(1, colormap)
-        if tags:
-            self._ds.update_tags(**tags)
-        for i, text in enumerate([description] if isinstance(description, str) else description or [], 1):
-            self._ds.set_band_description(i, text)
         self._closed = False
+        if registry is not None:
+            registry.append(self)
+        try:
+            if grid.crs is None and grid.gcps:
+                self._ds.gcps = grid.gcps
+            elif grid.crs is None and grid.rpcs:
+                self._ds.rpcs = grid.rpcs
+            if colormap:
+                self._ds.write_colormap(1, colormap)
+            if tags:
+                self._ds.update_tags(**tags)
+            for i, text in enumerate([description] if isinstance(description, str) else description or [], 1):
+                self._ds.set_band_description(i, text)
+        except BaseException:  # (a signal too): no staging file is left behind
+            self.abort()
+            raise
 
     def update_tags(self, **tags: str) -> None:
         """Add dataset tags before :meth:`close` (e.g. statistics known only once written)."""
