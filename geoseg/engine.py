@@ -1077,6 +1077,9 @@ def _progress_bar(total: int, name: str) -> Any:
 #: Resident memory of the CPU inference runtime at batch 1 (measured: DeepLabv3+ R18, 512² window).
 RUNTIME_BASE_MB = 600.0
 RUNTIME_PER_WINDOW_MB = 140.0
+#: Each further member of a seed ensemble (bench_predict, 2048², session 8: the single DeepLabv3+
+#: peaked at 817 MB, its 2-member ensemble at 942 MB).
+RUNTIME_PER_MEMBER_MB = 125.0
 
 
 def default_batch_size(device: str, tile: int) -> int:
@@ -1148,7 +1151,9 @@ def describe_scene(
     strip_mb = (num_classes * 4 + 4 + 1 + 1) * min(tile, meta.height) * run_width / 2**20
     reads_mb = 3 * batch_size * len(meta.data_bands) * tile * tile * (itemsize + 4) / 2**20
     # the runtime's working set grows with the pixels of a batch (measured per 512² window)
-    est = RUNTIME_BASE_MB + RUNTIME_PER_WINDOW_MB * (batch_size - 1) * (tile / 512) ** 2 + strip_mb + reads_mb
+    members = int(source.card.params.get("members", 1)) if source is not None else 1
+    est = (RUNTIME_BASE_MB + RUNTIME_PER_MEMBER_MB * (members - 1)
+           + RUNTIME_PER_WINDOW_MB * (batch_size - 1) * (tile / 512) ** 2 + strip_mb + reads_mb)
     nodata = (
         f"value {meta.nodata}" if meta.nodata is not None
         else f"alpha band {meta.alpha_band}" if meta.alpha_band is not None

@@ -55,6 +55,21 @@ def test_info_prints_what_predict_sees(runner: CliRunner, tmp_path: Path) -> Non
     assert d["memory_estimate_mb"] > 500
 
 
+def test_info_memory_estimate_counts_ensemble_members(tmp_path: Path) -> None:
+    """A seed ensemble holds one network per member: the shipped 3-member UNet's estimate is two members
+    above the same windows without a model."""
+    from geoseg.engine import RUNTIME_PER_MEMBER_MB, describe_scene, resolve_model
+    from geoseg.errors import ResolutionWarning
+
+    src = rgb(tmp_path, h=300, w=400)
+    unet = resolve_model("unet")
+    assert unet.card.params["members"] == 3
+    with pytest.warns(ResolutionWarning):  # 10 m pixels for a 28.5 m model
+        with_model = describe_scene(src, source=unet)
+    plain = describe_scene(src, unet.card.tile_size, unet.card.overlap, unet.card.num_classes, with_model["batch_size"])
+    assert with_model["memory_estimate_mb"] - plain["memory_estimate_mb"] == pytest.approx(2 * RUNTIME_PER_MEMBER_MB, abs=1)
+
+
 def test_info_uses_the_model_predict_would_run(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from geoseg.card import ModelCard
