@@ -70,10 +70,7 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
                 verdict = "" if worst <= INPUT_RANGE_Z else ": not on the scale it learned, its map may be meaningless"
                 rows.append(("values", f"bands average within {worst:.1f} standard deviations of its training data{verdict}"))
         if m["pixel_size"] and d["ground_pixel_m"]:
-            from geoseg.engine import RESOLUTION_FACTOR
-
-            ratio = m["pixel_size"] / d["ground_pixel_m"]
-            verdict = "" if max(ratio, 1 / ratio) <= RESOLUTION_FACTOR else ": resample the scene, its map may be poor"
+            verdict = ": resample the scene, its map may be poor" if m["resolution_mismatch"] else ""
             rows.append(("resolution", f"the model learned from {m['pixel_size']:.3g} m pixels{verdict}"))
     rows += [
         ("windows", f"{d['windows']} ({d['window_grid'][0]} rows x {d['window_grid'][1]} cols of {d['tile_size']} px, "

@@ -59,7 +59,6 @@ from geoseg.io import (
     close_handles,
     add_area_counts,
     georeferencing,
-    ground_pixel_area,
     ground_pixel_size_m,
     is_virtual,
     open_scene,
@@ -846,10 +845,8 @@ def check_resolution(meta: SceneMeta, card: ModelCard) -> float | None:
     given 10 m pixels sees every field and building three times its size, and writes a plausible
     looking but poor map. Returns the scene's ground pixel size in metres (None when unknown)."""
     size = ground_pixel_size_m(meta.crs, meta.transform, meta.height)
-    if size is None or card.pixel_size is None:
-        return size
-    ratio = card.pixel_size / size  # how many scene pixels a training pixel's ground spans
-    if max(ratio, 1 / ratio) > RESOLUTION_FACTOR:
+    ratio = resolution_mismatch(size, card)
+    if ratio is not None:
         span = f"{ratio:.1f} times as many" if ratio > 1 else f"{1 / ratio:.1f} times fewer"
         warnings.warn(
             f"{meta.path.name}: its pixels are {size:.3g} m on the ground, {card.name} learned from {card.pixel_size:.3g} m "
@@ -857,6 +854,15 @@ def check_resolution(meta: SceneMeta, card: ModelCard) -> float | None:
             f"about {card.pixel_size:.3g} m (e.g. gdalwarp -tr with -r average) or train a model at this resolution",
             ResolutionWarning, stacklevel=3)
     return size
+
+
+def resolution_mismatch(size: float | None, card: ModelCard) -> float | None:
+    """``card.pixel_size / size`` (how many scene pixels of ground ``size`` m a training pixel spans)
+    when it lies beyond :data:`RESOLUTION_FACTOR` either way; None when within it or unknown."""
+    if size is None or card.pixel_size is None:
+        return None
+    ratio = card.pixel_size / size
+    return ratio if max(ratio, 1 / ratio) > RESOLUTION_FACTOR else None
 
 
 def segment_scene(
@@ -913,11 +919,10 @@ def segment_scene(
         vector_path = None
     if vector_path is not None:
         check_output(vector_path, opts.overwrite)
-        from geoseg.vectorize import vector_settings  # the polygons' settings, refused now rather than after the mask
+        from geoseg.vectorize import mask_pixel_area, vector_settings  # refused now rather than after the mask
 
-        pixel_area = ground_pixel_area(out_meta.crs, out_meta.transform, out_meta.height)
-        vector_settings(opts.min_area, None, opts.simplify, pixel_area or abs(out_meta.transform.determinant),
-                        (out_meta.height, out_meta.width))
+        vector_settings(opts.min_area, None, opts.simplify,
+                        mask_pixel_area(out_meta.crs, out_meta.transform, out_meta.height), (out_meta.height, out_meta.width))
     check_georeferenced(meta)
     adapt = mc.adapt_prior if opts.adapt_prior is None else opts.adapt_prior
     if adapt:
@@ -1114,13 +1119,15 @@ def describe_scene(
     meta = open_scene(input_path)
     area = load_aoi(aoi, meta) if aoi is not None else None
     model: dict[str, Any] | None = None
+    ground = ground_pixel_size_m(meta.crs, meta.transform, meta.height)
     if source is not None:
         mc = source.card
         tile = tile or mc.tile_size
         overlap = mc.overlap if overlap is None else overlap
         num_classes = num_classes or mc.num_classes
         model = {"name": mc.name, "architecture": mc.architecture, "bands": list(mc.bands),
-                 "scene_bands": None, "problem": None, "input_z": None, "pixel_size": mc.pixel_size}
+                 "scene_bands": None, "problem": None, "input_z": None, "pixel_size": mc.pixel_size,
+                 "resolution_mismatch": resolution_mismatch(ground, mc)}
         check_resolution(meta, mc)
         try:
             chosen = select_bands(meta, mc, bands)
@@ -1173,7 +1180,7 @@ def describe_scene(
         "georeferenced_by": "geotransform" if meta.crs else (georeferencing(meta) or None),
         "pixel_size": list(meta.res),
         # a pixel's ground size in metres (geodesic in the middle row on a geographic CRS)
-        "ground_pixel_m": None if (g := ground_pixel_size_m(meta.crs, meta.transform, meta.height)) is None else round(g, 3),
+        "ground_pixel_m": None if ground is None else round(ground, 3),
         "transform": list(meta.transform)[:6],
         "nodata": nodata,
         "tile_size": tile,

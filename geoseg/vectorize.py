@@ -119,8 +119,8 @@ class MaskInfo:
 
     @property
     def pixel_area(self) -> float:
-        """Area of one pixel: CRS units² (projected), geodesic m² in the middle row (geographic)."""
-        return ground_pixel_area(self.crs, self.transform, self.height) or abs(self.transform.determinant)
+        """Area of one pixel in the units of ``min_area`` (see :func:`mask_pixel_area`)."""
+        return mask_pixel_area(self.crs, self.transform, self.height)
 
     @property
     def pixel_size(self) -> float:
@@ -312,6 +312,12 @@ def min_pixels_for(min_area: float | None, min_pixels: int | None, pixel_area: f
         raise ParameterError(f"{given} is not smaller than the whole mask ({shape[1]} x {shape[0]} = "
                              f"{shape[0] * shape[1]} pixels): use a smaller minimum mapping unit")
     return px
+
+
+def mask_pixel_area(crs: CRS | None, transform: Affine, height: int) -> float:
+    """A mask pixel's area in the units of ``min_area``: CRS units² (projected), geodesic m² in the
+    middle row (geographic), pixel units² without a CRS."""
+    return ground_pixel_area(crs, transform, height) or abs(transform.determinant)
 
 
 def vector_settings(min_area: float | None, min_pixels: int | None, simplify: float | None, pixel_area: float,
