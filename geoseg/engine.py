@@ -847,10 +847,10 @@ def check_resolution(meta: SceneMeta, card: ModelCard) -> float | None:
     size = ground_pixel_size_m(meta.crs, meta.transform, meta.height)
     ratio = resolution_mismatch(size, card)
     if ratio is not None:
-        span = f"{ratio:.1f} times as many" if ratio > 1 else f"{1 / ratio:.1f} times fewer"
+        span = f"{ratio:.1f} times as many pixels as" if ratio > 1 else f"{1 / ratio:.1f} times fewer pixels than"
         warnings.warn(
             f"{meta.path.name}: its pixels are {size:.3g} m on the ground, {card.name} learned from {card.pixel_size:.3g} m "
-            f"ones: objects span {span} pixels as in its training data, and its map may be poor; resample the scene to "
+            f"ones: objects span {span} in its training data, and its map may be poor; resample the scene to "
             f"about {card.pixel_size:.3g} m (e.g. gdalwarp -tr with -r average) or train a model at this resolution",
             ResolutionWarning, stacklevel=3)
     return size

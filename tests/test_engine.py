@@ -471,7 +471,9 @@ def test_scenes_at_another_resolution_than_the_model_s_warn(tmp_path: Path) -> N
         assert len(hits) == int(warned) and res.mask.exists(), (name, hits)
         if name == "s2.tif":
             assert "its pixels are 10 m on the ground" in hits[0] and "learned from 28.5 m" in hits[0]
-            assert "2.9 times as many pixels" in hits[0] and "resample the scene to about 28.5 m" in hits[0]
+            assert "2.9 times as many pixels as in its training data" in hits[0] and "resample the scene to about 28.5 m" in hits[0]
+        if name == "modis.tif":
+            assert "8.8 times fewer pixels than in its training data" in hits[0]
     assert ground_pixel_size_m(open_scene(tmp_path / "ft.tif").crs, from_origin(0, 0, 100, 100), 1) == pytest.approx(30.48, abs=0.01)
     # no CRS, or a card without pixel_size: nothing to compare
     with warnings.catch_warnings(record=True) as seen:
