@@ -639,6 +639,19 @@ def read_labels(path: Path, window: Window, shift: Sequence[int] = (0, 0)) -> tu
         raise SceneReadError(f"labels {path} cannot be read: {exc}") from None
 
 
+def one_class_message(classes: Sequence[ClassInfo], ignore: Sequence[int], nodata: Sequence[float], listed: bool) -> str:
+    """Why a class table of fewer than two classes cannot be trained, and what to change."""
+    have = f"one class only ({classes[0].id})" if classes else "no class"
+    if listed:
+        return f"the config's classes list {have}: a segmentation model needs at least two; list every class the labels hold"
+    dropped = [f"value {v} (ignore)" for v in ignore] + [f"value {v:g} (the label raster's nodata)" for v in nodata]
+    why = f"; label {', '.join(dropped)} is not a class" if dropped else ""
+    fix = (": if it is one (e.g. 0 = background in a building mask), set ignore: [] (--set ignore=[]) or list the "
+           "classes with their ids" if ignore and not nodata else
+           "" if not dropped else ": if it is one, list the classes with their ids (and unset the labels' nodata)")
+    return f"the training labels hold {have} in the training region{why}{fix}; a segmentation model needs at least two"
+
+
 def class_table(cfg: TrainConfig, labels_path: Path, present: Sequence[int]) -> tuple[ClassInfo, ...]:
     """Classes from the config, else the label ids present (colours from the label palette)."""
     if cfg.classes:
@@ -1370,6 +1383,9 @@ class Trainer:
                 del raw_train
         present = sorted(present_set)
         self.classes = class_table(cfg, scenes[0]["labels"], present)
+        if len(self.classes) < 2:
+            nodata = sorted({float(sc["label_nodata"]) for sc in scenes if sc["label_nodata"] is not None})
+            raise ParameterError(one_class_message(self.classes, cfg.ignore, nodata, bool(cfg.classes)))
         ids = [c.id for c in self.classes]
         lut_size = max(max(ids), max_label) + 1
         self.lut = np.full(lut_size, IGNORE_INDEX, np.int64)

@@ -682,6 +682,25 @@ def test_label_zero_is_learned_when_it_is_a_class(tmp_path: Path) -> None:
     assert _cfg(pair, tmp_path / "o").ignore == (0,)  # classes 1..3: 0 still means unlabelled
 
 
+def test_a_binary_mask_with_background_zero_is_not_trained_as_one_class(tmp_path: Path) -> None:
+    """A building mask (0 background, 1 building, no nodata): the default ignore [0] would leave one
+    class, and a one-class model predicts that class everywhere: refused, saying how to keep 0."""
+    cls = class_image(H, W, 2, seed=3).astype(np.uint8)  # 0..1
+    img = np.stack([cls * 90 + 40, cls * 50 + 60, 200 - cls * 70]).astype(np.uint8)
+    pair = (write_raster(tmp_path / "img.tif", img), write_raster(tmp_path / "lab.tif", cls))
+    with pytest.raises(ParameterError, match=r"labels hold one class only \(1\) in the training region; label value 0 "
+                                             r"\(ignore\) is not a class: .*set ignore: \[\]"):
+        Trainer(_cfg(pair, tmp_path / "o", classes=None))
+    tr = Trainer(_cfg(pair, tmp_path / "o", classes=None, ignore=[]))
+    assert [c.id for c in tr.classes] == [0, 1]
+    # 0 as the label raster's nodata: the hint names it
+    nod = (pair[0], write_raster(tmp_path / "lab0.tif", cls, nodata=0))
+    with pytest.raises(ParameterError, match=r"value 0 \(the label raster's nodata\) is not a class"):
+        Trainer(_cfg(nod, tmp_path / "o", classes=None, ignore=[]))
+    with pytest.raises(ParameterError, match=r"the config's classes list one class only \(1\)"):
+        Trainer(_cfg(pair, tmp_path / "o", classes=[{"id": 1, "name": "building"}]))
+
+
 def test_a_region_too_large_for_memory_is_refused_before_reading(scene: tuple[Path, Path], tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import collections
