@@ -126,7 +126,10 @@ def run_one(size: int, model: str, batch_size: int | None, tile: int | None, ove
     tile = tile or src.card.tile_size
     overlap = src.card.overlap if overlap is None else overlap
     batch_size = batch_size or default_batch_size(device, tile)
-    predictor(np.zeros((1, src.card.in_channels, 512, 512), np.float32))  # warm-up (oneDNN kernels)
+    # warm-up (oneDNN kernels) with predict's own batch shape: a larger one (this bench warmed up on
+    # one 512² window until session 19) raises the peak RSS above what predict ever holds (886 MB
+    # against 692 MB for the shipped DeepLabv3+ at 128² batch 4) and hides how memory grows with the scene
+    predictor(np.zeros((batch_size, src.card.in_channels, tile, tile), np.float32))
     out = WORK / f"out_{size}"
     out.mkdir(exist_ok=True)
     res = segment_scene(scene, out, source=src, predictor=predictor,

@@ -35,6 +35,10 @@ def _ignore_list(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--field", default=None, metavar="NAME",
               help="Vector reference: the attribute with each feature's class, as ids or class names "
                    "[default: class_id].")
+@click.option("--background", default=None, metavar="CLASS",
+              help="Vector reference: the class (id or name) of every pixel outside the polygons, which are then a "
+                   "complete map (e.g. 0 around building footprints: false positives count too). With a two-class "
+                   "prediction --field may be left out: every polygon is the other class.")
 @click.option("--stratified", is_flag=True,
               help="Vector points that are a stratified random (or simple random, systematic) sample of the map: also "
                    "print area-weighted accuracies and error-adjusted class areas with 95 % CIs (Olofsson et al. 2014; "
@@ -52,7 +56,7 @@ def _ignore_list(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--record-card", type=click.Path(path_type=Path), default=None, metavar="CARD.yaml",
               help="Also store mIoU, OA, kappa and per-class IoU in this model card under metrics.<--record-as>.")
 @click.option("--record-as", default="test", show_default=True, help="Key under the card's metrics for --record-card.")
-def evaluate(prediction: Path, reference: Path, field: str | None, stratified: bool, region: str | None,
+def evaluate(prediction: Path, reference: Path, field: str | None, background: str | None, stratified: bool, region: str | None,
              classes: tuple[int, ...] | None, miou_classes: tuple[int, ...] | None, ignore: tuple[int, ...] | None,
              as_json: bool, record_card: Path | None, record_as: str) -> None:
     """Compare PREDICTION (e.g. <stem>_landcover.tif from predict) with --reference labels.
@@ -66,6 +70,7 @@ def evaluate(prediction: Path, reference: Path, field: str | None, stratified: b
     Examples:
       geoseg evaluate scene_landcover.tif --reference labels.tif --region 326,0,163,443 --json
       geoseg evaluate scene_landcover.tif --reference field_points.gpkg --field landcover
+      geoseg evaluate buildings_pred.tif --reference footprints.geojson --background 0
     """
     from geoseg.errors import ParameterError
     from geoseg.evaluate import evaluate_rasters, evaluate_vector, format_table, record_in_card
@@ -73,10 +78,10 @@ def evaluate(prediction: Path, reference: Path, field: str | None, stratified: b
 
     if is_vector_path(reference):
         result = evaluate_vector(prediction, reference, field=field, region=region, classes=classes,
-                                 average_over=miou_classes, ignore=ignore, stratified=stratified)
-    elif field is not None or stratified:
-        raise ParameterError(f"--{'field' if field is not None else 'stratified'} is for a vector reference; "
-                             f"{reference.name} is read as a raster")
+                                 average_over=miou_classes, ignore=ignore, stratified=stratified, background=background)
+    elif field is not None or stratified or background is not None:
+        used = "field" if field is not None else "stratified" if stratified else "background"
+        raise ParameterError(f"--{used} is for a vector reference; {reference.name} is read as a raster")
     else:
         result = evaluate_rasters(prediction, reference, region=region, classes=classes, average_over=miou_classes,
                                   ignore=ignore)

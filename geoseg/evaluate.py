@@ -206,6 +206,7 @@ def evaluate_vector(
     ignore: Sequence[int] | None = None,
     block_rows: int = 256,
     stratified: bool = False,
+    background: int | str | None = None,
 ) -> EvalResult:
     """Compare a predicted class raster with reference points and/or polygons (any CRS).
 
@@ -227,6 +228,11 @@ def evaluate_vector(
             the map: also give area-weighted accuracies and error-adjusted class areas with
             confidence intervals (:func:`geoseg.metrics.stratified_estimates`, strata = the map's
             classes, whose pixels are counted in the region). Points only.
+        background: The class (id, or name in the prediction's class table) of every pixel of
+            the prediction (or ``region``) outside the polygons: the polygons are then a complete
+            map, e.g. building footprints whose surroundings are background, so false positives
+            count too. With it and a two-class prediction, ``field`` may be left out (every
+            polygon is the other class). Polygons only.
     """
     import shapely
     from rasterio.features import rasterize
@@ -243,8 +249,17 @@ def evaluate_vector(
             log.warning("warning: %s has no CRS: the coordinates of %s are taken as they are",
                         *((ref_path.name, ref_path.name) if vec.crs is None else (pred_path.name, ref_path.name)))
         table = read_classes(pds)
-        feature_ids = _reference_classes(vec, field, table, ref_path)
         ignore = _default_ignore(ignore, classes, table)
+        fill = None if background is None else _background_id(background, table, ignore, pred_path)
+        if fill is not None and field is None and "class_id" not in vec.fields:
+            others = [c.id for c in table or () if c.id != fill]
+            if len(others) != 1:
+                raise ParameterError(f"reference {ref_path.name}: give --field, the attribute holding each polygon's "
+                                     f"class (without it, --background needs a two-class prediction; "
+                                     f"{pred_path.name} has {len(table or ())} classes)")
+            feature_ids = np.full(len(vec.geoms), others[0], np.int64)
+        else:
+            feature_ids = _reference_classes(vec, field, table, ref_path)
         present = ~shapely.is_missing(vec.geoms) & ~shapely.is_empty(vec.geoms)
         unlabelled = int((present & (feature_ids < 0)).sum())
         keep = present & (feature_ids >= 0)
@@ -258,6 +273,9 @@ def evaluate_vector(
         is_point, is_poly = kinds == 0, kinds == 3
         if not (is_point.any() or is_poly.any()):
             raise ParameterError(f"reference {ref_path.name} has no points or polygons with a class")
+        if fill is not None and is_point.any():
+            raise ParameterError(f"--background makes {ref_path.name} a complete map of polygons; it has points: "
+                                 "evaluate points without --background")
         if stratified and is_poly.any():
             raise ParameterError(f"--stratified needs sample points; {ref_path.name} has polygons (a polygon is not a "
                                  "sample unit of a stratified random sample)")
@@ -288,7 +306,8 @@ def evaluate_vector(
         tree = shapely.STRtree(poly_geoms) if len(poly_geoms) else None
 
         def polygon_blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-            """``(burned reference ids, prediction, inside a polygon)`` of each block the polygons meet."""
+            """``(burned reference ids, prediction, inside a polygon)`` of each block the polygons meet
+            (with ``background``: of every block, its other pixels burned as the background)."""
             if tree is None:
                 return
             for row in range(r0, r0 + h, block_rows):
@@ -297,15 +316,22 @@ def evaluate_vector(
                 corners = np.array([t * (0, 0), t * (window.width, 0), t * (0, window.height),
                                     t * (window.width, window.height)])
                 hits = np.sort(tree.query(shapely.box(*corners.min(0), *corners.max(0))))  # file order: later wins
+                shape = (int(window.height), int(window.width))
+                if fill is not None:
+                    burned = (rasterize(zip(poly_geoms[hits], poly_ids[hits].tolist()), out_shape=shape, transform=t,
+                                        fill=fill, dtype="int32") if len(hits) else np.full(shape, fill, np.int32))
+                    yield burned, pds.read(1, window=window), np.ones(shape, bool)
+                    continue
                 if not len(hits):
                     continue
                 burned = rasterize(zip(poly_geoms[hits], poly_ids[hits].tolist()),
-                                   out_shape=(window.height, window.width), transform=t, fill=-1, dtype="int32")
+                                   out_shape=shape, transform=t, fill=-1, dtype="int32")
                 inside_poly = burned >= 0
                 if inside_poly.any():
                     yield burned, pds.read(1, window=window), inside_poly
 
-        ref_ids = sorted({int(v) for v in np.concatenate([pt_ids[inside], poly_ids])} - set(ignore))
+        ref_ids = sorted({int(v) for v in np.concatenate([pt_ids[inside], poly_ids, [] if fill is None else [fill]])}
+                         - set(ignore))
         ids = [int(c) for c in classes] if classes is not None else [c.id for c in table] if table else None
         if ids is None:  # no class table: the ids either side holds (a first pass over the polygons' pixels)
             predicted = {int(v) for v in pt_pred[inside]}
@@ -376,6 +402,24 @@ def _class_pixels(ds: Any, box: tuple[int, int, int, int], class_ids: Sequence[i
     pick = [c if 0 <= c < 65536 else None for c in class_ids]
     return (np.array([counts[c] if c is not None else 0 for c in pick], np.int64),
             None if area is None else np.array([area[c] if c is not None else 0.0 for c in pick]))
+
+
+def _background_id(background: int | str, table: Sequence[Any] | None, ignore: Sequence[int], path: Path) -> int:
+    """The class id of ``background`` (a whole id, or a class name of the prediction's ``table``)."""
+    text = str(background).strip()
+    if text.isdigit():
+        fill = int(text)
+    else:
+        by_name = {c.name.lower(): c.id for c in table or ()}
+        if text.lower() not in by_name:
+            hint = (f"the prediction's classes are {', '.join(c.name for c in table)}" if table
+                    else f"{path.name} has no class table: give a class id")
+            raise ParameterError(f"--background {text!r} is not a class: {hint}")
+        fill = by_name[text.lower()]
+    if fill in ignore:
+        raise ParameterError(f"--background {fill} is also an --ignore value, so its pixels would not be counted: "
+                             "give --ignore none (or the values that mean unlabelled)")
+    return fill
 
 
 def _reference_classes(vec: VectorData, field: str | None, table: Sequence[Any] | None, path: Path) -> np.ndarray:

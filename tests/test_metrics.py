@@ -237,6 +237,52 @@ def test_evaluate_against_polygons_by_class_name(tmp_path: Path) -> None:
         evaluate_vector(pred, away, field="lc")
 
 
+def test_footprints_with_a_background_score_like_their_raster(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    """Building footprints without a class field, around them background 0: every pixel of the
+    prediction is scored (false positives too), exactly as the footprints burned into a raster."""
+    import rasterio
+
+    from geoseg.card import ClassInfo
+    from geoseg.evaluate import evaluate_vector
+    from geoseg.io import classes_tag
+    from geoseg_cli.main import cli
+
+    rng = np.random.default_rng(4)
+    pred_arr = rng.integers(0, 2, (12, 10)).astype(np.uint8)
+    pred_arr[0, 0] = 255  # nodata: not counted
+    pred = write_raster(tmp_path / "pred.tif", pred_arr, nodata=255)
+    with rasterio.open(pred, "r+") as ds:
+        ds.update_tags(**classes_tag([ClassInfo(0, "background", (0, 0, 0)), ClassInfo(1, "building", (9, 9, 9))]))
+    boxes = [(1, 1, 4, 3), (5, 2, 9, 6), (2, 7, 4, 11)]  # col0, row0, col1, row1
+    ref_arr = np.zeros_like(pred_arr)
+    for c0, r0, c1, r1 in boxes:
+        ref_arr[r0:r1, c0:c1] = 1
+    feats = [(_pixel_square(c0, r0, c1, r1), {"osm_id": k}) for k, (c0, r0, c1, r1) in enumerate(boxes)]
+    ref = _geojson(tmp_path / "footprints.geojson", feats)
+    as_raster = evaluate_rasters(pred, write_raster(tmp_path / "ref.tif", ref_arr), ignore=())
+    for block_rows in (1, 5, 256):
+        r = evaluate_vector(pred, ref, background=0, block_rows=block_rows)  # no class field: the polygons are 1
+        np.testing.assert_array_equal(r.metrics.confusion, as_raster.metrics.confusion)
+        assert r.metrics.confusion.sum() == pred_arr.size - 1 and r.metrics.confusion[0].sum() > 0
+    assert evaluate_vector(pred, ref, background="Background").metrics.confusion.tolist() == as_raster.metrics.confusion.tolist()
+    # without --background only the footprints' pixels count (recall alone)
+    with pytest.raises(ParameterError, match="has no field 'class_id'"):
+        evaluate_vector(pred, ref)
+    with pytest.raises(ParameterError, match="'roads' is not a class: the prediction's classes are background, building"):
+        evaluate_vector(pred, ref, background="roads")
+    with pytest.raises(ParameterError, match=r"--background 0 is also an --ignore value"):
+        evaluate_vector(pred, ref, background=0, ignore=(0,))
+    xs, ys = _lonlat([1.5], [1.5])
+    pts = _geojson(tmp_path / "pts.geojson", [({"type": "Point", "coordinates": [xs[0], ys[0]]}, {"class_id": 1})])
+    with pytest.raises(ParameterError, match="--background makes pts.geojson a complete map of polygons; it has points"):
+        evaluate_vector(pred, pts, background=0)
+    r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(ref), "--background", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["confusion_matrix"] == as_raster.metrics.confusion.tolist()
+    r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(tmp_path / "ref.tif"), "--background", "0"])
+    assert r.exit_code == 1 and "--background is for a vector reference" in r.output
+
+
 def test_cli_evaluate_vector_reference(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
     from geoseg_cli.main import cli
 
