@@ -108,6 +108,10 @@ simplify_opt = click.option(
     "--simplify", type=float, default=None,
     help="Polygons: simplification tolerance in map units, m on a geographic CRS (default one pixel; 0 keeps pixel edges).",
 )
+vector_classes_opt = click.option(
+    "--vector-classes", default=None, metavar="LIST",
+    help="Polygons: write those of these classes only (ids or names, e.g. building); the mask keeps every class.",
+)
 
 tta_opt = click.option(
     "--tta", is_flag=True,
@@ -125,7 +129,7 @@ adapt_prior_opt = click.option(
 PREDICT_OPTIONS = (
     aoi_opt, tile_size_opt, overlap_opt, batch_size_opt, device_opt, precision_opt, bands_opt, tta_opt,
     adapt_prior_opt, confidence_opt, probabilities_opt,
-    blend_opt, co_opt, vector_opt, min_area_opt, simplify_opt,
+    blend_opt, co_opt, vector_opt, min_area_opt, simplify_opt, vector_classes_opt,
 )
 
 
@@ -140,7 +144,7 @@ def make_predict_options(
     *, tile_size: int | None, overlap: int | None, batch_size: int | None, device: str, precision: str,
     bands: tuple[int, ...] | None, confidence: str, blend: str, creation_options: tuple[str, ...], vector: str,
     min_area: float | None, simplify: float | None, tta: bool = False, adapt_prior: bool | None = None,
-    probabilities: str = "none", aoi: str | None = None, **extra: Any,
+    probabilities: str = "none", aoi: str | None = None, vector_classes: str | None = None, **extra: Any,
 ) -> Any:
     """Build :class:`geoseg.engine.PredictOptions` from the values of :data:`PREDICT_OPTIONS`.
 
@@ -154,7 +158,9 @@ def make_predict_options(
         precision=precision, bands=bands, blend=BlendMode(blend), confidence=confidence,  # type: ignore[arg-type]
         creation_options=parse_co(creation_options), vector=vector,  # type: ignore[arg-type]
         min_area=min_area, simplify=simplify, tta=tta, adapt_prior=adapt_prior,
-        probabilities=probabilities, aoi=aoi, **extra,  # type: ignore[arg-type]
+        probabilities=probabilities, aoi=aoi,  # type: ignore[arg-type]
+        vector_classes=None if vector_classes is None else tuple(v.strip() for v in vector_classes.split(",") if v.strip()),
+        **extra,
     )
 
 

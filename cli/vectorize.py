@@ -27,10 +27,13 @@ from geoseg_cli.options import overwrite_opt
     "--simplify", type=float, default=None,
     help="Coverage simplification tolerance in map units, m on a geographic CRS (default: one pixel; 0 keeps pixel edges).",
 )
+@click.option("--classes", "keep", default=None, metavar="LIST",
+              help="Write the polygons of these classes only (ids or names, e.g. building); the sieve and the "
+                   "simplification still see every class.")
 @overwrite_opt
 def vectorize(
     mask: Path, out: Path | None, fmt: str | None, min_area: float | None, min_pixels: int | None,
-    connectivity: str, simplify: float | None, overwrite: bool,
+    connectivity: str, simplify: float | None, keep: str | None, overwrite: bool,
 ) -> None:
     """Turn a class raster MASK into topologically clean land-cover polygons.
 
@@ -43,5 +46,6 @@ def vectorize(
     result = vec.vectorize_mask(
         mask, out, fmt=fmt, min_area=min_area, min_pixels=min_pixels,  # type: ignore[arg-type]
         connectivity=int(connectivity), simplify=simplify, overwrite=overwrite,
+        keep_classes=None if keep is None else [v for v in keep.split(",") if v.strip()],
     )
     click.echo(str(result.path))

@@ -301,6 +301,7 @@ def result_params(options: Any, card: Any) -> dict[str, Any]:
         "vector": options.vector,
         "min_area": options.min_area,
         "simplify": options.simplify,
+        **({"vector_classes": [str(v) for v in options.vector_classes]} if options.vector_classes else {}),
         **({"tta": True} if options.tta else {}),
         **({"aoi": aoi_key(options.aoi)} if options.aoi else {}),
         **({"adapt_prior": True, "prior_max_ratio": options.prior_max_ratio, "prior_windows": options.prior_windows}
@@ -800,6 +801,10 @@ def run_batch(
         log.warning("no scenes found in %s (patterns %s): nothing to do", ", ".join(map(str, inputs)),
                     " ".join(batch.patterns))
     source = model.source()  # fails early on a bad card or weights path
+    if options.vector_classes is not None and options.vector != "none":  # a typo would fail every scene
+        from geoseg.vectorize import resolve_classes
+
+        resolve_classes(options.vector_classes, {c.id: c for c in source.card.classes}, source.card.name)
     model_key = model.key()
     params_json = json.dumps(result_params(options, source.card), sort_keys=True)
 

@@ -385,6 +385,8 @@ class PredictOptions:
     min_area: float | None = None
     #: Polygon simplification tolerance in map units (m on a geographic CRS; None: one pixel; 0: pixel edges).
     simplify: float | None = None
+    #: Write the polygons of these classes only (ids or names of the card's classes; None: all).
+    vector_classes: tuple[int | str, ...] | None = None
     #: Test-time augmentation: average the model over the 8 flips/rotations of each window.
     tta: bool = False
     #: Adapt the posteriors to the scene's class priors (EM; see geoseg.priors). None: the card's
@@ -919,10 +921,12 @@ def segment_scene(
         vector_path = None
     if vector_path is not None:
         check_output(vector_path, opts.overwrite)
-        from geoseg.vectorize import mask_pixel_area, vector_settings  # refused now rather than after the mask
+        from geoseg.vectorize import mask_pixel_area, resolve_classes, vector_settings  # refused now, not after the mask
 
         vector_settings(opts.min_area, None, opts.simplify,
                         mask_pixel_area(out_meta.crs, out_meta.transform, out_meta.height), (out_meta.height, out_meta.width))
+        if opts.vector_classes is not None:
+            resolve_classes(opts.vector_classes, {c.id: c for c in mc.classes}, mc.name)
     check_georeferenced(meta)
     adapt = mc.adapt_prior if opts.adapt_prior is None else opts.adapt_prior
     if adapt:
@@ -1025,7 +1029,7 @@ def segment_scene(
 
         vec = vectorize_mask(
             mask_path, vector_path, fmt=opts.vector, min_area=opts.min_area, simplify=opts.simplify,  # type: ignore[arg-type]
-            classes=mc.classes, scene_name=input_path.name, overwrite=opts.overwrite,
+            classes=mc.classes, keep_classes=opts.vector_classes, scene_name=input_path.name, overwrite=opts.overwrite,
         )
         extra = (vec.path,)
     seconds = time.perf_counter() - t_start

@@ -54,7 +54,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -273,6 +273,28 @@ def class_lookup(classes: dict[int, ClassInfo], cid: int) -> ClassInfo:
     if 0 <= cid <= 254:
         return ClassInfo(cid, f"class_{cid}", color)
     return _LooseClass(cid, f"class_{cid}", color)  # type: ignore[return-value]
+
+
+def resolve_classes(wanted: Sequence[int | str], classes: Mapping[int, ClassInfo], what: str) -> tuple[int, ...]:
+    """Class ids of ``wanted`` (whole ids, or names in ``classes``, case-insensitive), in order.
+
+    ``what`` names the class table in the error (e.g. the mask or the model). An id that is not
+    in a non-empty table is refused too (a typo would silently write no polygon).
+    """
+    by_name = {c.name.lower(): int(c.id) for c in classes.values()}
+    ids: list[int] = []
+    for item in wanted:
+        text = str(item).strip()
+        cid = int(text) if text.lstrip("-").isdigit() else by_name.get(text.lower())
+        if cid is None or (classes and cid not in classes):
+            known = (", ".join(f"{c.id} {c.name}" for c in classes.values()) if classes
+                     else "it has no class table: give class ids")
+            raise ParameterError(f"class {text!r} is not one of {what}'s classes ({known})")
+        if cid not in ids:
+            ids.append(cid)
+    if not ids:
+        raise ParameterError("give at least one class to keep polygons of")
+    return tuple(ids)
 
 
 @dataclass(frozen=True)
@@ -875,6 +897,7 @@ def vectorize_mask(
     connectivity: int = 4,
     simplify: float | None = None,
     classes: Sequence[ClassInfo] | None = None,
+    keep_classes: Sequence[int | str] | None = None,
     scene_name: str | None = None,
     layer: str | None = None,
     overwrite: bool = False,
@@ -894,6 +917,9 @@ def vectorize_mask(
         simplify: coverage simplification tolerance in CRS units; ``None`` = one pixel,
             0 = keep pixel edges.
         classes: class names/colours overriding those stored in the mask.
+        keep_classes: write the polygons of these classes only (ids or names), e.g. the
+            buildings of a building/background mask; the sieve and the simplification still see
+            every class, so the polygons kept are those of the full coverage.
         scene_name: value of the ``scene`` field (default: the mask's stem without ``_mask``).
         layer: layer name (default: ``landcover``).
         overwrite: replace an existing output.
@@ -923,6 +949,7 @@ def vectorize_mask(
     class_map = dict(info.classes)
     if classes is not None:
         class_map = {int(c.id): c for c in classes}
+    keep = None if keep_classes is None else np.array(resolve_classes(keep_classes, class_map, mask_path.name))
     scene = scene_name if scene_name is not None else _scene_from_mask(mask_path)
     layer = layer or "landcover"
     driver = DRIVERS[fmt]
@@ -948,6 +975,9 @@ def vectorize_mask(
             writer = _LayerWriter(work, driver, layer, crs_wkt, gtype)
 
             def emit(geoms_px: np.ndarray, ids: np.ndarray) -> None:
+                if keep is not None:
+                    sel = np.isin(ids, keep)
+                    geoms_px, ids = geoms_px[sel], ids[sel]
                 geoms = to_map(geoms_px, info.transform)
                 area, perim = _measure(geoms, info.crs, min(abs(info.transform.a), abs(info.transform.e)) or None)
                 names = np.array([class_lookup(class_map, int(i)).name for i in ids], dtype=object)

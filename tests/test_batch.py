@@ -397,6 +397,21 @@ def test_prior_adaptation_is_a_result_parameter() -> None:
     assert result_params(PredictOptions(adapt_prior=True, prior_max_ratio=3.0), plain_card) != on
 
 
+def test_vector_classes_in_batch_are_checked_first_and_a_parameter(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from geoseg.batch import result_params
+    from geoseg.engine import PredictOptions
+    from tests.test_engine import identity_card
+
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 2, size=(40, 48))
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector-classes", "roads")
+    assert r.exit_code == 1 and "class 'roads' is not one of" in r.output and "Traceback" not in r.output, r.output
+    assert not list(out.glob("*.tif"))  # refused once, before any scene
+    card = identity_card(1, 2)
+    assert "vector_classes" not in result_params(PredictOptions(), card)  # earlier manifests stay valid
+    assert result_params(PredictOptions(vector_classes=("1",)), card)["vector_classes"] == ["1"]
+
+
 def test_probabilities_in_batch_are_outputs_and_a_parameter(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     arch, out = tmp_path / "arch", tmp_path / "out"
     make_archive(arch, 1, size=(40, 48))

@@ -240,6 +240,26 @@ def test_predict_vector_none_and_geojson(runner: CliRunner, tmp_path: Path, tiny
     assert (tmp_path / "b" / "scene_landcover.geojson").exists()
 
 
+def test_predict_vector_classes(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    import pyogrio
+
+    src = rgb(tmp_path)
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    _, _, _, (ids_all, *_) = pyogrio.raw.read(tmp_path / "a" / "scene_landcover.gpkg", layer="landcover")
+    keep = int(np.bincount(ids_all).argmax())
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "b"),
+                              "--vector-classes", str(keep)])
+    assert res.exit_code == 0, res.output
+    _, _, _, (ids, *_) = pyogrio.raw.read(tmp_path / "b" / "scene_landcover.gpkg", layer="landcover")
+    assert set(ids) == {keep} and len(ids) == int((ids_all == keep).sum()) and len(ids) < len(ids_all)
+    # an unknown class is refused before any output
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "c"),
+                              "--vector-classes", "roads"])
+    assert res.exit_code == 1 and "class 'roads' is not one of" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "c").exists() or outputs(tmp_path / "c") == []
+
+
 def test_version_names_the_libraries_without_importing_paddle(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     from geoseg import __version__
 

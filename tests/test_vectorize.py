@@ -158,6 +158,27 @@ def test_gpkg_output(mask_path: Path, tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_keep_classes_writes_only_their_polygons_of_the_full_coverage(mask_path: Path, tmp_path: Path) -> None:
+    """--classes forest: the forest polygons exactly as in the full run (sieved and simplified with
+    every class), no other class; names work as ids; an unknown class is refused before writing."""
+    full = vec.vectorize_mask(mask_path, tmp_path / "all.gpkg", min_pixels=4)
+    forest = next(c["id"] for c in CLASSES if c["name"] == "forest")
+    for keep in ([forest], ["Forest"], [str(forest)]):
+        out = tmp_path / f"k{len(list(tmp_path.iterdir()))}.gpkg"
+        res = vec.vectorize_mask(mask_path, out, min_pixels=4, keep_classes=keep)
+        assert res.class_counts == {forest: full.class_counts[forest]} and res.polygons == full.class_counts[forest]
+        _, _, wkb, fields = pyogrio.raw.read(out, layer="landcover")
+        _, _, wkb_all, fields_all = pyogrio.raw.read(tmp_path / "all.gpkg", layer="landcover")
+        mine = shapely.from_wkb(wkb_all)[fields_all[0] == forest]
+        assert set(fields[0]) == {forest}
+        assert shapely.equals(shapely.from_wkb(wkb), mine).all()  # the same polygons, in the same order
+    with pytest.raises(ParameterError, match=r"class 'roads' is not one of scene_mask.tif's classes \(1 "):
+        vec.vectorize_mask(mask_path, tmp_path / "x.gpkg", keep_classes=["roads"])
+    with pytest.raises(ParameterError, match=r"class '9' is not one of"):
+        vec.vectorize_mask(mask_path, tmp_path / "x.gpkg", keep_classes=[9])
+    assert not (tmp_path / "x.gpkg").exists()
+
+
 def test_rings_oriented_whatever_the_grid(tmp_path: Path) -> None:
     """A south-up mask (positive row step) gives the same polygons as its north-up twin, and every
     polygon has a counter-clockwise shell and clockwise holes (OGC; RFC 7946's right-hand rule)."""
