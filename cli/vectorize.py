@@ -10,7 +10,7 @@ from geoseg import vectorize as vec
 from geoseg_cli.options import overwrite_opt
 
 
-@click.command("vectorize", short_help="Turn a class raster into clean land-cover polygons (GeoPackage ...).")
+@click.command("vectorize", short_help="Turn a class raster into clean land-cover polygons.")
 @click.argument("mask", type=click.Path(path_type=Path))
 @click.option(
     "-o", "--out", "out", type=click.Path(path_type=Path), default=None,
