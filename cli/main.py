@@ -50,6 +50,12 @@ def to_click_error(exc: BaseException) -> click.ClickException:
         return GeosegClickError(str(exc), EXIT_FAILURE)
     if isinstance(exc, MemoryError):
         return GeosegClickError("out of memory: lower --batch-size or --tile-size", EXIT_FAILURE)
+    from geoseg.atomic import disk_full
+
+    if isinstance(exc, OSError) and disk_full(exc):
+        where = f" (writing {exc.filename})" if getattr(exc, "filename", None) else ""
+        return GeosegClickError(f"no space left on the device{where}: free some space or choose another --out",
+                                EXIT_FAILURE)
     return GeosegClickError(f"unexpected error: {type(exc).__name__}: {exc}", EXIT_FAILURE)
 
 

@@ -7,8 +7,10 @@ output under the real name); :func:`clean_temp_files` removes such leftovers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +38,38 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {parent} is not writable: choose another --out")
     return path
+
+
+#: Free space below which a failed write is put down to a full disk (GDAL often reports one only as
+#: a later read error of the file it could not finish).
+LOW_SPACE_BYTES = 16 * 2**20
+_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_FULL_TEXTS = ("no space left on device", "disk quota exceeded")
+
+
+def disk_full(exc: BaseException | None, folder: str | Path | None = None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says the disk is full, or ``folder``'s
+    file system has less than :data:`LOW_SPACE_BYTES` free."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) in _FULL_ERRNOS or any(t in str(exc).lower() for t in _FULL_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
+    return False
+
+
+def write_error(path: str | Path, exc: BaseException) -> OutputError:
+    """A one-line error for a failed write of ``path``: says when the disk is full."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if disk_full(exc, folder):
+        return OutputError(f"cannot write {path}: no space left on the device: free some space or choose another "
+                           "--out (nothing half-written was left)")
+    return OutputError(f"cannot write {path}: {exc}")
 
 
 def temp_name(path: str | Path) -> Path:

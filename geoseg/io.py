@@ -28,7 +28,7 @@ from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from geoseg.atomic import atomic_output, atomic_write_text, temp_name
+from geoseg.atomic import atomic_output, atomic_write_text, temp_name, write_error
 from geoseg.card import ClassInfo
 from geoseg.errors import NoCRSWarning, OutputError, SceneError, SceneReadError
 
@@ -491,22 +491,33 @@ class COGWriter:
 
     def write_rows(self, row0: int, data: np.ndarray) -> None:
         """Write a strip starting at raster row ``row0`` (full width): HW for one band, CHW for all."""
-        if data.ndim == 2:
-            self._ds.write(data, 1, window=Window(0, row0, self.grid.width, data.shape[0]))
-        else:
-            self._ds.write(data, window=Window(0, row0, self.grid.width, data.shape[1]))
+        try:
+            if data.ndim == 2:
+                self._ds.write(data, 1, window=Window(0, row0, self.grid.width, data.shape[0]))
+            else:
+                self._ds.write(data, window=Window(0, row0, self.grid.width, data.shape[1]))
+        except (rasterio.errors.RasterioError, OSError) as exc:
+            raise write_error(self.path, exc) from None
 
     def close(self) -> Path:
         """Convert the staging file to a COG and publish it; return the final path."""
         if self._closed:
             return self.path
-        self._ds.close()
         self._closed = True
+        try:
+            self._ds.close()  # flushes the last blocks
+        except (rasterio.errors.RasterioError, OSError) as exc:
+            _remove(self._staging)
+            raise write_error(self.path, exc) from None
         co = {k: v for k, v in self.profile.items() if k not in {"driver", "dtype", "nodata"}}
         try:
             with atomic_output(self.path, self.overwrite) as tmp:
                 with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):
                     rasterio.shutil.copy(self._staging, tmp, driver="COG", **co)
+        except (rasterio.errors.RasterioError, OSError) as exc:
+            if isinstance(exc, OutputError):
+                raise
+            raise write_error(self.path, exc) from None
         finally:
             _remove(self._staging)
         return self.path

@@ -71,9 +71,9 @@ from affine import Affine
 from rasterio import features
 from rasterio.crs import CRS
 
-from geoseg.atomic import atomic_output, check_output, staged_as
+from geoseg.atomic import atomic_output, check_output, staged_as, write_error
 from geoseg.card import PALETTE, ClassInfo
-from geoseg.errors import OutputError, ParameterError, SceneError, SceneReadError
+from geoseg.errors import ParameterError, SceneError, SceneReadError
 from geoseg.io import area_units, geodesic, ground_pixel_area
 from geoseg.io import read_classes as read_tagged_classes
 
@@ -998,7 +998,7 @@ def vectorize_mask(
                     used = sorted(counts) or sorted(class_map)
                     write_gpkg_style(work, layer, style_qml([class_lookup(class_map, c) for c in used]))  # type: ignore[misc]
             except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, sqlite3.Error) as exc:
-                raise OutputError(f"cannot write {out_path}: {exc}") from None
+                raise write_error(out_path, exc) from None
     seconds = time.perf_counter() - t0
     result = VectorizeResult(
         path=out_path, fmt=fmt, layer=layer, polygons=writer.count, class_counts=dict(sorted(counts.items())),

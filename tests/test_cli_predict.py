@@ -260,6 +260,17 @@ def test_predict_vector_classes(runner: CliRunner, tmp_path: Path, tiny_unet: tu
     assert not (tmp_path / "c").exists() or outputs(tmp_path / "c") == []
 
 
+def test_a_full_disk_is_one_line_at_the_cli() -> None:
+    import errno
+
+    from geoseg_cli.main import to_click_error
+
+    e = to_click_error(OSError(errno.ENOSPC, "No space left on device", "runs/x/weights.pdparams"))
+    assert e.message == ("no space left on the device (writing runs/x/weights.pdparams): free some space or choose "
+                         "another --out") and e.exit_code == 1
+    assert to_click_error(OSError(errno.EACCES, "Permission denied")).message.startswith("unexpected error: ")
+
+
 def test_version_names_the_libraries_without_importing_paddle(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     from geoseg import __version__
 

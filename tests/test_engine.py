@@ -208,6 +208,46 @@ def test_failure_mid_run_leaves_no_output(tmp_path: Path) -> None:
     assert list(out.iterdir()) == []
 
 
+def test_a_full_disk_is_said_in_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GDAL reports a full disk as "Write failed" (or later as a read error of its own unfinished
+    file): the error says the disk is full when the output's file system is nearly out of space."""
+    import collections
+    import errno
+
+    import geoseg.atomic as A
+    from geoseg.errors import OutputError
+
+    src = write_raster(tmp_path / "s.tif", class_image(300, 300, 2)[None].astype(np.uint8))
+    usage = collections.namedtuple("usage", "total used free")
+
+    def failing_write(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise rasterio.errors.RasterioIOError("Write failed. See previous exception for details.")
+
+    monkeypatch.setattr(rasterio.io.DatasetWriter, "write", failing_write)
+    out = tmp_path / "out"
+    kw = dict(source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2),
+              options=PredictOptions(confidence="uint8"))
+    monkeypatch.setattr(A.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(OutputError, match=r"cannot write .*s_landcover.tif: no space left on the device: free some "
+                                          r"space or choose another --out \(nothing half-written was left\)"):
+        segment_scene(src, out, **kw)
+    assert list(out.iterdir()) == []
+    # plenty of space: the error is GDAL's, still one line, still nothing left
+    monkeypatch.setattr(A.shutil, "disk_usage", lambda p: usage(10**12, 0, 10**12))
+    with pytest.raises(OutputError, match=r"cannot write .*s_landcover.tif: Write failed"):
+        segment_scene(src, out, **kw)
+    assert list(out.iterdir()) == []
+    # an errno or a message anywhere in the chain says so whatever the free space
+    try:
+        try:
+            raise RuntimeError("_tiffWriteProc: No space left on device.")  # as GDAL words it
+        except Exception as inner:
+            raise rasterio.errors.RasterioIOError("Write failed.") from inner
+    except Exception as exc:
+        assert A.disk_full(exc, tmp_path)
+    assert A.disk_full(OSError(errno.ENOSPC, "No space left on device")) and not A.disk_full(OSError(errno.EACCES, "x"))
+
+
 def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     src = write_raster(tmp_path / "s.tif", np.ones((1, 20, 20), np.uint8))
     kw = dict(source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
