@@ -17,6 +17,24 @@ class SceneReadError(GeosegError, OSError):
     """An input raster is missing, unreadable, corrupt or not a raster."""
 
 
+def gdal_reason(exc: BaseException) -> str:
+    """What GDAL said behind ``exc``, in one line: rasterio raises "Read failed. See previous
+    exception for details." from GDAL's own errors, the first naming the file and band, the last
+    the cause (e.g. "ZIPDecode:Decoding error at scanline 256")."""
+    said: list[str] = []
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).splitlines()[0].strip() if str(e) else ""
+        if text and "see previous exception" not in text.lower() and text not in said:
+            said.append(text)
+        e = e.__cause__ or e.__context__
+    if not said:
+        return type(exc).__name__
+    return said[0] if len(said) == 1 else f"{said[0]} ({said[-1]})"
+
+
 class SceneError(GeosegError, ValueError):
     """An input raster is readable but unsuitable (band count, dtype, CRS, size)."""
 

@@ -30,7 +30,7 @@ from rasterio.windows import Window
 
 from geoseg.atomic import atomic_output, atomic_write_text, temp_name, write_error
 from geoseg.card import ClassInfo
-from geoseg.errors import NoCRSWarning, OutputError, SceneError, SceneReadError
+from geoseg.errors import NoCRSWarning, OutputError, SceneError, SceneReadError, gdal_reason
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ def open_scene(path: str | Path) -> SceneMeta:
             raise SceneReadError(f"input {path} does not exist: check the path (and the name inside the archive)") from None
         if "not recognized as" in msg or "not a supported file format" in msg:
             raise SceneReadError(f"input {path} is not a raster GDAL can read: give a GeoTIFF") from None
-        raise SceneReadError(f"input {path} cannot be read ({msg}): the file may be corrupt or truncated") from None
+        raise SceneReadError(f"input {path} cannot be read ({gdal_reason(exc)}): the file may be corrupt or "
+                             "truncated") from None
     except rasterio.errors.RasterioError as exc:
         raise SceneReadError(f"input {path} cannot be read ({exc}): the file may be corrupt") from None
     if meta.dtype not in SUPPORTED_DTYPES:
@@ -292,7 +293,18 @@ def read_window_gaps(
         including every band of an invalid pixel), or ``None`` when every value has data.
     """
     ds = _handle(Path(path))
-    data = ds.read(list(bands), window=window)
+    try:
+        data = ds.read(list(bands), window=window)
+        return _valid_and_missing(ds, data, window, bands, alpha_band)
+    except rasterio.errors.RasterioIOError as exc:
+        raise SceneReadError(
+            f"input {Path(path).name} cannot be read at column {int(window.col_off)}, row {int(window.row_off)} "
+            f"({gdal_reason(exc)}): the file may be corrupt or truncated; check it with gdalinfo -checksum") from None
+
+
+def _valid_and_missing(ds: Any, data: np.ndarray, window: Window, bands: Sequence[int],
+                       alpha_band: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """See :func:`read_window_gaps`."""
     flags = [ds.mask_flag_enums[b - 1] for b in bands]
     missing: np.ndarray | None
     if alpha_band is not None:

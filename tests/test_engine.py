@@ -248,6 +248,42 @@ def test_a_full_disk_is_said_in_one_line_and_leaves_nothing(tmp_path: Path, monk
     assert A.disk_full(OSError(errno.ENOSPC, "No space left on device")) and not A.disk_full(OSError(errno.EACCES, "x"))
 
 
+def _corrupt_tile(path: Path, col: int, row: int) -> Path:
+    """Overwrite the compressed bytes of tile (col, row) of band 1 with garbage."""
+    with rasterio.open(path) as ds:
+        offset = int(ds.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=1))
+        size = int(ds.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=1))
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\x55" * size)
+    return path
+
+
+def test_a_corrupt_block_is_one_line_naming_the_file_and_place(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    """A scene whose header reads but one compressed tile does not: predict stops with a line naming
+    the file, where and GDAL's reason (it said "unexpected error: RasterioIOError: Read failed"),
+    leaves nothing; the other commands reading rasters say the same through the CLI."""
+    from geoseg.errors import SceneReadError
+    from geoseg_cli.main import cli
+
+    src = write_raster(tmp_path / "s.tif", class_image(128, 128, 2)[None].astype(np.uint8) * 50 + 10,
+                       tiled=True, blockxsize=64, blockysize=64, compress="deflate")
+    _corrupt_tile(src, 1, 0)  # the top-right tile: opening the scene decodes the first and the last tile only
+    out = tmp_path / "out"
+    with pytest.raises(SceneReadError, match=r"input s.tif cannot be read at column \d+, row \d+ \(.*s.tif, band 1: "
+                                             r".*\): the file may be corrupt or truncated; check it with gdalinfo"):
+        segment_scene(src, out, source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
+    assert not out.exists() or list(out.iterdir()) == []
+    good = write_raster(tmp_path / "m.tif", np.ones((128, 128), np.uint8))
+    r = runner.invoke(cli, ["evaluate", str(good), "--reference", str(src), "--ignore", "none"])
+    assert r.exit_code == 1 and "a raster cannot be read: s.tif, band 1" in r.output and "Traceback" not in r.output, r.output
+    assert "unexpected error" not in r.output
+    # the last tile: opening the scene finds it, with GDAL's reason rather than "Read failed"
+    _corrupt_tile(src, 1, 1)
+    with pytest.raises(SceneReadError, match=r"s.tif cannot be read \(.*s.tif, band 1: .*\): the file may be corrupt"):
+        segment_scene(src, out, source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
+
+
 def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     src = write_raster(tmp_path / "s.tif", np.ones((1, 20, 20), np.uint8))
     kw = dict(source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
