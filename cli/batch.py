@@ -20,10 +20,20 @@ _MUTED = ("geoseg.engine", "geoseg.vectorize", "rasterio", "pyogrio")
 
 
 @contextlib.contextmanager
-def _batch_logging(log_file: Path | None, verbosity: int) -> Iterator[None]:
-    """One line per scene: engine INFO lines are muted unless -v; --log-file adds a timestamped copy."""
+def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False) -> Iterator[None]:
+    """One line per scene: engine INFO lines are muted unless -v; --log-file adds a timestamped copy.
+
+    ``dask``: the run starts or joins a Dask cluster. Importing ``distributed`` sets its loggers to
+    INFO (its config), and PaddlePaddle's root handler would print the scheduler's and nannies'
+    start/stop chatter (~30 lines): it is imported first, so the level set here holds.
+    """
     root = logging.getLogger("geoseg")
-    muted = [logging.getLogger(name) for name in _MUTED]
+    names = _MUTED
+    if dask:
+        import distributed  # noqa: F401 - sets its loggers' levels on import
+
+        names = (*_MUTED, "distributed")
+    muted = [logging.getLogger(name) for name in names]
     old_levels = [lg.level for lg in muted]
     if verbosity <= 0:
         for lg in muted:
@@ -119,7 +129,7 @@ def batch(
     bo = BatchOptions(force=force, dry_run=dry_run, mosaic=mosaic, patterns=patterns or BatchOptions.patterns,
                       scheduler=scheduler, workers=workers, resources=res, report=report,
                       quiet_worker_loggers=_MUTED if ctx.obj.get("verbosity", 0) <= 0 else ())
-    with _batch_logging(log_file, ctx.obj.get("verbosity", 0)):
+    with _batch_logging(log_file, ctx.obj.get("verbosity", 0), dask=bool(scheduler or workers)):
         result = run_batch(inputs, out, bm, opts, bo)
     if dry_run:
         for scene, reason in result.planned:

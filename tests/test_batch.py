@@ -360,6 +360,21 @@ def test_local_cluster_two_workers_load_model_once_each(runner, tiny_unet, tmp_p
     assert r.stdout.count("skip\t") == 8
 
 
+def test_a_local_cluster_prints_one_line_per_scene(tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--workers 2 in a real process: the scheduler's and nannies' INFO chatter (about 30 lines, through
+    PaddlePaddle's root log handler) stays out of the output; -v shows it."""
+    arch = tmp_path / "arch"
+    make_archive(arch, 2, size=(40, 48))
+    cmd = [str(GEOSEG)] if GEOSEG.exists() else [sys.executable, "-c", "from geoseg_cli.main import cli; cli()"]
+    run = subprocess.run([*cmd, *batch_args(tiny_unet, str(arch), "--out", str(tmp_path / "out"), "--workers", "2",
+                                            "--vector", "none", "--no-mosaic")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == EXIT_OK, run.stderr
+    lines = [ln for ln in (run.stdout + run.stderr).splitlines() if ln.strip()]
+    assert not [ln for ln in lines if "INFO" in ln or "Scheduler at" in ln or "Nanny" in ln], lines
+    assert sum(" ok " in ln for ln in lines) == 2 and len(lines) <= 6, lines
+
+
 def test_workers_option_starts_a_local_cluster(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("distributed")
     arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
