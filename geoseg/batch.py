@@ -1009,6 +1009,9 @@ def dask_client(batch: BatchOptions) -> Iterator[Any]:
         return
     with LocalCluster(
         n_workers=batch.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        # the scheduler's HTTP server (health checks) starts even without a dashboard, on 8787 unless
+        # told: a second run on the machine (another archive's cron job) then warned in three lines
+        scheduler_kwargs={"dashboard_address": ":0"},
         resources=batch.resources or None,
     ) as cluster, Client(cluster) as client:
         yield client

@@ -375,6 +375,22 @@ def test_a_local_cluster_prints_one_line_per_scene(tiny_unet, tmp_path: Path) ->
     assert sum(" ok " in ln for ln in lines) == 2 and len(lines) <= 6, lines
 
 
+def test_a_local_cluster_does_not_take_port_8787() -> None:
+    """Two nightly batches with --workers on one machine: the second warned "Port 8787 is already in
+    use ... Hosting the HTTP server on port N instead" (the scheduler's HTTP server starts even
+    without a dashboard, on 8787 by default); each now takes a free port."""
+    import warnings
+
+    from geoseg.batch import BatchOptions, dask_client
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with dask_client(BatchOptions(workers=1)) as client:
+            assert client.submit(sum, [1, 2]).result() == 3
+            port = client.cluster.scheduler.http_server.port
+    assert port != 8787 and not [w for w in seen if "already in use" in str(w.message)]
+
+
 def test_workers_option_starts_a_local_cluster(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("distributed")
     arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
