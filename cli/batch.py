@@ -128,7 +128,7 @@ def batch(
                     device=device, precision=precision, threads=threads)
     bo = BatchOptions(force=force, dry_run=dry_run, mosaic=mosaic, patterns=patterns or BatchOptions.patterns,
                       scheduler=scheduler, workers=workers, resources=res, report=report,
-                      quiet_worker_loggers=_MUTED if ctx.obj.get("verbosity", 0) <= 0 else ())
+                      quiet_worker_loggers=(*_MUTED, "distributed") if ctx.obj.get("verbosity", 0) <= 0 else ())
     with _batch_logging(log_file, ctx.obj.get("verbosity", 0), dask=bool(scheduler or workers)):
         result = run_batch(inputs, out, bm, opts, bo)
     if dry_run:
