@@ -563,6 +563,14 @@ def _row_labels(geoms: np.ndarray, row: int, width: int) -> np.ndarray:
     )[0]
 
 
+def _pieces_of(labels: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``index[labels]`` where ``labels >= 0``, else -1 (``index`` may be empty: a seam row of nodata)."""
+    out = np.full(labels.shape, -1, dtype=np.int64)
+    hit = labels >= 0
+    out[hit] = index[labels[hit]]
+    return out
+
+
 def _seam_edges(
     lab_a: np.ndarray, lab_b: np.ndarray, above: np.ndarray, below: np.ndarray, connectivity: int
 ) -> np.ndarray:
@@ -672,15 +680,13 @@ def _polygonize_strips(
         edges = np.empty((0, 2), dtype=np.int64)
         if n_open and prev_row is not None:
             top = np.flatnonzero(is_data & (bounds[:, 3] >= -r0))
-            lab_top = _row_labels(geoms[top], r0, width)
-            lab_top = np.where(lab_top >= 0, top[np.maximum(lab_top, 0)], -1)
+            lab_top = _pieces_of(_row_labels(geoms[top], r0, width), top)
             edges = _seam_edges(open_lab, lab_top, prev_row, strip[0], connectivity)
         touches_bottom = is_data & (bounds[:, 1] <= -r1) if r1 < height else np.zeros(n, dtype=bool)
         bottom = np.flatnonzero(touches_bottom)
         lab_bot = np.empty(0, dtype=np.int64)
         if r1 < height:
-            lab_bot = _row_labels(geoms[bottom], r1 - 1, width)
-            lab_bot = np.where(lab_bot >= 0, bottom[np.maximum(lab_bot, 0)], -1)
+            lab_bot = _pieces_of(_row_labels(geoms[bottom], r1 - 1, width), bottom)
         prev_row = strip[-1].copy()
         del strip
         if tol_px > 0 and n:

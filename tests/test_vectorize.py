@@ -100,6 +100,30 @@ def test_blockwise_equals_whole_array(connectivity: int) -> None:
         assert shapely.area(simp).sum() == pytest.approx(shapely.area(whole).sum(), rel=0.005)
 
 
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_nodata_rows_at_strip_seams(connectivity: int) -> None:
+    """Rows of nodata at and around the seams (a scene's empty top, an orbit edge, an AOI's bounding
+    box): strips with no data piece on their bottom or top row crashed ("index 0 is out of bounds")."""
+    a = class_array()
+    a[:12] = NODATA  # whole strips of nodata first
+    a[20] = NODATA  # a nodata row exactly on a seam (block 10) and one just below another
+    a[31] = NODATA
+    a[35:] = NODATA
+    whole, wid = vec.polygonize_array(a, TRANSFORM, nodata=NODATA, connectivity=connectivity, simplify=0)
+    np.testing.assert_array_equal(burn(whole, wid, a.shape), a)
+    for block in (1, 5, 10, 11):
+        exact, eid = vec.polygonize_array(a, TRANSFORM, nodata=NODATA, connectivity=connectivity, simplify=0,
+                                          block_size=block)
+        assert len(exact) == len(whole) and shapely.area(exact).sum() == shapely.area(whole).sum()
+        np.testing.assert_array_equal(burn(exact, eid, a.shape), a)
+        simp, _ = vec.polygonize_array(a, TRANSFORM, nodata=NODATA, connectivity=connectivity, simplify=PIXEL,
+                                       block_size=block)
+        assert len(simp) == len(whole) and shapely.coverage_is_valid(simp)
+    a[:] = NODATA
+    a[3:6, 4:9] = 1  # one small region far from the seams of the last strips
+    assert len(vec.polygonize_array(a, TRANSFORM, nodata=NODATA, connectivity=connectivity, block_size=4)[0]) == 1
+
+
 def test_sieve_no_small_polygons_no_holes() -> None:
     a = class_array()
     a[30, 2] = 3  # a speck surrounded by nodata cannot merge: it is dropped
