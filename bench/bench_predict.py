@@ -21,6 +21,10 @@ ratio measures the pipeline's own overhead; with ``--adapt-prior`` it includes t
 
 The mask only (no polygons: ``bench/bench_vectorize.py`` measures those).
 
+``--sparse N`` measures a mostly empty scene instead: an N × N VRT holding the NC sample at its
+centre (an archive mosaic with gaps, a scene's nodata frame), and prints the seconds per skipped
+all-nodata window: what predict spends where there is nothing to predict.
+
 Uses the shipped weights when they exist, else a random-init model of the same architecture
 (speed and memory do not depend on the weights' values).
 """
@@ -111,6 +115,42 @@ def source_for(model: str):
     return ModelSource(card, layer=build_model(model, **card.model_kwargs()))
 
 
+def make_sparse(size: int) -> Path:
+    """An N × N VRT with the NC sample at its centre, nodata elsewhere (same CRS and pixel size)."""
+    import rasterio
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    out = WORK / f"sparse_{size}.vrt"
+    with rasterio.open(SCENE) as ds:
+        off = (size - max(ds.width, ds.height)) // 2
+        t = ds.transform
+        bands = "".join(
+            f'<VRTRasterBand dataType="Byte" band="{b}"><NoDataValue>0</NoDataValue><Description>{ds.descriptions[b - 1]}'
+            f'</Description><SimpleSource><SourceFilename relativeToVRT="0">{SCENE}</SourceFilename>'
+            f'<SourceBand>{b}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{ds.width}" ySize="{ds.height}"/>'
+            f'<DstRect xOff="{off}" yOff="{off}" xSize="{ds.width}" ySize="{ds.height}"/></SimpleSource></VRTRasterBand>'
+            for b in range(1, ds.count + 1))
+        out.write_text(f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}"><SRS>{ds.crs.to_wkt()}</SRS>'
+                       f"<GeoTransform>{t.c - off * t.a}, {t.a}, 0, {t.f - off * t.e}, 0, {t.e}</GeoTransform>"
+                       f"{bands}</VRTDataset>")
+    return out
+
+
+def run_sparse(size: int, model: str) -> dict:
+    """Child process: predict the sparse VRT (mask only, no prior adaptation)."""
+    from geoseg.engine import PredictOptions, build_predictor, segment_scene
+
+    src = source_for(model)
+    predictor, _ = build_predictor(src, "cpu")
+    out = WORK / f"out_sparse_{size}"
+    out.mkdir(exist_ok=True)
+    res = segment_scene(make_sparse(size), out, source=src, predictor=predictor,
+                        options=PredictOptions(overwrite=True, vector="none", adapt_prior=False))
+    return {"size": size, "windows": res.windows, "skipped": res.windows_skipped, "seconds": res.seconds,
+            "model_seconds": res.model_seconds,
+            "ms_per_skipped": 1000 * (res.seconds - res.model_seconds) / max(1, res.windows_skipped)}
+
+
 def run_one(size: int, model: str, batch_size: int | None, tile: int | None, overlap: int | None,
             adapt_prior: bool = False, probabilities: str = "none") -> dict:
     """Child process: predict one scene; then time the model alone on the same windows (None: as
@@ -177,8 +217,23 @@ def main() -> None:
     ap.add_argument("--adapt-prior", action="store_true", help="predict with class-prior adaptation (needs a card with class_prior)")
     ap.add_argument("--probabilities", default="none", choices=["none", "uint8", "float32"],
                     help="also write the class probabilities raster (its cost)")
+    ap.add_argument("--sparse", type=int, default=None, metavar="N",
+                    help="measure an N x N VRT that holds the NC sample at its centre (skipped windows' cost)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--sparse-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.sparse_child:
+        print(json.dumps(run_sparse(args.sparse_child, args.model)))
+        return
+    if args.sparse:
+        proc = subprocess.run([sys.executable, __file__, "--sparse-child", str(args.sparse), "--model", args.model],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode:
+            sys.exit(f"sparse {args.sparse} failed:\n{proc.stderr[-3000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"sparse {row['size']}²: {row['windows']} windows run, {row['skipped']} all-nodata skipped, "
+              f"{row['seconds']:.1f} s (model {row['model_seconds']:.1f} s): {row['ms_per_skipped']:.2f} ms per skipped window")
+        return
     if args.child:
         print(json.dumps(run_one(args.child, args.model, args.batch_size, args.tile_size, args.overlap, args.adapt_prior,
                                  args.probabilities)))

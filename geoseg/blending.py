@@ -92,6 +92,7 @@ class StripMerger:
         self._wsum = np.zeros((cap, width), np.float32)
         self._valid = np.zeros((cap, width), bool)
         self._base = 0  # raster row of buffer row 0
+        self._touched = False  # a window was added since the buffer was last all zeros
 
     def aggregate(self, probs: np.ndarray, tile: Tile, valid: np.ndarray | None = None) -> None:
         """Add one window's CHW probabilities (cropped to ``tile``'s size) with its weights."""
@@ -109,6 +110,7 @@ class StripMerger:
         for k in range(c):  # plane by plane: no class-sized temporary
             acc[k] += probs[k] * wm
         self._wsum[r0 : r0 + h, cs] += wm
+        self._touched = True
         if valid is not None:
             self._valid[r0 : r0 + h, cs] |= valid
 
@@ -124,10 +126,18 @@ class StripMerger:
             return
         for a in range(0, n, chunk_rows):
             b = min(n, a + chunk_rows)
+            if not self._touched:  # no window ran over these rows (nodata, outside an AOI): nothing to blend
+                shape = (b - a, self.width)
+                yield Strip(self._base + a, np.zeros((self.num_classes, *shape), np.float32), np.zeros(shape, bool),
+                            np.zeros(shape, bool))
+                continue
             wsum = self._wsum[a:b]
             covered = wsum > 0
-            probs = np.divide(self._acc[:, a:b], wsum, out=np.zeros_like(self._acc[:, a:b]), where=covered)
+            probs = np.divide(self._acc[:, a:b], wsum, out=np.zeros(self._acc[:, a:b].shape, np.float32), where=covered)
             yield Strip(self._base + a, probs, self._valid[a:b].copy(), covered)
+        if not self._touched:  # the buffer is all zeros: nothing to move
+            self._base += n
+            return
         keep = self._acc.shape[1] - n
         if keep > 0:
             self._acc[:, :keep] = self._acc[:, n:]
@@ -137,6 +147,7 @@ class StripMerger:
         self._wsum[keep:] = 0
         self._valid[keep:] = False
         self._base += n
+        self._touched = bool(self._wsum[:keep].any()) if keep > 0 else False
 
     def finish(self) -> Iterator[Strip]:
         """Yield all remaining rows (see :meth:`release`)."""

@@ -561,6 +561,10 @@ def _prepare_window(meta: SceneMeta, tile: Tile, bands: tuple[int, ...], card: M
     return _pad_to(card.model_input(data, meta.dtype, missing), size), valid
 
 
+#: Model input read per ``dask.compute`` of the reader (float32 bytes): 48 windows of 5 × 128².
+GROUP_BYTES = 16 * 2**20
+
+
 def _prefetch(
     batches: list[list[Tile]], meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, size: int,
     depth: int, workers: int,
@@ -575,23 +579,36 @@ def _prefetch(
     """
     import dask
 
-    def prepare_part(i: int, lo: int, hi: int) -> list[Prepared]:
-        return [_prepare_window(meta, t, bands, card, size) for t in batches[i][lo:hi]]
+    def prepare_part(where: list[tuple[int, int]]) -> list[Prepared]:
+        return [_prepare_window(meta, batches[k][m], bands, card, size) for k, m in where]
 
     prepare = dask.delayed(prepare_part, pure=False)
     q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
     done = object()
 
+    # Several batches are read per dask.compute (up to GROUP_BYTES of model input): each compute
+    # costs about 3 ms of Python that holds the GIL, more than reading a small window.
+    group_windows = max(1, GROUP_BYTES // (4 * len(bands) * size * size))
+
     def produce() -> None:
         try:
-            for i, b in enumerate(batches):
+            i = 0
+            while i < len(batches):
                 if stop.is_set():
                     return
-                step = -(-len(b) // max(1, workers))  # one part per reader thread
-                parts = dask.compute(*[prepare(i, lo, lo + step) for lo in range(0, len(b), step)],
+                j, n = i, 0
+                while j < len(batches) and (j == i or n + len(batches[j]) <= group_windows):
+                    n += len(batches[j])
+                    j += 1
+                where = [(k, m) for k in range(i, j) for m in range(len(batches[k]))]
+                step = -(-len(where) // max(1, workers))  # one part per reader thread
+                parts = dask.compute(*[prepare(where[a:a + step]) for a in range(0, len(where), step)],
                                      scheduler="threads", num_workers=workers, optimize_graph=False)
-                q.put((b, [w for part in parts for w in part]))
+                ready = iter([w for part in parts for w in part])
+                for k in range(i, j):
+                    q.put((batches[k], [next(ready) for _ in batches[k]]))
+                i = j
             q.put(done)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             q.put(exc)
@@ -661,6 +678,10 @@ def run_grid(
 
     def emit(strips: Iterator[Any]) -> None:
         for strip in strips:
+            if not strip.covered.any():  # rows no window ran over: all nodata, nothing to take the argmax of
+                empty = np.zeros(strip.valid.shape, np.uint8)
+                sink(strip.row, empty, empty.astype(np.float32), strip.valid, strip.probs)
+                continue
             probs = strip.probs if reweight is None else reweight_probs(strip.probs, reweight)
             idx, conf = argmax_classes(probs)
             sink(strip.row, idx, conf, strip.valid & strip.covered, probs)
@@ -990,10 +1011,14 @@ def segment_scene(
             row_area = np.zeros(256)
 
             def sink(row: int, idx: np.ndarray, conf: np.ndarray, valid: np.ndarray, probs: np.ndarray) -> None:
-                m = lut[idx]
-                m[~valid] = MASK_NODATA
+                if valid.any():
+                    m = lut[idx]
+                    m[~valid] = MASK_NODATA
+                    counts[:] += np.bincount(m.ravel(), minlength=256)
+                else:  # rows of nodata (outside the scene's footprint or the AOI)
+                    m = np.full(idx.shape, MASK_NODATA, np.uint8)
+                    counts[MASK_NODATA] += m.size
                 mask_w.write_rows(row, m)
-                counts[:] += np.bincount(m.ravel(), minlength=256)
                 if isinstance(areas, np.ndarray):
                     add_area_counts(row_area, m, areas[row:row + len(m)])
                 if conf_w is not None:

@@ -55,3 +55,35 @@ def test_merger_refuses_out_of_order_windows() -> None:
 def test_merger_memory_is_one_window_row() -> None:
     m = StripMerger(7, 100_000, 2048, 512)
     assert m._acc.shape == (7, 512, 2048)
+
+
+@pytest.mark.parametrize("mode", list(BlendMode))
+def test_rows_no_window_ran_over_come_out_empty_and_the_rest_unchanged(mode: BlendMode) -> None:
+    """Windows skipped as all nodata (a scene's empty top, gaps in a mosaic): their rows come out
+    uncovered and zero without blending work, and the covered rows are exactly as when every
+    window runs (here: the windows of the middle rows only, values as the whole image's)."""
+    h, w, tile, overlap = 333, 97, 32, 8
+    vals = np.random.default_rng(2).random((2, h, w)).astype(np.float32)
+    grid = make_grid(h, w, tile, overlap)
+    every = blend_array(lambda x: x, vals, list(grid.tiles()), 2, tile, mode)
+    ran = [t for t in grid.tiles() if 3 <= t.row // (tile - overlap) <= 6]  # window rows 3..6 only
+    m = StripMerger(2, h, w, tile, mode)
+    out = np.full((2, h, w), -1.0, np.float32)
+    covered = np.zeros((h, w), bool)
+    last = -1
+    for t in [*grid.tiles()]:
+        if t.row != last:
+            for s in m.release(t.row):
+                out[:, s.row:s.row + s.height], covered[s.row:s.row + s.height] = s.probs, s.covered
+            last = t.row
+        if t in ran:
+            m.aggregate(vals[:, t.row:t.row_stop, t.col:t.col_stop], t)
+    for s in m.finish():
+        out[:, s.row:s.row + s.height], covered[s.row:s.row + s.height] = s.probs, s.covered
+    top, bottom = ran[0].row, max(t.row_stop for t in ran)
+    assert not covered[:top].any() and not covered[bottom:].any() and covered[top:bottom].all()
+    assert (out[:, :top] == 0).all() and (out[:, bottom:] == 0).all()
+    # rows only these windows reach are blended as in the full run
+    inner = slice(ran[0].row + overlap, bottom - overlap)
+    np.testing.assert_allclose(out[:, inner], every[:, inner], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[:, top:bottom], vals[:, top:bottom], rtol=1e-5, atol=1e-6)
