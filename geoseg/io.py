@@ -472,17 +472,21 @@ class COGWriter:
         if grid.crs is not None or not (grid.transform is None or grid.transform.is_identity):
             # (an identity transform of an ungeoreferenced scene is not written: GDAL warns on it)
             staging_profile["transform"] = grid.transform
-        try:
-            with warnings.catch_warnings():
-                # an ungeoreferenced grid: GDAL says so on opening; the GCPs/RPCs follow below
-                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                self._ds = rasterio.open(self._staging, "w", **staging_profile)
-        except rasterio.errors.RasterioError as exc:
-            raise OutputError(f"cannot create {self.path}: {exc}") from None
+        self._ds: Any = None
         self._closed = False
-        if registry is not None:
-            registry.append(self)
+        # From here until the caller can abort this writer (it is in ``registry``), anything that stops
+        # the set-up (an error, SIGTERM raised between two statements) removes the staging file here:
+        # GDAL creates it inside rasterio.open, before a handle comes back.
         try:
+            try:
+                with warnings.catch_warnings():
+                    # an ungeoreferenced grid: GDAL says so on opening; the GCPs/RPCs follow below
+                    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                    self._ds = rasterio.open(self._staging, "w", **staging_profile)
+            except rasterio.errors.RasterioError as exc:
+                raise OutputError(f"cannot create {self.path}: {exc}") from None
+            if registry is not None:
+                registry.append(self)
             if grid.crs is None and grid.gcps:
                 self._ds.gcps = grid.gcps
             elif grid.crs is None and grid.rpcs:
@@ -537,8 +541,9 @@ class COGWriter:
     def abort(self) -> None:
         """Discard everything written so far."""
         if not self._closed:
-            self._ds.close()
             self._closed = True
+            if self._ds is not None:
+                self._ds.close()
         _remove(self._staging)
 
     def __enter__(self) -> COGWriter:
