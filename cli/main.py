@@ -50,10 +50,12 @@ def to_click_error(exc: BaseException) -> click.ClickException:
         return GeosegClickError(str(exc), EXIT_FAILURE)
     if isinstance(exc, MemoryError):
         return GeosegClickError("out of memory: lower --batch-size or --tile-size", EXIT_FAILURE)
+    import rasterio.errors
+
     from geoseg.atomic import disk_full
     from geoseg.errors import gdal_reason
 
-    if type(exc).__name__ == "RasterioIOError" and "read failed" in str(exc).lower():
+    if isinstance(exc, rasterio.errors.RasterioIOError) and "read failed" in str(exc).lower():
         return GeosegClickError(f"a raster cannot be read: {gdal_reason(exc)}: the file may be corrupt or truncated; "
                                 "check it with gdalinfo -checksum", EXIT_FAILURE)
 

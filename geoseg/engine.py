@@ -572,8 +572,8 @@ def _prefetch(
     """Yield ``(tiles, prepared windows)`` per batch while a thread keeps ``depth`` batches ready.
 
     Windows are read (and normalised) by ``dask.delayed`` tasks on Dask's threaded scheduler, a
-    batch split into one task per reader thread; each task opens the file itself (per-thread
-    handles). The tasks take only indexes: Dask walks a task's arguments looking for collections,
+    group of batches (:data:`GROUP_BYTES` of model input) split into one task per reader thread;
+    each task opens the file itself (per-thread handles). The tasks take only indexes: Dask walks a task's arguments looking for collections,
     and walking the scene and card for every window cost more than reading the window (2.6 against
     0.5 ms per 128² window). The graph is not optimised (nothing to fuse in one task per thread).
     """
@@ -587,8 +587,7 @@ def _prefetch(
     stop = threading.Event()
     done = object()
 
-    # Several batches are read per dask.compute (up to GROUP_BYTES of model input): each compute
-    # costs about 3 ms of Python that holds the GIL, more than reading a small window.
+    # each compute costs about 3 ms of Python that holds the GIL, more than reading a small window
     group_windows = max(1, GROUP_BYTES // (4 * len(bands) * size * size))
 
     def produce() -> None:
