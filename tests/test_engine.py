@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import warnings
 from pathlib import Path
@@ -13,8 +14,8 @@ from rasterio.transform import from_origin
 
 from geoseg.atomic import TMP_PREFIX
 from geoseg.card import ClassInfo, ModelCard, Normalization
-from geoseg.engine import INPUT_RANGE_Z, ModelSource, PredictOptions, check_input_range, segment_scene
-from geoseg.io import open_scene
+from geoseg.engine import INPUT_RANGE_Z, ModelSource, PredictOptions, check_input_range, companion_path, segment_scene
+from geoseg.io import MASK_NODATA, open_scene
 from geoseg.tiling import make_grid
 from geoseg.errors import InputRangeWarning, NoCRSWarning, ParameterError, SceneError
 from tests.conftest import NC_LCC, class_image, write_raster
@@ -282,6 +283,24 @@ def test_a_corrupt_block_is_one_line_naming_the_file_and_place(tmp_path: Path, r
     _corrupt_tile(src, 1, 1)
     with pytest.raises(SceneReadError, match=r"s.tif cannot be read \(.*s.tif, band 1: .*\): the file may be corrupt"):
         segment_scene(src, out, source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
+
+
+def test_rows_of_nodata_are_nodata_in_every_output(tmp_path: Path) -> None:
+    """A scene whose top 200 rows are nodata (whole window rows skipped, their strips written without
+    blending): nodata in the mask, the confidence and the probabilities, not counted as a class."""
+    data = (class_image(300, 70, 2) + 1)[None].astype(np.uint8)
+    data[:, :200] = 0
+    src = write_raster(tmp_path / "s.tif", data, nodata=0)
+    res = segment_scene(src, tmp_path / "out", source=ModelSource(identity_card(1, 3)), predictor=one_hot_predictor(3),
+                        options=PredictOptions(confidence="uint8", probabilities="float32", tile_size=64, overlap=16))
+    assert res.windows_skipped == 6  # window rows 0, 48 and 96
+    with rasterio.open(res.mask) as m, rasterio.open(res.confidence) as c, \
+            rasterio.open(companion_path(res.mask, "probabilities")) as p:
+        mask, conf, probs = m.read(1), c.read(1), p.read()
+        pixels = json.loads(m.tags()["GEOSEG_CLASS_PIXELS"])
+    assert (mask[:200] == MASK_NODATA).all() and (conf[:200] == 255).all() and np.isnan(probs[:, :200]).all()
+    np.testing.assert_array_equal(mask[200:], data[0, 200:] - 1)  # identity card: class = value - 1
+    assert (conf[200:] == 100).all() and sum(pixels.values()) == 100 * 70
 
 
 def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
