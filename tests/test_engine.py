@@ -299,7 +299,7 @@ def test_rows_of_nodata_are_nodata_in_every_output(tmp_path: Path) -> None:
         mask, conf, probs = m.read(1), c.read(1), p.read()
         pixels = json.loads(m.tags()["GEOSEG_CLASS_PIXELS"])
     assert (mask[:200] == MASK_NODATA).all() and (conf[:200] == 255).all() and np.isnan(probs[:, :200]).all()
-    np.testing.assert_array_equal(mask[200:], data[0, 200:] - 1)  # identity card: class = value - 1
+    np.testing.assert_array_equal(mask[200:], data[0, 200:] + 1)  # class index = value, ids 1..3
     assert (conf[200:] == 100).all() and sum(pixels.values()) == 100 * 70
 
 
