@@ -663,6 +663,12 @@ def class_table(cfg: TrainConfig, labels_path: Path, present: Sequence[int]) -> 
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ParameterError(f"training config classes: each needs id (and name, color): {exc}") from None
+    too_big = [i for i in present if i > 254]
+    if too_big:
+        raise ParameterError(
+            f"label value(s) {', '.join(map(str, too_big))} in {Path(labels_path).name} cannot be class ids (masks hold "
+            "0..254, 255 is their nodata): recode the labels to small ids, e.g. a 0/255 mask to 0/1 with gdal_calc.py "
+            f"-A {Path(labels_path).name} --calc=\"A/255\" --outfile labels01.tif, or add them to ignore")
     cmap: dict[int, tuple[int, ...]] = {}
     try:
         with rasterio.open(labels_path) as ds:

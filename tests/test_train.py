@@ -699,6 +699,10 @@ def test_a_binary_mask_with_background_zero_is_not_trained_as_one_class(tmp_path
         Trainer(_cfg(nod, tmp_path / "o", classes=None, ignore=[]))
     with pytest.raises(ParameterError, match=r"the config's classes list one class only \(1\)"):
         Trainer(_cfg(pair, tmp_path / "o", classes=[{"id": 1, "name": "building"}]))
+    # a 0/255 mask: 255 cannot be a class id (the masks' nodata): say how to recode it
+    m255 = (pair[0], write_raster(tmp_path / "lab255.tif", cls * 255))
+    with pytest.raises(ParameterError, match=r"label value\(s\) 255 in lab255.tif cannot be class ids .*gdal_calc.py"):
+        Trainer(_cfg(m255, tmp_path / "o", classes=None, ignore=[]))
 
 
 def test_a_region_too_large_for_memory_is_refused_before_reading(scene: tuple[Path, Path], tmp_path: Path,
