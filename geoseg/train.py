@@ -666,7 +666,8 @@ def class_table(cfg: TrainConfig, labels_path: Path, present: Sequence[int]) -> 
     too_big = [i for i in present if i > 254]
     if too_big:
         raise ParameterError(
-            f"label value(s) {', '.join(map(str, too_big))} in {Path(labels_path).name} cannot be class ids (masks hold "
+            f"label value(s) {', '.join(map(str, too_big[:5]))}{' ...' if len(too_big) > 5 else ''} in "
+            f"{Path(labels_path).name} cannot be class ids (masks hold "
             "0..254, 255 is their nodata): recode the labels to small ids, e.g. a 0/255 mask to 0/1 with gdal_calc.py "
             f"-A {Path(labels_path).name} --calc=\"A/255\" --outfile labels01.tif, or add them to ignore")
     cmap: dict[int, tuple[int, ...]] = {}
