@@ -406,16 +406,9 @@ def _class_pixels(ds: Any, box: tuple[int, int, int, int], class_ids: Sequence[i
 
 def _background_id(background: int | str, table: Sequence[Any] | None, ignore: Sequence[int], path: Path) -> int:
     """The class id of ``background`` (a whole id, or a class name of the prediction's ``table``)."""
-    text = str(background).strip()
-    if text.isdigit():
-        fill = int(text)
-    else:
-        by_name = {c.name.lower(): c.id for c in table or ()}
-        if text.lower() not in by_name:
-            hint = (f"the prediction's classes are {', '.join(c.name for c in table)}" if table
-                    else f"{path.name} has no class table: give a class id")
-            raise ParameterError(f"--background {text!r} is not a class: {hint}")
-        fill = by_name[text.lower()]
+    from geoseg.vectorize import resolve_classes
+
+    fill = resolve_classes([background], {c.id: c for c in table or ()}, path.name)[0]
     if fill in ignore:
         raise ParameterError(f"--background {fill} is also an --ignore value, so its pixels would not be counted: "
                              "give --ignore none (or the values that mean unlabelled)")

@@ -268,7 +268,7 @@ def test_footprints_with_a_background_score_like_their_raster(tmp_path: Path, ru
     # without --background only the footprints' pixels count (recall alone)
     with pytest.raises(ParameterError, match="has no field 'class_id'"):
         evaluate_vector(pred, ref)
-    with pytest.raises(ParameterError, match="'roads' is not a class: the prediction's classes are background, building"):
+    with pytest.raises(ParameterError, match=r"class 'roads' is not one of pred.tif's classes \(0 background, 1 building\)"):
         evaluate_vector(pred, ref, background="roads")
     with pytest.raises(ParameterError, match=r"--background 0 is also an --ignore value"):
         evaluate_vector(pred, ref, background=0, ignore=(0,))
