@@ -801,7 +801,7 @@ def run_batch(
         log.warning("no scenes found in %s (patterns %s): nothing to do", ", ".join(map(str, inputs)),
                     " ".join(batch.patterns))
     source = model.source()  # fails early on a bad card or weights path
-    if options.vector_classes is not None and options.vector != "none":  # a typo would fail every scene
+    if options.vector_classes is not None:  # a typo would fail every scene
         from geoseg.vectorize import resolve_classes
 
         resolve_classes(options.vector_classes, {c.id: c for c in source.card.classes}, source.card.name)

@@ -401,6 +401,11 @@ class PredictOptions:
     #: scene's CRS. The outputs cover its bounding box on the scene's grid; outside it is nodata.
     aoi: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.vector_classes is not None and self.vector == "none":
+            raise ParameterError("--vector-classes chooses which polygons to write, and --vector none writes none: "
+                                 "drop one of the two")
+
 
 @dataclass(frozen=True)
 class PredictResult:

@@ -258,6 +258,9 @@ def test_predict_vector_classes(runner: CliRunner, tmp_path: Path, tiny_unet: tu
                               "--vector-classes", "roads"])
     assert res.exit_code == 1 and "class 'roads' is not one of" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "c").exists() or outputs(tmp_path / "c") == []
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "d"),
+                              "--vector-classes", str(keep), "--vector", "none"])
+    assert res.exit_code == 1 and "--vector none writes none" in res.output and not (tmp_path / "d").exists()
 
 
 def test_a_full_disk_is_one_line_at_the_cli() -> None:
