@@ -440,7 +440,7 @@ def test_vector_classes_in_batch_are_checked_first_and_a_parameter(runner, tiny_
     assert not list(out.glob("*.tif"))  # refused once, before any scene
     card = identity_card(1, 2)
     assert "vector_classes" not in result_params(PredictOptions(), card)  # earlier manifests stay valid
-    assert result_params(PredictOptions(vector_classes=("1",)), card)["vector_classes"] == ["1"]
+    assert result_params(PredictOptions(vector="gpkg", vector_classes=("1",)), card)["vector_classes"] == ["1"]
 
 
 def test_probabilities_in_batch_are_outputs_and_a_parameter(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
