@@ -66,6 +66,7 @@ from geoseg.io import (
     polygons_skipped_reason,
     read_scene_window,
     scene_path,
+    windows_with_data,
     write_aux_xml,
     write_qml,
 )
@@ -734,12 +735,17 @@ def sample_posteriors(
     """Model posteriors ``(N, C)`` of a sample of the scene's valid pixels, memory bounded.
 
     Runs the windows of ``grid`` (all of them up to ``max_windows``, else that many spread
-    evenly over the scene) without blending, keeps each window's core (the cores partition the
+    evenly over those that hold data: a scene's nodata frame, a mosaic's gaps or the outside of an
+    AOI would otherwise take the sample, and a mostly empty mosaic adapted to nothing) without blending, keeps each window's core (the cores partition the
     raster: neighbouring windows meet in the middle of their overlap, so no pixel counts twice)
     and takes every k-th raster row and column of it so that at most about ``max_pixels``
     pixels are kept.
     """
-    tiles = spread_tiles(grid, max_windows)
+    tiles = list(grid.tiles())
+    if len(tiles) > max_windows and (meta.has_nodata or meta.aoi is not None):
+        holds = windows_with_data(meta, [t.window for t in tiles])
+        tiles = [t for t, h in zip(tiles, holds) if h] or tiles
+    tiles = spread_tiles(tiles, max_windows)
     rb, cb = core_bounds(grid.row_offsets, grid.tile, meta.height), core_bounds(grid.col_offsets, grid.tile, meta.width)
     core_px = sum((rb[t.index[0] + 1] - rb[t.index[0]]) * (cb[t.index[1] + 1] - cb[t.index[1]]) for t in tiles)
     step = max(1, int(np.ceil(np.sqrt(core_px / max(max_pixels, 1)))))

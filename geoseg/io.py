@@ -11,6 +11,7 @@ import atexit
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -24,7 +25,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import rasterio
 import rasterio.shutil
-from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
@@ -345,6 +346,32 @@ def read_scene_window(
     if inside is not True:
         valid &= inside
     return data, valid, missing
+
+
+def windows_with_data(meta: SceneMeta, windows: Sequence[Window], cells: int = 2048) -> list[bool]:
+    """Which of ``windows`` (in ``meta``'s pixel coordinates) hold a valid pixel, from one decimated
+    read of the scene's validity mask (at most ``cells`` × ``cells``, averaged, so a cell with any
+    valid pixel counts) and its area of interest. Cheap for a mosaic VRT (only its sources are
+    read); for a dense file without overviews about one decoding pass at a fraction of the cost
+    of predicting it."""
+    r0, c0 = meta.origin
+    rows, cols = min(meta.height, cells), min(meta.width, cells)
+    try:
+        mask = _handle(meta.path).dataset_mask(window=Window(c0, r0, meta.width, meta.height), out_shape=(rows, cols),
+                                               resampling=Resampling.average) > 0
+    except rasterio.errors.RasterioIOError as exc:
+        raise SceneReadError(f"input {meta.path.name} cannot be read ({gdal_reason(exc)}): the file may be corrupt or "
+                             "truncated") from None
+    fy, fx = rows / meta.height, cols / meta.width
+    out = []
+    for w in windows:
+        a, b = int(w.row_off * fy), max(int(w.row_off * fy) + 1, math.ceil((w.row_off + w.height) * fy))
+        c, d = int(w.col_off * fx), max(int(w.col_off * fx) + 1, math.ceil((w.col_off + w.width) * fx))
+        inside = bool(mask[a:b, c:d].any())
+        if inside and meta.aoi is not None:
+            inside = meta.aoi.pixels(Window(w.col_off + c0, w.row_off + r0, w.width, w.height)) is not False
+        out.append(inside)
+    return out
 
 
 # ---- vector data ---------------------------------------------------------------------------

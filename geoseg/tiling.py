@@ -158,10 +158,10 @@ def core_bounds(offsets: Sequence[int], tile: int, size: int) -> list[int]:
     return [0] + [(offsets[i] + offsets[i - 1] + tile) // 2 for i in range(1, len(offsets))] + [size]
 
 
-def spread_tiles(grid: TileGrid, count: int) -> list[Tile]:
-    """All windows of ``grid`` if there are at most ``count``, else ``count`` spread evenly
-    over it (row-major order; one: the middle window)."""
-    tiles = list(grid.tiles())
+def spread_tiles(grid: TileGrid | Sequence[Tile], count: int) -> list[Tile]:
+    """All windows of ``grid`` (or of a list of its windows) if there are at most ``count``, else
+    ``count`` spread evenly over them (row-major order; one: the middle window)."""
+    tiles = list(grid.tiles()) if isinstance(grid, TileGrid) else list(grid)
     if len(tiles) <= count:
         return tiles
     if count == 1:  # the middle window rather than the corner one

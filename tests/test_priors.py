@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from rasterio.windows import Window
 
 from geoseg.card import ModelCard
 from geoseg.engine import ModelSource, PredictOptions, sample_posteriors, segment_scene
@@ -115,6 +116,32 @@ def test_sample_posteriors_counts_each_valid_pixel_once(tmp_path: Path) -> None:
     assert 500 <= sub.shape[0] <= 1500
     few = sample_posteriors(meta, (1,), grid, card, soft_predictor, max_windows=3, max_pixels=10**9)
     assert 0 < few.shape[0] < valid // 4  # 3 of the 24 windows' cores
+
+
+def test_the_sample_of_a_mostly_empty_scene_comes_from_its_data(tmp_path: Path) -> None:
+    """A mosaic with one scene in the middle of nodata: evenly spread sample windows all missed it,
+    and the scene was 'adapted' from 0 pixels (weights 1); the sample now comes from the windows
+    that hold data (and from inside an AOI)."""
+    from geoseg.aoi import load_aoi
+    from geoseg.io import windows_with_data
+
+    data = np.zeros((1, 64, 640), np.float32)
+    data[:, :, 330:380] = 0.6  # data in window 5 of 10 only (windows of 64, no overlap)
+    meta = open_scene(write_raster(tmp_path / "mosaic.tif", data, nodata=0))
+    card = identity_card(1, 2, tile=64, overlap=0)
+    grid = make_grid(meta.height, meta.width, 64, 0)
+    assert windows_with_data(meta, [t.window for t in grid.tiles()]) == [i == 5 for i in range(10)]
+    post = sample_posteriors(meta, (1,), grid, card, soft_predictor, max_windows=2, max_pixels=10**9)
+    assert post.shape == (64 * 50, 2)  # every valid pixel of the one window with data (was 0)
+    # an AOI over windows 1-2 only: the windows it leaves out are not candidates either
+    full = np.ones((1, 64, 640), np.float32) * 0.6
+    dense = open_scene(write_raster(tmp_path / "dense.tif", full, nodata=0))
+    t = dense.transform
+    box = f"{t.c + 70 * t.a},{t.f + 60 * t.e},{t.c + 180 * t.a},{t.f + 4 * t.e}"
+    aoi = load_aoi(box, dense)
+    sub = dense.subset(Window(0, 0, 640, 64), aoi)
+    holds = windows_with_data(sub, [t.window for t in grid.tiles()])
+    assert holds == [i in (1, 2) for i in range(10)]
 
 
 def test_predict_adapts_the_posteriors_to_the_scene(tmp_path: Path) -> None:
