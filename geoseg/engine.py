@@ -736,8 +736,9 @@ def sample_posteriors(
 
     Runs the windows of ``grid`` (all of them up to ``max_windows``, else that many spread
     evenly over those that hold data: a scene's nodata frame, a mosaic's gaps or the outside of an
-    AOI would otherwise take the sample, and a mostly empty mosaic adapted to nothing) without blending, keeps each window's core (the cores partition the
-    raster: neighbouring windows meet in the middle of their overlap, so no pixel counts twice)
+    AOI would otherwise take the sample, and a mostly empty mosaic adapted to nothing) without
+    blending, keeps each window's core (the cores partition the raster: neighbouring windows meet
+    in the middle of their overlap, so no pixel counts twice)
     and takes every k-th raster row and column of it so that at most about ``max_pixels``
     pixels are kept.
     """

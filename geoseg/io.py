@@ -172,8 +172,7 @@ def open_scene(path: str | Path) -> SceneMeta:
             raise SceneReadError(f"input {path} does not exist: check the path (and the name inside the archive)") from None
         if "not recognized as" in msg or "not a supported file format" in msg:
             raise SceneReadError(f"input {path} is not a raster GDAL can read: give a GeoTIFF") from None
-        raise SceneReadError(f"input {path} cannot be read ({gdal_reason(exc)}): the file may be corrupt or "
-                             "truncated") from None
+        raise corrupt_input(path, exc) from None
     except rasterio.errors.RasterioError as exc:
         raise SceneReadError(f"input {path} cannot be read ({exc}): the file may be corrupt") from None
     if meta.dtype not in SUPPORTED_DTYPES:
@@ -277,6 +276,12 @@ def _close_all_handles() -> None:
             _handles.popitem()[1].close()
 
 
+def corrupt_input(name: str | Path, exc: BaseException, where: str = "") -> SceneReadError:
+    """The one-line error for an input GDAL cannot decode (``where``: e.g. " at column 261, row 0")."""
+    return SceneReadError(f"input {name} cannot be read{where} ({gdal_reason(exc)}): the file may be corrupt or "
+                          "truncated; check it with gdalinfo -checksum")
+
+
 def read_window_gaps(
     path: str | Path, window: Window, bands: Sequence[int], alpha_band: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -298,9 +303,7 @@ def read_window_gaps(
         data = ds.read(list(bands), window=window)
         return _valid_and_missing(ds, data, window, bands, alpha_band)
     except rasterio.errors.RasterioIOError as exc:
-        raise SceneReadError(
-            f"input {Path(path).name} cannot be read at column {int(window.col_off)}, row {int(window.row_off)} "
-            f"({gdal_reason(exc)}): the file may be corrupt or truncated; check it with gdalinfo -checksum") from None
+        raise corrupt_input(Path(path).name, exc, f" at column {int(window.col_off)}, row {int(window.row_off)}") from None
 
 
 def _valid_and_missing(ds: Any, data: np.ndarray, window: Window, bands: Sequence[int],
@@ -360,8 +363,7 @@ def windows_with_data(meta: SceneMeta, windows: Sequence[Window], cells: int = 2
         mask = _handle(meta.path).dataset_mask(window=Window(c0, r0, meta.width, meta.height), out_shape=(rows, cols),
                                                resampling=Resampling.average) > 0
     except rasterio.errors.RasterioIOError as exc:
-        raise SceneReadError(f"input {meta.path.name} cannot be read ({gdal_reason(exc)}): the file may be corrupt or "
-                             "truncated") from None
+        raise corrupt_input(meta.path.name, exc) from None
     fy, fx = rows / meta.height, cols / meta.width
     out = []
     for w in windows:
