@@ -108,6 +108,11 @@ simplify_opt = click.option(
     "--simplify", type=float, default=None,
     help="Polygons: simplification tolerance in map units, m on a geographic CRS (default one pixel; 0 keeps pixel edges).",
 )
+def class_list(text: str | None) -> tuple[str, ...] | None:
+    """Comma-separated class ids or names (``--vector-classes``, ``vectorize --classes``); None when not given."""
+    return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
+
+
 vector_classes_opt = click.option(
     "--vector-classes", default=None, metavar="LIST",
     help="Polygons: write those of these classes only (ids or names, e.g. building); the mask keeps every class.",
@@ -159,7 +164,7 @@ def make_predict_options(
         creation_options=parse_co(creation_options), vector=vector,  # type: ignore[arg-type]
         min_area=min_area, simplify=simplify, tta=tta, adapt_prior=adapt_prior,
         probabilities=probabilities, aoi=aoi,  # type: ignore[arg-type]
-        vector_classes=None if vector_classes is None else tuple(v.strip() for v in vector_classes.split(",") if v.strip()),
+        vector_classes=class_list(vector_classes),
         **extra,
     )
 

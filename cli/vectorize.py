@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from geoseg import vectorize as vec
-from geoseg_cli.options import overwrite_opt
+from geoseg_cli.options import class_list, overwrite_opt
 
 
 @click.command("vectorize", short_help="Turn a class raster into clean land-cover polygons.")
@@ -46,6 +46,6 @@ def vectorize(
     result = vec.vectorize_mask(
         mask, out, fmt=fmt, min_area=min_area, min_pixels=min_pixels,  # type: ignore[arg-type]
         connectivity=int(connectivity), simplify=simplify, overwrite=overwrite,
-        keep_classes=None if keep is None else [v for v in keep.split(",") if v.strip()],
+        keep_classes=class_list(keep),
     )
     click.echo(str(result.path))

@@ -579,9 +579,10 @@ def _prefetch(
 
     Windows are read (and normalised) by ``dask.delayed`` tasks on Dask's threaded scheduler, a
     group of batches (:data:`GROUP_BYTES` of model input) split into one task per reader thread;
-    each task opens the file itself (per-thread handles). The tasks take only indexes: Dask walks a task's arguments looking for collections,
-    and walking the scene and card for every window cost more than reading the window (2.6 against
-    0.5 ms per 128² window). The graph is not optimised (nothing to fuse in one task per thread).
+    each task opens the file itself (per-thread handles). The tasks take only indexes: Dask walks a
+    task's arguments looking for collections, and walking the scene and card for every window cost
+    more than reading the window (2.6 against 0.5 ms per 128² window). The graph is not optimised
+    (nothing to fuse in one task per thread).
     """
     import dask
 
@@ -873,12 +874,14 @@ def check_input_range(meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, 
 RESOLUTION_FACTOR = 1.5
 
 
-def check_resolution(meta: SceneMeta, card: ModelCard) -> float | None:
+def check_resolution(meta: SceneMeta, card: ModelCard, size: float | None = None) -> float | None:
     """Warn when the scene's pixels are much larger or smaller on the ground than the pixels the
     model learned from: a network learns textures and object sizes in pixels, so a 28.5 m model
     given 10 m pixels sees every field and building three times its size, and writes a plausible
-    looking but poor map. Returns the scene's ground pixel size in metres (None when unknown)."""
-    size = ground_pixel_size_m(meta.crs, meta.transform, meta.height)
+    looking but poor map. ``size``: the scene's ground pixel size in metres when the caller has
+    it (else computed). Returns that size (None when unknown)."""
+    if size is None:
+        size = ground_pixel_size_m(meta.crs, meta.transform, meta.height)
     ratio = resolution_mismatch(size, card)
     if ratio is not None:
         span = f"{ratio:.1f} times as many pixels as" if ratio > 1 else f"{1 / ratio:.1f} times fewer pixels than"
@@ -1168,7 +1171,7 @@ def describe_scene(
         model = {"name": mc.name, "architecture": mc.architecture, "bands": list(mc.bands),
                  "scene_bands": None, "problem": None, "input_z": None, "pixel_size": mc.pixel_size,
                  "resolution_mismatch": resolution_mismatch(ground, mc)}
-        check_resolution(meta, mc)
+        check_resolution(meta, mc, ground)
         try:
             chosen = select_bands(meta, mc, bands)
         except SceneError as e:
