@@ -297,6 +297,8 @@ class TrainConfig:
                                  "of the loss)")
         if not self.distill_temperature > 0:
             raise ParameterError(f"distill_temperature {self.distill_temperature}: use a positive temperature, e.g. 1 or 2")
+        if self.classes:
+            config_classes(self.classes)
         both = sorted({int(c["id"]) for c in self.classes or () if "id" in c} & {int(v) for v in self.ignore})
         if both:
             raise ParameterError(f"label value(s) {', '.join(map(str, both))} are both classes and ignore values, so those "
@@ -447,6 +449,9 @@ def parse_region(spec: Any, meta: Any, what: str) -> Region:
 
     ``spec``: ``None`` (whole scene), ``[col_off, row_off, width, height]`` (list or
     ``"c,r,w,h"`` string) or a vector file path (polygons, rasterised onto the grid).
+
+    A pixel window must lie inside the scene: one reaching past its edges is refused (the
+    message gives the part inside), not clipped, so the card records the region trained on.
     """
     H, W = meta.height, meta.width
     if spec is None:
@@ -458,11 +463,18 @@ def parse_region(spec: Any, meta: Any, what: str) -> Region:
             c, r, w, h = (int(v) for v in spec)
         except (TypeError, ValueError):
             raise ParameterError(f"{what} {spec!r}: give [col_off, row_off, width, height] in pixels") from None
-        c2, r2 = min(c + w, W), min(r + h, H)
-        c, r = max(c, 0), max(r, 0)
-        if c2 <= c or r2 <= r:
-            raise ParameterError(f"{what} {spec!r} lies outside the {W}x{H} scene")
-        return Region(r, c, r2 - r, c2 - c, np.ones((r2 - r, c2 - c), bool))
+        given = f"[{c}, {r}, {w}, {h}]"
+        if w <= 0 or h <= 0:
+            raise ParameterError(f"{what} {given}: give a positive width and height ([col_off, row_off, width, height] "
+                                 "in pixels)")
+        c0, r0, c2, r2 = max(c, 0), max(r, 0), min(c + w, W), min(r + h, H)
+        if c2 <= c0 or r2 <= r0:
+            raise ParameterError(f"{what} {given} lies outside the {W}x{H} scene (width x height): give [col_off, "
+                                 "row_off, width, height] inside it")
+        if (c0, r0, c2, r2) != (c, r, c + w, r + h):
+            raise ParameterError(f"{what} {given} reaches outside the {W}x{H} scene (width x height): give "
+                                 f"[{c0}, {r0}, {c2 - c0}, {r2 - r0}], its part inside the scene")
+        return Region(r, c, h, w, np.ones((h, w), bool))
     return _vector_region(Path(spec), meta, what)
 
 
@@ -652,17 +664,44 @@ def one_class_message(classes: Sequence[ClassInfo], ignore: Sequence[int], nodat
     return f"the training labels hold {have} in the training region{why}{fix}; a segmentation model needs at least two"
 
 
+def config_classes(classes: Sequence[Mapping[str, Any]]) -> tuple[ClassInfo, ...]:
+    """The config's ``classes`` as the card's :class:`ClassInfo` (palette colours where none is
+    given), checked as the model card checks them, so that a bad class table is refused when the
+    config is read, not when the card is written after training: a :class:`ParameterError`
+    naming ``classes``. Names must differ too (case-insensitive: ``label_field`` and
+    ``background`` may give a class by name)."""
+    infos = []
+    for k, c in enumerate(classes, 1):
+        if "id" not in c:
+            raise ParameterError(f"classes: class {k} {dict(c)} has no id: give each class the label value it stands "
+                                 "for, e.g. {id: 1, name: forest, color: [20, 110, 40]}")
+        try:
+            infos.append(ClassInfo(int(c["id"]), str(c.get("name", f"class_{c['id']}")),
+                                   tuple(int(v) for v in c.get("color", PALETTE[(k - 1) % len(PALETTE)]))))  # type: ignore[arg-type]
+        except ModelError as exc:
+            raise ParameterError(f"classes: {exc}") from None
+        except (TypeError, ValueError):
+            raise ParameterError(f"classes: class {k} {dict(c)}: give id (a whole number), name and color "
+                                 "([r, g, b], 0..255)") from None
+    for what, keys in (("id", [c.id for c in infos]), ("name", [c.name.lower() for c in infos])):
+        twice = next((v for v in keys if keys.count(v) > 1), None)
+        if twice is not None:
+            same = [c for c, v in zip(infos, keys) if v == twice]
+            which = (f"{twice} ({', '.join(c.name for c in same)})" if what == "id"
+                     else f"{twice!r} (ids {', '.join(str(c.id) for c in same)})")
+            raise ParameterError(f"classes: duplicate class {what} {which}: give each class its own {what}")
+    try:  # whatever else the card checks of its classes
+        ModelCard(name="classes", architecture="check", bands=("b1",), classes=tuple(infos),
+                  normalization=Normalization((0.0,), (1.0,)))
+    except ModelError as exc:
+        raise ParameterError(f"classes: {exc}") from None
+    return tuple(infos)
+
+
 def class_table(cfg: TrainConfig, labels_path: Path, present: Sequence[int]) -> tuple[ClassInfo, ...]:
     """Classes from the config, else the label ids present (colours from the label palette)."""
     if cfg.classes:
-        try:
-            return tuple(
-                ClassInfo(int(c["id"]), str(c.get("name", f"class_{c['id']}")),
-                          tuple(int(v) for v in c.get("color", PALETTE[k % len(PALETTE)])))  # type: ignore[arg-type]
-                for k, c in enumerate(cfg.classes)
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ParameterError(f"training config classes: each needs id (and name, color): {exc}") from None
+        return config_classes(cfg.classes)
     too_big = [i for i in present if i > 254]
     if too_big:
         raise ParameterError(
@@ -1731,6 +1770,8 @@ class Trainer:
         amp = cfg.amp and self.device == "gpu"
         scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**14) if amp else None
 
+        self.card({}, 0)  # the card's own checks, before anything is written or trained
+
         ckpt_dir = self.out / "checkpoints"
         self.out.mkdir(parents=True, exist_ok=True)
         start, best_miou, best_it, history = 0, -1.0, -1, []
@@ -1926,8 +1967,9 @@ class Trainer:
         return self.ema.applied(model) if self.ema is not None else nullcontext()
 
     def _save_best(self, model: Any, save_weights: Any, metrics: Mapping[str, Any], it: int) -> None:
+        card = self.card(metrics, it)  # made (and so checked) first: a card that fails leaves no weights without it
         save_weights(model, self.out / "weights.pdparams")
-        self.card(metrics, it).save(self.out / "weights.yaml")
+        card.save(self.out / "weights.yaml")
 
     def _save_checkpoint(self, d: Path, model: Any, opt: Any, it: int, best: float, best_it: int,
                          history: list[dict[str, Any]], best_metrics: Mapping[str, Any]) -> None:
@@ -2126,9 +2168,17 @@ def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | 
     model is not replaced by accident.
     """
     out = Path(cfg.out)
-    held = [p.relative_to(out).as_posix() for p in (out / "weights.pdparams", out / "checkpoints" / "last.pdparams")
-            if p.exists()]
+    weights, last = out / "weights.pdparams", out / "checkpoints" / "last.pdparams"
+    held = [p.relative_to(out).as_posix() for p in (weights, last) if p.exists()]
     if held and not overwrite and not cfg.resume:
-        raise ParameterError(f"{out} already holds a trained run ({', '.join(held)}): choose another --out, continue it "
-                             f"with --resume {out / 'checkpoints'}, or pass --overwrite to replace it")
+        # A run that failed or was stopped has no card next to its weights, or no train_log.json
+        # (written last); --resume is offered only where there is a checkpoint to resume.
+        card = weights.with_suffix(".yaml")
+        if weights.exists() and not card.exists():
+            held[0] = f"{weights.name} without {card.name}"
+        done = weights.exists() and card.exists() and (out / "train_log.json").exists()
+        resume = (f", continue it with --resume {last.parent}" if last.exists() and last.with_suffix(".json").exists()
+                  else "")
+        raise ParameterError(f"{out} already holds {'a trained' if done else 'an unfinished'} run ({', '.join(held)}): "
+                             f"choose another --out{resume}, or pass --overwrite to replace it")
     return Trainer(cfg, progress).fit()

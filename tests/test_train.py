@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -401,6 +402,127 @@ def test_cli_train(scene: tuple[Path, Path], tmp_path: Path, runner) -> None:  #
     r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml"), "--labels", str(bad), "--out",
                             str(tmp_path / "other")])
     assert r.exit_code == 1 and "10x10" in r.output
+
+
+def test_classes_are_checked_as_the_card_checks_them_when_the_config_is_read(scene: tuple[Path, Path], tmp_path: Path,
+                                                                             runner) -> None:  # type: ignore[no-untyped-def]
+    # Each used to pass the config and fail only once training was over (the card is built after
+    # validation): duplicate ids trained the full schedule and left weights without their card.
+    for classes, words in [
+        ([{"id": 1, "name": "a"}, {"id": 1, "name": "b"}], r"classes: duplicate class id 1 \(a, b\): give each"),
+        ([{"id": 1, "name": "a"}, {"id": 2, "name": "A"}], r"classes: duplicate class name 'a' \(ids 1, 2\)"),
+        ([{"id": 1, "name": "a"}, {"id": 300, "name": "b"}], r"classes: class id 300 is out of range: use 0..254"),
+        ([{"id": 1, "name": "a"}, {"id": 255, "name": "b"}], r"classes: class id 255 is out of range"),
+        ([{"id": 1, "name": "a", "color": [1, 2]}, {"id": 2}], r"classes: class 'a' has colour \(1, 2\): give three"),
+        ([{"id": 1, "name": "a", "color": [1, 2, 300]}, {"id": 2}], r"classes: class 'a' has colour"),
+        ([{"id": 1, "name": "a", "color": "red"}, {"id": 2}], r"classes: class 1 .*give id \(a whole number\)"),
+        ([{"name": "a"}, {"id": 2}], r"classes: class 1 .*has no id"),
+        ([{"id": "x", "name": "a"}, {"id": 2}], r"classes: class 1 .*give id \(a whole number\)"),
+    ]:
+        with pytest.raises(ParameterError, match=words) as e:
+            _cfg(scene, tmp_path / "o", classes=classes)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()
+    # Through the CLI: one line, exit 1, and the output folder is never started.
+    cfg = _cfg(scene, tmp_path / "dup").to_dict()
+    cfg["classes"] = [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    from geoseg_cli.main import cli
+
+    r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml")])
+    assert r.exit_code == 1 and "duplicate class id 1" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "dup").exists()
+
+
+def test_a_run_whose_card_fails_writes_nothing(scene: tuple[Path, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # The card is built (and so checked) before training and before each weights file: a card that
+    # cannot be made never leaves weights.pdparams without its weights.yaml.
+    from geoseg.errors import ModelError
+
+    def broken(self: Trainer, metrics: object, best_iteration: int) -> ModelCard:
+        raise ModelError("model card has duplicate class ids: [1, 1]")
+
+    monkeypatch.setattr(Trainer, "card", broken)
+    out = tmp_path / "run"
+    with pytest.raises(ModelError, match="duplicate class ids"):
+        train(_cfg(scene, out, iterations=2))
+    assert not (out / "weights.pdparams").exists() and not (out / "train_log.csv").exists()
+
+
+def test_a_failed_run_s_folder_is_described_as_it_is(scene: tuple[Path, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run that fails after its best weights but before any checkpoint: --resume would find nothing,
+    # so it is not suggested (it used to be: "continue it with --resume run/checkpoints").
+    out = tmp_path / "run"
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_save_checkpoint", no_space)
+        with pytest.raises(OSError):
+            train(_cfg(scene, out, iterations=2))
+    assert (out / "weights.pdparams").is_file() and not (out / "checkpoints").exists()
+    with pytest.raises(ParameterError) as e:
+        train(_cfg(scene, out, iterations=2))
+    msg = str(e.value)
+    assert "an unfinished run" in msg and "another --out" in msg and "--overwrite" in msg, msg
+    assert "--resume" not in msg and "\n" not in msg
+    # weights without their card (a run killed between the two writes): unfinished, said so
+    (out / "weights.yaml").unlink()
+    with pytest.raises(ParameterError, match=r"unfinished run \(weights.pdparams without weights.yaml\): choose "
+                                             r"another --out, or pass --overwrite") as e:
+        train(_cfg(scene, out, iterations=2))
+    assert "--resume" not in str(e.value)
+    # A run that fails after a checkpoint: --resume is suggested, and it finishes the run.
+    other = tmp_path / "run2"
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "write_class_prior", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(scene, other, iterations=2))
+    with pytest.raises(ParameterError, match=f"unfinished run .*: choose another --out, continue it with --resume "
+                                             f"{re.escape(str(other / 'checkpoints'))}, or pass --overwrite"):
+        train(_cfg(scene, other, iterations=2))
+    res = train(_cfg(scene, other, iterations=2, resume=str(other / "checkpoints")))
+    assert ModelCard.load(res.card).class_prior is not None and (other / "train_log.json").is_file()
+    with pytest.raises(ParameterError, match="already holds a trained run .*--resume"):
+        train(_cfg(scene, other, iterations=2))
+
+
+def test_a_region_not_inside_the_scene_is_refused_with_the_scene_s_size(scene: tuple[Path, Path],
+                                                                        tmp_path: Path) -> None:
+    # The scene is 64x48 (width x height). A region reaching past it used to be clipped silently
+    # (and recorded in the card as given); one lying wholly outside was already refused.
+    for key, region, words in [
+        ("train_region", [0, 0, 500, 500], r"train_region \[0, 0, 500, 500\] reaches outside the 64x48 scene "
+                                           r"\(width x height\): give \[0, 0, 64, 48\]"),
+        ("train_region", "0,0,500,500", r"train_region \[0, 0, 500, 500\] reaches outside the 64x48 scene"),
+        ("train_region", [-8, 0, 40, 48], r"train_region \[-8, 0, 40, 48\] reaches outside .*give \[0, 0, 32, 48\]"),
+        ("val_region", [48, 0, 32, 48], r"val_region \[48, 0, 32, 48\] reaches outside the 64x48 scene .*"
+                                        r"give \[48, 0, 16, 48\]"),
+        ("val_region", [48, 0, 16, 49], r"val_region \[48, 0, 16, 49\] reaches outside .*give \[48, 0, 16, 48\]"),
+        ("train_region", [500, 500, 10, 10], r"train_region \[500, 500, 10, 10\] lies outside the 64x48 scene"),
+        ("train_region", [0, 0, 0, 10], r"train_region \[0, 0, 0, 10\]: give a positive width and height"),
+    ]:
+        with pytest.raises(ParameterError, match=words) as e:
+            Trainer(_cfg(scene, tmp_path / "o", **{"val_region": None, key: region}))
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()
+    # a scene of a list names itself; a region that ends at the scene's edge is fine
+    second = _second_scene(tmp_path)
+    with pytest.raises(ParameterError, match=r"scene 2 \(img2.tif\) val_region \[40, 0, 16, 48\] reaches outside "
+                                             r"the 56x40 scene .*give \[40, 0, 16, 40\]"):
+        Trainer(_scenes_cfg(scene, second, tmp_path / "o", scenes=[
+            {"image": str(scene[0]), "labels": str(scene[1])},
+            {"image": str(second[0]), "labels": str(second[1]), "train_region": [0, 0, 40, 40],
+             "val_region": [40, 0, 16, 48]}]))
+    t = Trainer(_cfg(scene, tmp_path / "o", train_region=[16, 0, 48, 48], val_region=[0, 0, 16, 48]))
+    assert (t.train_region.col, t.train_region.width, t.train_region.height) == (16, 48, 48)
 
 
 def test_vector_aoi_region(scene: tuple[Path, Path], tmp_path: Path) -> None:
