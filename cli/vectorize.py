@@ -18,7 +18,8 @@ from geoseg_cli.options import class_list, overwrite_opt
 )
 @click.option(
     "--format", "fmt", type=click.Choice(vec.FORMATS), default=None,
-    help="Output format (default: from the --out extension, else gpkg). geojson is RFC 7946 (WGS 84).",
+    help="Output format (default: from the --out extension, which must agree with it; gpkg without --out). "
+         "geojson is RFC 7946 (WGS 84).",
 )
 @click.option("--min-area", type=float, default=None, help="Minimum mapping unit in map units² (m² on a geographic CRS): smaller regions merge into neighbours.")
 @click.option("--min-pixels", type=int, default=None, help="Minimum mapping unit in pixels (instead of --min-area).")

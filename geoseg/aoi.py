@@ -175,8 +175,6 @@ def _file_geometry(path: str, digest: str, crs_wkt: str | None) -> Any:
     crs = CRS.from_wkt(crs_wkt) if crs_wkt else None
     vec = read_vector(path, crs, missing=f"--aoi {path} does not exist", unreadable=f"--aoi {path} cannot be read as "
                       "vector data")
-    if vec.crs is None and crs is not None:
-        log.warning("warning: --aoi %s has no CRS: its coordinates are taken to be in the scene's CRS", name)
     polys = [g for g in vec.geoms if g is not None and not g.is_empty and g.geom_type in ("Polygon", "MultiPolygon")]
     if not polys:
         raise ParameterError(f"--aoi {name} has no polygons: give the area as polygons")

@@ -33,6 +33,8 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output {path} already exists: pass --overwrite to replace it")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"output folder {parent} is a file, not a folder: choose another --out")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist: create it first")
     if not os.access(parent, os.W_OK | os.X_OK):

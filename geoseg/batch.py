@@ -482,7 +482,7 @@ def why_run(
     if entry.status == "failed":
         return "failed before"
     if entry.status not in ("done", OUTSIDE_AOI):
-        return "interrupted"
+        return "not finished by an interrupted run"  # (queued or running when it stopped)
     if (entry.size, entry.mtime_ns, entry.head_hash) != (fp["size"], fp["mtime_ns"], fp["head_hash"]):
         return "input changed"
     if entry.model != model_key:
@@ -792,10 +792,8 @@ def run_batch(
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise ParameterError(f"--out {out} is a file: give a folder for batch outputs")
-    if not batch.dry_run and not out.exists():
-        if not out.parent.exists():
-            raise ParameterError(f"output folder {out.parent} does not exist: create it first")
-        out.mkdir(exist_ok=True)
+    if not batch.dry_run and not out.exists() and not out.parent.exists():
+        raise ParameterError(f"output folder {out.parent} does not exist: create it first")
     scenes = discover_scenes(inputs, out, batch.patterns)
     if not scenes:
         log.warning("no scenes found in %s (patterns %s): nothing to do", ", ".join(map(str, inputs)),
@@ -811,6 +809,7 @@ def run_batch(
     if batch.dry_run:
         return _dry_run(scenes, out, model_key, params_json, batch.force, t0)
 
+    out.mkdir(exist_ok=True)  # only now: a run refused above (a name clash, a bad model) leaves no empty folder
     with BatchLock(out):
         removed = clean_temp_files(out)
         if removed:

@@ -41,6 +41,7 @@ from geoseg.errors import (
     InputRangeWarning,
     ModelError,
     NoCRSWarning,
+    OutputError,
     ParameterError,
     PerformanceWarning,
     ResolutionWarning,
@@ -72,7 +73,7 @@ from geoseg.io import (
 )
 from geoseg.priors import PriorEstimate, em_priors, reweight_probs
 from geoseg.profiles import get_profile
-from geoseg.tiling import Tile, TileGrid, batched, core_bounds, make_grid, spread_tiles
+from geoseg.tiling import Tile, TileGrid, batched, core_bounds, fit_tile, make_grid, spread_tiles
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,9 @@ def resolve_model(model: str | Path | None, weights: str | Path | None = None, c
         return load_exported(Path(model), card=card, classes=classes)
     from geoseg.models import MODEL_NAMES
 
+    if classes is not None:
+        raise ParameterError("--classes names the classes of an exported model folder (--model DIR) whose deploy.yaml "
+                             "has none; this model's card names them: drop --classes")
     name = str(model) if model is not None else None
     if name is not None and name not in MODEL_NAMES:
         raise ModelError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)} or give an exported model folder")
@@ -184,6 +188,9 @@ def _labels_to_probs(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """One-hot NCHW probabilities from NHW / N1HW class indexes (argmax-exported models)."""
     if labels.ndim == 4:
         labels = labels[:, 0]
+    if labels.size and int(labels.max()) >= num_classes:
+        raise ModelError(f"the model returned class index {int(labels.max())} but its class list (the card's, or "
+                         f"--classes') has {num_classes} classes: give one class per output class")
     return (np.arange(num_classes)[None, :, None, None] == labels[:, None].astype(np.int64)).astype(np.float32)
 
 
@@ -467,6 +474,11 @@ def output_paths(input_path: Path, out: str | Path | None) -> tuple[Path, Path]:
         if out.suffix.lower() in (".tif", ".tiff"):
             mask = out
         else:
+            if out.exists() and not out.is_dir():
+                raise ParameterError(f"--out {out} is a file, not a folder: give a folder or the mask's .tif name")
+            if not out.exists() and out.suffix.lower() in VECTOR_EXTENSIONS.values():
+                raise ParameterError(f"--out {out}: give a folder or the mask's .tif name; the polygons are written "
+                                     f"beside the mask (their format: --vector {out.suffix.lower()[1:]})")
             if not out.exists():
                 if not out.parent.exists() and str(out.parent) not in ("", "."):
                     raise ParameterError(f"output folder {out.parent} does not exist: create it first")
@@ -709,7 +721,9 @@ def run_grid(
             model_s += time.perf_counter() - t0
             if probs.shape[:2] != (len(todo), card.num_classes):
                 raise ModelError(
-                    f"the model returned shape {tuple(probs.shape)} for a batch of {len(todo)}: expected {card.num_classes} classes"
+                    f"the model returned shape {tuple(probs.shape)} for a batch of {len(todo)}: expected "
+                    f"{card.num_classes} classes (the card's, or --classes'): give one class per output channel"
+                    + (f" ({probs.shape[1]})" if probs.ndim == 4 else "")
                 )
             for (t, _, valid), p in zip(todo, probs):
                 merger.aggregate(p[:, : t.height, : t.width], t, valid)
@@ -793,6 +807,32 @@ def _require_class_prior(card: ModelCard) -> np.ndarray:
         raise ParameterError(f"--adapt-prior: {card.name}'s card has no class_prior (the training region's mean class "
                              "probabilities): retrain with geoseg train (it writes one), or predict without --adapt-prior")
     return np.asarray(card.class_prior, np.float64)
+
+
+def scene_tile(meta: SceneMeta, card: ModelCard | None, tile: int | None = None,
+               overlap: int | None = None) -> tuple[int, int]:
+    """The window size and overlap predict runs the scene of ``meta`` in: ``tile`` and ``overlap``
+    (None: the card's; without a card 512 and 128), except that a window larger than the whole
+    scene shrinks to what the scene needs (:func:`geoseg.tiling.fit_tile`, never below the card's
+    window): the padding would only cost memory and time (a 489 x 443 scene in 8,000-px windows
+    ran out of 23 GB)."""
+    default = card.tile_size if card is not None else 512
+    asked = tile or default
+    overlap = (card.overlap if card is not None else 128) if overlap is None else overlap
+    fitted, overlap = fit_tile(meta.height, meta.width, asked, overlap, floor=default)
+    if fitted != asked:
+        log.info("%s: one window of %d px instead of %d: the %dx%d scene fits in it", meta.path.name, fitted, asked,
+                 meta.width, meta.height)
+    return fitted, overlap
+
+
+def _ready_device(device: Device) -> Literal["cpu", "gpu"]:
+    """Where a ready-made predictor (tests, batch workers) computes, for the memory check: ``device``
+    when it names one; for ``auto``, as :func:`resolve_device` when paddle is loaded (it built the
+    predictor), else the CPU (no paddle model runs, and importing paddle only to ask costs seconds)."""
+    if device != "auto":
+        return device
+    return resolve_device("auto") if sys.modules.get("paddle") is not None else "cpu"
 
 
 def check_window_size(card: ModelCard, tile: int) -> None:
@@ -929,8 +969,7 @@ def segment_scene(
         source = resolve_model(model, weights, card, classes)
     mc = source.card
     bands = select_bands(meta, mc, opts.bands)
-    tile = opts.tile_size or mc.tile_size
-    overlap = mc.overlap if opts.overlap is None else opts.overlap
+    tile, overlap = scene_tile(meta, mc, opts.tile_size, opts.overlap)
     check_window_size(mc, tile)
     grid = make_grid(meta.height, meta.width, tile, overlap)
     out_meta = meta
@@ -940,6 +979,12 @@ def segment_scene(
         grid, region = grid.covering(aoi.window)
         out_meta = meta.subset(aoi.window)
         meta = meta.subset(region, aoi)
+    if (resolve_device(opts.device) if predictor is None else _ready_device(opts.device)) == "cpu":
+        # before any output or model exists; the estimate is of a CPU run (on a GPU the model lives there)
+        batch = opts.batch_size or default_batch_size("cpu", tile)
+        check_memory(memory_estimate_mb(tile, batch, height=meta.height, width=meta.width, bands=len(bands),
+                                        itemsize=np.dtype(meta.dtype).itemsize, num_classes=mc.num_classes,
+                                        members=card_members(mc)), tile, batch)
     mask_path, conf_path = output_paths(input_path, out)
     if mask_path.resolve() == input_path.resolve():
         raise ParameterError(f"output {mask_path} is the input: choose another --out")
@@ -1066,10 +1111,14 @@ def segment_scene(
     if vector_path is not None:
         from geoseg.vectorize import vectorize_mask
 
-        vec = vectorize_mask(
-            mask_path, vector_path, fmt=opts.vector, min_area=opts.min_area, simplify=opts.simplify,  # type: ignore[arg-type]
-            classes=mc.classes, keep_classes=opts.vector_classes, scene_name=input_path.name, overwrite=opts.overwrite,
-        )
+        try:
+            vec = vectorize_mask(
+                mask_path, vector_path, fmt=opts.vector, min_area=opts.min_area, simplify=opts.simplify,  # type: ignore[arg-type]
+                classes=mc.classes, keep_classes=opts.vector_classes, scene_name=input_path.name, overwrite=opts.overwrite,
+            )
+        except OutputError as exc:  # (a full disk) the mask is whole and stays: say how to go on from it
+            raise OutputError(f"{exc}; the mask {mask_path.name} is complete: write its polygons with geoseg "
+                              f"vectorize {mask_path}, or run predict again with --overwrite") from None
         extra = (vec.path,)
     seconds = time.perf_counter() - t_start
     result = PredictResult(
@@ -1121,13 +1170,88 @@ def _progress_bar(total: int, name: str) -> Any:
     return tqdm(total=total, desc=name, unit="win", file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
-# ---- scene description (geoseg info) ----------------------------------------------------------
-#: Resident memory of the CPU inference runtime at batch 1 (measured: DeepLabv3+ R18, 512² window).
-RUNTIME_BASE_MB = 600.0
-RUNTIME_PER_WINDOW_MB = 140.0
-#: Each further member of a seed ensemble (bench_predict, 2048², session 8: the single DeepLabv3+
-#: peaked at 817 MB, its 2-member ensemble at 942 MB).
-RUNTIME_PER_MEMBER_MB = 125.0
+# ---- scene description (geoseg info) and memory --------------------------------------------
+# predict's peak resident memory on CPU (Paddle Inference, oneDNN) is, besides the blending strip
+# and the prefetched reads, a base plus a working set that grows with the pixels of a batch, for
+# the shared part of the graph and for each member of a seed ensemble. Fitted to peak RSS
+# (/usr/bin/time -v, 2 cores) of `geoseg -q predict --vector none` over a 2,048² mirror-tiling of
+# the NC sample (5 uint8 bands, 7 classes), the cards' overlap 32, the export cache warm:
+#
+#   model (members)        128 px batch 4   128 px batch 1   512 px   1,024 px   2,048 px (batch 1)
+#   deeplabv3p (2)             753 MB           634 MB      1,069 MB   2,172 MB   5,217 MB
+#   unet (3)                   780 MB           639 MB      1,222 MB   2,565 MB   7,523 MB
+#   deeplabv3p, 1 member       712 MB                         928 MB              3,735 MB
+#   deeplabv3p, 3 members      830 MB                       1,208 MB              6,680 MB
+#   unet, 1 member             661 MB                         956 MB              4,044 MB
+#
+# (the 1- and 3-member rows: the shipped weights' members split or repeated). The estimate lies
+# within 11 % of the shipped models' peaks above (13 % of all). Each member adds about 140 MB per
+# 512² window and 1,470 MB (DeepLabv3+) to 1,740 MB (UNet) per 2,048² window: a 2,048-px window
+# holds 5-8 GB, a 4,096-px one about 20 GB (the shipped DeepLabv3+ on the NC sample: 18.8 GB).
+#: Resident memory of the runtime and the process before any window.
+RUNTIME_BASE_MB = 630.0
+#: Each further member of a seed ensemble, whatever the window (its weights and graph).
+RUNTIME_PER_MEMBER_MB = 20.0
+#: The working set per 512² window of a batch, shared by the members ...
+RUNTIME_PER_WINDOW_MB = 70.0
+#: ... and for each member.
+RUNTIME_PER_MEMBER_WINDOW_MB = 110.0
+
+
+def card_members(card: ModelCard) -> int:
+    """Networks in the model of ``card``: its seed ensemble's ``members``, else 1."""
+    return int(card.params.get("members", 1))
+
+
+def memory_estimate_mb(tile: int, batch_size: int, *, height: int, width: int, bands: int, itemsize: int,
+                       num_classes: int, members: int = 1) -> float:
+    """predict's peak resident memory on CPU (MB) over a ``height`` × ``width`` region in windows of
+    ``tile`` px, ``batch_size`` per model call: the runtime (measured, see the table above), the
+    blending strip of one window row (``classes × tile × width`` float32 plus weights and masks)
+    and the prefetched batches (raw ``itemsize`` and float32 ``bands`` per pixel)."""
+    windows = batch_size * (tile / 512) ** 2  # the pixels of a batch in 512² windows
+    runtime = (RUNTIME_BASE_MB + RUNTIME_PER_MEMBER_MB * (members - 1)
+               + (RUNTIME_PER_WINDOW_MB + RUNTIME_PER_MEMBER_WINDOW_MB * members) * windows)
+    strip_mb = (num_classes * 4 + 4 + 1 + 1) * min(tile, height) * width / 2**20
+    reads_mb = 3 * batch_size * bands * tile * tile * (itemsize + 4) / 2**20
+    return runtime + strip_mb + reads_mb
+
+
+def physical_memory_mb() -> float | None:
+    """The machine's physical memory (MB), or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def available_memory_mb() -> float | None:
+    """Memory available to a new process now (MB, Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(estimate_mb: float, tile: int, batch_size: int) -> None:
+    """Refuse a predict run whose memory estimate exceeds the machine's physical memory (it would
+    be killed, after minutes and without a word); warn when it exceeds the memory available now."""
+    what = f"{tile}-px windows at batch {batch_size}"
+    total = physical_memory_mb()
+    if total is not None and estimate_mb > total:
+        raise ParameterError(
+            f"predict would need about {estimate_mb:,.0f} MB of memory with {what}, more than this machine's "
+            f"{total:,.0f} MB: lower --tile-size or --batch-size (geoseg info --tile-size N shows the estimate)")
+    free = available_memory_mb()
+    if free is not None and estimate_mb > free:
+        warnings.warn(
+            f"predict may need about {estimate_mb:,.0f} MB of memory with {what}, more than the {free:,.0f} MB "
+            "available now: it may be slow or killed; lower --tile-size or --batch-size, or free memory",
+            PerformanceWarning, stacklevel=3)
 
 
 def default_batch_size(device: str, tile: int) -> int:
@@ -1154,8 +1278,9 @@ def describe_scene(
     scene's values lie from the model's training data (see :func:`check_input_range`, which
     also warns). Without one: 512-pixel windows, overlap 128, 7 classes.
 
-    The memory estimate adds the inference runtime (measured) to the blending buffers of one
-    window row (``classes × tile × width`` float32 plus weights) and the prefetched batches.
+    A window larger than the scene shrinks as in predict (:func:`scene_tile`; ``tile_size_asked``
+    then says the size asked for). The memory estimate is :func:`memory_estimate_mb`, the one
+    predict checks against the machine's memory before it starts.
     With ``aoi`` (as predict's ``--aoi``), ``aoi`` says which part of the scene predict writes
     and how many windows it runs.
     """
@@ -1165,8 +1290,6 @@ def describe_scene(
     ground = ground_pixel_size_m(meta.crs, meta.transform, meta.height)
     if source is not None:
         mc = source.card
-        tile = tile or mc.tile_size
-        overlap = mc.overlap if overlap is None else overlap
         num_classes = num_classes or mc.num_classes
         model = {"name": mc.name, "architecture": mc.architecture, "bands": list(mc.bands),
                  "scene_bands": None, "problem": None, "input_z": None, "pixel_size": mc.pixel_size,
@@ -1181,13 +1304,14 @@ def describe_scene(
             z = check_input_range(meta, chosen, mc)
             if z is not None:
                 model["input_z"] = {k: round(v, 2) for k, v in z.items()}
-    tile = tile or 512
-    overlap = 128 if overlap is None else overlap
+    card = source.card if source is not None else None
+    asked = tile or (card.tile_size if card is not None else 512)
+    tile, overlap = scene_tile(meta, card, tile, overlap)
     num_classes = num_classes or 7
     batch_size = batch_size or default_batch_size("cpu", tile)
     grid = make_grid(meta.height, meta.width, tile, overlap)
     aoi_info = None
-    run_width = meta.width
+    run_height, run_width = meta.height, meta.width
     if area is not None:
         sub, region = grid.covering(area.window)
         w = area.window
@@ -1196,14 +1320,11 @@ def describe_scene(
                     # predict's rule (io.read_scene_window): a window runs when it holds an AOI pixel centre
                     "windows": sum(area.pixels(Window(t.col + region.col_off, t.row + region.row_off, t.width,
                                                       t.height)) is not False for t in sub.tiles())}
-        run_width = int(region.width)
-    itemsize = np.dtype(meta.dtype).itemsize
-    strip_mb = (num_classes * 4 + 4 + 1 + 1) * min(tile, meta.height) * run_width / 2**20
-    reads_mb = 3 * batch_size * len(meta.data_bands) * tile * tile * (itemsize + 4) / 2**20
-    # the runtime's working set grows with the pixels of a batch (measured per 512² window)
-    members = int(source.card.params.get("members", 1)) if source is not None else 1
-    est = (RUNTIME_BASE_MB + RUNTIME_PER_MEMBER_MB * (members - 1)
-           + RUNTIME_PER_WINDOW_MB * (batch_size - 1) * (tile / 512) ** 2 + strip_mb + reads_mb)
+        run_height, run_width = int(region.height), int(region.width)
+    read_bands = model["scene_bands"] if model is not None and model["scene_bands"] else meta.data_bands
+    est = memory_estimate_mb(tile, batch_size, height=run_height, width=run_width, bands=len(read_bands),
+                             itemsize=np.dtype(meta.dtype).itemsize, num_classes=num_classes,
+                             members=card_members(card) if card is not None else 1)
     nodata = (
         f"value {meta.nodata}" if meta.nodata is not None
         else f"alpha band {meta.alpha_band}" if meta.alpha_band is not None
@@ -1227,6 +1348,8 @@ def describe_scene(
         "transform": list(meta.transform)[:6],
         "nodata": nodata,
         "tile_size": tile,
+        # the window size asked for (or the card's), when the scene needs a smaller one (see scene_tile)
+        "tile_size_asked": asked if asked != tile else None,
         "overlap": overlap,
         "window_grid": list(grid.shape),
         "windows": len(grid),

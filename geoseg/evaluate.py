@@ -24,7 +24,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from geoseg.errors import GridMismatchError, ParameterError, SceneReadError
+from geoseg.errors import GridMismatchError, ParameterError, SceneError, SceneReadError
 from geoseg.io import MASK_NODATA, VectorData, add_area_counts, area_units, pixel_areas, read_classes, read_vector
 from geoseg.metrics import ConfusionMatrix, Metrics, StratifiedEstimates, stratified_estimates
 
@@ -79,6 +79,19 @@ def _open(path: Path, what: str) -> Any:
         raise SceneReadError(f"{what} {path} cannot be read: {str(exc).splitlines()[0]}") from None
 
 
+def check_class_raster(ds: Any, what: str) -> None:
+    """Refuse a raster that cannot be a class map: several bands (an image, a probabilities raster)
+    or floating-point values."""
+    name = Path(ds.name).name
+    if ds.count > 1:
+        hint = ("give the mask geoseg predict wrote (<scene>_landcover.tif), not an image or a probabilities raster"
+                if what == "prediction" else "give the label raster, not the image")
+        raise SceneError(f"{what} {name} has {ds.count} bands, a class raster has one: {hint}")
+    if not np.issubdtype(np.dtype(ds.dtypes[0]), np.integer):
+        raise SceneError(f"{what} {name} holds {ds.dtypes[0]} values, a class raster holds integers: give the class "
+                         "map (the probabilities' argmax is the mask predict writes)")
+
+
 def check_grids(pred: Any, ref: Any) -> None:
     """Raise :class:`GridMismatchError` naming the first grid property that differs."""
     p, r = Path(pred.name).name, Path(ref.name).name
@@ -129,6 +142,8 @@ def evaluate_rasters(
     pred_path, ref_path = Path(prediction), Path(reference)
     win = parse_pixel_region(region)
     with _open(pred_path, "prediction") as pds, _open(ref_path, "reference") as rds:
+        check_class_raster(pds, "prediction")
+        check_class_raster(rds, "reference")
         check_grids(pds, rds)
         box = _region_box(win, rds.width, rds.height)
         table = read_classes(pds)
@@ -240,14 +255,15 @@ def evaluate_vector(
     pred_path, ref_path = Path(prediction), Path(reference)
     win = parse_pixel_region(region)
     with _open(pred_path, "prediction") as pds:
+        check_class_raster(pds, "prediction")
         if pds.crs is None and (pds.transform.is_identity or pds.gcps[0] or pds.rpcs):
             raise GridMismatchError(f"prediction {pred_path.name} is not on a map grid (no geotransform): warp it "
                                     "(gdalwarp -r near) before comparing it with vector data")
         vec = read_vector(ref_path, pds.crs, missing=f"reference {ref_path} does not exist: check the path",
                           unreadable=f"reference {ref_path} cannot be read as vector data")
-        if (pds.crs is None) != (vec.crs is None):
-            log.warning("warning: %s has no CRS: the coordinates of %s are taken as they are",
-                        *((ref_path.name, ref_path.name) if vec.crs is None else (pred_path.name, ref_path.name)))
+        if pds.crs is None and vec.crs is not None:  # (a reference without one: read_vector says so)
+            log.warning("warning: %s has no CRS: the coordinates of %s are taken as they are", pred_path.name,
+                        ref_path.name)
         table = read_classes(pds)
         ignore = _default_ignore(ignore, classes, table)
         fill = None if background is None else _background_id(background, table, ignore, pred_path)
@@ -612,9 +628,16 @@ def draw_sample(
             np.full(k.size, "", object)]
     # reference: a text field, empty (NULL) until labelled, with a class id or a class name
     masks = [None] * (len(fields) - 1) + [np.ones(k.size, bool)]
+    points = shapely.points(xs, ys)
+    if fmt == "geojson":  # RFC 7946: longitudes/latitudes (WGS 84), as every reader takes a GeoJSON
+        from geoseg.vectorize import GEOJSON_OPTIONS, to_wgs84
+
+        points, crs_out, options = to_wgs84(points, crs), "EPSG:4326", GEOJSON_OPTIONS
+    else:
+        crs_out, options = crs.to_wkt(), {}
     with atomic_output(out, overwrite) as tmp, staged_as(tmp, fmt) as work:
-        pyogrio.raw.write(work, shapely.to_wkb(shapely.points(xs, ys)), data, fields, field_mask=masks,
-                          layer="sample", driver=DRIVERS[fmt], geometry_type="Point", crs=crs.to_wkt())
+        pyogrio.raw.write(work, shapely.to_wkb(points), data, fields, field_mask=masks, layer="sample",
+                          driver=DRIVERS[fmt], geometry_type="Point", crs=crs_out, layer_options=options)
     drawn = {int(v): int(n) for v, n in zip(*np.unique(k, return_counts=True))}
     small = [cid for cid, n in drawn.items() if n < per_class]
     if small:

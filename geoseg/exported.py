@@ -171,6 +171,10 @@ def parse_classes(spec: str | Path | Sequence[Any] | None) -> tuple[ClassInfo, .
                 raise ParameterError(f"--classes entry {k} ({c!r}) is malformed: {exc}") from None
         else:
             out.append(ClassInfo(k, str(c), PALETTE[k % len(PALETTE)]))
+    for what, keys in (("names", [c.name.lower() for c in out]), ("ids", [c.id for c in out])):
+        twice = sorted({str(v) for v in keys if keys.count(v) > 1})
+        if twice:
+            raise ParameterError(f"--classes gives the {what} {', '.join(twice)} twice: each class needs its own")
     return tuple(out)
 
 

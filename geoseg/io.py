@@ -68,6 +68,9 @@ class SceneMeta:
     #: in the file, and the area of interest (:class:`geoseg.aoi.Aoi`) whose outside is nodata.
     origin: tuple[int, int] = (0, 0)
     aoi: Any = None
+    #: Each band's ``(scale, offset)`` tags (physical value = stored × scale + offset). geoseg
+    #: feeds the stored values, as training read them; these only explain a scene on another scale.
+    scaling: tuple[tuple[float, float], ...] = ()
 
     def subset(self, window: Window, aoi: Any = None) -> SceneMeta:
         """The pixel ``window`` of this scene (its size and transform; reads are offset into the
@@ -162,6 +165,7 @@ def open_scene(path: str | Path) -> SceneMeta:
                 tags=dict(ds.tags()),
                 gcps=ds.gcps if ds.gcps[0] else None,
                 rpcs=ds.rpcs,
+                scaling=tuple(zip(ds.scales, ds.offsets)),
             )
             # Decode one small window so a truncated/corrupt file fails here, not mid-run.
             ds.read(1, window=Window(0, 0, min(16, ds.width), min(16, ds.height)))
@@ -423,12 +427,25 @@ def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: 
         raise ParameterError(f"{unreadable}: {str(exc).splitlines()[0]}") from None
     geoms = shapely.from_wkb(wkb)
     src = CRS.from_user_input(info["crs"]) if info.get("crs") else None
+    if src is None and crs is not None and len(geoms):
+        log.warning("warning: %s has no CRS: its coordinates are taken to be in the scene's CRS", path.name)
     if src is not None and crs is not None and src != crs:
+        bad = f"{unreadable}: its coordinates do not fit its CRS ({src.to_string()[:60]})"
+        if src.is_geographic and len(geoms):
+            x0, y0, x1, y1 = shapely.total_bounds(geoms)
+            if min(x0, y0) < -360 or max(x1, y1) > 360:  # GDAL reads a GeoJSON without "crs" as WGS 84
+                raise ParameterError(f"{bad}: they are not longitudes/latitudes (a GeoJSON file must be in WGS 84, "
+                                     "RFC 7946); write it with its real CRS, e.g. as a GeoPackage")
+
         def reproject(xy: np.ndarray) -> np.ndarray:
             xs, ys = transform_xy(src, crs, xy[:, 0], xy[:, 1])
             return np.column_stack([xs, ys])
 
-        geoms = shapely.transform(geoms, reproject)
+        try:
+            geoms = shapely.transform(geoms, reproject)
+        except Exception as exc:  # noqa: BLE001 - GDAL's CPLE_* errors (PROJ: ...) are not RasterioErrors
+            raise ParameterError(f"{bad}: reprojecting them fails ({str(exc).splitlines()[0]}); "
+                                 "check the file's CRS") from None
     return VectorData([str(f) for f in info["fields"]], list(values), geoms, src)
 
 

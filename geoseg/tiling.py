@@ -10,7 +10,8 @@ One global grid covers the raster.  Along an axis of ``size`` pixels with window
 so the last window is shifted inward to end exactly at the raster edge instead of being
 padded; consecutive windows overlap by at least ``overlap`` pixels.  The window count is the
 product of both axes' ``n``.  A window never reads outside the raster; only a raster smaller
-than ``tile`` along an axis gets padding (reflect), which is cropped off again.
+than ``tile`` along an axis gets padding (reflect), which is cropped off again; predict and
+info first shrink a window larger than the whole raster to what it needs (:func:`fit_tile`).
 
 Units are pixels; rows are y (height) and columns x (width).  The grid depends only on
 (height, width, tile, overlap), so any split of it into blocks (rows of windows) yields the
@@ -138,6 +139,23 @@ class TileGrid:
         grid = TileGrid(bottom - top, right - left, self.tile, self.overlap,
                         tuple(o - top for o in rows), tuple(o - left for o in cols))
         return grid, Window(left, top, right - left, bottom - top)
+
+
+def fit_tile(height: int, width: int, tile: int, overlap: int, floor: int | None = None) -> tuple[int, int]:
+    """The window size and overlap a ``height`` × ``width`` raster needs: ``(tile, overlap)`` as
+    given, unless the raster is smaller than ``tile`` along both axes. Then one window covers it
+    and a larger one only pads it (the model's memory and time grow with the padded pixels), so
+    the window shrinks to the raster's longer side rounded up to a multiple of 16 (the models
+    downsample 16x), but not below ``floor`` (the model's own window size: a raster smaller
+    than that keeps the window it would get by default). The overlap, unused by a single window,
+    shrinks with it if it must. Validates ``tile`` and ``overlap`` as :func:`make_grid`."""
+    check_tile_params(tile, overlap)
+    if height <= 0 or width <= 0:
+        raise ParameterError(f"raster size {width}x{height} must be positive")
+    need = -(-max(height, width, floor or MIN_TILE) // 16) * 16
+    if need >= tile:
+        return tile, overlap
+    return need, min(overlap, need - 16)
 
 
 def make_grid(height: int, width: int, tile: int = 512, overlap: int = 128) -> TileGrid:

@@ -83,6 +83,8 @@ VectorFormat = Literal["gpkg", "geojson", "fgb"]
 #: Output formats, as accepted by ``fmt`` and ``--format``.
 FORMATS: tuple[str, ...] = get_args(VectorFormat)
 DRIVERS: dict[str, str] = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf"}
+#: GeoJSON as RFC 7946 has it (WGS 84 coordinates, no ``crs`` member), with the layer's name.
+GEOJSON_OPTIONS: dict[str, str] = {"RFC7946": "YES", "WRITE_NAME": "YES"}
 EXTENSIONS: dict[str, str] = {".gpkg": "gpkg", ".geojson": "geojson", ".json": "geojson", ".fgb": "fgb"}
 
 #: Integer dtypes that can hold class ids and that GDAL's polygoniser accepts.
@@ -781,7 +783,8 @@ def _measure(geoms: np.ndarray, crs: CRS, step: float | None = None) -> tuple[np
     return np.abs(np.array([r[0] for r in res], dtype=np.float64)), np.array([r[1] for r in res], dtype=np.float64)
 
 
-def _to_wgs84(geoms: np.ndarray, crs: CRS) -> np.ndarray:
+def to_wgs84(geoms: np.ndarray, crs: CRS) -> np.ndarray:
+    """Geometries in ``crs`` as longitudes/latitudes (WGS 84), vertex by vertex (GeoJSON's CRS)."""
     def fn(xy: np.ndarray) -> np.ndarray:
         if xy.shape[0] == 0:
             return xy
@@ -798,7 +801,7 @@ class _LayerWriter:
         self.path, self.driver, self.layer, self.crs_wkt, self.geometry_type = path, driver, layer, crs_wkt, geometry_type
         self.count = 0
         self.started = False
-        self.layer_options = {"RFC7946": "YES", "WRITE_NAME": "YES"} if driver == "GeoJSON" else {}
+        self.layer_options = dict(GEOJSON_OPTIONS) if driver == "GeoJSON" else {}
         if driver == "GPKG":
             self.layer_options = {"SPATIAL_INDEX": "YES"}
 
@@ -938,10 +941,16 @@ def vectorize_mask(
     t0 = time.perf_counter()
     mask_path = Path(mask_path)
     out_path = Path(out_path)
-    if fmt is None:
-        fmt = format_from_path(out_path) or "gpkg"
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise ParameterError(f"format {fmt!r} is not known: use one of {', '.join(FORMATS)}")
+    named = format_from_path(out_path)
+    if named is None:  # GDAL would write the format asked for under any name: a .shp holding a GeoPackage
+        raise ParameterError(f"output {out_path.name}: name it .gpkg, .geojson or .fgb (GeoPackage, GeoJSON, "
+                             "FlatGeobuf); other formats: convert the GeoPackage with ogr2ogr")
+    if fmt is not None and fmt != named:
+        raise ParameterError(f"output {out_path.name} is named as {named} but the format asked for is {fmt}: "
+                             f"name it {out_path.stem}{default_out_path('x', fmt).suffix} or drop --format")
+    fmt = named
     _check_connectivity(connectivity)
     if block_size is not None and block_size < 1:
         raise ParameterError(f"block_size {block_size} is not allowed: use >= 1 rows")
@@ -988,7 +997,7 @@ def vectorize_mask(
                 area, perim = _measure(geoms, info.crs, min(abs(info.transform.a), abs(info.transform.e)) or None)
                 names = np.array([class_lookup(class_map, int(i)).name for i in ids], dtype=object)
                 if geojson:
-                    geoms = _to_wgs84(geoms, info.crs)
+                    geoms = to_wgs84(geoms, info.crs)
                 for i in ids:
                     counts[int(i)] = counts.get(int(i), 0) + 1
                 writer.write(geoms, ids, names, area, perim, scene)

@@ -102,6 +102,19 @@ def test_discover_mirrors_tree_lists_and_skips_the_output_folder(tmp_path: Path)
         parse_resources("GPU")
 
 
+def test_a_refused_run_creates_no_output_folder(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arch = tmp_path / "arch"
+    make_archive(arch, 2, size=(16, 16))
+    (tmp_path / "elsewhere").mkdir()
+    other = _copy(arch / "scene0.tif", tmp_path / "elsewhere" / "scene0.tif")
+    out = tmp_path / "results"
+    r = run_cli(runner, tiny_unet, [arch, other.parent], out)
+    assert r.exit_code == 1 and "would both write scene0.tif" in r.output, r.output
+    assert not out.exists()  # was left behind, empty
+    r = runner.invoke(cli, ["batch", str(arch), "--out", str(out), "--weights", str(tmp_path / "none.pdparams")])
+    assert r.exit_code != 0 and not out.exists(), r.output
+
+
 def _copy(src: Path, dst: Path) -> Path:
     dst.write_bytes(src.read_bytes())
     return dst
@@ -280,6 +293,9 @@ def test_kill_9_mid_run_then_rerun_matches_uninterrupted(runner, tiny_unet, tmp_
     _signal_mid_scene(tiny_unet, arch, out, tmp_path / "killed.log", signal.SIGKILL)
     done_before = _done_count(out)
     assert 1 <= done_before < 12
+    # the scenes the killed run had queued or was running: why they run again (never ran is not 'interrupted')
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    assert r.stdout.count("\tnot finished by an interrupted run") == 12 - done_before, r.output
     # Leftovers of other killed runs (temp output, GDAL staging file, its sidecar) are cleaned too.
     planted = [out / "d1" / "x" / ".geoseg-scene1_landcover.tif.0a1b2c3d.tmp",
                out / ".geoseg-scene0_landcover.tif.0a1b2c3d.staging.tif",

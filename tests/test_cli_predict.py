@@ -58,7 +58,7 @@ def test_info_prints_what_predict_sees(runner: CliRunner, tmp_path: Path) -> Non
 def test_info_memory_estimate_counts_ensemble_members(tmp_path: Path) -> None:
     """A seed ensemble holds one network per member: the shipped 3-member UNet's estimate is two members
     above the same windows without a model."""
-    from geoseg.engine import RUNTIME_PER_MEMBER_MB, describe_scene, resolve_model
+    from geoseg.engine import RUNTIME_PER_MEMBER_MB, RUNTIME_PER_MEMBER_WINDOW_MB, describe_scene, resolve_model
     from geoseg.errors import ResolutionWarning
 
     src = rgb(tmp_path, h=300, w=400)
@@ -67,7 +67,9 @@ def test_info_memory_estimate_counts_ensemble_members(tmp_path: Path) -> None:
     with pytest.warns(ResolutionWarning):  # 10 m pixels for a 28.5 m model
         with_model = describe_scene(src, source=unet)
     plain = describe_scene(src, unet.card.tile_size, unet.card.overlap, unet.card.num_classes, with_model["batch_size"])
-    assert with_model["memory_estimate_mb"] - plain["memory_estimate_mb"] == pytest.approx(2 * RUNTIME_PER_MEMBER_MB, abs=1)
+    windows = with_model["batch_size"] * (unet.card.tile_size / 512) ** 2  # each member's working set grows with them
+    assert with_model["memory_estimate_mb"] - plain["memory_estimate_mb"] == pytest.approx(
+        2 * (RUNTIME_PER_MEMBER_MB + RUNTIME_PER_MEMBER_WINDOW_MB * windows), abs=1)
 
 
 def test_info_uses_the_model_predict_would_run(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path],
@@ -491,6 +493,16 @@ def test_unwritable_output(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[P
     assert_one_line_error(res, "does not exist", "create it")
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "no" / "such" / "dir")])
     assert_one_line_error(res, "does not exist")
+    # an existing file as the folder, or as the folder of a .tif name: said as such (was "does not exist")
+    (tmp_path / "afile").write_text("keep")
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "afile")])
+    assert_one_line_error(res, "afile is a file, not a folder: give a folder or the mask's .tif name")
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "afile" / "m.tif")])
+    assert_one_line_error(res, "afile is a file, not a folder")
+    # a polygons file name is not taken for a folder to create
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "x.geojson")])
+    assert_one_line_error(res, "x.geojson: give a folder or the mask's .tif name", "--vector geojson")
+    assert (tmp_path / "afile").read_text() == "keep" and not (tmp_path / "x.geojson").exists()
 
 
 def test_existing_output_without_overwrite(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:

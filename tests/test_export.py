@@ -123,6 +123,21 @@ def test_paddleseg_export_is_accepted_by_predict(tiny_unet: tuple[Path, Path], s
     assert (m == mr).mean() >= 0.999
     with rasterio.open(tmp_path / "ps.tif") as ds:
         assert "\"name\": \"c\"" in ds.tags()["GEOSEG_CLASSES"]
+    # too few names for the model's classes: said, with what to do (argmax labels and logits alike)
+    for op in ("argmax", "none"):
+        _paddleseg_export(tiny_unet, folder, output_op=op)
+        r = runner.invoke(cli, ["predict", str(scene), "--model", str(folder), "--classes", "a,b",
+                                "--out", str(tmp_path / f"few_{op}.tif"), "--tile-size", "32", "--overlap", "0",
+                                "--device", "cpu"])
+        assert r.exit_code == 1 and "give one class per output" in r.output, r.output
+        assert not (tmp_path / f"few_{op}.tif").exists()
+    r = runner.invoke(cli, ["predict", str(scene), "--model", str(folder), "--classes", "a,b,A,c",
+                            "--out", str(tmp_path / "dup.tif")])
+    assert r.exit_code == 1 and "--classes gives the names a twice" in r.output, r.output
+    # --classes is for exported folders without class names: not silently ignored for a model with a card
+    r = runner.invoke(cli, ["predict", str(scene), "--weights", str(weights), "--classes", "a,b,c,d",
+                            "--out", str(tmp_path / "card.tif")])
+    assert r.exit_code == 1 and "this model's card names them: drop --classes" in r.output, r.output
 
 
 def test_load_exported_paddleseg_card_and_classes(tiny_unet: tuple[Path, Path], tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from rasterio.transform import from_origin
 
 from geoseg.errors import GridMismatchError, ParameterError
-from geoseg.evaluate import evaluate_rasters
+from geoseg.evaluate import evaluate_rasters, evaluate_vector
 from geoseg.metrics import ConfusionMatrix, compute_metrics
 from tests.conftest import NC_LCC, write_raster
 
@@ -113,6 +113,28 @@ def test_mismatched_grids_are_refused_with_the_reason(tmp_path: Path) -> None:
     other_crs = write_raster(tmp_path / "crs.tif", PRED)
     with pytest.raises(GridMismatchError, match="CRS"):
         evaluate_rasters(other_crs, ref)
+
+
+def test_an_image_or_a_float_raster_is_not_taken_as_a_class_map(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    from geoseg.errors import SceneError
+    from geoseg_cli.main import cli
+
+    ref = write_raster(tmp_path / "ref.tif", REF, crs=NC_LCC, nodata=0)
+    pred = write_raster(tmp_path / "pred.tif", PRED, crs=NC_LCC)
+    image = write_raster(tmp_path / "image.tif", np.stack([REF, PRED, REF]).astype(np.uint8), crs=NC_LCC)
+    probs = write_raster(tmp_path / "probs.tif", np.stack([PRED, PRED]).astype(np.float32) / 3, crs=NC_LCC)
+    floats = write_raster(tmp_path / "f.tif", REF.astype(np.float32), crs=NC_LCC)
+    # band 1 of an image used to be read as classes: a 256-class matrix, exit 0
+    with pytest.raises(SceneError, match="reference image.tif has 3 bands, a class raster has one: give the label"):
+        evaluate_rasters(pred, image)
+    with pytest.raises(SceneError, match="prediction probs.tif has 2 bands.*not an image or a probabilities raster"):
+        evaluate_rasters(probs, ref)
+    with pytest.raises(SceneError, match="reference f.tif holds float32 values, a class raster holds integers"):
+        evaluate_rasters(pred, floats)
+    with pytest.raises(SceneError, match="prediction image.tif has 3 bands"):
+        evaluate_vector(image, _geojson(tmp_path / "r.geojson", [(_pixel_square(0, 0), {"cls": 1})]), field="cls")
+    r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(image)])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "3 bands" in r.output, r.output
 
 
 def test_cli_evaluate_table_json_and_errors(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
@@ -496,6 +518,47 @@ def test_sample_draws_each_class_uniformly_and_round_trips_through_evaluate(tmp_
     assert r.exit_code == 1 and ".gpkg, .geojson or .fgb" in r.output
     r = runner.invoke(cli, ["sample", str(pred), "--out", str(tmp_path / "r.gpkg"), "--region", "30,0,10,30"])
     assert r.exit_code == 0 and len(pyogrio.raw.read(tmp_path / "r.gpkg")[2]) == 10  # only sand there
+
+
+@pytest.mark.filterwarnings("ignore:'crs' was not provided")
+def test_a_geojson_sample_is_in_wgs84_and_round_trips_through_evaluate(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    import pyogrio
+    import rasterio
+    import shapely
+
+    from geoseg.evaluate import draw_sample, evaluate_vector
+
+    mask = np.full((30, 40), 1, np.uint8)
+    mask[:, 25:] = 2
+    pred = write_raster(tmp_path / "map.tif", mask, nodata=255)
+    draw_sample(pred, tmp_path / "s.geojson", per_class=20, seed=3)
+    doc = json.loads((tmp_path / "s.geojson").read_text())
+    assert "crs" not in doc  # RFC 7946: WGS 84, which every reader assumes
+    lon, lat = np.array([f["geometry"]["coordinates"] for f in doc["features"]]).T
+    assert (np.abs(lon) <= 180).all() and (np.abs(lat) <= 90).all()
+    # each point still lies on its map class
+    xs, ys = rasterio.warp.transform("EPSG:4326", "EPSG:32633", lon.tolist(), lat.tolist())
+    cols, rows = ~rasterio.open(pred).transform * (np.array(xs), np.array(ys))
+    assert [int(v) for v in mask[np.floor(rows).astype(int), np.floor(cols).astype(int)]] == \
+        [f["properties"]["map_class"] for f in doc["features"]]
+    for f in doc["features"]:  # labelled as the map says
+        f["properties"]["reference"] = str(f["properties"]["map_class"])
+    (tmp_path / "labelled.geojson").write_text(json.dumps(doc))
+    assert evaluate_vector(pred, tmp_path / "labelled.geojson", field="reference").metrics.overall_accuracy == 1.0
+    # map coordinates in a GeoJSON (GDAL reads them as WGS 84): one line that says so, not a PROJ error
+    for f in doc["features"]:
+        f["geometry"]["coordinates"] = [500105.0, 4799895.0]
+    (tmp_path / "projected.geojson").write_text(json.dumps(doc))
+    with pytest.raises(ParameterError, match="not longitudes/latitudes .*WGS 84"):
+        evaluate_vector(pred, tmp_path / "projected.geojson", field="reference")
+    # a vector file without a CRS is taken to be in the map's, and that is said
+    meta, _, wkb, fields = pyogrio.raw.read(tmp_path / "labelled.geojson")
+    pts = shapely.points(np.array(xs), np.array(ys))
+    pyogrio.raw.write(tmp_path / "nocrs.gpkg", shapely.to_wkb(pts), fields, meta["fields"], geometry_type="Point",
+                      driver="GPKG")
+    with caplog.at_level("WARNING", logger="geoseg"):
+        r = evaluate_vector(pred, tmp_path / "nocrs.gpkg", field="reference")
+    assert r.metrics.overall_accuracy == 1.0 and "nocrs.gpkg has no CRS" in caplog.text
 
 
 def test_polygons_against_a_map_without_class_table_count_every_predicted_class(tmp_path: Path) -> None:

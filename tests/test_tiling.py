@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from geoseg.errors import ParameterError
-from geoseg.tiling import axis_offsets, core_bounds, make_grid, spread_tiles
+from geoseg.tiling import axis_offsets, core_bounds, fit_tile, make_grid, spread_tiles
 
 SIZES = [(1, 1), (37, 600), (512, 512), (513, 700), (600, 9000), (9000, 600), (1100, 1500), (2048, 2048), (1000, 1025)]
 
@@ -93,3 +93,31 @@ def test_covering_keeps_exactly_the_windows_meeting_an_area(window: tuple[int, i
     assert (sub.height, sub.width) == (region.height, region.width)
     with pytest.raises(ParameterError, match="outside"):
         grid.covering(Window(1000, 0, 5, 5))
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "overlap", "floor", "fitted"), [
+    (443, 489, 8000, 32, 128, (496, 32)),  # the NC sample in 8,000-px windows: one window of its size
+    (443, 489, 512, 128, 128, (496, 128)),
+    (100, 100, 1024, 512, 16, (112, 96)),  # the overlap, unused by one window, shrinks with it
+    (20, 20, 8000, 32, 128, (128, 32)),  # smaller than the model's window: the window it gets by default
+    (20, 20, 64, 16, 128, (64, 16)),  # a window smaller than the model's is not grown
+    (443, 489, 496, 32, 128, (496, 32)),
+    (600, 300, 512, 128, 128, (512, 128)),  # larger than the window along one axis: as asked
+    (2048, 2048, 2048, 32, 128, (2048, 32)),
+])
+def test_a_window_larger_than_the_raster_shrinks_to_it(height: int, width: int, tile: int, overlap: int, floor: int,
+                                                       fitted: tuple[int, int]) -> None:
+    assert fit_tile(height, width, tile, overlap, floor) == fitted
+    big, small = make_grid(height, width, tile, overlap), make_grid(height, width, *fitted)
+    # the same windows read (a raster smaller than the window is read whole): only the padding differs
+    assert [(t.row, t.col, t.height, t.width) for t in big.tiles()] == [(t.row, t.col, t.height, t.width)
+                                                                      for t in small.tiles()]
+    if fitted[0] < tile:
+        assert len(small) == 1 and fitted[0] % 16 == 0 and fitted[0] >= max(height, width)
+
+
+def test_fit_tile_validates_as_make_grid() -> None:
+    with pytest.raises(ParameterError, match="multiple of 16"):
+        fit_tile(20, 20, 500, 0)
+    with pytest.raises(ParameterError, match="smaller than the tile size"):
+        fit_tile(20, 20, 8000, 8000)

@@ -350,6 +350,21 @@ def test_bad_inputs(tmp_path: Path, make, error, words) -> None:  # type: ignore
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".geoseg")]
 
 
+@pytest.mark.parametrize("name, fmt, words", [
+    ("lc.shp", None, r"lc.shp: name it .gpkg, .geojson or .fgb"),
+    ("lc", None, r"lc: name it .gpkg"),
+    ("lc.gpkg", "geojson", r"named as gpkg but the format asked for is geojson: name it lc.geojson"),
+    ("lc.fgb", "gpkg", r"named as fgb .* name it lc.gpkg"),
+])
+def test_an_output_name_that_is_not_its_format_is_refused(mask_path: Path, tmp_path: Path, name: str,
+                                                          fmt: str | None, words: str) -> None:
+    # GDAL writes whatever format it is asked for under any name: a GeoPackage named .shp
+    with pytest.raises(ParameterError, match=words):
+        vec.vectorize_mask(mask_path, tmp_path / name, fmt=fmt)  # type: ignore[arg-type]
+    assert [p.name for p in tmp_path.iterdir()] == [mask_path.name]
+    assert vec.vectorize_mask(mask_path, tmp_path / "lc.json", fmt="geojson").path.read_text().startswith("{")
+
+
 def test_existing_output_and_bad_params(mask_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "lc.gpkg"
     out.write_text("keep me")
@@ -448,3 +463,30 @@ def test_malformed_class_tag_falls_back_to_the_colour_table(tmp_path: Path, capl
     assert "malformed GEOSEG_CLASSES" in caplog.text
     by_id = {c["id"]: tuple(c["color"]) for c in CLASSES}
     assert {k: (info.classes[k].name, info.classes[k].color) for k in by_id} == {k: (f"class_{k}", rgb) for k, rgb in by_id.items()}
+
+
+def test_predict_whose_polygons_fail_keeps_its_whole_mask_and_says_how_to_go_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while writing the polygons: the mask (written before them) is whole and stays,
+    and the error says so and how to get the polygons, instead of only 'nothing half-written'."""
+    from geoseg import engine
+    from geoseg.atomic import write_error
+    from geoseg.errors import OutputError
+    from tests.test_engine import identity_card, one_hot_predictor
+
+    src = write_raster(tmp_path / "s.tif", class_image(80, 80, 2)[None].astype(np.uint8))
+
+    def full(mask_path, out_path, **kw):  # type: ignore[no-untyped-def]
+        raise write_error(out_path, OSError(28, "No space left on device"))
+
+    monkeypatch.setattr(vec, "vectorize_mask", full)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match=r"s_landcover.gpkg: no space left .*; the mask s_landcover.tif is complete: "
+                                          r"write its polygons with geoseg vectorize .*s_landcover.tif, or run predict "
+                                          r"again with --overwrite") as exc:
+        engine.segment_scene(src, out, source=engine.ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2),
+                             options=engine.PredictOptions(vector="gpkg"))
+    assert "\n" not in str(exc.value)
+    with rasterio.open(out / "s_landcover.tif") as ds:  # whole: every pixel classified
+        assert (ds.read(1) == class_image(80, 80, 2) + 1).all()
+    assert sorted(p.suffix for p in out.iterdir()) == [".qml", ".tif", ".xml"]
