@@ -102,8 +102,9 @@ class Normalization:
         mean = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
         std = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
         out = x.astype(np.float32)
-        out *= scale / std
-        out -= mean / std
+        with np.errstate(over="ignore", invalid="ignore"):  # a huge nodata fill (-3.4e38): replaced below
+            out *= scale / std
+            out -= mean / std
         if x.dtype.kind == "f":
             np.nan_to_num(out, copy=False, nan=fill, posinf=fill, neginf=fill)
         if missing is not None:

@@ -35,6 +35,12 @@ from geoseg.errors import NoCRSWarning, OutputError, SceneError, SceneReadError,
 
 log = logging.getLogger(__name__)
 
+# rasterio.features (rasterize, shapes, sieve) works on in-memory datasets of its own, given the
+# transform, and now and then warns that one "has no geotransform" (rasterio/rasterio#2497,
+# rio-tiler#627; 2 `predict --aoi` runs in 12 here printed it): about no file of the user's, so not
+# said. Only warnings raised inside rasterio.features are filtered (a scene's own are not).
+warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning, module=r"rasterio\.features")
+
 #: Dataset tag holding the class table (JSON list of {id, name, color}).
 CLASSES_TAG = "GEOSEG_CLASSES"
 MASK_NODATA = 255

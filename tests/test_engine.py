@@ -495,6 +495,12 @@ def test_normalisation_fills_missing_values_with_the_band_mean() -> None:
     np.testing.assert_allclose(out[:, 0, 2], [0.0, 0.0])  # no data at all: the means, not 65535
     batch = norm.apply(np.stack([x, x]), "float32", np.stack([missing, missing]))
     np.testing.assert_allclose(batch[1], out)
+    # float32's lowest value as the nodata fill (a common GIS default) overflows when scaled: no
+    # numpy warning reaches the user ("warning: overflow encountered in multiply", twice a run)
+    x[:, 0, 2] = np.finfo(np.float32).min
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(norm.apply(x, "float32", missing), out)
 
 
 def test_tta_maps_every_view_back() -> None:
@@ -592,9 +598,17 @@ def test_values_far_from_the_training_data_warn_once_and_the_map_is_still_writte
         warnings.simplefilter("always")
         segment_scene(write_raster(tmp_path / "ok.tif", ok), tmp_path, **kw)
     assert not [w for w in seen if issubclass(w.category, InputRangeWarning)]
-    with pytest.warns(InputRangeWarning, match=r"band 2 averages \+1[45] standard deviations.*as b1") as rec:
+    with pytest.warns(InputRangeWarning, match=rf"band 2 averages \+({3 * INPUT_RANGE_Z - 1:.0f}|{3 * INPUT_RANGE_Z:.0f}) "
+                                               r"standard deviations.*as b1") as rec:
         res = segment_scene(write_raster(tmp_path / "far.tif", far), tmp_path, **kw)
     assert len([w for w in rec if issubclass(w.category, InputRangeWarning)]) == 1 and res.mask.exists()
+    assert "scale" not in str(rec[0].message)
+    # values stored x10 (+50) with a 0.1 scale tag: geoseg feeds what is stored, and the warning names the tag
+    with rasterio.open(write_raster(tmp_path / "scaled.tif", (ok * 10 + 50).astype(np.float32)), "r+") as ds:
+        ds.scales = (0.1, 0.1)
+    with pytest.warns(InputRangeWarning, match=r"band [12] averages .*band 1 carries scale 0.1 and offset 0 tags, which "
+                                               r"geoseg does not apply: the model gets the stored float32 values x 1,"):
+        check_input_range(open_scene(tmp_path / "scaled.tif"), (1, 2), card)
     with pytest.warns(InputRangeWarning):
         means = check_input_range(open_scene(tmp_path / "far.tif"), (1, 2), card)
     assert means is not None and abs(means["b0"]) < 0.5 and 3 * INPUT_RANGE_Z - 0.5 < means["b1"] < 3 * INPUT_RANGE_Z + 0.5
