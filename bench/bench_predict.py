@@ -25,6 +25,11 @@ The mask only (no polygons: ``bench/bench_vectorize.py`` measures those).
 centre (an archive mosaic with gaps, a scene's nodata frame), and prints the seconds per skipped
 all-nodata window: what predict spends where there is nothing to predict.
 
+``--memory T [T ...]`` checks the memory estimate predict refuses or warns by (the one ``geoseg
+info`` prints): ``geoseg -q predict`` (mask only, no prior adaptation) over the 2048² mosaic in
+windows of each size T (batch 1; the CPU default batch for the card's window), each run in its own
+process, prints its peak RSS beside the estimate (the export cache warmed first).
+
 Uses the shipped weights when they exist, else a random-init model of the same architecture
 (speed and memory do not depend on the weights' values).
 """
@@ -207,6 +212,36 @@ def run_one(size: int, model: str, batch_size: int | None, tile: int | None, ove
     }
 
 
+_PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); sys.exit(rc)")
+
+
+def run_memory(tiles: list[int], model: str) -> None:
+    """Peak RSS of ``geoseg predict`` runs (each in a fresh process) against the estimate."""
+    from geoseg.engine import card_members, default_batch_size, memory_estimate_mb, resolve_model
+
+    card = resolve_model(model).card
+    geoseg = [str(Path(sys.executable).with_name("geoseg"))]  # the console script of this environment
+    scene = make_scene(2048)
+    out = WORK / "out_memory"
+    out.mkdir(exist_ok=True)
+    common = ["-q", "predict", "--model", model, "--out", str(out), "--vector", "none", "--no-adapt-prior", "--overwrite"]
+    subprocess.run([*geoseg, *common, str(SCENE)], check=True, stdout=subprocess.DEVNULL)  # fills the export cache
+    print(f"{model} ({card_members(card)} member(s)), 2048² scene, {card.in_channels} bands, {card.num_classes} classes")
+    for tile in tiles:
+        batch = default_batch_size("cpu", tile) if tile == card.tile_size else 1
+        proc = subprocess.run([sys.executable, "-c", _PEAK, *geoseg, *common, str(scene), "--tile-size", str(tile),
+                               "--overlap", str(min(card.overlap, tile // 4)), "--batch-size", str(batch)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode:
+            sys.exit(f"tile {tile} failed:\n{proc.stderr[-3000:]}")
+        peak = float(proc.stdout.strip().splitlines()[-1])
+        est = memory_estimate_mb(tile, batch, height=2048, width=2048, bands=card.in_channels, itemsize=1,
+                                 num_classes=card.num_classes, members=card_members(card))
+        print(f"  {tile:>5} px, batch {batch}: peak RSS {peak:7.0f} MB, estimate {est:7.0f} MB ({est / peak - 1:+.0%})",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192])
@@ -219,9 +254,14 @@ def main() -> None:
                     help="also write the class probabilities raster (its cost)")
     ap.add_argument("--sparse", type=int, default=None, metavar="N",
                     help="measure an N x N VRT that holds the NC sample at its centre (skipped windows' cost)")
+    ap.add_argument("--memory", type=int, nargs="+", default=None, metavar="TILE",
+                    help="peak RSS of geoseg predict in windows of these sizes against its memory estimate")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--sparse-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory:
+        run_memory(args.memory, args.model)
+        return
     if args.sparse_child:
         print(json.dumps(run_sparse(args.sparse_child, args.model)))
         return

@@ -474,12 +474,13 @@ def output_paths(input_path: Path, out: str | Path | None) -> tuple[Path, Path]:
         if out.suffix.lower() in (".tif", ".tiff"):
             mask = out
         else:
-            if out.exists() and not out.is_dir():
-                raise ParameterError(f"--out {out} is a file, not a folder: give a folder or the mask's .tif name")
-            if not out.exists() and out.suffix.lower() in VECTOR_EXTENSIONS.values():
+            if out.exists():
+                if not out.is_dir():
+                    raise ParameterError(f"--out {out} is a file, not a folder: give a folder or the mask's .tif name")
+            elif out.suffix.lower() in VECTOR_EXTENSIONS.values():
                 raise ParameterError(f"--out {out}: give a folder or the mask's .tif name; the polygons are written "
                                      f"beside the mask (their format: --vector {out.suffix.lower()[1:]})")
-            if not out.exists():
+            else:
                 if not out.parent.exists() and str(out.parent) not in ("", "."):
                     raise ParameterError(f"output folder {out.parent} does not exist: create it first")
                 try:

@@ -86,6 +86,8 @@ DRIVERS: dict[str, str] = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeo
 #: GeoJSON as RFC 7946 has it (WGS 84 coordinates, no ``crs`` member), with the layer's name.
 GEOJSON_OPTIONS: dict[str, str] = {"RFC7946": "YES", "WRITE_NAME": "YES"}
 EXTENSIONS: dict[str, str] = {".gpkg": "gpkg", ".geojson": "geojson", ".json": "geojson", ".fgb": "fgb"}
+#: Each format's own extension (the one outputs get by default).
+SUFFIXES: dict[str, str] = {"gpkg": ".gpkg", "geojson": ".geojson", "fgb": ".fgb"}
 
 #: Integer dtypes that can hold class ids and that GDAL's polygoniser accepts.
 CLASS_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "int32")
@@ -892,8 +894,7 @@ def write_gpkg_style(path: str | Path, layer: str, qml: str, *, geometry_column:
 
 def default_out_path(mask_path: str | Path, fmt: str = "gpkg") -> Path:
     """``<mask folder>/<mask stem>.<ext>`` for a format."""
-    ext = {"gpkg": ".gpkg", "geojson": ".geojson", "fgb": ".fgb"}[fmt]
-    return Path(mask_path).with_suffix(ext)
+    return Path(mask_path).with_suffix(SUFFIXES[fmt])
 
 
 def vectorize_mask(
@@ -949,7 +950,7 @@ def vectorize_mask(
                              "FlatGeobuf); other formats: convert the GeoPackage with ogr2ogr")
     if fmt is not None and fmt != named:
         raise ParameterError(f"output {out_path.name} is named as {named} but the format asked for is {fmt}: "
-                             f"name it {out_path.stem}{default_out_path('x', fmt).suffix} or drop --format")
+                             f"name it {out_path.stem}{SUFFIXES[fmt]} or drop --format")
     fmt = named
     _check_connectivity(connectivity)
     if block_size is not None and block_size < 1:
