@@ -143,15 +143,17 @@ def _setup_logging(verbosity: int) -> None:
     logger.propagate = False
     # PaddlePaddle installs a root handler at import; keep GDAL/rasterio/distributed chatter
     # out of the user's terminal unless -v asked for it.
+    # -v: their INFO lines; -vv: their DEBUG too (rasterio says one line per dataset opened: ~1,100
+    # for one small scene)
     for noisy in ("rasterio", "distributed", "paddle", "pyogrio"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING)
+        logging.getLogger(noisy).setLevel({1: logging.INFO}.get(verbosity, logging.DEBUG if verbosity > 1 else logging.WARNING))
     warnings.filterwarnings("ignore", message="No ccache found")
     # Paddle's BatchNorm says this on every training forward pass; it is not about the user's run.
     warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
 
 
 @click.group(cls=GeosegGroup, context_settings={"auto_envvar_prefix": "GEOSEG", "help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv: the libraries' debug lines too).")
 @click.option("-q", "--quiet", count=True, help="Only errors; no progress bar.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, allow_from_autoenv=False,
               callback=lambda ctx, _, v: _version(ctx, v),

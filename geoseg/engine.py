@@ -1024,6 +1024,13 @@ def segment_scene(
             resolve_classes(opts.vector_classes, {c.id: c for c in mc.classes}, mc.name)
     check_georeferenced(meta)
     adapt = mc.adapt_prior if opts.adapt_prior is None else opts.adapt_prior
+    if source.output == "labels":  # an argmax export: one class per pixel, no probabilities to weigh or write
+        asked = [o for o, on in (("--adapt-prior", opts.adapt_prior), ("--probabilities", opts.probabilities != "none"),
+                                 ("--confidence", opts.confidence != "none")) if on]
+        if asked:
+            raise ParameterError(f"{', '.join(asked)}: {source.label} returns class labels (exported with "
+                                 "--output-op argmax), not probabilities: drop it, or export with --output-op softmax")
+        adapt = False  # (the card's default)
     if adapt:
         _require_class_prior(mc)
     check_input_range(meta, bands, mc)

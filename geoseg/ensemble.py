@@ -52,7 +52,7 @@ def member_source(member: str | Path) -> ModelSource:
 
 
 def combine_models(
-    members: Sequence[ModelSource],
+    members: Sequence[ModelSource | str | Path],
     out: str | Path,
     *,
     name: str | None = None,
@@ -61,6 +61,9 @@ def combine_models(
     overwrite: bool = False,
 ) -> Path:
     """Write the ensemble of ``members`` into ``out/weights.pdparams`` + ``out/weights.yaml``.
+
+    A member is a :class:`~geoseg.engine.ModelSource` or what ``geoseg ensemble`` takes (a run
+    folder, a ``.pdparams`` file, a shipped model name; see :func:`member_source`).
 
     The card is the first member's with ``params.members`` set, ``class_prior`` the mean of the
     members' (the ensemble's mean probability over the training region, when all have one),
@@ -78,6 +81,7 @@ def combine_models(
     """
     if len(members) < 2:
         raise ModelError("an ensemble needs at least 2 members: give two or more trained runs")
+    members = [m if isinstance(m, ModelSource) else member_source(m) for m in members]
     first = members[0].card
     digests: dict[str, int] = {}
     for i, m in enumerate(members, 1):

@@ -525,6 +525,15 @@ def record_in_card(card_path: str | Path, result: EvalResult, key: str = "test")
 
     card = ModelCard.load(card_path)
     m = result.metrics
+    with _open(result.prediction, "prediction") as ds:
+        made_by = ds.tags().get("GEOSEG_MODEL")  # predict's tag: the card name of the model that wrote it
+    if made_by is not None and made_by != card.name:
+        raise ParameterError(f"{result.prediction.name} was made by model {made_by!r}, not by {card.name!r} "
+                             f"({Path(card_path).name}): record its figures in that model's card")
+    foreign = sorted(set(m.averaged_classes) - {c.id for c in card.classes})
+    if foreign:
+        raise ParameterError(f"{Path(card_path).name} has no class {', '.join(map(str, foreign))}: these figures are "
+                             "not of its model (or pass --miou-classes with its classes)")
     entry = {
         "miou": round(float(m.miou), 4), "overall_accuracy": round(float(m.overall_accuracy), 4),
         "kappa": round(float(m.kappa), 4), "mean_f1": round(float(m.mean_f1), 4),

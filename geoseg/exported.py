@@ -82,12 +82,13 @@ def export_model_dir(
         raise ParameterError(f"export target {out} is a file: give a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ParameterError(f"export folder {out} is not empty: choose another or pass --overwrite")
-    if not out.parent.exists():
-        raise ParameterError(f"the parent folder of {out} does not exist: create it first")
     net = build_layer(ModelSource(card=card, weights=Path(weights) if weights else None, layer=layer))
     if output_op != "none":
         net = with_output_op(net, output_op)
-    out.mkdir(exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # as train and ensemble make their --out
+    except OSError as exc:
+        raise ParameterError(f"cannot create export folder {out}: {exc.strerror or exc}") from None
     for old in ("model.json", "model.pdmodel", "model.pdiparams"):
         (out / old).unlink(missing_ok=True)
     export_model(net, out / "model", card.in_channels)

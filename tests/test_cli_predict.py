@@ -276,6 +276,18 @@ def test_a_full_disk_is_one_line_at_the_cli() -> None:
     assert to_click_error(OSError(errno.EACCES, "Permission denied")).message.startswith("unexpected error: ")
 
 
+def test_one_v_shows_the_libraries_info_lines_and_two_their_debug_lines(runner: CliRunner, tmp_path: Path) -> None:
+    import logging
+
+    src = rgb(tmp_path)
+    levels = {}
+    for flags in ([], ["-v"], ["-vv"]):
+        assert runner.invoke(cli, [*flags, "info", str(src), "--no-model"]).exit_code == 0
+        levels[len(flags) and len(flags[0]) - 1] = logging.getLogger("rasterio").level
+    # -v printed ~1,100 rasterio DEBUG lines for one small scene
+    assert levels == {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+
+
 def test_version_names_the_libraries_without_importing_paddle(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     from geoseg import __version__
 

@@ -97,6 +97,10 @@ def test_combine_writes_card_and_weights_that_predict_and_export(tmp_path: Path,
     np.testing.assert_allclose(card.class_prior, (0.2, 0.25, 0.25, 0.3), atol=1e-6)
     assert card.adapt_prior is True
     assert card.name.endswith("-ensemble") and "seeds 0, 1" in card.description
+    # the run folders themselves, as geoseg ensemble takes them (was AttributeError: 'str' ... 'card')
+    again = combine_models([str(r) for r in runs], tmp_path / "ens_paths")
+    got, want_sd = paddle.load(str(again.parent / "weights.pdparams")), paddle.load(str(tmp_path / "ens" / "weights.pdparams"))
+    assert sorted(got) == sorted(want_sd) and all(np.array_equal(np.asarray(got[k]), np.asarray(want_sd[k])) for k in got)
 
     # the combined model is exactly the average of the members (float16-rounded weights)
     ens = build_layer(src)

@@ -66,6 +66,13 @@ def test_cli_export_and_predict_folder(tiny_unet: tuple[Path, Path], scene: Path
     assert load_exported(tmp_path / "e").output == "probs"
     r = runner.invoke(cli, ["-q", "export", "--weights", str(weights), "--out", str(tmp_path / "e")])
     assert r.exit_code == 1 and "not empty" in r.output
+    # missing parent folders are made, as train and ensemble make theirs; a file in the way is one line
+    r = runner.invoke(cli, ["-q", "export", "--weights", str(weights), "--out", str(tmp_path / "new" / "deep" / "e")])
+    assert r.exit_code == 0 and (tmp_path / "new" / "deep" / "e" / "deploy.yaml").is_file(), r.output
+    (tmp_path / "afile").write_text("x")
+    r = runner.invoke(cli, ["-q", "export", "--weights", str(weights), "--out", str(tmp_path / "afile" / "e")])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "cannot create export folder" in r.output, \
+        r.output
     r = runner.invoke(cli, ["-q", "predict", str(scene), "--model", str(tmp_path / "e"), "--out", str(tmp_path / "p.tif"),
                             "--device", "cpu"])
     assert r.exit_code == 0, r.output
@@ -131,6 +138,14 @@ def test_paddleseg_export_is_accepted_by_predict(tiny_unet: tuple[Path, Path], s
                                 "--device", "cpu"])
         assert r.exit_code == 1 and "give one class per output" in r.output, r.output
         assert not (tmp_path / f"few_{op}.tif").exists()
+    # an argmax export returns labels: nothing to adapt or to write as probabilities (the card's
+    # adapt_prior default is dropped; asking for them is refused before any output)
+    _paddleseg_export(tiny_unet, folder, output_op="argmax")
+    for opt in (["--adapt-prior"], ["--probabilities", "uint8"], ["--confidence", "uint8"]):
+        r = runner.invoke(cli, ["predict", str(scene), "--model", str(folder), "--classes", "a,b,c,d", *opt,
+                                "--out", str(tmp_path / "lab.tif")])
+        assert r.exit_code == 1 and f"{opt[0]}: " in r.output and "returns class labels" in r.output, r.output
+        assert not (tmp_path / "lab.tif").exists()
     r = runner.invoke(cli, ["predict", str(scene), "--model", str(folder), "--classes", "a,b,A,c",
                             "--out", str(tmp_path / "dup.tif")])
     assert r.exit_code == 1 and "--classes gives the names a twice" in r.output, r.output

@@ -165,15 +165,29 @@ def test_record_in_card(tmp_path: Path, runner) -> None:  # type: ignore[no-unty
 
     from geoseg.card import ModelCard, default_card
 
-    card = default_card("unet", 3, 2).save(tmp_path / "m.yaml")
+    import rasterio
+
+    from geoseg.card import ClassInfo
+
+    mc = default_card("unet", 3, 2)
+    card = mc.replace(classes=(ClassInfo(1, "a", (1, 1, 1)), ClassInfo(2, "b", (2, 2, 2)))).save(tmp_path / "m.yaml")
     ref = write_raster(tmp_path / "ref.tif", REF, crs=NC_LCC, nodata=0)
     pred = write_raster(tmp_path / "pred.tif", PRED, crs=NC_LCC, nodata=255)
-    r = runner.invoke(cli, ["-q", "evaluate", str(pred), "--reference", str(ref), "--region", "0,0,4,3",
-                            "--miou-classes", "1,2", "--record-card", str(card)])
+    args = ["-q", "evaluate", str(pred), "--reference", str(ref), "--region", "0,0,4,3", "--miou-classes", "1,2"]
+    r = runner.invoke(cli, [*args, "--record-card", str(card)])
     assert r.exit_code == 0, r.output
     test = ModelCard.load(card).metrics["test"]
     assert test["miou_classes"] == [1, 2] and test["overall_accuracy"] == pytest.approx(7 / 9, abs=1e-4)
     assert test["per_class_iou"]["1"] == pytest.approx(4 / 6, abs=1e-4) and test["region"] == [0, 0, 4, 3]
+    # figures of another model's mask, or of classes the card does not have, are not recorded in it
+    other = mc.save(tmp_path / "other.yaml")  # classes 0, 1
+    r = runner.invoke(cli, [*args, "--record-card", str(other)])
+    assert r.exit_code == 1 and "other.yaml has no class 2: these figures are not of its model" in r.output, r.output
+    with rasterio.open(pred, "r+") as ds:
+        ds.update_tags(GEOSEG_MODEL="buildings-v2")
+    r = runner.invoke(cli, [*args, "--record-card", str(card)])
+    assert r.exit_code == 1 and "pred.tif was made by model 'buildings-v2', not by 'unet-untrained'" in r.output, r.output
+    assert "test" not in ModelCard.load(other).metrics
 
 
 # ---- vector references ---------------------------------------------------------------------------
