@@ -99,6 +99,9 @@ class GeosegGroup(click.Group):
                 warnings.simplefilter("always", GeosegWarning)
                 warnings.showwarning = _show_warning
                 return super().invoke(ctx)
+        except click.BadParameter as exc:
+            _name_the_variable(exc)
+            raise
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Terminated:
@@ -109,6 +112,19 @@ class GeosegGroup(click.Group):
         except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
             logging.getLogger("geoseg").debug("error details", exc_info=True)
             raise to_click_error(exc) from None
+
+
+def _name_the_variable(exc: click.BadParameter) -> None:
+    """A bad value that came from a GEOSEG_* environment variable: say so in the error (Click names
+    only the option, which the user never typed)."""
+    from click.core import ParameterSource
+
+    ctx, param = exc.ctx, exc.param
+    if ctx is None or param is None or param.name is None:
+        return
+    if ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT:
+        var = param.envvar if isinstance(param.envvar, str) else f"{ctx.auto_envvar_prefix}_{param.name.upper()}"
+        exc.param_hint = f"{param.get_error_hint(ctx)} (set by the environment variable {var})"
 
 
 def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:

@@ -8,6 +8,8 @@ classes to exit codes in one place (``geoseg_cli.main``).
 
 from __future__ import annotations
 
+import warnings
+
 
 class GeosegError(Exception):
     """Root of all geoseg errors."""
@@ -102,7 +104,9 @@ class ResolutionWarning(GeosegWarning):
 def require_paddle() -> object:
     """Import and return :mod:`paddle`, or raise :class:`DependencyError` saying how to get it."""
     try:
-        import paddle
+        with warnings.catch_warnings():  # paddle's import warns about a C++ compiler cache (for its own builds)
+            warnings.filterwarnings("ignore", message="No ccache found")
+            import paddle
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise DependencyError(
             "PaddlePaddle is not installed: install geoseg with the 'cpu' extra "

@@ -288,6 +288,14 @@ def test_one_v_shows_the_libraries_info_lines_and_two_their_debug_lines(runner: 
     assert levels == {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 
 
+def test_a_bad_value_from_the_environment_names_the_variable(runner: CliRunner, tmp_path: Path) -> None:
+    src = rgb(tmp_path)
+    r = runner.invoke(cli, ["predict", str(src)], env={"GEOSEG_PREDICT_DEVICE": "tpu"})
+    assert r.exit_code == 2 and "'--device' (set by the environment variable GEOSEG_PREDICT_DEVICE)" in r.output, r.output
+    r = runner.invoke(cli, ["predict", str(src), "--device", "tpu"])  # typed: no variable to name
+    assert r.exit_code == 2 and "Invalid value for '--device': 'tpu'" in r.output, r.output
+
+
 def test_version_names_the_libraries_without_importing_paddle(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     from geoseg import __version__
 
