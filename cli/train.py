@@ -45,7 +45,8 @@ def _set_values(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
               help="Continue from a checkpoint (OUT/checkpoints/last.pdparams or its folder).")
 @click.option("--set", "sets", multiple=True, callback=_set_values, metavar="KEY=VALUE",
               help="Override any config key (repeatable), e.g. --set class_weights=auto --set schedule=cosine.")
-@click.option("--overwrite", is_flag=True, help="Replace a run already in --out (else such a folder is refused).")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out: its weights, logs and checkpoint are removed first "
+                   "(else such a folder is refused).")
 @click.pass_context
 def train(ctx: click.Context, config: Path, image: Path | None, labels: Path | None, out: Path | None,
           model: str | None, iterations: int | None, batch_size: int | None, window: int | None,

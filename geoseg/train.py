@@ -23,6 +23,8 @@ import dataclasses
 import difflib
 import functools
 import glob
+import hashlib
+import io
 import json
 import logging
 import math
@@ -49,6 +51,7 @@ from geoseg.card import DEFAULT_SCALE, PALETTE, ClassInfo, ModelCard, Normalizat
 from geoseg.errors import (
     GridMismatchError,
     ModelError,
+    OutputError,
     ParameterError,
     SceneReadError,
     require_paddle,
@@ -62,6 +65,12 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 #: Keys of one entry of a config's ``scenes``.
 SCENE_KEYS = ("image", "labels", "train_region", "val_region", "use", "label_shift")
+#: Keys of one entry of a config's ``classes``.
+CLASS_KEYS = ("id", "name", "color")
+#: What ``geoseg train`` writes in its output folder (``--overwrite`` removes these, nothing else).
+RUN_FILES = ("weights.pdparams", "weights.yaml", "train_log.csv", "train_log.json")
+#: What a checkpoint holds in ``OUT/checkpoints`` (``last.json`` is written last and lists the others' digests).
+CHECKPOINT_FILES = ("last.pdparams", "last.ema.pdparams", "last.pdopt", "last.json")
 #: Characters that make a scene's ``image`` a glob pattern (one scene per matching file).
 _GLOB_CHARS = set("*?[")
 #: The card's ``class_prior`` comes from every window of the training region up to this many
@@ -174,11 +183,9 @@ class TrainConfig:
     def from_mapping(cls, data: Mapping[str, Any], source: str = "training config") -> TrainConfig:
         """Build a config from plain data (YAML), naming unknown keys and bad values."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = _unknown_keys(data, names)
         if unknown:
-            close = [m for k in unknown for m in difflib.get_close_matches(k, names, n=1)]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ParameterError(f"{source}: unknown key(s) {', '.join(unknown)}{hint}; known keys: {', '.join(sorted(names))}")
+            raise ParameterError(f"{source}: {unknown}")
         d = {key: _check_type(source, key, value) for key, value in data.items()}
         if d.get("scenes") is not None:
             scenes = d["scenes"]
@@ -192,10 +199,9 @@ class TrainConfig:
             for k, sc in enumerate(scenes, 1):
                 if not isinstance(sc, Mapping):
                     raise ParameterError(f"{source}: scene {k} must be a mapping with image and labels")
-                extra = sorted(set(sc) - set(SCENE_KEYS))
+                extra = _unknown_keys(sc, SCENE_KEYS)
                 if extra:
-                    raise ParameterError(f"{source}: scene {k} has unknown key(s) {', '.join(extra)}; "
-                                         f"known keys: {', '.join(SCENE_KEYS)}")
+                    raise ParameterError(f"{source}: scene {k} has {extra}")
                 for key in ("image", "labels"):
                     if not sc.get(key):
                         raise ParameterError(f"{source}: scene {k} lacks {key!r}: give the path of its {key} raster")
@@ -255,6 +261,13 @@ class TrainConfig:
                 raise ParameterError(f"{label} {v}: use a number >= 1")
         if self.workers < 0:
             raise ParameterError(f"workers {self.workers}: use 0 or more")
+        for label, v in (("brightness", self.brightness), ("contrast", self.contrast), ("warmup", self.warmup),
+                         ("min_lr", self.min_lr), ("weight_decay", self.weight_decay), ("power", self.power),
+                         ("ce_weight", self.ce_weight), ("dice_weight", self.dice_weight),
+                         ("lovasz_weight", self.lovasz_weight), ("grad_clip", self.grad_clip),
+                         ("tile_overlap", self.tile_overlap)):
+            if v is not None and v < 0:
+                raise ParameterError(f"{label} {v}: use 0 or more (a negative {label} means nothing)")
         if "members" in self.params:
             raise ParameterError("params.members is for seed ensembles: train each member with its own --seed, "
                                  "then combine the runs with 'geoseg ensemble'")
@@ -341,6 +354,17 @@ class TrainConfig:
                                      "(relative paths are read from the working directory)")
             out.extend({**sc, "image": m, "labels": str(sc["labels"]).replace("{stem}", Path(m).stem)} for m in matches)
         return out
+
+
+def _unknown_keys(given: Any, known: Sequence[str] | set[str]) -> str | None:
+    """``"unknown key(s) a, b (did you mean c?); known keys: ..."`` for the keys of ``given`` not in
+    ``known`` (misspelt keys are refused, named, with the nearest known key), else None."""
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return None
+    close = [m for k in unknown for m in difflib.get_close_matches(str(k), list(known), n=1)]
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"unknown key(s) {', '.join(map(str, unknown))}{hint}; known keys: {', '.join(sorted(known))}"
 
 
 def _check_shift(value: Any, what: str) -> tuple[int, int]:
@@ -672,6 +696,9 @@ def config_classes(classes: Sequence[Mapping[str, Any]]) -> tuple[ClassInfo, ...
     ``background`` may give a class by name)."""
     infos = []
     for k, c in enumerate(classes, 1):
+        unknown = _unknown_keys(c, CLASS_KEYS)
+        if unknown:
+            raise ParameterError(f"classes: class {k} has {unknown}")
         if "id" not in c:
             raise ParameterError(f"classes: class {k} {dict(c)} has no id: give each class the label value it stands "
                                  "for, e.g. {id: 1, name: forest, color: [20, 110, 40]}")
@@ -922,7 +949,7 @@ class WindowDataset:
         labelled = np.array([float((d.labels != IGNORE_INDEX).sum()) for d in self.sets]) if len(self.sets) > 1 else None
         self.set_weights = None if labelled is None else labelled / max(labelled.sum(), 1.0)
         self.window = window
-        self.length = length
+        self.length = max(0, int(length))  # a DataLoader's sampler refuses (and hangs on) a negative length
         self.seed = seed
         self.start = start
         self.flips, self.rot90 = flips, rot90
@@ -1402,6 +1429,15 @@ class Trainer:
             scenes.append({"k": k, "image": image_path, "labels": labels_path, "labels_given": Path(spec["labels"]), "meta": meta,
                            "label_nodata": label_meta.nodata, "bands": bands, "train_region": train_region,
                            "val_region": val_region, "label_shift": tuple(spec["label_shift"])})
+        for a in scenes:  # one image file trained in one scene and validated in another: a validation leak
+            for b in scenes:
+                if a is b or a["train_region"] is None or b["val_region"] is None or not _same_file(a["image"], b["image"]):
+                    continue
+                overlap = _overlap(a["train_region"], b["val_region"])
+                if overlap > 0:
+                    raise ParameterError(f"{where(a['k'], 'train_region')} and {where(b['k'], 'val_region')} share "
+                                         f"{overlap} pixels: make them disjoint (both are regions of "
+                                         f"{Path(a['image']).name})")
         self.scenes = [{**{k: v for k, v in sc.items() if k not in ("meta", "k", "labels_given")},
                         "labels": sc["labels_given"]} for sc in scenes]
         all_scenes, scenes = scenes, [sc for sc in scenes if sc["train_region"] is not None]
@@ -1755,8 +1791,12 @@ class Trainer:
             pixel_size=self.pixel_size,
         )
 
-    def fit(self) -> TrainResult:
-        """Run (or resume) training; return where the best weights and card went."""
+    def fit(self, replace: bool = False) -> TrainResult:
+        """Run (or resume) training; return where the best weights and card went.
+
+        ``replace``: first remove the files of a run already in ``out`` (:data:`RUN_FILES` and the
+        checkpoint), after every check and before anything is written (``--overwrite``).
+        """
         paddle = self.paddle
         cfg = self.cfg
         from geoseg.models.checkpoints import save_weights
@@ -1773,15 +1813,23 @@ class Trainer:
         self.card({}, 0)  # the card's own checks, before anything is written or trained
 
         ckpt_dir = self.out / "checkpoints"
-        self.out.mkdir(parents=True, exist_ok=True)
         start, best_miou, best_it, history = 0, -1.0, -1, []
         best_metrics: dict[str, Any] = {}
         self.ema = _Ema(paddle, model, cfg.ema, cfg.ema_warmup) if cfg.ema > 0 else None
         if cfg.resume:
             start, best_miou, best_it, history, best_metrics = self._resume(Path(cfg.resume), model, opt)
+            if start > cfg.iterations:
+                raise ParameterError(f"resume: the checkpoint is at iteration {start}, past iterations {cfg.iterations}: "
+                                     f"give --iterations {start} or more to continue it")
             log.info("resuming at iteration %d (best validation mIoU %.4f at %d)", start, best_miou, best_it)
         if start >= cfg.iterations:
             log.info("nothing to do: the checkpoint is at iteration %d of %d", start, cfg.iterations)
+        if replace:
+            _remove_run(self.out)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {self.out}: {exc.strerror or exc}: choose another --out") from None
 
         ds = WindowDataset(self.train_sets, self.window, (cfg.iterations - start) * cfg.batch_size, seed=cfg.seed,
                            start=start * cfg.batch_size, flips=cfg.flips, rot90=cfg.rot90,
@@ -1789,8 +1837,9 @@ class Trainer:
                            global_brightness=cfg.global_brightness, global_contrast=cfg.global_contrast,
                            noise=cfg.noise, mosaic=cfg.mosaic, band_dropout=cfg.band_dropout,
                            gap_fill=self.gap_fill, scale=cfg.scale)
+        # none when the checkpoint is at the end (a DataLoader of no items can hang in its reader thread)
         loader = paddle.io.DataLoader(_PaddleDataset(ds), batch_size=cfg.batch_size, shuffle=False, drop_last=False,
-                                      num_workers=cfg.workers, use_shared_memory=cfg.workers > 0)
+                                      num_workers=cfg.workers, use_shared_memory=cfg.workers > 0) if len(ds) else []
         csv_path = self.out / "train_log.csv"
         fields = ["iteration", "lr", "loss", "ce", "dice", *(["lovasz"] if "lovasz" in cfg.loss else []),
                   *(["distill"] if self.teacher is not None else []), "grad_norm",
@@ -1798,6 +1847,8 @@ class Trainer:
         if start == 0 or not csv_path.exists():
             with open(csv_path, "w", newline="") as f:
                 csv.writer(f).writerow(fields)
+        else:  # rows logged after the checkpoint (a run stopped between two) are logged again
+            _drop_csv_rows_after(csv_path, start)
         bar = None
         if cfg.progress:
             from tqdm import tqdm
@@ -1978,14 +2029,20 @@ class Trainer:
 
         d.mkdir(parents=True, exist_ok=True)
         save_weights(model, d / "last.pdparams")
+        written = ["last.pdparams"]
         if self.ema is not None:
             with atomic_output(d / "last.ema.pdparams") as tmp:
                 self.paddle.save(self.ema.state_dict(), str(tmp))
+            written.append("last.ema.pdparams")
         with atomic_output(d / "last.pdopt") as tmp:
             self.paddle.save(_portable_opt_state(model, opt.state_dict(), to_structured=True), str(tmp))
+        written.append("last.pdopt")
+        # last.json, written last, names the digest of each file of this checkpoint: a run stopped
+        # between the writes leaves files that disagree with it, which resume refuses
         atomic_write_text(d / "last.json", json.dumps({
             "iteration": it, "best_miou": best, "best_iteration": best_it, "config": self.cfg.to_dict(),
             "history": history, "best_validation": dict(best_metrics),
+            "files": {name: _digest(d / name) for name in written},
         }, default=_json_default))
 
     def _resume(self, path: Path, model: Any, opt: Any) -> tuple[int, float, int, list[dict[str, Any]], dict[str, Any]]:
@@ -1996,6 +2053,13 @@ class Trainer:
         meta_path = path.with_suffix(".json")
         if not path.is_file() or not meta_path.is_file():
             raise ParameterError(f"resume: no checkpoint at {path} (expected last.pdparams and last.json from a run)")
+        state = json.loads(meta_path.read_text())
+        for name, digest in dict(state.get("files") or {}).items():  # checkpoints of older versions list none
+            part = path.with_name(name)
+            if not part.is_file() or _digest(part) != digest:
+                raise ParameterError(f"resume: the checkpoint in {path.parent} is inconsistent ({name} is not the one "
+                                     f"{meta_path.name} was saved with: the run was stopped while saving it): train "
+                                     "anew with --overwrite")
         load_weights(model, path)
         opt_path = path.with_suffix(".pdopt")
         if opt_path.is_file():
@@ -2006,7 +2070,6 @@ class Trainer:
                 raise ParameterError(f"resume: {path.parent} has no EMA weights (last.ema.pdparams); "
                                      "resume with the run's own config (ema as it was)")
             self.ema.set_state_dict(self.paddle.load(str(ema_path)))
-        state = json.loads(meta_path.read_text())
         return (int(state["iteration"]), float(state.get("best_miou", -1.0)), int(state.get("best_iteration", -1)),
                 list(state.get("history", [])), dict(state.get("best_validation") or {}))
 
@@ -2135,6 +2198,63 @@ def _overlap(a: Region, b: Region) -> int:
     return int((ma & mb).sum())
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (however spelt); GDAL paths (``/vsizip/...``) by their text."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return os.path.normpath(str(a)) == os.path.normpath(str(b))
+
+
+def _digest(path: Path) -> str:
+    """SHA-256 of a file (a checkpoint part)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _drop_csv_rows_after(path: Path, iteration: int) -> None:
+    """Keep ``path``'s header and its rows up to ``iteration`` (rewritten atomically)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = rows[:1] + [r for r in rows[1:] if r and r[0].strip().isdigit() and int(r[0]) <= iteration]
+    if len(keep) == len(rows):
+        return
+    buf = io.StringIO()
+    csv.writer(buf).writerows(keep)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _remove_run(out: Path) -> None:
+    """Remove the files ``geoseg train`` writes in ``out`` (an older run's), nothing else."""
+    from geoseg.atomic import TMP_PREFIX
+
+    ckpt = out / "checkpoints"
+    for folder, names in ((out, RUN_FILES), (ckpt, CHECKPOINT_FILES)):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            ours = p.name in names or any(p.name.startswith(f"{TMP_PREFIX}{n}.") for n in names)  # or a killed write's
+            if ours and (p.is_file() or p.is_symlink()):
+                try:
+                    p.unlink()
+                except OSError as exc:
+                    raise OutputError(f"cannot remove {p} of the run in {out}: {exc.strerror or exc}: "
+                                      "remove it yourself or choose another --out") from None
+    if ckpt.is_dir() and not any(ckpt.iterdir()):
+        ckpt.rmdir()
+
+
+def _checkpoint_folder(resume: str | Path) -> Path:
+    """The folder of the checkpoint ``resume`` names (as :meth:`Trainer._resume` finds it)."""
+    p = Path(resume)
+    if p.is_dir():
+        return p if (p / "last.pdparams").exists() else p / "checkpoints"
+    return p.parent
+
+
 def _plain_region(spec: Any) -> Any:
     if spec is None or isinstance(spec, (str, int)):
         return spec
@@ -2168,8 +2288,18 @@ def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | 
     model is not replaced by accident.
     """
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder: choose another --out")
+    above = next((p for p in out.absolute().parents if p.exists() or p.is_symlink()), None)
+    if above is not None and not above.is_dir():
+        raise OutputError(f"--out {out}: {above} is a file, not a folder: choose another --out")
     weights, last = out / "weights.pdparams", out / "checkpoints" / "last.pdparams"
     held = [p.relative_to(out).as_posix() for p in (weights, last) if p.exists()]
+    # resuming this folder's own checkpoint (its own run) may write over that run; another run's may not
+    own = bool(cfg.resume) and _same_file(_checkpoint_folder(cfg.resume), out / "checkpoints")
+    if held and not overwrite and cfg.resume and not own:
+        raise ParameterError(f"{out} already holds a run ({', '.join(held)}) and --resume {cfg.resume} is another run's "
+                             "checkpoint: choose another --out, or pass --overwrite to replace that run")
     if held and not overwrite and not cfg.resume:
         # A run that failed or was stopped has no card next to its weights, or no train_log.json
         # (written last); --resume is offered only where there is a checkpoint to resume.
@@ -2181,4 +2311,4 @@ def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | 
                   else "")
         raise ParameterError(f"{out} already holds {'a trained' if done else 'an unfinished'} run ({', '.join(held)}): "
                              f"choose another --out{resume}, or pass --overwrite to replace it")
-    return Trainer(cfg, progress).fit()
+    return Trainer(cfg, progress).fit(replace=overwrite and not own)

@@ -1370,3 +1370,149 @@ def test_the_polygon_recipe_labels_the_dense_map_s_classes_where_its_polygons_li
     assert 1400 < labelled.sum() <= 1582 and dense.shape == polys.shape  # 1,582 burnt, less the image's nodata
     assert len(np.unique(polys[labelled])) == 7 and (dense != IGNORE_INDEX).sum() > 100_000
     np.testing.assert_array_equal(polys[labelled], dense[labelled])
+
+
+def test_resuming_past_the_iterations_asked_is_refused_before_any_loader(scene: tuple[Path, Path], tmp_path: Path,
+                                                                          runner) -> None:  # type: ignore[no-untyped-def]
+    # It logged "nothing to do", then built a DataLoader of negative length: a thread traceback and a hang.
+    out = tmp_path / "run"
+    train(_cfg(scene, out, iterations=3, val_every=3))
+    with pytest.raises(ParameterError, match=r"checkpoint is at iteration 3, past iterations 1: give --iterations 3 or more") as e:
+        train(_cfg(scene, out, iterations=1, resume=str(out / "checkpoints")))
+    assert "\n" not in str(e.value)
+    cfg = _cfg(scene, out, iterations=3).to_dict()
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    from geoseg_cli.main import cli
+
+    r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml"), "--iterations", "1",
+                            "--resume", str(out / "checkpoints")])
+    assert r.exit_code == 1 and "checkpoint is at iteration 3" in r.output, r.output
+    assert len(WindowDataset(Trainer(_cfg(scene, tmp_path / "o")).train_data, 32, -4)) == 0  # never negative
+
+
+def test_an_output_that_cannot_be_a_folder_is_a_one_line_error(scene: tuple[Path, Path], tmp_path: Path,
+                                                               runner) -> None:  # type: ignore[no-untyped-def]
+    from geoseg_cli.main import cli
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_cfg(scene, tmp_path / "x").to_dict()))
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for out, words in [(afile, "is a file"), (afile / "sub", "is a file"), (Path("/proc/geoseg-x"), "cannot create")]:
+        r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--iterations", "1"])
+        assert r.exit_code == 1 and words in r.output and "unexpected" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output
+    assert afile.read_text() == "not a folder"
+
+
+def test_class_entries_with_unknown_keys_and_negative_amounts_are_refused(scene: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    with pytest.raises(ParameterError, match=r"classes: class 1 has unknown key\(s\) colr, nmae \(did you mean "
+                                             r"color, name\?\); known keys: color, id, name") as e:
+        _cfg(scene, tmp_path, classes=[{"id": 1, "nmae": "x", "colr": [1, 2, 3]}, {"id": 2}])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ParameterError, match=r"did you mean color"):
+        _cfg(scene, tmp_path, classes=[{"id": 1, "colour": [1, 2, 3]}, {"id": 2}])
+    for key in ("brightness", "contrast", "warmup", "min_lr", "weight_decay", "power", "ce_weight", "dice_weight",
+                "lovasz_weight", "tile_overlap"):
+        with pytest.raises(ParameterError, match=f"^{key} -1"):
+            _cfg(scene, tmp_path, **{key: -1})
+    assert _cfg(scene, tmp_path, brightness=0, warmup=0).warmup == 0
+
+
+def test_resume_drops_the_csv_rows_past_the_checkpoint(scene: tuple[Path, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    save = Trainer._save_checkpoint
+
+    def killed_at_4(self: Trainer, d: Path, model: object, opt: object, it: int, *args: object) -> None:
+        if it == 4:
+            raise KeyboardInterrupt
+        save(self, d, model, opt, it, *args)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_save_checkpoint", killed_at_4)
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(scene, out, iterations=4, val_every=2))
+    assert [r.split(",")[0] for r in (out / "train_log.csv").read_text().splitlines()[1:]] == ["1", "2", "3", "4"]
+    train(_cfg(scene, out, iterations=4, val_every=2, resume=str(out / "checkpoints")))
+    rows = (out / "train_log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    assert rows[0].startswith("iteration,")
+
+
+def test_overwrite_removes_the_old_run_before_the_new_one_writes(scene: tuple[Path, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    train(_cfg(scene, out, iterations=2))
+    (out / "notes.txt").write_text("mine")
+    (out / "weights.bak").write_text("mine too")
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "step", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(scene, out, iterations=2), overwrite=True)
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert "weights.pdparams" not in left and "weights.yaml" not in left and "train_log.json" not in left
+    assert not any(p.startswith("checkpoints/") for p in left), left
+    assert (out / "notes.txt").read_text() == "mine" and (out / "weights.bak").read_text() == "mine too"
+
+
+def test_a_checkpoint_whose_files_disagree_is_refused(scene: tuple[Path, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A kill between the checkpoint's files left new weights beside the previous iteration's counters.
+    out = tmp_path / "run"
+    real_save = paddle.save
+    calls = {"n": 0}
+
+    def killed_on_the_second_optimizer_state(obj: object, path: str, *a: object, **k: object) -> None:
+        if "pdopt" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+        real_save(obj, path, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(paddle, "save", killed_on_the_second_optimizer_state)
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(scene, out, iterations=4, val_every=1))
+    with pytest.raises(ParameterError, match=r"resume: the checkpoint in .* is inconsistent \(last.pdparams is not "
+                                             r"the one last.json was saved with") as e:
+        train(_cfg(scene, out, iterations=4, val_every=1, resume=str(out / "checkpoints")))
+    assert "\n" not in str(e.value)
+    # a checkpoint written by the current code resumes
+    train(_cfg(scene, tmp_path / "c", iterations=2, val_every=1))
+    res = train(_cfg(scene, tmp_path / "c", iterations=3, val_every=1, resume=str(tmp_path / "c" / "checkpoints")))
+    assert res.iterations == 3
+
+
+def test_resuming_another_run_into_a_folder_holding_a_run_is_refused(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    m, t = tmp_path / "m", tmp_path / "t"
+    train(_cfg(scene, m, iterations=2))
+    train(_cfg(scene, t, iterations=2, seed=5))
+    before = (t / "weights.pdparams").read_bytes()
+    with pytest.raises(ParameterError, match=r"already holds .*--overwrite") as e:
+        train(_cfg(scene, t, iterations=3, resume=str(m / "checkpoints")))
+    assert "\n" not in str(e.value) and (t / "weights.pdparams").read_bytes() == before
+    res = train(_cfg(scene, t, iterations=3, resume=str(m / "checkpoints")), overwrite=True)
+    assert [r["iteration"] for r in res.history] == [1, 2, 3]
+    # its own checkpoints into its own folder (also as a file path, and with --overwrite) keep resuming
+    assert train(_cfg(scene, t, iterations=4, resume=str(t / "checkpoints" / "last.pdparams"))).iterations == 4
+    assert train(_cfg(scene, t, iterations=5, resume=str(t / "checkpoints")), overwrite=True).iterations == 5
+
+
+def test_the_same_file_for_training_and_validation_may_not_overlap(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    second = _second_scene(tmp_path)
+    (tmp_path / "sub").mkdir()
+    same = str(tmp_path / "sub" / ".." / scene[0].name)  # the same file, spelt otherwise
+    with pytest.raises(ParameterError, match=r"scene 1 .*train_region and scene 2 .*val_region share \d+ pixels: "
+                                             r"make them disjoint") as e:
+        Trainer(_scenes_cfg(scene, second, tmp_path / "o", scenes=[
+            {"image": str(scene[0]), "labels": str(scene[1]), "train_region": [0, 0, 48, 48]},
+            {"image": same, "labels": str(scene[1]), "use": "val"}]))
+    assert "\n" not in str(e.value)
+    tr = Trainer(_scenes_cfg(scene, second, tmp_path / "o", scenes=[
+        {"image": str(scene[0]), "labels": str(scene[1]), "train_region": [0, 0, 48, 48]},
+        {"image": same, "labels": str(scene[1]), "use": "val", "val_region": [48, 0, 16, 48]}]))
+    assert len(tr.val_sets) == 1
