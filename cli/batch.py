@@ -71,7 +71,7 @@ def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False) ->
 @click.option("--dry-run", is_flag=True, help="Only list what would run (stdout: run|skip<TAB>scene<TAB>reason).")
 @click.option("--mosaic/--no-mosaic", default=True, show_default=True,
               help="After the run, lay every done mask of DIR into DIR/landcover.vrt (+ .qml): the whole archive "
-                   "as one styled layer (one VRT per CRS and pixel size).")
+                   "as one styled layer (one VRT per CRS, pixel size, grid alignment and class table).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write a JSON run report: per scene status, seconds, windows, megapixels/s, outputs, error.")
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None,

@@ -73,6 +73,8 @@ Status = Literal["ok", "skipped", "failed"]
 #: Manifest status of a scene the area of interest misses: done, with nothing to write.
 OUTSIDE_AOI = "outside_aoi"
 OUTSIDE_AOI_REASON = "outside the AOI"
+#: Dry-run reason of a scene that the run holding the lock is doing (or is about to do).
+RUNNING_NOW_REASON = "running now (another batch holds the lock)"
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -117,7 +119,10 @@ def discover_scenes(
 
     A folder's scenes keep their sub-folders under ``out_dir``; files given directly (or
     listed) go to ``out_dir`` itself.  Hidden files and anything inside ``out_dir`` are
-    ignored, so an output folder inside the archive is never fed back in.  Symlinked files are
+    ignored, so an output folder inside the archive is never fed back in; when ``out_dir`` is
+    (or holds) an input folder, batch's own outputs there (recorded in its manifest, or named as
+    batch names them: ``<stem>_landcover.tif``, ``_confidence.tif``, ... and the mosaics) are
+    ignored, and the user's other files are scenes.  Symlinked files are
     followed, symlinked folders are not (no loops).  ``patterns``
     (default ``*.tif``, ``*.tiff``) match file names case-insensitively.
 
@@ -128,9 +133,19 @@ def discover_scenes(
     pats = tuple(patterns) if patterns else DEFAULT_PATTERNS
     out_root = Path(out_dir).resolve()
     scenes: list[Scene] = []
+    written: set[Path] | None = None  # batch's own outputs in out_dir, read when a walk enters it
 
     def under_out(p: Path) -> bool:
         return p == out_root or out_root in p.parents
+
+    def is_output(p: Path) -> bool:
+        """A file batch writes in ``out_dir`` (recorded in its manifest, or named as batch names them)."""
+        nonlocal written
+        if not under_out(p):
+            return False  # a user's file elsewhere is never skipped
+        if written is None:
+            written = _recorded_outputs(out_root)
+        return p in written or is_output_name(p.name, top=p.parent == out_root)
 
     def add_file(p: Path, rel_dir: Path) -> None:
         key = (rel_dir / p.name).as_posix()
@@ -140,9 +155,11 @@ def discover_scenes(
         root = d.resolve()
         for dirpath, dirnames, filenames in os.walk(root):
             here = Path(dirpath)
-            dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and not under_out(here / n))
+            # the output folder nested in the input tree is not walked; an input inside it is (its
+            # outputs are told apart by is_output)
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and here / n != out_root)
             for name in sorted(filenames):
-                if name.startswith(".") or not _matches(name, pats):
+                if name.startswith(".") or not _matches(name, pats) or is_output(here / name):
                     continue
                 add_file(here / name, here.relative_to(root))
 
@@ -187,6 +204,37 @@ def discover_scenes(
         outputs[stem_key] = sc
         unique.append(sc)
     return unique
+
+
+#: Ends of the names of the files batch writes per scene (mask, its .aux.xml and style, confidence,
+#: probabilities, polygons), lower case.
+OUTPUT_SUFFIXES = ("_landcover.tif", "_landcover.tif.aux.xml", "_landcover.qml", "_confidence.tif",
+                   "_probabilities.tif", "_landcover.gpkg", "_landcover.geojson", "_landcover.fgb")
+
+
+def is_output_name(name: str, top: bool = False) -> bool:
+    """Whether ``name`` is named as batch names its outputs; ``top``: in ``DIR`` itself (also the mosaics)."""
+    from geoseg.mosaic import MOSAIC_STEM
+
+    low = name.lower()
+    if low.endswith(OUTPUT_SUFFIXES):
+        return True
+    return top and low.startswith(MOSAIC_STEM) and low.endswith((".vrt", ".qml"))
+
+
+def _recorded_outputs(out_root: Path) -> set[Path]:
+    """The outputs that ``out_root``'s manifest says batch wrote (resolved); empty without a manifest."""
+    path = out_root / STATE_DIR / MANIFEST_NAME
+    if not path.exists():
+        return set()
+    try:
+        manifest = Manifest(out_root, readonly=True)
+        try:
+            return {(out_root / o["path"]).resolve() for e in manifest.entries() for o in e.outputs}
+        finally:
+            manifest.close()
+    except sqlite3.Error:
+        return set()  # the run itself says what is wrong with its manifest
 
 
 # ---- fingerprints -----------------------------------------------------------------------------
@@ -343,6 +391,26 @@ class BatchLock:
         os.fsync(fd)
         self._fd = fd
         return self
+
+    def held_by(self) -> str | None:
+        """Who holds the lock now (``pid ... on ... since ...``) when a live run holds it, else None.
+
+        Tests the lock without taking it for long (a shared ``flock``, dropped at once); a lock file
+        left by a run that died is free, as :meth:`acquire` sees it.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None  # no lock file: no run ever held it
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return _read_fd(fd).strip() or "unknown process"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         """Empty the lock file (a clean exit) and release the lock."""
@@ -790,10 +858,7 @@ def run_batch(
     if options.aoi is not None and Path(options.aoi).exists():  # workers may run in another folder
         options = dataclasses.replace(options, aoi=str(Path(options.aoi).absolute()))
     out = Path(out_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise ParameterError(f"--out {out} is a file: give a folder for batch outputs")
-    if not batch.dry_run and not out.exists() and not out.parent.exists():
-        raise ParameterError(f"output folder {out.parent} does not exist: create it first")
+    _check_out_dir(out, batch.dry_run)
     scenes = discover_scenes(inputs, out, batch.patterns)
     if not scenes:
         log.warning("no scenes found in %s (patterns %s): nothing to do", ", ".join(map(str, inputs)),
@@ -809,8 +874,13 @@ def run_batch(
     if batch.dry_run:
         return _dry_run(scenes, out, model_key, params_json, batch.force, t0)
 
-    out.mkdir(exist_ok=True)  # only now: a run refused above (a name clash, a bad model) leaves no empty folder
-    with BatchLock(out):
+    try:  # only now: a run refused above (a name clash, a bad model) leaves no empty folder
+        out.mkdir(exist_ok=True)
+        lock = BatchLock(out).acquire()
+    except OSError as exc:
+        raise ParameterError(f"cannot create the output folder {out} or its {STATE_DIR}/lock ({exc.strerror}): "
+                             "give a writable folder for --out") from None
+    try:
         removed = clean_temp_files(out)
         if removed:
             log.info("removed %d temp file(s) left by an interrupted run", len(removed))
@@ -819,10 +889,33 @@ def run_batch(
             return _run_locked(scenes, out, model, source, model_key, params_json, options, batch, manifest, client, t0)
         finally:
             manifest.close()
+    finally:
+        lock.release()
+
+
+def _check_out_dir(out: Path, dry_run: bool) -> None:
+    """Refuse an output folder that cannot be one, before any work (one line, not a traceback)."""
+    if out.exists() and not out.is_dir():
+        raise ParameterError(f"--out {out} is a file: give a folder for batch outputs")
+    for above in out.parents:  # the nearest existing folder above it
+        if above.exists():
+            if not above.is_dir():
+                raise ParameterError(f"--out {out}: {above} is a file, not a folder: give a folder for batch outputs")
+            break
+    if not dry_run and not out.exists():
+        if not out.parent.exists():
+            raise ParameterError(f"output folder {out.parent} does not exist: create it first")
+        if not os.access(out.parent, os.W_OK | os.X_OK):
+            raise ParameterError(f"cannot create the output folder {out}: {out.parent} is not writable: "
+                                 "give a writable folder for --out")
 
 
 def _dry_run(scenes: list[Scene], out: Path, model_key: str, params_json: str, force: bool, t0: float) -> BatchResult:
     manifest = Manifest(out, readonly=True)
+    holder = BatchLock(out).held_by()
+    if holder is not None:
+        log.warning("warning: another batch run holds the lock of %s (%s): scenes it is running may be done by then",
+                    out, holder)
     planned: list[tuple[Scene, str | None]] = []
     try:
         for sc in scenes:
@@ -831,7 +924,11 @@ def _dry_run(scenes: list[Scene], out: Path, model_key: str, params_json: str, f
             except SceneReadError as exc:
                 planned.append((sc, f"unreadable: {exc}"))
                 continue
-            planned.append((sc, why_run(manifest.get(sc.key), fp, model_key, params_json, out, force)))
+            entry = manifest.get(sc.key)
+            reason = why_run(entry, fp, model_key, params_json, out, force)
+            if holder is not None and entry is not None and entry.status == "running" and not force:
+                reason = RUNNING_NOW_REASON
+            planned.append((sc, reason))
     finally:
         manifest.close()
     return BatchResult(out_dir=out, scenes=[], seconds=time.perf_counter() - t0, planned=planned)
@@ -950,12 +1047,42 @@ def _record(manifest: Manifest, o: SceneOutcome, fp: dict[str, Any], model_key: 
         except OSError as exc:
             o.status, o.error = "failed", f"output vanished after writing ({exc}): check the output folder"
             outputs = []
+    if status in ("done", OUTSIDE_AOI):
+        _remove_stale_outputs(manifest.get(o.key), outputs, out)
     manifest.put(ManifestEntry(
         key=o.key, input=o.input, size=fp["size"], mtime_ns=fp["mtime_ns"], head_hash=fp["head_hash"],
         model=model_key, params=params_json, status=status, outputs=outputs, error=o.error,
         seconds=o.seconds, windows=o.windows, megapixels=o.megapixels, worker=o.worker,
         finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     ))
+
+
+def _remove_stale_outputs(old: ManifestEntry | None, outputs: list[dict[str, Any]], out: Path) -> None:
+    """Delete the outputs an earlier run of the scene recorded that this run did not write again
+    (e.g. a confidence raster or polygons no longer asked for).
+
+    Called once the new outputs are in place and before the ``done`` entry is committed: a crash
+    in between leaves the scene to be redone (its entry still lists the old outputs), never an
+    unrecorded file.  Only files the manifest says batch wrote, inside ``out``, are touched.
+    """
+    if old is None:
+        return
+    keep = {o["path"] for o in outputs}
+    root = out.resolve()
+    for o in old.outputs:
+        rel = o.get("path", "")
+        p = out / rel
+        if rel in keep or Path(rel).is_absolute() or root not in p.resolve().parents:
+            continue
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("warning: cannot remove %s left by an earlier run of %s (%s): remove it by hand",
+                        p, old.key, exc.strerror)
+            continue
+        log.info("removed %s (written by an earlier run of %s, not by this one)", rel, old.key)
 
 
 def _run_here(

@@ -4,8 +4,10 @@
 ``DIR/landcover.vrt`` (a VRT holds no pixels: it points at the masks, by paths relative to
 itself), with the class palette and names and a ``landcover.qml`` style beside it, so the
 whole archive opens in QGIS as one layer. Masks are grouped by CRS and pixel size (a VRT has
-one grid): one group gives ``landcover.vrt``, several give one ``landcover_<crs>_<size>.vrt``
-each. Each mask is a ``ComplexSource`` with its nodata value, so where scenes overlap, a
+one grid), by grid alignment (origins a whole number of pixels apart: a VRT never resamples a
+mask) and by class table (a VRT has one palette and one set of class names): one group gives
+``landcover.vrt``, several give one ``landcover_<what differs>.vrt`` each (see
+:func:`_group_names`), with a warning when the mosaic splits. Each mask is a ``ComplexSource`` with its nodata value, so where scenes overlap, a
 scene's nodata collar never hides its neighbour's classes (later scenes win elsewhere, as in
 ``gdalbuildvrt``). Masks whose grid a VRT cannot hold (no CRS, GCPs, rotation) are left out
 and named in the log.
@@ -26,7 +28,7 @@ import rasterio
 
 from geoseg.atomic import atomic_write_text
 from geoseg.card import ClassInfo
-from geoseg.io import MASK_NODATA, class_colormap, classes_tag, write_qml
+from geoseg.io import MASK_NODATA, class_colormap, classes_tag, read_classes, write_qml
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +39,61 @@ MOSAIC_STEM = "landcover"
 _STATE = "mosaics.json"  # in DIR/.geoseg: the mosaics the last run wrote (to remove stale ones)
 
 
-def _grid_key(ds: Any) -> tuple[str, float, float] | None:
+#: Pixels by which two grids may be off a whole-pixel shift and still share a VRT (no resampling).
+GRID_TOLERANCE = 1e-3
+
+
+def _grid_key(ds: Any) -> tuple[str, float, float, tuple[int, int]] | None:
+    """``(crs, xres, yres, phase)`` of a mask, or None when a VRT cannot hold its grid.
+
+    ``phase`` is where the mask's origin falls inside a pixel of its own size (in thousandths of a
+    pixel, wrapped): masks on one CRS and pixel size share a VRT only if their grids line up, else
+    GDAL would resample one of them (a half-pixel offset moves it by half a pixel).
+    """
     t = ds.transform
     if ds.crs is None or t.b != 0 or t.d != 0 or t.a <= 0 or t.e >= 0:
         return None
-    return ds.crs.to_wkt(), round(t.a, 9), round(-t.e, 9)
+    steps = round(1 / GRID_TOLERANCE)
+    phase = (round((t.c / t.a % 1) * steps) % steps, round((t.f / -t.e % 1) * steps) % steps)
+    return ds.crs.to_wkt(), round(t.a, 9), round(-t.e, 9), phase
 
 
-def _group_name(crs_wkt: str, xres: float, yres: float, many: bool) -> str:
-    if not many:
-        return MOSAIC_STEM
+def _classes_key(classes: Sequence[ClassInfo]) -> str:
+    return json.dumps([[c.id, c.name, list(c.color)] for c in classes])
+
+
+def _crs_code(crs_wkt: str) -> str:
     epsg = rasterio.crs.CRS.from_wkt(crs_wkt).to_epsg()
-    code = f"epsg{epsg}" if epsg else "crs" + hashlib.sha1(crs_wkt.encode()).hexdigest()[:8]
-    return f"{MOSAIC_STEM}_{code}_{xres:g}" + ("" if xres == yres else f"x{yres:g}")
+    return f"epsg{epsg}" if epsg else "crs" + hashlib.sha1(crs_wkt.encode()).hexdigest()[:8]
+
+
+def _group_names(keys: Sequence[tuple[str, float, float, tuple[int, int], str]]) -> list[str]:
+    """One file stem per group: ``landcover`` alone, else ``landcover`` + what tells the groups apart.
+
+    ``_<crs>_<size>`` when CRSs or pixel sizes differ, ``_classes<hash>`` when class tables differ,
+    ``_grid<x>x<y>`` (the origin's phase in thousandths of a pixel) when grids are not aligned.
+    """
+    if len(keys) <= 1:
+        return [MOSAIC_STEM] * len(keys)
+    by_grid = len({k[:3] for k in keys}) > 1
+    by_classes = len({k[4] for k in keys}) > 1
+    by_phase = len({k[3] for k in keys}) > 1
+    names = []
+    for crs_wkt, xres, yres, phase, classes in keys:
+        name = MOSAIC_STEM
+        if by_grid:
+            name += f"_{_crs_code(crs_wkt)}_{xres:g}" + ("" if xres == yres else f"x{yres:g}")
+        if by_classes:
+            name += "_classes" + hashlib.sha1(classes.encode()).hexdigest()[:8]
+        if by_phase:
+            name += f"_grid{phase[0]:03d}x{phase[1]:03d}"
+        names.append(name)
+    return names
 
 
 def _offset(v: float) -> str:
     """A DstRect coordinate: whole pixels written as such (aligned grids), else fractional."""
-    return str(round(v)) if abs(v - round(v)) < 1e-6 else f"{v:.6f}"
+    return str(round(v)) if abs(v - round(v)) <= GRID_TOLERANCE else f"{v:.6f}"
 
 
 def _vrt_xml(sources: list[tuple[Path, Any]], out: Path, classes: Sequence[ClassInfo]) -> str:
@@ -107,7 +146,8 @@ def write_mosaics(out_dir: str | Path, masks: Sequence[str | Path], classes: Seq
     as recorded in ``state_dir/mosaics.json``. Written atomically; no masks, no mosaic.
     """
     out = Path(out_dir)
-    groups: dict[tuple[str, float, float], list[tuple[Path, Any]]] = {}
+    groups: dict[tuple[str, float, float, tuple[int, int], str], list[tuple[Path, Any]]] = {}
+    tables: dict[str, Sequence[ClassInfo]] = {}
     left_out: list[str] = []
     handles = []
     try:
@@ -117,14 +157,16 @@ def write_mosaics(out_dir: str | Path, masks: Sequence[str | Path], classes: Seq
             key = _grid_key(ds)
             if key is None:
                 left_out.append(Path(m).name)
-            else:
-                groups.setdefault(key, []).append((Path(m), ds))
+                continue
+            table = read_classes(ds) or list(classes)  # the mask's own class table (its palette and names)
+            ck = _classes_key(table)
+            tables.setdefault(ck, table)
+            groups.setdefault((*key, ck), []).append((Path(m), ds))
         written: list[Path] = []
-        for (crs_wkt, xres, yres), sources in groups.items():
-            name = _group_name(crs_wkt, xres, yres, len(groups) > 1)
+        for name, (key, sources) in zip(_group_names(list(groups)), groups.items()):
             vrt = out / f"{name}.vrt"
-            atomic_write_text(vrt, _vrt_xml(sources, vrt, classes))
-            written += [vrt, write_qml(vrt, classes)]
+            atomic_write_text(vrt, _vrt_xml(sources, vrt, tables[key[4]]))
+            written += [vrt, write_qml(vrt, tables[key[4]])]
     finally:
         for ds in handles:
             ds.close()
@@ -141,4 +183,17 @@ def write_mosaics(out_dir: str | Path, masks: Sequence[str | Path], classes: Seq
             if p not in written:
                 p.unlink(missing_ok=True)
         atomic_write_text(state, json.dumps(sorted(p.relative_to(out).as_posix() for p in written)))
+        _warn_if_split(before, written)
     return written
+
+
+def _warn_if_split(before: Sequence[Path], written: Sequence[Path]) -> None:
+    """One warning line when the mosaic is newly split in several VRTs, or a VRT of the last run is gone
+    (a step reading ``landcover.vrt`` would otherwise break silently)."""
+    old = sorted(p.name for p in before if p.suffix == ".vrt")
+    new = sorted(p.name for p in written if p.suffix == ".vrt")
+    gone = [n for n in old if n not in new]
+    if gone or (len(new) > 1 and new != old):
+        log.warning("warning: the mosaic is now %d VRT(s) (masks differ in CRS, pixel size, class table or grid "
+                    "alignment): %s%s", len(new), ", ".join(new) or "none",
+                    f"; removed {', '.join(gone)}" if gone else "")

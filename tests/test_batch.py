@@ -567,3 +567,168 @@ def test_batch_lays_its_masks_into_one_styled_vrt_mosaic(runner, tiny_unet, tmp_
     out2 = tmp_path / "out2"
     r = run_cli(runner, tiny_unet, [arch / "west.tif"], out2, "--vector", "none", "--no-mosaic")
     assert r.exit_code == EXIT_OK and not list(out2.glob("*.vrt")), r.output
+
+
+# ---- outputs in the input tree, output folder errors, stale outputs --------------------------------------
+def test_out_equal_to_the_input_folder_never_takes_its_own_outputs_as_scenes(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arch = tmp_path / "arch"
+    make_archive(arch, 1, size=(16, 16))  # scene0.tif
+    opts = ("--vector", "gpkg", "--confidence", "uint8")
+    for _ in range(2):  # a nightly job: the second night finds only its own outputs beside the scene
+        r = run_cli(runner, tiny_unet, [arch], arch, *opts, "--dry-run")
+        assert [line.split("\t")[1] for line in r.stdout.splitlines()] == ["scene0.tif"], r.output
+        r = run_cli(runner, tiny_unet, [arch], arch, *opts)
+        assert r.exit_code == EXIT_OK, r.output
+    assert not list(arch.rglob("*_landcover_landcover*")) and not list(arch.rglob("*_confidence_*"))
+    # sub-folders of an input folder that is the output folder are walked, their outputs skipped
+    make_archive(arch, 2, size=(16, 16))  # + d1/x/scene1.tif
+    for _ in range(2):
+        r = run_cli(runner, tiny_unet, [arch], arch, *opts)
+        assert r.exit_code == EXIT_OK, r.output
+    assert sorted(p.relative_to(arch).as_posix() for p in arch.rglob("*_landcover.tif")) == [
+        "d1/x/scene1_landcover.tif", "scene0_landcover.tif"]
+    assert not list(arch.rglob("*_landcover_landcover*")) and not list(arch.rglob("*_confidence_*"))
+    r = run_cli(runner, tiny_unet, [arch], arch, *opts, "--dry-run")
+    assert r.stdout.count("skip\t") == 2 and "run\t" not in r.stdout, r.output
+    # the mosaic is an output too (a .vrt pattern does not take it)
+    assert (arch / "landcover.vrt").exists()
+    assert [s.key for s in discover_scenes([arch], arch, ["*.tif", "*.vrt"])] == ["scene0.tif", "d1/x/scene1.tif"]
+    # a user's file named like an output, outside the output folder, is a scene
+    other = tmp_path / "other"
+    other.mkdir()
+    _copy(arch / "scene0.tif", other / "field_landcover.tif")
+    assert [s.key for s in discover_scenes([other, arch], arch)] == ["field_landcover.tif", "scene0.tif", "d1/x/scene1.tif"]
+
+
+def test_an_output_folder_that_cannot_be_one_is_one_line_error(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arch = tmp_path / "arch"
+    make_archive(arch, 1, size=(16, 16))
+    (tmp_path / "base.yaml").write_text("x: 1\n")
+    for out in (tmp_path / "base.yaml" / "sub", tmp_path / "base.yaml" / "a" / "b"):
+        for extra in ((), ("--dry-run",)):
+            r = run_cli(runner, tiny_unet, [arch], out, *extra)
+            assert r.exit_code == 1 and "unexpected" not in r.output, r.output
+            assert "base.yaml is a file, not a folder" in r.output, r.output
+    if Path("/proc/self").exists():  # a folder no one can create a folder in
+        r = run_cli(runner, tiny_unet, [arch], "/proc/geoseg-batch-test")
+        assert r.exit_code == 1 and "unexpected" not in r.output, r.output
+        assert "give a writable folder for --out" in r.output, r.output
+
+
+def test_a_redone_scene_drops_its_outputs_the_new_run_does_not_write(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    arch.mkdir()
+    write_raster(arch / "a0.tif", np.random.default_rng(4).integers(0, 256, (3, 24, 32), dtype=np.uint8))
+    r = run_cli(runner, tiny_unet, [arch], out, "--confidence", "uint8", "--vector", "geojson")
+    assert r.exit_code == EXIT_OK, r.output
+    assert (out / "a0_confidence.tif").exists() and (out / "a0_landcover.geojson").exists()
+    mine = _copy(arch / "a0.tif", out / "a0_notes.tif")  # the user's own file beside the outputs stays
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == EXIT_OK, r.output
+    assert not (out / "a0_confidence.tif").exists() and not (out / "a0_landcover.geojson").exists()
+    assert (out / "a0_landcover.tif").exists() and mine.exists()
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
+    assert r.stdout.splitlines() == ["skip\ta0.tif\tdone, unchanged"], r.output
+
+
+def test_dry_run_says_which_scenes_a_live_run_is_doing(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 2, size=(16, 16))
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == EXIT_OK, r.output
+    with sqlite3.connect(out / ".geoseg" / "manifest.sqlite") as db:
+        db.execute("UPDATE scenes SET status = 'running' WHERE key = 'scene0.tif'")
+    db.close()
+    with BatchLock(out):  # a live run (this process, another open file) holds the lock
+        r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
+    assert "run\tscene0.tif\trunning now (another batch holds the lock)" in r.stdout, r.output
+    assert "skip\td1/x/scene1.tif" in r.stdout, r.output
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")  # lock free: the run died
+    assert "run\tscene0.tif\tnot finished by an interrupted run" in r.stdout, r.output
+
+
+# ---- mosaic groups ----------------------------------------------------------------------------------------
+def _mask(path: Path, classes: list[tuple[int, str]], x0: float = 500000.0, crs: str = "EPSG:32633") -> Path:
+    from rasterio.transform import from_origin
+
+    from geoseg.card import ClassInfo
+    from geoseg.io import classes_tag
+
+    data = (np.arange(20 * 30).reshape(20, 30) % len(classes)).astype(np.uint8)
+    write_raster(path, data, crs=crs, transform=from_origin(x0, 4800000.0, 10.0, 10.0), nodata=255)
+    with rasterio.open(path, "r+") as ds:
+        ds.update_tags(**classes_tag([ClassInfo(i, n, (i * 30, 100, 50)) for i, n in classes]))
+    return path
+
+
+def test_mosaic_keeps_masks_of_different_class_tables_apart(tmp_path: Path) -> None:
+    from geoseg.card import ClassInfo
+    from geoseg.io import read_classes
+    from geoseg.mosaic import write_mosaics
+
+    out = tmp_path / "out"
+    out.mkdir()
+    a = _mask(out / "a_landcover.tif", SEVEN)
+    b = _mask(out / "b_landcover.tif", SEVEN, x0=500300.0)  # whole pixels east of a: aligned
+    c = _mask(out / "c_landcover.tif", [(0, "urban"), (1, "farm")], x0=500600.0)  # another model's mask
+    fallback = [ClassInfo(0, "urban", (1, 2, 3)), ClassInfo(1, "farm", (4, 5, 6))]
+    vrts = sorted(p for p in write_mosaics(out, [a, b, c], fallback) if p.suffix == ".vrt")
+    assert len(vrts) == 2 and all(v.name.startswith("landcover_classes") for v in vrts), vrts
+    found = []
+    for v in vrts:
+        with rasterio.open(v) as ds:
+            found.append((_vrt_sources(v), [k.name for k in read_classes(ds)]))
+    found.sort()
+    assert found == [(["a_landcover.tif", "b_landcover.tif"], [n for _, n in SEVEN]),
+                     (["c_landcover.tif"], ["urban", "farm"])]
+    for v in vrts:  # each style has its own classes
+        qml = v.with_suffix(".qml").read_text()
+        assert ("developed" in qml) == ("a_landcover.tif" in v.read_text()) and ("urban" in qml) != ("developed" in qml)
+    # one model only: one landcover.vrt with the masks' class table
+    assert [p.name for p in write_mosaics(out, [a, b], fallback)] == ["landcover.vrt", "landcover.qml"]
+    with rasterio.open(out / "landcover.vrt") as v:
+        assert [k.name for k in read_classes(v)] == [n for _, n in SEVEN]
+
+
+def test_mosaic_keeps_masks_on_unaligned_grids_apart(tmp_path: Path) -> None:
+    from geoseg.mosaic import write_mosaics
+
+    out = tmp_path / "out"
+    out.mkdir()
+    a = _mask(out / "a_landcover.tif", SEVEN)
+    b = _mask(out / "b_landcover.tif", SEVEN, x0=500300.0)
+    d = _mask(out / "d_landcover.tif", SEVEN, x0=501005.0)  # half a pixel off a's grid
+    e = _mask(out / "e_landcover.tif", SEVEN, x0=500600.0000001)  # off by float noise only: aligned
+    vrts = sorted(p for p in write_mosaics(out, [a, b, d, e], []) if p.suffix == ".vrt")
+    assert sorted(_vrt_sources(v) for v in vrts) == [["a_landcover.tif", "b_landcover.tif", "e_landcover.tif"],
+                                                     ["d_landcover.tif"]], vrts
+    assert [v.name for v in vrts] == ["landcover_grid000x000.vrt", "landcover_grid500x000.vrt"]
+    for v in vrts:  # whole-pixel offsets only: GDAL copies, never resamples
+        offsets = [part.split('"')[1] for part in v.read_text().split("xOff=")[1:]]
+        assert offsets and all("." not in x for x in offsets), offsets
+
+
+def test_mosaic_split_is_one_warning_naming_the_new_files(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    from geoseg.mosaic import write_mosaics
+
+    out, state = tmp_path / "out", tmp_path / "out" / ".geoseg"
+    state.mkdir(parents=True)
+    a = _mask(out / "a_landcover.tif", SEVEN)
+    u = _mask(out / "u_landcover.tif", SEVEN, crs="EPSG:32632")
+    caplog.set_level("WARNING", logger="geoseg")
+    write_mosaics(out, [a], [], state_dir=state)
+    assert (out / "landcover.vrt").exists() and "mosaic" not in caplog.text
+    write_mosaics(out, [a, u], [], state_dir=state)
+    warned = [r.getMessage() for r in caplog.records if "mosaic" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0], warned
+    assert "landcover_epsg32632_10.vrt, landcover_epsg32633_10.vrt" in warned[0] and "removed landcover.vrt" in warned[0]
+    caplog.clear()
+    write_mosaics(out, [a, u], [], state_dir=state)  # the same split the next night: nothing new to say
+    assert "mosaic" not in caplog.text
+
+
+SEVEN = list(enumerate(["water", "developed", "forest", "crop", "grass", "bare", "wetland"]))
+
+
+def _vrt_sources(vrt: Path) -> list[str]:
+    return sorted(s.split(">")[1].split("<")[0] for s in vrt.read_text().split("<SourceFilename")[1:])
