@@ -847,6 +847,29 @@ def check_memory(need: int, what: str, key: str) -> None:
         )
 
 
+#: Training's working set on CPU per window of a batch (forward and backward activations), in MB per
+#: 128² window: measured 25 (UNet width 0.25) and 17.5 (DeepLabv3+ R18 x0.5, output stride 16) as
+#: peak RSS over batches of 8-256 (2 cores); the lower bound, so that only a batch that cannot fit
+#: is refused. Plus the process with its regions and the network (about 0.5 GB).
+TRAIN_MB_PER_WINDOW = 15.0
+TRAIN_BASE_MB = 500.0
+
+
+def check_batch_memory(batch_size: int, window: int) -> None:
+    """Refuse a batch whose training working set alone exceeds the machine's memory (a batch of
+    100,000 was killed at 24 GB with no message); warn when it exceeds the memory available now."""
+    import psutil
+
+    need = TRAIN_BASE_MB + TRAIN_MB_PER_WINDOW * batch_size * (window / 128) ** 2
+    mem = psutil.virtual_memory()
+    what = f"batch_size {batch_size} of {window}-px windows needs at least {need / 1024:,.1f} GB of memory to train"
+    if need * 2**20 > mem.total:
+        raise ParameterError(f"{what}, more than this machine's {mem.total / 2**30:,.1f} GB: lower batch_size or window")
+    if need * 2**20 > mem.available:
+        log.warning("warning: %s, more than the %.1f GB available now: it may be slow or killed", what,
+                    mem.available / 2**30)
+
+
 def load_region(image_path: Path, bands: tuple[int, ...], meta: Any, labels_path: Path, region: Region,
                 lut: np.ndarray, ignore: Sequence[int], label_shift: Sequence[int] = (0, 0)
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -1524,6 +1547,8 @@ class Trainer:
         self.num_classes = len(self.classes)
         self.progress = progress
         self.device = self._device()
+        if self.device == "cpu":
+            check_batch_memory(cfg.batch_size, self.window)
         burn_dir.cleanup()  # every label was read above
         for sc in all_scenes:  # the regions are read (training from disk reopens its own handles)
             close_handles(sc["image"])

@@ -883,7 +883,8 @@ def test_auto_reads_from_disk_what_would_take_over_half_the_memory(scene: tuple[
     assert t.read_from == "memory"
     need = region_memory(t.train_region, 3, "uint8")
     for available, mode in ((2 * need, "memory"), (2 * need - 2, "disk")):
-        monkeypatch.setattr(psutil, "virtual_memory", lambda a=available: collections.namedtuple("vm", "available")(a))
+        monkeypatch.setattr(psutil, "virtual_memory",
+                            lambda a=available: collections.namedtuple("vm", "available total")(a, 2**40))
         assert Trainer(_cfg(scene, tmp_path / "o")).read_from == mode
 
 
@@ -1516,3 +1517,26 @@ def test_the_same_file_for_training_and_validation_may_not_overlap(scene: tuple[
         {"image": str(scene[0]), "labels": str(scene[1]), "train_region": [0, 0, 48, 48]},
         {"image": same, "labels": str(scene[1]), "use": "val", "val_region": [48, 0, 16, 48]}]))
     assert len(tr.val_sets) == 1
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_training(scene: tuple[Path, Path], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A batch of 100,000 windows was killed by the kernel at 24 GB after minutes, with no message."""
+    import collections
+
+    import psutil
+
+    from geoseg.train import TRAIN_BASE_MB, TRAIN_MB_PER_WINDOW, train
+
+    vm = collections.namedtuple("vm", "total available")
+    need_mb = TRAIN_BASE_MB + TRAIN_MB_PER_WINDOW * 2 * (32 / 128) ** 2  # the config's batch of 2 32-px windows
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: vm(int(need_mb * 2**20) - 1, int(need_mb * 2**20) - 1))
+    with pytest.raises(ParameterError, match=r"batch_size 2 of 32-px windows needs at least .* GB of memory to train, "
+                                             r"more than this machine's .*: lower batch_size or window"):
+        train(_cfg(scene, tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+    # more than is free now, less than the machine has: trained, with a warning
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: vm(64 * 2**30, int(need_mb * 2**20) - 1))
+    with caplog.at_level("WARNING", logger="geoseg"):
+        train(_cfg(scene, tmp_path / "w", iterations=1))
+    assert "more than the" in caplog.text and (tmp_path / "w" / "weights.pdparams").exists()
