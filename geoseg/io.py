@@ -433,6 +433,8 @@ def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: 
         raise ParameterError(f"{unreadable}: {str(exc).splitlines()[0]}") from None
     geoms = shapely.from_wkb(wkb)
     src = CRS.from_user_input(info["crs"]) if info.get("crs") else None
+    if src is not None and "undefined" in (src.to_wkt().split('"') + [""])[1].lower():
+        src = None  # a GeoPackage's srs_id 0/-1 ("Undefined geographic/Cartesian SRS", older GDALs): none
     if src is None and crs is not None and len(geoms):
         log.warning("warning: %s has no CRS: its coordinates are taken to be in the scene's CRS", path.name)
     if src is not None and crs is not None and src != crs:

@@ -602,7 +602,7 @@ def test_values_far_from_the_training_data_warn_once_and_the_map_is_still_writte
                                                r"standard deviations.*as b1") as rec:
         res = segment_scene(write_raster(tmp_path / "far.tif", far), tmp_path, **kw)
     assert len([w for w in rec if issubclass(w.category, InputRangeWarning)]) == 1 and res.mask.exists()
-    assert "scale" not in str(rec[0].message)
+    assert not [w for w in rec if issubclass(w.category, InputRangeWarning) and "tags" in str(w.message)]
     # values stored x10 (+50) with a 0.1 scale tag: geoseg feeds what is stored, and the warning names the tag
     with rasterio.open(write_raster(tmp_path / "scaled.tif", (ok * 10 + 50).astype(np.float32)), "r+") as ds:
         ds.scales = (0.1, 0.1)
