@@ -1239,24 +1239,18 @@ def memory_estimate_mb(tile: int, batch_size: int, *, height: int, width: int, b
     return runtime + strip_mb + reads_mb
 
 
-def physical_memory_mb() -> float | None:
-    """The machine's physical memory (MB), or None where the platform does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
-        return None
+def physical_memory_mb() -> float:
+    """The machine's physical memory (MB; psutil, as train's memory checks)."""
+    import psutil
+
+    return psutil.virtual_memory().total / 2**20
 
 
-def available_memory_mb() -> float | None:
-    """Memory available to a new process now (MB, Linux's MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+def available_memory_mb() -> float:
+    """Memory available to a new process now (MB; psutil)."""
+    import psutil
+
+    return psutil.virtual_memory().available / 2**20
 
 
 def check_memory(estimate_mb: float, tile: int, batch_size: int) -> None:
@@ -1264,12 +1258,12 @@ def check_memory(estimate_mb: float, tile: int, batch_size: int) -> None:
     be killed, after minutes and without a word); warn when it exceeds the memory available now."""
     what = f"{tile}-px windows at batch {batch_size}"
     total = physical_memory_mb()
-    if total is not None and estimate_mb > total:
+    if estimate_mb > total:
         raise ParameterError(
             f"predict would need about {estimate_mb:,.0f} MB of memory with {what}, more than this machine's "
             f"{total:,.0f} MB: lower --tile-size or --batch-size (geoseg info --tile-size N shows the estimate)")
     free = available_memory_mb()
-    if free is not None and estimate_mb > free:
+    if estimate_mb > free:
         warnings.warn(
             f"predict may need about {estimate_mb:,.0f} MB of memory with {what}, more than the {free:,.0f} MB "
             "available now: it may be slow or killed; lower --tile-size or --batch-size, or free memory",
