@@ -688,19 +688,23 @@ class ModelPlugin:
     threads still loads once; ``loads`` counts the loads of this worker process.
     """
 
-    def __init__(self, model: BatchModel, name: str, quiet_loggers: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: BatchModel, name: str, quiet_loggers: tuple[str, ...] = (), own_cluster: bool = False
+                 ) -> None:
         self.model = model
         self.name = name
         self.quiet_loggers = quiet_loggers
+        self.own_cluster = own_cluster
         self.loads = 0
         self._loaded: tuple[Callable[..., Any], str, Any] | None = None
         self._lock: threading.Lock | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"model": self.model, "name": self.name, "quiet_loggers": self.quiet_loggers}
+        return {"model": self.model, "name": self.name, "quiet_loggers": self.quiet_loggers,
+                "own_cluster": self.own_cluster}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["model"], state["name"], state.get("quiet_loggers", ()))  # type: ignore[misc]
+        self.__init__(state["model"], state["name"], state.get("quiet_loggers", ()),  # type: ignore[misc]
+                      state.get("own_cluster", False))
 
     def setup(self, worker: Any) -> None:
         """Called by Dask when the plugin is registered on a worker."""
@@ -712,6 +716,17 @@ class ModelPlugin:
             import warnings
 
             warnings.filterwarnings("ignore", message="No ccache found")
+            # a run stopped by a signal cancels the scenes still running (one line each) and closes
+            # the scheduler under a worker's heartbeat (a traceback): not for a cron job's stderr
+            for name in ("distributed.worker.state_machine", "distributed.worker"):
+                logging.getLogger(name).addFilter(_StoppedRunNoise())
+        if self.own_cluster and threading.current_thread() is threading.main_thread():
+            # A worker of batch's own LocalCluster: Ctrl-C reaches every process of the terminal's
+            # group, and each worker printed a KeyboardInterrupt traceback; the client stops the run
+            # and closes the cluster, which ends the workers.
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def teardown(self, worker: Any) -> None:
         """Drop the model."""
@@ -729,13 +744,23 @@ class ModelPlugin:
             return self._loaded
 
 
-def _make_worker_plugin(model: BatchModel, name: str, quiet_loggers: tuple[str, ...] = ()) -> Any:
+class _StoppedRunNoise(logging.Filter):
+    """Drops what distributed's workers log when the run is stopped under them: 'Async instruction
+    ... ended with CancelledError' and 'Failed to communicate with scheduler during heartbeat'."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return "ended with CancelledError" not in text and "Failed to communicate with scheduler" not in text
+
+
+def _make_worker_plugin(model: BatchModel, name: str, quiet_loggers: tuple[str, ...] = (),
+                        own_cluster: bool = False) -> Any:
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class _Plugin(ModelPlugin, WorkerPlugin):  # type: ignore[misc]
         pass
 
-    return _Plugin(model, name, quiet_loggers)
+    return _Plugin(model, name, quiet_loggers, own_cluster)
 
 
 def dask_scene_task(scene: Scene, out_dir: str, options: Any, plugin_name: str) -> SceneOutcome:
@@ -1145,7 +1170,7 @@ def dask_client(batch: BatchOptions) -> Iterator[Any]:
 
 def _run_dask(
     todo: list[tuple[Scene, str]], out: Path, model: BatchModel, options: Any, batch: BatchOptions, client: Any,
-    finish: Callable[[SceneOutcome, str], None],
+    finish: Callable[[SceneOutcome, str], None], own_cluster: bool = False,
 ) -> dict[str, int]:
     from distributed import as_completed
 
@@ -1153,11 +1178,11 @@ def _run_dask(
         if batch.workers and model.threads is None:
             # Worker processes share this machine's cores.
             model = dataclasses.replace(model, threads=max(1, (os.cpu_count() or 1) // batch.workers))
-        with dask_client(batch) as c:
-            return _run_dask(todo, out, model, options, batch, c, finish)
+        with dask_client(batch) as c:  # a LocalCluster of batch's own unless --scheduler names one
+            return _run_dask(todo, out, model, options, batch, c, finish, own_cluster=not batch.scheduler)
 
     name = PLUGIN_PREFIX + hashlib.sha256(repr(model).encode()).hexdigest()[:12]
-    plugin = _make_worker_plugin(model, name, batch.quiet_worker_loggers)
+    plugin = _make_worker_plugin(model, name, batch.quiet_worker_loggers, own_cluster)
     # register_plugin since distributed 2023.9; register_worker_plugin (deprecated since) before it
     register = getattr(client, "register_plugin", None) or client.register_worker_plugin
     register(plugin, name=name)

@@ -732,3 +732,30 @@ SEVEN = list(enumerate(["water", "developed", "forest", "crop", "grass", "bare",
 
 def _vrt_sources(vrt: Path) -> list[str]:
     return sorted(s.split(">")[1].split("<")[0] for s in vrt.read_text().split("<SourceFilename")[1:])
+
+
+def test_workers_of_batch_s_own_cluster_stop_quietly(caplog) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C reaches every process of the terminal's group: each worker of batch's LocalCluster printed
+    a KeyboardInterrupt traceback, and a stopped run's workers logged cancelled tasks and heartbeat
+    failures (with tracebacks) into a cron job's stderr. A user's own cluster (--scheduler) is left alone."""
+    import logging
+    import pickle
+    import signal
+
+    from geoseg.batch import BatchModel, ModelPlugin
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        ModelPlugin(BatchModel(), "p", ("x",), own_cluster=False).setup(None)
+        assert signal.getsignal(signal.SIGINT) == before
+        plugin = pickle.loads(pickle.dumps(ModelPlugin(BatchModel(), "p", ("x",), own_cluster=True)))
+        plugin.setup(None)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("distributed.worker.state_machine").warning(
+            "Async instruction for <Task cancelled name=\"execute('x')\"> ended with CancelledError")
+        logging.getLogger("distributed.worker").error("Failed to communicate with scheduler during heartbeat.")
+        logging.getLogger("distributed.worker").warning("Worker is at 85% memory usage.")
+    assert [r.getMessage() for r in caplog.records] == ["Worker is at 85% memory usage."]
