@@ -8,6 +8,7 @@ classes to exit codes in one place (``geoseg_cli.main``).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 
@@ -103,6 +104,9 @@ class ResolutionWarning(GeosegWarning):
 
 def require_paddle() -> object:
     """Import and return :mod:`paddle`, or raise :class:`DependencyError` saying how to get it."""
+    # Paddle's C++ log (glog) writes "W1130 ..." lines straight to stderr ("PIR not support input out
+    # tensor" on every export): errors only unless the user set it; read when paddle is first imported
+    os.environ.setdefault("GLOG_minloglevel", "2")
     try:
         with warnings.catch_warnings():  # paddle's import warns about a C++ compiler cache (for its own builds)
             warnings.filterwarnings("ignore", message="No ccache found")

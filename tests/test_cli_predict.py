@@ -296,6 +296,21 @@ def test_a_bad_value_from_the_environment_names_the_variable(runner: CliRunner, 
     assert r.exit_code == 2 and "Invalid value for '--device': 'tpu'" in r.output, r.output
 
 
+def test_the_library_keeps_paddle_s_c_plus_plus_log_to_errors(tmp_path: Path) -> None:
+    """API users (not only the CLI) got glog's 'W1130 ... PIR not support input out tensor' line on each export."""
+    import os
+    import subprocess
+
+    code = ("import os, sys; from geoseg.errors import require_paddle; require_paddle(); "
+            "print(os.environ['GLOG_minloglevel'])")
+    env = {k: v for k, v in os.environ.items() if k != "GLOG_minloglevel"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2" and "ccache" not in out.stderr, out.stderr
+    env["GLOG_minloglevel"] = "0"  # the user's own setting stays
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
+
+
 def test_version_names_the_libraries_without_importing_paddle(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     from geoseg import __version__
 
