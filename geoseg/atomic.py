@@ -42,6 +42,13 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def file_above(folder: str | Path) -> Path | None:
+    """The nearest existing path above ``folder`` when it is a file, not a folder (``folder`` can
+    then never be made), else None."""
+    above = next((p for p in Path(folder).absolute().parents if p.exists() or p.is_symlink()), None)
+    return above if above is not None and not above.is_dir() else None
+
+
 #: Free space below which a failed write is put down to a full disk (GDAL often reports one only as
 #: a later read error of the file it could not finish).
 LOW_SPACE_BYTES = 16 * 2**20

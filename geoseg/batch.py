@@ -47,7 +47,7 @@ from typing import Any, Literal
 from xml.etree import ElementTree
 
 from geoseg.aoi import aoi_key
-from geoseg.atomic import atomic_write_text, clean_temp_files
+from geoseg.atomic import atomic_write_text, clean_temp_files, file_above
 from geoseg.errors import (
     AoiOutsideError,
     BatchLockedError,
@@ -922,11 +922,9 @@ def _check_out_dir(out: Path, dry_run: bool) -> None:
     """Refuse an output folder that cannot be one, before any work (one line, not a traceback)."""
     if out.exists() and not out.is_dir():
         raise ParameterError(f"--out {out} is a file: give a folder for batch outputs")
-    for above in out.parents:  # the nearest existing folder above it
-        if above.exists():
-            if not above.is_dir():
-                raise ParameterError(f"--out {out}: {above} is a file, not a folder: give a folder for batch outputs")
-            break
+    above = file_above(out)
+    if above is not None:
+        raise ParameterError(f"--out {out}: {above} is a file, not a folder: give a folder for batch outputs")
     if not dry_run and not out.exists():
         if not out.parent.exists():
             raise ParameterError(f"output folder {out.parent} does not exist: create it first")

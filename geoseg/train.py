@@ -45,7 +45,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from geoseg.atomic import atomic_write_text
+from geoseg.atomic import atomic_write_text, file_above
 from geoseg.blending import BlendMode, weight_map
 from geoseg.card import DEFAULT_SCALE, PALETTE, ClassInfo, ModelCard, Normalization, gap_fill_for, model_kwargs
 from geoseg.errors import (
@@ -2315,8 +2315,8 @@ def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder: choose another --out")
-    above = next((p for p in out.absolute().parents if p.exists() or p.is_symlink()), None)
-    if above is not None and not above.is_dir():
+    above = file_above(out)
+    if above is not None:
         raise OutputError(f"--out {out}: {above} is a file, not a folder: choose another --out")
     weights, last = out / "weights.pdparams", out / "checkpoints" / "last.pdparams"
     held = [p.relative_to(out).as_posix() for p in (weights, last) if p.exists()]
