@@ -208,8 +208,8 @@ def discover_scenes(
 
 #: Ends of the names of the files batch writes per scene (mask, its .aux.xml and style, confidence,
 #: probabilities, polygons), lower case.
-OUTPUT_SUFFIXES = ("_landcover.tif", "_landcover.tif.aux.xml", "_landcover.qml", "_confidence.tif",
-                   "_probabilities.tif", "_landcover.gpkg", "_landcover.geojson", "_landcover.fgb")
+OUTPUT_SUFFIXES = ("_landcover.tif", "_landcover.tif.aux.xml", "_landcover.qml", "_confidence.tif", "_confidence.qml",
+                   "_probabilities.tif", "_probabilities.qml", "_landcover.gpkg", "_landcover.geojson", "_landcover.fgb")
 
 
 def is_output_name(name: str, top: bool = False) -> bool:

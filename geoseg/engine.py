@@ -70,6 +70,7 @@ from geoseg.io import (
     windows_with_data,
     write_aux_xml,
     write_qml,
+    write_ramp_qml,
 )
 from geoseg.priors import PriorEstimate, em_priors, reweight_probs
 from geoseg.profiles import get_profile
@@ -440,15 +441,20 @@ class PredictResult:
     #: (m² for most), geodesic m² for a geographic one (row by row: a degree pixel's area
     #: depends on its latitude); None when the scene has no CRS.
     class_area: dict[str, float] | None = None
+    #: QGIS styles of the confidence and probabilities rasters (``<stem>_confidence.qml``, ...), when written.
+    confidence_style: Path | None = None
+    probabilities_style: Path | None = None
 
     @property
     def outputs(self) -> list[Path]:
-        """Every file this run wrote: mask, its .aux.xml and .qml, confidence, probabilities, polygons."""
+        """Every file this run wrote: mask, its .aux.xml and .qml, confidence and probabilities (each
+        with its .qml), polygons."""
         out = [self.mask, self.aux, self.style]
-        if self.confidence is not None:
-            out.append(self.confidence)
-        if self.probabilities is not None:
-            out.append(self.probabilities)
+        for raster, style in ((self.confidence, self.confidence_style), (self.probabilities, self.probabilities_style)):
+            if raster is not None:
+                out.append(raster)
+            if style is not None:
+                out.append(style)
         return out + list(self.extra_outputs)
 
     @property
@@ -1129,6 +1135,11 @@ def segment_scene(
             raise
     aux = write_aux_xml(mask_path, mc.classes)
     style = write_qml(mask_path, mc.classes)
+    # the percent (uint8, 0-100) and float (0-1) rasters open in QGIS on a fixed 0-max colour ramp
+    conf_style = (write_ramp_qml(conf_path, 100 if opts.confidence == "uint8" else 1, "confidence")
+                  if opts.confidence != "none" else None)
+    prob_style = (write_ramp_qml(prob_path, 100 if opts.probabilities == "uint8" else 1, "probability")
+                  if opts.probabilities != "none" else None)
     extra: tuple[Path, ...] = ()
     if vector_path is not None:
         from geoseg.vectorize import vectorize_mask
@@ -1148,7 +1159,7 @@ def segment_scene(
         windows=ran, windows_skipped=skipped, seconds=seconds, model_seconds=model_s,
         megapixels=out_meta.width * out_meta.height / 1e6, device=device_desc, extra_outputs=extra,
         scene_prior=scene_priors, probabilities=prob_path if opts.probabilities != "none" else None,
-        class_pixels=class_pixels,
+        class_pixels=class_pixels, confidence_style=conf_style, probabilities_style=prob_style,
         class_area=None if areas is None else {
             c.name: float(row_area[c.id] if isinstance(areas, np.ndarray) else counts[c.id] * areas) for c in mc.classes},
     )

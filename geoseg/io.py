@@ -726,6 +726,70 @@ def write_qml(mask_path: str | Path, classes: Sequence[ClassInfo]) -> Path:
     return out
 
 
+
+#: Colour ramps of :func:`write_ramp_qml` (position 0-1, RGB): red (unsure) to green (sure) for the
+#: confidence raster (ColorBrewer RdYlGn), light to dark blue for a class probability (Blues).
+RAMPS: dict[str, tuple[tuple[float, tuple[int, int, int]], ...]] = {
+    "confidence": ((0.0, (215, 25, 28)), (0.25, (253, 174, 97)), (0.5, (255, 255, 191)), (0.75, (166, 217, 106)),
+                   (1.0, (26, 150, 65))),
+    "probability": ((0.0, (247, 251, 255)), (0.25, (198, 219, 239)), (0.5, (107, 174, 214)), (0.75, (33, 113, 181)),
+                    (1.0, (8, 48, 107))),
+}
+
+
+def write_ramp_qml(raster_path: str | Path, maximum: float, ramp: str = "confidence", band: int = 1) -> Path:
+    """Write ``<raster stem>.qml``: a QGIS single-band pseudocolour style of ``band`` from 0 to
+    ``maximum`` (100 for geoseg's uint8 percent rasters, 1 for float32), so a confidence or
+    probability raster opens with a fixed, readable legend instead of a grey min/max stretch."""
+    stops = RAMPS[ramp]
+    digits = 0 if maximum >= 10 else 2
+    items = "\n".join(
+        f'          <item value="{pos * maximum:g}" label="{pos * maximum:.{digits}f}" '
+        f'color="#{r:02x}{g:02x}{b:02x}" alpha="255"/>'
+        for pos, (r, g, b) in stops
+    )
+    inner = ":".join(f"{pos:g};{r},{g},{b},255" for pos, (r, g, b) in stops[1:-1])
+    (_, first), (_, last) = stops[0], stops[-1]
+    qml = f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.22.0" styleCategories="AllStyleCategories" hasScaleBasedVisibilityFlag="0">
+  <pipe>
+    <provider>
+      <resampling enabled="false" zoomedInResamplingMethod="nearestNeighbour" zoomedOutResamplingMethod="nearestNeighbour" maxOversampling="2"/>
+    </provider>
+    <rasterrenderer type="singlebandpseudocolor" band="{band}" opacity="1" alphaBand="-1" classificationMin="0" classificationMax="{maximum:g}" nodataColor="">
+      <rasterTransparency/>
+      <minMaxOrigin>
+        <limits>None</limits>
+        <extent>WholeRaster</extent>
+        <statAccuracy>Estimated</statAccuracy>
+        <cumulativeCutLower>0.02</cumulativeCutLower>
+        <cumulativeCutUpper>0.98</cumulativeCutUpper>
+        <stdDevFactor>2</stdDevFactor>
+      </minMaxOrigin>
+      <rastershader>
+        <colorrampshader colorRampType="INTERPOLATED" classificationMode="1" clip="0" minimumValue="0" maximumValue="{maximum:g}" labelPrecision="{digits}">
+          <colorramp type="gradient" name="[source]">
+            <prop k="color1" v="{first[0]},{first[1]},{first[2]},255"/>
+            <prop k="color2" v="{last[0]},{last[1]},{last[2]},255"/>
+            <prop k="discrete" v="0"/>
+            <prop k="rampType" v="gradient"/>
+            <prop k="stops" v="{inner}"/>
+          </colorramp>
+{items}
+        </colorrampshader>
+      </rastershader>
+    </rasterrenderer>
+    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>
+    <huesaturation saturation="0" colorizeOn="0" grayscaleMode="0" colorizeStrength="100" colorizeRed="255" colorizeGreen="128" colorizeBlue="128"/>
+    <rasterresampler maxOversampling="2"/>
+  </pipe>
+  <blendMode>0</blendMode>
+</qgis>
+"""
+    out = Path(raster_path).with_suffix(".qml")
+    atomic_write_text(out, qml)
+    return out
+
 # ---- ground areas -----------------------------------------------------------------------------
 def area_units(crs: Any) -> str:
     """Units of ground areas on ``crs`` (``m2`` for a geographic CRS: geodesic areas; ``pixels``
@@ -821,4 +885,5 @@ __all__ = [
     "read_window_gaps",
     "write_aux_xml",
     "write_qml",
+    "write_ramp_qml",
 ]

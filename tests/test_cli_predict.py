@@ -116,8 +116,8 @@ def test_predict_writes_mask_and_prints_its_path(runner: CliRunner, tmp_path: Pa
     mask = out / "scene_landcover.tif"
     assert res.stdout.strip() == str(mask)
     assert outputs(out) == [
-        "scene_confidence.tif", "scene_landcover.gpkg", "scene_landcover.qml", "scene_landcover.tif",
-        "scene_landcover.tif.aux.xml",
+        "scene_confidence.qml", "scene_confidence.tif", "scene_landcover.gpkg", "scene_landcover.qml",
+        "scene_landcover.tif", "scene_landcover.tif.aux.xml",
     ]
     with rasterio.open(mask) as m, rasterio.open(src) as s:
         assert (m.crs, m.transform, m.shape) == (s.crs, s.transform, s.shape)
@@ -153,8 +153,8 @@ def test_predict_probabilities_one_band_per_class(runner: CliRunner, tmp_path: P
     args = ["-q", "predict", str(src), "--weights", str(weights), "--out", str(out), "--vector", "none"]
     res = runner.invoke(cli, [*args, "--probabilities", "float32", "--confidence", "float32"])
     assert res.exit_code == 0, res.output
-    assert outputs(out) == ["scene_confidence.tif", "scene_landcover.qml", "scene_landcover.tif",
-                            "scene_landcover.tif.aux.xml", "scene_probabilities.tif"]
+    assert outputs(out) == ["scene_confidence.qml", "scene_confidence.tif", "scene_landcover.qml", "scene_landcover.tif",
+                            "scene_landcover.tif.aux.xml", "scene_probabilities.qml", "scene_probabilities.tif"]
     with rasterio.open(out / "scene_landcover.tif") as m, rasterio.open(out / "scene_probabilities.tif") as p, \
             rasterio.open(out / "scene_confidence.tif") as c:
         mask, probs, conf = m.read(1), p.read(), c.read(1)
@@ -187,6 +187,36 @@ def test_predict_probabilities_one_band_per_class(runner: CliRunner, tmp_path: P
         assert (p.dtypes[0], p.nodata) == ("uint8", 255)
     assert (p8[:, ~valid] == 255).all()
     np.testing.assert_array_equal(p8[:, valid], np.rint(probs[:, valid] * 100).astype(np.uint8))
+
+
+def ramp_style(qml: Path) -> tuple[str, str, list[float]]:
+    """(renderer type, classificationMax, ramp item values) of a raster .qml style."""
+    import xml.etree.ElementTree as ET
+
+    r = ET.parse(qml).getroot().find("pipe/rasterrenderer")
+    assert r is not None
+    return r.get("type", ""), r.get("classificationMax", ""), [float(i.get("value", "nan")) for i in r.iter("item")]
+
+
+def test_confidence_and_probabilities_open_on_a_fixed_ramp(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    weights, _ = tiny_unet
+    src = rgb(tmp_path)
+    args = ["-q", "predict", str(src), "--weights", str(weights), "--vector", "none", "--overwrite"]
+    for kind, top in (("uint8", 100.0), ("float32", 1.0)):
+        out = tmp_path / kind
+        res = runner.invoke(cli, [*args, "--out", str(out), "--confidence", kind, "--probabilities", kind])
+        assert res.exit_code == 0, res.output
+        for name in ("scene_confidence.qml", "scene_probabilities.qml"):
+            rtype, cmax, values = ramp_style(out / name)
+            # the style's range is the raster's (percent or 0-1), not a stretch of this scene's values
+            assert (rtype, float(cmax), values[0], values[-1]) == ("singlebandpseudocolor", top, 0.0, top), name
+            assert values == sorted(values) and len(values) == 5
+        assert (out / "scene_confidence.qml").read_text() != (out / "scene_probabilities.qml").read_text()
+    # without them, no styles
+    out = tmp_path / "none"
+    res = runner.invoke(cli, [*args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert outputs(out) == ["scene_landcover.qml", "scene_landcover.tif", "scene_landcover.tif.aux.xml"]
 
 
 def test_predict_tta_flag_reaches_the_model(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:

@@ -52,6 +52,9 @@ out["categories"] = [[str(c.value()), c.label(), c.symbol().color().name()] for 
 out["features"] = v.featureCount()
 out["proj"] = [s.crs().toProj(), r.crs().toProj(), v.crs().toProj()]
 out["same_extent"] = r.extent() == s.extent()
+c = QgsRasterLayer(sys.argv[4], "confidence")
+ok = c.loadDefaultStyle()[1]
+out["confidence"] = [ok, c.renderer().type(), c.renderer().classificationMax() if ok else None]
 print(json.dumps(out), flush=True)
 os._exit(0)  # QGIS 3.22 may crash in its teardown; the answer is already out
 """
@@ -69,7 +72,7 @@ def test_mask_and_polygons_open_styled_in_qgis(tmp_path: Path, layer: str) -> No
         return (np.arange(3)[None, :, None, None] == cls[:, None]).astype(np.float32)
 
     res = segment_scene(src, tmp_path / "out", source=ModelSource(card), predictor=predict,
-                        options=PredictOptions(vector="gpkg", tile_size=256, overlap=64))
+                        options=PredictOptions(vector="gpkg", tile_size=256, overlap=64, confidence="uint8"))
     raster = res.mask
     if layer == "batch mosaic":  # batch's DIR/landcover.vrt (+ .qml) over the mask: the same layer, styled
         from geoseg.mosaic import write_mosaics
@@ -77,7 +80,8 @@ def test_mask_and_polygons_open_styled_in_qgis(tmp_path: Path, layer: str) -> No
         raster = write_mosaics(res.mask.parent, [res.mask], classes)[0]
     # rasterio points GDAL_DATA/PROJ_DATA at its own wheel's data: QGIS must use the system's
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GDAL_", "PROJ_", "CPL_"))}
-    proc = subprocess.run([SYSTEM_PYTHON, "-c", QGIS_SCRIPT, str(src), str(raster), str(res.extra_outputs[0])],
+    proc = subprocess.run([SYSTEM_PYTHON, "-c", QGIS_SCRIPT, str(src), str(raster), str(res.extra_outputs[0]),
+                           str(res.confidence)],
                           capture_output=True, text=True, check=False, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -90,3 +94,4 @@ def test_mask_and_polygons_open_styled_in_qgis(tmp_path: Path, layer: str) -> No
     assert out["features"] > 0
     assert out["proj"][0] == out["proj"][1] == out["proj"][2]
     assert out["same_extent"]
+    assert out["confidence"] == [True, "singlebandpseudocolor", 100.0]  # percent on a fixed ramp
