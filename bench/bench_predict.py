@@ -187,7 +187,7 @@ def run_one(size: int, model: str, batch_size: int | None, tile: int | None, ove
     bands = select_bands(meta, src.card, None)  # as predict picks them (the shipped cards read bands 1-5)
     model_s = 0.0
     for tiles in batched(list(grid.tiles()), batch_size):
-        prepared = [_prepare_window(meta, t, bands, src.card, grid.tile) for t in tiles]
+        prepared = [_prepare_window(meta, t, bands, src.card, grid.model_shape) for t in tiles]
         keep = [x_t for x_t, _ in prepared if x_t is not None]
         if not keep:
             continue

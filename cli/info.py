@@ -74,7 +74,9 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
             rows.append(("resolution", f"the model learned from {m['pixel_size']:.3g} m pixels{verdict}"))
     rows += [
         ("windows", f"{d['windows']} ({d['window_grid'][0]} rows x {d['window_grid'][1]} cols of {d['tile_size']} px, "
-                    f"overlap {d['overlap']})"),
+                    f"overlap {d['overlap']}"
+                    + ("" if d["model_input"] == [d["tile_size"]] * 2
+                       else f"; padded to {d['model_input'][1]}x{d['model_input'][0]} px for the model") + ")"),
         ("memory", f"about {d['memory_estimate_mb']} MB peak for predict on CPU (batch {d['batch_size']})"),
     ]
     if d["aoi"] is not None:

@@ -556,22 +556,23 @@ def _bands_by_name(meta: SceneMeta, card: ModelCard) -> tuple[int, ...] | None:
     return tuple(names[n][0] for n in card.bands)
 
 
-def _pad_to(x: np.ndarray, tile: int) -> np.ndarray:
-    """Reflect-pad a CHW window to ``tile × tile`` (only rasters smaller than a tile need it)."""
+def _pad_to(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Reflect-pad a CHW window to ``shape`` (height, width; only rasters smaller than a tile need it)."""
     _, h, w = x.shape
-    if h == tile and w == tile:
+    th, tw = shape
+    if h == th and w == tw:
         return x
     mode_h = "reflect" if h > 1 else "edge"
-    x = np.pad(x, ((0, 0), (0, tile - h), (0, 0)), mode=mode_h)
+    x = np.pad(x, ((0, 0), (0, th - h), (0, 0)), mode=mode_h)
     mode_w = "reflect" if w > 1 else "edge"
-    return np.pad(x, ((0, 0), (0, 0), (0, tile - w)), mode=mode_w)
+    return np.pad(x, ((0, 0), (0, 0), (0, tw - w)), mode=mode_w)
 
 
 Prepared = tuple[np.ndarray | None, np.ndarray]
 
 
-def _prepare_window(meta: SceneMeta, tile: Tile, bands: tuple[int, ...], card: ModelCard, size: int) -> Prepared:
-    """Read one window and make it model-ready: ``(normalised CHW padded to size | None, valid HW)``.
+def _prepare_window(meta: SceneMeta, tile: Tile, bands: tuple[int, ...], card: ModelCard, size: tuple[int, int]) -> Prepared:
+    """Read one window and make it model-ready: ``(normalised CHW padded to size (h, w) | None, valid HW)``.
 
     Runs in Dask's reader threads, so normalisation and padding overlap with the model.
     ``None`` marks a window without any valid pixel (it is never sent to the model), or one
@@ -591,7 +592,7 @@ GROUP_BYTES = 16 * 2**20
 
 
 def _prefetch(
-    batches: list[list[Tile]], meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, size: int,
+    batches: list[list[Tile]], meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, size: tuple[int, int],
     depth: int, workers: int,
 ) -> Iterator[tuple[list[Tile], list[Prepared]]]:
     """Yield ``(tiles, prepared windows)`` per batch while a thread keeps ``depth`` batches ready.
@@ -614,7 +615,7 @@ def _prefetch(
     done = object()
 
     # each compute costs about 3 ms of Python that holds the GIL, more than reading a small window
-    group_windows = max(1, GROUP_BYTES // (4 * len(bands) * size * size))
+    group_windows = max(1, GROUP_BYTES // (4 * len(bands) * size[0] * size[1]))
 
     def produce() -> None:
         try:
@@ -711,7 +712,7 @@ def run_grid(
             idx, conf = argmax_classes(probs)
             sink(strip.row, idx, conf, strip.valid & strip.covered, probs)
 
-    for tiles, prepared in _prefetch(batches, meta, bands, card, grid.tile, prefetch, read_workers):
+    for tiles, prepared in _prefetch(batches, meta, bands, card, grid.model_shape, prefetch, read_workers):
         if tiles[0].row != current_row:
             emit(merger.release(tiles[0].row))
             current_row = tiles[0].row
@@ -774,7 +775,7 @@ def sample_posteriors(
     step = max(1, int(np.ceil(np.sqrt(core_px / max(max_pixels, 1)))))
     out: list[np.ndarray] = []
     batches = list(batched(tiles, batch_size))
-    for group, prepared in _prefetch(batches, meta, bands, card, grid.tile, prefetch, read_workers):
+    for group, prepared in _prefetch(batches, meta, bands, card, grid.model_shape, prefetch, read_workers):
         todo = [(t, x_t, valid) for t, (x_t, valid) in zip(group, prepared) if x_t is not None]
         if not todo:
             continue
@@ -831,6 +832,19 @@ def scene_tile(meta: SceneMeta, card: ModelCard | None, tile: int | None = None,
         log.info("%s: one window of %d px instead of %d: the %dx%d scene fits in it", meta.path.name, fitted, asked,
                  meta.width, meta.height)
     return fitted, overlap
+
+
+def scene_grid(meta: SceneMeta, card: ModelCard | None, tile: int | None = None,
+               overlap: int | None = None) -> TileGrid:
+    """The window grid predict runs the scene of ``meta`` in (:func:`scene_tile`'s windows); along an
+    axis of the scene shorter than a window, the windows reach the model padded only to the scene's
+    length (:func:`geoseg.tiling.make_grid`, never below the card's window)."""
+    size, overlap = scene_tile(meta, card, tile, overlap)
+    grid = make_grid(meta.height, meta.width, size, overlap, pad_floor=card.tile_size if card is not None else 512)
+    if grid.input_shape is not None:
+        log.info("%s: model input %dx%d px per window (the scene is shorter than a %d-px window)", meta.path.name,
+                 grid.model_shape[1], grid.model_shape[0], size)
+    return grid
 
 
 def _ready_device(device: Device) -> Literal["cpu", "gpu"]:
@@ -990,9 +1004,9 @@ def segment_scene(
         source = resolve_model(model, weights, card, classes)
     mc = source.card
     bands = select_bands(meta, mc, opts.bands)
-    tile, overlap = scene_tile(meta, mc, opts.tile_size, opts.overlap)
+    grid = scene_grid(meta, mc, opts.tile_size, opts.overlap)
+    tile = grid.tile
     check_window_size(mc, tile)
-    grid = make_grid(meta.height, meta.width, tile, overlap)
     out_meta = meta
     if aoi is not None:
         # the whole scene's windows that meet the AOI, so its pixels are blended as in a whole-scene run;
@@ -1005,7 +1019,7 @@ def segment_scene(
         batch = opts.batch_size or default_batch_size("cpu", tile)
         check_memory(memory_estimate_mb(tile, batch, height=meta.height, width=meta.width, bands=len(bands),
                                         itemsize=np.dtype(meta.dtype).itemsize, num_classes=mc.num_classes,
-                                        members=card_members(mc)), tile, batch)
+                                        members=card_members(mc), window=grid.model_shape), grid.model_shape, batch)
     mask_path, conf_path = output_paths(input_path, out)
     if mask_path.resolve() == input_path.resolve():
         raise ParameterError(f"output {mask_path} is the input: choose another --out")
@@ -1051,7 +1065,7 @@ def segment_scene(
         device_desc += "+tta"
     batch_size = opts.batch_size or default_batch_size(device_desc, tile)
     log.debug("%s: %dx%d, %d bands %s, %d windows of %d px (overlap %d), model %s on %s, batch %d",
-              input_path.name, meta.width, meta.height, len(bands), meta.dtype, len(grid), tile, overlap,
+              input_path.name, meta.width, meta.height, len(bands), meta.dtype, len(grid), tile, grid.overlap,
               source.label, device_desc, batch_size)
 
     reweight = None
@@ -1237,16 +1251,18 @@ def card_members(card: ModelCard) -> int:
 
 
 def memory_estimate_mb(tile: int, batch_size: int, *, height: int, width: int, bands: int, itemsize: int,
-                       num_classes: int, members: int = 1) -> float:
+                       num_classes: int, members: int = 1, window: tuple[int, int] | None = None) -> float:
     """predict's peak resident memory on CPU (MB) over a ``height`` × ``width`` region in windows of
     ``tile`` px, ``batch_size`` per model call: the runtime (measured, see the table above), the
     blending strip of one window row (``classes × tile × width`` float32 plus weights and masks)
-    and the prefetched batches (raw ``itemsize`` and float32 ``bands`` per pixel)."""
-    windows = batch_size * (tile / 512) ** 2  # the pixels of a batch in 512² windows
+    and the prefetched batches (raw ``itemsize`` and float32 ``bands`` per pixel). ``window``: the
+    model input (height, width) when it is not ``tile × tile`` (see :func:`scene_grid`)."""
+    wh, ww = window or (tile, tile)
+    windows = batch_size * wh * ww / 512**2  # the pixels of a batch in 512² windows
     runtime = (RUNTIME_BASE_MB + RUNTIME_PER_MEMBER_MB * (members - 1)
                + (RUNTIME_PER_WINDOW_MB + RUNTIME_PER_MEMBER_WINDOW_MB * members) * windows)
     strip_mb = (num_classes * 4 + 4 + 1 + 1) * min(tile, height) * width / 2**20
-    reads_mb = 3 * batch_size * bands * tile * tile * (itemsize + 4) / 2**20
+    reads_mb = 3 * batch_size * bands * wh * ww * (itemsize + 4) / 2**20
     return runtime + strip_mb + reads_mb
 
 
@@ -1264,10 +1280,12 @@ def available_memory_mb() -> float:
     return psutil.virtual_memory().available / 2**20
 
 
-def check_memory(estimate_mb: float, tile: int, batch_size: int) -> None:
+def check_memory(estimate_mb: float, window: tuple[int, int], batch_size: int) -> None:
     """Refuse a predict run whose memory estimate exceeds the machine's physical memory (it would
-    be killed, after minutes and without a word); warn when it exceeds the memory available now."""
-    what = f"{tile}-px windows at batch {batch_size}"
+    be killed, after minutes and without a word); warn when it exceeds the memory available now.
+    ``window``: the model input (height, width)."""
+    what = (f"{window[0]}-px windows" if window[0] == window[1] else f"{window[1]}x{window[0]}-px windows") + \
+        f" at batch {batch_size}"
     total = physical_memory_mb()
     if estimate_mb > total:
         raise ParameterError(
@@ -1333,10 +1351,10 @@ def describe_scene(
                 model["input_z"] = {k: round(v, 2) for k, v in z.items()}
     card = source.card if source is not None else None
     asked = tile or (card.tile_size if card is not None else 512)
-    tile, overlap = scene_tile(meta, card, tile, overlap)
+    grid = scene_grid(meta, card, tile, overlap)
+    tile, overlap = grid.tile, grid.overlap
     num_classes = num_classes or 7
     batch_size = batch_size or default_batch_size("cpu", tile)
-    grid = make_grid(meta.height, meta.width, tile, overlap)
     aoi_info = None
     run_height, run_width = meta.height, meta.width
     if area is not None:
@@ -1351,7 +1369,7 @@ def describe_scene(
     read_bands = model["scene_bands"] if model is not None and model["scene_bands"] else meta.data_bands
     est = memory_estimate_mb(tile, batch_size, height=run_height, width=run_width, bands=len(read_bands),
                              itemsize=np.dtype(meta.dtype).itemsize, num_classes=num_classes,
-                             members=card_members(card) if card is not None else 1)
+                             members=card_members(card) if card is not None else 1, window=grid.model_shape)
     nodata = (
         f"value {meta.nodata}" if meta.nodata is not None
         else f"alpha band {meta.alpha_band}" if meta.alpha_band is not None
@@ -1378,6 +1396,8 @@ def describe_scene(
         # the window size asked for (or the card's), when the scene needs a smaller one (see scene_tile)
         "tile_size_asked": asked if asked != tile else None,
         "overlap": overlap,
+        # what each window reaches the model as (height, width): tile x tile unless the scene is shorter
+        "model_input": list(grid.model_shape),
         "window_grid": list(grid.shape),
         "windows": len(grid),
         "megapixels": round(meta.width * meta.height / 1e6, 3),

@@ -97,6 +97,13 @@ class TileGrid:
     overlap: int
     row_offsets: tuple[int, ...]
     col_offsets: tuple[int, ...]
+    #: The model input size ``(height, width)`` every window is padded to; None: ``tile × tile``.
+    input_shape: tuple[int, int] | None = None
+
+    @property
+    def model_shape(self) -> tuple[int, int]:
+        """The model input size ``(height, width)`` of every window (see :func:`make_grid`)."""
+        return self.input_shape or (self.tile, self.tile)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -137,7 +144,7 @@ class TileGrid:
         top, left = rows[0], cols[0]
         bottom, right = rows[-1] + min(self.tile, self.height - rows[-1]), cols[-1] + min(self.tile, self.width - cols[-1])
         grid = TileGrid(bottom - top, right - left, self.tile, self.overlap,
-                        tuple(o - top for o in rows), tuple(o - left for o in cols))
+                        tuple(o - top for o in rows), tuple(o - left for o in cols), self.input_shape)
         return grid, Window(left, top, right - left, bottom - top)
 
 
@@ -158,12 +165,29 @@ def fit_tile(height: int, width: int, tile: int, overlap: int, floor: int | None
     return need, min(overlap, need - 16)
 
 
-def make_grid(height: int, width: int, tile: int = 512, overlap: int = 128) -> TileGrid:
-    """Build the window grid of a raster (validates ``tile`` and ``overlap``)."""
+def padded_size(size: int, tile: int, floor: int) -> int:
+    """The model input length along an axis of ``size`` pixels in windows of ``tile``: ``tile``,
+    unless the axis is shorter (one window spans it); then its length rounded up to a multiple of
+    16 (the models downsample 16x), not below ``floor`` (nor above ``tile``)."""
+    if size >= tile:
+        return tile
+    return min(tile, max(-(-size // 16) * 16, floor))
+
+
+def make_grid(height: int, width: int, tile: int = 512, overlap: int = 128, pad_floor: int | None = None) -> TileGrid:
+    """Build the window grid of a raster (validates ``tile`` and ``overlap``).
+
+    ``pad_floor`` None: every window reaches the model padded to ``tile × tile``. Else an axis of
+    the raster shorter than ``tile`` is padded only to :func:`padded_size` (``pad_floor``: the
+    model's own window): a 600 x 3,000 strip in 3,008-px windows ran 608 x 3,008 inputs, not
+    3,008², 5 times the pixels (10 GB). Along such an axis there is one window, so the blending
+    weights, the same for every window along it, cancel: only the padding changes."""
+    shape = None if pad_floor is None else (padded_size(height, tile, pad_floor), padded_size(width, tile, pad_floor))
     return TileGrid(
         height, width, tile, overlap,
         tuple(axis_offsets(height, tile, overlap)),
         tuple(axis_offsets(width, tile, overlap)),
+        None if shape == (tile, tile) else shape,
     )
 
 

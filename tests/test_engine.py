@@ -636,6 +636,36 @@ def _recording(inner):  # type: ignore[no-untyped-def]
     return predict
 
 
+def test_a_strip_is_padded_only_along_its_short_axis(tmp_path: Path) -> None:
+    """A 600 x 3,000 strip in 4,096-px windows ran 3,008² model inputs (10 GB, 5x the pixels): an
+    axis shorter than the window pads only to its own length (not below the card's window), also
+    where the long axis needs several windows; the mask is what full padding gives (the blending
+    weights along a one-window axis cancel)."""
+    from geoseg.engine import describe_scene
+
+    cls = class_image(40, 300, 3, seed=2).astype(np.uint8)
+    src = write_raster(tmp_path / "strip.tif", cls + 1, nodata=0)
+    card = identity_card(1, 3)  # 64-px window
+    masks = {}
+    for tile, overlap, shapes in ((4096, 0, [(1, 1, 64, 304)]), (128, 32, [(1, 1, 64, 128)] * 3),
+                                  (256, 64, [(1, 1, 64, 256)] * 2)):
+        predictor = _recording(one_hot_predictor(3, offset=1))
+        res = segment_scene(src, tmp_path / f"o{tile}", source=ModelSource(card), predictor=predictor,
+                            options=PredictOptions(tile_size=tile, overlap=overlap, vector="none", batch_size=1))
+        assert predictor.shapes == shapes, tile
+        with rasterio.open(res.mask) as ds:
+            masks[tile] = ds.read(1)
+        assert describe_scene(src, tile, overlap, source=ModelSource(card))["model_input"] == list(shapes[0][2:])
+    for m in masks.values():
+        np.testing.assert_array_equal(m, cls + 1)
+    # a raster longer than the window along both axes: full windows, as before
+    square = write_raster(tmp_path / "sq.tif", class_image(300, 300, 3, seed=3).astype(np.uint8) + 1, nodata=0)
+    predictor = _recording(one_hot_predictor(3, offset=1))
+    segment_scene(square, tmp_path / "sq", source=ModelSource(card), predictor=predictor,
+                  options=PredictOptions(tile_size=128, overlap=32, vector="none"))
+    assert {x[2:] for x in predictor.shapes} == {(128, 128)}
+
+
 def test_a_window_larger_than_the_scene_runs_one_window_of_the_scene_s_size(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An 8,000-px window on a 489 x 443 scene ran out of 23 GB padding it: a window larger than the
@@ -653,14 +683,15 @@ def test_a_window_larger_than_the_scene_runs_one_window_of_the_scene_s_size(
         with caplog.at_level(logging.INFO, logger="geoseg"):
             res = segment_scene(src, tmp_path / f"o{tile}", source=ModelSource(identity_card(1, 3)), predictor=predictor,
                                 options=PredictOptions(tile_size=tile))
-        assert predictor.shapes == [(1, 1, 80, 80)] and res.windows == 1
+        # the window shrinks to the longer side (70 -> 80); the 50 rows pad to the card's 64-px window
+        assert predictor.shapes == [(1, 1, 64, 80)] and res.windows == 1
         with rasterio.open(res.mask) as ds:
             masks.append(ds.read(1))
     np.testing.assert_array_equal(masks[0], masks[1])
     np.testing.assert_array_equal(masks[0], cls + 1)
     assert "s.tif: one window of 80 px instead of 4096" in caplog.text
     d = describe_scene(src, 4096, source=ModelSource(identity_card(1, 3)))
-    assert (d["tile_size"], d["tile_size_asked"], d["windows"]) == (80, 4096, 1)
+    assert (d["tile_size"], d["tile_size_asked"], d["windows"], d["model_input"]) == (80, 4096, 1, [64, 80])
     assert describe_scene(src, source=ModelSource(identity_card(1, 3)))["tile_size_asked"] is None
     # smaller than the card's 64-px window: that window, as without --tile-size
     tiny = write_raster(tmp_path / "t.tif", np.ones((1, 20, 20), np.uint8))

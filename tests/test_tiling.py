@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rasterio.windows import Window
+
 from geoseg.errors import ParameterError
 from geoseg.tiling import axis_offsets, core_bounds, fit_tile, make_grid, spread_tiles
 
@@ -114,6 +116,25 @@ def test_a_window_larger_than_the_raster_shrinks_to_it(height: int, width: int, 
                                                                       for t in small.tiles()]
     if fitted[0] < tile:
         assert len(small) == 1 and fitted[0] % 16 == 0 and fitted[0] >= max(height, width)
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "floor", "shape"), [
+    (600, 3000, 3008, 128, (608, 3008)),  # a strip: padded along its short axis only
+    (600, 10000, 4096, 128, (608, 4096)),  # also where the long axis needs several windows
+    (20, 3000, 512, 128, (128, 512)),  # not below the model's window
+    (1, 5000, 512, 16, (16, 512)),
+    (512, 512, 512, 128, (512, 512)),
+    (3000, 3000, 512, 128, (512, 512)),
+])
+def test_an_axis_shorter_than_the_window_pads_to_its_length(height: int, width: int, tile: int, floor: int,
+                                                           shape: tuple[int, int]) -> None:
+    grid = make_grid(height, width, tile, 0, pad_floor=floor)
+    assert grid.model_shape == shape
+    assert make_grid(height, width, tile, 0).model_shape == (tile, tile)  # without pad_floor: as before
+    assert all(t.height <= shape[0] and t.width <= shape[1] for t in grid.tiles())
+    # a sub-grid (an AOI's windows) pads as the whole raster's grid does
+    sub, _ = grid.covering(Window(0, 0, min(width, 40), min(height, 40)))
+    assert sub.model_shape == shape
 
 
 def test_fit_tile_validates_as_make_grid() -> None:
