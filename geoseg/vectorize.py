@@ -781,8 +781,12 @@ def _measure(geoms: np.ndarray, crs: CRS, step: float | None = None) -> tuple[np
     # pyproj sums signed ring areas: exteriors counter-clockwise and holes clockwise, or a hole adds
     geoms = shapely.orient_polygons(geoms)
     geod = geodesic(crs)
-    res = [geod.geometry_area_perimeter(g) for g in geoms]
-    return np.abs(np.array([r[0] for r in res], dtype=np.float64)), np.array([r[1] for r in res], dtype=np.float64)
+    area = np.array([geod.geometry_area_perimeter(g)[0] for g in geoms], dtype=np.float64)
+    # pyproj's perimeter of a polygon is its exterior's only: the holes' boundaries count too (as
+    # shapely.length counts them on a projected grid)
+    perimeter = np.array([sum(geod.line_length(*np.asarray(r.coords).T[:2]) for r in shapely.get_rings(shapely.get_parts(g)))
+                          for g in geoms], dtype=np.float64)
+    return np.abs(area), perimeter
 
 
 def to_wgs84(geoms: np.ndarray, crs: CRS) -> np.ndarray:

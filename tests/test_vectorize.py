@@ -297,6 +297,23 @@ def test_geographic_area_is_geodesic(tmp_path: Path) -> None:
             assert area[ids == c].sum() == pytest.approx(((a == c) * row[:, None]).sum(), rel=1e-6), (block, c)
 
 
+def test_geographic_perimeter_counts_the_holes(tmp_path: Path) -> None:
+    """On a degree grid the perimeter was the exterior's only (pyproj's polygon perimeter): a block
+    with a hole had 60 % of its projected perimeter. It is the geodesic length of every ring, as a
+    local metric projection (UTM) measures it."""
+    pyproj = pytest.importorskip("pyproj")
+    a = np.ones((30, 30), dtype=np.uint16)
+    a[10:20, 10:20] = 2  # a hole in class 1
+    tr = rasterio.transform.from_origin(9.0, 0.3, 0.001, 0.001)  # near the equator, in UTM zone 32
+    path = write_mask(tmp_path / "hole.tif", a, crs="EPSG:4326", nodata=0, transform=tr, tags=False, colormap=False)
+    vec.vectorize_mask(path, tmp_path / "hole.gpkg", simplify=0)
+    _, _, geoms, (ids, _, _, perimeter, _) = pyogrio.raw.read(tmp_path / "hole.gpkg", layer="landcover")
+    to_utm = pyproj.Transformer.from_crs("EPSG:4326", "EPSG:32632", always_xy=True)
+    utm = shapely.transform(shapely.from_wkb(geoms), lambda xy: np.column_stack(to_utm.transform(xy[:, 0], xy[:, 1])))
+    np.testing.assert_allclose(perimeter, shapely.length(utm), rtol=2e-3)
+    assert perimeter[ids == 1][0] == pytest.approx(perimeter[ids == 2][0] * 4, rel=2e-3)  # 120 + 40 px edges vs 40
+
+
 def test_geographic_min_area_and_simplify_are_metric(tmp_path: Path) -> None:
     """On a degree grid --min-area is m² and --simplify m (degrees² are no area): converted with the
     geodesic pixel of the middle row, so an analyst's minimum mapping unit means the same everywhere."""
