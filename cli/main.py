@@ -164,6 +164,12 @@ def _setup_logging(verbosity: int) -> None:
     for noisy in ("rasterio", "distributed", "paddle", "pyogrio"):
         logging.getLogger(noisy).setLevel({1: logging.INFO}.get(verbosity, logging.DEBUG if verbosity > 1 else logging.WARNING))
     warnings.filterwarnings("ignore", message="No ccache found")
+    # rasterio says "Dataset has no geotransform, gcps, or rpcs. The identity matrix will be returned."
+    # each time a file without georeferencing is opened (4 times in one predict): geoseg says once, in
+    # its own words, what that means for the outputs (NoCRSWarning) or refuses what needs a CRS
+    import rasterio.errors
+
+    warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
     # Paddle's BatchNorm says this on every training forward pass; it is not about the user's run.
     warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
 

@@ -716,6 +716,10 @@ class ModelPlugin:
             import warnings
 
             warnings.filterwarnings("ignore", message="No ccache found")
+            # as the CLI: geoseg's own warning says what a scene without georeferencing gets
+            import rasterio.errors
+
+            warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
             # a run stopped by a signal cancels the scenes still running (one line each) and closes
             # the scheduler under a worker's heartbeat (a traceback): not for a cron job's stderr
             for name in ("distributed.worker.state_machine", "distributed.worker"):

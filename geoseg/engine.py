@@ -14,6 +14,7 @@ The pipeline is split so each part can be tested alone:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -60,7 +61,6 @@ from geoseg.io import (
     close_handles,
     add_area_counts,
     georeferencing,
-    ground_pixel_size_m,
     is_virtual,
     open_scene,
     pixel_areas,
@@ -956,7 +956,7 @@ def check_resolution(meta: SceneMeta, card: ModelCard, size: float | None = None
     looking but poor map. ``size``: the scene's ground pixel size in metres when the caller has
     it (else computed). Returns that size (None when unknown)."""
     if size is None:
-        size = ground_pixel_size_m(meta.crs, meta.transform, meta.height)
+        size = meta.ground_pixel_m()
     ratio = resolution_mismatch(size, card)
     if ratio is not None:
         span = f"{ratio:.1f} times as many pixels as" if ratio > 1 else f"{1 / ratio:.1f} times fewer pixels than"
@@ -1332,7 +1332,7 @@ def describe_scene(
     meta = open_scene(input_path)
     area = load_aoi(aoi, meta) if aoi is not None else None
     model: dict[str, Any] | None = None
-    ground = ground_pixel_size_m(meta.crs, meta.transform, meta.height)
+    ground = meta.ground_pixel_m()
     if source is not None:
         mc = source.card
         num_classes = num_classes or mc.num_classes
@@ -1387,7 +1387,9 @@ def describe_scene(
         "crs": meta.crs.to_string() if meta.crs else None,
         # unrectified scenes: how they are placed instead ('4 ground control points', 'RPCs')
         "georeferenced_by": "geotransform" if meta.crs else (georeferencing(meta) or None),
-        "pixel_size": list(meta.res),
+        # in the CRS's units; a scene placed by GCPs: of the transform fitted to them; None: not georeferenced
+        "pixel_size": list(meta.res) if meta.crs is not None else (
+            None if meta.gcp_transform() is None else list(dataclasses.replace(meta, transform=meta.gcp_transform()).res)),
         # a pixel's ground size in metres (geodesic in the middle row on a geographic CRS)
         "ground_pixel_m": None if ground is None else round(ground, 3),
         "transform": list(meta.transform)[:6],

@@ -104,8 +104,27 @@ class SceneMeta:
 
     @property
     def res(self) -> tuple[float, float]:
-        """Pixel size (x, y) in CRS units."""
-        return (abs(self.transform.a), abs(self.transform.e))
+        """Pixel size (x, y) in CRS units (the lengths of a pixel's sides: a rotated grid's too)."""
+        t = self.transform
+        return (math.hypot(t.a, t.d), math.hypot(t.b, t.e))
+
+    def ground_pixel_m(self) -> float | None:
+        """A pixel's ground size in metres (:func:`ground_pixel_size_m`); for a scene placed by
+        ground control points, of the affine transform that best fits them; None when unknown."""
+        if self.crs is not None:
+            return ground_pixel_size_m(self.crs, self.transform, self.height)
+        placed = self.gcp_transform()
+        return None if placed is None else ground_pixel_size_m(self.gcps[1], placed, self.height)
+
+    def gcp_transform(self) -> Any:
+        """The affine transform that best fits the scene's ground control points (in their CRS),
+        or None without GCPs (or with fewer than 3, or none in a known CRS)."""
+        if self.crs is not None or not self.gcps or not self.gcps[1] or len(self.gcps[0]) < 3:
+            return None
+        try:
+            return rasterio.transform.from_gcps(self.gcps[0])
+        except Exception:  # noqa: BLE001 - degenerate GCPs (all on a line): no estimate
+            return None
 
 
 _ARCHIVE = re.compile(r"^(/vsi(?:zip|tar|7z|rar|gzip))/(/.*?\.(?:zip|tar|tgz|tar\.gz|gz|7z|rar))(/.*)?$", re.IGNORECASE)

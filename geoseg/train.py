@@ -56,7 +56,7 @@ from geoseg.errors import (
     SceneReadError,
     require_paddle,
 )
-from geoseg.io import close_handles, ground_pixel_size_m, is_vector_path, open_scene, read_vector, read_window_gaps, scene_path
+from geoseg.io import close_handles, is_vector_path, open_scene, read_vector, read_window_gaps, scene_path
 from geoseg.metrics import ConfusionMatrix
 from geoseg.tiling import core_bounds, make_grid, spread_tiles
 
@@ -1471,8 +1471,7 @@ class Trainer:
         self.train_region = scenes[0]["train_region"]
         self.val_region = scenes[0]["val_region"]
         # the training pixels' ground size in metres (the card's pixel_size; a geometric mean over scenes)
-        sizes = [s for sc in scenes if (s := ground_pixel_size_m(sc["meta"].crs, sc["meta"].transform,
-                                                                 sc["meta"].height)) is not None]
+        sizes = [s for sc in scenes if (s := sc["meta"].ground_pixel_m()) is not None]
         self.pixel_size = round(float(np.exp(np.mean(np.log(sizes)))), 4) if sizes else None
 
         # Classes: from the config or the ids present in the training labels (of every scene).

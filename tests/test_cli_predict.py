@@ -53,6 +53,14 @@ def test_info_prints_what_predict_sees(runner: CliRunner, tmp_path: Path) -> Non
     assert res.exit_code == 0, res.output
     assert "resolution: the model learned from 28.5 m pixels: resample the scene" in res.output
     assert d["memory_estimate_mb"] > 500
+    # a rotated grid's pixel size is the length of a pixel's sides (it was the transform's a and e)
+    import math
+
+    from rasterio.transform import Affine
+
+    turned = rgb(tmp_path, "turned.tif", transform=Affine(24.68, -14.25, 500000, -14.25, -24.68, 4000000))
+    d = json.loads(runner.invoke(cli, ["info", str(turned), "--no-model", "--json"]).stdout)
+    assert d["pixel_size"] == pytest.approx([math.hypot(24.68, 14.25)] * 2) and d["ground_pixel_m"] == pytest.approx(28.5, abs=0.01)
 
 
 def test_info_memory_estimate_counts_ensemble_members(tmp_path: Path) -> None:
@@ -393,6 +401,17 @@ def test_no_crs_warns_and_writes(runner: CliRunner, tmp_path: Path, tiny_unet: t
     assert "no CRS" in res.stderr and "polygons are not written" in res.stderr
     with rasterio.open(tmp_path / "nocrs_landcover.tif") as ds:
         assert ds.crs is None
+    # no geotransform either: geoseg's two warnings, not rasterio's "no geotransform" at each opening
+    bare = tmp_path / "bare.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(bare, "w", driver="GTiff", width=60, height=50, count=3, dtype="uint8") as ds:
+            ds.write(np.random.default_rng(1).integers(20, 220, (3, 50, 60), dtype=np.uint8))
+    for args in (["predict", str(bare), "--weights", str(tiny_unet[0]), "--out", str(tmp_path)], ["info", str(bare)]):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 0, res.output
+        assert "geotransform, gcps" not in res.stderr, res.stderr
+    assert res.stderr.count("no CRS") == 0 and "unknown (no geotransform)" in res.stdout
 
 
 @pytest.mark.parametrize("by", ["gcps", "rpcs"])
@@ -419,6 +438,9 @@ def test_gcp_or_rpc_scene_mask_carries_them(runner: CliRunner, tmp_path: Path, t
     res = runner.invoke(cli, ["info", str(src), "--no-model"])
     assert res.exit_code == 0, res.output
     assert ("4 ground control points" if by == "gcps" else "RPCs") in res.stdout
+    # the pixel size of GCPs is fitted to them (it was the identity grid's "1 x 1"); RPCs: unknown
+    assert ("pixel size: about 30 x 30 (fitted to the ground control points) (about 30 m on the ground)" if by == "gcps"
+            else "pixel size: unknown (no geotransform)") in res.stdout
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path),
                               "--confidence", "uint8", "--probabilities", "uint8"])
     assert res.exit_code == 0, res.output
