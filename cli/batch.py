@@ -120,9 +120,9 @@ def batch(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--resources") from None
     quiet = ctx.obj.get("quiet", False)
-    opts = o.make_predict_options(
-        **predict_opts, progress=sys.stderr.isatty() and not quiet and not (scheduler or workers), threads=threads,
-    )
+    # a terminal gets a bar per scene, a log file a line a minute (not from Dask workers)
+    progress = False if quiet or scheduler or workers else True if sys.stderr.isatty() else "log"
+    opts = o.make_predict_options(**predict_opts, progress=progress, threads=threads)
     device, precision = predict_opts["device"], predict_opts["precision"]
     bm = BatchModel(model=model, weights=str(weights) if weights else None, card=str(card) if card else None,
                     device=device, precision=precision, threads=threads)

@@ -45,8 +45,8 @@ def predict(
     """
     from geoseg.engine import segment_scene
 
-    opts = o.make_predict_options(
-        **predict_opts, overwrite=overwrite, progress=sys.stderr.isatty() and not ctx.obj.get("quiet", False)
-    )
+    # a terminal gets a bar; a log file (cron, a batch queue) a line a minute
+    progress = False if ctx.obj.get("quiet", False) else True if sys.stderr.isatty() else "log"
+    opts = o.make_predict_options(**predict_opts, overwrite=overwrite, progress=progress)
     result = segment_scene(input, out, model=model, weights=weights, card=card, classes=classes, options=opts)
     click.echo(str(result.mask))

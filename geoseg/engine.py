@@ -383,7 +383,9 @@ class PredictOptions:
     probabilities: Confidence = "none"
     creation_options: dict[str, str] = field(default_factory=dict)
     overwrite: bool = False
-    progress: bool = False
+    #: True: a tqdm bar on stderr (a terminal); ``"log"``: a log line every :data:`PROGRESS_LOG_S`
+    #: seconds instead (a cron job's or a batch queue's log file, where a bar writes nothing useful).
+    progress: bool | Literal["log"] = False
     prefetch: int = 2
     read_workers: int = 2
     runtime: Literal["auto", "inference", "dygraph"] = "auto"
@@ -1130,7 +1132,8 @@ def segment_scene(
             if aoi is not None:
                 (r0, c0), (out_r0, out_c0) = meta.origin, out_meta.origin
                 sink = cropped(sink, out_r0 - r0, out_c0 - c0, out_meta.height, out_meta.width)
-            bar = _progress_bar(len(grid), input_path.name) if opts.progress else None
+            bar = (_ProgressLog(len(grid), input_path.name) if opts.progress == "log"
+                   else _progress_bar(len(grid), input_path.name) if opts.progress else None)
             try:
                 ran, skipped, model_s = run_grid(
                     meta, bands, grid, mc, predictor, sink, batch_size=batch_size, blend=opts.blend,
@@ -1215,6 +1218,34 @@ def _progress_bar(total: int, name: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=name, unit="win", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+#: Seconds between two progress lines of a run whose stderr is not a terminal (``progress="log"``).
+PROGRESS_LOG_S = 60.0
+
+
+class _ProgressLog:
+    """Progress as log lines, at most one per ``every`` seconds (the first after ``every``): for a
+    log file, where a tqdm bar printed nothing until the run ended (a long run looked hung)."""
+
+    def __init__(self, total: int, name: str, every: float | None = None) -> None:
+        self.total, self.name, self.done = total, name, 0
+        self.every = PROGRESS_LOG_S if every is None else every
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last < self.every or self.done >= self.total:
+            return
+        self.last = now
+        spent = now - self.t0
+        left = spent * (self.total - self.done) / max(self.done, 1)
+        log.info("%s: %d of %d windows (%d%%) in %.0f s, about %.0f s left", self.name, self.done, self.total,
+                 100 * self.done // max(self.total, 1), spent, left)
+
+    def close(self) -> None:
+        pass
 
 
 # ---- scene description (geoseg info) and memory --------------------------------------------

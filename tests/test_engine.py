@@ -636,6 +636,32 @@ def _recording(inner):  # type: ignore[no-untyped-def]
     return predict
 
 
+def test_progress_to_a_log_file_is_a_line_now_and_then(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where stderr is not a terminal (cron, a batch queue) the tqdm bar printed nothing until the run
+    ended: progress="log" says how far the run is and how long it may take, every PROGRESS_LOG_S."""
+    import dataclasses
+    import logging
+
+    import geoseg.engine as engine
+
+    src = write_raster(tmp_path / "s.tif", class_image(96, 96, 3, seed=1).astype(np.uint8) + 1, nodata=0)
+    opts = PredictOptions(tile_size=32, overlap=0, batch_size=1, vector="none", progress="log")
+    monkeypatch.setattr(engine, "PROGRESS_LOG_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="geoseg"):
+        segment_scene(src, tmp_path / "o", source=ModelSource(identity_card(1, 3)), predictor=one_hot_predictor(3, 1),
+                      options=opts)
+    lines = [r.getMessage() for r in caplog.records if "windows (" in r.getMessage() and "left" in r.getMessage()]
+    assert lines[0].startswith("s.tif: 1 of 9 windows (11%) in ") and lines[-1].startswith("s.tif: 8 of 9 windows (88%)")
+    assert len(lines) == 8  # not for the last window (the run's own closing line follows)
+    caplog.clear()
+    monkeypatch.setattr(engine, "PROGRESS_LOG_S", 3600.0)  # a run shorter than the interval: no line
+    with caplog.at_level(logging.INFO, logger="geoseg"):
+        segment_scene(src, tmp_path / "o", source=ModelSource(identity_card(1, 3)), predictor=one_hot_predictor(3, 1),
+                      options=dataclasses.replace(opts, overwrite=True))
+    assert not [r for r in caplog.records if "left" in r.getMessage()]
+
+
 def test_a_strip_is_padded_only_along_its_short_axis(tmp_path: Path) -> None:
     """A 600 x 3,000 strip in 4,096-px windows ran 3,008² model inputs (10 GB, 5x the pixels): an
     axis shorter than the window pads only to its own length (not below the card's window), also
