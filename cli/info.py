@@ -68,9 +68,15 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
             if m["input_z"]:
                 from geoseg.engine import INPUT_RANGE_Z
 
-                worst = max(abs(v) for v in m["input_z"].values())
-                verdict = "" if worst <= INPUT_RANGE_Z else ": not on the scale it learned, its map may be meaningless"
-                rows.append(("values", f"bands average within {worst:.1f} standard deviations of its training data{verdict}"))
+                z = m["input_z"]
+                off = {k: v for k, v in z.items() if abs(v) > INPUT_RANGE_Z}
+                if not off:
+                    worst = max(abs(v) for v in z.values())
+                    rows.append(("values", f"bands average within {worst:.1f} standard deviations of its training data"))
+                else:
+                    rows.append(("values", f"{len(off)} of {len(z)} bands average more than {INPUT_RANGE_Z:g} standard "
+                                           f"deviations from its training data ({', '.join(f'{k} {v:+.0f}' for k, v in off.items())}): "
+                                           "not on the scale it learned, its map may be meaningless"))
         if m["pixel_size"] and d["ground_pixel_m"]:
             verdict = ": resample the scene, its map may be poor" if m["resolution_mismatch"] else ""
             rows.append(("resolution", f"the model learned from {m['pixel_size']:.3g} m pixels{verdict}"))

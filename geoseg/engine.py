@@ -540,8 +540,15 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
         else:
             hint = f": pass --bands to pick {card.in_channels} of them in the order {', '.join(card.bands)}"
         raise SceneError(
-            f"{meta.path.name} gives {len(chosen)} bands but model {card.name!r} expects {card.in_channels}{hint}"
+            f"{meta.path.name} gives {len(chosen)} band{'s' if len(chosen) != 1 else ''} but model {card.name!r} "
+            f"expects {card.in_channels}{hint}"
         )
+    twice = sorted({b for b in chosen if chosen.count(b) > 1})
+    if twice:  # allowed (a stand-in for a band the scene lacks), but rarely meant
+        warnings.warn(f"--bands {','.join(map(str, chosen))}: band{'s' if len(twice) > 1 else ''} "
+                      f"{', '.join(map(str, twice))} feed{'' if len(twice) > 1 else 's'} the model twice (as "
+                      f"{', '.join(card.bands[k] for k, b in enumerate(chosen) if b in twice)}): check --bands",
+                      InputRangeWarning, stacklevel=3)
     return chosen
 
 
@@ -923,15 +930,27 @@ def check_input_range(meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, 
     if not count.any():
         return None
     seen = [i for i in range(len(bands)) if count[i]]
-    worst = max(seen, key=lambda i: abs(total[i] / count[i]))
-    z_worst = total[worst] / count[worst]
-    if abs(z_worst) > INPUT_RANGE_Z:
+    z = {i: total[i] / count[i] for i in seen}
+    off = [i for i in seen if abs(z[i]) > INPUT_RANGE_Z]
+    if len(off) == 1:
+        i = off[0]
         warnings.warn(
-            f"{meta.path.name}: band {bands[worst]} averages {z_worst:+.0f} standard deviations from what {card.name} "
-            f"was trained on as {card.bands[worst]}: the scene's values are not on the scale the model learned (units, "
+            f"{meta.path.name}: band {bands[i]} averages {z[i]:+.0f} standard deviations from what {card.name} "
+            f"was trained on as {card.bands[i]}: the scene's values are not on the scale the model learned (units, "
             "scaling or band order?), and its map may be meaningless; check --bands and the data" + _scaling_hint(meta, bands, card),
             InputRangeWarning, stacklevel=3)
-    return {card.bands[i]: float(total[i] / count[i]) for i in seen}
+    elif off:
+        # several bands: name them all (one band named read as a band-order problem when all were off)
+        lo, hi = min(z[i] for i in off), max(z[i] for i in off)
+        spread = f"{lo:+.0f}" if round(lo) == round(hi) else f"{lo:+.0f} to {hi:+.0f}"
+        cause = "units or scaling" if len(off) == len(seen) else "units, scaling or band order"
+        warnings.warn(
+            f"{meta.path.name}: {'all ' if len(off) == len(seen) else ''}{len(off)} bands "
+            f"({', '.join(f'{bands[i]} as {card.bands[i]}' for i in off)}) average {spread} standard deviations from "
+            f"what {card.name} was trained on: the scene's values are not on the scale the model learned ({cause}?), "
+            "and its map may be meaningless; check --bands and the data" + _scaling_hint(meta, bands, card),
+            InputRangeWarning, stacklevel=3)
+    return {card.bands[i]: float(z[i]) for i in seen}
 
 
 def _scaling_hint(meta: SceneMeta, bands: tuple[int, ...], card: ModelCard) -> str:

@@ -113,6 +113,17 @@ def test_info_uses_the_model_predict_would_run(runner: CliRunner, tmp_path: Path
     assert "reads bands 1->" in res.stdout and "of 32 px, overlap 0" in res.stdout
     res = runner.invoke(cli, ["info", str(src), "--model", "segformer"])
     assert_one_line_error(res, "unknown model", "segformer")
+    # a band given twice is allowed but said; too few bands: one band, not "1 bands"
+    res = runner.invoke(cli, ["info", str(src), "--weights", str(tiny_unet[0]), "--bands", "3,3,1"])
+    assert res.exit_code == 0 and "band 3 feeds the model twice" in res.stderr, res.output
+    res = runner.invoke(cli, ["info", str(src), "--weights", str(tiny_unet[0]), "--bands", "2"])
+    assert "gives 1 band but" in res.stdout, res.output
+    # values far from the training data: the bands that are, each with its distance
+    hot = write_raster(tmp_path / "hot.tif", np.ones((3, 40, 40), np.float32) * np.array([900, 900, 0.5], np.float32)[:, None, None])
+    d = json.loads(runner.invoke(cli, ["info", str(hot), "--weights", str(tiny_unet[0]), "--json"]).stdout)
+    res = runner.invoke(cli, ["info", str(hot), "--weights", str(tiny_unet[0])])
+    off = [k for k, v in d["model"]["input_z"].items() if abs(v) > 3]
+    assert off and f"{len(off)} of 3 bands average more than 3 standard deviations" in res.stdout, res.stdout
 
 
 def test_predict_writes_mask_and_prints_its_path(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:

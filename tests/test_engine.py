@@ -611,6 +611,13 @@ def test_values_far_from_the_training_data_warn_once_and_the_map_is_still_writte
         check_input_range(open_scene(tmp_path / "scaled.tif"), (1, 2), card)
     with pytest.warns(InputRangeWarning):
         means = check_input_range(open_scene(tmp_path / "far.tif"), (1, 2), card)
+    # every band far off: all are named, and the cause is scaling, not the band order (one band
+    # was named, the one farthest off, which read as a band-order problem)
+    both = ok + np.array([2 * INPUT_RANGE_Z, 4 * INPUT_RANGE_Z], np.float32)[:, None, None]
+    with pytest.warns(InputRangeWarning, match=r"all 2 bands \(1 as b0, 2 as b1\) average \+\d+ to \+\d+ standard "
+                                               r"deviations .*\(units or scaling\?\)") as rec:
+        check_input_range(open_scene(write_raster(tmp_path / "both.tif", both)), (1, 2), card)
+    assert len([w for w in rec if issubclass(w.category, InputRangeWarning)]) == 1
     assert means is not None and abs(means["b0"]) < 0.5 and 3 * INPUT_RANGE_Z - 0.5 < means["b1"] < 3 * INPUT_RANGE_Z + 0.5
 
     # Nodata pixels (here a huge fill value over two thirds of the scene) are not measurements.
