@@ -488,6 +488,8 @@ def output_paths(input_path: Path, out: str | Path | None) -> tuple[Path, Path]:
             elif out.suffix.lower() in VECTOR_EXTENSIONS.values():
                 raise ParameterError(f"--out {out}: give a folder or the mask's .tif name; the polygons are written "
                                      f"beside the mask (their format: --vector {out.suffix.lower()[1:]})")
+            elif out.suffix.lower() in RASTER_SUFFIXES:
+                raise ParameterError(f"--out {out}: the mask is a GeoTIFF: give its .tif name or a folder")
             else:
                 if not out.parent.exists() and str(out.parent) not in ("", "."):
                     raise ParameterError(f"output folder {out.parent} does not exist: create it first")
@@ -506,6 +508,8 @@ def companion_path(mask: Path, kind: str) -> Path:
 
 
 VECTOR_EXTENSIONS = {"gpkg": ".gpkg", "geojson": ".geojson", "fgb": ".fgb"}
+#: Names of other raster/image files, refused as --out (they became folders of that name).
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".jp2", ".img", ".vrt", ".nc", ".bmp", ".gif", ".webp", ".cog", ".gtiff")
 
 
 def vector_output_path(mask_path: Path, vector: str) -> Path | None:
@@ -1014,8 +1018,34 @@ def segment_scene(
 
     Give either ``source`` (or ``model``/``weights``/``card`` to resolve one) or a ready
     ``predictor`` together with ``source`` for its card. All checks (input, bands, tile
-    parameters, output paths) run before any window is read. Outputs appear atomically.
+    parameters, output paths) run before any window is read. Outputs appear atomically; an
+    output folder this call created is removed again when the run fails before writing into it.
     """
+    new_folder = None
+    if out is not None and Path(out).suffix.lower() not in (".tif", ".tiff") and not Path(out).exists():
+        new_folder = Path(out)
+    try:
+        return _segment_scene(input_path, out, source=source, model=model, weights=weights, card=card, classes=classes,
+                              predictor=predictor, options=options)
+    except BaseException:
+        if new_folder is not None:
+            with contextlib.suppress(OSError):
+                new_folder.rmdir()  # only when empty: a failed run leaves no empty --out behind
+        raise
+
+
+def _segment_scene(
+    input_path: str | Path,
+    out: str | Path | None,
+    *,
+    source: ModelSource | None,
+    model: str | Path | None,
+    weights: str | Path | None,
+    card: str | Path | None,
+    classes: Any,
+    predictor: Predictor | None,
+    options: PredictOptions | None,
+) -> PredictResult:
     opts = options or PredictOptions()
     t_start = time.perf_counter()
     input_path = scene_path(input_path)

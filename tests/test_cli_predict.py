@@ -601,6 +601,37 @@ def test_unwritable_output(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[P
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "x.geojson")])
     assert_one_line_error(res, "x.geojson: give a folder or the mask's .tif name", "--vector geojson")
     assert (tmp_path / "afile").read_text() == "keep" and not (tmp_path / "x.geojson").exists()
+    # nor another image format's name (mask.png became a folder holding the mask)
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "mask.png")])
+    assert_one_line_error(res, "mask.png: the mask is a GeoTIFF: give its .tif name or a folder")
+    assert not (tmp_path / "mask.png").exists()
+
+
+def test_a_failed_run_leaves_no_output_folder_it_created(runner: CliRunner, tmp_path: Path,
+                                                         tiny_unet: tuple[Path, Path]) -> None:
+    """--out names a folder predict creates; a run refused after that (a bad --co, a scene unreadable
+    halfway) removed its outputs but left the empty folder."""
+    src = rgb(tmp_path, h=300, w=300)
+    for name, args in (("co", ["--co", "FOO=BAR"]), ("tile", ["--tile-size", "50"])):
+        out = tmp_path / name
+        res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(out), *args])
+        assert res.exit_code == 1 and not out.exists(), (name, res.output)
+    with rasterio.open(src) as s:  # compressed blocks, the second half garbled: the read fails halfway
+        profile = {**s.profile, "compress": "deflate", "tiled": True, "blockxsize": 64, "blockysize": 64}
+        data = s.read()
+    bad = tmp_path / "bad.tif"
+    with rasterio.open(bad, "w", **profile) as d:
+        d.write(data)
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2:] = b"\x17" * (len(raw) - len(raw) // 2)
+    bad.write_bytes(bytes(raw))
+    out = tmp_path / "halfway"
+    res = runner.invoke(cli, ["predict", str(bad), "--weights", str(tiny_unet[0]), "--out", str(out)])
+    assert res.exit_code == 1 and not out.exists(), res.output
+    # a folder that existed stays, and so does one holding anything
+    out.mkdir()
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(out), "--co", "FOO=BAR"])
+    assert res.exit_code == 1 and out.is_dir()
 
 
 def test_existing_output_without_overwrite(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:

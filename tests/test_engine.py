@@ -206,6 +206,12 @@ def test_failure_mid_run_leaves_no_output(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         segment_scene(src, out, source=ModelSource(identity_card(1, 2)), predictor=flaky,
                       options=PredictOptions(confidence="float32"))
+    assert not out.exists()  # the folder it created, empty again, is removed too
+    out.mkdir()
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="boom"):
+        segment_scene(src, out, source=ModelSource(identity_card(1, 2)), predictor=flaky,
+                      options=PredictOptions(confidence="float32"))
     assert list(out.iterdir()) == []
 
 
@@ -226,6 +232,7 @@ def test_a_full_disk_is_said_in_one_line_and_leaves_nothing(tmp_path: Path, monk
 
     monkeypatch.setattr(rasterio.io.DatasetWriter, "write", failing_write)
     out = tmp_path / "out"
+    out.mkdir()  # (a folder predict creates is removed again: see test_failure_mid_run_leaves_no_output)
     kw = dict(source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2),
               options=PredictOptions(confidence="uint8"))
     monkeypatch.setattr(A.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
