@@ -1034,13 +1034,10 @@ def _write_mosaic(out: Path, manifest: Manifest, classes: Any) -> None:
 
     masks = [out / o["path"] for e in manifest.entries() if e.status == "done" for o in e.outputs
              if o["path"].endswith("_landcover.tif")]
-    try:
-        written = write_mosaics(out, [m for m in masks if m.exists()], classes, state_dir=out / STATE_DIR)
+    try:  # (it logs what it wrote, and which masks it left out)
+        write_mosaics(out, [m for m in masks if m.exists()], classes, state_dir=out / STATE_DIR)
     except (OSError, rasterio.errors.RasterioError, ValueError) as exc:
         log.warning("warning: the mosaic of the masks was not written: %s", str(exc).splitlines()[0])
-        return
-    if written:
-        log.info("mosaic of %d mask(s): %s", len(masks), ", ".join(p.name for p in written if p.suffix == ".vrt"))
 
 
 def write_report(result: BatchResult, path: str | Path) -> Path:

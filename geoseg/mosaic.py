@@ -58,6 +58,16 @@ def _grid_key(ds: Any) -> tuple[str, float, float, tuple[int, int]] | None:
     return ds.crs.to_wkt(), round(t.a, 9), round(-t.e, 9), phase
 
 
+def _why_not(ds: Any) -> str:
+    """Why a mask whose :func:`_grid_key` is None cannot be laid into a VRT."""
+    t = ds.transform
+    if ds.crs is None:
+        return "GCPs" if ds.gcps[0] else "no CRS"
+    if t.b != 0 or t.d != 0:
+        return "rotated grid"
+    return "north-down grid" if t.e > 0 else "right-to-left grid"
+
+
 def _classes_key(classes: Sequence[ClassInfo]) -> str:
     return json.dumps([[c.id, c.name, list(c.color)] for c in classes])
 
@@ -156,7 +166,7 @@ def write_mosaics(out_dir: str | Path, masks: Sequence[str | Path], classes: Seq
             handles.append(ds)
             key = _grid_key(ds)
             if key is None:
-                left_out.append(Path(m).name)
+                left_out.append(f"{Path(m).name} ({_why_not(ds)})")
                 continue
             table = read_classes(ds) or list(classes)  # the mask's own class table (its palette and names)
             ck = _classes_key(table)
@@ -171,8 +181,11 @@ def write_mosaics(out_dir: str | Path, masks: Sequence[str | Path], classes: Seq
         for ds in handles:
             ds.close()
     if left_out:
-        log.warning("warning: %d mask(s) not in the mosaic (no CRS, GCPs or a rotated grid): %s",
+        log.warning("warning: %d mask(s) not in the mosaic (a VRT takes north-up map grids only): %s",
                     len(left_out), ", ".join(left_out[:5]) + (" ..." if len(left_out) > 5 else ""))
+    if written:
+        log.info("mosaic of %d mask(s): %s", sum(len(v) for v in groups.values()),
+                 ", ".join(p.name for p in written if p.suffix == ".vrt"))
     if state_dir is not None:
         state = Path(state_dir) / _STATE
         try:

@@ -690,6 +690,34 @@ def test_mosaic_keeps_masks_of_different_class_tables_apart(tmp_path: Path) -> N
         assert [k.name for k in read_classes(v)] == [n for _, n in SEVEN]
 
 
+def test_mosaic_says_how_many_masks_it_holds_and_why_it_left_some_out(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The log said "mosaic of 14 mask(s)" for 8 and called a north-down mask "no CRS, GCPs or a
+    rotated grid": it counts the masks in the VRTs and names each left-out mask's reason."""
+    import logging
+
+    from rasterio.transform import Affine
+
+    from geoseg.mosaic import write_mosaics
+
+    out = tmp_path / "out"
+    out.mkdir()
+    a = _mask(out / "a_landcover.tif", SEVEN)
+    b = _mask(out / "b_landcover.tif", SEVEN, x0=500300.0)
+    down = _mask(out / "down_landcover.tif", SEVEN)
+    with rasterio.open(down, "r+") as ds:
+        ds.transform = Affine(10.0, 0, 500000.0, 0, 10.0, 4800000.0)
+    turned = _mask(out / "turned_landcover.tif", SEVEN)
+    with rasterio.open(turned, "r+") as ds:
+        ds.transform = Affine(8.0, 6.0, 500000.0, 6.0, -8.0, 4800000.0)
+    bare = _mask(out / "bare_landcover.tif", SEVEN, crs=None)
+    with caplog.at_level(logging.INFO, logger="geoseg"):
+        assert [p.name for p in write_mosaics(out, [a, b, down, turned, bare], [])] == ["landcover.vrt", "landcover.qml"]
+    assert "mosaic of 2 mask(s): landcover.vrt" in caplog.text
+    assert ("3 mask(s) not in the mosaic (a VRT takes north-up map grids only): down_landcover.tif (north-down grid), "
+            "turned_landcover.tif (rotated grid), bare_landcover.tif (no CRS)") in caplog.text
+
+
 def test_mosaic_keeps_masks_on_unaligned_grids_apart(tmp_path: Path) -> None:
     from geoseg.mosaic import write_mosaics
 
