@@ -599,6 +599,10 @@ class COGWriter:
             _remove(self._staging)
             raise write_error(self.path, exc) from None
         co = {k: v for k, v in self.profile.items() if k not in {"driver", "dtype", "nodata"}}
+        if min(self.grid.width, self.grid.height) < 2:
+            # a raster one pixel wide (or high) cannot be halved along that axis: GDAL wrote overviews
+            # as wide as the raster (decimation 1), which COG validators refuse
+            co["OVERVIEWS"] = "NONE"
         try:
             with atomic_output(self.path, self.overwrite) as tmp:
                 with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):

@@ -181,6 +181,16 @@ def test_mask_is_a_valid_cog_with_palette_names_and_style(tmp_path: Path) -> Non
     assert "<Category>name 4</Category>" in aux
     qml = res.style.read_text()
     assert qml.count("<paletteEntry") == 3 and 'label="name 6"' in qml and "#3c141e" in qml
+    # a scene one pixel wide (or high): no overviews (GDAL made them as wide as the raster, decimation
+    # 1, an error to COG validators; it halves both axes or none), so mask, confidence and probabilities
+    # are valid COGs
+    for shape in ((1, 5000), (5000, 1), (2, 3000)):
+        thin = write_raster(tmp_path / f"thin{shape}.tif", np.ones((1, *shape), np.uint8))
+        res = segment_scene(thin, tmp_path, source=ModelSource(card), predictor=one_hot_predictor(3),
+                            options=PredictOptions(confidence="uint8", probabilities="float32", vector="none"))
+        for path in (res.mask, res.confidence, res.probabilities):
+            valid, errors, _ = cog_validate(str(path))  # (a warning remains: no overviews for its length)
+            assert valid and not errors, (shape, path.name, errors)
 
 
 def test_no_crs_warns_and_keeps_the_grid(tmp_path: Path) -> None:
