@@ -134,9 +134,23 @@ def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
 
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         return
+    previous = signal.getsignal(signal.SIGTERM)
     if ctx.invoked_subcommand in _PADDLE_COMMANDS and not {"-h", "--help"} & set(ctx.args):
-        _import_paddle_first()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        # SIGTERM is held back while paddle loads (about a second): paddle's own handler, installed
+        # during the import, printed a C++ "FatalError" dump and died by the signal, and a few
+        # signals at that moment hung the process for good. Threads paddle starts inherit the block;
+        # once geoseg's handler is set, a signal held back is delivered to it (a clean exit 143).
+        block = hasattr(signal, "pthread_sigmask")
+        if block:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            _import_paddle_first()
+        finally:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+            if block:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    else:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
@@ -189,6 +203,11 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     """
     verbosity = verbose - quiet
     _setup_logging(verbosity)
+    try:
+        os.getcwd()
+    except OSError:  # paddle's import then failed with "partially initialized module 'paddle'"
+        raise GeosegClickError("the current folder no longer exists (it was deleted or moved): cd into an existing "
+                               "folder first (in a cron job: cd /some/folder && geoseg ...)", EXIT_FAILURE) from None
     _stop_cleanly_on_sigterm(ctx)
     ctx.ensure_object(dict)
     ctx.obj["verbosity"] = verbosity

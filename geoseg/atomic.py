@@ -1,16 +1,21 @@
 """Atomic publication of outputs: write to a temp name in the destination folder, then rename.
 
-A killed run leaves at most a ``.<name>.<random>.tmp`` file behind (never a truncated
-output under the real name); :func:`clean_temp_files` removes such leftovers.
+A killed run leaves at most a ``.geoseg-<name>.<host>-<pid>-<random>.tmp`` file behind (never a
+truncated output under the real name); :func:`clean_temp_files` removes such leftovers of
+processes that are gone, never those of a live run writing into the same folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import re
 import secrets
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,10 +86,53 @@ def write_error(path: str | Path, exc: BaseException) -> OutputError:
     return OutputError(f"cannot write {path}: {exc}")
 
 
+def _host_tag() -> str:
+    """8 hex digits naming this machine in temp names (a folder may be shared over NFS)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def temp_name(path: str | Path) -> Path:
-    """A fresh temp file name next to ``path`` (same folder, so the rename is atomic)."""
+    """A fresh temp file name next to ``path`` (same folder, so the rename is atomic), naming the
+    writing process (host and pid) so that a cleanup can tell a dead run's leftover from a live
+    run's file (see :func:`clean_temp_files`)."""
     path = Path(path)
-    return path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+#: The writer in a temp name of :func:`temp_name` (and names derived from it: ``.staging.tif``, ...).
+_OWNER = re.compile(r"\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.")
+#: A temp file of another machine's writer (a folder shared over NFS) counts as left over once it is
+#: this old (seconds): no write keeps a file unchanged this long.
+STALE_TEMP_S = 24 * 3600.0
+
+
+def is_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def is_leftover(path: Path, now: float | None = None) -> bool:
+    """Whether the geoseg temp file ``path`` was left by a run that is gone: its writer (named in it)
+    is not running on this machine; a writer on another machine: the file is older than
+    :data:`STALE_TEMP_S`; no writer named (geoseg before 2026-11-30): yes, as then."""
+    m = _OWNER.search(path.name)
+    if m is None:
+        return True
+    if m["host"] == _host_tag():
+        return not is_alive(int(m["pid"]))
+    try:
+        age = (time.time() if now is None else now) - path.lstat().st_mtime
+    except OSError:
+        return False
+    return age > STALE_TEMP_S
 
 
 @contextlib.contextmanager
@@ -115,21 +163,31 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Pa
     return Path(path)
 
 
-def clean_temp_files(folder: str | Path) -> list[Path]:
-    """Delete geoseg temp and staging files left under ``folder`` (recursive) by killed runs.
+def clean_temp_files(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Delete geoseg temp and staging files left in ``folder`` (and below, if ``recursive``) by
+    runs that were killed.
 
-    These names belong to geoseg's writers only (``.geoseg-<name>.<hex>.tmp…`` and
-    ``.geoseg-<name>.<hex>.staging.tif…``). Call it only when no other geoseg run writes to
-    ``folder`` (``geoseg batch`` does it while holding its lock). Returns what was removed.
+    These names belong to geoseg's writers only (``.geoseg-<name>.<host>-<pid>-<hex>.tmp…`` and
+    ``….staging.tif…``). A file whose writer still runs on this machine is kept (it was deleted: a
+    batch starting on a folder killed a predict or another batch writing below it); see
+    :func:`is_leftover`. Returns what was removed.
     """
     removed = []
-    for dirpath, _, filenames in os.walk(folder):
+    now = time.time()
+    for dirpath, _, filenames in os.walk(folder) if recursive else [(str(folder), [], _files(folder))]:
         for name in filenames:
             if name.startswith(TMP_PREFIX) and (TMP_SUFFIX in name or ".staging" in name):
                 p = Path(dirpath) / name
-                _unlink(p)
-                removed.append(p)
+                if is_leftover(p, now):
+                    _unlink(p)
+                    removed.append(p)
     return removed
+
+
+def _files(folder: str | Path) -> list[str]:
+    with contextlib.suppress(OSError):
+        return [e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False)]
+    return []
 
 
 def _unlink(p: Path) -> None:

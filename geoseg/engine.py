@@ -35,7 +35,7 @@ import rasterio
 from rasterio.windows import Window
 
 from geoseg.aoi import load_aoi
-from geoseg.atomic import check_output
+from geoseg.atomic import check_output, clean_temp_files
 from geoseg.blending import BlendMode, StripMerger
 from geoseg.card import ModelCard
 from geoseg.errors import (
@@ -276,12 +276,34 @@ def exported_for_inference(source: ModelSource) -> Path:
         return _export_into(fallback, layer, source)
 
 
+def _remove_dead_exports(folder: Path) -> None:
+    """Remove unfinished exports (``.<key>.<pid>.<thread>.tmp``) of processes no longer running: a
+    killed first run left one in the cache for good. Only those older than
+    :data:`DEAD_EXPORT_S` (the pid is this machine's; a cache shared by machines may hold another's
+    export in progress, which takes seconds)."""
+    import shutil
+
+    from geoseg.atomic import is_alive
+
+    with contextlib.suppress(OSError):
+        for d in folder.iterdir():
+            parts = d.name.split(".")
+            if d.name.startswith(".") and d.name.endswith(".tmp") and len(parts) == 5 and parts[2].isdigit() \
+                    and not is_alive(int(parts[2])) and time.time() - d.stat().st_mtime > DEAD_EXPORT_S:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+#: Age (seconds) from which an unfinished export of a dead process is removed from the cache.
+DEAD_EXPORT_S = 600.0
+
+
 def _export_into(target: Path, layer: Any, source: ModelSource) -> Path:
     """Export ``layer`` (ending in a softmax) into ``target`` atomically (see :func:`exported_for_inference`)."""
     from geoseg.exported import with_output_op
     from geoseg.models.inference import export_model
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_exports(target.parent)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     log.debug("exporting %s for Paddle Inference into %s", source.label, target)
     try:
@@ -1075,6 +1097,9 @@ def _segment_scene(
     if mask_path.resolve() == input_path.resolve():
         raise ParameterError(f"output {mask_path} is the input: choose another --out")
     check_output(mask_path, opts.overwrite)
+    removed = clean_temp_files(mask_path.parent, recursive=False)  # a killed run's (never a live one's)
+    if removed:
+        log.info("removed %d temp file(s) of killed runs in %s", len(removed), mask_path.parent)
     if opts.confidence != "none":
         check_output(conf_path, opts.overwrite)
     prob_path = companion_path(mask_path, "probabilities")
@@ -1193,8 +1218,25 @@ def _segment_scene(
                     bar.close()
             class_pixels = {c.name: int(counts[c.id]) for c in mc.classes}
             mask_w.update_tags(GEOSEG_CLASS_PIXELS=json.dumps(class_pixels))  # the mask's own class statistics
+
+            def drop_old_set() -> None:
+                # --overwrite: the outputs are published one by one, so a run stopped among them left
+                # the new mask beside the old run's confidence, polygons, .aux.xml: a set that did not
+                # belong together, and nothing said so. The old files this run rewrites go just before
+                # its first output lands: a stop then leaves part of the new set, never a mix.
+                old = [mask_path.with_suffix(".qml"), Path(f"{mask_path}.aux.xml")]
+                if opts.confidence != "none":
+                    old += [conf_path, conf_path.with_suffix(".qml")]
+                if opts.probabilities != "none":
+                    old += [prob_path, prob_path.with_suffix(".qml")]
+                if vector_path is not None:
+                    old.append(vector_path)
+                for p in old:
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+
             for w in writers:
-                w.close()
+                w.close(before_publish=drop_old_set if w is mask_w and opts.overwrite else None)
         except BaseException:
             for w in writers:
                 w.abort()

@@ -16,7 +16,7 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -588,8 +588,9 @@ class COGWriter:
         except (rasterio.errors.RasterioError, OSError) as exc:
             raise write_error(self.path, exc) from None
 
-    def close(self) -> Path:
-        """Convert the staging file to a COG and publish it; return the final path."""
+    def close(self, before_publish: Callable[[], None] | None = None) -> Path:
+        """Convert the staging file to a COG and publish it; return the final path.
+        ``before_publish`` runs when the COG is complete, just before it is renamed into place."""
         if self._closed:
             return self.path
         self._closed = True
@@ -607,6 +608,8 @@ class COGWriter:
             with atomic_output(self.path, self.overwrite) as tmp:
                 with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):
                     rasterio.shutil.copy(self._staging, tmp, driver="COG", **co)
+                if before_publish is not None:
+                    before_publish()
         except (rasterio.errors.RasterioError, OSError) as exc:
             if isinstance(exc, OutputError):
                 raise

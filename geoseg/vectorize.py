@@ -767,6 +767,15 @@ def _polygonize_strips(
 # Output
 
 
+def _clean_leftovers(folder: Path) -> None:
+    """Remove temp files killed runs left in ``folder`` (never a live run's; see geoseg.atomic)."""
+    from geoseg.atomic import clean_temp_files
+
+    removed = clean_temp_files(folder if str(folder) else Path("."), recursive=False)
+    if removed:
+        log.info("removed %d temp file(s) of killed runs in %s", len(removed), folder)
+
+
 def _measure(geoms: np.ndarray, crs: CRS, step: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Area and perimeter of map-coordinate polygons (geodesic m²/m for geographic CRSs).
 
@@ -965,6 +974,7 @@ def vectorize_mask(
     if out_path.resolve() == mask_path.resolve():
         raise ParameterError(f"output {out_path} is the input mask: choose another --out")
     check_output(out_path, overwrite)
+    _clean_leftovers(out_path.parent)
     min_px, simplify = vector_settings(min_area, min_pixels, simplify, info.pixel_area, (info.height, info.width))
     class_map = dict(info.classes)
     if classes is not None:

@@ -871,3 +871,44 @@ def test_an_edited_aoi_file_is_read_again(tmp_path: Path) -> None:
 
     assert load_aoi(write(500200.0), meta).window.width == 20
     assert load_aoi(write(500500.0), meta).window.width == 50  # same name and size, new content
+
+
+def test_sigterm_while_paddle_loads_stops_cleanly(tmp_path: Path) -> None:
+    """SIGTERM in the second paddle takes to import met paddle's own handler, installed by the import:
+    a C++ "FatalError" dump, death by the signal, and now and then a hang. It is held back until
+    geoseg's handler is set: exit 143 with geoseg's line. (Paddle's handler is played by one that
+    exits 99, the signal sent from inside the import.)"""
+    import subprocess
+
+    script = """
+import os, signal, sys, time
+import geoseg_cli.main as m
+def loading_paddle():
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(99))  # as paddle's import installs its own
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.3)
+m._import_paddle_first = loading_paddle
+m.cli(["predict", sys.argv[1], "--model", "unet"])
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "none.tif")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr)
+    assert "terminated (SIGTERM)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_deleted_working_folder_is_said_in_one_line(tmp_path: Path) -> None:
+    """A cron job whose folder was removed: paddle's import failed with "partially initialized module
+    'paddle' has no attribute 'tensor'", even for absolute paths."""
+    import shutil
+    import subprocess
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = f"import os, sys; os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); " \
+             "import geoseg_cli.main as m; m.cli(['info', sys.argv[1]])"
+    src = rgb(tmp_path)
+    exe = shutil.which("python") or sys.executable
+    proc = subprocess.run([exe, "-c", script, str(src)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "the current folder no longer exists" in lines[0] and "cd " in lines[0], proc.stderr

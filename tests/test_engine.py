@@ -225,6 +225,46 @@ def test_failure_mid_run_leaves_no_output(tmp_path: Path) -> None:
     assert list(out.iterdir()) == []
 
 
+def test_an_overwrite_stopped_among_its_outputs_leaves_no_mixed_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--overwrite publishes the outputs one by one: a run stopped right after its mask landed left it
+    beside the old run's confidence, polygons and .aux.xml (a set that did not belong together). The
+    old files it rewrites go just before its mask lands: a stop leaves part of the new set only."""
+    from geoseg.io import COGWriter
+
+    src = write_raster(tmp_path / "s.tif", class_image(64, 64, 2, seed=3)[None].astype(np.uint8),
+                       crs="EPSG:32633")
+    out = tmp_path / "out"
+    out.mkdir()
+    kw = dict(source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
+    first = segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg"))
+    old = {p.name for p in first.outputs}
+    assert {"s_confidence.tif", "s_landcover.gpkg", "s_landcover.tif.aux.xml"} <= old
+    mask_mtime = first.mask.stat().st_mtime_ns
+    close = COGWriter.close
+
+    def stop_after_the_mask(self, before_publish=None):  # type: ignore[no-untyped-def]
+        if self.path.name == "s_confidence.tif":
+            raise KeyboardInterrupt  # (SIGTERM arrives as one)
+        return close(self, before_publish)
+
+    monkeypatch.setattr(COGWriter, "close", stop_after_the_mask)
+    with pytest.raises(KeyboardInterrupt):
+        segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg", overwrite=True))
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["s_landcover.tif"] and first.mask.stat().st_mtime_ns != mask_mtime, left  # the new mask alone
+    # stopped before its first output: the old set stays whole
+    monkeypatch.setattr(COGWriter, "close", close)
+    segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg", overwrite=True))
+
+    def stop_before(self, before_publish=None):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(COGWriter, "close", stop_before)
+    with pytest.raises(KeyboardInterrupt):
+        segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg", overwrite=True))
+    assert {p.name for p in out.iterdir()} == old
+
+
 def test_a_full_disk_is_said_in_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """GDAL reports a full disk as "Write failed" (or later as a read error of its own unfinished
     file): the error says the disk is full when the output's file system is nearly out of space."""
