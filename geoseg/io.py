@@ -713,33 +713,15 @@ def write_aux_xml(mask_path: str | Path, classes: Sequence[ClassInfo], nodata_na
     return out
 
 
-def write_qml(mask_path: str | Path, classes: Sequence[ClassInfo]) -> Path:
-    """Write ``<mask stem>.qml``: a QGIS paletted style with one legend entry per class."""
-    entries = "\n".join(
-        f'        <paletteEntry value="{c.id}" color="#{c.color[0]:02x}{c.color[1]:02x}{c.color[2]:02x}" '
-        f'label="{escape(c.name, {chr(34): "&quot;"})}" alpha="255"/>'
-        for c in classes
-    )
-    qml = f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+def _raster_qml(renderer: str) -> str:
+    """A QGIS 3.22 raster style (``.qml``) around a ``<rasterrenderer>`` element (band 1, no resampling)."""
+    return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
 <qgis version="3.22.0" styleCategories="AllStyleCategories" hasScaleBasedVisibilityFlag="0">
   <pipe>
     <provider>
       <resampling enabled="false" zoomedInResamplingMethod="nearestNeighbour" zoomedOutResamplingMethod="nearestNeighbour" maxOversampling="2"/>
     </provider>
-    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">
-      <rasterTransparency/>
-      <minMaxOrigin>
-        <limits>None</limits>
-        <extent>WholeRaster</extent>
-        <statAccuracy>Estimated</statAccuracy>
-        <cumulativeCutLower>0.02</cumulativeCutLower>
-        <cumulativeCutUpper>0.98</cumulativeCutUpper>
-        <stdDevFactor>2</stdDevFactor>
-      </minMaxOrigin>
-      <colorPalette>
-{entries}
-      </colorPalette>
-    </rasterrenderer>
+{renderer}
     <brightnesscontrast brightness="0" contrast="0" gamma="1"/>
     <huesaturation saturation="0" colorizeOn="0" grayscaleMode="0" colorizeStrength="100" colorizeRed="255" colorizeGreen="128" colorizeBlue="128"/>
     <rasterresampler maxOversampling="2"/>
@@ -747,10 +729,35 @@ def write_qml(mask_path: str | Path, classes: Sequence[ClassInfo]) -> Path:
   <blendMode>0</blendMode>
 </qgis>
 """
+
+
+_MIN_MAX_ORIGIN = """      <minMaxOrigin>
+        <limits>None</limits>
+        <extent>WholeRaster</extent>
+        <statAccuracy>Estimated</statAccuracy>
+        <cumulativeCutLower>0.02</cumulativeCutLower>
+        <cumulativeCutUpper>0.98</cumulativeCutUpper>
+        <stdDevFactor>2</stdDevFactor>
+      </minMaxOrigin>"""
+
+
+def write_qml(mask_path: str | Path, classes: Sequence[ClassInfo]) -> Path:
+    """Write ``<mask stem>.qml``: a QGIS paletted style with one legend entry per class."""
+    entries = "\n".join(
+        f'        <paletteEntry value="{c.id}" color="#{c.color[0]:02x}{c.color[1]:02x}{c.color[2]:02x}" '
+        f'label="{escape(c.name, {chr(34): "&quot;"})}" alpha="255"/>'
+        for c in classes
+    )
+    qml = _raster_qml(f"""    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">
+      <rasterTransparency/>
+{_MIN_MAX_ORIGIN}
+      <colorPalette>
+{entries}
+      </colorPalette>
+    </rasterrenderer>""")
     out = Path(mask_path).with_suffix(".qml")
     atomic_write_text(out, qml)
     return out
-
 
 
 #: Colour ramps of :func:`write_ramp_qml` (position 0-1, RGB): red (unsure) to green (sure) for the
@@ -776,22 +783,9 @@ def write_ramp_qml(raster_path: str | Path, maximum: float, ramp: str = "confide
     )
     inner = ":".join(f"{pos:g};{r},{g},{b},255" for pos, (r, g, b) in stops[1:-1])
     (_, first), (_, last) = stops[0], stops[-1]
-    qml = f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
-<qgis version="3.22.0" styleCategories="AllStyleCategories" hasScaleBasedVisibilityFlag="0">
-  <pipe>
-    <provider>
-      <resampling enabled="false" zoomedInResamplingMethod="nearestNeighbour" zoomedOutResamplingMethod="nearestNeighbour" maxOversampling="2"/>
-    </provider>
-    <rasterrenderer type="singlebandpseudocolor" band="{band}" opacity="1" alphaBand="-1" classificationMin="0" classificationMax="{maximum:g}" nodataColor="">
+    qml = _raster_qml(f"""    <rasterrenderer type="singlebandpseudocolor" band="{band}" opacity="1" alphaBand="-1" classificationMin="0" classificationMax="{maximum:g}" nodataColor="">
       <rasterTransparency/>
-      <minMaxOrigin>
-        <limits>None</limits>
-        <extent>WholeRaster</extent>
-        <statAccuracy>Estimated</statAccuracy>
-        <cumulativeCutLower>0.02</cumulativeCutLower>
-        <cumulativeCutUpper>0.98</cumulativeCutUpper>
-        <stdDevFactor>2</stdDevFactor>
-      </minMaxOrigin>
+{_MIN_MAX_ORIGIN}
       <rastershader>
         <colorrampshader colorRampType="INTERPOLATED" classificationMode="1" clip="0" minimumValue="0" maximumValue="{maximum:g}" labelPrecision="{digits}">
           <colorramp type="gradient" name="[source]">
@@ -804,14 +798,7 @@ def write_ramp_qml(raster_path: str | Path, maximum: float, ramp: str = "confide
 {items}
         </colorrampshader>
       </rastershader>
-    </rasterrenderer>
-    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>
-    <huesaturation saturation="0" colorizeOn="0" grayscaleMode="0" colorizeStrength="100" colorizeRed="255" colorizeGreen="128" colorizeBlue="128"/>
-    <rasterresampler maxOversampling="2"/>
-  </pipe>
-  <blendMode>0</blendMode>
-</qgis>
-"""
+    </rasterrenderer>""")
     out = Path(raster_path).with_suffix(".qml")
     atomic_write_text(out, qml)
     return out
