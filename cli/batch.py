@@ -101,7 +101,9 @@ def batch(
 
     \b
     Exit codes: 0 every scene done (or skipped), 3 some scenes failed (the others are done),
-    1 fatal error (model, inputs, output folder), 2 usage, 4 DIR locked by another run.
+    1 fatal error (model, inputs, output folder, --report path, a Dask cluster without a usable
+    worker), 2 usage, 4 DIR locked by another run. A stopped run (Ctrl-C, SIGTERM, a fatal error)
+    still writes its --report, saying which scenes it did not finish.
     Every option can be set as GEOSEG_BATCH_<OPTION>, e.g. GEOSEG_BATCH_WEIGHTS;
     --scheduler also as GEOSEG_SCHEDULER.
 

@@ -15,8 +15,10 @@ keeps a manifest in ``DIR/.geoseg/manifest.sqlite`` so that cron runs do each sc
   next run deletes before it starts, and redoes the scenes that were not ``done``.
 * **One run at a time.**  :class:`BatchLock` takes ``fcntl.flock`` on ``DIR/.geoseg/lock``;
   the kernel drops it when its process dies, so a dead run's lock is taken over.
-* **Failure isolation.**  A scene that cannot be read or does not suit the model is recorded
-  as ``failed`` with its reason; the batch goes on.  Model problems are fatal.
+* **Failure isolation.**  A scene that cannot be read, does not suit the model, cannot be
+  written or would write another scene's outputs is recorded as ``failed`` with its reason; the
+  batch goes on.  Model problems are fatal, and so is a Dask cluster without a worker that can
+  run the scenes (after a bounded wait: never a silent hang holding the lock).
 * **Scale-out.**  With a Dask ``distributed.Client`` each scene is one task; every worker
   loads the model once through :class:`ModelPlugin` and reuses it.  Results and failures
   come back to the client, the only writer of the manifest and the report.
@@ -47,7 +49,7 @@ from typing import Any, Literal
 from xml.etree import ElementTree
 
 from geoseg.aoi import aoi_key
-from geoseg.atomic import atomic_write_text, clean_temp_files, file_above
+from geoseg.atomic import atomic_write_text, clean_temp_files, file_above, temp_name
 from geoseg.errors import (
     AoiOutsideError,
     BatchLockedError,
@@ -84,11 +86,14 @@ class Scene:
 
     ``key`` is the scene's path relative to the output folder's tree (POSIX, e.g.
     ``2024/a/scene1.tif``): the manifest's primary key.  ``out_dir`` is relative to ``DIR``.
+    ``conflict`` says why the scene cannot run (its outputs would overwrite another scene's):
+    it is reported failed with that reason, and the other scenes run.
     """
 
     path: Path
     key: str
     out_dir: str
+    conflict: str | None = None
 
 
 def _list_file_entries(list_path: Path) -> list[Path]:
@@ -126,9 +131,12 @@ def discover_scenes(
     followed, symlinked folders are not (no loops).  ``patterns``
     (default ``*.tif``, ``*.tiff``) match file names case-insensitively.
 
+    Scenes that would write the same outputs (``a.tif`` and ``a.tiff`` in one folder, or two input
+    folders both holding ``a.tif``) come back with a ``conflict``, each of them: one name clash
+    must not stop a nightly run of the whole archive.
+
     Raises:
-        ParameterError: a command-line input does not exist, or two scenes would write the
-            same output.
+        ParameterError: a command-line input does not exist or is a GDAL virtual path.
     """
     pats = tuple(patterns) if patterns else DEFAULT_PATTERNS
     out_root = Path(out_dir).resolve()
@@ -184,25 +192,32 @@ def discover_scenes(
             add_file(p, Path("."))
         else:
             raise ParameterError(f"input {p} does not exist: check the path (or use @list.txt for lists)")
-    # The same file given twice is one scene; two files with the same output are an error.
-    seen: dict[str, Scene] = {}
-    outputs: dict[str, Scene] = {}
-    unique = []
+    # The same file given twice is one scene; files with the same key are one failed scene (the
+    # manifest has one row per key), files with the same output names are failed scenes each.
+    by_key: dict[str, list[Scene]] = {}
     for sc in scenes:
-        if sc.key in seen:
-            if seen[sc.key].path.resolve() == sc.path.resolve():
-                continue
-            raise ParameterError(
-                f"{seen[sc.key].path} and {sc.path} would both write {sc.key}: give them separately into different --out folders"
-            )
-        stem_key = f"{sc.out_dir}/{Path(sc.key).stem}".lower()
-        if stem_key in outputs:
-            raise ParameterError(
-                f"{outputs[stem_key].path} and {sc.path} would write the same outputs (same name, same folder): rename one"
-            )
-        seen[sc.key] = sc
-        outputs[stem_key] = sc
-        unique.append(sc)
+        same = by_key.setdefault(sc.key, [])
+        if not any(s.path.resolve() == sc.path.resolve() for s in same):
+            same.append(sc)
+    unique = []
+    for key, same in by_key.items():
+        if len(same) > 1:
+            names = " and ".join(str(s.path) for s in same)
+            unique.append(dataclasses.replace(same[0], conflict=(
+                f"{names} would {'both' if len(same) == 2 else 'all'} write {key}: "
+                "give them separately into different --out folders")))
+        else:
+            unique.append(same[0])
+    by_stem: dict[str, list[int]] = {}
+    for i, sc in enumerate(unique):
+        by_stem.setdefault(f"{sc.out_dir}/{Path(sc.key).stem}".lower(), []).append(i)
+    for idx in by_stem.values():
+        if len(idx) > 1:
+            names = " and ".join(str(unique[i].path) for i in idx)
+            for i in idx:
+                if unique[i].conflict is None:
+                    unique[i] = dataclasses.replace(unique[i], conflict=(
+                        f"{names} would write the same outputs (same name, same folder): rename one"))
     return unique
 
 
@@ -458,21 +473,80 @@ class ManifestEntry:
     finished: str | None = None
 
 
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """Whether ``exc`` says the database file is damaged (not a database, malformed), not busy or locked."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+, raised by SQLite itself
+    if code is not None:
+        return code in (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+    text = str(exc).lower()
+    return "not a database" in text or "malformed" in text
+
+
+def _quick_check(db: sqlite3.Connection) -> None:
+    """Raise ``sqlite3.DatabaseError`` when SQLite finds the open database damaged (a truncated file
+    opens and fails only at the first page it lacks: a check at open time, not halfway through a run)."""
+    rows = db.execute("PRAGMA quick_check").fetchall()
+    if rows != [("ok",)]:
+        raise sqlite3.DatabaseError(f"database disk image is malformed ({rows[0][0] if rows else 'no answer'})")
+
+
 class Manifest:
-    """The SQLite manifest of a batch output folder (WAL; one transaction per change)."""
+    """The SQLite manifest of a batch output folder (WAL; one transaction per change).
+
+    A damaged manifest (not a database, truncated) is moved aside to
+    ``manifest.sqlite.corrupt-<UTC time>`` with a warning and a fresh one is started: the run then
+    redoes every scene, instead of every nightly run failing on it until someone looks.  Read-only,
+    a damaged manifest reads as empty (``corrupt`` is set).
+    """
 
     COLUMNS = tuple(f.name for f in dataclasses.fields(ManifestEntry))
 
     def __init__(self, out_dir: str | Path, readonly: bool = False) -> None:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / STATE_DIR / MANIFEST_NAME
+        self.corrupt = False
+        self._db: sqlite3.Connection | None = None
         if readonly:
-            self._db: sqlite3.Connection | None = (
-                sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) if self.path.exists() else None
-            )
+            if self.path.exists():
+                db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+                try:
+                    _quick_check(db)
+                except sqlite3.DatabaseError as exc:
+                    db.close()
+                    if not _is_corrupt(exc):
+                        raise
+                    self.corrupt = True
+                    return
+                self._db = db
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if not _is_corrupt(exc):
+                raise
+            aside = self._move_aside()
+            log.warning("warning: the manifest %s is damaged (%s): moved it to %s and started a new one; "
+                        "this run redoes every scene", self.path, str(exc).splitlines()[0], aside.name)
+            self._open()
+
+    def _move_aside(self) -> Path:
+        """Rename the damaged manifest and its WAL/shared-memory files (a stale WAL must never be
+        applied to the new manifest) to ``<name>.corrupt-<time>``; return the new name."""
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for side in ("-wal", "-shm", ""):  # the database last: a crash in between leaves it to be moved again
+            src = Path(f"{self.path}{side}")
+            if src.exists():
+                os.replace(src, f"{aside}{side}")
+        return aside
+
+    def _open(self) -> None:
         self._db = sqlite3.connect(self.path, timeout=30)
+        _quick_check(self._db)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         with self._db:
@@ -634,7 +708,7 @@ def run_scene(
         except AoiOutsideError as exc:
             out = SceneOutcome(key=scene.key, input=str(scene.path), status="skipped", seconds=time.perf_counter() - t0,
                                reason=OUTSIDE_AOI_REASON, error=str(exc).splitlines()[0])
-        except (GeosegError, OSError, ValueError, RuntimeError, MemoryError) as exc:
+        except (GeosegError, OSError, ValueError, RuntimeError, MemoryError, *_gdal_errors()) as exc:
             out = _failed(scene, exc, t0)
         else:
             out = SceneOutcome(
@@ -647,6 +721,20 @@ def run_scene(
             out.warnings.append(str(w.message).splitlines()[0])
         else:  # not ours: as if it had not been caught
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return out
+
+
+def _gdal_errors() -> tuple[type[Exception], ...]:
+    """rasterio's and GDAL's own error classes: a scene's read or write can raise them unwrapped (e.g.
+    ``CPLE_OpenFailedError`` when its staging file vanished), and they derive from neither ``OSError``
+    nor each other; one scene's I/O error must fail that scene, not the batch."""
+    import rasterio.errors
+
+    out: tuple[type[Exception], ...] = (rasterio.errors.RasterioError,)
+    with contextlib.suppress(ImportError, AttributeError):
+        from rasterio._err import CPLE_BaseError
+
+        out += (CPLE_BaseError,)
     return out
 
 
@@ -679,6 +767,17 @@ def _failed(scene: Scene, exc: BaseException, t0: float, fatal: bool = False) ->
 
 # ---- Dask ----------------------------------------------------------------------------------------
 PLUGIN_PREFIX = "geoseg-model-"
+#: Seconds to wait for a first worker to join the scheduler before any scene is submitted (a scheduler
+#: without workers took the tasks and waited forever, holding the batch lock: every later cron run
+#: then exited 4).
+WORKER_WAIT_S = 60.0
+#: Seconds a running batch waits while the cluster has no worker that can run its scenes (all died,
+#: or none offers the --resources asked) before it stops with an error; the scenes it did not finish
+#: stay ``running`` in the manifest and are redone by the next run.
+NO_WORKER_GRACE_S = 120.0
+#: Seconds between two looks at the cluster's workers while the scenes run.
+WORKER_POLL_S = 5.0
+_GONE = ("closing", "closing_gracefully", "closed", "failed", "dont_reply")
 
 
 class ModelPlugin:
@@ -816,6 +915,10 @@ class BatchResult:
     seconds: float
     planned: list[tuple[Scene, str | None]] = field(default_factory=list)  # dry run: (scene, reason or None=skip)
     workers: dict[str, int] = field(default_factory=dict)  # Dask worker → model loads
+    #: Why the run stopped before every scene was finished (a signal, a fatal error); None when it ran through.
+    stopped: str | None = None
+    stop_status: int = 0  # the exit status of a stopped run (130 Ctrl-C, 143 SIGTERM, 1 an error)
+    not_finished: list[str] = field(default_factory=list)  # keys of the scenes a stopped run did not finish
 
     def count(self, status: Status) -> int:
         """How many scenes ended with ``status``."""
@@ -828,16 +931,19 @@ class BatchResult:
 
     @property
     def exit_status(self) -> int:
-        """0 when no scene failed, 3 otherwise (the CLI's partial-batch code)."""
+        """0 when no scene failed, 3 otherwise (the CLI's partial-batch code); a stopped run's own."""
+        if self.stopped is not None:
+            return self.stop_status
         return 3 if self.failed else 0
 
     def report(self) -> dict[str, Any]:
-        """The JSON run report."""
+        """The JSON run report (``stopped``: null, or why the run stopped and which scenes it did not finish)."""
         return {
             "out": str(self.out_dir),
             "seconds": round(self.seconds, 3),
             "counts": {s: self.count(s) for s in ("ok", "skipped", "failed")},
             "exit_status": self.exit_status,
+            "stopped": None if self.stopped is None else {"reason": self.stopped, "not_finished": self.not_finished},
             "workers": self.workers,
             "scenes": [s.to_report(self.out_dir) for s in self.scenes],
         }
@@ -873,7 +979,8 @@ def run_batch(
 
     Raises:
         BatchLockedError: another run holds ``out_dir``'s lock.
-        ParameterError: bad inputs (missing path, output name clash).
+        ParameterError: bad inputs (missing path), an unwritable ``batch.report`` path, a Dask
+            cluster without a worker that can run the scenes (after a bounded wait).
         ModelError: the model cannot be loaded (fatal: no scene could run).
     """
     from geoseg.engine import PredictOptions
@@ -888,6 +995,8 @@ def run_batch(
         options = dataclasses.replace(options, aoi=str(Path(options.aoi).absolute()))
     out = Path(out_dir).absolute()
     _check_out_dir(out, batch.dry_run)
+    if batch.report is not None and not batch.dry_run:
+        _check_report_path(Path(batch.report))
     scenes = discover_scenes(inputs, out, batch.patterns)
     if not scenes:
         log.warning("no scenes found in %s (patterns %s): nothing to do", ", ".join(map(str, inputs)),
@@ -937,8 +1046,30 @@ def _check_out_dir(out: Path, dry_run: bool) -> None:
                                  "give a writable folder for --out")
 
 
+def _check_report_path(path: Path) -> None:
+    """Refuse a ``--report`` path that cannot be written before any scene runs (it was found out only
+    after every scene had run, and blamed on --out).  Creates its folder, as writing it would."""
+    if path.is_dir():
+        raise ParameterError(f"--report {path} is a folder: give a file name for the run report")
+    above = file_above(path)
+    if above is not None:
+        raise ParameterError(f"--report {path}: {above} is a file, not a folder: give another path for --report")
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = temp_name(path)  # os.access says yes to root on a read-only or virtual file system (/proc)
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as exc:
+        raise ParameterError(f"--report {path}: cannot write in {parent} ({exc.strerror}): "
+                             "give a writable path for --report") from None
+
+
 def _dry_run(scenes: list[Scene], out: Path, model_key: str, params_json: str, force: bool, t0: float) -> BatchResult:
     manifest = Manifest(out, readonly=True)
+    if manifest.corrupt:
+        log.warning("warning: the manifest %s is damaged: a run will move it aside and redo every scene",
+                    manifest.path)
     holder = BatchLock(out).held_by()
     if holder is not None:
         log.warning("warning: another batch run holds the lock of %s (%s): scenes it is running may be done by then",
@@ -946,6 +1077,9 @@ def _dry_run(scenes: list[Scene], out: Path, model_key: str, params_json: str, f
     planned: list[tuple[Scene, str | None]] = []
     try:
         for sc in scenes:
+            if sc.conflict is not None:
+                planned.append((sc, f"fails: {sc.conflict}"))
+                continue
             try:
                 fp = input_fingerprint(sc.path)
             except SceneReadError as exc:
@@ -965,11 +1099,33 @@ def _run_locked(
     scenes: list[Scene], out: Path, model: BatchModel, source: Any, model_key: str, params_json: str,
     options: Any, batch: BatchOptions, manifest: Manifest, client: Any, t0: float,
 ) -> BatchResult:
-    n = len(scenes)
     outcomes: dict[str, SceneOutcome] = {}
+    try:
+        result = _run_scenes(scenes, out, model, source, model_key, params_json, options, batch, manifest, client, t0,
+                             outcomes)
+    except (KeyboardInterrupt, Exception) as exc:
+        # A stopped run (Ctrl-C, SIGTERM, a fatal error) still says what it did: the scenes finished so
+        # far, and which were not (they are redone by the next run).  Then it stops as it would have.
+        if batch.report is not None:
+            _write_stopped_report(exc, scenes, outcomes, out, batch.report, t0)
+        raise
+    log.info("batch done in %.1f s: %d ok, %d skipped, %d failed", result.seconds, result.count("ok"),
+             result.count("skipped"), result.count("failed"))
+    if batch.report is not None:
+        write_report(result, batch.report)
+    return result
+
+
+def _run_scenes(
+    scenes: list[Scene], out: Path, model: BatchModel, source: Any, model_key: str, params_json: str,
+    options: Any, batch: BatchOptions, manifest: Manifest, client: Any, t0: float, outcomes: dict[str, SceneOutcome],
+) -> BatchResult:
+    """The work of :func:`_run_locked`; ``outcomes`` fills in as scenes finish (a stopped run reports them)."""
+    n = len(scenes)
     fingerprints: dict[str, dict[str, Any]] = {}
     todo: list[tuple[Scene, str]] = []
     done_count = 0
+    no_fingerprint = {"size": -1, "mtime_ns": -1, "head_hash": ""}
 
     def finish(o: SceneOutcome) -> None:
         nonlocal done_count
@@ -978,12 +1134,18 @@ def _run_locked(
         _log_outcome(o, done_count, n)
 
     for sc in scenes:
+        if sc.conflict is not None:  # its outputs would overwrite another scene's: it fails, the others run
+            o = SceneOutcome(key=sc.key, input=str(sc.path), status="failed", reason="name clash",
+                             error=sc.conflict, error_type="ParameterError")
+            _record(manifest, o, no_fingerprint, model_key, params_json, out)
+            finish(o)
+            continue
         entry = manifest.get(sc.key)
         try:
             fp = input_fingerprint(sc.path)
         except SceneReadError as exc:
             o = _failed(sc, exc, time.perf_counter())
-            _record(manifest, o, {"size": -1, "mtime_ns": -1, "head_hash": ""}, model_key, params_json, out)
+            _record(manifest, o, no_fingerprint, model_key, params_json, out)
             finish(o)
             continue
         reason = why_run(entry, fp, model_key, params_json, out, batch.force)
@@ -998,8 +1160,11 @@ def _run_locked(
             finish(missed)
             continue
         todo.append((sc, reason))
-    log.info("%d scene(s): %d to run, %d skipped, %d unreadable", n, len(todo),
-             sum(o.status == "skipped" for o in outcomes.values()), sum(o.status == "failed" for o in outcomes.values()))
+    clashes = sum(sc.conflict is not None for sc in scenes)
+    log.info("%d scene(s): %d to run, %d skipped, %d unreadable%s", n, len(todo),
+             sum(o.status == "skipped" for o in outcomes.values()),
+             sum(o.status == "failed" for o in outcomes.values()) - clashes,
+             f", {clashes} with clashing output names" if clashes else "")
 
     def record_and_finish(o: SceneOutcome, reason: str) -> None:
         o.reason = o.reason or reason  # why it ran, unless it was skipped (outside the AOI)
@@ -1018,12 +1183,32 @@ def _run_locked(
     if batch.mosaic:
         _write_mosaic(out, manifest, source.card.classes)
     ordered = [outcomes[sc.key] for sc in scenes if sc.key in outcomes]
-    result = BatchResult(out_dir=out, scenes=ordered, seconds=time.perf_counter() - t0, workers=workers)
-    log.info("batch done in %.1f s: %d ok, %d skipped, %d failed", result.seconds, result.count("ok"),
-             result.count("skipped"), result.count("failed"))
-    if batch.report is not None:
-        write_report(result, batch.report)
-    return result
+    return BatchResult(out_dir=out, scenes=ordered, seconds=time.perf_counter() - t0, workers=workers)
+
+
+def _write_stopped_report(exc: BaseException, scenes: list[Scene], outcomes: dict[str, SceneOutcome], out: Path,
+                          path: Path, t0: float) -> None:
+    """The report of a run stopped by ``exc``: the scenes finished so far, why it stopped, and which
+    scenes it did not finish.  Never raises (the stop itself is what the user must hear about)."""
+    if isinstance(exc, KeyboardInterrupt):
+        # the CLI raises SIGTERM as its KeyboardInterrupt subclass Terminated (geoseg_cli.main)
+        sigterm = type(exc).__name__ == "Terminated"
+        why, status = ("terminated (SIGTERM)", 143) if sigterm else ("interrupted (SIGINT, Ctrl-C)", 130)
+    elif isinstance(exc, GeosegError):
+        why, status = str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 1
+    else:
+        why, status = f"unexpected error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1
+    result = BatchResult(
+        out_dir=out, scenes=[outcomes[sc.key] for sc in scenes if sc.key in outcomes],
+        seconds=time.perf_counter() - t0, stopped=why, stop_status=status,
+        not_finished=[sc.key for sc in scenes if sc.key not in outcomes],
+    )
+    try:
+        write_report(result, path)
+    except (OSError, GeosegError) as err:
+        log.warning("warning: the report of the stopped run was not written to %s: %s", path, err)
+    except KeyboardInterrupt:  # a second Ctrl-C while writing it: stop now
+        pass
 
 
 def _write_mosaic(out: Path, manifest: Manifest, classes: Any) -> None:
@@ -1167,6 +1352,73 @@ def dask_client(batch: BatchOptions) -> Iterator[Any]:
         yield client
 
 
+def _fmt_resources(resources: dict[str, float]) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in resources.items())
+
+
+def _workers(client: Any, resources: dict[str, float]) -> tuple[int, int, list[str]]:
+    """``(alive, suitable, offers)``: the cluster's workers that are not closing, how many of them offer
+    ``resources`` (every one when none are asked), and the resources each offers (for messages)."""
+    info = client.scheduler_info()
+    alive = [w for w in (info.get("workers") or {}).values() if w.get("status", "running") not in _GONE]
+    offers = [_fmt_resources(w.get("resources") or {}) or "none" for w in alive]
+    suitable = [w for w in alive
+                if all(float((w.get("resources") or {}).get(k, 0)) >= v for k, v in resources.items())]
+    return len(alive), len(suitable), offers
+
+
+def _wait_for_workers(client: Any, resources: dict[str, float], where: str) -> None:
+    """Wait up to :data:`WORKER_WAIT_S` for a worker, then refuse at once when none offers ``resources``.
+
+    Raises:
+        ParameterError: no worker joined in time, or none offers the resources asked.
+    """
+    import asyncio
+
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except (TimeoutError, asyncio.TimeoutError):
+        raise ParameterError(f"no Dask worker joined the scheduler {where} within {WORKER_WAIT_S:g} s: start workers "
+                             f"(dask worker {where}) or check --scheduler") from None
+    if resources:
+        alive, suitable, offers = _workers(client, resources)
+        if not suitable:
+            asked = _fmt_resources(resources)
+            raise ParameterError(
+                f"no worker of the Dask scheduler {where} offers --resources {asked} (its {alive} worker(s) offer: "
+                f"{'; '.join(offers) or 'none'}): start workers with --resources {asked}, or change --resources")
+
+
+def _watch_workers(client: Any, resources: dict[str, float], where: str, since: float | None, left: int
+                   ) -> float | None:
+    """One look at the cluster while scenes run: None when a worker can run them, else since when none
+    could (warned once); raise when that has lasted :data:`NO_WORKER_GRACE_S`.
+
+    Raises:
+        ParameterError: no (suitable) worker for the grace period.
+    """
+    try:
+        _, suitable, _ = _workers(client, resources)
+    except Exception as exc:  # noqa: BLE001 - the scheduler itself is gone or not answering: no worker either
+        log.debug("cannot ask %s for its workers: %s", where, exc)
+        suitable = 0
+    if suitable:
+        if since is not None:
+            log.info("the Dask cluster %s has a worker again", where)
+        return None
+    kind = f" offering --resources {_fmt_resources(resources)}" if resources else ""
+    now = time.monotonic()
+    if since is None:
+        log.warning("warning: the Dask cluster %s has no worker%s now: %d scene(s) wait; giving up after %g s "
+                    "without one", where, kind, left, NO_WORKER_GRACE_S)
+        return now
+    if now - since >= NO_WORKER_GRACE_S:
+        raise ParameterError(
+            f"the Dask cluster {where} has had no worker{kind} for {NO_WORKER_GRACE_S:g} s: stopped with {left} "
+            "scene(s) not finished (the next run redoes them): start workers, or check --scheduler")
+    return since
+
+
 def _run_dask(
     todo: list[tuple[Scene, str]], out: Path, model: BatchModel, options: Any, batch: BatchOptions, client: Any,
     finish: Callable[[SceneOutcome, str], None], own_cluster: bool = False,
@@ -1180,6 +1432,8 @@ def _run_dask(
         with dask_client(batch) as c:  # a LocalCluster of batch's own unless --scheduler names one
             return _run_dask(todo, out, model, options, batch, c, finish, own_cluster=not batch.scheduler)
 
+    where = getattr(client.scheduler, "address", None) or "the Dask scheduler"
+    _wait_for_workers(client, batch.resources, where)
     name = PLUGIN_PREFIX + hashlib.sha256(repr(model).encode()).hexdigest()[:12]
     plugin = _make_worker_plugin(model, name, batch.quiet_worker_loggers, own_cluster)
     # register_plugin since distributed 2023.9; register_worker_plugin (deprecated since) before it
@@ -1195,23 +1449,40 @@ def _run_dask(
             resources=batch.resources or None, pure=False, retries=0,
         )
         futures[fut] = sc.key
-    log.info("submitted %d scene(s) to %s", len(todo), client.scheduler.address if client.scheduler else "Dask")
+    log.info("submitted %d scene(s) to %s", len(todo), where)
     loads: dict[str, int] = {}
+    # as_completed's own iterator blocks until a task ends, forever when no worker is left to run one:
+    # poll it, and look at the cluster's workers every WORKER_POLL_S
+    pending = as_completed(list(futures))
+    no_worker_since: float | None = None
+    next_look = time.monotonic() + WORKER_POLL_S
     try:
-        for fut in as_completed(list(futures)):
-            key = futures[fut]
-            try:
-                o = fut.result()
-            except Exception as exc:  # noqa: BLE001 - a worker died or the task could not run
-                o = _failed(scenes[key], exc, time.perf_counter())
-                o.error = f"task failed on the cluster: {o.error}"
-            if o.worker:
-                loads[o.worker] = max(loads.get(o.worker, 0), o.model_loads)
-            if o.fatal:
-                for f in futures:
-                    f.cancel()
-                raise ModelError(f"model failed to load on {o.worker}: {o.error}")
-            finish(o, reasons[key])
+        while not pending.is_empty():
+            ready = pending.next_batch(block=False)
+            if not ready:
+                now = time.monotonic()
+                if now >= next_look:
+                    next_look = now + WORKER_POLL_S
+                    no_worker_since = _watch_workers(client, batch.resources, where, no_worker_since, pending.count())
+                time.sleep(0.1)
+                continue
+            for fut in ready:
+                key = futures[fut]
+                try:
+                    o = fut.result()
+                except Exception as exc:  # noqa: BLE001 - a worker died or the task could not run
+                    o = _failed(scenes[key], exc, time.perf_counter())
+                    o.error = f"task failed on the cluster: {o.error}"
+                if o.worker:
+                    loads[o.worker] = max(loads.get(o.worker, 0), o.model_loads)
+                if o.fatal:
+                    raise ModelError(f"model failed to load on {o.worker}: {o.error}")
+                finish(o, reasons[key])
+    except BaseException:
+        for f in futures:  # (a LocalCluster of batch's own closes anyway; a user's cluster must not go on)
+            with contextlib.suppress(Exception):
+                f.cancel()
+        raise
     finally:
         with contextlib.suppress(Exception):
             client.unregister_worker_plugin(name)

@@ -91,12 +91,14 @@ def test_discover_mirrors_tree_lists_and_skips_the_output_folder(tmp_path: Path)
             discover_scenes(given, out)
     same = discover_scenes([arch / "scene0.tif", arch / "d1" / ".." / "scene0.tif"], out)
     assert [s.key for s in same] == ["scene0.tif"]  # one file given twice is one scene
+    # name clashes are scenes that fail (each with the reason), not an error for the whole batch
     other = _copy(arch / "scene3.tif", tmp_path / "scene3.tif")
-    with pytest.raises(ParameterError, match="would both write scene3.tif"):
-        discover_scenes([arch / "scene3.tif", other], out)
+    clash = discover_scenes([arch / "scene3.tif", other], out)
+    assert len(clash) == 1 and "would both write scene3.tif" in (clash[0].conflict or "")
     _copy(arch / "scene3.tif", arch / "scene3.tiff")
-    with pytest.raises(ParameterError, match="same outputs"):
-        discover_scenes([arch], out)
+    found = {s.key: s.conflict for s in discover_scenes([arch], out)}
+    assert "same outputs" in (found["scene3.tif"] or "") and "same outputs" in (found["scene3.tiff"] or "")
+    assert found["scene0.tif"] is None
     assert parse_resources("GPU=1, MEM=4e9") == {"GPU": 1.0, "MEM": 4e9}
     with pytest.raises(ParameterError):
         parse_resources("GPU")
@@ -105,14 +107,39 @@ def test_discover_mirrors_tree_lists_and_skips_the_output_folder(tmp_path: Path)
 def test_a_refused_run_creates_no_output_folder(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     arch = tmp_path / "arch"
     make_archive(arch, 2, size=(16, 16))
-    (tmp_path / "elsewhere").mkdir()
-    other = _copy(arch / "scene0.tif", tmp_path / "elsewhere" / "scene0.tif")
     out = tmp_path / "results"
-    r = run_cli(runner, tiny_unet, [arch, other.parent], out)
-    assert r.exit_code == 1 and "would both write scene0.tif" in r.output, r.output
-    assert not out.exists()  # was left behind, empty
     r = runner.invoke(cli, ["batch", str(arch), "--out", str(out), "--weights", str(tmp_path / "none.pdparams")])
     assert r.exit_code != 0 and not out.exists(), r.output
+    r = run_cli(runner, tiny_unet, [arch], out, "--report", tmp_path / "arch" / "scene0.tif" / "run.json")
+    assert r.exit_code == 1 and not out.exists(), r.output
+
+
+def test_a_name_clash_fails_those_scenes_and_the_others_run(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """a.tif and a.tiff in one folder, or two input folders both holding d1/x/scene1.tif, stopped the whole
+    nightly batch (exit 1, nothing done); the README promises one bad scene never stops the rest."""
+    arch, other, out, rep = tmp_path / "arch", tmp_path / "other", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 3, size=(16, 16))  # scene0.tif, d1/x/scene1.tif, d2/x/scene2.tif
+    _copy(arch / "scene0.tif", arch / "scene0.tiff")
+    (other / "d1" / "x").mkdir(parents=True)
+    _copy(arch / "scene0.tif", other / "d1" / "x" / "scene1.tif")
+    _copy(arch / "scene0.tif", other / "solo.tif")
+    r = run_cli(runner, tiny_unet, [arch, other], out, "--vector", "none", "--report", rep)
+    assert r.exit_code == EXIT_PARTIAL, r.output
+    scenes = {s["key"]: s for s in report_of(rep)["scenes"]}
+    assert {k: s["status"] for k, s in scenes.items()} == {
+        "scene0.tif": "failed", "scene0.tiff": "failed", "d1/x/scene1.tif": "failed", "d2/x/scene2.tif": "ok",
+        "solo.tif": "ok"}
+    assert "same outputs (same name, same folder): rename one" in scenes["scene0.tiff"]["error"]
+    assert "would both write d1/x/scene1.tif" in scenes["d1/x/scene1.tif"]["error"]
+    assert "FAILED  scene0.tif" in r.output and "Error" not in r.output
+    assert "5 scene(s): 2 to run, 0 skipped, 0 unreadable, 3 with clashing output names" in r.output
+    assert sorted(read_masks(out)) == ["d2/x/scene2_landcover.tif", "solo_landcover.tif"]
+    with sqlite3.connect(out / ".geoseg" / "manifest.sqlite") as db:
+        rows = dict(db.execute("SELECT key, status FROM scenes"))
+    db.close()
+    assert rows["scene0.tiff"] == rows["d1/x/scene1.tif"] == "failed" and rows["solo.tif"] == "done"
+    r = run_cli(runner, tiny_unet, [arch, other], out, "--vector", "none", "--dry-run")
+    assert "run	scene0.tif	fails: " in r.stdout and "skip	solo.tif" in r.stdout, r.output
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -787,3 +814,150 @@ def test_workers_of_batch_s_own_cluster_stop_quietly(caplog) -> None:  # type: i
         logging.getLogger("distributed.worker").error("Failed to communicate with scheduler during heartbeat.")
         logging.getLogger("distributed.worker").warning("Worker is at 85% memory usage.")
     assert [r.getMessage() for r in caplog.records] == ["Worker is at 85% memory usage."]
+
+
+# ---- robustness: a cluster without workers, scene I/O errors, stopped runs, --report, a damaged manifest ---------
+def test_a_cluster_without_a_usable_worker_stops_in_bounded_time(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler with no worker (or none offering --resources, or all of them gone mid-run) took the
+    scenes and waited forever, silently, holding the lock: every later cron run exited 4."""
+    distributed = pytest.importorskip("distributed")
+    import geoseg.batch as gb
+
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 2, size=(16, 16))
+    monkeypatch.setattr(gb, "WORKER_WAIT_S", 0.5)
+    monkeypatch.setattr(gb, "NO_WORKER_GRACE_S", 0.5)
+    monkeypatch.setattr(gb, "WORKER_POLL_S", 0.1)
+    with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        where = cluster.scheduler_address
+        t0 = time.monotonic()
+        r = run_cli(runner, tiny_unet, [arch], out, "--scheduler", where, "--vector", "none")
+        assert r.exit_code == 1 and f"no Dask worker joined the scheduler {where} within 0.5 s" in r.output, r.output
+        assert time.monotonic() - t0 < 30 and "Traceback" not in r.output
+        assert BatchLock(out).held_by() is None  # the next run is not locked out
+        # every worker gone while the scenes wait: the run notices and stops, with its report
+        monkeypatch.setattr(gb, "_wait_for_workers", lambda *a: None)
+        r = run_cli(runner, tiny_unet, [arch], out, "--scheduler", where, "--vector", "none", "--report", rep)
+        assert r.exit_code == 1 and f"the Dask cluster {where} has had no worker for 0.5 s" in r.output, r.output
+        assert "2 scene(s) not finished" in r.output and "has no worker now" in r.output
+        report = report_of(rep)
+        assert report["stopped"]["not_finished"] == ["scene0.tif", "d1/x/scene1.tif"] and report["exit_status"] == 1
+    assert _done_count(out) == 0
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    assert r.stdout.count("\tnot finished by an interrupted run") == 2, r.output
+    monkeypatch.undo()
+    # workers, but none with the resources the scenes ask for: refused at once, naming what they offer
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+                                  resources={"MEM": 1}) as cluster:
+        r = run_cli(runner, tiny_unet, [arch], out, "--scheduler", cluster.scheduler_address, "--resources", "GPU=1")
+    assert r.exit_code == 1 and "offers --resources GPU=1 (its 1 worker(s) offer: MEM=1)" in r.output, r.output
+    assert _done_count(out) == 0
+
+
+def test_a_raw_gdal_error_fails_that_scene_only(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """rasterio's CPLE_* errors (a staging file that vanished) and RasterioError derive from neither OSError
+    nor GeosegError: they escaped run_scene and aborted the batch ("unexpected error: CPLE_OpenFailedError")."""
+    import rasterio.errors
+    from rasterio._err import CPLE_OpenFailedError
+
+    import geoseg.engine
+
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 3, size=(16, 16))
+    real = geoseg.engine.segment_scene
+
+    def flaky(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(path).name == "scene1.tif":
+            raise CPLE_OpenFailedError(4, 4, "/out/.geoseg-scene1.staging.tif: No such file or directory")
+        if Path(path).name == "scene2.tif":
+            raise rasterio.errors.RasterioError("write failed")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(geoseg.engine, "segment_scene", flaky)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
+    assert r.exit_code == EXIT_PARTIAL and "unexpected" not in r.output, r.output
+    scenes = {s["key"]: s for s in report_of(rep)["scenes"]}
+    assert {k: s["status"] for k, s in scenes.items()} == {
+        "scene0.tif": "ok", "d1/x/scene1.tif": "failed", "d2/x/scene2.tif": "failed"}
+    assert scenes["d1/x/scene1.tif"]["error"].startswith("CPLE_OpenFailedError: /out/.geoseg-scene1.staging.tif")
+    assert scenes["d2/x/scene2.tif"]["error"] == "RasterioError: write failed"
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_stopped_run_still_writes_its_report(runner, tiny_unet, tmp_path: Path, signal_name: str,  # type: ignore[no-untyped-def]
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C or SIGTERM (cron's timeout) mid-run wrote no --report: it now holds the scenes finished so far,
+    why the run stopped and which scenes it did not finish; the exit status stays 130 / 143."""
+    import geoseg.batch as gb
+    from geoseg_cli.main import Terminated
+
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "r" / "report.json"
+    make_archive(arch, 3, size=(16, 16))
+    real, calls = gb.run_scene, []
+
+    def stop_at_the_second(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 2:
+            raise Terminated() if signal_name == "SIGTERM" else KeyboardInterrupt()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gb, "run_scene", stop_at_the_second)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
+    code = 143 if signal_name == "SIGTERM" else 130
+    assert r.exit_code == code, r.output
+    report = report_of(rep)
+    assert report["exit_status"] == code and signal_name in report["stopped"]["reason"]
+    assert report["stopped"]["not_finished"] == ["d1/x/scene1.tif", "d2/x/scene2.tif"]
+    assert statuses(report) == {"scene0.tif": "ok"} and report["counts"]["ok"] == 1
+    # a run that goes through says it was not stopped
+    monkeypatch.undo()
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
+    assert r.exit_code == EXIT_OK and report_of(rep)["stopped"] is None, r.output
+
+
+def test_report_path_is_checked_before_any_scene(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--report under a file ran every scene and then blamed --out; under /proc it ended with "unexpected
+    error: FileNotFoundError". Both are refused first, in one line naming --report."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 1, size=(16, 16))
+    (tmp_path / "afile").write_text("x")
+    bad = [tmp_path / "afile" / "run.json"]
+    if Path("/proc/self").exists():
+        bad.append(Path("/proc/geoseg-nope/run.json"))
+    for report in bad:
+        r = run_cli(runner, tiny_unet, [arch], out, "--report", report)
+        assert r.exit_code == 1 and f"--report {report}: " in r.output and "unexpected" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and not out.exists(), r.output
+    assert "afile is a file, not a folder" in run_cli(runner, tiny_unet, [arch], out, "--report", bad[0]).output
+    r = run_cli(runner, tiny_unet, [arch], out, "--report", tmp_path / "new" / "dir" / "run.json", "--vector", "none")
+    assert r.exit_code == EXIT_OK and (tmp_path / "new" / "dir" / "run.json").exists(), r.output
+    assert temp_files(tmp_path / "new") == []
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_manifest_is_moved_aside_and_the_run_goes_on(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                               damage: str) -> None:
+    """A damaged manifest gave "unexpected error: DatabaseError: file is not a database" every night."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 2, size=(16, 16))
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == EXIT_OK, r.output
+    path = out / ".geoseg" / "manifest.sqlite"
+    if damage == "garbage":
+        path.write_text("garbage\n")
+    else:
+        with sqlite3.connect(path) as db:  # pages enough to truncate, then half of them cut off
+            db.executemany("INSERT INTO meta VALUES (?, ?)", [(f"pad{i}", "x" * 2000) for i in range(40)])
+        db.close()
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.truncate(size // 2)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
+    assert r.exit_code == EXIT_OK and "is damaged" in r.output and r.stdout.count("run\t") == 2, r.output
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == EXIT_OK and "is damaged" in r.output and "moved it to manifest.sqlite.corrupt-" in r.output
+    assert r.output.count(" ok ") == 2 and len(list((out / ".geoseg").glob("manifest.sqlite.corrupt-*"))) == 1
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
+    assert r.stdout.count("skip\t") == 2 and "damaged" not in r.output, r.output
