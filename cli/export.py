@@ -22,7 +22,8 @@ def export(model: str | None, weights: Path | None, card: Path | None, out: Path
 
     The folder holds model.json (Paddle 3.x; model.pdmodel with 2.x), model.pdiparams and a
     deploy.yaml laid out like PaddleSeg's, with geoseg's model card alongside; run it with
-    'geoseg predict SCENE --model OUT'. Prints the folder on stdout.
+    'geoseg predict SCENE --model OUT'. The folder is built hidden beside OUT and renamed into
+    place when whole (a stopped export leaves no half-written OUT). Prints the folder on stdout.
 
     \b
     Example:

@@ -42,7 +42,7 @@ def _set_values(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 @click.option("--seed", type=int, default=None, help="Random seed.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default=None, help="auto = GPU when available.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
-              help="Continue from a checkpoint (OUT/checkpoints/last.pdparams or its folder).")
+              help="Continue from a checkpoint (OUT/checkpoints/last.pdparams or its folder); finishes a stopped run.")
 @click.option("--set", "sets", multiple=True, callback=_set_values, metavar="KEY=VALUE",
               help="Override any config key (repeatable), e.g. --set class_weights=auto --set schedule=cosine.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out: its weights, logs and checkpoint are removed first "
@@ -55,8 +55,9 @@ def train(ctx: click.Context, config: Path, image: Path | None, labels: Path | N
     """Train a model as the YAML CONFIG says; options and --set override its keys.
 
     Writes OUT/weights.pdparams and its model card OUT/weights.yaml (best checkpoint by
-    validation mIoU), OUT/checkpoints/last.* for --resume, and OUT/train_log.csv/.json.
-    Prints the weights path on stdout.
+    validation mIoU) when the run finishes, OUT/checkpoints/ (last.*, best.pdparams) for
+    --resume, which also finishes a stopped run, and OUT/train_log.csv/.json. A folder another
+    run is training into is refused. Prints the weights path on stdout.
 
     \b
     Example:

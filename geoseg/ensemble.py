@@ -133,6 +133,10 @@ def combine_models(
         class_prior=prior,
         adapt_prior=first.adapt_prior and prior is not None,
     )
+    # The old card goes first and the new one comes last: a run stopped in between leaves the new
+    # weights without a card (which predict refuses, naming the missing card), never beside the old
+    # card of other members (which, with the same member count, would load them silently).
+    card_path.unlink(missing_ok=True)
     save_weights(ensemble, weights_path, dtype="float16" if half else None)
     card.save(card_path)
     log.info("wrote the %d-member ensemble %s (%s)", len(members), card_path, card.name)

@@ -23,15 +23,20 @@ the card (its per-dtype ``scale`` table) when the ``geoseg`` section is present.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
+import secrets
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from geoseg.atomic import atomic_write_text
+from geoseg.atomic import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, is_alive
 from geoseg.card import PALETTE, ClassInfo, ModelCard, Normalization
 from geoseg.config import load_yaml_mapping
 from geoseg.errors import ModelError, ParameterError
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 
 OutputOp = Literal["none", "softmax", "argmax"]
 DEPLOY_FILE = "deploy.yaml"
+#: What an export folder holds (``--overwrite`` replaces a folder of these only).
+EXPORT_FILES = ("model.json", "model.pdmodel", "model.pdiparams", "model.pdiparams.info", DEPLOY_FILE)
 
 __all__ = ["DEPLOY_FILE", "export_model_dir", "load_exported", "parse_classes"]
 
@@ -77,39 +84,118 @@ def export_model_dir(
 
     if output_op not in _OUTPUT_FOR_OP:
         raise ParameterError(f"output_op {output_op!r}: choose none, softmax or argmax")
-    out = Path(out)
+    given = out = Path(out)
+    if out.is_symlink() and out.is_dir():
+        out = out.resolve()  # the link's folder is the export's place: replacing the link would leave it stale
+    out = Path(os.path.abspath(out))  # "." and "a/.." have a name and a parent to build beside
+    if out.parent.is_dir():
+        _clean_leftovers(out)
     if out.exists() and not out.is_dir():
         raise ParameterError(f"export target {out} is a file: give a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ParameterError(f"export folder {out} is not empty: choose another or pass --overwrite")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ParameterError(f"export folder {out} is not empty: choose another or pass --overwrite")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+        if foreign:  # --overwrite replaces the whole folder: never what the user keeps there
+            raise ParameterError(f"export folder {out} holds more than an export ({', '.join(foreign[:3])}"
+                                 f"{' ...' if len(foreign) > 3 else ''}): --overwrite would remove it; move those "
+                                 "files or choose another --out")
     net = build_layer(ModelSource(card=card, weights=Path(weights) if weights else None, layer=layer))
     if output_op != "none":
         net = with_output_op(net, output_op)
+    # Built in a hidden folder beside ``out`` and renamed into place when whole: a killed export
+    # leaves only that folder (removed by the next export to ``out``), never a half-written one
+    # under the real name that predict would misread and a new export would refuse as not empty.
+    tmp = _temp_folder(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)  # as train and ensemble make their --out
+        out.parent.mkdir(parents=True, exist_ok=True)  # as train and ensemble make their --out
+        tmp.mkdir()
     except OSError as exc:
         raise ParameterError(f"cannot create export folder {out}: {exc.strerror or exc}") from None
-    for old in ("model.json", "model.pdmodel", "model.pdiparams"):
-        (out / old).unlink(missing_ok=True)
-    export_model(net, out / "model", card.in_channels)
-    program, params = find_model_files(out)
-    deploy = {
-        "Deploy": {
-            "model": program.name,
-            "params": params.name,
-            "transforms": [{
-                "type": "Normalize",
-                "mean": [float(v) for v in card.normalization.mean],
-                "std": [float(v) for v in card.normalization.std],
-            }],
-            "input_shape": [-1, card.in_channels, -1, -1],
-            "output_op": output_op,
-        },
-        "geoseg": {**card.to_dict(), "weights": None, "output_op": output_op},
-    }
-    atomic_write_text(out / DEPLOY_FILE, yaml.safe_dump(deploy, sort_keys=False, default_flow_style=None))
+    try:
+        export_model(net, tmp / "model", card.in_channels)
+        program, params = find_model_files(tmp)
+        deploy = {
+            "Deploy": {
+                "model": program.name,
+                "params": params.name,
+                "transforms": [{
+                    "type": "Normalize",
+                    "mean": [float(v) for v in card.normalization.mean],
+                    "std": [float(v) for v in card.normalization.std],
+                }],
+                "input_shape": [-1, card.in_channels, -1, -1],
+                "output_op": output_op,
+            },
+            "geoseg": {**card.to_dict(), "weights": None, "output_op": output_op},
+        }
+        atomic_write_text(tmp / DEPLOY_FILE, yaml.safe_dump(deploy, sort_keys=False, default_flow_style=None))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info("exported %s to %s (%s + %s + %s)", card.name, out, program.name, params.name, DEPLOY_FILE)
-    return out
+    return given
+
+
+def _temp_folder(out: Path, kind: str = "") -> Path:
+    """A hidden folder name beside ``out`` (same file system, so renames are atomic) that says
+    which process made it: ``.geoseg-<name>.<pid>-<hex>[.old].tmp``."""
+    return out.with_name(f"{TMP_PREFIX}{out.name}.{os.getpid()}-{secrets.token_hex(4)}{kind}{TMP_SUFFIX}")
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove the hidden folders that killed exports to ``out`` left beside it (those of live
+    processes are another export's work in progress and are kept). A previous export that a
+    killed ``--overwrite`` had moved aside but not yet replaced is put back in place."""
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX + out.name)}\.(\d+)-[0-9a-f]{{8}}(\.old)?{re.escape(TMP_SUFFIX)}")
+    for p in sorted(out.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if m is None or not p.is_dir() or p.is_symlink() or is_alive(int(m.group(1))):
+            continue
+        if m.group(2) and not out.exists() and (p / DEPLOY_FILE).is_file():
+            with contextlib.suppress(OSError):
+                os.rename(p, out)
+                log.info("put back the export %s that a stopped export had moved aside", out)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        log.debug("removed %s, left by a stopped export", p)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished export folder ``tmp`` to ``out``: an absent or empty ``out`` is
+    replaced in one rename; an old export is moved aside first, put back if the rename fails,
+    and removed after it."""
+    here = out.is_dir() and os.path.samefile(out, os.getcwd())
+    if not here:
+        try:
+            os.replace(tmp, out)
+            return
+        except OSError:
+            if not out.is_dir():
+                raise
+    if here or not any(out.iterdir()):
+        # The working folder (renaming it away would strand this process and the user's shell in a
+        # deleted folder), or an empty folder that cannot be renamed over: the files move in one by
+        # one, the old deploy.yaml out first and the new one in last, so a stop in between leaves a
+        # folder without deploy.yaml, never a deploy.yaml beside other model files.
+        (out / DEPLOY_FILE).unlink(missing_ok=True)
+        new = {p.name for p in tmp.iterdir()}
+        for name in EXPORT_FILES:
+            if name not in new:
+                (out / name).unlink(missing_ok=True)
+        for p in sorted(tmp.iterdir(), key=lambda p: p.name == DEPLOY_FILE):
+            os.replace(p, out / p.name)
+        tmp.rmdir()
+        return
+    aside = _temp_folder(out, ".old")
+    os.rename(out, aside)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def with_output_op(net: Any, op: str) -> Any:

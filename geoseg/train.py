@@ -12,12 +12,15 @@ Arrays are CHW (image windows, float32 after normalisation) and HW (labels, int6
 *indexes* 0..K-1 with :data:`IGNORE_INDEX` for ignored pixels); batches are NCHW / NHW.
 
 Outputs in ``out``: ``weights.pdparams`` + ``weights.yaml`` (the model card of the best
-checkpoint by validation mIoU), ``checkpoints/last.pdparams|.pdopt|.json`` (for ``resume``),
-``train_log.csv`` and ``train_log.json``.
+checkpoint by validation mIoU; both written when the run finishes, the card last),
+``checkpoints/last.pdparams|.pdopt|.json`` and ``checkpoints/best.pdparams`` (for ``resume``; the
+previous checkpoint is kept as ``prev.*`` until the next one is whole), ``train_log.csv`` and
+``train_log.json``. A lock file (:data:`LOCK_FILE`) keeps a second run out of a folder in use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -30,6 +33,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -69,8 +74,16 @@ SCENE_KEYS = ("image", "labels", "train_region", "val_region", "use", "label_shi
 CLASS_KEYS = ("id", "name", "color")
 #: What ``geoseg train`` writes in its output folder (``--overwrite`` removes these, nothing else).
 RUN_FILES = ("weights.pdparams", "weights.yaml", "train_log.csv", "train_log.json")
-#: What a checkpoint holds in ``OUT/checkpoints`` (``last.json`` is written last and lists the others' digests).
-CHECKPOINT_FILES = ("last.pdparams", "last.ema.pdparams", "last.pdopt", "last.json")
+#: A checkpoint's parts in ``OUT/checkpoints`` (``best.pdparams``: the best weights so far, published
+#: as ``OUT/weights.pdparams`` when the run ends) and the name each is moved to while the next
+#: checkpoint is written: ``last.json``, written last, lists the parts' digests, and resume finds each
+#: part under either name, so a run stopped while saving resumes from the previous checkpoint.
+_PREVIOUS = {"last.pdparams": "prev.pdparams", "last.ema.pdparams": "prev.ema.pdparams", "last.pdopt": "prev.pdopt",
+             "best.pdparams": "prev.best.pdparams"}
+#: What a checkpoint holds in ``OUT/checkpoints``.
+CHECKPOINT_FILES = (*_PREVIOUS, "last.json", *_PREVIOUS.values())
+#: The lock a run holds on its output folder (``fcntl.flock``: the kernel drops it when the process dies).
+LOCK_FILE = ".geoseg-train.lock"
 #: Characters that make a scene's ``image`` a glob pattern (one scene per matching file).
 _GLOB_CHARS = set("*?[")
 #: The card's ``class_prior`` comes from every window of the training region up to this many
@@ -1837,6 +1850,8 @@ class Trainer:
         self.card({}, 0)  # the card's own checks, before anything is written or trained
 
         ckpt_dir = self.out / "checkpoints"
+        self._ckpt_files: dict[str, str] = {}  # last.json's part digests (the checkpoint to keep whole)
+        self._best: tuple[Path, str] | None = None  # the best weights so far and their digest
         start, best_miou, best_it, history = 0, -1.0, -1, []
         best_metrics: dict[str, Any] = {}
         self.ema = _Ema(paddle, model, cfg.ema, cfg.ema_warmup) if cfg.ema > 0 else None
@@ -1854,6 +1869,13 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create output folder {self.out}: {exc.strerror or exc}: choose another --out") from None
+        if self._best is not None and not _same_file(self._best[0].parent, ckpt_dir):  # another run's checkpoint
+            from geoseg.atomic import atomic_output
+
+            ckpt_dir.mkdir(exist_ok=True)
+            with atomic_output(ckpt_dir / "best.pdparams") as tmp:
+                shutil.copyfile(self._best[0], tmp)
+            self._best = (ckpt_dir / "best.pdparams", self._best[1])
 
         ds = WindowDataset(self.train_sets, self.window, (cfg.iterations - start) * cfg.batch_size, seed=cfg.seed,
                            start=start * cfg.batch_size, flips=cfg.flips, rot90=cfg.rot90,
@@ -1924,10 +1946,14 @@ class Trainer:
             bar.close()
         seconds = time.perf_counter() - t0
         weights_path, card_path = self.out / "weights.pdparams", self.out / "weights.yaml"
-        if not weights_path.exists():  # resumed at the end without validation
+        best = self._best[0] if self._best is not None else None
+        if best is None and cfg.resume and best_it >= 0 and weights_path.is_file():
+            best = weights_path  # a checkpoint of geoseg before 2026-11-30: the best weights were published as they came
+        if best is None:  # resumed at the end of such a checkpoint without validation
             with self._averaged(model):
                 self._save_best(model, save_weights, best_metrics, it)
-        self.write_class_prior(weights_path, card_path)
+            best = self._best[0]  # type: ignore[index]
+        self._publish(best, best_metrics, best_it)
         atomic_write_text(self.out / "train_log.json", json.dumps({
             "config": cfg.to_dict(), "best_iteration": best_it,
             "best_validation": best_metrics, "history": history, "seconds": round(seconds, 1),
@@ -1973,14 +1999,13 @@ class Trainer:
         mean = total / max(count, 1)
         return tuple(round(float(v), 6) for v in mean / mean.sum())
 
-    def write_class_prior(self, weights_path: Path, card_path: Path) -> tuple[float, ...]:
-        """Put the saved weights' :meth:`class_prior` into their card."""
+    def write_class_prior(self, weights_path: Path) -> tuple[float, ...]:
+        """The :meth:`class_prior` of the weights saved in ``weights_path`` (for the final card)."""
         from geoseg.models.checkpoints import load_weights
 
         layer = self.configure_model()
         load_weights(layer, weights_path)
         prior = self.class_prior(layer)
-        ModelCard.load(card_path).replace(class_prior=prior, adapt_prior=self.cfg.adapt_prior).save(card_path)
         log.info("class prior over the training region: %s",
                  ", ".join(f"{c.name} {v:.3f}" for c, v in zip(self.classes, prior)))
         return prior
@@ -2041,10 +2066,35 @@ class Trainer:
         """Context in which ``model`` holds the weights to validate and ship (EMA when on)."""
         return self.ema.applied(model) if self.ema is not None else nullcontext()
 
+    def _publish(self, best: Path, metrics: Mapping[str, Any], best_it: int) -> None:
+        """Publish the finished model: ``best`` as ``OUT/weights.pdparams``, then its card with the
+        class prior as ``OUT/weights.yaml``.
+
+        Only a finished run has a card in ``OUT``: one stopped earlier must not leave a model that
+        reads as finished (without its class prior); it is finished with ``--resume``. The old card
+        goes first and the new one comes last, so a card never describes other weights than those
+        beside it (a stop in between leaves weights without a card, which predict refuses).
+        """
+        from geoseg.atomic import atomic_output
+
+        card = self.card(metrics, best_it)  # made (and so checked) before anything is replaced
+        prior = self.write_class_prior(best)
+        card = card.replace(class_prior=prior, adapt_prior=self.cfg.adapt_prior)
+        weights_path, card_path = self.out / "weights.pdparams", self.out / "weights.yaml"
+        card_path.unlink(missing_ok=True)
+        if not _same_file(best, weights_path):
+            with atomic_output(weights_path) as tmp:
+                shutil.copyfile(best, tmp)
+        card.save(card_path)
+
     def _save_best(self, model: Any, save_weights: Any, metrics: Mapping[str, Any], it: int) -> None:
-        card = self.card(metrics, it)  # made (and so checked) first: a card that fails leaves no weights without it
-        save_weights(model, self.out / "weights.pdparams")
-        card.save(self.out / "weights.yaml")
+        """Save the best weights so far as ``checkpoints/best.pdparams`` (published when the run ends);
+        the previous checkpoint's best stays (as ``prev.best.pdparams``) until the next checkpoint."""
+        d = self.out / "checkpoints"
+        d.mkdir(parents=True, exist_ok=True)
+        _set_aside(d, "best.pdparams", self._ckpt_files)
+        save_weights(model, d / "best.pdparams")
+        self._best = (d / "best.pdparams", _digest(d / "best.pdparams"))
 
     def _save_checkpoint(self, d: Path, model: Any, opt: Any, it: int, best: float, best_it: int,
                          history: list[dict[str, Any]], best_metrics: Mapping[str, Any]) -> None:
@@ -2052,43 +2102,61 @@ class Trainer:
         from geoseg.models.checkpoints import save_weights
 
         d.mkdir(parents=True, exist_ok=True)
+        # Each part of the previous checkpoint is moved to its prev.* name before its new version is
+        # written, and last.json, written last, names the digest of each part of this checkpoint:
+        # a run stopped while saving resumes from the previous checkpoint (found under either name).
+        _set_aside(d, "last.pdparams", self._ckpt_files)
         save_weights(model, d / "last.pdparams")
         written = ["last.pdparams"]
         if self.ema is not None:
+            _set_aside(d, "last.ema.pdparams", self._ckpt_files)
             with atomic_output(d / "last.ema.pdparams") as tmp:
                 self.paddle.save(self.ema.state_dict(), str(tmp))
             written.append("last.ema.pdparams")
+        _set_aside(d, "last.pdopt", self._ckpt_files)
         with atomic_output(d / "last.pdopt") as tmp:
             self.paddle.save(_portable_opt_state(model, opt.state_dict(), to_structured=True), str(tmp))
         written.append("last.pdopt")
-        # last.json, written last, names the digest of each file of this checkpoint: a run stopped
-        # between the writes leaves files that disagree with it, which resume refuses
+        files = {name: _digest(d / name) for name in written}
+        if self._best is not None:
+            files["best.pdparams"] = self._best[1]
         atomic_write_text(d / "last.json", json.dumps({
             "iteration": it, "best_miou": best, "best_iteration": best_it, "config": self.cfg.to_dict(),
-            "history": history, "best_validation": dict(best_metrics),
-            "files": {name: _digest(d / name) for name in written},
+            "history": history, "best_validation": dict(best_metrics), "files": files,
         }, default=_json_default))
+        self._ckpt_files = files
 
     def _resume(self, path: Path, model: Any, opt: Any) -> tuple[int, float, int, list[dict[str, Any]], dict[str, Any]]:
         from geoseg.models.checkpoints import load_weights
 
-        if path.is_dir():
-            path = path / "last.pdparams" if (path / "last.pdparams").exists() else path / "checkpoints" / "last.pdparams"
-        meta_path = path.with_suffix(".json")
-        if not path.is_file() or not meta_path.is_file():
+        d = _checkpoint_folder(path)
+        path, meta_path = d / "last.pdparams", d / "last.json"
+        if not meta_path.is_file():
             raise ParameterError(f"resume: no checkpoint at {path} (expected last.pdparams and last.json from a run)")
         state = json.loads(meta_path.read_text())
-        for name, digest in dict(state.get("files") or {}).items():  # checkpoints of older versions list none
-            part = path.with_name(name)
-            if not part.is_file() or _digest(part) != digest:
-                raise ParameterError(f"resume: the checkpoint in {path.parent} is inconsistent ({name} is not the one "
-                                     f"{meta_path.name} was saved with: the run was stopped while saving it): train "
+        files = dict(state.get("files") or {})  # checkpoints of older versions list none
+        parts: dict[str, Path] = {}
+        for name, digest in files.items():
+            found = [p for p in (d / name, d / _PREVIOUS.get(name, name)) if p.is_file() and _digest(p) == digest]
+            if not found:
+                raise ParameterError(f"resume: the checkpoint in {d} is inconsistent ({name} is not the one "
+                                     f"{meta_path.name} was saved with, and no earlier copy is left): train "
                                      "anew with --overwrite")
+            parts[name] = found[0]
+        path = parts.get("last.pdparams", path)
+        if not path.is_file():
+            raise ParameterError(f"resume: no checkpoint at {path} (expected last.pdparams and last.json from a run)")
+        if any(p.name != name for name, p in parts.items()):
+            log.warning("resuming from the checkpoint of iteration %s: the run was stopped while saving the next one",
+                        state.get("iteration"))
         load_weights(model, path)
-        opt_path = path.with_suffix(".pdopt")
+        opt_path = parts.get("last.pdopt", d / "last.pdopt")
         if opt_path.is_file():
             opt.set_state_dict(_portable_opt_state(model, self.paddle.load(str(opt_path)), to_structured=False))
-        ema_path = path.with_name("last.ema.pdparams")
+        ema_path = parts.get("last.ema.pdparams", d / "last.ema.pdparams")
+        self._ckpt_files = files
+        if "best.pdparams" in parts:
+            self._best = (parts["best.pdparams"], files["best.pdparams"])
         if self.ema is not None:
             if not ema_path.is_file():
                 raise ParameterError(f"resume: {path.parent} has no EMA weights (last.ema.pdparams); "
@@ -2272,11 +2340,21 @@ def _remove_run(out: Path) -> None:
 
 
 def _checkpoint_folder(resume: str | Path) -> Path:
-    """The folder of the checkpoint ``resume`` names (as :meth:`Trainer._resume` finds it)."""
+    """The folder of the checkpoint ``resume`` names (the folder, a run's folder or a file in it)."""
     p = Path(resume)
     if p.is_dir():
-        return p if (p / "last.pdparams").exists() else p / "checkpoints"
+        return p if (p / "last.json").exists() or (p / "last.pdparams").exists() else p / "checkpoints"
     return p.parent
+
+
+def _set_aside(d: Path, name: str, files: Mapping[str, str]) -> None:
+    """Before ``d/name`` is replaced: move it to its ``prev.*`` name when it is the part that the
+    last whole checkpoint (``files``: its ``last.json``'s digests) lists, so that checkpoint stays
+    whole until the new ``last.json`` is written (a part of a checkpoint that was never finished is
+    simply replaced)."""
+    p = d / name
+    if files.get(name) and p.is_file() and _digest(p) == files[name]:
+        os.replace(p, d / _PREVIOUS[name])
 
 
 def _plain_region(spec: Any) -> Any:
@@ -2307,9 +2385,10 @@ def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | 
           overwrite: bool = False) -> TrainResult:
     """Train a model as configured (see :class:`Trainer`).
 
-    A folder ``cfg.out`` that already holds a run (its weights or last checkpoint) is refused
-    before anything is read, unless ``overwrite`` or the run resumes (``cfg.resume``): a finished
-    model is not replaced by accident.
+    A folder ``cfg.out`` that already holds a run (its weights or checkpoint) is refused before
+    anything is read, unless ``overwrite`` or the run resumes (``cfg.resume``): a finished model is
+    not replaced by accident. The run holds a lock on ``cfg.out`` (:data:`LOCK_FILE`) from that
+    check to its end: a second run into the same folder is refused at once.
     """
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -2317,8 +2396,68 @@ def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | 
     above = file_above(out)
     if above is not None:
         raise OutputError(f"--out {out}: {above} is a file, not a folder: choose another --out")
-    weights, last = out / "weights.pdparams", out / "checkpoints" / "last.pdparams"
-    held = [p.relative_to(out).as_posix() for p in (weights, last) if p.exists()]
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {out}: {exc.strerror or exc}: choose another --out") from None
+    with _run_lock(out):
+        try:
+            return _train_locked(cfg, out, progress, overwrite)
+        except BaseException:
+            if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:  # failed before writing: leave no folder
+                with contextlib.suppress(OSError):
+                    (out / LOCK_FILE).unlink()
+                    out.rmdir()
+            raise
+
+
+@contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``out/``:data:`LOCK_FILE` (kept, emptied at the end), or raise
+    :class:`OutputError` naming the run that holds it. The kernel drops the lock when its process
+    dies (even by ``kill -9``), so a dead run's lock is never in the way."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    path = out / LOCK_FILE
+    for _ in range(3):  # a lock file removed by a run that failed before writing is made anew
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot create the lock file {path}: {exc.strerror or exc}: choose another --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "starting"
+            os.close(fd)
+            raise OutputError(f"{out} is in use by another geoseg train run ({holder}): wait for it to end or choose "
+                              "another --out") from None
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    else:
+        raise OutputError(f"cannot lock {path}: it keeps being removed: choose another --out")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _train_locked(cfg: TrainConfig, out: Path, progress: Callable[[int, dict[str, float]], None] | None,
+                  overwrite: bool) -> TrainResult:
+    """:func:`train` once it holds ``out``'s lock."""
+    weights, last = out / "weights.pdparams", out / "checkpoints" / "last.json"
+    best = out / "checkpoints" / "best.pdparams"
+    held = [p.relative_to(out).as_posix() for p in (weights, last, best) if p.exists()]
     # resuming this folder's own checkpoint (its own run) may write over that run; another run's may not
     own = bool(cfg.resume) and _same_file(_checkpoint_folder(cfg.resume), out / "checkpoints")
     if held and not overwrite and cfg.resume and not own:
@@ -2331,8 +2470,7 @@ def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | 
         if weights.exists() and not card.exists():
             held[0] = f"{weights.name} without {card.name}"
         done = weights.exists() and card.exists() and (out / "train_log.json").exists()
-        resume = (f", continue it with --resume {last.parent}" if last.exists() and last.with_suffix(".json").exists()
-                  else "")
+        resume = f", continue it with --resume {last.parent}" if last.exists() else ""
         raise ParameterError(f"{out} already holds {'a trained' if done else 'an unfinished'} run ({', '.join(held)}): "
                              f"choose another --out{resume}, or pass --overwrite to replace it")
     return Trainer(cfg, progress).fit(replace=overwrite and not own)

@@ -12,7 +12,7 @@ from tests.conftest import write_raster
 
 paddle = pytest.importorskip("paddle")
 
-from geoseg.card import default_card
+from geoseg.card import ModelCard, default_card
 from geoseg.engine import ModelSource, PredictOptions, build_layer, segment_scene
 from geoseg.ensemble import combine_models, member_source
 from geoseg.errors import ModelError, OutputExistsError
@@ -170,3 +170,31 @@ def test_train_refuses_members(tmp_path: Path) -> None:
 
     with pytest.raises(ParameterError, match="geoseg ensemble"):
         TrainConfig.from_mapping({"image": "x.tif", "labels": "y.tif", "model": "unet", "params": {"members": 3}})
+
+
+def test_a_stopped_overwrite_never_leaves_new_weights_beside_the_old_card(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The weights and the card were replaced one by one: a kill right after the new weights landed left
+    # them beside the old card (the old members' list and prior), loaded silently with the same member count.
+    import os
+
+    from geoseg.engine import resolve_model
+
+    a, b, c = _run(tmp_path / "a", 0), _run(tmp_path / "b", 1), _run(tmp_path / "c", 2)
+    combine_models([a, b], tmp_path / "e")
+    real_replace = os.replace
+
+    def killed_after_the_weights(src: object, dst: object) -> None:
+        real_replace(src, dst)
+        if Path(str(dst)).name == "weights.pdparams":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed_after_the_weights)
+        with pytest.raises(KeyboardInterrupt):
+            combine_models([a, c], tmp_path / "e", overwrite=True)
+    assert not (tmp_path / "e" / "weights.yaml").exists()
+    with pytest.raises(ModelError, match="no model card for weights.pdparams"):
+        resolve_model(None, tmp_path / "e" / "weights.pdparams")
+    card = ModelCard.load(combine_models([a, c], tmp_path / "e", overwrite=True))
+    assert card.training["members"] == [str(a / "weights.pdparams"), str(c / "weights.pdparams")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ paddle = pytest.importorskip("paddle")
 
 from geoseg.card import ModelCard
 from geoseg.engine import ModelSource, PredictOptions, build_layer, segment_scene
-from geoseg.errors import ModelError
+from geoseg.errors import ModelError, ParameterError
 from geoseg.exported import export_model_dir, load_exported, parse_classes
 
 
@@ -168,3 +169,102 @@ def test_load_exported_paddleseg_card_and_classes(tiny_unet: tuple[Path, Path], 
     with pytest.raises(ModelError, match="--classes"):
         load_exported(folder)
     assert [c.name for c in parse_classes("a, b")] == ["a", "b"]  # type: ignore[union-attr]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_stopped_export_leaves_nothing_under_the_target_name(tiny_unet: tuple[Path, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, runner) -> None:  # type: ignore[no-untyped-def]
+    # The export used to be written straight into --out: a kill after model.json left a folder that
+    # predict took for a PaddleSeg export and a new export refused as not empty.
+    import geoseg.models.inference as inference
+    from geoseg.atomic import TMP_PREFIX
+    from geoseg_cli.main import cli
+
+    weights, card_path = tiny_unet
+    card = ModelCard.load(card_path)
+    real = inference.export_model
+
+    def killed(net: object, prefix: Path, channels: int) -> Path:
+        real(net, prefix, channels)
+        Path(f"{prefix}.pdiparams").write_bytes(b"trunc")
+        raise KeyboardInterrupt  # as SIGTERM/Ctrl-C arrive, mid-write
+
+    with monkeypatch.context() as m:
+        m.setattr(inference, "export_model", killed)
+        with pytest.raises(KeyboardInterrupt):
+            export_model_dir(card, weights, tmp_path / "e")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # a SIGKILL leaves the hidden folder: the next export to that target removes it (not another target's,
+    # nor one a running export is writing)
+    dead, live = _dead_pid(), os.getppid()
+    left = [tmp_path / f"{TMP_PREFIX}e.{dead}-0123abcd.tmp", tmp_path / f"{TMP_PREFIX}e2.{dead}-0123abcd.tmp",
+            tmp_path / f"{TMP_PREFIX}e.{live}-89abcdef.tmp"]
+    for d in left:
+        d.mkdir()
+        (d / "model.json").write_text("{")
+    r = runner.invoke(cli, ["-q", "export", "--weights", str(weights), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["e", left[1].name, left[2].name])
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["deploy.yaml", "model.json", "model.pdiparams"]
+    assert load_exported(tmp_path / "e").card.classes == card.classes
+
+
+def test_overwrite_replaces_an_export_whole_or_not_at_all(tiny_unet: tuple[Path, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import geoseg.models.inference as inference
+    from geoseg.atomic import TMP_PREFIX
+
+    weights, card_path = tiny_unet
+    card = ModelCard.load(card_path)
+    out = tmp_path / "e"
+    out.mkdir()  # an existing empty folder is an export target like an absent one
+    assert export_model_dir(card, weights, out) == out and load_exported(out).output == "logits"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def stopped(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(inference, "export_model", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            export_model_dir(card, weights, out, output_op="softmax", overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+    export_model_dir(card, weights, out, output_op="softmax", overwrite=True)
+    assert load_exported(out).output == "probs" and sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+    # a previous export moved aside by a killed --overwrite, the new one not yet in: put back
+    aside = tmp_path / f"{TMP_PREFIX}e.{_dead_pid()}-0123abcd.old.tmp"
+    out.rename(aside)
+    with pytest.raises(ParameterError, match="is not empty"):
+        export_model_dir(card, weights, out)
+    assert load_exported(out).output == "probs" and sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+    # --overwrite replaces the whole folder: one holding other files is refused, nothing removed
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ParameterError, match=r"holds more than an export \(notes.txt\)") as e:
+        export_model_dir(card, weights, out, overwrite=True)
+    assert "\n" not in str(e.value) and (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_of_the_working_folder_keeps_it(tiny_unet: tuple[Path, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Swapping folders would leave the process (and the user's shell) in a deleted folder: `--out .`
+    # gets its files replaced in place instead, deploy.yaml last.
+    weights, card_path = tiny_unet
+    card = ModelCard.load(card_path)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    export_model_dir(card, weights, ".")
+    ino = here.stat().st_ino
+    export_model_dir(card, weights, ".", output_op="argmax", overwrite=True)
+    assert here.stat().st_ino == ino and Path.cwd() == here and load_exported(here).output == "labels"
+    assert sorted(p.name for p in here.iterdir()) == ["deploy.yaml", "model.json", "model.pdiparams"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]

@@ -463,15 +463,18 @@ def test_a_failed_run_s_folder_is_described_as_it_is(scene: tuple[Path, Path], t
         m.setattr(Trainer, "_save_checkpoint", no_space)
         with pytest.raises(OSError):
             train(_cfg(scene, out, iterations=2))
-    assert (out / "weights.pdparams").is_file() and not (out / "checkpoints").exists()
+    # the best weights so far wait under checkpoints/ (only a finished run has weights and a card in OUT)
+    assert (out / "checkpoints" / "best.pdparams").is_file() and not (out / "weights.pdparams").exists()
+    assert not (out / "checkpoints" / "last.json").exists()
     with pytest.raises(ParameterError) as e:
         train(_cfg(scene, out, iterations=2))
     msg = str(e.value)
-    assert "an unfinished run" in msg and "another --out" in msg and "--overwrite" in msg, msg
+    assert "an unfinished run (checkpoints/best.pdparams)" in msg and "another --out" in msg and "--overwrite" in msg, msg
     assert "--resume" not in msg and "\n" not in msg
     # weights without their card (a run killed between the two writes): unfinished, said so
-    (out / "weights.yaml").unlink()
-    with pytest.raises(ParameterError, match=r"unfinished run \(weights.pdparams without weights.yaml\): choose "
+    (out / "weights.pdparams").write_bytes((out / "checkpoints" / "best.pdparams").read_bytes())
+    with pytest.raises(ParameterError, match=r"unfinished run \(weights.pdparams without weights.yaml, "
+                                             r"checkpoints/best.pdparams\): choose "
                                              r"another --out, or pass --overwrite") as e:
         train(_cfg(scene, out, iterations=2))
     assert "--resume" not in str(e.value)
@@ -1460,32 +1463,45 @@ def test_overwrite_removes_the_old_run_before_the_new_one_writes(scene: tuple[Pa
     assert (out / "notes.txt").read_text() == "mine" and (out / "weights.bak").read_text() == "mine too"
 
 
-def test_a_checkpoint_whose_files_disagree_is_refused(scene: tuple[Path, Path], tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    # A kill between the checkpoint's files left new weights beside the previous iteration's counters.
+@pytest.mark.parametrize(("part", "landed"), [("last.pdparams", False), ("last.pdparams", True),
+                                              ("last.ema.pdparams", False), ("last.pdopt", False), ("last.pdopt", True),
+                                              ("last.json", False), ("best.pdparams", False), ("best.pdparams", True)])
+def test_a_run_stopped_while_saving_a_checkpoint_resumes_from_the_previous_one(
+        scene: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, part: str, landed: bool) -> None:
+    # The checkpoint's files used to be replaced one by one: a kill between them left new weights beside
+    # the previous iteration's last.json, which resume refused ("train anew"): all progress lost.
+    import os
+
     out = tmp_path / "run"
-    real_save = paddle.save
+    kw = {"iterations": 4, "val_every": 1, "val_region": None, "ema": 0.5}
+    real_replace = os.replace
     calls = {"n": 0}
 
-    def killed_on_the_second_optimizer_state(obj: object, path: str, *a: object, **k: object) -> None:
-        if "pdopt" in str(path):
+    def killed_on_the_second(src: object, dst: object) -> None:
+        if Path(str(dst)).name == part:
             calls["n"] += 1
             if calls["n"] == 2:
+                if landed:
+                    real_replace(src, dst)
                 raise KeyboardInterrupt
-        real_save(obj, path, *a, **k)
+        real_replace(src, dst)
 
     with monkeypatch.context() as m:
-        m.setattr(paddle, "save", killed_on_the_second_optimizer_state)
+        m.setattr(os, "replace", killed_on_the_second)
         with pytest.raises(KeyboardInterrupt):
-            train(_cfg(scene, out, iterations=4, val_every=1))
-    with pytest.raises(ParameterError, match=r"resume: the checkpoint in .* is inconsistent \(last.pdparams is not "
-                                             r"the one last.json was saved with") as e:
-        train(_cfg(scene, out, iterations=4, val_every=1, resume=str(out / "checkpoints")))
+            train(_cfg(scene, out, **kw))
+    assert calls["n"] == 2
+    assert not (out / "weights.yaml").exists()  # an interrupted run leaves no card that reads as finished
+    res = train(_cfg(scene, out, resume=str(out / "checkpoints"), **kw))
+    assert [r["iteration"] for r in res.history] == [1, 2, 3, 4]
+    assert ModelCard.load(res.card).class_prior is not None
+    # parts that disagree with last.json under both names are still refused, in one line
+    for name in ("last.pdopt", "prev.pdopt"):
+        (out / "checkpoints" / name).write_bytes(b"not this one")
+    with pytest.raises(ParameterError, match=r"resume: the checkpoint in .* is inconsistent \(last.pdopt is not "
+                                             r"the one last.json was saved with, and no earlier copy is left") as e:
+        train(_cfg(scene, out, resume=str(out / "checkpoints"), **{**kw, "iterations": 5}))
     assert "\n" not in str(e.value)
-    # a checkpoint written by the current code resumes
-    train(_cfg(scene, tmp_path / "c", iterations=2, val_every=1))
-    res = train(_cfg(scene, tmp_path / "c", iterations=3, val_every=1, resume=str(tmp_path / "c" / "checkpoints")))
-    assert res.iterations == 3
 
 
 def test_resuming_another_run_into_a_folder_holding_a_run_is_refused(scene: tuple[Path, Path], tmp_path: Path) -> None:
@@ -1540,3 +1556,61 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_training(scene: tup
     with caplog.at_level("WARNING", logger="geoseg"):
         train(_cfg(scene, tmp_path / "w", iterations=1))
     assert "more than the" in caplog.text and (tmp_path / "w" / "weights.pdparams").exists()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(scene: tuple[Path, Path], tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    # Two runs started together into one --out both passed the "already holds a run" check and wrote
+    # over each other (interleaved train_log.csv, one result silently lost).
+    import fcntl
+    import os
+
+    from geoseg.errors import OutputError
+    from geoseg.train import LOCK_FILE
+    from geoseg_cli.main import cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # as another run holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"pid 1 on elsewhere since 09:00\n")
+        with pytest.raises(OutputError, match=r"run is in use by another geoseg train run \(pid 1 on elsewhere since "
+                                              r"09:00\): wait for it to end or choose another --out"):
+            train(_cfg(scene, out, iterations=2))
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(_cfg(scene, out, iterations=2).to_dict()))
+        r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml")])
+        assert r.exit_code == 1 and "in use by another geoseg train run" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written
+    finally:
+        os.close(fd)  # the holder ends (or dies: the kernel drops its lock alike)
+    res = train(_cfg(scene, out, iterations=2))
+    assert res.weights.is_file() and (out / LOCK_FILE).read_text() == ""
+    # a run refused before writing into a folder it made leaves no folder
+    with pytest.raises(GridMismatchError):
+        train(_cfg(scene, tmp_path / "new", labels=str(write_raster(tmp_path / "l.tif", np.ones((9, 9), np.uint8)))))
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_stopped_end_of_run_never_leaves_new_weights_beside_the_old_card(scene: tuple[Path, Path], tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # The final weights and card were published one by one: a stop between them left a card that
+    # describes other weights (here: the 2-iteration run's card beside the 3-iteration weights).
+    import os
+
+    out = tmp_path / "run"
+    train(_cfg(scene, out, iterations=2, val_region=None))
+    real_replace = os.replace
+
+    def stopped_after_the_weights(src: object, dst: object) -> None:
+        real_replace(src, dst)
+        if Path(str(dst)) == out / "weights.pdparams":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", stopped_after_the_weights)
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(scene, out, iterations=3, val_region=None, resume=str(out / "checkpoints")))
+    assert (out / "weights.pdparams").is_file() and not (out / "weights.yaml").exists()
+    res = train(_cfg(scene, out, iterations=3, val_region=None, resume=str(out / "checkpoints")))
+    assert ModelCard.load(res.card).training["best_iteration"] == 3
