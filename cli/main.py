@@ -132,26 +132,25 @@ def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if ctx.invoked_subcommand in _PADDLE_COMMANDS and not {"-h", "--help"} & set(ctx.args):
-        # SIGTERM is held back while paddle loads (about a second): paddle's own handler, installed
-        # during the import, printed a C++ "FatalError" dump and died by the signal, and a few
-        # signals at that moment hung the process for good. Threads paddle starts inherit the block;
-        # once geoseg's handler is set, a signal held back is delivered to it (a clean exit 143).
-        block = hasattr(signal, "pthread_sigmask")
+    block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    try:
+        if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+            return
+        previous = signal.getsignal(signal.SIGTERM)
         if block:
+            # SIGTERM is held back while paddle loads (about a second; the console script holds it back
+            # from its first line, see geoseg_cli.main): paddle's own handler, installed during the
+            # import, printed a C++ "FatalError" dump and died by the signal, and a few signals at that
+            # moment hung the process for good. Threads started meanwhile inherit the block; once
+            # geoseg's handler is set, a signal held back reaches it (a clean exit 143).
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
+        if ctx.invoked_subcommand in _PADDLE_COMMANDS and not {"-h", "--help"} & set(ctx.args):
             _import_paddle_first()
-        finally:
-            signal.signal(signal.SIGTERM, _on_sigterm)
-            if block:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    else:
         signal.signal(signal.SIGTERM, _on_sigterm)
-    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+    finally:
+        if block:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:

@@ -912,3 +912,29 @@ def test_a_deleted_working_folder_is_said_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "the current folder no longer exists" in lines[0] and "cd " in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_at_any_moment_of_the_start_is_a_clean_exit(tmp_path: Path) -> None:
+    """The console script holds SIGTERM back from its first line until geoseg's handler is set: in the
+    first second (imports, paddle loading) a SIGTERM met paddle's handler in a thread an import had
+    started (a C++ "FatalError" dump, death by the signal, now and then a hang)."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import SAMPLE_DATA
+
+    script = Path(sys.executable).parent / "geoseg"
+    if not script.exists():
+        pytest.skip("the geoseg console script is not installed beside this Python")
+    scene = SAMPLE_DATA / "nc_landsat7" / "image_6band_uint8.tif"
+    for i, delay in enumerate((0.05, 0.4, 0.8, 1.2)):
+        proc = subprocess.Popen([str(script), "predict", str(scene), "--model", "unet", "--out", str(tmp_path / f"o{i}")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, (delay, proc.returncode, err[-1500:])
+        assert "FatalError" not in err and "Traceback" not in err, (delay, err[-1500:])
+        assert not list(tmp_path.glob(f"o{i}/*landcover*")), delay
