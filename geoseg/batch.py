@@ -1027,6 +1027,11 @@ def run_batch(
             return _run_locked(scenes, out, model, source, model_key, params_json, options, batch, manifest, client, t0)
         finally:
             manifest.close()
+            # a Dask worker that died mid-scene left its staging file (the scene itself was redone on
+            # another worker): gone at the end of this run, not of the next (only dead writers' files)
+            removed = clean_temp_files(out)
+            if removed:
+                log.info("removed %d temp file(s) of workers that died during this run", len(removed))
     finally:
         lock.release()
 

@@ -961,3 +961,35 @@ def test_a_damaged_manifest_is_moved_aside_and_the_run_goes_on(runner, tiny_unet
     assert r.output.count(" ok ") == 2 and len(list((out / ".geoseg").glob("manifest.sqlite.corrupt-*"))) == 1
     r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
     assert r.stdout.count("skip\t") == 2 and "damaged" not in r.output, r.output
+
+
+def test_a_dead_writer_s_temp_file_is_gone_at_the_end_of_the_run(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Dask worker killed mid-scene left its staging file in DIR after a run that otherwise ended
+    well (the scene was redone on another worker): the run removes dead writers' temp files at its end."""
+    import subprocess
+    import sys
+
+    import geoseg.batch as gb
+    from geoseg.atomic import temp_name
+
+    arch = tmp_path / "arch"
+    make_archive(arch, 2)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    planted: list[Path] = []
+    run_scene = gb.run_scene
+
+    def dying_worker(scene, out_dir, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not planted:  # what a worker killed while writing this scene leaves
+            t = temp_name(Path(out_dir) / f"{Path(scene.key).stem}_landcover.tif").with_suffix(".staging.tif")
+            dead = t.with_name(t.name.replace(f"-{os.getpid()}-", f"-{proc.pid}-"))
+            dead.write_bytes(b"half a file")
+            planted.append(dead)
+        return run_scene(scene, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(gb, "run_scene", dying_worker)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == EXIT_OK, r.output
+    assert planted and not planted[0].exists() and temp_files(out) == []
