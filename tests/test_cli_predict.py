@@ -899,7 +899,6 @@ m.cli(["predict", sys.argv[1], "--model", "unet"])
 def test_a_deleted_working_folder_is_said_in_one_line(tmp_path: Path) -> None:
     """A cron job whose folder was removed: paddle's import failed with "partially initialized module
     'paddle' has no attribute 'tensor'", even for absolute paths."""
-    import shutil
     import subprocess
 
     gone = tmp_path / "gone"
@@ -907,8 +906,7 @@ def test_a_deleted_working_folder_is_said_in_one_line(tmp_path: Path) -> None:
     script = f"import os, sys; os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); " \
              "import geoseg_cli.main as m; m.cli(['info', sys.argv[1]])"
     src = rgb(tmp_path)
-    exe = shutil.which("python") or sys.executable
-    proc = subprocess.run([exe, "-c", script, str(src)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script, str(src)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "the current folder no longer exists" in lines[0] and "cd " in lines[0], proc.stderr
