@@ -426,6 +426,20 @@ class VectorData:
     crs: Any
 
 
+def _feature_layer(path: Path) -> str | None:
+    """The one layer of ``path`` with geometries, when the file has other tables besides it (a
+    GeoPackage's ``layer_styles``, which geoseg writes into its own): pyogrio read the first and
+    warned "More than one layer found" for every GeoPackage geoseg made. None: pyogrio's default."""
+    import pyogrio
+
+    try:
+        layers = pyogrio.list_layers(path)
+    except Exception:  # noqa: BLE001 - unreadable: the read itself says so
+        return None
+    spatial = [str(name) for name, geometry in layers if geometry and str(name) != "layer_styles"]
+    return spatial[0] if len(layers) > 1 and len(spatial) == 1 else None
+
+
 def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: str) -> VectorData:
     """Read a vector file (any format pyogrio reads) with its geometries in ``crs``.
 
@@ -447,7 +461,7 @@ def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: 
     if not path.exists():
         raise ParameterError(missing)
     try:
-        info, _, wkb, values = pyogrio.raw.read(path)
+        info, _, wkb, values = pyogrio.raw.read(path, layer=_feature_layer(path))
     except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
         raise ParameterError(f"{unreadable}: {str(exc).splitlines()[0]}") from None
     geoms = shapely.from_wkb(wkb)

@@ -507,3 +507,19 @@ def test_predict_whose_polygons_fail_keeps_its_whole_mask_and_says_how_to_go_on(
     with rasterio.open(out / "s_landcover.tif") as ds:  # whole: every pixel classified
         assert (ds.read(1) == class_image(80, 80, 2) + 1).all()
     assert sorted(p.suffix for p in out.iterdir()) == [".qml", ".tif", ".xml"]
+
+
+def test_geoseg_s_own_geopackage_reads_back_without_a_layer_warning(tmp_path: Path) -> None:
+    """geoseg's GeoPackages hold a layer_styles table beside the polygons: reading one back (evaluate
+    --reference, --aoi, polygon labels) printed pyogrio's "More than one layer found" each time."""
+    import warnings
+
+    from geoseg.io import read_vector
+
+    path = write_mask(tmp_path / "m.tif", class_array())
+    res = vec.vectorize_mask(path, tmp_path / "m.gpkg")
+    assert [str(n) for n, _ in pyogrio.list_layers(res.path)] == ["landcover", "layer_styles"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = read_vector(res.path, None, missing="missing", unreadable="unreadable")
+    assert len(data.geoms) == res.polygons > 0
