@@ -80,22 +80,23 @@ def _crs_code(crs_wkt: str) -> str:
 def _group_names(keys: Sequence[tuple[str, float, float, tuple[int, int], str]]) -> list[str]:
     """One file stem per group: ``landcover`` alone, else ``landcover`` + what tells the groups apart.
 
-    ``_<crs>_<size>`` when CRSs or pixel sizes differ, ``_classes<hash>`` when class tables differ,
-    ``_grid<x>x<y>`` (the origin's phase in thousandths of a pixel) when grids are not aligned.
+    ``_<crs>_<size>`` when CRSs or pixel sizes differ, ``_classes<hash>`` when class tables differ
+    among groups of one CRS and size, ``_grid<x>x<y>`` (the origin's phase in thousandths of a pixel)
+    when grids of one CRS, size and class table are not aligned: each part only where it tells
+    groups apart (a 28.5 m and a 10 m group were also named by their grids' phases).
     """
     if len(keys) <= 1:
         return [MOSAIC_STEM] * len(keys)
     by_grid = len({k[:3] for k in keys}) > 1
-    by_classes = len({k[4] for k in keys}) > 1
-    by_phase = len({k[3] for k in keys}) > 1
     names = []
     for crs_wkt, xres, yres, phase, classes in keys:
         name = MOSAIC_STEM
         if by_grid:
             name += f"_{_crs_code(crs_wkt)}_{xres:g}" + ("" if xres == yres else f"x{yres:g}")
-        if by_classes:
+        same_grid = [k for k in keys if k[:3] == (crs_wkt, xres, yres)]
+        if len({k[4] for k in same_grid}) > 1:
             name += "_classes" + hashlib.sha1(classes.encode()).hexdigest()[:8]
-        if by_phase:
+        if len({k[3] for k in same_grid if k[4] == classes}) > 1:
             name += f"_grid{phase[0]:03d}x{phase[1]:03d}"
         names.append(name)
     return names

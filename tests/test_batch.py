@@ -993,3 +993,23 @@ def test_a_dead_writer_s_temp_file_is_gone_at_the_end_of_the_run(runner, tiny_un
     r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
     assert r.exit_code == EXIT_OK, r.output
     assert planted and not planted[0].exists() and temp_files(out) == []
+
+
+def test_mosaic_names_carry_only_the_parts_that_tell_groups_apart() -> None:
+    """Masks at 28.5 m and 10 m (each group on its own grid phase) were named
+    landcover_epsg32119_28.5_grid000x000.vrt: the phase part is only for groups of one CRS, size and
+    class table, the class part only for groups of one CRS and size."""
+    from rasterio.crs import CRS
+
+    from geoseg.mosaic import _group_names
+
+    utm = CRS.from_epsg(32119).to_wkt()
+    a, b = "[[1, \"a\", [1, 2, 3]]]", "[[1, \"b\", [1, 2, 3]]]"
+    assert _group_names([(utm, 28.5, 28.5, (0, 0), a), (utm, 10.0, 10.0, (400, 400), a)]) == [
+        "landcover_epsg32119_28.5", "landcover_epsg32119_10"]
+    assert _group_names([(utm, 10.0, 10.0, (0, 0), a), (utm, 10.0, 10.0, (500, 0), a),
+                         (utm, 28.5, 28.5, (0, 0), a)]) == [
+        "landcover_epsg32119_10_grid000x000", "landcover_epsg32119_10_grid500x000", "landcover_epsg32119_28.5"]
+    names = _group_names([(utm, 10.0, 10.0, (0, 0), a), (utm, 10.0, 10.0, (0, 0), b), (utm, 10.0, 10.0, (500, 0), b)])
+    assert names[0].startswith("landcover_classes") and "_grid" not in names[0]
+    assert names[1].endswith("_grid000x000") and names[2].endswith("_grid500x000") and len(set(names)) == 3
