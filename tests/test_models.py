@@ -449,3 +449,19 @@ def test_predictor_arguments() -> None:
 def test_inference_predictor_missing_files(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="does not exist"):
         InferencePredictor(tmp_path / "model.json", tmp_path / "model.pdiparams")
+
+
+def test_export_works_with_a_home_that_cannot_be_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """paddle's to_static writes under ~/.cache/paddle whatever the export's folder: with an unwritable
+    HOME (a container, a cron or service user) every first predict failed ("No such file or directory:
+    '/proc/nohome'"). HOME points at a scratch folder beside the export for the call, then back."""
+    import os
+
+    home = "/proc/geoseg-no-home"  # cannot be created, even by root
+    monkeypatch.setenv("HOME", home)
+    model = tiny("unet", in_channels=3, num_classes=2)
+    folder = export_model(model, tmp_path / "export" / "model", in_channels=3)
+    program, params = find_model_files(folder)
+    assert program.exists() and params.exists()
+    assert os.environ["HOME"] == home
+    assert not [p for p in folder.iterdir() if p.name.startswith(".geoseg-home-")]  # the scratch home is gone

@@ -15,9 +15,13 @@ Both come with ``<prefix>.pdiparams`` and both are read by :func:`find_model_fil
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -51,6 +55,39 @@ PARAMS_SUFFIX = ".pdiparams"
 _BROKEN_ONEDNN_PASSES: tuple[str, ...] = ("onednn_placement_pass",)
 
 
+@contextlib.contextmanager
+def _writable_home(scratch: Path) -> Iterator[None]:
+    """Paddle's to_static writes its generated code under ``~/.cache/paddle`` (``$HOME``), whatever
+    the export's own folder: with a home that cannot be written (a container, a cron or service
+    user) every first predict failed. HOME points at a scratch folder beside the export for the
+    call when ``~/.cache`` cannot be made or written; it is removed afterwards."""
+    cache = Path(os.path.expanduser("~/.cache"))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        writable = os.access(cache, os.W_OK | os.X_OK)
+        if writable:  # (os.access says yes to root on a read-only or virtual file system)
+            probe = cache / f".geoseg-probe-{os.getpid()}"
+            probe.mkdir(exist_ok=True)
+            probe.rmdir()
+    except OSError:
+        writable = False
+    if writable:
+        yield
+        return
+    home = Path(tempfile.mkdtemp(prefix=".geoseg-home-", dir=scratch))
+    old = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    logger.debug("%s cannot be written: paddle's to_static writes under %s for this export", cache, home)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = old
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def export_model(model: paddle.nn.Layer, path_prefix: str | Path, in_channels: int) -> Path:
     """Export ``model`` as a static inference graph with dynamic batch and image size.
 
@@ -78,7 +115,8 @@ def export_model(model: paddle.nn.Layer, path_prefix: str | Path, in_channels: i
     was_training = model.training
     model.eval()
     try:
-        paddle.jit.save(model, str(prefix), input_spec=[spec])  # type: ignore[attr-defined]
+        with _writable_home(prefix.parent):
+            paddle.jit.save(model, str(prefix), input_spec=[spec])  # type: ignore[attr-defined]
     except Exception as exc:
         raise ModelError(f"cannot export the model to {prefix}: {type(exc).__name__}: {exc}") from exc
     finally:
