@@ -1860,7 +1860,8 @@ class Trainer:
             if start > cfg.iterations:
                 raise ParameterError(f"resume: the checkpoint is at iteration {start}, past iterations {cfg.iterations}: "
                                      f"give --iterations {start} or more to continue it")
-            log.info("resuming at iteration %d (best validation mIoU %.4f at %d)", start, best_miou, best_it)
+            log.info("resuming at iteration %d%s", start, f" (best validation mIoU {best_miou:.4f} at {best_it})"
+                     if best_it >= 0 and best_miou >= 0 else " (no validation so far)")
         if start >= cfg.iterations:
             log.info("nothing to do: the checkpoint is at iteration %d of %d", start, cfg.iterations)
         if replace:

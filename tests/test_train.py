@@ -315,13 +315,25 @@ def test_fit_writes_weights_card_and_logs(scene: tuple[Path, Path], tmp_path: Pa
     assert resolve_model(None, out / "weights.pdparams").card == card
 
 
-def test_resume_continues_from_the_saved_iteration(scene: tuple[Path, Path], tmp_path: Path) -> None:
+def test_resume_continues_from_the_saved_iteration(scene: tuple[Path, Path], tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     from geoseg.models.checkpoints import read_state_dict
+
+    import logging
 
     kw = {"schedule": "constant", "warmup": 0, "val_every": 2}
     train(_cfg(scene, tmp_path / "a", iterations=2, **kw))
-    res = train(_cfg(scene, tmp_path / "a", iterations=4, resume=str(tmp_path / "a" / "checkpoints"), **kw))
+    with caplog.at_level(logging.INFO, logger="geoseg"):
+        res = train(_cfg(scene, tmp_path / "a", iterations=4, resume=str(tmp_path / "a" / "checkpoints"), **kw))
     assert [r["iteration"] for r in res.history] == [1, 2, 3, 4]
+    assert "resuming at iteration 2 (best validation mIoU" in caplog.text
+    # without validation the log says so (it said "best validation mIoU -1.0000 at -1")
+    train(_cfg(scene, tmp_path / "c", iterations=2, schedule="constant", warmup=0, val_region=None))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="geoseg"):
+        train(_cfg(scene, tmp_path / "c", iterations=3, resume=str(tmp_path / "c" / "checkpoints"), schedule="constant",
+                   warmup=0, val_region=None))
+    assert "resuming at iteration 2 (no validation so far)" in caplog.text and "-1.0000" not in caplog.text
     straight = train(_cfg(scene, tmp_path / "b", iterations=4, **kw))
     assert straight.history[-1]["loss"] == pytest.approx(res.history[-1]["loss"], rel=1e-4)
     a = read_state_dict(tmp_path / "a" / "checkpoints" / "last.pdparams")
