@@ -33,21 +33,26 @@ def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False) ->
         import distributed  # noqa: F401 - sets its loggers' levels on import
 
         names = (*_MUTED, "distributed")
+    # before the loggers are muted: a refused --log-file must not leave them so (no finally yet)
+    handler = _log_file_handler(log_file) if log_file is not None else None
     muted = [logging.getLogger(name) for name in names]
     old_levels = [lg.level for lg in muted]
     if verbosity <= 0:
         for lg in muted:
             lg.setLevel(logging.WARNING)
-    handler = None
-    if log_file is not None:
-        try:
-            handler = logging.FileHandler(log_file, encoding="utf-8")
-        except OSError as exc:
-            raise click.BadParameter(f"cannot open {log_file}: {exc.strerror}", param_hint="--log-file") from None
+    if handler is not None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(handler)
     try:
         yield
+    except BaseException as exc:
+        if handler is not None:  # a refused or stopped run says why in the log file too, not only on stderr
+            from geoseg_cli.main import stop_message
+
+            root.removeHandler(handler)  # (not twice on stderr: only the file gets this line)
+            handler.handle(root.makeRecord(root.name, logging.ERROR, __file__, 0, "Error: %s",
+                                           (stop_message(exc),), None))
+        raise
     finally:
         for lg, level in zip(muted, old_levels):
             lg.setLevel(level)
@@ -56,12 +61,39 @@ def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False) ->
             handler.close()
 
 
+def _log_file_handler(log_file: Path) -> logging.FileHandler:
+    """Open --log-file for appending, creating its folder(s) as --report does: a cron job that hides
+    stderr otherwise did nothing at all when logs/ was not there yet. One line (exit 1) when it cannot."""
+    from geoseg.atomic import file_above
+    from geoseg.errors import ParameterError
+
+    if log_file.is_dir():
+        raise ParameterError(f"--log-file {log_file} is a folder: give a file name for the log")
+    above = file_above(log_file)
+    if above is not None:
+        raise ParameterError(f"--log-file {log_file}: {above} is a file, not a folder: give another path for --log-file")
+    try:
+        log_file.absolute().parent.mkdir(parents=True, exist_ok=True)
+        return logging.FileHandler(log_file, encoding="utf-8")
+    except OSError as exc:
+        raise ParameterError(f"--log-file {log_file}: cannot write it ({exc.strerror}): "
+                             "give a writable path for --log-file") from None
+
+
+def _check_out_is_no_file(out: Path) -> None:
+    """--out naming an existing file: a one-line error with exit 1, as the exit-code table says for an
+    output folder that is a file (Click's own check said so as a usage error, exit 2)."""
+    from geoseg.errors import ParameterError
+
+    if out.exists() and not out.is_dir():
+        raise ParameterError(f"--out {out} is a file, not a folder: give a folder for batch outputs")
+
+
 @click.command(short_help="Segment many scenes once each (crash-safe; local or Dask).")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--out", "out", type=click.Path(path_type=Path, file_okay=False), required=True,
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
               help="Output folder: outputs mirror the input tree here; holds the manifest and lock in .geoseg/.")
-@click.option("-m", "--model", default=None,
-              help="Model name (deeplabv3p, unet). Default: the card's architecture, else deeplabv3p.")
+@o.model_opt
 @o.weights_opt
 @o.card_opt
 @o.predict_options
@@ -72,10 +104,10 @@ def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False) ->
 @click.option("--mosaic/--no-mosaic", default=True, show_default=True,
               help="After the run, lay every done mask of DIR into DIR/landcover.vrt (+ .qml): the whole archive "
                    "as one styled layer (one VRT per CRS, pixel size, grid alignment and class table).")
-@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.option("--report", type=click.Path(path_type=Path), default=None,  # a folder: geoseg.batch's one line, exit 1
               help="Write a JSON run report: per scene status, seconds, windows, megapixels/s, outputs, error.")
-@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Also append the log, with timestamps, to this file.")
+@click.option("--log-file", type=click.Path(path_type=Path), default=None,
+              help="Also append the log, with timestamps, to this file (its folder is created if need be).")
 @click.option("--scheduler", envvar=["GEOSEG_SCHEDULER", "GEOSEG_BATCH_SCHEDULER"], default=None, metavar="ADDRESS",
               help="Run scenes as tasks on this Dask scheduler, e.g. tcp://host:8786 (env GEOSEG_SCHEDULER).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
@@ -101,10 +133,11 @@ def batch(
 
     \b
     Exit codes: 0 every scene done (or skipped), 3 some scenes failed (the others are done),
-    1 fatal error (model, inputs, output folder, --report path, a Dask cluster without a usable
-    worker), 2 usage, 4 DIR locked by another run. A stopped run (Ctrl-C, SIGTERM, a fatal error)
-    still writes its --report, saying which scenes it did not finish.
-    Every option can be set as GEOSEG_BATCH_<OPTION>, e.g. GEOSEG_BATCH_WEIGHTS;
+    1 fatal error (model, inputs, output folder, --report or --log-file path, a Dask cluster
+    without a usable worker), 2 usage, 4 DIR locked by another run. A stopped run (Ctrl-C,
+    SIGTERM, a fatal error) still writes its --report, saying which scenes it did not finish.
+    Every option can be set as GEOSEG_BATCH_<OPTION> (the long name, dashes as underscores),
+    e.g. GEOSEG_BATCH_WEIGHTS, GEOSEG_BATCH_LOG_FILE;
     --scheduler also as GEOSEG_SCHEDULER.
 
     \b
@@ -121,6 +154,7 @@ def batch(
         res = parse_resources(resources)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--resources") from None
+    _check_out_is_no_file(out)
     quiet = ctx.obj.get("quiet", False)
     # a terminal gets a bar per scene, a log file a line a minute (not from Dask workers)
     progress = False if quiet or scheduler or workers else True if sys.stderr.isatty() else "log"

@@ -7,6 +7,7 @@ Exit codes (the same for every command):
 * 2 — usage error (bad option value), as Click reports it
 * 3 — partial batch: some scenes failed, the others succeeded
 * 4 — another batch run holds the output folder's lock
+* 141 — stdout was closed early (``geoseg info scene.tif | head -3``): no message, as Unix tools do
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_LOCKED = 4
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed by a closed pipe
 
 
 class GeosegClickError(click.ClickException):
@@ -98,7 +100,11 @@ class GeosegGroup(click.Group):
             with warnings.catch_warnings():
                 warnings.simplefilter("always", GeosegWarning)
                 warnings.showwarning = _show_warning
-                return super().invoke(ctx)
+                rv = super().invoke(ctx)
+            sys.stdout.flush()  # a closed pipe found only here (output still buffered) ends quietly too
+            return rv
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except click.BadParameter as exc:
             _name_the_variable(exc)
             raise
@@ -114,6 +120,20 @@ class GeosegGroup(click.Group):
             raise to_click_error(exc) from None
 
 
+def stop_message(exc: BaseException) -> str:
+    """The one line a command stopped by ``exc`` ends with (as :class:`GeosegGroup` prints it), for a
+    log file that must say it too (a cron job sends stderr nowhere)."""
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM): finished outputs are whole, nothing half-written was left"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted: finished outputs are whole, nothing half-written was left"
+    if isinstance(exc, click.ClickException):
+        return exc.format_message()
+    if isinstance(exc, Exception):
+        return to_click_error(exc).format_message()
+    return type(exc).__name__
+
+
 def _name_the_variable(exc: click.BadParameter) -> None:
     """A bad value that came from a GEOSEG_* environment variable: say so in the error (Click names
     only the option, which the user never typed)."""
@@ -123,8 +143,49 @@ def _name_the_variable(exc: click.BadParameter) -> None:
     if ctx is None or param is None or param.name is None:
         return
     if ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT:
-        var = param.envvar if isinstance(param.envvar, str) else f"{ctx.auto_envvar_prefix}_{param.name.upper()}"
+        names = _envvar_names(ctx, param)
+        var = next((n for n in names if os.environ.get(n)), names[0] if names else "")  # the one Click read
         exc.param_hint = f"{param.get_error_hint(ctx)} (set by the environment variable {var})"
+
+
+def _envvar_names(ctx: click.Context, param: click.Parameter) -> list[str]:
+    """The variables Click reads for ``param``, in its order: ``envvar``, then the automatic name."""
+    names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+    if getattr(param, "allow_from_autoenv", False) and ctx.auto_envvar_prefix and param.name:
+        names.append(f"{ctx.auto_envvar_prefix}_{param.name.upper()}")
+    return names
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout went away (``| head``): stop without a message, as Unix tools do. stdout is
+    pointed at devnull so that the interpreter's final flush of what is still buffered cannot fail
+    again ("Exception ignored ... BrokenPipeError"); see Python's docs on SIGPIPE."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no real descriptor (CliRunner)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    raise click.exceptions.Exit(EXIT_BROKEN_PIPE) from None
+
+
+def _document_envvars(group: click.Group) -> None:
+    """Let ``GEOSEG_<COMMAND>_<OPTION>`` (the long option name, dashes as underscores) set every option,
+    as the README says. Click's automatic name comes from the Python parameter name, which differs for
+    some options (``--json`` is ``as_json``: GEOSEG_INFO_AS_JSON); that name keeps working too."""
+    prefix = (group.context_settings.get("auto_envvar_prefix") or "GEOSEG").upper()
+    for cmd_name, cmd in group.commands.items():
+        cmd_prefix = f"{prefix}_{cmd_name.upper()}"
+        for param in cmd.params:
+            if not isinstance(param, click.Option) or not param.allow_from_autoenv or not param.name:
+                continue
+            documented = [f"{cmd_prefix}_{opt.lstrip('-').replace('-', '_').upper()}"
+                          for opt in param.opts if opt.startswith("--")]
+            names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+            wanted = [n for n in documented if n not in names]
+            if not wanted or (not names and documented == [f"{cmd_prefix}_{param.name.upper()}"]):
+                continue  # already read: an explicit envvar, or Click's automatic name is the documented one
+            # explicit names first (--scheduler's GEOSEG_SCHEDULER); Click still falls back to the automatic
+            # name when none of these is set
+            param.envvar = [*names, *wanted]
 
 
 def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
@@ -198,7 +259,8 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     """geoseg: tiled segmentation of GeoTIFFs into QGIS-ready land-cover maps.
 
     Exit codes: 0 ok, 1 failure, 2 usage error, 3 batch finished with failed scenes,
-    4 batch output folder locked by another run, 130 interrupted, 143 terminated (SIGTERM).
+    4 batch output folder locked by another run, 130 interrupted, 141 stdout closed early
+    (e.g. by | head; no message), 143 terminated (SIGTERM).
     """
     verbosity = verbose - quiet
     _setup_logging(verbosity)
@@ -230,7 +292,10 @@ def _version(ctx: click.Context, value: bool) -> None:
     import rasterio
 
     parts.insert(1, f"GDAL {rasterio.__gdal_version__}")
-    click.echo(f"geoseg {__version__}\n" + "\n".join(f"  {p}" for p in parts))
+    try:  # runs while the arguments are parsed, before GeosegGroup.invoke: `geoseg --version | head -1`
+        click.echo(f"geoseg {__version__}\n" + "\n".join(f"  {p}" for p in parts))
+    except BrokenPipeError:
+        _quiet_broken_pipe()
     ctx.exit()
 
 
@@ -250,6 +315,7 @@ def _register() -> None:
 
 
 _register()
+_document_envvars(cli)
 
 if __name__ == "__main__":  # pragma: no cover
     cli()

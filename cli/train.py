@@ -1,4 +1,4 @@
-"""``geoseg train``: fit a segmentation model from image + label raster pairs (one or several scenes)."""
+"""``geoseg train``: fit a segmentation model from image + label pairs (rasters or polygons; one or several scenes)."""
 
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ def _set_values(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     return out
 
 
-@click.command(short_help="Train a model from GeoTIFF image + label rasters.")
+@click.command(short_help="Train a model from GeoTIFF images + label rasters or polygons.")
 @click.option("-c", "--config", "config", type=click.Path(path_type=Path), required=True,
               help="Training config (YAML): image, labels, regions (or a list of scenes), model, schedule ... (see sample_data/recipes/).")
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="Override the config's image raster.")
-@click.option("--labels", type=click.Path(path_type=Path), default=None, help="Override the config's label raster.")
+@click.option("--labels", type=click.Path(path_type=Path), default=None,
+              help="Override the config's labels: a label raster on the image's grid or a polygon (vector) file.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Output folder (weights.pdparams, weights.yaml, checkpoints/, train_log.csv/json).")
 @click.option("-m", "--model", type=click.Choice(["deeplabv3p", "unet"]), default=None, help="Architecture.")
@@ -54,8 +55,9 @@ def train(ctx: click.Context, config: Path, image: Path | None, labels: Path | N
           resume: Path | None, sets: dict[str, Any], overwrite: bool) -> None:
     """Train a model as the YAML CONFIG says; options and --set override its keys.
 
-    Writes OUT/weights.pdparams and its model card OUT/weights.yaml (best checkpoint by
-    validation mIoU) when the run finishes, OUT/checkpoints/ (last.*, best.pdparams) for
+    Writes OUT/weights.pdparams and its model card OUT/weights.yaml (the best checkpoint by
+    validation mIoU; without a validation region, the last weights, their EMA when ema is set)
+    when the run finishes, OUT/checkpoints/ (last.*, best.pdparams) for
     --resume, which also finishes a stopped run, and OUT/train_log.csv/.json. A folder another
     run is training into is refused. Prints the weights path on stdout.
 
