@@ -7,7 +7,10 @@ one line per size: seconds, megapixels/s, polygon count, peak RSS (PASS/FAIL aga
 2.5 GB budget at 16384²), then a check that block-wise and whole-array results on a 1024²
 mosaic have the same polygon count and total area within 0.5 %.
 
-Usage: python bench/bench_vectorize.py [--sizes 4096 16384] [--min-pixels N] [--work DIR] [--no-check]
+``--noise`` uses salt-and-pepper masks instead (uniform random classes 1-6: about 0.7 polygons
+per pixel, the worst case for memory; strips are cut by value changes, ``STRIP_EDGES``).
+
+Usage: python bench/bench_vectorize.py [--sizes 4096 16384] [--noise] [--min-pixels N] [--work DIR] [--no-check]
 """
 
 from __future__ import annotations
@@ -50,10 +53,27 @@ def make_mask(path: Path, size: int, strip: int = 2048) -> None:
     tmp.replace(path)
 
 
-def mask_for(work: Path, size: int) -> Path:
-    mask = work / f"mask_{size}.tif"
+def make_noise(path: Path, size: int, strip: int = 1024) -> None:
+    """Uniform random classes 1-6 (seeded), nodata 255, the sample's CRS and pixel size."""
+    import numpy as np
+    import rasterio
+
+    with rasterio.open(SAMPLE) as src:
+        profile = src.profile
+    profile.update(width=size, height=size, tiled=True, blockxsize=512, blockysize=512, compress="deflate", nodata=255)
+    rng = np.random.default_rng(0)
+    tmp = path.with_name(path.name + ".part")
+    with rasterio.open(tmp, "w", **profile) as dst:
+        for r0 in range(0, size, strip):
+            r1 = min(size, r0 + strip)
+            dst.write(rng.integers(1, 7, (r1 - r0, size)).astype(profile["dtype"]), 1, window=((r0, r1), (0, size)))
+    tmp.replace(path)
+
+
+def mask_for(work: Path, size: int, noise: bool = False) -> Path:
+    mask = work / f"{'noise' if noise else 'mask'}_{size}.tif"
     if not mask.exists():
-        make_mask(mask, size)
+        (make_noise if noise else make_mask)(mask, size)
     return mask
 
 
@@ -91,6 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--min-pixels", type=int, default=0)
+    ap.add_argument("--noise", action="store_true", help="salt-and-pepper masks (the most polygons per pixel)")
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--no-check", action="store_true", help="skip the block-wise vs whole-array check")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -102,7 +123,7 @@ def main() -> None:
     if not args.no_check:
         print(blockwise_check(args.work), flush=True)
     for size in args.sizes:
-        mask = mask_for(args.work, size)
+        mask = mask_for(args.work, size, args.noise)
         out = args.work / f"landcover_{size}.gpkg"
         proc = subprocess.run(
             [sys.executable, __file__, "--child", str(mask), str(out), str(args.min_pixels)],
@@ -116,7 +137,7 @@ def main() -> None:
         if size >= RSS_BUDGET_SIZE:
             verdict = f" -> {'PASS' if r['rss_mb'] < RSS_BUDGET_MB else 'FAIL'} (< {RSS_BUDGET_MB / 1000:.1f} GB)"
         print(
-            f"{size}x{size} min_pixels={args.min_pixels}: {r['seconds']:.1f} s, {r['mpx_s']:.2f} Mpx/s, "
+            f"{size}x{size}{' noise' if args.noise else ''} min_pixels={args.min_pixels}: {r['seconds']:.1f} s, {r['mpx_s']:.2f} Mpx/s, "
             f"{r['polygons']} polygons, peak RSS {r['rss_mb']:.0f} MB{verdict}, gpkg {out.stat().st_size / 1e6:.0f} MB",
             flush=True,
         )

@@ -523,3 +523,40 @@ def test_geoseg_s_own_geopackage_reads_back_without_a_layer_warning(tmp_path: Pa
         warnings.simplefilter("error")
         data = read_vector(res.path, None, missing="missing", unreadable="unreadable")
     assert len(data.geoms) == res.polygons > 0
+
+
+def test_a_busy_strip_is_cut_shorter_and_the_polygons_are_the_same(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1,024-px-wide strip of salt-and-pepper noise held 700,000 polygons at once (1.5-2.5 GB): a
+    strip with more than STRIP_EDGES value changes is cut shorter. The exact polygons do not depend
+    on it; simplified ones only in vertex choices near seams (as for any block_size, see the module)."""
+    rng = np.random.default_rng(7)
+    a = rng.integers(1, 4, (120, 90)).astype(np.uint8)
+    a[60:, :] = 2  # a quiet lower half: full strips there
+    path = write_mask(tmp_path / "noise.tif", a)
+    runs = {}
+    heights: list[int] = []
+    shapes_px = vec._shapes_px
+
+    def record(strip, r0, *args, **kwargs):  # type: ignore[no-untyped-def]
+        heights.append(strip.shape[0])
+        return shapes_px(strip, r0, *args, **kwargs)
+
+    monkeypatch.setattr(vec, "_shapes_px", record)
+    for edges in (1 << 30, 700):
+        monkeypatch.setattr(vec, "STRIP_EDGES", edges)
+        heights.clear()
+        for simplify in (0.0, 15.0):
+            out = tmp_path / f"v{edges}_{simplify}.gpkg"
+            vec.vectorize_mask(path, out, simplify=simplify, block_size=64)
+            _, _, geoms, (ids, *_) = pyogrio.raw.read(out, layer="landcover")
+            g = shapely.normalize(shapely.from_wkb(geoms))
+            assert shapely.is_valid(g).all() and shapely.coverage_is_valid(g)
+            runs[(edges, simplify)] = (sorted(zip(ids.tolist(), shapely.to_wkb(g).tolist())) if simplify == 0
+                                       else (sorted(ids.tolist()), round(float(shapely.area(g).sum()), 3)))
+        runs[(edges, "heights")] = list(heights)
+    assert runs[(1 << 30, "heights")] == [64, 56] * 2
+    busy = runs[(700, "heights")]
+    assert len(busy) > 4 and max(busy[: len(busy) // 2]) < 64 and sum(busy) == 2 * 120
+    assert runs[(700, 0.0)] == runs[(1 << 30, 0.0)]
+    assert runs[(700, 15.0)] == runs[(1 << 30, 15.0)]  # the same polygons (classes, total area)
