@@ -1,5 +1,9 @@
 """geoseg's command-line interface (installed as ``geoseg_cli``; console script ``geoseg``)."""
 
+#: The error of a command started in a folder that no longer exists (a cron job's, deleted).
+NO_CWD = ("the current folder no longer exists (it was deleted or moved): cd into an existing folder first "
+          "(in a cron job: cd /some/folder && geoseg ...)")
+
 
 def main() -> None:
     """The ``geoseg`` console script: SIGTERM is held back from the first line on, so that every
@@ -11,6 +15,14 @@ def main() -> None:
 
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    import os
+    import sys
+
+    try:  # before the imports: without a working folder some fail (Python 3.13's socket, paddle's)
+        os.getcwd()
+    except OSError:
+        sys.stderr.write(f"Error: {NO_CWD}\n")
+        raise SystemExit(1) from None
     from geoseg_cli.main import cli
 
     cli()

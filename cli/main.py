@@ -267,8 +267,9 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     try:
         os.getcwd()
     except OSError:  # paddle's import then failed with "partially initialized module 'paddle'"
-        raise GeosegClickError("the current folder no longer exists (it was deleted or moved): cd into an existing "
-                               "folder first (in a cron job: cd /some/folder && geoseg ...)", EXIT_FAILURE) from None
+        from geoseg_cli import NO_CWD
+
+        raise GeosegClickError(NO_CWD, EXIT_FAILURE) from None
     _stop_cleanly_on_sigterm(ctx)
     ctx.ensure_object(dict)
     ctx.obj["verbosity"] = verbosity

@@ -903,8 +903,9 @@ def test_a_deleted_working_folder_is_said_in_one_line(tmp_path: Path) -> None:
 
     gone = tmp_path / "gone"
     gone.mkdir()
-    script = f"import os, sys; os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); " \
-             "import geoseg_cli.main as m; m.cli(['info', sys.argv[1]])"
+    # as the console script runs (no '' on sys.path: Python 3.13's import of it fails without a cwd)
+    script = f"import os, sys; sys.path = [p for p in sys.path if p not in ('', '.')]; os.chdir({str(gone)!r}); " \
+             f"os.rmdir({str(gone)!r}); sys.argv = ['geoseg', 'info', sys.argv[1]]; import geoseg_cli; geoseg_cli.main()"
     src = rgb(tmp_path)
     proc = subprocess.run([sys.executable, "-c", script, str(src)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
