@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
-from geoseg.atomic import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, is_alive
+from geoseg.atomic import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, is_leftover, temp_name
 from geoseg.card import PALETTE, ClassInfo, ModelCard, Normalization
 from geoseg.config import load_yaml_mapping
 from geoseg.errors import ModelError, ParameterError
@@ -140,20 +139,23 @@ def export_model_dir(
 
 def _temp_folder(out: Path, kind: str = "") -> Path:
     """A hidden folder name beside ``out`` (same file system, so renames are atomic) that says
-    which process made it: ``.geoseg-<name>.<pid>-<hex>[.old].tmp``."""
-    return out.with_name(f"{TMP_PREFIX}{out.name}.{os.getpid()}-{secrets.token_hex(4)}{kind}{TMP_SUFFIX}")
+    which process made it, as every geoseg temp name does (:func:`geoseg.atomic.temp_name`):
+    ``.geoseg-<name>.<host>-<pid>-<hex>[.old].tmp``."""
+    t = temp_name(out)
+    return t.with_name(t.name[: -len(TMP_SUFFIX)] + kind + TMP_SUFFIX)
 
 
 def _clean_leftovers(out: Path) -> None:
     """Remove the hidden folders that killed exports to ``out`` left beside it (those of live
-    processes are another export's work in progress and are kept). A previous export that a
-    killed ``--overwrite`` had moved aside but not yet replaced is put back in place."""
-    pattern = re.compile(rf"{re.escape(TMP_PREFIX + out.name)}\.(\d+)-[0-9a-f]{{8}}(\.old)?{re.escape(TMP_SUFFIX)}")
+    processes are another export's work in progress and are kept: :func:`geoseg.atomic.is_leftover`).
+    A previous export that a killed ``--overwrite`` had moved aside but not yet replaced is put back."""
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX + out.name)}\.[0-9a-f]{{8}}-\d+-[0-9a-f]{{8}}(\.old)?"
+                         rf"{re.escape(TMP_SUFFIX)}")
     for p in sorted(out.parent.iterdir()):
         m = pattern.fullmatch(p.name)
-        if m is None or not p.is_dir() or p.is_symlink() or is_alive(int(m.group(1))):
+        if m is None or not p.is_dir() or p.is_symlink() or not is_leftover(p):
             continue
-        if m.group(2) and not out.exists() and (p / DEPLOY_FILE).is_file():
+        if m.group(1) and not out.exists() and (p / DEPLOY_FILE).is_file():
             with contextlib.suppress(OSError):
                 os.rename(p, out)
                 log.info("put back the export %s that a stopped export had moved aside", out)

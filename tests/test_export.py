@@ -196,7 +196,7 @@ def test_a_stopped_export_leaves_nothing_under_the_target_name(tiny_unet: tuple[
     # The export used to be written straight into --out: a kill after model.json left a folder that
     # predict took for a PaddleSeg export and a new export refused as not empty.
     import geoseg.models.inference as inference
-    from geoseg.atomic import TMP_PREFIX
+    from geoseg.atomic import TMP_PREFIX, _host_tag
     from geoseg_cli.main import cli
 
     weights, card_path = tiny_unet
@@ -216,8 +216,9 @@ def test_a_stopped_export_leaves_nothing_under_the_target_name(tiny_unet: tuple[
     # a SIGKILL leaves the hidden folder: the next export to that target removes it (not another target's,
     # nor one a running export is writing)
     dead, live = _dead_pid(), os.getppid()
-    left = [tmp_path / f"{TMP_PREFIX}e.{dead}-0123abcd.tmp", tmp_path / f"{TMP_PREFIX}e2.{dead}-0123abcd.tmp",
-            tmp_path / f"{TMP_PREFIX}e.{live}-89abcdef.tmp"]
+    host = _host_tag()  # (temp names say which machine's process writes them)
+    left = [tmp_path / f"{TMP_PREFIX}e.{host}-{dead}-0123abcd.tmp", tmp_path / f"{TMP_PREFIX}e2.{host}-{dead}-0123abcd.tmp",
+            tmp_path / f"{TMP_PREFIX}e.{host}-{live}-89abcdef.tmp"]
     for d in left:
         d.mkdir()
         (d / "model.json").write_text("{")
@@ -231,7 +232,7 @@ def test_a_stopped_export_leaves_nothing_under_the_target_name(tiny_unet: tuple[
 def test_overwrite_replaces_an_export_whole_or_not_at_all(tiny_unet: tuple[Path, Path], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import geoseg.models.inference as inference
-    from geoseg.atomic import TMP_PREFIX
+    from geoseg.atomic import TMP_PREFIX, _host_tag
 
     weights, card_path = tiny_unet
     card = ModelCard.load(card_path)
@@ -252,7 +253,7 @@ def test_overwrite_replaces_an_export_whole_or_not_at_all(tiny_unet: tuple[Path,
     export_model_dir(card, weights, out, output_op="softmax", overwrite=True)
     assert load_exported(out).output == "probs" and sorted(p.name for p in tmp_path.iterdir()) == ["e"]
     # a previous export moved aside by a killed --overwrite, the new one not yet in: put back
-    aside = tmp_path / f"{TMP_PREFIX}e.{_dead_pid()}-0123abcd.old.tmp"
+    aside = tmp_path / f"{TMP_PREFIX}e.{_host_tag()}-{_dead_pid()}-0123abcd.old.tmp"
     out.rename(aside)
     with pytest.raises(ParameterError, match="is not empty"):
         export_model_dir(card, weights, out)
