@@ -80,15 +80,6 @@ def _log_file_handler(log_file: Path) -> logging.FileHandler:
                              "give a writable path for --log-file") from None
 
 
-def _check_out_is_no_file(out: Path) -> None:
-    """--out naming an existing file: a one-line error with exit 1, as the exit-code table says for an
-    output folder that is a file (Click's own check said so as a usage error, exit 2)."""
-    from geoseg.errors import ParameterError
-
-    if out.exists() and not out.is_dir():
-        raise ParameterError(f"--out {out} is a file, not a folder: give a folder for batch outputs")
-
-
 @click.command(short_help="Segment many scenes once each (crash-safe; local or Dask).")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
@@ -154,7 +145,6 @@ def batch(
         res = parse_resources(resources)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--resources") from None
-    _check_out_is_no_file(out)
     quiet = ctx.obj.get("quiet", False)
     # a terminal gets a bar per scene, a log file a line a minute (not from Dask workers)
     progress = False if quiet or scheduler or workers else True if sys.stderr.isatty() else "log"

@@ -1039,7 +1039,7 @@ def run_batch(
 def _check_out_dir(out: Path, dry_run: bool) -> None:
     """Refuse an output folder that cannot be one, before any work (one line, not a traceback)."""
     if out.exists() and not out.is_dir():
-        raise ParameterError(f"--out {out} is a file: give a folder for batch outputs")
+        raise ParameterError(f"--out {out} is a file, not a folder: give a folder for batch outputs")
     above = file_above(out)
     if above is not None:
         raise ParameterError(f"--out {out}: {above} is a file, not a folder: give a folder for batch outputs")
