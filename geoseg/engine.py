@@ -35,7 +35,7 @@ import rasterio
 from rasterio.windows import Window
 
 from geoseg.aoi import load_aoi
-from geoseg.atomic import check_output, clean_temp_files
+from geoseg.atomic import check_output, clean_temp_files, temp_name
 from geoseg.blending import BlendMode, StripMerger
 from geoseg.card import ModelCard
 from geoseg.errors import (
@@ -277,24 +277,16 @@ def exported_for_inference(source: ModelSource) -> Path:
 
 
 def _remove_dead_exports(folder: Path) -> None:
-    """Remove unfinished exports (``.<key>.<pid>.<thread>.tmp``) of processes no longer running: a
-    killed first run left one in the cache for good. Only those older than
-    :data:`DEAD_EXPORT_S` (the pid is this machine's; a cache shared by machines may hold another's
-    export in progress, which takes seconds)."""
+    """Remove unfinished exports (hidden ``.geoseg-<key>.<host>-<pid>-<hex>.tmp`` folders) of processes
+    that are gone (:func:`geoseg.atomic.is_leftover`): a killed first run left one in the cache for good."""
     import shutil
 
-    from geoseg.atomic import is_alive
+    from geoseg.atomic import TMP_PREFIX, is_leftover
 
     with contextlib.suppress(OSError):
         for d in folder.iterdir():
-            parts = d.name.split(".")
-            if d.name.startswith(".") and d.name.endswith(".tmp") and len(parts) == 5 and parts[2].isdigit() \
-                    and not is_alive(int(parts[2])) and time.time() - d.stat().st_mtime > DEAD_EXPORT_S:
+            if d.name.startswith(TMP_PREFIX) and d.name.endswith(".tmp") and d.is_dir() and is_leftover(d):
                 shutil.rmtree(d, ignore_errors=True)
-
-
-#: Age (seconds) from which an unfinished export of a dead process is removed from the cache.
-DEAD_EXPORT_S = 600.0
 
 
 def _export_into(target: Path, layer: Any, source: ModelSource) -> Path:
@@ -304,7 +296,7 @@ def _export_into(target: Path, layer: Any, source: ModelSource) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_exports(target.parent)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = temp_name(target)  # names this process: a killed run's is removed by the next export here
     log.debug("exporting %s for Paddle Inference into %s", source.label, target)
     try:
         export_model(with_output_op(layer, "softmax"), tmp / "model", source.card.in_channels)

@@ -77,14 +77,15 @@ def test_predict_removes_a_killed_run_s_leftovers_beside_its_outputs(tmp_path: P
 
 
 @pytest.mark.parametrize("pid_alive", [False, True])
-def test_an_unfinished_export_of_a_dead_process_leaves_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 pid_alive: bool) -> None:
+def test_an_unfinished_export_of_a_dead_process_leaves_the_cache(tmp_path: Path, pid_alive: bool) -> None:
+    """A killed first predict left its half export in the cache for good."""
     import geoseg.engine as engine
 
-    left = tmp_path / f".0123456789abcdef0123.{os.getpid() if pid_alive else _dead_pid()}.140000.tmp"
+    name = temp_name(tmp_path / "0123456789abcdef0123").name
+    left = tmp_path / (name if pid_alive else _as_written_by(name, _dead_pid()))
     left.mkdir()
     (left / "model.json").write_text("{")
-    old = time.time() - engine.DEAD_EXPORT_S - 60
-    os.utime(left, (old, old))
+    done = tmp_path / "0123456789abcdef0123"  # a finished export is never touched
+    done.mkdir()
     engine._remove_dead_exports(tmp_path)
-    assert left.exists() == pid_alive
+    assert left.exists() == pid_alive and done.exists()
