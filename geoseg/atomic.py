@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -20,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from geoseg.errors import OutputError, OutputExistsError
+
+log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
 TMP_PREFIX = ".geoseg-"
@@ -183,6 +186,15 @@ def clean_temp_files(folder: str | Path, recursive: bool = True) -> list[Path]:
                 if is_leftover(p, now):
                     _unlink(p)
                     removed.append(p)
+    return removed
+
+
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """:func:`clean_temp_files` of ``folder`` itself (not below), said in the log: what predict and
+    vectorize do beside their outputs before writing them."""
+    removed = clean_temp_files(folder if str(folder) else ".", recursive=False)
+    if removed:
+        log.info("removed %d temp file(s) of killed runs in %s", len(removed), folder)
     return removed
 
 

@@ -35,7 +35,7 @@ import rasterio
 from rasterio.windows import Window
 
 from geoseg.aoi import load_aoi
-from geoseg.atomic import check_output, clean_temp_files, temp_name
+from geoseg.atomic import check_output, remove_leftovers, temp_name
 from geoseg.blending import BlendMode, StripMerger
 from geoseg.card import ModelCard
 from geoseg.errors import (
@@ -1089,9 +1089,7 @@ def _segment_scene(
     if mask_path.resolve() == input_path.resolve():
         raise ParameterError(f"output {mask_path} is the input: choose another --out")
     check_output(mask_path, opts.overwrite)
-    removed = clean_temp_files(mask_path.parent, recursive=False)  # a killed run's (never a live one's)
-    if removed:
-        log.info("removed %d temp file(s) of killed runs in %s", len(removed), mask_path.parent)
+    remove_leftovers(mask_path.parent)  # a killed run's temp files (never a live one's)
     if opts.confidence != "none":
         check_output(conf_path, opts.overwrite)
     prob_path = companion_path(mask_path, "probabilities")

@@ -71,7 +71,7 @@ from affine import Affine
 from rasterio import features
 from rasterio.crs import CRS
 
-from geoseg.atomic import atomic_output, check_output, staged_as, write_error
+from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_as, write_error
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.errors import ParameterError, SceneError, SceneReadError
 from geoseg.io import area_units, geodesic, ground_pixel_area
@@ -786,15 +786,6 @@ def _polygonize_strips(
 # Output
 
 
-def _clean_leftovers(folder: Path) -> None:
-    """Remove temp files killed runs left in ``folder`` (never a live run's; see geoseg.atomic)."""
-    from geoseg.atomic import clean_temp_files
-
-    removed = clean_temp_files(folder if str(folder) else Path("."), recursive=False)
-    if removed:
-        log.info("removed %d temp file(s) of killed runs in %s", len(removed), folder)
-
-
 def _measure(geoms: np.ndarray, crs: CRS, step: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Area and perimeter of map-coordinate polygons (geodesic m²/m for geographic CRSs).
 
@@ -993,7 +984,7 @@ def vectorize_mask(
     if out_path.resolve() == mask_path.resolve():
         raise ParameterError(f"output {out_path} is the input mask: choose another --out")
     check_output(out_path, overwrite)
-    _clean_leftovers(out_path.parent)
+    remove_leftovers(out_path.parent)  # a killed run's temp files (never a live one's)
     min_px, simplify = vector_settings(min_area, min_pixels, simplify, info.pixel_area, (info.height, info.width))
     class_map = dict(info.classes)
     if classes is not None:

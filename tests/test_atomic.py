@@ -74,6 +74,13 @@ def test_predict_removes_a_killed_run_s_leftovers_beside_its_outputs(tmp_path: P
     segment_scene(src, out, source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2),
                   options=PredictOptions(vector="none"))
     assert not dead.exists()
+    # vectorize too (a killed one left an 8 MB .tmp.gpkg that no later run removed)
+    from geoseg.vectorize import vectorize_mask
+
+    dead = out / _as_written_by(temp_name(out / "p.gpkg").name + ".gpkg", _dead_pid())
+    dead.write_bytes(b"half a file")
+    vectorize_mask(out / "s_landcover.tif", out / "p.gpkg")
+    assert not dead.exists()
 
 
 @pytest.mark.parametrize("pid_alive", [False, True])
