@@ -106,7 +106,7 @@ class GeosegGroup(click.Group):
         except BrokenPipeError:
             _quiet_broken_pipe()
         except click.BadParameter as exc:
-            _name_the_variable(exc)
+            _name_the_variable(exc, ctx)
             raise
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
@@ -117,7 +117,9 @@ class GeosegGroup(click.Group):
             raise GeosegClickError("interrupted: finished outputs are whole, nothing half-written was left", 130) from None
         except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
             logging.getLogger("geoseg").debug("error details", exc_info=True)
-            raise to_click_error(exc) from None
+            error = to_click_error(exc)
+            error.message = _say_which_variable(error.message, ctx)
+            raise error from None
 
 
 def stop_message(exc: BaseException) -> str:
@@ -134,18 +136,65 @@ def stop_message(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _name_the_variable(exc: click.BadParameter) -> None:
+def _name_the_variable(exc: click.BadParameter, group_ctx: click.Context) -> None:
     """A bad value that came from a GEOSEG_* environment variable: say so in the error (Click names
     only the option, which the user never typed)."""
     from click.core import ParameterSource
 
     ctx, param = exc.ctx, exc.param
     if ctx is None or param is None or param.name is None:
+        # raised by the command's own parsing of a value (parse_co: param_hint="--co")
+        if isinstance(exc.param_hint, str) and exc.param_hint in (found := _set_by_environment(group_ctx)):
+            exc.param_hint = f"{exc.param_hint} (set by the environment variable {found[exc.param_hint]})"
         return
     if ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT:
-        names = _envvar_names(ctx, param)
-        var = next((n for n in names if os.environ.get(n)), names[0] if names else "")  # the one Click read
-        exc.param_hint = f"{param.get_error_hint(ctx)} (set by the environment variable {var})"
+        exc.param_hint = f"{param.get_error_hint(ctx)} (set by the environment variable {_variable_read(ctx, param)})"
+
+
+def _variable_read(ctx: click.Context, param: click.Parameter) -> str:
+    """The environment variable Click took ``param``'s value from (the first set one of its names)."""
+    names = _envvar_names(ctx, param)
+    return next((n for n in names if os.environ.get(n)), names[0] if names else "")
+
+
+class CommandContext(click.Context):
+    """A subcommand's context, kept in the context tree's shared ``meta`` so that the group can still
+    ask, when the command fails, which of its options came from GEOSEG_* variables."""
+
+    META_KEY = "geoseg.command_context"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.parent is not None:
+            self.meta[self.META_KEY] = self
+
+
+def _set_by_environment(group_ctx: click.Context) -> dict[str, str]:
+    """``{"--co": "GEOSEG_PREDICT_CO", ...}``: the failed command's long options whose value came from
+    an environment variable, and that variable."""
+    from click.core import ParameterSource
+
+    ctx = group_ctx.meta.get(CommandContext.META_KEY)
+    if ctx is None:
+        return {}
+    found = {}
+    for param in ctx.command.params:
+        if (isinstance(param, click.Option) and param.name
+                and ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT):
+            var = _variable_read(ctx, param)
+            found.update({opt: var for opt in param.opts if opt.startswith("--")})
+    return found
+
+
+def _say_which_variable(message: str, group_ctx: click.Context) -> str:
+    """``message`` with, for each option it names whose value came from the environment, the variable
+    that set it: a library error says "--co FOO=BAR: ...", and the user never typed --co."""
+    import re
+
+    for opt, var in _set_by_environment(group_ctx).items():
+        if re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", message):
+            message += f" ({opt} was set by the environment variable {var})"
+    return message
 
 
 def _envvar_names(ctx: click.Context, param: click.Parameter) -> list[str]:
@@ -174,6 +223,7 @@ def _document_envvars(group: click.Group) -> None:
     prefix = (group.context_settings.get("auto_envvar_prefix") or "GEOSEG").upper()
     for cmd_name, cmd in group.commands.items():
         cmd_prefix = f"{prefix}_{cmd_name.upper()}"
+        cmd.context_class = CommandContext  # (the group finds its context again when it fails)
         for param in cmd.params:
             if not isinstance(param, click.Option) or not param.allow_from_autoenv or not param.name:
                 continue

@@ -345,6 +345,22 @@ def test_a_bad_value_from_the_environment_names_the_variable(runner: CliRunner, 
     assert r.exit_code == 2 and "Invalid value for '--device': 'tpu'" in r.output, r.output
 
 
+def test_a_bad_co_from_the_environment_names_the_variable(runner: CliRunner, tmp_path: Path,
+                                                           tiny_unet: tuple[Path, Path]) -> None:
+    """--co is parsed by the command and checked by the library: both errors named only --co, which the
+    user never typed when GEOSEG_PREDICT_CO set it."""
+    src, (weights, _) = rgb(tmp_path), tiny_unet
+    args = ["predict", str(src), "--weights", str(weights), "--out", str(tmp_path / "o"), "--vector", "none"]
+    r = runner.invoke(cli, args, env={"GEOSEG_PREDICT_CO": "COMPRESS"})
+    assert r.exit_code == 2 and "--co (set by the environment variable GEOSEG_PREDICT_CO): 'COMPRESS'" in r.output, r.output
+    r = runner.invoke(cli, args, env={"GEOSEG_PREDICT_CO": "FOO=BAR"})
+    assert r.exit_code == 1 and "refuses it" in r.output, r.output
+    assert r.output.rstrip().endswith("(--co was set by the environment variable GEOSEG_PREDICT_CO)"), r.output
+    r = runner.invoke(cli, [*args, "--co", "FOO=BAR"])  # typed: no variable to name
+    assert r.exit_code == 1 and "refuses it" in r.output and "environment" not in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_library_keeps_paddle_s_c_plus_plus_log_to_errors(tmp_path: Path) -> None:
     """API users (not only the CLI) got glog's 'W1130 ... PIR not support input out tensor' line on each export."""
     import os
