@@ -684,7 +684,8 @@ class SceneOutcome:
 
 
 def run_scene(
-    scene: Scene, out_dir: str | Path, options: Any, predictor: Callable[..., Any], source: Any
+    scene: Scene, out_dir: str | Path, options: Any, predictor: Callable[..., Any], source: Any,
+    stopped: Callable[[], bool] | None = None,
 ) -> SceneOutcome:
     """Segment one scene into ``out_dir/scene.out_dir`` with a ready predictor.
 
@@ -692,6 +693,7 @@ def run_scene(
     model errors as a ``fatal`` one.  Never raises for a geoseg error.  geoseg's warnings about
     the scene (e.g. values far from the model's training data) come back in the outcome, so a
     Dask worker's reach the client's log and the run report as they do in a local run.
+    ``stopped`` (see :func:`geoseg.engine.segment_scene`) ends the scene unpublished once it says True.
     """
     from geoseg.engine import segment_scene
 
@@ -702,7 +704,7 @@ def run_scene(
         try:
             dest.mkdir(parents=True, exist_ok=True)
             opts = dataclasses.replace(options, overwrite=True)
-            res = segment_scene(scene.path, dest, source=source, predictor=predictor, options=opts)
+            res = segment_scene(scene.path, dest, source=source, predictor=predictor, options=opts, stopped=stopped)
         except (ModelError, DependencyError) as exc:
             out = _failed(scene, exc, t0, fatal=True)
         except AoiOutsideError as exc:
@@ -877,10 +879,30 @@ def dask_scene_task(scene: Scene, out_dir: str, options: Any, plugin_name: str) 
     except GeosegError as exc:
         out = _failed(scene, exc, time.perf_counter(), fatal=True)
     else:
-        out = run_scene(scene, out_dir, options, predictor, source)
+        out = run_scene(scene, out_dir, options, predictor, source, stopped=task_cancelled(worker))
     out.worker = worker.address
     out.model_loads = plugin.loads
     return out
+
+
+def task_cancelled(worker: Any) -> Callable[[], bool] | None:
+    """For the Dask task running in this thread: a check that says True once the task is cancelled (the
+    batch was stopped: the client cancels its futures and closes its own cluster) or its worker is
+    closing. A running task's thread cannot be interrupted: without this a scene went on after the run
+    had stopped and published its mask while the manifest said "not finished". None outside a task."""
+    from distributed.worker import thread_state
+
+    key = getattr(thread_state, "key", None)
+    tasks = getattr(getattr(worker, "state", None), "tasks", None)
+    if key is None or tasks is None:
+        return None
+
+    def cancelled() -> bool:
+        ts = tasks.get(key)
+        status = getattr(getattr(worker, "status", None), "name", "running")
+        return ts is None or ts.state == "cancelled" or status in ("closing", "closed", "failed")
+
+    return cancelled
 
 
 # ---- the batch -----------------------------------------------------------------------------------

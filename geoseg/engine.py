@@ -46,6 +46,7 @@ from geoseg.errors import (
     ParameterError,
     PerformanceWarning,
     ResolutionWarning,
+    RunStoppedError,
     SceneError,
     WindowSizeWarning,
     require_paddle,
@@ -1016,6 +1017,17 @@ def resolution_mismatch(size: float | None, card: ModelCard) -> float | None:
     return ratio if max(ratio, 1 / ratio) > RESOLUTION_FACTOR else None
 
 
+def _stoppable(predictor: Predictor, stopped: Callable[[], bool]) -> Predictor:
+    """``predictor`` that first asks ``stopped`` and raises :class:`RunStoppedError` when it says so."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if stopped():
+            raise RunStoppedError("the run was stopped")
+        return predictor(x)
+
+    return run
+
+
 def segment_scene(
     input_path: str | Path,
     out: str | Path | None = None,
@@ -1027,6 +1039,7 @@ def segment_scene(
     classes: Any = None,
     predictor: Predictor | None = None,
     options: PredictOptions | None = None,
+    stopped: Callable[[], bool] | None = None,
 ) -> PredictResult:
     """Segment one scene into ``<stem>_landcover.tif`` (COG, palette, class names, .qml style).
 
@@ -1034,13 +1047,16 @@ def segment_scene(
     ``predictor`` together with ``source`` for its card. All checks (input, bands, tile
     parameters, output paths) run before any window is read. Outputs appear atomically; an
     output folder this call created is removed again when the run fails before writing into it.
+    ``stopped`` is asked before each batch of windows and just before the mask is published; when it
+    says True the run ends with :class:`RunStoppedError` and publishes nothing (a batch's scene
+    cancelled on a Dask worker, whose thread cannot be interrupted).
     """
     new_folder = None
     if out is not None and Path(out).suffix.lower() not in (".tif", ".tiff") and not Path(out).exists():
         new_folder = Path(out)
     try:
         return _segment_scene(input_path, out, source=source, model=model, weights=weights, card=card, classes=classes,
-                              predictor=predictor, options=options)
+                              predictor=predictor, options=options, stopped=stopped)
     except BaseException:
         if new_folder is not None:
             with contextlib.suppress(OSError):
@@ -1059,6 +1075,7 @@ def _segment_scene(
     classes: Any,
     predictor: Predictor | None,
     options: PredictOptions | None,
+    stopped: Callable[[], bool] | None = None,
 ) -> PredictResult:
     opts = options or PredictOptions()
     t_start = time.perf_counter()
@@ -1126,6 +1143,8 @@ def _segment_scene(
     device_desc = "custom"
     if predictor is None:
         predictor, device_desc = build_predictor(source, opts.device, opts.precision, opts.runtime, opts.threads)
+    if stopped is not None:
+        predictor = _stoppable(predictor, stopped)
     if opts.tta:
         predictor = dihedral_average(predictor)
         device_desc += "+tta"
@@ -1209,6 +1228,12 @@ def _segment_scene(
             class_pixels = {c.name: int(counts[c.id]) for c in mc.classes}
             mask_w.update_tags(GEOSEG_CLASS_PIXELS=json.dumps(class_pixels))  # the mask's own class statistics
 
+            def before_mask_lands() -> None:
+                if stopped is not None and stopped():
+                    raise RunStoppedError(f"{input_path.name}: the run was stopped; {mask_path.name} was not written")
+                if opts.overwrite:
+                    drop_old_set()
+
             def drop_old_set() -> None:
                 # --overwrite: the outputs are published one by one, so a run stopped among them left
                 # the new mask beside the old run's confidence, polygons, .aux.xml: a set that did not
@@ -1226,7 +1251,7 @@ def _segment_scene(
                         p.unlink()
 
             for w in writers:
-                w.close(before_publish=drop_old_set if w is mask_w and opts.overwrite else None)
+                w.close(before_publish=before_mask_lands if w is mask_w else None)
         except BaseException:
             for w in writers:
                 w.abort()

@@ -78,6 +78,11 @@ class BatchLockedError(GeosegError, RuntimeError):
     """Another batch run holds the lock of the output folder."""
 
 
+class RunStoppedError(GeosegError, RuntimeError):
+    """The run this work belongs to was stopped (a batch stopped by a signal, its scene cancelled on a
+    Dask worker): nothing more is written or published."""
+
+
 class GeosegWarning(UserWarning):
     """Base class of geoseg's warnings."""
 

@@ -816,6 +816,53 @@ def test_workers_of_batch_s_own_cluster_stop_quietly(caplog) -> None:  # type: i
     assert [r.getMessage() for r in caplog.records] == ["Worker is at 85% memory usage."]
 
 
+_WATCH: dict[str, object] = {}  # what the in-process worker's task and the test share (not picklable)
+
+
+def _wait_until_cancelled() -> None:
+    """A Dask task (in-process worker) that watches its own cancel check, as a scene does."""
+    from distributed import get_worker
+
+    import geoseg.batch as gb
+
+    seen, started = _WATCH["seen"], _WATCH["started"]
+    check = gb.task_cancelled(get_worker())
+    seen.append(check())
+    started.set()
+    t0 = time.monotonic()
+    while not check() and time.monotonic() - t0 < 30:
+        time.sleep(0.02)
+    seen.append(check())
+
+
+@pytest.mark.parametrize("how", ["future cancelled", "cluster closed"])
+def test_a_running_scene_task_learns_that_the_run_stopped(how: str) -> None:
+    """A stopped batch cancels its futures and closes its own cluster, but a running task's thread goes on:
+    a scene then still published its mask while the manifest said "not finished by an interrupted run".
+    The scene asks task_cancelled (before each batch of windows and before its mask lands)."""
+    import threading
+
+    from distributed import Client, LocalCluster, get_worker
+
+    import geoseg.batch as gb
+
+    seen: list[bool] = []
+    started = threading.Event()
+    _WATCH.update(seen=seen, started=started)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        assert client.submit(lambda: gb.task_cancelled(get_worker()) is not None, pure=False).result()
+        fut = client.submit(_wait_until_cancelled, pure=False)
+        assert started.wait(30)
+        if how == "future cancelled":
+            fut.cancel()
+            t0 = time.monotonic()
+            while len(seen) < 2 and time.monotonic() - t0 < 30:
+                time.sleep(0.02)
+    assert seen == [False, True]
+    assert gb.task_cancelled(object()) is None  # outside a task: nothing to ask
+
+
 # ---- robustness: a cluster without workers, scene I/O errors, stopped runs, --report, a damaged manifest ---------
 def test_a_cluster_without_a_usable_worker_stops_in_bounded_time(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:

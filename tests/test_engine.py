@@ -225,6 +225,42 @@ def test_failure_mid_run_leaves_no_output(tmp_path: Path) -> None:
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("stop_at", ["first window", "publishing"])
+def test_a_stopped_scene_publishes_nothing(tmp_path: Path, stop_at: str) -> None:
+    """A batch's scene on a Dask worker cannot be interrupted: when its run was stopped it went on and
+    published its mask although the run reported it not finished. ``stopped`` ends it unpublished,
+    also when the stop comes after the last window, while the COG is converted."""
+    from geoseg.errors import RunStoppedError
+
+    src = write_raster(tmp_path / "s.tif", class_image(200, 200, 2, seed=4)[None].astype(np.uint8), crs="EPSG:32633")
+    out = tmp_path / "out"
+    out.mkdir()
+    windows = []
+    predict = one_hot_predictor(2)
+
+    def counting(x: np.ndarray) -> np.ndarray:
+        windows.append(len(x))
+        return predict(x)
+
+    asked = []
+    kw = dict(source=ModelSource(identity_card(1, 2)), predictor=counting)
+    # never stopped: it is asked before each batch and once before the mask lands, and publishes
+    res = segment_scene(src, tmp_path / "ref", **kw, options=PredictOptions(batch_size=1),
+                        stopped=lambda: asked.append(1) is None and False)
+    assert res.mask.exists() and len(asked) == len(windows) + 1 and len(windows) > 1
+    total = len(windows)
+    windows.clear()
+
+    def stopped() -> bool:  # says stop at once, or only once every window has run
+        return stop_at == "first window" or len(windows) == total
+
+    with pytest.raises(RunStoppedError, match="stopped"):
+        segment_scene(src, out, **kw, options=PredictOptions(batch_size=1, confidence="uint8", vector="gpkg"),
+                      stopped=stopped)
+    assert list(out.iterdir()) == []  # no mask, confidence, polygons or temp file
+    assert len(windows) == (0 if stop_at == "first window" else total)
+
+
 def test_an_overwrite_stopped_among_its_outputs_leaves_no_mixed_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--overwrite publishes the outputs one by one: a run stopped right after its mask landed left it
     beside the old run's confidence, polygons and .aux.xml (a set that did not belong together). The
