@@ -1148,7 +1148,10 @@ def _segment_scene(
     if opts.tta:
         predictor = dihedral_average(predictor)
         device_desc += "+tta"
-    batch_size = opts.batch_size or default_batch_size(device_desc, tile)
+    # a ready-made predictor (batch's workers build theirs on the GPU too) is sized for where it runs:
+    # "custom" gave a GPU worker the CPU's 1 window per call instead of 8
+    batch_size = opts.batch_size or default_batch_size(device_desc if device_desc != "custom"
+                                                       else _ready_device(opts.device), tile)
     log.debug("%s: %dx%d, %d bands %s, %d windows of %d px (overlap %d), model %s on %s, batch %d",
               input_path.name, meta.width, meta.height, len(bands), meta.dtype, len(grid), tile, grid.overlap,
               source.label, device_desc, batch_size)

@@ -261,6 +261,24 @@ def test_a_stopped_scene_publishes_nothing(tmp_path: Path, stop_at: str) -> None
     assert len(windows) == (0 if stop_at == "first window" else total)
 
 
+@pytest.mark.parametrize("device, tile, expected", [("gpu", 256, 8), ("cpu", 256, 1), ("cpu", 128, 4)])
+def test_a_ready_made_predictor_gets_the_default_batch_of_its_device(tmp_path: Path, device: str, tile: int,
+                                                                    expected: int) -> None:
+    """batch's workers hand segment_scene a predictor they built (on the GPU where there is one): its
+    default batch was the CPU's (1 window per call at 256 px) instead of the GPU's 8."""
+    src = write_raster(tmp_path / "s.tif", class_image(300, 2400, 2, seed=5)[None].astype(np.uint8), crs="EPSG:32633")
+    sizes = []
+    predict = one_hot_predictor(2)
+
+    def recording(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        return predict(x)
+
+    segment_scene(src, tmp_path / device, source=ModelSource(identity_card(1, 2, tile=tile, overlap=32)),
+                  predictor=recording, options=PredictOptions(device=device))  # type: ignore[arg-type]
+    assert max(sizes) == expected, sizes
+
+
 def test_an_overwrite_stopped_among_its_outputs_leaves_no_mixed_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--overwrite publishes the outputs one by one: a run stopped right after its mask landed left it
     beside the old run's confidence, polygons and .aux.xml (a set that did not belong together). The
