@@ -1846,6 +1846,7 @@ class Trainer:
         opt = self.configure_optimizer(model)
         amp = cfg.amp and self.device == "gpu"
         scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**14) if amp else None
+        self.scaler = scaler  # its loss scale and counters are saved with each checkpoint
 
         self.card({}, 0)  # the card's own checks, before anything is written or trained
 
@@ -2031,7 +2032,12 @@ class Trainer:
             scaler.unscale_(opt)
             gnorm = _grad_norm(paddle, params)
             scaler.step(opt)
-            scaler.update()
+            # Paddle prints "Found inf or nan, current scale is ..." to stdout on each overflow step (common
+            # early in AMP training): stdout carries only the weights path (W=$(geoseg train ...))
+            with contextlib.redirect_stdout(io.StringIO()) as said:
+                scaler.update()
+            for line in said.getvalue().splitlines():
+                log.debug("AMP: %s", line)
         else:
             out = model(x)
             logits = out[0] if isinstance(out, (list, tuple)) else out
@@ -2124,6 +2130,7 @@ class Trainer:
         atomic_write_text(d / "last.json", json.dumps({
             "iteration": it, "best_miou": best, "best_iteration": best_it, "config": self.cfg.to_dict(),
             "history": history, "best_validation": dict(best_metrics), "files": files,
+            **({"amp_scaler": scaler} if (scaler := _scaler_state(getattr(self, "scaler", None))) else {}),
         }, default=_json_default))
         self._ckpt_files = files
 
@@ -2155,6 +2162,9 @@ class Trainer:
         if opt_path.is_file():
             opt.set_state_dict(_portable_opt_state(model, self.paddle.load(str(opt_path)), to_structured=False))
         ema_path = parts.get("last.ema.pdparams", d / "last.ema.pdparams")
+        scaler = getattr(self, "scaler", None)
+        if scaler is not None and state.get("amp_scaler"):  # AMP's loss scale goes on where it was
+            scaler.load_state_dict({**state["amp_scaler"], "scale": np.array([state["amp_scaler"]["scale"]], np.float32)})
         self._ckpt_files = files
         if "best.pdparams" in parts:
             self._best = (parts["best.pdparams"], files["best.pdparams"])
@@ -2165,6 +2175,16 @@ class Trainer:
             self.ema.set_state_dict(self.paddle.load(str(ema_path)))
         return (int(state["iteration"]), float(state.get("best_miou", -1.0)), int(state.get("best_iteration", -1)),
                 list(state.get("history", [])), dict(state.get("best_validation") or {}))
+
+
+def _scaler_state(scaler: Any) -> dict[str, Any] | None:
+    """An AMP ``GradScaler``'s state as JSON values (its loss scale, counters and settings), or None
+    without one (CPU, or AMP off; a disabled scaler's state is empty)."""
+    state = scaler.state_dict() if scaler is not None else None
+    if not state:
+        return None
+    return {k: float(np.asarray(v).ravel()[0]) if k == "scale" else (v.item() if hasattr(v, "item") else v)
+            for k, v in state.items()}
 
 
 class _Ema:

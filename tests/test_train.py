@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -280,6 +281,70 @@ def test_training_steps_lower_the_loss(scene: tuple[Path, Path], tmp_path: Path)
     assert losses[-1] < losses[0]
     _, _, gnorm = t.step(model, opt, loss_fn, x, y, 0.01)
     assert gnorm > 0
+
+
+class _AmpScaler:
+    """What geoseg uses of ``paddle.amp.GradScaler``, which Paddle disables off the GPU: a stand-in that
+    prints on update as Paddle's does after an overflow step, and keeps a state to checkpoint."""
+
+    def __init__(self, scale: float = 512.0, incr_count: int = 3) -> None:
+        self.state = {"scale": np.array([scale], np.float32), "incr_ratio": 2.0, "decr_ratio": 0.5,
+                      "incr_every_n_steps": 1000, "decr_every_n_nan_or_inf": 2, "incr_count": incr_count,
+                      "decr_count": 0, "use_dynamic_loss_scaling": True}
+        self.loaded: dict | None = None
+
+    def scale(self, loss):  # type: ignore[no-untyped-def]
+        return loss
+
+    def unscale_(self, opt) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def step(self, opt) -> None:  # type: ignore[no-untyped-def]
+        opt.step()
+
+    def update(self) -> None:
+        print("Found inf or nan, current scale is: 1024.0, decrease to: 1024.0*0.5")
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loaded = state
+
+
+def test_amp_steps_print_nothing_on_stdout(scene: tuple[Path, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Paddle's GradScaler prints "Found inf or nan ..." on stdout at each overflow step of AMP training (GPU),
+    where geoseg train prints only the weights path for scripts (W=$(geoseg train ...))."""
+    t = Trainer(_cfg(scene, tmp_path / "o", loss="ce"))
+    model, loss_fn = t.configure_model(), t.configure_loss()
+    opt = t.configure_optimizer(model)
+    x = paddle.to_tensor(t.train_data.image[None, :, :32, :32].copy())
+    y = paddle.to_tensor(t.train_data.labels[None, :32, :32].copy())
+    capsys.readouterr()
+    loss, _, gnorm = t.step(model, opt, loss_fn, x, y, 0.01, scaler=_AmpScaler())
+    assert capsys.readouterr().out == "" and loss > 0 and gnorm > 0
+
+
+def test_the_amp_loss_scale_is_checkpointed_and_resumed(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """--resume of an AMP run started again from the initial loss scale 2**14 (more skipped steps than the
+    uninterrupted run): the scaler's state is saved in last.json and put back."""
+    t = Trainer(_cfg(scene, tmp_path / "o"))
+    model = t.configure_model()
+    opt = t.configure_optimizer(model)
+    t.scaler, t.ema, t._ckpt_files, t._best = _AmpScaler(scale=256.0, incr_count=7), None, {}, None
+    d = tmp_path / "o" / "checkpoints"
+    t._save_checkpoint(d, model, opt, 2, -1.0, -1, [], {})
+    saved = json.loads((d / "last.json").read_text())["amp_scaler"]
+    assert saved["scale"] == 256.0 and saved["incr_count"] == 7
+    t.scaler = _AmpScaler()
+    assert t._resume(d, model, opt)[0] == 2
+    assert t.scaler.loaded is not None and t.scaler.loaded["scale"].tolist() == [256.0]
+    assert {k: v for k, v in t.scaler.loaded.items() if k != "scale"} == {
+        k: v for k, v in _AmpScaler(incr_count=7).state.items() if k != "scale"}
+    t.scaler = None  # a CPU run (no scaler) writes none
+    t._save_checkpoint(d, model, opt, 3, -1.0, -1, [], {})
+    assert "amp_scaler" not in json.loads((d / "last.json").read_text())
 
 
 def test_reading_the_regions_leaves_no_file_open(scene: tuple[Path, Path], tmp_path: Path) -> None:
