@@ -1503,7 +1503,7 @@ def _run_dask(
                 if o.worker:
                     loads[o.worker] = max(loads.get(o.worker, 0), o.model_loads)
                 if o.fatal:
-                    raise ModelError(f"model failed to load on {o.worker}: {o.error}")
+                    raise ModelError(f"the model failed on the worker {o.worker} ({o.key}): {o.error}")
                 finish(o, reasons[key])
     except BaseException:
         for f in futures:  # (a LocalCluster of batch's own closes anyway; a user's cluster must not go on)

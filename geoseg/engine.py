@@ -1028,6 +1028,23 @@ def _stoppable(predictor: Predictor, stopped: Callable[[], bool]) -> Predictor:
     return run
 
 
+def _device_errors_are_model_errors(predictor: Predictor) -> Predictor:
+    """``predictor`` whose ``OSError`` becomes :class:`ModelError`. Paddle raises the GPU's own failures
+    ("(External) CUDA error(700), an illegal memory access was encountered") as ``OSError``, which a
+    batch took for one scene's I/O error and went on, failing every later scene on the broken device
+    one by one; a model call reads and writes no file, so its ``OSError`` is the model's or the device's."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        try:
+            return predictor(x)
+        except OSError as exc:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"the model failed on its device: {text}: a GPU in this state fails every later call; "
+                             "run again (a new process), and check the GPU (nvidia-smi) if it repeats") from exc
+
+    return run
+
+
 def segment_scene(
     input_path: str | Path,
     out: str | Path | None = None,
@@ -1143,6 +1160,7 @@ def _segment_scene(
     device_desc = "custom"
     if predictor is None:
         predictor, device_desc = build_predictor(source, opts.device, opts.precision, opts.runtime, opts.threads)
+    predictor = _device_errors_are_model_errors(predictor)
     if stopped is not None:
         predictor = _stoppable(predictor, stopped)
     if opts.tta:

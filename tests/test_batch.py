@@ -932,6 +932,37 @@ def test_a_raw_gdal_error_fails_that_scene_only(runner, tiny_unet, tmp_path: Pat
     assert scenes["d2/x/scene2.tif"]["error"] == "RasterioError: write failed"
 
 
+def test_a_broken_gpu_stops_the_batch_instead_of_failing_every_scene(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paddle raises a GPU's own failure ("(External) CUDA error(700), an illegal memory access ...") as
+    OSError: the batch took it for one scene's I/O error and went on, and every later scene failed the
+    same way on the broken device. It now stops the run (exit 1, the report says why); the next run
+    (a new process) redoes the scenes."""
+    import geoseg.batch as gb
+
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 4, size=(16, 16))
+    build, calls = gb.BatchModel.build, []
+
+    def broken_after_one_scene(self):  # type: ignore[no-untyped-def]
+        predictor, desc, source = build(self)
+
+        def run(x):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) > 1:
+                raise OSError("(External) CUDA error(700), an illegal memory access was encountered.")
+            return predictor(x)
+
+        return run, desc, source
+
+    monkeypatch.setattr(gb.BatchModel, "build", broken_after_one_scene)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
+    assert r.exit_code == 1 and "CUDA error(700)" in r.output and "the model failed on its device" in r.output, r.output
+    report = report_of(rep)
+    assert report["counts"]["ok"] == 1 and report["counts"]["failed"] == 0 and len(calls) == 2, report["counts"]
+    assert len(report["stopped"]["not_finished"]) == 3
+
+
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_a_stopped_run_still_writes_its_report(runner, tiny_unet, tmp_path: Path, signal_name: str,  # type: ignore[no-untyped-def]
                                                monkeypatch: pytest.MonkeyPatch) -> None:
