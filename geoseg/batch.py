@@ -795,6 +795,7 @@ class ModelPlugin:
         self.name = name
         self.quiet_loggers = quiet_loggers
         self.own_cluster = own_cluster
+        self.worker_name: Any = None  # the worker's name (batch's own LocalCluster: 0 .. N-1), set up on it
         self.loads = 0
         self._loaded: tuple[Callable[..., Any], str, Any] | None = None
         self._lock: threading.Lock | None = None
@@ -810,6 +811,7 @@ class ModelPlugin:
     def setup(self, worker: Any) -> None:
         """Called by Dask when the plugin is registered on a worker."""
         self._lock = threading.Lock()
+        self.worker_name = getattr(worker, "name", None)
         # The caller asked for quiet workers (a cron run's stderr takes one line per scene).
         for name in self.quiet_loggers:
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -833,6 +835,17 @@ class ModelPlugin:
 
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+    def device(self) -> str:
+        """The model's device on this worker. The workers of batch's own LocalCluster (named 0 .. N-1) are
+        spread over the GPUs this machine's CUDA shows (worker i on GPU i mod count): every one of them
+        ran on GPU 0, the others idle. A user's cluster is left as it is (one GPU per worker process
+        by ``CUDA_VISIBLE_DEVICES``)."""
+        name = getattr(self, "worker_name", None)
+        if not self.own_cluster or self.model.device not in ("auto", "gpu") or not isinstance(name, int):
+            return self.model.device
+        count = gpu_count()
+        return f"gpu:{name % count}" if count > 1 else self.model.device
+
     def teardown(self, worker: Any) -> None:
         """Drop the model."""
         self._loaded = None
@@ -843,10 +856,18 @@ class ModelPlugin:
             self._lock = threading.Lock()
         with self._lock:
             if self._loaded is None:
-                self._loaded = self.model.build()
+                self._loaded = dataclasses.replace(self.model, device=self.device()).build()
                 self.loads += 1
                 log.debug("worker loaded model %s (%s)", self._loaded[2].label, self._loaded[1])
             return self._loaded
+
+
+def gpu_count() -> int:
+    """GPUs Paddle's CUDA sees here (0 with a CPU build)."""
+    from geoseg.errors import require_paddle
+
+    paddle: Any = require_paddle()
+    return int(paddle.device.cuda.device_count()) if paddle.is_compiled_with_cuda() else 0
 
 
 class _StoppedRunNoise(logging.Filter):
@@ -1460,6 +1481,9 @@ def _run_dask(
             return _run_dask(todo, out, model, options, batch, c, finish, own_cluster=not batch.scheduler)
 
     where = getattr(client.scheduler, "address", None) or "the Dask scheduler"
+    if own_cluster and batch.workers > 1 and model.device in ("auto", "gpu") and 0 < (gpus := gpu_count()) < batch.workers:
+        log.warning("warning: --workers %d on %d GPU(s): workers share a GPU, each with its own copy of the model and "
+                    "its batches in GPU memory; --workers %d runs one per GPU", batch.workers, gpus, gpus)
     _wait_for_workers(client, batch.resources, where)
     name = PLUGIN_PREFIX + hashlib.sha256(repr(model).encode()).hexdigest()[:12]
     plugin = _make_worker_plugin(model, name, batch.quiet_worker_loggers, own_cluster)

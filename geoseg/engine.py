@@ -328,10 +328,12 @@ def build_predictor(
     worker sharing a machine with others should use fewer). Returns the predictor and a
     description (device, runtime, precision) for logs.
     """
-    dev = resolve_device(device)
+    kind, _, index = str(device).partition(":")  # "gpu:1": batch's workers spread over the GPUs
+    dev = resolve_device(kind)  # type: ignore[arg-type]
     if precision == "fp16" and dev == "cpu":
         warnings.warn("--precision fp16 needs a GPU: running in fp32 on CPU", PerformanceWarning, stacklevel=2)
         precision = "fp32"
+    on = f"gpu:{index}" if dev == "gpu" and index else dev
     if runtime == "auto":
         runtime = "inference" if (dev == "cpu" or source.export_dir is not None) else "dygraph"
     output = source.output
@@ -341,11 +343,11 @@ def build_predictor(
         if source.export_dir is None:
             output = "probs"  # our own cached export ends in a softmax
         model_file, params_file = find_model_files(exported_for_inference(source))
-        net = InferencePredictor(model_file, params_file, device=dev, precision=precision, threads=threads)
+        net = InferencePredictor(model_file, params_file, device=on, precision=precision, threads=threads)
     else:
         from geoseg.models.inference import DygraphPredictor
 
-        net = DygraphPredictor(build_layer(source), device=dev, precision=precision)
+        net = DygraphPredictor(build_layer(source), device=on, precision=precision)
 
     to_probs = _OUTPUT_TO_PROBS[output]
     num_classes = source.card.num_classes
@@ -353,7 +355,7 @@ def build_predictor(
     def predict(x: np.ndarray) -> np.ndarray:
         return to_probs(net(np.ascontiguousarray(x, dtype=np.float32)), num_classes)
 
-    return predict, f"{dev}/{runtime}/{precision}"
+    return predict, f"{on}/{runtime}/{precision}"
 
 
 def dihedral_average(predict: Predictor) -> Predictor:

@@ -863,6 +863,28 @@ def test_a_running_scene_task_learns_that_the_run_stopped(how: str) -> None:
     assert gb.task_cancelled(object()) is None  # outside a task: nothing to ask
 
 
+@pytest.mark.parametrize("own_cluster, device, gpus, name, expected", [
+    (True, "auto", 2, 3, "gpu:1"), (True, "gpu", 4, 2, "gpu:2"), (True, "auto", 1, 3, "auto"),
+    (True, "auto", 0, 1, "auto"), (True, "cpu", 2, 1, "cpu"), (False, "gpu", 2, 1, "gpu"),
+    (True, "gpu", 2, "tcp://w", "gpu")])
+def test_batch_s_own_workers_spread_over_the_gpus(monkeypatch: pytest.MonkeyPatch, own_cluster: bool, device: str,
+                                                  gpus: int, name: object, expected: str) -> None:
+    """--workers N on a machine with several GPUs ran every worker on GPU 0. Worker i of batch's own
+    LocalCluster now takes GPU i mod count; a user's cluster keeps its own mapping (CUDA_VISIBLE_DEVICES)."""
+    import types
+
+    import geoseg.batch as gb
+
+    monkeypatch.setattr(gb, "gpu_count", lambda: gpus)
+    plugin = gb.ModelPlugin(gb.BatchModel(device=device), "p", own_cluster=own_cluster)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        plugin.setup(types.SimpleNamespace(name=name))  # (a worker of batch's own cluster ignores Ctrl-C)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert plugin.device() == expected
+
+
 # ---- robustness: a cluster without workers, scene I/O errors, stopped runs, --report, a damaged manifest ---------
 def test_a_cluster_without_a_usable_worker_stops_in_bounded_time(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
