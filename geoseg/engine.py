@@ -1115,12 +1115,14 @@ def _segment_scene(
         grid, region = grid.covering(aoi.window)
         out_meta = meta.subset(aoi.window)
         meta = meta.subset(region, aoi)
-    if (resolve_device(opts.device) if predictor is None else _ready_device(opts.device)) == "cpu":
-        # before any output or model exists; the estimate is of a CPU run (on a GPU the model lives there)
-        batch = opts.batch_size or default_batch_size("cpu", tile)
-        check_memory(memory_estimate_mb(tile, batch, height=meta.height, width=meta.width, bands=len(bands),
-                                        itemsize=np.dtype(meta.dtype).itemsize, num_classes=mc.num_classes,
-                                        members=card_members(mc), window=grid.model_shape), grid.model_shape, batch)
+    # before any output or model exists. On a GPU the model and its activations live there, but the
+    # blending strip and the prefetched batches (8 windows per call) still take this machine's memory
+    run_on = resolve_device(opts.device) if predictor is None else _ready_device(opts.device)
+    batch = opts.batch_size or default_batch_size(run_on, tile)
+    check_memory(memory_estimate_mb(tile, batch, height=meta.height, width=meta.width, bands=len(bands),
+                                    itemsize=np.dtype(meta.dtype).itemsize, num_classes=mc.num_classes,
+                                    members=card_members(mc), window=grid.model_shape, gpu=run_on != "cpu"),
+                 grid.model_shape, batch)
     mask_path, conf_path = output_paths(input_path, out)
     if mask_path.resolve() == input_path.resolve():
         raise ParameterError(f"output {mask_path} is the input: choose another --out")
@@ -1411,16 +1413,20 @@ def card_members(card: ModelCard) -> int:
 
 
 def memory_estimate_mb(tile: int, batch_size: int, *, height: int, width: int, bands: int, itemsize: int,
-                       num_classes: int, members: int = 1, window: tuple[int, int] | None = None) -> float:
+                       num_classes: int, members: int = 1, window: tuple[int, int] | None = None,
+                       gpu: bool = False) -> float:
     """predict's peak resident memory on CPU (MB) over a ``height`` × ``width`` region in windows of
     ``tile`` px, ``batch_size`` per model call: the runtime (measured, see the table above), the
     blending strip of one window row (``classes × tile × width`` float32 plus weights and masks)
     and the prefetched batches (raw ``itemsize`` and float32 ``bands`` per pixel). ``window``: the
-    model input (height, width) when it is not ``tile × tile`` (see :func:`scene_grid`)."""
+    model input (height, width) when it is not ``tile × tile`` (see :func:`scene_grid`). ``gpu``: the
+    host memory of a GPU run (the model and its activations live on the GPU: the runtime counts its
+    base only)."""
     wh, ww = window or (tile, tile)
     windows = batch_size * wh * ww / 512**2  # the pixels of a batch in 512² windows
-    runtime = (RUNTIME_BASE_MB + RUNTIME_PER_MEMBER_MB * (members - 1)
-               + (RUNTIME_PER_WINDOW_MB + RUNTIME_PER_MEMBER_WINDOW_MB * members) * windows)
+    runtime = RUNTIME_BASE_MB if gpu else (
+        RUNTIME_BASE_MB + RUNTIME_PER_MEMBER_MB * (members - 1)
+        + (RUNTIME_PER_WINDOW_MB + RUNTIME_PER_MEMBER_WINDOW_MB * members) * windows)
     strip_mb = (num_classes * 4 + 4 + 1 + 1) * min(tile, height) * width / 2**20
     reads_mb = 3 * batch_size * bands * wh * ww * (itemsize + 4) / 2**20
     return runtime + strip_mb + reads_mb
@@ -1460,13 +1466,15 @@ def check_memory(estimate_mb: float, window: tuple[int, int], batch_size: int) -
 
 
 def default_batch_size(device: str, tile: int) -> int:
-    """Windows per model call when none is asked for: 8 on a GPU; on CPU about 256² pixels per call
-    (1 for windows of 256 px and more, 4 for the shipped models' 128 px windows): each call to Paddle
-    Inference costs a fixed time that small windows feel (2,048² scene, shipped UNet, 128/32 windows,
-    2 cores: 24.4 s at batch 1, 20.3 s at batch 4, 21.3 s at batch 8; the same mask), while larger
-    windows gain nothing past batch 1 and only hold more memory."""
+    """Windows per model call when none is asked for: on a GPU 8 windows of 512 px or less, fewer larger
+    ones (the pixels of 8 × 512², at least 1: 2 at 1,024 px; 8 windows of 2,048 px would hold 16 times
+    the activations in GPU memory); on CPU about 256² pixels per call (1 for windows of 256 px and
+    more, 4 for the shipped models' 128 px windows): each call to Paddle Inference costs a fixed time
+    that small windows feel (2,048² scene, shipped UNet, 128/32 windows, 2 cores: 24.4 s at batch 1,
+    20.3 s at batch 4, 21.3 s at batch 8; the same mask), while larger windows gain nothing past
+    batch 1 and only hold more memory."""
     if device.startswith("gpu"):
-        return 8
+        return max(1, min(8, round(8 * (512 / tile) ** 2)))
     return max(1, min(8, round((256 / tile) ** 2)))
 
 

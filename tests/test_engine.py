@@ -77,7 +77,8 @@ def test_cpu_batches_small_windows_by_default(tmp_path: Path) -> None:
     from geoseg.engine import default_batch_size
 
     assert [default_batch_size("cpu/inference/fp32", t) for t in (64, 128, 192, 256, 512)] == [8, 4, 2, 1, 1]
-    assert default_batch_size("gpu/dygraph/fp16", 512) == 8
+    # on a GPU the pixels of 8 windows of 512 px: 8 windows of 2,048 px held 16 times the activations
+    assert [default_batch_size("gpu/dygraph/fp16", t) for t in (128, 512, 724, 1024, 2048)] == [8, 8, 4, 2, 1]
     src = write_raster(tmp_path / "scene.tif", (class_image(200, 600, 3) + 1).astype(np.uint8), nodata=0)
     sizes: list[int] = []
     inner = one_hot_predictor(3, offset=1)
@@ -894,6 +895,24 @@ def test_predict_refuses_an_estimate_beyond_the_machine_s_memory(tmp_path: Path,
             "--batch-size (geoseg info --tile-size N shows the estimate)")
     assert list(out.iterdir()) == [] and not (tmp_path / "new").exists() and not (tmp_path / "m.tif").exists()
     assert predictor.shapes == []
+
+
+def test_a_gpu_run_checks_this_machine_s_memory_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the model lives there, but the blending strip and 8 prefetched windows per call take the
+    host's memory: GPU runs were not checked at all. Their estimate counts no model activations."""
+    import geoseg.engine
+    from geoseg.engine import memory_estimate_mb
+
+    kw = dict(height=20_000, width=20_000, bands=13, itemsize=2, num_classes=10)
+    cpu, gpu = memory_estimate_mb(1024, 2, **kw), memory_estimate_mb(1024, 2, **kw, gpu=True)  # type: ignore[arg-type]
+    assert gpu < cpu and gpu > memory_estimate_mb(1024, 2, **kw, gpu=True, window=(256, 256)) > 0  # type: ignore[arg-type]
+    monkeypatch.setattr(geoseg.engine, "physical_memory_mb", lambda: 300.0)
+    src = write_raster(tmp_path / "s.tif", np.ones((1, 20, 20), np.uint8))
+    predictor = _recording(one_hot_predictor(2))
+    with pytest.raises(ParameterError, match="more than this machine's 300 MB"):
+        segment_scene(src, tmp_path / "out", source=ModelSource(identity_card(1, 2)), predictor=predictor,
+                      options=PredictOptions(device="gpu"))
+    assert predictor.shapes == [] and not (tmp_path / "out").exists()
 
 
 def test_predict_warns_when_its_estimate_exceeds_the_memory_available_now(
