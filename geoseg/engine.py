@@ -355,7 +355,7 @@ def build_predictor(
     def predict(x: np.ndarray) -> np.ndarray:
         return to_probs(net(np.ascontiguousarray(x, dtype=np.float32)), num_classes)
 
-    return predict, f"{on}/{runtime}/{precision}"
+    return predict, f"{on}/{runtime}/{getattr(net, 'precision', precision)}"  # (fp32 where fp16 cannot run)
 
 
 def dihedral_average(predict: Predictor) -> Predictor:

@@ -1845,6 +1845,13 @@ class Trainer:
         self.teacher = self.configure_teacher()
         opt = self.configure_optimizer(model)
         amp = cfg.amp and self.device == "gpu"
+        if amp:
+            from geoseg.models.inference import amp_fp16_supported
+
+            if not amp_fp16_supported(paddle):  # Paddle would turn autocast off with a bare UserWarning
+                log.warning("warning: amp: this GPU (compute capability below 7.0) has no FP16 autocast in Paddle: "
+                            "training in fp32")
+                amp = False
         scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**14) if amp else None
         self.scaler = scaler  # its loss scale and counters are saved with each checkpoint
 

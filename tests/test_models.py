@@ -465,3 +465,17 @@ def test_export_works_with_a_home_that_cannot_be_written(tmp_path: Path, monkeyp
     assert program.exists() and params.exists()
     assert os.environ["HOME"] == home
     assert not [p for p in folder.iterdir() if p.name.startswith(".geoseg-home-")]  # the scratch home is gone
+
+
+@pytest.mark.parametrize("capability, expected", [((6, 1), False), ((7, 0), True), ((9, 0), True)])
+def test_fp16_autocast_needs_compute_capability_7(capability: tuple[int, int], expected: bool) -> None:
+    """Below compute capability 7.0 Paddle turns FP16 autocast off with a bare UserWarning: predict said
+    fp16 and ran fp32 (P100, P4/P40, GTX 10xx). geoseg asks first (and warns, and says fp32)."""
+    import types
+
+    from geoseg.models.inference import amp_fp16_supported
+
+    asked = []
+    cuda = types.SimpleNamespace(get_device_capability=lambda i: asked.append(i) or capability)
+    fake = types.SimpleNamespace(device=types.SimpleNamespace(cuda=cuda))
+    assert amp_fp16_supported(fake, 1) is expected and asked == [1]

@@ -209,6 +209,14 @@ def _check_gpu(paddle: Any, device: str) -> None:
         )
 
 
+def amp_fp16_supported(paddle: Any, device_id: int = 0) -> bool:
+    """Whether Paddle's FP16 autocast runs on the GPU ``device_id``: it needs compute capability 7.0 or
+    higher, and below it Paddle turns autocast off with a plain UserWarning (P100, P4/P40, GTX 10xx ran
+    fp32 while geoseg said fp16)."""
+    major = paddle.device.cuda.get_device_capability(device_id)[0]
+    return int(major) >= 7
+
+
 def _check_batch(x: np.ndarray) -> np.ndarray:
     if not isinstance(x, np.ndarray) or x.ndim != 4:
         shape = getattr(x, "shape", None)
@@ -339,6 +347,10 @@ class DygraphPredictor:
         self._fp16 = _check_precision(precision, kind)
         if kind == "gpu":
             _check_gpu(paddle, device)
+            if self._fp16 and not amp_fp16_supported(paddle, device_id):
+                warnings.warn(f"--precision fp16: the GPU {device_id} (compute capability below 7.0) has no FP16 "
+                              "autocast in Paddle: running fp32", PerformanceWarning, stacklevel=3)
+                self._fp16 = False
         self._paddle: Any = paddle
         self._place = paddle.CUDAPlace(device_id) if kind == "gpu" else paddle.CPUPlace()  # type: ignore[attr-defined]
         self.model = model
