@@ -90,3 +90,28 @@ def test_deeplab_warns_far_from_its_training_window_size() -> None:
         check_window_size(dataclasses.replace(shipped, params={**base, "aspp_rates": [2, 4, 6],
                                                                  "image_pooling": False}), 1024)
         check_window_size(ModelCard.load(WEIGHTS_DIR / "unet.yaml"), 1024)  # a UNet has no atrous taps
+
+
+# ---- the GPU paths (run where paddle has CUDA and sees a GPU; skipped elsewhere, see conftest) ----------
+def _mask(path: Path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read(1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runtime, precision", [("dygraph", "fp32"), ("dygraph", "fp16"), ("inference", "fp32"),
+                                                ("inference", "fp16")])
+def test_the_gpu_gives_the_cpu_s_map(tmp_path: Path, runtime: str, precision: str) -> None:
+    """Dygraph (autocast O1 for fp16) and Paddle Inference (Half) on the GPU, against the CPU's mask of the
+    shipped UNet; the description says where and how it ran, and the GPU default batch is used."""
+    from geoseg.engine import build_predictor
+
+    src = resolve_model("unet")
+    cpu = segment_scene(NC, tmp_path / "cpu", source=src, options=PredictOptions(device="cpu", vector="none"))
+    gpu = segment_scene(NC, tmp_path / "gpu", source=src, options=PredictOptions(
+        device="gpu", runtime=runtime, precision=precision, vector="none"))  # type: ignore[arg-type]
+    assert gpu.device.startswith(f"gpu/{runtime}/")  # (fp32 on a GPU without FP16 autocast, with a warning)
+    agree = (_mask(cpu.mask) == _mask(gpu.mask)).mean()
+    assert agree >= (0.999 if precision == "fp32" else 0.99), agree
+    _, desc = build_predictor(src, "gpu:0", precision, runtime)  # type: ignore[arg-type]
+    assert desc.startswith(f"gpu:0/{runtime}/")

@@ -347,6 +347,22 @@ def test_the_amp_loss_scale_is_checkpointed_and_resumed(scene: tuple[Path, Path]
     assert "amp_scaler" not in json.loads((d / "last.json").read_text())
 
 
+@pytest.mark.gpu
+def test_amp_training_on_the_gpu(scene: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """AMP (auto_cast O1 + GradScaler) on the GPU: the loss goes down, stdout stays empty (Paddle prints
+    its overflow lines there), the loss scale is checkpointed and a resumed run ends as a straight one."""
+    kw = {"device": "gpu", "amp": True, "schedule": "constant", "warmup": 0, "val_every": 2, "loss": "ce"}
+    capsys.readouterr()
+    straight = train(_cfg(scene, tmp_path / "b", iterations=8, **kw))
+    assert capsys.readouterr().out == ""
+    losses = [r["loss"] for r in straight.history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    train(_cfg(scene, tmp_path / "a", iterations=4, **kw))
+    assert json.loads((tmp_path / "a" / "checkpoints" / "last.json").read_text())["amp_scaler"]["scale"] > 0
+    res = train(_cfg(scene, tmp_path / "a", iterations=8, resume=str(tmp_path / "a" / "checkpoints"), **kw))
+    assert res.history[-1]["loss"] == pytest.approx(straight.history[-1]["loss"], rel=1e-2)
+
+
 def test_reading_the_regions_leaves_no_file_open(scene: tuple[Path, Path], tmp_path: Path) -> None:
     """The regions are in memory once the trainer is made: no cached dataset handle of the image stays
     open through training (or until the interpreter exits, where Python 3.13 complains about it)."""
