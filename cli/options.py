@@ -46,7 +46,8 @@ model_opt = click.option(
 )
 weights_opt = click.option(
     "-w", "--weights", type=click.Path(path_type=Path), default=None,
-    help="Weights file (.pdparams); its model card (same name, .yaml) must lie beside it or be given by --card.",
+    help="Weights file (.pdparams), or a finished geoseg train run's folder (its weights.pdparams); the model card "
+         "(same name, .yaml) must lie beside it or be given by --card.",
 )
 card_opt = click.option("--card", type=click.Path(path_type=Path), default=None, help="Model card (YAML).")
 tile_size_opt = click.option(

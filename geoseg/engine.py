@@ -131,7 +131,14 @@ def resolve_model(model: str | Path | None, weights: str | Path | None = None, c
     if model is not None and Path(model).is_dir():
         from geoseg.exported import load_exported
 
-        return load_exported(Path(model), card=card, classes=classes)
+        folder = Path(model)
+        if (folder / "weights.pdparams").is_file() and not (folder / "deploy.yaml").is_file():
+            raise ModelError(f"--model {folder} is a training run's folder, not an exported model: pass --weights "
+                             f"{folder / 'weights.pdparams'} (or geoseg export it)")
+        if weights is not None:
+            raise ParameterError(f"--weights {weights}: --model {folder} is an exported model, which holds its own "
+                                 "weights: drop --weights, or drop --model to run these weights")
+        return load_exported(folder, card=card, classes=classes)
     from geoseg.models import MODEL_NAMES
 
     if classes is not None:
@@ -152,8 +159,18 @@ def resolve_model(model: str | Path | None, weights: str | Path | None = None, c
         weights_path = shipped[name].with_suffix(".pdparams")
     else:
         weights_path = Path(weights)
+        if weights_path.is_dir() and (weights_path / "weights.pdparams").is_file():
+            weights_path = weights_path / "weights.pdparams"  # a training run's folder (as ensemble takes them)
+        elif weights_path.is_dir():
+            raise ModelError(f"--weights {weights_path} is a folder without weights.pdparams: give the .pdparams file "
+                             "(a finished geoseg train run's folder holds weights.pdparams)")
         if not weights_path.is_file():
             raise ModelError(f"weights file {weights_path} does not exist: check --weights")
+    if card:
+        card_path = Path(card)
+        if not card_path.is_file():
+            raise ModelError(f"--card {card_path} does not exist: check the path")
+    if weights is not None:
         card_path = Path(card) if card else weights_path.with_suffix(".yaml")
         if not card_path.is_file():
             raise ModelError(f"no model card for {weights_path.name}: put {card_path.name} beside it or pass --card")

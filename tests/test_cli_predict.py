@@ -361,6 +361,34 @@ def test_a_bad_co_from_the_environment_names_the_variable(runner: CliRunner, tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_model_weights_and_card_paths_are_named_for_what_they_are(runner: CliRunner, tmp_path: Path,
+                                                                   tiny_unet: tuple[Path, Path]) -> None:
+    """--model EXPORT --weights W ran the export and ignored --weights; a run folder as --weights said it
+    "does not exist"; --model RUN_FOLDER told to call export_model; a missing --card said to put it beside."""
+    import shutil
+
+    src, (weights, card) = rgb(tmp_path), tiny_unet
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(weights, run / "weights.pdparams")
+    shutil.copy(card, run / "weights.yaml")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "deploy.yaml").write_text("Deploy: {}\n")
+    base = ["predict", str(src), "--out", str(tmp_path / "o"), "--vector", "none"]
+    r = runner.invoke(cli, [*base, "--model", str(export), "--weights", str(weights)])
+    assert_one_line_error(r, f"--model {export} is an exported model, which holds its own weights: drop --weights")
+    r = runner.invoke(cli, [*base, "--model", str(run)])
+    assert_one_line_error(r, f"--model {run} is a training run's folder, not an exported model: pass --weights "
+                             f"{run / 'weights.pdparams'}")
+    r = runner.invoke(cli, [*base, "--weights", str(weights), "--card", str(tmp_path / "nope.yaml")])
+    assert_one_line_error(r, f"--card {tmp_path / 'nope.yaml'} does not exist")
+    r = runner.invoke(cli, [*base, "--weights", str(tmp_path)])
+    assert_one_line_error(r, f"--weights {tmp_path} is a folder without weights.pdparams")
+    r = runner.invoke(cli, [*base, "--weights", str(run)])  # a finished run's folder: its weights
+    assert r.exit_code == 0 and (tmp_path / "o" / "scene_landcover.tif").exists(), r.output
+
+
 def test_the_library_keeps_paddle_s_c_plus_plus_log_to_errors(tmp_path: Path) -> None:
     """API users (not only the CLI) got glog's 'W1130 ... PIR not support input out tensor' line on each export."""
     import os
