@@ -1490,6 +1490,7 @@ class Trainer:
         # Classes: from the config or the ids present in the training labels (of every scene).
         present_set: set[int] = set()
         max_label = 0
+        zeros = region_pixels = 0  # label value 0 where it is not the raster's nodata (see below)
         for sc in scenes:
             nodata = sc["label_nodata"]
             for _, block in row_blocks(sc["train_region"], BAND_PIXELS):
@@ -1497,12 +1498,22 @@ class Trainer:
                 present_set |= {int(v) for v in np.unique(raw_train[block.mask]) if int(v) not in cfg.ignore
                                 and int(v) >= 0 and int(v) != (nodata if nodata is not None else -1)}
                 max_label = max(max_label, int(raw_train.max(initial=0)))
+                if nodata != 0:
+                    zeros += int(np.count_nonzero(raw_train[block.mask] == 0))
+                region_pixels += int(np.count_nonzero(block.mask))
                 del raw_train
         present = sorted(present_set)
         self.classes = class_table(cfg, scenes[0]["labels"], present)
         if len(self.classes) < 2:
             nodata = sorted({float(sc["label_nodata"]) for sc in scenes if sc["label_nodata"] is not None})
             raise ParameterError(one_class_message(self.classes, cfg.ignore, nodata, bool(cfg.classes)))
+        if zeros and 0 in cfg.ignore and not cfg.classes:
+            # 0 as "unlabelled" is the default: a cloud mask (0 cloud, 1 shadow, 4 clear) lost its cloud
+            # class without a word
+            log.warning("warning: label value 0 (%.1f %% of the training region) is taken as unlabelled (ignore: [0], "
+                        "the default) and the model gets no class 0: if 0 is a class (e.g. cloud), set ignore: [] "
+                        "(--set ignore=[]) or list the classes with their ids", 100 * zeros / max(1, region_pixels))
+        self._check_classes_have_pixels(present_set, scenes)
         ids = [c.id for c in self.classes]
         lut_size = max(max(ids), max_label) + 1
         self.lut = np.full(lut_size, IGNORE_INDEX, np.int64)
@@ -2018,6 +2029,22 @@ class Trainer:
         log.info("class prior over the training region: %s",
                  ", ".join(f"{c.name} {v:.3f}" for c, v in zip(self.classes, prior)))
         return prior
+
+    def _check_classes_have_pixels(self, present: set[int], scenes: Sequence[Mapping[str, Any]]) -> None:
+        """Refuse a class whose id is the label raster's nodata (its pixels all count as unlabelled); warn
+        about a listed class without any labelled pixel in the training regions (the model cannot learn
+        it, yet its card would list it)."""
+        nodata = {int(v) for sc in scenes if (v := sc["label_nodata"]) is not None and float(v).is_integer()}
+        for c in self.classes:
+            if c.id in present:
+                continue
+            if c.id in nodata:
+                raise ParameterError(
+                    f"class {c.id} ({c.name}) is also the label raster's nodata value, so its pixels count as unlabelled "
+                    f"and it would never be learned: unset the labels' nodata (gdal_edit.py -unsetnodata LABELS) or "
+                    "give the classes other ids")
+            log.warning("warning: class %d (%s) has no labelled pixel in the training region: the model cannot learn "
+                        "it (check the class ids and train_region)", c.id, c.name)
 
     def step(self, model: Any, opt: Any, loss_fn: Callable[[Any, Any], tuple[Any, dict[str, float]]], x: Any, y: Any,
              lr: float, scaler: Any = None, params: Sequence[Any] | None = None) -> tuple[float, dict[str, float], float]:

@@ -363,6 +363,44 @@ def test_amp_training_on_the_gpu(scene: tuple[Path, Path], tmp_path: Path, capsy
     assert res.history[-1]["loss"] == pytest.approx(straight.history[-1]["loss"], rel=1e-2)
 
 
+def test_label_value_0_ignored_by_default_is_said(scene: tuple[Path, Path], tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A cloud mask (0 cloud, 1 shadow, 4 clear) without a classes list trained a model without its cloud
+    class, silently: 0 is 'unlabelled' by default. Said when 0 is not the raster's nodata."""
+    import logging
+
+    with rasterio.open(scene[1]) as ds:
+        labels = ds.read(1)
+    plain = write_raster(tmp_path / "lab0.tif", labels, nodata=None)  # 0 as a value, not nodata
+    cfg = {k: v for k, v in _cfg(scene, tmp_path / "o").to_dict().items() if k != "classes"}
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        t = Trainer(TrainConfig.from_mapping({**cfg, "labels": str(plain)}))
+    assert [c.id for c in t.classes] == [1, 2, 3]
+    assert "label value 0 (" in caplog.text and "set ignore: []" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        Trainer(TrainConfig.from_mapping(cfg))  # 0 is the labels' nodata: nothing to say
+        t = Trainer(TrainConfig.from_mapping({**cfg, "labels": str(plain), "ignore": []}))
+    assert "label value 0" not in caplog.text and [c.id for c in t.classes] == [0, 1, 2, 3]
+
+
+def test_a_class_without_training_pixels_is_warned_about_or_refused(scene: tuple[Path, Path], tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A listed class absent from the training region, or whose id is the label raster's nodata (all its
+    pixels unlabelled), trained silently and was listed in the card as if learned."""
+    import logging
+
+    classes = [{"id": i, "name": n} for i, n in ((1, "a"), (2, "b"), (3, "c"), (9, "snow"))]
+    with caplog.at_level(logging.WARNING, logger="geoseg"):
+        Trainer(_cfg(scene, tmp_path / "o", classes=classes))
+    assert "class 9 (snow) has no labelled pixel in the training region" in caplog.text
+    with rasterio.open(scene[1]) as ds:
+        labels = ds.read(1)
+    nodata2 = write_raster(tmp_path / "lab_nd2.tif", labels, nodata=2)
+    with pytest.raises(ParameterError, match=r"class 2 \(b\) is also the label raster's nodata value"):
+        Trainer(_cfg((scene[0], nodata2), tmp_path / "o2"))
+
+
 def test_reading_the_regions_leaves_no_file_open(scene: tuple[Path, Path], tmp_path: Path) -> None:
     """The regions are in memory once the trainer is made: no cached dataset handle of the image stays
     open through training (or until the interpreter exits, where Python 3.13 complains about it)."""
