@@ -2443,8 +2443,11 @@ def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | 
     A folder ``cfg.out`` that already holds a run (its weights or checkpoint) is refused before
     anything is read, unless ``overwrite`` or the run resumes (``cfg.resume``): a finished model is
     not replaced by accident. The run holds a lock on ``cfg.out`` (:data:`LOCK_FILE`) from that
-    check to its end: a second run into the same folder is refused at once.
+    check to its end: a second run into the same folder is refused at once. A resumed run goes on in
+    its checkpoint's run folder with the settings it was started with (see :func:`resume_config`).
     """
+    if cfg.resume:
+        cfg = resume_config(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder: choose another --out")
@@ -2465,6 +2468,41 @@ def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | 
                     (out / LOCK_FILE).unlink()
                     out.rmdir()
             raise
+
+
+#: What a resumed run may change: how long it runs and where and how fast it computes, not what it learns.
+RESUME_MAY_CHANGE = frozenset({"iterations", "resume", "out", "progress", "workers", "device", "log_every", "val_every",
+                               "read_from", "amp"})
+
+
+def resume_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` checked against the settings its checkpoint was saved with (``last.json``).
+
+    Without an ``out`` of its own the run goes on in the checkpoint's run folder (the folder above
+    ``checkpoints/``): it finished in ./runs/train, split from its first part. Settings that change what the run learns
+    (window, lr, seed, classes, ...) are refused: the weights went on as before while the card
+    recorded the new values (a 64-px model carded as 32 px, predict's default windows then 32).
+
+    Raises:
+        ParameterError: a setting that changes what the run learns differs.
+    """
+    d = _checkpoint_folder(cfg.resume)  # type: ignore[arg-type]
+    try:
+        saved = json.loads((d / "last.json").read_text()).get("config") or {}
+    except (OSError, ValueError):
+        return cfg  # no readable checkpoint: the run's own check says so
+    run = d.parent if d.name == "checkpoints" else d
+    if cfg.out == TrainConfig.out and Path(cfg.out).resolve() != run.resolve():  # no --out: the run's own folder
+        log.info("resuming the run in %s", run)
+        cfg = dataclasses.replace(cfg, out=str(run))
+    now = json.loads(json.dumps(cfg.to_dict(), default=_json_default))
+    changed = [k for k in sorted(set(saved) & set(now) - RESUME_MAY_CHANGE) if saved[k] != now[k]]
+    if changed:
+        what = ", ".join(f"{k} ({json.dumps(saved[k])} -> {json.dumps(now[k])})" for k in changed[:6])
+        raise ParameterError(f"--resume: the run was started with other settings: {what}{' ...' if len(changed) > 6 else ''}: "
+                             f"resume with its own config (only {', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'out', 'progress'}))} "
+                             "may change), or train anew into another --out")
+    return cfg
 
 
 @contextmanager

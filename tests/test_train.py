@@ -461,6 +461,27 @@ def test_resume_continues_from_the_saved_iteration(scene: tuple[Path, Path], tmp
         np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-4, atol=1e-5)
 
 
+def test_resume_refuses_changed_settings_and_finds_its_run_folder(scene: tuple[Path, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume took --set window=32 lr=0.05 seed=5: the weights went on as before while the card said 32 px
+    (predict's default windows then 32). And without --out it finished in ./runs/train, split from its
+    first part."""
+    run = tmp_path / "a"
+    train(_cfg(scene, run, iterations=2, window=32))
+    ckpt = str(run / "checkpoints")
+    with pytest.raises(ParameterError, match=r"--resume: the run was started with other settings: lr \(0.01 -> 0.05\), "
+                                             r"seed \(3 -> 5\), window \(32 -> 16\): resume with its own config") as e:
+        train(_cfg(scene, run, iterations=4, resume=ckpt, window=16, lr=0.05, seed=5))
+    assert "\n" not in str(e.value) and not (run / "weights.yaml").read_text().count("window: 16")
+    # what may change: length, device, workers, logging, validation frequency
+    monkeypatch.chdir(tmp_path)
+    cfg = {k: v for k, v in _cfg(scene, run).to_dict().items() if k != "out"}  # no out: the default
+    res = train(TrainConfig.from_mapping({**cfg, "window": 32, "iterations": 3, "resume": ckpt, "val_every": 1,
+                                          "log_every": 2}))
+    assert res.weights == run / "weights.pdparams" and not (tmp_path / "runs").exists()
+    assert [r["iteration"] for r in res.history] == [1, 2, 3]
+
+
 def test_scene_inside_a_zip_archive_trains(scene: tuple[Path, Path], tmp_path: Path) -> None:
     """Image and labels read through GDAL's /vsizip/ (absolute archive path) train as the plain files do."""
     import zipfile
