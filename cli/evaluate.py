@@ -54,7 +54,10 @@ def _ignore_list(ctx: click.Context, param: click.Parameter, value: str | None) 
                    "Default: 0, unless 0 is one of the classes (e.g. cloud in a cloud mask); none for no value.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
 @click.option("--record-card", type=click.Path(path_type=Path), default=None, metavar="CARD.yaml",
-              help="Also store mIoU, OA, kappa and per-class IoU in this model card under metrics.<--record-as>.")
+              help="Also store mIoU, OA, kappa and per-class IoU in this model card (a weights.yaml, not an export's "
+                   "deploy.yaml) under metrics.<--record-as>. Checked before anything is printed: the card's classes "
+                   "and its name against the model name predict tags the mask with (GEOSEG_MODEL); runs of one config "
+                   "(e.g. seeds) share a name, so give the card of the weights that made PREDICTION.")
 @click.option("--record-as", default="test", show_default=True, help="Key under the card's metrics for --record-card.")
 def evaluate(prediction: Path, reference: Path, field: str | None, background: str | None, stratified: bool, region: str | None,
              classes: tuple[int, ...] | None, miou_classes: tuple[int, ...] | None, ignore: tuple[int, ...] | None,
@@ -73,9 +76,11 @@ def evaluate(prediction: Path, reference: Path, field: str | None, background: s
       geoseg evaluate buildings_pred.tif --reference footprints.geojson --background 0
     """
     from geoseg.errors import ParameterError
-    from geoseg.evaluate import evaluate_rasters, evaluate_vector, format_table, record_in_card
+    from geoseg.evaluate import check_card, evaluate_rasters, evaluate_vector, format_table, record_in_card
     from geoseg.io import is_vector_path
 
+    if record_card is not None:  # a card that cannot take these figures is refused before the evaluation runs
+        check_card(record_card, prediction)
     if is_vector_path(reference):
         result = evaluate_vector(prediction, reference, field=field, region=region, classes=classes,
                                  average_over=miou_classes, ignore=ignore, stratified=stratified, background=background)
@@ -85,6 +90,8 @@ def evaluate(prediction: Path, reference: Path, field: str | None, background: s
     else:
         result = evaluate_rasters(prediction, reference, region=region, classes=classes, average_over=miou_classes,
                                   ignore=ignore)
+    if record_card is not None:  # ... and before anything is printed
+        check_card(record_card, prediction, result.metrics.averaged_classes)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1))
     else:

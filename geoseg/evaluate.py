@@ -5,7 +5,8 @@ The reference is a raster on the same grid (size, geotransform, CRS; otherwise
 (:func:`evaluate_vector`): field points, each scored on the prediction pixel it falls in, and
 polygons, every pixel whose centre they contain, in any CRS. Pixels equal to either
 raster's nodata value, to an ``ignore`` value of the reference, or outside ``region`` are not
-counted. Class ids are the values of the rasters (e.g. 1..7); by default they are the union of
+counted. Class ids are the values of the rasters (e.g. 1..7; a floating-point reference is taken
+when every value is a whole id, as ``geoseg train`` takes one); by default they are the union of
 the ids present in the reference and the prediction (minus ignored values), or the class table
 geoseg stores in the prediction's tags.
 
@@ -18,7 +19,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -28,10 +29,13 @@ from geoseg.errors import GridMismatchError, ParameterError, SceneError, SceneRe
 from geoseg.io import MASK_NODATA, VectorData, add_area_counts, area_units, pixel_areas, read_classes, read_vector
 from geoseg.metrics import ConfusionMatrix, Metrics, StratifiedEstimates, stratified_estimates
 
+if TYPE_CHECKING:
+    from geoseg.card import ModelCard
+
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "SampleResult", "draw_sample", "evaluate_rasters", "evaluate_vector", "format_table",
-           "parse_pixel_region"]
+__all__ = ["EvalResult", "SampleResult", "check_card", "draw_sample", "evaluate_rasters", "evaluate_vector",
+           "format_table", "parse_pixel_region", "record_in_card"]
 
 
 @dataclass(frozen=True)
@@ -79,17 +83,50 @@ def _open(path: Path, what: str) -> Any:
         raise SceneReadError(f"{what} {path} cannot be read: {str(exc).splitlines()[0]}") from None
 
 
-def check_class_raster(ds: Any, what: str) -> None:
+def check_class_raster(ds: Any, what: str, *, whole_floats: bool = False) -> None:
     """Refuse a raster that cannot be a class map: several bands (an image, a probabilities raster)
-    or floating-point values."""
+    or floating-point values (with ``whole_floats``, those are checked block by block as they are
+    read instead: see :func:`_read_classes`)."""
     name = Path(ds.name).name
     if ds.count > 1:
         hint = ("give the mask geoseg predict wrote (<scene>_landcover.tif), not an image or a probabilities raster"
                 if what == "prediction" else "give the label raster, not the image")
         raise SceneError(f"{what} {name} has {ds.count} bands, a class raster has one: {hint}")
+    if whole_floats and np.issubdtype(np.dtype(ds.dtypes[0]), np.floating):
+        return
     if not np.issubdtype(np.dtype(ds.dtypes[0]), np.integer):
         raise SceneError(f"{what} {name} holds {ds.dtypes[0]} values, a class raster holds integers: give the class "
                          "map (the probabilities' argmax is the mask predict writes)")
+
+
+#: The value a floating-point reference's nodata (and NaN) pixels take once read as class ids.
+_FLOAT_NODATA = -1
+
+
+def _read_classes(ds: Any, window: Window) -> np.ndarray:
+    """Band 1 of ``ds`` in ``window`` as class ids: an integer raster as it is; a floating-point
+    one (a reference) as int64, its nodata and NaN pixels as ``_FLOAT_NODATA``, or a
+    :class:`SceneError` when a value is not a whole number (probabilities, resampled labels)."""
+    block = ds.read(1, window=window)
+    if not np.issubdtype(block.dtype, np.floating):
+        return block
+    unlabelled = ~np.isfinite(block)
+    if ds.nodata is not None and np.isfinite(ds.nodata):
+        unlabelled |= block == ds.nodata
+    values = np.where(unlabelled, _FLOAT_NODATA, block)
+    bad = (values != np.round(values)) | (np.abs(values) >= 2**31)
+    if bad.any():
+        raise SceneError(f"reference {Path(ds.name).name} holds {ds.dtypes[0]} values that are not whole class ids "
+                         f"(e.g. {values[bad][0]:g}): give the class map (for probabilities, their argmax), or labels "
+                         "whose values are whole ids (nodata may be any value)")
+    return values.astype(np.int64)
+
+
+def _reference_nodata(ds: Any) -> list[int]:
+    """The reference's nodata as class-id values not to count (see :func:`_read_classes`)."""
+    if np.issubdtype(np.dtype(ds.dtypes[0]), np.floating):
+        return [_FLOAT_NODATA]
+    return [int(ds.nodata)] if ds.nodata is not None else []
 
 
 def check_grids(pred: Any, ref: Any) -> None:
@@ -143,12 +180,12 @@ def evaluate_rasters(
     win = parse_pixel_region(region)
     with _open(pred_path, "prediction") as pds, _open(ref_path, "reference") as rds:
         check_class_raster(pds, "prediction")
-        check_class_raster(rds, "reference")
+        check_class_raster(rds, "reference", whole_floats=True)
         check_grids(pds, rds)
         box = _region_box(win, rds.width, rds.height)
         table = read_classes(pds)
         ignore = _default_ignore(ignore, classes, table)
-        ref_ignore = list(ignore) + ([int(rds.nodata)] if rds.nodata is not None else [])
+        ref_ignore = list(ignore) + _reference_nodata(rds)
         pred_ignore = _prediction_ignore(pds)
         if classes is None:
             if table:
@@ -163,11 +200,33 @@ def evaluate_rasters(
         for row in range(r0, r0 + h, block_rows):
             nrows = min(block_rows, r0 + h - row)
             window = Window(c0, row, w, nrows)
-            cm.update(rds.read(1, window=window), pds.read(1, window=window))
+            cm.update(_read_classes(rds, window), pds.read(1, window=window))
+        ref_nodata = "none" if rds.nodata is None else f"{rds.nodata:g}"
     m = _metrics(cm, average_over, table)
+    if m.total == 0:
+        raise ParameterError(_nothing_scored(cm, box if win is not None else None, pred_path, ref_path, ignore,
+                                             ref_nodata))
     if m.unpredicted:
         log.warning("warning: %d labelled reference pixels have no prediction (nodata): not counted", m.unpredicted)
-    return EvalResult(m, pred_path, ref_path, win)
+    return EvalResult(m, pred_path, ref_path, box if win is not None else None)
+
+
+def _nothing_scored(cm: ConfusionMatrix, region: tuple[int, int, int, int] | None, pred: Path, ref: Path,
+                    ignore: Sequence[int], ref_nodata: str) -> str:
+    """Why no pixel was scored: how many were unlabelled in the reference, how many had no prediction."""
+    where = f"region {','.join(map(str, region))}" if region is not None else "the rasters"
+    n = cm.ignored_reference + cm.unpredicted + cm.unknown_reference
+    why = []
+    if cm.ignored_reference:
+        values = f"nodata {ref_nodata}" + (f" or --ignore {','.join(map(str, ignore))}" if ignore else "")
+        why.append(f"{cm.ignored_reference} are unlabelled in {ref.name} ({values})")
+    if cm.unpredicted:
+        why.append(f"{cm.unpredicted} labelled ones have no prediction (nodata in {pred.name})")
+    if cm.unknown_reference:
+        why.append(f"{cm.unknown_reference} have reference values that are not among the classes")
+    return (f"nothing was scored in {where}: of its {n} pixels, {' and '.join(why) or 'none is left'}; "
+            + ("choose a region where both rasters have data" if region is not None
+               else "check that both rasters cover the same area"))
 
 
 def _region_box(win: tuple[int, int, int, int] | None, W: int, H: int) -> tuple[int, int, int, int]:
@@ -177,7 +236,11 @@ def _region_box(win: tuple[int, int, int, int] | None, W: int, H: int) -> tuple[
     c, r, w, h = win
     if c >= W or r >= H:
         raise ParameterError(f"region {win} lies outside the {W}x{H} raster")
-    return (c, r, min(w, W - c), min(h, H - r))
+    box = (c, r, min(w, W - c), min(h, H - r))
+    if box != tuple(win):
+        log.warning("warning: region %s reaches past the %dx%d raster: clipped to %s", ",".join(map(str, win)), W, H,
+                    ",".join(map(str, box)))
+    return box
 
 
 def _default_ignore(ignore: Sequence[int] | None, classes: Sequence[int] | None, table: Any) -> Sequence[int]:
@@ -369,18 +432,26 @@ def evaluate_vector(
                                                  row_area=areas if isinstance(areas, np.ndarray) else None)
             map_area = row_area if row_area is not None else map_pixels * (1.0 if areas is None else areas)
             units = area_units(pds.crs)
+    pt_ignored = np.isin(pt_ids[inside], list(ignore))
     samples = {"points": int(inside.sum()), "points_outside": int((~inside).sum()),
-               "polygons": len(np.unique(owner[is_poly])),
+               "points_ignored": int(pt_ignored.sum()), "polygons": len(np.unique(owner[is_poly])),
                "polygon_pixels": poly_pixels, "features_without_class": unlabelled}
     if samples["points_outside"]:
         log.warning("warning: %d reference points lie outside the prediction%s: not counted",
                     samples["points_outside"], " region" if win is not None else "")
+    if samples["points_ignored"]:
+        log.warning("warning: %d reference points have class %s, an ignored value (unlabelled; see --ignore): not counted",
+                    samples["points_ignored"], ",".join(str(v) for v in sorted(set(pt_ids[inside][pt_ignored]))))
     if unlabelled:
         log.warning("warning: %d reference features have no class in %s: not counted", unlabelled, field or "class_id")
     m = _metrics(cm, average_over, table)
     if m.total == 0:
+        why = [f"{n} {what}" for n, what in ((cm.ignored_reference, "have an ignored class"),
+                                             (cm.unpredicted, "have no prediction (nodata)")) if n]
         raise ParameterError(f"no reference sample of {ref_path.name} falls on a predicted pixel"
-                             + (" in the region" if win is not None else "") + ": check that both cover the same area")
+                             + (" in the region" if win is not None else "") + (f" ({', '.join(why)})" if why else "")
+                             + (": check --field and --ignore" if cm.ignored_reference and not cm.unpredicted
+                                else ": check that both cover the same area"))
     if m.unpredicted:
         log.warning("warning: %d reference samples (points and polygon pixels) have no prediction (nodata): not "
                     "counted", m.unpredicted)
@@ -391,7 +462,7 @@ def evaluate_vector(
         if unsampled:
             log.warning("warning: map classes %s hold fewer than 2 sample points: their accuracy has no variance and "
                         "an unsampled class's area is not estimated; sample every map class", unsampled)
-    return EvalResult(m, pred_path, ref_path, win, samples, strat)
+    return EvalResult(m, pred_path, ref_path, None if win is None else (c0, r0, w, h), samples, strat)
 
 
 def _value_counts(ds: Any, box: tuple[int, int, int, int], block_rows: int,
@@ -466,7 +537,7 @@ def _present_ids(pds: Any, rds: Any, box: tuple[int, int, int, int], block_rows:
         window = Window(c0, row, w, min(block_rows, r0 + h - row))
         for ds in (pds, rds):
             if ds is not None:
-                seen.update(int(v) for v in np.unique(ds.read(1, window=window)))
+                seen.update(int(v) for v in np.unique(_read_classes(ds, window)))
     return sorted(v for v in seen if v not in ignored)
 
 
@@ -519,21 +590,60 @@ def _pm(value: float, ci: float, digits: int | None) -> str:
     return f"{value:.{digits}f} ± {ci:.{digits}f}"
 
 
-def record_in_card(card_path: str | Path, result: EvalResult, key: str = "test") -> Path:
-    """Store ``result``'s headline figures under ``metrics[key]`` of a model card (rewritten atomically)."""
-    from geoseg.card import ModelCard
+def check_card(card_path: str | Path, prediction: str | Path, averaged_classes: Sequence[int] | None = None
+               ) -> ModelCard:
+    """Load the model card that figures of ``prediction`` are to be recorded in, and check that they belong there.
 
-    card = ModelCard.load(card_path)
-    m = result.metrics
-    with _open(result.prediction, "prediction") as ds:
+    Checked: the file is a model card (an export's ``deploy.yaml`` is refused, naming the card
+    to give), the prediction's ``GEOSEG_MODEL`` tag (the card name of the model that predicted
+    it) is the card's name, and ``averaged_classes`` (when given) are classes of the card. The
+    name is all that identifies the model in a mask: runs of one config (e.g. seeds) share it,
+    so this cannot tell their masks apart.
+
+    Returns:
+        The :class:`~geoseg.card.ModelCard`.
+    """
+    from geoseg.card import ModelCard
+    from geoseg.config import load_yaml_mapping
+    from geoseg.errors import ModelError
+
+    card_path = Path(card_path)
+    hint = ("give the card of the weights it was exported from (the weights.yaml beside weights.pdparams, e.g. "
+            "runs/NAME/weights.yaml)")
+    if card_path.is_dir():
+        if (card_path / "deploy.yaml").is_file():
+            raise ParameterError(f"{card_path} is an export's folder, not a model card: {hint}")
+        raise ParameterError(f"{card_path} is a folder: give the model card file (the weights.yaml beside "
+                             "weights.pdparams)")
+    if "Deploy" in load_yaml_mapping(card_path, "model card", ModelError):
+        raise ParameterError(f"{card_path} is an export's deploy.yaml, not a model card: {hint}")
+    try:
+        card = ModelCard.load(card_path)
+    except ModelError as exc:
+        raise ModelError(f"{exc}: give a model card (the weights.yaml that train and ensemble write beside "
+                         "weights.pdparams)") from None
+    pred_path = Path(prediction)
+    with _open(pred_path, "prediction") as ds:
         made_by = ds.tags().get("GEOSEG_MODEL")  # predict's tag: the card name of the model that wrote it
     if made_by is not None and made_by != card.name:
-        raise ParameterError(f"{result.prediction.name} was made by model {made_by!r}, not by {card.name!r} "
-                             f"({Path(card_path).name}): record its figures in that model's card")
-    foreign = sorted(set(m.averaged_classes) - {c.id for c in card.classes})
+        raise ParameterError(f"{pred_path.name} was made by model {made_by!r}, not by {card.name!r} "
+                             f"({card_path.name}): record its figures in that model's card")
+    foreign = sorted(set(averaged_classes or ()) - {c.id for c in card.classes})
     if foreign:
-        raise ParameterError(f"{Path(card_path).name} has no class {', '.join(map(str, foreign))}: these figures are "
+        raise ParameterError(f"{card_path.name} has no class {', '.join(map(str, foreign))}: these figures are "
                              "not of its model (or pass --miou-classes with its classes)")
+    return card
+
+
+def record_in_card(card_path: str | Path, result: EvalResult, key: str = "test") -> Path:
+    """Store ``result``'s headline figures under ``metrics[key]`` of a model card (rewritten atomically),
+    after :func:`check_card`. The entry says which prediction was scored and what was checked."""
+    m = result.metrics
+    card = check_card(card_path, result.prediction, m.averaged_classes)
+    with _open(result.prediction, "prediction") as ds:
+        made_by = ds.tags().get("GEOSEG_MODEL")
+    checked = (f"classes; model name {made_by!r} (the mask's GEOSEG_MODEL tag; runs sharing a name, e.g. seeds, "
+               "are not told apart)" if made_by is not None else "classes only (the mask has no GEOSEG_MODEL tag)")
     entry = {
         "miou": round(float(m.miou), 4), "overall_accuracy": round(float(m.overall_accuracy), 4),
         "kappa": round(float(m.kappa), 4), "mean_f1": round(float(m.mean_f1), 4),
@@ -542,7 +652,8 @@ def record_in_card(card_path: str | Path, result: EvalResult, key: str = "test")
                           for c, v in zip(m.class_ids, m.iou) if c in m.averaged_classes},
         "pixels": m.total, "reference": result.reference.name,
         "region": list(result.region) if result.region else None,
-        "how": "geoseg predict (card tile size/overlap) + geoseg evaluate",
+        "prediction": result.prediction.name,
+        "how": "geoseg evaluate", "checked": checked,
     }
     return card.replace(metrics={**dict(card.metrics), key: entry}).save(card_path)
 

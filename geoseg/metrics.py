@@ -52,6 +52,8 @@ class ConfusionMatrix:
         self.unpredicted = 0
         #: Pixels whose reference value is not a class id and not ignored.
         self.unknown_reference = 0
+        #: Pixels (within ``valid``) not counted because their reference is an ignored value.
+        self.ignored_reference = 0
         # Lookup tables from raster value to class index (-1 = not a class).
         self._max = max(self.class_ids, default=0)
 
@@ -76,7 +78,10 @@ class ConfusionMatrix:
             raise ValueError(f"reference {reference.shape} and prediction {prediction.shape} differ in shape")
         keep = ~np.isin(reference, self.ignore_reference) if self.ignore_reference else np.ones(reference.shape, bool)
         if valid is not None:
+            self.ignored_reference += int((valid & ~keep).sum())
             keep &= valid
+        else:
+            self.ignored_reference += int(keep.size - keep.sum())
         ref = self._index(reference[keep])
         pred_raw = prediction[keep]
         pred = self._index(pred_raw)

@@ -115,7 +115,7 @@ def test_mismatched_grids_are_refused_with_the_reason(tmp_path: Path) -> None:
         evaluate_rasters(other_crs, ref)
 
 
-def test_an_image_or_a_float_raster_is_not_taken_as_a_class_map(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+def test_an_image_or_a_fractional_raster_is_not_taken_as_a_class_map(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
     from geoseg.errors import SceneError
     from geoseg_cli.main import cli
 
@@ -123,14 +123,17 @@ def test_an_image_or_a_float_raster_is_not_taken_as_a_class_map(tmp_path: Path, 
     pred = write_raster(tmp_path / "pred.tif", PRED, crs=NC_LCC)
     image = write_raster(tmp_path / "image.tif", np.stack([REF, PRED, REF]).astype(np.uint8), crs=NC_LCC)
     probs = write_raster(tmp_path / "probs.tif", np.stack([PRED, PRED]).astype(np.float32) / 3, crs=NC_LCC)
-    floats = write_raster(tmp_path / "f.tif", REF.astype(np.float32), crs=NC_LCC)
+    floats = write_raster(tmp_path / "f.tif", REF.astype(np.float32) / 4, crs=NC_LCC)  # 0.25 ...: not class ids
     # band 1 of an image used to be read as classes: a 256-class matrix, exit 0
     with pytest.raises(SceneError, match="reference image.tif has 3 bands, a class raster has one: give the label"):
         evaluate_rasters(pred, image)
     with pytest.raises(SceneError, match="prediction probs.tif has 2 bands.*not an image or a probabilities raster"):
         evaluate_rasters(probs, ref)
-    with pytest.raises(SceneError, match="reference f.tif holds float32 values, a class raster holds integers"):
+    with pytest.raises(SceneError, match=r"reference f.tif holds float32 values that are not whole class ids "
+                                         r"\(e.g. 0.25\): give the class map \(for probabilities, their argmax\)"):
         evaluate_rasters(pred, floats)
+    with pytest.raises(SceneError, match="prediction f.tif holds float32 values, a class raster holds integers"):
+        evaluate_rasters(floats, ref)
     with pytest.raises(SceneError, match="prediction image.tif has 3 bands"):
         evaluate_vector(image, _geojson(tmp_path / "r.geojson", [(_pixel_square(0, 0), {"cls": 1})]), field="cls")
     r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(image)])
@@ -226,8 +229,8 @@ def test_evaluate_against_field_points_in_another_crs(tmp_path: Path) -> None:
     r = evaluate_vector(pred, ref, field="cls")
     np.testing.assert_array_equal(r.metrics.confusion, CM)  # as the same labels as a raster
     assert r.metrics.unpredicted == 1 and r.metrics.overall_accuracy == pytest.approx(7 / 9)
-    assert r.samples == {"points": 12, "points_outside": 1, "polygons": 0, "polygon_pixels": 0,
-                         "features_without_class": 1}
+    assert r.samples == {"points": 12, "points_outside": 1, "points_ignored": 2, "polygons": 0, "polygon_pixels": 0,
+                         "features_without_class": 1}  # REF's two 0 points are ignored
     r2 = evaluate_vector(pred, ref, field="cls", region="2,0,2,3", block_rows=1)
     np.testing.assert_array_equal(r2.metrics.confusion, [[1, 1], [0, 3]])  # as the raster region
     assert r2.samples["points"] == 6 and r2.samples["points_outside"] == 7
@@ -364,8 +367,8 @@ def test_nc_polygons_in_their_own_crs_fall_on_the_label_raster(runner) -> None: 
         lab = ds.read(1)
     expected = np.bincount(burned[(burned > 0) & (lab > 0)], minlength=8)[1:]
     np.testing.assert_array_equal(np.diag(cm), expected)
-    assert r.samples == {"points": 0, "points_outside": 0, "polygons": 34, "polygon_pixels": int((burned > 0).sum()),
-                         "features_without_class": 0}
+    assert r.samples == {"points": 0, "points_outside": 0, "points_ignored": 0, "polygons": 34,
+                         "polygon_pixels": int((burned > 0).sum()), "features_without_class": 0}
     # through the CLI, only the train columns: fewer pixels, still all agreeing
     out = runner.invoke(cli, ["-q", "evaluate", str(labels), "--reference", str(polys), "--field", "id",
                               "--region", "0,0,326,443", "--json"])
@@ -586,3 +589,110 @@ def test_polygons_against_a_map_without_class_table_count_every_predicted_class(
     n1, n2 = int((PRED == 1).sum()), int((PRED == 2).sum())
     np.testing.assert_array_equal(r.metrics.confusion, [[n1, n2], [0, 0]])
     assert r.metrics.unpredicted == 1  # the one nodata pixel
+
+
+# ---- walkthrough findings: regions, empty results, float labels, ignored points, --record-card -------------
+def test_a_region_past_the_raster_is_clipped_with_a_warning_and_echoed_clipped(tmp_path: Path, runner,  # type: ignore[no-untyped-def]
+                                                                               caplog) -> None:
+    from geoseg_cli.main import cli
+
+    ref = write_raster(tmp_path / "ref.tif", REF, nodata=0)
+    pred = write_raster(tmp_path / "pred.tif", PRED, nodata=255)
+    with caplog.at_level("WARNING", logger="geoseg"):
+        r = evaluate_rasters(pred, ref, region="2,0,100,100")
+    assert r.region == (2, 0, 2, 3) and "region 2,0,100,100 reaches past the 4x3 raster: clipped to 2,0,2,3" in caplog.text
+    np.testing.assert_array_equal(r.metrics.confusion, [[1, 1], [0, 3]])  # as region 2,0,2,3
+    xs, ys = _lonlat(np.array([2.5, 3.5]), np.array([0.5, 0.5]))
+    pts = _geojson(tmp_path / "p.geojson", [({"type": "Point", "coordinates": [x, y]}, {"cls": 1}) for x, y in zip(xs, ys)])
+    assert evaluate_vector(pred, pts, field="cls", region="2,0,100,100").region == (2, 0, 2, 3)
+    out = runner.invoke(cli, ["-q", "evaluate", str(pred), "--reference", str(ref), "--region", "0,0,100,100", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["region"] == [0, 0, 4, 3]
+    with pytest.raises(ParameterError, match="lies outside the 4x3 raster"):
+        evaluate_rasters(pred, ref, region="4,0,2,2")
+
+
+def test_a_region_with_nothing_to_score_is_an_error_that_says_why(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    from geoseg_cli.main import cli
+
+    ref_arr, pred_arr = REF.copy(), PRED.copy()
+    pred_arr[0, 2:] = 255  # region 0,0,4,1: two pixels without a prediction ...
+    ref_arr[0, :2] = 0  # ... and two unlabelled
+    ref = write_raster(tmp_path / "ref.tif", ref_arr, nodata=0)
+    pred = write_raster(tmp_path / "pred.tif", pred_arr, nodata=255)
+    with pytest.raises(ParameterError, match=r"nothing was scored in region 0,0,4,1: of its 4 pixels, 2 are unlabelled "
+                                             r"in ref.tif \(nodata 0 or --ignore 0\) and 2 labelled ones have no "
+                                             r"prediction \(nodata in pred.tif\); choose a region where both"):
+        evaluate_rasters(pred, ref, region="0,0,4,1")
+    r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(ref), "--region", "0,0,4,1", "--json"])
+    assert r.exit_code == 1 and r.stdout == "" and "nothing was scored" in r.output, r.output
+    assert evaluate_rasters(pred, ref, region="0,0,4,2").metrics.total > 0  # a row with data: scored as before
+
+
+def test_a_float_reference_of_whole_class_ids_is_taken(tmp_path: Path) -> None:
+    from geoseg.errors import SceneError
+
+    pred = write_raster(tmp_path / "pred.tif", PRED, nodata=255)
+    as_float = write_raster(tmp_path / "f.tif", REF.astype(np.float32), nodata=0)
+    r = evaluate_rasters(pred, as_float, block_rows=1)
+    np.testing.assert_array_equal(r.metrics.confusion, CM)
+    nan_nodata = write_raster(tmp_path / "nan.tif", np.where(REF == 0, np.nan, REF).astype(np.float64), nodata=np.nan)
+    np.testing.assert_array_equal(evaluate_rasters(pred, nan_nodata).metrics.confusion, CM)
+    assert evaluate_rasters(pred, nan_nodata).metrics.unknown_reference == 0
+    fractional = REF.astype(np.float32)
+    fractional[2, 3] = 1.5
+    with pytest.raises(SceneError, match=r"not whole class ids \(e.g. 1.5\)"):
+        evaluate_rasters(pred, write_raster(tmp_path / "frac.tif", fractional, nodata=0), block_rows=1)
+
+
+def test_every_reference_point_not_scored_is_accounted_for(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    pred = write_raster(tmp_path / "pred.tif", PRED, nodata=255)
+    rows, cols = np.indices(REF.shape)
+    xs, ys = _lonlat(cols.ravel() + 0.5, rows.ravel() + 0.5)
+    ref = _geojson(tmp_path / "pts.geojson", [({"type": "Point", "coordinates": [x, y]}, {"lc": int(v)})
+                                              for x, y, v in zip(xs, ys, REF.ravel())])
+    with caplog.at_level("WARNING", logger="geoseg"):
+        r = evaluate_vector(pred, ref, field="lc")
+    s = r.samples
+    assert s["points"] == 12 and s["points_ignored"] == 2 and r.metrics.unpredicted == 1 and r.metrics.total == 9
+    assert s["points"] == r.metrics.total + r.metrics.unpredicted + s["points_ignored"]
+    assert "2 reference points have class 0, an ignored value (unlabelled; see --ignore): not counted" in caplog.text
+    zeros = _geojson(tmp_path / "zeros.geojson", [({"type": "Point", "coordinates": [xs[8], ys[8]]}, {"lc": 0})])
+    with pytest.raises(ParameterError, match=r"falls on a predicted pixel \(1 have an ignored class\): check --field"):
+        evaluate_vector(pred, zeros, field="lc")
+
+
+def test_record_card_checks_come_before_any_output_and_the_record_says_what_was_checked(  # type: ignore[no-untyped-def]
+        tmp_path: Path, runner) -> None:
+    import rasterio
+    import yaml
+
+    from geoseg.card import ClassInfo, ModelCard, default_card
+    from geoseg_cli.main import cli
+
+    mc = default_card("unet", 3, 2)  # classes 0, 1
+    card = mc.save(tmp_path / "weights.yaml")
+    ref = write_raster(tmp_path / "ref.tif", REF, nodata=0)
+    pred = write_raster(tmp_path / "pred.tif", PRED, nodata=255)
+    args = ["evaluate", str(pred), "--reference", str(ref)]
+    r = runner.invoke(cli, [*args, "--record-card", str(card)])  # classes 1, 2 do not fit the card
+    assert r.exit_code == 1 and "weights.yaml has no class 2" in r.output and r.stdout == "", r.output
+    # an export's deploy.yaml (or its folder) is not a model card: say so, and which card to give
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "deploy.yaml").write_text(yaml.safe_dump({"Deploy": {"model": "model.json"}, "geoseg": mc.to_dict()}))
+    for given in (export / "deploy.yaml", export):
+        r = runner.invoke(cli, [*args, "--record-card", str(given)])
+        assert r.exit_code == 1 and r.stdout == "" and "is an export's" in r.output, r.output
+        assert "not a model card: give the card of the weights it was exported from" in r.output
+        assert "lacks the field" not in r.output
+    # recorded: what evaluate knows (no tile size/overlap claim), and that only the model name was checked
+    fits = mc.replace(classes=(ClassInfo(1, "a", (1, 1, 1)), ClassInfo(2, "b", (2, 2, 2)))).save(tmp_path / "m.yaml")
+    with rasterio.open(pred, "r+") as ds:
+        ds.update_tags(GEOSEG_MODEL=mc.name)
+    r = runner.invoke(cli, ["-q", *args, "--record-card", str(fits)])
+    assert r.exit_code == 0, r.output
+    test = ModelCard.load(fits).metrics["test"]
+    assert "tile size" not in str(test) and test["prediction"] == "pred.tif" and test["how"] == "geoseg evaluate"
+    assert f"model name '{mc.name}' (the mask's GEOSEG_MODEL tag" in test["checked"] and "seeds" in test["checked"]
+    assert "GEOSEG_MODEL" in runner.invoke(cli, ["evaluate", "--help"]).output
