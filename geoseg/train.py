@@ -58,6 +58,7 @@ from geoseg.errors import (
     ModelError,
     OutputError,
     ParameterError,
+    SceneError,
     SceneReadError,
     require_paddle,
 )
@@ -675,17 +676,31 @@ def read_labels(path: Path, window: Window, shift: Sequence[int] = (0, 0)) -> tu
             # the memory of int64 over a large region).
             kind = np.int32 if ds.dtypes[0] in ("uint8", "int8", "uint16", "int16", "int32") else np.int64
             if not (dy or dx):
-                return ds.read(1, window=window).astype(kind), ds.nodata
+                return _whole_ids(ds.read(1, window=window), path, kind), ds.nodata
             src = Window(window.col_off - dx, window.row_off - dy, window.width, window.height)
             inter = src.intersection(Window(0, 0, ds.width, ds.height))
             out = np.full((int(window.height), int(window.width)), -1, kind)
             r0, c0 = int(inter.row_off - src.row_off), int(inter.col_off - src.col_off)
-            out[r0:r0 + int(inter.height), c0:c0 + int(inter.width)] = ds.read(1, window=inter)
+            out[r0:r0 + int(inter.height), c0:c0 + int(inter.width)] = _whole_ids(ds.read(1, window=inter), path, kind)
             return out, ds.nodata
     except rasterio.errors.WindowError:
         return np.full((int(window.height), int(window.width)), -1, np.int64), None
     except rasterio.errors.RasterioError as exc:
         raise SceneReadError(f"labels {path} cannot be read: {exc}") from None
+
+
+def _whole_ids(block: np.ndarray, path: Path, kind: type) -> np.ndarray:
+    """Labels as integer class ids. A floating-point label raster's values must be whole numbers (NaN is
+    no label, -1): 1.5 was cut to class 1 and NaN became a huge negative id, silently."""
+    if not np.issubdtype(block.dtype, np.floating):
+        return block.astype(kind)
+    values = np.where(np.isfinite(block), block, -1)
+    bad = values != np.round(values)
+    if bad.any():
+        raise SceneError(f"labels {Path(path).name} hold {block.dtype} values that are not whole class ids (e.g. "
+                         f"{values[bad][0]:g}): give the class ids (labels resampled onto the image grid need "
+                         "nearest-neighbour resampling)")
+    return values.astype(kind)
 
 
 def one_class_message(classes: Sequence[ClassInfo], ignore: Sequence[int], nodata: Sequence[float], listed: bool) -> str:
@@ -894,7 +909,7 @@ def load_region(image_path: Path, bands: tuple[int, ...], meta: Any, labels_path
     inside = (raw >= 0) & (raw < lut.size)
     idx[inside] = lut[raw[inside]]
     bad = ~region.mask | ~valid | np.isin(raw, list(ignore))
-    if label_nodata is not None:
+    if label_nodata is not None and np.isfinite(label_nodata):  # (NaN nodata: read as -1, no label)
         bad |= raw == int(label_nodata)
     idx[bad] = IGNORE_INDEX
     return data, idx, valid, missing

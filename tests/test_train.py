@@ -401,6 +401,23 @@ def test_a_class_without_training_pixels_is_warned_about_or_refused(scene: tuple
         Trainer(_cfg((scene[0], nodata2), tmp_path / "o2"))
 
 
+def test_float_labels_must_be_whole_class_ids(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """A float label raster of whole ids (NaN unlabelled) trains as the integer one; 1.5 was cut to class 1
+    and NaN became a huge negative id, silently."""
+    from geoseg.errors import SceneError
+
+    with rasterio.open(scene[1]) as ds:
+        labels = ds.read(1).astype(np.float32)
+    labels[labels == 0] = np.nan
+    whole = write_raster(tmp_path / "lab_f.tif", labels, nodata=float("nan"))
+    a, b = Trainer(_cfg(scene, tmp_path / "a")), Trainer(_cfg((scene[0], whole), tmp_path / "b"))
+    np.testing.assert_array_equal(a.train_data.labels, b.train_data.labels)
+    labels[10, 10] = 1.5
+    half = write_raster(tmp_path / "lab_half.tif", labels, nodata=float("nan"))
+    with pytest.raises(SceneError, match=r"lab_half.tif hold float32 values that are not whole class ids \(e.g. 1.5\)"):
+        Trainer(_cfg((scene[0], half), tmp_path / "c"))
+
+
 def test_reading_the_regions_leaves_no_file_open(scene: tuple[Path, Path], tmp_path: Path) -> None:
     """The regions are in memory once the trainer is made: no cached dataset handle of the image stays
     open through training (or until the interpreter exits, where Python 3.13 complains about it)."""
