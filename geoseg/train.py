@@ -101,6 +101,25 @@ ReadFrom = Literal["auto", "memory", "disk"]
 
 
 # ---- configuration ---------------------------------------------------------------------------
+def _check_relative_paths(data: Mapping[str, Any], config: Path) -> None:
+    """A relative image or labels path of a config is taken from the working folder, as everywhere in
+    geoseg. When it is missing there but lies beside the config, say so: "input sample_data/... does not
+    exist" from another folder did not tell why."""
+    entries = [data, *(sc for sc in data.get("scenes") or () if isinstance(sc, Mapping))]
+    for entry in entries:
+        for key in ("image", "labels"):
+            value = entry.get(key)
+            if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
+                continue
+            near = [config.parent, *list(config.parent.parents)[:3]]  # the config's folder or one above it
+            if any((folder / value).exists() for folder in near):
+                raise ParameterError(
+                    f"{key} {value} of {config} does not exist in the working folder {Path.cwd()}: relative paths in "
+                    "a config are taken from the working folder, not from the config's: run from the folder they "
+                    "are relative to, or give absolute paths")
+
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs (YAML keys = field names).
@@ -262,7 +281,13 @@ class TrainConfig:
         from geoseg.config import load_yaml_mapping
 
         data = load_yaml_mapping(path, "training config", ParameterError, empty_ok=True)
-        merged = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}, **dict(explicit or {})}
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        both = [k for k in given if k in (explicit or {}) and (explicit or {})[k] != given[k]]
+        if both:  # which one wins was said nowhere
+            k = both[0]
+            raise ParameterError(f"--{k.replace('_', '-')} {given[k]} and --set {k}={(explicit or {})[k]} disagree: give one")
+        merged = {**data, **given, **dict(explicit or {})}
+        _check_relative_paths(data, Path(path))
         return cls.from_mapping(merged, source=f"training config {path}")
 
     def check(self) -> None:
@@ -2414,6 +2439,8 @@ def _checkpoint_folder(resume: str | Path) -> Path:
     p = Path(resume)
     if p.is_dir():
         return p if (p / "last.json").exists() or (p / "last.pdparams").exists() else p / "checkpoints"
+    if not p.exists() and not p.suffix:  # a folder that is not there: named as given in the error
+        return p
     return p.parent
 
 

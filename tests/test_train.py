@@ -418,6 +418,32 @@ def test_float_labels_must_be_whole_class_ids(scene: tuple[Path, Path], tmp_path
         Trainer(_cfg((scene[0], half), tmp_path / "c"))
 
 
+def test_config_paths_and_option_clashes_are_explained(scene: tuple[Path, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe run from another folder said only "input sample_data/... does not exist"; --window 32 with
+    --set window=64 silently took the --set."""
+    import yaml
+
+    project = tmp_path / "project"
+    (project / "recipes").mkdir(parents=True)
+    (project / "data").mkdir()
+    for p in scene:
+        (project / "data" / p.name).write_bytes(p.read_bytes())
+    cfg = project / "recipes" / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"image": "data/img.tif", "labels": "data/lab.tif", "model": "unet"}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParameterError, match=r"image data/img.tif of .*c.yaml does not exist in the working folder "
+                                             r".*: relative paths in a config are taken from the working folder"):
+        TrainConfig.load(cfg)
+    monkeypatch.chdir(project)
+    assert TrainConfig.load(cfg).image == "data/img.tif"  # from the folder they are relative to
+    with pytest.raises(ParameterError, match=r"--window 32 and --set window=64 disagree: give one"):
+        TrainConfig.load(cfg, {"window": 32}, explicit={"window": 64})
+    assert TrainConfig.load(cfg, {"window": 64}, explicit={"window": 64}).window == 64
+    with pytest.raises(ParameterError, match=r"no checkpoint at runs/nope/checkpoints/last.pdparams"):
+        train(TrainConfig.load(cfg, {"resume": "runs/nope/checkpoints", "out": str(tmp_path / "r")}))
+
+
 def test_reading_the_regions_leaves_no_file_open(scene: tuple[Path, Path], tmp_path: Path) -> None:
     """The regions are in memory once the trainer is made: no cached dataset handle of the image stays
     open through training (or until the interpreter exits, where Python 3.13 complains about it)."""
