@@ -20,9 +20,12 @@ def ensemble(members: tuple[str, ...], out: Path, name: str | None, half: bool, 
     """Combine MEMBERS (geoseg train output folders, .pdparams files with their cards, or shipped
     model names) into one model that averages their class probabilities.
 
-    The members must be the same network, bands, classes and normalisation (one config trained
-    with different seeds). The result predicts, exports and batches like any model, at N times
-    a member's model time. Prints the card's path on stdout.
+    The members must be the same network, bands, classes and normalisation, and are meant to be
+    one config trained with different seeds: members trained with other settings (window, loss,
+    iterations, adapt_prior ...) are combined with a warning naming them, the card records each
+    member's value under training.member_settings, keeps member 1's tile_size/overlap and adapts
+    priors by default only when every member does. The result predicts, exports and batches like
+    any model, at N times a member's model time. Prints the card's path on stdout.
 
     \b
     Example:

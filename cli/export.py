@@ -16,14 +16,22 @@ from geoseg_cli import options as o
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--output-op", type=click.Choice(["none", "softmax", "argmax"]), default="none", show_default=True,
               help="What the exported graph returns: logits (none), probabilities or class indexes (as PaddleSeg).")
+@click.option("--input-dtype", type=click.Choice(["uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"]),
+              default=None,
+              help="Raster type that deploy.yaml's PaddleSeg Normalize is exact for (default: the type the model "
+                   "was trained on, read from its card's training image; uint8 when unknown).")
 @o.overwrite_opt
-def export(model: str | None, weights: Path | None, card: Path | None, out: Path, output_op: str, overwrite: bool) -> None:
+def export(model: str | None, weights: Path | None, card: Path | None, out: Path, output_op: str,
+           input_dtype: str | None, overwrite: bool) -> None:
     """Export --model/--weights (or the shipped model) into the folder --out.
 
     The folder holds model.json (Paddle 3.x; model.pdmodel with 2.x), model.pdiparams and a
     deploy.yaml laid out like PaddleSeg's, with geoseg's model card alongside; run it with
-    'geoseg predict SCENE --model OUT'. The folder is built hidden beside OUT and renamed into
-    place when whole (a stopped export leaves no half-written OUT). Prints the folder on stdout.
+    'geoseg predict SCENE --model OUT'. PaddleSeg's Normalize divides every input by 255, so its
+    mean/std are the card's rescaled to be exact for one raster type: the one the model was
+    trained on (or --input-dtype); geoseg reads any type through the card. The folder is built
+    hidden beside OUT and renamed into place when whole (a stopped export leaves no half-written
+    OUT). Prints the folder on stdout.
 
     \b
     Example:
@@ -36,5 +44,5 @@ def export(model: str | None, weights: Path | None, card: Path | None, out: Path
     if source.export_dir is not None:
         raise click.BadParameter(f"{model} is already an exported folder", param_hint="--model")
     folder = export_model_dir(source.card, source.weights, out, output_op=output_op,  # type: ignore[arg-type]
-                              overwrite=overwrite)
+                              overwrite=overwrite, input_dtype=input_dtype)
     click.echo(str(folder))

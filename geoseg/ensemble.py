@@ -4,7 +4,9 @@ Models trained with the same config and different seeds disagree most where they
 averaging their class probabilities takes out much of that seed-to-seed variance. The members
 are written into one weights file (``members.<i>.<name>``) with one model card whose
 ``params.members`` is their number, so predict, export and batch run the ensemble like any
-model (:class:`geoseg.models.ensemble.Ensemble`).
+model (:class:`geoseg.models.ensemble.Ensemble`). Members trained with other settings (window,
+loss, iterations, ``adapt_prior`` ...) are combined too, with a warning: the card's ``training``
+keeps the settings they share and ``training.member_settings`` the others, one value per member.
 
 Example:
     >>> from geoseg.ensemble import combine_models, member_source
@@ -13,8 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +26,20 @@ import numpy as np
 
 from geoseg.atomic import check_output
 from geoseg.engine import ModelSource, resolve_model, shipped_models, weights_digest
-from geoseg.errors import ModelError, OutputError
+from geoseg.card import ModelCard
+from geoseg.errors import GeosegWarning, ModelError, OutputError
 
-__all__ = ["combine_models", "member_source"]
+__all__ = ["combine_models", "member_settings", "member_source"]
 
 log = logging.getLogger(__name__)
 
 #: Card fields the members must share: the same network, input and classes.
 _SHARED = ("architecture", "params", "bands", "classes", "normalization", "nodata_id")
+#: Card fields outside ``training`` that follow from a member's config: compared like its settings.
+_SETTINGS = ("tile_size", "overlap", "adapt_prior", "pixel_size")
+#: ``training`` keys that differ from run to run of one config: recorded, never warned about
+#: (``seed`` goes to ``training.seeds``).
+_PER_RUN = ("seed", "best_iteration", "device")
 
 
 def member_source(member: str | Path) -> ModelSource:
@@ -69,6 +79,16 @@ def combine_models(
     members' (the ensemble's mean probability over the training region, when all have one),
     ``training.seeds`` the members' seeds and no validation metrics (they belonged to single
     members). ``half`` stores the weights as float16 (half the file; loaded back as float32).
+
+    Members are meant to be one config trained with different seeds. Those whose ``training``
+    settings (or ``tile_size``, ``overlap``, ``adapt_prior``, ``pixel_size``) differ are combined
+    with a :class:`~geoseg.errors.GeosegWarning` naming each differing setting and its value per
+    member (differences in ``seed``, ``best_iteration`` and ``device`` are expected and not warned
+    about); ``training`` then keeps only the shared settings and ``training.member_settings`` the
+    differing ones as ``{key: [member 1's, member 2's, ...]}`` (nested keys dotted,
+    ``augment.brightness``; ``null`` where a member's card lacks the key). The card keeps member
+    1's ``tile_size``/``overlap``/``pixel_size`` (predict's ``--tile-size``/``--overlap`` override
+    them), and adapts priors by default only when every member's card does.
 
     Returns:
         The card's path.
@@ -120,18 +140,26 @@ def combine_models(
         mean = np.mean(np.asarray(priors, dtype=np.float64), axis=0)
         prior = tuple(round(float(v), 6) for v in mean / mean.sum())
     seeds = [m.card.training.get("seed") for m in members]
-    training: dict[str, Any] = {**dict(first.training), "seeds": seeds, "members": [str(m.weights) for m in members]}
+    shared, differ = member_settings([m.card for m in members])
+    warned = [k for k in differ if k not in _PER_RUN]
+    adapt = all(m.card.adapt_prior for m in members) and prior is not None
+    if warned:
+        warnings.warn(_differ_message(differ, warned, adapt), GeosegWarning, stacklevel=2)
+    training: dict[str, Any] = {**shared, "seeds": seeds, "members": [str(m.weights) for m in members],
+                                **({"member_settings": differ} if differ else {})}
+    kind = (f"Seed ensemble of {len(members)} runs" if not warned else
+            f"Ensemble of {len(members)} runs with different {', '.join(warned)}")
     card = first.replace(
         name=name or f"{first.name}-ensemble",
         description=description if description is not None else
-        f"{first.description.rstrip()} Seed ensemble of {len(members)} runs (seeds {', '.join(map(str, seeds))}): "
+        f"{first.description.rstrip()} {kind} (seeds {', '.join(map(str, seeds))}): "
         "their class probabilities are averaged.".lstrip(),
         params={**dict(first.params), "members": len(members)},
         weights=weights_path.name,
         training=training,
         metrics={},
         class_prior=prior,
-        adapt_prior=first.adapt_prior and prior is not None,
+        adapt_prior=adapt,
     )
     # The old card goes first and the new one comes last: a run stopped in between leaves the new
     # weights without a card (which predict refuses, naming the missing card), never beside the old
@@ -141,3 +169,67 @@ def combine_models(
     card.save(card_path)
     log.info("wrote the %d-member ensemble %s (%s)", len(members), card_path, card.name)
     return card_path
+
+
+def _flatten(m: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """``{("augment", "flips"): True, ...}``: nested mappings become key paths (empty ones stay values)."""
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in m.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, (*prefix, str(k))))
+        else:
+            out[(*prefix, str(k))] = v
+    return out
+
+
+def member_settings(cards: Sequence[ModelCard]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Split the members' training settings into the shared and the differing.
+
+    Compares the cards' ``training`` sections (nested mappings key by key) and the card fields
+    :data:`_SETTINGS`.
+
+    Returns:
+        ``(shared, differ)``: ``shared`` is the first card's ``training`` without the differing
+        keys (and without ``seed``, which the ensemble lists under ``seeds``); ``differ`` maps each
+        differing setting (``window``, ``augment.brightness``, ``adapt_prior`` ...) to its value
+        per member, ``None`` where a card lacks it, in member order.
+    """
+    flat = [{**_flatten(c.training), **{(f,): getattr(c, f) for f in _SETTINGS}} for c in cards]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    differ: dict[str, list[Any]] = {}
+    for k in keys:
+        values = [f.get(k) for f in flat]
+        if k != ("seed",) and any(v != values[0] for v in values[1:]):
+            differ[".".join(k)] = [_plain(v) for v in values]
+    shared: dict[str, Any] = json.loads(json.dumps(dict(cards[0].training), default=str))  # a deep copy
+    shared.pop("seed", None)
+    for name in differ:
+        *path, last = name.split(".")
+        node: Any = shared
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return shared, differ
+
+
+def _plain(v: Any) -> Any:
+    """A YAML-safe copy of a card value (tuples as lists)."""
+    return json.loads(json.dumps(v, default=str))
+
+
+def _differ_message(differ: Mapping[str, Sequence[Any]], keys: Sequence[str], adapt: bool) -> str:
+    """One line: the settings the members differ in, with each member's value, and what the card does."""
+    def show(v: Any) -> str:
+        return "-" if v is None else v if isinstance(v, str) else json.dumps(v)
+
+    what = "; ".join(f"{k}: {' | '.join(show(v) for v in differ[k])}" for k in keys)
+    then = ["the card lists each member's under training.member_settings"]
+    kept = [k for k in ("tile_size", "overlap", "pixel_size") if k in differ]
+    if kept:
+        then.append(f"keeps member 1's {'/'.join(kept)}")
+    if "adapt_prior" in differ:
+        then.append("adapts priors " + ("by default (every member does)" if adapt else
+                                        "only with predict --adapt-prior (not every member does)"))
+    return (f"ensemble members differ in more than their seeds ({what}): a seed ensemble averages runs of one "
+            f"config; {', '.join(then[:-1]) + ' and ' + then[-1] if len(then) > 1 else then[0]}")

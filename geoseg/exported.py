@@ -12,13 +12,22 @@ with 2.x), its parameters ``model.pdiparams`` and a ``deploy.yaml`` laid out lik
         std: [...]
       input_shape: [-1, C, -1, -1]
       output_op: none      # none (logits), softmax (probabilities) or argmax (labels)
+    normalize_for:         # the input dtype that Normalize is exact for, and how it was chosen
+      dtype: uint16
+      scale: 0.0001
+      source: training image ...
     geoseg:                # the full geoseg model card (absent in PaddleSeg's own exports)
       name: ...
       classes: [...]
 
-geoseg's card normalisation for uint8 input is ``(x / 255 - mean) / std`` too, so the same
-``Normalize`` entry is exact for PaddleSeg's deploy tools on 8-bit imagery; geoseg itself uses
-the card (its per-dtype ``scale`` table) when the ``geoseg`` section is present.
+PaddleSeg's ``Normalize`` computes ``(x / 255 - mean) / std`` whatever the dtype, while the card
+computes ``(x * scale[dtype] - mean) / std`` (``scale`` 1/255 for uint8 but 1/10000 for uint16 by
+default). The export writes the card's mean and std divided by ``255 * scale``, with ``scale`` the
+card's for the dtype the model was trained on (:func:`training_dtype`), so PaddleSeg's deploy tools
+normalise that dtype exactly as geoseg does (any dtype with a scale > 0, float32 with scale 1
+included; for uint8, scale 1/255, the card's own mean and std). Input of another dtype needs
+another ``Normalize``: geoseg itself uses the card (its per-dtype ``scale`` table) when the
+``geoseg`` section is present.
 """
 
 from __future__ import annotations
@@ -26,9 +35,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +49,7 @@ import yaml
 from geoseg.atomic import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, is_leftover, temp_name
 from geoseg.card import PALETTE, ClassInfo, ModelCard, Normalization
 from geoseg.config import load_yaml_mapping
-from geoseg.errors import ModelError, ParameterError
+from geoseg.errors import GeosegError, GeosegWarning, ModelError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +58,12 @@ DEPLOY_FILE = "deploy.yaml"
 #: What an export folder holds (``--overwrite`` replaces a folder of these only).
 EXPORT_FILES = ("model.json", "model.pdmodel", "model.pdiparams", "model.pdiparams.info", DEPLOY_FILE)
 
-__all__ = ["DEPLOY_FILE", "export_model_dir", "load_exported", "parse_classes"]
+__all__ = ["DEPLOY_FILE", "export_model_dir", "load_exported", "paddleseg_normalize", "parse_classes", "training_dtype"]
+
+#: Input dtypes a deploy.yaml's Normalize can be written for (what geoseg reads, :data:`geoseg.io.SUPPORTED_DTYPES`).
+INPUT_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+#: PaddleSeg's ``Normalize`` divides every input by this before ``(x - mean) / std``.
+PADDLESEG_DIVISOR = 255.0
 
 _OUTPUT_FOR_OP: dict[str, Literal["logits", "probs", "labels"]] = {"none": "logits", "softmax": "probs", "argmax": "labels"}
 
@@ -60,11 +76,14 @@ def export_model_dir(
     output_op: OutputOp = "none",
     layer: Any = None,
     overwrite: bool = False,
+    input_dtype: str | None = None,
 ) -> Path:
     """Export a model (card + weights, or an in-memory ``layer``) into folder ``out``.
 
     Writes ``model.json``/``model.pdmodel`` + ``model.pdiparams`` (``paddle.jit.save``, input
-    ``x``: float32 ``[N, C, H, W]`` normalised as the card says) and ``deploy.yaml``.
+    ``x``: float32 ``[N, C, H, W]`` normalised as the card says) and ``deploy.yaml``, whose
+    PaddleSeg ``Normalize`` is the card's normalisation rescaled for PaddleSeg's ``x / 255``:
+    exact for input of the dtype the model was trained on (:func:`paddleseg_normalize`).
 
     Args:
         card: The model card.
@@ -74,6 +93,9 @@ def export_model_dir(
             probabilities NCHW, ``argmax`` = class indexes N1HW int64... as PaddleSeg's export.
         layer: A ready ``paddle.nn.Layer`` to export instead of building one from the card.
         overwrite: Replace an existing export in ``out``.
+        input_dtype: The raster dtype (``uint8``, ``uint16`` ...) PaddleSeg's ``Normalize`` is
+            written for; default: the model's training dtype (:func:`training_dtype`; uint8, with
+            a warning, when the card cannot tell).
 
     Returns:
         The folder.
@@ -99,6 +121,21 @@ def export_model_dir(
             raise ParameterError(f"export folder {out} holds more than an export ({', '.join(foreign[:3])}"
                                  f"{' ...' if len(foreign) > 3 else ''}): --overwrite would remove it; move those "
                                  "files or choose another --out")
+    if input_dtype is None:
+        dtype, source = training_dtype(card, weights)
+        if dtype is None:
+            # uint8: what PaddleSeg's /255 is made for, and the card's own mean/std (as before the rescaling).
+            dtype = "uint8"
+            msg = (f"{card.name}: {source}: deploy.yaml's PaddleSeg Normalize is written for uint8 input; pass "
+                   "--input-dtype if the model was trained on another type")
+            if card.training:  # a trained model whose dtype is lost; an untrained card has no dtype to lose
+                warnings.warn(msg, GeosegWarning, stacklevel=2)
+            else:
+                log.info("%s", msg)
+            source = f"assumed uint8 ({source})"
+    else:
+        dtype, source = str(input_dtype), "given (--input-dtype)"
+    mean, std, scale = paddleseg_normalize(card, dtype)
     net = build_layer(ModelSource(card=card, weights=Path(weights) if weights else None, layer=layer))
     if output_op != "none":
         net = with_output_op(net, output_op)
@@ -118,23 +155,85 @@ def export_model_dir(
             "Deploy": {
                 "model": program.name,
                 "params": params.name,
-                "transforms": [{
-                    "type": "Normalize",
-                    "mean": [float(v) for v in card.normalization.mean],
-                    "std": [float(v) for v in card.normalization.std],
-                }],
+                "transforms": [{"type": "Normalize", "mean": mean, "std": std}],
                 "input_shape": [-1, card.in_channels, -1, -1],
                 "output_op": output_op,
             },
+            # Beside Deploy, not in it or in Normalize: PaddleSeg passes a transform's keys to its class.
+            "normalize_for": {"dtype": dtype, "scale": scale, "source": source},
             "geoseg": {**card.to_dict(), "weights": None, "output_op": output_op},
         }
-        atomic_write_text(tmp / DEPLOY_FILE, yaml.safe_dump(deploy, sort_keys=False, default_flow_style=None))
+        how = ("the card's mean and std as they are\n# (its scale for uint8 is 1/255)" if mean == list(card.normalization.mean)
+               else f"the card's mean and std divided by\n# 255 * {scale:.10g} (the card's scale for {dtype})")
+        note = (f"# Normalize below is PaddleSeg's (x / 255 - mean) / std with {how}: exact for {dtype} input only\n"
+                "# (normalize_for). geoseg normalises every dtype with its own scale from the card (geoseg: section).\n")
+        atomic_write_text(tmp / DEPLOY_FILE, note + yaml.safe_dump(deploy, sort_keys=False, default_flow_style=None))
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("exported %s to %s (%s + %s + %s)", card.name, out, program.name, params.name, DEPLOY_FILE)
     return given
+
+
+def training_dtype(card: ModelCard, weights: str | Path | None = None) -> tuple[str | None, str]:
+    """The raster dtype ``card``'s model was trained on, and where that was read.
+
+    The card's normalisation statistics were computed on raw values of that dtype times the
+    card's ``scale`` for it. Sources, in turn: a ``training.dtype`` key; the dtype of the
+    training image (``training.image``, or the first readable of ``training.scenes`` or of an
+    ensemble's ``training.member_settings.image``; a relative path is looked up from the working
+    folder, then from the folders above ``weights``, so the shipped models find their sample
+    scene in a source checkout).
+
+    Returns:
+        ``(dtype, source)``; ``(None, why)`` when the card cannot tell.
+    """
+    from geoseg.io import open_scene
+
+    training = card.training or {}
+    given = training.get("dtype")
+    if given:
+        return str(given), "the card's training.dtype"
+    per_member = training.get("member_settings") or {}  # an ensemble of members trained on other images
+    images = [training.get("image")] + [sc.get("image") for sc in training.get("scenes") or []
+                                        if isinstance(sc, Mapping)] + list(per_member.get("image") or [])
+    images = [str(p) for p in images if p]
+    if not images:
+        return None, "the card does not record its training image or dtype"
+    bases = [Path(".")] + (list(Path(weights).resolve().parents)[:4] if weights else [])
+    for image in images:
+        for base in bases if not Path(image).is_absolute() and not image.startswith("/vsi") else [Path(".")]:
+            path = base / image
+            try:
+                return open_scene(path).dtype, f"training image {path}"
+            except (GeosegError, OSError):
+                continue
+    return None, f"its training image {images[0]} cannot be read"
+
+
+def paddleseg_normalize(card: ModelCard, dtype: str) -> tuple[list[float], list[float], float]:
+    """PaddleSeg ``Normalize`` mean and std that reproduce the card's normalisation on ``dtype``.
+
+    PaddleSeg computes ``(x / 255 - mean') / std'``; with ``mean' = mean / (255 * scale)`` and
+    ``std' = std / (255 * scale)`` that is the card's ``(x * scale - mean) / std`` exactly, for
+    the card's ``scale`` of ``dtype`` (uint8 with scale 1/255 keeps the card's mean and std).
+
+    Returns:
+        ``(mean', std', scale)``.
+
+    Raises:
+        ParameterError: ``dtype`` is not a raster dtype geoseg reads, or its scale is not > 0.
+    """
+    if dtype not in INPUT_DTYPES:
+        raise ParameterError(f"input dtype {dtype!r}: choose one of {', '.join(INPUT_DTYPES)}")
+    scale = card.normalization.scale_for(dtype)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ParameterError(f"{card.name}: the card's normalization scale for {dtype} is {scale}: PaddleSeg's "
+                             "Normalize can only express a scale > 0; pass another --input-dtype")
+    k = PADDLESEG_DIVISOR * scale
+    return ([float(v) / k for v in card.normalization.mean], [float(v) / k for v in card.normalization.std],
+            float(scale))
 
 
 def _temp_folder(out: Path, kind: str = "") -> Path:
@@ -276,7 +375,8 @@ def load_exported(
 
     The card comes from ``card`` if given, else from the ``geoseg`` section of
     ``deploy.yaml``, else it is built from PaddleSeg's ``Deploy`` section: ``Normalize``
-    mean/std (PaddleSeg divides by 255 first, whatever the dtype), the input channels from
+    mean/std (PaddleSeg divides by 255 first, whatever the dtype; geoseg's exports write them
+    rescaled so that this is exact for the training dtype, see ``normalize_for``), the input channels from
     ``input_shape`` (or the number of means), and the classes from ``classes`` (required then:
     PaddleSeg's yaml has none). ``output_op`` maps to what the graph returns: ``argmax`` (also
     PaddleSeg's default when the key is absent) → labels, ``softmax`` → probabilities,

@@ -198,3 +198,66 @@ def test_a_stopped_overwrite_never_leaves_new_weights_beside_the_old_card(tmp_pa
         resolve_model(None, tmp_path / "e" / "weights.pdparams")
     card = ModelCard.load(combine_models([a, c], tmp_path / "e", overwrite=True))
     assert card.training["members"] == [str(a / "weights.pdparams"), str(c / "weights.pdparams")]
+
+
+def _configured(folder: Path, seed: int, *, adapt: bool = False, tile: int = 64, **training) -> Path:  # type: ignore[no-untyped-def]
+    """A run whose card records a training config, as 'geoseg train' writes it."""
+    run = _run(folder, seed, prior=(0.25, 0.25, 0.25, 0.25))
+    card = ModelCard.load(run / "weights.yaml")
+    config = {"image": "scene.tif", "window": 64, "iterations": 100, "best_iteration": 50 + seed, "lr": 0.001,
+              "loss": "ce+dice", "augment": {"flips": True, "brightness": 0.1}, "seed": seed, "device": "cpu"}
+    card.replace(training={**config, **training}, adapt_prior=adapt, tile_size=tile, overlap=tile // 4).save(
+        run / "weights.yaml")
+    return run
+
+
+def test_members_of_other_configs_are_warned_about_and_recorded(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    # geoseg ensemble took runs of other configs silently, and its card's training section described
+    # member 1 only (member 2's window, loss, iterations and adapt_prior were dropped).
+    import warnings
+
+    from geoseg.errors import GeosegWarning
+    from geoseg_cli.main import cli
+
+    a = _configured(tmp_path / "a", 0)
+    b = _configured(tmp_path / "b", 4, adapt=True, tile=128, window=128, iterations=30, loss="ce",
+                    augment={"flips": True, "brightness": 0.2}, device="gpu")
+    with pytest.warns(GeosegWarning) as got:
+        card = ModelCard.load(combine_models([a, b], tmp_path / "e"))
+    (w,) = [str(x.message) for x in got if issubclass(x.category, GeosegWarning)]
+    assert "\n" not in w
+    for part in ("window: 64 | 128", "iterations: 100 | 30", "loss: ce+dice | ce", "augment.brightness: 0.1 | 0.2",
+                 "tile_size: 64 | 128", "adapt_prior: false | true", "training.member_settings",
+                 "keeps member 1's tile_size/overlap", "predict --adapt-prior"):
+        assert part in w, w
+    for expected in ("seed", "best_iteration", "device"):  # runs of one config differ in these
+        assert f"{expected}:" not in w, w
+    settings = card.training["member_settings"]
+    assert settings == {"window": [64, 128], "iterations": [100, 30], "best_iteration": [50, 54],
+                        "loss": ["ce+dice", "ce"], "augment.brightness": [0.1, 0.2], "device": ["cpu", "gpu"],
+                        "tile_size": [64, 128], "overlap": [16, 32], "adapt_prior": [False, True]}
+    t = card.training
+    assert t["seeds"] == [0, 4] and "seed" not in t and "window" not in t and "loss" not in t
+    assert t["lr"] == 0.001 and t["augment"] == {"flips": True} and t["image"] == "scene.tif"
+    assert card.tile_size == 64 and card.overlap == 16 and card.adapt_prior is False
+    assert "with different window, iterations, loss" in card.description
+    # every member adapting: so does the ensemble (three members, one value each)
+    c = _configured(tmp_path / "c", 5, adapt=True, window=96)
+    d = _configured(tmp_path / "d", 6, adapt=True)
+    with pytest.warns(GeosegWarning, match=r"window: 96 \| 64 \| 128;") as got:
+        assert ModelCard.load(combine_models([c, d, b], tmp_path / "e2")).adapt_prior is True
+    assert "adapt_prior" not in str(got[0].message)
+    # one line on stderr from the CLI, and the ensemble is written
+    r = runner.invoke(cli, ["ensemble", str(a), str(b), "--out", str(tmp_path / "e3")])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if "differ in more than their seeds" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and (tmp_path / "e3" / "weights.yaml").is_file()
+
+    # runs of one config with other seeds: nothing to warn about; what differs per run is recorded
+    e = _configured(tmp_path / "s1", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeosegWarning)
+        card = ModelCard.load(combine_models([a, e], tmp_path / "seeds"))
+    assert card.training["member_settings"] == {"best_iteration": [50, 51]}
+    assert card.training["window"] == 64 and card.training["seeds"] == [0, 1] and "seed" not in card.training
+    assert card.description.endswith("Seed ensemble of 2 runs (seeds 0, 1): their class probabilities are averaged.")

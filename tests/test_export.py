@@ -280,3 +280,104 @@ def test_overwrite_of_the_working_folder_keeps_it(tiny_unet: tuple[Path, Path], 
     assert here.stat().st_ino == ino and Path.cwd() == here and load_exported(here).output == "labels"
     assert _export_files(here)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+@pytest.fixture
+def uint16_model(tiny_unet: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A tiny model as ``geoseg train`` leaves one for a uint16 scene: its card's statistics are of
+    ``x * 0.0001`` and its ``training.image`` is that scene. Returns (weights, card, scene)."""
+    import shutil
+
+    from geoseg.card import Normalization
+
+    rng = np.random.default_rng(23)
+    base = rng.integers(300, 4000, size=(3, 12, 16)).astype(np.float64)
+    img = np.kron(base, np.ones((1, 8, 8)))[:, :96, :128] + rng.normal(0, 150, (3, 96, 128))
+    img = np.clip(img, 1, 9000).astype(np.uint16)
+    img[:, :5, :7] = 0
+    scene = write_raster(tmp_path / "u16.tif", img, nodata=0)
+    valid = img[:, 5:, 7:].reshape(3, -1) * 1e-4
+    weights, card_path = tiny_unet
+    card = ModelCard.load(card_path).replace(
+        name="tiny-u16", normalization=Normalization(mean=tuple(valid.mean(1)), std=tuple(valid.std(1))),
+        training={"image": str(scene), "bands": [1, 2, 3], "seed": 0}, tile_size=32, overlap=8,
+        weights="weights.pdparams")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(weights, run / "weights.pdparams")
+    card.save(run / "weights.yaml")
+    return run / "weights.pdparams", run / "weights.yaml", scene
+
+
+def test_paddleseg_normalize_is_exact_for_the_training_dtype(uint16_model: tuple[Path, Path, Path],
+                                                             tmp_path: Path) -> None:
+    # PaddleSeg's Normalize is (x / 255 - mean) / std for every dtype; the card's mean/std used to be
+    # written as they are, right for uint8 only: a uint16 model's PaddleSeg section normalised
+    # x * 0.0001 as if it were x / 255, and a PaddleSeg user (or geoseg reading the export without
+    # its geoseg: section) got another map (0.9 % of pixels agreed on a Landsat-8 run).
+    import shutil
+
+    weights, card_path, scene = uint16_model
+    card = ModelCard.load(card_path)
+    folder = export_model_dir(card, weights, tmp_path / "exp")
+    text = (folder / "deploy.yaml").read_text()
+    deploy = yaml.safe_load(text)
+    assert deploy["normalize_for"]["dtype"] == "uint16" and deploy["normalize_for"]["scale"] == pytest.approx(1e-4)
+    assert str(scene) in deploy["normalize_for"]["source"] and "exact for uint16 input only" in text
+    assert "divided by\n# 255 * 0.0001" in text
+    (norm,) = deploy["Deploy"]["transforms"]
+    assert set(norm) == {"type", "mean", "std"}  # PaddleSeg passes a transform's keys to its class
+    x = np.random.default_rng(1).integers(0, 65535, size=(3, 20, 30)).astype(np.uint16)
+    mean = np.asarray(norm["mean"], np.float64).reshape(-1, 1, 1)
+    std = np.asarray(norm["std"], np.float64).reshape(-1, 1, 1)
+    paddleseg = (x.astype(np.float64) / 255.0 - mean) / std  # paddleseg.transforms.functional.normalize
+    np.testing.assert_allclose(paddleseg, card.normalization.apply(x, "uint16"), rtol=1e-5, atol=1e-4)
+
+    # predict through the export read the PaddleSeg way (no geoseg: section) = predict --weights
+    pseg = tmp_path / "pseg"
+    pseg.mkdir()
+    for p in folder.glob("model.*"):
+        shutil.copy(p, pseg / p.name)
+    (pseg / "deploy.yaml").write_text(yaml.safe_dump({k: v for k, v in deploy.items() if k != "geoseg"}))
+    opts = PredictOptions(device="cpu", tile_size=32, overlap=8)  # the PaddleSeg section has no windows
+    ref = _mask(segment_scene(scene, tmp_path / "w.tif", weights=weights, options=opts).mask)
+    ps = _mask(segment_scene(scene, tmp_path / "ps.tif", model=pseg, classes=[c.name for c in card.classes],
+                             options=opts).mask)
+    own = _mask(segment_scene(scene, tmp_path / "own.tif", model=folder, options=opts).mask)
+    assert len(np.unique(ref[ref != 255])) > 1  # a map, not one class everywhere
+    valid = ref != 255
+    assert (ps[valid] == ref[valid]).mean() >= 0.999 and (own == ref).mean() >= 0.999
+
+
+def test_export_input_dtype_sources(tiny_unet: tuple[Path, Path], uint16_model: tuple[Path, Path, Path],
+                                    tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    from geoseg.errors import GeosegWarning
+    from geoseg.exported import paddleseg_normalize, training_dtype
+    from geoseg_cli.main import cli
+
+    weights, card_path, scene = uint16_model
+    card = ModelCard.load(card_path)
+    assert training_dtype(card, weights)[0] == "uint16"
+    assert training_dtype(card.replace(training={**card.training, "dtype": "int16"}))[0] == "int16"
+    # a relative training path is looked up from the weights' folders too (the shipped models' sample scene)
+    rel = card.replace(training={"image": scene.name})
+    assert training_dtype(rel, weights)[0] == "uint16"
+    # float input (scale 1) is exact by the same formula: mean / 255
+    mean, std, scale = paddleseg_normalize(card, "float32")
+    assert scale == 1.0 and mean[0] == pytest.approx(card.normalization.mean[0] / 255)
+    with pytest.raises(ParameterError, match="input dtype 'int8'"):
+        paddleseg_normalize(card, "int8")
+    # a trained card whose training image is gone: uint8 (the card's own mean/std), warned and said in the yaml
+    gone = card.replace(training={"image": str(tmp_path / "moved.tif")})
+    with pytest.warns(GeosegWarning, match="cannot be read.*--input-dtype"):
+        export_model_dir(gone, weights, tmp_path / "gone")
+    d = yaml.safe_load((tmp_path / "gone" / "deploy.yaml").read_text())
+    assert d["normalize_for"]["dtype"] == "uint8" and d["normalize_for"]["source"].startswith("assumed uint8")
+    assert d["Deploy"]["transforms"][0]["mean"] == pytest.approx(list(card.normalization.mean))
+    # --input-dtype chooses
+    r = runner.invoke(cli, ["-q", "export", "--weights", str(weights), "--out", str(tmp_path / "f"),
+                            "--input-dtype", "float32"])
+    assert r.exit_code == 0, r.output
+    d = yaml.safe_load((tmp_path / "f" / "deploy.yaml").read_text())
+    assert d["normalize_for"] == {"dtype": "float32", "scale": 1.0, "source": "given (--input-dtype)"}
+    assert d["Deploy"]["transforms"][0]["std"] == pytest.approx([s / 255 for s in card.normalization.std])
