@@ -1854,6 +1854,9 @@ class Trainer:
                                for sc in cfg.scenes],
                     "scene_files": len(self.scenes)}),
                 "bands": list(self.bands),
+                # the raster type its normalisation statistics were computed on (x * scale[dtype]): an
+                # export's PaddleSeg Normalize is written for it (geoseg.exported.training_dtype)
+                "dtype": str(self.meta.dtype),
                 "ignore": list(cfg.ignore), "window": self.window, "batch_size": cfg.batch_size,
                 "iterations": cfg.iterations, "best_iteration": best_iteration, "lr": cfg.lr,
                 "weight_decay": cfg.weight_decay, "schedule": cfg.schedule, "warmup": cfg.warmup,

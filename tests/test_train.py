@@ -465,6 +465,10 @@ def test_fit_writes_weights_card_and_logs(scene: tuple[Path, Path], tmp_path: Pa
     assert 0.0 <= card.metrics["validation"]["miou"] <= 1.0
     assert card.training["train_region"] == [0, 0, 48, 48]
     assert card.pixel_size == 10.0  # the scene's 10 m UTM pixels: predict compares scenes with it
+    assert card.training["dtype"] == "uint8"  # what its statistics were computed on (an export's Normalize is for it)
+    from geoseg.exported import training_dtype
+
+    assert training_dtype(card) == ("uint8", "the card's training.dtype")
     # class_prior: the saved weights' mean probabilities over the training region, one per class.
     assert card.class_prior is not None and len(card.class_prior) == 3 and not card.adapt_prior
     assert sum(card.class_prior) == pytest.approx(1.0, abs=1e-4) and min(card.class_prior) >= 0
