@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 import yaml
 
-from geoseg.atomic import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, is_leftover, temp_name
+from geoseg.atomic import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, file_above, is_leftover, temp_name
 from geoseg.card import PALETTE, ClassInfo, ModelCard, Normalization
 from geoseg.config import load_yaml_mapping
 from geoseg.errors import GeosegError, GeosegWarning, ModelError, ParameterError
@@ -143,6 +143,9 @@ def export_model_dir(
     # leaves only that folder (removed by the next export to ``out``), never a half-written one
     # under the real name that predict would misread and a new export would refuse as not empty.
     tmp = _temp_folder(out)
+    above = file_above(out)
+    if above is not None:  # mkdir said only "File exists"
+        raise ParameterError(f"cannot create export folder {out}: {above} is a file, not a folder: choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)  # as train and ensemble make their --out
         tmp.mkdir()

@@ -229,6 +229,15 @@ def test_a_stopped_export_leaves_nothing_under_the_target_name(tiny_unet: tuple[
     assert load_exported(tmp_path / "e").card.classes == card.classes
 
 
+def test_an_out_below_a_file_is_named(tiny_unet: tuple[Path, Path], tmp_path: Path) -> None:
+    """--out under a file said only "cannot create export folder ...: File exists"."""
+    weights, card_path = tiny_unet
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ParameterError, match=r"afile is a file, not a folder: choose another --out"):
+        export_model_dir(ModelCard.load(card_path), weights, tmp_path / "afile" / "sub" / "e")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_overwrite_replaces_an_export_whole_or_not_at_all(tiny_unet: tuple[Path, Path], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import geoseg.models.inference as inference
