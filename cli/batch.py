@@ -80,7 +80,42 @@ def _log_file_handler(log_file: Path) -> logging.FileHandler:
                              "give a writable path for --log-file") from None
 
 
-@click.command(short_help="Segment many scenes once each (crash-safe; local or Dask).")
+class _BatchCommand(click.Command):
+    """``batch``, whose refused command lines also reach its --log-file: a bad option value (Click's usage
+    error, before the run opens its log) went to stderr only, which a cron job often sends nowhere."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        raw = [str(a) for a in args]  # (parsing consumes them)
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as exc:
+            _usage_error_to_log_file(raw, exc)
+            raise
+
+
+def _usage_error_to_log_file(args: list[str], exc: click.ClickException) -> None:
+    """Append the usage error to the --log-file the command line (or GEOSEG_BATCH_LOG_FILE) names, if any
+    can be written; never raises (the error itself is what the user must see)."""
+    import os
+    import time
+
+    path = os.environ.get("GEOSEG_BATCH_LOG_FILE") or None
+    for i, arg in enumerate(args):
+        if arg == "--log-file" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--log-file="):
+            path = arg.split("=", 1)[1]
+    if not path:
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with contextlib.suppress(OSError):
+        Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{stamp} ERROR Error: {exc.format_message()}\n")
+
+
+@click.command(cls=_BatchCommand, short_help="Segment many scenes once each (crash-safe; local or Dask).")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
               help="Output folder: outputs mirror the input tree here; holds the manifest and lock in .geoseg/.")

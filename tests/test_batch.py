@@ -1017,6 +1017,22 @@ def test_a_stopped_run_still_writes_its_report(runner, tiny_unet, tmp_path: Path
     assert r.exit_code == EXIT_OK and report_of(rep)["stopped"] is None, r.output
 
 
+def test_a_refused_command_line_reaches_the_log_file(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A bad option value (Click's usage error, before the run opens its log) went to stderr only, which a
+    cron job often sends nowhere: the --log-file (also named by GEOSEG_BATCH_LOG_FILE) gets the line too."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 1, size=(16, 16))
+    logf = tmp_path / "logs" / "night.log"
+    r = run_cli(runner, tiny_unet, [arch], out, "--log-file", logf, "--workers", "-3")
+    assert r.exit_code == 2 and logf.read_text().rstrip().endswith(
+        "ERROR Error: Invalid value for '--workers': -3 is not in the range x>=0."), r.output
+    envlog = tmp_path / "logs" / "env.log"
+    r = runner.invoke(cli, batch_args(tiny_unet, str(arch), "--out", str(out), "--tile-size", "abc"),
+                      env={"GEOSEG_BATCH_LOG_FILE": str(envlog)})
+    assert r.exit_code == 2 and "'abc' is not a valid integer" in envlog.read_text(), r.output
+    assert not out.exists()
+
+
 def test_report_path_is_checked_before_any_scene(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """--report under a file ran every scene and then blamed --out; under /proc it ended with "unexpected
     error: FileNotFoundError". Both are refused first, in one line naming --report."""
