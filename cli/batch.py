@@ -37,9 +37,15 @@ def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False) ->
     handler = _log_file_handler(log_file) if log_file is not None else None
     muted = [logging.getLogger(name) for name in names]
     old_levels = [lg.level for lg in muted]
+    noise = None
     if verbosity <= 0:
         for lg in muted:
             lg.setLevel(logging.WARNING)
+        if dask:  # the client's "Failed to reconnect to scheduler" before geoseg's own line about it
+            from geoseg.batch import _StoppedRunNoise
+
+            noise = _StoppedRunNoise()
+            logging.getLogger("distributed.client").addFilter(noise)
     if handler is not None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(handler)
@@ -56,6 +62,8 @@ def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False) ->
     finally:
         for lg, level in zip(muted, old_levels):
             lg.setLevel(level)
+        if noise is not None:
+            logging.getLogger("distributed.client").removeFilter(noise)
         if handler is not None:
             root.removeHandler(handler)
             handler.close()

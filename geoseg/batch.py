@@ -53,6 +53,7 @@ from geoseg.atomic import atomic_write_text, clean_temp_files, file_above, temp_
 from geoseg.errors import (
     AoiOutsideError,
     BatchLockedError,
+    ClusterError,
     DependencyError,
     GeosegError,
     GeosegWarning,
@@ -871,12 +872,14 @@ def gpu_count() -> int:
 
 
 class _StoppedRunNoise(logging.Filter):
-    """Drops what distributed's workers log when the run is stopped under them: 'Async instruction
-    ... ended with CancelledError' and 'Failed to communicate with scheduler during heartbeat'."""
+    """Drops what distributed logs when the run is stopped under it: the workers' 'Async instruction
+    ... ended with CancelledError' and 'Failed to communicate with scheduler during heartbeat', the
+    client's 'Failed to reconnect to scheduler' (geoseg's own line says the scheduler was lost)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return "ended with CancelledError" not in text and "Failed to communicate with scheduler" not in text
+        return not any(t in text for t in ("ended with CancelledError", "Failed to communicate with scheduler",
+                                           "Failed to reconnect to scheduler"))
 
 
 def _make_worker_plugin(model: BatchModel, name: str, quiet_loggers: tuple[str, ...] = (),
@@ -1400,6 +1403,15 @@ def dask_client(batch: BatchOptions) -> Iterator[Any]:
         yield client
 
 
+def _scheduler_lost(exc: BaseException, client: Any) -> bool:
+    """Whether a task's error says the client lost its scheduler (the scenes themselves are not at fault)."""
+    from concurrent.futures import CancelledError
+
+    if getattr(exc, "reason", None) == "scheduler-connection-lost":
+        return True
+    return isinstance(exc, CancelledError) and getattr(client, "status", "running") not in ("running", "newly-created")
+
+
 def _fmt_resources(resources: dict[str, float]) -> str:
     return ",".join(f"{k}={v:g}" for k, v in resources.items())
 
@@ -1507,6 +1519,7 @@ def _run_dask(
     pending = as_completed(list(futures))
     no_worker_since: float | None = None
     next_look = time.monotonic() + WORKER_POLL_S
+    finished = 0
     try:
         while not pending.is_empty():
             ready = pending.next_batch(block=False)
@@ -1522,6 +1535,12 @@ def _run_dask(
                 try:
                     o = fut.result()
                 except Exception as exc:  # noqa: BLE001 - a worker died or the task could not run
+                    if _scheduler_lost(exc, client):
+                        # not the scenes' failure: every scene not finished was reported failed with
+                        # "scheduler-connection-lost", also those a worker was about to finish
+                        raise ClusterError(
+                            f"lost the connection to the Dask scheduler {where}: {len(futures) - finished} scene(s) "
+                            "not finished (the next run redoes them): check the scheduler") from None
                     o = _failed(scenes[key], exc, time.perf_counter())
                     o.error = f"task failed on the cluster: {o.error}"
                 if o.worker:
@@ -1529,6 +1548,7 @@ def _run_dask(
                 if o.fatal:
                     raise ModelError(f"the model failed on the worker {o.worker} ({o.key}): {o.error}")
                 finish(o, reasons[key])
+                finished += 1
     except BaseException:
         for f in futures:  # (a LocalCluster of batch's own closes anyway; a user's cluster must not go on)
             with contextlib.suppress(Exception):

@@ -78,6 +78,10 @@ class BatchLockedError(GeosegError, RuntimeError):
     """Another batch run holds the lock of the output folder."""
 
 
+class ClusterError(GeosegError, RuntimeError):
+    """The Dask cluster a batch runs on stopped working under it (its scheduler went away)."""
+
+
 class RunStoppedError(GeosegError, RuntimeError):
     """The run this work belongs to was stopped (a batch stopped by a signal, its scene cancelled on a
     Dask worker): nothing more is written or published."""

@@ -885,6 +885,44 @@ def test_batch_s_own_workers_spread_over_the_gpus(monkeypatch: pytest.MonkeyPatc
     assert plugin.device() == expected
 
 
+def test_a_lost_scheduler_stops_the_run_without_failing_its_scenes(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the Dask scheduler went away every scene not finished came back "failed ... cancelled for
+    reason: scheduler-connection-lost" (exit 3), also scenes a worker was finishing: the scenes were not
+    at fault. The run now stops (exit 1, one line), its report says so and the scenes stay to be redone."""
+    import concurrent.futures
+
+    distributed = pytest.importorskip("distributed")
+    from distributed.client import Future
+
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 4, size=(16, 16))
+    real, calls = Future.result, []
+
+    def lost_after_one(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) > 1:  # (as distributed's client cancels every future when its scheduler is gone)
+            cancelled = getattr(distributed.client, "FutureCancelledError", None)  # (since distributed 2024)
+            if cancelled is not None:
+                raise cancelled(self.key, "scheduler-connection-lost")
+            exc = concurrent.futures.CancelledError()
+            exc.reason = "scheduler-connection-lost"  # type: ignore[attr-defined]
+            raise exc
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Future, "result", lost_after_one)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        r = runner.invoke(cli, batch_args(tiny_unet, str(arch), "--out", str(out), "--report", str(rep),
+                                          "--vector", "none", "--scheduler", cluster.scheduler_address))
+    assert r.exit_code == 1 and "lost the connection to the Dask scheduler" in r.output, r.output
+    assert "3 scene(s) not finished (the next run redoes them)" in r.output and "FAILED" not in r.output
+    report = report_of(rep)
+    assert report["counts"] == {"ok": 1, "skipped": 0, "failed": 0} and len(report["stopped"]["not_finished"]) == 3
+    monkeypatch.undo()
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    assert r.stdout.count("\tnot finished by an interrupted run") == 3, r.output
+
+
 # ---- robustness: a cluster without workers, scene I/O errors, stopped runs, --report, a damaged manifest ---------
 def test_a_cluster_without_a_usable_worker_stops_in_bounded_time(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
