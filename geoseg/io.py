@@ -8,6 +8,7 @@ mask convention): the nodata value, an internal mask, an alpha band or NaN.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,7 +17,7 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,8 +265,16 @@ _handles_lock = threading.Lock()
 MAX_THREAD_HANDLES = 32
 
 
-def _handle(path: Path) -> Any:
-    """A dataset handle for ``path`` owned by the calling thread (GDAL handles are not shared).
+#: The handles a read is using right now: :func:`close_handles` leaves them open. Two threads that
+#: segmented one scene at once closed each other's handles mid-read when the first finished:
+#: segmentation faults, "Dataset is closed" reported as a corrupt file, or a hang.
+_busy: set[tuple[int, int, str]] = set()
+
+
+@contextlib.contextmanager
+def _handle(path: Path) -> Iterator[Any]:
+    """A dataset handle for ``path`` owned by the calling thread (GDAL handles are not shared), in use
+    until the block ends.
 
     Reader threads keep their handle between windows; :func:`close_handles` closes them when a
     scene is done, so a long batch run does not accumulate open files, and one thread keeps at
@@ -278,20 +287,29 @@ def _handle(path: Path) -> Any:
         ds = _handles.pop(key, None)
         if ds is not None and not ds.closed:
             _handles[key] = ds  # most recently used last
-            return ds
-    ds = rasterio.open(path)
-    with _handles_lock:
-        _handles[key] = ds
-        mine = [k for k in _handles if k[:2] == owner]
-        for old in mine[: max(0, len(mine) - MAX_THREAD_HANDLES)]:
-            _handles.pop(old).close()
-    return ds
+            _busy.add(key)
+        else:
+            ds = None
+    if ds is None:
+        ds = rasterio.open(path)
+        with _handles_lock:
+            _handles[key] = ds
+            _busy.add(key)
+            mine = [k for k in _handles if k[:2] == owner and k not in _busy]
+            for old in mine[: max(0, len(mine) + 1 - MAX_THREAD_HANDLES)]:
+                _handles.pop(old).close()
+    try:
+        yield ds
+    finally:
+        with _handles_lock:
+            _busy.discard(key)
 
 
 def close_handles(path: str | Path) -> None:
-    """Close every thread's cached handle of ``path`` (call when no read of it is running)."""
+    """Close the cached handles of ``path`` (every thread's) that no read is using now; one in use by
+    another run reading the same file stays open for that run."""
     with _handles_lock:
-        for key in [k for k in _handles if k[2] == str(path)]:
+        for key in [k for k in _handles if k[2] == str(path) and k not in _busy]:
             _handles.pop(key).close()
 
 
@@ -327,10 +345,10 @@ def read_window_gaps(
         data in some band); ``missing`` CHW bool (True = this band has no data here,
         including every band of an invalid pixel), or ``None`` when every value has data.
     """
-    ds = _handle(Path(path))
     try:
-        data = ds.read(list(bands), window=window)
-        return _valid_and_missing(ds, data, window, bands, alpha_band)
+        with _handle(Path(path)) as ds:
+            data = ds.read(list(bands), window=window)
+            return _valid_and_missing(ds, data, window, bands, alpha_band)
     except rasterio.errors.RasterioIOError as exc:
         raise corrupt_input(Path(path).name, exc, f" at column {int(window.col_off)}, row {int(window.row_off)}") from None
 
@@ -389,8 +407,9 @@ def windows_with_data(meta: SceneMeta, windows: Sequence[Window], cells: int = 2
     r0, c0 = meta.origin
     rows, cols = min(meta.height, cells), min(meta.width, cells)
     try:
-        mask = _handle(meta.path).dataset_mask(window=Window(c0, r0, meta.width, meta.height), out_shape=(rows, cols),
-                                               resampling=Resampling.average) > 0
+        with _handle(meta.path) as ds:
+            mask = ds.dataset_mask(window=Window(c0, r0, meta.width, meta.height), out_shape=(rows, cols),
+                                   resampling=Resampling.average) > 0
     except rasterio.errors.RasterioIOError as exc:
         raise corrupt_input(meta.path.name, exc) from None
     fy, fx = rows / meta.height, cols / meta.width

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -478,12 +479,59 @@ def test_one_thread_keeps_a_bounded_number_of_files_open(tmp_path: Path, monkeyp
             assert (data == k + 1).all()
     mine = [h for key, h in geoseg.io._handles.items() if key[:2] == (os.getpid(), threading.get_ident())]
     assert len(mine) == 4 and not any(h.closed for h in mine)
-    first = _handle(paths[-1])
-    assert _handle(paths[-1]) is first
+    with _handle(paths[-1]) as first, _handle(paths[-1]) as again:
+        assert again is first
     monkeypatch.setattr(os, "getpid", lambda: -1)
-    assert _handle(paths[-1]) is not first
+    with _handle(paths[-1]) as forked:
+        assert forked is not first
     for p in paths:
         geoseg.io.close_handles(p)
+
+
+def test_a_handle_in_use_is_not_closed_under_its_reader(tmp_path: Path) -> None:
+    """Two threads segmenting one scene: the first to finish closed every thread's handle of the file,
+    also one the other was reading through (segfaults, "Dataset is closed" as a corrupt file, hangs)."""
+    import geoseg.io
+    from geoseg.io import _handle
+
+    src = write_raster(tmp_path / "s.tif", np.ones((1, 8, 8), np.uint8))
+    with _handle(src) as ds:
+        geoseg.io.close_handles(src)  # (the other run finishing)
+        assert not ds.closed and ds.read(1).sum() == 64
+    geoseg.io.close_handles(src)
+    assert ds.closed and not [k for k in geoseg.io._handles if k[2] == str(src)]
+
+
+def test_two_threads_segment_one_scene_at_once(tmp_path: Path) -> None:
+    """Each with its own predictor and output folder: the masks equal a run alone."""
+    src = write_raster(tmp_path / "s.tif", class_image(400, 400, 2, seed=6)[None].astype(np.uint8))
+    alone = segment_scene(src, tmp_path / "alone", source=ModelSource(identity_card(1, 2)),
+                          predictor=one_hot_predictor(2))
+    with rasterio.open(alone.mask) as ds:
+        want = ds.read(1)
+    errors: list[BaseException] = []
+
+    def slow(x: np.ndarray) -> np.ndarray:  # (a model takes its time: the other run's reads go on meanwhile)
+        time.sleep(0.002)
+        return one_hot_predictor(2)(x)
+
+    def run(k: int) -> None:
+        try:
+            for i in range(4):
+                res = segment_scene(src, tmp_path / f"t{k}_{i}", source=ModelSource(identity_card(1, 2, tile=32,
+                                    overlap=8)) if k else ModelSource(identity_card(1, 2)),
+                                    predictor=slow, options=PredictOptions(read_workers=2, batch_size=1))
+                with rasterio.open(res.mask) as ds:
+                    assert k or (ds.read(1) == want).all()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in threads), errors
 
 
 def test_weights_digest_follows_the_weights(tmp_path: Path) -> None:
