@@ -9,6 +9,7 @@ classes to exit codes in one place (``geoseg_cli.main``).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 
@@ -116,6 +117,9 @@ def require_paddle() -> object:
     # Paddle's C++ log (glog) writes "W1130 ..." lines straight to stderr ("PIR not support input out
     # tensor" on every export): errors only unless the user set it; read when paddle is first imported
     os.environ.setdefault("GLOG_minloglevel", "2")
+    if sys.modules.get("paddle") is not None:  # (None: marked missing, as a test does)
+        return sys.modules["paddle"]
+    kept = _ProcessState()
     try:
         with warnings.catch_warnings():  # paddle's import warns about a C++ compiler cache (for its own builds)
             warnings.filterwarnings("ignore", message="No ccache found")
@@ -125,4 +129,34 @@ def require_paddle() -> object:
             "PaddlePaddle is not installed: install geoseg with the 'cpu' extra "
             "(pip install 'geoseg[cpu]') or a GPU build (see README, 'gpu' extra)"
         ) from exc
+    finally:
+        kept.restore()
     return paddle
+
+
+class _ProcessState:
+    """What importing paddle changes for the whole process, put back afterwards (geoseg used as a
+    library must not take them over): its SIGTERM handler replaced the application's (a service's
+    graceful shutdown, Airflow's on_kill) with a C++ "FatalError" dump, and a stderr handler on the
+    root logger at INFO printed every library's INFO lines and made the application's later
+    ``logging.basicConfig`` do nothing. (The CLI sets its own SIGTERM handler and log levels.)"""
+
+    def __init__(self) -> None:
+        import logging
+        import signal
+        import threading
+
+        self.root = logging.getLogger()
+        self.handlers, self.level = list(self.root.handlers), self.root.level
+        self.sigterm = None
+        if threading.current_thread() is threading.main_thread():  # (only there can it be set again)
+            self.sigterm = signal.getsignal(signal.SIGTERM)
+
+    def restore(self) -> None:
+        import signal
+
+        for h in [h for h in self.root.handlers if h not in self.handlers]:
+            self.root.removeHandler(h)
+        self.root.setLevel(self.level)
+        if self.sigterm is not None:  # (None: a handler not set from Python, left alone)
+            signal.signal(signal.SIGTERM, self.sigterm)

@@ -479,3 +479,25 @@ def test_fp16_autocast_needs_compute_capability_7(capability: tuple[int, int], e
     cuda = types.SimpleNamespace(get_device_capability=lambda i: asked.append(i) or capability)
     fake = types.SimpleNamespace(device=types.SimpleNamespace(cuda=cuda))
     assert amp_fp16_supported(fake, 1) is expected and asked == [1]
+
+
+def test_loading_paddle_leaves_the_application_s_signal_handler_and_logging(tmp_path: Path) -> None:
+    """geoseg as a library: paddle's import replaced the application's SIGTERM handler with a C++
+    "FatalError" dump and put an INFO stderr handler on the root logger (every library's INFO lines
+    printed; the application's later logging.basicConfig did nothing). Both are put back."""
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import logging, os, signal, time\n"
+        "got = []\n"
+        "signal.signal(signal.SIGTERM, lambda *a: got.append('term'))\n"
+        "from geoseg.errors import require_paddle\n"
+        "require_paddle()\n"
+        "root = logging.getLogger()\n"
+        "print('handlers', len(root.handlers), 'level', root.level)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.2)\n"
+        "print('handler', got)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["handlers 0 level 30", "handler ['term']"], r.stdout + r.stderr
+    assert "FatalError" not in r.stderr
