@@ -1087,6 +1087,11 @@ def segment_scene(
     says True the run ends with :class:`RunStoppedError` and publishes nothing (a batch's scene
     cancelled on a Dask worker, whose thread cannot be interrupted).
     """
+    if predictor is not None and source is None:  # it ran under the default model's card (classes, normalisation)
+        raise ParameterError("segment_scene: a ready predictor needs source=, the ModelSource it was built from (its "
+                             "card gives the classes, normalisation and windows)")
+    if source is not None and (model, weights, card) != (None, None, None):
+        raise ParameterError("segment_scene: give source= or model=/weights=/card=, not both")
     new_folder = None
     if out is not None and Path(out).suffix.lower() not in (".tif", ".tiff") and not Path(out).exists():
         new_folder = Path(out)

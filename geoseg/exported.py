@@ -121,6 +121,9 @@ def export_model_dir(
             raise ParameterError(f"export folder {out} holds more than an export ({', '.join(foreign[:3])}"
                                  f"{' ...' if len(foreign) > 3 else ''}): --overwrite would remove it; move those "
                                  "files or choose another --out")
+    if weights is None and layer is None:  # an untrained network was exported without a word
+        raise ParameterError(f"export of {card.name}: give its weights (or a ready layer); without them the network "
+                             "would be exported untrained")
     if input_dtype is None:
         dtype, source = training_dtype(card, weights)
         if dtype is None:

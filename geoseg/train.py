@@ -290,6 +290,12 @@ class TrainConfig:
         _check_relative_paths(data, Path(path))
         return cls.from_mapping(merged, source=f"training config {path}")
 
+    def checked(self) -> TrainConfig:
+        """This config with every check a YAML config gets (types, ranges, names): one built in code
+        (``TrainConfig(iterations=0, loss="bogus")``) was never checked, and trained an untrained
+        network into a finished-looking card, or failed with a bare TypeError."""
+        return TrainConfig.from_mapping(self.to_dict())
+
     def check(self) -> None:
         """Raise :class:`ParameterError` naming the first bad value."""
         if self.window < 16 or self.window % 16:
@@ -1455,6 +1461,7 @@ class Trainer:
         validation regions. ``meta``, ``train_region``, ``train_data`` etc. are the first
         scene's; ``train_sets``/``val_sets`` hold every scene's.
         """
+        cfg = cfg.checked()
         self.cfg = cfg
         self.ema: _Ema | None = None
         self.teacher: _Teacher | None = None  # set by fit (configure_teacher)
@@ -2491,6 +2498,7 @@ def train(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | 
     check to its end: a second run into the same folder is refused at once. A resumed run goes on in
     its checkpoint's run folder with the settings it was started with (see :func:`resume_config`).
     """
+    cfg = cfg.checked()
     if cfg.resume:
         cfg = resume_config(cfg)
     out = Path(cfg.out)

@@ -488,6 +488,18 @@ def test_one_thread_keeps_a_bounded_number_of_files_open(tmp_path: Path, monkeyp
         geoseg.io.close_handles(p)
 
 
+def test_a_ready_predictor_needs_its_source(tmp_path: Path) -> None:
+    """segment_scene(predictor=p) ran p under the default model's card (classes, normalisation, windows
+    and the mask's GEOSEG_MODEL tag all wrong); source= with model= ignored model=."""
+    src = write_raster(tmp_path / "s.tif", np.ones((1, 20, 20), np.uint8))
+    with pytest.raises(ParameterError, match="a ready predictor needs source="):
+        segment_scene(src, tmp_path / "o", predictor=one_hot_predictor(2))
+    with pytest.raises(ParameterError, match="give source= or model=/weights=/card=, not both"):
+        segment_scene(src, tmp_path / "o", source=ModelSource(identity_card(1, 2)), model="unet",
+                      predictor=one_hot_predictor(2))
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_handle_in_use_is_not_closed_under_its_reader(tmp_path: Path) -> None:
     """Two threads segmenting one scene: the first to finish closed every thread's handle of the file,
     also one the other was reading through (segfaults, "Dataset is closed" as a corrupt file, hangs)."""

@@ -238,6 +238,13 @@ def test_an_out_below_a_file_is_named(tiny_unet: tuple[Path, Path], tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_an_export_without_weights_is_refused(tiny_unet: tuple[Path, Path], tmp_path: Path) -> None:
+    """export_model_dir(card, None, out) exported a randomly initialised network without a word."""
+    with pytest.raises(ParameterError, match="give its weights .*exported untrained"):
+        export_model_dir(ModelCard.load(tiny_unet[1]), None, tmp_path / "e")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_overwrite_replaces_an_export_whole_or_not_at_all(tiny_unet: tuple[Path, Path], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import geoseg.models.inference as inference

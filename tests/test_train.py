@@ -444,6 +444,19 @@ def test_config_paths_and_option_clashes_are_explained(scene: tuple[Path, Path],
         train(TrainConfig.load(cfg, {"resume": "runs/nope/checkpoints", "out": str(tmp_path / "r")}))
 
 
+def test_a_config_built_in_code_is_checked_as_a_yaml_one(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """TrainConfig(iterations=0) from Python trained nothing into a finished-looking card; loss="bogus"
+    was recorded as is; lr="fast" failed with a bare TypeError."""
+    base = {k: v for k, v in _cfg(scene, tmp_path / "o").to_dict().items() if k != "scenes"}
+    for bad, message in (({"iterations": 0}, "iterations 0: use a number >= 1"), ({"loss": "bogus"}, "loss 'bogus'"),
+                         ({"lr": "fast"}, "lr 'fast': give a number")):
+        cfg = TrainConfig(**{**base, **bad})  # (no check here: a dataclass)
+        for run in (train, Trainer):
+            with pytest.raises(ParameterError, match=message):
+                run(cfg)
+    assert not (tmp_path / "o").exists()
+
+
 def test_reading_the_regions_leaves_no_file_open(scene: tuple[Path, Path], tmp_path: Path) -> None:
     """The regions are in memory once the trainer is made: no cached dataset handle of the image stays
     open through training (or until the interpreter exits, where Python 3.13 complains about it)."""
