@@ -734,17 +734,21 @@ def run_grid(
     read_workers: int = 2,
     progress: Any = None,
     reweight: np.ndarray | None = None,
+    cached: dict[tuple[int, int], np.ndarray] | None = None,
 ) -> tuple[int, int, float]:
     """Predict every window of ``grid`` and hand finished strips to ``sink``.
 
     ``sink(row, class_index HW uint8, max_prob HW float32, valid HW bool, probs CHW float32)``
     receives full-width strips top to bottom (``probs``: the probabilities the argmax was taken
     of). ``reweight`` (per-class factors, see :mod:`geoseg.priors`) multiplies the blended
-    probabilities before the argmax. Returns ``(windows run, windows skipped, model seconds)``.
+    probabilities before the argmax. ``cached``: the model's probabilities of some windows by
+    ``Tile.index`` (the prior pass's, :func:`sample_posteriors`' ``keep_probs``), used instead of running
+    those windows again (and removed from it as they are used); windows are still blended in grid
+    order, so the result is the same. Returns ``(windows run, windows skipped, model seconds)``.
     """
     merger = StripMerger(card.num_classes, meta.height, meta.width, grid.tile, blend)
     # Batches never straddle two window rows, so each row's strip is released in time.
-    batches = [b for i in range(grid.shape[0]) for b in batched(grid.row_band(i), batch_size)]
+    batches = [b for i in range(grid.shape[0]) for b in batched(grid.row_band(i), batch_size, skip=cached)]
     ran = skipped = 0
     model_s = 0.0
     current_row = -1
@@ -770,17 +774,22 @@ def run_grid(
             else:
                 skipped += 1
         if todo:
-            x = todo[0][1][None] if len(todo) == 1 else np.stack([x_t for _, x_t, _ in todo])
-            t0 = time.perf_counter()
-            probs = predictor(x)
-            model_s += time.perf_counter() - t0
-            if probs.shape[:2] != (len(todo), card.num_classes):
-                raise ModelError(
-                    f"the model returned shape {tuple(probs.shape)} for a batch of {len(todo)}: expected "
-                    f"{card.num_classes} classes (the card's, or --classes'): give one class per output channel"
-                    + (f" ({probs.shape[1]})" if probs.ndim == 4 else "")
-                )
-            for (t, _, valid), p in zip(todo, probs):
+            run = [x_t for t, x_t, _ in todo if not cached or t.index not in cached]
+            ready: Iterator[np.ndarray] = iter(())
+            if run:
+                x = run[0][None] if len(run) == 1 else np.stack(run)
+                t0 = time.perf_counter()
+                probs = predictor(x)
+                model_s += time.perf_counter() - t0
+                if probs.shape[:2] != (len(run), card.num_classes):
+                    raise ModelError(
+                        f"the model returned shape {tuple(probs.shape)} for a batch of {len(run)}: expected "
+                        f"{card.num_classes} classes (the card's, or --classes'): give one class per output channel"
+                        + (f" ({probs.shape[1]})" if probs.ndim == 4 else "")
+                    )
+                ready = iter(probs)
+            for t, _, valid in todo:  # grid order, as without a cache: the sums are the same
+                p = cached.pop(t.index) if cached and t.index in cached else next(ready)
                 merger.aggregate(p[:, : t.height, : t.width], t, valid)
             ran += len(todo)
         if progress is not None:
@@ -801,6 +810,8 @@ def sample_posteriors(
     batch_size: int = 1,
     prefetch: int = 2,
     read_workers: int = 2,
+    keep_probs: dict[tuple[int, int], np.ndarray] | None = None,
+    keep_bytes: int = 0,
 ) -> np.ndarray:
     """Model posteriors ``(N, C)`` of a sample of the scene's valid pixels, memory bounded.
 
@@ -810,7 +821,9 @@ def sample_posteriors(
     blending, keeps each window's core (the cores partition the raster: neighbouring windows meet
     in the middle of their overlap, so no pixel counts twice)
     and takes every k-th raster row and column of it so that at most about ``max_pixels``
-    pixels are kept.
+    pixels are kept. ``keep_probs``: a dict that receives the whole probabilities of the windows run, by
+    ``Tile.index``, up to ``keep_bytes`` in all, for :func:`run_grid`'s ``cached`` (the model's output
+    for a window does not depend on the batch it ran in).
     """
     tiles = list(grid.tiles())
     if len(tiles) > max_windows and (meta.has_nodata or meta.aoi is not None):
@@ -829,6 +842,9 @@ def sample_posteriors(
         x = np.stack([x_t for _, x_t, _ in todo])
         probs = predictor(x)
         for (t, _, valid), p in zip(todo, probs):
+            if keep_probs is not None and keep_bytes >= p.nbytes:
+                keep_probs[t.index] = p.copy()  # (a view would hold the whole batch)
+                keep_bytes -= p.nbytes
             i, j = t.index
             # Every step-th raster row and column of the core (a lattice over the whole raster).
             r_first, c_first = -(-rb[i] // step) * step, -(-cb[j] // step) * step
@@ -850,6 +866,10 @@ def scene_prior(
     prior = _require_class_prior(card)
     return em_priors(sample_posteriors(meta, bands, grid, card, predictor, **kwargs), prior, max_ratio=max_ratio)
 
+
+#: Most memory (MB) the prior pass keeps of its windows' probabilities for the main pass to reuse
+#: instead of running them again (64 windows of 128 px, 7 classes: 29 MB; 25 of 512 px: 183 MB).
+PRIOR_KEEP_MB = 256
 
 #: GDAL block cache (MB) while predict reads and writes: windows are read once, so a large cache
 #: only grows the memory with the scene.
@@ -1141,9 +1161,11 @@ def _segment_scene(
     # blending strip and the prefetched batches (8 windows per call) still take this machine's memory
     run_on = resolve_device(opts.device) if predictor is None else _ready_device(opts.device)
     batch = opts.batch_size or default_batch_size(run_on, tile)
+    adapting = (mc.adapt_prior if opts.adapt_prior is None else opts.adapt_prior) and source.output != "labels"
     check_memory(memory_estimate_mb(tile, batch, height=meta.height, width=meta.width, bands=len(bands),
                                     itemsize=np.dtype(meta.dtype).itemsize, num_classes=mc.num_classes,
-                                    members=card_members(mc), window=grid.model_shape, gpu=run_on != "cpu"),
+                                    members=card_members(mc), window=grid.model_shape, gpu=run_on != "cpu",
+                                    kept_windows=min(opts.prior_windows, len(grid)) if adapting else 0),
                  grid.model_shape, batch)
     mask_path, conf_path = output_paths(input_path, out)
     if mask_path.resolve() == input_path.resolve():
@@ -1201,13 +1223,14 @@ def _segment_scene(
               source.label, device_desc, batch_size)
 
     reweight = None
+    cached: dict[tuple[int, int], np.ndarray] = {}
     prior_tags: dict[str, str] = {}
     scene_priors: dict[str, float] | None = None
     if adapt:
         with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_MB):  # as the main pass: a bounded block cache
             est = scene_prior(meta, bands, grid, mc, predictor, max_ratio=opts.prior_max_ratio,
                               max_windows=opts.prior_windows, batch_size=batch_size, prefetch=opts.prefetch,
-                              read_workers=opts.read_workers)
+                              read_workers=opts.read_workers, keep_probs=cached, keep_bytes=PRIOR_KEEP_MB * 2**20)
         reweight = est.weights
         scene_priors = {c.name: round(float(v), 4) for c, v in zip(mc.classes, est.scene)}
         prior_tags = {"GEOSEG_SCENE_PRIOR": ", ".join(f"{k}={v}" for k, v in scene_priors.items())}
@@ -1268,6 +1291,7 @@ def _segment_scene(
                 ran, skipped, model_s = run_grid(
                     meta, bands, grid, mc, predictor, sink, batch_size=batch_size, blend=opts.blend,
                     prefetch=opts.prefetch, read_workers=opts.read_workers, progress=bar, reweight=reweight,
+                    cached=cached,
                 )
             finally:
                 if bar is not None:
@@ -1436,14 +1460,15 @@ def card_members(card: ModelCard) -> int:
 
 def memory_estimate_mb(tile: int, batch_size: int, *, height: int, width: int, bands: int, itemsize: int,
                        num_classes: int, members: int = 1, window: tuple[int, int] | None = None,
-                       gpu: bool = False) -> float:
+                       gpu: bool = False, kept_windows: int = 0) -> float:
     """predict's peak resident memory on CPU (MB) over a ``height`` × ``width`` region in windows of
     ``tile`` px, ``batch_size`` per model call: the runtime (measured, see the table above), the
     blending strip of one window row (``classes × tile × width`` float32 plus weights and masks)
     and the prefetched batches (raw ``itemsize`` and float32 ``bands`` per pixel). ``window``: the
     model input (height, width) when it is not ``tile × tile`` (see :func:`scene_grid`). ``gpu``: the
     host memory of a GPU run (the model and its activations live on the GPU: the runtime counts its
-    base only)."""
+    base only). ``kept_windows``: windows of class probabilities that prior adaptation keeps for the
+    main pass (at most :data:`PRIOR_KEEP_MB`)."""
     wh, ww = window or (tile, tile)
     windows = batch_size * wh * ww / 512**2  # the pixels of a batch in 512² windows
     runtime = RUNTIME_BASE_MB if gpu else (
@@ -1451,7 +1476,8 @@ def memory_estimate_mb(tile: int, batch_size: int, *, height: int, width: int, b
         + (RUNTIME_PER_WINDOW_MB + RUNTIME_PER_MEMBER_WINDOW_MB * members) * windows)
     strip_mb = (num_classes * 4 + 4 + 1 + 1) * min(tile, height) * width / 2**20
     reads_mb = 3 * batch_size * bands * wh * ww * (itemsize + 4) / 2**20
-    return runtime + strip_mb + reads_mb
+    kept_mb = min(PRIOR_KEEP_MB, kept_windows * num_classes * wh * ww * 4 / 2**20)
+    return runtime + strip_mb + reads_mb + kept_mb
 
 
 def physical_memory_mb() -> float:
@@ -1559,7 +1585,9 @@ def describe_scene(
     read_bands = model["scene_bands"] if model is not None and model["scene_bands"] else meta.data_bands
     est = memory_estimate_mb(tile, batch_size, height=run_height, width=run_width, bands=len(read_bands),
                              itemsize=np.dtype(meta.dtype).itemsize, num_classes=num_classes,
-                             members=card_members(card) if card is not None else 1, window=grid.model_shape)
+                             members=card_members(card) if card is not None else 1, window=grid.model_shape,
+                             kept_windows=min(PredictOptions.prior_windows, len(grid))
+                             if card is not None and card.adapt_prior else 0)
     nodata = (
         f"value {meta.nodata}" if meta.nodata is not None
         else f"alpha band {meta.alpha_band}" if meta.alpha_band is not None

@@ -21,7 +21,7 @@ same windows.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,7 +212,21 @@ def spread_tiles(grid: TileGrid | Sequence[Tile], count: int) -> list[Tile]:
     return [tiles[i] for i in keep]
 
 
-def batched(items: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
-    """Split ``items`` into lists of at most ``size``."""
-    for k in range(0, len(items), size):
-        yield list(items[k : k + size])
+def batched(items: Sequence[Tile], size: int, skip: Container[tuple[int, int]] | None = None) -> Iterator[list[Tile]]:
+    """Split ``items`` into lists of at most ``size``, in order; windows whose ``index`` is in ``skip``
+    (already run) ride along without counting, so the model still gets ``size`` windows per call."""
+    if not skip:
+        for k in range(0, len(items), size):
+            yield list(items[k : k + size])
+        return
+    part: list[Tile] = []
+    n = 0
+    for t in items:
+        part.append(t)
+        if t.index not in skip:
+            n += 1
+            if n == size:
+                yield part
+                part, n = [], 0
+    if part:
+        yield part

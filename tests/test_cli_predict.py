@@ -66,7 +66,13 @@ def test_info_prints_what_predict_sees(runner: CliRunner, tmp_path: Path) -> Non
 def test_info_memory_estimate_counts_ensemble_members(tmp_path: Path) -> None:
     """A seed ensemble holds one network per member: the shipped 3-member UNet's estimate is two members
     above the same windows without a model."""
-    from geoseg.engine import RUNTIME_PER_MEMBER_MB, RUNTIME_PER_MEMBER_WINDOW_MB, describe_scene, resolve_model
+    from geoseg.engine import (
+        PRIOR_KEEP_MB,
+        RUNTIME_PER_MEMBER_MB,
+        RUNTIME_PER_MEMBER_WINDOW_MB,
+        describe_scene,
+        resolve_model,
+    )
     from geoseg.errors import ResolutionWarning
 
     src = rgb(tmp_path, h=300, w=400)
@@ -76,8 +82,11 @@ def test_info_memory_estimate_counts_ensemble_members(tmp_path: Path) -> None:
         with_model = describe_scene(src, source=unet)
     plain = describe_scene(src, unet.card.tile_size, unet.card.overlap, unet.card.num_classes, with_model["batch_size"])
     windows = with_model["batch_size"] * (unet.card.tile_size / 512) ** 2  # each member's working set grows with them
+    # and the card adapts to the scene's priors: the prior pass keeps its windows' probabilities for the main pass
+    kept = min(PRIOR_KEEP_MB, min(64, with_model["windows"]) * 7 * unet.card.tile_size ** 2 * 4 / 2**20)
+    assert unet.card.adapt_prior and kept > 0
     assert with_model["memory_estimate_mb"] - plain["memory_estimate_mb"] == pytest.approx(
-        2 * (RUNTIME_PER_MEMBER_MB + RUNTIME_PER_MEMBER_WINDOW_MB * windows), abs=1)
+        2 * (RUNTIME_PER_MEMBER_MB + RUNTIME_PER_MEMBER_WINDOW_MB * windows) + kept, abs=1)
 
 
 def test_info_uses_the_model_predict_would_run(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path],

@@ -180,3 +180,42 @@ def test_predict_adapts_the_posteriors_to_the_scene(tmp_path: Path) -> None:
         segment_scene(src, tmp_path / "none", source=ModelSource(card), predictor=soft_predictor,
                       options=PredictOptions(adapt_prior=True))
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_the_main_pass_reuses_the_prior_pass_s_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       batch_size: int) -> None:
+    """Prior adaptation runs up to 64 windows first and the main pass ran them all again (a scene of 64
+    windows or fewer twice: 512-px windows took twice as long). It reuses them now: every window runs
+    once, the mask is the same, and the model still gets full batches."""
+    import geoseg.engine
+
+    src = _scene(tmp_path)
+    rng = np.random.default_rng(3)
+    with rasterio.open(src, "r+") as ds:  # varied values, so a window taken from the wrong place would show
+        data = ds.read()
+        data[np.isfinite(data)] = rng.uniform(0.1, 0.9, int(np.isfinite(data).sum()))
+        ds.write(data)
+    card = identity_card(1, 2, tile=32, overlap=8).replace(class_prior=(0.3, 0.7), adapt_prior=True)
+    seen: list[int] = []
+
+    def counting(x: np.ndarray) -> np.ndarray:
+        seen.append(len(x))
+        return soft_predictor(x)
+
+    masks, full = {}, geoseg.engine.PRIOR_KEEP_MB
+    for keep in (full, 0):
+        monkeypatch.setattr(geoseg.engine, "PRIOR_KEEP_MB", keep)
+        seen.clear()
+        res = segment_scene(src, tmp_path / f"k{keep}", source=ModelSource(card), predictor=counting,
+                            options=PredictOptions(batch_size=batch_size, prior_windows=64))
+        with rasterio.open(res.mask) as ds:
+            masks[keep] = ds.read(1)
+        calls = list(seen)
+        if keep:
+            assert sum(calls) == res.windows, (sum(calls), res.windows)  # each window once
+            assert max(calls) == batch_size
+        else:
+            assert sum(calls) > res.windows  # the sampled windows twice
+    assert set(masks) == {0, full}
+    np.testing.assert_array_equal(masks[0], masks[full])
