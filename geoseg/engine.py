@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import rasterio
@@ -447,9 +447,44 @@ class PredictOptions:
     aoi: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_values()
         if self.vector_classes is not None and self.vector == "none":
             raise ParameterError("--vector-classes chooses which polygons to write, and --vector none writes none: "
                                  "drop one of the two")
+
+
+    def _check_values(self) -> None:
+        """One-line :class:`ParameterError` for a value no run can take (API users: the CLI refuses its
+        options itself). ``runtime="onnx"`` ran dygraph and reported "cpu/onnx"; ``tile_size=0`` meant
+        the default; ``blend="linear"`` was a bare ValueError, ``bands="1,2"`` a TypeError."""
+        choices = {"device": get_args(Device), "precision": get_args(Precision), "confidence": get_args(Confidence),
+                   "probabilities": get_args(Confidence), "runtime": ("auto", "inference", "dygraph"),
+                   "vector": ("gpkg", "geojson", "fgb", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ParameterError(f"{name} {getattr(self, name)!r}: choose one of {', '.join(map(repr, allowed))}")
+        try:
+            object.__setattr__(self, "blend", BlendMode(self.blend))
+        except ValueError:
+            raise ParameterError(f"blend {self.blend!r}: choose one of "
+                                 f"{', '.join(repr(m.value) for m in BlendMode)}") from None
+        for name, low in (("tile_size", 1), ("batch_size", 1), ("threads", 1)):  # (sizes and overlap: scene_grid)
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ParameterError(f"{name} {value!r}: give a whole number >= {low}, or None for the default")
+        for name, low in (("prefetch", 1), ("read_workers", 1), ("prior_windows", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ParameterError(f"{name} {value!r}: give a whole number >= {low}")
+        if self.prior_max_ratio is not None and not self.prior_max_ratio >= 1:
+            raise ParameterError(f"prior_max_ratio {self.prior_max_ratio!r}: give a number >= 1, or None (unbounded)")
+        if self.bands is not None:
+            if isinstance(self.bands, (str, bytes)) or not all(
+                    isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.bands):
+                raise ParameterError(f"bands {self.bands!r}: give band numbers from 1, e.g. (4, 3, 2)")
+            object.__setattr__(self, "bands", tuple(self.bands))
+        if self.progress not in (True, False, "log"):
+            raise ParameterError(f"progress {self.progress!r}: choose True, False or 'log'")
 
 
 @dataclass(frozen=True)

@@ -488,6 +488,33 @@ def test_one_thread_keeps_a_bounded_number_of_files_open(tmp_path: Path, monkeyp
         geoseg.io.close_handles(p)
 
 
+@pytest.mark.parametrize("bad, words", [
+    ({"runtime": "onnx"}, "runtime 'onnx': choose one of 'auto', 'inference', 'dygraph'"),
+    ({"blend": "linear"}, "blend 'linear': choose one of 'constant', 'gaussian'"),
+    ({"tile_size": 0}, "tile_size 0: give a whole number >= 1"),
+    ({"batch_size": 0}, "batch_size 0: give a whole number >= 1"),
+    ({"prior_windows": 0}, "prior_windows 0: give a whole number >= 1"),
+    ({"bands": "1,2,3"}, "bands '1,2,3': give band numbers from 1"),
+    ({"confidence": "bogus"}, "confidence 'bogus': choose one of 'none', 'uint8', 'float32'"),
+    ({"probabilities": True}, "probabilities True: choose one of"),
+    ({"device": "tpu"}, "device 'tpu': choose one of 'auto', 'cpu', 'gpu'"),
+    ({"prior_max_ratio": 0.5}, "prior_max_ratio 0.5: give a number >= 1"),
+])
+def test_predict_options_refuse_values_no_run_can_take(bad: dict, words: str) -> None:
+    """From Python, runtime="onnx" ran dygraph and reported "cpu/onnx"; tile_size=0 meant the default;
+    blend="linear" was a bare ValueError and bands="1,2,3" a TypeError."""
+    with pytest.raises(ParameterError) as err:
+        PredictOptions(**bad)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_predict_options_take_plain_values() -> None:
+    from geoseg.blending import BlendMode
+
+    o = PredictOptions(blend="constant", bands=[4, 3, 2])  # type: ignore[arg-type]
+    assert o.blend is BlendMode.CONSTANT and o.bands == (4, 3, 2)
+
+
 def test_a_ready_predictor_needs_its_source(tmp_path: Path) -> None:
     """segment_scene(predictor=p) ran p under the default model's card (classes, normalisation, windows
     and the mask's GEOSEG_MODEL tag all wrong); source= with model= ignored model=."""
