@@ -372,7 +372,9 @@ def build_predictor(
     def predict(x: np.ndarray) -> np.ndarray:
         return to_probs(net(np.ascontiguousarray(x, dtype=np.float32)), num_classes)
 
-    return predict, f"{on}/{runtime}/{getattr(net, 'precision', precision)}"  # (fp32 where fp16 cannot run)
+    desc = f"{on}/{runtime}/{getattr(net, 'precision', precision)}"  # (fp32 where fp16 cannot run)
+    predict.description = desc  # type: ignore[attr-defined]  # (segment_scene reports it for a ready predictor)
+    return predict, desc
 
 
 def dihedral_average(predict: Predictor) -> Predictor:
@@ -1240,7 +1242,7 @@ def _segment_scene(
     check_resolution(meta, mc)
     mask_profile = get_profile("mask", opts.creation_options)  # refuses --co GDAL would not take, before any work
 
-    device_desc = "custom"
+    device_desc = getattr(predictor, "description", "custom")  # a ready one of build_predictor's says where it runs
     if predictor is None:
         predictor, device_desc = build_predictor(source, opts.device, opts.precision, opts.runtime, opts.threads)
     predictor = _device_errors_are_model_errors(predictor)

@@ -515,6 +515,18 @@ def test_predict_options_take_plain_values() -> None:
     assert o.blend is BlendMode.CONSTANT and o.bands == (4, 3, 2)
 
 
+def test_a_ready_predictor_reports_where_it_runs(tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    """A predictor of build_predictor handed to segment_scene (batch's workers, API users reusing one)
+    was reported as "custom": device, runtime and precision were lost."""
+    from geoseg.engine import build_predictor, resolve_model
+
+    source = resolve_model(None, tiny_unet[0])
+    predictor, desc = build_predictor(source, "cpu")
+    src = write_raster(tmp_path / "s.tif", np.ones((3, 40, 40), np.uint8))
+    res = segment_scene(src, tmp_path / "o", source=source, predictor=predictor)
+    assert res.device == desc == "cpu/inference/fp32"
+
+
 def test_a_ready_predictor_needs_its_source(tmp_path: Path) -> None:
     """segment_scene(predictor=p) ran p under the default model's card (classes, normalisation, windows
     and the mask's GEOSEG_MODEL tag all wrong); source= with model= ignored model=."""
