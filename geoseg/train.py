@@ -40,6 +40,7 @@ import tempfile
 import time
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -2108,7 +2109,7 @@ class Trainer:
         params = params if params is not None else [p for p in model.parameters() if not p.stop_gradient]
         loss_fn = self._with_teacher(loss_fn, x) if self.teacher is not None else loss_fn
         if scaler is not None:
-            with paddle.amp.auto_cast(level="O1"):
+            with paddle.amp.auto_cast(level="O1"), _quiet_batchnorm():
                 out = model(x)
                 logits = out[0] if isinstance(out, (list, tuple)) else out
             loss, parts = loss_fn(logits, y)
@@ -2123,7 +2124,8 @@ class Trainer:
             for line in said.getvalue().splitlines():
                 log.debug("AMP: %s", line)
         else:
-            out = model(x)
+            with _quiet_batchnorm():
+                out = model(x)
             logits = out[0] if isinstance(out, (list, tuple)) else out
             loss, parts = loss_fn(logits, y)
             loss.backward()
@@ -2259,6 +2261,16 @@ class Trainer:
             self.ema.set_state_dict(self.paddle.load(str(ema_path)))
         return (int(state["iteration"]), float(state.get("best_miou", -1.0)), int(state.get("best_iteration", -1)),
                 list(state.get("history", [])), dict(state.get("best_validation") or {}))
+
+
+@contextmanager
+def _quiet_batchnorm() -> Iterator[None]:
+    """Paddle's BatchNorm warns "When training, we now always track global mean and variance" on
+    training forward passes: not about the user's run (the CLI filters it for the process; a library
+    caller got it on every train())."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
+        yield
 
 
 def _scaler_state(scaler: Any) -> dict[str, Any] | None:

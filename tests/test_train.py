@@ -457,6 +457,17 @@ def test_a_config_built_in_code_is_checked_as_a_yaml_one(scene: tuple[Path, Path
     assert not (tmp_path / "o").exists()
 
 
+def test_library_training_does_not_pass_on_paddle_s_batchnorm_warning(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """Every train() from Python showed Paddle's "When training, we now always track global mean and
+    variance" UserWarning (twice); the CLI filtered it for its process only."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(_cfg(scene, tmp_path / "o", iterations=2))
+    assert not [w for w in seen if "always track global mean" in str(w.message)], [str(w.message) for w in seen]
+
+
 def test_reading_the_regions_leaves_no_file_open(scene: tuple[Path, Path], tmp_path: Path) -> None:
     """The regions are in memory once the trainer is made: no cached dataset handle of the image stays
     open through training (or until the interpreter exits, where Python 3.13 complains about it)."""
