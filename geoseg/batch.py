@@ -53,13 +53,16 @@ from geoseg.atomic import atomic_write_text, clean_temp_files, file_above, temp_
 from geoseg.errors import (
     AoiOutsideError,
     BatchLockedError,
+    BatchWarning,
     ClusterError,
     DependencyError,
     GeosegError,
     GeosegWarning,
     ModelError,
     ParameterError,
+    PerformanceWarning,
     SceneReadError,
+    warn,
 )
 
 log = logging.getLogger(__name__)
@@ -530,8 +533,8 @@ class Manifest:
             if not _is_corrupt(exc):
                 raise
             aside = self._move_aside()
-            log.warning("warning: the manifest %s is damaged (%s): moved it to %s and started a new one; "
-                        "this run redoes every scene", self.path, str(exc).splitlines()[0], aside.name)
+            warn(f"the manifest {self.path} is damaged ({str(exc).splitlines()[0]}): moved it to {aside.name} and "
+                 "started a new one; this run redoes every scene", BatchWarning)
             self._open()
 
     def _move_aside(self) -> Path:
@@ -719,12 +722,20 @@ def run_scene(
                 windows=res.windows, megapixels=res.megapixels, outputs=[str(p) for p in res.outputs],
                 class_pixels=res.class_pixels, class_area=res.class_area,
             )
+    out.warnings += _geoseg_warnings(caught)
+    return out
+
+
+def _geoseg_warnings(caught: Sequence[warnings.WarningMessage]) -> list[str]:
+    """The first lines of geoseg's warnings among ``caught`` (recorded under ``catch_warnings``); the
+    others are said again as if they had not been caught."""
+    said = []
     for w in caught:
         if issubclass(w.category, GeosegWarning):
-            out.warnings.append(str(w.message).splitlines()[0])
+            said.append(str(w.message).splitlines()[0])
         else:  # not ours: as if it had not been caught
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-    return out
+    return said
 
 
 def _gdal_errors() -> tuple[type[Exception], ...]:
@@ -898,12 +909,20 @@ def dask_scene_task(scene: Scene, out_dir: str, options: Any, plugin_name: str) 
 
     worker = get_worker()
     plugin = worker.plugins[plugin_name]
-    try:
-        predictor, _, source = plugin.get()
-    except GeosegError as exc:
-        out = _failed(scene, exc, time.perf_counter(), fatal=True)
+    # the model loads with this worker's first scene: its warnings (e.g. fp16 on a CPU) come back with
+    # that scene, as run_scene's own do, to the client's log and the report
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GeosegWarning)
+        try:
+            loaded: tuple[Callable[..., Any], str, Any] | GeosegError = plugin.get()
+        except GeosegError as exc:
+            loaded = exc
+    if isinstance(loaded, GeosegError):
+        out = _failed(scene, loaded, time.perf_counter(), fatal=True)
     else:
+        predictor, _, source = loaded
         out = run_scene(scene, out_dir, options, predictor, source, stopped=task_cancelled(worker))
+    out.warnings[:0] = _geoseg_warnings(caught)
     out.worker = worker.address
     out.model_loads = plugin.loads
     return out
@@ -1119,12 +1138,11 @@ def _check_report_path(path: Path) -> None:
 def _dry_run(scenes: list[Scene], out: Path, model_key: str, params_json: str, force: bool, t0: float) -> BatchResult:
     manifest = Manifest(out, readonly=True)
     if manifest.corrupt:
-        log.warning("warning: the manifest %s is damaged: a run will move it aside and redo every scene",
-                    manifest.path)
+        warn(f"the manifest {manifest.path} is damaged: a run will move it aside and redo every scene", BatchWarning)
     holder = BatchLock(out).held_by()
     if holder is not None:
-        log.warning("warning: another batch run holds the lock of %s (%s): scenes it is running may be done by then",
-                    out, holder)
+        warn(f"another batch run holds the lock of {out} ({holder}): scenes it is running may be done by then",
+             BatchWarning)
     planned: list[tuple[Scene, str | None]] = []
     try:
         for sc in scenes:
@@ -1273,7 +1291,7 @@ def _write_mosaic(out: Path, manifest: Manifest, classes: Any) -> None:
     try:  # (it logs what it wrote, and which masks it left out)
         write_mosaics(out, [m for m in masks if m.exists()], classes, state_dir=out / STATE_DIR)
     except (OSError, rasterio.errors.RasterioError, ValueError) as exc:
-        log.warning("warning: the mosaic of the masks was not written: %s", str(exc).splitlines()[0])
+        warn(f"the mosaic of the masks was not written: {str(exc).splitlines()[0]}", BatchWarning)
 
 
 def write_report(result: BatchResult, path: str | Path) -> Path:
@@ -1339,8 +1357,8 @@ def _remove_stale_outputs(old: ManifestEntry | None, outputs: list[dict[str, Any
         except FileNotFoundError:
             continue
         except OSError as exc:
-            log.warning("warning: cannot remove %s left by an earlier run of %s (%s): remove it by hand",
-                        p, old.key, exc.strerror)
+            warn(f"cannot remove {p} left by an earlier run of {old.key} ({exc.strerror}): remove it by hand",
+                 BatchWarning)
             continue
         log.info("removed %s (written by an earlier run of %s, not by this one)", rel, old.key)
 
@@ -1494,8 +1512,8 @@ def _run_dask(
 
     where = getattr(client.scheduler, "address", None) or "the Dask scheduler"
     if own_cluster and batch.workers > 1 and model.device in ("auto", "gpu") and 0 < (gpus := gpu_count()) < batch.workers:
-        log.warning("warning: --workers %d on %d GPU(s): workers share a GPU, each with its own copy of the model and "
-                    "its batches in GPU memory; --workers %d runs one per GPU", batch.workers, gpus, gpus)
+        warn(f"--workers {batch.workers} on {gpus} GPU(s): workers share a GPU, each with its own copy of the model "
+             f"and its batches in GPU memory; --workers {gpus} runs one per GPU", PerformanceWarning)
     _wait_for_workers(client, batch.resources, where)
     name = PLUGIN_PREFIX + hashlib.sha256(repr(model).encode()).hexdigest()[:12]
     plugin = _make_worker_plugin(model, name, batch.quiet_worker_loggers, own_cluster)

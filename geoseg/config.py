@@ -1,11 +1,15 @@
-"""Reading YAML files (model cards, training configs, deploy.yaml) with one-line errors."""
+"""Reading YAML files (model cards, training configs, deploy.yaml) with one-line errors, and
+turning results into plain JSON/YAML data."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
+import numpy as np
 import yaml
 
 from geoseg.errors import GeosegError
@@ -28,3 +32,33 @@ def load_yaml_mapping(path: str | Path, what: str, error: type[GeosegError], *, 
     if not isinstance(data, Mapping):
         raise error(f"{what} {path} is not a YAML mapping")
     return dict(data)
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain JSON/YAML data: paths as strings, numpy scalars and arrays as Python numbers
+    and (nested) lists, tuples as lists, mapping keys as strings (as JSON has them), NaN and
+    infinities as None; a dataclass as the mapping of its fields (or its own ``to_dict()``).
+
+    Raises:
+        TypeError: a value of another type (no silent ``str()``).
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        to_dict = getattr(value, "to_dict", None)
+        if callable(to_dict):
+            return plain(to_dict())
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    raise TypeError(f"{type(value).__name__} is not plain data")

@@ -38,6 +38,7 @@ from geoseg.aoi import load_aoi
 from geoseg.atomic import check_output, remove_leftovers, temp_name
 from geoseg.blending import BlendMode, StripMerger
 from geoseg.card import ModelCard
+from geoseg.config import plain
 from geoseg.errors import (
     InputRangeWarning,
     ModelError,
@@ -50,6 +51,7 @@ from geoseg.errors import (
     SceneError,
     WindowSizeWarning,
     require_paddle,
+    warn,
 )
 from geoseg.io import (
     MASK_NODATA,
@@ -282,8 +284,8 @@ def exported_for_inference(source: ModelSource) -> Path:
         return _export_into(target, layer, source)
     except OSError as exc:  # a read-only home (a container, a cron user): this run's own temporary cache
         fallback = Path(tempfile.gettempdir()) / f"geoseg-exports-{os.getpid()}" / key
-        log.warning("warning: cannot write the export cache %s (%s): exporting into %s for this run; set "
-                    "GEOSEG_CACHE_DIR to a writable folder to keep it", target.parent, exc.strerror or exc, fallback.parent)
+        warn(f"cannot write the export cache {target.parent} ({exc.strerror or exc}): exporting into {fallback.parent} "
+             "for this run; set GEOSEG_CACHE_DIR to a writable folder to keep it", PerformanceWarning)
         if (fallback / "DONE").exists():
             return fallback
         if not fallback.parent.exists():  # removed when this process ends
@@ -539,6 +541,10 @@ class PredictResult:
     def megapixels_per_s(self) -> float:
         """Scene megapixels per second, end to end."""
         return self.megapixels / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, one key per field: paths as strings, numbers as Python's."""
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 def output_paths(input_path: Path, out: str | Path | None) -> tuple[Path, Path]:

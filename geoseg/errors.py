@@ -112,6 +112,36 @@ class ResolutionWarning(GeosegWarning):
     """The scene's pixels are much larger or smaller on the ground than the model's training pixels."""
 
 
+class EvaluationWarning(GeosegWarning):
+    """Part of the reference was not counted, or the comparison is weaker than it looks (reference
+    samples outside the prediction or without a class, a region clipped to the raster, a sparse sample)."""
+
+
+class TrainingWarning(GeosegWarning):
+    """The labels will not teach the model what the configuration suggests (a class without labelled
+    pixels, label values that are not classes, value 0 taken as unlabelled)."""
+
+
+class BatchWarning(GeosegWarning):
+    """A batch run's state or by-products need attention (a damaged manifest, another run's lock, an
+    earlier output that cannot be removed, a mosaic split in several or not written)."""
+
+
+def warn(message: str, category: type[Warning] = GeosegWarning) -> None:
+    """:func:`warnings.warn` attributed to the first caller outside geoseg (a notebook cell, a pipeline
+    step, the CLI command), however deep in geoseg it is said: ``-W error::...``, ``catch_warnings`` and
+    the warning's file and line then name the caller's code. Python's default filter shows it once per
+    caller's line and message; the CLI (and ``batch``, for each scene) shows every one."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and _in_geoseg(frame.f_globals.get("__name__", "")):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def _in_geoseg(module: str) -> bool:
+    return module == "geoseg" or module.startswith("geoseg.")
+
+
 def require_paddle() -> object:
     """Import and return :mod:`paddle`, or raise :class:`DependencyError` saying how to get it."""
     # Paddle's C++ log (glog) writes "W1130 ..." lines straight to stderr ("PIR not support input out

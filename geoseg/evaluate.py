@@ -25,7 +25,16 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from geoseg.errors import GridMismatchError, ParameterError, SceneError, SceneReadError
+from geoseg.config import plain
+from geoseg.errors import (
+    EvaluationWarning,
+    GridMismatchError,
+    NoCRSWarning,
+    ParameterError,
+    SceneError,
+    SceneReadError,
+    warn,
+)
 from geoseg.io import MASK_NODATA, VectorData, add_area_counts, area_units, pixel_areas, read_classes, read_vector
 from geoseg.metrics import ConfusionMatrix, Metrics, StratifiedEstimates, stratified_estimates
 
@@ -52,12 +61,14 @@ class EvalResult:
     stratified: StratifiedEstimates | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for ``--json``."""
+        """Plain JSON-ready data (``geoseg evaluate --json``): the paths, ``region``, the metrics' keys
+        (:meth:`Metrics.to_dict`) at the top level, and, when there are any, ``reference_samples``
+        (:attr:`samples`) and ``stratified``."""
         d = self.metrics.to_dict()
-        return {"prediction": str(self.prediction), "reference": str(self.reference),
-                "region": list(self.region) if self.region else None,
-                **({"reference_samples": self.samples} if self.samples is not None else {}),
-                **({"stratified": self.stratified.to_dict()} if self.stratified is not None else {}), **d}
+        return plain({"prediction": str(self.prediction), "reference": str(self.reference),
+                      "region": list(self.region) if self.region else None,
+                      **({"reference_samples": self.samples} if self.samples is not None else {}),
+                      **({"stratified": self.stratified.to_dict()} if self.stratified is not None else {}), **d})
 
 
 def parse_pixel_region(spec: str | Sequence[int] | None) -> tuple[int, int, int, int] | None:
@@ -207,7 +218,7 @@ def evaluate_rasters(
         raise ParameterError(_nothing_scored(cm, box if win is not None else None, pred_path, ref_path, ignore,
                                              ref_nodata))
     if m.unpredicted:
-        log.warning("warning: %d labelled reference pixels have no prediction (nodata): not counted", m.unpredicted)
+        warn(f"{m.unpredicted} labelled reference pixels have no prediction (nodata): not counted", EvaluationWarning)
     return EvalResult(m, pred_path, ref_path, box if win is not None else None)
 
 
@@ -238,8 +249,8 @@ def _region_box(win: tuple[int, int, int, int] | None, W: int, H: int) -> tuple[
         raise ParameterError(f"region {win} lies outside the {W}x{H} raster")
     box = (c, r, min(w, W - c), min(h, H - r))
     if box != tuple(win):
-        log.warning("warning: region %s reaches past the %dx%d raster: clipped to %s", ",".join(map(str, win)), W, H,
-                    ",".join(map(str, box)))
+        warn(f"region {','.join(map(str, win))} reaches past the {W}x{H} raster: clipped to {','.join(map(str, box))}",
+             EvaluationWarning)
     return box
 
 
@@ -259,8 +270,7 @@ def _with_reference_ids(ids: list[int], ref_ids: Sequence[int]) -> list[int]:
     """``ids`` plus the reference ids the prediction cannot produce (they still count, as misses)."""
     extra = [i for i in ref_ids if i not in ids]
     if extra:
-        log.warning("warning: reference classes %s are not among the predicted classes %s: counted as errors",
-                    extra, ids)
+        warn(f"reference classes {extra} are not among the predicted classes {ids}: counted as errors", EvaluationWarning)
     return ids + extra
 
 
@@ -325,8 +335,7 @@ def evaluate_vector(
         vec = read_vector(ref_path, pds.crs, missing=f"reference {ref_path} does not exist: check the path",
                           unreadable=f"reference {ref_path} cannot be read as vector data")
         if pds.crs is None and vec.crs is not None:  # (a reference without one: read_vector says so)
-            log.warning("warning: %s has no CRS: the coordinates of %s are taken as they are", pred_path.name,
-                        ref_path.name)
+            warn(f"{pred_path.name} has no CRS: the coordinates of {ref_path.name} are taken as they are", NoCRSWarning)
         table = read_classes(pds)
         ignore = _default_ignore(ignore, classes, table)
         fill = None if background is None else _background_id(background, table, ignore, pred_path)
@@ -377,9 +386,9 @@ def evaluate_vector(
             drawn = np.asarray(vec.values[vec.fields.index("map_class")])[keep][owner][is_point]
             other = int((inside & (drawn.astype(np.float64) != pt_pred)).sum())
             if other:
-                log.warning("warning: %d sample points lie on another class than the map_class they were drawn on: "
-                            "the sample comes from another map, and the stratified estimates take this map's classes "
-                            "as its strata", other)
+                warn(f"{other} sample points lie on another class than the map_class they were drawn on: the sample "
+                     "comes from another map, and the stratified estimates take this map's classes as its strata",
+                     EvaluationWarning)
 
         poly_geoms, poly_ids = parts[is_poly], part_ids[is_poly]
         tree = shapely.STRtree(poly_geoms) if len(poly_geoms) else None
@@ -437,13 +446,14 @@ def evaluate_vector(
                "points_ignored": int(pt_ignored.sum()), "polygons": len(np.unique(owner[is_poly])),
                "polygon_pixels": poly_pixels, "features_without_class": unlabelled}
     if samples["points_outside"]:
-        log.warning("warning: %d reference points lie outside the prediction%s: not counted",
-                    samples["points_outside"], " region" if win is not None else "")
+        warn(f"{samples['points_outside']} reference points lie outside the prediction"
+             f"{' region' if win is not None else ''}: not counted", EvaluationWarning)
     if samples["points_ignored"]:
-        log.warning("warning: %d reference points have class %s, an ignored value (unlabelled; see --ignore): not counted",
-                    samples["points_ignored"], ",".join(str(v) for v in sorted(set(pt_ids[inside][pt_ignored]))))
+        values = ",".join(str(v) for v in sorted(set(pt_ids[inside][pt_ignored])))
+        warn(f"{samples['points_ignored']} reference points have class {values}, an ignored value (unlabelled; see "
+             "--ignore): not counted", EvaluationWarning)
     if unlabelled:
-        log.warning("warning: %d reference features have no class in %s: not counted", unlabelled, field or "class_id")
+        warn(f"{unlabelled} reference features have no class in {field or 'class_id'}: not counted", EvaluationWarning)
     m = _metrics(cm, average_over, table)
     if m.total == 0:
         why = [f"{n} {what}" for n, what in ((cm.ignored_reference, "have an ignored class"),
@@ -453,15 +463,15 @@ def evaluate_vector(
                              + (": check --field and --ignore" if cm.ignored_reference and not cm.unpredicted
                                 else ": check that both cover the same area"))
     if m.unpredicted:
-        log.warning("warning: %d reference samples (points and polygon pixels) have no prediction (nodata): not "
-                    "counted", m.unpredicted)
+        warn(f"{m.unpredicted} reference samples (points and polygon pixels) have no prediction (nodata): not counted",
+             EvaluationWarning)
     strat = None
     if map_pixels is not None:
         strat = stratified_estimates(cm.matrix.T, map_pixels, cm.class_ids, map_area=map_area, area_units=units)
         unsampled = [c for c, n_i, px in zip(cm.class_ids, strat.samples, map_pixels) if px and n_i < 2]
         if unsampled:
-            log.warning("warning: map classes %s hold fewer than 2 sample points: their accuracy has no variance and "
-                        "an unsampled class's area is not estimated; sample every map class", unsampled)
+            warn(f"map classes {unsampled} hold fewer than 2 sample points: their accuracy has no variance and an "
+                 "unsampled class's area is not estimated; sample every map class", EvaluationWarning)
     return EvalResult(m, pred_path, ref_path, None if win is None else (c0, r0, w, h), samples, strat)
 
 
@@ -761,5 +771,5 @@ def draw_sample(
     drawn = {int(v): int(n) for v, n in zip(*np.unique(k, return_counts=True))}
     small = [cid for cid, n in drawn.items() if n < per_class]
     if small:
-        log.warning("warning: classes %s have fewer than %d pixels: all of them were drawn", small, per_class)
+        warn(f"classes {small} have fewer than {per_class} pixels: all of them were drawn", EvaluationWarning)
     return SampleResult(out, drawn, {int(cid): int(counts[cid]) for cid in ranks})

@@ -32,7 +32,7 @@ from rasterio.windows import Window
 
 from geoseg.atomic import atomic_output, atomic_write_text, temp_name, write_error
 from geoseg.card import ClassInfo
-from geoseg.errors import NoCRSWarning, OutputError, SceneError, SceneReadError, gdal_reason
+from geoseg.errors import NoCRSWarning, OutputError, SceneError, SceneReadError, gdal_reason, warn
 
 log = logging.getLogger(__name__)
 
@@ -488,7 +488,7 @@ def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: 
     if src is not None and "undefined" in (src.to_wkt().split('"') + [""])[1].lower():
         src = None  # a GeoPackage's srs_id 0/-1 ("Undefined geographic/Cartesian SRS", older GDALs): none
     if src is None and crs is not None and len(geoms):
-        log.warning("warning: %s has no CRS: its coordinates are taken to be in the scene's CRS", path.name)
+        warn(f"{path.name} has no CRS: its coordinates are taken to be in the scene's CRS", NoCRSWarning)
     if src is not None and crs is not None and src != crs:
         bad = f"{unreadable}: its coordinates do not fit its CRS ({src.to_string()[:60]})"
         if src.is_geographic and len(geoms):

@@ -28,6 +28,7 @@ import rasterio
 
 from geoseg.atomic import atomic_write_text
 from geoseg.card import ClassInfo
+from geoseg.errors import BatchWarning, warn
 from geoseg.io import MASK_NODATA, class_colormap, classes_tag, read_classes, write_qml
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,8 @@ def write_mosaics(out_dir: str | Path, masks: Sequence[str | Path], classes: Seq
         for ds in handles:
             ds.close()
     if left_out:
-        log.warning("warning: %d mask(s) not in the mosaic (a VRT takes north-up map grids only): %s",
-                    len(left_out), ", ".join(left_out[:5]) + (" ..." if len(left_out) > 5 else ""))
+        warn(f"{len(left_out)} mask(s) not in the mosaic (a VRT takes north-up map grids only): "
+             + ", ".join(left_out[:5]) + (" ..." if len(left_out) > 5 else ""), BatchWarning)
     if written:
         log.info("mosaic of %d mask(s): %s", sum(len(v) for v in groups.values()),
                  ", ".join(p.name for p in written if p.suffix == ".vrt"))
@@ -208,6 +209,5 @@ def _warn_if_split(before: Sequence[Path], written: Sequence[Path]) -> None:
     new = sorted(p.name for p in written if p.suffix == ".vrt")
     gone = [n for n in old if n not in new]
     if gone or (len(new) > 1 and new != old):
-        log.warning("warning: the mosaic is now %d VRT(s) (masks differ in CRS, pixel size, class table or grid "
-                    "alignment): %s%s", len(new), ", ".join(new) or "none",
-                    f"; removed {', '.join(gone)}" if gone else "")
+        warn(f"the mosaic is now {len(new)} VRT(s) (masks differ in CRS, pixel size, class table or grid alignment): "
+             + (", ".join(new) or "none") + (f"; removed {', '.join(gone)}" if gone else ""), BatchWarning)

@@ -54,14 +54,18 @@ from rasterio.windows import Window
 from geoseg.atomic import atomic_write_text, file_above
 from geoseg.blending import BlendMode, weight_map
 from geoseg.card import DEFAULT_SCALE, PALETTE, ClassInfo, ModelCard, Normalization, gap_fill_for, model_kwargs
+from geoseg.config import plain
 from geoseg.errors import (
     GridMismatchError,
     ModelError,
     OutputError,
     ParameterError,
+    PerformanceWarning,
     SceneError,
     SceneReadError,
+    TrainingWarning,
     require_paddle,
+    warn,
 )
 from geoseg.io import close_handles, is_vector_path, open_scene, read_vector, read_window_gaps, scene_path
 from geoseg.metrics import ConfusionMatrix
@@ -926,8 +930,8 @@ def check_batch_memory(batch_size: int, window: int) -> None:
     if need * 2**20 > mem.total:
         raise ParameterError(f"{what}, more than this machine's {mem.total / 2**30:,.1f} GB: lower batch_size or window")
     if need * 2**20 > mem.available:
-        log.warning("warning: %s, more than the %.1f GB available now: it may be slow or killed", what,
-                    mem.available / 2**30)
+        warn(f"{what}, more than the {mem.available / 2**30:.1f} GB available now: it may be slow or killed",
+             PerformanceWarning)
 
 
 def load_region(image_path: Path, bands: tuple[int, ...], meta: Any, labels_path: Path, region: Region,
@@ -1445,6 +1449,10 @@ class TrainResult:
     log_csv: Path
     history: list[dict[str, Any]]
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, one key per field: paths as strings, NaN as None."""
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
 
 class Trainer:
     """Train a segmentation model from a :class:`TrainConfig`.
@@ -1558,9 +1566,9 @@ class Trainer:
         if zeros and 0 in cfg.ignore and not cfg.classes:
             # 0 as "unlabelled" is the default: a cloud mask (0 cloud, 1 shadow, 4 clear) lost its cloud
             # class without a word
-            log.warning("warning: label value 0 (%.1f %% of the training region) is taken as unlabelled (ignore: [0], "
-                        "the default) and the model gets no class 0: if 0 is a class (e.g. cloud), set ignore: [] "
-                        "(--set ignore=[]) or list the classes with their ids", 100 * zeros / max(1, region_pixels))
+            warn(f"label value 0 ({100 * zeros / max(1, region_pixels):.1f} % of the training region) is taken as "
+                 "unlabelled (ignore: [0], the default) and the model gets no class 0: if 0 is a class (e.g. cloud), "
+                 "set ignore: [] (--set ignore=[]) or list the classes with their ids", TrainingWarning)
         self._check_classes_have_pixels(present_set, scenes)
         ids = [c.id for c in self.classes]
         lut_size = max(max(ids), max_label) + 1
@@ -1568,7 +1576,7 @@ class Trainer:
         self.lut[ids] = np.arange(len(ids))
         unknown = sorted(set(present) - set(ids))
         if unknown:
-            log.warning("warning: label values %s are not among the classes %s: they are ignored", unknown, ids)
+            warn(f"label values {unknown} are not among the classes {ids}: they are ignored", TrainingWarning)
 
         # Training regions: in memory (raw pixels, then statistics over all of them, then
         # normalised), or, when they would not fit (read_from), labels in memory and the image
@@ -1679,10 +1687,10 @@ class Trainer:
         striped = [sc["image"].name for sc in scenes
                    if sc["meta"].block_shape[1] >= sc["meta"].width > 2 * self.cfg.window]
         if striped:
-            log.warning("warning: %s %s stored in strips, not tiles: each training window read from disk decodes "
-                        "whole rows of the image; a tiled copy trains faster (gdal_translate -co TILED=YES, or a COG)",
-                        ", ".join(striped[:3]) + (f" and {len(striped) - 3} more" if len(striped) > 3 else ""),
-                        "is" if len(striped) == 1 else "are")
+            names = ", ".join(striped[:3]) + (f" and {len(striped) - 3} more" if len(striped) > 3 else "")
+            warn(f"{names} {'is' if len(striped) == 1 else 'are'} stored in strips, not tiles: each training window "
+                 "read from disk decodes whole rows of the image; a tiled copy trains faster (gdal_translate -co "
+                 "TILED=YES, or a COG)", PerformanceWarning)
         for sc, (labels, valid) in zip(scenes, scanned):
             image = DiskImage(sc["image"], sc["bands"], sc["meta"].alpha_band, sc["train_region"], self.normalization,
                               dtype, self.gap_fill)
@@ -1911,8 +1919,8 @@ class Trainer:
             from geoseg.models.inference import amp_fp16_supported
 
             if not amp_fp16_supported(paddle):  # Paddle would turn autocast off with a bare UserWarning
-                log.warning("warning: amp: this GPU (compute capability below 7.0) has no FP16 autocast in Paddle: "
-                            "training in fp32")
+                warn("amp: this GPU (compute capability below 7.0) has no FP16 autocast in Paddle: training in fp32",
+                     PerformanceWarning)
                 amp = False
         scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**14) if amp else None
         self.scaler = scaler  # its loss scale and counters are saved with each checkpoint
@@ -2094,8 +2102,8 @@ class Trainer:
                     f"class {c.id} ({c.name}) is also the label raster's nodata value, so its pixels count as unlabelled "
                     f"and it would never be learned: unset the labels' nodata (gdal_edit.py -unsetnodata LABELS) or "
                     "give the classes other ids")
-            log.warning("warning: class %d (%s) has no labelled pixel in the training region: the model cannot learn "
-                        "it (check the class ids and train_region)", c.id, c.name)
+            warn(f"class {c.id} ({c.name}) has no labelled pixel in the training region: the model cannot learn it "
+                 "(check the class ids and train_region)", TrainingWarning)
 
     def step(self, model: Any, opt: Any, loss_fn: Callable[[Any, Any], tuple[Any, dict[str, float]]], x: Any, y: Any,
              lr: float, scaler: Any = None, params: Sequence[Any] | None = None) -> tuple[float, dict[str, float], float]:

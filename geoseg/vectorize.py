@@ -49,6 +49,7 @@ lines themselves keep their pixel steps).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -57,7 +58,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
@@ -73,6 +74,7 @@ from rasterio.crs import CRS
 
 from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_as, write_error
 from geoseg.card import PALETTE, ClassInfo
+from geoseg.config import plain
 from geoseg.errors import ParameterError, SceneError, SceneReadError
 from geoseg.io import area_units, geodesic, ground_pixel_area
 from geoseg.io import read_classes as read_tagged_classes
@@ -162,6 +164,10 @@ class VectorizeResult:
     def megapixels_per_second(self) -> float:
         """Throughput in megapixels of mask per second."""
         return self.width * self.height / 1e6 / max(self.seconds, 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, one key per field (``class_counts``' class ids as strings, as JSON keys are)."""
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 # ---------------------------------------------------------------------------------------------

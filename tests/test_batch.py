@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import rasterio
 
 from geoseg.batch import BatchLock, discover_scenes, parse_resources
-from geoseg.errors import BatchLockedError, ParameterError
+from geoseg.errors import BatchLockedError, BatchWarning, GeosegWarning, ParameterError
 from geoseg_cli.main import EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL, cli
 from tests.conftest import write_band_vrt, write_raster
 
@@ -738,11 +739,12 @@ def test_mosaic_says_how_many_masks_it_holds_and_why_it_left_some_out(tmp_path: 
     with rasterio.open(turned, "r+") as ds:
         ds.transform = Affine(8.0, 6.0, 500000.0, 6.0, -8.0, 4800000.0)
     bare = _mask(out / "bare_landcover.tif", SEVEN, crs=None)
-    with caplog.at_level(logging.INFO, logger="geoseg"):
+    with caplog.at_level(logging.INFO, logger="geoseg"), pytest.warns(BatchWarning) as warned:
         assert [p.name for p in write_mosaics(out, [a, b, down, turned, bare], [])] == ["landcover.vrt", "landcover.qml"]
     assert "mosaic of 2 mask(s): landcover.vrt" in caplog.text
-    assert ("3 mask(s) not in the mosaic (a VRT takes north-up map grids only): down_landcover.tif (north-down grid), "
-            "turned_landcover.tif (rotated grid), bare_landcover.tif (no CRS)") in caplog.text
+    assert [str(w.message) for w in warned if w.category is BatchWarning] == [
+        "3 mask(s) not in the mosaic (a VRT takes north-up map grids only): down_landcover.tif (north-down grid), "
+        "turned_landcover.tif (rotated grid), bare_landcover.tif (no CRS)"]
 
 
 def test_mosaic_keeps_masks_on_unaligned_grids_apart(tmp_path: Path) -> None:
@@ -763,23 +765,24 @@ def test_mosaic_keeps_masks_on_unaligned_grids_apart(tmp_path: Path) -> None:
         assert offsets and all("." not in x for x in offsets), offsets
 
 
-def test_mosaic_split_is_one_warning_naming_the_new_files(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_mosaic_split_is_one_warning_naming_the_new_files(tmp_path: Path) -> None:
     from geoseg.mosaic import write_mosaics
 
     out, state = tmp_path / "out", tmp_path / "out" / ".geoseg"
     state.mkdir(parents=True)
     a = _mask(out / "a_landcover.tif", SEVEN)
     u = _mask(out / "u_landcover.tif", SEVEN, crs="EPSG:32632")
-    caplog.set_level("WARNING", logger="geoseg")
-    write_mosaics(out, [a], [], state_dir=state)
-    assert (out / "landcover.vrt").exists() and "mosaic" not in caplog.text
-    write_mosaics(out, [a, u], [], state_dir=state)
-    warned = [r.getMessage() for r in caplog.records if "mosaic" in r.getMessage()]
-    assert len(warned) == 1 and "\n" not in warned[0], warned
-    assert "landcover_epsg32632_10.vrt, landcover_epsg32633_10.vrt" in warned[0] and "removed landcover.vrt" in warned[0]
-    caplog.clear()
-    write_mosaics(out, [a, u], [], state_dir=state)  # the same split the next night: nothing new to say
-    assert "mosaic" not in caplog.text
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        write_mosaics(out, [a], [], state_dir=state)
+        assert (out / "landcover.vrt").exists() and not [w for w in seen if issubclass(w.category, GeosegWarning)]
+        write_mosaics(out, [a, u], [], state_dir=state)
+        warned = [str(w.message) for w in seen if w.category is BatchWarning]
+        assert len(warned) == 1 and "\n" not in warned[0], warned
+        assert "landcover_epsg32632_10.vrt, landcover_epsg32633_10.vrt" in warned[0] and "removed landcover.vrt" in warned[0]
+        seen.clear()
+        write_mosaics(out, [a, u], [], state_dir=state)  # the same split the next night: nothing new to say
+        assert not [w for w in seen if issubclass(w.category, GeosegWarning)]
 
 
 SEVEN = list(enumerate(["water", "developed", "forest", "crop", "grass", "bare", "wetland"]))
@@ -1115,6 +1118,70 @@ def test_a_damaged_manifest_is_moved_aside_and_the_run_goes_on(runner, tiny_unet
     assert r.output.count(" ok ") == 2 and len(list((out / ".geoseg").glob("manifest.sqlite.corrupt-*"))) == 1
     r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
     assert r.stdout.count("skip\t") == 2 and "damaged" not in r.output, r.output
+
+
+def _aoi_without_crs(path: Path) -> Path:
+    """A GeoPackage polygon over every 16 x 16 scene of :func:`make_archive`, without a CRS."""
+    import pyogrio.raw
+    import shapely
+
+    box = shapely.box(500001.0, 4799841.0, 500159.0, 4799999.0)
+    pyogrio.raw.write(path, shapely.to_wkb(np.array([box])), [np.array([1])], ["id"], geometry_type="Polygon",
+                      driver="GPKG")
+    return path
+
+
+def test_batch_warnings_reach_stderr_the_log_file_and_the_report_once(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A warning raised while a scene runs (float values far from the model's range) is that scene's: one
+    ``warning:`` line on stderr and in --log-file, and in its report entry. One about the run's input
+    (an --aoi file without a CRS, read once for every scene) is one line, said before the scenes run."""
+    arch, out, rep, logf = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json", tmp_path / "batch.log"
+    make_archive(arch, 1, size=(16, 16))
+    write_raster(arch / "float.tif", np.random.default_rng(1).uniform(0, 255, (3, 16, 16)).astype(np.float32))
+    aoi = _aoi_without_crs(tmp_path / "aoi.gpkg")
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--aoi", aoi, "--report", rep, "--log-file", logf)
+    assert r.exit_code == EXIT_OK, r.output
+    no_crs = "aoi.gpkg has no CRS: its coordinates are taken to be in the scene's CRS"
+    scenes = {s["key"]: s["warnings"] for s in report_of(rep)["scenes"]}
+    assert scenes["scene0.tif"] == [] and len(scenes["float.tif"]) == 1, scenes
+    in_scene = scenes["float.tif"][0]
+    assert "standard deviations" in in_scene
+    stderr, log_text = r.stderr.splitlines(), logf.read_text()
+    for said in (no_crs, in_scene):
+        assert stderr.count(f"warning: {said}") == 1, r.stderr
+        assert log_text.count(f"WARNING warning: {said}\n") == 1, log_text
+    assert "Warning" not in r.stderr and stderr.index(f"warning: {no_crs}") < stderr.index(f"warning: {in_scene}")
+
+
+def test_batch_s_own_warnings_are_batch_warnings_to_a_library_and_one_line_to_the_cli(  # type: ignore[no-untyped-def]
+        runner, tiny_unet, tmp_path: Path) -> None:
+    """The batch's warnings about its folder (here: a damaged manifest, found by a dry run) are
+    :class:`BatchWarning` objects for a library caller, and the CLI's one ``warning:`` line, also in --log-file."""
+    from geoseg.batch import BatchModel, BatchOptions, run_batch
+    from geoseg.engine import PredictOptions
+
+    arch, out, logf = tmp_path / "arch", tmp_path / "out", tmp_path / "batch.log"
+    make_archive(arch, 2, size=(16, 16))
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == EXIT_OK, r.output
+    manifest = out / ".geoseg" / "manifest.sqlite"
+    manifest.write_text("garbage\n")
+    said = f"the manifest {manifest} is damaged: a run will move it aside and redo every scene"
+    with pytest.warns(BatchWarning) as warned:
+        res = run_batch([arch], out, BatchModel(weights=str(tiny_unet[0]), threads=1), PredictOptions(),
+                        BatchOptions(dry_run=True))
+    assert [str(w.message) for w in warned if issubclass(w.category, GeosegWarning)] == [said]
+    assert [w.filename for w in warned if w.category is BatchWarning] == [__file__]
+    assert len(res.planned) == 2 and all(reason is not None for _, reason in res.planned)  # both would run
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run", "--log-file", logf)
+    assert r.exit_code == EXIT_OK, r.output
+    assert r.stderr.splitlines() == [f"warning: {said}"], r.stderr
+    assert logf.read_text().count(f"WARNING warning: {said}\n") == 1
+    with warnings.catch_warnings():  # escalated, it stops a library call before any scene runs
+        warnings.simplefilter("error", BatchWarning)
+        with pytest.raises(BatchWarning, match="is damaged"):
+            run_batch([arch], out, BatchModel(weights=str(tiny_unet[0]), threads=1), PredictOptions(),
+                      BatchOptions(dry_run=True))
 
 
 def test_a_dead_writer_s_temp_file_is_gone_at_the_end_of_the_run(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]

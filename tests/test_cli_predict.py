@@ -819,8 +819,26 @@ def test_an_unwritable_export_cache_falls_back_to_a_temporary_one(runner: CliRun
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "out"),
                               "--vector", "none"])
     assert res.exit_code == 0, res.output
-    assert "cannot write the export cache" in res.stderr and "GEOSEG_CACHE_DIR" in res.stderr
+    said = [line for line in res.stderr.splitlines() if "export cache" in line]
+    assert len(said) == 1 and said[0].startswith("warning: cannot write the export cache ") and "GEOSEG_CACHE_DIR" in said[0]
     assert (tmp_path / "out" / "scene_landcover.tif").exists() and blocker.read_text().startswith("a file")
+    # a library call: a PerformanceWarning (the run goes on; each run exports again) with the same words
+    from geoseg.engine import segment_scene
+    from geoseg.errors import PerformanceWarning
+
+    with pytest.warns(PerformanceWarning, match="^cannot write the export cache .*: exporting into .* set GEOSEG_CACHE_DIR"):
+        segment_scene(src, tmp_path / "lib", weights=tiny_unet[0])
+    assert said[0] == "warning: " + str(_warning_said(src, tmp_path / "lib2", tiny_unet[0]))
+
+
+def _warning_said(src: Path, out: Path, weights: Path) -> Warning:
+    from geoseg.engine import segment_scene
+    from geoseg.errors import GeosegWarning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        segment_scene(src, out, weights=weights)
+    return next(w.message for w in seen if issubclass(w.category, GeosegWarning))  # type: ignore[return-value]
 
 
 def test_info_says_what_an_aoi_leaves_to_run(runner: CliRunner, tmp_path: Path) -> None:

@@ -1047,3 +1047,22 @@ def test_memory_refusal_is_one_line_in_the_cli_and_one_failed_scene_in_a_batch(
                         ModelSource(identity_card(3, 2)))
     assert (outcome.status, outcome.fatal) == ("failed", False)
     assert "more than this machine's 300 MB" in outcome.error and "\n" not in outcome.error
+
+
+def test_a_predict_result_is_plain_json_data(tmp_path: Path) -> None:
+    """PredictResult holds paths (and numbers numpy computed): ``to_dict()`` is what ``json.dumps`` takes."""
+    import dataclasses
+
+    src = write_raster(tmp_path / "s.tif", (class_image(40, 50, 3) + 1).astype(np.uint8)[None])  # UTM: class areas
+    res = segment_scene(src, tmp_path / "out", source=ModelSource(identity_card(1, 3)), predictor=one_hot_predictor(3, offset=1),
+                        options=PredictOptions(confidence="uint8", probabilities="uint8", vector="gpkg"))
+    d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
+    assert list(d) == [f.name for f in dataclasses.fields(res)]  # the fields' own names, in order
+    assert d["mask"] == str(res.mask) and Path(d["mask"]).exists()
+    for key in ("confidence", "probabilities", "style", "aux", "confidence_style", "probabilities_style"):
+        assert d[key] == str(getattr(res, key)), key
+    assert d["extra_outputs"] == [str(p) for p in res.extra_outputs] and d["extra_outputs"][0].endswith(".gpkg")
+    assert (d["windows"], d["windows_skipped"], d["device"]) == (res.windows, res.windows_skipped, res.device)
+    assert d["megapixels"] == res.megapixels and d["seconds"] == res.seconds
+    assert d["class_pixels"] == res.class_pixels and sum(d["class_pixels"].values()) == 40 * 50
+    assert d["class_area"] == pytest.approx(res.class_area) and d["scene_prior"] is None

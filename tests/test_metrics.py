@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from rasterio.transform import from_origin
 
-from geoseg.errors import GridMismatchError, ParameterError
+from geoseg.errors import EvaluationWarning, GeosegWarning, GridMismatchError, NoCRSWarning, ParameterError
 from geoseg.evaluate import evaluate_rasters, evaluate_vector
 from geoseg.metrics import ConfusionMatrix, compute_metrics
 from tests.conftest import NC_LCC, write_raster
@@ -538,7 +538,7 @@ def test_sample_draws_each_class_uniformly_and_round_trips_through_evaluate(tmp_
 
 
 @pytest.mark.filterwarnings("ignore:'crs' was not provided")
-def test_a_geojson_sample_is_in_wgs84_and_round_trips_through_evaluate(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_geojson_sample_is_in_wgs84_and_round_trips_through_evaluate(tmp_path: Path) -> None:
     import pyogrio
     import rasterio
     import shapely
@@ -573,9 +573,36 @@ def test_a_geojson_sample_is_in_wgs84_and_round_trips_through_evaluate(tmp_path:
     pts = shapely.points(np.array(xs), np.array(ys))
     pyogrio.raw.write(tmp_path / "nocrs.gpkg", shapely.to_wkb(pts), fields, meta["fields"], geometry_type="Point",
                       driver="GPKG")
-    with caplog.at_level("WARNING", logger="geoseg"):
+    with pytest.warns(NoCRSWarning, match="nocrs.gpkg has no CRS: its coordinates are taken to be in the scene's CRS"):
         r = evaluate_vector(pred, tmp_path / "nocrs.gpkg", field="reference")
-    assert r.metrics.overall_accuracy == 1.0 and "nocrs.gpkg has no CRS" in caplog.text
+    assert r.metrics.overall_accuracy == 1.0
+
+
+def test_an_eval_result_is_plain_json_data(tmp_path: Path) -> None:
+    """EvalResult holds paths, numpy metrics and a stratified estimate: ``to_dict()`` (``--json``) is
+    what ``json.dumps`` takes, NaN included (as null)."""
+    from geoseg.evaluate import draw_sample
+
+    mask = np.full((30, 40), 1, np.uint8)
+    mask[:, 25:] = 2
+    pred = write_raster(tmp_path / "map.tif", mask, nodata=255)
+    draw_sample(pred, tmp_path / "s.gpkg", per_class=10, seed=3)
+    import pyogrio.raw
+
+    meta, _, wkb, fields = pyogrio.raw.read(tmp_path / "s.gpkg")
+    names = list(meta["fields"])
+    fields[names.index("reference")] = np.array([str(v) for v in fields[names.index("map_class")]], object)
+    pyogrio.raw.write(tmp_path / "labelled.gpkg", wkb, fields, names, geometry_type="Point", driver="GPKG",
+                      crs=meta["crs"])
+    ev = evaluate_vector(pred, tmp_path / "labelled.gpkg", field="reference", stratified=True, region="0,0,40,30")
+    d = json.loads(json.dumps(ev.to_dict(), allow_nan=False))
+    assert d["prediction"] == str(pred) and d["reference"] == str(tmp_path / "labelled.gpkg")
+    assert d["region"] == [0, 0, 40, 30] and d["reference_samples"] == ev.samples
+    assert d["overall_accuracy"] == ev.metrics.overall_accuracy == 1.0 and d["class_ids"] == [1, 2]
+    assert d["confusion_matrix"] == ev.metrics.confusion.tolist() and d["pixels"] == ev.metrics.total == 20
+    assert d["stratified"]["per_class"]["1"]["samples"] == 10 and d["stratified"]["overall_accuracy"] == 1.0
+    r = evaluate_rasters(pred, pred)  # no samples, no stratified estimates: those keys are left out
+    assert "reference_samples" not in json.loads(json.dumps(r.to_dict(), allow_nan=False))
 
 
 def test_polygons_against_a_map_without_class_table_count_every_predicted_class(tmp_path: Path) -> None:
@@ -592,22 +619,27 @@ def test_polygons_against_a_map_without_class_table_count_every_predicted_class(
 
 
 # ---- walkthrough findings: regions, empty results, float labels, ignored points, --record-card -------------
-def test_a_region_past_the_raster_is_clipped_with_a_warning_and_echoed_clipped(tmp_path: Path, runner,  # type: ignore[no-untyped-def]
-                                                                               caplog) -> None:
+def test_a_region_past_the_raster_is_clipped_with_a_warning_and_echoed_clipped(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
     from geoseg_cli.main import cli
 
     ref = write_raster(tmp_path / "ref.tif", REF, nodata=0)
     pred = write_raster(tmp_path / "pred.tif", PRED, nodata=255)
-    with caplog.at_level("WARNING", logger="geoseg"):
+    with pytest.warns(EvaluationWarning, match="^region 2,0,100,100 reaches past the 4x3 raster: clipped to 2,0,2,3$"):
         r = evaluate_rasters(pred, ref, region="2,0,100,100")
-    assert r.region == (2, 0, 2, 3) and "region 2,0,100,100 reaches past the 4x3 raster: clipped to 2,0,2,3" in caplog.text
+    assert r.region == (2, 0, 2, 3)
     np.testing.assert_array_equal(r.metrics.confusion, [[1, 1], [0, 3]])  # as region 2,0,2,3
     xs, ys = _lonlat(np.array([2.5, 3.5]), np.array([0.5, 0.5]))
     pts = _geojson(tmp_path / "p.geojson", [({"type": "Point", "coordinates": [x, y]}, {"cls": 1}) for x, y in zip(xs, ys)])
-    assert evaluate_vector(pred, pts, field="cls", region="2,0,100,100").region == (2, 0, 2, 3)
+    with pytest.warns(EvaluationWarning, match="clipped to 2,0,2,3"):
+        assert evaluate_vector(pred, pts, field="cls", region="2,0,100,100").region == (2, 0, 2, 3)
     out = runner.invoke(cli, ["-q", "evaluate", str(pred), "--reference", str(ref), "--region", "0,0,100,100", "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["region"] == [0, 0, 4, 3]
+    # the CLI says it as one line on stderr, as before it was a Python warning
+    out = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(ref), "--region", "0,0,100,100", "--json"])
+    assert out.exit_code == 0, out.output
+    assert out.stderr.splitlines().count("warning: region 0,0,100,100 reaches past the 4x3 raster: clipped to 0,0,4,3") == 1
+    assert "Warning" not in out.stderr and "warning: " not in out.stdout
     with pytest.raises(ParameterError, match="lies outside the 4x3 raster"):
         evaluate_rasters(pred, ref, region="4,0,2,2")
 
@@ -645,18 +677,24 @@ def test_a_float_reference_of_whole_class_ids_is_taken(tmp_path: Path) -> None:
         evaluate_rasters(pred, write_raster(tmp_path / "frac.tif", fractional, nodata=0), block_rows=1)
 
 
-def test_every_reference_point_not_scored_is_accounted_for(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_every_reference_point_not_scored_is_accounted_for(tmp_path: Path) -> None:
     pred = write_raster(tmp_path / "pred.tif", PRED, nodata=255)
     rows, cols = np.indices(REF.shape)
     xs, ys = _lonlat(cols.ravel() + 0.5, rows.ravel() + 0.5)
     ref = _geojson(tmp_path / "pts.geojson", [({"type": "Point", "coordinates": [x, y]}, {"lc": int(v)})
                                               for x, y, v in zip(xs, ys, REF.ravel())])
-    with caplog.at_level("WARNING", logger="geoseg"):
+    with pytest.warns(EvaluationWarning) as warned:
         r = evaluate_vector(pred, ref, field="lc")
+    ours = [w for w in warned if issubclass(w.category, GeosegWarning)]
+    said = [str(w.message) for w in ours]
     s = r.samples
     assert s["points"] == 12 and s["points_ignored"] == 2 and r.metrics.unpredicted == 1 and r.metrics.total == 9
     assert s["points"] == r.metrics.total + r.metrics.unpredicted + s["points_ignored"]
-    assert "2 reference points have class 0, an ignored value (unlabelled; see --ignore): not counted" in caplog.text
+    assert said == ["2 reference points have class 0, an ignored value (unlabelled; see --ignore): not counted",
+                    "1 reference samples (points and polygon pixels) have no prediction (nodata): not counted"]
+    # one GeosegWarning each, attributed to the caller's line (not geoseg's), so filters and -W name it
+    assert all(w.category is EvaluationWarning for w in ours)
+    assert {w.filename for w in ours} == {__file__}
     zeros = _geojson(tmp_path / "zeros.geojson", [({"type": "Point", "coordinates": [xs[8], ys[8]]}, {"lc": 0})])
     with pytest.raises(ParameterError, match=r"falls on a predicted pixel \(1 have an ignored class\): check --field"):
         evaluate_vector(pred, zeros, field="lc")

@@ -16,7 +16,7 @@ from tests.conftest import class_image, write_raster
 paddle = pytest.importorskip("paddle")
 
 from geoseg.card import ModelCard
-from geoseg.errors import GridMismatchError, ParameterError
+from geoseg.errors import GeosegWarning, GridMismatchError, ParameterError, PerformanceWarning, TrainingWarning
 from geoseg.train import (
     IGNORE_INDEX,
     TrainConfig,
@@ -363,37 +363,43 @@ def test_amp_training_on_the_gpu(scene: tuple[Path, Path], tmp_path: Path, capsy
     assert res.history[-1]["loss"] == pytest.approx(straight.history[-1]["loss"], rel=1e-2)
 
 
-def test_label_value_0_ignored_by_default_is_said(scene: tuple[Path, Path], tmp_path: Path,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_label_value_0_ignored_by_default_is_said(scene: tuple[Path, Path], tmp_path: Path) -> None:
     """A cloud mask (0 cloud, 1 shadow, 4 clear) without a classes list trained a model without its cloud
     class, silently: 0 is 'unlabelled' by default. Said when 0 is not the raster's nodata."""
-    import logging
+    import warnings
 
     with rasterio.open(scene[1]) as ds:
         labels = ds.read(1)
     plain = write_raster(tmp_path / "lab0.tif", labels, nodata=None)  # 0 as a value, not nodata
     cfg = {k: v for k, v in _cfg(scene, tmp_path / "o").to_dict().items() if k != "classes"}
-    with caplog.at_level(logging.WARNING, logger="geoseg"):
+    with pytest.warns(TrainingWarning, match=r"^label value 0 \(.* set ignore: \[\]") as warned:
         t = Trainer(TrainConfig.from_mapping({**cfg, "labels": str(plain)}))
     assert [c.id for c in t.classes] == [1, 2, 3]
-    assert "label value 0 (" in caplog.text and "set ignore: []" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="geoseg"):
+    assert [w.filename for w in warned if w.category is TrainingWarning] == [__file__]  # the caller's line
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         Trainer(TrainConfig.from_mapping(cfg))  # 0 is the labels' nodata: nothing to say
         t = Trainer(TrainConfig.from_mapping({**cfg, "labels": str(plain), "ignore": []}))
-    assert "label value 0" not in caplog.text and [c.id for c in t.classes] == [0, 1, 2, 3]
+    assert not [w for w in seen if "label value 0" in str(w.message)] and [c.id for c in t.classes] == [0, 1, 2, 3]
 
 
 def test_a_class_without_training_pixels_is_warned_about_or_refused(scene: tuple[Path, Path], tmp_path: Path,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
+                                                                    runner) -> None:  # type: ignore[no-untyped-def]
     """A listed class absent from the training region, or whose id is the label raster's nodata (all its
     pixels unlabelled), trained silently and was listed in the card as if learned."""
-    import logging
+    from geoseg_cli.main import cli
 
     classes = [{"id": i, "name": n} for i, n in ((1, "a"), (2, "b"), (3, "c"), (9, "snow"))]
-    with caplog.at_level(logging.WARNING, logger="geoseg"):
+    said = ("class 9 (snow) has no labelled pixel in the training region: the model cannot learn it (check the class "
+            "ids and train_region)")
+    with pytest.warns(TrainingWarning) as warned:
         Trainer(_cfg(scene, tmp_path / "o", classes=classes))
-    assert "class 9 (snow) has no labelled pixel in the training region" in caplog.text
+    assert [str(w.message) for w in warned if issubclass(w.category, GeosegWarning)] == [said]
+    # the CLI: the same words, one "warning:" line on stderr
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_cfg(scene, tmp_path / "cli", classes=classes, iterations=1).to_dict()))
+    r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml")])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines().count(f"warning: {said}") == 1 and "TrainingWarning" not in r.stderr, r.stderr
     with rasterio.open(scene[1]) as ds:
         labels = ds.read(1)
     nodata2 = write_raster(tmp_path / "lab_nd2.tif", labels, nodata=2)
@@ -1078,23 +1084,21 @@ def test_a_region_too_large_for_memory_is_refused_before_reading(scene: tuple[Pa
         _cfg(scene, tmp_path / "o", read_from="ram")
 
 
-def test_reading_a_striped_image_from_disk_suggests_a_tiled_copy(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import logging
+def test_reading_a_striped_image_from_disk_suggests_a_tiled_copy(tmp_path: Path) -> None:
+    import warnings
 
-    # The CLI (run by other tests in this process) stops geoseg's records at its own handler.
-    monkeypatch.setattr(logging.getLogger("geoseg"), "propagate", True)
-    caplog.set_level(logging.INFO, logger="geoseg")
     cls = (class_image(48, 100, 3, seed=2) + 1).astype(np.uint8)
     img = np.stack([cls * 40, cls * 30, cls * 20]).astype(np.uint8)
     labels = write_raster(tmp_path / "lab.tif", cls, nodata=0)
     for name, profile, warns in (("striped", {}, True),
                                  ("tiled", {"tiled": True, "blockxsize": 16, "blockysize": 16}, False)):
         scene = (write_raster(tmp_path / f"{name}.tif", img, nodata=0, **profile), labels)
-        caplog.clear()
-        Trainer(_cfg(scene, tmp_path / name, read_from="disk", train_region=[0, 0, 100, 40], val_region=None))
-        assert ("stored in strips" in caplog.text) is warns, name
-        assert (f"{name}.tif is stored in strips" in caplog.text) is warns
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            Trainer(_cfg(scene, tmp_path / name, read_from="disk", train_region=[0, 0, 100, 40], val_region=None))
+        said = [str(w.message) for w in seen if w.category is PerformanceWarning]
+        assert bool(said) is warns, name
+        assert any(m.startswith(f"{name}.tif is stored in strips, not tiles") for m in said) is warns
 
 
 def test_auto_reads_from_disk_what_would_take_over_half_the_memory(scene: tuple[Path, Path], tmp_path: Path,
@@ -1759,7 +1763,7 @@ def test_the_same_file_for_training_and_validation_may_not_overlap(scene: tuple[
 
 
 def test_a_batch_that_cannot_fit_in_memory_is_refused_before_training(scene: tuple[Path, Path], tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch, caplog) -> None:  # type: ignore[no-untyped-def]
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch of 100,000 windows was killed by the kernel at 24 GB after minutes, with no message."""
     import collections
 
@@ -1776,9 +1780,25 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_training(scene: tup
     assert not (tmp_path / "r").exists()
     # more than is free now, less than the machine has: trained, with a warning
     monkeypatch.setattr(psutil, "virtual_memory", lambda: vm(64 * 2**30, int(need_mb * 2**20) - 1))
-    with caplog.at_level("WARNING", logger="geoseg"):
+    with pytest.warns(PerformanceWarning, match=r"of memory to train, more than the .* GB available now: it may be slow"):
         train(_cfg(scene, tmp_path / "w", iterations=1))
-    assert "more than the" in caplog.text and (tmp_path / "w" / "weights.pdparams").exists()
+    assert (tmp_path / "w" / "weights.pdparams").exists()
+
+
+def test_a_train_result_is_plain_json_data(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """TrainResult holds paths and a history of numbers: ``to_dict()`` is what ``json.dumps`` takes."""
+    import dataclasses
+
+    from geoseg.train import train
+
+    res = train(_cfg(scene, tmp_path / "r", iterations=2, val_every=1))
+    d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
+    assert list(d) == [f.name for f in dataclasses.fields(res)]
+    assert d["weights"] == str(res.weights) and Path(d["weights"]).exists()
+    assert d["card"] == str(res.card) and d["log_csv"] == str(res.log_csv)
+    assert (d["best_iteration"], d["iterations"], d["seconds"]) == (res.best_iteration, res.iterations, res.seconds)
+    assert d["best_miou"] == pytest.approx(res.best_miou) and len(d["history"]) == len(res.history) == 2
+    assert d["history"][-1]["loss"] == pytest.approx(res.history[-1]["loss"])
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused(scene: tuple[Path, Path], tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]

@@ -139,6 +139,21 @@ def test_sieve_no_small_polygons_no_holes() -> None:
     assert shapely.union_all(geoms).area == pytest.approx(((a != NODATA).sum() - 1) * PIXEL**2)
 
 
+def test_a_vectorize_result_is_plain_json_data(mask_path: Path, tmp_path: Path) -> None:
+    """VectorizeResult holds a path and numpy-made counts: ``to_dict()`` is what ``json.dumps`` takes."""
+    import dataclasses
+    import json
+
+    res = vec.vectorize_mask(mask_path, tmp_path / "lc.gpkg", min_pixels=4)
+    d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
+    assert list(d) == [f.name for f in dataclasses.fields(res)]
+    assert d["path"] == str(res.path) and Path(d["path"]).exists() and d["fmt"] == "gpkg" and d["layer"] == res.layer
+    assert d["polygons"] == res.polygons == sum(d["class_counts"].values())
+    assert d["class_counts"] == {str(k): v for k, v in res.class_counts.items()}  # JSON's keys are strings
+    assert (d["width"], d["height"], d["min_pixels"], d["connectivity"]) == (res.width, res.height, 4, res.connectivity)
+    assert d["simplify"] == res.simplify and d["area_units"] == res.area_units and d["crs_wkt"] == res.crs_wkt
+
+
 def test_min_area_to_pixels() -> None:
     assert vec.min_pixels_for(250.0, None, 100.0) == 3
     assert vec.min_pixels_for(None, 4, 100.0) == 4
