@@ -852,7 +852,7 @@ class ModelPlugin:
         spread over the GPUs this machine's CUDA shows (worker i on GPU i mod count): every one of them
         ran on GPU 0, the others idle. A user's cluster is left as it is (one GPU per worker process
         by ``CUDA_VISIBLE_DEVICES``)."""
-        name = getattr(self, "worker_name", None)
+        name = self.worker_name
         if not self.own_cluster or self.model.device not in ("auto", "gpu") or not isinstance(name, int):
             return self.model.device
         count = gpu_count()
@@ -875,11 +875,10 @@ class ModelPlugin:
 
 
 def gpu_count() -> int:
-    """GPUs Paddle's CUDA sees here (0 with a CPU build)."""
-    from geoseg.errors import require_paddle
+    """GPUs Paddle's CUDA sees here (see :func:`geoseg.engine.gpu_count`)."""
+    from geoseg.engine import gpu_count as count
 
-    paddle: Any = require_paddle()
-    return int(paddle.device.cuda.device_count()) if paddle.is_compiled_with_cuda() else 0
+    return count()
 
 
 class _StoppedRunNoise(logging.Filter):

@@ -185,8 +185,7 @@ def resolve_model(model: str | Path | None, weights: str | Path | None = None, c
 # ---- predictors ----------------------------------------------------------------------------
 def resolve_device(device: Device) -> Literal["cpu", "gpu"]:
     """Pick ``cpu`` or ``gpu``; ``auto`` means GPU when paddle has CUDA and sees a device."""
-    paddle: Any = require_paddle()
-    has_gpu = bool(paddle.is_compiled_with_cuda()) and paddle.device.cuda.device_count() > 0
+    has_gpu = gpu_count() > 0
     if device == "auto":
         return "gpu" if has_gpu else "cpu"
     if device == "gpu" and not has_gpu:
@@ -194,6 +193,12 @@ def resolve_device(device: Device) -> Literal["cpu", "gpu"]:
             "--device gpu: this PaddlePaddle build has no CUDA or sees no GPU: use --device cpu or install a GPU build"
         )
     return device  # type: ignore[return-value]
+
+
+def gpu_count() -> int:
+    """GPUs Paddle's CUDA sees here (0 with a CPU build)."""
+    paddle: Any = require_paddle()
+    return int(paddle.device.cuda.device_count()) if paddle.is_compiled_with_cuda() else 0
 
 
 def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
@@ -1203,13 +1208,15 @@ def _segment_scene(
     # before any output or model exists. On a GPU the model and its activations live there, but the
     # blending strip and the prefetched batches (8 windows per call) still take this machine's memory
     run_on = resolve_device(opts.device) if predictor is None else _ready_device(opts.device)
-    batch = opts.batch_size or default_batch_size(run_on, tile)
+    # a ready-made predictor (batch's workers build theirs on the GPU too) is sized for where it runs
+    # ("custom" gave a GPU worker the CPU's 1 window per call instead of 8)
+    batch_size = opts.batch_size or default_batch_size(run_on, tile)
     adapting = (mc.adapt_prior if opts.adapt_prior is None else opts.adapt_prior) and source.output != "labels"
-    check_memory(memory_estimate_mb(tile, batch, height=meta.height, width=meta.width, bands=len(bands),
+    check_memory(memory_estimate_mb(tile, batch_size, height=meta.height, width=meta.width, bands=len(bands),
                                     itemsize=np.dtype(meta.dtype).itemsize, num_classes=mc.num_classes,
                                     members=card_members(mc), window=grid.model_shape, gpu=run_on != "cpu",
                                     kept_windows=min(opts.prior_windows, len(grid)) if adapting else 0),
-                 grid.model_shape, batch)
+                 grid.model_shape, batch_size)
     mask_path, conf_path = output_paths(input_path, out)
     if mask_path.resolve() == input_path.resolve():
         raise ParameterError(f"output {mask_path} is the input: choose another --out")
@@ -1257,10 +1264,6 @@ def _segment_scene(
     if opts.tta:
         predictor = dihedral_average(predictor)
         device_desc += "+tta"
-    # a ready-made predictor (batch's workers build theirs on the GPU too) is sized for where it runs:
-    # "custom" gave a GPU worker the CPU's 1 window per call instead of 8
-    batch_size = opts.batch_size or default_batch_size(device_desc if device_desc != "custom"
-                                                       else _ready_device(opts.device), tile)
     log.debug("%s: %dx%d, %d bands %s, %d windows of %d px (overlap %d), model %s on %s, batch %d",
               input_path.name, meta.width, meta.height, len(bands), meta.dtype, len(grid), tile, grid.overlap,
               source.label, device_desc, batch_size)
