@@ -35,7 +35,17 @@ from geoseg.errors import (
     SceneReadError,
     warn,
 )
-from geoseg.io import MASK_NODATA, VectorData, add_area_counts, area_units, pixel_areas, read_classes, read_vector
+from geoseg.io import (
+    MASK_NODATA,
+    NO_LABEL,
+    VectorData,
+    add_area_counts,
+    area_units,
+    pixel_areas,
+    read_classes,
+    read_vector,
+    whole_class_ids,
+)
 from geoseg.metrics import ConfusionMatrix, Metrics, StratifiedEstimates, stratified_estimates
 
 if TYPE_CHECKING:
@@ -110,33 +120,18 @@ def check_class_raster(ds: Any, what: str, *, whole_floats: bool = False) -> Non
                          "map (the probabilities' argmax is the mask predict writes)")
 
 
-#: The value a floating-point reference's nodata (and NaN) pixels take once read as class ids.
-_FLOAT_NODATA = -1
-
-
 def _read_classes(ds: Any, window: Window) -> np.ndarray:
-    """Band 1 of ``ds`` in ``window`` as class ids: an integer raster as it is; a floating-point
-    one (a reference) as int64, its nodata and NaN pixels as ``_FLOAT_NODATA``, or a
-    :class:`SceneError` when a value is not a whole number (probabilities, resampled labels)."""
-    block = ds.read(1, window=window)
-    if not np.issubdtype(block.dtype, np.floating):
-        return block
-    unlabelled = ~np.isfinite(block)
-    if ds.nodata is not None and np.isfinite(ds.nodata):
-        unlabelled |= block == ds.nodata
-    values = np.where(unlabelled, _FLOAT_NODATA, block)
-    bad = (values != np.round(values)) | (np.abs(values) >= 2**31)
-    if bad.any():
-        raise SceneError(f"reference {Path(ds.name).name} holds {ds.dtypes[0]} values that are not whole class ids "
-                         f"(e.g. {values[bad][0]:g}): give the class map (for probabilities, their argmax), or labels "
-                         "whose values are whole ids (nodata may be any value)")
-    return values.astype(np.int64)
+    """Band 1 of ``ds`` in ``window`` as class ids (:func:`geoseg.io.whole_class_ids`: a floating-point
+    reference's nodata and NaN pixels as ``NO_LABEL``, values that are not whole ids refused)."""
+    return whole_class_ids(ds.read(1, window=window), ds.nodata, f"reference {Path(ds.name).name} holds",
+                           "give the class map (for probabilities, their argmax), or labels whose values are whole "
+                           "ids (nodata may be any value)")
 
 
 def _reference_nodata(ds: Any) -> list[int]:
     """The reference's nodata as class-id values not to count (see :func:`_read_classes`)."""
     if np.issubdtype(np.dtype(ds.dtypes[0]), np.floating):
-        return [_FLOAT_NODATA]
+        return [NO_LABEL]
     return [int(ds.nodata)] if ds.nodata is not None else []
 
 

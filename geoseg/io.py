@@ -323,6 +323,27 @@ def _close_all_handles() -> None:
             _handles.popitem()[1].close()
 
 
+#: The class id a floating-point label raster's nodata and NaN pixels take (no class has it).
+NO_LABEL = -1
+
+
+def whole_class_ids(block: np.ndarray, nodata: float | None, what: str, hint: str) -> np.ndarray:
+    """A label block as class ids: an integer block as it is; a floating-point one (labels, a reference)
+    as int64 with its nodata and NaN pixels :data:`NO_LABEL`, or a :class:`SceneError` "``what`` <dtype>
+    values that are not whole class ids (e.g. 1.5): ``hint``" (probabilities, resampled labels: 1.5
+    was cut to class 1 and NaN became a huge negative id, silently)."""
+    if not np.issubdtype(block.dtype, np.floating):
+        return block
+    unlabelled = ~np.isfinite(block)
+    if nodata is not None and np.isfinite(nodata):
+        unlabelled |= block == nodata
+    values = np.where(unlabelled, NO_LABEL, block)
+    bad = (values != np.round(values)) | (np.abs(values) >= 2**31)
+    if bad.any():
+        raise SceneError(f"{what} {block.dtype} values that are not whole class ids (e.g. {values[bad][0]:g}): {hint}")
+    return values.astype(np.int64)
+
+
 def corrupt_input(name: str | Path, exc: BaseException, where: str = "") -> SceneReadError:
     """The one-line error for an input GDAL cannot decode (``where``: e.g. " at column 261, row 0")."""
     return SceneReadError(f"input {name} cannot be read{where} ({gdal_reason(exc)}): the file may be corrupt or "

@@ -61,13 +61,20 @@ from geoseg.errors import (
     OutputError,
     ParameterError,
     PerformanceWarning,
-    SceneError,
     SceneReadError,
     TrainingWarning,
     require_paddle,
     warn,
 )
-from geoseg.io import close_handles, is_vector_path, open_scene, read_vector, read_window_gaps, scene_path
+from geoseg.io import (
+    close_handles,
+    is_vector_path,
+    open_scene,
+    read_vector,
+    read_window_gaps,
+    scene_path,
+    whole_class_ids,
+)
 from geoseg.metrics import ConfusionMatrix
 from geoseg.tiling import core_bounds, make_grid, spread_tiles
 
@@ -712,12 +719,13 @@ def read_labels(path: Path, window: Window, shift: Sequence[int] = (0, 0)) -> tu
             # the memory of int64 over a large region).
             kind = np.int32 if ds.dtypes[0] in ("uint8", "int8", "uint16", "int16", "int32") else np.int64
             if not (dy or dx):
-                return _whole_ids(ds.read(1, window=window), path, kind), ds.nodata
+                return _whole_ids(ds.read(1, window=window), path, kind, ds.nodata), ds.nodata
             src = Window(window.col_off - dx, window.row_off - dy, window.width, window.height)
             inter = src.intersection(Window(0, 0, ds.width, ds.height))
             out = np.full((int(window.height), int(window.width)), -1, kind)
             r0, c0 = int(inter.row_off - src.row_off), int(inter.col_off - src.col_off)
-            out[r0:r0 + int(inter.height), c0:c0 + int(inter.width)] = _whole_ids(ds.read(1, window=inter), path, kind)
+            labels = _whole_ids(ds.read(1, window=inter), path, kind, ds.nodata)
+            out[r0:r0 + int(inter.height), c0:c0 + int(inter.width)] = labels
             return out, ds.nodata
     except rasterio.errors.WindowError:
         return np.full((int(window.height), int(window.width)), -1, np.int64), None
@@ -725,18 +733,11 @@ def read_labels(path: Path, window: Window, shift: Sequence[int] = (0, 0)) -> tu
         raise SceneReadError(f"labels {path} cannot be read: {exc}") from None
 
 
-def _whole_ids(block: np.ndarray, path: Path, kind: type) -> np.ndarray:
-    """Labels as integer class ids. A floating-point label raster's values must be whole numbers (NaN is
-    no label, -1): 1.5 was cut to class 1 and NaN became a huge negative id, silently."""
-    if not np.issubdtype(block.dtype, np.floating):
-        return block.astype(kind)
-    values = np.where(np.isfinite(block), block, -1)
-    bad = values != np.round(values)
-    if bad.any():
-        raise SceneError(f"labels {Path(path).name} hold {block.dtype} values that are not whole class ids (e.g. "
-                         f"{values[bad][0]:g}): give the class ids (labels resampled onto the image grid need "
-                         "nearest-neighbour resampling)")
-    return values.astype(kind)
+def _whole_ids(block: np.ndarray, path: Path, kind: type, nodata: float | None) -> np.ndarray:
+    """Labels as integer class ids (a floating-point raster's must be whole; nodata and NaN: no label)."""
+    return whole_class_ids(block, nodata, f"labels {Path(path).name} hold",
+                           "give the class ids (labels resampled onto the image grid need nearest-neighbour "
+                           "resampling)").astype(kind)
 
 
 def one_class_message(classes: Sequence[ClassInfo], ignore: Sequence[int], nodata: Sequence[float], listed: bool) -> str:
