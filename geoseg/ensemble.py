@@ -27,6 +27,7 @@ import numpy as np
 from geoseg.atomic import check_output
 from geoseg.engine import ModelSource, resolve_model, shipped_models, weights_digest
 from geoseg.card import ModelCard
+from geoseg.config import plain
 from geoseg.errors import GeosegWarning, ModelError, OutputError
 
 __all__ = ["combine_models", "member_settings", "member_source"]
@@ -200,8 +201,8 @@ def member_settings(cards: Sequence[ModelCard]) -> tuple[dict[str, Any], dict[st
     for k in keys:
         values = [f.get(k) for f in flat]
         if k != ("seed",) and any(v != values[0] for v in values[1:]):
-            differ[".".join(k)] = [_plain(v) for v in values]
-    shared: dict[str, Any] = json.loads(json.dumps(dict(cards[0].training), default=str))  # a deep copy
+            differ[".".join(k)] = [plain(v) for v in values]
+    shared: dict[str, Any] = plain(cards[0].training)  # (a deep copy)
     shared.pop("seed", None)
     for name in differ:
         *path, last = name.split(".")
@@ -211,11 +212,6 @@ def member_settings(cards: Sequence[ModelCard]) -> tuple[dict[str, Any], dict[st
         if isinstance(node, dict):
             node.pop(last, None)
     return shared, differ
-
-
-def _plain(v: Any) -> Any:
-    """A YAML-safe copy of a card value (tuples as lists)."""
-    return json.loads(json.dumps(v, default=str))
 
 
 def _differ_message(differ: Mapping[str, Sequence[Any]], keys: Sequence[str], adapt: bool) -> str:
