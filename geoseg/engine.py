@@ -1635,7 +1635,9 @@ def describe_scene(
                              kept_windows=min(PredictOptions.prior_windows, len(grid))
                              if card is not None and card.adapt_prior else 0)
     nodata = (
-        f"value {meta.nodata}" if meta.nodata is not None
+        "values " + ", ".join(f"{v}" for v in meta.nodatavals)
+        if len(set(map(str, meta.nodatavals))) > 1
+        else f"value {meta.nodata}" if meta.nodata is not None
         else f"alpha band {meta.alpha_band}" if meta.alpha_band is not None
         else "internal mask" if any("per_dataset" in f for f in meta.mask_flags)
         else "NaN" if meta.dtype.startswith("float") else "none"

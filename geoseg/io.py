@@ -78,6 +78,8 @@ class SceneMeta:
     #: Each band's ``(scale, offset)`` tags (physical value = stored × scale + offset). geoseg
     #: feeds the stored values, as training read them; these only explain a scene on another scale.
     scaling: tuple[tuple[float, float], ...] = ()
+    #: Each band's nodata value (``nodata`` is band 1's; a VRT of single-band files may differ).
+    nodatavals: tuple[float | None, ...] = ()
 
     def subset(self, window: Window, aoi: Any = None) -> SceneMeta:
         """The pixel ``window`` of this scene (its size and transform; reads are offset into the
@@ -93,6 +95,7 @@ class SceneMeta:
         """True when some pixels may be nodata (value, internal mask, alpha or float NaN)."""
         return (
             self.nodata is not None
+            or any(v is not None for v in self.nodatavals)
             or self.alpha_band is not None
             or any("per_dataset" in f for f in self.mask_flags)
             or self.dtype.startswith("float")
@@ -192,6 +195,7 @@ def open_scene(path: str | Path) -> SceneMeta:
                 gcps=ds.gcps if ds.gcps[0] else None,
                 rpcs=ds.rpcs,
                 scaling=tuple(zip(ds.scales, ds.offsets)),
+                nodatavals=tuple(ds.nodatavals),
             )
             # Decode one small window so a truncated/corrupt file fails here, not mid-run.
             ds.read(1, window=Window(0, 0, min(16, ds.width), min(16, ds.height)))
@@ -374,6 +378,13 @@ def read_window_gaps(
         raise corrupt_input(Path(path).name, exc, f" at column {int(window.col_off)}, row {int(window.row_off)}") from None
 
 
+def _plain_nodata(ds: Any, bands: Sequence[int]) -> bool:
+    """True when every band of ``bands`` has a nodata value that its dtype holds exactly (not NaN)."""
+    values = [ds.nodatavals[b - 1] for b in bands]
+    return all(v is not None and np.isfinite(v) and np.array(v, ds.dtypes[b - 1]) == v
+               for v, b in zip(values, bands))
+
+
 def _valid_and_missing(ds: Any, data: np.ndarray, window: Window, bands: Sequence[int],
                        alpha_band: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """See :func:`read_window_gaps`."""
@@ -385,9 +396,11 @@ def _valid_and_missing(ds: Any, data: np.ndarray, window: Window, bands: Sequenc
     elif all(f == [MaskFlags.all_valid] for f in flags):
         valid = np.ones(data.shape[1:], bool)
         missing = None
-    elif all(f == [MaskFlags.nodata] for f in flags) and ds.nodata is not None and not np.isnan(ds.nodata):
-        # Same result as GDAL's nodata masks, without decoding the window a second time.
-        missing = data == data.dtype.type(ds.nodata)
+    elif all(f == [MaskFlags.nodata] for f in flags) and _plain_nodata(ds, bands):
+        # Same result as GDAL's nodata masks, without decoding the window a second time. Each
+        # band has its own nodata value (a VRT of single-band files may give them different ones).
+        values = np.array([ds.nodatavals[b - 1] for b in bands], dtype=data.dtype)
+        missing = data == values[:, None, None]
         valid = ~missing.all(axis=0)
     else:
         missing = ds.read_masks(list(bands), window=window) == 0

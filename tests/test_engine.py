@@ -679,6 +679,37 @@ def test_read_window_gaps_per_band(tmp_path: Path) -> None:
     assert read_window_gaps(full, Window(0, 0, 8, 8), (1, 2))[2] is None
 
 
+
+def test_each_band_has_its_own_nodata_value(tmp_path: Path) -> None:
+    """A VRT stacking single-band files gives each band its own nodata value; band 1's is not
+    every band's."""
+    from rasterio.windows import Window
+
+    from geoseg.engine import describe_scene
+    from geoseg.io import read_window_gaps
+
+    bands = []
+    for k in range(3):
+        band = np.full((1, 12, 16), 50 + k, np.uint8)
+        band[0, :, :4] = 200 + k  # every band's nodata: the left 4 columns have no data at all
+        if k == 2:
+            band[0, :6, 4:] = 202  # band 3 alone misses the top 6 rows
+        f = write_raster(tmp_path / f"b{k}.tif", band)
+        bands.append(f'<VRTRasterBand dataType="Byte" band="{k + 1}"><NoDataValue>{200 + k}</NoDataValue>'
+                     f'<SimpleSource><SourceFilename relativeToVRT="1">{f.name}</SourceFilename>'
+                     '<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand>')
+    with rasterio.open(tmp_path / "b0.tif") as ds:
+        t, crs = ds.transform, ds.crs.to_wkt()
+    vrt = tmp_path / "stack.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="16" rasterYSize="12"><SRS>{crs}</SRS>'
+                   f'<GeoTransform>{t.c}, {t.a}, 0, {t.f}, 0, {t.e}</GeoTransform>{"".join(bands)}</VRTDataset>')
+    data, valid, missing = read_window_gaps(vrt, Window(0, 0, 16, 12), (1, 2, 3))
+    assert not valid[:, :4].any() and valid[:, 4:].all()
+    assert missing is not None and missing[2, :6, 4:].all() and not missing[:2, :, 4:].any()
+    assert missing.sum() == 3 * 12 * 4 + 6 * 12
+    meta = open_scene(vrt)
+    assert meta.nodatavals == (200.0, 201.0, 202.0) and meta.has_nodata
+    assert describe_scene(vrt)["nodata"] == "values 200.0, 201.0, 202.0"
 @pytest.mark.filterwarnings("ignore::geoseg.errors.InputRangeWarning")  # raw class indexes, not image data
 def test_bands_are_picked_by_name_when_the_scene_has_more(tmp_path: Path) -> None:
     data = np.stack([np.full((20, 20), v, np.uint8) for v in (9, 1, 7, 8)])  # b2 holds class index 1
