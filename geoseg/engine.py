@@ -612,11 +612,15 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
         chosen = tuple(bands)
     else:
         chosen = meta.data_bands
-        by_name = _bands_by_name(meta, card) if len(chosen) != card.in_channels else None
-        if by_name is not None:
+        # By name whenever the scene's band descriptions hold the card's band names, also when
+        # the count matches: a scene of the same bands in another order must not be read as is.
+        by_name = _bands_by_name(meta, card)
+        if by_name is not None and by_name != chosen:
             log.info("%s: bands %s picked by their names %s", meta.path.name, ",".join(map(str, by_name)),
                      ", ".join(card.bands))
             chosen = by_name
+        elif by_name is None and len(chosen) == card.in_channels:
+            _warn_misnamed_bands(meta, card, chosen)
     if len(chosen) != card.in_channels:
         if bands:
             hint = " (--bands picked them)"
@@ -636,6 +640,16 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
                       f"{', '.join(card.bands[k] for k, b in enumerate(chosen) if b in twice)}): check --bands",
                       InputRangeWarning, stacklevel=3)
     return chosen
+
+
+def _warn_misnamed_bands(meta: SceneMeta, card: ModelCard, chosen: tuple[int, ...]) -> None:
+    """Warn when a band read in the card's position k is described as another of the card's bands."""
+    wrong = [(b, meta.descriptions[b - 1], card.bands[k]) for k, b in enumerate(chosen)
+             if meta.descriptions[b - 1] in card.bands and meta.descriptions[b - 1] != card.bands[k]]
+    if wrong:
+        said = "; ".join(f"band {b} is described {d!r} but feeds the model as {n!r}" for b, d, n in wrong[:3])
+        warn(f"{meta.path.name}: {said}: check the band order, or pass --bands in the order "
+             f"{', '.join(card.bands)}", InputRangeWarning)
 
 
 def _bands_by_name(meta: SceneMeta, card: ModelCard) -> tuple[int, ...] | None:

@@ -726,6 +726,25 @@ def test_bands_are_picked_by_name_when_the_scene_has_more(tmp_path: Path) -> Non
         segment_scene(src, tmp_path / "o2", source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
 
 
+@pytest.mark.filterwarnings("ignore::geoseg.errors.InputRangeWarning")  # raw class indexes, not image data
+def test_bands_of_the_model_in_another_order_are_picked_by_name(tmp_path: Path) -> None:
+    """As many bands as the card's, described with its names in another order: read by name, not
+    as they lie (a reversed band stack was read as is, without a word)."""
+    data = np.stack([np.full((20, 20), v, np.uint8) for v in (9, 1, 7)])  # b0 holds class index 1
+    src = write_raster(tmp_path / "named.tif", data)
+    with rasterio.open(src, "r+") as ds:
+        for i, name in enumerate(("b2", "b0", "b1"), start=1):
+            ds.set_band_description(i, name)
+    res = segment_scene(src, tmp_path / "o1", source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
+    with rasterio.open(res.mask) as ds:
+        assert (ds.read(1) == 2).all()  # card band b0 = scene band 2 (value 1) -> index 1 -> id 2
+    with rasterio.open(src, "r+") as ds:
+        ds.set_band_description(3, "other")  # b1 missing: read as they lie, with a warning
+    with pytest.warns(InputRangeWarning, match="band 1 is described 'b2' but feeds the model as 'b0'; "
+                                               "band 2 is described 'b0' but feeds the model as 'b1'"):
+        segment_scene(src, tmp_path / "o2", source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
+
+
 
 def test_normalisation_fills_missing_values_with_the_band_mean() -> None:
     norm = Normalization(mean=(0.2, 0.4), std=(0.1, 0.2), scale={"default": 1.0})
