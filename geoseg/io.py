@@ -889,6 +889,19 @@ def geodesic(crs: Any) -> Any:
     return pyproj.CRS.from_wkt(crs.to_wkt()).get_geod() or pyproj.Geod(ellps="WGS84")
 
 
+def degrees_per_unit(crs: Any) -> float:
+    """Degrees in one of a geographic CRS's angular units (1 for degrees; 0.9 for the grads of
+    NTF Paris, EPSG:4807): geodesic measures take degrees."""
+    import pyproj
+
+    try:
+        radians = pyproj.CRS.from_wkt(crs.to_wkt()).axis_info[0].unit_conversion_factor
+    except (pyproj.exceptions.CRSError, IndexError):
+        return 1.0
+    factor = math.degrees(radians) if radians else 1.0
+    return 1.0 if math.isclose(factor, 1.0, rel_tol=1e-12) else factor
+
+
 def pixel_areas(crs: Any, transform: Any, height: int) -> float | np.ndarray | None:
     """Ground area of a grid's pixels: one number for a projected CRS (``|det(transform)|`` in its
     units², m² for most), one per row for a geographic CRS (the geodesic area in m² of the row's
@@ -899,9 +912,13 @@ def pixel_areas(crs: Any, transform: Any, height: int) -> float | np.ndarray | N
     if not crs.is_geographic:
         return abs(transform.determinant)
     geod = geodesic(crs)
+    k = degrees_per_unit(crs)
+    t = transform
     out = np.empty(height)
     for r in range(height):
-        lon, lat = zip(*(transform * (c, r + dr) for c, dr in ((0, 0), (1, 0), (1, 1), (0, 1))))
+        corners = [(c, r + dr) for c, dr in ((0, 0), (1, 0), (1, 1), (0, 1))]
+        lon = [k * (t.a * c + t.b * row + t.c) for c, row in corners]
+        lat = [k * (t.d * c + t.e * row + t.f) for c, row in corners]
         out[r] = abs(geod.polygon_area_perimeter(lon, lat)[0])
     return out
 
@@ -949,6 +966,7 @@ __all__ = [
     "SceneMeta",
     "check_georeferenced",
     "georeferencing",
+    "degrees_per_unit",
     "geodesic",
     "ground_pixel_area",
     "ground_pixel_size_m",

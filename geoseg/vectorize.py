@@ -76,7 +76,7 @@ from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.config import plain
 from geoseg.errors import ParameterError, SceneError, SceneReadError
-from geoseg.io import area_units, geodesic, ground_pixel_area
+from geoseg.io import area_units, degrees_per_unit, geodesic, ground_pixel_area
 from geoseg.io import read_classes as read_tagged_classes
 
 log = logging.getLogger(__name__)
@@ -801,6 +801,10 @@ def _measure(geoms: np.ndarray, crs: CRS, step: float | None = None) -> tuple[np
     """
     if not crs.is_geographic:
         return shapely.area(geoms), shapely.length(geoms)
+    k = degrees_per_unit(crs)
+    if k != 1.0:  # grads or radians: pyproj's geodesic takes degrees
+        geoms = shapely.transform(geoms, lambda xy: xy * k)
+        step = step * k if step else step
     if step:
         geoms = shapely.segmentize(geoms, step)
     # pyproj sums signed ring areas: exteriors counter-clockwise and holes clockwise, or a hole adds

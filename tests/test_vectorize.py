@@ -284,6 +284,28 @@ def test_all_nodata_gives_empty_layer(tmp_path: Path) -> None:
     assert vec.vectorize_mask(path, tmp_path / "empty.geojson").polygons == 0
 
 
+def test_geographic_area_in_grads_is_converted_to_degrees(tmp_path: Path) -> None:
+    """NTF Paris (EPSG:4807) counts its angles in grads: areas were measured as if they were
+    degrees (+10 % at 49 degrees north)."""
+    pyproj = pytest.importorskip("pyproj")
+    from geoseg.io import pixel_areas
+
+    a = np.ones((20, 30), dtype=np.uint16)
+    a[:, 10:] = 2
+    grads = rasterio.transform.from_origin(1.0, 54.5, 0.002, 0.002)  # about 49 degrees north
+    path = write_mask(tmp_path / "ntf.tif", a, crs="EPSG:4807", nodata=0, transform=grads, tags=False, colormap=False)
+    geod = pyproj.CRS.from_epsg(4807).get_geod()
+    lat = 0.9 * (54.5 - 0.002 * np.arange(21))
+    row = np.array([abs(geod.polygon_area_perimeter([0, 0.0018, 0.0018, 0], [lat[r], lat[r], lat[r + 1], lat[r + 1]])[0])
+                    for r in range(20)])
+    with rasterio.open(path) as ds:
+        assert pixel_areas(ds.crs, ds.transform, ds.height) == pytest.approx(row, rel=1e-9)
+    vec.vectorize_mask(path, tmp_path / "ntf.gpkg", simplify=0)
+    _, _, _, (ids, _, area, _, _) = pyogrio.raw.read(tmp_path / "ntf.gpkg", layer="landcover")
+    for c, cols in ((1, 10), (2, 20)):
+        assert area[ids == c].sum() == pytest.approx(cols * row.sum(), rel=1e-6)
+
+
 def test_geographic_area_is_geodesic(tmp_path: Path) -> None:
     a = np.ones((10, 10), dtype=np.uint16)
     a[:, 5:] = 2
