@@ -533,6 +533,8 @@ class PredictResult:
         for raster, style in ((self.confidence, self.confidence_style), (self.probabilities, self.probabilities_style)):
             if raster is not None:
                 out.append(raster)
+                if Path(f"{raster}.aux.xml").exists():  # the CRS, where GeoTIFF keys cannot hold it
+                    out.append(Path(f"{raster}.aux.xml"))
             if style is not None:
                 out.append(style)
         return out + list(self.extra_outputs)
@@ -1372,9 +1374,9 @@ def _segment_scene(
                 # its first output lands: a stop then leaves part of the new set, never a mix.
                 old = [mask_path.with_suffix(".qml"), Path(f"{mask_path}.aux.xml")]
                 if opts.confidence != "none":
-                    old += [conf_path, conf_path.with_suffix(".qml")]
+                    old += [conf_path, conf_path.with_suffix(".qml"), Path(f"{conf_path}.aux.xml")]
                 if opts.probabilities != "none":
-                    old += [prob_path, prob_path.with_suffix(".qml")]
+                    old += [prob_path, prob_path.with_suffix(".qml"), Path(f"{prob_path}.aux.xml")]
                 if vector_path is not None:
                     old.append(vector_path)
                 for p in old:
@@ -1387,7 +1389,7 @@ def _segment_scene(
             for w in writers:
                 w.abort()
             raise
-    aux = write_aux_xml(mask_path, mc.classes)
+    aux = write_aux_xml(mask_path, mc.classes, srs_xml=mask_w.srs_xml)
     style = write_qml(mask_path, mc.classes)
     # the percent (uint8, 0-100) and float (0-1) rasters open in QGIS on a fixed 0-max colour ramp
     conf_style = (write_ramp_qml(conf_path, 100 if opts.confidence == "uint8" else 1, "confidence")

@@ -614,6 +614,9 @@ class COGWriter:
             staging_profile["transform"] = grid.transform
         self._ds: Any = None
         self._closed = False
+        #: The ``<SRS>`` element GDAL keeps in a ``.aux.xml`` for a CRS the GeoTIFF keys cannot hold
+        #: (known after :meth:`close`; ``None`` for every usual CRS).
+        self.srs_xml: str | None = None
         # From here until the caller can abort this writer (it is in ``registry``), anything that stops
         # the set-up (an error, SIGTERM raised between two statements) removes the staging file here:
         # GDAL creates it inside rasterio.open, before a handle comes back.
@@ -675,8 +678,13 @@ class COGWriter:
             with atomic_output(self.path, self.overwrite) as tmp:
                 with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):
                     rasterio.shutil.copy(self._staging, tmp, driver="COG", **co)
+                # A CRS that GeoTIFF keys cannot hold (a rotated pole ...) is kept by GDAL in a
+                # .aux.xml beside the file: the temp's sidecar would be lost with the rename.
+                self.srs_xml = _pam_srs(Path(f"{tmp}.aux.xml"))
                 if before_publish is not None:
                     before_publish()
+            if self.srs_xml is not None:
+                write_pam(self.path, srs_xml=self.srs_xml)
         except (rasterio.errors.RasterioError, OSError) as exc:
             if isinstance(exc, OutputError):
                 raise
@@ -762,22 +770,41 @@ def read_classes(ds: Any) -> list[ClassInfo] | None:
         return None
 
 
-def write_aux_xml(mask_path: str | Path, classes: Sequence[ClassInfo], nodata_name: str = "nodata") -> Path:
-    """Write ``<mask>.aux.xml`` with GDAL category names (index = pixel value)."""
+def write_aux_xml(mask_path: str | Path, classes: Sequence[ClassInfo], nodata_name: str = "nodata",
+                  srs_xml: str | None = None) -> Path:
+    """Write ``<mask>.aux.xml`` with GDAL category names (index = pixel value), and the mask's
+    CRS where the GeoTIFF keys could not hold it (``srs_xml``, see :attr:`COGWriter.srs_xml`)."""
     names = [""] * 256
     for c in classes:
         names[c.id] = c.name
     names[MASK_NODATA] = nodata_name
     last = max([c.id for c in classes] + [MASK_NODATA])
     cats = "".join(f"<Category>{escape(n)}</Category>" for n in names[: last + 1])
-    xml = (
-        "<PAMDataset>\n  <PAMRasterBand band=\"1\">\n"
-        f"    <CategoryNames>{cats}</CategoryNames>\n"
-        "  </PAMRasterBand>\n</PAMDataset>\n"
-    )
-    out = Path(str(mask_path) + ".aux.xml")
+    return write_pam(mask_path, srs_xml=srs_xml, band1=f"    <CategoryNames>{cats}</CategoryNames>\n")
+
+
+def write_pam(raster_path: str | Path, *, srs_xml: str | None = None, band1: str = "") -> Path:
+    """Write ``<raster>.aux.xml`` (GDAL's PAM sidecar) with a dataset ``<SRS>`` element and band 1's
+    elements."""
+    xml = "<PAMDataset>\n"
+    if srs_xml:
+        xml += f"  {srs_xml}\n"
+    if band1:
+        xml += f"  <PAMRasterBand band=\"1\">\n{band1}  </PAMRasterBand>\n"
+    xml += "</PAMDataset>\n"
+    out = Path(str(raster_path) + ".aux.xml")
     atomic_write_text(out, xml)
     return out
+
+
+def _pam_srs(pam: Path) -> str | None:
+    """The ``<SRS ...>...</SRS>`` element of a GDAL ``.aux.xml``, or None (no file, no element)."""
+    try:
+        text = pam.read_text()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    match = re.search(r"<SRS\b[^>]*>.*?</SRS>", text, re.S)
+    return match.group(0) if match else None
 
 
 def _raster_qml(renderer: str) -> str:

@@ -147,6 +147,31 @@ def test_output_grid_and_nodata_match_the_input(tmp_path: Path, dtype: str, band
     assert (conf[collar] == 255).all() and (conf[~collar] == 100).all()
 
 
+def test_a_crs_geotiff_keys_cannot_hold_is_kept(tmp_path: Path) -> None:
+    """A rotated-pole CRS lives in GDAL's .aux.xml beside a GeoTIFF: the mask, confidence and
+    probabilities came out without a CRS (the temp file's sidecar was lost with the rename), and
+    the polygons then failed on 'mask has no CRS'."""
+    from rasterio.crs import CRS
+
+    rotated = CRS.from_proj4("+proj=ob_tran +o_proj=longlat +o_lon_p=0 +o_lat_p=37.5 +lon_0=357.5 "
+                             "+datum=WGS84 +no_defs")
+    data = np.random.default_rng(0).integers(1, 3, (3, 40, 50)).astype(np.uint8)
+    src = write_raster(tmp_path / "rotpole.tif", data, crs=rotated, transform=from_origin(-5.0, 4.0, 0.01, 0.01))
+    with rasterio.open(src) as ds:
+        assert ds.crs == rotated  # (from the input's own .aux.xml)
+    res = segment_scene(src, tmp_path / "out", source=ModelSource(identity_card(3, 3)), predictor=one_hot_predictor(3),
+                        options=PredictOptions(confidence="uint8", probabilities="uint8", vector="gpkg"))
+    for raster in (res.mask, res.confidence, res.probabilities):
+        with rasterio.open(raster) as ds:
+            assert ds.crs == rotated, raster.name
+    assert Path(f"{res.confidence}.aux.xml") in res.outputs
+    assert "<CategoryNames>" in Path(f"{res.mask}.aux.xml").read_text()  # the class names are still there
+    import pyogrio
+
+    assert rasterio.crs.CRS.from_user_input(pyogrio.read_info(res.extra_outputs[0], layer="landcover")["crs"]) == rotated
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
 def test_alpha_band_marks_nodata(tmp_path: Path) -> None:
     h, w = 50, 70
     rgb = np.full((3, h, w), 1, np.uint8)
