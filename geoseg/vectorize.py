@@ -71,6 +71,7 @@ import shapely
 from affine import Affine
 from rasterio import features
 from rasterio.crs import CRS
+from rasterio.enums import MaskFlags
 
 from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_as, write_error
 from geoseg.card import PALETTE, ClassInfo
@@ -126,6 +127,11 @@ class MaskInfo:
     crs: CRS
     transform: Affine
     classes: dict[int, ClassInfo]
+    #: True when a GDAL mask band (an internal mask) marks pixels without a class: they are read
+    #: as ``nodata`` (a value no class takes, chosen when the raster has no nodata value).
+    masked: bool = False
+    #: True when ``nodata`` is such a chosen value, not the raster's own.
+    chosen_nodata: bool = False
 
     @property
     def pixel_area(self) -> float:
@@ -224,6 +230,11 @@ def _mask_info(path: Path, ds: rasterio.DatasetReader) -> MaskInfo:
     if nodata is not None and (not float(nodata).is_integer() or not _fits(int(nodata), dtype)):
         nodata = None
     classes = read_classes(ds)
+    masked = MaskFlags.per_dataset in ds.mask_flag_enums[0]
+    chosen = masked and nodata is None
+    if chosen:  # pixels the mask band hides are read as a value no class takes
+        top = int(np.iinfo(np.dtype(dtype)).max)
+        nodata = next(v for v in range(top, top - 257, -1) if v not in classes)
     if not classes and dtype != "uint8":
         # an image band (a panchromatic uint16 scene) would become one polygon per grey value
         sample = ds.read(1, out_shape=(min(ds.height, 256), min(ds.width, 256)))
@@ -242,6 +253,8 @@ def _mask_info(path: Path, ds: rasterio.DatasetReader) -> MaskInfo:
         crs=ds.crs,
         transform=ds.transform,
         classes=classes,
+        masked=masked,
+        chosen_nodata=chosen,
     )
 
 
@@ -1019,7 +1032,7 @@ def vectorize_mask(
         else:
 
             def read(r0: int, r1: int) -> np.ndarray:
-                return ds.read(1, window=((r0, r1), (0, info.width)))
+                return _read_strip(ds, info, r0, r1)
 
         with atomic_output(out_path, overwrite) as tmp, staged_as(tmp, fmt) as work:
             writer = _LayerWriter(work, driver, layer, crs_wkt, gtype)
@@ -1064,6 +1077,19 @@ def _scene_from_mask(path: Path) -> str:
     return stem[: -len("_mask")] if stem.endswith("_mask") and len(stem) > 5 else stem
 
 
+def _read_strip(ds: rasterio.DatasetReader, info: MaskInfo, r0: int, r1: int) -> np.ndarray:
+    """Rows ``[r0, r1)`` of band 1, with the pixels a mask band hides set to ``info.nodata``."""
+    window = ((r0, r1), (0, info.width))
+    block = ds.read(1, window=window)
+    if info.masked:
+        hidden = ds.read_masks(1, window=window) == 0
+        if info.chosen_nodata and (block[~hidden] == info.nodata).any():
+            raise SceneError(f"mask {info.path} hides pixels by a mask band and uses every value up to {info.nodata} "
+                             "as a class: give it a nodata value that no class takes (gdal_edit.py -a_nodata V)")
+        block[hidden] = info.nodata
+    return block
+
+
 def _sieved_reader(
     ds: rasterio.DatasetReader, info: MaskInfo, min_px: int, connectivity: int, block_size: int
 ) -> Callable[[int, int], np.ndarray]:
@@ -1073,13 +1099,20 @@ def _sieved_reader(
     """
     out = np.empty((info.height, info.width), dtype=info.dtype)
     mask = None
+    source: Any = rasterio.band(ds, 1)
+    if info.masked:  # the mask band's pixels become nodata first (one more array in memory)
+        source = np.empty((info.height, info.width), dtype=info.dtype)
+        for r0 in range(0, info.height, block_size):
+            r1 = min(info.height, r0 + block_size)
+            source[r0:r1] = _read_strip(ds, info, r0, r1)
     if info.nodata is not None:
         mask = np.empty((info.height, info.width), dtype=np.uint8)
         for r0 in range(0, info.height, block_size):
             r1 = min(info.height, r0 + block_size)
-            mask[r0:r1] = ds.read(1, window=((r0, r1), (0, info.width))) != info.nodata
-    features.sieve(rasterio.band(ds, 1), min_px, out=out, mask=mask, connectivity=connectivity)
-    del mask
+            block = source[r0:r1] if info.masked else ds.read(1, window=((r0, r1), (0, info.width)))
+            mask[r0:r1] = block != info.nodata
+    features.sieve(source, min_px, out=out, mask=mask, connectivity=connectivity)
+    del mask, source
 
     def read(r0: int, r1: int) -> np.ndarray:
         return out[r0:r1]

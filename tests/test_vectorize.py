@@ -284,6 +284,32 @@ def test_all_nodata_gives_empty_layer(tmp_path: Path) -> None:
     assert vec.vectorize_mask(path, tmp_path / "empty.geojson").polygons == 0
 
 
+@pytest.mark.parametrize("nodata", [None, 0])
+@pytest.mark.parametrize("min_area_px", [0, 5])
+def test_pixels_a_mask_band_hides_get_no_polygons(tmp_path: Path, nodata: int | None, min_area_px: int) -> None:
+    """A class raster whose no-data pixels are marked by an internal mask band (GDAL_TIFF_INTERNAL_MASK),
+    not a nodata value: its hidden pixels were polygonised as classes."""
+    a = np.ones((30, 40), dtype=np.uint8)
+    a[:, 20:] = 2
+    a[10:12, 25:27] = 3  # a 4-pixel island inside the visible part
+    hidden = np.zeros(a.shape, bool)
+    hidden[:, :10] = True  # the left 10 columns hold class 1 values but have no data
+    path = write_mask(tmp_path / "masked.tif", a, nodata=nodata)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as ds:
+        ds.write_mask(np.where(hidden, 0, 255).astype(np.uint8))
+    with rasterio.open(path) as ds:
+        assert "per_dataset" in [f.name for f in ds.mask_flag_enums[0]]
+    res = vec.vectorize_mask(path, tmp_path / "m.gpkg", simplify=0, min_pixels=min_area_px or None)
+    _, _, wkb, (ids, *_) = pyogrio.raw.read(tmp_path / "m.gpkg", layer="landcover")
+    burned = features.rasterize(zip(shapely.from_wkb(wkb), ids), out_shape=a.shape, transform=TRANSFORM, fill=0,
+                                dtype="uint8")
+    expected = np.where(hidden, 0, a)
+    if min_area_px:
+        expected[10:12, 25:27] = 2  # the island is sieved into its neighbour
+    np.testing.assert_array_equal(burned, expected)
+    assert res.polygons == len(ids)
+
+
 def test_geographic_area_in_grads_is_converted_to_degrees(tmp_path: Path) -> None:
     """NTF Paris (EPSG:4807) counts its angles in grads: areas were measured as if they were
     degrees (+10 % at 49 degrees north)."""
