@@ -1236,13 +1236,18 @@ def _segment_scene(
     mask_path, conf_path = output_paths(input_path, out)
     if mask_path.resolve() == input_path.resolve():
         raise ParameterError(f"output {mask_path} is the input: choose another --out")
+    # the styles and .aux.xml beside a raster are outputs too (a hand-made style was replaced silently)
     check_output(mask_path, opts.overwrite)
+    check_output(mask_path.with_suffix(".qml"), opts.overwrite)
+    check_output(f"{mask_path}.aux.xml", opts.overwrite)
     remove_leftovers(mask_path.parent)  # a killed run's temp files (never a live one's)
     if opts.confidence != "none":
         check_output(conf_path, opts.overwrite)
+        check_output(conf_path.with_suffix(".qml"), opts.overwrite)
     prob_path = companion_path(mask_path, "probabilities")
     if opts.probabilities != "none":
         check_output(prob_path, opts.overwrite)
+        check_output(prob_path.with_suffix(".qml"), opts.overwrite)
     vector_path = vector_output_path(mask_path, opts.vector)
     skipped = polygons_skipped_reason(meta) if vector_path is not None else None
     if skipped:

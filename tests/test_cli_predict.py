@@ -694,6 +694,15 @@ def test_existing_output_without_overwrite(runner: CliRunner, tmp_path: Path, ti
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0])])
     assert_one_line_error(res, "already exists", "--overwrite")
     assert target.read_bytes() == b"precious"
+    # a style or .aux.xml of its own beside where the mask goes is not replaced silently either
+    target.unlink()
+    for name in ("scene_landcover.qml", "scene_landcover.tif.aux.xml", "scene_confidence.qml"):
+        side = tmp_path / name
+        side.write_text("<qgis>my style</qgis>")
+        res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--confidence", "uint8"])
+        assert_one_line_error(res, f"output {side} already exists", "--overwrite")
+        assert side.read_text() == "<qgis>my style</qgis>" and not target.exists()
+        side.unlink()
 
 
 def test_weights_without_card(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
