@@ -1425,6 +1425,10 @@ def _segment_scene(
             c.name: float(row_area[c.id] if isinstance(areas, np.ndarray) else counts[c.id] * areas) for c in mc.classes},
     )
     total = sum(class_pixels.values())
+    if not total:  # (an exit 0 with an all-nodata mask and an empty layer said nothing)
+        where = "inside the AOI" if aoi is not None else "in the scene"
+        warn(f"{input_path.name}: no pixel {where} has data (every band is nodata or masked there): the mask "
+             f"is all nodata and has no polygons; check the scene and its nodata value", InputRangeWarning)
     if total:
         log.info("%s: %s of %d classified pixels", mask_path.name, ", ".join(
             f"{k} {v / total:.1%}" for k, v in sorted(class_pixels.items(), key=lambda kv: -kv[1]) if v), total)

@@ -172,6 +172,14 @@ def test_a_crs_geotiff_keys_cannot_hold_is_kept(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
+def test_a_scene_without_data_is_warned_about(tmp_path: Path) -> None:
+    src = write_raster(tmp_path / "empty.tif", np.zeros((3, 30, 40), np.uint8), nodata=0)
+    with pytest.warns(InputRangeWarning, match="empty.tif: no pixel in the scene has data"):
+        res = segment_scene(src, tmp_path / "o", source=ModelSource(identity_card(3, 3)), predictor=one_hot_predictor(3))
+    with rasterio.open(res.mask) as ds:
+        assert (ds.read(1) == MASK_NODATA).all()
+
+
 def test_alpha_band_marks_nodata(tmp_path: Path) -> None:
     h, w = 50, 70
     rgb = np.full((3, h, w), 1, np.uint8)
