@@ -297,8 +297,27 @@ def exported_for_inference(source: ModelSource) -> Path:
             import atexit
             import shutil
 
+            _remove_dead_fallbacks(fallback.parent.parent)
             atexit.register(shutil.rmtree, fallback.parent, ignore_errors=True)
         return _export_into(fallback, layer, source)
+
+
+def _remove_dead_fallbacks(tmp: Path) -> None:
+    """Remove the temporary export caches (``geoseg-exports-<pid>``) of processes that are gone: a
+    killed run's was never removed (24 MB a night for a cron job with a read-only home)."""
+    import shutil
+
+    with contextlib.suppress(OSError):
+        for d in tmp.glob("geoseg-exports-*"):
+            pid = d.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:  # (PermissionError: alive, another user's)
+                shutil.rmtree(d, ignore_errors=True)
+            except OSError:
+                pass
 
 
 def _remove_dead_exports(folder: Path) -> None:

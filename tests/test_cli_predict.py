@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import sys
 from pathlib import Path
 
@@ -838,6 +839,32 @@ def test_an_unwritable_export_cache_falls_back_to_a_temporary_one(runner: CliRun
     with pytest.warns(PerformanceWarning, match="^cannot write the export cache .*: exporting into .* set GEOSEG_CACHE_DIR"):
         segment_scene(src, tmp_path / "lib", weights=tiny_unet[0])
     assert said[0] == "warning: " + str(_warning_said(src, tmp_path / "lib2", tiny_unet[0]))
+
+
+def test_a_killed_runs_temporary_export_cache_is_removed(tmp_path: Path, tiny_unet: tuple[Path, Path],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed with kill -9 never removed its temporary export cache: the next run that needs one
+    removes those of processes that are gone, and leaves a live process's alone."""
+    import subprocess
+    import tempfile
+
+    from geoseg.engine import PredictOptions, segment_scene
+    from geoseg.errors import PerformanceWarning
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("GEOSEG_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead, alive = tmp_path / "tmp" / f"geoseg-exports-{gone.pid}", tmp_path / "tmp" / f"geoseg-exports-{os.getppid()}"
+    for d in (dead, alive):
+        (d / "key").mkdir(parents=True)
+    with pytest.warns(PerformanceWarning, match="cannot write the export cache"):
+        segment_scene(rgb(tmp_path), tmp_path / "out", weights=tiny_unet[0], options=PredictOptions(vector="none"))
+    assert not dead.exists() and (alive / "key").is_dir()
+    assert (tmp_path / "tmp" / f"geoseg-exports-{os.getpid()}").is_dir()  # this run's (removed at its exit)
 
 
 def _warning_said(src: Path, out: Path, weights: Path) -> Warning:
