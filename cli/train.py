@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,5 +78,9 @@ def train(ctx: click.Context, config: Path, image: Path | None, labels: Path | N
         "progress": sys.stderr.isatty() and not ctx.obj.get("quiet", False),
     }
     cfg = TrainConfig.load(config, overrides, explicit=sets)
+    if resume and not out and "out" not in sets:
+        # a resumed run finishes in its own folder, not in the config's out: (a run stopped in
+        # runs/stop finished in the recipe's runs/nc_unet, leaving runs/stop without a card)
+        cfg = dataclasses.replace(cfg, out=TrainConfig.out)
     result = run_training(cfg, overwrite=overwrite)
     click.echo(str(result.weights))

@@ -559,6 +559,27 @@ def test_resume_refuses_changed_settings_and_finds_its_run_folder(scene: tuple[P
     assert [r["iteration"] for r in res.history] == [1, 2, 3]
 
 
+def test_resume_on_the_command_line_finishes_in_the_run_folder_not_the_configs_out(
+        scene: tuple[Path, Path], tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    """Every shipped recipe has an out: of its own; a run trained with --out runs/stop and resumed
+    with the recipe and --resume runs/stop/checkpoints finished in the recipe's out:, leaving
+    runs/stop without a card."""
+    from geoseg_cli.main import cli
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_cfg(scene, tmp_path / "recipe_out").to_dict()))
+    stop = tmp_path / "stop"
+    train(_cfg(scene, stop, iterations=2))
+    (stop / "weights.yaml").unlink()  # (as a stopped run leaves it: checkpoints, no card)
+    r = runner.invoke(cli, ["-q", "train", "--config", str(tmp_path / "c.yaml"), "--iterations", "3",
+                            "--resume", str(stop / "checkpoints")])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == str(stop / "weights.pdparams") and (stop / "weights.yaml").exists()
+    assert not (tmp_path / "recipe_out").exists()
+    r = runner.invoke(cli, ["-q", "train", "--config", str(tmp_path / "c.yaml"), "--iterations", "4",
+                            "--resume", str(stop / "checkpoints"), "--out", str(tmp_path / "elsewhere")])
+    assert r.exit_code == 0 and r.output.strip() == str(tmp_path / "elsewhere" / "weights.pdparams"), r.output
+
+
 def test_scene_inside_a_zip_archive_trains(scene: tuple[Path, Path], tmp_path: Path) -> None:
     """Image and labels read through GDAL's /vsizip/ (absolute archive path) train as the plain files do."""
     import zipfile
