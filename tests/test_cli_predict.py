@@ -1041,6 +1041,11 @@ def test_sigterm_at_any_moment_of_the_start_is_a_clean_exit(tmp_path: Path) -> N
         time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
+        if delay < 0.1 and proc.returncode == -signal.SIGTERM:
+            # the signal came in Python's own start-up, before the script's first line (~50 ms, longer on
+            # a busy machine): the default action ends it there, silently, before anything is written
+            assert err == "" and not (tmp_path / f"o{i}").exists(), (delay, err[-1500:])
+            continue
         assert proc.returncode == 143, (delay, proc.returncode, err[-1500:])
         assert "FatalError" not in err and "Traceback" not in err, (delay, err[-1500:])
         assert not list(tmp_path.glob(f"o{i}/*landcover*")), delay
