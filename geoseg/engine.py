@@ -1394,15 +1394,14 @@ def _segment_scene(
             def drop_old_set() -> None:
                 # --overwrite: the outputs are published one by one, so a run stopped among them left
                 # the new mask beside the old run's confidence, polygons, .aux.xml: a set that did not
-                # belong together, and nothing said so. The old files this run rewrites go just before
-                # its first output lands: a stop then leaves part of the new set, never a mix.
+                # belong together, and nothing said so. The old run's files go just before this run's
+                # first output lands: a stop then leaves part of the new set, never a mix. Those this
+                # run does not write go too (an old model's confidence and polygons stayed beside a
+                # new mask made without them): they belong to the mask being replaced.
                 old = [mask_path.with_suffix(".qml"), Path(f"{mask_path}.aux.xml")]
-                if opts.confidence != "none":
-                    old += [conf_path, conf_path.with_suffix(".qml"), Path(f"{conf_path}.aux.xml")]
-                if opts.probabilities != "none":
-                    old += [prob_path, prob_path.with_suffix(".qml"), Path(f"{prob_path}.aux.xml")]
-                if vector_path is not None:
-                    old.append(vector_path)
+                for raster in (conf_path, prob_path):
+                    old += [raster, raster.with_suffix(".qml"), Path(f"{raster}.aux.xml")]
+                old += [mask_path.with_suffix(ext) for ext in VECTOR_EXTENSIONS.values() if ext]
                 for p in old:
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()

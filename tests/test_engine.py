@@ -352,6 +352,13 @@ def test_an_overwrite_stopped_among_its_outputs_leaves_no_mixed_set(tmp_path: Pa
     with pytest.raises(KeyboardInterrupt):
         segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg", overwrite=True))
     assert {p.name for p in out.iterdir()} == old
+    # a run that writes fewer outputs replaces the old set too: an old model's confidence and polygons
+    # stayed beside a new mask made without them
+    monkeypatch.setattr(COGWriter, "close", close)
+    (out / "notes.txt").write_text("mine")
+    segment_scene(src, out, **kw, options=PredictOptions(vector="none", overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "s_landcover.qml", "s_landcover.tif",
+                                                     "s_landcover.tif.aux.xml"]
 
 
 def test_a_full_disk_is_said_in_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
