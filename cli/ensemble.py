@@ -17,8 +17,8 @@ from geoseg_cli import options as o
               help="Store the weights as float16 (half the file; computed in float32).")
 @o.overwrite_opt
 def ensemble(members: tuple[str, ...], out: Path, name: str | None, half: bool, overwrite: bool) -> None:
-    """Combine MEMBERS (geoseg train output folders, .pdparams files with their cards, or shipped
-    model names) into one model that averages their class probabilities.
+    """Combine MEMBERS (geoseg train output folders, or .pdparams files with their cards; not the
+    shipped models, which are ensembles already) into one model that averages their class probabilities.
 
     The members must be the same network, bands, classes and normalisation, and are meant to be
     one config trained with different seeds: members trained with other settings (window, loss,

@@ -765,6 +765,10 @@ def draw_sample(
                           driver=DRIVERS[fmt], geometry_type="Point", crs=crs_out, layer_options=options)
     drawn = {int(v): int(n) for v, n in zip(*np.unique(k, return_counts=True))}
     small = [cid for cid, n in drawn.items() if n < per_class]
+    where = " in the region" if region else ""
     if small:
-        warn(f"classes {small} have fewer than {per_class} pixels: all of them were drawn", EvaluationWarning)
+        warn(f"classes {small} have fewer than {per_class} pixels{where}: all of them were drawn", EvaluationWarning)
+    absent = [cid for cid in classes if not counts[cid]]
+    if absent and ids is not None:  # classes of the map's table (not only the values found)
+        warn(f"classes {absent} have no pixel{where}: no points for them", EvaluationWarning)
     return SampleResult(out, drawn, {int(cid): int(counts[cid]) for cid in ranks})

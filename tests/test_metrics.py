@@ -535,6 +535,8 @@ def test_sample_draws_each_class_uniformly_and_round_trips_through_evaluate(tmp_
     assert r.exit_code == 1 and ".gpkg, .geojson or .fgb" in r.output
     r = runner.invoke(cli, ["sample", str(pred), "--out", str(tmp_path / "r.gpkg"), "--region", "30,0,10,30"])
     assert r.exit_code == 0 and len(pyogrio.raw.read(tmp_path / "r.gpkg")[2]) == 10  # only sand there
+    assert ("warning: classes [3] have fewer than 50 pixels in the region: all of them were drawn" in r.stderr
+            and "warning: classes [1, 2] have no pixel in the region: no points for them" in r.stderr), r.stderr
 
 
 @pytest.mark.filterwarnings("ignore:'crs' was not provided")
