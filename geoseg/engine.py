@@ -62,6 +62,7 @@ from geoseg.io import (
     class_colormap,
     classes_tag,
     close_handles,
+    GeoAreas,
     add_area_counts,
     georeferencing,
     is_virtual,
@@ -1349,7 +1350,7 @@ def _segment_scene(
                                    registry=writers)
 
             counts = np.zeros(256, np.int64)
-            areas = pixel_areas(out_meta.crs, out_meta.transform, out_meta.height)  # per row on a degree grid
+            areas = pixel_areas(out_meta.crs, out_meta.transform, out_meta.height)  # by row/pixel on a degree grid
             row_area = np.zeros(256)
 
             def sink(row: int, idx: np.ndarray, conf: np.ndarray, valid: np.ndarray, probs: np.ndarray) -> None:
@@ -1361,8 +1362,8 @@ def _segment_scene(
                     m = np.full(idx.shape, MASK_NODATA, np.uint8)
                     counts[MASK_NODATA] += m.size
                 mask_w.write_rows(row, m)
-                if isinstance(areas, np.ndarray):
-                    add_area_counts(row_area, m, areas[row:row + len(m)])
+                if isinstance(areas, GeoAreas):
+                    add_area_counts(row_area, m, areas.block(row, len(m), 0, m.shape[1]))
                 if conf_w is not None:
                     conf_w.write_rows(row, encode_probabilities(conf, valid, opts.confidence))
                 if prob_w is not None:
@@ -1440,7 +1441,7 @@ def _segment_scene(
         scene_prior=scene_priors, probabilities=prob_path if opts.probabilities != "none" else None,
         class_pixels=class_pixels, confidence_style=conf_style, probabilities_style=prob_style,
         class_area=None if areas is None else {
-            c.name: float(row_area[c.id] if isinstance(areas, np.ndarray) else counts[c.id] * areas) for c in mc.classes},
+            c.name: float(row_area[c.id] if isinstance(areas, GeoAreas) else counts[c.id] * areas) for c in mc.classes},
     )
     total = sum(class_pixels.values())
     if not total:  # (an exit 0 with an all-nodata mask and an empty layer said nothing)

@@ -39,6 +39,7 @@ from geoseg.io import (
     MASK_NODATA,
     NO_LABEL,
     VectorData,
+    GeoAreas,
     add_area_counts,
     area_units,
     pixel_areas,
@@ -433,7 +434,7 @@ def evaluate_vector(
             # ground areas (geodesic m² row by row on a geographic CRS); pixels on a grid without a CRS
             areas = pixel_areas(pds.crs, pds.transform, pds.height)
             map_pixels, row_area = _class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows,
-                                                 row_area=areas if isinstance(areas, np.ndarray) else None)
+                                                 row_area=areas if isinstance(areas, GeoAreas) else None)
             map_area = row_area if row_area is not None else map_pixels * (1.0 if areas is None else areas)
             units = area_units(pds.crs)
     pt_ignored = np.isin(pt_ids[inside], list(ignore))
@@ -471,10 +472,9 @@ def evaluate_vector(
 
 
 def _value_counts(ds: Any, box: tuple[int, int, int, int], block_rows: int,
-                  row_area: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                  row_area: GeoAreas | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Pixels of each value 0..65535 in the ``(col, row, width, height)`` box of band 1 of ``ds``,
-    and (with ``row_area``, the area of a pixel of each of the dataset's rows) their summed area,
-    in one pass."""
+    and (with ``row_area``, the dataset's pixel areas) their summed area, in one pass."""
     c0, r0, w, h = box
     counts = np.zeros(65536, np.int64)
     area = None if row_area is None else np.zeros(65536)
@@ -482,12 +482,12 @@ def _value_counts(ds: Any, box: tuple[int, int, int, int], block_rows: int,
         block = ds.read(1, window=Window(c0, row, w, min(block_rows, r0 + h - row)))
         counts += np.bincount(block.ravel().astype(np.int64), minlength=65536)[:65536]
         if area is not None:
-            add_area_counts(area, block, row_area[row:row + block.shape[0]])  # type: ignore[index]
+            add_area_counts(area, block, row_area.block(row, block.shape[0], c0, w))
     return counts, area
 
 
 def _class_pixels(ds: Any, box: tuple[int, int, int, int], class_ids: Sequence[int], block_rows: int,
-                  row_area: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                  row_area: GeoAreas | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Pixels of each of ``class_ids`` in the ``(col, row, width, height)`` box of band 1 of ``ds``,
     and their area with ``row_area`` (see :func:`_value_counts`)."""
     counts, area = _value_counts(ds, box, block_rows, row_area)

@@ -172,6 +172,22 @@ def test_a_crs_geotiff_keys_cannot_hold_is_kept(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
+def test_class_areas_on_a_rotated_degree_grid_match_the_polygons(tmp_path: Path) -> None:
+    """A rotated degree grid's row crosses latitudes: its class areas were computed row by row as if it
+    did not (+1.8 % against the polygons' geodesic areas at 61 degrees north, rotated 40 degrees)."""
+    import pyogrio
+    from affine import Affine
+
+    a = class_image(60, 80, 3, seed=2)[None].astype(np.uint8)
+    rotated = Affine.translation(10.0, 61.0) * Affine.rotation(40) * Affine.scale(0.003, -0.003)
+    src = write_raster(tmp_path / "rot.tif", a, crs="EPSG:4326", transform=rotated)
+    res = segment_scene(src, tmp_path / "o", source=ModelSource(identity_card(1, 3)), predictor=one_hot_predictor(3),
+                        options=PredictOptions(vector="gpkg", simplify=0))
+    _, _, _, (ids, _, area, *_) = pyogrio.raw.read(res.extra_outputs[0], layer="landcover")
+    for c in identity_card(1, 3).classes:
+        assert res.class_area[c.name] == pytest.approx(area[ids == c.id].sum(), rel=1e-5), c.name
+
+
 def test_a_scene_without_data_is_warned_about(tmp_path: Path) -> None:
     src = write_raster(tmp_path / "empty.tif", np.zeros((3, 30, 40), np.uint8), nodata=0)
     with pytest.warns(InputRangeWarning, match="empty.tif: no pixel in the scene has data"):
