@@ -538,8 +538,8 @@ class PredictResult:
     #: Pixels of each class in the mask (class name → count, every class of the card).
     class_pixels: dict[str, int] = field(default_factory=dict)
     #: Ground area of each class (class name → area): in the CRS's units² for a projected CRS
-    #: (m² for most), geodesic m² for a geographic one (row by row: a degree pixel's area
-    #: depends on its latitude); None when the scene has no CRS.
+    #: (m² for most), geodesic m² for a geographic one (a degree pixel's area depends on its
+    #: latitude: see :class:`geoseg.io.GeoAreas`); None when the scene has no CRS.
     class_area: dict[str, float] | None = None
     #: QGIS styles of the confidence and probabilities rasters (``<stem>_confidence.qml``, ...), when written.
     confidence_style: Path | None = None
