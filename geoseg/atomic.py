@@ -2,7 +2,9 @@
 
 A killed run leaves at most a ``.geoseg-<name>.<host>-<pid>-<random>.tmp`` file behind (never a
 truncated output under the real name); :func:`clean_temp_files` removes such leftovers of
-processes that are gone, never those of a live run writing into the same folder.
+processes that are gone, never those of a live run writing into the same folder.  The temp file is
+flushed to disk (``fsync``) before the rename and the folder after it, so that a power cut too
+leaves the old file or the complete new one.
 """
 
 from __future__ import annotations
@@ -79,14 +81,60 @@ def disk_full(exc: BaseException | None, folder: str | Path | None = None) -> bo
     return False
 
 
-def write_error(path: str | Path, exc: BaseException) -> OutputError:
-    """A one-line error for a failed write of ``path``: says when the disk is full."""
+_TOO_LARGE_TEXTS = ("file too large",)
+
+
+def too_large(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says a file grew past the largest size this
+    process may write (``EFBIG``: the file-size limit of ``ulimit -f``, or the file system's own)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) == errno.EFBIG or any(t in str(exc).lower() for t in _TOO_LARGE_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def file_size_limit() -> int | None:
+    """The largest file this process may write (``ulimit -f``, bytes), or None when unlimited."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError, AttributeError):
+        return None
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
+
+
+def no_space_reason(exc: BaseException | None, folder: str | Path | None = None) -> str | None:
+    """Why a write failed for lack of room, in words (``"no space left on the device"``, ``"file too large
+    (...)"``), or None when ``exc`` is not about room (see :func:`disk_full`, :func:`too_large`)."""
+    if too_large(exc):
+        limit = file_size_limit()
+        said = f"this process may not write files over {limit} bytes (ulimit -f)" if limit is not None else \
+            "larger than the file system allows"
+        return f"file too large: {said}"
+    if disk_full(exc, folder):
+        return "no space left on the device"
+    return None
+
+
+def write_error(path: str | Path, exc: BaseException, option: str = "--out") -> OutputError:
+    """A one-line error for a failed write of ``path``: says when the disk is full, or the file grew past
+    the file-size limit; ``option`` is the command-line option that chose the path."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    if disk_full(exc, folder):
-        return OutputError(f"cannot write {path}: no space left on the device: free some space or choose another "
-                           "--out (nothing half-written was left)")
-    return OutputError(f"cannot write {path}: {exc}")
+    room = no_space_reason(exc, folder)
+    if room is not None and room.startswith("file too large"):
+        return OutputError(f"cannot write {path}: {room}: raise the limit or choose another {option} "
+                           "(nothing half-written was left)")
+    if room is not None:
+        return OutputError(f"cannot write {path}: {room}: free some space or choose another {option} "
+                           "(nothing half-written was left)")
+    limit = file_size_limit()
+    hint = f" (this process may not write files over {limit} bytes: ulimit -f)" if limit is not None else ""
+    return OutputError(f"cannot write {path}: {exc}{hint}")
 
 
 def _host_tag() -> str:
@@ -94,12 +142,49 @@ def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+#: Bytes kept free in a temp name for the names derived from it (``….staging.tif``, GDAL's ``.aux.xml``,
+#: ``.ovr.tmp``, ``.msk``, a ``.gpkg`` work file and SQLite's ``-journal``).
+DERIVED_NAME_BYTES = 32
+
+
+def name_max(folder: str | Path) -> int:
+    """The longest file name (bytes) ``folder``'s file system takes (``PC_NAME_MAX``; 255 where unknown)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        n = os.pathconf(folder if str(folder) else ".", "PC_NAME_MAX")
+        if n and n > 0:
+            return int(n)
+    return 255
+
+
+def _shorten(name: str, nbytes: int) -> str:
+    """The longest start of ``name`` whose file system encoding takes at most ``nbytes`` bytes (whole
+    characters only)."""
+    if len(os.fsencode(name)) <= nbytes:
+        return name
+    out, used = [], 0
+    for ch in name:
+        size = len(os.fsencode(ch))
+        if used + size > nbytes:
+            break
+        out.append(ch)
+        used += size
+    return "".join(out)
+
+
 def temp_name(path: str | Path) -> Path:
     """A fresh temp file name next to ``path`` (same folder, so the rename is atomic), naming the
     writing process (host and pid) so that a cleanup can tell a dead run's leftover from a live
-    run's file (see :func:`clean_temp_files`)."""
+    run's file (see :func:`clean_temp_files`).
+
+    The part taken from ``path``'s name is shortened where the temp name (and the names derived from
+    it, see :data:`DERIVED_NAME_BYTES`) would pass the file system's name limit: a legal output
+    name of 200 characters failed with "File name too long" on its temp name.
+    """
     path = Path(path)
-    return path.with_name(f"{TMP_PREFIX}{path.name}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+    tail = f".{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
+    folder = path.parent if str(path.parent) else Path(".")
+    room = name_max(folder) - len(TMP_PREFIX) - len(tail) - DERIVED_NAME_BYTES
+    return path.with_name(f"{TMP_PREFIX}{_shorten(path.name, max(room, 1))}{tail}")
 
 
 #: The writer in a temp name of :func:`temp_name` (and names derived from it: ``.staging.tif``, ...).
@@ -152,13 +237,53 @@ def atomic_output(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise OutputError(f"nothing was written to {path}")
+        fsync_file(tmp)  # the data on disk before the name: a power cut never leaves a short file
         os.replace(tmp, path)
+        fsync_folder(path.parent if str(path.parent) else Path("."))  # the rename itself
     except BaseException:
         _unlink(tmp)
         raise
     finally:
         for side in (".aux.xml", ".ovr", ".msk"):
             _unlink(Path(str(tmp) + side))
+
+
+#: fsync errors that only say the file system does not do it (special or network file systems).
+_NO_FSYNC_ERRNOS = (errno.EINVAL, getattr(errno, "ENOTSUP", errno.EINVAL), getattr(errno, "EOPNOTSUPP", errno.EINVAL))
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush ``path``'s data to disk (``fsync``); a file system that does not support it is let be.
+
+    Raises:
+        OSError: the data could not be written (EIO, ENOSPC on a network file system, ...).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_FSYNC_ERRNOS:
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Flush ``folder``'s entries (a rename into it) to disk, where the OS allows: never raises (the file
+    itself is in place; a folder that cannot be opened or synced is as safe as the OS makes it)."""
+    if os.name != "posix":  # folders cannot be opened for fsync there
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_FSYNC_ERRNOS:
+            log.debug("cannot fsync the folder %s: %s", folder, exc)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:

@@ -96,3 +96,106 @@ def test_an_unfinished_export_of_a_dead_process_leaves_the_cache(tmp_path: Path,
     done.mkdir()
     engine._remove_dead_exports(tmp_path)
     assert left.exists() == pid_alive and done.exists()
+
+
+def test_an_output_is_flushed_to_disk_before_its_rename_and_its_folder_after(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs were renamed into place without fsync: after a power cut the new name could point at a
+    file whose data never reached the disk (the README promises only complete files)."""
+    import geoseg.atomic as atomic
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}") if Path("/proc/self/fd").exists() else "?"))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:  # type: ignore[no-untyped-def]
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "a_landcover.qml"
+    atomic.atomic_write_text(out, "<qgis/>")
+    assert out.read_text() == "<qgis/>"
+    kinds = [k for k, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    if Path("/proc/self/fd").exists():
+        assert Path(events[0][1]).name.startswith(".geoseg-a_landcover.qml.")  # the temp file, before the rename
+        assert events[2][1] == str(tmp_path)  # the folder, after it
+
+
+def test_a_file_system_without_fsync_still_gets_its_outputs_and_a_failed_one_leaves_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync's EINVAL says the file system does not do it (some special or network file systems): the
+    output is written as before. A real error (EIO: the data did not reach the disk) fails the write."""
+    import errno
+
+    from geoseg.atomic import atomic_write_text
+
+    def no_fsync(fd: int) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", no_fsync)
+    assert atomic_write_text(tmp_path / "a.txt", "x").read_text() == "x"
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        atomic_write_text(tmp_path / "b.txt", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # no b.txt, no temp file
+
+
+@pytest.mark.parametrize("char", ["x", "\u00e9"])
+def test_a_long_legal_name_gets_a_temp_name_within_the_limit(tmp_path: Path, char: str) -> None:
+    """A scene named with about 205 characters failed "[Errno 36] File name too long: '.../.geoseg-S2A_..."
+    although its outputs' names are legal: the temp name added some 40 characters to the final name. The
+    part taken from the final name is now shortened (whole characters) to keep it within the limit."""
+    from geoseg.atomic import atomic_write_text
+
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    stem = "S2A_MSIL2A_" + char * ((limit - 40) // len(char.encode()))
+    name = stem + "_landcover.tif.aux.xml"
+    assert len(os.fsencode(name)) <= limit
+    atomic_write_text(tmp_path / name, "<PAMDataset/>")
+    assert (tmp_path / name).read_text() == "<PAMDataset/>"
+
+    from geoseg.atomic import DERIVED_NAME_BYTES
+
+    tmp = temp_name(tmp_path / name)
+    assert len(os.fsencode(tmp.name)) + DERIVED_NAME_BYTES <= limit and tmp.name.startswith(".geoseg-S2A_MSIL2A_")
+    tmp.name.encode("utf-8")  # (cut between characters, never inside one)
+    staging = tmp.with_suffix(".staging.tif")  # as the raster writer names its staging file
+    staging.write_bytes(b"x")
+    Path(f"{staging}.aux.xml").write_bytes(b"x")  # and GDAL its side file
+    assert not is_leftover(staging) and clean_temp_files(tmp_path) == []  # still names its writer
+
+
+def test_a_write_past_the_file_size_limit_says_so(tmp_path: Path) -> None:
+    """Past ``ulimit -f`` (EFBIG) a write failed with a message about something else (GDAL's "Failed to
+    commit transaction", or "no space left" on a disk with room). The error now names the limit."""
+    resource = pytest.importorskip("resource")
+    import errno
+
+    from geoseg.atomic import write_error
+    from geoseg.batch import BatchResult, write_report
+
+    report = tmp_path / "run.json"
+    result = BatchResult(out_dir=tmp_path, scenes=[], seconds=0.0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))  # (Python ignores SIGXFSZ: the write gets EFBIG)
+    try:
+        with pytest.raises(OSError) as caught:
+            write_report(result, report)
+        said = str(write_error(tmp_path / "a.gpkg", OSError("Failed to commit transaction")))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert (f"cannot write {report}: file too large: this process may not write files over 64 bytes (ulimit -f): "
+            "raise the limit or choose another --report") in str(caught.value)
+    assert said.endswith("Failed to commit transaction (this process may not write files over 64 bytes: ulimit -f)")
+    assert not report.exists() and not list(tmp_path.glob(".geoseg-*"))
+    assert "file too large" in str(write_error(tmp_path / "b.tif", OSError(errno.EFBIG, "File too large")))
