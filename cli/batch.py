@@ -19,14 +19,24 @@ from geoseg_cli import options as o
 _MUTED = ("geoseg.engine", "geoseg.vectorize", "rasterio", "pyogrio")
 
 
+#: The --log-file's line format: the pid tells apart the lines of overlapping runs (a run of the night
+#: before still going, a manual run) appending to one log.
+LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(message)s"
+
+
 @contextlib.contextmanager
-def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False) -> Iterator[None]:
+def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False, start: str | None = None
+                   ) -> Iterator[None]:
     """One line per scene: engine INFO lines are muted unless -v; --log-file adds a timestamped copy.
 
     ``dask``: the run starts or joins a Dask cluster. Importing ``distributed`` sets its loggers to
     INFO (its config), and PaddlePaddle's root handler would print the scheduler's and nannies'
-    start/stop chatter (~30 lines): it is imported first, so the level set here holds.
+    start/stop chatter (~30 lines): it is imported first, so the level set here holds. Its warnings
+    and errors (a worker process killed, a task given up after its workers died) go to the log file too.
+    ``start``: the log file's first line of this run (what it runs on), before any other.
     """
+    from geoseg.errors import BatchLockedError
+
     root = logging.getLogger("geoseg")
     names = _MUTED
     if dask:
@@ -37,7 +47,7 @@ def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False) ->
     handler = _log_file_handler(log_file) if log_file is not None else None
     muted = [logging.getLogger(name) for name in names]
     old_levels = [lg.level for lg in muted]
-    noise = None
+    noise = forward = None
     if verbosity <= 0:
         for lg in muted:
             lg.setLevel(logging.WARNING)
@@ -47,17 +57,27 @@ def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False) ->
             noise = _StoppedRunNoise()
             logging.getLogger("distributed.client").addFilter(noise)
     if handler is not None:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        if start:
+            handler.handle(root.makeRecord(root.name, logging.INFO, __file__, 0, "%s", (start,), None))
         root.addHandler(handler)
+        if dask:
+            # (through a handler of its own: LocalCluster sets the level of every StreamHandler on the
+            # "distributed" logger to WARNING while it runs, which took geoseg's INFO lines out of the file)
+            forward = _Forward(handler, logging.WARNING if verbosity <= 0 else logging.NOTSET)
+            logging.getLogger("distributed").addHandler(forward)
     try:
         yield
     except BaseException as exc:
-        if handler is not None:  # a refused or stopped run says why in the log file too, not only on stderr
+        if handler is not None and handler.failure is None:
+            # a refused or stopped run says why in the log file too, not only on stderr
             from geoseg_cli.main import stop_message
 
             root.removeHandler(handler)  # (not twice on stderr: only the file gets this line)
-            handler.handle(root.makeRecord(root.name, logging.ERROR, __file__, 0, "Error: %s",
-                                           (stop_message(exc),), None))
+            # exit 4 (another run holds DIR) is to be ignored, as the README says: not an error
+            locked = isinstance(exc, BatchLockedError)
+            handler.handle(root.makeRecord(root.name, logging.WARNING if locked else logging.ERROR, __file__, 0,
+                                           "warning: %s" if locked else "Error: %s", (stop_message(exc),), None))
         raise
     finally:
         for lg, level in zip(muted, old_levels):
@@ -66,10 +86,81 @@ def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False) ->
             logging.getLogger("distributed.client").removeFilter(noise)
         if handler is not None:
             root.removeHandler(handler)
+            if forward is not None:
+                logging.getLogger("distributed").removeHandler(forward)
             handler.close()
+    if handler is not None and handler.failure is not None:
+        raise handler.error()
 
 
-def _log_file_handler(log_file: Path) -> logging.FileHandler:
+class _Forward(logging.Handler):
+    """Hands the records of another logger tree (distributed's) to the --log-file's handler."""
+
+    def __init__(self, target: logging.Handler, level: int) -> None:
+        super().__init__(level)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)
+
+
+class _LogFile(logging.FileHandler):
+    """--log-file: a file that cannot be written (a full disk) says so once, in one line on stderr, and
+    takes no more lines; the run goes on and then fails (exit 1) naming the log file. Python's logging
+    printed a "--- Logging error ---" traceback per line, and the final flush's error blamed --out."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8", errors="backslashreplace")
+        self.path = path
+        self.failure: OSError | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failure is None:
+            super().emit(record)
+
+    def flush(self) -> None:
+        if self.failure is not None:
+            return
+        try:
+            super().flush()
+        except OSError as exc:
+            self._failed(exc)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            self._failed(exc)
+        else:
+            super().handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as exc:  # (the last lines, flushed when the stream closes)
+            self._failed(exc)
+
+    def _reason(self) -> str:
+        from geoseg.atomic import no_space_reason
+
+        exc = self.failure
+        return no_space_reason(exc, self.path.absolute().parent) or (getattr(exc, "strerror", None) or str(exc))
+
+    def _failed(self, exc: OSError) -> None:
+        if self.failure is not None:
+            return
+        self.failure = exc  # (first: the line below reaches this handler too, which takes no more)
+        logging.getLogger("geoseg").warning("warning: --log-file %s: cannot write it (%s): the rest of this run's "
+                                            "log goes to stderr only", self.path, self._reason())
+
+    def error(self) -> Exception:
+        """The run's error once the log could not be written (the run itself went through)."""
+        from geoseg.errors import OutputError
+
+        return OutputError(f"--log-file {self.path}: cannot write it ({self._reason()}): free some space or give "
+                           "another --log-file (the run itself went through: see its manifest)")
+
+
+def _log_file_handler(log_file: Path) -> _LogFile:
     """Open --log-file for appending, creating its folder(s) as --report does: a cron job that hides
     stderr otherwise did nothing at all when logs/ was not there yet. One line (exit 1) when it cannot."""
     from geoseg.atomic import file_above
@@ -82,7 +173,7 @@ def _log_file_handler(log_file: Path) -> logging.FileHandler:
         raise ParameterError(f"--log-file {log_file}: {above} is a file, not a folder: give another path for --log-file")
     try:
         log_file.absolute().parent.mkdir(parents=True, exist_ok=True)
-        return logging.FileHandler(log_file, encoding="utf-8")
+        return _LogFile(log_file)
     except OSError as exc:
         raise ParameterError(f"--log-file {log_file}: cannot write it ({exc.strerror}): "
                              "give a writable path for --log-file") from None
@@ -119,8 +210,8 @@ def _usage_error_to_log_file(args: list[str], exc: click.ClickException) -> None
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     with contextlib.suppress(OSError):
         Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(f"{stamp} ERROR Error: {exc.format_message()}\n")
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(f"{stamp} [{os.getpid()}] ERROR Error: {exc.format_message()}\n")
 
 
 @click.command(cls=_BatchCommand, short_help="Segment many scenes once each (crash-safe; local or Dask).")
@@ -198,7 +289,8 @@ def batch(
     bo = BatchOptions(force=force, dry_run=dry_run, mosaic=mosaic, patterns=patterns or BatchOptions.patterns,
                       scheduler=scheduler, workers=workers, resources=res, report=report,
                       quiet_worker_loggers=(*_MUTED, "distributed") if ctx.obj.get("verbosity", 0) <= 0 else ())
-    with _batch_logging(log_file, ctx.obj.get("verbosity", 0), dask=bool(scheduler or workers)):
+    with _batch_logging(log_file, ctx.obj.get("verbosity", 0), dask=bool(scheduler or workers),
+                        start=_start_line(inputs, out, dry_run)):
         result = run_batch(inputs, out, bm, opts, bo)
     if dry_run:
         for scene, reason in result.planned:
@@ -208,3 +300,13 @@ def batch(
         from geoseg_cli.main import EXIT_PARTIAL
 
         ctx.exit(EXIT_PARTIAL)
+
+
+def _start_line(inputs: tuple[str, ...], out: Path, dry_run: bool) -> str:
+    """The log file's first line of a run: which geoseg, on which machine, over what (the pid is in every line)."""
+    import socket
+
+    from geoseg import __version__
+
+    what = "dry run" if dry_run else "run"
+    return f"geoseg {__version__} batch {what} started on {socket.gethostname()}: {' '.join(inputs)} --out {out}"

@@ -18,10 +18,13 @@ keeps a manifest in ``DIR/.geoseg/manifest.sqlite`` so that cron runs do each sc
 * **Failure isolation.**  A scene that cannot be read, does not suit the model, cannot be
   written or would write another scene's outputs is recorded as ``failed`` with its reason; the
   batch goes on.  Model problems are fatal, and so is a Dask cluster without a worker that can
-  run the scenes (after a bounded wait: never a silent hang holding the lock).
+  run the scenes (after a bounded wait: never a silent hang holding the lock), and a scene that
+  finds no room to write (a full disk, the file-size limit): every later scene would fail the same
+  way.  A fatal error found before the run starts (a missing weights file or input) is reported too.
 * **Scale-out.**  With a Dask ``distributed.Client`` each scene is one task; every worker
   loads the model once through :class:`ModelPlugin` and reuses it.  Results and failures
-  come back to the client, the only writer of the manifest and the report.
+  come back to the client, the only writer of the manifest and the report, which releases each
+  task as soon as its result is taken (a task kept would be run again when its worker dies).
 
 Units: seconds (wall clock), megapixels (10⁶ scene pixels), sizes in bytes.
 """
@@ -31,14 +34,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import fcntl
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
+import stat
+import sys
 import threading
 import time
 import warnings
@@ -49,7 +57,16 @@ from typing import Any, Literal
 from xml.etree import ElementTree
 
 from geoseg.aoi import aoi_key
-from geoseg.atomic import atomic_write_text, clean_temp_files, file_above, temp_name
+from geoseg.atomic import (
+    atomic_write_text,
+    clean_temp_files,
+    disk_full,
+    file_above,
+    file_size_limit,
+    temp_name,
+    too_large,
+    write_error,
+)
 from geoseg.errors import (
     AoiOutsideError,
     BatchLockedError,
@@ -59,6 +76,7 @@ from geoseg.errors import (
     GeosegError,
     GeosegWarning,
     ModelError,
+    OutputError,
     ParameterError,
     PerformanceWarning,
     SceneReadError,
@@ -98,6 +116,8 @@ class Scene:
     key: str
     out_dir: str
     conflict: str | None = None
+    #: What kind of refusal ``conflict`` is (the report's ``reason``).
+    refusal: str = "name clash"
 
 
 def _list_file_entries(list_path: Path) -> list[Path]:
@@ -116,13 +136,40 @@ def _list_file_entries(list_path: Path) -> list[Path]:
     return out
 
 
+def printable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: the bytes of a name that is not valid UTF-8 (which Python keeps as
+    surrogate escapes, ``caf\\udce9.tif``) as ``\\xe9`` (``caf\\xe9.tif``), for the log, the report and
+    the manifest."""
+    return text if _utf8(text) else text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _bad_name(path: Path) -> str | None:
+    """Why ``path`` cannot be a scene for its name (a part that is not valid UTF-8: SQLite, the JSON
+    report, the log file and GDAL take UTF-8 names), else None."""
+    if _utf8(str(path)):
+        return None
+    part = next((p for p in path.parts if not _utf8(p)), path.name)
+    what = "its name" if part == path.name else f"the name of its folder {printable(part)}"
+    return (f"input {printable(str(path))}: {what} is not valid UTF-8 (batch keeps names as UTF-8 in its manifest, "
+            "report and log): rename it")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     low = name.lower()
     return any(fnmatch.fnmatch(low, p.lower()) for p in patterns)
 
 
 def discover_scenes(
-    inputs: Iterable[str | Path], out_dir: str | Path, patterns: Sequence[str] | None = None
+    inputs: Iterable[str | Path], out_dir: str | Path, patterns: Sequence[str] | None = None,
+    case_insensitive: bool | None = None,
 ) -> list[Scene]:
     """Expand files, folders (recursive) and ``@list.txt`` files into scenes.
 
@@ -131,13 +178,16 @@ def discover_scenes(
     ignored, so an output folder inside the archive is never fed back in; when ``out_dir`` is
     (or holds) an input folder, batch's own outputs there (recorded in its manifest, or named as
     batch names them: ``<stem>_landcover.tif``, ``_confidence.tif``, ... and the mosaics) are
-    ignored, and the user's other files are scenes.  Symlinked files are
-    followed, symlinked folders are not (no loops).  ``patterns``
-    (default ``*.tif``, ``*.tiff``) match file names case-insensitively.
+    ignored, and the user's other files are scenes.  Symlinked files and folders are followed; a
+    folder reached twice (by its real path: a link to a folder searched already, a link loop) is
+    searched once, under its own name rather than a link's, with a warning naming the link.
+    ``patterns`` (default ``*.tif``, ``*.tiff``) match file names case-insensitively.
 
     Scenes that would write the same outputs (``a.tif`` and ``a.tiff`` in one folder, or two input
-    folders both holding ``a.tif``) come back with a ``conflict``, each of them: one name clash
-    must not stop a nightly run of the whole archive.
+    folders both holding ``a.tif``; ``A.tif`` and ``a.tif`` only where ``out_dir``'s file system
+    ignores case: ``case_insensitive``, probed there when None) come back with a ``conflict``, each of
+    them: one name clash must not stop a nightly run of the whole archive.  So does a file whose path
+    is not valid UTF-8 (see :func:`printable`).
 
     Raises:
         ParameterError: a command-line input does not exist or is a GDAL virtual path.
@@ -151,7 +201,8 @@ def discover_scenes(
         return p == out_root or out_root in p.parents
 
     def is_output(p: Path) -> bool:
-        """A file batch writes in ``out_dir`` (recorded in its manifest, or named as batch names them)."""
+        """A file batch writes in ``out_dir`` (recorded in its manifest, or named as batch names them);
+        ``p``: its real path."""
         nonlocal written
         if not under_out(p):
             return False  # a user's file elsewhere is never skipped
@@ -161,19 +212,52 @@ def discover_scenes(
 
     def add_file(p: Path, rel_dir: Path) -> None:
         key = (rel_dir / p.name).as_posix()
+        bad = _bad_name(p.absolute())
+        if bad is not None:  # fails alone: SQLite, the report and the log take UTF-8 names only
+            scenes.append(Scene(path=p.absolute(), key=printable(key), out_dir=printable(rel_dir.as_posix()),
+                                conflict=bad, refusal="name not UTF-8"))
+            return
         scenes.append(Scene(path=p.absolute(), key=key, out_dir=rel_dir.as_posix()))
 
     def add_dir(d: Path) -> None:
         root = d.resolve()
-        for dirpath, dirnames, filenames in os.walk(root):
-            here = Path(dirpath)
-            # the output folder nested in the input tree is not walked; an input inside it is (its
-            # outputs are told apart by is_output)
-            dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and here / n != out_root)
-            for name in sorted(filenames):
-                if name.startswith(".") or not _matches(name, pats) or is_output(here / name):
-                    continue
-                add_file(here / name, here.relative_to(root))
+        seen = {root}  # real paths of the folders searched (a folder reached twice is searched once)
+        links: list[Path] = []  # symlinked folders met, searched after the real tree (whose names win)
+
+        def walk(top: Path, real_top: Path) -> None:
+            for dirpath, dirnames, filenames in os.walk(top):
+                here = Path(dirpath)
+                real_here = real_top / here.relative_to(top)  # (os.walk enters no link: nothing to resolve)
+                keep = []
+                for n in sorted(dirnames):
+                    # the output folder nested in the input tree is not walked; an input inside it is (its
+                    # outputs are told apart by is_output)
+                    if n.startswith(".") or real_here / n == out_root:
+                        continue
+                    if (here / n).is_symlink():
+                        links.append(here / n)
+                    elif real_here / n in seen:  # (inside a linked folder: the real tree has it)
+                        _searched_already(top, real_here / n)
+                    else:
+                        seen.add(real_here / n)
+                        keep.append(n)
+                dirnames[:] = keep
+                for name in sorted(filenames):
+                    if name.startswith(".") or not _matches(name, pats) or is_output(real_here / name):
+                        continue
+                    add_file(here / name, here.relative_to(root))
+
+        walk(root, root)
+        while links:
+            link = links.pop(0)
+            real = Path(os.path.realpath(link))
+            if real == out_root or not real.is_dir():
+                continue
+            if real in seen:
+                _searched_already(link, real)
+                continue
+            seen.add(real)
+            walk(link, real)
 
     expanded: list[tuple[Path, bool]] = []  # (path, given on the command line)
     for item in inputs:
@@ -206,23 +290,74 @@ def discover_scenes(
     unique = []
     for key, same in by_key.items():
         if len(same) > 1:
-            names = " and ".join(str(s.path) for s in same)
-            unique.append(dataclasses.replace(same[0], conflict=(
+            names = " and ".join(printable(str(s.path)) for s in same)
+            unique.append(dataclasses.replace(same[0], refusal="name clash", conflict=(
                 f"{names} would {'both' if len(same) == 2 else 'all'} write {key}: "
                 "give them separately into different --out folders")))
         else:
             unique.append(same[0])
+    if case_insensitive is None:
+        case_insensitive = ignores_case(out_root)
     by_stem: dict[str, list[int]] = {}
     for i, sc in enumerate(unique):
-        by_stem.setdefault(f"{sc.out_dir}/{Path(sc.key).stem}".lower(), []).append(i)
+        stem = f"{sc.out_dir}/{Path(sc.key).stem}"
+        by_stem.setdefault(stem.lower() if case_insensitive else stem, []).append(i)
     for idx in by_stem.values():
         if len(idx) > 1:
-            names = " and ".join(str(unique[i].path) for i in idx)
+            names = " and ".join(printable(str(unique[i].path)) for i in idx)
             for i in idx:
                 if unique[i].conflict is None:
                     unique[i] = dataclasses.replace(unique[i], conflict=(
                         f"{names} would write the same outputs (same name, same folder): rename one"))
     return unique
+
+
+def _searched_already(link: Path, real: Path) -> None:
+    warn(f"{printable(str(link))} leads to the folder {printable(str(real))}, which is searched already: its scenes "
+         "are taken once", BatchWarning)
+
+
+def ignores_case(folder: str | Path, probe: bool = False) -> bool:
+    """Whether the file system of ``folder`` (or of its nearest existing parent) takes names that differ
+    only in case for one file (macOS, Windows, ext4 with casefold).
+
+    Asked of a name already there (looked up with its case swapped); with ``probe``, an empty folder
+    gets a temp file for the question (removed at once).  Where it cannot be told: the platform's usual
+    file systems say (case-insensitive on macOS and Windows).
+    """
+    d = Path(folder).absolute()
+    while not d.is_dir() and d != d.parent:
+        d = d.parent
+    try:
+        with os.scandir(d) as it:
+            names = [e.name for e in itertools.islice(it, 256)]
+    except OSError:
+        names = []
+    for name in names:
+        if name.swapcase() != name:
+            return _same_file(d / name, d / name.swapcase())
+    if probe:
+        tmp = temp_name(d / "case-probe")
+        try:
+            tmp.touch(exist_ok=False)
+        except OSError:
+            pass
+        else:
+            try:
+                return _same_file(tmp, tmp.with_name(tmp.name.swapcase()))
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+    if d.name.swapcase() != d.name and d.parent != d:
+        return _same_file(d, d.parent / d.name.swapcase())
+    return sys.platform in ("darwin", "win32")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 #: Ends of the names of the files batch writes per scene (mask, its .aux.xml and style, confidence,
@@ -260,14 +395,35 @@ def _recorded_outputs(out_root: Path) -> set[Path]:
 def quick_hash(path: str | Path, nbytes: int = QUICK_HASH_BYTES) -> str:
     """SHA-256 (hex, 32 chars) of a file's first and last ``nbytes`` bytes and its size."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    # (non-blocking: opening a FIFO named *.tif waited forever for a writer, holding the batch lock)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)})", str(path))
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as f:
+        size = st.st_size
         h.update(str(size).encode())
         h.update(f.read(nbytes))
         if size > nbytes:
             f.seek(max(nbytes, size - nbytes))
             h.update(f.read(nbytes))
     return h.hexdigest()[:32]
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words (``a FIFO (named pipe)``, ...)."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def vrt_sources(path: str | Path) -> list[Path]:
@@ -295,6 +451,9 @@ def input_fingerprint(path: str | Path) -> dict[str, Any]:
     """
     try:
         st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise SceneReadError(f"input {path} is not a regular file but {_file_kind(st.st_mode)}: batch reads "
+                                 "files only; move it out of the input folder or change --pattern")
         head = quick_hash(path)
         if str(path).lower().endswith(".vrt"):
             h = hashlib.sha256(head.encode())
@@ -306,6 +465,8 @@ def input_fingerprint(path: str | Path) -> dict[str, Any]:
                     h.update(f"|{src}|missing".encode())
             head = h.hexdigest()[:32]
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_hash": head}
+    except SceneReadError:
+        raise
     except OSError as exc:
         raise SceneReadError(f"input {path} cannot be read ({exc.strerror}): check the path and permissions") from None
 
@@ -494,6 +655,36 @@ def _quick_check(db: sqlite3.Connection) -> None:
         raise sqlite3.DatabaseError(f"database disk image is malformed ({rows[0][0] if rows else 'no answer'})")
 
 
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open the manifest ``path`` for reading only, creating and changing nothing (a dry run "writes
+    nothing", and may look at a ``DIR`` it cannot write, such as a read-only mount).
+
+    SQLite opens a WAL database read-only only with its ``-shm`` file, which it creates when missing
+    (``unable to open database file`` in a read-only folder).  Without a ``-wal`` file beside it every
+    change is in the database file, read as immutable (no side files); with one (a run is writing, or
+    one was killed), that run's ``-shm`` is used as SQLite does for any reader.
+    """
+    wal = Path(f"{path}-wal")
+    try:
+        live = wal.stat().st_size > 0
+    except OSError:
+        live = False
+    uri = path.absolute().as_uri()
+    if not live:
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
+    db = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        return db
+    except sqlite3.OperationalError as exc:  # a -wal without its -shm in a folder SQLite cannot write
+        db.close()
+        if _is_corrupt(exc):
+            raise
+        warn(f"cannot read {wal.name} beside the manifest {path} ({exc}): the changes of the run that wrote it "
+             "are not seen here", BatchWarning)
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
+
+
 class Manifest:
     """The SQLite manifest of a batch output folder (WAL; one transaction per change).
 
@@ -512,7 +703,7 @@ class Manifest:
         self._db: sqlite3.Connection | None = None
         if readonly:
             if self.path.exists():
-                db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+                db = _connect_readonly(self.path)
                 try:
                     _quick_check(db)
                 except sqlite3.DatabaseError as exc:
@@ -531,7 +722,7 @@ class Manifest:
                 self._db.close()
                 self._db = None
             if not _is_corrupt(exc):
-                raise
+                raise self._write_error(exc) from None
             aside = self._move_aside()
             warn(f"the manifest {self.path} is damaged ({str(exc).splitlines()[0]}): moved it to {aside.name} and "
                  "started a new one; this run redoes every scene", BatchWarning)
@@ -581,11 +772,38 @@ class Manifest:
             d = dataclasses.asdict(entry)
             d["outputs"] = json.dumps(d["outputs"])
             rows.append(tuple(d[c] for c in self.COLUMNS))
-        with self._db:
-            self._db.executemany(
-                f"INSERT OR REPLACE INTO scenes ({', '.join(self.COLUMNS)}) VALUES ({', '.join('?' * len(self.COLUMNS))})",
-                rows,
-            )
+        try:
+            with self._db:
+                self._db.executemany(
+                    f"INSERT OR REPLACE INTO scenes ({', '.join(self.COLUMNS)}) VALUES "
+                    f"({', '.join('?' * len(self.COLUMNS))})",
+                    rows,
+                )
+        except sqlite3.OperationalError as exc:
+            raise self._write_error(exc) from None
+
+    def _write_error(self, exc: sqlite3.DatabaseError) -> Exception:
+        """A one-line :class:`OutputError` naming the manifest for a write SQLite could not do for lack of
+        room (a full disk, the file-size limit of ``ulimit -f``) or an I/O error; ``exc`` itself otherwise
+        (busy, locked: not about the disk)."""
+        code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+        text = str(exc).lower()
+        full = code == 13 or "disk is full" in text  # SQLITE_FULL (also a write cut short by a size limit)
+        io_error = (code is not None and code & 0xFF == 10) or "disk i/o error" in text  # SQLITE_IOERR_*
+        if not (full or io_error):
+            return exc
+        limit = file_size_limit()
+        sizes = [os.stat(f).st_size for f in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-journal"))
+                 if os.path.exists(f)]
+        if limit is not None and max(sizes, default=0) + 2**16 >= limit:  # (SQLite says EFBIG as an I/O error)
+            room: str | None = f"file too large: this process may not write files over {limit} bytes (ulimit -f)"
+            todo = "raise the limit"
+        elif full or disk_full(None, self.path.parent):
+            room, todo = "no space left on the device", "free some space"
+        else:
+            room, todo = None, "check the disk"
+        return OutputError(f"cannot write the manifest {self.path}: {room or str(exc)}: {todo} or choose another --out "
+                           "(the next run redoes the scenes not recorded as done)")
 
     def entries(self) -> list[ManifestEntry]:
         """All entries, sorted by key."""
@@ -656,6 +874,8 @@ class SceneOutcome:
     error: str | None = None
     error_type: str | None = None
     fatal: bool = False  # a model problem: every other scene would fail the same way
+    #: No room to write it (a full disk, the file-size limit): every later scene would fail the same way.
+    no_room: bool = False
     worker: str | None = None
     model_loads: int = 0  # models loaded by this worker process so far (Dask)
     warnings: list[str] = field(default_factory=list)  # geoseg's warnings about this scene, one line each
@@ -716,6 +936,8 @@ def run_scene(
                                reason=OUTSIDE_AOI_REASON, error=str(exc).splitlines()[0])
         except (GeosegError, OSError, ValueError, RuntimeError, MemoryError, *_gdal_errors()) as exc:
             out = _failed(scene, exc, t0)
+            out.no_room = _no_room(exc)
+            out.error = _in_batch_words(out.error or "")
         else:
             out = SceneOutcome(
                 key=scene.key, input=str(scene.path), status="ok", seconds=time.perf_counter() - t0,
@@ -724,6 +946,30 @@ def run_scene(
             )
     out.warnings += _geoseg_warnings(caught)
     return out
+
+
+def _no_room(exc: BaseException) -> bool:
+    """Whether a scene's write failed for lack of room: a full disk or quota (``ENOSPC``, ``EDQUOT``) or
+    a file past the file-size limit (``EFBIG``), raised as such or as geoseg's one-line write error
+    (:func:`geoseg.atomic.write_error`).  Not a low free space alone: a corrupt scene on a nearly full
+    disk is that scene's failure."""
+    if disk_full(exc) or too_large(exc):
+        return True
+    text = str(exc).lower()
+    # (GDAL often loses the errno: "Failed to commit transaction"; write_error then names the file-size limit)
+    return isinstance(exc, OutputError) and any(t in text for t in (
+        "no space left on the device", "file too large", "this process may not write files over"))
+
+
+#: predict's advice after its polygons could not be written ("...; the mask X is complete: write its polygons
+#: with geoseg vectorize X, or run predict again with --overwrite"): batch redoes the scene itself.
+_PREDICT_ADVICE = re.compile(r"; the mask .+ is complete: write its polygons with geoseg vectorize .*$")
+
+
+def _in_batch_words(error: str) -> str:
+    """A scene's error as batch says it: without predict's advice to run predict again (a failed scene is
+    redone by the next batch run)."""
+    return _PREDICT_ADVICE.sub("", error)
 
 
 def _geoseg_warnings(caught: Sequence[warnings.WarningMessage]) -> list[str]:
@@ -1046,47 +1292,67 @@ def run_batch(
         ParameterError: bad inputs (missing path), an unwritable ``batch.report`` path, a Dask
             cluster without a worker that can run the scenes (after a bounded wait).
         ModelError: the model cannot be loaded (fatal: no scene could run).
+        OutputError: no room to write (a full disk or the file-size limit, under a scene's outputs, the
+            manifest or the report).
+
+    Any of these but the lock (and but an unwritable report path) still writes ``batch.report``, saying
+    why the run stopped and which scenes it did not finish.
     """
     from geoseg.engine import PredictOptions
 
     t0 = time.perf_counter()
     options = options or PredictOptions()
     batch = batch or BatchOptions()
-    from geoseg.profiles import get_profile
-
-    get_profile("mask", options.creation_options)  # a --co GDAL refuses is one error, not a failure per scene
-    if options.aoi is not None and Path(options.aoi).exists():  # workers may run in another folder
-        options = dataclasses.replace(options, aoi=str(Path(options.aoi).absolute()))
     out = Path(out_dir).absolute()
-    _check_out_dir(out, batch.dry_run)
     if batch.report is not None and not batch.dry_run:
         _check_report_path(Path(batch.report))
-    scenes = discover_scenes(inputs, out, batch.patterns)
-    if not scenes:
-        log.warning("no scenes found in %s (patterns %s): nothing to do", ", ".join(map(str, inputs)),
-                    " ".join(batch.patterns))
-    source = model.source()  # fails early on a bad card or weights path
-    if options.vector_classes is not None:  # a typo would fail every scene
-        from geoseg.vectorize import resolve_classes
-
-        resolve_classes(options.vector_classes, {c.id: c for c in source.card.classes}, source.card.name)
-    model_key = model.key()
-    params_json = json.dumps(result_params(options, source.card), sort_keys=True)
-
-    if batch.dry_run:
-        return _dry_run(scenes, out, model_key, params_json, batch.force, t0)
-
-    try:  # only now: a run refused above (a name clash, a bad model) leaves no empty folder
-        out.mkdir(exist_ok=True)
-        lock = BatchLock(out).acquire()
-    except OSError as exc:
-        raise ParameterError(f"cannot create the output folder {out} or its {STATE_DIR}/lock ({exc.strerror}): "
-                             "give a writable folder for --out") from None
+    scenes: list[Scene] = []
     try:
-        removed = clean_temp_files(out)
-        if removed:
-            log.info("removed %d temp file(s) left by an interrupted run", len(removed))
-        manifest = Manifest(out)
+        from geoseg.profiles import get_profile
+
+        get_profile("mask", options.creation_options)  # a --co GDAL refuses is one error, not a failure per scene
+        if options.aoi is not None and Path(options.aoi).exists():  # workers may run in another folder
+            options = dataclasses.replace(options, aoi=str(Path(options.aoi).absolute()))
+        _check_out_dir(out, batch.dry_run)
+        scenes = discover_scenes(inputs, out, batch.patterns,
+                                 case_insensitive=ignores_case(out, probe=not batch.dry_run))
+        if not scenes:
+            log.warning("no scenes found in %s (patterns %s): nothing to do", ", ".join(map(str, inputs)),
+                        " ".join(batch.patterns))
+        source = model.source()  # fails early on a bad card or weights path
+        if options.vector_classes is not None:  # a typo would fail every scene
+            from geoseg.vectorize import resolve_classes
+
+            resolve_classes(options.vector_classes, {c.id: c for c in source.card.classes}, source.card.name)
+        model_key = model.key()
+        params_json = json.dumps(result_params(options, source.card), sort_keys=True)
+
+        if batch.dry_run:
+            return _dry_run(scenes, out, model_key, params_json, batch.force, t0)
+
+        try:  # only now: a run refused above (a name clash, a bad model) leaves no empty folder
+            out.mkdir(exist_ok=True)
+            lock = BatchLock(out).acquire()
+        except OSError as exc:
+            raise ParameterError(f"cannot create the output folder {out} or its {STATE_DIR}/lock ({exc.strerror}): "
+                                 "give a writable folder for --out") from None
+    except (KeyboardInterrupt, Exception) as exc:
+        # A run refused before it started (a missing --weights file or input folder, a bad --out) still says
+        # so in its report, as a stopped one does; a run locked out by another writes none (nothing was done,
+        # and the report path may be the live run's).
+        if batch.report is not None and not batch.dry_run and not isinstance(exc, BatchLockedError):
+            _write_stopped_report(exc, scenes, {}, out, Path(batch.report), t0)
+        raise
+    try:
+        try:
+            removed = clean_temp_files(out)
+            if removed:
+                log.info("removed %d temp file(s) left by an interrupted run", len(removed))
+            manifest = Manifest(out)
+        except (KeyboardInterrupt, Exception) as exc:  # (a full disk under the manifest)
+            if batch.report is not None:
+                _write_stopped_report(exc, scenes, {}, out, Path(batch.report), t0)
+            raise
         try:
             return _run_locked(scenes, out, model, source, model_key, params_json, options, batch, manifest, client, t0)
         finally:
@@ -1180,7 +1446,12 @@ def _run_locked(
     log.info("batch done in %.1f s: %d ok, %d skipped, %d failed", result.seconds, result.count("ok"),
              result.count("skipped"), result.count("failed"))
     if batch.report is not None:
-        write_report(result, batch.report)
+        try:
+            write_report(result, batch.report)
+        except OutputError as exc:  # (the report's disk is full): the scenes themselves are recorded
+            raise OutputError(f"{exc}; the run itself went through ({result.count('ok')} ok, "
+                              f"{result.count('skipped')} skipped, {result.count('failed')} failed: see the "
+                              "manifest)") from None
     return result
 
 
@@ -1203,7 +1474,7 @@ def _run_scenes(
 
     for sc in scenes:
         if sc.conflict is not None:  # its outputs would overwrite another scene's: it fails, the others run
-            o = SceneOutcome(key=sc.key, input=str(sc.path), status="failed", reason="name clash",
+            o = SceneOutcome(key=sc.key, input=printable(str(sc.path)), status="failed", reason=sc.refusal,
                              error=sc.conflict, error_type="ParameterError")
             _record(manifest, o, no_fingerprint, model_key, params_json, out)
             finish(o)
@@ -1228,11 +1499,13 @@ def _run_scenes(
             finish(missed)
             continue
         todo.append((sc, reason))
-    clashes = sum(sc.conflict is not None for sc in scenes)
-    log.info("%d scene(s): %d to run, %d skipped, %d unreadable%s", n, len(todo),
+    clashes = sum(sc.conflict is not None and sc.refusal == "name clash" for sc in scenes)
+    bad_names = sum(sc.conflict is not None for sc in scenes) - clashes
+    log.info("%d scene(s): %d to run, %d skipped, %d unreadable%s%s", n, len(todo),
              sum(o.status == "skipped" for o in outcomes.values()),
-             sum(o.status == "failed" for o in outcomes.values()) - clashes,
-             f", {clashes} with clashing output names" if clashes else "")
+             sum(o.status == "failed" for o in outcomes.values()) - clashes - bad_names,
+             f", {clashes} with clashing output names" if clashes else "",
+             f", {bad_names} with names that are not UTF-8" if bad_names else "")
 
     def record_and_finish(o: SceneOutcome, reason: str) -> None:
         o.reason = o.reason or reason  # why it ran, unless it was skipped (outside the AOI)
@@ -1296,9 +1569,14 @@ def _write_mosaic(out: Path, manifest: Manifest, classes: Any) -> None:
 def write_report(result: BatchResult, path: str | Path) -> Path:
     """Write the JSON run report atomically."""
     path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, json.dumps(result.report(), indent=2) + "\n")
+    try:
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write_text(path, json.dumps(result.report(), indent=2) + "\n")
+    except OSError as exc:  # (a full disk: the report's own, not --out's)
+        if isinstance(exc, GeosegError):
+            raise
+        raise write_error(path, exc, option="--report") from None
 
 
 def _running_entry(manifest: Manifest, sc: Scene, fp: dict[str, Any], model_key: str, params_json: str) -> ManifestEntry:
@@ -1372,7 +1650,15 @@ def _run_here(
         o = run_scene(sc, out, options, predictor, source)
         if o.fatal:
             raise ModelError(f"{o.key}: {o.error}")
+        if o.no_room:
+            raise _no_room_error(o)
         finish(o, reason)
+
+
+def _no_room_error(o: SceneOutcome) -> OutputError:
+    """The run-level error of a scene that could not be written for lack of room: every later scene would
+    fail the same way, after running the model for nothing."""
+    return OutputError(f"{o.key}: {o.error}; the run stopped (the next run redoes the scenes not finished)")
 
 
 def parse_resources(text: str | None) -> dict[str, float]:
@@ -1536,7 +1822,6 @@ def _run_dask(
     pending = as_completed(list(futures))
     no_worker_since: float | None = None
     next_look = time.monotonic() + WORKER_POLL_S
-    finished = 0
     try:
         while not pending.is_empty():
             ready = pending.next_batch(block=False)
@@ -1556,16 +1841,22 @@ def _run_dask(
                         # not the scenes' failure: every scene not finished was reported failed with
                         # "scheduler-connection-lost", also those a worker was about to finish
                         raise ClusterError(
-                            f"lost the connection to the Dask scheduler {where}: {len(futures) - finished} scene(s) "
+                            f"lost the connection to the Dask scheduler {where}: {len(futures)} scene(s) "
                             "not finished (the next run redoes them): check the scheduler") from None
                     o = _failed(scenes[key], exc, time.perf_counter())
                     o.error = f"task failed on the cluster: {o.error}"
+                # The result is taken: forget the task at once.  A future kept (here, or anything holding
+                # its key) makes the scheduler recompute the task when the worker holding its result dies
+                # (kill -9, OOM): the scene ran again and rewrote outputs already recorded done.
+                del futures[fut]
+                fut.release()
                 if o.worker:
                     loads[o.worker] = max(loads.get(o.worker, 0), o.model_loads)
                 if o.fatal:
                     raise ModelError(f"the model failed on the worker {o.worker} ({o.key}): {o.error}")
+                if o.no_room:
+                    raise _no_room_error(o)
                 finish(o, reasons[key])
-                finished += 1
     except BaseException:
         for f in futures:  # (a LocalCluster of batch's own closes anyway; a user's cluster must not go on)
             with contextlib.suppress(Exception):

@@ -1234,3 +1234,353 @@ def test_mosaic_names_carry_only_the_parts_that_tell_groups_apart() -> None:
     names = _group_names([(utm, 10.0, 10.0, (0, 0), a), (utm, 10.0, 10.0, (0, 0), b), (utm, 10.0, 10.0, (500, 0), b)])
     assert names[0].startswith("landcover_classes") and "_grid" not in names[0]
     assert names[1].endswith("_grid000x000") and names[2].endswith("_grid500x000") and len(set(names)) == 3
+
+
+# ---- odd archives, full disks, dry runs that write nothing, the log ---------------------------------------
+def test_a_scene_whose_name_is_not_utf8_fails_alone(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A latin-1 file name (``caf\\xe9.tif``, which Python holds with a surrogate escape) stopped the whole
+    run, the dry run too: "unexpected error: UnicodeEncodeError ... surrogates not allowed" (SQLite took the
+    name). It now fails alone, named readably, and the other scenes run."""
+    arch, out, rep, logf = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json", tmp_path / "batch.log"
+    make_archive(arch, 1, size=(16, 16))
+    bad = arch / os.fsdecode(b"caf\xe9.tif")
+    try:
+        _copy(arch / "scene0.tif", bad)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes no file name that is not UTF-8")
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep, "--log-file", logf)
+    assert r.exit_code == EXIT_PARTIAL and "unexpected" not in r.output, r.output
+    report = report_of(rep)
+    assert statuses(report) == {"caf\\xe9.tif": "failed", "scene0.tif": "ok"}
+    failed = next(s for s in report["scenes"] if s["status"] == "failed")
+    assert "its name is not valid UTF-8" in failed["error"] and "rename it" in failed["error"]
+    assert failed["input"].endswith("caf\\xe9.tif") and failed["reason"] == "name not UTF-8"
+    assert "FAILED  caf\\xe9.tif: input " in logf.read_text()
+    with sqlite3.connect(out / ".geoseg" / "manifest.sqlite") as db:
+        rows = dict(db.execute("SELECT key, status FROM scenes"))
+    db.close()
+    assert rows == {"caf\\xe9.tif": "failed", "scene0.tif": "done"}
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
+    assert r.exit_code == EXIT_OK and "run\tcaf\\xe9.tif\tfails: input " in r.stdout, r.output
+    assert "skip\tscene0.tif" in r.stdout
+
+
+def test_dask_forgets_each_scene_s_task_once_its_result_is_taken(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --workers, a worker killed (kill -9, OOM) took with it the results of the scenes it had run:
+    the client still held their futures, so the scheduler ran those scenes again and rewrote outputs
+    recorded done (the next dry run said "output changed"). Each future is now released as soon as its
+    result is taken, before the scene is recorded."""
+    distributed = pytest.importorskip("distributed")
+    import geoseg.batch as gb
+
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 3, size=(16, 16))
+    released: list[str] = []
+    real_release = distributed.Future.release
+
+    def release(self):  # type: ignore[no-untyped-def]
+        released.append(str(self.key))
+        return real_release(self)
+
+    monkeypatch.setattr(distributed.Future, "release", release)
+    seen: dict[str, bool] = {}
+    real_log = gb._log_outcome
+
+    def log_outcome(o, i, n):  # type: ignore[no-untyped-def]
+        seen[o.key] = any(f"-{o.key}-" in k for k in released)  # (the task key names the scene)
+        real_log(o, i, n)
+
+    monkeypatch.setattr(gb, "_log_outcome", log_outcome)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--scheduler", cluster.scheduler_address)
+    assert r.exit_code == EXIT_OK, r.output
+    assert seen == {"scene0.tif": True, "d1/x/scene1.tif": True, "d2/x/scene2.tif": True}
+
+
+class _FullDisk:
+    """A manifest connection whose writes fail as SQLite's do on a full disk, after ``ok`` good ones."""
+
+    def __init__(self, db: sqlite3.Connection, ok: int, error: str = "database or disk is full") -> None:
+        self.db, self.ok, self.error = db, ok, error
+
+    def executemany(self, *args):  # type: ignore[no-untyped-def]
+        if self.ok <= 0:
+            raise sqlite3.OperationalError(self.error)
+        self.ok -= 1
+        return self.db.executemany(*args)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.db, name)
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        return self.db.__enter__()
+
+    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+        return self.db.__exit__(*exc)
+
+
+def test_a_full_disk_under_the_manifest_is_one_line_naming_it(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's "database or disk is full" (or "disk I/O error" past ``ulimit -f``) escaped as "unexpected
+    error: OperationalError" (exit 1). It is now the one-line no-space error naming the manifest; the run
+    stops with its report, and the next run redoes the scenes not recorded."""
+    import geoseg.batch as gb
+
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 3, size=(16, 16))
+    real_open = gb.Manifest._open
+
+    def open_on_a_filling_disk(self):  # type: ignore[no-untyped-def]
+        real_open(self)
+        self._db = _FullDisk(self._db, ok=2)  # the "running" rows and the first scene fit
+
+    monkeypatch.setattr(gb.Manifest, "_open", open_on_a_filling_disk)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
+    manifest = out / ".geoseg" / "manifest.sqlite"
+    assert r.exit_code == 1 and "unexpected" not in r.output, r.output
+    assert f"Error: cannot write the manifest {manifest}: no space left on the device: free some space" in r.output
+    report = report_of(rep)
+    assert report["exit_status"] == 1 and "no space left" in report["stopped"]["reason"]
+    assert report["counts"]["ok"] == 1 and len(report["stopped"]["not_finished"]) == 2
+    # "disk I/O error": SQLite's word for EFBIG, past the file-size limit (ulimit -f)
+    monkeypatch.setattr(gb, "file_size_limit", lambda: 4096)
+    err = gb.Manifest(out)._write_error(sqlite3.OperationalError("disk I/O error"))
+    assert "file too large: this process may not write files over 4096 bytes (ulimit -f)" in str(err)
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EFBIG"])
+def test_a_scene_that_finds_no_room_stops_the_run(runner, tiny_unet, tmp_path: Path, errno_name: str,  # type: ignore[no-untyped-def]
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a scene could not be written for lack of room (a full disk, the file-size limit), every later
+    scene ran the model only to fail the same way (exit 3). The run now stops there (exit 1, its report
+    says why, the scenes not finished are redone by the next run); a file-size limit says so, not "no
+    space"; and a scene's error in batch no longer tells to run predict again with --overwrite."""
+    import errno
+
+    import geoseg.engine
+    from geoseg.atomic import write_error
+    from geoseg.errors import OutputError
+
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 4, size=(16, 16))  # scene0, scene3, d1/x/scene1, d2/x/scene2
+    real, calls = geoseg.engine.segment_scene, []
+    code = getattr(errno, errno_name)
+
+    def filling_up(path, out_dir, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(Path(path).name)
+        if Path(path).name == "scene3.tif":  # (as the engine says a failed write of the polygons)
+            raise OutputError(f"cannot write {out_dir}/scene3_landcover.gpkg: Failed to commit transaction; the mask "
+                              f"scene3_landcover.tif is complete: write its polygons with geoseg vectorize "
+                              f"{out_dir}/scene3_landcover.tif, or run predict again with --overwrite")
+        if Path(path).name == "scene1.tif":
+            raise write_error(Path(out_dir) / "scene1_landcover.tif", OSError(code, os.strerror(code)))
+        return real(path, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(geoseg.engine, "segment_scene", filling_up)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
+    assert r.exit_code == 1, r.output
+    assert calls == ["scene0.tif", "scene3.tif", "scene1.tif"]  # scene2 never ran
+    said = "file too large" if errno_name == "EFBIG" else "no space left on the device"
+    assert f"scene1_landcover.tif: {said}" in r.output and "the run stopped" in r.output, r.output
+    report = report_of(rep)
+    assert report["stopped"]["not_finished"] == ["d1/x/scene1.tif", "d2/x/scene2.tif"]
+    assert statuses(report) == {"scene0.tif": "ok", "scene3.tif": "failed"}
+    error = next(s["error"] for s in report["scenes"] if s["key"] == "scene3.tif")
+    assert error.endswith("Failed to commit transaction") and "--overwrite" not in error, error
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
+    assert r.stdout.count("\tnot finished by an interrupted run") == 2, r.output
+
+
+def test_a_report_on_a_full_disk_is_named(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--report on a full disk after every scene went well: exit 1 with "no space left on the device: free
+    some space or choose another --out" (not --out's fault, and no file named). The error names the report."""
+    import errno
+
+    import geoseg.batch as gb
+
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 2, size=(16, 16))
+    real_write = gb.atomic_write_text
+
+    def full(path, text, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(path) == rep:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(gb, "atomic_write_text", full)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
+    assert r.exit_code == 1, r.output
+    assert (f"Error: cannot write {rep}: no space left on the device: free some space or choose another --report"
+            in r.output and "--out" not in r.output), r.output
+    assert "the run itself went through (2 ok, 0 skipped, 0 failed" in r.output
+
+
+def test_a_log_file_on_a_full_disk_says_so_once_and_is_named(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--log-file on a full disk: a "--- Logging error ---" traceback on stderr per log line, and the run that
+    did every scene ended with "no space left on the device: free some space or choose another --out"."""
+    if not Path("/dev/full").exists():  # (a device whose every write fails with ENOSPC)
+        pytest.skip("no /dev/full here")
+    arch = tmp_path / "arch"
+    make_archive(arch, 2, size=(16, 16))
+    r = run_cli(runner, tiny_unet, [arch], tmp_path / "out", "--vector", "none", "--log-file", "/dev/full")
+    assert r.exit_code == 1 and "Logging error" not in r.output and "Traceback" not in r.output, r.output
+    assert r.stderr.count("warning: --log-file /dev/full: cannot write it (no space left on the device)") == 1
+    assert r.stderr.splitlines()[-1] == ("Error: --log-file /dev/full: cannot write it (no space left on the device): "
+                                         "free some space or give another --log-file (the run itself went through: "
+                                         "see its manifest)"), r.stderr
+    assert r.stderr.count(" ok ") == 2  # the run itself went on
+
+
+def test_a_dry_run_writes_nothing_and_reads_a_live_run_s_changes(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--dry-run opened the manifest so that SQLite created manifest.sqlite-shm and -wal beside it (on a
+    read-only DIR: "unable to open database file", exit 1), though a dry run writes nothing."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 2, size=(16, 16))
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == EXIT_OK, r.output
+    state = out / ".geoseg"
+    before = {p.name: p.stat().st_mtime_ns for p in state.iterdir()}
+    assert "manifest.sqlite-wal" not in before
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
+    assert r.exit_code == EXIT_OK and r.stdout.count("skip\t") == 2, r.output
+    assert {p.name: p.stat().st_mtime_ns for p in state.iterdir()} == before
+    # a run writing now (its changes in the WAL): the dry run sees them
+    db = sqlite3.connect(state / "manifest.sqlite")
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        with db:
+            db.execute("UPDATE scenes SET status = 'failed' WHERE key = 'scene0.tif'")
+        assert (state / "manifest.sqlite-wal").stat().st_size > 0
+        r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
+        assert "run\tscene0.tif\tfailed before" in r.stdout, r.output
+    finally:
+        db.close()
+
+
+def test_symlinked_folders_are_searched_once_each(tmp_path: Path) -> None:
+    """A symlinked sub-folder of the archive was skipped without a word. Links are followed now; a folder
+    reached twice (a second link to it, a link loop) is searched once, with a warning naming the link."""
+    arch, ext = tmp_path / "arch", tmp_path / "ext"
+    make_archive(arch, 1, size=(16, 16))
+    (ext / "2024").mkdir(parents=True)
+    _copy(arch / "scene0.tif", ext / "2024" / "b.tif")
+    (arch / "2024").symlink_to(ext / "2024", target_is_directory=True)
+    (arch / "again").symlink_to(ext / "2024", target_is_directory=True)  # the same folder a second time
+    (ext / "2024" / "loop").symlink_to(arch, target_is_directory=True)  # back up to the archive
+    (arch / "d0").mkdir()
+    (arch / "d0" / "up").symlink_to(arch / "d0", target_is_directory=True)  # a folder holding a link to itself
+    with pytest.warns(BatchWarning) as warned:
+        keys = [s.key for s in discover_scenes([arch], tmp_path / "out")]
+    assert keys == ["scene0.tif", "2024/b.tif"]
+    said = sorted(str(w.message) for w in warned)
+    assert len(said) == 3 and all("which is searched already" in m for m in said), said
+    assert any(m.startswith(f"{arch / 'again'} leads to the folder {ext / '2024'}") for m in said), said
+
+
+def test_a_fifo_named_like_a_scene_fails_alone(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A FIFO named pipe.tif in the archive hung the run forever (its fingerprint opened it), holding the
+    lock: every later cron run exited 4. It now fails alone, saying what it is."""
+    import contextlib
+    import threading
+
+    from geoseg.batch import input_fingerprint
+    from geoseg.errors import SceneReadError
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 1, size=(16, 16))
+    fifo = arch / "pipe.tif"
+    os.mkfifo(fifo)
+
+    def unblock() -> None:  # (the old code waited for a writer: give it one, so that this test ends)
+        time.sleep(10)
+        with contextlib.suppress(OSError):
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+
+    watchdog = threading.Thread(target=unblock, daemon=True)
+    watchdog.start()
+    with pytest.raises(SceneReadError, match="is not a regular file but a FIFO"):
+        input_fingerprint(fifo)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
+    assert r.exit_code == EXIT_PARTIAL, r.output
+    assert statuses(report_of(rep)) == {"scene0.tif": "ok", "pipe.tif": "failed"}
+    assert "pipe.tif is not a regular file but a FIFO (named pipe)" in r.output
+
+
+def test_names_that_differ_in_case_clash_only_where_case_is_ignored(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Case.tif and case.tif both failed "would write the same outputs" also where the file system keeps
+    their outputs apart (Linux): --out's file system is asked."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    arch.mkdir()
+    write_raster(arch / "Case.tif", np.zeros((3, 16, 16), np.uint8))
+    try:
+        write_raster(arch / "case.tif", np.full((3, 16, 16), 200, np.uint8))
+    except rasterio.errors.RasterioIOError:
+        pass
+    folds = (arch / "CASE.tif").exists()  # this file system's own answer
+    if not folds:
+        r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+        assert r.exit_code == EXIT_OK, r.output
+        assert sorted(read_masks(out)) == ["Case_landcover.tif", "case_landcover.tif"]
+    from geoseg.batch import ignores_case
+
+    assert ignores_case(arch) == folds and ignores_case(tmp_path / "not" / "yet") == folds
+    found = {s.key: s.conflict for s in discover_scenes([arch], out, case_insensitive=False)}
+    assert all(c is None for c in found.values()) and len(found) == (1 if folds else 2)
+    if not folds:  # where case is ignored (a macOS or Windows --out): they clash, each of them
+        found = {s.key: s.conflict for s in discover_scenes([arch], out, case_insensitive=True)}
+        assert list(found) == ["Case.tif", "case.tif"] and all("same outputs" in (c or "") for c in found.values())
+
+
+@pytest.mark.parametrize("refusal", ["weights", "input"])
+def test_a_run_refused_before_it_starts_still_writes_its_report(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                refusal: str) -> None:
+    """A missing --weights file or input folder (found before the lock) wrote no --report, though a run
+    stopped by a fatal error does: a cron job watching the reports saw nothing at all."""
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "reports" / "run.json"
+    make_archive(arch, 2, size=(16, 16))
+    if refusal == "weights":
+        r = runner.invoke(cli, ["batch", str(arch), "--out", str(out), "--weights", str(tmp_path / "none.pdparams"),
+                                "--report", str(rep)])
+        said = "none.pdparams does not exist"
+    else:
+        r = run_cli(runner, tiny_unet, [arch, tmp_path / "nowhere"], out, "--report", rep)
+        said = "nowhere does not exist"
+    assert r.exit_code == 1 and said in r.output, r.output
+    report = report_of(rep)
+    assert report["exit_status"] == 1 and said in report["stopped"]["reason"] and report["scenes"] == []
+    assert not out.exists()  # (still refused before anything was made)
+
+
+def test_the_log_file_tells_runs_apart_and_a_locked_run_is_a_warning(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Overlapping runs appending to one --log-file could not be told apart (no pid, no start line); the
+    exit-4 "is locked" line was an ERROR, though exit 4 is to be ignored; distributed's lines about
+    workers that died reached stderr only."""
+    import logging
+
+    from geoseg_cli.batch import _batch_logging
+
+    arch, out, logf = tmp_path / "arch", tmp_path / "out", tmp_path / "batch.log"
+    make_archive(arch, 1, size=(16, 16))
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--log-file", logf)
+    assert r.exit_code == EXIT_OK, r.output
+    lines = logf.read_text().splitlines()
+    assert "geoseg" in lines[0] and "batch run started" in lines[0] and f"--out {out}" in lines[0], lines
+    assert all(f" [{os.getpid()}] " in line for line in lines), lines
+    with BatchLock(out):
+        r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--log-file", logf)
+    assert r.exit_code == EXIT_LOCKED, r.output
+    last = logf.read_text().splitlines()[-1]
+    assert " WARNING warning: " in last and "is locked by another geoseg batch run" in last, last
+    pytest.importorskip("distributed")
+    with _batch_logging(logf, 0, dask=True):
+        logging.getLogger("distributed.nanny").warning("Worker process 4242 was killed by signal 9")
+        logging.getLogger("distributed.scheduler").info("Receive client connection")  # (chatter: not kept)
+        logging.getLogger("geoseg.batch").info("[1/1] ok      a.tif")
+    text = logf.read_text()
+    assert "WARNING Worker process 4242 was killed by signal 9" in text and "Receive client" not in text
+    assert text.rstrip().endswith("[1/1] ok      a.tif")
