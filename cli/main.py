@@ -62,9 +62,10 @@ def to_click_error(exc: BaseException) -> click.ClickException:
                                 "check it with gdalinfo -checksum", EXIT_FAILURE)
 
     if isinstance(exc, OSError) and disk_full(exc):
-        where = f" (writing {exc.filename})" if getattr(exc, "filename", None) else ""
-        return GeosegClickError(f"no space left on the device{where}: free some space or choose another --out",
-                                EXIT_FAILURE)
+        if getattr(exc, "filename", None):
+            return GeosegClickError(f"no space left on the device (writing {exc.filename}): free some space or "
+                                    "write it elsewhere", EXIT_FAILURE)
+        return GeosegClickError("no space left on the device: free some space", EXIT_FAILURE)
     return GeosegClickError(f"unexpected error: {type(exc).__name__}: {exc}", EXIT_FAILURE)
 
 

@@ -330,8 +330,11 @@ def test_a_full_disk_is_one_line_at_the_cli() -> None:
     from geoseg_cli.main import to_click_error
 
     e = to_click_error(OSError(errno.ENOSPC, "No space left on device", "runs/x/weights.pdparams"))
-    assert e.message == ("no space left on the device (writing runs/x/weights.pdparams): free some space or choose "
-                         "another --out") and e.exit_code == 1
+    assert e.message == ("no space left on the device (writing runs/x/weights.pdparams): free some space or write "
+                         "it elsewhere") and e.exit_code == 1
+    # a file no one named: no advice about --out (the report's or log's disk was full, not --out's)
+    assert to_click_error(OSError(errno.ENOSPC, "No space left on device")).message == (
+        "no space left on the device: free some space")
     assert to_click_error(OSError(errno.EACCES, "Permission denied")).message.startswith("unexpected error: ")
 
 
