@@ -106,8 +106,11 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
         if not path.exists():
             raise ParameterError(f"--aoi {path} does not exist: give a vector file (GeoPackage, shapefile, GeoJSON ...) "
                                  "or minx,miny,maxx,maxy in the scene's CRS")
+        t = meta.transform  # the scene's middle longitude, on a degree grid (an AOI across the antimeridian)
+        near_x = (round(t.a * meta.width / 2 + t.b * meta.height / 2 + t.c, 6)
+                  if meta.crs is not None and meta.crs.is_geographic else None)
         geometry = _file_geometry(str(path.resolve()), _content_digest(path),
-                                  meta.crs.to_wkt() if meta.crs is not None else None)
+                                  meta.crs.to_wkt() if meta.crs is not None else None, near_x)
         source = path.name
     # the scene pixels whose centres lie within the AOI's bounds, on the scene's own grid
     inv = ~meta.transform
@@ -145,6 +148,8 @@ def _parse_box(text: str) -> tuple[float, float, float, float] | None:
         x0, y0, x1, y1 = (float(v) for v in parts)
     except ValueError:
         raise ParameterError(f"--aoi {text!r}: give a vector file or minx,miny,maxx,maxy in the scene's CRS") from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise ParameterError(f"--aoi {text!r}: minx,miny,maxx,maxy must be finite numbers in the scene's CRS")
     if not (x0 < x1 and y0 < y1):
         raise ParameterError(f"--aoi {text!r}: minx,miny,maxx,maxy needs minx < maxx and miny < maxy")
     return x0, y0, x1, y1
@@ -163,9 +168,13 @@ def _content_digest(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _file_geometry(path: str, digest: str, crs_wkt: str | None) -> Any:
+def _file_geometry(path: str, digest: str, crs_wkt: str | None, near_x: float | None = None) -> Any:
     """The union of a vector file's polygons in ``crs_wkt`` (cached: a batch reads one AOI for every
-    scene; the content digest is part of the key, so an edited file is read again)."""
+    scene; the content digest is part of the key, so an edited file is read again); ``near_x``: see
+    :func:`geoseg.io.read_vector`.
+
+    The polygons of geometry collections count (an overlay's output); an invalid polygon is
+    repaired into polygons only (a digitising spike's collapsed part is no line of AOI pixels)."""
     import shapely
     from rasterio.crs import CRS
 
@@ -174,11 +183,21 @@ def _file_geometry(path: str, digest: str, crs_wkt: str | None) -> Any:
     name = Path(path).name
     crs = CRS.from_wkt(crs_wkt) if crs_wkt else None
     vec = read_vector(path, crs, missing=f"--aoi {path} does not exist", unreadable=f"--aoi {path} cannot be read as "
-                      "vector data")
-    polys = [g for g in vec.geoms if g is not None and not g.is_empty and g.geom_type in ("Polygon", "MultiPolygon")]
-    if not polys:
+                      "vector data", near_x=near_x)
+    polys = _polygon_parts(np.array([g for g in vec.geoms if g is not None], dtype=object))
+    if len(polys):
+        polys = _polygon_parts(shapely.make_valid(polys, method="structure", keep_collapsed=False))
+    if not len(polys):
         raise ParameterError(f"--aoi {name} has no polygons: give the area as polygons")
-    return shapely.union_all(shapely.make_valid(np.array(polys, dtype=object)))
+    return shapely.union_all(polys)
+
+
+def _polygon_parts(geoms: np.ndarray) -> np.ndarray:
+    """The non-empty polygons of ``geoms``, multipolygons and collections taken apart."""
+    import shapely
+
+    parts = shapely.get_parts(shapely.get_parts(geoms))  # (a collection may hold multipolygons)
+    return parts[(shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts)]
 
 
 def aoi_key(spec: str | Path) -> str:

@@ -493,11 +493,21 @@ def _feature_layer(path: Path) -> str | None:
     return spatial[0] if len(layers) > 1 and len(spatial) == 1 else None
 
 
-def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: str) -> VectorData:
+#: Pieces an edge of a reprojected vector file is cut into, at most, per extent of the whole file
+#: (:func:`read_vector`): a thousandth of it, where the edge bends.
+VECTOR_DENSIFY = 1000
+
+
+def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: str,
+                near_x: float | None = None) -> VectorData:
     """Read a vector file (any format pyogrio reads) with its geometries in ``crs``.
 
-    Geometries in another CRS are reprojected vertex by vertex; a file without a CRS is taken
-    to be in ``crs`` already. ``missing`` is the error for a file that does not exist,
+    Geometries in another CRS are reprojected vertex by vertex, after adding vertices along their
+    edges (an edge straight in the file's CRS bends in another: a latitude/longitude box's edges
+    became chords in UTM, and a polar cap a line); a file without a CRS is taken to be in ``crs``
+    already. On a geographic ``crs`` with ``near_x`` (the scene's middle longitude), longitudes
+    are taken within half a turn of it, so an area across the antimeridian lies where a scene of
+    longitudes 179..181 has it. ``missing`` is the error for a file that does not exist,
     ``unreadable`` the start of the error for one that cannot be read.
 
     Raises:
@@ -536,10 +546,22 @@ def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: 
             return np.column_stack([xs, ys])
 
         try:
+            if len(geoms):
+                x0, y0, x1, y1 = shapely.total_bounds(geoms)
+                extent = max(x1 - x0, y1 - y0)
+                if np.isfinite(extent) and extent > 0:
+                    geoms = shapely.segmentize(geoms, extent / VECTOR_DENSIFY)
             geoms = shapely.transform(geoms, reproject)
         except Exception as exc:  # noqa: BLE001 - GDAL's CPLE_* errors (PROJ: ...) are not RasterioErrors
             raise ParameterError(f"{bad}: reprojecting them fails ({str(exc).splitlines()[0]}); "
                                  "check the file's CRS") from None
+    if near_x is not None and crs is not None and crs.is_geographic and len(geoms):
+        turn = 360.0 / degrees_per_unit(crs)
+
+        def wrap(xy: np.ndarray) -> np.ndarray:
+            return np.column_stack([near_x + (xy[:, 0] - near_x + turn / 2) % turn - turn / 2, xy[:, 1]])
+
+        geoms = shapely.transform(geoms, wrap)
     return VectorData([str(f) for f in info["fields"]], list(values), geoms, src)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 from click.testing import CliRunner
+from rasterio.transform import from_origin
 
 from geoseg.errors import ParameterError
 from geoseg.io import read_classes
@@ -762,7 +763,9 @@ def test_aoi_box_and_polygons_give_the_whole_scene_classes_there(runner: CliRunn
     c0, r0 = (round(v) for v in ~full_t * (t.c, t.f))
     rows, cols = np.indices(mask.shape)
     xs, ys = t * (cols + 0.5, rows + 0.5)
-    inside = shapely.contains_xy(shapely.Polygon(corners), xs, ys)
+    # (its edges are straight in lon/lat, the file's CRS: on the scene's grid they bend a little)
+    plon, plat = warp_xy("EPSG:32633", "EPSG:4326", xs.ravel(), ys.ravel())
+    inside = shapely.contains_xy(shapely.Polygon(zip(lon, lat)), plon, plat).reshape(xs.shape)
     assert mask.shape == (80, 180) and (c0, r0) == (10, 10)  # the pixels whose centres lie in its bounds
     assert 0.2 < inside.mean() < 0.8
     assert (mask[~inside] == 255).all()
@@ -981,6 +984,98 @@ def test_an_edited_aoi_file_is_read_again(tmp_path: Path) -> None:
 
     assert load_aoi(write(500200.0), meta).window.width == 20
     assert load_aoi(write(500500.0), meta).window.width == 50  # same name and size, new content
+
+
+def _aoi_pixels(aoi, meta) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The scene-sized HW mask of the pixels an Aoi keeps."""
+    from rasterio.windows import Window
+
+    full = np.zeros((meta.height, meta.width), bool)
+    w = aoi.window
+    inside = aoi.pixels(Window(w.col_off, w.row_off, w.width, w.height))
+    full[w.row_off:w.row_off + w.height, w.col_off:w.col_off + w.width] = inside
+    return full
+
+
+def _geojson(path: Path, *geometries: dict, crs: str | None = None) -> Path:
+    doc: dict = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": g} for g in geometries]}
+    if crs:
+        doc["crs"] = {"type": "name", "properties": {"name": crs}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_an_aoi_in_degrees_keeps_its_shape_on_a_projected_scene(tmp_path: Path) -> None:
+    """A lon/lat box's edges were reprojected as chords between its 4 corners: on a UTM scene about
+    2 % of the box's pixels were missed and as many taken outside (its lines of latitude are curves
+    there), and a polar cap on a polar stereographic scene became a line."""
+    import pyproj
+
+    from geoseg.aoi import load_aoi
+    from geoseg.io import open_scene
+
+    scene = rgb(tmp_path, h=120, w=200, crs="EPSG:32633", transform=from_origin(400000.0, 6700000.0, 1000.0, 1000.0))
+    meta = open_scene(scene)
+    box = {"type": "Polygon", "coordinates": [[[14.0, 59.3], [17.0, 59.3], [17.0, 60.0], [14.0, 60.0], [14.0, 59.3]]]}
+    got = _aoi_pixels(load_aoi(_geojson(tmp_path / "box.geojson", box), meta), meta)
+    rows, cols = np.mgrid[0:120, 0:200]
+    x, y = 400000.0 + (cols + 0.5) * 1000.0, 6700000.0 - (rows + 0.5) * 1000.0
+    lon, lat = pyproj.Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True).transform(x, y)
+    truth = (lon > 14) & (lon < 17) & (lat > 59.3) & (lat < 60.0)
+    assert truth.sum() > 5000 and (got != truth).sum() <= 0.002 * truth.sum(), (got != truth).sum()
+    # the polar cap north of 85 degrees on a polar stereographic grid (25 km pixels, pole in the middle)
+    polar = rgb(tmp_path, name="polar.tif", h=100, w=100, crs="EPSG:3413",
+                transform=from_origin(-1250000.0, 1250000.0, 25000.0, 25000.0))
+    cap = {"type": "Polygon", "coordinates": [[[-180.0, 85.0], [180.0, 85.0], [180.0, 90.0], [-180.0, 90.0],
+                                               [-180.0, 85.0]]]}
+    meta = open_scene(polar)
+    got = _aoi_pixels(load_aoi(_geojson(tmp_path / "cap.geojson", cap), meta), meta)
+    x, y = -1250000.0 + (cols[:100, :100] + 0.5) * 25000.0, 1250000.0 - (rows[:100, :100] + 0.5) * 25000.0
+    lat = pyproj.Transformer.from_crs("EPSG:3413", "EPSG:4326", always_xy=True).transform(x, y)[1]
+    truth = lat > 85.0
+    assert truth.sum() > 500 and (got != truth).sum() <= 0.01 * truth.sum(), ((got != truth).sum(), truth.sum())
+
+
+def test_an_aoi_across_the_antimeridian_on_a_degree_scene(tmp_path: Path) -> None:
+    """A scene of longitudes 179..181 and an AOI in UTM zone 1 around 180 degrees: reprojected
+    longitudes wrapped to -180..180, so the AOI took the wrong side of the scene."""
+    from geoseg.aoi import load_aoi
+    from geoseg.io import open_scene
+
+    scene = rgb(tmp_path, h=80, w=200, crs="EPSG:4326", transform=from_origin(179.0, -16.0, 0.01, 0.01))
+    meta = open_scene(scene)
+    # a box in UTM 1S (EPSG:32701) from about 179.8 E to 180.2 (-179.8), 16.3 to 16.5 S
+    import pyproj
+
+    to_utm = pyproj.Transformer.from_crs("EPSG:4326", "EPSG:32701", always_xy=True)
+    ring = [to_utm.transform(lon, lat) for lon, lat in ((179.8, -16.5), (-179.8, -16.5), (-179.8, -16.3),
+                                                        (179.8, -16.3), (179.8, -16.5))]
+    aoi = load_aoi(_geojson(tmp_path / "utm.geojson", {"type": "Polygon", "coordinates": [ring]}, crs="EPSG:32701"),
+                   meta)
+    assert (aoi.window.col_off, aoi.window.width) == (80, 40), aoi.window  # columns 179.8..180.2
+
+
+def test_an_aoi_of_invalid_or_collected_polygons(tmp_path: Path) -> None:
+    """A digitising spike (a self-intersecting ring) kept its collapsed part as a line burnt into the AOI
+    (70 columns instead of 20), and polygons in a GeometryCollection were dropped without a word."""
+    from geoseg.aoi import load_aoi
+    from geoseg.io import open_scene
+
+    meta = open_scene(rgb(tmp_path, h=100, w=100, crs="EPSG:32633"))  # 10 m from 500000/4800000
+    x0, y0 = 500200.0, 4799600.0
+    spike = {"type": "Polygon", "coordinates": [[[x0, y0], [x0 + 200, y0], [x0 + 200, y0 + 200], [x0, y0 + 200],
+                                                 [x0, y0], [x0 + 700, y0], [x0, y0]]]}
+    aoi = load_aoi(_geojson(tmp_path / "spike.geojson", spike, crs="EPSG:32633"), meta)
+    assert (aoi.window.width, aoi.window.height) == (20, 20)
+    a = {"type": "Polygon", "coordinates": [[[x0, y0], [x0 + 100, y0], [x0 + 100, y0 + 100], [x0, y0 + 100], [x0, y0]]]}
+    b = {"type": "Polygon", "coordinates": [[[x0 + 400, y0], [x0 + 600, y0], [x0 + 600, y0 + 100], [x0 + 400, y0 + 100],
+                                             [x0 + 400, y0]]]}
+    both = {"type": "GeometryCollection", "geometries": [a, {"type": "LineString", "coordinates": [[x0, y0], [x0, 0]]}, b]}
+    aoi = load_aoi(_geojson(tmp_path / "coll.geojson", both, crs="EPSG:32633"), meta)
+    assert (aoi.window.col_off, aoi.window.width) == (20, 60) and _aoi_pixels(aoi, meta).sum() == 100 + 200
+    with pytest.raises(ParameterError, match="must be finite numbers"):  # (it was "unexpected error: ValueError")
+        load_aoi("500000,4799000,inf,4800000", meta)
 
 
 def test_sigterm_while_paddle_loads_stops_cleanly(tmp_path: Path) -> None:
