@@ -66,6 +66,9 @@ def em_priors(posteriors: np.ndarray, train_prior: np.ndarray, *, max_ratio: flo
     p = p / p.sum()
     if max_ratio is not None and max_ratio < 1:
         raise ParameterError(f"max_ratio {max_ratio}: use 1 or more (None: unbounded)")
+    # a pixel whose posteriors are not finite (an fp16 overflow, an extreme input) says nothing about
+    # the priors: one NaN made every weight NaN, and the whole mask the first class
+    post = post[np.isfinite(post).all(axis=1)]
     if post.shape[0] == 0:
         return PriorEstimate(p.astype(np.float32), np.ones(p.size, np.float32), 0, True, 0)
     q = p.copy()

@@ -36,6 +36,12 @@ def test_em_recovers_the_mixing_proportion_of_known_components() -> None:
     rows = np.repeat(post2, [62, 38], axis=0)
     est2 = em_priors(rows, prior, tol=1e-10, max_iter=10_000)
     np.testing.assert_allclose(est2.scene, [0.8, 0.2], atol=1e-4)
+    # a pixel of NaN posteriors (an fp16 overflow) is left out: it made every weight NaN (and the
+    # whole adapted mask the first class)
+    est3 = em_priors(np.vstack([post, [[np.nan, np.nan]], [[np.inf, 0.0]]]), np.array([0.5, 0.5]), tol=1e-10,
+                     max_iter=10_000)
+    assert est3.pixels == 100 and np.isfinite(est3.weights).all()
+    np.testing.assert_allclose(est3.scene, [0.8, 0.2], atol=1e-4)
 
 
 def test_em_with_a_bounded_ratio_stops_at_the_bound() -> None:
