@@ -93,14 +93,18 @@ def _group_names(keys: Sequence[tuple[str, float, float, tuple[int, int], str]])
     for crs_wkt, xres, yres, phase, classes in keys:
         name = MOSAIC_STEM
         if by_grid:
-            name += f"_{_crs_code(crs_wkt)}_{xres:g}" + ("" if xres == yres else f"x{yres:g}")
+            # (9 digits, as the groups are keyed: 6 gave 29.998712 m and 29.998734 m one name)
+            name += f"_{_crs_code(crs_wkt)}_{xres:.9g}" + ("" if xres == yres else f"x{yres:.9g}")
         same_grid = [k for k in keys if k[:3] == (crs_wkt, xres, yres)]
         if len({k[4] for k in same_grid}) > 1:
             name += "_classes" + hashlib.sha1(classes.encode()).hexdigest()[:8]
         if len({k[3] for k in same_grid if k[4] == classes}) > 1:
             name += f"_grid{phase[0]:03d}x{phase[1]:03d}"
         names.append(name)
-    return names
+    # groups the parts above cannot tell apart (two WKTs of one EPSG code): a hash of the whole key,
+    # never one file written twice (the second group's VRT replaced the first's)
+    twice = {n for n in names if names.count(n) > 1}
+    return [n + "_" + hashlib.sha1(repr(k).encode()).hexdigest()[:8] if n in twice else n for n, k in zip(names, keys)]
 
 
 def _offset(v: float) -> str:

@@ -1234,6 +1234,12 @@ def test_mosaic_names_carry_only_the_parts_that_tell_groups_apart() -> None:
     names = _group_names([(utm, 10.0, 10.0, (0, 0), a), (utm, 10.0, 10.0, (0, 0), b), (utm, 10.0, 10.0, (500, 0), b)])
     assert names[0].startswith("landcover_classes") and "_grid" not in names[0]
     assert names[1].endswith("_grid000x000") and names[2].endswith("_grid500x000") and len(set(names)) == 3
+    # sizes apart in the 7th digit (scenes warped one by one), and groups no part tells apart: one name
+    # each (the second group's VRT replaced the first's)
+    assert _group_names([(utm, 29.998712, 29.998712, (0, 0), a), (utm, 29.998734, 29.998734, (0, 0), a)]) == [
+        "landcover_epsg32119_29.998712", "landcover_epsg32119_29.998734"]
+    names = _group_names([(utm, 10.0, 10.0, (0, 0), a), (utm + " ", 10.0, 10.0, (0, 0), a)])
+    assert len(set(names)) == 2 and all(n.startswith("landcover_epsg32119_10_") for n in names)
 
 
 # ---- odd archives, full disks, dry runs that write nothing, the log ---------------------------------------
