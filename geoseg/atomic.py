@@ -289,7 +289,7 @@ def fsync_folder(folder: str | Path) -> None:
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
     """Write ``text`` to ``path`` atomically."""
     with atomic_output(path, overwrite) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # (XML and styles declare UTF-8, whatever the locale)
     return Path(path)
 
 

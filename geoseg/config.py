@@ -22,7 +22,7 @@ def load_yaml_mapping(path: str | Path, what: str, error: type[GeosegError], *, 
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist") from None
     except yaml.YAMLError as exc:

@@ -342,7 +342,7 @@ def parse_classes(spec: str | Path | Sequence[Any] | None) -> tuple[ClassInfo, .
             if not p.is_file():
                 raise ParameterError(f"classes file {p} does not exist")
             try:
-                items = json.loads(p.read_text()) if p.suffix.lower() == ".json" else yaml.safe_load(p.read_text())
+                items = json.loads(p.read_text(encoding="utf-8")) if p.suffix.lower() == ".json" else yaml.safe_load(p.read_text(encoding="utf-8"))
             except (ValueError, yaml.YAMLError) as exc:
                 raise ParameterError(f"classes file {p} cannot be parsed: {str(exc).splitlines()[0]}") from None
             if isinstance(items, Mapping):

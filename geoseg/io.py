@@ -822,7 +822,7 @@ def write_pam(raster_path: str | Path, *, srs_xml: str | None = None, band1: str
 def _pam_srs(pam: Path) -> str | None:
     """The ``<SRS ...>...</SRS>`` element of a GDAL ``.aux.xml``, or None (no file, no element)."""
     try:
-        text = pam.read_text()
+        text = pam.read_text(encoding="utf-8")
     except (FileNotFoundError, UnicodeDecodeError):
         return None
     match = re.search(r"<SRS\b[^>]*>.*?</SRS>", text, re.S)

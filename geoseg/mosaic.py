@@ -195,7 +195,7 @@ def write_mosaics(out_dir: str | Path, masks: Sequence[str | Path], classes: Seq
     if state_dir is not None:
         state = Path(state_dir) / _STATE
         try:
-            before = [out / p for p in json.loads(state.read_text())]
+            before = [out / p for p in json.loads(state.read_text(encoding="utf-8"))]
         except (OSError, ValueError):
             before = []
         for p in before:

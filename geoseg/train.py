@@ -2236,7 +2236,7 @@ class Trainer:
         path, meta_path = d / "last.pdparams", d / "last.json"
         if not meta_path.is_file():
             raise ParameterError(f"resume: no checkpoint at {path} (expected last.pdparams and last.json from a run)")
-        state = json.loads(meta_path.read_text())
+        state = json.loads(meta_path.read_text(encoding="utf-8"))
         files = dict(state.get("files") or {})  # checkpoints of older versions list none
         parts: dict[str, Path] = {}
         for name, digest in files.items():
@@ -2562,7 +2562,7 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
     """
     d = _checkpoint_folder(cfg.resume)  # type: ignore[arg-type]
     try:
-        saved = json.loads((d / "last.json").read_text()).get("config") or {}
+        saved = json.loads((d / "last.json").read_text(encoding="utf-8")).get("config") or {}
     except (OSError, ValueError):
         return cfg  # no readable checkpoint: the run's own check says so
     run = d.parent if d.name == "checkpoints" else d
