@@ -122,8 +122,10 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
         raise AoiOutsideError(f"--aoi {source} does not overlap {meta.path.name} (AOI bounds {bx0:.6g},{by0:.6g},"
                              f"{bx1:.6g},{by1:.6g}; scene bounds {min(sx0, sx1):.6g},{min(sy0, sy1):.6g},"
                              f"{max(sx0, sx1):.6g},{max(sy0, sy1):.6g} in its CRS)")
-    c0, c1 = max(0, math.ceil(min(cols) - 0.5)), min(meta.width, math.ceil(max(cols) - 0.5))
-    r0, r1 = max(0, math.ceil(min(rows) - 0.5)), min(meta.height, math.ceil(max(rows) - 0.5))
+    # centres strictly inside, as GDAL's rasterize burns them (a centre on the box's edge was in the
+    # window but not burnt: a column of nodata)
+    c0, c1 = max(0, math.floor(min(cols) - 0.5) + 1), min(meta.width, math.ceil(max(cols) - 0.5))
+    r0, r1 = max(0, math.floor(min(rows) - 0.5) + 1), min(meta.height, math.ceil(max(rows) - 0.5))
     if c1 <= c0 or r1 <= r0:
         raise AoiOutsideError(f"--aoi {source} covers no pixel centre of {meta.path.name}: give a larger area")
     window = Window(c0, r0, c1 - c0, r1 - r0)

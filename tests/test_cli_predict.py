@@ -1076,6 +1076,11 @@ def test_an_aoi_of_invalid_or_collected_polygons(tmp_path: Path) -> None:
     assert (aoi.window.col_off, aoi.window.width) == (20, 60) and _aoi_pixels(aoi, meta).sum() == 100 + 200
     with pytest.raises(ParameterError, match="must be finite numbers"):  # (it was "unexpected error: ValueError")
         load_aoi("500000,4799000,inf,4800000", meta)
+    # a box whose edges pass through pixel centres: the window holds the centres strictly inside, as
+    # rasterize burns them (the centres on its left edge made a column of nodata)
+    aoi = load_aoi("500195,4799855,500235,4799895", meta)  # centres of columns 19..23, rows 10..14
+    assert (aoi.window.col_off, aoi.window.row_off, aoi.window.width, aoi.window.height) == (20, 11, 3, 3)
+    assert aoi.pixels(aoi.window) is True
 
 
 def test_sigterm_while_paddle_loads_stops_cleanly(tmp_path: Path) -> None:
