@@ -1092,6 +1092,14 @@ class ModelPlugin:
             import signal
 
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # Paddle's import replaces SIGTERM's handler with one that prints a C++ "FatalError" dump
+            # (a cron job's `timeout` signals the whole group: one dump per worker). Imported here, in
+            # the worker's main thread, the handler before it is put back (require_paddle); imported
+            # later in a task's thread, it could not be.
+            from geoseg.errors import GeosegError, require_paddle
+
+            with contextlib.suppress(GeosegError):  # (no paddle: the model's loading says so, once)
+                require_paddle()
 
     def device(self) -> str:
         """The model's device on this worker. The workers of batch's own LocalCluster (named 0 .. N-1) are
@@ -1696,14 +1704,43 @@ def dask_client(batch: BatchOptions) -> Iterator[Any]:
         with client:
             yield client
         return
-    with LocalCluster(
-        n_workers=batch.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-        # the scheduler's HTTP server (health checks) starts even without a dashboard, on 8787 unless
-        # told: a second run on the machine (another archive's cron job) then warned in three lines
-        scheduler_kwargs={"dashboard_address": ":0"},
-        resources=batch.resources or None,
-    ) as cluster, Client(cluster) as client:
-        yield client
+    muted: list[tuple[logging.Logger, int]] = []
+    interrupted = _InterruptedSyncNoise()
+    logging.getLogger("tornado.application").addFilter(interrupted)
+    try:
+        with LocalCluster(
+            n_workers=batch.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            # the scheduler's HTTP server (health checks) starts even without a dashboard, on 8787 unless
+            # told: a second run on the machine (another archive's cron job) then warned in three lines
+            scheduler_kwargs={"dashboard_address": ":0"},
+            resources=batch.resources or None,
+        ) as cluster, Client(cluster) as client:
+            try:
+                yield client
+            except KeyboardInterrupt:
+                # Stopped by a signal (Ctrl-C, SIGTERM): cron's `timeout` signals the whole group, so
+                # the workers are gone already; the scheduler, nannies and tornado of batch's own
+                # cluster then logged ~40 lines of broken connections and restarts while it closed.
+                names = [n for n in list(logging.root.manager.loggerDict)
+                         if n.split(".")[0] in ("distributed", "tornado", "asyncio")]
+                muted = [(lg, lg.level) for lg in map(logging.getLogger, {"distributed", "tornado", "asyncio", *names})]
+                for lg, _ in muted:
+                    lg.setLevel(logging.CRITICAL)
+                raise
+    finally:
+        for lg, level in muted:
+            lg.setLevel(level)
+        logging.getLogger("tornado.application").removeFilter(interrupted)
+
+
+class _InterruptedSyncNoise(logging.Filter):
+    """Drops the traceback distributed's own ``sync`` logs through tornado when Ctrl-C or SIGTERM
+    interrupts it ("Exception in callback ... cancel ... NameError: cannot access free variable
+    'future'"): a bug of distributed's, said in 10 lines on a stopped cron run's stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NameError) and "'future'" in str(exc) and "cancel" in record.getMessage())
 
 
 def _scheduler_lost(exc: BaseException, client: Any) -> bool:

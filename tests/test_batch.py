@@ -819,6 +819,39 @@ def test_workers_of_batch_s_own_cluster_stop_quietly(caplog) -> None:  # type: i
     assert [r.getMessage() for r in caplog.records] == ["Worker is at 85% memory usage."]
 
 
+def test_a_worker_of_batch_s_own_cluster_dies_quietly_by_sigterm() -> None:
+    """cron's `timeout` signals the whole process group: each worker printed Paddle's C++ "FatalError"
+    dump, as paddle was first imported in a task's thread, where its SIGTERM handler could not be put
+    back. The plugin imports paddle in the worker's main thread (and puts the handler back)."""
+    pytest.importorskip("paddle")
+    script = """
+import os, signal, threading
+from geoseg.batch import BatchModel, ModelPlugin
+ModelPlugin(BatchModel(), "p", ("x",), own_cluster=True).setup(None)
+t = threading.Thread(target=lambda: __import__("geoseg.errors").errors.require_paddle())  # as a scene loads it
+t.start(); t.join()
+import time; time.sleep(1)  # (paddle installs its handler a moment after the import returns)
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    said = r.stdout + r.stderr  # (paddle's dump goes to stdout)
+    assert r.returncode == -signal.SIGTERM and "FatalError" not in said, (r.returncode, said[-800:])
+
+
+def test_distributed_s_interrupted_sync_traceback_is_dropped() -> None:
+    import logging
+
+    from geoseg.batch import _InterruptedSyncNoise
+
+    def record(exc: BaseException, msg: str) -> logging.LogRecord:
+        return logging.LogRecord("tornado.application", logging.ERROR, "ioloop.py", 1, msg, (), (type(exc), exc, None))
+
+    noise = _InterruptedSyncNoise()
+    bug = NameError("cannot access free variable 'future' where it is not associated with a value in enclosing scope")
+    assert not noise.filter(record(bug, "Exception in callback functools.partial(<function sync.<locals>.cancel>)"))
+    assert noise.filter(record(ValueError("x"), "Exception in callback functools.partial(<function cancel>)"))
+
+
 _WATCH: dict[str, object] = {}  # what the in-process worker's task and the test share (not picklable)
 
 
