@@ -393,7 +393,25 @@ def sieve_array(array: np.ndarray, min_pixels: int, *, nodata: int | None = None
         return array
     min_pixels_for(None, min_pixels, 1.0, array.shape)  # refuses a threshold the whole array does not exceed
     mask = None if nodata is None else (array != nodata)
-    return features.sieve(array, int(min_pixels), mask=mask, connectivity=connectivity)
+    return _sieve(array, int(min_pixels), mask, connectivity)
+
+
+def _sieve(source: Any, min_pixels: int, mask: np.ndarray | None, connectivity: int,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`rasterio.features.sieve` with thresholds rising to ``min_pixels`` (2, 4, 8, ...): GDAL's sieve
+    merges no two small regions that are each other's largest neighbour (a 1-px and a 3-px region with a
+    unit of 4 both stayed, and the polygons below the unit then left a hole beside data); at a lower
+    threshold first, the smaller one joins the larger, which then reaches the unit."""
+    steps = []
+    t = 2
+    while t < min_pixels:
+        steps.append(t)
+        t *= 2
+    steps.append(min_pixels)
+    for i, t in enumerate(steps):  # (a new array each pass: GDAL's sieve reads and writes two bands)
+        last = i == len(steps) - 1
+        source = features.sieve(source, t, out=out if last else None, mask=mask, connectivity=connectivity)
+    return source
 
 
 def polygonize_array(
@@ -1051,9 +1069,9 @@ def vectorize_mask(
                 writer.write(geoms, ids, names, area, perim, scene)
 
             try:
-                _polygonize_strips(
+                _polygonize_strips(  # (the sieve removed what goes: no polygon is dropped for its size)
                     read, (info.height, info.width), nodata=info.nodata, connectivity=connectivity,
-                    tol_px=simplify / info.pixel_size, min_pixels=min_px, block_size=block_size, emit=emit,
+                    tol_px=simplify / info.pixel_size, min_pixels=0, block_size=block_size, emit=emit,
                 )
                 if not writer.started:  # all nodata: an empty layer with the full schema
                     writer.write(np.empty(0, dtype=object), np.empty(0), np.empty(0), np.empty(0), np.empty(0), scene)
@@ -1111,8 +1129,18 @@ def _sieved_reader(
             r1 = min(info.height, r0 + block_size)
             block = source[r0:r1] if info.masked else ds.read(1, window=((r0, r1), (0, info.width)))
             mask[r0:r1] = block != info.nodata
-    features.sieve(source, min_px, out=out, mask=mask, connectivity=connectivity)
-    del mask, source
+    _sieve(source, min_px, mask, connectivity, out=out)
+    del source
+    if mask is not None:
+        # A speck below the unit with only nodata (or the border) around cannot be merged: it goes. Found
+        # as a group of data pixels below the unit, whatever their classes; a small region beside data
+        # that the sieve could not merge (regions all below the unit, each other's largest neighbour)
+        # stays: dropping it left a hole beside data (three fields of 6 px, a unit of 7: no polygon at all).
+        data = mask.astype(np.uint8)
+        specks = (features.sieve(data, min_px, connectivity=connectivity) == 0) & (data == 1)
+        out[specks] = info.nodata
+        del data, specks
+    del mask
 
     def read(r0: int, r1: int) -> np.ndarray:
         return out[r0:r1]

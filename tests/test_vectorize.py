@@ -139,6 +139,38 @@ def test_sieve_no_small_polygons_no_holes() -> None:
     assert shapely.union_all(geoms).area == pytest.approx(((a != NODATA).sum() - 1) * PIXEL**2)
 
 
+@pytest.mark.parametrize("nodata", [0, None])
+def test_regions_the_sieve_cannot_merge_leave_no_hole(tmp_path: Path, nodata: int | None) -> None:
+    """GDAL's sieve merges no two small regions that are each other's largest neighbour: a 1-px and a
+    3-px region with a unit of 4 both stayed, and every polygon below the unit was then dropped (a hole
+    beside data); three fields of 6 px with a unit of 7 gave no polygon at all."""
+    a = np.array([[1, 1, 1, 0, 0, 0, 0],
+                  [1, 1, 1, 2, 1, 2, 2],  # (1,3) class 2, (1,4) class 1, (1,5) (1,6) (2,6) class 2
+                  [1, 1, 1, 0, 0, 0, 2],
+                  [1, 1, 1, 0, 0, 0, 0]], np.uint8)
+    if nodata is None:
+        a[a == 0] = 3
+    path = write_mask(tmp_path / "m.tif", a, nodata=nodata, tags=False, colormap=False)
+    vec.vectorize_mask(path, tmp_path / "m.gpkg", min_pixels=4, simplify=0)
+    _, _, wkb, (ids, *_) = pyogrio.raw.read(tmp_path / "m.gpkg", layer="landcover")
+    back = features.rasterize(zip(shapely.from_wkb(wkb), ids), out_shape=a.shape, transform=TRANSFORM, fill=0,
+                              dtype="uint8")
+    data = a != 0 if nodata is not None else np.ones(a.shape, bool)
+    assert (back[data] != 0).all()  # every data pixel in a polygon: no hole
+    if nodata is not None:  # the 1-px region joined the 3-px one, which reached the unit
+        assert sorted(shapely.area(shapely.from_wkb(wkb)) / PIXEL**2) == [4.0, 13.0]
+    fields = np.array([[1, 1, 2, 2, 3, 3]] * 3, np.uint8)  # no region reaches the unit: all stay
+    path = write_mask(tmp_path / "f.tif", fields, nodata=nodata, tags=False, colormap=False)
+    assert vec.vectorize_mask(path, tmp_path / "f.gpkg", min_pixels=7, simplify=0).polygons == 3
+    # a speck with only nodata around it still goes
+    speck = np.zeros((6, 6), np.uint8)
+    speck[:, :4], speck[0, 5] = 1, 2
+    if nodata is not None:
+        path = write_mask(tmp_path / "s.tif", speck, nodata=nodata, tags=False, colormap=False)
+        res = vec.vectorize_mask(path, tmp_path / "s.gpkg", min_pixels=3, simplify=0)
+        assert res.polygons == 1 and res.class_counts == {1: 1}
+
+
 def test_a_vectorize_result_is_plain_json_data(mask_path: Path, tmp_path: Path) -> None:
     """VectorizeResult holds a path and numpy-made counts: ``to_dict()`` is what ``json.dumps`` takes."""
     import dataclasses
