@@ -395,9 +395,17 @@ def build_predictor(
 
     to_probs = _OUTPUT_TO_PROBS[output]
     num_classes = source.card.num_classes
+    # One call at a time: a Paddle predictor holds one input and one output buffer, and a ready predictor
+    # is shared (a Dask worker's threads, an application's): two threads' calls ran on each other's
+    # inputs (wrong masks without an error, or a batch of the other's size). The reading, blending and
+    # writing around the calls still overlap.
+    lock = threading.Lock()
 
     def predict(x: np.ndarray) -> np.ndarray:
-        return to_probs(net(np.ascontiguousarray(x, dtype=np.float32)), num_classes)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        with lock:
+            y = net(x)
+        return to_probs(y, num_classes)
 
     desc = f"{on}/{runtime}/{getattr(net, 'precision', precision)}"  # (fp32 where fp16 cannot run)
     predict.description = desc  # type: ignore[attr-defined]  # (segment_scene reports it for a ready predictor)

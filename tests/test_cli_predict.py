@@ -986,6 +986,34 @@ def test_an_edited_aoi_file_is_read_again(tmp_path: Path) -> None:
     assert load_aoi(write(500500.0), meta).window.width == 50  # same name and size, new content
 
 
+def test_a_ready_predictor_shared_by_threads_gives_each_its_own_output(tiny_unet: tuple[Path, Path]) -> None:
+    """A Dask worker with several threads lends its one predictor to all of them: a Paddle predictor
+    holds one input buffer, so two threads' calls ran on each other's inputs (wrong masks, or a batch
+    of the other's size and a fatal ModelError)."""
+    import threading
+
+    from geoseg.engine import ModelSource, build_predictor, resolve_model
+
+    source: ModelSource = resolve_model(None, weights=tiny_unet[0])
+    predict, _ = build_predictor(source, "cpu", runtime="inference", threads=1)
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=(1 + i % 2, 3, 64, 64)).astype(np.float32) for i in range(6)]
+    alone = [predict(x) for x in inputs]
+    got: dict[int, list[np.ndarray]] = {}
+
+    def work(i: int) -> None:
+        got[i] = [predict(inputs[i]) for _ in range(8)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, outs in got.items():
+        for y in outs:
+            np.testing.assert_array_equal(y, alone[i])
+
+
 def _aoi_pixels(aoi, meta) -> np.ndarray:  # type: ignore[no-untyped-def]
     """The scene-sized HW mask of the pixels an Aoi keeps."""
     from rasterio.windows import Window

@@ -228,7 +228,8 @@ class InferencePredictor:
     """Run an exported graph with Paddle Inference: float32 NCHW in, float32 NCHW logits out.
 
     Successive calls may use different batch sizes and image sizes.  Not thread-safe: use
-    one instance per thread.
+    one instance per thread, or one call at a time (:func:`geoseg.engine.build_predictor`'s
+    predictor takes a lock around it).
     """
 
     def __init__(
