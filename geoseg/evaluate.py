@@ -4,7 +4,8 @@ The reference is a raster on the same grid (size, geotransform, CRS; otherwise
 :class:`~geoseg.errors.GridMismatchError` says which property differs), or vector data
 (:func:`evaluate_vector`): field points, each scored on the prediction pixel it falls in, and
 polygons, every pixel whose centre they contain, in any CRS. Pixels equal to either
-raster's nodata value, to an ``ignore`` value of the reference, or outside ``region`` are not
+raster's nodata value (255 too in a uint8 prediction: geoseg's mask nodata), hidden by either
+raster's mask band, equal to an ``ignore`` value of the reference, or outside ``region`` are not
 counted. Class ids are the values of the rasters (e.g. 1..7; a floating-point reference is taken
 when every value is a whole id, as ``geoseg train`` takes one); by default they are the union of
 the ids present in the reference and the prediction (minus ignored values), or the class table
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
+from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
 from geoseg.config import plain
@@ -40,7 +42,6 @@ from geoseg.io import (
     NO_LABEL,
     VectorData,
     GeoAreas,
-    add_area_counts,
     area_units,
     pixel_areas,
     read_classes,
@@ -129,6 +130,17 @@ def _read_classes(ds: Any, window: Window) -> np.ndarray:
                            "ids (nodata may be any value)")
 
 
+def _has_mask_band(ds: Any) -> bool:
+    """Whether band 1's no-data is a mask band (GDAL's per-dataset mask, e.g. a GeoTIFF's internal mask)."""
+    return MaskFlags.per_dataset in ds.mask_flag_enums[0]
+
+
+def _shown(ds: Any, window: Window) -> np.ndarray | None:
+    """Where the mask band of ``ds`` shows the pixels of ``window`` (False: hidden, i.e. nodata, as
+    ``geoseg vectorize`` takes them); ``None`` without a mask band."""
+    return ds.read_masks(1, window=window) != 0 if _has_mask_band(ds) else None
+
+
 def _reference_nodata(ds: Any) -> list[int]:
     """The reference's nodata as class-id values not to count (see :func:`_read_classes`)."""
     if np.issubdtype(np.dtype(ds.dtypes[0]), np.floating):
@@ -169,8 +181,12 @@ def evaluate_rasters(
     """Compare a predicted class raster with a reference raster (band 1 of each).
 
     Args:
-        prediction: Class raster (e.g. from ``geoseg predict``; its nodata, 255, is ignored).
-        reference: Reference labels; its nodata and ``ignore`` values are not counted.
+        prediction: Class raster (e.g. from ``geoseg predict``). Its nodata value (255 too in a uint8
+            map: geoseg's mask nodata) and the pixels its mask band hides have no prediction and are
+            not counted; values that are not among the classes are added to them (counted as
+            errors), with a warning.
+        reference: Reference labels; its nodata, the pixels its mask band hides and ``ignore``
+            values are not counted.
         region: Optional pixel window ``col_off,row_off,width,height`` to restrict the comparison.
         classes: Class ids in matrix order (default: from the prediction's class table, else
             the ids present in either raster).
@@ -194,22 +210,26 @@ def evaluate_rasters(
         ignore = _default_ignore(ignore, classes, table)
         ref_ignore = list(ignore) + _reference_nodata(rds)
         pred_ignore = _prediction_ignore(pds)
+        pred_ids, ref_ids = _present_ids(pds if classes is None and not table else None, rds, box, block_rows,
+                                         set(pred_ignore), set(ref_ignore))
         if classes is None:
-            if table:
-                ids = [c.id for c in table]
-            else:
-                ids = _present_ids(pds, rds, box, block_rows, set(ref_ignore) | set(pred_ignore))
+            ids = [c.id for c in table] if table else sorted((set(pred_ids) | set(ref_ids)) - set(ref_ignore)
+                                                             - set(pred_ignore))
         else:
             ids = [int(c) for c in classes]
-        ids = _with_reference_ids(ids, _present_ids(None, rds, box, block_rows, set(ref_ignore)))
-        cm = ConfusionMatrix(ids, ignore_reference=ref_ignore, ignore_prediction=pred_ignore)
+        ids = _with_reference_ids(ids, ref_ids)
+        cm = ConfusionMatrix(ids, ignore_reference=ref_ignore, ignore_prediction=pred_ignore,
+                             add_predicted_classes=True)
         c0, r0, w, h = box
         for row in range(r0, r0 + h, block_rows):
             nrows = min(block_rows, r0 + h - row)
             window = Window(c0, row, w, nrows)
-            cm.update(_read_classes(rds, window), pds.read(1, window=window))
+            cm.update(_read_classes(rds, window), pds.read(1, window=window), labelled=_shown(rds, window),
+                      predicted=_shown(pds, window))
+        _with_predicted_ids(cm, ids)
         ref_nodata = "none" if rds.nodata is None else f"{rds.nodata:g}"
     m = _metrics(cm, average_over, table)
+    _warn_uncounted(m, "pixels")
     if m.total == 0:
         raise ParameterError(_nothing_scored(cm, box if win is not None else None, pred_path, ref_path, ignore,
                                              ref_nodata))
@@ -259,7 +279,28 @@ def _default_ignore(ignore: Sequence[int] | None, classes: Sequence[int] | None,
 
 
 def _prediction_ignore(pds: Any) -> list[int]:
-    return [MASK_NODATA] + ([int(pds.nodata)] if pds.nodata is not None else [])
+    """Prediction values that mean "no prediction": the map's nodata value, and 255 (geoseg's mask
+    nodata) in a uint8 map; in a wider map 255 is a class like any other."""
+    out = [MASK_NODATA] if np.dtype(pds.dtypes[0]) == np.uint8 else []
+    nodata = pds.nodata
+    if nodata is not None and np.isfinite(nodata) and float(nodata) == int(nodata) and int(nodata) not in out:
+        out.append(int(nodata))
+    return out
+
+
+def _with_predicted_ids(cm: ConfusionMatrix, ids: Sequence[int]) -> None:
+    """Say which prediction values ``cm`` took as classes beside ``ids`` (they count as errors)."""
+    extra = list(cm.class_ids[len(ids):])
+    if extra:
+        warn(f"prediction values {extra} are not among the classes {list(ids)}: counted as errors; if they mean "
+             "no prediction, give the map that nodata value (gdal_edit.py -a_nodata V)", EvaluationWarning)
+
+
+def _warn_uncounted(m: Metrics, what: str) -> None:
+    """Warn about reference values that are not classes (not counted)."""
+    if m.unknown_reference:
+        warn(f"{m.unknown_reference} reference {what} hold values that are not among the classes {list(m.class_ids)}: "
+             "not counted; give --classes with them", EvaluationWarning)
 
 
 def _with_reference_ids(ids: list[int], ref_ids: Sequence[int]) -> list[int]:
@@ -372,15 +413,19 @@ def evaluate_vector(
         cols, rows = np.floor(cols_f).astype(np.int64), np.floor(rows_f).astype(np.int64)
         inside = (cols >= c0) & (cols < c0 + w) & (rows >= r0) & (rows < r0 + h)
         pt_pred = np.full(len(xy), MASK_NODATA, np.int64)
+        pt_shown = np.ones(len(xy), bool)  # False: hidden by the prediction's mask band (no prediction)
         for b in np.unique((rows[inside] - r0) // block_rows):
             sel = inside & ((rows - r0) // block_rows == b)
             top = r0 + int(b) * block_rows
             left, right = int(cols[sel].min()), int(cols[sel].max()) + 1
-            block = pds.read(1, window=Window(left, top, right - left, min(block_rows, r0 + h - top)))
+            window = Window(left, top, right - left, min(block_rows, r0 + h - top))
+            block, shown = pds.read(1, window=window), _shown(pds, window)
             pt_pred[sel] = block[rows[sel] - top, cols[sel] - left]
+            if shown is not None:
+                pt_shown[sel] = shown[rows[sel] - top, cols[sel] - left]
         if stratified and "map_class" in vec.fields:  # drawn by geoseg sample: from this map?
             drawn = np.asarray(vec.values[vec.fields.index("map_class")])[keep][owner][is_point]
-            other = int((inside & (drawn.astype(np.float64) != pt_pred)).sum())
+            other = int((inside & pt_shown & (drawn.astype(np.float64) != pt_pred)).sum())
             if other:
                 warn(f"{other} sample points lie on another class than the map_class they were drawn on: the sample "
                      "comes from another map, and the stratified estimates take this map's classes as its strata",
@@ -389,9 +434,10 @@ def evaluate_vector(
         poly_geoms, poly_ids = parts[is_poly], part_ids[is_poly]
         tree = shapely.STRtree(poly_geoms) if len(poly_geoms) else None
 
-        def polygon_blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-            """``(burned reference ids, prediction, inside a polygon)`` of each block the polygons meet
-            (with ``background``: of every block, its other pixels burned as the background)."""
+        def polygon_blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+            """``(burned reference ids, prediction, inside a polygon, shown by the prediction's mask band)``
+            of each block the polygons meet (with ``background``: of every block, its other pixels burned
+            as the background)."""
             if tree is None:
                 return
             for row in range(r0, r0 + h, block_rows):
@@ -404,7 +450,7 @@ def evaluate_vector(
                 if fill is not None:
                     burned = (rasterize(zip(poly_geoms[hits], poly_ids[hits].tolist()), out_shape=shape, transform=t,
                                         fill=fill, dtype="int32") if len(hits) else np.full(shape, fill, np.int32))
-                    yield burned, pds.read(1, window=window), np.ones(shape, bool)
+                    yield burned, pds.read(1, window=window), np.ones(shape, bool), _shown(pds, window)
                     continue
                 if not len(hits):
                     continue
@@ -412,30 +458,37 @@ def evaluate_vector(
                                    out_shape=shape, transform=t, fill=-1, dtype="int32")
                 inside_poly = burned >= 0
                 if inside_poly.any():
-                    yield burned, pds.read(1, window=window), inside_poly
+                    yield burned, pds.read(1, window=window), inside_poly, _shown(pds, window)
 
         ref_ids = sorted({int(v) for v in np.concatenate([pt_ids[inside], poly_ids, [] if fill is None else [fill]])}
                          - set(ignore))
         ids = [int(c) for c in classes] if classes is not None else [c.id for c in table] if table else None
         if ids is None:  # no class table: the ids either side holds (a first pass over the polygons' pixels)
-            predicted = {int(v) for v in pt_pred[inside]}
-            for _, pred_block, inside_poly in polygon_blocks():
-                predicted.update(int(v) for v in np.unique(pred_block[inside_poly]))
+            predicted = {int(v) for v in pt_pred[inside & pt_shown]}
+            for _, pred_block, inside_poly, shown in polygon_blocks():
+                predicted.update(int(v) for v in np.unique(pred_block[inside_poly if shown is None
+                                                                      else inside_poly & shown]))
             ids = sorted(set(ref_ids) | (predicted - set(_prediction_ignore(pds))))
         ids = _with_reference_ids(ids, ref_ids)
-        cm = ConfusionMatrix(ids, ignore_reference=list(ignore), ignore_prediction=_prediction_ignore(pds))
-        cm.update(pt_ids[inside], pt_pred[inside])
+        cm = ConfusionMatrix(ids, ignore_reference=list(ignore), ignore_prediction=_prediction_ignore(pds),
+                             add_predicted_classes=True)
+        cm.update(pt_ids[inside], pt_pred[inside], predicted=pt_shown[inside])
         poly_pixels = 0
-        for burned, pred_block, inside_poly in polygon_blocks():
+        for burned, pred_block, inside_poly, shown in polygon_blocks():
             poly_pixels += int(inside_poly.sum())
-            cm.update(burned, pred_block, valid=inside_poly)
+            cm.update(burned, pred_block, valid=inside_poly, predicted=shown)
+        _with_predicted_ids(cm, ids)
         map_pixels = map_area = None
         if stratified:
-            # ground areas (geodesic m² row by row on a geographic CRS); pixels on a grid without a CRS
+            # the strata: every map class with pixels in the region, sampled or not
+            # (ground areas: geodesic m² row by row on a geographic CRS; pixels on a grid without a CRS)
             areas = pixel_areas(pds.crs, pds.transform, pds.height)
-            map_pixels, row_area = _class_pixels(pds, (c0, r0, w, h), cm.class_ids, block_rows,
-                                                 row_area=areas if isinstance(areas, GeoAreas) else None)
-            map_area = row_area if row_area is not None else map_pixels * (1.0 if areas is None else areas)
+            counts, row_area = _value_counts(pds, (c0, r0, w, h), block_rows,
+                                             row_area=areas if isinstance(areas, GeoAreas) else None)
+            cm.add_classes(sorted(counts))
+            map_pixels = np.array([counts.get(c, 0) for c in cm.class_ids], np.int64)
+            map_area = (np.array([row_area.get(c, 0.0) for c in cm.class_ids]) if row_area is not None
+                        else map_pixels * (1.0 if areas is None else areas))
             units = area_units(pds.crs)
     pt_ignored = np.isin(pt_ids[inside], list(ignore))
     samples = {"points": int(inside.sum()), "points_outside": int((~inside).sum()),
@@ -461,39 +514,48 @@ def evaluate_vector(
     if m.unpredicted:
         warn(f"{m.unpredicted} reference samples (points and polygon pixels) have no prediction (nodata): not counted",
              EvaluationWarning)
+    _warn_uncounted(m, "samples")
     strat = None
     if map_pixels is not None:
         strat = stratified_estimates(cm.matrix.T, map_pixels, cm.class_ids, map_area=map_area, area_units=units)
-        unsampled = [c for c, n_i, px in zip(cm.class_ids, strat.samples, map_pixels) if px and n_i < 2]
-        if unsampled:
-            warn(f"map classes {unsampled} hold fewer than 2 sample points: their accuracy has no variance and an "
-                 "unsampled class's area is not estimated; sample every map class", EvaluationWarning)
+        where = " in the region" if win is not None else ""
+        if strat.unsampled:
+            warn(f"map classes {list(strat.unsampled)} have pixels{where} but no sample point: their share of each "
+                 "class is unknown, so the overall accuracy, producer's accuracies and class areas are not estimated "
+                 "(shown as -); sample every map class (geoseg sample draws points in each)", EvaluationWarning)
+        single = [c for c, n_i, px in zip(cm.class_ids, strat.samples, map_pixels) if px and n_i == 1]
+        if single:
+            warn(f"map classes {single} hold 1 sample point: their accuracy has no variance (counted as 0 in the "
+                 "intervals); sample at least 2 points per map class", EvaluationWarning)
     return EvalResult(m, pred_path, ref_path, None if win is None else (c0, r0, w, h), samples, strat)
 
 
 def _value_counts(ds: Any, box: tuple[int, int, int, int], block_rows: int,
-                  row_area: GeoAreas | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pixels of each value 0..65535 in the ``(col, row, width, height)`` box of band 1 of ``ds``,
-    and (with ``row_area``, the dataset's pixel areas) their summed area, in one pass."""
+                  row_area: GeoAreas | None = None) -> tuple[dict[int, int], dict[int, float] | None]:
+    """Pixels of each value (any integer) in the ``(col, row, width, height)`` box of band 1 of ``ds``,
+    leaving out its nodata (:func:`_prediction_ignore`) and the pixels its mask band hides, and (with
+    ``row_area``, the dataset's pixel areas) their summed area, in one pass."""
     c0, r0, w, h = box
-    counts = np.zeros(65536, np.int64)
-    area = None if row_area is None else np.zeros(65536)
+    skip = _prediction_ignore(ds)
+    counts: dict[int, int] = {}
+    area: dict[int, float] | None = None if row_area is None else {}
     for row in range(r0, r0 + h, block_rows):
-        block = ds.read(1, window=Window(c0, row, w, min(block_rows, r0 + h - row)))
-        counts += np.bincount(block.ravel().astype(np.int64), minlength=65536)[:65536]
-        if area is not None:
-            add_area_counts(area, block, row_area.block(row, block.shape[0], c0, w))
+        window = Window(c0, row, w, min(block_rows, r0 + h - row))
+        block = ds.read(1, window=window)
+        keep = _shown(ds, window)
+        if skip:
+            keep = ~np.isin(block, skip) if keep is None else keep & ~np.isin(block, skip)
+        values, inverse, n = np.unique(block if keep is None else block[keep], return_inverse=True,
+                                       return_counts=True)
+        for v, k in zip(values.tolist(), n.tolist()):
+            counts[v] = counts.get(v, 0) + k
+        if area is not None and values.size:
+            a = row_area.block(row, block.shape[0], c0, w)  # per row, or per pixel on a rotated grid
+            a = np.broadcast_to(a[:, None] if a.ndim == 1 else a, block.shape)
+            sums = np.bincount(inverse.ravel(), weights=(a if keep is None else a[keep]).ravel(), minlength=values.size)
+            for v, x in zip(values.tolist(), sums.tolist()):
+                area[v] = area.get(v, 0.0) + x
     return counts, area
-
-
-def _class_pixels(ds: Any, box: tuple[int, int, int, int], class_ids: Sequence[int], block_rows: int,
-                  row_area: GeoAreas | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pixels of each of ``class_ids`` in the ``(col, row, width, height)`` box of band 1 of ``ds``,
-    and their area with ``row_area`` (see :func:`_value_counts`)."""
-    counts, area = _value_counts(ds, box, block_rows, row_area)
-    pick = [c if 0 <= c < 65536 else None for c in class_ids]
-    return (np.array([counts[c] if c is not None else 0 for c in pick], np.int64),
-            None if area is None else np.array([area[c] if c is not None else 0.0 for c in pick]))
 
 
 def _background_id(background: int | str, table: Sequence[Any] | None, ignore: Sequence[int], path: Path) -> int:
@@ -535,15 +597,20 @@ def _reference_classes(vec: VectorData, field: str | None, table: Sequence[Any] 
     return np.array([-1 if t is None else by_name[t.lower()] for t in texts], np.int64)
 
 
-def _present_ids(pds: Any, rds: Any, box: tuple[int, int, int, int], block_rows: int, ignored: set[int]) -> list[int]:
+def _present_ids(pds: Any, rds: Any, box: tuple[int, int, int, int], block_rows: int, pred_ignore: set[int],
+                 ref_ignore: set[int]) -> tuple[list[int], list[int]]:
+    """The values of the prediction (none for ``pds`` None) and of the reference in the box, less their
+    ignored values and the pixels their mask bands hide, in one pass."""
     c0, r0, w, h = box
-    seen: set[int] = set()
+    seen: tuple[set[int], set[int]] = (set(), set())
     for row in range(r0, r0 + h, block_rows):
         window = Window(c0, row, w, min(block_rows, r0 + h - row))
-        for ds in (pds, rds):
-            if ds is not None:
-                seen.update(int(v) for v in np.unique(_read_classes(ds, window)))
-    return sorted(v for v in seen if v not in ignored)
+        for ds, found in zip((pds, rds), seen):
+            if ds is None:
+                continue
+            block, shown = _read_classes(ds, window), _shown(ds, window)
+            found.update(int(v) for v in np.unique(block if shown is None else block[shown]))
+    return sorted(seen[0] - pred_ignore), sorted(seen[1] - ref_ignore)
 
 
 def format_table(result: EvalResult) -> str:
@@ -691,8 +758,10 @@ def draw_sample(
     id or a class name (in QGIS, over imagery); then
     ``evaluate_vector(mask, out, field="reference", stratified=True)`` (``geoseg evaluate
     --stratified``) gives the area-weighted accuracies and class areas of Olofsson et al. (2014).
-    Two passes over the mask in blocks of rows (memory: the blocks and the sample); nodata is
-    never drawn. Written atomically (GeoPackage, GeoJSON or FlatGeobuf, by the extension).
+    Two passes over the mask in blocks of rows (memory: the blocks and the sample); nodata (the
+    mask's nodata value, 255 too in a uint8 mask, and the pixels its mask band hides) is never
+    drawn; classes are any integer values (negative ones, ids past 65535). Written atomically
+    (GeoPackage, GeoJSON or FlatGeobuf, by the extension).
     """
     import pyogrio.raw
     import shapely
@@ -717,12 +786,14 @@ def draw_sample(
         skip = set(_prediction_ignore(ds))
         ids = [c.id for c in table] if table else None
 
-        def blocks() -> Iterator[tuple[int, np.ndarray]]:
+        def blocks() -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
             for row in range(r0, r0 + h, block_rows):
-                yield row, ds.read(1, window=Window(c0, row, w, min(block_rows, r0 + h - row)))
+                window = Window(c0, row, w, min(block_rows, r0 + h - row))
+                yield row, ds.read(1, window=window), _shown(ds, window)
 
-        counts, _ = _value_counts(ds, (c0, r0, w, h), block_rows)
-        classes = [c for c in (ids if ids is not None else np.nonzero(counts)[0].tolist()) if c not in skip]
+        found, _ = _value_counts(ds, (c0, r0, w, h), block_rows)  # nodata and mask-band pixels left out
+        classes = [c for c in (ids if ids is not None else sorted(found)) if c not in skip]
+        counts = {c: found.get(c, 0) for c in classes}
         # which occurrence (rank, in reading order) of each class is drawn
         ranks = {c: np.sort(rng.choice(counts[c], min(per_class, counts[c]), replace=False))
                  for c in classes if counts[c]}
@@ -730,9 +801,9 @@ def draw_sample(
         rows: list[np.ndarray] = []
         cols: list[np.ndarray] = []
         cls: list[np.ndarray] = []
-        for row, block in blocks():
+        for row, block, shown in blocks():
             for c, rk in ranks.items():
-                rr, cc = np.nonzero(block == c)
+                rr, cc = np.nonzero(block == c if shown is None else (block == c) & shown)
                 lo, hi = np.searchsorted(rk, [seen[c], seen[c] + rr.size])
                 if hi > lo:
                     pick = rk[lo:hi] - seen[c]

@@ -28,10 +28,18 @@ __all__ = ["ConfusionMatrix", "Metrics", "StratifiedEstimates", "compute_metrics
 class ConfusionMatrix:
     """Accumulates a confusion matrix over blocks of class-id arrays.
 
+    Class ids may be any integers (negative ones too): raster values are matched to them by a
+    binary search over the sorted ids, so memory is proportional to the number of classes, never
+    to the largest value a raster holds.
+
     Args:
         class_ids: The class ids (values in the rasters) in matrix order.
         ignore_reference: Reference values that are not counted (nodata, unlabelled).
-        ignore_prediction: Prediction values that are not counted (nodata).
+        ignore_prediction: Prediction values that are not counted (nodata): a pixel with one has no
+            prediction (:attr:`unpredicted`), even where the value is also a class id.
+        add_predicted_classes: Prediction values that are not among ``class_ids`` (and not ignored)
+            become classes, appended in increasing order as they are met, so their pixels count as
+            errors; without it they count as :attr:`unpredicted`.
     """
 
     def __init__(
@@ -39,56 +47,109 @@ class ConfusionMatrix:
         class_ids: Sequence[int],
         ignore_reference: Sequence[int] = (),
         ignore_prediction: Sequence[int] = (),
+        add_predicted_classes: bool = False,
     ) -> None:
         """Create an empty matrix (see the class docstring)."""
-        self.class_ids = tuple(int(c) for c in class_ids)
-        if len(set(self.class_ids)) != len(self.class_ids):
-            raise ValueError(f"duplicate class ids: {self.class_ids}")
+        self.class_ids: tuple[int, ...] = ()
         self.ignore_reference = tuple(int(v) for v in ignore_reference)
         self.ignore_prediction = tuple(int(v) for v in ignore_prediction)
-        k = len(self.class_ids)
-        self.matrix = np.zeros((k, k), dtype=np.int64)
+        self.add_predicted_classes = add_predicted_classes
+        self.matrix = np.zeros((0, 0), dtype=np.int64)
         #: Counted pixels whose prediction was ignored (nodata) or not a class id.
         self.unpredicted = 0
         #: Pixels whose reference value is not a class id and not ignored.
         self.unknown_reference = 0
         #: Pixels (within ``valid``) not counted because their reference is an ignored value.
         self.ignored_reference = 0
-        # Lookup tables from raster value to class index (-1 = not a class).
-        self._max = max(self.class_ids, default=0)
+        ids = tuple(int(c) for c in class_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate class ids: {ids}")
+        self.add_classes(ids)
+
+    def add_classes(self, class_ids: Sequence[int]) -> None:
+        """Append ``class_ids`` that are not classes yet (empty rows and columns), in the order given."""
+        new = [int(c) for c in dict.fromkeys(int(c) for c in class_ids) if int(c) not in self.class_ids]
+        if not new and self.class_ids:
+            return
+        self.class_ids = self.class_ids + tuple(new)
+        k = len(self.class_ids)
+        grown = np.zeros((k, k), dtype=np.int64)
+        grown[: self.matrix.shape[0], : self.matrix.shape[1]] = self.matrix
+        self.matrix = grown
+        # value -> class index: a binary search over the sorted ids (memory O(classes))
+        ids = np.array(self.class_ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        self._sorted, self._order = ids[order], order.astype(np.int64)
+        self._luts: dict[np.dtype, np.ndarray] = {}  # per 8/16-bit dtype: a table over its whole range
+
+    def _lut(self, dtype: np.dtype) -> np.ndarray:
+        """Class index of every value of a 8- or 16-bit integer ``dtype`` (at most 65,536 entries)."""
+        if dtype not in self._luts:
+            info = np.iinfo(dtype)
+            lut = np.full(int(info.max) - int(info.min) + 1, -1, dtype=np.int64)
+            inside = (self._sorted >= info.min) & (self._sorted <= info.max)
+            lut[self._sorted[inside] - info.min] = self._order[inside]
+            self._luts[dtype] = lut
+        return self._luts[dtype]
 
     def _index(self, values: np.ndarray) -> np.ndarray:
-        lut = np.full(self._max + 1, -1, dtype=np.int64)
-        lut[list(self.class_ids)] = np.arange(len(self.class_ids))
+        """Class index of each value (-1: not a class)."""
+        values = np.asarray(values)
+        if not self.class_ids or values.size == 0:
+            return np.full(values.shape, -1, dtype=np.int64)
+        if values.dtype.kind in "iu" and values.dtype.itemsize <= 2:
+            low = int(np.iinfo(values.dtype).min)
+            return self._lut(values.dtype)[values if low == 0 else values.astype(np.int64) - low]
+        too_big = None
+        if values.dtype.kind == "u" and values.dtype.itemsize == 8:  # uint64 past int64: not a class
+            too_big = values > np.iinfo(np.int64).max
         v = values.astype(np.int64, copy=False)
-        out = np.full(v.shape, -1, dtype=np.int64)
-        inside = (v >= 0) & (v <= self._max)
-        out[inside] = lut[v[inside]]
-        return out
+        pos = np.minimum(np.searchsorted(self._sorted, v), len(self._sorted) - 1)
+        hit = self._sorted[pos] == v
+        if too_big is not None:
+            hit &= ~too_big
+        return np.where(hit, self._order[pos], -1)
 
-    def update(self, reference: np.ndarray, prediction: np.ndarray, valid: np.ndarray | None = None) -> None:
+    def update(self, reference: np.ndarray, prediction: np.ndarray, valid: np.ndarray | None = None, *,
+               labelled: np.ndarray | None = None, predicted: np.ndarray | None = None) -> None:
         """Add one block.
 
         Args:
             reference: Reference class ids (any int array).
             prediction: Predicted class ids, same shape.
             valid: Optional bool mask of pixels to count (e.g. a region), same shape.
+            labelled: Optional bool mask, False where the reference has no label (a mask band's
+                hidden pixels): not counted, as ignored reference values.
+            predicted: Optional bool mask, False where there is no prediction (a mask band's hidden
+                pixels): as prediction values in ``ignore_prediction``.
         """
         if reference.shape != prediction.shape:
             raise ValueError(f"reference {reference.shape} and prediction {prediction.shape} differ in shape")
         keep = ~np.isin(reference, self.ignore_reference) if self.ignore_reference else np.ones(reference.shape, bool)
+        if labelled is not None:
+            keep &= labelled
         if valid is not None:
             self.ignored_reference += int((valid & ~keep).sum())
             keep &= valid
         else:
             self.ignored_reference += int(keep.size - keep.sum())
         ref = self._index(reference[keep])
-        pred_raw = prediction[keep]
-        pred = self._index(pred_raw)
         known = ref >= 0
-        self.unknown_reference += int((~known).sum())
-        ref, pred = ref[known], pred[known]
-        have = pred >= 0
+        if not known.all():  # reference values that are not classes: counted apart
+            self.unknown_reference += int((~known).sum())
+            keep[keep] = known
+            ref = ref[known]
+        pred_raw = prediction[keep]
+        nodata = np.isin(pred_raw, self.ignore_prediction) if self.ignore_prediction else np.zeros(pred_raw.shape, bool)
+        if predicted is not None:
+            nodata |= ~predicted[keep]
+        pred = self._index(pred_raw)
+        if self.add_predicted_classes:
+            other = (pred < 0) & ~nodata
+            if other.any():
+                self.add_classes(np.unique(pred_raw[other]).tolist())
+                pred = self._index(pred_raw)
+        have = (pred >= 0) & ~nodata
         self.unpredicted += int((~have).sum())
         k = len(self.class_ids)
         self.matrix += np.bincount(ref[have] * k + pred[have], minlength=k * k).reshape(k, k)
@@ -231,7 +292,10 @@ class StratifiedEstimates:
     half-widths of the ``z`` confidence intervals (1.96: 95 %); areas are in the units of
     ``pixel_area`` (map units² by default). Per class arrays follow ``class_ids``; a class whose
     stratum holds fewer than 2 samples has an undefined (NaN) variance term, counted as 0 as
-    in the reference implementations.
+    in the reference implementations. A stratum with mapped area but no sample (:attr:`unsampled`)
+    leaves its share of every reference class unknown: the overall accuracy, the producer's
+    accuracies, the class areas (and their intervals) and that class's user's accuracy are then
+    undefined (NaN), not estimated as if the stratum were not there or all wrong.
     """
 
     class_ids: tuple[int, ...]
@@ -248,6 +312,8 @@ class StratifiedEstimates:
     area_ci: np.ndarray
     mapped_area: np.ndarray
     area_units: str = "map units²"
+    #: Map classes (strata) with mapped area but no sample point.
+    unsampled: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (NaN → None)."""
@@ -258,7 +324,7 @@ class StratifiedEstimates:
         return {
             "method": "stratified estimators (Olofsson et al. 2014), strata = map classes, 95 % CI half-widths",
             "overall_accuracy": f(self.overall_accuracy), "overall_accuracy_ci": f(self.overall_accuracy_ci),
-            "area_units": self.area_units,
+            "area_units": self.area_units, "unsampled_classes": list(self.unsampled),
             "per_class": {str(c): {
                 "samples": int(self.samples[i]), "map_pixels": int(self.map_pixels[i]),
                 "mapped_area": f(self.mapped_area[i]),
@@ -280,6 +346,12 @@ def stratified_estimates(counts: np.ndarray, map_pixels: Sequence[int] | np.ndar
     The strata weigh by their mapped areas: ``map_pixels * pixel_area``, or ``map_area`` where
     pixels differ in area (a geographic CRS's rows); the estimators take areas wherever the paper
     has pixel counts (they are ratios of them, so the units cancel).
+
+    A stratum with mapped area and no sample cannot be estimated (the paper's ``n_ij / n_i`` is
+    0/0): every figure that sums over the strata (overall accuracy, producer's accuracies,
+    areas) and the stratum's own user's accuracy are NaN, and :attr:`StratifiedEstimates.unsampled`
+    names those classes. Give every map class with pixels (in the region) its own ``map_pixels``
+    entry, even without a sample: a class left out would drop its area from the total.
 
     Raises:
         ParameterError: shapes disagree, or no map class holds a sample.
@@ -315,10 +387,19 @@ def stratified_estimates(counts: np.ndarray, map_pixels: Sequence[int] | np.ndar
             var_pa[j] = term((own + pa[j] ** 2 * others) / N_j[j] ** 2)
         var_p = np.array([term(W**2 * frac[:, j] * (1 - frac[:, j]) / dof).sum() for j in range(k)])
     total_area = N.sum()
+    area, area_ci = p.sum(axis=0) * total_area, z * np.sqrt(var_p) * total_area
+    oa_ci, ua_ci, pa_ci = z * float(np.sqrt(var_oa)), z * np.sqrt(var_ua), z * np.sqrt(var_pa)
+    unsampled = (n_i == 0) & (N > 0)
+    if unsampled.any():  # its row of p is unknown: so is every sum over the strata
+        p[unsampled] = np.nan
+        oa = oa_ci = float("nan")
+        ua, ua_ci = ua.copy(), ua_ci.copy()
+        ua[unsampled] = ua_ci[unsampled] = np.nan
+        pa, pa_ci, area, area_ci = (np.full(k, np.nan) for _ in range(4))
     return StratifiedEstimates(
         class_ids=tuple(int(c) for c in class_ids), samples=n_i.astype(np.int64), map_pixels=pixels.astype(np.int64),
-        proportions=p, overall_accuracy=oa, overall_accuracy_ci=z * float(np.sqrt(var_oa)),
-        users_accuracy=ua, users_accuracy_ci=z * np.sqrt(var_ua),
-        producers_accuracy=pa, producers_accuracy_ci=z * np.sqrt(var_pa),
-        area=p.sum(axis=0) * total_area, area_ci=z * np.sqrt(var_p) * total_area, mapped_area=N, area_units=area_units,
+        proportions=p, overall_accuracy=oa, overall_accuracy_ci=oa_ci,
+        users_accuracy=ua, users_accuracy_ci=ua_ci, producers_accuracy=pa, producers_accuracy_ci=pa_ci,
+        area=area, area_ci=area_ci, mapped_area=N, area_units=area_units,
+        unsampled=tuple(int(c) for c, u in zip(class_ids, unsampled) if u),
     )

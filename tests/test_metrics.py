@@ -736,3 +736,233 @@ def test_record_card_checks_come_before_any_output_and_the_record_says_what_was_
     assert "tile size" not in str(test) and test["prediction"] == "pred.tif" and test["how"] == "geoseg evaluate"
     assert f"model name '{mc.name}' (the mask's GEOSEG_MODEL tag" in test["checked"] and "seeds" in test["checked"]
     assert "GEOSEG_MODEL" in runner.invoke(cli, ["evaluate", "--help"]).output
+
+
+# ---- review findings: nodata, wide and negative ids, unsampled strata, mask bands ----------------------------
+def _sample_points(path: Path, cells: list[tuple[int, int]], labels: list[int]) -> Path:
+    """Points at the centres of (row, col) pixels of write_raster's default grid, with class ``cls``."""
+    rows, cols = np.array([r for r, _ in cells]), np.array([c for _, c in cells])
+    xs, ys = _lonlat(cols + 0.5, rows + 0.5)
+    return _geojson(path, [({"type": "Point", "coordinates": [x, y]}, {"cls": int(v)})
+                           for x, y, v in zip(xs, ys, labels)])
+
+
+def _ours(warned: list) -> list[str]:  # type: ignore[type-arg]
+    return [str(w.message) for w in warned if issubclass(w.category, GeosegWarning)]
+
+
+def test_prediction_nodata_is_not_counted_where_the_reference_has_that_value_as_a_class(tmp_path: Path) -> None:
+    pred = np.ones((6, 6), np.uint8)
+    pred[:, 3:] = 2
+    pred[:3] = 255  # top half: no prediction
+    ref = pred.copy()
+    ref[:3] = 1
+    ref[:1] = 255  # the reference's unlabelled value, without a nodata tag: a class of the reference
+    cm = ConfusionMatrix([1, 2, 255], ignore_prediction=[255])
+    cm.update(ref, pred)
+    ok = pred != 255
+    np.testing.assert_array_equal(cm.matrix, [[9, 0, 0], [0, 9, 0], [0, 0, 0]])
+    assert cm.unpredicted == int((~ok).sum()) == 18
+    with pytest.warns(EvaluationWarning, match="18 labelled reference pixels have no prediction"):
+        m = evaluate_rasters(write_raster(tmp_path / "p.tif", pred, nodata=255),
+                             write_raster(tmp_path / "r.tif", ref)).metrics
+    assert m.total == int(ok.sum()) and m.unpredicted == 18
+    assert m.overall_accuracy == pytest.approx(float((pred[ok] == ref[ok]).mean())) == 1.0
+    # a mask band hides predictions like a nodata value does (and is as unpredicted)
+    cm = ConfusionMatrix([1, 2])
+    cm.update(np.array([1, 2, 2]), np.array([1, 1, 2]), predicted=np.array([True, False, True]))
+    np.testing.assert_array_equal(cm.matrix, [[1, 0], [0, 1]])
+    assert cm.unpredicted == 1
+
+
+def test_255_is_a_class_of_a_wider_map_whose_nodata_is_another_value(tmp_path: Path) -> None:
+    import pyogrio
+
+    from geoseg.evaluate import draw_sample
+
+    a = np.ones((6, 9), np.uint16)
+    a[:, 3:6] = 255
+    a[:, 6:] = 300
+    a[0, 0] = 65535  # the map's nodata
+    pred = write_raster(tmp_path / "u16.tif", a, nodata=65535)
+    res = draw_sample(pred, tmp_path / "s.gpkg", per_class=3)
+    present = {int(v): int(n) for v, n in zip(*np.unique(a[a != 65535], return_counts=True))}
+    assert res.points == {1: 3, 255: 3, 300: 3} and res.map_pixels == present == {1: 17, 255: 18, 300: 18}
+    assert sorted(pyogrio.raw.read(tmp_path / "s.gpkg")[3][1].tolist()) == [1] * 3 + [255] * 3 + [300] * 3
+    ref_arr = np.where(a == 300, 300, 1).astype(np.uint16)  # no class 255 in the reference
+    ref = write_raster(tmp_path / "ref.tif", ref_arr)
+    with pytest.warns(EvaluationWarning, match="^1 labelled reference pixels have no prediction"):  # the 65535
+        m = evaluate_rasters(pred, ref).metrics
+    ok = a != 65535
+    assert m.class_ids == (1, 255, 300) and m.total == int(ok.sum()) == 53 and m.unpredicted == 1
+    assert m.overall_accuracy == pytest.approx(float((a[ok] == ref_arr[ok]).mean()))
+    # classes without 255: its pixels are errors, said, not pixels without a prediction
+    with pytest.warns(EvaluationWarning, match=r"prediction values \[255\] are not among the classes \[1, 300\]: "
+                                               "counted as errors") as warned:
+        m = evaluate_rasters(pred, ref, classes=[1, 300]).metrics
+    assert m.class_ids == (1, 300, 255) and m.total == 53 and m.unpredicted == 1
+    assert m.confusion[0, 2] == 18 and m.overall_accuracy == pytest.approx(35 / 53)
+    assert [w for w in _ours(warned) if "have no prediction" in w] == [
+        "1 labelled reference pixels have no prediction (nodata): not counted"]
+    # in a uint8 map, 255 is geoseg's nodata, tag or not
+    u8 = write_raster(tmp_path / "u8.tif", np.where(a == 255, 255, 1).astype(np.uint8))
+    with pytest.warns(EvaluationWarning, match="18 labelled reference pixels have no prediction"):
+        assert evaluate_rasters(u8, ref).metrics.total == 54 - 18
+
+
+def test_negative_and_huge_class_ids_are_matched_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    import geoseg.evaluate
+
+    cm = ConfusionMatrix([-5, 1, 2])
+    cm.update(np.array([-5, 1, 2, -5]), np.array([-5, 1, 2, 2]))
+    np.testing.assert_array_equal(cm.matrix, [[1, 0, 1], [0, 1, 0], [0, 0, 1]])
+    cm = ConfusionMatrix([1, 2, -2, 4])  # 3 is not a class (it is not class -2)
+    cm.update(np.array([3, 3, 1, -2]), np.array([1, 2, 1, -2]))
+    np.testing.assert_array_equal(cm.matrix, np.diag([1, 0, 1, 0]))
+    assert cm.unknown_reference == 2
+    cm = ConfusionMatrix([-1, 1], ignore_reference=[0])  # -1 is no value of a uint8 array, 255 no class
+    cm.update(np.array([255, 1, 0], np.uint8), np.array([1, 1, 1], np.int16))
+    np.testing.assert_array_equal(cm.matrix, [[0, 0], [0, 1]])
+    assert cm.unknown_reference == 1
+    # an int16 reference whose -1 (no nodata tag) is a class: counted, as errors
+    pred = np.ones((5, 6), np.int16)
+    pred[:, 3:] = 2
+    ref = pred.copy()
+    ref[:2] = -1
+    m = evaluate_rasters(write_raster(tmp_path / "p.tif", pred), write_raster(tmp_path / "r.tif", ref)).metrics
+    assert m.class_ids == (-1, 1, 2) and m.total == 30 and m.unknown_reference == 0
+    assert m.support.tolist() == [12, 9, 9]
+    assert m.overall_accuracy == pytest.approx(float((pred == ref).mean())) == 0.6
+    # reference values left out of the classes would not be counted: said
+    monkeypatch.setattr(geoseg.evaluate, "_with_reference_ids", lambda ids, ref_ids: ids)
+    with pytest.warns(EvaluationWarning, match=r"12 reference pixels hold values that are not among the classes "
+                                               r"\[1, 2\]: not counted"):
+        evaluate_rasters(tmp_path / "p.tif", tmp_path / "r.tif", classes=[1, 2])
+    monkeypatch.undo()
+    # a huge value costs no table of its size (the old one: 8 bytes per value up to the largest id)
+    cm = ConfusionMatrix([1, 2])
+    tracemalloc.start()
+    try:
+        cm.update(np.array([1, 2**25, 2], np.uint32), np.array([1, 1, 2], np.uint8))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20 and cm.unknown_reference == 1
+    np.testing.assert_array_equal(cm.matrix, np.eye(2))
+    big = np.ones((3, 3), np.uint32)
+    big[0, 0] = 2**32 - 1
+    m = evaluate_rasters(write_raster(tmp_path / "p8.tif", np.ones((3, 3), np.uint8)),
+                         write_raster(tmp_path / "big.tif", big)).metrics
+    assert m.class_ids == (1, 2**32 - 1) and m.total == 9 and m.overall_accuracy == pytest.approx(8 / 9)
+
+
+def test_a_map_class_without_sample_points_stays_a_stratum_and_leaves_the_totals_unestimated(  # type: ignore[no-untyped-def]
+        tmp_path: Path, runner) -> None:
+    import rasterio
+
+    from geoseg.card import ClassInfo
+    from geoseg.io import classes_tag
+    from geoseg.metrics import stratified_estimates
+    from geoseg_cli.main import cli
+
+    e = stratified_estimates(np.array([[5, 0], [0, 0]]), [10, 10], [1, 2])
+    assert np.isnan(e.overall_accuracy) and np.isnan(e.users_accuracy[1])  # not 0.5: stratum 2 is not all wrong
+    assert np.isnan(e.area).all() and np.isnan(e.producers_accuracy).all() and list(e.mapped_area) == [10, 10]
+    assert e.unsampled == (2,) and e.users_accuracy[0] == 1.0
+    mask = np.ones((8, 8), np.uint8)
+    mask[:, 4:] = 2  # 32 pixels each; the sample (every point right) only hit class 1
+    cells = [(r, c) for r in range(0, 8, 2) for c in range(0, 4, 2)]
+    pts = _sample_points(tmp_path / "pts.geojson", cells, [1] * len(cells))
+    plain = write_raster(tmp_path / "plain.tif", mask, nodata=255)
+    tabled = write_raster(tmp_path / "tabled.tif", mask, nodata=255)
+    with rasterio.open(tabled, "r+") as ds:
+        ds.update_tags(**classes_tag([ClassInfo(1, "a", (1, 1, 1)), ClassInfo(2, "b", (2, 2, 2))]))
+    for pred in (plain, tabled):
+        with pytest.warns(EvaluationWarning) as warned:
+            r = evaluate_vector(pred, pts, field="cls", stratified=True)
+        e = r.stratified
+        assert e.class_ids == (1, 2) and list(e.samples) == [8, 0] and list(e.map_pixels) == [32, 32]
+        assert e.mapped_area.sum() == pytest.approx(64 * 100.0)  # the region's area: no stratum lost
+        assert e.unsampled == (2,) and e.users_accuracy[0] == 1.0
+        assert np.isnan(e.overall_accuracy) and np.isnan(e.area).all() and np.isnan(e.producers_accuracy).all()
+        said = [w for w in _ours(warned) if "no sample point" in w]
+        assert len(said) == 1 and said[0].startswith("map classes [2] have pixels but no sample point")
+        assert r.metrics.overall_accuracy == 1.0  # the plain sample figures stand
+    d = json.loads(json.dumps(r.to_dict(), allow_nan=False))["stratified"]
+    assert d["overall_accuracy"] is None and d["unsampled_classes"] == [2] and d["per_class"]["1"]["area"] is None
+    out = runner.invoke(cli, ["evaluate", str(plain), "--reference", str(pts), "--field", "cls", "--stratified"])
+    assert out.exit_code == 0 and "overall acc.   -  (areas in m2)" in out.stdout, out.output
+
+
+def test_sample_and_strata_take_negative_and_wide_class_ids(tmp_path: Path) -> None:
+    import rasterio.transform
+
+    from geoseg.evaluate import draw_sample
+
+    pyproj = pytest.importorskip("pyproj")
+    a = np.full((6, 6), -1, np.int16)
+    a[:, 3:] = 2
+    a[0, 0] = -9999
+    res = draw_sample(write_raster(tmp_path / "i16.tif", a, nodata=-9999), tmp_path / "s16.gpkg", per_class=4)
+    assert res.points == {-1: 4, 2: 4} and res.map_pixels == {-1: int((a == -1).sum()), 2: 18}
+    b = np.full((6, 6), 70000, np.int32)
+    b[:, 3:] = 2
+    pred = write_raster(tmp_path / "i32.tif", b)
+    res = draw_sample(pred, tmp_path / "s32.gpkg", per_class=4)
+    assert res.points == {2: 4, 70000: 4} and res.map_pixels == {2: 18, 70000: 18}
+    cells = [(r, c) for r in range(0, 6, 2) for c in range(6)]
+    e = evaluate_vector(pred, _sample_points(tmp_path / "p.geojson", cells, [int(b[rc]) for rc in cells]),
+                        field="cls", stratified=True).stratified
+    assert e.class_ids == (2, 70000) and list(e.map_pixels) == [18, 18] and e.overall_accuracy == 1.0
+    np.testing.assert_allclose(e.area, [1800.0, 1800.0])
+    # on a degree grid, the strata's ground areas
+    c = np.where(np.arange(4)[:, None] < 2, 3, 70000) * np.ones((4, 3), np.int32)
+    deg = write_raster(tmp_path / "deg.tif", c.astype(np.int32), crs="EPSG:4326",
+                       transform=rasterio.transform.from_origin(0.0, 40.0, 1.0, 1.0))
+    feats = [({"type": "Point", "coordinates": [col + 0.5, 40 - r - 0.5]}, {"cls": int(c[r, col])})
+             for r in range(4) for col in range(3)]
+    e = evaluate_vector(deg, _geojson(tmp_path / "d.geojson", feats), field="cls", stratified=True).stratified
+    geod = pyproj.Geod(ellps="WGS84")
+    row = [abs(geod.polygon_area_perimeter([0, 1, 1, 0], [40 - r, 40 - r, 39 - r, 39 - r])[0]) for r in range(4)]
+    assert e.class_ids == (3, 70000)
+    np.testing.assert_allclose(e.mapped_area, [3 * (row[0] + row[1]), 3 * (row[2] + row[3])], rtol=1e-9)
+
+
+def test_a_mask_band_hides_pixels_from_sample_and_evaluate(tmp_path: Path) -> None:
+    import pyogrio
+    import rasterio
+    import shapely
+
+    from geoseg.evaluate import draw_sample
+
+    a = np.ones((6, 8), np.uint8)
+    a[:, 4:] = 2
+    shown = np.ones(a.shape, bool)
+    shown[:, 6:] = False  # the right quarter: no data, by the mask band (no nodata value)
+    pred = write_raster(tmp_path / "mb.tif", a, masks=shown)
+    with rasterio.open(pred) as ds:
+        assert ds.nodata is None and rasterio.enums.MaskFlags.per_dataset in ds.mask_flag_enums[0]
+    res = draw_sample(pred, tmp_path / "s.gpkg", per_class=100)
+    assert res.map_pixels == {1: 24, 2: 12} and res.points == {1: 24, 2: 12}
+    wkb = pyogrio.raw.read(tmp_path / "s.gpkg")[2]
+    pts = shapely.from_wkb(wkb)
+    cols, rows = ~rasterio.open(pred).transform * (shapely.get_x(pts), shapely.get_y(pts))
+    assert shown[rows.astype(int), cols.astype(int)].all()
+    # evaluate: the hidden prediction pixels have no prediction; a reference's hidden pixels no label
+    ref_arr = np.full(a.shape, 2, np.uint8)
+    ref_shown = np.ones(a.shape, bool)
+    ref_shown[:2] = False
+    ref = write_raster(tmp_path / "ref.tif", ref_arr, masks=ref_shown)
+    with pytest.warns(EvaluationWarning, match="8 labelled reference pixels have no prediction"):
+        m = evaluate_rasters(pred, ref).metrics
+    both = shown & ref_shown
+    assert m.total == int(both.sum()) == 24 and m.unpredicted == int((ref_shown & ~shown).sum())
+    assert m.overall_accuracy == pytest.approx(float((a[both] == ref_arr[both]).mean()))
+    # points on hidden pixels have no prediction; the strata count the shown pixels only
+    cells = [(r, c) for r in range(6) for c in (1, 5, 7)]
+    r = evaluate_vector(pred, _sample_points(tmp_path / "p.geojson", cells, [int(a[rc]) for rc in cells]),
+                        field="cls", stratified=True)
+    assert r.metrics.total == 12 and r.metrics.unpredicted == 6 and r.metrics.overall_accuracy == 1.0
+    assert list(r.stratified.map_pixels) == [24, 12]
