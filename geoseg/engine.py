@@ -213,6 +213,13 @@ def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
 
 def _labels_to_probs(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """One-hot NCHW probabilities from NHW / N1HW class indexes (argmax-exported models)."""
+    if labels.ndim == 4 and labels.shape[1] != 1 or (
+            labels.size and (labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels))
+                             or labels.min() < 0)):
+        # an older PaddleSeg deploy.yaml has no output_op: a graph exported with --without_argmax or
+        # --with_softmax returns C channels of scores, read as labels (the whole map the first class)
+        raise ModelError(f"the model returned {labels.shape[1] if labels.ndim == 4 else 1}-channel scores, not class "
+                         "labels: set Deploy.output_op in its deploy.yaml to none (logits) or softmax")
     if labels.ndim == 4:
         labels = labels[:, 0]
     if labels.size and int(labels.max()) >= num_classes:
@@ -380,6 +387,10 @@ def build_predictor(
     on = f"gpu:{index}" if dev == "gpu" and index else dev
     if runtime == "auto":
         runtime = "inference" if (dev == "cpu" or source.export_dir is not None) else "dygraph"
+    if runtime == "dygraph" and source.export_dir is not None and source.layer is None:
+        # (it built the card's network untrained: a map of random weights, without a word)
+        raise ParameterError(f"{source.label}: an exported model runs through Paddle Inference only: "
+                             "use runtime 'inference' (or 'auto'), or give the weights for the dygraph runtime")
     output = source.output
     if runtime == "inference":
         from geoseg.models.inference import InferencePredictor, find_model_files

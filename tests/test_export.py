@@ -156,6 +156,28 @@ def test_paddleseg_export_is_accepted_by_predict(tiny_unet: tuple[Path, Path], s
     assert r.exit_code == 1 and "this model's card names them: drop --classes" in r.output, r.output
 
 
+def test_an_older_paddleseg_export_of_scores_is_not_read_as_labels(tiny_unet: tuple[Path, Path], scene: Path,
+                                                                    tmp_path: Path) -> None:
+    """PaddleSeg 2.0-2.7 wrote no output_op: geoseg takes labels then, and a graph exported with
+    --with_softmax (or --without_argmax) returned 4 channels of scores, read as labels: the whole map
+    the first class, exit 0. And the dygraph runtime on an export built the card's network untrained."""
+    folder = tmp_path / "old"
+    folder.mkdir()
+    _paddleseg_export(tiny_unet, folder, output_op="softmax")
+    deploy = yaml.safe_load((folder / "deploy.yaml").read_text())
+    del deploy["Deploy"]["output_op"]
+    (folder / "deploy.yaml").write_text(yaml.safe_dump(deploy))
+    with pytest.raises(ModelError, match="returned 4-channel scores, not class labels: set Deploy.output_op"):
+        segment_scene(scene, tmp_path / "o", model=str(folder), classes=["a", "b", "c", "d"],
+                      options=PredictOptions(device="cpu", vector="none"))
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*landcover*"))
+    ours = tmp_path / "ours"
+    weights, card_path = tiny_unet
+    export_model_dir(ModelCard.load(card_path), weights, ours)
+    with pytest.raises(ParameterError, match="an exported model runs through Paddle Inference only"):
+        segment_scene(scene, tmp_path / "d", model=str(ours), options=PredictOptions(runtime="dygraph", vector="none"))
+
+
 def test_load_exported_paddleseg_card_and_classes(tiny_unet: tuple[Path, Path], tmp_path: Path) -> None:
     folder = tmp_path / "pseg"
     folder.mkdir()
