@@ -393,6 +393,17 @@ def _valid_and_missing(ds: Any, data: np.ndarray, window: Window, bands: Sequenc
     if alpha_band is not None:
         valid = ds.read(alpha_band, window=window) > 0
         missing = np.broadcast_to(~valid, data.shape) if not valid.all() else None
+        # a band with a nodata value of its own has gaps the alpha band does not show (GDAL's band
+        # mask is that value then): they reach the model as its mean, not as measurements
+        own = [i for i, b in enumerate(bands) if MaskFlags.nodata in flags[i] and ds.nodatavals[b - 1] is not None
+               and np.isfinite(ds.nodatavals[b - 1])]
+        if own:
+            gaps = np.zeros(data.shape, bool)
+            for i in own:
+                gaps[i] = data[i] == data.dtype.type(ds.nodatavals[bands[i] - 1])
+            if gaps.any():
+                missing = gaps | ~valid[None]
+                valid = valid & ~missing.all(axis=0)
     elif all(f == [MaskFlags.all_valid] for f in flags):
         valid = np.ones(data.shape[1:], bool)
         missing = None

@@ -736,6 +736,32 @@ def test_read_window_gaps_per_band(tmp_path: Path) -> None:
 
 
 
+def test_a_band_gap_counts_beside_an_alpha_band(tmp_path: Path) -> None:
+    """gdalwarp -dstalpha writes an alpha band beside the bands' nodata value: the alpha band alone
+    was read, so a gap of one band (its nodata value) reached the model as a measurement."""
+    from rasterio.enums import ColorInterp
+    from rasterio.windows import Window
+
+    from geoseg.io import open_scene, read_window_gaps
+
+    data = np.full((3, 10, 12), 40, np.uint8)
+    data[2, 4:7] = 0  # band 3's gap: its nodata value
+    alpha = np.full((10, 12), 255, np.uint8)
+    alpha[:, :2] = 0  # outside the footprint
+    path = tmp_path / "alpha.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=12, height=10, count=4, dtype="uint8", nodata=0,
+                       crs="EPSG:32633", transform=from_origin(500000, 4800000, 10, 10)) as ds:
+        ds.write(data, [1, 2, 3])
+        ds.write(alpha, 4)
+        ds.colorinterp = [ColorInterp.gray] * 3 + [ColorInterp.alpha]
+    meta = open_scene(path)
+    assert meta.alpha_band == 4
+    _, valid, missing = read_window_gaps(path, Window(0, 0, 12, 10), (1, 2, 3), meta.alpha_band)
+    assert not valid[:, :2].any() and valid[:, 2:].all()
+    assert missing is not None and missing[2, 4:7, 2:].all() and not missing[:2, :, 2:].any()
+    assert missing[:, :, :2].all() and missing.sum() == 3 * 10 * 2 + 3 * 10
+
+
 def test_each_band_has_its_own_nodata_value(tmp_path: Path) -> None:
     """A VRT stacking single-band files gives each band its own nodata value; band 1's is not
     every band's."""
