@@ -496,9 +496,10 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         self._check_values()
-        if self.vector_classes is not None and self.vector == "none":
-            raise ParameterError("--vector-classes chooses which polygons to write, and --vector none writes none: "
-                                 "drop one of the two")
+        for value, option in ((self.vector_classes, "--vector-classes chooses which"), (self.min_area, "--min-area "
+                              "sieves the"), (self.simplify, "--simplify simplifies the")):
+            if value is not None and self.vector == "none":  # (they were ignored without a word)
+                raise ParameterError(f"{option} polygons to write, and --vector none writes none: drop one of the two")
 
 
     def _check_values(self) -> None:

@@ -323,6 +323,11 @@ def test_predict_vector_classes(runner: CliRunner, tmp_path: Path, tiny_unet: tu
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "d"),
                               "--vector-classes", str(keep), "--vector", "none"])
     assert res.exit_code == 1 and "--vector none writes none" in res.output and not (tmp_path / "d").exists()
+    for opt, said in ((["--min-area", "500"], "--min-area sieves the polygons to write"),
+                      (["--simplify", "0"], "--simplify simplifies the polygons to write")):  # (they were ignored)
+        res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "e"), *opt,
+                                  "--vector", "none"])
+        assert res.exit_code == 1 and said in res.output and not (tmp_path / "e").exists(), res.output
 
 
 def test_a_full_disk_is_one_line_at_the_cli() -> None:
