@@ -423,6 +423,19 @@ def load_exported(
 
 
 def _card_from_paddleseg(d: Path, dep: Mapping[str, Any], classes: tuple[ClassInfo, ...] | None) -> ModelCard:
+    transforms = dep.get("transforms") or []
+    if not isinstance(transforms, list):  # (a mapping was ignored: the model then took raw values)
+        raise ModelError(f"{d}/deploy.yaml: Deploy.transforms must be a list of transforms "
+                         f"(- type: Normalize ...), not a {type(transforms).__name__}")
+    try:
+        return _paddleseg_card(d, dep, classes, transforms)
+    except (TypeError, ValueError, IndexError) as exc:  # (an "unexpected error" with a traceback's words)
+        raise ModelError(f"{d}/deploy.yaml: its input_shape or Normalize cannot be read ({exc}): give input_shape as "
+                         "[-1, C, H, W] and Normalize's mean and std as lists of numbers") from None
+
+
+def _paddleseg_card(d: Path, dep: Mapping[str, Any], classes: tuple[ClassInfo, ...] | None,
+                    transforms: list[Any]) -> ModelCard:
     if classes is None:
         raise ModelError(
             f"{d} is a PaddleSeg export without class names: pass --classes (e.g. --classes background,building "
@@ -430,7 +443,7 @@ def _card_from_paddleseg(d: Path, dep: Mapping[str, Any], classes: tuple[ClassIn
         )
     mean: list[float] | None = None
     std: list[float] | None = None
-    for t in dep.get("transforms") or []:
+    for t in transforms:
         if isinstance(t, Mapping) and t.get("type") == "Normalize":
             mean = [float(v) for v in t.get("mean", [0.5, 0.5, 0.5])]
             std = [float(v) for v in t.get("std", [0.5, 0.5, 0.5])]

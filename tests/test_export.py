@@ -178,6 +178,23 @@ def test_an_older_paddleseg_export_of_scores_is_not_read_as_labels(tiny_unet: tu
         segment_scene(scene, tmp_path / "d", model=str(ours), options=PredictOptions(runtime="dygraph", vector="none"))
 
 
+def test_a_malformed_paddleseg_deploy_yaml_is_named(tiny_unet: tuple[Path, Path], tmp_path: Path) -> None:
+    """A bad input_shape or mean was "unexpected error: ValueError: invalid literal for int()", and
+    transforms written as a mapping were ignored (the model then took raw pixel values)."""
+    folder = tmp_path / "pseg"
+    folder.mkdir()
+    _paddleseg_export(tiny_unet, folder, output_op="softmax")
+    good = yaml.safe_load((folder / "deploy.yaml").read_text())
+    for key, value, said in (("input_shape", [-1, "three", -1, -1], "its input_shape or Normalize cannot be read"),
+                             ("transforms", [{"type": "Normalize", "mean": "0.5", "std": [0.25] * 3}],
+                              "its input_shape or Normalize cannot be read"),
+                             ("transforms", {"type": "Normalize", "mean": [0.5] * 3}, "must be a list of transforms")):
+        bad = {"Deploy": {**good["Deploy"], key: value}}
+        (folder / "deploy.yaml").write_text(yaml.safe_dump(bad))
+        with pytest.raises(ModelError, match=said):
+            load_exported(folder, classes=parse_classes("a,b,c,d"))
+
+
 def test_load_exported_paddleseg_card_and_classes(tiny_unet: tuple[Path, Path], tmp_path: Path) -> None:
     folder = tmp_path / "pseg"
     folder.mkdir()
