@@ -156,6 +156,9 @@ class ModelCard:
         ids = [c.id for c in self.classes]
         if len(set(ids)) != len(ids):
             raise ModelError(f"model card has duplicate class ids: {ids}")
+        if self.nodata_id != 255:  # (a card saying 1 still got masks with 255)
+            raise ModelError(f"nodata_id {self.nodata_id}: geoseg's masks mark nodata with 255; set nodata_id: 255 "
+                             "(class ids 0-254)")
         if self.nodata_id in ids:
             raise ModelError(f"nodata id {self.nodata_id} is also a class id: pick another")
         if len(self.normalization.mean) != len(self.bands):

@@ -93,6 +93,9 @@ def test_card_round_trips_class_prior_and_refuses_bad_ones() -> None:
         identity_card(1, 2).replace(adapt_prior=True)
     with pytest.raises(ModelError, match="true or false"):
         ModelCard.from_dict({**card.to_dict(), "adapt_prior": "yes"})
+    # masks mark nodata with 255 whatever a card said (a card of nodata_id 1 got masks of 255)
+    with pytest.raises(ModelError, match="nodata_id 1: geoseg's masks mark nodata with 255"):
+        ModelCard.from_dict({**card.to_dict(), "nodata_id": 1})
 
 
 def soft_predictor(x: np.ndarray) -> np.ndarray:
