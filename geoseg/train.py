@@ -13,8 +13,9 @@ Arrays are CHW (image windows, float32 after normalisation) and HW (labels, int6
 
 Outputs in ``out``: ``weights.pdparams`` + ``weights.yaml`` (the model card of the best
 checkpoint by validation mIoU; both written when the run finishes, the card last),
-``checkpoints/last.pdparams|.pdopt|.json`` and ``checkpoints/best.pdparams`` (for ``resume``; the
-previous checkpoint is kept as ``prev.*`` until the next one is whole), ``train_log.csv`` and
+``checkpoints/last.pdparams|.pdopt|.rng|.json`` and ``checkpoints/best.pdparams`` (for ``resume``; the
+previous checkpoint is kept as ``prev.*`` until the next one is whole; ``last.rng`` holds Paddle's random
+state, so dropout goes on with the masks of an uninterrupted run), ``train_log.csv`` and
 ``train_log.json``. A lock file (:data:`LOCK_FILE`) keeps a second run out of a folder in use.
 """
 
@@ -92,7 +93,7 @@ RUN_FILES = ("weights.pdparams", "weights.yaml", "train_log.csv", "train_log.jso
 #: checkpoint is written: ``last.json``, written last, lists the parts' digests, and resume finds each
 #: part under either name, so a run stopped while saving resumes from the previous checkpoint.
 _PREVIOUS = {"last.pdparams": "prev.pdparams", "last.ema.pdparams": "prev.ema.pdparams", "last.pdopt": "prev.pdopt",
-             "best.pdparams": "prev.best.pdparams"}
+             "last.rng": "prev.rng", "best.pdparams": "prev.best.pdparams"}
 #: What a checkpoint holds in ``OUT/checkpoints``.
 CHECKPOINT_FILES = (*_PREVIOUS, "last.json", *_PREVIOUS.values())
 #: The lock a run holds on its output folder (``fcntl.flock``: the kernel drops it when the process dies).
@@ -344,6 +345,8 @@ class TrainConfig:
             raise ParameterError(f"label_smoothing {self.label_smoothing}: use a fraction 0..1 (0 = off)")
         if isinstance(self.class_weights, str) and self.class_weights not in ("none", "auto", "balanced"):
             raise ParameterError(f"class_weights {self.class_weights!r}: choose none, auto, balanced or a list of weights")
+        if self.class_weights is not None and not isinstance(self.class_weights, str):
+            _check_class_weights(self.class_weights)
         if not 0.0 <= self.band_dropout <= 1.0:
             raise ParameterError(f"band_dropout {self.band_dropout}: use a probability 0..1 (0 = off)")
         if self.read_from not in ("auto", "memory", "disk"):
@@ -493,6 +496,26 @@ def _check_type(source: str, key: str, value: Any) -> Any:
         else:
             return value  # checked where it is used
     raise ParameterError(f"{source}: {key} {value!r}: give {want}")
+
+
+def _check_class_weights(value: Any) -> None:
+    """A list of class weights: numbers, none negative, not all 0 (else a ParameterError naming
+    class_weights). A weight of 0 leaves a class out of the loss; all 0 would leave nothing to learn
+    (and made the losses 0/0 = NaN)."""
+    try:
+        weights = [float(v) for v in value if not isinstance(v, bool)]
+        ok = (isinstance(value, (list, tuple, np.ndarray)) and len(weights) == len(value)
+              and all(math.isfinite(v) for v in weights))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ParameterError(f"class_weights {value!r}: give none, auto, balanced or a list of numbers, one per class")
+    if any(v < 0 for v in weights):
+        raise ParameterError(f"class_weights {list(value)}: a weight is negative: use 0 or more per class (0 leaves a "
+                             "class out of the loss)")
+    if not any(v > 0 for v in weights):
+        raise ParameterError(f"class_weights {list(value)}: every weight is 0, so nothing would be learned: give the "
+                             "classes to learn a positive weight (or class_weights: none)")
 
 
 def _check_scale(value: Any) -> tuple[float, float] | None:
@@ -1224,7 +1247,8 @@ def make_loss(kind: LossName, num_classes: int, class_weights: np.ndarray | None
     Lovász-softmax loss (Berman et al., CVPR 2018; PaddleSeg's ``LovaszSoftmaxLoss`` with
     ``classes='present'``): the Lovász extension of each class's Jaccard loss over the batch's
     pixels, averaged over the classes present in the labels (class weights make it a weighted
-    mean); on hard (one-hot) predictions it equals ``1 - mIoU`` of those classes.
+    mean; a class of weight 0 is left out, and a batch of such classes only has a loss of 0);
+    on hard (one-hot) predictions it equals ``1 - mIoU`` of those classes.
     """
     paddle: Any = require_paddle()
     import paddle.nn.functional as F
@@ -1260,6 +1284,9 @@ def make_loss(kind: LossName, num_classes: int, class_weights: np.ndarray | None
         probs, y = paddle.gather(probs, keep), paddle.gather(y, keep)
         terms, weights = [], []
         for c in range(num_classes):
+            w_c = 1.0 if class_weights is None else float(class_weights[c])
+            if w_c <= 0:  # a class left out of the loss (all of a batch's classes weighing 0 made 0/0 = NaN)
+                continue
             fg = (y == c).astype("float32")
             if float(fg.sum()) == 0:  # classes='present'
                 continue
@@ -1267,7 +1294,9 @@ def make_loss(kind: LossName, num_classes: int, class_weights: np.ndarray | None
             order = paddle.argsort(err, descending=True)
             fg_sorted = paddle.gather(fg, order)
             terms.append((paddle.gather(err, order) * _lovasz_grad(paddle, fg_sorted)).sum())
-            weights.append(1.0 if class_weights is None else float(class_weights[c]))
+            weights.append(w_c)
+        if not terms:
+            return probs.sum() * 0.0
         w = paddle.to_tensor(weights, dtype="float32")
         return (paddle.stack(terms) * w).sum() / w.sum()
 
@@ -1596,6 +1625,11 @@ class Trainer:
         if not any((d.labels != IGNORE_INDEX).any() for d in self.train_sets):
             raise ParameterError("the training region has no labelled pixels: check train_region and ignore")
         side = min(min(sc["train_region"].height, sc["train_region"].width) for sc in scenes)
+        if side < 16:  # the smallest window: random windows could not be cut (a bare ValueError, a hung loader)
+            small = next(sc for sc in scenes if min(sc["train_region"].height, sc["train_region"].width) == side)
+            raise ParameterError(f"{where(small['k'], 'train_region')} is {small['train_region'].width}x"
+                                 f"{small['train_region'].height} pixels: training windows are at least 16 pixels: "
+                                 "give a region at least 16 pixels wide and high")
         self.window = cfg.window if cfg.window <= side else max(16, side // 16 * 16)
 
         # Validation regions. Validation windows see image context around the region (as predict
@@ -1620,6 +1654,12 @@ class Trainer:
                                               cfg.ignore, sc["label_shift"])
             self.val_sets.append(RegionData(self.normalization.apply(vimg, dtype, vgaps, self.gap_fill), vidx,
                                             sc["val_region"]))
+        if self.val_sets and not any((d.labels != IGNORE_INDEX).any() for d in self.val_sets):
+            # every validation gave mIoU NaN, so no weights were ever the best: the last ones were shipped
+            raise ParameterError(f"{'the validation regions have' if len(self.val_sets) > 1 else 'val_region has'} no "
+                                 "labelled pixels (every label there is unlabelled or ignored), so nothing can be "
+                                 "validated: choose a val_region with labels, or train without validation "
+                                 "(--set val_region=null)")
         self.val_data: RegionData | None = self.val_sets[0] if self.val_sets else None
         if self.window != cfg.window:
             log.info("window %d is larger than the training region (%dx%d): using %d",
@@ -1989,6 +2029,13 @@ class Trainer:
             lr = learning_rate(it, cfg)
             lval, parts, gnorm = self.step(model, opt, loss_fn, x, y, lr, scaler, params)
             it += 1
+            if not math.isfinite(lval):  # the weights are spoilt from here on: stop before any is saved
+                tries = ["a lower lr", *(["other class_weights"] if cfg.class_weights not in (None, "none") else []),
+                         *(["amp: false"] if scaler is not None else [])]
+                raise ParameterError(f"iteration {it}: the loss is {lval}, not a finite number, so training stopped "
+                                     "(its weights would turn to NaN): try "
+                                     f"{', '.join(tries[:-1]) + ' or ' if len(tries) > 1 else ''}{tries[-1]}, "
+                                     "training anew with --overwrite")
             if self.ema is not None:
                 self.ema.update(model, it)
             running.append(lval)
@@ -2033,6 +2080,7 @@ class Trainer:
             with self._averaged(model):
                 self._save_best(model, save_weights, best_metrics, it)
             best = self._best[0]  # type: ignore[index]
+            best_it = it  # the card names the iteration of the weights it ships
         self._publish(best, best_metrics, best_it)
         atomic_write_text(self.out / "train_log.json", json.dumps({
             "config": cfg.to_dict(), "best_iteration": best_it,
@@ -2219,6 +2267,10 @@ class Trainer:
         with atomic_output(d / "last.pdopt") as tmp:
             self.paddle.save(_portable_opt_state(model, opt.state_dict(), to_structured=True), str(tmp))
         written.append("last.pdopt")
+        _set_aside(d, "last.rng", self._ckpt_files)
+        with atomic_output(d / "last.rng") as tmp:  # dropout's masks go on from here on resume
+            self.paddle.save(self._rng_state(), str(tmp))
+        written.append("last.rng")
         files = {name: _digest(d / name) for name in written}
         if self._best is not None:
             files["best.pdparams"] = self._best[1]
@@ -2268,8 +2320,34 @@ class Trainer:
                 raise ParameterError(f"resume: {path.parent} has no EMA weights (last.ema.pdparams); "
                                      "resume with the run's own config (ema as it was)")
             self.ema.set_state_dict(self.paddle.load(str(ema_path)))
+        if "last.rng" in parts:  # older checkpoints have none: the RNG starts again from the seed
+            self._set_rng_state(self.paddle.load(str(parts["last.rng"])))
         return (int(state["iteration"]), float(state.get("best_miou", -1.0)), int(state.get("best_iteration", -1)),
                 list(state.get("history", [])), dict(state.get("best_validation") or {}))
+
+    def _rng_state(self) -> dict[str, Any]:
+        """Paddle's random state for a checkpoint (dropout's masks, e.g. DeepLabv3+'s ASPP): its CPU
+        generator's, and on a GPU run its GPUs' (``fit`` seeds them anew at every start)."""
+        paddle = self.paddle
+        # (the CPU generator itself: Paddle 2.6's set_rng_state cannot take device="cpu")
+        state: dict[str, Any] = {"cpu": [paddle.base.core.default_cpu_generator().get_state()]}
+        if self.device == "gpu":
+            state["gpu"] = paddle.get_cuda_rng_state()
+        return state
+
+    def _set_rng_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`_rng_state` (the GPUs' on a GPU run with as many GPUs; a checkpoint of another
+        device or GPU count keeps the seeded state there)."""
+        paddle = self.paddle
+        if state.get("cpu"):
+            paddle.base.core.default_cpu_generator().set_state(state["cpu"][0])
+        gpu = state.get("gpu")
+        if gpu and self.device == "gpu":
+            if len(gpu) == paddle.device.cuda.device_count():
+                paddle.set_cuda_rng_state(gpu)
+            else:
+                log.info("resume: the checkpoint's random state is of %d GPU(s), this machine has %d: dropout's "
+                         "masks start again from the seed", len(gpu), paddle.device.cuda.device_count())
 
 
 @contextmanager
