@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
-from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
 from geoseg.config import plain
@@ -42,6 +41,7 @@ from geoseg.io import (
     NO_LABEL,
     VectorData,
     GeoAreas,
+    has_mask_band,
     area_units,
     pixel_areas,
     read_classes,
@@ -130,15 +130,10 @@ def _read_classes(ds: Any, window: Window) -> np.ndarray:
                            "ids (nodata may be any value)")
 
 
-def _has_mask_band(ds: Any) -> bool:
-    """Whether band 1's no-data is a mask band (GDAL's per-dataset mask, e.g. a GeoTIFF's internal mask)."""
-    return MaskFlags.per_dataset in ds.mask_flag_enums[0]
-
-
 def _shown(ds: Any, window: Window) -> np.ndarray | None:
     """Where the mask band of ``ds`` shows the pixels of ``window`` (False: hidden, i.e. nodata, as
     ``geoseg vectorize`` takes them); ``None`` without a mask band."""
-    return ds.read_masks(1, window=window) != 0 if _has_mask_band(ds) else None
+    return ds.read_masks(1, window=window) != 0 if has_mask_band(ds) else None
 
 
 def _reference_nodata(ds: Any) -> list[int]:

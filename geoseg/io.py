@@ -378,6 +378,12 @@ def read_window_gaps(
         raise corrupt_input(Path(path).name, exc, f" at column {int(window.col_off)}, row {int(window.row_off)}") from None
 
 
+def has_mask_band(ds: Any) -> bool:
+    """Whether band 1's no-data is a mask band (GDAL's per-dataset mask, e.g. a GeoTIFF's internal
+    mask): a class raster's hidden pixels are no class (vectorize, evaluate, sample)."""
+    return MaskFlags.per_dataset in ds.mask_flag_enums[0]
+
+
 def _plain_nodata(ds: Any, bands: Sequence[int]) -> bool:
     """True when every band of ``bands`` has a nodata value that its dtype holds exactly (not NaN)."""
     values = [ds.nodatavals[b - 1] for b in bands]
@@ -1061,6 +1067,7 @@ __all__ = [
     "degrees_per_unit",
     "geodesic",
     "GeoAreas",
+    "has_mask_band",
     "ground_pixel_area",
     "ground_pixel_size_m",
     "pixel_areas",

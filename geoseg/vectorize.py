@@ -71,13 +71,12 @@ import shapely
 from affine import Affine
 from rasterio import features
 from rasterio.crs import CRS
-from rasterio.enums import MaskFlags
 
 from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_as, write_error
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.config import plain
 from geoseg.errors import ParameterError, SceneError, SceneReadError
-from geoseg.io import area_units, degrees_per_unit, geodesic, ground_pixel_area
+from geoseg.io import area_units, degrees_per_unit, geodesic, ground_pixel_area, has_mask_band
 from geoseg.io import read_classes as read_tagged_classes
 
 log = logging.getLogger(__name__)
@@ -230,7 +229,7 @@ def _mask_info(path: Path, ds: rasterio.DatasetReader) -> MaskInfo:
     if nodata is not None and (not float(nodata).is_integer() or not _fits(int(nodata), dtype)):
         nodata = None
     classes = read_classes(ds)
-    masked = MaskFlags.per_dataset in ds.mask_flag_enums[0]
+    masked = has_mask_band(ds)
     chosen = masked and nodata is None
     if chosen:  # pixels the mask band hides are read as a value no class takes
         top = int(np.iinfo(np.dtype(dtype)).max)
