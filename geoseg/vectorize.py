@@ -1135,10 +1135,10 @@ def _sieved_reader(
         # as a group of data pixels below the unit, whatever their classes; a small region beside data
         # that the sieve could not merge (regions all below the unit, each other's largest neighbour)
         # stays: dropping it left a hole beside data (three fields of 6 px, a unit of 7: no polygon at all).
-        data = mask.astype(np.uint8)
-        specks = (features.sieve(data, min_px, connectivity=connectivity) == 0) & (data == 1)
-        out[specks] = info.nodata
-        del data, specks
+        kept = features.sieve(mask, min_px, connectivity=connectivity)  # (mask: 1 data, 0 nodata)
+        np.subtract(mask, kept, out=kept)  # 1 where a speck became nodata (one more array in memory)
+        out[kept == 1] = info.nodata
+        del kept
     del mask
 
     def read(r0: int, r1: int) -> np.ndarray:
