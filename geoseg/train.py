@@ -1636,9 +1636,11 @@ class Trainer:
         # does on a whole scene), but only from inside the train + validation bounding box;
         # labels outside the validation region are ignored.
         self.val_sets: list[RegionData] = []
+        val_keys: list[int] = []  # the scene of each validation set
         for sc in all_scenes:
             if sc["val_region"] is None:
                 continue
+            val_keys.append(sc["k"])
             meta = sc["meta"]
             around = sc["train_region"] if sc["train_region"] is not None else Region(
                 0, 0, meta.height, meta.width, np.broadcast_to(True, (meta.height, meta.width)))  # a validation scene
@@ -1654,7 +1656,12 @@ class Trainer:
                                               cfg.ignore, sc["label_shift"])
             self.val_sets.append(RegionData(self.normalization.apply(vimg, dtype, vgaps, self.gap_fill), vidx,
                                             sc["val_region"]))
-        if self.val_sets and not any((d.labels != IGNORE_INDEX).any() for d in self.val_sets):
+        unlabelled = [k for k, d in zip(val_keys, self.val_sets) if not (d.labels != IGNORE_INDEX).any()]
+        if self.val_sets and len(unlabelled) < len(self.val_sets):
+            for k in unlabelled:  # (validated nothing, without a word, beside the other scenes' regions)
+                warn(f"{where(k, 'val_region')} has no labelled pixels: it validates nothing (the other scenes' "
+                     "validation regions do); check its val_region and labels", TrainingWarning)
+        elif self.val_sets:
             # every validation gave mIoU NaN, so no weights were ever the best: the last ones were shipped
             raise ParameterError(f"{'the validation regions have' if len(self.val_sets) > 1 else 'val_region has'} no "
                                  "labelled pixels (every label there is unlabelled or ignored), so nothing can be "

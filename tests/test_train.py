@@ -1985,6 +1985,20 @@ def test_a_validation_region_without_a_labelled_pixel_is_refused(scene: tuple[Pa
         Trainer(_cfg((scene[0], unlabelled), tmp_path / "run"))
 
 
+def test_one_scene_s_validation_region_without_labels_is_warned_about(scene: tuple[Path, Path],
+                                                                       tmp_path: Path) -> None:
+    # beside another scene's labelled validation region it validated nothing, without a word
+    second = _second_scene(tmp_path)
+    with rasterio.open(second[1]) as ds:
+        labels = ds.read(1)
+    labels[:, 40:] = 0  # scene 2's validation columns are not labelled
+    second = (second[0], write_raster(tmp_path / "lab2_unl.tif", labels, nodata=0))
+    with pytest.warns(TrainingWarning, match=r"^scene 2 \(img2.tif\) val_region has no labelled pixels: it validates "
+                                             r"nothing \(the other scenes' validation regions do\)"):
+        tr = Trainer(_scenes_cfg(scene, second, tmp_path / "run"))
+    assert len(tr.val_sets) == 2
+
+
 def test_a_run_whose_validation_never_scores_cards_the_iteration_it_ships(scene: tuple[Path, Path], tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     nan = float("nan")
