@@ -38,6 +38,11 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
         OutputError: the parent folder is missing or not writable, or ``path`` is a folder.
     """
     path = Path(path)
+    if any(ord(c) < 32 or c == "\x7f" for c in path.name):
+        # GDAL drops them from the names it creates: the GeoPackage landed under another name, its style
+        # then failed ("no such table: gpkg_contents") and a temp file was left behind
+        raise OutputError(f"output {path.name!r} holds a control character (a tab, a newline): give a name "
+                          "without one (for a batch scene: rename the input)")
     if path.is_dir():
         raise OutputError(f"output {path} is a folder: give a file name")
     if path.exists() and not overwrite:

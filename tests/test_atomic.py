@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from geoseg.atomic import STALE_TEMP_S, clean_temp_files, is_leftover, temp_name
+from geoseg.atomic import STALE_TEMP_S, check_output, clean_temp_files, is_leftover, temp_name
 from tests.conftest import write_raster
 
 
@@ -199,3 +199,25 @@ def test_a_write_past_the_file_size_limit_says_so(tmp_path: Path) -> None:
     assert said.endswith("Failed to commit transaction (this process may not write files over 64 bytes: ulimit -f)")
     assert not report.exists() and not list(tmp_path.glob(".geoseg-*"))
     assert "file too large" in str(write_error(tmp_path / "b.tif", OSError(errno.EFBIG, "File too large")))
+
+
+@pytest.mark.parametrize("name", ["a\tb.gpkg", "a\nb_landcover.tif"])
+def test_an_output_name_with_a_control_character_is_refused_before_writing(tmp_path: Path, name: str) -> None:
+    """GDAL drops a tab or newline from the names it creates: the GeoPackage landed as ``ab.gpkg``, its
+    style then failed on "no such table: gpkg_contents", and a temp file was left behind."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from geoseg.errors import OutputError
+    from geoseg.vectorize import vectorize_mask
+
+    mask = tmp_path / "m.tif"
+    with rasterio.open(mask, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(0, 80, 10, 10), nodata=0) as ds:
+        ds.write(np.ones((1, 8, 8), np.uint8))
+    with pytest.raises(OutputError, match="holds a control character"):
+        check_output(tmp_path / name, overwrite=False)
+    if name.endswith(".gpkg"):
+        with pytest.raises(OutputError, match="holds a control character"):
+            vectorize_mask(mask, tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif"]
