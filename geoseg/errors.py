@@ -161,6 +161,11 @@ def require_paddle() -> object:
         ) from exc
     finally:
         kept.restore()
+    if kept.sigterm is None and hasattr(paddle, "disable_signal_handler"):
+        # Imported outside the main thread (a Dask task, an application's worker thread), where no Python
+        # handler can be set again: paddle's C++ handlers printed a "FatalError" dump to stdout on SIGTERM
+        # (a pipeline's stdout). Off, SIGTERM ends the process as it would have without paddle.
+        paddle.disable_signal_handler()
     return paddle
 
 

@@ -501,3 +501,13 @@ def test_loading_paddle_leaves_the_application_s_signal_handler_and_logging(tmp_
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["handlers 0 level 30", "handler ['term']"], r.stdout + r.stderr
     assert "FatalError" not in r.stderr
+    # loaded in another thread (a Dask task, a web worker), where no Python handler can be set again:
+    # paddle's C++ handler printed its dump to stdout (a pipeline's output); now SIGTERM ends it plainly
+    script.write_text(
+        "import os, signal, threading, time\n"
+        "from geoseg.errors import require_paddle\n"
+        "t = threading.Thread(target=require_paddle)\n"
+        "t.start(); t.join(); time.sleep(1)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -15 and "FatalError" not in r.stdout + r.stderr, (r.returncode, r.stdout[-500:])
