@@ -756,8 +756,12 @@ def test_mosaic_keeps_masks_on_unaligned_grids_apart(tmp_path: Path) -> None:
     b = _mask(out / "b_landcover.tif", SEVEN, x0=500300.0)
     d = _mask(out / "d_landcover.tif", SEVEN, x0=501005.0)  # half a pixel off a's grid
     e = _mask(out / "e_landcover.tif", SEVEN, x0=500600.0000001)  # off by float noise only: aligned
-    vrts = sorted(p for p in write_mosaics(out, [a, b, d, e], []) if p.suffix == ".vrt")
-    assert sorted(_vrt_sources(v) for v in vrts) == [["a_landcover.tif", "b_landcover.tif", "e_landcover.tif"],
+    # 0.0004 and 0.0006 px off (0.0002 px apart, within the tolerance): one grid (rounding made two)
+    f = _mask(out / "f_landcover.tif", SEVEN, x0=500900.004)
+    g = _mask(out / "g_landcover.tif", SEVEN, x0=501200.006)
+    vrts = sorted(p for p in write_mosaics(out, [a, b, d, e, f, g], []) if p.suffix == ".vrt")
+    assert sorted(_vrt_sources(v) for v in vrts) == [["a_landcover.tif", "b_landcover.tif", "e_landcover.tif",
+                                                      "f_landcover.tif", "g_landcover.tif"],
                                                      ["d_landcover.tif"]], vrts
     assert [v.name for v in vrts] == ["landcover_grid000x000.vrt", "landcover_grid500x000.vrt"]
     for v in vrts:  # whole-pixel offsets only: GDAL copies, never resamples
