@@ -17,6 +17,7 @@ Memory stays bounded: the rasters are read in blocks of rows (``block_rows`` × 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -381,8 +382,8 @@ def evaluate_vector(
         else:
             feature_ids = _reference_classes(vec, field, table, ref_path)
         present = ~shapely.is_missing(vec.geoms) & ~shapely.is_empty(vec.geoms)
-        unlabelled = int((present & (feature_ids < 0)).sum())
-        keep = present & (feature_ids >= 0)
+        unlabelled = int((present & (feature_ids == _NO_CLASS)).sum())
+        keep = present & (feature_ids != _NO_CLASS)
         # single parts (multi-points: one sample per point; collections opened), in file order
         parts, owner = shapely.get_parts(vec.geoms[keep], return_index=True)
         part_ids = feature_ids[keep][owner]
@@ -450,8 +451,8 @@ def evaluate_vector(
                 if not len(hits):
                     continue
                 burned = rasterize(zip(poly_geoms[hits], poly_ids[hits].tolist()),
-                                   out_shape=shape, transform=t, fill=-1, dtype="int32")
-                inside_poly = burned >= 0
+                                   out_shape=shape, transform=t, fill=_NO_BURN, dtype="int32")
+                inside_poly = burned != _NO_BURN
                 if inside_poly.any():
                     yield burned, pds.read(1, window=window), inside_poly, _shown(pds, window)
 
@@ -564,32 +565,48 @@ def _background_id(background: int | str, table: Sequence[Any] | None, ignore: S
     return fill
 
 
+#: A vector reference feature without a class (an empty field). Class ids may be negative (an int16
+#: map's classes, which geoseg sample draws), so it is no -1; burnt polygons use :data:`_NO_BURN`.
+_NO_CLASS = int(np.iinfo(np.int64).min)
+_NO_BURN = int(np.iinfo(np.int32).min)
+
+
 def _reference_classes(vec: VectorData, field: str | None, table: Sequence[Any] | None, path: Path) -> np.ndarray:
-    """Each feature's class id from ``field`` (ids or class names of ``table``); -1 where empty."""
+    """Each feature's class id from ``field`` (ids or class names of ``table``); :data:`_NO_CLASS` where empty."""
     name = field or "class_id"
     if name not in vec.fields:
         raise ParameterError(f"reference {path.name} has no field {name!r}: give --field, the attribute holding each "
                              f"feature's class (its fields: {', '.join(vec.fields) or 'none'})")
     col = vec.values[vec.fields.index(name)]
+    bad = f"reference {path.name}: {name} must hold whole class ids or class names"
     if col.dtype.kind in "iu":
-        if col.dtype.kind == "i" and (col < 0).any():
-            raise ParameterError(f"reference {path.name}: {name} must hold whole class ids >= 0 or class names")
-        return col.astype(np.int64)
-    if col.dtype.kind == "f":
+        ids = col.astype(np.int64)
+    elif col.dtype.kind == "f":
         ok = np.isfinite(col)
-        if np.any(col[ok] != np.round(col[ok])) or np.any(col[ok] < 0):
-            raise ParameterError(f"reference {path.name}: {name} must hold whole class ids >= 0 or class names")
-        return np.where(ok, np.nan_to_num(col), -1).astype(np.int64)
-    texts = [None if v is None else str(v).strip() for v in col]
-    if all(t is None or t.isdigit() for t in texts):
-        return np.array([-1 if t is None else int(t) for t in texts], np.int64)
+        if np.any(col[ok] != np.round(col[ok])):
+            raise ParameterError(bad)
+        ids = np.where(ok, np.nan_to_num(col), _NO_CLASS).astype(np.int64)
+    else:
+        texts = [None if v is None else str(v).strip() for v in col]
+        if all(t is None or re.fullmatch(r"[-+]?\d+", t) for t in texts):
+            ids = np.array([_NO_CLASS if t is None else int(t) for t in texts], np.int64)
+        else:
+            return _reference_names(texts, table, name, path)
+    given = ids[ids != _NO_CLASS]
+    if given.size and (given.min() <= _NO_BURN or given.max() > np.iinfo(np.int32).max):
+        raise ParameterError(f"{bad} within 32-bit integers (-2147483647 .. 2147483647)")
+    return ids
+
+
+def _reference_names(texts: list[str | None], table: Sequence[Any] | None, name: str, path: Path) -> np.ndarray:
+    """Class ids of class names (of the prediction's ``table``); :data:`_NO_CLASS` where empty."""
     by_name = {c.name.lower(): c.id for c in table or ()}
     unknown = sorted({t for t in texts if t is not None and t.lower() not in by_name})
     if unknown:
         hint = (f"the prediction's classes are {', '.join(c.name for c in table)}" if table
                 else "the prediction has no class table: give class ids")
         raise ParameterError(f"reference {path.name}: {name} values {', '.join(unknown[:5])} are not class names: {hint}")
-    return np.array([-1 if t is None else by_name[t.lower()] for t in texts], np.int64)
+    return np.array([_NO_CLASS if t is None else by_name[t.lower()] for t in texts], np.int64)
 
 
 def _present_ids(pds: Any, rds: Any, box: tuple[int, int, int, int], block_rows: int, pred_ignore: set[int],

@@ -907,6 +907,17 @@ def test_sample_and_strata_take_negative_and_wide_class_ids(tmp_path: Path) -> N
     a[0, 0] = -9999
     res = draw_sample(write_raster(tmp_path / "i16.tif", a, nodata=-9999), tmp_path / "s16.gpkg", per_class=4)
     assert res.points == {-1: 4, 2: 4} and res.map_pixels == {-1: int((a == -1).sum()), 2: 18}
+    # labelled (as the map says, "-1" typed as text) and assessed: negative ids were refused in a vector
+    # reference ("must hold whole class ids >= 0"), so a sample of this map could not be evaluated
+    import pyogrio
+
+    meta, _, wkb, fields = pyogrio.raw.read(tmp_path / "s16.gpkg")
+    fields[-1] = np.array([str(v) for v in fields[1]], object)
+    pyogrio.raw.write(tmp_path / "l16.gpkg", wkb, fields, meta["fields"], crs=meta["crs"], geometry_type="Point",
+                      driver="GPKG")
+    e = evaluate_vector(tmp_path / "i16.tif", tmp_path / "l16.gpkg", field="reference", stratified=True)
+    assert e.metrics.class_ids == (-1, 2) and e.metrics.overall_accuracy == 1.0 and e.samples["points"] == 8
+    assert e.stratified is not None and e.stratified.overall_accuracy == 1.0
     b = np.full((6, 6), 70000, np.int32)
     b[:, 3:] = 2
     pred = write_raster(tmp_path / "i32.tif", b)
