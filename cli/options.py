@@ -55,7 +55,7 @@ tile_size_opt = click.option(
     help="Window size in pixels (default: the model card's; 128 for the shipped models).",
 )
 overlap_opt = click.option(
-    "--overlap", type=int, default=None, help="Overlap between windows in pixels (default: the card's; 32 for the shipped models).",
+    "--overlap", type=click.IntRange(min=0), default=None, help="Overlap between windows in pixels (default: the card's; 32 for the shipped models).",
 )
 batch_size_opt = click.option(
     "--batch-size", type=int, default=None, callback=_positive,

@@ -14,7 +14,7 @@ import click
 @click.option("--per-class", type=click.IntRange(min=1), default=50, show_default=True,
               help="Points per map class (all pixels of a smaller class).")
 @click.option("--region", default=None, metavar="COL,ROW,WIDTH,HEIGHT", help="Only draw in this pixel window.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the same seed draws the same points).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (the same seed draws the same points).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 def sample(mask: Path, out: Path, per_class: int, region: str | None, seed: int, overwrite: bool) -> None:
     """Draw --per-class random pixels of each class of MASK as points to label.

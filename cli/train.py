@@ -41,7 +41,7 @@ def _set_values(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 @click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).")
 @click.option("--val-every", type=int, default=None, callback=o._positive, help="Validate every N iterations.")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes (0 = in the main process).")
-@click.option("--seed", type=int, default=None, help="Random seed.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Random seed (0 .. 2^32-1).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default=None, help="auto = GPU when available.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
               help="Continue from a checkpoint (OUT/checkpoints/last.pdparams or its folder); finishes a stopped run.")

@@ -1332,6 +1332,12 @@ def run_batch(
             from geoseg.vectorize import resolve_classes
 
             resolve_classes(options.vector_classes, {c.id: c for c in source.card.classes}, source.card.name)
+        from geoseg.tiling import check_tile_params
+
+        # a window grid no scene can take (--overlap -1, or as large as the window) failed every scene, and
+        # the manifest then took the archive's done scenes for failed (their masks left the mosaic)
+        check_tile_params(options.tile_size or source.card.tile_size,
+                          source.card.overlap if options.overlap is None else options.overlap)
         model_key = model.key()
         params_json = json.dumps(result_params(options, source.card), sort_keys=True)
 

@@ -335,8 +335,14 @@ class TrainConfig:
             raise ParameterError(f"schedule {self.schedule!r}: choose poly, cosine or constant")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ParameterError(f"device {self.device!r}: choose auto, cpu or gpu")
-        if self.lr <= 0:
+        if not math.isfinite(self.lr) or self.lr <= 0:  # (nan trained NaN weights into a half-written run)
             raise ParameterError(f"lr {self.lr}: use a positive learning rate")
+        if self.seed is not None and not 0 <= self.seed < 2**32:  # (Paddle's manual_seed failed in 5 lines)
+            raise ParameterError(f"seed {self.seed}: use a whole number 0 .. 4294967295")
+        for label, v in (("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip),
+                         ("ce_weight", self.ce_weight), ("dice_weight", self.dice_weight)):
+            if v is not None and not math.isfinite(v):
+                raise ParameterError(f"{label} {v}: give a finite number")
         for label, v in (("global_brightness", self.global_brightness), ("global_contrast", self.global_contrast),
                          ("noise", self.noise)):
             if v < 0:

@@ -487,6 +487,22 @@ def test_vector_classes_in_batch_are_checked_first_and_a_parameter(runner, tiny_
     assert result_params(PredictOptions(vector="gpkg", vector_classes=("1",)), card)["vector_classes"] == ["1"]
 
 
+def test_a_window_grid_no_scene_can_take_is_refused_before_any_scene(runner, tiny_unet,  # type: ignore[no-untyped-def]
+                                                                     tmp_path: Path) -> None:
+    """--overlap as large as the window failed every scene (exit 3), and the manifest then took a finished
+    archive's scenes for failed: their masks left the mosaic. --overlap -1 is a usage error."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 2, size=(40, 48))
+    assert run_cli(runner, tiny_unet, [arch], out).exit_code == 0
+    mosaic = (out / "landcover.vrt").read_text()
+    r = run_cli(runner, tiny_unet, [arch], out, "--overlap", "64", "--tile-size", "64")
+    assert r.exit_code == 1 and "overlap 64 must be smaller than the tile size 64" in r.output, r.output
+    assert (out / "landcover.vrt").read_text() == mosaic
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    assert r.exit_code == 0 and r.stdout.count("skip\t") == 2, r.stdout
+    assert run_cli(runner, tiny_unet, [arch], out, "--overlap", "-1").exit_code == 2
+
+
 def test_probabilities_in_batch_are_outputs_and_a_parameter(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     arch, out = tmp_path / "arch", tmp_path / "out"
     make_archive(arch, 1, size=(40, 48))

@@ -1985,6 +1985,23 @@ def test_a_validation_region_without_a_labelled_pixel_is_refused(scene: tuple[Pa
         Trainer(_cfg((scene[0], unlabelled), tmp_path / "run"))
 
 
+def test_a_learning_rate_or_seed_no_run_can_take_is_refused(scene: tuple[Path, Path], tmp_path: Path,
+                                                              runner) -> None:  # type: ignore[no-untyped-def]
+    # lr nan trained NaN weights into a half-written run (and failed on its class prior); seed -1 was
+    # Paddle's five-line "manual_seed(): incompatible function arguments"
+    from geoseg_cli.main import cli
+
+    for key, value, said in (("lr", float("nan"), "lr nan: use a positive learning rate"),
+                             ("lr", float("inf"), "lr inf: use a positive learning rate"),
+                             ("seed", -1, "seed -1: use a whole number 0 .. 4294967295"),
+                             ("weight_decay", float("nan"), "weight_decay nan: give a finite number")):
+        with pytest.raises(ParameterError, match=said):
+            _cfg(scene, tmp_path / "o", **{key: value})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_cfg(scene, tmp_path / "cli").to_dict()))
+    r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml"), "--seed", "-1"])
+    assert r.exit_code == 2 and "Traceback" not in r.output and not (tmp_path / "cli").exists(), r.output
+
+
 def test_one_scene_s_validation_region_without_labels_is_warned_about(scene: tuple[Path, Path],
                                                                        tmp_path: Path) -> None:
     # beside another scene's labelled validation region it validated nothing, without a word
