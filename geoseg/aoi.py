@@ -96,6 +96,10 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
     if meta.transform is None or (meta.crs is None and meta.transform.is_identity):
         raise ParameterError(f"--aoi needs a scene on a map grid; {meta.path.name} has no geotransform "
                              "(warp it first, e.g. gdalwarp -t_srs EPSG:32618)")
+    if not text.strip() or (Path(text).is_dir() and not text.lower().endswith((".gdb", ".gpkg"))):
+        # (a folder, "" too, was "unexpected error: IsADirectoryError")
+        raise ParameterError(f"--aoi {text!r} is {'empty' if not text.strip() else 'a folder'}: give a vector file "
+                             "(GeoPackage, shapefile, GeoJSON ...) or minx,miny,maxx,maxy in the scene's CRS")
     box = _parse_box(text)
     if box is not None:
         x0, y0, x1, y1 = box

@@ -25,6 +25,10 @@ def load_yaml_mapping(path: str | Path, what: str, error: type[GeosegError], *, 
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist") from None
+    except IsADirectoryError:  # (was "unexpected error: IsADirectoryError")
+        raise error(f"{what} {path} is a folder: give a YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {path} cannot be read ({getattr(exc, 'strerror', None) or exc}): give a YAML file") from None
     except yaml.YAMLError as exc:
         raise error(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None and empty_ok:

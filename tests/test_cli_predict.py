@@ -795,6 +795,9 @@ def test_aoi_refusals(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, 
                    "geometry": {"type": "Point", "coordinates": [15.0, 43.3]}}]}))
     res = runner.invoke(cli, [*base, "--aoi", str(pts)])
     assert_one_line_error(res, "has no polygons")
+    for spec, said in ((str(tmp_path), "is a folder"), ("", "is empty")):  # (unexpected error: IsADirectoryError)
+        res = runner.invoke(cli, [*base, "--aoi", spec])
+        assert_one_line_error(res, said, "give a vector file")
     assert not out.exists() or outputs(out) == []
 
 

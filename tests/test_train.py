@@ -2000,6 +2000,8 @@ def test_a_learning_rate_or_seed_no_run_can_take_is_refused(scene: tuple[Path, P
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(_cfg(scene, tmp_path / "cli").to_dict()))
     r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml"), "--seed", "-1"])
     assert r.exit_code == 2 and "Traceback" not in r.output and not (tmp_path / "cli").exists(), r.output
+    r = runner.invoke(cli, ["train", "--config", str(tmp_path), "--out", str(tmp_path / "x")])  # a folder
+    assert r.exit_code == 1 and f"training config {tmp_path} is a folder: give a YAML file" in r.output, r.output
 
 
 def test_one_scene_s_validation_region_without_labels_is_warned_about(scene: tuple[Path, Path],
