@@ -274,7 +274,12 @@ def batch(
     from geoseg.batch import BatchModel, BatchOptions, parse_resources, run_batch
 
     if scheduler and workers:
-        raise click.UsageError("give either --scheduler (an existing cluster) or --workers (a local one), not both")
+        import os
+
+        from_env = ctx.get_parameter_source("scheduler") == click.core.ParameterSource.ENVIRONMENT
+        name = next((v for v in ("GEOSEG_SCHEDULER", "GEOSEG_BATCH_SCHEDULER") if os.environ.get(v)), None)
+        said = f" (--scheduler was set by the environment variable {name}: unset it)" if from_env and name else ""
+        raise click.UsageError(f"give either --scheduler (an existing cluster) or --workers (a local one), not both{said}")
     try:
         res = parse_resources(resources)
     except ValueError as exc:

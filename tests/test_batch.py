@@ -452,7 +452,11 @@ def test_workers_option_starts_a_local_cluster(runner, tiny_unet, tmp_path: Path
     r = run_cli(runner, tiny_unet, [arch], tmp_path / "here", "--report", tmp_path / "here.json")
     assert {s["key"]: s["warnings"] for s in report_of(tmp_path / "here.json")["scenes"] if s["warnings"]} == warned
     r = run_cli(runner, tiny_unet, [arch], out, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1")
-    assert r.exit_code == 2 and "not both" in r.output
+    assert r.exit_code == 2 and "not both" in r.output and "environment" not in r.output
+    # the scheduler from a cron environment's GEOSEG_SCHEDULER: the user never typed --scheduler
+    r = runner.invoke(cli, ["batch", str(arch), "--out", str(out), "--weights", str(tiny_unet[0]), "--workers", "2"],
+                      env={"GEOSEG_SCHEDULER": "tcp://127.0.0.1:1"})
+    assert r.exit_code == 2 and "set by the environment variable GEOSEG_SCHEDULER: unset it" in r.output, r.output
 
 
 def test_prior_adaptation_is_a_result_parameter() -> None:
