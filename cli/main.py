@@ -193,7 +193,10 @@ def _say_which_variable(message: str, group_ctx: click.Context) -> str:
     import re
 
     for opt, var in _set_by_environment(group_ctx).items():
-        if re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", message):
+        # the option, or its library keyword at the message's start ("min_pixels -3 is not allowed",
+        # "overlap -1 is negative": the library's own checks name their parameter)
+        keyword = opt.lstrip("-").replace("-", "_")
+        if re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", message) or re.match(rf"{re.escape(keyword)}\b", message):
             message += f" ({opt} was set by the environment variable {var})"
     return message
 

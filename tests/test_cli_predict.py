@@ -378,6 +378,12 @@ def test_a_bad_co_from_the_environment_names_the_variable(runner: CliRunner, tmp
     r = runner.invoke(cli, [*args, "--co", "FOO=BAR"])  # typed: no variable to name
     assert r.exit_code == 1 and "refuses it" in r.output and "environment" not in r.output, r.output
     assert not (tmp_path / "o").exists()
+    # a library check that names its keyword ("min_pixels -3 is not allowed"), not the option
+    mask = write_raster(tmp_path / "m.tif", np.ones((20, 20), np.uint8), nodata=0)
+    r = runner.invoke(cli, ["vectorize", str(mask), "--out", str(tmp_path / "v.gpkg")],
+                      env={"GEOSEG_VECTORIZE_MIN_PIXELS": "-3"})
+    assert r.exit_code == 1 and r.output.rstrip().endswith(
+        "(--min-pixels was set by the environment variable GEOSEG_VECTORIZE_MIN_PIXELS)"), r.output
 
 
 def test_model_weights_and_card_paths_are_named_for_what_they_are(runner: CliRunner, tmp_path: Path,
@@ -636,7 +642,6 @@ def test_no_weights_says_so(runner: CliRunner, tmp_path: Path, monkeypatch: pyte
         (["--tile-size", "64", "--overlap", "64"], ["overlap 64 must be smaller than the tile size 64"]),
         (["--tile-size", "8"], ["too small"]),
         (["--tile-size", "100"], ["multiple of 16"]),
-        (["--overlap", "-4"], ["negative"]),
     ],
 )
 def test_tile_and_overlap_out_of_range(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path], args: list[str], words: list[str]) -> None:
@@ -646,6 +651,15 @@ def test_tile_and_overlap_out_of_range(runner: CliRunner, tmp_path: Path, tiny_u
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(out), *args])
     assert_one_line_error(res, *words)
     assert outputs(out) == []
+
+
+def test_a_negative_overlap_is_a_usage_error(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    res = runner.invoke(cli, ["predict", str(rgb(tmp_path)), "--weights", str(tiny_unet[0]), "--overlap", "-4"])
+    assert res.exit_code == 2 and "'--overlap': -4 is not in the range x>=0" in res.output, res.output
+    with pytest.raises(ParameterError, match="overlap -4 is negative"):  # the library's own check
+        from geoseg.tiling import check_tile_params
+
+        check_tile_params(64, -4)
 
 
 def test_unwritable_output(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
