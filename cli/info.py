@@ -40,6 +40,9 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
     """
     from geoseg.engine import describe_scene, resolve_model
 
+    given = [o for o, v in (("--model", model), ("--weights", weights), ("--card", card), ("--bands", bands)) if v]
+    if no_model and given:  # (they were ignored without a word)
+        raise click.UsageError(f"--no-model describes the scene alone: drop {', '.join(given)} or --no-model")
     source = None if no_model else resolve_model(model, weights, card)
     d = describe_scene(input, tile_size, overlap, num_classes, batch_size, source=source, bands=bands, aoi=aoi)
     if as_json:

@@ -178,5 +178,11 @@ def parse_co(values: tuple[str, ...]) -> dict[str, str]:
         if "=" not in v:
             raise click.BadParameter(f"{v!r}: use NAME=VALUE", param_hint="--co")
         k, val = v.split("=", 1)
-        out[k.strip().upper()] = val.strip()
+        key = k.strip().upper()
+        if not key:  # (GDAL then said "'X' is an unexpected value for  creation option")
+            raise click.BadParameter(f"{v!r}: the option has no name: use NAME=VALUE", param_hint="--co")
+        if key in out and out[key] != val.strip():  # (the last one won without a word)
+            raise click.BadParameter(f"{key} is given twice ({out[key]} and {val.strip()}): give it once",
+                                     param_hint="--co")
+        out[key] = val.strip()
     return out

@@ -51,6 +51,8 @@ def test_info_prints_what_predict_sees(runner: CliRunner, tmp_path: Path) -> Non
     d = json.loads(res.stdout)
     assert (d["tile_size"], d["overlap"]) == (512, 128) and d["model"] is None
     assert d["windows"] == 4 * 3 and d["window_grid"] == [3, 4] and d["ground_pixel_m"] == 10.0
+    res = runner.invoke(cli, ["info", str(src), "--no-model", "--model", "unet", "--bands", "3,2,1"])  # (ignored)
+    assert res.exit_code == 2 and "--no-model describes the scene alone: drop --model, --bands" in res.output
     res = runner.invoke(cli, ["info", str(src), "--model", "unet"])  # the shipped UNet learned from 28.5 m pixels
     assert res.exit_code == 0, res.output
     assert "resolution: the model learned from 28.5 m pixels: resample the scene" in res.output
@@ -377,6 +379,11 @@ def test_a_bad_co_from_the_environment_names_the_variable(runner: CliRunner, tmp
     assert r.output.rstrip().endswith("(--co was set by the environment variable GEOSEG_PREDICT_CO)"), r.output
     r = runner.invoke(cli, [*args, "--co", "FOO=BAR"])  # typed: no variable to name
     assert r.exit_code == 1 and "refuses it" in r.output and "environment" not in r.output, r.output
+    # a key twice (the last won without a word) or no key (GDAL's "'X' is an unexpected value for  creation option")
+    r = runner.invoke(cli, [*args, "--co", "compress=zstd", "--co", "COMPRESS=LZW"])
+    assert r.exit_code == 2 and "COMPRESS is given twice (zstd and LZW): give it once" in r.output, r.output
+    r = runner.invoke(cli, [*args, "--co", "=x"])
+    assert r.exit_code == 2 and "the option has no name" in r.output, r.output
     assert not (tmp_path / "o").exists()
     # a library check that names its keyword ("min_pixels -3 is not allowed"), not the option
     mask = write_raster(tmp_path / "m.tif", np.ones((20, 20), np.uint8), nodata=0)
