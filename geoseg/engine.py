@@ -172,7 +172,10 @@ def resolve_model(model: str | Path | None, weights: str | Path | None = None, c
     if card:
         card_path = Path(card)
         if not card_path.is_file():
-            raise ModelError(f"--card {card_path} does not exist: check the path")
+            what = ("does not exist: check the path" if not card_path.exists() else
+                    "is a folder: give the card's YAML file" if card_path.is_dir() else
+                    "is not a file: give the card's YAML file")  # (/dev/null "did not exist")
+            raise ModelError(f"--card {card_path} {what}")
     if weights is not None:
         card_path = Path(card) if card else weights_path.with_suffix(".yaml")
         if not card_path.is_file():

@@ -782,6 +782,8 @@ def draw_sample(
     from geoseg.vectorize import DRIVERS, format_from_path
 
     out = Path(out)
+    if out.is_dir():
+        raise ParameterError(f"sample output {out} is a folder: give a file name (.gpkg, .geojson or .fgb)")
     fmt = format_from_path(out)
     if fmt is None:
         raise ParameterError(f"sample output {out.name}: use a .gpkg, .geojson or .fgb file")

@@ -356,7 +356,7 @@ def min_pixels_for(min_area: float | None, min_pixels: int | None, pixel_area: f
             raise ParameterError(f"min_pixels {min_pixels} is not allowed: use a count >= 0")
         px = int(min_pixels)
     if shape is not None and px > 1 and px >= shape[0] * shape[1]:
-        given = f"min_area {min_area:g} ({px} pixels of {pixel_area:.4g})" if min_area is not None else f"min_pixels {px}"
+        given = f"min_area {min_area:g} ({px:.4g} pixels of {pixel_area:.4g})" if min_area is not None else f"min_pixels {px}"
         raise ParameterError(f"{given} is not smaller than the whole mask ({shape[1]} x {shape[0]} = "
                              f"{shape[0] * shape[1]} pixels): use a smaller minimum mapping unit")
     return px
@@ -1007,6 +1007,8 @@ def vectorize_mask(
     out_path = Path(out_path)
     if fmt is not None and fmt not in FORMATS:
         raise ParameterError(f"format {fmt!r} is not known: use one of {', '.join(FORMATS)}")
+    if out_path.is_dir():  # (it said "output tmp: name it .gpkg ...")
+        raise ParameterError(f"output {out_path} is a folder: give a file name (.gpkg, .geojson or .fgb)")
     named = format_from_path(out_path)
     if named is None:  # GDAL would write the format asked for under any name: a .shp holding a GeoPackage
         raise ParameterError(f"output {out_path.name}: name it .gpkg, .geojson or .fgb (GeoPackage, GeoJSON, "

@@ -430,6 +430,23 @@ def test_geographic_min_area_and_simplify_are_metric(tmp_path: Path) -> None:
     assert coarse.polygons == kept.polygons
 
 
+def test_odd_outputs_and_units_are_named_plainly(mask_path: Path, tmp_path: Path) -> None:
+    """A folder as --out was "output tmp: name it .gpkg ...", a 1e300 unit printed a 300-digit count, a
+    card that is a device "did not exist" (CLI review)."""
+    from geoseg.engine import resolve_model
+    from geoseg.errors import ModelError
+    from geoseg.evaluate import draw_sample
+
+    with pytest.raises(ParameterError, match=f"output {tmp_path} is a folder: give a file name"):
+        vec.vectorize_mask(mask_path, tmp_path)
+    with pytest.raises(ParameterError, match=f"sample output {tmp_path} is a folder"):
+        draw_sample(mask_path, tmp_path)
+    with pytest.raises(ParameterError, match=r"min_area 1e\+300 \(1e\+298 pixels of 100\)"):
+        vec.vectorize_mask(mask_path, tmp_path / "x.gpkg", min_area=1e300)
+    with pytest.raises(ModelError, match="--card /dev/null is not a file"):
+        resolve_model("unet", card="/dev/null")
+
+
 def test_min_area_larger_than_the_mask_is_refused(mask_path: Path, tmp_path: Path) -> None:
     info = vec.open_mask(mask_path)
     with pytest.raises(ParameterError, match="not smaller than the whole mask"):
