@@ -318,17 +318,13 @@ def _remove_dead_fallbacks(tmp: Path) -> None:
     killed run's was never removed (24 MB a night for a cron job with a read-only home)."""
     import shutil
 
+    from geoseg.atomic import is_alive
+
     with contextlib.suppress(OSError):
         for d in tmp.glob("geoseg-exports-*"):
             pid = d.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or int(pid) == os.getpid():
-                continue
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:  # (PermissionError: alive, another user's)
+            if pid.isdigit() and int(pid) != os.getpid() and not is_alive(int(pid)):
                 shutil.rmtree(d, ignore_errors=True)
-            except OSError:
-                pass
 
 
 def _remove_dead_exports(folder: Path) -> None:
