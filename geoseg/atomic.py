@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from geoseg.errors import OutputError, OutputExistsError
+from geoseg.errors import NoRoomError, OutputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,16 @@ def write_error(path: str | Path, exc: BaseException, option: str = "--out") -> 
     folder = path.parent if str(path.parent) else Path(".")
     room = no_space_reason(exc, folder)
     if room is not None and room.startswith("file too large"):
-        return OutputError(f"cannot write {path}: {room}: raise the limit or choose another {option} "
+        return NoRoomError(f"cannot write {path}: {room}: raise the limit or choose another {option} "
                            "(nothing half-written was left)")
     if room is not None:
-        return OutputError(f"cannot write {path}: {room}: free some space or choose another {option} "
+        return NoRoomError(f"cannot write {path}: {room}: free some space or choose another {option} "
                            "(nothing half-written was left)")
     limit = file_size_limit()
-    hint = f" (this process may not write files over {limit} bytes: ulimit -f)" if limit is not None else ""
-    return OutputError(f"cannot write {path}: {exc}{hint}")
+    if limit is None:
+        return OutputError(f"cannot write {path}: {exc}")
+    # (GDAL often loses the errno of a write past the limit: "Failed to commit transaction")
+    return NoRoomError(f"cannot write {path}: {exc} (this process may not write files over {limit} bytes: ulimit -f)")
 
 
 def _host_tag() -> str:

@@ -76,6 +76,7 @@ from geoseg.errors import (
     GeosegError,
     GeosegWarning,
     ModelError,
+    NoRoomError,
     OutputError,
     ParameterError,
     PerformanceWarning,
@@ -950,15 +951,10 @@ def run_scene(
 
 def _no_room(exc: BaseException) -> bool:
     """Whether a scene's write failed for lack of room: a full disk or quota (``ENOSPC``, ``EDQUOT``) or
-    a file past the file-size limit (``EFBIG``), raised as such or as geoseg's one-line write error
+    a file past the file-size limit (``EFBIG``), raised as such or as geoseg's :class:`NoRoomError`
     (:func:`geoseg.atomic.write_error`).  Not a low free space alone: a corrupt scene on a nearly full
     disk is that scene's failure."""
-    if disk_full(exc) or too_large(exc):
-        return True
-    text = str(exc).lower()
-    # (GDAL often loses the errno: "Failed to commit transaction"; write_error then names the file-size limit)
-    return isinstance(exc, OutputError) and any(t in text for t in (
-        "no space left on the device", "file too large", "this process may not write files over"))
+    return isinstance(exc, NoRoomError) or disk_full(exc) or too_large(exc)
 
 
 #: predict's advice after its polygons could not be written ("...; the mask X is complete: write its polygons

@@ -1449,7 +1449,7 @@ def _segment_scene(
                 classes=mc.classes, keep_classes=opts.vector_classes, scene_name=input_path.name, overwrite=opts.overwrite,
             )
         except OutputError as exc:  # (a full disk) the mask is whole and stays: say how to go on from it
-            raise OutputError(f"{exc}; the mask {mask_path.name} is complete: write its polygons with geoseg "
+            raise type(exc)(f"{exc}; the mask {mask_path.name} is complete: write its polygons with geoseg "  # (NoRoomError stays one)
                               f"vectorize {mask_path}, or run predict again with --overwrite") from None
         extra = (vec.path,)
     seconds = time.perf_counter() - t_start

@@ -51,6 +51,11 @@ class OutputError(GeosegError, OSError):
     """An output cannot be written (folder missing or not writable, disk full)."""
 
 
+class NoRoomError(OutputError):
+    """An output cannot be written for lack of room: a full disk or quota, or a file past the file-size
+    limit (``ulimit -f``). Every later write to the same place would fail the same way."""
+
+
 class ParameterError(GeosegError, ValueError):
     """A parameter is out of range or inconsistent with another one."""
 

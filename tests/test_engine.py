@@ -384,7 +384,7 @@ def test_a_full_disk_is_said_in_one_line_and_leaves_nothing(tmp_path: Path, monk
     import errno
 
     import geoseg.atomic as A
-    from geoseg.errors import OutputError
+    from geoseg.errors import NoRoomError, OutputError
 
     src = write_raster(tmp_path / "s.tif", class_image(300, 300, 2)[None].astype(np.uint8))
     usage = collections.namedtuple("usage", "total used free")
@@ -398,14 +398,16 @@ def test_a_full_disk_is_said_in_one_line_and_leaves_nothing(tmp_path: Path, monk
     kw = dict(source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2),
               options=PredictOptions(confidence="uint8"))
     monkeypatch.setattr(A.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
-    with pytest.raises(OutputError, match=r"cannot write .*s_landcover.tif: no space left on the device: free some "
+    with pytest.raises(NoRoomError, match=r"cannot write .*s_landcover.tif: no space left on the device: free some "
                                           r"space or choose another --out \(nothing half-written was left\)"):
         segment_scene(src, out, **kw)
     assert list(out.iterdir()) == []
-    # plenty of space: the error is GDAL's, still one line, still nothing left
+    # plenty of space: the error is GDAL's, still one line, still nothing left, and not a lack of room
     monkeypatch.setattr(A.shutil, "disk_usage", lambda p: usage(10**12, 0, 10**12))
-    with pytest.raises(OutputError, match=r"cannot write .*s_landcover.tif: Write failed"):
+    monkeypatch.setattr(A, "file_size_limit", lambda: None)
+    with pytest.raises(OutputError, match=r"cannot write .*s_landcover.tif: Write failed") as info:
         segment_scene(src, out, **kw)
+    assert not isinstance(info.value, NoRoomError)
     assert list(out.iterdir()) == []
     # an errno or a message anywhere in the chain says so whatever the free space
     try:
@@ -416,6 +418,27 @@ def test_a_full_disk_is_said_in_one_line_and_leaves_nothing(tmp_path: Path, monk
     except Exception as exc:
         assert A.disk_full(exc, tmp_path)
     assert A.disk_full(OSError(errno.ENOSPC, "No space left on device")) and not A.disk_full(OSError(errno.EACCES, "x"))
+
+
+def test_polygons_that_find_no_room_keep_saying_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk under the polygons: predict adds its advice to the error and keeps its class
+    (:class:`NoRoomError`, which batch reads to stop a run that would fail every later scene alike;
+    the advice once made it a plain OutputError, and only the wording told)."""
+    import errno
+
+    import geoseg.vectorize as V
+    from geoseg.atomic import write_error
+    from geoseg.errors import NoRoomError
+
+    src = write_raster(tmp_path / "s.tif", class_image(64, 64, 2)[None].astype(np.uint8))
+
+    def full(mask, path, **kw):  # type: ignore[no-untyped-def]
+        raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(V, "vectorize_mask", full)
+    with pytest.raises(NoRoomError, match=r"no space left on the device.*the mask s_landcover.tif is complete"):
+        segment_scene(src, tmp_path / "out", source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2),
+                      options=PredictOptions(vector="gpkg"))
 
 
 def _corrupt_tile(path: Path, col: int, row: int) -> Path:
