@@ -213,7 +213,26 @@ def open_scene(path: str | Path) -> SceneMeta:
         raise SceneError(
             f"input {path} has pixel type {meta.dtype}: geoseg reads {', '.join(SUPPORTED_DTYPES)}"
         )
+    check_transform(f"input {path}", path.name, meta.transform)
     return meta
+
+
+def check_transform(what: str, name: str, transform: Any) -> None:
+    """Refuse a geotransform that cannot place pixels on the ground: a pixel width or height of 0 (or
+    axes that are parallel: no area), or numbers that are not finite. Such a file (from a broken
+    writer) would otherwise fail deep inside the run (a division by zero) or give empty polygons.
+
+    Raises:
+        SceneError: naming ``what`` (e.g. ``"input dir/scene.tif"``) and how to mend the file ``name``.
+    """
+    a, b, c, d, e, f = (float(v) for v in tuple(transform)[:6])
+    if not all(np.isfinite(v) for v in (a, b, c, d, e, f)):
+        raise SceneError(f"{what} has a geotransform with numbers that are not finite ({a}, {b}, {c}, {d}, {e}, {f}): "
+                         f"set its georeferencing again (e.g. gdal_edit.py -a_ullr ULX ULY LRX LRY {name})")
+    if a * e - b * d == 0:
+        raise SceneError(f"{what} has a geotransform that gives its pixels no area (pixel size {a:g} x {e:g}, "
+                         f"rotation terms {b:g}, {d:g}): set its georeferencing again "
+                         f"(e.g. gdal_edit.py -a_ullr ULX ULY LRX LRY {name})")
 
 
 def check_georeferenced(meta: SceneMeta) -> None:
@@ -1063,6 +1082,7 @@ __all__ = [
     "MaskFlags",
     "SceneMeta",
     "check_georeferenced",
+    "check_transform",
     "georeferencing",
     "degrees_per_unit",
     "geodesic",

@@ -76,7 +76,7 @@ from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.config import plain
 from geoseg.errors import ParameterError, SceneError, SceneReadError
-from geoseg.io import area_units, degrees_per_unit, geodesic, ground_pixel_area, has_mask_band
+from geoseg.io import area_units, check_transform, degrees_per_unit, geodesic, ground_pixel_area, has_mask_band
 from geoseg.io import read_classes as read_tagged_classes
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,7 @@ def _mask_info(path: Path, ds: rasterio.DatasetReader) -> MaskInfo:
                          f"map grid: warp it first (e.g. gdalwarp -r near -t_srs EPSG:XXXX {path.name} warped.tif)")
     if ds.crs is None:
         raise SceneError(f"mask {path} has no CRS: assign one first (e.g. gdal_edit.py -a_srs EPSG:XXXX {path.name})")
+    check_transform(f"mask {path}", path.name, ds.transform)
     if ds.count > 1:
         raise SceneError(
             f"mask {path} has {ds.count} bands, a class raster has one: give the mask geoseg predict wrote "

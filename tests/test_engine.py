@@ -1221,3 +1221,26 @@ def test_a_predict_result_is_plain_json_data(tmp_path: Path) -> None:
     assert d["megapixels"] == res.megapixels and d["seconds"] == res.seconds
     assert d["class_pixels"] == res.class_pixels and sum(d["class_pixels"].values()) == 40 * 50
     assert d["class_area"] == pytest.approx(res.class_area) and d["scene_prior"] is None
+
+
+@pytest.mark.parametrize("transform", [
+    rasterio.Affine(10.0, 0.0, 500000.0, 0.0, 0.0, 4800000.0),  # pixel height 0 (a broken writer's)
+    rasterio.Affine(10.0, 10.0, 500000.0, 10.0, 10.0, 4800000.0),  # parallel axes: no area either
+])
+def test_a_geotransform_without_area_is_refused_when_opened(tmp_path: Path, transform: rasterio.Affine) -> None:
+    """A scene whose pixels have no area on the ground failed deep in predict and info ("unexpected
+    error: ZeroDivisionError") and in batch's AOI check; it is now a one-line SceneError when opened,
+    and a class mask with one is refused by vectorize."""
+    from geoseg.io import check_transform
+    from geoseg.vectorize import vectorize_mask
+
+    src = write_raster(tmp_path / "flat.tif", class_image(32, 32, 2)[None].astype(np.uint8), transform=transform)
+    with pytest.raises(SceneError, match=r"^input .*flat.tif has a geotransform that gives its pixels no area "
+                                         r".*\(e.g. gdal_edit.py -a_ullr ULX ULY LRX LRY flat.tif\)$"):
+        open_scene(src)
+    with pytest.raises(SceneError, match=r"^mask .*flat.tif has a geotransform that gives its pixels no area"):
+        vectorize_mask(src, tmp_path / "flat.gpkg")
+    assert not (tmp_path / "flat.gpkg").exists()
+    with pytest.raises(SceneError, match="not finite"):
+        check_transform("input x.tif", "x.tif", rasterio.Affine(10.0, 0.0, float("nan"), 0.0, -10.0, 0.0))
+    check_transform("input x.tif", "x.tif", rasterio.Affine(10.0, 1.0, 5.0, 1.0, -10.0, 0.0))  # rotated: fine
