@@ -44,6 +44,7 @@ from geoseg.io import (
     GeoAreas,
     has_mask_band,
     area_units,
+    band_class_names,
     pixel_areas,
     read_classes,
     read_vector,
@@ -203,7 +204,8 @@ def evaluate_rasters(
         check_grids(pds, rds)
         box = _region_box(win, rds.width, rds.height)
         table = read_classes(pds)
-        ignore = _default_ignore(ignore, classes, table)
+        ignore_given = ignore is not None
+        ignore = _default_ignore(ignore, classes, table, pds, rds)
         ref_ignore = list(ignore) + _reference_nodata(rds)
         pred_ignore = _prediction_ignore(pds)
         pred_ids, ref_ids = _present_ids(pds if classes is None and not table else None, rds, box, block_rows,
@@ -222,7 +224,7 @@ def evaluate_rasters(
             window = Window(c0, row, w, nrows)
             cm.update(_read_classes(rds, window), pds.read(1, window=window), labelled=_shown(rds, window),
                       predicted=_shown(pds, window))
-        _with_predicted_ids(cm, ids)
+        _with_predicted_ids(cm, ids, ignore, ignore_given)
         ref_nodata = "none" if rds.nodata is None else f"{rds.nodata:g}"
     m = _metrics(cm, average_over, table)
     _warn_uncounted(m, "pixels")
@@ -266,11 +268,19 @@ def _region_box(win: tuple[int, int, int, int] | None, W: int, H: int) -> tuple[
     return box
 
 
-def _default_ignore(ignore: Sequence[int] | None, classes: Sequence[int] | None, table: Any) -> Sequence[int]:
-    """Reference values not counted: as given, else 0 unless 0 is one of the classes."""
+def _default_ignore(ignore: Sequence[int] | None, classes: Sequence[int] | None, table: Any,
+                    *tagged: Any) -> Sequence[int]:
+    """Reference values not counted: as given, else 0 unless 0 is one of the classes (of ``classes``,
+    else of the prediction's class ``table``, else of the band ``CLASSES`` tags of the ``tagged``
+    datasets: another tool's cloud mask says ``0=cloud`` there)."""
     if ignore is not None:
         return ignore
-    class_ids = [int(c) for c in classes] if classes is not None else [c.id for c in table or ()]
+    if classes is not None:
+        class_ids = {int(c) for c in classes}
+    elif table:
+        class_ids = {c.id for c in table}
+    else:
+        class_ids = {cid for ds in tagged for cid in band_class_names(ds)}
     return () if 0 in class_ids else (0,)
 
 
@@ -284,12 +294,16 @@ def _prediction_ignore(pds: Any) -> list[int]:
     return out
 
 
-def _with_predicted_ids(cm: ConfusionMatrix, ids: Sequence[int]) -> None:
-    """Say which prediction values ``cm`` took as classes beside ``ids`` (they count as errors)."""
+def _with_predicted_ids(cm: ConfusionMatrix, ids: Sequence[int], ignore: Sequence[int] = (),
+                        ignore_given: bool = True) -> None:
+    """Say which prediction values ``cm`` took as classes beside ``ids`` (they count as errors); when 0
+    is one of them and the reference's 0 was left out by default, say how to count it as a class."""
     extra = list(cm.class_ids[len(ids):])
     if extra:
+        zero = (" (if 0 is a class, as in a cloud mask, give --ignore none: the reference's 0 is not counted "
+                "by default)") if 0 in extra and 0 in ignore and not ignore_given else ""
         warn(f"prediction values {extra} are not among the classes {list(ids)}: counted as errors; if they mean "
-             "no prediction, give the map that nodata value (gdal_edit.py -a_nodata V)", EvaluationWarning)
+             f"no prediction, give the map that nodata value (gdal_edit.py -a_nodata V){zero}", EvaluationWarning)
 
 
 def _warn_uncounted(m: Metrics, what: str) -> None:
@@ -370,7 +384,8 @@ def evaluate_vector(
         if pds.crs is None and vec.crs is not None:  # (a reference without one: read_vector says so)
             warn(f"{pred_path.name} has no CRS: the coordinates of {ref_path.name} are taken as they are", NoCRSWarning)
         table = read_classes(pds)
-        ignore = _default_ignore(ignore, classes, table)
+        ignore_given = ignore is not None
+        ignore = _default_ignore(ignore, classes, table, pds)
         fill = None if background is None else _background_id(background, table, ignore, pred_path)
         if fill is not None and field is None and "class_id" not in vec.fields:
             others = [c.id for c in table or () if c.id != fill]
@@ -473,7 +488,7 @@ def evaluate_vector(
         for burned, pred_block, inside_poly, shown in polygon_blocks():
             poly_pixels += int(inside_poly.sum())
             cm.update(burned, pred_block, valid=inside_poly, predicted=shown)
-        _with_predicted_ids(cm, ids)
+        _with_predicted_ids(cm, ids, ignore, ignore_given)
         map_pixels = map_area = None
         if stratified:
             # the strata: every map class with pixels in the region, sampled or not
@@ -575,8 +590,10 @@ def _reference_classes(vec: VectorData, field: str | None, table: Sequence[Any] 
     """Each feature's class id from ``field`` (ids or class names of ``table``); :data:`_NO_CLASS` where empty."""
     name = field or "class_id"
     if name not in vec.fields:
+        shown = ", ".join(vec.fields[:12]) + (f" and {len(vec.fields) - 12} more" if len(vec.fields) > 12 else "")
         raise ParameterError(f"reference {path.name} has no field {name!r}: give --field, the attribute holding each "
-                             f"feature's class (its fields: {', '.join(vec.fields) or 'none'})")
+                             f"feature's class (its fields: {shown or 'none'}), or, when every feature is of one "
+                             "class (building footprints), --background with the class of the pixels outside them")
     col = vec.values[vec.fields.index(name)]
     bad = f"reference {path.name}: {name} must hold whole class ids or class names"
     if col.dtype.kind in "iu":

@@ -828,6 +828,17 @@ def read_classes(ds: Any) -> list[ClassInfo] | None:
         return None
 
 
+def band_class_names(ds: Any) -> dict[int, str]:
+    """Class names of band 1's ``CLASSES`` tag (``0=cloud,1=cloud_shadow,4=clear``, as other tools
+    label class rasters), by class id; empty without one."""
+    names: dict[int, str] = {}
+    for item in (ds.tags(1).get("CLASSES") or "").split(","):
+        key, _, name = item.partition("=")
+        if key.strip().lstrip("-").isdigit() and name.strip():
+            names[int(key)] = name.strip()
+    return names
+
+
 def write_aux_xml(mask_path: str | Path, classes: Sequence[ClassInfo], nodata_name: str = "nodata",
                   srs_xml: str | None = None) -> Path:
     """Write ``<mask>.aux.xml`` with GDAL category names (index = pixel value), and the mask's
@@ -1082,6 +1093,7 @@ __all__ = [
     "MaskFlags",
     "SceneMeta",
     "check_georeferenced",
+    "band_class_names",
     "check_transform",
     "georeferencing",
     "degrees_per_unit",

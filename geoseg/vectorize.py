@@ -76,7 +76,7 @@ from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.config import plain
 from geoseg.errors import ParameterError, SceneError, SceneReadError
-from geoseg.io import area_units, check_transform, degrees_per_unit, geodesic, ground_pixel_area, has_mask_band
+from geoseg.io import area_units, band_class_names, check_transform, degrees_per_unit, geodesic, ground_pixel_area, has_mask_band
 from geoseg.io import read_classes as read_tagged_classes
 
 log = logging.getLogger(__name__)
@@ -275,11 +275,7 @@ def read_classes(ds: rasterio.DatasetReader) -> dict[int, ClassInfo]:
     if tagged is not None:
         return {c.id: c for c in tagged}
     out: dict[int, ClassInfo] = {}
-    names: dict[int, str] = {}
-    for item in (ds.tags(1).get("CLASSES") or "").split(","):
-        key, _, name = item.partition("=")
-        if key.strip().lstrip("-").isdigit() and name.strip():
-            names[int(key)] = name.strip()
+    names = band_class_names(ds)
     colors: dict[int, tuple[int, int, int]] = {}
     with contextlib.suppress(ValueError, rasterio.errors.RasterioError):
         colors = {int(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in ds.colormap(1).items()}

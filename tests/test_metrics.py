@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,32 @@ def test_class_zero_counts_when_it_is_one_of_the_classes(tmp_path: Path, runner)
     out = runner.invoke(cli, ["evaluate", str(plain), "--reference", str(ref), "--ignore", "none", "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["confusion_matrix"] == [[1, 0, 1], [0, 4, 1], [0, 1, 3]]
+
+
+def test_class_zero_of_another_tool_s_classes_tag_counts(tmp_path: Path) -> None:
+    """Another tool's cloud mask names its classes in band 1's CLASSES tag (``0=cloud,...``), as vectorize
+    reads it: evaluate left the 5,683 cloud pixels of such a reference out, with no word. Without any
+    tag, a predicted 0 counted as an error says how to count 0 as a class."""
+    import rasterio
+
+    ref0, pred0 = REF.copy(), PRED.copy()
+    pred0[2, 0] = 0
+    ref = write_raster(tmp_path / "ref.tif", ref0, crs=NC_LCC)
+    with rasterio.open(ref, "r+") as ds:
+        ds.update_tags(1, CLASSES="0=cloud,1=a,2=b")
+    pred = write_raster(tmp_path / "pred.tif", pred0, crs=NC_LCC, nodata=255)
+    np.testing.assert_array_equal(evaluate_rasters(pred, ref).metrics.confusion, [[1, 0, 1], [0, 4, 1], [0, 1, 3]])
+    np.testing.assert_array_equal(evaluate_rasters(pred, ref, ignore=(0,)).metrics.confusion, CM)
+    # no tag either side: 0 is unlabelled by default; a 0 predicted on a labelled pixel says what to do
+    plain_ref = write_raster(tmp_path / "plain_ref.tif", ref0, crs=NC_LCC)
+    pred0[0, 0] = 0
+    pred2 = write_raster(tmp_path / "pred2.tif", pred0, crs=NC_LCC, nodata=255)
+    with pytest.warns(EvaluationWarning, match=r"prediction values \[0\] .*give --ignore none"):
+        evaluate_rasters(pred2, plain_ref)
+    with warnings.catch_warnings(record=True) as caught:  # (0 given as ignored: nothing to add)
+        warnings.simplefilter("always")
+        evaluate_rasters(pred2, plain_ref, ignore=(0,))
+    assert not any("--ignore none" in str(w.message) for w in caught)
 
 
 def test_mismatched_grids_are_refused_with_the_reason(tmp_path: Path) -> None:
@@ -263,8 +290,12 @@ def test_evaluate_against_polygons_by_class_name(tmp_path: Path) -> None:
     r = evaluate_vector(pred, _geojson(tmp_path / "over.geojson", [whole, *squares]), field="lc")
     np.testing.assert_array_equal(r.metrics.confusion, CM + [[1, 1], [0, 0]])  # REF's two 0 pixels are forest now
     # the class field: named in the error with the file's fields; names must be the prediction's classes
-    with pytest.raises(ParameterError, match=r"has no field 'class_id': give --field.*its fields: lc"):
+    with pytest.raises(ParameterError, match=r"has no field 'class_id': give --field.*its fields: lc\), or, when "
+                                             r"every feature is of one class .* --background"):
         evaluate_vector(pred, ref)
+    many = _geojson(tmp_path / "many.geojson", [(_pixel_square(0, 0), {f"f{i:02d}": i for i in range(20)})])
+    with pytest.raises(ParameterError, match=r"its fields: f00, f01, .*, f11 and 8 more\)"):  # (an OSM export's 73)
+        evaluate_vector(pred, many)
     bad = _geojson(tmp_path / "bad.geojson", [(_pixel_square(0, 0), {"lc": "swamp"})])
     with pytest.raises(ParameterError, match="swamp are not class names: the prediction's classes are forest, water"):
         evaluate_vector(pred, bad, field="lc")
