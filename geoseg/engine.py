@@ -674,6 +674,8 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
             f"{meta.path.name} gives {len(chosen)} band{'s' if len(chosen) != 1 else ''} but model {card.name!r} "
             f"expects {card.in_channels}{hint}"
         )
+    if bands:  # the user's order: still say where a band's description names another of the card's bands
+        _warn_misnamed_bands(meta, card, chosen, given=True)
     twice = sorted({b for b in chosen if chosen.count(b) > 1})
     if twice:  # allowed (a stand-in for a band the scene lacks), but rarely meant
         warnings.warn(f"--bands {','.join(map(str, chosen))}: band{'s' if len(twice) > 1 else ''} "
@@ -683,14 +685,21 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
     return chosen
 
 
-def _warn_misnamed_bands(meta: SceneMeta, card: ModelCard, chosen: tuple[int, ...]) -> None:
-    """Warn when a band read in the card's position k is described as another of the card's bands."""
+def _warn_misnamed_bands(meta: SceneMeta, card: ModelCard, chosen: tuple[int, ...], given: bool = False) -> None:
+    """Warn when a band read in the card's position k is described as another of the card's bands
+    (``given``: ``chosen`` is the user's --bands)."""
     wrong = [(b, meta.descriptions[b - 1], card.bands[k]) for k, b in enumerate(chosen)
              if meta.descriptions[b - 1] in card.bands and meta.descriptions[b - 1] != card.bands[k]]
     if wrong:
         said = "; ".join(f"band {b} is described {d!r} but feeds the model as {n!r}" for b, d, n in wrong[:3])
-        warn(f"{meta.path.name}: {said}: check the band order, or pass --bands in the order "
-             f"{', '.join(card.bands)}", InputRangeWarning)
+        by_name = _bands_by_name(meta, card) if given else None
+        if by_name is not None:
+            todo = f"--bands {','.join(map(str, by_name))} reads them by their names"
+        elif given:
+            todo = f"check --bands (the model's bands, in order: {', '.join(card.bands)})"
+        else:
+            todo = f"check the band order, or pass --bands in the order {', '.join(card.bands)}"
+        warn(f"{meta.path.name}: {said}: {todo}", InputRangeWarning)
 
 
 def _bands_by_name(meta: SceneMeta, card: ModelCard) -> tuple[int, ...] | None:

@@ -850,6 +850,30 @@ def test_bands_of_the_model_in_another_order_are_picked_by_name(tmp_path: Path) 
         segment_scene(src, tmp_path / "o2", source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
 
 
+def test_bands_given_against_their_descriptions_are_warned_about(tmp_path: Path) -> None:
+    """--bands in an order the scene's band descriptions contradict: the same warning as without
+    --bands (the check ran only then), with the --bands that reads them by name."""
+    data = np.stack([np.full((20, 20), v, np.uint8) for v in (9, 1, 7)])
+    src = write_raster(tmp_path / "named.tif", data)
+    with rasterio.open(src, "r+") as ds:
+        for i, name in enumerate(("b2", "b0", "b1"), start=1):
+            ds.set_band_description(i, name)
+    kw = dict(source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
+    with pytest.warns(InputRangeWarning, match=r"band 1 is described 'b2' but feeds the model as 'b0'.*: "
+                                               r"--bands 2,3,1 reads them by their names$"):
+        segment_scene(src, tmp_path / "o1", **kw, options=PredictOptions(bands=(1, 2, 3)))
+    with warnings.catch_warnings():  # by name: not a word
+        warnings.simplefilter("error", InputRangeWarning)
+        warnings.filterwarnings("ignore", "all 3 bands", InputRangeWarning)  # (raw class indexes, not image data)
+        warnings.filterwarnings("ignore", ".*standard deviations", InputRangeWarning)
+        segment_scene(src, tmp_path / "o2", **kw, options=PredictOptions(bands=(2, 3, 1)))
+    with rasterio.open(src, "r+") as ds:
+        ds.set_band_description(3, "other")
+    with pytest.warns(InputRangeWarning, match=r"band 1 is described 'b2' but feeds the model as 'b0'.*: "
+                                               r"check --bands \(the model's bands, in order: b0, b1, b2\)$"):
+        segment_scene(src, tmp_path / "o3", **kw, options=PredictOptions(bands=(1, 2, 3)))
+
+
 
 def test_normalisation_fills_missing_values_with_the_band_mean() -> None:
     norm = Normalization(mean=(0.2, 0.4), std=(0.1, 0.2), scale={"default": 1.0})
