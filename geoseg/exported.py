@@ -173,6 +173,10 @@ def export_model_dir(
                else f"the card's mean and std divided by\n# 255 * {scale:.10g} (the card's scale for {dtype})")
         note = (f"# Normalize below is PaddleSeg's (x / 255 - mean) / std with {how}: exact for {dtype} input only\n"
                 "# (normalize_for). geoseg normalises every dtype with its own scale from the card (geoseg: section).\n")
+        ids = [c.id for c in card.classes]
+        if ids != list(range(len(ids))):  # a PaddleSeg consumer gets the argmax: index k, not the class id
+            pairs = ", ".join(f"{k} -> {c.id} ({c.name})" for k, c in enumerate(card.classes))
+            note += f"# PaddleSeg's prediction is the class index k, not the class id: {pairs}.\n"
         atomic_write_text(tmp / DEPLOY_FILE, note + yaml.safe_dump(deploy, sort_keys=False, default_flow_style=None))
         _publish(tmp, out)
     except BaseException:

@@ -436,3 +436,20 @@ def test_export_input_dtype_sources(tiny_unet: tuple[Path, Path], uint16_model: 
     d = yaml.safe_load((tmp_path / "f" / "deploy.yaml").read_text())
     assert d["normalize_for"] == {"dtype": "float32", "scale": 1.0, "source": "given (--input-dtype)"}
     assert d["Deploy"]["transforms"][0]["std"] == pytest.approx([s / 255 for s in card.normalization.std])
+
+
+def test_deploy_yaml_says_which_class_id_each_output_index_is(tiny_unet: tuple[Path, Path], tmp_path: Path) -> None:
+    """A PaddleSeg consumer of the export gets argmax indices 0..N-1: where the class ids differ (the NC
+    models' 1..7, a cloud model's 0, 1, 4), deploy.yaml's header says which id each index is."""
+    from geoseg.card import ClassInfo
+
+    weights, card_path = tiny_unet
+    card = ModelCard.load(card_path)
+    plain = (export_model_dir(card, weights, tmp_path / "plain") / "deploy.yaml").read_text()
+    assert "class index" not in plain  # ids 0..3: nothing to say
+    cloud = card.replace(classes=(ClassInfo(0, "cloud", (255, 255, 255)), ClassInfo(1, "shadow", (60, 60, 60)),
+                                  ClassInfo(4, "clear", (40, 160, 40)), ClassInfo(7, "snow", (200, 200, 255))))
+    text = (export_model_dir(cloud, weights, tmp_path / "cloud") / "deploy.yaml").read_text()
+    assert ("# PaddleSeg's prediction is the class index k, not the class id: 0 -> 0 (cloud), 1 -> 1 (shadow), "
+            "2 -> 4 (clear), 3 -> 7 (snow).\n") in text
+    assert yaml.safe_load(text)["Deploy"]["output_op"] == "none"  # (still a YAML file)
