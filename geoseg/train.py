@@ -639,35 +639,52 @@ def _class_id(value: int | str, classes: Sequence[Mapping[str, Any]] | None, wha
 
 
 def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence[Mapping[str, Any]] | None,
-                     out: Path, background: int | str | None = None) -> Path:
+                     out: Path, background: int | str | None = None, ignore: Sequence[int] = (0,)) -> Path:
     """Burn polygon labels onto the image grid of ``meta``: a uint8/uint16 GeoTIFF at ``out``
-    whose pixels outside every polygon are 0 (its nodata: never trained on), or the class
+    whose pixels outside every polygon are unlabelled (its nodata: never trained on), or the class
     ``background`` (id or name) when given.
 
-    ``field`` names the attribute with each polygon's class: integer ids (>= 1), or names of the
+    ``field`` names the attribute with each polygon's class: integer ids, or names of the
     config's ``classes`` (case-insensitive). With ``background`` and two ``classes`` it may be
     None: every polygon is the class that is not the background (building footprints).
     Polygons in another CRS are reprojected; where polygons overlap, the later one wins.
+
+    Unlabelled pixels are 0, as in a label raster, unless 0 is a class (one of ``classes``, or,
+    with none listed, not in ``ignore``: e.g. cloud, and the ``class_id`` polygons of ``geoseg
+    vectorize``): then ids 0.. are burnt as they are and the unlabelled pixels get a value that
+    is no class and no polygon's id (:func:`_unlabelled_value`).
     """
     fields, values, keep, shapes = _read_polygons(
         path, meta, f"labels {path} does not exist: give a label raster or a polygon file",
         f"labels {path} cannot be read as polygons")
     fill = None if background is None else _class_id(background, classes, "background")
-    others = [int(c["id"]) for c in classes or () if "id" in c and int(c["id"]) != fill]
+    class_ids = [int(c["id"]) for c in classes or () if "id" in c]
+    zero_class = 0 in class_ids if class_ids else 0 not in ignore
+    others = [i for i in class_ids if i != fill]
     if field is None and fill is not None and len(others) == 1:
         if not keep:
             raise ParameterError(f"polygon labels {path.name} have no geometries")
         return _burn(path, meta, shapes, [others[0]] * len(keep), fill, out)
     if field is None or field not in fields:
         what = "needs label_field" if field is None else f"has no field {field!r}"
+        shown = ", ".join(fields[:12]) + (f" ... ({len(fields)} in all)" if len(fields) > 12 else "")
+        footprints = ("; polygons of one class (e.g. building footprints) need no field: set background to the class "
+                      "outside them (its id or name) and list two classes" if fill is None else
+                      f"; or leave label_field out: every polygon is then class {others[0]} over background {fill}"
+                      if len(others) == 1 else
+                      "; without a field, background needs two classes listed (the polygons are the other one), "
+                      f"the config lists {len(class_ids) or 'none'}")
         raise ParameterError(f"polygon labels {path.name} {what}: set label_field to the attribute holding each "
-                             f"polygon's class (its fields: {', '.join(fields) or 'none'})")
+                             f"polygon's class (its fields: {shown or 'none'}){footprints}")
     col = values[fields.index(field)]
     if col.dtype.kind in "iuf":
         ids = np.asarray(col, np.float64)
-        if not np.all(np.isfinite(ids)) or np.any(ids != np.round(ids)) or np.any(ids < 1) or np.any(ids > 65535):
-            raise ParameterError(f"polygon labels {path.name}: {field} must hold whole class ids 1..65535 "
-                                 "(0 is left for unlabelled pixels)")
+        low = 0 if zero_class else 1
+        if not np.all(np.isfinite(ids)) or np.any(ids != np.round(ids)) or np.any(ids < low) or np.any(ids > 65535):
+            raise ParameterError(f"polygon labels {path.name}: {field} must hold whole class ids 0..65535"
+                                 if zero_class else
+                                 f"polygon labels {path.name}: {field} must hold whole class ids 1..65535 (0 is left "
+                                 "for unlabelled pixels; if 0 is a class, list it in classes)")
         ids = ids.astype(np.int64)
     else:
         by_name = _ids_by_name(classes)
@@ -680,24 +697,33 @@ def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence
         ids = np.array([by_name[str(v).lower()] for v in col], np.int64)
     if not keep:
         raise ParameterError(f"polygon labels {path.name} have no geometries")
-    return _burn(path, meta, shapes, [int(ids[i]) for i in keep], fill, out)
+    burnt = [int(ids[i]) for i in keep]
+    unlabelled = _unlabelled_value({*class_ids, *burnt}) if zero_class and fill is None else 0
+    return _burn(path, meta, shapes, burnt, fill, out, unlabelled)
 
 
-def _burn(path: Path, meta: Any, shapes: Sequence[Any], ids: Sequence[int], fill: int | None, out: Path) -> Path:
+def _unlabelled_value(used: set[int]) -> int:
+    """The label value of burnt pixels outside every polygon when 0 is a class: 255 (a uint8
+    raster) unless a class or polygon uses it, else the largest uint16 value none uses."""
+    return next(v for v in (255, *range(65535, -1, -1)) if v not in used)
+
+
+def _burn(path: Path, meta: Any, shapes: Sequence[Any], ids: Sequence[int], fill: int | None, out: Path,
+          unlabelled: int = 0) -> Path:
     """Rasterise ``shapes`` with their class ``ids`` onto the grid of ``meta`` into ``out``;
-    elsewhere ``fill`` (a class), or 0 = unlabelled (the file's nodata) when it is None."""
+    elsewhere ``fill`` (a class), or ``unlabelled`` (the file's nodata, no class) when it is None."""
     from rasterio.features import rasterize
 
-    dtype = "uint8" if max([*ids, fill or 0]) <= 255 else "uint16"
+    nodata = unlabelled if fill is None else None
+    dtype = "uint8" if max([*ids, fill or 0, nodata or 0]) <= 255 else "uint16"
     burned = rasterize(zip(shapes, ids), out_shape=(meta.height, meta.width), transform=meta.transform,
-                       fill=0 if fill is None else fill, dtype=dtype)
+                       fill=unlabelled if fill is None else fill, dtype=dtype)
     touched = rasterize(((g, 1) for g in shapes), out_shape=(meta.height, meta.width), transform=meta.transform,
-                        fill=0, dtype="uint8").any() if fill is not None else burned.any()
+                        fill=0, dtype="uint8").any() if fill is not None else (burned != unlabelled).any()
     if not touched:
         raise ParameterError(f"polygon labels {path.name} do not overlap the image")
     with rasterio.open(out, "w", driver="GTiff", width=meta.width, height=meta.height, count=1, dtype=dtype,
-                       crs=meta.crs, transform=meta.transform, nodata=0 if fill is None else None,
-                       compress="deflate") as dst:
+                       crs=meta.crs, transform=meta.transform, nodata=nodata, compress="deflate") as dst:
         dst.write(burned, 1)
     return out
 
@@ -1215,6 +1241,22 @@ def learning_rate(it: int, cfg: TrainConfig) -> float:
             return cfg.lr
 
 
+def _warn_long_warmup(cfg: TrainConfig) -> None:
+    """Warn when the warm-up is not shorter than the run (the default 50 with a short test run): the
+    learning rate never reaches ``lr`` (or reaches it only at the last iteration) and its decay never
+    starts. Nothing is changed: the configured schedule is trained as given. (A warm-up of 1 is
+    none: the first iteration is at ``lr``.)"""
+    if cfg.warmup <= 1 or cfg.warmup < cfg.iterations:
+        return
+    climb = (f"reaches lr {cfg.lr:g} only at the last iteration" if cfg.warmup == cfg.iterations else
+             f"climbs only to {learning_rate(cfg.iterations - 1, cfg):g}, never to lr {cfg.lr:g}")
+    decay = "" if cfg.schedule == "constant" else f" and the {cfg.schedule} decay never starts"
+    tenth = cfg.iterations // 10
+    example = f"warmup: {tenth}, a tenth of the run" if tenth > 1 else "warmup: 0 in so short a run"
+    warn(f"warmup {cfg.warmup} is not shorter than iterations {cfg.iterations}: the learning rate {climb}{decay}: set "
+         f"warmup below iterations (e.g. {example}) or train for more iterations", TrainingWarning)
+
+
 def auto_class_weights(labels: np.ndarray, num_classes: int, kind: str = "auto") -> np.ndarray:
     """Class weights from the label indexes of the training region.
 
@@ -1508,6 +1550,7 @@ class Trainer:
         """
         cfg = cfg.checked()
         self.cfg = cfg
+        _warn_long_warmup(cfg)
         self.ema: _Ema | None = None
         self.teacher: _Teacher | None = None  # set by fit (configure_teacher)
         self.teacher_name: str | None = None
@@ -1527,7 +1570,8 @@ class Trainer:
             meta = open_scene(image_path)
             if is_vector_path(labels_path):
                 labels_path = rasterize_labels(labels_path, meta, cfg.label_field, cfg.classes,
-                                               Path(burn_dir.name) / f"{k}_{labels_path.stem}.tif", cfg.background)
+                                               Path(burn_dir.name) / f"{k}_{labels_path.stem}.tif", cfg.background,
+                                               cfg.ignore)
             label_meta = open_scene(labels_path)
             check_same_grid(meta, label_meta)
             bands = tuple(cfg.bands) if cfg.bands else meta.data_bands

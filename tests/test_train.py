@@ -2035,3 +2035,109 @@ def test_a_training_region_smaller_than_the_smallest_window_is_refused(scene: tu
     with pytest.raises(ParameterError, match=r"^train_region is 12x48 pixels: training windows are at least 16 pixels: "
                                              r"give a region at least 16 pixels wide and high$"):
         Trainer(_cfg(scene, tmp_path / "run", train_region=[0, 0, 12, 48]))
+
+
+def _polygon_file(path: Path, props: list[dict], boxes: list[tuple[int, int, int, int]]) -> Path:
+    """A GeoJSON (EPSG:32633) of pixel boxes ``(col0, row0, col1, row1)`` on the test scenes' grid
+    (10 m, origin 500000/4800000), one feature per ``props`` entry."""
+    def ring(c0: int, r0: int, c1: int, r1: int) -> list[list[float]]:
+        x0, x1, y0, y1 = 500000 + 10 * c0, 500000 + 10 * c1, 4800000 - 10 * r0, 4800000 - 10 * r1
+        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+    feats = [{"type": "Feature", "properties": p, "geometry": {"type": "Polygon", "coordinates": [ring(*b)]}}
+             for p, b in zip(props, boxes)]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats,
+                                "crs": {"type": "name", "properties": {"name": "EPSG:32633"}}}))
+    return path
+
+
+def test_polygon_labels_hold_class_0_when_it_is_a_class(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """Cloud polygons (0 cloud, 1 shadow, 2 clear; geoseg vectorize's class_id, or names) were refused
+    ("whole class ids 1..65535") or, by name, burnt as the internal raster's nodata ("class 0 (cloud) is
+    also the label raster's nodata value ... gdal_edit.py -unsetnodata"): class 0 is now burnt as 0 and
+    the unlabelled pixels get a value no class has."""
+    from geoseg.io import open_scene
+    from geoseg.train import rasterize_labels
+
+    boxes = [(8, 8, 20, 20), (24, 10, 40, 30), (2, 30, 14, 44)]
+    inside = np.zeros((48, 48), bool)
+    for c0, r0, c1, r1 in boxes:
+        inside[r0:r1, c0:c1] = True
+    cloud = [{"id": 0, "name": "cloud", "color": [255, 255, 255]}, {"id": 1, "name": "shadow", "color": [9, 9, 9]},
+             {"id": 2, "name": "clear", "color": [0, 200, 0]}]
+    by_id = _polygon_file(tmp_path / "ids.geojson", [{"class_id": 0}, {"class_id": 2}, {"class_id": 1}], boxes)
+    by_name = _polygon_file(tmp_path / "names.geojson", [{"cls": "Cloud"}, {"cls": "clear"}, {"cls": "shadow"}], boxes)
+    for labels, field in ((by_id, "class_id"), (by_name, "cls")):
+        t = Trainer(_cfg(scene, tmp_path / "o", labels=str(labels), label_field=field, classes=cloud, val_region=None))
+        lab = t.train_data.labels
+        assert [c.id for c in t.classes] == [0, 1, 2]
+        assert (lab[8:20, 8:20] == 0).all() and (lab[10:30, 24:40] == 2).all() and (lab[30:44, 2:14] == 1).all()
+        assert (lab[~inside] == IGNORE_INDEX).all()  # outside every polygon: unlabelled, not cloud
+    # the burnt raster: unlabelled = 255, its nodata (no class); with 0 not a class, 0 as before
+    meta = open_scene(scene[0])
+    with rasterio.open(rasterize_labels(by_id, meta, "class_id", cloud, tmp_path / "b.tif")) as ds:
+        burnt = ds.read(1)
+        assert ds.nodata == 255 and ds.dtypes[0] == "uint8"
+    assert (burnt[:48, :48][~inside] == 255).all() and (burnt[8:20, 8:20] == 0).all()
+    three = _polygon_file(tmp_path / "three.geojson", [{"k": 3}, {"k": 2}, {"k": 1}], boxes)
+    with rasterio.open(rasterize_labels(three, meta, "k", None, tmp_path / "b3.tif")) as ds:
+        assert ds.nodata == 0 and (ds.read(1)[:48, :48][~inside] == 0).all()
+    with pytest.raises(ParameterError, match=r"whole class ids 1..65535 \(0 is left for unlabelled pixels; if 0 is a "
+                                             r"class, list it in classes\)"):
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id), label_field="class_id", val_region=None))  # classes 1..3
+    # no classes listed and ignore: [] (0 is a class): the ids present, 0 among them
+    t = Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id), label_field="class_id", classes=None, ignore=[],
+                     val_region=None))
+    assert [c.id for c in t.classes] == [0, 1, 2] and (t.train_data.labels[~inside] == IGNORE_INDEX).all()
+    # background cloud (class 0) fills the rest; polygons of class 0 stay 0
+    t = Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id), label_field="class_id", classes=cloud,
+                     background="cloud", val_region=None))
+    lab = t.train_data.labels
+    valid = np.ones_like(inside)
+    valid[:6, :6] = False  # the image's nodata corner
+    assert (lab[~inside & valid] == 0).all() and (lab[10:30, 24:40] == 2).all() and (lab[8:20, 8:20] == 0).all()
+    # footprints over a background 0, no field
+    two = [{"id": 0, "name": "background", "color": [0, 0, 0]}, {"id": 1, "name": "building", "color": [9, 9, 9]}]
+    t = Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id), classes=two, background=0, val_region=None))
+    lab = t.train_data.labels
+    assert (lab[inside] == 1).all() and (lab[~inside & valid] == 0).all() and (lab[~valid] == IGNORE_INDEX).all()
+
+
+def test_a_warmup_not_shorter_than_the_run_is_warned_about(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """iterations 40 with the default warmup 50: the learning rate climbed to 0.0008 of 0.001 and never
+    decayed, without a word. Warned, naming both numbers; the schedule itself is unchanged."""
+    import warnings
+
+    with pytest.warns(TrainingWarning, match=r"^warmup 10 is not shorter than iterations 4: the learning rate climbs "
+                                             r"only to 0\.004, never to lr 0\.01 and the poly decay never starts: set "
+                                             r"warmup below iterations .*or train for more iterations$"):
+        Trainer(_cfg(scene, tmp_path / "o", warmup=10))
+    with pytest.warns(TrainingWarning, match=r"^warmup 4 is not shorter than iterations 4: the learning rate reaches "
+                                             r"lr 0\.01 only at the last iteration and the poly decay never starts"):
+        Trainer(_cfg(scene, tmp_path / "o", warmup=4))
+    cfg = TrainConfig(image="i", labels="l", iterations=40)  # the defaults: warmup 50, lr 0.001
+    assert [learning_rate(i, cfg) for i in (0, 39)] == pytest.approx([0.00002, 0.0008])  # as before
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Trainer(_cfg(scene, tmp_path / "o", warmup=3))
+        Trainer(_cfg(scene, tmp_path / "o", warmup=1, iterations=1))  # a warm-up of 1 is none
+    assert not [w for w in seen if "warmup" in str(w.message)]
+
+
+def test_polygons_without_a_class_field_are_told_about_background(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """Building footprints (OSM fields, no class): the error listed the fields but not background, the
+    documented answer for polygons of one class."""
+    fields = {f"osm_{k}": "x" for k in range(20)}
+    foot = _polygon_file(tmp_path / "buildings.geojson", [fields, fields], [(8, 8, 20, 20), (24, 10, 40, 30)])
+    with pytest.raises(ParameterError, match=r"^polygon labels buildings.geojson needs label_field: set label_field to "
+                                             r"the attribute holding each polygon's class \(its fields: osm_0, .*osm_11 "
+                                             r"\.\.\. \(20 in all\)\); polygons of one class \(e\.g\. building "
+                                             r"footprints\) need no field: set background to the class outside them"):
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(foot)))
+    two = [{"id": 0, "name": "background"}, {"id": 1, "name": "building"}]
+    with pytest.raises(ParameterError, match=r"has no field 'cls': .*; or leave label_field out: every polygon is then "
+                                             r"class 1 over background 0$"):
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(foot), label_field="cls", classes=two, background="background"))
+    with pytest.raises(ParameterError, match=r"needs label_field: .*without a field, background needs two classes "
+                                             r"listed \(the polygons are the other one\), the config lists 3$"):
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(foot), background=2))
