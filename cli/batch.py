@@ -258,8 +258,9 @@ def batch(
 
     \b
     Exit codes: 0 every scene done (or skipped), 3 some scenes failed (the others are done),
-    1 fatal error (model, inputs, output folder, --report or --log-file path, a Dask cluster
-    without a usable worker), 2 usage, 4 DIR locked by another run. A stopped run (Ctrl-C,
+    1 fatal error (model, inputs, output folder or a file system of it without working locks,
+    --report or --log-file path, a Dask cluster without a usable worker), 2 usage, 4 DIR
+    locked by another run (only then). A stopped run (Ctrl-C,
     SIGTERM, a fatal error) still writes its --report, saying which scenes it did not finish.
     Every option can be set as GEOSEG_BATCH_<OPTION> (the long name, dashes as underscores),
     e.g. GEOSEG_BATCH_WEIGHTS, GEOSEG_BATCH_LOG_FILE;
@@ -298,8 +299,8 @@ def batch(
                         start=_start_line(inputs, out, dry_run)):
         result = run_batch(inputs, out, bm, opts, bo)
     if dry_run:
-        for scene, reason in result.planned:
-            click.echo(f"skip\t{scene.key}\tdone, unchanged" if reason is None else f"run\t{scene.key}\t{reason}")
+        for action, scene, reason in result.plan():  # (a skip says why: done and unchanged, or outside the AOI)
+            click.echo(f"{action}\t{scene.key}\t{reason}")
         return
     if result.failed:
         from geoseg_cli.main import EXIT_PARTIAL

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from geoseg.errors import NoRoomError, OutputError, OutputExistsError
+from geoseg.errors import GeosegWarning, NoRoomError, OutputError, OutputExistsError, warn
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Pa
     return Path(path)
 
 
-def clean_temp_files(folder: str | Path, recursive: bool = True) -> list[Path]:
+def clean_temp_files(folder: str | Path, recursive: bool = True, stuck: set[Path] | None = None) -> list[Path]:
     """Delete geoseg temp and staging files left in ``folder`` (and below, if ``recursive``) by
     runs that were killed.
 
@@ -308,17 +308,40 @@ def clean_temp_files(folder: str | Path, recursive: bool = True) -> list[Path]:
     ``….staging.tif…``). A file whose writer still runs on this machine is kept (it was deleted: a
     batch starting on a folder killed a predict or another batch writing below it); see
     :func:`is_leftover`. Returns what was removed.
+
+    Housekeeping never fails the work it precedes: a leftover that cannot be removed (a folder below
+    that this user may not write, a read-only mount) is a warning naming it, and the others are still
+    removed; a folder that cannot be read is passed over.  Never raises :class:`OSError`.  ``stuck``
+    collects the leftovers that could not be removed; those already in it are let be (said once per run).
     """
     removed = []
     now = time.time()
+    # (os.walk passes over a folder it cannot read: onerror is None)
     for dirpath, _, filenames in os.walk(folder) if recursive else [(str(folder), [], _files(folder))]:
         for name in filenames:
             if name.startswith(TMP_PREFIX) and (TMP_SUFFIX in name or ".staging" in name):
                 p = Path(dirpath) / name
-                if is_leftover(p, now):
-                    _unlink(p)
+                if (stuck is not None and p in stuck) or not is_leftover(p, now):
+                    continue
+                if _remove_leftover(p):
                     removed.append(p)
+                elif stuck is not None:
+                    stuck.add(p)
     return removed
+
+
+def _remove_leftover(p: Path) -> bool:
+    """Delete the leftover temp file ``p``; whether it was deleted here. One that cannot be (``EACCES``,
+    ``EPERM``, ``EBUSY``, ...) is a warning naming it."""
+    try:
+        p.unlink()
+    except FileNotFoundError:
+        return False  # (gone already: its writer, or another cleanup, removed it)
+    except OSError as exc:
+        warn(f"cannot remove {p}, a temp file left by a killed run ({exc.strerror or exc}): remove it by hand "
+             "(nothing reads it; this run goes on)", GeosegWarning)
+        return False
+    return True
 
 
 def remove_leftovers(folder: str | Path) -> list[Path]:

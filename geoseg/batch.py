@@ -14,17 +14,19 @@ keeps a manifest in ``DIR/.geoseg/manifest.sqlite`` so that cron runs do each sc
   A run killed at any moment leaves old or new complete files plus temp files, which the
   next run deletes before it starts, and redoes the scenes that were not ``done``.
 * **One run at a time.**  :class:`BatchLock` takes ``fcntl.flock`` on ``DIR/.geoseg/lock``;
-  the kernel drops it when its process dies, so a dead run's lock is taken over.
+  the kernel drops it when its process dies, so a dead run's lock is taken over.  A file system
+  without working locks is an error, never taken for another run holding the lock.
 * **Failure isolation.**  A scene that cannot be read, does not suit the model, cannot be
-  written or would write another scene's outputs is recorded as ``failed`` with its reason; the
-  batch goes on.  Model problems are fatal, and so is a Dask cluster without a worker that can
+  written, would write another scene's outputs or raises any other error is recorded as
+  ``failed`` with its reason; the batch goes on.  Model problems are fatal, and so is a Dask cluster without a worker that can
   run the scenes (after a bounded wait: never a silent hang holding the lock), and a scene that
   finds no room to write (a full disk, the file-size limit): every later scene would fail the same
   way.  A fatal error found before the run starts (a missing weights file or input) is reported too.
 * **Scale-out.**  With a Dask ``distributed.Client`` each scene is one task; every worker
   loads the model once through :class:`ModelPlugin` and reuses it.  Results and failures
   come back to the client, the only writer of the manifest and the report, which releases each
-  task as soon as its result is taken (a task kept would be run again when its worker dies).
+  task as soon as its result is taken (a task kept would be run again when its worker dies).  Each
+  run's plugin has a name of its own, so runs sharing a scheduler never remove each other's.
 
 Units: seconds (wall clock), megapixels (10⁶ scene pixels), sizes in bytes.
 """
@@ -49,6 +51,7 @@ import stat
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +66,7 @@ from geoseg.atomic import (
     disk_full,
     file_above,
     file_size_limit,
+    no_space_reason,
     temp_name,
     too_large,
     write_error,
@@ -98,6 +102,8 @@ Status = Literal["ok", "skipped", "failed"]
 #: Manifest status of a scene the area of interest misses: done, with nothing to write.
 OUTSIDE_AOI = "outside_aoi"
 OUTSIDE_AOI_REASON = "outside the AOI"
+#: Dry-run reasons (:attr:`BatchResult.planned`) of a scene the run would skip.
+SKIP_REASONS = (OUTSIDE_AOI_REASON,)
 #: Dry-run reason of a scene that the run holding the lock is doing (or is about to do).
 RUNNING_NOW_REASON = "running now (another batch holds the lock)"
 
@@ -543,7 +549,10 @@ class BatchLock:
     """An exclusive ``flock`` on ``DIR/.geoseg/lock`` holding ``pid host time`` of the holder.
 
     The kernel releases the lock when the holding process dies (even by ``kill -9``), so a
-    stale lock is taken over by the next run.  Local file systems (and NFSv4) support it.
+    stale lock is taken over by the next run.  Local file systems (and NFSv4) support it; a file
+    system whose ``flock`` fails otherwise than "held by another" (``ENOLCK``: NFS without its lock
+    service, ``EOPNOTSUPP``/``EINVAL``: some FUSE and SMB mounts) is refused with a
+    :class:`ParameterError`, never taken for a live run (exit 4, which cron users ignore).
     """
 
     def __init__(self, out_dir: str | Path) -> None:
@@ -551,33 +560,69 @@ class BatchLock:
         self._fd: int | None = None
 
     def acquire(self) -> BatchLock:
-        """Take the lock or raise :class:`BatchLockedError` at once (never waits)."""
+        """Take the lock or raise :class:`BatchLockedError` at once (never waits).
+
+        Raises:
+            BatchLockedError: another run holds the lock.
+            ParameterError: the lock file's file system does not support ``flock``.
+            OutputError: the holder's line cannot be written into the lock file (a :class:`NoRoomError`
+                for a full disk); the lock is dropped again, never left held by this process.
+            OSError: the lock file cannot be created or opened.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             holder = _read_fd(fd).strip() or "unknown process"
             os.close(fd)
+            if not _held_elsewhere(exc):
+                raise self._unsupported(exc) from None
             raise BatchLockedError(
                 f"{self.path.parent.parent} is locked by another geoseg batch run ({holder}): "
                 "this run does nothing; wait for it to finish"
             ) from None
-        previous = _read_fd(fd).strip()
-        if previous:
-            log.warning("taking over the lock of a batch run that died (%s)", previous)
-        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now}\n".encode(), 0)
-        os.fsync(fd)
+        try:
+            previous = _read_fd(fd).strip()
+            if previous:
+                log.warning("taking over the lock of a batch run that died (%s)", previous)
+            now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now}\n".encode(), 0)
+            os.fsync(fd)
+        except BaseException as exc:
+            # Held and not handed to release(): a long-lived process (a pipeline worker, a notebook) kept
+            # the lock, and every later run on DIR, from any process, was "locked by another run".
+            _unlock_and_close(fd)
+            if isinstance(exc, OSError):
+                raise self._write_error(exc) from None
+            raise
         self._fd = fd
         return self
+
+    def _unsupported(self, exc: OSError) -> ParameterError:
+        """The error of a lock file whose ``flock`` fails for another reason than a run holding it."""
+        return ParameterError(
+            f"cannot lock {self.path} ({exc.strerror or exc}): the file system of {self.path.parent.parent} does "
+            "not support locks (flock), which keep two runs apart: put --out on a local disk")
+
+    def _write_error(self, exc: OSError) -> OutputError:
+        """The error of a lock file taken but not written (the holder's line): a full disk says so."""
+        room = no_space_reason(exc, self.path.parent)
+        if room is not None:
+            todo = "raise the limit" if room.startswith("file too large") else "free some space"
+            return NoRoomError(f"cannot write the lock file {self.path}: {room}: {todo} or choose another --out")
+        return OutputError(f"cannot write the lock file {self.path} ({exc.strerror or exc}): check the disk or "
+                           "choose another --out")
 
     def held_by(self) -> str | None:
         """Who holds the lock now (``pid ... on ... since ...``) when a live run holds it, else None.
 
         Tests the lock without taking it for long (a shared ``flock``, dropped at once); a lock file
         left by a run that died is free, as :meth:`acquire` sees it.
+
+        Raises:
+            ParameterError: the lock file's file system does not support ``flock`` (as :meth:`acquire`).
         """
         try:
             fd = os.open(self.path, os.O_RDONLY)
@@ -586,7 +631,9 @@ class BatchLock:
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as exc:
+                if not _held_elsewhere(exc):
+                    raise self._unsupported(exc) from None
                 return _read_fd(fd).strip() or "unknown process"
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
@@ -597,17 +644,35 @@ class BatchLock:
         """Empty the lock file (a clean exit) and release the lock."""
         if self._fd is None:
             return
+        fd, self._fd = self._fd, None
         with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, 0)
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._fd = None
+            os.ftruncate(fd, 0)
+        _unlock_and_close(fd)
 
     def __enter__(self) -> BatchLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+#: ``flock`` errors that say another holds the lock (``EWOULDBLOCK``; ``EAGAIN`` and ``EACCES`` where ``flock``
+#: is built on ``fcntl`` locks); any other (``ENOLCK``, ``EOPNOTSUPP``, ``EINVAL``, ``EIO``) says locks do not work.
+_HELD_ERRNOS = frozenset({errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES})
+
+
+def _held_elsewhere(exc: OSError) -> bool:
+    """Whether ``flock``'s ``exc`` says another process holds the lock."""
+    return exc.errno in _HELD_ERRNOS
+
+
+def _unlock_and_close(fd: int) -> None:
+    """Drop the ``flock`` on ``fd`` and close it; never raises (a close that reports an error still frees
+    the descriptor, and with it the lock)."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _read_fd(fd: int) -> str:
@@ -915,7 +980,10 @@ def run_scene(
     """Segment one scene into ``out_dir/scene.out_dir`` with a ready predictor.
 
     Scene errors (unreadable, unsuitable, unwritable) come back as a ``failed`` outcome;
-    model errors as a ``fatal`` one.  Never raises for a geoseg error.  geoseg's warnings about
+    model errors as a ``fatal`` one.  Any other ``Exception`` of the scene (a ``ZeroDivisionError`` from a
+    degenerate transform, a library's own error class) fails that scene alone too, in one line naming the
+    exception's type: one bad scene must not stop a nightly run of the archive every night.  Only
+    ``KeyboardInterrupt`` and ``SystemExit`` (a stopped run) pass through.  geoseg's warnings about
     the scene (e.g. values far from the model's training data) come back in the outcome, so a
     Dask worker's reach the client's log and the run report as they do in a local run.
     ``stopped`` (see :func:`geoseg.engine.segment_scene`) ends the scene unpublished once it says True.
@@ -935,7 +1003,9 @@ def run_scene(
         except AoiOutsideError as exc:
             out = SceneOutcome(key=scene.key, input=str(scene.path), status="skipped", seconds=time.perf_counter() - t0,
                                reason=OUTSIDE_AOI_REASON, error=str(exc).splitlines()[0])
-        except (GeosegError, OSError, ValueError, RuntimeError, MemoryError, *_gdal_errors()) as exc:
+        except Exception as exc:  # noqa: BLE001 - one scene's failure, whatever raised it (see above)
+            if not isinstance(exc, (GeosegError, OSError, ValueError, RuntimeError, MemoryError, *_gdal_errors())):
+                log.debug("%s failed with an unexpected %s", scene.key, type(exc).__name__, exc_info=True)
             out = _failed(scene, exc, t0)
             out.no_room = _no_room(exc)
             out.error = _in_batch_words(out.error or "")
@@ -996,7 +1066,8 @@ def _gdal_errors() -> tuple[type[Exception], ...]:
 
 def _outside_aoi(scene: Scene, aoi: str) -> SceneOutcome | None:
     """The skipped outcome of a scene the AOI misses, else None (the scene runs; a scene that cannot
-    be read here is left to its run, which reports it)."""
+    be read here, or whose header fails the test in any other way, such as a transform that cannot be
+    inverted, is left to its run, which fails it alone)."""
     from geoseg.aoi import load_aoi
     from geoseg.io import open_scene
 
@@ -1006,8 +1077,8 @@ def _outside_aoi(scene: Scene, aoi: str) -> SceneOutcome | None:
     except AoiOutsideError as exc:
         return SceneOutcome(key=scene.key, input=str(scene.path), status="skipped", seconds=time.perf_counter() - t0,
                             reason=OUTSIDE_AOI_REASON, error=str(exc).splitlines()[0])
-    except GeosegError:
-        pass
+    except Exception as exc:  # noqa: BLE001 - the scene's own run says what is wrong with it
+        log.debug("cannot tell whether the AOI misses %s (%s: %s): it runs", scene.key, type(exc).__name__, exc)
     return None
 
 
@@ -1152,12 +1223,29 @@ def _make_worker_plugin(model: BatchModel, name: str, quiet_loggers: tuple[str, 
     return _Plugin(model, name, quiet_loggers, own_cluster)
 
 
+def run_plugin_name(model: BatchModel) -> str:
+    """The name of one run's :class:`ModelPlugin` on the cluster: the model's digest and a part of this run's
+    own. Runs sharing a scheduler (two archives' cron jobs, the same weights) each register and unregister
+    their own: a name of the model alone was one plugin for both, and the first run to finish removed it
+    from every worker, failing the other run's scenes ("KeyError: 'geoseg-model-…'"), while each new
+    registration under it threw away the other run's loaded model."""
+    return f"{PLUGIN_PREFIX}{hashlib.sha256(repr(model).encode()).hexdigest()[:12]}-{uuid.uuid4().hex[:12]}"
+
+
 def dask_scene_task(scene: Scene, out_dir: str, options: Any, plugin_name: str) -> SceneOutcome:
-    """Dask task: run one scene with the worker's cached model (see :class:`ModelPlugin`)."""
+    """Dask task: run one scene with the worker's cached model (see :class:`ModelPlugin`), the plugin of
+    the run that submitted it (``plugin_name``, see :func:`run_plugin_name`).
+
+    Raises:
+        ClusterError: this worker lacks that plugin (it was removed under the run).
+    """
     from distributed import get_worker
 
     worker = get_worker()
-    plugin = worker.plugins[plugin_name]
+    plugin = worker.plugins.get(plugin_name)
+    if plugin is None:
+        raise ClusterError(f"the worker {worker.address} lacks this run's model plugin {plugin_name} (was it "
+                           "unregistered by another client of the scheduler?): the next run redoes the scene")
     # the model loads with this worker's first scene: its warnings (e.g. fp16 on a CPU) come back with
     # that scene, as run_scene's own do, to the client's log and the report
     with warnings.catch_warnings(record=True) as caught:
@@ -1227,12 +1315,20 @@ class BatchResult:
     out_dir: Path
     scenes: list[SceneOutcome]
     seconds: float
-    planned: list[tuple[Scene, str | None]] = field(default_factory=list)  # dry run: (scene, reason or None=skip)
+    #: Dry run: ``(scene, reason)``: why it would run, :data:`OUTSIDE_AOI_REASON` for a skip outside the AOI, or
+    #: None for a skip of a scene done and unchanged (see :meth:`plan`).
+    planned: list[tuple[Scene, str | None]] = field(default_factory=list)
     workers: dict[str, int] = field(default_factory=dict)  # Dask worker → model loads
     #: Why the run stopped before every scene was finished (a signal, a fatal error); None when it ran through.
     stopped: str | None = None
     stop_status: int = 0  # the exit status of a stopped run (130 Ctrl-C, 143 SIGTERM, 1 an error)
     not_finished: list[str] = field(default_factory=list)  # keys of the scenes a stopped run did not finish
+
+    def plan(self) -> list[tuple[str, Scene, str]]:
+        """A dry run's :attr:`planned` as ``(action, scene, reason)``: ``action`` is ``run`` or ``skip`` (done
+        and unchanged, or outside the AOI), as the run would log it."""
+        return [("skip", sc, reason or "done, unchanged") if reason in (None, *SKIP_REASONS) else ("run", sc, reason)
+                for sc, reason in self.planned]
 
     def count(self, status: Status) -> int:
         """How many scenes ended with ``status``."""
@@ -1294,10 +1390,11 @@ def run_batch(
     Raises:
         BatchLockedError: another run holds ``out_dir``'s lock.
         ParameterError: bad inputs (missing path), an unwritable ``batch.report`` path, a Dask
-            cluster without a worker that can run the scenes (after a bounded wait).
+            cluster without a worker that can run the scenes (after a bounded wait), an ``out_dir`` on a
+            file system without working locks.
         ModelError: the model cannot be loaded (fatal: no scene could run).
         OutputError: no room to write (a full disk or the file-size limit, under a scene's outputs, the
-            manifest or the report).
+            lock file, the manifest or the report).
 
     Any of these but the lock (and but an unwritable report path) still writes ``batch.report``, saying
     why the run stopped and which scenes it did not finish.
@@ -1338,12 +1435,14 @@ def run_batch(
         params_json = json.dumps(result_params(options, source.card), sort_keys=True)
 
         if batch.dry_run:
-            return _dry_run(scenes, out, model_key, params_json, batch.force, t0)
+            return _dry_run(scenes, out, model_key, params_json, batch.force, t0, options.aoi)
 
         try:  # only now: a run refused above (a name clash, a bad model) leaves no empty folder
             out.mkdir(exist_ok=True)
             lock = BatchLock(out).acquire()
         except OSError as exc:
+            if isinstance(exc, GeosegError):  # (the lock file taken but not written: it says why)
+                raise
             raise ParameterError(f"cannot create the output folder {out} or its {STATE_DIR}/lock ({exc.strerror}): "
                                  "give a writable folder for --out") from None
     except (KeyboardInterrupt, Exception) as exc:
@@ -1354,10 +1453,9 @@ def run_batch(
             _write_stopped_report(exc, scenes, {}, out, Path(batch.report), t0)
         raise
     try:
+        stuck: set[Path] = set()  # leftovers that cannot be removed: said once, at the start
         try:
-            removed = clean_temp_files(out)
-            if removed:
-                log.info("removed %d temp file(s) left by an interrupted run", len(removed))
+            _remove_temp_files(out, "removed %d temp file(s) left by an interrupted run", stuck)
             manifest = Manifest(out)
         except (KeyboardInterrupt, Exception) as exc:  # (a full disk under the manifest)
             if batch.report is not None:
@@ -1369,11 +1467,25 @@ def run_batch(
             manifest.close()
             # a Dask worker that died mid-scene left its staging file (the scene itself was redone on
             # another worker): gone at the end of this run, not of the next (only dead writers' files)
-            removed = clean_temp_files(out)
-            if removed:
-                log.info("removed %d temp file(s) of workers that died during this run", len(removed))
+            _remove_temp_files(out, "removed %d temp file(s) of workers that died during this run", stuck)
     finally:
         lock.release()
+
+
+def _remove_temp_files(out: Path, said: str, stuck: set[Path]) -> None:
+    """:func:`geoseg.atomic.clean_temp_files` of ``out``, ``said`` (with their number) in the log; ``stuck``:
+    see there.
+
+    Housekeeping, never the run's failure: a leftover that cannot be removed (a folder of ``DIR`` this
+    user may not write) is a warning naming it (see there); at the start it stopped every run before any
+    scene, and at the end it turned a finished run into exit 1 while its report said 0."""
+    try:
+        removed = clean_temp_files(out, stuck=stuck)
+    except OSError as exc:  # (it raises none: in a finally, the more so never)
+        warn(f"the temp files left in {out} were not removed ({exc}): the next run tries again", BatchWarning)
+        return
+    if removed:
+        log.info(said, len(removed))
 
 
 def _check_out_dir(out: Path, dry_run: bool) -> None:
@@ -1410,11 +1522,18 @@ def _check_report_path(path: Path) -> None:
                              "give a writable path for --report") from None
 
 
-def _dry_run(scenes: list[Scene], out: Path, model_key: str, params_json: str, force: bool, t0: float) -> BatchResult:
+def _dry_run(scenes: list[Scene], out: Path, model_key: str, params_json: str, force: bool, t0: float,
+             aoi: str | None = None) -> BatchResult:
+    """What a run would do with each scene (:attr:`BatchResult.planned`), as the run itself decides it: a scene
+    the ``aoi`` misses is a skip "outside the AOI" (also one the run would test from its header first)."""
     manifest = Manifest(out, readonly=True)
     if manifest.corrupt:
         warn(f"the manifest {manifest.path} is damaged: a run will move it aside and redo every scene", BatchWarning)
-    holder = BatchLock(out).held_by()
+    try:
+        holder = BatchLock(out).held_by()
+    except ParameterError as exc:  # (no working locks there: a dry run reads, and says what a run would meet)
+        warn(f"{exc}; a run there stops at once (exit 1)", BatchWarning)
+        holder = None
     if holder is not None:
         warn(f"another batch run holds the lock of {out} ({holder}): scenes it is running may be done by then",
              BatchWarning)
@@ -1431,8 +1550,12 @@ def _dry_run(scenes: list[Scene], out: Path, model_key: str, params_json: str, f
                 continue
             entry = manifest.get(sc.key)
             reason = why_run(entry, fp, model_key, params_json, out, force)
-            if holder is not None and entry is not None and entry.status == "running" and not force:
+            if reason is None and entry is not None and entry.status == OUTSIDE_AOI:
+                reason = OUTSIDE_AOI_REASON  # (it was: "done, unchanged", as if its masks were there)
+            elif holder is not None and entry is not None and entry.status == "running" and not force:
                 reason = RUNNING_NOW_REASON
+            elif reason is not None and aoi is not None and _outside_aoi(sc, aoi) is not None:
+                reason = OUTSIDE_AOI_REASON  # the run tests it from the header first, and skips it
             planned.append((sc, reason))
     finally:
         manifest.close()
@@ -1839,7 +1962,7 @@ def _run_dask(
         warn(f"--workers {batch.workers} on {gpus} GPU(s): workers share a GPU, each with its own copy of the model "
              f"and its batches in GPU memory; --workers {gpus} runs one per GPU", PerformanceWarning)
     _wait_for_workers(client, batch.resources, where)
-    name = PLUGIN_PREFIX + hashlib.sha256(repr(model).encode()).hexdigest()[:12]
+    name = run_plugin_name(model)
     plugin = _make_worker_plugin(model, name, batch.quiet_worker_loggers, own_cluster)
     # register_plugin since distributed 2023.9; register_worker_plugin (deprecated since) before it
     register = getattr(client, "register_plugin", None) or client.register_worker_plugin
@@ -1903,5 +2026,5 @@ def _run_dask(
         raise
     finally:
         with contextlib.suppress(Exception):
-            client.unregister_worker_plugin(name)
+            client.unregister_worker_plugin(name)  # (this run's own: another run's plugin is left alone)
     return loads

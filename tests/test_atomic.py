@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,49 @@ def test_an_output_name_with_a_control_character_is_refused_before_writing(tmp_p
         with pytest.raises(OutputError, match="holds a control character"):
             vectorize_mask(mask, tmp_path / name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif"]
+
+
+def test_a_leftover_that_cannot_be_removed_is_a_warning_naming_it(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead writer's temp file in a folder this user may not write raised PermissionError out of the
+    cleanup, which stopped the batch (or predict) that only meant to tidy up before its work. It is now a
+    warning naming the file; the other leftovers are still removed, and only they are returned."""
+    import errno
+
+    from geoseg.errors import GeosegWarning
+
+    dead_pid = _dead_pid()
+    stuck_dir, free_dir = tmp_path / "stuck", tmp_path / "free"
+    stuck_dir.mkdir()
+    free_dir.mkdir()
+    stuck = stuck_dir / _as_written_by(temp_name(stuck_dir / "a_landcover.tif").name, dead_pid)
+    free = free_dir / _as_written_by(temp_name(free_dir / "b_landcover.tif").name, dead_pid)
+    busy = free_dir / _as_written_by(temp_name(free_dir / "c_landcover.tif").name, dead_pid)
+    for p in (stuck, free, busy):
+        p.write_bytes(b"half a file")
+    real_unlink = os.unlink
+    refusals = {str(stuck): errno.EACCES, str(busy): errno.EBUSY}
+
+    def unlink(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path) in refusals:
+            code = refusals[str(path)]
+            raise OSError(code, os.strerror(code), str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.warns(GeosegWarning) as seen:
+        assert clean_temp_files(tmp_path) == [free]
+    said = [str(w.message) for w in seen]
+    assert len(said) == 2, said
+    assert any(m.startswith(f"cannot remove {stuck}, a temp file left by a killed run ({os.strerror(errno.EACCES)}): "
+                            "remove it by hand") for m in said), said
+    assert any(m.startswith(f"cannot remove {busy}, ") and os.strerror(errno.EBUSY) in m for m in said), said
+    assert stuck.exists() and busy.exists() and not free.exists()
+    # a run's second cleanup (at its end) says nothing more of the leftovers its first could not remove
+    held: set[Path] = set()
+    with pytest.warns(GeosegWarning):
+        assert clean_temp_files(tmp_path, stuck=held) == []
+    assert held == {stuck, busy}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert clean_temp_files(tmp_path, stuck=held) == [] and stuck.exists()

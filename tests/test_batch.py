@@ -555,10 +555,11 @@ def test_aoi_in_batch_skips_scenes_it_misses_without_failing(runner, tiny_unet, 
     assert not list(out.glob("away*"))
     # the next night: nothing to do for either (the missed scene is not retried)
     r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--aoi", box, "--dry-run")
-    assert sorted(r.stdout.splitlines()) == ["skip\taway.tif\tdone, unchanged", "skip\there.tif\tdone, unchanged"], r.output
+    assert sorted(r.stdout.splitlines()) == ["skip\taway.tif\toutside the AOI", "skip\there.tif\tdone, unchanged"], r.output
     # another AOI is another result
     r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--aoi", "500101,4799501,500299,4799899", "--dry-run")
-    assert r.stdout.count("parameters changed") == 2, r.output
+    # (the run tests the missed scene again from its header, and skips it again: no "parameters changed" run)
+    assert r.stdout.splitlines() == ["skip\taway.tif\toutside the AOI", "run\there.tif\tparameters changed"], r.output
     # a box that is not one is refused once, before any scene
     r = run_cli(runner, tiny_unet, [arch], tmp_path / "out2", "--aoi", "500499,4799501,500101,4799899")
     assert r.exit_code == 1 and "minx < maxx" in r.output and not list((tmp_path / "out2").rglob("*.tif")), r.output
@@ -1647,3 +1648,280 @@ def test_the_log_file_tells_runs_apart_and_a_locked_run_is_a_warning(runner, tin
     text = logf.read_text()
     assert "WARNING Worker process 4242 was killed by signal 9" in text and "Receive client" not in text
     assert text.rstrip().endswith("[1/1] ok      a.tif")
+
+
+# ---- review of 4d1e038: one odd scene, shared schedulers, odd file systems ------------------------
+def test_a_scene_raising_any_exception_fails_alone_also_under_an_aoi(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scene raising an exception run_scene did not list (a ZeroDivisionError from a geotransform with a
+    zero pixel height, affine's TransformNotInvertibleError, a KeyError) stopped the local run ("unexpected
+    error", exit 1) every night, the scenes after it never done; under --aoi it stopped the planning, before
+    any scene. It now fails that scene alone, in one line naming the exception; Ctrl-C still stops the run."""
+    from affine import Affine, TransformNotInvertibleError
+
+    import geoseg.aoi
+    import geoseg.engine
+
+    arch, rep = tmp_path / "arch", tmp_path / "report.json"
+    make_archive(arch, 4, size=(16, 16))  # scene0, scene3, d1/x/scene1, d2/x/scene2
+    # as a broken upstream tool writes it: pixel height 0 (the engine divides by it, the AOI inverts it)
+    write_raster(arch / "flat.tif", np.ones((3, 16, 16), np.uint8), transform=Affine(10.0, 0.0, 500000.0, 0.0, 0.0,
+                                                                                      4800000.0))
+    real, real_aoi = geoseg.engine.segment_scene, geoseg.aoi.load_aoi
+
+    def odd(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(path).name == "scene1.tif":
+            raise ZeroDivisionError("float division by zero")
+        if Path(path).name == "scene2.tif":
+            raise KeyError("boom")
+        return real(path, *args, **kwargs)
+
+    def not_invertible(spec, meta):  # type: ignore[no-untyped-def]
+        if meta.path.name == "scene3.tif":  # (the AOI test before the run: the run's own takes it)
+            raise TransformNotInvertibleError("Cannot invert degenerate transform")
+        return real_aoi(spec, meta)
+
+    monkeypatch.setattr(geoseg.engine, "segment_scene", odd)
+    monkeypatch.setattr(geoseg.aoi, "load_aoi", not_invertible)
+    for extra in ((), ("--aoi", "499000,4790000,502000,4801000")):
+        out = tmp_path / ("out_aoi" if extra else "out")
+        r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep, *extra)
+        assert r.exit_code == EXIT_PARTIAL and "unexpected" not in r.output, r.output
+        scenes = {s["key"]: s for s in report_of(rep)["scenes"]}
+        assert {k: s["status"] for k, s in scenes.items()} == {
+            "flat.tif": "failed", "scene0.tif": "ok", "scene3.tif": "ok", "d1/x/scene1.tif": "failed",
+            "d2/x/scene2.tif": "failed"}, r.output
+        assert scenes["d1/x/scene1.tif"]["error"] == "ZeroDivisionError: float division by zero"
+        assert scenes["d2/x/scene2.tif"]["error"] == "KeyError: 'boom'"
+        assert len(scenes["flat.tif"]["error"].splitlines()) == 1, scenes["flat.tif"]["error"]
+        assert "FAILED  d1/x/scene1.tif: ZeroDivisionError: float division by zero" in r.output
+    # KeyboardInterrupt (and SystemExit) are no scene's failure: the run stops, as before
+    def interrupted(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(geoseg.engine, "segment_scene", interrupted)
+    r = run_cli(runner, tiny_unet, [arch], tmp_path / "out_int", "--vector", "none", "--report", rep)
+    report = report_of(rep)
+    assert r.exit_code == report["exit_status"] == 130 and report["counts"]["failed"] == 0, r.output
+    assert "interrupted" in report["stopped"]["reason"] and len(report["stopped"]["not_finished"]) == 5
+
+
+def test_two_runs_sharing_a_scheduler_with_one_model_keep_their_own_plugins(tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two cron jobs (two archives and --out folders, the same weights) on one --scheduler: the worker
+    plugin was named after the model only, so the first run to finish unregistered the other's plugin from
+    every worker, and the other's later scenes failed ("KeyError: 'geoseg-model-…'"; exit 3). Each run now
+    registers, looks up and unregisters a plugin of its own. Here run A runs whole between run B's
+    registration and its first task, as a run finishing under another does."""
+    distributed = pytest.importorskip("distributed")
+    from geoseg.batch import BatchModel, BatchOptions, run_batch
+    from geoseg.engine import PredictOptions
+
+    make_archive(tmp_path / "a", 2, size=(16, 16))
+    make_archive(tmp_path / "b", 3, size=(16, 16), seed=1)
+    model = BatchModel(weights=str(tiny_unet[0]), threads=1)
+    opts, bo = PredictOptions(vector="none"), BatchOptions(mosaic=False)
+
+    class Meanwhile:
+        """Run B's client: once B registered its plugin, run A goes through on the same cluster."""
+
+        def __init__(self, client) -> None:  # type: ignore[no-untyped-def]
+            self.client, self.results = client, []
+
+        def register_plugin(self, plugin, name):  # type: ignore[no-untyped-def]
+            self.client.register_plugin(plugin, name=name)
+            self.results.append(run_batch([tmp_path / "a"], tmp_path / "out_a", model, opts, bo, client=self.client))
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(self.client, name)
+
+    def plugins(dask_worker):  # type: ignore[no-untyped-def]
+        return sorted(n for n in dask_worker.plugins if n.startswith("geoseg-model-"))
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        meanwhile = Meanwhile(client)
+        b = run_batch([tmp_path / "b"], tmp_path / "out_b", model, opts, bo, client=meanwhile)
+        left = list(client.run(plugins).values())
+    (a,) = meanwhile.results
+    assert (a.count("ok"), a.exit_status) == (2, 0)
+    assert [s.error for s in b.scenes if s.error] == [] and (b.count("ok"), b.exit_status) == (3, 0)
+    assert set(b.workers.values()) == {1}  # B's model was loaded once: A's registration did not replace it
+    assert left == [[]]  # each run removed its own plugin, and only its own
+
+
+@pytest.mark.parametrize("errno_name", ["ENOLCK", "EOPNOTSUPP", "EIO"])
+def test_a_file_system_without_working_locks_is_not_taken_for_a_live_run(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         errno_name: str) -> None:
+    """Every flock error was read as "locked by another geoseg batch run (unknown process)": exit 4, which
+    cron users are told to ignore, so a --out on NFS without its lock service (ENOLCK) or a FUSE/SMB mount
+    (EOPNOTSUPP) did nothing, silently, every night; a dry run warned about a live run that did not exist.
+    Only "held by another" (EWOULDBLOCK, EAGAIN, EACCES) is exit 4 now; any other is exit 1 naming the
+    lock file."""
+    import errno
+    import fcntl
+
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 1, size=(16, 16))
+    real, code = fcntl.flock, getattr(errno, errno_name)
+    raised = [code]
+
+    def failing(fd, op):  # type: ignore[no-untyped-def]
+        if op & fcntl.LOCK_UN:
+            return real(fd, op)
+        raise OSError(raised[0], os.strerror(raised[0]))
+
+    monkeypatch.setattr(fcntl, "flock", failing)
+    lock = out / ".geoseg" / "lock"
+    said = f"Error: cannot lock {lock} ({os.strerror(code)}): the file system of {out} does not support locks"
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == 1 and said in r.output and "put --out on a local disk" in r.output, r.output
+    assert "locked by another" not in r.output and _done_count(out) == 0
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")  # (the lock file is there now)
+    # a dry run only reads: it lists the scenes and warns what a run would meet
+    assert r.exit_code == 0 and said[len("Error: "):] in r.output and "a run there stops at once" in r.output, r.output
+    assert "another batch run holds" not in r.output and "run\tscene0.tif" in r.stdout, r.output
+    # a lock held by another run still is one: exit 4, and the dry run's warning
+    for held in ("EWOULDBLOCK", "EAGAIN", "EACCES"):
+        raised[0] = getattr(errno, held)
+        with pytest.raises(BatchLockedError, match="locked by another geoseg batch run"):
+            BatchLock(out).acquire()
+        assert BatchLock(out).held_by() == "unknown process"
+    monkeypatch.setattr(fcntl, "flock", real)
+    assert run_cli(runner, tiny_unet, [arch], out, "--vector", "none").exit_code == EXIT_OK
+
+
+def _lock_fds(lock: Path) -> list[str]:
+    """This process's open descriptors of the file ``lock``."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(lock):
+                fds.append(fd)
+        except OSError:
+            continue
+    return fds
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_a_lock_file_that_cannot_be_written_leaves_no_lock_held(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """flock taken, then writing the holder's line into the lock file failed (a full disk: ENOSPC; EIO on
+    NFS): the descriptor was neither unlocked nor closed, so in a long-lived process (a pipeline worker, a
+    notebook) every later run on DIR, from any process, was "locked by another run" (exit 4); and the error
+    blamed the folder ("cannot create the output folder ... give a writable folder"). The lock is dropped
+    now, and the error says the real reason."""
+    import errno
+
+    from geoseg.errors import NoRoomError, OutputError
+
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 1, size=(16, 16))
+    lock = out / ".geoseg" / "lock"
+    real_pwrite, real_fsync = os.pwrite, os.fsync
+
+    def full(fd, data, offset):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == 1, r.output
+    assert f"Error: cannot write the lock file {lock}: no space left on the device: free some space" in r.output
+    assert "cannot create the output folder" not in r.output and _lock_fds(lock) == []
+    with pytest.raises(NoRoomError):
+        BatchLock(out).acquire()
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+
+    def io_error(fd):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", io_error)
+    with pytest.raises(OutputError, match=r"cannot write the lock file .* \(Input/output error\): check the disk"):
+        BatchLock(out).acquire()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert _lock_fds(lock) == [] and BatchLock(out).held_by() is None
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")  # the space is back: the lock is free
+    assert r.exit_code == EXIT_OK, r.output
+
+
+def test_a_leftover_that_cannot_be_removed_is_a_warning_and_the_run_goes_on(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead writer's temp file in a folder of DIR this user may not write (another user's, a read-only
+    bind mount) stopped every run before any scene ("unexpected error: PermissionError", exit 1); one
+    appearing during a run turned the finished run into exit 1 while its report said exit_status 0.
+    Housekeeping never fails the run now: a warning names the file."""
+    import errno
+    import subprocess
+
+    import geoseg.batch as gb
+    from geoseg.atomic import temp_name
+
+    arch = tmp_path / "arch"
+    make_archive(arch, 1, size=(16, 16))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def leftover(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        t = temp_name(folder / "x_landcover.tif")
+        p = t.with_name(t.name.replace(f"-{os.getpid()}-", f"-{dead.pid}-"))
+        p.write_bytes(b"half a file")
+        return p
+
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if "/stuck/" in str(path):  # (chattr +i, or another user's folder: not even root may)
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    # at the start of the run
+    out, rep = tmp_path / "out", tmp_path / "run.json"
+    stuck = leftover(out / "stuck")
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
+    assert r.exit_code == EXIT_OK == report_of(rep)["exit_status"], r.output
+    assert f"cannot remove {stuck}, a temp file left by a killed run (Operation not permitted)" in r.output
+    assert r.output.count(f"cannot remove {stuck}") == 1  # (at the start; not again at the end)
+    assert stuck.exists() and report_of(rep)["counts"]["ok"] == 1
+    # one that appears during the run (a writer that died meanwhile), found by the cleanup at its end
+    out2, rep2 = tmp_path / "out2", tmp_path / "run2.json"
+    planted: list[Path] = []
+    run_scene = gb.run_scene
+
+    def dying_writer(scene, out_dir, *args, **kwargs):  # type: ignore[no-untyped-def]
+        planted.append(leftover(Path(out_dir) / "stuck"))
+        return run_scene(scene, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(gb, "run_scene", dying_writer)
+    r = run_cli(runner, tiny_unet, [arch], out2, "--vector", "none", "--report", rep2)
+    assert r.exit_code == EXIT_OK == report_of(rep2)["exit_status"], r.output
+    assert f"cannot remove {planted[0]}" in r.output and "unexpected" not in r.output
+
+
+def test_a_dry_run_says_a_scene_the_aoi_misses_is_skipped_as_outside_the_aoi(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--dry-run listed a scene recorded outside the --aoi as "skip ... done, unchanged" (as if its masks
+    were there), and on a fresh DIR as "run ... new" (the run skips it from its header). It now says what
+    the run does: "skip ... outside the AOI"."""
+    from rasterio.transform import from_origin
+
+    from geoseg.batch import BatchModel, BatchOptions, run_batch
+    from geoseg.engine import PredictOptions
+
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    arch.mkdir()
+    rng = np.random.default_rng(4)
+    write_raster(arch / "here.tif", rng.integers(1, 256, (3, 32, 32), dtype=np.uint8))
+    write_raster(arch / "away.tif", rng.integers(1, 256, (3, 32, 32), dtype=np.uint8),
+                 transform=from_origin(600000.0, 4700000.0, 10.0, 10.0))
+    box = ("--vector", "none", "--aoi", "500001,4799701,500199,4799999")
+    r = run_cli(runner, tiny_unet, [arch], out, *box, "--dry-run")  # a fresh DIR
+    assert r.exit_code == EXIT_OK and r.stdout.splitlines() == ["skip\taway.tif\toutside the AOI", "run\there.tif\tnew"], \
+        r.output
+    assert run_cli(runner, tiny_unet, [arch], out, *box).exit_code == EXIT_OK
+    r = run_cli(runner, tiny_unet, [arch], out, *box, "--dry-run")  # the next night
+    assert r.stdout.splitlines() == ["skip\taway.tif\toutside the AOI", "skip\there.tif\tdone, unchanged"], r.output
+    res = run_batch([arch], out, BatchModel(weights=str(tiny_unet[0]), threads=1),
+                    PredictOptions(vector="none", aoi="500001,4799701,500199,4799999"), BatchOptions(dry_run=True))
+    assert [(action, sc.key, why) for action, sc, why in res.plan()] == [
+        ("skip", "away.tif", "outside the AOI"), ("skip", "here.tif", "done, unchanged")]
