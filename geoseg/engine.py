@@ -289,13 +289,13 @@ def exported_for_inference(source: ModelSource) -> Path:
     if source.export_dir is not None:
         return source.export_dir
     paddle: Any = require_paddle()
-    layer = build_layer(source)
     digest = weights_digest(source)
     # the cached graph ends in a softmax (oneDNN computes it faster than numpy): it returns probabilities
     key = hashlib.sha256(f"{digest}|{source.card.digest()}|{paddle.__version__}|softmax".encode()).hexdigest()[:20]
     target = cache_dir() / "exports" / key
-    if (target / "DONE").exists():
+    if (target / "DONE").exists():  # (before building the model: a cached call built and dropped one, ~1 s)
         return target
+    layer = build_layer(source)
     try:
         return _export_into(target, layer, source)
     except OSError as exc:  # a read-only home (a container, a cron user): this run's own temporary cache
@@ -763,7 +763,13 @@ def _prefetch(
     more than reading the window (2.6 against 0.5 ms per 128² window). The graph is not optimised
     (nothing to fuse in one task per thread).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import dask
+    import dask.threaded
+
+    # (dask >= 2025: contextvars, and with them warnings on free-threaded Python, reach the readers)
+    executor = getattr(dask.threaded, "ContextAwareThreadPoolExecutor", ThreadPoolExecutor)
 
     def prepare_part(where: list[tuple[int, int]]) -> list[Prepared]:
         return [_prepare_window(meta, batches[k][m], bands, card, size) for k, m in where]
@@ -777,6 +783,10 @@ def _prefetch(
     group_windows = max(1, GROUP_BYTES // (4 * len(bands) * size[0] * size[1]))
 
     def produce() -> None:
+        # A pool of this scene's own, shut down with it: without one, Dask's threaded scheduler makes a pool
+        # per calling thread (this reader is a new thread per scene) and keeps each for ever through
+        # atexit, so a service segmenting scene after scene grew by two pools a call.
+        pool = executor(max(1, workers), thread_name_prefix="geoseg-read")
         try:
             i = 0
             while i < len(batches):
@@ -789,7 +799,7 @@ def _prefetch(
                 where = [(k, m) for k in range(i, j) for m in range(len(batches[k]))]
                 step = -(-len(where) // max(1, workers))  # one part per reader thread
                 parts = dask.compute(*[prepare(where[a:a + step]) for a in range(0, len(where), step)],
-                                     scheduler="threads", num_workers=workers, optimize_graph=False)
+                                     scheduler="threads", pool=pool, optimize_graph=False)
                 ready = iter([w for part in parts for w in part])
                 for k in range(i, j):
                     q.put((batches[k], [next(ready) for _ in batches[k]]))
@@ -797,6 +807,8 @@ def _prefetch(
             q.put(done)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             q.put(exc)
+        finally:
+            pool.shutdown(wait=True)
 
     t = threading.Thread(target=produce, name="geoseg-reader", daemon=True)
     t.start()

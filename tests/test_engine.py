@@ -1268,3 +1268,27 @@ def test_a_geotransform_without_area_is_refused_when_opened(tmp_path: Path, tran
     with pytest.raises(SceneError, match="not finite"):
         check_transform("input x.tif", "x.tif", rasterio.Affine(10.0, 0.0, float("nan"), 0.0, -10.0, 0.0))
     check_transform("input x.tif", "x.tif", rasterio.Affine(10.0, 1.0, 5.0, 1.0, -10.0, 0.0))  # rotated: fine
+
+
+def test_scene_after_scene_in_one_process_leaves_no_thread_pools_behind(tmp_path: Path) -> None:
+    """A service segmenting scene after scene with one predictor: each call's reader thread got a Dask
+    thread pool of its own that Dask keeps for ever (through atexit), two per call with prior adaptation;
+    the readers now use a pool of the scene's own, shut down with it."""
+    import atexit
+    import gc
+
+    if not hasattr(atexit, "_ncallbacks"):
+        pytest.skip("CPython's atexit._ncallbacks is needed to count them")
+    src = write_raster(tmp_path / "s.tif", class_image(200, 200, 2)[None].astype(np.uint8))
+    kw = dict(source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
+
+    def call() -> None:
+        segment_scene(src, tmp_path / "out", **kw, options=PredictOptions(overwrite=True, read_workers=2))
+
+    call()
+    before = atexit._ncallbacks()
+    for _ in range(3):
+        call()
+    gc.collect()
+    assert atexit._ncallbacks() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith(("geoseg-read", "geoseg-reader"))]
