@@ -453,3 +453,41 @@ def test_deploy_yaml_says_which_class_id_each_output_index_is(tiny_unet: tuple[P
     assert ("# PaddleSeg's prediction is the class index k, not the class id: 0 -> 0 (cloud), 1 -> 1 (shadow), "
             "2 -> 4 (clear), 3 -> 7 (snow).\n") in text
     assert yaml.safe_load(text)["Deploy"]["output_op"] == "none"  # (still a YAML file)
+
+
+def test_an_interrupted_export_is_an_interrupt_and_a_failed_one_one_line(tiny_unet: tuple[Path, Path], tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the first export (Paddle's program translation) came back as a 34-line ModelError: Paddle
+    turns the pending interrupt into a SystemError, or its own error quoting the traceback. A host's Ctrl-C
+    handling needs the KeyboardInterrupt; a real failure is one line."""
+    import paddle
+
+    from geoseg.models.inference import export_model
+
+    weights, card_path = tiny_unet
+    layer = build_layer(ModelSource(ModelCard.load(card_path), weights=weights))
+
+    def interrupted(*a, **k):  # type: ignore[no-untyped-def]
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise SystemError("<class 'UnicodeDecodeError'> returned a result with an exception set") from exc
+
+    monkeypatch.setattr(paddle.jit, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(layer, tmp_path / "a" / "model", 3)
+
+    def quoted(*a, **k):  # type: ignore[no-untyped-def]
+        raise RuntimeError("In transformed code:\n\n    File \"x.py\", line 3, in forward\n\tKeyboardInterrupt")
+
+    monkeypatch.setattr(paddle.jit, "save", quoted)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(layer, tmp_path / "b" / "model", 3)
+
+    def failing(*a, **k):  # type: ignore[no-untyped-def]
+        raise RuntimeError("In transformed code:\n\n    File \"x.py\", line 3, in forward\n\tValueError: bad shape")
+
+    monkeypatch.setattr(paddle.jit, "save", failing)
+    with pytest.raises(ModelError) as info:
+        export_model(layer, tmp_path / "c" / "model", 3)
+    assert str(info.value).endswith("RuntimeError: ValueError: bad shape") and "\n" not in str(info.value)

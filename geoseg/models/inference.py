@@ -118,12 +118,31 @@ def export_model(model: paddle.nn.Layer, path_prefix: str | Path, in_channels: i
         with _writable_home(prefix.parent):
             paddle.jit.save(model, str(prefix), input_spec=[spec])  # type: ignore[attr-defined]
     except Exception as exc:
-        raise ModelError(f"cannot export the model to {prefix}: {type(exc).__name__}: {exc}") from exc
+        if _interrupted(exc):  # Ctrl-C inside Paddle's program translation comes back as its error
+            raise KeyboardInterrupt from None
+        lines = [t.strip() for t in str(exc).splitlines() if t.strip()] or [""]
+        # (Paddle's dy2static errors quote the translated code's traceback, the error itself last)
+        said = lines[-1] if lines[0].startswith("In transformed code") else lines[0]
+        raise ModelError(f"cannot export the model to {prefix}: {type(exc).__name__}: {said}") from exc
     finally:
         if was_training:
             model.train()
     logger.debug("exported inference model to %s.*", prefix)
     return prefix.parent
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` stands for a ``KeyboardInterrupt``: one in its cause or context chain (Paddle turns an
+    interrupt pending inside a C call into a ``SystemError`` "returned a result with an exception set") or
+    named in its message (its dy2static errors carry the original traceback as text)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt) or "KeyboardInterrupt" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def find_model_files(directory_or_prefix: str | Path) -> tuple[Path, Path]:
