@@ -179,7 +179,12 @@ class _ProcessState:
     library must not take them over): its SIGTERM handler replaced the application's (a service's
     graceful shutdown, Airflow's on_kill) with a C++ "FatalError" dump, and a stderr handler on the
     root logger at INFO printed every library's INFO lines and made the application's later
-    ``logging.basicConfig`` do nothing. (The CLI sets its own SIGTERM handler and log levels.)"""
+    ``logging.basicConfig`` do nothing; and it sets ``OMP_NUM_THREADS=1`` where it was unset, which
+    every process the application starts later inherited (numpy, scikit-learn on one core), and which
+    geoseg train then took for the user's thread count. (Paddle has read it by then: putting it back
+    changes nothing in this process's Paddle.) (The CLI sets its own SIGTERM handler and log levels.)"""
+
+    ENVIRON = ("OMP_NUM_THREADS",)
 
     def __init__(self) -> None:
         import logging
@@ -188,6 +193,7 @@ class _ProcessState:
 
         self.root = logging.getLogger()
         self.handlers, self.level = list(self.root.handlers), self.root.level
+        self.environ = {k: os.environ.get(k) for k in self.ENVIRON}
         self.sigterm = None
         if threading.current_thread() is threading.main_thread():  # (only there can it be set again)
             self.sigterm = signal.getsignal(signal.SIGTERM)
@@ -198,5 +204,10 @@ class _ProcessState:
         for h in [h for h in self.root.handlers if h not in self.handlers]:
             self.root.removeHandler(h)
         self.root.setLevel(self.level)
+        for k, v in self.environ.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         if self.sigterm is not None:  # (None: a handler not set from Python, left alone)
             signal.signal(signal.SIGTERM, self.sigterm)

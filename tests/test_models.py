@@ -5,6 +5,7 @@ Everything runs on CPU with tiny widths and small inputs (a few seconds in total
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -494,12 +495,16 @@ def test_loading_paddle_leaves_the_application_s_signal_handler_and_logging(tmp_
         "require_paddle()\n"
         "root = logging.getLogger()\n"
         "print('handlers', len(root.handlers), 'level', root.level)\n"
+        "print('OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS'))\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "time.sleep(0.2)\n"
         "print('handler', got)\n")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["handlers 0 level 30", "handler ['term']"], r.stdout + r.stderr
+    # (paddle set OMP_NUM_THREADS=1 where it was unset: every process the application started later had one core)
+    assert r.stdout.splitlines() == ["handlers 0 level 30", "OMP_NUM_THREADS None", "handler ['term']"], \
+        r.stdout + r.stderr
     assert "FatalError" not in r.stderr
     # loaded in another thread (a Dask task, a web worker), where no Python handler can be set again:
     # paddle's C++ handler printed its dump to stdout (a pipeline's output); now SIGTERM ends it plainly
