@@ -53,7 +53,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -1376,9 +1376,9 @@ def _log_outcome(o: SceneOutcome, i: int, n: int) -> None:
 def run_batch(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
-    model: BatchModel,
+    model: BatchModel | str | Path,
     options: Any = None,
-    batch: BatchOptions | None = None,
+    batch: BatchOptions | Mapping[str, Any] | None = None,
     client: Any = None,
 ) -> BatchResult:
     """Segment every scene of ``inputs`` into ``out_dir`` once (see the module docstring).
@@ -1401,9 +1401,16 @@ def run_batch(
     """
     from geoseg.engine import PredictOptions
 
+    from geoseg.config import options_of
+
     t0 = time.perf_counter()
-    options = options or PredictOptions()
-    batch = batch or BatchOptions()
+    options = options_of(options, PredictOptions, "options")
+    batch = options_of(batch, BatchOptions, "batch")
+    if isinstance(model, (str, Path)):  # a shipped model's name, an export folder
+        model = BatchModel(model=str(model))
+    elif not isinstance(model, BatchModel):
+        raise ParameterError(f"model must be a model name, an export folder or a geoseg.batch.BatchModel, got "
+                             f"{type(model).__name__}")
     out = Path(out_dir).absolute()
     if batch.report is not None and not batch.dry_run:
         _check_report_path(Path(batch.report))

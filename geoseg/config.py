@@ -66,3 +66,28 @@ def plain(value: Any) -> Any:
             return plain(to_dict())
         return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     raise TypeError(f"{type(value).__name__} is not plain data")
+
+
+def options_of(value: Any, cls: type, what: str) -> Any:
+    """``value`` as the options dataclass ``cls``: itself, ``cls()`` for None, or ``cls(**value)`` for a mapping
+    (a library caller's ``options={"vector": "gpkg"}``).
+
+    Raises:
+        ParameterError: anything else, or a mapping with a key ``cls`` does not have (naming it and the
+            keys it has); ``what`` names the argument.
+    """
+    from geoseg.errors import ParameterError
+
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            raise ParameterError(f"{what}: {cls.__name__} has no {', '.join(map(repr, unknown))} (its fields: "
+                                 f"{', '.join(names)})")
+        return cls(**value)
+    raise ParameterError(f"{what} must be a {cls.__module__}.{cls.__name__} (or a mapping of its fields), got "
+                         f"{type(value).__name__}")

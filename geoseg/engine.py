@@ -38,7 +38,7 @@ from geoseg.aoi import load_aoi
 from geoseg.atomic import check_output, remove_leftovers, temp_name
 from geoseg.blending import BlendMode, StripMerger
 from geoseg.card import ModelCard
-from geoseg.config import plain
+from geoseg.config import options_of, plain
 from geoseg.errors import (
     InputRangeWarning,
     ModelError,
@@ -1262,7 +1262,7 @@ def _segment_scene(
     options: PredictOptions | None,
     stopped: Callable[[], bool] | None = None,
 ) -> PredictResult:
-    opts = options or PredictOptions()
+    opts = options_of(options, PredictOptions, "options")
     t_start = time.perf_counter()
     input_path = scene_path(input_path)
     meta = open_scene(input_path)

@@ -198,6 +198,7 @@ def evaluate_rasters(
     """
     pred_path, ref_path = Path(prediction), Path(reference)
     win = parse_pixel_region(region)
+    _check_block_rows(block_rows)
     with _open(pred_path, "prediction") as pds, _open(ref_path, "reference") as rds:
         check_class_raster(pds, "prediction")
         check_class_raster(rds, "reference", whole_floats=True)
@@ -252,6 +253,11 @@ def _nothing_scored(cm: ConfusionMatrix, region: tuple[int, int, int, int] | Non
     return (f"nothing was scored in {where}: of its {n} pixels, {' and '.join(why) or 'none is left'}; "
             + ("choose a region where both rasters have data" if region is not None
                else "check that both rasters cover the same area"))
+
+
+def _check_block_rows(block_rows: int) -> None:
+    if not isinstance(block_rows, int) or block_rows < 1:
+        raise ParameterError(f"block_rows {block_rows!r}: give a whole number of rows >= 1")
 
 
 def _region_box(win: tuple[int, int, int, int] | None, W: int, H: int) -> tuple[int, int, int, int]:
@@ -374,6 +380,7 @@ def evaluate_vector(
 
     pred_path, ref_path = Path(prediction), Path(reference)
     win = parse_pixel_region(region)
+    _check_block_rows(block_rows)
     with _open(pred_path, "prediction") as pds:
         check_class_raster(pds, "prediction")
         if pds.crs is None and (pds.transform.is_identity or pds.gcps[0] or pds.rpcs):
@@ -799,6 +806,7 @@ def draw_sample(
     from geoseg.vectorize import DRIVERS, format_from_path
 
     out = Path(out)
+    _check_block_rows(block_rows)
     if out.is_dir():
         raise ParameterError(f"sample output {out} is a folder: give a file name (.gpkg, .geojson or .fgb)")
     fmt = format_from_path(out)

@@ -1292,3 +1292,27 @@ def test_scene_after_scene_in_one_process_leaves_no_thread_pools_behind(tmp_path
     gc.collect()
     assert atexit._ncallbacks() == before
     assert not [t for t in threading.enumerate() if t.name.startswith(("geoseg-read", "geoseg-reader"))]
+
+
+def test_library_options_may_be_mappings_and_bad_arguments_are_parameter_errors(tmp_path: Path) -> None:
+    """A library caller's ``options={"vector": "none"}`` raised AttributeError, ``block_rows=0`` a bare
+    ValueError, run_batch with a model name AttributeError: mappings of the options' fields are taken,
+    anything else is a one-line ParameterError naming the argument."""
+    from geoseg.batch import run_batch
+    from geoseg.evaluate import evaluate_rasters
+
+    src = write_raster(tmp_path / "s.tif", class_image(40, 40, 2)[None].astype(np.uint8))
+    kw = dict(source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
+    res = segment_scene(src, tmp_path / "o", **kw, options={"confidence": "uint8"})
+    assert res.confidence is not None and res.confidence.exists()
+    with pytest.raises(ParameterError, match=r"^options: PredictOptions has no 'vectr' \(its fields: tile_size, "):
+        segment_scene(src, tmp_path / "o2", **kw, options={"vectr": "gpkg"})
+    with pytest.raises(ParameterError, match=r"^options must be a geoseg.engine.PredictOptions .*got int$"):
+        segment_scene(src, tmp_path / "o2", **kw, options=3)  # type: ignore[arg-type]
+    assert not (tmp_path / "o2").exists()
+    with pytest.raises(ParameterError, match=r"^block_rows 0: give a whole number of rows >= 1$"):
+        evaluate_rasters(res.mask, res.mask, block_rows=0)
+    with pytest.raises(ParameterError, match=r"^model must be a model name, .*got float$"):
+        run_batch([src], tmp_path / "b", 3.5)  # type: ignore[arg-type]
+    with pytest.raises(ParameterError, match=r"^batch: BatchOptions has no 'dryrun'"):
+        run_batch([src], tmp_path / "b", "unet", None, {"dryrun": True})
