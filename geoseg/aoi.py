@@ -104,7 +104,7 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
     if box is not None:
         x0, y0, x1, y1 = box
         geometry = shapely.box(x0, y0, x1, y1)
-        source = f"box {x0:g},{y0:g},{x1:g},{y1:g}"
+        source = f"box {x0:.10g},{y0:.10g},{x1:.10g},{y1:.10g}"  # (:g rounded a UTM northing to 10 m)
     else:
         path = Path(text)
         if not path.exists():
@@ -123,9 +123,9 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
     if min(cols) >= meta.width or max(cols) <= 0 or min(rows) >= meta.height or max(rows) <= 0:
         sx0, sy0 = meta.transform * (0, meta.height)
         sx1, sy1 = meta.transform * (meta.width, 0)
-        raise AoiOutsideError(f"--aoi {source} does not overlap {meta.path.name} (AOI bounds {bx0:.6g},{by0:.6g},"
-                             f"{bx1:.6g},{by1:.6g}; scene bounds {min(sx0, sx1):.6g},{min(sy0, sy1):.6g},"
-                             f"{max(sx0, sx1):.6g},{max(sy0, sy1):.6g} in its CRS)")
+        raise AoiOutsideError(f"--aoi {source} does not overlap {meta.path.name} (AOI bounds {bx0:.10g},{by0:.10g},"
+                             f"{bx1:.10g},{by1:.10g}; scene bounds {min(sx0, sx1):.10g},{min(sy0, sy1):.10g},"
+                             f"{max(sx0, sx1):.10g},{max(sy0, sy1):.10g} in its CRS)")
     # centres strictly inside, as GDAL's rasterize burns them (a centre on the box's edge was in the
     # window but not burnt: a column of nodata)
     c0, c1 = max(0, math.floor(min(cols) - 0.5) + 1), min(meta.width, math.ceil(max(cols) - 0.5))

@@ -101,8 +101,9 @@ class Normalization:
         scale = np.float32(self.scale_for(dtype))
         mean = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
         std = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
-        out = x.astype(np.float32)
-        with np.errstate(over="ignore", invalid="ignore"):  # a huge nodata fill (-3.4e38): replaced below
+        # a huge nodata fill (-3.4e38, a float64's -1.8e308 past float32): replaced below
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = x.astype(np.float32)
             out *= scale / std
             out -= mean / std
         if x.dtype.kind == "f":

@@ -211,10 +211,19 @@ def open_scene(path: str | Path) -> SceneMeta:
         raise SceneReadError(f"input {path} cannot be read ({exc}): the file may be corrupt") from None
     if meta.dtype not in SUPPORTED_DTYPES:
         raise SceneError(
-            f"input {path} has pixel type {meta.dtype}: geoseg reads {', '.join(SUPPORTED_DTYPES)}"
+            f"input {path} has pixel type {meta.dtype}: geoseg reads {', '.join(SUPPORTED_DTYPES)}; "
+            + _convert_hint(meta.dtype, path.name)
         )
     check_transform(f"input {path}", path.name, meta.transform)
     return meta
+
+
+def _convert_hint(dtype: str, name: str) -> str:
+    """What to do with a scene of an unsupported pixel type ``dtype``."""
+    if dtype.startswith("complex"):
+        return f"take its amplitude first (e.g. gdal_calc.py -A {name} --calc 'absolute(A)' --type Float32)"
+    wider = {"int8": "Int16", "int64": "Float64", "uint64": "Float64"}.get(dtype, "Float32")
+    return f"convert it first (e.g. gdal_translate -ot {wider} {name} converted.tif)"
 
 
 def check_transform(what: str, name: str, transform: Any) -> None:
@@ -444,7 +453,9 @@ def _valid_and_missing(ds: Any, data: np.ndarray, window: Window, bands: Sequenc
     if data.dtype.kind == "f":
         finite = np.isfinite(data)
         missing = ~finite if missing is None else missing | ~finite
-        valid &= finite.any(axis=0)
+        # a pixel is nodata when every band is, whichever way each band says so (its nodata value in one
+        # band, NaN in the others: it got a class)
+        valid &= ~missing.all(axis=0)
     if missing is not None and not missing.any():
         missing = None
     return data, valid, missing

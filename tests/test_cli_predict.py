@@ -805,8 +805,9 @@ def test_aoi_refusals(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, 
     src = rgb(tmp_path)
     out = tmp_path / "out"
     base = ["predict", str(src), "--weights", str(weights), "--out", str(out)]
-    res = runner.invoke(cli, [*base, "--aoi", "600000,4700000,600100,4700100"])
-    assert_one_line_error(res, "does not overlap scene.tif", "AOI bounds 600000,4.7e+06", "scene bounds 500000")
+    res = runner.invoke(cli, [*base, "--aoi", "600000,4700001,600100,4700002.5"])  # (UTM metres, not 4.7e+06)
+    assert_one_line_error(res, "--aoi box 600000,4700001,600100,4700002.5 does not overlap scene.tif",
+                          "AOI bounds 600000,4700001,600100,4700002.5", "scene bounds 500000")
     res = runner.invoke(cli, [*base, "--aoi", "500300,4799500,500100,4799900"])
     assert_one_line_error(res, "minx < maxx")
     res = runner.invoke(cli, [*base, "--aoi", "500100,4799500"])

@@ -1316,3 +1316,45 @@ def test_library_options_may_be_mappings_and_bad_arguments_are_parameter_errors(
         run_batch([src], tmp_path / "b", 3.5)  # type: ignore[arg-type]
     with pytest.raises(ParameterError, match=r"^batch: BatchOptions has no 'dryrun'"):
         run_batch([src], tmp_path / "b", "unet", None, {"dryrun": True})
+
+
+def test_a_pixel_without_data_in_every_band_by_mixed_means_is_nodata(tmp_path: Path) -> None:
+    """A float pixel whose bands have no data each in its own way (band 1 the nodata value, the others
+    NaN) got a class: only "some band is finite" was checked after the NaNs were added."""
+    data = np.full((3, 8, 8), 0.5, np.float32)
+    data[0, 0, 0], data[1:, 0, 0] = -9999, np.nan  # nodata value + NaNs: no data at all
+    data[:, 0, 1] = -9999  # all the nodata value
+    data[:, 0, 2] = np.nan  # all NaN
+    data[0, 0, 3], data[1, 0, 3] = -9999, np.nan  # band 3 holds data: a pixel with a gap, classified
+    src = write_raster(tmp_path / "s.tif", data, nodata=-9999)
+    res = segment_scene(src, tmp_path / "o", source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2),
+                        options=PredictOptions(vector="none"))
+    with rasterio.open(res.mask) as ds:
+        row = ds.read(1)[0]
+    assert row[:3].tolist() == [MASK_NODATA] * 3 and row[3] != MASK_NODATA and (row[4:] != MASK_NODATA).all()
+
+
+def test_a_float64_nodata_past_float32_s_range_says_nothing(tmp_path: Path) -> None:
+    """float64 scenes fill their gaps with -1.797e308 (the type's minimum): its cast to float32 printed
+    numpy's "overflow encountered in cast" (52 times with --aoi); it is nodata, replaced anyway."""
+    data = np.full((3, 16, 16), 0.5, np.float64)
+    data[:, :4] = np.finfo(np.float64).min
+    src = write_raster(tmp_path / "s.tif", data, nodata=float(np.finfo(np.float64).min))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = segment_scene(src, tmp_path / "o", source=ModelSource(identity_card(3, 2)),
+                            predictor=one_hot_predictor(2), options=PredictOptions(vector="none"))
+    with rasterio.open(res.mask) as ds:
+        m = ds.read(1)
+    assert (m[:4] == MASK_NODATA).all() and (m[4:] != MASK_NODATA).all()
+
+
+def test_an_unsupported_pixel_type_says_how_to_convert_it(tmp_path: Path) -> None:
+    """int8, int64, complex scenes were refused without a word on what to do."""
+    src = write_raster(tmp_path / "wide.tif", np.ones((1, 8, 8), np.int64))
+    with pytest.raises(SceneError, match=r"has pixel type int64: geoseg reads uint8, .*; convert it first "
+                                         r"\(e.g. gdal_translate -ot Float64 wide.tif converted.tif\)$"):
+        open_scene(src)
+    src = write_raster(tmp_path / "c.tif", np.ones((1, 8, 8), np.complex64))
+    with pytest.raises(SceneError, match=r"has pixel type complex64: .*; take its amplitude first"):
+        open_scene(src)
