@@ -294,6 +294,8 @@ def exported_for_inference(source: ModelSource) -> Path:
     key = hashlib.sha256(f"{digest}|{source.card.digest()}|{paddle.__version__}|softmax".encode()).hexdigest()[:20]
     target = cache_dir() / "exports" / key
     if (target / "DONE").exists():  # (before building the model: a cached call built and dropped one, ~1 s)
+        with contextlib.suppress(OSError):  # (its last use: see _remove_unused_exports)
+            os.utime(target / "DONE")
         return target
     layer = build_layer(source)
     try:
@@ -340,6 +342,26 @@ def _remove_dead_exports(folder: Path) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+#: Days after its last use that a cached export is removed (when another is made): each model trained and
+#: predicted with left 12-24 MB in the cache for good.
+EXPORT_CACHE_DAYS = 30
+
+
+def _remove_unused_exports(folder: Path) -> None:
+    """Remove the cached exports not used for :data:`EXPORT_CACHE_DAYS` (their ``DONE`` file's time, which each
+    use renews)."""
+    import shutil
+
+    cutoff = time.time() - EXPORT_CACHE_DAYS * 86400
+    with contextlib.suppress(OSError):
+        for d in folder.iterdir():
+            done = d / "DONE"
+            with contextlib.suppress(OSError):
+                if not d.name.startswith(".") and done.stat().st_mtime < cutoff:
+                    shutil.rmtree(d, ignore_errors=True)
+                    log.debug("removed the export %s, unused for %d days", d, EXPORT_CACHE_DAYS)
+
+
 def _export_into(target: Path, layer: Any, source: ModelSource) -> Path:
     """Export ``layer`` (ending in a softmax) into ``target`` atomically (see :func:`exported_for_inference`)."""
     from geoseg.exported import with_output_op
@@ -347,6 +369,7 @@ def _export_into(target: Path, layer: Any, source: ModelSource) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_exports(target.parent)
+    _remove_unused_exports(target.parent)
     tmp = temp_name(target)  # names this process: a killed run's is removed by the next export here
     log.debug("exporting %s for Paddle Inference into %s", source.label, target)
     try:

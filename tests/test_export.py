@@ -491,3 +491,28 @@ def test_an_interrupted_export_is_an_interrupt_and_a_failed_one_one_line(tiny_un
     with pytest.raises(ModelError) as info:
         export_model(layer, tmp_path / "c" / "model", 3)
     assert str(info.value).endswith("RuntimeError: ValueError: bad shape") and "\n" not in str(info.value)
+
+
+def test_cached_exports_unused_for_a_month_are_removed(tiny_unet: tuple[Path, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every model predicted with on CPU left its 12-24 MB export in ~/.cache/geoseg for good (52 entries in a
+    service's walkthrough): an export unused for EXPORT_CACHE_DAYS goes when another is made; each use renews."""
+    import time
+
+    import geoseg.engine as engine
+
+    monkeypatch.setenv("GEOSEG_CACHE_DIR", str(tmp_path / "cache"))
+    exports = tmp_path / "cache" / "exports"
+    old, recent = exports / "0", exports / "1"
+    month = engine.EXPORT_CACHE_DAYS * 86400
+    for d, age in ((old, month + 3600), (recent, month - 3600)):
+        d.mkdir(parents=True)
+        (d / "DONE").write_text("ok\n")
+        os.utime(d / "DONE", (time.time() - age, time.time() - age))
+    weights, card_path = tiny_unet
+    source = ModelSource(ModelCard.load(card_path), weights=weights)
+    target = engine.exported_for_inference(source)
+    assert not old.exists() and recent.exists() and (target / "DONE").exists()
+    os.utime(target / "DONE", (time.time() - month - 3600,) * 2)
+    assert engine.exported_for_inference(source) == target  # used again: renewed, not removed by the next export
+    assert time.time() - (target / "DONE").stat().st_mtime < 600
