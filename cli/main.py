@@ -88,9 +88,10 @@ def _import_paddle_first() -> None:
     import importlib.util
 
     if importlib.util.find_spec("paddle") is not None:  # missing: the command itself says how to install it
-        with contextlib.suppress(Exception), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="No ccache found")
-            import paddle  # noqa: F401
+        from geoseg.errors import require_paddle
+
+        with contextlib.suppress(Exception):
+            require_paddle()  # (which puts back what the import changes: OMP_NUM_THREADS stayed 1 in train)
 
 
 class GeosegGroup(click.Group):

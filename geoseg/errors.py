@@ -8,9 +8,12 @@ classes to exit codes in one place (``geoseg_cli.main``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 
 class GeosegError(Exception):
@@ -156,8 +159,8 @@ def require_paddle() -> object:
         return sys.modules["paddle"]
     kept = _ProcessState()
     try:
-        with warnings.catch_warnings():  # paddle's import warns about a C++ compiler cache (for its own builds)
-            warnings.filterwarnings("ignore", message="No ccache found")
+        with warnings.catch_warnings(), _without_paddle_thread_advice():
+            warnings.filterwarnings("ignore", message="No ccache found")  # (a C++ compiler cache, for its builds)
             import paddle
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise DependencyError(
@@ -172,6 +175,46 @@ def require_paddle() -> object:
         # (a pipeline's stdout). Off, SIGTERM ends the process as it would have without paddle.
         paddle.disable_signal_handler()
     return paddle
+
+
+@contextlib.contextmanager
+def _without_paddle_thread_advice() -> Iterator[None]:
+    """Paddle's import prints "WARNING: OMP_NUM_THREADS set to 4, not 1. The computation speed will not be
+    optimized if you use data parallel ..." and "PLEASE USE OMP_NUM_THREADS WISELY." on stderr whenever a
+    user gives it more than one thread: advice for Paddle's distributed training, not for geoseg. Those two
+    lines are left out; everything else written to ``sys.stderr`` meanwhile passes."""
+    try:
+        asked = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    except ValueError:
+        asked = 1
+    if asked <= 1:
+        yield
+        return
+    real = sys.stderr
+    sys.stderr = _DropLines(real, ("WARNING: OMP_NUM_THREADS set to", "PLEASE USE OMP_NUM_THREADS WISELY"))
+    try:
+        yield
+    finally:
+        if isinstance(sys.stderr, _DropLines):
+            sys.stderr = real
+
+
+class _DropLines:
+    """A text stream passing every write to ``stream`` but the ones starting with ``prefixes`` (and the
+    line end ``print`` writes after them)."""
+
+    def __init__(self, stream: Any, prefixes: tuple[str, ...]) -> None:
+        self._stream, self._prefixes, self._dropped = stream, prefixes, False
+
+    def write(self, text: str) -> int:
+        if text.startswith(self._prefixes) or (self._dropped and text == "\n"):
+            self._dropped = text != "\n"
+            return len(text)
+        self._dropped = False
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 class _ProcessState:
