@@ -868,8 +868,9 @@ class Manifest:
             room, todo = "no space left on the device", "free some space"
         else:
             room, todo = None, "check the disk"
-        return OutputError(f"cannot write the manifest {self.path}: {room or str(exc)}: {todo} or choose another --out "
-                           "(the next run redoes the scenes not recorded as done)")
+        return (NoRoomError if room is not None else OutputError)(
+            f"cannot write the manifest {self.path}: {room or str(exc)}: {todo} or choose another --out "
+            "(the next run redoes the scenes not recorded as done)")
 
     def entries(self) -> list[ManifestEntry]:
         """All entries, sorted by key."""
@@ -1223,13 +1224,35 @@ def _make_worker_plugin(model: BatchModel, name: str, quiet_loggers: tuple[str, 
     return _Plugin(model, name, quiet_loggers, own_cluster)
 
 
-def run_plugin_name(model: BatchModel) -> str:
-    """The name of one run's :class:`ModelPlugin` on the cluster: the model's digest and a part of this run's
-    own. Runs sharing a scheduler (two archives' cron jobs, the same weights) each register and unregister
-    their own: a name of the model alone was one plugin for both, and the first run to finish removed it
-    from every worker, failing the other run's scenes ("KeyError: 'geoseg-model-…'"), while each new
-    registration under it threw away the other run's loaded model."""
-    return f"{PLUGIN_PREFIX}{hashlib.sha256(repr(model).encode()).hexdigest()[:12]}-{uuid.uuid4().hex[:12]}"
+def run_plugin_name(model: BatchModel, client_id: str = "") -> str:
+    """The name of one run's :class:`ModelPlugin` on the cluster: the model's digest, a part of this run's
+    own and, after an ``@``, the id of its Dask client. Runs sharing a scheduler (two archives' cron jobs,
+    the same weights) each register and unregister their own: a name of the model alone was one plugin
+    for both, and the first run to finish removed it from every worker, failing the other run's scenes
+    ("KeyError: 'geoseg-model-…'"), while each new registration under it threw away the other run's loaded
+    model. The client's id lets a later run remove the plugin of a run killed before it could
+    (:func:`_remove_orphan_plugins`)."""
+    return f"{PLUGIN_PREFIX}{hashlib.sha256(repr(model).encode()).hexdigest()[:12]}-{uuid.uuid4().hex[:12]}@{client_id}"
+
+
+def _remove_orphan_plugins(client: Any) -> list[str]:
+    """Unregister the geoseg model plugins of clients no longer connected to the scheduler: a run killed
+    (kill -9, out of memory) or cut off from it never removed its plugin, whose model then stayed loaded
+    on every worker, and on every worker joining later, for good. Returns the names removed; a scheduler
+    that cannot be asked is let be."""
+    def state(dask_scheduler: Any) -> tuple[list[str], list[str]]:
+        return list(dask_scheduler.clients), list(dask_scheduler.worker_plugins)
+
+    try:
+        connected, names = client.run_on_scheduler(state)
+    except Exception:  # noqa: BLE001 - housekeeping only
+        return []
+    orphans = [n for n in names if n.startswith(PLUGIN_PREFIX) and "@" in n and n.rsplit("@", 1)[1] not in connected]
+    for n in orphans:
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(n)
+            log.info("removed the model plugin %s of a batch run that is gone", n)
+    return orphans
 
 
 def dask_scene_task(scene: Scene, out_dir: str, options: Any, plugin_name: str) -> SceneOutcome:
@@ -1795,10 +1818,10 @@ def _run_here(
         finish(o, reason)
 
 
-def _no_room_error(o: SceneOutcome) -> OutputError:
+def _no_room_error(o: SceneOutcome) -> NoRoomError:
     """The run-level error of a scene that could not be written for lack of room: every later scene would
     fail the same way, after running the model for nothing."""
-    return OutputError(f"{o.key}: {o.error}; the run stopped (the next run redoes the scenes not finished)")
+    return NoRoomError(f"{o.key}: {o.error}; the run stopped (the next run redoes the scenes not finished)")
 
 
 def parse_resources(text: str | None) -> dict[str, float]:
@@ -1969,7 +1992,8 @@ def _run_dask(
         warn(f"--workers {batch.workers} on {gpus} GPU(s): workers share a GPU, each with its own copy of the model "
              f"and its batches in GPU memory; --workers {gpus} runs one per GPU", PerformanceWarning)
     _wait_for_workers(client, batch.resources, where)
-    name = run_plugin_name(model)
+    _remove_orphan_plugins(client)
+    name = run_plugin_name(model, str(getattr(client, "id", "")))
     plugin = _make_worker_plugin(model, name, batch.quiet_worker_loggers, own_cluster)
     # register_plugin since distributed 2023.9; register_worker_plugin (deprecated since) before it
     register = getattr(client, "register_plugin", None) or client.register_worker_plugin

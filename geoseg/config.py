@@ -4,7 +4,10 @@ turning results into plain JSON/YAML data."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path, PurePath
 from typing import Any
@@ -88,6 +91,80 @@ def options_of(value: Any, cls: type, what: str) -> Any:
         if unknown:
             raise ParameterError(f"{what}: {cls.__name__} has no {', '.join(map(repr, unknown))} (its fields: "
                                  f"{', '.join(names)})")
-        return cls(**value)
+        hints = typing.get_type_hints(cls)
+        given = {}
+        for k, v in value.items():
+            v = _as_type(v, hints.get(k, Any))
+            if v is _MISFIT:  # ("no" taken as True, "*.tif" as the patterns "*", ".", ...)
+                raise ParameterError(f"{what}: {k}={value[k]!r}: give {_type_name(hints[k])}")
+            given[k] = v
+        return cls(**given)
     raise ParameterError(f"{what} must be a {cls.__module__}.{cls.__name__} (or a mapping of its fields), got "
                          f"{type(value).__name__}")
+
+
+_MISFIT = object()
+
+
+def _as_type(value: Any, tp: Any) -> Any:
+    """``value`` as the annotation ``tp`` takes it (a list for a tuple field: a tuple; a string for a Path or an
+    enum), or :data:`_MISFIT` when it is not one (a string for a bool, an int or a tuple of strings)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or isinstance(tp, typing.TypeVar):
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            v = _as_type(value, a)
+            if v is not _MISFIT:
+                return v
+        return _MISFIT
+    if origin is typing.Literal:
+        return value if any(value == a and type(value) is type(a) for a in args) else _MISFIT
+    if tp is type(None):
+        return value if value is None else _MISFIT
+    if tp is bool:
+        return value if isinstance(value, (bool, np.bool_)) else _MISFIT
+    if tp is int:
+        return value if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else _MISFIT
+    if tp is float:
+        return value if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+            else _MISFIT
+    if tp is str:
+        return value if isinstance(value, str) else _MISFIT
+    if isinstance(tp, type) and issubclass(tp, PurePath):
+        return Path(value) if isinstance(value, (str, PurePath)) else _MISFIT
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            return _MISFIT
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return _MISFIT
+        item = args[0] if args else Any
+        out = tuple(_as_type(v, item) for v in value)
+        return _MISFIT if any(v is _MISFIT for v in out) else out
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        return value if isinstance(value, Mapping) else _MISFIT
+    return value  # (anything else: as given)
+
+
+def _type_name(tp: Any) -> str:
+    """An annotation in words for a message (``int or None``, ``one of 'auto', 'cpu', 'gpu'``)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if tp is type(None):
+        return "None"
+    if origin is tuple:
+        return f"a list ({_type_name(args[0]) if args else 'values'} each)"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(e.value) for e in tp)
+    words = {bool: "True or False", int: "a whole number", float: "a number", str: "a string"}
+    if tp in words:
+        return words[tp]
+    if isinstance(tp, type) and issubclass(tp, PurePath):
+        return "a path"
+    return f"a {getattr(tp, '__name__', str(tp))}"

@@ -256,7 +256,7 @@ def _nothing_scored(cm: ConfusionMatrix, region: tuple[int, int, int, int] | Non
 
 
 def _check_block_rows(block_rows: int) -> None:
-    if not isinstance(block_rows, int) or block_rows < 1:
+    if not isinstance(block_rows, (int, np.integer)) or isinstance(block_rows, bool) or block_rows < 1:
         raise ParameterError(f"block_rows {block_rows!r}: give a whole number of rows >= 1")
 
 
@@ -285,9 +285,18 @@ def _default_ignore(ignore: Sequence[int] | None, classes: Sequence[int] | None,
         class_ids = {int(c) for c in classes}
     elif table:
         class_ids = {c.id for c in table}
-    else:
-        class_ids = {cid for ds in tagged for cid in band_class_names(ds)}
+    else:  # (a tag may name the unlabelled value too: "0=no_data")
+        class_ids = {cid for ds in tagged for cid, name in band_class_names(ds).items() if not _means_no_data(name)}
     return () if 0 in class_ids else (0,)
+
+
+#: Class names that say a value is no class (a CLASSES tag's ``0=no_data``), spelt without case, spaces or marks.
+_NO_DATA_NAMES = frozenset({"nodata", "novalue", "unlabelled", "unlabeled", "unclassified", "unknown", "void",
+                            "fill", "ignore", "none", "empty", "masked", "missing"})
+
+
+def _means_no_data(name: str) -> bool:
+    return "".join(ch for ch in name.lower() if ch.isalnum()) in _NO_DATA_NAMES
 
 
 def _prediction_ignore(pds: Any) -> list[int]:

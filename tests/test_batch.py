@@ -17,7 +17,7 @@ import pytest
 import rasterio
 
 from geoseg.batch import BatchLock, discover_scenes, parse_resources
-from geoseg.errors import BatchLockedError, BatchWarning, GeosegWarning, ParameterError
+from geoseg.errors import BatchLockedError, BatchWarning, GeosegWarning, NoRoomError, ParameterError
 from geoseg_cli.main import EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL, cli
 from tests.conftest import write_band_vrt, write_raster
 
@@ -1411,6 +1411,7 @@ def test_a_full_disk_under_the_manifest_is_one_line_naming_it(runner, tiny_unet,
     monkeypatch.setattr(gb, "file_size_limit", lambda: 4096)
     err = gb.Manifest(out)._write_error(sqlite3.OperationalError("disk I/O error"))
     assert "file too large: this process may not write files over 4096 bytes (ulimit -f)" in str(err)
+    assert isinstance(err, NoRoomError)  # (a pipeline catching NoRoomError sees it)
 
 
 @pytest.mark.parametrize("errno_name", ["ENOSPC", "EFBIG"])
@@ -1454,6 +1455,11 @@ def test_a_scene_that_finds_no_room_stops_the_run(runner, tiny_unet, tmp_path: P
     assert error.endswith("Failed to commit transaction") and "--overwrite" not in error, error
     r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
     assert r.stdout.count("\tnot finished by an interrupted run") == 2, r.output
+    from geoseg.batch import BatchModel, run_batch  # a pipeline catching NoRoomError sees the stop as one
+    from geoseg.engine import PredictOptions
+
+    with pytest.raises(NoRoomError, match="the run stopped"):
+        run_batch([arch], tmp_path / "out2", BatchModel(weights=str(tiny_unet[0])), PredictOptions(vector="none"))
 
 
 def test_a_report_on_a_full_disk_is_named(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
@@ -1713,7 +1719,7 @@ def test_two_runs_sharing_a_scheduler_with_one_model_keep_their_own_plugins(tiny
     registers, looks up and unregisters a plugin of its own. Here run A runs whole between run B's
     registration and its first task, as a run finishing under another does."""
     distributed = pytest.importorskip("distributed")
-    from geoseg.batch import BatchModel, BatchOptions, run_batch
+    from geoseg.batch import PLUGIN_PREFIX, BatchModel, BatchOptions, run_batch
     from geoseg.engine import PredictOptions
 
     make_archive(tmp_path / "a", 2, size=(16, 16))
@@ -1728,7 +1734,8 @@ def test_two_runs_sharing_a_scheduler_with_one_model_keep_their_own_plugins(tiny
             self.client, self.results = client, []
 
         def register_plugin(self, plugin, name):  # type: ignore[no-untyped-def]
-            self.client.register_plugin(plugin, name=name)
+            # (register_worker_plugin before distributed 2023.9)
+            (getattr(self.client, "register_plugin", None) or self.client.register_worker_plugin)(plugin, name=name)
             self.results.append(run_batch([tmp_path / "a"], tmp_path / "out_a", model, opts, bo, client=self.client))
 
         def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
@@ -1739,6 +1746,11 @@ def test_two_runs_sharing_a_scheduler_with_one_model_keep_their_own_plugins(tiny
 
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
+        # the plugin of a run killed before it could remove it (its client is gone): removed by the next run
+        orphan = f"{PLUGIN_PREFIX}{'0' * 12}-{'1' * 12}@Client-gone"
+        (getattr(client, "register_plugin", None) or client.register_worker_plugin)(distributed.WorkerPlugin(),
+                                                                                       name=orphan)
+        assert list(client.run(plugins).values()) == [[orphan]]
         meanwhile = Meanwhile(client)
         b = run_batch([tmp_path / "b"], tmp_path / "out_b", model, opts, bo, client=meanwhile)
         left = list(client.run(plugins).values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import warnings
@@ -1316,6 +1317,23 @@ def test_library_options_may_be_mappings_and_bad_arguments_are_parameter_errors(
         run_batch([src], tmp_path / "b", 3.5)  # type: ignore[arg-type]
     with pytest.raises(ParameterError, match=r"^batch: BatchOptions has no 'dryrun'"):
         run_batch([src], tmp_path / "b", "unet", None, {"dryrun": True})
+    # values are checked as the fields take them ("no" was taken as True and overwrote; "*.tif" became the
+    # patterns "*", ".", "t", ... and matched every file; "2" a TypeError traceback)
+    for bad, said in (({"overwrite": "no"}, "overwrite='no': give True or False"),
+                      ({"tile_size": 256.0}, "tile_size=256.0: give a whole number or None"),
+                      ({"blend": "nope"}, "blend='nope': give one of 'constant', 'gaussian'")):
+        with pytest.raises(ParameterError, match=f"^options: {re.escape(said)}$"):
+            segment_scene(src, tmp_path / "o3", **kw, options=bad)
+    for bad, said in (({"patterns": "*.tif"}, "patterns='*.tif': give a list (a string each)"),
+                      ({"workers": "2"}, "workers='2': give a whole number")):
+        with pytest.raises(ParameterError, match=f"^batch: {re.escape(said)}$"):
+            run_batch([src], tmp_path / "b", "unet", None, bad)
+    from geoseg.batch import BatchOptions
+    from geoseg.config import options_of
+
+    b = options_of({"patterns": ["*.TIF"], "report": "r.json", "workers": np.int64(2)}, BatchOptions, "batch")
+    assert b.patterns == ("*.TIF",) and b.report == Path("r.json") and b.workers == 2
+    assert evaluate_rasters(res.mask, res.mask, block_rows=np.int64(7)).metrics.overall_accuracy == 1.0
 
 
 def test_a_pixel_without_data_in_every_band_by_mixed_means_is_nodata(tmp_path: Path) -> None:

@@ -117,6 +117,9 @@ def test_class_zero_of_another_tool_s_classes_tag_counts(tmp_path: Path) -> None
     pred = write_raster(tmp_path / "pred.tif", pred0, crs=NC_LCC, nodata=255)
     np.testing.assert_array_equal(evaluate_rasters(pred, ref).metrics.confusion, [[1, 0, 1], [0, 4, 1], [0, 1, 3]])
     np.testing.assert_array_equal(evaluate_rasters(pred, ref, ignore=(0,)).metrics.confusion, CM)
+    with rasterio.open(ref, "r+") as ds:  # a tag naming 0 as no data: still not counted
+        ds.update_tags(1, CLASSES="0=No Data,1=a,2=b")
+    np.testing.assert_array_equal(evaluate_rasters(pred, ref).metrics.confusion, CM)
     # no tag either side: 0 is unlabelled by default; a 0 predicted on a labelled pixel says what to do
     plain_ref = write_raster(tmp_path / "plain_ref.tif", ref0, crs=NC_LCC)
     pred0[0, 0] = 0
