@@ -67,6 +67,34 @@ def test_info_prints_what_predict_sees(runner: CliRunner, tmp_path: Path) -> Non
     assert d["pixel_size"] == pytest.approx([math.hypot(24.68, 14.25)] * 2) and d["ground_pixel_m"] == pytest.approx(28.5, abs=0.01)
 
 
+def test_info_time_runs_the_model_on_a_few_windows(runner: CliRunner, tmp_path: Path,
+                                                   tiny_unet: tuple[Path, Path]) -> None:
+    """info --time: the model predict would run, timed on a few of the scene's windows that hold data,
+    and its time for all the windows predict runs (the AOI's only with --aoi)."""
+    from geoseg.engine import TIME_WINDOWS
+
+    weights, _ = tiny_unet
+    src = rgb(tmp_path, h=300, w=400)  # 64-px windows, overlap 16: 6 x 8 = 48
+    res = runner.invoke(cli, ["info", str(src), "--weights", str(weights), "--time", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    t = d["time"]
+    assert t["windows"] == d["windows"] == 48 and t["windows_timed"] == TIME_WINDOWS and t["device"].startswith("cpu/")
+    assert t["seconds_per_window"] > 0 and t["model_seconds"] == pytest.approx(t["seconds_per_window"] * 48, abs=0.06)
+    res = runner.invoke(cli, ["info", str(src), "--weights", str(weights), "--time"])
+    assert re.search(r"time: about [\d.]+ s of model time for its 48 windows \([\d.e-]+ s a window on cpu/", res.output)
+    box = "500000,4799000,500300,4800000"  # 30 columns of the scene: one column of windows
+    d = json.loads(runner.invoke(cli, ["info", str(src), "--weights", str(weights), "--time", "--json",
+                                       "--aoi", box]).stdout)
+    assert d["time"]["windows"] == d["aoi"]["windows"] < 48
+    empty = write_raster(tmp_path / "empty.tif", np.zeros((3, 90, 150), np.uint8), nodata=0)
+    res = runner.invoke(cli, ["info", str(empty), "--weights", str(weights), "--time"])
+    assert res.exit_code == 0 and "time: not measured: no window near the scene's centre holds data" in res.output
+    assert json.loads(runner.invoke(cli, ["info", str(src), "--weights", str(weights), "--json"]).stdout)["time"] is None
+    res = runner.invoke(cli, ["info", str(src), "--no-model", "--time"])
+    assert res.exit_code == 2 and "drop --time or --no-model" in res.output
+
+
 def test_info_memory_estimate_counts_ensemble_members(tmp_path: Path) -> None:
     """A seed ensemble holds one network per member: the shipped 3-member UNet's estimate is two members
     above the same windows without a model."""
