@@ -108,7 +108,7 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
         else:
             rows.append(("time", f"about {_duration(t['model_seconds'])} of model time for its {t['windows']} windows "
                                  f"({t['seconds_per_window']:.3g} s a window on {t['device']}, timed on "
-                                 f"{t['windows_timed']} here; reading, blending and writing add 10-30 %; windows "
+                                 f"{t['windows_timed']} here; a run adds a few seconds to start and 10-40 % for reading, blending and writing; windows "
                                  "without data take next to none)"))
     for k, v in rows:
         click.echo(f"{k:>10}: {v}")

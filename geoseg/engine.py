@@ -1689,7 +1689,7 @@ def time_model(meta: SceneMeta, source: ModelSource, grid: TileGrid, bands: Sequ
     """Time the model predict would run on up to ``windows`` of the scene's windows that hold data (those
     nearest its centre; at most :data:`TIME_READ_LIMIT` are read to find them), in predict's batches, after
     one warm-up call: ``{"device", "windows_timed", "seconds_per_window"}``, or None when no window read
-    holds data. The model alone: reading, blending and writing add 10-30 % in a run (see *Benchmarks*)."""
+    holds data. The model alone: a run adds its start and 10-40 % for reading, blending and writing."""
     predictor, desc = build_predictor(source, device)
     batch = default_batch_size(desc, grid.tile)
     cy, cx = meta.height / 2, meta.width / 2
