@@ -300,12 +300,15 @@ def _means_no_data(name: str) -> bool:
 
 
 def _prediction_ignore(pds: Any) -> list[int]:
-    """Prediction values that mean "no prediction": the map's nodata value, and 255 (geoseg's mask
-    nodata) in a uint8 map; in a wider map 255 is a class like any other."""
+    """Prediction values that mean "no prediction": the map's nodata value, 255 (geoseg's mask nodata)
+    in a uint8 map (in a wider map 255 is a class like any other), and values band 1's ``CLASSES`` tag
+    names as no data."""
     out = [MASK_NODATA] if np.dtype(pds.dtypes[0]) == np.uint8 else []
     nodata = pds.nodata
     if nodata is not None and np.isfinite(nodata) and float(nodata) == int(nodata) and int(nodata) not in out:
         out.append(int(nodata))
+    # a value band 1's CLASSES tag names as no data (another tool's "0=no_data", without a nodata value)
+    out += [v for v, name in band_class_names(pds).items() if _means_no_data(name) and v not in out]
     return out
 
 
@@ -432,6 +435,16 @@ def evaluate_vector(
             raise ParameterError(f"--stratified needs sample points; {ref_path.name} has polygons (a polygon is not a "
                                  "sample unit of a stratified random sample)")
         c0, r0, w, h = _region_box(win, pds.width, pds.height)
+        if stratified:
+            # the strata: every map class with pixels in the region, sampled or not
+            # (ground areas: geodesic m² row by row on a geographic CRS; pixels on a grid without a CRS)
+            areas = pixel_areas(pds.crs, pds.transform, pds.height)
+            counts, row_area = _value_counts(pds, (c0, r0, w, h), block_rows,
+                                             row_area=areas if isinstance(areas, GeoAreas) else None)
+            if not ignore_given and 0 in ignore and counts.get(0):
+                # 0 is a stratum, a class of the map: a reference 0 is that class, not "unlabelled" (left out,
+                # the stratum could never be sampled: the estimates were wrong, overall accuracy 0.47 for 0.89)
+                ignore = tuple(v for v in ignore if v != 0)
 
         # points: one sample each, the pixel they fall in
         pt_ids = part_ids[is_point]
@@ -507,11 +520,6 @@ def evaluate_vector(
         _with_predicted_ids(cm, ids, ignore, ignore_given)
         map_pixels = map_area = None
         if stratified:
-            # the strata: every map class with pixels in the region, sampled or not
-            # (ground areas: geodesic m² row by row on a geographic CRS; pixels on a grid without a CRS)
-            areas = pixel_areas(pds.crs, pds.transform, pds.height)
-            counts, row_area = _value_counts(pds, (c0, r0, w, h), block_rows,
-                                             row_area=areas if isinstance(areas, GeoAreas) else None)
             cm.add_classes(sorted(counts))
             map_pixels = np.array([counts.get(c, 0) for c in cm.class_ids], np.int64)
             map_area = (np.array([row_area.get(c, 0.0) for c in cm.class_ids]) if row_area is not None

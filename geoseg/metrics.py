@@ -318,20 +318,22 @@ class StratifiedEstimates:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (NaN → None)."""
 
-        def f(v: Any) -> Any:
-            return None if not np.isfinite(v) else round(float(v), 6)
+        def f(v: Any, of: Any = 0.0) -> Any:  # (the CI of an estimate that is None is None too, not 0.0)
+            return None if not (np.isfinite(v) and np.isfinite(of)) else round(float(v), 6)
 
         return {
             "method": "stratified estimators (Olofsson et al. 2014), strata = map classes, 95 % CI half-widths",
-            "overall_accuracy": f(self.overall_accuracy), "overall_accuracy_ci": f(self.overall_accuracy_ci),
+            "overall_accuracy": f(self.overall_accuracy),
+            "overall_accuracy_ci": f(self.overall_accuracy_ci, self.overall_accuracy),
             "area_units": self.area_units, "unsampled_classes": list(self.unsampled),
             "per_class": {str(c): {
                 "samples": int(self.samples[i]), "map_pixels": int(self.map_pixels[i]),
                 "mapped_area": f(self.mapped_area[i]),
-                "users_accuracy": f(self.users_accuracy[i]), "users_accuracy_ci": f(self.users_accuracy_ci[i]),
+                "users_accuracy": f(self.users_accuracy[i]),
+                "users_accuracy_ci": f(self.users_accuracy_ci[i], self.users_accuracy[i]),
                 "producers_accuracy": f(self.producers_accuracy[i]),
-                "producers_accuracy_ci": f(self.producers_accuracy_ci[i]),
-                "area": f(self.area[i]), "area_ci": f(self.area_ci[i]),
+                "producers_accuracy_ci": f(self.producers_accuracy_ci[i], self.producers_accuracy[i]),
+                "area": f(self.area[i]), "area_ci": f(self.area_ci[i], self.area[i]),
             } for i, c in enumerate(self.class_ids)},
         }
 

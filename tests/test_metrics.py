@@ -1011,3 +1011,45 @@ def test_a_mask_band_hides_pixels_from_sample_and_evaluate(tmp_path: Path) -> No
                         field="cls", stratified=True)
     assert r.metrics.total == 12 and r.metrics.unpredicted == 6 and r.metrics.overall_accuracy == 1.0
     assert list(r.stratified.map_pixels) == [24, 12]
+
+
+def test_stratified_class_zero_of_a_raw_map_is_a_stratum_and_a_no_data_tag_none(tmp_path: Path) -> None:
+    """A map without a class table whose classes are 0, 1, 2: the 0 pixels were a stratum while a reference
+    0 was "unlabelled" by default, so that stratum was never sampled (overall accuracy 0.47 for 0.89, class
+    0's area 0). And a map whose CLASSES tag says 0=no_data (no nodata value): sample drew points on it and
+    evaluate made it a stratum no reference could ever hold."""
+    import pyogrio.raw
+    import rasterio
+
+    from geoseg.evaluate import draw_sample, evaluate_vector
+
+    mask = np.zeros((20, 30), np.uint8)
+    mask[:, 10:20], mask[:, 20:] = 1, 2
+    pred = write_raster(tmp_path / "raw.tif", mask)
+    res = draw_sample(pred, tmp_path / "s.gpkg", per_class=5, seed=0)
+    assert res.points == {0: 5, 1: 5, 2: 5}
+    meta, _, wkb, fields = pyogrio.raw.read(tmp_path / "s.gpkg")
+    ref = fields[1].astype(np.int64)  # labelled as the map says, 0 included
+    out = tmp_path / "ref.gpkg"
+    with rasterio.open(pred) as ds:
+        pyogrio.raw.write(out, wkb, [ref], ["reference"], geometry_type="Point", crs=ds.crs.to_wkt())
+    e = evaluate_vector(pred, out, field="reference", stratified=True)
+    assert e.stratified is not None and e.metrics.class_ids == (0, 1, 2)
+    assert e.stratified.overall_accuracy == pytest.approx(1.0)
+    # a CLASSES tag naming 0 as no data: no stratum, no sample point on it
+    with rasterio.open(pred, "r+") as ds:
+        ds.update_tags(1, CLASSES="0=no_data,1=a,2=b")
+    res = draw_sample(pred, tmp_path / "s2.gpkg", per_class=5, seed=0)
+    assert res.points == {1: 5, 2: 5} and 0 not in res.map_pixels
+
+
+def test_an_undefined_stratified_estimate_has_no_interval_either() -> None:
+    """A class only in the reference has no user's accuracy: its JSON said users_accuracy null with
+    users_accuracy_ci 0.0, an interval of certainty around nothing."""
+    from geoseg.metrics import stratified_estimates
+
+    d = stratified_estimates(np.array([[5, 1, 1], [0, 6, 0], [0, 0, 0]]), [100, 50, 0], [1, 2, 3]).to_dict()
+    third = d["per_class"]["3"]
+    assert third["users_accuracy"] is None and third["users_accuracy_ci"] is None
+    assert third["producers_accuracy"] == 0.0 and third["area"] is not None and third["area_ci"] is not None
+    assert d["per_class"]["1"]["users_accuracy_ci"] is not None
