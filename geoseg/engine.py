@@ -67,6 +67,7 @@ from geoseg.io import (
     georeferencing,
     is_virtual,
     open_scene,
+    check_map_areas,
     pixel_areas,
     polygons_skipped_reason,
     read_scene_window,
@@ -1414,6 +1415,7 @@ def _segment_scene(
 
             counts = np.zeros(256, np.int64)
             areas = pixel_areas(out_meta.crs, out_meta.transform, out_meta.height)  # by row/pixel on a degree grid
+            check_map_areas(out_meta.crs, out_meta.transform, out_meta.width, out_meta.height, input_path.name)
             row_area = np.zeros(256)
 
             def sink(row: int, idx: np.ndarray, conf: np.ndarray, valid: np.ndarray, probs: np.ndarray) -> None:

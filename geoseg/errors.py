@@ -120,6 +120,10 @@ class ResolutionWarning(GeosegWarning):
     """The scene's pixels are much larger or smaller on the ground than the model's training pixels."""
 
 
+class AreaWarning(GeosegWarning):
+    """Areas in the grid's map units are far from ground areas (a Web Mercator grid away from the equator)."""
+
+
 class EvaluationWarning(GeosegWarning):
     """Part of the reference was not counted, or the comparison is weaker than it looks (reference
     samples outside the prediction or without a class, a region clipped to the raster, a sparse sample)."""

@@ -45,6 +45,7 @@ from geoseg.io import (
     has_mask_band,
     area_units,
     band_class_names,
+    check_map_areas,
     pixel_areas,
     read_classes,
     read_vector,
@@ -439,6 +440,7 @@ def evaluate_vector(
             # the strata: every map class with pixels in the region, sampled or not
             # (ground areas: geodesic m² row by row on a geographic CRS; pixels on a grid without a CRS)
             areas = pixel_areas(pds.crs, pds.transform, pds.height)
+            check_map_areas(pds.crs, pds.transform, pds.width, pds.height, pred_path.name)
             counts, row_area = _value_counts(pds, (c0, r0, w, h), block_rows,
                                              row_area=areas if isinstance(areas, GeoAreas) else None)
             if not ignore_given and 0 in ignore and counts.get(0):

@@ -32,7 +32,7 @@ from rasterio.windows import Window
 
 from geoseg.atomic import atomic_output, atomic_write_text, temp_name, write_error
 from geoseg.card import ClassInfo
-from geoseg.errors import NoCRSWarning, OutputError, SceneError, SceneReadError, gdal_reason, warn
+from geoseg.errors import AreaWarning, NoCRSWarning, OutputError, SceneError, SceneReadError, gdal_reason, warn
 
 log = logging.getLogger(__name__)
 
@@ -1047,6 +1047,42 @@ class GeoAreas:
         return radii * np.cos(lat) * abs(t.determinant) * math.radians(k) ** 2
 
 
+#: How far (as a ratio) a projected grid's pixel area may be from its ground area before areas are warned about:
+#: UTM is within 0.2 %, Web Mercator 2.6 times too large at 52° N.
+MAP_AREA_TOLERANCE = 1.05
+
+
+def map_area_ratio(crs: Any, transform: Any, width: int, height: int) -> float | None:
+    """A projected grid's pixel area over its ground (geodesic) area at the grid's centre pixel: about 1 on
+    UTM or a national grid, 1/cos²(latitude) on Web Mercator. None on a geographic CRS (areas are geodesic
+    there already), without a CRS, or where it cannot be computed."""
+    if crs is None or crs.is_geographic:
+        return None
+    try:
+        import pyproj
+
+        src = pyproj.CRS.from_wkt(crs.to_wkt())
+        to_geo = pyproj.Transformer.from_crs(src, src.geodetic_crs, always_xy=True)
+        c, r = width / 2, height / 2
+        xs, ys = zip(*(transform * (c + dc, r + dr) for dc, dr in ((0, 0), (1, 0), (1, 1), (0, 1))))
+        lons, lats = to_geo.transform(xs, ys)
+        ground = abs(src.get_geod().polygon_area_perimeter(lons, lats)[0])
+        metres = float(src.axis_info[0].unit_conversion_factor)  # (a foot's 0.3048: areas compared in m²)
+    except Exception:  # noqa: BLE001 - pyproj's errors for CRSs it cannot transform: no check
+        return None
+    return abs(transform.determinant) * metres**2 / ground if ground > 0 and np.isfinite(ground) else None
+
+
+def check_map_areas(crs: Any, transform: Any, width: int, height: int, name: str) -> None:
+    """Warn (:class:`AreaWarning`) when the grid's areas in map units are far from ground areas
+    (:func:`map_area_ratio`): a Web Mercator scene's class areas and polygon areas looked like m²."""
+    ratio = map_area_ratio(crs, transform, width, height)
+    if ratio is not None and not 1 / MAP_AREA_TOLERANCE <= ratio <= MAP_AREA_TOLERANCE:
+        warn(f"{name}: areas are in its CRS's map units ({area_units(crs)}), {ratio:.3g} times the ground area at its "
+             f"centre ({crs.to_string() if crs.to_epsg() else 'its projection'} distorts areas): warp it to an "
+             "equal-area or local CRS (gdalwarp -t_srs EPSG:XXXX) for ground areas", AreaWarning)
+
+
 def pixel_areas(crs: Any, transform: Any, height: int) -> float | GeoAreas | None:
     """Ground area of a grid's pixels: one number for a projected CRS (``|det(transform)|`` in its
     units², m² for most), a :class:`GeoAreas` for a geographic CRS (geodesic m² row by row, or
@@ -1105,6 +1141,7 @@ __all__ = [
     "SceneMeta",
     "check_georeferenced",
     "band_class_names",
+    "check_map_areas",
     "check_transform",
     "georeferencing",
     "degrees_per_unit",

@@ -76,7 +76,7 @@ from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.config import plain
 from geoseg.errors import ParameterError, SceneError, SceneReadError
-from geoseg.io import area_units, band_class_names, check_transform, degrees_per_unit, geodesic, ground_pixel_area, has_mask_band
+from geoseg.io import area_units, band_class_names, check_map_areas, check_transform, degrees_per_unit, geodesic, ground_pixel_area, has_mask_band
 from geoseg.io import read_classes as read_tagged_classes
 
 log = logging.getLogger(__name__)
@@ -1035,6 +1035,7 @@ def vectorize_mask(
     geojson = fmt == "geojson"
     crs_wkt = "EPSG:4326" if geojson else info.crs.to_wkt()
     units = area_units(info.crs)
+    check_map_areas(info.crs, info.transform, info.width, info.height, mask_path.name)
     gtype = "MultiPolygon" if connectivity == 8 else "Polygon"
     counts: dict[int, int] = {}
     log.debug(
