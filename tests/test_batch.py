@@ -1880,14 +1880,14 @@ def test_a_leftover_that_cannot_be_removed_is_a_warning_and_the_run_goes_on(runn
         p.write_bytes(b"half a file")
         return p
 
-    real_unlink = os.unlink
+    real_unlink = Path.unlink
 
     def unlink(path, *args, **kwargs):  # type: ignore[no-untyped-def]
         if "/stuck/" in str(path):  # (chattr +i, or another user's folder: not even root may)
             raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
         return real_unlink(path, *args, **kwargs)
 
-    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(Path, "unlink", unlink)  # (Python 3.10's Path.unlink holds its own os.unlink)
     # at the start of the run
     out, rep = tmp_path / "out", tmp_path / "run.json"
     stuck = leftover(out / "stuck")
