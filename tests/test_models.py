@@ -518,37 +518,35 @@ def test_loading_paddle_leaves_the_application_s_signal_handler_and_logging(tmp_
     assert r.returncode == -15 and "FatalError" not in r.stdout + r.stderr, (r.returncode, r.stdout[-500:])
 
 
+def _python(tmp_path: Path, code: str, omp: str | None) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh Python with ``OMP_NUM_THREADS`` set to ``omp`` (unset for None)."""
+    script = tmp_path / "probe.py"
+    script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if omp is not None:
+        env["OMP_NUM_THREADS"] = omp
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+
+
 def test_the_cli_s_commands_leave_omp_num_threads_as_the_user_set_it(tmp_path: Path) -> None:
     """The CLI imports paddle before its commands (its SIGTERM handler must win), bypassing what puts
     paddle's import changes back: OMP_NUM_THREADS stayed 1 in ``geoseg train`` (a teacher's predictor
     on one core) and in every process a command started."""
-    script = tmp_path / "probe.py"
-    script.write_text(
-        "import os, sys\n"
-        "import geoseg_cli.main as m\n"
-        "cmd = m.cli.get_command(None, 'train')\n"
-        "cmd.callback = lambda *a, **k: print('OMP', os.environ.get('OMP_NUM_THREADS'))\n"
-        "cmd.params = []\n"
-        "m.cli.main(['train'], standalone_mode=False)\n")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    code = ("import os, geoseg_cli.main as m\n"
+            "cmd = m.cli.get_command(None, 'train')\n"
+            "cmd.callback, cmd.params = (lambda *a, **k: print('OMP', os.environ.get('OMP_NUM_THREADS'))), []\n"
+            "m.cli.main(['train'], standalone_mode=False)\n")
+    r = _python(tmp_path, code, None)
     assert r.returncode == 0 and r.stdout.strip() == "OMP None", r.stdout + r.stderr
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                       env={**env, "OMP_NUM_THREADS": "1"})
+    r = _python(tmp_path, code, "1")
     assert r.stdout.strip() == "OMP 1", r.stdout + r.stderr
 
 
 def test_paddle_s_thread_advice_is_left_out_and_other_stderr_passes(tmp_path: Path) -> None:
     """OMP_NUM_THREADS=4 made paddle's import print "WARNING: OMP_NUM_THREADS set to 4, not 1. The
     computation speed will not be optimized if you use data parallel ..." on every command."""
-    script = tmp_path / "probe.py"
-    script.write_text(
-        "import os, sys\n"
-        "from geoseg.errors import require_paddle\n"
-        "require_paddle()\n"
-        "print('after', file=sys.stderr)\n"
-        "print('OMP', os.environ.get('OMP_NUM_THREADS'), type(sys.stderr).__name__)\n")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    r = _python(tmp_path, "import os, sys\nfrom geoseg.errors import require_paddle\nrequire_paddle()\n"
+                          "print('after', file=sys.stderr)\n"
+                          "print('OMP', os.environ.get('OMP_NUM_THREADS'), type(sys.stderr).__name__)\n", "2")
     assert r.returncode == 0 and "OMP_NUM_THREADS" not in r.stderr and "WISELY" not in r.stderr, r.stderr
     assert r.stderr.splitlines()[-1] == "after" and r.stdout.strip() == "OMP 2 TextIOWrapper", r.stdout + r.stderr
