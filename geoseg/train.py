@@ -52,7 +52,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from geoseg.atomic import atomic_write_text, file_above
+from geoseg.atomic import atomic_write_text, file_above, write_error
 from geoseg.blending import BlendMode, weight_map
 from geoseg.card import DEFAULT_SCALE, PALETTE, ClassInfo, ModelCard, Normalization, gap_fill_for, model_kwargs
 from geoseg.config import plain
@@ -69,6 +69,7 @@ from geoseg.errors import (
 )
 from geoseg.io import (
     close_handles,
+    has_mask_band,
     is_vector_path,
     open_scene,
     read_vector,
@@ -570,9 +571,9 @@ def parse_region(spec: Any, meta: Any, what: str) -> Region:
         spec = [s.strip() for s in spec.split(",")]
     if isinstance(spec, (list, tuple)):
         try:
-            c, r, w, h = (int(v) for v in spec)
+            c, r, w, h = (_whole_number(v) for v in spec)
         except (TypeError, ValueError):
-            raise ParameterError(f"{what} {spec!r}: give [col_off, row_off, width, height] in pixels") from None
+            raise ParameterError(f"{what} {spec!r}: give [col_off, row_off, width, height] in whole pixels") from None
         given = f"[{c}, {r}, {w}, {h}]"
         if w <= 0 or h <= 0:
             raise ParameterError(f"{what} {given}: give a positive width and height ([col_off, row_off, width, height] "
@@ -586,6 +587,17 @@ def parse_region(spec: Any, meta: Any, what: str) -> Region:
                                  f"[{c0}, {r0}, {c2 - c0}, {r2 - r0}], its part inside the scene")
         return Region(r, c, h, w, np.ones((h, w), bool))
     return _vector_region(Path(spec), meta, what)
+
+
+def _whole_number(v: Any) -> int:
+    """``v`` as an int, or :class:`ValueError` when it is not a whole number (0.5 was cut to 0, silently)."""
+    if isinstance(v, bool):
+        raise ValueError(v)
+    if isinstance(v, (float, np.floating)):
+        if not float(v).is_integer():
+            raise ValueError(v)
+        return int(v)
+    return int(v)  # (a string: "12", not "0.5")
 
 
 def _vector_region(path: Path, meta: Any, what: str) -> Region:
@@ -680,6 +692,13 @@ def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence
     if col.dtype.kind in "iuf":
         ids = np.asarray(col, np.float64)
         low = 0 if zero_class else 1
+        drawn = np.zeros(ids.shape, bool)
+        drawn[keep] = True
+        empty = int(np.count_nonzero(np.isnan(ids) & drawn))
+        if empty:
+            raise ParameterError(f"polygon labels {path.name}: {empty} feature(s) have no value in {field}: give each "
+                                 "polygon its class id, or remove those features")
+        ids = np.where(np.isnan(ids) & ~drawn, low, ids)  # (no value and no geometry: not burnt)
         if not np.all(np.isfinite(ids)) or np.any(ids != np.round(ids)) or np.any(ids < low) or np.any(ids > 65535):
             raise ParameterError(f"polygon labels {path.name}: {field} must hold whole class ids 0..65535"
                                  if zero_class else
@@ -759,33 +778,54 @@ def check_same_grid(image_meta: Any, label_meta: Any) -> None:
         )
 
 
-def read_labels(path: Path, window: Window, shift: Sequence[int] = (0, 0)) -> tuple[np.ndarray, float | None]:
-    """Read band 1 of the label raster in ``window`` (HW int32, or int64 for 32-bit unsigned and
-    wider labels) and its nodata value.
+def read_labels(path: Path, window: Window, shift: Sequence[int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """Read band 1 of the label raster in ``window``: its values (HW int32, or int64 for 32-bit
+    unsigned and wider labels) and where it holds a label (HW bool). A pixel holds none where it
+    is the raster's nodata (compared exactly: a nodata of 2.5 matches no whole id), NaN, or hidden
+    by the raster's mask band (GDAL's per-dataset mask, e.g. a GeoTIFF's internal mask, as
+    ``evaluate`` reads a reference).
 
     ``shift`` ``(rows, cols)`` moves the labels by whole pixels before use (co-registration):
     the label at pixel ``(r, c)`` becomes the one at ``(r - rows, c - cols)``; pixels whose
-    label would come from outside the raster get ``-1`` (no label).
+    label would come from outside the raster hold none.
     """
     dy, dx = (int(v) for v in shift)
+    shape = (int(window.height), int(window.width))
     try:
         with rasterio.open(path) as ds:
             # int32 holds every label of an 8/16/32-bit signed or 8/16-bit unsigned raster (half
             # the memory of int64 over a large region).
             kind = np.int32 if ds.dtypes[0] in ("uint8", "int8", "uint16", "int16", "int32") else np.int64
             if not (dy or dx):
-                return _whole_ids(ds.read(1, window=window), path, kind, ds.nodata), ds.nodata
+                return _label_block(ds, window, path, kind)
             src = Window(window.col_off - dx, window.row_off - dy, window.width, window.height)
             inter = src.intersection(Window(0, 0, ds.width, ds.height))
-            out = np.full((int(window.height), int(window.width)), -1, kind)
+            out, has = np.zeros(shape, kind), np.zeros(shape, bool)
             r0, c0 = int(inter.row_off - src.row_off), int(inter.col_off - src.col_off)
-            labels = _whole_ids(ds.read(1, window=inter), path, kind, ds.nodata)
+            labels, labelled = _label_block(ds, inter, path, kind)
             out[r0:r0 + int(inter.height), c0:c0 + int(inter.width)] = labels
-            return out, ds.nodata
+            has[r0:r0 + int(inter.height), c0:c0 + int(inter.width)] = labelled
+            return out, has
     except rasterio.errors.WindowError:
-        return np.full((int(window.height), int(window.width)), -1, np.int64), None
+        return np.zeros(shape, np.int64), np.zeros(shape, bool)
     except rasterio.errors.RasterioError as exc:
         raise SceneReadError(f"labels {path} cannot be read: {exc}") from None
+
+
+def _label_block(ds: Any, window: Window, path: Path, kind: type) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_labels` of one window inside the raster ``ds``."""
+    block = ds.read(1, window=window)
+    labelled = np.ones(block.shape, bool)
+    nodata = ds.nodata
+    if np.issubdtype(block.dtype, np.floating):
+        labelled &= np.isfinite(block)
+    if nodata is not None and not np.isnan(nodata):
+        labelled &= block != nodata  # exactly (an integer block against a float nodata: as floats)
+    if has_mask_band(ds):
+        labelled &= ds.read_masks(1, window=window) != 0
+    if np.issubdtype(block.dtype, np.floating):
+        block = np.where(labelled, block, np.nan)  # no label: whatever value lies there is no class id
+    return _whole_ids(block, path, kind, None), labelled
 
 
 def _whole_ids(block: np.ndarray, path: Path, kind: type, nodata: float | None) -> np.ndarray:
@@ -795,8 +835,10 @@ def _whole_ids(block: np.ndarray, path: Path, kind: type, nodata: float | None) 
                            "resampling)").astype(kind)
 
 
-def one_class_message(classes: Sequence[ClassInfo], ignore: Sequence[int], nodata: Sequence[float], listed: bool) -> str:
-    """Why a class table of fewer than two classes cannot be trained, and what to change."""
+def one_class_message(classes: Sequence[ClassInfo], ignore: Sequence[int], nodata: Sequence[float], listed: bool,
+                      negative: Sequence[int] = ()) -> str:
+    """Why a class table of fewer than two classes cannot be trained, and what to change (``ignore``: the
+    ignore values the training labels hold; ``negative``: their negative values, no class ids)."""
     have = f"one class only ({classes[0].id})" if classes else "no class"
     if listed:
         return f"the config's classes list {have}: a segmentation model needs at least two; list every class the labels hold"
@@ -805,7 +847,14 @@ def one_class_message(classes: Sequence[ClassInfo], ignore: Sequence[int], nodat
     fix = (": if it is one (e.g. 0 = background in a building mask), set ignore: [] (--set ignore=[]) or list the "
            "classes with their ids" if ignore and not nodata else
            "" if not dropped else ": if it is one, list the classes with their ids (and unset the labels' nodata)")
-    return f"the training labels hold {have} in the training region{why}{fix}; a segmentation model needs at least two"
+    neg = (f"; label values {_few(negative)} are negative, and class ids are 0..254: recode the labels to ids 0..254"
+           if negative else "")
+    return f"the training labels hold {have} in the training region{why}{fix}{neg}; a segmentation model needs at least two"
+
+
+def _few(values: Sequence[Any], n: int = 8) -> str:
+    """The first ``n`` of ``values`` for a message (``[1, 2, ...]``)."""
+    return f"[{', '.join(map(str, values[:n]))}{', ...' if len(values) > n else ''}]"
 
 
 def config_classes(classes: Sequence[Mapping[str, Any]]) -> tuple[ClassInfo, ...]:
@@ -823,7 +872,7 @@ def config_classes(classes: Sequence[Mapping[str, Any]]) -> tuple[ClassInfo, ...
             raise ParameterError(f"classes: class {k} {dict(c)} has no id: give each class the label value it stands "
                                  "for, e.g. {id: 1, name: forest, color: [20, 110, 40]}")
         try:
-            infos.append(ClassInfo(int(c["id"]), str(c.get("name", f"class_{c['id']}")),
+            infos.append(ClassInfo(_whole_number(c["id"]), str(c.get("name", f"class_{c['id']}")),
                                    tuple(int(v) for v in c.get("color", PALETTE[(k - 1) % len(PALETTE)]))))  # type: ignore[arg-type]
         except ModelError as exc:
             raise ParameterError(f"classes: {exc}") from None
@@ -845,11 +894,18 @@ def config_classes(classes: Sequence[Mapping[str, Any]]) -> tuple[ClassInfo, ...
     return tuple(infos)
 
 
-def class_table(cfg: TrainConfig, labels_path: Path, present: Sequence[int]) -> tuple[ClassInfo, ...]:
-    """Classes from the config, else the label ids present (colours from the label palette)."""
+def class_table(cfg: TrainConfig, labels_path: Path, present: Sequence[int],
+                given: Path | None = None) -> tuple[ClassInfo, ...]:
+    """Classes from the config, else the label ids present (colours from the label palette).
+    ``given``: the labels as the config names them (polygons, burnt into ``labels_path``)."""
     if cfg.classes:
         return config_classes(cfg.classes)
     too_big = [i for i in present if i > 254]
+    if too_big and given is not None and is_vector_path(given):
+        raise ParameterError(
+            f"polygon labels {given.name}: {cfg.label_field} value(s) {', '.join(map(str, too_big[:5]))}"
+            f"{' ...' if len(too_big) > 5 else ''} cannot be class ids (masks hold 0..254, 255 is their nodata): give "
+            "the polygons class ids 0..254, or add those values to ignore")
     if too_big:
         raise ParameterError(
             f"label value(s) {', '.join(map(str, too_big[:5]))}{' ...' if len(too_big) > 5 else ''} in "
@@ -996,13 +1052,11 @@ def load_region(image_path: Path, bands: tuple[int, ...], meta: Any, labels_path
     """Read a region: raw image CHW, label indexes HW (ignored = IGNORE_INDEX), valid HW, and
     where single bands have no data (CHW bool or None; see :func:`geoseg.io.read_window_gaps`)."""
     data, valid, missing = read_window_gaps(image_path, region.window, bands, meta.alpha_band)
-    raw, label_nodata = read_labels(labels_path, region.window, label_shift)
+    raw, labelled = read_labels(labels_path, region.window, label_shift)
     idx = np.full(raw.shape, IGNORE_INDEX, np.uint8 if int(lut.max(initial=0)) <= IGNORE_INDEX else np.int64)
     inside = (raw >= 0) & (raw < lut.size)
     idx[inside] = lut[raw[inside]]
-    bad = ~region.mask | ~valid | np.isin(raw, list(ignore))
-    if label_nodata is not None and np.isfinite(label_nodata):  # (NaN nodata: read as -1, no label)
-        bad |= raw == int(label_nodata)
+    bad = ~region.mask | ~valid | ~labelled | np.isin(raw, list(ignore))
     idx[bad] = IGNORE_INDEX
     return data, idx, valid, missing
 
@@ -1574,6 +1628,9 @@ class Trainer:
                                                cfg.ignore)
             label_meta = open_scene(labels_path)
             check_same_grid(meta, label_meta)
+            if label_meta.count > 1 and not is_vector_path(Path(spec["labels"])):
+                warn(f"labels {labels_path.name} have {label_meta.count} bands: band 1 is read as the class ids, the "
+                     "others are not used (give a one-band label raster to say so)", TrainingWarning)
             bands = tuple(cfg.bands) if cfg.bands else meta.data_bands
             bad = [b for b in bands if not 1 <= b <= meta.count]
             if bad:
@@ -1601,6 +1658,11 @@ class Trainer:
             scenes.append({"k": k, "image": image_path, "labels": labels_path, "labels_given": Path(spec["labels"]), "meta": meta,
                            "label_nodata": label_meta.nodata, "bands": bands, "train_region": train_region,
                            "val_region": val_region, "label_shift": tuple(spec["label_shift"])})
+        if cfg.background is not None and not any(is_vector_path(sc["labels_given"]) for sc in scenes):
+            # (it names the class outside every polygon: with label rasters it was ignored without a word)
+            _class_id(cfg.background, cfg.classes, "background")
+            warn(f"background {cfg.background!r} is for polygon labels (the class outside every polygon): the labels "
+                 "are rasters, so it is not used (leave it out)", TrainingWarning)
         for a in scenes:  # one image file trained in one scene and validated in another: a validation leak
             for b in scenes:
                 if a is b or a["train_region"] is None or b["val_region"] is None or not _same_file(a["image"], b["image"]):
@@ -1624,25 +1686,20 @@ class Trainer:
         self.pixel_size = round(float(np.exp(np.mean(np.log(sizes)))), 4) if sizes else None
 
         # Classes: from the config or the ids present in the training labels (of every scene).
-        present_set: set[int] = set()
-        max_label = 0
-        zeros = region_pixels = 0  # label value 0 where it is not the raster's nodata (see below)
+        counts: dict[int, int] = {}  # labelled pixels by label value, over the training regions
+        region_pixels = 0
         for sc in scenes:
-            nodata = sc["label_nodata"]
-            for _, block in row_blocks(sc["train_region"], BAND_PIXELS):
-                raw_train, _ = read_labels(sc["labels"], block.window, sc["label_shift"])
-                present_set |= {int(v) for v in np.unique(raw_train[block.mask]) if int(v) not in cfg.ignore
-                                and int(v) >= 0 and int(v) != (nodata if nodata is not None else -1)}
-                max_label = max(max_label, int(raw_train.max(initial=0)))
-                if nodata != 0:
-                    zeros += int(np.count_nonzero(raw_train[block.mask] == 0))
-                region_pixels += int(np.count_nonzero(block.mask))
-                del raw_train
+            region_pixels += self._count_labels(sc, sc["train_region"], counts)
+        ignored = sorted(v for v in counts if v in cfg.ignore)
+        negative = sorted(v for v in counts if v < 0 and v not in cfg.ignore)
+        present_set = {v for v in counts if v >= 0 and v not in cfg.ignore}
+        zeros = counts.get(0, 0)  # label value 0 where it is not the raster's nodata (see below)
         present = sorted(present_set)
-        self.classes = class_table(cfg, scenes[0]["labels"], present)
+        self.classes = class_table(cfg, scenes[0]["labels"], present,
+                                   next((sc["labels_given"] for sc in scenes if is_vector_path(sc["labels_given"])), None))
         if len(self.classes) < 2:
             nodata = sorted({float(sc["label_nodata"]) for sc in scenes if sc["label_nodata"] is not None})
-            raise ParameterError(one_class_message(self.classes, cfg.ignore, nodata, bool(cfg.classes)))
+            raise ParameterError(one_class_message(self.classes, ignored, nodata, bool(cfg.classes), negative))
         if zeros and 0 in cfg.ignore and not cfg.classes:
             # 0 as "unlabelled" is the default: a cloud mask (0 cloud, 1 shadow, 4 clear) lost its cloud
             # class without a word
@@ -1651,12 +1708,15 @@ class Trainer:
                  "set ignore: [] (--set ignore=[]) or list the classes with their ids", TrainingWarning)
         self._check_classes_have_pixels(present_set, scenes)
         ids = [c.id for c in self.classes]
-        lut_size = max(max(ids), max_label) + 1
-        self.lut = np.full(lut_size, IGNORE_INDEX, np.int64)
+        # class ids are 0..254 (the card's): a table over those, whatever other values the labels hold
+        self.lut = np.full(IGNORE_INDEX + 1, IGNORE_INDEX, np.int64)
         self.lut[ids] = np.arange(len(ids))
         unknown = sorted(set(present) - set(ids))
         if unknown:
             warn(f"label values {unknown} are not among the classes {ids}: they are ignored", TrainingWarning)
+        if negative:
+            warn(f"label values {_few(negative)} are negative, and class ids are 0..254: those pixels are taken as "
+                 "unlabelled (add the values to ignore to say so, or recode the labels)", TrainingWarning)
 
         # Training regions: in memory (raw pixels, then statistics over all of them, then
         # normalised), or, when they would not fit (read_from), labels in memory and the image
@@ -1706,6 +1766,7 @@ class Trainer:
                                               cfg.ignore, sc["label_shift"])
             self.val_sets.append(RegionData(self.normalization.apply(vimg, dtype, vgaps, self.gap_fill), vidx,
                                             sc["val_region"]))
+        self._check_val_labels([sc for sc in all_scenes if sc["val_region"] is not None], ids, where)
         unlabelled = [k for k, d in zip(val_keys, self.val_sets) if not (d.labels != IGNORE_INDEX).any()]
         if self.val_sets and len(unlabelled) < len(self.val_sets):
             for k in unlabelled:  # (validated nothing, without a word, beside the other scenes' regions)
@@ -1729,6 +1790,34 @@ class Trainer:
         burn_dir.cleanup()  # every label was read above
         for sc in all_scenes:  # the regions are read (training from disk reopens its own handles)
             close_handles(sc["image"])
+
+    def _count_labels(self, sc: Mapping[str, Any], region: Region, counts: dict[int, int]) -> int:
+        """Add the labelled pixels of ``region`` of scene ``sc`` to ``counts`` (by label value, ignore
+        values too), read in blocks of rows; return the region's pixel count."""
+        pixels = 0
+        for _, block in row_blocks(region, BAND_PIXELS):
+            raw, labelled = read_labels(sc["labels"], block.window, sc["label_shift"])
+            values, n = np.unique(raw[block.mask & labelled], return_counts=True)
+            for v, c in zip(values.tolist(), n.tolist()):
+                counts[v] = counts.get(v, 0) + c
+            pixels += int(np.count_nonzero(block.mask))
+            del raw, labelled
+        return pixels
+
+    def _check_val_labels(self, scenes: Sequence[Mapping[str, Any]], ids: Sequence[int],
+                          where: Callable[[int, str], str]) -> None:
+        """Warn about validation labels that are no class (as about training ones): a class found only in
+        a validation region (or a ``use: val`` scene) was left out of validation mIoU without a word."""
+        for sc in scenes:
+            counts: dict[int, int] = {}
+            self._count_labels(sc, sc["val_region"], counts)
+            scored = {v: n for v, n in counts.items() if v not in self.cfg.ignore}
+            other = sorted(v for v in scored if v not in ids)
+            if other:
+                share = 100 * sum(scored[v] for v in other) / max(1, sum(scored.values()))
+                warn(f"{where(sc['k'], 'val_region')} label values {_few(other)} ({share:.1f} % of its labelled pixels) "
+                     f"are not among the classes {list(ids)}: they are not validated (list them in classes, or add "
+                     "them to ignore)", TrainingWarning)
 
     def _drop_gap_targets(self, labels: np.ndarray, gaps: np.ndarray | None) -> None:
         """With ``train_on_gaps: false``, pixels with a band missing stay as context (that band at
@@ -2027,6 +2116,7 @@ class Trainer:
 
         ckpt_dir = self.out / "checkpoints"
         self._ckpt_files: dict[str, str] = {}  # last.json's part digests (the checkpoint to keep whole)
+        self._ckpt_it: int | None = None  # that checkpoint's iteration
         self._best: tuple[Path, str] | None = None  # the best weights so far and their digest
         start, best_miou, best_it, history = 0, -1.0, -1, []
         best_metrics: dict[str, Any] = {}
@@ -2053,6 +2143,15 @@ class Trainer:
             with atomic_output(ckpt_dir / "best.pdparams") as tmp:
                 shutil.copyfile(self._best[0], tmp)
             self._best = (ckpt_dir / "best.pdparams", self._best[1])
+        weights_path, card_path = self.out / "weights.pdparams", self.out / "weights.yaml"
+        if start >= cfg.iterations and self._published(weights_path, card_path, best_it):
+            # a finished run resumed with nothing to do: its model stays as it is (republishing it
+            # replaced the card, and on a full disk left the weights without one)
+            log.info("the run is finished: its weights and card in %s are left as they are", self.out)
+            if not (self.out / "train_log.json").is_file():  # (stopped just before writing it)
+                self._write_log(best_it, best_metrics, history, 0.0)
+            return TrainResult(weights_path, card_path, best_it, best_miou if best_miou >= 0 else None, start, 0.0,
+                               self.out / "train_log.csv", history)
 
         ds = WindowDataset(self.train_sets, self.window, (cfg.iterations - start) * cfg.batch_size, seed=cfg.seed,
                            start=start * cfg.batch_size, flips=cfg.flips, rot90=cfg.rot90,
@@ -2062,7 +2161,9 @@ class Trainer:
                            gap_fill=self.gap_fill, scale=cfg.scale)
         # none when the checkpoint is at the end (a DataLoader of no items can hang in its reader thread)
         loader = paddle.io.DataLoader(_PaddleDataset(ds), batch_size=cfg.batch_size, shuffle=False, drop_last=False,
-                                      num_workers=cfg.workers, use_shared_memory=cfg.workers > 0) if len(ds) else []
+                                      num_workers=cfg.workers, use_shared_memory=cfg.workers > 0,
+                                      worker_init_fn=functools.partial(_worker_init, os.getpid()) if cfg.workers else None
+                                      ) if len(ds) else []
         csv_path = self.out / "train_log.csv"
         fields = ["iteration", "lr", "loss", "ce", "dice", *(["lovasz"] if "lovasz" in cfg.loss else []),
                   *(["distill"] if self.teacher is not None else []), "grad_norm",
@@ -2129,7 +2230,6 @@ class Trainer:
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0
-        weights_path, card_path = self.out / "weights.pdparams", self.out / "weights.yaml"
         best = self._best[0] if self._best is not None else None
         if best is None and cfg.resume and best_it >= 0 and weights_path.is_file():
             best = weights_path  # a checkpoint of geoseg before 2026-11-30: the best weights were published as they came
@@ -2139,10 +2239,7 @@ class Trainer:
             best = self._best[0]  # type: ignore[index]
             best_it = it  # the card names the iteration of the weights it ships
         self._publish(best, best_metrics, best_it)
-        atomic_write_text(self.out / "train_log.json", json.dumps({
-            "config": cfg.to_dict(), "best_iteration": best_it,
-            "best_validation": best_metrics, "history": history, "seconds": round(seconds, 1),
-        }, indent=1, default=_json_default))
+        self._write_log(best_it, best_metrics, history, seconds)
         return TrainResult(weights_path, card_path, best_it, best_miou if best_miou >= 0 else None, it, seconds,
                            csv_path, history)
 
@@ -2273,14 +2370,32 @@ class Trainer:
         """Context in which ``model`` holds the weights to validate and ship (EMA when on)."""
         return self.ema.applied(model) if self.ema is not None else nullcontext()
 
+    def _write_log(self, best_it: int, best_metrics: Mapping[str, Any], history: list[dict[str, Any]],
+                   seconds: float) -> None:
+        """Write ``OUT/train_log.json`` (the run's last file)."""
+        atomic_write_text(self.out / "train_log.json", json.dumps({
+            "config": self.cfg.to_dict(), "best_iteration": best_it,
+            "best_validation": best_metrics, "history": history, "seconds": round(seconds, 1),
+        }, indent=1, default=_json_default))
+
+    def _published(self, weights_path: Path, card_path: Path, best_it: int) -> bool:
+        """Whether ``OUT`` holds this run's finished model: its card beside the checkpoint's best weights."""
+        if not (weights_path.is_file() and card_path.is_file()):
+            return False
+        if self._best is None:  # a checkpoint of an older version (its best weights were published as they came)
+            return best_it >= 0
+        return _digest(weights_path) == self._best[1]
+
     def _publish(self, best: Path, metrics: Mapping[str, Any], best_it: int) -> None:
         """Publish the finished model: ``best`` as ``OUT/weights.pdparams``, then its card with the
         class prior as ``OUT/weights.yaml``.
 
         Only a finished run has a card in ``OUT``: one stopped earlier must not leave a model that
         reads as finished (without its class prior); it is finished with ``--resume``. The old card
-        goes first and the new one comes last, so a card never describes other weights than those
-        beside it (a stop in between leaves weights without a card, which predict refuses).
+        goes once the new weights are copied whole, just before they replace the old ones, and the new
+        card comes last, so a card never describes other weights than those beside it (a stop in
+        between leaves weights without a card, which predict refuses; a failed copy leaves the old
+        weights and card as they were).
         """
         from geoseg.atomic import atomic_output
 
@@ -2288,19 +2403,38 @@ class Trainer:
         prior = self.write_class_prior(best)
         card = card.replace(class_prior=prior, adapt_prior=self.cfg.adapt_prior)
         weights_path, card_path = self.out / "weights.pdparams", self.out / "weights.yaml"
-        card_path.unlink(missing_ok=True)
         if not _same_file(best, weights_path):
-            with atomic_output(weights_path) as tmp:
-                shutil.copyfile(best, tmp)
+            try:
+                with atomic_output(weights_path) as tmp:
+                    shutil.copyfile(best, tmp)
+                    card_path.unlink(missing_ok=True)  # once the new weights are whole, before they replace the old
+            except OSError as exc:  # (copyfile names its source) the old weights and card are left as they were
+                raise write_error(weights_path, exc) from None
+        card_path.unlink(missing_ok=True)
         card.save(card_path)
+
+    @contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """Turn an :class:`OSError` of writing ``path`` (a checkpoint's part) into one line naming it
+        (a full disk, ``ulimit -f``: :func:`geoseg.atomic.write_error`) and saying what is left to
+        resume from: the previous checkpoint stays whole while the next is written."""
+        try:
+            yield
+        except OSError as exc:
+            err = write_error(path, exc)
+            d = self.out / "checkpoints"
+            kept = (f"the checkpoint of iteration {self._ckpt_it} is intact: --resume {d} goes on from it"
+                    if self._ckpt_it is not None else "no checkpoint was saved before it: train anew")
+            raise type(err)(f"{err}; {kept}") from None
 
     def _save_best(self, model: Any, save_weights: Any, metrics: Mapping[str, Any], it: int) -> None:
         """Save the best weights so far as ``checkpoints/best.pdparams`` (published when the run ends);
         the previous checkpoint's best stays (as ``prev.best.pdparams``) until the next checkpoint."""
         d = self.out / "checkpoints"
-        d.mkdir(parents=True, exist_ok=True)
-        _set_aside(d, "best.pdparams", self._ckpt_files)
-        save_weights(model, d / "best.pdparams")
+        with self._writing(d / "best.pdparams"):
+            d.mkdir(parents=True, exist_ok=True)
+            _set_aside(d, "best.pdparams", self._ckpt_files)
+            save_weights(model, d / "best.pdparams")
         self._best = (d / "best.pdparams", _digest(d / "best.pdparams"))
 
     def _save_checkpoint(self, d: Path, model: Any, opt: Any, it: int, best: float, best_it: int,
@@ -2308,35 +2442,42 @@ class Trainer:
         from geoseg.atomic import atomic_output
         from geoseg.models.checkpoints import save_weights
 
-        d.mkdir(parents=True, exist_ok=True)
+        with self._writing(d):
+            d.mkdir(parents=True, exist_ok=True)
         # Each part of the previous checkpoint is moved to its prev.* name before its new version is
         # written, and last.json, written last, names the digest of each part of this checkpoint:
         # a run stopped while saving resumes from the previous checkpoint (found under either name).
-        _set_aside(d, "last.pdparams", self._ckpt_files)
-        save_weights(model, d / "last.pdparams")
+        with self._writing(d / "last.pdparams"):
+            _set_aside(d, "last.pdparams", self._ckpt_files)
+            save_weights(model, d / "last.pdparams")
         written = ["last.pdparams"]
         if self.ema is not None:
-            _set_aside(d, "last.ema.pdparams", self._ckpt_files)
-            with atomic_output(d / "last.ema.pdparams") as tmp:
-                self.paddle.save(self.ema.state_dict(), str(tmp))
+            with self._writing(d / "last.ema.pdparams"):
+                _set_aside(d, "last.ema.pdparams", self._ckpt_files)
+                with atomic_output(d / "last.ema.pdparams") as tmp:
+                    self.paddle.save(self.ema.state_dict(), str(tmp))
             written.append("last.ema.pdparams")
-        _set_aside(d, "last.pdopt", self._ckpt_files)
-        with atomic_output(d / "last.pdopt") as tmp:
-            self.paddle.save(_portable_opt_state(model, opt.state_dict(), to_structured=True), str(tmp))
+        with self._writing(d / "last.pdopt"):
+            _set_aside(d, "last.pdopt", self._ckpt_files)
+            with atomic_output(d / "last.pdopt") as tmp:
+                self.paddle.save(_portable_opt_state(model, opt.state_dict(), to_structured=True), str(tmp))
         written.append("last.pdopt")
-        _set_aside(d, "last.rng", self._ckpt_files)
-        with atomic_output(d / "last.rng") as tmp:  # dropout's masks go on from here on resume
-            self.paddle.save(self._rng_state(), str(tmp))
+        with self._writing(d / "last.rng"):
+            _set_aside(d, "last.rng", self._ckpt_files)
+            with atomic_output(d / "last.rng") as tmp:  # dropout's masks go on from here on resume
+                self.paddle.save(self._rng_state(), str(tmp))
         written.append("last.rng")
         files = {name: _digest(d / name) for name in written}
         if self._best is not None:
             files["best.pdparams"] = self._best[1]
-        atomic_write_text(d / "last.json", json.dumps({
-            "iteration": it, "best_miou": best, "best_iteration": best_it, "config": self.cfg.to_dict(),
-            "history": history, "best_validation": dict(best_metrics), "files": files,
-            **({"amp_scaler": scaler} if (scaler := _scaler_state(getattr(self, "scaler", None))) else {}),
-        }, default=_json_default))
+        with self._writing(d / "last.json"):
+            atomic_write_text(d / "last.json", json.dumps({
+                "iteration": it, "best_miou": best, "best_iteration": best_it, "config": self.cfg.to_dict(),
+                "history": history, "best_validation": dict(best_metrics), "files": files,
+                **({"amp_scaler": scaler} if (scaler := _scaler_state(getattr(self, "scaler", None))) else {}),
+            }, default=_json_default))
         self._ckpt_files = files
+        self._ckpt_it = it
 
     def _resume(self, path: Path, model: Any, opt: Any) -> tuple[int, float, int, list[dict[str, Any]], dict[str, Any]]:
         from geoseg.models.checkpoints import load_weights
@@ -2345,8 +2486,20 @@ class Trainer:
         path, meta_path = d / "last.pdparams", d / "last.json"
         if not meta_path.is_file():
             raise ParameterError(f"resume: no checkpoint at {path} (expected last.pdparams and last.json from a run)")
-        state = json.loads(meta_path.read_text(encoding="utf-8"))
-        files = dict(state.get("files") or {})  # checkpoints of older versions list none
+        try:
+            state = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+            it = int(state["iteration"])
+            best_miou, best_it = float(state.get("best_miou", -1.0)), int(state.get("best_iteration", -1))
+            history, best_validation = list(state.get("history", [])), dict(state.get("best_validation") or {})
+            files = dict(state.get("files") or {})  # checkpoints of older versions list none
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            why = f"no {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
+            raise ParameterError(f"resume: the checkpoint in {d} is damaged ({meta_path.name} cannot be read: {why}): "
+                                 "train anew with --overwrite") from None
+        except OSError as exc:
+            raise ParameterError(f"resume: cannot read {meta_path}: {exc.strerror or exc}") from None
         parts: dict[str, Path] = {}
         for name, digest in files.items():
             found = [p for p in (d / name, d / _PREVIOUS.get(name, name)) if p.is_file() and _digest(p) == digest]
@@ -2364,7 +2517,7 @@ class Trainer:
         load_weights(model, path)
         opt_path = parts.get("last.pdopt", d / "last.pdopt")
         if opt_path.is_file():
-            opt.set_state_dict(_portable_opt_state(model, self.paddle.load(str(opt_path)), to_structured=False))
+            opt.set_state_dict(_portable_opt_state(model, self._load_part(opt_path), to_structured=False))
         ema_path = parts.get("last.ema.pdparams", d / "last.ema.pdparams")
         scaler = getattr(self, "scaler", None)
         if scaler is not None and state.get("amp_scaler"):  # AMP's loss scale goes on where it was
@@ -2376,11 +2529,19 @@ class Trainer:
             if not ema_path.is_file():
                 raise ParameterError(f"resume: {path.parent} has no EMA weights (last.ema.pdparams); "
                                      "resume with the run's own config (ema as it was)")
-            self.ema.set_state_dict(self.paddle.load(str(ema_path)))
+            self.ema.set_state_dict(self._load_part(ema_path))
         if "last.rng" in parts:  # older checkpoints have none: the RNG starts again from the seed
-            self._set_rng_state(self.paddle.load(str(parts["last.rng"])))
-        return (int(state["iteration"]), float(state.get("best_miou", -1.0)), int(state.get("best_iteration", -1)),
-                list(state.get("history", [])), dict(state.get("best_validation") or {}))
+            self._set_rng_state(self._load_part(parts["last.rng"]))
+        self._ckpt_it = it
+        return it, best_miou, best_it, history, best_validation
+
+    def _load_part(self, path: Path) -> Any:
+        """A checkpoint part read with ``paddle.load``, or a one-line :class:`ParameterError`."""
+        try:
+            return self.paddle.load(str(path))
+        except Exception as exc:  # paddle raises ValueError, EOFError, pickle errors ...
+            raise ParameterError(f"resume: the checkpoint in {path.parent} is damaged ({path.name} cannot be read: "
+                                 f"{type(exc).__name__}): train anew with --overwrite") from None
 
     def _rng_state(self) -> dict[str, Any]:
         """Paddle's random state for a checkpoint (dropout's masks, e.g. DeepLabv3+'s ASPP): its CPU
@@ -2697,7 +2858,10 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
     """
     d = _checkpoint_folder(cfg.resume)  # type: ignore[arg-type]
     try:
-        saved = json.loads((d / "last.json").read_text(encoding="utf-8")).get("config") or {}
+        saved = json.loads((d / "last.json").read_text(encoding="utf-8"))
+        saved = (saved.get("config") if isinstance(saved, dict) else None) or {}
+        if not isinstance(saved, dict):
+            return cfg
     except (OSError, ValueError):
         return cfg  # no readable checkpoint: the run's own check says so
     run = d.parent if d.name == "checkpoints" else d
@@ -2714,11 +2878,63 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+#: The lock files' descriptors this process holds (:func:`_run_lock`). A ``flock`` belongs to the open
+#: file, which a forked child (a DataLoader worker) shares: one left behind by a run killed with
+#: ``kill -9`` held the lock for good. Every forked child closes its copies at once (closing a copy
+#: does not unlock the parent's).
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the copies of the parent's lock descriptors (:data:`_HELD_LOCKS`)."""
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _worker_init(parent: int, worker_id: int) -> None:
+    """A DataLoader worker's start (Linux): it is killed when the run dies (``PR_SET_PDEATHSIG``), so a
+    run ended by ``kill -9`` (the OOM killer, a preemption) leaves no workers behind, blocked on their
+    queue and holding memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - no prctl: the workers' own watchdog ends them
+        return
+    if os.getppid() != parent:  # the run died before the signal was set
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _dead_holder(holder: str) -> int | None:
+    """The pid of the run that ``holder`` (a lock file's line) names when that run is dead (on this host)."""
+    m = re.match(r"pid (\d+) on (\S+) ", holder + " ")
+    if m is None or m.group(2) != socket.gethostname():
+        return None
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return int(m.group(1))
+    except OSError:  # alive, another user's
+        return None
+    return None
+
+
 @contextmanager
 def _run_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``out/``:data:`LOCK_FILE` (kept, emptied at the end), or raise
     :class:`OutputError` naming the run that holds it. The kernel drops the lock when its process
-    dies (even by ``kill -9``), so a dead run's lock is never in the way."""
+    dies (even by ``kill -9``) and forked children close their copies of it (:data:`_HELD_LOCKS`),
+    so a dead run's lock is never in the way; one held by other leftovers of a dead run (processes it
+    forked before this version) is named as such."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: no lock
@@ -2735,6 +2951,11 @@ def _run_lock(out: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "starting"
             os.close(fd)
+            dead = _dead_holder(holder)
+            if dead is not None:
+                raise OutputError(f"{out} is locked by leftover processes of the geoseg train run {dead}, which is dead "
+                                  f"({holder}): end them (fuser -v {path} lists them) and run again, or choose "
+                                  "another --out") from None
             raise OutputError(f"{out} is in use by another geoseg train run ({holder}): wait for it to end or choose "
                               "another --out") from None
         with contextlib.suppress(OSError):
@@ -2743,6 +2964,7 @@ def _run_lock(out: Path) -> Iterator[None]:
         os.close(fd)
     else:
         raise OutputError(f"cannot lock {path}: it keeps being removed: choose another --out")
+    _HELD_LOCKS.add(fd)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
@@ -2751,12 +2973,18 @@ def _run_lock(out: Path) -> Iterator[None]:
         finally:
             os.ftruncate(fd, 0)
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)
 
 
 def _train_locked(cfg: TrainConfig, out: Path, progress: Callable[[int, dict[str, float]], None] | None,
                   overwrite: bool) -> TrainResult:
     """:func:`train` once it holds ``out``'s lock."""
+    from geoseg.atomic import remove_leftovers
+
+    for folder in (out, out / "checkpoints"):  # a killed run's half-written files (a checkpoint's each time)
+        if folder.is_dir():
+            remove_leftovers(folder)
     weights, last = out / "weights.pdparams", out / "checkpoints" / "last.json"
     best = out / "checkpoints" / "best.pdparams"
     held = [p.relative_to(out).as_posix() for p in (weights, last, best) if p.exists()]

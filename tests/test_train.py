@@ -2141,3 +2141,266 @@ def test_polygons_without_a_class_field_are_told_about_background(scene: tuple[P
     with pytest.raises(ParameterError, match=r"needs label_field: .*without a field, background needs two classes "
                                              r"listed \(the polygons are the other one\), the config lists 3$"):
         Trainer(_cfg(scene, tmp_path / "o", labels=str(foot), background=2))
+
+
+_LOCK_THEN_DIE = """
+import os, sys, time
+from pathlib import Path
+from geoseg.train import _run_lock, _worker_init
+out = Path(sys.argv[1])
+with _run_lock(out):
+    child = os.fork()  # as a DataLoader worker is forked
+    if child == 0:
+        time.sleep(120)
+        os._exit(0)
+    parent, worker = os.getpid(), os.fork()
+    if worker == 0:  # a worker started as fit starts its DataLoader's
+        _worker_init(parent, 0)
+        time.sleep(120)
+        os._exit(0)
+    (out / "child").write_text(f"{child} {worker}")
+    time.sleep(0.5)
+    os._exit(0)  # the run dies holding the lock (kill -9: no cleanup)
+"""
+
+
+def test_a_dead_runs_forked_workers_do_not_keep_its_lock(tmp_path: Path) -> None:
+    # kill -9 of a run with DataLoader workers (workers: 2) left the workers alive, sharing the lock's
+    # open file: --resume was refused for good, naming the dead pid.
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from geoseg.train import _run_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    subprocess.run([sys.executable, "-c", _LOCK_THEN_DIE, str(out)], check=True, timeout=120,
+                   cwd=Path(__file__).resolve().parents[1])
+    child, worker = map(int, (out / "child").read_text().split())
+    try:
+        os.kill(child, 0)  # the forked child outlived its parent, as the workers did
+        with _run_lock(out):
+            pass
+        for _ in range(100):  # a DataLoader worker goes with its run
+            if not Path(f"/proc/{worker}").exists() or "\nState:\tZ" in Path(f"/proc/{worker}/status").read_text():
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the worker outlived its run")
+    finally:
+        for pid in (child, worker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_lock_held_for_a_dead_run_says_so(tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import socket
+    import subprocess
+
+    from geoseg.errors import OutputError
+    from geoseg.train import LOCK_FILE, _run_lock
+
+    done = subprocess.Popen(["true"])
+    done.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # as a leftover of the dead run holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"pid {done.pid} on {socket.gethostname()} since 09:00\n".encode())
+        with pytest.raises(OutputError, match=rf"locked by leftover processes of the geoseg train run {done.pid}, "
+                                              r"which is dead .*fuser -v"):
+            with _run_lock(out):
+                pass
+    finally:
+        os.close(fd)
+
+
+def test_labels_hidden_by_their_mask_band_are_not_trained_on(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    # A label raster without nodata whose internal mask hides some pixels: the hidden pixels were
+    # trained (and validated) on with whatever value lay under the mask; evaluate takes them as no label.
+    with rasterio.open(scene[1]) as ds:
+        labels = ds.read(1)
+    shown = np.ones(labels.shape, bool)
+    shown[:, :10] = False  # in the training region
+    shown[:, 56:60] = False  # in the validation region
+    masked = write_raster(tmp_path / "lab_m.tif", np.where(labels == 0, 2, labels).astype(np.uint8), masks=shown)
+    for read_from in ("memory", "disk"):
+        t = Trainer(_cfg((scene[0], masked), tmp_path / "o", read_from=read_from))
+        train = np.asarray(t.train_data.labels)
+        assert (train[:, :10] == IGNORE_INDEX).all(), read_from
+        assert (train[:, 10:] != IGNORE_INDEX).sum() > 0
+        val = np.asarray(t.val_data.labels)  # type: ignore[union-attr]  # the validation region with context left of it
+        c0 = val.shape[1] - 16  # its column 48
+        assert (val[:, c0 + 8 : c0 + 12] == IGNORE_INDEX).all(), read_from
+        assert (val[:, c0 : c0 + 8] != IGNORE_INDEX).any() and (val[:, c0 + 12 :] != IGNORE_INDEX).any()
+
+
+def test_label_values_far_above_the_class_ids_cost_no_table_of_their_size(scene: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    # The label-to-index table was sized by the largest label value, nodata included: uint32 nodata
+    # 4294967295 ended in "out of memory", int32 nodata 1e8 took 800 MB for a tiny raster.
+    with rasterio.open(scene[1]) as ds:
+        labels = ds.read(1)
+    big = np.where(labels == 0, 10_000_000, labels.astype(np.int32))
+    b = write_raster(tmp_path / "lab_big.tif", big, nodata=10_000_000)
+    a, t = Trainer(_cfg(scene, tmp_path / "a")), Trainer(_cfg((scene[0], b), tmp_path / "b"))
+    np.testing.assert_array_equal(t.train_data.labels, a.train_data.labels)
+    np.testing.assert_array_equal(t.val_data.labels, a.val_data.labels)  # type: ignore[union-attr]
+    assert t.lut.nbytes <= 256 * 8
+
+
+def test_a_label_nodata_that_is_no_whole_number_matches_no_class(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    # Nodata 2.5 was compared as int(2.5) = 2: every class-2 pixel became unlabelled, without a word.
+    with rasterio.open(scene[1]) as ds:
+        labels = ds.read(1)
+    a = Trainer(_cfg(scene, tmp_path / "a"))
+    for dtype in ("uint8", "float32"):
+        lab = write_raster(tmp_path / f"lab_{dtype}.tif", labels.astype(dtype), nodata=2.5)
+        t = Trainer(_cfg((scene[0], lab), tmp_path / "b"))
+        np.testing.assert_array_equal(t.train_data.labels, a.train_data.labels)
+        assert (np.asarray(t.train_data.labels) == 1).any()  # class 2 (index 1) is trained on
+
+
+def test_negative_and_validation_only_label_values_are_warned(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    # -5 in int16 labels became unlabelled silently (9 was warned about); a value found only in the
+    # validation region was left out of validation mIoU silently; auto classes with labels {-5, -1, 3}
+    # blamed "label value 0 (ignore)", which the labels do not hold.
+    with rasterio.open(scene[1]) as ds:
+        labels = ds.read(1).astype(np.int16)
+    labels[10:14, 10:14] = -5
+    labels[20:30, 50:60] = 4  # the validation region only
+    lab = write_raster(tmp_path / "lab_neg.tif", labels)
+    with pytest.warns(TrainingWarning) as seen:
+        Trainer(_cfg((scene[0], lab), tmp_path / "o"))
+    said = [str(w.message) for w in seen]
+    assert any(re.search(r"label values \[-5\] are negative, and class ids are 0..254", m) for m in said), said
+    assert any(re.search(r"val_region label values \[4\] \(.* % of its labelled pixels\) are not among the classes "
+                         r"\[1, 2, 3\]: they are not validated", m) for m in said), said
+    three = write_raster(tmp_path / "lab_3.tif", np.where(labels >= 0, 3, labels).astype(np.int16))
+    with pytest.raises(ParameterError, match=r"one class only \(3\) in the training region; label values \[-5\] are "
+                                             r"negative, and class ids are 0..254") as err:
+        Trainer(_cfg((scene[0], three), tmp_path / "o", classes=None))
+    assert "(ignore)" not in str(err.value)
+
+
+def test_resuming_a_finished_run_leaves_its_model_as_it_is(scene: tuple[Path, Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # A no-op --resume of a finished run republished it: the card went first, then the copy of the
+    # weights failed on a full disk, leaving weights without a card and an error naming the source file.
+    import errno
+    import shutil
+
+    from geoseg.errors import NoRoomError
+
+    out = tmp_path / "run"
+    train(_cfg(scene, out, iterations=2))
+    files = [out / "weights.pdparams", out / "weights.yaml", out / "train_log.json"]
+    before = [(p.stat().st_mtime_ns, p.stat().st_ino, p.read_bytes()) for p in files]
+
+    def full(src: object, dst: object, **kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(src))
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "copyfile", full)
+        res = train(_cfg(scene, out, iterations=2, resume=str(out / "checkpoints")))
+        assert res.weights == files[0] and res.iterations == 2
+        assert [(p.stat().st_mtime_ns, p.stat().st_ino, p.read_bytes()) for p in files] == before
+        # going on past the end: a full disk at the final copy names the weights and keeps the old card
+        with pytest.raises(NoRoomError, match=r"cannot write .*run/weights.pdparams: no space left"):
+            train(_cfg(scene, out, iterations=3, resume=str(out / "checkpoints")))
+    assert files[1].read_bytes() == before[1][2] and files[0].read_bytes() == before[0][2]
+
+
+def test_checkpoint_write_errors_and_damaged_checkpoints_are_one_line(scene: tuple[Path, Path], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # ulimit -f at a checkpoint said "unexpected error: OSError: [Errno 27] File too large" (no file, no
+    # hint); a truncated last.json "unexpected error: JSONDecodeError", {} "unexpected error: KeyError".
+    import errno
+
+    from geoseg.errors import NoRoomError
+
+    out = tmp_path / "run"
+    real_save, calls = paddle.save, []
+
+    def too_large(obj: object, path: str, *a: object, **kw: object) -> None:
+        if ".geoseg-last.pdopt." in path:
+            calls.append(path)
+            if len(calls) == 2:  # the second checkpoint's
+                raise OSError(errno.EFBIG, "File too large")
+        real_save(obj, path, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(paddle, "save", too_large)
+        with pytest.raises(NoRoomError, match=r"cannot write .*checkpoints/last.pdopt: file too large: .*; the "
+                                              r"checkpoint of iteration 2 is intact: --resume .*checkpoints goes on"):
+            train(_cfg(scene, out, iterations=4))
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    res = train(_cfg(scene, out, iterations=4, resume=str(out / "checkpoints")))
+    assert res.iterations == 4
+    meta = out / "checkpoints" / "last.json"
+    good = meta.read_text()
+    for text, said in ((good[: len(good) // 2], r".*"), ("{}", r"no 'iteration'"),
+                       ("[1]", r"not a JSON object")):
+        meta.write_text(text)
+        with pytest.raises(ParameterError, match=rf"resume: the checkpoint in .*checkpoints is damaged \(last.json "
+                                                 rf"cannot be read: {said}\): "
+                                                 r"train anew with --overwrite"):
+            train(_cfg(scene, out, iterations=4, resume=str(out / "checkpoints")))
+
+
+def test_a_killed_runs_temp_files_are_removed_when_it_resumes(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    # kill -9 during a checkpoint write left .geoseg-*.tmp files (an optimizer state each) that no resume removed.
+    import os
+    import subprocess
+
+    from geoseg.atomic import temp_name
+
+    out = tmp_path / "run"
+    train(_cfg(scene, out, iterations=2))
+    done = subprocess.Popen(["true"])
+    done.wait()
+    dead = []
+    for target in (out / "weights.pdparams", out / "checkpoints" / "last.pdopt"):
+        name = temp_name(target).name.replace(f"-{os.getpid()}-", f"-{done.pid}-")
+        (target.parent / name).write_bytes(b"half")
+        dead.append(target.parent / name)
+    live = temp_name(out / "checkpoints" / "last.pdparams")  # a writer that still runs (this process)
+    live.write_bytes(b"busy")
+    train(_cfg(scene, out, iterations=2, resume=str(out / "checkpoints")))
+    assert not any(p.exists() for p in dead) and live.exists()
+
+
+def test_odd_numbers_and_label_setups_are_refused_or_warned(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    # train_region [0.5, 0, 48, 47.7] and class id 1.5 were cut to whole numbers silently; background with
+    # raster labels (no polygons) was ignored silently, naming no class; a 2-band label raster used band 1
+    # silently; a polygon without a class value got "must hold whole class ids", and id 300 named the
+    # temporary burnt raster (0_big.tif) in its message.
+    with pytest.raises(ParameterError, match=r"train_region \[0.5, 0, 48, 47.7\]: give .* in whole pixels"):
+        Trainer(_cfg(scene, tmp_path / "o", train_region=[0.5, 0, 48, 47.7]))
+    classes = [{"id": 1.5, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
+    with pytest.raises(ParameterError, match=r"classes: class 1 .*give id \(a whole number\)"):
+        Trainer(_cfg(scene, tmp_path / "o", classes=classes))
+    with pytest.raises(ParameterError, match=r"background 'zzz' is not a class name"):
+        Trainer(_cfg(scene, tmp_path / "o", background="zzz"))
+    with pytest.warns(TrainingWarning, match=r"background 'b' is for polygon labels .*not used"):
+        Trainer(_cfg(scene, tmp_path / "o", background="b"))
+    with rasterio.open(scene[1]) as ds:
+        labels = ds.read(1)
+    two = write_raster(tmp_path / "lab2b.tif", np.stack([labels, labels]), nodata=0)
+    with pytest.warns(TrainingWarning, match=r"labels lab2b.tif have 2 bands: band 1 is read as the class ids"):
+        Trainer(_cfg((scene[0], two), tmp_path / "o"))
+    boxes = [(8, 8, 20, 20), (24, 10, 40, 30), (2, 30, 12, 40)]
+    null = _polygon_file(tmp_path / "null.geojson", [{"cls": 1}, {"cls": None}, {"cls": 2}], boxes)
+    with pytest.raises(ParameterError, match=r"null.geojson: 1 feature\(s\) have no value in cls: give each polygon"):
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(null), label_field="cls", classes=None, val_region=None))
+    big = _polygon_file(tmp_path / "big.geojson", [{"cls": 1}, {"cls": 300}, {"cls": 2}], boxes)
+    with pytest.raises(ParameterError, match=r"polygon labels big.geojson: cls value\(s\) 300 cannot be class ids") as e:
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(big), label_field="cls", classes=None, val_region=None))
+    assert "0_big.tif" not in str(e.value)
