@@ -1687,17 +1687,27 @@ TIME_READ_LIMIT = 200
 
 
 def time_model(meta: SceneMeta, source: ModelSource, grid: TileGrid, bands: Sequence[int], windows: int = TIME_WINDOWS,
-               device: Device = "auto") -> dict[str, Any] | None:
+               device: Device = "auto", batch_size: int | None = None,
+               within: Window | None = None) -> dict[str, Any] | None:
     """Time the model predict would run on up to ``windows`` of the scene's windows that hold data (those
-    nearest its centre; at most :data:`TIME_READ_LIMIT` are read to find them), in predict's batches, after
-    one warm-up call: ``{"device", "windows_timed", "seconds_per_window"}``, or None when no window read
-    holds data. The model alone: a run adds its start and 10-40 % for reading, blending and writing."""
+    nearest the centre of the scene, or of ``within``, an AOI's window, among the windows meeting it; at
+    most :data:`TIME_READ_LIMIT` are read to find them), in batches of ``batch_size`` (default: predict's),
+    after one warm-up call: ``{"device", "windows_timed", "batch_size", "seconds_per_window"}``, or None
+    when no window read holds data. The model alone: a run adds its start and 10-40 % for reading,
+    blending and writing."""
+    import heapq
+
     predictor, desc = build_predictor(source, device)
-    batch = default_batch_size(desc, grid.tile)
-    cy, cx = meta.height / 2, meta.width / 2
-    near = sorted(grid.tiles(), key=lambda t: (t.row + t.height / 2 - cy) ** 2 + (t.col + t.width / 2 - cx) ** 2)
+    batch = batch_size or default_batch_size(desc, grid.tile)
+    box = within if within is not None else Window(0, 0, meta.width, meta.height)
+    cy, cx = box.row_off + box.height / 2, box.col_off + box.width / 2
+    tiles = (t for t in grid.tiles() if within is None or (
+        t.col < box.col_off + box.width and t.col + t.width > box.col_off
+        and t.row < box.row_off + box.height and t.row + t.height > box.row_off))
+    near = heapq.nsmallest(TIME_READ_LIMIT, tiles,
+                           key=lambda t: (t.row + t.height / 2 - cy) ** 2 + (t.col + t.width / 2 - cx) ** 2)
     ready = []
-    for t in near[:TIME_READ_LIMIT]:
+    for t in near:
         x, _ = _prepare_window(meta, t, tuple(bands), source.card, grid.model_shape)
         if x is not None:
             ready.append(x)
@@ -1761,6 +1771,7 @@ def describe_scene(
     grid = scene_grid(meta, card, tile, overlap)
     tile, overlap = grid.tile, grid.overlap
     num_classes = num_classes or 7
+    asked_batch = batch_size
     batch_size = batch_size or default_batch_size("cpu", tile)
     aoi_info = None
     run_height, run_width = meta.height, meta.width
@@ -1821,7 +1832,8 @@ def describe_scene(
         "time": None,
     }
     if timed and source is not None and model is not None and model["scene_bands"]:
-        timing = time_model(meta, source, grid, model["scene_bands"])
+        timing = time_model(meta, source, grid, model["scene_bands"], batch_size=asked_batch,
+                            within=area.window if area is not None else None)
         if timing is not None:
             runs = aoi_info["windows"] if aoi_info is not None else len(grid)
             timing["windows"] = runs

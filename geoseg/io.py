@@ -1053,9 +1053,10 @@ MAP_AREA_TOLERANCE = 1.05
 
 
 def map_area_ratio(crs: Any, transform: Any, width: int, height: int) -> float | None:
-    """A projected grid's pixel area over its ground (geodesic) area at the grid's centre pixel: about 1 on
-    UTM or a national grid, 1/cos²(latitude) on Web Mercator. None on a geographic CRS (areas are geodesic
-    there already), without a CRS, or where it cannot be computed."""
+    """A projected grid's areas in map units over ground (ellipsoidal) areas at the grid's centre: the
+    projection's areal scale factor there (pyproj's ``get_factors``), about 1 on UTM or a national grid,
+    1/cos²(latitude) on Web Mercator. None on a geographic CRS (areas are geodesic there already),
+    without a CRS, or where it cannot be computed."""
     if crs is None or crs.is_geographic:
         return None
     try:
@@ -1063,14 +1064,12 @@ def map_area_ratio(crs: Any, transform: Any, width: int, height: int) -> float |
 
         src = pyproj.CRS.from_wkt(crs.to_wkt())
         to_geo = pyproj.Transformer.from_crs(src, src.geodetic_crs, always_xy=True)
-        c, r = width / 2, height / 2
-        xs, ys = zip(*(transform * (c + dc, r + dr) for dc, dr in ((0, 0), (1, 0), (1, 1), (0, 1))))
-        lons, lats = to_geo.transform(xs, ys)
-        ground = abs(src.get_geod().polygon_area_perimeter(lons, lats)[0])
-        metres = float(src.axis_info[0].unit_conversion_factor)  # (a foot's 0.3048: areas compared in m²)
+        t, cx, cy = transform, width / 2, height / 2
+        lon, lat = to_geo.transform(t.c + t.a * cx + t.b * cy, t.f + t.d * cx + t.e * cy)
+        ratio = float(pyproj.Proj(src).get_factors(lon, lat).areal_scale)
     except Exception:  # noqa: BLE001 - pyproj's errors for CRSs it cannot transform: no check
         return None
-    return abs(transform.determinant) * metres**2 / ground if ground > 0 and np.isfinite(ground) else None
+    return ratio if np.isfinite(ratio) and ratio > 0 else None
 
 
 def check_map_areas(crs: Any, transform: Any, width: int, height: int, name: str) -> None:

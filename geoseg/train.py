@@ -2382,8 +2382,12 @@ class Trainer:
         """Whether ``OUT`` holds this run's finished model: its card beside the checkpoint's best weights."""
         if not (weights_path.is_file() and card_path.is_file()):
             return False
-        if self._best is None:  # a checkpoint of an older version (its best weights were published as they came)
-            return best_it >= 0
+        if self._best is None:  # a checkpoint of an older version (its best weights were published as they came,
+            # with a card; the class prior came last: a run stopped before it is finished by republishing)
+            try:
+                return best_it >= 0 and ModelCard.load(card_path).class_prior is not None
+            except (ModelError, ParameterError, OSError):  # (a damaged card: republished)
+                return False
         return _digest(weights_path) == self._best[1]
 
     def _publish(self, best: Path, metrics: Mapping[str, Any], best_it: int) -> None:
@@ -2906,11 +2910,15 @@ def _worker_init(parent: int, worker_id: int) -> None:
     import ctypes
     import signal
 
+    if os.getppid() != parent:
+        # not forked by the run itself: started by a fork server (forkserver, Python 3.14's default), whose
+        # death says nothing of the run's; the workers' own watchdog ends them (or the run is gone already)
+        return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # pragma: no cover - no prctl: the workers' own watchdog ends them
         return
-    if os.getppid() != parent:  # the run died before the signal was set
+    if os.getppid() != parent:  # the run died between the fork and the signal's setting
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -2965,16 +2973,21 @@ def _run_lock(out: Path) -> Iterator[None]:
     else:
         raise OutputError(f"cannot lock {path}: it keeps being removed: choose another --out")
     _HELD_LOCKS.add(fd)
+    owner = os.getpid()
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
+            if os.getpid() == owner:
+                os.ftruncate(fd, 0)
     finally:
-        _HELD_LOCKS.discard(fd)
-        os.close(fd)
+        # (a forked child unwinding through here closed its copy at its fork: the number may be another
+        # file's now, which it truncated and closed)
+        if os.getpid() == owner:
+            _HELD_LOCKS.discard(fd)
+            os.close(fd)
 
 
 def _train_locked(cfg: TrainConfig, out: Path, progress: Callable[[int, dict[str, float]], None] | None,

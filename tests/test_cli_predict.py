@@ -87,6 +87,16 @@ def test_info_time_runs_the_model_on_a_few_windows(runner: CliRunner, tmp_path: 
     d = json.loads(runner.invoke(cli, ["info", str(src), "--weights", str(weights), "--time", "--json",
                                        "--aoi", box]).stdout)
     assert d["time"]["windows"] == d["aoi"]["windows"] < 48
+    d = json.loads(runner.invoke(cli, ["info", str(src), "--weights", str(weights), "--time", "--json",
+                                       "--batch-size", "1"]).stdout)
+    assert d["time"]["batch_size"] == 1  # (it timed predict's default whatever --batch-size said)
+    # data only in the left columns, an AOI over them: timed there (the scene's centre has none)
+    left = np.zeros((3, 300, 400), np.uint8)
+    left[:, :, :60] = 100
+    side = write_raster(tmp_path / "left.tif", left, nodata=0)
+    d = json.loads(runner.invoke(cli, ["info", str(side), "--weights", str(weights), "--time", "--json",
+                                       "--aoi", "500000,4797000,500600,4800000"]).stdout)
+    assert d["time"] is not None and d["time"]["windows_timed"] > 0 and d["time"]["windows"] == d["aoi"]["windows"]
     empty = write_raster(tmp_path / "empty.tif", np.zeros((3, 90, 150), np.uint8), nodata=0)
     res = runner.invoke(cli, ["info", str(empty), "--weights", str(weights), "--time"])
     assert res.exit_code == 0 and "time: not measured: no window near the scene's centre holds data" in res.output

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -2404,3 +2406,36 @@ def test_odd_numbers_and_label_setups_are_refused_or_warned(scene: tuple[Path, P
     with pytest.raises(ParameterError, match=r"polygon labels big.geojson: cls value\(s\) 300 cannot be class ids") as e:
         Trainer(_cfg(scene, tmp_path / "o", labels=str(big), label_field="cls", classes=None, val_region=None))
     assert "0_big.tif" not in str(e.value)
+
+
+def test_a_forked_child_unwinding_through_the_run_lock_leaves_other_files_alone(tmp_path: Path) -> None:
+    """A child forked inside the run (a progress callback's) closes its copy of the lock at its fork; when
+    it unwound through the lock's ``finally`` (sys.exit), it truncated and closed whatever file had taken
+    that descriptor number since: its own output, emptied."""
+    script = tmp_path / "fork_unwind.py"
+    script.write_text(
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from geoseg.train import _run_lock\n"
+        f"out, other = Path({str(tmp_path / 'out')!r}), Path({str(tmp_path / 'child.txt')!r})\n"
+        "out.mkdir()\n"
+        "with _run_lock(out):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        f = open(other, 'w')\n"
+        "        f.write('the child output\\n'); f.flush()\n"
+        "        sys.exit(0)\n"
+        "    os.waitpid(pid, 0)\n"
+        "    print('held', (out / '.geoseg-train.lock').read_text().startswith('pid '))\n"
+        "print('size', other.stat().st_size)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["held", "True", "size", "17"], r.stdout + r.stderr
+
+
+def test_a_worker_started_by_a_fork_server_does_not_kill_itself() -> None:
+    """Workers started by a fork server (multiprocessing's forkserver, Python 3.14's default on Linux) have
+    the server as their parent: the check for a dead run took that for the run's death, and every worker
+    killed itself ("Blocking queue is killed")."""
+    code = "from geoseg.train import _worker_init\n_worker_init(-12345, 0)\nprint('alive')\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "alive", (r.returncode, r.stderr)
