@@ -608,6 +608,13 @@ def _vector_region(path: Path, meta: Any, what: str) -> Region:
         f"{what} {path} cannot be read as vector data")
     if not keep:
         raise ParameterError(f"{what} {path} has no geometries")
+    from geoseg.aoi import _polygon_parts
+
+    # the polygons only, as predict's --aoi takes them (a line's pixels were a training region of 61 pixels)
+    shapes = list(_polygon_parts(np.array(shapes, dtype=object)))
+    if not shapes:
+        raise ParameterError(f"{what} {path} has no polygons (lines and points cover no area): give the region as "
+                             "polygons, or as [col_off, row_off, width, height]")
     full = rasterize(((s, 1) for s in shapes), out_shape=(meta.height, meta.width), transform=meta.transform,
                      fill=0, dtype="uint8").astype(bool)
     rows, cols = np.nonzero(full)

@@ -792,6 +792,13 @@ def test_vector_aoi_region(scene: tuple[Path, Path], tmp_path: Path) -> None:
     t = Trainer(_cfg(scene, tmp_path / "o", train_region=str(aoi)))
     r = t.train_region
     assert (r.row, r.col, r.height, r.width) == (0, 0, 48, 40) and r.mask.all()
+    # a line (or points) covers no area: refused as predict's --aoi refuses it (it trained on the line's pixels)
+    line = tmp_path / "line.geojson"
+    line.write_text(json.dumps({"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "EPSG:32633"}},
+                                "features": [{"type": "Feature", "properties": {}, "geometry": {
+                                    "type": "LineString", "coordinates": [[500000, 4800000], [500400, 4799600]]}}]}))
+    with pytest.raises(ParameterError, match=r"line.geojson has no polygons \(lines and points cover no area\)"):
+        Trainer(_cfg(scene, tmp_path / "o", train_region=str(line)))
 
 
 def test_mosaic_tiles_four_independent_windows_of_the_region(scene: tuple[Path, Path], tmp_path: Path) -> None:
