@@ -2489,6 +2489,9 @@ class Trainer:
             }, default=_json_default))
         self._ckpt_files = files
         self._ckpt_it = it
+        for prev in _PREVIOUS.values():  # the previous checkpoint's parts: no last.json names them now
+            with contextlib.suppress(OSError):
+                (d / prev).unlink(missing_ok=True)
 
     def _resume(self, path: Path, model: Any, opt: Any) -> tuple[int, float, int, list[dict[str, Any]], dict[str, Any]]:
         from geoseg.models.checkpoints import load_weights

@@ -2446,3 +2446,15 @@ def test_a_worker_started_by_a_fork_server_does_not_kill_itself() -> None:
     code = "from geoseg.train import _worker_init\n_worker_init(-12345, 0)\nprint('alive')\n"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "alive", (r.returncode, r.stderr)
+
+
+def test_a_checkpoint_once_whole_leaves_no_copy_of_the_previous(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """The previous checkpoint's parts are kept as prev.* only until the new last.json is in place (as the
+    README says); they stayed after every checkpoint and after the run, doubling the checkpoints' size."""
+    out = tmp_path / "o"
+    res = train(_cfg(scene, out, iterations=4, val_every=2))
+    ck = out / "checkpoints"
+    assert (ck / "last.json").is_file() and (ck / "last.pdparams").is_file()
+    assert sorted(p.name for p in ck.glob("prev.*")) == []
+    res2 = train(_cfg(scene, out, resume=str(ck), iterations=6, val_every=2))  # (resumes from the kept parts)
+    assert [r["iteration"] for r in res2.history][-1] == 6 and res.best_iteration >= 0
