@@ -2175,11 +2175,11 @@ class Trainer:
         fields = ["iteration", "lr", "loss", "ce", "dice", *(["lovasz"] if "lovasz" in cfg.loss else []),
                   *(["distill"] if self.teacher is not None else []), "grad_norm",
                   "val_miou", "val_oa", "val_kappa", "seconds"]
-        if start == 0 or not csv_path.exists():
-            with open(csv_path, "w", newline="") as f:
-                csv.writer(f).writerow(fields)
-        else:  # rows logged after the checkpoint (a run stopped between two) are logged again
-            _drop_csv_rows_after(csv_path, start)
+        # the log up to the checkpoint, from its history: rows logged after it (a run stopped between two) are
+        # logged again, and a log deleted or torn by a kill (a row cut short, the next glued onto it) is whole
+        buf = io.StringIO()
+        csv.writer(buf).writerows([fields, *([_fmt(r.get(k)) for k in fields] for r in history)])
+        atomic_write_text(csv_path, buf.getvalue())
         bar = None
         if cfg.progress:
             from tqdm import tqdm
@@ -2741,18 +2741,6 @@ def _digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _drop_csv_rows_after(path: Path, iteration: int) -> None:
-    """Keep ``path``'s header and its rows up to ``iteration`` (rewritten atomically)."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    keep = rows[:1] + [r for r in rows[1:] if r and r[0].strip().isdigit() and int(r[0]) <= iteration]
-    if len(keep) == len(rows):
-        return
-    buf = io.StringIO()
-    csv.writer(buf).writerows(keep)
-    atomic_write_text(path, buf.getvalue())
 
 
 def _remove_run(out: Path) -> None:

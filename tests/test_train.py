@@ -2458,3 +2458,28 @@ def test_a_checkpoint_once_whole_leaves_no_copy_of_the_previous(scene: tuple[Pat
     assert sorted(p.name for p in ck.glob("prev.*")) == []
     res2 = train(_cfg(scene, out, resume=str(ck), iterations=6, val_every=2))  # (resumes from the kept parts)
     assert [r["iteration"] for r in res2.history][-1] == 6 and res.best_iteration >= 0
+
+
+def test_the_csv_log_of_a_resumed_run_is_whole_after_a_torn_or_deleted_one(scene: tuple[Path, Path],
+                                                                           tmp_path: Path) -> None:
+    """A kill can tear the CSV log's last row (the resumed run's first row was glued onto it) or a user delete
+    it (rebuilt with the rows after the checkpoint only): the log is now rewritten from the checkpoint's history."""
+    import csv
+
+    out = tmp_path / "o"
+    kw = dict(val_every=2, log_every=1)
+    train(_cfg(scene, out, iterations=4, **kw))
+    log_csv = out / "train_log.csv"
+
+    def rows() -> list[list[str]]:
+        with open(log_csv, newline="") as f:
+            return list(csv.reader(f))
+
+    width = len(rows()[0])
+    log_csv.write_bytes(log_csv.read_bytes()[:-7])  # torn mid-row
+    train(_cfg(scene, out, resume=str(out / "checkpoints"), iterations=6, **kw))
+    got = rows()
+    assert [r[0] for r in got[1:]] == [str(i) for i in range(1, 7)] and all(len(r) == width for r in got), got
+    log_csv.unlink()
+    train(_cfg(scene, out, resume=str(out / "checkpoints"), iterations=8, **kw))
+    assert [r[0] for r in rows()[1:]] == [str(i) for i in range(1, 9)]
