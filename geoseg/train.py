@@ -950,6 +950,17 @@ def band_statistics(image: np.ndarray, valid: np.ndarray, scale: float,
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
+def _warn_constant_bands(bands: Sequence[int], std: Sequence[float]) -> None:
+    """Warn about bands with one value over the training region (their std floored at 1e-6): they teach
+    nothing, and at predict time any other value of theirs lies about 1e5 standard deviations off."""
+    flat = [b for b, s in zip(bands, std) if s <= 1e-6]
+    if flat:
+        warn(f"band{'s' if len(flat) > 1 else ''} {', '.join(map(str, flat))} hold{'' if len(flat) > 1 else 's'} "
+             "one value over the training region: the model learns nothing from "
+             f"{'them' if len(flat) > 1 else 'it'}, and predict reads any other value as some 1e5 standard "
+             "deviations off; leave it out with bands:", TrainingWarning)
+
+
 def pooled_band_statistics(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
                            scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """:func:`band_statistics` over several regions together: ``parts`` are ``(image CHW raw,
@@ -1878,6 +1889,7 @@ class Trainer:
         scanned = [self._scan_region(sc, sc["train_region"], moments) for sc in scenes]
         mean, std = moments.result()
         self.normalization = Normalization(mean=mean, std=std, scale=dict(DEFAULT_SCALE))
+        _warn_constant_bands(self.bands, std)
         striped = [sc["image"].name for sc in scenes
                    if sc["meta"].block_shape[1] >= sc["meta"].width > 2 * self.cfg.window]
         if striped:
@@ -1912,6 +1924,7 @@ class Trainer:
             mean, std = band_statistics(raw, valid & self.train_region.mask, scale, gaps)
             del raw  # the raw pixels go once normalised (loaded[0] holds them until then)
         self.normalization = Normalization(mean=mean, std=std, scale=dict(DEFAULT_SCALE))
+        _warn_constant_bands(self.bands, std)
         for k, sc in enumerate(scenes):
             raw_img, train_idx, train_valid, gaps = loaded[k]
             loaded[k] = None  # type: ignore[call-overload]  # the raw pixels go once normalised

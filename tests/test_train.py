@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -2483,3 +2484,20 @@ def test_the_csv_log_of_a_resumed_run_is_whole_after_a_torn_or_deleted_one(scene
     log_csv.unlink()
     train(_cfg(scene, out, resume=str(out / "checkpoints"), iterations=8, **kw))
     assert [r[0] for r in rows()[1:]] == [str(i) for i in range(1, 9)]
+
+
+@pytest.mark.parametrize("read_from", ["memory", "disk"])
+def test_a_band_of_one_value_over_the_training_region_is_warned_about(scene: tuple[Path, Path], tmp_path: Path,
+                                                                      read_from: str) -> None:
+    """A band constant over the training region got a std of 1e-6 without a word: it teaches nothing, and
+    any other value of it at predict time normalises to some 1e5 standard deviations."""
+    with rasterio.open(scene[0]) as ds:
+        img, nodata = ds.read(), ds.nodata
+    img[1][img[1] != 0] = 77  # band 2: one value wherever the scene has data
+    flat = write_raster(tmp_path / "flat.tif", img, nodata=nodata)
+    with pytest.warns(TrainingWarning, match=r"^band 2 holds one value over the training region: the model learns "
+                                             r"nothing from it"):
+        Trainer(_cfg((flat, scene[1]), tmp_path / "o", read_from=read_from))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingWarning)
+        Trainer(_cfg(scene, tmp_path / "o2", read_from=read_from))
