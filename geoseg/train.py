@@ -950,6 +950,17 @@ def band_statistics(image: np.ndarray, valid: np.ndarray, scale: float,
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
+def _file_identity(path: str | Path) -> str | None:
+    """A file's size and a hash of its first and last 64 KiB (:func:`geoseg.batch.quick_hash`): enough to see it
+    replaced or rewritten; None where it cannot be read (a glob, a virtual path)."""
+    from geoseg.batch import quick_hash
+
+    try:
+        return f"{os.stat(path).st_size}:{quick_hash(path)}"
+    except OSError:
+        return None
+
+
 def _warn_constant_bands(bands: Sequence[int], std: Sequence[float]) -> None:
     """Warn about bands with one value over the training region (their std floored at 1e-6): they teach
     nothing, and at predict time any other value of theirs lies about 1e5 standard deviations off."""
@@ -1692,6 +1703,9 @@ class Trainer:
                                          f"{Path(a['image']).name})")
         self.scenes = [{**{k: v for k, v in sc.items() if k not in ("meta", "k", "labels_given")},
                         "labels": sc["labels_given"]} for sc in scenes]
+        # what the files held when this run read them (a resume compares: see _resume)
+        self._data = [{"image": _file_identity(sc["image"]), "labels": _file_identity(sc["labels"])}
+                      for sc in self.scenes]
         all_scenes, scenes = scenes, [sc for sc in scenes if sc["train_region"] is not None]
         if not scenes:
             raise ParameterError("every scene is for validation only (use: val): give at least one training scene")
@@ -2497,7 +2511,7 @@ class Trainer:
         with self._writing(d / "last.json"):
             atomic_write_text(d / "last.json", json.dumps({
                 "iteration": it, "best_miou": best, "best_iteration": best_it, "config": self.cfg.to_dict(),
-                "history": history, "best_validation": dict(best_metrics), "files": files,
+                "history": history, "best_validation": dict(best_metrics), "files": files, "data": self._data,
                 **({"amp_scaler": scaler} if (scaler := _scaler_state(getattr(self, "scaler", None))) else {}),
             }, default=_json_default))
         self._ckpt_files = files
@@ -2521,12 +2535,19 @@ class Trainer:
             best_miou, best_it = float(state.get("best_miou", -1.0)), int(state.get("best_iteration", -1))
             history, best_validation = list(state.get("history", [])), dict(state.get("best_validation") or {})
             files = dict(state.get("files") or {})  # checkpoints of older versions list none
+            data = list(state.get("data") or [])  # (older versions: none)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             why = f"no {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
             raise ParameterError(f"resume: the checkpoint in {d} is damaged ({meta_path.name} cannot be read: {why}): "
                                  "train anew with --overwrite") from None
         except OSError as exc:
             raise ParameterError(f"resume: cannot read {meta_path}: {exc.strerror or exc}") from None
+        for then, now, sc in zip(data, self._data, self.scenes):
+            changed = [k for k in ("image", "labels") if isinstance(then, dict) and then.get(k) not in (None, now[k])]
+            if changed:  # (the statistics and labels of this run are the new file's; the weights learnt the old)
+                raise ParameterError(f"resume: {sc[changed[0]]} changed since the checkpoint was saved (its size or "
+                                     "content): resume with the data the run was trained on, or train anew with "
+                                     "--overwrite")
         parts: dict[str, Path] = {}
         for name, digest in files.items():
             found = [p for p in (d / name, d / _PREVIOUS.get(name, name)) if p.is_file() and _digest(p) == digest]

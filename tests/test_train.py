@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -2501,3 +2502,23 @@ def test_a_band_of_one_value_over_the_training_region_is_warned_about(scene: tup
     with warnings.catch_warnings():
         warnings.simplefilter("error", TrainingWarning)
         Trainer(_cfg(scene, tmp_path / "o2", read_from=read_from))
+
+
+def test_resume_refuses_data_changed_since_the_checkpoint(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """An image rewritten at the same path between a kill and --resume was trained on silently: the resumed
+    run's statistics came from the new data, its weights from the old. Refused now; a file only touched is not."""
+    import shutil
+
+    (tmp_path / "data").mkdir()
+    img, lab = tmp_path / "data" / "img.tif", tmp_path / "data" / "lab.tif"
+    shutil.copy(scene[0], img)
+    shutil.copy(scene[1], lab)
+    out = tmp_path / "o"
+    train(_cfg((img, lab), out, iterations=2, val_every=2))
+    os.utime(img)  # touched, same bytes: goes on
+    train(_cfg((img, lab), out, resume=str(out / "checkpoints"), iterations=4, val_every=2))
+    with rasterio.open(img, "r+") as ds:
+        data = ds.read()
+        ds.write(np.where(data > 0, 255 - data, 0).astype(data.dtype))
+    with pytest.raises(ParameterError, match=r"resume: .*img.tif changed since the checkpoint was saved"):
+        train(_cfg((img, lab), out, resume=str(out / "checkpoints"), iterations=6, val_every=2))
