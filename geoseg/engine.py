@@ -295,7 +295,7 @@ def exported_for_inference(source: ModelSource) -> Path:
     key = hashlib.sha256(f"{digest}|{source.card.digest()}|{paddle.__version__}|softmax".encode()).hexdigest()[:20]
     target = cache_dir() / "exports" / key
     if (target / "DONE").exists():  # (before building the model: a cached call built and dropped one, ~1 s)
-        with contextlib.suppress(OSError):  # (its last use: see _remove_unused_exports)
+        with contextlib.suppress(OSError):  # (its last use: see _tidy_exports)
             os.utime(target / "DONE")
         return target
     layer = build_layer(source)
@@ -330,35 +330,28 @@ def _remove_dead_fallbacks(tmp: Path) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _remove_dead_exports(folder: Path) -> None:
-    """Remove unfinished exports (hidden ``.geoseg-<key>.<host>-<pid>-<hex>.tmp`` folders) of processes
-    that are gone (:func:`geoseg.atomic.is_leftover`): a killed first run left one in the cache for good."""
-    import shutil
-
-    from geoseg.atomic import TMP_PREFIX, is_leftover
-
-    with contextlib.suppress(OSError):
-        for d in folder.iterdir():
-            if d.name.startswith(TMP_PREFIX) and d.name.endswith(".tmp") and d.is_dir() and is_leftover(d):
-                shutil.rmtree(d, ignore_errors=True)
-
-
 #: Days after its last use that a cached export is removed (when another is made): each model trained and
 #: predicted with left 12-24 MB in the cache for good.
 EXPORT_CACHE_DAYS = 30
 
 
-def _remove_unused_exports(folder: Path) -> None:
-    """Remove the cached exports not used for :data:`EXPORT_CACHE_DAYS` (their ``DONE`` file's time, which each
-    use renews)."""
+def _tidy_exports(folder: Path) -> None:
+    """Remove from the export cache ``folder``, in one pass: unfinished exports (hidden
+    ``.geoseg-<key>.<host>-<pid>-<hex>.tmp`` folders) of processes that are gone
+    (:func:`geoseg.atomic.is_leftover`: a killed first run left one for good), and finished ones not
+    used for :data:`EXPORT_CACHE_DAYS` (their ``DONE`` file's time, which each use renews)."""
     import shutil
+
+    from geoseg.atomic import TMP_PREFIX, is_leftover
 
     cutoff = time.time() - EXPORT_CACHE_DAYS * 86400
     with contextlib.suppress(OSError):
         for d in folder.iterdir():
-            done = d / "DONE"
             with contextlib.suppress(OSError):
-                if not d.name.startswith(".") and done.stat().st_mtime < cutoff:
+                if d.name.startswith(TMP_PREFIX):
+                    if d.name.endswith(".tmp") and d.is_dir() and is_leftover(d):
+                        shutil.rmtree(d, ignore_errors=True)
+                elif not d.name.startswith(".") and (d / "DONE").stat().st_mtime < cutoff:
                     shutil.rmtree(d, ignore_errors=True)
                     log.debug("removed the export %s, unused for %d days", d, EXPORT_CACHE_DAYS)
 
@@ -369,8 +362,7 @@ def _export_into(target: Path, layer: Any, source: ModelSource) -> Path:
     from geoseg.models.inference import export_model
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_exports(target.parent)
-    _remove_unused_exports(target.parent)
+    _tidy_exports(target.parent)
     tmp = temp_name(target)  # names this process: a killed run's is removed by the next export here
     log.debug("exporting %s for Paddle Inference into %s", source.label, target)
     try:
@@ -1699,11 +1691,11 @@ def time_model(meta: SceneMeta, source: ModelSource, grid: TileGrid, bands: Sequ
 
     predictor, desc = build_predictor(source, device)
     batch = batch_size or default_batch_size(desc, grid.tile)
+    from rasterio.windows import intersect
+
     box = within if within is not None else Window(0, 0, meta.width, meta.height)
     cy, cx = box.row_off + box.height / 2, box.col_off + box.width / 2
-    tiles = (t for t in grid.tiles() if within is None or (
-        t.col < box.col_off + box.width and t.col + t.width > box.col_off
-        and t.row < box.row_off + box.height and t.row + t.height > box.row_off))
+    tiles = (t for t in grid.tiles() if within is None or intersect(t.window, within))
     near = heapq.nsmallest(TIME_READ_LIMIT, tiles,
                            key=lambda t: (t.row + t.height / 2 - cy) ** 2 + (t.col + t.width / 2 - cx) ** 2)
     ready = []

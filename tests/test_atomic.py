@@ -95,7 +95,7 @@ def test_an_unfinished_export_of_a_dead_process_leaves_the_cache(tmp_path: Path,
     (left / "model.json").write_text("{")
     done = tmp_path / "0123456789abcdef0123"  # a finished export is never touched
     done.mkdir()
-    engine._remove_dead_exports(tmp_path)
+    engine._tidy_exports(tmp_path)
     assert left.exists() == pid_alive and done.exists()
 
 
