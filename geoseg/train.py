@@ -683,6 +683,7 @@ def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence
     if field is None and fill is not None and len(others) == 1:
         if not keep:
             raise ParameterError(f"polygon labels {path.name} have no geometries")
+        _say_point_labels(path, shapes)
         return _burn(path, meta, shapes, [others[0]] * len(keep), fill, out)
     if field is None or field not in fields:
         what = "needs label_field" if field is None else f"has no field {field!r}"
@@ -724,8 +725,23 @@ def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence
     if not keep:
         raise ParameterError(f"polygon labels {path.name} have no geometries")
     burnt = [int(ids[i]) for i in keep]
+    _say_point_labels(path, shapes)
     unlabelled = _unlabelled_value({*class_ids, *burnt}) if zero_class and fill is None else 0
     return _burn(path, meta, shapes, burnt, fill, out, unlabelled)
+
+
+def _say_point_labels(path: Path, shapes: Sequence[Any]) -> None:
+    """Log how many of the label file's geometries are points or lines: they are burnt as the pixels
+    they fall on or cross (a point sample labels one pixel), which a user who meant areas should know."""
+    import shapely
+
+    kinds = shapely.get_type_id(np.asarray(shapes, dtype=object))
+    points = int(np.count_nonzero((kinds == 0) | (kinds == 4)))
+    lines = int(np.count_nonzero((kinds == 1) | (kinds == 2) | (kinds == 5)))
+    if points or lines:
+        said = " and ".join(f"{n} {w}{'s' if n != 1 else ''}" for n, w in ((points, "point"), (lines, "line")) if n)
+        log.info("polygon labels %s: %s burnt as the pixels they fall on or cross (a point labels one pixel)",
+                 path.name, said)
 
 
 def _unlabelled_value(used: set[int]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -2060,6 +2061,41 @@ def _polygon_file(path: Path, props: list[dict], boxes: list[tuple[int, int, int
     path.write_text(json.dumps({"type": "FeatureCollection", "features": feats,
                                 "crs": {"type": "name", "properties": {"name": "EPSG:32633"}}}))
     return path
+
+
+def test_point_and_line_labels_burn_their_pixels_and_are_said(scene: tuple[Path, Path], tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Point samples and lines in a label file burn the pixels they fall on or cross, as rasterio
+    burns them; a user who meant areas had no word of it: the log now counts them."""
+    from geoseg.io import open_scene
+    from geoseg.train import rasterize_labels
+
+    def px(c: float, r: float) -> list[float]:
+        return [500000 + 10 * c, 4800000 - 10 * r]
+
+    feats = [{"type": "Feature", "properties": {"k": 2}, "geometry": {"type": "Point", "coordinates": px(30.5, 7.5)}},
+             {"type": "Feature", "properties": {"k": 3},
+              "geometry": {"type": "LineString", "coordinates": [px(10.5, 40.5), px(20.5, 40.5)]}},
+             {"type": "Feature", "properties": {"k": 1}, "geometry": {"type": "Polygon", "coordinates": [
+                 [px(8, 8), px(20, 8), px(20, 20), px(8, 20), px(8, 8)]]}}]
+    path = tmp_path / "mixed.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats,
+                                "crs": {"type": "name", "properties": {"name": "EPSG:32633"}}}))
+    meta = open_scene(scene[0])
+    with caplog.at_level(logging.INFO, logger="geoseg.train"):
+        with rasterio.open(rasterize_labels(path, meta, "k", None, tmp_path / "b.tif")) as ds:
+            burnt = ds.read(1)
+    assert burnt[7, 30] == 2 and np.count_nonzero(burnt == 2) == 1  # the point: one pixel
+    assert (burnt[40, 10:21] == 3).all() and np.count_nonzero(burnt == 3) == 11  # the line: the pixels it crosses
+    assert (burnt[8:20, 8:20] == 1).all()
+    said = [r.getMessage() for r in caplog.records if "burnt as the pixels" in r.getMessage()]
+    assert said == ["polygon labels mixed.geojson: 1 point and 1 line burnt as the pixels they fall on or cross "
+                    "(a point labels one pixel)"]
+    caplog.clear()
+    only = _polygon_file(tmp_path / "only.geojson", [{"k": 1}], [(8, 8, 20, 20)])
+    with caplog.at_level(logging.INFO, logger="geoseg.train"):
+        rasterize_labels(only, meta, "k", None, tmp_path / "c.tif")
+    assert not [r for r in caplog.records if "burnt as the pixels" in r.getMessage()]  # polygons alone: no word
 
 
 def test_polygon_labels_hold_class_0_when_it_is_a_class(scene: tuple[Path, Path], tmp_path: Path) -> None:
