@@ -243,6 +243,40 @@ def _document_envvars(group: click.Group) -> None:
             param.envvar = [*names, *wanted]
 
 
+def _warn_unread_variables(ctx: click.Context) -> None:
+    """Warn about each set ``GEOSEG_<COMMAND>_*`` variable of the command being run that sets none of
+    its options: ``GEOSEG_BATCH_NO_MOSAIC=1`` (a --mosaic/--no-mosaic pair is set by
+    ``GEOSEG_BATCH_MOSAIC=0``) or a misspelt name changed nothing, and nothing said so."""
+    import difflib
+
+    name = ctx.invoked_subcommand
+    group = ctx.command
+    cmd = group.get_command(ctx, name) if name and isinstance(group, click.Group) else None
+    if cmd is None or not ctx.auto_envvar_prefix:
+        return
+    prefix = f"{ctx.auto_envvar_prefix}_{name.upper().replace('-', '_')}"  # (Click's own for the command)
+    read: dict[str, click.Option] = {}
+    for param in cmd.params:
+        if isinstance(param, click.Option):
+            names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+            if param.allow_from_autoenv and param.name:
+                names.append(f"{prefix}_{param.name.upper()}")
+            read.update(dict.fromkeys(names, param))
+    # the off side of a --x/--no-x (or --half/--float32) pair has no variable of its own
+    off = {f"{prefix}_{opt.lstrip('-').replace('-', '_').upper()}": (opt, p) for p in set(read.values())
+           for opt in p.secondary_opts if p.is_flag and p.name}
+    for var in sorted(v for v in os.environ if v.startswith(f"{prefix}_") and v not in read):
+        if var in off:
+            opt, flag = off[var]
+            on = next((n for n, p in read.items() if p is flag and n.startswith(prefix)), f"{prefix}_{flag.name.upper()}")
+            hint = f"{opt} is set by {on}=0"
+        else:
+            close = difflib.get_close_matches(var, list(read), n=1)
+            hint = f"did you mean {close[0]}?" if close else f"see geoseg {name} --help for its options"
+        warnings.warn(f"the environment variable {var} sets no option of geoseg {name} and is not read: {hint}",
+                      GeosegWarning, stacklevel=1)
+
+
 def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
     """Turn SIGTERM into :class:`Terminated` while the command runs (main thread, default handler only)."""
     import signal
@@ -326,6 +360,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
         raise GeosegClickError(NO_CWD, EXIT_FAILURE) from None
     _stop_cleanly_on_sigterm(ctx)
+    _warn_unread_variables(ctx)
     ctx.ensure_object(dict)
     ctx.obj["verbosity"] = verbosity
     ctx.obj["quiet"] = quiet > 0

@@ -81,6 +81,28 @@ def test_documented_variables_reach_the_commands(runner: CliRunner, tmp_path: Pa
         assert res.exit_code == 2 and f"environment variable {var})" in res.output, res.output
 
 
+def test_a_variable_that_sets_no_option_is_warned_about(runner: CliRunner, tmp_path: Path) -> None:
+    """GEOSEG_BATCH_NO_MOSAIC=1 (the off side of --mosaic/--no-mosaic), GEOSEG_ENSEMBLE_FLOAT32=1 and a
+    misspelt GEOSEG_INFO_JSOM=1 changed nothing, and nothing said so: each is now a warning naming the
+    variable that does it (flags are set by their on-side name, =0 or =1)."""
+    src = scene(tmp_path)
+    res = runner.invoke(cli, ["info", str(src), "--no-model"],
+                        env={"GEOSEG_INFO_JSOM": "1", "GEOSEG_PREDICT_NO_ADAPT_PRIOR": "1", "GEOSEG_CACHE_DIR": "x"})
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines() == ["warning: the environment variable GEOSEG_INFO_JSOM sets no option of geoseg info "
+                                       "and is not read: did you mean GEOSEG_INFO_JSON?"]  # (another command's: not info's)
+    res = runner.invoke(cli, ["info", str(src), "--no-model"], env={"GEOSEG_INFO_JSON": "1", "GEOSEG_INFO_AS_JSON": "1"})
+    assert res.exit_code == 0 and not res.stderr, res.output  # both names are read
+    for cmd, var, hint in (("batch", "GEOSEG_BATCH_NO_MOSAIC", "--no-mosaic is set by GEOSEG_BATCH_MOSAIC=0"),
+                           ("predict", "GEOSEG_PREDICT_NO_ADAPT_PRIOR",
+                            "--no-adapt-prior is set by GEOSEG_PREDICT_ADAPT_PRIOR=0"),
+                           ("ensemble", "GEOSEG_ENSEMBLE_FLOAT32", "--float32 is set by GEOSEG_ENSEMBLE_HALF=0")):
+        res = runner.invoke(cli, [cmd, "--help"], env={var: "1"})
+        assert res.exit_code == 0, res.output
+        assert f"warning: the environment variable {var} sets no option of geoseg {cmd} and is not read: {hint}" \
+            in res.stderr.splitlines(), res.stderr
+
+
 def test_documented_variables_reach_predict_and_batch(runner: CliRunner, tmp_path: Path,
                                                       tiny_unet: tuple[Path, Path]) -> None:
     src = scene(tmp_path)
