@@ -433,6 +433,8 @@ def _card_from_paddleseg(d: Path, dep: Mapping[str, Any], classes: tuple[ClassIn
                          f"(- type: Normalize ...), not a {type(transforms).__name__}")
     try:
         return _paddleseg_card(d, dep, classes, transforms)
+    except GeosegError:  # (a ModelError is a ValueError: "no class names" read "input_shape cannot be read")
+        raise
     except (TypeError, ValueError, IndexError) as exc:  # (an "unexpected error" with a traceback's words)
         raise ModelError(f"{d}/deploy.yaml: its input_shape or Normalize cannot be read ({exc}): give input_shape as "
                          "[-1, C, H, W] and Normalize's mean and std as lists of numbers") from None
