@@ -1485,6 +1485,7 @@ def _segment_scene(
             vec = vectorize_mask(
                 mask_path, vector_path, fmt=opts.vector, min_area=opts.min_area, simplify=opts.simplify,  # type: ignore[arg-type]
                 classes=mc.classes, keep_classes=opts.vector_classes, scene_name=input_path.name, overwrite=opts.overwrite,
+                warn_areas=False,  # (said above for the scene: one AreaWarning per predict, not one per output)
             )
         except OutputError as exc:  # (a full disk) the mask is whole and stays: say how to go on from it
             raise type(exc)(f"{exc}; the mask {mask_path.name} is complete: write its polygons with geoseg "  # (NoRoomError stays one)

@@ -972,6 +972,7 @@ def vectorize_mask(
     layer: str | None = None,
     overwrite: bool = False,
     block_size: int | None = None,
+    warn_areas: bool = True,
 ) -> VectorizeResult:
     """Vectorise a class raster into land-cover polygons and write them atomically.
 
@@ -995,6 +996,8 @@ def vectorize_mask(
         overwrite: replace an existing output.
         block_size: rows per strip (default: about 4 Mpx per strip, at least 64 rows); bounds
             memory to one strip plus the polygons crossing the current seam.
+        warn_areas: warn (:class:`~geoseg.errors.AreaWarning`) when the CRS's areas are far from
+            ground areas (Web Mercator); predict passes False, having said it for the mask.
 
     Returns:
         A :class:`VectorizeResult`.
@@ -1035,7 +1038,8 @@ def vectorize_mask(
     geojson = fmt == "geojson"
     crs_wkt = "EPSG:4326" if geojson else info.crs.to_wkt()
     units = area_units(info.crs)
-    check_map_areas(info.crs, info.transform, info.width, info.height, mask_path.name)
+    if warn_areas:
+        check_map_areas(info.crs, info.transform, info.width, info.height, mask_path.name)
     gtype = "MultiPolygon" if connectivity == 8 else "Polygon"
     counts: dict[int, int] = {}
     log.debug(

@@ -1390,7 +1390,8 @@ def test_areas_on_a_web_mercator_grid_are_said_to_be_map_units(tmp_path: Path) -
     kw = dict(source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
     with pytest.warns(AreaWarning, match=r"merc.tif: areas are in its CRS's map units \(m2\), 2.6\d times the ground "
                                          r"area at its centre \(EPSG:3857 distorts areas\)") as caught:
-        res = segment_scene(merc, tmp_path / "o", **kw)
+        res = segment_scene(merc, tmp_path / "o", **kw, options=PredictOptions(vector="gpkg"))
+    assert res.extra_outputs  # with its polygons: said once, not again for the polygons
     assert sum(issubclass(w.category, AreaWarning) for w in caught) == 1
     with pytest.warns(AreaWarning, match="merc_landcover.tif: areas are in its CRS's map units"):
         vectorize_mask(res.mask, tmp_path / "merc.gpkg")
