@@ -634,7 +634,7 @@ def _reference_classes(vec: VectorData, field: str | None, table: Sequence[Any] 
         if all(t is None or re.fullmatch(r"[-+]?\d+", t) for t in texts):
             ids = np.array([_NO_CLASS if t is None else int(t) for t in texts], np.int64)
         else:
-            return _reference_names(texts, table, name, path)
+            ids = _reference_names(texts, table, name, path)
     given = ids[ids != _NO_CLASS]
     if given.size and (given.min() <= _NO_BURN or given.max() > np.iinfo(np.int32).max):
         raise ParameterError(f"{bad} within 32-bit integers (-2147483647 .. 2147483647)")
@@ -642,13 +642,18 @@ def _reference_classes(vec: VectorData, field: str | None, table: Sequence[Any] 
 
 
 def _reference_names(texts: list[str | None], table: Sequence[Any] | None, name: str, path: Path) -> np.ndarray:
-    """Class ids of class names (of the prediction's ``table``); :data:`_NO_CLASS` where empty."""
+    """Class ids of class names (of the prediction's ``table``), or of whole numbers among them (a
+    sample's field typed partly as ids, partly as names); :data:`_NO_CLASS` where empty."""
     by_name = {c.name.lower(): c.id for c in table or ()}
+    limit = int(np.iinfo(np.int32).max)  # (larger ones are refused as ids are, after this)
+    by_name.update({t.lower(): max(-limit - 1, min(int(t), limit + 1)) for t in texts
+                    if t is not None and t.lower() not in by_name and re.fullmatch(r"[-+]?\d+", t)})
     unknown = sorted({t for t in texts if t is not None and t.lower() not in by_name})
     if unknown:
         hint = (f"the prediction's classes are {', '.join(c.name for c in table)}" if table
                 else "the prediction has no class table: give class ids")
-        raise ParameterError(f"reference {path.name}: {name} values {', '.join(unknown[:5])} are not class names: {hint}")
+        raise ParameterError(f"reference {path.name}: {name} values {', '.join(unknown[:5])} are not class names or "
+                             f"ids: {hint}")
     return np.array([_NO_CLASS if t is None else by_name[t.lower()] for t in texts], np.int64)
 
 

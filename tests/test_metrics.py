@@ -288,6 +288,15 @@ def test_evaluate_against_polygons_by_class_name(tmp_path: Path) -> None:
         np.testing.assert_array_equal(r.metrics.confusion, CM)
         assert r.samples["polygons"] == 10 and r.samples["polygon_pixels"] == 10
         assert r.metrics.names == {1: "forest", 2: "water"}
+    # a field typed partly as ids, partly as names (a sample's reference column filled by two people):
+    # it was refused ("values 1, 2 are not class names"); whole numbers are ids there too
+    mixed = [(sq, {"lc": str(int(REF[r, c])) if i % 2 else props["lc"]})
+             for i, ((sq, props), r, c) in enumerate(zip(squares, *np.nonzero(REF)))]
+    r = evaluate_vector(pred, _geojson(tmp_path / "mixed.geojson", mixed), field="lc")
+    np.testing.assert_array_equal(r.metrics.confusion, CM)
+    with pytest.raises(ParameterError, match=r"lc must hold whole class ids or class names within 32-bit integers"):
+        evaluate_vector(pred, _geojson(tmp_path / "huge.geojson", [*mixed, (_pixel_square(0, 0), {"lc": "9999999999"})]),
+                        field="lc")
     # where polygons overlap the later one wins: a whole-raster forest polygon first, the squares over it
     whole = (_pixel_square(0, 0, 4, 3), {"lc": "forest"})
     r = evaluate_vector(pred, _geojson(tmp_path / "over.geojson", [whole, *squares]), field="lc")
@@ -300,7 +309,7 @@ def test_evaluate_against_polygons_by_class_name(tmp_path: Path) -> None:
     with pytest.raises(ParameterError, match=r"its fields: f00, f01, .*, f11 and 8 more\)"):  # (an OSM export's 73)
         evaluate_vector(pred, many)
     bad = _geojson(tmp_path / "bad.geojson", [(_pixel_square(0, 0), {"lc": "swamp"})])
-    with pytest.raises(ParameterError, match="swamp are not class names: the prediction's classes are forest, water"):
+    with pytest.raises(ParameterError, match="swamp are not class names or ids: the prediction's classes are forest, water"):
         evaluate_vector(pred, bad, field="lc")
     line = {"type": "LineString", "coordinates": _pixel_square(0, 0)["coordinates"][0][:2]}
     with pytest.raises(ParameterError, match="has lines"):
