@@ -1369,6 +1369,10 @@ class BatchResult:
             return self.stop_status
         return 3 if self.failed else 0
 
+    def to_dict(self) -> dict[str, Any]:
+        """The run report (:meth:`report`), under the name every geoseg result gives its plain data."""
+        return self.report()
+
     def report(self) -> dict[str, Any]:
         """The JSON run report (``stopped``: null, or why the run stopped and which scenes it did not finish)."""
         return {

@@ -799,6 +799,10 @@ class SampleResult:
     points: dict[int, int]
     map_pixels: dict[int, int]
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, as the other results give (class ids as strings, as JSON keys are)."""
+        return plain({"path": str(self.path), "points": self.points, "map_pixels": self.map_pixels})
+
 
 def draw_sample(
     mask: str | Path,

@@ -1231,6 +1231,7 @@ def test_batch_s_own_warnings_are_batch_warnings_to_a_library_and_one_line_to_th
     assert [str(w.message) for w in warned if issubclass(w.category, GeosegWarning)] == [said]
     assert [w.filename for w in warned if w.category is BatchWarning] == [__file__]
     assert len(res.planned) == 2 and all(reason is not None for _, reason in res.planned)  # both would run
+    assert res.to_dict() == res.report() and json.loads(json.dumps(res.to_dict()))["out"] == str(out)
     r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run", "--log-file", logf)
     assert r.exit_code == EXIT_OK, r.output
     assert r.stderr.splitlines() == [f"warning: {said}"], r.stderr

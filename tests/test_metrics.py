@@ -551,6 +551,9 @@ def test_sample_draws_each_class_uniformly_and_round_trips_through_evaluate(tmp_
     wkb3 = pyogrio.raw.read(tmp_path / "s3.gpkg")[2]
     assert set(map(bytes, wkb2)) == set(map(bytes, wkb)) != set(map(bytes, wkb3))
     assert again.points == other.points == res.points
+    as_json = json.loads(json.dumps(res.to_dict()))  # plain data, as every result gives
+    assert as_json == {"path": str(res.path), "points": {str(k): v for k, v in res.points.items()},
+                       "map_pixels": {str(k): v for k, v in res.map_pixels.items()}}
     # labelled (with class names, as an analyst types them) as the map says: the estimate is the map itself
     fields[3] = np.array([str(v).upper() for v in fields[2]], object)
     pyogrio.raw.write(tmp_path / "labelled.gpkg", wkb, fields, meta["fields"], crs=meta["crs"],
