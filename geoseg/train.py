@@ -715,13 +715,20 @@ def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence
         ids = ids.astype(np.int64)
     else:
         by_name = _ids_by_name(classes)
+        # whole numbers among the names are ids (a field typed partly one way, partly the other)
+        by_name.update({str(v).lower(): min(int(str(v)), 65536) for v in col
+                        if str(v).lower() not in by_name and re.fullmatch(r"[-+]?\d+", str(v).strip())})
         unknown = sorted({str(v) for v in col if str(v).lower() not in by_name})
         if unknown:
             hint = (f"the config's classes are {', '.join(sorted(by_name))}" if by_name
                     else "list the classes (id, name) in the config")
             raise ParameterError(f"polygon labels {path.name}: {field} values {', '.join(unknown[:5])} are not class "
-                                 f"names: {hint}")
+                                 f"names or ids: {hint}")
         ids = np.array([by_name[str(v).lower()] for v in col], np.int64)
+        low = 0 if zero_class else 1
+        if np.any(ids[keep] < low) or np.any(ids[keep] > 65535):
+            raise ParameterError(f"polygon labels {path.name}: {field} must hold class names or whole class ids "
+                                 f"{low}..65535")
     if not keep:
         raise ParameterError(f"polygon labels {path.name} have no geometries")
     burnt = [int(ids[i]) for i in keep]

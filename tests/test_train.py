@@ -1478,7 +1478,14 @@ def test_polygon_labels_are_burnt_onto_the_image_grid(scene: tuple[Path, Path], 
     assert (t2.train_data.labels[10:30, 24:40] == 2).all() and (t2.train_data.labels[8:20, 8:20] == 0).all()
     with pytest.raises(ParameterError, match=r"needs label_field: .*fields: cls, note"):
         Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id)))
-    with pytest.raises(ParameterError, match="values z are not class names"):
+    # partly names, partly ids (in one text field): both read
+    mixed = polys(tmp_path / "mixed.geojson", [{"kind": "3"}, {"kind": "a"}])
+    t2 = Trainer(_cfg(scene, tmp_path / "o", labels=str(mixed), label_field="kind", val_region=None))
+    assert (t2.train_data.labels[8:20, 8:20] == 2).all() and (t2.train_data.labels[10:30, 24:40] == 0).all()
+    with pytest.raises(ParameterError, match="kind must hold class names or whole class ids 1..65535"):
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(polys(tmp_path / "m0.geojson", [{"kind": "0"}, {"kind": "a"}])),
+                     label_field="kind"))
+    with pytest.raises(ParameterError, match="values z are not class names or ids"):
         Trainer(_cfg(scene, tmp_path / "o", labels=str(polys(tmp_path / "z.geojson", [{"k": "a"}, {"k": "z"}])),
                      label_field="k"))
     with pytest.raises(ParameterError, match="whole class ids 1..65535"):
