@@ -1012,8 +1012,12 @@ def scene_prior(
 PRIOR_KEEP_MB = 256
 
 #: GDAL block cache (MB) while predict reads and writes: windows are read once, so a large cache
-#: only grows the memory with the scene.
+#: only grows the memory with the scene; but it must hold the input tiles under a row of windows
+#: (a 128-px window of a 512-px tiled GeoTIFF lies in 1-4 tiles its neighbours share).
 _GDAL_CACHE_MB = 64
+#: The same in bytes, as ``rasterio.Env(GDAL_CACHEMAX=...)`` takes an int (GDALSetCacheMax64):
+#: ``GDAL_CACHEMAX=64`` was a cache of 64 bytes, and every window decoded its tiles again.
+_GDAL_CACHE = _GDAL_CACHE_MB * 2**20
 
 
 def _require_class_prior(card: ModelCard) -> np.ndarray:
@@ -1370,7 +1374,7 @@ def _segment_scene(
     prior_tags: dict[str, str] = {}
     scene_priors: dict[str, float] | None = None
     if adapt:
-        with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_MB):  # as the main pass: a bounded block cache
+        with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE):  # as the main pass: a bounded block cache
             est = scene_prior(meta, bands, grid, mc, predictor, max_ratio=opts.prior_max_ratio,
                               max_windows=opts.prior_windows, batch_size=batch_size, prefetch=opts.prefetch,
                               read_workers=opts.read_workers, keep_probs=cached, keep_bytes=PRIOR_KEEP_MB * 2**20)
@@ -1385,7 +1389,7 @@ def _segment_scene(
     lut = np.full(256, MASK_NODATA, np.uint8)
     lut[: mc.num_classes] = mc.class_lut()
     writers: list[COGWriter] = []
-    with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_MB):
+    with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE):
         try:
             mask_w = COGWriter(
                 mask_path, gridspec, mask_profile, overwrite=opts.overwrite,

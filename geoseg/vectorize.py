@@ -1047,7 +1047,7 @@ def vectorize_mask(
         mask_path.name, info.width, info.height, min_px, simplify, connectivity,
     )
 
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(mask_path) as ds:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), rasterio.open(mask_path) as ds:  # (bytes, as an int)
         if min_px > 1:
             read = _sieved_reader(ds, info, min_px, connectivity, block_size)
         else:
