@@ -28,7 +28,8 @@ Pipeline (:func:`vectorize_mask`):
    touches the current bottom seam; only then are its pieces unioned, once, with
    :func:`shapely.coverage_union_all` (exact on edge-matched pieces), and repaired if that
    gives an invalid polygon.  Closed regions are final and written straight away.  Work is
-   linear in the number of strips; memory holds one strip plus the pieces of open regions.
+   linear in the number of strips; memory holds two strips (one is simplified in a helper
+   thread while the next is polygonised) plus the pieces of open regions.
 5. **Write** batches to a temp file with :func:`pyogrio.raw.write` (append), then rename it
    into place (:func:`geoseg.atomic.atomic_output`).  GeoPackages get a spatial index and a
    QGIS style (``layer_styles`` table) colouring classes by ``class_id``.
@@ -705,20 +706,21 @@ def _polygonize_strips(
     Work is linear in the number of strips: each strip's pieces are simplified once, and a
     region crossing seams is kept as a *group* of pieces (union-find across strips) that is
     unioned once, when it closes (no piece touches the current bottom seam).
+
+    Pipelined over two threads: a strip's coverage simplification (GEOS, without the GIL) runs in a
+    helper thread while this one polygonises the next strip (GDAL's polygoniser and its Python
+    objects hold the GIL) and merges and emits the previous one. Strips are still merged and
+    emitted in order, so the output is the same; at most two strips' pieces are held at once.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     _check_connectivity(connectivity)
     if block_size < 1:
         raise ParameterError(f"block_size {block_size} is not allowed: use >= 1 rows")
     height, width = shape
-    # open groups: simplified pieces, class value, unsimplified pixel area
-    open_pieces: list[list[shapely.Geometry]] = []
-    open_vals: list[int] = []
-    open_area: list[float] = []
-    open_lab = np.empty(0, dtype=np.int64)  # open group of each pixel of the row above the seam
-    prev_row: np.ndarray | None = None
-    r1 = 0
-    while r1 < height:
-        r0 = r1
+
+    def prepare(r0: int, prev_row: np.ndarray | None, simplifier: ThreadPoolExecutor) -> dict[str, Any]:
+        """What a strip gives on its own: its pieces (simplification started), seam labels, next start."""
         r1 = min(height, r0 + block_size)
         strip = np.ascontiguousarray(read(r0, r1))
         rows = _busy_rows(strip)
@@ -731,25 +733,43 @@ def _polygonize_strips(
         is_data = np.ones(n, dtype=bool) if nodata is None else vals != nodata
         bounds = shapely.bounds(geoms) if n else np.empty((0, 4))
         area_px = shapely.area(geoms) if n else np.empty(0)
-        n_open = len(open_pieces)
         # seam labels come from the raster geometry, before simplification moves vertices
-        edges = np.empty((0, 2), dtype=np.int64)
-        if n_open and prev_row is not None:
+        lab_top = None
+        if n and prev_row is not None:
             top = np.flatnonzero(is_data & (bounds[:, 3] >= -r0))
             lab_top = _pieces_of(_row_labels(geoms[top], r0, width), top)
-            edges = _seam_edges(open_lab, lab_top, prev_row, strip[0], connectivity)
         touches_bottom = is_data & (bounds[:, 1] <= -r1) if r1 < height else np.zeros(n, dtype=bool)
         bottom = np.flatnonzero(touches_bottom)
         lab_bot = np.empty(0, dtype=np.int64)
         if r1 < height:
             lab_bot = _pieces_of(_row_labels(geoms[bottom], r1 - 1, width), bottom)
-        prev_row = strip[-1].copy()
-        del strip
+        simplified = None
         if tol_px > 0 and n:
             # all pieces of the strip (nodata faces too) cover its rectangle: the frame, seams
             # included, stays fixed (with a vertex at every value change on either side of
             # it), so pieces in adjacent strips stay edge-matched
-            geoms = shapely.coverage_simplify(geoms, tol_px, simplify_boundary=False)
+            simplified = simplifier.submit(shapely.coverage_simplify, geoms, tol_px, simplify_boundary=False)
+        return {"r0": r0, "r1": r1, "n": n, "geoms": geoms, "vals": vals, "is_data": is_data, "area_px": area_px,
+                "lab_top": lab_top, "touches_bottom": touches_bottom, "lab_bot": lab_bot, "first_row": strip[0].copy(),
+                "last_row": strip[-1].copy(), "prev_row": prev_row, "simplified": simplified}
+
+    # open groups: simplified pieces, class value, unsimplified pixel area
+    open_pieces: list[list[shapely.Geometry]] = []
+    open_vals: list[int] = []
+    open_area: list[float] = []
+    open_lab = np.empty(0, dtype=np.int64)  # open group of each pixel of the row above the seam
+
+    def finish(p: dict[str, Any]) -> None:
+        """Merge a prepared strip with the open groups above it; emit the regions it closes."""
+        nonlocal open_pieces, open_vals, open_area, open_lab
+        r0, r1, n, vals, is_data = p["r0"], p["r1"], p["n"], p["vals"], p["is_data"]
+        area_px, touches_bottom, lab_bot, prev_row = p["area_px"], p["touches_bottom"], p["lab_bot"], p["prev_row"]
+        n_open = len(open_pieces)
+        edges = np.empty((0, 2), dtype=np.int64)
+        if n_open and prev_row is not None and p["lab_top"] is not None:
+            edges = _seam_edges(open_lab, p["lab_top"], prev_row, p["first_row"], connectivity)
+        geoms = p["simplified"].result() if p["simplified"] is not None else p["geoms"]
+        p.clear()  # (the unsimplified pieces go now)
 
         # union-find over open groups (0..n_open-1) and the strip's pieces (n_open + i)
         parent: dict[int, int] = {}
@@ -813,6 +833,23 @@ def _polygonize_strips(
         open_pieces, open_vals, open_area = new_pieces, new_vals, new_area
         open_lab = np.where(lab_bot >= 0, piece_group[np.maximum(lab_bot, 0)], -1) if lab_bot.size else lab_bot
         log.debug("rows %d-%d: %d pieces, %d closed, %d open regions", r0, r1, n, done_g.size, len(open_pieces))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="geoseg-simplify") as simplifier:
+        pending: dict[str, Any] | None = None
+        r1 = 0
+        prev_row: np.ndarray | None = None
+        try:
+            while r1 < height:
+                ready = prepare(r1, prev_row, simplifier)  # (while the previous strip simplifies)
+                r1, prev_row = ready["r1"], ready["last_row"]
+                if pending is not None:
+                    finish(pending)
+                pending = ready
+            if pending is not None:
+                finish(pending)
+        finally:
+            if pending is not None and pending.get("simplified") is not None:
+                pending["simplified"].cancel()
 
 
 # ---------------------------------------------------------------------------------------------
