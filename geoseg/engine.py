@@ -1694,10 +1694,10 @@ def time_model(meta: SceneMeta, source: ModelSource, grid: TileGrid, bands: Sequ
     blending and writing."""
     import heapq
 
-    predictor, desc = build_predictor(source, device)
-    batch = batch_size or default_batch_size(desc, grid.tile)
     from rasterio.windows import intersect
 
+    predictor, desc = build_predictor(source, device)
+    batch = batch_size or default_batch_size(desc, grid.tile)
     box = within if within is not None else Window(0, 0, meta.width, meta.height)
     cy, cx = box.row_off + box.height / 2, box.col_off + box.width / 2
     tiles = (t for t in grid.tiles() if within is None or intersect(t.window, within))

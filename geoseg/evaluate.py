@@ -44,6 +44,7 @@ from geoseg.io import (
     GeoAreas,
     has_mask_band,
     area_units,
+    ids_by_text,
     band_class_names,
     check_map_areas,
     pixel_areas,
@@ -644,10 +645,9 @@ def _reference_classes(vec: VectorData, field: str | None, table: Sequence[Any] 
 def _reference_names(texts: list[str | None], table: Sequence[Any] | None, name: str, path: Path) -> np.ndarray:
     """Class ids of class names (of the prediction's ``table``), or of whole numbers among them (a
     sample's field typed partly as ids, partly as names); :data:`_NO_CLASS` where empty."""
-    by_name = {c.name.lower(): c.id for c in table or ()}
     limit = int(np.iinfo(np.int32).max)  # (larger ones are refused as ids are, after this)
-    by_name.update({t.lower(): max(-limit - 1, min(int(t), limit + 1)) for t in texts
-                    if t is not None and t.lower() not in by_name and re.fullmatch(r"[-+]?\d+", t)})
+    by_name = ids_by_text({c.name.lower(): c.id for c in table or ()}, (t for t in texts if t is not None),
+                          -limit, limit)
     unknown = sorted({t for t in texts if t is not None and t.lower() not in by_name})
     if unknown:
         hint = (f"the prediction's classes are {', '.join(c.name for c in table)}" if table

@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,6 +357,17 @@ def _close_all_handles() -> None:
 
 #: The class id a floating-point label raster's nodata and NaN pixels take (no class has it).
 NO_LABEL = -1
+
+
+def ids_by_text(by_name: Mapping[str, int], texts: Iterable[str], low: int, high: int) -> dict[str, int]:
+    """``by_name`` (lower-case class names -> ids) with each of ``texts`` that names no class but is a
+    whole number added as that id (a class field typed partly as names, partly as ids), kept within
+    ``low - 1 .. high + 1`` so that the caller's range check refuses it rather than an overflow."""
+    out = dict(by_name)
+    for t in texts:
+        if t.lower() not in out and re.fullmatch(r"[-+]?\d+", t.strip()):
+            out[t.lower()] = max(low - 1, min(int(t), high + 1))
+    return out
 
 
 def whole_class_ids(block: np.ndarray, nodata: float | None, what: str, hint: str) -> np.ndarray:
@@ -1064,8 +1075,7 @@ def map_area_ratio(crs: Any, transform: Any, width: int, height: int) -> float |
 
         src = pyproj.CRS.from_wkt(crs.to_wkt())
         to_geo = pyproj.Transformer.from_crs(src, src.geodetic_crs, always_xy=True)
-        t, cx, cy = transform, width / 2, height / 2
-        lon, lat = to_geo.transform(t.c + t.a * cx + t.b * cy, t.f + t.d * cx + t.e * cy)
+        lon, lat = to_geo.transform(*(transform * (width / 2, height / 2)))
         ratio = float(pyproj.Proj(src).get_factors(lon, lat).areal_scale)
     except Exception:  # noqa: BLE001 - pyproj's errors for CRSs it cannot transform: no check
         return None

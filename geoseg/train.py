@@ -70,6 +70,7 @@ from geoseg.errors import (
 from geoseg.io import (
     close_handles,
     has_mask_band,
+    ids_by_text,
     is_vector_path,
     open_scene,
     read_vector,
@@ -714,10 +715,8 @@ def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence
                                  "for unlabelled pixels; if 0 is a class, list it in classes)")
         ids = ids.astype(np.int64)
     else:
-        by_name = _ids_by_name(classes)
-        # whole numbers among the names are ids (a field typed partly one way, partly the other)
-        by_name.update({str(v).lower(): min(int(str(v)), 65536) for v in col
-                        if str(v).lower() not in by_name and re.fullmatch(r"[-+]?\d+", str(v).strip())})
+        low = 0 if zero_class else 1
+        by_name = ids_by_text(_ids_by_name(classes), (str(v) for v in col), low, 65535)  # (names and ids mixed)
         unknown = sorted({str(v) for v in col if str(v).lower() not in by_name})
         if unknown:
             hint = (f"the config's classes are {', '.join(sorted(by_name))}" if by_name
@@ -725,7 +724,6 @@ def rasterize_labels(path: Path, meta: Any, field: str | None, classes: Sequence
             raise ParameterError(f"polygon labels {path.name}: {field} values {', '.join(unknown[:5])} are not class "
                                  f"names or ids: {hint}")
         ids = np.array([by_name[str(v).lower()] for v in col], np.int64)
-        low = 0 if zero_class else 1
         if np.any(ids[keep] < low) or np.any(ids[keep] > 65535):
             raise ParameterError(f"polygon labels {path.name}: {field} must hold class names or whole class ids "
                                  f"{low}..65535")
