@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sys
 import tempfile
 import threading
@@ -672,10 +673,17 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
         # By name whenever the scene's band descriptions hold the card's band names, also when
         # the count matches: a scene of the same bands in another order must not be read as is.
         by_name = _bands_by_name(meta, card)
+        # (only as many bands as the card's: a wider scene may be another sensor's, as before it is
+        # refused, the error giving these numbers as --bands)
+        by_index = _bands_by_index(meta, card) if by_name is None and len(chosen) == card.in_channels else None
         if by_name is not None and by_name != chosen:
             log.info("%s: bands %s picked by their names %s", meta.path.name, ",".join(map(str, by_name)),
                      ", ".join(card.bands))
             chosen = by_name
+        elif by_index is not None and by_index != chosen:
+            log.info("%s: bands %s picked by the model's band names %s (band numbers of its training scene)",
+                     meta.path.name, ",".join(map(str, by_index)), ", ".join(card.bands))
+            chosen = by_index
         elif by_name is None and len(chosen) == card.in_channels:
             _warn_misnamed_bands(meta, card, chosen)
     if len(chosen) != card.in_channels:
@@ -684,6 +692,9 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
         elif len(chosen) < card.in_channels:
             hint = (f" ({', '.join(card.bands)}): predict it with a model trained on the bands it has "
                     f"(geoseg train), or use a scene that has all {card.in_channels}")
+        elif (numbered := _bands_by_index(meta, card)) is not None:
+            hint = (f": pass --bands {','.join(map(str, numbered))} to read the bands {', '.join(card.bands)} "
+                    "the model was trained on, if this scene's band numbers are its training scene's")
         else:
             hint = f": pass --bands to pick {card.in_channels} of them in the order {', '.join(card.bands)}"
         raise SceneError(
@@ -729,6 +740,19 @@ def _bands_by_name(meta: SceneMeta, card: ModelCard) -> tuple[int, ...] | None:
     if not all(len(names.get(n, ())) == 1 for n in card.bands):
         return None
     return tuple(names[n][0] for n in card.bands)
+
+
+def _bands_by_index(meta: SceneMeta, card: ModelCard) -> tuple[int, ...] | None:
+    """The bands ``k`` of a card whose band names are all ``b<k>`` (geoseg train's names for the
+    undescribed bands of its training scene: ``bands: [3, 2, 1]`` trains a card of b3, b2, b1), or
+    ``None`` when a name is another, a number repeats or is not a data band of the scene, or the scene
+    describes one of those bands as another of the card's bands (its descriptions then decide)."""
+    ks = [int(m.group(1)) for n in card.bands if (m := re.fullmatch(r"b([1-9][0-9]*)", n))]
+    if len(ks) != len(card.bands) or len(set(ks)) != len(ks) or not set(ks) <= set(meta.data_bands):
+        return None
+    if any(meta.descriptions[k - 1] in card.bands and meta.descriptions[k - 1] != f"b{k}" for k in ks):
+        return None
+    return tuple(ks)
 
 
 def _pad_to(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

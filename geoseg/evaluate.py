@@ -17,6 +17,7 @@ Memory stays bounded: the rasters are read in blocks of rows (``block_rows`` × 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -144,7 +145,10 @@ def _reference_nodata(ds: Any) -> list[int]:
     """The reference's nodata as class-id values not to count (see :func:`_read_classes`)."""
     if np.issubdtype(np.dtype(ds.dtypes[0]), np.floating):
         return [NO_LABEL]
-    return [int(ds.nodata)] if ds.nodata is not None else []
+    nodata = ds.nodata
+    if nodata is None or not (math.isfinite(nodata) and float(nodata).is_integer()):
+        return []  # (a nodata of 2.5 matches no class id: int() made it 2, and class 2 vanished)
+    return [int(nodata)]
 
 
 def check_grids(pred: Any, ref: Any) -> None:
@@ -347,6 +351,11 @@ def _metrics(cm: ConfusionMatrix, average_over: Sequence[int] | None, table: Any
         seen = cm.matrix.sum(axis=1) > 0
         average_over = [c for c, p in zip(cm.class_ids, seen) if p]
     m = cm.metrics(average_over=average_over)
+    absent = [int(c) for c in average_over if int(c) not in m.averaged_classes]
+    if absent:
+        warn(f"class{'es' if len(absent) > 1 else ''} {','.join(map(str, absent))} of --miou-classes "
+             f"{'have' if len(absent) > 1 else 'has'} no reference and no predicted pixel here: left out of the mIoU "
+             f"(over {','.join(map(str, m.averaged_classes)) or 'no class'})", EvaluationWarning)
     return Metrics(**{**m.__dict__, "names": {c.id: c.name for c in table} if table else {}})
 
 

@@ -259,7 +259,9 @@ def compute_metrics(
         if missing:
             raise ParameterError(f"classes {missing} to average over are not among the class ids {list(ids)}: "
                                  "give ids of the prediction's classes (--miou-classes), or --classes to add them")
-        avg = tuple(int(c) for c in average_over)
+        # a class with no reference and no predicted pixel has no IoU: it is left out of the mean and
+        # of the classes said to be averaged (they named it while the mean was over the others)
+        avg = tuple(int(c) for c in average_over if np.isfinite(iou[ids.index(int(c))]))
     sel = [ids.index(c) for c in avg]
 
     def mean(a: np.ndarray) -> float:

@@ -280,6 +280,9 @@ class TrainConfig:
             d["classes"] = tuple(dict(c) for c in d["classes"])
         if d.get("scale") is not None:
             d["scale"] = _check_scale(d["scale"])
+        if not isinstance(d.get("params") or {}, Mapping):  # (5 or [1] failed as a bare TypeError)
+            raise ParameterError(f"{source}: params {d['params']!r}: give a mapping of the model's parameters "
+                                 "(e.g. {width: 0.25})")
         d["params"] = dict(d.get("params") or {})
         cfg = cls(**d)
         cfg.check()
@@ -328,6 +331,10 @@ class TrainConfig:
                          ("tile_overlap", self.tile_overlap)):
             if v is not None and v < 0:
                 raise ParameterError(f"{label} {v}: use 0 or more (a negative {label} means nothing)")
+        if self.tile_overlap is not None and self.tile_overlap >= self.window:
+            # (the run trained, then predict refused its card: "overlap 40 must be smaller than the tile size 32")
+            raise ParameterError(f"tile_overlap {self.tile_overlap}: must be smaller than window {self.window} "
+                                 f"(e.g. {self.window // 4}, a quarter window, or leave it out)")
         if "members" in self.params:
             raise ParameterError("params.members is for seed ensembles: train each member with its own --seed, "
                                  "then combine the runs with 'geoseg ensemble'")
@@ -587,6 +594,9 @@ def parse_region(spec: Any, meta: Any, what: str) -> Region:
             raise ParameterError(f"{what} {given} reaches outside the {W}x{H} scene (width x height): give "
                                  f"[{c0}, {r0}, {c2 - c0}, {r2 - r0}], its part inside the scene")
         return Region(r, c, h, w, np.ones((h, w), bool))
+    if not isinstance(spec, (str, os.PathLike)):  # (5, true or a mapping failed as a bare TypeError)
+        raise ParameterError(f"{what} {spec!r}: give [col_off, row_off, width, height] in pixels or the path of "
+                             "a vector file of polygons")
     return _vector_region(Path(spec), meta, what)
 
 
@@ -1977,7 +1987,12 @@ class Trainer:
     @property
     def overlap(self) -> int:
         """Window overlap for validation, the class prior and the card (default a quarter window)."""
-        return self.cfg.tile_overlap if self.cfg.tile_overlap is not None else self.window // 4
+        given = self.cfg.tile_overlap
+        if given is None:
+            return self.window // 4
+        # the window shrinks to a small training region: an overlap the config's window allowed may
+        # not fit it (the card would hold one predict refuses)
+        return given if given < self.window else self.window // 4
 
     # -- hooks -------------------------------------------------------------------------------
     def configure_model(self) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -849,6 +850,32 @@ def test_bands_of_the_model_in_another_order_are_picked_by_name(tmp_path: Path) 
     with pytest.warns(InputRangeWarning, match="band 1 is described 'b2' but feeds the model as 'b0'; "
                                                "band 2 is described 'b0' but feeds the model as 'b1'"):
         segment_scene(src, tmp_path / "o2", source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
+
+
+@pytest.mark.filterwarnings("ignore::geoseg.errors.InputRangeWarning")  # raw class indexes, not image data
+def test_a_card_of_geoseg_s_band_numbers_reads_those_bands(tmp_path: Path) -> None:
+    """geoseg train names the undescribed bands of its scene b<k>: a model trained with bands
+    [3, 2, 1] (card b3, b2, b1) was fed the scene's bands 1, 2, 3, its training scene too, without a word."""
+    data = np.stack([np.full((20, 20), v, np.uint8) for v in (0, 0, 1)])  # only band 3 holds class index 1
+
+    def classes(src: Path, card: ModelCard, out: str) -> set[int]:
+        res = segment_scene(src, tmp_path / out, source=ModelSource(card), predictor=one_hot_predictor(2))
+        with rasterio.open(res.mask) as ds:
+            return set(np.unique(ds.read(1)).tolist())
+
+    src = write_raster(tmp_path / "plain.tif", data)
+    card = dataclasses.replace(identity_card(3, 2), bands=("b3", "b2", "b1"))
+    assert classes(src, card, "o1") == {2}  # card band b3 first = scene band 3 (value 1) -> index 1 -> id 2
+    assert classes(src, identity_card(3, 2), "o2") == {1}  # b0, b1, b2: no band numbers, read as they lie
+    # more bands than the card's (another sensor's?): refused as before, the error giving the numbers
+    with pytest.raises(SceneError, match="gives 4 bands .*: pass --bands 3,2,1 to read the bands b3, b2, b1"):
+        classes(write_raster(tmp_path / "four.tif", np.concatenate([data, data[:1]])), card, "o3")
+    # a number that is no band of the scene: read as they lie
+    assert classes(src, dataclasses.replace(card, bands=("b3", "b2", "b7")), "o4") == {1}
+    # the scene describes a band as another of the card's: its descriptions decide, not the numbers
+    with rasterio.open(src, "r+") as ds:
+        ds.set_band_description(3, "b1")
+    assert classes(src, card, "o5") == {1}
 
 
 def test_bands_given_against_their_descriptions_are_warned_about(tmp_path: Path) -> None:

@@ -84,6 +84,16 @@ def test_float16_weights_load_back_as_float32(tmp_path: Path) -> None:
     assert 0 < np.abs(a - b).max() < 0.05 * np.abs(a).max()  # rounded, not lost
     with pytest.raises(ValueError, match="float16"):
         save_weights(net, tmp_path / "x.pdparams", dtype="int8")
+    # a value past float16's range (a batch-norm variance of raw 16-bit inputs) became inf: NaN outputs
+    name = next(k for k in net.state_dict() if k.endswith("_variance"))
+    big = net.state_dict()[name].numpy().copy()
+    big[0] = 4.0e6
+    net.set_state_dict({name: paddle.to_tensor(big)})
+    stored = read_state_dict(save_weights(net, tmp_path / "big.pdparams", dtype="float16"))
+    assert str(stored[name].dtype) == "paddle.float32" and stored[name].numpy()[0] == 4.0e6
+    assert sum(str(v.dtype) == "paddle.float16" for v in stored.values()) == len(stored) - 1  # the others halved
+    load_weights(again, tmp_path / "big.pdparams")
+    assert np.isfinite(again(x)[0].numpy()).all()
 
 
 def test_combine_writes_card_and_weights_that_predict_and_export(tmp_path: Path, scene: Path) -> None:

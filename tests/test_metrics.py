@@ -59,6 +59,34 @@ def test_undefined_classes_and_average_subset() -> None:
     m2 = compute_metrics(cm, [1, 2, 3], average_over=[3])
     assert m2.miou == pytest.approx(3 / 5)
     assert m.to_dict()["per_class"]["2"]["iou"] is None
+    # a class asked for that has no reference and no prediction is not said to be averaged
+    # (the mean was over the others while miou_classes, and a --record-card, named it)
+    m3 = compute_metrics(cm, [1, 2, 3], average_over=[1, 2, 3])
+    assert m3.averaged_classes == (1, 3) and m3.miou == pytest.approx(m.miou)
+
+
+def test_miou_classes_without_any_pixel_are_warned_about_and_left_out(tmp_path: Path) -> None:
+    ref = write_raster(tmp_path / "ref.tif", REF, crs=NC_LCC, nodata=0)
+    pred = write_raster(tmp_path / "pred.tif", PRED, crs=NC_LCC, nodata=255)
+    with pytest.warns(EvaluationWarning, match=r"class 3 of --miou-classes has no reference and no predicted pixel "
+                                               r"here: left out of the mIoU \(over 1,2\)"):
+        m = evaluate_rasters(pred, ref, classes=[1, 2, 3], average_over=[1, 2, 3]).metrics
+    assert m.averaged_classes == (1, 2) and m.to_dict()["miou_classes"] == [1, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvaluationWarning)
+        warnings.filterwarnings("ignore", ".*have no prediction", EvaluationWarning)  # (PRED's one 255)
+        assert evaluate_rasters(pred, ref, average_over=[1, 2]).metrics.averaged_classes == (1, 2)
+
+
+def test_a_reference_nodata_that_is_no_whole_number_hides_no_class(tmp_path: Path) -> None:
+    """uint8 reference with nodata 2.5 (no pixel can hold it): int() made it 2, and every class-2
+    pixel vanished from the scores without a word."""
+    ref = write_raster(tmp_path / "ref.tif", REF, crs=NC_LCC, nodata=2.5)
+    pred = write_raster(tmp_path / "pred.tif", PRED, crs=NC_LCC, nodata=255)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EvaluationWarning)  # (reference 0 is a class here: not predicted)
+        m = evaluate_rasters(pred, ref).metrics
+    assert 2 in m.class_ids and m.support[m.class_ids.index(2)] == int((REF == 2).sum() - 1)  # one has no prediction
 
 
 def test_evaluate_rasters_and_region(tmp_path: Path) -> None:

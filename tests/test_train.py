@@ -629,6 +629,20 @@ def test_config_errors_name_the_key(scene: tuple[Path, Path], tmp_path: Path) ->
     assert _cfg(scene, tmp_path, band_names="red,green").band_names == ("red", "green")
     with pytest.raises(ParameterError, match="band_names lists 1 name.*reads 3 band"):
         Trainer(_cfg(scene, tmp_path, band_names=["red"]))
+    # params and the regions of a wrong kind: named, not a bare TypeError ("'int' object is not iterable")
+    for value in (5, [1]):
+        with pytest.raises(ParameterError, match=r"params .*: give a mapping"):
+            _cfg(scene, tmp_path, params=value)
+    for key, value in (("train_region", 5), ("train_region", {"a": 1}), ("val_region", True)):
+        with pytest.raises(ParameterError, match=f"{key} .*: give \\[col_off, row_off, width, height\\]"):
+            Trainer(_cfg(scene, tmp_path, **{key: value}))
+    # an overlap as wide as the window trained a card predict refused ("overlap 40 must be smaller ...")
+    with pytest.raises(ParameterError, match="tile_overlap 32: must be smaller than window 32"):
+        _cfg(scene, tmp_path, tile_overlap=32)
+    assert Trainer(_cfg(scene, tmp_path, tile_overlap=20)).overlap == 20
+    # the window shrinks to a 16-pixel training region: the overlap shrinks with it, to a quarter window
+    small = Trainer(_cfg(scene, tmp_path, tile_overlap=20, train_region=[0, 0, 16, 48]))
+    assert (small.window, small.overlap) == (16, 4)
 
 
 def test_cli_train(scene: tuple[Path, Path], tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]

@@ -55,12 +55,20 @@ def save_weights(model: paddle.nn.Layer, path: str | Path, dtype: str | None = N
             if dtype != "float16":
                 raise ValueError(f"dtype must be None or 'float16', got {dtype!r}")
             # rounded by numpy (to nearest, ties to even): Paddle 2.6's cast rounds otherwise, and the same
-            # weights would make other files under other Paddle versions
-            state = {k: paddle.to_tensor(v.numpy().astype(np.float16)) if v.dtype == paddle.float32 else v
-                     for k, v in state.items()}
+            # weights would make other files under other Paddle versions. A tensor with a value past
+            # float16's range (65504: a batch-norm variance of raw 16-bit inputs) stays float32: it would
+            # become inf, and the model's outputs NaN.
+            state = {k: paddle.to_tensor(_half(v.numpy())) if v.dtype == paddle.float32 else v for k, v in state.items()}
         paddle.save(state, str(tmp))  # type: ignore[attr-defined]
     logger.info("saved weights to %s", path)
     return path
+
+
+def _half(a: np.ndarray) -> np.ndarray:
+    """``a`` as float16, or as it is when a value lies past float16's largest finite one."""
+    if a.size and np.abs(a).max() > np.finfo(np.float16).max:
+        return a
+    return a.astype(np.float16)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:
