@@ -126,12 +126,31 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
         raise AoiOutsideError(f"--aoi {source} does not overlap {meta.path.name} (AOI bounds {bx0:.10g},{by0:.10g},"
                              f"{bx1:.10g},{by1:.10g}; scene bounds {min(sx0, sx1):.10g},{min(sy0, sy1):.10g},"
                              f"{max(sx0, sx1):.10g},{max(sy0, sy1):.10g} in its CRS)")
-    # centres strictly inside, as GDAL's rasterize burns them (a centre on the box's edge was in the
-    # window but not burnt: a column of nodata)
+    # the centres strictly inside the bounds, and a row or column of centres on the bounds where GDAL's
+    # rasterize burns a pixel of it (its rule for a centre on the boundary differs by side: a box through
+    # pixel centres lost its top, bottom and right rows, which GDAL burns; taking all centres on the
+    # bounds kept a column of nodata on its left)
     c0, c1 = max(0, math.floor(min(cols) - 0.5) + 1), min(meta.width, math.ceil(max(cols) - 0.5))
     r0, r1 = max(0, math.floor(min(rows) - 0.5) + 1), min(meta.height, math.ceil(max(rows) - 0.5))
+
+    def on(index: int, bound: float) -> bool:  # whether pixel ``index``'s centre lies on a bound (in pixels)
+        return abs(index + 0.5 - bound) < 1e-6
+
+    c0 -= c0 > 0 and on(c0 - 1, min(cols))
+    c1 += c1 < meta.width and on(c1, max(cols))
+    r0 -= r0 > 0 and on(r0 - 1, min(rows))
+    r1 += r1 < meta.height and on(r1, max(rows))
     if c1 <= c0 or r1 <= r0:
         raise AoiOutsideError(f"--aoi {source} covers no pixel centre of {meta.path.name}: give a larger area")
+    aoi = Aoi(geometry, Window(c0, r0, c1 - c0, r1 - r0), meta.transform, source)
+    if c1 - c0 > 1 and on(c0, min(cols)) and aoi.pixels(Window(c0, r0, 1, r1 - r0)) is False:
+        c0 += 1
+    if c1 - c0 > 1 and on(c1 - 1, max(cols)) and aoi.pixels(Window(c1 - 1, r0, 1, r1 - r0)) is False:
+        c1 -= 1
+    if r1 - r0 > 1 and on(r0, min(rows)) and aoi.pixels(Window(c0, r0, c1 - c0, 1)) is False:
+        r0 += 1
+    if r1 - r0 > 1 and on(r1 - 1, max(rows)) and aoi.pixels(Window(c0, r1 - 1, c1 - c0, 1)) is False:
+        r1 -= 1
     window = Window(c0, r0, c1 - c0, r1 - r0)
     aoi = Aoi(geometry, window, meta.transform, source)
     if window.width * window.height <= 2**24 and aoi.pixels(window) is False:

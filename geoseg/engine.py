@@ -701,6 +701,7 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
             f"{meta.path.name} gives {len(chosen)} band{'s' if len(chosen) != 1 else ''} but model {card.name!r} "
             f"expects {card.in_channels}{hint}"
         )
+    meta.check_dtypes(chosen, hint=" (or pick bands of band 1's type with --bands)" if meta.count > len(chosen) else "")
     if bands:  # the user's order: still say where a band's description names another of the card's bands
         _warn_misnamed_bands(meta, card, chosen, given=True)
     twice = sorted({b for b in chosen if chosen.count(b) > 1})

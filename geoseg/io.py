@@ -80,6 +80,18 @@ class SceneMeta:
     scaling: tuple[tuple[float, float], ...] = ()
     #: Each band's nodata value (``nodata`` is band 1's; a VRT of single-band files may differ).
     nodatavals: tuple[float | None, ...] = ()
+    #: Each band's data type (``dtype`` is band 1's; a VRT of single-band files may mix them).
+    dtypes: tuple[str, ...] = ()
+
+    def check_dtypes(self, bands: Sequence[int], hint: str = "") -> None:
+        """Raise :class:`SceneError` unless ``bands`` all have band 1's data type (:attr:`dtype`): one
+        model normalises one data type, and rasterio reads no mixed stack ("more than one 'dtype' found")."""
+        others = {b: self.dtypes[b - 1] for b in bands if self.dtypes and self.dtypes[b - 1] != self.dtype}
+        if others:
+            said = ", ".join(f"band {b} {t}" for b, t in list(others.items())[:3])
+            raise SceneError(f"{self.path.name}: bands of more than one data type (band 1 {self.dtype}, {said}): "
+                             f"geoseg reads one type per scene: make one first, e.g. gdalbuildvrt -ot {self.dtype} "
+                             f"or gdal_translate -ot {self.dtype}{hint}")
 
     def subset(self, window: Window, aoi: Any = None) -> SceneMeta:
         """The pixel ``window`` of this scene (its size and transform; reads are offset into the
@@ -196,6 +208,7 @@ def open_scene(path: str | Path) -> SceneMeta:
                 rpcs=ds.rpcs,
                 scaling=tuple(zip(ds.scales, ds.offsets)),
                 nodatavals=tuple(ds.nodatavals),
+                dtypes=tuple(ds.dtypes),
             )
             # Decode one small window so a truncated/corrupt file fails here, not mid-run.
             ds.read(1, window=Window(0, 0, min(16, ds.width), min(16, ds.height)))

@@ -81,6 +81,37 @@ PROFILES: dict[str, type[Profile]] = {
 }
 
 _PROTECTED = {"DTYPE", "NODATA"}
+#: COG options that make GDAL warp the raster onto another grid (or add a band): the mask must keep the
+#: input's CRS, transform and size (exit 0 with a mask on Web Mercator tiles is a mask off the scene).
+_REGRIDDING = {"TARGET_SRS", "RES", "EXTENT", "ALIGNED_LEVELS", "WARP_RESAMPLING", "ZOOM_LEVEL",
+               "ZOOM_LEVEL_STRATEGY", "ADD_ALPHA"}
+#: Lossy codecs: a class map's values must come back as written (WEBP failed to write and left an
+#: all-nodata mask behind exit 0; LERC with MAX_Z_ERROR moved class ids).
+_LOSSY = {"JPEG", "WEBP"}
+
+
+def _changes_values(profile: Mapping[str, Any]) -> str | None:
+    """Why ``profile``'s options would put other values or another grid in the file, or None."""
+    opts = {k: str(v).upper() for k, v in profile.items() if k not in ("dtype", "nodata")}
+    regrid = sorted(k for k in opts if k in _REGRIDDING)
+    if regrid or opts.get("TILING_SCHEME", "CUSTOM") != "CUSTOM":
+        key = regrid[0] if regrid else "TILING_SCHEME"
+        return (f"{key} makes GDAL warp the raster onto another grid: geoseg's outputs keep the scene's CRS, "
+                "transform and size (warp the mask afterwards, e.g. gdalwarp -t_srs EPSG:3857)")
+    codec = opts.get("COMPRESS", "")
+    lossy = (codec in _LOSSY or (codec.startswith("LERC") and _number(opts.get("MAX_Z_ERROR", "0")) != 0)
+             or (codec == "JXL" and opts.get("JXL_LOSSLESS", "YES") == "NO"))
+    if lossy:
+        return (f"COMPRESS={codec} is lossy here: the raster's values would not come back as written (class ids "
+                "changed or lost); use a lossless codec: DEFLATE, LZW, ZSTD or LERC with MAX_Z_ERROR=0")
+    return None
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def get_profile(name: str, creation_options: Mapping[str, str] | None = None) -> Profile:
@@ -100,10 +131,15 @@ def get_profile(name: str, creation_options: Mapping[str, str] | None = None) ->
             raise ParameterError(f"--co {k}: the mask's {k.lower()} is fixed by geoseg")
         profile[key] = v
     if creation_options:
-        gdal_options = tuple(sorted((k, str(v)) for k, v in profile.items() if k not in ("dtype", "nodata")))
+        given = " ".join(f"{k}={v}" for k, v in creation_options.items())
+        why = _changes_values(profile)
+        if why:
+            raise ParameterError(f"--co {given}: {why}")
+        # GDAL's codec errors in its worker threads (NUM_THREADS) never reach rasterio's handler: the
+        # probe compresses in this thread; the mask's palette is there too (JPEG refuses one)
+        gdal_options = tuple(sorted((k, str(v)) for k, v in profile.items() if k not in ("dtype", "nodata", "NUM_THREADS")))
         refusal = _cog_refusal(gdal_options, str(profile["dtype"]))
         if refusal:
-            given = " ".join(f"{k}={v}" for k, v in creation_options.items())
             raise ParameterError(f"--co {given}: GDAL's COG driver refuses it ({refusal}); its options are listed at "
                                  "https://gdal.org/en/stable/drivers/raster/cog.html")
     return profile
@@ -134,6 +170,8 @@ def _cog_refusal(options: tuple[tuple[str, str], ...], dtype: str) -> str | None
             grid = {"crs": "EPSG:3857", "transform": rasterio.transform.from_origin(0, 64, 1, 1)}
             with mem.open(driver="GTiff", width=64, height=64, count=1, dtype=dtype, **grid) as ds:
                 ds.write(np.zeros((1, 64, 64), dtype))
+                if dtype == "uint8":  # as the mask: a palette
+                    ds.write_colormap(1, {0: (0, 0, 0, 255), 1: (255, 255, 255, 255)})
             try:
                 rasterio.shutil.copy(mem.name, target.name, driver="COG", **dict(options))
             except Exception as exc:  # GDAL's errors (CPLE_*) are not all RasterioErrors

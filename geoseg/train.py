@@ -1695,6 +1695,7 @@ class Trainer:
             bad = [b for b in bands if not 1 <= b <= meta.count]
             if bad:
                 raise ParameterError(f"bands {list(bands)}: {image_path.name} has bands 1..{meta.count}")
+            meta.check_dtypes(bands)
             if cfg.band_names and len(cfg.band_names) != len(bands):
                 raise ParameterError(f"band_names lists {len(cfg.band_names)} name(s) but the model reads {len(bands)} "
                                      f"band(s) of {image_path.name}: give one name per band read")

@@ -1176,10 +1176,14 @@ def _sieved_reader(
         # as a group of data pixels below the unit, whatever their classes; a small region beside data
         # that the sieve could not merge (regions all below the unit, each other's largest neighbour)
         # stays: dropping it left a hole beside data (three fields of 6 px, a unit of 7: no polygon at all).
-        kept = features.sieve(mask, min_px, connectivity=connectivity)  # (mask: 1 data, 0 nodata)
-        np.subtract(mask, kept, out=kept)  # 1 where a speck became nodata (one more array in memory)
-        out[kept == 1] = info.nodata
-        del kept
+        # The groups are the data mask's own polygons: a sieve of the 0/1 mask first filled a nodata
+        # hole below the unit with data, and a speck inside such a hole then joined the field around it.
+        specks = [g for g, _ in features.shapes(mask, mask=mask, connectivity=connectivity)
+                  if shapely.area(shapely.geometry.shape(g)) < min_px]  # (pixel coordinates: an area is a count)
+        if specks:
+            gone = features.rasterize(specks, out_shape=out.shape, dtype=np.uint8)  # (one more array in memory)
+            out[gone == 1] = info.nodata
+            del gone
     del mask
 
     def read(r0: int, r1: int) -> np.ndarray:

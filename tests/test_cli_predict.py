@@ -13,7 +13,9 @@ import warnings
 import numpy as np
 import pytest
 import rasterio
+import shapely
 from click.testing import CliRunner
+from rasterio import features
 from rasterio.transform import from_origin
 
 from geoseg.errors import ParameterError
@@ -633,6 +635,23 @@ def test_scene_of_one_file_per_band_through_a_vrt(runner: CliRunner, tmp_path: P
         assert np.array_equal(a.read(1), b.read(1)) and (a.read(1) != 255).any()
 
 
+def test_a_vrt_of_bands_of_two_data_types_is_one_line_error(runner: CliRunner, tmp_path: Path,
+                                                          tiny_unet: tuple[Path, Path]) -> None:
+    """A per-band VRT whose band files differ in type (Landsat's float bands beside an int16 one) failed
+    as "unexpected error: ValueError: more than one 'dtype' found", in predict and in train."""
+    write_band_vrt(rgb(tmp_path, "stack.tif"), tmp_path / "bands.vrt")
+    vrt = tmp_path / "bands.vrt"
+    vrt.write_text(vrt.read_text().replace('dataType="Byte" band="3"', 'dataType="UInt16" band="3"'))
+    res = runner.invoke(cli, ["predict", str(vrt), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o"),
+                              "--vector", "none"])
+    assert_one_line_error(res, "bands of more than one data type (band 1 uint8, band 3 uint16)", "-ot uint8")
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    labels = write_raster(tmp_path / "labels.tif", np.ones((1, 90, 150), np.uint8))
+    (tmp_path / "c.yaml").write_text(f"image: {vrt}\nlabels: {labels}\nout: {tmp_path / 'run'}\niterations: 1\nwarmup: 0\n")
+    res = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml")])
+    assert_one_line_error(res, "bands of more than one data type")
+
+
 def test_creation_options_reach_the_cog_and_bad_ones_are_refused_first(runner: CliRunner, tmp_path: Path,
                                                                          tiny_unet: tuple[Path, Path]) -> None:
     src = rgb(tmp_path)
@@ -644,9 +663,19 @@ def test_creation_options_reach_the_cog_and_bad_ones_are_refused_first(runner: C
     # GDAL only warns about these (or fails after the whole scene was segmented): refused up front
     for co, words in [("COMPRESS=FOO", "'FOO' is an unexpected value for COMPRESS"),
                       ("NOTANOPTION=1", "does not support creation option NOTANOPTION"),
-                      ("BLOCKSIZE=100", "BLOCKSIZE"), ("NODATA=0", "fixed by geoseg")]:
-        out = tmp_path / co.split("=")[0].lower()
-        res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(out), "--co", co])
+                      ("BLOCKSIZE=100", "BLOCKSIZE"), ("NODATA=0", "fixed by geoseg"),
+                      # exit 0 with the mask warped onto Web Mercator tiles, off the scene's grid
+                      ("TILING_SCHEME=GoogleMapsCompatible", "warp the raster onto another grid"),
+                      ("TARGET_SRS=EPSG:4326", "TARGET_SRS makes GDAL warp"),
+                      # exit 0 with an all-nodata mask (GDAL's error in a worker thread went unseen)
+                      ("COMPRESS=WEBP", "COMPRESS=WEBP is lossy"),
+                      # JPEG: refused only after the whole scene was segmented; LERC's error moved class ids
+                      ("COMPRESS=JPEG", "lossy"), ("MAX_Z_ERROR=3", "COMPRESS=LERC is lossy")]:
+        if co.startswith("MAX_Z"):
+            co = f"COMPRESS=LERC --co {co}"
+        out = tmp_path / re.sub(r"\W", "_", co.split("=")[1].lower())
+        cos = [s for one in co.split(" --co ") for s in ("--co", one)]
+        res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(out), *cos])
         assert_one_line_error(res, words)
         assert not list(out.glob("*.tif"))
     batch_out = tmp_path / "batch"
@@ -1172,11 +1201,16 @@ def test_an_aoi_of_invalid_or_collected_polygons(tmp_path: Path) -> None:
     assert (aoi.window.col_off, aoi.window.width) == (20, 60) and _aoi_pixels(aoi, meta).sum() == 100 + 200
     with pytest.raises(ParameterError, match="must be finite numbers"):  # (it was "unexpected error: ValueError")
         load_aoi("500000,4799000,inf,4800000", meta)
-    # a box whose edges pass through pixel centres: the window holds the centres strictly inside, as
-    # rasterize burns them (the centres on its left edge made a column of nodata)
+    # a box whose edges pass through pixel centres: the window holds the pixels GDAL's rasterize burns,
+    # no more (the centres on its left edge made a column of nodata) and no fewer (its top, bottom and
+    # right rows and columns, burnt by GDAL, were cut off)
     aoi = load_aoi("500195,4799855,500235,4799895", meta)  # centres of columns 19..23, rows 10..14
-    assert (aoi.window.col_off, aoi.window.row_off, aoi.window.width, aoi.window.height) == (20, 11, 3, 3)
-    assert aoi.pixels(aoi.window) is True
+    burnt = features.rasterize([(shapely.box(500195, 4799855, 500235, 4799895), 1)], out_shape=(meta.height, meta.width),
+                               transform=meta.transform)
+    rows, cols = np.nonzero(burnt)
+    assert (aoi.window.col_off, aoi.window.row_off, aoi.window.width, aoi.window.height) == (
+        cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1) == (20, 10, 4, 5)
+    assert np.all(aoi.pixels(aoi.window))
 
 
 def test_sigterm_while_paddle_loads_stops_cleanly(tmp_path: Path) -> None:

@@ -171,6 +171,24 @@ def test_regions_the_sieve_cannot_merge_leave_no_hole(tmp_path: Path, nodata: in
         assert res.polygons == 1 and res.class_counts == {1: 1}
 
 
+def test_a_speck_in_a_small_nodata_hole_goes(tmp_path: Path) -> None:
+    """A 1-px speck inside a nodata ring smaller than the unit, inside a large field: the sieve of the
+    0/1 data mask filled the ring first, the speck joined the field there and was written (100 m²
+    with a unit of 10 pixels)."""
+    a = np.ones((40, 40), np.uint8)
+    a[20:] = 2
+    a[9:12, 9:12] = 0  # an 8-px nodata ring ...
+    a[10, 10] = 3  # ... around a 1-px speck
+    a[30:35, 30:35] = 0  # a 25-px nodata hole ...
+    a[32, 32] = 3  # ... with a speck too
+    path = write_mask(tmp_path / "m.tif", a, nodata=0, tags=False, colormap=False)
+    res = vec.vectorize_mask(path, tmp_path / "m.gpkg", min_pixels=10, simplify=0)
+    assert res.class_counts == {1: 1, 2: 1}
+    _, _, wkb, _ = pyogrio.raw.read(tmp_path / "m.gpkg", layer="landcover")
+    # the holes stay holes (nodata is not filled), the fields keep every other pixel
+    assert sorted(shapely.area(shapely.from_wkb(wkb)) / PIXEL**2) == [(a == 2).sum(), (a == 1).sum()]
+
+
 def test_a_vectorize_result_is_plain_json_data(mask_path: Path, tmp_path: Path) -> None:
     """VectorizeResult holds a path and numpy-made counts: ``to_dict()`` is what ``json.dumps`` takes."""
     import dataclasses
