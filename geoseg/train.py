@@ -1696,6 +1696,11 @@ class Trainer:
             if bad:
                 raise ParameterError(f"bands {list(bands)}: {image_path.name} has bands 1..{meta.count}")
             meta.check_dtypes(bands)
+            twice = sorted({b for b in bands if bands.count(b) > 1})
+            if twice and k == 0:  # (as predict warns of a --bands that feeds a band twice)
+                warn(f"bands {list(bands)}: band{'s' if len(twice) > 1 else ''} {', '.join(map(str, twice))} feed"
+                     f"{'' if len(twice) > 1 else 's'} the model twice: check bands (a repeated band adds nothing "
+                     "to learn from)", TrainingWarning)
             if cfg.band_names and len(cfg.band_names) != len(bands):
                 raise ParameterError(f"band_names lists {len(cfg.band_names)} name(s) but the model reads {len(bands)} "
                                      f"band(s) of {image_path.name}: give one name per band read")
