@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -144,9 +145,17 @@ def write_error(path: str | Path, exc: BaseException, option: str = "--out") -> 
     return NoRoomError(f"cannot write {path}: {exc} (this process may not write files over {limit} bytes: ulimit -f)")
 
 
+@functools.lru_cache(maxsize=1)
 def _host_tag() -> str:
-    """8 hex digits naming this machine in temp names (a folder may be shared over NFS)."""
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    """8 hex digits naming this machine in temp names (a folder may be shared over NFS), and its PID
+    namespace: containers that share a host name (Docker's --network host, Kubernetes' hostNetwork)
+    do not see each other's processes, and a cleanup in one took a live writer's file in another for
+    a dead run's."""
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:  # (no /proc: the host name alone)
+        pid_ns = ""
+    return hashlib.sha256((socket.gethostname() + (f"|{pid_ns}" if pid_ns else "")).encode()).hexdigest()[:8]
 
 
 #: Bytes kept free in a temp name for the names derived from it (``….staging.tif``, GDAL's ``.aux.xml``,

@@ -447,11 +447,62 @@ def vrt_sources(path: str | Path) -> list[Path]:
     return out
 
 
+#: Files beside a scene that GDAL reads with it and that change what predict makes of it: ``<file>``
+#: + a PAM ``.aux.xml`` (a CRS, geotransform, nodata, RPCs) or an external ``.msk`` mask; ``<stem>`` + a
+#: world file or RPC metadata (``.ovr`` overviews are not read: predict reads full resolution).
+SIDECARS_OF_FILE = (".aux.xml", ".msk", ".MSK")
+SIDECARS_OF_STEM = (".tfw", ".tifw", ".tiffw", ".wld", ".TFW", ".TIFW", ".WLD", ".rpb", ".RPB", "_rpc.txt", "_RPC.TXT")
+
+
+def _sidecar_digest(path: Path) -> str | None:
+    """A digest of the sidecars beside ``path`` (:data:`SIDECARS_OF_FILE`, :data:`SIDECARS_OF_STEM`),
+    None when there are none. A ``.aux.xml`` counts without the statistics and histograms GDAL and QGIS
+    cache in it: opening a scene in QGIS does not make it a changed input."""
+    found = [Path(f"{path}{s}") for s in SIDECARS_OF_FILE] + [path.with_name(path.stem + s) for s in SIDECARS_OF_STEM]
+    h, any_found = hashlib.sha256(), False
+    for side in found:
+        try:
+            data = side.read_bytes()
+        except OSError:  # (missing, the usual case; unreadable ones GDAL cannot use either)
+            continue
+        if side.name.endswith(".aux.xml"):
+            data = _pam_without_statistics(data)
+            if data is None:
+                continue  # statistics alone
+        any_found = True
+        h.update(f"|{side.name}|{len(data)}|".encode())
+        h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()[:32] if any_found else None
+
+
+def _pam_without_statistics(data: bytes) -> bytes | None:
+    """A GDAL ``.aux.xml`` without its ``<Histograms>`` and ``STATISTICS_*`` metadata items (and the
+    elements they leave empty), or None when nothing else is in it."""
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError:
+        return data
+
+    def drop(parent: ElementTree.Element) -> None:
+        for child in list(parent):
+            if child.tag == "Histograms" or (child.tag == "MDI" and (child.get("key") or "").upper().startswith("STATISTICS_")):
+                parent.remove(child)
+                continue
+            drop(child)
+            if not len(child) and not (child.text or "").strip() and child.tag in ("Metadata", "PAMRasterBand"):
+                parent.remove(child)
+
+    drop(root)
+    return ElementTree.tostring(root) if len(root) or (root.text or "").strip() else None
+
+
 def input_fingerprint(path: str | Path) -> dict[str, Any]:
     """``{size, mtime_ns, head_hash}`` of an input file.
 
     A VRT's ``head_hash`` also covers the size and modification time of every file it reads, so a
-    band file replaced under an unchanged VRT counts as a changed input.
+    band file replaced under an unchanged VRT counts as a changed input; any scene's covers the
+    sidecars GDAL reads with it (:func:`_sidecar_digest`), so a georeference or mask that arrives as
+    a ``.aux.xml`` or ``.msk`` does too.
 
     Raises:
         SceneReadError: the file is missing or unreadable.
@@ -471,6 +522,9 @@ def input_fingerprint(path: str | Path) -> dict[str, Any]:
                 except OSError:
                     h.update(f"|{src}|missing".encode())
             head = h.hexdigest()[:32]
+        sidecars = _sidecar_digest(Path(path))
+        if sidecars is not None:  # (a scene without sidecars keeps the fingerprint it had before they counted)
+            head = hashlib.sha256(f"{head}|{sidecars}".encode()).hexdigest()[:32]
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_hash": head}
     except SceneReadError:
         raise
@@ -893,6 +947,11 @@ def outputs_intact(out_dir: Path, outputs: Sequence[dict[str, Any]]) -> str | No
     for o in outputs:
         p = out_dir / o["path"]
         try:
+            if p.name.lower().endswith(".aux.xml"):
+                # GDAL and QGIS cache a raster's statistics in its .aux.xml (gdalinfo -stats, opening
+                # the mask): looking at an output is not damaging it
+                p.stat()
+                continue
             if p.stat().st_size != o["size"]:
                 return f"output {o['path']} changed size"
             if quick_hash(p) != o["hash"]:
@@ -1448,6 +1507,13 @@ def run_batch(
         get_profile("mask", options.creation_options)  # a --co GDAL refuses is one error, not a failure per scene
         if options.aoi is not None and Path(options.aoi).exists():  # workers may run in another folder
             options = dataclasses.replace(options, aoi=str(Path(options.aoi).absolute()))
+        # and so may the model's files (a relative --weights "did not exist" on every worker of a
+        # --scheduler run); an export folder too (a name that is no folder is a shipped model's)
+        model = dataclasses.replace(model, **{
+            f: str(Path(v).absolute()) for f in ("model", "weights", "card")
+            if (v := getattr(model, f)) is not None and (Path(v).is_dir() if f == "model" else Path(v).exists())})
+        if batch.scheduler and client is None:
+            _check_scheduler_address(batch.scheduler)
         _check_out_dir(out, batch.dry_run)
         scenes = discover_scenes(inputs, out, batch.patterns,
                                  case_insensitive=ignores_case(out, probe=not batch.dry_run))
@@ -1848,6 +1914,20 @@ def parse_resources(text: str | None) -> dict[str, float]:
     return out
 
 
+def _check_scheduler_address(address: str) -> None:
+    """A :class:`ParameterError` naming ``--scheduler`` for an address Dask cannot parse (``foo:bar``,
+    a missing port), before the run takes its lock and marks its scenes running."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        if scheme in ("tcp", "tls"):
+            parse_host_port(location)
+    except ValueError as exc:
+        raise ParameterError(f"--scheduler {address}: not a Dask scheduler address ({exc}): give one like "
+                             "tcp://host:8786") from None
+
+
 @contextlib.contextmanager
 def dask_client(batch: BatchOptions) -> Iterator[Any]:
     """A ``distributed.Client`` for ``batch``: the given scheduler or a new ``LocalCluster``."""
@@ -1858,7 +1938,7 @@ def dask_client(batch: BatchOptions) -> Iterator[Any]:
     if batch.scheduler:
         try:
             client = Client(batch.scheduler, timeout="30s")
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
             raise ParameterError(f"cannot reach the Dask scheduler {batch.scheduler} ({exc}): check --scheduler") from None
         with client:
             yield client

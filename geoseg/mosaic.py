@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from xml.sax.saxutils import escape
 
 import rasterio
@@ -170,6 +170,18 @@ def _vrt_xml(sources: list[tuple[Path, Any]], out: Path, classes: Sequence[Class
     return "\n".join(xml)
 
 
+class _MaskFacts(NamedTuple):
+    """What a mosaic needs of one mask (its dataset closed)."""
+
+    width: int
+    height: int
+    transform: Any
+    crs: Any
+    bounds: Any
+    block_shapes: Any
+    gcps: Any
+
+
 def write_mosaics(out_dir: str | Path, masks: Sequence[str | Path], classes: Sequence[ClassInfo],
                   state_dir: str | Path | None = None) -> list[Path]:
     """Write the VRT mosaic(s) of ``masks`` (inside ``out_dir``) with a QGIS style each; return them.
@@ -181,28 +193,25 @@ def write_mosaics(out_dir: str | Path, masks: Sequence[str | Path], classes: Seq
     groups: dict[tuple[str, float, float, tuple[int, int], str], list[tuple[Path, Any]]] = {}
     tables: dict[str, Sequence[ClassInfo]] = {}
     left_out: list[str] = []
-    handles = []
-    try:
-        for m in masks:
-            ds = rasterio.open(m)
-            handles.append(ds)
-            key = _grid_key(ds)
-            if key is None:
-                left_out.append(f"{Path(m).name} ({_why_not(ds)})")
-                continue
-            table = read_classes(ds) or list(classes)  # the mask's own class table (its palette and names)
-            ck = _classes_key(table)
-            tables.setdefault(ck, table)
-            groups.setdefault((*key, ck), []).append((Path(m), ds))
-        groups = _join_close_phases(groups)
-        written: list[Path] = []
-        for name, (key, sources) in zip(_group_names(list(groups)), groups.items()):
-            vrt = out / f"{name}.vrt"
-            atomic_write_text(vrt, _vrt_xml(sources, vrt, tables[key[4]]))
-            written += [vrt, write_qml(vrt, tables[key[4]])]
-    finally:
-        for ds in handles:
-            ds.close()
+    for m in masks:
+        # what the VRT needs of each mask, read and closed at once (every mask held open at once: an
+        # archive of more masks than the open-file limit, 1024 by default, got no mosaic, exit 0)
+        with rasterio.open(m) as ds:
+            facts = _MaskFacts(ds.width, ds.height, ds.transform, ds.crs, ds.bounds, ds.block_shapes, ds.gcps)
+            key = _grid_key(facts)
+            table = (read_classes(ds) or list(classes)) if key is not None else []  # the mask's own palette and names
+        if key is None:
+            left_out.append(f"{Path(m).name} ({_why_not(facts)})")
+            continue
+        ck = _classes_key(table)
+        tables.setdefault(ck, table)
+        groups.setdefault((*key, ck), []).append((Path(m), facts))
+    groups = _join_close_phases(groups)
+    written: list[Path] = []
+    for name, (key, sources) in zip(_group_names(list(groups)), groups.items()):
+        vrt = out / f"{name}.vrt"
+        atomic_write_text(vrt, _vrt_xml(sources, vrt, tables[key[4]]))
+        written += [vrt, write_qml(vrt, tables[key[4]])]
     if left_out:
         warn(f"{len(left_out)} mask(s) not in the mosaic (a VRT takes north-up map grids only): "
              + ", ".join(left_out[:5]) + (" ..." if len(left_out) > 5 else ""), BatchWarning)

@@ -62,6 +62,24 @@ def test_a_live_writer_s_temp_files_are_kept_and_a_dead_one_s_removed(tmp_path: 
         live.wait()
 
 
+def test_a_writer_in_another_pid_namespace_of_the_same_host_is_not_taken_for_dead(tmp_path: Path) -> None:
+    """Containers sharing a host name (Docker's --network host) do not see each other's processes: a batch
+    in one removed a live predict's staging file in the other (its pid did not exist there)."""
+    import shutil
+
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        pytest.skip("needs Linux PID namespaces (unshare)")
+    mine = temp_name(tmp_path / "a_landcover.tif")  # this process (alive) in this namespace
+    mine.write_bytes(b"half a file")
+    script = "import sys; from pathlib import Path; from geoseg.atomic import is_leftover; print(is_leftover(Path(sys.argv[1])))"
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script, str(mine)],
+                       capture_output=True, text=True)
+    if r.returncode and r.stderr.startswith("unshare:"):  # (not permitted in this container, ...)
+        pytest.skip(f"no PID namespace here: {r.stderr.strip()}")
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+    assert not is_leftover(mine)
+
+
 def test_predict_removes_a_killed_run_s_leftovers_beside_its_outputs(tmp_path: Path) -> None:
     """A SIGKILLed predict left a scene-sized hidden staging file that no later run removed."""
     from geoseg.engine import ModelSource, PredictOptions, segment_scene

@@ -168,6 +168,38 @@ def test_vrt_scene_reruns_when_a_band_file_changes(runner, tiny_unet, tmp_path: 
     assert "run\tscene.vrt\tinput changed" in r.stdout, r.output
 
 
+def test_a_sidecar_that_arrives_reruns_the_scene_and_cached_statistics_rerun_nothing(  # type: ignore[no-untyped-def]
+        runner, tiny_unet, tmp_path: Path) -> None:
+    """A corrected georeference (.aux.xml) or a mask (.msk) that arrived beside an unchanged scene left it
+    skipped with outputs of the old one; statistics cached by gdalinfo -stats or QGIS, in the scene's or
+    in the mask's .aux.xml, rerun nothing (the mask's reran the scene: "changed size")."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    scene = make_archive(arch, 1)[0]
+    assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
+
+    def dry() -> str:
+        return run_cli(runner, tiny_unet, [arch], out, "--dry-run").stdout.splitlines()[-1]
+
+    mask = out / "scene0_landcover.tif"
+    for raster in (mask, scene):  # (what QGIS and gdalinfo -stats do)
+        with rasterio.open(raster) as ds:
+            ds.statistics(1)
+        assert Path(f"{raster}.aux.xml").exists()
+        assert dry().startswith("skip\tscene0.tif"), raster
+    with rasterio.open(scene) as ds:
+        t = ds.transform
+    side = Path(f"{scene}.aux.xml")
+    side.write_text(side.read_text().replace("<PAMDataset>", f"<PAMDataset><GeoTransform>{t.c + 1000}, {t.a}, 0, {t.f}, 0, "
+                                                               f"{t.e}</GeoTransform>", 1))
+    assert dry() == "run\tscene0.tif\tinput changed"
+    assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
+    with rasterio.open(mask) as ds:
+        assert ds.transform.c == t.c + 1000  # the georeference GDAL reads from the sidecar
+    assert dry().startswith("skip\tscene0.tif")
+    scene.with_suffix(".tfw").write_text("10\n0\n0\n-10\n0\n0\n")
+    assert dry() == "run\tscene0.tif\tinput changed"
+
+
 def test_second_run_skips_touch_reruns_one_force_redoes_all(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
     scenes = make_archive(arch, 4)
@@ -459,6 +491,34 @@ def test_workers_option_starts_a_local_cluster(runner, tiny_unet, tmp_path: Path
     assert r.exit_code == 2 and "set by the environment variable GEOSEG_SCHEDULER: unset it" in r.output, r.output
 
 
+def test_a_relative_weights_path_reaches_workers_started_in_another_folder(  # type: ignore[no-untyped-def]
+        runner, tiny_unet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--weights models/x.pdparams (relative to the job's folder) with --scheduler: every scene failed with
+    "weights file models/x.pdparams does not exist" on workers started elsewhere; a malformed --scheduler
+    was "unexpected error: ValueError" after the run had marked its scenes running."""
+    import shutil
+
+    distributed = pytest.importorskip("distributed")
+    job, elsewhere = tmp_path / "job", tmp_path / "elsewhere"
+    (job / "models").mkdir(parents=True)
+    elsewhere.mkdir()
+    for f in tiny_unet:
+        shutil.copy(f, job / "models" / f.name)
+    make_archive(job / "arch", 1)
+    monkeypatch.chdir(elsewhere)  # where the workers start
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        monkeypatch.chdir(job)
+        r = runner.invoke(cli, ["batch", "arch", "--out", "out", "--weights", f"models/{tiny_unet[0].name}",
+                                "--scheduler", cluster.scheduler_address, "--vector", "none"])
+        assert r.exit_code == EXIT_OK, r.output
+    assert (job / "out" / "scene0_landcover.tif").exists()
+    for address, words in (("foo:bar", "invalid literal"), ("tcp://head", "missing port")):
+        r = runner.invoke(cli, ["batch", "arch", "--out", "out2", "--weights", f"models/{tiny_unet[0].name}",
+                                "--scheduler", address])
+        assert r.exit_code == 1 and f"--scheduler {address}: not a Dask scheduler address" in r.output, r.output
+        assert words in r.output and "unexpected" not in r.output and not (job / "out2").exists()
+
+
 def test_prior_adaptation_is_a_result_parameter() -> None:
     # A run with adaptation gives other masks, so switching it must re-run scenes, not skip them.
     from geoseg.batch import result_params
@@ -708,6 +768,20 @@ def _mask(path: Path, classes: list[tuple[int, str]], x0: float = 500000.0, crs:
     with rasterio.open(path, "r+") as ds:
         ds.update_tags(**classes_tag([ClassInfo(i, n, (i * 30, 100, 50)) for i, n in classes]))
     return path
+
+
+def test_a_mosaic_of_more_masks_than_the_open_file_limit(tmp_path: Path) -> None:
+    """Every mask was held open until the VRT was written: 150 masks under a limit of 64 open files got no
+    mosaic ("Too many open files"), the old landcover.vrt stayed stale, and the run still exited 0."""
+    out = tmp_path / "out"
+    out.mkdir()
+    masks = [_mask(out / f"t{i:03d}_landcover.tif", SEVEN, x0=500000.0 + 300 * i) for i in range(150)]
+    script = ("import resource, sys; from geoseg.mosaic import write_mosaics; "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+              "print([p.name for p in write_mosaics(sys.argv[1], sys.argv[2:], [])])")
+    r = subprocess.run([sys.executable, "-c", script, str(out), *map(str, masks)], capture_output=True, text=True)
+    assert r.returncode == 0 and "['landcover.vrt', 'landcover.qml']" in r.stdout, r.stderr[-2000:]
+    assert len(_vrt_sources(out / "landcover.vrt")) == 150
 
 
 def test_mosaic_keeps_masks_of_different_class_tables_apart(tmp_path: Path) -> None:
