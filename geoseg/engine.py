@@ -299,6 +299,15 @@ def exported_for_inference(source: ModelSource) -> Path:
         with contextlib.suppress(OSError):  # (its last use: see _tidy_exports)
             os.utime(target / "DONE")
         return target
+    from geoseg.models.inference import EXPORT_LOCK
+
+    with EXPORT_LOCK:  # another thread may be exporting this very model: it waits, then takes that export
+        if (target / "DONE").exists():
+            return target
+        return _export_cached(source, target, key)
+
+
+def _export_cached(source: ModelSource, target: Path, key: str) -> Path:
     layer = build_layer(source)
     try:
         return _export_into(target, layer, source)

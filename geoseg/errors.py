@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -154,14 +155,33 @@ def _in_geoseg(module: str) -> bool:
     return module == "geoseg" or module.startswith("geoseg.")
 
 
+#: One import of paddle at a time: a second thread found the half-built module in sys.modules
+#: ("partially initialized module 'paddle' has no attribute 'is_compiled_with_cuda'"), and the
+#: process state put back after the import is the whole process's.
+_PADDLE_LOCK = threading.Lock()
+_paddle_ready = False
+
+
 def require_paddle() -> object:
     """Import and return :mod:`paddle`, or raise :class:`DependencyError` saying how to get it."""
+    global _paddle_ready
+    if _paddle_ready and sys.modules.get("paddle") is not None:  # (None: marked missing, as a test does)
+        return sys.modules["paddle"]
+    with _PADDLE_LOCK:
+        if sys.modules.get("paddle") is not None:  # imported by the application (Python's own lock waits
+            import paddle  # for an import another of its threads has under way)
+        else:
+            paddle = _import_paddle()
+        _paddle_ready = True
+        return paddle
+
+
+def _import_paddle() -> Any:
+    kept = _ProcessState()
     # Paddle's C++ log (glog) writes "W1130 ..." lines straight to stderr ("PIR not support input out
     # tensor" on every export): errors only unless the user set it; read when paddle is first imported
+    # (and put back after, as the rest of the process's state)
     os.environ.setdefault("GLOG_minloglevel", "2")
-    if sys.modules.get("paddle") is not None:  # (None: marked missing, as a test does)
-        return sys.modules["paddle"]
-    kept = _ProcessState()
     try:
         with warnings.catch_warnings(), _without_paddle_thread_advice():
             warnings.filterwarnings("ignore", message="No ccache found")  # (a C++ compiler cache, for its builds)
@@ -231,7 +251,7 @@ class _ProcessState:
     geoseg train then took for the user's thread count. (Paddle has read it by then: putting it back
     changes nothing in this process's Paddle.) (The CLI sets its own SIGTERM handler and log levels.)"""
 
-    ENVIRON = ("OMP_NUM_THREADS",)
+    ENVIRON = ("OMP_NUM_THREADS", "GLOG_minloglevel", "CUSTOM_DEVICE_ROOT")
 
     def __init__(self) -> None:
         import logging

@@ -550,3 +550,36 @@ def test_paddle_s_thread_advice_is_left_out_and_other_stderr_passes(tmp_path: Pa
                           "print('OMP', os.environ.get('OMP_NUM_THREADS'), type(sys.stderr).__name__)\n", "2")
     assert r.returncode == 0 and "OMP_NUM_THREADS" not in r.stderr and "WISELY" not in r.stderr, r.stderr
     assert r.stderr.splitlines()[-1] == "after" and r.stdout.strip() == "OMP 2 TextIOWrapper", r.stdout + r.stderr
+
+
+def test_two_threads_first_using_paddle_and_exporting_at_once(tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    """A web service's first two requests in a fresh process: the second thread found the half-imported
+    paddle in sys.modules ("partially initialized module 'paddle' has no attribute ...") and two first
+    exports into an empty cache broke each other's to_static translation ("Not found key in IRMapping");
+    GLOG_minloglevel, set for paddle's import, stayed in the environment of every child process."""
+    code = f"""
+import os, threading
+from geoseg.engine import ModelSource, exported_for_inference, resolve_model
+from geoseg.errors import require_paddle
+barrier, modules, exports, errors = threading.Barrier(2), [], [], []
+source = resolve_model(None, {str(tiny_unet[0])!r})
+def job():
+    try:
+        barrier.wait()
+        modules.append(require_paddle())
+        exports.append(exported_for_inference(source))
+    except BaseException as exc:
+        errors.append(f"{{type(exc).__name__}}: {{exc}}")
+threads = [threading.Thread(target=job) for _ in range(2)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors or "ok", len({{id(m) for m in modules}}), len(exports) == 2 and exports[0] == exports[1])
+print("GLOG", os.environ.get("GLOG_minloglevel"))
+"""
+    env_cache = tmp_path / "cache"
+    script = tmp_path / "race.py"
+    script.write_text(code)
+    env = {**{k: v for k, v in os.environ.items() if k != "GLOG_minloglevel"}, "GEOSEG_CACHE_DIR": str(env_cache)}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.splitlines() == ["ok 1 True", "GLOG None"], r.stdout + r.stderr[-3000:]
+    assert len(list((env_cache / "exports").iterdir())) == 1

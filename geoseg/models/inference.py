@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,13 @@ def _writable_home(scratch: Path) -> Iterator[None]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+#: One export at a time in a process: Paddle's to_static translation is not thread-safe (two threads'
+#: first predicts failed with "Not found key in IRMapping" or "The block obtained before and after calling
+#: the static API name is inconsistent"), and a HOME pointed at a scratch folder is the whole process's.
+#: Reentrant: :func:`geoseg.engine.exported_for_inference` holds it around its check, build and export.
+EXPORT_LOCK = threading.RLock()
+
+
 def export_model(model: paddle.nn.Layer, path_prefix: str | Path, in_channels: int) -> Path:
     """Export ``model`` as a static inference graph with dynamic batch and image size.
 
@@ -115,7 +123,7 @@ def export_model(model: paddle.nn.Layer, path_prefix: str | Path, in_channels: i
     was_training = model.training
     model.eval()
     try:
-        with _writable_home(prefix.parent):
+        with EXPORT_LOCK, _writable_home(prefix.parent):
             paddle.jit.save(model, str(prefix), input_spec=[spec])  # type: ignore[attr-defined]
     except Exception as exc:
         if _interrupted(exc):  # Ctrl-C inside Paddle's program translation comes back as its error
