@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,7 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
     """
     import shapely
 
-    text = str(spec)
+    text = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
     if meta.transform is None or (meta.crs is None and meta.transform.is_identity):
         raise ParameterError(f"--aoi needs a scene on a map grid; {meta.path.name} has no geotransform "
                              "(warp it first, e.g. gdalwarp -t_srs EPSG:32618)")

@@ -267,8 +267,10 @@ def discover_scenes(
             walk(link, real)
 
     expanded: list[tuple[Path, bool]] = []  # (path, given on the command line)
+    if isinstance(inputs, (str, os.PathLike)):  # one input (a string was read as its characters)
+        inputs = [inputs]
     for item in inputs:
-        s = str(item)
+        s = os.fspath(item) if isinstance(item, os.PathLike) else str(item)
         if s.startswith("@"):
             expanded.extend((p, False) for p in _list_file_entries(Path(s[1:]).expanduser()))
         else:
@@ -1389,6 +1391,11 @@ class BatchOptions:
     #: After the run, lay every done mask of ``DIR`` into ``DIR/landcover.vrt`` (+ .qml), one map.
     mosaic: bool = True
 
+    def __post_init__(self) -> None:
+        from geoseg.config import check_fields
+
+        check_fields(self, "BatchOptions")  # (force="no" forced every scene)
+
 
 @dataclass
 class BatchResult:
@@ -1490,6 +1497,8 @@ def run_batch(
     from geoseg.config import options_of
 
     t0 = time.perf_counter()
+    if isinstance(inputs, (str, os.PathLike)):  # one input (a string was read as its characters)
+        inputs = [inputs]
     options = options_of(options, PredictOptions, "options")
     batch = options_of(batch, BatchOptions, "batch")
     if isinstance(model, (str, Path)):  # a shipped model's name, an export folder

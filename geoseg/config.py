@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -106,6 +107,36 @@ def options_of(value: Any, cls: type, what: str) -> Any:
 _MISFIT = object()
 
 
+def check_fields(obj: Any, what: str) -> None:
+    """Check (and take as :func:`options_of` takes a mapping's values) every field of the frozen dataclass
+    ``obj`` against its annotation: an instance built in code was taken as given (``overwrite="no"``
+    replaced a mask, ``overlap=32.0`` failed as an IndexError). Fields of a fixed set of choices (a
+    ``Literal``, an enum) are left to the class's own check, which names the choices.
+
+    Raises:
+        ParameterError: a value of the wrong type, naming the field (``what``: the class or argument).
+    """
+    from geoseg.errors import ParameterError
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints.get(f.name, Any)
+        v = _as_type(value, tp)
+        if v is _MISFIT:
+            if _has_choices(tp):
+                continue
+            raise ParameterError(f"{what}: {f.name}={value!r}: give {_type_name(tp)}")
+        if v is not value and type(v) is not type(value):
+            object.__setattr__(obj, f.name, v)
+
+
+def _has_choices(tp: Any) -> bool:
+    """Whether the annotation ``tp`` takes a ``Literal`` or an enum (in a union too)."""
+    if typing.get_origin(tp) is typing.Literal or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
+        return True
+    return any(_has_choices(a) for a in typing.get_args(tp))
+
+
 def _as_type(value: Any, tp: Any) -> Any:
     """``value`` as the annotation ``tp`` takes it (a list for a tuple field: a tuple; a string for a Path or an
     enum), or :data:`_MISFIT` when it is not one (a string for a bool, an int or a tuple of strings)."""
@@ -129,10 +160,10 @@ def _as_type(value: Any, tp: Any) -> Any:
     if tp is float:
         return value if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
             else _MISFIT
-    if tp is str:
-        return value if isinstance(value, str) else _MISFIT
+    if tp is str:  # (a path given as a Path or another os.PathLike: its text)
+        return value if isinstance(value, str) else os.fspath(value) if isinstance(value, os.PathLike) else _MISFIT
     if isinstance(tp, type) and issubclass(tp, PurePath):
-        return Path(value) if isinstance(value, (str, PurePath)) else _MISFIT
+        return Path(value) if isinstance(value, (str, os.PathLike)) else _MISFIT
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(value)

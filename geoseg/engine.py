@@ -520,7 +520,10 @@ class PredictOptions:
     aoi: str | None = None
 
     def __post_init__(self) -> None:
-        self._check_values()
+        from geoseg.config import check_fields
+
+        self._check_values()  # (first: it names the choices and the band numbers)
+        check_fields(self, "PredictOptions")  # (options_of checked a mapping's values, an instance's none)
         for value, option in ((self.vector_classes, "--vector-classes chooses which"), (self.min_area, "--min-area "
                               "sieves the"), (self.simplify, "--simplify simplifies the")):
             if value is not None and self.vector == "none":  # (they were ignored without a word)
@@ -550,7 +553,9 @@ class PredictOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ParameterError(f"{name} {value!r}: give a whole number >= {low}")
-        if self.prior_max_ratio is not None and not self.prior_max_ratio >= 1:
+        if self.prior_max_ratio is not None and not (isinstance(self.prior_max_ratio, (int, float))
+                                                     and not isinstance(self.prior_max_ratio, bool)
+                                                     and self.prior_max_ratio >= 1):
             raise ParameterError(f"prior_max_ratio {self.prior_max_ratio!r}: give a number >= 1, or None (unbounded)")
         if self.bands is not None:
             if isinstance(self.bands, (str, bytes)) or not all(

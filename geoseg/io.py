@@ -152,7 +152,7 @@ def scene_path(path: str | Path) -> Path:
     ``/vsizip//abs/scenes.zip/a.tif`` (an absolute archive path) would lose its double slash in a
     Path and name a relative archive; it becomes GDAL's equivalent ``/vsizip/{/abs/scenes.zip}/a.tif``.
     """
-    text = str(path)
+    text = os.fspath(path)  # (str() of an os.PathLike that is not a Path names the object, not its path)
     m = _ARCHIVE.match(text)
     if m:
         return Path(f"{m.group(1)}/{{{m.group(2)}}}{m.group(3) or ''}")
@@ -174,7 +174,7 @@ def open_scene(path: str | Path) -> SceneMeta:
         SceneReadError: the file is missing, not a raster, or cannot be decoded.
         SceneError: the raster's dtype is not supported.
     """
-    text = str(path)
+    text = os.fspath(path)
     path = scene_path(path)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:/", text):
         raise SceneReadError(f"input {text}: URLs are not read as such; give a file, or GDAL's form of it "

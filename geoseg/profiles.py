@@ -7,9 +7,9 @@ returns a copy with user ``--co`` options applied on top.  Keys other than ``dty
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -145,9 +145,21 @@ def get_profile(name: str, creation_options: Mapping[str, str] | None = None) ->
     return profile
 
 
-@functools.lru_cache(maxsize=16)
+#: Option sets GDAL took (a refusal is asked again: one made wrong by another thread's message stayed).
+_ACCEPTED: set[tuple[tuple[tuple[str, str], ...], str]] = set()
+
+
 def _cog_refusal(options: tuple[tuple[str, str], ...], dtype: str) -> str | None:
     """What GDAL says against writing a small COG with ``options`` (its first warning or error), or None."""
+    if (options, dtype) in _ACCEPTED:
+        return None
+    said = _probe_cog(options, dtype)
+    if said is None:
+        _ACCEPTED.add((options, dtype))
+    return said
+
+
+def _probe_cog(options: tuple[tuple[str, str], ...], dtype: str) -> str | None:
     import numpy as np
     import rasterio
     import rasterio.shutil
@@ -155,16 +167,24 @@ def _cog_refusal(options: tuple[tuple[str, str], ...], dtype: str) -> str | None
     from rasterio.io import MemoryFile
 
     said: list[str] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            said.append(re.sub(r"^CPLE_\w+ in ", "", record.getMessage()).rstrip(". "))
-
+    me = threading.get_ident()
     gdal_log = logging.getLogger("rasterio._env")  # where rasterio reports GDAL's warnings
-    handler, level, propagate = _Collect(logging.WARNING), gdal_log.level, gdal_log.propagate
-    gdal_log.addHandler(handler)
-    gdal_log.setLevel(logging.WARNING)
-    gdal_log.propagate = False
+    shown = gdal_log.getEffectiveLevel()
+
+    class _Collect(logging.Filter):
+        """This thread's GDAL messages are the probe's (collected, not shown); other threads' pass as
+        they would have (a thread writing meanwhile had its warnings taken for the probe's refusal)."""
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.thread == me:
+                if record.levelno >= logging.WARNING:
+                    said.append(re.sub(r"^CPLE_\w+ in ", "", record.getMessage()).rstrip(". "))
+                return False
+            return record.levelno >= shown
+
+    collect, level = _Collect(), gdal_log.level
+    gdal_log.addFilter(collect)
+    gdal_log.setLevel(min(shown, logging.WARNING))
     try:
         with MemoryFile() as mem, MemoryFile(ext=".tif") as target:
             grid = {"crs": "EPSG:3857", "transform": rasterio.transform.from_origin(0, 64, 1, 1)}
@@ -177,7 +197,6 @@ def _cog_refusal(options: tuple[tuple[str, str], ...], dtype: str) -> str | None
             except Exception as exc:  # GDAL's errors (CPLE_*) are not all RasterioErrors
                 said.append(str(exc).splitlines()[0] or type(exc).__name__)
     finally:
-        gdal_log.removeHandler(handler)
+        gdal_log.removeFilter(collect)
         gdal_log.setLevel(level)
-        gdal_log.propagate = propagate
     return said[0] if said else None

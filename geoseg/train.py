@@ -305,7 +305,8 @@ class TrainConfig:
             k = both[0]
             raise ParameterError(f"--{k.replace('_', '-')} {given[k]} and --set {k}={(explicit or {})[k]} disagree: give one")
         merged = {**data, **given, **dict(explicit or {})}
-        _check_relative_paths(data, Path(path))
+        # (only the paths the config still names: a recipe's own image, replaced by --image, was refused)
+        _check_relative_paths({k: v for k, v in data.items() if k not in given and k not in (explicit or {})}, Path(path))
         return cls.from_mapping(merged, source=f"training config {path}")
 
     def checked(self) -> TrainConfig:
@@ -485,6 +486,8 @@ def _check_type(source: str, key: str, value: Any) -> Any:
             return value  # check() names the choices, with what each means
         if t in _KINDS:
             kinds, want = _KINDS[t]
+            if t is str and isinstance(value, os.PathLike):  # (TrainConfig(image=Path(...)) was refused)
+                value = os.fspath(value)
             if t is float and isinstance(value, str):
                 try:  # YAML 1.1 reads 1e-3 (no dot) as text
                     value = float(value)

@@ -200,6 +200,26 @@ def test_a_sidecar_that_arrives_reruns_the_scene_and_cached_statistics_rerun_not
     assert dry() == "run\tscene0.tif\tinput changed"
 
 
+def test_run_batch_takes_one_input_as_a_string_or_a_path_like(tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """run_batch("archive", ...) read the string as its characters: the folders "a", "r", "c", ... of the
+    working folder, or "input t does not exist"."""
+    from geoseg.batch import BatchModel, run_batch
+
+    class Where:  # an os.PathLike that is no pathlib.Path (str() of it names the object)
+        def __init__(self, p: Path) -> None:
+            self.p = p
+
+        def __fspath__(self) -> str:
+            return str(self.p)
+
+    arch = tmp_path / "arch"
+    make_archive(arch, 2)
+    model = BatchModel(weights=str(tiny_unet[0]))
+    for inputs in (str(arch), Where(arch), [Where(arch)]):
+        planned = run_batch(inputs, tmp_path / "out", model, batch={"dry_run": True}).planned
+        assert sorted(s.key for s, _ in planned) == ["d1/x/scene1.tif", "scene0.tif"], inputs
+
+
 def test_second_run_skips_touch_reruns_one_force_redoes_all(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
     scenes = make_archive(arch, 4)

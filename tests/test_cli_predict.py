@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import warnings
@@ -406,6 +407,38 @@ def test_a_bad_value_from_the_environment_names_the_variable(runner: CliRunner, 
     assert r.exit_code == 2 and "Invalid value for '--device': 'tpu'" in r.output, r.output
 
 
+def test_creation_options_are_checked_apart_from_other_threads_gdal_messages(caplog: pytest.LogCaptureFixture) -> None:
+    """The --co probe took another thread's GDAL warning (a GTiff written with an option GDAL ignores)
+    for the COG driver's refusal of a valid option, cached the refusal for the process, and swallowed
+    that thread's warning."""
+    import logging
+    import threading
+
+    from rasterio.io import MemoryFile
+
+    from geoseg.profiles import get_profile
+
+    stop = threading.Event()
+
+    def other_work() -> None:
+        while not stop.is_set():
+            with MemoryFile() as mf, mf.open(driver="GTiff", width=8, height=8, count=1, dtype="uint8",
+                                             foo_option="1") as ds:
+                ds.write(np.zeros((1, 8, 8), np.uint8))
+
+    caplog.set_level(logging.WARNING, logger="rasterio._env")
+    other = threading.Thread(target=other_work)
+    other.start()
+    try:
+        time.sleep(0.1)
+        for blocksize in ("256", "1024", "128"):  # (each a new option set: no answer cached)
+            assert get_profile("mask", {"BLOCKSIZE": blocksize})["BLOCKSIZE"] == blocksize
+    finally:
+        stop.set()
+        other.join()
+    assert any("FOO_OPTION" in r.getMessage() for r in caplog.records)  # the other thread's warnings still show
+
+
 def test_a_bad_co_from_the_environment_names_the_variable(runner: CliRunner, tmp_path: Path,
                                                            tiny_unet: tuple[Path, Path]) -> None:
     """--co is parsed by the command and checked by the library: both errors named only --co, which the
@@ -466,14 +499,18 @@ def test_the_library_keeps_paddle_s_c_plus_plus_log_to_errors(tmp_path: Path) ->
     import os
     import subprocess
 
-    code = ("import os, sys; from geoseg.errors import require_paddle; require_paddle(); "
-            "print(os.environ['GLOG_minloglevel'])")
+    # glog reads its level once, as paddle is imported: set for the import, then put back (child
+    # processes inherited it)
+    code = ("import os, sys; from geoseg.engine import resolve_model, exported_for_inference; "
+            "exported_for_inference(resolve_model('unet')); print(os.environ.get('GLOG_minloglevel'))")
     env = {k: v for k, v in os.environ.items() if k != "GLOG_minloglevel"}
+    env["GEOSEG_CACHE_DIR"] = str(tmp_path / "cache")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "2" and "ccache" not in out.stderr, out.stderr
-    env["GLOG_minloglevel"] = "0"  # the user's own setting stays
+    assert out.stdout.strip() == "None" and "ccache" not in out.stderr and "PIR" not in out.stderr, out.stderr
+    env["GLOG_minloglevel"] = "0"  # the user's own setting stays (and shows the line)
+    env["GEOSEG_CACHE_DIR"] = str(tmp_path / "cache2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "0"
+    assert out.stdout.strip() == "0" and "PIR" in out.stderr
 
 
 def test_version_names_the_libraries_without_importing_paddle(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -580,6 +580,14 @@ def test_one_thread_keeps_a_bounded_number_of_files_open(tmp_path: Path, monkeyp
     ({"probabilities": True}, "probabilities True: choose one of"),
     ({"device": "tpu"}, "device 'tpu': choose one of 'auto', 'cpu', 'gpu'"),
     ({"prior_max_ratio": 0.5}, "prior_max_ratio 0.5: give a number >= 1"),
+    # an instance built in code was taken as given: "no" replaced a mask, 32.0 was an IndexError mid-run,
+    # "2" a TypeError, a list of --co texts an AttributeError
+    ({"overwrite": "no"}, "overwrite='no': give True or False"),
+    ({"adapt_prior": "false"}, "adapt_prior='false': give True or False or None"),
+    ({"overlap": 32.0}, "overlap=32.0: give a whole number or None"),
+    ({"prior_max_ratio": "2"}, "prior_max_ratio '2': give a number >= 1"),
+    ({"creation_options": ["COMPRESS=LZW"]}, "creation_options=['COMPRESS=LZW']: give a dict"),
+    ({"vector": "gpkg", "min_area": "100"}, "min_area='100': give a number or None"),
 ])
 def test_predict_options_refuse_values_no_run_can_take(bad: dict, words: str) -> None:
     """From Python, runtime="onnx" ran dygraph and reported "cpu/onnx"; tile_size=0 meant the default;
@@ -594,6 +602,13 @@ def test_predict_options_take_plain_values() -> None:
 
     o = PredictOptions(blend="constant", bands=[4, 3, 2])  # type: ignore[arg-type]
     assert o.blend is BlendMode.CONSTANT and o.bands == (4, 3, 2)
+    o = PredictOptions(aoi=Path("a.gpkg"), vector="gpkg", vector_classes=["forest", 2])  # type: ignore[arg-type]
+    assert o.aoi == "a.gpkg" and o.vector_classes == ("forest", 2)
+    from geoseg.batch import BatchOptions
+
+    with pytest.raises(ParameterError, match=r"BatchOptions: force='no': give True or False"):
+        BatchOptions(force="no")  # type: ignore[arg-type]
+    assert BatchOptions(patterns=["*.vrt"]).patterns == ("*.vrt",)  # type: ignore[arg-type]
 
 
 def test_a_ready_predictor_reports_where_it_runs(tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
@@ -1479,3 +1494,19 @@ def test_predict_and_vectorize_read_through_a_gdal_block_cache_of_megabytes(tmp_
     monkeypatch.setattr(vectorize, "_busy_rows", counted)
     vectorize.vectorize_mask(res.mask, tmp_path / "p.gpkg")
     assert strips and set(strips) == {vectorize.GDAL_CACHE_MB * 2**20}
+
+
+def test_an_os_pathlike_scene_is_read_as_its_path(tmp_path: Path) -> None:
+    """str() of an os.PathLike that is no pathlib.Path names the object: "input <Where ...> does not exist"."""
+
+    class Where:
+        def __init__(self, p: Path) -> None:
+            self.p = p
+
+        def __fspath__(self) -> str:
+            return str(self.p)
+
+    src = write_raster(tmp_path / "s.tif", np.ones((1, 20, 20), np.uint8))
+    res = segment_scene(Where(src), tmp_path / "o", source=ModelSource(identity_card(1, 2)),  # type: ignore[arg-type]
+                        predictor=one_hot_predictor(2))
+    assert res.mask == tmp_path / "o" / "s_landcover.tif" and res.mask.exists()
