@@ -60,7 +60,7 @@ class Aoi:
         import shapely
 
         t = self.transform
-        xs, ys = zip(*(t * (c, r) for c in (window.col_off, window.col_off + window.width)
+        xs, ys = zip(*(t @ (c, r) for c in (window.col_off, window.col_off + window.width)
                        for r in (window.row_off, window.row_off + window.height)))
         return shapely.box(min(xs), min(ys), max(xs), max(ys))
 
@@ -78,7 +78,7 @@ class Aoi:
             # the AOI's part in this window only (a long boundary is rasterised a window at a time)
             part = shapely.clip_by_rect(self.geometry, *box.buffer(abs(self.transform.a) + abs(self.transform.e)).bounds)
         h, w = int(window.height), int(window.width)
-        t = self.transform * Affine.translation(window.col_off, window.row_off)
+        t = self.transform @ Affine.translation(window.col_off, window.row_off)
         inside = rasterize([(part, 1)], out_shape=(h, w), transform=t, fill=0, dtype="uint8")
         return inside.astype(bool) if inside.any() else False
 
@@ -120,10 +120,10 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
     # the scene pixels whose centres lie within the AOI's bounds, on the scene's own grid
     inv = ~meta.transform
     bx0, by0, bx1, by1 = geometry.bounds
-    cols, rows = zip(*(inv * (x, y) for x in (bx0, bx1) for y in (by0, by1)))
+    cols, rows = zip(*(inv @ (x, y) for x in (bx0, bx1) for y in (by0, by1)))
     if min(cols) >= meta.width or max(cols) <= 0 or min(rows) >= meta.height or max(rows) <= 0:
-        sx0, sy0 = meta.transform * (0, meta.height)
-        sx1, sy1 = meta.transform * (meta.width, 0)
+        sx0, sy0 = meta.transform @ (0, meta.height)
+        sx1, sy1 = meta.transform @ (meta.width, 0)
         raise AoiOutsideError(f"--aoi {source} does not overlap {meta.path.name} (AOI bounds {bx0:.10g},{by0:.10g},"
                              f"{bx1:.10g},{by1:.10g}; scene bounds {min(sx0, sx1):.10g},{min(sy0, sy1):.10g},"
                              f"{max(sx0, sx1):.10g},{max(sy0, sy1):.10g} in its CRS)")

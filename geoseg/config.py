@@ -9,7 +9,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -130,6 +130,42 @@ def check_fields(obj: Any, what: str) -> None:
             object.__setattr__(obj, f.name, v)
 
 
+def checked_arguments(fn: Any) -> Any:
+    """Decorate a public entry point so that an argument of the wrong type is a one-line
+    :class:`ParameterError` naming it (``min_pixels="3"`` was a bare TypeError deep in the call), as
+    the options classes' fields are (:func:`check_fields`). Only checked, never converted; arguments
+    annotated with choices (a ``Literal``, an enum) are left to the function's own check."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn)
+    hints: dict[str, Any] | None = None
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        nonlocal hints
+        if hints is None:
+            try:
+                hints = typing.get_type_hints(fn)
+            except (NameError, TypeError):  # (an annotation only a type checker resolves: no checks)
+                hints = {}
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError:
+            return fn(*args, **kwargs)  # (Python's own message for a missing or unknown argument)
+        for name, value in bound.arguments.items():
+            tp = hints.get(name)
+            if tp is None or sig.parameters[name].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                continue
+            if _as_type(value, tp) is _MISFIT and not _has_choices(tp):
+                from geoseg.errors import ParameterError
+
+                raise ParameterError(f"{fn.__name__}: {name}={value!r}: give {_type_name(tp)}")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _has_choices(tp: Any) -> bool:
     """Whether the annotation ``tp`` takes a ``Literal`` or an enum (in a union too)."""
     if typing.get_origin(tp) is typing.Literal or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
@@ -177,6 +213,11 @@ def _as_type(value: Any, tp: Any) -> Any:
         return _MISFIT if any(v is _MISFIT for v in out) else out
     if origin in (dict, Mapping) or tp in (dict, Mapping):
         return value if isinstance(value, Mapping) else _MISFIT
+    if origin in (list, Sequence):  # (checked, as given: ["x"] for class ids was a bare ValueError)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
+            return _MISFIT
+        item = args[0] if args else Any
+        return value if all(_as_type(v, item) is not _MISFIT for v in value) else _MISFIT
     return value  # (anything else: as given)
 
 
@@ -189,7 +230,7 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(map(repr, args))
     if tp is type(None):
         return "None"
-    if origin is tuple:
+    if origin in (tuple, list, Sequence):
         return f"a list ({_type_name(args[0]) if args else 'values'} each)"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(repr(e.value) for e in tp)

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from geoseg.aoi import load_aoi
 from geoseg.atomic import check_output, remove_leftovers, temp_name
 from geoseg.blending import BlendMode, StripMerger
 from geoseg.card import ModelCard
-from geoseg.config import options_of, plain
+from geoseg.config import checked_arguments, options_of, plain
 from geoseg.errors import (
     InputRangeWarning,
     ModelError,
@@ -407,7 +406,7 @@ def build_predictor(
     kind, _, index = str(device).partition(":")  # "gpu:1": batch's workers spread over the GPUs
     dev = resolve_device(kind)  # type: ignore[arg-type]
     if precision == "fp16" and dev == "cpu":
-        warnings.warn("--precision fp16 needs a GPU: running in fp32 on CPU", PerformanceWarning, stacklevel=2)
+        warn("--precision fp16 needs a GPU: running in fp32 on CPU", PerformanceWarning)
         precision = "fp32"
     on = f"gpu:{index}" if dev == "gpu" and index else dev
     if runtime == "auto":
@@ -720,10 +719,10 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
         _warn_misnamed_bands(meta, card, chosen, given=True)
     twice = sorted({b for b in chosen if chosen.count(b) > 1})
     if twice:  # allowed (a stand-in for a band the scene lacks), but rarely meant
-        warnings.warn(f"--bands {','.join(map(str, chosen))}: band{'s' if len(twice) > 1 else ''} "
+        warn(f"--bands {','.join(map(str, chosen))}: band{'s' if len(twice) > 1 else ''} "
                       f"{', '.join(map(str, twice))} feed{'' if len(twice) > 1 else 's'} the model twice (as "
                       f"{', '.join(card.bands[k] for k, b in enumerate(chosen) if b in twice)}): check --bands",
-                      InputRangeWarning, stacklevel=3)
+                      InputRangeWarning)
     return chosen
 
 
@@ -1124,10 +1123,10 @@ def check_window_size(card: ModelCard, tile: int) -> None:
     stride = int(p.get("output_stride", 16))
     rates = p.get("aspp_rates") or DEEPLAB_ASPP_RATES.get(stride, DEEPLAB_ASPP_RATES[16])
     if p.get("image_pooling", True) or max(rates) * stride >= card.tile_size:
-        warnings.warn(
+        warn(
             f"{card.name} was trained on {card.tile_size}-pixel windows; in {tile}-pixel windows its atrous "
             f"convolutions see different context and its predictions can get much worse: "
-            f"keep --tile-size near {card.tile_size} (the card's default)", WindowSizeWarning, stacklevel=3)
+            f"keep --tile-size near {card.tile_size} (the card's default)", WindowSizeWarning)
 
 
 #: A band whose sampled scene mean lies more than this many training standard deviations from
@@ -1175,22 +1174,22 @@ def check_input_range(meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, 
     off = [i for i in seen if abs(z[i]) > INPUT_RANGE_Z]
     if len(off) == 1:
         i = off[0]
-        warnings.warn(
+        warn(
             f"{meta.path.name}: band {bands[i]} averages {z[i]:+.0f} standard deviations from what {card.name} "
             f"was trained on as {card.bands[i]}: the scene's values are not on the scale the model learned (units, "
             "scaling or band order?), and its map may be meaningless; check --bands and the data" + _scaling_hint(meta, bands, card),
-            InputRangeWarning, stacklevel=3)
+            InputRangeWarning)
     elif off:
         # several bands: name them all (one band named read as a band-order problem when all were off)
         lo, hi = min(z[i] for i in off), max(z[i] for i in off)
         spread = f"{lo:+.0f}" if round(lo) == round(hi) else f"{lo:+.0f} to {hi:+.0f}"
         cause = "units or scaling" if len(off) == len(seen) else "units, scaling or band order"
-        warnings.warn(
+        warn(
             f"{meta.path.name}: {'all ' if len(off) == len(seen) else ''}{len(off)} bands "
             f"({', '.join(f'{bands[i]} as {card.bands[i]}' for i in off)}) average {spread} standard deviations from "
             f"what {card.name} was trained on: the scene's values are not on the scale the model learned ({cause}?), "
             "and its map may be meaningless; check --bands and the data" + _scaling_hint(meta, bands, card),
-            InputRangeWarning, stacklevel=3)
+            InputRangeWarning)
     return {card.bands[i]: float(z[i]) for i in seen}
 
 
@@ -1222,11 +1221,11 @@ def check_resolution(meta: SceneMeta, card: ModelCard, size: float | None = None
     ratio = resolution_mismatch(size, card)
     if ratio is not None:
         span = f"{ratio:.1f} times as many pixels as" if ratio > 1 else f"{1 / ratio:.1f} times fewer pixels than"
-        warnings.warn(
+        warn(
             f"{meta.path.name}: its pixels are {size:.3g} m on the ground, {card.name} learned from {card.pixel_size:.3g} m "
             f"ones: objects span {span} in its training data, and its map may be poor; resample the scene to "
             f"about {card.pixel_size:.3g} m (e.g. gdalwarp -tr with -r average) or train a model at this resolution",
-            ResolutionWarning, stacklevel=3)
+            ResolutionWarning)
     return size
 
 
@@ -1267,6 +1266,7 @@ def _device_errors_are_model_errors(predictor: Predictor) -> Predictor:
     return run
 
 
+@checked_arguments
 def segment_scene(
     input_path: str | Path,
     out: str | Path | None = None,
@@ -1370,7 +1370,7 @@ def _segment_scene(
     vector_path = vector_output_path(mask_path, opts.vector)
     skipped = polygons_skipped_reason(meta) if vector_path is not None else None
     if skipped:
-        warnings.warn(skipped, NoCRSWarning, stacklevel=2)
+        warn(skipped, NoCRSWarning)
         vector_path = None
     if vector_path is not None:
         check_output(vector_path, opts.overwrite)
@@ -1698,10 +1698,10 @@ def check_memory(estimate_mb: float, window: tuple[int, int], batch_size: int) -
             f"{total:,.0f} MB: lower --tile-size or --batch-size (geoseg info --tile-size N shows the estimate)")
     free = available_memory_mb()
     if estimate_mb > free:
-        warnings.warn(
+        warn(
             f"predict may need about {estimate_mb:,.0f} MB of memory with {what}, more than the {free:,.0f} MB "
             "available now: it may be slow or killed; lower --tile-size or --batch-size, or free memory",
-            PerformanceWarning, stacklevel=3)
+            PerformanceWarning)
 
 
 def default_batch_size(device: str, tile: int) -> int:
@@ -1760,6 +1760,7 @@ def time_model(meta: SceneMeta, source: ModelSource, grid: TileGrid, bands: Sequ
             "seconds_per_window": round(seconds / len(ready), 5)}
 
 
+@checked_arguments
 def describe_scene(
     input_path: str | Path, tile: int | None = None, overlap: int | None = None, num_classes: int | None = None,
     batch_size: int | None = None, *, source: ModelSource | None = None, bands: Sequence[int] | None = None,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ import numpy as np
 from geoseg.atomic import check_output
 from geoseg.engine import ModelSource, resolve_model, shipped_models, weights_digest
 from geoseg.card import ModelCard
-from geoseg.config import plain
-from geoseg.errors import GeosegWarning, ModelError, OutputError
+from geoseg.config import checked_arguments, plain
+from geoseg.errors import GeosegWarning, ModelError, OutputError, warn
 
 __all__ = ["combine_models", "member_settings", "member_source"]
 
@@ -62,6 +61,7 @@ def member_source(member: str | Path) -> ModelSource:
                      f"or a shipped model name ({', '.join(shipped_models())})")
 
 
+@checked_arguments
 def combine_models(
     members: Sequence[ModelSource | str | Path],
     out: str | Path,
@@ -145,7 +145,7 @@ def combine_models(
     warned = [k for k in differ if k not in _PER_RUN]
     adapt = all(m.card.adapt_prior for m in members) and prior is not None
     if warned:
-        warnings.warn(_differ_message(differ, warned, adapt), GeosegWarning, stacklevel=2)
+        warn(_differ_message(differ, warned, adapt), GeosegWarning)
     training: dict[str, Any] = {**shared, "seeds": seeds, "members": [str(m.weights) for m in members],
                                 **({"member_settings": differ} if differ else {})}
     kind = (f"Seed ensemble of {len(members)} runs" if not warned else

@@ -28,7 +28,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from geoseg.config import plain
+from geoseg.config import checked_arguments, plain
 from geoseg.errors import (
     EvaluationWarning,
     GridMismatchError,
@@ -171,6 +171,7 @@ def check_grids(pred: Any, ref: Any) -> None:
         raise GridMismatchError("a raster has no bands")
 
 
+@checked_arguments
 def evaluate_rasters(
     prediction: str | Path,
     reference: str | Path,
@@ -359,6 +360,7 @@ def _metrics(cm: ConfusionMatrix, average_over: Sequence[int] | None, table: Any
     return Metrics(**{**m.__dict__, "names": {c.id: c.name for c in table} if table else {}})
 
 
+@checked_arguments
 def evaluate_vector(
     prediction: str | Path,
     reference: str | Path,
@@ -461,7 +463,7 @@ def evaluate_vector(
         # points: one sample each, the pixel they fall in
         pt_ids = part_ids[is_point]
         xy = shapely.get_coordinates(parts[is_point])
-        cols_f, rows_f = ~pds.transform * (xy[:, 0], xy[:, 1])
+        cols_f, rows_f = ~pds.transform @ (xy[:, 0], xy[:, 1])
         cols, rows = np.floor(cols_f).astype(np.int64), np.floor(rows_f).astype(np.int64)
         inside = (cols >= c0) & (cols < c0 + w) & (rows >= r0) & (rows < r0 + h)
         pt_pred = np.full(len(xy), MASK_NODATA, np.int64)
@@ -495,8 +497,8 @@ def evaluate_vector(
             for row in range(r0, r0 + h, block_rows):
                 window = Window(c0, row, w, min(block_rows, r0 + h - row))
                 t = pds.window_transform(window)
-                corners = np.array([t * (0, 0), t * (window.width, 0), t * (0, window.height),
-                                    t * (window.width, window.height)])
+                corners = np.array([t @ (0, 0), t @ (window.width, 0), t @ (0, window.height),
+                                    t @ (window.width, window.height)])
                 hits = np.sort(tree.query(shapely.box(*corners.min(0), *corners.max(0))))  # file order: later wins
                 shape = (int(window.height), int(window.width))
                 if fill is not None:
@@ -813,6 +815,7 @@ class SampleResult:
         return plain({"path": str(self.path), "points": self.points, "map_pixels": self.map_pixels})
 
 
+@checked_arguments
 def draw_sample(
     mask: str | Path,
     out: str | Path,
@@ -893,7 +896,7 @@ def draw_sample(
     r, c, k = np.concatenate(rows), np.concatenate(cols), np.concatenate(cls)
     order = rng.permutation(k.size)  # a random visiting order: no class or area comes first
     r, c, k = r[order], c[order], k[order]
-    xs, ys = transform * (c + 0.5, r + 0.5)
+    xs, ys = transform @ (c + 0.5, r + 0.5)
     names = {t.id: t.name for t in table or ()}
     fields = ["sample_id", "map_class", *(["map_name"] if names else []), "reference"]
     data = [np.arange(1, k.size + 1), k, *([np.array([names.get(int(v), "") for v in k], object)] if names else []),

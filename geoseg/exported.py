@@ -39,7 +39,6 @@ import math
 import os
 import re
 import shutil
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -48,8 +47,8 @@ import yaml
 
 from geoseg.atomic import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, file_above, is_leftover, temp_name
 from geoseg.card import PALETTE, ClassInfo, ModelCard, Normalization
-from geoseg.config import load_yaml_mapping
-from geoseg.errors import GeosegError, GeosegWarning, ModelError, ParameterError
+from geoseg.config import checked_arguments, load_yaml_mapping
+from geoseg.errors import GeosegError, GeosegWarning, ModelError, ParameterError, warn
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +67,7 @@ PADDLESEG_DIVISOR = 255.0
 _OUTPUT_FOR_OP: dict[str, Literal["logits", "probs", "labels"]] = {"none": "logits", "softmax": "probs", "argmax": "labels"}
 
 
+@checked_arguments
 def export_model_dir(
     card: ModelCard,
     weights: str | Path | None,
@@ -132,7 +132,7 @@ def export_model_dir(
             msg = (f"{card.name}: {source}: deploy.yaml's PaddleSeg Normalize is written for uint8 input; pass "
                    "--input-dtype if the model was trained on another type")
             if card.training:  # a trained model whose dtype is lost; an untrained card has no dtype to lose
-                warnings.warn(msg, GeosegWarning, stacklevel=2)
+                warn(msg, GeosegWarning)
             else:
                 log.info("%s", msg)
             source = f"assumed uint8 ({source})"

@@ -99,7 +99,7 @@ class SceneMeta:
         r0, c0 = self.origin
         return dataclasses.replace(
             self, width=int(window.width), height=int(window.height),
-            transform=self.transform * self.transform.translation(window.col_off, window.row_off),
+            transform=self.transform @ self.transform.translation(window.col_off, window.row_off),
             origin=(r0 + int(window.row_off), c0 + int(window.col_off)), aoi=aoi)
 
     @property
@@ -268,18 +268,14 @@ def check_georeferenced(meta: SceneMeta) -> None:
     if meta.crs is None:
         how = georeferencing(meta)
         if how:
-            warnings.warn(
+            warn(
                 f"{meta.path.name} is georeferenced by {how}, not a geotransform: the mask carries the same "
                 f"{'GCPs' if meta.gcps else 'RPCs'}, so QGIS and gdalwarp place it as they place the scene",
-                NoCRSWarning,
-                stacklevel=2,
-            )
+                NoCRSWarning)
             return
-        warnings.warn(
+        warn(
             f"{meta.path.name} has no CRS: outputs keep its pixel grid but are not georeferenced",
-            NoCRSWarning,
-            stacklevel=2,
-        )
+            NoCRSWarning)
 
 
 def georeferencing(meta: SceneMeta) -> str:
@@ -1088,7 +1084,7 @@ def map_area_ratio(crs: Any, transform: Any, width: int, height: int) -> float |
 
         src = pyproj.CRS.from_wkt(crs.to_wkt())
         to_geo = pyproj.Transformer.from_crs(src, src.geodetic_crs, always_xy=True)
-        lon, lat = to_geo.transform(*(transform * (width / 2, height / 2)))
+        lon, lat = to_geo.transform(*(transform @ (width / 2, height / 2)))
         ratio = float(pyproj.Proj(src).get_factors(lon, lat).areal_scale)
     except Exception:  # noqa: BLE001 - pyproj's errors for CRSs it cannot transform: no check
         return None
@@ -1133,7 +1129,7 @@ def ground_pixel_area(crs: Any, transform: Any, height: int) -> float | None:
     geographic CRS (the units of a ``min_area``: m² there); ``None`` without a CRS."""
     if crs is None or not crs.is_geographic:
         return pixel_areas(crs, transform, height)  # type: ignore[return-value]
-    mid = transform * transform.translation(0, height // 2)
+    mid = transform @ transform.translation(0, height // 2)
     return float(np.mean(GeoAreas(crs, mid, 1).block(0, 1)))
 
 

@@ -75,7 +75,7 @@ from rasterio.crs import CRS
 
 from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_as, write_error
 from geoseg.card import PALETTE, ClassInfo
-from geoseg.config import plain
+from geoseg.config import checked_arguments, plain
 from geoseg.errors import ParameterError, SceneError, SceneReadError
 from geoseg.io import area_units, band_class_names, check_map_areas, check_transform, degrees_per_unit, geodesic, ground_pixel_area, has_mask_band
 from geoseg.io import read_classes as read_tagged_classes
@@ -563,7 +563,7 @@ def _shapes_px(
     ``above``/``below`` are the rows just outside the strip (``None`` at the raster's edge):
     their value changes become vertices on the seams (see :func:`_junction_nodes`).
     """
-    tr = _PIXEL_SPACE * Affine.translation(0, r0)
+    tr = _PIXEL_SPACE @ Affine.translation(0, r0)
     rings: list[list[tuple[float, float]]] = []
     owner: list[int] = []
     vals: list[float] = []
@@ -594,7 +594,7 @@ def _row_labels(geoms: np.ndarray, row: int, width: int) -> np.ndarray:
     """Index into ``geoms`` of the polygon covering each pixel of pixel row ``row`` (-1: none)."""
     if geoms.size == 0:
         return np.full(width, -1, dtype=np.int32)
-    tr = _PIXEL_SPACE * Affine.translation(0, row)
+    tr = _PIXEL_SPACE @ Affine.translation(0, row)
     # clip to the row first: rasterize converts whole geometries to GeoJSON in Python
     pieces = shapely.clip_by_rect(geoms, 0.0, -(row + 1.0), float(width), -float(row))
     keep = np.flatnonzero(~shapely.is_empty(pieces))
@@ -994,6 +994,7 @@ def default_out_path(mask_path: str | Path, fmt: str = "gpkg") -> Path:
     return Path(mask_path).with_suffix(SUFFIXES[fmt])
 
 
+@checked_arguments
 def vectorize_mask(
     mask_path: str | Path,
     out_path: str | Path,

@@ -1510,3 +1510,25 @@ def test_an_os_pathlike_scene_is_read_as_its_path(tmp_path: Path) -> None:
     res = segment_scene(Where(src), tmp_path / "o", source=ModelSource(identity_card(1, 2)),  # type: ignore[arg-type]
                         predictor=one_hot_predictor(2))
     assert res.mask == tmp_path / "o" / "s_landcover.tif" and res.mask.exists()
+
+
+def test_warnings_name_the_caller_s_line_and_arguments_of_the_wrong_type_are_parameter_errors(tmp_path: Path) -> None:
+    """Warnings said with a fixed stacklevel named geoseg's own lines (a caller's filter by module never
+    matched); an argument of the wrong type was a bare TypeError or ValueError deep in the call."""
+    from geoseg.engine import describe_scene
+    from geoseg.errors import NoCRSWarning
+    from geoseg.evaluate import evaluate_rasters
+    from geoseg.vectorize import vectorize_mask
+
+    src = write_raster(tmp_path / "s.tif", np.ones((1, 20, 20), np.uint8), crs=None)
+    with pytest.warns(NoCRSWarning) as said:
+        res = segment_scene(src, tmp_path / "o", source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
+    assert {Path(w.filename) for w in said if w.category is NoCRSWarning} == {Path(__file__)}
+    for call, words in ((lambda: vectorize_mask(res.mask, tmp_path / "v.gpkg", min_pixels="3"),  # type: ignore[arg-type]
+                         "vectorize_mask: min_pixels='3': give a whole number or None"),
+                        (lambda: evaluate_rasters(res.mask, res.mask, classes=["x"]),  # type: ignore[list-item]
+                         "evaluate_rasters: classes=['x']: give a list (a whole number each) or None"),
+                        (lambda: describe_scene(src, tile="x"), "describe_scene: tile='x': give a whole number")):
+        with pytest.raises(ParameterError) as err:
+            call()
+        assert str(err.value).startswith(words)

@@ -21,14 +21,13 @@ import os
 import shutil
 import tempfile
 import threading
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from geoseg.errors import ModelError, PerformanceWarning, require_paddle
+from geoseg.errors import ModelError, PerformanceWarning, require_paddle, warn
 
 if TYPE_CHECKING:  # pragma: no cover
     import paddle
@@ -223,7 +222,7 @@ def _check_precision(precision: str, kind: str) -> bool:
     if precision not in ("fp32", "fp16"):
         raise ModelError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     if precision == "fp16" and kind == "cpu":
-        warnings.warn("FP16 was requested on CPU: running FP32 instead", PerformanceWarning, stacklevel=3)
+        warn("FP16 was requested on CPU: running FP32 instead", PerformanceWarning)
         return False
     return precision == "fp16"
 
@@ -376,8 +375,8 @@ class DygraphPredictor:
         if kind == "gpu":
             _check_gpu(paddle, device)
             if self._fp16 and not amp_fp16_supported(paddle, device_id):
-                warnings.warn(f"--precision fp16: the GPU {device_id} (compute capability below 7.0) has no FP16 "
-                              "autocast in Paddle: running fp32", PerformanceWarning, stacklevel=3)
+                warn(f"--precision fp16: the GPU {device_id} (compute capability below 7.0) has no FP16 "
+                              "autocast in Paddle: running fp32", PerformanceWarning)
                 self._fp16 = False
         self._paddle: Any = paddle
         self._place = paddle.CUDAPlace(device_id) if kind == "gpu" else paddle.CPUPlace()  # type: ignore[attr-defined]
