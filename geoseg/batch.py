@@ -2104,8 +2104,10 @@ def _run_dask(
     log.info("submitted %d scene(s) to %s", len(todo), where)
     loads: dict[str, int] = {}
     # as_completed's own iterator blocks until a task ends, forever when no worker is left to run one:
-    # poll it, and look at the cluster's workers every WORKER_POLL_S
-    pending = as_completed(list(futures))
+    # poll it, and look at the cluster's workers every WORKER_POLL_S. It gathers each result as its task
+    # ends (with_results): a result left on its worker until the next poll was recomputed when that
+    # worker died meanwhile, and the finished scene ran again.
+    pending = as_completed(list(futures), with_results=True, raise_errors=False)
     no_worker_since: float | None = None
     next_look = time.monotonic() + WORKER_POLL_S
     try:
@@ -2118,10 +2120,10 @@ def _run_dask(
                     no_worker_since = _watch_workers(client, batch.resources, where, no_worker_since, pending.count())
                 time.sleep(0.1)
                 continue
-            for fut in ready:
+            for fut, got in ready:
                 key = futures[fut]
                 try:
-                    o = fut.result()
+                    o = got if isinstance(got, SceneOutcome) else fut.result()  # (an error: raised here)
                 except Exception as exc:  # noqa: BLE001 - a worker died or the task could not run
                     if _scheduler_lost(exc, client):
                         # not the scenes' failure: every scene not finished was reported failed with

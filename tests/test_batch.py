@@ -1052,20 +1052,30 @@ def test_a_lost_scheduler_stops_the_run_without_failing_its_scenes(runner, tiny_
 
     arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
     make_archive(arch, 4, size=(16, 16))
-    real, calls = Future.result, []
+    real, real_gather, calls = Future.result, Future._result, []
+
+    def lost(self) -> BaseException:  # type: ignore[no-untyped-def]
+        cancelled = getattr(distributed.client, "FutureCancelledError", None)  # (since distributed 2024)
+        if cancelled is not None:
+            return cancelled(self.key, "scheduler-connection-lost")
+        exc = concurrent.futures.CancelledError()
+        exc.reason = "scheduler-connection-lost"  # type: ignore[attr-defined]
+        return exc
 
     def lost_after_one(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         if len(calls) > 1:  # (as distributed's client cancels every future when its scheduler is gone)
-            cancelled = getattr(distributed.client, "FutureCancelledError", None)  # (since distributed 2024)
-            if cancelled is not None:
-                raise cancelled(self.key, "scheduler-connection-lost")
-            exc = concurrent.futures.CancelledError()
-            exc.reason = "scheduler-connection-lost"  # type: ignore[attr-defined]
-            raise exc
+            raise lost(self)
         return real(self, *args, **kwargs)
 
+    async def gathered_lost_after_one(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)  # (as_completed gathers each result as its task ends)
+        if len(calls) > 1:
+            raise lost(self)
+        return await real_gather(self, *args, **kwargs)
+
     monkeypatch.setattr(Future, "result", lost_after_one)
+    monkeypatch.setattr(Future, "_result", gathered_lost_after_one)
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         r = runner.invoke(cli, batch_args(tiny_unet, str(arch), "--out", str(out), "--report", str(rep),
                                           "--vector", "none", "--scheduler", cluster.scheduler_address))
