@@ -39,6 +39,7 @@ import datetime as _dt
 import errno
 import fcntl
 import fnmatch
+import functools
 import hashlib
 import itertools
 import json
@@ -460,7 +461,9 @@ def _sidecar_digest(path: Path) -> str | None:
     """A digest of the sidecars beside ``path`` (:data:`SIDECARS_OF_FILE`, :data:`SIDECARS_OF_STEM`),
     None when there are none. A ``.aux.xml`` counts without the statistics and histograms GDAL and QGIS
     cache in it: opening a scene in QGIS does not make it a changed input."""
-    found = [Path(f"{path}{s}") for s in SIDECARS_OF_FILE] + [path.with_name(path.stem + s) for s in SIDECARS_OF_STEM]
+    names = [f"{path.name}{s}" for s in SIDECARS_OF_FILE] + [path.stem + s for s in SIDECARS_OF_STEM]
+    here = _names_in(path.parent)  # (one listing per folder, not 14 failed opens per scene on a network share)
+    found = [path.with_name(n) for n in names if here is None or n in here]
     h, any_found = hashlib.sha256(), False
     for side in found:
         try:
@@ -475,6 +478,20 @@ def _sidecar_digest(path: Path) -> str | None:
         h.update(f"|{side.name}|{len(data)}|".encode())
         h.update(hashlib.sha256(data).digest())
     return h.hexdigest()[:32] if any_found else None
+
+
+def _names_in(folder: Path) -> frozenset[str] | None:
+    """The names in ``folder`` (None where it cannot be listed), listed again when it changed."""
+    try:
+        return _listing(str(folder), os.stat(folder).st_mtime_ns)
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=32)
+def _listing(folder: str, mtime_ns: int) -> frozenset[str]:
+    """``folder``'s names as they were at its modification time ``mtime_ns`` (a new file changes it)."""
+    return frozenset(os.listdir(folder))
 
 
 def _pam_without_statistics(data: bytes) -> bytes | None:
