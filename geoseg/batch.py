@@ -471,7 +471,7 @@ def _sidecar_digest(path: Path) -> str | None:
         except OSError:  # (missing, the usual case; unreadable ones GDAL cannot use either)
             continue
         if side.name.endswith(".aux.xml"):
-            data = _pam_without_statistics(data)
+            data = _pam_content(data)
             if data is None:
                 continue  # statistics alone
         any_found = True
@@ -494,25 +494,33 @@ def _listing(folder: str, mtime_ns: int) -> frozenset[str]:
     return frozenset(os.listdir(folder))
 
 
-def _pam_without_statistics(data: bytes) -> bytes | None:
-    """A GDAL ``.aux.xml`` without its ``<Histograms>`` and ``STATISTICS_*`` metadata items (and the
-    elements they leave empty), or None when nothing else is in it."""
+def _pam_content(data: bytes) -> bytes | None:
+    """What a GDAL ``.aux.xml`` says, without its ``<Histograms>`` and ``STATISTICS_*`` metadata items, in
+    a canonical form (None when nothing else is in it): GDAL rewrites the whole file when it caches
+    statistics, with other spacing and number formats (630819.000000 as 6.3081900000000000e+05)."""
     try:
         root = ElementTree.fromstring(data)
     except ElementTree.ParseError:
         return data
 
-    def drop(parent: ElementTree.Element) -> None:
-        for child in list(parent):
-            if child.tag == "Histograms" or (child.tag == "MDI" and (child.get("key") or "").upper().startswith("STATISTICS_")):
-                parent.remove(child)
-                continue
-            drop(child)
-            if not len(child) and not (child.text or "").strip() and child.tag in ("Metadata", "PAMRasterBand"):
-                parent.remove(child)
+    def number(token: str) -> str:
+        try:
+            return repr(float(token))
+        except ValueError:
+            return token
 
-    drop(root)
-    return ElementTree.tostring(root) if len(root) or (root.text or "").strip() else None
+    def canon(el: ElementTree.Element) -> str | None:
+        if el.tag == "Histograms" or (el.tag == "MDI" and (el.get("key") or "").upper().startswith("STATISTICS_")):
+            return None
+        kids = [c for c in map(canon, el) if c is not None]
+        text = ",".join(number(t) for t in re.split(r"[\s,]+", (el.text or "").strip()) if t)
+        if not kids and not text and el.tag in ("Metadata", "PAMRasterBand"):
+            return None  # (left empty by the statistics)
+        attrs = ",".join(f"{k}={v}" for k, v in sorted(el.attrib.items()))
+        return f"<{el.tag}[{attrs}]{text}{''.join(kids)}>"
+
+    body = [c for c in map(canon, root) if c is not None]
+    return "".join(body).encode() if body else None
 
 
 def input_fingerprint(path: str | Path) -> dict[str, Any]:
@@ -966,9 +974,10 @@ def outputs_intact(out_dir: Path, outputs: Sequence[dict[str, Any]]) -> str | No
     for o in outputs:
         p = out_dir / o["path"]
         try:
-            if p.name.lower().endswith(".aux.xml"):
+            if p.name.lower().endswith((".aux.xml", ".qml")):
                 # GDAL and QGIS cache a raster's statistics in its .aux.xml (gdalinfo -stats, opening
-                # the mask): looking at an output is not damaging it
+                # the mask), and QGIS saves a style the analyst changed into its .qml: looking at or
+                # restyling an output is not damaging it
                 p.stat()
                 continue
             if p.stat().st_size != o["size"]:
@@ -1817,8 +1826,15 @@ def _write_mosaic(out: Path, manifest: Manifest, classes: Any) -> None:
 
     from geoseg.mosaic import write_mosaics
 
-    masks = [out / o["path"] for e in manifest.entries() if e.status == "done" for o in e.outputs
-             if o["path"].endswith("_landcover.tif")]
+    # the newest last: a VRT draws its later sources over the earlier ones, so where masks overlap (a
+    # corrected scene under a new name beside the old one's mask) the latest run shows, not the name
+    # that sorts last
+    done = sorted((e for e in manifest.entries() if e.status == "done"), key=lambda e: (e.finished or "", e.key))
+    masks = [out / o["path"] for e in done for o in e.outputs if o["path"].endswith("_landcover.tif")]
+    gone = [e.key for e in done if not Path(e.input).exists()]
+    if gone:  # (kept: an archive that moves scenes away once done keeps their land cover)
+        log.info("the mosaic keeps %d mask(s) whose scene is no longer there: %s%s", len(gone), ", ".join(gone[:5]),
+                 " ..." if len(gone) > 5 else "")
     try:  # (it logs what it wrote, and which masks it left out)
         write_mosaics(out, [m for m in masks if m.exists()], classes, state_dir=out / STATE_DIR)
     except (OSError, rasterio.errors.RasterioError, ValueError) as exc:

@@ -937,6 +937,13 @@ _MIN_MAX_ORIGIN = """      <minMaxOrigin>
 
 def write_qml(mask_path: str | Path, classes: Sequence[ClassInfo]) -> Path:
     """Write ``<mask stem>.qml``: a QGIS paletted style with one legend entry per class."""
+    out = Path(mask_path).with_suffix(".qml")
+    atomic_write_text(out, palette_qml(classes))
+    return out
+
+
+def palette_qml(classes: Sequence[ClassInfo]) -> str:
+    """The text of :func:`write_qml`'s style."""
     entries = "\n".join(
         f'        <paletteEntry value="{c.id}" color="#{c.color[0]:02x}{c.color[1]:02x}{c.color[2]:02x}" '
         f'label="{escape(c.name, {chr(34): "&quot;"})}" alpha="255"/>'
@@ -949,9 +956,7 @@ def write_qml(mask_path: str | Path, classes: Sequence[ClassInfo]) -> Path:
 {entries}
       </colorPalette>
     </rasterrenderer>""")
-    out = Path(mask_path).with_suffix(".qml")
-    atomic_write_text(out, qml)
-    return out
+    return qml
 
 
 #: Colour ramps of :func:`write_ramp_qml` (position 0-1, RGB): red (unsure) to green (sure) for the

@@ -29,7 +29,7 @@ import rasterio
 from geoseg.atomic import atomic_write_text
 from geoseg.card import ClassInfo
 from geoseg.errors import BatchWarning, warn
-from geoseg.io import MASK_NODATA, class_colormap, classes_tag, read_classes, write_qml
+from geoseg.io import MASK_NODATA, class_colormap, classes_tag, palette_qml, read_classes
 
 log = logging.getLogger(__name__)
 
@@ -207,29 +207,59 @@ def write_mosaics(out_dir: str | Path, masks: Sequence[str | Path], classes: Seq
         tables.setdefault(ck, table)
         groups.setdefault((*key, ck), []).append((Path(m), facts))
     groups = _join_close_phases(groups)
+    state = Path(state_dir) / _STATE if state_dir is not None else None
+    before, styles_before = _read_state(state, out)
     written: list[Path] = []
+    styles: dict[str, str] = {}
     for name, (key, sources) in zip(_group_names(list(groups)), groups.items()):
         vrt = out / f"{name}.vrt"
         atomic_write_text(vrt, _vrt_xml(sources, vrt, tables[key[4]]))
-        written += [vrt, write_qml(vrt, tables[key[4]])]
+        qml, text = vrt.with_suffix(".qml"), palette_qml(tables[key[4]])
+        styles[qml.name] = ours = _digest(text)
+        if styles_before.get(qml.name) == ours and _digest_of(qml) not in (None, ours):
+            # the analyst restyled the mosaic in QGIS (its classes unchanged): kept, not rewritten each night
+            log.info("kept %s: changed since geoseg wrote it", qml.name)
+        else:
+            atomic_write_text(qml, text)
+        written += [vrt, qml]
     if left_out:
         warn(f"{len(left_out)} mask(s) not in the mosaic (a VRT takes north-up map grids only): "
              + ", ".join(left_out[:5]) + (" ..." if len(left_out) > 5 else ""), BatchWarning)
     if written:
         log.info("mosaic of %d mask(s): %s", sum(len(v) for v in groups.values()),
                  ", ".join(p.name for p in written if p.suffix == ".vrt"))
-    if state_dir is not None:
-        state = Path(state_dir) / _STATE
-        try:
-            before = [out / p for p in json.loads(state.read_text(encoding="utf-8"))]
-        except (OSError, ValueError):
-            before = []
+    if state is not None:
         for p in before:
             if p not in written:
                 p.unlink(missing_ok=True)
-        atomic_write_text(state, json.dumps(sorted(p.relative_to(out).as_posix() for p in written)))
+        atomic_write_text(state, json.dumps({"files": sorted(p.relative_to(out).as_posix() for p in written),
+                                             "styles": styles}))
         _warn_if_split(before, written)
     return written
+
+
+def _read_state(state: Path | None, out: Path) -> tuple[list[Path], dict[str, str]]:
+    """The mosaics the last run wrote and the digests of the styles it wrote (a list of paths alone
+    before session 26: no digests)."""
+    if state is None:
+        return [], {}
+    try:
+        data = json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [], {}
+    files, styles = (data, {}) if isinstance(data, list) else (data.get("files", []), data.get("styles", {}))
+    return [out / p for p in files], dict(styles)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _digest_of(path: Path) -> str | None:
+    try:
+        return _digest(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _warn_if_split(before: Sequence[Path], written: Sequence[Path]) -> None:

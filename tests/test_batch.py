@@ -196,6 +196,13 @@ def test_a_sidecar_that_arrives_reruns_the_scene_and_cached_statistics_rerun_not
     with rasterio.open(mask) as ds:
         assert ds.transform.c == t.c + 1000  # the georeference GDAL reads from the sidecar
     assert dry().startswith("skip\tscene0.tif")
+    with rasterio.open(scene) as ds:  # GDAL rewrites the sidecar with other spacing and number formats
+        ds.statistics(1)
+    assert "STATISTICS_MEAN" in side.read_text() and dry().startswith("skip\tscene0.tif")
+    # the analyst restyles the mask in QGIS (its .qml): no rerun
+    style = out / "scene0_landcover.qml"
+    style.write_text(style.read_text().replace('opacity="1"', 'opacity="0.5"'))
+    assert dry().startswith("skip\tscene0.tif")
     scene.with_suffix(".tfw").write_text("10\n0\n0\n-10\n0\n0\n")
     assert dry() == "run\tscene0.tif\tinput changed"
 
@@ -802,6 +809,31 @@ def test_a_mosaic_of_more_masks_than_the_open_file_limit(tmp_path: Path) -> None
     r = subprocess.run([sys.executable, "-c", script, str(out), *map(str, masks)], capture_output=True, text=True)
     assert r.returncode == 0 and "['landcover.vrt', 'landcover.qml']" in r.stdout, r.stderr[-2000:]
     assert len(_vrt_sources(out / "landcover.vrt")) == 150
+
+
+def test_the_newest_mask_is_on_top_of_the_mosaic_and_an_edited_mosaic_style_is_kept(  # type: ignore[no-untyped-def]
+        runner, tiny_unet, tmp_path: Path) -> None:
+    """Sources were laid in key order, so a corrected scene under a name sorting first stayed under the
+    old scene's mask where they overlap; the mosaic's .qml an analyst restyled was rewritten every night."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    arch.mkdir()
+    data = np.random.default_rng(3).integers(0, 256, (3, 40, 48), dtype=np.uint8)
+    write_raster(arch / "b_scene.tif", data)
+    assert run_cli(runner, tiny_unet, [arch], out, "--vector", "none").exit_code == EXIT_OK
+    time.sleep(1.1)  # (finished times are in seconds)
+    write_raster(arch / "a_scene_corrected.tif", data[::-1].copy())  # same footprint, later, sorts first
+    assert run_cli(runner, tiny_unet, [arch], out, "--vector", "none").exit_code == EXIT_OK
+    text = (out / "landcover.vrt").read_text()  # (in the VRT's order: later sources draw over earlier ones)
+    assert text.index("b_scene_landcover.tif") < text.index("a_scene_corrected_landcover.tif")
+    style = out / "landcover.qml"
+    edited = style.read_text().replace('opacity="1"', 'opacity="0.6"')
+    style.write_text(edited)
+    (arch / "c_scene.tif").write_bytes((arch / "b_scene.tif").read_bytes())  # a new night's scene
+    assert run_cli(runner, tiny_unet, [arch], out, "--vector", "none").exit_code == EXIT_OK
+    assert style.read_text() == edited and len(_vrt_sources(out / "landcover.vrt")) == 3
+    style.unlink()  # a style that is gone is written again
+    assert run_cli(runner, tiny_unet, [arch], out, "--vector", "none").exit_code == EXIT_OK
+    assert 'opacity="1"' in style.read_text()
 
 
 def test_mosaic_keeps_masks_of_different_class_tables_apart(tmp_path: Path) -> None:
