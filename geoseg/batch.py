@@ -549,9 +549,7 @@ def input_fingerprint(path: str | Path) -> dict[str, Any]:
                 except OSError:
                     h.update(f"|{src}|missing".encode())
             head = h.hexdigest()[:32]
-        sidecars = _sidecar_digest(Path(path))
-        if sidecars is not None:  # (a scene without sidecars keeps the fingerprint it had before they counted)
-            head = hashlib.sha256(f"{head}|{sidecars}".encode()).hexdigest()[:32]
+        head = f"{head}+{_sidecar_digest(Path(path)) or ''}"  # (+: sidecars counted, none or theirs)
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_hash": head}
     except SceneReadError:
         raise
@@ -989,6 +987,16 @@ def outputs_intact(out_dir: Path, outputs: Sequence[dict[str, Any]]) -> str | No
     return None
 
 
+def _adopted(recorded: str, now: str) -> str:
+    """``recorded`` (a manifest's head hash) as ``now`` when it was written before sidecars counted
+    (no ``+`` part) and the file's own part is unchanged: a scene done before session 26 with a world
+    file or .aux.xml beside it is not redone for a sidecar it already had (the run records the sidecars
+    then; a later change of them counts)."""
+    if "+" not in recorded and now.split("+", 1)[0] == recorded:
+        return now
+    return recorded
+
+
 def why_run(
     entry: ManifestEntry | None, fp: dict[str, Any], model_key: str, params_json: str, out_dir: Path, force: bool
 ) -> str | None:
@@ -1001,7 +1009,8 @@ def why_run(
         return "failed before"
     if entry.status not in ("done", OUTSIDE_AOI):
         return "not finished by an interrupted run"  # (queued or running when it stopped)
-    if (entry.size, entry.mtime_ns, entry.head_hash) != (fp["size"], fp["mtime_ns"], fp["head_hash"]):
+    if (entry.size, entry.mtime_ns, _adopted(entry.head_hash, fp["head_hash"])) != (
+            fp["size"], fp["mtime_ns"], fp["head_hash"]):
         return "input changed"
     if entry.model != model_key:
         return "model changed"
@@ -1756,6 +1765,8 @@ def _run_scenes(
             finish(o)
             continue
         reason = why_run(entry, fp, model_key, params_json, out, batch.force)
+        if reason is None and entry is not None and entry.head_hash != fp["head_hash"]:
+            manifest.put(dataclasses.replace(entry, head_hash=fp["head_hash"]))  # (its sidecars, adopted)
         if reason is None:
             finish(SceneOutcome(key=sc.key, input=str(sc.path), status="skipped",
                                 reason=OUTSIDE_AOI_REASON if entry and entry.status == OUTSIDE_AOI else "done, unchanged"))

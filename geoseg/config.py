@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
 import os
+import reprlib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -125,7 +127,7 @@ def check_fields(obj: Any, what: str) -> None:
         if v is _MISFIT:
             if _has_choices(tp):
                 continue
-            raise ParameterError(f"{what}: {f.name}={value!r}: give {_type_name(tp)}")
+            raise ParameterError(f"{what}: {f.name}={reprlib.repr(value)}: give {_type_name(tp)}")
         if v is not value and type(v) is not type(value):
             object.__setattr__(obj, f.name, v)
 
@@ -157,10 +159,12 @@ def checked_arguments(fn: Any) -> Any:
             tp = hints.get(name)
             if tp is None or sig.parameters[name].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
                 continue
+            if isinstance(value, Iterator):  # (looking at its items would use them up)
+                continue
             if _as_type(value, tp) is _MISFIT and not _has_choices(tp):
                 from geoseg.errors import ParameterError
 
-                raise ParameterError(f"{fn.__name__}: {name}={value!r}: give {_type_name(tp)}")
+                raise ParameterError(f"{fn.__name__}: {name}={reprlib.repr(value)}: give {_type_name(tp)}")
         return fn(*args, **kwargs)
 
     return wrapper
@@ -192,10 +196,9 @@ def _as_type(value: Any, tp: Any) -> Any:
     if tp is bool:
         return value if isinstance(value, (bool, np.bool_)) else _MISFIT
     if tp is int:
-        return value if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else _MISFIT
-    if tp is float:
-        return value if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
-            else _MISFIT
+        return value if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) else _MISFIT
+    if tp is float:  # (a Fraction or a Decimal too)
+        return value if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) else _MISFIT
     if tp is str:  # (a path given as a Path or another os.PathLike: its text)
         return value if isinstance(value, str) else os.fspath(value) if isinstance(value, os.PathLike) else _MISFIT
     if isinstance(tp, type) and issubclass(tp, PurePath):
@@ -205,20 +208,35 @@ def _as_type(value: Any, tp: Any) -> Any:
             return tp(value)
         except ValueError:
             return _MISFIT
-    if origin is tuple:
-        if not isinstance(value, (tuple, list)):
+    if origin is tuple:  # (a list, a set, an array or a generator: as a tuple)
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Iterable, np.ndarray)):
             return _MISFIT
         item = args[0] if args else Any
         out = tuple(_as_type(v, item) for v in value)
         return _MISFIT if any(v is _MISFIT for v in out) else out
-    if origin in (dict, Mapping) or tp in (dict, Mapping):
-        return value if isinstance(value, Mapping) else _MISFIT
+    if origin in (dict, Mapping) or tp in (dict, Mapping):  # (or NAME=VALUE pairs: as a dict)
+        if isinstance(value, Mapping):
+            return value
+        if isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+            return dict(value)
+        return _MISFIT
     if origin in (list, Sequence):  # (checked, as given: ["x"] for class ids was a bare ValueError)
-        if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Iterable, np.ndarray)):
             return _MISFIT
+        if isinstance(value, Iterator):
+            return value  # (its items are the function's to take: looking would use them up)
         item = args[0] if args else Any
-        return value if all(_as_type(v, item) is not _MISFIT for v in value) else _MISFIT
+        return value if all(_item_fits(v, item) for v in value) else _MISFIT
     return value  # (anything else: as given)
+
+
+def _item_fits(value: Any, tp: Any) -> bool:
+    """Whether a list item fits ``tp``: as :func:`_as_type`, or a whole number as a float (numpy's
+    ``arange(4.)`` of class ids)."""
+    if _as_type(value, tp) is not _MISFIT:
+        return True
+    whole = isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
+    return whole and _as_type(int(value), tp) is not _MISFIT
 
 
 def _type_name(tp: Any) -> str:

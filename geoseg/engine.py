@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import numbers
 import os
 import queue
 import re
@@ -558,9 +559,9 @@ class PredictOptions:
             raise ParameterError(f"prior_max_ratio {self.prior_max_ratio!r}: give a number >= 1, or None (unbounded)")
         if self.bands is not None:
             if isinstance(self.bands, (str, bytes)) or not all(
-                    isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.bands):
+                    isinstance(b, numbers.Integral) and not isinstance(b, (bool, np.bool_)) and b >= 1 for b in self.bands):
                 raise ParameterError(f"bands {self.bands!r}: give band numbers from 1, e.g. (4, 3, 2)")
-            object.__setattr__(self, "bands", tuple(self.bands))
+            object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))  # (numpy's too)
         if self.progress not in (True, False, "log"):
             raise ParameterError(f"progress {self.progress!r}: choose True, False or 'log'")
 
@@ -714,7 +715,7 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
             f"{meta.path.name} gives {len(chosen)} band{'s' if len(chosen) != 1 else ''} but model {card.name!r} "
             f"expects {card.in_channels}{hint}"
         )
-    meta.check_dtypes(chosen, hint=" (or pick bands of band 1's type with --bands)" if meta.count > len(chosen) else "")
+    meta.for_bands(chosen, hint=" (or pick bands of one type with --bands)" if meta.count > len(chosen) else "")
     if bands:  # the user's order: still say where a band's description names another of the card's bands
         _warn_misnamed_bands(meta, card, chosen, given=True)
     twice = sorted({b for b in chosen if chosen.count(b) > 1})
@@ -1330,6 +1331,7 @@ def _segment_scene(
         source = resolve_model(model, weights, card, classes)
     mc = source.card
     bands = select_bands(meta, mc, opts.bands)
+    meta = meta.for_bands(bands)  # (normalised as their type: band 1, not read, may be of another)
     grid = scene_grid(meta, mc, opts.tile_size, opts.overlap)
     tile = grid.tile
     check_window_size(mc, tile)

@@ -83,15 +83,20 @@ class SceneMeta:
     #: Each band's data type (``dtype`` is band 1's; a VRT of single-band files may mix them).
     dtypes: tuple[str, ...] = ()
 
-    def check_dtypes(self, bands: Sequence[int], hint: str = "") -> None:
-        """Raise :class:`SceneError` unless ``bands`` all have band 1's data type (:attr:`dtype`): one
-        model normalises one data type, and rasterio reads no mixed stack ("more than one 'dtype' found")."""
-        others = {b: self.dtypes[b - 1] for b in bands if self.dtypes and self.dtypes[b - 1] != self.dtype}
-        if others:
-            said = ", ".join(f"band {b} {t}" for b, t in list(others.items())[:3])
-            raise SceneError(f"{self.path.name}: bands of more than one data type (band 1 {self.dtype}, {said}): "
-                             f"geoseg reads one type per scene: make one first, e.g. gdalbuildvrt -ot {self.dtype} "
-                             f"or gdal_translate -ot {self.dtype}{hint}")
+    def for_bands(self, bands: Sequence[int], hint: str = "") -> SceneMeta:
+        """This scene as read through ``bands``: its :attr:`dtype` theirs (band 1 may be of another type,
+        a VRT's band files not being read), or :class:`SceneError` when they differ in type among
+        themselves (one model normalises one data type, and rasterio reads no mixed stack: "more than
+        one 'dtype' found")."""
+        kinds = {b: self.dtypes[b - 1] for b in bands} if self.dtypes else {}
+        if len(set(kinds.values())) > 1:
+            first = kinds[bands[0]]
+            said = ", ".join(f"band {b} {t}" for b, t in list(kinds.items())[:4])
+            raise SceneError(f"{self.path.name}: bands of more than one data type ({said}): geoseg reads one "
+                             f"type per scene: make one first, e.g. gdalbuildvrt -ot {first} or gdal_translate "
+                             f"-ot {first}{hint}")
+        dtype = next(iter(kinds.values()), self.dtype)
+        return self if dtype == self.dtype else dataclasses.replace(self, dtype=dtype)
 
     def subset(self, window: Window, aoi: Any = None) -> SceneMeta:
         """The pixel ``window`` of this scene (its size and transform; reads are offset into the

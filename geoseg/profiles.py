@@ -81,10 +81,10 @@ PROFILES: dict[str, type[Profile]] = {
 }
 
 _PROTECTED = {"DTYPE", "NODATA"}
-#: COG options that make GDAL warp the raster onto another grid (or add a band): the mask must keep the
-#: input's CRS, transform and size (exit 0 with a mask on Web Mercator tiles is a mask off the scene).
-_REGRIDDING = {"TARGET_SRS", "RES", "EXTENT", "ALIGNED_LEVELS", "WARP_RESAMPLING", "ZOOM_LEVEL",
-               "ZOOM_LEVEL_STRATEGY", "ADD_ALPHA"}
+#: COG options that make GDAL warp the raster onto another grid (with TILING_SCHEME other than CUSTOM):
+#: the mask must keep the input's CRS, transform and size (exit 0 with a mask on Web Mercator tiles is a
+#: mask off the scene). The options of a warp (WARP_RESAMPLING, ADD_ALPHA, ...) change nothing without one.
+_REGRIDDING = {"TARGET_SRS", "RES", "EXTENT"}
 #: Lossy codecs: a class map's values must come back as written (WEBP failed to write and left an
 #: all-nodata mask behind exit 0; LERC with MAX_Z_ERROR moved class ids).
 _LOSSY = {"JPEG", "WEBP"}
@@ -99,11 +99,13 @@ def _changes_values(profile: Mapping[str, Any]) -> str | None:
         return (f"{key} makes GDAL warp the raster onto another grid: geoseg's outputs keep the scene's CRS, "
                 "transform and size (warp the mask afterwards, e.g. gdalwarp -t_srs EPSG:3857)")
     codec = opts.get("COMPRESS", "")
-    lossy = (codec in _LOSSY or (codec.startswith("LERC") and _number(opts.get("MAX_Z_ERROR", "0")) != 0)
+    # LERC moves a value by up to MAX_Z_ERROR: whole class ids come back as written below 0.5
+    error, integer = _number(opts.get("MAX_Z_ERROR", "0")), not str(profile.get("dtype", "")).startswith("float")
+    lossy = (codec in _LOSSY or (codec.startswith("LERC") and (error is None or error >= (0.5 if integer else 1e-300)))
              or (codec == "JXL" and opts.get("JXL_LOSSLESS", "YES") == "NO"))
     if lossy:
         return (f"COMPRESS={codec} is lossy here: the raster's values would not come back as written (class ids "
-                "changed or lost); use a lossless codec: DEFLATE, LZW, ZSTD or LERC with MAX_Z_ERROR=0")
+                "changed or lost); use a lossless codec: DEFLATE, LZW, ZSTD or LERC with MAX_Z_ERROR below 0.5")
     return None
 
 
@@ -159,7 +161,17 @@ def _cog_refusal(options: tuple[tuple[str, str], ...], dtype: str) -> str | None
     return said
 
 
+#: One probe at a time: each sets the GDAL logger's level for its call and puts it back (two at once
+#: left it changed for the process).
+_PROBE_LOCK = threading.Lock()
+
+
 def _probe_cog(options: tuple[tuple[str, str], ...], dtype: str) -> str | None:
+    with _PROBE_LOCK:
+        return _probe_cog_once(options, dtype)
+
+
+def _probe_cog_once(options: tuple[tuple[str, str], ...], dtype: str) -> str | None:
     import numpy as np
     import rasterio
     import rasterio.shutil

@@ -1698,7 +1698,7 @@ class Trainer:
             bad = [b for b in bands if not 1 <= b <= meta.count]
             if bad:
                 raise ParameterError(f"bands {list(bands)}: {image_path.name} has bands 1..{meta.count}")
-            meta.check_dtypes(bands)
+            meta = meta.for_bands(bands)  # (normalised as their type: band 1, not read, may be of another)
             twice = sorted({b for b in bands if bands.count(b) > 1})
             if twice and k == 0:  # (as predict warns of a --bands that feeds a band twice)
                 warn(f"bands {list(bands)}: band{'s' if len(twice) > 1 else ''} {', '.join(map(str, twice))} feed"

@@ -1149,6 +1149,29 @@ def _read_strip(ds: rasterio.DatasetReader, info: MaskInfo, r0: int, r1: int) ->
     return block
 
 
+def _drop_small_groups(mask: np.ndarray, out: np.ndarray, min_px: int, connectivity: int, nodata: Any,
+                       block_size: int) -> None:
+    """Set to ``nodata`` in ``out`` every group of data pixels (``mask`` 1, ``connectivity``-connected)
+    smaller than ``min_px`` pixels: the data mask's polygons, a strip of ``block_size`` rows at a time (a
+    group below the unit spans fewer than ``min_px`` rows: with that many rows more below each strip, the
+    groups that start in the strip are whole in it)."""
+    height = mask.shape[0]
+    margin = min(min_px, height)
+    for r0 in range(0, height, block_size):
+        # one row above the strip: a group reaching it started in an earlier strip, which counted it whole
+        ra, r1, r2 = max(0, r0 - 1), min(height, r0 + block_size), min(height, r0 + block_size + margin)
+        part = mask[ra:r2]
+        small = []
+        for g, _ in features.shapes(part, mask=part, connectivity=connectivity):
+            poly = shapely.geometry.shape(g)  # (pixel coordinates of the strip: an area is a pixel count)
+            top, bottom = poly.bounds[1] + ra, poly.bounds[3] + ra
+            if poly.area < min_px and r0 <= top < r1 and not (r2 < height and bottom >= r2):
+                small.append(poly)
+        if small:
+            gone = features.rasterize(small, out_shape=part.shape, dtype=np.uint8).astype(bool)
+            out[ra:r2][gone] = nodata
+
+
 def _sieved_reader(
     ds: rasterio.DatasetReader, info: MaskInfo, min_px: int, connectivity: int, block_size: int
 ) -> Callable[[int, int], np.ndarray]:
@@ -1177,14 +1200,16 @@ def _sieved_reader(
         # as a group of data pixels below the unit, whatever their classes; a small region beside data
         # that the sieve could not merge (regions all below the unit, each other's largest neighbour)
         # stays: dropping it left a hole beside data (three fields of 6 px, a unit of 7: no polygon at all).
-        # The groups are the data mask's own polygons: a sieve of the 0/1 mask first filled a nodata
-        # hole below the unit with data, and a speck inside such a hole then joined the field around it.
-        specks = [g for g, _ in features.shapes(mask, mask=mask, connectivity=connectivity)
-                  if shapely.area(shapely.geometry.shape(g)) < min_px]  # (pixel coordinates: an area is a count)
-        if specks:
-            gone = features.rasterize(specks, out_shape=out.shape, dtype=np.uint8)  # (one more array in memory)
-            out[gone == 1] = info.nodata
-            del gone
+        kept = features.sieve(mask, min_px, connectivity=connectivity)  # (mask: 1 data, 0 nodata)
+        np.subtract(mask, kept, out=kept)  # 1 where a speck became nodata, 255 where a hole was filled
+        if (kept == 255).any():
+            # The sieve of the 0/1 mask filled a nodata hole below the unit with data, and a speck inside
+            # such a hole then joined the field around it and stayed: the groups are counted exactly.
+            del kept
+            _drop_small_groups(mask, out, min_px, connectivity, info.nodata, block_size)
+        else:  # (no small hole: what the sieve dropped is exactly the groups below the unit)
+            out[kept == 1] = info.nodata
+            del kept
     del mask
 
     def read(r0: int, r1: int) -> np.ndarray:

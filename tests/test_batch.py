@@ -227,6 +227,37 @@ def test_run_batch_takes_one_input_as_a_string_or_a_path_like(tiny_unet, tmp_pat
         assert sorted(s.key for s, _ in planned) == ["d1/x/scene1.tif", "scene0.tif"], inputs
 
 
+def test_a_scene_done_before_sidecars_counted_is_not_redone_for_the_sidecar_it_had(  # type: ignore[no-untyped-def]
+        runner, tiny_unet, tmp_path: Path) -> None:
+    """Upgrading made every done scene with a world file or .aux.xml beside it run again once (its
+    fingerprint now covers them): the first run adopts the sidecars a scene already had."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    scene = make_archive(arch, 1)[0]
+    world = scene.with_suffix(".tfw")
+    world.write_text("10\n0\n0\n-10\n500000\n4800000\n")
+    assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
+    db = sqlite3.connect(out / ".geoseg" / "manifest.sqlite")
+    (head,) = db.execute("SELECT head_hash FROM scenes").fetchone()
+    assert head.count("+") == 1 and not head.endswith("+")  # the file's part and its sidecars'
+    db.execute("UPDATE scenes SET head_hash = ?", (head.split("+")[0],))  # as a run before session 26 wrote it
+    db.commit()
+    db.close()
+
+    def dry() -> str:
+        return run_cli(runner, tiny_unet, [arch], out, "--dry-run").stdout.splitlines()[-1]
+
+    assert dry().startswith("skip\tscene0.tif")
+    assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
+    db = sqlite3.connect(out / ".geoseg" / "manifest.sqlite")
+    assert db.execute("SELECT head_hash FROM scenes").fetchone() == (head,)  # adopted by the run
+    db.close()
+    world.write_text("10\n0\n0\n-10\n501000\n4800000\n")  # a later change of it counts
+    assert dry() == "run\tscene0.tif\tinput changed"
+    world.unlink()  # and so does its going
+    assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
+    assert dry().startswith("skip\tscene0.tif")
+
+
 def test_second_run_skips_touch_reruns_one_force_redoes_all(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
     scenes = make_archive(arch, 4)

@@ -681,8 +681,23 @@ def test_a_vrt_of_bands_of_two_data_types_is_one_line_error(runner: CliRunner, t
     vrt.write_text(vrt.read_text().replace('dataType="Byte" band="3"', 'dataType="UInt16" band="3"'))
     res = runner.invoke(cli, ["predict", str(vrt), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o"),
                               "--vector", "none"])
-    assert_one_line_error(res, "bands of more than one data type (band 1 uint8, band 3 uint16)", "-ot uint8")
+    assert_one_line_error(res, "bands of more than one data type (band 1 uint8, band 2 uint8, band 3 uint16)",
+                          "-ot uint8")
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    # bands of one type, band 1 (not read) of another: read, and normalised as their type
+    data = (np.random.default_rng(1).random((4, 90, 150)) * 200 + 20).astype(np.uint8)
+    four = tmp_path / "four"
+    four.mkdir()
+    write_band_vrt(write_raster(four / "stack.tif", data, nodata=0), four / "bands.vrt")
+    (four / "bands.vrt").write_text((four / "bands.vrt").read_text().replace('dataType="Byte" band="1"',
+                                                                             'dataType="UInt16" band="1"'))
+    write_raster(four / "three.tif", data[1:], nodata=0)
+    for name, extra in (("bands.vrt", ["--bands", "2,3,4"]), ("three.tif", [])):
+        res = runner.invoke(cli, ["predict", str(four / name), "--weights", str(tiny_unet[0]), "--out", str(four / "o"),
+                                  "--vector", "none", *extra])
+        assert res.exit_code == 0, res.output
+    with rasterio.open(four / "o" / "bands_landcover.tif") as a, rasterio.open(four / "o" / "three_landcover.tif") as b:
+        assert np.array_equal(a.read(1), b.read(1))
     labels = write_raster(tmp_path / "labels.tif", np.ones((1, 90, 150), np.uint8))
     (tmp_path / "c.yaml").write_text(f"image: {vrt}\nlabels: {labels}\nout: {tmp_path / 'run'}\niterations: 1\nwarmup: 0\n")
     res = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml")])
@@ -715,6 +730,11 @@ def test_creation_options_reach_the_cog_and_bad_ones_are_refused_first(runner: C
         res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(out), *cos])
         assert_one_line_error(res, words)
         assert not list(out.glob("*.tif"))
+    from geoseg.profiles import get_profile
+
+    # a warp's own options change nothing without a warp, and LERC below 0.5 keeps whole class ids
+    for co in ({"ADD_ALPHA": "NO"}, {"WARP_RESAMPLING": "NEAREST"}, {"COMPRESS": "LERC_ZSTD", "MAX_Z_ERROR": "0.4"}):
+        assert get_profile("mask", co)
     batch_out = tmp_path / "batch"
     res = runner.invoke(cli, ["batch", str(src), "--weights", str(tiny_unet[0]), "--out", str(batch_out),
                               "--co", "COMPRESS=FOO"])

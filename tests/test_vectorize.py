@@ -181,12 +181,16 @@ def test_a_speck_in_a_small_nodata_hole_goes(tmp_path: Path) -> None:
     a[10, 10] = 3  # ... around a 1-px speck
     a[30:35, 30:35] = 0  # a 25-px nodata hole ...
     a[32, 32] = 3  # ... with a speck too
+    a[0, 39] = 3  # a speck alone in a corner hole of 3 px (no small hole: the sieve alone finds it)
+    a[0, 38] = a[1, 38] = a[1, 39] = 0
     path = write_mask(tmp_path / "m.tif", a, nodata=0, tags=False, colormap=False)
-    res = vec.vectorize_mask(path, tmp_path / "m.gpkg", min_pixels=10, simplify=0)
-    assert res.class_counts == {1: 1, 2: 1}
-    _, _, wkb, _ = pyogrio.raw.read(tmp_path / "m.gpkg", layer="landcover")
-    # the holes stay holes (nodata is not filled), the fields keep every other pixel
-    assert sorted(shapely.area(shapely.from_wkb(wkb)) / PIXEL**2) == [(a == 2).sum(), (a == 1).sum()]
+    for block in (None, 3, 7):  # (groups counted a strip at a time: the same whatever the strips)
+        kw = {} if block is None else {"block_size": block}
+        res = vec.vectorize_mask(path, tmp_path / f"m{block}.gpkg", min_pixels=10, simplify=0, **kw)
+        assert res.class_counts == {1: 1, 2: 1}, block
+        _, _, wkb, _ = pyogrio.raw.read(tmp_path / f"m{block}.gpkg", layer="landcover")
+        # the holes stay holes (nodata is not filled), the fields keep every other pixel
+        assert sorted(shapely.area(shapely.from_wkb(wkb)) / PIXEL**2) == [(a == 2).sum(), (a == 1).sum()]
 
 
 def test_a_vectorize_result_is_plain_json_data(mask_path: Path, tmp_path: Path) -> None:
