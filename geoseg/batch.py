@@ -457,27 +457,28 @@ SIDECARS_OF_FILE = (".aux.xml", ".msk", ".MSK")
 SIDECARS_OF_STEM = (".tfw", ".tifw", ".tiffw", ".wld", ".TFW", ".TIFW", ".WLD", ".rpb", ".RPB", "_rpc.txt", "_RPC.TXT")
 
 
-def _sidecar_digest(path: Path) -> str | None:
-    """A digest of the sidecars beside ``path`` (:data:`SIDECARS_OF_FILE`, :data:`SIDECARS_OF_STEM`),
-    None when there are none. A ``.aux.xml`` counts without the statistics and histograms GDAL and QGIS
-    cache in it: opening a scene in QGIS does not make it a changed input."""
+def _sidecar_digest(path: Path) -> tuple[str, int] | None:
+    """A digest of the sidecars beside ``path`` (:data:`SIDECARS_OF_FILE`, :data:`SIDECARS_OF_STEM`) and
+    the newest one's modification time (ns), None when there are none. A ``.aux.xml`` counts without the
+    statistics and histograms GDAL and QGIS cache in it: opening a scene in QGIS does not make it a
+    changed input."""
     names = [f"{path.name}{s}" for s in SIDECARS_OF_FILE] + [path.stem + s for s in SIDECARS_OF_STEM]
     here = _names_in(path.parent)  # (one listing per folder, not 14 failed opens per scene on a network share)
     found = [path.with_name(n) for n in names if here is None or n in here]
-    h, any_found = hashlib.sha256(), False
+    h, newest = hashlib.sha256(), None
     for side in found:
         try:
-            data = side.read_bytes()
+            data, mtime = side.read_bytes(), side.stat().st_mtime_ns
         except OSError:  # (missing, the usual case; unreadable ones GDAL cannot use either)
             continue
         if side.name.endswith(".aux.xml"):
             data = _pam_content(data)
             if data is None:
                 continue  # statistics alone
-        any_found = True
+        newest = mtime if newest is None else max(newest, mtime)
         h.update(f"|{side.name}|{len(data)}|".encode())
         h.update(hashlib.sha256(data).digest())
-    return h.hexdigest()[:32] if any_found else None
+    return None if newest is None else (h.hexdigest()[:32], newest)
 
 
 def _names_in(folder: Path) -> frozenset[str] | None:
@@ -505,6 +506,10 @@ def _pam_content(data: bytes) -> bytes | None:
 
     def number(token: str) -> str:
         try:
+            return str(int(token))  # (exact: 64-bit nodata values differ past float's 2**53)
+        except ValueError:
+            pass
+        try:
             return repr(float(token))
         except ValueError:
             return token
@@ -513,7 +518,14 @@ def _pam_content(data: bytes) -> bytes | None:
         if el.tag == "Histograms" or (el.tag == "MDI" and (el.get("key") or "").upper().startswith("STATISTICS_")):
             return None
         kids = [c for c in map(canon, el) if c is not None]
-        text = ",".join(number(t) for t in re.split(r"[\s,]+", (el.text or "").strip()) if t)
+        text = (el.text or "").strip()
+        if el.tag == "SRS" and text:  # (GDAL writes "EPSG:32633" back as the CRS's whole WKT)
+            with contextlib.suppress(Exception):
+                import rasterio.crs
+
+                text = rasterio.crs.CRS.from_user_input(text).to_wkt()
+            el.attrib.pop("dataAxisToSRSAxisMapping", None)  # (GDAL's own, for the traditional axis order)
+        text = ",".join(number(t) for t in re.split(r"[\s,]+", text) if t)
         if not kids and not text and el.tag in ("Metadata", "PAMRasterBand"):
             return None  # (left empty by the statistics)
         attrs = ",".join(f"{k}={v}" for k, v in sorted(el.attrib.items()))
@@ -549,8 +561,10 @@ def input_fingerprint(path: str | Path) -> dict[str, Any]:
                 except OSError:
                     h.update(f"|{src}|missing".encode())
             head = h.hexdigest()[:32]
-        head = f"{head}+{_sidecar_digest(Path(path)) or ''}"  # (+: sidecars counted, none or theirs)
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_hash": head}
+        sidecars = _sidecar_digest(Path(path))
+        head = f"{head}+{sidecars[0] if sidecars else ''}"  # (+: sidecars counted, none or theirs)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_hash": head,
+                "sidecars_mtime_ns": sidecars[1] if sidecars else None}
     except SceneReadError:
         raise
     except OSError as exc:
@@ -987,14 +1001,22 @@ def outputs_intact(out_dir: Path, outputs: Sequence[dict[str, Any]]) -> str | No
     return None
 
 
-def _adopted(recorded: str, now: str) -> str:
-    """``recorded`` (a manifest's head hash) as ``now`` when it was written before sidecars counted
-    (no ``+`` part) and the file's own part is unchanged: a scene done before session 26 with a world
-    file or .aux.xml beside it is not redone for a sidecar it already had (the run records the sidecars
-    then; a later change of them counts)."""
-    if "+" not in recorded and now.split("+", 1)[0] == recorded:
+def _adopted(entry: ManifestEntry, fp: Mapping[str, Any]) -> str:
+    """``entry``'s head hash as the fingerprint ``fp``'s when it was written before sidecars counted (no
+    ``+`` part), the file's own part is unchanged and its sidecars are no newer than the entry: a scene
+    done before session 26 with a world file or .aux.xml beside it is not redone for a sidecar it already
+    had (the run records the sidecars then; a later change of them counts, as does one that came after)."""
+    recorded, now = entry.head_hash, fp["head_hash"]
+    if "+" in recorded or now.split("+", 1)[0] != recorded:
+        return recorded
+    newest = fp.get("sidecars_mtime_ns")
+    if newest is None:
         return now
-    return recorded
+    try:
+        done = _dt.datetime.fromisoformat(entry.finished or "").timestamp() * 1e9
+    except ValueError:
+        return recorded
+    return now if newest <= done else recorded  # (finished is cut to whole seconds: in doubt, it runs)
 
 
 def why_run(
@@ -1009,7 +1031,7 @@ def why_run(
         return "failed before"
     if entry.status not in ("done", OUTSIDE_AOI):
         return "not finished by an interrupted run"  # (queued or running when it stopped)
-    if (entry.size, entry.mtime_ns, _adopted(entry.head_hash, fp["head_hash"])) != (
+    if (entry.size, entry.mtime_ns, _adopted(entry, fp)) != (
             fp["size"], fp["mtime_ns"], fp["head_hash"]):
         return "input changed"
     if entry.model != model_key:
@@ -1427,8 +1449,9 @@ class BatchOptions:
     mosaic: bool = True
 
     def __post_init__(self) -> None:
-        from geoseg.config import check_fields
+        from geoseg.config import check_fields, materialise_iterators
 
+        materialise_iterators(self)
         check_fields(self, "BatchOptions")  # (force="no" forced every scene)
 
 

@@ -109,6 +109,15 @@ def options_of(value: Any, cls: type, what: str) -> Any:
 _MISFIT = object()
 
 
+def materialise_iterators(obj: Any) -> None:
+    """Replace each field of the frozen dataclass ``obj`` given as an iterator (a generator) by a tuple of
+    its items: the first check that looked at it used it up (``bands`` became empty: the card's bands)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, Iterator):
+            object.__setattr__(obj, f.name, tuple(value))
+
+
 def check_fields(obj: Any, what: str) -> None:
     """Check (and take as :func:`options_of` takes a mapping's values) every field of the frozen dataclass
     ``obj`` against its annotation: an instance built in code was taken as given (``overwrite="no"``
@@ -159,13 +168,13 @@ def checked_arguments(fn: Any) -> Any:
             tp = hints.get(name)
             if tp is None or sig.parameters[name].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
                 continue
-            if isinstance(value, Iterator):  # (looking at its items would use them up)
-                continue
+            if isinstance(value, Iterator):  # (looked at once as a tuple, and passed on as that)
+                value = bound.arguments[name] = tuple(value)
             if _as_type(value, tp) is _MISFIT and not _has_choices(tp):
                 from geoseg.errors import ParameterError
 
                 raise ParameterError(f"{fn.__name__}: {name}={reprlib.repr(value)}: give {_type_name(tp)}")
-        return fn(*args, **kwargs)
+        return fn(*bound.args, **bound.kwargs)
 
     return wrapper
 
@@ -195,10 +204,10 @@ def _as_type(value: Any, tp: Any) -> Any:
         return value if value is None else _MISFIT
     if tp is bool:
         return value if isinstance(value, (bool, np.bool_)) else _MISFIT
-    if tp is int:
-        return value if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) else _MISFIT
-    if tp is float:  # (a Fraction or a Decimal too)
-        return value if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) else _MISFIT
+    if tp is int:  # (numpy's as Python's: they go into JSON)
+        return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) else _MISFIT
+    if tp is float:  # (a Fraction or numpy's as a Python float: they go into JSON)
+        return float(value) if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) else _MISFIT
     if tp is str:  # (a path given as a Path or another os.PathLike: its text)
         return value if isinstance(value, str) else os.fspath(value) if isinstance(value, os.PathLike) else _MISFIT
     if isinstance(tp, type) and issubclass(tp, PurePath):
@@ -212,6 +221,8 @@ def _as_type(value: Any, tp: Any) -> Any:
         if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Iterable, np.ndarray)):
             return _MISFIT
         item = args[0] if args else Any
+        if isinstance(value, (set, frozenset)):  # (no order of its own: a sorted one, the same in every process)
+            value = sorted(value, key=lambda v: (type(v).__name__, v))
         out = tuple(_as_type(v, item) for v in value)
         return _MISFIT if any(v is _MISFIT for v in out) else out
     if origin in (dict, Mapping) or tp in (dict, Mapping):  # (or NAME=VALUE pairs: as a dict)

@@ -520,8 +520,9 @@ class PredictOptions:
     aoi: str | None = None
 
     def __post_init__(self) -> None:
-        from geoseg.config import check_fields
+        from geoseg.config import check_fields, materialise_iterators
 
+        materialise_iterators(self)
         self._check_values()  # (first: it names the choices and the band numbers)
         check_fields(self, "PredictOptions")  # (options_of checked a mapping's values, an instance's none)
         for value, option in ((self.vector_classes, "--vector-classes chooses which"), (self.min_area, "--min-area "
@@ -547,11 +548,12 @@ class PredictOptions:
                                  f"{', '.join(repr(m.value) for m in BlendMode)}") from None
         for name, low in (("tile_size", 1), ("batch_size", 1), ("threads", 1)):  # (sizes and overlap: scene_grid)
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_))
+                                      or value < low):
                 raise ParameterError(f"{name} {value!r}: give a whole number >= {low}, or None for the default")
         for name, low in (("prefetch", 1), ("read_workers", 1), ("prior_windows", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < low:
                 raise ParameterError(f"{name} {value!r}: give a whole number >= {low}")
         if self.prior_max_ratio is not None and not (isinstance(self.prior_max_ratio, (int, float))
                                                      and not isinstance(self.prior_max_ratio, bool)

@@ -247,8 +247,11 @@ def _read_state(state: Path | None, out: Path) -> tuple[list[Path], dict[str, st
         data = json.loads(state.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return [], {}
-    files, styles = (data, {}) if isinstance(data, list) else (data.get("files", []), data.get("styles", {}))
-    return [out / p for p in files], dict(styles)
+    files, styles = (data, {}) if isinstance(data, list) else (
+        (data.get("files"), data.get("styles")) if isinstance(data, dict) else ([], {}))
+    if not isinstance(files, list) or not all(isinstance(p, str) for p in files):
+        files = []  # (a damaged state file: no mosaic to remove, none to keep a style of)
+    return [out / p for p in files], dict(styles) if isinstance(styles, dict) else {}
 
 
 def _digest(text: str) -> str:

@@ -1149,6 +1149,14 @@ def _read_strip(ds: rasterio.DatasetReader, info: MaskInfo, r0: int, r1: int) ->
     return block
 
 
+def _has_small_nodata_group(mask: np.ndarray, min_px: int, connectivity: int) -> bool:
+    """Whether some group of nodata pixels (``mask`` 0) is smaller than ``min_px`` pixels (stops at the
+    first: a scene's nodata is mostly one frame, or a few large areas)."""
+    nodata = (mask == 0).view(np.uint8)
+    return any(shapely.geometry.shape(g).area < min_px
+               for g, _ in features.shapes(nodata, mask=nodata, connectivity=connectivity))
+
+
 def _drop_small_groups(mask: np.ndarray, out: np.ndarray, min_px: int, connectivity: int, nodata: Any,
                        block_size: int) -> None:
     """Set to ``nodata`` in ``out`` every group of data pixels (``mask`` 1, ``connectivity``-connected)
@@ -1200,15 +1208,14 @@ def _sieved_reader(
         # as a group of data pixels below the unit, whatever their classes; a small region beside data
         # that the sieve could not merge (regions all below the unit, each other's largest neighbour)
         # stays: dropping it left a hole beside data (three fields of 6 px, a unit of 7: no polygon at all).
-        kept = features.sieve(mask, min_px, connectivity=connectivity)  # (mask: 1 data, 0 nodata)
-        np.subtract(mask, kept, out=kept)  # 1 where a speck became nodata, 255 where a hole was filled
-        if (kept == 255).any():
-            # The sieve of the 0/1 mask filled a nodata hole below the unit with data, and a speck inside
-            # such a hole then joined the field around it and stayed: the groups are counted exactly.
-            del kept
+        if _has_small_nodata_group(mask, min_px, connectivity):
+            # A sieve of the 0/1 mask is not exact then: it filled a nodata hole below the unit before a
+            # speck inside it went (the speck joined the field around it), and it leaves a small group
+            # whose neighbours are all small nodata groups: the groups are counted exactly.
             _drop_small_groups(mask, out, min_px, connectivity, info.nodata, block_size)
-        else:  # (no small hole: what the sieve dropped is exactly the groups below the unit)
-            out[kept == 1] = info.nodata
+        else:  # (each small data group's largest neighbour is nodata of the unit or more: it goes there)
+            kept = features.sieve(mask, min_px, connectivity=connectivity)  # (mask: 1 data, 0 nodata)
+            out[(mask == 1) & (kept == 0)] = info.nodata
             del kept
     del mask
 

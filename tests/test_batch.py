@@ -227,6 +227,24 @@ def test_run_batch_takes_one_input_as_a_string_or_a_path_like(tiny_unet, tmp_pat
         assert sorted(s.key for s, _ in planned) == ["d1/x/scene1.tif", "scene0.tif"], inputs
 
 
+def test_gdal_rewriting_another_tool_s_aux_xml_reruns_nothing(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An .aux.xml written by another tool (<SRS>EPSG:32633</SRS>): GDAL rewrote it when it cached statistics
+    (QGIS opening the scene), with the whole WKT and an axis mapping, and the scene reran."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    scene = make_archive(arch, 1)[0]
+    aux = Path(f"{scene}.aux.xml")
+    aux.write_text("<PAMDataset>\n  <SRS>EPSG:32633</SRS>\n</PAMDataset>\n")
+    assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
+    with rasterio.open(scene) as ds:
+        ds.statistics(1)
+    assert "PROJCS" in aux.read_text() or "PROJCRS" in aux.read_text()  # (rewritten by GDAL)
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    assert r.stdout.splitlines()[-1].startswith("skip\tscene0.tif"), r.output
+    aux.write_text("<PAMDataset>\n  <SRS>EPSG:32632</SRS>\n</PAMDataset>\n")  # another CRS: it runs
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    assert r.stdout.splitlines()[-1] == "run\tscene0.tif\tinput changed", r.output
+
+
 def test_a_scene_done_before_sidecars_counted_is_not_redone_for_the_sidecar_it_had(  # type: ignore[no-untyped-def]
         runner, tiny_unet, tmp_path: Path) -> None:
     """Upgrading made every done scene with a world file or .aux.xml beside it run again once (its
@@ -235,6 +253,7 @@ def test_a_scene_done_before_sidecars_counted_is_not_redone_for_the_sidecar_it_h
     scene = make_archive(arch, 1)[0]
     world = scene.with_suffix(".tfw")
     world.write_text("10\n0\n0\n-10\n500000\n4800000\n")
+    os.utime(world, (time.time() - 60, time.time() - 60))  # (delivered with the scene, before the run)
     assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
     db = sqlite3.connect(out / ".geoseg" / "manifest.sqlite")
     (head,) = db.execute("SELECT head_hash FROM scenes").fetchone()
@@ -252,6 +271,12 @@ def test_a_scene_done_before_sidecars_counted_is_not_redone_for_the_sidecar_it_h
     assert db.execute("SELECT head_hash FROM scenes").fetchone() == (head,)  # adopted by the run
     db.close()
     world.write_text("10\n0\n0\n-10\n501000\n4800000\n")  # a later change of it counts
+    assert dry() == "run\tscene0.tif\tinput changed"
+    # a sidecar that came after the old version's run is no sidecar the scene had: it runs
+    db = sqlite3.connect(out / ".geoseg" / "manifest.sqlite")
+    db.execute("UPDATE scenes SET head_hash = ?", (head.split("+")[0],))
+    db.commit()
+    db.close()
     assert dry() == "run\tscene0.tif\tinput changed"
     world.unlink()  # and so does its going
     assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
@@ -865,6 +890,11 @@ def test_the_newest_mask_is_on_top_of_the_mosaic_and_an_edited_mosaic_style_is_k
     style.unlink()  # a style that is gone is written again
     assert run_cli(runner, tiny_unet, [arch], out, "--vector", "none").exit_code == EXIT_OK
     assert 'opacity="1"' in style.read_text()
+    for damaged in ("null", '"x"', '{"styles": null}', '{"files": [1]}'):  # (an AttributeError stopped the run)
+        (out / ".geoseg" / "mosaics.json").write_text(damaged)
+        (arch / "c_scene.tif").touch()
+        assert run_cli(runner, tiny_unet, [arch], out, "--vector", "none").exit_code == EXIT_OK, damaged
+        assert (out / "landcover.vrt").exists()
 
 
 def test_mosaic_keeps_masks_of_different_class_tables_apart(tmp_path: Path) -> None:

@@ -609,6 +609,16 @@ def test_predict_options_take_plain_values() -> None:
     with pytest.raises(ParameterError, match=r"BatchOptions: force='no': give True or False"):
         BatchOptions(force="no")  # type: ignore[arg-type]
     assert BatchOptions(patterns=["*.vrt"]).patterns == ("*.vrt",)  # type: ignore[arg-type]
+    # a generator was used up by the first check (bands=(): the card's bands, silently); a set's order
+    # changed between processes (the batch parameters too: every scene reran); a Fraction or numpy's
+    # float32 reached JSON as such (batch's parameters failed to serialise)
+    from fractions import Fraction
+
+    o = PredictOptions(bands=(b for b in (4, 3, 2)), vector="gpkg", vector_classes={"water", "forest", "crop"},  # type: ignore[arg-type]
+                       min_area=Fraction(1, 2), simplify=np.float32(0.5), tile_size=np.int64(256))  # type: ignore[arg-type]
+    assert o.bands == (4, 3, 2) and o.vector_classes == ("crop", "forest", "water")
+    assert (o.min_area, o.simplify, o.tile_size) == (0.5, 0.5, 256) and type(o.min_area) is float
+    assert type(o.simplify) is float and type(o.tile_size) is int
 
 
 def test_a_ready_predictor_reports_where_it_runs(tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:

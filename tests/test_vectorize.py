@@ -193,6 +193,23 @@ def test_a_speck_in_a_small_nodata_hole_goes(tmp_path: Path) -> None:
         assert sorted(shapely.area(shapely.from_wkb(wkb)) / PIXEL**2) == [(a == 2).sum(), (a == 1).sum()]
 
 
+def test_small_groups_fenced_by_small_nodata_groups_go(tmp_path: Path) -> None:
+    """GDAL's sieve leaves two small regions that are each other's largest neighbour: a 3-px group fenced
+    by 1-px nodata gaps (and 1-px specks) stayed below the unit beside a 12-px field."""
+    rows = ["##.#......",
+            "#.#.......",
+            ".#........",
+            "#.........",
+            "......####",
+            "......####",
+            "......####"]
+    a = np.array([[1 if c == "#" else 0 for c in r] for r in rows], np.uint8)
+    path = write_mask(tmp_path / "f.tif", a, nodata=0, tags=False, colormap=False)
+    res = vec.vectorize_mask(path, tmp_path / "f.gpkg", min_pixels=4, simplify=0)
+    _, _, wkb, _ = pyogrio.raw.read(tmp_path / "f.gpkg", layer="landcover")
+    assert res.polygons == 1 and shapely.area(shapely.from_wkb(wkb)).tolist() == [12 * PIXEL**2]
+
+
 def test_a_vectorize_result_is_plain_json_data(mask_path: Path, tmp_path: Path) -> None:
     """VectorizeResult holds a path and numpy-made counts: ``to_dict()`` is what ``json.dumps`` takes."""
     import dataclasses
