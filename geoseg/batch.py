@@ -175,6 +175,11 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(low, p.lower()) for p in patterns)
 
 
+def input_list(inputs: Any) -> list[Any]:
+    """``inputs`` as a list: one path given alone (a string was read as its characters) or many."""
+    return [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+
+
 def discover_scenes(
     inputs: Iterable[str | Path], out_dir: str | Path, patterns: Sequence[str] | None = None,
     case_insensitive: bool | None = None,
@@ -268,9 +273,7 @@ def discover_scenes(
             walk(link, real)
 
     expanded: list[tuple[Path, bool]] = []  # (path, given on the command line)
-    if isinstance(inputs, (str, os.PathLike)):  # one input (a string was read as its characters)
-        inputs = [inputs]
-    for item in inputs:
+    for item in input_list(inputs):
         s = os.fspath(item) if isinstance(item, os.PathLike) else str(item)
         if s.startswith("@"):
             expanded.extend((p, False) for p in _list_file_entries(Path(s[1:]).expanduser()))
@@ -1555,8 +1558,7 @@ def run_batch(
     from geoseg.config import options_of
 
     t0 = time.perf_counter()
-    if isinstance(inputs, (str, os.PathLike)):  # one input (a string was read as its characters)
-        inputs = [inputs]
+    inputs = input_list(inputs)
     options = options_of(options, PredictOptions, "options")
     batch = options_of(batch, BatchOptions, "batch")
     if isinstance(model, (str, Path)):  # a shipped model's name, an export folder

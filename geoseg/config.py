@@ -205,7 +205,7 @@ def _as_type(value: Any, tp: Any) -> Any:
     if tp is bool:
         return value if isinstance(value, (bool, np.bool_)) else _MISFIT
     if tp is int:  # (numpy's as Python's: they go into JSON)
-        return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) else _MISFIT
+        return int(value) if is_whole_number(value) else _MISFIT
     if tp is float:  # (a Fraction or numpy's as a Python float: they go into JSON)
         return float(value) if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) else _MISFIT
     if tp is str:  # (a path given as a Path or another os.PathLike: its text)
@@ -239,6 +239,11 @@ def _as_type(value: Any, tp: Any) -> Any:
         item = args[0] if args else Any
         return value if all(_item_fits(v, item) for v in value) else _MISFIT
     return value  # (anything else: as given)
+
+
+def is_whole_number(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _item_fits(value: Any, tp: Any) -> bool:

@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import numbers
 import os
 import queue
 import re
@@ -39,7 +38,7 @@ from geoseg.aoi import load_aoi
 from geoseg.atomic import check_output, remove_leftovers, temp_name
 from geoseg.blending import BlendMode, StripMerger
 from geoseg.card import ModelCard
-from geoseg.config import checked_arguments, options_of, plain
+from geoseg.config import checked_arguments, is_whole_number, options_of, plain
 from geoseg.errors import (
     InputRangeWarning,
     ModelError,
@@ -548,12 +547,11 @@ class PredictOptions:
                                  f"{', '.join(repr(m.value) for m in BlendMode)}") from None
         for name, low in (("tile_size", 1), ("batch_size", 1), ("threads", 1)):  # (sizes and overlap: scene_grid)
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_))
-                                      or value < low):
+            if value is not None and (not is_whole_number(value) or value < low):
                 raise ParameterError(f"{name} {value!r}: give a whole number >= {low}, or None for the default")
         for name, low in (("prefetch", 1), ("read_workers", 1), ("prior_windows", 1)):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < low:
+            if not is_whole_number(value) or value < low:
                 raise ParameterError(f"{name} {value!r}: give a whole number >= {low}")
         if self.prior_max_ratio is not None and not (isinstance(self.prior_max_ratio, (int, float))
                                                      and not isinstance(self.prior_max_ratio, bool)
@@ -561,7 +559,7 @@ class PredictOptions:
             raise ParameterError(f"prior_max_ratio {self.prior_max_ratio!r}: give a number >= 1, or None (unbounded)")
         if self.bands is not None:
             if isinstance(self.bands, (str, bytes)) or not all(
-                    isinstance(b, numbers.Integral) and not isinstance(b, (bool, np.bool_)) and b >= 1 for b in self.bands):
+                    is_whole_number(b) and b >= 1 for b in self.bands):
                 raise ParameterError(f"bands {self.bands!r}: give band numbers from 1, e.g. (4, 3, 2)")
             object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))  # (numpy's too)
         if self.progress not in (True, False, "log"):
@@ -723,9 +721,9 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
     twice = sorted({b for b in chosen if chosen.count(b) > 1})
     if twice:  # allowed (a stand-in for a band the scene lacks), but rarely meant
         warn(f"--bands {','.join(map(str, chosen))}: band{'s' if len(twice) > 1 else ''} "
-                      f"{', '.join(map(str, twice))} feed{'' if len(twice) > 1 else 's'} the model twice (as "
-                      f"{', '.join(card.bands[k] for k, b in enumerate(chosen) if b in twice)}): check --bands",
-                      InputRangeWarning)
+             f"{', '.join(map(str, twice))} feed{'' if len(twice) > 1 else 's'} the model twice (as "
+             f"{', '.join(card.bands[k] for k, b in enumerate(chosen) if b in twice)}): check --bands",
+             InputRangeWarning)
     return chosen
 
 
