@@ -1488,11 +1488,25 @@ def _segment_scene(
             class_pixels = {c.name: int(counts[c.id]) for c in mc.classes}
             mask_w.update_tags(GEOSEG_CLASS_PIXELS=json.dumps(class_pixels))  # the mask's own class statistics
 
-            def before_mask_lands() -> None:
+            styles: dict[Path, Path] = {}
+
+            def before_first_lands() -> None:
                 if stopped is not None and stopped():
                     raise RunStoppedError(f"{input_path.name}: the run was stopped; {mask_path.name} was not written")
                 if opts.overwrite:
                     drop_old_set()
+
+            def sidecars(w: COGWriter) -> None:
+                # A raster's .qml and .aux.xml land before the raster, and the mask lands last: a run
+                # stopped among them leaves no mask without its style, class names or (where GeoTIFF
+                # keys cannot hold it) CRS, and the mask's presence means the set is complete.
+                if w is mask_w:
+                    styles[w.path] = write_aux_xml(mask_path, mc.classes, srs_xml=mask_w.srs_xml)
+                    styles[w.path.with_suffix(".qml")] = write_qml(mask_path, mc.classes)
+                else:  # the percent (uint8, 0-100) and float (0-1) rasters on a fixed 0-max colour ramp
+                    kind = opts.confidence if w is conf_w else opts.probabilities
+                    styles[w.path] = write_ramp_qml(w.path, 100 if kind == "uint8" else 1,
+                                                    "confidence" if w is conf_w else "probability")
 
             def drop_old_set() -> None:
                 # --overwrite: the outputs are published one by one, so a run stopped among them left
@@ -1500,8 +1514,10 @@ def _segment_scene(
                 # belong together, and nothing said so. The old run's files go just before this run's
                 # first output lands: a stop then leaves part of the new set, never a mix. Those this
                 # run does not write go too (an old model's confidence and polygons stayed beside a
-                # new mask made without them): they belong to the mask being replaced.
-                old = [mask_path.with_suffix(".qml"), Path(f"{mask_path}.aux.xml")]
+                # new mask made without them): they belong to the mask being replaced. The old mask
+                # goes with them: the new set lands mask last, and the old mask beside a new
+                # confidence was a mixed set too.
+                old = [mask_path, mask_path.with_suffix(".qml"), Path(f"{mask_path}.aux.xml")]
                 for raster in (conf_path, prob_path):
                     old += [raster, raster.with_suffix(".qml"), Path(f"{raster}.aux.xml")]
                 old += [mask_path.with_suffix(ext) for ext in VECTOR_EXTENSIONS.values() if ext]
@@ -1509,19 +1525,19 @@ def _segment_scene(
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()
 
-            for w in writers:
-                w.close(before_publish=before_mask_lands if w is mask_w else None)
+            for i, w in enumerate([w for w in writers if w is not mask_w] + [mask_w]):
+                def before_publish(w: COGWriter = w, first: bool = not i) -> None:
+                    if first:
+                        before_first_lands()
+                    sidecars(w)
+                w.close(before_publish=before_publish, own_pam=w is mask_w)
         except BaseException:
             for w in writers:
                 w.abort()
             raise
-    aux = write_aux_xml(mask_path, mc.classes, srs_xml=mask_w.srs_xml)
-    style = write_qml(mask_path, mc.classes)
-    # the percent (uint8, 0-100) and float (0-1) rasters open in QGIS on a fixed 0-max colour ramp
-    conf_style = (write_ramp_qml(conf_path, 100 if opts.confidence == "uint8" else 1, "confidence")
-                  if opts.confidence != "none" else None)
-    prob_style = (write_ramp_qml(prob_path, 100 if opts.probabilities == "uint8" else 1, "probability")
-                  if opts.probabilities != "none" else None)
+    aux, style = styles[mask_path], styles[mask_path.with_suffix(".qml")]
+    conf_style = styles[conf_path] if opts.confidence != "none" else None
+    prob_style = styles[prob_path] if opts.probabilities != "none" else None
     extra: tuple[Path, ...] = ()
     if vector_path is not None:
         from geoseg.vectorize import vectorize_mask

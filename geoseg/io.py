@@ -752,9 +752,10 @@ class COGWriter:
         except (rasterio.errors.RasterioError, OSError) as exc:
             raise write_error(self.path, exc) from None
 
-    def close(self, before_publish: Callable[[], None] | None = None) -> Path:
+    def close(self, before_publish: Callable[[], None] | None = None, own_pam: bool = False) -> Path:
         """Convert the staging file to a COG and publish it; return the final path.
-        ``before_publish`` runs when the COG is complete, just before it is renamed into place."""
+        ``before_publish`` runs when the COG is complete, just before it is renamed into place (then the
+        ``.aux.xml`` with :attr:`srs_xml`, where needed, unless ``own_pam``: ``before_publish`` writes it)."""
         if self._closed:
             return self.path
         self._closed = True
@@ -777,8 +778,9 @@ class COGWriter:
                 self.srs_xml = _pam_srs(Path(f"{tmp}.aux.xml"))
                 if before_publish is not None:
                     before_publish()
-            if self.srs_xml is not None:
-                write_pam(self.path, srs_xml=self.srs_xml)
+                if self.srs_xml is not None and not own_pam:
+                    # (before the rename: a stop between the two left the raster without its CRS)
+                    write_pam(self.path, srs_xml=self.srs_xml)
         except (rasterio.errors.RasterioError, OSError) as exc:
             if isinstance(exc, OutputError):
                 raise

@@ -149,6 +149,32 @@ def test_output_grid_and_nodata_match_the_input(tmp_path: Path, dtype: str, band
     assert (conf[collar] == 255).all() and (conf[~collar] == 100).all()
 
 
+@pytest.mark.parametrize("step", ["write_aux_xml", "write_qml", "write_ramp_qml"])
+def test_no_raster_lands_before_its_sidecars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    """The mask's .aux.xml (class names; the CRS where GeoTIFF keys cannot hold it) and .qml, and the
+    confidence's .qml, were written after the raster landed: a stop between them left a mask that
+    opened in QGIS unstyled, and that a rerun refused to replace without --overwrite. Each raster now
+    lands after its sidecars, the mask last: its presence means the set is complete."""
+    import geoseg.engine
+
+    src = write_raster(tmp_path / "s.tif", class_image(48, 40, 2, seed=1)[None].astype(np.uint8), crs="EPSG:32633")
+    out = tmp_path / "out"
+
+    def stop(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(geoseg.engine, step, stop)
+    with pytest.raises(KeyboardInterrupt):
+        segment_scene(src, out, source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2),
+                      options=PredictOptions(confidence="uint8", vector="gpkg"))
+    left = {p.name for p in out.iterdir()} if out.exists() else set()  # (a folder it made and left empty goes)
+    assert "s_landcover.tif" not in left, left
+    if step == "write_ramp_qml":
+        assert "s_confidence.tif" not in left, left
+    else:  # the confidence landed with its style
+        assert {"s_confidence.tif", "s_confidence.qml"} <= left, left
+
+
 def test_a_crs_geotiff_keys_cannot_hold_is_kept(tmp_path: Path) -> None:
     """A rotated-pole CRS lives in GDAL's .aux.xml beside a GeoTIFF: the mask, confidence and
     probabilities came out without a CRS (the temp file's sidecar was lost with the rename), and
@@ -335,7 +361,8 @@ def test_a_ready_made_predictor_gets_the_default_batch_of_its_device(tmp_path: P
 def test_an_overwrite_stopped_among_its_outputs_leaves_no_mixed_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--overwrite publishes the outputs one by one: a run stopped right after its mask landed left it
     beside the old run's confidence, polygons and .aux.xml (a set that did not belong together). The
-    old files it rewrites go just before its mask lands: a stop leaves part of the new set only."""
+    old files go just before the new set's first output lands, and the mask lands last: a stop leaves
+    part of the new set only, and no mask."""
     from geoseg.io import COGWriter
 
     src = write_raster(tmp_path / "s.tif", class_image(64, 64, 2, seed=3)[None].astype(np.uint8),
@@ -346,24 +373,25 @@ def test_an_overwrite_stopped_among_its_outputs_leaves_no_mixed_set(tmp_path: Pa
     first = segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg"))
     old = {p.name for p in first.outputs}
     assert {"s_confidence.tif", "s_landcover.gpkg", "s_landcover.tif.aux.xml"} <= old
-    mask_mtime = first.mask.stat().st_mtime_ns
+    conf_mtime = (out / "s_confidence.tif").stat().st_mtime_ns
     close = COGWriter.close
 
-    def stop_after_the_mask(self, before_publish=None):  # type: ignore[no-untyped-def]
-        if self.path.name == "s_confidence.tif":
+    def stop_at_the_mask(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.path.name == "s_landcover.tif":
             raise KeyboardInterrupt  # (SIGTERM arrives as one)
-        return close(self, before_publish)
+        return close(self, *args, **kwargs)
 
-    monkeypatch.setattr(COGWriter, "close", stop_after_the_mask)
+    monkeypatch.setattr(COGWriter, "close", stop_at_the_mask)
     with pytest.raises(KeyboardInterrupt):
         segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg", overwrite=True))
     left = sorted(p.name for p in out.iterdir())
-    assert left == ["s_landcover.tif"] and first.mask.stat().st_mtime_ns != mask_mtime, left  # the new mask alone
+    assert left == ["s_confidence.qml", "s_confidence.tif"], left  # the new confidence alone, no mask
+    assert (out / "s_confidence.tif").stat().st_mtime_ns != conf_mtime
     # stopped before its first output: the old set stays whole
     monkeypatch.setattr(COGWriter, "close", close)
     segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg", overwrite=True))
 
-    def stop_before(self, before_publish=None):  # type: ignore[no-untyped-def]
+    def stop_before(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise KeyboardInterrupt
 
     monkeypatch.setattr(COGWriter, "close", stop_before)
