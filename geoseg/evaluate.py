@@ -222,7 +222,7 @@ def evaluate_rasters(
             ids = [c.id for c in table] if table else sorted((set(pred_ids) | set(ref_ids)) - set(ref_ignore)
                                                              - set(pred_ignore))
         else:
-            ids = [int(c) for c in classes]
+            ids = list(dict.fromkeys(int(c) for c in classes))  # (an id given twice: a one-line error, not a crash)
         ids = _with_reference_ids(ids, ref_ids)
         cm = ConfusionMatrix(ids, ignore_reference=ref_ignore, ignore_prediction=pred_ignore,
                              add_predicted_classes=True)
@@ -516,7 +516,7 @@ def evaluate_vector(
 
         ref_ids = sorted({int(v) for v in np.concatenate([pt_ids[inside], poly_ids, [] if fill is None else [fill]])}
                          - set(ignore))
-        ids = [int(c) for c in classes] if classes is not None else [c.id for c in table] if table else None
+        ids = list(dict.fromkeys(int(c) for c in classes)) if classes is not None else [c.id for c in table] if table else None
         if ids is None:  # no class table: the ids either side holds (a first pass over the polygons' pixels)
             predicted = {int(v) for v in pt_pred[inside & pt_shown]}
             for _, pred_block, inside_poly, shown in polygon_blocks():

@@ -63,7 +63,7 @@ class ConfusionMatrix:
         self.ignored_reference = 0
         ids = tuple(int(c) for c in class_ids)
         if len(set(ids)) != len(ids):
-            raise ValueError(f"duplicate class ids: {ids}")
+            raise ParameterError(f"class ids {list(ids)} name a class twice: give each id once")
         self.add_classes(ids)
 
     def add_classes(self, class_ids: Sequence[int]) -> None:
@@ -255,6 +255,7 @@ def compute_metrics(
     if average_over is None:
         avg = tuple(c for c, n in zip(ids, ref) if n > 0)
     else:
+        average_over = list(dict.fromkeys(int(c) for c in average_over))  # (an id given twice counted twice)
         missing = [c for c in average_over if c not in ids]
         if missing:
             raise ParameterError(f"classes {missing} to average over are not among the class ids {list(ids)}: "

@@ -5,7 +5,9 @@ Pipeline (:func:`vectorize_mask`):
 1. **Sieve** (optional minimum mapping unit): regions smaller than ``min_pixels`` are merged
    into their largest neighbour with :func:`rasterio.features.sieve` (nodata is masked out,
    so it neither grows nor shrinks).  A speck whose only neighbours are nodata cannot be
-   merged; its polygon is dropped, so no polygon below the unit remains and no hole appears.
+   merged; its polygon is dropped (no hole appears).  A region whose neighbours are all as
+   small as itself (GDAL's sieve merges a region only into a neighbour of the unit or more)
+   stays, below the unit, rather than leave a hole.
 2. **Polygonise** horizontal strips of ``block_size`` rows with
    :func:`rasterio.features.shapes` in *pixel space* (x = column, y = -row, integer
    coordinates, so seams are exact).  Nodata regions are polygonised too ("nodata faces")

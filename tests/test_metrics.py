@@ -65,6 +65,27 @@ def test_undefined_classes_and_average_subset() -> None:
     assert m3.averaged_classes == (1, 3) and m3.miou == pytest.approx(m.miou)
 
 
+def test_a_class_id_given_twice_counts_once(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+    """--miou-classes 1,1,2 weighed class 1 twice in the mean; --classes 1,1,2 ended in 'unexpected error:
+    ValueError: duplicate class ids'."""
+    m = compute_metrics(np.array([[5, 5], [0, 10]]), [1, 2], average_over=[1, 1, 2])
+    assert m.averaged_classes == (1, 2) and m.miou == pytest.approx((5 / 10 + 10 / 15) / 2)
+    with pytest.raises(ParameterError, match="name a class twice"):
+        ConfusionMatrix([1, 2, 1])
+    ref = write_raster(tmp_path / "ref.tif", REF, crs=NC_LCC, nodata=0)
+    pred = write_raster(tmp_path / "pred.tif", PRED, crs=NC_LCC, nodata=255)
+    once = evaluate_rasters(pred, ref, classes=[1, 2], average_over=[1, 2]).metrics
+    twice = evaluate_rasters(pred, ref, classes=[1, 2, 1], average_over=[2, 1, 2]).metrics
+    assert twice.class_ids == once.class_ids and twice.miou == pytest.approx(once.miou)
+    np.testing.assert_array_equal(twice.confusion, once.confusion)
+    from geoseg_cli.main import cli
+
+    r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(ref), "--classes", "1,1,2",
+                             "--miou-classes", "1,2,2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["miou"] == pytest.approx(once.miou)
+
+
 def test_miou_classes_without_any_pixel_are_warned_about_and_left_out(tmp_path: Path) -> None:
     ref = write_raster(tmp_path / "ref.tif", REF, crs=NC_LCC, nodata=0)
     pred = write_raster(tmp_path / "pred.tif", PRED, crs=NC_LCC, nodata=255)
