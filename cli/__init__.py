@@ -10,11 +10,12 @@ def main() -> None:
     thread the imports start (numpy's, GDAL's, PaddlePaddle's) inherits the block and the signal can
     only reach the main thread once geoseg's handler is set (see ``geoseg_cli.main``). A SIGTERM in the
     first second otherwise met PaddlePaddle's own handler in one of those threads: a C++ "FatalError"
-    dump, death by the signal, and now and then a hang."""
+    dump, death by the signal, and now and then a hang. SIGINT (Ctrl-C) too: in the middle of an import
+    it ended in a traceback, or inside paddle's in "PaddlePaddle is not installed" (exit 1)."""
     import signal
 
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     import os
     import sys
 

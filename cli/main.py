@@ -292,15 +292,17 @@ def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
             # from its first line, see geoseg_cli.main): paddle's own handler, installed during the
             # import, printed a C++ "FatalError" dump and died by the signal, and a few signals at that
             # moment hung the process for good. Threads started meanwhile inherit the block; once
-            # geoseg's handler is set, a signal held back reaches it (a clean exit 143).
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            # geoseg's handler is set, a signal held back reaches it (a clean exit 143). SIGINT too: a
+            # Ctrl-C inside paddle's import came out as "PaddlePaddle is not installed" (exit 1); held
+            # back, it ends the command as one at any other moment (exit 130).
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         if ctx.invoked_subcommand in _PADDLE_COMMANDS and not {"-h", "--help"} & set(ctx.args):
             _import_paddle_first()
         signal.signal(signal.SIGTERM, _on_sigterm)
         ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
     finally:
         if block:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:

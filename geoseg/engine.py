@@ -1497,9 +1497,8 @@ def _segment_scene(
                     drop_old_set()
 
             def sidecars(w: COGWriter) -> None:
-                # A raster's .qml and .aux.xml land before the raster, and the mask lands last: a run
-                # stopped among them leaves no mask without its style, class names or (where GeoTIFF
-                # keys cannot hold it) CRS, and the mask's presence means the set is complete.
+                # A raster's .qml and .aux.xml land just before the raster: a run stopped between them
+                # left a mask without its style, class names or (where GeoTIFF keys cannot hold it) CRS.
                 if w is mask_w:
                     styles[w.path] = write_aux_xml(mask_path, mc.classes, srs_xml=mask_w.srs_xml)
                     styles[w.path.with_suffix(".qml")] = write_qml(mask_path, mc.classes)
@@ -1515,9 +1514,8 @@ def _segment_scene(
                 # first output lands: a stop then leaves part of the new set, never a mix. Those this
                 # run does not write go too (an old model's confidence and polygons stayed beside a
                 # new mask made without them): they belong to the mask being replaced. The old mask
-                # goes with them: the new set lands mask last, and the old mask beside a new
-                # confidence was a mixed set too.
-                old = [mask_path, mask_path.with_suffix(".qml"), Path(f"{mask_path}.aux.xml")]
+                # itself stays until the new one replaces it (a batch's mosaic lists it).
+                old = [mask_path.with_suffix(".qml"), Path(f"{mask_path}.aux.xml")]
                 for raster in (conf_path, prob_path):
                     old += [raster, raster.with_suffix(".qml"), Path(f"{raster}.aux.xml")]
                 old += [mask_path.with_suffix(ext) for ext in VECTOR_EXTENSIONS.values() if ext]
@@ -1525,7 +1523,7 @@ def _segment_scene(
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()
 
-            for i, w in enumerate([w for w in writers if w is not mask_w] + [mask_w]):
+            for i, w in enumerate([mask_w] + [w for w in writers if w is not mask_w]):  # (the mask first)
                 def before_publish(w: COGWriter = w, first: bool = not i) -> None:
                     if first:
                         before_first_lands()

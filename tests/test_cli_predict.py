@@ -1294,6 +1294,31 @@ m.cli(["predict", sys.argv[1], "--model", "unet"])
     assert "terminated (SIGTERM)" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_ctrl_c_while_paddle_loads_is_an_interrupt(tmp_path: Path) -> None:
+    """Ctrl-C in the second paddle takes to import came out of the import as an ImportError: "PaddlePaddle
+    is not installed", exit 1. SIGINT is held back with SIGTERM until the import is over: exit 130 with
+    geoseg's line. (The import is played by one that turns a KeyboardInterrupt into that exit.)"""
+    import subprocess
+
+    script = """
+import os, signal, sys, time
+import geoseg_cli.main as m
+def loading_paddle():
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)
+    except KeyboardInterrupt:
+        sys.stderr.write("Error: PaddlePaddle is not installed\\n")
+        os._exit(1)
+m._import_paddle_first = loading_paddle
+m.cli(["predict", sys.argv[1], "--model", "unet"])
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "none.tif")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr and "not installed" not in proc.stderr
+
+
 def test_a_deleted_working_folder_is_said_in_one_line(tmp_path: Path) -> None:
     """A cron job whose folder was removed: paddle's import failed with "partially initialized module
     'paddle' has no attribute 'tensor'", even for absolute paths."""

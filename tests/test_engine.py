@@ -154,7 +154,7 @@ def test_no_raster_lands_before_its_sidecars(tmp_path: Path, monkeypatch: pytest
     """The mask's .aux.xml (class names; the CRS where GeoTIFF keys cannot hold it) and .qml, and the
     confidence's .qml, were written after the raster landed: a stop between them left a mask that
     opened in QGIS unstyled, and that a rerun refused to replace without --overwrite. Each raster now
-    lands after its sidecars, the mask last: its presence means the set is complete."""
+    lands just after its sidecars."""
     import geoseg.engine
 
     src = write_raster(tmp_path / "s.tif", class_image(48, 40, 2, seed=1)[None].astype(np.uint8), crs="EPSG:32633")
@@ -168,11 +168,11 @@ def test_no_raster_lands_before_its_sidecars(tmp_path: Path, monkeypatch: pytest
         segment_scene(src, out, source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2),
                       options=PredictOptions(confidence="uint8", vector="gpkg"))
     left = {p.name for p in out.iterdir()} if out.exists() else set()  # (a folder it made and left empty goes)
-    assert "s_landcover.tif" not in left, left
-    if step == "write_ramp_qml":
+    if step == "write_ramp_qml":  # the mask landed with its sidecars, not the confidence
+        assert {"s_landcover.tif", "s_landcover.qml", "s_landcover.tif.aux.xml"} <= left, left
         assert "s_confidence.tif" not in left, left
-    else:  # the confidence landed with its style
-        assert {"s_confidence.tif", "s_confidence.qml"} <= left, left
+    else:
+        assert "s_landcover.tif" not in left and "s_confidence.tif" not in left, left
 
 
 def test_a_crs_geotiff_keys_cannot_hold_is_kept(tmp_path: Path) -> None:
@@ -361,8 +361,9 @@ def test_a_ready_made_predictor_gets_the_default_batch_of_its_device(tmp_path: P
 def test_an_overwrite_stopped_among_its_outputs_leaves_no_mixed_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--overwrite publishes the outputs one by one: a run stopped right after its mask landed left it
     beside the old run's confidence, polygons and .aux.xml (a set that did not belong together). The
-    old files go just before the new set's first output lands, and the mask lands last: a stop leaves
-    part of the new set only, and no mask."""
+    old files it rewrites go just before its mask lands: a stop leaves part of the new set only. The
+    old mask stays until the new one replaces it: a batch's mosaic lists it (a stop between the two
+    left a mosaic that could not be read)."""
     from geoseg.io import COGWriter
 
     src = write_raster(tmp_path / "s.tif", class_image(64, 64, 2, seed=3)[None].astype(np.uint8),
@@ -373,20 +374,35 @@ def test_an_overwrite_stopped_among_its_outputs_leaves_no_mixed_set(tmp_path: Pa
     first = segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg"))
     old = {p.name for p in first.outputs}
     assert {"s_confidence.tif", "s_landcover.gpkg", "s_landcover.tif.aux.xml"} <= old
-    conf_mtime = (out / "s_confidence.tif").stat().st_mtime_ns
+    mask_mtime = first.mask.stat().st_mtime_ns
     close = COGWriter.close
 
-    def stop_at_the_mask(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if self.path.name == "s_landcover.tif":
+    def stop_after_the_mask(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.path.name == "s_confidence.tif":
             raise KeyboardInterrupt  # (SIGTERM arrives as one)
         return close(self, *args, **kwargs)
 
-    monkeypatch.setattr(COGWriter, "close", stop_at_the_mask)
+    monkeypatch.setattr(COGWriter, "close", stop_after_the_mask)
     with pytest.raises(KeyboardInterrupt):
         segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg", overwrite=True))
     left = sorted(p.name for p in out.iterdir())
-    assert left == ["s_confidence.qml", "s_confidence.tif"], left  # the new confidence alone, no mask
-    assert (out / "s_confidence.tif").stat().st_mtime_ns != conf_mtime
+    assert left == ["s_landcover.qml", "s_landcover.tif", "s_landcover.tif.aux.xml"], left  # the new mask alone
+    assert first.mask.stat().st_mtime_ns != mask_mtime
+    # stopped while its mask's sidecars were written: the old mask is still there to be read
+    monkeypatch.setattr(COGWriter, "close", close)
+    segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg", overwrite=True))
+    mask_mtime = first.mask.stat().st_mtime_ns
+
+    def stop(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("geoseg.engine.write_qml", stop)
+    with pytest.raises(KeyboardInterrupt):
+        segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg", overwrite=True))
+    assert first.mask.stat().st_mtime_ns == mask_mtime
+    with rasterio.open(first.mask) as ds:
+        ds.read()
+    monkeypatch.undo()
     # stopped before its first output: the old set stays whole
     monkeypatch.setattr(COGWriter, "close", close)
     segment_scene(src, out, **kw, options=PredictOptions(confidence="uint8", vector="gpkg", overwrite=True))
