@@ -26,7 +26,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import click
 
 from geoseg import __version__
-from geoseg.errors import BatchLockedError, GeosegError, GeosegWarning
+from geoseg.errors import BatchLockedError, GeosegError, GeosegWarning, forget_stop, note_stop, noted_stop
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -75,7 +75,11 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
+    raise note_stop(Terminated())
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    raise note_stop(KeyboardInterrupt())
 
 
 #: Commands that run a Paddle model. PaddlePaddle installs its own SIGTERM handler when imported (it
@@ -112,13 +116,14 @@ class GeosegGroup(click.Group):
             raise
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
-        except Terminated:
-            raise GeosegClickError("terminated (SIGTERM): finished outputs are whole, nothing half-written was left",
-                                   143) from None
-        except KeyboardInterrupt:
-            raise GeosegClickError("interrupted: finished outputs are whole, nothing half-written was left", 130) from None
+        except KeyboardInterrupt as exc:  # (Terminated too) paddle's C++ code may raise another in its place:
+            stop = noted_stop() or exc  # the signal's own is the one noted
+            raise GeosegClickError(stop_message(stop), 143 if isinstance(stop, Terminated) else 130) from None
         except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
             logging.getLogger("geoseg").debug("error details", exc_info=True)
+            stop = noted_stop()  # (a signal's KeyboardInterrupt that paddle's C++ code turned into another error)
+            if stop is not None:
+                raise GeosegClickError(stop_message(stop), 143 if isinstance(stop, Terminated) else 130) from None
             error = to_click_error(exc)
             error.message = _say_which_variable(error.message, ctx)
             raise error from None
@@ -282,6 +287,8 @@ def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
     import signal
     import threading
 
+    forget_stop()  # (one a command before this one in the process noted)
+    ctx.call_on_close(forget_stop)  # (the process may go on: an application calling the CLI)
     block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
     try:
         if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
@@ -300,6 +307,9 @@ def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
             _import_paddle_first()
         signal.signal(signal.SIGTERM, _on_sigterm)
         ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (Python's: not an application's)
+            signal.signal(signal.SIGINT, _on_sigint)
+            ctx.call_on_close(lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     finally:
         if block:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})

@@ -31,6 +31,21 @@ TMP_SUFFIX = ".tmp"
 TMP_PREFIX = ".geoseg-"
 
 
+def printable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: the bytes of a name that is not valid UTF-8 (which Python keeps as
+    surrogate escapes, ``caf\\udce9.tif``) as ``\\xe9`` (``caf\\xe9.tif``), for messages, logs and reports."""
+    return text if is_utf8(text) else text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` (a path) is valid UTF-8: GDAL (through rasterio), SQLite and JSON take no other names."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_output(path: str | Path, overwrite: bool) -> Path:
     """Check that ``path`` can be written; raise a one-line error otherwise.
 
@@ -39,6 +54,9 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
         OutputError: the parent folder is missing or not writable, or ``path`` is a folder.
     """
     path = Path(path)
+    if not is_utf8(str(path)):  # (rasterio failed on it with "unexpected error: UnicodeEncodeError")
+        raise OutputError(f"output {printable(str(path))}: the name is not valid UTF-8 (GDAL takes UTF-8 names only): "
+                          "choose another name or --out")
     if any(ord(c) < 32 or c == "\x7f" for c in path.name):
         # GDAL drops them from the names it creates: the GeoPackage landed under another name, its style
         # then failed ("no such table: gpkg_contents") and a temp file was left behind
@@ -46,6 +64,11 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
                           "without one (for a batch scene: rename the input)")
     if path.is_dir():
         raise OutputError(f"output {path} is a folder: give a file name")
+    if path.suffix.lower() in _OGR_SUFFIXES and set(str(path.parent)) & {";", "!"}:
+        # (pyogrio reads a path as a URI: the file landed elsewhere; a name holding them is written
+        # under a temp name without them, see temp_name)
+        raise OutputError(f"output folder {path.parent} holds ';' or '!', which the vector writer takes for part of a "
+                          "URI: choose another folder")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output {path} already exists: pass --overwrite to replace it")
     parent = path.parent if str(path.parent) else Path(".")
@@ -200,7 +223,17 @@ def temp_name(path: str | Path) -> Path:
     tail = f".{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
     folder = path.parent if str(path.parent) else Path(".")
     room = name_max(folder) - len(TMP_PREFIX) - len(tail) - DERIVED_NAME_BYTES
-    return path.with_name(f"{TMP_PREFIX}{_shorten(path.name, max(room, 1))}{tail}")
+    # pyogrio reads a path as a URI: ';' starts its parameters and '!' an archive member, so a vector
+    # file written under a temp name holding one landed elsewhere (at '.geoseg-a' for 'a;b_landcover.gpkg',
+    # left there for good) and the run failed; the final name may hold them (the rename takes any name)
+    name = path.name.translate(_URI_MARKS)
+    return path.with_name(f"{TMP_PREFIX}{_shorten(name, max(room, 1))}{tail}")
+
+
+#: Suffixes of the vector files geoseg writes with pyogrio (see :func:`check_output`).
+_OGR_SUFFIXES = (".gpkg", ".geojson", ".json", ".fgb")
+#: Characters of a file name that pyogrio takes for URI syntax (see :func:`temp_name`).
+_URI_MARKS = str.maketrans({";": "_", "!": "_"})
 
 
 #: The writer in a temp name of :func:`temp_name` (and names derived from it: ``.staging.tif``, ...).

@@ -67,7 +67,9 @@ from geoseg.atomic import (
     disk_full,
     file_above,
     file_size_limit,
+    is_utf8,
     no_space_reason,
+    printable,
     temp_name,
     too_large,
     write_error,
@@ -86,6 +88,7 @@ from geoseg.errors import (
     ParameterError,
     PerformanceWarning,
     SceneReadError,
+    noted_stop,
     warn,
 )
 
@@ -144,30 +147,15 @@ def _list_file_entries(list_path: Path) -> list[Path]:
     return out
 
 
-def printable(text: str) -> str:
-    """``text`` as UTF-8 can hold it: the bytes of a name that is not valid UTF-8 (which Python keeps as
-    surrogate escapes, ``caf\\udce9.tif``) as ``\\xe9`` (``caf\\xe9.tif``), for the log, the report and
-    the manifest."""
-    return text if _utf8(text) else text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _bad_name(path: Path) -> str | None:
     """Why ``path`` cannot be a scene for its name (a part that is not valid UTF-8: SQLite, the JSON
     report, the log file and GDAL take UTF-8 names), else None."""
-    if _utf8(str(path)):
+    if is_utf8(str(path)):
         return None
-    part = next((p for p in path.parts if not _utf8(p)), path.name)
+    part = next((p for p in path.parts if not is_utf8(p)), path.name)
     what = "its name" if part == path.name else f"the name of its folder {printable(part)}"
     return (f"input {printable(str(path))}: {what} is not valid UTF-8 (batch keeps names as UTF-8 in its manifest, "
             "report and log): rename it")
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -1126,6 +1114,9 @@ def run_scene(
             out = SceneOutcome(key=scene.key, input=str(scene.path), status="skipped", seconds=time.perf_counter() - t0,
                                reason=OUTSIDE_AOI_REASON, error=str(exc).splitlines()[0])
         except Exception as exc:  # noqa: BLE001 - one scene's failure, whatever raised it (see above)
+            stop = noted_stop()  # (a signal's KeyboardInterrupt that paddle's C++ code turned into another error)
+            if stop is not None:
+                raise stop from None
             if not isinstance(exc, (GeosegError, OSError, ValueError, RuntimeError, MemoryError, *_gdal_errors())):
                 log.debug("%s failed with an unexpected %s", scene.key, type(exc).__name__, exc_info=True)
             out = _failed(scene, exc, t0)

@@ -155,6 +155,58 @@ def _in_geoseg(module: str) -> bool:
     return module == "geoseg" or module.startswith("geoseg.")
 
 
+#: The stop a signal handler raised in this process (see :func:`note_stop`), or none.
+_STOPS: list[BaseException] = []
+
+
+def note_stop(exc: BaseException) -> BaseException:
+    """Record ``exc`` (a ``KeyboardInterrupt`` a signal handler is about to raise) and return it. Raised
+    inside paddle's C++ code, it comes out as another error ("SystemError: (Fatal) Call
+    static_op_arg_pre_cast_hook failed"): a command then ended "unexpected error" (exit 1) on SIGTERM,
+    and a batch took its scene for failed and went on. :func:`noted_stop` tells them it was a stop."""
+    _STOPS[:] = [exc]
+    return exc
+
+
+def noted_stop() -> BaseException | None:
+    """The stop :func:`note_stop` recorded since :func:`forget_stop`, or None."""
+    return _STOPS[0] if _STOPS else None
+
+
+def forget_stop() -> None:
+    """Forget a recorded stop (a command starting)."""
+    _STOPS.clear()
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Run the block with SIGINT's and SIGTERM's Python handlers held back: a signal that comes meanwhile
+    is handled (its handler called) when the block ends. For paddle's program translation (the export):
+    the KeyboardInterrupt a handler raised inside it came back as paddle's own error, or the process died
+    of a segmentation fault (a SIGTERM a second into a first predict). Only the main thread can set
+    handlers, and only there do they run: elsewhere the block runs as it is."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[tuple[int, Any]] = []
+    kept: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):  # (SIG_DFL, SIG_IGN: the system's, nothing raised in Python)
+            kept[sig] = handler
+            signal.signal(sig, lambda signum, frame: came.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+        if came:
+            signum, frame = came[0]
+            kept[signum](signum, frame)
+
+
 #: One import of paddle at a time: a second thread found the half-built module in sys.modules
 #: ("partially initialized module 'paddle' has no attribute 'is_compiled_with_cuda'"), and the
 #: process state put back after the import is the whole process's.

@@ -30,7 +30,7 @@ from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from geoseg.atomic import atomic_output, atomic_write_text, temp_name, write_error
+from geoseg.atomic import atomic_output, atomic_write_text, is_utf8, printable, temp_name, write_error
 from geoseg.card import ClassInfo
 from geoseg.errors import AreaWarning, NoCRSWarning, OutputError, SceneError, SceneReadError, gdal_reason, warn
 
@@ -181,6 +181,12 @@ def open_scene(path: str | Path) -> SceneMeta:
     """
     text = os.fspath(path)
     path = scene_path(path)
+    if not is_utf8(text):  # (rasterio failed on it with "unexpected error: UnicodeEncodeError")
+        raise SceneReadError(f"input {printable(text)}: the name is not valid UTF-8 (GDAL takes UTF-8 names only): "
+                             "rename it (or its folder)")
+    if re.match(r"^/vsicurl(_streaming)?[/?]", text):  # (its URL's '//' does not survive a path)
+        raise SceneReadError(f"input {text}: HTTP paths (/vsicurl/) are not read; download the scene first, or give "
+                             "its object storage path (/vsis3/bucket/scene.tif, /vsigs/, /vsiaz/)")
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:/", text):
         raise SceneReadError(f"input {text}: URLs are not read as such; give a file, or GDAL's form of it "
                              "(/vsizip/archive.zip/scene.tif, /vsis3/bucket/scene.tif)")
@@ -595,6 +601,9 @@ def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: 
     path = Path(path)
     if not path.exists():
         raise ParameterError(missing)
+    if not is_virtual(path) and set(str(path)) & {";", "!"}:  # (pyogrio reads them as URI syntax)
+        raise ParameterError(f"{unreadable}: its path holds ';' or '!', which the vector reader takes for part of "
+                             "a URI: rename the file (or its folder)")
     try:
         info, _, wkb, values = pyogrio.raw.read(path, layer=_feature_layer(path))
     except Exception as exc:  # noqa: BLE001 - pyogrio raises several types

@@ -1365,3 +1365,71 @@ def test_sigterm_at_any_moment_of_the_start_is_a_clean_exit(tmp_path: Path) -> N
         assert proc.returncode == 143, (delay, proc.returncode, err[-1500:])
         assert "FatalError" not in err and "Traceback" not in err, (delay, err[-1500:])
         assert not list(tmp_path.glob(f"o{i}/*landcover*")), delay
+
+
+def test_names_the_vector_writer_takes_for_uri_syntax(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """pyogrio reads a path as a URI: the polygons of 'a;b.tif' were written at '.geoseg-a' (left there
+    for good, "no such table: gpkg_contents"), those of 'c!d.tif' as FlatGeobuf failed with "unexpected
+    error: FileNotFoundError". Temp names leave ';' and '!' out; a folder holding one is refused for
+    polygons before any work, and a vector input (an AOI) holding one in one line."""
+    import sqlite3
+
+    import pyogrio.raw
+
+    weights = str(tiny_unet[0])
+    for name, fmt in (("a;b.tif", "gpkg"), ("c!d.tif", "fgb")):
+        src = rgb(tmp_path, name, h=40, w=48)
+        out = tmp_path / f"out_{fmt}"
+        res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", weights, "--out", str(out), "--vector", fmt])
+        assert res.exit_code == 0, res.output
+        stem = name[:-4]
+        assert outputs(out) == sorted([f"{stem}_landcover.qml", f"{stem}_landcover.tif", f"{stem}_landcover.tif.aux.xml",
+                                       f"{stem}_landcover.{fmt}"]), outputs(out)
+        clean = tmp_path / f"clean.{fmt}"
+        (out / f"{stem}_landcover.{fmt}").rename(clean)
+        _, _, wkb, _ = pyogrio.raw.read(clean, layer="landcover")
+        assert len(wkb) > 0
+    with sqlite3.connect(tmp_path / "clean.gpkg") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    db.close()
+    src = rgb(tmp_path, "s.tif", h=40, w=48)
+    folder = tmp_path / "o;1"
+    folder.mkdir()
+    res = runner.invoke(cli, ["predict", str(src), "--weights", weights, "--out", str(folder)])
+    assert_one_line_error(res, "holds ';' or '!'", "choose another folder")
+    assert outputs(folder) == []
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", weights, "--out", str(folder), "--vector", "none"])
+    assert res.exit_code == 0 and "s_landcover.tif" in outputs(folder), res.output
+    aoi = tmp_path / "area!1.gpkg"
+    with rasterio.open(src) as ds:
+        b = ds.bounds
+    import shapely
+
+    pyogrio.raw.write(tmp_path / "area.gpkg", shapely.to_wkb(np.array([shapely.box(*b)])), [], [],
+                      geometry_type="Polygon", crs="EPSG:32633", driver="GPKG")
+    (tmp_path / "area.gpkg").rename(aoi)
+    res = runner.invoke(cli, ["predict", str(src), "--weights", weights, "--out", str(tmp_path / "o2"), "--aoi", str(aoi)])
+    assert_one_line_error(res, "holds ';' or '!'", "rename the file")
+
+
+def test_names_gdal_cannot_take_are_one_line_errors(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A scene or --out named in bytes that are not UTF-8 ended in "unexpected error: UnicodeEncodeError";
+    a /vsicurl/ path in "unexpected error: Missing url parameter" (its URL's '//' lost in a path)."""
+    import os
+
+    src = rgb(tmp_path, "s.tif", h=16, w=16)
+    bad = tmp_path / os.fsdecode(b"caf\xe9.tif")
+    try:
+        bad.write_bytes(src.read_bytes())
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes no file name that is not UTF-8")
+    for args, words in (
+        (["info", str(bad)], ("caf\\xe9.tif", "not valid UTF-8", "rename it")),
+        (["predict", str(bad), "--weights", str(tiny_unet[0])], ("caf\\xe9.tif", "not valid UTF-8", "rename it")),
+        (["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / os.fsdecode(b"o\xe9.tif"))],
+         ("o\\xe9.tif", "not valid UTF-8", "choose another name")),
+        (["info", "/vsicurl/http://127.0.0.1:9/s.tif"], ("/vsicurl/", "download the scene first")),
+    ):
+        res = runner.invoke(cli, args)
+        assert_one_line_error(res, *words)
+        assert "unexpected" not in res.output

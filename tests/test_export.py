@@ -520,3 +520,48 @@ def test_cached_exports_unused_for_a_month_are_removed(tiny_unet: tuple[Path, Pa
     os.utime(target / "DONE", (time.time() - month - 3600,) * 2)
     assert engine.exported_for_inference(source) == target  # used again: renewed, not removed by the next export
     assert time.time() - (target / "DONE").stat().st_mtime < 600
+
+
+def test_a_signal_during_the_export_is_handled_once_it_is_over(tiny_unet: tuple[Path, Path], tmp_path: Path) -> None:
+    """A SIGTERM handler's exception raised inside paddle's program translation came back as paddle's own
+    error (exit 1, or 130 for a SIGTERM) or killed the process with a segmentation fault (a SIGTERM a
+    second into a first predict). The export holds the handlers back and calls them once it is over."""
+    import os
+    import signal
+
+    from geoseg.card import ModelCard
+    from geoseg.models import build_model
+    from geoseg.models.checkpoints import load_weights
+    from geoseg.models.inference import export_model
+
+    card = ModelCard.load(tiny_unet[1])
+    model = build_model(card.architecture, **card.model_kwargs())
+    load_weights(model, tiny_unet[0])
+    calls: list[bool] = []
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def handler(signum, frame):  # type: ignore[no-untyped-def]
+        calls.append(True)
+        raise Stop
+
+    real_save = __import__("paddle").jit.save
+
+    def save(*args, **kwargs):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGTERM)  # in the middle of the translation
+        for _ in range(1000):  # (bytecodes for a pending handler to run at)
+            pass
+        assert not calls  # held back
+        return real_save(*args, **kwargs)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("paddle.jit.save", save)
+            with pytest.raises(Stop):
+                export_model(model, tmp_path / "x" / "model", card.in_channels)
+        assert calls == [True] and signal.getsignal(signal.SIGTERM) is handler
+        assert (tmp_path / "x" / "model.pdiparams").exists()  # the export itself finished first
+    finally:
+        signal.signal(signal.SIGTERM, previous)

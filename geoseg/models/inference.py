@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from geoseg.errors import ModelError, PerformanceWarning, require_paddle, warn
+from geoseg.errors import ModelError, PerformanceWarning, require_paddle, signals_deferred, warn
 
 if TYPE_CHECKING:  # pragma: no cover
     import paddle
@@ -122,7 +122,7 @@ def export_model(model: paddle.nn.Layer, path_prefix: str | Path, in_channels: i
     was_training = model.training
     model.eval()
     try:
-        with EXPORT_LOCK, _writable_home(prefix.parent):
+        with EXPORT_LOCK, _writable_home(prefix.parent), signals_deferred():
             paddle.jit.save(model, str(prefix), input_spec=[spec])  # type: ignore[attr-defined]
     except Exception as exc:
         if _interrupted(exc):  # Ctrl-C inside Paddle's program translation comes back as its error
