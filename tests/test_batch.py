@@ -2135,3 +2135,31 @@ def test_a_dry_run_says_a_scene_the_aoi_misses_is_skipped_as_outside_the_aoi(run
                     PredictOptions(vector="none", aoi="500001,4799701,500199,4799999"), BatchOptions(dry_run=True))
     assert [(action, sc.key, why) for action, sc, why in res.plan()] == [
         ("skip", "away.tif", "outside the AOI"), ("skip", "here.tif", "done, unchanged")]
+
+
+def test_a_stop_paddle_turned_into_another_error_stops_the_run(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM handler's exception raised inside paddle's C++ code comes out as another error
+    (SystemError): batch took the scene for failed, went on with the next ones, and exited 3."""
+    import geoseg.engine
+    from geoseg.errors import note_stop
+    from geoseg_cli.main import Terminated
+
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 3, size=(16, 16))
+    real = geoseg.engine.segment_scene
+    calls: list[str] = []
+
+    def segment_scene(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(Path(path).name)
+        if len(calls) == 1:
+            note_stop(Terminated())  # (the CLI's handler, as the signal came)
+            raise SystemError("(Fatal) Call static_op_arg_pre_cast_hook failed.")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(geoseg.engine, "segment_scene", segment_scene)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
+    assert r.exit_code == 143 and "terminated (SIGTERM)" in r.output, r.output
+    assert len(calls) == 1, calls
+    report = report_of(rep)
+    assert report["stopped"]["reason"].startswith("terminated") and "failed" not in statuses(report).values()
