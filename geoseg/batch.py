@@ -463,7 +463,7 @@ def _sidecar_digest(path: Path) -> tuple[str, int] | None:
         except OSError:  # (missing, the usual case; unreadable ones GDAL cannot use either)
             continue
         if side.name.endswith(".aux.xml"):
-            data = _pam_content(data)
+            data = _pam_content(data, functools.partial(_own_descriptions, path))
             if data is None:
                 continue  # statistics alone
         newest = mtime if newest is None else max(newest, mtime)
@@ -486,14 +486,36 @@ def _listing(folder: str, mtime_ns: int) -> frozenset[str]:
     return frozenset(os.listdir(folder))
 
 
-def _pam_content(data: bytes) -> bytes | None:
+def _own_descriptions(path: Path) -> tuple[str, ...]:
+    """The band descriptions the raster ``path`` holds itself (its ``.aux.xml`` left out); () where it
+    cannot be read."""
+    import rasterio
+
+    try:
+        with rasterio.Env(GDAL_PAM_ENABLED="NO"), rasterio.open(path) as ds:
+            return tuple(d or "" for d in ds.descriptions)
+    except Exception:  # noqa: BLE001 - unreadable: the scene itself fails with its own error
+        return ()
+
+
+def _pam_content(data: bytes, own_descriptions: Callable[[], Sequence[str]] = tuple) -> bytes | None:
     """What a GDAL ``.aux.xml`` says, without its ``<Histograms>`` and ``STATISTICS_*`` metadata items, in
     a canonical form (None when nothing else is in it): GDAL rewrites the whole file when it caches
-    statistics, with other spacing and number formats (630819.000000 as 6.3081900000000000e+05)."""
+    statistics, with other spacing and number formats (630819.000000 as 6.3081900000000000e+05), and
+    with each band's description (``<Description>B1_blue</Description>``) copied from the raster: a band
+    description is left out where it is the raster's own (``own_descriptions``, read only then)."""
     try:
         root = ElementTree.fromstring(data)
     except ElementTree.ParseError:
         return data
+    own: list[Sequence[str]] = []
+    for band in root.iter("PAMRasterBand"):
+        for desc in band.findall("Description"):
+            if not own:
+                own.append(own_descriptions())
+            i = int(band.get("band") or "0") - 1 if (band.get("band") or "").isdigit() else -1
+            if 0 <= i < len(own[0]) and (desc.text or "").strip() == own[0][i]:
+                band.remove(desc)  # (the raster's own, copied by GDAL: says nothing new)
 
     def number(token: str) -> str:
         try:

@@ -245,6 +245,29 @@ def test_gdal_rewriting_another_tool_s_aux_xml_reruns_nothing(runner, tiny_unet,
     assert r.stdout.splitlines()[-1] == "run\tscene0.tif\tinput changed", r.output
 
 
+def test_statistics_cached_for_a_scene_with_band_names_rerun_nothing(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """GDAL caching statistics (QGIS opening the scene) also copies each band's description into the
+    .aux.xml (<Description>B1_blue</Description>): every scene with band names reran the next night. A
+    description the raster holds itself says nothing new; one changed in the sidecar does."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    scene = make_archive(arch, 1)[0]
+    with rasterio.open(scene, "r+") as ds:
+        for i, name in enumerate(("red", "green", "blue"), 1):
+            ds.set_band_description(i, name)
+    assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
+    with rasterio.open(scene) as ds:
+        ds.stats(indexes=[1])
+    aux = Path(f"{scene}.aux.xml")
+    assert "<Description>red</Description>" in aux.read_text()
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    assert r.stdout.splitlines()[-1].startswith("skip\tscene0.tif"), r.output
+    aux.write_text(aux.read_text().replace("<Description>red</Description>", "<Description>nir</Description>"))
+    with rasterio.open(scene) as ds:
+        assert ds.descriptions[0] == "nir"  # (what GDAL, and band picking by name, read)
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    assert r.stdout.splitlines()[-1] == "run\tscene0.tif\tinput changed", r.output
+
+
 def test_a_scene_done_before_sidecars_counted_is_not_redone_for_the_sidecar_it_had(  # type: ignore[no-untyped-def]
         runner, tiny_unet, tmp_path: Path) -> None:
     """Upgrading made every done scene with a world file or .aux.xml beside it run again once (its
