@@ -221,6 +221,7 @@ def _usage_error_to_log_file(args: list[str], exc: click.ClickException) -> None
 @o.model_opt
 @o.weights_opt
 @o.card_opt
+@o.classes_opt
 @o.predict_options
 @click.option("--pattern", "patterns", multiple=True, metavar="GLOB",
               help="File name pattern in input folders (repeatable; case-insensitive). Default: *.tif and *.tiff.")
@@ -244,7 +245,7 @@ def _usage_error_to_log_file(args: list[str], exc: click.ClickException) -> None
 @click.pass_context
 def batch(
     ctx: click.Context, inputs: tuple[str, ...], out: Path, model: str | None, weights: Path | None,
-    card: Path | None, patterns: tuple[str, ...], force: bool, dry_run: bool, mosaic: bool, report: Path | None,
+    card: Path | None, classes: str | None, patterns: tuple[str, ...], force: bool, dry_run: bool, mosaic: bool, report: Path | None,
     log_file: Path | None, scheduler: str | None, workers: int, resources: str | None, threads: int | None,
     **predict_opts: Any,
 ) -> None:
@@ -291,7 +292,7 @@ def batch(
     opts = o.make_predict_options(**predict_opts, progress=progress, threads=threads)
     device, precision = predict_opts["device"], predict_opts["precision"]
     bm = BatchModel(model=model, weights=str(weights) if weights else None, card=str(card) if card else None,
-                    device=device, precision=precision, threads=threads)
+                    classes=classes, device=device, precision=precision, threads=threads)
     bo = BatchOptions(force=force, dry_run=dry_run, mosaic=mosaic, patterns=patterns or BatchOptions.patterns,
                       scheduler=scheduler, workers=workers, resources=res, report=report,
                       quiet_worker_loggers=(*_MUTED, "distributed") if ctx.obj.get("verbosity", 0) <= 0 else ())

@@ -10,6 +10,13 @@ import click
 from geoseg_cli import options as o
 
 
+def _classes(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
+    """A whole number: the count for the memory estimate; anything else: class names (predict's --classes)."""
+    if value is not None and value.strip().lstrip("+").isdigit():
+        return o._positive(ctx, param, int(value))
+    return value
+
+
 @click.command(short_help="Show what predict will see for a scene.")
 @o.input_arg
 @o.model_opt
@@ -19,8 +26,9 @@ from geoseg_cli import options as o
 @click.option("--no-model", is_flag=True, help="Describe the scene alone (512-px windows, overlap 128, 7 classes).")
 @click.option("--tile-size", type=int, default=None, callback=o._positive, help="Window size in pixels (default: the model's).")
 @click.option("--overlap", type=int, default=None, help="Window overlap in pixels (default: the model's).")
-@click.option("--classes", "num_classes", type=int, default=None, callback=o._positive,
-              help="Model classes, for the memory estimate (default: the model's).")
+@click.option("--classes", "num_classes", default=None, metavar="N|NAMES|FILE", callback=_classes,
+              help="Model classes, for the memory estimate (default: the model's); or, as predict's --classes, the "
+                   "class names of an exported model folder whose deploy.yaml has none.")
 @click.option("--batch-size", type=int, default=None, callback=o._positive,
               help="Windows per model call, for the memory estimate (default: predict's on CPU).")
 @click.option("--aoi", default=None, metavar="FILE|BOX",
@@ -30,8 +38,8 @@ from geoseg_cli import options as o
                    "time will be (a few seconds more).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def info(input: Path, model: str | None, weights: Path | None, card: Path | None, bands: tuple[int, ...] | None,
-         no_model: bool, tile_size: int | None, overlap: int | None, num_classes: int | None, batch_size: int | None,
-         aoi: str | None, timed: bool, as_json: bool) -> None:
+         no_model: bool, tile_size: int | None, overlap: int | None, num_classes: int | str | None,
+         batch_size: int | None, aoi: str | None, timed: bool, as_json: bool) -> None:
     """Print size, bands, dtype, CRS, nodata, window grid and a memory estimate for INPUT, and
     whether the model predict would run (the shipped deeplabv3p unless --model/--weights say
     otherwise) can read it: which bands it takes, or why it cannot.
@@ -43,11 +51,15 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
     """
     from geoseg.engine import describe_scene, resolve_model
 
-    given = [o for o, v in (("--model", model), ("--weights", weights), ("--card", card), ("--bands", bands)) if v]
+    given = [o for o, v in (("--model", model), ("--weights", weights), ("--card", card), ("--bands", bands),
+                            ("--classes NAMES", isinstance(num_classes, str))) if v]
     if no_model and (given or timed):  # (they were ignored without a word)
         raise click.UsageError(f"--no-model describes the scene alone: drop {', '.join(given or ['--time'])} or "
                                "--no-model")
-    source = None if no_model else resolve_model(model, weights, card)
+    names = num_classes if isinstance(num_classes, str) else None
+    if names is not None:
+        num_classes = None
+    source = None if no_model else resolve_model(model, weights, card, names)
     d = describe_scene(input, tile_size, overlap, num_classes, batch_size, source=source, bands=bands, aoi=aoi,
                        timed=timed)
     if as_json:

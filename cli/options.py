@@ -50,6 +50,10 @@ weights_opt = click.option(
          "(same name, .yaml) must lie beside it or be given by --card.",
 )
 card_opt = click.option("--card", type=click.Path(path_type=Path), default=None, help="Model card (YAML).")
+classes_opt = click.option(
+    "--classes", default=None, metavar="NAMES|FILE",
+    help="Class names for an exported model folder whose deploy.yaml has none (PaddleSeg exports): "
+         "comma-separated names (ids 0, 1, ...) or a YAML/JSON list of {id, name, color}.")
 tile_size_opt = click.option(
     "--tile-size", type=int, default=None, callback=_positive,
     help="Window size in pixels (default: the model card's; 128 for the shipped models).",

@@ -17,9 +17,7 @@ from geoseg_cli import options as o
 @o.model_opt
 @o.weights_opt
 @o.card_opt
-@click.option("--classes", default=None, metavar="NAMES|FILE",
-              help="Class names for an exported model folder whose deploy.yaml has none (PaddleSeg exports): "
-                   "comma-separated names (ids 0, 1, ...) or a YAML/JSON list of {id, name, color}.")
+@o.classes_opt
 @o.predict_options
 @o.overwrite_opt
 @click.pass_context

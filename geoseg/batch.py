@@ -589,7 +589,7 @@ def input_fingerprint(path: str | Path) -> dict[str, Any]:
 class BatchModel:
     """The model of a batch, picklable for Dask workers.
 
-    ``model``/``weights``/``card`` are what :func:`geoseg.engine.resolve_model` takes.
+    ``model``/``weights``/``card``/``classes`` are what :func:`geoseg.engine.resolve_model` takes.
     ``device``, ``precision``, ``runtime`` and ``threads`` go to
     :func:`geoseg.engine.build_predictor` (``threads`` caps Paddle Inference's CPU threads).
     """
@@ -597,6 +597,8 @@ class BatchModel:
     model: str | None = None
     weights: str | None = None
     card: str | None = None
+    #: Class names of an exported model folder whose deploy.yaml has none (``--classes``: names or a file).
+    classes: str | None = None
     device: str = "auto"
     precision: str = "fp32"
     runtime: str = "auto"
@@ -606,7 +608,7 @@ class BatchModel:
         """The resolved :class:`geoseg.engine.ModelSource`."""
         from geoseg.engine import resolve_model
 
-        return resolve_model(self.model, self.weights, self.card)
+        return resolve_model(self.model, self.weights, self.card, self.classes)
 
     def key(self) -> str:
         """Model card digest + weights digest (file, exported params): what the manifest compares."""
@@ -1592,8 +1594,9 @@ def run_batch(
         # and so may the model's files (a relative --weights "did not exist" on every worker of a
         # --scheduler run); an export folder too (a name that is no folder is a shipped model's)
         model = dataclasses.replace(model, **{
-            f: str(Path(v).absolute()) for f in ("model", "weights", "card")
-            if (v := getattr(model, f)) is not None and (Path(v).is_dir() if f == "model" else Path(v).exists())})
+            f: str(Path(v).absolute()) for f in ("model", "weights", "card", "classes")
+            if (v := getattr(model, f)) is not None and (Path(v).is_dir() if f == "model" else Path(v).is_file()
+                                                          if f == "classes" else Path(v).exists())})
         if batch.scheduler and client is None:
             _check_scheduler_address(batch.scheduler)
         _check_out_dir(out, batch.dry_run)

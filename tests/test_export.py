@@ -156,6 +156,38 @@ def test_paddleseg_export_is_accepted_by_predict(tiny_unet: tuple[Path, Path], s
     assert r.exit_code == 1 and "this model's card names them: drop --classes" in r.output, r.output
 
 
+def test_the_classes_advice_for_a_paddleseg_export_works_in_every_command(  # type: ignore[no-untyped-def]
+        tiny_unet: tuple[Path, Path], scene: Path, tmp_path: Path, runner) -> None:
+    """An export without class names: "pass --classes" was the advice of batch, info and export too, and
+    batch and export had no --classes ("No such option"), info's took only a number."""
+    from geoseg_cli.main import cli
+
+    folder = tmp_path / "pseg"
+    folder.mkdir()
+    _paddleseg_export(tiny_unet, folder)
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    (arch / "s.tif").write_bytes(scene.read_bytes())
+    classes = tmp_path / "classes.yaml"
+    classes.write_text("[a, b, c, d]\n")
+    args = ["--model", str(folder), "--tile-size", "32", "--overlap", "0"]
+    r = runner.invoke(cli, ["batch", str(arch), "--out", str(tmp_path / "b0"), *args])
+    assert r.exit_code == 1 and "pass --classes" in r.output, r.output
+    for spec, out in (("a,b,c,d", "b1"), (str(classes), "b2")):
+        r = runner.invoke(cli, ["-q", "batch", str(arch), "--out", str(tmp_path / out), *args, "--classes", spec,
+                                "--vector", "none"])
+        assert r.exit_code == 0, r.output
+        with rasterio.open(tmp_path / out / "s_landcover.tif") as ds:
+            assert "\"name\": \"c\"" in ds.tags()["GEOSEG_CLASSES"]
+    r = runner.invoke(cli, ["info", str(scene), "--model", str(folder)])
+    assert r.exit_code == 1 and "pass --classes" in r.output, r.output
+    r = runner.invoke(cli, ["info", str(scene), "--model", str(folder), "--classes", "a,b,c,d", "--json"])
+    assert r.exit_code == 0, r.output
+    assert runner.invoke(cli, ["info", str(scene), "--no-model", "--classes", "9"]).exit_code == 0
+    r = runner.invoke(cli, ["export", "--model", str(folder), "--out", str(tmp_path / "again")])
+    assert r.exit_code == 2 and "is already an exported folder" in r.output and "--classes" not in r.output, r.output
+
+
 def test_an_older_paddleseg_export_of_scores_is_not_read_as_labels(tiny_unet: tuple[Path, Path], scene: Path,
                                                                     tmp_path: Path) -> None:
     """PaddleSeg 2.0-2.7 wrote no output_op: geoseg takes labels then, and a graph exported with
