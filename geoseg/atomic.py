@@ -62,6 +62,10 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
         # then failed ("no such table: gpkg_contents") and a temp file was left behind
         raise OutputError(f"output {path.name!r} holds a control character (a tab, a newline): give a name "
                           "without one (for a batch scene: rename the input)")
+    limit = name_max(path.parent if str(path.parent) and path.parent.is_dir() else ".")
+    if len(os.fsencode(path.name)) > limit:  # (it failed as "unexpected error: OSError: [Errno 36]")
+        raise OutputError(f"output name {path.name[:40]}... is too long for its file system ({len(os.fsencode(path.name))} "
+                          f"bytes, at most {limit}): give a shorter name (--out NAME.tif), or rename the input")
     if path.is_dir():
         raise OutputError(f"output {path} is a folder: give a file name")
     if path.suffix.lower() in _OGR_SUFFIXES and set(str(path.parent)) & {";", "!"}:

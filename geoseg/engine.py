@@ -1376,7 +1376,15 @@ def _segment_scene(
         vector_path = None
     if vector_path is not None:
         check_output(vector_path, opts.overwrite)
-        from geoseg.vectorize import mask_pixel_area, resolve_classes, vector_settings  # refused now, not after the mask
+        from geoseg.vectorize import (  # refused now, not after the mask
+            check_geojson_crs,
+            mask_pixel_area,
+            resolve_classes,
+            vector_settings,
+        )
+
+        if opts.vector == "geojson" and out_meta.crs is not None:
+            check_geojson_crs(out_meta.crs, input_path.name)
 
         vector_settings(opts.min_area, None, opts.simplify,
                         mask_pixel_area(out_meta.crs, out_meta.transform, out_meta.height), (out_meta.height, out_meta.width))

@@ -905,8 +905,9 @@ def draw_sample(
     masks = [None] * (len(fields) - 1) + [np.ones(k.size, bool)]
     points = shapely.points(xs, ys)
     if fmt == "geojson":  # RFC 7946: longitudes/latitudes (WGS 84), as every reader takes a GeoJSON
-        from geoseg.vectorize import GEOJSON_OPTIONS, to_wgs84
+        from geoseg.vectorize import GEOJSON_OPTIONS, check_geojson_crs, to_wgs84
 
+        check_geojson_crs(crs, f"mask {mask_path.name}")
         points, crs_out, options = to_wgs84(points, crs), "EPSG:4326", GEOJSON_OPTIONS
     else:
         crs_out, options = crs.to_wkt(), {}

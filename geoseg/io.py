@@ -90,11 +90,15 @@ class SceneMeta:
         one 'dtype' found")."""
         kinds = {b: self.dtypes[b - 1] for b in bands} if self.dtypes else {}
         if len(set(kinds.values())) > 1:
-            first = kinds[bands[0]]
-            said = ", ".join(f"band {b} {t}" for b, t in list(kinds.items())[:4])
-            raise SceneError(f"{self.path.name}: bands of more than one data type ({said}): geoseg reads one "
-                             f"type per scene: make one first, e.g. gdalbuildvrt -ot {first} or gdal_translate "
-                             f"-ot {first}{hint}")
+            by_type: dict[str, list[int]] = {}
+            for b, t in kinds.items():
+                by_type.setdefault(t, []).append(b)
+            said = ", ".join(f"{t} (band{'s' if len(bs) > 1 else ''} {','.join(map(str, bs))})" for t, bs in by_type.items())
+            wide = str(np.result_type(*by_type))  # (one type that holds every band's values)
+            gdal_name = rasterio.dtypes.typename_fwd.get(rasterio.dtypes.dtype_rev.get(wide, -1), wide)
+            raise SceneError(f"{self.path.name}: bands of more than one data type: {said}; geoseg reads one "
+                             f"type per scene: make one first, e.g. gdalbuildvrt -ot {gdal_name} or gdal_translate "
+                             f"-ot {gdal_name}{hint}")
         dtype = next(iter(kinds.values()), self.dtype)
         return self if dtype == self.dtype else dataclasses.replace(self, dtype=dtype)
 
@@ -239,6 +243,7 @@ def open_scene(path: str | Path) -> SceneMeta:
             + _convert_hint(meta.dtype, path.name)
         )
     check_transform(f"input {path}", path.name, meta.transform)
+    check_latitudes(f"input {path}", path.name, meta.crs, meta.transform, meta.width, meta.height)
     return meta
 
 
@@ -266,6 +271,25 @@ def check_transform(what: str, name: str, transform: Any) -> None:
         raise SceneError(f"{what} has a geotransform that gives its pixels no area (pixel size {a:g} x {e:g}, "
                          f"rotation terms {b:g}, {d:g}): set its georeferencing again "
                          f"(e.g. gdal_edit.py -a_ullr ULX ULY LRX LRY {name})")
+
+
+def check_latitudes(what: str, name: str, crs: Any, transform: Any, width: int, height: int) -> None:
+    """Refuse a grid of a geographic CRS whose pixel centres lie beyond the poles (a latitude past
+    ±90°: a transform written in another CRS's units, or with its origin and size swapped): its
+    ground sizes were NaN, and predict then failed on "simplify nan", vectorize on "cannot convert
+    float NaN to integer", and info printed "nan m".
+
+    Raises:
+        SceneError: naming ``what`` and how to mend the file ``name``.
+    """
+    if crs is None or not crs.is_geographic or not width or not height:
+        return
+    k = degrees_per_unit(crs)
+    lats = [k * (transform @ (c, r))[1] for c in (0.5, width - 0.5) for r in (0.5, height - 0.5)]
+    if max(abs(v) for v in lats) > 90 + 1e-9:
+        raise SceneError(f"{what} is in a geographic CRS ({crs.to_string() if crs.to_epsg() else 'degrees'}) but its "
+                         f"pixels reach latitude {max(lats, key=abs):.6g}, beyond the poles: its georeferencing is "
+                         f"wrong; set it again (e.g. gdal_edit.py -a_srs EPSG:XXXX -a_ullr ULX ULY LRX LRY {name})")
 
 
 def check_georeferenced(meta: SceneMeta) -> None:

@@ -79,7 +79,7 @@ from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.config import checked_arguments, plain
 from geoseg.errors import ParameterError, SceneError, SceneReadError
-from geoseg.io import area_units, band_class_names, check_map_areas, check_transform, degrees_per_unit, geodesic, ground_pixel_area, has_mask_band
+from geoseg.io import area_units, band_class_names, check_latitudes, check_map_areas, check_transform, degrees_per_unit, geodesic, ground_pixel_area, has_mask_band
 from geoseg.io import read_classes as read_tagged_classes
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ def _mask_info(path: Path, ds: rasterio.DatasetReader) -> MaskInfo:
     if ds.crs is None:
         raise SceneError(f"mask {path} has no CRS: assign one first (e.g. gdal_edit.py -a_srs EPSG:XXXX {path.name})")
     check_transform(f"mask {path}", path.name, ds.transform)
+    check_latitudes(f"mask {path}", path.name, ds.crs, ds.transform, ds.width, ds.height)
     if ds.count > 1:
         raise SceneError(
             f"mask {path} has {ds.count} bands, a class raster has one: give the mask geoseg predict wrote "
@@ -884,6 +885,22 @@ def _measure(geoms: np.ndarray, crs: CRS, step: float | None = None) -> tuple[np
     return np.abs(area), perimeter
 
 
+def check_geojson_crs(crs: CRS, what: str) -> None:
+    """Refuse GeoJSON output for a CRS that has no way to WGS 84 (an engineering or local CRS): GeoJSON
+    is in longitudes/latitudes (RFC 7946), and the write failed after the mask with "unexpected error:
+    CPLE_NotSupportedError: Cannot find coordinate operations from '{...PROJJSON...}'".
+
+    Raises:
+        ParameterError: naming ``what`` and the formats that keep the CRS.
+    """
+    try:
+        rasterio.warp.transform(crs, "EPSG:4326", [0.0], [0.0])
+    except Exception:  # noqa: BLE001 - rasterio raises CPLE_* errors of several kinds
+        raise ParameterError(f"{what}: its CRS cannot be converted to longitudes/latitudes, and GeoJSON (RFC 7946) holds "
+                             "only those: write GeoPackage or FlatGeobuf polygons (--vector gpkg, vectorize's --format "
+                             "gpkg), which keep the CRS") from None
+
+
 def to_wgs84(geoms: np.ndarray, crs: CRS) -> np.ndarray:
     """Geometries in ``crs`` as longitudes/latitudes (WGS 84), vertex by vertex (GeoJSON's CRS)."""
     def fn(xy: np.ndarray) -> np.ndarray:
@@ -1076,6 +1093,8 @@ def vectorize_mask(
     layer = layer or "landcover"
     driver = DRIVERS[fmt]
     geojson = fmt == "geojson"
+    if geojson:
+        check_geojson_crs(info.crs, f"mask {mask_path.name}")
     crs_wkt = "EPSG:4326" if geojson else info.crs.to_wkt()
     units = area_units(info.crs)
     if warn_areas:

@@ -682,8 +682,9 @@ def test_a_vrt_of_bands_of_two_data_types_is_one_line_error(runner: CliRunner, t
     vrt.write_text(vrt.read_text().replace('dataType="Byte" band="3"', 'dataType="UInt16" band="3"'))
     res = runner.invoke(cli, ["predict", str(vrt), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o"),
                               "--vector", "none"])
-    assert_one_line_error(res, "bands of more than one data type (band 1 uint8, band 2 uint8, band 3 uint16)",
-                          "-ot uint8")
+    # (the type that holds every band's values, by its GDAL name: '-ot uint8' was no GDAL type, and clipped)
+    assert_one_line_error(res, "bands of more than one data type: uint8 (bands 1,2), uint16 (band 3)",
+                          "-ot UInt16")
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
     # bands of one type, band 1 (not read) of another: read, and normalised as their type
     data = (np.random.default_rng(1).random((4, 90, 150)) * 200 + 20).astype(np.uint8)
@@ -1433,3 +1434,55 @@ def test_names_gdal_cannot_take_are_one_line_errors(runner, tiny_unet, tmp_path:
         res = runner.invoke(cli, args)
         assert_one_line_error(res, *words)
         assert "unexpected" not in res.output
+
+
+def test_an_output_name_past_the_file_system_s_limit_is_one_line(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A scene named with 240 characters: its '<stem>_landcover.tif.aux.xml' passed 255 bytes, and predict
+    ended in "unexpected error: OSError: [Errno 36] File name too long"."""
+    try:
+        src = rgb(tmp_path, "a" * 240 + ".tif", h=16, w=16)
+    except OSError:
+        pytest.skip("this file system takes no name that long")
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o")])
+    assert_one_line_error(res, "is too long for its file system", "give a shorter name")
+    assert not (tmp_path / "o").exists() or outputs(tmp_path / "o") == []
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "short.tif"),
+                              "--vector", "none"])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_degree_grid_beyond_the_poles_is_one_line(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """EPSG:4326 with latitudes from 100 down: its ground sizes were NaN: info printed 'about nan m', predict
+    failed on 'simplify nan is not allowed', vectorize on 'cannot convert float NaN to integer'. A grid whose
+    top edge passes 90 by less than half a pixel is fine."""
+    from affine import Affine
+
+    src = rgb(tmp_path, "far.tif", h=20, w=20, crs="EPSG:4326", transform=Affine(0.001, 0, 10, 0, -0.001, 100))
+    for args in (["info", str(src)], ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o")]):
+        res = runner.invoke(cli, args)
+        assert_one_line_error(res, "beyond the poles", "latitude 99.9995")
+    mask = write_raster(tmp_path / "m.tif", np.ones((1, 20, 20), np.uint8), crs="EPSG:4326",
+                        transform=Affine(0.001, 0, 10, 0, -0.001, 100))
+    res = runner.invoke(cli, ["vectorize", str(mask), "--out", str(tmp_path / "m.gpkg"), "--min-area", "1000"])
+    assert_one_line_error(res, "beyond the poles")
+    ok = rgb(tmp_path, "top.tif", h=20, w=20, crs="EPSG:4326", transform=Affine(0.001, 0, 10, 0, -0.001, 90.0004))
+    res = runner.invoke(cli, ["-q", "predict", str(ok), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 0, res.output
+
+
+def test_geojson_of_a_crs_without_a_way_to_wgs84_is_refused_before_any_work(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A local (engineering) CRS: --vector geojson failed after the mask with "unexpected error:
+    CPLE_NotSupportedError: Cannot find coordinate operations from '{ PROJJSON ... }'"; vectorize too."""
+    from rasterio.crs import CRS
+
+    local = CRS.from_wkt('LOCAL_CS["arbitrary",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]')
+    src = rgb(tmp_path, "local.tif", h=20, w=20, crs=local)
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o"),
+                              "--vector", "geojson"])
+    assert_one_line_error(res, "cannot be converted to longitudes/latitudes", "--vector gpkg")
+    assert not (tmp_path / "o").exists() or outputs(tmp_path / "o") == []
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output  # (a GeoPackage keeps the CRS)
+    res = runner.invoke(cli, ["vectorize", str(tmp_path / "o" / "local_landcover.tif"), "--out", str(tmp_path / "p.geojson")])
+    assert_one_line_error(res, "cannot be converted to longitudes/latitudes")
+    assert not (tmp_path / "p.geojson").exists()
