@@ -15,7 +15,8 @@ from geoseg_cli import options as o
 @o.card_opt
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--output-op", type=click.Choice(["none", "softmax", "argmax"]), default="none", show_default=True,
-              help="What the exported graph returns: logits (none), probabilities or class indexes (as PaddleSeg).")
+              help="What the exported graph returns: logits (none), probabilities or class indexes (as PaddleSeg; "
+                   "predict then runs it without the card's prior adaptation, confidence or probabilities).")
 @click.option("--input-dtype", type=click.Choice(["uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"]),
               default=None,
               help="Raster type that deploy.yaml's PaddleSeg Normalize is exact for (default: the type the model "

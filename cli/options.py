@@ -63,8 +63,8 @@ overlap_opt = click.option(
 )
 batch_size_opt = click.option(
     "--batch-size", type=int, default=None, callback=_positive,
-    help="Windows per model call (default: 8 on GPU up to 512 px, 2 at 1024 px; on CPU 1 for windows of 256 px or "
-         "more, 4 for 128 px).",
+    help="Windows per model call (default: 8 on GPU up to 512 px, 2 at 1024 px; on CPU about 256x256 pixels per "
+         "call, at most 8: 1 for windows of about 230 px or more, 4 for 128 px).",
 )
 device_opt = click.option(
     "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,

@@ -96,7 +96,7 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
     text = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
     if meta.transform is None or (meta.crs is None and meta.transform.is_identity):
         raise ParameterError(f"--aoi needs a scene on a map grid; {meta.path.name} has no geotransform "
-                             "(warp it first, e.g. gdalwarp -t_srs EPSG:32618)")
+                             "(warp it first, e.g. gdalwarp -t_srs EPSG:XXXX, the CRS of your AOI's area)")
     if not text.strip() or (Path(text).is_dir() and not text.lower().endswith((".gdb", ".gpkg"))):
         # (a folder, "" too, was "unexpected error: IsADirectoryError")
         raise ParameterError(f"--aoi {text!r} is {'empty' if not text.strip() else 'a folder'}: give a vector file "

@@ -1706,7 +1706,8 @@ class Trainer:
                      "to learn from)", TrainingWarning)
             if cfg.band_names and len(cfg.band_names) != len(bands):
                 raise ParameterError(f"band_names lists {len(cfg.band_names)} name(s) but the model reads {len(bands)} "
-                                     f"band(s) of {image_path.name}: give one name per band read")
+                                     f"band(s) of {image_path.name}: give one name per band read (with --set bands=..., "
+                                     "also --set band_names=null, or the new bands' names)")
             if scenes:
                 first = scenes[0]
                 if len(bands) != len(first["bands"]):

@@ -1064,6 +1064,10 @@ def vectorize_mask(
     out_path = Path(out_path)
     if fmt is not None and fmt not in FORMATS:
         raise ParameterError(f"format {fmt!r} is not known: use one of {', '.join(FORMATS)}")
+    if classes is not None and not all(isinstance(c, ClassInfo) for c in classes):
+        # (names gave "AttributeError: 'str' object has no attribute 'id'")
+        raise ParameterError("classes: give ClassInfo entries (names and colours for the mask's ids); the polygons of "
+                             "some classes only are keep_classes (ids or names)")
     if out_path.is_dir():  # (it said "output tmp: name it .gpkg ...")
         raise ParameterError(f"output {out_path} is a folder: give a file name (.gpkg, .geojson or .fgb)")
     named = format_from_path(out_path)

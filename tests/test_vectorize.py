@@ -711,3 +711,11 @@ def test_a_busy_strip_is_cut_shorter_and_the_polygons_are_the_same(tmp_path: Pat
     assert len(busy) > 4 and max(busy[: len(busy) // 2]) < 64 and sum(busy) == 2 * 120
     assert runs[(700, 0.0)] == runs[(1 << 30, 0.0)]
     assert runs[(700, 15.0)] == runs[(1 << 30, 15.0)]  # the same polygons (classes, total area)
+
+
+def test_class_names_where_class_infos_are_due_are_one_line(mask_path: Path, tmp_path: Path) -> None:
+    """vectorize_mask(..., classes=["forest"]) (meaning the polygons of forest only) ended in
+    "AttributeError: 'str' object has no attribute 'id'"."""
+    with pytest.raises(ParameterError, match="keep_classes"):
+        vec.vectorize_mask(mask_path, tmp_path / "x.gpkg", classes=["forest"])  # type: ignore[list-item]
+    assert not (tmp_path / "x.gpkg").exists()
