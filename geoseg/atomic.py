@@ -100,15 +100,18 @@ _FULL_TEXTS = ("no space left on device", "disk quota exceeded")
 
 
 def disk_full(exc: BaseException | None, folder: str | Path | None = None) -> bool:
-    """Whether ``exc`` (or an exception it was raised from) says the disk is full, or ``folder``'s
-    file system has less than :data:`LOW_SPACE_BYTES` free."""
+    """Whether ``exc`` (or an exception it was raised from) says the disk is full, or, where it gives no
+    other reason (GDAL's errors often carry no errno), ``folder``'s file system has less than
+    :data:`LOW_SPACE_BYTES` free."""
     seen: set[int] = set()
+    other = False  # an errno that says something else (a missing folder, a permission): believed
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if getattr(exc, "errno", None) in _FULL_ERRNOS or any(t in str(exc).lower() for t in _FULL_TEXTS):
             return True
+        other = other or isinstance(getattr(exc, "errno", None), int)
         exc = exc.__cause__ or exc.__context__
-    if folder is not None:
+    if folder is not None and not other:
         with contextlib.suppress(OSError):
             return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
     return False

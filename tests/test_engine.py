@@ -464,6 +464,12 @@ def test_a_full_disk_is_said_in_one_line_and_leaves_nothing(tmp_path: Path, monk
     except Exception as exc:
         assert A.disk_full(exc, tmp_path)
     assert A.disk_full(OSError(errno.ENOSPC, "No space left on device")) and not A.disk_full(OSError(errno.EACCES, "x"))
+    # on a nearly full disk an error with another errno is that error (a missing folder, a refused write
+    # were "no space left on the device"); one without any errno still counts the free space
+    monkeypatch.setattr(A.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    assert not A.disk_full(FileNotFoundError(errno.ENOENT, "No such file or directory"), tmp_path)
+    assert not A.disk_full(PermissionError(errno.EACCES, "Permission denied"), tmp_path)
+    assert A.disk_full(rasterio.errors.RasterioIOError("Write failed."), tmp_path)
 
 
 def test_polygons_that_find_no_room_keep_saying_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
