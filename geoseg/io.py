@@ -432,9 +432,19 @@ def whole_class_ids(block: np.ndarray, nodata: float | None, what: str, hint: st
 
 
 def corrupt_input(name: str | Path, exc: BaseException, where: str = "") -> SceneReadError:
-    """The one-line error for an input GDAL cannot decode (``where``: e.g. " at column 261, row 0")."""
-    return SceneReadError(f"input {name} cannot be read{where} ({gdal_reason(exc)}): the file may be corrupt or "
-                          "truncated; check it with gdalinfo -checksum")
+    """The one-line error for an input GDAL cannot decode (``where``: e.g. " at column 261, row 0"): a
+    file it reads that is missing (a VRT's source) or a remote one that cannot be reached is said so,
+    not taken for corruption."""
+    reason = gdal_reason(exc)
+    low = reason.lower()
+    if any(t in low for t in ("no such file", "does not exist")):
+        advice = "a file it reads is missing (a VRT's source?): check the paths it names"
+    elif any(t in low for t in ("could not resolve", "http", "curl", "credential", "access denied", "forbidden",
+                                "timed out", "connection")):
+        advice = "its storage cannot be reached: check the network, the path and the credentials (AWS_*, GS_*, AZURE_*)"
+    else:
+        advice = "the file may be corrupt or truncated; check it with gdalinfo -checksum"
+    return SceneReadError(f"input {name} cannot be read{where} ({reason}): {advice}")
 
 
 def read_window_gaps(

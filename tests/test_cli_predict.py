@@ -1486,3 +1486,14 @@ def test_geojson_of_a_crs_without_a_way_to_wgs84_is_refused_before_any_work(runn
     res = runner.invoke(cli, ["vectorize", str(tmp_path / "o" / "local_landcover.tif"), "--out", str(tmp_path / "p.geojson")])
     assert_one_line_error(res, "cannot be converted to longitudes/latitudes")
     assert not (tmp_path / "p.geojson").exists()
+
+
+def test_a_vrt_whose_source_is_missing_is_not_called_corrupt(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A VRT whose band file was moved away: "the file may be corrupt or truncated; check it with gdalinfo
+    -checksum", which sent users after a file that was whole."""
+    write_band_vrt(rgb(tmp_path, "stack.tif", h=20, w=20), tmp_path / "bands.vrt")
+    (tmp_path / "B2.tif").rename(tmp_path / "moved.tif")
+    res = runner.invoke(cli, ["predict", str(tmp_path / "bands.vrt"), "--weights", str(tiny_unet[0]),
+                              "--out", str(tmp_path / "o")])
+    assert_one_line_error(res, "a file it reads is missing")
+    assert "corrupt" not in res.output
