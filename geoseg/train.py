@@ -2297,8 +2297,9 @@ class Trainer:
                 history.append(row)
                 with open(csv_path, "a", newline="") as f:
                     csv.writer(f).writerow([_fmt(row.get(k)) for k in fields])
-                if not validate_now:
-                    log.debug("iteration %d: loss %.4f, lr %.2e, grad norm %.3f", it, float(np.mean(running)), lr, gnorm)
+                if not validate_now:  # (a line in a log file or cron mail; beside a progress bar, debug only)
+                    (log.debug if bar is not None else log.info)(
+                        "iteration %d: loss %.4f, lr %.2e, grad norm %.3f", it, float(np.mean(running)), lr, gnorm)
                 running = []
             if it % cfg.val_every == 0 or it == cfg.iterations:
                 self._save_checkpoint(ckpt_dir, model, opt, it, best_miou, best_it, history, best_metrics)

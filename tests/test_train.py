@@ -670,6 +670,10 @@ def test_cli_train(scene: tuple[Path, Path], tmp_path: Path, runner) -> None:  #
     r = runner.invoke(cli, ["-q", "train", "--config", str(tmp_path / "c.yaml"), "--iterations", "2", "--overwrite"])
     assert r.exit_code == 0, r.output
     assert ModelCard.load(tmp_path / "cli" / "weights.yaml").training["loss"] != "dice"  # the new run's card
+    # off a terminal (a log file, cron's mail) the loss is said every log_every iterations, not only at validations
+    r = runner.invoke(cli, ["train", "--config", str(tmp_path / "c.yaml"), "--iterations", "3", "--out",
+                            str(tmp_path / "logged")])
+    assert r.exit_code == 0 and "iteration 1: loss" in r.output and "iteration 3: loss" in r.output, r.output
     r = runner.invoke(cli, ["-q", "train", "--config", str(tmp_path / "c.yaml"), "--iterations", "3",
                             "--resume", str(tmp_path / "cli" / "checkpoints")])
     assert r.exit_code == 0, r.output  # resuming into its own folder is what --resume is for
