@@ -17,6 +17,11 @@ def _classes(ctx: click.Context, param: click.Parameter, value: str | None) -> i
     return value
 
 
+def _n(count: int, noun: str) -> str:
+    """``count`` and ``noun``, plural unless one."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 @click.command(short_help="Show what predict will see for a scene.")
 @o.input_arg
 @o.model_opt
@@ -101,7 +106,7 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
             verdict = ": resample the scene, its map may be poor" if m["resolution_mismatch"] else ""
             rows.append(("resolution", f"the model learned from {m['pixel_size']:.3g} m pixels{verdict}"))
     rows += [
-        ("windows", f"{d['windows']} ({d['window_grid'][0]} rows x {d['window_grid'][1]} cols of {d['tile_size']} px, "
+        ("windows", f"{d['windows']} ({_n(d['window_grid'][0], 'row')} x {_n(d['window_grid'][1], 'col')} of {d['tile_size']} px, "
                     f"overlap {d['overlap']}"
                     + ("" if d["model_input"] == [d["tile_size"]] * 2
                        else f"; padded to {d['model_input'][1]}x{d['model_input'][0]} px for the model") + ")"),

@@ -1576,8 +1576,10 @@ def _segment_scene(
     if total:
         log.info("%s: %s of %d classified pixels", mask_path.name, ", ".join(
             f"{k} {v / total:.1%}" for k, v in sorted(class_pixels.items(), key=lambda kv: -kv[1]) if v), total)
-    log.info("wrote %s: %d windows (%d %s skipped) in %.1f s, %.2f windows/s, %.2f megapixels/s",
-             mask_path, ran, skipped, "all-nodata" if aoi is None else "all-nodata or outside the AOI", seconds, result.windows_per_s, result.megapixels_per_s)
+    log.info("wrote %s: %d window%s (%d %s skipped) in %.1f s, %.2f windows/s, %.2f megapixels/s",
+             mask_path, ran, "" if ran == 1 else "s", skipped,
+             "all-nodata" if aoi is None else "all-nodata or outside the AOI's shape", seconds, result.windows_per_s,
+             result.megapixels_per_s)
     return result
 
 
