@@ -27,7 +27,7 @@ from geoseg.atomic import check_output
 from geoseg.engine import ModelSource, resolve_model, shipped_models, weights_digest
 from geoseg.card import ModelCard
 from geoseg.config import checked_arguments, plain
-from geoseg.errors import GeosegWarning, ModelError, OutputError, warn
+from geoseg.errors import GeosegWarning, ModelError, OutputError, ParameterError, warn
 
 __all__ = ["combine_models", "member_settings", "member_source"]
 
@@ -124,6 +124,9 @@ def combine_models(
     weights_path, card_path = out / "weights.pdparams", out / "weights.yaml"
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} is a file: give a folder for the ensemble")
+    for i, m in enumerate(members, 1):  # (--overwrite replaced the member's weights and card with the ensemble)
+        if out.exists() and m.weights is not None and Path(m.weights).parent.resolve() == out.resolve():
+            raise ParameterError(f"output {out} is member {i}'s run folder: write the ensemble into another folder")
     out.mkdir(parents=True, exist_ok=True)
     for p in (weights_path, card_path):
         check_output(p, overwrite)

@@ -126,7 +126,8 @@ def _check_relative_paths(data: Mapping[str, Any], config: Path) -> None:
             value = entry.get(key)
             if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
                 continue
-            near = [config.parent, *list(config.parent.parents)[:3]]  # the config's folder or one above it
+            where = config.absolute().parent  # (a relative config path: "nc_unet.yaml" has no parents to look in)
+            near = [where, *list(where.parents)[:3]]  # the config's folder or up to three above it
             if any((folder / value).exists() for folder in near):
                 raise ParameterError(
                     f"{key} {value} of {config} does not exist in the working folder {Path.cwd()}: relative paths in "
@@ -332,6 +333,9 @@ class TrainConfig:
                          ("tile_overlap", self.tile_overlap)):
             if v is not None and v < 0:
                 raise ParameterError(f"{label} {v}: use 0 or more (a negative {label} means nothing)")
+        if self.min_lr > self.lr:  # (the schedule then climbed from lr to min_lr without a word)
+            raise ParameterError(f"min_lr {self.min_lr}: the learning rate the schedule ends at must not exceed lr "
+                                 f"{self.lr} (e.g. {self.lr / 100:g}, or 0)")
         if self.tile_overlap is not None and self.tile_overlap >= self.window:
             # (the run trained, then predict refused its card: "overlap 40 must be smaller than the tile size 32")
             raise ParameterError(f"tile_overlap {self.tile_overlap}: must be smaller than window {self.window} "
@@ -986,13 +990,20 @@ def band_statistics(image: np.ndarray, valid: np.ndarray, scale: float,
 
 def _file_identity(path: str | Path) -> str | None:
     """A file's size and a hash of its first and last 64 KiB (:func:`geoseg.batch.quick_hash`): enough to see it
-    replaced or rewritten; None where it cannot be read (a glob, a virtual path)."""
+    replaced or rewritten; None where it cannot be read (a glob, a virtual path). A shapefile's with its
+    attribute table and index (.dbf, .shx, .prj, .cpg): classes relabelled in QGIS change the .dbf only."""
     from geoseg.batch import quick_hash
 
     try:
-        return f"{os.stat(path).st_size}:{quick_hash(path)}"
+        ident = f"{os.stat(path).st_size}:{quick_hash(path)}"
     except OSError:
         return None
+    if str(path).lower().endswith(".shp"):
+        for ext in (".dbf", ".shx", ".prj", ".cpg"):
+            side = Path(path).with_suffix(ext)
+            with contextlib.suppress(OSError):
+                ident += f"|{ext}:{os.stat(side).st_size}:{quick_hash(side)}"
+    return ident
 
 
 def _warn_constant_bands(bands: Sequence[int], std: Sequence[float]) -> None:
@@ -2379,13 +2390,20 @@ class Trainer:
         it, yet its card would list it)."""
         nodata = {int(v) for sc in scenes if (v := sc["label_nodata"]) is not None and float(v).is_integer()}
         for c in self.classes:
-            if c.id in present:
-                continue
-            if c.id in nodata:
+            if c.id not in present and c.id in nodata:
                 raise ParameterError(
                     f"class {c.id} ({c.name}) is also the label raster's nodata value, so its pixels count as unlabelled "
                     f"and it would never be learned: unset the labels' nodata (gdal_edit.py -unsetnodata LABELS) or "
                     "give the classes other ids")
+        have = [c.id for c in self.classes if c.id in present]
+        if len(have) < 2:  # (listed classes: it trained, warning of each missing one, and validated mIoU = OA)
+            held = f"one of them only ({have[0]})" if have else "none of them"
+            raise ParameterError(f"the config lists {len(self.classes)} classes and the training labels hold {held} in "
+                                 "the training region: a segmentation model needs at least two; check the labels, "
+                                 "train_region and ignore")
+        for c in self.classes:
+            if c.id in present:
+                continue
             warn(f"class {c.id} ({c.name}) has no labelled pixel in the training region: the model cannot learn it "
                  "(check the class ids and train_region)", TrainingWarning)
 
@@ -2589,6 +2607,10 @@ class Trainer:
                                  "train anew with --overwrite") from None
         except OSError as exc:
             raise ParameterError(f"resume: cannot read {meta_path}: {exc.strerror or exc}") from None
+        if data and len(data) != len(self._data):  # (a scene added or removed: zip compared the first ones only)
+            raise ParameterError(f"resume: the run was trained on {len(data)} scene(s) and its config now gives "
+                                 f"{len(self._data)} (files added or removed since the checkpoint was saved): resume "
+                                 "with the data the run was trained on, or train anew with --overwrite")
         for then, now, sc in zip(data, self._data, self.scenes):
             changed = [k for k in ("image", "labels") if isinstance(then, dict) and then.get(k) not in (None, now[k])]
             if changed:  # (the statistics and labels of this run are the new file's; the weights learnt the old)

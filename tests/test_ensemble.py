@@ -172,6 +172,11 @@ def test_cli_ensemble(tmp_path: Path, runner) -> None:  # type: ignore[no-untype
     assert r.exit_code != 0 and "does not exist" in r.output and "Traceback" not in r.output
     r = runner.invoke(cli, ["-q", "ensemble", str(a), str(b), "--out", str(tmp_path / "e")])
     assert r.exit_code != 0 and "--overwrite" in r.output
+    # a member's own folder: --overwrite replaced that member's weights and card with the ensemble
+    before = (a / "weights.pdparams").read_bytes()
+    r = runner.invoke(cli, ["-q", "ensemble", str(a), str(b), "--out", str(a), "--overwrite"])
+    assert r.exit_code == 1 and "is member 1's run folder" in r.output, r.output
+    assert (a / "weights.pdparams").read_bytes() == before
 
 
 def test_train_refuses_members(tmp_path: Path) -> None:

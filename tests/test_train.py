@@ -446,6 +446,10 @@ def test_config_paths_and_option_clashes_are_explained(scene: tuple[Path, Path],
     with pytest.raises(ParameterError, match=r"image data/img.tif of .*c.yaml does not exist in the working folder "
                                              r".*: relative paths in a config are taken from the working folder"):
         TrainConfig.load(cfg)
+    monkeypatch.chdir(project / "recipes")  # a config named relative to the working folder ("c.yaml") too
+    with pytest.raises(ParameterError, match=r"relative paths in a config are taken from the working folder"):
+        TrainConfig.load(Path("c.yaml"))
+    monkeypatch.chdir(tmp_path)
     # the paths an override replaces are not the config's any more: not checked (a shared recipe with
     # today's scene, from another folder, was refused for the recipe's own image)
     today = {"image": project / "data" / "img.tif", "labels": str(project / "data" / "lab.tif")}
@@ -2589,3 +2593,67 @@ def test_resume_refuses_data_changed_since_the_checkpoint(scene: tuple[Path, Pat
         ds.write(np.where(data > 0, 255 - data, 0).astype(data.dtype))
     with pytest.raises(ParameterError, match=r"resume: .*img.tif changed since the checkpoint was saved"):
         train(_cfg((img, lab), out, resume=str(out / "checkpoints"), iterations=6, val_every=2))
+
+
+def test_resume_refuses_scenes_added_or_a_shapefile_relabelled(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """A scene pattern that matched one more file at --resume, or polygon labels whose classes were edited
+    in QGIS (a shapefile's .dbf changes, its .shp not), resumed without a word: the weights had learnt
+    the old data, the statistics and labels were the new."""
+    import shutil
+
+    import pyogrio.raw
+    import shapely
+
+    d = tmp_path / "data"
+    d.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(scene[0], d / f"{name}.tif")
+        shutil.copy(scene[1], d / f"{name}_lab.tif")
+    base = {k: v for k, v in _cfg(scene, tmp_path / "x").to_dict().items()
+            if k not in ("image", "labels", "out", "train_region", "val_region")}
+    cfg = {**base, "scenes": [{"image": str(d / "*.tif"), "labels": str(d / "{stem}_lab.tif")}],
+           "iterations": 2, "val_every": 2}
+    (d / "a_lab.tif").rename(tmp_path / "a_lab.tif")  # (kept out of the pattern: *.tif would take it)
+    (d / "b_lab.tif").rename(tmp_path / "b_lab.tif")
+    cfg["scenes"][0]["labels"] = str(tmp_path / "{stem}_lab.tif")
+    out = tmp_path / "o"
+    train(TrainConfig.from_mapping({**cfg, "out": str(out)}))
+    shutil.copy(scene[0], d / "c.tif")
+    shutil.copy(scene[1], tmp_path / "c_lab.tif")
+    with pytest.raises(ParameterError, match=r"resume: the run was trained on 2 scene\(s\) and its config now gives 3"):
+        train(TrainConfig.from_mapping({**cfg, "out": str(out), "resume": str(out / "checkpoints"), "iterations": 4}))
+    # polygon labels: the .dbf alone changes
+    polys = tmp_path / "p.shp"
+    with rasterio.open(scene[0]) as ds:
+        b = ds.bounds
+        crs = ds.crs.to_wkt()
+    boxes = np.array([shapely.box(b.left, b.bottom, (b.left + b.right) / 2, b.top),
+                      shapely.box((b.left + b.right) / 2, b.bottom, b.right, b.top)])
+    pyogrio.raw.write(polys, shapely.to_wkb(boxes), [np.array([1, 2])], ["id"], geometry_type="Polygon", crs=crs,
+                      driver="ESRI Shapefile")
+    pcfg = {**base, "image": str(scene[0]), "labels": str(polys), "label_field": "id", "val_region": None,
+            "train_region": [0, 0, 48, 48], "iterations": 2, "val_every": 2}
+    out2 = tmp_path / "o2"
+    train(TrainConfig.from_mapping({**pcfg, "out": str(out2)}))
+    shp = polys.read_bytes()
+    pyogrio.raw.write(polys, shapely.to_wkb(boxes), [np.array([2, 1])], ["id"], geometry_type="Polygon", crs=crs,
+                      driver="ESRI Shapefile")
+    assert polys.read_bytes() == shp  # (the geometries are the same: only the attribute table changed)
+    with pytest.raises(ParameterError, match=r"resume: .*p.shp changed since the checkpoint was saved"):
+        train(TrainConfig.from_mapping({**pcfg, "out": str(out2), "resume": str(out2 / "checkpoints"), "iterations": 4}))
+
+
+def test_a_schedule_that_would_climb_and_labels_of_one_listed_class_are_refused(scene: tuple[Path, Path],
+                                                                                 tmp_path: Path) -> None:
+    """min_lr above lr made the learning rate climb without a word; labels holding one of the listed
+    classes trained (a warning per missing class) and validated mIoU = OA."""
+    with pytest.raises(ParameterError, match=r"min_lr 0.05: .* must not exceed lr 0.01"):
+        _cfg(scene, tmp_path / "o", min_lr=0.05)
+    with rasterio.open(scene[1]) as ds:
+        labels, profile = ds.read(1), ds.profile
+    one = tmp_path / "one.tif"
+    with rasterio.open(one, "w", **profile) as ds:
+        ds.write(np.where(labels > 0, 2, 0).astype(labels.dtype), 1)
+    with pytest.raises(ParameterError, match=r"the config lists 3 classes and the training labels hold one of them "
+                                             r"only \(2\)"):
+        Trainer(_cfg((scene[0], one), tmp_path / "o"))
