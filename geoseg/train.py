@@ -957,15 +957,26 @@ def class_table(cfg: TrainConfig, labels_path: Path, present: Sequence[int],
             f"{Path(labels_path).name} cannot be class ids (masks hold "
             "0..254, 255 is their nodata): recode the labels to small ids, e.g. a 0/255 mask to 0/1 with gdal_calc.py "
             f"-A {Path(labels_path).name} --calc=\"A/255\" --outfile labels01.tif, or add them to ignore")
+    from geoseg.io import band_class_names, read_classes
+
     cmap: dict[int, tuple[int, ...]] = {}
-    try:
+    names: dict[int, str] = {}
+    with contextlib.suppress(rasterio.errors.RasterioError):
         with rasterio.open(labels_path) as ds:
-            cmap = ds.colormap(1)
-    except ValueError:
-        pass
+            with contextlib.suppress(ValueError):
+                cmap = ds.colormap(1)
+            # the names a class raster carries (geoseg's own table, or another tool's CLASSES=1=developed,...):
+            # they were dropped for class_1, class_3 ... on the card, the masks and the polygons
+            table = read_classes(ds)
+            names = {c.id: c.name for c in table} if table else band_class_names(ds)
+            if table:
+                cmap = {**cmap, **{c.id: tuple(c.color) for c in table}}
+    picked = [names.get(int(i), "").strip() for i in present]
+    if len({n.lower() for n in picked if n}) != len([n for n in picked if n]):  # (a name twice: ids only)
+        picked = [""] * len(picked)
     return tuple(
-        ClassInfo(int(i), f"class_{i}", tuple(cmap.get(int(i), PALETTE[k % len(PALETTE)])[:3]))  # type: ignore[arg-type]
-        for k, i in enumerate(present)
+        ClassInfo(int(i), name or f"class_{i}", tuple(cmap.get(int(i), PALETTE[k % len(PALETTE)])[:3]))  # type: ignore[arg-type]
+        for k, (i, name) in enumerate(zip(present, picked))
     )
 
 

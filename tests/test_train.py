@@ -2657,3 +2657,18 @@ def test_a_schedule_that_would_climb_and_labels_of_one_listed_class_are_refused(
     with pytest.raises(ParameterError, match=r"the config lists 3 classes and the training labels hold one of them "
                                              r"only \(2\)"):
         Trainer(_cfg((scene[0], one), tmp_path / "o"))
+
+
+def test_classes_found_in_the_labels_keep_the_names_the_labels_carry(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """classes: null on a label raster that names its classes (band tag CLASSES=1=developed,... as the NC
+    labels have): the card, the masks and the polygons said class_1, class_2 ..."""
+    import shutil
+
+    labels = tmp_path / "named.tif"
+    shutil.copy(scene[1], labels)
+    with rasterio.open(labels, "r+") as ds:
+        ds.update_tags(1, CLASSES="1=water,2=forest,3=urban")
+    t = Trainer(_cfg((scene[0], labels), tmp_path / "o", classes=None))
+    assert [(c.id, c.name) for c in t.classes] == [(1, "water"), (2, "forest"), (3, "urban")]
+    t = Trainer(_cfg(scene, tmp_path / "o2", classes=None))  # no names: ids
+    assert [c.name for c in t.classes] == ["class_1", "class_2", "class_3"]
