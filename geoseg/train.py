@@ -804,23 +804,36 @@ class RegionData:
 
 
 def check_same_grid(image_meta: Any, label_meta: Any) -> None:
-    """Raise :class:`GridMismatchError` unless both rasters share size, transform and CRS."""
+    """Raise :class:`GridMismatchError` unless both rasters share size, transform and CRS, saying how to
+    put the labels on the image's grid (a gdalwarp command with the image's CRS, extent and resolution)."""
     a, b = image_meta, label_meta
-    if (a.width, a.height) != (b.width, b.height):
-        raise GridMismatchError(
-            f"labels {b.path.name} are {b.width}x{b.height} but the image {a.path.name} is {a.width}x{a.height}: "
-            "resample the labels onto the image grid (e.g. gdalwarp -tr/-te) first"
-        )
-    if not a.transform.almost_equals(b.transform, precision=1e-6 * max(abs(a.transform.a), 1e-9)):
-        raise GridMismatchError(
-            f"labels {b.path.name} and the image {a.path.name} have different geotransforms "
-            f"({tuple(b.transform)[:6]} vs {tuple(a.transform)[:6]}): align them on one grid first"
-        )
-    if (a.crs is None) != (b.crs is None) or (a.crs is not None and a.crs != b.crs):
-        raise GridMismatchError(
-            f"labels {b.path.name} (CRS {b.crs}) and the image {a.path.name} (CRS {a.crs}) differ in CRS: "
-            "reproject the labels onto the image grid first"
-        )
+    same_size = (a.width, a.height) == (b.width, b.height)
+    same_transform = a.transform.almost_equals(b.transform, precision=1e-6 * max(abs(a.transform.a), 1e-9))
+    same_crs = (a.crs is None) == (b.crs is None) and (a.crs is None or a.crs == b.crs)
+
+    def warp(name: str) -> str:
+        if a.crs is None or a.transform.b or a.transform.d:  # (no CRS or a rotated grid: no -te/-tr to give)
+            return "resample the labels onto the image grid first"
+        from rasterio.transform import array_bounds
+
+        west, south, east, north = array_bounds(a.height, a.width, a.transform)
+        srs = a.crs.to_string() if a.crs.to_epsg() else "IMAGE_CRS.wkt"
+        return (f"warp the labels onto the image grid first: gdalwarp -r near -t_srs {srs} -te {west:g} {south:g} "
+                f"{east:g} {north:g} -tr {abs(a.transform.a):g} {abs(a.transform.e):g} {name} aligned_labels.tif")
+
+    if a.crs is not None and b.crs is None:  # (the labels lost their CRS: assign it, no reprojection can help)
+        fix = (f"assign the image's CRS (gdal_edit.py -a_srs {a.crs.to_string() if a.crs.to_epsg() else 'IMAGE_CRS'} "
+               f"{b.path.name})" if same_size and same_transform else warp(b.path.name))
+        raise GridMismatchError(f"labels {b.path.name} have no CRS and the image {a.path.name} has one: {fix}")
+    if not same_crs:
+        raise GridMismatchError(f"labels {b.path.name} (CRS {b.crs}) and the image {a.path.name} (CRS {a.crs}) differ "
+                                f"in CRS: {warp(b.path.name)}")
+    if not same_size:
+        raise GridMismatchError(f"labels {b.path.name} are {b.width}x{b.height} but the image {a.path.name} is "
+                                f"{a.width}x{a.height}: {warp(b.path.name)}")
+    if not same_transform:
+        raise GridMismatchError(f"labels {b.path.name} and the image {a.path.name} have different geotransforms "
+                                f"({tuple(b.transform)[:6]} vs {tuple(a.transform)[:6]}): {warp(b.path.name)}")
 
 
 def read_labels(path: Path, window: Window, shift: Sequence[int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:

@@ -607,9 +607,23 @@ def test_scene_inside_a_zip_archive_trains(scene: tuple[Path, Path], tmp_path: P
 
 
 def test_labels_on_another_grid_are_refused(scene: tuple[Path, Path], tmp_path: Path) -> None:
-    bad = write_raster(tmp_path / "small.tif", np.ones((H, W - 1), np.uint8), nodata=0)
-    with pytest.raises(GridMismatchError, match="are 63x48 but the image"):
+    """Each refusal says how to put the labels on the image grid: labels in another CRS were told to use
+    'gdalwarp -tr/-te' (no -t_srs), labels without a CRS to 'reproject' (nothing to reproject from)."""
+    with rasterio.open(scene[0]) as ds:
+        t, crs = ds.transform, ds.crs
+    bad = write_raster(tmp_path / "small.tif", np.ones((H, W - 1), np.uint8), nodata=0, transform=t)
+    with pytest.raises(GridMismatchError, match=r"are 63x48 but the image .*: warp the labels onto the image grid "
+                                                r"first: gdalwarp -r near -t_srs EPSG:\d+ -te .* -tr .* small.tif"):
         Trainer(_cfg((scene[0], bad), tmp_path / "o"))
+    with rasterio.open(scene[1]) as ds:
+        labels = ds.read()
+    other = write_raster(tmp_path / "other.tif", labels, crs="EPSG:32617", transform=t, nodata=0)
+    with pytest.raises(GridMismatchError, match=r"differ in CRS: warp .* -t_srs " + crs.to_string()):
+        Trainer(_cfg((scene[0], other), tmp_path / "o"))
+    none = write_raster(tmp_path / "none.tif", labels, crs=None, transform=t, nodata=0)
+    with pytest.raises(GridMismatchError, match=r"have no CRS .*: assign the image's CRS \(gdal_edit.py -a_srs "
+                                                + crs.to_string() + " none.tif"):
+        Trainer(_cfg((scene[0], none), tmp_path / "o"))
 
 
 def test_config_errors_name_the_key(scene: tuple[Path, Path], tmp_path: Path) -> None:
