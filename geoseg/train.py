@@ -116,6 +116,17 @@ ReadFrom = Literal["auto", "memory", "disk"]
 
 
 # ---- configuration ---------------------------------------------------------------------------
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two settings are the same, numbers by value: YAML 1.1 reads --set lr=1e-3 as the text
+    '1e-3', which then 'disagreed' with --lr 0.001."""
+    if a == b:
+        return True
+    try:
+        return not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
 def _check_relative_paths(data: Mapping[str, Any], config: Path) -> None:
     """A relative image or labels path of a config is taken from the working folder, as everywhere in
     geoseg. When it is missing there but lies beside the config, say so: "input sample_data/... does not
@@ -301,7 +312,7 @@ class TrainConfig:
 
         data = load_yaml_mapping(path, "training config", ParameterError, empty_ok=True)
         given = {k: v for k, v in (overrides or {}).items() if v is not None}
-        both = [k for k in given if k in (explicit or {}) and (explicit or {})[k] != given[k]]
+        both = [k for k in given if k in (explicit or {}) and not _same_value((explicit or {})[k], given[k])]
         if both:  # which one wins was said nowhere
             k = both[0]
             raise ParameterError(f"--{k.replace('_', '-')} {given[k]} and --set {k}={(explicit or {})[k]} disagree: give one")

@@ -458,6 +458,8 @@ def test_config_paths_and_option_clashes_are_explained(scene: tuple[Path, Path],
     assert TrainConfig.load(cfg).image == "data/img.tif"  # from the folder they are relative to
     with pytest.raises(ParameterError, match=r"--window 32 and --set window=64 disagree: give one"):
         TrainConfig.load(cfg, {"window": 32}, explicit={"window": 64})
+    # one number written two ways (YAML 1.1 reads --set lr=1e-3 as text) agrees
+    assert TrainConfig.load(cfg, {"lr": 0.001}, explicit={"lr": "1e-3"}).lr == pytest.approx(0.001)
     assert TrainConfig.load(cfg, {"window": 64}, explicit={"window": 64}).window == 64
     with pytest.raises(ParameterError, match=r"no checkpoint at runs/nope/checkpoints/last.pdparams"):
         train(TrainConfig.load(cfg, {"resume": "runs/nope/checkpoints", "out": str(tmp_path / "r")}))
