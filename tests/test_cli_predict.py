@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import warnings
 
@@ -1272,25 +1273,26 @@ def test_an_aoi_of_invalid_or_collected_polygons(tmp_path: Path) -> None:
     assert np.all(aoi.pixels(aoi.window))
 
 
+def _predict_while_paddle_loads(tmp_path: Path, loading: str) -> Any:
+    """Run ``geoseg predict`` in a new process whose paddle import is played by the function body
+    ``loading`` (indented four spaces); return the finished process."""
+    import subprocess
+
+    script = ("import os, signal, sys, time\nimport geoseg_cli.main as m\ndef loading_paddle():\n" + loading
+              + "m._import_paddle_first = loading_paddle\nm.cli([\"predict\", sys.argv[1], \"--model\", \"unet\"])\n")
+    return subprocess.run([sys.executable, "-c", script, str(tmp_path / "none.tif")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+
+
 def test_sigterm_while_paddle_loads_stops_cleanly(tmp_path: Path) -> None:
     """SIGTERM in the second paddle takes to import met paddle's own handler, installed by the import:
     a C++ "FatalError" dump, death by the signal, and now and then a hang. It is held back until
     geoseg's handler is set: exit 143 with geoseg's line. (Paddle's handler is played by one that
     exits 99, the signal sent from inside the import.)"""
-    import subprocess
-
-    script = """
-import os, signal, sys, time
-import geoseg_cli.main as m
-def loading_paddle():
-    signal.signal(signal.SIGTERM, lambda *a: os._exit(99))  # as paddle's import installs its own
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.3)
-m._import_paddle_first = loading_paddle
-m.cli(["predict", sys.argv[1], "--model", "unet"])
-"""
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "none.tif")], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+    proc = _predict_while_paddle_loads(tmp_path, (
+        "    signal.signal(signal.SIGTERM, lambda *a: os._exit(99))  # as paddle's import installs its own\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.3)\n"))
     assert proc.returncode == 143, (proc.returncode, proc.stderr)
     assert "terminated (SIGTERM)" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -1299,23 +1301,13 @@ def test_ctrl_c_while_paddle_loads_is_an_interrupt(tmp_path: Path) -> None:
     """Ctrl-C in the second paddle takes to import came out of the import as an ImportError: "PaddlePaddle
     is not installed", exit 1. SIGINT is held back with SIGTERM until the import is over: exit 130 with
     geoseg's line. (The import is played by one that turns a KeyboardInterrupt into that exit.)"""
-    import subprocess
-
-    script = """
-import os, signal, sys, time
-import geoseg_cli.main as m
-def loading_paddle():
-    try:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.3)
-    except KeyboardInterrupt:
-        sys.stderr.write("Error: PaddlePaddle is not installed\\n")
-        os._exit(1)
-m._import_paddle_first = loading_paddle
-m.cli(["predict", sys.argv[1], "--model", "unet"])
-"""
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "none.tif")], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+    proc = _predict_while_paddle_loads(tmp_path, (
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(0.3)\n"
+        "    except KeyboardInterrupt:\n"
+        "        sys.stderr.write('Error: PaddlePaddle is not installed\\n')\n"
+        "        os._exit(1)\n"))
     assert proc.returncode == 130, (proc.returncode, proc.stderr)
     assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr and "not installed" not in proc.stderr
 
