@@ -44,7 +44,7 @@ def export(model: str | None, weights: Path | None, card: Path | None, out: Path
     if model is not None and (Path(model) / "deploy.yaml").is_file():  # (before reading it: a PaddleSeg export
         raise click.BadParameter(f"{model} is already an exported folder", param_hint="--model")  # asked for --classes)
     source = resolve_model(model, weights, card)
-    if source.export_dir is not None:
+    if source.export_dir is not None:  # (an export without deploy.yaml, read with --card)
         raise click.BadParameter(f"{model} is already an exported folder", param_hint="--model")
     folder = export_model_dir(source.card, source.weights, out, output_op=output_op,  # type: ignore[arg-type]
                               overwrite=overwrite, input_dtype=input_dtype)

@@ -31,6 +31,20 @@ TMP_SUFFIX = ".tmp"
 TMP_PREFIX = ".geoseg-"
 
 
+def check_vector_output(path: str | Path) -> None:
+    """Refuse a vector output (written with pyogrio) in a folder whose path holds '!': pyogrio reads a
+    path as a URI and '!' as an archive's member, so the file landed elsewhere. (A ';' or '!' in the
+    file's own name is left out of its temp name, see :func:`temp_name`; a ';' in a folder is harmless.)
+
+    Raises:
+        OutputError: naming the folder.
+    """
+    folder = str(Path(path).parent)
+    if "!" in folder:
+        raise OutputError(f"output folder {folder} holds '!', which the vector writer takes for an archive's member: "
+                          "choose another folder")
+
+
 def printable(text: str) -> str:
     """``text`` as UTF-8 can hold it: the bytes of a name that is not valid UTF-8 (which Python keeps as
     surrogate escapes, ``caf\\udce9.tif``) as ``\\xe9`` (``caf\\xe9.tif``), for messages, logs and reports."""
@@ -68,11 +82,6 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
                           f"bytes, at most {limit}): give a shorter name (--out NAME.tif), or rename the input")
     if path.is_dir():
         raise OutputError(f"output {path} is a folder: give a file name")
-    if path.suffix.lower() in _OGR_SUFFIXES and set(str(path.parent)) & {";", "!"}:
-        # (pyogrio reads a path as a URI: the file landed elsewhere; a name holding them is written
-        # under a temp name without them, see temp_name)
-        raise OutputError(f"output folder {path.parent} holds ';' or '!', which the vector writer takes for part of a "
-                          "URI: choose another folder")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output {path} already exists: pass --overwrite to replace it")
     parent = path.parent if str(path.parent) else Path(".")
@@ -109,12 +118,18 @@ def disk_full(exc: BaseException | None, folder: str | Path | None = None) -> bo
         seen.add(id(exc))
         if getattr(exc, "errno", None) in _FULL_ERRNOS or any(t in str(exc).lower() for t in _FULL_TEXTS):
             return True
-        other = other or isinstance(getattr(exc, "errno", None), int)
+        # (only an OS error's errno: GDAL's errors carry GDAL's own error class there, 1 for a failed write)
+        other = other or (isinstance(exc, OSError) and exc.errno in errno.errorcode and not _is_gdal_error(exc))
         exc = exc.__cause__ or exc.__context__
     if folder is not None and not other:
         with contextlib.suppress(OSError):
             return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
     return False
+
+
+def _is_gdal_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of rasterio's CPLE_* errors (its ``errno`` is GDAL's error class, no OS errno)."""
+    return any(c.__name__ == "CPLE_BaseError" for c in type(exc).__mro__)
 
 
 _TOO_LARGE_TEXTS = ("file too large",)
@@ -237,8 +252,6 @@ def temp_name(path: str | Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{_shorten(name, max(room, 1))}{tail}")
 
 
-#: Suffixes of the vector files geoseg writes with pyogrio (see :func:`check_output`).
-_OGR_SUFFIXES = (".gpkg", ".geojson", ".json", ".fgb")
 #: Characters of a file name that pyogrio takes for URI syntax (see :func:`temp_name`).
 _URI_MARKS = str.maketrans({";": "_", "!": "_"})
 

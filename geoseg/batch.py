@@ -1132,20 +1132,8 @@ def run_scene(
             dest.mkdir(parents=True, exist_ok=True)
             opts = dataclasses.replace(options, overwrite=True)
             res = segment_scene(scene.path, dest, source=source, predictor=predictor, options=opts, stopped=stopped)
-        except (ModelError, DependencyError) as exc:
-            out = _failed(scene, exc, t0, fatal=True)
-        except AoiOutsideError as exc:
-            out = SceneOutcome(key=scene.key, input=str(scene.path), status="skipped", seconds=time.perf_counter() - t0,
-                               reason=OUTSIDE_AOI_REASON, error=str(exc).splitlines()[0])
-        except Exception as exc:  # noqa: BLE001 - one scene's failure, whatever raised it (see above)
-            stop = noted_stop()  # (a signal's KeyboardInterrupt that paddle's C++ code turned into another error)
-            if stop is not None:
-                raise stop from None
-            if not isinstance(exc, (GeosegError, OSError, ValueError, RuntimeError, MemoryError, *_gdal_errors())):
-                log.debug("%s failed with an unexpected %s", scene.key, type(exc).__name__, exc_info=True)
-            out = _failed(scene, exc, t0)
-            out.no_room = _no_room(exc)
-            out.error = _in_batch_words(out.error or "")
+        except Exception as exc:  # noqa: BLE001 - a stop first, then one scene's failure, whatever raised it
+            out = _scene_failure(scene, exc, t0)
         else:
             out = SceneOutcome(
                 key=scene.key, input=str(scene.path), status="ok", seconds=time.perf_counter() - t0,
@@ -1153,6 +1141,26 @@ def run_scene(
                 class_pixels=res.class_pixels, class_area=res.class_area,
             )
     out.warnings += _geoseg_warnings(caught)
+    return out
+
+
+def _scene_failure(scene: Scene, exc: Exception, t0: float) -> SceneOutcome:
+    """The outcome of a scene whose run raised ``exc`` (see :func:`run_scene`); a stop a signal asked for
+    is raised again (paddle's C++ code turns the signal's KeyboardInterrupt into another error, a
+    ModelError once geoseg wraps it: the scene was taken for failed and the run went on)."""
+    stop = noted_stop()
+    if stop is not None:
+        raise stop from None
+    if isinstance(exc, (ModelError, DependencyError)):
+        return _failed(scene, exc, t0, fatal=True)
+    if isinstance(exc, AoiOutsideError):
+        return SceneOutcome(key=scene.key, input=str(scene.path), status="skipped", seconds=time.perf_counter() - t0,
+                            reason=OUTSIDE_AOI_REASON, error=str(exc).splitlines()[0])
+    if not isinstance(exc, (GeosegError, OSError, ValueError, RuntimeError, MemoryError, *_gdal_errors())):
+        log.debug("%s failed with an unexpected %s", scene.key, type(exc).__name__, exc_info=True)
+    out = _failed(scene, exc, t0)
+    out.no_room = _no_room(exc)
+    out.error = _in_batch_words(out.error or "")
     return out
 
 
@@ -1851,6 +1859,7 @@ def _write_stopped_report(exc: BaseException, scenes: list[Scene], outcomes: dic
                           path: Path, t0: float) -> None:
     """The report of a run stopped by ``exc``: the scenes finished so far, why it stopped, and which
     scenes it did not finish.  Never raises (the stop itself is what the user must hear about)."""
+    exc = noted_stop() or exc  # (a signal's stop that paddle's code turned into another error, see run_scene)
     if isinstance(exc, KeyboardInterrupt):
         # the CLI raises SIGTERM as its KeyboardInterrupt subclass Terminated (geoseg_cli.main)
         sigterm = type(exc).__name__ == "Terminated"

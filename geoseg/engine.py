@@ -35,7 +35,7 @@ import rasterio
 from rasterio.windows import Window
 
 from geoseg.aoi import load_aoi
-from geoseg.atomic import check_output, remove_leftovers, temp_name
+from geoseg.atomic import check_output, check_vector_output, remove_leftovers, temp_name
 from geoseg.blending import BlendMode, StripMerger
 from geoseg.card import ModelCard
 from geoseg.config import checked_arguments, is_whole_number, options_of, plain
@@ -1376,6 +1376,7 @@ def _segment_scene(
         vector_path = None
     if vector_path is not None:
         check_output(vector_path, opts.overwrite)
+        check_vector_output(vector_path)
         from geoseg.vectorize import (  # refused now, not after the mask
             check_geojson_crs,
             mask_pixel_area,
@@ -1384,7 +1385,7 @@ def _segment_scene(
         )
 
         if opts.vector == "geojson" and out_meta.crs is not None:
-            check_geojson_crs(out_meta.crs, input_path.name)
+            check_geojson_crs(out_meta.crs, input_path.name, out_meta.transform @ (out_meta.width / 2, out_meta.height / 2))
 
         vector_settings(opts.min_area, None, opts.simplify,
                         mask_pixel_area(out_meta.crs, out_meta.transform, out_meta.height), (out_meta.height, out_meta.width))
@@ -1438,6 +1439,8 @@ def _segment_scene(
     lut = np.full(256, MASK_NODATA, np.uint8)
     lut[: mc.num_classes] = mc.class_lut()
     writers: list[COGWriter] = []
+    sides: list[tuple[Path, Path]] = []  # (raster, a sidecar of it this run wrote: removed if the raster does not land)
+    landed: set[Path] = set()
     with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE):
         try:
             mask_w = COGWriter(
@@ -1507,11 +1510,17 @@ def _segment_scene(
             def sidecars(w: COGWriter) -> None:
                 # A raster's .qml and .aux.xml land just before the raster: a run stopped between them
                 # left a mask without its style, class names or (where GeoTIFF keys cannot hold it) CRS.
+                # (A stop before the raster lands removes them again: see below.)
                 if w is mask_w:
+                    sides.append((w.path, Path(f"{mask_path}.aux.xml")))
                     styles[w.path] = write_aux_xml(mask_path, mc.classes, srs_xml=mask_w.srs_xml)
+                    sides.append((w.path, mask_path.with_suffix(".qml")))
                     styles[w.path.with_suffix(".qml")] = write_qml(mask_path, mc.classes)
                 else:  # the percent (uint8, 0-100) and float (0-1) rasters on a fixed 0-max colour ramp
                     kind = opts.confidence if w is conf_w else opts.probabilities
+                    sides.append((w.path, w.path.with_suffix(".qml")))
+                    if w.srs_xml is not None:  # (written by the writer itself, next)
+                        sides.append((w.path, Path(f"{w.path}.aux.xml")))
                     styles[w.path] = write_ramp_qml(w.path, 100 if kind == "uint8" else 1,
                                                     "confidence" if w is conf_w else "probability")
 
@@ -1537,9 +1546,14 @@ def _segment_scene(
                         before_first_lands()
                     sidecars(w)
                 w.close(before_publish=before_publish, own_pam=w is mask_w)
+                landed.add(w.path)
         except BaseException:
             for w in writers:
                 w.abort()
+            for raster, side in sides:  # (sidecars of a raster that did not land: a rerun refused them)
+                if raster not in landed:
+                    with contextlib.suppress(FileNotFoundError):
+                        side.unlink()
             raise
     aux, style = styles[mask_path], styles[mask_path.with_suffix(".qml")]
     conf_style = styles[conf_path] if opts.confidence != "none" else None

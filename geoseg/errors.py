@@ -202,8 +202,8 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for sig, handler in kept.items():
             signal.signal(sig, handler)
-        if came:
-            signum, frame = came[0]
+        if came:  # (SIGTERM before SIGINT when both came: the stronger request)
+            signum, frame = next((c for c in came if c[0] == signal.SIGTERM), came[0])
             kept[signum](signum, frame)
 
 

@@ -47,6 +47,7 @@ from geoseg.io import (
     area_units,
     ids_by_text,
     band_class_names,
+    check_latitudes,
     check_map_areas,
     pixel_areas,
     read_classes,
@@ -106,9 +107,15 @@ def _open(path: Path, what: str) -> Any:
     if not path.exists():
         raise SceneReadError(f"{what} {path} does not exist: check the path")
     try:
-        return rasterio.open(path)
+        ds = rasterio.open(path)
     except rasterio.errors.RasterioError as exc:
         raise SceneReadError(f"{what} {path} cannot be read: {str(exc).splitlines()[0]}") from None
+    try:  # (a degree grid beyond the poles: its stratified areas came out null)
+        check_latitudes(f"{what} {path}", path.name, ds.crs, ds.transform, ds.width, ds.height)
+    except BaseException:
+        ds.close()
+        raise
+    return ds
 
 
 def check_class_raster(ds: Any, what: str, *, whole_floats: bool = False) -> None:
@@ -222,7 +229,7 @@ def evaluate_rasters(
             ids = [c.id for c in table] if table else sorted((set(pred_ids) | set(ref_ids)) - set(ref_ignore)
                                                              - set(pred_ignore))
         else:
-            ids = list(dict.fromkeys(int(c) for c in classes))  # (an id given twice: a one-line error, not a crash)
+            ids = list(dict.fromkeys(int(c) for c in classes))  # (an id given twice counts once: it crashed)
         ids = _with_reference_ids(ids, ref_ids)
         cm = ConfusionMatrix(ids, ignore_reference=ref_ignore, ignore_prediction=pred_ignore,
                              add_predicted_classes=True)
@@ -842,7 +849,7 @@ def draw_sample(
     import pyogrio.raw
     import shapely
 
-    from geoseg.atomic import atomic_output, check_output, staged_as
+    from geoseg.atomic import atomic_output, check_output, check_vector_output, staged_as
     from geoseg.vectorize import DRIVERS, format_from_path
 
     out = Path(out)
@@ -855,6 +862,7 @@ def draw_sample(
     if per_class < 1:
         raise ParameterError(f"--per-class {per_class}: draw at least 1 point per class")
     check_output(out, overwrite)
+    check_vector_output(out)
     mask_path = Path(mask)
     rng = np.random.default_rng(seed)
     with _open(mask_path, "mask") as ds:
@@ -907,7 +915,7 @@ def draw_sample(
     if fmt == "geojson":  # RFC 7946: longitudes/latitudes (WGS 84), as every reader takes a GeoJSON
         from geoseg.vectorize import GEOJSON_OPTIONS, check_geojson_crs, to_wgs84
 
-        check_geojson_crs(crs, f"mask {mask_path.name}")
+        check_geojson_crs(crs, f"mask {mask_path.name}", (float(xs[0]), float(ys[0])) if len(xs) else (0.0, 0.0))
         points, crs_out, options = to_wgs84(points, crs), "EPSG:4326", GEOJSON_OPTIONS
     else:
         crs_out, options = crs.to_wkt(), {}

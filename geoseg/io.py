@@ -94,7 +94,10 @@ class SceneMeta:
             for b, t in kinds.items():
                 by_type.setdefault(t, []).append(b)
             said = ", ".join(f"{t} (band{'s' if len(bs) > 1 else ''} {','.join(map(str, bs))})" for t, bs in by_type.items())
-            wide = str(np.result_type(*by_type))  # (one type that holds every band's values)
+            try:
+                wide = str(np.result_type(*by_type))  # (one type that holds every band's values)
+            except TypeError:  # (GDAL's complex integers: no numpy type)
+                wide = next(iter(by_type))
             gdal_name = rasterio.dtypes.typename_fwd.get(rasterio.dtypes.dtype_rev.get(wide, -1), wide)
             raise SceneError(f"{self.path.name}: bands of more than one data type: {said}; geoseg reads one "
                              f"type per scene: make one first, e.g. gdalbuildvrt -ot {gdal_name} or gdal_translate "
@@ -234,7 +237,7 @@ def open_scene(path: str | Path) -> SceneMeta:
             raise SceneReadError(f"input {path} does not exist: check the path (and the name inside the archive)") from None
         if "not recognized as" in msg or "not a supported file format" in msg:
             raise SceneReadError(f"input {path} is not a raster GDAL can read: give a GeoTIFF") from None
-        raise corrupt_input(path, exc) from None
+        raise corrupt_input(path, exc, virtual=is_virtual(path)) from None
     except rasterio.errors.RasterioError as exc:
         raise SceneReadError(f"input {path} cannot be read ({exc}): the file may be corrupt") from None
     if meta.dtype not in SUPPORTED_DTYPES:
@@ -431,16 +434,17 @@ def whole_class_ids(block: np.ndarray, nodata: float | None, what: str, hint: st
     return values.astype(np.int64)
 
 
-def corrupt_input(name: str | Path, exc: BaseException, where: str = "") -> SceneReadError:
+def corrupt_input(name: str | Path, exc: BaseException, where: str = "", *, virtual: bool = False) -> SceneReadError:
     """The one-line error for an input GDAL cannot decode (``where``: e.g. " at column 261, row 0"): a
     file it reads that is missing (a VRT's source) or a remote one that cannot be reached is said so,
-    not taken for corruption."""
+    not taken for corruption (``virtual``: the scene is a GDAL virtual path, where remote storage may
+    be out of reach)."""
     reason = gdal_reason(exc)
     low = reason.lower()
     if any(t in low for t in ("no such file", "does not exist")):
         advice = "a file it reads is missing (a VRT's source?): check the paths it names"
-    elif any(t in low for t in ("could not resolve", "http", "curl", "credential", "access denied", "forbidden",
-                                "timed out", "connection")):
+    elif (virtual or is_virtual(name)) and any(t in low for t in ("could not resolve", "http", "curl", "credential", "access denied",
+                                                     "forbidden", "timed out", "connection")):
         advice = "its storage cannot be reached: check the network, the path and the credentials (AWS_*, GS_*, AZURE_*)"
     else:
         advice = "the file may be corrupt or truncated; check it with gdalinfo -checksum"
@@ -468,7 +472,8 @@ def read_window_gaps(
             data = ds.read(list(bands), window=window)
             return _valid_and_missing(ds, data, window, bands, alpha_band)
     except rasterio.errors.RasterioIOError as exc:
-        raise corrupt_input(Path(path).name, exc, f" at column {int(window.col_off)}, row {int(window.row_off)}") from None
+        raise corrupt_input(Path(path).name, exc, f" at column {int(window.col_off)}, row {int(window.row_off)}",
+                            virtual=is_virtual(path)) from None
 
 
 def has_mask_band(ds: Any) -> bool:
@@ -557,7 +562,7 @@ def windows_with_data(meta: SceneMeta, windows: Sequence[Window], cells: int = 2
             mask = ds.dataset_mask(window=Window(c0, r0, meta.width, meta.height), out_shape=(rows, cols),
                                    resampling=Resampling.average) > 0
     except rasterio.errors.RasterioIOError as exc:
-        raise corrupt_input(meta.path.name, exc) from None
+        raise corrupt_input(meta.path.name, exc, virtual=is_virtual(meta.path)) from None
     fy, fx = rows / meta.height, cols / meta.width
     out = []
     for w in windows:
@@ -635,9 +640,9 @@ def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: 
     path = Path(path)
     if not path.exists():
         raise ParameterError(missing)
-    if not is_virtual(path) and set(str(path)) & {";", "!"}:  # (pyogrio reads them as URI syntax)
-        raise ParameterError(f"{unreadable}: its path holds ';' or '!', which the vector reader takes for part of "
-                             "a URI: rename the file (or its folder)")
+    if not is_virtual(path) and (";" in path.name or "!" in str(path)):  # (pyogrio reads a path as a URI)
+        raise ParameterError(f"{unreadable}: its path holds ';' (in its name) or '!', which the vector reader takes for "
+                             "part of a URI: rename the file (or its folder)")
     try:
         info, _, wkb, values = pyogrio.raw.read(path, layer=_feature_layer(path))
     except Exception as exc:  # noqa: BLE001 - pyogrio raises several types

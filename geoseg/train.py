@@ -344,7 +344,7 @@ class TrainConfig:
                          ("tile_overlap", self.tile_overlap)):
             if v is not None and v < 0:
                 raise ParameterError(f"{label} {v}: use 0 or more (a negative {label} means nothing)")
-        if self.min_lr > self.lr:  # (the schedule then climbed from lr to min_lr without a word)
+        if self.min_lr > self.lr and self.schedule != "constant":  # (the schedule climbed from lr to min_lr)
             raise ParameterError(f"min_lr {self.min_lr}: the learning rate the schedule ends at must not exceed lr "
                                  f"{self.lr} (e.g. {self.lr / 100:g}, or 0)")
         if self.tile_overlap is not None and self.tile_overlap >= self.window:
@@ -829,8 +829,9 @@ def check_same_grid(image_meta: Any, label_meta: Any) -> None:
 
         west, south, east, north = array_bounds(a.height, a.width, a.transform)
         srs = a.crs.to_string() if a.crs.to_epsg() else "IMAGE_CRS.wkt"
-        return (f"warp the labels onto the image grid first: gdalwarp -r near -t_srs {srs} -te {west:g} {south:g} "
-                f"{east:g} {north:g} -tr {abs(a.transform.a):g} {abs(a.transform.e):g} {name} aligned_labels.tif")
+        te = " ".join(f"{v:.15g}" for v in (west, south, east, north))  # (exact: ':g' kept 6 digits of a UTM northing)
+        return (f"warp the labels onto the image grid first: gdalwarp -r near -t_srs {srs} -te {te} -tr "
+                f"{abs(a.transform.a):.15g} {abs(a.transform.e):.15g} {name} aligned_labels.tif")
 
     if a.crs is not None and b.crs is None:  # (the labels lost their CRS: assign it, no reprojection can help)
         fix = (f"assign the image's CRS (gdal_edit.py -a_srs {a.crs.to_string() if a.crs.to_epsg() else 'IMAGE_CRS'} "
@@ -1035,10 +1036,19 @@ def _file_identity(path: str | Path) -> str | None:
         return None
     if str(path).lower().endswith(".shp"):
         for ext in (".dbf", ".shx", ".prj", ".cpg"):
-            side = Path(path).with_suffix(ext)
-            with contextlib.suppress(OSError):
-                ident += f"|{ext}:{os.stat(side).st_size}:{quick_hash(side)}"
+            for side in (Path(path).with_suffix(ext), Path(path).with_suffix(ext.upper())):
+                with contextlib.suppress(OSError):
+                    ident += f"|{ext}:{os.stat(side).st_size}:{quick_hash(side)}"
+                    break
     return ident
+
+
+def _same_file_identity(then: str, now: str | None) -> bool:
+    """Whether a file's :func:`_file_identity` at a checkpoint and now agree; one saved before a shapefile's
+    identity held its sidecars (no '|') is compared with the .shp's part only."""
+    if now is None:
+        return False
+    return then == now or ("|" not in then and then == now.split("|", 1)[0])
 
 
 def _warn_constant_bands(bands: Sequence[int], std: Sequence[float]) -> None:
@@ -2647,7 +2657,8 @@ class Trainer:
                                  f"{len(self._data)} (files added or removed since the checkpoint was saved): resume "
                                  "with the data the run was trained on, or train anew with --overwrite")
         for then, now, sc in zip(data, self._data, self.scenes):
-            changed = [k for k in ("image", "labels") if isinstance(then, dict) and then.get(k) not in (None, now[k])]
+            changed = [k for k in ("image", "labels") if isinstance(then, dict) and then.get(k) is not None
+                       and not _same_file_identity(then[k], now[k])]
             if changed:  # (the statistics and labels of this run are the new file's; the weights learnt the old)
                 raise ParameterError(f"resume: {sc[changed[0]]} changed since the checkpoint was saved (its size or "
                                      "content): resume with the data the run was trained on, or train anew with "

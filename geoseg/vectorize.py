@@ -75,7 +75,7 @@ from affine import Affine
 from rasterio import features
 from rasterio.crs import CRS
 
-from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_as, write_error
+from geoseg.atomic import atomic_output, check_output, check_vector_output, remove_leftovers, staged_as, write_error
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.config import checked_arguments, plain
 from geoseg.errors import ParameterError, SceneError, SceneReadError
@@ -885,16 +885,17 @@ def _measure(geoms: np.ndarray, crs: CRS, step: float | None = None) -> tuple[np
     return np.abs(area), perimeter
 
 
-def check_geojson_crs(crs: CRS, what: str) -> None:
+def check_geojson_crs(crs: CRS, what: str, at: tuple[float, float] = (0.0, 0.0)) -> None:
     """Refuse GeoJSON output for a CRS that has no way to WGS 84 (an engineering or local CRS): GeoJSON
     is in longitudes/latitudes (RFC 7946), and the write failed after the mask with "unexpected error:
-    CPLE_NotSupportedError: Cannot find coordinate operations from '{...PROJJSON...}'".
+    CPLE_NotSupportedError: Cannot find coordinate operations from '{...PROJJSON...}'". ``at``: a point of
+    the data (the grid's centre), converted as a test (0, 0 lies outside some projections' domain).
 
     Raises:
         ParameterError: naming ``what`` and the formats that keep the CRS.
     """
     try:
-        rasterio.warp.transform(crs, "EPSG:4326", [0.0], [0.0])
+        rasterio.warp.transform(crs, "EPSG:4326", [float(at[0])], [float(at[1])])
     except Exception:  # noqa: BLE001 - rasterio raises CPLE_* errors of several kinds
         raise ParameterError(f"{what}: its CRS cannot be converted to longitudes/latitudes, and GeoJSON (RFC 7946) holds "
                              "only those: write GeoPackage or FlatGeobuf polygons (--vector gpkg, vectorize's --format "
@@ -1087,6 +1088,7 @@ def vectorize_mask(
     if out_path.resolve() == mask_path.resolve():
         raise ParameterError(f"output {out_path} is the input mask: choose another --out")
     check_output(out_path, overwrite)
+    check_vector_output(out_path)
     remove_leftovers(out_path.parent)  # a killed run's temp files (never a live one's)
     min_px, simplify = vector_settings(min_area, min_pixels, simplify, info.pixel_area, (info.height, info.width))
     class_map = dict(info.classes)
@@ -1098,7 +1100,7 @@ def vectorize_mask(
     driver = DRIVERS[fmt]
     geojson = fmt == "geojson"
     if geojson:
-        check_geojson_crs(info.crs, f"mask {mask_path.name}")
+        check_geojson_crs(info.crs, f"mask {mask_path.name}", info.transform @ (info.width / 2, info.height / 2))
     crs_wkt = "EPSG:4326" if geojson else info.crs.to_wkt()
     units = area_units(info.crs)
     if warn_areas:

@@ -17,7 +17,7 @@ import pytest
 import rasterio
 
 from geoseg.batch import BatchLock, discover_scenes, parse_resources
-from geoseg.errors import BatchLockedError, BatchWarning, GeosegWarning, NoRoomError, ParameterError
+from geoseg.errors import BatchLockedError, BatchWarning, GeosegWarning, ModelError, NoRoomError, ParameterError
 from geoseg_cli.main import EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL, cli
 from tests.conftest import write_band_vrt, write_raster
 
@@ -2171,18 +2171,22 @@ def test_a_stop_paddle_turned_into_another_error_stops_the_run(runner, tiny_unet
     arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
     make_archive(arch, 3, size=(16, 16))
     real = geoseg.engine.segment_scene
-    calls: list[str] = []
 
-    def segment_scene(path, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(Path(path).name)
-        if len(calls) == 1:
-            note_stop(Terminated())  # (the CLI's handler, as the signal came)
-            raise SystemError("(Fatal) Call static_op_arg_pre_cast_hook failed.")
-        return real(path, *args, **kwargs)
+    for error in (SystemError("(Fatal) Call static_op_arg_pre_cast_hook failed."),
+                  ModelError("Paddle Inference cannot run the model: ...")):  # (geoseg wraps the predictor's errors)
+        calls: list[str] = []
 
-    monkeypatch.setattr(geoseg.engine, "segment_scene", segment_scene)
-    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
-    assert r.exit_code == 143 and "terminated (SIGTERM)" in r.output, r.output
-    assert len(calls) == 1, calls
-    report = report_of(rep)
-    assert report["stopped"]["reason"].startswith("terminated") and "failed" not in statuses(report).values()
+        def segment_scene(path, *args, error=error, calls=calls, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(Path(path).name)
+            if len(calls) == 1:
+                note_stop(Terminated())  # (the CLI's handler, as the signal came)
+                raise error
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(geoseg.engine, "segment_scene", segment_scene)
+        r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep, "--force")
+        assert r.exit_code == 143 and "terminated (SIGTERM)" in r.output, (error, r.output)
+        assert len(calls) == 1, calls
+        report = report_of(rep)
+        assert report["stopped"]["reason"].startswith("terminated") and "failed" not in statuses(report).values()
+        assert report["exit_status"] == 143, report

@@ -1386,13 +1386,17 @@ def test_names_the_vector_writer_takes_for_uri_syntax(runner, tiny_unet, tmp_pat
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     db.close()
     src = rgb(tmp_path, "s.tif", h=40, w=48)
-    folder = tmp_path / "o;1"
+    folder = tmp_path / "o!1"
     folder.mkdir()
     res = runner.invoke(cli, ["predict", str(src), "--weights", weights, "--out", str(folder)])
-    assert_one_line_error(res, "holds ';' or '!'", "choose another folder")
+    assert_one_line_error(res, "holds '!'", "choose another folder")
     assert outputs(folder) == []
     res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", weights, "--out", str(folder), "--vector", "none"])
     assert res.exit_code == 0 and "s_landcover.tif" in outputs(folder), res.output
+    semi = tmp_path / "run;1"  # (a ';' in a folder is no URI syntax to pyogrio: polygons and a JSON report go there)
+    semi.mkdir()
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", weights, "--out", str(semi)])
+    assert res.exit_code == 0 and "s_landcover.gpkg" in outputs(semi), res.output
     aoi = tmp_path / "area!1.gpkg"
     with rasterio.open(src) as ds:
         b = ds.bounds
@@ -1402,7 +1406,7 @@ def test_names_the_vector_writer_takes_for_uri_syntax(runner, tiny_unet, tmp_pat
                       geometry_type="Polygon", crs="EPSG:32633", driver="GPKG")
     (tmp_path / "area.gpkg").rename(aoi)
     res = runner.invoke(cli, ["predict", str(src), "--weights", weights, "--out", str(tmp_path / "o2"), "--aoi", str(aoi)])
-    assert_one_line_error(res, "holds ';' or '!'", "rename the file")
+    assert_one_line_error(res, "holds ';' (in its name) or '!'", "rename the file")
 
 
 def test_names_gdal_cannot_take_are_one_line_errors(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -1457,6 +1461,8 @@ def test_a_degree_grid_beyond_the_poles_is_one_line(runner, tiny_unet, tmp_path:
                         transform=Affine(0.001, 0, 10, 0, -0.001, 100))
     res = runner.invoke(cli, ["vectorize", str(mask), "--out", str(tmp_path / "m.gpkg"), "--min-area", "1000"])
     assert_one_line_error(res, "beyond the poles")
+    res = runner.invoke(cli, ["evaluate", str(mask), "--reference", str(mask)])
+    assert_one_line_error(res, "beyond the poles")
     ok = rgb(tmp_path, "top.tif", h=20, w=20, crs="EPSG:4326", transform=Affine(0.001, 0, 10, 0, -0.001, 90.0004))
     res = runner.invoke(cli, ["-q", "predict", str(ok), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o2")])
     assert res.exit_code == 0, res.output
@@ -1478,6 +1484,11 @@ def test_geojson_of_a_crs_without_a_way_to_wgs84_is_refused_before_any_work(runn
     res = runner.invoke(cli, ["vectorize", str(tmp_path / "o" / "local_landcover.tif"), "--out", str(tmp_path / "p.geojson")])
     assert_one_line_error(res, "cannot be converted to longitudes/latitudes")
     assert not (tmp_path / "p.geojson").exists()
+    # a projection whose (0, 0) lies outside its domain is tried where its data lie
+    from geoseg.vectorize import check_geojson_crs
+
+    ortho = CRS.from_proj4("+proj=ortho +lat_0=40 +lon_0=-100 +x_0=10000000 +y_0=0 +datum=WGS84")
+    check_geojson_crs(ortho, "ortho.tif", (10_000_000.0, 0.0))
 
 
 def test_a_vrt_whose_source_is_missing_is_not_called_corrupt(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -614,8 +614,12 @@ def test_labels_on_another_grid_are_refused(scene: tuple[Path, Path], tmp_path: 
     with rasterio.open(scene[0]) as ds:
         t, crs = ds.transform, ds.crs
     bad = write_raster(tmp_path / "small.tif", np.ones((H, W - 1), np.uint8), nodata=0, transform=t)
+    west, north = t.c, t.f
+    south, east = north + H * t.e, west + W * t.a
+    te = " ".join(f"{v:.15g}" for v in (west, south, east, north))  # (all the digits: ':g' rounded a northing)
     with pytest.raises(GridMismatchError, match=r"are 63x48 but the image .*: warp the labels onto the image grid "
-                                                r"first: gdalwarp -r near -t_srs EPSG:\d+ -te .* -tr .* small.tif"):
+                                                r"first: gdalwarp -r near -t_srs EPSG:\d+ -te " + re.escape(te) +
+                                                r" -tr .* small.tif"):
         Trainer(_cfg((scene[0], bad), tmp_path / "o"))
     with rasterio.open(scene[1]) as ds:
         labels = ds.read()
@@ -2665,6 +2669,12 @@ def test_a_schedule_that_would_climb_and_labels_of_one_listed_class_are_refused(
     classes trained (a warning per missing class) and validated mIoU = OA."""
     with pytest.raises(ParameterError, match=r"min_lr 0.05: .* must not exceed lr 0.01"):
         _cfg(scene, tmp_path / "o", min_lr=0.05)
+    assert _cfg(scene, tmp_path / "o", min_lr=0.05, schedule="constant").min_lr == 0.05  # (unused there)
+    # a checkpoint saved before a shapefile's identity held its sidecars resumes (its .shp part is compared)
+    from geoseg.train import _same_file_identity
+
+    assert _same_file_identity("10:ab", "10:ab|.dbf:5:cd") and not _same_file_identity("10:ab", "11:ab|.dbf:5:cd")
+    assert not _same_file_identity("10:ab|.dbf:5:cd", "10:ab|.dbf:5:ce")
     with rasterio.open(scene[1]) as ds:
         labels, profile = ds.read(1), ds.profile
     one = tmp_path / "one.tif"
