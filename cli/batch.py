@@ -17,6 +17,9 @@ from geoseg_cli import options as o
 #: Loggers muted below -v: the engine's own per-scene line, and GDAL's error chatter (which
 #: rasterio logs at INFO) for bad scenes, so that each scene gives one line.
 _MUTED = ("geoseg.engine", "geoseg.vectorize", "rasterio", "pyogrio")
+#: distributed's loggers in batch's own process (its client, and the scheduler of a --workers cluster) that
+#: log a lost connection at ERROR, with a traceback (see geoseg.batch._StoppedRunNoise).
+_NOISY = ("distributed.client", "distributed.scheduler")
 
 
 #: The --log-file's line format: the pid tells apart the lines of overlapping runs (a run of the night
@@ -55,7 +58,8 @@ def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False, st
             from geoseg.batch import _StoppedRunNoise
 
             noise = _StoppedRunNoise()
-            logging.getLogger("distributed.client").addFilter(noise)
+            for name in _NOISY:
+                logging.getLogger(name).addFilter(noise)
     if handler is not None:
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         if start:
@@ -83,7 +87,8 @@ def _batch_logging(log_file: Path | None, verbosity: int, dask: bool = False, st
         for lg, level in zip(muted, old_levels):
             lg.setLevel(level)
         if noise is not None:
-            logging.getLogger("distributed.client").removeFilter(noise)
+            for name in _NOISY:
+                logging.getLogger(name).removeFilter(noise)
         if handler is not None:
             root.removeHandler(handler)
             if forward is not None:

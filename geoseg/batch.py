@@ -1350,10 +1350,20 @@ def gpu_count() -> int:
 class _StoppedRunNoise(logging.Filter):
     """Drops what distributed logs when the run is stopped under it: the workers' 'Async instruction
     ... ended with CancelledError' and 'Failed to communicate with scheduler during heartbeat', the
-    client's 'Failed to reconnect to scheduler' (geoseg's own line says the scheduler was lost)."""
+    client's 'Failed to reconnect to scheduler' and its tracebacks of a lost connection (a scheduler
+    restarted under the run: ~40 lines of ConnectionRefusedError / CommClosedError), a local scheduler's
+    'broadcast to ... failed: CommClosedError' as the group's SIGTERM ends its workers (geoseg's own line
+    says the scheduler was lost, or the run stopped)."""
+
+    #: Exceptions of a connection that went away, logged with their traceback.
+    LOST = frozenset({"CommClosedError", "ConnectionRefusedError", "CancelledError", "StreamClosedError"})
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
+        if record.exc_info and record.exc_info[0] is not None and record.exc_info[0].__name__ in self.LOST:
+            return False
+        if "broadcast to" in text and "CommClosedError" in text:
+            return False
         return not any(t in text for t in ("ended with CancelledError", "Failed to communicate with scheduler",
                                            "Failed to reconnect to scheduler"))
 
@@ -2009,11 +2019,17 @@ def parse_resources(text: str | None) -> dict[str, float]:
             continue
         name, _, value = item.partition("=")
         try:
-            out[name] = float(value)
+            amount = float(value)
         except ValueError:
             raise ParameterError(f"--resources {text!r}: use NAME=NUMBER pairs separated by commas, e.g. GPU=1") from None
         if not name:
             raise ParameterError(f"--resources {text!r}: a resource has no name: use e.g. GPU=1")
+        if name in out:  # (GPU=1,GPU=2 kept the last without a word)
+            raise ParameterError(f"--resources {text!r}: {name} is given twice: give it once")
+        if not amount > 0 or amount == float("inf"):  # (GPU=0: Dask places no task on a worker without GPU: a hang)
+            raise ParameterError(f"--resources {text!r}: {name}={value} asks for no amount of it: give a number > 0 "
+                                 f"(e.g. {name}=1), or leave {name} out")
+        out[name] = amount
     return out
 
 
@@ -2105,7 +2121,7 @@ def _workers(client: Any, resources: dict[str, float]) -> tuple[int, int, list[s
     alive = [w for w in (info.get("workers") or {}).values() if w.get("status", "running") not in _GONE]
     offers = [_fmt_resources(w.get("resources") or {}) or "none" for w in alive]
     suitable = [w for w in alive
-                if all(float((w.get("resources") or {}).get(k, 0)) >= v for k, v in resources.items())]
+                if all(k in (w.get("resources") or {}) and float(w["resources"][k]) >= v for k, v in resources.items())]
     return len(alive), len(suitable), offers
 
 

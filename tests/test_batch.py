@@ -103,6 +103,20 @@ def test_discover_mirrors_tree_lists_and_skips_the_output_folder(tmp_path: Path)
     assert parse_resources("GPU=1, MEM=4e9") == {"GPU": 1.0, "MEM": 4e9}
     with pytest.raises(ParameterError):
         parse_resources("GPU")
+    # GPU=0 hung for good on a cluster whose workers offer no GPU (Dask places such a task nowhere, and
+    # 0 >= 0 made every worker look suitable); GPU=1,GPU=2 kept the last
+    for text, said in (("GPU=0", "asks for no amount"), ("GPU=-1", "asks for no amount"), ("GPU=nan", "asks for no amount"),
+                       ("GPU=1,GPU=2", "given twice")):
+        with pytest.raises(ParameterError, match=said):
+            parse_resources(text)
+
+    class Client:
+        def scheduler_info(self):  # type: ignore[no-untyped-def]
+            return {"workers": {"a": {"resources": {}}, "b": {"resources": {"GPU": 1}}}}
+
+    from geoseg.batch import _workers
+
+    assert _workers(Client(), {"GPU": 0.5})[:2] == (2, 1)  # (a worker without the name is no fit)
 
 
 def test_a_refused_run_creates_no_output_folder(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -2190,3 +2204,30 @@ def test_a_stop_paddle_turned_into_another_error_stops_the_run(runner, tiny_unet
         report = report_of(rep)
         assert report["stopped"]["reason"].startswith("terminated") and "failed" not in statuses(report).values()
         assert report["exit_status"] == 143, report
+
+
+def test_a_lost_connection_s_tracebacks_are_kept_off_stderr() -> None:
+    """A scheduler restarted under a run printed distributed.client's ~40-line ConnectionRefusedError /
+    CommClosedError traceback before geoseg's one line; the group's SIGTERM on a --workers run printed the
+    local scheduler's 'broadcast to ... failed: CommClosedError'. Other errors still show."""
+    import logging
+
+    from distributed.comm.core import CommClosedError
+
+    from geoseg.batch import _StoppedRunNoise
+    from geoseg_cli.batch import _NOISY, _batch_logging
+
+    def record(msg: str, exc: BaseException | None = None) -> logging.LogRecord:
+        info = (type(exc), exc, None) if exc is not None else None
+        return logging.LogRecord("distributed.client", logging.ERROR, __file__, 0, msg, (), info)
+
+    noise = _StoppedRunNoise()
+    assert not noise.filter(record("", CommClosedError("in <TCP ...>: Stream is closed")))
+    assert not noise.filter(record("", ConnectionRefusedError(111, "Connection refused")))
+    assert not noise.filter(record("broadcast to tcp://127.0.0.1:4242 failed: CommClosedError: in <TCP>"))
+    assert noise.filter(record("Compute Failed", ValueError("bad scene")))
+    assert noise.filter(record("Worker tcp://127.0.0.1:4242 (pid=7) exceeded 95% memory budget"))
+    with _batch_logging(None, 0, dask=True):
+        for name in _NOISY:
+            assert any(isinstance(f, _StoppedRunNoise) for f in logging.getLogger(name).filters), name
+    assert not any(isinstance(f, _StoppedRunNoise) for name in _NOISY for f in logging.getLogger(name).filters)
