@@ -1559,6 +1559,9 @@ def _segment_scene(
     conf_style = styles[conf_path] if opts.confidence != "none" else None
     prob_style = styles[prob_path] if opts.probabilities != "none" else None
     extra: tuple[Path, ...] = ()
+    if vector_path is not None and stopped is not None and stopped():  # (a cancelled task wrote its polygons on)
+        raise RunStoppedError(f"{input_path.name}: the run was stopped; {mask_path.name} was written, its polygons "
+                              "were not")
     if vector_path is not None:
         from geoseg.vectorize import vectorize_mask
 

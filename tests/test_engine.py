@@ -347,11 +347,20 @@ def test_a_stopped_scene_publishes_nothing(tmp_path: Path, stop_at: str) -> None
 
     asked = []
     kw = dict(source=ModelSource(identity_card(1, 2)), predictor=counting)
-    # never stopped: it is asked before each batch and once before the mask lands, and publishes
-    res = segment_scene(src, tmp_path / "ref", **kw, options=PredictOptions(batch_size=1),
+    # never stopped: it is asked before each batch, once before the mask lands and once before its
+    # polygons, and publishes
+    res = segment_scene(src, tmp_path / "ref", **kw, options=PredictOptions(batch_size=1, vector="gpkg"),
                         stopped=lambda: asked.append(1) is None and False)
-    assert res.mask.exists() and len(asked) == len(windows) + 1 and len(windows) > 1
-    total = len(windows)
+    assert res.mask.exists() and len(asked) == len(windows) + 2 and len(windows) > 1
+    # stopped once the mask has landed: its polygons are not written (a cancelled Dask task wrote them on,
+    # beside a rerun already writing the same outputs)
+    n, total = len(asked), len(windows)
+    asked.clear()
+    with pytest.raises(RunStoppedError, match="its polygons were not"):
+        segment_scene(src, tmp_path / "late", **kw, options=PredictOptions(batch_size=1, vector="gpkg"),
+                      stopped=lambda: asked.append(1) is None and len(asked) == n)
+    assert sorted(p.name for p in (tmp_path / "late").iterdir()) == ["s_landcover.qml", "s_landcover.tif",
+                                                                     "s_landcover.tif.aux.xml"]
     windows.clear()
 
     def stopped() -> bool:  # says stop at once, or only once every window has run
