@@ -117,16 +117,20 @@ class GeosegGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt as exc:  # (Terminated too) paddle's C++ code may raise another in its place:
-            stop = noted_stop() or exc  # the signal's own is the one noted
-            raise GeosegClickError(stop_message(stop), 143 if isinstance(stop, Terminated) else 130) from None
+            raise _stop_error(noted_stop() or exc) from None  # the signal's own is the one noted
         except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
             logging.getLogger("geoseg").debug("error details", exc_info=True)
             stop = noted_stop()  # (a signal's KeyboardInterrupt that paddle's C++ code turned into another error)
             if stop is not None:
-                raise GeosegClickError(stop_message(stop), 143 if isinstance(stop, Terminated) else 130) from None
+                raise _stop_error(stop) from None
             error = to_click_error(exc)
             error.message = _say_which_variable(error.message, ctx)
             raise error from None
+
+
+def _stop_error(stop: BaseException) -> GeosegClickError:
+    """The error a command stopped by ``stop`` (a signal's KeyboardInterrupt) ends with: 143 for SIGTERM, 130 else."""
+    return GeosegClickError(stop_message(stop), 143 if isinstance(stop, Terminated) else 130)
 
 
 def stop_message(exc: BaseException) -> str:

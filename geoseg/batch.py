@@ -508,14 +508,12 @@ def _pam_content(data: bytes, own_descriptions: Callable[[], Sequence[str]] = tu
         root = ElementTree.fromstring(data)
     except ElementTree.ParseError:
         return data
-    own: list[Sequence[str]] = []
-    for band in root.iter("PAMRasterBand"):
-        for desc in band.findall("Description"):
-            if not own:
-                own.append(own_descriptions())
-            i = int(band.get("band") or "0") - 1 if (band.get("band") or "").isdigit() else -1
-            if 0 <= i < len(own[0]) and (desc.text or "").strip() == own[0][i]:
-                band.remove(desc)  # (the raster's own, copied by GDAL: says nothing new)
+    descs = [(band, desc) for band in root.iter("PAMRasterBand") for desc in band.findall("Description")]
+    own = own_descriptions() if descs else ()  # (the raster read only where a description is to compare)
+    for band, desc in descs:
+        i = int(band.get("band") or "0") - 1 if (band.get("band") or "").isdigit() else -1
+        if 0 <= i < len(own) and (desc.text or "").strip() == own[i]:
+            band.remove(desc)  # (the raster's own, copied by GDAL: says nothing new)
 
     def number(token: str) -> str:
         try:

@@ -1499,8 +1499,6 @@ def _segment_scene(
             class_pixels = {c.name: int(counts[c.id]) for c in mc.classes}
             mask_w.update_tags(GEOSEG_CLASS_PIXELS=json.dumps(class_pixels))  # the mask's own class statistics
 
-            styles: dict[Path, Path] = {}
-
             def before_first_lands() -> None:
                 if stopped is not None and stopped():
                     raise RunStoppedError(f"{input_path.name}: the run was stopped; {mask_path.name} was not written")
@@ -1511,18 +1509,18 @@ def _segment_scene(
                 # A raster's .qml and .aux.xml land just before the raster: a run stopped between them
                 # left a mask without its style, class names or (where GeoTIFF keys cannot hold it) CRS.
                 # (A stop before the raster lands removes them again: see below.)
+                # (each recorded before it is written: a stop inside the write may still have landed it)
                 if w is mask_w:
                     sides.append((w.path, Path(f"{mask_path}.aux.xml")))
-                    styles[w.path] = write_aux_xml(mask_path, mc.classes, srs_xml=mask_w.srs_xml)
+                    write_aux_xml(mask_path, mc.classes, srs_xml=mask_w.srs_xml)
                     sides.append((w.path, mask_path.with_suffix(".qml")))
-                    styles[w.path.with_suffix(".qml")] = write_qml(mask_path, mc.classes)
+                    write_qml(mask_path, mc.classes)
                 else:  # the percent (uint8, 0-100) and float (0-1) rasters on a fixed 0-max colour ramp
                     kind = opts.confidence if w is conf_w else opts.probabilities
                     sides.append((w.path, w.path.with_suffix(".qml")))
                     if w.srs_xml is not None:  # (written by the writer itself, next)
                         sides.append((w.path, Path(f"{w.path}.aux.xml")))
-                    styles[w.path] = write_ramp_qml(w.path, 100 if kind == "uint8" else 1,
-                                                    "confidence" if w is conf_w else "probability")
+                    write_ramp_qml(w.path, 100 if kind == "uint8" else 1, "confidence" if w is conf_w else "probability")
 
             def drop_old_set() -> None:
                 # --overwrite: the outputs are published one by one, so a run stopped among them left
@@ -1555,9 +1553,9 @@ def _segment_scene(
                     with contextlib.suppress(FileNotFoundError):
                         side.unlink()
             raise
-    aux, style = styles[mask_path], styles[mask_path.with_suffix(".qml")]
-    conf_style = styles[conf_path] if opts.confidence != "none" else None
-    prob_style = styles[prob_path] if opts.probabilities != "none" else None
+    aux, style = Path(f"{mask_path}.aux.xml"), mask_path.with_suffix(".qml")  # (what write_aux_xml, write_qml wrote)
+    conf_style = conf_path.with_suffix(".qml") if opts.confidence != "none" else None
+    prob_style = prob_path.with_suffix(".qml") if opts.probabilities != "none" else None
     extra: tuple[Path, ...] = ()
     if vector_path is not None and stopped is not None and stopped():  # (a cancelled task wrote its polygons on)
         raise RunStoppedError(f"{input_path.name}: the run was stopped; {mask_path.name} was written, its polygons "

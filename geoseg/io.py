@@ -443,8 +443,8 @@ def corrupt_input(name: str | Path, exc: BaseException, where: str = "", *, virt
     low = reason.lower()
     if any(t in low for t in ("no such file", "does not exist")):
         advice = "a file it reads is missing (a VRT's source?): check the paths it names"
-    elif (virtual or is_virtual(name)) and any(t in low for t in ("could not resolve", "http", "curl", "credential", "access denied",
-                                                     "forbidden", "timed out", "connection")):
+    elif virtual and any(t in low for t in ("could not resolve", "http", "curl", "credential", "access denied",
+                                            "forbidden", "timed out", "connection")):
         advice = "its storage cannot be reached: check the network, the path and the credentials (AWS_*, GS_*, AZURE_*)"
     else:
         advice = "the file may be corrupt or truncated; check it with gdalinfo -checksum"

@@ -821,6 +821,7 @@ def check_same_grid(image_meta: Any, label_meta: Any) -> None:
     same_size = (a.width, a.height) == (b.width, b.height)
     same_transform = a.transform.almost_equals(b.transform, precision=1e-6 * max(abs(a.transform.a), 1e-9))
     same_crs = (a.crs is None) == (b.crs is None) and (a.crs is None or a.crs == b.crs)
+    srs = None if a.crs is None else a.crs.to_string() if a.crs.to_epsg() else "IMAGE_CRS.wkt"
 
     def warp(name: str) -> str:
         if a.crs is None or a.transform.b or a.transform.d:  # (no CRS or a rotated grid: no -te/-tr to give)
@@ -828,14 +829,13 @@ def check_same_grid(image_meta: Any, label_meta: Any) -> None:
         from rasterio.transform import array_bounds
 
         west, south, east, north = array_bounds(a.height, a.width, a.transform)
-        srs = a.crs.to_string() if a.crs.to_epsg() else "IMAGE_CRS.wkt"
         te = " ".join(f"{v:.15g}" for v in (west, south, east, north))  # (exact: ':g' kept 6 digits of a UTM northing)
         return (f"warp the labels onto the image grid first: gdalwarp -r near -t_srs {srs} -te {te} -tr "
                 f"{abs(a.transform.a):.15g} {abs(a.transform.e):.15g} {name} aligned_labels.tif")
 
     if a.crs is not None and b.crs is None:  # (the labels lost their CRS: assign it, no reprojection can help)
-        fix = (f"assign the image's CRS (gdal_edit.py -a_srs {a.crs.to_string() if a.crs.to_epsg() else 'IMAGE_CRS'} "
-               f"{b.path.name})" if same_size and same_transform else warp(b.path.name))
+        fix = (f"assign the image's CRS (gdal_edit.py -a_srs {srs} {b.path.name})" if same_size and same_transform
+               else warp(b.path.name))
         raise GridMismatchError(f"labels {b.path.name} have no CRS and the image {a.path.name} has one: {fix}")
     if not same_crs:
         raise GridMismatchError(f"labels {b.path.name} (CRS {b.crs}) and the image {a.path.name} (CRS {a.crs}) differ "
