@@ -22,6 +22,9 @@ keeps a manifest in ``DIR/.geoseg/manifest.sqlite`` so that cron runs do each sc
   run the scenes (after a bounded wait: never a silent hang holding the lock), and a scene that
   finds no room to write (a full disk, the file-size limit): every later scene would fail the same
   way.  A fatal error found before the run starts (a missing weights file or input) is reported too.
+  A scene during which the process died (:data:`STARTED`) runs last in the next run, and is held back
+  after :data:`MAX_CRASHES` such deaths; on Dask, scenes failed with ``KilledWorker`` run again one at a
+  time at the end of the run (Dask fails every task that was on a dying worker).
 * **Scale-out.**  With a Dask ``distributed.Client`` each scene is one task; every worker
   loads the model once through :class:`ModelPlugin` and reuses it.  Results and failures
   come back to the client, the only writer of the manifest and the report, which releases each
@@ -110,6 +113,15 @@ OUTSIDE_AOI_REASON = "outside the AOI"
 SKIP_REASONS = (OUTSIDE_AOI_REASON,)
 #: Dry-run reason of a scene that the run holding the lock is doing (or is about to do).
 RUNNING_NOW_REASON = "running now (another batch holds the lock)"
+#: Manifest status of the scene a batch running scenes in its own process is running: a run that finds it
+#: (holding the lock, so its writer is gone) knows that the process died during that scene (a crash or
+#: the kernel's out-of-memory killer in GDAL or Paddle, or a kill from outside).
+STARTED = "started"
+#: Runs in which the batch process may die during a scene before later runs hold it back (until the scene,
+#: the model or the parameters change, or ``force``): one scene that kills the process (a corrupt file
+#: that crashes a library) stopped every nightly run at the same place, and the scenes after it never ran.
+MAX_CRASHES = 2
+CRASHED_REASON = "held back: it crashed the batch process"
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -800,7 +812,7 @@ class ManifestEntry:
     head_hash: str
     model: str
     params: str  # canonical JSON
-    status: str  # "done", "failed" or "running"
+    status: str  # "done", "failed", "running" (to do) or STARTED
     outputs: list[dict[str, Any]] = field(default_factory=list)  # {path (relative to DIR), size, hash}
     error: str | None = None
     seconds: float = 0.0
@@ -808,6 +820,10 @@ class ManifestEntry:
     megapixels: float = 0.0
     worker: str | None = None
     finished: str | None = None
+    #: Runs whose process died while it ran this scene (see :data:`STARTED`, :data:`MAX_CRASHES`); a
+    #: ``STARTED`` entry's own crash is not counted yet.  0 once the scene runs to its end (done or failed)
+    #: or changes; kept by a scene held back.
+    crashes: int = 0
 
 
 def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
@@ -873,6 +889,7 @@ class Manifest:
         self.path = self.out_dir / STATE_DIR / MANIFEST_NAME
         self.corrupt = False
         self._db: sqlite3.Connection | None = None
+        self._columns: tuple[str, ...] = self.COLUMNS  # those the file has (a read-only older one may lack some)
         if readonly:
             if self.path.exists():
                 db = _connect_readonly(self.path)
@@ -885,6 +902,8 @@ class Manifest:
                     self.corrupt = True
                     return
                 self._db = db
+                have = {r[1] for r in db.execute("PRAGMA table_info(scenes)")}
+                self._columns = tuple(c for c in self.COLUMNS if c in have)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -920,8 +939,10 @@ class Manifest:
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS scenes (key TEXT PRIMARY KEY, input TEXT, size INTEGER, mtime_ns INTEGER, "
                 "head_hash TEXT, model TEXT, params TEXT, status TEXT, outputs TEXT, error TEXT, seconds REAL, "
-                "windows INTEGER, megapixels REAL, worker TEXT, finished TEXT)"
+                "windows INTEGER, megapixels REAL, worker TEXT, finished TEXT, crashes INTEGER NOT NULL DEFAULT 0)"
             )
+            if "crashes" not in {r[1] for r in self._db.execute("PRAGMA table_info(scenes)")}:  # (before session 28)
+                self._db.execute("ALTER TABLE scenes ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
@@ -929,10 +950,10 @@ class Manifest:
         """The entry of ``key`` or None."""
         if self._db is None:
             return None
-        row = self._db.execute(f"SELECT {', '.join(self.COLUMNS)} FROM scenes WHERE key = ?", (key,)).fetchone()
+        row = self._db.execute(f"SELECT {', '.join(self._columns)} FROM scenes WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
-        d = dict(zip(self.COLUMNS, row))
+        d = dict(zip(self._columns, row))
         d["outputs"] = json.loads(d["outputs"] or "[]")
         return ManifestEntry(**d)
 
@@ -1040,20 +1061,45 @@ def why_run(
         return "forced"
     if entry is None:
         return "new"
+    if entry.status == STARTED:
+        return "the batch process died while running it (runs last)"
     if entry.status == "failed":
         return "failed before"
     if entry.status not in ("done", OUTSIDE_AOI):
         return "not finished by an interrupted run"  # (queued or running when it stopped)
-    if (entry.size, entry.mtime_ns, _adopted(entry, fp)) != (
-            fp["size"], fp["mtime_ns"], fp["head_hash"]):
+    changed = _changed(entry, fp, model_key, params_json)
+    if changed is not None:
+        return changed
+    if entry.status == OUTSIDE_AOI:
+        return None  # nothing to write for it
+    return outputs_intact(out_dir, entry.outputs)
+
+
+def _changed(entry: ManifestEntry, fp: dict[str, Any], model_key: str, params_json: str) -> str | None:
+    """What changed since the scene's entry was written (its input, the model, the parameters), or None."""
+    if (entry.size, entry.mtime_ns, _adopted(entry, fp)) != (fp["size"], fp["mtime_ns"], fp["head_hash"]):
         return "input changed"
     if entry.model != model_key:
         return "model changed"
     if entry.params != params_json:
         return "parameters changed"
-    if entry.status == OUTSIDE_AOI:
-        return None  # nothing to write for it
-    return outputs_intact(out_dir, entry.outputs)
+    return None
+
+
+def crashes_of(entry: ManifestEntry | None, fp: dict[str, Any], model_key: str, params_json: str) -> int:
+    """The runs whose process died while it ran the scene, with the crash a :data:`STARTED` entry says (the
+    run reading it holds the lock: its writer is gone); 0 when the scene, the model or the parameters changed
+    since (a fixed file gets its tries again)."""
+    if entry is None or _changed(entry, fp, model_key, params_json) is not None:
+        return 0
+    return entry.crashes + (entry.status == STARTED)
+
+
+def held_back_error(crashes: int) -> str:
+    """The one-line error of a scene held back after ``crashes`` (≥ :data:`MAX_CRASHES`) crashes."""
+    return (f"the batch process died {crashes} times while running this scene (a crash or an out-of-memory kill "
+            "in GDAL or Paddle, or a kill from outside): later runs hold it back until it changes; try it alone "
+            "with 'geoseg predict', or give --force to run it again")
 
 
 # ---- running one scene (in process or on a worker) ---------------------------------------------
@@ -1751,9 +1797,11 @@ def _dry_run(scenes: list[Scene], out: Path, model_key: str, params_json: str, f
                 continue
             entry = manifest.get(sc.key)
             reason = why_run(entry, fp, model_key, params_json, out, force)
-            if reason is None and entry is not None and entry.status == OUTSIDE_AOI:
+            if holder is None and not force and (n := crashes_of(entry, fp, model_key, params_json)) >= MAX_CRASHES:
+                reason = f"fails: {CRASHED_REASON} {n} times (--force runs it)"
+            elif reason is None and entry is not None and entry.status == OUTSIDE_AOI:
                 reason = OUTSIDE_AOI_REASON  # (it was: "done, unchanged", as if its masks were there)
-            elif holder is not None and entry is not None and entry.status == "running" and not force:
+            elif holder is not None and entry is not None and entry.status in ("running", STARTED) and not force:
                 reason = RUNNING_NOW_REASON
             elif reason is not None and aoi is not None and _outside_aoi(sc, aoi) is not None:
                 reason = OUTSIDE_AOI_REASON  # the run tests it from the header first, and skips it
@@ -1797,6 +1845,8 @@ def _run_scenes(
     n = len(scenes)
     fingerprints: dict[str, dict[str, Any]] = {}
     todo: list[tuple[Scene, str]] = []
+    last: list[tuple[Scene, str]] = []  # scenes the batch process died on: run after the others
+    crashes: dict[str, int] = {}
     done_count = 0
     no_fingerprint = {"size": -1, "mtime_ns": -1, "head_hash": ""}
 
@@ -1821,6 +1871,16 @@ def _run_scenes(
             _record(manifest, o, no_fingerprint, model_key, params_json, out)
             finish(o)
             continue
+        crashes[sc.key] = crashes_of(entry, fp, model_key, params_json)
+        if crashes[sc.key] >= MAX_CRASHES and not batch.force:
+            assert entry is not None
+            o = SceneOutcome(key=sc.key, input=str(sc.path), status="failed", reason=CRASHED_REASON,
+                             error=held_back_error(crashes[sc.key]), error_type="Crashed")
+            if entry.status == STARTED:  # (its last crash, counted now)
+                manifest.put(dataclasses.replace(entry, status="failed", crashes=crashes[sc.key], error=o.error,
+                                                 finished=_now()))
+            finish(o)
+            continue
         reason = why_run(entry, fp, model_key, params_json, out, batch.force)
         if reason is None and entry is not None and entry.head_hash != fp["head_hash"]:
             manifest.put(dataclasses.replace(entry, head_hash=fp["head_hash"]))  # (its sidecars, adopted)
@@ -1834,14 +1894,17 @@ def _run_scenes(
             _record(manifest, missed, fp, model_key, params_json, out)
             finish(missed)
             continue
-        todo.append((sc, reason))
+        (last if crashes[sc.key] else todo).append((sc, reason))
+    todo += last
     clashes = sum(sc.conflict is not None and sc.refusal == "name clash" for sc in scenes)
     bad_names = sum(sc.conflict is not None for sc in scenes) - clashes
-    log.info("%d scene(s): %d to run, %d skipped, %d unreadable%s%s", n, len(todo),
+    held = sum(o.reason == CRASHED_REASON for o in outcomes.values())
+    log.info("%d scene(s): %d to run, %d skipped, %d unreadable%s%s%s", n, len(todo),
              sum(o.status == "skipped" for o in outcomes.values()),
-             sum(o.status == "failed" for o in outcomes.values()) - clashes - bad_names,
+             sum(o.status == "failed" for o in outcomes.values()) - clashes - bad_names - held,
              f", {clashes} with clashing output names" if clashes else "",
-             f", {bad_names} with names that are not UTF-8" if bad_names else "")
+             f", {bad_names} with names that are not UTF-8" if bad_names else "",
+             f", {held} held back (they crashed the batch process)" if held else "")
 
     def record_and_finish(o: SceneOutcome, reason: str) -> None:
         o.reason = o.reason or reason  # why it ran, unless it was skipped (outside the AOI)
@@ -1851,11 +1914,16 @@ def _run_scenes(
     workers: dict[str, int] = {}
     if todo:
         # A crash from here on re-runs these scenes, whatever their old entries said.
-        manifest.put(*(_running_entry(manifest, sc, fingerprints[sc.key], model_key, params_json) for sc, _ in todo))
+        running = {sc.key: _running_entry(manifest, sc, fingerprints[sc.key], model_key, params_json, crashes[sc.key])
+                   for sc, _ in todo}
+        manifest.put(*running.values())
         if client is not None or batch.scheduler or batch.workers:
             workers = _run_dask(todo, out, model, options, batch, client, record_and_finish)
         else:
-            _run_here(todo, out, model, options, record_and_finish)
+            def mark(key: str, status: str) -> None:
+                manifest.put(dataclasses.replace(running[key], status=status))
+
+            _run_here(todo, out, model, options, record_and_finish, mark)
 
     if batch.mosaic:
         _write_mosaic(out, manifest, source.card.classes)
@@ -1923,13 +1991,19 @@ def write_report(result: BatchResult, path: str | Path) -> Path:
         raise write_error(path, exc, option="--report") from None
 
 
-def _running_entry(manifest: Manifest, sc: Scene, fp: dict[str, Any], model_key: str, params_json: str) -> ManifestEntry:
+def _running_entry(manifest: Manifest, sc: Scene, fp: dict[str, Any], model_key: str, params_json: str,
+                   crashes: int = 0) -> ManifestEntry:
     old = manifest.get(sc.key)
     return ManifestEntry(
         key=sc.key, input=str(sc.path), size=fp["size"], mtime_ns=fp["mtime_ns"], head_hash=fp["head_hash"],
         model=model_key, params=params_json, status="running", outputs=old.outputs if old else [],
-        error=old.error if old else None,
+        error=old.error if old else None, crashes=crashes,
     )
+
+
+def _now() -> str:
+    """Now in UTC, to the second (the manifest's ``finished``)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _record(manifest: Manifest, o: SceneOutcome, fp: dict[str, Any], model_key: str, params_json: str, out: Path) -> None:
@@ -1951,8 +2025,7 @@ def _record(manifest: Manifest, o: SceneOutcome, fp: dict[str, Any], model_key: 
     manifest.put(ManifestEntry(
         key=o.key, input=o.input, size=fp["size"], mtime_ns=fp["mtime_ns"], head_hash=fp["head_hash"],
         model=model_key, params=params_json, status=status, outputs=outputs, error=o.error,
-        seconds=o.seconds, windows=o.windows, megapixels=o.megapixels, worker=o.worker,
-        finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        seconds=o.seconds, windows=o.windows, megapixels=o.megapixels, worker=o.worker, finished=_now(),
     ))
 
 
@@ -1986,17 +2059,26 @@ def _remove_stale_outputs(old: ManifestEntry | None, outputs: list[dict[str, Any
 
 def _run_here(
     todo: list[tuple[Scene, str]], out: Path, model: BatchModel, options: Any,
-    finish: Callable[[SceneOutcome, str], None],
+    finish: Callable[[SceneOutcome, str], None], mark: Callable[[str, str], None],
 ) -> None:
+    """Run the scenes one by one in this process; ``mark(key, status)`` sets a scene's manifest entry
+    :data:`STARTED` while it runs (a process that dies leaves it so), back to ``running`` when the run
+    stops in it (a signal, a fatal error: not the scene's crash)."""
     predictor, desc, source = model.build()  # once for the whole batch; ModelError is fatal
     log.debug("model %s on %s", source.label, desc)
     for sc, reason in todo:
-        o = run_scene(sc, out, options, predictor, source)
-        if o.fatal:
-            raise ModelError(f"{o.key}: {o.error}")
-        if o.no_room:
-            raise _no_room_error(o)
-        finish(o, reason)
+        mark(sc.key, STARTED)
+        try:
+            o = run_scene(sc, out, options, predictor, source)
+            if o.fatal:
+                raise ModelError(f"{o.key}: {o.error}")
+            if o.no_room:
+                raise _no_room_error(o)
+            finish(o, reason)
+        except BaseException:
+            with contextlib.suppress(Exception):  # (the manifest's disk may be the full one)
+                mark(sc.key, "running")
+            raise
 
 
 def _no_room_error(o: SceneOutcome) -> NoRoomError:
@@ -2179,8 +2261,6 @@ def _run_dask(
     todo: list[tuple[Scene, str]], out: Path, model: BatchModel, options: Any, batch: BatchOptions, client: Any,
     finish: Callable[[SceneOutcome, str], None], own_cluster: bool = False,
 ) -> dict[str, int]:
-    from distributed import as_completed
-
     if client is None:
         if batch.workers and model.threads is None:
             # Worker processes share this machine's cores.
@@ -2202,19 +2282,51 @@ def _run_dask(
     opts = dataclasses.replace(options, progress=False)
     reasons = {sc.key: reason for sc, reason in todo}
     scenes = {sc.key: sc for sc, _ in todo}
+    loads: dict[str, int] = {}
+    try:
+        killed = _run_tasks(list(scenes.values()), out, opts, name, batch, client, where, reasons, finish, loads,
+                            retry_killed=True)
+        if killed:
+            # Dask fails every task that was on a worker each time one dies under it (allowed-failures): the
+            # scene that killed it and those queued beside it.  Alone, only the scene that kills its worker
+            # fails again.
+            log.info("%d scene(s) were on Dask workers that died: running them again, one at a time", len(killed))
+        for key in killed:
+            _run_tasks([scenes[key]], out, opts, name, batch, client, where, reasons, finish, loads, retry_killed=False)
+    finally:
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(name)  # (this run's own: another run's plugin is left alone)
+    return loads
+
+
+def _killed_worker(exc: BaseException) -> bool:
+    """Whether a task's error is Dask's ``KilledWorker``: its workers died under it too often."""
+    return type(exc).__name__ == "KilledWorker" and type(exc).__module__.startswith("distributed")
+
+
+def _run_tasks(
+    todo: list[Scene], out: Path, opts: Any, name: str, batch: BatchOptions, client: Any, where: str,
+    reasons: dict[str, str], finish: Callable[[SceneOutcome, str], None], loads: dict[str, int], retry_killed: bool,
+) -> list[str]:
+    """Submit one task per scene of ``todo`` and finish each as its result comes back; return the keys of
+    the scenes that failed with ``KilledWorker`` when ``retry_killed`` (not finished: to run again)."""
     futures = {}
-    for sc, _ in todo:
+    for sc in todo:
         fut = client.submit(
             dask_scene_task, sc, str(out.absolute()), opts, name, key=f"geoseg-scene-{name}-{sc.key}-{time.time_ns()}",
             resources=batch.resources or None, pure=False, retries=0,
         )
         futures[fut] = sc.key
-    log.info("submitted %d scene(s) to %s", len(todo), where)
-    loads: dict[str, int] = {}
+    scenes = {sc.key: sc for sc in todo}
+    if retry_killed:
+        log.info("submitted %d scene(s) to %s", len(todo), where)
+    killed: list[str] = []
     # as_completed's own iterator blocks until a task ends, forever when no worker is left to run one:
     # poll it, and look at the cluster's workers every WORKER_POLL_S. It gathers each result as its task
     # ends (with_results): a result left on its worker until the next poll was recomputed when that
     # worker died meanwhile, and the finished scene ran again.
+    from distributed import as_completed
+
     pending = as_completed(list(futures), with_results=True, raise_errors=False)
     no_worker_since: float | None = None
     next_look = time.monotonic() + WORKER_POLL_S
@@ -2241,11 +2353,18 @@ def _run_dask(
                             "not finished (the next run redoes them): check the scheduler") from None
                     o = _failed(scenes[key], exc, time.perf_counter())
                     o.error = f"task failed on the cluster: {o.error}"
+                    if _killed_worker(exc):
+                        if retry_killed:
+                            killed.append(key)
+                        else:
+                            o.error += " (its worker died again when it ran alone)"
                 # The result is taken: forget the task at once.  A future kept (here, or anything holding
                 # its key) makes the scheduler recompute the task when the worker holding its result dies
                 # (kill -9, OOM): the scene ran again and rewrote outputs already recorded done.
                 del futures[fut]
                 fut.release()
+                if key in killed:
+                    continue
                 if o.worker:
                     loads[o.worker] = max(loads.get(o.worker, 0), o.model_loads)
                 if o.fatal:
@@ -2258,7 +2377,4 @@ def _run_dask(
             with contextlib.suppress(Exception):
                 f.cancel()
         raise
-    finally:
-        with contextlib.suppress(Exception):
-            client.unregister_worker_plugin(name)  # (this run's own: another run's plugin is left alone)
-    return loads
+    return killed

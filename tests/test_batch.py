@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from geoseg.batch import BatchLock, discover_scenes, parse_resources
 from geoseg.errors import BatchLockedError, BatchWarning, GeosegWarning, ModelError, NoRoomError, ParameterError
@@ -475,7 +476,8 @@ def test_kill_9_mid_run_then_rerun_matches_uninterrupted(runner, tiny_unet, tmp_
     assert 1 <= done_before < 12
     # the scenes the killed run had queued or was running: why they run again (never ran is not 'interrupted')
     r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
-    assert r.stdout.count("\tnot finished by an interrupted run") == 12 - done_before, r.output
+    assert r.stdout.count("\tnot finished by an interrupted run") == 11 - done_before, r.output
+    assert r.stdout.count("\tthe batch process died while running it (runs last)") == 1, r.output  # (its own? unknown)
     # Leftovers of other killed runs (temp output, GDAL staging file, its sidecar) are cleaned too.
     planted = [out / "d1" / "x" / ".geoseg-scene1_landcover.tif.0a1b2c3d.tmp",
                out / ".geoseg-scene0_landcover.tif.0a1b2c3d.staging.tif",
@@ -874,6 +876,116 @@ def test_dry_run_says_which_scenes_a_live_run_is_doing(runner, tiny_unet, tmp_pa
     assert "skip\td1/x/scene1.tif" in r.stdout, r.output
     r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")  # lock free: the run died
     assert "run\tscene0.tif\tnot finished by an interrupted run" in r.stdout, r.output
+
+
+_CRASH_ON = """
+import os, signal
+import geoseg.batch as gb
+real = gb.run_scene
+def crash_on(scene, *args, **kwargs):  # a scene that crashes the process (a segfault in a library, the OOM killer)
+    if scene.key == BAD:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(scene, *args, **kwargs)
+gb.run_scene = crash_on
+from geoseg_cli.main import cli
+cli()
+"""
+
+
+def _batch_crashing_on(tiny_unet, key: str, arch: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def, type-arg]
+    script = _CRASH_ON.replace("BAD", repr(key))
+    return subprocess.run([sys.executable, "-c", script, *batch_args(tiny_unet, str(arch), "--out", str(out), *extra)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _manifest_rows(out: Path) -> dict[str, tuple[str, int]]:
+    with sqlite3.connect(f"file:{out / '.geoseg' / 'manifest.sqlite'}?mode=ro", uri=True) as db:
+        rows = {k: (s, c) for k, s, c in db.execute("SELECT key, status, crashes FROM scenes")}
+    db.close()
+    return rows
+
+
+def test_a_scene_that_crashes_the_process_runs_last_then_is_held_back(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A scene that killed the batch process (a library's segfault, the OOM killer) killed every nightly run at
+    the same place: the scenes after it never ran.  The next run runs it last; after a second crash later runs
+    hold it back, failed with one line, until it changes or --force runs it."""
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 4, size=(16, 16))  # scene0.tif, d1/x/scene1.tif, d2/x/scene2.tif, scene3.tif
+    bad = "d1/x/scene1.tif"
+    r = _batch_crashing_on(tiny_unet, bad, arch, out, "--vector", "none")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    rows = _manifest_rows(out)
+    assert rows[bad] == ("started", 0) and rows["d2/x/scene2.tif"] == ("running", 0), rows  # (never ran)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
+    assert f"run\t{bad}\tthe batch process died while running it (runs last)" in r.stdout, r.output
+
+    r = _batch_crashing_on(tiny_unet, bad, arch, out, "--vector", "none")  # the others first, then it: killed again
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    rows = _manifest_rows(out)
+    assert rows[bad] == ("started", 1) and all(s == "done" for k, (s, _) in rows.items() if k != bad), rows
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")
+    assert f"run\t{bad}\tfails: held back: it crashed the batch process 2 times (--force runs it)" in r.stdout
+
+    for _ in range(2):  # held back: failed without running, also in the run after
+        r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
+        assert r.exit_code == EXIT_PARTIAL and "died 2 times while running this scene" in r.output, r.output
+        report = report_of(rep)
+        assert statuses(report) == {"scene0.tif": "skipped", bad: "failed", "d2/x/scene2.tif": "skipped",
+                                    "scene3.tif": "skipped"}
+        assert _manifest_rows(out)[bad] == ("failed", 2)
+    # a stop (SIGTERM, Ctrl-C) in a scene is no crash: --force runs it, a stop leaves it to do, not started
+    import geoseg.batch as gb
+    from geoseg_cli.main import Terminated
+
+    real = gb.run_scene
+
+    def stop(scene, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if scene.key == bad:
+            raise Terminated()
+        return real(scene, *args, **kwargs)
+
+    gb.run_scene = stop
+    try:
+        r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--force")
+    finally:
+        gb.run_scene = real
+    assert r.exit_code == 143, r.output
+    assert _manifest_rows(out)[bad] == ("running", 2)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--force")  # it ran through: the count is gone
+    assert r.exit_code == EXIT_OK, r.output
+    assert set(_manifest_rows(out).values()) == {("done", 0)}
+
+
+def test_a_crashing_scene_gets_its_tries_again_once_it_changes(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 2, size=(16, 16))
+    for _ in range(2):
+        assert _batch_crashing_on(tiny_unet, "scene0.tif", arch, out, "--vector", "none").returncode == -signal.SIGKILL
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == EXIT_PARTIAL and "died 2 times" in r.output, r.output
+    assert "0 to run, 1 skipped, 0 unreadable, 1 held back (they crashed the batch process)" in r.output
+    make_archive(arch, 1, size=(16, 16), seed=5)  # scene0.tif replaced (fixed)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == EXIT_OK and "1 to run" in r.output, r.output
+    assert _manifest_rows(out)["scene0.tif"] == ("done", 0)
+
+
+def test_a_manifest_without_the_crash_count_is_read_and_upgraded(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 2, size=(16, 16))
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == EXIT_OK, r.output
+    with sqlite3.connect(out / ".geoseg" / "manifest.sqlite") as db:  # as a manifest of session 27 had it
+        db.execute("ALTER TABLE scenes DROP COLUMN crashes")
+    db.close()
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--dry-run")  # read-only: changes nothing
+    assert r.exit_code == EXIT_OK and r.stdout.count("skip\t") == 2, r.output
+    with sqlite3.connect(out / ".geoseg" / "manifest.sqlite") as db:
+        assert "crashes" not in {row[1] for row in db.execute("PRAGMA table_info(scenes)")}
+    db.close()
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--force")
+    assert r.exit_code == EXIT_OK, r.output
+    assert set(_manifest_rows(out).values()) == {("done", 0)}
 
 
 # ---- mosaic groups ----------------------------------------------------------------------------------------
@@ -1597,6 +1709,57 @@ def test_dask_forgets_each_scene_s_task_once_its_result_is_taken(runner, tiny_un
     assert seen == {"scene0.tif": True, "d1/x/scene1.tif": True, "d2/x/scene2.tif": True}
 
 
+class _KillWorkerOn(WorkerPlugin):
+    """A Dask worker plugin (set up again on every restarted worker) with which the scene ``key`` kills its
+    worker process, as a library's segmentation fault or the out-of-memory killer would."""
+
+    name = "test-kill-worker-on"
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def setup(self, worker):  # type: ignore[no-untyped-def]
+        import geoseg.batch as gb
+
+        real, key = gb.run_scene, self.key
+
+        def run_scene(scene, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if scene.key == key:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(scene, *args, **kwargs)
+
+        gb.run_scene = run_scene
+
+    def teardown(self, worker):  # type: ignore[no-untyped-def]
+        pass
+
+
+@pytest.mark.slow
+def test_scenes_queued_on_a_dask_worker_that_died_run_again_alone(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Dask fails (KilledWorker) every task that was on a worker when it died: the scenes queued beside the one
+    that killed it failed too, for nothing they did.  They run again one at a time; only the scene that kills its
+    worker fails, saying so."""
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    arch, out, rep = tmp_path / "arch", tmp_path / "out", tmp_path / "report.json"
+    make_archive(arch, 4, size=(16, 16))
+    bad = "scene0.tif"
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 4.0}), \
+            distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        register = getattr(client, "register_plugin", None) or client.register_worker_plugin
+        register(_KillWorkerOn(bad), name=_KillWorkerOn.name)
+        r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--scheduler", cluster.scheduler_address,
+                    "--report", rep)
+    assert r.exit_code == EXIT_PARTIAL, r.output
+    assert "running them again, one at a time" in r.output, r.output
+    report = report_of(rep)
+    assert statuses(report) == {bad: "failed", "d1/x/scene1.tif": "ok", "d2/x/scene2.tif": "ok", "scene3.tif": "ok"}
+    err = next(s["error"] for s in report["scenes"] if s["key"] == bad)
+    assert "KilledWorker" in err and err.endswith("(its worker died again when it ran alone)"), err
+
+
 class _FullDisk:
     """A manifest connection whose writes fail as SQLite's do on a full disk, after ``ok`` good ones."""
 
@@ -1632,7 +1795,7 @@ def test_a_full_disk_under_the_manifest_is_one_line_naming_it(runner, tiny_unet,
 
     def open_on_a_filling_disk(self):  # type: ignore[no-untyped-def]
         real_open(self)
-        self._db = _FullDisk(self._db, ok=2)  # the "running" rows and the first scene fit
+        self._db = _FullDisk(self._db, ok=3)  # the "running" rows and the first scene (started, done) fit
 
     monkeypatch.setattr(gb.Manifest, "_open", open_on_a_filling_disk)
     r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none", "--report", rep)
