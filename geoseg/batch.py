@@ -1944,10 +1944,14 @@ def _write_stopped_report(exc: BaseException, scenes: list[Scene], outcomes: dic
         why, status = str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 1
     else:
         why, status = f"unexpected error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1
+    loads: dict[str, int] = {}  # (the Dask workers' model loads, as a run that goes through reports them)
+    for o in outcomes.values():
+        if o.worker:
+            loads[o.worker] = max(loads.get(o.worker, 0), o.model_loads)
     result = BatchResult(
         out_dir=out, scenes=[outcomes[sc.key] for sc in scenes if sc.key in outcomes],
         seconds=time.perf_counter() - t0, stopped=why, stop_status=status,
-        not_finished=[sc.key for sc in scenes if sc.key not in outcomes],
+        not_finished=[sc.key for sc in scenes if sc.key not in outcomes], workers=loads,
     )
     try:
         write_report(result, path)

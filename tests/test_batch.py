@@ -1325,6 +1325,7 @@ def test_a_lost_scheduler_stops_the_run_without_failing_its_scenes(runner, tiny_
     assert "3 scene(s) not finished (the next run redoes them)" in r.output and "FAILED" not in r.output
     report = report_of(rep)
     assert report["counts"] == {"ok": 1, "skipped": 0, "failed": 0} and len(report["stopped"]["not_finished"]) == 3
+    assert list(report["workers"].values()) == [1], report["workers"]  # the worker that ran it, as if not stopped
     monkeypatch.undo()
     r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
     assert r.stdout.count("\tnot finished by an interrupted run") == 3, r.output
