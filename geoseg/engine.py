@@ -67,7 +67,6 @@ from geoseg.io import (
     georeferencing,
     is_virtual,
     open_scene,
-    check_map_areas,
     pixel_areas,
     polygons_skipped_reason,
     read_scene_window,
@@ -1388,7 +1387,8 @@ def _segment_scene(
             check_geojson_crs(out_meta.crs, input_path.name, out_meta.transform @ (out_meta.width / 2, out_meta.height / 2))
 
         vector_settings(opts.min_area, None, opts.simplify,
-                        mask_pixel_area(out_meta.crs, out_meta.transform, out_meta.height), (out_meta.height, out_meta.width))
+                        mask_pixel_area(out_meta.crs, out_meta.transform, out_meta.height, out_meta.width),
+                        (out_meta.height, out_meta.width))
         if opts.vector_classes is not None:
             resolve_classes(opts.vector_classes, {c.id: c for c in mc.classes}, mc.name)
     check_georeferenced(meta)
@@ -1462,8 +1462,8 @@ def _segment_scene(
                                    registry=writers)
 
             counts = np.zeros(256, np.int64)
-            areas = pixel_areas(out_meta.crs, out_meta.transform, out_meta.height)  # by row/pixel on a degree grid
-            check_map_areas(out_meta.crs, out_meta.transform, out_meta.width, out_meta.height, input_path.name)
+            # by row or pixel on a degree grid, by pixel on a projection that distorts areas (Web Mercator)
+            areas = pixel_areas(out_meta.crs, out_meta.transform, out_meta.height, out_meta.width)
             row_area = np.zeros(256)
 
             def sink(row: int, idx: np.ndarray, conf: np.ndarray, valid: np.ndarray, probs: np.ndarray) -> None:
@@ -1567,7 +1567,6 @@ def _segment_scene(
             vec = vectorize_mask(
                 mask_path, vector_path, fmt=opts.vector, min_area=opts.min_area, simplify=opts.simplify,  # type: ignore[arg-type]
                 classes=mc.classes, keep_classes=opts.vector_classes, scene_name=input_path.name, overwrite=opts.overwrite,
-                warn_areas=False,  # (said above for the scene: one AreaWarning per predict, not one per output)
             )
         except OutputError as exc:  # (a full disk) the mask is whole and stays: say how to go on from it
             raise type(exc)(f"{exc}; the mask {mask_path.name} is complete: write its polygons with geoseg "  # (NoRoomError stays one)

@@ -122,7 +122,8 @@ class ResolutionWarning(GeosegWarning):
 
 
 class AreaWarning(GeosegWarning):
-    """Areas in the grid's map units are far from ground areas (a Web Mercator grid away from the equator)."""
+    """Areas in the grid's map units are far from ground areas (a Web Mercator grid away from the equator).
+    No longer raised: geoseg measures such grids' areas on the ellipsoid (kept for code that filters it)."""
 
 
 class EvaluationWarning(GeosegWarning):
@@ -240,8 +241,8 @@ def _import_paddle() -> Any:
             import paddle
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise DependencyError(
-            "PaddlePaddle is not installed: install geoseg with the 'cpu' extra "
-            "(pip install 'geoseg[cpu]') or a GPU build (see README, 'gpu' extra)"
+            "PaddlePaddle is not installed: pip install 'paddlepaddle>=3' (the 'cpu' extra of geoseg: "
+            "pip install '.[cpu]' in its source folder) or a GPU build (see README, 'gpu' extra)"
         ) from exc
     finally:
         kept.restore()

@@ -43,12 +43,12 @@ from geoseg.io import (
     NO_LABEL,
     VectorData,
     GeoAreas,
+    ProjectedAreas,
     has_mask_band,
     area_units,
     ids_by_text,
     band_class_names,
     check_latitudes,
-    check_map_areas,
     pixel_areas,
     read_classes,
     read_vector,
@@ -458,8 +458,7 @@ def evaluate_vector(
         if stratified:
             # the strata: every map class with pixels in the region, sampled or not
             # (ground areas: geodesic m² row by row on a geographic CRS; pixels on a grid without a CRS)
-            areas = pixel_areas(pds.crs, pds.transform, pds.height)
-            check_map_areas(pds.crs, pds.transform, pds.width, pds.height, pred_path.name)
+            areas = pixel_areas(pds.crs, pds.transform, pds.height, pds.width)  # (ellipsoidal m² on Web Mercator)
             counts, row_area = _value_counts(pds, (c0, r0, w, h), block_rows,
                                              row_area=areas if isinstance(areas, GeoAreas) else None)
             if not ignore_given and 0 in ignore and counts.get(0):
@@ -545,7 +544,7 @@ def evaluate_vector(
             map_pixels = np.array([counts.get(c, 0) for c in cm.class_ids], np.int64)
             map_area = (np.array([row_area.get(c, 0.0) for c in cm.class_ids]) if row_area is not None
                         else map_pixels * (1.0 if areas is None else areas))
-            units = area_units(pds.crs)
+            units = area_units(pds.crs, ground=isinstance(areas, ProjectedAreas))
     pt_ignored = np.isin(pt_ids[inside], list(ignore))
     samples = {"points": int(inside.sum()), "points_outside": int((~inside).sum()),
                "points_ignored": int(pt_ignored.sum()), "polygons": len(np.unique(owner[is_poly])),

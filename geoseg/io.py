@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -26,13 +27,14 @@ from xml.sax.saxutils import escape
 import numpy as np
 import rasterio
 import rasterio.shutil
+from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.atomic import atomic_output, atomic_write_text, is_utf8, printable, temp_name, write_error
 from geoseg.card import ClassInfo
-from geoseg.errors import AreaWarning, NoCRSWarning, OutputError, SceneError, SceneReadError, gdal_reason, warn
+from geoseg.errors import NoCRSWarning, OutputError, SceneError, SceneReadError, gdal_reason, warn
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +142,9 @@ class SceneMeta:
         """A pixel's ground size in metres (:func:`ground_pixel_size_m`); for a scene placed by
         ground control points, of the affine transform that best fits them; None when unknown."""
         if self.crs is not None:
-            return ground_pixel_size_m(self.crs, self.transform, self.height)
+            return ground_pixel_size_m(self.crs, self.transform, self.height, self.width)
         placed = self.gcp_transform()
-        return None if placed is None else ground_pixel_size_m(self.gcps[1], placed, self.height)
+        return None if placed is None else ground_pixel_size_m(self.gcps[1], placed, self.height, self.width)
 
     def gcp_transform(self) -> Any:
         """The affine transform that best fits the scene's ground control points (in their CRS),
@@ -1058,12 +1060,12 @@ def write_ramp_qml(raster_path: str | Path, maximum: float, ramp: str = "confide
     return out
 
 # ---- ground areas -----------------------------------------------------------------------------
-def area_units(crs: Any) -> str:
-    """Units of ground areas on ``crs`` (``m2`` for a geographic CRS: geodesic areas; ``pixels``
-    without a CRS)."""
+def area_units(crs: Any, ground: bool = False) -> str:
+    """Units of ground areas on ``crs`` (``m2`` for a geographic CRS or, with ``ground``, a projection
+    whose areas geoseg measures on the ellipsoid, see :func:`distorts_areas`; ``pixels`` without a CRS)."""
     if crs is None:
         return "pixels"
-    if crs.is_geographic:
+    if crs.is_geographic or ground:
         return "m2"
     unit = (crs.linear_units or "unit").lower()
     return {"metre": "m2", "meter": "m2", "m": "m2", "foot": "ft2", "us survey foot": "ftUS2"}.get(unit, f"{unit}2")
@@ -1127,47 +1129,159 @@ class GeoAreas:
         return radii * np.cos(lat) * abs(t.determinant) * math.radians(k) ** 2
 
 
-#: How far (as a ratio) a projected grid's pixel area may be from its ground area before areas are warned about:
-#: UTM is within 0.2 %, Web Mercator 2.6 times too large at 52° N.
+#: How far (as a ratio) a projected grid's areas in map units may be from ground areas anywhere in the grid before
+#: geoseg measures its areas on the ellipsoid (:func:`distorts_areas`): UTM is within 0.2 %, a national grid
+#: within a few per mille, Web Mercator 2.6 times too large at 52° N.
 MAP_AREA_TOLERANCE = 1.05
 
 
-def map_area_ratio(crs: Any, transform: Any, width: int, height: int) -> float | None:
-    """A projected grid's areas in map units over ground (ellipsoidal) areas at the grid's centre: the
-    projection's areal scale factor there (pyproj's ``get_factors``), about 1 on UTM or a national grid,
-    1/cos²(latitude) on Web Mercator. None on a geographic CRS (areas are geodesic there already),
-    without a CRS, or where it cannot be computed."""
-    if crs is None or crs.is_geographic:
-        return None
+def _geodetic(crs: Any) -> tuple[Any, Any] | None:
+    """``(to_geodetic, geod)`` of a projected CRS: a pyproj transformer from map coordinates to longitudes
+    and latitudes (degrees) of its geodetic CRS, and that CRS's ellipsoid; None where pyproj cannot make them."""
     try:
         import pyproj
 
         src = pyproj.CRS.from_wkt(crs.to_wkt())
-        to_geo = pyproj.Transformer.from_crs(src, src.geodetic_crs, always_xy=True)
-        lon, lat = to_geo.transform(*(transform @ (width / 2, height / 2)))
-        ratio = float(pyproj.Proj(src).get_factors(lon, lat).areal_scale)
-    except Exception:  # noqa: BLE001 - pyproj's errors for CRSs it cannot transform: no check
+        return pyproj.Transformer.from_crs(src, src.geodetic_crs, always_xy=True), geodesic(crs)
+    except Exception:  # noqa: BLE001 - pyproj's errors for CRSs it cannot handle
         return None
-    return ratio if np.isfinite(ratio) and ratio > 0 else None
 
 
-def check_map_areas(crs: Any, transform: Any, width: int, height: int, name: str) -> None:
-    """Warn (:class:`AreaWarning`) when the grid's areas in map units are far from ground areas
-    (:func:`map_area_ratio`): a Web Mercator scene's class areas and polygon areas looked like m²."""
-    ratio = map_area_ratio(crs, transform, width, height)
-    if ratio is not None and not 1 / MAP_AREA_TOLERANCE <= ratio <= MAP_AREA_TOLERANCE:
-        warn(f"{name}: areas are in its CRS's map units ({area_units(crs)}), {ratio:.3g} times the ground area at its "
-             f"centre ({crs.to_string() if crs.to_epsg() else 'its projection'} distorts areas): warp it to an "
-             "equal-area or local CRS (gdalwarp -t_srs EPSG:XXXX) for ground areas", AreaWarning)
+def _map_xy(t: Any, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map coordinates of the (fractional) pixel positions ``cols, rows`` of a grid of transform ``t``."""
+    return t.a * cols + t.b * rows + t.c, t.d * cols + t.e * rows + t.f
 
 
-def pixel_areas(crs: Any, transform: Any, height: int) -> float | GeoAreas | None:
+def _ground_areas(crs: Any, t: Any, cols: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """Ellipsoidal areas (m²) of the pixels of a projected grid (transform ``t``) centred at the fractional
+    positions ``cols, rows``: the pixel's sides in longitude and latitude (central differences over the
+    pixel) spanning the ellipsoid's area element there, ``M·N·cos(φ)·dφ·dλ``. Exact to far below 1e-6 for
+    pixels of up to kilometres. Not the projection's ``areal_scale``: Web Mercator's is the sphere's, 0.2 %
+    off the ellipsoid's. None where they cannot be computed (outside the projection's domain)."""
+    made = _geodetic(crs)
+    if made is None:
+        return None
+    to_geo, geod = made
+    cols, rows = np.asarray(cols, np.float64).ravel(), np.asarray(rows, np.float64).ravel()
+    dc = np.array([0.0, -0.5, 0.5, 0.0, 0.0])[:, None]
+    dr = np.array([0.0, 0.0, 0.0, -0.5, 0.5])[:, None]
+    x, y = _map_xy(t, cols[None, :] + dc, rows[None, :] + dr)
+    try:
+        with np.errstate(all="ignore"):
+            lon, lat = (np.asarray(v, np.float64) for v in to_geo.transform(x.ravel(), y.ravel()))
+    except Exception:  # noqa: BLE001 - pyproj's errors for points it cannot transform
+        return None
+    lon, lat = lon.reshape(5, -1), lat.reshape(5, -1)
+    dlon_c, dlon_r = ((lon[2] - lon[1] + 180) % 360 - 180), ((lon[4] - lon[3] + 180) % 360 - 180)  # (the antimeridian)
+    det = np.abs(dlon_c * (lat[4] - lat[3]) - dlon_r * (lat[2] - lat[1]))
+    phi = np.radians(lat[0])
+    a, es = geod.a, geod.es
+    with np.errstate(all="ignore"):
+        area = a * a * (1 - es) / (1 - es * np.sin(phi) ** 2) ** 2 * np.cos(phi) * det * math.radians(1) ** 2
+    for i in np.flatnonzero(~(np.isfinite(area) & (area > 0)) & np.isfinite(lat[0])):
+        # a pixel on a pole (its sides span every longitude): the geodesic polygon of its corners
+        cx, cy = _map_xy(t, cols[i] + np.array([-0.5, 0.5, 0.5, -0.5]), rows[i] + np.array([-0.5, -0.5, 0.5, 0.5]))
+        try:
+            area[i] = abs(geod.polygon_area_perimeter(*to_geo.transform(cx, cy))[0])
+        except Exception:  # noqa: BLE001 - pyproj's errors for points it cannot transform
+            return None
+    return area if area.size and np.all(np.isfinite(area)) and np.all(area > 0) else None
+
+
+def _map_m2(crs: Any, transform: Any) -> float:
+    """A pixel's area in map units converted to m² (its CRS's linear unit in metres, squared)."""
+    try:
+        metres = float(crs.linear_units_factor[1])
+    except Exception:  # noqa: BLE001 - rasterio raises CRSError for CRSs without linear units
+        metres = 1.0
+    return abs(transform.determinant) * metres * metres
+
+
+def map_area_ratio(crs: Any, transform: Any, width: int, height: int) -> float | None:
+    """A projected grid's areas in map units (as m²) over ground (ellipsoidal) areas at the grid's centre:
+    about 1 on UTM or a national grid, 1/cos²(latitude) on Web Mercator. None on a geographic CRS (areas
+    are geodesic there already), without a CRS, or where it cannot be computed."""
+    if crs is None or crs.is_geographic:
+        return None
+    area = _ground_areas(crs, transform, np.array([width / 2]), np.array([height / 2]))
+    return None if area is None else _map_m2(crs, transform) / float(area[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _distorts(wkt: str, transform: Any, width: int, height: int) -> bool:
+    crs = CRS.from_wkt(wkt)
+    c, r = np.meshgrid([0.5, width / 2, width - 0.5], [0.5, height / 2, height - 0.5])
+    area = _ground_areas(crs, transform, c, r)
+    if area is None:
+        return False
+    ratio = _map_m2(crs, transform) / area
+    return not bool(np.all((1 / MAP_AREA_TOLERANCE <= ratio) & (ratio <= MAP_AREA_TOLERANCE)))
+
+
+def distorts_areas(crs: Any, transform: Any, width: int, height: int) -> bool:
+    """Whether a projected grid's areas in map units are more than :data:`MAP_AREA_TOLERANCE` off the
+    ground's somewhere (at its centre, corners or edge midpoints): Web Mercator or World Mercator away
+    from the equator, a polar stereographic far from its standard parallel. geoseg then measures areas,
+    perimeters, ``min_area`` and ``simplify`` on the ellipsoid (m², m), as on a geographic CRS: in map
+    units, a Web Mercator scene's areas were 2.6 times the ground's at 52° N. False on a geographic CRS
+    (measured on the ellipsoid anyway), without a CRS, or where pyproj cannot tell."""
+    if crs is None or crs.is_geographic or width <= 0 or height <= 0:
+        return False
+    return _distorts(crs.to_wkt(), transform, int(width), int(height))
+
+
+class ProjectedAreas(GeoAreas):
+    """Ground areas (ellipsoidal m²) of the pixels of a projected grid that distorts areas
+    (:func:`distorts_areas`), a block of rows at a time, pixel by pixel (see :func:`_ground_areas`),
+    computed every :attr:`step` pixels and interpolated linearly between: at most :attr:`STEP` pixels
+    and :attr:`SPACING_M` metres of map apart, over which the interpolation stays within 1e-6 (Web
+    Mercator at 70° N)."""
+
+    #: Most pixels between two computed areas, along rows and columns.
+    STEP = 16
+    #: Most map metres between two computed areas (linear interpolation of 1/cos² over 20 km pixels
+    #: 16 apart was 3e-4 off).
+    SPACING_M = 2000.0
+
+    def __init__(self, crs: Any, transform: Any) -> None:
+        self.crs = crs
+        self.transform = transform
+        self.rotated = True  # (one area per pixel)
+        self._rows = None
+        self.step = max(1, min(self.STEP, int(self.SPACING_M / math.sqrt(_map_m2(crs, transform)))))
+
+    def block(self, row0: int, nrows: int, col0: int = 0, ncols: int = 1) -> np.ndarray:
+        """Areas (m²) of the pixels of rows ``[row0, row0 + nrows)``, columns ``[col0, col0 + ncols)``:
+        shape ``(nrows, ncols)``."""
+        step = self.step
+        lr = np.unique(np.r_[np.arange(row0, row0 + nrows, step), row0 + nrows - 1]) + 0.5
+        lc = np.unique(np.r_[np.arange(col0, col0 + ncols, step), col0 + ncols - 1]) + 0.5
+        c, r = np.meshgrid(lc, lr)
+        area = _ground_areas(self.crs, self.transform, c, r)
+        if area is None:  # (distorts_areas computed them at the grid's edges: only a point off the projection's domain)
+            raise SceneError(f"cannot compute ground areas on {self.crs.to_string()} at rows {row0}-{row0 + nrows}: a "
+                             "part of the grid lies outside the projection's domain; warp the scene to another CRS")
+        area = area.reshape(len(lr), len(lc))
+        rows = np.arange(row0, row0 + nrows, dtype=np.float64) + 0.5
+        cols = np.arange(col0, col0 + ncols, dtype=np.float64) + 0.5
+        by_col = np.stack([np.interp(cols, lc, ar) for ar in area])  # (len(lr), ncols)
+        if len(lr) == 1:
+            return np.broadcast_to(by_col, (nrows, ncols)).copy()
+        i = np.clip(np.searchsorted(lr, rows, side="right") - 1, 0, len(lr) - 2)
+        w = ((rows - lr[i]) / (lr[i + 1] - lr[i]))[:, None]
+        return by_col[i] * (1 - w) + by_col[i + 1] * w
+
+
+def pixel_areas(crs: Any, transform: Any, height: int, width: int | None = None) -> float | GeoAreas | None:
     """Ground area of a grid's pixels: one number for a projected CRS (``|det(transform)|`` in its
     units², m² for most), a :class:`GeoAreas` for a geographic CRS (geodesic m² row by row, or
-    pixel by pixel on a rotated grid), ``None`` without a CRS."""
+    pixel by pixel on a rotated grid) or, given the grid's ``width``, a projected one that distorts areas
+    (:class:`ProjectedAreas`, ellipsoidal m² pixel by pixel), ``None`` without a CRS."""
     if crs is None:
         return None
     if not crs.is_geographic:
+        if width is not None and distorts_areas(crs, transform, width, height):
+            return ProjectedAreas(crs, transform)
         return abs(transform.determinant)
     return GeoAreas(crs, transform, height)
 
@@ -1184,22 +1298,26 @@ def add_area_counts(out: np.ndarray, block: np.ndarray, areas: np.ndarray) -> No
         out[: len(n)] += n * area
 
 
-def ground_pixel_area(crs: Any, transform: Any, height: int) -> float | None:
+def ground_pixel_area(crs: Any, transform: Any, height: int, width: int | None = None) -> float | None:
     """One pixel's ground area as :func:`pixel_areas` gives it, in the grid's middle row for a
-    geographic CRS (the units of a ``min_area``: m² there); ``None`` without a CRS."""
+    geographic CRS, at its centre for a projected grid of ``width`` that distorts areas (the units of a
+    ``min_area``: m² there); ``None`` without a CRS."""
+    if crs is not None and not crs.is_geographic and width is not None and distorts_areas(crs, transform, width, height):
+        return float(ProjectedAreas(crs, transform).block(height // 2, 1, width // 2, 1)[0, 0])
     if crs is None or not crs.is_geographic:
         return pixel_areas(crs, transform, height)  # type: ignore[return-value]
     mid = transform @ transform.translation(0, height // 2)
     return float(np.mean(GeoAreas(crs, mid, 1).block(0, 1)))
 
 
-def ground_pixel_size_m(crs: Any, transform: Any, height: int) -> float | None:
+def ground_pixel_size_m(crs: Any, transform: Any, height: int, width: int | None = None) -> float | None:
     """A pixel's ground size in metres (the square root of :func:`ground_pixel_area`, in the
-    grid's middle row for a geographic CRS); ``None`` without a CRS or with unknown units."""
-    area = ground_pixel_area(crs, transform, height)
+    grid's middle row for a geographic CRS, at its centre for a grid of ``width`` that distorts areas);
+    ``None`` without a CRS or with unknown units."""
+    area = ground_pixel_area(crs, transform, height, width)
     if area is None:
         return None
-    if crs.is_geographic:
+    if crs.is_geographic or (width is not None and distorts_areas(crs, transform, width, height)):
         return float(np.sqrt(area))
     try:
         factor = float(crs.linear_units_factor[1])
@@ -1219,12 +1337,13 @@ __all__ = [
     "SceneMeta",
     "check_georeferenced",
     "band_class_names",
-    "check_map_areas",
+    "distorts_areas",
     "check_transform",
     "georeferencing",
     "degrees_per_unit",
     "geodesic",
     "GeoAreas",
+    "ProjectedAreas",
     "has_mask_band",
     "ground_pixel_area",
     "ground_pixel_size_m",

@@ -79,7 +79,17 @@ from geoseg.atomic import atomic_output, check_output, check_vector_output, remo
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.config import checked_arguments, plain
 from geoseg.errors import ParameterError, SceneError, SceneReadError
-from geoseg.io import area_units, band_class_names, check_latitudes, check_map_areas, check_transform, degrees_per_unit, geodesic, ground_pixel_area, has_mask_band
+from geoseg.io import (
+    area_units,
+    band_class_names,
+    check_latitudes,
+    check_transform,
+    degrees_per_unit,
+    distorts_areas,
+    geodesic,
+    ground_pixel_area,
+    has_mask_band,
+)
 from geoseg.io import read_classes as read_tagged_classes
 
 log = logging.getLogger(__name__)
@@ -138,7 +148,7 @@ class MaskInfo:
     @property
     def pixel_area(self) -> float:
         """Area of one pixel in the units of ``min_area`` (see :func:`mask_pixel_area`)."""
-        return mask_pixel_area(self.crs, self.transform, self.height)
+        return mask_pixel_area(self.crs, self.transform, self.height, self.width)
 
     @property
     def pixel_size(self) -> float:
@@ -363,10 +373,11 @@ def min_pixels_for(min_area: float | None, min_pixels: int | None, pixel_area: f
     return px
 
 
-def mask_pixel_area(crs: CRS | None, transform: Affine, height: int) -> float:
+def mask_pixel_area(crs: CRS | None, transform: Affine, height: int, width: int | None = None) -> float:
     """A mask pixel's area in the units of ``min_area``: CRS units² (projected), geodesic m² in the
-    middle row (geographic), pixel units² without a CRS."""
-    return ground_pixel_area(crs, transform, height) or abs(transform.determinant)
+    middle row (geographic), ellipsoidal m² at the centre of a grid of ``width`` whose projection distorts
+    areas (:func:`geoseg.io.distorts_areas`, Web Mercator), pixel units² without a CRS."""
+    return ground_pixel_area(crs, transform, height, width) or abs(transform.determinant)
 
 
 def vector_settings(min_area: float | None, min_pixels: int | None, simplify: float | None, pixel_area: float,
@@ -859,19 +870,31 @@ def _polygonize_strips(
 # Output
 
 
-def _measure(geoms: np.ndarray, crs: CRS, step: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Area and perimeter of map-coordinate polygons (geodesic m²/m for geographic CRSs).
+def _measure(geoms: np.ndarray, crs: CRS, step: float | None = None, ground: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Area and perimeter of map-coordinate polygons (geodesic m²/m for geographic CRSs and, with
+    ``ground``, for a projection that distorts areas, see :func:`geoseg.io.distorts_areas`).
 
-    A polygon's edges on a degree grid run along parallels, but a geodesic between two points of
-    a parallel bends poleward (over a long simplified edge, by percents of the area): edges are
-    measured in pieces of at most ``step`` degrees (a pixel), along which the two agree.
+    A polygon's edges on a degree grid (or a Mercator grid) run along parallels, but a geodesic between
+    two points of a parallel bends poleward (over a long simplified edge, by percents of the area): edges
+    are measured in pieces of at most ``step`` map units (a pixel), along which the two agree.
     """
-    if not crs.is_geographic:
+    if ground and not crs.is_geographic:
+        import pyproj
+
+        src = pyproj.CRS.from_wkt(crs.to_wkt())
+        to_geo = pyproj.Transformer.from_crs(src, src.geodetic_crs, always_xy=True)
+        if step:
+            geoms = shapely.segmentize(geoms, step)
+        geoms = shapely.transform(geoms, lambda xy: np.column_stack(to_geo.transform(xy[:, 0], xy[:, 1])))
+        step = None  # (pieces of a pixel already)
+    elif not crs.is_geographic:
         return shapely.area(geoms), shapely.length(geoms)
-    k = degrees_per_unit(crs)
-    if k != 1.0:  # grads or radians: pyproj's geodesic takes degrees
-        geoms = shapely.transform(geoms, lambda xy: xy * k)
-        step = step * k if step else step
+    else:
+        k = degrees_per_unit(crs)
+        if k != 1.0:  # grads or radians: pyproj's geodesic takes degrees
+            geoms = shapely.transform(geoms, lambda xy: xy * k)
+            step = step * k if step else step
     if step:
         geoms = shapely.segmentize(geoms, step)
     # pyproj sums signed ring areas: exteriors counter-clockwise and holes clockwise, or a hole adds
@@ -1030,7 +1053,6 @@ def vectorize_mask(
     layer: str | None = None,
     overwrite: bool = False,
     block_size: int | None = None,
-    warn_areas: bool = True,
 ) -> VectorizeResult:
     """Vectorise a class raster into land-cover polygons and write them atomically.
 
@@ -1040,11 +1062,12 @@ def vectorize_mask(
         out_path: output file; nothing is left there on error.
         fmt: ``gpkg``, ``geojson`` (RFC 7946, WGS 84) or ``fgb``; default from the extension,
             else ``gpkg``.
-        min_area: minimum mapping unit in CRS units²; smaller regions merge into neighbours.
+        min_area: minimum mapping unit in CRS units² (m² on a geographic CRS or a projection that
+            distorts areas, see :func:`geoseg.io.distorts_areas`); smaller regions merge into neighbours.
         min_pixels: the same in pixels (give one of the two).
         connectivity: 4 or 8, for regions and the sieve.
-        simplify: coverage simplification tolerance in CRS units; ``None`` = one pixel,
-            0 = keep pixel edges.
+        simplify: coverage simplification tolerance in CRS units (m where ``min_area`` is m²);
+            ``None`` = one pixel, 0 = keep pixel edges.
         classes: class names/colours overriding those stored in the mask.
         keep_classes: write the polygons of these classes only (ids or names), e.g. the
             buildings of a building/background mask; the sieve and the simplification still see
@@ -1054,8 +1077,6 @@ def vectorize_mask(
         overwrite: replace an existing output.
         block_size: rows per strip (default: about 4 Mpx per strip, at least 64 rows); bounds
             memory to one strip plus the polygons crossing the current seam.
-        warn_areas: warn (:class:`~geoseg.errors.AreaWarning`) when the CRS's areas are far from
-            ground areas (Web Mercator); predict passes False, having said it for the mask.
 
     Returns:
         A :class:`VectorizeResult`.
@@ -1102,9 +1123,8 @@ def vectorize_mask(
     if geojson:
         check_geojson_crs(info.crs, f"mask {mask_path.name}", info.transform @ (info.width / 2, info.height / 2))
     crs_wkt = "EPSG:4326" if geojson else info.crs.to_wkt()
-    units = area_units(info.crs)
-    if warn_areas:
-        check_map_areas(info.crs, info.transform, info.width, info.height, mask_path.name)
+    ground = distorts_areas(info.crs, info.transform, info.width, info.height)  # (Web Mercator: measured on the ellipsoid)
+    units = area_units(info.crs, ground)
     gtype = "MultiPolygon" if connectivity == 8 else "Polygon"
     counts: dict[int, int] = {}
     log.debug(
@@ -1128,7 +1148,7 @@ def vectorize_mask(
                     sel = np.isin(ids, keep)
                     geoms_px, ids = geoms_px[sel], ids[sel]
                 geoms = to_map(geoms_px, info.transform)
-                area, perim = _measure(geoms, info.crs, min(abs(info.transform.a), abs(info.transform.e)) or None)
+                area, perim = _measure(geoms, info.crs, min(abs(info.transform.a), abs(info.transform.e)) or None, ground)
                 names = np.array([class_lookup(class_map, int(i)).name for i in ids], dtype=object)
                 if geojson:
                     geoms = to_wgs84(geoms, info.crs)

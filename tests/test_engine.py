@@ -1523,32 +1523,73 @@ def test_an_unsupported_pixel_type_says_how_to_convert_it(tmp_path: Path) -> Non
         open_scene(src)
 
 
-def test_areas_on_a_web_mercator_grid_are_said_to_be_map_units(tmp_path: Path) -> None:
+def test_areas_on_a_web_mercator_grid_are_ground_areas(tmp_path: Path) -> None:
     """A Web Mercator scene's class areas and polygon areas were m² in name only: 2.6 times the ground
-    area at 52° N. Said once by predict, vectorize and a stratified evaluate; UTM is not."""
+    area at 52° N (sessions 25-27 warned, AreaWarning). They are ellipsoidal m² now, pixel by pixel, as on a
+    degree grid, and so are --min-area and the pixel size of the resolution check; UTM keeps map units."""
+    import pyogrio
+    import pyproj
+
     from geoseg.errors import AreaWarning
-    from geoseg.io import map_area_ratio
+    from geoseg.io import ProjectedAreas, ground_pixel_size_m, pixel_areas
     from geoseg.vectorize import vectorize_mask
 
     data = class_image(40, 40, 2)[None].astype(np.uint8)
-    merc = write_raster(tmp_path / "merc.tif", data, crs="EPSG:3857", transform=from_origin(1e6, 6.8e6, 10, 10))
+    tr = from_origin(1e6, 6.8e6, 10, 10)  # 52° N
+    merc = write_raster(tmp_path / "merc.tif", data, crs="EPSG:3857", transform=tr)
     kw = dict(source=ModelSource(identity_card(1, 2)), predictor=one_hot_predictor(2))
-    with pytest.warns(AreaWarning, match=r"merc.tif: areas are in its CRS's map units \(m2\), 2.6\d times the ground "
-                                         r"area at its centre \(EPSG:3857 distorts areas\)") as caught:
-        res = segment_scene(merc, tmp_path / "o", **kw, options=PredictOptions(vector="gpkg"))
-    assert res.extra_outputs  # with its polygons: said once, not again for the polygons
-    assert sum(issubclass(w.category, AreaWarning) for w in caught) == 1
-    with pytest.warns(AreaWarning, match="merc_landcover.tif: areas are in its CRS's map units"):
-        vectorize_mask(res.mask, tmp_path / "merc.gpkg")
-    utm = write_raster(tmp_path / "utm.tif", data)
     with warnings.catch_warnings():
         warnings.simplefilter("error", AreaWarning)
-        segment_scene(utm, tmp_path / "o2", **kw, options=PredictOptions(vector="gpkg"))
-    assert map_area_ratio(rasterio.crs.CRS.from_epsg(2264), from_origin(2e6, 7e5, 100, 100), 10, 10) == \
-        pytest.approx(1, abs=0.01)  # (US survey feet: a scale factor, whatever the units)
-    # one pixel the size of the world: the scale at its centre (its corners' polygon gave 1.75e10)
-    assert map_area_ratio(rasterio.crs.CRS.from_epsg(3857), from_origin(-2e7, 2e7, 4e7, 4e7), 1, 1) == \
-        pytest.approx(1, abs=0.01)
+        res = segment_scene(merc, tmp_path / "o", **kw, options=PredictOptions(vector="gpkg", simplify=0))
+    # each row's pixel from its corners in longitudes/latitudes (a Mercator row is a band of latitude)
+    to_geo = pyproj.Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True)
+    geod = pyproj.Geod(ellps="WGS84")
+    row = []
+    for r in range(40):
+        lon, lat = to_geo.transform([1e6, 1e6 + 10, 1e6 + 10, 1e6], [6.8e6 - 10 * r] * 2 + [6.8e6 - 10 * (r + 1)] * 2)
+        row.append(abs(geod.polygon_area_perimeter(lon, lat)[0]))
+    row = np.array(row)
+    assert 2.6 < 100 / row.mean() < 2.7  # map units against the ground
+    with rasterio.open(res.mask) as ds:
+        mask = ds.read(1)
+    _, _, _, (ids, _, area, *_) = pyogrio.raw.read(res.extra_outputs[0], layer="landcover")
+    for c in identity_card(1, 2).classes:
+        want = ((mask == c.id) * row[:, None]).sum()
+        assert res.class_area[c.name] == pytest.approx(want, rel=1e-6), c.name
+        assert area[ids == c.id].sum() == pytest.approx(want, rel=1e-6), c.name
+    # --min-area in ground m²: 3.5 ground pixels are 4 pixels (in map m², 1.3 pixels: 2)
+    got = vectorize_mask(res.mask, tmp_path / "m.gpkg", min_area=3.5 * row[20])
+    assert got.min_pixels == 4 and got.area_units == "m2"
+    assert ground_pixel_size_m(rasterio.crs.CRS.from_epsg(3857), tr, 40, 40) == pytest.approx(row[20] ** 0.5, rel=1e-3)
+    assert isinstance(pixel_areas(rasterio.crs.CRS.from_epsg(3857), tr, 40, 40), ProjectedAreas)
+    # UTM (within 0.1 % of the ground): areas in its units, as before
+    utm = write_raster(tmp_path / "utm.tif", data)
+    with rasterio.open(utm) as ds:
+        assert pixel_areas(ds.crs, ds.transform, ds.height, ds.width) == abs(ds.transform.determinant)
+    res = segment_scene(utm, tmp_path / "o2", **kw, options=PredictOptions(vector="none"))
+    assert sum(res.class_area.values()) == pytest.approx(40 * 40 * abs(ds.transform.determinant))
+
+
+def test_ground_areas_of_a_projection_are_interpolated_within_a_part_per_million() -> None:
+    """ProjectedAreas computes ground areas every 16 pixels: between them, per pixel, they stay within 1e-6 of
+    the projection's own scale factor (a polar stereographic grid on the ellipsoid, whose scale changes along
+    rows and columns)."""
+    import pyproj
+    from affine import Affine
+
+    from geoseg.io import ProjectedAreas, distorts_areas
+
+    crs = rasterio.crs.CRS.from_epsg(3413)  # NSIDC polar stereographic north, true scale at 70° N
+    tr = Affine(250.0, 0.0, -3.75e5, 0.0, -250.0, 3.75e5)  # 250 m pixels around the pole, far from 70° N
+    assert distorts_areas(crs, tr, 3000, 3000)
+    got = ProjectedAreas(crs, tr).block(1003, 37, 2005, 41)
+    proj = pyproj.Proj(pyproj.CRS.from_epsg(3413))
+    to_geo = pyproj.Transformer.from_crs("EPSG:3413", "EPSG:4326", always_xy=True)
+    c, r = np.meshgrid(np.arange(2005, 2046) + 0.5, np.arange(1003, 1040) + 0.5)
+    lon, lat = to_geo.transform(tr.c + 250.0 * c, tr.f - 250.0 * r)
+    want = 250.0**2 / np.asarray(proj.get_factors(lon, lat).areal_scale)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not distorts_areas(rasterio.crs.CRS.from_epsg(32633), from_origin(5e5, 6e6, 10, 10), 1000, 1000)
 
 
 def _gdal_cache_max() -> int | None:

@@ -518,6 +518,37 @@ def test_evaluate_stratified_on_a_degree_grid_weighs_strata_by_ground_area(tmp_p
     assert e.overall_accuracy == pytest.approx((want[0] * ua1 + want[1]) / sum(want))
 
 
+def test_evaluate_stratified_on_web_mercator_weighs_strata_by_ground_area(tmp_path: Path) -> None:
+    """Web Mercator's map m² are 1/cos²(latitude) times the ground's: the strata's areas were map units (an
+    AreaWarning said so); they are ellipsoidal m² now, pixel by pixel."""
+    import rasterio.transform
+
+    from geoseg.evaluate import evaluate_vector
+
+    pyproj = pytest.importorskip("pyproj")
+    mask = np.full((60, 10), 2, np.uint8)
+    mask[:30] = 1
+    x0, y0, px = 1.0e6, 8.0e6, 20_000.0  # 20 km pixels from 58° N to 48° N
+    pred = write_raster(tmp_path / "map.tif", mask, nodata=255, crs="EPSG:3857",
+                        transform=rasterio.transform.from_origin(x0, y0, px, px))
+    to_geo = pyproj.Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True)
+    geod = pyproj.Geod(ellps="WGS84")
+    row = []
+    for r in range(60):  # a row's pixel: its corners, its edges along parallels and meridians in pieces
+        xs = np.r_[np.linspace(x0, x0 + px, 50), np.full(50, x0 + px), np.linspace(x0 + px, x0, 50), np.full(50, x0)]
+        ys = np.r_[np.full(50, y0 - px * r), np.linspace(y0 - px * r, y0 - px * (r + 1), 50),
+                   np.full(50, y0 - px * (r + 1)), np.linspace(y0 - px * (r + 1), y0 - px * r, 50)]
+        row.append(abs(geod.polygon_area_perimeter(*to_geo.transform(xs, ys))[0]))
+    want = [10 * sum(row[:30]), 10 * sum(row[30:])]
+    feats = [({"type": "Point", "coordinates": list(to_geo.transform(x0 + px * (c + 0.5), y0 - px * (r + 0.5)))},
+              {"cls": int(mask[r, c])}) for r in (3, 12, 21, 34, 45, 56) for c in (1, 4, 7)]
+    ref = _geojson(tmp_path / "sample.geojson", feats)
+    e = evaluate_vector(pred, ref, field="cls", stratified=True).stratified
+    assert e.area_units == "m2" and list(e.map_pixels) == [300, 300]
+    np.testing.assert_allclose(e.mapped_area, want, rtol=1e-5)
+    assert 300 * px * px > 2.4 * want[0]  # (in map units, class 1 was 2.4-3.5 times its area)
+
+
 def test_evaluate_stratified_points_weights_by_mapped_area(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
     from geoseg.evaluate import evaluate_vector
     from geoseg.metrics import stratified_estimates
