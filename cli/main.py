@@ -395,7 +395,7 @@ def _version(ctx: click.Context, value: bool) -> None:
         except metadata.PackageNotFoundError:
             continue
     if not any(p.startswith("paddlepaddle") for p in parts):
-        parts.append("PaddlePaddle not installed (pip install 'geoseg[cpu]')")
+        parts.append("PaddlePaddle not installed (pip install 'paddlepaddle>=3')")
     import rasterio
 
     parts.insert(1, f"GDAL {rasterio.__gdal_version__}")

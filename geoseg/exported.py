@@ -186,6 +186,11 @@ def export_model_dir(
     return given
 
 
+#: The dtypes of geoseg's sample scenes that models are trained on (``training.image`` of the shipped cards), for
+#: an install without the checkout's ``sample_data`` (a wheel): export found no dtype and warned.
+SAMPLE_SCENE_DTYPES = {"sample_data/nc_landsat7/image_6band_uint8.tif": "uint8"}
+
+
 def training_dtype(card: ModelCard, weights: str | Path | None = None) -> tuple[str | None, str]:
     """The raster dtype ``card``'s model was trained on, and where that was read.
 
@@ -219,6 +224,9 @@ def training_dtype(card: ModelCard, weights: str | Path | None = None) -> tuple[
                 return open_scene(path).dtype, f"training image {path}"
             except (GeosegError, OSError):
                 continue
+    for image in images:  # (the shipped models' cards name the checkout's sample scene, which no wheel holds)
+        if image in SAMPLE_SCENE_DTYPES:
+            return SAMPLE_SCENE_DTYPES[image], f"training image {image} (geoseg's sample scene)"
     return None, f"its training image {images[0]} cannot be read"
 
 

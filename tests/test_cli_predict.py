@@ -875,7 +875,7 @@ def test_weights_without_card(runner: CliRunner, tmp_path: Path, tiny_unet: tupl
 def test_missing_paddle_names_the_extra(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "paddle", None)  # makes 'import paddle' raise ImportError
     res = runner.invoke(cli, ["predict", str(rgb(tmp_path)), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o.tif")])
-    assert_one_line_error(res, "PaddlePaddle is not installed", "geoseg[cpu]")
+    assert_one_line_error(res, "PaddlePaddle is not installed", "pip install 'paddlepaddle>=3'")
     assert not (tmp_path / "o.tif").exists()
 
 

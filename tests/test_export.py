@@ -441,7 +441,7 @@ def test_paddleseg_normalize_is_exact_for_the_training_dtype(uint16_model: tuple
 
 
 def test_export_input_dtype_sources(tiny_unet: tuple[Path, Path], uint16_model: tuple[Path, Path, Path],
-                                    tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
+                                    tmp_path: Path, runner, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     from geoseg.errors import GeosegWarning
     from geoseg.exported import paddleseg_normalize, training_dtype
     from geoseg_cli.main import cli
@@ -453,6 +453,12 @@ def test_export_input_dtype_sources(tiny_unet: tuple[Path, Path], uint16_model: 
     # a relative training path is looked up from the weights' folders too (the shipped models' sample scene)
     rel = card.replace(training={"image": scene.name})
     assert training_dtype(rel, weights)[0] == "uint16"
+    # installed from a wheel (no sample_data, weights outside a checkout): the shipped cards' sample scene is
+    # known (export warned "cannot be read ... pass --input-dtype", which its user could not know)
+    sample = card.replace(training={"image": "sample_data/nc_landsat7/image_6band_uint8.tif"})
+    monkeypatch.chdir(tmp_path)
+    assert training_dtype(sample, tmp_path / "site-packages" / "geoseg" / "weights" / "unet.pdparams") == (
+        "uint8", "training image sample_data/nc_landsat7/image_6band_uint8.tif (geoseg's sample scene)")
     # float input (scale 1) is exact by the same formula: mean / 255
     mean, std, scale = paddleseg_normalize(card, "float32")
     assert scale == 1.0 and mean[0] == pytest.approx(card.normalization.mean[0] / 255)
