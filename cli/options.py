@@ -110,10 +110,10 @@ vector_opt = click.option(
     "--vector", type=click.Choice(["gpkg", "geojson", "fgb", "none"]), default="gpkg", show_default=True,
     help="Also write land-cover polygons <stem>_landcover.<ext> (none: mask only).",
 )
-min_area_opt = click.option("--min-area", type=float, default=None, help="Polygons: minimum mapping unit in map units², m² on a geographic CRS (sieve).")
+min_area_opt = click.option("--min-area", type=float, default=None, help="Polygons: minimum mapping unit in map units², m² on a geographic CRS or Web Mercator (sieve).")
 simplify_opt = click.option(
     "--simplify", type=float, default=None,
-    help="Polygons: simplification tolerance in map units, m on a geographic CRS (default one pixel; 0 keeps pixel edges).",
+    help="Polygons: simplification tolerance in map units, m on a geographic CRS or Web Mercator (default one pixel; 0 keeps pixel edges).",
 )
 def class_list(text: str | None) -> tuple[str, ...] | None:
     """Comma-separated class ids or names (``--vector-classes``, ``vectorize --classes``); None when not given."""

@@ -21,12 +21,12 @@ from geoseg_cli.options import class_list, overwrite_opt
     help="Output format (default: from the --out extension, which must agree with it; gpkg without --out). "
          "geojson is RFC 7946 (WGS 84).",
 )
-@click.option("--min-area", type=float, default=None, help="Minimum mapping unit in map units² (m² on a geographic CRS): smaller regions merge into neighbours.")
+@click.option("--min-area", type=float, default=None, help="Minimum mapping unit in map units² (m² on a geographic CRS or Web Mercator): smaller regions merge into neighbours.")
 @click.option("--min-pixels", type=int, default=None, help="Minimum mapping unit in pixels (instead of --min-area).")
 @click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Pixel connectivity of regions.")
 @click.option(
     "--simplify", type=float, default=None,
-    help="Coverage simplification tolerance in map units, m on a geographic CRS (default: one pixel; 0 keeps pixel edges).",
+    help="Coverage simplification tolerance in map units, m on a geographic CRS or Web Mercator (default: one pixel; 0 keeps pixel edges).",
 )
 @click.option("--classes", "keep", default=None, metavar="LIST",
               help="Write the polygons of these classes only (ids or names, e.g. building); the sieve and the "

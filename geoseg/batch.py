@@ -1124,7 +1124,8 @@ class SceneOutcome:
     model_loads: int = 0  # models loaded by this worker process so far (Dask)
     warnings: list[str] = field(default_factory=list)  # geoseg's warnings about this scene, one line each
     class_pixels: dict[str, int] = field(default_factory=dict)  # pixels of each class in the mask
-    class_area: dict[str, float] | None = None  # CRS units² (geodesic m² for a geographic CRS; None without a CRS)
+    class_area: dict[str, float] | None = None  # in class_area_units (see geoseg.engine.PredictResult.class_area)
+    class_area_units: str | None = None  # m2, ftUS2, ... (None without a CRS)
 
     @property
     def megapixels_per_s(self) -> float:
@@ -1147,6 +1148,7 @@ class SceneOutcome:
             "warnings": self.warnings,
             "class_pixels": self.class_pixels,
             "class_area": self.class_area,
+            "class_area_units": self.class_area_units,
             "worker": self.worker,
         }
 
@@ -1182,7 +1184,7 @@ def run_scene(
             out = SceneOutcome(
                 key=scene.key, input=str(scene.path), status="ok", seconds=time.perf_counter() - t0,
                 windows=res.windows, megapixels=res.megapixels, outputs=[str(p) for p in res.outputs],
-                class_pixels=res.class_pixels, class_area=res.class_area,
+                class_pixels=res.class_pixels, class_area=res.class_area, class_area_units=res.area_units,
             )
     out.warnings += _geoseg_warnings(caught)
     return out

@@ -64,6 +64,8 @@ from geoseg.io import (
     close_handles,
     GeoAreas,
     add_area_counts,
+    area_units,
+    ProjectedAreas,
     georeferencing,
     is_virtual,
     open_scene,
@@ -497,9 +499,10 @@ class PredictOptions:
     threads: int | None = None
     #: Also vectorise the mask: "gpkg", "geojson", "fgb" or "none".
     vector: Literal["gpkg", "geojson", "fgb", "none"] = "none"
-    #: Minimum mapping unit of the polygons in map units² (m² on a geographic CRS; None: no sieve).
+    #: Minimum mapping unit of the polygons in map units² (m² on a geographic CRS or one far from ground areas,
+    #: see :func:`geoseg.io.distorts_areas`; None: no sieve).
     min_area: float | None = None
-    #: Polygon simplification tolerance in map units (m on a geographic CRS; None: one pixel; 0: pixel edges).
+    #: Polygon simplification tolerance in map units (m where min_area is m²; None: one pixel; 0: pixel edges).
     simplify: float | None = None
     #: Write the polygons of these classes only (ids or names of the card's classes; None: all).
     vector_classes: tuple[int | str, ...] | None = None
@@ -586,10 +589,13 @@ class PredictResult:
     probabilities: Path | None = None
     #: Pixels of each class in the mask (class name → count, every class of the card).
     class_pixels: dict[str, int] = field(default_factory=dict)
-    #: Ground area of each class (class name → area): in the CRS's units² for a projected CRS
-    #: (m² for most), geodesic m² for a geographic one (a degree pixel's area depends on its
-    #: latitude: see :class:`geoseg.io.GeoAreas`); None when the scene has no CRS.
+    #: Ground area of each class (class name → area) in :attr:`area_units`: the CRS's units² for a projected
+    #: CRS (m² for most), geodesic m² for a geographic one (a degree pixel's area depends on its latitude:
+    #: see :class:`geoseg.io.GeoAreas`) or a projection far from ground areas (Web Mercator: see
+    #: :func:`geoseg.io.distorts_areas`); None when the scene has no CRS.
     class_area: dict[str, float] | None = None
+    #: Units of :attr:`class_area` (``m2``, ``ftUS2``, ...); None when the scene has no CRS.
+    area_units: str | None = None
     #: QGIS styles of the confidence and probabilities rasters (``<stem>_confidence.qml``, ...), when written.
     confidence_style: Path | None = None
     probabilities_style: Path | None = None
@@ -1581,6 +1587,7 @@ def _segment_scene(
         class_pixels=class_pixels, confidence_style=conf_style, probabilities_style=prob_style,
         class_area=None if areas is None else {
             c.name: float(row_area[c.id] if isinstance(areas, GeoAreas) else counts[c.id] * areas) for c in mc.classes},
+        area_units=None if areas is None else area_units(out_meta.crs, ground=isinstance(areas, ProjectedAreas)),
     )
     total = sum(class_pixels.values())
     if not total:  # (an exit 0 with an all-nodata mask and an empty layer said nothing)
@@ -1889,7 +1896,7 @@ def describe_scene(
         # in the CRS's units; a scene placed by GCPs: of the transform fitted to them; None: not georeferenced
         "pixel_size": list(meta.res) if meta.crs is not None else (
             None if meta.gcp_transform() is None else list(dataclasses.replace(meta, transform=meta.gcp_transform()).res)),
-        # a pixel's ground size in metres (geodesic in the middle row on a geographic CRS)
+        # a pixel's ground size in metres (geodesic in the middle row on a geographic CRS, at the centre on Web Mercator)
         "ground_pixel_m": None if ground is None else round(ground, 3),
         "transform": list(meta.transform)[:6],
         "nodata": nodata,

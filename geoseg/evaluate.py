@@ -457,7 +457,8 @@ def evaluate_vector(
         c0, r0, w, h = _region_box(win, pds.width, pds.height)
         if stratified:
             # the strata: every map class with pixels in the region, sampled or not
-            # (ground areas: geodesic m² row by row on a geographic CRS; pixels on a grid without a CRS)
+            # (ground areas: geodesic m² row by row on a geographic CRS, pixel by pixel on Web Mercator; pixels on a
+            # grid without a CRS)
             areas = pixel_areas(pds.crs, pds.transform, pds.height, pds.width)  # (ellipsoidal m² on Web Mercator)
             counts, row_area = _value_counts(pds, (c0, r0, w, h), block_rows,
                                              row_area=areas if isinstance(areas, GeoAreas) else None)

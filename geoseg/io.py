@@ -1152,12 +1152,20 @@ def _map_xy(t: Any, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.
     return t.a * cols + t.b * rows + t.c, t.d * cols + t.e * rows + t.f
 
 
+#: Pixels from a pole within which a pixel's ground area is its corners' geodesic polygon: the longitude and
+#: latitude differences the area element takes break down near a pole (3 % off for the pixels on it, 1e-4 at
+#: 28 pixels away).
+POLE_PIXELS = 300
+
+
 def _ground_areas(crs: Any, t: Any, cols: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
     """Ellipsoidal areas (m²) of the pixels of a projected grid (transform ``t``) centred at the fractional
     positions ``cols, rows``: the pixel's sides in longitude and latitude (central differences over the
-    pixel) spanning the ellipsoid's area element there, ``M·N·cos(φ)·dφ·dλ``. Exact to far below 1e-6 for
-    pixels of up to kilometres. Not the projection's ``areal_scale``: Web Mercator's is the sphere's, 0.2 %
-    off the ellipsoid's. None where they cannot be computed (outside the projection's domain)."""
+    pixel) spanning the ellipsoid's area element there, ``M·N·cos(φ)·dφ·dλ`` (within 1e-6 for pixels of up
+    to tens of kilometres), or within :data:`POLE_PIXELS` of a pole the geodesic polygon of its corners.
+    Not the projection's ``areal_scale``: Web Mercator's is the sphere's, 0.2 % off the ellipsoid's. NaN for
+    a pixel off the projection's domain (the corners of a full-disk geostationary grid); None where pyproj
+    cannot take the CRS."""
     made = _geodetic(crs)
     if made is None:
         return None
@@ -1166,26 +1174,31 @@ def _ground_areas(crs: Any, t: Any, cols: np.ndarray, rows: np.ndarray) -> np.nd
     dc = np.array([0.0, -0.5, 0.5, 0.0, 0.0])[:, None]
     dr = np.array([0.0, 0.0, 0.0, -0.5, 0.5])[:, None]
     x, y = _map_xy(t, cols[None, :] + dc, rows[None, :] + dr)
-    try:
-        with np.errstate(all="ignore"):
-            lon, lat = (np.asarray(v, np.float64) for v in to_geo.transform(x.ravel(), y.ravel()))
-    except Exception:  # noqa: BLE001 - pyproj's errors for points it cannot transform
-        return None
-    lon, lat = lon.reshape(5, -1), lat.reshape(5, -1)
-    dlon_c, dlon_r = ((lon[2] - lon[1] + 180) % 360 - 180), ((lon[4] - lon[3] + 180) % 360 - 180)  # (the antimeridian)
-    det = np.abs(dlon_c * (lat[4] - lat[3]) - dlon_r * (lat[2] - lat[1]))
-    phi = np.radians(lat[0])
-    a, es = geod.a, geod.es
     with np.errstate(all="ignore"):
-        area = a * a * (1 - es) / (1 - es * np.sin(phi) ** 2) ** 2 * np.cos(phi) * det * math.radians(1) ** 2
-    for i in np.flatnonzero(~(np.isfinite(area) & (area > 0)) & np.isfinite(lat[0])):
-        # a pixel on a pole (its sides span every longitude): the geodesic polygon of its corners
-        cx, cy = _map_xy(t, cols[i] + np.array([-0.5, 0.5, 0.5, -0.5]), rows[i] + np.array([-0.5, -0.5, 0.5, 0.5]))
         try:
-            area[i] = abs(geod.polygon_area_perimeter(*to_geo.transform(cx, cy))[0])
+            lon, lat = (np.asarray(v, np.float64) for v in to_geo.transform(x.ravel(), y.ravel()))
         except Exception:  # noqa: BLE001 - pyproj's errors for points it cannot transform
-            return None
-    return area if area.size and np.all(np.isfinite(area)) and np.all(area > 0) else None
+            return np.full(cols.shape, np.nan)
+        lon, lat = lon.reshape(5, -1), lat.reshape(5, -1)
+        dlon_c, dlon_r = ((lon[2] - lon[1] + 180) % 360 - 180), ((lon[4] - lon[3] + 180) % 360 - 180)  # (the antimeridian)
+        det = np.abs(dlon_c * (lat[4] - lat[3]) - dlon_r * (lat[2] - lat[1]))
+        phi = np.radians(lat[0])
+        a, es = geod.a, geod.es
+        area = a * a * (1 - es) / (1 - es * np.sin(phi) ** 2) ** 2 * np.cos(phi) * det * math.radians(1) ** 2
+        area[~(np.isfinite(area) & (area > 0)) | ~np.all(np.isfinite(lat), axis=0)] = np.nan
+        pole_m = (90.0 - np.abs(lat[0])) * math.radians(1) * a  # (about: a degree of latitude near a pole)
+        near = np.flatnonzero(np.isfinite(lat[0]) & (pole_m < POLE_PIXELS * math.sqrt(_map_m2(crs, t))))
+    if near.size:
+        edge = np.linspace(-0.5, 0.5, 5)[:-1]  # each side in 4 pieces
+        ring_c = np.r_[edge, np.full(4, 0.5), -edge, np.full(4, -0.5)]
+        ring_r = np.r_[np.full(4, -0.5), edge, np.full(4, 0.5), -edge]
+        for i in near:
+            cx, cy = _map_xy(t, cols[i] + ring_c, rows[i] + ring_r)
+            try:
+                area[i] = abs(geod.polygon_area_perimeter(*to_geo.transform(cx, cy))[0])
+            except Exception:  # noqa: BLE001 - pyproj's errors for points it cannot transform
+                area[i] = np.nan
+    return area
 
 
 def _map_m2(crs: Any, transform: Any) -> float:
@@ -1204,24 +1217,53 @@ def map_area_ratio(crs: Any, transform: Any, width: int, height: int) -> float |
     if crs is None or crs.is_geographic:
         return None
     area = _ground_areas(crs, transform, np.array([width / 2]), np.array([height / 2]))
-    return None if area is None else _map_m2(crs, transform) / float(area[0])
+    return None if area is None or not np.isfinite(area[0]) else _map_m2(crs, transform) / float(area[0])
+
+
+def _off_the_ground(ratio: np.ndarray) -> bool:
+    ratio = ratio[np.isfinite(ratio)]
+    return bool(ratio.size) and not bool(np.all((1 / MAP_AREA_TOLERANCE <= ratio) & (ratio <= MAP_AREA_TOLERANCE)))
+
+
+@functools.lru_cache(maxsize=64)
+def _crs_distorts(wkt: str) -> bool:
+    """Whether the projection's areas are more than :data:`MAP_AREA_TOLERANCE` off the ground's somewhere in its
+    area of use (Web Mercator's: the world): then every grid of it is measured on the ellipsoid, and neighbouring
+    tiles of an archive never switch between map units and m² (a 5 % jump at the seam)."""
+    try:
+        import pyproj
+
+        src = pyproj.CRS.from_wkt(wkt)
+        use = src.area_of_use
+        if use is None and (code := src.to_epsg(min_confidence=90)) is not None:  # (GDAL's WKT leaves it out)
+            use = pyproj.CRS.from_epsg(code).area_of_use
+        if use is None:
+            return False
+        east = use.east if use.east >= use.west else use.east + 360.0
+        lon, lat = np.meshgrid(np.linspace(use.west, east, 9), np.linspace(use.south, use.north, 9))
+        lon = (lon + 180.0) % 360.0 - 180.0
+        with np.errstate(all="ignore"):
+            k = np.asarray(pyproj.Proj(src).get_factors(lon.ravel(), lat.ravel(), errcheck=False).areal_scale)
+    except Exception:  # noqa: BLE001 - pyproj's errors for CRSs it cannot handle
+        return False
+    return _off_the_ground(k.astype(np.float64))
 
 
 @functools.lru_cache(maxsize=64)
 def _distorts(wkt: str, transform: Any, width: int, height: int) -> bool:
+    if _crs_distorts(wkt):
+        return True
     crs = CRS.from_wkt(wkt)
-    c, r = np.meshgrid([0.5, width / 2, width - 0.5], [0.5, height / 2, height - 0.5])
-    area = _ground_areas(crs, transform, c, r)
-    if area is None:
-        return False
-    ratio = _map_m2(crs, transform) / area
-    return not bool(np.all((1 / MAP_AREA_TOLERANCE <= ratio) & (ratio <= MAP_AREA_TOLERANCE)))
+    c, r = np.meshgrid(np.linspace(0.5, width - 0.5, 5), np.linspace(0.5, height - 0.5, 5))  # (a full disk's corners
+    area = _ground_areas(crs, transform, c, r)  # are off the Earth: its inner points tell)
+    return area is not None and _off_the_ground(_map_m2(crs, transform) / area)
 
 
 def distorts_areas(crs: Any, transform: Any, width: int, height: int) -> bool:
     """Whether a projected grid's areas in map units are more than :data:`MAP_AREA_TOLERANCE` off the
-    ground's somewhere (at its centre, corners or edge midpoints): Web Mercator or World Mercator away
-    from the equator, a polar stereographic far from its standard parallel. geoseg then measures areas,
+    ground's somewhere in the grid (at 5 × 5 points from corner to corner) or somewhere in its CRS's area of
+    use: Web Mercator, World Mercator, a polar stereographic, a continental conformal conic; not UTM, national
+    grids or equal-area projections. geoseg then measures areas,
     perimeters, ``min_area`` and ``simplify`` on the ellipsoid (m², m), as on a geographic CRS: in map
     units, a Web Mercator scene's areas were 2.6 times the ground's at 52° N. False on a geographic CRS
     (measured on the ellipsoid anyway), without a CRS, or where pyproj cannot tell."""
@@ -1258,12 +1300,16 @@ class ProjectedAreas(GeoAreas):
         lc = np.unique(np.r_[np.arange(col0, col0 + ncols, step), col0 + ncols - 1]) + 0.5
         c, r = np.meshgrid(lc, lr)
         area = _ground_areas(self.crs, self.transform, c, r)
-        if area is None:  # (distorts_areas computed them at the grid's edges: only a point off the projection's domain)
-            raise SceneError(f"cannot compute ground areas on {self.crs.to_string()} at rows {row0}-{row0 + nrows}: a "
-                             "part of the grid lies outside the projection's domain; warp the scene to another CRS")
-        area = area.reshape(len(lr), len(lc))
         rows = np.arange(row0, row0 + nrows, dtype=np.float64) + 0.5
         cols = np.arange(col0, col0 + ncols, dtype=np.float64) + 0.5
+        if area is None or not np.all(np.isfinite(area)):
+            # points off the projection's domain (the Earth's limb on a full-disk grid): every pixel of the
+            # block by itself, no area off the Earth (such pixels are the scene's nodata)
+            c, r = np.meshgrid(cols, rows)
+            area = _ground_areas(self.crs, self.transform, c, r)
+            area = np.zeros(c.size) if area is None else np.nan_to_num(area, nan=0.0)
+            return area.reshape(nrows, ncols)
+        area = area.reshape(len(lr), len(lc))
         by_col = np.stack([np.interp(cols, lc, ar) for ar in area])  # (len(lr), ncols)
         if len(lr) == 1:
             return np.broadcast_to(by_col, (nrows, ncols)).copy()

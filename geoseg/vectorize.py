@@ -897,14 +897,19 @@ def _measure(geoms: np.ndarray, crs: CRS, step: float | None = None, ground: boo
             step = step * k if step else step
     if step:
         geoms = shapely.segmentize(geoms, step)
-    # pyproj sums signed ring areas: exteriors counter-clockwise and holes clockwise, or a hole adds
-    geoms = shapely.orient_polygons(geoms)
     geod = geodesic(crs)
-    area = np.array([geod.geometry_area_perimeter(g)[0] for g in geoms], dtype=np.float64)
-    # pyproj's perimeter of a polygon is its exterior's only: the holes' boundaries count too (as
-    # shapely.length counts them on a projected grid)
-    perimeter = np.array([sum(geod.line_length(*np.asarray(r.coords).T[:2]) for r in shapely.get_rings(shapely.get_parts(g)))
-                          for g in geoms], dtype=np.float64)
+    # Each ring by itself: its area whatever its orientation (pyproj sums signed ring areas, and orienting
+    # the rings in longitudes wrapped at 180° flipped an exterior but not its hole there: the hole added,
+    # +31 %), and its length: a polygon's perimeter counts its holes' boundaries too (as shapely.length does
+    # on a projected grid; pyproj's polygon perimeter is the exterior's only).
+    area = np.zeros(len(geoms))
+    perimeter = np.zeros(len(geoms))
+    for i, g in enumerate(geoms):
+        for part in shapely.get_parts(g):
+            for j, ring in enumerate(shapely.get_rings(part)):
+                a, length = geod.polygon_area_perimeter(*shapely.get_coordinates(ring)[:-1].T)
+                area[i] += abs(a) if j == 0 else -abs(a)
+                perimeter[i] += length
     return np.abs(area), perimeter
 
 

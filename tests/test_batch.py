@@ -337,6 +337,7 @@ def test_second_run_skips_touch_reruns_one_force_redoes_all(runner, tiny_unet, t
         px = first[key]["class_pixels"]
         assert sum(px.values()) == int((m != 255).sum()) and max(px.values()) > 0
         assert first[key]["class_area"] == {k: 100.0 * v for k, v in px.items()}
+        assert first[key]["class_area_units"] == "m2"
     # Outputs mirror the input tree; one log line per scene.
     masks = read_masks(out)
     assert sorted(masks) == ["d1/x/scene1_landcover.tif", "d2/x/scene2_landcover.tif",

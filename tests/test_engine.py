@@ -1558,6 +1558,7 @@ def test_areas_on_a_web_mercator_grid_are_ground_areas(tmp_path: Path) -> None:
         assert res.class_area[c.name] == pytest.approx(want, rel=1e-6), c.name
         assert area[ids == c.id].sum() == pytest.approx(want, rel=1e-6), c.name
     # --min-area in ground m²: 3.5 ground pixels are 4 pixels (in map m², 1.3 pixels: 2)
+    assert res.area_units == "m2"
     got = vectorize_mask(res.mask, tmp_path / "m.gpkg", min_area=3.5 * row[20])
     assert got.min_pixels == 4 and got.area_units == "m2"
     assert ground_pixel_size_m(rasterio.crs.CRS.from_epsg(3857), tr, 40, 40) == pytest.approx(row[20] ** 0.5, rel=1e-3)

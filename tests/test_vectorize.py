@@ -431,6 +431,80 @@ def test_geographic_area_is_geodesic(tmp_path: Path) -> None:
             assert area[ids == c].sum() == pytest.approx(((a == c) * row[:, None]).sum(), rel=1e-6), (block, c)
 
 
+def _pixel_ground_areas(crs: str, tr: rasterio.Affine, shape: tuple[int, int]) -> np.ndarray:
+    """Each pixel's geodesic area from its corners (sides in 8 pieces), in longitudes/latitudes: a reference."""
+    pyproj = pytest.importorskip("pyproj")
+    to_geo = pyproj.Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    geod = pyproj.Geod(ellps="WGS84")
+    t = np.linspace(0, 1, 9)[:-1]
+    ring_c, ring_r = np.r_[t, np.ones(8), 1 - t, np.zeros(8)], np.r_[np.zeros(8), t, np.ones(8), 1 - t]
+    out = np.empty(shape)
+    for r in range(shape[0]):
+        for c in range(shape[1]):
+            x, y = tr * (c + ring_c, r + ring_r)
+            out[r, c] = abs(geod.polygon_area_perimeter(*to_geo.transform(x, y))[0])
+    return out
+
+
+def test_a_hole_across_the_antimeridian_is_subtracted(tmp_path: Path) -> None:
+    """On Web Mercator across 180°, a polygon whose hole lies east of it had the hole added (+31 %): its rings
+    were oriented in longitudes wrapped at 180°, which flipped the exterior and not the hole."""
+    a = np.zeros((64, 64), np.uint16)
+    a[8:56, 8:60] = 1
+    a[20:44, 36:50] = 2  # the hole: all east of 180° (columns from 32 on)
+    tr = rasterio.Affine(1000, 0, 20037508.342789244 - 32000, 0, -1000, 8399737.89)  # about 60° N
+    path = write_mask(tmp_path / "am.tif", a, crs="EPSG:3857", nodata=0, transform=tr, tags=False, colormap=False)
+    vec.vectorize_mask(path, tmp_path / "am.gpkg", simplify=0)
+    _, _, _, (ids, _, area, _, _) = pyogrio.raw.read(tmp_path / "am.gpkg", layer="landcover")
+    ref = _pixel_ground_areas("EPSG:3857", tr, a.shape)
+    for c in (1, 2):
+        assert area[ids == c].sum() == pytest.approx(ref[a == c].sum(), rel=1e-6), c
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5, 0.3])
+def test_ground_areas_next_to_a_pole_are_its_pixels_polygons(offset: float) -> None:
+    """Around a pole the longitude/latitude differences of a pixel break down: the pixels on a polar
+    stereographic's pole were 3 % off (with the pole on a corner), 7 % next to it (on a centre), 53 % for the
+    pixel holding it (elsewhere); 1e-4 at 28 pixels. Within POLE_PIXELS they are their corners' polygon."""
+    from geoseg.io import ProjectedAreas
+
+    crs = rasterio.crs.CRS.from_epsg(3413)
+    px = 5000.0
+    tr = rasterio.Affine(px, 0, -20 * px - offset * px, 0, -px, 20 * px + offset * px)  # the pole at (20 + offset)
+    got = ProjectedAreas(crs, tr).block(0, 40, 0, 40)
+    np.testing.assert_allclose(got, _pixel_ground_areas("EPSG:3413", tr, (40, 40)), rtol=1e-6)
+
+
+def test_a_full_disk_grid_is_measured_on_the_ground_and_space_has_no_area() -> None:
+    """A full-disk geostationary grid's corners are off the Earth: it was taken for a grid that does not distort
+    (a class in the disk's middle 12 % too small, in map units) with numpy warnings on stderr."""
+    import warnings
+
+    from geoseg.io import ProjectedAreas, distorts_areas
+
+    crs = rasterio.crs.CRS.from_proj4("+proj=geos +h=35786023 +lon_0=-75 +sweep=x +ellps=WGS84 +units=m")
+    half = 5434894.885
+    tr = rasterio.Affine(2 * half / 64, 0, -half, 0, -2 * half / 64, half)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert distorts_areas(crs, tr, 64, 64)
+        got = ProjectedAreas(crs, tr).block(0, 64, 0, 64)
+    assert got[0, 0] == 0 and got[32, 32] > 0  # a corner in space; the sub-satellite point
+    mid = _pixel_ground_areas(crs.to_wkt(), tr * rasterio.Affine.translation(16, 16), (32, 32))
+    np.testing.assert_allclose(got[16:48, 16:48], mid, rtol=5e-5)  # (pixels of 170 km, half of them near the limb)
+
+
+def test_every_grid_of_a_projection_that_distorts_somewhere_is_measured_alike() -> None:
+    """Tiles of one Web Mercator archive switched from map units to m² at 11.8° N (a 5 % jump at the seam):
+    a CRS whose areas are off somewhere in its area of use is measured on the ellipsoid everywhere."""
+    from geoseg.io import distorts_areas
+
+    merc = rasterio.crs.CRS.from_epsg(3857)
+    assert distorts_areas(merc, rasterio.Affine(30, 0, 0, 0, -30, 15360), 512, 512)  # at the equator
+    assert not distorts_areas(rasterio.crs.CRS.from_epsg(32633), rasterio.Affine(30, 0, 5e5, 0, -30, 6e6), 512, 512)
+    assert not distorts_areas(rasterio.crs.CRS.from_epsg(3035), rasterio.Affine(30, 0, 4e6, 0, -30, 3e6), 512, 512)
+
+
 def test_geographic_perimeter_counts_the_holes(tmp_path: Path) -> None:
     """On a degree grid the perimeter was the exterior's only (pyproj's polygon perimeter): a block
     with a hole had 60 % of its projected perimeter. It is the geodesic length of every ring, as a
