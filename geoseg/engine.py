@@ -312,6 +312,8 @@ def _export_cached(source: ModelSource, target: Path, key: str) -> Path:
     try:
         return _export_into(target, layer, source)
     except OSError as exc:  # a read-only home (a container, a cron user): this run's own temporary cache
+        if getattr(exc, "file_size_limit", None) is not None:  # (ulimit -f: as small anywhere else)
+            raise
         fallback = Path(tempfile.gettempdir()) / f"geoseg-exports-{os.getpid()}" / key
         warn(f"cannot write the export cache {target.parent} ({exc.strerror or exc}): exporting into {fallback.parent} "
              "for this run; set GEOSEG_CACHE_DIR to a writable folder to keep it", PerformanceWarning)
@@ -324,6 +326,19 @@ def _export_cached(source: ModelSource, target: Path, key: str) -> Path:
             _remove_dead_fallbacks(fallback.parent.parent)
             atexit.register(shutil.rmtree, fallback.parent, ignore_errors=True)
         return _export_into(fallback, layer, source)
+
+
+def _discard_export(folder: Path) -> None:
+    """Take a damaged cached export out of the cache: renamed aside first (a process loading it at this moment
+    keeps its files), then removed."""
+    import shutil
+
+    aside = temp_name(folder)
+    try:
+        os.replace(folder, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove_dead_fallbacks(tmp: Path) -> None:
@@ -422,8 +437,20 @@ def build_predictor(
 
         if source.export_dir is None:
             output = "probs"  # our own cached export ends in a softmax
-        model_file, params_file = find_model_files(exported_for_inference(source))
-        net = InferencePredictor(model_file, params_file, device=on, precision=precision, threads=threads)
+        folder = exported_for_inference(source)
+        model_file, params_file = find_model_files(folder)
+        try:
+            net = InferencePredictor(model_file, params_file, device=on, precision=precision, threads=threads)
+        except ModelError:
+            if source.export_dir is not None:
+                raise
+            # a cached export that cannot be loaded (cut short by a file-size limit before geoseg checked, or
+            # damaged on disk since) broke every later run: it is made again, once
+            log.warning("warning: the cached export %s of %s cannot be loaded: exporting the model again", folder,
+                        source.label)
+            _discard_export(folder)
+            model_file, params_file = find_model_files(exported_for_inference(source))
+            net = InferencePredictor(model_file, params_file, device=on, precision=precision, threads=threads)
     else:
         from geoseg.models.inference import DygraphPredictor
 

@@ -1500,3 +1500,38 @@ def test_a_vrt_whose_source_is_missing_is_not_called_corrupt(runner, tiny_unet, 
                               "--out", str(tmp_path / "o")])
     assert_one_line_error(res, "a file it reads is missing")
     assert "corrupt" not in res.output
+
+
+def test_an_export_past_the_file_size_limit_is_refused_and_a_damaged_cache_is_made_again(
+        runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `ulimit -f` Paddle cut the first export's files at the limit without an error and the cache marked
+    them done: every later predict failed ("cannot load ... parse error at line 1, column 102401"), also without
+    the limit, until someone found and deleted the cache. The export is refused in one line naming the limit, and
+    a cached export that cannot be loaded is made again."""
+    import subprocess
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GEOSEG_CACHE_DIR", str(cache))
+    scene = rgb(tmp_path)
+    limited = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+               "from geoseg_cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", limited, "predict", str(scene), "--weights", str(tiny_unet[0]),
+                        "--out", str(tmp_path / "o1"), "--vector", "none"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "file too large: this process may not write files over 20000 bytes (ulimit -f)" in r.stderr, r.stderr
+    assert not list(cache.rglob("DONE"))  # nothing cached
+    # without the limit: exported and cached; then a damaged cached export is made again, with a warning
+    args = ["predict", str(scene), "--weights", str(tiny_unet[0]), "--vector", "none"]
+    res = runner.invoke(cli, [*args, "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 0, res.output
+    (done,) = cache.rglob("DONE")
+    program = next(p for p in done.parent.iterdir() if p.suffix in (".json", ".pdmodel"))
+    whole = program.read_bytes()
+    program.write_bytes(whole[: len(whole) // 2])
+    res = runner.invoke(cli, [*args, "--out", str(tmp_path / "o3")])
+    assert res.exit_code == 0, res.output
+    assert "cannot be loaded: exporting the model again" in res.stderr, res.stderr
+    assert len(program.read_bytes()) > len(whole) // 2 and (program.suffix != ".json" or json.loads(program.read_bytes()))
+    with rasterio.open(tmp_path / "o2" / "scene_landcover.tif") as a, rasterio.open(tmp_path / "o3" / "scene_landcover.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())

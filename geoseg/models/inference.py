@@ -134,8 +134,39 @@ def export_model(model: paddle.nn.Layer, path_prefix: str | Path, in_channels: i
     finally:
         if was_training:
             model.train()
+    _check_written(prefix)
     logger.debug("exported inference model to %s.*", prefix)
     return prefix.parent
+
+
+def _check_written(prefix: Path) -> None:
+    """Refuse an export that Paddle cut short without an error: past the file-size limit (``ulimit -f``) its
+    files end at the limit, and a cached export of them broke every later predict ("parse error at line 1,
+    column 102401").
+
+    Raises:
+        NoRoomError: a file reached the limit (``file_size_limit`` set on the error).
+        ModelError: the program file is not whole (its JSON does not parse).
+    """
+    import json
+
+    from geoseg.atomic import file_size_limit
+    from geoseg.errors import NoRoomError
+
+    files = [p for p in prefix.parent.glob(f"{prefix.name}.*") if p.is_file()]
+    limit = file_size_limit()
+    if limit is not None and any(p.stat().st_size >= limit for p in files):
+        err = NoRoomError(f"cannot export the model to {prefix}: file too large: this process may not write files "
+                          f"over {limit} bytes (ulimit -f), and the model's files are larger: raise the limit")
+        err.file_size_limit = limit  # type: ignore[attr-defined]
+        raise err
+    program = prefix.with_suffix(".json")
+    if program.is_file():
+        try:
+            json.loads(program.read_bytes())
+        except ValueError:
+            raise ModelError(f"cannot export the model to {prefix}: Paddle wrote {program.name} only in part "
+                             "(a full disk?): free some space and run again") from None
 
 
 def _interrupted(exc: BaseException) -> bool:
