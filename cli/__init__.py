@@ -11,13 +11,28 @@ def main() -> None:
     only reach the main thread once geoseg's handler is set (see ``geoseg_cli.main``). A SIGTERM in the
     first second otherwise met PaddlePaddle's own handler in one of those threads: a C++ "FatalError"
     dump, death by the signal, and now and then a hang. SIGINT (Ctrl-C) too: in the middle of an import
-    it ended in a traceback, or inside paddle's in "PaddlePaddle is not installed" (exit 1)."""
+    it ended in a traceback, or inside paddle's in "PaddlePaddle is not installed" (exit 1). SIGHUP as SIGTERM.
+
+    Standard streams a cron job or a daemon closed (``2>&-``) are pointed at ``/dev/null``: Python's
+    ``sys.stderr`` was None (an AttributeError ended predict before it wrote anything), and a file geoseg
+    opened would take the free descriptor, where PaddlePaddle's and GDAL's messages to it would land."""
     import signal
 
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     import os
     import sys
+
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:  # closed: /dev/null takes its number (the lowest free one)
+            nul = os.open(os.devnull, os.O_RDWR)
+            if nul != fd:
+                os.dup2(nul, fd)
+                os.close(nul)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
 
     try:  # before the imports: without a working folder some fail (Python 3.13's socket, paddle's)
         os.getcwd()

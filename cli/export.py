@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -41,7 +42,7 @@ def export(model: str | None, weights: Path | None, card: Path | None, out: Path
     from geoseg.engine import resolve_model
     from geoseg.exported import export_model_dir
 
-    if model is not None and (Path(model) / "deploy.yaml").is_file():  # (before reading it: a PaddleSeg export
+    if model is not None and os.path.isfile(os.path.join(model, "deploy.yaml")):  # (before reading it: a PaddleSeg export
         raise click.BadParameter(f"{model} is already an exported folder", param_hint="--model")  # asked for --classes)
     source = resolve_model(model, weights, card)
     if source.export_dir is not None:  # (an export without deploy.yaml, read with --card)

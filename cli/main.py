@@ -70,12 +70,26 @@ def to_click_error(exc: BaseException) -> click.ClickException:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, cron's ``timeout``, a container stopping) raised in the main thread, so the
-    same clean-up runs as for Ctrl-C: temp files removed, nothing half-written left behind."""
+    """SIGTERM (``kill``, cron's ``timeout``, a container stopping) or SIGHUP (the terminal closed) raised in
+    the main thread, so the same clean-up runs as for Ctrl-C: temp files removed, nothing half-written left
+    behind. ``signum``: the signal (exit status 128 + it)."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__()
+        self.signum = int(signum)
+
+    @property
+    def signame(self) -> str:
+        import signal
+
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise note_stop(Terminated())
+    raise note_stop(Terminated(signum))
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
@@ -107,7 +121,14 @@ class GeosegGroup(click.Group):
                 warnings.simplefilter("always", GeosegWarning)
                 warnings.showwarning = _show_warning
                 rv = super().invoke(ctx)
-            sys.stdout.flush()  # a closed pipe found only here (output still buffered) ends quietly too
+            try:
+                sys.stdout.flush()  # a closed pipe found only here (output still buffered) ends quietly too
+            except BrokenPipeError:
+                raise
+            except OSError as exc:  # (stdout on a full device: the error blamed the disk of the outputs)
+                _stdout_to_devnull()
+                raise GeosegClickError(f"cannot write to the standard output ({exc.strerror or exc}); the command "
+                                       "itself went through", EXIT_FAILURE) from None
             return rv
         except BrokenPipeError:
             _quiet_broken_pipe()
@@ -123,21 +144,36 @@ class GeosegGroup(click.Group):
             stop = noted_stop()  # (a signal's KeyboardInterrupt that paddle's C++ code turned into another error)
             if stop is not None:
                 raise _stop_error(stop) from None
+            if isinstance(exc, OSError) and _from_echo(exc):  # (stdout on a full device: not the outputs' disk)
+                _stdout_to_devnull()
+                raise GeosegClickError(f"cannot write to the standard output ({exc.strerror or exc})",
+                                       EXIT_FAILURE) from None
             error = to_click_error(exc)
             error.message = _say_which_variable(error.message, ctx)
             raise error from None
 
 
+def _from_echo(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised writing the command's output to stdout (in ``click.echo``)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in ("echo", "secho") and "click" in code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _stop_error(stop: BaseException) -> GeosegClickError:
     """The error a command stopped by ``stop`` (a signal's KeyboardInterrupt) ends with: 143 for SIGTERM, 130 else."""
-    return GeosegClickError(stop_message(stop), 143 if isinstance(stop, Terminated) else 130)
+    return GeosegClickError(stop_message(stop), 128 + stop.signum if isinstance(stop, Terminated) else 130)
 
 
 def stop_message(exc: BaseException) -> str:
     """The one line a command stopped by ``exc`` ends with (as :class:`GeosegGroup` prints it), for a
     log file that must say it too (a cron job sends stderr nowhere)."""
     if isinstance(exc, Terminated):
-        return "terminated (SIGTERM): finished outputs are whole, nothing half-written was left"
+        return f"terminated ({exc.signame}): finished outputs are whole, nothing half-written was left"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted: finished outputs are whole, nothing half-written was left"
     if isinstance(exc, click.ClickException):
@@ -223,11 +259,17 @@ def _quiet_broken_pipe() -> None:
     """The reader of stdout went away (``| head``): stop without a message, as Unix tools do. stdout is
     pointed at devnull so that the interpreter's final flush of what is still buffered cannot fail
     again ("Exception ignored ... BrokenPipeError"); see Python's docs on SIGPIPE."""
+    _stdout_to_devnull()
+    raise click.exceptions.Exit(EXIT_BROKEN_PIPE) from None
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's descriptor at /dev/null: what is still buffered then goes nowhere at exit, without a
+    second error."""
     with contextlib.suppress(OSError, ValueError, AttributeError):  # no real descriptor (CliRunner)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    raise click.exceptions.Exit(EXIT_BROKEN_PIPE) from None
 
 
 def _document_envvars(group: click.Group) -> None:
@@ -287,10 +329,13 @@ def _warn_unread_variables(ctx: click.Context) -> None:
 
 
 def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
-    """Turn SIGTERM into :class:`Terminated` while the command runs (main thread, default handler only)."""
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` while the command runs (main thread, default handler
+    only: under nohup SIGHUP stays ignored). SIGHUP (a closed terminal) ended a run with exit 129 and no word,
+    its mask published without its polygons and temp files left."""
     import signal
     import threading
 
+    _HELD = {signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])}
     forget_stop()  # (one a command before this one in the process noted)
     ctx.call_on_close(forget_stop)  # (the process may go on: an application calling the CLI)
     block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
@@ -306,17 +351,20 @@ def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
             # geoseg's handler is set, a signal held back reaches it (a clean exit 143). SIGINT too: a
             # Ctrl-C inside paddle's import came out as "PaddlePaddle is not installed" (exit 1); held
             # back, it ends the command as one at any other moment (exit 130).
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
         if ctx.invoked_subcommand in _PADDLE_COMMANDS and not {"-h", "--help"} & set(ctx.args):
             _import_paddle_first()
         signal.signal(signal.SIGTERM, _on_sigterm)
         ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+            signal.signal(signal.SIGHUP, _on_sigterm)
+            ctx.call_on_close(lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (Python's: not an application's)
             signal.signal(signal.SIGINT, _on_sigint)
             ctx.call_on_close(lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     finally:
         if block:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
 
 
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:

@@ -1659,8 +1659,8 @@ def run_batch(
         # --scheduler run); an export folder too (a name that is no folder is a shipped model's)
         model = dataclasses.replace(model, **{
             f: str(Path(v).absolute()) for f in ("model", "weights", "card", "classes")
-            if (v := getattr(model, f)) is not None and (Path(v).is_dir() if f == "model" else Path(v).is_file()
-                                                          if f == "classes" else Path(v).exists())})
+            if (v := getattr(model, f)) is not None and (os.path.isdir(v) if f == "model" else os.path.isfile(v)
+                                                          if f == "classes" else os.path.exists(v))})
         if batch.scheduler and client is None:
             _check_scheduler_address(batch.scheduler)
         _check_out_dir(out, batch.dry_run)
@@ -1940,8 +1940,10 @@ def _write_stopped_report(exc: BaseException, scenes: list[Scene], outcomes: dic
     exc = noted_stop() or exc  # (a signal's stop that paddle's code turned into another error, see run_scene)
     if isinstance(exc, KeyboardInterrupt):
         # the CLI raises SIGTERM as its KeyboardInterrupt subclass Terminated (geoseg_cli.main)
-        sigterm = type(exc).__name__ == "Terminated"
-        why, status = ("terminated (SIGTERM)", 143) if sigterm else ("interrupted (SIGINT, Ctrl-C)", 130)
+        if type(exc).__name__ == "Terminated":  # (SIGTERM, or SIGHUP: its signame and signum)
+            why, status = f"terminated ({getattr(exc, 'signame', 'SIGTERM')})", 128 + getattr(exc, "signum", 15)
+        else:
+            why, status = "interrupted (SIGINT, Ctrl-C)", 130
     elif isinstance(exc, GeosegError):
         why, status = str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 1
     else:

@@ -133,7 +133,9 @@ def resolve_model(model: str | Path | None, weights: str | Path | None = None, c
     its classes when its ``deploy.yaml`` has none). Without ``weights`` the weights shipped
     with geoseg for that name are used.
     """
-    if model is not None and Path(model).is_dir():
+    # (os.path.isdir: False where the name cannot be looked up, as `--model unet` in a folder this user may not
+    # read: Path.is_dir raised PermissionError, "unexpected error")
+    if model is not None and os.path.isdir(model):
         from geoseg.exported import load_exported
 
         folder = Path(model)
@@ -241,8 +243,30 @@ _OUTPUT_TO_PROBS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
 
 
 def cache_dir() -> Path:
-    """Folder for exported-model caches (``GEOSEG_CACHE_DIR`` or ``~/.cache/geoseg``)."""
-    return Path(os.environ.get("GEOSEG_CACHE_DIR") or Path.home() / ".cache" / "geoseg")
+    """Folder for exported-model caches: ``GEOSEG_CACHE_DIR`` (``~`` expanded), else ``$XDG_CACHE_HOME/geoseg``
+    (an absolute one), else ``~/.cache/geoseg``.
+
+    Raises:
+        ParameterError: ``GEOSEG_CACHE_DIR`` is blank or relative (a folder made wherever the job runs).
+        FileNotFoundError: there is no home folder (HOME unset and no passwd entry: a container's
+            ``--user 54321``); the caller exports into a temporary folder for the run.
+    """
+    given = os.environ.get("GEOSEG_CACHE_DIR")
+    if given is not None and given.strip():
+        path = Path(os.path.expanduser(given.strip()))
+        if not path.is_absolute():
+            raise ParameterError(f"GEOSEG_CACHE_DIR={given!r} is not an absolute path (a cache would be made wherever "
+                                 "the command runs): give an absolute folder, or unset it")
+        return path
+    if given is not None and given:
+        raise ParameterError(f"GEOSEG_CACHE_DIR={given!r} is blank: give an absolute folder, or unset it")
+    xdg = (os.environ.get("XDG_CACHE_HOME") or "").strip()
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "geoseg"
+    try:
+        return Path.home() / ".cache" / "geoseg"
+    except (RuntimeError, KeyError):  # (Path.home without HOME and without a passwd entry)
+        raise FileNotFoundError("no home folder (HOME is unset and this user has no passwd entry)") from None
 
 
 def _file_digest(path: Path) -> str:
@@ -294,7 +318,15 @@ def exported_for_inference(source: ModelSource) -> Path:
     digest = weights_digest(source)
     # the cached graph ends in a softmax (oneDNN computes it faster than numpy): it returns probabilities
     key = hashlib.sha256(f"{digest}|{source.card.digest()}|{paddle.__version__}|softmax".encode()).hexdigest()[:20]
-    target = cache_dir() / "exports" / key
+    try:
+        target: Path | None = cache_dir() / "exports" / key
+    except FileNotFoundError as exc:  # no home folder: this run's temporary cache (see _export_cached)
+        target, homeless = None, exc
+    if target is None:
+        from geoseg.models.inference import EXPORT_LOCK
+
+        with EXPORT_LOCK:
+            return _export_cached(source, None, key, homeless)
     if (target / "DONE").exists():  # (before building the model: a cached call built and dropped one, ~1 s)
         with contextlib.suppress(OSError):  # (its last use: see _tidy_exports)
             os.utime(target / "DONE")
@@ -307,25 +339,38 @@ def exported_for_inference(source: ModelSource) -> Path:
         return _export_cached(source, target, key)
 
 
-def _export_cached(source: ModelSource, target: Path, key: str) -> Path:
+def _export_cached(source: ModelSource, target: Path | None, key: str, homeless: OSError | None = None) -> Path:
+    """Export into the cache's ``target`` or, where it cannot be written (or there is none: ``homeless``
+    says why), into this run's temporary cache, removed when the process ends."""
+    fallback = Path(tempfile.gettempdir()) / f"geoseg-exports-{os.getpid()}" / key
+    if target is None:
+        if (fallback / "DONE").exists():
+            return fallback
+        warn(f"no export cache: {homeless}: exporting into {fallback.parent} for this run; set GEOSEG_CACHE_DIR to "
+             "a writable folder to keep it", PerformanceWarning)
+        return _export_fallback(fallback, build_layer(source), source)
     layer = build_layer(source)
     try:
         return _export_into(target, layer, source)
     except OSError as exc:  # a read-only home (a container, a cron user): this run's own temporary cache
         if getattr(exc, "file_size_limit", None) is not None:  # (ulimit -f: as small anywhere else)
             raise
-        fallback = Path(tempfile.gettempdir()) / f"geoseg-exports-{os.getpid()}" / key
         warn(f"cannot write the export cache {target.parent} ({exc.strerror or exc}): exporting into {fallback.parent} "
              "for this run; set GEOSEG_CACHE_DIR to a writable folder to keep it", PerformanceWarning)
         if (fallback / "DONE").exists():
             return fallback
-        if not fallback.parent.exists():  # removed when this process ends
-            import atexit
-            import shutil
+        return _export_fallback(fallback, layer, source)
 
-            _remove_dead_fallbacks(fallback.parent.parent)
-            atexit.register(shutil.rmtree, fallback.parent, ignore_errors=True)
-        return _export_into(fallback, layer, source)
+
+def _export_fallback(fallback: Path, layer: Any, source: ModelSource) -> Path:
+    """Export into this run's temporary cache ``fallback`` (its folder removed when the process ends)."""
+    if not fallback.parent.exists():
+        import atexit
+        import shutil
+
+        _remove_dead_fallbacks(fallback.parent.parent)
+        atexit.register(shutil.rmtree, fallback.parent, ignore_errors=True)
+    return _export_into(fallback, layer, source)
 
 
 def _discard_export(folder: Path) -> None:

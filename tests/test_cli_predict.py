@@ -1535,3 +1535,107 @@ def test_an_export_past_the_file_size_limit_is_refused_and_a_damaged_cache_is_ma
     assert len(program.read_bytes()) > len(whole) // 2 and (program.suffix != ".json" or json.loads(program.read_bytes()))
     with rasterio.open(tmp_path / "o2" / "scene_landcover.tif") as a, rasterio.open(tmp_path / "o3" / "scene_landcover.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
+
+
+def _console_script() -> Path:
+    script = Path(sys.executable).parent / "geoseg"
+    if not script.exists():
+        pytest.skip("the geoseg console script is not installed beside this Python")
+    return script
+
+
+def test_closed_standard_streams_and_a_full_stdout(tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    """A cron job or daemon that closed stderr (2>&-): predict and batch ended exit 1 writing nothing
+    ('NoneType' object has no attribute 'isatty'); with stdout closed a finished predict ended exit 1. Stdout
+    on a full device blamed the outputs' disk ("no space left on the device: free some space")."""
+    import subprocess
+
+    script = _console_script()
+    scene = rgb(tmp_path)
+    args = [str(script), "predict", str(scene), "--weights", str(tiny_unet[0]), "--vector", "none"]
+    for fd in (1, 2):
+        r = subprocess.run([*args, "--out", str(tmp_path / f"closed{fd}")], preexec_fn=lambda fd=fd: os.close(fd),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+        assert r.returncode == 0, fd
+        assert (tmp_path / f"closed{fd}" / "scene_landcover.tif").exists(), fd
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([str(script), "info", str(scene), "--no-model"], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
+        "Error: cannot write to the standard output (No space left on device)", r.stderr
+
+
+def test_sighup_stops_a_predict_as_sigterm_does(tmp_path: Path) -> None:
+    """SIGHUP (the terminal closed, no nohup) ended predict with exit 129 and no word, its mask published
+    without its polygons (a rerun then refused: 'already exists') and temp files left."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import SAMPLE_DATA
+
+    script = _console_script()
+    scene = SAMPLE_DATA / "nc_landsat7" / "image_6band_uint8.tif"
+    out = tmp_path / "o"
+    proc = subprocess.Popen([str(script), "predict", str(scene), "--model", "unet", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while not (out.exists() and any(out.iterdir())) and proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.02)  # until it writes
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run ended before the signal")
+    assert proc.returncode == 129, (proc.returncode, err[-1500:])
+    assert "terminated (SIGHUP)" in err and "Traceback" not in err, err[-1500:]
+    assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith(".geoseg-")]
+
+
+def test_odd_homes_and_cache_folders(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user without HOME and without a passwd entry (docker --user 54321): 'unexpected error: RuntimeError:
+    Could not determine home directory'. GEOSEG_CACHE_DIR='~/gc' or ' ' made folders named '~' or ' ' where
+    the job ran; XDG_CACHE_HOME was not read; `--model unet` in a folder this user may not read: 'unexpected
+    error: PermissionError'."""
+    import pathlib
+
+    from geoseg.engine import cache_dir
+
+    scene = rgb(tmp_path)
+    args = ["predict", str(scene), "--weights", str(tiny_unet[0]), "--vector", "none"]
+    monkeypatch.setenv("GEOSEG_CACHE_DIR", "~/gc")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / "gc"
+    for bad in (" ", "rel/cache"):
+        monkeypatch.setenv("GEOSEG_CACHE_DIR", bad)
+        res = runner.invoke(cli, [*args, "--out", str(tmp_path / "x")])
+        assert_one_line_error(res, "GEOSEG_CACHE_DIR")
+    monkeypatch.delenv("GEOSEG_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "geoseg"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(pathlib.Path, "home", staticmethod(no_home))
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # (this process's fallback, not an earlier test's)
+    res = runner.invoke(cli, [*args, "--out", str(tmp_path / "homeless")])
+    assert res.exit_code == 0, res.output
+    assert "no export cache: no home folder" in res.stderr and (tmp_path / "homeless" / "scene_landcover.tif").exists()
+    monkeypatch.undo()
+
+    real_is_dir = pathlib.Path.is_dir
+
+    def unreadable(self: Path) -> bool:  # as Path.is_dir of a relative name in a folder this user may not read
+        if not self.is_absolute():
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_dir(self)
+
+    monkeypatch.setattr(pathlib.Path, "is_dir", unreadable)
+    from geoseg.engine import resolve_model
+
+    assert resolve_model("unet").card.architecture == "unet"

@@ -63,6 +63,8 @@ def _writable_home(scratch: Path) -> Iterator[None]:
     call when ``~/.cache`` cannot be made or written; it is removed afterwards."""
     cache = Path(os.path.expanduser("~/.cache"))
     try:
+        if not cache.is_absolute():  # no home (HOME unset, no passwd entry): "~/.cache" made in the working folder
+            raise FileNotFoundError(f"no home folder for {cache}")
         cache.mkdir(parents=True, exist_ok=True)
         writable = os.access(cache, os.W_OK | os.X_OK)
         if writable:  # (os.access says yes to root on a read-only or virtual file system)
