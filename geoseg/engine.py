@@ -882,6 +882,10 @@ def _prepare_window(meta: SceneMeta, tile: Tile, bands: tuple[int, ...], card: M
 GROUP_BYTES = 16 * 2**20
 
 
+#: _prefetch reads at most this many windows in the caller's thread.
+_INLINE_WINDOWS = 16
+
+
 def _prefetch(
     batches: list[list[Tile]], meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, size: tuple[int, int],
     depth: int, workers: int,
@@ -895,6 +899,15 @@ def _prefetch(
     more than reading the window (2.6 against 0.5 ms per 128² window). The graph is not optimised
     (nothing to fuse in one task per thread).
     """
+    if sum(len(b) for b in batches) <= _INLINE_WINDOWS:
+        # a small scene: its few windows are read here, without a reader thread, a pool and a Dask
+        # graph per scene (about 20 ms a scene, more than reading them)
+        try:
+            for b in batches:
+                yield b, [_prepare_window(meta, t, bands, card, size) for t in b]
+        finally:
+            close_handles(meta.path)
+        return
     from concurrent.futures import ThreadPoolExecutor
 
     import dask
@@ -991,6 +1004,7 @@ def run_grid(
     progress: Any = None,
     reweight: np.ndarray | None = None,
     cached: dict[tuple[int, int], np.ndarray] | None = None,
+    cached_valid: dict[tuple[int, int], np.ndarray | None] | None = None,
 ) -> tuple[int, int, float]:
     """Predict every window of ``grid`` and hand finished strips to ``sink``.
 
@@ -1019,7 +1033,15 @@ def run_grid(
             idx, conf = argmax_classes(probs)
             sink(strip.row, idx, conf, strip.valid & strip.covered, probs)
 
-    for tiles, prepared in _prefetch(batches, meta, bands, card, grid.model_shape, prefetch, read_workers):
+    windows: Iterator[tuple[list[Tile], list[Prepared]]]
+    if cached and cached_valid and all(t.index in cached_valid and (cached_valid[t.index] is None or t.index in cached)
+                                       for b in batches for t in b):
+        # every window was read (and run) by the prior pass: nothing to read again (a small scene)
+        windows = ((b, [(None, np.zeros((t.height, t.width), bool)) if cached_valid[t.index] is None
+                        else (cached[t.index], cached_valid[t.index]) for t in b]) for b in batches)
+    else:
+        windows = _prefetch(batches, meta, bands, card, grid.model_shape, prefetch, read_workers)
+    for tiles, prepared in windows:
         if tiles[0].row != current_row:
             emit(merger.release(tiles[0].row))
             current_row = tiles[0].row
@@ -1068,6 +1090,7 @@ def sample_posteriors(
     read_workers: int = 2,
     keep_probs: dict[tuple[int, int], np.ndarray] | None = None,
     keep_bytes: int = 0,
+    keep_valid: dict[tuple[int, int], np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """Model posteriors ``(N, C)`` of a sample of the scene's valid pixels, memory bounded.
 
@@ -1093,6 +1116,8 @@ def sample_posteriors(
     batches = list(batched(tiles, batch_size))
     for group, prepared in _prefetch(batches, meta, bands, card, grid.model_shape, prefetch, read_workers):
         todo = [(t, x_t, valid) for t, (x_t, valid) in zip(group, prepared) if x_t is not None]
+        if keep_valid is not None:  # windows without data: run_grid need not read them again
+            keep_valid.update((t.index, None) for t, (x_t, _) in zip(group, prepared) if x_t is None)
         if not todo:
             continue
         x = np.stack([x_t for _, x_t, _ in todo])
@@ -1101,6 +1126,8 @@ def sample_posteriors(
             if keep_probs is not None and keep_bytes >= p.nbytes:
                 keep_probs[t.index] = p.copy()  # (a view would hold the whole batch)
                 keep_bytes -= p.nbytes
+                if keep_valid is not None:
+                    keep_valid[t.index] = valid
             i, j = t.index
             # Every step-th raster row and column of the core (a lattice over the whole raster).
             r_first, c_first = -(-rb[i] // step) * step, -(-cb[j] // step) * step
@@ -1215,6 +1242,10 @@ def check_window_size(card: ModelCard, tile: int) -> None:
 INPUT_RANGE_Z = 3.0
 
 
+#: check_input_range reads a scene of at most this many pixels whole, once.
+_WHOLE_READ_PX = 512 * 512
+
+
 def check_input_range(meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, *, grid: int = 8,
                       size: int = 32) -> dict[str, float] | None:
     """Warn when the scene's bands, scaled and normalised as the model will see them, average far
@@ -1232,10 +1263,19 @@ def check_input_range(meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, 
     cols = np.unique(np.linspace(0, meta.width - w, grid).round().astype(int))
     total = np.zeros(len(bands))
     count = np.zeros(len(bands))
+    whole = None
     try:
+        if meta.aoi is None and meta.height * meta.width <= _WHOLE_READ_PX:
+            # a small scene: one read, sliced (64 reads of overlapping 32-px windows cost more)
+            whole = read_scene_window(meta, Window(0, 0, meta.width, meta.height), bands)
         for r in rows:
             for c in cols:
-                read = read_scene_window(meta, Window(int(c), int(r), w, h), bands)
+                if whole is not None:
+                    d, v, m = whole
+                    sl = (slice(None), slice(int(r), int(r) + h), slice(int(c), int(c) + w))
+                    read = d[sl], v[sl[1:]], (None if m is None or not m[sl].any() else m[sl])
+                else:
+                    read = read_scene_window(meta, Window(int(c), int(r), w, h), bands)
                 if read is None or not read[1].any():
                     continue
                 data, valid, missing = read
@@ -1499,13 +1539,15 @@ def _segment_scene(
 
     reweight = None
     cached: dict[tuple[int, int], np.ndarray] = {}
+    cached_valid: dict[tuple[int, int], np.ndarray | None] = {}
     prior_tags: dict[str, str] = {}
     scene_priors: dict[str, float] | None = None
     if adapt:
         with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE):  # as the main pass: a bounded block cache
             est = scene_prior(meta, bands, grid, mc, predictor, max_ratio=opts.prior_max_ratio,
                               max_windows=opts.prior_windows, batch_size=batch_size, prefetch=opts.prefetch,
-                              read_workers=opts.read_workers, keep_probs=cached, keep_bytes=PRIOR_KEEP_MB * 2**20)
+                              read_workers=opts.read_workers, keep_probs=cached, keep_bytes=PRIOR_KEEP_MB * 2**20,
+                              keep_valid=cached_valid)
         reweight = est.weights
         scene_priors = {c.name: round(float(v), 4) for c, v in zip(mc.classes, est.scene)}
         prior_tags = {"GEOSEG_SCENE_PRIOR": ", ".join(f"{k}={v}" for k, v in scene_priors.items())}
@@ -1569,7 +1611,7 @@ def _segment_scene(
                 ran, skipped, model_s = run_grid(
                     meta, bands, grid, mc, predictor, sink, batch_size=batch_size, blend=opts.blend,
                     prefetch=opts.prefetch, read_workers=opts.read_workers, progress=bar, reweight=reweight,
-                    cached=cached,
+                    cached=cached, cached_valid=cached_valid,
                 )
             finally:
                 if bar is not None:

@@ -74,11 +74,14 @@ def em_priors(posteriors: np.ndarray, train_prior: np.ndarray, *, max_ratio: flo
     q = p.copy()
     converged = False
     it = 0
+    n = post.shape[0]
     while it < max_iter:
         it += 1
-        adj = post * (q / p)
-        adj /= np.maximum(adj.sum(axis=1, keepdims=True), 1e-30)
-        q_new = np.maximum(adj.mean(axis=0), _EPS)
+        # the E step as two matrix-vector products: mean_n post[n] * w / (post[n] . w), without the
+        # (N, C) temporaries (the same sums, in another order: equal within rounding)
+        w = q / p
+        inv = 1.0 / np.maximum(post @ w, 1e-30)
+        q_new = np.maximum(w * (inv @ post) / n, _EPS)
         q_new /= q_new.sum()
         if max_ratio is not None:
             q_new = _bounded(q_new, p, max_ratio)

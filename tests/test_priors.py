@@ -228,3 +228,45 @@ def test_the_main_pass_reuses_the_prior_pass_s_windows(tmp_path: Path, monkeypat
             assert sum(calls) > res.windows  # the sampled windows twice
     assert set(masks) == {0, full}
     np.testing.assert_array_equal(masks[0], masks[full])
+
+
+def test_em_in_matrix_products_matches_the_textbook_step() -> None:
+    """The E step runs as two matrix-vector products (4.5-5x faster than the (N, C) temporaries, a fifth of a
+    small scene's time in batch): each iteration equals Saerens et al.'s step within rounding."""
+    rng = np.random.default_rng(3)
+    p = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+    post = rng.dirichlet(p * 20, size=20_000) * 0.5 + rng.dirichlet(np.ones(5), size=20_000) * 0.5
+    q = p.copy()
+    for _ in range(40):  # the textbook step, as many times
+        adj = post * (q / p)
+        adj /= adj.sum(axis=1, keepdims=True)
+        q = np.maximum(adj.mean(axis=0), 1e-6)
+        q /= q.sum()
+    est = em_priors(post, p, max_ratio=None, tol=0.0, max_iter=40)
+    assert est.iterations == 40
+    np.testing.assert_allclose(est.scene, q, rtol=1e-5)
+
+
+def test_a_small_scene_is_read_once_when_the_prior_pass_kept_its_windows(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """With prior adaptation the sample pass runs every window of a small scene and keeps its probabilities;
+    the main pass read and normalised each window again only for its valid mask (13 % of a small scene's
+    time in batch). It now takes both from the sample pass: one read, the same mask."""
+    import geoseg.engine as ge
+
+    src = _scene(tmp_path)
+    card = identity_card(1, 2, tile=32, overlap=8).replace(class_prior=(0.8, 0.2))
+    opts = PredictOptions(adapt_prior=True, prior_max_ratio=None)
+    want = segment_scene(src, tmp_path / "a", source=ModelSource(card), predictor=soft_predictor, options=opts)
+    reads = []
+    real = ge._prepare_window
+
+    def counted(meta, tile, *args, **kwargs):  # type: ignore[no-untyped-def]
+        reads.append(tile.index)
+        return real(meta, tile, *args, **kwargs)
+
+    monkeypatch.setattr(ge, "_prepare_window", counted)
+    got = segment_scene(src, tmp_path / "b", source=ModelSource(card), predictor=soft_predictor, options=opts)
+    assert sorted(reads) == sorted(set(reads)) and reads, reads  # each window once
+    with rasterio.open(want.mask) as a, rasterio.open(got.mask) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
