@@ -464,6 +464,7 @@ def build_predictor(
     worker sharing a machine with others should use fewer). Returns the predictor and a
     description (device, runtime, precision) for logs.
     """
+    check_address_space()  # (before paddle's predictor: under a small ulimit -v it hung for good)
     kind, _, index = str(device).partition(":")  # "gpu:1": batch's workers spread over the GPUs
     dev = resolve_device(kind)  # type: ignore[arg-type]
     if precision == "fp16" and dev == "cpu":
@@ -1832,18 +1833,90 @@ def memory_estimate_mb(tile: int, batch_size: int, *, height: int, width: int, b
     return runtime + strip_mb + reads_mb + kept_mb
 
 
+def _cgroup_memory(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> tuple[int, int] | None:
+    """``(limit, usage)`` in bytes of the tightest memory limit of this process's control groups (v2's
+    ``memory.max``, v1's ``memory.limit_in_bytes``, from its own group up to the root), or None without one:
+    a container's ``--memory`` or a Kubernetes pod's limit, which psutil's machine-wide figures do not see
+    (a run past it is killed without a word)."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    best: tuple[int, int] | None = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[1] == "":
+            base, limit_file, usage_file = root, "memory.max", "memory.current"
+        elif "memory" in parts[1].split(","):
+            base, limit_file, usage_file = root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        d = base / parts[2].lstrip("/")
+        while True:
+            try:
+                text = (d / limit_file).read_text().strip()
+                if text != "max" and int(text) < 1 << 60:
+                    limit, usage = int(text), int((d / usage_file).read_text().strip())
+                    if best is None or limit - usage < best[0] - best[1]:
+                        best = (limit, usage)
+            except (OSError, ValueError):
+                pass
+            if d == base or d.parent == d or base not in d.parents:
+                break
+            d = d.parent
+    return best
+
+
 def physical_memory_mb() -> float:
-    """The machine's physical memory (MB; psutil, as train's memory checks)."""
+    """The memory this process may use (MB): the machine's physical memory (psutil, as train's memory
+    checks), or its control group's limit where smaller (a container's)."""
     import psutil
 
-    return psutil.virtual_memory().total / 2**20
+    total = psutil.virtual_memory().total
+    group = _cgroup_memory()
+    return min(total, group[0]) / 2**20 if group else total / 2**20
 
 
 def available_memory_mb() -> float:
-    """Memory available to a new process now (MB; psutil)."""
+    """Memory available to a new process now (MB; psutil), or left under its control group's limit where less."""
     import psutil
 
-    return psutil.virtual_memory().available / 2**20
+    free = psutil.virtual_memory().available
+    group = _cgroup_memory()
+    return min(free, max(0, group[0] - group[1])) / 2**20 if group else free / 2**20
+
+
+#: Address space (MB) Paddle Inference maps before any data (its libraries, threads and arenas: 1.73 GB at the
+#: peak of the sample's predict with one thread, Paddle 3.3.1): under a smaller ``ulimit -v`` it hung for good
+#: in its thread pool (SIGTERM could not stop it) or died of a segmentation fault.
+ADDRESS_SPACE_MIN_MB = 1800
+
+
+def address_space_limit_mb() -> float | None:
+    """This process's address-space limit (``ulimit -v``, MB), or None when unlimited."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError, AttributeError):
+        return None
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else soft / 2**20
+
+
+def check_address_space() -> None:
+    """Refuse to load Paddle Inference under an address-space limit it cannot start in (see
+    :data:`ADDRESS_SPACE_MIN_MB`): one line instead of a hang or a crash.
+
+    Raises:
+        ParameterError: the limit is below :data:`ADDRESS_SPACE_MIN_MB`.
+    """
+    limit = address_space_limit_mb()
+    if limit is not None and limit < ADDRESS_SPACE_MIN_MB:
+        raise ParameterError(f"this process may map only {limit:,.0f} MB of address space (ulimit -v), and PaddlePaddle "
+                             f"maps about {ADDRESS_SPACE_MIN_MB:,} MB before any data (below it, it hangs or crashes): "
+                             "raise the limit by a few GB, or remove it (ulimit -v unlimited)")
 
 
 def check_memory(estimate_mb: float, window: tuple[int, int], batch_size: int) -> None:
@@ -1854,9 +1927,18 @@ def check_memory(estimate_mb: float, window: tuple[int, int], batch_size: int) -
         f" at batch {batch_size}"
     total = physical_memory_mb()
     if estimate_mb > total:
+        import psutil
+
+        whose = ("this machine's" if total >= psutil.virtual_memory().total / 2**20 - 1
+                 else "the memory limit of this process's container (control group):")
         raise ParameterError(
-            f"predict would need about {estimate_mb:,.0f} MB of memory with {what}, more than this machine's "
+            f"predict would need about {estimate_mb:,.0f} MB of memory with {what}, more than {whose} "
             f"{total:,.0f} MB: lower --tile-size or --batch-size (geoseg info --tile-size N shows the estimate)")
+    limit = address_space_limit_mb()
+    if limit is not None and ADDRESS_SPACE_MIN_MB <= limit < ADDRESS_SPACE_MIN_MB + estimate_mb:  # (below: refused)
+        warn(f"this process may map only {limit:,.0f} MB of address space (ulimit -v): PaddlePaddle maps about "
+             f"{ADDRESS_SPACE_MIN_MB:,} MB and this run about {estimate_mb:,.0f} MB more; it may fail or hang: raise "
+             "the limit", PerformanceWarning)
     free = available_memory_mb()
     if estimate_mb > free:
         warn(

@@ -1677,3 +1677,48 @@ def test_warnings_name_the_caller_s_line_and_arguments_of_the_wrong_type_are_par
         with pytest.raises(ParameterError) as err:
             call()
         assert str(err.value).startswith(words)
+
+
+def test_a_container_s_memory_limit_and_ulimit_v_are_the_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """psutil sees the machine's memory, not a container's --memory or a pod's limit (a run past it is killed
+    without a word); under `ulimit -v` below what Paddle maps, predict hung for good in Paddle's thread pool
+    (SIGTERM could not stop it) or died of a segmentation fault."""
+    import subprocess
+    import sys
+
+    import geoseg.engine as ge
+
+    v2 = tmp_path / "v2"
+    (v2 / "kubepods" / "pod1").mkdir(parents=True)
+    (v2 / "memory.max").write_text("max\n")
+    (v2 / "kubepods" / "memory.max").write_text(f"{8 * 2**30}\n")
+    (v2 / "kubepods" / "memory.current").write_text(f"{2**30}\n")
+    (v2 / "kubepods" / "pod1" / "memory.max").write_text(f"{3 * 2**30}\n")
+    (v2 / "kubepods" / "pod1" / "memory.current").write_text(f"{2**30}\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/kubepods/pod1\n")
+    assert ge._cgroup_memory(proc, v2) == (3 * 2**30, 2**30)  # the tightest on the way up
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "docker" / "abc").mkdir(parents=True)
+    (v1 / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text(f"{2**31}\n")
+    (v1 / "memory" / "docker" / "abc" / "memory.usage_in_bytes").write_text(f"{2**29}\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # (unlimited)
+    proc.write_text("4:memory:/docker/abc\n3:cpu:/docker/abc\n")
+    assert ge._cgroup_memory(proc, v1) == (2**31, 2**29)
+    proc.write_text("0::/\n")
+    assert ge._cgroup_memory(proc, v2) is None  # the root's "max": no limit
+    monkeypatch.setattr(ge, "_cgroup_memory", lambda: (2**30, 2**29))
+    assert ge.physical_memory_mb() == 1024 and ge.available_memory_mb() == 512
+    with pytest.raises(ParameterError, match=r"more than the memory limit of this process's container \(control "
+                                             r"group\): 1,024 MB"):
+        ge.check_memory(2000, (512, 512), 1)
+    # ulimit -v below what Paddle maps: one line, at once (not a hang)
+    from tests.conftest import SAMPLE_DATA
+
+    limited = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (1400 * 2**20, resource.RLIM_INFINITY)); "
+               "from geoseg_cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", limited, "predict", str(SAMPLE_DATA / "nc_landsat7" / "image_6band_uint8.tif"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "Error: this process may map only 1,400 MB of address space (ulimit -v)"), r.stderr
