@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,6 +308,7 @@ def atomic_output(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         if not tmp.exists():
             raise OutputError(f"nothing was written to {path}")
         fsync_file(tmp)  # the data on disk before the name: a power cut never leaves a short file
+        _mode_as_created(tmp)
         os.replace(tmp, path)
         fsync_folder(path.parent if str(path.parent) else Path("."))  # the rename itself
     except BaseException:
@@ -315,6 +317,31 @@ def atomic_output(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     finally:
         for side in (".aux.xml", ".ovr", ".msk"):
             _unlink(Path(str(tmp) + side))
+
+
+def _umask() -> int | None:
+    """This process's umask, read without changing it (``os.umask`` sets it process-wide, a race with other
+    threads creating files): Linux's ``/proc/self/status``; None where it cannot be read."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _mode_as_created(path: Path) -> None:
+    """Give an output the mode a file the user creates gets (0666 less the umask): SQLite creates its files
+    0644 whatever the umask, so a GeoPackage in a group's shared folder (umask 002) was the only output
+    the group could not edit."""
+    mask = _umask()
+    if mask is None:
+        return
+    with contextlib.suppress(OSError):
+        if stat.S_IMODE(os.stat(path).st_mode) != 0o666 & ~mask:
+            os.chmod(path, 0o666 & ~mask)
 
 
 #: fsync errors that only say the file system does not do it (special or network file systems).

@@ -1509,6 +1509,10 @@ def task_cancelled(worker: Any) -> Callable[[], bool] | None:
 
 
 # ---- the batch -----------------------------------------------------------------------------------
+#: Most worker processes of batch's own local cluster per CPU core (``--workers``).
+MAX_WORKERS_PER_CORE = 4
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """How a batch runs (besides the predict options).
@@ -1535,6 +1539,11 @@ class BatchOptions:
 
         materialise_iterators(self)
         check_fields(self, "BatchOptions")  # (force="no" forced every scene)
+        cores = os.cpu_count() or 1
+        if self.workers < 0 or (not self.scheduler and self.workers > MAX_WORKERS_PER_CORE * cores):
+            # (100,000 worker processes were started one by one on 2 cores, making no progress for minutes)
+            raise ParameterError(f"--workers {self.workers}: use 0 (scenes here) to {MAX_WORKERS_PER_CORE * cores} on "
+                                 f"this machine's {cores} cores (each worker is a process with its own model)")
 
 
 @dataclass
@@ -2280,6 +2289,9 @@ def _run_dask(
     if own_cluster and batch.workers > 1 and model.device in ("auto", "gpu") and 0 < (gpus := gpu_count()) < batch.workers:
         warn(f"--workers {batch.workers} on {gpus} GPU(s): workers share a GPU, each with its own copy of the model "
              f"and its batches in GPU memory; --workers {gpus} runs one per GPU", PerformanceWarning)
+    if own_cluster and batch.workers > (cores := os.cpu_count() or 1):
+        warn(f"--workers {batch.workers} on {cores} CPU cores: the workers' model threads compete for the cores "
+             f"(on 2 cores, 2 workers were slower than scenes run here); --workers {cores} or fewer", PerformanceWarning)
     _wait_for_workers(client, batch.resources, where)
     _remove_orphan_plugins(client)
     name = run_plugin_name(model, str(getattr(client, "id", "")))

@@ -286,3 +286,22 @@ def test_a_leftover_that_cannot_be_removed_is_a_warning_naming_it(tmp_path: Path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert clean_temp_files(tmp_path, stuck=held) == [] and stuck.exists()
+
+
+def test_outputs_take_the_mode_the_umask_gives(tmp_path: Path) -> None:
+    """SQLite creates its files 0644 whatever the umask: under umask 002 (a group's shared folder) the
+    GeoPackage was the only output the group could not edit."""
+    import sqlite3
+    import stat
+
+    from geoseg.atomic import atomic_output
+
+    old = os.umask(0o002)
+    try:
+        with atomic_output(tmp_path / "a.gpkg") as tmp:
+            sqlite3.connect(tmp).close()
+            os.chmod(tmp, 0o644)  # (as SQLite leaves it)
+            sqlite3.connect(tmp).execute("CREATE TABLE t (x)").connection.close()
+        assert stat.S_IMODE(os.stat(tmp_path / "a.gpkg").st_mode) == 0o664
+    finally:
+        os.umask(old)

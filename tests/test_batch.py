@@ -2396,3 +2396,14 @@ def test_a_lost_connection_s_tracebacks_are_kept_off_stderr() -> None:
         for name in _NOISY:
             assert any(isinstance(f, _StoppedRunNoise) for f in logging.getLogger(name).filters), name
     assert not any(isinstance(f, _StoppedRunNoise) for name in _NOISY for f in logging.getLogger(name).filters)
+
+
+def test_absurd_worker_counts_are_refused(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """GEOSEG_BATCH_WORKERS=100000 on 2 cores started worker processes one by one, with no progress for minutes
+    (and a traceback when stopped)."""
+    arch = tmp_path / "arch"
+    make_archive(arch, 1, size=(16, 16))
+    n = 4 * (os.cpu_count() or 1) + 1
+    r = run_cli(runner, tiny_unet, [arch], tmp_path / "out", "--workers", str(n))
+    assert r.exit_code == 1 and f"--workers {n}: use 0 (scenes here) to {n - 1} on this machine's" in r.output, r.output
+    assert not (tmp_path / "out").exists()
