@@ -1927,10 +1927,9 @@ def check_memory(estimate_mb: float, window: tuple[int, int], batch_size: int) -
         f" at batch {batch_size}"
     total = physical_memory_mb()
     if estimate_mb > total:
-        import psutil
-
-        whose = ("this machine's" if total >= psutil.virtual_memory().total / 2**20 - 1
-                 else "the memory limit of this process's container (control group):")
+        group = _cgroup_memory()
+        whose = ("the memory limit of this process's container (control group):"
+                 if group is not None and group[0] / 2**20 <= total + 1 else "this machine's")
         raise ParameterError(
             f"predict would need about {estimate_mb:,.0f} MB of memory with {what}, more than {whose} "
             f"{total:,.0f} MB: lower --tile-size or --batch-size (geoseg info --tile-size N shows the estimate)")
