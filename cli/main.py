@@ -13,6 +13,7 @@ Exit codes (the same for every command):
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -61,6 +62,12 @@ def to_click_error(exc: BaseException) -> click.ClickException:
         return GeosegClickError(f"a raster cannot be read: {gdal_reason(exc)}: the file may be corrupt or truncated; "
                                 "check it with gdalinfo -checksum", EXIT_FAILURE)
 
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):  # (an OSError with no hint)
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return GeosegClickError(f"too many open files: this process may open {soft} (ulimit -n): raise the limit",
+                                EXIT_FAILURE)
     if isinstance(exc, OSError) and disk_full(exc):
         if getattr(exc, "filename", None):
             return GeosegClickError(f"no space left on the device (writing {exc.filename}): free some space or "

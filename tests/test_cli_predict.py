@@ -1639,3 +1639,15 @@ def test_odd_homes_and_cache_folders(runner: CliRunner, tmp_path: Path, tiny_une
     from geoseg.engine import resolve_model
 
     assert resolve_model("unet").card.architecture == "unet"
+
+
+def test_too_many_open_files_names_the_limit() -> None:
+    """`ulimit -n 8`: "unexpected error: OSError: [Errno 24] Too many open files", with no hint."""
+    import errno
+    import resource
+
+    from geoseg_cli.main import to_click_error
+
+    msg = to_click_error(OSError(errno.EMFILE, "Too many open files")).format_message()
+    assert msg == (f"too many open files: this process may open {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} "
+                   "(ulimit -n): raise the limit")
