@@ -333,15 +333,16 @@ def _umask() -> int | None:
 
 
 def _mode_as_created(path: Path) -> None:
-    """Give an output the mode a file the user creates gets (0666 less the umask): SQLite creates its files
+    """Give an output at least the mode a file the user creates gets (0666 less the umask): SQLite creates its files
     0644 whatever the umask, so a GeoPackage in a group's shared folder (umask 002) was the only output
     the group could not edit."""
     mask = _umask()
     if mask is None:
         return
     with contextlib.suppress(OSError):
-        if stat.S_IMODE(os.stat(path).st_mode) != 0o666 & ~mask:
-            os.chmod(path, 0o666 & ~mask)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode | (0o666 & ~mask) != mode:  # bits added, none taken (a default ACL may have given more)
+            os.chmod(path, mode | (0o666 & ~mask))
 
 
 #: fsync errors that only say the file system does not do it (special or network file systems).

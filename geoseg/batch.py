@@ -1062,7 +1062,7 @@ def why_run(
     if entry is None:
         return "new"
     if entry.status == STARTED:
-        return "the batch process died while running it (runs last)"
+        return _changed(entry, fp, model_key, params_json) or "the batch process died while running it (runs last)"
     if entry.status == "failed":
         return "failed before"
     if entry.status not in ("done", OUTSIDE_AOI):
@@ -1513,6 +1513,14 @@ def task_cancelled(worker: Any) -> Callable[[], bool] | None:
 MAX_WORKERS_PER_CORE = 4
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's CPU set), not the host's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """How a batch runs (besides the predict options).
@@ -1539,7 +1547,7 @@ class BatchOptions:
 
         materialise_iterators(self)
         check_fields(self, "BatchOptions")  # (force="no" forced every scene)
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         if self.workers < 0 or (not self.scheduler and self.workers > MAX_WORKERS_PER_CORE * cores):
             # (100,000 worker processes were started one by one on 2 cores, making no progress for minutes)
             raise ParameterError(f"--workers {self.workers}: use 0 (scenes here) to {MAX_WORKERS_PER_CORE * cores} on "
@@ -1932,6 +1940,8 @@ def _run_scenes(
             workers = _run_dask(todo, out, model, options, batch, client, record_and_finish)
         else:
             def mark(key: str, status: str) -> None:
+                if status != STARTED and (now := manifest.get(key)) is not None and now.status != STARTED:
+                    return  # (a stop after the scene's record, in its log line: it stays done)
                 manifest.put(dataclasses.replace(running[key], status=status))
 
             _run_here(todo, out, model, options, record_and_finish, mark)
@@ -2289,7 +2299,7 @@ def _run_dask(
     if own_cluster and batch.workers > 1 and model.device in ("auto", "gpu") and 0 < (gpus := gpu_count()) < batch.workers:
         warn(f"--workers {batch.workers} on {gpus} GPU(s): workers share a GPU, each with its own copy of the model "
              f"and its batches in GPU memory; --workers {gpus} runs one per GPU", PerformanceWarning)
-    if own_cluster and batch.workers > (cores := os.cpu_count() or 1):
+    if own_cluster and batch.workers > (cores := usable_cores()):
         warn(f"--workers {batch.workers} on {cores} CPU cores: the workers' model threads compete for the cores "
              f"(on 2 cores, 2 workers were slower than scenes run here); --workers {cores} or fewer", PerformanceWarning)
     _wait_for_workers(client, batch.resources, where)

@@ -488,8 +488,10 @@ def build_predictor(
         try:
             net = InferencePredictor(model_file, params_file, device=on, precision=precision, threads=threads)
         except ModelError:
-            if source.export_dir is not None:
-                raise
+            from geoseg.models.inference import damaged_export
+
+            if source.export_dir is not None or not damaged_export(folder):
+                raise  # (a whole export that fails otherwise, e.g. on its device, is not made again)
             # a cached export that cannot be loaded (cut short by a file-size limit before geoseg checked, or
             # damaged on disk since) broke every later run: it is made again, once
             log.warning("warning: the cached export %s of %s cannot be loaded: exporting the model again", folder,
@@ -1859,6 +1861,7 @@ def _cgroup_memory(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/s
                 text = (d / limit_file).read_text().strip()
                 if text != "max" and int(text) < 1 << 60:
                     limit, usage = int(text), int((d / usage_file).read_text().strip())
+                    usage -= _inactive_file(d / "memory.stat")  # (page cache the kernel reclaims: as docker stats)
                     if best is None or limit - usage < best[0] - best[1]:
                         best = (limit, usage)
             except (OSError, ValueError):
@@ -1867,6 +1870,20 @@ def _cgroup_memory(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/s
                 break
             d = d.parent
     return best
+
+
+def _inactive_file(stat_file: Path) -> int:
+    """Bytes of reclaimable page cache in a control group's ``memory.stat`` (v2 ``inactive_file``, v1
+    ``total_inactive_file``), 0 where it cannot be read: its usage counts the cache of every file a long
+    batch read, which left no memory "available" and warned on every scene."""
+    try:
+        fields = dict(line.split() for line in stat_file.read_text().splitlines() if line.count(" ") == 1)
+    except (OSError, ValueError):
+        return 0
+    for key in ("total_inactive_file", "inactive_file"):
+        if fields.get(key, "").isdigit():
+            return int(fields[key])
+    return 0
 
 
 def physical_memory_mb() -> float:

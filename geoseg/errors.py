@@ -181,7 +181,7 @@ def forget_stop() -> None:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Run the block with SIGINT's and SIGTERM's Python handlers held back: a signal that comes meanwhile
+    """Run the block with SIGINT's, SIGTERM's and SIGHUP's Python handlers held back: a signal that comes meanwhile
     is handled (its handler called) when the block ends. For paddle's program translation (the export):
     the KeyboardInterrupt a handler raised inside it came back as paddle's own error, or the process died
     of a segmentation fault (a SIGTERM a second into a first predict). Only the main thread can set
@@ -193,7 +193,7 @@ def signals_deferred() -> Iterator[None]:
         return
     came: list[tuple[int, Any]] = []
     kept: dict[int, Any] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
         handler = signal.getsignal(sig)
         if callable(handler):  # (SIG_DFL, SIG_IGN: the system's, nothing raised in Python)
             kept[sig] = handler
@@ -203,8 +203,8 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for sig, handler in kept.items():
             signal.signal(sig, handler)
-        if came:  # (SIGTERM before SIGINT when both came: the stronger request)
-            signum, frame = next((c for c in came if c[0] == signal.SIGTERM), came[0])
+        if came:  # (SIGTERM or SIGHUP before SIGINT when both came: the stronger request)
+            signum, frame = next((c for c in came if c[0] != signal.SIGINT), came[0])
             kept[signum](signum, frame)
 
 

@@ -1220,16 +1220,31 @@ def map_area_ratio(crs: Any, transform: Any, width: int, height: int) -> float |
     return None if area is None or not np.isfinite(area[0]) else _map_m2(crs, transform) / float(area[0])
 
 
+def _centre_degrees(crs: Any, transform: Any, width: int, height: int) -> tuple[float, float] | None:
+    """The grid's centre as whole degrees of longitude and latitude (a cache key), or None."""
+    made = _geodetic(crs)
+    if made is None:
+        return None
+    try:
+        with np.errstate(all="ignore"):
+            lon, lat = made[0].transform(*(transform @ (width / 2, height / 2)))
+    except Exception:  # noqa: BLE001 - pyproj's errors for points it cannot transform
+        return None
+    return (float(round(lon)), float(round(lat))) if np.isfinite(lon) and np.isfinite(lat) else None
+
+
 def _off_the_ground(ratio: np.ndarray) -> bool:
     ratio = ratio[np.isfinite(ratio)]
     return bool(ratio.size) and not bool(np.all((1 / MAP_AREA_TOLERANCE <= ratio) & (ratio <= MAP_AREA_TOLERANCE)))
 
 
 @functools.lru_cache(maxsize=64)
-def _crs_distorts(wkt: str) -> bool:
+def _crs_distorts(wkt: str, near: tuple[float, float] | None = None) -> bool:
     """Whether the projection's areas are more than :data:`MAP_AREA_TOLERANCE` off the ground's somewhere in its
     area of use (Web Mercator's: the world): then every grid of it is measured on the ellipsoid, and neighbouring
-    tiles of an archive never switch between map units and m² (a 5 % jump at the seam)."""
+    tiles of an archive never switch between map units and m² (a 5 % jump at the seam). A CRS without an area
+    of use (a custom one) is tried within 10° of ``near`` (a grid's centre, as longitude and latitude, whole
+    degrees), as far as neighbouring tiles would reach."""
     try:
         import pyproj
 
@@ -1237,10 +1252,15 @@ def _crs_distorts(wkt: str) -> bool:
         use = src.area_of_use
         if use is None and (code := src.to_epsg(min_confidence=90)) is not None:  # (GDAL's WKT leaves it out)
             use = pyproj.CRS.from_epsg(code).area_of_use
-        if use is None:
+        if use is not None:
+            west, south, north = use.west, use.south, use.north
+            east = use.east if use.east >= use.west else use.east + 360.0
+        elif near is not None:
+            west, east = near[0] - 10.0, near[0] + 10.0
+            south, north = max(-85.0, near[1] - 10.0), min(85.0, near[1] + 10.0)
+        else:
             return False
-        east = use.east if use.east >= use.west else use.east + 360.0
-        lon, lat = np.meshgrid(np.linspace(use.west, east, 9), np.linspace(use.south, use.north, 9))
+        lon, lat = np.meshgrid(np.linspace(west, east, 9), np.linspace(south, north, 9))
         lon = (lon + 180.0) % 360.0 - 180.0
         with np.errstate(all="ignore"):
             k = np.asarray(pyproj.Proj(src).get_factors(lon.ravel(), lat.ravel(), errcheck=False).areal_scale)
@@ -1251,9 +1271,9 @@ def _crs_distorts(wkt: str) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _distorts(wkt: str, transform: Any, width: int, height: int) -> bool:
-    if _crs_distorts(wkt):
-        return True
     crs = CRS.from_wkt(wkt)
+    if _crs_distorts(wkt, _centre_degrees(crs, transform, width, height)):
+        return True
     c, r = np.meshgrid(np.linspace(0.5, width - 0.5, 5), np.linspace(0.5, height - 0.5, 5))  # (a full disk's corners
     area = _ground_areas(crs, transform, c, r)  # are off the Earth: its inner points tell)
     return area is not None and _off_the_ground(_map_m2(crs, transform) / area)

@@ -2407,3 +2407,47 @@ def test_absurd_worker_counts_are_refused(runner, tiny_unet, tmp_path: Path) -> 
     r = run_cli(runner, tiny_unet, [arch], tmp_path / "out", "--workers", str(n))
     assert r.exit_code == 1 and f"--workers {n}: use 0 (scenes here) to {n - 1} on this machine's" in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stop_right_after_a_scene_is_recorded_keeps_it_done(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal landing after a scene's record (while its line is logged) put its entry back to "running": the
+    report said ok, the manifest said not finished, and the next run redid it."""
+    import geoseg.batch as gb
+    from geoseg_cli.main import Terminated
+
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 2, size=(16, 16))
+    real = gb._log_outcome
+
+    def stop_after_the_first(o, i, n):  # type: ignore[no-untyped-def]
+        real(o, i, n)
+        raise Terminated()
+
+    monkeypatch.setattr(gb, "_log_outcome", stop_after_the_first)
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == 143, r.output
+    assert _manifest_rows(out)["scene0.tif"] == ("done", 0)
+
+
+def test_sighup_is_held_back_like_sigterm_during_an_export() -> None:
+    """signals_deferred held back SIGINT and SIGTERM only: a SIGHUP (now a stop, as SIGTERM) raised inside
+    paddle's program translation, which it exists to prevent (paddle's own error, or a segmentation fault)."""
+    import signal
+
+    from geoseg.errors import signals_deferred
+
+    seen: list[int] = []
+
+    def handler(signum, frame):  # type: ignore[no-untyped-def]
+        seen.append(signum)
+
+    old = signal.signal(signal.SIGHUP, handler)
+    try:
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)
+            assert seen == []  # held back inside the block
+        assert seen == [signal.SIGHUP]  # and handled when it ends
+    finally:
+        signal.signal(signal.SIGHUP, old)

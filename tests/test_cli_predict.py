@@ -1651,3 +1651,27 @@ def test_too_many_open_files_names_the_limit() -> None:
     msg = to_click_error(OSError(errno.EMFILE, "Too many open files")).format_message()
     assert msg == (f"too many open files: this process may open {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} "
                    "(ulimit -n): raise the limit")
+
+
+def test_a_whole_cached_export_is_kept_when_paddle_fails_otherwise(runner: CliRunner, tmp_path: Path,
+                                                                     tiny_unet: tuple[Path, Path],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any error loading the predictor (a device out of memory, a bad thread count) threw away the cached export
+    that other processes share and made it again, saying it 'cannot be loaded'."""
+    import geoseg.models.inference as gi
+
+    monkeypatch.setenv("GEOSEG_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["predict", str(rgb(tmp_path)), "--weights", str(tiny_unet[0]), "--vector", "none"]
+    assert runner.invoke(cli, [*args, "--out", str(tmp_path / "o1")]).exit_code == 0
+    (done,) = (tmp_path / "cache").rglob("DONE")
+    before = done.stat().st_mtime_ns
+
+    class Failing:
+        def __init__(self, *a, **k):  # type: ignore[no-untyped-def]
+            raise gi.ModelError("Paddle Inference cannot create a predictor: out of device memory")
+
+    monkeypatch.setattr(gi, "InferencePredictor", Failing)
+    res = runner.invoke(cli, [*args, "--out", str(tmp_path / "o2")])
+    assert_one_line_error(res, "out of device memory")
+    assert "exporting the model again" not in res.output and done.exists()
+    assert list((tmp_path / "cache").rglob("DONE")) == [done] and done.stat().st_mtime_ns >= before

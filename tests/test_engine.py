@@ -1694,10 +1694,11 @@ def test_a_container_s_memory_limit_and_ulimit_v_are_the_limits(tmp_path: Path, 
     (v2 / "kubepods" / "memory.max").write_text(f"{8 * 2**30}\n")
     (v2 / "kubepods" / "memory.current").write_text(f"{2**30}\n")
     (v2 / "kubepods" / "pod1" / "memory.max").write_text(f"{3 * 2**30}\n")
-    (v2 / "kubepods" / "pod1" / "memory.current").write_text(f"{2**30}\n")
+    (v2 / "kubepods" / "pod1" / "memory.current").write_text(f"{2**30 + 2**28}\n")
+    (v2 / "kubepods" / "pod1" / "memory.stat").write_text(f"anon 1000\ninactive_file {2**28}\nactive_file 5\n")
     proc = tmp_path / "cgroup"
     proc.write_text("0::/kubepods/pod1\n")
-    assert ge._cgroup_memory(proc, v2) == (3 * 2**30, 2**30)  # the tightest on the way up
+    assert ge._cgroup_memory(proc, v2) == (3 * 2**30, 2**30)  # the tightest on the way up, less its page cache
     v1 = tmp_path / "v1"
     (v1 / "memory" / "docker" / "abc").mkdir(parents=True)
     (v1 / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text(f"{2**31}\n")

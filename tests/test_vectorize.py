@@ -503,6 +503,12 @@ def test_every_grid_of_a_projection_that_distorts_somewhere_is_measured_alike() 
     assert distorts_areas(merc, rasterio.Affine(30, 0, 0, 0, -30, 15360), 512, 512)  # at the equator
     assert not distorts_areas(rasterio.crs.CRS.from_epsg(32633), rasterio.Affine(30, 0, 5e5, 0, -30, 6e6), 512, 512)
     assert not distorts_areas(rasterio.crs.CRS.from_epsg(3035), rasterio.Affine(30, 0, 4e6, 0, -30, 3e6), 512, 512)
+    # a custom Mercator (no EPSG code, no area of use): tried within 10° of the grid, where neighbouring tiles reach;
+    # the switch is where map units are 0.2 % off (it was at 5 %, a 5 % seam between the tiles on either side)
+    custom = rasterio.crs.CRS.from_proj4("+proj=merc +lon_0=110 +datum=WGS84")
+    for y0 in (1404800, 1430400, 400_000):
+        assert distorts_areas(custom, rasterio.Affine(10, 0, 0, 0, -10, y0), 2560, 2560), y0
+    assert not distorts_areas(custom, rasterio.Affine(10, 0, 0, 0, -10, 25600), 2560, 2560)  # at the equator
 
 
 def test_geographic_perimeter_counts_the_holes(tmp_path: Path) -> None:

@@ -150,8 +150,6 @@ def _check_written(prefix: Path) -> None:
         NoRoomError: a file reached the limit (``file_size_limit`` set on the error).
         ModelError: the program file is not whole (its JSON does not parse).
     """
-    import json
-
     from geoseg.atomic import file_size_limit
     from geoseg.errors import NoRoomError
 
@@ -163,12 +161,32 @@ def _check_written(prefix: Path) -> None:
         err.file_size_limit = limit  # type: ignore[attr-defined]
         raise err
     program = prefix.with_suffix(".json")
-    if program.is_file():
-        try:
-            json.loads(program.read_bytes())
-        except ValueError:
-            raise ModelError(f"cannot export the model to {prefix}: Paddle wrote {program.name} only in part "
-                             "(a full disk?): free some space and run again") from None
+    if program.is_file() and not _whole_program(program):
+        raise ModelError(f"cannot export the model to {prefix}: Paddle wrote {program.name} only in part "
+                         "(a full disk?): free some space and run again")
+
+
+def _whole_program(program: Path) -> bool:
+    """Whether a ``.json`` program file parses (a ``.pdmodel`` cannot be told: True)."""
+    import json
+
+    if program.suffix != ".json":
+        return True
+    try:
+        json.loads(program.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def damaged_export(folder: Path) -> bool:
+    """Whether an export folder's files are damaged: missing, an empty parameters file, a program file
+    that does not parse (what a write cut short leaves)."""
+    try:
+        program, params = find_model_files(folder)
+        return params.stat().st_size == 0 or not _whole_program(program)
+    except (OSError, ModelError):
+        return True
 
 
 def _interrupted(exc: BaseException) -> bool:
