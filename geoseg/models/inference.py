@@ -129,6 +129,10 @@ def export_model(model: paddle.nn.Layer, path_prefix: str | Path, in_channels: i
     except Exception as exc:
         if _interrupted(exc):  # Ctrl-C inside Paddle's program translation comes back as its error
             raise KeyboardInterrupt from None
+        from geoseg.atomic import file_size_limit, too_large
+
+        if too_large(exc) and (limit := file_size_limit()) is not None:  # (Paddle 2.6 says EFBIG; 3.x cuts short)
+            raise _too_large(prefix, limit) from None
         lines = [t.strip() for t in str(exc).splitlines() if t.strip()] or [""]
         # (Paddle's dy2static errors quote the translated code's traceback, the error itself last)
         said = lines[-1] if lines[0].startswith("In transformed code") else lines[0]
@@ -151,19 +155,25 @@ def _check_written(prefix: Path) -> None:
         ModelError: the program file is not whole (its JSON does not parse).
     """
     from geoseg.atomic import file_size_limit
-    from geoseg.errors import NoRoomError
 
     files = [p for p in prefix.parent.glob(f"{prefix.name}.*") if p.is_file()]
     limit = file_size_limit()
     if limit is not None and any(p.stat().st_size >= limit for p in files):
-        err = NoRoomError(f"cannot export the model to {prefix}: file too large: this process may not write files "
-                          f"over {limit} bytes (ulimit -f), and the model's files are larger: raise the limit")
-        err.file_size_limit = limit  # type: ignore[attr-defined]
-        raise err
+        raise _too_large(prefix, limit)
     program = prefix.with_suffix(".json")
     if program.is_file() and not _whole_program(program):
         raise ModelError(f"cannot export the model to {prefix}: Paddle wrote {program.name} only in part "
                          "(a full disk?): free some space and run again")
+
+
+def _too_large(prefix: Path, limit: int) -> Exception:
+    """The one-line error of an export past the file-size limit (``file_size_limit`` set on it)."""
+    from geoseg.errors import NoRoomError
+
+    err = NoRoomError(f"cannot export the model to {prefix}: file too large: this process may not write files "
+                      f"over {limit} bytes (ulimit -f), and the model's files are larger: raise the limit")
+    err.file_size_limit = limit  # type: ignore[attr-defined]
+    return err
 
 
 def _whole_program(program: Path) -> bool:
