@@ -258,7 +258,7 @@ def cache_dir() -> Path:
             raise ParameterError(f"GEOSEG_CACHE_DIR={given!r} is not an absolute path (a cache would be made wherever "
                                  "the command runs): give an absolute folder, or unset it")
         return path
-    if given is not None and given:
+    if given:
         raise ParameterError(f"GEOSEG_CACHE_DIR={given!r} is blank: give an absolute folder, or unset it")
     xdg = (os.environ.get("XDG_CACHE_HOME") or "").strip()
     if xdg and os.path.isabs(xdg):
