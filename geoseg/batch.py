@@ -121,7 +121,7 @@ STARTED = "started"
 #: the model or the parameters change, or ``force``): one scene that kills the process (a corrupt file
 #: that crashes a library) stopped every nightly run at the same place, and the scenes after it never ran.
 MAX_CRASHES = 2
-CRASHED_REASON = "held back: it crashed the batch process"
+CRASHED_REASON = "held back: it crashed the process running it"
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -1097,9 +1097,9 @@ def crashes_of(entry: ManifestEntry | None, fp: dict[str, Any], model_key: str, 
 
 def held_back_error(crashes: int) -> str:
     """The one-line error of a scene held back after ``crashes`` (≥ :data:`MAX_CRASHES`) crashes."""
-    return (f"the batch process died {crashes} times while running this scene (a crash or an out-of-memory kill "
-            "in GDAL or Paddle, or a kill from outside): later runs hold it back until it changes; try it alone "
-            "with 'geoseg predict', or give --force to run it again")
+    return (f"the process died {crashes} times while running this scene (the batch process or its Dask worker: a "
+            "crash or an out-of-memory kill in GDAL or Paddle, or a kill from outside): later runs hold it back until "
+            "it changes; try it alone with 'geoseg predict', or give --force to run it again")
 
 
 # ---- running one scene (in process or on a worker) ---------------------------------------------
@@ -1126,6 +1126,9 @@ class SceneOutcome:
     class_pixels: dict[str, int] = field(default_factory=dict)  # pixels of each class in the mask
     class_area: dict[str, float] | None = None  # in class_area_units (see geoseg.engine.PredictResult.class_area)
     class_area_units: str | None = None  # m2, ftUS2, ... (None without a CRS)
+    #: Its process died under it (a Dask worker that died again when the scene ran alone): counted in the
+    #: manifest's ``crashes``, as a batch process's death is.
+    crashed: bool = False
 
     @property
     def megapixels_per_s(self) -> float:
@@ -1923,7 +1926,7 @@ def _run_scenes(
              sum(o.status == "failed" for o in outcomes.values()) - clashes - bad_names - held,
              f", {clashes} with clashing output names" if clashes else "",
              f", {bad_names} with names that are not UTF-8" if bad_names else "",
-             f", {held} held back (they crashed the batch process)" if held else "")
+             f", {held} held back (they crashed the process running them)" if held else "")
 
     def record_and_finish(o: SceneOutcome, reason: str) -> None:
         o.reason = o.reason or reason  # why it ran, unless it was skipped (outside the AOI)
@@ -2049,10 +2052,14 @@ def _record(manifest: Manifest, o: SceneOutcome, fp: dict[str, Any], model_key: 
             outputs = []
     if status in ("done", OUTSIDE_AOI):
         _remove_stale_outputs(manifest.get(o.key), outputs, out)
+    crashes = 0
+    if o.crashed:  # (the run's entry holds the crashes counted before)
+        crashes = ((now := manifest.get(o.key)) and now.crashes or 0) + 1
     manifest.put(ManifestEntry(
         key=o.key, input=o.input, size=fp["size"], mtime_ns=fp["mtime_ns"], head_hash=fp["head_hash"],
         model=model_key, params=params_json, status=status, outputs=outputs, error=o.error,
         seconds=o.seconds, windows=o.windows, megapixels=o.megapixels, worker=o.worker, finished=_now(),
+        crashes=crashes,
     ))
 
 
@@ -2388,6 +2395,7 @@ def _run_tasks(
                             killed.append(key)
                         else:
                             o.error += " (its worker died again when it ran alone)"
+                            o.crashed = True
                 # The result is taken: forget the task at once.  A future kept (here, or anything holding
                 # its key) makes the scheduler recompute the task when the worker holding its result dies
                 # (kill -9, OOM): the scene ran again and rewrote outputs already recorded done.
