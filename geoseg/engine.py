@@ -437,7 +437,10 @@ def _export_into(target: Path, layer: Any, source: ModelSource) -> Path:
     log.debug("exporting %s for Paddle Inference into %s", source.label, target)
     try:
         export_model(with_output_op(layer, "softmax"), tmp / "model", source.card.in_channels)
-        (tmp / "DONE").write_text("ok\n")
+        # the files' sizes: a file cut short later (or by an older geoseg) is told by them (a .pdmodel cannot be
+        # parsed here), and the export made again (see build_predictor)
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / "DONE").write_text(json.dumps({"sizes": sizes}) + "\n")
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race: use its export

@@ -191,10 +191,19 @@ def _whole_program(program: Path) -> bool:
 
 def damaged_export(folder: Path) -> bool:
     """Whether an export folder's files are damaged: missing, an empty parameters file, a program file
-    that does not parse (what a write cut short leaves)."""
+    that does not parse (what a write cut short leaves), or, for geoseg's cached exports, a file whose size
+    differs from the one its ``DONE`` file recorded."""
+    import json
+
     try:
         program, params = find_model_files(folder)
-        return params.stat().st_size == 0 or not _whole_program(program)
+        if params.stat().st_size == 0 or not _whole_program(program):
+            return True
+        try:
+            sizes = json.loads((folder / "DONE").read_text()).get("sizes", {})
+        except (OSError, ValueError, AttributeError):  # (none, or an older geoseg's "ok")
+            sizes = {}
+        return any((folder / name).stat().st_size != size for name, size in sizes.items())
     except (OSError, ModelError):
         return True
 
