@@ -171,6 +171,8 @@ def _log_file_handler(log_file: Path) -> _LogFile:
     from geoseg.atomic import file_above
     from geoseg.errors import ParameterError
 
+    if not log_file.name.strip():  # (GEOSEG_BATCH_LOG_FILE=" " appended the log to a file named " ")
+        raise ParameterError(f"--log-file {str(log_file)!r} has a blank name: give a file name for the log")
     if log_file.is_dir():
         raise ParameterError(f"--log-file {log_file} is a folder: give a file name for the log")
     above = file_above(log_file)

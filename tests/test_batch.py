@@ -2458,3 +2458,13 @@ def test_sighup_is_held_back_like_sigterm_during_an_export() -> None:
         assert seen == [signal.SIGHUP]  # and handled when it ends
     finally:
         signal.signal(signal.SIGHUP, old)
+
+
+def test_a_blank_log_file_name_is_refused(runner, tiny_unet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """GEOSEG_BATCH_LOG_FILE=" " appended the log to a file named " " wherever the job ran."""
+    arch = tmp_path / "arch"
+    make_archive(arch, 1, size=(16, 16))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GEOSEG_BATCH_LOG_FILE", " ")
+    r = run_cli(runner, tiny_unet, [arch], tmp_path / "out")
+    assert r.exit_code == 1 and "has a blank name" in r.output and not (tmp_path / " ").exists(), r.output
