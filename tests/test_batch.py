@@ -2468,3 +2468,42 @@ def test_a_blank_log_file_name_is_refused(runner, tiny_unet, tmp_path: Path, mon
     monkeypatch.setenv("GEOSEG_BATCH_LOG_FILE", " ")
     r = run_cli(runner, tiny_unet, [arch], tmp_path / "out")
     assert r.exit_code == 1 and "has a blank name" in r.output and not (tmp_path / " ").exists(), r.output
+
+
+def test_an_unchanged_mosaic_is_not_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run opened every done mask again to rebuild the mosaic (about 2.5 ms a mask: 4 minutes a night for
+    100,000), also when nothing had run. The same masks (names, sizes, times) and classes leave it standing; a
+    mask redone, added, or a mosaic file removed rebuilds it."""
+    import geoseg.mosaic as gm
+
+    out = tmp_path / "out"
+    out.mkdir()
+    state = out / ".geoseg"
+    state.mkdir()
+    a = _mask(out / "a_landcover.tif", SEVEN)
+    b = _mask(out / "b_landcover.tif", SEVEN, x0=500300.0)
+    opened: list[str] = []
+    real = gm.rasterio.open
+
+    def counted(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(gm.rasterio, "open", counted)
+    first = gm.write_mosaics(out, [a, b], [], state_dir=state)
+    assert sorted(opened) == ["a_landcover.tif", "b_landcover.tif"]
+    opened.clear()
+    assert gm.write_mosaics(out, [a, b], [], state_dir=state) == first and opened == []  # nothing changed
+    os.utime(b, ns=(time.time_ns(), time.time_ns() + 10**9))  # b redone
+    gm.write_mosaics(out, [a, b], [], state_dir=state)
+    assert sorted(opened) == ["a_landcover.tif", "b_landcover.tif"]
+    opened.clear()
+    (out / "landcover.qml").unlink()  # a mosaic file removed by hand
+    gm.write_mosaics(out, [a, b], [], state_dir=state)
+    assert opened and (out / "landcover.qml").exists()
+    opened.clear()
+    c = _mask(out / "c_landcover.tif", SEVEN, x0=500600.0)  # a new scene
+    opened.clear()  # (rasterio.open is the one patched: writing c counted)
+    gm.write_mosaics(out, [a, b, c], [], state_dir=state)
+    assert sorted(opened) == ["a_landcover.tif", "b_landcover.tif", "c_landcover.tif"]
+    assert _vrt_sources(out / "landcover.vrt") == ["a_landcover.tif", "b_landcover.tif", "c_landcover.tif"]
