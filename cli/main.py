@@ -27,7 +27,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import click
 
 from geoseg import __version__
-from geoseg.errors import BatchLockedError, GeosegError, GeosegWarning, forget_stop, note_stop, noted_stop
+from geoseg.errors import BatchLockedError, GeosegError, GeosegWarning, forget_stop, note_stop, noted_stop, stop_signals
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -342,7 +342,7 @@ def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
     import signal
     import threading
 
-    _HELD = {signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])}
+    held = set(stop_signals())
     forget_stop()  # (one a command before this one in the process noted)
     ctx.call_on_close(forget_stop)  # (the process may go on: an application calling the CLI)
     block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
@@ -358,7 +358,7 @@ def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
             # geoseg's handler is set, a signal held back reaches it (a clean exit 143). SIGINT too: a
             # Ctrl-C inside paddle's import came out as "PaddlePaddle is not installed" (exit 1); held
             # back, it ends the command as one at any other moment (exit 130).
-            signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
         if ctx.invoked_subcommand in _PADDLE_COMMANDS and not {"-h", "--help"} & set(ctx.args):
             _import_paddle_first()
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -371,7 +371,7 @@ def _stop_cleanly_on_sigterm(ctx: click.Context) -> None:
             ctx.call_on_close(lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     finally:
         if block:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:

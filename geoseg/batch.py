@@ -1933,14 +1933,13 @@ def _run_scenes(
         _record(manifest, o, fingerprints[o.key], model_key, params_json, out)
         finish(o)
 
-    workers: dict[str, int] = {}
     if todo:
         # A crash from here on re-runs these scenes, whatever their old entries said.
         running = {sc.key: _running_entry(manifest, sc, fingerprints[sc.key], model_key, params_json, crashes[sc.key])
                    for sc, _ in todo}
         manifest.put(*running.values())
         if client is not None or batch.scheduler or batch.workers:
-            workers = _run_dask(todo, out, model, options, batch, client, record_and_finish)
+            _run_dask(todo, out, model, options, batch, client, record_and_finish)
         else:
             def mark(key: str, status: str) -> None:
                 if status != STARTED and (now := manifest.get(key)) is not None and now.status != STARTED:
@@ -1952,7 +1951,8 @@ def _run_scenes(
     if batch.mosaic:
         _write_mosaic(out, manifest, source.card.classes)
     ordered = [outcomes[sc.key] for sc in scenes if sc.key in outcomes]
-    return BatchResult(out_dir=out, scenes=ordered, seconds=time.perf_counter() - t0, workers=workers)
+    return BatchResult(out_dir=out, scenes=ordered, seconds=time.perf_counter() - t0,
+                       workers=_worker_loads(ordered))
 
 
 def _write_stopped_report(exc: BaseException, scenes: list[Scene], outcomes: dict[str, SceneOutcome], out: Path,
@@ -1970,14 +1970,10 @@ def _write_stopped_report(exc: BaseException, scenes: list[Scene], outcomes: dic
         why, status = str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 1
     else:
         why, status = f"unexpected error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1
-    loads: dict[str, int] = {}  # (the Dask workers' model loads, as a run that goes through reports them)
-    for o in outcomes.values():
-        if o.worker:
-            loads[o.worker] = max(loads.get(o.worker, 0), o.model_loads)
     result = BatchResult(
         out_dir=out, scenes=[outcomes[sc.key] for sc in scenes if sc.key in outcomes],
         seconds=time.perf_counter() - t0, stopped=why, stop_status=status,
-        not_finished=[sc.key for sc in scenes if sc.key not in outcomes], workers=loads,
+        not_finished=[sc.key for sc in scenes if sc.key not in outcomes], workers=_worker_loads(outcomes.values()),
     )
     try:
         write_report(result, path)
@@ -1985,6 +1981,15 @@ def _write_stopped_report(exc: BaseException, scenes: list[Scene], outcomes: dic
         log.warning("warning: the report of the stopped run was not written to %s: %s", path, err)
     except KeyboardInterrupt:  # a second Ctrl-C while writing it: stop now
         pass
+
+
+def _worker_loads(outcomes: Iterable[SceneOutcome]) -> dict[str, int]:
+    """Each Dask worker that ran a scene → the models it had loaded by then (its most)."""
+    loads: dict[str, int] = {}
+    for o in outcomes:
+        if o.worker:
+            loads[o.worker] = max(loads.get(o.worker, 0), o.model_loads)
+    return loads
 
 
 def _write_mosaic(out: Path, manifest: Manifest, classes: Any) -> None:
@@ -2294,13 +2299,14 @@ def _watch_workers(client: Any, resources: dict[str, float], where: str, since: 
 def _run_dask(
     todo: list[tuple[Scene, str]], out: Path, model: BatchModel, options: Any, batch: BatchOptions, client: Any,
     finish: Callable[[SceneOutcome, str], None], own_cluster: bool = False,
-) -> dict[str, int]:
+) -> None:
     if client is None:
         if batch.workers and model.threads is None:
             # Worker processes share this machine's cores.
             model = dataclasses.replace(model, threads=max(1, (os.cpu_count() or 1) // batch.workers))
         with dask_client(batch) as c:  # a LocalCluster of batch's own unless --scheduler names one
-            return _run_dask(todo, out, model, options, batch, c, finish, own_cluster=not batch.scheduler)
+            _run_dask(todo, out, model, options, batch, c, finish, own_cluster=not batch.scheduler)
+            return
 
     where = getattr(client.scheduler, "address", None) or "the Dask scheduler"
     if own_cluster and batch.workers > 1 and model.device in ("auto", "gpu") and 0 < (gpus := gpu_count()) < batch.workers:
@@ -2319,9 +2325,8 @@ def _run_dask(
     opts = dataclasses.replace(options, progress=False)
     reasons = {sc.key: reason for sc, reason in todo}
     scenes = {sc.key: sc for sc, _ in todo}
-    loads: dict[str, int] = {}
     try:
-        killed = _run_tasks(list(scenes.values()), out, opts, name, batch, client, where, reasons, finish, loads,
+        killed = _run_tasks(list(scenes.values()), out, opts, name, batch, client, where, reasons, finish,
                             retry_killed=True)
         if killed:
             # Dask fails every task that was on a worker each time one dies under it (allowed-failures): the
@@ -2329,11 +2334,10 @@ def _run_dask(
             # fails again.
             log.info("%d scene(s) were on Dask workers that died: running them again, one at a time", len(killed))
         for key in killed:
-            _run_tasks([scenes[key]], out, opts, name, batch, client, where, reasons, finish, loads, retry_killed=False)
+            _run_tasks([scenes[key]], out, opts, name, batch, client, where, reasons, finish, retry_killed=False)
     finally:
         with contextlib.suppress(Exception):
             client.unregister_worker_plugin(name)  # (this run's own: another run's plugin is left alone)
-    return loads
 
 
 def _killed_worker(exc: BaseException) -> bool:
@@ -2343,7 +2347,7 @@ def _killed_worker(exc: BaseException) -> bool:
 
 def _run_tasks(
     todo: list[Scene], out: Path, opts: Any, name: str, batch: BatchOptions, client: Any, where: str,
-    reasons: dict[str, str], finish: Callable[[SceneOutcome, str], None], loads: dict[str, int], retry_killed: bool,
+    reasons: dict[str, str], finish: Callable[[SceneOutcome, str], None], retry_killed: bool,
 ) -> list[str]:
     """Submit one task per scene of ``todo`` and finish each as its result comes back; return the keys of
     the scenes that failed with ``KilledWorker`` when ``retry_killed`` (not finished: to run again)."""
@@ -2403,8 +2407,6 @@ def _run_tasks(
                 fut.release()
                 if key in killed:
                     continue
-                if o.worker:
-                    loads[o.worker] = max(loads.get(o.worker, 0), o.model_loads)
                 if o.fatal:
                     raise ModelError(f"the model failed on the worker {o.worker} ({o.key}): {o.error}")
                 if o.no_room:

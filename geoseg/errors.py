@@ -179,6 +179,13 @@ def forget_stop() -> None:
     _STOPS.clear()
 
 
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop a command cleanly: SIGINT (Ctrl-C), SIGTERM and, where there is one, SIGHUP."""
+    import signal
+
+    return (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Run the block with SIGINT's, SIGTERM's and SIGHUP's Python handlers held back: a signal that comes meanwhile
@@ -193,7 +200,7 @@ def signals_deferred() -> Iterator[None]:
         return
     came: list[tuple[int, Any]] = []
     kept: dict[int, Any] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
+    for sig in stop_signals():
         handler = signal.getsignal(sig)
         if callable(handler):  # (SIG_DFL, SIG_IGN: the system's, nothing raised in Python)
             kept[sig] = handler

@@ -1135,7 +1135,7 @@ class GeoAreas:
 MAP_AREA_TOLERANCE = 1.05
 
 
-def _geodetic(crs: Any) -> tuple[Any, Any] | None:
+def geodetic_of(crs: Any) -> tuple[Any, Any] | None:
     """``(to_geodetic, geod)`` of a projected CRS: a pyproj transformer from map coordinates to longitudes
     and latitudes (degrees) of its geodetic CRS, and that CRS's ellipsoid; None where pyproj cannot make them."""
     try:
@@ -1166,7 +1166,7 @@ def _ground_areas(crs: Any, t: Any, cols: np.ndarray, rows: np.ndarray) -> np.nd
     Not the projection's ``areal_scale``: Web Mercator's is the sphere's, 0.2 % off the ellipsoid's. NaN for
     a pixel off the projection's domain (the corners of a full-disk geostationary grid); None where pyproj
     cannot take the CRS."""
-    made = _geodetic(crs)
+    made = geodetic_of(crs)
     if made is None:
         return None
     to_geo, geod = made
@@ -1210,19 +1210,9 @@ def _map_m2(crs: Any, transform: Any) -> float:
     return abs(transform.determinant) * metres * metres
 
 
-def map_area_ratio(crs: Any, transform: Any, width: int, height: int) -> float | None:
-    """A projected grid's areas in map units (as m²) over ground (ellipsoidal) areas at the grid's centre:
-    about 1 on UTM or a national grid, 1/cos²(latitude) on Web Mercator. None on a geographic CRS (areas
-    are geodesic there already), without a CRS, or where it cannot be computed."""
-    if crs is None or crs.is_geographic:
-        return None
-    area = _ground_areas(crs, transform, np.array([width / 2]), np.array([height / 2]))
-    return None if area is None or not np.isfinite(area[0]) else _map_m2(crs, transform) / float(area[0])
-
-
 def _centre_degrees(crs: Any, transform: Any, width: int, height: int) -> tuple[float, float] | None:
     """The grid's centre as whole degrees of longitude and latitude (a cache key), or None."""
-    made = _geodetic(crs)
+    made = geodetic_of(crs)
     if made is None:
         return None
     try:
@@ -1408,6 +1398,7 @@ __all__ = [
     "georeferencing",
     "degrees_per_unit",
     "geodesic",
+    "geodetic_of",
     "GeoAreas",
     "ProjectedAreas",
     "has_mask_band",

@@ -87,6 +87,7 @@ from geoseg.io import (
     degrees_per_unit,
     distorts_areas,
     geodesic,
+    geodetic_of,
     ground_pixel_area,
     has_mask_band,
 )
@@ -880,10 +881,9 @@ def _measure(geoms: np.ndarray, crs: CRS, step: float | None = None, ground: boo
     are measured in pieces of at most ``step`` map units (a pixel), along which the two agree.
     """
     if ground and not crs.is_geographic:
-        import pyproj
-
-        src = pyproj.CRS.from_wkt(crs.to_wkt())
-        to_geo = pyproj.Transformer.from_crs(src, src.geodetic_crs, always_xy=True)
+        made = geodetic_of(crs)
+        assert made is not None  # (ground: distorts_areas measured the grid with it)
+        to_geo = made[0]
         if step:
             geoms = shapely.segmentize(geoms, step)
         geoms = shapely.transform(geoms, lambda xy: np.column_stack(to_geo.transform(xy[:, 0], xy[:, 1])))
