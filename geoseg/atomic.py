@@ -308,7 +308,7 @@ def atomic_output(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         if not tmp.exists():
             raise OutputError(f"nothing was written to {path}")
         fsync_file(tmp)  # the data on disk before the name: a power cut never leaves a short file
-        _mode_as_created(tmp)
+        mode_as_created(tmp)
         os.replace(tmp, path)
         fsync_folder(path.parent if str(path.parent) else Path("."))  # the rename itself
     except BaseException:
@@ -332,7 +332,7 @@ def _umask() -> int | None:
     return None
 
 
-def _mode_as_created(path: Path) -> None:
+def mode_as_created(path: Path) -> None:
     """Give an output at least the mode a file the user creates gets (0666 less the umask): SQLite creates its files
     0644 whatever the umask, so a GeoPackage in a group's shared folder (umask 002) was the only output
     the group could not edit."""

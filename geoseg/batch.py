@@ -71,6 +71,7 @@ from geoseg.atomic import (
     file_above,
     file_size_limit,
     is_utf8,
+    mode_as_created,
     no_space_reason,
     printable,
     temp_name,
@@ -688,7 +689,7 @@ class BatchLock:
             OSError: the lock file cannot be created or opened.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # (less the umask: a group's run may take it too)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -945,6 +946,10 @@ class Manifest:
                 self._db.execute("ALTER TABLE scenes ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        # SQLite makes its files 0644 whatever the umask (the WAL and shared-memory files it makes later take
+        # the database's mode): under umask 002 another member of the group could not run batch on the folder
+        for side in ("", "-wal", "-shm"):
+            mode_as_created(Path(f"{self.path}{side}"))
 
     def get(self, key: str) -> ManifestEntry | None:
         """The entry of ``key`` or None."""

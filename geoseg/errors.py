@@ -236,7 +236,35 @@ def require_paddle() -> object:
         return paddle
 
 
+#: The most OpenMP threads ``OMP_NUM_THREADS`` may ask for (or 64 per CPU core, where more). Paddle's
+#: OpenMP runtime sizes per-thread state by it when paddle loads: 10,000,000 was killed for memory, 2**31-1
+#: crashed it (SIGSEGV) in the predictor's creation, with a C++ dump and no word on why.
+OMP_THREADS_MAX = 4096
+
+
+def check_omp_threads() -> None:
+    """Refuse an ``OMP_NUM_THREADS`` past :data:`OMP_THREADS_MAX` before paddle loads, in one line.
+
+    (Values that are not numbers are left to the OpenMP runtime, which says so and uses its default.)
+
+    Raises:
+        ParameterError: its first value is a number of threads no machine here can run.
+    """
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    try:
+        asked = int(value.split(",")[0])  # ("4,2": threads per nesting level, outermost first)
+    except ValueError:
+        return
+    cores = os.cpu_count() or 1
+    most = max(OMP_THREADS_MAX, 64 * cores)
+    if asked > most:
+        raise ParameterError(
+            f"OMP_NUM_THREADS={value} asks for more threads than this machine can run ({cores} CPU cores; past "
+            f"{most:,} PaddlePaddle runs out of memory or crashes): set it to {cores} or fewer, or unset it")
+
+
 def _import_paddle() -> Any:
+    check_omp_threads()  # (read by paddle's OpenMP runtime as it loads)
     kept = _ProcessState()
     # Paddle's C++ log (glog) writes "W1130 ..." lines straight to stderr ("PIR not support input out
     # tensor" on every export): errors only unless the user set it; read when paddle is first imported

@@ -2507,3 +2507,25 @@ def test_an_unchanged_mosaic_is_not_rebuilt(tmp_path: Path, monkeypatch: pytest.
     gm.write_mosaics(out, [a, b, c], [], state_dir=state)
     assert sorted(opened) == ["a_landcover.tif", "b_landcover.tif", "c_landcover.tif"]
     assert _vrt_sources(out / "landcover.vrt") == ["a_landcover.tif", "b_landcover.tif", "c_landcover.tif"]
+
+
+def test_the_manifest_and_lock_take_the_mode_the_umask_gives(tmp_path: Path) -> None:
+    """SQLite makes its files 0644 and the lock was made 0644, whatever the umask: under umask 002 (an
+    archive's group) a second member of the group could not run batch on the same output folder."""
+    import stat
+
+    from geoseg.batch import BatchLock, Manifest, ManifestEntry
+
+    old = os.umask(0o002)
+    try:
+        with BatchLock(tmp_path):
+            m = Manifest(tmp_path)
+            m.put(ManifestEntry(key="a", input="a.tif", size=1, mtime_ns=1, head_hash="h", model="m", params="p",
+                                status="done", outputs=[]))
+            state = m.path.parent
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()}
+            m.close()
+    finally:
+        os.umask(old)
+    assert {"lock", "manifest.sqlite", "manifest.sqlite-wal", "manifest.sqlite-shm"} <= set(modes), modes
+    assert set(modes.values()) == {0o664}, modes

@@ -1723,3 +1723,30 @@ def test_a_container_s_memory_limit_and_ulimit_v_are_the_limits(tmp_path: Path, 
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(
         "Error: this process may map only 1,400 MB of address space (ulimit -v)"), r.stderr
+
+
+def test_an_absurd_omp_num_threads_is_refused_before_paddle_loads(tmp_path: Path) -> None:
+    """`OMP_NUM_THREADS=99999999999` crashed the predictor's creation (SIGSEGV and a C++ dump, exit 139);
+    10,000,000 was killed for memory. One line, before paddle loads; ordinary values pass."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import SAMPLE_DATA
+
+    from geoseg.errors import OMP_THREADS_MAX, check_omp_threads
+
+    env = {**os.environ, "OMP_NUM_THREADS": "99999999999"}
+    r = subprocess.run([sys.executable, "-c", "from geoseg_cli import main; main()", "predict",
+                        str(SAMPLE_DATA / "nc_landsat7" / "image_6band_uint8.tif"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: OMP_NUM_THREADS=99999999999 asks for more threads than this machine can run ({os.cpu_count()} CPU "
+        f"cores; past {max(OMP_THREADS_MAX, 64 * (os.cpu_count() or 1)):,} PaddlePaddle runs out of memory or "
+        f"crashes): set it to {os.cpu_count()} or fewer, or unset it"), r.stderr
+    assert not (tmp_path / "o").exists()
+    for fine in ("1", "64", "4,2", "abc", ""):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OMP_NUM_THREADS", fine)
+            check_omp_threads()
