@@ -34,6 +34,13 @@ def main() -> None:
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
 
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        # a latin-1 or cp1252 stdout (a locale's, PYTHONIOENCODING's) took a class, model or scene name it cannot
+        # encode for "unexpected error: UnicodeEncodeError", losing evaluate's whole table: escaped, as on stderr
+        try:
+            sys.stdout.reconfigure(errors="backslashreplace")
+        except (OSError, ValueError):
+            pass
     try:  # before the imports: without a working folder some fail (Python 3.13's socket, paddle's)
         os.getcwd()
     except OSError:

@@ -37,7 +37,7 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
 input_arg = click.argument("input", type=click.Path(), callback=_existing_file)
 
 out_opt = click.option(
-    "-o", "--out", "out", type=click.Path(path_type=Path), default=None,
+    "-o", "--out", "out", type=click.Path(), default=None,  # (a str: a trailing '/' says "a folder")
     help="Output folder (created if its parent exists) or .tif file name. Default: beside the input.",
 )
 model_opt = click.option(

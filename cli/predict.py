@@ -22,7 +22,7 @@ from geoseg_cli import options as o
 @o.overwrite_opt
 @click.pass_context
 def predict(
-    ctx: click.Context, input: Path, out: Path | None, model: str | None, weights: Path | None, card: Path | None,
+    ctx: click.Context, input: Path, out: str | None, model: str | None, weights: Path | None, card: Path | None,
     classes: str | None, overwrite: bool, **predict_opts: Any,
 ) -> None:
     """Segment INPUT (a GeoTIFF of any size) into <stem>_landcover.tif.

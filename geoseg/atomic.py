@@ -32,20 +32,6 @@ TMP_SUFFIX = ".tmp"
 TMP_PREFIX = ".geoseg-"
 
 
-def check_vector_output(path: str | Path) -> None:
-    """Refuse a vector output (written with pyogrio) in a folder whose path holds '!': pyogrio reads a
-    path as a URI and '!' as an archive's member, so the file landed elsewhere. (A ';' or '!' in the
-    file's own name is left out of its temp name, see :func:`temp_name`; a ';' in a folder is harmless.)
-
-    Raises:
-        OutputError: naming the folder.
-    """
-    folder = str(Path(path).parent)
-    if "!" in folder:
-        raise OutputError(f"output folder {folder} holds '!', which the vector writer takes for an archive's member: "
-                          "choose another folder")
-
-
 def printable(text: str) -> str:
     """``text`` as UTF-8 can hold it: the bytes of a name that is not valid UTF-8 (which Python keeps as
     surrogate escapes, ``caf\\udce9.tif``) as ``\\xe9`` (``caf\\xe9.tif``), for messages, logs and reports."""
@@ -72,27 +58,64 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
     if not is_utf8(str(path)):  # (rasterio failed on it with "unexpected error: UnicodeEncodeError")
         raise OutputError(f"output {printable(str(path))}: the name is not valid UTF-8 (GDAL takes UTF-8 names only): "
                           "choose another name or --out")
-    if any(ord(c) < 32 or c == "\x7f" for c in path.name):
+    if any(ord(c) < 32 or c == "\x7f" for c in str(path)):  # (also a folder's: GDAL drops them from its paths)
         # GDAL drops them from the names it creates: the GeoPackage landed under another name, its style
         # then failed ("no such table: gpkg_contents") and a temp file was left behind
-        raise OutputError(f"output {path.name!r} holds a control character (a tab, a newline): give a name "
-                          "without one (for a batch scene: rename the input)")
+        raise OutputError(f"output {str(path)!r} holds a control character (a tab, a newline): give a name and "
+                          "folder without one (for a batch scene: rename the input)")
     limit = name_max(path.parent if str(path.parent) and path.parent.is_dir() else ".")
     if len(os.fsencode(path.name)) > limit:  # (it failed as "unexpected error: OSError: [Errno 36]")
         raise OutputError(f"output name {path.name[:40]}... is too long for its file system ({len(os.fsencode(path.name))} "
                           f"bytes, at most {limit}): give a shorter name (--out NAME.tif), or rename the input")
     if path.is_dir():
         raise OutputError(f"output {path} is a folder: give a file name")
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # (also a link to nothing: it was replaced without a word)
         raise OutputExistsError(f"output {path} already exists: pass --overwrite to replace it")
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise OutputError(f"output folder {parent} is a file, not a folder: choose another --out")
     if not parent.is_dir():
+        above = file_above(parent)
+        if above is not None:  # ("create it first": it cannot be)
+            raise OutputError(f"output {path}: {above} is a file, not a folder: choose another --out")
         raise OutputError(f"output folder {parent} does not exist: create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {parent} is not writable: choose another --out")
+    check_path_length(path)
     return path
+
+
+#: The longest path SQLite opens, in bytes (its ``MAX_PATHNAME``), less its ``-journal`` suffix: Python's
+#: ``sqlite3`` (geoseg's GeoPackage style table, batch's manifest) fails past it with "unable to open
+#: database file", also through a symbolic link (SQLite resolves links).
+SQLITE_PATH_MAX = 512 - len("-journal")
+
+
+def check_path_length(path: str | Path) -> None:
+    """Refuse an output whose path, with geoseg's temp names, is longer than the file system takes (``PATH_MAX``),
+    or, for a GeoPackage, longer than SQLite opens (:data:`SQLITE_PATH_MAX`): one line before any work. The
+    GeoPackage's polygons were written and its style then failed ("unable to open database file"), after the
+    mask had been published; past ``PATH_MAX`` the error was "unexpected error: OSError: [Errno 36]".
+
+    Raises:
+        OutputError: naming the limit and the length.
+    """
+    path = Path(path).absolute()
+    work = temp_name(path)
+    longest = len(os.fsencode(str(work))) + DERIVED_NAME_BYTES
+    limit = 4096
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        limit = int(os.pathconf(path.parent, "PC_PATH_MAX")) or limit
+    if longest > limit:
+        raise OutputError(f"output {printable(str(path))[:60]}...: its path is too long for its file system ({longest:,} "
+                          f"bytes with geoseg's temp names, at most {limit:,}): choose a shorter --out")
+    if path.suffix.lower() == ".gpkg":
+        staged = len(os.fsencode(str(work))) + len(".gpkg")  # (see staged_as)
+        if staged > SQLITE_PATH_MAX:
+            raise OutputError(
+                f"output {printable(str(path))[:60]}...: its path is too long for a GeoPackage (SQLite opens at most "
+                f"{SQLITE_PATH_MAX} bytes; {staged} with geoseg's temp name): choose a shorter --out, or write the "
+                "polygons as FlatGeobuf (.fgb; predict and batch: --vector fgb)")
 
 
 def file_above(folder: str | Path) -> Path | None:

@@ -36,6 +36,7 @@ Units: seconds (wall clock), megapixels (10⁶ scene pixels), sizes in bytes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -73,6 +74,7 @@ from geoseg.atomic import (
     is_utf8,
     mode_as_created,
     no_space_reason,
+    SQLITE_PATH_MAX,
     printable,
     temp_name,
     too_large,
@@ -147,7 +149,10 @@ class Scene:
 def _list_file_entries(list_path: Path) -> list[Path]:
     """Paths from an ``@list.txt`` (one per line, ``#`` comments; relative to the list's folder)."""
     try:
-        text = list_path.read_text()
+        # UTF-8 whatever the locale (an ASCII one failed on "unexpected error: UnicodeDecodeError"), without the
+        # byte-order mark Windows editors write (the first scene's name began with it: "cannot be read"); bytes
+        # that are not UTF-8 are kept, and the scene fails alone (see _bad_name)
+        text = list_path.read_text(encoding="utf-8-sig", errors="surrogateescape")
     except OSError as exc:
         raise ParameterError(f"cannot read input list {list_path}: {exc.strerror}: check the @file path") from None
     out = []
@@ -169,6 +174,12 @@ def _bad_name(path: Path) -> str | None:
     what = "its name" if part == path.name else f"the name of its folder {printable(part)}"
     return (f"input {printable(str(path))}: {what} is not valid UTF-8 (batch keeps names as UTF-8 in its manifest, "
             "report and log): rename it")
+
+
+def _controls_escaped(text: str) -> str:
+    """``text`` with its control characters (a tab, a newline) written as ``\\x09``, ``\\x0a``: a scene's key
+    on one line (a dry run's ``run|skip<TAB>scene<TAB>reason``, the log, the report)."""
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or c == "\x7f" else c for c in text)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -230,6 +241,13 @@ def discover_scenes(
         if bad is not None:  # fails alone: SQLite, the report and the log take UTF-8 names only
             scenes.append(Scene(path=p.absolute(), key=printable(key), out_dir=printable(rel_dir.as_posix()),
                                 conflict=bad, refusal="name not UTF-8"))
+            return
+        if _controls_escaped(key) != key:  # GDAL drops them from the names it writes: the polygons failed,
+            shown = _controls_escaped(key)  # the mask landed (and the dry run's line broke in two)
+            scenes.append(Scene(path=p.absolute(), key=shown, out_dir=_controls_escaped(rel_dir.as_posix()),
+                                conflict=f"input {shown}: its name or its folder's holds a control character (a tab, "
+                                "a newline), which GDAL drops from the names it writes: rename it",
+                                refusal="name with a control character"))
             return
         scenes.append(Scene(path=p.absolute(), key=key, out_dir=rel_dir.as_posix()))
 
@@ -414,7 +432,9 @@ def quick_hash(path: str | Path, nbytes: int = QUICK_HASH_BYTES) -> str:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)})", str(path))
+            from geoseg.io import file_kind
+
+            raise OSError(errno.EINVAL, f"not a regular file ({file_kind(st.st_mode)})", str(path))
         if hasattr(os, "O_NONBLOCK"):
             os.set_blocking(fd, True)
     except BaseException:
@@ -428,16 +448,6 @@ def quick_hash(path: str | Path, nbytes: int = QUICK_HASH_BYTES) -> str:
             f.seek(max(nbytes, size - nbytes))
             h.update(f.read(nbytes))
     return h.hexdigest()[:32]
-
-
-def _file_kind(mode: int) -> str:
-    """What a file that is not a regular one is, in words (``a FIFO (named pipe)``, ...)."""
-    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return kind
-    return "a special file"
 
 
 def vrt_sources(path: str | Path) -> list[Path]:
@@ -573,7 +583,9 @@ def input_fingerprint(path: str | Path) -> dict[str, Any]:
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
-            raise SceneReadError(f"input {path} is not a regular file but {_file_kind(st.st_mode)}: batch reads "
+            from geoseg.io import file_kind
+
+            raise SceneReadError(f"input {path} is not a regular file but {file_kind(st.st_mode)}: batch reads "
                                  "files only; move it out of the input folder or change --pattern")
         head = quick_hash(path)
         if str(path).lower().endswith(".vrt"):
@@ -622,11 +634,14 @@ class BatchModel:
         return resolve_model(self.model, self.weights, self.card, self.classes)
 
     def key(self) -> str:
-        """Model card digest + weights digest (file, exported params): what the manifest compares."""
+        """What the manifest compares: ``<card's output digest>-<weights digest>/<whole card's digest>``. The
+        card's output digest leaves out what changes no output (its description, recorded test figures: they
+        redid every scene of an archive); the whole card's digest after ``/`` lets a manifest written before
+        (``<whole card's digest>-<weights digest>``) be read as the same model (:func:`same_model`)."""
         from geoseg.engine import weights_digest
 
         src = self.source()
-        return f"{src.card.digest()}-{weights_digest(src)}"
+        return f"{src.card.output_digest()}-{weights_digest(src)}/{src.card.digest()}"
 
     def build(self) -> tuple[Callable[..., Any], str, Any]:
         """Load the model: ``(predictor, description, source)``.  The expensive step."""
@@ -690,6 +705,7 @@ class BatchLock:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # (less the umask: a group's run may take it too)
+        mode_as_created(self.path)  # (one made 0644 by geoseg before session 29)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -906,6 +922,7 @@ class Manifest:
                 have = {r[1] for r in db.execute("PRAGMA table_info(scenes)")}
                 self._columns = tuple(c for c in self.COLUMNS if c in have)
             return
+        _check_manifest_path(self.out_dir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._open()
@@ -1080,11 +1097,25 @@ def why_run(
     return outputs_intact(out_dir, entry.outputs)
 
 
+def same_model(recorded: str, model_key: str) -> bool:
+    """Whether the manifest's ``recorded`` model key is the model of ``model_key`` (:meth:`BatchModel.key`): the
+    same card output digest and weights, or, recorded before session 29 (``<whole card's digest>-<weights>``), the
+    same whole card and weights."""
+    if recorded == model_key:
+        return True
+    ours, _, whole = model_key.partition("/")
+    theirs, _, their_whole = recorded.partition("/")
+    if their_whole:
+        return theirs == ours
+    weights = ours.partition("-")[2]
+    return bool(whole) and recorded == f"{whole}-{weights}"
+
+
 def _changed(entry: ManifestEntry, fp: dict[str, Any], model_key: str, params_json: str) -> str | None:
     """What changed since the scene's entry was written (its input, the model, the parameters), or None."""
     if (entry.size, entry.mtime_ns, _adopted(entry, fp)) != (fp["size"], fp["mtime_ns"], fp["head_hash"]):
         return "input changed"
-    if entry.model != model_key:
+    if not same_model(entry.model, model_key):
         return "model changed"
     if entry.params != params_json:
         return "parameters changed"
@@ -1762,8 +1793,18 @@ def _remove_temp_files(out: Path, said: str, stuck: set[Path]) -> None:
         log.info(said, len(removed))
 
 
+def _check_manifest_path(out: Path) -> None:
+    """Refuse an output folder whose manifest's path is longer than SQLite opens (it failed as "unexpected error:
+    OperationalError: unable to open database file")."""
+    if len(os.fsencode(str((out / STATE_DIR / MANIFEST_NAME).absolute()))) > SQLITE_PATH_MAX:
+        raise OutputError(f"output folder {printable(str(out))[:60]}...: its path is too long for the batch manifest "
+                          f"{STATE_DIR}/{MANIFEST_NAME} (SQLite opens at most {SQLITE_PATH_MAX} bytes): choose a "
+                          "shorter --out")
+
+
 def _check_out_dir(out: Path, dry_run: bool) -> None:
     """Refuse an output folder that cannot be one, before any work (one line, not a traceback)."""
+    _check_manifest_path(out)
     if out.exists() and not out.is_dir():
         raise ParameterError(f"--out {out} is a file, not a folder: give a folder for batch outputs")
     above = file_above(out)
@@ -1926,11 +1967,14 @@ def _run_scenes(
     clashes = sum(sc.conflict is not None and sc.refusal == "name clash" for sc in scenes)
     bad_names = sum(sc.conflict is not None for sc in scenes) - clashes
     held = sum(o.reason == CRASHED_REASON for o in outcomes.values())
-    log.info("%d scene(s): %d to run, %d skipped, %d unreadable%s%s%s", n, len(todo),
+    why = collections.Counter("an output missing or changed" if r.startswith("output ") else r for _, r in todo)
+    log.info("%d scene(s): %d to run%s, %d skipped, %d unreadable%s%s%s", n, len(todo),
+             # (why: a night that redoes an archive says so in its log, not only in a dry run or the report)
+             f" ({', '.join(f'{k} {r}' for r, k in why.most_common())})" if todo else "",
              sum(o.status == "skipped" for o in outcomes.values()),
              sum(o.status == "failed" for o in outcomes.values()) - clashes - bad_names - held,
              f", {clashes} with clashing output names" if clashes else "",
-             f", {bad_names} with names that are not UTF-8" if bad_names else "",
+             f", {bad_names} with names geoseg cannot write (not UTF-8, or a tab or newline)" if bad_names else "",
              f", {held} held back (they crashed the process running them)" if held else "")
 
     def record_and_finish(o: SceneOutcome, reason: str) -> None:

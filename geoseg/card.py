@@ -264,7 +264,7 @@ class ModelCard:
 
     def to_yaml(self) -> str:
         """YAML text of the card."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, allow_unicode=True)
 
     def save(self, path: str | Path) -> Path:
         """Write the card to ``path`` atomically (temp file + rename)."""
@@ -289,6 +289,17 @@ class ModelCard:
     def digest(self) -> str:
         """Stable short hash of the card's content (for caches and manifests)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    #: Card fields that change no output: words for people, figures recorded after training (``evaluate
+    #: --record-card``), and the training pixel size (a warning's).
+    NOT_IN_OUTPUTS = ("description", "metrics", "training", "pixel_size")
+
+    def output_digest(self) -> str:
+        """Stable short hash of what in the card shapes predict's outputs (:data:`NOT_IN_OUTPUTS` left out):
+        batch's manifest compares it, so that test figures recorded in a card, or a new description, do not
+        redo an archive."""
+        kept = {k: v for k, v in self.to_dict().items() if k not in self.NOT_IN_OUTPUTS}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def model_kwargs(params: Mapping[str, Any], in_channels: int, num_classes: int,

@@ -35,7 +35,7 @@ import rasterio
 from rasterio.windows import Window
 
 from geoseg.aoi import load_aoi
-from geoseg.atomic import check_output, check_vector_output, remove_leftovers, temp_name
+from geoseg.atomic import check_output, file_above, remove_leftovers, temp_name
 from geoseg.blending import BlendMode, StripMerger
 from geoseg.card import ModelCard
 from geoseg.config import checked_arguments, is_whole_number, options_of, plain
@@ -710,30 +710,39 @@ class PredictResult:
 def output_paths(input_path: Path, out: str | Path | None) -> tuple[Path, Path]:
     """``(mask, confidence)`` paths: ``<out>/<stem>_landcover.tif`` or the given .tif name."""
     stem = input_path.stem
+    if input_path.suffix.lower() in (".gz", ".bz2", ".xz", ".zst") and Path(stem).suffix.lower() in (".tif", ".tiff"):
+        stem = Path(stem).stem  # (/vsigzip/a.tif.gz: a_landcover.tif, not a.tif_landcover.tif)
     if out is None:
         # beside the input; an input inside an archive or object storage: the current folder
         folder = Path.cwd() if is_virtual(input_path) else input_path.parent
         mask = folder / f"{stem}_landcover.tif"
     else:
+        # a folder that exists, or a name ending in '/', is a folder whatever its name ends in (an archive's
+        # subfolder 'dir.tif' failed each of its scenes: "output .../dir.tif is a folder: give a file name")
+        folder_named = isinstance(out, str) and out.endswith(("/", os.sep))
         out = Path(out)
-        if out.suffix.lower() in (".tif", ".tiff"):
+        if out.suffix.lower() in (".tif", ".tiff") and not (folder_named or out.is_dir()):
             mask = out
         else:
             if out.exists():
                 if not out.is_dir():
                     raise ParameterError(f"--out {out} is a file, not a folder: give a folder or the mask's .tif name")
-            elif out.suffix.lower() in VECTOR_EXTENSIONS.values():
+            elif out.suffix.lower() in VECTOR_EXTENSIONS.values() and not folder_named:
                 raise ParameterError(f"--out {out}: give a folder or the mask's .tif name; the polygons are written "
                                      f"beside the mask (their format: --vector {out.suffix.lower()[1:]})")
-            elif out.suffix.lower() in RASTER_SUFFIXES:
+            elif out.suffix.lower() in RASTER_SUFFIXES and not folder_named:
                 raise ParameterError(f"--out {out}: the mask is a GeoTIFF: give its .tif name or a folder")
             else:
+                above = file_above(out)
+                if above is not None:
+                    raise ParameterError(f"--out {out}: {above} is a file, not a folder: choose another --out")
                 if not out.parent.exists() and str(out.parent) not in ("", "."):
                     raise ParameterError(f"output folder {out.parent} does not exist: create it first")
                 try:
                     out.mkdir()
                 except OSError as exc:
-                    raise ParameterError(f"cannot create output folder {out}: {exc.strerror}") from None
+                    raise ParameterError(f"cannot create output folder {out}: {exc.strerror}: choose another "
+                                         "--out") from None
             mask = out / f"{stem}_landcover.tif"
     return mask, companion_path(mask, "confidence")
 
@@ -1499,7 +1508,6 @@ def _segment_scene(
         vector_path = None
     if vector_path is not None:
         check_output(vector_path, opts.overwrite)
-        check_vector_output(vector_path)
         from geoseg.vectorize import (  # refused now, not after the mask
             check_geojson_crs,
             mask_pixel_area,

@@ -48,7 +48,9 @@ from geoseg.io import (
     area_units,
     ids_by_text,
     band_class_names,
+    ogr_path,
     check_latitudes,
+    check_seekable,
     pixel_areas,
     read_classes,
     read_vector,
@@ -106,6 +108,7 @@ def parse_pixel_region(spec: str | Sequence[int] | None) -> tuple[int, int, int,
 def _open(path: Path, what: str) -> Any:
     if not path.exists():
         raise SceneReadError(f"{what} {path} does not exist: check the path")
+    check_seekable(path, what)
     try:
         ds = rasterio.open(path)
     except rasterio.errors.RasterioError as exc:
@@ -849,7 +852,7 @@ def draw_sample(
     import pyogrio.raw
     import shapely
 
-    from geoseg.atomic import atomic_output, check_output, check_vector_output, staged_as
+    from geoseg.atomic import atomic_output, check_output, staged_as
     from geoseg.vectorize import DRIVERS, format_from_path
 
     out = Path(out)
@@ -862,7 +865,6 @@ def draw_sample(
     if per_class < 1:
         raise ParameterError(f"--per-class {per_class}: draw at least 1 point per class")
     check_output(out, overwrite)
-    check_vector_output(out)
     mask_path = Path(mask)
     rng = np.random.default_rng(seed)
     with _open(mask_path, "mask") as ds:
@@ -919,8 +921,8 @@ def draw_sample(
         points, crs_out, options = to_wgs84(points, crs), "EPSG:4326", GEOJSON_OPTIONS
     else:
         crs_out, options = crs.to_wkt(), {}
-    with atomic_output(out, overwrite) as tmp, staged_as(tmp, fmt) as work:
-        pyogrio.raw.write(work, shapely.to_wkb(points), data, fields, field_mask=masks, layer="sample",
+    with atomic_output(out, overwrite) as tmp, staged_as(tmp, fmt) as work, ogr_path(work) as ogr_work:
+        pyogrio.raw.write(ogr_work, shapely.to_wkb(points), data, fields, field_mask=masks, layer="sample",
                           driver=DRIVERS[fmt], geometry_type="Point", crs=crs_out, layer_options=options)
     drawn = {int(v): int(n) for v, n in zip(*np.unique(k, return_counts=True))}
     small = [cid for cid, n in drawn.items() if n < per_class]

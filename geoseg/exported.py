@@ -177,7 +177,8 @@ def export_model_dir(
         if ids != list(range(len(ids))):  # a PaddleSeg consumer gets the argmax: index k, not the class id
             pairs = ", ".join(f"{k} -> {c.id} ({c.name})" for k, c in enumerate(card.classes))
             note += f"# PaddleSeg's prediction is the class index k, not the class id: {pairs}.\n"
-        atomic_write_text(tmp / DEPLOY_FILE, note + yaml.safe_dump(deploy, sort_keys=False, default_flow_style=None))
+        atomic_write_text(tmp / DEPLOY_FILE, note + yaml.safe_dump(deploy, sort_keys=False, default_flow_style=None,
+                                                                 allow_unicode=True))
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

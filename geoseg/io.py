@@ -178,6 +178,39 @@ def is_virtual(path: str | Path) -> bool:
     return str(path).startswith("/vsi")
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words (``a FIFO (named pipe)``, ...)."""
+    import stat
+
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def check_seekable(path: Path, what: str) -> None:
+    """Refuse a FIFO, a pipe (``<(cat scene.tif)``), a socket or a device as ``what``: GDAL seeks in what it reads,
+    and opening a FIFO waited for a writer for good (Ctrl-C then printed tracebacks); a pipe said "corrupt or
+    truncated". Folders and virtual paths pass (a folder may be a dataset).
+
+    Raises:
+        SceneReadError: naming what the file is.
+    """
+    import stat
+
+    if is_virtual(path):
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # (missing, unreadable: the open says so)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise SceneReadError(f"{what} {path} is not a regular file but {file_kind(mode)}: geoseg reads files it can "
+                             "seek in: save it to a file first")
+
+
 def open_scene(path: str | Path) -> SceneMeta:
     """Read a raster's metadata, with one-line errors for missing, non-raster or corrupt files.
 
@@ -203,6 +236,7 @@ def open_scene(path: str | Path) -> SceneMeta:
         raise SceneReadError(f"input {path} does not exist: check the path")
     if path.is_dir():
         raise SceneReadError(f"input {path} is a folder: give a GeoTIFF file (or use 'geoseg batch')")
+    check_seekable(path, "input")
     try:
         with rasterio.open(path) as ds:
             flags = tuple(tuple(f.name for f in band) for band in ds.mask_flag_enums)
@@ -598,6 +632,46 @@ class VectorData:
     crs: Any
 
 
+@contextlib.contextmanager
+def ogr_path(path: str | Path) -> Iterator[Path]:
+    """``path`` as pyogrio takes it, for the time of a read or a write: absolute, and without the marks
+    pyogrio reads as a URI's (it parses every path as one): a ';' in the file's name begins URL parameters,
+    dropped, and a '!' anywhere names an archive's member, so geoseg's own ``semi;colon_landcover.gpkg``
+    could not be read back and nothing could be written into a folder ``run!1``. Such a path is reached
+    through symbolic links in a private temporary folder: one to the file's folder (a '!' in a folder), or,
+    for a name that holds them, one to the file and one to each of its sidecars (a shapefile's ``.dbf``,
+    ``.shx``, ``.prj``), named ``v`` plus what follows the name's stem. GDAL's virtual paths pass as they are.
+    """
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    if is_virtual(path):
+        yield path
+        return
+    path = path.absolute()
+    odd_name, odd_folder = any(c in path.name for c in ";!"), "!" in str(path.parent)
+    if not (odd_name or odd_folder):
+        yield path
+        return
+    links = Path(tempfile.mkdtemp(prefix="geoseg-ogr-"))
+    try:
+        if odd_name:
+            stem = path.stem
+            os.symlink(path, links / ("v" + path.suffix))
+            with contextlib.suppress(OSError):
+                for other in os.listdir(path.parent):
+                    if other.startswith(stem + ".") and other != path.name:
+                        with contextlib.suppress(OSError):
+                            os.symlink(path.parent / other, links / ("v" + other[len(stem):]))
+            yield links / ("v" + path.suffix)
+        else:
+            os.symlink(path.parent, links / "d")
+            yield links / "d" / path.name
+    finally:
+        shutil.rmtree(links, ignore_errors=True)
+
+
 def _feature_layer(path: Path) -> str | None:
     """The one layer of ``path`` with geometries, when the file has other tables besides it (a
     GeoPackage's ``layer_styles``, which geoseg writes into its own): pyogrio read the first and
@@ -642,11 +716,9 @@ def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: 
     path = Path(path)
     if not path.exists():
         raise ParameterError(missing)
-    if not is_virtual(path) and (";" in path.name or "!" in str(path)):  # (pyogrio reads a path as a URI)
-        raise ParameterError(f"{unreadable}: its path holds ';' (in its name) or '!', which the vector reader takes for "
-                             "part of a URI: rename the file (or its folder)")
     try:
-        info, _, wkb, values = pyogrio.raw.read(path, layer=_feature_layer(path))
+        with ogr_path(path) as readable:
+            info, _, wkb, values = pyogrio.raw.read(readable, layer=_feature_layer(readable))
     except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
         raise ParameterError(f"{unreadable}: {str(exc).splitlines()[0]}") from None
     geoms = shapely.from_wkb(wkb)
@@ -859,10 +931,8 @@ class COGWriter:
 
 def _remove(p: Path) -> None:
     for q in (p, Path(str(p) + ".aux.xml")):
-        try:
+        with contextlib.suppress(OSError):  # (a cleanup: never in place of the error that brought it)
             q.unlink()
-        except FileNotFoundError:
-            pass
 
 
 _ZSTD: bool | None = None

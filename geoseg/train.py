@@ -1721,6 +1721,12 @@ class Trainer:
         validation regions. ``meta``, ``train_region``, ``train_data`` etc. are the first
         scene's; ``train_sets``/``val_sets`` hold every scene's.
         """
+        # polygon labels are burnt into rasters here, for this init: removed also when it refuses the config (the
+        # folder stayed in the temp folder as long as the error was held, in a notebook for good)
+        with tempfile.TemporaryDirectory(prefix="geoseg-labels-") as burn_dir:
+            self._init(cfg, progress, Path(burn_dir))
+
+    def _init(self, cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | None, burn_dir: Path) -> None:
         cfg = cfg.checked()
         self.cfg = cfg
         _warn_long_warmup(cfg)
@@ -1737,13 +1743,12 @@ class Trainer:
 
         # Every scene checked first: grids, bands, dtype, regions.
         scenes: list[dict[str, Any]] = []
-        burn_dir = tempfile.TemporaryDirectory(prefix="geoseg-labels-")  # polygon labels, burnt for this init
         for k, spec in enumerate(specs):
             image_path, labels_path = scene_path(spec["image"]), scene_path(spec["labels"])
             meta = open_scene(image_path)
             if is_vector_path(labels_path):
                 labels_path = rasterize_labels(labels_path, meta, cfg.label_field, cfg.classes,
-                                               Path(burn_dir.name) / f"{k}_{labels_path.stem}.tif", cfg.background,
+                                               burn_dir / f"{k}_{labels_path.stem}.tif", cfg.background,
                                                cfg.ignore)
             label_meta = open_scene(labels_path)
             check_same_grid(meta, label_meta)
@@ -1916,7 +1921,6 @@ class Trainer:
         self.device = self._device()
         if self.device == "cpu":
             check_batch_memory(cfg.batch_size, self.window)
-        burn_dir.cleanup()  # every label was read above
         for sc in all_scenes:  # the regions are read (training from disk reopens its own handles)
             close_handles(sc["image"])
 

@@ -75,7 +75,7 @@ from affine import Affine
 from rasterio import features
 from rasterio.crs import CRS
 
-from geoseg.atomic import atomic_output, check_output, check_vector_output, remove_leftovers, staged_as, write_error
+from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_as, write_error
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.config import checked_arguments, plain
 from geoseg.errors import ParameterError, SceneError, SceneReadError
@@ -83,6 +83,7 @@ from geoseg.io import (
     area_units,
     band_class_names,
     check_latitudes,
+    check_seekable,
     check_transform,
     degrees_per_unit,
     distorts_areas,
@@ -90,6 +91,7 @@ from geoseg.io import (
     geodetic_of,
     ground_pixel_area,
     has_mask_band,
+    ogr_path,
 )
 from geoseg.io import read_classes as read_tagged_classes
 
@@ -214,6 +216,7 @@ def open_mask(path: str | Path) -> MaskInfo:
     path = Path(path)
     if not path.exists():
         raise SceneReadError(f"mask {path} does not exist: check the path")
+    check_seekable(path, "mask")
     try:
         with rasterio.open(path) as ds:
             return _mask_info(path, ds)
@@ -1121,7 +1124,6 @@ def vectorize_mask(
     if out_path.resolve() == mask_path.resolve():
         raise ParameterError(f"output {out_path} is the input mask: choose another --out")
     check_output(out_path, overwrite)
-    check_vector_output(out_path)
     remove_leftovers(out_path.parent)  # a killed run's temp files (never a live one's)
     min_px, simplify = vector_settings(min_area, min_pixels, simplify, info.pixel_area, (info.height, info.width))
     class_map = dict(info.classes)
@@ -1152,8 +1154,8 @@ def vectorize_mask(
             def read(r0: int, r1: int) -> np.ndarray:
                 return _read_strip(ds, info, r0, r1)
 
-        with atomic_output(out_path, overwrite) as tmp, staged_as(tmp, fmt) as work:
-            writer = _LayerWriter(work, driver, layer, crs_wkt, gtype)
+        with atomic_output(out_path, overwrite) as tmp, staged_as(tmp, fmt) as work, ogr_path(work) as ogr_work:
+            writer = _LayerWriter(ogr_work, driver, layer, crs_wkt, gtype)
 
             def emit(geoms_px: np.ndarray, ids: np.ndarray) -> None:
                 if keep is not None:

@@ -220,7 +220,7 @@ def test_a_write_past_the_file_size_limit_says_so(tmp_path: Path) -> None:
     assert "file too large" in str(write_error(tmp_path / "b.tif", OSError(errno.EFBIG, "File too large")))
 
 
-@pytest.mark.parametrize("name", ["a\tb.gpkg", "a\nb_landcover.tif"])
+@pytest.mark.parametrize("name", ["a\tb.gpkg", "a\nb_landcover.tif", "a\nfolder/b.gpkg"])
 def test_an_output_name_with_a_control_character_is_refused_before_writing(tmp_path: Path, name: str) -> None:
     """GDAL drops a tab or newline from the names it creates: the GeoPackage landed as ``ab.gpkg``, its
     style then failed on "no such table: gpkg_contents", and a temp file was left behind."""
@@ -234,12 +234,13 @@ def test_an_output_name_with_a_control_character_is_refused_before_writing(tmp_p
     with rasterio.open(mask, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8", crs="EPSG:32633",
                        transform=from_origin(0, 80, 10, 10), nodata=0) as ds:
         ds.write(np.ones((1, 8, 8), np.uint8))
+    (tmp_path / name).parent.mkdir(exist_ok=True)  # (a folder of that name: the mask landed, the polygons failed)
     with pytest.raises(OutputError, match="holds a control character"):
         check_output(tmp_path / name, overwrite=False)
     if name.endswith(".gpkg"):
         with pytest.raises(OutputError, match="holds a control character"):
             vectorize_mask(mask, tmp_path / name)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted({"m.tif", (tmp_path / name).parent.name} - {tmp_path.name})
 
 
 def test_a_leftover_that_cannot_be_removed_is_a_warning_naming_it(tmp_path: Path,
@@ -305,3 +306,13 @@ def test_outputs_take_the_mode_the_umask_gives(tmp_path: Path) -> None:
         assert stat.S_IMODE(os.stat(tmp_path / "a.gpkg").st_mode) == 0o664
     finally:
         os.umask(old)
+
+
+def test_a_link_to_nothing_at_the_output_path_is_not_replaced_without_overwrite(tmp_path: Path) -> None:
+    """A live link there was refused as existing; a link to nothing was replaced without a word."""
+    from geoseg.errors import OutputExistsError
+
+    (tmp_path / "out.tif").symlink_to(tmp_path / "gone.tif")
+    with pytest.raises(OutputExistsError, match="already exists: pass --overwrite"):
+        check_output(tmp_path / "out.tif", overwrite=False)
+    assert check_output(tmp_path / "out.tif", overwrite=True) == tmp_path / "out.tif"

@@ -148,7 +148,7 @@ def test_a_name_clash_fails_those_scenes_and_the_others_run(runner, tiny_unet, t
     assert "same outputs (same name, same folder): rename one" in scenes["scene0.tiff"]["error"]
     assert "would both write d1/x/scene1.tif" in scenes["d1/x/scene1.tif"]["error"]
     assert "FAILED  scene0.tif" in r.output and "Error" not in r.output
-    assert "5 scene(s): 2 to run, 0 skipped, 0 unreadable, 3 with clashing output names" in r.output
+    assert "5 scene(s): 2 to run (2 new), 0 skipped, 0 unreadable, 3 with clashing output names" in r.output
     assert sorted(read_masks(out)) == ["d2/x/scene2_landcover.tif", "solo_landcover.tif"]
     with sqlite3.connect(out / ".geoseg" / "manifest.sqlite") as db:
         rows = dict(db.execute("SELECT key, status FROM scenes"))
@@ -732,7 +732,7 @@ def test_aoi_in_batch_skips_scenes_it_misses_without_failing(runner, tiny_unet, 
     assert report["here.tif"]["status"] == "ok" and report["away.tif"]["status"] == "skipped"
     assert report["away.tif"]["reason"] == "outside the AOI" and "does not overlap away.tif" in report["away.tif"]["error"]
     assert "skip" in r.output and "outside the AOI" in r.output
-    assert "2 scene(s): 1 to run, 1 skipped" in r.output  # known from its header: never sent to the model
+    assert "2 scene(s): 1 to run (1 new), 1 skipped" in r.output  # known from its header: never sent to the model
     with rasterio.open(out / "here_landcover.tif") as ds:
         assert ds.shape == (40, 40) and (ds.transform.c, ds.transform.f) == (500100.0, 4799900.0)
     assert not list(out.glob("away*"))
@@ -2518,6 +2518,9 @@ def test_the_manifest_and_lock_take_the_mode_the_umask_gives(tmp_path: Path) -> 
 
     old = os.umask(0o002)
     try:
+        (tmp_path / ".geoseg").mkdir()
+        (tmp_path / ".geoseg" / "lock").touch(mode=0o644)  # (as geoseg made it before)
+        os.chmod(tmp_path / ".geoseg" / "lock", 0o644)
         with BatchLock(tmp_path):
             m = Manifest(tmp_path)
             m.put(ManifestEntry(key="a", input="a.tif", size=1, mtime_ns=1, head_hash="h", model="m", params="p",
@@ -2529,3 +2532,113 @@ def test_the_manifest_and_lock_take_the_mode_the_umask_gives(tmp_path: Path) -> 
         os.umask(old)
     assert {"lock", "manifest.sqlite", "manifest.sqlite-wal", "manifest.sqlite-shm"} <= set(modes), modes
     assert set(modes.values()) == {0o664}, modes
+
+
+def test_a_scene_named_with_a_control_character_fails_alone_on_one_line(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A tab or a newline in a scene's name or folder: the dry run's `run<TAB>scene<TAB>reason` line broke in two (or
+    gained a column) and said "new"; the run then published the mask and failed on the polygons (GDAL drops the
+    character from the names it writes), leaving the mask and its style behind."""
+    arch = tmp_path / "arch"
+    make_archive(arch, 1)
+    (arch / "tab\tdir").mkdir()
+    write_raster(arch / "tab\tdir" / "g.tif", np.full((3, 96, 128), 7, np.uint8))
+    write_raster(arch / "new\nline.tif", np.full((3, 96, 128), 7, np.uint8))
+    out = tmp_path / "out"
+    r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and all(len(line.split("\t")) == 3 for line in lines), lines
+    plan = {line.split("\t")[1]: line.split("\t")[2] for line in lines}
+    assert plan["scene0.tif"] == "new"
+    for key in ("tab\\x09dir/g.tif", "new\\x0aline.tif"):
+        assert plan[key] == (f"fails: input {key}: its name or its folder's holds a control character (a tab, a newline), "
+                             "which GDAL drops from the names it writes: rename it"), plan
+    r = run_cli(runner, tiny_unet, [arch], out, "--report", str(tmp_path / "r.json"))
+    assert r.exit_code == 3, r.output
+    rep = report_of(tmp_path / "r.json")
+    assert statuses(rep) == {"scene0.tif": "ok", "tab\\x09dir/g.tif": "failed", "new\\x0aline.tif": "failed"}
+    assert (out / "scene0_landcover.gpkg").is_file()
+    assert not [p for p in out.rglob("*") if p.is_file() and ("line" in p.name or p.name.startswith("g_"))]
+
+
+def test_an_input_list_is_utf8_whatever_the_locale_and_its_bom_is_not_a_name(tmp_path: Path) -> None:
+    """A list saved by Notepad (a UTF-8 byte-order mark) failed its first scene ("cannot be read": the mark began
+    its name); under an ASCII locale a non-ASCII line was "unexpected error: UnicodeDecodeError"."""
+    from geoseg.batch import discover_scenes
+
+    arch = tmp_path / "arch"
+    make_archive(arch, 1)
+    _copy(arch / "scene0.tif", arch / "forêt.tif")
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"\xef\xbb\xbfarch/scene0.tif\r\narch/for\xc3\xaat.tif\r\n")
+    scenes = discover_scenes([f"@{lst}"], tmp_path / "out")
+    assert [(s.key, s.conflict) for s in scenes] == [("scene0.tif", None), ("forêt.tif", None)]
+    assert [s.path for s in scenes] == [arch / "scene0.tif", arch / "forêt.tif"]
+
+
+def test_a_dry_run_to_a_stdout_that_cannot_encode_a_name_escapes_it(tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A latin-1 stdout (a locale's, PYTHONIOENCODING's) ended a dry run over 'forêt_水域.tif' (and evaluate's
+    table of such class names) in "unexpected error: UnicodeEncodeError"."""
+    import os
+    import subprocess
+
+    arch = tmp_path / "arch"
+    make_archive(arch, 1)
+    _copy(arch / "scene0.tif", arch / "forêt_水域.tif")
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    r = subprocess.run([str(GEOSEG), *batch_args(tiny_unet, str(arch), "--out", str(tmp_path / "out"), "--dry-run")],
+                       capture_output=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr.decode("latin-1")
+    assert r.stdout.decode("latin-1").splitlines() == ["run\tforêt_\\u6c34\\u57df.tif\tnew", "run\tscene0.tif\tnew"]
+
+
+def test_figures_recorded_in_the_card_do_not_redo_the_archive(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The manifest's model key hashed the whole card: `geoseg evaluate --record-card` (test figures) or a new
+    description redid every scene of the archive the next night, as "model changed". Manifests written with the
+    old key are read as the same model; a change that shapes the outputs (a class colour) still redoes them."""
+    import shutil
+    import sqlite3
+
+    import yaml
+
+    from geoseg.batch import MANIFEST_NAME, STATE_DIR
+
+    weights = tmp_path / "w" / "m.pdparams"
+    weights.parent.mkdir()
+    shutil.copy(tiny_unet[0], weights)
+    card_path = shutil.copy(tiny_unet[1], weights.with_suffix(".yaml"))
+    arch = tmp_path / "arch"
+    make_archive(arch, 2)
+    out = tmp_path / "out"
+
+    def dry() -> list[str]:
+        r = runner.invoke(cli, ["batch", str(arch), "--weights", str(weights), "--out", str(out), "--vector", "none",
+                                "--dry-run"])
+        assert r.exit_code == 0, r.output
+        return sorted(r.stdout.splitlines())
+
+    r = runner.invoke(cli, ["-q", "batch", str(arch), "--weights", str(weights), "--out", str(out), "--vector", "none"])
+    assert r.exit_code == 0, r.output
+    card = yaml.safe_load(Path(card_path).read_text())
+    card["metrics"] = {"test": {"miou": 0.5, "oa": 0.8}}
+    card["description"] = "retitled"
+    Path(card_path).write_text(yaml.safe_dump(card))
+    unchanged = ["skip\td1/x/scene1.tif\tdone, unchanged", "skip\tscene0.tif\tdone, unchanged"]
+    assert dry() == unchanged
+    # a manifest of geoseg before session 29 (whole card digest + weights): the same model, not "model changed"
+    from geoseg.batch import BatchModel
+
+    key = BatchModel(weights=str(weights)).key()
+    legacy = f"{key.partition('/')[2]}-{key.partition('/')[0].partition('-')[2]}"
+    db = sqlite3.connect(out / STATE_DIR / MANIFEST_NAME)
+    with db:
+        db.execute("UPDATE scenes SET model = ?", (legacy,))
+    db.close()
+    assert dry() == unchanged
+    card["classes"][0]["color"] = [1, 2, 3]
+    Path(card_path).write_text(yaml.safe_dump(card))
+    assert dry() == ["run\td1/x/scene1.tif\tmodel changed", "run\tscene0.tif\tmodel changed"]
+    # the run's own log says why it redoes them (it said "2 to run" only)
+    (arch / "new.tif").write_bytes((arch / "scene0.tif").read_bytes())
+    r = runner.invoke(cli, ["batch", str(arch), "--weights", str(weights), "--out", str(out), "--vector", "none"])
+    assert r.exit_code == 0 and "3 scene(s): 3 to run (2 model changed, 1 new), 0 skipped" in r.output, r.output

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -1364,50 +1365,56 @@ def test_sigterm_at_any_moment_of_the_start_is_a_clean_exit(tmp_path: Path) -> N
 def test_names_the_vector_writer_takes_for_uri_syntax(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """pyogrio reads a path as a URI: the polygons of 'a;b.tif' were written at '.geoseg-a' (left there
     for good, "no such table: gpkg_contents"), those of 'c!d.tif' as FlatGeobuf failed with "unexpected
-    error: FileNotFoundError". Temp names leave ';' and '!' out; a folder holding one is refused for
-    polygons before any work, and a vector input (an AOI) holding one in one line."""
+    error: FileNotFoundError". Temp names leave ';' and '!' out; then geoseg could not read back its own
+    'a;b_landcover.gpkg' (an AOI, a reference: "rename the file"), and a folder holding '!' was refused for
+    polygons (batch: each scene failed, every night). Both are now reached through links with clean names."""
     import sqlite3
 
     import pyogrio.raw
+    import shapely
+
+    from geoseg.io import read_vector
 
     weights = str(tiny_unet[0])
-    for name, fmt in (("a;b.tif", "gpkg"), ("c!d.tif", "fgb")):
+    for name, fmt, folder in (("a;b.tif", "gpkg", "out_gpkg"), ("c!d.tif", "fgb", "out_fgb"),
+                              ("e;f!g.tif", "gpkg", "o!1"), ("h.tif", "fgb", "o!2;x")):
         src = rgb(tmp_path, name, h=40, w=48)
-        out = tmp_path / f"out_{fmt}"
+        out = tmp_path / folder
+        out.mkdir(exist_ok=True)
         res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", weights, "--out", str(out), "--vector", fmt])
         assert res.exit_code == 0, res.output
         stem = name[:-4]
         assert outputs(out) == sorted([f"{stem}_landcover.qml", f"{stem}_landcover.tif", f"{stem}_landcover.tif.aux.xml",
                                        f"{stem}_landcover.{fmt}"]), outputs(out)
+        odd = read_vector(out / f"{stem}_landcover.{fmt}", missing="missing", unreadable="unreadable")
         clean = tmp_path / f"clean.{fmt}"
         (out / f"{stem}_landcover.{fmt}").rename(clean)
-        _, _, wkb, _ = pyogrio.raw.read(clean, layer="landcover")
-        assert len(wkb) > 0
-    with sqlite3.connect(tmp_path / "clean.gpkg") as db:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    db.close()
+        _, _, wkb, values = pyogrio.raw.read(clean, layer="landcover")
+        assert len(wkb) > 0 and len(odd.geoms) == len(wkb) and odd.crs is not None
+        assert shapely.equals(odd.geoms, shapely.from_wkb(wkb)).all() and (odd.values[0] == values[0]).all()
+        if fmt == "gpkg":
+            with sqlite3.connect(clean) as db:
+                assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            db.close()
+    assert not list(Path(tempfile.gettempdir()).glob(f"geoseg-ogr-*/v.{fmt}"))  # (the links go)
     src = rgb(tmp_path, "s.tif", h=40, w=48)
-    folder = tmp_path / "o!1"
-    folder.mkdir()
-    res = runner.invoke(cli, ["predict", str(src), "--weights", weights, "--out", str(folder)])
-    assert_one_line_error(res, "holds '!'", "choose another folder")
-    assert outputs(folder) == []
-    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", weights, "--out", str(folder), "--vector", "none"])
-    assert res.exit_code == 0 and "s_landcover.tif" in outputs(folder), res.output
-    semi = tmp_path / "run;1"  # (a ';' in a folder is no URI syntax to pyogrio: polygons and a JSON report go there)
-    semi.mkdir()
-    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", weights, "--out", str(semi)])
-    assert res.exit_code == 0 and "s_landcover.gpkg" in outputs(semi), res.output
-    aoi = tmp_path / "area!1.gpkg"
     with rasterio.open(src) as ds:
         b = ds.bounds
-    import shapely
-
+    # an AOI, and a shapefile whose sidecars (.prj: its CRS) must be found beside it
     pyogrio.raw.write(tmp_path / "area.gpkg", shapely.to_wkb(np.array([shapely.box(*b)])), [], [],
                       geometry_type="Polygon", crs="EPSG:32633", driver="GPKG")
-    (tmp_path / "area.gpkg").rename(aoi)
-    res = runner.invoke(cli, ["predict", str(src), "--weights", weights, "--out", str(tmp_path / "o2"), "--aoi", str(aoi)])
-    assert_one_line_error(res, "holds ';' (in its name) or '!'", "rename the file")
+    (tmp_path / "area.gpkg").rename(tmp_path / "area;1!.gpkg")
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", weights, "--out", str(tmp_path / "o3"),
+                              "--vector", "none", "--aoi", str(tmp_path / "area;1!.gpkg")])
+    assert res.exit_code == 0, res.output
+    pyogrio.raw.write(tmp_path / "ref.shp", shapely.to_wkb(np.array([shapely.box(*b)])), [np.array([3])], ["cls"],
+                      geometry_type="Polygon", crs="EPSG:32633", driver="ESRI Shapefile")
+    shp = sorted(tmp_path.glob("ref.*"))
+    assert {p.suffix for p in shp} >= {".shp", ".dbf", ".shx", ".prj"}
+    for p in shp:
+        p.rename(tmp_path / f"r;e!f{p.suffix}")
+    v = read_vector(tmp_path / "r;e!f.shp", missing="missing", unreadable="unreadable")
+    assert v.fields == ["cls"] and list(v.values[0]) == [3] and v.crs == rasterio.crs.CRS.from_epsg(32633)
 
 
 def test_names_gdal_cannot_take_are_one_line_errors(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -1676,3 +1683,109 @@ def test_a_whole_cached_export_is_kept_when_paddle_fails_otherwise(runner: CliRu
     assert_one_line_error(res, "out of device memory")
     assert "exporting the model again" not in res.output and done.exists()
     assert list((tmp_path / "cache").rglob("DONE")) == [done] and done.stat().st_mtime_ns >= before
+
+
+def _deep_folder(root: Path, length: int) -> Path:
+    """A folder under ``root`` whose absolute path is ``length`` bytes long."""
+    folder = root.absolute()
+    while length - len(str(folder)) > 201:
+        folder = folder / ("d" * 150)
+    folder = folder / ("d" * (length - len(str(folder)) - 1))
+    folder.mkdir(parents=True)
+    assert len(str(folder)) == length
+    return folder
+
+
+def test_paths_too_long_for_sqlite_or_the_file_system_are_one_line_errors_before_any_work(
+        runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Python's sqlite3 opens at most 504 bytes of path: a GeoPackage in a folder of ~460 bytes had its polygons
+    written and its style failed ("unable to open database file"), after the mask was published; batch's manifest
+    was "unexpected error: OperationalError". Past PATH_MAX, "unexpected error: OSError: [Errno 36]"."""
+    from geoseg.atomic import SQLITE_PATH_MAX, check_path_length
+    from geoseg.errors import OutputError
+
+    weights = str(tiny_unet[0])
+    src = rgb(tmp_path, "s.tif", h=40, w=48)
+    deep = _deep_folder(tmp_path / "deep", 470)
+    res = runner.invoke(cli, ["predict", str(src), "--weights", weights, "--out", str(deep)])
+    assert_one_line_error(res, "its path is too long for a GeoPackage", f"at most {SQLITE_PATH_MAX} bytes",
+                          "--vector fgb")
+    assert outputs(deep) == []
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", weights, "--out", str(deep), "--vector", "fgb"])
+    assert res.exit_code == 0 and "s_landcover.fgb" in outputs(deep), res.output
+    mask = deep / "s_landcover.tif"
+    res = runner.invoke(cli, ["vectorize", str(mask), "--out", str(deep / "v.gpkg")])
+    assert_one_line_error(res, "its path is too long for a GeoPackage")
+    res = runner.invoke(cli, ["-q", "vectorize", str(mask), "--out", str(deep / "v.fgb")])
+    assert res.exit_code == 0 and (deep / "v.fgb").is_file(), res.output
+    # a shorter folder still takes a GeoPackage, with its style
+    shallow = _deep_folder(tmp_path / "shallow", 420)
+    res = runner.invoke(cli, ["-q", "vectorize", str(mask), "--out", str(shallow / "v.gpkg")])
+    assert res.exit_code == 0 and (shallow / "v.gpkg").is_file(), res.output
+    # batch: its manifest, refused before any folder is made
+    archive = tmp_path / "arch"
+    archive.mkdir()
+    rgb(archive, "a.tif", h=40, w=48)
+    out = _deep_folder(tmp_path / "bdeep", 490) / "b"
+    res = runner.invoke(cli, ["batch", str(archive), "--weights", weights, "--out", str(out), "--vector", "none"])
+    assert_one_line_error(res, "its path is too long for the batch manifest", "choose a shorter --out")
+    assert not out.exists()
+    with pytest.raises(OutputError, match=r"its path is too long for its file system \(4,\d\d\d bytes with geoseg's "
+                                          r"temp names, at most 4,096\)"):
+        check_path_length(Path("/" + "/".join(["e" * 200] * 21)) / "x.tif")
+
+
+def test_a_folder_named_like_a_tif_is_a_folder(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An archive's subfolder 'dir.tif' failed each of its scenes in batch ("output .../dir.tif is a folder: give a
+    file name"), as did `predict --out existing.tif/`; '--out new.tif/' wrote a mask named new.tif. A path below a
+    file said "create it first", which cannot be done."""
+    weights = str(tiny_unet[0])
+    src = rgb(tmp_path, "s.tif", h=40, w=48)
+    (tmp_path / "existing.tif").mkdir()
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", weights, "--out", str(tmp_path / "existing.tif"),
+                              "--vector", "none"])
+    assert res.exit_code == 0 and outputs(tmp_path / "existing.tif") == [
+        "s_landcover.qml", "s_landcover.tif", "s_landcover.tif.aux.xml"], res.output
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", weights, "--out", f"{tmp_path / 'new.tif'}/",
+                              "--vector", "none"])
+    assert res.exit_code == 0 and (tmp_path / "new.tif" / "s_landcover.tif").is_file(), res.output
+    res = runner.invoke(cli, ["-q", "predict", str(src), "--weights", weights, "--out", str(tmp_path / "m.tif"),
+                              "--vector", "none"])
+    assert res.exit_code == 0 and (tmp_path / "m.tif").is_file(), res.output  # (a .tif name is still the mask's)
+    for out in (tmp_path / "s.tif" / "sub" / "x.tif", tmp_path / "s.tif" / "sub" / "folder"):
+        res = runner.invoke(cli, ["predict", str(src), "--weights", weights, "--out", str(out)])
+        assert_one_line_error(res, f"{src} is a file, not a folder: choose another --out")
+    archive = tmp_path / "arch"
+    (archive / "dir.tif").mkdir(parents=True)
+    rgb(archive / "dir.tif", "j.tif", h=40, w=48)
+    res = runner.invoke(cli, ["-q", "batch", str(archive), "--weights", weights, "--out", str(tmp_path / "bout"),
+                              "--vector", "none"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "bout" / "dir.tif" / "j_landcover.tif").is_file()
+
+
+def test_a_fifo_or_a_pipe_is_refused_in_one_line(runner, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`mkfifo scene.tif; geoseg info scene.tif` (and predict, vectorize, evaluate) waited for a writer for good;
+    `geoseg info <(cat scene.tif)` said "the file may be corrupt or truncated"."""
+    fifo = tmp_path / "fifo.tif"
+    os.mkfifo(fifo)
+    for args in (["info", str(fifo), "--no-model"], ["predict", str(fifo)], ["vectorize", str(fifo)],
+                 ["evaluate", str(fifo), "--reference", str(fifo)]):
+        res = runner.invoke(cli, args)
+        assert_one_line_error(res, f"{fifo} is not a regular file but a FIFO (named pipe)", "save it to a file first")
+    read, write = os.pipe()
+    try:
+        res = runner.invoke(cli, ["info", f"/dev/fd/{read}", "--no-model"])
+        assert_one_line_error(res, "is not a regular file but a FIFO (named pipe)")
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def test_a_gzipped_scene_s_outputs_are_named_after_the_scene() -> None:
+    """/vsigzip/a.tif.gz wrote a.tif_landcover.tif."""
+    from geoseg.engine import output_paths
+
+    assert output_paths(Path("/vsigzip/d/g z.tif.gz"), "out.tif")[0] == Path("out.tif")
+    assert output_paths(Path("/vsigzip/d/g z.tif.gz"), None)[0] == Path.cwd() / "g z_landcover.tif"
+    assert output_paths(Path("/d/a.b.tif"), None)[0] == Path("/d/a.b_landcover.tif")

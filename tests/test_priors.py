@@ -270,3 +270,18 @@ def test_a_small_scene_is_read_once_when_the_prior_pass_kept_its_windows(tmp_pat
     assert sorted(reads) == sorted(set(reads)) and reads, reads  # each window once
     with rasterio.open(want.mask) as a, rasterio.open(got.mask) as b:
         np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_a_card_keeps_non_ascii_class_names_readable(tmp_path: Path) -> None:
+    """Cards (and deploy.yaml) were written with YAML's escapes: a user editing one read `name: "For\\xEAt"` and
+    `"\\u6C34\\u57DF"`. Written as UTF-8 text now, and read back the same under any locale."""
+    import dataclasses
+
+    from geoseg.card import ClassInfo
+
+    card = identity_card(1, 2)
+    card = card.replace(classes=tuple(dataclasses.replace(c, name=n) for c, n in zip(card.classes, ("Forêt", "水域"))))
+    path = card.save(tmp_path / "c.yaml")
+    text = path.read_text(encoding="utf-8")
+    assert "Forêt" in text and "水域" in text and "\\x" not in text and "\\u" not in text
+    assert ModelCard.load(path) == card and isinstance(card.classes[0], ClassInfo)

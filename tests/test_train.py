@@ -1561,6 +1561,26 @@ def test_polygon_labels_are_burnt_onto_the_image_grid(scene: tuple[Path, Path], 
         Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id), background=2))
 
 
+def test_a_refused_config_leaves_no_burnt_labels_behind(scene: tuple[Path, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temporary folder of burnt polygon labels stayed in the temp folder as long as the refusal was held
+    (a notebook's last error: for good), with a ResourceWarning when it went."""
+    import tempfile
+
+    from geoseg.train import Trainer
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    boxes = [(8, 8, 20, 20), (24, 10, 40, 30)]
+    by_id = _polygon_file(tmp_path / "ids.geojson", [{"cls": 1}, {"cls": 2}], boxes)
+    with pytest.raises(ParameterError) as caught:
+        Trainer(_cfg(scene, tmp_path / "o", labels=str(by_id), label_field="cls", train_region=[0, 0, 48, 36],
+                     val_region=[0, 36, 12, 12]))
+    assert "val_region has no labelled pixels" in str(caught.value), caught.value
+    assert list(temp.iterdir()) == []
+
+
 def test_ema_decay_warms_up_as_configured() -> None:
     from geoseg.train import _Ema
 
