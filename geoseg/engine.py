@@ -440,7 +440,7 @@ def _export_into(target: Path, layer: Any, source: ModelSource) -> Path:
         # the files' sizes: a file cut short later (or by an older geoseg) is told by them (a .pdmodel cannot be
         # parsed here), and the export made again (see build_predictor)
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "DONE").write_text(json.dumps({"sizes": sizes}) + "\n")
+        (tmp / "DONE").write_text(json.dumps({"sizes": sizes}) + "\n", encoding="utf-8")
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race: use its export

@@ -230,6 +230,7 @@ def open_scene(path: str | Path) -> SceneMeta:
         raise SceneReadError(f"input {text}: HTTP paths (/vsicurl/) are not read; download the scene first, or give "
                              "its object storage path (/vsis3/bucket/scene.tif, /vsigs/, /vsiaz/)")
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:/", text):
+        text = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/(?!/)", r"\1://", text)  # (a Path made 'http://' 'http:/')
         raise SceneReadError(f"input {text}: URLs are not read as such; give a file, or GDAL's form of it "
                              "(/vsizip/archive.zip/scene.tif, /vsis3/bucket/scene.tif)")
     if not is_virtual(path) and not path.exists():

@@ -183,6 +183,18 @@ class _MaskFacts(NamedTuple):
     gcps: Any
 
 
+def _bounds(transform: Any, width: int, height: int) -> Any:
+    """rasterio's ``dataset.bounds``, with ``@`` for its corners: rasterio's own maps a rotated grid's with ``*``,
+    which affine deprecates, and the warning named geoseg's line (under ``-W error``: no mosaic)."""
+    from rasterio.coords import BoundingBox
+
+    a, b, c, d, e, f = transform[:6]
+    if b == d == 0:
+        return BoundingBox(c, f + e * height, c + a * width, f)
+    xs, ys = zip(*(transform @ (col, row) for col, row in ((0, 0), (0, height), (width, height), (width, 0))))
+    return BoundingBox(min(xs), min(ys), max(xs), max(ys))
+
+
 def write_mosaics(out_dir: str | Path, masks: Sequence[str | Path], classes: Sequence[ClassInfo],
                   state_dir: str | Path | None = None) -> list[Path]:
     """Write the VRT mosaic(s) of ``masks`` (inside ``out_dir``) with a QGIS style each; return them.
@@ -206,7 +218,8 @@ def write_mosaics(out_dir: str | Path, masks: Sequence[str | Path], classes: Seq
         # what the VRT needs of each mask, read and closed at once (every mask held open at once: an
         # archive of more masks than the open-file limit, 1024 by default, got no mosaic, exit 0)
         with rasterio.open(m) as ds:
-            facts = _MaskFacts(ds.width, ds.height, ds.transform, ds.crs, ds.bounds, ds.block_shapes, ds.gcps)
+            facts = _MaskFacts(ds.width, ds.height, ds.transform, ds.crs, _bounds(ds.transform, ds.width, ds.height),
+                               ds.block_shapes, ds.gcps)
             key = _grid_key(facts)
             table = (read_classes(ds) or list(classes)) if key is not None else []  # the mask's own palette and names
         if key is None:

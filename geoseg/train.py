@@ -2355,7 +2355,7 @@ class Trainer:
             row["seconds"] = round(time.perf_counter() - t0, 2)
             if it % cfg.log_every == 0 or validate_now or it == cfg.iterations:
                 history.append(row)
-                with open(csv_path, "a", newline="") as f:
+                with open(csv_path, "a", newline="", encoding="utf-8") as f:
                     csv.writer(f).writerow([_fmt(row.get(k)) for k in fields])
                 if not validate_now:  # (a line in a log file or cron mail; beside a progress bar, debug only)
                     (log.debug if bar is not None else log.info)(

@@ -198,7 +198,7 @@ def test_a_sidecar_that_arrives_reruns_the_scene_and_cached_statistics_rerun_not
     mask = out / "scene0_landcover.tif"
     for raster in (mask, scene):  # (what QGIS and gdalinfo -stats do)
         with rasterio.open(raster) as ds:
-            ds.statistics(1)
+            ds.stats(indexes=[1])  # (rasterio 2 drops .statistics)
         assert Path(f"{raster}.aux.xml").exists()
         assert dry().startswith("skip\tscene0.tif"), raster
     with rasterio.open(scene) as ds:
@@ -212,7 +212,7 @@ def test_a_sidecar_that_arrives_reruns_the_scene_and_cached_statistics_rerun_not
         assert ds.transform.c == t.c + 1000  # the georeference GDAL reads from the sidecar
     assert dry().startswith("skip\tscene0.tif")
     with rasterio.open(scene) as ds:  # GDAL rewrites the sidecar with other spacing and number formats
-        ds.statistics(1)
+        ds.stats(indexes=[1])
     assert "STATISTICS_MEAN" in side.read_text() and dry().startswith("skip\tscene0.tif")
     # the analyst restyles the mask in QGIS (its .qml): no rerun
     style = out / "scene0_landcover.qml"
@@ -251,7 +251,7 @@ def test_gdal_rewriting_another_tool_s_aux_xml_reruns_nothing(runner, tiny_unet,
     aux.write_text("<PAMDataset>\n  <SRS>EPSG:32633</SRS>\n</PAMDataset>\n")
     assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
     with rasterio.open(scene) as ds:
-        ds.statistics(1)
+        ds.stats(indexes=[1])
     assert "PROJCS" in aux.read_text() or "PROJCRS" in aux.read_text()  # (rewritten by GDAL)
     r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
     assert r.stdout.splitlines()[-1].startswith("skip\tscene0.tif"), r.output
@@ -1103,6 +1103,8 @@ def test_mosaic_says_how_many_masks_it_holds_and_why_it_left_some_out(tmp_path: 
     assert [str(w.message) for w in warned if w.category is BatchWarning] == [
         "3 mask(s) not in the mosaic (a VRT takes north-up map grids only): down_landcover.tif (north-down grid), "
         "turned_landcover.tif (rotated grid), bare_landcover.tif (no CRS)"]
+    # (rasterio's bounds of the rotated mask warned "Use `@` matmul", naming geoseg's line: -W error, no mosaic)
+    assert [w.category for w in warned] == [BatchWarning], [str(w.message) for w in warned]
 
 
 def test_mosaic_keeps_masks_on_unaligned_grids_apart(tmp_path: Path) -> None:

@@ -127,13 +127,13 @@ def test_a_closed_stdout_pipe_ends_quietly(tmp_path: Path) -> None:
     """``geoseg info scene.tif | head -3`` said "Error: unexpected error: BrokenPipeError", exit 1."""
     src = scene(tmp_path)
     for args, read in [(["info", str(src), "--no-model"], 0)] * 2 + [(["info", str(src), "--no-model", "--json"], 1)] * 2:
-        proc = subprocess.Popen([str(GEOSEG), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stderr is not None
-        if read:
-            proc.stdout.read(read)
-        proc.stdout.close()  # the reader goes away (at once: deterministic; after one byte: as head does)
-        err = proc.stderr.read().decode()
-        rc = proc.wait(timeout=120)
+        with subprocess.Popen([str(GEOSEG), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            if read:
+                proc.stdout.read(read)
+            proc.stdout.close()  # the reader goes away (at once: deterministic; after one byte: as head does)
+            err = proc.stderr.read().decode()
+            rc = proc.wait(timeout=120)
         assert err == "", err
         assert rc == EXIT_BROKEN_PIPE if not read else rc in (0, EXIT_BROKEN_PIPE), rc
 

@@ -1434,6 +1434,7 @@ def test_names_gdal_cannot_take_are_one_line_errors(runner, tiny_unet, tmp_path:
         (["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / os.fsdecode(b"o\xe9.tif"))],
          ("o\\xe9.tif", "not valid UTF-8", "choose another name")),
         (["info", "/vsicurl/http://127.0.0.1:9/s.tif"], ("/vsicurl/", "download the scene first")),
+        (["info", "https://example.com/s.tif"], ("input https://example.com/s.tif: URLs are not read as such",)),
     ):
         res = runner.invoke(cli, args)
         assert_one_line_error(res, *words)

@@ -200,7 +200,7 @@ def damaged_export(folder: Path) -> bool:
         if params.stat().st_size == 0 or not _whole_program(program):
             return True
         try:
-            sizes = json.loads((folder / "DONE").read_text()).get("sizes", {})
+            sizes = json.loads((folder / "DONE").read_text(encoding="utf-8")).get("sizes", {})
         except (OSError, ValueError, AttributeError):  # (none, or an older geoseg's "ok")
             sizes = {}
         return any((folder / name).stat().st_size != size for name, size in sizes.items())
