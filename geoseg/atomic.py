@@ -207,6 +207,9 @@ def write_error(path: str | Path, exc: BaseException, option: str = "--out") -> 
     if room is not None:
         return NoRoomError(f"cannot write {path}: {room}: free some space or choose another {option} "
                            "(nothing half-written was left)")
+    if getattr(exc, "winerror", None) in (5, 32, 33):  # (Windows: a file open elsewhere cannot be replaced)
+        return OutputError(f"cannot write {path}: it is open in another program (QGIS, a viewer of its mosaic): close "
+                           "it there and run again; Windows cannot replace a file in use")
     limit = file_size_limit()
     if limit is None:
         return OutputError(f"cannot write {path}: {exc}")
@@ -289,8 +292,13 @@ STALE_TEMP_S = 24 * 3600.0
 
 def is_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this machine (where that cannot be asked: assumed so)."""
-    if os.name != "posix":  # os.kill(pid, 0) would send a signal there
-        return True
+    if os.name != "posix":  # os.kill(pid, 0) would end the process there (Windows): psutil asks
+        try:
+            import psutil
+
+            return bool(psutil.pid_exists(pid))
+        except Exception:  # noqa: BLE001 - cannot be asked: assumed alive (its files are kept)
+            return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -378,7 +386,8 @@ def fsync_file(path: str | Path) -> None:
     Raises:
         OSError: the data could not be written (EIO, ENOSPC on a network file system, ...).
     """
-    fd = os.open(path, os.O_RDONLY)
+    # (Windows flushes through a handle that may write only: EBADF on a read-only one failed every output)
+    fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR | getattr(os, "O_BINARY", 0))
     try:
         os.fsync(fd)
     except OSError as exc:

@@ -41,7 +41,6 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import errno
-import fcntl
 import fnmatch
 import functools
 import hashlib
@@ -679,6 +678,18 @@ def result_params(options: Any, card: Any) -> dict[str, Any]:
 
 
 # ---- lock --------------------------------------------------------------------------------------
+def _fcntl() -> Any:
+    """The ``fcntl`` module, whose ``flock`` keeps batch runs apart; where the system has none (Windows), a
+    one-line refusal (``import geoseg.batch`` failed there, and with it every batch and train command)."""
+    try:
+        import fcntl
+    except ImportError:
+        raise ParameterError("geoseg batch keeps runs on one --out apart with file locks (fcntl's flock), which this "
+                             "system does not have (Windows): run batch under WSL, or geoseg predict for each "
+                             "scene") from None
+    return fcntl
+
+
 class BatchLock:
     """An exclusive ``flock`` on ``DIR/.geoseg/lock`` holding ``pid host time`` of the holder.
 
@@ -703,6 +714,7 @@ class BatchLock:
                 for a full disk); the lock is dropped again, never left held by this process.
             OSError: the lock file cannot be created or opened.
         """
+        fcntl = _fcntl()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # (less the umask: a group's run may take it too)
         mode_as_created(self.path)  # (one made 0644 by geoseg before session 29)
@@ -759,6 +771,7 @@ class BatchLock:
         Raises:
             ParameterError: the lock file's file system does not support ``flock`` (as :meth:`acquire`).
         """
+        fcntl = _fcntl()
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError:
@@ -805,6 +818,7 @@ def _unlock_and_close(fd: int) -> None:
     """Drop the ``flock`` on ``fd`` and close it; never raises (a close that reports an error still frees
     the descriptor, and with it the lock)."""
     with contextlib.suppress(OSError):
+        fcntl = _fcntl()
         fcntl.flock(fd, fcntl.LOCK_UN)
     with contextlib.suppress(OSError):
         os.close(fd)
@@ -1719,6 +1733,7 @@ def run_batch(
                                                           if f == "classes" else os.path.exists(v))})
         if batch.scheduler and client is None:
             _check_scheduler_address(batch.scheduler)
+        _fcntl()  # (before any work: a system without file locks cannot run batch)
         _check_out_dir(out, batch.dry_run)
         scenes = discover_scenes(inputs, out, batch.patterns,
                                  case_insensitive=ignores_case(out, probe=not batch.dry_run))
@@ -2237,8 +2252,10 @@ def dask_client(batch: BatchOptions) -> Iterator[Any]:
         with LocalCluster(
             n_workers=batch.workers, threads_per_worker=1, processes=True, dashboard_address=None,
             # the scheduler's HTTP server (health checks) starts even without a dashboard, on 8787 unless
-            # told: a second run on the machine (another archive's cron job) then warned in three lines
-            scheduler_kwargs={"dashboard_address": ":0"},
+            # told: a second run on the machine (another archive's cron job) then warned in three lines; on
+            # this machine only (':0' listened on every network interface: a firewall's prompt on Windows and
+            # macOS that a scheduled task cannot answer, and a port open to the network)
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
             resources=batch.resources or None,
         ) as cluster, Client(cluster) as client:
             try:

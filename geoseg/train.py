@@ -2802,23 +2802,19 @@ class _Ema:
 
 
 class _PaddleDataset:
-    """Adapter making :class:`WindowDataset` a ``paddle.io.Dataset`` (imported lazily)."""
+    """:class:`WindowDataset` as the map-style dataset ``paddle.io.DataLoader`` takes (``__len__`` and
+    ``__getitem__``), at module level: DataLoader workers started by spawn or forkserver (macOS, Windows, and
+    Linux from Python 3.14) unpickle it, and a class made inside a function could not be ("Can't pickle local
+    object")."""
 
-    def __new__(cls, inner: WindowDataset) -> Any:
-        import paddle
+    def __init__(self, inner: WindowDataset) -> None:
+        self.inner = inner
 
-        class _DS(paddle.io.Dataset):  # type: ignore[misc]
-            def __init__(self, inner: WindowDataset) -> None:
-                super().__init__()
-                self.inner = inner
+    def __len__(self) -> int:
+        return len(self.inner)
 
-            def __len__(self) -> int:
-                return len(self.inner)
-
-            def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-                return self.inner[i]
-
-        return _DS(inner)
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.inner[i]
 
 
 def _portable_opt_state(model: Any, state: Mapping[str, Any], to_structured: bool) -> dict[str, Any]:

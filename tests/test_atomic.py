@@ -316,3 +316,22 @@ def test_a_link_to_nothing_at_the_output_path_is_not_replaced_without_overwrite(
     with pytest.raises(OutputExistsError, match="already exists: pass --overwrite"):
         check_output(tmp_path / "out.tif", overwrite=False)
     assert check_output(tmp_path / "out.tif", overwrite=True) == tmp_path / "out.tif"
+
+
+def test_windows_asks_psutil_whether_a_writer_lives_and_names_a_file_in_use(monkeypatch: pytest.MonkeyPatch,
+                                                                             tmp_path: Path) -> None:
+    """Off POSIX every writer was taken for alive (its temp files were kept for good); a mask open in QGIS on
+    Windows (WinError 32 on the rename) was "cannot write ...: [WinError 32] ..."."""
+    from geoseg.atomic import is_alive, write_error
+
+    dead = 2**22 + 12345
+    assert is_alive(os.getpid()) and not is_alive(dead)
+    with monkeypatch.context() as m:  # (only around the calls: pathlib takes os.name too)
+        m.setattr(os, "name", "nt")
+        alive, gone = is_alive(os.getpid()), is_alive(dead)
+    assert alive and not gone
+    exc = PermissionError(13, "The process cannot access the file because it is being used by another process")
+    exc.winerror = 32  # type: ignore[attr-defined]
+    assert str(write_error(tmp_path / "a.tif", exc)) == (
+        f"cannot write {tmp_path / 'a.tif'}: it is open in another program (QGIS, a viewer of its mosaic): close it "
+        "there and run again; Windows cannot replace a file in use")

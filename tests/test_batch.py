@@ -2644,3 +2644,39 @@ def test_figures_recorded_in_the_card_do_not_redo_the_archive(runner, tiny_unet,
     (arch / "new.tif").write_bytes((arch / "scene0.tif").read_bytes())
     r = runner.invoke(cli, ["batch", str(arch), "--weights", str(weights), "--out", str(out), "--vector", "none"])
     assert r.exit_code == 0 and "3 scene(s): 3 to run (2 model changed, 1 new), 0 skipped" in r.output, r.output
+
+
+@pytest.mark.slow
+def test_batch_s_own_cluster_listens_on_this_machine_only() -> None:
+    """The scheduler's HTTP server listened on 0.0.0.0 (every network interface): a port open to the network, and
+    a firewall prompt on Windows and macOS that a scheduled task cannot answer."""
+    import psutil
+
+    from geoseg.batch import BatchOptions, dask_client
+
+    with dask_client(BatchOptions(workers=1)):
+        procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        listening = {(c.laddr.ip, c.laddr.port) for p in procs for c in p.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN}
+    assert listening and all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening
+
+
+def test_without_file_locks_batch_is_one_line_and_the_rest_imports(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows has no fcntl: `import geoseg.batch` failed there, and with it batch ("unexpected error:
+    ModuleNotFoundError") and train (which hashes its inputs with batch's quick_hash)."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['fcntl'] = None; import geoseg.batch, geoseg.train; print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    arch = tmp_path / "arch"
+    make_archive(arch, 1)
+    for extra in ((), ("--dry-run",)):
+        res = run_cli(runner, tiny_unet, [arch], tmp_path / "out", *extra)
+        assert res.exit_code == 1 and res.stderr.strip().splitlines()[-1] == (
+            "Error: geoseg batch keeps runs on one --out apart with file locks (fcntl's flock), which this system does "
+            "not have (Windows): run batch under WSL, or geoseg predict for each scene"), res.output
+    assert not (tmp_path / "out").exists()

@@ -2718,3 +2718,31 @@ def test_classes_found_in_the_labels_keep_the_names_the_labels_carry(scene: tupl
     assert [(c.id, c.name) for c in t.classes] == [(1, "water"), (2, "forest"), (3, "urban")]
     t = Trainer(_cfg(scene, tmp_path / "o2", classes=None))  # no names: ids
     assert [c.name for c in t.classes] == ["class_1", "class_2", "class_3"]
+
+
+@pytest.mark.slow
+def test_dataloader_workers_train_under_spawn(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """`workers: 2` where DataLoader workers are spawned (macOS, Windows; Linux's default from Python 3.14 is
+    forkserver): "Can't pickle local object '_PaddleDataset.__new__.<locals>._DS'". And forked, as on Linux now."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    base = {
+        "image": str(scene[0]), "labels": str(scene[1]), "model": "unet", "params": {"width": 0.125},
+        "train_region": [0, 0, 48, 48], "val_region": [48, 0, 16, 48], "window": 32, "batch_size": 2, "iterations": 2,
+        "val_every": 2, "log_every": 1, "lr": 0.01, "warmup": 1, "device": "cpu", "seed": 3, "workers": 2,
+        "classes": [{"id": 1, "name": "a", "color": [1, 2, 3]}, {"id": 2, "name": "b", "color": [4, 5, 6]},
+                    {"id": 3, "name": "c", "color": [7, 8, 9]}],
+    }
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(base))
+    for method in ("spawn", "fork"):
+        code = (f"import multiprocessing as mp; mp.set_start_method({method!r}, force=True); import sys; "
+                "from geoseg_cli import main; sys.argv[0] = 'geoseg'; main()")
+        out = tmp_path / method
+        r = subprocess.run([sys.executable, "-c", code, "-q", "train", "--config", str(config), "--out", str(out)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (out / "weights.pdparams").is_file() and (out / "weights.yaml").is_file()
