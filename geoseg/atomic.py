@@ -110,7 +110,9 @@ def check_path_length(path: str | Path) -> None:
         raise OutputError(f"output {printable(str(path))[:60]}...: its path is too long for its file system ({longest:,} "
                           f"bytes with geoseg's temp names, at most {limit:,}): choose a shorter --out")
     if path.suffix.lower() == ".gpkg":
-        staged = len(os.fsencode(str(work))) + len(".gpkg")  # (see staged_as)
+        # (SQLite measures the path with its links resolved: a short link to a deep folder fails, a long path
+        # through links to a short one is fine)
+        staged = len(os.fsencode(os.path.join(os.path.realpath(path.parent), work.name))) + len(".gpkg")  # (staged_as)
         if staged > SQLITE_PATH_MAX:
             raise OutputError(
                 f"output {printable(str(path))[:60]}...: its path is too long for a GeoPackage (SQLite opens at most "
@@ -207,7 +209,7 @@ def write_error(path: str | Path, exc: BaseException, option: str = "--out") -> 
     if room is not None:
         return NoRoomError(f"cannot write {path}: {room}: free some space or choose another {option} "
                            "(nothing half-written was left)")
-    if getattr(exc, "winerror", None) in (5, 32, 33):  # (Windows: a file open elsewhere cannot be replaced)
+    if getattr(exc, "winerror", None) in (32, 33):  # (Windows: a file open elsewhere cannot be replaced)
         return OutputError(f"cannot write {path}: it is open in another program (QGIS, a viewer of its mosaic): close "
                            "it there and run again; Windows cannot replace a file in use")
     limit = file_size_limit()
@@ -363,6 +365,19 @@ def _umask() -> int | None:
     return None
 
 
+def refuse_link(path: str | Path, what: str) -> None:
+    """Refuse a symbolic link where geoseg keeps its own state (a batch's lock, manifest, ``.geoseg`` folder; a
+    train run's lock): a link there, planted by anyone who can write the folder, had the file it points at
+    truncated, re-moded, printed in the log or overwritten with a database.
+
+    Raises:
+        OutputError: naming the link.
+    """
+    if os.path.islink(path):
+        raise OutputError(f"{what} {path} is a symbolic link: geoseg keeps its own state there and never writes "
+                          "through a link: remove the link (and check who made it)")
+
+
 def mode_as_created(path: Path) -> None:
     """Give an output at least the mode a file the user creates gets (0666 less the umask): SQLite creates its files
     0644 whatever the umask, so a GeoPackage in a group's shared folder (umask 002) was the only output
@@ -370,8 +385,14 @@ def mode_as_created(path: Path) -> None:
     mask = _umask()
     if mask is None:
         return
+    # By name, never through a descriptor: closing any descriptor of a file drops every POSIX lock this process
+    # holds on it, and SQLite's on the batch manifest (its -shm) went, so another process reset the -shm that this
+    # one had mapped (SIGBUS). Not through a link (lstat; a link swapped in between is a narrow race).
     with contextlib.suppress(OSError):
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return
+        mode = stat.S_IMODE(st.st_mode)
         if mode | (0o666 & ~mask) != mode:  # bits added, none taken (a default ACL may have given more)
             os.chmod(path, mode | (0o666 & ~mask))
 

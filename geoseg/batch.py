@@ -75,6 +75,7 @@ from geoseg.atomic import (
     no_space_reason,
     SQLITE_PATH_MAX,
     printable,
+    refuse_link,
     temp_name,
     too_large,
     write_error,
@@ -715,8 +716,15 @@ class BatchLock:
             OSError: the lock file cannot be created or opened.
         """
         fcntl = _fcntl()
+        refuse_link(self.path.parent, "the state folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # (less the umask: a group's run may take it too)
+        refuse_link(self.path, "the lock file")
+        try:  # (less the umask: a group's run may take it too; never through a link made after the check)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                refuse_link(self.path, "the lock file")
+            raise
         mode_as_created(self.path)  # (one made 0644 by geoseg before session 29)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -731,8 +739,9 @@ class BatchLock:
             ) from None
         try:
             previous = _read_fd(fd).strip()
-            if previous:
-                log.warning("taking over the lock of a batch run that died (%s)", previous)
+            if previous:  # (what a lock of geoseg's holds, no more: never another file's lines)
+                log.warning("taking over the lock of a batch run that died (%s)",
+                            previous if re.fullmatch(r"pid \d+ on \S+ since \S+", previous) else "unreadable")
             now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now}\n".encode(), 0)
@@ -937,7 +946,10 @@ class Manifest:
                 self._columns = tuple(c for c in self.COLUMNS if c in have)
             return
         _check_manifest_path(self.out_dir)
+        refuse_link(self.path.parent, "the state folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for side in ("", "-wal", "-shm", "-journal"):
+            refuse_link(f"{self.path}{side}", "the manifest file")
         try:
             self._open()
         except sqlite3.DatabaseError as exc:
@@ -1811,7 +1823,9 @@ def _remove_temp_files(out: Path, said: str, stuck: set[Path]) -> None:
 def _check_manifest_path(out: Path) -> None:
     """Refuse an output folder whose manifest's path is longer than SQLite opens (it failed as "unexpected error:
     OperationalError: unable to open database file")."""
-    if len(os.fsencode(str((out / STATE_DIR / MANIFEST_NAME).absolute()))) > SQLITE_PATH_MAX:
+    # (with its links resolved, as SQLite measures it; a folder not made yet: its parent's, resolved)
+    real = os.path.realpath(out) if out.exists() else os.path.join(os.path.realpath(out.parent), out.name)
+    if len(os.fsencode(os.path.join(real, STATE_DIR, MANIFEST_NAME))) > SQLITE_PATH_MAX:
         raise OutputError(f"output folder {printable(str(out))[:60]}...: its path is too long for the batch manifest "
                           f"{STATE_DIR}/{MANIFEST_NAME} (SQLite opens at most {SQLITE_PATH_MAX} bytes): choose a "
                           "shorter --out")
@@ -1819,6 +1833,9 @@ def _check_manifest_path(out: Path) -> None:
 
 def _check_out_dir(out: Path, dry_run: bool) -> None:
     """Refuse an output folder that cannot be one, before any work (one line, not a traceback)."""
+    if any(ord(c) < 32 or c == "\x7f" for c in str(out.absolute())):  # (every scene failed, and said to rename it)
+        raise ParameterError(f"--out {str(out)!r} holds a control character (a tab, a newline), which GDAL drops from "
+                             "the names it writes: choose a folder without one")
     _check_manifest_path(out)
     if out.exists() and not out.is_dir():
         raise ParameterError(f"--out {out} is a file, not a folder: give a folder for batch outputs")
@@ -1965,8 +1982,10 @@ def _run_scenes(
             finish(o)
             continue
         reason = why_run(entry, fp, model_key, params_json, out, batch.force)
-        if reason is None and entry is not None and entry.head_hash != fp["head_hash"]:
-            manifest.put(dataclasses.replace(entry, head_hash=fp["head_hash"]))  # (its sidecars, adopted)
+        if reason is None and entry is not None and (entry.head_hash != fp["head_hash"] or entry.model != model_key):
+            # its sidecars, adopted; the model's key of today (an older geoseg's key, read as the same model,
+            # would have been "model changed" after the card's next edit of what changes no output)
+            manifest.put(dataclasses.replace(entry, head_hash=fp["head_hash"], model=model_key))
         if reason is None:
             finish(SceneOutcome(key=sc.key, input=str(sc.path), status="skipped",
                                 reason=OUTSIDE_AOI_REASON if entry and entry.status == OUTSIDE_AOI else "done, unchanged"))
@@ -1982,10 +2001,12 @@ def _run_scenes(
     clashes = sum(sc.conflict is not None and sc.refusal == "name clash" for sc in scenes)
     bad_names = sum(sc.conflict is not None for sc in scenes) - clashes
     held = sum(o.reason == CRASHED_REASON for o in outcomes.values())
-    why = collections.Counter("an output missing or changed" if r.startswith("output ") else r for _, r in todo)
+    why = collections.Counter("an output missing or changed" if r.startswith("output ") else
+                              "crashed the process running it" if r.startswith("the batch process died") else r
+                              for _, r in todo)
     log.info("%d scene(s): %d to run%s, %d skipped, %d unreadable%s%s%s", n, len(todo),
              # (why: a night that redoes an archive says so in its log, not only in a dry run or the report)
-             f" ({', '.join(f'{k} {r}' for r, k in why.most_common())})" if todo else "",
+             f" ({', '.join(f'{r}: {k}' for r, k in why.most_common())})" if todo else "",
              sum(o.status == "skipped" for o in outcomes.values()),
              sum(o.status == "failed" for o in outcomes.values()) - clashes - bad_names - held,
              f", {clashes} with clashing output names" if clashes else "",
@@ -2245,6 +2266,10 @@ def dask_client(batch: BatchOptions) -> Iterator[Any]:
         with client:
             yield client
         return
+    import tempfile
+
+    scratch_dir = tempfile.TemporaryDirectory(prefix="geoseg-dask-", ignore_cleanup_errors=True)
+    scratch = scratch_dir.name
     muted: list[tuple[logging.Logger, int]] = []
     interrupted = _InterruptedSyncNoise()
     logging.getLogger("tornado.application").addFilter(interrupted)
@@ -2256,7 +2281,11 @@ def dask_client(batch: BatchOptions) -> Iterator[Any]:
             # this machine only (':0' listened on every network interface: a firewall's prompt on Windows and
             # macOS that a scheduled task cannot answer, and a port open to the network)
             scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+            worker_dashboard_address="127.0.0.1:0",  # (each worker's HTTP server: every interface on distributed 2023)
             resources=batch.resources or None,
+            # the workers' scratch space in a private folder (0700) of this run's, not the shared, predictable
+            # /tmp/dask-scratch-space other local users can write
+            local_directory=scratch,
         ) as cluster, Client(cluster) as client:
             try:
                 yield client
@@ -2274,6 +2303,7 @@ def dask_client(batch: BatchOptions) -> Iterator[Any]:
         for lg, level in muted:
             lg.setLevel(level)
         logging.getLogger("tornado.application").removeFilter(interrupted)
+        scratch_dir.cleanup()
 
 
 class _InterruptedSyncNoise(logging.Filter):

@@ -135,7 +135,14 @@ def resolve_model(model: str | Path | None, weights: str | Path | None = None, c
     """
     # (os.path.isdir: False where the name cannot be looked up, as `--model unet` in a folder this user may not
     # read: Path.is_dir raised PermissionError, "unexpected error")
-    if model is not None and os.path.isdir(model):
+    from geoseg.models import MODEL_NAMES
+
+    # a model's name (a str without a folder part) is the model, also where a folder of that name lies in the working
+    # folder: `--model deeplabv3p` ran whatever export was there (a folder a colleague sent, or planted), without a word
+    named = isinstance(model, str) and model in MODEL_NAMES
+    if named and os.path.isdir(model):  # type: ignore[arg-type]
+        warn(f"--model {model} is geoseg's {model}; a folder {model}/ is here too: pass ./{model} to run that folder")
+    if model is not None and not named and os.path.isdir(model):
         from geoseg.exported import load_exported
 
         folder = Path(model)
@@ -146,8 +153,6 @@ def resolve_model(model: str | Path | None, weights: str | Path | None = None, c
             raise ParameterError(f"--weights {weights}: --model {folder} is an exported model, which holds its own "
                                  "weights: drop --weights, or drop --model to run these weights")
         return load_exported(folder, card=card, classes=classes)
-    from geoseg.models import MODEL_NAMES
-
     if classes is not None:
         raise ParameterError("--classes names the classes of an exported model folder (--model DIR) whose deploy.yaml "
                              "has none; this model's card names them: drop --classes")
@@ -342,7 +347,7 @@ def exported_for_inference(source: ModelSource) -> Path:
 def _export_cached(source: ModelSource, target: Path | None, key: str, homeless: OSError | None = None) -> Path:
     """Export into the cache's ``target`` or, where it cannot be written (or there is none: ``homeless``
     says why), into this run's temporary cache, removed when the process ends."""
-    fallback = Path(tempfile.gettempdir()) / f"geoseg-exports-{os.getpid()}" / key
+    fallback = _fallback_folder() / key
     if target is None:
         if (fallback / "DONE").exists():
             return fallback
@@ -362,14 +367,29 @@ def _export_cached(source: ModelSource, target: Path | None, key: str, homeless:
         return _export_fallback(fallback, layer, source)
 
 
+#: This process's temporary export cache, per temp folder (see :func:`_fallback_folder`).
+_FALLBACKS: dict[str, Path] = {}
+
+
+def _fallback_folder() -> Path:
+    """This process's temporary export cache: ``geoseg-exports-<pid>-<random>`` in the temp folder, made private
+    (0700) by ``mkdtemp`` the first time and removed when the process ends. (A fixed ``geoseg-exports-<pid>``
+    was taken as it was found: another local user could plant a model there for a run to load.)"""
+    import atexit
+    import shutil
+
+    tmp = tempfile.gettempdir()
+    folder = _FALLBACKS.get(tmp)
+    if folder is None or not folder.is_dir():
+        _remove_dead_fallbacks(Path(tmp))
+        folder = Path(tempfile.mkdtemp(prefix=f"geoseg-exports-{os.getpid()}-", dir=tmp))
+        _FALLBACKS[tmp] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def _export_fallback(fallback: Path, layer: Any, source: ModelSource) -> Path:
     """Export into this run's temporary cache ``fallback`` (its folder removed when the process ends)."""
-    if not fallback.parent.exists():
-        import atexit
-        import shutil
-
-        _remove_dead_fallbacks(fallback.parent.parent)
-        atexit.register(shutil.rmtree, fallback.parent, ignore_errors=True)
     return _export_into(fallback, layer, source)
 
 
@@ -395,7 +415,7 @@ def _remove_dead_fallbacks(tmp: Path) -> None:
 
     with contextlib.suppress(OSError):
         for d in tmp.glob("geoseg-exports-*"):
-            pid = d.name.rsplit("-", 1)[-1]
+            pid = d.name.split("-")[2]  # (geoseg-exports-<pid>-<random>; before session 29 no random part)
             if pid.isdigit() and int(pid) != os.getpid() and not is_alive(int(pid)):
                 shutil.rmtree(d, ignore_errors=True)
 
@@ -707,6 +727,11 @@ class PredictResult:
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
+def _names_folder(out: str | Path) -> bool:
+    """Whether ``--out`` was given as a folder by its form: a name ending in '/' (a Path has lost it)."""
+    return isinstance(out, str) and out.endswith(("/", os.sep))
+
+
 def output_paths(input_path: Path, out: str | Path | None) -> tuple[Path, Path]:
     """``(mask, confidence)`` paths: ``<out>/<stem>_landcover.tif`` or the given .tif name."""
     stem = input_path.stem
@@ -719,7 +744,7 @@ def output_paths(input_path: Path, out: str | Path | None) -> tuple[Path, Path]:
     else:
         # a folder that exists, or a name ending in '/', is a folder whatever its name ends in (an archive's
         # subfolder 'dir.tif' failed each of its scenes: "output .../dir.tif is a folder: give a file name")
-        folder_named = isinstance(out, str) and out.endswith(("/", os.sep))
+        folder_named = _names_folder(out)
         out = Path(out)
         if out.suffix.lower() in (".tif", ".tiff") and not (folder_named or out.is_dir()):
             mask = out
@@ -1429,7 +1454,8 @@ def segment_scene(
     if source is not None and (model, weights, card) != (None, None, None):
         raise ParameterError("segment_scene: give source= or model=/weights=/card=, not both")
     new_folder = None
-    if out is not None and Path(out).suffix.lower() not in (".tif", ".tiff") and not Path(out).exists():
+    if out is not None and not Path(out).exists() and (_names_folder(out) or Path(out).suffix.lower() not in
+                                                        (".tif", ".tiff")):
         new_folder = Path(out)
     try:
         return _segment_scene(input_path, out, source=source, model=model, weights=weights, card=card, classes=classes,
@@ -1474,6 +1500,7 @@ def _segment_scene(
         grid, region = grid.covering(aoi.window)
         out_meta = meta.subset(aoi.window)
         meta = meta.subset(region, aoi)
+    check_window_count(meta, grid)
     # before any output or model exists. On a GPU the model and its activations live there, but the
     # blending strip and the prefetched batches (8 windows per call) still take this machine's memory
     run_on = resolve_device(opts.device) if predictor is None else _ready_device(opts.device)
@@ -1945,6 +1972,25 @@ def check_address_space() -> None:
         raise ParameterError(f"this process may map only {limit:,.0f} MB of address space (ulimit -v), and PaddlePaddle "
                              f"maps about {ADDRESS_SPACE_MIN_MB:,} MB before any data (below it, it hangs or crashes): "
                              "raise the limit by a few GB, or remove it (ulimit -v unlimited)")
+
+
+#: The most windows one predict runs: 4,000,000 (a 192,000-px square scene in the shipped models' 128-px windows, days
+#: of model time on a CPU). A 45 MB sparse GeoTIFF declaring 1,000,000 x 1,000,000 pixels (an upload to a nightly
+#: batch) grew to 7.8 GB listing its 108 million windows, and would have run for months.
+MAX_WINDOWS = 4_000_000
+
+
+def check_window_count(meta: Any, grid: Any) -> None:
+    """Refuse a scene of more than :data:`MAX_WINDOWS` windows in one line, before any work.
+
+    Raises:
+        SceneError: naming the scene's size and the windows it would need.
+    """
+    if len(grid) > MAX_WINDOWS:
+        raise SceneError(
+            f"{meta.path.name} is {meta.width:,} x {meta.height:,} pixels: {len(grid):,} windows of {grid.tile} px, more "
+            f"than one predict runs ({MAX_WINDOWS:,}): cut it into parts (gdal_translate -srcwin), or give a larger "
+            "--tile-size")
 
 
 def check_memory(estimate_mb: float, window: tuple[int, int], batch_size: int) -> None:

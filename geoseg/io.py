@@ -238,8 +238,11 @@ def open_scene(path: str | Path) -> SceneMeta:
     if path.is_dir():
         raise SceneReadError(f"input {path} is a folder: give a GeoTIFF file (or use 'geoseg batch')")
     check_seekable(path, "input")
+    # a file named .tif opens as a GeoTIFF only: GDAL opens by content, and an uploaded "scene.tif" that was a
+    # VRT or a WMS description fetched URLs, or read other users' files, into the nightly batch's outputs
+    tiff_named = path.suffix.lower() in (".tif", ".tiff")
     try:
-        with rasterio.open(path) as ds:
+        with rasterio.open(path, driver="GTiff" if tiff_named else None) as ds:
             flags = tuple(tuple(f.name for f in band) for band in ds.mask_flag_enums)
             alpha = None
             for i, ci in enumerate(ds.colorinterp, start=1):
@@ -272,6 +275,10 @@ def open_scene(path: str | Path) -> SceneMeta:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if is_virtual(path) and ("No such file" in msg or "does not exist" in msg):
             raise SceneReadError(f"input {path} does not exist: check the path (and the name inside the archive)") from None
+        if ("not recognized as" in msg or "not a supported file format" in msg) and tiff_named:
+            raise SceneReadError(f"input {path} is not a raster GDAL can read as a GeoTIFF: geoseg reads files named "
+                                 ".tif or .tiff as GeoTIFFs only (another format, a VRT: give it its own "
+                                 "extension)") from None
         if "not recognized as" in msg or "not a supported file format" in msg:
             raise SceneReadError(f"input {path} is not a raster GDAL can read: give a GeoTIFF") from None
         raise corrupt_input(path, exc, virtual=is_virtual(path)) from None
@@ -718,10 +725,19 @@ def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: 
     if not path.exists():
         raise ParameterError(missing)
     try:
+        check_seekable(path, "vector file")  # (a FIFO: the read waited for a writer for good)
+    except SceneReadError as exc:
+        raise ParameterError(f"{unreadable}: {exc}") from None
+    try:
         with ogr_path(path) as readable:
-            info, _, wkb, values = pyogrio.raw.read(readable, layer=_feature_layer(readable))
-    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
-        raise ParameterError(f"{unreadable}: {str(exc).splitlines()[0]}") from None
+            try:
+                info, _, wkb, values = pyogrio.raw.read(readable, layer=_feature_layer(readable))
+            except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
+                # (named as the user gave it, not as the link it was read through)
+                reason = str(exc).splitlines()[0].replace(str(readable), str(path))
+                raise ParameterError(f"{unreadable}: {reason}") from None
+    except OSError as exc:  # (the links could not be made)
+        raise ParameterError(f"{unreadable}: {exc}") from None
     geoms = shapely.from_wkb(wkb)
     src = CRS.from_user_input(info["crs"]) if info.get("crs") else None
     if src is not None and "undefined" in (src.to_wkt().split('"') + [""])[1].lower():

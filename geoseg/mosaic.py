@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -272,6 +273,9 @@ def _read_state(state: Path | None, out: Path) -> tuple[list[Path], dict[str, st
     inputs = data.get("inputs") if isinstance(data, dict) else None
     if not isinstance(files, list) or not all(isinstance(p, str) for p in files):
         files, inputs = [], None  # (a damaged state file: no mosaic to remove, none to keep a style of)
+    # only names geoseg gives its mosaics, in DIR itself: the run removes the ones it does not write again, and a
+    # state file naming "/home/x/file" or "../file" (anyone who can write DIR) had any file deleted
+    files = [p for p in files if re.fullmatch(rf"{MOSAIC_STEM}[\w.+-]*\.(vrt|qml)", p)]
     return ([out / p for p in files], dict(styles) if isinstance(styles, dict) else {},
             inputs if isinstance(inputs, str) else None)
 

@@ -52,7 +52,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from geoseg.atomic import atomic_write_text, file_above, write_error
+from geoseg.atomic import atomic_write_text, file_above, refuse_link, write_error
 from geoseg.blending import BlendMode, weight_map
 from geoseg.card import DEFAULT_SCALE, PALETTE, ClassInfo, ModelCard, Normalization, gap_fill_for, model_kwargs
 from geoseg.config import plain
@@ -1723,7 +1723,7 @@ class Trainer:
         """
         # polygon labels are burnt into rasters here, for this init: removed also when it refuses the config (the
         # folder stayed in the temp folder as long as the error was held, in a notebook for good)
-        with tempfile.TemporaryDirectory(prefix="geoseg-labels-") as burn_dir:
+        with tempfile.TemporaryDirectory(prefix="geoseg-labels-", ignore_cleanup_errors=True) as burn_dir:
             self._init(cfg, progress, Path(burn_dir))
 
     def _init(self, cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | None, burn_dir: Path) -> None:
@@ -3098,8 +3098,9 @@ def _run_lock(out: Path) -> Iterator[None]:
     path = out / LOCK_FILE
     for _ in range(3):  # a lock file removed by a run that failed before writing is made anew
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)  # (less the umask)
         except OSError as exc:
+            refuse_link(path, "the lock file")
             raise OutputError(f"cannot create the lock file {path}: {exc.strerror or exc}: choose another --out") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -148,7 +148,7 @@ def test_a_name_clash_fails_those_scenes_and_the_others_run(runner, tiny_unet, t
     assert "same outputs (same name, same folder): rename one" in scenes["scene0.tiff"]["error"]
     assert "would both write d1/x/scene1.tif" in scenes["d1/x/scene1.tif"]["error"]
     assert "FAILED  scene0.tif" in r.output and "Error" not in r.output
-    assert "5 scene(s): 2 to run (2 new), 0 skipped, 0 unreadable, 3 with clashing output names" in r.output
+    assert "5 scene(s): 2 to run (new: 2), 0 skipped, 0 unreadable, 3 with clashing output names" in r.output
     assert sorted(read_masks(out)) == ["d2/x/scene2_landcover.tif", "solo_landcover.tif"]
     with sqlite3.connect(out / ".geoseg" / "manifest.sqlite") as db:
         rows = dict(db.execute("SELECT key, status FROM scenes"))
@@ -732,7 +732,7 @@ def test_aoi_in_batch_skips_scenes_it_misses_without_failing(runner, tiny_unet, 
     assert report["here.tif"]["status"] == "ok" and report["away.tif"]["status"] == "skipped"
     assert report["away.tif"]["reason"] == "outside the AOI" and "does not overlap away.tif" in report["away.tif"]["error"]
     assert "skip" in r.output and "outside the AOI" in r.output
-    assert "2 scene(s): 1 to run (1 new), 1 skipped" in r.output  # known from its header: never sent to the model
+    assert "2 scene(s): 1 to run (new: 1), 1 skipped" in r.output  # known from its header: never sent to the model
     with rasterio.open(out / "here_landcover.tif") as ds:
         assert ds.shape == (40, 40) and (ds.transform.c, ds.transform.f) == (500100.0, 4799900.0)
     assert not list(out.glob("away*"))
@@ -2637,13 +2637,22 @@ def test_figures_recorded_in_the_card_do_not_redo_the_archive(runner, tiny_unet,
         db.execute("UPDATE scenes SET model = ?", (legacy,))
     db.close()
     assert dry() == unchanged
+    # a run that skips them records today's key: the card's next edit (more figures) still redoes nothing
+    r = runner.invoke(cli, ["-q", "batch", str(arch), "--weights", str(weights), "--out", str(out), "--vector", "none"])
+    assert r.exit_code == 0, r.output
+    db = sqlite3.connect(out / STATE_DIR / MANIFEST_NAME)
+    assert {m for (m,) in db.execute("SELECT model FROM scenes")} == {key}
+    db.close()
+    card["metrics"]["val"] = {"miou": 0.4}
+    Path(card_path).write_text(yaml.safe_dump(card))
+    assert dry() == unchanged
     card["classes"][0]["color"] = [1, 2, 3]
     Path(card_path).write_text(yaml.safe_dump(card))
     assert dry() == ["run\td1/x/scene1.tif\tmodel changed", "run\tscene0.tif\tmodel changed"]
     # the run's own log says why it redoes them (it said "2 to run" only)
     (arch / "new.tif").write_bytes((arch / "scene0.tif").read_bytes())
     r = runner.invoke(cli, ["batch", str(arch), "--weights", str(weights), "--out", str(out), "--vector", "none"])
-    assert r.exit_code == 0 and "3 scene(s): 3 to run (2 model changed, 1 new), 0 skipped" in r.output, r.output
+    assert r.exit_code == 0 and "3 scene(s): 3 to run (model changed: 2, new: 1), 0 skipped" in r.output, r.output
 
 
 @pytest.mark.slow
@@ -2654,11 +2663,18 @@ def test_batch_s_own_cluster_listens_on_this_machine_only() -> None:
 
     from geoseg.batch import BatchOptions, dask_client
 
-    with dask_client(BatchOptions(workers=1)):
+    import tempfile
+
+    with dask_client(BatchOptions(workers=1)) as client:
+        client.wait_for_workers(1)  # (their own HTTP servers listened on every interface with distributed 2023)
         procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
         listening = {(c.laddr.ip, c.laddr.port) for p in procs for c in p.net_connections("inet")
                      if c.status == psutil.CONN_LISTEN}
+        (scratch,) = {Path(d).parent for d in client.run(lambda dask_worker: dask_worker.local_directory).values()}
+        private = scratch.parent.name.startswith("geoseg-dask-") and (scratch.parent.stat().st_mode & 0o777) == 0o700
     assert listening and all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening
+    # the workers' scratch space: this run's own private folder (not the shared /tmp/dask-scratch-space), gone after
+    assert private and scratch.parent.parent == Path(tempfile.gettempdir()) and not scratch.parent.exists(), scratch
 
 
 def test_without_file_locks_batch_is_one_line_and_the_rest_imports(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
@@ -2680,3 +2696,63 @@ def test_without_file_locks_batch_is_one_line_and_the_rest_imports(runner, tiny_
             "Error: geoseg batch keeps runs on one --out apart with file locks (fcntl's flock), which this system does "
             "not have (Windows): run batch under WSL, or geoseg predict for each scene"), res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_control_character_in_batch_s_out_is_refused_before_any_work(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`--out 'o<TAB>x'`: the folder was made, every scene failed saying to rename the input, exit 3."""
+    arch = tmp_path / "arch"
+    make_archive(arch, 1)
+    r = run_cli(runner, tiny_unet, [arch], tmp_path / "o\tx")
+    assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        "Error: --out '" + str(tmp_path) + "/o\\tx' holds a control character (a tab, a newline)"), r.output
+    assert not (tmp_path / "o\tx").exists()
+
+
+def test_the_mosaic_state_file_names_only_mosaics_in_its_folder(tmp_path: Path) -> None:
+    """The run removes the mosaics of the last run it does not write again, as its state file names them: a state
+    file naming '/any/file' or '../file' (anyone who can write DIR) had those files deleted, exit 0."""
+    import json
+
+    from geoseg.mosaic import write_mosaics
+
+    out = tmp_path / "out"
+    state = out / ".geoseg"
+    state.mkdir(parents=True)
+    a = _mask(out / "a_landcover.tif", SEVEN)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    (out / "notes.qml").write_text("keep")
+    (out / "landcover_old.vrt").write_text("<VRTDataset/>")  # a mosaic of the last run, not written again
+    (state / "mosaics.json").write_text(json.dumps({"files": [str(precious), "../precious.txt", "notes.qml",
+                                                              "landcover_old.vrt"], "styles": {}}))
+    assert [p.name for p in write_mosaics(out, [a], [], state)] == ["landcover.vrt", "landcover.qml"]
+    assert precious.read_text() == "keep" and (out / "notes.qml").read_text() == "keep"
+    assert not (out / "landcover_old.vrt").exists()
+
+
+@pytest.mark.parametrize("planted", ["lock", "manifest.sqlite", "manifest.sqlite-wal", ""])
+def test_a_link_planted_in_the_state_folder_is_refused(runner, tiny_unet, tmp_path: Path, planted: str) -> None:  # type: ignore[no-untyped-def]
+    """`ln -s ~/victim DIR/.geoseg/lock` (anyone who can write DIR): the victim was truncated, made 0644 and its
+    first lines printed in the log ("taking over the lock of a batch run that died (<its lines>)"); a linked
+    manifest got a database written into it. One line now, and the file it points at is left as it was."""
+    import stat
+
+    arch = tmp_path / "arch"
+    make_archive(arch, 1)
+    out = tmp_path / "out"
+    victim = tmp_path / "victim"
+    victim.write_text("SECRET LINE\n")
+    victim.chmod(0o600)
+    if planted:
+        (out / ".geoseg").mkdir(parents=True)
+        (out / ".geoseg" / planted).symlink_to(victim)
+    else:  # the state folder itself
+        out.mkdir()
+        (tmp_path / "elsewhere").mkdir()
+        (out / ".geoseg").symlink_to(tmp_path / "elsewhere")
+    r = run_cli(runner, tiny_unet, [arch], out, "--vector", "none")
+    assert r.exit_code == 1 and "is a symbolic link: geoseg keeps its own state there" in r.stderr, r.output
+    assert "SECRET" not in r.output
+    assert victim.read_text() == "SECRET LINE\n" and stat.S_IMODE(victim.stat().st_mode) == 0o600
+    if not planted:
+        assert not list((tmp_path / "elsewhere").iterdir())

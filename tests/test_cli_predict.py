@@ -1024,12 +1024,17 @@ def test_a_killed_runs_temporary_export_cache_is_removed(tmp_path: Path, tiny_un
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     dead, alive = tmp_path / "tmp" / f"geoseg-exports-{gone.pid}", tmp_path / "tmp" / f"geoseg-exports-{os.getppid()}"
-    for d in (dead, alive):
+    dead_new = tmp_path / "tmp" / f"geoseg-exports-{gone.pid}-abcd1234"  # (named as since session 29)
+    # a folder named as this process's would have been before (another local user's plant: its model was loaded)
+    planted = tmp_path / "tmp" / f"geoseg-exports-{os.getpid()}"
+    for d in (dead, alive, dead_new, planted):
         (d / "key").mkdir(parents=True)
     with pytest.warns(PerformanceWarning, match="cannot write the export cache"):
         segment_scene(rgb(tmp_path), tmp_path / "out", weights=tiny_unet[0], options=PredictOptions(vector="none"))
-    assert not dead.exists() and (alive / "key").is_dir()
-    assert (tmp_path / "tmp" / f"geoseg-exports-{os.getpid()}").is_dir()  # this run's (removed at its exit)
+    assert not dead.exists() and not dead_new.exists() and (alive / "key").is_dir()
+    (mine,) = (tmp_path / "tmp").glob(f"geoseg-exports-{os.getpid()}-*")  # this run's (removed at its exit)
+    assert (mine.stat().st_mode & 0o777) == 0o700 and list(mine.glob("*/DONE"))
+    assert list(planted.iterdir()) == [planted / "key"]  # (never used)
 
 
 def _warning_said(src: Path, out: Path, weights: Path) -> Warning:
@@ -1376,6 +1381,9 @@ def test_names_the_vector_writer_takes_for_uri_syntax(runner, tiny_unet, tmp_pat
     from geoseg.io import read_vector
 
     weights = str(tiny_unet[0])
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    tempfile.tempdir, old_tempdir = str(temp), tempfile.tempdir  # (where the links are made: all must go)
     for name, fmt, folder in (("a;b.tif", "gpkg", "out_gpkg"), ("c!d.tif", "fgb", "out_fgb"),
                               ("e;f!g.tif", "gpkg", "o!1"), ("h.tif", "fgb", "o!2;x")):
         src = rgb(tmp_path, name, h=40, w=48)
@@ -1396,7 +1404,8 @@ def test_names_the_vector_writer_takes_for_uri_syntax(runner, tiny_unet, tmp_pat
             with sqlite3.connect(clean) as db:
                 assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
             db.close()
-    assert not list(Path(tempfile.gettempdir()).glob(f"geoseg-ogr-*/v.{fmt}"))  # (the links go)
+    tempfile.tempdir = old_tempdir
+    assert not list(temp.glob("geoseg-ogr-*"))  # (the links go)
     src = rgb(tmp_path, "s.tif", h=40, w=48)
     with rasterio.open(src) as ds:
         b = ds.bounds
@@ -1415,6 +1424,11 @@ def test_names_the_vector_writer_takes_for_uri_syntax(runner, tiny_unet, tmp_pat
         p.rename(tmp_path / f"r;e!f{p.suffix}")
     v = read_vector(tmp_path / "r;e!f.shp", missing="missing", unreadable="unreadable")
     assert v.fields == ["cls"] and list(v.values[0]) == [3] and v.crs == rasterio.crs.CRS.from_epsg(32633)
+    # a read error names the file as given, not the link it was read through
+    (tmp_path / "x;y.gpkg").write_bytes(b"not a geopackage")
+    with pytest.raises(ParameterError) as caught:
+        read_vector(tmp_path / "x;y.gpkg", missing="missing", unreadable="unreadable")
+    assert str(tmp_path / "x;y.gpkg") in str(caught.value) and "geoseg-ogr" not in str(caught.value), caught.value
 
 
 def test_names_gdal_cannot_take_are_one_line_errors(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -1731,6 +1745,18 @@ def test_paths_too_long_for_sqlite_or_the_file_system_are_one_line_errors_before
     res = runner.invoke(cli, ["batch", str(archive), "--weights", weights, "--out", str(out), "--vector", "none"])
     assert_one_line_error(res, "its path is too long for the batch manifest", "choose a shorter --out")
     assert not out.exists()
+    # measured as SQLite measures it, with links resolved: a short link to the deep folder is refused too
+    (tmp_path / "short").symlink_to(deep)
+    res = runner.invoke(cli, ["vectorize", str(mask), "--out", str(tmp_path / "short" / "w.gpkg")])
+    assert_one_line_error(res, "its path is too long for a GeoPackage")
+    (tmp_path / "short2").symlink_to(out.parent)
+    res = runner.invoke(cli, ["batch", str(archive), "--weights", weights, "--out", str(tmp_path / "short2" / "b"),
+                              "--vector", "none"])
+    assert_one_line_error(res, "its path is too long for the batch manifest")
+    # a folder --out made for the run goes again when the run is refused (also one named like a .tif)
+    res = runner.invoke(cli, ["predict", str(src), "--weights", weights, "--out", f"{deep / 'new.tif'}/"])
+    assert_one_line_error(res, "its path is too long for a GeoPackage")
+    assert not (deep / "new.tif").exists()
     with pytest.raises(OutputError, match=r"its path is too long for its file system \(4,\d\d\d bytes with geoseg's "
                                           r"temp names, at most 4,096\)"):
         check_path_length(Path("/" + "/".join(["e" * 200] * 21)) / "x.tif")
@@ -1774,6 +1800,12 @@ def test_a_fifo_or_a_pipe_is_refused_in_one_line(runner, tmp_path: Path) -> None
                  ["evaluate", str(fifo), "--reference", str(fifo)]):
         res = runner.invoke(cli, args)
         assert_one_line_error(res, f"{fifo} is not a regular file but a FIFO (named pipe)", "save it to a file first")
+    vfifo = tmp_path / "fifo.gpkg"  # (a vector input: an AOI, a reference, polygon labels)
+    os.mkfifo(vfifo)
+    mask = tmp_path / "m.tif"
+    write_raster(mask, np.ones((1, 8, 8), np.uint8), crs="EPSG:32633")
+    res = runner.invoke(cli, ["evaluate", str(mask), "--reference", str(vfifo)])
+    assert_one_line_error(res, f"{vfifo} is not a regular file but a FIFO (named pipe)")
     read, write = os.pipe()
     try:
         res = runner.invoke(cli, ["info", f"/dev/fd/{read}", "--no-model"])
@@ -1790,3 +1822,59 @@ def test_a_gzipped_scene_s_outputs_are_named_after_the_scene() -> None:
     assert output_paths(Path("/vsigzip/d/g z.tif.gz"), "out.tif")[0] == Path("out.tif")
     assert output_paths(Path("/vsigzip/d/g z.tif.gz"), None)[0] == Path.cwd() / "g z_landcover.tif"
     assert output_paths(Path("/d/a.b.tif"), None)[0] == Path("/d/a.b_landcover.tif")
+
+
+def test_a_file_named_tif_is_read_as_a_geotiff_only(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """GDAL opens by content: an uploaded 'scene.tif' that was a VRT read another user's file (or fetched a URL,
+    as a WMS description) into the batch's outputs, which finished 'ok'. The same VRT named .vrt still runs."""
+    other = rgb(tmp_path, "other_customer.tif", h=40, w=48)
+    with rasterio.open(other) as ds:
+        w, h = ds.width, ds.height
+    vrt = (f'<VRTDataset rasterXSize="{w}" rasterYSize="{h}"><SRS>EPSG:32633</SRS>'
+           '<GeoTransform>500000, 10, 0, 4800000, 0, -10</GeoTransform>'
+           + "".join(f'<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource><SourceFilename relativeToVRT="0">'
+                     f'{other}</SourceFilename><SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>'
+                     for b in (1, 2, 3)) + "</VRTDataset>")
+    up = tmp_path / "up"
+    up.mkdir()
+    (up / "scene.tif").write_text(vrt)
+    for args in (["info", str(up / "scene.tif"), "--no-model"],
+                 ["predict", str(up / "scene.tif"), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o")]):
+        res = runner.invoke(cli, args)
+        assert_one_line_error(res, "is not a raster GDAL can read as a GeoTIFF", "give it its own extension")
+    (up / "scene.vrt").write_text(vrt)
+    res = runner.invoke(cli, ["-q", "predict", str(up / "scene.vrt"), "--weights", str(tiny_unet[0]), "--out",
+                              str(tmp_path / "o"), "--vector", "none"])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_scene_of_too_many_windows_is_refused_before_any_work(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A sparse GeoTIFF of a few kB declaring 400,000 x 400,000 pixels (an upload to a nightly batch): predict
+    listed its windows until memory ran out (7.8 GB for 1,000,000 x 1,000,000), and would have run for months."""
+    from geoseg.engine import MAX_WINDOWS
+
+    big = tmp_path / "big.tif"
+    with rasterio.open(big, "w", driver="GTiff", width=400_000, height=400_000, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 4800000, 10, 10), tiled=True, blockxsize=16384,
+                       blockysize=16384, sparse_ok=True, compress="deflate"):
+        pass
+    assert big.stat().st_size < 1_000_000
+    res = runner.invoke(cli, ["predict", str(big), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o")])
+    assert_one_line_error(res, "big.tif is 400,000 x 400,000 pixels", f"more than one predict runs ({MAX_WINDOWS:,})",
+                          "cut it into parts")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_name_is_the_model_also_beside_a_folder_of_that_name(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model unet` in a working folder holding a folder 'unet' (an export a colleague sent, or planted) ran
+    that folder's model without a word. The name is geoseg's model, with a warning; `./unet` is the folder."""
+    from geoseg.engine import resolve_model
+
+    res = runner.invoke(cli, ["export", "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "unet")])
+    assert res.exit_code == 0, res.output
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"--model unet is geoseg's unet; a folder unet/ is here too: pass \./unet"):
+        named = resolve_model("unet")
+    assert named.export_dir is None and named.weights is not None and named.weights.name == "unet.pdparams"
+    assert resolve_model("./unet").export_dir is not None
