@@ -41,9 +41,12 @@ def export(model: str | None, weights: Path | None, card: Path | None, out: Path
     """
     from geoseg.engine import resolve_model
     from geoseg.exported import export_model_dir
+    from geoseg.models import MODEL_NAMES
 
-    if model is not None and os.path.isfile(os.path.join(model, "deploy.yaml")):  # (before reading it: a PaddleSeg export
-        raise click.BadParameter(f"{model} is already an exported folder", param_hint="--model")  # asked for --classes)
+    # (before reading it: a PaddleSeg export asked for --classes; a model's name is refused beside a folder of that
+    # name by resolve_model, as predict's)
+    if model is not None and model not in MODEL_NAMES and os.path.isfile(os.path.join(model, "deploy.yaml")):
+        raise click.BadParameter(f"{model} is already an exported folder", param_hint="--model")
     source = resolve_model(model, weights, card)
     if source.export_dir is not None:  # (an export without deploy.yaml, read with --card)
         raise click.BadParameter(f"{model} is already an exported folder", param_hint="--model")

@@ -32,6 +32,11 @@ TMP_SUFFIX = ".tmp"
 TMP_PREFIX = ".geoseg-"
 
 
+def is_control(char: str) -> bool:
+    """Whether ``char`` is a control character (a tab, a newline, DEL), which GDAL drops from the names it writes."""
+    return ord(char) < 32 or char == "\x7f"
+
+
 def printable(text: str) -> str:
     """``text`` as UTF-8 can hold it: the bytes of a name that is not valid UTF-8 (which Python keeps as
     surrogate escapes, ``caf\\udce9.tif``) as ``\\xe9`` (``caf\\xe9.tif``), for messages, logs and reports."""
@@ -58,7 +63,7 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
     if not is_utf8(str(path)):  # (rasterio failed on it with "unexpected error: UnicodeEncodeError")
         raise OutputError(f"output {printable(str(path))}: the name is not valid UTF-8 (GDAL takes UTF-8 names only): "
                           "choose another name or --out")
-    if any(ord(c) < 32 or c == "\x7f" for c in str(path)):  # (also a folder's: GDAL drops them from its paths)
+    if any(map(is_control, str(path))):  # (also a folder's: GDAL drops them from its paths)
         # GDAL drops them from the names it creates: the GeoPackage landed under another name, its style
         # then failed ("no such table: gpkg_contents") and a temp file was left behind
         raise OutputError(f"output {str(path)!r} holds a control character (a tab, a newline): give a name and "

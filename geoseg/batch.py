@@ -70,6 +70,7 @@ from geoseg.atomic import (
     disk_full,
     file_above,
     file_size_limit,
+    is_control,
     is_utf8,
     mode_as_created,
     no_space_reason,
@@ -179,7 +180,7 @@ def _bad_name(path: Path) -> str | None:
 def _controls_escaped(text: str) -> str:
     """``text`` with its control characters (a tab, a newline) written as ``\\x09``, ``\\x0a``: a scene's key
     on one line (a dry run's ``run|skip<TAB>scene<TAB>reason``, the log, the report)."""
-    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or c == "\x7f" else c for c in text)
+    return "".join(f"\\x{ord(c):02x}" if is_control(c) else c for c in text)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -514,8 +515,10 @@ def _own_descriptions(path: Path) -> tuple[str, ...]:
     cannot be read."""
     import rasterio
 
+    from geoseg.io import open_raster
+
     try:
-        with rasterio.Env(GDAL_PAM_ENABLED="NO"), rasterio.open(path) as ds:
+        with rasterio.Env(GDAL_PAM_ENABLED="NO"), open_raster(path) as ds:
             return tuple(d or "" for d in ds.descriptions)
     except Exception:  # noqa: BLE001 - unreadable: the scene itself fails with its own error
         return ()
@@ -718,8 +721,7 @@ class BatchLock:
         fcntl = _fcntl()
         refuse_link(self.path.parent, "the state folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        refuse_link(self.path, "the lock file")
-        try:  # (less the umask: a group's run may take it too; never through a link made after the check)
+        try:  # (less the umask: a group's run may take it too; never through a link: ELOOP)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
@@ -1833,7 +1835,7 @@ def _check_manifest_path(out: Path) -> None:
 
 def _check_out_dir(out: Path, dry_run: bool) -> None:
     """Refuse an output folder that cannot be one, before any work (one line, not a traceback)."""
-    if any(ord(c) < 32 or c == "\x7f" for c in str(out.absolute())):  # (every scene failed, and said to rename it)
+    if any(map(is_control, str(out.absolute()))):  # (every scene failed, and said to rename it)
         raise ParameterError(f"--out {str(out)!r} holds a control character (a tab, a newline), which GDAL drops from "
                              "the names it writes: choose a folder without one")
     _check_manifest_path(out)
@@ -2268,7 +2270,11 @@ def dask_client(batch: BatchOptions) -> Iterator[Any]:
         return
     import tempfile
 
-    scratch_dir = tempfile.TemporaryDirectory(prefix="geoseg-dask-", ignore_cleanup_errors=True)
+    import dask
+
+    # (inside Dask's own temporary-directory where set, DASK_TEMPORARY_DIRECTORY: a scratch disk)
+    scratch_dir = tempfile.TemporaryDirectory(prefix="geoseg-dask-", ignore_cleanup_errors=True,
+                                              dir=dask.config.get("temporary-directory", None) or None)
     scratch = scratch_dir.name
     muted: list[tuple[logging.Logger, int]] = []
     interrupted = _InterruptedSyncNoise()

@@ -139,9 +139,11 @@ def resolve_model(model: str | Path | None, weights: str | Path | None = None, c
 
     # a model's name (a str without a folder part) is the model, also where a folder of that name lies in the working
     # folder: `--model deeplabv3p` ran whatever export was there (a folder a colleague sent, or planted), without a word
+    # (refused, not chosen: whichever it ran, one of the two meanings would be a surprise)
     named = isinstance(model, str) and model in MODEL_NAMES
     if named and os.path.isdir(model):  # type: ignore[arg-type]
-        warn(f"--model {model} is geoseg's {model}; a folder {model}/ is here too: pass ./{model} to run that folder")
+        raise ParameterError(f"--model {model} names geoseg's {model}, and a folder {model}/ lies here too: pass "
+                             f"./{model} to run that folder, or run from another folder for geoseg's {model}")
     if model is not None and not named and os.path.isdir(model):
         from geoseg.exported import load_exported
 
@@ -347,8 +349,8 @@ def exported_for_inference(source: ModelSource) -> Path:
 def _export_cached(source: ModelSource, target: Path | None, key: str, homeless: OSError | None = None) -> Path:
     """Export into the cache's ``target`` or, where it cannot be written (or there is none: ``homeless``
     says why), into this run's temporary cache, removed when the process ends."""
-    fallback = _fallback_folder() / key
     if target is None:
+        fallback = _fallback_folder() / key  # (made only where needed: a full temp folder fails nothing else)
         if (fallback / "DONE").exists():
             return fallback
         warn(f"no export cache: {homeless}: exporting into {fallback.parent} for this run; set GEOSEG_CACHE_DIR to "
@@ -360,6 +362,7 @@ def _export_cached(source: ModelSource, target: Path | None, key: str, homeless:
     except OSError as exc:  # a read-only home (a container, a cron user): this run's own temporary cache
         if getattr(exc, "file_size_limit", None) is not None:  # (ulimit -f: as small anywhere else)
             raise
+        fallback = _fallback_folder() / key
         warn(f"cannot write the export cache {target.parent} ({exc.strerror or exc}): exporting into {fallback.parent} "
              "for this run; set GEOSEG_CACHE_DIR to a writable folder to keep it", PerformanceWarning)
         if (fallback / "DONE").exists():
@@ -1980,17 +1983,33 @@ def check_address_space() -> None:
 MAX_WINDOWS = 4_000_000
 
 
+def max_windows() -> int:
+    """The most windows one predict runs: ``GEOSEG_MAX_WINDOWS`` where set (a larger scene on purpose), else
+    :data:`MAX_WINDOWS`.
+
+    Raises:
+        ParameterError: ``GEOSEG_MAX_WINDOWS`` is not a positive whole number.
+    """
+    text = os.environ.get("GEOSEG_MAX_WINDOWS", "").strip()
+    if not text:
+        return MAX_WINDOWS
+    if not text.isdigit() or int(text) < 1:
+        raise ParameterError(f"GEOSEG_MAX_WINDOWS={text!r}: give a whole number of windows, e.g. 10000000")
+    return int(text)
+
+
 def check_window_count(meta: Any, grid: Any) -> None:
-    """Refuse a scene of more than :data:`MAX_WINDOWS` windows in one line, before any work.
+    """Refuse a scene of more than :func:`max_windows` windows in one line, before any work.
 
     Raises:
         SceneError: naming the scene's size and the windows it would need.
     """
-    if len(grid) > MAX_WINDOWS:
+    most = max_windows()
+    if len(grid) > most:
         raise SceneError(
             f"{meta.path.name} is {meta.width:,} x {meta.height:,} pixels: {len(grid):,} windows of {grid.tile} px, more "
-            f"than one predict runs ({MAX_WINDOWS:,}): cut it into parts (gdal_translate -srcwin), or give a larger "
-            "--tile-size")
+            f"than one predict runs ({most:,}): cut it into parts (gdal_translate -srcwin), give a larger --tile-size, "
+            "or raise the limit (GEOSEG_MAX_WINDOWS)")
 
 
 def check_memory(estimate_mb: float, window: tuple[int, int], batch_size: int) -> None:

@@ -49,6 +49,7 @@ from geoseg.io import (
     ids_by_text,
     band_class_names,
     ogr_path,
+    open_raster,
     check_latitudes,
     check_seekable,
     pixel_areas,
@@ -110,7 +111,7 @@ def _open(path: Path, what: str) -> Any:
         raise SceneReadError(f"{what} {path} does not exist: check the path")
     check_seekable(path, what)
     try:
-        ds = rasterio.open(path)
+        ds = open_raster(path)
     except rasterio.errors.RasterioError as exc:
         raise SceneReadError(f"{what} {path} cannot be read: {str(exc).splitlines()[0]}") from None
     try:  # (a degree grid beyond the poles: its stratified areas came out null)

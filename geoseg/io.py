@@ -211,6 +211,21 @@ def check_seekable(path: Path, what: str) -> None:
                              "seek in: save it to a file first")
 
 
+def tiff_named(path: str | Path) -> bool:
+    """Whether ``path`` is named as a GeoTIFF (``.tif``, ``.tiff``, also gzipped or compressed: ``.tif.gz``)."""
+    name = str(path).lower()
+    for packed in (".gz", ".bz2", ".xz", ".zst"):
+        name = name.removesuffix(packed)
+    return name.endswith((".tif", ".tiff"))
+
+
+def open_raster(path: str | Path, **kwargs: Any) -> Any:
+    """``rasterio.open`` for reading, a file named as a GeoTIFF (:func:`tiff_named`) as a GeoTIFF only: GDAL opens by
+    content, and an uploaded "scene.tif" that was a VRT or a WMS description fetched URLs, or read other users'
+    files, into a nightly batch's outputs. Every read of a user's raster goes through it."""
+    return rasterio.open(path, driver="GTiff" if tiff_named(path) else None, **kwargs)
+
+
 def open_scene(path: str | Path) -> SceneMeta:
     """Read a raster's metadata, with one-line errors for missing, non-raster or corrupt files.
 
@@ -238,11 +253,8 @@ def open_scene(path: str | Path) -> SceneMeta:
     if path.is_dir():
         raise SceneReadError(f"input {path} is a folder: give a GeoTIFF file (or use 'geoseg batch')")
     check_seekable(path, "input")
-    # a file named .tif opens as a GeoTIFF only: GDAL opens by content, and an uploaded "scene.tif" that was a
-    # VRT or a WMS description fetched URLs, or read other users' files, into the nightly batch's outputs
-    tiff_named = path.suffix.lower() in (".tif", ".tiff")
     try:
-        with rasterio.open(path, driver="GTiff" if tiff_named else None) as ds:
+        with open_raster(path) as ds:
             flags = tuple(tuple(f.name for f in band) for band in ds.mask_flag_enums)
             alpha = None
             for i, ci in enumerate(ds.colorinterp, start=1):
@@ -275,10 +287,10 @@ def open_scene(path: str | Path) -> SceneMeta:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if is_virtual(path) and ("No such file" in msg or "does not exist" in msg):
             raise SceneReadError(f"input {path} does not exist: check the path (and the name inside the archive)") from None
-        if ("not recognized as" in msg or "not a supported file format" in msg) and tiff_named:
-            raise SceneReadError(f"input {path} is not a raster GDAL can read as a GeoTIFF: geoseg reads files named "
-                                 ".tif or .tiff as GeoTIFFs only (another format, a VRT: give it its own "
-                                 "extension)") from None
+        if ("not recognized as" in msg or "not a supported file format" in msg) and tiff_named(path):
+            raise SceneReadError(f"input {path} is not a raster GDAL can read as a GeoTIFF: files named .tif or .tiff "
+                                 "are read as GeoTIFFs only: check the file (a download cut short?), or give another "
+                                 "format, or a VRT, its own extension") from None
         if "not recognized as" in msg or "not a supported file format" in msg:
             raise SceneReadError(f"input {path} is not a raster GDAL can read: give a GeoTIFF") from None
         raise corrupt_input(path, exc, virtual=is_virtual(path)) from None
@@ -414,7 +426,7 @@ def _handle(path: Path) -> Iterator[Any]:
         else:
             ds = None
     if ds is None:
-        ds = rasterio.open(path)
+        ds = open_raster(path)
         with _handles_lock:
             _handles[key] = ds
             _busy.add(key)

@@ -52,7 +52,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from geoseg.atomic import atomic_write_text, file_above, refuse_link, write_error
+from geoseg.atomic import atomic_write_text, file_above, mode_as_created, refuse_link, write_error
 from geoseg.blending import BlendMode, weight_map
 from geoseg.card import DEFAULT_SCALE, PALETTE, ClassInfo, ModelCard, Normalization, gap_fill_for, model_kwargs
 from geoseg.config import plain
@@ -72,6 +72,7 @@ from geoseg.io import (
     has_mask_band,
     ids_by_text,
     is_vector_path,
+    open_raster,
     open_scene,
     read_vector,
     read_window_gaps,
@@ -862,7 +863,7 @@ def read_labels(path: Path, window: Window, shift: Sequence[int] = (0, 0)) -> tu
     dy, dx = (int(v) for v in shift)
     shape = (int(window.height), int(window.width))
     try:
-        with rasterio.open(path) as ds:
+        with open_raster(path) as ds:
             # int32 holds every label of an 8/16/32-bit signed or 8/16-bit unsigned raster (half
             # the memory of int64 over a large region).
             kind = np.int32 if ds.dtypes[0] in ("uint8", "int8", "uint16", "int16", "int32") else np.int64
@@ -987,7 +988,7 @@ def class_table(cfg: TrainConfig, labels_path: Path, present: Sequence[int],
     cmap: dict[int, tuple[int, ...]] = {}
     names: dict[int, str] = {}
     with contextlib.suppress(rasterio.errors.RasterioError):
-        with rasterio.open(labels_path) as ds:
+        with open_raster(labels_path) as ds:
             with contextlib.suppress(ValueError):
                 cmap = ds.colormap(1)
             # the names a class raster carries (geoseg's own table, or another tool's CLASSES=1=developed,...):
@@ -3121,6 +3122,7 @@ def _run_lock(out: Path) -> Iterator[None]:
     else:
         raise OutputError(f"cannot lock {path}: it keeps being removed: choose another --out")
     _HELD_LOCKS.add(fd)
+    mode_as_created(path)  # (one made 0644 by geoseg before session 29)
     owner = os.getpid()
     try:
         os.ftruncate(fd, 0)

@@ -92,6 +92,7 @@ from geoseg.io import (
     ground_pixel_area,
     has_mask_band,
     ogr_path,
+    open_raster,
 )
 from geoseg.io import read_classes as read_tagged_classes
 
@@ -218,7 +219,7 @@ def open_mask(path: str | Path) -> MaskInfo:
         raise SceneReadError(f"mask {path} does not exist: check the path")
     check_seekable(path, "mask")
     try:
-        with rasterio.open(path) as ds:
+        with open_raster(path) as ds:
             return _mask_info(path, ds)
     except rasterio.errors.RasterioIOError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else "unreadable"
@@ -1146,7 +1147,7 @@ def vectorize_mask(
         mask_path.name, info.width, info.height, min_px, simplify, connectivity,
     )
 
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), rasterio.open(mask_path) as ds:  # (bytes, as an int)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_raster(mask_path) as ds:  # (bytes, as an int)
         if min_px > 1:
             read = _sieved_reader(ds, info, min_px, connectivity, block_size)
         else:

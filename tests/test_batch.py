@@ -2756,3 +2756,18 @@ def test_a_link_planted_in_the_state_folder_is_refused(runner, tiny_unet, tmp_pa
     assert victim.read_text() == "SECRET LINE\n" and stat.S_IMODE(victim.stat().st_mode) == 0o600
     if not planted:
         assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_the_nightly_fingerprint_reads_a_file_named_tif_as_a_geotiff_only(tmp_path: Path) -> None:
+    """Each night batch fingerprints every scene, its band names too, before the scene is opened: a 'w.tif' that was
+    a WMS description fetched its URL there (a VRT, as here, read its sources)."""
+    from geoseg.batch import _own_descriptions
+
+    src = write_raster(tmp_path / "src.tif", np.ones((1, 8, 8), np.uint8))
+    vrt = ('<VRTDataset rasterXSize="8" rasterYSize="8"><VRTRasterBand dataType="Byte" band="1">'
+           f'<Description>fetched</Description><SimpleSource><SourceFilename relativeToVRT="0">{src}</SourceFilename>'
+           '<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>')
+    (tmp_path / "w.vrt").write_text(vrt)
+    (tmp_path / "w.tif").write_text(vrt)
+    assert _own_descriptions(tmp_path / "w.vrt") == ("fetched",)  # (GDAL reads a VRT named as one)
+    assert _own_descriptions(tmp_path / "w.tif") == ()

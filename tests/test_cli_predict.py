@@ -1841,7 +1841,26 @@ def test_a_file_named_tif_is_read_as_a_geotiff_only(runner, tiny_unet, tmp_path:
     for args in (["info", str(up / "scene.tif"), "--no-model"],
                  ["predict", str(up / "scene.tif"), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o")]):
         res = runner.invoke(cli, args)
-        assert_one_line_error(res, "is not a raster GDAL can read as a GeoTIFF", "give it its own extension")
+        assert_one_line_error(res, "is not a raster GDAL can read as a GeoTIFF", "its own extension")
+    # every other read of a user's raster too: a mask to vectorize, a prediction or reference to evaluate, a
+    # gzipped one (the batch's fingerprint of a scene's band names: test_batch)
+    import gzip
+
+    classes = write_raster(tmp_path / "classes.tif", np.arange(40 * 48, dtype=np.uint8).reshape(40, 48) % 3 + 1,
+                           crs="EPSG:32633")
+    (up / "mask.tif").write_text(vrt.replace(str(other), str(classes)).split('<VRTRasterBand dataType="Byte" band="2">')[0]
+                                 + "</VRTDataset>")
+    with rasterio.open(up / "mask.tif") as ds:  # (GDAL reads it, as it would any VRT)
+        assert ds.driver == "VRT" and ds.count == 1
+    (up / "g.tif.gz").write_bytes(gzip.compress(vrt.encode()))
+    for args in (["vectorize", str(up / "mask.tif"), "--out", str(tmp_path / "v.gpkg")],
+                 ["evaluate", str(up / "mask.tif"), "--reference", str(classes)],
+                 ["evaluate", str(classes), "--reference", str(up / "mask.tif")],
+                 ["info", f"/vsigzip/{up / 'g.tif.gz'}", "--no-model"]):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 1 and "Traceback" not in res.output and len(res.stderr.strip().splitlines()) == 1, (
+            args, res.output)
+        assert "mask.tif" in res.stderr or "g.tif.gz" in res.stderr, res.stderr
     (up / "scene.vrt").write_text(vrt)
     res = runner.invoke(cli, ["-q", "predict", str(up / "scene.vrt"), "--weights", str(tiny_unet[0]), "--out",
                               str(tmp_path / "o"), "--vector", "none"])
@@ -1868,13 +1887,34 @@ def test_a_scene_of_too_many_windows_is_refused_before_any_work(runner, tiny_une
 def test_a_model_name_is_the_model_also_beside_a_folder_of_that_name(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """`--model unet` in a working folder holding a folder 'unet' (an export a colleague sent, or planted) ran
-    that folder's model without a word. The name is geoseg's model, with a warning; `./unet` is the folder."""
+    that folder's model without a word. Both meanings are there: refused in one line; `./unet` is the folder."""
     from geoseg.engine import resolve_model
 
     res = runner.invoke(cli, ["export", "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "unet")])
     assert res.exit_code == 0, res.output
     monkeypatch.chdir(tmp_path)
-    with pytest.warns(UserWarning, match=r"--model unet is geoseg's unet; a folder unet/ is here too: pass \./unet"):
-        named = resolve_model("unet")
-    assert named.export_dir is None and named.weights is not None and named.weights.name == "unet.pdparams"
+    said = ("--model unet names geoseg's unet, and a folder unet/ lies here too: pass ./unet to run that folder, or "
+            "run from another folder for geoseg's unet")
+    src = rgb(tmp_path, "s.tif", h=40, w=48)
+    for args in (["predict", str(src), "--model", "unet", "--out", "o"], ["export", "--model", "unet", "--out", "e"]):
+        res = runner.invoke(cli, args)
+        assert_one_line_error(res, said)
     assert resolve_model("./unet").export_dir is not None
+    assert resolve_model(tmp_path / "unet").export_dir is not None  # (a Path is a folder)
+
+
+def test_the_window_limit_can_be_raised_on_purpose(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 4,000,000-window refusal had no way round it for a scene that large on purpose; a bad value is one line."""
+    from geoseg.engine import max_windows
+
+    src = rgb(tmp_path, "s.tif", h=40, w=48)
+    monkeypatch.setenv("GEOSEG_MAX_WINDOWS", "1")
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o"),
+                              "--tile-size", "32", "--overlap", "8"])
+    assert_one_line_error(res, "s.tif is 48 x 40 pixels", "more than one predict runs (1)", "GEOSEG_MAX_WINDOWS")
+    monkeypatch.setenv("GEOSEG_MAX_WINDOWS", "10000000")
+    assert max_windows() == 10_000_000
+    monkeypatch.setenv("GEOSEG_MAX_WINDOWS", "lots")
+    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o")])
+    assert_one_line_error(res, "GEOSEG_MAX_WINDOWS='lots': give a whole number of windows")

@@ -2761,6 +2761,8 @@ def test_the_train_lock_takes_the_umask_s_mode(tmp_path: Path) -> None:
 
     old = os.umask(0o002)
     try:
+        (tmp_path / LOCK_FILE).touch()
+        os.chmod(tmp_path / LOCK_FILE, 0o644)  # (as geoseg made it before)
         with _run_lock(tmp_path):
             mode = stat.S_IMODE((tmp_path / LOCK_FILE).stat().st_mode)
     finally:
