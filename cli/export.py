@@ -43,11 +43,10 @@ def export(model: str | None, weights: Path | None, card: Path | None, out: Path
     from geoseg.exported import export_model_dir
     from geoseg.models import MODEL_NAMES
 
-    # (before reading it: a PaddleSeg export asked for --classes; a model's name is refused beside a folder of that
-    # name by resolve_model, as predict's)
+    # (before reading it: a PaddleSeg export asked for --classes)
     if model is not None and model not in MODEL_NAMES and os.path.isfile(os.path.join(model, "deploy.yaml")):
         raise click.BadParameter(f"{model} is already an exported folder", param_hint="--model")
-    source = resolve_model(model, weights, card)
+    source = resolve_model(model, weights, card, exported=False)  # (a name beside a folder of that name: the model)
     if source.export_dir is not None:  # (an export without deploy.yaml, read with --card)
         raise click.BadParameter(f"{model} is already an exported folder", param_hint="--model")
     folder = export_model_dir(source.card, source.weights, out, output_op=output_op,  # type: ignore[arg-type]

@@ -1741,6 +1741,8 @@ def run_batch(
             options = dataclasses.replace(options, aoi=str(Path(options.aoi).absolute()))
         # and so may the model's files (a relative --weights "did not exist" on every worker of a
         # --scheduler run); an export folder too (a name that is no folder is a shipped model's)
+        model.source()  # (first: `--model unet` beside a folder unet/ is refused, as predict's; made absolute below,
+        #  the name was the folder's path and ran it without a word)
         model = dataclasses.replace(model, **{
             f: str(Path(v).absolute()) for f in ("model", "weights", "card", "classes")
             if (v := getattr(model, f)) is not None and (os.path.isdir(v) if f == "model" else os.path.isfile(v)
@@ -1748,6 +1750,9 @@ def run_batch(
         if batch.scheduler and client is None:
             _check_scheduler_address(batch.scheduler)
         _fcntl()  # (before any work: a system without file locks cannot run batch)
+        from geoseg.engine import max_windows
+
+        max_windows()  # (a bad GEOSEG_MAX_WINDOWS: one line, not every scene failed)
         _check_out_dir(out, batch.dry_run)
         scenes = discover_scenes(inputs, out, batch.patterns,
                                  case_insensitive=ignores_case(out, probe=not batch.dry_run))
@@ -2272,9 +2277,15 @@ def dask_client(batch: BatchOptions) -> Iterator[Any]:
 
     import dask
 
-    # (inside Dask's own temporary-directory where set, DASK_TEMPORARY_DIRECTORY: a scratch disk)
-    scratch_dir = tempfile.TemporaryDirectory(prefix="geoseg-dask-", ignore_cleanup_errors=True,
-                                              dir=dask.config.get("temporary-directory", None) or None)
+    # (inside Dask's own temporary-directory where set, DASK_TEMPORARY_DIRECTORY: a scratch disk; made if missing, as
+    # Dask makes it; where it cannot be made or written, the temp folder, as Dask falls back too)
+    base = dask.config.get("temporary-directory", None) or None
+    try:
+        if base is not None:
+            os.makedirs(base, exist_ok=True)
+        scratch_dir = tempfile.TemporaryDirectory(prefix="geoseg-dask-", ignore_cleanup_errors=True, dir=base)
+    except OSError:
+        scratch_dir = tempfile.TemporaryDirectory(prefix="geoseg-dask-", ignore_cleanup_errors=True)
     scratch = scratch_dir.name
     muted: list[tuple[logging.Logger, int]] = []
     interrupted = _InterruptedSyncNoise()

@@ -125,7 +125,7 @@ def shipped_models() -> dict[str, Path]:
 
 
 def resolve_model(model: str | Path | None, weights: str | Path | None = None, card: str | Path | None = None,
-                  classes: Any = None) -> ModelSource:
+                  classes: Any = None, exported: bool = True) -> ModelSource:
     """Turn the CLI's ``--model``, ``--weights``, ``--card`` and ``--classes`` into a :class:`ModelSource`.
 
     ``model`` is a registry name (``deeplabv3p``, ``unet``) or an exported model folder
@@ -139,12 +139,13 @@ def resolve_model(model: str | Path | None, weights: str | Path | None = None, c
 
     # a model's name (a str without a folder part) is the model, also where a folder of that name lies in the working
     # folder: `--model deeplabv3p` ran whatever export was there (a folder a colleague sent, or planted), without a word
-    # (refused, not chosen: whichever it ran, one of the two meanings would be a surprise)
+    # (refused, not chosen: whichever it ran, one of the two meanings would be a surprise; where the folder could not
+    # be meant, not: with --weights, or for a caller that takes no export folder, ``exported=False``: export)
     named = isinstance(model, str) and model in MODEL_NAMES
-    if named and os.path.isdir(model):  # type: ignore[arg-type]
+    if named and exported and weights is None and os.path.isdir(model):  # type: ignore[arg-type]
         raise ParameterError(f"--model {model} names geoseg's {model}, and a folder {model}/ lies here too: pass "
                              f"./{model} to run that folder, or run from another folder for geoseg's {model}")
-    if model is not None and not named and os.path.isdir(model):
+    if model is not None and not named and exported and os.path.isdir(model):
         from geoseg.exported import load_exported
 
         folder = Path(model)
@@ -1993,7 +1994,7 @@ def max_windows() -> int:
     text = os.environ.get("GEOSEG_MAX_WINDOWS", "").strip()
     if not text:
         return MAX_WINDOWS
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise ParameterError(f"GEOSEG_MAX_WINDOWS={text!r}: give a whole number of windows, e.g. 10000000")
     return int(text)
 

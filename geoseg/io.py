@@ -212,11 +212,8 @@ def check_seekable(path: Path, what: str) -> None:
 
 
 def tiff_named(path: str | Path) -> bool:
-    """Whether ``path`` is named as a GeoTIFF (``.tif``, ``.tiff``, also gzipped or compressed: ``.tif.gz``)."""
-    name = str(path).lower()
-    for packed in (".gz", ".bz2", ".xz", ".zst"):
-        name = name.removesuffix(packed)
-    return name.endswith((".tif", ".tiff"))
+    """Whether ``path`` is named as a GeoTIFF (``.tif``, ``.tiff``, also gzipped: ``.tif.gz``, GDAL's /vsigzip/)."""
+    return str(path).lower().removesuffix(".gz").endswith((".tif", ".tiff"))
 
 
 def open_raster(path: str | Path, **kwargs: Any) -> Any:

@@ -2665,7 +2665,9 @@ def test_batch_s_own_cluster_listens_on_this_machine_only() -> None:
 
     import tempfile
 
-    with dask_client(BatchOptions(workers=1)) as client:
+    import dask
+
+    with dask.config.set({"temporary-directory": None}), dask_client(BatchOptions(workers=1)) as client:
         client.wait_for_workers(1)  # (their own HTTP servers listened on every interface with distributed 2023)
         procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
         listening = {(c.laddr.ip, c.laddr.port) for p in procs for c in p.net_connections("inet")
@@ -2771,3 +2773,18 @@ def test_the_nightly_fingerprint_reads_a_file_named_tif_as_a_geotiff_only(tmp_pa
     (tmp_path / "w.tif").write_text(vrt)
     assert _own_descriptions(tmp_path / "w.vrt") == ("fetched",)  # (GDAL reads a VRT named as one)
     assert _own_descriptions(tmp_path / "w.tif") == ()
+
+
+@pytest.mark.slow
+def test_dask_s_temporary_directory_holds_the_scratch_and_is_made_if_missing(tmp_path: Path) -> None:
+    """DASK_TEMPORARY_DIRECTORY (a scratch disk) took the workers' spill space; the private folder took it over,
+    and a setting naming a folder not made yet ended batch --workers in "unexpected error: FileNotFoundError"."""
+    import dask
+
+    from geoseg.batch import BatchOptions, dask_client
+
+    base = tmp_path / "scratch" / "dask"
+    with dask.config.set({"temporary-directory": str(base)}), dask_client(BatchOptions(workers=1)) as client:
+        client.wait_for_workers(1)
+        dirs = list(client.run(lambda dask_worker: dask_worker.local_directory).values())
+    assert dirs and all(Path(d).is_relative_to(base) for d in dirs), dirs

@@ -1282,10 +1282,14 @@ def test_an_aoi_of_invalid_or_collected_polygons(tmp_path: Path) -> None:
 
 def _predict_while_paddle_loads(tmp_path: Path, loading: str) -> Any:
     """Run ``geoseg predict`` in a new process whose paddle import is played by the function body
-    ``loading`` (indented four spaces); return the finished process."""
+    ``loading`` (indented four spaces); return the finished process. The stop signals are held back from the first
+    line, as the console script holds them (``geoseg_cli.main``): threads the imports start (OpenBLAS's) inherit the
+    block. (Without it a signal sent to the process could land in such a thread, and under load the test failed.)"""
     import subprocess
 
-    script = ("import os, signal, sys, time\nimport geoseg_cli.main as m\ndef loading_paddle():\n" + loading
+    script = ("import os, signal, sys, time\n"
+              "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})\n"
+              "import geoseg_cli.main as m\ndef loading_paddle():\n" + loading
               + "m._import_paddle_first = loading_paddle\nm.cli([\"predict\", sys.argv[1], \"--model\", \"unet\"])\n")
     return subprocess.run([sys.executable, "-c", script, str(tmp_path / "none.tif")], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
@@ -1824,7 +1828,8 @@ def test_a_gzipped_scene_s_outputs_are_named_after_the_scene() -> None:
     assert output_paths(Path("/d/a.b.tif"), None)[0] == Path("/d/a.b_landcover.tif")
 
 
-def test_a_file_named_tif_is_read_as_a_geotiff_only(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_file_named_tif_is_read_as_a_geotiff_only(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """GDAL opens by content: an uploaded 'scene.tif' that was a VRT read another user's file (or fetched a URL,
     as a WMS description) into the batch's outputs, which finished 'ok'. The same VRT named .vrt still runs."""
     other = rgb(tmp_path, "other_customer.tif", h=40, w=48)
@@ -1853,10 +1858,14 @@ def test_a_file_named_tif_is_read_as_a_geotiff_only(runner, tiny_unet, tmp_path:
     with rasterio.open(up / "mask.tif") as ds:  # (GDAL reads it, as it would any VRT)
         assert ds.driver == "VRT" and ds.count == 1
     (up / "g.tif.gz").write_bytes(gzip.compress(vrt.encode()))
+    (up / "g.vrt.gz").write_bytes(gzip.compress(vrt.encode()))
+    monkeypatch.chdir(up)  # (a relative /vsigzip/ path: GDAL reads it)
+    res = runner.invoke(cli, ["info", "/vsigzip/g.vrt.gz", "--no-model"])
+    assert res.exit_code == 0, res.output  # (GDAL reads a gzipped VRT named as one)
     for args in (["vectorize", str(up / "mask.tif"), "--out", str(tmp_path / "v.gpkg")],
                  ["evaluate", str(up / "mask.tif"), "--reference", str(classes)],
                  ["evaluate", str(classes), "--reference", str(up / "mask.tif")],
-                 ["info", f"/vsigzip/{up / 'g.tif.gz'}", "--no-model"]):
+                 ["info", "/vsigzip/g.tif.gz", "--no-model"]):
         res = runner.invoke(cli, args)
         assert res.exit_code == 1 and "Traceback" not in res.output and len(res.stderr.strip().splitlines()) == 1, (
             args, res.output)
@@ -1896,11 +1905,18 @@ def test_a_model_name_is_the_model_also_beside_a_folder_of_that_name(runner, tin
     said = ("--model unet names geoseg's unet, and a folder unet/ lies here too: pass ./unet to run that folder, or "
             "run from another folder for geoseg's unet")
     src = rgb(tmp_path, "s.tif", h=40, w=48)
-    for args in (["predict", str(src), "--model", "unet", "--out", "o"], ["export", "--model", "unet", "--out", "e"]):
+    (tmp_path / "arch").mkdir()
+    rgb(tmp_path / "arch", "a.tif", h=40, w=48)
+    for args in (["predict", str(src), "--model", "unet", "--out", "o"], ["info", str(src), "--model", "unet"],
+                 ["batch", "arch", "--model", "unet", "--out", "b"]):  # (batch made the name the folder's path)
         res = runner.invoke(cli, args)
         assert_one_line_error(res, said)
     assert resolve_model("./unet").export_dir is not None
     assert resolve_model(tmp_path / "unet").export_dir is not None  # (a Path is a folder)
+    # where the folder cannot be meant, the name is the model: with --weights, and for export (which takes none)
+    assert resolve_model("unet", weights=tiny_unet[0]).export_dir is None
+    res = runner.invoke(cli, ["export", "--model", "unet", "--out", "unet", "--overwrite"])
+    assert res.exit_code == 0 and res.stdout.strip().endswith("unet"), res.output
 
 
 def test_the_window_limit_can_be_raised_on_purpose(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
@@ -1915,6 +1931,12 @@ def test_the_window_limit_can_be_raised_on_purpose(runner, tiny_unet, tmp_path: 
     assert_one_line_error(res, "s.tif is 48 x 40 pixels", "more than one predict runs (1)", "GEOSEG_MAX_WINDOWS")
     monkeypatch.setenv("GEOSEG_MAX_WINDOWS", "10000000")
     assert max_windows() == 10_000_000
-    monkeypatch.setenv("GEOSEG_MAX_WINDOWS", "lots")
-    res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o")])
-    assert_one_line_error(res, "GEOSEG_MAX_WINDOWS='lots': give a whole number of windows")
+    for bad in ("lots", "²"):
+        monkeypatch.setenv("GEOSEG_MAX_WINDOWS", bad)
+        res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o")])
+        assert_one_line_error(res, f"GEOSEG_MAX_WINDOWS={bad!r}: give a whole number of windows")
+    (tmp_path / "arch").mkdir()
+    rgb(tmp_path / "arch", "a.tif", h=40, w=48)
+    res = runner.invoke(cli, ["batch", str(tmp_path / "arch"), "--weights", str(tiny_unet[0]), "--out",
+                              str(tmp_path / "b")])  # (once, before any scene: each failed, exit 3)
+    assert_one_line_error(res, "GEOSEG_MAX_WINDOWS='²': give a whole number of windows")
