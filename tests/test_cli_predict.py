@@ -1284,10 +1284,13 @@ def _predict_while_paddle_loads(tmp_path: Path, loading: str) -> Any:
     """Run ``geoseg predict`` in a new process whose paddle import is played by the function body
     ``loading`` (indented four spaces); return the finished process. The stop signals are held back from the first
     line, as the console script holds them (``geoseg_cli.main``): threads the imports start (OpenBLAS's) inherit the
-    block. (Without it a signal sent to the process could land in such a thread, and under load the test failed.)"""
+    block. Python's own Ctrl-C handler is put back first: a test run started in the background (`cmd &` in a script)
+    ignores SIGINT, as its children then do, and geoseg rightly leaves an ignored SIGINT ignored (the test failed
+    there, in .ci/run too)."""
     import subprocess
 
     script = ("import os, signal, sys, time\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})\n"
               "import geoseg_cli.main as m\ndef loading_paddle():\n" + loading
               + "m._import_paddle_first = loading_paddle\nm.cli([\"predict\", sys.argv[1], \"--model\", \"unet\"])\n")
