@@ -1741,12 +1741,14 @@ def run_batch(
             options = dataclasses.replace(options, aoi=str(Path(options.aoi).absolute()))
         # and so may the model's files (a relative --weights "did not exist" on every worker of a
         # --scheduler run); an export folder too (a name that is no folder is a shipped model's)
-        model.source()  # (first: `--model unet` beside a folder unet/ is refused, as predict's; made absolute below,
-        #  the name was the folder's path and ran it without a word)
+        # (a model's name stays a name: made the folder's path, `--model unet` beside a folder unet/ ran that folder
+        # without a word, where resolve_model refuses it, as for predict)
+        from geoseg.models import MODEL_NAMES
+
         model = dataclasses.replace(model, **{
             f: str(Path(v).absolute()) for f in ("model", "weights", "card", "classes")
-            if (v := getattr(model, f)) is not None and (os.path.isdir(v) if f == "model" else os.path.isfile(v)
-                                                          if f == "classes" else os.path.exists(v))})
+            if (v := getattr(model, f)) is not None and not (f == "model" and v in MODEL_NAMES)
+            and (os.path.isdir(v) if f == "model" else os.path.isfile(v) if f == "classes" else os.path.exists(v))})
         if batch.scheduler and client is None:
             _check_scheduler_address(batch.scheduler)
         _fcntl()  # (before any work: a system without file locks cannot run batch)

@@ -73,6 +73,7 @@ from geoseg.io import (
     polygons_skipped_reason,
     read_scene_window,
     scene_path,
+    tiff_named,
     windows_with_data,
     write_aux_xml,
     write_qml,
@@ -736,10 +737,16 @@ def _names_folder(out: str | Path) -> bool:
     return isinstance(out, str) and out.endswith(("/", os.sep))
 
 
+def _out_is_folder(out: str | Path) -> bool:
+    """Whether ``--out`` is a folder for the outputs: one that exists, a name ending in '/', or any name but a
+    .tif's (the mask's own name)."""
+    return _names_folder(out) or Path(out).is_dir() or Path(out).suffix.lower() not in (".tif", ".tiff")
+
+
 def output_paths(input_path: Path, out: str | Path | None) -> tuple[Path, Path]:
     """``(mask, confidence)`` paths: ``<out>/<stem>_landcover.tif`` or the given .tif name."""
     stem = input_path.stem
-    if input_path.suffix.lower() in (".gz", ".bz2", ".xz", ".zst") and Path(stem).suffix.lower() in (".tif", ".tiff"):
+    if input_path.suffix.lower() == ".gz" and tiff_named(input_path):
         stem = Path(stem).stem  # (/vsigzip/a.tif.gz: a_landcover.tif, not a.tif_landcover.tif)
     if out is None:
         # beside the input; an input inside an archive or object storage: the current folder
@@ -749,8 +756,8 @@ def output_paths(input_path: Path, out: str | Path | None) -> tuple[Path, Path]:
         # a folder that exists, or a name ending in '/', is a folder whatever its name ends in (an archive's
         # subfolder 'dir.tif' failed each of its scenes: "output .../dir.tif is a folder: give a file name")
         folder_named = _names_folder(out)
-        out = Path(out)
-        if out.suffix.lower() in (".tif", ".tiff") and not (folder_named or out.is_dir()):
+        is_folder, out = _out_is_folder(out), Path(out)
+        if not is_folder:
             mask = out
         else:
             if out.exists():
@@ -1458,8 +1465,7 @@ def segment_scene(
     if source is not None and (model, weights, card) != (None, None, None):
         raise ParameterError("segment_scene: give source= or model=/weights=/card=, not both")
     new_folder = None
-    if out is not None and not Path(out).exists() and (_names_folder(out) or Path(out).suffix.lower() not in
-                                                        (".tif", ".tiff")):
+    if out is not None and not Path(out).exists() and _out_is_folder(out):
         new_folder = Path(out)
     try:
         return _segment_scene(input_path, out, source=source, model=model, weights=weights, card=card, classes=classes,
