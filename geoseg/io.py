@@ -165,9 +165,14 @@ def scene_path(path: str | Path) -> Path:
 
     ``/vsizip//abs/scenes.zip/a.tif`` (an absolute archive path) would lose its double slash in a
     Path and name a relative archive; it becomes GDAL's equivalent ``/vsizip/{/abs/scenes.zip}/a.tif``.
+    ``/vsigzip//abs/a.tif.gz``, which takes no braces, becomes the file relative to the working folder.
     """
     text = os.fspath(path)  # (str() of an os.PathLike that is not a Path names the object, not its path)
     m = _ARCHIVE.match(text)
+    if m and m.group(1).lower() == "/vsigzip" and not m.group(3):
+        # (/vsigzip/ takes no braces: /vsigzip/{/abs/a.tif.gz} never opened; the file relative to the working
+        # folder keeps one slash, as GDAL reads it)
+        return Path(f"{m.group(1)}/{os.path.relpath(m.group(2))}")
     if m:
         return Path(f"{m.group(1)}/{{{m.group(2)}}}{m.group(3) or ''}")
     return Path(text)
@@ -284,6 +289,10 @@ def open_scene(path: str | Path) -> SceneMeta:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if is_virtual(path) and ("No such file" in msg or "does not exist" in msg):
             raise SceneReadError(f"input {path} does not exist: check the path (and the name inside the archive)") from None
+        if ("not recognized as" in msg or "not a supported file format" in msg) and tiff_named(path) \
+                and not is_virtual(path) and path.suffix.lower() == ".gz":
+            raise SceneReadError(f"input {path} is gzip-compressed: give it as /vsigzip/{text} (GDAL reads a "
+                                 "gzipped GeoTIFF through /vsigzip/), or gunzip it first") from None
         if ("not recognized as" in msg or "not a supported file format" in msg) and tiff_named(path):
             raise SceneReadError(f"input {path} is not a raster GDAL can read as a GeoTIFF: files named .tif or .tiff "
                                  "are read as GeoTIFFs only: check the file (a download cut short?), or give another "

@@ -1831,6 +1831,26 @@ def test_a_gzipped_scene_s_outputs_are_named_after_the_scene() -> None:
     assert output_paths(Path("/d/a.b.tif"), None)[0] == Path("/d/a.b_landcover.tif")
 
 
+def test_an_absolute_gzipped_scene_is_read_and_a_plain_one_is_told_its_path(  # type: ignore[no-untyped-def]
+        runner, tiny_unet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/vsigzip//abs/g.tif.gz said 'does not exist' (it became GDAL's braces, which /vsigzip/ does not take); a
+    plain g.tif.gz was 'not a raster GDAL can read as a GeoTIFF ... a download cut short?'."""
+    import gzip
+
+    scene = rgb(tmp_path, "g.tif", h=40, w=48)
+    (tmp_path / "g.tif.gz").write_bytes(gzip.compress(scene.read_bytes()))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    res = runner.invoke(cli, ["-q", "predict", f"/vsigzip/{tmp_path / 'g.tif.gz'}", "--weights", str(tiny_unet[0]),
+                              "--vector", "none"])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(work / "g_landcover.tif") as out, rasterio.open(scene) as ds:
+        assert out.transform == ds.transform and out.shape == ds.shape
+    res = runner.invoke(cli, ["predict", str(tmp_path / "g.tif.gz"), "--weights", str(tiny_unet[0])])
+    assert_one_line_error(res, "is gzip-compressed", f"/vsigzip/{tmp_path / 'g.tif.gz'}")
+
+
 def test_a_file_named_tif_is_read_as_a_geotiff_only(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """GDAL opens by content: an uploaded 'scene.tif' that was a VRT read another user's file (or fetched a URL,
