@@ -206,7 +206,7 @@ def _usage_error_to_log_file(args: list[str], exc: click.ClickException) -> None
     import os
     import time
 
-    path = os.environ.get("GEOSEG_BATCH_LOG_FILE") or None
+    path = os.path.expanduser(os.environ.get("GEOSEG_BATCH_LOG_FILE") or "") or None  # (~ as the option's)
     for i, arg in enumerate(args):
         if arg == "--log-file" and i + 1 < len(args):
             path = args[i + 1]

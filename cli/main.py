@@ -279,6 +279,22 @@ def _stdout_to_devnull() -> None:
         os.close(devnull)
 
 
+_PATH_TEXT_OPTIONS = frozenset({"model", "aoi"})  # (text options that may name a file or folder)
+
+
+def _expand_home_in_variables(param: click.Option) -> None:
+    """A path option set by a variable takes ``~`` as the home folder, as the shell does on a command line: a
+    crontab's ``GEOSEG_BATCH_OUT=~/results`` (cron expands no ``~``) wrote into a folder named ``~`` in the
+    working folder."""
+    resolve = param.resolve_envvar_value
+
+    def resolve_expanded(ctx: click.Context) -> str | None:
+        value = resolve(ctx)
+        return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+    param.resolve_envvar_value = resolve_expanded  # type: ignore[method-assign]
+
+
 def _document_envvars(group: click.Group) -> None:
     """Let ``GEOSEG_<COMMAND>_<OPTION>`` (the long option name, dashes as underscores) set every option,
     as the README says. Click's automatic name comes from the Python parameter name, which differs for
@@ -290,6 +306,8 @@ def _document_envvars(group: click.Group) -> None:
         for param in cmd.params:
             if not isinstance(param, click.Option) or not param.allow_from_autoenv or not param.name:
                 continue
+            if isinstance(param.type, click.Path) or param.name in _PATH_TEXT_OPTIONS:
+                _expand_home_in_variables(param)
             documented = [f"{cmd_prefix}_{opt.lstrip('-').replace('-', '_').upper()}"
                           for opt in param.opts if opt.startswith("--")]
             names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())

@@ -377,6 +377,24 @@ def test_second_run_skips_touch_reruns_one_force_redoes_all(runner, tiny_unet, t
     assert temp_files(out) == []
 
 
+def test_a_path_variable_takes_tilde_as_home(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """cron expands no '~': GEOSEG_BATCH_OUT=~/results wrote into a folder named '~' in the working folder (the
+    shell expands it on a command line; the same value from a variable means the same)."""
+    arch, home, work = tmp_path / "arch", tmp_path / "home", tmp_path / "work"
+    make_archive(arch, 1, size=(64, 64))
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    env = {"GEOSEG_BATCH_WEIGHTS": str(tiny_unet[0]).replace(str(tmp_path), "~/..", 1), "GEOSEG_BATCH_OUT": "~/results",
+           "GEOSEG_BATCH_LOG_FILE": "~/batch.log", "GEOSEG_BATCH_VECTOR": "none"}
+    r = runner.invoke(cli, ["-q", "batch", str(arch)], env=env)
+    assert r.exit_code == EXIT_OK, r.output
+    assert (home / "results" / "scene0_landcover.tif").exists() and (home / "batch.log").exists()
+    assert list(work.iterdir()) == []
+
+
 def test_corrupt_scene_fails_alone_exit_3(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     arch, out, rep, logf = tmp_path / "arch", tmp_path / "out", tmp_path / "r" / "report.json", tmp_path / "batch.log"
     make_archive(arch, 4, size=(64, 64))
