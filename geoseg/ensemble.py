@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,22 +43,29 @@ _SETTINGS = ("tile_size", "overlap", "adapt_prior", "pixel_size")
 _PER_RUN = ("seed", "best_iteration", "device")
 
 
-def member_source(member: str | Path) -> ModelSource:
+def member_source(member: str | Path, what: str = "member") -> ModelSource:
     """Resolve one member: a ``geoseg train`` output folder (``weights.pdparams`` +
-    ``weights.yaml``), a ``.pdparams`` file with its card beside it, or a shipped model name."""
+    ``weights.yaml``), a ``.pdparams`` file with its card beside it, or a shipped model name.
+
+    A shipped model's name beside a folder or file of that name is refused, as ``--model`` refuses it:
+    ``./unet`` is the folder (it took the folder without a word: a run trained with ``--out unet``, or
+    whatever lay there)."""
     path = Path(member)
+    if isinstance(member, str) and member in shipped_models() and os.path.lexists(member):
+        raise ModelError(f"{what} {member} names geoseg's shipped {member}, and {member} lies here too: pass "
+                         f"./{member} for that one, or run from another folder for geoseg's {member}")
     if path.is_dir():
         weights = path / "weights.pdparams"
         if not weights.is_file():
             hint = ("it is an exported folder: give the run's weights instead" if (path / "deploy.yaml").exists()
                     else "give a 'geoseg train' output folder or a .pdparams file")
-            raise ModelError(f"member {path} has no weights.pdparams: {hint}")
+            raise ModelError(f"{what} {path} has no weights.pdparams: {hint}")
         return resolve_model(None, weights=weights)
     if path.suffix == ".pdparams" or path.exists():
         return resolve_model(None, weights=path)
     if str(member) in shipped_models():
         return resolve_model(str(member))
-    raise ModelError(f"member {member} does not exist: give a 'geoseg train' output folder, a .pdparams file "
+    raise ModelError(f"{what} {member} does not exist: give a 'geoseg train' output folder, a .pdparams file "
                      f"or a shipped model name ({', '.join(shipped_models())})")
 
 

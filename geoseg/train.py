@@ -2107,9 +2107,9 @@ class Trainer:
         from geoseg.ensemble import member_source
 
         try:
-            source = member_source(cfg.teacher)
+            source = member_source(cfg.teacher, what="teacher")
         except ModelError as e:
-            raise ParameterError(f"teacher: {e}") from None
+            raise ParameterError(str(e) if str(e).startswith("teacher ") else f"teacher: {e}") from None
         card = source.card
         if source.export_dir is not None:
             raise ParameterError(f"teacher {cfg.teacher} is an exported folder: give the run's weights (.pdparams + card)")

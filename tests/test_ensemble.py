@@ -157,6 +157,19 @@ def test_combine_refuses_bad_members(tmp_path: Path) -> None:
         combine_models([ModelSource(card=member_source(a).card), member_source(b)], tmp_path / "e6")
 
 
+def test_a_shipped_name_beside_a_folder_of_that_name_is_refused(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`geoseg ensemble unet runs/s1` beside a run trained with --out unet took the folder without a word (predict's
+    --model refuses the same); ./unet is the folder, and the name alone elsewhere is the shipped model."""
+    run = _run(tmp_path / "unet", 0)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=r"names geoseg's shipped unet.*\./unet"):
+        member_source("unet")
+    assert Path(member_source("./unet").weights).resolve() == run / "weights.pdparams"
+    monkeypatch.chdir(run)
+    assert member_source("unet").card.in_channels == 5  # (the shipped UNet; the run's takes 3 bands)
+
+
 def test_cli_ensemble(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
     from geoseg_cli.main import cli
 
