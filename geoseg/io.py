@@ -172,7 +172,8 @@ def scene_path(path: str | Path) -> Path:
     if m and m.group(1).lower() == "/vsigzip" and not m.group(3):
         # (/vsigzip/ takes no braces: /vsigzip/{/abs/a.tif.gz} never opened; the file relative to the working
         # folder keeps one slash, as GDAL reads it)
-        return Path(f"{m.group(1)}/{os.path.relpath(m.group(2))}")
+        with contextlib.suppress(OSError, ValueError):  # (a removed working folder; another drive)
+            return Path(f"{m.group(1)}/{os.path.relpath(m.group(2))}")
     if m:
         return Path(f"{m.group(1)}/{{{m.group(2)}}}{m.group(3) or ''}")
     return Path(text)
