@@ -1682,7 +1682,8 @@ def _log_outcome(o: SceneOutcome, i: int, n: int) -> None:
     for w in o.warnings:
         log.warning("warning: %s", w)
     if o.status == "ok":
-        log.info("%s ok      %s  %d windows  %.1f s  %.2f Mpx/s%s", prefix, o.key, o.windows, o.seconds,
+        log.info("%s ok      %s  %d window%s  %.1f s  %.2f Mpx/s%s", prefix, o.key, o.windows,
+                 "" if o.windows == 1 else "s", o.seconds,
                  o.megapixels_per_s, f"  on {o.worker}" if o.worker else "")
     elif o.status == "skipped":
         log.info("%s skip    %s  (%s)", prefix, o.key, o.reason or "done, unchanged")
@@ -1965,12 +1966,18 @@ def _run_scenes(
         outcomes[o.key] = o
         _log_outcome(o, done_count, n)
 
+    decided: list[SceneOutcome] = []  # (logged after the run's first line, which counts them)
+
+    def decide(o: SceneOutcome) -> None:
+        outcomes[o.key] = o
+        decided.append(o)
+
     for sc in scenes:
         if sc.conflict is not None:  # its outputs would overwrite another scene's: it fails, the others run
             o = SceneOutcome(key=sc.key, input=printable(str(sc.path)), status="failed", reason=sc.refusal,
                              error=sc.conflict, error_type="ParameterError")
             _record(manifest, o, no_fingerprint, model_key, params_json, out)
-            finish(o)
+            decide(o)
             continue
         entry = manifest.get(sc.key)
         try:
@@ -1978,7 +1985,7 @@ def _run_scenes(
         except SceneReadError as exc:
             o = _failed(sc, exc, time.perf_counter())
             _record(manifest, o, no_fingerprint, model_key, params_json, out)
-            finish(o)
+            decide(o)
             continue
         crashes[sc.key] = crashes_of(entry, fp, model_key, params_json)
         if crashes[sc.key] >= MAX_CRASHES and not batch.force:
@@ -1988,7 +1995,7 @@ def _run_scenes(
             if entry.status == STARTED:  # (its last crash, counted now)
                 manifest.put(dataclasses.replace(entry, status="failed", crashes=crashes[sc.key], error=o.error,
                                                  finished=_now()))
-            finish(o)
+            decide(o)
             continue
         reason = why_run(entry, fp, model_key, params_json, out, batch.force)
         if reason is None and entry is not None and (entry.head_hash != fp["head_hash"] or entry.model != model_key):
@@ -1996,14 +2003,14 @@ def _run_scenes(
             # would have been "model changed" after the card's next edit of what changes no output)
             manifest.put(dataclasses.replace(entry, head_hash=fp["head_hash"], model=model_key))
         if reason is None:
-            finish(SceneOutcome(key=sc.key, input=str(sc.path), status="skipped",
+            decide(SceneOutcome(key=sc.key, input=str(sc.path), status="skipped",
                                 reason=OUTSIDE_AOI_REASON if entry and entry.status == OUTSIDE_AOI else "done, unchanged"))
             continue
         fingerprints[sc.key] = fp
         missed = _outside_aoi(sc, options.aoi) if options.aoi is not None else None
         if missed is not None:  # known from the scene's header: no task, no model for it
             _record(manifest, missed, fp, model_key, params_json, out)
-            finish(missed)
+            decide(missed)
             continue
         (last if crashes[sc.key] else todo).append((sc, reason))
     todo += last
@@ -2021,6 +2028,8 @@ def _run_scenes(
              f", {clashes} with clashing output names" if clashes else "",
              f", {bad_names} with names geoseg cannot write (not UTF-8, or a tab or newline)" if bad_names else "",
              f", {held} held back (they crashed the process running them)" if held else "")
+    for o in decided:
+        finish(o)
 
     def record_and_finish(o: SceneOutcome, reason: str) -> None:
         o.reason = o.reason or reason  # why it ran, unless it was skipped (outside the AOI)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import sqlite3
@@ -375,6 +376,21 @@ def test_second_run_skips_touch_reruns_one_force_redoes_all(runner, tiny_unet, t
     assert set(statuses(report_of(rep)).values()) == {"ok"}
     assert {k: v.tolist() for k, v in read_masks(out).items()} == {k: v.tolist() for k, v in masks.items()}
     assert temp_files(out) == []
+
+
+def test_the_run_s_first_line_comes_before_its_scenes_lines(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A night with skipped or unreadable scenes logged their lines first and the run's line after them (the README
+    and a monitor reading the log's first line take it for the run's)."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 2, size=(64, 64))
+    assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
+    (arch / "broken.tif").write_bytes(b"")
+    (arch / "scene2.tif").write_bytes((arch / "scene0.tif").read_bytes())
+    r = run_cli(runner, tiny_unet, [arch], out)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("4 scene(s): 2 to run (new: 2), 2 skipped, 0 unreadable"), r.stderr
+    assert sum(" skip " in ln for ln in lines) == 2 and sum("FAILED" in ln for ln in lines) == 1, r.stderr
+    assert re.search(r"\] ok +scene2\.tif  1 window  ", r.stderr), r.stderr  # (it said "1 windows")
 
 
 def test_a_path_variable_takes_tilde_as_home(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
