@@ -829,9 +829,12 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
         elif by_name is None and len(chosen) == card.in_channels:
             _warn_misnamed_bands(meta, card, chosen)
     if len(chosen) != card.in_channels:
-        if bands:
-            hint = " (--bands picked them)"
-        elif len(chosen) < card.in_channels:
+        if bands:  # (the list is short or long, not the scene: it said only "--bands picked them")
+            raise SceneError(f"--bands {','.join(map(str, chosen))} gives {len(chosen)} band"
+                             f"{'s' if len(chosen) != 1 else ''} but model {card.name!r} expects {card.in_channels}: "
+                             f"give {card.in_channels} band numbers of {meta.path.name} (1..{meta.count}), in the "
+                             f"order {', '.join(card.bands)}")
+        if len(chosen) < card.in_channels:
             hint = (f" ({', '.join(card.bands)}): predict it with a model trained on the bands it has "
                     f"(geoseg train), or use a scene that has all {card.in_channels}")
         elif (numbered := _bands_by_index(meta, card)) is not None:
@@ -848,11 +851,19 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
         _warn_misnamed_bands(meta, card, chosen, given=True)
     twice = sorted({b for b in chosen if chosen.count(b) > 1})
     if twice:  # allowed (a stand-in for a band the scene lacks), but rarely meant
-        warn(f"--bands {','.join(map(str, chosen))}: band{'s' if len(twice) > 1 else ''} "
-             f"{', '.join(map(str, twice))} feed{'' if len(twice) > 1 else 's'} the model twice (as "
-             f"{', '.join(card.bands[k] for k, b in enumerate(chosen) if b in twice)}): check --bands",
+        warn(f"--bands {','.join(map(str, chosen))} feeds the model {repeated_bands(chosen, card.bands)}: check --bands",
              InputRangeWarning)
     return chosen
+
+
+def repeated_bands(chosen: Sequence[int], names: Sequence[str] | None = None) -> str:
+    """``band 3 twice (as B1_blue, B2_green), band 1 three times (...)``: the bands ``chosen`` reads more than once,
+    with the model's band names they stand for where ``names`` are given."""
+    times = {2: "twice", 3: "three times"}
+    return ", ".join(
+        f"band {b} {times.get(chosen.count(b), f'{chosen.count(b)} times')}"
+        + (f" (as {', '.join(names[k] for k, c in enumerate(chosen) if c == b)})" if names else "")
+        for b in sorted({b for b in chosen if chosen.count(b) > 1}))
 
 
 def _warn_misnamed_bands(meta: SceneMeta, card: ModelCard, chosen: tuple[int, ...], given: bool = False) -> None:

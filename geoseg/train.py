@@ -1763,9 +1763,10 @@ class Trainer:
             meta = meta.for_bands(bands)  # (normalised as their type: band 1, not read, may be of another)
             twice = sorted({b for b in bands if bands.count(b) > 1})
             if twice and k == 0:  # (as predict warns of a --bands that feeds a band twice)
-                warn(f"bands {list(bands)}: band{'s' if len(twice) > 1 else ''} {', '.join(map(str, twice))} feed"
-                     f"{'' if len(twice) > 1 else 's'} the model twice: check bands (a repeated band adds nothing "
-                     "to learn from)", TrainingWarning)
+                from geoseg.engine import repeated_bands
+
+                warn(f"bands {list(bands)} feed the model {repeated_bands(bands)}: check bands (a repeated band adds "
+                     "nothing to learn from)", TrainingWarning)
             if cfg.band_names and len(cfg.band_names) != len(bands):
                 raise ParameterError(f"band_names lists {len(cfg.band_names)} name(s) but the model reads {len(bands)} "
                                      f"band(s) of {image_path.name}: give one name per band read (with --set bands=..., "

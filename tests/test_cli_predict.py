@@ -171,9 +171,12 @@ def test_info_uses_the_model_predict_would_run(runner: CliRunner, tmp_path: Path
     assert_one_line_error(res, "unknown model", "segformer")
     # a band given twice is allowed but said; too few bands: one band, not "1 bands"
     res = runner.invoke(cli, ["info", str(src), "--weights", str(tiny_unet[0]), "--bands", "3,3,1"])
-    assert res.exit_code == 0 and "band 3 feeds the model twice" in res.stderr, res.output
+    assert res.exit_code == 0 and "feeds the model band 3 twice (as " in res.stderr, res.output
+    res = runner.invoke(cli, ["info", str(src), "--weights", str(tiny_unet[0]), "--bands", "3,3,3"])
+    assert res.exit_code == 0 and "band 3 three times" in res.stderr, res.output  # (it said "twice")
+    # a --bands list too short is told to the list, with the count to give (it blamed the scene)
     res = runner.invoke(cli, ["info", str(src), "--weights", str(tiny_unet[0]), "--bands", "2"])
-    assert "gives 1 band but" in res.stdout, res.output
+    assert "--bands 2 gives 1 band but" in res.stdout and "give 3 band numbers of" in res.stdout, res.output
     # values far from the training data: the bands that are, each with its distance
     hot = write_raster(tmp_path / "hot.tif", np.ones((3, 40, 40), np.float32) * np.array([900, 900, 0.5], np.float32)[:, None, None])
     d = json.loads(runner.invoke(cli, ["info", str(hot), "--weights", str(tiny_unet[0]), "--json"]).stdout)

@@ -654,7 +654,7 @@ def test_config_errors_name_the_key(scene: tuple[Path, Path], tmp_path: Path) ->
     assert _cfg(scene, tmp_path, bands="3, 1,2").bands == (3, 1, 2)
     assert _cfg(scene, tmp_path, **yaml.safe_load("lr: 1e-3")).lr == 0.001  # YAML 1.1 reads that as text
     assert _cfg(scene, tmp_path, bands=2, ignore=0).bands == (2,)
-    with pytest.warns(TrainingWarning, match=r"bands \[1, 1, 2\]: band 1 feeds the model twice"):
+    with pytest.warns(TrainingWarning, match=r"bands \[1, 1, 2\] feed the model band 1 twice: check"):
         Trainer(_cfg(scene, tmp_path, bands=[1, 1, 2]))
     assert _cfg(scene, tmp_path, band_names="red,green").band_names == ("red", "green")
     with pytest.raises(ParameterError, match="band_names lists 1 name.*reads 3 band"):
