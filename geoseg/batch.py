@@ -2052,6 +2052,12 @@ def _run_scenes(
             _run_here(todo, out, model, options, record_and_finish, mark)
 
     if batch.mosaic:
+        # a failed scene keeps an earlier run's outputs on disk (nothing is removed), out of the mosaic
+        stale = [sc.key for sc in scenes if outcomes.get(sc.key) is not None and outcomes[sc.key].status == "failed"
+                 and (out / sc.out_dir / f"{Path(sc.key).stem}_landcover.tif").exists()]
+        if stale:
+            log.info("the mosaic leaves out %d mask(s) of scenes that failed this run (their earlier outputs stay on "
+                     "disk): %s%s", len(stale), ", ".join(stale[:5]), " ..." if len(stale) > 5 else "")
         _write_mosaic(out, manifest, source.card.classes)
     ordered = [outcomes[sc.key] for sc in scenes if sc.key in outcomes]
     return BatchResult(out_dir=out, scenes=ordered, seconds=time.perf_counter() - t0,

@@ -393,6 +393,20 @@ def test_the_run_s_first_line_comes_before_its_scenes_lines(runner, tiny_unet, t
     assert re.search(r"\] ok +scene2\.tif  1 window  ", r.stderr), r.stderr  # (it said "1 windows")
 
 
+def test_a_failed_scene_s_earlier_mask_left_out_of_the_mosaic_is_said(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A scene that failed tonight keeps last night's outputs on disk, and the mosaic left its mask out without a
+    word (the archive map lost an area; the log named only the failure)."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 2, size=(64, 64))
+    assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
+    (arch / "scene0.tif").write_bytes(b"not a tiff")
+    r = run_cli(runner, tiny_unet, [arch], out)
+    assert r.exit_code == 3 and (out / "scene0_landcover.tif").exists(), r.output
+    assert "the mosaic leaves out 1 mask(s) of scenes that failed this run (their earlier outputs stay on disk): " \
+           "scene0.tif" in r.stderr, r.stderr
+    assert "scene0_landcover.tif" not in (out / "landcover.vrt").read_text()
+
+
 def test_a_path_variable_takes_tilde_as_home(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """cron expands no '~': GEOSEG_BATCH_OUT=~/results wrote into a folder named '~' in the working folder (the
