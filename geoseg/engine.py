@@ -2185,7 +2185,9 @@ def describe_scene(
         if len(set(map(str, meta.nodatavals))) > 1
         else f"value {meta.nodata}" if meta.nodata is not None
         else f"alpha band {meta.alpha_band}" if meta.alpha_band is not None
-        else "internal mask" if any("per_dataset" in f for f in meta.mask_flags)
+        else ("mask file " + Path(f"{meta.path}.msk").name if not is_virtual(meta.path)
+              and os.path.exists(f"{meta.path}.msk") else "internal mask")
+        if any("per_dataset" in f for f in meta.mask_flags)
         else "NaN" if meta.dtype.startswith("float") else "none"
     )
     out = {

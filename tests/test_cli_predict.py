@@ -136,6 +136,24 @@ def test_info_memory_estimate_counts_ensemble_members(tmp_path: Path) -> None:
         2 * (RUNTIME_PER_MEMBER_MB + RUNTIME_PER_MEMBER_WINDOW_MB * windows) + kept, abs=1)
 
 
+def test_info_names_a_mask_file_as_such(runner: CliRunner, tmp_path: Path) -> None:
+    """A scene's nodata in a .msk file beside it was called an 'internal mask' (the user looks inside the TIFF)."""
+    data = np.full((3, 20, 30), 50, np.uint8)
+    keep = np.ones((20, 30), bool)
+    keep[:3] = False
+    inner = write_raster(tmp_path / "inner.tif", data, masks=keep)
+    outer = tmp_path / "outer.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(
+            outer, "w", driver="GTiff", width=30, height=20, count=3, dtype="uint8", crs="EPSG:32633",
+            transform=from_origin(500000.0, 4800000.0, 10.0, 10.0)) as ds:
+        ds.write(data)
+        ds.write_mask(keep.astype(np.uint8) * 255)
+    assert (tmp_path / "outer.tif.msk").exists()
+    for path, said in ((inner, "internal mask"), (outer, "mask file outer.tif.msk")):
+        d = json.loads(runner.invoke(cli, ["info", str(path), "--no-model", "--json"]).stdout)
+        assert d["nodata"] == said, d["nodata"]
+
+
 def test_info_uses_the_model_predict_would_run(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from geoseg.card import ModelCard
