@@ -438,7 +438,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
     Exit codes: 0 ok, 1 failure, 2 usage error, 3 batch finished with failed scenes,
     4 batch output folder locked by another run, 130 interrupted, 141 stdout closed early
-    (e.g. by | head; no message), 143 terminated (SIGTERM).
+    (e.g. by | head; no message), 143 terminated (SIGTERM), 129 hung up (SIGHUP).
     """
     verbosity = verbose - quiet
     _setup_logging(verbosity)

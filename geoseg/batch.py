@@ -59,7 +59,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from xml.etree import ElementTree
 
@@ -325,7 +325,7 @@ def discover_scenes(
         if len(same) > 1:
             names = " and ".join(printable(str(s.path)) for s in same)
             unique.append(dataclasses.replace(same[0], refusal="name clash", conflict=(
-                f"{names} would {'both' if len(same) == 2 else 'all'} write {key}: "
+                f"{names} would {'both' if len(same) == 2 else 'all'} write {_outputs_named(key)}: "
                 "give them separately into different --out folders")))
         else:
             unique.append(same[0])
@@ -343,6 +343,13 @@ def discover_scenes(
                     unique[i] = dataclasses.replace(unique[i], conflict=(
                         f"{names} would write the same outputs (same name, same folder): rename one"))
     return unique
+
+
+def _outputs_named(key: str) -> str:
+    """``2024/b_landcover.*``: the outputs a scene of key ``2024/b.tif`` writes, for messages (the key is the
+    input's name, not what is written)."""
+    path = PurePosixPath(key)
+    return str(path.with_name(f"{path.stem}_landcover.*"))
 
 
 def _searched_already(link: Path, real: Path) -> None:

@@ -97,7 +97,7 @@ def test_discover_mirrors_tree_lists_and_skips_the_output_folder(tmp_path: Path)
     # name clashes are scenes that fail (each with the reason), not an error for the whole batch
     other = _copy(arch / "scene3.tif", tmp_path / "scene3.tif")
     clash = discover_scenes([arch / "scene3.tif", other], out)
-    assert len(clash) == 1 and "would both write scene3.tif" in (clash[0].conflict or "")
+    assert len(clash) == 1 and "would both write scene3_landcover.*:" in (clash[0].conflict or "")
     _copy(arch / "scene3.tif", arch / "scene3.tiff")
     found = {s.key: s.conflict for s in discover_scenes([arch], out)}
     assert "same outputs" in (found["scene3.tif"] or "") and "same outputs" in (found["scene3.tiff"] or "")
@@ -147,7 +147,7 @@ def test_a_name_clash_fails_those_scenes_and_the_others_run(runner, tiny_unet, t
         "scene0.tif": "failed", "scene0.tiff": "failed", "d1/x/scene1.tif": "failed", "d2/x/scene2.tif": "ok",
         "solo.tif": "ok"}
     assert "same outputs (same name, same folder): rename one" in scenes["scene0.tiff"]["error"]
-    assert "would both write d1/x/scene1.tif" in scenes["d1/x/scene1.tif"]["error"]
+    assert "would both write d1/x/scene1_landcover.*:" in scenes["d1/x/scene1.tif"]["error"]
     assert "FAILED  scene0.tif" in r.output and "Error" not in r.output
     assert "5 scene(s): 2 to run (new: 2), 0 skipped, 0 unreadable, 3 with clashing output names" in r.output
     assert sorted(read_masks(out)) == ["d2/x/scene2_landcover.tif", "solo_landcover.tif"]

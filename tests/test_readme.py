@@ -23,3 +23,17 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert out[1].startswith("{'developed': ") and "'forest': " in out[1]
     assert (tmp_path / "out" / "landcover.gpkg").exists() and "polygons {" in out[2]
     assert out[3].startswith("OA ") and "'polygons': 34" in out[3]
+
+
+def test_the_exit_codes_of_geoseg_help_are_the_readme_s() -> None:
+    """`geoseg --help` left out 129 (SIGHUP), which the README's exit codes list."""
+    from click.testing import CliRunner
+
+    from geoseg_cli.main import cli
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = text.split("**Exit codes** (all commands):", 1)[1].split("all\nof these stop", 1)[0]
+    readme_codes = set(re.findall(r"(?<![\w.])(\d{1,3})\s+(?=[a-z(])", listed))
+    help_text = CliRunner().invoke(cli, ["--help"]).output.split("Exit codes:", 1)[1].split("Options:", 1)[0]
+    help_codes = set(re.findall(r"(?<![\w.])(\d{1,3})\s+(?=[a-z(])", help_text))
+    assert readme_codes == help_codes == {"0", "1", "2", "3", "4", "129", "130", "141", "143"}, (readme_codes, help_codes)
