@@ -431,11 +431,16 @@ def evaluate_vector(
         ignore = _default_ignore(ignore, classes, table, pds)
         fill = None if background is None else _background_id(background, table, ignore, pred_path)
         if fill is not None and field is None and "class_id" not in vec.fields:
-            others = [c.id for c in table or () if c.id != fill]
+            # the prediction's classes: its class table, else band 1's CLASSES tag (another tool's building map,
+            # "0=background,1=building", was "0 classes")
+            ids = ([c.id for c in table] if table else
+                   [cid for cid, name in band_class_names(pds).items() if not _means_no_data(name)])
+            others = [cid for cid in ids if cid != fill]
             if len(others) != 1:
                 raise ParameterError(f"reference {ref_path.name}: give --field, the attribute holding each polygon's "
                                      f"class (without it, --background needs a two-class prediction; "
-                                     f"{pred_path.name} has {len(table or ())} classes)")
+                                     f"{pred_path.name} has {len(ids)} classes"
+                                     + ("" if ids else ", and no class table or CLASSES tag") + ")")
             feature_ids = np.full(len(vec.geoms), others[0], np.int64)
         else:
             feature_ids = _reference_classes(vec, field, table, ref_path)

@@ -412,6 +412,15 @@ def test_footprints_with_a_background_score_like_their_raster(tmp_path: Path, ru
     assert json.loads(r.stdout)["confusion_matrix"] == as_raster.metrics.confusion.tolist()
     r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(tmp_path / "ref.tif"), "--background", "0"])
     assert r.exit_code == 1 and "--background is for a vector reference" in r.output
+    # another tool's building map names its classes in band 1's CLASSES tag, not in geoseg's table (it "had 0
+    # classes"); without either, the message says what is missing
+    other = write_raster(tmp_path / "other.tif", pred_arr, nodata=255)
+    with rasterio.open(other, "r+") as ds:
+        ds.update_tags(1, CLASSES="0=background,1=building,255=nodata")
+    r = evaluate_vector(other, ref, background=0)
+    assert r.metrics.confusion.tolist() == as_raster.metrics.confusion.tolist()
+    with pytest.raises(ParameterError, match=r"has 0 classes, and no class table or CLASSES tag\)"):
+        evaluate_vector(write_raster(tmp_path / "bare.tif", pred_arr, nodata=255), ref, background=0, ignore=())
 
 
 def test_cli_evaluate_vector_reference(tmp_path: Path, runner) -> None:  # type: ignore[no-untyped-def]
