@@ -121,6 +121,15 @@ def test_discover_mirrors_tree_lists_and_skips_the_output_folder(tmp_path: Path)
     assert _workers(Client(), {"GPU": 0.5})[:2] == (2, 1)  # (a worker without the name is no fit)
 
 
+def test_resources_without_a_cluster_are_refused(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Without --scheduler or --workers, --resources placed nothing and was ignored without a word."""
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 1, size=(64, 64))
+    r = run_cli(runner, tiny_unet, [arch], out, "--resources", "GPU=1")
+    assert r.exit_code == 2 and "--resources places scene tasks on Dask workers" in r.output, r.output
+    assert not out.exists()
+
+
 def test_a_refused_run_creates_no_output_folder(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     arch = tmp_path / "arch"
     make_archive(arch, 2, size=(16, 16))
