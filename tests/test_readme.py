@@ -37,3 +37,14 @@ def test_the_exit_codes_of_geoseg_help_are_the_readme_s() -> None:
     help_text = CliRunner().invoke(cli, ["--help"]).output.split("Exit codes:", 1)[1].split("Options:", 1)[0]
     help_codes = set(re.findall(r"(?<![\w.])(\d{1,3})\s+(?=[a-z(])", help_text))
     assert readme_codes == help_codes == {"0", "1", "2", "3", "4", "129", "130", "141", "143"}, (readme_codes, help_codes)
+
+
+def test_every_train_config_key_is_in_the_readme() -> None:
+    """min_labelled, power, grad_clip, ... were named only in the error that lists a misspelt key's choices."""
+    import dataclasses
+
+    from geoseg.train import TrainConfig
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8").split("**Every config key**", 1)[1].split("\n* ", 1)[0]
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "progress" and f"`{f.name}`" not in text]
+    assert missing == []
