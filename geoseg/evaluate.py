@@ -28,6 +28,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from geoseg.card import ClassInfo
 from geoseg.config import checked_arguments, plain
 from geoseg.errors import (
     EvaluationWarning,
@@ -429,12 +430,14 @@ def evaluate_vector(
         table = read_classes(pds)
         ignore_given = ignore is not None
         ignore = _default_ignore(ignore, classes, table, pds)
-        fill = None if background is None else _background_id(background, table, ignore, pred_path)
+        # the prediction's classes for --background: its class table, else band 1's CLASSES tag (another tool's
+        # building map, "0=background,1=building", had "0 classes"), less the values that mean no prediction
+        no_prediction = set(_prediction_ignore(pds))
+        classes_of_map = table or [ClassInfo(cid, name, (0, 0, 0)) for cid, name in band_class_names(pds).items()
+                                   if cid not in no_prediction]
+        fill = None if background is None else _background_id(background, classes_of_map, ignore, pred_path)
         if fill is not None and field is None and "class_id" not in vec.fields:
-            # the prediction's classes: its class table, else band 1's CLASSES tag (another tool's building map,
-            # "0=background,1=building", was "0 classes")
-            ids = ([c.id for c in table] if table else
-                   [cid for cid, name in band_class_names(pds).items() if not _means_no_data(name)])
+            ids = [c.id for c in classes_of_map]
             others = [cid for cid in ids if cid != fill]
             if len(others) != 1:
                 raise ParameterError(f"reference {ref_path.name}: give --field, the attribute holding each polygon's "

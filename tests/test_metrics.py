@@ -417,8 +417,12 @@ def test_footprints_with_a_background_score_like_their_raster(tmp_path: Path, ru
     other = write_raster(tmp_path / "other.tif", pred_arr, nodata=255)
     with rasterio.open(other, "r+") as ds:
         ds.update_tags(1, CLASSES="0=background,1=building,255=nodata")
-    r = evaluate_vector(other, ref, background=0)
-    assert r.metrics.confusion.tolist() == as_raster.metrics.confusion.tolist()
+    for fill in (0, "background"):  # (by name: "not one of other.tif's classes (it has no class table)")
+        r = evaluate_vector(other, ref, background=fill)
+        assert r.metrics.confusion.tolist() == as_raster.metrics.confusion.tolist()
+    with rasterio.open(other, "r+") as ds:  # the prediction's nodata is no class, whatever the tag calls it
+        ds.update_tags(1, CLASSES="0=background,1=building,255=outside")
+    assert evaluate_vector(other, ref, background=0).metrics.confusion.tolist() == as_raster.metrics.confusion.tolist()
     with pytest.raises(ParameterError, match=r"has 0 classes, and no class table or CLASSES tag\)"):
         evaluate_vector(write_raster(tmp_path / "bare.tif", pred_arr, nodata=255), ref, background=0, ignore=())
 
