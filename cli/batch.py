@@ -293,9 +293,6 @@ def batch(
         res = parse_resources(resources)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--resources") from None
-    if res and not (scheduler or workers):  # (ignored without a word: scenes ran in this process)
-        raise click.UsageError("--resources places scene tasks on Dask workers: give it with --scheduler (or "
-                               "--workers), or drop it")
     quiet = ctx.obj.get("quiet", False)
     # a terminal gets a bar per scene, a log file a line a minute (not from Dask workers)
     progress = False if quiet or scheduler or workers else True if sys.stderr.isatty() else "log"

@@ -1760,6 +1760,10 @@ def run_batch(
         if batch.scheduler and client is None:
             _check_scheduler_address(batch.scheduler)
         _fcntl()  # (before any work: a system without file locks cannot run batch)
+        if batch.resources and not (batch.scheduler or batch.workers or client is not None):
+            # (ignored without a word: a GEOSEG_BATCH_RESOURCES meant for the cluster's runs, or a missing --workers)
+            warn(f"--resources {_fmt_resources(batch.resources)} places scene tasks on Dask workers: without "
+                 "--scheduler or --workers the scenes run in this process and it is ignored", BatchWarning)
         from geoseg.engine import max_windows
 
         max_windows()  # (a bad GEOSEG_MAX_WINDOWS: one line, not every scene failed)

@@ -121,13 +121,15 @@ def test_discover_mirrors_tree_lists_and_skips_the_output_folder(tmp_path: Path)
     assert _workers(Client(), {"GPU": 0.5})[:2] == (2, 1)  # (a worker without the name is no fit)
 
 
-def test_resources_without_a_cluster_are_refused(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Without --scheduler or --workers, --resources placed nothing and was ignored without a word."""
-    arch, out = tmp_path / "arch", tmp_path / "out"
+def test_resources_without_a_cluster_are_said_to_be_ignored(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Without --scheduler or --workers, --resources placed nothing and was ignored without a word (a cron job's
+    GEOSEG_BATCH_RESOURCES runs on: a warning, in the log file too)."""
+    arch, out, logf = tmp_path / "arch", tmp_path / "out", tmp_path / "b.log"
     make_archive(arch, 1, size=(64, 64))
-    r = run_cli(runner, tiny_unet, [arch], out, "--resources", "GPU=1")
-    assert r.exit_code == 2 and "--resources places scene tasks on Dask workers" in r.output, r.output
-    assert not out.exists()
+    r = runner.invoke(cli, batch_args(tiny_unet, str(arch), "--out", str(out), "--log-file", str(logf), "--dry-run"),
+                      env={"GEOSEG_BATCH_RESOURCES": "GPU=1"})
+    said = "--resources GPU=1 places scene tasks on Dask workers: without --scheduler or --workers the scenes run"
+    assert r.exit_code == EXIT_OK and said in r.stderr and said in logf.read_text(), r.output
 
 
 def test_a_refused_run_creates_no_output_folder(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
