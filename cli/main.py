@@ -279,7 +279,7 @@ def _stdout_to_devnull() -> None:
         os.close(devnull)
 
 
-_PATH_TEXT_OPTIONS = frozenset({"model", "aoi"})  # (text options that may name a file or folder)
+_PATH_TEXT_OPTIONS = frozenset({"model", "aoi", "classes", "num_classes"})  # (text options that may name a file)
 
 
 def _expand_home_in_variables(param: click.Option) -> None:

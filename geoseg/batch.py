@@ -1983,47 +1983,52 @@ def _run_scenes(
         outcomes[o.key] = o
         decided.append(o)
 
-    for sc in scenes:
-        if sc.conflict is not None:  # its outputs would overwrite another scene's: it fails, the others run
-            o = SceneOutcome(key=sc.key, input=printable(str(sc.path)), status="failed", reason=sc.refusal,
-                             error=sc.conflict, error_type="ParameterError")
-            _record(manifest, o, no_fingerprint, model_key, params_json, out)
-            decide(o)
-            continue
-        entry = manifest.get(sc.key)
-        try:
-            fp = input_fingerprint(sc.path)
-        except SceneReadError as exc:
-            o = _failed(sc, exc, time.perf_counter())
-            _record(manifest, o, no_fingerprint, model_key, params_json, out)
-            decide(o)
-            continue
-        crashes[sc.key] = crashes_of(entry, fp, model_key, params_json)
-        if crashes[sc.key] >= MAX_CRASHES and not batch.force:
-            assert entry is not None
-            o = SceneOutcome(key=sc.key, input=str(sc.path), status="failed", reason=CRASHED_REASON,
-                             error=held_back_error(crashes[sc.key]), error_type="Crashed")
-            if entry.status == STARTED:  # (its last crash, counted now)
-                manifest.put(dataclasses.replace(entry, status="failed", crashes=crashes[sc.key], error=o.error,
-                                                 finished=_now()))
-            decide(o)
-            continue
-        reason = why_run(entry, fp, model_key, params_json, out, batch.force)
-        if reason is None and entry is not None and (entry.head_hash != fp["head_hash"] or entry.model != model_key):
-            # its sidecars, adopted; the model's key of today (an older geoseg's key, read as the same model,
-            # would have been "model changed" after the card's next edit of what changes no output)
-            manifest.put(dataclasses.replace(entry, head_hash=fp["head_hash"], model=model_key))
-        if reason is None:
-            decide(SceneOutcome(key=sc.key, input=str(sc.path), status="skipped",
-                                reason=OUTSIDE_AOI_REASON if entry and entry.status == OUTSIDE_AOI else "done, unchanged"))
-            continue
-        fingerprints[sc.key] = fp
-        missed = _outside_aoi(sc, options.aoi) if options.aoi is not None else None
-        if missed is not None:  # known from the scene's header: no task, no model for it
-            _record(manifest, missed, fp, model_key, params_json, out)
-            decide(missed)
-            continue
-        (last if crashes[sc.key] else todo).append((sc, reason))
+    try:
+        for sc in scenes:
+            if sc.conflict is not None:  # its outputs would overwrite another scene's: it fails, the others run
+                o = SceneOutcome(key=sc.key, input=printable(str(sc.path)), status="failed", reason=sc.refusal,
+                                 error=sc.conflict, error_type="ParameterError")
+                _record(manifest, o, no_fingerprint, model_key, params_json, out)
+                decide(o)
+                continue
+            entry = manifest.get(sc.key)
+            try:
+                fp = input_fingerprint(sc.path)
+            except SceneReadError as exc:
+                o = _failed(sc, exc, time.perf_counter())
+                _record(manifest, o, no_fingerprint, model_key, params_json, out)
+                decide(o)
+                continue
+            crashes[sc.key] = crashes_of(entry, fp, model_key, params_json)
+            if crashes[sc.key] >= MAX_CRASHES and not batch.force:
+                assert entry is not None
+                o = SceneOutcome(key=sc.key, input=str(sc.path), status="failed", reason=CRASHED_REASON,
+                                 error=held_back_error(crashes[sc.key]), error_type="Crashed")
+                if entry.status == STARTED:  # (its last crash, counted now)
+                    manifest.put(dataclasses.replace(entry, status="failed", crashes=crashes[sc.key], error=o.error,
+                                                     finished=_now()))
+                decide(o)
+                continue
+            reason = why_run(entry, fp, model_key, params_json, out, batch.force)
+            if reason is None and entry is not None and (entry.head_hash != fp["head_hash"] or entry.model != model_key):
+                # its sidecars, adopted; the model's key of today (an older geoseg's key, read as the same model,
+                # would have been "model changed" after the card's next edit of what changes no output)
+                manifest.put(dataclasses.replace(entry, head_hash=fp["head_hash"], model=model_key))
+            if reason is None:
+                decide(SceneOutcome(key=sc.key, input=str(sc.path), status="skipped",
+                                    reason=OUTSIDE_AOI_REASON if entry and entry.status == OUTSIDE_AOI else "done, unchanged"))
+                continue
+            fingerprints[sc.key] = fp
+            missed = _outside_aoi(sc, options.aoi) if options.aoi is not None else None
+            if missed is not None:  # known from the scene's header: no task, no model for it
+                _record(manifest, missed, fp, model_key, params_json, out)
+                decide(missed)
+                continue
+            (last if crashes[sc.key] else todo).append((sc, reason))
+    except BaseException:  # (a stop in this pass: the scenes decided so far are still logged, as the report has them)
+        for o in decided:
+            finish(o)
+        raise
     todo += last
     clashes = sum(sc.conflict is not None and sc.refusal == "name clash" for sc in scenes)
     bad_names = sum(sc.conflict is not None for sc in scenes) - clashes

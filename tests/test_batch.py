@@ -404,6 +404,27 @@ def test_the_run_s_first_line_comes_before_its_scenes_lines(runner, tiny_unet, t
     assert re.search(r"\] ok +scene2\.tif  1 window  ", r.stderr), r.stderr  # (it said "1 windows")
 
 
+def test_a_stop_before_the_run_s_first_line_still_logs_the_scenes_decided(  # type: ignore[no-untyped-def]
+        runner, tiny_unet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The skipped scenes' lines wait for the run's first line; a stop before it lost them (the report had them)."""
+    import geoseg.batch as gb
+
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    make_archive(arch, 3, size=(64, 64))
+    assert run_cli(runner, tiny_unet, [arch], out).exit_code == EXIT_OK
+    real, calls = gb.input_fingerprint, []
+
+    def stopping(path):  # type: ignore[no-untyped-def]
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(gb, "input_fingerprint", stopping)
+    r = run_cli(runner, tiny_unet, [arch], out)
+    assert r.exit_code == 130 and r.stderr.count(" skip ") == 2 and "interrupted" in r.stderr, r.output
+
+
 def test_a_failed_scene_s_earlier_mask_left_out_of_the_mosaic_is_said(runner, tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A scene that failed tonight keeps last night's outputs on disk, and the mosaic left its mask out without a
     word (the archive map lost an area; the log named only the failure)."""

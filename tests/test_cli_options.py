@@ -202,3 +202,28 @@ def test_help_texts_say_what_the_commands_take(runner: CliRunner) -> None:
     predict_model = next(p for p in cli.commands["predict"].params if p.name == "model")
     assert "exported model folder" in (batch_model.help or "")
     assert batch_model.help == predict_model.help
+
+
+def test_every_path_option_set_by_a_variable_takes_tilde_as_home(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """cron expands no '~': a path option's variable (GEOSEG_PREDICT_CLASSES=~/c.yaml, GEOSEG_BATCH_OUT=~/r) took
+    it literally; a text option that is no path (--bands) keeps it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    checked = set()
+    for name, cmd in cli.commands.items():
+        for param in cmd.params:
+            if not isinstance(param, click.Option) or param.name is None:
+                continue
+            ctx = click.Context(cmd, info_name=name, parent=click.Context(cli, auto_envvar_prefix="GEOSEG"),
+                                auto_envvar_prefix=f"GEOSEG_{name.upper()}")
+            names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+            var = names[0] if names else f"GEOSEG_{name.upper()}_{param.name.upper()}"
+            monkeypatch.setenv(var, "~/x")
+            value = param.resolve_envvar_value(ctx)
+            monkeypatch.delenv(var)
+            if isinstance(param.type, click.Path) or param.name in ("model", "aoi", "classes", "num_classes"):
+                assert value == str(tmp_path / "x"), (name, param.name, value)
+                checked.add(param.name)
+            elif param.name == "bands":
+                assert value == "~/x"
+    assert {"out", "weights", "classes", "num_classes", "aoi", "reference", "log_file", "config"} <= checked
