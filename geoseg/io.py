@@ -20,7 +20,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -160,20 +160,39 @@ class SceneMeta:
 _ARCHIVE = re.compile(r"^(/vsi(?:zip|tar|7z|rar|gzip))/(/.*?\.(?:zip|tar|tgz|tar\.gz|gz|7z|rar))(/.*)?$", re.IGNORECASE)
 
 
+class _GzipPath(PosixPath):
+    """A ``/vsigzip//abs/a.tif.gz`` path (GDAL's gzip reader takes no braces): a Path collapses the ``//`` that
+    makes the file absolute, and this one puts it back wherever it is written out (GDAL, messages); its name,
+    stem and parent are a Path's."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        head = text[:len("/vsigzip/")]
+        if head.lower() == "/vsigzip/" and not text[len(head):].startswith("/"):
+            return f"{head}/{text[len(head):]}"
+        return text
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return f"PosixPath({str(self)!r})"
+
+
 def scene_path(path: str | Path) -> Path:
     """``path`` as a :class:`~pathlib.Path` that keeps a GDAL virtual path readable.
 
     ``/vsizip//abs/scenes.zip/a.tif`` (an absolute archive path) would lose its double slash in a
     Path and name a relative archive; it becomes GDAL's equivalent ``/vsizip/{/abs/scenes.zip}/a.tif``.
-    ``/vsigzip//abs/a.tif.gz``, which takes no braces, becomes the file relative to the working folder.
+    ``/vsigzip//abs/a.tif.gz``, which takes no braces, keeps its ``//`` (:class:`_GzipPath`).
     """
     text = os.fspath(path)  # (str() of an os.PathLike that is not a Path names the object, not its path)
     m = _ARCHIVE.match(text)
-    if m and m.group(1).lower() == "/vsigzip" and not m.group(3):
-        # (/vsigzip/ takes no braces: /vsigzip/{/abs/a.tif.gz} never opened; the file relative to the working
-        # folder keeps one slash, as GDAL reads it)
-        with contextlib.suppress(OSError, ValueError):  # (a removed working folder; another drive)
-            return Path(f"{m.group(1)}/{os.path.relpath(m.group(2))}")
+    if m and m.group(1).lower() == "/vsigzip" and not m.group(3) and os.name == "posix":
+        # (/vsigzip/ takes no braces: /vsigzip/{/abs/a.tif.gz} never opened)
+        return _GzipPath(text)
     if m:
         return Path(f"{m.group(1)}/{{{m.group(2)}}}{m.group(3) or ''}")
     return Path(text)
@@ -531,7 +550,7 @@ def read_window_gaps(
         including every band of an invalid pixel), or ``None`` when every value has data.
     """
     try:
-        with _handle(Path(path)) as ds:
+        with _handle(scene_path(path)) as ds:  # (a Path() of /vsigzip//abs/a.tif.gz lost its '//')
             data = ds.read(list(bands), window=window)
             return _valid_and_missing(ds, data, window, bands, alpha_band)
     except rasterio.errors.RasterioIOError as exc:

@@ -1195,7 +1195,7 @@ class DiskImage:
 
     def __init__(self, path: Path, bands: tuple[int, ...], alpha_band: int | None, region: Region,
                  normalization: Normalization, raster_dtype: str, gap_fill: float) -> None:
-        self.path, self.bands, self.alpha_band = Path(path), tuple(bands), alpha_band
+        self.path, self.bands, self.alpha_band = scene_path(path), tuple(bands), alpha_band
         self.row, self.col = region.row, region.col
         self.shape = (len(bands), region.height, region.width)
         self.normalization, self.raster_dtype, self.gap_fill = normalization, raster_dtype, gap_fill

@@ -1870,6 +1870,20 @@ def test_an_absolute_gzipped_scene_is_read_and_a_plain_one_is_told_its_path(  # 
         assert out.transform == ds.transform and out.shape == ds.shape
     res = runner.invoke(cli, ["predict", str(tmp_path / "g.tif.gz"), "--weights", str(tiny_unet[0])])
     assert_one_line_error(res, "is gzip-compressed", f"/vsigzip/{tmp_path / 'g.tif.gz'}")
+    # the path stays the one typed (in messages too) and absolute: a library caller may change folders after
+    from rasterio.windows import Window
+
+    from geoseg.io import open_scene, read_scene_window
+
+    typed = f"/vsigzip/{tmp_path / 'g.tif.gz'}"
+    meta = open_scene(typed)
+    assert str(meta.path) == os.fspath(meta.path) == typed and meta.path.name == "g.tif.gz"
+    monkeypatch.chdir(tmp_path / "work")
+    (tmp_path / "work" / "deeper").mkdir()
+    monkeypatch.chdir(tmp_path / "work" / "deeper")
+    assert read_scene_window(meta, Window(0, 0, 8, 8), (1, 2, 3))[0].shape[-2:] == (8, 8)
+    res = runner.invoke(cli, ["info", typed.replace("g.tif.gz", "nope.tif.gz"), "--no-model"])
+    assert_one_line_error(res, f"input {typed.replace('g.tif.gz', 'nope.tif.gz')} does not exist")
 
 
 def test_a_file_named_tif_is_read_as_a_geotiff_only(runner, tiny_unet, tmp_path: Path,  # type: ignore[no-untyped-def]
