@@ -2104,11 +2104,14 @@ class Trainer:
         cfg = self.cfg
         if not cfg.teacher:
             return None
-        from geoseg.engine import build_predictor
+        from geoseg.engine import build_predictor, resolve_model, shipped_models
         from geoseg.ensemble import member_source
 
+        # (`teacher: unet` with `out: unet`: the folder of that name is this run's own, made before: the shipped unet)
+        own = (cfg.teacher in shipped_models() and os.path.isdir(cfg.teacher)
+               and Path(cfg.teacher).resolve() == self.out.resolve())
         try:
-            source = member_source(cfg.teacher, what="teacher")
+            source = resolve_model(cfg.teacher, exported=False) if own else member_source(cfg.teacher, what="teacher")
         except ModelError as e:
             raise ParameterError(str(e) if str(e).startswith("teacher ") else f"teacher: {e}") from None
         card = source.card

@@ -1679,13 +1679,22 @@ def test_a_teacher_of_the_same_weights_costs_nothing(scene: tuple[Path, Path], t
     assert abs(float(loss)) < 1e-5
 
 
-def test_teacher_errors_say_what_to_give(scene: tuple[Path, Path], tmp_path: Path) -> None:
+def test_teacher_errors_say_what_to_give(scene: tuple[Path, Path], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ParameterError, match="^teacher .*does not exist"):
         Trainer(_cfg(scene, tmp_path / "o", teacher=str(tmp_path / "nowhere"))).configure_teacher()
     train(_cfg(scene, tmp_path / "two", iterations=2, classes=[{"id": 1, "name": "a", "color": [1, 2, 3]},
                                                                   {"id": 2, "name": "b", "color": [4, 5, 6]}]))
     with pytest.raises(ParameterError, match=r"predicts classes \[1, 2\], this model \[1, 2, 3\]"):
         Trainer(_cfg(scene, tmp_path / "o", teacher=str(tmp_path / "two"))).configure_teacher()
+    # `teacher: unet` into `out: unet`: the folder of that name is the run's own, not a second meaning (it was
+    # refused as "unet lies here too"); the shipped unet is then taken, here refused for its classes
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ParameterError, match=r"predicts classes \[1, 2, 3, 4, 5, 6, 7\], this model \[1, 2, 3\]"):
+        Trainer(_cfg(scene, tmp_path / "unet", teacher="unet")).configure_teacher()
+    with pytest.raises(ParameterError, match="lies here too"):  # (another run's folder unet: either may be meant)
+        Trainer(_cfg(scene, tmp_path / "o", teacher="unet")).configure_teacher()
     with pytest.raises(ParameterError, match="distill_weight"):
         _cfg(scene, tmp_path / "o", teacher="x", distill_weight=0)
     with pytest.raises(ParameterError, match="distill_temperature"):
