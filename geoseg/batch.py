@@ -2025,27 +2025,24 @@ def _run_scenes(
                 decide(missed)
                 continue
             (last if crashes[sc.key] else todo).append((sc, reason))
-    except BaseException:  # (a stop in this pass: the scenes decided so far are still logged, as the report has them)
+        todo += last
+        clashes = sum(sc.conflict is not None and sc.refusal == "name clash" for sc in scenes)
+        bad_names = sum(sc.conflict is not None for sc in scenes) - clashes
+        held = sum(o.reason == CRASHED_REASON for o in outcomes.values())
+        why = collections.Counter("an output missing or changed" if r.startswith("output ") else
+                                  "crashed the process running it" if r.startswith("the batch process died") else r
+                                  for _, r in todo)
+        log.info("%d scene(s): %d to run%s, %d skipped, %d unreadable%s%s%s", n, len(todo),
+                 # (why: a night that redoes an archive says so in its log, not only in a dry run or the report)
+                 f" ({', '.join(f'{r}: {k}' for r, k in why.most_common())})" if todo else "",
+                 sum(o.status == "skipped" for o in outcomes.values()),
+                 sum(o.status == "failed" for o in outcomes.values()) - clashes - bad_names - held,
+                 f", {clashes} with clashing output names" if clashes else "",
+                 f", {bad_names} with names geoseg cannot write (not UTF-8, or a tab or newline)" if bad_names else "",
+                 f", {held} held back (they crashed the process running them)" if held else "")
+    finally:  # the run's first line, then the scenes decided before any work; on a stop in this pass those alone
         for o in decided:
             finish(o)
-        raise
-    todo += last
-    clashes = sum(sc.conflict is not None and sc.refusal == "name clash" for sc in scenes)
-    bad_names = sum(sc.conflict is not None for sc in scenes) - clashes
-    held = sum(o.reason == CRASHED_REASON for o in outcomes.values())
-    why = collections.Counter("an output missing or changed" if r.startswith("output ") else
-                              "crashed the process running it" if r.startswith("the batch process died") else r
-                              for _, r in todo)
-    log.info("%d scene(s): %d to run%s, %d skipped, %d unreadable%s%s%s", n, len(todo),
-             # (why: a night that redoes an archive says so in its log, not only in a dry run or the report)
-             f" ({', '.join(f'{r}: {k}' for r, k in why.most_common())})" if todo else "",
-             sum(o.status == "skipped" for o in outcomes.values()),
-             sum(o.status == "failed" for o in outcomes.values()) - clashes - bad_names - held,
-             f", {clashes} with clashing output names" if clashes else "",
-             f", {bad_names} with names geoseg cannot write (not UTF-8, or a tab or newline)" if bad_names else "",
-             f", {held} held back (they crashed the process running them)" if held else "")
-    for o in decided:
-        finish(o)
 
     def record_and_finish(o: SceneOutcome, reason: str) -> None:
         o.reason = o.reason or reason  # why it ran, unless it was skipped (outside the AOI)

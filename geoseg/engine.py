@@ -849,8 +849,7 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
     meta.for_bands(chosen, hint=" (or pick bands of one type with --bands)" if meta.count > len(chosen) else "")
     if bands:  # the user's order: still say where a band's description names another of the card's bands
         _warn_misnamed_bands(meta, card, chosen, given=True)
-    twice = sorted({b for b in chosen if chosen.count(b) > 1})
-    if twice:  # allowed (a stand-in for a band the scene lacks), but rarely meant
+    if len(set(chosen)) < len(chosen):  # a band read twice: allowed (a stand-in for a band the scene lacks), but rarely meant
         warn(f"--bands {','.join(map(str, chosen))} feeds the model {repeated_bands(chosen, card.bands)}: check --bands",
              InputRangeWarning)
     return chosen

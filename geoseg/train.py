@@ -1761,8 +1761,7 @@ class Trainer:
             if bad:
                 raise ParameterError(f"bands {list(bands)}: {image_path.name} has bands 1..{meta.count}")
             meta = meta.for_bands(bands)  # (normalised as their type: band 1, not read, may be of another)
-            twice = sorted({b for b in bands if bands.count(b) > 1})
-            if twice and k == 0:  # (as predict warns of a --bands that feeds a band twice)
+            if len(set(bands)) < len(bands) and k == 0:  # (as predict warns of a --bands that feeds a band twice)
                 from geoseg.engine import repeated_bands
 
                 warn(f"bands {list(bands)} feed the model {repeated_bands(bands)}: check bands (a repeated band adds "
