@@ -4,7 +4,7 @@ The reference is a raster on the same grid (size, geotransform, CRS; otherwise
 :class:`~geoseg.errors.GridMismatchError` says which property differs), or vector data
 (:func:`evaluate_vector`): field points, each scored on the prediction pixel it falls in, and
 polygons, every pixel whose centre they contain, in any CRS. Pixels equal to either
-raster's nodata value (255 too in a uint8 prediction: geoseg's mask nodata), hidden by either
+raster's nodata value (255 in a uint8 prediction without one: geoseg's mask nodata), hidden by either
 raster's mask band, equal to an ``ignore`` value of the reference, or outside ``region`` are not
 counted. Class ids are the values of the rasters (e.g. 1..7; a floating-point reference is taken
 when every value is a whole id, as ``geoseg train`` takes one); by default they are the union of
@@ -46,6 +46,7 @@ from geoseg.io import (
     GeoAreas,
     ProjectedAreas,
     has_mask_band,
+    image_values,
     area_units,
     ids_by_text,
     band_class_names,
@@ -123,20 +124,28 @@ def _open(path: Path, what: str) -> Any:
     return ds
 
 
-def check_class_raster(ds: Any, what: str, *, whole_floats: bool = False) -> None:
-    """Refuse a raster that cannot be a class map: several bands (an image, a probabilities raster)
-    or floating-point values (with ``whole_floats``, those are checked block by block as they are
-    read instead: see :func:`_read_classes`)."""
+def check_class_raster(ds: Any, what: str, *, whole_floats: bool = False, described: bool = False) -> None:
+    """Refuse a raster that cannot be a class map: several bands (an image, a probabilities raster),
+    floating-point values (with ``whole_floats``, those are checked block by block as they are read
+    instead: see :func:`_read_classes`), or an image band: more distinct values than a class raster
+    without class names holds (:func:`geoseg.io.image_values`; ``described``: the class ids are given)."""
     name = Path(ds.name).name
     if ds.count > 1:
-        hint = ("give the mask geoseg predict wrote (<scene>_landcover.tif), not an image or a probabilities raster"
-                if what == "prediction" else "give the label raster, not the image")
+        hint = ("give the label raster, not the image" if what == "reference" else
+                "give the mask geoseg predict wrote (<scene>_landcover.tif), not an image or a probabilities raster")
         raise SceneError(f"{what} {name} has {ds.count} bands, a class raster has one: {hint}")
-    if whole_floats and np.issubdtype(np.dtype(ds.dtypes[0]), np.floating):
-        return
-    if not np.issubdtype(np.dtype(ds.dtypes[0]), np.integer):
+    floating = np.issubdtype(np.dtype(ds.dtypes[0]), np.floating)
+    if not floating and not np.issubdtype(np.dtype(ds.dtypes[0]), np.integer):
+        raise SceneError(f"{what} {name} holds {ds.dtypes[0]} values, a class raster holds integers: give the class map")
+    if floating and not whole_floats:
         raise SceneError(f"{what} {name} holds {ds.dtypes[0]} values, a class raster holds integers: give the class "
                          "map (the probabilities' argmax is the mask predict writes)")
+    distinct = None if described else image_values(ds)
+    if distinct is not None:  # (a uint16 scene band: a point or a matrix row per grey value)
+        ids = ("give --classes with them" if what != "mask" else
+               "name them in band 1's CLASSES tag (gdal_edit.py -mo CLASSES=1=forest,2=water,...)")
+        raise SceneError(f"{what} {name} has {distinct} distinct values in a sample and no class names: that is an "
+                         f"image, not class ids; give the class map, or, if they are class ids, {ids}")
 
 
 def _read_classes(ds: Any, window: Window) -> np.ndarray:
@@ -197,8 +206,8 @@ def evaluate_rasters(
     """Compare a predicted class raster with a reference raster (band 1 of each).
 
     Args:
-        prediction: Class raster (e.g. from ``geoseg predict``). Its nodata value (255 too in a uint8
-            map: geoseg's mask nodata) and the pixels its mask band hides have no prediction and are
+        prediction: Class raster (e.g. from ``geoseg predict``). Its nodata value (255 in a uint8
+            map without one: geoseg's mask nodata) and the pixels its mask band hides have no prediction and are
             not counted; values that are not among the classes are added to them (counted as
             errors), with a warning.
         reference: Reference labels; its nodata, the pixels its mask band hides and ``ignore``
@@ -219,8 +228,8 @@ def evaluate_rasters(
     win = parse_pixel_region(region)
     _check_block_rows(block_rows)
     with _open(pred_path, "prediction") as pds, _open(ref_path, "reference") as rds:
-        check_class_raster(pds, "prediction")
-        check_class_raster(rds, "reference", whole_floats=True)
+        check_class_raster(pds, "prediction", described=classes is not None)
+        check_class_raster(rds, "reference", whole_floats=True, described=classes is not None)
         check_grids(pds, rds)
         box = _region_box(win, rds.width, rds.height)
         table = read_classes(pds)
@@ -235,7 +244,7 @@ def evaluate_rasters(
                                                              - set(pred_ignore))
         else:
             ids = list(dict.fromkeys(int(c) for c in classes))  # (an id given twice counts once: it crashed)
-        ids = _with_reference_ids(ids, ref_ids)
+        ids = _with_reference_ids(ids, ref_ids, pred_ignore)
         cm = ConfusionMatrix(ids, ignore_reference=ref_ignore, ignore_prediction=pred_ignore,
                              add_predicted_classes=True)
         c0, r0, w, h = box
@@ -320,15 +329,25 @@ def _means_no_data(name: str) -> bool:
 
 def _prediction_ignore(pds: Any) -> list[int]:
     """Prediction values that mean "no prediction": the map's nodata value, 255 (geoseg's mask nodata)
-    in a uint8 map (in a wider map 255 is a class like any other), and values band 1's ``CLASSES`` tag
-    names as no data."""
-    out = [MASK_NODATA] if np.dtype(pds.dtypes[0]) == np.uint8 else []
+    in a uint8 map without one (as vectorize takes it; with another nodata value, or in a wider map,
+    255 is a class like any other), and values band 1's ``CLASSES`` tag names as no data."""
     nodata = pds.nodata
+    out = [MASK_NODATA] if np.dtype(pds.dtypes[0]) == np.uint8 and nodata is None else []
     if nodata is not None and np.isfinite(nodata) and float(nodata) == int(nodata) and int(nodata) not in out:
         out.append(int(nodata))
     # a value band 1's CLASSES tag names as no data (another tool's "0=no_data", without a nodata value)
     out += [v for v, name in band_class_names(pds).items() if _means_no_data(name) and v not in out]
     return out
+
+
+def _ids(values: Sequence[int], most: int = 12) -> str:
+    """A list of ids for a message: whole up to ``most``, else its first and last few and how many (a
+    map of 4,000 grey values listed every one)."""
+    values = list(values)
+    if len(values) <= most:
+        return str(values)
+    head, tail = ", ".join(map(str, values[: most - 2])), ", ".join(map(str, values[-2:]))
+    return f"[{head}, ..., {tail}] ({len(values)} in all)"
 
 
 def _with_predicted_ids(cm: ConfusionMatrix, ids: Sequence[int], ignore: Sequence[int] = (),
@@ -339,22 +358,28 @@ def _with_predicted_ids(cm: ConfusionMatrix, ids: Sequence[int], ignore: Sequenc
     if extra:
         zero = (" (if 0 is a class, as in a cloud mask, give --ignore none: the reference's 0 is not counted "
                 "by default)") if 0 in extra and 0 in ignore and not ignore_given else ""
-        warn(f"prediction values {extra} are not among the classes {list(ids)}: counted as errors; if they mean "
+        warn(f"prediction values {_ids(extra)} are not among the classes {_ids(ids)}: counted as errors; if they mean "
              f"no prediction, give the map that nodata value (gdal_edit.py -a_nodata V){zero}", EvaluationWarning)
 
 
 def _warn_uncounted(m: Metrics, what: str) -> None:
     """Warn about reference values that are not classes (not counted)."""
     if m.unknown_reference:
-        warn(f"{m.unknown_reference} reference {what} hold values that are not among the classes {list(m.class_ids)}: "
+        warn(f"{m.unknown_reference} reference {what} hold values that are not among the classes {_ids(m.class_ids)}: "
              "not counted; give --classes with them", EvaluationWarning)
 
 
-def _with_reference_ids(ids: list[int], ref_ids: Sequence[int]) -> list[int]:
-    """``ids`` plus the reference ids the prediction cannot produce (they still count, as misses)."""
+def _with_reference_ids(ids: list[int], ref_ids: Sequence[int], no_prediction: Sequence[int] = ()) -> list[int]:
+    """``ids`` plus the reference ids the prediction cannot produce (they still count, as misses, where the
+    map has a prediction; ``no_prediction``: the map's values that mean none)."""
     extra = [i for i in ref_ids if i not in ids]
     if extra:
-        warn(f"reference classes {extra} are not among the predicted classes {ids}: counted as errors", EvaluationWarning)
+        nodata = [i for i in extra if i in no_prediction]
+        # (it read as a contradiction beside "... have no prediction (nodata): not counted")
+        why = (f" ({', '.join(map(str, nodata))} {'is' if len(nodata) == 1 else 'are'} the prediction's nodata: "
+               "it cannot predict them)") if nodata else ""
+        warn(f"reference classes {_ids(extra)} are not among the predicted classes {_ids(ids)}: counted as errors where the map "
+             f"has a prediction{why}", EvaluationWarning)
     return ids + extra
 
 
@@ -419,7 +444,7 @@ def evaluate_vector(
     win = parse_pixel_region(region)
     _check_block_rows(block_rows)
     with _open(pred_path, "prediction") as pds:
-        check_class_raster(pds, "prediction")
+        check_class_raster(pds, "prediction", described=classes is not None)
         if pds.crs is None and (pds.transform.is_identity or pds.gcps[0] or pds.rpcs):
             raise GridMismatchError(f"prediction {pred_path.name} is not on a map grid (no geotransform): warp it "
                                     "(gdalwarp -r near) before comparing it with vector data")
@@ -542,7 +567,7 @@ def evaluate_vector(
                 predicted.update(int(v) for v in np.unique(pred_block[inside_poly if shown is None
                                                                       else inside_poly & shown]))
             ids = sorted(set(ref_ids) | (predicted - set(_prediction_ignore(pds))))
-        ids = _with_reference_ids(ids, ref_ids)
+        ids = _with_reference_ids(ids, ref_ids, _prediction_ignore(pds))
         cm = ConfusionMatrix(ids, ignore_reference=list(ignore), ignore_prediction=_prediction_ignore(pds),
                              add_predicted_classes=True)
         cm.update(pt_ids[inside], pt_pred[inside], predicted=pt_shown[inside])
@@ -588,12 +613,12 @@ def evaluate_vector(
         strat = stratified_estimates(cm.matrix.T, map_pixels, cm.class_ids, map_area=map_area, area_units=units)
         where = " in the region" if win is not None else ""
         if strat.unsampled:
-            warn(f"map classes {list(strat.unsampled)} have pixels{where} but no sample point: their share of each "
+            warn(f"map classes {_ids(strat.unsampled)} have pixels{where} but no sample point: their share of each "
                  "class is unknown, so the overall accuracy, producer's accuracies and class areas are not estimated "
                  "(shown as -); sample every map class (geoseg sample draws points in each)", EvaluationWarning)
         single = [c for c, n_i, px in zip(cm.class_ids, strat.samples, map_pixels) if px and n_i == 1]
         if single:
-            warn(f"map classes {single} hold 1 sample point: their accuracy has no variance (counted as 0 in the "
+            warn(f"map classes {_ids(single)} hold 1 sample point: their accuracy has no variance (counted as 0 in the "
                  "intervals); sample at least 2 points per map class", EvaluationWarning)
     return EvalResult(m, pred_path, ref_path, None if win is None else (c0, r0, w, h), samples, strat)
 
@@ -854,7 +879,7 @@ def draw_sample(
     ``evaluate_vector(mask, out, field="reference", stratified=True)`` (``geoseg evaluate
     --stratified``) gives the area-weighted accuracies and class areas of Olofsson et al. (2014).
     Two passes over the mask in blocks of rows (memory: the blocks and the sample); nodata (the
-    mask's nodata value, 255 too in a uint8 mask, and the pixels its mask band hides) is never
+    mask's nodata value, 255 in a uint8 mask without one, and the pixels its mask band hides) is never
     drawn; classes are any integer values (negative ones, ids past 65535). Written atomically
     (GeoPackage, GeoJSON or FlatGeobuf, by the extension).
     """
@@ -877,6 +902,7 @@ def draw_sample(
     mask_path = Path(mask)
     rng = np.random.default_rng(seed)
     with _open(mask_path, "mask") as ds:
+        check_class_raster(ds, "mask")  # (an image drew a point per grey value; NaN in floats crashed)
         if ds.crs is None:
             raise ParameterError(f"mask {mask_path.name} has no CRS: points need one (assign it first)")
         table = read_classes(ds)
@@ -899,7 +925,13 @@ def draw_sample(
         rows: list[np.ndarray] = []
         cols: list[np.ndarray] = []
         cls: list[np.ndarray] = []
+        unmarked = np.dtype(ds.dtypes[0]) == np.uint8 and ds.nodata is None and not has_mask_band(ds)
         for row, block, shown in blocks():
+            if unmarked and (block == MASK_NODATA).any():
+                unmarked = False
+                warn(f"mask {mask_path.name} has no nodata value: its pixels of value 255 are taken as no data, as in "
+                     "geoseg's masks (if 255 is a class, give the mask another nodata value: gdal_edit.py -a_nodata V)",
+                     EvaluationWarning)
             for c, rk in ranks.items():
                 rr, cc = np.nonzero(block == c if shown is None else (block == c) & shown)
                 lo, hi = np.searchsorted(rk, [seen[c], seen[c] + rr.size])
@@ -910,13 +942,14 @@ def draw_sample(
                     cls.append(np.full(pick.size, c, np.int64))
                 seen[c] += rr.size
         transform, crs = ds.transform, ds.crs
+        tagged = {v: name for v, name in band_class_names(ds).items() if v not in skip}
     if not cls:
         raise ParameterError(f"mask {mask_path.name} has no classified pixel" + (" in the region" if region else ""))
     r, c, k = np.concatenate(rows), np.concatenate(cols), np.concatenate(cls)
     order = rng.permutation(k.size)  # a random visiting order: no class or area comes first
     r, c, k = r[order], c[order], k[order]
     xs, ys = transform @ (c + 0.5, r + 0.5)
-    names = {t.id: t.name for t in table or ()}
+    names = {t.id: t.name for t in table} if table else tagged  # (band 1's CLASSES tag: another tool's names)
     fields = ["sample_id", "map_class", *(["map_name"] if names else []), "reference"]
     data = [np.arange(1, k.size + 1), k, *([np.array([names.get(int(v), "") for v in k], object)] if names else []),
             np.full(k.size, "", object)]
@@ -937,8 +970,8 @@ def draw_sample(
     small = [cid for cid, n in drawn.items() if n < per_class]
     where = " in the region" if region else ""
     if small:
-        warn(f"classes {small} have fewer than {per_class} pixels{where}: all of them were drawn", EvaluationWarning)
+        warn(f"classes {_ids(small)} have fewer than {per_class} pixels{where}: all of them were drawn", EvaluationWarning)
     absent = [cid for cid in classes if not counts[cid]]
     if absent and ids is not None:  # classes of the map's table (not only the values found)
-        warn(f"classes {absent} have no pixel{where}: no points for them", EvaluationWarning)
+        warn(f"classes {_ids(absent)} have no pixel{where}: no points for them", EvaluationWarning)
     return SampleResult(out, drawn, {int(cid): int(counts[cid]) for cid in ranks})

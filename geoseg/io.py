@@ -1052,6 +1052,26 @@ def band_class_names(ds: Any) -> dict[int, str]:
     return names
 
 
+#: A class raster without class names or colours and with more distinct values than this (in a 256²
+#: sample) is taken for an image (a uint16 band: one polygon or sample point per grey value).
+MAX_UNLABELLED_CLASSES = 256
+
+
+def image_values(ds: Any) -> int | None:
+    """The number of distinct values of band 1 in a 256² sample of ``ds`` when it is more than a class
+    raster without class names holds (:data:`MAX_UNLABELLED_CLASSES`): an image band taken for a class
+    map; ``None`` for a class raster: uint8 (256 values at most), or described by class names (the
+    ``GEOSEG_CLASSES`` tag, a band ``CLASSES`` tag) or a colour table."""
+    if np.dtype(ds.dtypes[0]) == np.uint8 or read_classes(ds) or band_class_names(ds):
+        return None
+    with contextlib.suppress(ValueError, rasterio.errors.RasterioError):
+        if ds.colormap(1):
+            return None
+    sample = ds.read(1, out_shape=(min(ds.height, 256), min(ds.width, 256)))
+    distinct = int(np.unique(sample).size)
+    return distinct if distinct > MAX_UNLABELLED_CLASSES else None
+
+
 def write_aux_xml(mask_path: str | Path, classes: Sequence[ClassInfo], nodata_name: str = "nodata",
                   srs_xml: str | None = None) -> Path:
     """Write ``<mask>.aux.xml`` with GDAL category names (index = pixel value), and the mask's

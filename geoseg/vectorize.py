@@ -78,10 +78,12 @@ from rasterio.crs import CRS
 from geoseg.atomic import atomic_output, check_output, remove_leftovers, staged_as, write_error
 from geoseg.card import PALETTE, ClassInfo
 from geoseg.config import checked_arguments, plain
-from geoseg.errors import ParameterError, SceneError, SceneReadError
+from geoseg.errors import ParameterError, SceneError, SceneReadError, warn
 from geoseg.io import (
+    MASK_NODATA,
     area_units,
     band_class_names,
+    image_values,
     check_latitudes,
     check_seekable,
     check_transform,
@@ -148,6 +150,9 @@ class MaskInfo:
     masked: bool = False
     #: True when ``nodata`` is such a chosen value, not the raster's own.
     chosen_nodata: bool = False
+    #: True when ``nodata`` is 255 in a uint8 raster without a nodata value (no data in geoseg's masks,
+    #: as evaluate and sample take it).
+    unmarked: bool = False
 
     @property
     def pixel_area(self) -> float:
@@ -202,17 +207,13 @@ def format_from_path(path: str | Path) -> VectorFormat | None:
     return fmt  # type: ignore[return-value]
 
 
-#: A class raster without class names/colours and more distinct values than this (in a 256² sample)
-#: is refused as an image (more classes than a uint8 mask holds: a uint16 image band).
-MAX_UNLABELLED_CLASSES = 256
-
-
-def open_mask(path: str | Path) -> MaskInfo:
+def open_mask(path: str | Path, *, described: bool = False) -> MaskInfo:
     """Open and check a class raster; read its class names and colours.
 
     Raises:
         SceneReadError: missing file, not a raster.
-        SceneError: not an integer class raster, or no CRS.
+        SceneError: not an integer class raster (``described``: class names are given, so many
+            distinct values are not taken for an image), or no CRS.
     """
     path = Path(path)
     if not path.exists():
@@ -220,14 +221,22 @@ def open_mask(path: str | Path) -> MaskInfo:
     check_seekable(path, "mask")
     try:
         with open_raster(path) as ds:
-            return _mask_info(path, ds)
+            return _mask_info(path, ds, described)
     except rasterio.errors.RasterioIOError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else "unreadable"
         raise SceneReadError(f"mask {path} is not a readable raster ({msg}): give a GeoTIFF class mask") from None
 
 
-def _mask_info(path: Path, ds: rasterio.DatasetReader) -> MaskInfo:
+def _mask_info(path: Path, ds: rasterio.DatasetReader, described: bool = False) -> MaskInfo:
     dtype = ds.dtypes[0]
+    if dtype not in CLASS_DTYPES and np.issubdtype(np.dtype(dtype), np.integer):
+        # (sample and evaluate take them: GDAL's polygonize and sieve do not)
+        wider = "Int16" if dtype == "int8" else "Int32"
+        raise SceneError(
+            f"mask {path} has {dtype} class ids, which GDAL's polygonize does not take: convert it first "
+            f"(gdal_translate -ot {wider} {path.name} {path.stem}_{wider.lower()}.tif"
+            + (", if its ids fit in Int32)" if wider == "Int32" else ")")
+        )
     if dtype not in CLASS_DTYPES:
         raise SceneError(
             f"mask {path} has {dtype} pixels, not class ids: vectorize an integer class raster "
@@ -250,19 +259,21 @@ def _mask_info(path: Path, ds: rasterio.DatasetReader) -> MaskInfo:
         nodata = None
     classes = read_classes(ds)
     masked = has_mask_band(ds)
+    unmarked = dtype == "uint8" and nodata is None and not masked
+    if unmarked:  # (it was a class here, and no data to evaluate and sample)
+        nodata = MASK_NODATA
     chosen = masked and nodata is None
     if chosen:  # pixels the mask band hides are read as a value no class takes
         top = int(np.iinfo(np.dtype(dtype)).max)
         nodata = next(v for v in range(top, top - 257, -1) if v not in classes)
-    if not classes and dtype != "uint8":
-        # an image band (a panchromatic uint16 scene) would become one polygon per grey value
-        sample = ds.read(1, out_shape=(min(ds.height, 256), min(ds.width, 256)))
-        distinct = len(np.unique(sample))
-        if distinct > MAX_UNLABELLED_CLASSES:
-            raise SceneError(
-                f"mask {path} has {distinct} distinct values in a sample and no class table: that is an image, not "
-                f"class ids; give the mask geoseg predict wrote ({path.stem}_landcover.tif)"
-            )
+    distinct = None if described else image_values(ds)
+    if distinct is not None:  # an image band (a panchromatic uint16 scene): one polygon per grey value
+        raise SceneError(
+            f"mask {path} has {distinct} distinct values in a sample and no class names: that is an image, not "
+            f"class ids; give the mask geoseg predict wrote ({path.stem}_landcover.tif), or, if they are class ids, "
+            "name them in band 1's CLASSES tag (gdal_edit.py -mo CLASSES=1=forest,2=water,...) or give --classes "
+            "with those to write"
+        )
     return MaskInfo(
         path=path,
         width=ds.width,
@@ -274,6 +285,7 @@ def _mask_info(path: Path, ds: rasterio.DatasetReader) -> MaskInfo:
         classes=classes,
         masked=masked,
         chosen_nodata=chosen,
+        unmarked=unmarked,
     )
 
 
@@ -1119,7 +1131,7 @@ def vectorize_mask(
     _check_connectivity(connectivity)
     if block_size is not None and block_size < 1:
         raise ParameterError(f"block_size {block_size} is not allowed: use >= 1 rows")
-    info = open_mask(mask_path)
+    info = open_mask(mask_path, described=classes is not None or keep_classes is not None)
     if block_size is None:
         block_size = max(64, STRIP_PIXELS // max(info.width, 1))
     if out_path.resolve() == mask_path.resolve():
@@ -1155,6 +1167,9 @@ def vectorize_mask(
             def read(r0: int, r1: int) -> np.ndarray:
                 return _read_strip(ds, info, r0, r1)
 
+        if info.unmarked:
+            read = _telling_unmarked(read, info)
+
         with atomic_output(out_path, overwrite) as tmp, staged_as(tmp, fmt) as work, ogr_path(work) as ogr_work:
             writer = _LayerWriter(ogr_work, driver, layer, crs_wkt, gtype)
 
@@ -1184,6 +1199,9 @@ def vectorize_mask(
                                      durable=False)  # (a temp file, flushed before its rename)
             except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, sqlite3.Error) as exc:
                 raise write_error(out_path, exc) from None
+    if keep is not None and len(keep) and not set(counts) >= set(keep.tolist()):
+        absent = [int(k) for k in keep if int(k) not in counts]  # (0 polygons were written without a word)
+        warn(f"classes {absent} have no pixel in mask {mask_path.name} (after the sieve): no polygons for them")
     seconds = time.perf_counter() - t0
     result = VectorizeResult(
         path=out_path, fmt=fmt, layer=layer, polygons=writer.count, class_counts=dict(sorted(counts.items())),
@@ -1210,6 +1228,23 @@ def _read_strip(ds: rasterio.DatasetReader, info: MaskInfo, r0: int, r1: int) ->
                              "as a class: give it a nodata value that no class takes (gdal_edit.py -a_nodata V)")
         block[hidden] = info.nodata
     return block
+
+
+def _telling_unmarked(read: Callable[[int, int], np.ndarray], info: MaskInfo) -> Callable[[int, int], np.ndarray]:
+    """``read``, warning once when a strip holds 255 in a uint8 mask without a nodata value (taken as
+    no data, see :attr:`MaskInfo.unmarked`)."""
+    told = False
+
+    def telling(r0: int, r1: int) -> np.ndarray:
+        nonlocal told
+        block = read(r0, r1)
+        if not told and (block == MASK_NODATA).any():
+            told = True
+            warn(f"mask {info.path.name} has no nodata value: its pixels of value 255 are taken as no data, as in "
+                 "geoseg's masks (if 255 is a class, give the mask another nodata value: gdal_edit.py -a_nodata V)")
+        return block
+
+    return telling
 
 
 def _has_small_nodata_group(mask: np.ndarray, min_px: int, connectivity: int) -> bool:

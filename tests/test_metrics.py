@@ -975,7 +975,7 @@ def test_negative_and_huge_class_ids_are_matched_exactly(tmp_path: Path, monkeyp
     assert m.support.tolist() == [12, 9, 9]
     assert m.overall_accuracy == pytest.approx(float((pred == ref).mean())) == 0.6
     # reference values left out of the classes would not be counted: said
-    monkeypatch.setattr(geoseg.evaluate, "_with_reference_ids", lambda ids, ref_ids: ids)
+    monkeypatch.setattr(geoseg.evaluate, "_with_reference_ids", lambda ids, ref_ids, *_: ids)
     with pytest.warns(EvaluationWarning, match=r"12 reference pixels hold values that are not among the classes "
                                                r"\[1, 2\]: not counted"):
         evaluate_rasters(tmp_path / "p.tif", tmp_path / "r.tif", classes=[1, 2])
@@ -1158,3 +1158,85 @@ def test_an_undefined_stratified_estimate_has_no_interval_either() -> None:
     assert third["users_accuracy"] is None and third["users_accuracy_ci"] is None
     assert third["producers_accuracy"] == 0.0 and third["area"] is not None and third["area_ci"] is not None
     assert d["per_class"]["1"]["users_accuracy_ci"] is not None
+
+
+def test_sample_and_evaluate_refuse_what_is_no_class_map(tmp_path: Path) -> None:
+    """A float map with NaN ended in "unexpected error: ValueError"; an image (several bands, or a
+    uint16 band of thousands of grey values) drew a point per grey value, as vectorize refuses it."""
+    import rasterio
+
+    from geoseg.errors import SceneError
+    from geoseg.evaluate import draw_sample
+
+    rng = np.random.default_rng(0)
+    floats = rng.integers(1, 4, (20, 20)).astype(np.float32)
+    floats[:3] = np.nan
+    pan = rng.integers(0, 4000, (64, 64)).astype(np.uint16)
+    bad = {
+        "float32 values": write_raster(tmp_path / "f.tif", floats),
+        "3 bands": write_raster(tmp_path / "rgb.tif", rng.integers(0, 256, (3, 20, 20)).astype(np.uint8)),
+        "distinct values in a sample and no class names": write_raster(tmp_path / "pan.tif", pan),
+    }
+    for words, path in bad.items():
+        with pytest.raises(SceneError, match=words):
+            draw_sample(path, tmp_path / "s.gpkg")
+        assert not (tmp_path / "s.gpkg").exists()
+    with pytest.raises(SceneError, match="distinct values.*give --classes with them"):
+        evaluate_rasters(bad["distinct values in a sample and no class names"],
+                         write_raster(tmp_path / "ref.tif", np.ones((64, 64), np.uint8)))
+    # the ids given, or named in band 1's CLASSES tag: a map of many classes is one
+    m = evaluate_rasters(bad["distinct values in a sample and no class names"], tmp_path / "ref.tif",
+                         classes=[1, 2]).metrics
+    assert m.total == 64 * 64
+    with rasterio.open(tmp_path / "pan.tif", "r+") as ds:
+        ds.update_tags(1, CLASSES=",".join(f"{v}=c{v}" for v in range(4000)))
+    res = draw_sample(tmp_path / "pan.tif", tmp_path / "s.gpkg", per_class=1)
+    assert sum(res.points.values()) == len(np.unique(pan))
+
+
+def test_sample_names_points_by_a_band_classes_tag_and_takes_uint8_255_as_no_data(tmp_path: Path) -> None:
+    import pyogrio
+    import rasterio
+
+    from geoseg.evaluate import draw_sample
+
+    a = np.ones((8, 8), np.uint8)
+    a[:, 4:] = 2
+    a[0] = 255
+    path = write_raster(tmp_path / "m.tif", a)
+    with rasterio.open(path, "r+") as ds:
+        ds.update_tags(1, CLASSES="1=forest,2=water")
+    with pytest.warns(EvaluationWarning, match="no nodata value: its pixels of value 255 are taken as no data"):
+        res = draw_sample(path, tmp_path / "s.gpkg", per_class=100)
+    assert res.points == {1: 28, 2: 28}
+    info, _, _, fields = pyogrio.raw.read(tmp_path / "s.gpkg")
+    names = dict(zip(fields[list(info["fields"]).index("map_class")], fields[list(info["fields"]).index("map_name")]))
+    assert names == {1: "forest", 2: "water"}
+    # with another nodata value, 255 is a class to sample and evaluate alike (as to vectorize)
+    other = write_raster(tmp_path / "n0.tif", a, nodata=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert draw_sample(other, tmp_path / "s0.gpkg", per_class=5).points == {1: 5, 2: 5, 255: 5}
+    ref = write_raster(tmp_path / "ref.tif", np.where(a == 255, 255, 1).astype(np.uint8))
+    m = evaluate_rasters(other, ref).metrics
+    assert 255 in m.class_ids and m.total == 64 and m.unpredicted == 0
+
+
+def test_a_reference_class_that_is_the_maps_nodata_is_said_so(tmp_path: Path) -> None:
+    """"counted as errors" beside "not counted" read as a contradiction when the map's nodata is 0."""
+    a = np.tile(np.arange(4, dtype=np.uint8), (8, 2))
+    pred = write_raster(tmp_path / "p.tif", a, nodata=0)
+    ref = write_raster(tmp_path / "r.tif", a[::-1].copy())
+    with pytest.warns(EvaluationWarning, match=r"classes \[0\] are not among .* counted as errors where the map has a "
+                                               r"prediction \(0 is the prediction's nodata: it cannot predict them\)"):
+        evaluate_rasters(pred, ref, ignore=[])
+
+
+def test_long_lists_of_classes_in_messages_are_cut(tmp_path: Path) -> None:
+    from geoseg.evaluate import draw_sample
+
+    a = np.arange(200, dtype=np.int16).reshape(10, 20)
+    with pytest.warns(EvaluationWarning) as seen:
+        draw_sample(write_raster(tmp_path / "m.tif", a), tmp_path / "s.gpkg", per_class=2)
+    text = next(str(w.message) for w in seen if w.category is EvaluationWarning)
+    assert "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ..., 198, 199] (200 in all)" in text and len(text) < 200

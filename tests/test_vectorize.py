@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -586,7 +587,7 @@ def test_min_area_larger_than_the_mask_is_refused(mask_path: Path, tmp_path: Pat
         (lambda p: write_raster(p / "scene.tif", np.random.default_rng(0).integers(0, 255, (3, 8, 8), dtype=np.uint8)),
          SceneError, "has 3 bands, a class raster has one.*scene_landcover.tif"),
         (lambda p: write_raster(p / "pan.tif", np.arange(40 * 40, dtype=np.uint16).reshape(40, 40)),
-         SceneError, "1600 distinct values in a sample and no class table"),
+         SceneError, "1600 distinct values in a sample and no class names.*CLASSES tag"),
     ],
 )
 def test_bad_inputs(tmp_path: Path, make, error, words) -> None:  # type: ignore[no-untyped-def]
@@ -799,3 +800,48 @@ def test_class_names_where_class_infos_are_due_are_one_line(mask_path: Path, tmp
     with pytest.raises(ParameterError, match="keep_classes"):
         vec.vectorize_mask(mask_path, tmp_path / "x.gpkg", classes=["forest"])  # type: ignore[list-item]
     assert not (tmp_path / "x.gpkg").exists()
+
+
+def test_uint8_255_without_nodata_is_no_data_as_to_evaluate_and_sample(tmp_path: Path) -> None:
+    """It was a class here, and no data to evaluate and sample, without a word."""
+    a = class_array()
+    a[:4] = 255
+    unmarked = write_mask(tmp_path / "u.tif", a, nodata=None, tags=False, colormap=False)
+    with pytest.warns(UserWarning, match="no nodata value: its pixels of value 255 are taken as no data"):
+        res = vec.vectorize_mask(unmarked, tmp_path / "u.gpkg", simplify=0)
+    assert 255 not in res.class_counts and set(res.class_counts) == set(np.unique(a)) - {255, NODATA}
+    info, _, _, fields = pyogrio.raw.read(tmp_path / "u.gpkg", layer="landcover")
+    area = fields[list(info["fields"]).index("area")].sum()
+    assert area == pytest.approx(((a != 255) & (a != NODATA)).sum() * PIXEL**2)
+    # with a nodata value of its own, 255 is a class; a mask without 255 says nothing
+    res = vec.vectorize_mask(write_mask(tmp_path / "n.tif", a, nodata=0, tags=False, colormap=False),
+                             tmp_path / "n.gpkg", simplify=0)
+    assert res.class_counts[255] >= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = np.where(a == 255, 1, a).astype(np.uint8)
+        vec.vectorize_mask(write_mask(tmp_path / "b.tif", b, nodata=None, tags=False, colormap=False),
+                           tmp_path / "b.gpkg", min_pixels=3)
+
+
+@pytest.mark.parametrize("dtype,wider", [("int8", "Int16"), ("uint32", "Int32"), ("int64", "Int32")])
+def test_integer_types_polygonize_cannot_take_are_told_how_to_convert(tmp_path: Path, dtype: str, wider: str) -> None:
+    path = write_raster(tmp_path / "m.tif", class_array().astype(dtype))
+    with pytest.raises(SceneError, match=f"{dtype} class ids, which GDAL's polygonize does not take: convert it "
+                                         rf"first \(gdal_translate -ot {wider} m.tif m_{wider.lower()}.tif"):
+        vec.vectorize_mask(path, tmp_path / "m.gpkg")
+
+
+def test_many_classes_named_or_chosen_are_no_image_and_an_absent_class_is_said(tmp_path: Path) -> None:
+    a = (np.arange(60 * 60).reshape(60, 60) // 3 % 600).astype(np.uint16)  # 600 classes of 3 pixels a row
+    path = write_raster(tmp_path / "many.tif", a)
+    with pytest.raises(SceneError, match="600 distinct values"):
+        vec.vectorize_mask(path, tmp_path / "m.gpkg")
+    res = vec.vectorize_mask(path, tmp_path / "m.gpkg", keep_classes=[5, 7])
+    assert set(res.class_counts) == {5, 7}
+    with pytest.warns(UserWarning, match=r"classes \[9999\] have no pixel in mask many.tif"):
+        res = vec.vectorize_mask(path, tmp_path / "m.gpkg", keep_classes=[5, 9999], overwrite=True)
+    assert set(res.class_counts) == {5}
+    with rasterio.open(path, "r+") as ds:
+        ds.update_tags(1, CLASSES=",".join(f"{v}=c{v}" for v in range(600)))
+    assert len(vec.vectorize_mask(path, tmp_path / "all.gpkg").class_counts) == 600
