@@ -154,8 +154,16 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
         r1 -= 1
     window = Window(c0, r0, c1 - c0, r1 - r0)
     aoi = Aoi(geometry, window, meta.transform, source)
-    if window.width * window.height <= 2**24 and aoi.pixels(window) is False:
-        raise AoiOutsideError(f"--aoi {source} covers no pixel centre of {meta.path.name}: give a larger area")
+    if window.width * window.height <= 2**24:
+        inside = aoi.pixels(window)
+        if inside is False:
+            raise AoiOutsideError(f"--aoi {source} covers no pixel centre of {meta.path.name}: give a larger area")
+        if isinstance(inside, np.ndarray):  # rows or columns at the edges with no pixel inside go (the bounds'
+            # box of an AOI on a rotated grid, or of a polygon, held a row of nodata at an edge, half the time)
+            rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+            window = Window(c0 + int(cols[0]), r0 + int(rows[0]), int(cols[-1] - cols[0]) + 1,
+                            int(rows[-1] - rows[0]) + 1)
+            aoi = Aoi(geometry, window, meta.transform, source)
     return aoi
 
 

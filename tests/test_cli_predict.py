@@ -942,7 +942,10 @@ def test_aoi_box_and_polygons_give_the_whole_scene_classes_there(runner: CliRunn
     # (its edges are straight in lon/lat, the file's CRS: on the scene's grid they bend a little)
     plon, plat = warp_xy("EPSG:32633", "EPSG:4326", xs.ravel(), ys.ravel())
     inside = shapely.contains_xy(shapely.Polygon(zip(lon, lat)), plon, plat).reshape(xs.shape)
-    assert mask.shape == (80, 180) and (c0, r0) == (10, 10)  # the pixels whose centres lie in its bounds
+    # the bounding box of the pixels whose centres it holds (its bounds' box held a last column of none)
+    assert mask.shape == (80, 179) and (c0, r0) == (10, 10)
+    kept = mask != 255
+    assert kept[0].any() and kept[-1].any() and kept[:, 0].any() and kept[:, -1].any()
     assert 0.2 < inside.mean() < 0.8
     assert (mask[~inside] == 255).all()
     np.testing.assert_array_equal(mask[inside], full[r0:r0 + mask.shape[0], c0:c0 + mask.shape[1]][inside])
@@ -1998,3 +2001,33 @@ def test_the_window_limit_can_be_raised_on_purpose(runner, tiny_unet, tmp_path: 
     res = runner.invoke(cli, ["batch", str(tmp_path / "arch"), "--weights", str(tiny_unet[0]), "--out",
                               str(tmp_path / "b")])  # (once, before any scene: each failed, exit 3)
     assert_one_line_error(res, "GEOSEG_MAX_WINDOWS='²': give a whole number of windows")
+
+
+def test_an_aoi_window_has_no_empty_row_or_column_at_its_edges(tmp_path: Path) -> None:
+    """On a rotated grid the window of an AOI box's bounds held a row or column of nodata at an edge
+    about half the time (the mask came out a row larger than the AOI's pixels)."""
+    import types
+
+    from affine import Affine
+
+    from geoseg.aoi import load_aoi
+
+    t = Affine.translation(500000, 4000000) * Affine.rotation(20) * Affine.scale(10, -10)
+    meta = types.SimpleNamespace(transform=t, crs=rasterio.crs.CRS.from_epsg(32617), width=200, height=200,
+                                 path=tmp_path / "s.tif")
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        c, r = rng.uniform(30, 170, 2)
+        x, y = t @ (c, r)
+        w, h = rng.uniform(20, 400, 2)
+        aoi = load_aoi(f"{x - w},{y - h},{x + w},{y + h}", meta)
+        inside = aoi.pixels(aoi.window)
+        if isinstance(inside, np.ndarray):
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+        # the window still holds every pixel of the AOI: the scene's pixels inside lie in it
+        everything = aoi.pixels(rasterio.windows.Window(0, 0, 200, 200))
+        assert isinstance(everything, np.ndarray)
+        rows, cols = np.nonzero(everything)
+        win = aoi.window
+        assert rows.min() == win.row_off and rows.max() == win.row_off + win.height - 1
+        assert cols.min() == win.col_off and cols.max() == win.col_off + win.width - 1
