@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +128,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _geoseg_logger_as_found() -> Iterator[None]:
+    """Put the ``geoseg`` logger back as a test found it: the CLI's setup stops it propagating to the
+    root logger, where ``caplog`` listens (pytest 7.0 then saw no record in a later test's caplog)."""
+    import logging
+
+    logger = logging.getLogger("geoseg")
+    state = logger.propagate, logger.level, list(logger.handlers)
+    yield
+    logger.propagate, logger.level = state[0], state[1]
+    logger.handlers[:] = state[2]

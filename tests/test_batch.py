@@ -2750,7 +2750,7 @@ def test_batch_s_own_cluster_listens_on_this_machine_only() -> None:
     with dask.config.set({"temporary-directory": None}), dask_client(BatchOptions(workers=1)) as client:
         client.wait_for_workers(1)  # (their own HTTP servers listened on every interface with distributed 2023)
         procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
-        listening = {(c.laddr.ip, c.laddr.port) for p in procs for c in p.net_connections("inet")
+        listening = {(c.laddr.ip, c.laddr.port) for p in procs for c in getattr(p, "net_connections", p.connections)("inet")
                      if c.status == psutil.CONN_LISTEN}
         (scratch,) = {Path(d).parent for d in client.run(lambda dask_worker: dask_worker.local_directory).values()}
         private = scratch.parent.name.startswith("geoseg-dask-") and (scratch.parent.stat().st_mode & 0o777) == 0o700
