@@ -78,8 +78,10 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
         ("crs", d["crs"] or (f"none; georeferenced by {d['georeferenced_by']} (outputs carry them, no polygons)"
                              if d.get("georeferenced_by") else "none (outputs keep the pixel grid, not georeferenced)")),
         ("pixel size", "unknown (no geotransform)" if d["pixel_size"] is None else
-                       f"{'about ' if d['crs'] is None else ''}{d['pixel_size'][0]:g} x {d['pixel_size'][1]:g}"
-                       + (" (fitted to the ground control points)" if d["crs"] is None else "")
+                       f"{'about ' if d['crs'] is None and d.get('georeferenced_by') else ''}"
+                       f"{d['pixel_size'][0]:g} x {d['pixel_size'][1]:g}"
+                       + ((" (fitted to the ground control points)" if d.get("georeferenced_by") else
+                           " (in the geotransform's units: no CRS)") if d["crs"] is None else "")
                        + (f" (about {d['ground_pixel_m']:.3g} m on the ground)" if d["ground_pixel_m"] else "")),
         ("nodata", d["nodata"]),
     ]

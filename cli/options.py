@@ -97,8 +97,8 @@ aoi_opt = click.option(
 co_opt = click.option(
     "--co", "creation_options", multiple=True, metavar="NAME=VALUE",
     help="Extra GDAL creation option for the mask COG (repeatable), e.g. --co COMPRESS=ZSTD; one the COG driver "
-    "does not take, a lossy codec (JPEG, WEBP, LERC with MAX_Z_ERROR >= 0.5) or one that warps (TILING_SCHEME, TARGET_SRS) "
-    "is refused before any work.",
+    "does not take, a lossy codec (JPEG, WEBP, LERC with MAX_Z_ERROR >= 0.5), one that warps (TILING_SCHEME, TARGET_SRS) "
+    "or an OVERVIEW_RESAMPLING other than MODE or NEAREST is refused before any work.",
 )
 
 

@@ -849,6 +849,10 @@ def select_bands(meta: SceneMeta, card: ModelCard, bands: Sequence[int] | None) 
     meta.for_bands(chosen, hint=" (or pick bands of one type with --bands)" if meta.count > len(chosen) else "")
     if bands:  # the user's order: still say where a band's description names another of the card's bands
         _warn_misnamed_bands(meta, card, chosen, given=True)
+    if meta.alpha_band is not None and meta.alpha_band in chosen:  # (GDAL tags the 4th band of an RGB file alpha)
+        kept = f"; its nodata value {meta.nodata:g} still does" if meta.nodata is not None else ""
+        warn(f"{meta.path.name}: band {meta.alpha_band} is tagged alpha (transparency) but is read as data "
+             f"({card.bands[chosen.index(meta.alpha_band)]}): it marks no pixel as nodata{kept}", InputRangeWarning)
     if len(set(chosen)) < len(chosen):  # a band read twice: allowed (a stand-in for a band the scene lacks), but rarely meant
         warn(f"--bands {','.join(map(str, chosen))} feeds the model {repeated_bands(chosen, card.bands)}: check --bands",
              InputRangeWarning)
@@ -865,11 +869,18 @@ def repeated_bands(chosen: Sequence[int], names: Sequence[str] | None = None) ->
         for b in sorted({b for b in chosen if chosen.count(b) > 1}))
 
 
+def _band_key(name: str | None) -> str | None:
+    """A band name as descriptions are matched to a card's band names: without case or surrounding
+    spaces (``b5_swir1`` is ``B5_swir1``: a scene of lower-case names in another order was read as is)."""
+    return name.strip().casefold() or None if name else None
+
+
 def _warn_misnamed_bands(meta: SceneMeta, card: ModelCard, chosen: tuple[int, ...], given: bool = False) -> None:
     """Warn when a band read in the card's position k is described as another of the card's bands
     (``given``: ``chosen`` is the user's --bands)."""
+    keys = [_band_key(n) for n in card.bands]
     wrong = [(b, meta.descriptions[b - 1], card.bands[k]) for k, b in enumerate(chosen)
-             if meta.descriptions[b - 1] in card.bands and meta.descriptions[b - 1] != card.bands[k]]
+             if _band_key(meta.descriptions[b - 1]) in keys and _band_key(meta.descriptions[b - 1]) != keys[k]]
     if wrong:
         said = "; ".join(f"band {b} is described {d!r} but feeds the model as {n!r}" for b, d, n in wrong[:3])
         by_name = _bands_by_name(meta, card) if given else None
@@ -885,14 +896,15 @@ def _warn_misnamed_bands(meta: SceneMeta, card: ModelCard, chosen: tuple[int, ..
 def _bands_by_name(meta: SceneMeta, card: ModelCard) -> tuple[int, ...] | None:
     """The scene's bands whose descriptions are the card's band names, in the card's order, or
     ``None`` unless every name appears exactly once among the data bands."""
-    names = {}
+    names: dict[str, list[int]] = {}
     for b in meta.data_bands:
-        d = meta.descriptions[b - 1]
+        d = _band_key(meta.descriptions[b - 1])
         if d:
             names.setdefault(d, []).append(b)
-    if not all(len(names.get(n, ())) == 1 for n in card.bands):
+    keys = [_band_key(n) or "" for n in card.bands]
+    if not all(len(names.get(n, ())) == 1 for n in keys):
         return None
-    return tuple(names[n][0] for n in card.bands)
+    return tuple(names[n][0] for n in keys)
 
 
 def _bands_by_index(meta: SceneMeta, card: ModelCard) -> tuple[int, ...] | None:
@@ -903,7 +915,8 @@ def _bands_by_index(meta: SceneMeta, card: ModelCard) -> tuple[int, ...] | None:
     ks = [int(m.group(1)) for n in card.bands if (m := re.fullmatch(r"b([1-9][0-9]*)", n))]
     if len(ks) != len(card.bands) or len(set(ks)) != len(ks) or not set(ks) <= set(meta.data_bands):
         return None
-    if any(meta.descriptions[k - 1] in card.bands and meta.descriptions[k - 1] != f"b{k}" for k in ks):
+    keys = [_band_key(n) for n in card.bands]
+    if any(_band_key(meta.descriptions[k - 1]) in keys and _band_key(meta.descriptions[k - 1]) != f"b{k}" for k in ks):
         return None
     return tuple(ks)
 
@@ -1363,9 +1376,17 @@ def check_input_range(meta: SceneMeta, bands: tuple[int, ...], card: ModelCard, 
         lo, hi = min(z[i] for i in off), max(z[i] for i in off)
         spread = f"{lo:+.0f}" if round(lo) == round(hi) else f"{lo:+.0f} to {hi:+.0f}"
         cause = "units or scaling" if len(off) == len(seen) else "units, scaling or band order"
+        fed: dict[int, list[str]] = {}  # (one scene band fed as several was counted as several bands)
+        for i in off:
+            fed.setdefault(bands[i], []).append(card.bands[i])
+        if len(fed) == 1:
+            (b, names), = fed.items()
+            which = f"band {b} (as {', '.join(names)}) averages"
+        else:
+            listed = ", ".join(f"{b} as {' and '.join(n)}" for b, n in fed.items())
+            which = f"{'all ' if len(off) == len(seen) else ''}{len(fed)} bands ({listed}) average"
         warn(
-            f"{meta.path.name}: {'all ' if len(off) == len(seen) else ''}{len(off)} bands "
-            f"({', '.join(f'{bands[i]} as {card.bands[i]}' for i in off)}) average {spread} standard deviations from "
+            f"{meta.path.name}: {which} {spread} standard deviations from "
             f"what {card.name} was trained on: the scene's values are not on the scale the model learned ({cause}?), "
             "and its map may be meaningless; check --bands and the data" + _scaling_hint(meta, bands, card),
             InputRangeWarning)
@@ -2152,6 +2173,7 @@ def describe_scene(
             model["problem"] = str(e)
         else:
             model["scene_bands"] = list(chosen)
+            meta = meta.for_bands(chosen)  # (as predict reads them: a band tagged alpha read as data masks nothing)
             z = check_input_range(meta, chosen, mc)
             if z is not None:
                 model["input_z"] = {k: round(v, 2) for k, v in z.items()}
@@ -2182,8 +2204,10 @@ def describe_scene(
     nodata = (
         "values " + ", ".join(f"{v}" for v in meta.nodatavals)
         if len(set(map(str, meta.nodatavals))) > 1
-        else f"value {meta.nodata}" if meta.nodata is not None
+        else f"value {meta.nodata}" + (f", alpha band {meta.alpha_band}" if meta.alpha_band is not None else "")
+        if meta.nodata is not None
         else f"alpha band {meta.alpha_band}" if meta.alpha_band is not None
+        else f"none (band {meta.alpha_as_data}, tagged alpha, is read as data)" if meta.alpha_as_data is not None
         else ("mask file " + Path(f"{meta.path}.msk").name if not is_virtual(meta.path)
               and os.path.exists(f"{meta.path}.msk") else "internal mask")
         if any("per_dataset" in f for f in meta.mask_flags)
@@ -2201,7 +2225,7 @@ def describe_scene(
         # unrectified scenes: how they are placed instead ('4 ground control points', 'RPCs')
         "georeferenced_by": "geotransform" if meta.crs else (georeferencing(meta) or None),
         # in the CRS's units; a scene placed by GCPs: of the transform fitted to them; None: not georeferenced
-        "pixel_size": list(meta.res) if meta.crs is not None else (
+        "pixel_size": list(meta.res) if meta.crs is not None or not meta.transform.is_identity else (
             None if meta.gcp_transform() is None else list(dataclasses.replace(meta, transform=meta.gcp_transform()).res)),
         # a pixel's ground size in metres (geodesic in the middle row on a geographic CRS, at the centre on Web Mercator)
         "ground_pixel_m": None if ground is None else round(ground, 3),

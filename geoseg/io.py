@@ -84,6 +84,9 @@ class SceneMeta:
     nodatavals: tuple[float | None, ...] = ()
     #: Each band's data type (``dtype`` is band 1's; a VRT of single-band files may mix them).
     dtypes: tuple[str, ...] = ()
+    #: The band tagged alpha when it is read as data (:meth:`for_bands`; an RGBN file whose NIR band
+    #: GDAL tags alpha): it then marks no pixel as nodata (:attr:`alpha_band` is None).
+    alpha_as_data: int | None = None
 
     def for_bands(self, bands: Sequence[int], hint: str = "") -> SceneMeta:
         """This scene as read through ``bands``: its :attr:`dtype` theirs (band 1 may be of another type,
@@ -105,6 +108,8 @@ class SceneMeta:
                              f"type per scene: make one first, e.g. gdalbuildvrt -ot {gdal_name} or gdal_translate "
                              f"-ot {gdal_name}{hint}")
         dtype = next(iter(kinds.values()), self.dtype)
+        if self.alpha_band is not None and self.alpha_band in bands:
+            return dataclasses.replace(self, dtype=dtype, alpha_band=None, alpha_as_data=self.alpha_band)
         return self if dtype == self.dtype else dataclasses.replace(self, dtype=dtype)
 
     def subset(self, window: Window, aoi: Any = None) -> SceneMeta:
@@ -534,7 +539,8 @@ def corrupt_input(name: str | Path, exc: BaseException, where: str = "", *, virt
 
 
 def read_window_gaps(
-    path: str | Path, window: Window, bands: Sequence[int], alpha_band: int | None = None
+    path: str | Path, window: Window, bands: Sequence[int], alpha_band: int | None = None, *,
+    alpha_as_data: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Read ``bands`` (1-based) of ``window``, the window's valid mask, and where single bands
     have no data.
@@ -548,11 +554,13 @@ def read_window_gaps(
         ``(data, valid, missing)``: data CHW in the raster's dtype; valid HW bool (True = has
         data in some band); ``missing`` CHW bool (True = this band has no data here,
         including every band of an invalid pixel), or ``None`` when every value has data.
+        ``alpha_as_data``: the band tagged alpha is one of ``bands`` (:attr:`SceneMeta.alpha_as_data`):
+        no band's mask is it then, only the bands' nodata values.
     """
     try:
         with _handle(scene_path(path)) as ds:  # (a Path() of /vsigzip//abs/a.tif.gz lost its '//')
             data = ds.read(list(bands), window=window)
-            return _valid_and_missing(ds, data, window, bands, alpha_band)
+            return _valid_and_missing(ds, data, window, bands, alpha_band, alpha_as_data)
     except rasterio.errors.RasterioIOError as exc:
         raise corrupt_input(Path(path).name, exc, f" at column {int(window.col_off)}, row {int(window.row_off)}",
                             virtual=is_virtual(path)) from None
@@ -572,9 +580,12 @@ def _plain_nodata(ds: Any, bands: Sequence[int]) -> bool:
 
 
 def _valid_and_missing(ds: Any, data: np.ndarray, window: Window, bands: Sequence[int],
-                       alpha_band: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                       alpha_band: int | None, alpha_as_data: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """See :func:`read_window_gaps`."""
     flags = [ds.mask_flag_enums[b - 1] for b in bands]
+    if alpha_as_data:  # (GDAL's mask of each band is the alpha band: NIR 0 was nodata, the pixel lost)
+        flags = [[MaskFlags.all_valid] if MaskFlags.alpha in f else f for f in flags]
     missing: np.ndarray | None
     if alpha_band is not None:
         valid = ds.read(alpha_band, window=window) > 0
@@ -625,7 +636,8 @@ def read_scene_window(
     inside = meta.aoi.pixels(window) if meta.aoi is not None else True
     if inside is False:
         return None
-    data, valid, missing = read_window_gaps(meta.path, window, bands, meta.alpha_band)
+    data, valid, missing = read_window_gaps(meta.path, window, bands, meta.alpha_band,
+                                            alpha_as_data=meta.alpha_as_data is not None)
     if inside is not True:
         valid &= inside
     return data, valid, missing
@@ -639,6 +651,9 @@ def windows_with_data(meta: SceneMeta, windows: Sequence[Window], cells: int = 2
     of predicting it."""
     r0, c0 = meta.origin
     rows, cols = min(meta.height, cells), min(meta.width, cells)
+    if meta.alpha_as_data is not None:  # (the dataset's mask is the band read as data: every window is read)
+        return [meta.aoi is None or meta.aoi.pixels(Window(w.col_off + c0, w.row_off + r0, w.width, w.height))
+                is not False for w in windows]
     try:
         with _handle(meta.path) as ds:
             mask = ds.dataset_mask(window=Window(c0, r0, meta.width, meta.height), out_shape=(rows, cols),

@@ -90,9 +90,18 @@ _REGRIDDING = {"TARGET_SRS", "RES", "EXTENT"}
 _LOSSY = {"JPEG", "WEBP"}
 
 
-def _changes_values(profile: Mapping[str, Any]) -> str | None:
-    """Why ``profile``'s options would put other values or another grid in the file, or None."""
+#: Overview resamplings that keep class ids: others (AVERAGE, BILINEAR, CUBIC, ...) put ids between two
+#: classes' on their edges (CUBIC: "agriculture" six times as common, and 0, in a mask's overviews).
+_CATEGORICAL = {"MODE", "NEAREST"}
+
+
+def _changes_values(profile: Mapping[str, Any], classes: bool = False) -> str | None:
+    """Why ``profile``'s options would put other values or another grid in the file (``classes``: its values
+    are class ids, in the full resolution and the overviews), or None."""
     opts = {k: str(v).upper() for k, v in profile.items() if k not in ("dtype", "nodata")}
+    if classes and opts.get("OVERVIEW_RESAMPLING", "MODE") not in _CATEGORICAL:
+        return (f"OVERVIEW_RESAMPLING={opts['OVERVIEW_RESAMPLING']} would put values that are no class in the mask's "
+                "overviews (QGIS shows them zoomed out): use MODE (the default) or NEAREST")
     regrid = sorted(k for k in opts if k in _REGRIDDING)
     if regrid or opts.get("TILING_SCHEME", "CUSTOM") != "CUSTOM":
         key = regrid[0] if regrid else "TILING_SCHEME"
@@ -134,7 +143,7 @@ def get_profile(name: str, creation_options: Mapping[str, str] | None = None) ->
         profile[key] = v
     if creation_options:
         given = " ".join(f"{k}={v}" for k, v in creation_options.items())
-        why = _changes_values(profile)
+        why = _changes_values(profile, classes=name == "mask")
         if why:
             raise ParameterError(f"--co {given}: {why}")
         # GDAL's codec errors in its worker threads (NUM_THREADS) never reach rasterio's handler: the

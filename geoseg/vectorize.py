@@ -373,18 +373,18 @@ def min_pixels_for(min_area: float | None, min_pixels: int | None, pixel_area: f
     is refused (every region would have to merge into a neighbour it does not have).
     """
     if min_area is not None and min_pixels is not None:
-        raise ParameterError("give either min_area or min_pixels, not both")
+        raise ParameterError("give either --min-area or --min-pixels, not both")
     px = 0
     if min_area is not None:
         if not math.isfinite(min_area) or min_area < 0:
-            raise ParameterError(f"min_area {min_area} is not allowed: use an area >= 0 in map units²")
+            raise ParameterError(f"--min-area {min_area:g} is not allowed: use an area >= 0 in map units²")
         px = int(math.ceil(min_area / pixel_area - 1e-9)) if min_area > 0 else 0
     if min_pixels is not None:
         if min_pixels < 0:
-            raise ParameterError(f"min_pixels {min_pixels} is not allowed: use a count >= 0")
+            raise ParameterError(f"--min-pixels {min_pixels} is not allowed: use a count >= 0")
         px = int(min_pixels)
     if shape is not None and px > 1 and px >= shape[0] * shape[1]:
-        given = f"min_area {min_area:g} ({px:.4g} pixels of {pixel_area:.4g})" if min_area is not None else f"min_pixels {px}"
+        given = f"--min-area {min_area:g} ({px:.4g} pixels of {pixel_area:.4g})" if min_area is not None else f"--min-pixels {px}"
         raise ParameterError(f"{given} is not smaller than the whole mask ({shape[1]} x {shape[0]} = "
                              f"{shape[0] * shape[1]} pixels): use a smaller minimum mapping unit")
     return px
@@ -406,7 +406,7 @@ def vector_settings(min_area: float | None, min_pixels: int | None, simplify: fl
     if simplify is None:
         simplify = DEFAULT_SIMPLIFY_PIXELS * math.sqrt(pixel_area)
     if not math.isfinite(simplify) or simplify < 0:
-        raise ParameterError(f"simplify {simplify} is not allowed: use a tolerance >= 0 in map units (0 keeps pixel edges)")
+        raise ParameterError(f"--simplify {simplify:g} is not allowed: use a tolerance >= 0 in map units (0 keeps pixel edges)")
     return min_px, float(simplify)
 
 

@@ -748,7 +748,9 @@ def test_creation_options_reach_the_cog_and_bad_ones_are_refused_first(runner: C
                       # exit 0 with an all-nodata mask (GDAL's error in a worker thread went unseen)
                       ("COMPRESS=WEBP", "COMPRESS=WEBP is lossy"),
                       # JPEG: refused only after the whole scene was segmented; LERC's error moved class ids
-                      ("COMPRESS=JPEG", "lossy"), ("MAX_Z_ERROR=3", "COMPRESS=LERC is lossy")]:
+                      ("COMPRESS=JPEG", "lossy"), ("MAX_Z_ERROR=3", "COMPRESS=LERC is lossy"),
+                      # exit 0 with ids between two classes' (and 0) in the overviews QGIS shows zoomed out
+                      ("OVERVIEW_RESAMPLING=CUBIC", "OVERVIEW_RESAMPLING=CUBIC would put values that are no class")]:
         if co.startswith("MAX_Z"):
             co = f"COMPRESS=LERC --co {co}"
         out = tmp_path / re.sub(r"\W", "_", co.split("=")[1].lower())
@@ -759,8 +761,10 @@ def test_creation_options_reach_the_cog_and_bad_ones_are_refused_first(runner: C
     from geoseg.profiles import get_profile
 
     # a warp's own options change nothing without a warp, and LERC below 0.5 keeps whole class ids
-    for co in ({"ADD_ALPHA": "NO"}, {"WARP_RESAMPLING": "NEAREST"}, {"COMPRESS": "LERC_ZSTD", "MAX_Z_ERROR": "0.4"}):
+    for co in ({"ADD_ALPHA": "NO"}, {"WARP_RESAMPLING": "NEAREST"}, {"COMPRESS": "LERC_ZSTD", "MAX_Z_ERROR": "0.4"},
+               {"OVERVIEW_RESAMPLING": "nearest"}):
         assert get_profile("mask", co)
+    assert get_profile("confidence_uint8", {"OVERVIEW_RESAMPLING": "CUBIC"})  # (not class ids)
     batch_out = tmp_path / "batch"
     res = runner.invoke(cli, ["batch", str(src), "--weights", str(tiny_unet[0]), "--out", str(batch_out),
                               "--co", "COMPRESS=FOO"])
@@ -2031,3 +2035,19 @@ def test_an_aoi_window_has_no_empty_row_or_column_at_its_edges(tmp_path: Path) -
         win = aoi.window
         assert rows.min() == win.row_off and rows.max() == win.row_off + win.height - 1
         assert cols.min() == win.col_off and cols.max() == win.col_off + win.width - 1
+
+
+def test_info_and_messages_say_what_they_mean(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
+    """info said "pixel size: unknown (no geotransform)" of a scene with one but no CRS; --min-area -5 was
+    "min_area -5.0 is not allowed"."""
+    from rasterio.transform import from_origin as origin
+
+    src = rgb(tmp_path, "nocrs.tif", h=20, w=24, crs=None, transform=origin(630534.0, 228114.0, 28.5, 28.5))
+    res = runner.invoke(cli, ["info", str(src), "--no-model"])
+    assert res.exit_code == 0 and "pixel size: 28.5 x 28.5 (in the geotransform's units: no CRS)" in res.output, \
+        res.output
+    scene = rgb(tmp_path)
+    for option, value in (("--min-area", "-5"), ("--simplify", "-1")):
+        res = runner.invoke(cli, ["predict", str(scene), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o"),
+                                  option, value])
+        assert_one_line_error(res, f"{option} {value} is not allowed")

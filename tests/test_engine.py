@@ -262,6 +262,47 @@ def test_alpha_band_marks_nodata(tmp_path: Path) -> None:
     assert (mask[20:30] == 255).all() and (mask[:20] == 2).all()
 
 
+def test_a_band_tagged_alpha_read_as_data_marks_no_nodata(tmp_path: Path) -> None:
+    """GDAL tags the 4th band of an RGB file alpha (NAIP's RGBN written with PHOTOMETRIC=RGB): read as
+    NIR, its zeros made their pixels nodata without a word, and info named another nodata source."""
+    from geoseg.engine import describe_scene
+
+    h, w = 40, 60
+    data = np.full((4, h, w), 1, np.uint8)
+    data[3, 10:20] = 0  # "NIR" 0 in a strip: data, not transparency
+    src = write_raster(tmp_path / "rgbn.tif", data, photometric="RGB", alpha="YES")
+    card = identity_card(4, 2)
+    with pytest.warns(InputRangeWarning, match="band 4 is tagged alpha .* but is read as data .b3.: it marks no "
+                                               "pixel as nodata"):
+        res = segment_scene(src, tmp_path / "o", source=ModelSource(card), predictor=one_hot_predictor(2),
+                            options=PredictOptions(bands=(1, 2, 3, 4)))
+    with rasterio.open(res.mask) as ds:
+        assert (ds.read(1) == 2).all()
+    with pytest.warns(InputRangeWarning, match="tagged alpha"):
+        info = describe_scene(src, source=ModelSource(card), bands=(1, 2, 3, 4))
+    assert info["nodata"] == "none (band 4, tagged alpha, is read as data)"
+    # its nodata value still marks nodata (every band 0); the three other bands alone: band 4 is the alpha mask
+    data[:, 30:35] = 0
+    nd = write_raster(tmp_path / "nd.tif", data, photometric="RGB", alpha="YES", nodata=0)
+    with pytest.warns(InputRangeWarning, match="its nodata value 0 still does"):
+        res = segment_scene(nd, tmp_path / "o2", source=ModelSource(card), predictor=one_hot_predictor(2),
+                            options=PredictOptions(bands=(1, 2, 3, 4)))
+    with rasterio.open(res.mask) as ds:
+        mask = ds.read(1)
+    assert (mask[30:35] == 255).all() and (mask[10:20] == 2).all()
+    res = segment_scene(src, tmp_path / "o3", source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
+    with rasterio.open(res.mask) as ds:
+        assert (ds.read(1)[10:20] == 255).all()
+
+
+def test_info_gives_the_pixel_size_of_a_geotransform_without_a_crs(tmp_path: Path) -> None:
+    from geoseg.engine import describe_scene
+
+    src = write_raster(tmp_path / "nocrs.tif", np.ones((1, 10, 12), np.uint8), crs=None,
+                       transform=from_origin(630534.0, 228114.0, 28.5, 28.5))
+    assert describe_scene(src)["pixel_size"] == [28.5, 28.5]
+
+
 def test_mask_is_a_valid_cog_with_palette_names_and_style(tmp_path: Path) -> None:
     from rio_cogeo.cogeo import cog_validate
 
@@ -968,6 +1009,24 @@ def test_bands_of_the_model_in_another_order_are_picked_by_name(tmp_path: Path) 
     with pytest.warns(InputRangeWarning, match="band 1 is described 'b2' but feeds the model as 'b0'; "
                                                "band 2 is described 'b0' but feeds the model as 'b1'"):
         segment_scene(src, tmp_path / "o2", source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
+
+
+@pytest.mark.filterwarnings("ignore::geoseg.errors.InputRangeWarning")  # raw class indexes, not image data
+def test_band_names_are_matched_without_case_or_spaces(tmp_path: Path) -> None:
+    """A scene of the card's band names in lower case, in another order, was read as it lies, without a word
+    (a wrong map: the range check cannot tell Landsat bands apart)."""
+    data = np.stack([np.full((20, 20), v, np.uint8) for v in (9, 1, 7)])  # B0 holds class index 1
+    src = write_raster(tmp_path / "named.tif", data)
+    with rasterio.open(src, "r+") as ds:
+        for i, name in enumerate(("b2_swir", " B0_BLUE ", "b1_green"), start=1):
+            ds.set_band_description(i, name)
+    card = dataclasses.replace(identity_card(3, 2), bands=("B0_blue", "B1_green", "B2_swir"))
+    res = segment_scene(src, tmp_path / "o1", source=ModelSource(card), predictor=one_hot_predictor(2))
+    with rasterio.open(res.mask) as ds:
+        assert (ds.read(1) == 2).all()  # card band B0_blue = scene band 2 (value 1) -> index 1 -> id 2
+    with pytest.warns(InputRangeWarning, match="band 1 is described 'b2_swir' but feeds the model as 'B0_blue'"):
+        segment_scene(src, tmp_path / "o2", source=ModelSource(card), predictor=one_hot_predictor(2),
+                      options=PredictOptions(bands=(1, 2, 3)))
 
 
 @pytest.mark.filterwarnings("ignore::geoseg.errors.InputRangeWarning")  # raw class indexes, not image data
@@ -1750,3 +1809,15 @@ def test_an_absurd_omp_num_threads_is_refused_before_paddle_loads(tmp_path: Path
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("OMP_NUM_THREADS", fine)
             check_omp_threads()
+
+
+def test_one_band_fed_as_several_is_one_band_in_the_range_warning(tmp_path: Path) -> None:
+    """It was "4 bands (1 as b0, 1 as b1, ...) average ..." of a scene of one band."""
+    data = np.full((2, 30, 30), 250, np.uint8)
+    data[1] = 0
+    src = write_raster(tmp_path / "one.tif", data)
+    with pytest.warns(InputRangeWarning, match=r"one.tif: band 1 \(as b0, b1, b3\) averages \+250 standard"):
+        check_input_range(open_scene(src), (1, 1, 2, 1), identity_card(4, 2))
+    both = write_raster(tmp_path / "both.tif", np.full((2, 30, 30), 250, np.uint8))
+    with pytest.warns(InputRangeWarning, match=r"all 2 bands \(1 as b0 and b2, 2 as b1\) average \+250"):
+        check_input_range(open_scene(both), (1, 2, 1), identity_card(3, 2))

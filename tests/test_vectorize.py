@@ -561,7 +561,7 @@ def test_odd_outputs_and_units_are_named_plainly(mask_path: Path, tmp_path: Path
         vec.vectorize_mask(mask_path, tmp_path)
     with pytest.raises(ParameterError, match=f"sample output {tmp_path} is a folder"):
         draw_sample(mask_path, tmp_path)
-    with pytest.raises(ParameterError, match=r"min_area 1e\+300 \(1e\+298 pixels of 100\)"):
+    with pytest.raises(ParameterError, match=r"--min-area 1e\+300 \(1e\+298 pixels of 100\)"):
         vec.vectorize_mask(mask_path, tmp_path / "x.gpkg", min_area=1e300)
     with pytest.raises(ModelError, match="--card /dev/null is not a file"):
         resolve_model("unet", card="/dev/null")
@@ -655,7 +655,7 @@ def test_cli_vectorize(cli: click.Group, mask_path: Path, tmp_path: Path) -> Non
     [
         (["{tmp}/missing.tif"], "does not exist"),
         (["{float}"], "float32"),
-        (["{mask}", "--min-area", "-5"], "min_area"),
+        (["{mask}", "--min-area", "-5"], "--min-area -5 is not allowed"),
     ],
 )
 def test_cli_errors(cli: click.Group, mask_path: Path, tmp_path: Path, args: list[str], words: str) -> None:
