@@ -76,10 +76,18 @@ def evaluate(prediction: Path, reference: Path, field: str | None, background: s
       geoseg evaluate buildings_pred.tif --reference footprints.geojson --background 0
     """
     from geoseg.errors import ParameterError
-    from geoseg.evaluate import check_card, evaluate_rasters, evaluate_vector, format_table, record_in_card
+    from geoseg.evaluate import (
+        check_card,
+        check_record_key,
+        evaluate_rasters,
+        evaluate_vector,
+        format_table,
+        record_in_card,
+    )
     from geoseg.io import is_vector_path
 
     if record_card is not None:  # a card that cannot take these figures is refused before the evaluation runs
+        check_record_key(record_as)
         check_card(record_card, prediction)
     if is_vector_path(reference):
         result = evaluate_vector(prediction, reference, field=field, region=region, classes=classes,

@@ -188,8 +188,11 @@ class ModelCard:
         return len(self.classes)
 
     def model_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`geoseg.models.build_model`."""
-        return model_kwargs(self.params, self.in_channels, self.num_classes, self.normalization)
+        """Keyword arguments for :func:`geoseg.models.build_model` (without ``pretrained``: the starting
+        weights of its training, which a card's finished weights replace; a card that named them failed
+        once they moved)."""
+        params = {k: v for k, v in self.params.items() if k != "pretrained"}
+        return model_kwargs(params, self.in_channels, self.num_classes, self.normalization)
 
     def class_lut(self) -> np.ndarray:
         """Lookup table from output channel index to class id (uint8)."""

@@ -162,7 +162,12 @@ def resolve_model(model: str | Path | None, weights: str | Path | None = None, c
                              "has none; this model's card names them: drop --classes")
     name = str(model) if model is not None else None
     if name is not None and name not in MODEL_NAMES:
-        raise ModelError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)} or give an exported model folder")
+        if not exported and os.path.isfile(os.path.join(name, "weights.pdparams")):  # (export --model RUN: it said to
+            # give an exported folder, which export refuses)
+            raise ModelError(f"--model {name} is a training run's folder: pass --weights {name} (--model names an "
+                             f"architecture: {', '.join(MODEL_NAMES)})")
+        raise ModelError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}"
+                         + (" or give an exported model folder" if exported else ""))
     if weights is None:
         name = name or "deeplabv3p"
         shipped = shipped_models()

@@ -822,11 +822,28 @@ def check_card(card_path: str | Path, prediction: str | Path, averaged_classes: 
     return card
 
 
+def check_record_key(key: str) -> None:
+    """Refuse a ``metrics`` key figures cannot be recorded under: an empty one (YAML's ``? ''``), or
+    ``validation``, the figures ``geoseg train`` recorded for the checkpoint it kept."""
+    if not key.strip():
+        raise ParameterError(f"--record-as {key!r}: give a name for the entry, e.g. test")
+    if key.strip() == "validation":
+        raise ParameterError("--record-as validation: that entry holds what geoseg train measured for the checkpoint "
+                             "it kept; record under another name (e.g. test, or val_region)")
+
+
 def record_in_card(card_path: str | Path, result: EvalResult, key: str = "test") -> Path:
     """Store ``result``'s headline figures under ``metrics[key]`` of a model card (rewritten atomically),
-    after :func:`check_card`. The entry says which prediction was scored and what was checked."""
+    after :func:`check_card`, replacing an entry of that name with a warning. The entry says which
+    prediction was scored and what was checked."""
+    check_record_key(key)
+    key = key.strip()
     m = result.metrics
     card = check_card(card_path, result.prediction, m.averaged_classes)
+    earlier = dict(card.metrics).get(key)
+    if earlier is not None:  # (it was replaced without a word)
+        was = f" (mIoU {earlier['miou']})" if isinstance(earlier, dict) and "miou" in earlier else ""
+        warn(f"{Path(card_path).name}: metrics.{key}{was} is replaced by these figures", EvaluationWarning)
     with _open(result.prediction, "prediction") as ds:
         made_by = ds.tags().get("GEOSEG_MODEL")
     checked = (f"classes; model name {made_by!r} (the mask's GEOSEG_MODEL tag; runs sharing a name, e.g. seeds, "

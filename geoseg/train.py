@@ -345,6 +345,9 @@ class TrainConfig:
                          ("tile_overlap", self.tile_overlap)):
             if v is not None and v < 0:
                 raise ParameterError(f"{label} {v}: use 0 or more (a negative {label} means nothing)")
+        if not math.isfinite(self.lr) or self.lr <= 0:  # (nan trained NaN weights into a half-written run; a
+            # negative lr was blamed on min_lr first)
+            raise ParameterError(f"lr {self.lr}: use a positive learning rate")
         if self.min_lr > self.lr and self.schedule != "constant":  # (the schedule climbed from lr to min_lr)
             raise ParameterError(f"min_lr {self.min_lr}: the learning rate the schedule ends at must not exceed lr "
                                  f"{self.lr} (e.g. {self.lr / 100:g}, or 0)")
@@ -352,6 +355,9 @@ class TrainConfig:
             # (the run trained, then predict refused its card: "overlap 40 must be smaller than the tile size 32")
             raise ParameterError(f"tile_overlap {self.tile_overlap}: must be smaller than window {self.window} "
                                  f"(e.g. {self.window // 4}, a quarter window, or leave it out)")
+        start = self.params.get("pretrained")
+        if start is not None and not isinstance(start, (str, os.PathLike)):  # (true: a bare TypeError)
+            raise ParameterError(f"params.pretrained {start!r}: give the .pdparams file of the weights to start from")
         if "members" in self.params:
             raise ParameterError("params.members is for seed ensembles: train each member with its own --seed, "
                                  "then combine the runs with 'geoseg ensemble'")
@@ -361,8 +367,6 @@ class TrainConfig:
             raise ParameterError(f"schedule {self.schedule!r}: choose poly, cosine or constant")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ParameterError(f"device {self.device!r}: choose auto, cpu or gpu")
-        if not math.isfinite(self.lr) or self.lr <= 0:  # (nan trained NaN weights into a half-written run)
-            raise ParameterError(f"lr {self.lr}: use a positive learning rate")
         if self.seed is not None and not 0 <= self.seed < 2**32:  # (Paddle's manual_seed failed in 5 lines)
             raise ParameterError(f"seed {self.seed}: use a whole number 0 .. 4294967295")
         for label, v in (("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip),
@@ -2182,7 +2186,7 @@ class Trainer:
             bands=tuple(names),
             classes=self.classes,
             normalization=self.normalization,
-            params=dict(cfg.params),
+            params={k: v for k, v in cfg.params.items() if k != "pretrained"},  # (a start, not the model)
             tile_size=self.window,
             overlap=self.overlap,
             weights="weights.pdparams",
@@ -2207,6 +2211,10 @@ class Trainer:
                 "ignore": list(cfg.ignore), "window": self.window, "batch_size": cfg.batch_size,
                 "iterations": cfg.iterations, "best_iteration": best_iteration, "lr": cfg.lr,
                 "weight_decay": cfg.weight_decay, "schedule": cfg.schedule, "warmup": cfg.warmup,
+                # (these were in no card: an ensemble of members that differ in them said nothing)
+                "min_lr": cfg.min_lr, **({"power": cfg.power} if cfg.schedule == "poly" else {}),
+                "grad_clip": cfg.grad_clip, "min_labelled": cfg.min_labelled,
+                "loss_weights": {"ce": cfg.ce_weight, "dice": cfg.dice_weight, "lovasz": cfg.lovasz_weight},
                 "loss": cfg.loss, "class_weights": (None if getattr(self, "class_weights", None) is None
                                                     else [round(float(v), 4) for v in self.class_weights]),
                 "augment": {"flips": cfg.flips, "rot90": cfg.rot90, "brightness": cfg.brightness, "contrast": cfg.contrast,
@@ -2644,6 +2652,9 @@ class Trainer:
         d = _checkpoint_folder(path)
         path, meta_path = d / "last.pdparams", d / "last.json"
         if not meta_path.is_file():
+            if path.is_file():  # (it said "no checkpoint at .../last.pdparams", a file that was there)
+                raise ParameterError(f"resume: the checkpoint in {d} is incomplete (no {meta_path.name}: the run was "
+                                     "stopped while saving its first checkpoint): train anew with --overwrite")
             raise ParameterError(f"resume: no checkpoint at {path} (expected last.pdparams and last.json from a run)")
         try:
             state = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -603,3 +603,20 @@ def test_a_signal_during_the_export_is_handled_once_it_is_over(tiny_unet: tuple[
         assert (tmp_path / "x" / "model.pdiparams").exists()  # the export itself finished first
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_export_told_a_run_folder_names_the_option_that_takes_it(tiny_unet: tuple[Path, Path], tmp_path: Path,
+                                                                 runner) -> None:  # type: ignore[no-untyped-def]
+    """export --model RUN said to give an exported folder, which export refuses."""
+    import shutil
+
+    from geoseg_cli.main import cli
+
+    run = tmp_path / "run1"
+    run.mkdir()
+    shutil.copy(tiny_unet[0], run / "weights.pdparams")
+    shutil.copy(tiny_unet[1], run / "weights.yaml")
+    r = runner.invoke(cli, ["export", "--model", str(run), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 1 and f"--model {run} is a training run's folder: pass --weights {run}" in r.output, r.output
+    r = runner.invoke(cli, ["export", "--model", "nonet", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 1 and "unknown model 'nonet'" in r.output and "exported model folder" not in r.output

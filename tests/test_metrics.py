@@ -270,6 +270,15 @@ def test_record_in_card(tmp_path: Path, runner) -> None:  # type: ignore[no-unty
     r = runner.invoke(cli, [*args, "--record-card", str(card)])
     assert r.exit_code == 1 and "pred.tif was made by model 'buildings-v2', not by 'unet-untrained'" in r.output, r.output
     assert "test" not in ModelCard.load(other).metrics
+    # train's own entry is not replaced, an empty key not written, and a replaced entry is said
+    with rasterio.open(pred, "r+") as ds:
+        ds.update_tags(GEOSEG_MODEL="unet-untrained")
+    for key, words in (("validation", "that entry holds what geoseg train measured"), ("", "give a name for the entry")):
+        r = runner.invoke(cli, [*args, "--record-card", str(card), "--record-as", key])
+        assert r.exit_code == 1 and words in r.output and "confusion" not in r.output, r.output
+    assert set(ModelCard.load(card).metrics) == {"test"}
+    r = runner.invoke(cli, ["evaluate", *args[2:], "--record-card", str(card)])
+    assert r.exit_code == 0 and "m.yaml: metrics.test (mIoU " in r.output and "is replaced" in r.output, r.output
 
 
 # ---- vector references ---------------------------------------------------------------------------

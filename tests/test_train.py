@@ -2777,3 +2777,37 @@ def test_the_train_lock_takes_the_umask_s_mode(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert mode == 0o664
+
+
+def test_a_pretrained_start_stays_out_of_the_card_and_odd_settings_are_told_plainly(
+        scene: tuple[Path, Path], tmp_path: Path) -> None:
+    """params.pretrained stayed in the card: every later use loaded the start weights again, and failed once
+    they moved; `pretrained: true` was a bare TypeError; lr -1 was blamed on min_lr; a first checkpoint cut
+    short was "no checkpoint at .../last.pdparams", a file that was there."""
+    import shutil
+
+    from geoseg.engine import resolve_model
+
+    first = train(_cfg(scene, tmp_path / "first", iterations=2))
+    start = tmp_path / "start.pdparams"
+    shutil.copy(first.weights, start)
+    res = train(_cfg(scene, tmp_path / "second", iterations=2, params={"width": 0.125, "pretrained": str(start)}))
+    card = ModelCard.load(res.weights.with_suffix(".yaml"))
+    assert "pretrained" not in card.params and card.params["width"] == 0.125
+    start.unlink()
+    resolve_model(None, res.weights)  # (builds and loads the finished model)
+    # the settings an ensemble compares are in the card: members that differ in min_lr are told apart
+    assert card.training["min_lr"] == 0.0 and card.training["loss_weights"] == {"ce": 1.0, "dice": 1.0, "lovasz": 1.0}
+    from geoseg.ensemble import combine_models
+
+    other = train(_cfg(scene, tmp_path / "third", iterations=2, min_lr=0.001))
+    with pytest.warns(GeosegWarning, match=r"differ in more than their seeds \(min_lr: 0.0 \| 0.001"):
+        combine_models([str(first.weights.parent), str(other.weights.parent)], tmp_path / "ens")
+    with pytest.raises(ParameterError, match="params.pretrained True: give the .pdparams file"):
+        _cfg(scene, tmp_path / "x", params={"width": 0.125, "pretrained": True})
+    with pytest.raises(ParameterError, match=r"^lr -1.0: use a positive learning rate"):
+        _cfg(scene, tmp_path / "x", lr=-1.0)
+    ckpt = tmp_path / "first" / "checkpoints"
+    (ckpt / "last.json").unlink()
+    with pytest.raises(ParameterError, match="is incomplete .no last.json: the run was stopped while saving its first"):
+        train(_cfg(scene, tmp_path / "first", iterations=4, resume=str(ckpt)))
