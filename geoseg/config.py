@@ -21,6 +21,27 @@ import yaml
 from geoseg.errors import GeosegError
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last one won without a word:
+    ``image:`` twice in a config trained on the second)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # (<<: a merge may be overridden)
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                twice = key in seen
+                seen.add(key)
+            except TypeError:  # (an unhashable key: SafeLoader says so itself)
+                continue
+            if twice:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1}): keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml_mapping(path: str | Path, what: str, error: type[GeosegError], *, empty_ok: bool = False) -> dict[str, Any]:
     """Read ``path`` as a YAML mapping, or raise ``error`` with one line naming ``what`` and the problem.
 
@@ -28,7 +49,7 @@ def load_yaml_mapping(path: str | Path, what: str, error: type[GeosegError], *, 
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist") from None
     except IsADirectoryError:  # (was "unexpected error: IsADirectoryError")

@@ -2811,3 +2811,15 @@ def test_a_pretrained_start_stays_out_of_the_card_and_odd_settings_are_told_plai
     (ckpt / "last.json").unlink()
     with pytest.raises(ParameterError, match="is incomplete .no last.json: the run was stopped while saving its first"):
         train(_cfg(scene, tmp_path / "first", iterations=4, resume=str(ckpt)))
+
+
+def test_a_key_given_twice_in_a_config_is_refused(tmp_path: Path) -> None:
+    """`image:` twice trained on the second without a word (YAML's last key wins)."""
+    from geoseg.config import load_yaml_mapping
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("image: a.tif\nlabels: b.tif\nparams:\n  width: 0.25\n  width: 0.5\n")
+    with pytest.raises(ParameterError, match=r"is not valid YAML: key 'width' is given twice \(line 5\): keep one"):
+        load_yaml_mapping(cfg, "training config", ParameterError)
+    cfg.write_text("base: &b\n  lr: 1\nrun:\n  <<: *b\n  lr: 2\n")  # a merge key may be overridden
+    assert load_yaml_mapping(cfg, "training config", ParameterError)["run"] == {"lr": 2}
