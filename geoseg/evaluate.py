@@ -172,6 +172,48 @@ def _reference_nodata(ds: Any) -> list[int]:
     return [int(nodata)]
 
 
+def reference_part(pred: Any, ref: Any) -> tuple[int, int] | None:
+    """``(col, row)`` of the grid of ``pred`` in that of ``ref`` when it covers whole pixels of it, but not all
+    (a ``predict --aoi`` mask against the scene's label raster, or labels of part of a scene: they were
+    refused, "resample one onto the other"), else None: same CRS and pixel size and rotation, and its
+    origin on a pixel corner."""
+    if pred.crs is None or ref.crs is None or pred.crs != ref.crs:
+        return None
+    pt, rt = pred.transform, ref.transform
+    tol = 1e-6 * max(abs(rt.a), abs(rt.e), 1e-12)
+    if any(abs(x - y) > tol for x, y in zip((pt.a, pt.b, pt.d, pt.e), (rt.a, rt.b, rt.d, rt.e))):
+        return None
+    col, row = ~rt @ (pt.c, pt.f)
+    c, r = round(col), round(row)
+    if abs(col - c) > 1e-6 or abs(row - r) > 1e-6 or c < 0 or r < 0:
+        return None
+    if c + pred.width > ref.width or r + pred.height > ref.height or (c, r, pred.width, pred.height) == (
+            0, 0, ref.width, ref.height):
+        return None
+    return int(c), int(r)
+
+
+class _Part:
+    """A dataset read through a window of it (:func:`reference_part`): its reads and masks of a window are
+    those of the window moved to ``(col, row)``; the rest is the dataset's."""
+
+    def __init__(self, ds: Any, col: int, row: int, width: int, height: int) -> None:
+        self._ds, self._col, self._row, self.width, self.height = ds, col, row, width, height
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ds, name)
+
+    def _moved(self, window: Window | None) -> Window:
+        w = window if window is not None else Window(0, 0, self.width, self.height)
+        return Window(w.col_off + self._col, w.row_off + self._row, w.width, w.height)
+
+    def read(self, *args: Any, window: Window | None = None, **kwargs: Any) -> Any:
+        return self._ds.read(*args, window=self._moved(window), **kwargs)
+
+    def read_masks(self, *args: Any, window: Window | None = None, **kwargs: Any) -> Any:
+        return self._ds.read_masks(*args, window=self._moved(window), **kwargs)
+
+
 def check_grids(pred: Any, ref: Any) -> None:
     """Raise :class:`GridMismatchError` naming the first grid property that differs."""
     p, r = Path(pred.name).name, Path(ref.name).name
@@ -230,7 +272,18 @@ def evaluate_rasters(
     with _open(pred_path, "prediction") as pds, _open(ref_path, "reference") as rds:
         check_class_raster(pds, "prediction", described=classes is not None)
         check_class_raster(rds, "reference", whole_floats=True, described=classes is not None)
-        check_grids(pds, rds)
+        part, labels_part = reference_part(pds, rds), reference_part(rds, pds)
+        if part is not None:  # (a predict --aoi mask against the scene's labels)
+            log.info("%s covers columns %d-%d, rows %d-%d of %s's grid: compared there", pred_path.name, part[0],
+                     part[0] + pds.width - 1, part[1], part[1] + pds.height - 1, ref_path.name)
+            rds = _Part(rds, part[0], part[1], pds.width, pds.height)
+        elif labels_part is not None:  # (labels of part of the scene)
+            log.info("%s covers columns %d-%d, rows %d-%d of %s's grid: compared there", ref_path.name,
+                     labels_part[0], labels_part[0] + rds.width - 1, labels_part[1], labels_part[1] + rds.height - 1,
+                     pred_path.name)
+            pds = _Part(pds, labels_part[0], labels_part[1], rds.width, rds.height)
+        else:
+            check_grids(pds, rds)
         box = _region_box(win, rds.width, rds.height)
         table = read_classes(pds)
         ignore_given = ignore is not None

@@ -186,9 +186,11 @@ def test_mismatched_grids_are_refused_with_the_reason(tmp_path: Path) -> None:
     shifted = write_raster(tmp_path / "s.tif", PRED, crs=NC_LCC, transform=from_origin(500010.0, 4800000.0, 10, 10))
     with pytest.raises(GridMismatchError, match="geotransforms"):
         evaluate_rasters(shifted, ref)
-    small = write_raster(tmp_path / "small.tif", PRED[:2], crs=NC_LCC)
-    with pytest.raises(GridMismatchError, match="4x2 pixels but ref.tif is 4x3"):
-        evaluate_rasters(small, ref)
+    wide = write_raster(tmp_path / "wide.tif", np.hstack([PRED[:2], PRED[:2, :1]]), crs=NC_LCC)  # neither holds the other
+    with pytest.raises(GridMismatchError, match="5x2 pixels but ref.tif is 4x3"):
+        evaluate_rasters(wide, ref)
+    small = write_raster(tmp_path / "small.tif", PRED[:2], crs=NC_LCC)  # whole pixels of the reference's grid: taken
+    assert evaluate_rasters(small, ref).metrics.total == int(((REF[:2] != 0) & (PRED[:2] != 255)).sum())
     other_crs = write_raster(tmp_path / "crs.tif", PRED)
     with pytest.raises(GridMismatchError, match="CRS"):
         evaluate_rasters(other_crs, ref)
@@ -233,7 +235,7 @@ def test_cli_evaluate_table_json_and_errors(tmp_path: Path, runner) -> None:  # 
     assert d["confusion_matrix"] == CM.tolist()
     assert d["overall_accuracy"] == pytest.approx(7 / 9, abs=1e-6)
     assert d["per_class"]["1"]["iou"] == pytest.approx(4 / 6, abs=1e-6)
-    small = write_raster(tmp_path / "small.tif", PRED[:2], crs=NC_LCC)
+    small = write_raster(tmp_path / "small.tif", PRED[:2], crs=NC_LCC, transform=from_origin(500005.0, 4800000.0, 10, 10))
     r = runner.invoke(cli, ["evaluate", str(small), "--reference", str(ref)])
     assert r.exit_code == 1 and "grids do not match" in r.output
     r = runner.invoke(cli, ["evaluate", str(pred), "--reference", str(ref), "--region", "1,2"])
@@ -1249,3 +1251,31 @@ def test_long_lists_of_classes_in_messages_are_cut(tmp_path: Path) -> None:
         draw_sample(write_raster(tmp_path / "m.tif", a), tmp_path / "s.gpkg", per_class=2)
     text = next(str(w.message) for w in seen if w.category is EvaluationWarning)
     assert "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ..., 198, 199] (200 in all)" in text and len(text) < 200
+
+
+def test_a_mask_of_part_of_the_reference_grid_is_compared_there(tmp_path: Path) -> None:
+    """A predict --aoi mask (whole pixels of the scene's grid) against the scene's label raster was refused:
+    "grids do not match ... resample one onto the other"."""
+    from affine import Affine
+
+    rng = np.random.default_rng(0)
+    ref = rng.integers(1, 4, (40, 50)).astype(np.uint8)
+    ref[:3] = 0  # unlabelled
+    t = from_origin(500000.0, 4800000.0, 10.0, 10.0)
+    ref_path = write_raster(tmp_path / "ref.tif", ref, transform=t)
+    pred = np.where(rng.random((20, 24)) < 0.7, ref[2:22, 10:34], 1).astype(np.uint8)
+    part = write_raster(tmp_path / "part.tif", pred, transform=t * Affine.translation(10, 2), nodata=255)
+    crop = write_raster(tmp_path / "crop.tif", ref[2:22, 10:34], transform=t * Affine.translation(10, 2))
+    got, want = evaluate_rasters(part, ref_path).metrics, evaluate_rasters(part, crop).metrics
+    assert got.total == want.total > 0 and got.overall_accuracy == want.overall_accuracy
+    np.testing.assert_array_equal(got.confusion, want.confusion)
+    # labels of part of the scene against a mask of all of it: compared on the labels' part
+    whole = write_raster(tmp_path / "whole.tif", np.where(ref == 0, 2, ref).astype(np.uint8), transform=t)
+    flipped = evaluate_rasters(whole, crop).metrics
+    assert flipped.total == int((ref[2:22, 10:34] != 0).sum()) and flipped.overall_accuracy == 1.0
+    r = evaluate_rasters(part, ref_path, region="4,5,6,7").metrics  # (the region: the prediction's pixels)
+    assert r.total == int((ref[7:14, 14:20] != 0).sum())
+    # half a pixel off, or reaching past the reference: refused as before
+    for name, shift in (("half.tif", Affine.translation(10.5, 2)), ("past.tif", Affine.translation(30, 2))):
+        with pytest.raises(GridMismatchError, match="grids do not match: .* is 24x20 pixels but ref.tif is 50x40"):
+            evaluate_rasters(write_raster(tmp_path / name, pred, transform=t * shift), ref_path)
