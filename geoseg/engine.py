@@ -1273,7 +1273,15 @@ def scene_grid(meta: SceneMeta, card: ModelCard | None, tile: int | None = None,
     axis of the scene shorter than a window, the windows reach the model padded only to the scene's
     length (:func:`geoseg.tiling.make_grid`, never below the card's window)."""
     size, overlap = scene_tile(meta, card, tile, overlap)
-    grid = make_grid(meta.height, meta.width, size, overlap, pad_floor=card.tile_size if card is not None else 512)
+    floor = card.tile_size if card is not None else 512
+    grid = make_grid(meta.height, meta.width, size, overlap, pad_floor=floor)
+    usual = len(make_grid(meta.height, meta.width, size, size // 4, pad_floor=floor))
+    if overlap > size // 4 and len(grid) > max(4 * usual, 16):
+        # (a 128-px window with an overlap of 127 ran 114,000 windows on a 489x443 scene, without a word)
+        log.warning("%s: an overlap of %d px in %d-px windows makes %s windows, %.0f times the %s of an overlap "
+                    "of %d: each pixel is predicted about %.0f times; an overlap of a quarter of the window is "
+                    "usually enough", meta.path.name, overlap, size, f"{len(grid):,}", len(grid) / usual,
+                    f"{usual:,}", size // 4, (size / (size - overlap)) ** 2)
     if grid.input_shape is not None:
         log.info("%s: model input %dx%d px per window (the scene is shorter than a %d-px window)", meta.path.name,
                  grid.model_shape[1], grid.model_shape[0], size)
