@@ -995,9 +995,9 @@ def draw_sample(
         rows: list[np.ndarray] = []
         cols: list[np.ndarray] = []
         cls: list[np.ndarray] = []
-        unmarked = np.dtype(ds.dtypes[0]) == np.uint8 and ds.nodata is None and not has_mask_band(ds)
+        unmarked = np.dtype(ds.dtypes[0]) == np.uint8 and ds.nodata is None
         for row, block, shown in blocks():
-            if unmarked and (block == MASK_NODATA).any():
+            if unmarked and (block == MASK_NODATA)[... if shown is None else shown].any():
                 unmarked = False
                 warn(f"mask {mask_path.name} has no nodata value: its pixels of value 255 are taken as no data, as in "
                      "geoseg's masks (if 255 is a class, give the mask another nodata value: gdal_edit.py -a_nodata V)",

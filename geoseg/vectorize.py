@@ -259,8 +259,8 @@ def _mask_info(path: Path, ds: rasterio.DatasetReader, described: bool = False) 
         nodata = None
     classes = read_classes(ds)
     masked = has_mask_band(ds)
-    unmarked = dtype == "uint8" and nodata is None and not masked
-    if unmarked:  # (it was a class here, and no data to evaluate and sample)
+    unmarked = dtype == "uint8" and nodata is None
+    if unmarked:  # (it was a class here, and no data to evaluate and sample; with a mask band, it was refused)
         nodata = MASK_NODATA
     chosen = masked and nodata is None
     if chosen:  # pixels the mask band hides are read as a value no class takes
@@ -1160,14 +1160,23 @@ def vectorize_mask(
     )
 
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_raster(mask_path) as ds:  # (bytes, as an int)
+        told = False
+
+        def tell() -> None:  # of visible 255s in a masked unmarked mask, once
+            nonlocal told
+            if not told:
+                told = True
+                _tell_unmarked(info)
+
+        telling = tell if info.unmarked and info.masked else None
         if min_px > 1:
-            read = _sieved_reader(ds, info, min_px, connectivity, block_size)
+            read = _sieved_reader(ds, info, min_px, connectivity, block_size, telling)
         else:
 
             def read(r0: int, r1: int) -> np.ndarray:
-                return _read_strip(ds, info, r0, r1)
+                return _read_strip(ds, info, r0, r1, telling)
 
-        if info.unmarked:
+        if info.unmarked and not info.masked:  # (with a mask band, _read_strip tells of visible 255s)
             read = _telling_unmarked(read, info)
 
         with atomic_output(out_path, overwrite) as tmp, staged_as(tmp, fmt) as work, ogr_path(work) as ogr_work:
@@ -1217,12 +1226,16 @@ def _scene_from_mask(path: Path) -> str:
     return stem[: -len("_mask")] if stem.endswith("_mask") and len(stem) > 5 else stem
 
 
-def _read_strip(ds: rasterio.DatasetReader, info: MaskInfo, r0: int, r1: int) -> np.ndarray:
-    """Rows ``[r0, r1)`` of band 1, with the pixels a mask band hides set to ``info.nodata``."""
+def _read_strip(ds: rasterio.DatasetReader, info: MaskInfo, r0: int, r1: int,
+                tell: Callable[[], None] | None = None) -> np.ndarray:
+    """Rows ``[r0, r1)`` of band 1, with the pixels a mask band hides set to ``info.nodata``; ``tell()``
+    when pixels the mask band shows hold 255 in an :attr:`MaskInfo.unmarked` mask."""
     window = ((r0, r1), (0, info.width))
     block = ds.read(1, window=window)
     if info.masked:
         hidden = ds.read_masks(1, window=window) == 0
+        if tell is not None and (block[~hidden] == MASK_NODATA).any():
+            tell()
         if info.chosen_nodata and (block[~hidden] == info.nodata).any():
             raise SceneError(f"mask {info.path} hides pixels by a mask band and uses every value up to {info.nodata} "
                              "as a class: give it a nodata value that no class takes (gdal_edit.py -a_nodata V)")
@@ -1240,11 +1253,15 @@ def _telling_unmarked(read: Callable[[int, int], np.ndarray], info: MaskInfo) ->
         block = read(r0, r1)
         if not told and (block == MASK_NODATA).any():
             told = True
-            warn(f"mask {info.path.name} has no nodata value: its pixels of value 255 are taken as no data, as in "
-                 "geoseg's masks (if 255 is a class, give the mask another nodata value: gdal_edit.py -a_nodata V)")
+            _tell_unmarked(info)
         return block
 
     return telling
+
+
+def _tell_unmarked(info: MaskInfo) -> None:
+    warn(f"mask {info.path.name} has no nodata value: its pixels of value 255 are taken as no data, as in "
+         "geoseg's masks (if 255 is a class, give the mask another nodata value: gdal_edit.py -a_nodata V)")
 
 
 def _has_small_nodata_group(mask: np.ndarray, min_px: int, connectivity: int) -> bool:
@@ -1279,7 +1296,8 @@ def _drop_small_groups(mask: np.ndarray, out: np.ndarray, min_px: int, connectiv
 
 
 def _sieved_reader(
-    ds: rasterio.DatasetReader, info: MaskInfo, min_px: int, connectivity: int, block_size: int
+    ds: rasterio.DatasetReader, info: MaskInfo, min_px: int, connectivity: int, block_size: int,
+    tell: Callable[[], None] | None = None,
 ) -> Callable[[int, int], np.ndarray]:
     """Sieve the whole band (needs whole-raster connectivity) into memory; return a strip reader.
 
@@ -1292,7 +1310,7 @@ def _sieved_reader(
         source = np.empty((info.height, info.width), dtype=info.dtype)
         for r0 in range(0, info.height, block_size):
             r1 = min(info.height, r0 + block_size)
-            source[r0:r1] = _read_strip(ds, info, r0, r1)
+            source[r0:r1] = _read_strip(ds, info, r0, r1, tell)
     if info.nodata is not None:
         mask = np.empty((info.height, info.width), dtype=np.uint8)
         for r0 in range(0, info.height, block_size):

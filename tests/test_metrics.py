@@ -1233,6 +1233,27 @@ def test_sample_names_points_by_a_band_classes_tag_and_takes_uint8_255_as_no_dat
     assert 255 in m.class_ids and m.total == 64 and m.unpredicted == 0
 
 
+def test_sample_tells_of_visible_255s_of_a_masked_uint8_map_only(tmp_path: Path) -> None:
+    """With a mask band, the 255s it hides were the only ones sample looked past, without a word about
+    the visible ones (vectorize refused such a map)."""
+    import rasterio
+
+    from geoseg.evaluate import draw_sample
+
+    a = np.ones((8, 8), np.uint8)
+    a[:, 4:] = 2
+    a[:, 0] = 255
+    for name, visible in (("hidden.tif", False), ("shown.tif", True)):
+        path = write_raster(tmp_path / name, a)
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as ds:
+            ds.write_mask(np.where((a == 255) & (not visible), 0, 255).astype(np.uint8))
+        with warnings.catch_warnings(record=True) as told:
+            warnings.simplefilter("always")
+            res = draw_sample(path, tmp_path / f"{name}.gpkg", per_class=100)
+        assert res.points == {1: 24, 2: 32}
+        assert len([w for w in told if "value 255 are taken as no data" in str(w.message)]) == int(visible)
+
+
 def test_a_reference_class_that_is_the_maps_nodata_is_said_so(tmp_path: Path) -> None:
     """"counted as errors" beside "not counted" read as a contradiction when the map's nodata is 0."""
     a = np.tile(np.arange(4, dtype=np.uint8), (8, 2))

@@ -382,6 +382,34 @@ def test_pixels_a_mask_band_hides_get_no_polygons(tmp_path: Path, nodata: int | 
     assert res.polygons == len(ids)
 
 
+@pytest.mark.parametrize("min_px", [None, 5])
+def test_visible_255s_of_a_masked_uint8_mask_without_nodata_are_no_data(tmp_path: Path, min_px: int | None) -> None:
+    """A uint8 class raster with a mask band and no nodata value: its visible 255s are no data, as in
+    an unmasked one and as evaluate and sample take them (vectorize refused the mask)."""
+    a = np.ones((30, 40), dtype=np.uint8)
+    a[:, 20:] = 2
+    a[20:, 30:] = 255  # no data the mask band does not hide
+    hidden = np.zeros(a.shape, bool)
+    hidden[:, :10] = True
+    path = write_mask(tmp_path / "masked.tif", a, nodata=None, tags=False, colormap=False)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as ds:
+        ds.write_mask(np.where(hidden, 0, 255).astype(np.uint8))
+    with pytest.warns(UserWarning, match="value 255 are taken as no data") as told:
+        vec.vectorize_mask(path, tmp_path / "m.gpkg", simplify=0, min_pixels=min_px)
+    assert len([w for w in told if "255" in str(w.message)]) == 1
+    _, _, wkb, (ids, *_) = pyogrio.raw.read(tmp_path / "m.gpkg", layer="landcover")
+    burned = features.rasterize(zip(shapely.from_wkb(wkb), ids), out_shape=a.shape, transform=TRANSFORM, fill=0,
+                                dtype="uint8")
+    np.testing.assert_array_equal(burned, np.where(hidden | (a == 255), 0, a))
+    a[20:, 30:] = 2  # no visible 255: no warning
+    path = write_mask(tmp_path / "clean.tif", a, nodata=None, tags=False, colormap=False)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as ds:
+        ds.write_mask(np.where(hidden, 0, 255).astype(np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vec.vectorize_mask(path, tmp_path / "c.gpkg", simplify=0, min_pixels=min_px)
+
+
 def test_geographic_area_in_grads_is_converted_to_degrees(tmp_path: Path) -> None:
     """NTF Paris (EPSG:4807) counts its angles in grads: areas were measured as if they were
     degrees (+10 % at 49 degrees north)."""
