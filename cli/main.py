@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 # Paddle's C++ log (glog) writes "W1123 ..." lines straight to stderr; keep errors only unless the
@@ -69,11 +70,28 @@ def to_click_error(exc: BaseException) -> click.ClickException:
         return GeosegClickError(f"too many open files: this process may open {soft} (ulimit -n): raise the limit",
                                 EXIT_FAILURE)
     if isinstance(exc, OSError) and disk_full(exc):
-        if getattr(exc, "filename", None):
-            return GeosegClickError(f"no space left on the device (writing {exc.filename}): free some space or "
+        import tempfile
+
+        scratch = tempfile.gettempdir()
+        name = getattr(exc, "filename", None)
+        if name and _inside(name, scratch):  # (a full TMPDIR was told like a full --out)
+            return GeosegClickError(f"no space left on the device of the temporary folder {scratch} (writing "
+                                    f"{name}): free some space there or point TMPDIR at a disk with room",
+                                    EXIT_FAILURE)
+        if name:
+            return GeosegClickError(f"no space left on the device (writing {name}): free some space or "
                                     "write it elsewhere", EXIT_FAILURE)
-        return GeosegClickError("no space left on the device: free some space", EXIT_FAILURE)
+        return GeosegClickError(f"no space left on the device: free some space (temporary files go to {scratch}: "
+                                "TMPDIR moves them)", EXIT_FAILURE)
     return GeosegClickError(f"unexpected error: {type(exc).__name__}: {exc}", EXIT_FAILURE)
+
+
+def _inside(name: Any, folder: str) -> bool:
+    """Whether the file ``name`` lies in ``folder`` (by their resolved paths; False when unsure)."""
+    try:
+        return Path(os.fsdecode(name)).resolve().is_relative_to(Path(folder).resolve())
+    except (OSError, TypeError, ValueError, RuntimeError):
+        return False
 
 
 class Terminated(KeyboardInterrupt):
