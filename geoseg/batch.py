@@ -157,12 +157,17 @@ def _list_file_entries(list_path: Path) -> list[Path]:
     except OSError as exc:
         raise ParameterError(f"cannot read input list {list_path}: {exc.strerror}: check the @file path") from None
     out = []
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         p = Path(line).expanduser()
-        out.append(p if p.is_absolute() else list_path.parent / p)
+        p = p if p.is_absolute() else list_path.parent / p
+        if raw != line and not p.exists():  # a name that begins or ends with spaces, as it is written
+            q = Path(raw).expanduser()
+            q = q if q.is_absolute() else list_path.parent / q
+            p = q if q.exists() else p
+        out.append(p)
     return out
 
 

@@ -2658,6 +2658,20 @@ def test_an_input_list_is_utf8_whatever_the_locale_and_its_bom_is_not_a_name(tmp
     assert [s.path for s in scenes] == [arch / "scene0.tif", arch / "forêt.tif"]
 
 
+def test_an_input_list_keeps_a_name_s_own_surrounding_spaces(tmp_path: Path) -> None:
+    """A scene named ' a.tif' was read as 'a.tif' (leading and trailing spaces were always cut); indented or
+    trailing-space lines still name their trimmed file."""
+    from geoseg.batch import discover_scenes
+
+    arch = tmp_path / "arch"
+    make_archive(arch, 1)
+    _copy(arch / "scene0.tif", arch / " spaced .tif")
+    lst = arch / "list.txt"
+    lst.write_text(" spaced .tif\n   scene0.tif  \n")
+    scenes = discover_scenes([f"@{lst}"], tmp_path / "out")
+    assert [s.path for s in scenes] == [arch / " spaced .tif", arch / "scene0.tif"]
+
+
 def test_a_dry_run_to_a_stdout_that_cannot_encode_a_name_escapes_it(tiny_unet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A latin-1 stdout (a locale's, PYTHONIOENCODING's) ended a dry run over 'forêt_水域.tif' (and evaluate's
     table of such class names) in "unexpected error: UnicodeEncodeError"."""
