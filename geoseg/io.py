@@ -1058,13 +1058,37 @@ def read_classes(ds: Any) -> list[ClassInfo] | None:
 
 def band_class_names(ds: Any) -> dict[int, str]:
     """Class names of band 1's ``CLASSES`` tag (``0=cloud,1=cloud_shadow,4=clear``, as other tools
-    label class rasters), by class id; empty without one."""
+    label class rasters), by class id; without one, band 1's GDAL category names (see
+    :func:`category_names`); empty without either."""
     names: dict[int, str] = {}
     for item in (ds.tags(1).get("CLASSES") or "").split(","):
         key, _, name = item.partition("=")
         if key.strip().lstrip("-").isdigit() and name.strip():
             names[int(key)] = name.strip()
-    return names
+    return names or category_names(ds)
+
+
+def category_names(ds: Any) -> dict[int, str]:
+    """Band 1's GDAL category names (the ``CategoryNames`` a GeoTIFF's ``.aux.xml`` sidecar holds, as
+    QGIS, ArcGIS, ``gdal_edit`` and geoseg's masks write them; the n-th name is value n's), by value,
+    unnamed values left out; empty without a sidecar or names. rasterio does not expose them (a label
+    raster named so had its classes called class_1, class_2, ...)."""
+    from xml.etree import ElementTree
+
+    pam = next((f for f in (getattr(ds, "files", None) or []) if str(f).lower().endswith(".aux.xml")), None)
+    if pam is None or str(pam).startswith("/vsi"):
+        return {}
+    try:
+        root = ElementTree.parse(pam).getroot()
+    except (ElementTree.ParseError, OSError, ValueError):
+        return {}
+    for band in root.iter("PAMRasterBand"):
+        if band.get("band", "1").strip() == "1":
+            cats = band.find("CategoryNames")
+            if cats is None:
+                return {}
+            return {i: el.text.strip() for i, el in enumerate(cats.iter("Category")) if el.text and el.text.strip()}
+    return {}
 
 
 #: A class raster without class names or colours and with more distinct values than this (in a 256²
@@ -1553,6 +1577,7 @@ __all__ = [
     "SceneMeta",
     "check_georeferenced",
     "band_class_names",
+    "category_names",
     "distorts_areas",
     "check_transform",
     "georeferencing",

@@ -1254,6 +1254,45 @@ def test_sample_tells_of_visible_255s_of_a_masked_uint8_map_only(tmp_path: Path)
         assert len([w for w in told if "value 255 are taken as no data" in str(w.message)]) == int(visible)
 
 
+def test_gdal_category_names_in_an_aux_xml_name_a_class_raster_s_classes(tmp_path: Path) -> None:
+    """A label raster named by its .aux.xml's CategoryNames (QGIS, ArcGIS, gdal_edit and geoseg's masks write
+    them; rasterio does not read them) had its classes called class_1, class_2 ..."""
+    import pyogrio
+    import rasterio
+
+    from geoseg.evaluate import draw_sample
+    from geoseg.io import band_class_names, category_names
+    from geoseg.vectorize import vectorize_mask
+
+    a = np.ones((20, 20), np.uint16)
+    a[:, 10:] = 3
+    a[:, :2] = 0
+    path = write_raster(tmp_path / "lab.tif", a, nodata=0)
+    Path(f"{path}.aux.xml").write_text(
+        '<PAMDataset><PAMRasterBand band="1"><CategoryNames><Category>none</Category><Category> forest</Category>'
+        "<Category/><Category>water &amp; wetland</Category></CategoryNames></PAMRasterBand></PAMDataset>")
+    with rasterio.open(path) as ds:
+        assert category_names(ds) == {0: "none", 1: "forest", 3: "water & wetland"} == band_class_names(ds)
+    with rasterio.open(path, "r+") as ds:  # a CLASSES tag wins over the sidecar
+        ds.update_tags(1, CLASSES="1=trees")
+    with rasterio.open(path) as ds:
+        assert band_class_names(ds) == {1: "trees"}
+    with rasterio.open(path, "r+") as ds:
+        ds.update_tags(1, CLASSES="")
+    vectorize_mask(path, tmp_path / "v.gpkg", simplify=0)
+    info, _, _, fields = pyogrio.raw.read(tmp_path / "v.gpkg")
+    names = dict(zip(fields[list(info["fields"]).index("class_id")], fields[list(info["fields"]).index("class_name")]))
+    assert names == {1: "forest", 3: "water & wetland"}
+    draw_sample(path, tmp_path / "s.gpkg", per_class=3)
+    info, _, _, fields = pyogrio.raw.read(tmp_path / "s.gpkg")
+    names = dict(zip(fields[list(info["fields"]).index("map_class")], fields[list(info["fields"]).index("map_name")]))
+    assert names == {1: "forest", 3: "water & wetland"}
+    # no sidecar, or a malformed one: no names
+    Path(f"{path}.aux.xml").write_text("<PAMDataset><PAMRasterBand band=")
+    with rasterio.open(path) as ds:
+        assert category_names(ds) == {}
+
+
 def test_a_reference_class_that_is_the_maps_nodata_is_said_so(tmp_path: Path) -> None:
     """"counted as errors" beside "not counted" read as a contradiction when the map's nodata is 0."""
     a = np.tile(np.arange(4, dtype=np.uint8), (8, 2))
