@@ -1097,17 +1097,26 @@ MAX_UNLABELLED_CLASSES = 256
 
 
 def image_values(ds: Any) -> int | None:
-    """The number of distinct values of band 1 in a 256² sample of ``ds`` when it is more than a class
-    raster without class names holds (:data:`MAX_UNLABELLED_CLASSES`): an image band taken for a class
-    map; ``None`` for a class raster: uint8 (256 values at most), or described by class names (the
-    ``GEOSEG_CLASSES`` tag, a band ``CLASSES`` tag) or a colour table."""
+    """The number of distinct values of band 1 in a sample of ``ds`` (16 full-resolution windows of 64²
+    spread over it) when it is more than a class raster without class names holds
+    (:data:`MAX_UNLABELLED_CLASSES`): an image band taken for a class map; ``None`` for a class raster:
+    uint8 (256 values at most), or described by class names (the ``GEOSEG_CLASSES`` tag, a band
+    ``CLASSES`` tag, GDAL category names) or a colour table."""
     if np.dtype(ds.dtypes[0]) == np.uint8 or read_classes(ds) or band_class_names(ds):
         return None
     with contextlib.suppress(ValueError, rasterio.errors.RasterioError):
         if ds.colormap(1):
             return None
-    sample = ds.read(1, out_shape=(min(ds.height, 256), min(ds.width, 256)))
-    distinct = int(np.unique(sample).size)
+    # full-resolution windows spread over the raster: a decimated read is served from the overviews, and a
+    # COG's CUBIC overviews (GDAL's default without a colour table) of an 8-class uint16 map held 300 values
+    h, w = min(ds.height, 64), min(ds.width, 64)
+    rows = np.unique(np.linspace(0, ds.height - h, 4).round().astype(int))
+    cols = np.unique(np.linspace(0, ds.width - w, 4).round().astype(int))
+    seen: set[int] = set()
+    for r in rows:
+        for c in cols:
+            seen.update(np.unique(ds.read(1, window=Window(int(c), int(r), w, h))).tolist())
+    distinct = len(seen)
     return distinct if distinct > MAX_UNLABELLED_CLASSES else None
 
 

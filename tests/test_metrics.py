@@ -1293,6 +1293,32 @@ def test_gdal_category_names_in_an_aux_xml_name_a_class_raster_s_classes(tmp_pat
         assert category_names(ds) == {}
 
 
+def test_a_class_map_with_cubic_overviews_is_not_taken_for_an_image(tmp_path: Path) -> None:
+    """A decimated read is served from the overviews: a COG's CUBIC overviews (GDAL's default without a colour
+    table) of a uint16 map of 8 codes held hundreds of values, and evaluate and sample refused it as an image."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from geoseg.evaluate import draw_sample
+    from geoseg.io import image_values
+
+    rng = np.random.default_rng(3)
+    codes = np.array([112, 211, 311, 312, 411, 512, 611, 711], np.uint16)
+    a = codes[np.kron(rng.integers(0, 8, (64, 64)), np.ones((8, 8), int))]
+    path = write_raster(tmp_path / "codes.tif", a, tiled=True, blockxsize=128, blockysize=128)
+    with rasterio.open(path, "r+") as ds:
+        ds.build_overviews([2, 4], Resampling.cubic)
+    with rasterio.open(path) as ds:
+        assert np.unique(ds.read(1, out_shape=(256, 256))).size > 256  # what the old check saw
+        assert image_values(ds) is None
+    m = evaluate_rasters(path, path).metrics
+    assert m.overall_accuracy == 1.0 and m.total == a.size
+    assert sorted(draw_sample(path, tmp_path / "s.gpkg", per_class=2).points) == codes.tolist()
+    pan = write_raster(tmp_path / "pan.tif", rng.integers(0, 4000, (512, 512)).astype(np.uint16))
+    with rasterio.open(pan) as ds:  # an image is still one
+        assert image_values(ds) > 256
+
+
 def test_a_reference_class_that_is_the_maps_nodata_is_said_so(tmp_path: Path) -> None:
     """"counted as errors" beside "not counted" read as a contradiction when the map's nodata is 0."""
     a = np.tile(np.arange(4, dtype=np.uint8), (8, 2))
