@@ -876,8 +876,13 @@ def repeated_bands(chosen: Sequence[int], names: Sequence[str] | None = None) ->
 
 def _band_key(name: str | None) -> str | None:
     """A band name as descriptions are matched to a card's band names: without case or surrounding
-    spaces (``b5_swir1`` is ``B5_swir1``: a scene of lower-case names in another order was read as is)."""
-    return name.strip().casefold() or None if name else None
+    spaces (``b5_swir1`` is ``B5_swir1``: a scene of lower-case names in another order was read as is),
+    except names like ``b3``/``B3``, which keep their case: geoseg train names an undescribed band ``b<k>``
+    after its position, and a scene's Landsat names ``B3, B2, B1, B4`` read blue as red through it."""
+    if not name or not name.strip():
+        return None
+    name = name.strip()
+    return name if re.fullmatch(r"[bB][0-9]+", name) else name.casefold()
 
 
 def _warn_misnamed_bands(meta: SceneMeta, card: ModelCard, chosen: tuple[int, ...], given: bool = False) -> None:

@@ -1030,6 +1030,21 @@ def test_band_names_are_matched_without_case_or_spaces(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::geoseg.errors.InputRangeWarning")  # raw class indexes, not image data
+def test_a_scene_s_landsat_band_names_are_not_train_s_band_positions(tmp_path: Path) -> None:
+    """geoseg train names undescribed bands b<k> after their positions: matched without case, a scene's
+    Landsat names B3, B2, B1 picked its bands 3, 2, 1 for the card's b1, b2, b3 (blue read as red)."""
+    data = np.stack([np.full((20, 20), v, np.uint8) for v in (1, 0, 0)])  # only band 1 holds class index 1
+    src = write_raster(tmp_path / "landsat.tif", data)
+    with rasterio.open(src, "r+") as ds:
+        for i, name in enumerate(("B3", "B2", "B1"), start=1):
+            ds.set_band_description(i, name)
+    card = dataclasses.replace(identity_card(3, 2), bands=("b1", "b2", "b3"))
+    res = segment_scene(src, tmp_path / "o1", source=ModelSource(card), predictor=one_hot_predictor(2))
+    with rasterio.open(res.mask) as ds:
+        assert (ds.read(1) == 2).all()  # read as they lie: card b1 = scene band 1 (value 1) -> index 1 -> id 2
+
+
+@pytest.mark.filterwarnings("ignore::geoseg.errors.InputRangeWarning")  # raw class indexes, not image data
 def test_a_card_of_geoseg_s_band_numbers_reads_those_bands(tmp_path: Path) -> None:
     """geoseg train names the undescribed bands of its scene b<k>: a model trained with bands
     [3, 2, 1] (card b3, b2, b1) was fed the scene's bands 1, 2, 3, its training scene too, without a word."""
