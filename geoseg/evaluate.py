@@ -50,6 +50,8 @@ from geoseg.io import (
     area_units,
     ids_by_text,
     band_class_names,
+    means_no_data,
+    unmarked_255,
     ogr_path,
     open_raster,
     check_latitudes,
@@ -139,7 +141,9 @@ def check_class_raster(ds: Any, what: str, *, whole_floats: bool = False, descri
         raise SceneError(f"{what} {name} holds {ds.dtypes[0]} values, a class raster holds integers: give the class map")
     if floating and not whole_floats:
         raise SceneError(f"{what} {name} holds {ds.dtypes[0]} values, a class raster holds integers: give the class "
-                         "map (the probabilities' argmax is the mask predict writes)")
+                         "map (the probabilities' argmax is the mask predict writes), or, if they are whole class ids, "
+                         f"convert it first (gdal_translate -ot Int32 {name} {Path(name).stem}_ids.tif; a NaN nodata "
+                         "needs -a_nodata first)")
     distinct = None if described else image_values(ds)
     if distinct is not None:  # (a uint16 scene band: a point or a matrix row per grey value)
         ids = ("give --classes with them" if what != "mask" else
@@ -371,21 +375,16 @@ def _default_ignore(ignore: Sequence[int] | None, classes: Sequence[int] | None,
     return () if 0 in class_ids else (0,)
 
 
-#: Class names that say a value is no class (a CLASSES tag's ``0=no_data``), spelt without case, spaces or marks.
-_NO_DATA_NAMES = frozenset({"nodata", "novalue", "unlabelled", "unlabeled", "unclassified", "unknown", "void",
-                            "fill", "ignore", "none", "empty", "masked", "missing"})
-
-
-def _means_no_data(name: str) -> bool:
-    return "".join(ch for ch in name.lower() if ch.isalnum()) in _NO_DATA_NAMES
+_means_no_data = means_no_data
 
 
 def _prediction_ignore(pds: Any) -> list[int]:
     """Prediction values that mean "no prediction": the map's nodata value, 255 (geoseg's mask nodata)
-    in a uint8 map without one (as vectorize takes it; with another nodata value, or in a wider map,
-    255 is a class like any other), and values band 1's ``CLASSES`` tag names as no data."""
+    in a uint8 map without one, unless the map names 255 as a class (:func:`geoseg.io.unmarked_255`, as
+    vectorize and sample take it; with another nodata value, or in a wider map, 255 is a class like any
+    other), and values band 1's ``CLASSES`` tag names as no data."""
     nodata = pds.nodata
-    out = [MASK_NODATA] if np.dtype(pds.dtypes[0]) == np.uint8 and nodata is None else []
+    out = [MASK_NODATA] if unmarked_255(pds) else []
     if nodata is not None and np.isfinite(nodata) and float(nodata) == int(nodata) and int(nodata) not in out:
         out.append(int(nodata))
     # a value band 1's CLASSES tag names as no data (another tool's "0=no_data", without a nodata value)
@@ -995,7 +994,7 @@ def draw_sample(
         rows: list[np.ndarray] = []
         cols: list[np.ndarray] = []
         cls: list[np.ndarray] = []
-        unmarked = np.dtype(ds.dtypes[0]) == np.uint8 and ds.nodata is None
+        unmarked = unmarked_255(ds)
         for row, block, shown in blocks():
             if unmarked and (block == MASK_NODATA)[... if shown is None else shown].any():
                 unmarked = False

@@ -1068,6 +1068,28 @@ def band_class_names(ds: Any) -> dict[int, str]:
     return names or category_names(ds)
 
 
+#: Class names that say a value is no class (a CLASSES tag's ``0=no_data``), spelt without case, spaces or marks.
+_NO_DATA_NAMES = frozenset({"nodata", "novalue", "unlabelled", "unlabeled", "unclassified", "unknown", "void",
+                            "fill", "ignore", "none", "empty", "masked", "missing"})
+
+
+def means_no_data(name: str) -> bool:
+    """Whether a class name says its value is no class (``no_data``, ``Unclassified``, ``void`` ...)."""
+    return "".join(ch for ch in name.lower() if ch.isalnum()) in _NO_DATA_NAMES
+
+
+def unmarked_255(ds: Any, nodata: float | None = None, given: bool = False) -> bool:
+    """Whether 255 is no data in the class raster ``ds``: a uint8 raster without a nodata value (``nodata``
+    when ``given``, else its own) whose class names (the ``GEOSEG_CLASSES`` tag, band 1's ``CLASSES`` tag,
+    GDAL category names) do not name 255 as a class (geoseg's mask nodata; a 0/255 building mask tagged
+    ``255=building`` lost its buildings)."""
+    if np.dtype(ds.dtypes[0]) != np.uint8 or (nodata if given else ds.nodata) is not None:
+        return False
+    table = read_classes(ds)
+    names = {c.id: c.name for c in table} if table else band_class_names(ds)
+    return MASK_NODATA not in names or means_no_data(names[MASK_NODATA])
+
+
 def category_names(ds: Any) -> dict[int, str]:
     """Band 1's GDAL category names (the ``CategoryNames`` a GeoTIFF's ``.aux.xml`` sidecar holds, as
     QGIS, ArcGIS, ``gdal_edit`` and geoseg's masks write them; the n-th name is value n's), by value,
@@ -1587,6 +1609,8 @@ __all__ = [
     "check_georeferenced",
     "band_class_names",
     "category_names",
+    "means_no_data",
+    "unmarked_255",
     "distorts_areas",
     "check_transform",
     "georeferencing",

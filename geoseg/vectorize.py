@@ -83,6 +83,8 @@ from geoseg.io import (
     MASK_NODATA,
     area_units,
     band_class_names,
+    means_no_data,
+    unmarked_255,
     image_values,
     check_latitudes,
     check_seekable,
@@ -259,7 +261,7 @@ def _mask_info(path: Path, ds: rasterio.DatasetReader, described: bool = False) 
         nodata = None
     classes = read_classes(ds)
     masked = has_mask_band(ds)
-    unmarked = dtype == "uint8" and nodata is None
+    unmarked = unmarked_255(ds, nodata, given=True)
     if unmarked:  # (it was a class here, and no data to evaluate and sample; with a mask band, it was refused)
         nodata = MASK_NODATA
     chosen = masked and nodata is None
@@ -313,6 +315,8 @@ def read_classes(ds: rasterio.DatasetReader) -> dict[int, ClassInfo]:
     for cid in sorted(set(names) | (set(colors) if names else set())):
         if 0 <= cid <= 254 and cid in names:
             out[cid] = ClassInfo(cid, names[cid], colors.get(cid, PALETTE[cid % len(PALETTE)]))
+        elif cid in names and cid != ds.nodata and not means_no_data(names[cid]):  # (255=building: class_255)
+            out[cid] = _LooseClass(cid, names[cid], colors.get(cid, PALETTE[cid % len(PALETTE)]))  # type: ignore[assignment]
     # colour-only classes are resolved lazily in class_lookup (a palette may have 256 entries)
     if not names and colors:
         out = {cid: ClassInfo(cid, f"class_{cid}", rgb) for cid, rgb in colors.items() if 0 <= cid <= 254}

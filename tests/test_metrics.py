@@ -213,7 +213,8 @@ def test_an_image_or_a_fractional_raster_is_not_taken_as_a_class_map(tmp_path: P
     with pytest.raises(SceneError, match=r"reference f.tif holds float32 values that are not whole class ids "
                                          r"\(e.g. 0.25\): give the class map \(for probabilities, their argmax\)"):
         evaluate_rasters(pred, floats)
-    with pytest.raises(SceneError, match="prediction f.tif holds float32 values, a class raster holds integers"):
+    with pytest.raises(SceneError, match="prediction f.tif holds float32 values, a class raster holds integers: .*"
+                                         r"whole class ids, convert it first \(gdal_translate -ot Int32 f.tif f_ids.tif"):
         evaluate_rasters(floats, ref)
     with pytest.raises(SceneError, match="prediction image.tif has 3 bands"):
         evaluate_vector(image, _geojson(tmp_path / "r.geojson", [(_pixel_square(0, 0), {"cls": 1})]), field="cls")
@@ -1317,6 +1318,36 @@ def test_a_class_map_with_cubic_overviews_is_not_taken_for_an_image(tmp_path: Pa
     pan = write_raster(tmp_path / "pan.tif", rng.integers(0, 4000, (512, 512)).astype(np.uint16))
     with rasterio.open(pan) as ds:  # an image is still one
         assert image_values(ds) > 256
+
+
+def test_a_uint8_map_that_names_255_as_a_class_keeps_it(tmp_path: Path) -> None:
+    """A 0/255 building mask tagged 0=background,255=building, without a nodata value: 255 was no data to
+    vectorize (no building polygon), evaluate and sample; named as no data, or not named, it still is."""
+    import pyogrio
+    import rasterio
+
+    from geoseg.evaluate import draw_sample
+    from geoseg.vectorize import vectorize_mask
+
+    a = np.zeros((16, 16), np.uint8)
+    a[2:6, 2:6] = a[9:14, 8:15] = 255
+    for tag, kept in (("0=background,255=building", True), ("0=background,255=no data", False), ("", False)):
+        path = write_raster(tmp_path / "b.tif", a)
+        with rasterio.open(path, "r+") as ds:
+            ds.update_tags(1, CLASSES=tag)
+        with warnings.catch_warnings(record=True) as told:
+            warnings.simplefilter("always")
+            vectorize_mask(path, tmp_path / "b.gpkg", simplify=0, overwrite=True)
+            points = draw_sample(path, tmp_path / "s.gpkg", per_class=2, overwrite=True).points
+            m = evaluate_rasters(path, path, ignore=[]).metrics
+        warned = [w for w in told if "value 255 are taken as no data" in str(w.message)]
+        assert len(warned) == (0 if kept else 2), [str(w.message) for w in told]
+        info, _, _, fields = pyogrio.raw.read(tmp_path / "b.gpkg")
+        got = set(zip(fields[list(info["fields"]).index("class_id")], fields[list(info["fields"]).index("class_name")]))
+        assert got == ({(0, "background"), (255, "building")} if kept else {(0, "background" if tag else "class_0")})
+        assert sorted(points) == ([0, 255] if kept else [0])
+        # as a prediction: 255 predicted, or no prediction (the reference's 255s then left uncounted)
+        assert (m.total, m.unpredicted) == ((a.size, 0) if kept else ((a == 0).sum(), (a == 255).sum()))
 
 
 def test_a_reference_class_that_is_the_maps_nodata_is_said_so(tmp_path: Path) -> None:
