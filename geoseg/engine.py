@@ -2219,16 +2219,18 @@ def describe_scene(
                              members=card_members(card) if card is not None else 1, window=grid.model_shape,
                              kept_windows=min(PredictOptions.prior_windows, len(grid))
                              if card is not None and card.adapt_prior else 0)
+    masked = any("per_dataset" in f for f in meta.mask_flags)
+    mask_band = ("mask file " + Path(f"{meta.path}.msk").name if not is_virtual(meta.path)
+                 and os.path.exists(f"{meta.path}.msk") else "internal mask")
     nodata = (
         "values " + ", ".join(f"{v}" for v in meta.nodatavals)
         if len(set(map(str, meta.nodatavals))) > 1
-        else f"value {meta.nodata}" + (f", alpha band {meta.alpha_band}" if meta.alpha_band is not None else "")
+        else f"value {meta.nodata}" + (f", alpha band {meta.alpha_band}" if meta.alpha_band is not None else
+                                       f", {mask_band}" if masked else "")
         if meta.nodata is not None
         else f"alpha band {meta.alpha_band}" if meta.alpha_band is not None
         else f"none (band {meta.alpha_as_data}, tagged alpha, is read as data)" if meta.alpha_as_data is not None
-        else ("mask file " + Path(f"{meta.path}.msk").name if not is_virtual(meta.path)
-              and os.path.exists(f"{meta.path}.msk") else "internal mask")
-        if any("per_dataset" in f for f in meta.mask_flags)
+        else mask_band if masked
         else "NaN" if meta.dtype.startswith("float") else "none"
     )
     out = {

@@ -612,6 +612,13 @@ def _valid_and_missing(ds: Any, data: np.ndarray, window: Window, bands: Sequenc
         valid = ~missing.all(axis=0)
     else:
         missing = ds.read_masks(list(bands), window=window) == 0
+        # a band's nodata value beside a mask band (an internal mask, a .msk file): GDAL's mask is the mask
+        # band alone then, and a collar of nodata values got classes (and shifted its neighbours' classes)
+        for i, b in enumerate(bands):
+            value = ds.nodatavals[b - 1]
+            if (value is not None and np.isfinite(value) and MaskFlags.nodata not in flags[i]
+                    and MaskFlags.alpha not in flags[i] and _plain_nodata(ds, [b])):
+                missing[i] |= data[i] == data.dtype.type(value)
         valid = ~missing.all(axis=0)
     if data.dtype.kind == "f":
         finite = np.isfinite(data)

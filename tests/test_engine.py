@@ -920,6 +920,34 @@ def test_read_window_gaps_per_band(tmp_path: Path) -> None:
 
 
 
+def test_a_nodata_value_counts_beside_a_mask_band(tmp_path: Path) -> None:
+    """A scene with a nodata value and an internal mask (gdalwarp -dstnodata under GDAL_TIFF_INTERNAL_MASK,
+    a .msk file): GDAL's mask is the mask band alone then, and a collar of nodata values got classes in
+    predict (shifting its neighbours' classes) and counted in train's band statistics."""
+    from rasterio.windows import Window
+
+    from geoseg.io import read_window_gaps
+
+    data = np.full((3, 20, 30), 40, np.uint16)
+    data[:, :, :4] = 0  # the collar: every band's nodata value
+    data[1, 10:, 20:] = 0  # one band's gap
+    hidden = np.zeros((20, 30), bool)
+    hidden[:3, 10:] = True  # what the mask band hides
+    src = write_raster(tmp_path / "nm.tif", data, nodata=0, masks=~hidden)
+    with rasterio.open(src) as ds:
+        assert ds.mask_flag_enums[0] == [rasterio.enums.MaskFlags.per_dataset]
+    _, valid, missing = read_window_gaps(src, Window(0, 0, 30, 20), (1, 2, 3))
+    np.testing.assert_array_equal(valid, ~hidden & (data != 0).any(axis=0))
+    assert missing is not None and missing[1, 10:, 20:].all() and not missing[0, 10:, 20:].any()
+    card = identity_card(3, 2)
+    res = segment_scene(src, tmp_path / "o", source=ModelSource(card), predictor=one_hot_predictor(2))
+    with rasterio.open(res.mask) as ds:
+        np.testing.assert_array_equal(ds.read(1) == 255, ~valid)
+    from geoseg.engine import describe_scene
+
+    assert describe_scene(src)["nodata"] == "value 0.0, internal mask"
+
+
 def test_a_band_gap_counts_beside_an_alpha_band(tmp_path: Path) -> None:
     """gdalwarp -dstalpha writes an alpha band beside the bands' nodata value: the alpha band alone
     was read, so a gap of one band (its nodata value) reached the model as a measurement."""
