@@ -74,7 +74,7 @@ def to_click_error(exc: BaseException) -> click.ClickException:
 
         scratch = tempfile.gettempdir()
         name = getattr(exc, "filename", None)
-        if name and _inside(name, scratch):  # (a full TMPDIR was told like a full --out)
+        if name and _in_scratch(name, scratch):  # (a full TMPDIR was told like a full --out)
             return GeosegClickError(f"no space left on the device of the temporary folder {scratch} (writing "
                                     f"{name}): free some space there or point TMPDIR at a disk with room",
                                     EXIT_FAILURE)
@@ -86,12 +86,15 @@ def to_click_error(exc: BaseException) -> click.ClickException:
     return GeosegClickError(f"unexpected error: {type(exc).__name__}: {exc}", EXIT_FAILURE)
 
 
-def _inside(name: Any, folder: str) -> bool:
-    """Whether the file ``name`` lies in ``folder`` (by their resolved paths; False when unsure)."""
+def _in_scratch(name: Any, folder: str) -> bool:
+    """Whether the file ``name`` lies in one of geoseg's scratch folders (``geoseg-*``) in the temporary
+    folder ``folder`` (by resolved paths; False when unsure): not an output written there (``--out /tmp/x``:
+    its temporary file lies beside it, and TMPDIR would not help)."""
     try:
-        return Path(os.fsdecode(name)).resolve().is_relative_to(Path(folder).resolve())
+        rel = Path(os.fsdecode(name)).resolve().relative_to(Path(folder).resolve())
     except (OSError, TypeError, ValueError, RuntimeError):
         return False
+    return len(rel.parts) > 1 and rel.parts[0].startswith("geoseg-")
 
 
 class Terminated(KeyboardInterrupt):

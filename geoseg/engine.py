@@ -874,23 +874,29 @@ def repeated_bands(chosen: Sequence[int], names: Sequence[str] | None = None) ->
         for b in sorted({b for b in chosen if chosen.count(b) > 1}))
 
 
-def _band_key(name: str | None) -> str | None:
+def _band_key(name: str | None, exact: bool = False) -> str | None:
     """A band name as descriptions are matched to a card's band names: without case or surrounding
     spaces (``b5_swir1`` is ``B5_swir1``: a scene of lower-case names in another order was read as is),
-    except names like ``b3``/``B3``, which keep their case: geoseg train names an undescribed band ``b<k>``
-    after its position, and a scene's Landsat names ``B3, B2, B1, B4`` read blue as red through it."""
+    or only without surrounding spaces when ``exact`` (see :func:`_positional`)."""
     if not name or not name.strip():
         return None
-    name = name.strip()
-    return name if re.fullmatch(r"[bB][0-9]+", name) else name.casefold()
+    return name.strip() if exact else name.strip().casefold()
+
+
+def _positional(card: ModelCard) -> bool:
+    """Whether the card's band names are all ``b<k>``, geoseg train's names for the undescribed bands of
+    its training scene, after their positions: matched with their case (a scene's Landsat names ``B3, B2,
+    B1, B4`` matched a card of ``b1..b4`` and were read 3,2,1,4, blue as red)."""
+    return all(re.fullmatch(r"b[1-9][0-9]*", n) for n in card.bands)
 
 
 def _warn_misnamed_bands(meta: SceneMeta, card: ModelCard, chosen: tuple[int, ...], given: bool = False) -> None:
     """Warn when a band read in the card's position k is described as another of the card's bands
     (``given``: ``chosen`` is the user's --bands)."""
-    keys = [_band_key(n) for n in card.bands]
+    exact = _positional(card)
+    keys = [_band_key(n, exact) for n in card.bands]
     wrong = [(b, meta.descriptions[b - 1], card.bands[k]) for k, b in enumerate(chosen)
-             if _band_key(meta.descriptions[b - 1]) in keys and _band_key(meta.descriptions[b - 1]) != keys[k]]
+             if _band_key(meta.descriptions[b - 1], exact) in keys and _band_key(meta.descriptions[b - 1], exact) != keys[k]]
     if wrong:
         said = "; ".join(f"band {b} is described {d!r} but feeds the model as {n!r}" for b, d, n in wrong[:3])
         by_name = _bands_by_name(meta, card) if given else None
@@ -907,11 +913,12 @@ def _bands_by_name(meta: SceneMeta, card: ModelCard) -> tuple[int, ...] | None:
     """The scene's bands whose descriptions are the card's band names, in the card's order, or
     ``None`` unless every name appears exactly once among the data bands."""
     names: dict[str, list[int]] = {}
+    exact = _positional(card)
     for b in meta.data_bands:
-        d = _band_key(meta.descriptions[b - 1])
+        d = _band_key(meta.descriptions[b - 1], exact)
         if d:
             names.setdefault(d, []).append(b)
-    keys = [_band_key(n) or "" for n in card.bands]
+    keys = [_band_key(n, exact) or "" for n in card.bands]
     if not all(len(names.get(n, ())) == 1 for n in keys):
         return None
     return tuple(names[n][0] for n in keys)
@@ -925,8 +932,9 @@ def _bands_by_index(meta: SceneMeta, card: ModelCard) -> tuple[int, ...] | None:
     ks = [int(m.group(1)) for n in card.bands if (m := re.fullmatch(r"b([1-9][0-9]*)", n))]
     if len(ks) != len(card.bands) or len(set(ks)) != len(ks) or not set(ks) <= set(meta.data_bands):
         return None
-    keys = [_band_key(n) for n in card.bands]
-    if any(_band_key(meta.descriptions[k - 1]) in keys and _band_key(meta.descriptions[k - 1]) != f"b{k}" for k in ks):
+    keys = [_band_key(n, True) for n in card.bands]
+    if any(_band_key(meta.descriptions[k - 1], True) in keys and _band_key(meta.descriptions[k - 1], True) != f"b{k}"
+           for k in ks):
         return None
     return tuple(ks)
 

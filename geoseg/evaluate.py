@@ -382,13 +382,17 @@ def _prediction_ignore(pds: Any) -> list[int]:
     """Prediction values that mean "no prediction": the map's nodata value, 255 (geoseg's mask nodata)
     in a uint8 map without one, unless the map names 255 as a class (:func:`geoseg.io.unmarked_255`, as
     vectorize and sample take it; with another nodata value, or in a wider map, 255 is a class like any
-    other), and values band 1's ``CLASSES`` tag names as no data."""
+    other), and, without geoseg's class table, values band 1's ``CLASSES`` tag (or category names) names
+    as no data."""
     nodata = pds.nodata
     out = [MASK_NODATA] if unmarked_255(pds) else []
     if nodata is not None and np.isfinite(nodata) and float(nodata) == int(nodata) and int(nodata) not in out:
         out.append(int(nodata))
-    # a value band 1's CLASSES tag names as no data (another tool's "0=no_data", without a nodata value)
-    out += [v for v, name in band_class_names(pds).items() if _means_no_data(name) and v not in out]
+    # a value band 1's CLASSES tag names as no data (another tool's "0=no_data", without a nodata value); not in
+    # a map with geoseg's class table, whose classes are all classes (a model's class "none" or "unknown" was
+    # left uncounted through the category names of the mask's .aux.xml: a map 9 % wrong scored OA 1)
+    if not read_classes(pds):
+        out += [v for v, name in band_class_names(pds).items() if _means_no_data(name) and v not in out]
     return out
 
 

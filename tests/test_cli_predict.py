@@ -413,6 +413,10 @@ def test_a_full_disk_is_one_line_at_the_cli() -> None:
     assert to_click_error(OSError(errno.ENOSPC, "No space left on device", scratch)).message == (
         f"no space left on the device of the temporary folder {tempfile.gettempdir()} (writing {scratch}): free some "
         "space there or point TMPDIR at a disk with room")
+    # an output written in the temporary folder (--out /tmp/results): its own disk, as any output's
+    out = os.path.join(tempfile.gettempdir(), "results", ".geoseg-tmp-scene_landcover.tif")
+    assert to_click_error(OSError(errno.ENOSPC, "No space left on device", out)).message == (
+        f"no space left on the device (writing {out}): free some space or write it elsewhere")
     assert to_click_error(OSError(errno.EACCES, "Permission denied")).message.startswith("unexpected error: ")
 
 

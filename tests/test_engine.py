@@ -1070,6 +1070,14 @@ def test_a_scene_s_landsat_band_names_are_not_train_s_band_positions(tmp_path: P
     res = segment_scene(src, tmp_path / "o1", source=ModelSource(card), predictor=one_hot_predictor(2))
     with rasterio.open(res.mask) as ds:
         assert (ds.read(1) == 2).all()  # read as they lie: card b1 = scene band 1 (value 1) -> index 1 -> id 2
+    # a card of the sensor's own names still matches them without case (B2 is b2)
+    card = dataclasses.replace(identity_card(3, 2), bands=("B1", "B2", "B3"))
+    with rasterio.open(src, "r+") as ds:
+        for i, name in enumerate(("b3", "b2", "b1"), start=1):
+            ds.set_band_description(i, name)
+    res = segment_scene(src, tmp_path / "o2", source=ModelSource(card), predictor=one_hot_predictor(2))
+    with rasterio.open(res.mask) as ds:
+        assert (ds.read(1) == 1).all()  # card B1 = scene band 3 (value 0) -> index 0 -> id 1
 
 
 @pytest.mark.filterwarnings("ignore::geoseg.errors.InputRangeWarning")  # raw class indexes, not image data

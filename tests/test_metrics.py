@@ -1350,6 +1350,30 @@ def test_a_uint8_map_that_names_255_as_a_class_keeps_it(tmp_path: Path) -> None:
         assert (m.total, m.unpredicted) == ((a.size, 0) if kept else ((a == 0).sum(), (a == 255).sum()))
 
 
+def test_a_model_class_named_like_no_data_counts_in_geoseg_s_own_mask(tmp_path: Path) -> None:
+    """A model's class "none" (or "unknown", as DeepGlobe's) reached evaluate and sample as "no prediction"
+    through the category names of the mask's .aux.xml: a map 9 % wrong scored OA 1, and sample drew no point
+    of it."""
+    import rasterio
+
+    from geoseg.card import ClassInfo
+    from geoseg.evaluate import draw_sample
+    from geoseg.io import CLASSES_TAG, write_aux_xml
+
+    table = [ClassInfo(1, "none", (0, 0, 0)), ClassInfo(2, "minor", (9, 9, 9)), ClassInfo(3, "major", (99, 9, 9))]
+    ref = np.tile(np.repeat(np.array([1, 2, 3], np.uint8), 6), (18, 1))
+    pred = ref.copy()
+    pred[:3] = 1  # wrong as class "none"
+    path = write_raster(tmp_path / "p.tif", pred, nodata=255)
+    with rasterio.open(path, "r+") as ds:
+        ds.update_tags(**{CLASSES_TAG: json.dumps([{"id": c.id, "name": c.name, "color": list(c.color)}
+                                                   for c in table])})
+    write_aux_xml(path, table)
+    m = evaluate_rasters(path, write_raster(tmp_path / "r.tif", ref)).metrics
+    assert m.total == ref.size and m.unpredicted == 0 and m.overall_accuracy < 1
+    assert sorted(draw_sample(path, tmp_path / "s.gpkg", per_class=2).points) == [1, 2, 3]
+
+
 def test_a_reference_class_that_is_the_maps_nodata_is_said_so(tmp_path: Path) -> None:
     """"counted as errors" beside "not counted" read as a contradiction when the map's nodata is 0."""
     a = np.tile(np.arange(4, dtype=np.uint8), (8, 2))
