@@ -81,8 +81,8 @@ def to_click_error(exc: BaseException) -> click.ClickException:
         if name:
             return GeosegClickError(f"no space left on the device (writing {name}): free some space or "
                                     "write it elsewhere", EXIT_FAILURE)
-        return GeosegClickError(f"no space left on the device: free some space (temporary files go to {scratch}: "
-                                "TMPDIR moves them)", EXIT_FAILURE)
+        return GeosegClickError(f"no space left on the device: free some space where the outputs go, or in the "
+                                f"temporary folder {scratch} (TMPDIR moves it)", EXIT_FAILURE)
     return GeosegClickError(f"unexpected error: {type(exc).__name__}: {exc}", EXIT_FAILURE)
 
 

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from geoseg.atomic import check_output
+from geoseg.atomic import check_output, write_error
 from geoseg.engine import ModelSource, resolve_model, shipped_models, weights_digest
 from geoseg.card import ModelCard
 from geoseg.config import checked_arguments, plain
-from geoseg.errors import GeosegWarning, ModelError, OutputError, ParameterError, warn
+from geoseg.errors import GeosegError, GeosegWarning, ModelError, OutputError, ParameterError, warn
 
 __all__ = ["combine_models", "member_settings", "member_source"]
 
@@ -135,7 +136,23 @@ def combine_models(
     for i, m in enumerate(members, 1):  # (--overwrite replaced the member's weights and card with the ensemble)
         if out.exists() and m.weights is not None and Path(m.weights).parent.resolve() == out.resolve():
             raise ParameterError(f"output {out} is member {i}'s run folder: write the ensemble into another folder")
-    out.mkdir(parents=True, exist_ok=True)
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # (a read-only folder was "unexpected error: OSError: [Errno 30]")
+        raise OutputError(f"cannot create output folder {out}: {exc.strerror or exc}: choose another --out") from None
+    try:
+        return _write_ensemble(members, first, out, weights_path, card_path, name, description, half, overwrite)
+    except BaseException:
+        if made:  # (a failed run left the empty folder it made)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _write_ensemble(members: list[ModelSource], first: ModelCard, out: Path, weights_path: Path, card_path: Path,
+                    name: str | None, description: str | None, half: bool, overwrite: bool) -> Path:
+    """:func:`combine_models`'s writing, into the folder ``out`` that exists."""
     for p in (weights_path, card_path):
         check_output(p, overwrite)
 
@@ -177,8 +194,15 @@ def combine_models(
     # weights without a card (which predict refuses, naming the missing card), never beside the old
     # card of other members (which, with the same member count, would load them silently).
     card_path.unlink(missing_ok=True)
-    save_weights(ensemble, weights_path, dtype="float16" if half else None)
-    card.save(card_path)
+    writing = weights_path
+    try:
+        save_weights(ensemble, weights_path, dtype="float16" if half else None)
+        writing = card_path
+        card.save(card_path)
+    except GeosegError:
+        raise
+    except OSError as exc:  # (a full disk said "no space left on the device" and named no file)
+        raise write_error(writing, exc) from None
     log.info("wrote the %d-member ensemble %s (%s)", len(members), card_path, card.name)
     return card_path
 

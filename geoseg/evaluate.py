@@ -32,6 +32,7 @@ from geoseg.card import ClassInfo
 from geoseg.config import checked_arguments, plain
 from geoseg.errors import (
     EvaluationWarning,
+    GeosegError,
     GridMismatchError,
     NoCRSWarning,
     ParameterError,
@@ -959,7 +960,11 @@ def draw_sample(
     import pyogrio.raw
     import shapely
 
-    from geoseg.atomic import atomic_output, check_output, staged_as
+    import sqlite3
+
+    import pyogrio.errors
+
+    from geoseg.atomic import atomic_output, check_output, staged_as, write_error
     from geoseg.vectorize import DRIVERS, format_from_path
 
     out = Path(out)
@@ -1036,9 +1041,15 @@ def draw_sample(
         points, crs_out, options = to_wgs84(points, crs), "EPSG:4326", GEOJSON_OPTIONS
     else:
         crs_out, options = crs.to_wkt(), {}
-    with atomic_output(out, overwrite) as tmp, staged_as(tmp, fmt) as work, ogr_path(work) as ogr_work:
-        pyogrio.raw.write(ogr_work, shapely.to_wkb(points), data, fields, field_mask=masks, layer="sample",
-                          driver=DRIVERS[fmt], geometry_type="Point", crs=crs_out, layer_options=options)
+    try:
+        with atomic_output(out, overwrite) as tmp, staged_as(tmp, fmt) as work, ogr_path(work) as ogr_work:
+            pyogrio.raw.write(ogr_work, shapely.to_wkb(points), data, fields, field_mask=masks, layer="sample",
+                              driver=DRIVERS[fmt], geometry_type="Point", crs=crs_out, layer_options=options)
+    except GeosegError:
+        raise
+    except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pyogrio.errors.FeatureError,
+            sqlite3.Error) as exc:  # (a full disk ended in "unexpected error: DataSourceError: sqlite3_exec(...")
+        raise write_error(out, exc) from None
     drawn = {int(v): int(n) for v, n in zip(*np.unique(k, return_counts=True))}
     small = [cid for cid, n in drawn.items() if n < per_class]
     where = " in the region" if region else ""

@@ -406,8 +406,8 @@ def test_a_full_disk_is_one_line_at_the_cli() -> None:
                          "it elsewhere") and e.exit_code == 1
     # a file no one named: no advice about --out (the report's or log's disk was full, not --out's)
     assert to_click_error(OSError(errno.ENOSPC, "No space left on device")).message == (
-        f"no space left on the device: free some space (temporary files go to {tempfile.gettempdir()}: TMPDIR "
-        "moves them)")
+        "no space left on the device: free some space where the outputs go, or in the temporary folder "
+        f"{tempfile.gettempdir()} (TMPDIR moves it)")
     # a full temporary folder is named as such (it was told like a full --out: "write it elsewhere")
     scratch = os.path.join(tempfile.gettempdir(), "geoseg-labels-x", "labels.tif")
     assert to_click_error(OSError(errno.ENOSPC, "No space left on device", scratch)).message == (

@@ -228,6 +228,36 @@ def test_a_stopped_overwrite_never_leaves_new_weights_beside_the_old_card(tmp_pa
     assert card.training["members"] == [str(a / "weights.pdparams"), str(c / "weights.pdparams")]
 
 
+def test_an_ensemble_that_cannot_be_written_says_so_in_one_line(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only parent was "unexpected error: OSError: [Errno 30]"; a full disk named no file, and the run
+    left the empty folder it had made."""
+    import errno
+
+    from geoseg.errors import NoRoomError, OutputError
+
+    a, b = _run(tmp_path / "a", 0), _run(tmp_path / "b", 1)
+
+    def refused(self: Path, *args: object, **kw: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "mkdir", refused)
+        with pytest.raises(OutputError, match=r"^cannot create output folder .*e: Read-only file system: choose "
+                                              "another --out$"):
+            combine_models([a, b], tmp_path / "ro" / "e")
+    import geoseg.models.checkpoints
+
+    def full(*args: object, **kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(geoseg.models.checkpoints, "atomic_output", full)
+        with pytest.raises(NoRoomError, match=r"^cannot write .*weights.pdparams: no space left on the device"):
+            combine_models([a, b], tmp_path / "new" / "e")
+    assert not (tmp_path / "new" / "e").exists()  # the folder it made is gone
+
+
 def _configured(folder: Path, seed: int, *, adapt: bool = False, tile: int = 64, **training) -> Path:  # type: ignore[no-untyped-def]
     """A run whose card records a training config, as 'geoseg train' writes it."""
     run = _run(folder, seed, prior=(0.25, 0.25, 0.25, 0.25))

@@ -1374,6 +1374,29 @@ def test_a_model_class_named_like_no_data_counts_in_geoseg_s_own_mask(tmp_path: 
     assert sorted(draw_sample(path, tmp_path / "s.gpkg", per_class=2).points) == [1, 2, 3]
 
 
+def test_sample_on_a_full_disk_is_one_line_naming_its_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk ended sample in "unexpected error: DataSourceError: sqlite3_exec(CREATE TABLE ..." (GeoPackage),
+    "FeatureError: Could not add feature" (GeoJSON), as vectorize's own line says it."""
+    import pyogrio.errors
+    import pyogrio.raw
+
+    from geoseg.errors import NoRoomError
+    from geoseg.evaluate import draw_sample
+
+    a = np.ones((8, 8), np.uint8)
+    path = write_raster(tmp_path / "m.tif", a, nodata=0)
+    (tmp_path / "s.gpkg").write_bytes(b"the old sample")
+    for error in (pyogrio.errors.DataSourceError, pyogrio.errors.FeatureError, OSError):
+        def full(*args: object, error: type = error, **kw: object) -> None:
+            raise error("sqlite3_exec(CREATE TABLE gpkg_spatial_ref_sys ...) failed: No space left on device")
+
+        monkeypatch.setattr(pyogrio.raw, "write", full)
+        with pytest.raises(NoRoomError, match=r"^cannot write .*s.gpkg: no space left on the device: free some space"):
+            draw_sample(path, tmp_path / "s.gpkg", per_class=2, overwrite=True)
+    assert (tmp_path / "s.gpkg").read_bytes() == b"the old sample"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif", "s.gpkg"]
+
+
 def test_a_reference_class_that_is_the_maps_nodata_is_said_so(tmp_path: Path) -> None:
     """"counted as errors" beside "not counted" read as a contradiction when the map's nodata is 0."""
     a = np.tile(np.arange(4, dtype=np.uint8), (8, 2))
