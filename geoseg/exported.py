@@ -412,6 +412,12 @@ def load_exported(
     deploy: Mapping[str, Any] = {}
     if deploy_path.is_file():
         deploy = load_yaml_mapping(deploy_path, "deploy file", ModelError, empty_ok=True)
+    elif card is None:  # (it was taken for a PaddleSeg export of 3 bands: --classes, then a Paddle crash)
+        raise ModelError(f"exported model folder {d} has no {DEPLOY_FILE} (geoseg's and PaddleSeg's exports carry "
+                         "one): export it again (geoseg export), or give the model's card with --card CARD.yaml")
+    if card is None and deploy_path.is_file() and not ({"Deploy", "geoseg"} & set(map(str, deploy))):
+        raise ModelError(f"{deploy_path} has neither a Deploy nor a geoseg section: it is not an export's deploy "
+                         "file; export the model again (geoseg export)")
     dep = deploy.get("Deploy") or {}
     if not isinstance(dep, Mapping):
         raise ModelError(f"{deploy_path}: 'Deploy' is not a mapping")

@@ -246,6 +246,38 @@ def test_load_exported_paddleseg_card_and_classes(tiny_unet: tuple[Path, Path], 
     assert [c.name for c in parse_classes("a, b")] == ["a", "b"]  # type: ignore[union-attr]
 
 
+def test_an_export_folder_without_its_deploy_file_says_so(tiny_unet: tuple[Path, Path], tmp_path: Path) -> None:
+    """Without deploy.yaml (or with one of neither section), an export was taken for a PaddleSeg export of 3
+    bands: "pass --classes", then a Paddle crash ("input's channels is 3 ... filter's channels is 5")."""
+    folder = tmp_path / "pseg"
+    folder.mkdir()
+    _paddleseg_export(tiny_unet, folder)
+    (folder / "deploy.yaml").unlink()
+    with pytest.raises(ModelError, match=f"^exported model folder {folder} has no deploy.yaml .*export it again"):
+        load_exported(folder, classes=parse_classes("a,b,c,d"))
+    (folder / "deploy.yaml").write_text("::: not yaml\n")
+    with pytest.raises(ModelError, match="has neither a Deploy nor a geoseg section"):
+        load_exported(folder, classes=parse_classes("a,b,c,d"))
+
+
+def test_a_truncated_export_is_one_line_that_says_so(tiny_unet: tuple[Path, Path], tmp_path: Path) -> None:
+    """A cut-off model.pdiparams was Paddle's two lines: "(Unavailable) Cannot read tensor desc size" and a
+    C++ hint with its source path, and no advice."""
+    from geoseg.models.inference import InferencePredictor, find_model_files
+
+    folder = tmp_path / "pseg"
+    folder.mkdir()
+    _paddleseg_export(tiny_unet, folder)
+    model_file, params_file = find_model_files(folder)
+    params_file.write_bytes(params_file.read_bytes()[: params_file.stat().st_size // 3])
+    with pytest.raises(ModelError) as err:
+        InferencePredictor(model_file, params_file, device="cpu")
+    said = str(err.value)
+    assert "\n" not in said and said.startswith(f"Paddle Inference cannot load {model_file} with {params_file.name}: ")
+    assert said.endswith("the export may be truncated or corrupt, or from a newer Paddle; export it again (geoseg "
+                         "export)")
+
+
 def _dead_pid() -> int:
     import subprocess
     import sys

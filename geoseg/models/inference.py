@@ -385,7 +385,11 @@ class InferencePredictor:
         try:
             self._predictor = pi.create_predictor(config)
         except Exception as exc:
-            raise ModelError(f"Paddle Inference cannot load {model_file}: {type(exc).__name__}: {exc}") from exc
+            # (Paddle's message runs over several lines, with a C++ hint and source path: its first line only)
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise ModelError(f"Paddle Inference cannot load {model_file} with {params_file.name}: {first}: the "
+                             "export may be truncated or corrupt, or from a newer Paddle; export it again "
+                             "(geoseg export)") from exc
         self._input = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
         self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])
         self.device = device
