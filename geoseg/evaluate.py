@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from geoseg.config import checked_arguments, plain
 from geoseg.errors import (
     EvaluationWarning,
     GeosegError,
+    OutputError,
     GridMismatchError,
     NoCRSWarning,
     ParameterError,
@@ -859,6 +861,10 @@ def check_card(card_path: str | Path, prediction: str | Path, averaged_classes: 
             raise ParameterError(f"{card_path} is an export's folder, not a model card: {hint}")
         raise ParameterError(f"{card_path} is a folder: give the model card file (the weights.yaml beside "
                              "weights.pdparams)")
+    folder = card_path.parent if str(card_path.parent) else Path(".")
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):  # (found after the table was printed)
+        raise OutputError(f"cannot record in {card_path}: its folder {folder} is not writable (the card is "
+                          "rewritten there): copy the card and its weights somewhere writable, or drop --record-card")
     if "Deploy" in load_yaml_mapping(card_path, "model card", ModelError):
         raise ParameterError(f"{card_path} is an export's deploy.yaml, not a model card: {hint}")
     try:
@@ -916,7 +922,14 @@ def record_in_card(card_path: str | Path, result: EvalResult, key: str = "test")
         "prediction": result.prediction.name,
         "how": "geoseg evaluate", "checked": checked,
     }
-    return card.replace(metrics={**dict(card.metrics), key: entry}).save(card_path)
+    from geoseg.atomic import write_error
+
+    try:
+        return card.replace(metrics={**dict(card.metrics), key: entry}).save(card_path)
+    except GeosegError:
+        raise
+    except OSError as exc:  # (a full disk named no file: "free some space")
+        raise write_error(card_path, exc, option="--record-card") from None
 
 
 # ---- sample design ------------------------------------------------------------------------------

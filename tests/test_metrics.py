@@ -889,6 +889,39 @@ def test_record_card_checks_come_before_any_output_and_the_record_says_what_was_
     assert "GEOSEG_MODEL" in runner.invoke(cli, ["evaluate", "--help"]).output
 
 
+def test_record_card_in_a_folder_it_cannot_write_is_refused_before_any_output(  # type: ignore[no-untyped-def]
+        tmp_path: Path, runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card in a read-only folder was found out after the whole table was printed, as "output folder ... is
+    not writable: choose another --out" (evaluate has no --out); a full disk named no file."""
+    import errno
+    import os
+
+    from geoseg.card import ClassInfo, ModelCard, default_card
+    from geoseg_cli.main import cli
+
+    mc = default_card("unet", 3, 2)
+    card = mc.replace(classes=(ClassInfo(1, "a", (1, 1, 1)), ClassInfo(2, "b", (2, 2, 2)))).save(tmp_path / "m.yaml")
+    ref = write_raster(tmp_path / "ref.tif", REF, nodata=0)
+    pred = write_raster(tmp_path / "pred.tif", PRED, nodata=255)
+    args = ["evaluate", str(pred), "--reference", str(ref), "--record-card", str(card)]
+    real_access = os.access
+    with monkeypatch.context() as m:
+        m.setattr(os, "access", lambda p, mode, **kw: Path(p) != tmp_path and real_access(p, mode, **kw))
+        r = runner.invoke(cli, args)
+    assert r.exit_code == 1 and r.stdout == "", r.output
+    assert f"cannot record in {card}: its folder {tmp_path} is not writable" in r.stderr and "--out" not in r.stderr
+    import geoseg.atomic
+
+    def full(*a: object, **kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(geoseg.atomic, "atomic_write_text", full)  # (card.save imports it when it runs)
+    r = runner.invoke(cli, args)
+    assert r.exit_code == 1 and f"cannot write {card}: no space left on the device: free some space or choose " \
+        "another --record-card" in r.stderr, r.output
+    assert ModelCard.load(card).metrics == {}
+
+
 # ---- review findings: nodata, wide and negative ids, unsampled strata, mask bands ----------------------------
 def _sample_points(path: Path, cells: list[tuple[int, int]], labels: list[int]) -> Path:
     """Points at the centres of (row, col) pixels of write_raster's default grid, with class ``cls``."""
