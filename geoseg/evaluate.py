@@ -533,6 +533,8 @@ def evaluate_vector(
             feature_ids = _reference_classes(vec, field, table, ref_path)
         present = ~shapely.is_missing(vec.geoms) & ~shapely.is_empty(vec.geoms)
         unlabelled = int((present & (feature_ids == _NO_CLASS)).sum())
+        # (a field sample without a geometry, NULL, EMPTY or NaN coordinates, vanished without a word)
+        no_geometry = int((~present & (feature_ids != _NO_CLASS)).sum())
         keep = present & (feature_ids != _NO_CLASS)
         # single parts (multi-points: one sample per point; collections opened), in file order
         parts, owner = shapely.get_parts(vec.geoms[keep], return_index=True)
@@ -645,7 +647,8 @@ def evaluate_vector(
     pt_ignored = np.isin(pt_ids[inside], list(ignore))
     samples = {"points": int(inside.sum()), "points_outside": int((~inside).sum()),
                "points_ignored": int(pt_ignored.sum()), "polygons": len(np.unique(owner[is_poly])),
-               "polygon_pixels": poly_pixels, "features_without_class": unlabelled}
+               "polygon_pixels": poly_pixels, "features_without_class": unlabelled,
+               "features_without_geometry": no_geometry}
     if samples["points_outside"]:
         warn(f"{samples['points_outside']} reference points lie outside the prediction"
              f"{' region' if win is not None else ''}: not counted", EvaluationWarning)
@@ -655,6 +658,9 @@ def evaluate_vector(
              "--ignore): not counted", EvaluationWarning)
     if unlabelled:
         warn(f"{unlabelled} reference features have no class in {field or 'class_id'}: not counted", EvaluationWarning)
+    if no_geometry:
+        warn(f"{no_geometry} reference features with a class have no geometry (NULL, empty, or NaN coordinates): "
+             "not counted", EvaluationWarning)
     m = _metrics(cm, average_over, table)
     if m.total == 0:
         why = [f"{n} {what}" for n, what in ((cm.ignored_reference, "have an ignored class"),

@@ -315,13 +315,15 @@ def test_evaluate_against_field_points_in_another_crs(tmp_path: Path) -> None:
     feats = [({"type": "Point", "coordinates": [x, y]}, {"cls": int(v)}) for x, y, v in zip(xs, ys, REF.ravel())]
     far = _lonlat([40.5], [0.5])
     feats += [({"type": "Point", "coordinates": [far[0][0], far[1][0]]}, {"cls": 1}),  # outside the raster
-              ({"type": "Point", "coordinates": [xs[0], ys[0]]}, {"cls": None})]  # no class
+              ({"type": "Point", "coordinates": [xs[0], ys[0]]}, {"cls": None}),  # no class
+              (None, {"cls": 2})]  # no geometry (it vanished without a word)
     ref = _geojson(tmp_path / "points.geojson", feats)
-    r = evaluate_vector(pred, ref, field="cls")
+    with pytest.warns(EvaluationWarning, match="1 reference features with a class have no geometry"):
+        r = evaluate_vector(pred, ref, field="cls")
     np.testing.assert_array_equal(r.metrics.confusion, CM)  # as the same labels as a raster
     assert r.metrics.unpredicted == 1 and r.metrics.overall_accuracy == pytest.approx(7 / 9)
     assert r.samples == {"points": 12, "points_outside": 1, "points_ignored": 2, "polygons": 0, "polygon_pixels": 0,
-                         "features_without_class": 1}  # REF's two 0 points are ignored
+                         "features_without_class": 1, "features_without_geometry": 1}  # REF's two 0 points ignored
     r2 = evaluate_vector(pred, ref, field="cls", region="2,0,2,3", block_rows=1)
     np.testing.assert_array_equal(r2.metrics.confusion, [[1, 1], [0, 3]])  # as the raster region
     assert r2.samples["points"] == 6 and r2.samples["points_outside"] == 7
@@ -485,7 +487,8 @@ def test_nc_polygons_in_their_own_crs_fall_on_the_label_raster(runner) -> None: 
     expected = np.bincount(burned[(burned > 0) & (lab > 0)], minlength=8)[1:]
     np.testing.assert_array_equal(np.diag(cm), expected)
     assert r.samples == {"points": 0, "points_outside": 0, "points_ignored": 0, "polygons": 34,
-                         "polygon_pixels": int((burned > 0).sum()), "features_without_class": 0}
+                         "polygon_pixels": int((burned > 0).sum()), "features_without_class": 0,
+                         "features_without_geometry": 0}
     # through the CLI, only the train columns: fewer pixels, still all agreeing
     out = runner.invoke(cli, ["-q", "evaluate", str(labels), "--reference", str(polys), "--field", "id",
                               "--region", "0,0,326,443", "--json"])
