@@ -304,7 +304,7 @@ def evaluate_rasters(
                                                              - set(pred_ignore))
         else:
             ids = list(dict.fromkeys(int(c) for c in classes))  # (an id given twice counts once: it crashed)
-        ids = _with_reference_ids(ids, ref_ids, pred_ignore)
+        ids = _with_reference_ids(ids, ref_ids, pred_ignore, given=classes is not None)
         cm = ConfusionMatrix(ids, ignore_reference=ref_ignore, ignore_prediction=pred_ignore,
                              add_predicted_classes=True)
         c0, r0, w, h = box
@@ -428,11 +428,16 @@ def _warn_uncounted(m: Metrics, what: str) -> None:
              "not counted; give --classes with them", EvaluationWarning)
 
 
-def _with_reference_ids(ids: list[int], ref_ids: Sequence[int], no_prediction: Sequence[int] = ()) -> list[int]:
+def _with_reference_ids(ids: list[int], ref_ids: Sequence[int], no_prediction: Sequence[int] = (),
+                        given: bool = False) -> list[int]:
     """``ids`` plus the reference ids the prediction cannot produce (they still count, as misses, where the
-    map has a prediction; ``no_prediction``: the map's values that mean none)."""
+    map has a prediction; ``no_prediction``: the map's values that mean none), or, when ``ids`` are the
+    ``given`` --classes, that these leave out."""
     extra = [i for i in ref_ids if i not in ids]
-    if extra:
+    if extra and given:  # (it called --classes 99 "the predicted classes [99]" and its classes "errors")
+        warn(f"reference classes {_ids(extra)} are not among the classes given {_ids(ids)}: counted as classes too",
+             EvaluationWarning)
+    elif extra:
         nodata = [i for i in extra if i in no_prediction]
         # (it read as a contradiction beside "... have no prediction (nodata): not counted")
         why = (f" ({', '.join(map(str, nodata))} {'is' if len(nodata) == 1 else 'are'} the prediction's nodata: "
@@ -628,7 +633,7 @@ def evaluate_vector(
                 predicted.update(int(v) for v in np.unique(pred_block[inside_poly if shown is None
                                                                       else inside_poly & shown]))
             ids = sorted(set(ref_ids) | (predicted - set(_prediction_ignore(pds))))
-        ids = _with_reference_ids(ids, ref_ids, _prediction_ignore(pds))
+        ids = _with_reference_ids(ids, ref_ids, _prediction_ignore(pds), given=classes is not None)
         cm = ConfusionMatrix(ids, ignore_reference=list(ignore), ignore_prediction=_prediction_ignore(pds),
                              add_predicted_classes=True)
         cm.update(pt_ids[inside], pt_pred[inside], predicted=pt_shown[inside])

@@ -1023,7 +1023,7 @@ def test_negative_and_huge_class_ids_are_matched_exactly(tmp_path: Path, monkeyp
     assert m.support.tolist() == [12, 9, 9]
     assert m.overall_accuracy == pytest.approx(float((pred == ref).mean())) == 0.6
     # reference values left out of the classes would not be counted: said
-    monkeypatch.setattr(geoseg.evaluate, "_with_reference_ids", lambda ids, ref_ids, *_: ids)
+    monkeypatch.setattr(geoseg.evaluate, "_with_reference_ids", lambda ids, ref_ids, *_, **__: ids)
     with pytest.warns(EvaluationWarning, match=r"12 reference pixels hold values that are not among the classes "
                                                r"\[1, 2\]: not counted"):
         evaluate_rasters(tmp_path / "p.tif", tmp_path / "r.tif", classes=[1, 2])
@@ -1431,6 +1431,17 @@ def test_sample_on_a_full_disk_is_one_line_naming_its_output(tmp_path: Path, mon
             draw_sample(path, tmp_path / "s.gpkg", per_class=2, overwrite=True)
     assert (tmp_path / "s.gpkg").read_bytes() == b"the old sample"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif", "s.gpkg"]
+
+
+def test_reference_classes_that_classes_given_leave_out_are_told_as_such(tmp_path: Path) -> None:
+    """--classes 99: "reference classes [1, 2] are not among the predicted classes [99]: counted as errors",
+    though the prediction held them and none was counted as an error."""
+    ref = np.tile(np.array([1, 1, 2, 2], np.uint8), (4, 1))
+    pred = write_raster(tmp_path / "p.tif", ref, nodata=255)
+    with pytest.warns(EvaluationWarning, match=r"^reference classes \[1, 2\] are not among the classes given \[99\]: "
+                                               "counted as classes too$"):
+        m = evaluate_rasters(pred, write_raster(tmp_path / "r.tif", ref), classes=[99]).metrics
+    assert m.overall_accuracy == 1.0 and m.total == ref.size
 
 
 def test_a_reference_class_that_is_the_maps_nodata_is_said_so(tmp_path: Path) -> None:
