@@ -29,8 +29,8 @@ def _n(count: int, noun: str) -> str:
 @o.card_opt
 @o.bands_opt
 @click.option("--no-model", is_flag=True, help="Describe the scene alone (512-px windows, overlap 128, 7 classes).")
-@click.option("--tile-size", type=int, default=None, callback=o._positive, help="Window size in pixels (default: the model's).")
-@click.option("--overlap", type=int, default=None, help="Window overlap in pixels (default: the model's).")
+@click.option("--tile-size", type=int, default=None, callback=o._tile_size, help="Window size in pixels (default: the model's).")
+@click.option("--overlap", type=click.IntRange(min=0), default=None, help="Window overlap in pixels (default: the model's).")
 @click.option("--classes", "num_classes", default=None, metavar="N|NAMES|FILE", callback=_classes,
               help="Model classes, for the memory estimate (default: the model's); or, as predict's --classes, the "
                    "class names of an exported model folder whose deploy.yaml has none.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,25 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
     return value
 
 
+def _tile_size(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """A window size as the models take it: 16 or more, a multiple of 16 (a usage error, as 0 was, where 1
+    and 100 were failures of the run: exit 1)."""
+    from geoseg.tiling import MIN_TILE
+
+    if value is not None and value < MIN_TILE:
+        raise click.BadParameter(f"{value} is too small: use at least {MIN_TILE} (512 is typical)")
+    if value is not None and value % 16:
+        raise click.BadParameter(f"{value} is not a multiple of 16: the models downsample 16x (try {value // 16 * 16})")
+    return value
+
+
+def _non_negative(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A size, unit or tolerance: a finite number of 0 or more (a usage error; -1, nan or inf failed the run)."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise click.BadParameter(f"{value:g} is not allowed: use a number >= 0")
+    return value
+
+
 input_arg = click.argument("input", type=click.Path(), callback=_existing_file)
 
 out_opt = click.option(
@@ -55,7 +75,7 @@ classes_opt = click.option(
     help="Class names for an exported model folder whose deploy.yaml has none (PaddleSeg exports): "
          "comma-separated names (ids 0, 1, ...) or a YAML/JSON list of {id, name, color}.")
 tile_size_opt = click.option(
-    "--tile-size", type=int, default=None, callback=_positive,
+    "--tile-size", type=int, default=None, callback=_tile_size,
     help="Window size in pixels (default: the model card's; 128 for the shipped models).",
 )
 overlap_opt = click.option(
@@ -110,9 +130,9 @@ vector_opt = click.option(
     "--vector", type=click.Choice(["gpkg", "geojson", "fgb", "none"]), default="gpkg", show_default=True,
     help="Also write land-cover polygons <stem>_landcover.<ext> (none: mask only).",
 )
-min_area_opt = click.option("--min-area", type=float, default=None, help="Polygons: minimum mapping unit in map units², m² on a geographic CRS or Web Mercator (sieve).")
+min_area_opt = click.option("--min-area", type=float, default=None, callback=_non_negative, help="Polygons: minimum mapping unit in map units², m² on a geographic CRS or Web Mercator (sieve).")
 simplify_opt = click.option(
-    "--simplify", type=float, default=None,
+    "--simplify", type=float, default=None, callback=_non_negative,
     help="Polygons: simplification tolerance in map units, m on a geographic CRS or Web Mercator (default one pixel; 0 keeps pixel edges).",
 )
 def class_list(text: str | None) -> tuple[str, ...] | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from geoseg import vectorize as vec
-from geoseg_cli.options import class_list, overwrite_opt
+from geoseg_cli.options import _non_negative, class_list, overwrite_opt
 
 
 @click.command("vectorize", short_help="Turn a class raster into clean land-cover polygons.")
@@ -21,11 +21,11 @@ from geoseg_cli.options import class_list, overwrite_opt
     help="Output format (default: from the --out extension, which must agree with it; gpkg without --out). "
          "geojson is RFC 7946 (WGS 84).",
 )
-@click.option("--min-area", type=float, default=None, help="Minimum mapping unit in map units² (m² on a geographic CRS or Web Mercator): smaller regions merge into neighbours.")
-@click.option("--min-pixels", type=int, default=None, help="Minimum mapping unit in pixels (instead of --min-area).")
+@click.option("--min-area", type=float, default=None, callback=_non_negative, help="Minimum mapping unit in map units² (m² on a geographic CRS or Web Mercator): smaller regions merge into neighbours.")
+@click.option("--min-pixels", type=int, default=None, callback=_non_negative, help="Minimum mapping unit in pixels (instead of --min-area).")
 @click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Pixel connectivity of regions.")
 @click.option(
-    "--simplify", type=float, default=None,
+    "--simplify", type=float, default=None, callback=_non_negative,
     help="Coverage simplification tolerance in map units, m on a geographic CRS or Web Mercator (default: one pixel; 0 keeps pixel edges).",
 )
 @click.option("--classes", "keep", default=None, metavar="LIST",

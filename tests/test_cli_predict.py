@@ -495,8 +495,8 @@ def test_a_bad_co_from_the_environment_names_the_variable(runner: CliRunner, tmp
     mask = write_raster(tmp_path / "m.tif", np.ones((20, 20), np.uint8), nodata=0)
     r = runner.invoke(cli, ["vectorize", str(mask), "--out", str(tmp_path / "v.gpkg")],
                       env={"GEOSEG_VECTORIZE_MIN_PIXELS": "-3"})
-    assert r.exit_code == 1 and r.output.rstrip().endswith(
-        "(--min-pixels was set by the environment variable GEOSEG_VECTORIZE_MIN_PIXELS)"), r.output
+    assert r.exit_code == 2 and ("Invalid value for '--min-pixels' (set by the environment variable "
+                                 "GEOSEG_VECTORIZE_MIN_PIXELS): -3 is not allowed: use a number >= 0") in r.output, r.output
 
 
 def test_model_weights_and_card_paths_are_named_for_what_they_are(runner: CliRunner, tmp_path: Path,
@@ -811,8 +811,6 @@ def test_no_weights_says_so(runner: CliRunner, tmp_path: Path, monkeypatch: pyte
     ("args", "words"),
     [
         (["--tile-size", "64", "--overlap", "64"], ["overlap 64 must be smaller than the tile size 64"]),
-        (["--tile-size", "8"], ["too small"]),
-        (["--tile-size", "100"], ["multiple of 16"]),
     ],
 )
 def test_tile_and_overlap_out_of_range(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path], args: list[str], words: list[str]) -> None:
@@ -822,6 +820,19 @@ def test_tile_and_overlap_out_of_range(runner: CliRunner, tmp_path: Path, tiny_u
     res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(out), *args])
     assert_one_line_error(res, *words)
     assert outputs(out) == []
+
+
+@pytest.mark.parametrize(("size", "said"), [("0", "0 is too small: use at least 16"), ("8", "8 is too small"),
+                                            ("100", "100 is not a multiple of 16: the models downsample 16x (try 96)")])
+def test_a_tile_size_the_models_cannot_take_is_a_usage_error(runner: CliRunner, tmp_path: Path,
+                                                             tiny_unet: tuple[Path, Path], size: str, said: str) -> None:
+    """0 was a usage error ("use a number >= 1"), 1 and 100 failures of the run ("use at least 16"): exit 2 or 1."""
+    for cmd in (["predict", str(rgb(tmp_path)), "--weights", str(tiny_unet[0])],
+                ["info", str(rgb(tmp_path)), "--weights", str(tiny_unet[0])]):
+        res = runner.invoke(cli, [*cmd, "--tile-size", size])
+        assert res.exit_code == 2 and f"Invalid value for '--tile-size': {said}" in res.output, res.output
+    res = runner.invoke(cli, ["info", str(rgb(tmp_path)), "--weights", str(tiny_unet[0]), "--overlap", "-5"])
+    assert res.exit_code == 2 and "'--overlap': -5 is not in the range x>=0" in res.output, res.output
 
 
 def test_a_negative_overlap_is_a_usage_error(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
@@ -860,7 +871,7 @@ def test_a_failed_run_leaves_no_output_folder_it_created(runner: CliRunner, tmp_
     """--out names a folder predict creates; a run refused after that (a bad --co, a scene unreadable
     halfway) removed its outputs but left the empty folder."""
     src = rgb(tmp_path, h=300, w=300)
-    for name, args in (("co", ["--co", "FOO=BAR"]), ("tile", ["--tile-size", "50"])):
+    for name, args in (("co", ["--co", "FOO=BAR"]), ("tile", ["--tile-size", "64", "--overlap", "64"])):
         out = tmp_path / name
         res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(out), *args])
         assert res.exit_code == 1 and not out.exists(), (name, res.output)
@@ -2057,10 +2068,11 @@ def test_info_and_messages_say_what_they_mean(runner: CliRunner, tmp_path: Path,
     assert res.exit_code == 0 and "pixel size: 28.5 x 28.5 (in the geotransform's units: no CRS)" in res.output, \
         res.output
     scene = rgb(tmp_path)
-    for option, value in (("--min-area", "-5"), ("--simplify", "-1")):
+    for option, value in (("--min-area", "-5"), ("--simplify", "-1"), ("--min-area", "nan"), ("--simplify", "inf")):
         res = runner.invoke(cli, ["predict", str(scene), "--weights", str(tiny_unet[0]), "--out", str(tmp_path / "o"),
-                                  option, value])
-        assert_one_line_error(res, f"{option} {value} is not allowed")
+                                  option, value])  # (a usage error: -1, nan and inf failed the run, exit 1)
+        assert res.exit_code == 2 and f"Invalid value for '{option}': {value} is not allowed: use a number >= 0" \
+            in res.output, res.output
 
 
 def test_an_overlap_near_the_window_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -683,7 +683,6 @@ def test_cli_vectorize(cli: click.Group, mask_path: Path, tmp_path: Path) -> Non
     [
         (["{tmp}/missing.tif"], "does not exist"),
         (["{float}"], "float32"),
-        (["{mask}", "--min-area", "-5"], "--min-area -5 is not allowed"),
     ],
 )
 def test_cli_errors(cli: click.Group, mask_path: Path, tmp_path: Path, args: list[str], words: str) -> None:
@@ -698,6 +697,9 @@ def test_cli_errors(cli: click.Group, mask_path: Path, tmp_path: Path, args: lis
 def test_cli_usage_error(cli: click.Group, mask_path: Path) -> None:
     res = CliRunner().invoke(cli, ["vectorize", str(mask_path), "--connectivity", "6"])
     assert res.exit_code == 2
+    for option, value in (("--min-area", "-5"), ("--min-pixels", "-3"), ("--simplify", "nan")):
+        res = CliRunner().invoke(cli, ["vectorize", str(mask_path), option, value])  # (exit 1, a failed run)
+        assert res.exit_code == 2 and f"Invalid value for '{option}': {value} is not allowed" in res.output
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
