@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import contextlib
 import math
 import os
 import threading
@@ -117,6 +118,8 @@ def load_aoi(spec: str | Path, meta: Any) -> Aoi:
         geometry = _file_geometry(str(path.resolve()), _content_digest(path),
                                   meta.crs.to_wkt() if meta.crs is not None else None, near_x)
         source = path.name
+        if meta.crs is None:  # (the AOI's coordinates were taken for the scene's without a word)
+            _tell_no_scene_crs(path, meta)
     # the scene pixels whose centres lie within the AOI's bounds, on the scene's own grid
     inv = ~meta.transform
     bx0, by0, bx1, by1 = geometry.bounds
@@ -224,6 +227,18 @@ def _file_geometry(path: str, digest: str, crs_wkt: str | None, near_x: float | 
     if not len(polys):
         raise ParameterError(f"--aoi {name} has no polygons: give the area as polygons")
     return shapely.union_all(polys)
+
+
+def _tell_no_scene_crs(path: Path, meta: Any) -> None:
+    """Warn that the AOI file's coordinates are taken as the scene's, which has no CRS, when the file has one."""
+    import pyogrio
+
+    with contextlib.suppress(Exception):  # (reading the AOI itself says what is wrong with the file)
+        if pyogrio.read_info(str(path)).get("crs"):
+            from geoseg.errors import NoCRSWarning, warn
+
+            warn(f"{meta.path.name} has no CRS: the coordinates of --aoi {path.name} are taken as they are (assign the "
+                 "scene its CRS: gdal_edit.py -a_srs EPSG:XXXX)", NoCRSWarning)
 
 
 def _polygon_parts(geoms: np.ndarray) -> np.ndarray:

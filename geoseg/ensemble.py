@@ -66,8 +66,19 @@ def member_source(member: str | Path, what: str = "member") -> ModelSource:
         return resolve_model(None, weights=path)
     if str(member) in shipped_models():
         return resolve_model(str(member))
-    raise ModelError(f"{what} {member} does not exist: give a 'geoseg train' output folder, a .pdparams file "
-                     f"or a shipped model name ({', '.join(shipped_models())})")
+    # (an ensemble member is a single run: the shipped models, ensembles themselves, are refused as members)
+    shipped = [n for n in shipped_models() if what != "member" or _single(n)]
+    raise ModelError(f"{what} {member} does not exist: give a 'geoseg train' output folder"
+                     + (f", a .pdparams file or a shipped model name ({', '.join(shipped)})" if shipped
+                        else " or a .pdparams file"))
+
+
+def _single(name: str) -> bool:
+    """Whether the shipped model ``name`` is one run (not an ensemble, which ensemble refuses as a member)."""
+    try:
+        return int(resolve_model(name).card.params.get("members", 1)) <= 1
+    except GeosegError:
+        return False
 
 
 @checked_arguments

@@ -250,6 +250,8 @@ def open_raster(path: str | Path, **kwargs: Any) -> Any:
     """``rasterio.open`` for reading, a file named as a GeoTIFF (:func:`tiff_named`) as a GeoTIFF only: GDAL opens by
     content, and an uploaded "scene.tif" that was a VRT or a WMS description fetched URLs, or read other users'
     files, into a nightly batch's outputs. Every read of a user's raster goes through it."""
+    if tiff_named(path) and not is_virtual(path) and os.path.isdir(path):  # (GDAL: "not recognized as ... format")
+        raise SceneReadError(f"{path} is a folder, not a GeoTIFF: give the raster file")
     return rasterio.open(path, driver="GTiff" if tiff_named(path) else None, **kwargs)
 
 

@@ -1199,6 +1199,33 @@ def test_an_edited_aoi_file_is_read_again(tmp_path: Path) -> None:
     assert load_aoi(write(500500.0), meta).window.width == 50  # same name and size, new content
 
 
+def test_an_aoi_file_with_a_crs_on_a_scene_without_one_is_warned_about(tmp_path: Path) -> None:
+    """The AOI's coordinates were taken for the scene's without a word (an AOI without a CRS is warned about)."""
+    from geoseg.aoi import load_aoi
+    from geoseg.errors import NoCRSWarning
+    from geoseg.io import open_scene
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta = open_scene(rgb(tmp_path, h=100, w=100, crs=None))
+    ring = [[500000.0, 4799000.0], [500200.0, 4799000.0], [500200.0, 4800000.0], [500000.0, 4800000.0],
+            [500000.0, 4799000.0]]
+    feature = {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}
+    aoi = tmp_path / "aoi.geojson"
+    aoi.write_text(json.dumps({"type": "FeatureCollection", "crs": {"type": "name", "properties": {
+        "name": "EPSG:32633"}}, "features": [feature]}))
+    with pytest.warns(NoCRSWarning, match="scene.tif has no CRS: the coordinates of --aoi aoi.geojson are taken as"):
+        assert load_aoi(aoi, meta).window.width == 20
+    bare = tmp_path / "bare.gpkg"  # without a CRS either: nothing to say
+    import pyogrio.raw
+    import shapely
+
+    pyogrio.raw.write(bare, np.array([shapely.to_wkb(shapely.Polygon(ring))], object), [], [], geometry_type="Polygon")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoCRSWarning)
+        assert load_aoi(bare, meta).window.width == 20
+
+
 def test_a_ready_predictor_shared_by_threads_gives_each_its_own_output(tiny_unet: tuple[Path, Path]) -> None:
     """A Dask worker with several threads lends its one predictor to all of them: a Paddle predictor
     holds one input buffer, so two threads' calls ran on each other's inputs (wrong masks, or a batch

@@ -155,6 +155,12 @@ def test_combine_refuses_bad_members(tmp_path: Path) -> None:
     # a model source without weights (an exported folder) cannot be combined
     with pytest.raises(ModelError, match="no weights file"):
         combine_models([ModelSource(card=member_source(a).card), member_source(b)], tmp_path / "e6")
+    # the shipped models (ensembles) are not offered as members, which they cannot be; teachers may be one
+    with pytest.raises(ModelError, match=r"^member /nonexist does not exist: give a 'geoseg train' output folder or a "
+                                         r"\.pdparams file$"):
+        member_source("/nonexist")
+    with pytest.raises(ModelError, match=r"teacher /nonexist .* or a shipped model name \(deeplabv3p, unet\)$"):
+        member_source("/nonexist", "teacher")
 
 
 def test_a_shipped_name_beside_a_folder_of_that_name_is_refused(tmp_path: Path,

@@ -1444,6 +1444,22 @@ def test_reference_classes_that_classes_given_leave_out_are_told_as_such(tmp_pat
     assert m.overall_accuracy == 1.0 and m.total == ref.size
 
 
+def test_a_folder_named_like_a_geotiff_is_said_to_be_a_folder(tmp_path: Path) -> None:
+    """predict and info said so; vectorize, evaluate and sample said GDAL's "not recognized as being in a
+    supported file format"."""
+    from geoseg.errors import SceneReadError
+    from geoseg.evaluate import draw_sample
+    from geoseg.vectorize import vectorize_mask
+
+    folder = tmp_path / "dir.tif"
+    folder.mkdir()
+    good = write_raster(tmp_path / "m.tif", np.ones((4, 4), np.uint8))
+    for run in (lambda: vectorize_mask(folder, tmp_path / "v.gpkg"), lambda: evaluate_rasters(folder, good),
+                lambda: evaluate_rasters(good, folder), lambda: draw_sample(folder, tmp_path / "s.gpkg")):
+        with pytest.raises(SceneReadError, match="dir.tif is a folder"):
+            run()
+
+
 def test_a_reference_class_that_is_the_maps_nodata_is_said_so(tmp_path: Path) -> None:
     """"counted as errors" beside "not counted" read as a contradiction when the map's nodata is 0."""
     a = np.tile(np.arange(4, dtype=np.uint8), (8, 2))

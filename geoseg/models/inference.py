@@ -252,7 +252,7 @@ def find_model_files(directory_or_prefix: str | Path) -> tuple[Path, Path]:
         if not pairs:
             raise ModelError(
                 f"no exported model in {path}: expected model.json or model.pdmodel with "
-                f"model{PARAMS_SUFFIX} (export one with export_model)"
+                f"model{PARAMS_SUFFIX} (export one with geoseg export)"
             )
         raise ModelError(
             f"{len(pairs)} exported models in {path} ({', '.join(p[0].name for p in pairs)}): "
@@ -263,7 +263,7 @@ def find_model_files(directory_or_prefix: str | Path) -> tuple[Path, Path]:
     if pair is None:
         raise ModelError(
             f"no exported model at {path}: expected {prefix}.json or {prefix}.pdmodel "
-            f"with {prefix}{PARAMS_SUFFIX} (export one with export_model)"
+            f"with {prefix}{PARAMS_SUFFIX} (export one with geoseg export)"
         )
     return pair
 
