@@ -797,6 +797,11 @@ def read_vector(path: str | Path, crs: Any = None, *, missing: str, unreadable: 
             except Exception as exc:  # noqa: BLE001 - pyogrio raises several types
                 # (named as the user gave it, not as the link it was read through)
                 reason = str(exc).splitlines()[0].replace(str(readable), str(path))
+                # (SQLite's statement, raw: "sqlite3_prepare_v2(SELECT COUNT(*) FROM sqlite_master ...) failed: file
+                # is not a database; file is not a database")
+                said = re.match(r"^sqlite3_\w+\(.*\) failed: (.*)$", reason)
+                if said:
+                    reason = "; ".join(dict.fromkeys(p.strip() for p in said.group(1).split(";") if p.strip()))
                 raise ParameterError(f"{unreadable}: {reason}") from None
     except OSError as exc:  # (the links could not be made)
         raise ParameterError(f"{unreadable}: {exc}") from None

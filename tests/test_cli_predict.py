@@ -1226,6 +1226,20 @@ def test_an_aoi_file_with_a_crs_on_a_scene_without_one_is_warned_about(tmp_path:
         assert load_aoi(bare, meta).window.width == 20
 
 
+def test_a_corrupt_geopackage_is_told_without_sqlite_s_statement(tmp_path: Path) -> None:
+    """The error quoted SQLite's raw statement: "sqlite3_prepare_v2(SELECT COUNT(*) FROM sqlite_master WHERE ...)
+    failed: file is not a database; file is not a database"."""
+    from geoseg.io import read_vector
+
+    bad = tmp_path / "broken.gpkg"
+    bad.write_bytes(b"SQLite format 3\x00" + np.random.default_rng(0).bytes(4000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ParameterError) as err:
+            read_vector(bad, missing="missing", unreadable=f"--aoi {bad} cannot be read as vector data")
+    assert str(err.value) == f"--aoi {bad} cannot be read as vector data: file is not a database"
+
+
 def test_a_ready_predictor_shared_by_threads_gives_each_its_own_output(tiny_unet: tuple[Path, Path]) -> None:
     """A Dask worker with several threads lends its one predictor to all of them: a Paddle predictor
     holds one input buffer, so two threads' calls ran on each other's inputs (wrong masks, or a batch
