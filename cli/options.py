@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,17 @@ def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> 
     if value is not None and value < 1:
         raise click.BadParameter(f"{value} is not allowed: use a number >= 1")
     return value
+
+
+def _file_out(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """An output that is one file: a name ending in a path separator (a folder, as predict's --out takes it) is
+    refused (``--out v/x.gpkg/`` wrote the file v/x.gpkg)."""
+    if value is None:
+        return None
+    if value.endswith(("/", os.sep)) and value.strip("/" + os.sep):
+        raise click.BadParameter(f"{value!r} ends with a path separator, as a folder does: this command writes one "
+                                 f"file, give its name (e.g. {value.rstrip('/' + os.sep)})")
+    return Path(value)
 
 
 def _tile_size(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
+from geoseg_cli.options import _file_out
+
 
 @click.command(short_help="Draw a stratified random sample of a mask's classes (points to label).")
 @click.argument("mask", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+@click.option("-o", "--out", type=click.Path(), required=True, callback=_file_out,
               help="Points file to write (.gpkg, .geojson or .fgb).")
 @click.option("--per-class", type=click.IntRange(min=1), default=50, show_default=True,
               help="Points per map class (all pixels of a smaller class).")

@@ -7,13 +7,13 @@ from pathlib import Path
 import click
 
 from geoseg import vectorize as vec
-from geoseg_cli.options import _non_negative, class_list, overwrite_opt
+from geoseg_cli.options import _file_out, _non_negative, class_list, overwrite_opt
 
 
 @click.command("vectorize", short_help="Turn a class raster into clean land-cover polygons.")
 @click.argument("mask", type=click.Path(path_type=Path))
 @click.option(
-    "-o", "--out", "out", type=click.Path(path_type=Path), default=None,
+    "-o", "--out", "out", type=click.Path(), default=None, callback=_file_out,
     help="Output file. Default: <mask stem>.gpkg (or the --format's extension) beside the mask.",
 )
 @click.option(

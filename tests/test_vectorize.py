@@ -700,6 +700,11 @@ def test_cli_usage_error(cli: click.Group, mask_path: Path) -> None:
     for option, value in (("--min-area", "-5"), ("--min-pixels", "-3"), ("--simplify", "nan")):
         res = CliRunner().invoke(cli, ["vectorize", str(mask_path), option, value])  # (exit 1, a failed run)
         assert res.exit_code == 2 and f"Invalid value for '{option}': {value} is not allowed" in res.output
+    # a file name ending as a folder does: it wrote the file x.gpkg
+    for cmd in ("vectorize", "sample"):
+        res = CliRunner().invoke(cli, [cmd, str(mask_path), "--out", str(mask_path.parent / "x.gpkg") + "/"])
+        assert res.exit_code == 2 and "ends with a path separator, as a folder does" in res.output, res.output
+        assert not (mask_path.parent / "x.gpkg").exists()
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
