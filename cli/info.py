@@ -12,7 +12,7 @@ from geoseg_cli import options as o
 
 def _classes(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
     """A whole number: the count for the memory estimate; anything else: class names (predict's --classes)."""
-    if value is not None and value.strip().lstrip("+").isdigit():
+    if value is not None and value.strip().lstrip("+-").isdigit():  # (-3 was taken for class names)
         return o._positive(ctx, param, int(value))
     return value
 

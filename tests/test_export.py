@@ -184,6 +184,8 @@ def test_the_classes_advice_for_a_paddleseg_export_works_in_every_command(  # ty
     r = runner.invoke(cli, ["info", str(scene), "--model", str(folder), "--classes", "a,b,c,d", "--json"])
     assert r.exit_code == 0, r.output
     assert runner.invoke(cli, ["info", str(scene), "--no-model", "--classes", "9"]).exit_code == 0
+    r = runner.invoke(cli, ["info", str(scene), "--no-model", "--classes", "-3"])  # (told to "drop --classes")
+    assert r.exit_code == 2 and "-3 is not allowed: use a number >= 1" in r.output, r.output
     r = runner.invoke(cli, ["export", "--model", str(folder), "--out", str(tmp_path / "again")])
     assert r.exit_code == 2 and "is already an exported folder" in r.output and "--classes" not in r.output, r.output
 
