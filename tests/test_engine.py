@@ -1039,45 +1039,43 @@ def test_bands_of_the_model_in_another_order_are_picked_by_name(tmp_path: Path) 
         segment_scene(src, tmp_path / "o2", source=ModelSource(identity_card(3, 2)), predictor=one_hot_predictor(2))
 
 
+def _described(path: Path, values: tuple[int, ...], names: tuple[str, ...]) -> Path:
+    """A 20x20 scene of one value per band, its bands described by ``names``."""
+    src = write_raster(path, np.stack([np.full((20, 20), v, np.uint8) for v in values]))
+    with rasterio.open(src, "r+") as ds:
+        for i, name in enumerate(names, start=1):
+            ds.set_band_description(i, name)
+    return src
+
+
+def _mask_values(src: Path, out: Path, bands: tuple[str, ...], **kw: object) -> set[int]:
+    """The classes an identity model of 2 classes whose card names ``bands`` maps ``src`` to."""
+    card = dataclasses.replace(identity_card(len(bands), 2), bands=bands)
+    res = segment_scene(src, out, source=ModelSource(card), predictor=one_hot_predictor(2), **kw)
+    with rasterio.open(res.mask) as ds:
+        return set(np.unique(ds.read(1)).tolist())
+
+
 @pytest.mark.filterwarnings("ignore::geoseg.errors.InputRangeWarning")  # raw class indexes, not image data
 def test_band_names_are_matched_without_case_or_spaces(tmp_path: Path) -> None:
     """A scene of the card's band names in lower case, in another order, was read as it lies, without a word
     (a wrong map: the range check cannot tell Landsat bands apart)."""
-    data = np.stack([np.full((20, 20), v, np.uint8) for v in (9, 1, 7)])  # B0 holds class index 1
-    src = write_raster(tmp_path / "named.tif", data)
-    with rasterio.open(src, "r+") as ds:
-        for i, name in enumerate(("b2_swir", " B0_BLUE ", "b1_green"), start=1):
-            ds.set_band_description(i, name)
-    card = dataclasses.replace(identity_card(3, 2), bands=("B0_blue", "B1_green", "B2_swir"))
-    res = segment_scene(src, tmp_path / "o1", source=ModelSource(card), predictor=one_hot_predictor(2))
-    with rasterio.open(res.mask) as ds:
-        assert (ds.read(1) == 2).all()  # card band B0_blue = scene band 2 (value 1) -> index 1 -> id 2
+    src = _described(tmp_path / "named.tif", (9, 1, 7), ("b2_swir", " B0_BLUE ", "b1_green"))  # B0 holds index 1
+    bands = ("B0_blue", "B1_green", "B2_swir")
+    assert _mask_values(src, tmp_path / "o1", bands) == {2}  # card band B0_blue = scene band 2 (index 1 -> id 2)
     with pytest.warns(InputRangeWarning, match="band 1 is described 'b2_swir' but feeds the model as 'B0_blue'"):
-        segment_scene(src, tmp_path / "o2", source=ModelSource(card), predictor=one_hot_predictor(2),
-                      options=PredictOptions(bands=(1, 2, 3)))
+        _mask_values(src, tmp_path / "o2", bands, options=PredictOptions(bands=(1, 2, 3)))
 
 
 @pytest.mark.filterwarnings("ignore::geoseg.errors.InputRangeWarning")  # raw class indexes, not image data
 def test_a_scene_s_landsat_band_names_are_not_train_s_band_positions(tmp_path: Path) -> None:
     """geoseg train names undescribed bands b<k> after their positions: matched without case, a scene's
     Landsat names B3, B2, B1 picked its bands 3, 2, 1 for the card's b1, b2, b3 (blue read as red)."""
-    data = np.stack([np.full((20, 20), v, np.uint8) for v in (1, 0, 0)])  # only band 1 holds class index 1
-    src = write_raster(tmp_path / "landsat.tif", data)
-    with rasterio.open(src, "r+") as ds:
-        for i, name in enumerate(("B3", "B2", "B1"), start=1):
-            ds.set_band_description(i, name)
-    card = dataclasses.replace(identity_card(3, 2), bands=("b1", "b2", "b3"))
-    res = segment_scene(src, tmp_path / "o1", source=ModelSource(card), predictor=one_hot_predictor(2))
-    with rasterio.open(res.mask) as ds:
-        assert (ds.read(1) == 2).all()  # read as they lie: card b1 = scene band 1 (value 1) -> index 1 -> id 2
+    src = _described(tmp_path / "landsat.tif", (1, 0, 0), ("B3", "B2", "B1"))  # only band 1 holds class index 1
+    assert _mask_values(src, tmp_path / "o1", ("b1", "b2", "b3")) == {2}  # read as they lie: band 1 -> id 2
     # a card of the sensor's own names still matches them without case (B2 is b2)
-    card = dataclasses.replace(identity_card(3, 2), bands=("B1", "B2", "B3"))
-    with rasterio.open(src, "r+") as ds:
-        for i, name in enumerate(("b3", "b2", "b1"), start=1):
-            ds.set_band_description(i, name)
-    res = segment_scene(src, tmp_path / "o2", source=ModelSource(card), predictor=one_hot_predictor(2))
-    with rasterio.open(res.mask) as ds:
-        assert (ds.read(1) == 1).all()  # card B1 = scene band 3 (value 0) -> index 0 -> id 1
+    src = _described(tmp_path / "lower.tif", (1, 0, 0), ("b3", "b2", "b1"))
+    assert _mask_values(src, tmp_path / "o2", ("B1", "B2", "B3")) == {1}  # card B1 = scene band 3 (index 0 -> id 1)
 
 
 @pytest.mark.filterwarnings("ignore::geoseg.errors.InputRangeWarning")  # raw class indexes, not image data
