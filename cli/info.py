@@ -61,6 +61,7 @@ def info(input: Path, model: str | None, weights: Path | None, card: Path | None
     if no_model and (given or timed):  # (they were ignored without a word)
         raise click.UsageError(f"--no-model describes the scene alone: drop {', '.join(given or ['--time'])} or "
                                "--no-model")
+    o.check_window(tile_size, overlap)
     names = num_classes if isinstance(num_classes, str) else None
     if names is not None:
         num_classes = None

@@ -42,8 +42,10 @@ def _file_out(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     if value is None:
         return None
     if value.endswith(("/", os.sep)) and value.strip("/" + os.sep):
+        stem = value.rstrip("/" + os.sep)
+        example = f" (e.g. {stem})" if Path(stem).name not in ("", ".", "..") else " (.gpkg, .geojson or .fgb)"
         raise click.BadParameter(f"{value!r} ends with a path separator, as a folder does: this command writes one "
-                                 f"file, give its name (e.g. {value.rstrip('/' + os.sep)})")
+                                 f"file, give its name{example}")
     return Path(value)
 
 
@@ -57,6 +59,14 @@ def _tile_size(ctx: click.Context, param: click.Parameter, value: int | None) ->
     if value is not None and value % 16:
         raise click.BadParameter(f"{value} is not a multiple of 16: the models downsample 16x (try {value // 16 * 16})")
     return value
+
+
+def check_window(tile_size: int | None, overlap: int | None) -> None:
+    """--overlap as large as --tile-size, both given: a usage error, as every other bad window value (it was
+    exit 1). With --tile-size not given, the card's window decides, and the library checks it."""
+    if tile_size is not None and overlap is not None and overlap >= tile_size:
+        raise click.BadParameter(f"{overlap} must be smaller than --tile-size {tile_size}: try {tile_size // 4}",
+                                 param_hint="'--overlap'")
 
 
 def _non_negative(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -197,6 +207,7 @@ def make_predict_options(
     from geoseg.blending import BlendMode
     from geoseg.engine import PredictOptions
 
+    check_window(tile_size, overlap)
     return PredictOptions(
         tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,  # type: ignore[arg-type]
         precision=precision, bands=bands, blend=BlendMode(blend), confidence=confidence,  # type: ignore[arg-type]

@@ -293,6 +293,7 @@ def evaluate_rasters(
             check_grids(pds, rds)
         box = _region_box(win, rds.width, rds.height)
         table = read_classes(pds)
+        names = _class_names(table, pds, rds)
         ignore_given = ignore is not None
         ignore = _default_ignore(ignore, classes, table, pds, rds)
         ref_ignore = list(ignore) + _reference_nodata(rds)
@@ -315,7 +316,7 @@ def evaluate_rasters(
                       predicted=_shown(pds, window))
         _with_predicted_ids(cm, ids, ignore, ignore_given)
         ref_nodata = "none" if rds.nodata is None else f"{rds.nodata:g}"
-    m = _metrics(cm, average_over, table)
+    m = _metrics(cm, average_over, table, names)
     _warn_uncounted(m, "pixels")
     if m.total == 0:
         raise ParameterError(_nothing_scored(cm, box if win is not None else None, pred_path, ref_path, ignore,
@@ -447,8 +448,25 @@ def _with_reference_ids(ids: list[int], ref_ids: Sequence[int], no_prediction: S
     return ids + extra
 
 
-def _metrics(cm: ConfusionMatrix, average_over: Sequence[int] | None, table: Any) -> Metrics:
-    """The metrics of ``cm``, mIoU over ``average_over`` (default: the classes the reference holds)."""
+def _class_names(table: Any, *datasets: Any) -> dict[int, str]:
+    """Class names for the table: the prediction's class ``table``, else the names the ``datasets`` carry
+    (geoseg's class table, band 1's CLASSES tag or GDAL category names; the first dataset's first), values
+    named as no data left out (a 0/255 map named 255=building showed class_0 and class_255, where vectorize
+    and sample said background and building)."""
+    names: dict[int, str] = {}
+    for ds in reversed(datasets):
+        tagged = read_classes(ds)
+        names.update({c.id: c.name for c in tagged} if tagged else
+                     {v: n for v, n in band_class_names(ds).items() if not _means_no_data(n)})
+    if table:
+        names.update({c.id: c.name for c in table})
+    return names
+
+
+def _metrics(cm: ConfusionMatrix, average_over: Sequence[int] | None, table: Any,
+             names: dict[int, str] | None = None) -> Metrics:
+    """The metrics of ``cm``, mIoU over ``average_over`` (default: the classes the reference holds);
+    ``names``: the classes' names (default: the class ``table``'s)."""
     if average_over is None:
         seen = cm.matrix.sum(axis=1) > 0
         average_over = [c for c, p in zip(cm.class_ids, seen) if p]
@@ -458,7 +476,9 @@ def _metrics(cm: ConfusionMatrix, average_over: Sequence[int] | None, table: Any
         warn(f"class{'es' if len(absent) > 1 else ''} {','.join(map(str, absent))} of --miou-classes "
              f"{'have' if len(absent) > 1 else 'has'} no reference and no predicted pixel here: left out of the mIoU "
              f"(over {','.join(map(str, m.averaged_classes)) or 'no class'})", EvaluationWarning)
-    return Metrics(**{**m.__dict__, "names": {c.id: c.name for c in table} if table else {}})
+    if names is None:
+        names = {c.id: c.name for c in table} if table else {}
+    return Metrics(**{**m.__dict__, "names": names})
 
 
 @checked_arguments
@@ -517,6 +537,7 @@ def evaluate_vector(
         if pds.crs is None and vec.crs is not None:  # (a reference without one: read_vector says so)
             warn(f"{pred_path.name} has no CRS: the coordinates of {ref_path.name} are taken as they are", NoCRSWarning)
         table = read_classes(pds)
+        names = _class_names(table, pds)
         ignore_given = ignore is not None
         ignore = _default_ignore(ignore, classes, table, pds)
         # the prediction's classes for --background: its class table, else band 1's CLASSES tag (another tool's
@@ -666,7 +687,7 @@ def evaluate_vector(
     if no_geometry:
         warn(f"{no_geometry} reference features with a class have no geometry (NULL, empty, or NaN coordinates): "
              "not counted", EvaluationWarning)
-    m = _metrics(cm, average_over, table)
+    m = _metrics(cm, average_over, table, names)
     if m.total == 0:
         why = [f"{n} {what}" for n, what in ((cm.ignored_reference, "have an ignored class"),
                                              (cm.unpredicted, "have no prediction (nodata)")) if n]

@@ -810,7 +810,7 @@ def test_no_weights_says_so(runner: CliRunner, tmp_path: Path, monkeypatch: pyte
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--tile-size", "64", "--overlap", "64"], ["overlap 64 must be smaller than the tile size 64"]),
+        (["--overlap", "64"], ["overlap 64 must be smaller than the tile size 64"]),  # the card's window (64)
     ],
 )
 def test_tile_and_overlap_out_of_range(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path], args: list[str], words: list[str]) -> None:
@@ -833,6 +833,10 @@ def test_a_tile_size_the_models_cannot_take_is_a_usage_error(runner: CliRunner, 
         assert res.exit_code == 2 and f"Invalid value for '--tile-size': {said}" in res.output, res.output
     res = runner.invoke(cli, ["info", str(rgb(tmp_path)), "--weights", str(tiny_unet[0]), "--overlap", "-5"])
     assert res.exit_code == 2 and "'--overlap': -5 is not in the range x>=0" in res.output, res.output
+    for cmd in ("predict", "info"):  # an overlap as large as the window given: a usage error too (it was exit 1)
+        res = runner.invoke(cli, [cmd, str(rgb(tmp_path)), "--weights", str(tiny_unet[0]), "--tile-size", "32",
+                                  "--overlap", "32"])
+        assert res.exit_code == 2 and "'--overlap': 32 must be smaller than --tile-size 32: try 8" in res.output
 
 
 def test_a_negative_overlap_is_a_usage_error(runner: CliRunner, tmp_path: Path, tiny_unet: tuple[Path, Path]) -> None:
@@ -871,7 +875,7 @@ def test_a_failed_run_leaves_no_output_folder_it_created(runner: CliRunner, tmp_
     """--out names a folder predict creates; a run refused after that (a bad --co, a scene unreadable
     halfway) removed its outputs but left the empty folder."""
     src = rgb(tmp_path, h=300, w=300)
-    for name, args in (("co", ["--co", "FOO=BAR"]), ("tile", ["--tile-size", "64", "--overlap", "64"])):
+    for name, args in (("co", ["--co", "FOO=BAR"]), ("tile", ["--overlap", "64"])):  # (the card's window: 64)
         out = tmp_path / name
         res = runner.invoke(cli, ["predict", str(src), "--weights", str(tiny_unet[0]), "--out", str(out), *args])
         assert res.exit_code == 1 and not out.exists(), (name, res.output)

@@ -1384,6 +1384,8 @@ def test_a_uint8_map_that_names_255_as_a_class_keeps_it(tmp_path: Path) -> None:
         assert sorted(points) == ([0, 255] if kept else [0])
         # as a prediction: 255 predicted, or no prediction (the reference's 255s then left uncounted)
         assert (m.total, m.unpredicted) == ((a.size, 0) if kept else ((a == 0).sum(), (a == 255).sum()))
+        # the table names them as vectorize and sample do (it said class_0 and class_255)
+        assert m.names == ({0: "background", 255: "building"} if kept else {0: "background"} if tag else {})
 
 
 def test_a_model_class_named_like_no_data_counts_in_geoseg_s_own_mask(tmp_path: Path) -> None:

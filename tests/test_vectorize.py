@@ -705,6 +705,8 @@ def test_cli_usage_error(cli: click.Group, mask_path: Path) -> None:
         res = CliRunner().invoke(cli, [cmd, str(mask_path), "--out", str(mask_path.parent / "x.gpkg") + "/"])
         assert res.exit_code == 2 and "ends with a path separator, as a folder does" in res.output, res.output
         assert not (mask_path.parent / "x.gpkg").exists()
+    res = CliRunner().invoke(cli, ["vectorize", str(mask_path), "--out", "./"])  # (it said "e.g. .")
+    assert res.exit_code == 2 and "give its name (.gpkg, .geojson or .fgb)" in res.output, res.output
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
