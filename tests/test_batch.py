@@ -762,8 +762,11 @@ def test_a_window_grid_no_scene_can_take_is_refused_before_any_scene(runner, tin
     make_archive(arch, 2, size=(40, 48))
     assert run_cli(runner, tiny_unet, [arch], out).exit_code == 0
     mosaic = (out / "landcover.vrt").read_text()
-    r = run_cli(runner, tiny_unet, [arch], out, "--overlap", "64", "--tile-size", "64")
+    r = run_cli(runner, tiny_unet, [arch], out, "--overlap", "64")  # the card's window: 64
     assert r.exit_code == 1 and "overlap 64 must be smaller than the tile size 64" in r.output, r.output
+    assert (out / "landcover.vrt").read_text() == mosaic
+    r = run_cli(runner, tiny_unet, [arch], out, "--overlap", "64", "--tile-size", "64")  # both given: a usage error
+    assert r.exit_code == 2 and "'--overlap': 64 must be smaller than --tile-size 64" in r.output, r.output
     assert (out / "landcover.vrt").read_text() == mosaic
     r = run_cli(runner, tiny_unet, [arch], out, "--dry-run")
     assert r.exit_code == 0 and r.stdout.count("skip\t") == 2, r.stdout
