@@ -48,7 +48,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-WORK = ROOT / "bench" / "_work"
+#: Scenes and outputs: bench/_work (gitignored), or the folder GEOSEG_BENCH_WORK names (a read-only checkout, a
+#: copy of the code under test); bench_batch.py takes it from here.
+WORK = Path(os.environ.get("GEOSEG_BENCH_WORK") or ROOT / "bench" / "_work").expanduser()
 SCENE = ROOT / "sample_data" / "nc_landsat7" / "image_6band_uint8.tif"
 COMPACT = {
     "deeplabv3p": {"backbone_depth": 18, "backbone_width": 0.5, "aspp_channels": 128, "decoder_channels": 128, "separable": True},
