@@ -50,14 +50,13 @@ def _file_out(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 def _tile_size(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    """A window size as the models take it: 16 or more, a multiple of 16 (a usage error, as 0 was, where 1
-    and 100 were failures of the run: exit 1)."""
-    from geoseg.tiling import MIN_TILE
+    """A window size as the models take it (:func:`geoseg.tiling.tile_size_problem`): a usage error, as 0 was,
+    where 1 and 100 were failures of the run (exit 1)."""
+    from geoseg.tiling import tile_size_problem
 
-    if value is not None and value < MIN_TILE:
-        raise click.BadParameter(f"{value} is too small: use at least {MIN_TILE} (512 is typical)")
-    if value is not None and value % 16:
-        raise click.BadParameter(f"{value} is not a multiple of 16: the models downsample 16x (try {value // 16 * 16})")
+    problem = None if value is None else tile_size_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem)
     return value
 
 

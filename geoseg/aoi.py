@@ -12,9 +12,9 @@ pixels outside it are nodata in every output.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-import contextlib
 import math
 import os
 import threading

@@ -375,11 +375,8 @@ def _default_ignore(ignore: Sequence[int] | None, classes: Sequence[int] | None,
     elif table:
         class_ids = {c.id for c in table}
     else:  # (a tag may name the unlabelled value too: "0=no_data")
-        class_ids = {cid for ds in tagged for cid, name in band_class_names(ds).items() if not _means_no_data(name)}
+        class_ids = {cid for ds in tagged for cid, name in band_class_names(ds).items() if not means_no_data(name)}
     return () if 0 in class_ids else (0,)
-
-
-_means_no_data = means_no_data
 
 
 def _prediction_ignore(pds: Any) -> list[int]:
@@ -396,7 +393,7 @@ def _prediction_ignore(pds: Any) -> list[int]:
     # a map with geoseg's class table, whose classes are all classes (a model's class "none" or "unknown" was
     # left uncounted through the category names of the mask's .aux.xml: a map 9 % wrong scored OA 1)
     if not read_classes(pds):
-        out += [v for v, name in band_class_names(pds).items() if _means_no_data(name) and v not in out]
+        out += [v for v, name in band_class_names(pds).items() if means_no_data(name) and v not in out]
     return out
 
 
@@ -457,7 +454,7 @@ def _class_names(table: Any, *datasets: Any) -> dict[int, str]:
     for ds in reversed(datasets):
         tagged = read_classes(ds)
         names.update({c.id: c.name for c in tagged} if tagged else
-                     {v: n for v, n in band_class_names(ds).items() if not _means_no_data(n)})
+                     {v: n for v, n in band_class_names(ds).items() if not means_no_data(n)})
     if table:
         names.update({c.id: c.name for c in table})
     return names
@@ -542,7 +539,8 @@ def evaluate_vector(
         ignore = _default_ignore(ignore, classes, table, pds)
         # the prediction's classes for --background: its class table, else band 1's CLASSES tag (another tool's
         # building map, "0=background,1=building", had "0 classes"), less the values that mean no prediction
-        no_prediction = set(_prediction_ignore(pds))
+        pred_ignore = _prediction_ignore(pds)
+        no_prediction = set(pred_ignore)
         classes_of_map = table or [ClassInfo(cid, name, (0, 0, 0)) for cid, name in band_class_names(pds).items()
                                    if cid not in no_prediction]
         fill = None if background is None else _background_id(background, classes_of_map, ignore, pred_path)
@@ -653,9 +651,9 @@ def evaluate_vector(
             for _, pred_block, inside_poly, shown in polygon_blocks():
                 predicted.update(int(v) for v in np.unique(pred_block[inside_poly if shown is None
                                                                       else inside_poly & shown]))
-            ids = sorted(set(ref_ids) | (predicted - set(_prediction_ignore(pds))))
-        ids = _with_reference_ids(ids, ref_ids, _prediction_ignore(pds), given=classes is not None)
-        cm = ConfusionMatrix(ids, ignore_reference=list(ignore), ignore_prediction=_prediction_ignore(pds),
+            ids = sorted(set(ref_ids) | (predicted - no_prediction))
+        ids = _with_reference_ids(ids, ref_ids, pred_ignore, given=classes is not None)
+        cm = ConfusionMatrix(ids, ignore_reference=list(ignore), ignore_prediction=pred_ignore,
                              add_predicted_classes=True)
         cm.update(pt_ids[inside], pt_pred[inside], predicted=pt_shown[inside])
         poly_pixels = 0
@@ -1002,12 +1000,11 @@ def draw_sample(
     drawn; classes are any integer values (negative ones, ids past 65535). Written atomically
     (GeoPackage, GeoJSON or FlatGeobuf, by the extension).
     """
-    import pyogrio.raw
-    import shapely
-
     import sqlite3
 
     import pyogrio.errors
+    import pyogrio.raw
+    import shapely
 
     from geoseg.atomic import atomic_output, check_output, staged_as, write_error
     from geoseg.vectorize import DRIVERS, format_from_path

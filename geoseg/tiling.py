@@ -63,12 +63,20 @@ class Tile:
         return self.col + self.width
 
 
+def tile_size_problem(tile: int) -> str | None:
+    """Why the models cannot take windows of ``tile`` pixels (``"8 is too small: ..."``), or None."""
+    if tile < MIN_TILE:
+        return f"{tile} is too small: use at least {MIN_TILE} (512 is typical)"
+    if tile % 16:
+        return f"{tile} is not a multiple of 16: the models downsample 16x (try {tile // 16 * 16 or 16})"
+    return None
+
+
 def check_tile_params(tile: int, overlap: int) -> None:
     """Raise :class:`ParameterError` when ``tile``/``overlap`` cannot make a grid."""
-    if tile < MIN_TILE:
-        raise ParameterError(f"tile size {tile} is too small: use at least {MIN_TILE} (512 is typical)")
-    if tile % 16:
-        raise ParameterError(f"tile size {tile} is not a multiple of 16: the models downsample 16x (try {tile // 16 * 16 or 16})")
+    problem = tile_size_problem(tile)
+    if problem is not None:
+        raise ParameterError(f"tile size {problem}")
     if overlap < 0:
         raise ParameterError(f"overlap {overlap} is negative: use 0 or more")
     if overlap >= tile:

@@ -1164,15 +1164,8 @@ def vectorize_mask(
     )
 
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_raster(mask_path) as ds:  # (bytes, as an int)
-        told = False
-
-        def tell() -> None:  # of visible 255s in a masked unmarked mask, once
-            nonlocal told
-            if not told:
-                told = True
-                _tell_unmarked(info)
-
-        telling = tell if info.unmarked and info.masked else None
+        tell = _unmarked_teller(info) if info.unmarked else None
+        telling = tell if info.masked else None  # (with a mask band, _read_strip tells of visible 255s)
         if min_px > 1:
             read = _sieved_reader(ds, info, min_px, connectivity, block_size, telling)
         else:
@@ -1180,8 +1173,8 @@ def vectorize_mask(
             def read(r0: int, r1: int) -> np.ndarray:
                 return _read_strip(ds, info, r0, r1, telling)
 
-        if info.unmarked and not info.masked:  # (with a mask band, _read_strip tells of visible 255s)
-            read = _telling_unmarked(read, info)
+        if tell is not None and not info.masked:
+            read = _telling_unmarked(read, tell)
 
         with atomic_output(out_path, overwrite) as tmp, staged_as(tmp, fmt) as work, ogr_path(work) as ogr_work:
             writer = _LayerWriter(ogr_work, driver, layer, crs_wkt, gtype)
@@ -1247,25 +1240,32 @@ def _read_strip(ds: rasterio.DatasetReader, info: MaskInfo, r0: int, r1: int,
     return block
 
 
-def _telling_unmarked(read: Callable[[int, int], np.ndarray], info: MaskInfo) -> Callable[[int, int], np.ndarray]:
-    """``read``, warning once when a strip holds 255 in a uint8 mask without a nodata value (taken as
-    no data, see :attr:`MaskInfo.unmarked`)."""
-    told = False
+def _telling_unmarked(read: Callable[[int, int], np.ndarray], tell: Callable[[], None]
+                      ) -> Callable[[int, int], np.ndarray]:
+    """``read``, calling ``tell()`` (:func:`_unmarked_teller`) when a strip holds 255."""
 
     def telling(r0: int, r1: int) -> np.ndarray:
-        nonlocal told
         block = read(r0, r1)
-        if not told and (block == MASK_NODATA).any():
-            told = True
-            _tell_unmarked(info)
+        if (block == MASK_NODATA).any():
+            tell()
         return block
 
     return telling
 
 
-def _tell_unmarked(info: MaskInfo) -> None:
-    warn(f"mask {info.path.name} has no nodata value: its pixels of value 255 are taken as no data, as in "
-         "geoseg's masks (if 255 is a class, give the mask another nodata value: gdal_edit.py -a_nodata V)")
+def _unmarked_teller(info: MaskInfo) -> Callable[[], None]:
+    """A function that warns, the first time it is called, that 255 is taken as no data in the uint8 mask
+    without a nodata value of ``info`` (:attr:`MaskInfo.unmarked`)."""
+    told = False
+
+    def tell() -> None:
+        nonlocal told
+        if not told:
+            told = True
+            warn(f"mask {info.path.name} has no nodata value: its pixels of value 255 are taken as no data, as in "
+                 "geoseg's masks (if 255 is a class, give the mask another nodata value: gdal_edit.py -a_nodata V)")
+
+    return tell
 
 
 def _has_small_nodata_group(mask: np.ndarray, min_px: int, connectivity: int) -> bool:
